@@ -1,0 +1,137 @@
+"""Data sources, splits and the :class:`Dataset` every other module consumes.
+
+Accepted by ``--data`` (see :func:`load_dataset`):
+
+* an official CIFAR-10/100 archive (python or binary version), as .tar.gz or extracted folder;
+* an image folder or .tar/.tar.gz/.tar.xz archive with ``train/<class>/*`` and ``test/<class>/*``;
+* nothing: the official python archive for ``--dataset`` is downloaded into the cache.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from . import archive, cache, cifar, download, folder
+
+__all__ = ["Dataset", "load_dataset", "stratified_split", "balanced_subset", "DataError"]
+
+
+@dataclass
+class Dataset:
+    """Train and test images as uint8 (N, H, W, C) with int64 labels, plus provenance.
+
+    ``test_paths`` name each test image in the source (``test/cat/0001.jpg`` for image folders,
+    ``test_batch#17`` or the official file name for archives), in the order of ``x_test``:
+    this is the order that ``--groups`` files refer to by index.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: list[str]
+    source: str
+    kind: str
+    test_paths: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one image, as models take it."""
+        n, h, w, c = self.x_train.shape
+        return c, h, w
+
+    @property
+    def num_classes(self) -> int:
+        """How many classes there are."""
+        return len(self.classes)
+
+
+def load_dataset(data: str | Path | None = None, dataset: str = "cifar10", *, allow_unverified: bool = False,
+                 label_mode: str = "fine", skip_bad_images: bool = False, use_cache: bool = True,
+                 quiet: bool = True) -> Dataset:
+    """Load a data set from ``data`` (a path), or download the official ``dataset`` if ``data`` is None."""
+    if dataset not in ("cifar10", "cifar100"):
+        raise DataError(f"--dataset '{dataset}' is not valid; choose cifar10 or cifar100")
+    if data is None:
+        path = download.fetch(dataset, quiet=quiet)
+        train, test, classes, fmt = cifar.load_official_archive(path, label_mode=label_mode)
+        return _from_official(train, test, classes, fmt, str(path))
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise DataError(f"--data '{data}' does not exist. Give an official CIFAR archive (.tar.gz) or its "
+                        "extracted folder, or an image folder/archive with train/<class>/* and test/<class>/*")
+    if path.is_file():
+        if not path.name.lower().endswith(archive.ARCHIVE_SUFFIXES):
+            raise DataError(f"--data '{data}' is a file but not a tar archive; expected one of "
+                            f"{', '.join(archive.ARCHIVE_SUFFIXES)} or a folder")
+        if cifar.detect_format([archive.first_name(path)]):
+            train, test, classes, fmt = cifar.load_official_archive(path, allow_unverified, label_mode)
+            return _from_official(train, test, classes, fmt, str(path))
+    elif cifar.detect_format([p.name for p in path.iterdir()]) or path.name in {
+            f.folder for f in cifar.FORMATS.values()}:
+        train, test, classes, fmt = cifar.load_official_folder(path, label_mode)
+        return _from_official(train, test, classes, fmt, str(path))
+    return _load_folder_cached(path, skip_bad_images, use_cache)
+
+
+def _from_official(train, test, classes, fmt, source) -> Dataset:
+    return Dataset(train.x, train.y, test.x, test.y, classes, source, fmt.key, test_paths=test.names)
+
+
+def _load_folder_cached(path: Path, skip_bad: bool, use_cache: bool) -> Dataset:
+    key = cache.source_key(path, skip_bad=skip_bad) if use_cache else None
+    hit = cache.load_cached(key) if key else None
+    if hit is not None:
+        arrays, meta = hit
+        return Dataset(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], meta["classes"],
+                       str(path), "image-folder", meta["test_paths"], meta["notes"] + ["loaded from the decoded cache"])
+    t0 = time.perf_counter()
+    fd = folder.load_image_folder(path, skip_bad=skip_bad)
+    notes = fd.notes + [f"decoded in {time.perf_counter() - t0:.1f} s"]
+    if key:
+        cache.store_cached(key, {"x_train": fd.x["train"], "y_train": fd.y["train"], "x_test": fd.x["test"],
+                                 "y_test": fd.y["test"]},
+                           {"classes": fd.classes, "test_paths": fd.paths["test"], "notes": fd.notes,
+                            "source": str(path)})
+    return Dataset(fd.x["train"], fd.y["train"], fd.x["test"], fd.y["test"], fd.classes, str(path),
+                   "image-folder", fd.paths["test"], notes)
+
+
+def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, class-stratified (train_idx, val_idx) with ``fraction`` of each class held out.
+
+    Unlike Keras' ``validation_split`` (the last rows), this holds out every class in proportion,
+    which matters for data stored class by class.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"validation split {fraction} is not valid; it must lie strictly between 0 and 1")
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    try:
+        tr, va = train_test_split(idx, test_size=fraction, random_state=seed, stratify=y)
+    except ValueError as e:
+        raise DataError(f"cannot hold out {fraction} of {len(y)} images class by class: {e}") from None
+    return np.sort(tr), np.sort(va)
+
+
+def balanced_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of a seeded, class-balanced subset of ``n`` images (sorted)."""
+    if n <= 0:
+        raise DataError(f"--subset {n} is not valid; it must be a positive number of images")
+    if n >= len(y):
+        return np.arange(len(y))
+    from sklearn.model_selection import train_test_split
+
+    try:
+        sub, _ = train_test_split(np.arange(len(y)), train_size=n, random_state=seed, stratify=y)
+    except ValueError:
+        # fewer images than classes: stratification is impossible, take a seeded random subset
+        sub = np.random.default_rng(seed).choice(len(y), size=n, replace=False)
+    return np.sort(sub)

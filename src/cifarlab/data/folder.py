@@ -1,0 +1,169 @@
+"""Image-folder data: ``train/<class>/*`` and ``test/<class>/*`` in a folder or a tar archive."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import DataError
+from . import archive
+from .images import is_gray, is_image_name, open_image, to_array
+
+SPLITS = ("train", "test")
+
+
+@dataclass
+class FolderData:
+    """Decoded image-folder data; ``paths`` are relative to the folder or archive root."""
+
+    x: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]
+    paths: dict[str, list[str]]
+    classes: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+def _index(names: list[str], source: str) -> tuple[str, dict[str, list[tuple[str, str]]]]:
+    """Find the root holding train/ and test/ and list (path, class) per split."""
+    norm = [n.strip("/") for n in names]
+    prefix = ""
+    if not any(n.startswith("train/") for n in norm):
+        tops = {n.split("/")[0] for n in norm if n.count("/") >= 2}
+        cands = [t for t in tops if any(n.startswith(f"{t}/train/") for n in norm)]
+        if len(cands) == 1:
+            prefix = cands[0] + "/"
+        else:
+            raise DataError(f"{source}: no 'train/<class>/' folders found. An image folder must hold "
+                            "train/<class>/<image> and test/<class>/<image> (for example train/cat/0001.jpg)")
+    items: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
+    for n in norm:
+        if not n.startswith(prefix):
+            continue
+        parts = n[len(prefix):].split("/")
+        if len(parts) == 3 and parts[0] in SPLITS and parts[2] and not parts[2].startswith("."):
+            items[parts[0]].append((n, parts[1]))
+    return prefix, items
+
+
+def _classes(items: dict[str, list[tuple[str, str]]], dirs: dict[str, set[str]], source: str) -> list[str]:
+    train_classes = sorted(dirs["train"] | {c for _, c in items["train"]})
+    if not train_classes:
+        raise DataError(f"{source}: train/ holds no class folders; expected train/<class>/<image>")
+    for split in SPLITS:
+        counts = Counter(c for p, c in items[split] if is_image_name(p))
+        empty = [c for c in sorted(dirs[split] | set(counts)) if counts[c] == 0]
+        if empty:
+            raise DataError(f"{source}: class folder(s) {', '.join(f'{split}/{c}' for c in empty)} hold no images "
+                            "(jpg, png, bmp, gif, tiff, webp, ppm); remove them or add images")
+    extra = sorted({c for _, c in items["test"]} - set(train_classes))
+    if extra:
+        raise DataError(f"{source}: test/ has classes not in train/: {', '.join(extra)}")
+    if not items["test"]:
+        raise DataError(f"{source}: no test/<class>/<image> files found; both train/ and test/ are needed")
+    return train_classes
+
+
+def _decode_one(item: tuple[str, bytes]) -> tuple[str, object]:
+    name, data = item
+    try:
+        im = open_image(data, name)
+        gray = is_gray(im)
+        return name, (to_array(im, 1 if gray else 3), gray, im.mode)
+    except DataError as e:
+        return name, e
+
+
+def _decode_all(blobs: list[tuple[str, bytes]], skip_bad: bool, source: str,
+                workers: int) -> tuple[list[tuple[str, tuple]], list[str]]:
+    if workers > 1 and len(blobs) > 2000:
+        # Processes, not threads: decoding tiny JPEGs is dominated by Python-level overhead that
+        # holds the GIL, so threads ran slower than one core here.
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ctx.Pool(workers) as pool:
+            results = pool.map(_decode_one, blobs, chunksize=1000)
+    else:
+        results = [_decode_one(b) for b in blobs]
+    bad = [(n, r) for n, r in results if isinstance(r, DataError)]
+    if bad and not skip_bad:
+        shown = "; ".join(str(e) for _, e in bad[:3])
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise DataError(f"{source}: {len(bad)} unreadable image file(s): {shown}{more}. Fix or remove them, "
+                        "or pass --skip-bad-images to leave them out")
+    notes = [f"skipped {len(bad)} unreadable image file(s), first: {bad[0][0]}"] if bad else []
+    return [(n, r) for n, r in results if not isinstance(r, DataError)], notes
+
+
+def _conform(arr: np.ndarray, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """Bring one decoded array to ``channels`` and ``size`` (H, W)."""
+    if arr.shape[:2] != size:
+        mode = "L" if arr.shape[2] == 1 else "RGB"
+        arr = to_array(Image.fromarray(arr[:, :, 0] if mode == "L" else arr, mode), arr.shape[2], size)
+    if arr.shape[2] != channels:
+        arr = np.repeat(arr, 3, axis=2)
+    return arr
+
+
+def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = None) -> FolderData:
+    """Read and decode an image folder or archive; all images end up one size and mode.
+
+    Images are resized (bilinear) to the most common size; grayscale is kept as one channel
+    only when every image is grayscale, else everything becomes RGB. Each conversion is counted
+    in ``notes``.
+    """
+    source = str(path)
+    workers = workers or os.cpu_count() or 1
+    dirs: dict[str, set[str]] = {s: set() for s in SPLITS}
+    if path.is_dir():
+        names = [str(p.relative_to(path)).replace(os.sep, "/") + ("/" if p.is_dir() else "")
+                 for p in path.rglob("*")]
+        members = None
+    else:
+        members = archive.read_members(path, is_image_name, dirs=True)
+        names = [n for n, _ in members]
+    prefix, items = _index([n for n in names if not n.endswith("/")], source)
+    for n in names:
+        parts = n.strip("/")[len(prefix):].split("/") if n.startswith(prefix) else []
+        if n.endswith("/") and len(parts) == 2 and parts[0] in SPLITS and not parts[1].startswith("."):
+            dirs[parts[0]].add(parts[1])
+    wanted = {n for s in SPLITS for n, _ in items[s] if is_image_name(n)}
+    if path.is_dir():
+        blobs = [(n, (path / n).read_bytes()) for n in sorted(wanted)]
+    else:
+        blobs = [(n.strip("/"), b) for n, b in members if n.strip("/") in wanted]
+        del members
+    classes = _classes(items, dirs, source)
+    ignored = sum(1 for s in SPLITS for n, _ in items[s] if not is_image_name(n))
+    decoded, notes = _decode_all(blobs, skip_bad, source, workers)
+    del blobs
+    if ignored:
+        notes.append(f"ignored {ignored} file(s) without an image suffix")
+    if not decoded:
+        raise DataError(f"{source}: no readable images")
+    sizes = Counter(a.shape[:2] for _, (a, _, _) in decoded)
+    size = sizes.most_common(1)[0][0]
+    channels = 1 if all(g for _, (_, g, _) in decoded) else 3
+    resized = sum(n for s, n in sizes.items() if s != size)
+    if resized:
+        notes.append(f"resized {resized} image(s) to the most common size {size[1]}x{size[0]}")
+    want_mode = "L" if channels == 1 else "RGB"
+    converted = sum(1 for _, (_, _, mode) in decoded if mode != want_mode)
+    if converted:
+        notes.append(f"converted {converted} image(s) to {want_mode}")
+    arrays = {n: _conform(a, channels, size) for n, (a, _, _) in decoded}
+    cls_index = {c: i for i, c in enumerate(classes)}
+    out_x, out_y, out_p = {}, {}, {}
+    for s in SPLITS:
+        rows = sorted((n[len(prefix):], c) for n, c in items[s] if n in arrays)
+        if not rows:
+            raise DataError(f"{source}: no readable images in {s}/")
+        out_x[s] = np.stack([arrays[prefix + n] for n, _ in rows])
+        out_y[s] = np.array([cls_index[c] for _, c in rows], dtype=np.int64)
+        out_p[s] = [n for n, _ in rows]
+    return FolderData(out_x, out_y, out_p, classes, notes)

@@ -1,0 +1,92 @@
+"""A restricted unpickler for the official CIFAR python batches.
+
+The batches are Python pickles. Loading a pickle with the standard unpickler can run any code
+the file names, so a crafted archive could take over the machine. This unpickler resolves only
+the handful of globals that the real files hold (numpy's array reconstructor, ndarray and dtype,
+and the byte-string codec used by protocol-2 pickles) and refuses everything else before it is
+called.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError
+
+# numpy 2 moved numpy.core to numpy._core; files written by numpy 1 (the official ones) name
+# the old module, files written by numpy 2 the new one. Both map to the same safe objects.
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(1))[0],
+    ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(1))[0],
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "scalar"): None,  # filled below; scalars appear in some re-pickled files
+    ("_codecs", "encode"): None,
+}
+
+
+def _codecs_encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    # Protocol-2 pickles from Python 3 store bytes as _codecs.encode(str, 'latin1'). Only the
+    # text codecs that can appear there are allowed, so the call cannot reach arbitrary codecs.
+    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
+        raise pickle.UnpicklingError(f"refused _codecs.encode({type(obj).__name__}, {encoding!r})")
+    return obj.encode(encoding, errors)
+
+
+def _scalar(dtype: np.dtype, data: bytes) -> Any:
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise pickle.UnpicklingError("refused numpy scalar of object dtype")
+    return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+
+_ALLOWED[("_codecs", "encode")] = _codecs_encode
+_ALLOWED[("numpy.core.multiarray", "scalar")] = _scalar
+_ALLOWED[("numpy._core.multiarray", "scalar")] = _scalar
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:  # noqa: D401 - pickle API
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed") from None
+
+
+def safe_load(data: bytes, what: str) -> Any:
+    """Unpickle ``data`` (the bytes of one CIFAR batch) allowing only the expected types.
+
+    ``what`` names the file in error messages. Raises :class:`DataError` for anything that is
+    not a plain CIFAR batch (a foreign global, an object array, a malformed stream).
+    """
+    try:
+        obj = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{what}: refused to read this pickle: {e}. A genuine CIFAR batch holds only "
+                        "a dict of lists, bytes and one uint8 array; nothing in it was run.") from None
+    except Exception as e:  # malformed streams raise many types (EOFError, ValueError, ...)
+        raise DataError(f"{what}: not a readable CIFAR python batch ({type(e).__name__}: {e})") from None
+    _check_plain(obj, what)
+    return obj
+
+
+def _check_plain(obj: Any, what: str, depth: int = 0) -> None:
+    """Refuse anything but dicts, lists, bytes, str, numbers and non-object numpy arrays."""
+    if depth > 4:
+        raise DataError(f"{what}: nested deeper than a CIFAR batch can be")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_plain(k, what, depth + 1)
+            _check_plain(v, what, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            if not isinstance(v, (int, bytes, str)):
+                _check_plain(v, what, depth + 1)
+    elif isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject:
+            raise DataError(f"{what}: holds an object array, which a CIFAR batch never does")
+    elif not isinstance(obj, (bytes, str, int, float, np.generic)) and obj is not None:
+        raise DataError(f"{what}: holds a {type(obj).__name__}, which a CIFAR batch never does")

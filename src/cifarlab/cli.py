@@ -1,0 +1,290 @@
+"""The ``cifarlab`` command line: one small function per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import CifarlabError, ConfigError
+
+EPILOG = """examples:
+  cifarlab train --data cifar10-jpeg.tar.xz                 # the notebook's recipe (keras-deep, 20 epochs)
+  cifarlab train --data DATA --augment keras --epochs 5     # with the notebook's ImageDataGenerator
+  cifarlab evaluate runs/RUN --data DATA                    # Test score / Test accuracy, per class
+  cifarlab predict runs/RUN cat.png dog.jpg                 # top-3 classes per image
+  cifarlab audit runs/RUN --data DATA                       # disaggregated report + MODEL_CARD.md
+  cifarlab summary --model keras-deep                       # Keras-style layer table
+"""
+
+# flag dest -> (config section, key); flags left unset (None) do not override anything.
+_TRAIN_FLAGS: dict[str, tuple[str, str]] = {
+    "data": ("data", "data"), "dataset": ("data", "dataset"), "subset": ("data", "subset"),
+    "val_split": ("data", "val_split"), "allow_unverified": ("data", "allow_unverified"),
+    "skip_bad_images": ("data", "skip_bad_images"), "label_mode": ("data", "label_mode"),
+    "model": ("model", "name"), "optimizer": ("optim", "name"), "lr": ("optim", "lr"),
+    "momentum": ("optim", "momentum"), "nesterov": ("optim", "nesterov"), "weight_decay": ("optim", "weight_decay"),
+    "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "seed": ("train", "seed"),
+    "device": ("train", "device"), "threads": ("train", "threads"), "out": ("train", "out"),
+    "overwrite": ("train", "overwrite"), "deterministic": ("train", "deterministic"),
+    "augment": ("augment", "preset"),
+}
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="official CIFAR archive (.tar.gz) or its folder, or an image folder/archive "
+                   "with train/<class>/* and test/<class>/*; omitted: download --dataset")
+    g.add_argument("--dataset", choices=["cifar10", "cifar100"], help="data set to download when --data is omitted")
+    g.add_argument("--subset", type=int, help="use a class-balanced subset of N training images")
+    g.add_argument("--allow-unverified", action="store_true", default=None,
+                   help="read an official archive whose MD5 differs from the published one")
+    g.add_argument("--skip-bad-images", action="store_true", default=None,
+                   help="leave unreadable image files out instead of stopping")
+    g.add_argument("--label-mode", choices=["fine", "coarse"], help="CIFAR-100 labels (default fine)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="cifarlab", description="Train, evaluate, augment, save and audit "
+                                "small-image classifiers (CIFAR-10, CIFAR-100, your own image folders).",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"cifarlab {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model; writes a run folder",
+                       description="Train a model. Values come from the recipe, then --config, then flags.")
+    t.add_argument("--config", help="YAML or TOML file with sections data/model/optim/augment/train")
+    t.add_argument("--recipe", help="named recipe (default keras-book; see 'cifarlab list')")
+    t.add_argument("--model", help="registered model name (see 'cifarlab list')")
+    _add_data_args(t)
+    t.add_argument("--val-split", type=float, help="fraction of training images held out, per class (default 0.2)")
+    g = t.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--optimizer", help="rmsprop (Keras semantics), sgd or adam")
+    g.add_argument("--lr", type=float, help="learning rate per step")
+    g.add_argument("--momentum", type=float, help="sgd momentum")
+    g.add_argument("--nesterov", action="store_true", default=None, help="sgd with Nesterov momentum")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--augment", help="augmentation preset: none, keras (the notebook's ImageDataGenerator), crop-flip")
+    g = t.add_argument_group("run")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    g.add_argument("--deterministic", action="store_true", default=None, help="bit-reproducible kernels")
+    g.add_argument("--out", help="run folder (default runs/<recipe>-<model>-<time>)")
+    g.add_argument("--overwrite", action="store_true", default=None, help="write into an existing run folder")
+    g.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint with its saved config")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="test a trained run: loss, accuracy, per-class metrics, plots")
+    e.add_argument("run", help="run folder written by 'cifarlab train'")
+    _add_data_args(e)
+    e.add_argument("--tta", action="store_true", help="average predictions over the image and its mirror")
+    e.add_argument("--out", help="folder for the report files (default RUN/eval)")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="classify image files")
+    pr.add_argument("run")
+    pr.add_argument("images", nargs="+", help="image files or folders")
+    pr.add_argument("--top", type=int, default=3, help="classes to show per image (default 3)")
+    fmt = pr.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true")
+    pr.add_argument("--device", default="cpu")
+    pr.set_defaults(func=cmd_predict)
+
+    a = sub.add_parser("audit", help="disaggregated evaluation and a model card")
+    a.add_argument("run")
+    _add_data_args(a)
+    a.add_argument("--groups", help="CSV: first column 'index' or 'path', other columns group attributes")
+    a.add_argument("--margin", type=float, default=0.05, help="flag classes/groups this far below overall accuracy")
+    a.add_argument("--min-group", type=int, default=30, help="groups smaller than this are too small to judge")
+    a.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    a.add_argument("--out", help="folder for the report (default RUN/audit)")
+    a.add_argument("--device", default="auto")
+    a.set_defaults(func=cmd_audit)
+
+    g = sub.add_parser("augment", help="write augmented copies of images, previews and a grid")
+    _add_data_args(g)
+    g.add_argument("--config", help="YAML/TOML file whose 'augment' section sets the options")
+    g.add_argument("--augment", default="keras", help="preset (default keras: the notebook's settings)")
+    g.add_argument("--per-image", type=int, default=5, help="augmented copies per image (default 5)")
+    g.add_argument("--split", choices=["train", "test"], default="train")
+    g.add_argument("--limit", type=int, help="augment only the first N images")
+    g.add_argument("--out", help="output: .npz array file or a folder (image folder layout)")
+    g.add_argument("--preview-dir", help="write preview images here")
+    g.add_argument("--save-prefix", default="aug", help="file name prefix of previews")
+    g.add_argument("--save-format", choices=["jpeg", "png"], default="jpeg")
+    g.add_argument("--previews", type=int, default=8, help="images to preview (default 8)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--overwrite", action="store_true")
+    g.set_defaults(func=cmd_augment)
+
+    s = sub.add_parser("summary", help="print a Keras-style table of a model's layers")
+    s.add_argument("--model", required=True)
+    s.add_argument("--num-classes", type=int, default=10)
+    s.add_argument("--input", default="32,32,3", help="H,W,C (default 32,32,3)")
+    s.set_defaults(func=cmd_summary)
+
+    ls = sub.add_parser("list", help="list models, recipes and augmentation presets")
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def _train_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for dest, (sec, key) in _TRAIN_FLAGS.items():
+        v = getattr(args, dest, None)
+        if v is not None:
+            out.setdefault(sec, {})[key] = v
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``cifarlab train``."""
+    from .config import resolve_config
+    from .train import fit
+
+    if args.resume:
+        given = [k for k in _train_overrides(args).values() for _ in k] + ([args.config] if args.config else [])
+        if given:
+            raise ConfigError("--resume continues a run with its saved config; do not combine it with other "
+                              "options (start a new run instead)")
+        fit(resume=args.resume)
+        return 0
+    if args.model is not None:
+        from .models import list_models
+
+        if args.model not in list_models():
+            raise ConfigError(f"--model '{args.model}' is not a registered model; valid: {', '.join(list_models())}")
+    cfg = resolve_config(args.recipe, args.config, _train_overrides(args))
+    fit(cfg)
+    return 0
+
+
+def _load_eval_data(args: argparse.Namespace, run: Path):
+    from .config import load_run_config
+    from .data import load_dataset
+
+    cfg = load_run_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
+    data = args.data or (cfg.data.data if cfg else None)
+    dataset = args.dataset or (cfg.data.dataset if cfg else "cifar10")
+    label_mode = args.label_mode or (cfg.data.label_mode if cfg else "fine")
+    return load_dataset(data, dataset, allow_unverified=bool(args.allow_unverified), label_mode=label_mode,
+                        skip_bad_images=bool(args.skip_bad_images))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``cifarlab evaluate``."""
+    from .evaluate import evaluate_run
+
+    from .export import read_run
+
+    run, _ = read_run(args.run)
+    ds = _load_eval_data(args, run)
+    out = Path(args.out) if args.out else run / "eval"
+    report = evaluate_run(run, ds, out, tta=args.tta, device=args.device)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"Test score: {report['loss']:.4f}")
+        print(f"Test accuracy: {report['accuracy']:.4f}")
+        print(f"Top-{report['top_k']['k']} accuracy: {report['top_k']['accuracy']:.4f}")
+        print(f"Expected calibration error: {report['calibration']['ece']:.4f}")
+        print(f"{'class':<16}{'accuracy':>10}{'precision':>11}{'recall':>9}{'f1':>8}{'support':>9}")
+        for c in report["per_class"]:
+            print(f"{c['class']:<16}{c['accuracy']:>10.4f}{c['precision']:>11.4f}{c['recall']:>9.4f}"
+                  f"{c['f1']:>8.4f}{c['support']:>9}")
+        pairs = ", ".join(f"{p['true']}->{p['predicted']} ({p['count']})" for p in report["confused_pairs"][:5])
+        print(f"Most confused: {pairs}")
+        print(f"Report files in {out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``cifarlab predict``: failures are reported per file; the exit code is 1 if any failed."""
+    from .predict import predict_files
+
+    return predict_files(args.run, args.images, top=args.top, fmt="json" if args.json else "csv" if args.csv else "table",
+                         device=args.device)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """``cifarlab audit``."""
+    from .audit import run_audit
+    from .export import read_run
+
+    run, _ = read_run(args.run)
+    ds = _load_eval_data(args, run)
+    out = Path(args.out) if args.out else run / "audit"
+    run_audit(run, ds, out, groups_csv=args.groups, margin=args.margin, min_group=args.min_group,
+              n_boot=args.bootstrap, device=args.device, log=print)
+    return 0
+
+
+def cmd_augment(args: argparse.Namespace) -> int:
+    """``cifarlab augment``."""
+    from .augment_cli import augment_command
+
+    return augment_command(args)
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    """``cifarlab summary``."""
+    from .models import create_model, list_models
+    from .models.summary import format_summary
+
+    if args.model not in list_models():
+        raise ConfigError(f"--model '{args.model}' is not a registered model; valid: {', '.join(list_models())}")
+    try:
+        h, w, c = (int(v) for v in args.input.split(","))
+    except ValueError:
+        raise ConfigError(f"--input '{args.input}' is not valid; expected H,W,C such as 32,32,3") from None
+    model = create_model(args.model, num_classes=args.num_classes, in_chans=c, img_size=(h, w))
+    print(format_summary(model, (c, h, w), args.model))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:  # noqa: ARG001
+    """``cifarlab list``."""
+    from .augment import PRESETS
+    from .models import list_models
+    from .recipes import RECIPES
+
+    print("models:  " + ", ".join(list_models()))
+    print("recipes: " + ", ".join(RECIPES))
+    print("augment: " + ", ".join(PRESETS))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; user errors print one paragraph (no traceback) and exit with status 2."""
+    from .train import TrainingInterrupted
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except TrainingInterrupted as e:
+        print(f"cifarlab: {e}", file=sys.stderr)
+        return 130
+    except CifarlabError as e:
+        print(f"cifarlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cifarlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Run folders: saving and loading architecture, weights and preprocessing; ``load_model``.
+
+A run folder holds ``architecture.json`` (model name, its arguments, classes, input shape and
+preprocessing: enough to rebuild the model without the config), ``weights.safetensors``,
+``config.yaml``, the history and metrics. Nothing in it is a pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CifarlabError
+from .fsutil import write_json, write_with
+
+ARCH_FORMAT = "cifarlab-architecture/1"
+
+
+def preprocess(x: torch.Tensor, prep: dict[str, Any]) -> torch.Tensor:
+    """uint8 (N, C, H, W) to model input: scale by ``rescale`` (1/255, as the notebook), then
+    subtract and divide by the featurewise mean and std when the run was trained with them."""
+    x = x.float() * prep.get("rescale", 1 / 255)
+    if prep.get("mean") is not None:
+        x = x - torch.tensor(prep["mean"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    if prep.get("std") is not None:
+        x = x / (torch.tensor(prep["std"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1) + 1e-6)
+    return x
+
+
+def save_architecture(run: Path, model_name: str, model_kwargs: dict, classes: list[str],
+                      input_shape: tuple[int, int, int], prep: dict[str, Any], num_params: int) -> None:
+    """Write ``architecture.json``."""
+    c, h, w = input_shape
+    write_json(run / "architecture.json", {
+        "format": ARCH_FORMAT, "model": model_name, "model_kwargs": model_kwargs, "classes": classes,
+        "input": {"channels": c, "height": h, "width": w, "layout": "NCHW", "dtype": "uint8"},
+        "preprocessing": prep, "num_params": num_params,
+        "output": "logits; apply softmax for probabilities (the notebook's final layer)",
+    })
+
+
+def save_weights(path: Path, model: nn.Module) -> None:
+    """Write the model's state as safetensors, atomically."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    write_with(path, lambda tmp: save_file(state, str(tmp)))
+
+
+def load_weights(model: nn.Module, path: Path) -> nn.Module:
+    """Load safetensors weights into ``model``; a mismatch names the first differing tensor and both shapes."""
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CifarlabError(f"{path}: not a readable safetensors weights file ({e})") from None
+    own = model.state_dict()
+    for k, v in own.items():
+        if k not in state:
+            raise CifarlabError(f"{path}: weights do not match the architecture: tensor '{k}' (shape "
+                                f"{tuple(v.shape)}) is missing from the file")
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CifarlabError(f"{path}: weights do not match the architecture: tensor '{k}' has shape "
+                                f"{tuple(state[k].shape)} in the file but {tuple(v.shape)} in the model")
+    extra = sorted(set(state) - set(own))
+    if extra:
+        raise CifarlabError(f"{path}: weights do not match the architecture: the file has tensor '{extra[0]}' "
+                            "that the model lacks")
+    model.load_state_dict(state)
+    return model
+
+
+def read_run(run: str | Path) -> tuple[Path, dict]:
+    """Validate a run folder and return it with its parsed ``architecture.json``."""
+    run = Path(run)
+    if not run.is_dir():
+        raise CifarlabError(f"run folder '{run}' does not exist; give a folder written by 'cifarlab train'")
+    arch_path = run / "architecture.json"
+    if not arch_path.is_file():
+        raise CifarlabError(f"'{run}' is not a cifarlab run folder (no architecture.json); give a folder "
+                            "written by 'cifarlab train'")
+    try:
+        arch = json.loads(arch_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CifarlabError(f"{arch_path}: unreadable ({e})") from None
+    if not isinstance(arch, dict) or arch.get("format") != ARCH_FORMAT:
+        raise CifarlabError(f"{arch_path}: not a cifarlab architecture file (format "
+                            f"{arch.get('format') if isinstance(arch, dict) else None!r}, expected {ARCH_FORMAT!r})")
+    return run, arch
+
+
+class Predictor:
+    """A trained model with its classes and preprocessing: ``predict(images)`` gives probabilities."""
+
+    def __init__(self, model: nn.Module, arch: dict, device: torch.device, run: Path | None = None):
+        self.model = model.eval()
+        self.arch = arch
+        self.classes: list[str] = arch["classes"]
+        self.prep: dict = arch["preprocessing"]
+        self.device = device
+        self.run = run
+        inp = arch["input"]
+        self.input_shape = (inp["channels"], inp["height"], inp["width"])
+
+    def to_uint8(self, images: Any) -> torch.Tensor:
+        """Convert images (uint8 array N,H,W,C or H,W,C; PIL images; file paths) to uint8 N,C,H,W."""
+        from .data.images import open_image, to_array
+
+        c, h, w = self.input_shape
+        if isinstance(images, np.ndarray):
+            a = images if images.ndim == 4 else images[None]
+            if a.dtype != np.uint8:
+                raise CifarlabError(f"images must be uint8 (0..255) arrays, got {a.dtype}")
+            if a.shape[1:] != (h, w, c):
+                raise CifarlabError(f"images have shape {a.shape[1:]}, the model expects (H, W, C) = {(h, w, c)}")
+            return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2)
+        arrays = []
+        for im in images if isinstance(images, (list, tuple)) else [images]:
+            if isinstance(im, (str, Path)):
+                im = open_image(Path(im).read_bytes(), str(im))
+            arrays.append(to_array(im, c, (h, w)))
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def logits(self, images: Any, batch_size: int = 1000) -> np.ndarray:
+        """Raw logits, float32 (N, classes)."""
+        x = images if isinstance(images, torch.Tensor) else self.to_uint8(images)
+        out = [self.model(preprocess(x[i:i + batch_size].to(self.device), self.prep)).float().cpu()
+               for i in range(0, len(x), batch_size)]
+        return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict(self, images: Any, batch_size: int = 1000) -> np.ndarray:
+        """Class probabilities (softmax of the logits), float32 (N, classes)."""
+        return torch.from_numpy(self.logits(images, batch_size)).softmax(1).numpy()
+
+
+def load_model(run: str | Path, device: str = "cpu") -> Predictor:
+    """Rebuild a trained model from its run folder (architecture.json + weights.safetensors)."""
+    from .models import create_model
+    from .runtime import select_device
+
+    run, arch = read_run(run)
+    weights = run / "weights.safetensors"
+    if not weights.is_file():
+        raise CifarlabError(f"run folder '{run}' has no weights.safetensors; did its training finish? "
+                            f"(resume it with: cifarlab train --resume {run})")
+    model = create_model(arch["model"], **arch.get("model_kwargs", {}))
+    load_weights(model, weights)
+    dev = select_device(device)
+    return Predictor(model.to(dev), arch, dev, run)
+
+
+def list_to_csv_rows(rows: Iterable[dict]) -> str:
+    """Rows of dicts (same keys) as CSV text."""
+    import csv
+    import io
+
+    rows = list(rows)
+    buf = io.StringIO()
+    if rows:
+        wr = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(rows)
+    return buf.getvalue()

@@ -1,0 +1,89 @@
+"""PNG plots (matplotlib, headless Agg backend), written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .fsutil import write_with
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; safe on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    plt = _plt()
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    """Loss and accuracy curves, training and validation, per epoch."""
+    plt = _plt()
+    ep = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(ep, [h["loss"] for h in history], "o-", label="train")
+    a.plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
+    a.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    b.plot(ep, [h["accuracy"] for h in history], "o-", label="train")
+    b.plot(ep, [h["val_accuracy"] for h in history], "o-", label="validation")
+    b.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
+    """Confusion matrix heat map (rows: true class, columns: predicted)."""
+    plt = _plt()
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * k + 2), max(4, 0.6 * k + 1.5)))
+    im = ax.imshow(cm, cmap="Blues")
+    fig.colorbar(im, ax=ax)
+    if k <= 30:
+        ax.set_xticks(range(k), classes, rotation=45, ha="right")
+        ax.set_yticks(range(k), classes)
+        if k <= 15:
+            for i in range(k):
+                for j in range(k):
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix")
+    _save(fig, path)
+
+
+def plot_reliability(bin_conf: np.ndarray, bin_acc: np.ndarray, bin_count: np.ndarray, ece: float, path: Path) -> None:
+    """Reliability diagram: accuracy against confidence per bin, with the diagonal."""
+    plt = _plt()
+    nb = len(bin_conf)
+    edges = np.linspace(0, 1, nb + 1)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.bar(edges[:-1], np.nan_to_num(bin_acc), width=1 / nb, align="edge", edgecolor="k", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], "r--", label="perfect calibration")
+    ax.set(xlabel="confidence", ylabel="accuracy", title=f"Reliability (ECE {ece:.3f})", xlim=(0, 1), ylim=(0, 1))
+    ax.legend()
+    _save(fig, path)
+
+
+def image_grid(images: np.ndarray, titles: list[str], path: Path, cols: int = 8) -> None:
+    """A grid of uint8 images (N, H, W, C) with a title under each."""
+    plt = _plt()
+    n = len(images)
+    rows = max(1, int(np.ceil(n / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            im = images[i]
+            ax.imshow(im[:, :, 0] if im.shape[2] == 1 else im, cmap="gray" if im.shape[2] == 1 else None,
+                      interpolation="nearest")
+            ax.set_title(titles[i], fontsize=7)
+    _save(fig, path)

@@ -1,0 +1,70 @@
+"""Device, threads, precision and determinism: set up in one place for every command."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; an unavailable CUDA device is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device '{name}' was asked for but CUDA is not available here; use --device cpu or auto")
+        idx = int(name.split(":")[1]) if ":" in name else 0
+        if idx >= torch.cuda.device_count():
+            raise ConfigError(f"device '{name}' does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif name != "cpu":
+        raise ConfigError(f"device '{name}' is not valid; choose auto, cpu, cuda or cuda:N")
+    return torch.device(name)
+
+
+def setup(device: str = "auto", threads: int | None = None, deterministic: bool = False) -> torch.device:
+    """Select the device and configure threads and determinism; returns the device.
+
+    On CPU every core is used by default (PyTorch's default can undercount in containers).
+    ``deterministic`` asks for bit-reproducible kernels, which resume tests rely on.
+    """
+    dev = select_device(device)
+    n = threads or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (threads or os.cpu_count() or 1)
+    torch.set_num_threads(max(1, int(n)))
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free accuracy-wise for these nets
+        torch.backends.cudnn.allow_tf32 = True
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries a result depends on, for run folders and model cards."""
+    import platform
+
+    import PIL
+    import sklearn
+
+    from . import __version__
+
+    out = {"cifarlab": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "numpy": np.__version__, "pillow": PIL.__version__, "scikit-learn": sklearn.__version__,
+           "platform": platform.platform()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda or ""
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out

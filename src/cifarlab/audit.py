@@ -1,0 +1,376 @@
+"""Disaggregated evaluation and a model card: who and what a model gets wrong, written down.
+
+Semantics follow Fairlearn's ``MetricFrame``: a metric computed overall and ``by_group``, with
+``difference`` (largest minus smallest) and ``ratio`` (smallest over largest) between groups.
+Intervals are percentile bootstrap intervals over test images (seeded), so every gap comes with
+its uncertainty. Fairlearn itself is not a dependency: these few aggregations are all it would
+be used for here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from datetime import date
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .data import Dataset
+from .errors import CifarlabError
+from .evaluate import _check_compatible, compute_report, predict_dataset
+from .export import list_to_csv_rows, load_model
+from .fsutil import write_json, write_text
+
+TO_FILL = "[TO BE FILLED IN BY THE MODEL'S OWNER]"
+
+
+def bootstrap_ci(stat: Callable[[np.ndarray], float], n: int, n_boot: int, rng: np.random.Generator,
+                 alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``stat(indices)`` over ``n`` items."""
+    vals = np.array([stat(rng.integers(0, n, n)) for _ in range(n_boot)], dtype=float)
+    vals = vals[np.isfinite(vals)]
+    if not len(vals):
+        return float("nan"), float("nan")
+    return float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2))
+
+
+def class_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str], n_boot: int, seed: int) -> dict[str, Any]:
+    """Per-class accuracy (= recall), precision with bootstrap 95% intervals; best-worst spread."""
+    rng = np.random.default_rng(seed)
+    k = len(classes)
+    n = len(y)
+    boots = rng.integers(0, n, (n_boot, n))
+    # One bootstrap for all classes: recall and precision per class per resample, vectorised.
+    rec_b = np.full((n_boot, k), np.nan)
+    prec_b = np.full((n_boot, k), np.nan)
+    for b in range(n_boot):
+        yb, pb = y[boots[b]], pred[boots[b]]
+        cm = np.bincount(yb * k + pb, minlength=k * k).reshape(k, k)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rec_b[b] = np.diag(cm) / cm.sum(1)
+            prec_b[b] = np.diag(cm) / cm.sum(0)
+    cm = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rec = np.diag(cm) / cm.sum(1)
+        prec = np.diag(cm) / cm.sum(0)
+
+    def ci(a: np.ndarray) -> list[float]:
+        return [float(np.nanquantile(a, 0.025)), float(np.nanquantile(a, 0.975))]
+
+    rows = [{"class": c, "support": int(cm[i].sum()), "accuracy": float(rec[i]), "accuracy_ci": ci(rec_b[:, i]),
+             "recall": float(rec[i]), "recall_ci": ci(rec_b[:, i]),
+             "precision": float(prec[i]) if np.isfinite(prec[i]) else None,
+             "precision_ci": ci(prec_b[:, i])} for i, c in enumerate(classes)]
+    best, worst = int(np.nanargmax(rec)), int(np.nanargmin(rec))
+    diff_b = rec_b[:, best] - rec_b[:, worst]
+    ratio_b = rec_b[:, worst] / rec_b[:, best]
+    spread = {"best": classes[best], "worst": classes[worst], "difference": float(rec[best] - rec[worst]),
+              "difference_ci": ci(diff_b), "ratio": float(rec[worst] / rec[best]) if rec[best] else None,
+              "ratio_ci": ci(ratio_b)}
+    return {"per_class": rows, "spread": spread}
+
+
+def read_groups(path: str | Path, ds: Dataset) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Read a groups CSV; returns (test indices, {attribute: values per row}).
+
+    The first column is ``index`` (position in the test split, in the loader's order) or
+    ``path`` (as in ``Dataset.test_paths``, e.g. ``test/cat/0001.jpg``).
+    """
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise CifarlabError(f"cannot read groups file '{path}': {e}") from None
+    if len(rows) < 2 or len(rows[0]) < 2:
+        raise CifarlabError(f"groups file '{path}' needs a header and rows, with a first column 'index' or 'path' "
+                            "and at least one attribute column")
+    head, body = [h.strip() for h in rows[0]], rows[1:]
+    key = head[0].lower()
+    if key not in ("index", "path"):
+        raise CifarlabError(f"groups file '{path}': first column is '{head[0]}'; it must be 'index' or 'path'")
+    lookup = {p: i for i, p in enumerate(ds.test_paths)} if key == "path" else None
+    idx = []
+    for ln, r in enumerate(body, start=2):
+        if len(r) != len(head):
+            raise CifarlabError(f"groups file '{path}' line {ln}: {len(r)} fields, header has {len(head)}")
+        v = r[0].strip()
+        if lookup is not None:
+            if v not in lookup:
+                raise CifarlabError(f"groups file '{path}' line {ln}: path '{v}' is not a test image of {ds.source} "
+                                    f"(test paths look like '{ds.test_paths[0] if ds.test_paths else '?'}')")
+            idx.append(lookup[v])
+        else:
+            if not v.isdigit() or int(v) >= len(ds.y_test):
+                raise CifarlabError(f"groups file '{path}' line {ln}: index '{v}' is not valid; expected 0.."
+                                    f"{len(ds.y_test) - 1}")
+            idx.append(int(v))
+    attrs = {h: np.array([r[j].strip() for r in body], dtype=object) for j, h in enumerate(head) if j > 0}
+    return np.array(idx, dtype=np.int64), attrs
+
+
+def group_metrics(y: np.ndarray, pred: np.ndarray, values: np.ndarray, overall: float, n_boot: int,
+                  seed: int, margin: float, min_group: int) -> dict[str, Any]:
+    """By-group accuracy, macro recall and macro precision with intervals; the largest gap and its interval."""
+    rng = np.random.default_rng(seed)
+    groups = sorted(set(values.tolist()))
+    rows = []
+    members = {g: np.flatnonzero(values == g) for g in groups}
+
+    def acc(ix):
+        return float((y[ix] == pred[ix]).mean()) if len(ix) else float("nan")
+
+    def macro(ix, axis_true: bool):
+        yt, pt = y[ix], pred[ix]
+        vals = []
+        for c in np.unique(yt if axis_true else pt):
+            m = (yt == c) if axis_true else (pt == c)
+            vals.append(float((yt[m] == pt[m]).mean()))
+        return float(np.mean(vals)) if vals else float("nan")
+
+    for g in groups:
+        ix = members[g]
+        a = acc(ix)
+        row = {"group": g, "n": int(len(ix)), "accuracy": a,
+               "accuracy_ci": list(bootstrap_ci(lambda b: acc(ix[b]), len(ix), n_boot, rng)),
+               "macro_recall": macro(ix, True), "macro_precision": macro(ix, False),
+               "too_small": bool(len(ix) < min_group),
+               "flagged": bool(a < overall - margin)}
+        rows.append(row)
+    judged = [r for r in rows if not r["too_small"]] or rows
+    hi = max(judged, key=lambda r: r["accuracy"])
+    lo = min(judged, key=lambda r: r["accuracy"])
+    ih, il = members[hi["group"]], members[lo["group"]]
+
+    def gap(_):
+        return acc(rng.choice(ih, len(ih))) - acc(rng.choice(il, len(il)))
+
+    diffs = np.array([gap(None) for _ in range(n_boot)])
+    ci = [float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975))]
+    return {"groups": rows, "gap": {"highest": hi["group"], "lowest": lo["group"],
+                                    "difference": hi["accuracy"] - lo["accuracy"], "difference_ci": ci,
+                                    "ratio": lo["accuracy"] / hi["accuracy"] if hi["accuracy"] else None,
+                                    "ci_excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}}
+
+
+def run_audit(run: Path, ds: Dataset, out: Path, groups_csv: str | None = None, margin: float = 0.05,
+              min_group: int = 30, n_boot: int = 1000, seed: int = 0, device: str = "auto",
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write ``audit.json``, ``audit.md``, plots and ``MODEL_CARD.md``/``model_card.json`` into ``out``."""
+    from .evaluate import evaluate_run
+
+    if not 0 <= margin < 1:
+        raise CifarlabError(f"--margin {margin} is not valid; it must lie in [0, 1)")
+    if n_boot < 100:
+        raise CifarlabError(f"--bootstrap {n_boot} is too few resamples for a 95% interval; use at least 100")
+    pred = load_model(run, device)
+    _check_compatible(pred, ds)
+    out.mkdir(parents=True, exist_ok=True)
+    report = evaluate_run(run, ds, out, device=device)  # confusion matrix, reliability, confident errors
+    probs = predict_dataset(pred, ds.x_test)
+    yhat = probs.argmax(1)
+    y = ds.y_test
+    overall = float((yhat == y).mean())
+    cls = class_metrics(y, yhat, pred.classes, n_boot, seed)
+    for r in cls["per_class"]:
+        r["flagged"] = bool(r["accuracy"] < overall - margin)
+    audit: dict[str, Any] = {"run": str(run), "data": ds.source, "overall_accuracy": overall, "margin": margin,
+                             "bootstrap_resamples": n_boot, "classes": cls, "warnings": []}
+    for r in cls["per_class"]:
+        if r["flagged"]:
+            audit["warnings"].append(f"class '{r['class']}' accuracy {r['accuracy']:.3f} is more than {margin:.2f} "
+                                     f"below the overall {overall:.3f}")
+    if groups_csv:
+        idx, attrs = read_groups(groups_csv, ds)
+        audit["groups_file"] = str(groups_csv)
+        audit["attributes"] = {}
+        for name, values in attrs.items():
+            gm = group_metrics(y[idx], yhat[idx], values, overall, n_boot, seed, margin, min_group)
+            audit["attributes"][name] = gm
+            for g in gm["groups"]:
+                if g["too_small"]:
+                    audit["warnings"].append(f"{name}={g['group']}: only {g['n']} images (< {min_group}); too small to judge")
+                elif g["flagged"]:
+                    audit["warnings"].append(f"{name}={g['group']}: accuracy {g['accuracy']:.3f} is more than "
+                                             f"{margin:.2f} below the overall {overall:.3f}")
+            if gm["gap"]["ci_excludes_zero"]:
+                ga = gm["gap"]
+                audit["warnings"].append(f"{name}: the accuracy gap between '{ga['highest']}' and '{ga['lowest']}' "
+                                         f"({ga['difference']:.3f}, 95% CI {ga['difference_ci'][0]:.3f} to "
+                                         f"{ga['difference_ci'][1]:.3f}) excludes zero")
+    _plot_class_accuracy(cls["per_class"], overall, out / "per_class_accuracy.png")
+    write_json(out / "audit.json", audit)
+    write_text(out / "per_class_audit.csv", list_to_csv_rows(
+        [{k: (json.dumps(v) if isinstance(v, list) else v) for k, v in r.items()} for r in cls["per_class"]]))
+    write_text(out / "audit.md", _audit_markdown(audit))
+    card = build_model_card(run, pred, ds, report, audit)
+    write_json(out / "model_card.json", card)
+    write_text(out / "MODEL_CARD.md", model_card_markdown(card))
+    for w in audit["warnings"]:
+        log(f"warning: {w}")
+    sp = cls["spread"]
+    log(f"overall accuracy {overall:.4f}; best class {sp['best']}, worst {sp['worst']}: gap {sp['difference']:.4f} "
+        f"(95% CI {sp['difference_ci'][0]:.4f} to {sp['difference_ci'][1]:.4f})")
+    log(f"wrote {out / 'audit.md'} and {out / 'MODEL_CARD.md'}")
+    return audit
+
+
+def _plot_class_accuracy(rows: list[dict], overall: float, path: Path) -> None:
+    from .plots import _plt, _save
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows) + 2), 4))
+    acc = np.array([r["accuracy"] for r in rows])
+    lo = acc - np.array([r["accuracy_ci"][0] for r in rows])
+    hi = np.array([r["accuracy_ci"][1] for r in rows]) - acc
+    ax.bar(range(len(rows)), acc, yerr=[lo, hi], capsize=3,
+           color=["tab:red" if r.get("flagged") else "tab:blue" for r in rows])
+    ax.axhline(overall, color="k", ls="--", label=f"overall {overall:.3f}")
+    ax.set_xticks(range(len(rows)), [r["class"] for r in rows], rotation=45, ha="right")
+    ax.set(ylabel="accuracy (95% bootstrap CI)", ylim=(0, 1), title="Per-class accuracy")
+    ax.legend()
+    _save(fig, path)
+
+
+def _fmt_ci(ci: list[float]) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _audit_markdown(a: dict) -> str:
+    lines = [f"# Audit of `{a['run']}`", "", f"Data: `{a['data']}`. Overall accuracy **{a['overall_accuracy']:.4f}**. "
+             f"Intervals: 95% percentile bootstrap, {a['bootstrap_resamples']} resamples.", "",
+             "![per-class accuracy](per_class_accuracy.png)", "",
+             "| class | n | accuracy | 95% CI | precision | 95% CI | flagged |", "|---|---|---|---|---|---|---|"]
+    for r in a["classes"]["per_class"]:
+        p = f"{r['precision']:.3f}" if r["precision"] is not None else "n/a"
+        lines.append(f"| {r['class']} | {r['support']} | {r['accuracy']:.3f} | {_fmt_ci(r['accuracy_ci'])} | {p} | "
+                     f"{_fmt_ci(r['precision_ci'])} | {'yes' if r['flagged'] else ''} |")
+    sp = a["classes"]["spread"]
+    lines += ["", f"Spread: best class **{sp['best']}**, worst **{sp['worst']}**; difference {sp['difference']:.3f} "
+              f"{_fmt_ci(sp['difference_ci'])}, ratio {sp['ratio']:.3f} {_fmt_ci(sp['ratio_ci'])}.", ""]
+    for name, gm in a.get("attributes", {}).items():
+        lines += [f"## Groups by `{name}`", "", "| group | n | accuracy | 95% CI | macro recall | macro precision | note |",
+                  "|---|---|---|---|---|---|---|"]
+        for g in gm["groups"]:
+            note = "too small to judge" if g["too_small"] else ("flagged" if g["flagged"] else "")
+            lines.append(f"| {g['group']} | {g['n']} | {g['accuracy']:.3f} | {_fmt_ci(g['accuracy_ci'])} | "
+                         f"{g['macro_recall']:.3f} | {g['macro_precision']:.3f} | {note} |")
+        ga = gm["gap"]
+        lines += ["", f"Largest gap: {ga['highest']} vs {ga['lowest']}: {ga['difference']:.3f} {_fmt_ci(ga['difference_ci'])}"
+                  + (" - the interval excludes zero." if ga["ci_excludes_zero"] else " - the interval includes zero."), ""]
+    lines += ["## Other evaluation plots", "", "![confusion matrix](confusion_matrix.png)", "",
+              "![reliability diagram](reliability.png)", "", "![most confident errors](confident_errors.png)", ""]
+    if a["warnings"]:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in a["warnings"]] + [""]
+    return "\n".join(lines)
+
+
+def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) -> dict[str, Any]:
+    """The model card's content (Mitchell et al., 2019) as a dict; unknown facts are marked TO_FILL."""
+    metrics_path = run / "metrics.json"
+    m = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    cfg_text = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else ""
+    import yaml
+
+    cfg = yaml.safe_load(cfg_text) if cfg_text else {}
+    is_cifar10 = ds.kind.startswith("cifar10") or (ds.kind == "image-folder" and pred.classes == [
+        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"])
+    training_data = {
+        "source": m.get("data", {}).get("source", TO_FILL),
+        "size": {k: m.get("data", {}).get(k) for k in ("train_images", "val_images")},
+        "classes": pred.classes,
+        "licence": "CIFAR-10/100 carry no explicit licence; the images were collected from the web (80 Million Tiny "
+                   "Images) without the consent of the people photographed or the photographers" if is_cifar10 else TO_FILL,
+        "consent": "not obtained: web-scraped images" if is_cifar10 else TO_FILL,
+        "label_caveats": ("CIFAR-10 labels were assigned by paid student labellers to 32x32 thumbnails; classes are "
+                          "defined by the labelling instructions (e.g. 'automobile' excludes pickup trucks, 'truck' "
+                          "excludes pickups), a small share of test labels are known to be wrong or ambiguous, and "
+                          "the data's parent collection was withdrawn in 2020 over offensive content")
+        if is_cifar10 else TO_FILL,
+    }
+    return {
+        "model_details": {
+            "name": run.name, "architecture": pred.arch["model"], "parameters": pred.arch.get("num_params"),
+            "recipe": cfg.get("recipe"), "optimizer": cfg.get("optim"), "epochs": cfg.get("train", {}).get("epochs"),
+            "training_time_s": m.get("train_time_s"), "trained_on": m.get("device"), "versions": m.get("versions"),
+            "date": date.today().isoformat(), "developers": TO_FILL, "licence": TO_FILL, "contact": TO_FILL,
+        },
+        "intended_use": {
+            "primary_uses": f"Classifying small ({pred.input_shape[2]}x{pred.input_shape[1]}) photos into the data "
+                            f"set's {len(pred.classes)} classes ({', '.join(pred.classes[:10])}"
+                            f"{', ...' if len(pred.classes) > 10 else ''}) for research, teaching and benchmarking.",
+            "primary_users": "Students, researchers and engineers studying image classification.",
+            "out_of_scope": [
+                "Identifying, recognising, tracking or surveilling people, including face recognition.",
+                "Making or supporting decisions about people (access, employment, credit, policing, health).",
+                "Safety-critical perception (vehicles, medical imaging) or any image outside the training classes; "
+                "the model always answers with one of its classes, even for images of none of them.",
+            ],
+        },
+        "factors": {"relevant_factors": TO_FILL + " (e.g. photo source, lighting, region, camera)",
+                    "evaluated_groups": list(audit.get("attributes", {}))},
+        "training_data": training_data,
+        "evaluation_data": {"source": ds.source, "size": int(len(ds.y_test)),
+                            "note": "the test split of the same collection as the training data; it shares its biases"},
+        "metrics": {
+            "overall": {"accuracy": report["accuracy"], "loss": report["loss"], "top_k": report["top_k"],
+                        "ece": report["calibration"]["ece"]},
+            "per_class": audit["classes"]["per_class"], "class_spread": audit["classes"]["spread"],
+            "groups": audit.get("attributes", {}), "interval_method": f"95% percentile bootstrap, "
+                                                                       f"{audit['bootstrap_resamples']} resamples",
+        },
+        "ethical_considerations": [
+            "An inaccurate or unevenly accurate classifier harms the people who depend on its output; the per-class "
+            "and per-group figures above show where this model is weaker.",
+            "The training images were collected without consent; do not extend such data with images of people.",
+            "Uses for surveillance or face recognition are out of scope and should be refused.",
+        ],
+        "caveats": [
+            "Accuracy is measured on data from the same collection as the training data; expect lower accuracy on "
+            "other photos.",
+            "Group results are only as good as the groups file; small groups get wide intervals.",
+        ] + audit["warnings"],
+    }
+
+
+def model_card_markdown(card: dict) -> str:
+    """Render a model card dict as Markdown, linking the audit plots beside it."""
+    d, iu, td, ev, mt = (card["model_details"], card["intended_use"], card["training_data"], card["evaluation_data"],
+                         card["metrics"])
+    o = mt["overall"]
+    lines = [f"# Model card: {d['name']}", "", "## Model details", "",
+             f"- Architecture: `{d['architecture']}`, {d['parameters']:,} parameters",
+             f"- Recipe: `{d['recipe']}`; optimizer: `{(d['optimizer'] or {}).get('name')}`, epochs: {d['epochs']}",
+             f"- Training time: {d['training_time_s']:.1f} s on {d['trained_on']}" if d["training_time_s"] else
+             f"- Training time: {TO_FILL}",
+             f"- Versions: {', '.join(f'{k} {v}' for k, v in (d['versions'] or {}).items())}",
+             f"- Date of this card: {d['date']}",
+             f"- Developers: {d['developers']}", f"- Licence: {d['licence']}", f"- Contact: {d['contact']}", "",
+             "## Intended use", "", f"- Primary uses: {iu['primary_uses']}", f"- Primary users: {iu['primary_users']}",
+             "", "### Out-of-scope uses", ""] + [f"- {u}" for u in iu["out_of_scope"]] + [
+             "", "## Factors", "", f"- Relevant factors: {card['factors']['relevant_factors']}",
+             f"- Evaluated group attributes: {', '.join(card['factors']['evaluated_groups']) or 'none supplied'}", "",
+             "## Training data", "", f"- Source: `{td['source']}`",
+             f"- Size: {td['size'].get('train_images')} training, {td['size'].get('val_images')} validation images",
+             f"- Classes: {', '.join(td['classes'][:20])}{' ...' if len(td['classes']) > 20 else ''}",
+             f"- Licence: {td['licence']}", f"- Consent: {td['consent']}", f"- Label caveats: {td['label_caveats']}", "",
+             "## Evaluation data", "", f"- Source: `{ev['source']}`, {ev['size']} images; {ev['note']}", "",
+             "## Metrics", "", f"Overall accuracy **{o['accuracy']:.4f}**, loss {o['loss']:.4f}, top-{o['top_k']['k']} "
+             f"accuracy {o['top_k']['accuracy']:.4f}, expected calibration error {o['ece']:.4f}. "
+             f"Intervals: {mt['interval_method']}.", "", "![per-class accuracy](per_class_accuracy.png)", "",
+             "| class | accuracy | 95% CI | precision |", "|---|---|---|---|"]
+    for r in mt["per_class"]:
+        p = f"{r['precision']:.3f}" if r["precision"] is not None else "n/a"
+        lines.append(f"| {r['class']} | {r['accuracy']:.3f} | {_fmt_ci(r['accuracy_ci'])} | {p} |")
+    sp = mt["class_spread"]
+    lines += ["", f"Largest class gap: {sp['best']} vs {sp['worst']}, {sp['difference']:.3f} {_fmt_ci(sp['difference_ci'])}.", ""]
+    for name, gm in mt["groups"].items():
+        ga = gm["gap"]
+        lines += [f"By `{name}`: " + ", ".join(f"{g['group']} {g['accuracy']:.3f} (n={g['n']})" for g in gm["groups"])
+                  + f"; largest gap {ga['difference']:.3f} {_fmt_ci(ga['difference_ci'])}.", ""]
+    lines += ["![confusion matrix](confusion_matrix.png) ![reliability diagram](reliability.png)", "",
+              "## Ethical considerations", ""] + [f"- {e}" for e in card["ethical_considerations"]] + [
+              "", "## Caveats and recommendations", ""] + [f"- {c}" for c in card["caveats"]] + [""]
+    return "\n".join(lines)

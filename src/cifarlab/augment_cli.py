@@ -1,0 +1,117 @@
+"""``cifarlab augment``: N augmented copies per image, written as an array file or image folder,
+plus previews and one grid of originals beside their augmentations."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .augment import augmenter_from_config
+from .config import AugmentConfig, Config, apply_overrides, read_config_file
+from .data import load_dataset
+from .errors import CifarlabError
+from .fsutil import write_with
+
+
+def augment_images(x_uint8: np.ndarray, augmenter, per_image: int, seed: int, batch_size: int = 1024) -> np.ndarray:
+    """Return uint8 (N * per_image, H, W, C): copy k of image i at row ``i * per_image + k``."""
+    g = torch.Generator().manual_seed(seed)
+    out = np.empty((len(x_uint8) * per_image, *x_uint8.shape[1:]), dtype=np.uint8)
+    for s in range(0, len(x_uint8), batch_size):
+        xb = torch.from_numpy(x_uint8[s:s + batch_size]).permute(0, 3, 1, 2).float() / 255
+        rep = xb.repeat_interleave(per_image, 0)
+        aug = augmenter(rep, g) if augmenter is not None else rep
+        arr = (aug.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        out[s * per_image:s * per_image + len(arr)] = arr
+    return out
+
+
+def _save_image(arr: np.ndarray, path: Path, fmt: str) -> None:
+    im = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    write_with(path, lambda tmp: im.save(tmp, format="JPEG" if fmt == "jpeg" else "PNG", quality=95))
+
+
+def augment_command(args: argparse.Namespace) -> int:
+    """Run ``cifarlab augment`` with parsed arguments."""
+    if args.per_image < 1:
+        raise CifarlabError(f"--per-image {args.per_image} is not valid; it must be at least 1")
+    cfg = Config()
+    if args.config:
+        values = read_config_file(args.config)
+        apply_overrides(cfg, {"augment": values.get("augment", {})}, f"config file '{args.config}'")
+    aug_cfg: AugmentConfig = cfg.augment
+    if args.augment:
+        aug_cfg.preset = args.augment
+    augmenter = augmenter_from_config(aug_cfg)
+    ds = load_dataset(args.data, args.dataset or "cifar10", allow_unverified=bool(args.allow_unverified),
+                      label_mode=args.label_mode or "fine", skip_bad_images=bool(args.skip_bad_images))
+    x, y = (ds.x_train, ds.y_train) if args.split == "train" else (ds.x_test, ds.y_test)
+    if args.subset:
+        from .data import balanced_subset
+
+        keep = balanced_subset(y, args.subset, args.seed)
+        x, y = x[keep], y[keep]
+    if args.limit:
+        x, y = x[:args.limit], y[:args.limit]
+    if not args.out and not args.preview_dir:
+        raise CifarlabError("nothing to write: give --out (a .npz file or a folder) and/or --preview-dir")
+    copies = augment_images(x, augmenter, args.per_image, args.seed)
+    labels = np.repeat(y, args.per_image)
+    if args.out:
+        out = Path(args.out)
+        if out.exists() and not args.overwrite and (out.is_file() or any(out.iterdir())):
+            raise CifarlabError(f"output '{out}' already exists; choose another --out or pass --overwrite")
+        if out.suffix == ".npz":
+            src = np.repeat(np.arange(len(x)), args.per_image)
+            write_with(out, lambda tmp: np.savez(open(tmp, "wb"), x=copies, y=labels, source_index=src,
+                                                 classes=np.array(ds.classes)))
+            print(f"wrote {len(copies):,} augmented images ({args.per_image} per image) to {out}")
+        else:
+            tmp_dir = out.with_name(f".{out.name}.tmp")
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            for i in range(len(copies)):
+                cls = ds.classes[labels[i]]
+                d = tmp_dir / args.split / cls
+                d.mkdir(parents=True, exist_ok=True)
+                arr = copies[i]
+                Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(
+                    d / f"{i // args.per_image:06d}_{i % args.per_image}.png")
+            if out.exists():
+                shutil.rmtree(out)
+            tmp_dir.rename(out)  # the folder appears complete or not at all
+            print(f"wrote {len(copies):,} augmented images as an image folder to {out}")
+    if args.preview_dir:
+        pdir = Path(args.preview_dir)
+        pdir.mkdir(parents=True, exist_ok=True)
+        n = min(args.previews, len(x))
+        ext = "jpeg" if args.save_format == "jpeg" else "png"
+        for i in range(n):
+            for k in range(args.per_image):
+                _save_image(copies[i * args.per_image + k], pdir / f"{args.save_prefix}_{i}_{k}.{ext}", args.save_format)
+        _grid(x[:n], copies[:n * args.per_image], args.per_image, [ds.classes[c] for c in y[:n]], pdir / "grid.png")
+        print(f"wrote {n * args.per_image} previews and grid.png to {pdir}")
+    return 0
+
+
+def _grid(originals: np.ndarray, copies: np.ndarray, per: int, names: list[str], path: Path) -> None:
+    from .plots import _plt, _save
+
+    plt = _plt()
+    n = len(originals)
+    fig, axes = plt.subplots(n, per + 1, figsize=(1.3 * (per + 1), 1.4 * n), squeeze=False)
+    for i in range(n):
+        row = [originals[i]] + [copies[i * per + k] for k in range(per)]
+        for j, im in enumerate(row):
+            ax = axes[i, j]
+            ax.imshow(im[:, :, 0] if im.shape[2] == 1 else im, cmap="gray" if im.shape[2] == 1 else None,
+                      interpolation="nearest")
+            ax.axis("off")
+            if i == 0:
+                ax.set_title("original" if j == 0 else f"copy {j}", fontsize=8)
+        axes[i, 0].text(-2, 16, names[i], ha="right", va="center", fontsize=7)
+    _save(fig, path)

@@ -1,0 +1,124 @@
+"""Evaluation: the notebook's "Test score" and "Test accuracy", and what a model gets wrong.
+
+Metrics come from scikit-learn (log loss, top-k accuracy, precision/recall/F1, confusion
+matrix); expected calibration error is the standard equal-width-bin estimate (Guo et al., 2017),
+which scikit-learn does not provide for multi-class models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import Dataset
+from .export import Predictor, list_to_csv_rows, load_model
+from .fsutil import write_json, write_text
+
+
+def predict_dataset(pred: Predictor, x_uint8_nhwc: np.ndarray, tta: bool = False, batch_size: int = 1000) -> np.ndarray:
+    """Probabilities for uint8 (N, H, W, C) images; with ``tta``, averaged with the mirror images."""
+    x = torch.from_numpy(np.ascontiguousarray(x_uint8_nhwc)).permute(0, 3, 1, 2)
+    probs = pred.predict(x, batch_size)
+    if tta:
+        probs = (probs + pred.predict(x.flip(3), batch_size)) / 2
+    return probs
+
+
+def calibration(probs: np.ndarray, y: np.ndarray, n_bins: int = 15) -> dict[str, Any]:
+    """Expected calibration error over ``n_bins`` equal-width confidence bins, and the bins."""
+    conf = probs.max(1)
+    correct = probs.argmax(1) == y
+    edges = np.linspace(0, 1, n_bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    count = np.bincount(which, minlength=n_bins)
+    sum_conf = np.bincount(which, weights=conf, minlength=n_bins)
+    sum_acc = np.bincount(which, weights=correct.astype(float), minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bin_conf, bin_acc = sum_conf / count, sum_acc / count
+    ece = float(np.sum(np.abs(sum_acc - sum_conf)) / max(1, len(y)))
+    return {"ece": ece, "n_bins": n_bins, "bin_confidence": bin_conf.tolist(), "bin_accuracy": bin_acc.tolist(),
+            "bin_count": count.tolist()}
+
+
+def compute_report(probs: np.ndarray, y: np.ndarray, classes: list[str], k: int = 5) -> dict[str, Any]:
+    """All evaluation metrics for predicted probabilities ``probs`` (N, C) and labels ``y``."""
+    from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support, top_k_accuracy_score
+
+    labels = list(range(len(classes)))
+    pred = probs.argmax(1)
+    k = min(k, len(classes) - 1) if len(classes) > 2 else 1
+    prec, rec, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    cm = confusion_matrix(y, pred, labels=labels)
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(off, axis=None)[::-1]
+    pairs = []
+    for flat in order[:10]:
+        i, j = np.unravel_index(flat, off.shape)
+        if off[i, j] == 0:
+            break
+        pairs.append({"true": classes[i], "predicted": classes[j], "count": int(off[i, j]),
+                      "share_of_true_class": float(off[i, j] / max(1, cm[i].sum()))})
+    return {
+        "loss": float(log_loss(y, np.clip(probs, 1e-7, 1), labels=labels)),
+        "accuracy": float((pred == y).mean()),
+        "top_k": {"k": k, "accuracy": float(top_k_accuracy_score(y, probs, k=k, labels=labels))},
+        "num_images": int(len(y)),
+        "per_class": [{"class": c, "accuracy": float(rec[i]), "precision": float(prec[i]), "recall": float(rec[i]),
+                       "f1": float(f1[i]), "support": int(support[i])} for i, c in enumerate(classes)],
+        "confusion_matrix": cm.tolist(),
+        "confused_pairs": pairs,
+        "calibration": calibration(probs, y),
+    }
+
+
+def evaluate_run(run: Path, ds: Dataset, out: Path, tta: bool = False, device: str = "auto",
+                 n_worst: int = 32) -> dict[str, Any]:
+    """Evaluate a run on ``ds``'s test split and write report files into ``out``.
+
+    Files: ``metrics.json``, ``per_class.csv``, ``confusion_matrix.csv``/``.png``,
+    ``reliability.png``, ``confident_errors.png``.
+    """
+    from .plots import image_grid, plot_confusion, plot_reliability
+
+    pred = load_model(run, device)
+    _check_compatible(pred, ds)
+    probs = predict_dataset(pred, ds.x_test, tta=tta)
+    report = compute_report(probs, ds.y_test, pred.classes)
+    report.update({"run": str(run), "data": ds.source, "tta": tta})
+    out.mkdir(parents=True, exist_ok=True)
+    cm = np.array(report["confusion_matrix"])
+    write_text(out / "confusion_matrix.csv", list_to_csv_rows(
+        [{"true\\predicted": c, **{p: int(v) for p, v in zip(pred.classes, row)}} for c, row in zip(pred.classes, cm)]))
+    write_text(out / "per_class.csv", list_to_csv_rows(report["per_class"]))
+    plot_confusion(cm, pred.classes, out / "confusion_matrix.png")
+    cal = report["calibration"]
+    plot_reliability(np.array(cal["bin_confidence"], float), np.array(cal["bin_accuracy"], float),
+                     np.array(cal["bin_count"]), cal["ece"], out / "reliability.png")
+    wrong = np.flatnonzero(probs.argmax(1) != ds.y_test)
+    worst = wrong[np.argsort(-probs[wrong].max(1))][:n_worst]
+    if len(worst):
+        titles = [f"true {pred.classes[ds.y_test[i]]}\npred {pred.classes[probs[i].argmax()]} {probs[i].max():.2f}"
+                  for i in worst]
+        image_grid(ds.x_test[worst], titles, out / "confident_errors.png")
+    report["confident_errors"] = [{"index": int(i), "path": ds.test_paths[i] if ds.test_paths else None,
+                                   "true": pred.classes[ds.y_test[i]], "predicted": pred.classes[probs[i].argmax()],
+                                   "confidence": float(probs[i].max())} for i in worst]
+    report["files"] = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    write_json(out / "metrics.json", report)
+    return report
+
+
+def _check_compatible(pred: Predictor, ds: Dataset) -> None:
+    from .errors import CifarlabError
+
+    c, h, w = pred.input_shape
+    if ds.x_test.shape[1:] != (h, w, c):
+        raise CifarlabError(f"the data's images are {ds.x_test.shape[2]}x{ds.x_test.shape[1]}x{ds.x_test.shape[3]} "
+                            f"but the model was trained on {w}x{h}x{c}")
+    if ds.classes != pred.classes:
+        raise CifarlabError(f"the data's classes {ds.classes[:5]}... differ from the model's {pred.classes[:5]}...; "
+                            "evaluate on data with the classes the model was trained on")

@@ -33,7 +33,7 @@ def check_member(path: Path, m: tarfile.TarInfo) -> None:
     if not (m.isfile() or m.isdir()):
         raise DataError(f"{path}: member '{m.name}' is not a regular file or folder; refused")
     p = PurePosixPath(m.name)
-    if p.is_absolute() or ".." in p.parts or m.name.startswith(("/", "\\")) or ":" in p.parts[0]:
+    if p.is_absolute() or ".." in p.parts or m.name.startswith(("/", "\\")) or (p.parts and ":" in p.parts[0]):
         raise DataError(f"{path}: member '{m.name}' has a path that escapes the target folder; "
                         "the archive is refused")
 

@@ -29,20 +29,34 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
+class _Refused(pickle.UnpicklingError):
+    """A global or value that a CIFAR batch never holds."""
+
+
 def _codecs_encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
     # Protocol-2 pickles from Python 3 store bytes as _codecs.encode(str, 'latin1'). Only the
     # text codecs that can appear there are allowed, so the call cannot reach arbitrary codecs.
     if not isinstance(obj, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
-        raise pickle.UnpicklingError(f"refused _codecs.encode({type(obj).__name__}, {encoding!r})")
+        raise _Refused(f"refused _codecs.encode({type(obj).__name__}, {encoding!r})")
     return obj.encode(encoding, errors)
 
 
 def _scalar(dtype: np.dtype, data: bytes) -> Any:
     if not isinstance(dtype, np.dtype) or dtype.hasobject:
-        raise pickle.UnpicklingError("refused numpy scalar of object dtype")
+        raise _Refused("refused numpy scalar of object dtype")
     return np.frombuffer(data, dtype=dtype, count=1)[0]
 
 
+def _frombuffer(buf: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
+    # Protocol-5 pickles rebuild arrays from a raw buffer; only plain (non-object) dtypes.
+    dtype = np.dtype(dtype)
+    if dtype.hasobject or not isinstance(buf, (bytes, bytearray, memoryview, pickle.PickleBuffer)):
+        raise _Refused("refused array buffer of object dtype or unexpected type")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order).copy()
+
+
+_ALLOWED[("numpy.core.numeric", "_frombuffer")] = _frombuffer
+_ALLOWED[("numpy._core.numeric", "_frombuffer")] = _frombuffer
 _ALLOWED[("_codecs", "encode")] = _codecs_encode
 _ALLOWED[("numpy.core.multiarray", "scalar")] = _scalar
 _ALLOWED[("numpy._core.multiarray", "scalar")] = _scalar
@@ -53,7 +67,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed") from None
+            raise _Refused(f"global '{module}.{name}' is not allowed") from None
 
 
 def safe_load(data: bytes, what: str) -> Any:
@@ -64,7 +78,7 @@ def safe_load(data: bytes, what: str) -> Any:
     """
     try:
         obj = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise DataError(f"{what}: refused to read this pickle: {e}. A genuine CIFAR batch holds only "
                         "a dict of lists, bytes and one uint8 array; nothing in it was run.") from None
     except Exception as e:  # malformed streams raise many types (EOFError, ValueError, ...)

@@ -1,0 +1,169 @@
+"""Shared fixtures: small archives in the exact official CIFAR layouts, image folders, tiny runs."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_JPEG = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10-jpeg.tar.xz"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own cache and never reaches the internet (mirror: a closed local port)."""
+    monkeypatch.setenv("CIFARLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("CIFARLAB_MIRROR", "http://127.0.0.1:9/")
+
+
+def _tar(path: Path, members: dict[str, bytes], mode: str = "w:gz") -> Path:
+    with tarfile.open(path, mode) as tf:
+        dirs = sorted({str(Path(n).parent) for n in members})
+        for d in dirs:
+            ti = tarfile.TarInfo(d)
+            ti.type = tarfile.DIRTYPE
+            ti.mode = 0o755
+            tf.addfile(ti)
+        for name, data in members.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return path
+
+
+def fake_images(n: int, seed: int) -> np.ndarray:
+    """Images whose pixels encode their index (for order checks): (n, 3072) planar uint8."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+    return x
+
+
+def make_official(tmp: Path, key: str, n: int = 10, **kw) -> tuple[Path, dict]:
+    """Write a small archive in the official layout of ``key``; returns its path and the truth."""
+    rng = np.random.default_rng(0)
+    truth: dict = {"train_x": [], "train_y": [], "test_x": [], "test_y": [], "coarse_train": [], "coarse_test": []}
+    members: dict[str, bytes] = {}
+    if key == "cifar10-python":
+        folder = "cifar-10-batches-py"
+        for i, name in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
+            x = fake_images(n, i)
+            y = rng.integers(0, 10, n).tolist()
+            d = {b"batch_label": b"batch", b"labels": y, b"data": x,
+                 b"filenames": [f"img_{i}_{k}.png".encode() for k in range(n)]}
+            members[f"{folder}/{name}"] = pickle.dumps(d, protocol=2)
+            part = "test" if name == "test_batch" else "train"
+            truth[f"{part}_x"].append(x)
+            truth[f"{part}_y"] += y
+        members[f"{folder}/batches.meta"] = pickle.dumps(
+            {b"label_names": [c.encode() for c in kw.get("names", ["airplane", "automobile", "bird", "cat", "deer",
+                                                                    "dog", "frog", "horse", "ship", "truck"])],
+             b"num_cases_per_batch": n, b"num_vis": 3072}, protocol=2)
+        members[f"{folder}/readme.html"] = b"<html></html>"
+    elif key == "cifar10-binary":
+        folder = "cifar-10-batches-bin"
+        for i, name in enumerate([f"data_batch_{j}.bin" for j in range(1, 6)] + ["test_batch.bin"]):
+            x = fake_images(n, i)
+            y = rng.integers(0, 10, n)
+            members[f"{folder}/{name}"] = np.concatenate([y.astype(np.uint8)[:, None], x], 1).tobytes()
+            part = "test" if name.startswith("test") else "train"
+            truth[f"{part}_x"].append(x)
+            truth[f"{part}_y"] += y.tolist()
+        members[f"{folder}/batches.meta.txt"] = "\n".join(
+            ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]).encode() + b"\n\n"
+        members[f"{folder}/readme.html"] = b"<html></html>"
+    elif key == "cifar100-python":
+        folder = "cifar-100-python"
+        for i, name in enumerate(["train", "test"]):
+            x = fake_images(n, i)
+            fine = rng.integers(0, 100, n).tolist()
+            coarse = rng.integers(0, 20, n).tolist()
+            members[f"{folder}/{name}"] = pickle.dumps(
+                {b"filenames": [f"f{k}.png".encode() for k in range(n)], b"batch_label": b"b", b"fine_labels": fine,
+                 b"coarse_labels": coarse, b"data": x}, protocol=2)
+            truth[f"{name}_x"].append(x)
+            truth[f"{name}_y"] += fine
+            truth[f"coarse_{name}"] += coarse
+        members[f"{folder}/meta"] = pickle.dumps({b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+                                                  b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]},
+                                                 protocol=2)
+    elif key == "cifar100-binary":
+        folder = "cifar-100-binary"
+        for i, name in enumerate(["train.bin", "test.bin"]):
+            x = fake_images(n, i)
+            fine = rng.integers(0, 100, n)
+            coarse = rng.integers(0, 20, n)
+            members[f"{folder}/{name}"] = np.concatenate(
+                [coarse.astype(np.uint8)[:, None], fine.astype(np.uint8)[:, None], x], 1).tobytes()
+            part = name.split(".")[0]
+            truth[f"{part}_x"].append(x)
+            truth[f"{part}_y"] += fine.tolist()
+            truth[f"coarse_{part}"] += coarse.tolist()
+        members[f"{folder}/fine_label_names.txt"] = "\n".join(f"fine{i}" for i in range(100)).encode()
+        members[f"{folder}/coarse_label_names.txt"] = "\n".join(f"coarse{i}" for i in range(20)).encode()
+    else:
+        raise ValueError(key)
+    members.update(kw.get("extra", {}))
+    for k, v in kw.get("replace", {}).items():
+        members[f"{folder}/{k}"] = v
+    from cifarlab.data.cifar import FORMATS
+
+    path = _tar(tmp / FORMATS[key].archive_name, members)
+    for part in ("train", "test"):
+        truth[f"{part}_x"] = np.concatenate(truth[f"{part}_x"]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        truth[f"{part}_y"] = np.array(truth[f"{part}_y"])
+    truth["folder"] = folder
+    truth["members"] = members
+    return path, truth
+
+
+def make_image_folder(root: Path, classes=("cat", "dog", "frog"), n_train: int = 6, n_test: int = 3,
+                      size=(32, 32), mode: str = "RGB", fmt: str = "PNG", seed: int = 0) -> Path:
+    """An image folder train/<class>/*.png, test/<class>/*.png whose class is visible in the colour."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for ci, c in enumerate(classes):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                arr = np.zeros((*size, 3), np.uint8)
+                arr[..., ci % 3] = 200
+                arr = (arr + rng.integers(0, 40, arr.shape)).astype(np.uint8)
+                Image.fromarray(arr).convert(mode).save(d / f"{k:04d}.{fmt.lower().replace('jpeg', 'jpg')}", format=fmt)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "imgs")
+
+
+def tiny_config(data: str, out: str, **train):
+    """A config for seconds-long CPU training runs in tests."""
+    from cifarlab.config import resolve_config
+
+    t = {"epochs": 1, "batch_size": 8, "out": out, "seed": 0, "threads": 1, "deterministic": True}
+    t.update(train)
+    return resolve_config("keras-book", overrides={"data": {"data": data, "val_split": 0.25},
+                                                    "model": {"name": "keras-shallow"}, "train": t})
+
+
+@pytest.fixture
+def trained_run(tmp_path, image_folder) -> Path:
+    from cifarlab.train import fit
+
+    out = tmp_path / "run"
+    fit(tiny_config(str(image_folder), str(out), epochs=2), log=lambda s: None)
+    return out
+
+
+def pytest_report_header(config):  # noqa: ARG001
+    return f"shared JPEG copy: {'present' if SHARED_JPEG.is_file() else 'absent'} ({SHARED_JPEG})"
+
+
+os.environ.setdefault("MPLBACKEND", "Agg")

@@ -1,0 +1,100 @@
+"""Malicious archives and pickles are refused without running or writing anything."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from conftest import make_official
+
+from cifarlab.data import load_dataset
+from cifarlab.data.safe_pickle import safe_load
+from cifarlab.errors import DataError
+
+
+class _Payload:
+    """Unpickling this runs os.system, which would create a file."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_pickle_payload_is_refused_and_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps({b"labels": [1], b"data": _Payload(marker)}, protocol=2)
+    path, _ = make_official(tmp_path, "cifar10-python", replace={"data_batch_2": evil})
+    with pytest.raises(DataError, match="refused to read this pickle.*posix.system|refused to read this pickle.*os.system"):
+        load_dataset(path, allow_unverified=True)
+    assert not marker.exists()
+    # the payload really would have run: prove the test could fail
+    pickle.loads(evil)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_plain_batch_loads_under_every_protocol(protocol):
+    d = {b"labels": [1, 2], b"data": np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072) % 251}
+    out = safe_load(pickle.dumps(d, protocol=protocol), "batch")
+    np.testing.assert_array_equal(out[b"data"], d[b"data"])
+
+
+def test_object_array_refused():
+    d = {b"labels": [1], b"data": np.array([{"a": 1}], dtype=object)}
+    with pytest.raises(DataError):
+        safe_load(pickle.dumps(d, protocol=2), "batch")
+
+
+def test_not_a_pickle():
+    with pytest.raises(DataError, match="not a readable CIFAR python batch"):
+        safe_load(b"\x00\x01garbage", "batch")
+
+
+def _tar_with(tmp_path, add):
+    path = tmp_path / "evil.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        add(tf)
+    return path
+
+
+def _file(tf, name, data=b"x"):
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    tf.addfile(ti, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("name", ["../escape.png", "/abs/train/cat/1.png", "train/../../x.png"])
+def test_escaping_member_refused(tmp_path, name):
+    path = _tar_with(tmp_path, lambda tf: (_file(tf, "train/cat/0.png"), _file(tf, name)))
+    with pytest.raises(DataError, match="escapes the target folder"):
+        load_dataset(path)
+    assert not (tmp_path.parent / "escape.png").exists()
+
+
+def test_symlink_member_refused(tmp_path):
+    def add(tf):
+        ti = tarfile.TarInfo("train/cat/link.png")
+        ti.type = tarfile.SYMTYPE
+        ti.linkname = "/etc/passwd"
+        tf.addfile(ti)
+
+    with pytest.raises(DataError, match="is a link"):
+        load_dataset(_tar_with(tmp_path, add))
+
+
+def test_hardlink_in_official_archive_refused(tmp_path):
+    def add(tf):
+        _file(tf, "cifar-10-batches-bin/data_batch_1.bin", bytes(3073))
+        ti = tarfile.TarInfo("cifar-10-batches-bin/data_batch_2.bin")
+        ti.type = tarfile.LNKTYPE
+        ti.linkname = "cifar-10-batches-bin/data_batch_1.bin"
+        tf.addfile(ti)
+
+    with pytest.raises(DataError, match="is a link"):
+        load_dataset(_tar_with(tmp_path, add), allow_unverified=True)

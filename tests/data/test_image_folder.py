@@ -1,0 +1,148 @@
+"""Image folders and archives of them: layout, conversion, bad files, the decoded cache."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+
+import numpy as np
+import pytest
+from conftest import SHARED_JPEG, make_image_folder
+from PIL import Image
+
+from cifarlab.data import balanced_subset, load_dataset, stratified_split
+from cifarlab.errors import DataError
+
+
+def test_folder_reads_classes_and_order(image_folder):
+    ds = load_dataset(image_folder)
+    assert ds.classes == ["cat", "dog", "frog"]
+    assert ds.x_train.shape == (18, 32, 32, 3) and ds.x_test.shape == (9, 32, 32, 3)
+    assert ds.test_paths[0] == "test/cat/0000.png" and ds.test_paths[-1] == "test/frog/0002.png"
+    np.testing.assert_array_equal(ds.y_test, [0, 0, 0, 1, 1, 1, 2, 2, 2])
+    # class is visible in the colour channel the fixture wrote
+    assert ds.x_train[ds.y_train == 1][..., 1].mean() > 150
+
+
+@pytest.mark.parametrize("mode", ["w:gz", "w:xz", "w"])
+def test_archive_of_folder_with_wrapper_dir(tmp_path, image_folder, mode):
+    path = tmp_path / f"data.tar{'.' + mode[2:] if ':' in mode else ''}"
+    with tarfile.open(path, mode) as tf:
+        tf.add(image_folder, arcname="mydata")
+    a, b = load_dataset(path), load_dataset(image_folder)
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    assert a.test_paths == b.test_paths
+
+
+def test_grayscale_folder_keeps_one_channel(tmp_path):
+    ds = load_dataset(make_image_folder(tmp_path / "g", mode="L"))
+    assert ds.x_train.shape[-1] == 1
+
+
+def test_mixed_sizes_and_modes_are_converted_with_notes(tmp_path):
+    root = make_image_folder(tmp_path / "m")
+    Image.new("L", (40, 20), 7).save(root / "train" / "cat" / "gray_big.png")
+    Image.new("RGBA", (32, 32), (1, 2, 3, 4)).save(root / "train" / "dog" / "rgba.png")
+    Image.new("P", (32, 32)).save(root / "test" / "dog" / "pal.gif")
+    ds = load_dataset(root)
+    assert ds.x_train.shape[1:] == (32, 32, 3)
+    joined = " ".join(ds.notes)
+    assert "resized 1 image(s) to the most common size 32x32" in joined
+    assert "converted 3 image(s) to RGB" in joined
+
+
+def test_16bit_grayscale_is_scaled_not_clipped(tmp_path):
+    root = make_image_folder(tmp_path / "s", mode="L")
+    arr = np.full((32, 32), 65535 // 2, dtype=np.uint16)
+    Image.fromarray(arr).save(root / "train" / "cat" / "deep.png")
+    ds = load_dataset(root)
+    row = ds.test_paths  # noqa: F841 - load must succeed
+    vals = ds.x_train[..., 0]
+    assert (vals == 127).all(axis=(1, 2)).any() or (vals == 128).all(axis=(1, 2)).any()
+
+
+def test_no_class_folders(tmp_path):
+    (tmp_path / "d" / "train").mkdir(parents=True)
+    (tmp_path / "d" / "test").mkdir()
+    (tmp_path / "d" / "train" / "x.png").write_bytes(b"")
+    with pytest.raises(DataError, match="no 'train/<class>/' folders|no class folders"):
+        load_dataset(tmp_path / "d")
+
+
+def test_empty_class_named(tmp_path):
+    root = make_image_folder(tmp_path / "e")
+    (root / "train" / "zebra").mkdir()
+    with pytest.raises(DataError, match="train/zebra"):
+        load_dataset(root)
+
+
+def test_non_image_files_ignored_with_note(image_folder):
+    (image_folder / "train" / "cat" / "notes.txt").write_text("hello")
+    ds = load_dataset(image_folder)
+    assert len(ds.y_train) == 18
+
+
+def test_corrupt_and_truncated_images(image_folder):
+    good = (image_folder / "train" / "cat" / "0000.png").read_bytes()
+    (image_folder / "train" / "cat" / "trunc.png").write_bytes(good[: len(good) // 2])
+    (image_folder / "train" / "dog" / "fake.jpg").write_bytes(b"this is not a jpeg")
+    with pytest.raises(DataError, match=r"2 unreadable image file\(s\)") as e:
+        load_dataset(image_folder)
+    assert "fake.jpg" in str(e.value) and "--skip-bad-images" in str(e.value)
+    ds = load_dataset(image_folder, skip_bad_images=True)
+    assert len(ds.y_train) == 18 and any("skipped 2" in n for n in ds.notes)
+
+
+def test_decompression_bomb_refused(image_folder, monkeypatch):
+    import cifarlab.data.images as images
+
+    buf = io.BytesIO()
+    Image.new("L", (4000, 4000)).save(buf, format="PNG")  # compresses to a few kB
+    (image_folder / "train" / "cat" / "bomb.png").write_bytes(buf.getvalue())
+    monkeypatch.setattr(images, "MAX_PIXELS", 1_000_000)
+    with pytest.raises(DataError, match="decompression bomb"):
+        load_dataset(image_folder)
+
+
+def test_decoded_cache_is_used_and_keyed_by_content(tmp_path, image_folder):
+    path = tmp_path / "d.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        tf.add(image_folder, arcname=".")
+    first = load_dataset(path)
+    second = load_dataset(path)
+    assert "loaded from the decoded cache" in second.notes
+    np.testing.assert_array_equal(first.x_test, second.x_test)
+    assert second.test_paths == first.test_paths
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(image_folder / "train" / "cat" / "new.png")
+    with tarfile.open(path, "w:gz") as tf:
+        tf.add(image_folder, arcname=".")
+    third = load_dataset(path)
+    assert "loaded from the decoded cache" not in third.notes and len(third.y_train) == 19
+
+
+def test_stratified_split_and_subset():
+    y = np.repeat(np.arange(10), 100)
+    tr, va = stratified_split(y, 0.2, seed=1)
+    assert len(va) == 200 and set(np.bincount(y[va])) == {20}
+    assert not set(tr) & set(va)
+    tr2, va2 = stratified_split(y, 0.2, seed=1)
+    np.testing.assert_array_equal(va, va2)
+    assert not np.array_equal(va, stratified_split(y, 0.2, seed=2)[1])
+    sub = balanced_subset(y, 50, seed=0)
+    assert len(sub) == 50 and set(np.bincount(y[sub])) == {5}
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(DataError, match="strictly between 0 and 1"):
+            stratified_split(y, bad, 0)
+
+
+@pytest.mark.skipif(not SHARED_JPEG.is_file(), reason=f"the shared JPEG copy is absent ({SHARED_JPEG})")
+def test_real_jpeg_copy_loads_and_second_load_is_cached():
+    ds = load_dataset(SHARED_JPEG)
+    assert ds.x_train.shape == (50000, 32, 32, 3) and ds.x_test.shape == (10000, 32, 32, 3)
+    assert np.bincount(ds.y_train).tolist() == [5000] * 10
+    assert ds.classes[0] == "airplane" and ds.classes[9] == "truck"
+    t0 = time.perf_counter()
+    again = load_dataset(SHARED_JPEG)
+    print(f"second load of the JPEG copy: {time.perf_counter() - t0:.2f} s")
+    assert "loaded from the decoded cache" in again.notes

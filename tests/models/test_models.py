@@ -1,0 +1,80 @@
+"""Every registered model runs forward and backward; the Keras-book models match Keras exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cifarlab.errors import ConfigError
+from cifarlab.models import create_model, list_models
+from cifarlab.models.keras_layout import from_keras, to_keras
+from cifarlab.models.summary import format_summary, summarize
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28)])
+def test_every_model_forward_backward(name, shape):
+    torch.manual_seed(0)
+    m = create_model(name, num_classes=7, in_chans=shape[0], img_size=shape[1:])
+    x = torch.randn(4, *shape)
+    out = m(x)
+    assert out.shape == (4, 7) and torch.isfinite(out).all()
+    out.logsumexp(1).sum().backward()
+    grads = [p.grad for p in m.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_parameter_counts_equal_keras():
+    shallow = create_model("keras-shallow")
+    deep = create_model("keras-deep")
+    assert sum(p.numel() for p in shallow.parameters()) == 4_200_842
+    assert sum(p.numel() for p in deep.parameters()) == 2_168_362
+    convs = [sum(p.numel() for p in m.parameters()) for m in deep.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [896, 9_248, 18_496, 36_928]
+
+
+def test_keras_defaults_glorot_uniform_and_zero_bias():
+    torch.manual_seed(0)
+    m = create_model("keras-deep")
+    dense = [x for x in m.modules() if isinstance(x, torch.nn.Linear)][0]
+    limit = np.sqrt(6 / (4096 + 512))
+    w = dense.weight.detach()
+    assert w.abs().max() <= limit and w.abs().max() > 0.95 * limit
+    assert abs(w.std().item() - limit / np.sqrt(3)) < 0.01 * limit
+    assert all((x.bias == 0).all() for x in m.modules() if isinstance(x, (torch.nn.Conv2d, torch.nn.Linear)))
+    drop = [x.p for x in m.modules() if isinstance(x, torch.nn.Dropout)]
+    assert drop == [0.25, 0.25, 0.5]
+
+
+def test_flatten_is_channels_last_like_keras():
+    """The first Dense unit sees (h, w, c) order: Keras weights computed on an NHWC input agree."""
+    torch.manual_seed(0)
+    m = create_model("keras-shallow").eval()
+    x = torch.rand(2, 3, 32, 32)
+    weights = to_keras(m)
+    assert weights[0].shape == (3, 3, 3, 32) and weights[2].shape == (8192, 512)
+    # Re-implement the Keras forward pass in numpy, channels-last, from the Keras-layout weights.
+    with torch.no_grad():
+        conv = torch.nn.functional.conv2d(x, m[0].weight, m[0].bias, padding=1).relu()
+    pooled = torch.nn.functional.max_pool2d(conv, 2).permute(0, 2, 3, 1).reshape(2, -1).numpy()
+    h = np.maximum(pooled @ weights[2] + weights[3], 0)
+    logits = h @ weights[4] + weights[5]
+    np.testing.assert_allclose(m(x).detach().numpy(), logits, rtol=1e-4, atol=1e-5)
+    m2 = from_keras(create_model("keras-shallow"), weights).eval()
+    assert torch.equal(m2(x), m(x))
+
+
+def test_unknown_model_lists_valid():
+    with pytest.raises(ConfigError, match="unknown model 'resnet9000'; valid models: keras-deep, keras-shallow"):
+        create_model("resnet9000")
+
+
+def test_summary_table():
+    rows, total, trainable = summarize(create_model("keras-deep"), (3, 32, 32))
+    assert total == trainable == 2_168_362
+    assert rows[0] == ("conv2d_1 (Conv2D)", "(None, 32, 32, 32)", 896)
+    assert ("flatten_1 (Flatten)", "(None, 4096)", 0) in rows
+    text = format_summary(create_model("keras-shallow"), (3, 32, 32), "keras-shallow")
+    assert "Total params: 4,200,842" in text and "dense_1 (Dense)" in text

@@ -1,0 +1,78 @@
+"""One typed config: defaults < recipe < file < flags; bad values and files get clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from cifarlab.config import load_run_config, resolve_config, save_config
+from cifarlab.errors import ConfigError
+
+
+def test_defaults_are_the_notebook():
+    cfg = resolve_config()
+    assert (cfg.recipe, cfg.model.name, cfg.optim.name, cfg.optim.lr, cfg.optim.rho, cfg.optim.eps) == (
+        "keras-book", "keras-deep", "rmsprop", 1e-3, 0.9, 1e-7)
+    assert (cfg.train.batch_size, cfg.train.epochs, cfg.data.val_split) == (128, 20, 0.2)
+
+
+def test_precedence_file_then_flags(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochs: 3\n  batch_size: 64\noptim:\n  lr: 0.01\n")
+    cfg = resolve_config(file=f, overrides={"train": {"epochs": 5}})
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.optim.lr) == (5, 64, 0.01)
+
+
+def test_toml_and_recipe_from_file(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('recipe = "keras-book-augmented"\n[train]\nepochs = 2\n')
+    cfg = resolve_config(file=f)
+    assert cfg.recipe == "keras-book-augmented" and cfg.augment.preset == "keras" and cfg.train.epochs == 2
+
+
+def test_roundtrip(tmp_path):
+    cfg = resolve_config(overrides={"train": {"epochs": 4}, "augment": {"zoom_range": [0.9, 1.2]}})
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_run_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("over,msg", [
+    ({"optim": {"lr": -0.1}}, r"learning rate \(optim.lr\) = -0.1 is not valid; it must be greater than 0"),
+    ({"train": {"epochs": 0}}, "epochs = 0 is not valid; it must be at least 1"),
+    ({"data": {"val_split": 1.5}}, "strictly between 0 and 1"),
+    ({"data": {"val_split": 0}}, "strictly between 0 and 1"),
+    ({"model": {"name": "vgg"}}, "valid models: keras-deep, keras-shallow"),
+    ({"optim": {"name": "lbfgs"}}, "valid optimizers: rmsprop, sgd, adam"),
+    ({"train": {"batch_size": "big"}}, "train.batch_size: 'big' is not valid; expected a whole number"),
+    ({"train": {"device": "tpu"}}, "device = 'tpu' is not valid"),
+    ({"augment": {"fill_mode": "mirror"}}, "fill_mode='mirror' is not valid; choose one of nearest, reflect, wrap, constant"),
+    ({"augment": {"preset": "fancy"}}, "preset 'fancy' is not valid"),
+])
+def test_invalid_values(over, msg):
+    with pytest.raises(ConfigError, match=msg):
+        resolve_config(overrides=over)
+
+
+def test_unknown_recipe_and_keys(tmp_path):
+    with pytest.raises(ConfigError, match="unknown recipe 'fastest'; valid recipes: keras-book"):
+        resolve_config("fastest")
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match="unknown key 'train.epoch'; valid keys in 'train': epochs"):
+        resolve_config(file=f)
+    f.write_text("trainer:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match="unknown section 'trainer'"):
+        resolve_config(file=f)
+
+
+def test_syntax_errors_name_the_line(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochs: 3\n  batch_size: [1, 2\n")
+    with pytest.raises(ConfigError, match="YAML syntax error at line 4"):
+        resolve_config(file=f)
+    t = tmp_path / "c.toml"
+    t.write_text("[train]\nepochs = = 3\n")
+    with pytest.raises(ConfigError, match="TOML syntax error.*line 2"):
+        resolve_config(file=t)
+    (tmp_path / "c.ini").write_text("[train]\n")
+    with pytest.raises(ConfigError, match="must end in .yaml, .yml or .toml"):
+        resolve_config(file=tmp_path / "c.ini")

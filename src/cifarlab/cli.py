@@ -46,14 +46,23 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--label-mode", choices=["fine", "coarse"], help="CIFAR-100 labels (default fine)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Subcommand parser: no abbreviated options (``--epoch`` must not silently mean ``--epochs``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
     p = argparse.ArgumentParser(prog="cifarlab", description="Train, evaluate, augment, save and audit "
                                 "small-image classifiers (CIFAR-10, CIFAR-100, your own image folders).",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--version", action="version", version=f"cifarlab {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model; writes a run folder",
                        description="Train a model. Values come from the recipe, then --config, then flags.")

@@ -1,0 +1,115 @@
+"""The command line as a user meets it: help, clear one-paragraph errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifarlab.cli import main
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_and_list(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("train", "evaluate", "predict", "audit", "augment", "summary", "list"):
+        assert cmd in out
+    code, out, _ = run(capsys, "list")
+    assert code == 0 and "keras-deep" in out and "keras-book" in out
+
+
+def test_summary(capsys):
+    code, out, _ = run(capsys, "summary", "--model", "keras-deep")
+    assert code == 0 and "Total params: 2,168,362" in out
+    code, out, _ = run(capsys, "summary", "--model", "keras-shallow", "--input", "28,28,1")
+    assert code == 0 and "(None, 28, 28, 32)" in out
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["train", "--model", "lenet"], "--model 'lenet' is not a registered model; valid: keras-deep, keras-shallow"),
+    (["train", "--recipe", "warp"], "unknown recipe 'warp'; valid recipes: keras-book"),
+    (["train", "--optimizer", "lion"], "valid optimizers: rmsprop, sgd, adam"),
+    (["train", "--lr", "-1"], "learning rate (optim.lr) = -1.0 is not valid"),
+    (["train", "--epochs", "0"], "epochs = 0 is not valid"),
+    (["train", "--val-split", "1.2"], "strictly between 0 and 1"),
+    (["train", "--augment", "wild"], "augmentation preset 'wild' is not valid"),
+    (["train", "--data", "/no/such/data"], "--data '/no/such/data' does not exist"),
+    (["train", "--config", "/no/such.yaml"], "cannot read config file"),
+    (["evaluate", "/no/run"], "run folder '/no/run' does not exist"),
+    (["summary", "--model", "x"], "not a registered model"),
+])
+def test_errors_are_one_paragraph_without_traceback(capsys, args, msg):
+    code, out, err = run(capsys, *args)
+    assert code == 2
+    assert msg in err and "Traceback" not in err
+    assert err.startswith("cifarlab: error: ") and err.count("\n") == 1
+
+
+def test_unknown_option_lists_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--epoch", "3"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --epoch" in capsys.readouterr().err
+
+
+def test_download_offline_message(capsys):
+    code, _, err = run(capsys, "train", "--epochs", "1")
+    assert code == 2 and "could not download http://127.0.0.1:9/cifar-10-python.tar.gz" in err
+    assert "--data" in err and "Traceback" not in err
+
+
+def test_train_evaluate_predict_end_to_end(capsys, tmp_path, image_folder):
+    out = tmp_path / "run"
+    code, o, e = run(capsys, "train", "--data", str(image_folder), "--model", "keras-shallow", "--epochs", "1",
+                     "--batch-size", "8", "--out", str(out), "--threads", "1")
+    assert code == 0, e
+    assert "Test score:" in o and "Test accuracy:" in o and "Epoch 1/1" in o
+    code, o, _ = run(capsys, "evaluate", str(out), "--json")
+    rep = json.loads(o)
+    assert code == 0 and set(rep) >= {"loss", "accuracy", "per_class", "confusion_matrix", "calibration"}
+    code, o, _ = run(capsys, "evaluate", str(out), "--tta")
+    assert code == 0 and o.startswith("Test score: ")
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((40, 30, 4), 120, np.uint8), "RGBA").save(good)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    code, o, e = run(capsys, "predict", str(out), str(good), str(tmp_path / "bad.jpg"), "--json")
+    res = json.loads(o)
+    assert code == 1 and len(res["predictions"]) == 1 and len(res["predictions"][0]["top"]) == 3
+    assert res["errors"][0]["file"].endswith("bad.jpg") and "bad.jpg: not an image file" in e
+    code, o, _ = run(capsys, "predict", str(out), str(good), "--csv", "--top", "2")
+    assert code == 0 and o.splitlines()[0] == "file,rank,class,probability" and len(o.splitlines()) == 3
+
+    code, o, e = run(capsys, "audit", str(out), "--bootstrap", "100")
+    assert code == 0, e
+    assert (out / "audit" / "MODEL_CARD.md").is_file()
+
+
+def test_augment_command(capsys, tmp_path, image_folder):
+    npz = tmp_path / "aug.npz"
+    code, o, e = run(capsys, "augment", "--data", str(image_folder), "--per-image", "3", "--out", str(npz),
+                     "--preview-dir", str(tmp_path / "prev"), "--previews", "2", "--save-format", "png",
+                     "--save-prefix", "cat")
+    assert code == 0, e
+    z = np.load(npz)
+    assert z["x"].shape == (54, 32, 32, 3) and z["y"].tolist()[:3] == [0, 0, 0]
+    assert z["source_index"].tolist()[:4] == [0, 0, 0, 1]
+    assert not np.array_equal(z["x"][0], z["x"][1])  # copies differ
+    names = sorted(p.name for p in (tmp_path / "prev").iterdir())
+    assert "grid.png" in names and "cat_0_0.png" in names and "cat_1_2.png" in names and len(names) == 7
+    code, _, e = run(capsys, "augment", "--data", str(image_folder), "--out", str(npz))
+    assert code == 2 and "already exists" in e
+    code, _, e = run(capsys, "augment", "--data", str(image_folder), "--out", str(tmp_path / "folder"),
+                     "--per-image", "1", "--split", "test")
+    assert code == 0 and len(list((tmp_path / "folder" / "test" / "dog").iterdir())) == 3
+    assert run(capsys, "augment", "--data", str(image_folder), "--per-image", "0", "--out", "x.npz")[0] == 2

@@ -1,0 +1,110 @@
+"""Evaluation metrics against scikit-learn, the audit's intervals and groups, the model card."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cifarlab.audit import class_metrics, group_metrics, read_groups, run_audit
+from cifarlab.data import load_dataset
+from cifarlab.errors import CifarlabError
+from cifarlab.evaluate import calibration, compute_report, evaluate_run
+
+
+def test_report_matches_definitions():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 500)
+    logits = rng.normal(size=(500, 4))
+    logits[np.arange(500), y] += 1.5
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    r = compute_report(probs, y, ["a", "b", "c", "d"], k=2)
+    pred = probs.argmax(1)
+    assert r["accuracy"] == pytest.approx((pred == y).mean())
+    assert r["loss"] == pytest.approx(-np.log(probs[np.arange(500), y]).mean(), rel=1e-6)
+    top2 = np.argsort(-probs, 1)[:, :2]
+    assert r["top_k"]["accuracy"] == pytest.approx((top2 == y[:, None]).any(1).mean())
+    cm = np.array(r["confusion_matrix"])
+    assert cm.sum() == 500 and cm[1, 2] == ((y == 1) & (pred == 2)).sum()
+    assert r["per_class"][0]["recall"] == pytest.approx(((pred == 0) & (y == 0)).sum() / (y == 0).sum())
+    assert r["confused_pairs"][0]["count"] == np.max(cm - np.diag(np.diag(cm)))
+
+
+def test_ece_perfect_and_overconfident():
+    y = np.array([0, 1] * 50)
+    sure = np.eye(2)[y]
+    assert calibration(sure, y)["ece"] == 0
+    wrong = np.eye(2)[1 - y] * 0.99 + 0.005
+    assert calibration(wrong, y)["ece"] == pytest.approx(0.995, abs=1e-6)
+
+
+def test_class_metrics_intervals_cover_and_spread():
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(3), 300)
+    pred = y.copy()
+    flip = rng.random(900) < np.array([0.05, 0.2, 0.5])[y]
+    pred[flip] = (y[flip] + 1) % 3
+    m = class_metrics(y, pred, ["a", "b", "c"], n_boot=300, seed=0)
+    accs = [r["accuracy"] for r in m["per_class"]]
+    for r in m["per_class"]:
+        assert r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1]
+        assert r["accuracy_ci"][1] - r["accuracy_ci"][0] < 0.15
+    assert m["spread"]["best"] == "a" and m["spread"]["worst"] == "c"
+    assert m["spread"]["difference"] == pytest.approx(max(accs) - min(accs))
+    assert m["spread"]["difference_ci"][0] > 0.3
+
+
+def test_group_gap_detection_and_small_groups():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 1000)
+    g = np.array(["day"] * 500 + ["night"] * 480 + ["dusk"] * 20, dtype=object)
+    pred = y.copy()
+    bad = (g == "night") & (rng.random(1000) < 0.4)
+    pred[bad] = (y[bad] + 1) % 3
+    gm = group_metrics(y, pred, g, overall=float((pred == y).mean()), n_boot=300, seed=0, margin=0.05, min_group=30)
+    rows = {r["group"]: r for r in gm["groups"]}
+    assert rows["dusk"]["too_small"] and not rows["day"]["too_small"]
+    assert rows["night"]["flagged"] and not rows["day"]["flagged"]
+    assert gm["gap"]["highest"] == "day" and gm["gap"]["lowest"] == "night" and gm["gap"]["ci_excludes_zero"]
+    same = group_metrics(y, y, g, 1.0, 300, 0, 0.05, 30)
+    assert not same["gap"]["ci_excludes_zero"]
+
+
+def test_evaluate_and_audit_write_reports(trained_run, image_folder, tmp_path):
+    ds = load_dataset(image_folder)
+    rep = evaluate_run(trained_run, ds, tmp_path / "eval", device="cpu")
+    for f in ("metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "reliability.png", "per_class.csv"):
+        assert (tmp_path / "eval" / f).is_file()
+    assert len(rep["per_class"]) == 3 and rep["num_images"] == 9
+    groups = tmp_path / "groups.csv"
+    groups.write_text("path,source\n" + "".join(f"{p},{'a' if i % 2 else 'b'}\n" for i, p in enumerate(ds.test_paths)))
+    audit = run_audit(trained_run, ds, tmp_path / "audit", groups_csv=str(groups), n_boot=200, device="cpu",
+                      log=lambda s: None)
+    assert set(audit["attributes"]["source"]["gap"]) >= {"difference", "difference_ci", "ratio"}
+    assert any("too small to judge" in w for w in audit["warnings"])  # groups of 4-5 < 30
+    card = json.loads((tmp_path / "audit" / "model_card.json").read_text())
+    assert {"model_details", "intended_use", "training_data", "evaluation_data", "metrics",
+            "ethical_considerations", "caveats"} <= set(card)
+    md = (tmp_path / "audit" / "MODEL_CARD.md").read_text()
+    assert "must not" in md.lower() or "out-of-scope" in md.lower()
+    assert "identifying, recognising, tracking or surveilling people" in md.lower()
+    assert "[TO BE FILLED IN BY THE MODEL'S OWNER]" in md  # unknown facts are marked, not invented
+    assert "per_class_accuracy.png" in md and (tmp_path / "audit" / "per_class_accuracy.png").is_file()
+
+
+def test_groups_file_errors(image_folder, tmp_path):
+    ds = load_dataset(image_folder)
+    f = tmp_path / "g.csv"
+    f.write_text("id,x\n0,a\n")
+    with pytest.raises(CifarlabError, match="first column is 'id'; it must be 'index' or 'path'"):
+        read_groups(f, ds)
+    f.write_text("index,x\n99,a\n")
+    with pytest.raises(CifarlabError, match=r"line 2: index '99' is not valid; expected 0..8"):
+        read_groups(f, ds)
+    f.write_text("path,x\ntest/cow/1.png,a\n")
+    with pytest.raises(CifarlabError, match="path 'test/cow/1.png' is not a test image"):
+        read_groups(f, ds)
+    f.write_text("index,x\n0,a\n1,b\n")
+    idx, attrs = read_groups(f, ds)
+    assert idx.tolist() == [0, 1] and attrs["x"].tolist() == ["a", "b"]

@@ -1,0 +1,66 @@
+"""Run folders: architecture rebuilds the model; mismatched weights and foreign folders are named."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import cifarlab
+from cifarlab.errors import CifarlabError
+from cifarlab.export import load_weights, read_run
+from cifarlab.models import create_model
+
+
+def test_load_model_api_and_inputs(trained_run, tmp_path):
+    model = cifarlab.load_model(trained_run)
+    assert model.classes == ["cat", "dog", "frog"]
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[..., 1] = 220
+    p_arr = model.predict(img[None])
+    p_pil = model.predict([Image.fromarray(img)])
+    Image.fromarray(img).save(tmp_path / "x.png")
+    p_path = model.predict([tmp_path / "x.png"])
+    assert np.array_equal(p_arr, p_pil) and np.array_equal(p_arr, p_path)
+    # a larger grayscale image goes through the same conversion as training data
+    Image.fromarray(img[..., 1]).resize((64, 64)).save(tmp_path / "g.png")
+    assert model.predict([tmp_path / "g.png"]).shape == (1, 3)
+    with pytest.raises(CifarlabError, match=r"images have shape \(16, 16, 3\)"):
+        model.predict(np.zeros((1, 16, 16, 3), np.uint8))
+
+
+def test_architecture_json_is_readable(trained_run):
+    arch = json.loads((trained_run / "architecture.json").read_text())
+    assert arch["model"] == "keras-shallow" and arch["input"] == {
+        "channels": 3, "height": 32, "width": 32, "layout": "NCHW", "dtype": "uint8"}
+    assert arch["preprocessing"]["rescale"] == pytest.approx(1 / 255)
+    m = create_model(arch["model"], **arch["model_kwargs"])
+    assert sum(p.numel() for p in m.parameters()) == arch["num_params"]
+
+
+def test_mismatched_weights_name_tensor_and_shapes(trained_run, tmp_path):
+    state = load_file(str(trained_run / "weights.safetensors"))
+    key = next(k for k in state if k.endswith("weight") and state[k].ndim == 2)
+    state[key] = torch.zeros(5, 5)
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, str(bad))
+    model = create_model("keras-shallow", num_classes=3)
+    with pytest.raises(CifarlabError, match=rf"tensor '{key}' has shape \(5, 5\) in the file but \(\d+, \d+\) in the model"):
+        load_weights(model, bad)
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CifarlabError, match="not a readable safetensors"):
+        load_weights(model, tmp_path / "junk.safetensors")
+
+
+def test_missing_and_foreign_run_folders(tmp_path):
+    with pytest.raises(CifarlabError, match="does not exist"):
+        read_run(tmp_path / "nope")
+    with pytest.raises(CifarlabError, match="not a cifarlab run folder"):
+        read_run(tmp_path)
+    (tmp_path / "architecture.json").write_text('{"format": "something-else"}')
+    with pytest.raises(CifarlabError, match="not a cifarlab architecture file"):
+        read_run(tmp_path)

@@ -1,0 +1,51 @@
+"""Writes are atomic: a failure mid-write leaves the previous file intact and no debris."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import torch
+
+from cifarlab import export
+from cifarlab.errors import CifarlabError
+from cifarlab.fsutil import write_json, write_text
+from cifarlab.models import create_model
+
+
+def test_full_disk_keeps_previous_weights(tmp_path, monkeypatch):
+    model = create_model("keras-shallow", num_classes=3)
+    path = tmp_path / "weights.safetensors"
+    export.save_weights(path, model)
+    before = path.read_bytes()
+
+    def failing_save(state, filename):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "save_file", failing_save)
+    with torch.no_grad():
+        next(model.parameters()).add_(1)
+    with pytest.raises(CifarlabError, match="No space left on device.*previous file .* intact"):
+        export.save_weights(path, model)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.safetensors"]
+
+
+def test_unwritable_folder_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CifarlabError, match="cannot write to folder"):
+        write_json(blocker / "sub" / "a.json", {"a": 1})
+
+
+def test_interrupt_mid_write_leaves_old_file(tmp_path, monkeypatch):
+    p = tmp_path / "a.txt"
+    write_text(p, "old")
+    import cifarlab.fsutil as fs
+
+    monkeypatch.setattr(fs.os, "replace", lambda a, b: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        write_text(p, "new")
+    assert p.read_text() == "old" and len(list(tmp_path.iterdir())) == 1

@@ -1,0 +1,113 @@
+"""Property-based tests: on any input the readers return valid data or raise the tool's own error."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cifarlab.data import folder
+from cifarlab.data.cifar import FORMATS, parse_binary_batch, parse_python_batch
+from cifarlab.data.images import open_image, to_array
+from cifarlab.errors import CifarlabError
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(st.binary(max_size=3 * 3074 + 7), st.sampled_from(list(FORMATS.values())), st.sampled_from(["fine", "coarse"]))
+def test_binary_reader(data, fmt, mode):
+    if not fmt.binary:
+        return
+    try:
+        s = parse_binary_batch(data, "fuzz.bin", fmt, mode)
+    except CifarlabError:
+        return
+    assert s.x.dtype == np.uint8 and s.x.shape[1:] == (32, 32, 3) and len(s.x) == len(s.y) >= 1
+    assert s.y.min() >= 0 and s.y.max() < (10 if fmt.dataset == "cifar10" else 100 if mode == "fine" else 20)
+
+
+def _pickles():
+    leaf = st.one_of(st.integers(-5, 300), st.binary(max_size=8), st.text(max_size=5), st.none(), st.floats())
+    arr = st.builds(lambda n, w, d: np.zeros((n, w), dtype=d), st.integers(0, 3), st.sampled_from([3072, 10]),
+                    st.sampled_from([np.uint8, np.float32, np.int64]))
+    value = st.one_of(leaf, arr, st.lists(leaf, max_size=4), st.lists(st.integers(-2, 120), max_size=4))
+    keys = st.sampled_from([b"data", b"labels", b"fine_labels", b"coarse_labels", b"filenames", "data", b"x"])
+    return st.dictionaries(keys, value, max_size=5)
+
+
+@FUZZ
+@given(_pickles(), st.integers(2, 5), st.sampled_from(["cifar10-python", "cifar100-python"]))
+def test_pickle_reader_structured(obj, protocol, key):
+    _check_python(pickle.dumps(obj, protocol=protocol), key)
+
+
+@FUZZ
+@given(st.binary(max_size=400), st.sampled_from(["cifar10-python", "cifar100-python"]))
+def test_pickle_reader_random_bytes(data, key):
+    _check_python(data, key)
+
+
+@FUZZ
+@given(st.binary(min_size=1, max_size=60), st.integers(0, 200))
+def test_pickle_reader_mutated_real_batch(patch, at):
+    good = pickle.dumps({b"labels": [1, 2], b"data": np.zeros((2, 3072), np.uint8)}, protocol=2)
+    data = good[:at] + patch + good[at + len(patch):]
+    _check_python(data, "cifar10-python")
+
+
+def _check_python(data, key):
+    try:
+        s = parse_python_batch(data, "fuzz", FORMATS[key])
+    except CifarlabError:
+        return
+    assert s.x.dtype == np.uint8 and s.x.shape[1:] == (32, 32, 3) and len(s.x) == len(s.y)
+
+
+@FUZZ
+@given(st.binary(max_size=600))
+def test_image_decoder(data):
+    try:
+        im = open_image(data, "fuzz.png")
+    except CifarlabError:
+        return
+    a = to_array(im, 3, (8, 8))
+    assert a.shape == (8, 8, 3) and a.dtype == np.uint8
+
+
+def _png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+PNG = _png()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["train", "test", "x", "train/a", ""]),
+                          st.sampled_from(["a", "b", ".h", ""]),
+                          st.sampled_from(["1.png", "2.jpg", "n.txt", ""]),
+                          st.one_of(st.just(PNG), st.binary(max_size=30))), max_size=8))
+def test_image_folder_archive_reader(tmp_path_factory, entries):
+    path = tmp_path_factory.mktemp("fz") / "d.tar"
+    with tarfile.open(path, "w") as tf:
+        for split, cls, name, data in entries:
+            member = "/".join(p for p in (split, cls, name) if p) or "x"
+            ti = tarfile.TarInfo(member)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    try:
+        fd = folder.load_image_folder(path, workers=1)
+    except CifarlabError:
+        return
+    for s in ("train", "test"):
+        assert fd.x[s].dtype == np.uint8 and fd.x[s].ndim == 4 and len(fd.x[s]) == len(fd.y[s]) >= 1
+        assert fd.y[s].max() < len(fd.classes)

@@ -1,0 +1,153 @@
+"""Training: a run folder with everything in it, exact resume after SIGKILL and Ctrl-C, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_image_folder, tiny_config
+from safetensors.torch import load_file
+
+from cifarlab.errors import CifarlabError
+from cifarlab.export import load_model
+from cifarlab.train import NonFiniteLoss, fit
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_run_folder_contents(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"config.yaml", "architecture.json", "weights.safetensors", "history.json", "history.csv",
+            "history.png", "metrics.json", "checkpoint.pt"} <= names
+    hist = json.loads((trained_run / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2]
+    assert set(hist[0]) >= {"loss", "accuracy", "val_loss", "val_accuracy", "train_time_s"}
+    m = json.loads((trained_run / "metrics.json").read_text())
+    assert 0 <= m["test_accuracy"] <= 1 and m["versions"]["torch"] == torch.__version__
+    assert (trained_run / "history.csv").read_text().startswith("epoch,loss,accuracy,val_loss,val_accuracy")
+    assert (trained_run / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_learns_an_easy_task(tmp_path):
+    data = make_image_folder(tmp_path / "d", n_train=40, n_test=10)
+    m = fit(tiny_config(str(data), str(tmp_path / "r"), epochs=4), log=lambda s: None)
+    assert m["test_accuracy"] >= 0.9  # classes differ by colour: chance is 1/3
+
+
+def test_load_model_predictions_are_bitwise_reproducible(trained_run, image_folder):
+    from cifarlab.data import load_dataset
+
+    ds = load_dataset(image_folder)
+    a = load_model(trained_run).predict(ds.x_test)
+    b = load_model(trained_run).predict(ds.x_test)
+    assert (a == b).all() and a.shape == (9, 3)
+    assert abs(a.sum(1) - 1).max() < 1e-5
+
+
+def test_existing_output_not_overwritten(trained_run, image_folder):
+    before = (trained_run / "weights.safetensors").read_bytes()
+    with pytest.raises(CifarlabError, match="already exists and is not empty.*--overwrite"):
+        fit(tiny_config(str(image_folder), str(trained_run)), log=lambda s: None)
+    assert (trained_run / "weights.safetensors").read_bytes() == before
+
+
+def test_nan_loss_stops_with_epoch_step_and_lr(tmp_path, image_folder):
+    cfg = tiny_config(str(image_folder), str(tmp_path / "r"), epochs=3)
+    cfg.optim.lr = 1e30
+    with pytest.raises(NonFiniteLoss, match=r"epoch 1, step \d+.*learning rate.*1e\+30"):
+        fit(cfg, log=lambda s: None)
+
+
+def _cli(args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    return subprocess.Popen([sys.executable, "-m", "cifarlab", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _train_args(data, out, epochs=4):
+    return ["train", "--data", str(data), "--model", "keras-shallow", "--epochs", str(epochs), "--batch-size", "4",
+            "--val-split", "0.2", "--threads", "1", "--deterministic", "--seed", "3", "--out", str(out)]
+
+
+def _weights(run):
+    return load_file(str(run / "weights.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def resume_data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("resume") / "d", n_train=40, n_test=4)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, resume_data):
+    """The same run, never interrupted (the cache is per test; the subprocess uses its own)."""
+    ref = tmp_path_factory.mktemp("resume") / "ref"
+    p = _cli(_train_args(resume_data, ref))
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    return ref
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, resume_data, reference_run):
+    run = tmp_path / "killed"
+    p = _cli(_train_args(resume_data, run))
+    ckpt = run / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    first = ckpt.stat().st_mtime_ns
+    time.sleep(0.15)  # into the second epoch
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (run / "weights.safetensors").exists()
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] >= 1 and ckpt.stat().st_mtime_ns >= first
+    r = _cli(["train", "--resume", str(run)])
+    out, err = r.communicate(timeout=600)
+    assert r.returncode == 0, err
+    assert "resuming" in out
+    a, b = _weights(run), _weights(reference_run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha = [(h["loss"], h["val_accuracy"]) for h in json.loads((run / "history.json").read_text())]
+    hb = [(h["loss"], h["val_accuracy"]) for h in json.loads((reference_run / "history.json").read_text())]
+    assert ha == hb
+
+
+def test_sigint_saves_mid_epoch_checkpoint_and_resumes_exactly(tmp_path, resume_data, reference_run):
+    run = tmp_path / "int"
+    p = _cli(_train_args(resume_data, run))
+    ckpt = run / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "checkpoint was saved" in err and "--resume" in err and "Traceback" not in err
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] > 0 or state["epoch"] > 1
+    r = _cli(["train", "--resume", str(run)])
+    _, err = r.communicate(timeout=600)
+    assert r.returncode == 0, err
+    a, b = _weights(run), _weights(reference_run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_errors(tmp_path):
+    with pytest.raises(CifarlabError, match="no config.yaml"):
+        fit(resume=tmp_path)
+    (tmp_path / "config.yaml").write_text("train:\n  epochs: 1\n")
+    with pytest.raises(CifarlabError, match="no checkpoint.pt"):
+        fit(resume=tmp_path)
+    (tmp_path / "checkpoint.pt").write_bytes(b"junk")
+    with pytest.raises(CifarlabError, match="unreadable checkpoint"):
+        fit(resume=tmp_path)

@@ -134,13 +134,14 @@ class KerasAugment:
         """Apply sampled parameters ``p`` to the batch ``x`` (float N, C, H, W), Keras' order."""
         n, c, h, w = x.shape
         mats = keras_matrices(p["theta"], p["tx"], p["ty"], p["shear"], p["zx"], p["zy"], h, w)
-        x = affine_sample(x, mats.to(x.device), self.fill_mode, self.cval)
+        # Keras flips after the affine transform and the channel shift; flips commute with the
+        # (per-image constant) shift and are folded into the sampling coordinates.
+        mats = _mm3(mats, flip_matrices(p["flip_h"], p["flip_v"], h, w))
+        x = affine_sample(x, mats, self.fill_mode, self.cval)
         if self.channel_shift_range:
             lo = x.amin(dim=(1, 2, 3), keepdim=True)
             hi = x.amax(dim=(1, 2, 3), keepdim=True)
             x = torch.minimum(torch.maximum(x + p["channel_shift"].to(x.dtype).view(n, 1, 1, 1), lo), hi)
-        x = torch.where(p["flip_h"].view(n, 1, 1, 1), x.flip(3), x)
-        x = torch.where(p["flip_v"].view(n, 1, 1, 1), x.flip(2), x)
         if "brightness" in p:
             x = (x * p["brightness"].to(x.dtype).view(n, 1, 1, 1)).clamp(0, 1)
         return self.standardize(x)
@@ -178,26 +179,41 @@ def keras_matrices(theta, tx, ty, shear, zx, zy, h: int, w: int) -> torch.Tensor
     Keras composes rotation @ shift @ shear @ zoom, moves the origin to the image centre
     (size / 2 - 0.5), then swaps the two axes because it builds the matrix in (x, y) order but
     hands scipy (row, col) arrays. The result maps output (row, col, 1) to input coordinates,
-    which is what scipy's ``affine_transform`` takes.
+    which is what scipy's ``affine_transform`` takes. Computed in closed form, elementwise, in
+    float64 (a chain of tiny 3x3 matmuls cost more than the sampling itself).
     """
-    th = torch.deg2rad(theta.double())
-    sh = torch.deg2rad(shear.double())
-    n = th.shape[0]
-    one, zero = torch.ones_like(th), torch.zeros_like(th)
-
-    def mat(rows):
-        return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
-
-    rot = mat([[th.cos(), -th.sin(), zero], [th.sin(), th.cos(), zero], [zero, zero, one]])
-    shift = mat([[one, zero, tx.double()], [zero, one, ty.double()], [zero, zero, one]])
-    shear_m = mat([[one, -sh.sin(), zero], [zero, sh.cos(), zero], [zero, zero, one]])
-    zoom = mat([[zx.double(), zero, zero], [zero, zy.double(), zero], [zero, zero, one]])
-    m = rot @ shift @ shear_m @ zoom
+    th, sh = torch.deg2rad(theta.double()), torch.deg2rad(shear.double())
+    tx, ty, zx, zy = tx.double(), ty.double(), zx.double(), zy.double()
+    c, s = th.cos(), th.sin()
+    # R @ T: rotation then shift; @ S @ Z: shear [[1, -sin, 0], [0, cos, 0]] and zoom diag(zx, zy).
+    a00, a01 = c * zx, (-c * sh.sin() - s * sh.cos()) * zy
+    a10, a11 = s * zx, (-s * sh.sin() + c * sh.cos()) * zy
+    b0, b1 = c * tx - s * ty, s * tx + c * ty
     ox, oy = h / 2 - 0.5, w / 2 - 0.5
-    offset = torch.tensor([[1, 0, ox], [0, 1, oy], [0, 0, 1]], dtype=torch.float64, device=th.device)
-    reset = torch.tensor([[1, 0, -ox], [0, 1, -oy], [0, 0, 1]], dtype=torch.float64, device=th.device)
-    m = offset.expand(n, 3, 3) @ m @ reset.expand(n, 3, 3)
-    return m[:, [1, 0, 2]][:, :, [1, 0, 2]]  # P M P with P swapping the first two axes
+    # offset @ M @ reset adds (I - A) @ centre to the translation.
+    b0 = b0 + ox - a00 * ox - a01 * oy
+    b1 = b1 + oy - a10 * ox - a11 * oy
+    one, zero = torch.ones_like(th), torch.zeros_like(th)
+    # The axis swap P M P: rows and columns 0 and 1 exchanged.
+    return torch.stack([torch.stack([a11, a10, b1], -1), torch.stack([a01, a00, b0], -1),
+                        torch.stack([zero, zero, one], -1)], -2)
+
+
+def _mm3(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Product of (..., 3, 3) matrices by broadcasting: batched 3x3 matmuls are dominated by
+    per-matrix call overhead on CPU; 27 elementwise products per pair are not."""
+    return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
+
+
+def flip_matrices(flip_h: torch.Tensor, flip_v: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(N, 3, 3) maps from output pixels to pre-flip pixels: flipping the output is the same
+    as sampling at mirrored output coordinates, so flips fold into the affine transform for free."""
+    n = flip_h.shape[0]
+    m = torch.eye(3, dtype=torch.float64, device=flip_h.device).repeat(n, 1, 1)
+    fv, fh = flip_v.double(), flip_h.double()
+    m[:, 0, 0], m[:, 0, 2] = 1 - 2 * fv, fv * (h - 1)
+    m[:, 1, 1], m[:, 1, 2] = 1 - 2 * fh, fh * (w - 1)
+    return m
 
 
 def _wrap_coords(c: torch.Tensor, n: int) -> torch.Tensor:
@@ -208,47 +224,48 @@ def _wrap_coords(c: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where((c >= 0) & (c <= n - 1), c, torch.remainder(c, n - 1))
 
 
-def _boundary(i: torch.Tensor, n: int, mode: str) -> torch.Tensor:
-    """Map integer sample positions outside [0, n) inside, as scipy.ndimage's ``mode`` does."""
-    if mode == "reflect":  # d c b a | a b c d | d c b a: period 2n, mirrored about -0.5
-        i = torch.remainder(i, 2 * n)
-        return torch.where(i >= n, 2 * n - 1 - i, i)
-    return i.clamp(0, n - 1)  # nearest; wrap and constant were handled on the coordinates
-
-
 def affine_sample(x: torch.Tensor, mats: torch.Tensor, fill_mode: str = "nearest", cval: float = 0.0) -> torch.Tensor:
     """Bilinearly sample ``x`` (N, C, H, W) at ``mats @ (row, col, 1)`` for every output pixel.
 
     Matches ``scipy.ndimage.affine_transform(channel, mats[i, :2, :2], mats[i, :2, 2], order=1,
-    mode=fill_mode, cval=cval)`` per image and channel, in one batched gather.
+    mode=fill_mode, cval=cval)`` per image and channel. One ``grid_sample`` call does the
+    interpolation for the whole batch (a fused kernel on CPU and GPU); the boundary modes map to
+    it as follows: scipy 'nearest' is grid_sample's 'border' (edge values, clamped coordinates),
+    scipy 'reflect' (mirrored about -0.5) is 'reflection' with align_corners=False, scipy 'wrap'
+    is a coordinate remap then 'border', and scipy 'constant' is 'border' with every point
+    outside [0, n - 1] set to ``cval`` (scipy does not blend with ``cval`` there).
     """
     n, c, h, w = x.shape
     dev = x.device
-    rows = torch.arange(h, device=dev, dtype=torch.float64).view(h, 1).expand(h, w)
-    cols = torch.arange(w, device=dev, dtype=torch.float64).view(1, w).expand(h, w)
-    grid = torch.stack([rows.reshape(-1), cols.reshape(-1), torch.ones(h * w, device=dev, dtype=torch.float64)])
-    src = mats[:, :2, :].to(dev) @ grid  # (N, 2, H*W): input (row, col) per output pixel
-    # Coordinates in float64 so that a 45-degree rotation lands on exact integers as in scipy.
-    sr, sc = src[:, 0], src[:, 1]
-    if fill_mode == "wrap":
-        sr, sc = _wrap_coords(sr, h), _wrap_coords(sc, w)
-    r0f, c0f = sr.floor(), sc.floor()
-    fr, fc = (sr - r0f).to(x.dtype), (sc - c0f).to(x.dtype)
-    r0, c0 = r0f.long(), c0f.long()
-    flat = x.reshape(n, c, h * w)
-    out = 0
-    for dr, wr in ((0, 1 - fr), (1, fr)):
-        for dc, wc in ((0, 1 - fc), (1, fc)):
-            ri = _boundary(r0 + dr, h, fill_mode)
-            ci = _boundary(c0 + dc, w, fill_mode)
-            idx = (ri * w + ci).unsqueeze(1).expand(n, c, h * w)
-            out = out + flat.gather(2, idx) * (wr * wc).unsqueeze(1)
+    m = mats.to(dev, torch.float64)
+    # Re-express the pixel-space (row, col) map in grid_sample's normalised (x, y) = (col, row)
+    # space, where -1 and 1 are the outer pixel edges: theta = E_in @ P @ M @ P @ D_out. The
+    # 3x3 algebra stays in float64; only the per-pixel grid is float32 (errors ~1e-6 pixel).
+    d_out = torch.tensor([[w / 2, 0, (w - 1) / 2], [0, h / 2, (h - 1) / 2], [0, 0, 1]], dtype=torch.float64, device=dev)
+    e_in = torch.tensor([[2 / w, 0, 1 / w - 1], [0, 2 / h, 1 / h - 1], [0, 0, 1]], dtype=torch.float64, device=dev)
+    swap = torch.tensor([[0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.float64, device=dev)
+    theta = _mm3(_mm3(e_in @ swap, m), swap @ d_out).to(x.dtype)
+    # The grid by broadcasting (two multiply-adds per pixel): affine_grid's batched matmul was
+    # three times slower than the sampling itself on CPU.
+    ux = ((2 * torch.arange(w, device=dev, dtype=x.dtype) + 1) / w - 1).view(1, 1, w)
+    uy = ((2 * torch.arange(h, device=dev, dtype=x.dtype) + 1) / h - 1).view(1, h, 1)
+    t = theta.view(n, 9, 1, 1)
+    grid = torch.empty(n, h, w, 2, device=dev, dtype=x.dtype)
+    torch.add(t[:, 0] * ux + t[:, 2], t[:, 1] * uy, out=grid[..., 0])
+    torch.add(t[:, 3] * ux + t[:, 5], t[:, 4] * uy, out=grid[..., 1])
+    if fill_mode in ("wrap", "constant"):
+        sc = ((grid[..., 0] + 1) * w - 1) / 2  # back to pixel coordinates
+        sr = ((grid[..., 1] + 1) * h - 1) / 2
+        if fill_mode == "wrap":
+            sr, sc = _wrap_coords(sr, h), _wrap_coords(sc, w)
+            grid = torch.stack([(2 * sc + 1) / w - 1, (2 * sr + 1) / h - 1], dim=-1)
+    pad = "reflection" if fill_mode == "reflect" else "border"
+    out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode=pad, align_corners=False)
     if fill_mode == "constant":
-        # scipy's 'constant' (not 'grid-constant'): no interpolation with cval; any point
-        # outside the input's extent [0, n - 1] takes cval.
-        inside = (sr >= 0) & (sr <= h - 1) & (sc >= 0) & (sc <= w - 1)
+        eps = 1e-4  # float32 grid: a point scipy puts exactly on the edge may land a hair outside
+        inside = (sr >= -eps) & (sr <= h - 1 + eps) & (sc >= -eps) & (sc <= w - 1 + eps)
         out = torch.where(inside.unsqueeze(1), out, torch.as_tensor(cval, dtype=x.dtype, device=dev))
-    return out.reshape(n, c, h, w)
+    return out
 
 
 # --- airbench-style fast augmentations --------------------------------------------------------

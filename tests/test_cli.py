@@ -113,3 +113,13 @@ def test_augment_command(capsys, tmp_path, image_folder):
                      "--per-image", "1", "--split", "test")
     assert code == 0 and len(list((tmp_path / "folder" / "test" / "dog").iterdir())) == 3
     assert run(capsys, "augment", "--data", str(image_folder), "--per-image", "0", "--out", "x.npz")[0] == 2
+
+
+@pytest.mark.parametrize("preset", ["keras", "crop-flip"])
+def test_train_with_augmentation(capsys, tmp_path, image_folder, preset):
+    code, o, e = run(capsys, "train", "--data", str(image_folder), "--model", "keras-shallow", "--epochs", "1",
+                     "--batch-size", "8", "--out", str(tmp_path / preset), "--augment", preset, "--threads", "1")
+    assert code == 0, e
+    import yaml
+
+    assert yaml.safe_load((tmp_path / preset / "config.yaml").read_text())["augment"]["preset"] == preset

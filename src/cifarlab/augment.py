@@ -320,11 +320,15 @@ class CropFlipCutout:
     crop_padding: int = 4
     flip: bool = True
     cutout: int = 0
+    alternating: bool = False  # needs the images' dataset indices and the epoch
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                 indices: torch.Tensor | None = None, epoch: int = 0, seed: int = 0) -> torch.Tensor:
         """Augment a float batch (N, C, H, W)."""
         x = random_crop(x, self.crop_padding, generator)
-        if self.flip:
+        if self.flip and self.alternating and indices is not None:
+            x = alternating_flip(x, indices, epoch, seed)
+        elif self.flip:
             x = random_flip(x, generator)
         return cutout(x, self.cutout, generator)
 
@@ -340,7 +344,10 @@ def augmenter_from_config(cfg) -> KerasAugment | CropFlipCutout | None:
     if cfg.preset == "crop-flip":
         if cfg.crop_padding < 0 or cfg.cutout < 0:
             raise ConfigError(f"crop_padding={cfg.crop_padding} and cutout={cfg.cutout} must be 0 or more")
-        return CropFlipCutout(crop_padding=cfg.crop_padding or 4, flip=True, cutout=cfg.cutout)
+        return CropFlipCutout(crop_padding=cfg.crop_padding or 4, flip=True, cutout=cfg.cutout,
+                              alternating=cfg.alternating_flip)
+    if cfg.alternating_flip:
+        raise ConfigError("alternating_flip applies to the crop-flip preset only")
     keras_fields = dict(rotation_range=cfg.rotation_range, width_shift_range=cfg.width_shift_range,
                         height_shift_range=cfg.height_shift_range, shear_range=cfg.shear_range,
                         zoom_range=cfg.zoom_range, horizontal_flip=cfg.horizontal_flip,

@@ -29,7 +29,9 @@ _TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "seed": ("train", "seed"),
     "device": ("train", "device"), "threads": ("train", "threads"), "out": ("train", "out"),
     "overwrite": ("train", "overwrite"), "deterministic": ("train", "deterministic"),
-    "augment": ("augment", "preset"),
+    "augment": ("augment", "preset"), "runs": ("train", "runs"), "tta": ("train", "tta"),
+    "label_smoothing": ("train", "label_smoothing"), "precision": ("train", "precision"),
+    "compile": ("train", "compile"),
 }
 
 
@@ -81,10 +83,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--augment", help="augmentation preset: none, keras (the notebook's ImageDataGenerator), crop-flip")
     g = t.add_argument_group("run")
+    g.add_argument("--label-smoothing", type=float, help="share of target mass spread over all classes")
+    g.add_argument("--tta", choices=["none", "flip", "flip-translate"], help="test-time augmentation for the final test")
+    g.add_argument("--runs", type=int, help="train N times (seeds seed..seed+N-1); report mean/std/min/max")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     g.add_argument("--deterministic", action="store_true", default=None, help="bit-reproducible kernels")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default fp32)")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (long GPU runs)")
     g.add_argument("--out", help="run folder (default runs/<recipe>-<model>-<time>)")
     g.add_argument("--overwrite", action="store_true", default=None, help="write into an existing run folder")
     g.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint with its saved config")

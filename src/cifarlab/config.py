@@ -30,6 +30,7 @@ class DataConfig:
     allow_unverified: bool = False  # read official archives whose MD5 differs from the published one
     label_mode: str = "fine"  # CIFAR-100 labels: fine (100) | coarse (20)
     skip_bad_images: bool = False  # leave unreadable images out instead of stopping
+    normalize: bool = False  # subtract the training images' per-channel mean, divide by their std
 
 
 @dataclass
@@ -52,6 +53,10 @@ class OptimConfig:
     beta1: float = 0.9  # adam
     beta2: float = 0.999  # adam
     weight_decay: float = 0.0  # L2 added to the gradient (Keras-style kernel regularisation is not used)
+    schedule: str = "constant"  # constant | triangle (linear warm-up to lr, then linear decay)
+    warmup_frac: float = 0.0  # triangle: fraction of all steps spent warming up
+    start_lr_frac: float = 1.0  # triangle: lr at step 0, as a fraction of lr
+    final_lr_frac: float = 1.0  # triangle: lr at the last step, as a fraction of lr
 
 
 @dataclass
@@ -75,6 +80,7 @@ class AugmentConfig:
     channel_shift_range: float = 0.0  # pixel units (0..255)
     crop_padding: int = 0  # crop-flip: random crop after reflect padding by this many pixels
     cutout: int = 0  # crop-flip: side of a zeroed square, 0 for none
+    alternating_flip: bool = False  # crop-flip: flip each image every other epoch instead of at random
 
 
 @dataclass
@@ -90,6 +96,14 @@ class TrainConfig:
     overwrite: bool = False  # allow writing into an existing, non-empty run folder
     deterministic: bool = False  # bit-reproducible kernels (slower on GPU)
     channels_last: bool = True  # NHWC memory for convolutions: keras-deep steps ran 18% faster on a 2-core CPU
+    label_smoothing: float = 0.0  # share of the target mass spread evenly over all classes
+    lookahead_every: int = 0  # every k steps, pull weights to a slow EMA copy (0: off)
+    lookahead_decay: float = 0.95**5  # EMA decay per lookahead update
+    whiten_bias_epochs: int = 0  # models with a whitening layer: train its bias for this many epochs only
+    tta: str = "none"  # test-time augmentation for the final test metrics: none | flip | flip-translate
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast, CUDA only)
+    compile: bool = False  # torch.compile the model for training (pays off on long GPU runs only)
+    runs: int = 1  # train this many times with seeds seed, seed+1, ... and report mean/std/min/max
 
 
 @dataclass
@@ -263,6 +277,21 @@ def validate(cfg: Config) -> None:
         bad("dataset", cfg.data.dataset, "choose cifar10 or cifar100")
     if cfg.data.label_mode not in ("fine", "coarse"):
         bad("data.label_mode", cfg.data.label_mode, "choose fine or coarse")
+    if cfg.optim.schedule not in ("constant", "triangle"):
+        bad("optim.schedule", cfg.optim.schedule, "choose constant or triangle")
+    if not 0 <= cfg.optim.warmup_frac <= 1:
+        bad("optim.warmup_frac", cfg.optim.warmup_frac, "it must lie in [0, 1]")
+    if not 0 <= cfg.train.label_smoothing < 1:
+        bad("train.label_smoothing", cfg.train.label_smoothing, "it must lie in [0, 1)")
+    if cfg.train.tta not in ("none", "flip", "flip-translate"):
+        bad("train.tta", cfg.train.tta, "choose none, flip or flip-translate")
+    if cfg.train.precision not in ("fp32", "bf16", "fp16"):
+        bad("train.precision", cfg.train.precision, "choose fp32, bf16 or fp16")
+    if cfg.train.runs < 1:
+        bad("runs", cfg.train.runs, "it must be at least 1")
+    if cfg.train.lookahead_every < 0 or not 0 <= cfg.train.lookahead_decay < 1:
+        bad("train.lookahead_every/lookahead_decay", (cfg.train.lookahead_every, cfg.train.lookahead_decay),
+            "every must be 0 or more and decay in [0, 1)")
     if cfg.train.threads is not None and cfg.train.threads < 1:
         bad("threads", cfg.train.threads, "it must be at least 1")
     dev = cfg.train.device

@@ -34,6 +34,28 @@ def preprocess(x: torch.Tensor, prep: dict[str, Any]) -> torch.Tensor:
     return x
 
 
+def _translate(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Shift images by (dy, dx) pixels, filling with reflected edges."""
+    p = max(abs(dy), abs(dx))
+    padded = torch.nn.functional.pad(x, (p, p, p, p), mode="reflect")
+    h, w = x.shape[2:]
+    return padded[:, :, p - dy:p - dy + h, p - dx:p - dx + w]
+
+
+def tta_logits(model: nn.Module, x: torch.Tensor, level: str = "none") -> torch.Tensor:
+    """Logits with test-time augmentation: ``flip`` averages the image and its mirror;
+    ``flip-translate`` gives those half the weight and 1-pixel shifts of each the other half."""
+    out = model(x)
+    if level == "none":
+        return out
+    flipped = x.flip(3)
+    out = (out + model(flipped)) / 2
+    if level == "flip-translate":
+        shifted = (model(_translate(x, 1, 1)) + model(_translate(flipped, -1, -1))) / 2
+        out = (out + shifted) / 2
+    return out
+
+
 def save_architecture(run: Path, model_name: str, model_kwargs: dict, classes: list[str],
                       input_shape: tuple[int, int, int], prep: dict[str, Any], num_params: int) -> None:
     """Write ``architecture.json``."""
@@ -96,13 +118,15 @@ def read_run(run: str | Path) -> tuple[Path, dict]:
 class Predictor:
     """A trained model with its classes and preprocessing: ``predict(images)`` gives probabilities."""
 
-    def __init__(self, model: nn.Module, arch: dict, device: torch.device, run: Path | None = None):
+    def __init__(self, model: nn.Module, arch: dict, device: torch.device, run: Path | None = None,
+                 tta: str = "none"):
         self.model = model.eval()
         self.arch = arch
         self.classes: list[str] = arch["classes"]
         self.prep: dict = arch["preprocessing"]
         self.device = device
         self.run = run
+        self.tta = tta
         inp = arch["input"]
         self.input_shape = (inp["channels"], inp["height"], inp["width"])
 
@@ -129,7 +153,7 @@ class Predictor:
     def logits(self, images: Any, batch_size: int = 1000) -> np.ndarray:
         """Raw logits, float32 (N, classes)."""
         x = images if isinstance(images, torch.Tensor) else self.to_uint8(images)
-        out = [self.model(preprocess(x[i:i + batch_size].to(self.device), self.prep)).float().cpu()
+        out = [tta_logits(self.model, preprocess(x[i:i + batch_size].to(self.device), self.prep), self.tta).float().cpu()
                for i in range(0, len(x), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
 

@@ -23,7 +23,7 @@ from .augment import CropFlipCutout, KerasAugment, augmenter_from_config
 from .config import Config, load_run_config, save_config
 from .data import Dataset, balanced_subset, load_dataset, stratified_split
 from .errors import CifarlabError
-from .export import preprocess, save_architecture, save_weights
+from .export import preprocess, save_architecture, save_weights, tta_logits
 from .fsutil import write_json, write_text
 from .models import create_model
 from .optim import build_optimizer
@@ -74,11 +74,15 @@ def make_arrays(cfg: Config, ds: Dataset, device: torch.device) -> Arrays:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               y: torch.Tensor, label_smoothing: float = 0.0, autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a prepared batch; returns (summed loss, correct count) as
     device tensors, so the caller can accumulate without a GPU-to-CPU sync every step."""
-    logits = model(x)
-    loss = F.cross_entropy(logits, y)  # categorical cross-entropy on softmax(logits), as Keras
+    import contextlib
+
+    with autocast or contextlib.nullcontext():
+        logits = model(x)
+        # categorical cross-entropy on softmax(logits), as Keras; optionally with label smoothing
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -87,11 +91,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
 
 @torch.no_grad()
 def evaluate_arrays(model: nn.Module, x: torch.Tensor, y: torch.Tensor, prep: dict,
-                    batch_size: int = 1000) -> tuple[float, float, torch.Tensor]:
+                    batch_size: int = 1000, tta: str = "none") -> tuple[float, float, torch.Tensor]:
     """Mean cross-entropy, accuracy and logits (on CPU) of ``model`` over uint8 images ``x``."""
     was = model.training
     model.eval()
-    outs = [model(preprocess(x[i:i + batch_size], prep)) for i in range(0, len(x), batch_size)]
+    outs = [tta_logits(model, preprocess(x[i:i + batch_size], prep), tta) for i in range(0, len(x), batch_size)]
     model.train(was)
     logits = torch.cat(outs).float()
     loss = F.cross_entropy(logits, y).item()  # one sync per evaluation
@@ -175,12 +179,86 @@ def _load_checkpoint(run: Path) -> dict:
         raise CifarlabError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
 
 
+class Lookahead:
+    """Slow weights for lookahead (Zhang et al., 2019) as the speed records use it: every k
+    steps the slow copy moves toward the fast weights by ``1 - decay`` and the fast weights are
+    reset to it. ``decay`` grows from 0 with the cube of training progress, so lookahead only
+    smooths the end of training."""
+
+    def __init__(self, model: nn.Module):
+        self.slow = [t.detach().clone() for t in model.state_dict().values() if t.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float) -> None:
+        fast = [t for t in model.state_dict().values() if t.is_floating_point()]
+        torch._foreach_lerp_(self.slow, fast, 1 - decay)  # one fused op for all tensors
+        torch._foreach_copy_(fast, self.slow)
+
+
+def _lr_lambda(cfg: Config, total_steps: int) -> Callable[[int], float]:
+    o = cfg.optim
+    if o.schedule == "constant":
+        return lambda step: 1.0
+    peak = max(1, round(o.warmup_frac * total_steps))
+
+    def triangle(step: int) -> float:
+        if step < peak:
+            return o.start_lr_frac + (1 - o.start_lr_frac) * step / peak
+        return 1 + (o.final_lr_frac - 1) * (step - peak) / max(1, total_steps - peak)
+
+    return triangle
+
+
+@dataclass
+class _Setup:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    augmenter: Any
+    prep: dict
+    lookahead: Lookahead | None
+    model_kwargs: dict
+    num_params: int
+
+
+def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps_per_epoch: int) -> _Setup:
+    """Model, optimizer, schedule, augmentation and preprocessing for one run."""
+    c, h, w = arrays.x_train.shape[1:]
+    model_kwargs = {"num_classes": ds.num_classes, "in_chans": int(c), "img_size": [int(h), int(w)]}
+    model = create_model(cfg.model.name, **model_kwargs).to(device)
+    augmenter = augmenter_from_config(cfg.augment)
+    prep: dict[str, Any] = {"rescale": 1 / 255, "mean": None, "std": None}
+    if cfg.data.normalize:
+        x = arrays.x_train.float() / 255
+        prep["mean"] = x.mean(dim=(0, 2, 3)).tolist()
+        prep["std"] = x.std(dim=(0, 2, 3)).tolist()
+    if isinstance(augmenter, KerasAugment) and augmenter.featurewise_center:
+        augmenter.fit(preprocess(arrays.x_train, prep))
+        prep["mean"] = augmenter.mean.flatten().tolist()
+        prep["std"] = augmenter.std.flatten().tolist() if augmenter.featurewise_std_normalization else None
+        augmenter.featurewise_center = augmenter.featurewise_std_normalization = False  # applied by preprocess
+    if hasattr(model, "init_whitening"):
+        g = torch.Generator().manual_seed(cfg.train.seed)
+        sample = torch.randperm(len(arrays.x_train), generator=g)[:5000].to(device)
+        model.init_whitening(preprocess(arrays.x_train[sample], prep))
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, cfg.train.epochs * steps_per_epoch))
+    lookahead = Lookahead(model) if cfg.train.lookahead_every else None
+    return _Setup(model, optimizer, scheduler, augmenter, prep, lookahead, model_kwargs,
+                  sum(p.numel() for p in model.parameters()))
+
+
 def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset: Dataset | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train per ``cfg`` (or resume the run folder ``resume``) and write the run folder.
 
-    Returns the final metrics dict (also saved as ``metrics.json``).
+    With ``cfg.train.runs > 1``, trains that many times (see :func:`fit_runs`). Returns the
+    final metrics dict (also saved as ``metrics.json``).
     """
+    if resume is None and cfg is not None and cfg.train.runs > 1:
+        return fit_runs(cfg, dataset=dataset, log=log)
     ckpt = None
     if resume is not None:
         run = Path(resume)
@@ -201,21 +279,14 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
     for note in ds.notes:
         log(f"data: {note}")
     arrays = make_arrays(cfg, ds, device)
+    n = len(arrays.x_train)
+    bs = cfg.train.batch_size
+    steps = math.ceil(n / bs)
+    st = _build(cfg, ds, arrays, device, steps)
+    model, optimizer = st.model, st.optimizer
     c, h, w = arrays.x_train.shape[1:]
-    model_kwargs = {"num_classes": ds.num_classes, "in_chans": int(c), "img_size": [int(h), int(w)]}
-    model = create_model(cfg.model.name, **model_kwargs).to(device)
-    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
-    augmenter = augmenter_from_config(cfg.augment)
-    prep: dict[str, Any] = {"rescale": 1 / 255, "mean": None, "std": None}
-    if isinstance(augmenter, KerasAugment) and augmenter.featurewise_center:
-        augmenter.fit(preprocess(arrays.x_train, prep))
-        prep["mean"] = augmenter.mean.flatten().tolist()
-        prep["std"] = augmenter.std.flatten().tolist() if augmenter.featurewise_std_normalization else None
-        augmenter.featurewise_center = augmenter.featurewise_std_normalization = False  # applied by preprocess
-    num_params = sum(p.numel() for p in model.parameters())
-    save_architecture(run, cfg.model.name, model_kwargs, ds.classes, (int(c), int(h), int(w)), prep, num_params)
+    save_architecture(run, cfg.model.name, st.model_kwargs, ds.classes, (int(c), int(h), int(w)), st.prep,
+                      st.num_params)
 
     history: list[dict[str, float]] = []
     start_epoch, start_step, train_time = 0, 0, 0.0
@@ -224,6 +295,9 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        st.scheduler.load_state_dict(ckpt["scheduler"])
+        if st.lookahead is not None:
+            st.lookahead.slow = list(ckpt["lookahead"])
         torch.set_rng_state(ckpt["rng_cpu"])
         if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
@@ -233,18 +307,18 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
         aug_state = ckpt.get("aug_state")
         log(f"resuming {run} at epoch {start_epoch + 1}, step {start_step}")
     log(f"run folder: {run}")
-    log(f"model {cfg.model.name} ({num_params:,} parameters) on {device}; {len(arrays.x_train):,} training, "
+    log(f"model {cfg.model.name} ({st.num_params:,} parameters) on {device}; {n:,} training, "
         f"{len(arrays.x_val):,} validation, {len(arrays.x_test):,} test images")
 
-    n = len(arrays.x_train)
-    bs = cfg.train.batch_size
-    steps = math.ceil(n / bs)
     interactive = sys.stderr.isatty()
     interrupts = _Interrupts()
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    total_steps = cfg.train.epochs * steps
 
     def checkpoint(epoch: int, step: int, sums: tuple, gen: torch.Generator | None) -> None:
         _save_checkpoint(run, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
+            "lookahead": st.lookahead.slow if st.lookahead is not None else None,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "epoch": epoch, "step": step, "history": history, "train_time_s": train_time,
@@ -252,10 +326,14 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
             "aug_state": gen.get_state() if gen is not None else None,
         })
 
+    whiten_bias = getattr(getattr(model, "whiten", None), "bias", None)
+    step_model = runtime.maybe_compile(model, cfg.train.compile)
     model.train()
     try:
         with interrupts.installed():
             for epoch in range(start_epoch, cfg.train.epochs):
+                if whiten_bias is not None:
+                    whiten_bias.requires_grad_(epoch < cfg.train.whiten_bias_epochs)
                 gen = _epoch_generator(cfg.train.seed, epoch, device)
                 perm = torch.randperm(n, generator=_epoch_generator(cfg.train.seed, epoch, torch.device("cpu")))
                 perm = perm.to(device)
@@ -270,14 +348,19 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
                 t0 = _Clock(device)
                 for step in range(first, steps):
                     idx = perm[step * bs:(step + 1) * bs]
-                    x = preprocess(arrays.x_train[idx], prep)
-                    if isinstance(augmenter, KerasAugment):
-                        x = augmenter(x, gen)
-                    elif isinstance(augmenter, CropFlipCutout):
-                        x = augmenter(x, gen)
+                    x = preprocess(arrays.x_train[idx], st.prep)
+                    if isinstance(st.augmenter, KerasAugment):
+                        x = st.augmenter(x, gen)
+                    elif isinstance(st.augmenter, CropFlipCutout):
+                        x = st.augmenter(x, gen, indices=idx, epoch=epoch, seed=cfg.train.seed)
                     x = x.contiguous(memory_format=fmt)
                     y = arrays.y_train[idx]
-                    l_sum, corr = train_step(model, optimizer, x, y)
+                    l_sum, corr = train_step(step_model, optimizer, x, y, cfg.train.label_smoothing,
+                                             runtime.autocast(device, cfg.train.precision))
+                    st.scheduler.step()
+                    global_step = epoch * steps + step + 1
+                    if st.lookahead is not None and global_step % cfg.train.lookahead_every == 0:
+                        st.lookahead.update(model, cfg.train.lookahead_decay * (global_step / total_steps) ** 3)
                     if device.type == "cpu" and not math.isfinite(l_sum.item()):  # free on CPU: no device sync
                         raise NonFiniteLoss(_nan_message(epoch, step, cfg))
                     loss_sum += l_sum
@@ -297,7 +380,7 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
                 tr_loss, tr_acc = loss_sum.item() / seen, correct.item() / seen  # one sync per epoch
                 if not math.isfinite(tr_loss):
                     raise NonFiniteLoss(_nan_message(epoch, None, cfg))
-                v_loss, v_acc, _ = evaluate_arrays(model, arrays.x_val, arrays.y_val, prep)
+                v_loss, v_acc, _ = evaluate_arrays(model, arrays.x_val, arrays.y_val, st.prep)
                 history.append({"epoch": epoch + 1, "loss": tr_loss, "accuracy": tr_acc, "val_loss": v_loss,
                                 "val_accuracy": v_acc, "train_time_s": train_time})
                 log(f"Epoch {epoch + 1}/{cfg.train.epochs} - {train_time:.1f}s - loss: {tr_loss:.4f} - "
@@ -307,16 +390,19 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
         raise CifarlabError(f"the GPU ran out of memory with batch size {bs}; try a smaller one, for example "
                             f"--batch-size {max(1, bs // 2)}") from None
 
-    t_loss, t_acc, logits = evaluate_arrays(model, arrays.x_test, arrays.y_test, prep)
+    if st.lookahead is not None:
+        st.lookahead.update(model, 0.0)  # end on the slow weights' final blend
+    t_loss, t_acc, logits = evaluate_arrays(model, arrays.x_test, arrays.y_test, st.prep, tta=cfg.train.tta)
     y_test = arrays.y_test.cpu().numpy()
     pred = logits.argmax(1).numpy()
     per_class = {cls: float((pred[y_test == i] == i).mean()) if (y_test == i).any() else None
                  for i, cls in enumerate(ds.classes)}
     save_weights(run / "weights.safetensors", model)
     write_history(run, history)
-    metrics = {"test_loss": t_loss, "test_accuracy": t_acc, "per_class_accuracy": per_class,
-               "train_time_s": train_time, "epochs": cfg.train.epochs, "num_params": num_params,
-               "data": {"source": ds.source, "kind": ds.kind, "train_images": len(arrays.x_train),
+    metrics = {"test_loss": t_loss, "test_accuracy": t_acc, "tta": cfg.train.tta, "per_class_accuracy": per_class,
+               "train_time_s": train_time, "epochs": cfg.train.epochs, "seed": cfg.train.seed,
+               "num_params": st.num_params,
+               "data": {"source": ds.source, "kind": ds.kind, "train_images": n,
                         "val_images": len(arrays.x_val), "test_images": len(arrays.x_test)},
                "device": str(device), "versions": runtime.versions()}
     write_json(run / "metrics.json", metrics)
@@ -324,6 +410,45 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
     log(f"Test accuracy: {t_acc:.4f}")
     metrics["run"] = str(run)
     return metrics
+
+
+def fit_runs(cfg: Config, dataset: Dataset | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train ``cfg.train.runs`` times with seeds ``seed``, ``seed + 1``, ... into ``OUT/run-K``.
+
+    Writes ``OUT/runs_summary.json`` with accuracy and training time as mean, std, min and max
+    (a single run proves little at this scale) and returns it.
+    """
+    import copy
+    import statistics
+
+    base = _new_run_dir(cfg)
+    save_config(cfg, base / "config.yaml")
+    ds = dataset if dataset is not None else load_dataset(
+        cfg.data.data, cfg.data.dataset, allow_unverified=cfg.data.allow_unverified,
+        label_mode=cfg.data.label_mode, skip_bad_images=cfg.data.skip_bad_images)
+    results = []
+    for k in range(cfg.train.runs):
+        c = copy.deepcopy(cfg)
+        c.train.runs, c.train.seed, c.train.out = 1, cfg.train.seed + k, str(base / f"run-{k}")
+        log(f"--- run {k + 1}/{cfg.train.runs} (seed {c.train.seed}) ---")
+        m = fit(c, dataset=ds, log=log)
+        results.append({"seed": c.train.seed, "test_accuracy": m["test_accuracy"], "train_time_s": m["train_time_s"],
+                        "run": m["run"]})
+
+    def stats(key: str) -> dict[str, float]:
+        v = [r[key] for r in results]
+        return {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "min": min(v),
+                "max": max(v)}
+
+    summary = {"runs": len(results), "recipe": cfg.recipe, "model": cfg.model.name, "data": ds.source,
+               "test_accuracy": stats("test_accuracy"), "train_time_s": stats("train_time_s"), "per_run": results}
+    write_json(base / "runs_summary.json", summary)
+    a, t = summary["test_accuracy"], summary["train_time_s"]
+    log(f"{len(results)} runs: test accuracy mean {a['mean']:.4f} (std {a['std']:.4f}, min {a['min']:.4f}, "
+        f"max {a['max']:.4f}); training time mean {t['mean']:.2f} s (std {t['std']:.2f}, min {t['min']:.2f}, "
+        f"max {t['max']:.2f})")
+    summary["run"] = str(base)
+    return summary
 
 
 class _Clock:

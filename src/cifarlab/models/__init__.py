@@ -30,7 +30,7 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
 
 
 def _ensure_loaded() -> None:
-    from . import keras_book  # noqa: F401  (registers on import)
+    from . import keras_book, speed  # noqa: F401  (register on import)
 
 
 def list_models() -> list[str]:

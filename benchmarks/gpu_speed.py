@@ -1,0 +1,74 @@
+"""Train recipes N times on the JPEG CIFAR-10 copy and print one table (recipe, accuracy
+mean/min/max, training time mean/min). Meant for a GPU machine, side by side with the published
+baseline (airbench):
+
+    bash .devicework/anchor_airbench.sh 5            # decodes to .devicework/cifar10/*.npz, times airbench94
+    python benchmarks/gpu_speed.py --npz .devicework/cifar10 --runs 5 --recipes fast keras-book
+
+``--npz DIR`` reads DIR/train.npz and DIR/test.npz (x: uint8 N,32,32,3; y: labels), the arrays the
+anchor script writes, so nothing is decoded twice; otherwise ``--data`` is loaded as usual.
+Training time excludes data loading and evaluation (CUDA events on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from cifarlab.config import resolve_config
+from cifarlab.data import Dataset, load_dataset
+from cifarlab.data.cifar import CIFAR10_CLASSES
+from cifarlab.train import fit_runs
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg.tar.xz"
+
+
+def npz_dataset(folder: Path) -> Dataset:
+    """A Dataset from train.npz / test.npz (as written by the anchor script)."""
+    tr, te = np.load(folder / "train.npz"), np.load(folder / "test.npz")
+    return Dataset(tr["x"], tr["y"].astype(np.int64), te["x"], te["y"].astype(np.int64), list(CIFAR10_CLASSES),
+                   str(folder), "npz")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipes", nargs="+", default=["fast", "best", "keras-book"])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--npz", type=Path, help="folder with train.npz and test.npz")
+    ap.add_argument("--data", default=str(SHARED))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default=None)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs (quick checks)")
+    ap.add_argument("--subset", type=int, default=None)
+    args = ap.parse_args()
+    ds = npz_dataset(args.npz) if args.npz else load_dataset(args.data)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for recipe in args.recipes:
+            train = {"runs": args.runs, "out": f"{tmp}/{recipe}", "device": args.device, "compile": args.compile}
+            if args.precision:
+                train["precision"] = args.precision
+            if args.epochs:
+                train["epochs"] = args.epochs
+            over = {"train": train}
+            if args.subset:
+                over["data"] = {"subset": args.subset}
+            cfg = resolve_config(recipe, overrides=over)
+            s = fit_runs(cfg, dataset=ds, log=lambda line: None)
+            rows.append((recipe, s))
+            a, t = s["test_accuracy"], s["train_time_s"]
+            print(f"{recipe}: n={s['runs']} acc mean {a['mean']:.4f} min {a['min']:.4f} max {a['max']:.4f}; "
+                  f"time mean {t['mean']:.2f} s min {t['min']:.2f} s", flush=True)
+    print(f"\n{'recipe':<14}{'n':>3}{'acc mean':>10}{'acc min':>9}{'acc max':>9}{'time mean':>11}{'time min':>10}")
+    for recipe, s in rows:
+        a, t = s["test_accuracy"], s["train_time_s"]
+        print(f"{recipe:<14}{s['runs']:>3}{a['mean']:>10.4f}{a['min']:>9.4f}{a['max']:>9.4f}"
+              f"{t['mean']:>10.2f}s{t['min']:>9.2f}s")
+
+
+if __name__ == "__main__":
+    main()

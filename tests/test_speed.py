@@ -1,0 +1,100 @@
+"""The speed recipes' parts, on CPU with tiny data: whitening, schedule, lookahead, TTA, --runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_image_folder
+
+from cifarlab.config import resolve_config
+from cifarlab.export import tta_logits
+from cifarlab.models import create_model
+from cifarlab.train import Lookahead, _lr_lambda, fit
+
+
+def test_whitening_layer_whitens_patches():
+    torch.manual_seed(0)
+    x = torch.randn(256, 3, 16, 16) @ torch.randn(16, 16) * 0.3 + 0.5  # correlated pixels
+    m = create_model("speednet")
+    m.init_whitening(x)
+    out = m.whiten(x)[:, :12] - m.whiten.bias[:12].view(1, -1, 1, 1)
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
+    cov = torch.cov(flat.T)
+    assert torch.allclose(cov, torch.eye(12), atol=0.05)
+    assert not m.whiten.weight.requires_grad
+
+
+def test_triangle_schedule():
+    cfg = resolve_config("fast")
+    f = _lr_lambda(cfg, 100)
+    assert f(0) == pytest.approx(0.2) and f(23) == pytest.approx(1.0) and f(100) == pytest.approx(0.07)
+    assert _lr_lambda(resolve_config(), 100)(57) == 1.0
+
+
+def test_lookahead_pulls_toward_slow_weights():
+    m = torch.nn.Linear(2, 1)
+    la = Lookahead(m)
+    start = m.weight.detach().clone()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    la.update(m, decay=0.75)
+    assert torch.allclose(m.weight, start + 0.25) and torch.allclose(la.slow[0], start + 0.25)
+
+
+def test_tta_levels():
+    m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    x = torch.rand(5, 3, 8, 8)
+    assert torch.equal(tta_logits(m, x, "none"), m(x))
+    assert torch.allclose(tta_logits(m, x, "flip"), (m(x) + m(x.flip(3))) / 2)
+    assert tta_logits(m, x, "flip-translate").shape == (5, 4)
+    sym = torch.rand(5, 3, 8, 8)
+    sym = sym + sym.flip(3)
+    assert torch.allclose(tta_logits(m, sym, "flip"), (m(sym) + m(sym.flip(3))) / 2)
+
+
+@pytest.mark.parametrize("recipe", ["fast", "best"])
+def test_speed_recipes_train_on_cpu(tmp_path, recipe):
+    data = make_image_folder(tmp_path / "d", n_train=24, n_test=4)
+    cfg = resolve_config(recipe, overrides={"data": {"data": str(data), "val_split": 0.25},
+                                            "train": {"epochs": 2, "batch_size": 16, "out": str(tmp_path / "r"),
+                                                      "threads": 1}})
+    m = fit(cfg, log=lambda s: None)
+    assert 0 <= m["test_accuracy"] <= 1 and m["tta"] == "flip-translate"
+    arch = json.loads((tmp_path / "r" / "architecture.json").read_text())
+    assert arch["preprocessing"]["mean"] is not None  # normalised by the training images' statistics
+
+
+def test_runs_report_statistics(tmp_path, image_folder):
+    cfg = resolve_config(overrides={"data": {"data": str(image_folder), "val_split": 0.25},
+                                    "model": {"name": "keras-shallow"},
+                                    "train": {"epochs": 1, "batch_size": 8, "runs": 3, "out": str(tmp_path / "r"),
+                                              "threads": 1}})
+    s = fit(cfg, log=lambda s: None)
+    saved = json.loads((tmp_path / "r" / "runs_summary.json").read_text())
+    assert saved["runs"] == 3 and [r["seed"] for r in saved["per_run"]] == [0, 1, 2]
+    accs = [r["test_accuracy"] for r in saved["per_run"]]
+    assert saved["test_accuracy"]["min"] == min(accs) and saved["test_accuracy"]["max"] == max(accs)
+    assert saved["test_accuracy"]["mean"] == pytest.approx(sum(accs) / 3)
+    assert all((tmp_path / "r" / f"run-{k}" / "weights.safetensors").is_file() for k in range(3))
+    assert s["train_time_s"]["min"] > 0
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path, image_folder):
+    cfg = resolve_config(overrides={"data": {"data": str(image_folder), "val_split": 0.25},
+                                    "model": {"name": "keras-shallow"},
+                                    "train": {"epochs": 1, "batch_size": 8, "precision": "bf16",
+                                              "out": str(tmp_path / "r"), "threads": 1}})
+    m = fit(cfg, log=lambda s: None)
+    assert 0 <= m["test_accuracy"] <= 1
+
+
+def test_fp16_on_cpu_is_refused(tmp_path, image_folder):
+    from cifarlab.errors import ConfigError
+
+    cfg = resolve_config(overrides={"data": {"data": str(image_folder)}, "model": {"name": "keras-shallow"},
+                                    "train": {"epochs": 1, "precision": "fp16", "device": "cpu",
+                                              "out": str(tmp_path / "r")}})
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        fit(cfg, log=lambda s: None)

@@ -121,7 +121,8 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, resume_dat
     assert ha == hb
 
 
-def test_sigint_saves_mid_epoch_checkpoint_and_resumes_exactly(tmp_path, resume_data, reference_run):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_mid_epoch_checkpoint_and_resumes_exactly(tmp_path, resume_data, reference_run, sig):
     run = tmp_path / "int"
     p = _cli(_train_args(resume_data, run))
     ckpt = run / "checkpoint.pt"
@@ -129,10 +130,11 @@ def test_sigint_saves_mid_epoch_checkpoint_and_resumes_exactly(tmp_path, resume_
     while not ckpt.exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.01)
     time.sleep(0.1)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
-    assert "checkpoint was saved" in err and "--resume" in err and "Traceback" not in err
+    assert f"stopped by {sig.name}" in err and "checkpoint was saved" in err and "--resume" in err
+    assert "Traceback" not in err
     state = torch.load(ckpt, weights_only=True)
     assert state["step"] > 0 or state["epoch"] > 1
     r = _cli(["train", "--resume", str(run)])
@@ -151,3 +153,15 @@ def test_resume_errors(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"junk")
     with pytest.raises(CifarlabError, match="unreadable checkpoint"):
         fit(resume=tmp_path)
+
+
+def test_out_of_memory_names_batch_size(tmp_path, image_folder, monkeypatch):
+    import cifarlab.train as train_mod
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_mod, "train_step", oom)
+    cfg = tiny_config(str(image_folder), str(tmp_path / "r"))
+    with pytest.raises(CifarlabError, match="ran out of memory with batch size 8; .* --batch-size 4"):
+        fit(cfg, log=lambda s: None)

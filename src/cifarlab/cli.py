@@ -169,8 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import fit
 
     if args.resume:
-        given = [k for k in _train_overrides(args).values() for _ in k] + ([args.config] if args.config else [])
-        if given:
+        if _train_overrides(args) or args.config or args.recipe:
             raise ConfigError("--resume continues a run with its saved config; do not combine it with other "
                               "options (start a new run instead)")
         fit(resume=args.resume)

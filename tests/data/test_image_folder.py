@@ -146,3 +146,13 @@ def test_real_jpeg_copy_loads_and_second_load_is_cached():
     again = load_dataset(SHARED_JPEG)
     print(f"second load of the JPEG copy: {time.perf_counter() - t0:.2f} s")
     assert "loaded from the decoded cache" in again.notes
+
+
+def test_truncated_xz_archive(tmp_path, image_folder):
+    path = tmp_path / "d.tar.xz"
+    with tarfile.open(path, "w:xz") as tf:
+        tf.add(image_folder, arcname=".")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        load_dataset(path)

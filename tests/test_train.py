@@ -95,15 +95,21 @@ def reference_run(tmp_path_factory, resume_data):
     return ref
 
 
-def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, resume_data, reference_run):
-    run = tmp_path / "killed"
-    p = _cli(_train_args(resume_data, run))
+def _start_after_first_checkpoint(data, run, delay):
+    """Start training, wait for the first end-of-epoch checkpoint, then ``delay`` seconds more."""
+    p = _cli(_train_args(data, run))
     ckpt = run / "checkpoint.pt"
     deadline = time.time() + 300
     while not ckpt.exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.01)
+    time.sleep(delay)  # into the second epoch
+    return p, ckpt
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, resume_data, reference_run):
+    run = tmp_path / "killed"
+    p, ckpt = _start_after_first_checkpoint(resume_data, run, 0.15)
     first = ckpt.stat().st_mtime_ns
-    time.sleep(0.15)  # into the second epoch
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=60)
     assert p.returncode == -signal.SIGKILL, "training finished before it could be killed"
@@ -124,12 +130,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, resume_dat
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_mid_epoch_checkpoint_and_resumes_exactly(tmp_path, resume_data, reference_run, sig):
     run = tmp_path / "int"
-    p = _cli(_train_args(resume_data, run))
-    ckpt = run / "checkpoint.pt"
-    deadline = time.time() + 300
-    while not ckpt.exists() and time.time() < deadline and p.poll() is None:
-        time.sleep(0.01)
-    time.sleep(0.1)
+    p, ckpt = _start_after_first_checkpoint(resume_data, run, 0.1)
     p.send_signal(sig)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130, err

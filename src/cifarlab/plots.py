@@ -35,9 +35,12 @@ def plot_history(history: list[dict], path: Path) -> None:
     b.plot(ep, [h["accuracy"] for h in history], "o-", label="train")
     b.plot(ep, [h["val_accuracy"] for h in history], "o-", label="validation")
     b.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _save(fig, path)
 
 

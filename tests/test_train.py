@@ -42,6 +42,9 @@ def test_learns_an_easy_task(tmp_path):
 
 
 def test_load_model_predictions_are_bitwise_reproducible(trained_run, image_folder):
+    """Reloaded models predict exactly what the trained model predicted at the end of training."""
+    import torch.nn.functional as F
+
     from cifarlab.data import load_dataset
 
     ds = load_dataset(image_folder)
@@ -49,6 +52,9 @@ def test_load_model_predictions_are_bitwise_reproducible(trained_run, image_fold
     b = load_model(trained_run).predict(ds.x_test)
     assert (a == b).all() and a.shape == (9, 3)
     assert abs(a.sum(1) - 1).max() < 1e-5
+    logits = torch.from_numpy(load_model(trained_run).logits(ds.x_test))
+    saved = json.loads((trained_run / "metrics.json").read_text())
+    assert F.cross_entropy(logits, torch.from_numpy(ds.y_test)).item() == saved["test_loss"]
 
 
 def test_existing_output_not_overwritten(trained_run, image_folder):

@@ -57,13 +57,15 @@ def tta_logits(model: nn.Module, x: torch.Tensor, level: str = "none") -> torch.
 
 
 def save_architecture(run: Path, model_name: str, model_kwargs: dict, classes: list[str],
-                      input_shape: tuple[int, int, int], prep: dict[str, Any], num_params: int) -> None:
-    """Write ``architecture.json``."""
+                      input_shape: tuple[int, int, int], prep: dict[str, Any], num_params: int,
+                      channels_last: bool = False) -> None:
+    """Write ``architecture.json``. ``channels_last`` records the memory format used in training,
+    so a reloaded model runs the same kernels and predicts bit for bit the same on a CPU."""
     c, h, w = input_shape
     write_json(run / "architecture.json", {
         "format": ARCH_FORMAT, "model": model_name, "model_kwargs": model_kwargs, "classes": classes,
         "input": {"channels": c, "height": h, "width": w, "layout": "NCHW", "dtype": "uint8"},
-        "preprocessing": prep, "num_params": num_params,
+        "preprocessing": prep, "num_params": num_params, "channels_last": channels_last,
         "output": "logits; apply softmax for probabilities (the notebook's final layer)",
     })
 
@@ -153,8 +155,9 @@ class Predictor:
     def logits(self, images: Any, batch_size: int = 1000) -> np.ndarray:
         """Raw logits, float32 (N, classes)."""
         x = images if isinstance(images, torch.Tensor) else self.to_uint8(images)
-        out = [tta_logits(self.model, preprocess(x[i:i + batch_size].to(self.device), self.prep), self.tta).float().cpu()
-               for i in range(0, len(x), batch_size)]
+        fmt = torch.channels_last if self.arch.get("channels_last") else torch.contiguous_format
+        out = [tta_logits(self.model, preprocess(x[i:i + batch_size].to(self.device), self.prep).contiguous(
+            memory_format=fmt), self.tta).float().cpu() for i in range(0, len(x), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
 
     def predict(self, images: Any, batch_size: int = 1000) -> np.ndarray:
@@ -175,6 +178,8 @@ def load_model(run: str | Path, device: str = "cpu") -> Predictor:
     model = create_model(arch["model"], **arch.get("model_kwargs", {}))
     load_weights(model, weights)
     dev = select_device(device)
+    if arch.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
     return Predictor(model.to(dev), arch, dev, run)
 
 

@@ -91,11 +91,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
 
 @torch.no_grad()
 def evaluate_arrays(model: nn.Module, x: torch.Tensor, y: torch.Tensor, prep: dict,
-                    batch_size: int = 1000, tta: str = "none") -> tuple[float, float, torch.Tensor]:
+                    batch_size: int = 1000, tta: str = "none",
+                    channels_last: bool = False) -> tuple[float, float, torch.Tensor]:
     """Mean cross-entropy, accuracy and logits (on CPU) of ``model`` over uint8 images ``x``."""
     was = model.training
     model.eval()
-    outs = [tta_logits(model, preprocess(x[i:i + batch_size], prep), tta) for i in range(0, len(x), batch_size)]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    outs = [tta_logits(model, preprocess(x[i:i + batch_size], prep).contiguous(memory_format=fmt), tta)
+            for i in range(0, len(x), batch_size)]
     model.train(was)
     logits = torch.cat(outs).float()
     loss = F.cross_entropy(logits, y).item()  # one sync per evaluation
@@ -286,7 +289,7 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
     model, optimizer = st.model, st.optimizer
     c, h, w = arrays.x_train.shape[1:]
     save_architecture(run, cfg.model.name, st.model_kwargs, ds.classes, (int(c), int(h), int(w)), st.prep,
-                      st.num_params)
+                      st.num_params, cfg.train.channels_last)
 
     history: list[dict[str, float]] = []
     start_epoch, start_step, train_time = 0, 0, 0.0
@@ -380,7 +383,8 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
                 tr_loss, tr_acc = loss_sum.item() / seen, correct.item() / seen  # one sync per epoch
                 if not math.isfinite(tr_loss):
                     raise NonFiniteLoss(_nan_message(epoch, None, cfg))
-                v_loss, v_acc, _ = evaluate_arrays(model, arrays.x_val, arrays.y_val, st.prep)
+                v_loss, v_acc, _ = evaluate_arrays(model, arrays.x_val, arrays.y_val, st.prep,
+                                                   channels_last=cfg.train.channels_last)
                 history.append({"epoch": epoch + 1, "loss": tr_loss, "accuracy": tr_acc, "val_loss": v_loss,
                                 "val_accuracy": v_acc, "train_time_s": train_time})
                 log(f"Epoch {epoch + 1}/{cfg.train.epochs} - {train_time:.1f}s - loss: {tr_loss:.4f} - "
@@ -392,7 +396,8 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
 
     if st.lookahead is not None:
         st.lookahead.update(model, 0.0)  # end on the slow weights' final blend
-    t_loss, t_acc, logits = evaluate_arrays(model, arrays.x_test, arrays.y_test, st.prep, tta=cfg.train.tta)
+    t_loss, t_acc, logits = evaluate_arrays(model, arrays.x_test, arrays.y_test, st.prep, tta=cfg.train.tta,
+                                            channels_last=cfg.train.channels_last)
     y_test = arrays.y_test.cpu().numpy()
     pred = logits.argmax(1).numpy()
     per_class = {cls: float((pred[y_test == i] == i).mean()) if (y_test == i).any() else None

@@ -19,7 +19,7 @@ import numpy as np
 
 from .data import Dataset
 from .errors import CifarlabError
-from .evaluate import _check_compatible, compute_report, predict_dataset
+from .evaluate import _check_compatible, predict_dataset
 from .export import list_to_csv_rows, load_model
 from .fsutil import write_json, write_text
 

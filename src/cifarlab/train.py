@@ -276,11 +276,7 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
     if resume is None:
         run = _new_run_dir(cfg)
         save_config(cfg, run / "config.yaml")
-    ds = dataset if dataset is not None else load_dataset(
-        cfg.data.data, cfg.data.dataset, allow_unverified=cfg.data.allow_unverified,
-        label_mode=cfg.data.label_mode, skip_bad_images=cfg.data.skip_bad_images)
-    for note in ds.notes:
-        log(f"data: {note}")
+    ds = _load_data(cfg, dataset, log)
     arrays = make_arrays(cfg, ds, device)
     n = len(arrays.x_train)
     bs = cfg.train.batch_size
@@ -296,14 +292,7 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
     partial = (0.0, 0.0, 0)
     aug_state = None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        st.scheduler.load_state_dict(ckpt["scheduler"])
-        if st.lookahead is not None:
-            st.lookahead.slow = list(ckpt["lookahead"])
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+        _restore(ckpt, st, device)
         history = list(ckpt["history"])
         start_epoch, start_step, train_time = ckpt["epoch"], ckpt["step"], ckpt["train_time_s"]
         partial = (ckpt["partial_loss"], ckpt["partial_correct"], ckpt["partial_seen"])
@@ -396,25 +385,53 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
 
     if st.lookahead is not None:
         st.lookahead.update(model, 0.0)  # end on the slow weights' final blend
-    t_loss, t_acc, logits = evaluate_arrays(model, arrays.x_test, arrays.y_test, st.prep, tta=cfg.train.tta,
+    save_weights(run / "weights.safetensors", model)
+    write_history(run, history)
+    metrics = _test_metrics(cfg, ds, arrays, st, device, train_time)
+    write_json(run / "metrics.json", metrics)
+    log(f"Test score: {metrics['test_loss']:.4f}")
+    log(f"Test accuracy: {metrics['test_accuracy']:.4f}")
+    metrics["run"] = str(run)
+    return metrics
+
+
+def _load_data(cfg: Config, dataset: Dataset | None, log: Callable[[str], None]) -> Dataset:
+    """The given data set, or the one ``cfg.data`` names; logs the loader's notes."""
+    ds = dataset if dataset is not None else load_dataset(
+        cfg.data.data, cfg.data.dataset, allow_unverified=cfg.data.allow_unverified,
+        label_mode=cfg.data.label_mode, skip_bad_images=cfg.data.skip_bad_images)
+    for note in ds.notes:
+        log(f"data: {note}")
+    return ds
+
+
+def _restore(ckpt: dict, st: _Setup, device: torch.device) -> None:
+    """Load model, optimizer, schedule, lookahead and random-number states from a checkpoint."""
+    st.model.load_state_dict(ckpt["model"])
+    st.optimizer.load_state_dict(ckpt["optimizer"])
+    st.scheduler.load_state_dict(ckpt["scheduler"])
+    if st.lookahead is not None:
+        st.lookahead.slow = list(ckpt["lookahead"])
+    torch.set_rng_state(ckpt["rng_cpu"])
+    if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+
+
+def _test_metrics(cfg: Config, ds: Dataset, arrays: Arrays, st: _Setup, device: torch.device,
+                  train_time: float) -> dict[str, Any]:
+    """Test loss, accuracy (with the recipe's TTA) and per-class accuracy, with provenance."""
+    t_loss, t_acc, logits = evaluate_arrays(st.model, arrays.x_test, arrays.y_test, st.prep, tta=cfg.train.tta,
                                             channels_last=cfg.train.channels_last)
     y_test = arrays.y_test.cpu().numpy()
     pred = logits.argmax(1).numpy()
     per_class = {cls: float((pred[y_test == i] == i).mean()) if (y_test == i).any() else None
                  for i, cls in enumerate(ds.classes)}
-    save_weights(run / "weights.safetensors", model)
-    write_history(run, history)
-    metrics = {"test_loss": t_loss, "test_accuracy": t_acc, "tta": cfg.train.tta, "per_class_accuracy": per_class,
-               "train_time_s": train_time, "epochs": cfg.train.epochs, "seed": cfg.train.seed,
-               "num_params": st.num_params,
-               "data": {"source": ds.source, "kind": ds.kind, "train_images": n,
-                        "val_images": len(arrays.x_val), "test_images": len(arrays.x_test)},
-               "device": str(device), "versions": runtime.versions()}
-    write_json(run / "metrics.json", metrics)
-    log(f"Test score: {t_loss:.4f}")
-    log(f"Test accuracy: {t_acc:.4f}")
-    metrics["run"] = str(run)
-    return metrics
+    return {"test_loss": t_loss, "test_accuracy": t_acc, "tta": cfg.train.tta, "per_class_accuracy": per_class,
+            "train_time_s": train_time, "epochs": cfg.train.epochs, "seed": cfg.train.seed,
+            "num_params": st.num_params,
+            "data": {"source": ds.source, "kind": ds.kind, "train_images": len(arrays.x_train),
+                     "val_images": len(arrays.x_val), "test_images": len(arrays.x_test)},
+            "device": str(device), "versions": runtime.versions()}
 
 
 def fit_runs(cfg: Config, dataset: Dataset | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -428,9 +445,7 @@ def fit_runs(cfg: Config, dataset: Dataset | None = None, log: Callable[[str], N
 
     base = _new_run_dir(cfg)
     save_config(cfg, base / "config.yaml")
-    ds = dataset if dataset is not None else load_dataset(
-        cfg.data.data, cfg.data.dataset, allow_unverified=cfg.data.allow_unverified,
-        label_mode=cfg.data.label_mode, skip_bad_images=cfg.data.skip_bad_images)
+    ds = _load_data(cfg, dataset, log)
     results = []
     for k in range(cfg.train.runs):
         c = copy.deepcopy(cfg)

@@ -12,7 +12,6 @@ import lzma
 import tarfile
 import zlib
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 from ..errors import DataError
 

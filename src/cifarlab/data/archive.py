@@ -75,19 +75,3 @@ def first_name(path: Path) -> str:
     if m is None:
         raise DataError(f"{path}: the archive is empty")
     return m.name
-
-
-def list_names(path: Path, dirs: bool = True) -> list[str]:
-    """Names of the members of the archive at ``path``, after validating each.
-
-    Folder members are listed with a trailing ``/`` (or left out when ``dirs`` is false).
-    """
-    try:
-        with tarfile.open(path, "r:*") as tf:
-            members = tf.getmembers()
-    except _READ_ERRORS as e:
-        raise DataError(f"{path}: the archive is truncated or corrupt ({type(e).__name__}: {e}). "
-                        "Download it again or check the file.") from None
-    for m in members:
-        check_member(path, m)
-    return [m.name.rstrip("/") + "/" if m.isdir() else m.name for m in members if dirs or not m.isdir()]

@@ -78,9 +78,7 @@ def augment_command(args: argparse.Namespace) -> int:
                 cls = ds.classes[labels[i]]
                 d = tmp_dir / args.split / cls
                 d.mkdir(parents=True, exist_ok=True)
-                arr = copies[i]
-                Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(
-                    d / f"{i // args.per_image:06d}_{i % args.per_image}.png")
+                _save_image(copies[i], d / f"{i // args.per_image:06d}_{i % args.per_image}.png", "png")
             if out.exists():
                 shutil.rmtree(out)
             tmp_dir.rename(out)  # the folder appears complete or not at all

@@ -77,10 +77,14 @@ def test_empty_class_named(tmp_path):
         load_dataset(root)
 
 
-def test_non_image_files_ignored_with_note(image_folder):
+def test_non_image_files_ignored_with_note(tmp_path, image_folder):
     (image_folder / "train" / "cat" / "notes.txt").write_text("hello")
     ds = load_dataset(image_folder)
-    assert len(ds.y_train) == 18
+    assert len(ds.y_train) == 18 and "ignored 1 file(s) without an image suffix" in ds.notes
+    path = tmp_path / "d.tar"
+    with tarfile.open(path, "w") as tf:
+        tf.add(image_folder, arcname=".")
+    assert "ignored 1 file(s) without an image suffix" in load_dataset(path).notes
 
 
 def test_corrupt_and_truncated_images(image_folder):

@@ -125,7 +125,8 @@ def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = 
                  for p in path.rglob("*")]
         members = None
     else:
-        members = archive.read_members(path, is_image_name, dirs=True)
+        # Every member, not just images: non-image files must be listed to be counted as ignored.
+        members = archive.read_members(path, dirs=True)
         names = [n for n, _ in members]
     prefix, items = _index([n for n in names if not n.endswith("/")], source)
     for n in names:

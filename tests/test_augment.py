@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
 import torch
 
 from cifarlab.augment import (CropFlipCutout, KerasAugment, affine_sample, alternating_flip, augmenter_from_config,
-                              cutout, keras_matrices, random_crop)
+                              cutout, fused_transform, keras_matrices, pack_pixels, random_crop)
 from cifarlab.config import AugmentConfig
 from cifarlab.errors import ConfigError
 
@@ -46,6 +48,76 @@ def test_matches_scipy_per_image_for_each_fill_mode(fill_mode):
     err = np.abs(out - ref).max()
     print(f"{fill_mode}: max abs error {err:.2e}")
     assert err < TOL
+
+
+def _flipped_reference(x: np.ndarray, p: dict, fill_mode: str, cval: float) -> np.ndarray:
+    """Keras' per-image transform followed by its flips, image by image."""
+    out = []
+    for i in range(len(x)):
+        img = _keras_reference(x[i].astype(np.float64), *(p[k][i].item() for k in
+                               ("theta", "tx", "ty", "shear", "zx", "zy")), fill_mode, cval)
+        img = img[:, :, ::-1] if p["flip_h"][i] else img
+        out.append(img[:, ::-1] if p["flip_v"][i] else img)
+    return np.stack(out)
+
+
+def _params(n: int, h: int, w: int, fill_mode: str, seed: int = 3):
+    aug = KerasAugment(rotation_range=40, width_shift_range=0.2, height_shift_range=0.2, shear_range=15,
+                       zoom_range=0.2, horizontal_flip=True, vertical_flip=True, fill_mode=fill_mode, cval=0.3)
+    p = aug.sample(n, h, w, torch.Generator().manual_seed(seed))
+    return aug, p, [p[k] for k in ("theta", "tx", "ty", "shear", "zx", "zy", "flip_h", "flip_v")]
+
+
+@pytest.mark.parametrize("fill_mode", ["nearest", "reflect", "wrap", "constant"])
+def test_gather_formulation_matches_scipy_for_uint8_and_float(fill_mode):
+    """The formulation written for torch.compile, run eagerly: uint8 images (packed pixels,
+    scaled inside) and float images, each against scipy with Keras' flips."""
+    rng = np.random.default_rng(4)
+    xu = rng.integers(0, 256, (16, 3, 24, 20), dtype=np.uint8)
+    _, p, args = _params(16, 24, 20, fill_mode)
+    ref = _flipped_reference(xu / 255, p, fill_mode, 0.3)
+    got_u8 = fused_transform(torch.from_numpy(xu), *args, fill_mode, 0.3, in_scale=1 / 255).numpy()
+    got_f = fused_transform(torch.from_numpy(xu / 255).float(), *args, fill_mode, 0.3).numpy()
+    assert got_u8.dtype == np.float32 and got_u8.shape == xu.shape
+    assert np.abs(got_u8 - ref).max() < TOL and np.abs(got_f - ref).max() < TOL
+    # out_scale multiplies last, after the fill: Keras' rescale comes after the transform.
+    got_s = fused_transform(torch.from_numpy(xu), *args, fill_mode, 0.3, in_scale=1 / 255, out_scale=2.0).numpy()
+    assert np.allclose(got_s, 2 * got_u8, atol=1e-6)
+
+
+def test_pack_pixels_layout_and_errors():
+    x = torch.tensor([[[[1]], [[2]], [[3]]]], dtype=torch.uint8)  # one 1x1 RGB pixel
+    assert pack_pixels(x).item() == 1 + (2 << 8) + (3 << 16)
+    x4 = torch.randint(0, 256, (2, 4, 3, 3), dtype=torch.uint8)
+    p = pack_pixels(x4)
+    assert torch.equal(torch.stack([(p >> (8 * k)) & 255 for k in range(4)], 1).to(torch.uint8), x4)
+    with pytest.raises(ValueError, match="5 channels"):
+        pack_pixels(torch.zeros(1, 5, 2, 2, dtype=torch.uint8))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler (g++ or c++) on PATH")
+@pytest.mark.parametrize("fill_mode", ["nearest", "wrap"])
+def test_compiled_augmenter_matches_scipy(fill_mode):
+    """The compiled kernel (one per fill mode; compiling takes ~15 s here) against scipy,
+    through KerasAugment.apply on uint8 images with the notebook's 1/255 scaling."""
+    rng = np.random.default_rng(5)
+    xu = rng.integers(0, 256, (12, 3, 32, 32), dtype=np.uint8)
+    aug, p, _ = _params(12, 32, 32, fill_mode)
+    aug.compiled = True
+    got = aug.apply(torch.from_numpy(xu), p, input_scale=1 / 255).numpy()
+    ref = _flipped_reference(xu / 255, p, fill_mode, 0.3)
+    err = np.abs(got - ref).max()
+    print(f"compiled {fill_mode}: max abs error {err:.2e}")
+    assert err < TOL
+
+
+def test_uint8_input_scale_equals_float_input():
+    """apply(x_uint8, input_scale=s) means apply(x.float() * s), including Keras' rescale."""
+    xu = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    aug = KerasAugment(rotation_range=20, zoom_range=0.1, horizontal_flip=True, rescale=0.5)
+    p = aug.sample(6, 16, 16, torch.Generator().manual_seed(0))
+    assert torch.allclose(aug.apply(xu, p, input_scale=1 / 255), aug.apply(xu.float() / 255, p), atol=1e-6)
 
 
 def test_non_square_images_match_scipy():

@@ -172,3 +172,16 @@ def test_out_of_memory_names_batch_size(tmp_path, image_folder, monkeypatch):
     cfg = tiny_config(str(image_folder), str(tmp_path / "r"))
     with pytest.raises(CifarlabError, match="ran out of memory with batch size 8; .* --batch-size 4"):
         fit(cfg, log=lambda s: None)
+
+
+def test_keras_augmentation_with_featurewise_statistics(tmp_path, image_folder):
+    """--augment keras with featurewise_std_normalization: the statistics come from the rescaled
+    training images, are saved with the run, and standardise after the random transform."""
+    cfg = tiny_config(str(image_folder), str(tmp_path / "run"))
+    cfg.augment.preset = "keras"
+    cfg.augment.featurewise_center = cfg.augment.featurewise_std_normalization = True
+    fit(cfg, log=lambda s: None)
+    prep = json.loads((tmp_path / "run" / "architecture.json").read_text())["preprocessing"]
+    assert len(prep["mean"]) == 3 and len(prep["std"]) == 3
+    assert all(0 < m < 1 for m in prep["mean"]) and all(0 < s < 1 for s in prep["std"])
+    assert load_model(tmp_path / "run").prep == prep

@@ -17,6 +17,7 @@ reproducible, and resuming a run can restore the generator.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -67,6 +68,8 @@ class KerasAugment:
     rescale: float | None = None
     mean: torch.Tensor | None = field(default=None, repr=False)
     std: torch.Tensor | None = field(default=None, repr=False)
+    # Not a Keras option: run the transform as one torch.compile'd kernel (see fused_transform).
+    compiled: bool = False
 
     def __post_init__(self) -> None:
         def num(name: str, lo: float = 0.0) -> None:
@@ -130,26 +133,42 @@ class KerasAugment:
         return p
 
     # --- applying -----------------------------------------------------------------------------
-    def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Apply sampled parameters ``p`` to the batch ``x`` (float N, C, H, W), Keras' order."""
-        n, c, h, w = x.shape
-        mats = keras_matrices(p["theta"], p["tx"], p["ty"], p["shear"], p["zx"], p["zy"], h, w)
-        # Keras flips after the affine transform and the channel shift; flips commute with the
-        # (per-image constant) shift and are folded into the sampling coordinates.
-        mats = _mm3(mats, flip_matrices(p["flip_h"], p["flip_v"], h, w))
-        x = affine_sample(x, mats, self.fill_mode, self.cval)
+    def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor], input_scale: float = 1.0) -> torch.Tensor:
+        """Apply sampled parameters ``p`` to the batch ``x`` (N, C, H, W), Keras' order.
+
+        The result is that of augmenting ``x.float() * input_scale``; passing the uint8 images
+        with ``input_scale=1/255`` lets the compiled path read bytes directly. Returns float32.
+        """
+        n = x.shape[0]
+        # Rescaling is linear, so it can ride along inside the sampling kernel unless a
+        # clipping step (channel shift, brightness) comes between them, as in Keras' order.
+        fold = self.compiled and not self.channel_shift_range and "brightness" not in p
+        if self.compiled:
+            out_scale = float(self.rescale) if (fold and self.rescale) else 1.0
+            x = fused_transform(x, p["theta"], p["tx"], p["ty"], p["shear"], p["zx"], p["zy"], p["flip_h"],
+                                p["flip_v"], self.fill_mode, float(self.cval), float(input_scale), out_scale,
+                                compiled=True)
+        else:
+            x = x.float() if input_scale == 1 else x.float() * input_scale
+            h, w = x.shape[2:]
+            mats = keras_matrices(p["theta"], p["tx"], p["ty"], p["shear"], p["zx"], p["zy"], h, w)
+            # Keras flips after the affine transform and the channel shift; flips commute with the
+            # (per-image constant) shift and are folded into the sampling coordinates.
+            mats = _mm3(mats, flip_matrices(p["flip_h"], p["flip_v"], h, w))
+            x = affine_sample(x, mats, self.fill_mode, self.cval)
         if self.channel_shift_range:
             lo = x.amin(dim=(1, 2, 3), keepdim=True)
             hi = x.amax(dim=(1, 2, 3), keepdim=True)
             x = torch.minimum(torch.maximum(x + p["channel_shift"].to(x.dtype).view(n, 1, 1, 1), lo), hi)
         if "brightness" in p:
             x = (x * p["brightness"].to(x.dtype).view(n, 1, 1, 1)).clamp(0, 1)
-        return self.standardize(x)
+        return self.standardize(x, rescaled=fold)
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                 input_scale: float = 1.0) -> torch.Tensor:
         """Randomly transform a batch: :meth:`sample` then :meth:`apply`."""
         n, _, h, w = x.shape
-        return self.apply(x, self.sample(n, h, w, generator, x.device))
+        return self.apply(x, self.sample(n, h, w, generator, x.device), input_scale)
 
     def fit(self, x: torch.Tensor) -> "KerasAugment":
         """Compute per-channel mean and std of ``x`` (N, C, H, W) for the featurewise options."""
@@ -160,9 +179,9 @@ class KerasAugment:
         self.std = x.std(dim=(0, 2, 3), unbiased=False).view(1, -1, 1, 1)
         return self
 
-    def standardize(self, x: torch.Tensor) -> torch.Tensor:
-        """``rescale`` then featurewise centring and scaling, as Keras' ``standardize``."""
-        if self.rescale:
+    def standardize(self, x: torch.Tensor, rescaled: bool = False) -> torch.Tensor:
+        """``rescale`` (unless ``rescaled``) then featurewise centring and scaling, as Keras' ``standardize``."""
+        if self.rescale and not rescaled:
             x = x * self.rescale
         if self.featurewise_center:
             if self.mean is None:
@@ -268,6 +287,100 @@ def affine_sample(x: torch.Tensor, mats: torch.Tensor, fill_mode: str = "nearest
     return out
 
 
+def _reflect_coords(c: torch.Tensor, n: int) -> torch.Tensor:
+    """scipy's 'reflect' mirrors about the outer pixel edges (-0.5 and n - 0.5), period 2n; a
+    point left within half a pixel of the edge then reads the edge pixel, which clamping gives."""
+    c = torch.remainder(c + 0.5, 2 * n)
+    return torch.where(c >= n, 2 * n - c, c) - 0.5
+
+
+def pack_pixels(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, C, H, W) with C <= 4 to int32 (N, H, W): channel k in bits 8k to 8k + 7."""
+    n, c, h, w = x.shape
+    if x.dtype != torch.uint8 or not 1 <= c <= 4:
+        raise ValueError(f"pack_pixels needs uint8 images with 1 to 4 channels; got {x.dtype}, {c} channels")
+    # Shifts and ors on whole planes: about twice as fast on the CPU as a channels-last copy.
+    out = x[:, 0].to(torch.int32)
+    for k in range(1, c):
+        out = out | (x[:, k].to(torch.int32) << (8 * k))
+    return out
+
+
+def fused_transform(x: torch.Tensor, theta: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor,
+                    shear: torch.Tensor, zx: torch.Tensor, zy: torch.Tensor, flip_h: torch.Tensor,
+                    flip_v: torch.Tensor, fill_mode: str = "nearest", cval: float = 0.0,
+                    in_scale: float = 1.0, out_scale: float = 1.0, compiled: bool = False) -> torch.Tensor:
+    """Keras' affine transform and flips for a batch, as plain gathers and arithmetic.
+
+    Returns float32 ``out_scale * T(x * in_scale)`` where T is what :meth:`KerasAugment.apply`
+    does with these parameters (``cval`` is in the units of ``x * in_scale``). Eagerly this is
+    slower than :func:`affine_sample`; it is written for ``torch.compile`` (``compiled=True``),
+    which fuses everything (matrices, coordinates, boundary mode, the four-neighbour gather,
+    the uint8 to float conversion, both scales) into one kernel that writes each image once.
+    uint8 images are first packed to one int32 per pixel, so each neighbour is one load.
+    """
+    fn = _compiled_sampler() if compiled else _sample_gather
+    return fn(x, theta, tx, ty, shear, zx, zy, flip_h, flip_v, fill_mode, cval, in_scale, out_scale)[0]
+
+
+def _sample_gather(x: torch.Tensor, theta, tx, ty, shear, zx, zy, flip_h, flip_v, fill_mode: str,
+                   cval: float, in_scale: float, out_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The body of :func:`fused_transform`. Also returns the gathered-from source (the packed
+    pixels for uint8 images): as an output, the compiler stores it once instead of recomputing
+    the packing inside each of the four gathers."""
+    n, c, h, w = x.shape
+    dev = x.device
+    src = pack_pixels(x) if x.dtype == torch.uint8 and c <= 4 else x
+    m = keras_matrices(theta, tx, ty, shear, zx, zy, h, w).to(torch.float32).view(n, 9, 1, 1)
+    rows = torch.arange(h, device=dev, dtype=torch.float32).view(1, h, 1)
+    cols = torch.arange(w, device=dev, dtype=torch.float32).view(1, 1, w)
+    # Keras flips the output last: read the transform at mirrored output coordinates.
+    r = torch.where(flip_v.view(n, 1, 1), (h - 1) - rows, rows)
+    q = torch.where(flip_h.view(n, 1, 1), (w - 1) - cols, cols)
+    sr = m[:, 0] * r + m[:, 1] * q + m[:, 2]
+    sc = m[:, 3] * r + m[:, 4] * q + m[:, 5]
+    inside = None
+    if fill_mode == "constant":
+        eps = 1e-4  # as in affine_sample: float32 coordinates may land a hair outside the edge
+        inside = (sr >= -eps) & (sr <= h - 1 + eps) & (sc >= -eps) & (sc <= w - 1 + eps)
+    elif fill_mode == "reflect":
+        sr, sc = _reflect_coords(sr, h), _reflect_coords(sc, w)
+    elif fill_mode == "wrap":
+        sr, sc = _wrap_coords(sr, h), _wrap_coords(sc, w)
+    # scipy 'nearest' (and every mode once remapped) reads edge pixels beyond the edge.
+    sr, sc = sr.clamp(0, h - 1), sc.clamp(0, w - 1)
+    r0f, c0f = sr.floor(), sc.floor()
+    fr, fc = sr - r0f, sc - c0f
+    # Flat neighbour indices in float32 (exact for any image under 2**24 pixels), converted
+    # once each: 64-bit integer vector arithmetic costs twice as much on the CPU.
+    r1f, c1f = (r0f + 1).clamp(max=h - 1), (c0f + 1).clamp(max=w - 1)
+    idx = [(a * w + b).long().view(n, h * w) for a, b in ((r0f, c0f), (r0f, c1f), (r1f, c0f), (r1f, c1f))]
+    if src.dim() == 3:
+        corners = [torch.gather(src.view(n, h * w), 1, i).view(n, h, w) for i in idx]
+        planes = [[((v >> (8 * k)) & 255).to(torch.float32) for v in corners] for k in range(c)]
+    else:
+        flat = src.reshape(n, c, h * w)
+        planes = [[torch.gather(flat[:, k], 1, i).view(n, h, w).to(torch.float32) for i in idx] for k in range(c)]
+    out = []
+    # One output plane per channel, computed from the same coordinates: the compiler then
+    # emits a single loop over pixels instead of recomputing the coordinates per channel.
+    for v00, v01, v10, v11 in planes:
+        val = ((v00 * (1 - fc) + v01 * fc) * (1 - fr) + (v10 * (1 - fc) + v11 * fc) * fr) * in_scale
+        if inside is not None:
+            val = torch.where(inside, val, cval)
+        out.append(val * out_scale if out_scale != 1 else val)
+    return torch.stack(out, 1), src
+
+
+@functools.cache
+def _compiled_sampler():
+    """:func:`_sample_gather` through ``torch.compile``, built on first use (about 10 s on a
+    2-core CPU; again for each new batch size or fill mode; cached on disk across processes)."""
+    # Every index is clamped into the image before the gather, so the compiler's per-load
+    # bounds check can never fire; dropping it makes the kernel markedly faster.
+    return torch.compile(_sample_gather, dynamic=False, options={"assert_indirect_indexing": False})
+
+
 # --- airbench-style fast augmentations --------------------------------------------------------
 def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random ``pad``-pixel translations: reflect-pad, then crop back to size at a random offset."""
@@ -352,7 +465,9 @@ def augmenter_from_config(cfg) -> KerasAugment | CropFlipCutout | None:
                         height_shift_range=cfg.height_shift_range, shear_range=cfg.shear_range,
                         zoom_range=cfg.zoom_range, horizontal_flip=cfg.horizontal_flip,
                         vertical_flip=cfg.vertical_flip, fill_mode=cfg.fill_mode, cval=cfg.cval,
-                        brightness_range=cfg.brightness_range, channel_shift_range=cfg.channel_shift_range)
+                        brightness_range=cfg.brightness_range, channel_shift_range=cfg.channel_shift_range,
+                        featurewise_center=cfg.featurewise_center,
+                        featurewise_std_normalization=cfg.featurewise_std_normalization)
     if cfg.preset == "keras":
         defaults = KerasAugment.__dataclass_fields__
         merged = dict(KERAS_NOTEBOOK)

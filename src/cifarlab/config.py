@@ -75,9 +75,11 @@ class AugmentConfig:
     horizontal_flip: bool = False
     vertical_flip: bool = False
     fill_mode: str = "nearest"  # nearest | reflect | wrap | constant
-    cval: float = 0.0  # fill value for constant mode, in 0..255 pixel units
+    cval: float = 0.0  # fill value for constant mode, in the units of the 1/255-scaled images (0..1)
     brightness_range: list[float] | None = None
-    channel_shift_range: float = 0.0  # pixel units (0..255)
+    channel_shift_range: float = 0.0  # in the units of the 1/255-scaled images, as in the notebook
+    featurewise_center: bool = False  # subtract the training images' per-channel mean
+    featurewise_std_normalization: bool = False  # and divide by their std (implies centring)
     crop_padding: int = 0  # crop-flip: random crop after reflect padding by this many pixels
     cutout: int = 0  # crop-flip: side of a zeroed square, 0 for none
     alternating_flip: bool = False  # crop-flip: flip each image every other epoch instead of at random

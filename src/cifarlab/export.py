@@ -26,7 +26,11 @@ ARCH_FORMAT = "cifarlab-architecture/1"
 def preprocess(x: torch.Tensor, prep: dict[str, Any]) -> torch.Tensor:
     """uint8 (N, C, H, W) to model input: scale by ``rescale`` (1/255, as the notebook), then
     subtract and divide by the featurewise mean and std when the run was trained with them."""
-    x = x.float() * prep.get("rescale", 1 / 255)
+    return normalize(x.float() * prep.get("rescale", 1 / 255), prep)
+
+
+def normalize(x: torch.Tensor, prep: dict[str, Any]) -> torch.Tensor:
+    """The featurewise part of :func:`preprocess`, for images already scaled by ``rescale``."""
     if prep.get("mean") is not None:
         x = x - torch.tensor(prep["mean"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     if prep.get("std") is not None:

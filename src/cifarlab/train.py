@@ -23,7 +23,7 @@ from .augment import CropFlipCutout, KerasAugment, augmenter_from_config
 from .config import Config, load_run_config, save_config
 from .data import Dataset, balanced_subset, load_dataset, stratified_split
 from .errors import CifarlabError
-from .export import preprocess, save_architecture, save_weights, tta_logits
+from .export import normalize, preprocess, save_architecture, save_weights, tta_logits
 from .fsutil import write_json, write_text
 from .models import create_model
 from .optim import build_optimizer
@@ -235,11 +235,14 @@ def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps
         x = arrays.x_train.float() / 255
         prep["mean"] = x.mean(dim=(0, 2, 3)).tolist()
         prep["std"] = x.std(dim=(0, 2, 3)).tolist()
-    if isinstance(augmenter, KerasAugment) and augmenter.featurewise_center:
-        augmenter.fit(preprocess(arrays.x_train, prep))
-        prep["mean"] = augmenter.mean.flatten().tolist()
-        prep["std"] = augmenter.std.flatten().tolist() if augmenter.featurewise_std_normalization else None
-        augmenter.featurewise_center = augmenter.featurewise_std_normalization = False  # applied by preprocess
+    if isinstance(augmenter, KerasAugment):
+        augmenter.compiled = cfg.train.compile  # one fused kernel for the transform (see augment.py)
+        if augmenter.featurewise_center:
+            augmenter.fit(arrays.x_train.float() * prep["rescale"])
+            prep["mean"] = augmenter.mean.flatten().tolist()
+            prep["std"] = augmenter.std.flatten().tolist() if augmenter.featurewise_std_normalization else None
+            # Applied by normalize() after the transform (Keras' order) and saved with the run.
+            augmenter.featurewise_center = augmenter.featurewise_std_normalization = False
     if hasattr(model, "init_whitening"):
         g = torch.Generator().manual_seed(cfg.train.seed)
         sample = torch.randperm(len(arrays.x_train), generator=g)[:5000].to(device)
@@ -340,11 +343,15 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
                 t0 = _Clock(device)
                 for step in range(first, steps):
                     idx = perm[step * bs:(step + 1) * bs]
-                    x = preprocess(arrays.x_train[idx], st.prep)
                     if isinstance(st.augmenter, KerasAugment):
-                        x = st.augmenter(x, gen)
-                    elif isinstance(st.augmenter, CropFlipCutout):
-                        x = st.augmenter(x, gen, indices=idx, epoch=epoch, seed=cfg.train.seed)
+                        # Keras' order: the random transform of the rescaled images, then the
+                        # featurewise standardisation; the augmenter reads the uint8 images itself.
+                        x = st.augmenter(arrays.x_train[idx], gen, input_scale=st.prep["rescale"])
+                        x = normalize(x, st.prep)
+                    else:
+                        x = preprocess(arrays.x_train[idx], st.prep)
+                        if isinstance(st.augmenter, CropFlipCutout):
+                            x = st.augmenter(x, gen, indices=idx, epoch=epoch, seed=cfg.train.seed)
                     x = x.contiguous(memory_format=fmt)
                     y = arrays.y_train[idx]
                     l_sum, corr = train_step(step_model, optimizer, x, y, cfg.train.label_smoothing,

@@ -1,24 +1,39 @@
-"""keras-deep training steps on the CPU: cifarlab against the notebook run in Keras 3 with the
-TensorFlow backend, in the same run, same model, batch 128, same images.
+"""keras-deep training epochs on the CPU: cifarlab against the notebook run in Keras 3 with the
+TensorFlow backend, in the same benchmark run, same model, batch 128, same images.
 
-Keras/TensorFlow is a benchmark-only extra (``pip install tensorflow-cpu``); without it only
-cifarlab is timed. Prints the median step time of each (after warm-up) and the ratio.
-Usage: python benchmarks/cpu_speed.py [--steps 60] [--threads N]
+Each framework trains in its own process (neither inherits the other's threads or allocator
+settings), and the processes alternate ``--rounds`` times so that slow phases of a shared machine
+hit both. Each process trains one warm-up epoch, then ``--epochs`` timed epochs of ``--batches``
+batches: Keras with ``model.fit`` as the notebook trains (data in float32 already scaled to
+[0, 1]); cifarlab with its training step, scaling the uint8 images inside the timed loop. Printed:
+the median seconds per step of each and the ratio. A third line times Keras again with the
+host-memory setting cifarlab applies to itself (glibc's mmap and trim thresholds), to show how
+much of the difference that setting is.
+
+Keras/TensorFlow is a benchmark-only extra (``pip install tensorflow-cpu``), looked for in
+``--keras-python`` (default: this interpreter); without it only cifarlab is timed.
+Usage: python benchmarks/cpu_speed.py [--batches 40] [--epochs 3] [--rounds 2] [--keras-python PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg.tar.xz"
+BATCH = 128
 
 
 def data(n: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """The first ``n`` training images of the JPEG copy (uint8 NHWC), or random ones."""
     if SHARED.is_file():
         from cifarlab.data import load_dataset
 
@@ -28,7 +43,8 @@ def data(n: int) -> tuple[np.ndarray, np.ndarray, str]:
     return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n), "random images"
 
 
-def time_cifarlab(x: np.ndarray, y: np.ndarray, batch: int, steps: int, warmup: int, threads: int | None) -> list[float]:
+def epochs_cifarlab(x: np.ndarray, y: np.ndarray, epochs: int, threads: int | None) -> list[float]:
+    """Seconds per step of each timed epoch (after one warm-up epoch)."""
     import torch
 
     from cifarlab import runtime
@@ -44,22 +60,26 @@ def time_cifarlab(x: np.ndarray, y: np.ndarray, batch: int, steps: int, warmup: 
     yt = torch.from_numpy(y.astype(np.int64))
     model = create_model("keras-deep").to(memory_format=torch.channels_last).train()
     opt = build_optimizer(model.parameters(), OptimConfig())
+    steps = len(xt) // BATCH
     out = []
-    for s in range(warmup + steps):
-        i = (s * batch) % (len(xt) - batch)
+    for epoch in range(epochs + 1):
+        perm = torch.randperm(len(xt))
         t0 = time.perf_counter()
-        train_step(model, opt, preprocess(xt[i:i + batch], {"rescale": 1 / 255}).contiguous(
-            memory_format=torch.channels_last), yt[i:i + batch])
-        out.append(time.perf_counter() - t0)
-    return out[warmup:]
+        for s in range(steps):
+            idx = perm[s * BATCH:(s + 1) * BATCH]
+            xb = preprocess(xt[idx], {"rescale": 1 / 255}).contiguous(memory_format=torch.channels_last)
+            train_step(model, opt, xb, yt[idx])
+        if epoch:
+            out.append((time.perf_counter() - t0) / steps)
+    return out
 
 
-def time_keras(x: np.ndarray, y: np.ndarray, batch: int, steps: int, warmup: int) -> list[float] | None:
-    try:
-        import keras
-        from keras import layers
-    except ImportError:
-        return None
+def epochs_keras(x: np.ndarray, y: np.ndarray, epochs: int) -> list[float]:
+    """Seconds per step of each timed ``model.fit`` epoch (after one warm-up epoch)."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(0)
     model = keras.Sequential([
         keras.Input((32, 32, 3)),
         layers.Conv2D(32, 3, padding="same"), layers.Activation("relu"),
@@ -73,33 +93,80 @@ def time_keras(x: np.ndarray, y: np.ndarray, batch: int, steps: int, warmup: int
     model.compile(loss="categorical_crossentropy", optimizer=keras.optimizers.RMSprop(), metrics=["accuracy"])
     xf = x.astype("float32") / 255
     yo = np.eye(10, dtype="float32")[y]
+    steps = len(xf) // BATCH
     out = []
-    for s in range(warmup + steps):
-        i = (s * batch) % (len(xf) - batch)
+    for epoch in range(epochs + 1):
         t0 = time.perf_counter()
-        model.train_on_batch(xf[i:i + batch], yo[i:i + batch])
-        out.append(time.perf_counter() - t0)
-    return out[warmup:]
+        model.fit(xf, yo, batch_size=BATCH, epochs=1, shuffle=True, verbose=0)
+        if epoch:
+            out.append((time.perf_counter() - t0) / steps)
+    return out
+
+
+def worker(args: argparse.Namespace) -> None:
+    x, y, src = data(args.batches * BATCH)
+    if args.worker == "keras":
+        try:
+            times = epochs_keras(x, y, args.epochs)
+        except ImportError:
+            times = None
+    else:
+        times = epochs_cifarlab(x, y, args.epochs, args.threads)
+    print(json.dumps({"times": times, "data": src}))
+
+
+def run_worker(python: str, name: str, args: argparse.Namespace, env: dict | None = None) -> dict:
+    cmd = [python, __file__, "--worker", name, "--batches", str(args.batches), "--epochs", str(args.epochs)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise SystemExit(f"the {name} worker failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batches", type=int, default=40, help="batches of 128 per epoch")
+    ap.add_argument("--epochs", type=int, default=3, help="timed epochs per process, after one warm-up epoch")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the processes")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--keras-python", default=sys.executable, help="interpreter with keras and tensorflow")
+    ap.add_argument("--worker", choices=["cifarlab", "keras"], help=argparse.SUPPRESS)
     args = ap.parse_args()
-    x, y, src = data(args.batch * 40)
-    ours = statistics.median(time_cifarlab(x, y, args.batch, args.steps, args.warmup, args.threads))
-    print(f"data: {src}; keras-deep, batch {args.batch}, median of {args.steps} steps after {args.warmup} warm-up")
-    print(f"cifarlab (PyTorch, channels-last): {ours * 1000:.0f} ms per step")
-    theirs = time_keras(x, y, args.batch, args.steps, args.warmup)
-    if theirs is None:
-        print("Keras/TensorFlow: not installed (pip install tensorflow-cpu), not measured")
+    if args.worker:
+        worker(args)
         return
-    k = statistics.median(theirs)
-    print(f"Keras 3 / TensorFlow:              {k * 1000:.0f} ms per step")
-    print(f"cifarlab is {k / ours:.2f}x the speed of Keras here")
+    # glibc's documented environment form of the mallopt calls in cifarlab.runtime.keep_freed_memory.
+    tuned = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
+    runs: dict[str, list[float]] = {"cifarlab": [], "keras": [], "keras+malloc": []}
+    src = ""
+    have_keras = True
+    for _ in range(args.rounds):
+        r = run_worker(sys.executable, "cifarlab", args)
+        runs["cifarlab"] += r["times"]
+        src = r["data"]
+        for label, env in (("keras", None), ("keras+malloc", tuned)):
+            r = run_worker(args.keras_python, "keras", args, env) if have_keras else {"times": None}
+            have_keras = r["times"] is not None
+            if have_keras:
+                runs[label] += r["times"]
+    if not have_keras:
+        runs = {"cifarlab": runs["cifarlab"]}
+    n = args.rounds * args.epochs
+    print(f"data: {src}, {args.batches * BATCH:,} images; keras-deep, batch {BATCH}; {n} timed epochs of "
+          f"{args.batches} steps per framework ({args.rounds} alternating rounds); median (min, max) per step")
+    label = {"cifarlab": "cifarlab (PyTorch, channels-last)", "keras": "Keras 3 / TensorFlow, model.fit",
+             "keras+malloc": "the same Keras, cifarlab's malloc setting"}
+    for k, v in runs.items():
+        print(f"{label[k]:44s} {statistics.median(v) * 1000:6.0f} ms ({min(v) * 1000:.0f}, {max(v) * 1000:.0f})")
+    if "keras" not in runs:
+        print("Keras/TensorFlow: not installed there (pip install tensorflow-cpu), not measured")
+        return
+    ratio = statistics.median(runs["keras"]) / statistics.median(runs["cifarlab"])
+    ratio_t = statistics.median(runs["keras+malloc"]) / statistics.median(runs["cifarlab"])
+    print(f"cifarlab is {ratio:.2f}x the speed of Keras as the notebook runs it ({ratio_t:.2f}x with the malloc setting)")
 
 
 if __name__ == "__main__":

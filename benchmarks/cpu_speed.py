@@ -5,8 +5,9 @@ Each framework trains in its own process (neither inherits the other's threads o
 settings), and the processes alternate ``--rounds`` times so that slow phases of a shared machine
 hit both. Each process trains one warm-up epoch, then ``--epochs`` timed epochs of ``--batches``
 batches: Keras with ``model.fit`` as the notebook trains (data in float32 already scaled to
-[0, 1]); cifarlab with its training step, scaling the uint8 images inside the timed loop. Printed:
-the median seconds per step of each and the ratio. A third line times Keras again with the
+[0, 1]); cifarlab with its training step, scaling the uint8 images inside the timed step. Every
+step is timed; printed are the median (and 10th and 90th percentile) milliseconds per step of
+each and the ratio of the medians. A third line times Keras again with the
 host-memory setting cifarlab applies to itself (glibc's mmap and trim thresholds), to show how
 much of the difference that setting is.
 
@@ -43,8 +44,8 @@ def data(n: int) -> tuple[np.ndarray, np.ndarray, str]:
     return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n), "random images"
 
 
-def epochs_cifarlab(x: np.ndarray, y: np.ndarray, epochs: int, threads: int | None) -> list[float]:
-    """Seconds per step of each timed epoch (after one warm-up epoch)."""
+def steps_cifarlab(x: np.ndarray, y: np.ndarray, epochs: int, threads: int | None) -> tuple[list, list]:
+    """Seconds of each step of the timed epochs (after one warm-up epoch), and of each epoch."""
     import torch
 
     from cifarlab import runtime
@@ -61,21 +62,26 @@ def epochs_cifarlab(x: np.ndarray, y: np.ndarray, epochs: int, threads: int | No
     model = create_model("keras-deep").to(memory_format=torch.channels_last).train()
     opt = build_optimizer(model.parameters(), OptimConfig())
     steps = len(xt) // BATCH
-    out = []
+    out, epoch_s = [], []
     for epoch in range(epochs + 1):
+        e0 = time.perf_counter()
         perm = torch.randperm(len(xt))
-        t0 = time.perf_counter()
         for s in range(steps):
+            t0 = time.perf_counter()
             idx = perm[s * BATCH:(s + 1) * BATCH]
             xb = preprocess(xt[idx], {"rescale": 1 / 255}).contiguous(memory_format=torch.channels_last)
             train_step(model, opt, xb, yt[idx])
+            if epoch:
+                out.append(time.perf_counter() - t0)
         if epoch:
-            out.append((time.perf_counter() - t0) / steps)
-    return out
+            epoch_s.append(time.perf_counter() - e0)
+    return out, epoch_s
 
 
-def epochs_keras(x: np.ndarray, y: np.ndarray, epochs: int) -> list[float]:
-    """Seconds per step of each timed ``model.fit`` epoch (after one warm-up epoch)."""
+def steps_keras(x: np.ndarray, y: np.ndarray, epochs: int) -> tuple[list, list]:
+    """Seconds of each step of the timed ``model.fit`` epochs (after one warm-up epoch), from a
+    callback's timestamps, and of each whole ``fit`` call. The step times leave out ``fit``'s
+    per-call set-up, which weighs on short epochs; the epoch times include it."""
     import keras
     from keras import layers
 
@@ -93,26 +99,37 @@ def epochs_keras(x: np.ndarray, y: np.ndarray, epochs: int) -> list[float]:
     model.compile(loss="categorical_crossentropy", optimizer=keras.optimizers.RMSprop(), metrics=["accuracy"])
     xf = x.astype("float32") / 255
     yo = np.eye(10, dtype="float32")[y]
-    steps = len(xf) // BATCH
-    out = []
+    stamps: list[float] = []
+
+    class Clock(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 0:
+                stamps.append(time.perf_counter())
+
+        def on_train_batch_end(self, batch, logs=None):
+            stamps.append(time.perf_counter())
+
+    out, epoch_s = [], []
     for epoch in range(epochs + 1):
-        t0 = time.perf_counter()
-        model.fit(xf, yo, batch_size=BATCH, epochs=1, shuffle=True, verbose=0)
+        stamps.clear()
+        e0 = time.perf_counter()
+        model.fit(xf, yo, batch_size=BATCH, epochs=1, shuffle=True, verbose=0, callbacks=[Clock()])
         if epoch:
-            out.append((time.perf_counter() - t0) / steps)
-    return out
+            epoch_s.append(time.perf_counter() - e0)
+            out += [b - a for a, b in zip(stamps, stamps[1:])]
+    return out, epoch_s
 
 
 def worker(args: argparse.Namespace) -> None:
     x, y, src = data(args.batches * BATCH)
     if args.worker == "keras":
         try:
-            times = epochs_keras(x, y, args.epochs)
+            times, epochs = steps_keras(x, y, args.epochs)
         except ImportError:
-            times = None
+            times, epochs = None, None
     else:
-        times = epochs_cifarlab(x, y, args.epochs, args.threads)
-    print(json.dumps({"times": times, "data": src}))
+        times, epochs = steps_cifarlab(x, y, args.epochs, args.threads)
+    print(json.dumps({"times": times, "epochs": epochs, "data": src}))
 
 
 def run_worker(python: str, name: str, args: argparse.Namespace, env: dict | None = None) -> dict:
@@ -141,32 +158,40 @@ def main() -> None:
     # glibc's documented environment form of the mallopt calls in cifarlab.runtime.keep_freed_memory.
     tuned = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
     runs: dict[str, list[float]] = {"cifarlab": [], "keras": [], "keras+malloc": []}
+    epoch_s: dict[str, list[float]] = {"cifarlab": [], "keras": [], "keras+malloc": []}
     src = ""
     have_keras = True
     for _ in range(args.rounds):
         r = run_worker(sys.executable, "cifarlab", args)
         runs["cifarlab"] += r["times"]
+        epoch_s["cifarlab"] += r["epochs"]
         src = r["data"]
         for label, env in (("keras", None), ("keras+malloc", tuned)):
             r = run_worker(args.keras_python, "keras", args, env) if have_keras else {"times": None}
             have_keras = r["times"] is not None
             if have_keras:
                 runs[label] += r["times"]
+                epoch_s[label] += r["epochs"]
     if not have_keras:
         runs = {"cifarlab": runs["cifarlab"]}
     n = args.rounds * args.epochs
     print(f"data: {src}, {args.batches * BATCH:,} images; keras-deep, batch {BATCH}; {n} timed epochs of "
-          f"{args.batches} steps per framework ({args.rounds} alternating rounds); median (min, max) per step")
+          f"{args.batches} steps per framework ({args.rounds} alternating rounds); ms per step: median (p10, p90)")
     label = {"cifarlab": "cifarlab (PyTorch, channels-last)", "keras": "Keras 3 / TensorFlow, model.fit",
              "keras+malloc": "the same Keras, cifarlab's malloc setting"}
     for k, v in runs.items():
-        print(f"{label[k]:44s} {statistics.median(v) * 1000:6.0f} ms ({min(v) * 1000:.0f}, {max(v) * 1000:.0f})")
+        p10, p90 = np.percentile(v, [10, 90]) * 1000
+        e = epoch_s[k]
+        print(f"{label[k]:44s} {statistics.median(v) * 1000:6.0f} ms ({p10:.0f}, {p90:.0f}); "
+              f"whole epoch {statistics.median(e):.1f} s (min {min(e):.1f}, max {max(e):.1f})")
     if "keras" not in runs:
         print("Keras/TensorFlow: not installed there (pip install tensorflow-cpu), not measured")
         return
-    ratio = statistics.median(runs["keras"]) / statistics.median(runs["cifarlab"])
-    ratio_t = statistics.median(runs["keras+malloc"]) / statistics.median(runs["cifarlab"])
-    print(f"cifarlab is {ratio:.2f}x the speed of Keras as the notebook runs it ({ratio_t:.2f}x with the malloc setting)")
+    for what, d in (("step", runs), ("whole epoch", epoch_s)):
+        ratio = statistics.median(d["keras"]) / statistics.median(d["cifarlab"])
+        ratio_t = statistics.median(d["keras+malloc"]) / statistics.median(d["cifarlab"])
+        print(f"per {what}: cifarlab is {ratio:.2f}x the speed of Keras as the notebook runs it "
+              f"({ratio_t:.2f}x against Keras with the malloc setting)")
 
 
 if __name__ == "__main__":

@@ -8,14 +8,18 @@ scipy path here omits Keras' other per-image Python overhead, so the ratio is co
 
 Both start from the images as the data set holds them: scipy from float32 arrays already scaled
 to [0, 1] (the notebook's ``x / 255``, done before timing), cifarlab from the uint8 images, scaling
-inside the timed loop. The one-off compilation is timed and printed separately.
+inside the timed loop. The one-off compilation is timed and printed separately. The scipy epoch
+is timed in parts, each beside one epoch of every cifarlab path, and the ratio printed is the
+median of the per-round ratios, so a machine whose speed drifts during the run does not favour
+either side.
 
-Usage: python benchmarks/augment_throughput.py [--images 50000] [--batch 512] [--data PATH]
+Usage: python benchmarks/augment_throughput.py [--images 50000] [--batch 512] [--rounds 5] [--data PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -52,35 +56,42 @@ def scipy_keras_epoch(x: np.ndarray, seed: int = 0) -> np.ndarray:
     return out
 
 
-def cifarlab_epoch(x: torch.Tensor, batch: int, device: torch.device, compiled: bool) -> tuple[float, float]:
-    """Seconds to augment every image of ``x`` (uint8 NCHW, already on ``device``) once, and
-    the seconds the warm-up took (compilation, for the compiled path)."""
+def warmed_augmenter(x: torch.Tensor, batch: int, compiled: bool) -> tuple[KerasAugment, torch.Generator, float]:
+    """The notebook's augmenter, run once on every batch size an epoch of ``x`` uses (for the
+    compiled path, that is when compilation happens); returns it, its generator and the
+    seconds the warm-up took."""
     aug = KerasAugment(**KERAS_NOTEBOOK, compiled=compiled)
-    g = torch.Generator(device=device).manual_seed(0)
+    g = torch.Generator(device=x.device).manual_seed(0)
     t0 = time.perf_counter()
-    for size in sorted({batch, len(x) % batch} - {0}):  # every batch size the epoch will use
+    for size in sorted({batch, len(x) % batch} - {0}):
         aug(x[:size], g, input_scale=1 / 255)
-    if device.type == "cuda":
+    if x.device.type == "cuda":
         torch.cuda.synchronize()
-    warmup = time.perf_counter() - t0
-    if device.type == "cuda":
+    return aug, g, time.perf_counter() - t0
+
+
+def epoch_seconds(aug: KerasAugment, g: torch.Generator, x: torch.Tensor, batch: int) -> float:
+    """Seconds to augment every image of ``x`` (uint8 NCHW, on its device) once, from uint8;
+    CUDA events on a GPU."""
+    if x.device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
     t0 = time.perf_counter()
     for s in range(0, len(x), batch):
         aug(x[s:s + batch], g, input_scale=1 / 255)
-    if device.type == "cuda":
+    if x.device.type == "cuda":
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1000, warmup
-    return time.perf_counter() - t0, warmup
+        return start.elapsed_time(end) / 1000
+    return time.perf_counter() - t0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=50000)
     ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--scipy-images", type=int, default=None, help="images for the scipy path (default: all)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds of (a 1/rounds part of the scipy epoch, one epoch of each cifarlab path)")
     ap.add_argument("--data", default=str(SHARED))
     args = ap.parse_args()
     if Path(args.data).is_file():
@@ -93,26 +104,35 @@ def main() -> None:
         src = f"{len(x):,} random 32x32x3 images (data copy absent)"
     runtime.setup("cpu")  # as every cifarlab command does: threads, host memory reuse (both paths run under it)
     print(f"data: {src}; torch threads: {torch.get_num_threads()}")
-    n_sp = args.scipy_images or len(x)
-    xs = x[:n_sp].astype(np.float32) / 255
-    t0 = time.perf_counter()
-    scipy_keras_epoch(xs)
-    t_sp = time.perf_counter() - t0
-    rate_sp = n_sp / t_sp
-    print(f"scipy per-image (Keras' path), CPU: {rate_sp:10,.0f} images/s ({n_sp:,} images in {t_sp:.2f} s)")
+    # The scipy epoch is cut into --rounds parts, each timed right beside one epoch of each
+    # cifarlab path: on a shared machine whose speed drifts, each ratio compares like with like.
+    xs = x.astype(np.float32) / 255
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-    for compiled in (False, True):
-        name = "compiled" if compiled else "eager"
-        t, warm = cifarlab_epoch(xt, args.batch, torch.device("cpu"), compiled)
-        note = f"; compiled once in {warm:.1f} s, not included" if compiled else ""
-        print(f"cifarlab batched, CPU, {name + ':':9s}  {len(x) / t:10,.0f} images/s ({len(x):,} images in {t:.2f} s); "
-              f"{len(x) / t / rate_sp:.1f}x the scipy path{note}")
+    paths = {name: warmed_augmenter(xt, args.batch, compiled) for name, compiled in (("eager", False), ("compiled", True))}
+    t_sp, rates = [], {name: [] for name in paths}
+    ratios: dict[str, list[float]] = {name: [] for name in paths}
+    for r, part in enumerate(np.array_split(np.arange(len(x)), args.rounds)):
+        t0 = time.perf_counter()
+        scipy_keras_epoch(xs[part], seed=r)
+        t_sp.append(time.perf_counter() - t0)
+        for name, (aug, g, _) in paths.items():
+            rates[name].append(len(x) / epoch_seconds(aug, g, xt, args.batch))
+            ratios[name].append(rates[name][-1] / (len(part) / t_sp[-1]))
+    rate_sp = len(x) / sum(t_sp)
+    print(f"scipy per-image (Keras' path), CPU: {rate_sp:10,.0f} images/s ({len(x):,} images in {sum(t_sp):.2f} s, "
+          f"{args.rounds} parts)")
+    for name, (_, _, warm) in paths.items():
+        note = f"; compiled once in {warm:.1f} s, not included" if name == "compiled" else ""
+        print(f"cifarlab batched, CPU, {name + ':':9s}  {statistics.median(rates[name]):10,.0f} images/s (median of "
+              f"{args.rounds} epochs); {statistics.median(ratios[name]):.1f}x the scipy path (median of the rounds' "
+              f"ratios; {min(ratios[name]):.1f}x to {max(ratios[name]):.1f}x){note}")
     if torch.cuda.is_available():
-        dev = torch.device("cuda")
         for compiled in (False, True):
-            t_gpu, _ = cifarlab_epoch(xt.to(dev), args.batch, dev, compiled)
+            xg = xt.to("cuda")
+            aug, g, _ = warmed_augmenter(xg, args.batch, compiled)
+            t_gpu = statistics.median(epoch_seconds(aug, g, xg, args.batch) for _ in range(args.rounds))
             print(f"cifarlab batched, GPU ({torch.cuda.get_device_name(0)}, {'compiled' if compiled else 'eager'}): "
-                  f"{len(x) / t_gpu:10,.0f} images/s ({t_gpu * 1000:.1f} ms per epoch); "
+                  f"{len(x) / t_gpu:10,.0f} images/s ({t_gpu * 1000:.1f} ms per epoch, median of {args.rounds}); "
                   f"{len(x) / t_gpu / rate_sp:.0f}x the scipy path")
     else:
         print("GPU: not available, not measured")

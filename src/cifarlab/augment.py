@@ -331,12 +331,15 @@ def _sample_gather(x: torch.Tensor, theta, tx, ty, shear, zx, zy, flip_h, flip_v
     n, c, h, w = x.shape
     dev = x.device
     src = pack_pixels(x) if x.dtype == torch.uint8 and c <= 4 else x
-    m = keras_matrices(theta, tx, ty, shear, zx, zy, h, w).to(torch.float32).view(n, 9, 1, 1)
-    rows = torch.arange(h, device=dev, dtype=torch.float32).view(1, h, 1)
-    cols = torch.arange(w, device=dev, dtype=torch.float32).view(1, 1, w)
+    m = keras_matrices(theta, tx, ty, shear, zx, zy, h, w).to(torch.float32).view(n, 9, 1)
+    # Pixels flattened to one axis from the start: every tensor below then has the same
+    # (N, H * W) shape as the gathers, and the compiler fuses all of it into one loop.
+    pix = torch.arange(h * w, device=dev)
+    rows = (pix // w).to(torch.float32).view(1, h * w)
+    cols = (pix % w).to(torch.float32).view(1, h * w)
     # Keras flips the output last: read the transform at mirrored output coordinates.
-    r = torch.where(flip_v.view(n, 1, 1), (h - 1) - rows, rows)
-    q = torch.where(flip_h.view(n, 1, 1), (w - 1) - cols, cols)
+    r = torch.where(flip_v.view(n, 1), (h - 1) - rows, rows)
+    q = torch.where(flip_h.view(n, 1), (w - 1) - cols, cols)
     sr = m[:, 0] * r + m[:, 1] * q + m[:, 2]
     sc = m[:, 3] * r + m[:, 4] * q + m[:, 5]
     inside = None
@@ -354,13 +357,13 @@ def _sample_gather(x: torch.Tensor, theta, tx, ty, shear, zx, zy, flip_h, flip_v
     # Flat neighbour indices in float32 (exact for any image under 2**24 pixels), converted
     # once each: 64-bit integer vector arithmetic costs twice as much on the CPU.
     r1f, c1f = (r0f + 1).clamp(max=h - 1), (c0f + 1).clamp(max=w - 1)
-    idx = [(a * w + b).long().view(n, h * w) for a, b in ((r0f, c0f), (r0f, c1f), (r1f, c0f), (r1f, c1f))]
+    idx = [(a * w + b).long() for a, b in ((r0f, c0f), (r0f, c1f), (r1f, c0f), (r1f, c1f))]
     if src.dim() == 3:
-        corners = [torch.gather(src.view(n, h * w), 1, i).view(n, h, w) for i in idx]
+        corners = [torch.gather(src.view(n, h * w), 1, i) for i in idx]
         planes = [[((v >> (8 * k)) & 255).to(torch.float32) for v in corners] for k in range(c)]
     else:
         flat = src.reshape(n, c, h * w)
-        planes = [[torch.gather(flat[:, k], 1, i).view(n, h, w).to(torch.float32) for i in idx] for k in range(c)]
+        planes = [[torch.gather(flat[:, k], 1, i).to(torch.float32) for i in idx] for k in range(c)]
     out = []
     # One output plane per channel, computed from the same coordinates: the compiler then
     # emits a single loop over pixels instead of recomputing the coordinates per channel.
@@ -369,7 +372,7 @@ def _sample_gather(x: torch.Tensor, theta, tx, ty, shear, zx, zy, flip_h, flip_v
         if inside is not None:
             val = torch.where(inside, val, cval)
         out.append(val * out_scale if out_scale != 1 else val)
-    return torch.stack(out, 1), src
+    return torch.stack(out, 1).view(n, c, h, w), src
 
 
 @functools.cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -77,8 +78,6 @@ def autocast(device: torch.device, precision: str = "fp32"):
     bf16 slower than fp32 there (the step is bound by kernel launches, not arithmetic), so
     fp32 stays the default and bf16 is for the larger speed-recipe networks.
     """
-    import contextlib
-
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "fp16" and device.type != "cuda":

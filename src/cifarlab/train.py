@@ -6,7 +6,7 @@ import math
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -77,9 +77,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
                y: torch.Tensor, label_smoothing: float = 0.0, autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a prepared batch; returns (summed loss, correct count) as
     device tensors, so the caller can accumulate without a GPU-to-CPU sync every step."""
-    import contextlib
-
-    with autocast or contextlib.nullcontext():
+    with autocast or nullcontext():
         logits = model(x)
         # categorical cross-entropy on softmax(logits), as Keras; optionally with label smoothing
         loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
@@ -323,6 +321,7 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
 
     whiten_bias = getattr(getattr(model, "whiten", None), "bias", None)
     step_model = runtime.maybe_compile(model, cfg.train.compile)
+    amp = runtime.autocast(device, cfg.train.precision)  # one context, entered once per step
     model.train()
     try:
         with interrupts.installed():
@@ -354,8 +353,7 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
                             x = st.augmenter(x, gen, indices=idx, epoch=epoch, seed=cfg.train.seed)
                     x = x.contiguous(memory_format=fmt)
                     y = arrays.y_train[idx]
-                    l_sum, corr = train_step(step_model, optimizer, x, y, cfg.train.label_smoothing,
-                                             runtime.autocast(device, cfg.train.precision))
+                    l_sum, corr = train_step(step_model, optimizer, x, y, cfg.train.label_smoothing, amp)
                     st.scheduler.step()
                     global_step = epoch * steps + step + 1
                     if st.lookahead is not None and global_step % cfg.train.lookahead_every == 0:

@@ -26,12 +26,10 @@ from pathlib import Path
 import numpy as np
 import scipy.ndimage as ndi
 import torch
+from bench_common import SHARED, training_images
 
 from cifarlab import runtime
 from cifarlab.augment import KERAS_NOTEBOOK, KerasAugment
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg.tar.xz"
-
 
 def scipy_keras_epoch(x: np.ndarray, seed: int = 0) -> np.ndarray:
     """Per-image augmentation the way Keras does it (float32 HWC images in [0, 1])."""
@@ -94,14 +92,7 @@ def main() -> None:
                     help="rounds of (a 1/rounds part of the scipy epoch, one epoch of each cifarlab path)")
     ap.add_argument("--data", default=str(SHARED))
     args = ap.parse_args()
-    if Path(args.data).is_file():
-        from cifarlab.data import load_dataset
-
-        x = load_dataset(args.data).x_train[: args.images]
-        src = f"{len(x):,} images of {args.data}"
-    else:
-        x = np.random.default_rng(0).integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
-        src = f"{len(x):,} random 32x32x3 images (data copy absent)"
+    x, _, src = training_images(args.images, Path(args.data))
     runtime.setup("cpu")  # as every cifarlab command does: threads, host memory reuse (both paths run under it)
     print(f"data: {src}; torch threads: {torch.get_num_threads()}")
     # The scipy epoch is cut into --rounds parts, each timed right beside one epoch of each

@@ -25,23 +25,11 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from bench_common import timed_epoch, training_images
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg.tar.xz"
 BATCH = 128
-
-
-def data(n: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """The first ``n`` training images of the JPEG copy (uint8 NHWC), or random ones."""
-    if SHARED.is_file():
-        from cifarlab.data import load_dataset
-
-        ds = load_dataset(SHARED)
-        return ds.x_train[:n], ds.y_train[:n], "JPEG CIFAR-10 copy"
-    rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n), "random images"
 
 
 def steps_cifarlab(x: np.ndarray, y: np.ndarray, epochs: int, threads: int | None) -> tuple[list, list]:
@@ -50,10 +38,8 @@ def steps_cifarlab(x: np.ndarray, y: np.ndarray, epochs: int, threads: int | Non
 
     from cifarlab import runtime
     from cifarlab.config import OptimConfig
-    from cifarlab.export import preprocess
     from cifarlab.models import create_model
     from cifarlab.optim import build_optimizer
-    from cifarlab.train import train_step
 
     runtime.setup("cpu", threads)
     runtime.seed_everything(0)
@@ -61,20 +47,12 @@ def steps_cifarlab(x: np.ndarray, y: np.ndarray, epochs: int, threads: int | Non
     yt = torch.from_numpy(y.astype(np.int64))
     model = create_model("keras-deep").to(memory_format=torch.channels_last).train()
     opt = build_optimizer(model.parameters(), OptimConfig())
-    steps = len(xt) // BATCH
     out, epoch_s = [], []
     for epoch in range(epochs + 1):
-        e0 = time.perf_counter()
-        perm = torch.randperm(len(xt))
-        for s in range(steps):
-            t0 = time.perf_counter()
-            idx = perm[s * BATCH:(s + 1) * BATCH]
-            xb = preprocess(xt[idx], {"rescale": 1 / 255}).contiguous(memory_format=torch.channels_last)
-            train_step(model, opt, xb, yt[idx])
-            if epoch:
-                out.append(time.perf_counter() - t0)
+        steps, seconds = timed_epoch(model, opt, xt, yt, BATCH, torch.channels_last)
         if epoch:
-            epoch_s.append(time.perf_counter() - e0)
+            out += steps
+            epoch_s.append(seconds)
     return out, epoch_s
 
 
@@ -122,7 +100,7 @@ def steps_keras(x: np.ndarray, y: np.ndarray, epochs: int) -> tuple[list, list]:
 
 
 def worker(args: argparse.Namespace) -> None:
-    x, y, src = data(args.batches * BATCH)
+    x, y, src = training_images(args.batches * BATCH)
     if args.worker == "keras":
         try:
             times, epochs = steps_keras(x, y, args.epochs)
@@ -176,7 +154,7 @@ def main() -> None:
     if not have_keras:
         runs = {"cifarlab": runs["cifarlab"]}
     n = args.rounds * args.epochs
-    print(f"data: {src}, {args.batches * BATCH:,} images; keras-deep, batch {BATCH}; {n} timed epochs of "
+    print(f"data: {src}; keras-deep, batch {BATCH}; {n} timed epochs of "
           f"{args.batches} steps per framework ({args.rounds} alternating rounds); ms per step: median (p10, p90)")
     label = {"cifarlab": "cifarlab (PyTorch, channels-last)", "keras": "Keras 3 / TensorFlow, model.fit",
              "keras+malloc": "the same Keras, cifarlab's malloc setting"}

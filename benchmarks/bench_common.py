@@ -1,0 +1,42 @@
+"""Helpers shared by the CPU benchmark scripts: the images they time and a timed training epoch."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg.tar.xz"
+
+
+def training_images(n: int, path: Path = SHARED) -> tuple[np.ndarray, np.ndarray, str]:
+    """The first ``n`` training images of ``path`` (uint8 NHWC) with labels and a description;
+    seeded random images where the file is absent, so the scripts still run."""
+    if Path(path).is_file():
+        from cifarlab.data import load_dataset
+
+        ds = load_dataset(path)
+        return ds.x_train[:n], ds.y_train[:n], f"{len(ds.x_train[:n]):,} images of {path}"
+    rng = np.random.default_rng(0)
+    return (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n),
+            f"{n:,} random 32x32x3 images (data copy absent)")
+
+
+def timed_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, batch: int,
+                fmt: torch.memory_format) -> tuple[list[float], float]:
+    """One shuffled training epoch with ``cifarlab train``'s step (scale by 1/255, memory format,
+    ``train_step``) over uint8 NCHW ``x``; returns each step's seconds and the epoch's."""
+    from cifarlab.export import preprocess
+    from cifarlab.train import train_step
+
+    steps = []
+    t_epoch = time.perf_counter()
+    perm = torch.randperm(len(x))
+    for s in range(0, len(x), batch):
+        idx = perm[s:s + batch]
+        t0 = time.perf_counter()
+        train_step(model, opt, preprocess(x[idx], {"rescale": 1 / 255}).contiguous(memory_format=fmt), y[idx])
+        steps.append(time.perf_counter() - t0)
+    return steps, time.perf_counter() - t_epoch

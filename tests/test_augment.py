@@ -10,7 +10,8 @@ import scipy.ndimage as ndi
 import torch
 
 from cifarlab.augment import (CropFlipCutout, KerasAugment, affine_sample, alternating_flip, augmenter_from_config,
-                              cutout, fused_transform, keras_matrices, pack_pixels, random_crop)
+                              cutout, fused_transform, keras_matrices, pack_pixels, pack_words,
+                              random_crop)
 from cifarlab.config import AugmentConfig
 from cifarlab.errors import ConfigError
 
@@ -68,13 +69,14 @@ def _params(n: int, h: int, w: int, fill_mode: str, seed: int = 3):
     return aug, p, [p[k] for k in ("theta", "tx", "ty", "shear", "zx", "zy", "flip_h", "flip_v")]
 
 
+@pytest.mark.parametrize("width", [20, 22])  # 20: read as 32-bit words; 22: pixel by pixel
 @pytest.mark.parametrize("fill_mode", ["nearest", "reflect", "wrap", "constant"])
-def test_gather_formulation_matches_scipy_for_uint8_and_float(fill_mode):
+def test_gather_formulation_matches_scipy_for_uint8_and_float(fill_mode, width):
     """The formulation written for torch.compile, run eagerly: uint8 images (packed pixels,
     scaled inside) and float images, each against scipy with Keras' flips."""
     rng = np.random.default_rng(4)
-    xu = rng.integers(0, 256, (16, 3, 24, 20), dtype=np.uint8)
-    _, p, args = _params(16, 24, 20, fill_mode)
+    xu = rng.integers(0, 256, (16, 3, 24, width), dtype=np.uint8)
+    _, p, args = _params(16, 24, width, fill_mode)
     ref = _flipped_reference(xu / 255, p, fill_mode, 0.3)
     got_u8 = fused_transform(torch.from_numpy(xu), *args, fill_mode, 0.3, in_scale=1 / 255).numpy()
     got_f = fused_transform(torch.from_numpy(xu / 255).float(), *args, fill_mode, 0.3).numpy()
@@ -93,6 +95,13 @@ def test_pack_pixels_layout_and_errors():
     assert torch.equal(torch.stack([(p >> (8 * k)) & 255 for k in range(4)], 1).to(torch.uint8), x4)
     with pytest.raises(ValueError, match="5 channels"):
         pack_pixels(torch.zeros(1, 5, 2, 2, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_pack_words_is_pack_pixels_in_byte_plane_order(channels):
+    x = torch.randint(0, 256, (2, channels, 3, 8), dtype=torch.uint8)
+    got = pack_words(x.view(torch.int32)).view(2, 4, 3, 2)  # [n, byte b, row, word j] = pixel (row, 4j + b)
+    assert torch.equal(got.permute(0, 2, 3, 1).reshape(2, 3, 8), pack_pixels(x))
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,

@@ -3,7 +3,10 @@ mean/min/max, training time mean/min). Meant for a GPU machine, side by side wit
 baseline (airbench):
 
     bash .devicework/anchor_airbench.sh 5            # decodes to .devicework/cifar10/*.npz, times airbench94
-    python benchmarks/gpu_speed.py --npz .devicework/cifar10 --runs 5 --recipes fast keras-book
+    python benchmarks/gpu_speed.py --npz .devicework/cifar10 --runs 5 --recipes fast keras-book keras-book:cuda-graph
+
+A recipe may carry training switches after colons (``keras-book:cuda-graph``,
+``fast:compile:bf16``), so one table compares a recipe plain and with them, on the same seeds.
 
 ``--npz DIR`` reads DIR/train.npz and DIR/test.npz (x: uint8 N,32,32,3; y: labels), the arrays the
 anchor script writes, so nothing is decoded twice; otherwise ``--data`` is loaded as usual.
@@ -23,6 +26,10 @@ from cifarlab.data import Dataset, load_dataset
 from cifarlab.data.cifar import CIFAR10_CLASSES
 from cifarlab.train import fit_runs
 
+# Training switches a recipe entry may carry after colons.
+SWITCHES = {"cuda-graph": {"cuda_graph": True}, "compile": {"compile": True}, "bf16": {"precision": "bf16"},
+            "fp16": {"precision": "fp16"}}
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg.tar.xz"
 
 
@@ -35,7 +42,7 @@ def npz_dataset(folder: Path) -> Dataset:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipes", nargs="+", default=["fast", "best", "keras-book"])
+    ap.add_argument("--recipes", nargs="+", default=["fast", "best", "keras-book", "keras-book:cuda-graph"])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--npz", type=Path, help="folder with train.npz and test.npz")
     ap.add_argument("--data", default=str(SHARED))
@@ -48,8 +55,13 @@ def main() -> None:
     ds = npz_dataset(args.npz) if args.npz else load_dataset(args.data)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for recipe in args.recipes:
-            train = {"runs": args.runs, "out": f"{tmp}/{recipe}", "device": args.device, "compile": args.compile}
+        for k, entry in enumerate(args.recipes):
+            recipe, *switches = entry.split(":")
+            train = {"runs": args.runs, "out": f"{tmp}/{k}", "device": args.device, "compile": args.compile}
+            for sw in switches:
+                if sw not in SWITCHES:
+                    raise SystemExit(f"unknown switch '{sw}' in '{entry}'; valid: {', '.join(SWITCHES)}")
+                train.update(SWITCHES[sw])
             if args.precision:
                 train["precision"] = args.precision
             if args.epochs:
@@ -59,14 +71,14 @@ def main() -> None:
                 over["data"] = {"subset": args.subset}
             cfg = resolve_config(recipe, overrides=over)
             s = fit_runs(cfg, dataset=ds, log=lambda line: None)
-            rows.append((recipe, s))
+            rows.append((entry, s))
             a, t = s["test_accuracy"], s["train_time_s"]
-            print(f"{recipe}: n={s['runs']} acc mean {a['mean']:.4f} min {a['min']:.4f} max {a['max']:.4f}; "
+            print(f"{entry}: n={s['runs']} acc mean {a['mean']:.4f} min {a['min']:.4f} max {a['max']:.4f}; "
                   f"time mean {t['mean']:.2f} s min {t['min']:.2f} s", flush=True)
-    print(f"\n{'recipe':<14}{'n':>3}{'acc mean':>10}{'acc min':>9}{'acc max':>9}{'time mean':>11}{'time min':>10}")
+    print(f"\n{'recipe':<24}{'n':>3}{'acc mean':>10}{'acc min':>9}{'acc max':>9}{'time mean':>11}{'time min':>10}")
     for recipe, s in rows:
         a, t = s["test_accuracy"], s["train_time_s"]
-        print(f"{recipe:<14}{s['runs']:>3}{a['mean']:>10.4f}{a['min']:>9.4f}{a['max']:>9.4f}"
+        print(f"{recipe:<24}{s['runs']:>3}{a['mean']:>10.4f}{a['min']:>9.4f}{a['max']:>9.4f}"
               f"{t['mean']:>10.2f}s{t['min']:>9.2f}s")
 
 

@@ -45,6 +45,7 @@ def test_summary(capsys):
     (["train", "--augment", "wild"], "augmentation preset 'wild' is not valid"),
     (["train", "--data", "/no/such/data"], "--data '/no/such/data' does not exist"),
     (["train", "--config", "/no/such.yaml"], "cannot read config file"),
+    (["train", "--recipe", "fast", "--cuda-graph"], "train.cuda_graph = True is not valid; a CUDA graph bakes in"),
     (["evaluate", "/no/run"], "run folder '/no/run' does not exist"),
     (["summary", "--model", "x"], "not a registered model"),
 ])

@@ -11,7 +11,7 @@ from conftest import make_image_folder
 from cifarlab.config import resolve_config
 from cifarlab.export import tta_logits
 from cifarlab.models import create_model
-from cifarlab.train import Lookahead, _lr_lambda, fit
+from cifarlab.train import GraphedStep, Lookahead, _lr_lambda, fit
 
 
 def test_whitening_layer_whitens_patches():
@@ -97,4 +97,63 @@ def test_fp16_on_cpu_is_refused(tmp_path, image_folder):
                                     "train": {"epochs": 1, "precision": "fp16", "device": "cpu",
                                               "out": str(tmp_path / "r")}})
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        fit(cfg, log=lambda s: None)
+
+
+class _EmulatedGraphStep(GraphedStep):
+    """GraphedStep with CUDA's side stream and graph replaced by plain calls: capture records
+    the step without running it, replay runs it and writes the results into fixed buffers."""
+
+    def _warmup_step(self, x, y):
+        return self.eager(x, y)
+
+    def _capture(self, step):
+        out = (torch.zeros(()), torch.zeros((), dtype=torch.int64))
+
+        def replay():
+            loss, correct = step()
+            out[0].copy_(loss)
+            out[1].copy_(correct)
+
+        return replay, out
+
+
+def test_graphed_step_bookkeeping_matches_eager_steps():
+    """Warm-up steps, the capture, replays on fresh batches and an eager partial batch train
+    exactly as plain steps do (the CUDA graph itself is replaced by plain calls here)."""
+    from cifarlab.optim import build_optimizer
+    from cifarlab.config import OptimConfig
+    from cifarlab.train import train_step
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen)) for _ in range(6)]
+    batches.insert(5, (torch.rand(3, 3, 32, 32, generator=gen), torch.randint(0, 10, (3,), generator=gen)))
+    torch.manual_seed(1)
+    ref_model = create_model("keras-shallow")
+    graph_model = create_model("keras-shallow")
+    graph_model.load_state_dict(ref_model.state_dict())
+    ref_opt = build_optimizer(ref_model.parameters(), OptimConfig())
+    step = _EmulatedGraphStep(graph_model, build_optimizer(graph_model.parameters(), OptimConfig()), warmup=2)
+    torch.manual_seed(2)  # the same dropout masks for both
+    ref = [tuple(t.clone() for t in train_step(ref_model, ref_opt, x, y)) for x, y in batches]
+    torch.manual_seed(2)
+    got = [tuple(t.clone() for t in step(x, y)) for x, y in batches]
+    assert step.replay is not None and step.static[0].shape == (8, 3, 32, 32)
+    for (l_ref, c_ref), (l_got, c_got) in zip(ref, got):
+        assert torch.equal(l_ref, l_got) and torch.equal(c_ref, c_got)
+    for p_ref, p_got in zip(ref_model.parameters(), graph_model.parameters()):
+        assert torch.equal(p_ref, p_got)
+
+
+def test_cuda_graph_needs_cuda_and_a_constant_learning_rate(tmp_path, image_folder):
+    from cifarlab.errors import CifarlabError, ConfigError
+
+    with pytest.raises(ConfigError, match="train.cuda_graph.*schedule constant.*'triangle'"):
+        resolve_config("fast", overrides={"train": {"cuda_graph": True}})
+    with pytest.raises(ConfigError, match="either train.compile or train.cuda_graph"):
+        resolve_config(overrides={"train": {"cuda_graph": True, "compile": True}})
+    cfg = resolve_config(overrides={"data": {"data": str(image_folder)}, "model": {"name": "keras-shallow"},
+                                    "train": {"epochs": 1, "cuda_graph": True, "device": "cpu",
+                                              "out": str(tmp_path / "r")}})
+    with pytest.raises(CifarlabError, match="cuda_graph needs a CUDA device; this run is on cpu"):
         fit(cfg, log=lambda s: None)

@@ -50,8 +50,12 @@ class KerasRMSprop(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(params, cfg) -> torch.optim.Optimizer:
-    """The optimizer named by ``cfg.name`` (an :class:`~cifarlab.config.OptimConfig`)."""
+def build_optimizer(params, cfg, capturable: bool = False) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg.name`` (an :class:`~cifarlab.config.OptimConfig`).
+
+    ``capturable``: the step will be recorded in a CUDA graph. RMSprop and SGD need nothing for
+    that; Adam then keeps its step count on the device instead of reading it back every step.
+    """
     if cfg.name == "rmsprop":
         return KerasRMSprop(params, lr=cfg.lr, rho=cfg.rho, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.name == "sgd":
@@ -59,5 +63,5 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
                                weight_decay=cfg.weight_decay)
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                weight_decay=cfg.weight_decay)
+                                weight_decay=cfg.weight_decay, capturable=capturable)
     raise ConfigError(f"unknown optimizer '{cfg.name}'; valid optimizers: {', '.join(OPTIMIZERS)}")

@@ -71,19 +71,20 @@ def setup(device: str = "auto", threads: int | None = None, deterministic: bool 
     return dev
 
 
-def autocast(device: torch.device, precision: str = "fp32"):
+def autocast(device: torch.device, precision: str = "fp32", cache: bool = True):
     """The mixed-precision context for ``precision`` (fp32: none; bf16 on CPU or GPU; fp16 on GPU).
 
     bf16 needs no loss scaling. The issue's measurements of the keras-book step on a GPU found
     bf16 slower than fp32 there (the step is bound by kernel launches, not arithmetic), so
-    fp32 stays the default and bf16 is for the larger speed-recipe networks.
+    fp32 stays the default and bf16 is for the larger speed-recipe networks. ``cache=False``
+    turns off autocast's cache of cast weights, as CUDA graph capture requires.
     """
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:

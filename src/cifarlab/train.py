@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import sys
@@ -85,6 +86,72 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     loss.backward()
     optimizer.step()
     return loss.detach() * len(y), (logits.detach().argmax(1) == y).sum()
+
+
+class GraphedStep:
+    """:func:`train_step` replayed as one CUDA graph: forward, backward and optimizer update.
+
+    Small networks at small batches (the keras-book recipe) are bound by kernel launches, not
+    arithmetic: a graph launches the step's hundred-odd kernels with one call. The first
+    ``warmup`` steps run eagerly on a side stream (as CUDA graph capture requires, so that
+    lazy initialisation happens outside the capture); the next full batch is captured and
+    replayed, and every later full batch is copied into the captured input buffers and
+    replayed. A batch of another size (the last, partial batch of an epoch) runs eagerly,
+    updating the same weights and optimizer state.
+
+    The optimizer's hyperparameters are baked into the graph, so the learning rate must be
+    constant (``fit`` checks); the dropout masks still differ per replay (the graph advances
+    the CUDA generator).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, label_smoothing: float = 0.0,
+                 autocast=None, warmup: int = 3):
+        self.model, self.optimizer, self.label_smoothing = model, optimizer, label_smoothing
+        self.autocast, self.warmup = autocast, warmup
+        self.steps = 0
+        self.replay: Callable[[], None] | None = None
+        self.static: tuple[torch.Tensor, ...] = ()  # input x, y, then the outputs (loss sum, correct)
+
+    def eager(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One ordinary step."""
+        return train_step(self.model, self.optimizer, x, y, self.label_smoothing, self.autocast)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step on ``x``, ``y``; returns (summed loss, correct count) as device tensors, which
+        after a replay are the graph's output buffers: read them before the next call."""
+        self.steps += 1
+        if self.replay is not None:
+            if x.shape != self.static[0].shape:
+                return self.eager(x, y)
+            self.static[0].copy_(x)
+            self.static[1].copy_(y)
+            self.replay()
+            return self.static[2], self.static[3]
+        if self.steps <= self.warmup:
+            return self._warmup_step(x, y)
+        xs, ys = x.clone(), y.clone()  # clone keeps the memory format
+        self.optimizer.zero_grad(set_to_none=True)  # backward then allocates grads inside the graph
+        self.replay, out = self._capture(lambda: self.eager(xs, ys))
+        self.static = (xs, ys, *out)
+        self.replay()  # capturing records the step without running it
+        return out
+
+    def _warmup_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = self.eager(x, y)
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    def _capture(self, step: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+                 ) -> tuple[Callable[[], None], tuple[torch.Tensor, torch.Tensor]]:
+        """Record ``step`` into a CUDA graph; returns the replay function and the step's outputs,
+        whose memory every replay rewrites."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        return graph.replay, out
 
 
 @torch.no_grad()
@@ -247,7 +314,8 @@ def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps
         model.init_whitening(preprocess(arrays.x_train[sample], prep))
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim,
+                                capturable=cfg.train.cuda_graph)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, cfg.train.epochs * steps_per_epoch))
     lookahead = Lookahead(model) if cfg.train.lookahead_every else None
     return _Setup(model, optimizer, scheduler, augmenter, prep, lookahead, model_kwargs,
@@ -320,8 +388,17 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
         })
 
     whiten_bias = getattr(getattr(model, "whiten", None), "bias", None)
-    step_model = runtime.maybe_compile(model, cfg.train.compile)
-    amp = runtime.autocast(device, cfg.train.precision)  # one context, entered once per step
+    if cfg.train.cuda_graph:
+        if device.type != "cuda":
+            raise CifarlabError(f"train.cuda_graph needs a CUDA device; this run is on {device}. "
+                                "Leave --cuda-graph off on the CPU")
+        # Autocast's cache of cast weights cannot live across graph replays.
+        step_fn = GraphedStep(model, optimizer, cfg.train.label_smoothing,
+                              runtime.autocast(device, cfg.train.precision, cache=False))
+    else:
+        step_fn = functools.partial(train_step, runtime.maybe_compile(model, cfg.train.compile), optimizer,
+                                    label_smoothing=cfg.train.label_smoothing,
+                                    autocast=runtime.autocast(device, cfg.train.precision))  # built once per run
     model.train()
     try:
         with interrupts.installed():
@@ -353,7 +430,7 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
                             x = st.augmenter(x, gen, indices=idx, epoch=epoch, seed=cfg.train.seed)
                     x = x.contiguous(memory_format=fmt)
                     y = arrays.y_train[idx]
-                    l_sum, corr = train_step(step_model, optimizer, x, y, cfg.train.label_smoothing, amp)
+                    l_sum, corr = step_fn(x, y)
                     st.scheduler.step()
                     global_step = epoch * steps + step + 1
                     if st.lookahead is not None and global_step % cfg.train.lookahead_every == 0:

@@ -417,7 +417,9 @@ def _sample_gather(x: torch.Tensor, theta, tx, ty, shear, zx, zy, flip_h, flip_v
     # One output plane per channel, computed from the same coordinates: the compiler then
     # emits a single loop over pixels instead of recomputing the coordinates per channel.
     for v00, v01, v10, v11 in planes:
-        val = ((v00 * (1 - fc) + v01 * fc) * (1 - fr) + (v10 * (1 - fc) + v11 * fc) * fr) * in_scale
+        # Interpolation as a + f * (b - a): two operations per blend instead of three.
+        top = v00 + fc * (v01 - v00)
+        val = (top + fr * ((v10 + fc * (v11 - v10)) - top)) * in_scale
         if inside is not None:
             val = torch.where(inside, val, cval)
         out.append(val * out_scale if out_scale != 1 else val)

@@ -11,7 +11,8 @@ to [0, 1] (the notebook's ``x / 255``, done before timing), cifarlab from the ui
 inside the timed loop. The one-off compilation is timed and printed separately. The scipy epoch
 is timed in parts, each beside one epoch of every cifarlab path, and the ratio printed is the
 median of the per-round ratios, so a machine whose speed drifts during the run does not favour
-either side.
+either side. On a GPU it also times one keras-deep training epoch (batch 128, eager fp32, no
+augmentation) and prints the augmentation epoch as a share of it.
 
 Usage: python benchmarks/augment_throughput.py [--images 50000] [--batch 512] [--rounds 5] [--data PATH]
 """
@@ -84,6 +85,39 @@ def epoch_seconds(aug: KerasAugment, g: torch.Generator, x: torch.Tensor, batch:
     return time.perf_counter() - t0
 
 
+def training_epoch_seconds(x: torch.Tensor, y: torch.Tensor, batch: int = 128) -> float:
+    """Seconds of one keras-deep training epoch over uint8 ``x`` on its device with ``cifarlab
+    train``'s step, after a warm-up epoch (CUDA events on a GPU): what augmentation is weighed
+    against."""
+    from cifarlab.config import OptimConfig
+    from cifarlab.export import preprocess
+    from cifarlab.models import create_model
+    from cifarlab.optim import build_optimizer
+    from cifarlab.train import train_step
+
+    fmt = torch.channels_last
+    model = create_model("keras-deep").to(x.device, memory_format=fmt).train()
+    opt = build_optimizer(model.parameters(), OptimConfig())
+
+    def epoch() -> None:
+        perm = torch.randperm(len(x), device=x.device)
+        for s in range(0, len(x), batch):
+            idx = perm[s:s + batch]
+            train_step(model, opt, preprocess(x[idx], {"rescale": 1 / 255}).contiguous(memory_format=fmt), y[idx])
+
+    epoch()
+    if x.device.type != "cuda":
+        t0 = time.perf_counter()
+        epoch()
+        return time.perf_counter() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    epoch()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=50000)
@@ -92,7 +126,7 @@ def main() -> None:
                     help="rounds of (a 1/rounds part of the scipy epoch, one epoch of each cifarlab path)")
     ap.add_argument("--data", default=str(SHARED))
     args = ap.parse_args()
-    x, _, src = training_images(args.images, Path(args.data))
+    x, y, src = training_images(args.images, Path(args.data))
     runtime.setup("cpu")  # as every cifarlab command does: threads, host memory reuse (both paths run under it)
     print(f"data: {src}; torch threads: {torch.get_num_threads()}")
     # The scipy epoch is cut into --rounds parts, each timed right beside one epoch of each
@@ -118,13 +152,17 @@ def main() -> None:
               f"{args.rounds} epochs); {statistics.median(ratios[name]):.1f}x the scipy path (median of the rounds' "
               f"ratios; {min(ratios[name]):.1f}x to {max(ratios[name]):.1f}x){note}")
     if torch.cuda.is_available():
+        xg = xt.to("cuda")
+        t_train = training_epoch_seconds(xg, torch.from_numpy(y.astype(np.int64)).to("cuda"))
+        print(f"keras-deep training epoch on the GPU without augmentation (batch 128, eager fp32): "
+              f"{t_train:.3f} s")
         for compiled in (False, True):
-            xg = xt.to("cuda")
             aug, g, _ = warmed_augmenter(xg, args.batch, compiled)
             t_gpu = statistics.median(epoch_seconds(aug, g, xg, args.batch) for _ in range(args.rounds))
             print(f"cifarlab batched, GPU ({torch.cuda.get_device_name(0)}, {'compiled' if compiled else 'eager'}): "
                   f"{len(x) / t_gpu:10,.0f} images/s ({t_gpu * 1000:.1f} ms per epoch, median of {args.rounds}); "
-                  f"{len(x) / t_gpu / rate_sp:.0f}x the scipy path")
+                  f"{len(x) / t_gpu / rate_sp:.0f}x the scipy path; {100 * t_gpu / t_train:.1f}% of that training "
+                  "epoch")
     else:
         print("GPU: not available, not measured")
 

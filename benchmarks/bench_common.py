@@ -13,7 +13,11 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-
 
 def training_images(n: int, path: Path = SHARED) -> tuple[np.ndarray, np.ndarray, str]:
     """The first ``n`` training images of ``path`` (uint8 NHWC) with labels and a description;
-    seeded random images where the file is absent, so the scripts still run."""
+    seeded random images where the file is absent, so the scripts still run. ``path`` may also
+    be a folder holding ``train.npz`` (x: uint8 N,32,32,3; y: labels), as ``gpu_speed.py --npz`` reads."""
+    if (Path(path) / "train.npz").is_file():
+        tr = np.load(Path(path) / "train.npz")
+        return tr["x"][:n], tr["y"][:n].astype(np.int64), f"{len(tr['x'][:n]):,} images of {path}/train.npz"
     if Path(path).is_file():
         from cifarlab.data import load_dataset
 

@@ -150,6 +150,8 @@ def test_cuda_graph_needs_cuda_and_a_constant_learning_rate(tmp_path, image_fold
 
     with pytest.raises(ConfigError, match="train.cuda_graph.*schedule constant.*'triangle'"):
         resolve_config("fast", overrides={"train": {"cuda_graph": True}})
+    with pytest.raises(ConfigError, match="whiten_bias_epochs = 3; set that to 0"):
+        resolve_config("fast", overrides={"optim": {"schedule": "constant"}, "train": {"cuda_graph": True}})
     with pytest.raises(ConfigError, match="either train.compile or train.cuda_graph"):
         resolve_config(overrides={"train": {"cuda_graph": True, "compile": True}})
     cfg = resolve_config(overrides={"data": {"data": str(image_folder)}, "model": {"name": "keras-shallow"},

@@ -293,6 +293,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.cuda_graph and cfg.optim.schedule != "constant":
         bad("train.cuda_graph", True, f"a CUDA graph bakes in the learning rate, so it needs optim.schedule "
             f"constant (this config has {cfg.optim.schedule!r})")
+    if cfg.train.cuda_graph and cfg.train.whiten_bias_epochs:
+        bad("train.cuda_graph", True, "a CUDA graph fixes which parameters train, so it cannot stop training the "
+            f"whitening bias after train.whiten_bias_epochs = {cfg.train.whiten_bias_epochs}; set that to 0")
     if cfg.train.cuda_graph and cfg.train.compile:
         bad("train.cuda_graph", True, "choose either train.compile or train.cuda_graph, not both")
     if cfg.train.runs < 1:

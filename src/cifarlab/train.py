@@ -100,7 +100,7 @@ class GraphedStep:
     updating the same weights and optimizer state.
 
     The optimizer's hyperparameters are baked into the graph, so the learning rate must be
-    constant (``fit`` checks); the dropout masks still differ per replay (the graph advances
+    constant (the config check refuses other schedules); the dropout masks still differ per replay (the graph advances
     the CUDA generator).
     """
 

@@ -87,6 +87,18 @@ def test_gather_formulation_matches_scipy_for_uint8_and_float(fill_mode, width):
     assert np.allclose(got_s, 2 * got_u8, atol=1e-6)
 
 
+@pytest.mark.parametrize("channels", [1, 2, 4])
+def test_gather_formulation_from_uint8_equals_float_for_any_channel_count(channels):
+    """Packed pixels are unpacked right for every channel count (with four, the top byte
+    reaches the sign bit of the packed integer)."""
+    xu = torch.randint(0, 256, (6, channels, 16, 12), dtype=torch.uint8)
+    xu[:, -1, :4] = 255
+    _, _, args = _params(6, 16, 12, "nearest")
+    got_u8 = fused_transform(xu, *args, "nearest", in_scale=1 / 255)
+    got_f = fused_transform(xu.float() / 255, *args, "nearest")
+    assert torch.allclose(got_u8, got_f, atol=1e-6)
+
+
 def test_pack_pixels_layout_and_errors():
     x = torch.tensor([[[[1]], [[2]], [[3]]]], dtype=torch.uint8)  # one 1x1 RGB pixel
     assert pack_pixels(x).item() == 1 + (2 << 8) + (3 << 16)

@@ -1,16 +1,25 @@
 #!/bin/bash
-# Every GPU figure the README reports, in one run on a CUDA machine, from the project root:
-#   bash benchmarks/gpu_check.sh NPZ_FOLDER [RUNS]
+# Every GPU figure the README reports, on a CUDA machine, from the project root:
+#   bash benchmarks/gpu_check.sh NPZ_FOLDER [PART] [RUNS]
 # NPZ_FOLDER holds train.npz and test.npz (x: uint8 N,32,32,3; y: labels) of the CIFAR-10 copy.
-# RUNS (default 5) is the number of runs of the fast recipe; keras-book runs 3 times plain and 3
-# times as one CUDA graph per step (same seeds), best once. Each step has a time limit, so one
+# PART: "fast" (the fast recipe RUNS times in fp32, bf16 and bf16 + torch.compile; RUNS
+# defaults to 5), "keras" (keras-book 3 times plain and 3 times as one CUDA graph per step, same
+# seeds), "rest" (augmentation throughput and its share of a GPU training epoch; best once in
+# bf16), or "all" (the default; about a quarter of an hour). Each step has a time limit, so one
 # that hangs does not take the others with it.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-NPZ=${1:?usage: bash benchmarks/gpu_check.sh NPZ_FOLDER [RUNS]}
-N=${2:-5}
+NPZ=${1:?usage: bash benchmarks/gpu_check.sh NPZ_FOLDER [fast|keras|rest|all] [RUNS]}
+PART=${2:-all}
+N=${3:-5}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-timeout 240 python benchmarks/gpu_speed.py --npz "$NPZ" --runs "$N" --recipes fast
-timeout 300 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 3 --recipes keras-book keras-book:cuda-graph
-timeout 150 python benchmarks/augment_throughput.py --data "$NPZ" --rounds 3
-timeout 200 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 1 --recipes best
+if [ "$PART" = fast ] || [ "$PART" = all ]; then
+  timeout 420 python benchmarks/gpu_speed.py --npz "$NPZ" --runs "$N" --recipes fast fast:bf16 fast:bf16:compile
+fi
+if [ "$PART" = keras ] || [ "$PART" = all ]; then
+  timeout 300 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 3 --recipes keras-book keras-book:cuda-graph
+fi
+if [ "$PART" = rest ] || [ "$PART" = all ]; then
+  timeout 150 python benchmarks/augment_throughput.py --data "$NPZ" --rounds 3
+  timeout 240 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 1 --recipes best:bf16
+fi

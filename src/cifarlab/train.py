@@ -108,7 +108,7 @@ class GraphedStep:
                  autocast=None, warmup: int = 3):
         self.model, self.optimizer, self.label_smoothing = model, optimizer, label_smoothing
         self.autocast, self.warmup = autocast, warmup
-        self.steps = 0
+        self.steps = self.largest = 0
         self.replay: Callable[[], None] | None = None
         self.static: tuple[torch.Tensor, ...] = ()  # input x, y, then the outputs (loss sum, correct)
 
@@ -127,7 +127,9 @@ class GraphedStep:
             self.static[1].copy_(y)
             self.replay()
             return self.static[2], self.static[3]
-        if self.steps <= self.warmup:
+        self.largest = max(self.largest, len(x))
+        # Capture a full batch: a partial one captured by chance would leave every later step eager.
+        if self.steps <= self.warmup or len(x) < self.largest:
             return self._warmup_step(x, y)
         xs, ys = x.clone(), y.clone()  # clone keeps the memory format
         self.optimizer.zero_grad(set_to_none=True)  # backward then allocates grads inside the graph

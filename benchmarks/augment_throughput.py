@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import scipy.ndimage as ndi
 import torch
-from bench_common import SHARED, training_images
+from bench_common import SHARED, timed_epoch, training_images
 
 from cifarlab import runtime
 from cifarlab.augment import KERAS_NOTEBOOK, KerasAugment
@@ -90,29 +90,18 @@ def training_epoch_seconds(x: torch.Tensor, y: torch.Tensor, batch: int = 128) -
     train``'s step, after a warm-up epoch (CUDA events on a GPU): what augmentation is weighed
     against."""
     from cifarlab.config import OptimConfig
-    from cifarlab.export import preprocess
     from cifarlab.models import create_model
     from cifarlab.optim import build_optimizer
-    from cifarlab.train import train_step
 
     fmt = torch.channels_last
     model = create_model("keras-deep").to(x.device, memory_format=fmt).train()
     opt = build_optimizer(model.parameters(), OptimConfig())
-
-    def epoch() -> None:
-        perm = torch.randperm(len(x), device=x.device)
-        for s in range(0, len(x), batch):
-            idx = perm[s:s + batch]
-            train_step(model, opt, preprocess(x[idx], {"rescale": 1 / 255}).contiguous(memory_format=fmt), y[idx])
-
-    epoch()
+    timed_epoch(model, opt, x, y, batch, fmt)  # warm-up
     if x.device.type != "cuda":
-        t0 = time.perf_counter()
-        epoch()
-        return time.perf_counter() - t0
+        return timed_epoch(model, opt, x, y, batch, fmt)[1]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    epoch()
+    timed_epoch(model, opt, x, y, batch, fmt)
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1000

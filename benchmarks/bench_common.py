@@ -31,13 +31,14 @@ def training_images(n: int, path: Path = SHARED) -> tuple[np.ndarray, np.ndarray
 def timed_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, batch: int,
                 fmt: torch.memory_format) -> tuple[list[float], float]:
     """One shuffled training epoch with ``cifarlab train``'s step (scale by 1/255, memory format,
-    ``train_step``) over uint8 NCHW ``x``; returns each step's seconds and the epoch's."""
+    ``train_step``) over uint8 NCHW ``x`` on its device; returns each step's seconds and the
+    epoch's, by the host clock (on a GPU those count launches, not the work: time with CUDA events)."""
     from cifarlab.export import preprocess
     from cifarlab.train import train_step
 
     steps = []
     t_epoch = time.perf_counter()
-    perm = torch.randperm(len(x))
+    perm = torch.randperm(len(x), device=x.device)
     for s in range(0, len(x), batch):
         idx = perm[s:s + batch]
         t0 = time.perf_counter()

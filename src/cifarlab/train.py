@@ -100,8 +100,8 @@ class GraphedStep:
     updating the same weights and optimizer state.
 
     The optimizer's hyperparameters are baked into the graph, so the learning rate must be
-    constant (the config check refuses other schedules); the dropout masks still differ per replay (the graph advances
-    the CUDA generator).
+    constant (the config check refuses other schedules); the dropout masks still differ per
+    replay (the graph advances the CUDA generator).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, label_smoothing: float = 0.0,

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from bench_common import SHARED
 
 from cifarlab.config import resolve_config
 from cifarlab.data import Dataset, load_dataset
@@ -29,8 +30,6 @@ from cifarlab.train import fit_runs
 # Training switches a recipe entry may carry after colons.
 SWITCHES = {"cuda-graph": {"cuda_graph": True}, "compile": {"compile": True}, "bf16": {"precision": "bf16"},
             "fp16": {"precision": "fp16"}}
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg.tar.xz"
 
 
 def npz_dataset(folder: Path) -> Dataset:

@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: where the data copy lies, the images they time and a timed training epoch."""
+"""Helpers shared by the benchmark scripts: where the data copy lies, the images they time and
+a timed training epoch."""
 
 from __future__ import annotations
 

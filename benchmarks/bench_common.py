@@ -30,10 +30,15 @@ def training_images(n: int, path: Path = SHARED) -> tuple[np.ndarray, np.ndarray
 
 
 def timed_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, batch: int,
-                fmt: torch.memory_format) -> tuple[list[float], float]:
+                fmt: torch.memory_format, kernels: bool | None = None) -> tuple[list[float], float]:
     """One shuffled training epoch with ``cifarlab train``'s step (scale by 1/255, memory format,
-    ``train_step``) over uint8 NCHW ``x`` on its device; returns each step's seconds and the
-    epoch's, by the host clock (on a GPU those count launches, not the work: time with CUDA events)."""
+    ``train_step``, and on the CPU cifarlab's own kernels unless ``kernels`` is False)
+    over uint8 NCHW ``x`` on its device; returns each step's seconds and the epoch's, by the
+    host clock (on a GPU those count launches, not the work: time with CUDA events)."""
+    from cifarlab import cpu_kernels
+
+    if kernels is None:
+        kernels = x.device.type == "cpu" and cpu_kernels.load() is not None
     from cifarlab.export import preprocess
     from cifarlab.train import train_step
 
@@ -43,6 +48,7 @@ def timed_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Ten
     for s in range(0, len(x), batch):
         idx = perm[s:s + batch]
         t0 = time.perf_counter()
-        train_step(model, opt, preprocess(x[idx], {"rescale": 1 / 255}).contiguous(memory_format=fmt), y[idx])
+        train_step(model, opt, preprocess(x[idx], {"rescale": 1 / 255}).contiguous(memory_format=fmt), y[idx],
+                   cpu_kernels=kernels)
         steps.append(time.perf_counter() - t0)
     return steps, time.perf_counter() - t_epoch

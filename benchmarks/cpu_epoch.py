@@ -2,7 +2,7 @@
 
 Uses the same step as ``cifarlab train`` (preprocess, channels-last, ``train_step``) and prints
 the median step time and the whole epoch's time. Usage:
-    python benchmarks/cpu_epoch.py [--images 40000] [--threads N] [--no-channels-last]
+    python benchmarks/cpu_epoch.py [--images 40000] [--threads N] [--no-channels-last] [--no-cpu-kernels]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--model", default="keras-deep")
     ap.add_argument("--no-channels-last", action="store_true")
+    ap.add_argument("--no-cpu-kernels", action="store_true", help="PyTorch's kernels only")
     args = ap.parse_args()
     runtime.setup("cpu", args.threads)
     runtime.seed_everything(0)
@@ -36,7 +37,7 @@ def main() -> None:
     fmt = torch.contiguous_format if args.no_channels_last else torch.channels_last
     model = create_model(args.model).to(memory_format=fmt).train()
     opt = build_optimizer(model.parameters(), OptimConfig())
-    steps, epoch = timed_epoch(model, opt, xt, yt, args.batch, fmt)
+    steps, epoch = timed_epoch(model, opt, xt, yt, args.batch, fmt, kernels=False if args.no_cpu_kernels else None)
     print(f"{args.model}, {src}, batch {args.batch}, {torch.get_num_threads()} threads, "
           f"{'NCHW' if args.no_channels_last else 'channels-last'}: epoch {epoch:.1f} s, "
           f"median step {statistics.median(steps) * 1000:.0f} ms over {len(steps)} steps")

@@ -7,9 +7,11 @@ hit both. Each process trains one warm-up epoch, then ``--epochs`` timed epochs 
 batches: Keras with ``model.fit`` as the notebook trains (data in float32 already scaled to
 [0, 1]); cifarlab with its training step, scaling the uint8 images inside the timed step. Every
 step is timed; printed are the median (and 10th and 90th percentile) milliseconds per step of
-each and the ratio of the medians. A third line times Keras again with the
-host-memory setting cifarlab applies to itself (glibc's mmap and trim thresholds), to show how
-much of the difference that setting is.
+each and the ratio of the medians. cifarlab is timed twice: as ``cifarlab train`` runs (with
+its own convolution weight-gradient kernel, :mod:`cifarlab.cpu_kernels`) and with PyTorch's
+kernels only (``--no-cpu-kernels``). Keras is also timed twice: as the notebook runs it, and
+with the host-memory setting cifarlab applies to itself (glibc's mmap and trim thresholds), to
+show how much of the difference that setting is.
 
 Keras/TensorFlow is a benchmark-only extra (``pip install tensorflow-cpu``), looked for in
 ``--keras-python`` (default: this interpreter); without it only cifarlab is timed.
@@ -32,8 +34,10 @@ from bench_common import timed_epoch, training_images
 BATCH = 128
 
 
-def steps_cifarlab(x: np.ndarray, y: np.ndarray, epochs: int, threads: int | None) -> tuple[list, list]:
-    """Seconds of each step of the timed epochs (after one warm-up epoch), and of each epoch."""
+def steps_cifarlab(x: np.ndarray, y: np.ndarray, epochs: int, threads: int | None,
+                   kernels: bool = True) -> tuple[list, list]:
+    """Seconds of each step of the timed epochs (after one warm-up epoch), and of each epoch;
+    ``kernels=False`` trains with PyTorch's kernels only (``--no-cpu-kernels``)."""
     import torch
 
     from cifarlab import runtime
@@ -49,7 +53,7 @@ def steps_cifarlab(x: np.ndarray, y: np.ndarray, epochs: int, threads: int | Non
     opt = build_optimizer(model.parameters(), OptimConfig())
     out, epoch_s = [], []
     for epoch in range(epochs + 1):
-        steps, seconds = timed_epoch(model, opt, xt, yt, BATCH, torch.channels_last)
+        steps, seconds = timed_epoch(model, opt, xt, yt, BATCH, torch.channels_last, kernels=kernels)
         if epoch:
             out += steps
             epoch_s.append(seconds)
@@ -107,7 +111,7 @@ def worker(args: argparse.Namespace) -> None:
         except ImportError:
             times, epochs = None, None
     else:
-        times, epochs = steps_cifarlab(x, y, args.epochs, args.threads)
+        times, epochs = steps_cifarlab(x, y, args.epochs, args.threads, kernels=args.worker == "cifarlab")
     print(json.dumps({"times": times, "epochs": epochs, "data": src}))
 
 
@@ -129,22 +133,24 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the processes")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--keras-python", default=sys.executable, help="interpreter with keras and tensorflow")
-    ap.add_argument("--worker", choices=["cifarlab", "keras"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["cifarlab", "cifarlab-pytorch", "keras"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
         return
     # glibc's documented environment form of the mallopt calls in cifarlab.runtime.keep_freed_memory.
     tuned = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
-    runs: dict[str, list[float]] = {"cifarlab": [], "keras": [], "keras+malloc": []}
-    epoch_s: dict[str, list[float]] = {"cifarlab": [], "keras": [], "keras+malloc": []}
+    names = ("cifarlab", "cifarlab-pytorch", "keras", "keras+malloc")
+    runs: dict[str, list[float]] = {k: [] for k in names}
+    epoch_s: dict[str, list[float]] = {k: [] for k in names}
     src = ""
     have_keras = True
     for _ in range(args.rounds):
-        r = run_worker(sys.executable, "cifarlab", args)
-        runs["cifarlab"] += r["times"]
-        epoch_s["cifarlab"] += r["epochs"]
-        src = r["data"]
+        for label in ("cifarlab", "cifarlab-pytorch"):
+            r = run_worker(sys.executable, label, args)
+            runs[label] += r["times"]
+            epoch_s[label] += r["epochs"]
+            src = r["data"]
         for label, env in (("keras", None), ("keras+malloc", tuned)):
             r = run_worker(args.keras_python, "keras", args, env) if have_keras else {"times": None}
             have_keras = r["times"] is not None
@@ -152,11 +158,12 @@ def main() -> None:
                 runs[label] += r["times"]
                 epoch_s[label] += r["epochs"]
     if not have_keras:
-        runs = {"cifarlab": runs["cifarlab"]}
+        runs = {k: runs[k] for k in ("cifarlab", "cifarlab-pytorch")}
     n = args.rounds * args.epochs
     print(f"data: {src}; keras-deep, batch {BATCH}; {n} timed epochs of "
           f"{args.batches} steps per framework ({args.rounds} alternating rounds); ms per step: median (p10, p90)")
-    label = {"cifarlab": "cifarlab (PyTorch, channels-last)", "keras": "Keras 3 / TensorFlow, model.fit",
+    label = {"cifarlab": "cifarlab (channels-last, its CPU kernels)",
+             "cifarlab-pytorch": "cifarlab with PyTorch's kernels only", "keras": "Keras 3 / TensorFlow, model.fit",
              "keras+malloc": "the same Keras, cifarlab's malloc setting"}
     for k, v in runs.items():
         p10, p90 = np.percentile(v, [10, 90]) * 1000
@@ -169,8 +176,9 @@ def main() -> None:
     for what, d in (("step", runs), ("whole epoch", epoch_s)):
         ratio = statistics.median(d["keras"]) / statistics.median(d["cifarlab"])
         ratio_t = statistics.median(d["keras+malloc"]) / statistics.median(d["cifarlab"])
+        ratio_p = statistics.median(d["keras"]) / statistics.median(d["cifarlab-pytorch"])
         print(f"per {what}: cifarlab is {ratio:.2f}x the speed of Keras as the notebook runs it "
-              f"({ratio_t:.2f}x against Keras with the malloc setting)")
+              f"({ratio_t:.2f}x against Keras with the malloc setting; {ratio_p:.2f}x with PyTorch's kernels only)")
 
 
 if __name__ == "__main__":

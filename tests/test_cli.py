@@ -96,6 +96,17 @@ def test_train_evaluate_predict_end_to_end(capsys, tmp_path, image_folder):
     assert (out / "audit" / "MODEL_CARD.md").is_file()
 
 
+def test_no_cpu_kernels_flag_reaches_the_saved_config(capsys, tmp_path, image_folder):
+    import yaml
+
+    out = tmp_path / "run"
+    code, _, e = run(capsys, "train", "--data", str(image_folder), "--model", "keras-shallow", "--epochs", "1",
+                     "--batch-size", "8", "--out", str(out), "--threads", "1", "--no-cpu-kernels")
+    assert code == 0, e
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["cpu_kernels"] is False
+    assert json.loads((out / "metrics.json").read_text())["cpu_kernels"] is False
+
+
 def test_augment_command(capsys, tmp_path, image_folder):
     npz = tmp_path / "aug.npz"
     code, o, e = run(capsys, "augment", "--data", str(image_folder), "--per-image", "3", "--out", str(npz),

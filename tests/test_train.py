@@ -41,6 +41,17 @@ def test_learns_an_easy_task(tmp_path):
     assert m["test_accuracy"] >= 0.9  # classes differ by colour: chance is 1/3
 
 
+@pytest.mark.parametrize("kernels", [True, False])
+def test_cpu_kernels_switch_is_recorded_and_both_paths_learn(tmp_path, kernels):
+    from cifarlab import cpu_kernels
+
+    data = make_image_folder(tmp_path / "d", n_train=40, n_test=10)
+    m = fit(tiny_config(str(data), str(tmp_path / "r"), epochs=4, cpu_kernels=kernels), log=lambda s: None)
+    assert m["test_accuracy"] >= 0.9
+    saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert saved["cpu_kernels"] is (kernels and cpu_kernels.load() is not None)
+
+
 def test_load_model_predictions_are_bitwise_reproducible(trained_run, image_folder):
     """Reloaded models predict exactly what the trained model predicted at the end of training."""
     import torch.nn.functional as F

@@ -31,7 +31,7 @@ _TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "overwrite": ("train", "overwrite"), "deterministic": ("train", "deterministic"),
     "augment": ("augment", "preset"), "runs": ("train", "runs"), "tta": ("train", "tta"),
     "label_smoothing": ("train", "label_smoothing"), "precision": ("train", "precision"),
-    "compile": ("train", "compile"), "cuda_graph": ("train", "cuda_graph"),
+    "compile": ("train", "compile"), "cuda_graph": ("train", "cuda_graph"), "cpu_kernels": ("train", "cpu_kernels"),
 }
 
 
@@ -94,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (long GPU runs)")
     g.add_argument("--cuda-graph", action="store_true", default=None,
                    help="replay each step as one CUDA graph (small models on a GPU; constant lr only)")
+    g.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false", default=None,
+                   help="use only PyTorch's kernels on the CPU, not cifarlab's own convolution-gradient kernel")
     g.add_argument("--out", help="run folder (default runs/<recipe>-<model>-<time>)")
     g.add_argument("--overwrite", action="store_true", default=None, help="write into an existing run folder")
     g.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint with its saved config")

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import cpu_kernels as kernels
 from . import runtime
 from .augment import CropFlipCutout, KerasAugment, augmenter_from_config
 from .config import Config, load_run_config, save_config
@@ -75,10 +76,13 @@ def make_arrays(cfg: Config, ds: Dataset, device: torch.device) -> Arrays:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               y: torch.Tensor, label_smoothing: float = 0.0, autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
+               y: torch.Tensor, label_smoothing: float = 0.0, autocast=None,
+               cpu_kernels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a prepared batch; returns (summed loss, correct count) as
-    device tensors, so the caller can accumulate without a GPU-to-CPU sync every step."""
-    with autocast or nullcontext():
+    device tensors, so the caller can accumulate without a GPU-to-CPU sync every step.
+    ``cpu_kernels`` uses cifarlab's own CPU kernels (:mod:`cifarlab.cpu_kernels`: 3x3
+    convolution weight gradients, dropout) where they apply."""
+    with autocast or nullcontext(), kernels.kernel_mode(cpu_kernels):
         logits = model(x)
         # categorical cross-entropy on softmax(logits), as Keras; optionally with label smoothing
         loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
@@ -390,6 +394,7 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
         })
 
     whiten_bias = getattr(getattr(model, "whiten", None), "bias", None)
+    use_kernels = _use_cpu_kernels(cfg, device, log)
     if cfg.train.cuda_graph:
         if device.type != "cuda":
             raise CifarlabError(f"train.cuda_graph needs a CUDA device; this run is on {device}. "
@@ -400,7 +405,8 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
     else:
         step_fn = functools.partial(train_step, runtime.maybe_compile(model, cfg.train.compile), optimizer,
                                     label_smoothing=cfg.train.label_smoothing,
-                                    autocast=runtime.autocast(device, cfg.train.precision))  # built once per run
+                                    autocast=runtime.autocast(device, cfg.train.precision),  # built once per run
+                                    cpu_kernels=use_kernels)
     model.train()
     try:
         with interrupts.installed():
@@ -472,11 +478,25 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
     save_weights(run / "weights.safetensors", model)
     write_history(run, history)
     metrics = _test_metrics(cfg, ds, arrays, st, device, train_time)
+    metrics["cpu_kernels"] = use_kernels  # whether cifarlab's own CPU kernels ran (conv gradients, dropout)
     write_json(run / "metrics.json", metrics)
     log(f"Test score: {metrics['test_loss']:.4f}")
     log(f"Test accuracy: {metrics['test_accuracy']:.4f}")
     metrics["run"] = str(run)
     return metrics
+
+
+def _use_cpu_kernels(cfg: Config, device: torch.device, log: Callable[[str], None]) -> bool:
+    """Whether this run's steps use :mod:`cifarlab.cpu_kernels`: fp32 eager training on the CPU
+    with ``train.cpu_kernels`` on, and the kernels built and checked here (else a note says why)."""
+    if not (cfg.train.cpu_kernels and device.type == "cpu" and cfg.train.precision == "fp32"
+            and not cfg.train.compile):
+        return False
+    if kernels.load() is None:
+        log(f"note: cifarlab's CPU kernels are not used ({kernels.unavailable_reason()}); "
+            "PyTorch's kernels train the same model, more slowly")
+        return False
+    return True
 
 
 def _load_data(cfg: Config, dataset: Dataset | None, log: Callable[[str], None]) -> Dataset:

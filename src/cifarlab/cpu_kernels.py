@@ -86,8 +86,8 @@ def _build(src: bytes, cxx: str) -> Path:
 
 @functools.cache
 def load() -> ctypes.CDLL | None:
-    """The compiled kernel, or None where it cannot be used here (:func:`unavailable_reason` says why).
-    Built and self-checked once per process."""
+    """The compiled kernels, or None where they cannot be used here (:func:`unavailable_reason` says
+    why). Built once per machine and cached; loaded and self-checked once per process."""
     global _why_unavailable
     if os.environ.get("CIFARLAB_NO_CPU_KERNELS"):
         _why_unavailable = "turned off by CIFARLAB_NO_CPU_KERNELS"

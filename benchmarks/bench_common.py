@@ -36,11 +36,11 @@ def timed_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Ten
     over uint8 NCHW ``x`` on its device; returns each step's seconds and the epoch's, by the
     host clock (on a GPU those count launches, not the work: time with CUDA events)."""
     from cifarlab import cpu_kernels
+    from cifarlab.export import preprocess
+    from cifarlab.train import train_step
 
     if kernels is None:
         kernels = x.device.type == "cpu" and cpu_kernels.load() is not None
-    from cifarlab.export import preprocess
-    from cifarlab.train import train_step
 
     steps = []
     t_epoch = time.perf_counter()

@@ -151,6 +151,11 @@ def test_only_eligible_convolutions_are_routed_to_the_kernel():
     assert not _uses_kernel(frozen, x)
     with torch.no_grad():
         assert not _uses_kernel(nn.Conv2d(16, 8, 3, padding=1), x)
+    w = torch.rand(8, 16, 3, 3, requires_grad=True)
+    with cpu_kernels.kernel_mode():  # the functional form, with and without keywords
+        assert "_Conv3x3" in F.conv2d(x, w, padding=1).grad_fn.name()
+        assert "_Conv3x3" in F.conv2d(x, w, None, 1, 1).grad_fn.name()
+        assert "_Conv3x3" not in F.conv2d(x, w).grad_fn.name()  # padding 0
 
 
 @needs_kernel

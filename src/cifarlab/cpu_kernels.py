@@ -93,7 +93,8 @@ def load() -> ctypes.CDLL | None:
         _why_unavailable = "turned off by CIFARLAB_NO_CPU_KERNELS"
         return None
     if platform.machine().lower() not in ("x86_64", "amd64") or sys.platform == "win32":
-        _why_unavailable = f"needs an x86-64 CPU with AVX2 on Linux or macOS; this is {platform.machine()} {sys.platform}"
+        _why_unavailable = (f"needs an x86-64 CPU with AVX2 on Linux or macOS; this is "
+                            f"{platform.machine()} {sys.platform}")
         return None
     cxx = _compiler()
     if cxx is None:
@@ -253,7 +254,7 @@ def _pair_is(v, k: int) -> bool:
     return v == k or (isinstance(v, (tuple, list)) and len(v) == 2 and v[0] == v[1] == k)
 
 
-def _eligible(x, weight, bias, stride=1, padding=0, dilation=1, groups=1) -> bool:
+def _eligible(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> bool:
     return (isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and weight.shape[2:] == (3, 3) and weight.requires_grad
             and (bias is None or bias.dtype == torch.float32) and groups == 1 and _pair_is(stride, 1)

@@ -8,8 +8,8 @@ batches: Keras with ``model.fit`` as the notebook trains (data in float32 alread
 [0, 1]); cifarlab with its training step, scaling the uint8 images inside the timed step. Every
 step is timed; printed are the median (and 10th and 90th percentile) milliseconds per step of
 each and the ratio of the medians. cifarlab is timed twice: as ``cifarlab train`` runs (with
-its own convolution weight-gradient kernel, :mod:`cifarlab.cpu_kernels`) and with PyTorch's
-kernels only (``--no-cpu-kernels``). Keras is also timed twice: as the notebook runs it, and
+its own CPU kernels for convolution weight gradients and dropout, :mod:`cifarlab.cpu_kernels`)
+and with PyTorch's kernels only (``--no-cpu-kernels``). Keras is also timed twice: as the notebook runs it, and
 with the host-memory setting cifarlab applies to itself (glibc's mmap and trim thresholds), to
 show how much of the difference that setting is.
 

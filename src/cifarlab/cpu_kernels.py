@@ -170,6 +170,12 @@ def _dense(t: torch.Tensor) -> bool:
     return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
 
 
+def _dropout_takes(x) -> bool:
+    """Whether the dropout kernel takes tensor ``x``: dense float32 on the CPU, under 2**32 elements."""
+    return (isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.device.type == "cpu" and _dense(x)
+            and x.numel() < 2**32)
+
+
 def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverted dropout of a dense float32 CPU tensor ``x`` in training: returns ``(x * noise,
     noise)``, where each element of ``noise`` is 1 / (1 - p) with probability 1 - p, else 0.
@@ -181,7 +187,7 @@ def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
         raise RuntimeError(f"the CPU kernels are unavailable: {unavailable_reason()}")
     if not (0 < p < 1):
         raise ValueError(f"dropout probability p={p!r} is not valid here; expected 0 < p < 1")
-    if not (x.dtype == torch.float32 and x.device.type == "cpu" and _dense(x) and x.numel() < 2**32):
+    if not _dropout_takes(x):
         raise ValueError(f"dropout kernel takes a dense float32 CPU tensor of under 2**32 elements; got {x.dtype} "
                          f"on {x.device}, shape {tuple(x.shape)}, strides {x.stride()}")
     out, noise = torch.empty_like(x), torch.empty_like(x)  # same dense layout as x
@@ -291,8 +297,7 @@ class _KernelMode(TorchFunctionMode):
             return _Conv3x3.apply(args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias"))
         if func is F.dropout:
             x, p, training, inplace = _dropout_args(*args, **kwargs)
-            if (training and not inplace and isinstance(p, float) and 0 < p < 1 and isinstance(x, torch.Tensor)
-                    and x.dtype == torch.float32 and x.device.type == "cpu" and _dense(x) and x.numel() < 2**32):
+            if training and not inplace and isinstance(p, float) and 0 < p < 1 and _dropout_takes(x):
                 return _Dropout.apply(x, p)
         return func(*args, **kwargs)
 

@@ -87,20 +87,22 @@ void worker(const float* x, const float* dy, float* out, float* bias, int n, int
             bool vec_x, long r0, long r1, int chunk) {
   const int NV = vec_x ? ci : co, NB = vec_x ? co : ci;
   const int nblk = (NB + 5) / 6;  // balanced blocks of at most 6 rows: 32 = 6+6+5+5+5+5, not 6*5+2
+  // a chunk starting at row c: at most `chunk` rows, within [r0, r1) and within one image
+  auto chunk_end = [&](long c) { return std::min(std::min(r1, c + chunk), (c / h + 1) * h); };
   for (long c0 = r0; c0 < r1;) {
     const long img = c0 / h;
-    const long c1 = std::min(std::min(r1, c0 + chunk), (img + 1) * h);  // a chunk stays in one image
+    const long c1 = chunk_end(c0);
     const int h0 = c0 - img * h, h1 = c1 - img * h;
     // Ask for the next chunk's rows now: in training X and dY come from DRAM, and the taps below
-    // walk them in a pattern the hardware prefetcher picks up too late.
+    // walk them in a pattern the hardware prefetcher picks up too late. That chunk reads dY rows
+    // [c1, c2) and X rows up to c2; X rows up to c1 are this chunk's already.
     if (c1 < r1) {
-      const long c2 = std::min(std::min(r1, c1 + chunk), (c1 / h + 1) * h);
+      const long c2 = chunk_end(c1);
+      const long x_rows = std::max(0L, std::min(c2 + 1, n * (long)h) - (c1 + 1));
       const char* nx = (const char*)(x + (c1 + 1) * (long)w * ci);
       const char* nd = (const char*)(dy + c1 * (long)w * co);
-      const long bx = std::min(c2 + 1, n * (long)h) > c1 + 1 ? (std::min(c2 + 1, n * (long)h) - c1 - 1) * w * ci * 4 : 0;
-      const long bd = (c2 - c1) * w * co * 4;
-      for (long o = 0; o < bx; o += 64) _mm_prefetch(nx + o, _MM_HINT_T1);
-      for (long o = 0; o < bd; o += 64) _mm_prefetch(nd + o, _MM_HINT_T1);
+      for (long o = 0; o < x_rows * w * ci * (long)sizeof(float); o += 64) _mm_prefetch(nx + o, _MM_HINT_T1);
+      for (long o = 0; o < (c2 - c1) * w * co * (long)sizeof(float); o += 64) _mm_prefetch(nd + o, _MM_HINT_T1);
     }
     for (int kh = 0; kh < 3; ++kh) {
       const int lo = std::max(h0, 1 - kh), hi = std::min(h1, h + 1 - kh);  // rows reading inside the image

@@ -1,8 +1,9 @@
 """Images per second for one 50,000-image epoch of the notebook's ImageDataGenerator settings.
 
-Compares, in the same run: cifarlab's batched augmentation on the CPU, eager and compiled (and
-on a GPU where one is available), against the per-image scipy path that Keras'
-ImageDataGenerator takes (random parameters per image, the same matrix,
+Compares, in the same run: cifarlab's batched augmentation on the CPU - its own warp kernel (the
+default there), PyTorch's eager ops, and the torch.compile'd transform (the GPU's path) - (and on
+a GPU where one is available), against the per-image scipy path that Keras' ImageDataGenerator
+takes (random parameters per image, the same matrix,
 ``scipy.ndimage.affine_transform`` per channel, order 1, fill 'nearest', then the flip). The
 scipy path here omits Keras' other per-image Python overhead, so the ratio is conservative.
 
@@ -29,7 +30,7 @@ import scipy.ndimage as ndi
 import torch
 from bench_common import SHARED, timed_epoch, training_images
 
-from cifarlab import runtime
+from cifarlab import cpu_kernels, runtime
 from cifarlab.augment import KERAS_NOTEBOOK, KerasAugment
 
 def scipy_keras_epoch(x: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -55,11 +56,12 @@ def scipy_keras_epoch(x: np.ndarray, seed: int = 0) -> np.ndarray:
     return out
 
 
-def warmed_augmenter(x: torch.Tensor, batch: int, compiled: bool) -> tuple[KerasAugment, torch.Generator, float]:
+def warmed_augmenter(x: torch.Tensor, batch: int, compiled: bool, cpu_kernel: bool = False
+                     ) -> tuple[KerasAugment, torch.Generator, float]:
     """The notebook's augmenter, run once on every batch size an epoch of ``x`` uses (for the
-    compiled path, that is when compilation happens); returns it, its generator and the
-    seconds the warm-up took."""
-    aug = KerasAugment(**KERAS_NOTEBOOK, compiled=compiled)
+    compiled path, that is when compilation happens; for the CPU kernel, when it is built or
+    loaded); returns it, its generator and the seconds the warm-up took."""
+    aug = KerasAugment(**KERAS_NOTEBOOK, compiled=compiled, cpu_kernel=cpu_kernel)
     g = torch.Generator(device=x.device).manual_seed(0)
     t0 = time.perf_counter()
     for size in sorted({batch, len(x) % batch} - {0}):
@@ -122,7 +124,11 @@ def main() -> None:
     # cifarlab path: on a shared machine whose speed drifts, each ratio compares like with like.
     xs = x.astype(np.float32) / 255
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-    paths = {name: warmed_augmenter(xt, args.batch, compiled) for name, compiled in (("eager", False), ("compiled", True))}
+    variants = {"cpu kernel": (False, True), "eager": (False, False), "compiled": (True, False)}
+    if cpu_kernels.load() is None:
+        print(f"cpu kernel: unavailable here ({cpu_kernels.unavailable_reason()}), not measured")
+        del variants["cpu kernel"]
+    paths = {name: warmed_augmenter(xt, args.batch, compiled, kernel) for name, (compiled, kernel) in variants.items()}
     t_sp, rates = [], {name: [] for name in paths}
     ratios: dict[str, list[float]] = {name: [] for name in paths}
     for r, part in enumerate(np.array_split(np.arange(len(x)), args.rounds)):
@@ -137,7 +143,7 @@ def main() -> None:
           f"{args.rounds} parts)")
     for name, (_, _, warm) in paths.items():
         note = f"; compiled once in {warm:.1f} s, not included" if name == "compiled" else ""
-        print(f"cifarlab batched, CPU, {name + ':':9s}  {statistics.median(rates[name]):10,.0f} images/s (median of "
+        print(f"cifarlab batched, CPU, {name + ':':11s}  {statistics.median(rates[name]):10,.0f} images/s (median of "
               f"{args.rounds} epochs); {statistics.median(ratios[name]):.1f}x the scipy path (median of the rounds' "
               f"ratios; {min(ratios[name]):.1f}x to {max(ratios[name]):.1f}x){note}")
     if torch.cuda.is_available():

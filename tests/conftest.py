@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -13,6 +14,18 @@ import pytest
 from PIL import Image
 
 SHARED_JPEG = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10-jpeg.tar.xz"
+
+
+def _avx2() -> bool:
+    try:
+        return " avx2 " in Path("/proc/cpuinfo").read_text().replace("\n", " ") + " "
+    except OSError:
+        return False
+
+
+CAN_BUILD = _avx2() and (shutil.which("g++") or shutil.which("c++")) is not None
+# Tests of cifarlab's own CPU kernels (cifarlab.cpu_kernels) need them built here.
+needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs an x86-64 CPU with AVX2 and a C++ compiler")
 
 
 @pytest.fixture(autouse=True)

@@ -9,9 +9,12 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from cifarlab.augment import (CropFlipCutout, KerasAugment, affine_sample, alternating_flip, augmenter_from_config,
-                              cutout, fused_transform, keras_matrices, pack_pixels, pack_words,
-                              random_crop)
+from conftest import needs_kernel
+
+from cifarlab import cpu_kernels
+from cifarlab.augment import (CropFlipCutout, KerasAugment, _mm3, affine_sample, alternating_flip,
+                              augmenter_from_config, cutout, flip_matrices, fused_transform, keras_matrices,
+                              pack_pixels, pack_words, random_crop)
 from cifarlab.config import AugmentConfig
 from cifarlab.errors import ConfigError
 
@@ -116,6 +119,94 @@ def test_pack_words_is_pack_pixels_in_byte_plane_order(channels):
     assert torch.equal(got.permute(0, 2, 3, 1).reshape(2, 3, 8), pack_pixels(x))
 
 
+@needs_kernel
+@pytest.mark.parametrize("channels", [1, 3, 4, 5])  # 5: too many to pack, read as float planes
+@pytest.mark.parametrize("width", [32, 22])  # 22: columns left over from the eight-wide loop
+@pytest.mark.parametrize("fill_mode", ["nearest", "reflect", "wrap", "constant"])
+def test_cpu_kernel_matches_scipy_for_uint8_and_float(fill_mode, width, channels):
+    """cifarlab's CPU warp kernel through KerasAugment.apply (its default path on the CPU), from
+    uint8 images with the notebook's 1/255 and from float images, against scipy with Keras' flips."""
+    rng = np.random.default_rng(6)
+    xu = rng.integers(0, 256, (16, channels, 24, width), dtype=np.uint8)
+    aug, p, _ = _params(16, 24, width, fill_mode)
+    assert aug.cpu_kernel and aug._use_cpu_kernel(torch.from_numpy(xu))
+    ref = _flipped_reference(xu / 255, p, fill_mode, 0.3)
+    got_u8 = aug.apply(torch.from_numpy(xu), p, input_scale=1 / 255).numpy()
+    got_f = aug.apply(torch.from_numpy(xu / 255).float(), p).numpy()
+    err = max(np.abs(got_u8 - ref).max(), np.abs(got_f - ref).max())
+    print(f"cpu kernel {fill_mode}, width {width}, {channels} channels: max abs error {err:.2e}")
+    assert got_u8.dtype == np.float32 and got_u8.shape == xu.shape
+    assert err < 1e-6  # float64 coordinates as scipy's: tighter than the float32 paths' TOL
+
+
+@needs_kernel
+def test_cpu_kernel_edges_are_scipy_exactly():
+    """Points exactly on the edge are inside for 'constant' (an identity or whole-pixel shift
+    reproduces the image), and any point past it takes cval, as scipy decides."""
+    x = torch.rand(3, 2, 6, 9)
+    eye = torch.eye(3, dtype=torch.float64).repeat(3, 1, 1)
+    assert torch.equal(cpu_kernels.affine_warp(x, eye, "constant", cval=-1.0), x)
+    for shift in (1.0, 1e-6, -2.5):
+        m = eye.clone()
+        m[:, 1, 2] = shift
+        ref = np.stack([[ndi.affine_transform(x[i, k].double().numpy(), m[i, :2, :2].numpy(), m[i, :2, 2].numpy(),
+                                              order=1, mode="constant", cval=-1.0) for k in range(2)]
+                        for i in range(3)])
+        got = cpu_kernels.affine_warp(x, m, "constant", cval=-1.0).numpy()
+        assert np.abs(got - ref).max() < 1e-6, shift
+
+
+@needs_kernel
+def test_cpu_kernel_does_not_depend_on_the_thread_count():
+    lib = cpu_kernels.load()
+    x = torch.randint(0, 256, (7, 3, 16, 16), dtype=torch.uint8)
+    aug, p, _ = _params(7, 16, 16, "reflect")
+    mats = keras_matrices(*(p[k] for k in ("theta", "tx", "ty", "shear", "zx", "zy")), 16, 16,
+                          flip_h=p["flip_h"], flip_v=p["flip_v"])
+    outs = []
+    for threads in (1, 2, 5):
+        out = torch.empty(x.shape)
+        cpu_kernels._warp_into(lib, x, out, mats, "reflect", 0.0, 1 / 255, 1.0, threads=threads)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@needs_kernel
+def test_cpu_kernel_rejects_what_it_does_not_take_naming_the_value():
+    eye = torch.eye(3, dtype=torch.float64).repeat(2, 1, 1)
+    with pytest.raises(ValueError, match="float64"):
+        cpu_kernels.affine_warp(torch.zeros(2, 3, 4, 4, dtype=torch.float64), eye)
+    with pytest.raises(ValueError, match=r"\(3, 3, 3\)"):
+        cpu_kernels.affine_warp(torch.zeros(2, 3, 4, 4), eye[:1].repeat(3, 1, 1))
+    with pytest.raises(ValueError, match="fill_mode='mirror'"):
+        cpu_kernels.affine_warp(torch.zeros(2, 3, 4, 4), eye, "mirror")
+
+
+def test_without_the_cpu_kernel_augmentation_takes_the_pytorch_path(monkeypatch):
+    """Switched off (or unavailable), KerasAugment runs on PyTorch's grid_sample, same result."""
+    x = torch.randint(0, 256, (5, 3, 12, 16), dtype=torch.uint8)
+    aug, p, _ = _params(5, 12, 16, "wrap")
+    aug.cpu_kernel = False
+    assert not aug._use_cpu_kernel(x)
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "affine_warp", lambda *a, **k: calls.append(1))
+    got = aug.apply(x, p, input_scale=1 / 255)
+    ref = _flipped_reference(x.numpy() / 255, p, "wrap", 0.3)
+    assert not calls and np.abs(got.numpy() - ref).max() < TOL
+    aug.cpu_kernel = True
+    monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    assert not aug._use_cpu_kernel(x)
+    assert torch.equal(aug.apply(x, p, input_scale=1 / 255), got)
+
+
+def test_keras_matrices_fold_flips_as_the_flip_matrices_would():
+    _, p, _ = _params(9, 10, 14, "nearest")
+    args = [p[k] for k in ("theta", "tx", "ty", "shear", "zx", "zy")]
+    want = _mm3(keras_matrices(*args, 10, 14), flip_matrices(p["flip_h"], p["flip_v"], 10, 14))
+    got = keras_matrices(*args, 10, 14, flip_h=p["flip_h"], flip_v=p["flip_v"])
+    assert p["flip_h"].any() and p["flip_v"].any() and torch.allclose(got, want, atol=1e-12, rtol=0)
+
+
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler (g++ or c++) on PATH")
 @pytest.mark.parametrize("fill_mode", ["nearest", "wrap"])
@@ -125,7 +216,7 @@ def test_compiled_augmenter_matches_scipy(fill_mode):
     rng = np.random.default_rng(5)
     xu = rng.integers(0, 256, (12, 3, 32, 32), dtype=np.uint8)
     aug, p, _ = _params(12, 32, 32, fill_mode)
-    aug.compiled = True
+    aug.compiled, aug.cpu_kernel = True, False  # on the CPU the kernel would otherwise take it
     got = aug.apply(torch.from_numpy(xu), p, input_scale=1 / 255).numpy()
     ref = _flipped_reference(xu / 255, p, fill_mode, 0.3)
     err = np.abs(got - ref).max()

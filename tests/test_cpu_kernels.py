@@ -3,27 +3,14 @@ fallback where it cannot be built."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import needs_kernel
 
 from cifarlab import cpu_kernels
 from cifarlab.models import create_model
-
-
-def _avx2() -> bool:
-    try:
-        return " avx2 " in Path("/proc/cpuinfo").read_text().replace("\n", " ") + " "
-    except OSError:
-        return False
-
-
-CAN_BUILD = _avx2() and (shutil.which("g++") or shutil.which("c++")) is not None
-needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs an x86-64 CPU with AVX2 and a C++ compiler")
 
 
 @pytest.fixture

@@ -52,6 +52,21 @@ def test_cpu_kernels_switch_is_recorded_and_both_paths_learn(tmp_path, kernels):
     assert saved["cpu_kernels"] is (kernels and cpu_kernels.load() is not None)
 
 
+@pytest.mark.parametrize("kernels", [True, False])
+def test_cpu_kernels_switch_reaches_keras_augmentation(tmp_path, monkeypatch, kernels):
+    """train.cpu_kernels also decides whether --augment keras warps with cifarlab's CPU kernel."""
+    from cifarlab import cpu_kernels
+
+    calls = []
+    real = cpu_kernels.affine_warp
+    monkeypatch.setattr(cpu_kernels, "affine_warp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    data = make_image_folder(tmp_path / "d", n_train=16, n_test=4)
+    cfg = tiny_config(str(data), str(tmp_path / "r"), cpu_kernels=kernels)
+    cfg.augment.preset = "keras"
+    fit(cfg, log=lambda s: None)
+    assert bool(calls) is (kernels and cpu_kernels.load() is not None)  # one call per training batch
+
+
 def test_load_model_predictions_are_bitwise_reproducible(trained_run, image_folder):
     """Reloaded models predict exactly what the trained model predicted at the end of training."""
     import torch.nn.functional as F

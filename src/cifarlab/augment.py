@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import cpu_kernels
 from .errors import ConfigError
 
 FILL_MODES = ("nearest", "reflect", "wrap", "constant")
@@ -69,7 +70,10 @@ class KerasAugment:
     rescale: float | None = None
     mean: torch.Tensor | None = field(default=None, repr=False)
     std: torch.Tensor | None = field(default=None, repr=False)
-    # Not a Keras option: run the transform as one torch.compile'd kernel (see fused_transform).
+    # Not Keras options. cpu_kernel: on the CPU, run the transform with cifarlab's own kernel
+    # (cpu_kernels.affine_warp) where it loads: the fastest path there, with no compilation wait.
+    # compiled: elsewhere (a GPU), run it as one torch.compile'd kernel (see fused_transform).
+    cpu_kernel: bool = True
     compiled: bool = False
 
     def __post_init__(self) -> None:
@@ -108,29 +112,33 @@ class KerasAugment:
     # --- sampling -----------------------------------------------------------------------------
     def sample(self, n: int, h: int, w: int, generator: torch.Generator | None = None,
                device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Draw per-image transform parameters, as Keras' ``get_random_transform`` does."""
-        zeros = torch.zeros(n, dtype=torch.float64, device=device)
-        p: dict[str, torch.Tensor] = {}
-        r = self.rotation_range
-        p["theta"] = _uniform(n, -r, r, generator, device) if r else zeros
-        hs, ws = self.height_shift_range, self.width_shift_range
-        p["tx"] = _uniform(n, -hs, hs, generator, device) * (h if hs < 1 else 1) if hs else zeros
-        p["ty"] = _uniform(n, -ws, ws, generator, device) * (w if ws < 1 else 1) if ws else zeros
-        s = self.shear_range
-        p["shear"] = _uniform(n, -s, s, generator, device) if s else zeros
-        lo, hi = self.zoom_range
-        if lo == 1 and hi == 1:
-            p["zx"] = p["zy"] = zeros + 1
-        else:
-            p["zx"] = _uniform(n, lo, hi, generator, device)
-            p["zy"] = _uniform(n, lo, hi, generator, device)
-        coin = lambda: torch.rand(n, generator=generator, device=device) < 0.5  # noqa: E731
-        p["flip_h"] = coin() if self.horizontal_flip else torch.zeros(n, dtype=torch.bool, device=device)
-        p["flip_v"] = coin() if self.vertical_flip else torch.zeros(n, dtype=torch.bool, device=device)
-        c = self.channel_shift_range
-        p["channel_shift"] = _uniform(n, -c, c, generator, device) if c else zeros
+        """Draw per-image transform parameters, as Keras' ``get_random_transform`` does: each a
+        uniform draw over its range (flips: probability 0.5). Parameters an option leaves off
+        are constants (0, or 1 for zooms)."""
+        hs, ws, (zlo, zhi) = self.height_shift_range, self.width_shift_range, self.zoom_range
+        # (name, low, high) of each uniform draw; shifts under 1 are fractions of the image size
+        spec = [(name, -v, v) for name, v in (("theta", self.rotation_range),
+                                              ("tx", hs * (h if hs < 1 else 1)), ("ty", ws * (w if ws < 1 else 1)),
+                                              ("shear", self.shear_range),
+                                              ("channel_shift", self.channel_shift_range)) if v]
+        if not zlo == zhi == 1:
+            spec += [("zx", zlo, zhi), ("zy", zlo, zhi)]
+        spec += [(name, 0.0, 1.0) for name, on in (("flip_h", self.horizontal_flip),
+                                                   ("flip_v", self.vertical_flip)) if on]
         if self.brightness_range is not None:
-            p["brightness"] = _uniform(n, *self.brightness_range, generator, device)
+            spec.append(("brightness", *self.brightness_range))
+        # One draw for all of them: per-call overhead, not arithmetic, is what costs on small batches.
+        u = torch.rand(len(spec), n, generator=generator, device=device, dtype=torch.float64)
+        lo = torch.tensor([s[1] for s in spec], dtype=torch.float64).to(device).view(-1, 1)
+        hi = torch.tensor([s[2] for s in spec], dtype=torch.float64).to(device).view(-1, 1)
+        values = dict(zip([s[0] for s in spec], torch.addcmul(lo, u, hi - lo)))
+        zeros = torch.zeros(n, dtype=torch.float64, device=device)
+        p = {name: values.get(name, zeros) for name in ("theta", "tx", "ty", "shear", "channel_shift")}
+        p["zx"], p["zy"] = values.get("zx", zeros + 1), values.get("zy", zeros + 1)
+        for name in ("flip_h", "flip_v"):
+            p[name] = values[name] < 0.5 if name in values else torch.zeros(n, dtype=torch.bool, device=device)
+        if "brightness" in values:
+            p["brightness"] = values["brightness"]
         return p
 
     # --- applying -----------------------------------------------------------------------------
@@ -138,24 +146,28 @@ class KerasAugment:
         """Apply sampled parameters ``p`` to the batch ``x`` (N, C, H, W), Keras' order.
 
         The result is that of augmenting ``x.float() * input_scale``; passing the uint8 images
-        with ``input_scale=1/255`` lets the compiled path read bytes directly. Returns float32.
+        with ``input_scale=1/255`` lets the CPU kernel and the compiled path read bytes directly.
+        Returns float32.
         """
         n = x.shape[0]
+        kernel = self._use_cpu_kernel(x)
         # Rescaling is linear, so it can ride along inside the sampling kernel unless a
         # clipping step (channel shift, brightness) comes between them, as in Keras' order.
-        fold = self.compiled and not self.channel_shift_range and "brightness" not in p
-        if self.compiled:
-            out_scale = float(self.rescale) if (fold and self.rescale) else 1.0
+        fold = (kernel or self.compiled) and not self.channel_shift_range and "brightness" not in p
+        out_scale = float(self.rescale) if (fold and self.rescale) else 1.0
+        if kernel or not self.compiled:
+            # Keras flips after the affine transform and the channel shift; flips commute with the
+            # (per-image constant) shift and are folded into the sampling coordinates.
+            mats = keras_matrices(p["theta"], p["tx"], p["ty"], p["shear"], p["zx"], p["zy"], *x.shape[2:],
+                                  flip_h=p["flip_h"], flip_v=p["flip_v"])
+        if kernel:
+            x = cpu_kernels.affine_warp(x, mats, self.fill_mode, float(self.cval), float(input_scale), out_scale)
+        elif self.compiled:
             x = fused_transform(x, p["theta"], p["tx"], p["ty"], p["shear"], p["zx"], p["zy"], p["flip_h"],
                                 p["flip_v"], self.fill_mode, float(self.cval), float(input_scale), out_scale,
                                 compiled=True)
         else:
             x = x.float() if input_scale == 1 else x.float() * input_scale
-            h, w = x.shape[2:]
-            mats = keras_matrices(p["theta"], p["tx"], p["ty"], p["shear"], p["zx"], p["zy"], h, w)
-            # Keras flips after the affine transform and the channel shift; flips commute with the
-            # (per-image constant) shift and are folded into the sampling coordinates.
-            mats = _mm3(mats, flip_matrices(p["flip_h"], p["flip_v"], h, w))
             x = affine_sample(x, mats, self.fill_mode, self.cval)
         if self.channel_shift_range:
             lo = x.amin(dim=(1, 2, 3), keepdim=True)
@@ -164,6 +176,9 @@ class KerasAugment:
         if "brightness" in p:
             x = (x * p["brightness"].to(x.dtype).view(n, 1, 1, 1)).clamp(0, 1)
         return self.standardize(x, rescaled=fold)
+
+    def _use_cpu_kernel(self, x: torch.Tensor) -> bool:
+        return self.cpu_kernel and cpu_kernels.warp_takes(x) and cpu_kernels.load() is not None
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
                  input_scale: float = 1.0) -> torch.Tensor:
@@ -193,14 +208,17 @@ class KerasAugment:
         return x
 
 
-def keras_matrices(theta, tx, ty, shear, zx, zy, h: int, w: int) -> torch.Tensor:
+def keras_matrices(theta, tx, ty, shear, zx, zy, h: int, w: int, flip_h: torch.Tensor | None = None,
+                   flip_v: torch.Tensor | None = None) -> torch.Tensor:
     """Per-image (N, 3, 3) matrices exactly as Keras' ``apply_affine_transform`` builds them.
 
     Keras composes rotation @ shift @ shear @ zoom, moves the origin to the image centre
     (size / 2 - 0.5), then swaps the two axes because it builds the matrix in (x, y) order but
     hands scipy (row, col) arrays. The result maps output (row, col, 1) to input coordinates,
-    which is what scipy's ``affine_transform`` takes. Computed in closed form, elementwise, in
-    float64 (a chain of tiny 3x3 matmuls cost more than the sampling itself).
+    which is what scipy's ``affine_transform`` takes. With ``flip_h`` / ``flip_v`` (bool, per
+    image) the matrix also flips the output, as Keras does after the transform: it is then
+    composed with :func:`flip_matrices`. Computed in closed form, elementwise, in float64 (a
+    chain of tiny 3x3 matmuls cost more than the sampling itself).
     """
     th, sh = torch.deg2rad(theta.double()), torch.deg2rad(shear.double())
     tx, ty, zx, zy = tx.double(), ty.double(), zx.double(), zy.double()
@@ -213,10 +231,16 @@ def keras_matrices(theta, tx, ty, shear, zx, zy, h: int, w: int) -> torch.Tensor
     # offset @ M @ reset adds (I - A) @ centre to the translation.
     b0 = b0 + ox - a00 * ox - a01 * oy
     b1 = b1 + oy - a10 * ox - a11 * oy
-    one, zero = torch.ones_like(th), torch.zeros_like(th)
     # The axis swap P M P: rows and columns 0 and 1 exchanged.
-    return torch.stack([torch.stack([a11, a10, b1], -1), torch.stack([a01, a00, b0], -1),
-                        torch.stack([zero, zero, one], -1)], -2)
+    rows = [[a11, a10, b1], [a01, a00, b0]]
+    if flip_h is not None or flip_v is not None:
+        # M @ F, F = [[1 - 2 fv, 0, fv (h - 1)], [0, 1 - 2 fh, fh (w - 1)], [0, 0, 1]] (flip_matrices)
+        fv = flip_v.double() if flip_v is not None else torch.zeros_like(th)
+        fh = flip_h.double() if flip_h is not None else torch.zeros_like(th)
+        rows = [[m0 * (1 - 2 * fv), m1 * (1 - 2 * fh), m2 + m0 * (fv * (h - 1)) + m1 * (fh * (w - 1))]
+                for m0, m1, m2 in rows]
+    one, zero = torch.ones_like(th), torch.zeros_like(th)
+    return torch.stack([torch.stack(rows[0], -1), torch.stack(rows[1], -1), torch.stack([zero, zero, one], -1)], -2)
 
 
 def _mm3(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

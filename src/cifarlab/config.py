@@ -106,7 +106,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast; 14x slower on an AVX2 CPU without bf16 units) | fp16 (CUDA only)
     compile: bool = False  # torch.compile the model for training (pays off on long GPU runs only)
     cuda_graph: bool = False  # replay each training step as one CUDA graph (CUDA, constant lr, no compile)
-    cpu_kernels: bool = True  # CPU fp32: cifarlab's own kernels (3x3 conv gradients, dropout), where they build
+    # CPU: cifarlab's own kernels (fp32 3x3 conv gradients, dropout; augmentation), where they build
+    cpu_kernels: bool = True
     runs: int = 1  # train this many times with seeds seed, seed+1, ... and report mean/std/min/max
 
 

@@ -1,14 +1,18 @@
-"""cifarlab's own CPU kernels for the training step, and the switch that routes training to them.
+"""cifarlab's own CPU kernels for the training step and augmentation, and the switch that routes
+training to them.
 
-Two kernels in ``csrc/cpu_kernels.cpp``, for where PyTorch's CPU kernels leave speed behind on
-small convolutional networks:
+Three kernels in ``csrc/cpu_kernels.cpp``, for where PyTorch's CPU kernels leave speed behind on
+small convolutional networks and small images:
 
 - the weight and bias gradient of 3x3, stride-1, 'same' convolutions: on AVX2 CPUs without
   AVX-512, oneDNN computes it at about half the speed of its forward convolution; this kernel
   ran about 1.5 times faster than it on the notebook's layers (2-core AMD EPYC, batch 128,
   caches flushed as in training; ``benchmarks/conv_wgrad.py``);
 - inverted dropout in one pass with a counter-based random generator, where PyTorch's draws
-  its mask with ``bernoulli_`` and then scales it and multiplies in two more passes.
+  its mask with ``bernoulli_`` and then scales it and multiplies in two more passes;
+- Keras' ``ImageDataGenerator`` transform (:func:`affine_warp`): a per-image affine map with
+  order-1 interpolation and scipy's boundary modes, computed straight from the uint8 images,
+  one image per task.
 
 They are compiled on first use with the system's C++ compiler (about 2 s, then cached on disk)
 and checked against PyTorch before they are trusted. Where there is no compiler, no AVX2/FMA,
@@ -111,6 +115,10 @@ def load() -> ctypes.CDLL | None:
     lib.cl_dropout.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_uint32, ctypes.c_float,
                                                        ctypes.c_uint64, ctypes.c_int]
     lib.cl_dropout.restype = None
+    lib.cl_affine_warp.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
+                                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
+                                   ctypes.c_float, ctypes.c_int]
+    lib.cl_affine_warp.restype = ctypes.c_int
     if not _self_check(lib):
         _why_unavailable = "its self-check against PyTorch failed on this machine"
         return None
@@ -144,8 +152,28 @@ def _self_check(lib) -> bool:
         outs.append((out, noise))
     (out, noise), (out3, noise3) = outs
     kept = noise != 0
-    return (torch.equal(out, out3) and torch.equal(noise, noise3) and torch.equal(out, x * noise)
-            and bool((noise[kept] == 1 / 0.75).all()) and abs(kept.double().mean().item() - 0.75) < 0.01)
+    if not (torch.equal(out, out3) and torch.equal(noise, noise3) and torch.equal(out, x * noise)
+            and bool((noise[kept] == 1 / 0.75).all()) and abs(kept.double().mean().item() - 0.75) < 0.01):
+        return False
+    return _warp_self_check(lib, g)
+
+
+def _warp_self_check(lib, g: torch.Generator) -> bool:
+    """The warp kernel against PyTorch's grid_sample formulation (:func:`cifarlab.augment.affine_sample`)
+    for every boundary mode, from uint8 and from float images, odd sizes, more threads than images."""
+    from .augment import affine_sample  # imported here: augment imports this module
+
+    for mode in _FILL_CODES:
+        x = torch.randint(0, 256, (3, 3, 7, 6), generator=g, dtype=torch.uint8)
+        mats = torch.eye(3, dtype=torch.float64).repeat(3, 1, 1)
+        mats[:, :2] += (torch.rand(3, 2, 3, generator=g, dtype=torch.float64) - 0.5) * torch.tensor([[0.8, 0.8, 9.0]])
+        want = affine_sample(x.float() / 255, mats, mode, 0.25)
+        for src, in_scale in ((x, 1 / 255), (x.float() / 255, 1.0)):
+            got = torch.empty(x.shape, dtype=torch.float32)
+            _warp_into(lib, src, got, mats, mode, 0.25, in_scale, 1.0, threads=5)
+            if not torch.allclose(got, want, atol=1e-4, rtol=0):
+                return False
+    return True
 
 
 def _reference_wgrad(x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
@@ -164,6 +192,57 @@ def _dropout_into(lib, x: torch.Tensor, out: torch.Tensor, noise: torch.Tensor, 
     drop_below = min(round(p * 2**32), 2**32 - 1)
     lib.cl_dropout(x.data_ptr(), out.data_ptr(), noise.data_ptr(), x.numel(), drop_below, 1.0 / (1.0 - p), seed,
                    threads or torch.get_num_threads())
+
+
+_FILL_CODES = {"nearest": 0, "reflect": 1, "wrap": 2, "constant": 3}  # as cl_affine_warp numbers them
+
+
+def _warp_into(lib, x: torch.Tensor, out: torch.Tensor, mats: torch.Tensor, fill_mode: str, cval: float,
+               in_scale: float, out_scale: float, threads: int | None = None) -> None:
+    n, c, h, w = x.shape
+    m = mats[:, :2].to(torch.float64).contiguous()
+    rc = lib.cl_affine_warp(x.data_ptr(), int(x.dtype == torch.uint8), out.data_ptr(), m.data_ptr(), n, c, h, w,
+                            _FILL_CODES[fill_mode], cval * out_scale, in_scale * out_scale,
+                            threads or torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"affine warp kernel: fill mode {fill_mode!r} was not accepted")
+
+
+def warp_takes(x) -> bool:
+    """Whether :func:`affine_warp` takes tensor ``x``: (N, C, H, W) uint8 or float32 on the CPU,
+    each image's padded planes indexable with 32-bit integers."""
+    return (isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu"
+            and x.dtype in (torch.uint8, torch.float32) and x.numel() > 0
+            and x.shape[1] * (x.shape[2] + 1) * (x.shape[3] + 1) < 2**31)
+
+
+def affine_warp(x: torch.Tensor, mats: torch.Tensor, fill_mode: str = "nearest", cval: float = 0.0,
+                in_scale: float = 1.0, out_scale: float = 1.0) -> torch.Tensor:
+    """Keras' affine transform of a batch, on the CPU: float32 ``out_scale * T(x * in_scale)``,
+    where T samples each image ``x[i]`` (C, H, W) at ``mats[i] @ (row, col, 1)`` with order-1
+    interpolation and scipy's boundary mode ``fill_mode`` (``cval`` in the units of
+    ``x * in_scale``), as ``scipy.ndimage.affine_transform(..., order=1)`` does per channel.
+
+    ``x`` is uint8 or float32 (N, C, H, W); ``mats`` (N, 3, 3) or (N, 2, 3) maps output pixels
+    to input pixels (:func:`cifarlab.augment.keras_matrices`). Coordinates are computed in
+    float64. Raises RuntimeError where the kernels are unavailable, ValueError for input they
+    do not take."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are unavailable: {unavailable_reason()}")
+    if not warp_takes(x):
+        raise ValueError(f"affine warp kernel takes a non-empty (N, C, H, W) uint8 or float32 CPU tensor of images "
+                         f"under 2**31 values each; got "
+                         f"{x.dtype} on {x.device}, shape {tuple(x.shape)}")
+    if fill_mode not in _FILL_CODES:
+        raise ValueError(f"fill_mode={fill_mode!r} is not valid; choose one of {', '.join(_FILL_CODES)}")
+    n = x.shape[0]
+    if mats.shape not in ((n, 3, 3), (n, 2, 3)):
+        raise ValueError(f"mats must be ({n}, 3, 3) or ({n}, 2, 3) for {n} images; got {tuple(mats.shape)}")
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=torch.float32)
+    _warp_into(lib, x, out, mats.cpu(), fill_mode, float(cval), float(in_scale), float(out_scale))
+    return out
 
 
 def _dense(t: torch.Tensor) -> bool:

@@ -307,7 +307,8 @@ def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps
         prep["mean"] = x.mean(dim=(0, 2, 3)).tolist()
         prep["std"] = x.std(dim=(0, 2, 3)).tolist()
     if isinstance(augmenter, KerasAugment):
-        augmenter.compiled = cfg.train.compile  # one fused kernel for the transform (see augment.py)
+        augmenter.cpu_kernel = cfg.train.cpu_kernels  # on the CPU: cifarlab's warp kernel (see augment.py)
+        augmenter.compiled = cfg.train.compile  # elsewhere: one fused, compiled kernel for the transform
         if augmenter.featurewise_center:
             augmenter.fit(arrays.x_train.float() * prep["rescale"])
             prep["mean"] = augmenter.mean.flatten().tolist()

@@ -244,14 +244,44 @@ def test_non_square_images_match_scipy():
 
 
 def test_sampling_ranges_follow_keras():
-    aug = KerasAugment(rotation_range=40, width_shift_range=0.2, height_shift_range=4, zoom_range=0.2,
+    aug = KerasAugment(rotation_range=40, width_shift_range=0.2, height_shift_range=4.0, zoom_range=0.2,
                        horizontal_flip=True)
     p = aug.sample(20000, 32, 48, torch.Generator().manual_seed(0))
     assert p["theta"].abs().max() <= 40 and p["theta"].abs().max() > 39.5
     assert p["ty"].abs().max() <= 0.2 * 48 and p["ty"].abs().max() > 0.19 * 48  # width fraction x width
-    assert p["tx"].abs().max() <= 4 and p["tx"].abs().max() > 3.9  # >= 1 means pixels
+    assert p["tx"].abs().max() <= 4 and p["tx"].abs().max() > 3.9  # a float >= 1 means pixels
+    assert len(p["tx"].unique()) > 19000  # continuous
     assert 0.8 <= p["zx"].min() and p["zx"].max() <= 1.2 and not torch.equal(p["zx"], p["zy"])
     assert 0.48 < p["flip_h"].float().mean() < 0.52 and not p["flip_v"].any()
+
+
+def test_int_and_list_shift_ranges_follow_keras():
+    """Keras' other two forms: an int r is choice(range(r)) pixels with a random sign (so 0 has
+    probability 1/r and each other value 1/(2r)); a list gives one of its values with a random
+    sign, as a fraction of the image size when all are under 1."""
+    n, g = 40000, torch.Generator().manual_seed(1)
+    p = KerasAugment(width_shift_range=3, height_shift_range=[0.1, 0.25]).sample(n, 20, 40, g)
+    values, counts = p["ty"].unique(return_counts=True)
+    assert values.tolist() == [-2, -1, 0, 1, 2]
+    freq = dict(zip(values.tolist(), (counts / n).tolist()))
+    assert abs(freq[0] - 1 / 3) < 0.015 and all(abs(freq[v] - 1 / 6) < 0.015 for v in (-2, -1, 1, 2))
+    assert sorted(p["tx"].unique().tolist()) == pytest.approx([-5, -2, 2, 5])  # 0.1 and 0.25 of 20 rows
+    pixels = KerasAugment(width_shift_range=[2, 5]).sample(1000, 20, 40, g)["ty"]
+    assert sorted(pixels.unique().tolist()) == [-5, -2, 2, 5]
+    assert not KerasAugment(width_shift_range=1).sample(100, 8, 8, g)["ty"].any()  # range(1) is {0}
+
+
+def test_shift_range_forms_reach_the_augmenter_from_a_config():
+    from cifarlab.config import resolve_config
+
+    for value, want in ((4, 4), (0.2, 0.2), ([1, 3], (1.0, 3.0))):
+        cfg = resolve_config("keras-book", overrides={"augment": {"preset": "keras", "height_shift_range": value}})
+        got = augmenter_from_config(cfg.augment).height_shift_range
+        assert got == want and type(got) is type(want)
+    with pytest.raises(ConfigError, match="height_shift_range"):
+        KerasAugment(height_shift_range=[0.1, "a"])
+    with pytest.raises(ConfigError, match="height_shift_range=-2"):
+        KerasAugment(height_shift_range=-2)
 
 
 def test_identity_is_exact_and_flip_is_last():

@@ -35,8 +35,23 @@ KERAS_NOTEBOOK = dict(rotation_range=40.0, width_shift_range=0.2, height_shift_r
                       horizontal_flip=True, fill_mode="nearest")
 
 
-def _uniform(n: int, lo: float, hi: float, g: torch.Generator | None, device) -> torch.Tensor:
-    return torch.rand(n, generator=g, device=device, dtype=torch.float64) * (hi - lo) + lo
+def _shift(r, size: int, u: torch.Tensor | None, u_sign: torch.Tensor | None, zeros: torch.Tensor) -> torch.Tensor:
+    """Keras' shift for a ``width_shift_range`` / ``height_shift_range`` of ``r``, from uniform
+    [0, 1) draws ``u`` (and ``u_sign``): a float is uniform in [-r, r); an int is a whole number
+    of pixels, ``choice(range(r))`` with a random sign (so 2 gives -1, 0 or 1, 0 twice as
+    often); a list is one of its elements with a random sign. Fractions of the image ``size``
+    when every value is under 1, else pixels."""
+    if not r:
+        return zeros
+    if isinstance(r, float):
+        v = u * (2 * r) - r
+    else:
+        choices = list(range(r)) if isinstance(r, int) else list(r)
+        table = torch.tensor(choices, dtype=torch.float64, device=u.device)
+        v = table[(u * len(choices)).long().clamp(max=len(choices) - 1)]
+        v = torch.where(u_sign < 0.5, -v, v)
+    peak = r if isinstance(r, (int, float)) else max(r)
+    return v * size if peak < 1 else v
 
 
 @dataclass
@@ -44,7 +59,9 @@ class KerasAugment:
     """Keras ``ImageDataGenerator`` semantics, batched. Images are float (N, C, H, W).
 
     Ranges are sampled per image as Keras does: rotation uniform in [-r, r] degrees; shifts
-    uniform in [-s, s] times the image size when s < 1, else in pixels; shear in degrees;
+    (Keras' three forms) a float s uniform in [-s, s], an int s a whole number of pixels in
+    (-s, s), a list one of its values with a random sign, each times the image size when under
+    1, else in pixels; shear in degrees;
     ``zoom_range`` z means [1 - z, 1 + z], with independent x and y zooms; flips with probability
     0.5; ``channel_shift_range`` adds one uniform value to every channel, clipped to the image's
     range; ``brightness_range`` multiplies by a uniform factor. ``rescale`` and the featurewise
@@ -55,8 +72,8 @@ class KerasAugment:
     """
 
     rotation_range: float = 0.0
-    width_shift_range: float = 0.0
-    height_shift_range: float = 0.0
+    width_shift_range: float | int | tuple[float, ...] = 0.0
+    height_shift_range: float | int | tuple[float, ...] = 0.0
     shear_range: float = 0.0
     zoom_range: float | list[float] | tuple[float, float] = 0.0
     horizontal_flip: bool = False
@@ -82,9 +99,18 @@ class KerasAugment:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo:
                 raise ConfigError(f"augmentation option {name}={v!r} is not valid; expected a number >= {lo}")
 
-        for name in ("rotation_range", "width_shift_range", "height_shift_range", "shear_range",
-                     "channel_shift_range"):
+        for name in ("rotation_range", "shear_range", "channel_shift_range"):
             num(name)
+        for name in ("width_shift_range", "height_shift_range"):
+            v = getattr(self, name)
+            if isinstance(v, (list, tuple)):
+                if not v or not all(isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e)
+                                    for e in v):
+                    raise ConfigError(f"augmentation option {name}={v!r} is not valid; a list must hold numbers "
+                                      "(a random one is drawn, with a random sign)")
+                setattr(self, name, tuple(float(e) for e in v))
+            else:
+                num(name)
         if self.fill_mode not in FILL_MODES:
             raise ConfigError(f"augmentation option fill_mode={self.fill_mode!r} is not valid; "
                               f"choose one of {', '.join(FILL_MODES)}")
@@ -112,33 +138,38 @@ class KerasAugment:
     # --- sampling -----------------------------------------------------------------------------
     def sample(self, n: int, h: int, w: int, generator: torch.Generator | None = None,
                device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Draw per-image transform parameters, as Keras' ``get_random_transform`` does: each a
-        uniform draw over its range (flips: probability 0.5). Parameters an option leaves off
-        are constants (0, or 1 for zooms)."""
+        """Draw per-image transform parameters, as Keras' ``get_random_transform`` does.
+
+        Rotation, shear, zooms (x and y independently), channel shift and brightness are uniform
+        over their ranges; flips have probability 0.5; shifts follow :func:`_shift`. Parameters
+        an option leaves off are constants (0, or 1 for zooms).
+        """
         hs, ws, (zlo, zhi) = self.height_shift_range, self.width_shift_range, self.zoom_range
-        # (name, low, high) of each uniform draw; shifts under 1 are fractions of the image size
-        spec = [(name, -v, v) for name, v in (("theta", self.rotation_range),
-                                              ("tx", hs * (h if hs < 1 else 1)), ("ty", ws * (w if ws < 1 else 1)),
-                                              ("shear", self.shear_range),
-                                              ("channel_shift", self.channel_shift_range)) if v]
-        if not zlo == zhi == 1:
-            spec += [("zx", zlo, zhi), ("zy", zlo, zhi)]
-        spec += [(name, 0.0, 1.0) for name, on in (("flip_h", self.horizontal_flip),
-                                                   ("flip_v", self.vertical_flip)) if on]
-        if self.brightness_range is not None:
-            spec.append(("brightness", *self.brightness_range))
-        # One draw for all of them: per-call overhead, not arithmetic, is what costs on small batches.
-        u = torch.rand(len(spec), n, generator=generator, device=device, dtype=torch.float64)
-        lo = torch.tensor([s[1] for s in spec], dtype=torch.float64).to(device).view(-1, 1)
-        hi = torch.tensor([s[2] for s in spec], dtype=torch.float64).to(device).view(-1, 1)
-        values = dict(zip([s[0] for s in spec], torch.addcmul(lo, u, hi - lo)))
+        wanted = {"theta": self.rotation_range, "tx": hs, "tx_sign": hs and not isinstance(hs, float),
+                  "ty": ws, "ty_sign": ws and not isinstance(ws, float), "shear": self.shear_range,
+                  "zx": not zlo == zhi == 1, "zy": not zlo == zhi == 1, "flip_h": self.horizontal_flip,
+                  "flip_v": self.vertical_flip, "channel_shift": self.channel_shift_range,
+                  "brightness": self.brightness_range is not None}
+        names = [k for k, v in wanted.items() if v]
+        # One draw of [0, 1) numbers for all of them: per-call overhead, not arithmetic, is what
+        # costs on small batches.
+        u = dict(zip(names, torch.rand(len(names), n, generator=generator, device=device, dtype=torch.float64)))
         zeros = torch.zeros(n, dtype=torch.float64, device=device)
-        p = {name: values.get(name, zeros) for name in ("theta", "tx", "ty", "shear", "channel_shift")}
-        p["zx"], p["zy"] = values.get("zx", zeros + 1), values.get("zy", zeros + 1)
+
+        def uniform(name: str, lo: float, hi: float) -> torch.Tensor:
+            return u[name] * (hi - lo) + lo if name in u else zeros
+
+        p = {"theta": uniform("theta", -self.rotation_range, self.rotation_range),
+             "tx": _shift(hs, h, u.get("tx"), u.get("tx_sign"), zeros),
+             "ty": _shift(ws, w, u.get("ty"), u.get("ty_sign"), zeros),
+             "shear": uniform("shear", -self.shear_range, self.shear_range),
+             "zx": uniform("zx", zlo, zhi) if "zx" in u else zeros + 1,
+             "zy": uniform("zy", zlo, zhi) if "zy" in u else zeros + 1,
+             "channel_shift": uniform("channel_shift", -self.channel_shift_range, self.channel_shift_range)}
         for name in ("flip_h", "flip_v"):
-            p[name] = values[name] < 0.5 if name in values else torch.zeros(n, dtype=torch.bool, device=device)
-        if "brightness" in values:
-            p["brightness"] = values["brightness"]
+            p[name] = u[name] < 0.5 if name in u else torch.zeros(n, dtype=torch.bool, device=device)
+        if self.brightness_range is not None:
+            p["brightness"] = uniform("brightness", *self.brightness_range)
         return p
 
     # --- applying -----------------------------------------------------------------------------

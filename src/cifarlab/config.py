@@ -68,8 +68,10 @@ class AugmentConfig:
 
     preset: str = "none"
     rotation_range: float = 0.0  # degrees, drawn uniformly in [-r, r]
-    width_shift_range: float = 0.0  # fraction of width if < 1, else pixels
-    height_shift_range: float = 0.0  # fraction of height if < 1, else pixels
+    # Keras' forms: a float (uniform in [-s, s]), an int (whole pixels in (-s, s)) or a list (one
+    # of its values, random sign); a fraction of the width / height when under 1, else pixels
+    width_shift_range: int | float | list[float] = 0.0
+    height_shift_range: int | float | list[float] = 0.0
     shear_range: float = 0.0  # degrees
     zoom_range: list[float] | float = 0.0  # z gives [1-z, 1+z]
     horizontal_flip: bool = False

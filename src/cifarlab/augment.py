@@ -46,9 +46,12 @@ def _shift(r, size: int, u: torch.Tensor | None, u_sign: torch.Tensor | None, ze
     if isinstance(r, float):
         v = u * (2 * r) - r
     else:
-        choices = list(range(r)) if isinstance(r, int) else list(r)
-        table = torch.tensor(choices, dtype=torch.float64, device=u.device)
-        v = table[(u * len(choices)).long().clamp(max=len(choices) - 1)]
+        if isinstance(r, int):
+            v = (u * r).floor()
+        else:  # a lookup by comparisons, not a table tensor: no host-to-device copy on a GPU
+            k, v = (u * len(r)).floor(), zeros
+            for j, value in enumerate(r):
+                v = torch.where(k == j, value, v)
         v = torch.where(u_sign < 0.5, -v, v)
     peak = r if isinstance(r, (int, float)) else max(r)
     return v * size if peak < 1 else v

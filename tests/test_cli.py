@@ -127,6 +127,24 @@ def test_augment_command(capsys, tmp_path, image_folder):
     assert run(capsys, "augment", "--data", str(image_folder), "--per-image", "0", "--out", "x.npz")[0] == 2
 
 
+def test_augment_images_reads_the_uint8_images_as_training_does():
+    """``cifarlab augment`` hands a Keras augmenter the uint8 images (input_scale 1/255): the
+    same copies as augmenting the 1/255-scaled floats, to within rounding to 8 bits."""
+    import torch
+
+    from cifarlab.augment import KERAS_NOTEBOOK, KerasAugment
+    from cifarlab.augment_cli import augment_images
+
+    x = np.random.default_rng(0).integers(0, 256, (5, 12, 12, 3), dtype=np.uint8)
+    assert np.array_equal(augment_images(x, KerasAugment(), 2, seed=0), np.repeat(x, 2, 0))  # identity
+    aug = KerasAugment(**KERAS_NOTEBOOK)
+    got = augment_images(x, aug, 3, seed=1)
+    ref = aug(torch.from_numpy(np.repeat(x, 3, 0)).permute(0, 3, 1, 2).float() / 255, torch.Generator().manual_seed(1))
+    ref = (ref.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert not np.array_equal(got, np.repeat(x, 3, 0))
+    assert np.abs(got.astype(int) - ref).max() <= 1  # a value on a .5 boundary may round either way
+
+
 @pytest.mark.parametrize("preset", ["keras", "crop-flip"])
 def test_train_with_augmentation(capsys, tmp_path, image_folder, preset):
     code, o, e = run(capsys, "train", "--data", str(image_folder), "--model", "keras-shallow", "--epochs", "1",

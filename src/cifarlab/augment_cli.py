@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .augment import augmenter_from_config
+from .augment import KerasAugment, augmenter_from_config
 from .config import AugmentConfig, Config, apply_overrides, read_config_file
 from .data import load_dataset
 from .errors import CifarlabError
@@ -23,9 +23,12 @@ def augment_images(x_uint8: np.ndarray, augmenter, per_image: int, seed: int, ba
     g = torch.Generator().manual_seed(seed)
     out = np.empty((len(x_uint8) * per_image, *x_uint8.shape[1:]), dtype=np.uint8)
     for s in range(0, len(x_uint8), batch_size):
-        xb = torch.from_numpy(x_uint8[s:s + batch_size]).permute(0, 3, 1, 2).float() / 255
-        rep = xb.repeat_interleave(per_image, 0)
-        aug = augmenter(rep, g) if augmenter is not None else rep
+        rep = torch.from_numpy(x_uint8[s:s + batch_size]).permute(0, 3, 1, 2).repeat_interleave(per_image, 0)
+        if isinstance(augmenter, KerasAugment):  # it reads the uint8 images itself, as in training
+            aug = augmenter(rep.contiguous(), g, input_scale=1 / 255)
+        else:
+            rep = rep.float() / 255
+            aug = augmenter(rep, g) if augmenter is not None else rep
         arr = (aug.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         out[s * per_image:s * per_image + len(arr)] = arr
     return out

@@ -458,6 +458,8 @@ void warp_batch(const T* src, float* dst, const double* mats, long n, int c, int
 #pragma omp for schedule(static)
     for (long i = 0; i < n; ++i) {
       const T* s = src + i * size;
+      if (i + 1 < n)  // a thread's images are consecutive: fetch the next one while this one is warped
+        for (long j = 0; j < size * (long)sizeof(T); j += 64) __builtin_prefetch((const char*)(s + size) + j);
       if constexpr (std::is_same<T, uint8_t>::value) {
         if (packed) {
           pad.fill_packed(s);

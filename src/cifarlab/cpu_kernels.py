@@ -16,10 +16,12 @@ small convolutional networks and small images:
 
 They are compiled on first use with the system's C++ compiler (about 2 s, then cached on disk)
 and checked against PyTorch before they are trusted. Where there is no compiler, no AVX2/FMA,
-or the check fails, :func:`load` returns None and training uses PyTorch's kernels as before.
+or the check fails, :func:`load` returns None and training and augmentation use PyTorch's
+kernels as before.
 The kernels change speed, not meaning: gradients agree with PyTorch's to float32 rounding (the
-sums run in another order), and dropout keeps each element with probability 1 - p, scaled by
-1 / (1 - p), as PyTorch's does, from a different stream of random numbers.
+sums run in another order), dropout keeps each element with probability 1 - p, scaled by
+1 / (1 - p), as PyTorch's does, from a different stream of random numbers, and the warp agrees
+with scipy's per-image transform more closely than PyTorch's float32 ``grid_sample`` does.
 """
 
 from __future__ import annotations

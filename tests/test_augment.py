@@ -12,9 +12,8 @@ import torch
 from conftest import needs_kernel
 
 from cifarlab import cpu_kernels
-from cifarlab.augment import (CropFlipCutout, KerasAugment, _mm3, affine_sample, alternating_flip,
-                              augmenter_from_config, cutout, flip_matrices, fused_transform, keras_matrices,
-                              pack_pixels, pack_words, random_crop)
+from cifarlab.augment import (CropFlipCutout, KerasAugment, affine_sample, alternating_flip, augmenter_from_config,
+                              cutout, fused_transform, keras_matrices, pack_pixels, pack_words, random_crop)
 from cifarlab.config import AugmentConfig
 from cifarlab.errors import ConfigError
 
@@ -199,10 +198,15 @@ def test_without_the_cpu_kernel_augmentation_takes_the_pytorch_path(monkeypatch)
     assert torch.equal(aug.apply(x, p, input_scale=1 / 255), got)
 
 
-def test_keras_matrices_fold_flips_as_the_flip_matrices_would():
+def test_keras_matrices_fold_flips_as_a_product_with_the_flip_would():
+    """Flipping the output is sampling at mirrored output pixels: M @ F per image."""
     _, p, _ = _params(9, 10, 14, "nearest")
     args = [p[k] for k in ("theta", "tx", "ty", "shear", "zx", "zy")]
-    want = _mm3(keras_matrices(*args, 10, 14), flip_matrices(p["flip_h"], p["flip_v"], 10, 14))
+    flips = torch.eye(3, dtype=torch.float64).repeat(9, 1, 1)
+    fv, fh = p["flip_v"].double(), p["flip_h"].double()
+    flips[:, 0, 0], flips[:, 0, 2] = 1 - 2 * fv, fv * (10 - 1)
+    flips[:, 1, 1], flips[:, 1, 2] = 1 - 2 * fh, fh * (14 - 1)
+    want = keras_matrices(*args, 10, 14) @ flips
     got = keras_matrices(*args, 10, 14, flip_h=p["flip_h"], flip_v=p["flip_v"])
     assert p["flip_h"].any() and p["flip_v"].any() and torch.allclose(got, want, atol=1e-12, rtol=0)
 

@@ -250,9 +250,10 @@ def keras_matrices(theta, tx, ty, shear, zx, zy, h: int, w: int, flip_h: torch.T
     (size / 2 - 0.5), then swaps the two axes because it builds the matrix in (x, y) order but
     hands scipy (row, col) arrays. The result maps output (row, col, 1) to input coordinates,
     which is what scipy's ``affine_transform`` takes. With ``flip_h`` / ``flip_v`` (bool, per
-    image) the matrix also flips the output, as Keras does after the transform: it is then
-    composed with :func:`flip_matrices`. Computed in closed form, elementwise, in float64 (a
-    chain of tiny 3x3 matmuls cost more than the sampling itself).
+    image) the matrix also flips the output, as Keras does after the transform: flipping the
+    output is sampling at mirrored output coordinates, so the flip is composed on the right.
+    Computed in closed form, elementwise, in float64 (a chain of tiny 3x3 matmuls cost more
+    than the sampling itself).
     """
     th, sh = torch.deg2rad(theta.double()), torch.deg2rad(shear.double())
     tx, ty, zx, zy = tx.double(), ty.double(), zx.double(), zy.double()
@@ -268,7 +269,7 @@ def keras_matrices(theta, tx, ty, shear, zx, zy, h: int, w: int, flip_h: torch.T
     # The axis swap P M P: rows and columns 0 and 1 exchanged.
     rows = [[a11, a10, b1], [a01, a00, b0]]
     if flip_h is not None or flip_v is not None:
-        # M @ F, F = [[1 - 2 fv, 0, fv (h - 1)], [0, 1 - 2 fh, fh (w - 1)], [0, 0, 1]] (flip_matrices)
+        # M @ F, F = [[1 - 2 fv, 0, fv (h - 1)], [0, 1 - 2 fh, fh (w - 1)], [0, 0, 1]]: output to pre-flip pixels
         fv = flip_v.double() if flip_v is not None else torch.zeros_like(th)
         fh = flip_h.double() if flip_h is not None else torch.zeros_like(th)
         rows = [[m0 * (1 - 2 * fv), m1 * (1 - 2 * fh), m2 + m0 * (fv * (h - 1)) + m1 * (fh * (w - 1))]
@@ -281,17 +282,6 @@ def _mm3(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Product of (..., 3, 3) matrices by broadcasting: batched 3x3 matmuls are dominated by
     per-matrix call overhead on CPU; 27 elementwise products per pair are not."""
     return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
-
-
-def flip_matrices(flip_h: torch.Tensor, flip_v: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(N, 3, 3) maps from output pixels to pre-flip pixels: flipping the output is the same
-    as sampling at mirrored output coordinates, so flips fold into the affine transform for free."""
-    n = flip_h.shape[0]
-    m = torch.eye(3, dtype=torch.float64, device=flip_h.device).repeat(n, 1, 1)
-    fv, fh = flip_v.double(), flip_h.double()
-    m[:, 0, 0], m[:, 0, 2] = 1 - 2 * fv, fv * (h - 1)
-    m[:, 1, 1], m[:, 1, 2] = 1 - 2 * fh, fh * (w - 1)
-    return m
 
 
 def _wrap_coords(c: torch.Tensor, n: int) -> torch.Tensor:

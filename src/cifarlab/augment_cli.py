@@ -25,7 +25,7 @@ def augment_images(x_uint8: np.ndarray, augmenter, per_image: int, seed: int, ba
     for s in range(0, len(x_uint8), batch_size):
         rep = torch.from_numpy(x_uint8[s:s + batch_size]).permute(0, 3, 1, 2).repeat_interleave(per_image, 0)
         if isinstance(augmenter, KerasAugment):  # it reads the uint8 images itself, as in training
-            aug = augmenter(rep.contiguous(), g, input_scale=1 / 255)
+            aug = augmenter(rep, g, input_scale=1 / 255)
         else:
             rep = rep.float() / 255
             aug = augmenter(rep, g) if augmenter is not None else rep

@@ -153,3 +153,39 @@ def test_train_with_augmentation(capsys, tmp_path, image_folder, preset):
     import yaml
 
     assert yaml.safe_load((tmp_path / preset / "config.yaml").read_text())["augment"]["preset"] == preset
+
+
+def test_augment_folder_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write that fails part-way (a full disk) leaves neither the folder nor its temporary
+    sibling, and says which folder; a successful write lays out SPLIT/CLASS/IMAGE_COPY.png."""
+    from cifarlab.augment_cli import _write_folder
+    from cifarlab.errors import CifarlabError
+
+    copies = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    out = tmp_path / "copies"
+    _write_folder(copies, labels, ["cat", "dog"], "train", 3, out)
+    assert sorted(p.name for p in (out / "train" / "dog").iterdir()) == ["000001_0.png", "000001_1.png",
+                                                                        "000001_2.png"]
+    assert np.array_equal(np.asarray(Image.open(out / "train" / "cat" / "000000_2.png")), copies[2])
+
+    real_save, calls = Image.Image.save, []
+
+    def failing_save(self, fp, *a, **kw):
+        calls.append(fp)
+        if len(calls) % 4 == 0:
+            raise OSError(28, "No space left on device")
+        return real_save(self, fp, *a, **kw)
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(CifarlabError, match="could not write the image folder '.*fresh': No space left on device"):
+        _write_folder(copies, labels, ["cat", "dog"], "train", 3, fresh)
+    assert len(calls) == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["copies"]
+    with pytest.raises(CifarlabError, match="previous output is as it was"):  # overwriting fails part-way
+        _write_folder(copies[::-1].copy(), labels, ["cat", "dog"], "train", 3, out)
+    assert np.array_equal(np.asarray(Image.open(out / "train" / "cat" / "000000_2.png")), copies[2])
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    _write_folder(copies[::-1].copy(), labels, ["cat", "dog"], "train", 3, out)  # overwriting succeeds
+    assert np.array_equal(np.asarray(Image.open(out / "train" / "cat" / "000000_2.png")), copies[3])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copies"]

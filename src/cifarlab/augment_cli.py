@@ -4,6 +4,7 @@ plus previews and one grid of originals beside their augmentations."""
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from pathlib import Path
 
@@ -37,6 +38,50 @@ def augment_images(x_uint8: np.ndarray, augmenter, per_image: int, seed: int, ba
 def _save_image(arr: np.ndarray, path: Path, fmt: str) -> None:
     im = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
     write_with(path, lambda tmp: im.save(tmp, format="JPEG" if fmt == "jpeg" else "PNG", quality=95))
+
+
+def _write_folder(copies: np.ndarray, labels: np.ndarray, classes: list[str], split: str, per_image: int,
+                  out: Path) -> None:
+    """Write ``copies`` as PNGs to ``out/SPLIT/CLASS/IIIIII_K.png`` (image I, copy K), all or nothing.
+
+    The images go into a hidden sibling folder that is flushed to disk once and renamed to
+    ``out`` at the end, so ``out`` appears complete or not at all. Inside it each file is
+    written plainly: per-file atomic writes (a temporary name, an fsync and a rename each) made
+    writing 50,000 copies take 99 s on the development machine, against 31 s this way.
+    """
+    tmp_dir = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    folders = [tmp_dir / split / name for name in classes]
+
+    def save(i: int) -> None:
+        arr = copies[i]
+        im = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+        im.save(folders[labels[i]] / f"{i // per_image:06d}_{i % per_image}.png", format="PNG")
+
+    old = out.with_name(f".{out.name}.old")
+    try:
+        for c in np.unique(labels):
+            folders[c].mkdir(parents=True)
+        for i in range(len(copies)):  # a thread pool gave nothing here: 1, 2 or 4 threads wrote as fast
+            save(i)
+        if hasattr(os, "sync"):
+            os.sync()  # one flush for all files, before the rename makes them visible
+        if out.exists():  # --overwrite: the old output is kept, under another name, until the new is in place
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+        tmp_dir.rename(out)
+    except BaseException as e:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if old.exists() and not out.exists():
+            old.rename(out)  # put the previous output back
+        if isinstance(e, OSError):
+            raise CifarlabError(f"could not write the image folder '{out}': {e.strerror or e}; nothing was "
+                                "left behind and any previous output is as it was") from None
+        raise
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
 
 
 def augment_command(args: argparse.Namespace) -> int:
@@ -75,16 +120,7 @@ def augment_command(args: argparse.Namespace) -> int:
                                                  classes=np.array(ds.classes)))
             print(f"wrote {len(copies):,} augmented images ({args.per_image} per image) to {out}")
         else:
-            tmp_dir = out.with_name(f".{out.name}.tmp")
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            for i in range(len(copies)):
-                cls = ds.classes[labels[i]]
-                d = tmp_dir / args.split / cls
-                d.mkdir(parents=True, exist_ok=True)
-                _save_image(copies[i], d / f"{i // args.per_image:06d}_{i % args.per_image}.png", "png")
-            if out.exists():
-                shutil.rmtree(out)
-            tmp_dir.rename(out)  # the folder appears complete or not at all
+            _write_folder(copies, labels, ds.classes, args.split, args.per_image, out)
             print(f"wrote {len(copies):,} augmented images as an image folder to {out}")
     if args.preview_dir:
         pdir = Path(args.preview_dir)

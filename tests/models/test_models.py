@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cifarlab.errors import ConfigError
-from cifarlab.models import create_model, list_models
+from cifarlab.models import create_model, list_models, min_image_size
 from cifarlab.models.keras_layout import from_keras, to_keras
 from cifarlab.models.summary import format_summary, summarize
 
@@ -78,3 +78,16 @@ def test_summary_table():
     assert ("flatten_1 (Flatten)", "(None, 4096)", 0) in rows
     text = format_summary(create_model("keras-shallow"), (3, 32, 32), "keras-shallow")
     assert "Total params: 4,200,842" in text and "dense_1 (Dense)" in text
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_each_model_takes_its_smallest_size_and_refuses_smaller(name):
+    """The declared smallest image size runs forward; one pixel less, or no classes, is refused
+    up front with the value named, instead of failing inside a layer."""
+    low = min_image_size(name)
+    m = create_model(name, num_classes=2, in_chans=1, img_size=(low, low + 1))
+    assert m(torch.randn(2, 1, low, low + 1)).shape == (2, 2)
+    with pytest.raises(ConfigError, match=rf"cannot take images of size \({low - 1}, {low}\).*at least {low}"):
+        create_model(name, img_size=(low - 1, low))
+    with pytest.raises(ConfigError, match="num_classes=0 is not valid"):
+        create_model(name, num_classes=0)

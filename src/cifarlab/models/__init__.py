@@ -15,15 +15,18 @@ import torch.nn as nn
 from ..errors import ConfigError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_MIN_SIZE: dict[str, int] = {}
 
 
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator adding a model constructor to the registry under ``name``."""
+def register_model(name: str, min_size: int = 1) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator adding a model constructor to the registry under ``name``; ``min_size`` is the
+    smallest image height and width (pixels) its layers can take."""
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model '{name}' is registered twice")
         _REGISTRY[name] = fn
+        _MIN_SIZE[name] = min_size
         return fn
 
     return deco
@@ -39,12 +42,37 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def min_image_size(name: str) -> int:
+    """The smallest image height and width the registered model ``name`` can take."""
+    _ensure_loaded()
+    return _MIN_SIZE[name]
+
+
 def create_model(name: str, **kwargs) -> nn.Module:
-    """Build the registered model ``name`` with keyword arguments (num_classes, in_chans, img_size, ...)."""
+    """Build the registered model ``name`` with keyword arguments (num_classes, in_chans, img_size, ...).
+
+    The common arguments are checked first, so that an impossible model (no classes, images
+    smaller than its pooling stages allow) is refused with the value at fault rather than
+    failing later inside a layer.
+    """
     _ensure_loaded()
     if name not in _REGISTRY:
         raise ConfigError(f"unknown model '{name}'; valid models: {', '.join(sorted(_REGISTRY))}")
+    _check_common(name, kwargs)
     try:
         return _REGISTRY[name](**kwargs)
     except TypeError as e:
         raise ConfigError(f"model '{name}' does not take these arguments {sorted(kwargs)}: {e}") from None
+
+
+def _check_common(name: str, kw: dict) -> None:
+    for key in ("num_classes", "in_chans"):
+        v = kw.get(key, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"model '{name}': {key}={v!r} is not valid; it must be a positive integer")
+    size = kw.get("img_size", _MIN_SIZE[name])
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    low = _MIN_SIZE[name]
+    if len(hw) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in hw) or min(hw) < low:
+        raise ConfigError(f"model '{name}' cannot take images of size {size!r}; it needs a height and width of "
+                          f"at least {low} pixels")

@@ -76,13 +76,13 @@ class SpeedNet(nn.Module):
         self.whiten.bias.zero_()
 
 
-@register_model("speednet")
+@register_model("speednet", min_size=9)  # a 2x2 valid conv, then three 2x2 pools
 def speednet(**kw) -> nn.Module:
     """airbench94-style net (widths 64/256/256); ~2 M parameters."""
     return SpeedNet(**kw)
 
 
-@register_model("speednet-wide")
+@register_model("speednet-wide", min_size=9)
 def speednet_wide(**kw) -> nn.Module:
     """Wider variant for the ``best`` recipe (widths 128/384/512)."""
     kw.setdefault("widths", (128, 384, 512))

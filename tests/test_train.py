@@ -90,6 +90,22 @@ def test_existing_output_not_overwritten(trained_run, image_folder):
     assert (trained_run / "weights.safetensors").read_bytes() == before
 
 
+def test_failed_setup_leaves_no_run_folder_behind(tmp_path):
+    """Images too small for the model: the error names the size and the model's smallest, and
+    the new run folder is removed (an empty one is emptied), so the corrected rerun with the same
+    --out is not refused as 'not empty'."""
+    small = make_image_folder(tmp_path / "small", size=(8, 8))
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        cfg = tiny_config(str(small), str(out))
+        cfg.model.name = "speednet"
+        with pytest.raises(CifarlabError, match=r"'speednet' cannot take images of size \[8, 8\].*at least 9"):
+            fit(cfg, log=lambda s: None)
+    assert not (tmp_path / "new").exists()
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
+    assert fit(tiny_config(str(small), str(tmp_path / "new")), log=lambda s: None)["test_accuracy"] >= 0
+
+
 def test_nan_loss_stops_with_epoch_step_and_lr(tmp_path, image_folder):
     cfg = tiny_config(str(image_folder), str(tmp_path / "r"), epochs=3)
     cfg.optim.lr = 1e30

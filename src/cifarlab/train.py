@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import shutil
 import signal
 import sys
 import time
@@ -206,7 +207,9 @@ class _Interrupts:
                 signal.signal(s, h)
 
 
-def _new_run_dir(cfg: Config) -> Path:
+def _new_run_dir(cfg: Config) -> tuple[Path, str]:
+    """The run folder, created; and what it was before: "absent", "empty" or "used" (it held files
+    and ``--overwrite`` was given)."""
     if cfg.train.out:
         run = Path(cfg.train.out)
         if run.exists() and not run.is_dir():
@@ -221,11 +224,31 @@ def _new_run_dir(cfg: Config) -> Path:
         while run.exists():
             n += 1
             run = Path("runs") / f"{cfg.recipe}-{cfg.model.name}-{stamp}-{n}"
+    before = "absent" if not run.is_dir() else "used" if any(run.iterdir()) else "empty"
     try:
         run.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CifarlabError(f"cannot create output folder '{run}': {e.strerror or e}") from None
-    return run
+    return run, before
+
+
+@contextmanager
+def _undo_on_failure(run: Path, before: str):
+    """If setting up a run fails (bad data, a model that cannot take the images), remove what it
+    wrote, so a corrected rerun with the same ``--out`` is not refused. ``before`` is what
+    :func:`_new_run_dir` found: a folder that already held files ("used") is left as it is."""
+    try:
+        yield
+    except BaseException:
+        if before == "absent":
+            shutil.rmtree(run, ignore_errors=True)
+        elif before == "empty":
+            for p in run.iterdir():
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        raise
 
 
 def _epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -349,19 +372,22 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
     assert cfg is not None
     device = runtime.setup(cfg.train.device, cfg.train.threads, cfg.train.deterministic)
     runtime.seed_everything(cfg.train.seed)
+    before = "used"  # a resumed run's folder is never removed
     if resume is None:
-        run = _new_run_dir(cfg)
-        save_config(cfg, run / "config.yaml")
-    ds = _load_data(cfg, dataset, log)
-    arrays = make_arrays(cfg, ds, device)
-    n = len(arrays.x_train)
-    bs = cfg.train.batch_size
-    steps = math.ceil(n / bs)
-    st = _build(cfg, ds, arrays, device, steps)
+        run, before = _new_run_dir(cfg)
+    with _undo_on_failure(run, before):
+        if resume is None:
+            save_config(cfg, run / "config.yaml")
+        ds = _load_data(cfg, dataset, log)
+        arrays = make_arrays(cfg, ds, device)
+        n = len(arrays.x_train)
+        bs = cfg.train.batch_size
+        steps = math.ceil(n / bs)
+        st = _build(cfg, ds, arrays, device, steps)
+        c, h, w = arrays.x_train.shape[1:]
+        save_architecture(run, cfg.model.name, st.model_kwargs, ds.classes, (int(c), int(h), int(w)), st.prep,
+                          st.num_params, cfg.train.channels_last)
     model, optimizer = st.model, st.optimizer
-    c, h, w = arrays.x_train.shape[1:]
-    save_architecture(run, cfg.model.name, st.model_kwargs, ds.classes, (int(c), int(h), int(w)), st.prep,
-                      st.num_params, cfg.train.channels_last)
 
     history: list[dict[str, float]] = []
     start_epoch, start_step, train_time = 0, 0, 0.0
@@ -548,9 +574,10 @@ def fit_runs(cfg: Config, dataset: Dataset | None = None, log: Callable[[str], N
     import copy
     import statistics
 
-    base = _new_run_dir(cfg)
-    save_config(cfg, base / "config.yaml")
-    ds = _load_data(cfg, dataset, log)
+    base, before = _new_run_dir(cfg)
+    with _undo_on_failure(base, before):
+        save_config(cfg, base / "config.yaml")
+        ds = _load_data(cfg, dataset, log)
     results = []
     for k in range(cfg.train.runs):
         c = copy.deepcopy(cfg)

@@ -48,6 +48,11 @@ def test_summary(capsys):
     (["train", "--recipe", "fast", "--cuda-graph"], "train.cuda_graph = True is not valid; a CUDA graph bakes in"),
     (["evaluate", "/no/run"], "run folder '/no/run' does not exist"),
     (["summary", "--model", "x"], "not a registered model"),
+    (["summary", "--model", "keras-deep", "--num-classes", "0"], "num_classes=0 is not valid"),
+    (["summary", "--model", "keras-deep", "--input", "3,3,3"], "needs a height and width of at least 4 pixels"),
+    (["augment", "--limit", "0", "--out", "x.npz"], "--limit 0 is not valid; it must be at least 1"),
+    (["augment", "--previews", "-1", "--preview-dir", "p"], "--previews -1 is not valid"),
+    (["audit", "/no/run", "--min-group", "0"], "--min-group 0 is not valid"),
 ])
 def test_errors_are_one_paragraph_without_traceback(capsys, args, msg):
     code, out, err = run(capsys, *args)

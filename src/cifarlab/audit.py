@@ -155,16 +155,23 @@ def group_metrics(y: np.ndarray, pred: np.ndarray, values: np.ndarray, overall: 
                                     "ci_excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}}
 
 
+def check_options(margin: float, min_group: int, n_boot: int) -> None:
+    """Refuse audit settings that cannot give a meaningful report, naming the value."""
+    if not 0 <= margin < 1:
+        raise CifarlabError(f"--margin {margin} is not valid; it must lie in [0, 1)")
+    if n_boot < 100:
+        raise CifarlabError(f"--bootstrap {n_boot} is too few resamples for a 95% interval; use at least 100")
+    if min_group < 1:
+        raise CifarlabError(f"--min-group {min_group} is not valid; it must be a positive number of images")
+
+
 def run_audit(run: Path, ds: Dataset, out: Path, groups_csv: str | None = None, margin: float = 0.05,
               min_group: int = 30, n_boot: int = 1000, seed: int = 0, device: str = "auto",
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write ``audit.json``, ``audit.md``, plots and ``MODEL_CARD.md``/``model_card.json`` into ``out``."""
     from .evaluate import evaluate_run
 
-    if not 0 <= margin < 1:
-        raise CifarlabError(f"--margin {margin} is not valid; it must lie in [0, 1)")
-    if n_boot < 100:
-        raise CifarlabError(f"--bootstrap {n_boot} is too few resamples for a 95% interval; use at least 100")
+    check_options(margin, min_group, n_boot)
     pred = load_model(run, device)
     _check_compatible(pred, ds)
     out.mkdir(parents=True, exist_ok=True)

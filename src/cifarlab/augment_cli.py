@@ -86,8 +86,9 @@ def _write_folder(copies: np.ndarray, labels: np.ndarray, classes: list[str], sp
 
 def augment_command(args: argparse.Namespace) -> int:
     """Run ``cifarlab augment`` with parsed arguments."""
-    if args.per_image < 1:
-        raise CifarlabError(f"--per-image {args.per_image} is not valid; it must be at least 1")
+    for flag, value in (("--per-image", args.per_image), ("--limit", args.limit), ("--previews", args.previews)):
+        if value is not None and value < 1:
+            raise CifarlabError(f"{flag} {value} is not valid; it must be at least 1")
     cfg = Config()
     if args.config:
         values = read_config_file(args.config)

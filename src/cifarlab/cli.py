@@ -238,9 +238,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """``cifarlab audit``."""
-    from .audit import run_audit
+    from .audit import check_options, run_audit
     from .export import read_run
 
+    check_options(args.margin, args.min_group, args.bootstrap)  # before the data is loaded
     run, _ = read_run(args.run)
     ds = _load_eval_data(args, run)
     out = Path(args.out) if args.out else run / "audit"

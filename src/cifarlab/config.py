@@ -304,6 +304,8 @@ def validate(cfg: Config) -> None:
         bad("train.cuda_graph", True, "choose either train.compile or train.cuda_graph, not both")
     if cfg.train.runs < 1:
         bad("runs", cfg.train.runs, "it must be at least 1")
+    if not 0 <= cfg.train.seed <= 2**32 - cfg.train.runs:  # NumPy's and scikit-learn's seed range
+        bad("seed", cfg.train.seed, f"with {cfg.train.runs} run(s) it must lie in [0, {2**32 - cfg.train.runs}]")
     if cfg.train.lookahead_every < 0 or not 0 <= cfg.train.lookahead_decay < 1:
         bad("train.lookahead_every/lookahead_decay", (cfg.train.lookahead_every, cfg.train.lookahead_decay),
             "every must be 0 or more and decay in [0, 1)")

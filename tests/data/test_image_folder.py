@@ -138,6 +138,10 @@ def test_stratified_split_and_subset():
     for bad in (0.0, 1.0, -0.1):
         with pytest.raises(DataError, match="strictly between 0 and 1"):
             stratified_split(y, bad, 0)
+    # Too few images to hold out one per class: the counts that fall short are named.
+    with pytest.raises(DataError, match=r"0.2 of 15 images.*10 class\(es\) the validation part \(3 images\).*"
+                                        r"need at least 10.*smallest has 1.*--subset"):
+        stratified_split(np.r_[np.arange(10), np.zeros(5, int)], 0.2, 0)
 
 
 @pytest.mark.skipif(not SHARED_JPEG.is_file(), reason=f"the shared JPEG copy is absent ({SHARED_JPEG})")

@@ -9,6 +9,8 @@ Accepted by ``--data`` (see :func:`load_dataset`):
 
 from __future__ import annotations
 
+import math
+
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,8 +118,14 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     idx = np.arange(len(y))
     try:
         tr, va = train_test_split(idx, test_size=fraction, random_state=seed, stratify=y)
-    except ValueError as e:
-        raise DataError(f"cannot hold out {fraction} of {len(y)} images class by class: {e}") from None
+    except ValueError:
+        counts = np.unique(y, return_counts=True)[1]
+        n_val = math.ceil(fraction * len(y))
+        raise DataError(
+            f"cannot hold out {fraction:g} of {len(y)} images class by class: with {len(counts)} class(es) the "
+            f"validation part ({n_val} images) and the training part ({len(y) - n_val}) each need at least "
+            f"{len(counts)}, one per class, and every class at least 2 images (the smallest has {counts.min()}). "
+            "Use more images (a larger --subset) or another --val-split") from None
     return np.sort(tr), np.sort(va)
 
 

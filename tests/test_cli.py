@@ -170,7 +170,7 @@ def test_augment_folder_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     copies = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
     labels = np.array([0, 0, 0, 1, 1, 1])
     out = tmp_path / "copies"
-    _write_folder(copies, labels, ["cat", "dog"], "train", 3, out)
+    _write_folder([copies], labels, ["cat", "dog"], "train", 3, out)
     assert sorted(p.name for p in (out / "train" / "dog").iterdir()) == ["000001_0.png", "000001_1.png",
                                                                         "000001_2.png"]
     assert np.array_equal(np.asarray(Image.open(out / "train" / "cat" / "000000_2.png")), copies[2])
@@ -186,12 +186,39 @@ def test_augment_folder_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.setattr(Image.Image, "save", failing_save)
     fresh = tmp_path / "fresh"
     with pytest.raises(CifarlabError, match="could not write the image folder '.*fresh': No space left on device"):
-        _write_folder(copies, labels, ["cat", "dog"], "train", 3, fresh)
+        _write_folder([copies], labels, ["cat", "dog"], "train", 3, fresh)
     assert len(calls) == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["copies"]
     with pytest.raises(CifarlabError, match="previous output is as it was"):  # overwriting fails part-way
-        _write_folder(copies[::-1].copy(), labels, ["cat", "dog"], "train", 3, out)
+        _write_folder([copies[::-1].copy()], labels, ["cat", "dog"], "train", 3, out)
     assert np.array_equal(np.asarray(Image.open(out / "train" / "cat" / "000000_2.png")), copies[2])
     monkeypatch.setattr(Image.Image, "save", real_save)
-    _write_folder(copies[::-1].copy(), labels, ["cat", "dog"], "train", 3, out)  # overwriting succeeds
+    _write_folder([copies[::-1].copy()], labels, ["cat", "dog"], "train", 3, out)  # overwriting succeeds
     assert np.array_equal(np.asarray(Image.open(out / "train" / "cat" / "000000_2.png")), copies[3])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copies"]
+
+
+def test_augment_streams_in_chunks_with_the_same_copies(tmp_path, monkeypatch, capsys, image_folder):
+    """Copies are made and written a chunk at a time (memory stays flat for any --per-image):
+    the chunks join into augment_images' array, the .npz reads back as np.savez's would, and
+    previews alone are the very copies that --out writes."""
+    from cifarlab.augment import KERAS_NOTEBOOK, KerasAugment
+    from cifarlab.augment_cli import _write_npz, augment_images, iter_augmented
+
+    x = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+    aug = KerasAugment(**KERAS_NOTEBOOK)
+    chunks = list(iter_augmented(x, aug, 3, seed=2, rows_per_chunk=6))  # 2 images a chunk
+    assert [len(c) for c in chunks] == [6, 6, 6, 3]
+    whole = augment_images(x, aug, 3, seed=2, rows_per_chunk=6)
+    assert np.array_equal(np.concatenate(chunks), whole)
+    _write_npz(tmp_path / "a.npz", iter(chunks), whole.shape, {"y": np.arange(21), "classes": np.array(["a"])})
+    z = np.load(tmp_path / "a.npz", allow_pickle=False)
+    assert np.array_equal(z["x"], whole) and z["y"].tolist() == list(range(21)) and z["classes"].tolist() == ["a"]
+
+    monkeypatch.chdir(tmp_path)
+    common = ["augment", "--data", str(image_folder), "--per-image", "2", "--previews", "3", "--save-format", "png"]
+    assert run(capsys, *common, "--out", "o.npz", "--preview-dir", "with")[0] == 0
+    assert run(capsys, *common, "--preview-dir", "alone")[0] == 0
+    written = np.load("o.npz")["x"]
+    for i, k in ((0, 0), (0, 1), (2, 1)):
+        a, b = (np.asarray(Image.open(f"{d}/aug_{i}_{k}.png")) for d in ("with", "alone"))
+        assert np.array_equal(a, b) and np.array_equal(a, written[2 * i + k])

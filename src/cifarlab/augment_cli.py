@@ -6,9 +6,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import zipfile
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
+import numpy.lib.format as npformat
 import torch
 from PIL import Image
 
@@ -19,20 +22,50 @@ from .errors import CifarlabError
 from .fsutil import write_with
 
 
-def augment_images(x_uint8: np.ndarray, augmenter, per_image: int, seed: int, batch_size: int = 1024) -> np.ndarray:
-    """Return uint8 (N * per_image, H, W, C): copy k of image i at row ``i * per_image + k``."""
+def iter_augmented(x_uint8: np.ndarray, augmenter, per_image: int, seed: int,
+                   rows_per_chunk: int = 8192) -> Iterator[np.ndarray]:
+    """Yield the augmented copies as uint8 (rows, H, W, C) chunks, in order: copy k of image i is
+    overall row ``i * per_image + k``. Chunks of about ``rows_per_chunk`` rows keep the memory
+    flat however many copies are asked for (25 MB a chunk at 32x32x3)."""
     g = torch.Generator().manual_seed(seed)
-    out = np.empty((len(x_uint8) * per_image, *x_uint8.shape[1:]), dtype=np.uint8)
-    for s in range(0, len(x_uint8), batch_size):
-        rep = torch.from_numpy(x_uint8[s:s + batch_size]).permute(0, 3, 1, 2).repeat_interleave(per_image, 0)
+    step = max(1, rows_per_chunk // per_image)  # source images per chunk
+    for s in range(0, len(x_uint8), step):
+        rep = torch.from_numpy(x_uint8[s:s + step]).permute(0, 3, 1, 2).repeat_interleave(per_image, 0)
         if isinstance(augmenter, KerasAugment):  # it reads the uint8 images itself, as in training
             aug = augmenter(rep, g, input_scale=1 / 255)
         else:
             rep = rep.float() / 255
             aug = augmenter(rep, g) if augmenter is not None else rep
-        arr = (aug.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        out[s * per_image:s * per_image + len(arr)] = arr
-    return out
+        yield (aug.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def augment_images(x_uint8: np.ndarray, augmenter, per_image: int, seed: int, rows_per_chunk: int = 8192) -> np.ndarray:
+    """Return uint8 (N * per_image, H, W, C): copy k of image i at row ``i * per_image + k``."""
+    chunks = list(iter_augmented(x_uint8, augmenter, per_image, seed, rows_per_chunk))
+    return np.concatenate(chunks) if chunks else np.empty((0, *x_uint8.shape[1:]), np.uint8)
+
+
+def _write_npz(path: Path, chunks: Iterable[np.ndarray], shape: tuple[int, ...], arrays: dict[str, np.ndarray]) -> None:
+    """Write an ``.npz`` file (as ``np.savez``) whose array ``x`` of ``shape`` arrives in
+    ``chunks``, beside the small ``arrays``, without holding ``x`` in memory; atomically."""
+
+    def writer(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("x.npy", "w", force_zip64=True) as f:
+                header = {"descr": npformat.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                          "shape": shape}
+                npformat.write_array_header_1_0(f, header)
+                rows = 0
+                for c in chunks:
+                    f.write(np.ascontiguousarray(c).tobytes())
+                    rows += len(c)
+                if rows != shape[0]:  # pragma: no cover - a bug, not a user error
+                    raise RuntimeError(f"wrote {rows} rows of x, expected {shape[0]}")
+            for name, arr in arrays.items():
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                    npformat.write_array(f, np.asanyarray(arr), allow_pickle=False)
+
+    write_with(path, writer)
 
 
 def _save_image(arr: np.ndarray, path: Path, fmt: str) -> None:
@@ -40,9 +73,10 @@ def _save_image(arr: np.ndarray, path: Path, fmt: str) -> None:
     write_with(path, lambda tmp: im.save(tmp, format="JPEG" if fmt == "jpeg" else "PNG", quality=95))
 
 
-def _write_folder(copies: np.ndarray, labels: np.ndarray, classes: list[str], split: str, per_image: int,
-                  out: Path) -> None:
-    """Write ``copies`` as PNGs to ``out/SPLIT/CLASS/IIIIII_K.png`` (image I, copy K), all or nothing.
+def _write_folder(chunks: Iterable[np.ndarray], labels: np.ndarray, classes: list[str], split: str,
+                  per_image: int, out: Path) -> None:
+    """Write the copies arriving in ``chunks`` (overall row ``i`` labelled ``labels[i]``) as PNGs
+    to ``out/SPLIT/CLASS/IIIIII_K.png`` (image I, copy K), all or nothing.
 
     The images go into a hidden sibling folder that is flushed to disk once and renamed to
     ``out`` at the end, so ``out`` appears complete or not at all. Inside it each file is
@@ -53,8 +87,7 @@ def _write_folder(copies: np.ndarray, labels: np.ndarray, classes: list[str], sp
     shutil.rmtree(tmp_dir, ignore_errors=True)
     folders = [tmp_dir / split / name for name in classes]
 
-    def save(i: int) -> None:
-        arr = copies[i]
+    def save(i: int, arr: np.ndarray) -> None:
         im = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
         im.save(folders[labels[i]] / f"{i // per_image:06d}_{i % per_image}.png", format="PNG")
 
@@ -62,8 +95,11 @@ def _write_folder(copies: np.ndarray, labels: np.ndarray, classes: list[str], sp
     try:
         for c in np.unique(labels):
             folders[c].mkdir(parents=True)
-        for i in range(len(copies)):  # a thread pool gave nothing here: 1, 2 or 4 threads wrote as fast
-            save(i)
+        i = 0
+        for chunk in chunks:
+            for arr in chunk:  # a thread pool gave nothing here: 1, 2 or 4 threads wrote as fast
+                save(i, arr)
+                i += 1
         if hasattr(os, "sync"):
             os.sync()  # one flush for all files, before the rename makes them visible
         if out.exists():  # --overwrite: the old output is kept, under another name, until the new is in place
@@ -109,30 +145,45 @@ def augment_command(args: argparse.Namespace) -> int:
         x, y = x[:args.limit], y[:args.limit]
     if not args.out and not args.preview_dir:
         raise CifarlabError("nothing to write: give --out (a .npz file or a folder) and/or --preview-dir")
-    copies = augment_images(x, augmenter, args.per_image, args.seed)
-    labels = np.repeat(y, args.per_image)
+    per = args.per_image
+    labels = np.repeat(y, per)
+    n_prev = min(args.previews, len(x)) if args.preview_dir else 0
+    previews: list[np.ndarray] = []  # the first n_prev images' copies, kept as they stream past
+
+    def chunks() -> Iterator[np.ndarray]:
+        kept = 0
+        for c in iter_augmented(x, augmenter, per, args.seed):
+            if kept < n_prev * per:
+                previews.append(c[:n_prev * per - kept].copy())
+                kept += len(previews[-1])
+            yield c
+
     if args.out:
         out = Path(args.out)
         if out.exists() and not args.overwrite and (out.is_file() or any(out.iterdir())):
             raise CifarlabError(f"output '{out}' already exists; choose another --out or pass --overwrite")
         if out.suffix == ".npz":
-            src = np.repeat(np.arange(len(x)), args.per_image)
-            write_with(out, lambda tmp: np.savez(open(tmp, "wb"), x=copies, y=labels, source_index=src,
-                                                 classes=np.array(ds.classes)))
-            print(f"wrote {len(copies):,} augmented images ({args.per_image} per image) to {out}")
+            _write_npz(out, chunks(), (len(x) * per, *x.shape[1:]),
+                       {"y": labels, "source_index": np.repeat(np.arange(len(x)), per),
+                        "classes": np.array(ds.classes)})
+            print(f"wrote {len(x) * per:,} augmented images ({per} per image) to {out}")
         else:
-            _write_folder(copies, labels, ds.classes, args.split, args.per_image, out)
-            print(f"wrote {len(copies):,} augmented images as an image folder to {out}")
+            _write_folder(chunks(), labels, ds.classes, args.split, per, out)
+            print(f"wrote {len(x) * per:,} augmented images as an image folder to {out}")
+    else:  # previews only: augment no further than they need (the same copies --out would write)
+        for _ in chunks():
+            if sum(map(len, previews)) >= n_prev * per:
+                break
     if args.preview_dir:
         pdir = Path(args.preview_dir)
         pdir.mkdir(parents=True, exist_ok=True)
-        n = min(args.previews, len(x))
+        copies = np.concatenate(previews)
         ext = "jpeg" if args.save_format == "jpeg" else "png"
-        for i in range(n):
-            for k in range(args.per_image):
-                _save_image(copies[i * args.per_image + k], pdir / f"{args.save_prefix}_{i}_{k}.{ext}", args.save_format)
-        _grid(x[:n], copies[:n * args.per_image], args.per_image, [ds.classes[c] for c in y[:n]], pdir / "grid.png")
-        print(f"wrote {n * args.per_image} previews and grid.png to {pdir}")
+        for i in range(n_prev):
+            for k in range(per):
+                _save_image(copies[i * per + k], pdir / f"{args.save_prefix}_{i}_{k}.{ext}", args.save_format)
+        _grid(x[:n_prev], copies, per, [ds.classes[c] for c in y[:n_prev]], pdir / "grid.png")
+        print(f"wrote {n_prev * per} previews and grid.png to {pdir}")
     return 0
 
 

@@ -42,7 +42,7 @@ def test_summary(capsys):
     (["train", "--lr", "-1"], "learning rate (optim.lr) = -1.0 is not valid"),
     (["train", "--epochs", "0"], "epochs = 0 is not valid"),
     (["train", "--seed", "-1"], "seed = -1 is not valid; with 1 run(s) it must lie in [0, 4294967295]"),
-    (["train", "--val-split", "1.2"], "strictly between 0 and 1"),
+    (["train", "--val-split", "1.2"], "it must lie in [0, 1); 0 trains on every training image"),
     (["train", "--augment", "wild"], "augmentation preset 'wild' is not valid"),
     (["train", "--data", "/no/such/data"], "--data '/no/such/data' does not exist"),
     (["train", "--config", "/no/such.yaml"], "cannot read config file"),

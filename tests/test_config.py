@@ -38,8 +38,8 @@ def test_roundtrip(tmp_path):
 @pytest.mark.parametrize("over,msg", [
     ({"optim": {"lr": -0.1}}, r"learning rate \(optim.lr\) = -0.1 is not valid; it must be greater than 0"),
     ({"train": {"epochs": 0}}, "epochs = 0 is not valid; it must be at least 1"),
-    ({"data": {"val_split": 1.5}}, "strictly between 0 and 1"),
-    ({"data": {"val_split": 0}}, "strictly between 0 and 1"),
+    ({"data": {"val_split": 1.5}}, r"must lie in \[0, 1\)"),
+    ({"data": {"val_split": -0.1}}, r"must lie in \[0, 1\)"),
     ({"model": {"name": "vgg"}}, "valid models: keras-deep, keras-shallow"),
     ({"optim": {"name": "lbfgs"}}, "valid optimizers: rmsprop, sgd, adam"),
     ({"train": {"batch_size": "big"}}, "train.batch_size: 'big' is not valid; expected a whole number"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -41,6 +42,10 @@ def test_lookahead_pulls_toward_slow_weights():
         m.weight.add_(1.0)
     la.update(m, decay=0.75)
     assert torch.allclose(m.weight, start + 0.25) and torch.allclose(la.slow[0], start + 0.25)
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    la.update(m, decay=1.0)  # how a run ends: back on the slow weights, the fast step discarded
+    assert torch.allclose(m.weight, start + 0.25)
 
 
 def test_tta_levels():
@@ -55,13 +60,25 @@ def test_tta_levels():
 
 
 @pytest.mark.parametrize("recipe", ["fast", "best"])
-def test_speed_recipes_train_on_cpu(tmp_path, recipe):
+def test_speed_recipes_train_on_cpu(tmp_path, recipe, monkeypatch):
     data = make_image_folder(tmp_path / "d", n_train=24, n_test=4)
-    cfg = resolve_config(recipe, overrides={"data": {"data": str(data), "val_split": 0.25},
+    decays: list[float] = []
+    real_update = Lookahead.update
+    monkeypatch.setattr(Lookahead, "update", lambda self, model, decay: (decays.append(decay),
+                                                                         real_update(self, model, decay)))
+    cfg = resolve_config(recipe, overrides={"data": {"data": str(data)},
                                             "train": {"epochs": 2, "batch_size": 16, "out": str(tmp_path / "r"),
                                                       "threads": 1}})
-    m = fit(cfg, log=lambda s: None)
+    lines: list[str] = []
+    m = fit(cfg, log=lines.append)
     assert 0 <= m["test_accuracy"] <= 1 and m["tta"] == "flip-translate"
+    # As airbench: every training image is trained on, no validation split.
+    assert (m["data"]["train_images"], m["data"]["val_images"]) == (72, 0)
+    history = json.loads((tmp_path / "r" / "history.json").read_text())
+    assert [sorted(h) for h in history] == [["accuracy", "epoch", "loss", "train_time_s"]] * 2
+    assert (tmp_path / "r" / "history.png").is_file() and "val_" not in "".join(lines)
+    # Lookahead every 5 of the 10 steps, its decay growing with progress; the run ends on the slow weights.
+    assert len(decays) == 3 and 0 < decays[0] < decays[1] and decays[-1] == 1.0
     arch = json.loads((tmp_path / "r" / "architecture.json").read_text())
     assert arch["preprocessing"]["mean"] is not None  # normalised by the training images' statistics
 
@@ -160,3 +177,40 @@ def test_cuda_graph_needs_cuda_and_a_constant_learning_rate(tmp_path, image_fold
                                               "out": str(tmp_path / "r")}})
     with pytest.raises(CifarlabError, match="cuda_graph needs a CUDA device; this run is on cpu"):
         fit(cfg, log=lambda s: None)
+
+
+def test_fast_recipe_takes_airbench94s_optimizer_steps():
+    """Three steps of the fast recipe's optimizer (mean loss, our lr and weight decay, batch-norm
+    biases in their own group) move every parameter exactly as airbench94's arithmetic does
+    (loss summed over the batch, lr 11.5 and weight decay 0.0153 per 1024 examples, bias_scaler 64)."""
+    from cifarlab.models.speed import BatchNormNoScale
+    from cifarlab.optim import build_optimizer, param_groups
+    from cifarlab.train import train_step
+
+    cfg = resolve_config("fast")
+    batch = cfg.train.batch_size
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), BatchNormNoScale(4), torch.nn.GELU(),
+                               torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10, bias=False))
+    theirs = copy.deepcopy(ours)
+
+    # airbench94's train(): lr and wd per 1024 examples, turned into PyTorch SGD's arguments.
+    kilostep = 1024 * (1 + 1 / (1 - 0.85))
+    lr, wd = 11.5 / kilostep, 0.0153 * batch / kilostep
+    norm_biases = [p for k, p in theirs.named_parameters() if k.startswith("1.") and p.requires_grad]
+    others = [p for k, p in theirs.named_parameters() if not k.startswith("1.") and p.requires_grad]
+    opt_theirs = torch.optim.SGD([dict(params=norm_biases, lr=lr * 64, weight_decay=wd / (lr * 64)),
+                                  dict(params=others, lr=lr, weight_decay=wd / lr)], momentum=0.85, nesterov=True)
+    opt_ours = build_optimizer(param_groups(ours, cfg.optim), cfg.optim)
+    assert [len(g["params"]) for g in opt_ours.param_groups] == [1, 2]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(batch, 3, 8, 8, generator=g), torch.randint(0, 10, (batch,), generator=g)
+        train_step(ours, opt_ours, x, y, label_smoothing=0.2)
+        loss = torch.nn.functional.cross_entropy(theirs(x), y, label_smoothing=0.2, reduction="none").sum()
+        opt_theirs.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_theirs.step()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+    assert not torch.equal(ours[1].bias, torch.zeros(4))  # the biases did move

@@ -25,7 +25,7 @@ class DataConfig:
 
     data: str | None = None  # path to an archive or folder; None downloads `dataset`
     dataset: str = "cifar10"  # cifar10 | cifar100, for downloads
-    val_split: float = 0.2  # fraction of the training images held out, per class (notebook: 0.2)
+    val_split: float = 0.2  # fraction of the training images held out, per class (notebook: 0.2; 0: none)
     subset: int | None = None  # train on a class-balanced subset of this many images
     allow_unverified: bool = False  # read official archives whose MD5 differs from the published one
     label_mode: str = "fine"  # CIFAR-100 labels: fine (100) | coarse (20)
@@ -57,6 +57,8 @@ class OptimConfig:
     warmup_frac: float = 0.0  # triangle: fraction of all steps spent warming up
     start_lr_frac: float = 1.0  # triangle: lr at step 0, as a fraction of lr
     final_lr_frac: float = 1.0  # triangle: lr at the last step, as a fraction of lr
+    # lr multiplier for normalisation-layer biases, their lr x weight decay kept (airbench: 64)
+    norm_bias_lr_scale: float = 1.0
 
 
 @dataclass
@@ -276,8 +278,9 @@ def validate(cfg: Config) -> None:
         bad("epochs", cfg.train.epochs, "it must be at least 1")
     if cfg.train.batch_size < 1:
         bad("batch size", cfg.train.batch_size, "it must be at least 1")
-    if not 0 < cfg.data.val_split < 1:
-        bad("validation split (data.val_split)", cfg.data.val_split, "it must lie strictly between 0 and 1")
+    if not 0 <= cfg.data.val_split < 1:
+        bad("validation split (data.val_split)", cfg.data.val_split,
+            "it must lie in [0, 1); 0 trains on every training image with no validation")
     if cfg.data.subset is not None and cfg.data.subset < 1:
         bad("subset", cfg.data.subset, "it must be a positive number of images")
     if cfg.data.dataset not in ("cifar10", "cifar100"):
@@ -286,6 +289,8 @@ def validate(cfg: Config) -> None:
         bad("data.label_mode", cfg.data.label_mode, "choose fine or coarse")
     if cfg.optim.schedule not in ("constant", "triangle"):
         bad("optim.schedule", cfg.optim.schedule, "choose constant or triangle")
+    if not cfg.optim.norm_bias_lr_scale > 0:
+        bad("optim.norm_bias_lr_scale", cfg.optim.norm_bias_lr_scale, "it must be greater than 0")
     if not 0 <= cfg.optim.warmup_frac <= 1:
         bad("optim.warmup_frac", cfg.optim.warmup_frac, "it must lie in [0, 1]")
     if not 0 <= cfg.train.label_smoothing < 1:

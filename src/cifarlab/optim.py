@@ -50,8 +50,30 @@ class KerasRMSprop(torch.optim.Optimizer):
         return loss
 
 
+_NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
+    """The model's trainable parameters as optimizer groups (``cfg`` an
+    :class:`~cifarlab.config.OptimConfig`). With ``cfg.norm_bias_lr_scale`` s other than 1, the
+    biases of normalisation layers form a group of their own with lr times s and weight decay
+    divided by s, so that the decay per step (lr x weight decay, as SGD applies it) is unchanged:
+    airbench's ``bias_scaler``, which lets batch-norm shifts move as fast as the weights they
+    follow."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if cfg.norm_bias_lr_scale == 1:
+        return [{"params": trainable}]
+    norm_ids = {id(m.bias) for m in model.modules() if isinstance(m, _NORMS) and m.bias is not None}
+    s = cfg.norm_bias_lr_scale
+    groups = [{"params": [p for p in trainable if id(p) in norm_ids], "lr": cfg.lr * s,
+               "weight_decay": cfg.weight_decay / s},
+              {"params": [p for p in trainable if id(p) not in norm_ids]}]
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizer(params, cfg, capturable: bool = False) -> torch.optim.Optimizer:
-    """The optimizer named by ``cfg.name`` (an :class:`~cifarlab.config.OptimConfig`).
+    """The optimizer named by ``cfg.name`` (an :class:`~cifarlab.config.OptimConfig`) over
+    ``params``: tensors, or groups as :func:`param_groups` makes them.
 
     ``capturable``: the step will be recorded in a CUDA graph. RMSprop and SGD need nothing for
     that; Adam then keeps its step count on the device instead of reading it back every step.

@@ -25,15 +25,16 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_history(history: list[dict], path: Path) -> None:
-    """Loss and accuracy curves, training and validation, per epoch."""
+    """Loss and accuracy curves per epoch, training and (where there was one) validation."""
     plt = _plt()
     ep = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(ep, [h["loss"] for h in history], "o-", label="train")
-    a.plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
-    a.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
     b.plot(ep, [h["accuracy"] for h in history], "o-", label="train")
-    b.plot(ep, [h["val_accuracy"] for h in history], "o-", label="validation")
+    if "val_loss" in history[0]:  # absent when training used no validation split
+        a.plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
+        b.plot(ep, [h["val_accuracy"] for h in history], "o-", label="validation")
+    a.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
     b.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
     from matplotlib.ticker import MaxNLocator
 

@@ -29,7 +29,7 @@ from .errors import CifarlabError
 from .export import normalize, preprocess, save_architecture, save_weights, tta_logits
 from .fsutil import write_json, write_text
 from .models import create_model
-from .optim import build_optimizer
+from .optim import build_optimizer, param_groups
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -63,8 +63,11 @@ def make_arrays(cfg: Config, ds: Dataset, device: torch.device) -> Arrays:
     idx = np.arange(len(ds.y_train))
     if cfg.data.subset:
         idx = balanced_subset(ds.y_train, cfg.data.subset, cfg.train.seed)
-    tr, va = stratified_split(ds.y_train[idx], cfg.data.val_split, cfg.train.seed)
-    tr, va = idx[tr], idx[va]
+    if cfg.data.val_split:
+        tr, va = stratified_split(ds.y_train[idx], cfg.data.val_split, cfg.train.seed)
+        tr, va = idx[tr], idx[va]
+    else:  # no validation: train on every image (the speed recipes, as airbench)
+        tr, va = idx, idx[:0]
 
     def t(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous().to(device)
@@ -344,8 +347,7 @@ def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps
         model.init_whitening(preprocess(arrays.x_train[sample], prep))
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim,
-                                capturable=cfg.train.cuda_graph)
+    optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim, capturable=cfg.train.cuda_graph)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, cfg.train.epochs * steps_per_epoch))
     lookahead = Lookahead(model) if cfg.train.lookahead_every else None
     return _Setup(model, optimizer, scheduler, augmenter, prep, lookahead, model_kwargs,
@@ -489,19 +491,23 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
                 tr_loss, tr_acc = loss_sum.item() / seen, correct.item() / seen  # one sync per epoch
                 if not math.isfinite(tr_loss):
                     raise NonFiniteLoss(_nan_message(epoch, None, cfg))
-                v_loss, v_acc, _ = evaluate_arrays(model, arrays.x_val, arrays.y_val, st.prep,
-                                                   channels_last=cfg.train.channels_last)
-                history.append({"epoch": epoch + 1, "loss": tr_loss, "accuracy": tr_acc, "val_loss": v_loss,
-                                "val_accuracy": v_acc, "train_time_s": train_time})
-                log(f"Epoch {epoch + 1}/{cfg.train.epochs} - {train_time:.1f}s - loss: {tr_loss:.4f} - "
-                    f"accuracy: {tr_acc:.4f} - val_loss: {v_loss:.4f} - val_accuracy: {v_acc:.4f}")
+                row = {"epoch": epoch + 1, "loss": tr_loss, "accuracy": tr_acc}
+                line = f"Epoch {epoch + 1}/{cfg.train.epochs} - {train_time:.1f}s - loss: {tr_loss:.4f} - " \
+                       f"accuracy: {tr_acc:.4f}"
+                if len(arrays.x_val):
+                    v_loss, v_acc, _ = evaluate_arrays(model, arrays.x_val, arrays.y_val, st.prep,
+                                                       channels_last=cfg.train.channels_last)
+                    row.update(val_loss=v_loss, val_accuracy=v_acc)
+                    line += f" - val_loss: {v_loss:.4f} - val_accuracy: {v_acc:.4f}"
+                history.append({**row, "train_time_s": train_time})
+                log(line)
                 checkpoint(epoch + 1, 0, (0.0, 0.0, 0), None)
     except torch.cuda.OutOfMemoryError:
         raise CifarlabError(f"the GPU ran out of memory with batch size {bs}; try a smaller one, for example "
                             f"--batch-size {max(1, bs // 2)}") from None
 
     if st.lookahead is not None:
-        st.lookahead.update(model, 0.0)  # end on the slow weights' final blend
+        st.lookahead.update(model, 1.0)  # end on the slow weights, as airbench does
     save_weights(run / "weights.safetensors", model)
     write_history(run, history)
     metrics = _test_metrics(cfg, ds, arrays, st, device, train_time)

@@ -179,15 +179,17 @@ def test_cuda_graph_needs_cuda_and_a_constant_learning_rate(tmp_path, image_fold
         fit(cfg, log=lambda s: None)
 
 
-def test_fast_recipe_takes_airbench94s_optimizer_steps():
-    """Three steps of the fast recipe's optimizer (mean loss, our lr and weight decay, batch-norm
-    biases in their own group) move every parameter exactly as airbench94's arithmetic does
-    (loss summed over the batch, lr 11.5 and weight decay 0.0153 per 1024 examples, bias_scaler 64)."""
+@pytest.mark.parametrize("recipe,airbench_lr", [("fast", 11.5), ("best", 9.0)])
+def test_speed_recipes_take_airbenchs_optimizer_steps(recipe, airbench_lr):
+    """Three steps of the recipe's optimizer (mean loss, our lr and weight decay, batch-norm
+    biases in their own group) move every parameter exactly as airbench's arithmetic does (loss
+    summed over the batch, lr 11.5 (airbench94) or 9.0 (airbench96) and weight decay 0.0153 per
+    1024 examples, bias_scaler 64)."""
     from cifarlab.models.speed import BatchNormNoScale
     from cifarlab.optim import build_optimizer, param_groups
     from cifarlab.train import train_step
 
-    cfg = resolve_config("fast")
+    cfg = resolve_config(recipe)
     batch = cfg.train.batch_size
     torch.manual_seed(0)
     ours = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), BatchNormNoScale(4), torch.nn.GELU(),
@@ -196,7 +198,7 @@ def test_fast_recipe_takes_airbench94s_optimizer_steps():
 
     # airbench94's train(): lr and wd per 1024 examples, turned into PyTorch SGD's arguments.
     kilostep = 1024 * (1 + 1 / (1 - 0.85))
-    lr, wd = 11.5 / kilostep, 0.0153 * batch / kilostep
+    lr, wd = airbench_lr / kilostep, 0.0153 * batch / kilostep
     norm_biases = [p for k, p in theirs.named_parameters() if k.startswith("1.") and p.requires_grad]
     others = [p for k, p in theirs.named_parameters() if not k.startswith("1.") and p.requires_grad]
     opt_theirs = torch.optim.SGD([dict(params=norm_biases, lr=lr * 64, weight_decay=wd / (lr * 64)),

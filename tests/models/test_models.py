@@ -91,3 +91,17 @@ def test_each_model_takes_its_smallest_size_and_refuses_smaller(name):
         create_model(name, img_size=(low - 1, low))
     with pytest.raises(ConfigError, match="num_classes=0 is not valid"):
         create_model(name, num_classes=0)
+
+
+def test_speed_nets_have_airbenchs_parameter_counts():
+    """speednet is airbench94's net and speednet-wide airbench96's (three convolutions per group,
+    residual): the same parameter counts, batch-norm scales included."""
+    counts = {n: sum(p.numel() for p in create_model(n).parameters()) for n in ("speednet", "speednet-wide")}
+    assert counts == {"speednet": 1_972_792, "speednet-wide": 12_721_208}
+    torch.manual_seed(0)
+    group = create_model("speednet-wide").layers[1].eval()
+    x = torch.randn(2, 24, 16, 16)
+    with torch.no_grad():
+        x0 = group.act(group.norm1(group.pool(group.conv1(x))))
+        expect = x0 + group.act(group.norm3(group.conv3(group.act(group.norm2(group.conv2(x0))))))
+        assert torch.allclose(group(x), expect)

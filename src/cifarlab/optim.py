@@ -50,6 +50,7 @@ class KerasRMSprop(torch.optim.Optimizer):
         return loss
 
 
+# Batch and instance norms share _NormBase (PyTorch has no public base class for them).
 _NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
 
 
@@ -57,9 +58,8 @@ def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
     """The model's trainable parameters as optimizer groups (``cfg`` an
     :class:`~cifarlab.config.OptimConfig`). With ``cfg.norm_bias_lr_scale`` s other than 1, the
     biases of normalisation layers form a group of their own with lr times s and weight decay
-    divided by s, so that the decay per step (lr x weight decay, as SGD applies it) is unchanged:
-    airbench's ``bias_scaler``, which lets batch-norm shifts move as fast as the weights they
-    follow."""
+    divided by s, so that the decay per step (lr x weight decay, as SGD applies it) is unchanged.
+    This is airbench's ``bias_scaler`` (64 in its recipes)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg.norm_bias_lr_scale == 1:
         return [{"params": trainable}]

@@ -124,7 +124,8 @@ def test_augment_command(capsys, tmp_path, image_folder):
     assert z["source_index"].tolist()[:4] == [0, 0, 0, 1]
     assert not np.array_equal(z["x"][0], z["x"][1])  # copies differ
     names = sorted(p.name for p in (tmp_path / "prev").iterdir())
-    assert "grid.png" in names and "cat_0_0.png" in names and "cat_1_2.png" in names and len(names) == 7
+    # Previews take the classes in turn (the folder is stored class by class): a cat, then a dog.
+    assert "grid.png" in names and "cat_0_0.png" in names and "cat_6_2.png" in names and len(names) == 7
     code, _, e = run(capsys, "augment", "--data", str(image_folder), "--out", str(npz))
     assert code == 2 and "already exists" in e
     code, _, e = run(capsys, "augment", "--data", str(image_folder), "--out", str(tmp_path / "folder"),
@@ -219,6 +220,15 @@ def test_augment_streams_in_chunks_with_the_same_copies(tmp_path, monkeypatch, c
     assert run(capsys, *common, "--out", "o.npz", "--preview-dir", "with")[0] == 0
     assert run(capsys, *common, "--preview-dir", "alone")[0] == 0
     written = np.load("o.npz")["x"]
-    for i, k in ((0, 0), (0, 1), (2, 1)):
+    for i, k in ((0, 0), (6, 1), (12, 1)):  # the first cat, dog and frog
         a, b = (np.asarray(Image.open(f"{d}/aug_{i}_{k}.png")) for d in ("with", "alone"))
         assert np.array_equal(a, b) and np.array_equal(a, written[2 * i + k])
+
+
+def test_preview_indices_take_the_classes_in_turn():
+    from cifarlab.augment_cli import preview_indices
+
+    y = np.array([2, 2, 2, 0, 0, 1])  # stored class by class, classes unbalanced
+    assert preview_indices(y, 4).tolist() == [0, 1, 3, 5]
+    assert preview_indices(y, 10).tolist() == [0, 1, 2, 3, 4, 5]
+    assert preview_indices(y, 1).tolist() == [0]

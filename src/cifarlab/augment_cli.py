@@ -45,6 +45,20 @@ def augment_images(x_uint8: np.ndarray, augmenter, per_image: int, seed: int, ro
     return np.concatenate(chunks) if chunks else np.empty((0, *x_uint8.shape[1:]), np.uint8)
 
 
+def preview_indices(y: np.ndarray, n: int) -> np.ndarray:
+    """Indices of ``n`` images to preview, the classes taken in turn (the first image of each
+    class in order of appearance, then the second of each, ...), so that a folder stored class by
+    class still previews every class; sorted."""
+    classes = list(dict.fromkeys(y.tolist()))
+    members = [np.flatnonzero(y == c) for c in classes]
+    picks: list[int] = []
+    for rank in range(max(map(len, members), default=0)):
+        picks += [int(m[rank]) for m in members if rank < len(m)]
+        if len(picks) >= n:
+            break
+    return np.array(sorted(picks[:n]), dtype=np.int64)
+
+
 def _write_npz(path: Path, chunks: Iterable[np.ndarray], shape: tuple[int, ...], arrays: dict[str, np.ndarray]) -> None:
     """Write an ``.npz`` file (as ``np.savez``) whose array ``x`` of ``shape`` arrives in
     ``chunks``, beside the small ``arrays``, without holding ``x`` in memory; atomically."""
@@ -147,15 +161,16 @@ def augment_command(args: argparse.Namespace) -> int:
         raise CifarlabError("nothing to write: give --out (a .npz file or a folder) and/or --preview-dir")
     per = args.per_image
     labels = np.repeat(y, per)
-    n_prev = min(args.previews, len(x)) if args.preview_dir else 0
-    previews: list[np.ndarray] = []  # the first n_prev images' copies, kept as they stream past
+    picks = preview_indices(y, args.previews) if args.preview_dir else np.zeros(0, np.int64)
+    previews: dict[int, np.ndarray] = {}  # source index -> its copies, kept as they stream past
 
     def chunks() -> Iterator[np.ndarray]:
-        kept = 0
+        start = 0  # source index of the chunk's first image
         for c in iter_augmented(x, augmenter, per, args.seed):
-            if kept < n_prev * per:
-                previews.append(c[:n_prev * per - kept].copy())
-                kept += len(previews[-1])
+            end = start + len(c) // per
+            for i in picks[(picks >= start) & (picks < end)]:
+                previews[int(i)] = c[(i - start) * per:(i - start + 1) * per].copy()
+            start = end
             yield c
 
     if args.out:
@@ -172,18 +187,18 @@ def augment_command(args: argparse.Namespace) -> int:
             print(f"wrote {len(x) * per:,} augmented images as an image folder to {out}")
     else:  # previews only: augment no further than they need (the same copies --out would write)
         for _ in chunks():
-            if sum(map(len, previews)) >= n_prev * per:
+            if len(previews) == len(picks):
                 break
     if args.preview_dir:
         pdir = Path(args.preview_dir)
         pdir.mkdir(parents=True, exist_ok=True)
-        copies = np.concatenate(previews)
         ext = "jpeg" if args.save_format == "jpeg" else "png"
-        for i in range(n_prev):
+        for i in picks:
             for k in range(per):
-                _save_image(copies[i * per + k], pdir / f"{args.save_prefix}_{i}_{k}.{ext}", args.save_format)
-        _grid(x[:n_prev], copies, per, [ds.classes[c] for c in y[:n_prev]], pdir / "grid.png")
-        print(f"wrote {n_prev * per} previews and grid.png to {pdir}")
+                _save_image(previews[int(i)][k], pdir / f"{args.save_prefix}_{i}_{k}.{ext}", args.save_format)
+        _grid(x[picks], np.concatenate([previews[int(i)] for i in picks]), per, [ds.classes[y[i]] for i in picks],
+              pdir / "grid.png")
+        print(f"wrote {len(picks) * per} previews (images {', '.join(map(str, picks))}) and grid.png to {pdir}")
     return 0
 
 

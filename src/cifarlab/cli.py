@@ -143,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--preview-dir", help="write preview images here")
     g.add_argument("--save-prefix", default="aug", help="file name prefix of previews")
     g.add_argument("--save-format", choices=["jpeg", "png"], default="jpeg")
-    g.add_argument("--previews", type=int, default=8, help="images to preview (default 8)")
+    g.add_argument("--previews", type=int, default=8, help="images to preview, the classes taken in turn (default 8)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--overwrite", action="store_true")
     g.set_defaults(func=cmd_augment)

@@ -53,7 +53,12 @@ def test_tta_levels():
     x = torch.rand(5, 3, 8, 8)
     assert torch.equal(tta_logits(m, x, "none"), m(x))
     assert torch.allclose(tta_logits(m, x, "flip"), (m(x) + m(x.flip(3))) / 2)
-    assert tta_logits(m, x, "flip-translate").shape == (5, 4)
+    # airbench's level 2, written as airbench writes it: reflect-pad by one, crop both corners.
+    pad = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    views = [x, pad[:, :, 0:8, 0:8], pad[:, :, 2:10, 2:10]]
+    mirrored = [(m(v) + m(v.flip(-1))) / 2 for v in views]
+    expect = 0.5 * mirrored[0] + 0.5 * torch.stack(mirrored[1:]).mean(0)
+    assert torch.allclose(tta_logits(m, x, "flip-translate"), expect, atol=1e-6)
     sym = torch.rand(5, 3, 8, 8)
     sym = sym + sym.flip(3)
     assert torch.allclose(tta_logits(m, sym, "flip"), (m(sym) + m(sym.flip(3))) / 2)

@@ -47,17 +47,19 @@ def _translate(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, level: str = "none") -> torch.Tensor:
-    """Logits with test-time augmentation: ``flip`` averages the image and its mirror;
-    ``flip-translate`` gives those half the weight and 1-pixel shifts of each the other half."""
-    out = model(x)
+    """Logits with test-time augmentation, as airbench's levels 0 to 2: ``flip`` averages the
+    image and its mirror; ``flip-translate`` gives that half the weight, and the other half to
+    the same average over the image shifted by one pixel down-right and up-left (edges
+    reflected): six forward passes."""
+    def mirror(z: torch.Tensor) -> torch.Tensor:
+        return (model(z) + model(z.flip(3))) / 2
+
     if level == "none":
-        return out
-    flipped = x.flip(3)
-    out = (out + model(flipped)) / 2
-    if level == "flip-translate":
-        shifted = (model(_translate(x, 1, 1)) + model(_translate(flipped, -1, -1))) / 2
-        out = (out + shifted) / 2
-    return out
+        return model(x)
+    if level == "flip":
+        return mirror(x)
+    shifted = (mirror(_translate(x, 1, 1)) + mirror(_translate(x, -1, -1))) / 2
+    return (mirror(x) + shifted) / 2
 
 
 def save_architecture(run: Path, model_name: str, model_kwargs: dict, classes: list[str],

@@ -95,6 +95,7 @@ class TrainConfig:
 
     epochs: int = 20
     batch_size: int = 128
+    drop_last: bool = False  # skip each epoch's last, partial batch (airbench does; Keras does not)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # CPU threads; None uses every core

@@ -384,7 +384,10 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
         arrays = make_arrays(cfg, ds, device)
         n = len(arrays.x_train)
         bs = cfg.train.batch_size
-        steps = math.ceil(n / bs)
+        steps = n // bs if cfg.train.drop_last else math.ceil(n / bs)
+        if steps == 0:
+            raise CifarlabError(f"train.drop_last leaves no full batch: {n} training images, batch size {bs}; "
+                                "use a smaller --batch-size or turn drop_last off")
         st = _build(cfg, ds, arrays, device, steps)
         c, h, w = arrays.x_train.shape[1:]
         save_architecture(run, cfg.model.name, st.model_kwargs, ds.classes, (int(c), int(h), int(w)), st.prep,

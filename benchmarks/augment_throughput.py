@@ -1,9 +1,9 @@
 """Images per second for one 50,000-image epoch of the notebook's ImageDataGenerator settings.
 
-Compares, in the same run: cifarlab's batched augmentation on the CPU - its own warp kernel (the
-default there), PyTorch's eager ops, and the torch.compile'd transform (the GPU's path) - (and on
-a GPU where one is available), against the per-image scipy path that Keras' ImageDataGenerator
-takes (random parameters per image, the same matrix,
+Compares, in the same run, cifarlab's batched augmentation on the CPU (its own warp kernel, the
+default there; PyTorch's eager ops; the torch.compile'd transform, the GPU's path) and on a GPU
+where one is available, against the per-image scipy path that Keras' ImageDataGenerator takes
+(random parameters per image, the same matrix,
 ``scipy.ndimage.affine_transform`` per channel, order 1, fill 'nearest', then the flip). The
 scipy path here omits Keras' other per-image Python overhead, so the ratio is conservative.
 

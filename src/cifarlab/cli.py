@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--recipe", help="named recipe (default keras-book; see 'cifarlab list')")
     t.add_argument("--model", help="registered model name (see 'cifarlab list')")
     _add_data_args(t)
-    t.add_argument("--val-split", type=float, help="fraction of training images held out, per class (default 0.2; 0: no validation)")
+    t.add_argument("--val-split", type=float,
+                   help="fraction of training images held out, per class (default 0.2; 0: no validation)")
     g = t.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)

@@ -10,7 +10,6 @@ Accepted by ``--data`` (see :func:`load_dataset`):
 from __future__ import annotations
 
 import math
-
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""A compact residual-free CNN for the speed recipes, after airbench (Keller Jordan, 2024,
+"""Compact CNNs for the speed recipes, after airbench (Keller Jordan, 2024,
 "94% on CIFAR-10 in 3.29 seconds on a single GPU"): a frozen whitening first layer computed
 from the training images, three conv groups (conv, pool, batch norm, GELU, conv, batch norm,
 GELU; airbench96's groups add a third conv and a residual connection), a global max pool and a
@@ -40,10 +40,8 @@ class ConvGroup(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.norm1(self.pool(self.conv1(x))))
-        if self.conv3 is None:
-            return self.act(self.norm2(self.conv2(x)))
         y = self.act(self.norm2(self.conv2(x)))
-        return x + self.act(self.norm3(self.conv3(y)))
+        return y if self.conv3 is None else x + self.act(self.norm3(self.conv3(y)))
 
 
 class SpeedNet(nn.Module):
@@ -96,7 +94,7 @@ def speednet(**kw) -> nn.Module:
 @register_model("speednet-wide", min_size=9)
 def speednet_wide(**kw) -> nn.Module:
     """airbench96-style net for the ``best`` recipe: widths 128/512/512, three convolutions per
-    group with a residual connection; ~15 M parameters."""
+    group with a residual connection; 12.7 M parameters."""
     kw.setdefault("widths", (128, 512, 512))
     kw.setdefault("depth", 3)
     return SpeedNet(**kw)

@@ -183,6 +183,7 @@ def test_cuda_graph_needs_cuda_and_a_constant_learning_rate(tmp_path, image_fold
                                               "out": str(tmp_path / "r")}})
     with pytest.raises(CifarlabError, match="cuda_graph needs a CUDA device; this run is on cpu"):
         fit(cfg, log=lambda s: None)
+    assert not (tmp_path / "r").exists()  # a setup failure leaves no run folder behind
 
 
 @pytest.mark.parametrize("recipe,airbench_lr", [("fast", 11.5), ("best", 9.0)])

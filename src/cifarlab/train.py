@@ -382,8 +382,7 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
             save_config(cfg, run / "config.yaml")
         ds = _load_data(cfg, dataset, log)
         arrays = make_arrays(cfg, ds, device)
-        n = len(arrays.x_train)
-        bs = cfg.train.batch_size
+        n, bs = len(arrays.x_train), cfg.train.batch_size
         steps = n // bs if cfg.train.drop_last else math.ceil(n / bs)
         if steps == 0:
             raise CifarlabError(f"train.drop_last leaves no full batch: {n} training images, batch size {bs}; "
@@ -392,134 +391,161 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
         c, h, w = arrays.x_train.shape[1:]
         save_architecture(run, cfg.model.name, st.model_kwargs, ds.classes, (int(c), int(h), int(w)), st.prep,
                           st.num_params, cfg.train.channels_last)
-    model, optimizer = st.model, st.optimizer
-
-    history: list[dict[str, float]] = []
-    start_epoch, start_step, train_time = 0, 0, 0.0
-    partial = (0.0, 0.0, 0)
-    aug_state = None
-    if ckpt is not None:
-        _restore(ckpt, st, device)
-        history = list(ckpt["history"])
-        start_epoch, start_step, train_time = ckpt["epoch"], ckpt["step"], ckpt["train_time_s"]
-        partial = (ckpt["partial_loss"], ckpt["partial_correct"], ckpt["partial_seen"])
-        aug_state = ckpt.get("aug_state")
-        log(f"resuming {run} at epoch {start_epoch + 1}, step {start_step}")
-    log(f"run folder: {run}")
-    log(f"model {cfg.model.name} ({st.num_params:,} parameters) on {device}; {n:,} training, "
-        f"{len(arrays.x_val):,} validation, {len(arrays.x_test):,} test images")
-
-    interactive = sys.stderr.isatty()
+        if ckpt is not None:
+            log(f"resuming {run} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
+        log(f"run folder: {run}")
+        log(f"model {cfg.model.name} ({st.num_params:,} parameters) on {device}; {n:,} training, "
+            f"{len(arrays.x_val):,} validation, {len(arrays.x_test):,} test images")
+        loop = _Loop(cfg, run, st, arrays, device, steps, _use_cpu_kernels(cfg, device, log), ckpt)
     interrupts = _Interrupts()
-    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    total_steps = cfg.train.epochs * steps
-
-    def checkpoint(epoch: int, step: int, sums: tuple, gen: torch.Generator | None) -> None:
-        _save_checkpoint(run, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
-            "lookahead": st.lookahead.slow if st.lookahead is not None else None,
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "epoch": epoch, "step": step, "history": history, "train_time_s": train_time,
-            "partial_loss": float(sums[0]), "partial_correct": float(sums[1]), "partial_seen": int(sums[2]),
-            "aug_state": gen.get_state() if gen is not None else None,
-        })
-
-    whiten_bias = getattr(getattr(model, "whiten", None), "bias", None)
-    use_kernels = _use_cpu_kernels(cfg, device, log)
-    if cfg.train.cuda_graph:
-        if device.type != "cuda":
-            raise CifarlabError(f"train.cuda_graph needs a CUDA device; this run is on {device}. "
-                                "Leave --cuda-graph off on the CPU")
-        # Autocast's cache of cast weights cannot live across graph replays.
-        step_fn = GraphedStep(model, optimizer, cfg.train.label_smoothing,
-                              runtime.autocast(device, cfg.train.precision, cache=False))
-    else:
-        step_fn = functools.partial(train_step, runtime.maybe_compile(model, cfg.train.compile), optimizer,
-                                    label_smoothing=cfg.train.label_smoothing,
-                                    autocast=runtime.autocast(device, cfg.train.precision),  # built once per run
-                                    cpu_kernels=use_kernels)
-    model.train()
+    st.model.train()
     try:
         with interrupts.installed():
-            for epoch in range(start_epoch, cfg.train.epochs):
-                if whiten_bias is not None:
-                    whiten_bias.requires_grad_(epoch < cfg.train.whiten_bias_epochs)
-                gen = _epoch_generator(cfg.train.seed, epoch, device)
-                perm = torch.randperm(n, generator=_epoch_generator(cfg.train.seed, epoch, torch.device("cpu")))
-                perm = perm.to(device)
-                first = start_step if epoch == start_epoch else 0
-                if first and aug_state is not None:
-                    gen.set_state(aug_state)
-                loss_sum = torch.tensor(partial[0] if first else 0.0, device=device, dtype=torch.float64)
-                correct = torch.tensor(partial[1] if first else 0.0, device=device, dtype=torch.float64)
-                seen = partial[2] if first else 0
-                bar = tqdm(total=steps, initial=first, desc=f"Epoch {epoch + 1}/{cfg.train.epochs}",
-                           disable=not interactive, leave=False, unit="step")
-                t0 = _Clock(device)
-                for step in range(first, steps):
-                    idx = perm[step * bs:(step + 1) * bs]
-                    if isinstance(st.augmenter, KerasAugment):
-                        # Keras' order: the random transform of the rescaled images, then the
-                        # featurewise standardisation; the augmenter reads the uint8 images itself.
-                        x = st.augmenter(arrays.x_train[idx], gen, input_scale=st.prep["rescale"])
-                        x = normalize(x, st.prep)
-                    else:
-                        x = preprocess(arrays.x_train[idx], st.prep)
-                        if isinstance(st.augmenter, CropFlipCutout):
-                            x = st.augmenter(x, gen, indices=idx, epoch=epoch, seed=cfg.train.seed)
-                    x = x.contiguous(memory_format=fmt)
-                    y = arrays.y_train[idx]
-                    l_sum, corr = step_fn(x, y)
-                    st.scheduler.step()
-                    global_step = epoch * steps + step + 1
-                    if st.lookahead is not None and global_step % cfg.train.lookahead_every == 0:
-                        st.lookahead.update(model, cfg.train.lookahead_decay * (global_step / total_steps) ** 3)
-                    if device.type == "cpu" and not math.isfinite(l_sum.item()):  # free on CPU: no device sync
-                        raise NonFiniteLoss(_nan_message(epoch, step, cfg))
-                    loss_sum += l_sum
-                    correct += corr
-                    seen += len(y)
-                    bar.update(1)
-                    if interactive and step % 50 == 0:  # GPU sync, only for the live progress bar
-                        bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
-                    if interrupts.flag:
-                        train_time += t0.elapsed()
-                        checkpoint(epoch, step + 1, (loss_sum.item(), correct.item(), seen), gen)
-                        raise TrainingInterrupted(
-                            f"training stopped by {interrupts.flag} at epoch {epoch + 1}, step {step + 1}; "
-                            f"a checkpoint was saved. Resume with: cifarlab train --resume {run}")
-                train_time += t0.elapsed()
-                bar.close()
-                tr_loss, tr_acc = loss_sum.item() / seen, correct.item() / seen  # one sync per epoch
-                if not math.isfinite(tr_loss):
-                    raise NonFiniteLoss(_nan_message(epoch, None, cfg))
-                row = {"epoch": epoch + 1, "loss": tr_loss, "accuracy": tr_acc}
-                line = f"Epoch {epoch + 1}/{cfg.train.epochs} - {train_time:.1f}s - loss: {tr_loss:.4f} - " \
-                       f"accuracy: {tr_acc:.4f}"
-                if len(arrays.x_val):
-                    v_loss, v_acc, _ = evaluate_arrays(model, arrays.x_val, arrays.y_val, st.prep,
-                                                       channels_last=cfg.train.channels_last)
-                    row.update(val_loss=v_loss, val_accuracy=v_acc)
-                    line += f" - val_loss: {v_loss:.4f} - val_accuracy: {v_acc:.4f}"
-                history.append({**row, "train_time_s": train_time})
-                log(line)
-                checkpoint(epoch + 1, 0, (0.0, 0.0, 0), None)
+            for epoch in range(loop.start_epoch, cfg.train.epochs):
+                log(loop.run_epoch(epoch, interrupts))
     except torch.cuda.OutOfMemoryError:
         raise CifarlabError(f"the GPU ran out of memory with batch size {bs}; try a smaller one, for example "
                             f"--batch-size {max(1, bs // 2)}") from None
 
     if st.lookahead is not None:
-        st.lookahead.update(model, 1.0)  # end on the slow weights, as airbench does
-    save_weights(run / "weights.safetensors", model)
-    write_history(run, history)
-    metrics = _test_metrics(cfg, ds, arrays, st, device, train_time)
-    metrics["cpu_kernels"] = use_kernels  # whether cifarlab's own CPU kernels ran (conv gradients, dropout)
+        st.lookahead.update(st.model, 1.0)  # end on the slow weights, as airbench does
+    save_weights(run / "weights.safetensors", st.model)
+    write_history(run, loop.history)
+    metrics = _test_metrics(cfg, ds, arrays, st, device, loop.train_time)
+    metrics["cpu_kernels"] = loop.cpu_kernels  # whether cifarlab's own CPU kernels ran (conv gradients, dropout)
     write_json(run / "metrics.json", metrics)
     log(f"Test score: {metrics['test_loss']:.4f}")
     log(f"Test accuracy: {metrics['test_accuracy']:.4f}")
     metrics["run"] = str(run)
     return metrics
+
+
+class _Loop:
+    """The epochs of one run, and the state a checkpoint keeps between them: where the run
+    stands (epoch, step, and the running sums of an interrupted epoch), its history and its
+    training time so far. Checkpoints are taken at the end of every epoch and on an interrupt,
+    never inside an optimizer update, so a resumed run is identical to an uninterrupted one."""
+
+    def __init__(self, cfg: Config, run: Path, st: _Setup, arrays: Arrays, device: torch.device, steps: int,
+                 cpu_kernels: bool, ckpt: dict | None = None):
+        self.cfg, self.run, self.st, self.arrays, self.device = cfg, run, st, arrays, device
+        self.steps, self.total_steps, self.cpu_kernels = steps, cfg.train.epochs * steps, cpu_kernels
+        self.fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.whiten_bias = getattr(getattr(st.model, "whiten", None), "bias", None)
+        self.start_epoch, self.start_step, self.train_time = 0, 0, 0.0
+        self.history: list[dict[str, float]] = []
+        self.partial: tuple[float, float, int] = (0.0, 0.0, 0)  # loss sum, correct, seen before the interrupt
+        self.aug_state: torch.Tensor | None = None
+        if ckpt is not None:
+            _restore(ckpt, st, device)
+            self.history = list(ckpt["history"])
+            self.start_epoch, self.start_step, self.train_time = ckpt["epoch"], ckpt["step"], ckpt["train_time_s"]
+            self.partial = (ckpt["partial_loss"], ckpt["partial_correct"], ckpt["partial_seen"])
+            self.aug_state = ckpt.get("aug_state")
+        self.step_fn = _step_function(cfg, st, device, cpu_kernels)
+
+    def save(self, epoch: int, step: int, sums: tuple[float, float, int], gen: torch.Generator | None) -> None:
+        """Checkpoint: the run resumes at ``step`` of ``epoch`` with the running ``sums``."""
+        st = self.st
+        _save_checkpoint(self.run, {
+            "model": st.model.state_dict(), "optimizer": st.optimizer.state_dict(),
+            "scheduler": st.scheduler.state_dict(),
+            "lookahead": st.lookahead.slow if st.lookahead is not None else None,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "epoch": epoch, "step": step, "history": self.history, "train_time_s": self.train_time,
+            "partial_loss": float(sums[0]), "partial_correct": float(sums[1]), "partial_seen": int(sums[2]),
+            "aug_state": gen.get_state() if gen is not None else None,
+        })
+
+    def batch(self, idx: torch.Tensor, gen: torch.Generator, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training batch of images ``idx``: converted, augmented, normalised, on the device."""
+        st, x_train = self.st, self.arrays.x_train
+        if isinstance(st.augmenter, KerasAugment):
+            # Keras' order: the random transform of the rescaled images, then the featurewise
+            # standardisation; the augmenter reads the uint8 images itself.
+            x = normalize(st.augmenter(x_train[idx], gen, input_scale=st.prep["rescale"]), st.prep)
+        else:
+            x = preprocess(x_train[idx], st.prep)
+            if isinstance(st.augmenter, CropFlipCutout):
+                x = st.augmenter(x, gen, indices=idx, epoch=epoch, seed=self.cfg.train.seed)
+        return x.contiguous(memory_format=self.fmt), self.arrays.y_train[idx]
+
+    def run_epoch(self, epoch: int, interrupts: _Interrupts) -> str:
+        """Train one epoch (from the saved step if it was interrupted), evaluate on the validation
+        images, append to the history, checkpoint; returns the epoch's log line."""
+        cfg, st, device, steps = self.cfg, self.st, self.device, self.steps
+        bs, n = cfg.train.batch_size, len(self.arrays.x_train)
+        if self.whiten_bias is not None:
+            self.whiten_bias.requires_grad_(epoch < cfg.train.whiten_bias_epochs)
+        gen = _epoch_generator(cfg.train.seed, epoch, device)
+        perm = torch.randperm(n, generator=_epoch_generator(cfg.train.seed, epoch, torch.device("cpu"))).to(device)
+        first = self.start_step if epoch == self.start_epoch else 0
+        if first and self.aug_state is not None:
+            gen.set_state(self.aug_state)
+        partial = self.partial if first else (0.0, 0.0, 0)
+        # Running sums stay on the device: reading them is a GPU-to-CPU sync.
+        loss_sum = torch.tensor(partial[0], device=device, dtype=torch.float64)
+        correct = torch.tensor(partial[1], device=device, dtype=torch.float64)
+        seen = partial[2]
+        interactive = sys.stderr.isatty()
+        bar = tqdm(total=steps, initial=first, desc=f"Epoch {epoch + 1}/{cfg.train.epochs}",
+                   disable=not interactive, leave=False, unit="step")
+        clock = _Clock(device)
+        for step in range(first, steps):
+            x, y = self.batch(perm[step * bs:(step + 1) * bs], gen, epoch)
+            l_sum, corr = self.step_fn(x, y)
+            st.scheduler.step()
+            global_step = epoch * steps + step + 1
+            if st.lookahead is not None and global_step % cfg.train.lookahead_every == 0:
+                st.lookahead.update(st.model, cfg.train.lookahead_decay * (global_step / self.total_steps) ** 3)
+            if device.type == "cpu" and not math.isfinite(l_sum.item()):  # free on CPU: no device sync
+                raise NonFiniteLoss(_nan_message(epoch, step, cfg))
+            loss_sum += l_sum
+            correct += corr
+            seen += len(y)
+            bar.update(1)
+            if interactive and step % 50 == 0:  # GPU sync, only for the live progress bar
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
+            if interrupts.flag:
+                self.train_time += clock.elapsed()
+                self.save(epoch, step + 1, (loss_sum.item(), correct.item(), seen), gen)
+                raise TrainingInterrupted(
+                    f"training stopped by {interrupts.flag} at epoch {epoch + 1}, step {step + 1}; "
+                    f"a checkpoint was saved. Resume with: cifarlab train --resume {self.run}")
+        self.train_time += clock.elapsed()
+        bar.close()
+        tr_loss, tr_acc = loss_sum.item() / seen, correct.item() / seen  # one sync per epoch
+        if not math.isfinite(tr_loss):
+            raise NonFiniteLoss(_nan_message(epoch, None, cfg))
+        row = {"epoch": epoch + 1, "loss": tr_loss, "accuracy": tr_acc}
+        line = f"Epoch {epoch + 1}/{cfg.train.epochs} - {self.train_time:.1f}s - loss: {tr_loss:.4f} - " \
+               f"accuracy: {tr_acc:.4f}"
+        if len(self.arrays.x_val):
+            v_loss, v_acc, _ = evaluate_arrays(st.model, self.arrays.x_val, self.arrays.y_val, st.prep,
+                                               channels_last=cfg.train.channels_last)
+            row.update(val_loss=v_loss, val_accuracy=v_acc)
+            line += f" - val_loss: {v_loss:.4f} - val_accuracy: {v_acc:.4f}"
+        self.history.append({**row, "train_time_s": self.train_time})
+        self.save(epoch + 1, 0, (0.0, 0.0, 0), None)
+        return line
+
+
+def _step_function(cfg: Config, st: _Setup, device: torch.device,
+                   cpu_kernels: bool) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`train_step` bound to this run's model, optimizer, loss and precision: replayed as
+    a CUDA graph with ``train.cuda_graph``, else eager (compiled with ``train.compile``)."""
+    if cfg.train.cuda_graph:
+        if device.type != "cuda":
+            raise CifarlabError(f"train.cuda_graph needs a CUDA device; this run is on {device}. "
+                                "Leave --cuda-graph off on the CPU")
+        # Autocast's cache of cast weights cannot live across graph replays.
+        return GraphedStep(st.model, st.optimizer, cfg.train.label_smoothing,
+                           runtime.autocast(device, cfg.train.precision, cache=False))
+    return functools.partial(train_step, runtime.maybe_compile(st.model, cfg.train.compile), st.optimizer,
+                             label_smoothing=cfg.train.label_smoothing,
+                             autocast=runtime.autocast(device, cfg.train.precision),  # built once per run
+                             cpu_kernels=cpu_kernels)
 
 
 def _use_cpu_kernels(cfg: Config, device: torch.device, log: Callable[[str], None]) -> bool:

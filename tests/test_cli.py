@@ -85,7 +85,9 @@ def test_train_evaluate_predict_end_to_end(capsys, tmp_path, image_folder):
     rep = json.loads(o)
     assert code == 0 and set(rep) >= {"loss", "accuracy", "per_class", "confusion_matrix", "calibration"}
     code, o, _ = run(capsys, "evaluate", str(out), "--tta")
-    assert code == 0 and o.startswith("Test score: ")
+    assert code == 0 and o.startswith("Test score: ") and "Test-time augmentation: flip\n" in o
+    code, o, _ = run(capsys, "evaluate", str(out))
+    assert code == 0 and "Test-time augmentation: none\n" in o  # the run's own: trained without
 
     good = tmp_path / "good.png"
     Image.fromarray(np.full((40, 30, 4), 120, np.uint8), "RGBA").save(good)
@@ -94,7 +96,7 @@ def test_train_evaluate_predict_end_to_end(capsys, tmp_path, image_folder):
     res = json.loads(o)
     assert code == 1 and len(res["predictions"]) == 1 and len(res["predictions"][0]["top"]) == 3
     assert res["errors"][0]["file"].endswith("bad.jpg") and "bad.jpg: not an image file" in e
-    code, o, _ = run(capsys, "predict", str(out), str(good), "--csv", "--top", "2")
+    code, o, _ = run(capsys, "predict", str(out), str(good), "--tta", "flip-translate", "--csv", "--top", "2")
     assert code == 0 and o.splitlines()[0] == "file,rank,class,probability" and len(o.splitlines()) == 3
 
     code, o, e = run(capsys, "audit", str(out), "--bootstrap", "100")

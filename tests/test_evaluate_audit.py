@@ -108,3 +108,29 @@ def test_groups_file_errors(image_folder, tmp_path):
     f.write_text("index,x\n0,a\n1,b\n")
     idx, attrs = read_groups(f, ds)
     assert idx.tolist() == [0, 1] and attrs["x"].tolist() == ["a", "b"]
+
+
+def test_evaluation_uses_the_runs_own_test_time_augmentation(image_folder, tmp_path):
+    """A run trained with TTA is evaluated, audited and served with it unless told otherwise, so
+    `evaluate` reproduces the test accuracy training reported."""
+    from conftest import tiny_config
+
+    from cifarlab.export import load_model
+    from cifarlab.train import fit
+
+    cfg = tiny_config(str(image_folder), str(tmp_path / "run"), epochs=2)
+    cfg.train.tta = "flip-translate"
+    trained = fit(cfg, log=lambda s: None)
+    ds = load_dataset(image_folder)
+    rep = evaluate_run(tmp_path / "run", ds, tmp_path / "eval", device="cpu")
+    assert rep["tta"] == "flip-translate"
+    assert rep["accuracy"] == trained["test_accuracy"]
+    assert rep["loss"] == pytest.approx(trained["test_loss"], rel=1e-4)
+    plain = evaluate_run(tmp_path / "run", ds, tmp_path / "eval-none", tta="none", device="cpu")
+    assert plain["tta"] == "none" and plain["loss"] != rep["loss"]
+    audit = run_audit(tmp_path / "run", ds, tmp_path / "audit", n_boot=100, device="cpu", log=lambda s: None)
+    assert audit["tta"] == "flip-translate" and audit["overall_accuracy"] == rep["accuracy"]
+    assert "test-time augmentation: flip-translate" in (tmp_path / "audit" / "MODEL_CARD.md").read_text()
+    assert load_model(tmp_path / "run").tta == "flip-translate"
+    with pytest.raises(CifarlabError, match="test-time augmentation 'mirror' is not valid; choose none, flip"):
+        load_model(tmp_path / "run", tta="mirror")

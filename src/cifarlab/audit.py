@@ -166,25 +166,27 @@ def check_options(margin: float, min_group: int, n_boot: int) -> None:
 
 
 def run_audit(run: Path, ds: Dataset, out: Path, groups_csv: str | None = None, margin: float = 0.05,
-              min_group: int = 30, n_boot: int = 1000, seed: int = 0, device: str = "auto",
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Write ``audit.json``, ``audit.md``, plots and ``MODEL_CARD.md``/``model_card.json`` into ``out``."""
-    from .evaluate import evaluate_run
+              min_group: int = 30, n_boot: int = 1000, seed: int = 0, tta: str | None = None,
+              device: str = "auto", log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write ``audit.json``, ``audit.md``, plots and ``MODEL_CARD.md``/``model_card.json`` into
+    ``out``. ``tta``: the test-time augmentation, by default the run's own (the model as trained
+    and reported is the model audited)."""
+    from .evaluate import write_report
 
     check_options(margin, min_group, n_boot)
-    pred = load_model(run, device)
+    pred = load_model(run, device, tta)
     _check_compatible(pred, ds)
     out.mkdir(parents=True, exist_ok=True)
-    report = evaluate_run(run, ds, out, device=device)  # confusion matrix, reliability, confident errors
     probs = predict_dataset(pred, ds.x_test)
+    report = write_report(pred, ds, probs, out)  # confusion matrix, reliability, confident errors
     yhat = probs.argmax(1)
     y = ds.y_test
     overall = float((yhat == y).mean())
     cls = class_metrics(y, yhat, pred.classes, n_boot, seed)
     for r in cls["per_class"]:
         r["flagged"] = bool(r["accuracy"] < overall - margin)
-    audit: dict[str, Any] = {"run": str(run), "data": ds.source, "overall_accuracy": overall, "margin": margin,
-                             "bootstrap_resamples": n_boot, "classes": cls, "warnings": []}
+    audit: dict[str, Any] = {"run": str(run), "data": ds.source, "tta": pred.tta, "overall_accuracy": overall,
+                             "margin": margin, "bootstrap_resamples": n_boot, "classes": cls, "warnings": []}
     for r in cls["per_class"]:
         if r["flagged"]:
             audit["warnings"].append(f"class '{r['class']}' accuracy {r['accuracy']:.3f} is more than {margin:.2f} "
@@ -246,8 +248,9 @@ def _fmt_ci(ci: list[float]) -> str:
 
 
 def _audit_markdown(a: dict) -> str:
-    lines = [f"# Audit of `{a['run']}`", "", f"Data: `{a['data']}`. Overall accuracy **{a['overall_accuracy']:.4f}**. "
-             f"Intervals: 95% percentile bootstrap, {a['bootstrap_resamples']} resamples.", "",
+    lines = [f"# Audit of `{a['run']}`", "", f"Data: `{a['data']}`. Overall accuracy **{a['overall_accuracy']:.4f}** "
+             f"(test-time augmentation: {a['tta']}). Intervals: 95% percentile bootstrap, "
+             f"{a['bootstrap_resamples']} resamples.", "",
              "![per-class accuracy](per_class_accuracy.png)", "",
              "| class | n | accuracy | 95% CI | precision | 95% CI | flagged |", "|---|---|---|---|---|---|---|"]
     for r in a["classes"]["per_class"]:
@@ -323,7 +326,7 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
                             "note": "the test split of the same collection as the training data; it shares its biases"},
         "metrics": {
             "overall": {"accuracy": report["accuracy"], "loss": report["loss"], "top_k": report["top_k"],
-                        "ece": report["calibration"]["ece"]},
+                        "ece": report["calibration"]["ece"], "test_time_augmentation": report["tta"]},
             "per_class": audit["classes"]["per_class"], "class_spread": audit["classes"]["spread"],
             "groups": audit.get("attributes", {}), "interval_method": f"95% percentile bootstrap, "
                                                                        f"{audit['bootstrap_resamples']} resamples",
@@ -365,8 +368,8 @@ def model_card_markdown(card: dict) -> str:
              f"- Licence: {td['licence']}", f"- Consent: {td['consent']}", f"- Label caveats: {td['label_caveats']}", "",
              "## Evaluation data", "", f"- Source: `{ev['source']}`, {ev['size']} images; {ev['note']}", "",
              "## Metrics", "", f"Overall accuracy **{o['accuracy']:.4f}**, loss {o['loss']:.4f}, top-{o['top_k']['k']} "
-             f"accuracy {o['top_k']['accuracy']:.4f}, expected calibration error {o['ece']:.4f}. "
-             f"Intervals: {mt['interval_method']}.", "", "![per-class accuracy](per_class_accuracy.png)", "",
+             f"accuracy {o['top_k']['accuracy']:.4f}, expected calibration error {o['ece']:.4f}; test-time "
+             f"augmentation: {o['test_time_augmentation']}. Intervals: {mt['interval_method']}.", "", "![per-class accuracy](per_class_accuracy.png)", "",
              "| class | accuracy | 95% CI | precision |", "|---|---|---|---|"]
     for r in mt["per_class"]:
         p = f"{r['precision']:.3f}" if r["precision"] is not None else "n/a"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from .config import TTA_LEVELS
 from .errors import CifarlabError, ConfigError
 
 EPILOG = """examples:
@@ -33,6 +34,12 @@ _TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "label_smoothing": ("train", "label_smoothing"), "precision": ("train", "precision"),
     "compile": ("train", "compile"), "cuda_graph": ("train", "cuda_graph"), "cpu_kernels": ("train", "cpu_kernels"),
 }
+
+
+def _add_tta_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tta", nargs="?", const="flip", choices=TTA_LEVELS,
+                   help="test-time augmentation: none, flip (also --tta alone: the image and its mirror) or "
+                        "flip-translate; default: the run's own (its train.tta), as its training reported")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -85,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", help="augmentation preset: none, keras (the notebook's ImageDataGenerator), crop-flip")
     g = t.add_argument_group("run")
     g.add_argument("--label-smoothing", type=float, help="share of target mass spread over all classes")
-    g.add_argument("--tta", choices=["none", "flip", "flip-translate"], help="test-time augmentation for the final test")
+    g.add_argument("--tta", choices=TTA_LEVELS, help="test-time augmentation for the final test")
     g.add_argument("--runs", type=int, help="train N times (seeds seed..seed+N-1); report mean/std/min/max")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
@@ -106,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="test a trained run: loss, accuracy, per-class metrics, plots")
     e.add_argument("run", help="run folder written by 'cifarlab train'")
     _add_data_args(e)
-    e.add_argument("--tta", action="store_true", help="average predictions over the image and its mirror")
+    _add_tta_arg(e)
     e.add_argument("--out", help="folder for the report files (default RUN/eval)")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--device", default="auto")
@@ -119,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     fmt = pr.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")
+    _add_tta_arg(pr)
     pr.add_argument("--device", default="cpu")
     pr.set_defaults(func=cmd_predict)
 
@@ -129,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--margin", type=float, default=0.05, help="flag classes/groups this far below overall accuracy")
     a.add_argument("--min-group", type=int, default=30, help="groups smaller than this are too small to judge")
     a.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    _add_tta_arg(a)
     a.add_argument("--out", help="folder for the report (default RUN/audit)")
     a.add_argument("--device", default="auto")
     a.set_defaults(func=cmd_audit)
@@ -225,6 +234,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   f"{c['f1']:>8.4f}{c['support']:>9}")
         pairs = ", ".join(f"{p['true']}->{p['predicted']} ({p['count']})" for p in report["confused_pairs"][:5])
         print(f"Most confused: {pairs}")
+        print(f"Test-time augmentation: {report['tta']}")
         print(f"Report files in {out}")
     return 0
 
@@ -234,7 +244,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_files
 
     return predict_files(args.run, args.images, top=args.top, fmt="json" if args.json else "csv" if args.csv else "table",
-                         device=args.device)
+                         device=args.device, tta=args.tta)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -247,7 +257,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     ds = _load_eval_data(args, run)
     out = Path(args.out) if args.out else run / "audit"
     run_audit(run, ds, out, groups_csv=args.groups, margin=args.margin, min_group=args.min_group,
-              n_boot=args.bootstrap, device=args.device, log=print)
+              n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print)
     return 0
 
 

@@ -18,6 +18,9 @@ import yaml
 
 from .errors import ConfigError
 
+# Test-time augmentation levels (see cifarlab.export.tta_logits): airbench's levels 0, 1 and 2.
+TTA_LEVELS = ("none", "flip", "flip-translate")
+
 
 @dataclass
 class DataConfig:
@@ -296,7 +299,7 @@ def validate(cfg: Config) -> None:
         bad("optim.warmup_frac", cfg.optim.warmup_frac, "it must lie in [0, 1]")
     if not 0 <= cfg.train.label_smoothing < 1:
         bad("train.label_smoothing", cfg.train.label_smoothing, "it must lie in [0, 1)")
-    if cfg.train.tta not in ("none", "flip", "flip-translate"):
+    if cfg.train.tta not in TTA_LEVELS:
         bad("train.tta", cfg.train.tta, "choose none, flip or flip-translate")
     if cfg.train.precision not in ("fp32", "bf16", "fp16"):
         bad("train.precision", cfg.train.precision, "choose fp32, bf16 or fp16")

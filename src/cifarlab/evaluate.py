@@ -18,11 +18,12 @@ from .export import Predictor, list_to_csv_rows, load_model
 from .fsutil import write_json, write_text
 
 
-def predict_dataset(pred: Predictor, x_uint8_nhwc: np.ndarray, tta: bool = False, batch_size: int = 1000) -> np.ndarray:
-    """Probabilities for uint8 (N, H, W, C) images; with ``tta``, logits are averaged with the
-    mirror images' (the same flip TTA the speed recipes use)."""
+def predict_dataset(pred: Predictor, x_uint8_nhwc: np.ndarray, tta: str | None = None,
+                    batch_size: int = 1000) -> np.ndarray:
+    """Probabilities for uint8 (N, H, W, C) images, with the predictor's test-time augmentation
+    (the run's own unless it was loaded with another) or the level ``tta``."""
     x = torch.from_numpy(np.ascontiguousarray(x_uint8_nhwc)).permute(0, 3, 1, 2)
-    return pred.predict(x, batch_size, tta="flip" if tta else "none")
+    return pred.predict(x, batch_size, tta=tta)
 
 
 def calibration(probs: np.ndarray, y: np.ndarray, n_bins: int = 15) -> dict[str, Any]:
@@ -73,20 +74,24 @@ def compute_report(probs: np.ndarray, y: np.ndarray, classes: list[str], k: int 
     }
 
 
-def evaluate_run(run: Path, ds: Dataset, out: Path, tta: bool = False, device: str = "auto",
+def evaluate_run(run: Path, ds: Dataset, out: Path, tta: str | None = None, device: str = "auto",
                  n_worst: int = 32) -> dict[str, Any]:
-    """Evaluate a run on ``ds``'s test split and write report files into ``out``.
+    """Evaluate a run on ``ds``'s test split and write report files into ``out`` (see
+    :func:`write_report`). ``tta``: the test-time augmentation level, by default the run's own,
+    so the accuracy is the one its training reported."""
+    pred = load_model(run, device, tta)
+    _check_compatible(pred, ds)
+    return write_report(pred, ds, predict_dataset(pred, ds.x_test), out, n_worst)
 
-    Files: ``metrics.json``, ``per_class.csv``, ``confusion_matrix.csv``/``.png``,
-    ``reliability.png``, ``confident_errors.png``.
-    """
+
+def write_report(pred: Predictor, ds: Dataset, probs: np.ndarray, out: Path, n_worst: int = 32) -> dict[str, Any]:
+    """The metrics of ``pred``'s probabilities ``probs`` on ``ds``'s test split, written into
+    ``out``: ``metrics.json``, ``per_class.csv``, ``confusion_matrix.csv``/``.png``,
+    ``reliability.png``, ``confident_errors.png``."""
     from .plots import image_grid, plot_confusion, plot_reliability
 
-    pred = load_model(run, device)
-    _check_compatible(pred, ds)
-    probs = predict_dataset(pred, ds.x_test, tta=tta)
     report = compute_report(probs, ds.y_test, pred.classes)
-    report.update({"run": str(run), "data": ds.source, "tta": tta})
+    report.update({"run": str(pred.run), "data": ds.source, "tta": pred.tta})
     out.mkdir(parents=True, exist_ok=True)
     cm = np.array(report["confusion_matrix"])
     write_text(out / "confusion_matrix.csv", list_to_csv_rows(

@@ -17,6 +17,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .config import TTA_LEVELS
 from .errors import CifarlabError
 from .fsutil import write_json, write_with
 
@@ -54,12 +55,29 @@ def tta_logits(model: nn.Module, x: torch.Tensor, level: str = "none") -> torch.
     def mirror(z: torch.Tensor) -> torch.Tensor:
         return (model(z) + model(z.flip(3))) / 2
 
+    check_tta(level)
     if level == "none":
         return model(x)
     if level == "flip":
         return mirror(x)
     shifted = (mirror(_translate(x, 1, 1)) + mirror(_translate(x, -1, -1))) / 2
     return (mirror(x) + shifted) / 2
+
+
+def check_tta(level: str) -> str:
+    """``level`` if it is a test-time augmentation level, else a clear error."""
+    if level not in TTA_LEVELS:
+        raise CifarlabError(f"test-time augmentation {level!r} is not valid; choose {', '.join(TTA_LEVELS)}")
+    return level
+
+
+def run_tta(run: str | Path) -> str:
+    """The test-time augmentation a run's test accuracy was measured with (``train.tta`` in its
+    ``config.yaml``); "none" for a folder without one."""
+    from .config import load_run_config
+
+    path = Path(run) / "config.yaml"
+    return load_run_config(path).train.tta if path.is_file() else "none"
 
 
 def save_architecture(run: Path, model_name: str, model_kwargs: dict, classes: list[str],
@@ -124,7 +142,8 @@ def read_run(run: str | Path) -> tuple[Path, dict]:
 
 
 class Predictor:
-    """A trained model with its classes and preprocessing: ``predict(images)`` gives probabilities."""
+    """A trained model with its classes, preprocessing and test-time augmentation (``tta``):
+    ``predict(images)`` gives probabilities."""
 
     def __init__(self, model: nn.Module, arch: dict, device: torch.device, run: Path | None = None,
                  tta: str = "none"):
@@ -134,7 +153,7 @@ class Predictor:
         self.prep: dict = arch["preprocessing"]
         self.device = device
         self.run = run
-        self.tta = tta
+        self.tta = check_tta(tta)
         inp = arch["input"]
         self.input_shape = (inp["channels"], inp["height"], inp["width"])
 
@@ -172,12 +191,17 @@ class Predictor:
         return torch.from_numpy(self.logits(images, batch_size, tta)).softmax(1).numpy()
 
 
-def load_model(run: str | Path, device: str = "cpu") -> Predictor:
-    """Rebuild a trained model from its run folder (architecture.json + weights.safetensors)."""
+def load_model(run: str | Path, device: str = "cpu", tta: str | None = None) -> Predictor:
+    """Rebuild a trained model from its run folder (architecture.json + weights.safetensors).
+
+    ``tta`` is the test-time augmentation its predictions use: by default the run's own (see
+    :func:`run_tta`), so evaluating a run reproduces the test accuracy its training reported.
+    """
     from .models import create_model
     from .runtime import select_device
 
     run, arch = read_run(run)
+    tta = run_tta(run) if tta is None else check_tta(tta)
     weights = run / "weights.safetensors"
     if not weights.is_file():
         raise CifarlabError(f"run folder '{run}' has no weights.safetensors; did its training finish? "
@@ -187,7 +211,7 @@ def load_model(run: str | Path, device: str = "cpu") -> Predictor:
     dev = select_device(device)
     if arch.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
-    return Predictor(model.to(dev), arch, dev, run)
+    return Predictor(model.to(dev), arch, dev, run, tta)
 
 
 def list_to_csv_rows(rows: Iterable[dict]) -> str:

@@ -25,10 +25,11 @@ def _expand(paths: list[str]) -> list[Path]:
 
 
 def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", device: str = "cpu",
-                  out=None) -> int:
-    """Predict each file; print results in ``fmt`` (table, json, csv). Returns 1 if any file failed."""
+                  out=None, tta: str | None = None) -> int:
+    """Predict each file; print results in ``fmt`` (table, json, csv). Returns 1 if any file failed.
+    ``tta``: the test-time augmentation, by default the run's own."""
     out = out or sys.stdout
-    pred = load_model(run, device)
+    pred = load_model(run, device, tta)
     if top < 1:
         raise CifarlabError(f"--top {top} is not valid; it must be at least 1")
     top = min(top, len(pred.classes))

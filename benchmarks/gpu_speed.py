@@ -51,6 +51,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs (quick checks)")
     ap.add_argument("--subset", type=int, default=None)
     args = ap.parse_args()
+    for entry in args.recipes:  # before the data is loaded
+        bad = [sw for sw in entry.split(":")[1:] if sw not in SWITCHES]
+        if bad:
+            raise SystemExit(f"unknown switch '{bad[0]}' in '{entry}'; valid: {', '.join(SWITCHES)}")
     ds = npz_dataset(args.npz) if args.npz else load_dataset(args.data)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,8 +62,6 @@ def main() -> None:
             recipe, *switches = entry.split(":")
             train = {"runs": args.runs, "out": f"{tmp}/{k}", "device": args.device, "compile": args.compile}
             for sw in switches:
-                if sw not in SWITCHES:
-                    raise SystemExit(f"unknown switch '{sw}' in '{entry}'; valid: {', '.join(SWITCHES)}")
                 train.update(SWITCHES[sw])
             if args.precision:
                 train["precision"] = args.precision

@@ -1,0 +1,40 @@
+"""The benchmark scripts run end to end on tiny data (on the CPU), so a GPU session spends its
+time measuring rather than debugging them. No timing is asserted: benchmarks print figures."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_speed_table_from_anchor_style_arrays(tmp_path):
+    """``gpu_speed.py --npz`` reads the arrays the anchor script writes and prints one row per
+    recipe entry with n runs, accuracies in [0, 1] and positive training times."""
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 1100), ("test", 50)):
+        np.savez(tmp_path / f"{name}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 y=np.arange(n) % 10)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py"), "--npz", str(tmp_path), "--device", "cpu",
+           "--runs", "2", "--epochs", "1", "--subset", "1050", "--recipes", "keras-book", "fast"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    rows = {}
+    for line in p.stdout.splitlines():
+        m = re.fullmatch(r"(\S+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)s\s+([\d.]+)s", line.strip())
+        if m:
+            rows[m[1]] = [float(v) for v in m.groups()[1:]]
+    assert set(rows) == {"keras-book", "fast"}, p.stdout
+    for n, mean, lo, hi, t_mean, t_min in rows.values():
+        assert n == 2 and 0 <= lo <= mean <= hi <= 1 and t_mean >= t_min > 0
+
+
+def test_gpu_speed_refuses_an_unknown_switch(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py"), "--npz", str(tmp_path),
+                        "--recipes", "fast:turbo"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 1 and "unknown switch 'turbo' in 'fast:turbo'; valid: cuda-graph, compile" in p.stderr

@@ -102,6 +102,12 @@ def test_runs_report_statistics(tmp_path, image_folder):
     assert saved["test_accuracy"]["mean"] == pytest.approx(sum(accs) / 3)
     assert all((tmp_path / "r" / f"run-{k}" / "weights.safetensors").is_file() for k in range(3))
     assert s["train_time_s"]["min"] > 0
+    from cifarlab.errors import CifarlabError
+    from cifarlab.export import load_model
+
+    with pytest.raises(CifarlabError, match=r"holds 3 runs of 'cifarlab train --runs' \(run-0, run-1, run-2\); "
+                                            r"give one of them, for example '.*run-0'"):
+        load_model(tmp_path / "r")
 
 
 def test_bf16_autocast_trains_on_cpu(tmp_path, image_folder):

@@ -129,7 +129,8 @@ def read_run(run: str | Path) -> tuple[Path, dict]:
         raise CifarlabError(f"run folder '{run}' does not exist; give a folder written by 'cifarlab train'")
     arch_path = run / "architecture.json"
     if not arch_path.is_file():
-        runs = sorted(p.name for p in run.glob("run-*") if (p / "architecture.json").is_file())
+        runs = sorted((p.name for p in run.glob("run-*") if (p / "architecture.json").is_file()),
+                      key=lambda name: (len(name), name))  # run-2 before run-10
         if runs:  # the parent folder of `cifarlab train --runs N`
             raise CifarlabError(f"'{run}' holds {len(runs)} runs of 'cifarlab train --runs' ({', '.join(runs[:5])}"
                                 f"{', ...' if len(runs) > 5 else ''}); give one of them, for example '{run / runs[0]}'")

@@ -4,8 +4,8 @@
 # NPZ_FOLDER holds train.npz and test.npz (x: uint8 N,32,32,3; y: labels) of the CIFAR-10 copy.
 # PART: "fast" (the fast recipe RUNS times in fp32, bf16 and bf16 + torch.compile; RUNS
 # defaults to 5), "keras" (keras-book 3 times plain, 3 times as one CUDA graph per step, and 3
-# times as a graph in bf16, same seeds), "rest" (augmentation throughput and its share of a GPU training epoch; best once in
-# bf16), or "all" (the default; about a quarter of an hour). Each step has a time limit, so one
+# times as a graph in bf16, same seeds), "rest" (augmentation throughput and its share of a GPU
+# training epoch; best once in bf16), or "all" (the default; about a quarter of an hour). Each step has a time limit, so one
 # that hangs does not take the others with it.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -17,7 +17,8 @@ if [ "$PART" = fast ] || [ "$PART" = all ]; then
   timeout 420 python benchmarks/gpu_speed.py --npz "$NPZ" --runs "$N" --recipes fast fast:bf16 fast:bf16:compile
 fi
 if [ "$PART" = keras ] || [ "$PART" = all ]; then
-  timeout 300 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 3 --recipes keras-book keras-book:cuda-graph keras-book:cuda-graph:bf16
+  timeout 300 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 3 \
+    --recipes keras-book keras-book:cuda-graph keras-book:cuda-graph:bf16
 fi
 if [ "$PART" = rest ] || [ "$PART" = all ]; then
   timeout 150 python benchmarks/augment_throughput.py --data "$NPZ" --rounds 3

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from bench_common import SHARED
 
-from cifarlab.config import resolve_config
+from cifarlab.config import Config, resolve_config
 from cifarlab.data import Dataset, load_dataset
 from cifarlab.data.cifar import CIFAR10_CLASSES
 from cifarlab.train import fit_runs
@@ -39,6 +39,24 @@ def npz_dataset(folder: Path) -> Dataset:
                    str(folder), "npz")
 
 
+def entry_config(entry: str, out: str, args: argparse.Namespace) -> Config:
+    """The config of one ``--recipes`` entry (a recipe, then switches after colons)."""
+    recipe, *switches = entry.split(":")
+    train = {"runs": args.runs, "out": out, "device": args.device, "compile": args.compile}
+    for sw in switches:
+        if sw not in SWITCHES:
+            raise SystemExit(f"unknown switch '{sw}' in '{entry}'; valid: {', '.join(SWITCHES)}")
+        train.update(SWITCHES[sw])
+    if args.precision:
+        train["precision"] = args.precision
+    if args.epochs:
+        train["epochs"] = args.epochs
+    over: dict = {"train": train}
+    if args.subset:
+        over["data"] = {"subset": args.subset}
+    return resolve_config(recipe, overrides=over)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipes", nargs="+", default=["fast", "best", "keras-book", "keras-book:cuda-graph"])
@@ -51,26 +69,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs (quick checks)")
     ap.add_argument("--subset", type=int, default=None)
     args = ap.parse_args()
-    for entry in args.recipes:  # before the data is loaded
-        bad = [sw for sw in entry.split(":")[1:] if sw not in SWITCHES]
-        if bad:
-            raise SystemExit(f"unknown switch '{bad[0]}' in '{entry}'; valid: {', '.join(SWITCHES)}")
-    ds = npz_dataset(args.npz) if args.npz else load_dataset(args.data)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for k, entry in enumerate(args.recipes):
-            recipe, *switches = entry.split(":")
-            train = {"runs": args.runs, "out": f"{tmp}/{k}", "device": args.device, "compile": args.compile}
-            for sw in switches:
-                train.update(SWITCHES[sw])
-            if args.precision:
-                train["precision"] = args.precision
-            if args.epochs:
-                train["epochs"] = args.epochs
-            over = {"train": train}
-            if args.subset:
-                over["data"] = {"subset": args.subset}
-            cfg = resolve_config(recipe, overrides=over)
+        # Every entry is resolved before the data is loaded, so a typo fails at once.
+        plans = [(entry, entry_config(entry, f"{tmp}/{k}", args)) for k, entry in enumerate(args.recipes)]
+        ds = npz_dataset(args.npz) if args.npz else load_dataset(args.data)
+        for entry, cfg in plans:
             s = fit_runs(cfg, dataset=ds, log=lambda line: None)
             rows.append((entry, s))
             a, t = s["test_accuracy"], s["train_time_s"]

@@ -369,7 +369,8 @@ def model_card_markdown(card: dict) -> str:
              "## Evaluation data", "", f"- Source: `{ev['source']}`, {ev['size']} images; {ev['note']}", "",
              "## Metrics", "", f"Overall accuracy **{o['accuracy']:.4f}**, loss {o['loss']:.4f}, top-{o['top_k']['k']} "
              f"accuracy {o['top_k']['accuracy']:.4f}, expected calibration error {o['ece']:.4f}; test-time "
-             f"augmentation: {o['test_time_augmentation']}. Intervals: {mt['interval_method']}.", "", "![per-class accuracy](per_class_accuracy.png)", "",
+             f"augmentation: {o['test_time_augmentation']}. Intervals: {mt['interval_method']}.", "",
+             "![per-class accuracy](per_class_accuracy.png)", "",
              "| class | accuracy | 95% CI | precision |", "|---|---|---|---|"]
     for r in mt["per_class"]:
         p = f"{r['precision']:.3f}" if r["precision"] is not None else "n/a"

@@ -17,7 +17,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import TTA_LEVELS
+from .config import TTA_LEVELS, load_run_config
 from .errors import CifarlabError
 from .fsutil import write_json, write_with
 
@@ -74,8 +74,6 @@ def check_tta(level: str) -> str:
 def run_tta(run: str | Path) -> str:
     """The test-time augmentation a run's test accuracy was measured with (``train.tta`` in its
     ``config.yaml``); "none" for a folder without one."""
-    from .config import load_run_config
-
     path = Path(run) / "config.yaml"
     return load_run_config(path).train.tta if path.is_file() else "none"
 
@@ -206,7 +204,7 @@ def load_model(run: str | Path, device: str = "cpu", tta: str | None = None) -> 
     from .runtime import select_device
 
     run, arch = read_run(run)
-    tta = run_tta(run) if tta is None else check_tta(tta)
+    tta = run_tta(run) if tta is None else tta  # checked by Predictor
     weights = run / "weights.safetensors"
     if not weights.is_file():
         raise CifarlabError(f"run folder '{run}' has no weights.safetensors; did its training finish? "

@@ -15,7 +15,12 @@ median of the per-round ratios, so a machine whose speed drifts during the run d
 either side. On a GPU it also times one keras-deep training epoch (batch 128, eager fp32, no
 augmentation) and prints the augmentation epoch as a share of it.
 
+On a GPU machine, ``--skip-cpu`` leaves out the cifarlab CPU paths (measured on the CPU they are
+meant for) and ``--scipy-images N`` times the scipy path on the first N images only, so the
+GPU figures cost little time; every epoch of cifarlab still covers all ``--images``.
+
 Usage: python benchmarks/augment_throughput.py [--images 50000] [--batch 512] [--rounds 5] [--data PATH]
+       [--skip-cpu] [--scipy-images N]
 """
 
 from __future__ import annotations
@@ -116,6 +121,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5,
                     help="rounds of (a 1/rounds part of the scipy epoch, one epoch of each cifarlab path)")
     ap.add_argument("--data", default=str(SHARED))
+    ap.add_argument("--skip-cpu", action="store_true", help="leave out the cifarlab CPU paths")
+    ap.add_argument("--scipy-images", type=int, default=None,
+                    help="time the scipy path on the first N images only (default: all --images)")
     args = ap.parse_args()
     x, y, src = training_images(args.images, Path(args.data))
     runtime.setup("cpu")  # as every cifarlab command does: threads, host memory reuse (both paths run under it)
@@ -125,21 +133,24 @@ def main() -> None:
     xs = x.astype(np.float32) / 255
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     variants = {"cpu kernel": (False, True), "eager": (False, False), "compiled": (True, False)}
-    if cpu_kernels.load() is None:
+    if args.skip_cpu:
+        variants = {}
+    elif cpu_kernels.load() is None:
         print(f"cpu kernel: unavailable here ({cpu_kernels.unavailable_reason()}), not measured")
         del variants["cpu kernel"]
     paths = {name: warmed_augmenter(xt, args.batch, compiled, kernel) for name, (compiled, kernel) in variants.items()}
     t_sp, rates = [], {name: [] for name in paths}
     ratios: dict[str, list[float]] = {name: [] for name in paths}
-    for r, part in enumerate(np.array_split(np.arange(len(x)), args.rounds)):
+    n_sp = min(args.scipy_images or len(x), len(x))
+    for r, part in enumerate(np.array_split(np.arange(n_sp), args.rounds)):
         t0 = time.perf_counter()
         scipy_keras_epoch(xs[part], seed=r)
         t_sp.append(time.perf_counter() - t0)
         for name, (aug, g, _) in paths.items():
             rates[name].append(len(x) / epoch_seconds(aug, g, xt, args.batch))
             ratios[name].append(rates[name][-1] / (len(part) / t_sp[-1]))
-    rate_sp = len(x) / sum(t_sp)
-    print(f"scipy per-image (Keras' path), CPU: {rate_sp:10,.0f} images/s ({len(x):,} images in {sum(t_sp):.2f} s, "
+    rate_sp = n_sp / sum(t_sp)
+    print(f"scipy per-image (Keras' path), CPU: {rate_sp:10,.0f} images/s ({n_sp:,} images in {sum(t_sp):.2f} s, "
           f"{args.rounds} parts)")
     for name, (_, _, warm) in paths.items():
         note = f"; compiled once in {warm:.1f} s, not included" if name == "compiled" else ""

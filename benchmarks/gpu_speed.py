@@ -10,13 +10,19 @@ A recipe may carry training switches after colons (``keras-book:cuda-graph``,
 
 ``--npz DIR`` reads DIR/train.npz and DIR/test.npz (x: uint8 N,32,32,3; y: labels), the arrays the
 anchor script writes, so nothing is decoded twice; otherwise ``--data`` is loaded as usual.
-Training time excludes data loading and evaluation (CUDA events on a GPU).
+Training time excludes data loading and evaluation (CUDA events on a GPU). Before its timed
+runs, each entry trains once for ``--warmup-epochs`` (untimed, unreported), as airbench warms up
+before it times: cuDNN's kernel search and torch.compile's compilation then fall outside the
+figures, since they are paid once per process, not once per run. An entry that fails is
+reported with its error and the others still run.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +31,7 @@ from bench_common import SHARED
 from cifarlab.config import Config, resolve_config
 from cifarlab.data import Dataset, load_dataset
 from cifarlab.data.cifar import CIFAR10_CLASSES
-from cifarlab.train import fit_runs
+from cifarlab.train import fit, fit_runs
 
 # Training switches a recipe entry may carry after colons.
 SWITCHES = {"cuda-graph": {"cuda_graph": True}, "compile": {"compile": True}, "bf16": {"precision": "bf16"},
@@ -68,23 +74,41 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs (quick checks)")
     ap.add_argument("--subset", type=int, default=None)
+    ap.add_argument("--warmup-epochs", type=int, default=1,
+                    help="epochs of one untimed run per entry before its timed runs (0: none)")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         # Every entry is resolved before the data is loaded, so a typo fails at once.
         plans = [(entry, entry_config(entry, f"{tmp}/{k}", args)) for k, entry in enumerate(args.recipes)]
         ds = npz_dataset(args.npz) if args.npz else load_dataset(args.data)
-        for entry, cfg in plans:
-            s = fit_runs(cfg, dataset=ds, log=lambda line: None)
+        for k, (entry, cfg) in enumerate(plans):
+            try:
+                if args.warmup_epochs > 0:
+                    fit(warmup_config(cfg, args.warmup_epochs, f"{tmp}/warmup-{k}"), dataset=ds, log=lambda line: None)
+                s = fit_runs(cfg, dataset=ds, log=lambda line: None)
+            except Exception:  # one failing entry (say, a switch this GPU lacks) must not hide the others
+                print(f"{entry}: FAILED\n{traceback.format_exc()}", flush=True)
+                continue
             rows.append((entry, s))
             a, t = s["test_accuracy"], s["train_time_s"]
+            per_run = ", ".join(f"{r['test_accuracy']:.4f} in {r['train_time_s']:.2f} s" for r in s["per_run"])
             print(f"{entry}: n={s['runs']} acc mean {a['mean']:.4f} min {a['min']:.4f} max {a['max']:.4f}; "
-                  f"time mean {t['mean']:.2f} s min {t['min']:.2f} s", flush=True)
+                  f"time mean {t['mean']:.2f} s min {t['min']:.2f} s (runs: {per_run})", flush=True)
     print(f"\n{'recipe':<24}{'n':>3}{'acc mean':>10}{'acc min':>9}{'acc max':>9}{'time mean':>11}{'time min':>10}")
     for recipe, s in rows:
         a, t = s["test_accuracy"], s["train_time_s"]
         print(f"{recipe:<24}{s['runs']:>3}{a['mean']:>10.4f}{a['min']:>9.4f}{a['max']:>9.4f}"
               f"{t['mean']:>10.2f}s{t['min']:>9.2f}s")
+    if len(rows) < len(plans):
+        raise SystemExit(f"{len(plans) - len(rows)} of {len(plans)} entries failed (see above)")
+
+
+def warmup_config(cfg: Config, epochs: int, out: str) -> Config:
+    """``cfg`` as one short run into ``out``: the untimed warm-up before an entry's timed runs."""
+    c = copy.deepcopy(cfg)
+    c.train.runs, c.train.epochs, c.train.out = 1, epochs, out
+    return c
 
 
 if __name__ == "__main__":

@@ -38,3 +38,19 @@ def test_gpu_speed_refuses_an_unknown_switch(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py"), "--npz", str(tmp_path),
                         "--recipes", "fast:turbo"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert p.returncode == 1 and "unknown switch 'turbo' in 'fast:turbo'; valid: cuda-graph, compile" in p.stderr
+
+
+def test_gpu_speed_reports_a_failing_entry_and_still_runs_the_others(tmp_path):
+    """A CUDA-graph entry on the CPU fails: the benchmark names it with its error, still prints
+    the row of the entry after it, and exits non-zero so a script notices."""
+    rng = np.random.default_rng(1)
+    for name, n in (("train", 300), ("test", 20)):
+        np.savez(tmp_path / f"{name}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 y=np.arange(n) % 10)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py"), "--npz", str(tmp_path), "--device", "cpu",
+           "--runs", "1", "--epochs", "1", "--warmup-epochs", "0", "--subset", "200",
+           "--recipes", "keras-book:cuda-graph", "keras-book"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 1 and "1 of 2 entries failed" in p.stderr, p.stderr
+    assert "keras-book:cuda-graph: FAILED" in p.stdout and "train.cuda_graph needs a CUDA device" in p.stdout
+    assert re.search(r"^keras-book\s+1\s+[\d.]+", p.stdout, re.M), p.stdout

@@ -228,6 +228,31 @@ def test_compiled_augmenter_matches_scipy(fill_mode):
     assert err < TOL
 
 
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler (g++ or c++) on PATH")
+def test_compiled_call_makes_its_parameters_inside_the_kernel_with_the_same_draws():
+    """On the compiled path a call draws, makes the parameters and warps in one compiled
+    function: the result equals sample-then-apply (eager) from the same generator state,
+    including pixel shifts with a random sign and Keras' rescale, and a second augmenter with
+    the same settings reuses the compiled function."""
+    import cifarlab.augment as A
+
+    xu = torch.from_numpy(np.random.default_rng(8).integers(0, 256, (10, 3, 32, 32), dtype=np.uint8))
+    opts = dict(rotation_range=40.0, width_shift_range=3, height_shift_range=0.2, zoom_range=0.2,
+                horizontal_flip=True, vertical_flip=True, fill_mode="reflect", rescale=0.5)
+    fused = KerasAugment(**opts, compiled=True, cpu_kernel=False)
+    eager = KerasAugment(**opts, compiled=False, cpu_kernel=False)
+    got = fused(xu, torch.Generator().manual_seed(3), input_scale=1 / 255)
+    want = eager.apply(xu, eager.sample(10, 32, 32, torch.Generator().manual_seed(3)), input_scale=1 / 255)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert (got - want).abs().max().item() < TOL
+    before = A._compiled_warp.cache_info()
+    again = KerasAugment(**opts, compiled=True, cpu_kernel=False)(xu, torch.Generator().manual_seed(3),
+                                                                   input_scale=1 / 255)
+    after = A._compiled_warp.cache_info()
+    assert after.hits == before.hits + 1 and after.misses == before.misses and torch.equal(again, got)
+
+
 def test_uint8_input_scale_equals_float_input():
     """apply(x_uint8, input_scale=s) means apply(x.float() * s), including Keras' rescale."""
     xu = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)

@@ -147,17 +147,30 @@ class KerasAugment:
         over their ranges; flips have probability 0.5; shifts follow :func:`_shift`. Parameters
         an option leaves off are constants (0, or 1 for zooms).
         """
+        return self.params_from_uniform(self._draw(n, generator, device), h, w)
+
+    def _drawn(self) -> list[str]:
+        """The parameters this augmenter draws at random, in the order of :meth:`_draw`'s rows."""
         hs, ws, (zlo, zhi) = self.height_shift_range, self.width_shift_range, self.zoom_range
         wanted = {"theta": self.rotation_range, "tx": hs, "tx_sign": hs and not isinstance(hs, float),
                   "ty": ws, "ty_sign": ws and not isinstance(ws, float), "shear": self.shear_range,
                   "zx": not zlo == zhi == 1, "zy": not zlo == zhi == 1, "flip_h": self.horizontal_flip,
                   "flip_v": self.vertical_flip, "channel_shift": self.channel_shift_range,
                   "brightness": self.brightness_range is not None}
-        names = [k for k, v in wanted.items() if v]
-        # One draw of [0, 1) numbers for all of them: per-call overhead, not arithmetic, is what
-        # costs on small batches.
-        u = dict(zip(names, torch.rand(len(names), n, generator=generator, device=device, dtype=torch.float64)))
-        zeros = torch.zeros(n, dtype=torch.float64, device=device)
+        return [k for k, v in wanted.items() if v]
+
+    def _draw(self, n: int, generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
+        # One draw of [0, 1) numbers for all parameters: per-call overhead, not arithmetic, is
+        # what costs on small batches.
+        return torch.rand(len(self._drawn()), n, generator=generator, device=device, dtype=torch.float64)
+
+    def params_from_uniform(self, draws: torch.Tensor, h: int, w: int) -> dict[str, torch.Tensor]:
+        """The parameters :meth:`sample` makes of its uniform [0, 1) ``draws`` (one row per drawn
+        parameter, one column per image) for ``h`` x ``w`` images: arithmetic only, so the
+        compiled path runs it inside its kernel."""
+        hs, ws, (zlo, zhi) = self.height_shift_range, self.width_shift_range, self.zoom_range
+        zeros = draws.new_zeros(draws.shape[1])
+        u = dict(zip(self._drawn(), draws))
 
         def uniform(name: str, lo: float, hi: float) -> torch.Tensor:
             return u[name] * (hi - lo) + lo if name in u else zeros
@@ -170,7 +183,7 @@ class KerasAugment:
              "zy": uniform("zy", zlo, zhi) if "zy" in u else zeros + 1,
              "channel_shift": uniform("channel_shift", -self.channel_shift_range, self.channel_shift_range)}
         for name in ("flip_h", "flip_v"):
-            p[name] = u[name] < 0.5 if name in u else torch.zeros(n, dtype=torch.bool, device=device)
+            p[name] = u[name] < 0.5 if name in u else zeros.bool()
         if self.brightness_range is not None:
             p["brightness"] = uniform("brightness", *self.brightness_range)
         return p
@@ -216,9 +229,35 @@ class KerasAugment:
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
                  input_scale: float = 1.0) -> torch.Tensor:
-        """Randomly transform a batch: :meth:`sample` then :meth:`apply`."""
+        """Randomly transform a batch: :meth:`sample` then :meth:`apply`, or on the compiled path
+        both in one kernel (the same draws, so the same result)."""
         n, _, h, w = x.shape
+        if self.compiled and not self._use_cpu_kernel(x) and not self.channel_shift_range \
+                and self.brightness_range is None:
+            # The draws stay outside the compiled code (it cannot take a generator); turning
+            # them into parameters was a dozen tiny kernels per batch, which on a GPU cost more
+            # than the warp itself, and now runs inside the warp's kernel.
+            words = _word_view(x)
+            src = x if words is None else words
+            out = _compiled_warp(self._settings())(self._draw(n, generator, x.device), src, words is not None,
+                                                   float(input_scale), float(self.rescale or 1.0))
+            return self.standardize(out, rescaled=True)
         return self.apply(x, self.sample(n, h, w, generator, x.device), input_scale)
+
+    def _settings(self) -> tuple:
+        """The options that decide the random transform, hashable: augmenters with equal
+        settings share one compiled kernel."""
+        keep = ("rotation_range", "width_shift_range", "height_shift_range", "shear_range", "zoom_range",
+                "horizontal_flip", "vertical_flip", "fill_mode", "cval")
+        return tuple((k, getattr(self, k)) for k in keep)
+
+    def _warp_from_uniform(self, draws: torch.Tensor, src: torch.Tensor, words: bool, in_scale: float,
+                           out_scale: float) -> torch.Tensor:
+        """Parameters from the draws, then :func:`_sample_gather`: the compiled path's body."""
+        h, w = src.shape[2], src.shape[3] * (4 if words else 1)
+        p = self.params_from_uniform(draws, h, w)
+        return _sample_gather(src, p["theta"], p["tx"], p["ty"], p["shear"], p["zx"], p["zy"], p["flip_h"],
+                              p["flip_v"], self.fill_mode, float(self.cval), in_scale, out_scale, words)[0]
 
     def fit(self, x: torch.Tensor) -> "KerasAugment":
         """Compute per-channel mean and std of ``x`` (N, C, H, W) for the featurewise options."""
@@ -481,6 +520,15 @@ def _compiled_sampler():
     # Every index is clamped into the image before the gather, so the compiler's per-load
     # bounds check can never fire; dropping it makes the kernel markedly faster.
     return torch.compile(_sample_gather, dynamic=False, options={"assert_indirect_indexing": False})
+
+
+@functools.cache
+def _compiled_warp(settings: tuple):
+    """:meth:`KerasAugment._warp_from_uniform` through ``torch.compile``, one per setting (so a
+    new augmenter with the same options, as each run of ``--runs`` makes, compiles nothing)."""
+    aug = KerasAugment(**dict(settings), cpu_kernel=False)
+    # Indices are clamped into the image before every gather: see _compiled_sampler.
+    return torch.compile(aug._warp_from_uniform, dynamic=False, options={"assert_indirect_indexing": False})
 
 
 # --- airbench-style fast augmentations --------------------------------------------------------

@@ -64,3 +64,20 @@ def test_missing_and_foreign_run_folders(tmp_path):
     (tmp_path / "architecture.json").write_text('{"format": "something-else"}')
     with pytest.raises(CifarlabError, match="not a cifarlab architecture file"):
         read_run(tmp_path)
+
+
+def test_preprocess_scales_and_standardises_with_per_channel_values_made_once():
+    """preprocess is (x / 255 - mean) / (std + 1e-6) per channel, and the per-channel tensors are
+    made once and reused, not rebuilt from the lists (a host-to-device copy on a GPU) per batch."""
+    from cifarlab.export import channel_values, preprocess
+
+    x = torch.randint(0, 256, (4, 3, 5, 5), dtype=torch.uint8)
+    prep = {"rescale": 1 / 255, "mean": [0.1, 0.5, 0.9], "std": [0.2, 0.3, 0.4]}
+    mean, std = torch.tensor(prep["mean"]).view(1, 3, 1, 1), torch.tensor(prep["std"]).view(1, 3, 1, 1)
+    want = (x.float() * (1 / 255) - mean) / (std + 1e-6)
+    assert torch.equal(preprocess(x, prep), want)
+    before = channel_values.cache_info()
+    preprocess(x, dict(prep))
+    after = channel_values.cache_info()
+    assert after.hits == before.hits + 2 and after.misses == before.misses
+    assert torch.equal(preprocess(x, {"rescale": 0.5, "mean": None, "std": None}), x.float() * 0.5)

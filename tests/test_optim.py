@@ -41,3 +41,17 @@ def test_build_each_optimizer():
         build_optimizer(p, OptimConfig(name="adagrad"))
     with pytest.raises(ConfigError, match="learning rate -1"):
         KerasRMSprop(p, lr=-1)
+
+
+def test_sgd_is_fused_only_where_every_parameter_is_on_a_cuda_device():
+    """CPU training keeps PyTorch's default SGD (results as before); the fused kernel is asked
+    for only when every tensor, in groups or not, is on a CUDA device."""
+    from cifarlab.config import OptimConfig
+    from cifarlab.optim import _all_cuda, build_optimizer
+
+    w = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+    opt = build_optimizer(iter(w), OptimConfig(name="sgd", lr=0.1, momentum=0.9))
+    assert not opt.defaults["fused"] and len(opt.param_groups[0]["params"]) == 2  # a generator is taken whole
+    assert not _all_cuda([]) and not _all_cuda([{"params": w[:1]}, w[1]])
+    fake = type("T", (), {"is_cuda": True})()
+    assert _all_cuda([{"params": [fake]}, fake])

@@ -105,3 +105,18 @@ def test_speed_nets_have_airbenchs_parameter_counts():
         x0 = group.act(group.norm1(group.pool(group.conv1(x))))
         expect = x0 + group.act(group.norm3(group.conv3(group.act(group.norm2(group.conv2(x0))))))
         assert torch.allclose(group(x), expect)
+
+
+def test_global_max_pool_is_the_adaptive_max_pool_forward_and_backward():
+    """The speed nets' final pool gives AdaptiveMaxPool2d(1)'s values and gradients, on maps of
+    any size and in channels-last memory."""
+    from cifarlab.models.speed import GlobalMaxPool
+
+    for shape in [(4, 6, 3, 3), (2, 5, 4, 7)]:
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        g = torch.randn(shape[0], shape[1], 1, 1)
+        a, b = GlobalMaxPool()(x), torch.nn.AdaptiveMaxPool2d(1)(x2)
+        (a * g).sum().backward()
+        (b * g).sum().backward()
+        assert a.shape == b.shape and torch.equal(a, b) and torch.equal(x.grad, x2.grad)

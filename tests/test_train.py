@@ -229,3 +229,49 @@ def test_keras_augmentation_with_featurewise_statistics(tmp_path, image_folder):
     assert len(prep["mean"]) == 3 and len(prep["std"]) == 3
     assert all(0 < m < 1 for m in prep["mean"]) and all(0 < s < 1 for s in prep["std"])
     assert load_model(tmp_path / "run").prep == prep
+
+
+def test_whole_epoch_keras_augmentation_trains_and_resumes_mid_epoch_exactly(tmp_path, monkeypatch):
+    """augment.whole_epoch (the default on CUDA, forced here on the CPU) augments each epoch's
+    images up front; a run stopped mid-epoch and resumed ends with the same weights as one never
+    stopped, since the resumed epoch redraws the same images from its own generator."""
+    import cifarlab.train as train_mod
+    from cifarlab.train import TrainingInterrupted
+
+    data = make_image_folder(tmp_path / "d", n_train=40, n_test=4)
+
+    def cfg(out):
+        c = tiny_config(str(data), str(tmp_path / out), epochs=2)
+        c.augment.preset, c.augment.rotation_range, c.augment.horizontal_flip = "keras", 30.0, True
+        c.augment.whole_epoch = True
+        c.train.deterministic, c.train.threads, c.train.batch_size = True, 1, 4
+        return c
+
+    calls = []
+    real = train_mod._Loop.augment_epoch
+    monkeypatch.setattr(train_mod._Loop, "augment_epoch", lambda self, *a: calls.append(0) or real(self, *a))
+    fit(cfg("ref"), log=lambda s: None)
+    assert len(calls) == 2  # once per epoch
+    calls.clear()
+
+    class StopInSecondEpoch(train_mod._Interrupts):
+        """Reads as a SIGINT from the third step of the second epoch on."""
+
+        @property
+        def flag(self):
+            if len(calls) < 2:
+                return None
+            calls[-1] += 1
+            return "SIGINT" if calls[-1] >= 3 else None
+
+        @flag.setter
+        def flag(self, value):
+            pass
+
+    monkeypatch.setattr(train_mod, "_Interrupts", StopInSecondEpoch)
+    with pytest.raises(TrainingInterrupted, match="epoch 2, step 3;"):
+        fit(cfg("cut"), log=lambda s: None)
+    monkeypatch.undo()
+    fit(resume=tmp_path / "cut", log=lambda s: None)
+    a, b = _weights(tmp_path / "cut"), _weights(tmp_path / "ref")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

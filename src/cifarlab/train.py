@@ -408,8 +408,10 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
             for epoch in range(loop.start_epoch, cfg.train.epochs):
                 log(loop.run_epoch(epoch, interrupts))
     except torch.cuda.OutOfMemoryError:
+        also = "; or set augment.whole_epoch: false, which augments each batch as it comes instead of " \
+               "holding the epoch's augmented images" if loop.whole_epoch else ""
         raise CifarlabError(f"the GPU ran out of memory with batch size {bs}; try a smaller one, for example "
-                            f"--batch-size {max(1, bs // 2)}") from None
+                            f"--batch-size {max(1, bs // 2)}{also}") from None
 
     if st.lookahead is not None:
         st.lookahead.update(st.model, 1.0)  # end on the slow weights, as airbench does
@@ -447,6 +449,9 @@ class _Loop:
             self.partial = (ckpt["partial_loss"], ckpt["partial_correct"], ckpt["partial_seen"])
             self.aug_state = ckpt.get("aug_state")
         self.step_fn = _step_function(cfg, st, device, cpu_kernels)
+        wanted = cfg.augment.whole_epoch
+        self.whole_epoch = isinstance(st.augmenter, KerasAugment) and (
+            device.type == "cuda" if wanted is None else wanted)
 
     def save(self, epoch: int, step: int, sums: tuple[float, float, int], gen: torch.Generator | None) -> None:
         """Checkpoint: the run resumes at ``step`` of ``epoch`` with the running ``sums``."""
@@ -475,6 +480,13 @@ class _Loop:
                 x = st.augmenter(x, gen, indices=idx, epoch=epoch, seed=self.cfg.train.seed)
         return x.contiguous(memory_format=self.fmt), self.arrays.y_train[idx]
 
+    def augment_epoch(self, perm: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Every training image of the epoch, in ``perm`` order, Keras-augmented and normalised
+        as :meth:`batch` would make them, in the training memory format."""
+        st = self.st
+        return st.augmenter.transform_all(self.arrays.x_train, perm, gen, input_scale=st.prep["rescale"],
+                                          finish=lambda x: normalize(x, st.prep), memory_format=self.fmt)
+
     def run_epoch(self, epoch: int, interrupts: _Interrupts) -> str:
         """Train one epoch (from the saved step if it was interrupted), evaluate on the validation
         images, append to the history, checkpoint; returns the epoch's log line."""
@@ -485,7 +497,7 @@ class _Loop:
         gen = _epoch_generator(cfg.train.seed, epoch, device)
         perm = torch.randperm(n, generator=_epoch_generator(cfg.train.seed, epoch, torch.device("cpu"))).to(device)
         first = self.start_step if epoch == self.start_epoch else 0
-        if first and self.aug_state is not None:
+        if first and self.aug_state is not None and not self.whole_epoch:
             gen.set_state(self.aug_state)
         partial = self.partial if first else (0.0, 0.0, 0)
         # Running sums stay on the device: reading them is a GPU-to-CPU sync.
@@ -496,8 +508,15 @@ class _Loop:
         bar = tqdm(total=steps, initial=first, desc=f"Epoch {epoch + 1}/{cfg.train.epochs}",
                    disable=not interactive, leave=False, unit="step")
         clock = _Clock(device)
+        # With whole_epoch, the epoch's images are augmented up front from its fresh generator,
+        # also when resuming mid-epoch, so a resumed epoch sees the same images.
+        epoch_x = self.augment_epoch(perm, gen) if self.whole_epoch else None
         for step in range(first, steps):
-            x, y = self.batch(perm[step * bs:(step + 1) * bs], gen, epoch)
+            idx = perm[step * bs:(step + 1) * bs]
+            if epoch_x is None:
+                x, y = self.batch(idx, gen, epoch)
+            else:
+                x, y = epoch_x[step * bs:(step + 1) * bs], self.arrays.y_train[idx]
             l_sum, corr = self.step_fn(x, y)
             st.scheduler.step()
             global_step = epoch * steps + step + 1

@@ -14,8 +14,8 @@ is timed in parts, each beside one epoch of every cifarlab path, and the ratio p
 median of the per-round ratios, so a machine whose speed drifts during the run does not favour
 either side. On a GPU it also times one keras-deep training epoch (batch 128, eager fp32, no
 augmentation) and prints the augmentation epoch, in batches of ``--batch`` and of 128 (the
-notebook's, at which training augments each batch), and as one whole-epoch call (what training
-does on CUDA, ``augment.whole_epoch``), as a share of it.
+notebook's, at which training augments each batch as it comes) and of 8192 (the chunks in which
+training on CUDA prepares its epochs ahead, ``train.prepare_ahead``), as a share of it.
 
 On a GPU machine, ``--skip-cpu`` leaves out the cifarlab CPU paths (measured on the CPU they are
 meant for) and ``--scipy-images N`` times the scipy path on the first N images only, so the
@@ -94,20 +94,6 @@ def epoch_seconds(aug: KerasAugment, g: torch.Generator, x: torch.Tensor, batch:
     return time.perf_counter() - t0
 
 
-def whole_epoch_seconds(aug: KerasAugment, g: torch.Generator, x: torch.Tensor, chunk: int = 8192) -> float:
-    """Seconds to augment every image of ``x`` in one :meth:`KerasAugment.transform_all` call, as
-    training does with ``augment.whole_epoch`` (the default on CUDA); CUDA events."""
-    order = torch.arange(len(x), device=x.device)
-    aug.transform_all(x[:chunk], order[:chunk], g, input_scale=1 / 255, chunk=chunk)  # warm-up (compiles)
-    aug.transform_all(x[:len(x) % chunk], order[:len(x) % chunk], g, input_scale=1 / 255, chunk=chunk)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    aug.transform_all(x, order, g, input_scale=1 / 255, chunk=chunk)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1000
-
-
 def training_epoch_seconds(x: torch.Tensor, y: torch.Tensor, batch: int = 128) -> float:
     """Seconds of one keras-deep training epoch over uint8 ``x`` on its device with ``cifarlab
     train``'s step, after a warm-up epoch (CUDA events on a GPU): what augmentation is weighed
@@ -178,9 +164,9 @@ def main() -> None:
         t_train = training_epoch_seconds(xg, torch.from_numpy(y.astype(np.int64)).to("cuda"))
         print(f"keras-deep training epoch on the GPU without augmentation (batch 128, eager fp32): "
               f"{t_train:.3f} s")
-        # --batch, and 128: training augments each step's batch, and at the notebook's batch size
-        # the per-call overhead weighs four times as much per image.
-        for batch in sorted({args.batch, 128}, reverse=True):
+        # --batch; 128, the notebook's batch, for training that augments each step's batch as it
+        # comes; 8192, the chunk in which training on CUDA prepares whole epochs ahead.
+        for batch in sorted({args.batch, 128, 8192}, reverse=True):
             for compiled in (False, True):
                 aug, g, _ = warmed_augmenter(xg, batch, compiled)
                 t_gpu = statistics.median(epoch_seconds(aug, g, xg, batch) for _ in range(args.rounds))
@@ -188,13 +174,6 @@ def main() -> None:
                       f"{'compiled' if compiled else 'eager'}, batch {batch}): {len(x) / t_gpu:10,.0f} images/s "
                       f"({t_gpu * 1000:.1f} ms per epoch, median of {args.rounds}); {len(x) / t_gpu / rate_sp:.0f}x "
                       f"the scipy path; {100 * t_gpu / t_train:.1f}% of that training epoch")
-        for compiled in (False, True):
-            aug = KerasAugment(**KERAS_NOTEBOOK, compiled=compiled, cpu_kernel=False)
-            g = torch.Generator(device=xg.device).manual_seed(0)
-            t_all = statistics.median(whole_epoch_seconds(aug, g, xg) for _ in range(args.rounds))
-            print(f"cifarlab whole epoch (transform_all, chunks of 8192), GPU, {'compiled' if compiled else 'eager'}: "
-                  f"{len(x) / t_all:10,.0f} images/s ({t_all * 1000:.1f} ms per epoch, median of {args.rounds}); "
-                  f"{100 * t_all / t_train:.1f}% of that training epoch")
     else:
         print("GPU: not available, not measured")
 

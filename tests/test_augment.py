@@ -253,23 +253,6 @@ def test_compiled_call_makes_its_parameters_inside_the_kernel_with_the_same_draw
     assert after.hits == before.hits + 1 and after.misses == before.misses and torch.equal(again, got)
 
 
-def test_transform_all_is_sample_then_apply_on_the_reordered_images_in_chunks():
-    """transform_all draws all parameters at once, as sample(N) does, and applies them chunk by
-    chunk: the same images as one apply of x[order], in the memory format asked for, each chunk
-    finished by ``finish``."""
-    x = torch.from_numpy(np.random.default_rng(9).integers(0, 256, (11, 3, 16, 16), dtype=np.uint8))
-    order = torch.tensor([3, 0, 10, 7, 7, 1, 5])
-    aug = KerasAugment(rotation_range=30.0, width_shift_range=0.1, zoom_range=0.2, horizontal_flip=True,
-                       cpu_kernel=False)
-    got = aug.transform_all(x, order, torch.Generator().manual_seed(4), input_scale=1 / 255, chunk=3,
-                            finish=lambda t: t * 2 - 1, memory_format=torch.channels_last)
-    want = aug.apply(x[order], aug.sample(7, 16, 16, torch.Generator().manual_seed(4)), input_scale=1 / 255) * 2 - 1
-    assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == torch.float32
-    assert torch.allclose(got, want, atol=1e-6, rtol=0)
-    with pytest.raises(ConfigError, match="chunk=0 is not valid"):
-        aug.transform_all(x, order, chunk=0)
-
-
 def test_uint8_input_scale_equals_float_input():
     """apply(x_uint8, input_scale=s) means apply(x.float() * s), including Keras' rescale."""
     xu = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)

@@ -231,25 +231,28 @@ def test_keras_augmentation_with_featurewise_statistics(tmp_path, image_folder):
     assert load_model(tmp_path / "run").prep == prep
 
 
-def test_whole_epoch_keras_augmentation_trains_and_resumes_mid_epoch_exactly(tmp_path, monkeypatch):
-    """augment.whole_epoch (the default on CUDA, forced here on the CPU) augments each epoch's
-    images up front; a run stopped mid-epoch and resumed ends with the same weights as one never
-    stopped, since the resumed epoch redraws the same images from its own generator."""
+@pytest.mark.parametrize("preset", ["keras", "crop-flip"])
+def test_epochs_prepared_ahead_train_and_resume_mid_epoch_exactly(tmp_path, monkeypatch, preset):
+    """train.prepare_ahead (the default on CUDA, forced here on the CPU) makes each epoch's
+    augmented images at its start; a run stopped mid-epoch and resumed ends with the same weights
+    as one never stopped, since the resumed epoch remakes the same images from its own generator."""
     import cifarlab.train as train_mod
     from cifarlab.train import TrainingInterrupted
 
     data = make_image_folder(tmp_path / "d", n_train=40, n_test=4)
 
     def cfg(out):
-        c = tiny_config(str(data), str(tmp_path / out), epochs=2)
-        c.augment.preset, c.augment.rotation_range, c.augment.horizontal_flip = "keras", 30.0, True
-        c.augment.whole_epoch = True
-        c.train.deterministic, c.train.threads, c.train.batch_size = True, 1, 4
+        c = tiny_config(str(data), str(tmp_path / out), epochs=2, batch_size=4, prepare_ahead=True)
+        c.augment.preset = preset
+        if preset == "keras":
+            c.augment.rotation_range, c.augment.horizontal_flip = 30.0, True
+        else:
+            c.augment.crop_padding, c.augment.cutout, c.augment.alternating_flip = 2, 3, True
         return c
 
     calls = []
-    real = train_mod._Loop.augment_epoch
-    monkeypatch.setattr(train_mod._Loop, "augment_epoch", lambda self, *a: calls.append(0) or real(self, *a))
+    real = train_mod._Loop.prepare_epoch
+    monkeypatch.setattr(train_mod._Loop, "prepare_epoch", lambda self, *a: calls.append(0) or real(self, *a))
     fit(cfg("ref"), log=lambda s: None)
     assert len(calls) == 2  # once per epoch
     calls.clear()
@@ -275,3 +278,29 @@ def test_whole_epoch_keras_augmentation_trains_and_resumes_mid_epoch_exactly(tmp
     fit(resume=tmp_path / "cut", log=lambda s: None)
     a, b = _weights(tmp_path / "cut"), _weights(tmp_path / "ref")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prepared_epoch_holds_the_batches_the_steps_would_make(tmp_path):
+    """prepare_epoch's rows are what batch() makes for the same images and generator state, in
+    steps' order and memory format, also across chunk boundaries; with drop_last the unused tail
+    is left out."""
+    import cifarlab.train as train_mod
+    from cifarlab.train import _build, _epoch_generator, make_arrays
+
+    data = make_image_folder(tmp_path / "d", n_train=20, n_test=4)
+    cfg = tiny_config(str(data), str(tmp_path / "r"), batch_size=8, drop_last=True)
+    cfg.augment.preset, cfg.augment.crop_padding, cfg.augment.alternating_flip = "crop-flip", 2, True
+    from cifarlab.data import load_dataset
+
+    ds, dev = load_dataset(str(data)), torch.device("cpu")
+    arrays = make_arrays(cfg, ds, dev)
+    steps = len(arrays.x_train) // 8
+    st = _build(cfg, ds, arrays, dev, steps)
+    loop = train_mod._Loop(cfg, tmp_path / "r", st, arrays, dev, steps, False)
+    perm = torch.randperm(len(arrays.x_train))
+    got = loop.prepare_epoch(perm, _epoch_generator(0, 1, dev), 1, chunk=5)
+    assert got.shape[0] == steps * 8 < len(perm) and got.is_contiguous(memory_format=torch.channels_last)
+    gen, want = _epoch_generator(0, 1, dev), []
+    for s in range(0, steps * 8, 5):
+        want.append(loop.batch(perm[s:min(s + 5, steps * 8)], gen, 1)[0])
+    assert torch.equal(got, torch.cat(want))

@@ -21,7 +21,6 @@ import functools
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -232,29 +231,7 @@ class KerasAugment:
                  input_scale: float = 1.0) -> torch.Tensor:
         """Randomly transform a batch: :meth:`sample` then :meth:`apply`, or on the compiled path
         both in one kernel (the same draws, so the same result)."""
-        return self._apply_draws(x, self._draw(x.shape[0], generator, x.device), input_scale)
-
-    def transform_all(self, x: torch.Tensor, order: torch.Tensor, generator: torch.Generator | None = None,
-                      input_scale: float = 1.0, chunk: int = 8192,
-                      finish: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                      memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-        """``x[order]`` randomly transformed, float32 (N, C, H, W) in ``memory_format``: the
-        parameters of all N images drawn in one call (the same draws as ``sample(N, ...)``),
-        then applied ``chunk`` images at a time, each chunk passed through ``finish`` if given
-        (to standardise it, say). Meant for a whole epoch at its start on a GPU: a few large
-        calls in place of a small one per training step, whose fixed cost dominated there."""
-        n, (c, h, w) = len(order), x.shape[1:]
-        if chunk < 1:
-            raise ConfigError(f"transform_all chunk={chunk} is not valid; expected a positive number of images")
-        draws = self._draw(n, generator, x.device)
-        out = torch.empty((n, c, h, w), dtype=torch.float32, device=x.device, memory_format=memory_format)
-        for s in range(0, n, chunk):
-            y = self._apply_draws(x[order[s:s + chunk]], draws[:, s:s + chunk].contiguous(), input_scale)
-            out[s:s + chunk] = finish(y) if finish is not None else y
-        return out
-
-    def _apply_draws(self, x: torch.Tensor, draws: torch.Tensor, input_scale: float) -> torch.Tensor:
-        """The transform of ``x`` whose parameters :meth:`params_from_uniform` makes of ``draws``."""
+        n, _, h, w = x.shape
         if self.compiled and not self._use_cpu_kernel(x) and not self.channel_shift_range \
                 and self.brightness_range is None:
             # The draws stay outside the compiled code (it cannot take a generator); turning
@@ -262,10 +239,10 @@ class KerasAugment:
             # than the warp itself, and now runs inside the warp's kernel.
             words = _word_view(x)
             src = x if words is None else words
-            out = _compiled_warp(self._settings())(draws, src, words is not None, float(input_scale),
-                                                   float(self.rescale or 1.0))
+            out = _compiled_warp(self._settings())(self._draw(n, generator, x.device), src, words is not None,
+                                                   float(input_scale), float(self.rescale or 1.0))
             return self.standardize(out, rescaled=True)
-        return self.apply(x, self.params_from_uniform(draws, *x.shape[2:]), input_scale)
+        return self.apply(x, self.sample(n, h, w, generator, x.device), input_scale)
 
     def _settings(self) -> tuple:
         """The options that decide the random transform, hashable: augmenters with equal

@@ -90,10 +90,6 @@ class AugmentConfig:
     crop_padding: int = 0  # crop-flip: random crop after reflect padding by this many pixels
     cutout: int = 0  # crop-flip: side of a zeroed square, 0 for none
     alternating_flip: bool = False  # crop-flip: flip each image every other epoch instead of at random
-    # keras: transform the whole epoch's images at its start, in large chunks, rather than each
-    # batch as it comes (null: on CUDA only, where a small call's fixed cost dominates; the
-    # images then take 4 bytes per value of device memory, 491 MB for 40,000 CIFAR images)
-    whole_epoch: bool | None = None
 
 
 @dataclass
@@ -118,6 +114,11 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast; 14x slower on an AVX2 CPU without bf16 units) | fp16 (CUDA only)
     compile: bool = False  # torch.compile the model for training (pays off on long GPU runs only)
     cuda_graph: bool = False  # replay each training step as one CUDA graph (CUDA, constant lr, no compile)
+    # Convert, augment and normalise each epoch's training images at its start, 8192 per call,
+    # so a step only slices (null: on CUDA only, where each small call's fixed cost outweighs
+    # its work; the epoch then takes 4 bytes per value of device memory, 614 MB for 50,000
+    # CIFAR images)
+    prepare_ahead: bool | None = None
     # CPU: cifarlab's own kernels (fp32 3x3 conv gradients, dropout; augmentation), where they build
     cpu_kernels: bool = True
     runs: int = 1  # train this many times with seeds seed, seed+1, ... and report mean/std/min/max

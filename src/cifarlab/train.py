@@ -408,8 +408,8 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
             for epoch in range(loop.start_epoch, cfg.train.epochs):
                 log(loop.run_epoch(epoch, interrupts))
     except torch.cuda.OutOfMemoryError:
-        also = "; or set augment.whole_epoch: false, which augments each batch as it comes instead of " \
-               "holding the epoch's augmented images" if loop.whole_epoch else ""
+        also = "; or set train.prepare_ahead: false, which prepares each batch as it comes instead of " \
+               "holding the whole epoch's" if loop.prepare_ahead else ""
         raise CifarlabError(f"the GPU ran out of memory with batch size {bs}; try a smaller one, for example "
                             f"--batch-size {max(1, bs // 2)}{also}") from None
 
@@ -449,9 +449,8 @@ class _Loop:
             self.partial = (ckpt["partial_loss"], ckpt["partial_correct"], ckpt["partial_seen"])
             self.aug_state = ckpt.get("aug_state")
         self.step_fn = _step_function(cfg, st, device, cpu_kernels)
-        wanted = cfg.augment.whole_epoch
-        self.whole_epoch = isinstance(st.augmenter, KerasAugment) and (
-            device.type == "cuda" if wanted is None else wanted)
+        ahead = cfg.train.prepare_ahead
+        self.prepare_ahead = device.type == "cuda" if ahead is None else ahead
 
     def save(self, epoch: int, step: int, sums: tuple[float, float, int], gen: torch.Generator | None) -> None:
         """Checkpoint: the run resumes at ``step`` of ``epoch`` with the running ``sums``."""
@@ -480,12 +479,17 @@ class _Loop:
                 x = st.augmenter(x, gen, indices=idx, epoch=epoch, seed=self.cfg.train.seed)
         return x.contiguous(memory_format=self.fmt), self.arrays.y_train[idx]
 
-    def augment_epoch(self, perm: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Every training image of the epoch, in ``perm`` order, Keras-augmented and normalised
-        as :meth:`batch` would make them, in the training memory format."""
-        st = self.st
-        return st.augmenter.transform_all(self.arrays.x_train, perm, gen, input_scale=st.prep["rescale"],
-                                          finish=lambda x: normalize(x, st.prep), memory_format=self.fmt)
+    def prepare_epoch(self, perm: torch.Tensor, gen: torch.Generator, epoch: int, chunk: int = 8192) -> torch.Tensor:
+        """The images of every step of the epoch at once, in ``perm`` order, each made by
+        :meth:`batch` as the step would make it, ``chunk`` images per call (airbench prepares
+        its epochs the same way): on a GPU a few large calls instead of several small ones per
+        step. The random augmentations are drawn per call, so ``chunk`` is part of what a seed
+        reproduces."""
+        n = min(len(perm), self.steps * self.cfg.train.batch_size)  # drop_last leaves a tail unused
+        out = torch.empty((n, *self.arrays.x_train.shape[1:]), device=self.device, memory_format=self.fmt)
+        for s in range(0, n, chunk):
+            out[s:s + chunk] = self.batch(perm[s:min(s + chunk, n)], gen, epoch)[0]
+        return out
 
     def run_epoch(self, epoch: int, interrupts: _Interrupts) -> str:
         """Train one epoch (from the saved step if it was interrupted), evaluate on the validation
@@ -497,7 +501,7 @@ class _Loop:
         gen = _epoch_generator(cfg.train.seed, epoch, device)
         perm = torch.randperm(n, generator=_epoch_generator(cfg.train.seed, epoch, torch.device("cpu"))).to(device)
         first = self.start_step if epoch == self.start_epoch else 0
-        if first and self.aug_state is not None and not self.whole_epoch:
+        if first and self.aug_state is not None and not self.prepare_ahead:
             gen.set_state(self.aug_state)
         partial = self.partial if first else (0.0, 0.0, 0)
         # Running sums stay on the device: reading them is a GPU-to-CPU sync.
@@ -508,9 +512,9 @@ class _Loop:
         bar = tqdm(total=steps, initial=first, desc=f"Epoch {epoch + 1}/{cfg.train.epochs}",
                    disable=not interactive, leave=False, unit="step")
         clock = _Clock(device)
-        # With whole_epoch, the epoch's images are augmented up front from its fresh generator,
-        # also when resuming mid-epoch, so a resumed epoch sees the same images.
-        epoch_x = self.augment_epoch(perm, gen) if self.whole_epoch else None
+        # Prepared ahead, the epoch's images come from its fresh generator, also when resuming
+        # mid-epoch, so a resumed epoch sees the same images.
+        epoch_x = self.prepare_epoch(perm, gen, epoch) if self.prepare_ahead else None
         for step in range(first, steps):
             idx = perm[step * bs:(step + 1) * bs]
             if epoch_x is None:

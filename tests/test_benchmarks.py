@@ -13,13 +13,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _anchor_arrays(folder: Path, n_train: int, n_test: int, seed: int) -> None:
+    """Random train.npz / test.npz in the layout the anchor script writes (x: uint8 N,32,32,3; y)."""
+    rng = np.random.default_rng(seed)
+    for name, n in (("train", n_train), ("test", n_test)):
+        np.savez(folder / f"{name}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), y=np.arange(n) % 10)
+
+
 def test_gpu_speed_table_from_anchor_style_arrays(tmp_path):
     """``gpu_speed.py --npz`` reads the arrays the anchor script writes and prints one row per
     recipe entry with n runs, accuracies in [0, 1] and positive training times."""
-    rng = np.random.default_rng(0)
-    for name, n in (("train", 1100), ("test", 50)):
-        np.savez(tmp_path / f"{name}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                 y=np.arange(n) % 10)
+    _anchor_arrays(tmp_path, 1100, 50, seed=0)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py"), "--npz", str(tmp_path), "--device", "cpu",
            "--runs", "2", "--epochs", "1", "--subset", "1050", "--recipes", "keras-book", "fast"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -43,10 +47,7 @@ def test_gpu_speed_refuses_an_unknown_switch(tmp_path):
 def test_gpu_speed_reports_a_failing_entry_and_still_runs_the_others(tmp_path):
     """A CUDA-graph entry on the CPU fails: the benchmark names it with its error, still prints
     the row of the entry after it, and exits non-zero so a script notices."""
-    rng = np.random.default_rng(1)
-    for name, n in (("train", 300), ("test", 20)):
-        np.savez(tmp_path / f"{name}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                 y=np.arange(n) % 10)
+    _anchor_arrays(tmp_path, 300, 20, seed=1)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py"), "--npz", str(tmp_path), "--device", "cpu",
            "--runs", "1", "--epochs", "1", "--warmup-epochs", "0", "--subset", "200",
            "--recipes", "keras-book:cuda-graph", "keras-book"]

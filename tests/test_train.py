@@ -285,13 +285,12 @@ def test_prepared_epoch_holds_the_batches_the_steps_would_make(tmp_path):
     steps' order and memory format, also across chunk boundaries; with drop_last the unused tail
     is left out."""
     import cifarlab.train as train_mod
+    from cifarlab.data import load_dataset
     from cifarlab.train import _build, _epoch_generator, make_arrays
 
     data = make_image_folder(tmp_path / "d", n_train=20, n_test=4)
     cfg = tiny_config(str(data), str(tmp_path / "r"), batch_size=8, drop_last=True)
     cfg.augment.preset, cfg.augment.crop_padding, cfg.augment.alternating_flip = "crop-flip", 2, True
-    from cifarlab.data import load_dataset
-
     ds, dev = load_dataset(str(data)), torch.device("cpu")
     arrays = make_arrays(cfg, ds, dev)
     steps = len(arrays.x_train) // 8

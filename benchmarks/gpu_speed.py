@@ -6,7 +6,8 @@ baseline (airbench):
     python benchmarks/gpu_speed.py --npz .devicework/cifar10 --runs 5 --recipes fast keras-book keras-book:cuda-graph
 
 A recipe may carry training switches after colons (``keras-book:cuda-graph``,
-``fast:compile:bf16``), so one table compares a recipe plain and with them, on the same seeds.
+``fast:compile:bf16``; ``nchw`` trains in channels-first memory), so one table compares a
+recipe plain and with them, on the same seeds.
 
 ``--npz DIR`` reads DIR/train.npz and DIR/test.npz (x: uint8 N,32,32,3; y: labels), the arrays the
 anchor script writes, so nothing is decoded twice; otherwise ``--data`` is loaded as usual.
@@ -35,7 +36,7 @@ from cifarlab.train import fit, fit_runs
 
 # Training switches a recipe entry may carry after colons.
 SWITCHES = {"cuda-graph": {"cuda_graph": True}, "compile": {"compile": True}, "bf16": {"precision": "bf16"},
-            "fp16": {"precision": "fp16"}}
+            "fp16": {"precision": "fp16"}, "nchw": {"channels_last": False}}
 
 
 def npz_dataset(folder: Path) -> Dataset:

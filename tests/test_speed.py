@@ -229,3 +229,83 @@ def test_speed_recipes_take_airbenchs_optimizer_steps(recipe, airbench_lr):
     for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
     assert not torch.equal(ours[1].bias, torch.zeros(4))  # the biases did move
+
+
+class _ScaledHead(torch.nn.Module):
+    def __init__(self, weight: torch.Tensor, scale: float):
+        super().__init__()
+        self.weight, self.scale = torch.nn.Parameter(weight.clone()), scale
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight) * self.scale
+
+
+def test_fast_muon_takes_airbench94_muons_steps():
+    """Three steps of the fast-muon recipe's optimizer (mean loss, head scaled by 1/9) move
+    the network exactly as airbench94_muon's arithmetic does (loss summed over the batch of
+    2000, head output / 256 with its weights 256/9 times ours, so the same initial logits;
+    SGD lr 0.053 for batch-norm biases and 0.67 for the head with lr x decay = 0.004; Muon
+    lr 0.24, momentum 0.6, Nesterov, on filters rescaled to norm sqrt(out))."""
+    from cifarlab.models.speed import BatchNormNoScale
+    from cifarlab.optim import build_optimizer, orthogonalize, param_groups
+    from cifarlab.train import train_step
+
+    cfg = resolve_config("fast-muon")
+    batch = cfg.train.batch_size
+    assert batch == 2000
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4 * 6 * 6, 10, bias=False).weight.detach()
+    ours = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), BatchNormNoScale(4), torch.nn.GELU(),
+                               torch.nn.Flatten(), _ScaledHead(head, 1 / 9))
+    theirs = copy.deepcopy(ours)
+    theirs[4] = _ScaledHead(head * 256 / 9, 1 / 256)
+    x0 = torch.randn(7, 3, 8, 8)
+    assert torch.allclose(ours(x0), theirs(x0), atol=1e-6)
+
+    wd = 2e-6 * batch
+    opt_theirs = torch.optim.SGD([dict(params=[theirs[1].bias], lr=0.053, weight_decay=wd / 0.053),
+                                  dict(params=[theirs[4].weight], lr=0.67, weight_decay=wd / 0.67)],
+                                 momentum=0.85, nesterov=True)
+    opt_ours = build_optimizer(param_groups(ours, cfg.optim), cfg.optim)
+    conv, buf = theirs[0].weight, torch.zeros_like(theirs[0].weight)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(batch, 3, 8, 8, generator=g), torch.randint(0, 10, (batch,), generator=g)
+        train_step(ours, opt_ours, x, y, label_smoothing=0.2)
+        loss = torch.nn.functional.cross_entropy(theirs(x), y, label_smoothing=0.2, reduction="sum")
+        opt_theirs.zero_grad(set_to_none=True)
+        conv.grad = None
+        loss.backward()
+        opt_theirs.step()
+        with torch.no_grad():
+            buf.mul_(0.6).add_(conv.grad)
+            update = orthogonalize((conv.grad + 0.6 * buf).reshape(4, -1)).view(conv.shape)
+            conv.mul_(2.0 / conv.norm()).sub_(0.24 * update)
+    assert torch.allclose(ours[0].weight, theirs[0].weight, atol=1e-5)
+    assert torch.allclose(ours[1].bias, theirs[1].bias, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(ours[4].weight * 256 / 9, theirs[4].weight, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(ours[1].bias, torch.zeros(4))  # the biases did move
+    assert torch.allclose(ours(x0), theirs(x0), atol=1e-4)
+
+
+def test_fast_muon_trains_on_cpu_and_its_whitening_bias_stops_at_zero_lr(tmp_path, monkeypatch):
+    from cifarlab import train as train_mod
+
+    data = make_image_folder(tmp_path / "d", n_train=24, n_test=4)
+    seen: list = []
+    real_build = train_mod._build
+    monkeypatch.setattr(train_mod, "_build", lambda *a, **k: seen.append(real_build(*a, **k)) or seen[-1])
+    cfg = resolve_config("fast-muon", overrides={"data": {"data": str(data)},
+                                                 "train": {"epochs": 3, "batch_size": 16, "out": str(tmp_path / "r"),
+                                                           "threads": 1, "whiten_bias_epochs": 2}})
+    m = fit(cfg, log=lambda s: None)
+    assert 0 <= m["test_accuracy"] <= 1 and m["tta"] == "flip-translate"
+    st = seen[0]
+    groups = {g.get("schedule", "muon" if g["muon"] else len(g["params"])): g for g in st.optimizer.param_groups}
+    # 4 steps an epoch: the whitening bias's lr reaches 0 after 2 epochs; the others decay over all 12 steps.
+    sched = st.scheduler.lr_lambdas[list(st.optimizer.param_groups).index(groups["whiten_bias"])]
+    assert [sched(s) for s in (0, 4, 8, 11)] == [1.0, 0.5, 0.0, 0.0]
+    assert groups["muon"]["lr"] == 0.0 and groups["whiten_bias"]["lr"] == 0.0  # both end at zero
+    assert not torch.equal(st.model.whiten.bias, torch.zeros_like(st.model.whiten.bias))
+    with pytest.raises(Exception, match="optim.muon_momentum = 1.5 is not valid"):
+        resolve_config("fast-muon", overrides={"optim": {"muon_momentum": 1.5}})

@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
-    g.add_argument("--optimizer", help="rmsprop (Keras semantics), sgd or adam")
+    g.add_argument("--optimizer", help="rmsprop (Keras semantics), sgd, adam or muon (convolution filters; SGD for the rest)")
     g.add_argument("--lr", type=float, help="learning rate per step")
     g.add_argument("--momentum", type=float, help="sgd momentum")
     g.add_argument("--nesterov", action="store_true", default=None, help="sgd with Nesterov momentum")

@@ -47,8 +47,8 @@ class ModelConfig:
 class OptimConfig:
     """Optimizer and its hyperparameters (Keras defaults for the keras-book recipe)."""
 
-    name: str = "rmsprop"  # rmsprop (Keras semantics) | sgd | adam
-    lr: float = 1e-3  # learning rate per step, for the batch size below
+    name: str = "rmsprop"  # rmsprop (Keras semantics) | sgd | adam | muon (filters; SGD for the rest)
+    lr: float = 1e-3  # learning rate per step, for the batch size below (muon: of the non-filter tensors)
     rho: float = 0.9  # rmsprop: decay of the squared-gradient average
     eps: float = 1e-7  # rmsprop: added inside the square root; adam: added to the denominator
     momentum: float = 0.0  # sgd
@@ -62,6 +62,11 @@ class OptimConfig:
     final_lr_frac: float = 1.0  # triangle: lr at the last step, as a fraction of lr
     # lr multiplier for normalisation-layer biases, their lr x weight decay kept (airbench: 64)
     norm_bias_lr_scale: float = 1.0
+    # muon: the convolution filters' lr, a step's length relative to the filters' (fixed) norm, so
+    # it does not depend on the batch size or the loss's scale; their momentum; Newton-Schulz rounds
+    muon_lr: float = 0.24
+    muon_momentum: float = 0.6
+    ns_steps: int = 3
 
 
 @dataclass
@@ -283,6 +288,12 @@ def validate(cfg: Config) -> None:
         bad("optim.momentum", cfg.optim.momentum, "it must lie in [0, 1)")
     if not 0 < cfg.optim.rho < 1:
         bad("optim.rho", cfg.optim.rho, "it must lie strictly between 0 and 1")
+    if not cfg.optim.muon_lr > 0:
+        bad("optim.muon_lr", cfg.optim.muon_lr, "it must be greater than 0")
+    if not 0 <= cfg.optim.muon_momentum < 1:
+        bad("optim.muon_momentum", cfg.optim.muon_momentum, "it must lie in [0, 1)")
+    if not 1 <= cfg.optim.ns_steps <= 20:
+        bad("optim.ns_steps", cfg.optim.ns_steps, "it must lie in [1, 20]")
     if cfg.train.epochs < 1:
         bad("epochs", cfg.train.epochs, "it must be at least 1")
     if cfg.train.batch_size < 1:

@@ -1,12 +1,14 @@
-"""Optimizers, including RMSprop with Keras' exact semantics."""
+"""Optimizers, including RMSprop with Keras' exact semantics and Muon for convolution filters."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from .errors import ConfigError
 
-OPTIMIZERS = ("rmsprop", "sgd", "adam")
+OPTIMIZERS = ("rmsprop", "sgd", "adam", "muon")
 
 
 class KerasRMSprop(torch.optim.Optimizer):
@@ -50,6 +52,91 @@ class KerasRMSprop(torch.optim.Optimizer):
         return loss
 
 
+def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
+    """Roughly ``U V^T`` of the 2-D ``g = U S V^T``: ``steps`` rounds of a quintic Newton-Schulz
+    iteration (coefficients 3.4445, -4.7750, 2.0315, from Keller Jordan's Muon, 2024). They
+    are chosen to push small singular values up fast rather than to converge: the result's
+    singular values land roughly in [0.5, 1.5], which trains as well as the exact ``U V^T`` and
+    costs a few matrix products instead of an SVD. In bf16 on a GPU (the products dominate),
+    in float32 elsewhere (bf16 products are slow on most CPUs)."""
+    if g.ndim != 2:
+        raise ValueError(f"orthogonalize takes a 2-D tensor; got shape {tuple(g.shape)}")
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    x = x / (x.norm() + eps)  # top singular value at most 1, where the iteration is stable
+    tall = x.shape[0] > x.shape[1]
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Keller Jordan, 2024) for the groups marked ``muon=True``, Nesterov SGD for the rest.
+
+    Muon group, per tensor ``w`` (a convolution's filters, shape out x in x kh x kw): momentum
+    ``m = momentum * m + g``, Nesterov's ``u = g + momentum * m``; ``w`` is rescaled to norm
+    ``sqrt(out)`` and then moved by ``-lr * orthogonalize(u)`` (``u`` as an out x rest matrix).
+    Orthogonalised updates change every direction of the filter bank by the same amount, so
+    the step size does not depend on the loss's scale; the fixed weight norm stands in for
+    weight decay. airbench94_muon trains its filters this way (lr 0.24, momentum 0.6).
+
+    Other groups: ``p -= lr * (d + momentum * m)`` with ``m = momentum * m + d`` and
+    ``d = g + weight_decay * p``, which is PyTorch's Nesterov SGD (``aux_momentum``). With
+    ``nesterov`` False, both kinds of group step along the momentum ``m`` itself.
+    """
+
+    def __init__(self, params, lr: float = 0.24, momentum: float = 0.6, nesterov: bool = True, ns_steps: int = 3,
+                 aux_momentum: float = 0.85, weight_decay: float = 0.0):
+        if not lr > 0:
+            raise ConfigError(f"learning rate {lr} is not valid; it must be greater than 0")
+        if not 0 <= momentum < 1 or not 0 <= aux_momentum < 1:
+            raise ConfigError(f"momentum {momentum} / {aux_momentum} is not valid; it must lie in [0, 1)")
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                      aux_momentum=aux_momentum, weight_decay=weight_decay, muon=False))
+
+    def _buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for p in params:
+            st = self.state[p]
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            out.append(st["momentum_buffer"])
+        return out
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - see class docstring
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["muon"]:
+                m, bufs = group["momentum"], self._buffers(params)
+                torch._foreach_mul_(bufs, m)
+                torch._foreach_add_(bufs, grads)
+                updates = torch._foreach_add(grads, bufs, alpha=m) if group["nesterov"] else bufs
+                # Rescale each filter bank to norm sqrt(out): no sync, the norms stay on the device.
+                for p, u in zip(params, updates):
+                    p.mul_(math.sqrt(len(p)) / (p.norm() + 1e-12))  # a device tensor: no sync
+                    p.add_(orthogonalize(u.reshape(len(u), -1), group["ns_steps"]).reshape(u.shape), alpha=-group["lr"])
+            else:
+                m, bufs, wd = group["aux_momentum"], self._buffers(params), group["weight_decay"]
+                d = torch._foreach_add(grads, params, alpha=wd) if wd else grads
+                torch._foreach_mul_(bufs, m)
+                torch._foreach_add_(bufs, d)
+                # Nesterov: a new list, so the grads stay as backward left them.
+                d = torch._foreach_add(d, bufs, alpha=m) if group["nesterov"] else bufs
+                torch._foreach_add_(params, d, alpha=-group["lr"])
+        return loss
+
+
 # Batch and instance norms share _NormBase (PyTorch has no public base class for them).
 _NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
 
@@ -59,7 +146,9 @@ def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
     :class:`~cifarlab.config.OptimConfig`). With ``cfg.norm_bias_lr_scale`` s other than 1, the
     biases of normalisation layers form a group of their own with lr times s and weight decay
     divided by s, so that the decay per step (lr x weight decay, as SGD applies it) is unchanged.
-    This is airbench's ``bias_scaler`` (64 in its recipes)."""
+    This is airbench's ``bias_scaler`` (64 in its recipes). For Muon, see :func:`muon_param_groups`."""
+    if cfg.name == "muon":
+        return muon_param_groups(model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg.norm_bias_lr_scale == 1:
         return [{"params": trainable}]
@@ -68,6 +157,24 @@ def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
     groups = [{"params": [p for p in trainable if id(p) in norm_ids], "lr": cfg.lr * s,
                "weight_decay": cfg.weight_decay / s},
               {"params": [p for p in trainable if id(p) not in norm_ids]}]
+    return [g for g in groups if g["params"]]
+
+
+def muon_param_groups(model: torch.nn.Module, cfg) -> list[dict]:
+    """Groups for :class:`Muon`, as airbench94_muon splits its parameters: the trainable
+    convolution filters (4-D) with Muon at ``cfg.muon_lr``; the biases and norm shifts (1-D) with
+    SGD at ``cfg.lr`` times ``cfg.norm_bias_lr_scale`` (weight decay divided by it); every
+    other tensor (the linear head) with SGD at ``cfg.lr``. A whitening layer's bias (the speed
+    nets') forms a group of its own, marked ``schedule="whiten_bias"``: it decays to zero while
+    that bias trains (see :func:`cifarlab.train._build`)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    whiten = getattr(getattr(model, "whiten", None), "bias", None)
+    s = cfg.norm_bias_lr_scale
+    vector = {"lr": cfg.lr * s, "weight_decay": cfg.weight_decay / s}
+    groups = [{"params": [p for p in trainable if p.ndim == 4], "muon": True, "lr": cfg.muon_lr},
+              {"params": [p for p in trainable if p is whiten], "schedule": "whiten_bias", **vector},
+              {"params": [p for p in trainable if p.ndim <= 1 and p is not whiten], **vector},
+              {"params": [p for p in trainable if p.ndim in (2, 3)], "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     return [g for g in groups if g["params"]]
 
 
@@ -95,4 +202,7 @@ def build_optimizer(params, cfg, capturable: bool = False) -> torch.optim.Optimi
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                 weight_decay=cfg.weight_decay, capturable=capturable)
+    if cfg.name == "muon":
+        return Muon(params, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=cfg.nesterov, ns_steps=cfg.ns_steps,
+                    aux_momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     raise ConfigError(f"unknown optimizer '{cfg.name}'; valid optimizers: {', '.join(OPTIMIZERS)}")

@@ -309,6 +309,15 @@ def _lr_lambda(cfg: Config, total_steps: int) -> Callable[[int], float]:
     return triangle
 
 
+def _whiten_bias_lambda(steps: int, main: Callable[[int], float]) -> Callable[[int], float]:
+    """The schedule of a group marked ``schedule="whiten_bias"`` (Muon's grouping): linear
+    decay from 1 to 0 over the ``steps`` in which the whitening bias trains, as
+    airbench94_muon; ``main`` when it trains all along (``steps`` 0)."""
+    if steps <= 0:
+        return main
+    return lambda step: max(0.0, 1 - step / steps)
+
+
 @dataclass
 class _Setup:
     model: nn.Module
@@ -352,7 +361,10 @@ def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim, capturable=cfg.train.cuda_graph)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, cfg.train.epochs * steps_per_epoch))
+    main = _lr_lambda(cfg, cfg.train.epochs * steps_per_epoch)
+    whiten = _whiten_bias_lambda(cfg.train.whiten_bias_epochs * steps_per_epoch, main)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [whiten if g.get("schedule") == "whiten_bias" else main for g in optimizer.param_groups])
     lookahead = Lookahead(model) if cfg.train.lookahead_every else None
     return _Setup(model, optimizer, scheduler, augmenter, prep, lookahead, model_kwargs,
                   sum(p.numel() for p in model.parameters()), init_time)

@@ -72,8 +72,8 @@ def test_orthogonalize_flattens_the_spectrum_and_keeps_the_directions():
         cos = (o * (u @ vh)).sum() / (o.norm() * (u @ vh).norm())
         assert cos > 0.9, cos
         assert torch.allclose(orthogonalize(5 * a, steps=5), o, atol=1e-5)  # the input's scale does not matter
-    with pytest.raises(ValueError, match=r"2-D tensor; got shape \(2, 3, 4\)"):
-        orthogonalize(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match=r"2-D tensor or a 3-D batch; got shape \(2, 3, 4, 5\)"):
+        orthogonalize(torch.zeros(2, 3, 4, 5))
 
 
 def test_muon_steps_as_written():
@@ -120,3 +120,14 @@ def test_muon_groups_split_filters_biases_whitening_and_head():
     assert sorted(id(p) for g in groups for p in g["params"]) == sorted(trainable)  # each once
     opt = build_optimizer(groups, cfg)
     assert opt.param_groups[3]["lr"] == 2.0 and not opt.param_groups[3]["muon"]
+
+
+def test_orthogonalize_many_matches_one_at_a_time():
+    """The zero-padded batch gives each matrix, wide or tall, its own result."""
+    from cifarlab.optim import orthogonalize, orthogonalize_many
+
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.randn(*s, generator=g) for s in ((8, 27), (16, 72), (30, 9), (16, 144))]
+    for one, many in zip((orthogonalize(m) for m in mats), orthogonalize_many(mats)):
+        assert one.shape == many.shape and torch.allclose(one, many, atol=1e-5)
+    assert torch.allclose(orthogonalize(torch.stack(mats[1:2] * 2))[1], orthogonalize(mats[1]), atol=1e-6)

@@ -309,32 +309,3 @@ def test_fast_muon_trains_on_cpu_and_its_whitening_bias_stops_at_zero_lr(tmp_pat
     assert not torch.equal(st.model.whiten.bias, torch.zeros_like(st.model.whiten.bias))
     with pytest.raises(Exception, match="optim.muon_momentum = 1.5 is not valid"):
         resolve_config("fast-muon", overrides={"optim": {"muon_momentum": 1.5}})
-
-
-@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_maxpool2x2_matches_pytorchs(fmt, dtype):
-    """The CUDA pooling function, run here on the CPU, against PyTorch's max pool."""
-    from cifarlab.models.speed import MaxPool2x2, _MaxPool2x2Fn
-
-    torch.manual_seed(0)
-    for shape in ((3, 5, 8, 6), (2, 4, 6, 10)):
-        x = torch.randn(*shape, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
-        ref = x.detach().clone().requires_grad_()
-        y, y_ref = _MaxPool2x2Fn.apply(x), torch.nn.functional.max_pool2d(ref, 2)
-        g = torch.randn_like(y)
-        y.backward(g)
-        y_ref.backward(g)
-        assert torch.equal(y, y_ref)
-        # Where a window's maximum is unique (bf16 ties now and then), the gradients are equal.
-        n, c, h, w = shape
-        windows = x.detach().view(n, c, h // 2, 2, w // 2, 2)
-        unique = ((windows == y.detach()[:, :, :, None, :, None]).sum((3, 5), keepdim=True) == 1).expand_as(windows)
-        unique = unique.reshape(shape)
-        assert unique.float().mean() > 0.9 and torch.equal(x.grad[unique], ref.grad[unique])
-        assert y.is_contiguous(memory_format=fmt) and x.grad.is_contiguous(memory_format=fmt)
-    x = torch.zeros(1, 1, 2, 2, requires_grad=True)  # a four-way tie: each maximum gets the gradient
-    _MaxPool2x2Fn.apply(x).sum().backward()
-    assert torch.equal(x.grad, torch.ones(1, 1, 2, 2))
-    odd = torch.randn(1, 2, 5, 5)  # the module: PyTorch's pooling for odd sizes (and on the CPU)
-    assert torch.equal(MaxPool2x2()(odd), torch.nn.functional.max_pool2d(odd, 2))

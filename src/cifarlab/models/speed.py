@@ -33,45 +33,6 @@ class GlobalMaxPool(nn.Module):
         return F.max_pool2d(x, kernel_size=tuple(x.shape[-2:]))
 
 
-class _MaxPool2x2Fn(torch.autograd.Function):
-    """2x2 max pooling, stride 2, on even-sized maps, as a window maximum and a masked backward.
-
-    On an H200 (bf16, channels-last, batch 2000), PyTorch's max-pool kernels took a quarter of
-    the fast-muon recipe's GPU time, the backward four times its memory-bound cost: it reads
-    int64 indices. Here the forward is one reduction, and the backward one comparison with the
-    saved output: each window's gradient goes to its maximum (to each of them, should several
-    tie exactly, where PyTorch picks one)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        n, c, h, w = x.shape
-        if x.dim_order() == (0, 2, 3, 1) and c > 1:  # channels-last: reduce with channels innermost
-            y = x.permute(0, 2, 3, 1).reshape(n, h // 2, 2, w // 2, 2, c).amax(dim=(2, 4)).permute(0, 3, 1, 2)
-        else:
-            y = x.reshape(n, c, h // 2, 2, w // 2, 2).amax(dim=(3, 5))
-        ctx.save_for_backward(x, y)
-        return y
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        x, y = ctx.saved_tensors
-        n, c, h, w = x.shape
-        windows = x.view(n, c, h // 2, 2, w // 2, 2)  # splitting a dimension is a view in any layout
-        hit = windows == y[:, :, :, None, :, None]
-        return torch.where(hit, g[:, :, :, None, :, None], 0).reshape(n, c, h, w)
-
-
-class MaxPool2x2(nn.Module):
-    """``nn.MaxPool2d(2)``, with :class:`_MaxPool2x2Fn`'s kernels on CUDA for even-sized maps.
-    Elsewhere PyTorch's: on the 2-core CPU its forward and backward took 64 ms against 209 ms
-    for a batch of 250 64-channel 32x32 maps."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda or x.ndim != 4 or x.shape[-1] % 2 or x.shape[-2] % 2:
-            return F.max_pool2d(x, 2)
-        return _MaxPool2x2Fn.apply(x)
-
-
 class ConvGroup(nn.Module):
     """conv 3x3 -> max pool 2 -> BN -> GELU -> conv 3x3 -> BN -> GELU; with ``depth`` 3, one more
     conv -> BN -> GELU and a residual connection around the last two (airbench96's group)."""
@@ -81,7 +42,7 @@ class ConvGroup(nn.Module):
         if depth not in (2, 3):
             raise ValueError(f"ConvGroup depth {depth} is not valid; choose 2 or 3")
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
-        self.pool = MaxPool2x2()
+        self.pool = nn.MaxPool2d(2)
         self.norm1 = BatchNormNoScale(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
         self.norm2 = BatchNormNoScale(cout)

@@ -2,8 +2,8 @@
 # Every GPU figure the README reports, on a CUDA machine, from the project root:
 #   bash benchmarks/gpu_check.sh NPZ_FOLDER [PART] [RUNS]
 # NPZ_FOLDER holds train.npz and test.npz (x: uint8 N,32,32,3; y: labels) of the CIFAR-10 copy.
-# PART: "fast" (the fast recipe RUNS times in fp32, bf16 and bf16 + torch.compile; RUNS
-# defaults to 5), "keras" (keras-book 3 times plain, 3 times as one CUDA graph per step, and 3
+# PART: "fast" (RUNS times each: fast-muon in bf16, fast in bf16 and fp32, fast-muon in bf16 +
+# torch.compile; RUNS defaults to 5), "keras" (keras-book 3 times plain, 3 times as one CUDA graph per step, and 3
 # times as a graph in bf16, same seeds), "rest" (augmentation throughput and its share of a GPU
 # training epoch, leaving out the CPU paths; best once in bf16), or "all" (the default; the
 # same entries took under six minutes on an H200). Each step has a time limit, so one that
@@ -15,7 +15,7 @@ PART=${2:-all}
 N=${3:-5}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ "$PART" = fast ] || [ "$PART" = all ]; then
-  timeout 420 python benchmarks/gpu_speed.py --npz "$NPZ" --runs "$N" --recipes fast fast:bf16 fast:bf16:compile
+  timeout 420 python benchmarks/gpu_speed.py --npz "$NPZ" --runs "$N" --recipes fast-muon:bf16 fast:bf16 fast fast-muon:bf16:compile
 fi
 if [ "$PART" = keras ] || [ "$PART" = all ]; then
   timeout 300 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 3 \

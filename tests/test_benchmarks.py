@@ -55,3 +55,19 @@ def test_gpu_speed_reports_a_failing_entry_and_still_runs_the_others(tmp_path):
     assert p.returncode == 1 and "1 of 2 entries failed" in p.stderr, p.stderr
     assert "keras-book:cuda-graph: FAILED" in p.stdout and "train.cuda_graph needs a CUDA device" in p.stdout
     assert re.search(r"^keras-book\s+1\s+[\d.]+", p.stdout, re.M), p.stdout
+
+
+def test_gpu_speed_warms_a_compiled_entry_up_past_its_whitening_bias_switch(monkeypatch):
+    """Compiled and with a whitening bias that stops training after 3 epochs: a 4-epoch warm-up,
+    so the recompilation falls outside the timed runs; otherwise the asked-for epochs."""
+    from cifarlab.config import resolve_config
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from gpu_speed import warmup_config
+
+    def epochs(recipe: str, **train) -> int:
+        return warmup_config(resolve_config(recipe, overrides={"train": train}), 1, "w").train.epochs
+
+    assert epochs("fast-muon", compile=True) == 4 and epochs("fast", compile=True) == 4
+    assert epochs("fast-muon") == 1 and epochs("keras-book", compile=True) == 1
+    assert epochs("fast-muon", compile=True, epochs=2) == 2  # never longer than the run itself

@@ -303,3 +303,25 @@ def test_prepared_epoch_holds_the_batches_the_steps_would_make(tmp_path):
     for s in range(0, steps * 8, 5):
         want.append(loop.batch(perm[s:min(s + 5, steps * 8)], gen, 1)[0])
     assert torch.equal(got, torch.cat(want))
+
+
+def test_compile_mode_reaches_torch_compile_and_needs_compile(tmp_path, image_folder, monkeypatch):
+    """``--compile --compile-mode max-autotune`` hands the mode to ``torch.compile`` (recorded
+    here instead of compiling); a mode without ``--compile`` is refused by name."""
+    from cifarlab import runtime
+    from cifarlab.cli import _parser, _train_overrides
+    from cifarlab.config import resolve_config
+    from cifarlab.errors import ConfigError
+
+    modes: list = []
+    monkeypatch.setattr(runtime.torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    args = _parser().parse_args(["train", "--compile", "--compile-mode", "max-autotune"])
+    assert _train_overrides(args)["train"] == {"compile": True, "compile_mode": "max-autotune"}
+    cfg = tiny_config(str(image_folder), str(tmp_path / "r"), compile=True, compile_mode="max-autotune",
+                      cpu_kernels=False)
+    fit(cfg, log=lambda s: None)
+    assert modes == ["max-autotune"]
+    with pytest.raises(ConfigError, match="train.compile_mode = 'max-autotune' is not valid; it takes effect only"):
+        resolve_config(overrides={"train": {"compile_mode": "max-autotune"}})
+    with pytest.raises(ConfigError, match="train.compile_mode = 'fastest' is not valid; choose default, reduce-overhead"):
+        resolve_config(overrides={"train": {"compile": True, "compile_mode": "fastest"}})

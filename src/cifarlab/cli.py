@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import TTA_LEVELS
+from .config import COMPILE_MODES, TTA_LEVELS
 from .errors import CifarlabError, ConfigError
 
 EPILOG = """examples:
@@ -32,7 +32,7 @@ _TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "overwrite": ("train", "overwrite"), "deterministic": ("train", "deterministic"),
     "augment": ("augment", "preset"), "runs": ("train", "runs"), "tta": ("train", "tta"),
     "label_smoothing": ("train", "label_smoothing"), "precision": ("train", "precision"),
-    "compile": ("train", "compile"), "cuda_graph": ("train", "cuda_graph"), "cpu_kernels": ("train", "cpu_kernels"),
+    "compile": ("train", "compile"), "compile_mode": ("train", "compile_mode"), "cuda_graph": ("train", "cuda_graph"), "cpu_kernels": ("train", "cpu_kernels"),
 }
 
 
@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--deterministic", action="store_true", default=None, help="bit-reproducible kernels")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default fp32)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (long GPU runs)")
+    g.add_argument("--compile-mode", choices=COMPILE_MODES,
+                   help="torch.compile's mode with --compile (default: default; max-autotune adds CUDA graphs "
+                        "and tuned kernels, after minutes of compilation)")
     g.add_argument("--cuda-graph", action="store_true", default=None,
                    help="replay each step as one CUDA graph (small models on a GPU; constant lr only)")
     g.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false", default=None,

@@ -118,6 +118,9 @@ class TrainConfig:
     tta: str = "none"  # test-time augmentation for the final test metrics: none | flip | flip-translate
     precision: str = "fp32"  # fp32 | bf16 (autocast; 14x slower on an AVX2 CPU without bf16 units) | fp16 (CUDA only)
     compile: bool = False  # torch.compile the model for training (pays off on long GPU runs only)
+    # torch.compile's mode for the model: default | reduce-overhead | max-autotune (CUDA graphs and
+    # tuned kernels, as airbench94_muon compiles; minutes of compilation) | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     cuda_graph: bool = False  # replay each training step as one CUDA graph (CUDA, constant lr, no compile)
     # Convert, augment and normalise each epoch's training images at its start, 8192 per call,
     # so a step only slices (null: on CUDA only, where each small call's fixed cost outweighs
@@ -146,6 +149,7 @@ class Config:
 
 
 SECTIONS = ("data", "model", "optim", "augment", "train")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -325,6 +329,11 @@ def validate(cfg: Config) -> None:
     if cfg.train.cuda_graph and cfg.train.whiten_bias_epochs:
         bad("train.cuda_graph", True, "a CUDA graph fixes which parameters train, so it cannot stop training the "
             f"whitening bias after train.whiten_bias_epochs = {cfg.train.whiten_bias_epochs}; set that to 0")
+    if cfg.train.compile_mode not in COMPILE_MODES:
+        bad("train.compile_mode", cfg.train.compile_mode, f"choose {', '.join(COMPILE_MODES)}")
+    if cfg.train.compile_mode != "default" and not cfg.train.compile:
+        bad("train.compile_mode", cfg.train.compile_mode, "it takes effect only with train.compile: true (--compile); "
+            "set that too, or leave the mode at default")
     if cfg.train.cuda_graph and cfg.train.compile:
         bad("train.cuda_graph", True, "choose either train.compile or train.cuda_graph, not both")
     if cfg.train.runs < 1:

@@ -87,13 +87,16 @@ def autocast(device: torch.device, precision: str = "fp32", cache: bool = True):
     return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
-def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+def maybe_compile(model: torch.nn.Module, enabled: bool, mode: str = "default") -> torch.nn.Module:
     """``torch.compile`` the model when asked: it pays off only for long runs (compilation takes
     tens of seconds) and on GPUs where kernel fusion cuts launches. On the 2-core development
     CPU it did not: the compiled keras-deep training step took 392 to 424 ms against 258 to 347
     ms eager (same process, interleaved), as oneDNN's convolutions dominate either way. The
-    returned module shares parameters with ``model``."""
-    return torch.compile(model) if enabled else model
+    returned module shares parameters with ``model``. ``mode`` is ``torch.compile``'s (see
+    :data:`cifarlab.config.COMPILE_MODES`)."""
+    if not enabled:
+        return model
+    return torch.compile(model, mode=None if mode == "default" else mode)
 
 
 def seed_everything(seed: int) -> None:

@@ -231,17 +231,25 @@ def test_keras_augmentation_with_featurewise_statistics(tmp_path, image_folder):
     assert load_model(tmp_path / "run").prep == prep
 
 
-@pytest.mark.parametrize("preset", ["keras", "crop-flip"])
+@pytest.mark.parametrize("preset", ["keras", "crop-flip", "fast-muon"])
 def test_epochs_prepared_ahead_train_and_resume_mid_epoch_exactly(tmp_path, monkeypatch, preset):
     """train.prepare_ahead (the default on CUDA, forced here on the CPU) makes each epoch's
     augmented images at its start; a run stopped mid-epoch and resumed ends with the same weights
-    as one never stopped, since the resumed epoch remakes the same images from its own generator."""
+    as one never stopped, since the resumed epoch remakes the same images from its own generator.
+    The fast-muon case also resumes Muon's state and the whitening bias's own schedule, which
+    has reached zero in the second epoch."""
     import cifarlab.train as train_mod
+    from cifarlab.config import resolve_config
     from cifarlab.train import TrainingInterrupted
 
     data = make_image_folder(tmp_path / "d", n_train=40, n_test=4)
 
     def cfg(out):
+        if preset == "fast-muon":
+            return resolve_config(preset, overrides={
+                "data": {"data": str(data)},
+                "train": {"epochs": 2, "batch_size": 16, "out": str(tmp_path / out), "threads": 1,
+                          "deterministic": True, "prepare_ahead": True, "whiten_bias_epochs": 1}})
         c = tiny_config(str(data), str(tmp_path / out), epochs=2, batch_size=4, prepare_ahead=True)
         c.augment.preset = preset
         if preset == "keras":

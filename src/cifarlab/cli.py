@@ -32,7 +32,8 @@ _TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "overwrite": ("train", "overwrite"), "deterministic": ("train", "deterministic"),
     "augment": ("augment", "preset"), "runs": ("train", "runs"), "tta": ("train", "tta"),
     "label_smoothing": ("train", "label_smoothing"), "precision": ("train", "precision"),
-    "compile": ("train", "compile"), "compile_mode": ("train", "compile_mode"), "cuda_graph": ("train", "cuda_graph"), "cpu_kernels": ("train", "cpu_kernels"),
+    "compile": ("train", "compile"), "compile_mode": ("train", "compile_mode"), "cuda_graph": ("train", "cuda_graph"),
+    "cpu_kernels": ("train", "cpu_kernels"),
 }
 
 
@@ -84,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
-    g.add_argument("--optimizer", help="rmsprop (Keras semantics), sgd, adam or muon (convolution filters; SGD for the rest)")
+    g.add_argument("--optimizer",
+                   help="rmsprop (Keras semantics), sgd, adam or muon (convolution filters; SGD for the rest)")
     g.add_argument("--lr", type=float, help="learning rate per step")
     g.add_argument("--momentum", type=float, help="sgd momentum")
     g.add_argument("--nesterov", action="store_true", default=None, help="sgd with Nesterov momentum")

@@ -82,8 +82,8 @@ def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.T
 
 def orthogonalize_many(mats: list[torch.Tensor], steps: int = 3, eps: float = 1e-7) -> list[torch.Tensor]:
     """:func:`orthogonalize` of each 2-D matrix in ``mats``, as one batched computation (a
-    handful of kernels instead of a dozen per matrix; the fast recipe's step is otherwise bound
-    by their launches). Each matrix, turned wide, is zero-padded to the largest shape: zero
+    handful of kernels instead of a dozen per matrix: on an H200, fast-muon's optimizer step,
+    one matrix at a time, was bound by their launches). Each matrix, turned wide, is zero-padded to the largest shape: zero
     rows and columns stay zero through the iteration and leave the norm alone, so each result
     is the matrix's own. Returned in the iteration's dtype (bf16 on a GPU)."""
     wide = [m.mT if m.shape[0] > m.shape[1] else m for m in mats]
@@ -201,7 +201,8 @@ def muon_param_groups(model: torch.nn.Module, cfg) -> list[dict]:
     groups = [{"params": [p for p in trainable if p.ndim == 4], "muon": True, "lr": cfg.muon_lr},
               {"params": [p for p in trainable if p is whiten], "schedule": "whiten_bias", **vector},
               {"params": [p for p in trainable if p.ndim <= 1 and p is not whiten], **vector},
-              {"params": [p for p in trainable if p.ndim in (2, 3)], "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+              {"params": [p for p in trainable if p.ndim not in (0, 1, 4)], "lr": cfg.lr,
+               "weight_decay": cfg.weight_decay}]
     return [g for g in groups if g["params"]]
 
 

@@ -581,7 +581,8 @@ def _step_function(cfg: Config, st: _Setup, device: torch.device,
         # Autocast's cache of cast weights cannot live across graph replays.
         return GraphedStep(st.model, st.optimizer, cfg.train.label_smoothing,
                            runtime.autocast(device, cfg.train.precision, cache=False))
-    return functools.partial(train_step, runtime.maybe_compile(st.model, cfg.train.compile, cfg.train.compile_mode), st.optimizer,
+    model = runtime.maybe_compile(st.model, cfg.train.compile, cfg.train.compile_mode)
+    return functools.partial(train_step, model, st.optimizer,
                              label_smoothing=cfg.train.label_smoothing,
                              autocast=runtime.autocast(device, cfg.train.precision),  # built once per run
                              cpu_kernels=cpu_kernels)

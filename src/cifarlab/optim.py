@@ -11,7 +11,36 @@ from .errors import ConfigError
 OPTIMIZERS = ("rmsprop", "sgd", "adam", "muon")
 
 
-class KerasRMSprop(torch.optim.Optimizer):
+class _PerGroupOptimizer(torch.optim.Optimizer):
+    """What this module's optimizers share: ``step`` runs the closure, then hands each group's
+    parameters that have gradients to ``_update``; per-parameter state tensors start at zero."""
+
+    def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _buffers(self, params: list[torch.Tensor], key: str) -> list[torch.Tensor]:
+        out = []
+        for p in params:
+            st = self.state[p]
+            if key not in st:
+                st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            out.append(st[key])
+        return out
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - see the subclasses' docstrings
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update(group, params, [p.grad for p in params])
+        return loss
+
+
+class KerasRMSprop(_PerGroupOptimizer):
     """RMSprop as Keras defines it: ``v = rho*v + (1-rho)*g^2; w -= lr * g / sqrt(v + eps)``.
 
     PyTorch's RMSprop adds ``eps`` outside the square root (``sqrt(v) + eps``); Keras adds it
@@ -24,32 +53,16 @@ class KerasRMSprop(torch.optim.Optimizer):
             raise ConfigError(f"learning rate {lr} is not valid; it must be greater than 0")
         super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 - see class docstring
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            if group["weight_decay"]:
-                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-            vs = []
-            for p in params:
-                st = self.state[p]
-                if "velocity" not in st:
-                    st["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                vs.append(st["velocity"])
-            # Batched over all parameters (one kernel per op, not per tensor): matters on GPU.
-            torch._foreach_mul_(vs, group["rho"])
-            torch._foreach_addcmul_(vs, grads, grads, value=1 - group["rho"])
-            denom = torch._foreach_add(vs, group["eps"])
-            torch._foreach_sqrt_(denom)
-            torch._foreach_addcdiv_(params, grads, denom, value=-group["lr"])
-        return loss
+    def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        if group["weight_decay"]:
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        vs = self._buffers(params, "velocity")
+        # Batched over all parameters (one kernel per op, not per tensor): matters on GPU.
+        torch._foreach_mul_(vs, group["rho"])
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - group["rho"])
+        denom = torch._foreach_add(vs, group["eps"])
+        torch._foreach_sqrt_(denom)
+        torch._foreach_addcdiv_(params, grads, denom, value=-group["lr"])
 
 
 def _ns_dtype(t: torch.Tensor) -> torch.dtype:
@@ -96,7 +109,7 @@ def orthogonalize_many(mats: list[torch.Tensor], steps: int = 3, eps: float = 1e
             for o, w, m in zip(out, wide, mats)]
 
 
-class Muon(torch.optim.Optimizer):
+class Muon(_PerGroupOptimizer):
     """Muon (Keller Jordan, 2024) for the groups marked ``muon=True``, Nesterov SGD for the rest.
 
     Muon group, per tensor ``w`` (a convolution's filters, shape out x in x kh x kw): momentum
@@ -120,48 +133,28 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                       aux_momentum=aux_momentum, weight_decay=weight_decay, muon=False))
 
-    def _buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = []
-        for p in params:
-            st = self.state[p]
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            out.append(st["momentum_buffer"])
-        return out
-
-    @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 - see class docstring
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            if group["muon"]:
-                m, bufs = group["momentum"], self._buffers(params)
-                torch._foreach_mul_(bufs, m)
-                torch._foreach_add_(bufs, grads)
-                updates = torch._foreach_add(grads, bufs, alpha=m) if group["nesterov"] else bufs
-                # Rescale each filter bank to norm sqrt(out); the norms stay on the device (no sync).
-                norms = torch._foreach_norm(params)
-                torch._foreach_add_(norms, 1e-12)
-                torch._foreach_reciprocal_(norms)
-                torch._foreach_mul_(norms, [math.sqrt(len(p)) for p in params])
-                ortho = orthogonalize_many([u.reshape(len(u), -1) for u in updates], group["ns_steps"])
-                for p, n, o in zip(params, norms, ortho):
-                    p.mul_(n).add_(o.reshape(p.shape), alpha=-group["lr"])
-            else:
-                m, bufs, wd = group["aux_momentum"], self._buffers(params), group["weight_decay"]
-                d = torch._foreach_add(grads, params, alpha=wd) if wd else grads
-                torch._foreach_mul_(bufs, m)
-                torch._foreach_add_(bufs, d)
-                # Nesterov: a new list, so the grads stay as backward left them.
-                d = torch._foreach_add(d, bufs, alpha=m) if group["nesterov"] else bufs
-                torch._foreach_add_(params, d, alpha=-group["lr"])
-        return loss
+    def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        if group["muon"]:
+            m, bufs = group["momentum"], self._buffers(params, "momentum_buffer")
+            torch._foreach_mul_(bufs, m)
+            torch._foreach_add_(bufs, grads)
+            updates = torch._foreach_add(grads, bufs, alpha=m) if group["nesterov"] else bufs
+            # Rescale each filter bank to norm sqrt(out); the norms stay on the device (no sync).
+            norms = torch._foreach_norm(params)
+            torch._foreach_add_(norms, 1e-12)
+            torch._foreach_reciprocal_(norms)
+            torch._foreach_mul_(norms, [math.sqrt(len(p)) for p in params])
+            ortho = orthogonalize_many([u.reshape(len(u), -1) for u in updates], group["ns_steps"])
+            for p, n, o in zip(params, norms, ortho):
+                p.mul_(n).add_(o.reshape(p.shape), alpha=-group["lr"])
+        else:
+            m, bufs, wd = group["aux_momentum"], self._buffers(params, "momentum_buffer"), group["weight_decay"]
+            d = torch._foreach_add(grads, params, alpha=wd) if wd else grads
+            torch._foreach_mul_(bufs, m)
+            torch._foreach_add_(bufs, d)
+            # Nesterov: a new list, so the grads stay as backward left them.
+            d = torch._foreach_add(d, bufs, alpha=m) if group["nesterov"] else bufs
+            torch._foreach_add_(params, d, alpha=-group["lr"])
 
 
 # Batch and instance norms share _NormBase (PyTorch has no public base class for them).

@@ -5,8 +5,9 @@
 # PART: "fast" (RUNS times each: fast-muon in bf16, fast in bf16 and fp32, fast-muon in bf16 +
 # torch.compile; RUNS defaults to 5), "keras" (keras-book 3 times plain, 3 times as one CUDA graph per step, and 3
 # times as a graph in bf16, same seeds), "rest" (augmentation throughput and its share of a GPU
-# training epoch, leaving out the CPU paths; best once in bf16), or "all" (the default; the
-# same entries took under six minutes on an H200). Each step has a time limit, so one that
+# training epoch, leaving out the CPU paths; best once in bf16), "autotune" (fast-muon RUNS
+# times compiled in max-autotune mode; minutes of compilation first, so not part of "all"), or
+# "all" (the default; the same entries took under six minutes on an H200). Each step has a time limit, so one that
 # hangs does not take the others with it.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -24,4 +25,7 @@ fi
 if [ "$PART" = rest ] || [ "$PART" = all ]; then
   timeout 150 python benchmarks/augment_throughput.py --data "$NPZ" --rounds 3 --skip-cpu --scipy-images 2000
   timeout 240 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 1 --recipes best:bf16
+fi
+if [ "$PART" = autotune ]; then
+  timeout 560 python benchmarks/gpu_speed.py --npz "$NPZ" --runs "$N" --recipes fast-muon:bf16:max-autotune
 fi

@@ -3,15 +3,15 @@
 #   bash benchmarks/gpu_check.sh NPZ_FOLDER [PART] [RUNS]
 # NPZ_FOLDER holds train.npz and test.npz (x: uint8 N,32,32,3; y: labels) of the CIFAR-10 copy.
 # PART: "fast" (RUNS times each: fast-muon in bf16, fast in bf16 and fp32, fast-muon in bf16 +
-# torch.compile; RUNS defaults to 5), "keras" (keras-book 3 times plain, 3 times as one CUDA graph per step, and 3
-# times as a graph in bf16, same seeds), "rest" (augmentation throughput and its share of a GPU
-# training epoch, leaving out the CPU paths; best once in bf16), "autotune" (fast-muon RUNS
-# times compiled in max-autotune mode; minutes of compilation first, so not part of "all"), or
-# "all" (the default; the same entries took under six minutes on an H200). Each step has a time limit, so one that
-# hangs does not take the others with it.
+# torch.compile; RUNS defaults to 5), "keras" (keras-book 3 times plain, 3 times as one CUDA
+# graph per step, and 3 times as a graph in bf16, same seeds), "rest" (augmentation throughput
+# and its share of a GPU training epoch, leaving out the CPU paths; best once in bf16),
+# "autotune" (fast-muon RUNS times compiled in max-autotune mode; minutes of compilation first,
+# so not part of "all"), or "all" (the default: fast, keras and rest). Each step has a time
+# limit, so one that hangs does not take the others with it.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-NPZ=${1:?usage: bash benchmarks/gpu_check.sh NPZ_FOLDER [fast|keras|rest|all] [RUNS]}
+NPZ=${1:?usage: bash benchmarks/gpu_check.sh NPZ_FOLDER [fast|keras|rest|autotune|all] [RUNS]}
 PART=${2:-all}
 N=${3:-5}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

@@ -51,8 +51,8 @@ class OptimConfig:
     lr: float = 1e-3  # learning rate per step, for the batch size below (muon: of the non-filter tensors)
     rho: float = 0.9  # rmsprop: decay of the squared-gradient average
     eps: float = 1e-7  # rmsprop: added inside the square root; adam: added to the denominator
-    momentum: float = 0.0  # sgd
-    nesterov: bool = False  # sgd
+    momentum: float = 0.0  # sgd, and muon's SGD groups
+    nesterov: bool = False  # sgd; muon (both kinds of group)
     beta1: float = 0.9  # adam
     beta2: float = 0.999  # adam
     weight_decay: float = 0.0  # L2 added to the gradient (Keras-style kernel regularisation is not used)

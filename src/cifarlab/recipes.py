@@ -67,12 +67,13 @@ def fast_muon() -> dict[str, Any]:
     steps are: head lr 0.67 * 2000 * (9/256)^2 = 1.656, biases at 64 times that (0.053 * 2000
     = 106), and weight decay 0.004 / lr."""
     head_lr = 0.67 * 2000 * (9 / 256) ** 2
+    base = fast()
     return {
-        **fast(),
+        **base,
         "optim": {"name": "muon", "muon_lr": 0.24, "muon_momentum": 0.6, "nesterov": True, "ns_steps": 3,
                   "lr": head_lr, "momentum": 0.85, "weight_decay": 0.004 / head_lr, "norm_bias_lr_scale": 64.0,
                   "schedule": "triangle", "warmup_frac": 0.0, "start_lr_frac": 1.0, "final_lr_frac": 0.0},
-        "train": {**fast()["train"], "epochs": 8, "batch_size": 2000, "lookahead_every": 0},
+        "train": {**base["train"], "epochs": 8, "batch_size": 2000, "lookahead_every": 0},
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_image_folder
@@ -127,6 +128,79 @@ def test_fp16_on_cpu_is_refused(tmp_path, image_folder):
                                               "out": str(tmp_path / "r")}})
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         fit(cfg, log=lambda s: None)
+
+
+def test_true_precisions_cast_the_weights_but_not_batch_norm():
+    from cifarlab import runtime
+    from cifarlab.errors import ConfigError
+
+    cpu = torch.device("cpu")
+    m = runtime.cast_model(create_model("speednet"), cpu, "bf16-true")
+    assert m.whiten.weight.dtype == m.layers[1].conv1.weight.dtype == m.head.weight.dtype == torch.bfloat16
+    norms = [n for n in m.modules() if isinstance(n, torch.nn.BatchNorm2d)]
+    assert len(norms) == 6
+    assert {t.dtype for n in norms for t in (n.weight, n.bias, n.running_mean, n.running_var)} == {torch.float32}
+    assert runtime.compute_dtype("bf16-true") == torch.bfloat16 and runtime.compute_dtype("bf16") == torch.float32
+    for precision in ("fp32", "bf16"):  # autocast keeps float32 weights
+        assert {p.dtype for p in runtime.cast_model(create_model("keras-shallow"), cpu, precision).parameters()} \
+            == {torch.float32}
+    with pytest.raises(ConfigError, match="precision fp16-true needs a CUDA device"):
+        runtime.cast_model(create_model("keras-shallow"), cpu, "fp16-true")
+    with pytest.raises(ConfigError, match="precision 'fp8' is not valid; choose fp32, bf16, fp16, bf16-true, fp16-true"):
+        runtime.autocast(cpu, "fp8")
+    with pytest.raises(ConfigError, match="train.precision = 'half' is not valid; choose fp32, bf16, fp16, bf16-true"):
+        resolve_config("fast", overrides={"train": {"precision": "half"}})
+
+
+@pytest.mark.parametrize("recipe", ["fast", "fast-muon"])
+def test_a_bf16_true_step_moves_the_weights_as_the_fp32_step(recipe):
+    """The same step from the same weights, once in float32 and once with bf16 weights: every
+    tensor the fp32 step moves, the bf16 one moves the same way (SGD and Muon alike)."""
+    from cifarlab import runtime
+    from cifarlab.optim import build_optimizer, param_groups
+    from cifarlab.train import train_step
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3, 12, 12), torch.randint(0, 10, (32,))
+    ref = create_model("speednet")
+    ref.init_whitening(x)
+    half = runtime.cast_model(copy.deepcopy(ref), torch.device("cpu"), "bf16-true")
+    cfg = resolve_config(recipe)
+    moved = []
+    for model, inp in ((ref, x), (half, x.bfloat16())):
+        before = {k: v.float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        opt = build_optimizer(param_groups(model, cfg.optim), cfg.optim)
+        loss, _ = train_step(model, opt, inp, y, label_smoothing=cfg.train.label_smoothing)
+        assert torch.isfinite(loss)
+        moved.append({k: model.state_dict()[k].float() - v for k, v in before.items()})
+    compared = 0
+    for k, d32 in moved[0].items():
+        if "running" in k or d32.norm() < 1e-6:
+            continue
+        cos = torch.nn.functional.cosine_similarity(d32.flatten(), moved[1][k].flatten(), dim=0)
+        assert cos > 0.9, (k, float(cos))
+        compared += 1
+    assert compared >= 10  # filters, norm shifts, whitening bias and head
+
+
+def test_bf16_true_trains_saves_and_reloads_on_cpu(tmp_path):
+    from safetensors.torch import load_file
+
+    from cifarlab.export import load_model
+
+    data = make_image_folder(tmp_path / "d", n_train=8, n_test=2, size=(12, 12))
+    cfg = resolve_config("fast", overrides={"data": {"data": str(data)},
+                                            "train": {"epochs": 2, "batch_size": 8, "out": str(tmp_path / "r"),
+                                                      "threads": 1, "precision": "bf16-true"}})
+    m = fit(cfg, log=lambda s: None)
+    assert 0 <= m["test_accuracy"] <= 1
+    saved = load_file(str(tmp_path / "r" / "weights.safetensors"))
+    assert saved["layers.1.conv1.weight"].dtype == saved["head.weight"].dtype == torch.bfloat16
+    assert saved["layers.1.norm1.bias"].dtype == saved["layers.1.norm1.running_var"].dtype == torch.float32
+    predictor = load_model(tmp_path / "r")  # rebuilt in float32 from the bf16 file
+    images = torch.randint(0, 256, (3, 3, 12, 12), dtype=torch.uint8)
+    logits = predictor.logits(images)
+    assert logits.dtype.name == "float32" and logits.shape == (3, 3) and np.isfinite(logits).all()
 
 
 class _EmulatedGraphStep(GraphedStep):

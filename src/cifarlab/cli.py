@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import COMPILE_MODES, TTA_LEVELS
+from .config import COMPILE_MODES, PRECISIONS, TTA_LEVELS
 from .errors import CifarlabError, ConfigError
 
 EPILOG = """examples:
@@ -100,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     g.add_argument("--deterministic", action="store_true", default=None, help="bit-reproducible kernels")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default fp32)")
+    g.add_argument("--precision", choices=PRECISIONS,
+                   help="fp32 (default); bf16 or fp16 autocast; bf16-true or fp16-true: half-precision weights")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (long GPU runs)")
     g.add_argument("--compile-mode", choices=COMPILE_MODES,
                    help="torch.compile's mode with --compile (default: default; max-autotune adds CUDA graphs "

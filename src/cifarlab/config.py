@@ -20,6 +20,9 @@ from .errors import ConfigError
 
 # Test-time augmentation levels (see cifarlab.export.tta_logits): airbench's levels 0, 1 and 2.
 TTA_LEVELS = ("none", "flip", "flip-translate")
+# fp32; autocast to bf16 or fp16 with float32 weights; or weights in bf16 / fp16 throughout
+# (the "-true" ones, Lightning's names; see cifarlab.runtime.cast_model).
+PRECISIONS = ("fp32", "bf16", "fp16", "bf16-true", "fp16-true")
 
 
 @dataclass
@@ -116,7 +119,9 @@ class TrainConfig:
     lookahead_decay: float = 0.95**5  # EMA decay per lookahead update
     whiten_bias_epochs: int = 0  # models with a whitening layer: train its bias for this many epochs only
     tta: str = "none"  # test-time augmentation for the final test metrics: none | flip | flip-translate
-    precision: str = "fp32"  # fp32 | bf16 (autocast; 14x slower on an AVX2 CPU without bf16 units) | fp16 (CUDA only)
+    # fp32 | bf16 (autocast; 14x slower on an AVX2 CPU without bf16 units) | fp16 (autocast, CUDA
+    # only) | bf16-true | fp16-true (CUDA only): half-precision weights, batch norms in float32
+    precision: str = "fp32"
     compile: bool = False  # torch.compile the model for training (pays off on long GPU runs only)
     # torch.compile's mode for the model: default | reduce-overhead | max-autotune (CUDA graphs and
     # tuned kernels, as airbench94_muon compiles; minutes of compilation) | max-autotune-no-cudagraphs
@@ -125,7 +130,7 @@ class TrainConfig:
     # Convert, augment and normalise each epoch's training images at its start, 8192 per call,
     # so a step only slices (null: on CUDA only, where each small call's fixed cost outweighs
     # its work; the epoch then takes 4 bytes per value of device memory, 614 MB for 50,000
-    # CIFAR images)
+    # CIFAR images, or 2 bytes under the "-true" precisions)
     prepare_ahead: bool | None = None
     # CPU: cifarlab's own kernels (fp32 3x3 conv gradients, dropout; augmentation), where they build
     cpu_kernels: bool = True
@@ -321,8 +326,8 @@ def validate(cfg: Config) -> None:
         bad("train.label_smoothing", cfg.train.label_smoothing, "it must lie in [0, 1)")
     if cfg.train.tta not in TTA_LEVELS:
         bad("train.tta", cfg.train.tta, "choose none, flip or flip-translate")
-    if cfg.train.precision not in ("fp32", "bf16", "fp16"):
-        bad("train.precision", cfg.train.precision, "choose fp32, bf16 or fp16")
+    if cfg.train.precision not in PRECISIONS:
+        bad("train.precision", cfg.train.precision, f"choose {', '.join(PRECISIONS)}")
     if cfg.train.cuda_graph and cfg.optim.schedule != "constant":
         bad("train.cuda_graph", True, f"a CUDA graph bakes in the learning rate, so it needs optim.schedule "
             f"constant (this config has {cfg.optim.schedule!r})")

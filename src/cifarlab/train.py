@@ -166,13 +166,14 @@ class GraphedStep:
 
 @torch.no_grad()
 def evaluate_arrays(model: nn.Module, x: torch.Tensor, y: torch.Tensor, prep: dict,
-                    batch_size: int = 1000, tta: str = "none",
-                    channels_last: bool = False) -> tuple[float, float, torch.Tensor]:
-    """Mean cross-entropy, accuracy and logits (on CPU) of ``model`` over uint8 images ``x``."""
+                    batch_size: int = 1000, tta: str = "none", channels_last: bool = False,
+                    dtype: torch.dtype = torch.float32) -> tuple[float, float, torch.Tensor]:
+    """Mean cross-entropy, accuracy and logits (on CPU) of ``model`` over uint8 images ``x``,
+    which reach the model as ``dtype`` (the weights' dtype, see :func:`runtime.cast_model`)."""
     was = model.training
     model.eval()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    outs = [tta_logits(model, preprocess(x[i:i + batch_size], prep).contiguous(memory_format=fmt), tta)
+    outs = [tta_logits(model, preprocess(x[i:i + batch_size], prep).to(dtype).contiguous(memory_format=fmt), tta)
             for i in range(0, len(x), batch_size)]
     model.train(was)
     logits = torch.cat(outs).float()
@@ -358,6 +359,7 @@ def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps
         sample = torch.randperm(len(arrays.x_train), generator=g)[:5000].to(device)
         model.init_whitening(preprocess(arrays.x_train[sample], prep))
         init_time = clock.elapsed()
+    runtime.cast_model(model, device, cfg.train.precision)  # after the whitening, computed in float32
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim, capturable=cfg.train.cuda_graph)
@@ -449,6 +451,7 @@ class _Loop:
         self.cfg, self.run, self.st, self.arrays, self.device = cfg, run, st, arrays, device
         self.steps, self.total_steps, self.cpu_kernels = steps, cfg.train.epochs * steps, cpu_kernels
         self.fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.dtype = runtime.compute_dtype(cfg.train.precision)  # of the model's inputs
         self.whiten_bias = getattr(getattr(st.model, "whiten", None), "bias", None)
         self.start_epoch, self.start_step, self.train_time = 0, 0, st.init_time
         self.history: list[dict[str, float]] = []
@@ -489,7 +492,7 @@ class _Loop:
             x = preprocess(x_train[idx], st.prep)
             if isinstance(st.augmenter, CropFlipCutout):
                 x = st.augmenter(x, gen, indices=idx, epoch=epoch, seed=self.cfg.train.seed)
-        return x.contiguous(memory_format=self.fmt), self.arrays.y_train[idx]
+        return x.to(self.dtype).contiguous(memory_format=self.fmt), self.arrays.y_train[idx]
 
     def prepare_epoch(self, perm: torch.Tensor, gen: torch.Generator, epoch: int, chunk: int = 8192) -> torch.Tensor:
         """The images of every step of the epoch at once, in ``perm`` order, each made by
@@ -498,7 +501,8 @@ class _Loop:
         step. The random augmentations are drawn per call, so ``chunk`` is part of what a seed
         reproduces."""
         n = min(len(perm), self.steps * self.cfg.train.batch_size)  # drop_last leaves a tail unused
-        out = torch.empty((n, *self.arrays.x_train.shape[1:]), device=self.device, memory_format=self.fmt)
+        out = torch.empty((n, *self.arrays.x_train.shape[1:]), dtype=self.dtype, device=self.device,
+                          memory_format=self.fmt)
         for s in range(0, n, chunk):
             out[s:s + chunk] = self.batch(perm[s:min(s + chunk, n)], gen, epoch)[0]
         return out
@@ -562,7 +566,7 @@ class _Loop:
                f"accuracy: {tr_acc:.4f}"
         if len(self.arrays.x_val):
             v_loss, v_acc, _ = evaluate_arrays(st.model, self.arrays.x_val, self.arrays.y_val, st.prep,
-                                               channels_last=cfg.train.channels_last)
+                                               channels_last=cfg.train.channels_last, dtype=self.dtype)
             row.update(val_loss=v_loss, val_accuracy=v_acc)
             line += f" - val_loss: {v_loss:.4f} - val_accuracy: {v_acc:.4f}"
         self.history.append({**row, "train_time_s": self.train_time})
@@ -627,7 +631,8 @@ def _test_metrics(cfg: Config, ds: Dataset, arrays: Arrays, st: _Setup, device: 
                   train_time: float) -> dict[str, Any]:
     """Test loss, accuracy (with the recipe's TTA) and per-class accuracy, with provenance."""
     t_loss, t_acc, logits = evaluate_arrays(st.model, arrays.x_test, arrays.y_test, st.prep, tta=cfg.train.tta,
-                                            channels_last=cfg.train.channels_last)
+                                            channels_last=cfg.train.channels_last,
+                                            dtype=runtime.compute_dtype(cfg.train.precision))
     y_test = arrays.y_test.cpu().numpy()
     pred = logits.argmax(1).numpy()
     per_class = {cls: float((pred[y_test == i] == i).mean()) if (y_test == i).any() else None

@@ -16,14 +16,22 @@ runs, each entry trains once for ``--warmup-epochs`` (untimed, unreported), as a
 before it times: cuDNN's kernel search and torch.compile's compilation then fall outside the
 figures, since they are paid once per process, not once per run. An entry that fails is
 reported with its error and the others still run.
+
+``--sync-check`` replaces the timed runs by one untimed epoch per entry under PyTorch's CUDA
+sync debugging, and prints each line of code that made the host wait for the GPU, with its
+count: a count near the epoch's step count is a synchronisation inside the step loop, which
+should have none (the training clock and the evaluation wait once per epoch).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import tempfile
 import traceback
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -79,8 +87,10 @@ def main() -> None:
     ap.add_argument("--subset", type=int, default=None)
     ap.add_argument("--warmup-epochs", type=int, default=1,
                     help="epochs of one untimed run per entry before its timed runs (0: none)")
+    ap.add_argument("--sync-check", action="store_true",
+                    help="instead of timing, list the code lines that synchronise with the GPU in one epoch")
     args = ap.parse_args()
-    rows = []
+    rows, failed = [], 0
     with tempfile.TemporaryDirectory() as tmp:
         # Every entry is resolved before the data is loaded, so a typo fails at once.
         plans = [(entry, entry_config(entry, f"{tmp}/{k}", args)) for k, entry in enumerate(args.recipes)]
@@ -89,22 +99,57 @@ def main() -> None:
             try:
                 if args.warmup_epochs > 0:
                     fit(warmup_config(cfg, args.warmup_epochs, f"{tmp}/warmup-{k}"), dataset=ds, log=lambda line: None)
+                if args.sync_check:
+                    print(f"{entry}: {sync_check(cfg, ds, f'{tmp}/sync-{k}')}", flush=True)
+                    continue
                 s = fit_runs(cfg, dataset=ds, log=lambda line: None)
             except Exception:  # one failing entry (say, a switch this GPU lacks) must not hide the others
                 print(f"{entry}: FAILED\n{traceback.format_exc()}", flush=True)
+                failed += 1
                 continue
             rows.append((entry, s))
             a, t = s["test_accuracy"], s["train_time_s"]
             per_run = ", ".join(f"{r['test_accuracy']:.4f} in {r['train_time_s']:.2f} s" for r in s["per_run"])
             print(f"{entry}: n={s['runs']} acc mean {a['mean']:.4f} min {a['min']:.4f} max {a['max']:.4f}; "
                   f"time mean {t['mean']:.2f} s min {t['min']:.2f} s (runs: {per_run})", flush=True)
+    if not args.sync_check:
+        print_table(rows)
+    if failed:
+        raise SystemExit(f"{failed} of {len(plans)} entries failed (see above)")
+
+
+def print_table(rows: list) -> None:
+    """The summary table: one row per entry that trained."""
     print(f"\n{'recipe':<24}{'n':>3}{'acc mean':>10}{'acc min':>9}{'acc max':>9}{'time mean':>11}{'time min':>10}")
     for recipe, s in rows:
         a, t = s["test_accuracy"], s["train_time_s"]
         print(f"{recipe:<24}{s['runs']:>3}{a['mean']:>10.4f}{a['min']:>9.4f}{a['max']:>9.4f}"
               f"{t['mean']:>10.2f}s{t['min']:>9.2f}s")
-    if len(rows) < len(plans):
-        raise SystemExit(f"{len(plans) - len(rows)} of {len(plans)} entries failed (see above)")
+
+
+def sync_check(cfg: Config, ds: Dataset, out: str) -> str:
+    """One untimed epoch of ``cfg`` into ``out`` with CUDA sync debugging on; returns the code
+    lines whose operations made the host wait for the GPU, most frequent first, beside the
+    epoch's number of steps."""
+    import torch
+
+    if cfg.train.device == "cpu" or not torch.cuda.is_available():
+        return "sync check skipped: it needs a CUDA device"
+    c = warmup_config(cfg, 1, out)
+    c.train.epochs = 1  # the warm-up has run; no recompilation is expected now
+    n = min(c.data.subset or len(ds.y_train), len(ds.y_train))
+    n_train = n - round(n * c.data.val_split)
+    steps = n_train // c.train.batch_size if c.train.drop_last else math.ceil(n_train / c.train.batch_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fit(c, dataset=ds, log=lambda line: None)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    counts = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    found = ", ".join(f"{where} x{k}" for where, k in counts.most_common()) or "none"
+    return f"sync check, 1 epoch of about {steps} steps: synchronising lines: {found}"
 
 
 def warmup_config(cfg: Config, epochs: int, out: str) -> Config:

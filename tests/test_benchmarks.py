@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,3 +72,45 @@ def test_gpu_speed_warms_a_compiled_entry_up_past_its_whitening_bias_switch(monk
     assert epochs("fast-muon", compile=True) == 4 and epochs("fast", compile=True) == 4
     assert epochs("fast-muon") == 1 and epochs("keras-book", compile=True) == 1
     assert epochs("fast-muon", compile=True, epochs=2) == 2  # never longer than the run itself
+
+
+def test_gpu_speed_sync_check_counts_synchronising_lines(monkeypatch, tmp_path):
+    """The sync check turns CUDA sync debugging on for one epoch, counts the warnings it raises by
+    code line, and turns it off again even when training fails (CUDA emulated: the check's
+    bookkeeping is what runs here)."""
+    import warnings
+
+    import torch
+
+    from cifarlab.config import resolve_config
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_speed
+
+    modes, epochs = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def fake_fit(cfg, dataset, log):
+        epochs.append(cfg.train.epochs)
+        for _ in range(3):
+            warnings.warn("called a synchronizing CUDA operation")  # one line, three times
+        warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("an unrelated warning")
+
+    monkeypatch.setattr(gpu_speed, "fit", fake_fit)
+    _anchor_arrays(tmp_path, 1000, 10, seed=2)
+    ds = gpu_speed.npz_dataset(tmp_path)
+    cfg = resolve_config("keras-book", overrides={"train": {"device": "cuda"}})
+    line = gpu_speed.sync_check(cfg, ds, str(tmp_path / "s"))  # 800 images after the 0.2 split, batch 128
+    assert re.fullmatch(r"sync check, 1 epoch of about 7 steps: synchronising lines: "
+                        r"test_benchmarks\.py:\d+ x3, test_benchmarks\.py:\d+ x1", line), line
+    assert modes == ["warn", "default"] and epochs == [1]
+
+    def failing_fit(cfg, dataset, log):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(gpu_speed, "fit", failing_fit)
+    with pytest.raises(RuntimeError):
+        gpu_speed.sync_check(cfg, ds, str(tmp_path / "s2"))
+    assert modes[-1] == "default"

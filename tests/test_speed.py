@@ -197,6 +197,12 @@ def test_bf16_true_trains_saves_and_reloads_on_cpu(tmp_path):
     saved = load_file(str(tmp_path / "r" / "weights.safetensors"))
     assert saved["layers.1.conv1.weight"].dtype == saved["head.weight"].dtype == torch.bfloat16
     assert saved["layers.1.norm1.bias"].dtype == saved["layers.1.norm1.running_var"].dtype == torch.float32
+    # Training reports the test figures of the weights it saves, in float32, as evaluate loads them.
+    from cifarlab.data import load_dataset
+    from cifarlab.evaluate import evaluate_run
+
+    rep = evaluate_run(tmp_path / "r", load_dataset(data), tmp_path / "eval", device="cpu")
+    assert rep["accuracy"] == m["test_accuracy"] and rep["loss"] == pytest.approx(m["test_loss"], rel=1e-4)
     predictor = load_model(tmp_path / "r")  # rebuilt in float32 from the bf16 file
     images = torch.randint(0, 256, (3, 3, 12, 12), dtype=torch.uint8)
     logits = predictor.logits(images)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import shutil
@@ -629,10 +630,15 @@ def _restore(ckpt: dict, st: _Setup, device: torch.device) -> None:
 
 def _test_metrics(cfg: Config, ds: Dataset, arrays: Arrays, st: _Setup, device: torch.device,
                   train_time: float) -> dict[str, Any]:
-    """Test loss, accuracy (with the recipe's TTA) and per-class accuracy, with provenance."""
-    t_loss, t_acc, logits = evaluate_arrays(st.model, arrays.x_test, arrays.y_test, st.prep, tta=cfg.train.tta,
-                                            channels_last=cfg.train.channels_last,
-                                            dtype=runtime.compute_dtype(cfg.train.precision))
+    """Test loss, accuracy (with the recipe's TTA) and per-class accuracy, with provenance.
+    Computed in float32, as ``cifarlab evaluate`` loads the saved weights, so that it reproduces
+    these figures: a model trained with half-precision weights is evaluated as a float32 copy
+    (the upcast is exact)."""
+    model = st.model
+    if runtime.compute_dtype(cfg.train.precision) != torch.float32:
+        model = copy.deepcopy(st.model).float()
+    t_loss, t_acc, logits = evaluate_arrays(model, arrays.x_test, arrays.y_test, st.prep, tta=cfg.train.tta,
+                                            channels_last=cfg.train.channels_last)
     y_test = arrays.y_test.cpu().numpy()
     pred = logits.argmax(1).numpy()
     per_class = {cls: float((pred[y_test == i] == i).mean()) if (y_test == i).any() else None
@@ -651,7 +657,6 @@ def fit_runs(cfg: Config, dataset: Dataset | None = None, log: Callable[[str], N
     Writes ``OUT/runs_summary.json`` with accuracy and training time as mean, std, min and max
     (a single run proves little at this scale) and returns it.
     """
-    import copy
     import statistics
 
     base, before = _new_run_dir(cfg)

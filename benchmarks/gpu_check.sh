@@ -8,7 +8,8 @@
 # and its share of a GPU training epoch, leaving out the CPU paths; best once in bf16),
 # "autotune" (fast-muon RUNS times compiled in max-autotune mode; minutes of compilation first,
 # so not part of "all"), "true" (half-precision weights beside bf16 autocast: fast-muon and fast
-# RUNS times each, keras-book as a CUDA graph 3 times, best once; not part of "all"), "sync"
+# RUNS times each, keras-book as a CUDA graph 3 times, also compiled, best once; not part of
+# "all"), "sync"
 # (the code lines that make the host wait for the GPU during one epoch of fast-muon, fast and
 # keras-book, each after a warm-up), or "all" (the default: fast, keras and rest). Each step has a time
 # limit, so one that hangs does not take the others with it.
@@ -35,8 +36,8 @@ fi
 if [ "$PART" = true ]; then
   timeout 300 python benchmarks/gpu_speed.py --npz "$NPZ" --runs "$N" \
     --recipes fast-muon:fp16-true fast-muon:bf16 fast:fp16-true fast:bf16
-  timeout 150 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 3 \
-    --recipes keras-book:cuda-graph:fp16-true keras-book:cuda-graph:bf16
+  timeout 300 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 3 \
+    --recipes keras-book:cuda-graph:fp16-true keras-book:cuda-graph:bf16 keras-book:cuda-graph:fp16-true:compile
   timeout 120 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 1 --recipes best:fp16-true
 fi
 if [ "$PART" = sync ]; then

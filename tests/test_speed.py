@@ -255,6 +255,26 @@ def test_graphed_step_bookkeeping_matches_eager_steps():
         assert torch.equal(p_ref, p_got)
 
 
+@pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])
+def test_cuda_graph_with_compile_records_the_compiled_model(monkeypatch, mode):
+    """``--cuda-graph --compile``: the step's graph runs the compiled model (whose fused kernels
+    the capture records), compiled in the asked-for mode; without --compile, the model itself."""
+    from cifarlab import runtime
+    from cifarlab import train as train_mod
+    from cifarlab.optim import build_optimizer
+
+    calls = []
+    monkeypatch.setattr(runtime, "maybe_compile", lambda m, on, md: calls.append((on, md)) or ("compiled", m)[not on])
+    model = create_model("keras-shallow")
+    for compile_ in (True, False):
+        cfg = resolve_config("keras-book", overrides={"train": {"cuda_graph": True, "compile": compile_,
+                                                                "compile_mode": mode if compile_ else "default"}})
+        st = train_mod._Setup(model, build_optimizer(model.parameters(), cfg.optim), None, None, {}, None, {}, 0)
+        step = train_mod._step_function(cfg, st, torch.device("cuda"), cpu_kernels=False)  # nothing runs on CUDA
+        assert isinstance(step, GraphedStep) and step.model == ("compiled" if compile_ else model)
+    assert calls == [(True, mode), (False, "default")]
+
+
 def test_cuda_graph_needs_cuda_and_a_constant_learning_rate(tmp_path, image_folder):
     from cifarlab.errors import CifarlabError, ConfigError
 
@@ -262,8 +282,9 @@ def test_cuda_graph_needs_cuda_and_a_constant_learning_rate(tmp_path, image_fold
         resolve_config("fast", overrides={"train": {"cuda_graph": True}})
     with pytest.raises(ConfigError, match="whiten_bias_epochs = 3; set that to 0"):
         resolve_config("fast", overrides={"optim": {"schedule": "constant"}, "train": {"cuda_graph": True}})
-    with pytest.raises(ConfigError, match="either train.compile or train.cuda_graph"):
-        resolve_config(overrides={"train": {"cuda_graph": True, "compile": True}})
+    for mode in ("reduce-overhead", "max-autotune"):  # they record CUDA graphs of their own
+        with pytest.raises(ConfigError, match=f"train.compile_mode = '{mode}' is not valid; with train.cuda_graph"):
+            resolve_config(overrides={"train": {"cuda_graph": True, "compile": True, "compile_mode": mode}})
     cfg = resolve_config(overrides={"data": {"data": str(image_folder)}, "model": {"name": "keras-shallow"},
                                     "train": {"epochs": 1, "cuda_graph": True, "device": "cpu",
                                               "out": str(tmp_path / "r")}})

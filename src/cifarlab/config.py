@@ -126,7 +126,9 @@ class TrainConfig:
     # torch.compile's mode for the model: default | reduce-overhead | max-autotune (CUDA graphs and
     # tuned kernels, as airbench94_muon compiles; minutes of compilation) | max-autotune-no-cudagraphs
     compile_mode: str = "default"
-    cuda_graph: bool = False  # replay each training step as one CUDA graph (CUDA, constant lr, no compile)
+    # Replay each training step as one CUDA graph (CUDA, constant lr); with compile, the graph
+    # records the compiled (fused) kernels
+    cuda_graph: bool = False
     # Convert, augment and normalise each epoch's training images at its start, 8192 per call,
     # so a step only slices (null: on CUDA only, where each small call's fixed cost outweighs
     # its work; the epoch then takes 4 bytes per value of device memory, 614 MB for 50,000
@@ -339,8 +341,10 @@ def validate(cfg: Config) -> None:
     if cfg.train.compile_mode != "default" and not cfg.train.compile:
         bad("train.compile_mode", cfg.train.compile_mode, "it takes effect only with train.compile: true (--compile); "
             "set that too, or leave the mode at default")
-    if cfg.train.cuda_graph and cfg.train.compile:
-        bad("train.cuda_graph", True, "choose either train.compile or train.cuda_graph, not both")
+    if cfg.train.cuda_graph and cfg.train.compile and cfg.train.compile_mode in ("reduce-overhead", "max-autotune"):
+        bad("train.compile_mode", cfg.train.compile_mode, "with train.cuda_graph the whole step is already one CUDA "
+            "graph, and this mode records graphs of its own; choose default or max-autotune-no-cudagraphs, whose "
+            "kernels the step's graph records")
     if cfg.train.runs < 1:
         bad("runs", cfg.train.runs, "it must be at least 1")
     if not 0 <= cfg.train.seed <= 2**32 - cfg.train.runs:  # NumPy's and scikit-learn's seed range

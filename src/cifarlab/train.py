@@ -103,7 +103,7 @@ class GraphedStep:
     Small networks at small batches (the keras-book recipe) are bound by kernel launches, not
     arithmetic: a graph launches the step's hundred-odd kernels with one call. The first
     ``warmup`` steps run eagerly on a side stream (as CUDA graph capture requires, so that
-    lazy initialisation happens outside the capture); the next full batch is captured and
+    lazy initialisation, and compilation for a compiled model, happen outside the capture); the next full batch is captured and
     replayed, and every later full batch is copied into the captured input buffers and
     replayed. A batch of another size (the last, partial batch of an epoch) runs eagerly,
     updating the same weights and optimizer state.
@@ -577,16 +577,19 @@ class _Loop:
 
 def _step_function(cfg: Config, st: _Setup, device: torch.device,
                    cpu_kernels: bool) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`train_step` bound to this run's model, optimizer, loss and precision: replayed as
-    a CUDA graph with ``train.cuda_graph``, else eager (compiled with ``train.compile``)."""
-    if cfg.train.cuda_graph:
-        if device.type != "cuda":
-            raise CifarlabError(f"train.cuda_graph needs a CUDA device; this run is on {device}. "
-                                "Leave --cuda-graph off on the CPU")
-        # Autocast's cache of cast weights cannot live across graph replays.
-        return GraphedStep(st.model, st.optimizer, cfg.train.label_smoothing,
-                           runtime.autocast(device, cfg.train.precision, cache=False))
+    """:func:`train_step` bound to this run's model (compiled with ``train.compile``), optimizer,
+    loss and precision: replayed as a CUDA graph with ``train.cuda_graph``, else run eagerly.
+    Both together record the compiled model's fused kernels in the step's graph: compilation
+    cuts the number of kernels, the graph their launch cost (the compiler's own graphs are
+    refused by the config check)."""
+    if cfg.train.cuda_graph and device.type != "cuda":
+        raise CifarlabError(f"train.cuda_graph needs a CUDA device; this run is on {device}. "
+                            "Leave --cuda-graph off on the CPU")
     model = runtime.maybe_compile(st.model, cfg.train.compile, cfg.train.compile_mode)
+    if cfg.train.cuda_graph:
+        # Autocast's cache of cast weights cannot live across graph replays.
+        return GraphedStep(model, st.optimizer, cfg.train.label_smoothing,
+                           runtime.autocast(device, cfg.train.precision, cache=False))
     return functools.partial(train_step, model, st.optimizer,
                              label_smoothing=cfg.train.label_smoothing,
                              autocast=runtime.autocast(device, cfg.train.precision),  # built once per run

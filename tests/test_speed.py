@@ -183,6 +183,42 @@ def test_a_bf16_true_step_moves_the_weights_as_the_fp32_step(recipe):
     assert compared >= 10  # filters, norm shifts, whitening bias and head
 
 
+def test_fp16_loss_scale_is_a_power_of_two_and_leaves_the_step_unchanged():
+    """fp16 training scales the loss by the largest power of two within the batch size and
+    unscales the gradients: in float32 that changes nothing, to the bit; other precisions, and
+    the step functions built for them, do not scale."""
+    from cifarlab import runtime
+    from cifarlab import train as train_mod
+    from cifarlab.optim import build_optimizer, param_groups
+    from cifarlab.train import train_step
+
+    assert [runtime.loss_scale(p, b) for p, b in [("fp16", 2000), ("fp16-true", 128), ("fp16", 1), ("bf16", 2000),
+                                                  ("bf16-true", 512), ("fp32", 128)]] == [1024, 128, 1, 1, 1, 1]
+    x, y = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 10
+    for name, recipe in (("keras-shallow", "keras-book"), ("speednet", "fast-muon")):
+        cfg = resolve_config(recipe)
+        torch.manual_seed(0)
+        ref = create_model(name, img_size=12)
+        if name == "speednet":
+            ref.init_whitening(x)
+        models = [ref, copy.deepcopy(ref)]
+        for model, scale in zip(models, (1.0, 1024.0)):
+            opt = build_optimizer(param_groups(model, cfg.optim), cfg.optim)
+            torch.manual_seed(1)  # the same dropout masks
+            for _ in range(2):
+                train_step(model, opt, x, y, cfg.train.label_smoothing, loss_scale=scale)
+        for a, b in zip(*(m.state_dict().values() for m in models)):
+            assert torch.equal(a, b)
+    cfg = resolve_config("keras-book", overrides={"train": {"precision": "fp16-true"}})
+    model = create_model("keras-shallow")
+    st = train_mod._Setup(model, build_optimizer(model.parameters(), cfg.optim), None, None, {}, None, {}, 0)
+    assert train_mod._step_function(cfg, st, torch.device("cuda"), False).keywords["loss_scale"] == 128
+    cfg.train.cuda_graph = True
+    assert train_mod._step_function(cfg, st, torch.device("cuda"), False).loss_scale == 128
+    cfg.train.precision = "bf16-true"
+    assert train_mod._step_function(cfg, st, torch.device("cuda"), False).loss_scale == 1
+
+
 def test_bf16_true_trains_saves_and_reloads_on_cpu(tmp_path):
     from safetensors.torch import load_file
 

@@ -101,6 +101,19 @@ def compute_dtype(precision: str) -> torch.dtype:
     return {"bf16-true": torch.bfloat16, "fp16-true": torch.float16}.get(precision, torch.float32)
 
 
+def loss_scale(precision: str, batch_size: int) -> float:
+    """The static loss scale for ``precision``: under fp16 and fp16-true the largest power of two
+    not above ``batch_size``, else 1. Gradients of a mean loss are about 1/batch the size of a
+    summed loss's, and in float16 (smallest normal 6e-5) many would round to zero; scaled, the
+    backward pass sees roughly the summed loss, which is how airbench trains in float16. A
+    power of two makes the scaling and the unscaling exact. Static, so no step waits to check
+    for overflow (a dynamic scaler reads a flag back every step); an overflow shows up as a
+    non-finite loss."""
+    if not precision.startswith("fp16"):
+        return 1.0
+    return float(2 ** max(0, int(batch_size).bit_length() - 1))
+
+
 def cast_model(model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
     """Cast ``model`` in place for ``precision``: under ``fp16-true`` / ``bf16-true`` (Lightning's
     names) every weight, and with it every activation, gradient and optimizer state, is half

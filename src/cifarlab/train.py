@@ -82,17 +82,23 @@ def make_arrays(cfg: Config, ds: Dataset, device: torch.device) -> Arrays:
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                y: torch.Tensor, label_smoothing: float = 0.0, autocast=None,
-               cpu_kernels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               cpu_kernels: bool = False, loss_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a prepared batch; returns (summed loss, correct count) as
     device tensors, so the caller can accumulate without a GPU-to-CPU sync every step.
     ``cpu_kernels`` uses cifarlab's own CPU kernels (:mod:`cifarlab.cpu_kernels`: 3x3
-    convolution weight gradients, dropout) where they apply."""
+    convolution weight gradients, dropout) where they apply. ``loss_scale`` multiplies the loss
+    before the backward pass and divides the gradients after it (see :func:`runtime.loss_scale`)."""
     with autocast or nullcontext(), kernels.kernel_mode(cpu_kernels):
         logits = model(x)
         # categorical cross-entropy on softmax(logits), as Keras; optionally with label smoothing
         loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if loss_scale == 1:
+        loss.backward()
+    else:
+        (loss * loss_scale).backward()
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        torch._foreach_mul_(grads, 1 / loss_scale)  # one kernel for all; exact for a power of two
     optimizer.step()
     return loss.detach() * len(y), (logits.detach().argmax(1) == y).sum()
 
@@ -114,16 +120,17 @@ class GraphedStep:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, label_smoothing: float = 0.0,
-                 autocast=None, warmup: int = 3):
+                 autocast=None, warmup: int = 3, loss_scale: float = 1.0):
         self.model, self.optimizer, self.label_smoothing = model, optimizer, label_smoothing
-        self.autocast, self.warmup = autocast, warmup
+        self.autocast, self.warmup, self.loss_scale = autocast, warmup, loss_scale
         self.steps = self.largest = 0
         self.replay: Callable[[], None] | None = None
         self.static: tuple[torch.Tensor, ...] = ()  # input x, y, then the outputs (loss sum, correct)
 
     def eager(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One ordinary step."""
-        return train_step(self.model, self.optimizer, x, y, self.label_smoothing, self.autocast)
+        return train_step(self.model, self.optimizer, x, y, self.label_smoothing, self.autocast,
+                          loss_scale=self.loss_scale)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One step on ``x``, ``y``; returns (summed loss, correct count) as device tensors, which
@@ -586,14 +593,15 @@ def _step_function(cfg: Config, st: _Setup, device: torch.device,
         raise CifarlabError(f"train.cuda_graph needs a CUDA device; this run is on {device}. "
                             "Leave --cuda-graph off on the CPU")
     model = runtime.maybe_compile(st.model, cfg.train.compile, cfg.train.compile_mode)
+    scale = runtime.loss_scale(cfg.train.precision, cfg.train.batch_size)
     if cfg.train.cuda_graph:
         # Autocast's cache of cast weights cannot live across graph replays.
         return GraphedStep(model, st.optimizer, cfg.train.label_smoothing,
-                           runtime.autocast(device, cfg.train.precision, cache=False))
+                           runtime.autocast(device, cfg.train.precision, cache=False), loss_scale=scale)
     return functools.partial(train_step, model, st.optimizer,
                              label_smoothing=cfg.train.label_smoothing,
                              autocast=runtime.autocast(device, cfg.train.precision),  # built once per run
-                             cpu_kernels=cpu_kernels)
+                             cpu_kernels=cpu_kernels, loss_scale=scale)
 
 
 def _use_cpu_kernels(cfg: Config, device: torch.device, log: Callable[[str], None]) -> bool:

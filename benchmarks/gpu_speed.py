@@ -7,7 +7,8 @@ baseline (airbench):
 
 A recipe may carry training switches after colons (``keras-book:cuda-graph``,
 ``fast:compile:bf16``; ``nchw`` trains in channels-first memory), so one table compares a
-recipe plain and with them, on the same seeds.
+recipe plain and with them, on the same seeds. A switch ``section.key=value`` sets any config
+value (``best:fp16-true:train.epochs=30``, ``fast-muon:optim.muon_lr=0.3``), for quick sweeps.
 
 ``--npz DIR`` reads DIR/train.npz and DIR/test.npz (x: uint8 N,32,32,3; y: labels), the arrays the
 anchor script writes, so nothing is decoded twice; otherwise ``--data`` is loaded as usual.
@@ -38,6 +39,7 @@ import numpy as np
 from bench_common import SHARED
 
 from cifarlab.config import Config, resolve_config
+from cifarlab.errors import ConfigError
 from cifarlab.data import Dataset, load_dataset
 from cifarlab.data.cifar import CIFAR10_CLASSES
 from cifarlab.train import fit, fit_runs
@@ -60,9 +62,18 @@ def entry_config(entry: str, out: str, args: argparse.Namespace) -> Config:
     """The config of one ``--recipes`` entry (a recipe, then switches after colons)."""
     recipe, *switches = entry.split(":")
     train = {"runs": args.runs, "out": out, "device": args.device, "compile": args.compile}
+    settings: dict = {}
     for sw in switches:
+        if "=" in sw:
+            key, _, value = sw.partition("=")
+            section, _, name = key.partition(".")
+            if not name or not value:
+                raise SystemExit(f"setting '{sw}' in '{entry}' must read section.key=value, as in train.epochs=30")
+            settings.setdefault(section, {})[name] = value
+            continue
         if sw not in SWITCHES:
-            raise SystemExit(f"unknown switch '{sw}' in '{entry}'; valid: {', '.join(SWITCHES)}")
+            raise SystemExit(f"unknown switch '{sw}' in '{entry}'; valid: {', '.join(SWITCHES)}, "
+                             "or a setting section.key=value")
         train.update(SWITCHES[sw])
     if args.precision:
         train["precision"] = args.precision
@@ -71,7 +82,12 @@ def entry_config(entry: str, out: str, args: argparse.Namespace) -> Config:
     over: dict = {"train": train}
     if args.subset:
         over["data"] = {"subset": args.subset}
-    return resolve_config(recipe, overrides=over)
+    for section, values in settings.items():  # after the switches, so a setting wins
+        over.setdefault(section, {}).update(values)
+    try:
+        return resolve_config(recipe, overrides=over)
+    except ConfigError as e:
+        raise SystemExit(f"entry '{entry}': {e}") from None
 
 
 def main() -> None:

@@ -114,3 +114,25 @@ def test_gpu_speed_sync_check_counts_synchronising_lines(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError):
         gpu_speed.sync_check(cfg, ds, str(tmp_path / "s2"))
     assert modes[-1] == "default"
+
+
+def test_gpu_speed_entries_take_config_settings(monkeypatch):
+    """``section.key=value`` switches set config values after the named switches; a bad one
+    stops the benchmark before any training, naming the entry and what is valid."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from gpu_speed import entry_config
+
+    args = argparse.Namespace(runs=2, device="auto", compile=False, precision=None, epochs=None, subset=None)
+    cfg = entry_config("best:fp16-true:train.epochs=30:optim.lr=0.5:train.precision=bf16", "o", args)
+    assert (cfg.train.epochs, cfg.optim.lr, cfg.train.precision, cfg.train.runs) == (30, 0.5, "bf16", 2)
+    assert cfg.model.name == "speednet-wide"
+    for bad, message in [("fast:train.epochs", "unknown switch 'train.epochs' in 'fast:train.epochs'; valid: "
+                                               "cuda-graph, compile"),
+                         ("fast:train.epochs=", "must read section.key=value"),
+                         ("fast:trian.epochs=3", "unknown section 'trian'; valid sections: recipe, "),
+                         ("fast:train.epochs=many", "train.epochs: 'many' is not valid; expected a whole number"),
+                         ("fast:train.epochs=0", "entry 'fast:train.epochs=0': epochs = 0 is not valid")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            entry_config(bad, "o", args)

@@ -2,17 +2,21 @@
 # Every GPU figure the README reports, on a CUDA machine, from the project root:
 #   bash benchmarks/gpu_check.sh NPZ_FOLDER [PART] [RUNS]
 # NPZ_FOLDER holds train.npz and test.npz (x: uint8 N,32,32,3; y: labels) of the CIFAR-10 copy.
-# PART: "fast" (RUNS times each: fast-muon in bf16, fast in bf16 and fp32, fast-muon in bf16 +
-# torch.compile; RUNS defaults to 5), "keras" (keras-book 3 times plain, 3 times as one CUDA
-# graph per step, and 3 times as a graph in bf16, same seeds), "rest" (augmentation throughput
-# and its share of a GPU training epoch, leaving out the CPU paths; best once in bf16),
-# "autotune" (fast-muon RUNS times compiled in max-autotune mode; minutes of compilation first,
-# so not part of "all"), "true" (half-precision weights beside bf16 autocast: fast-muon and fast
-# RUNS times each, keras-book as a CUDA graph 3 times, also compiled, best once; not part of
-# "all"), "sync"
-# (the code lines that make the host wait for the GPU during one epoch of fast-muon, fast and
-# keras-book, each after a warm-up), or "all" (the default: fast, keras and rest). Each step has a time
-# limit, so one that hangs does not take the others with it.
+# PART, each under ten minutes:
+#   fast      RUNS times each (default 5): fast-muon in bf16, fast in bf16 and fp32, fast-muon in
+#             bf16 with torch.compile
+#   keras     keras-book 3 times plain, 3 times as one CUDA graph per step, 3 times as a graph in
+#             bf16, same seeds
+#   rest      augmentation throughput and its share of a GPU training epoch (no CPU paths);
+#             best once in bf16
+#   true      half-precision weights beside bf16 autocast: fast-muon and fast RUNS times each,
+#             keras-book as a CUDA graph 3 times (also compiled), best once
+#   autotune  fast-muon with fp16 weights, as airbench94_muon trains, RUNS times compiled in
+#             max-autotune mode (minutes of compilation first)
+#   sync      the code lines that make the host wait for the GPU during one epoch of fast-muon,
+#             fast and keras-book, each after a warm-up
+#   all       the default: fast, keras and rest
+# Each step has a time limit, so one that hangs does not take the others with it.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 NPZ=${1:?usage: bash benchmarks/gpu_check.sh NPZ_FOLDER [fast|keras|rest|autotune|true|sync|all] [RUNS]}
@@ -31,7 +35,7 @@ if [ "$PART" = rest ] || [ "$PART" = all ]; then
   timeout 240 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 1 --recipes best:bf16
 fi
 if [ "$PART" = autotune ]; then
-  timeout 560 python benchmarks/gpu_speed.py --npz "$NPZ" --runs "$N" --recipes fast-muon:bf16:max-autotune
+  timeout 560 python benchmarks/gpu_speed.py --npz "$NPZ" --runs "$N" --recipes fast-muon:fp16-true:max-autotune
 fi
 if [ "$PART" = true ]; then
   timeout 300 python benchmarks/gpu_speed.py --npz "$NPZ" --runs "$N" \

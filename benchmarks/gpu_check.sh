@@ -2,7 +2,7 @@
 # Every GPU figure the README reports, on a CUDA machine, from the project root:
 #   bash benchmarks/gpu_check.sh NPZ_FOLDER [PART] [RUNS]
 # NPZ_FOLDER holds train.npz and test.npz (x: uint8 N,32,32,3; y: labels) of the CIFAR-10 copy.
-# PART, each under ten minutes:
+# PART, each limited to under ten minutes:
 #   fast      RUNS times each (default 5): fast-muon in bf16, fast in bf16 and fp32, fast-muon in
 #             bf16 with torch.compile
 #   keras     keras-book 3 times plain, 3 times as one CUDA graph per step, 3 times as a graph in
@@ -38,11 +38,11 @@ if [ "$PART" = autotune ]; then
   timeout 560 python benchmarks/gpu_speed.py --npz "$NPZ" --runs "$N" --recipes fast-muon:fp16-true:max-autotune
 fi
 if [ "$PART" = true ]; then
-  timeout 300 python benchmarks/gpu_speed.py --npz "$NPZ" --runs "$N" \
+  timeout 240 python benchmarks/gpu_speed.py --npz "$NPZ" --runs "$N" \
     --recipes fast-muon:fp16-true fast-muon:bf16 fast:fp16-true fast:bf16
-  timeout 300 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 3 \
+  timeout 240 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 3 \
     --recipes keras-book:cuda-graph:fp16-true keras-book:cuda-graph:bf16 keras-book:cuda-graph:fp16-true:compile
-  timeout 120 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 1 --recipes best:fp16-true
+  timeout 100 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 1 --recipes best:fp16-true
 fi
 if [ "$PART" = sync ]; then
   timeout 200 python benchmarks/gpu_speed.py --npz "$NPZ" --sync-check \

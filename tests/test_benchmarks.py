@@ -136,3 +136,17 @@ def test_gpu_speed_entries_take_config_settings(monkeypatch):
                          ("fast:train.epochs=0", "entry 'fast:train.epochs=0': epochs = 0 is not valid")]:
         with pytest.raises(SystemExit, match=re.escape(message)):
             entry_config(bad, "o", args)
+
+
+def test_step_ops_counts_the_casts_autocast_adds(monkeypatch):
+    """A keras-book step in bf16 autocast casts every weight and its gradient; with bf16 weights
+    (bf16-true) those casts are gone and the step runs about as many operations as in fp32."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from step_ops import COPIES, count_step
+
+    counts = {p: count_step("keras-book", p, batch=4) for p in ("fp32", "bf16", "bf16-true")}
+    copies = {p: sum(c[k] for k in COPIES) for p, c in counts.items()}
+    total = {p: sum(c.values()) for p, c in counts.items()}
+    assert copies["fp32"] == 0 and copies["bf16-true"] <= 2 and copies["bf16"] >= 12  # 6 weights and 6 gradients
+    assert total["bf16-true"] - copies["bf16-true"] == total["fp32"]
+    assert counts["fp32"]["convolution_backward"] == 4 and counts["fp32"]["addmm"] >= 2

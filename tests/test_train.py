@@ -231,25 +231,28 @@ def test_keras_augmentation_with_featurewise_statistics(tmp_path, image_folder):
     assert load_model(tmp_path / "run").prep == prep
 
 
-@pytest.mark.parametrize("preset", ["keras", "crop-flip", "fast-muon"])
+@pytest.mark.parametrize("preset", ["keras", "crop-flip", "fast-muon", "fast-muon-bf16-true"])
 def test_epochs_prepared_ahead_train_and_resume_mid_epoch_exactly(tmp_path, monkeypatch, preset):
     """train.prepare_ahead (the default on CUDA, forced here on the CPU) makes each epoch's
     augmented images at its start; a run stopped mid-epoch and resumed ends with the same weights
     as one never stopped, since the resumed epoch remakes the same images from its own generator.
     The fast-muon case also resumes Muon's state and the whitening bias's own schedule, which
-    has reached zero in the second epoch."""
+    has reached zero in the second epoch; its bf16-true case, bf16 weights, optimizer state and
+    prepared images."""
     import cifarlab.train as train_mod
     from cifarlab.config import resolve_config
     from cifarlab.train import TrainingInterrupted
 
-    data = make_image_folder(tmp_path / "d", n_train=40, n_test=4)
+    true = preset.endswith("-bf16-true")
+    data = make_image_folder(tmp_path / "d", n_train=40, n_test=4, size=(12, 12) if true else (32, 32))
 
     def cfg(out):
-        if preset == "fast-muon":
-            return resolve_config(preset, overrides={
+        if preset.startswith("fast-muon"):
+            return resolve_config("fast-muon", overrides={
                 "data": {"data": str(data)},
                 "train": {"epochs": 2, "batch_size": 16, "out": str(tmp_path / out), "threads": 1,
-                          "deterministic": True, "prepare_ahead": True, "whiten_bias_epochs": 1}})
+                          "deterministic": True, "prepare_ahead": True, "whiten_bias_epochs": 1,
+                          "precision": "bf16-true" if true else "fp32"}})
         c = tiny_config(str(data), str(tmp_path / out), epochs=2, batch_size=4, prepare_ahead=True)
         c.augment.preset = preset
         if preset == "keras":
@@ -286,6 +289,8 @@ def test_epochs_prepared_ahead_train_and_resume_mid_epoch_exactly(tmp_path, monk
     fit(resume=tmp_path / "cut", log=lambda s: None)
     a, b = _weights(tmp_path / "cut"), _weights(tmp_path / "ref")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if true:
+        assert a["layers.1.conv1.weight"].dtype == torch.bfloat16
 
 
 def test_prepared_epoch_holds_the_batches_the_steps_would_make(tmp_path):

@@ -109,9 +109,9 @@ class GraphedStep:
     Small networks at small batches (the keras-book recipe) are bound by kernel launches, not
     arithmetic: a graph launches the step's hundred-odd kernels with one call. The first
     ``warmup`` steps run eagerly on a side stream (as CUDA graph capture requires, so that
-    lazy initialisation, and compilation for a compiled model, happen outside the capture); the next full batch is captured and
-    replayed, and every later full batch is copied into the captured input buffers and
-    replayed. A batch of another size (the last, partial batch of an epoch) runs eagerly,
+    lazy initialisation, and compilation for a compiled model, happen outside the capture);
+    the next full batch is captured and replayed, and every later full batch is copied into
+    the captured input buffers and replayed. A batch of another size (the last, partial batch of an epoch) runs eagerly,
     updating the same weights and optimizer state.
 
     The optimizer's hyperparameters are baked into the graph, so the learning rate must be

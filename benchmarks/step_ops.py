@@ -3,7 +3,9 @@ step of ``train_step`` (forward, backward, optimizer) runs, and how many of them
 copies. On a GPU nearly every such operation is a kernel launch, so the count is a proxy, taken
 on any machine, for the launch-bound small steps (the keras-book recipe at batch 128): autocast
 adds a cast of every weight in the forward pass and of its gradient back, which the ``-true``
-precisions (half-precision weights) leave out.
+precisions (half-precision weights) leave out. Some operations decompose differently on a GPU:
+there dropout is one fused kernel, here three operations, and cuDNN may run more than one kernel
+for a convolution.
 
 Usage: python benchmarks/step_ops.py [--batch 32] [--recipes keras-book fast-muon]
 [--precisions fp32 bf16 bf16-true]
@@ -23,10 +25,10 @@ from cifarlab.models import create_model
 from cifarlab.optim import build_optimizer, param_groups
 from cifarlab.train import train_step
 
-# Operations that make no kernel of their own (views and allocations).
+# Operations that make no kernel of their own (views, allocations, profiler marks).
 NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "slice", "select", "unsqueeze",
              "squeeze", "detach", "alias", "as_strided", "reshape", "_reshape_alias", "split", "unbind", "empty",
-             "empty_like", "empty_strided"}
+             "empty_like", "empty_strided", "_record_function_enter_new", "_record_function_exit"}
 COPIES = {"_to_copy", "copy_"}
 
 

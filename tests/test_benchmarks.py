@@ -150,3 +150,14 @@ def test_step_ops_counts_the_casts_autocast_adds(monkeypatch):
     assert copies["fp32"] == 0 and copies["bf16-true"] <= 2 and copies["bf16"] >= 12  # 6 weights and 6 gradients
     assert total["bf16-true"] - copies["bf16-true"] == total["fp32"]
     assert counts["fp32"]["convolution_backward"] == 4 and counts["fp32"]["addmm"] >= 2
+
+
+def test_gpu_profile_prints_a_table_of_the_profiled_epochs(tmp_path):
+    """On the CPU, the profile of one keras-book epoch lists its convolutions by CPU time."""
+    _anchor_arrays(tmp_path, 300, 20, seed=3)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_profile.py"), "--npz", str(tmp_path), "--device", "cpu",
+           "--entry", "keras-book", "--epochs", "1", "--subset", "200", "--rows", "40"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"^keras-book: 1 epochs profiled, training time [\d.]+ s", p.stdout, re.M), p.stdout
+    assert "Self CPU" in p.stdout and "convolution" in p.stdout

@@ -161,3 +161,20 @@ def test_gpu_profile_prints_a_table_of_the_profiled_epochs(tmp_path):
     assert p.returncode == 0, p.stderr
     assert re.search(r"^keras-book: 1 epochs profiled, training time [\d.]+ s", p.stdout, re.M), p.stdout
     assert "Self CPU" in p.stdout and "convolution" in p.stdout
+
+
+def test_every_gpu_check_entry_resolves(monkeypatch):
+    """Every recipe entry that gpu_check.sh hands to gpu_speed.py is a valid config here, so no
+    part of a GPU session is lost to a typo in an entry."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from gpu_speed import entry_config
+
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    entries = [e for m in re.finditer(r"--recipes ([^\n]+)", script) for e in m[1].split()]
+    assert len(entries) >= 15 and "fast-muon:fp16-true:max-autotune" in entries
+    args = argparse.Namespace(runs=5, device="auto", compile=False, precision=None, epochs=None, subset=None)
+    for entry in entries:
+        cfg = entry_config(entry, "o", args)
+        assert cfg.recipe == entry.split(":")[0]

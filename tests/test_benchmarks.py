@@ -1,5 +1,5 @@
-"""The benchmark scripts run end to end on tiny data (on the CPU), so a GPU session spends its
-time measuring rather than debugging them. No timing is asserted: benchmarks print figures."""
+"""The benchmark scripts run end to end on tiny data (on the CPU), so time on a GPU goes to
+measuring rather than debugging them. No timing is asserted: benchmarks print figures."""
 
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ def test_gpu_profile_prints_a_table_of_the_profiled_epochs(tmp_path):
 
 def test_every_gpu_check_entry_resolves(monkeypatch):
     """Every recipe entry that gpu_check.sh hands to gpu_speed.py is a valid config here, so no
-    part of a GPU session is lost to a typo in an entry."""
+    GPU time is lost to a typo in an entry."""
     import argparse
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))

@@ -37,9 +37,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=28, help="rows of the table")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        opts = argparse.Namespace(runs=1, device=args.device, compile=False, precision=None, epochs=args.epochs,
-                                  subset=args.subset)
-        cfg = entry_config(args.entry, f"{tmp}/p", opts)
+        cfg = entry_config(args.entry, f"{tmp}/p", device=args.device, epochs=args.epochs, subset=args.subset)
         cfg.train.tta = "none"  # the evaluation is not what is profiled
         ds = npz_dataset(args.npz) if args.npz else load_dataset(args.data)
         fit(warmup_config(cfg, 1, f"{tmp}/w"), dataset=ds, log=lambda line: None)

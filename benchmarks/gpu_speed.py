@@ -39,9 +39,9 @@ import numpy as np
 from bench_common import SHARED
 
 from cifarlab.config import Config, resolve_config
-from cifarlab.errors import ConfigError
 from cifarlab.data import Dataset, load_dataset
 from cifarlab.data.cifar import CIFAR10_CLASSES
+from cifarlab.errors import ConfigError
 from cifarlab.train import fit, fit_runs
 
 # Training switches a recipe entry may carry after colons.
@@ -58,10 +58,13 @@ def npz_dataset(folder: Path) -> Dataset:
                    str(folder), "npz")
 
 
-def entry_config(entry: str, out: str, args: argparse.Namespace) -> Config:
-    """The config of one ``--recipes`` entry (a recipe, then switches after colons)."""
+def entry_config(entry: str, out: str, *, runs: int = 1, device: str = "auto", compile: bool = False,
+                 precision: str | None = None, epochs: int | None = None, subset: int | None = None) -> Config:
+    """The config of one ``--recipes`` entry (a recipe, then switches after colons), trained
+    ``runs`` times into ``out``; the other options, where given, apply to every entry as the
+    command line's flags of the same names do."""
     recipe, *switches = entry.split(":")
-    train = {"runs": args.runs, "out": out, "device": args.device, "compile": args.compile}
+    train = {"runs": runs, "out": out, "device": device, "compile": compile}
     settings: dict = {}
     for sw in switches:
         if "=" in sw:
@@ -75,13 +78,13 @@ def entry_config(entry: str, out: str, args: argparse.Namespace) -> Config:
             raise SystemExit(f"unknown switch '{sw}' in '{entry}'; valid: {', '.join(SWITCHES)}, "
                              "or a setting section.key=value")
         train.update(SWITCHES[sw])
-    if args.precision:
-        train["precision"] = args.precision
-    if args.epochs:
-        train["epochs"] = args.epochs
+    if precision:
+        train["precision"] = precision
+    if epochs:
+        train["epochs"] = epochs
     over: dict = {"train": train}
-    if args.subset:
-        over["data"] = {"subset": args.subset}
+    if subset:
+        over["data"] = {"subset": subset}
     for section, values in settings.items():  # after the switches, so a setting wins
         over.setdefault(section, {}).update(values)
     try:
@@ -109,7 +112,9 @@ def main() -> None:
     rows, failed = [], 0
     with tempfile.TemporaryDirectory() as tmp:
         # Every entry is resolved before the data is loaded, so a typo fails at once.
-        plans = [(entry, entry_config(entry, f"{tmp}/{k}", args)) for k, entry in enumerate(args.recipes)]
+        options = dict(runs=args.runs, device=args.device, compile=args.compile, precision=args.precision,
+                       epochs=args.epochs, subset=args.subset)
+        plans = [(entry, entry_config(entry, f"{tmp}/{k}", **options)) for k, entry in enumerate(args.recipes)]
         ds = npz_dataset(args.npz) if args.npz else load_dataset(args.data)
         for k, (entry, cfg) in enumerate(plans):
             try:

@@ -119,13 +119,10 @@ def test_gpu_speed_sync_check_counts_synchronising_lines(monkeypatch, tmp_path):
 def test_gpu_speed_entries_take_config_settings(monkeypatch):
     """``section.key=value`` switches set config values after the named switches; a bad one
     stops the benchmark before any training, naming the entry and what is valid."""
-    import argparse
-
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from gpu_speed import entry_config
 
-    args = argparse.Namespace(runs=2, device="auto", compile=False, precision=None, epochs=None, subset=None)
-    cfg = entry_config("best:fp16-true:train.epochs=30:optim.lr=0.5:train.precision=bf16", "o", args)
+    cfg = entry_config("best:fp16-true:train.epochs=30:optim.lr=0.5:train.precision=bf16", "o", runs=2)
     assert (cfg.train.epochs, cfg.optim.lr, cfg.train.precision, cfg.train.runs) == (30, 0.5, "bf16", 2)
     assert cfg.model.name == "speednet-wide"
     for bad, message in [("fast:train.epochs", "unknown switch 'train.epochs' in 'fast:train.epochs'; valid: "
@@ -135,7 +132,7 @@ def test_gpu_speed_entries_take_config_settings(monkeypatch):
                          ("fast:train.epochs=many", "train.epochs: 'many' is not valid; expected a whole number"),
                          ("fast:train.epochs=0", "entry 'fast:train.epochs=0': epochs = 0 is not valid")]:
         with pytest.raises(SystemExit, match=re.escape(message)):
-            entry_config(bad, "o", args)
+            entry_config(bad, "o", runs=2)
 
 
 def test_step_ops_counts_the_casts_autocast_adds(monkeypatch):
@@ -166,15 +163,12 @@ def test_gpu_profile_prints_a_table_of_the_profiled_epochs(tmp_path):
 def test_every_gpu_check_entry_resolves(monkeypatch):
     """Every recipe entry that gpu_check.sh hands to gpu_speed.py is a valid config here, so no
     GPU time is lost to a typo in an entry."""
-    import argparse
-
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from gpu_speed import entry_config
 
     script = (ROOT / "benchmarks" / "gpu_check.sh").read_text().replace("\\\n", " ")
     entries = [e for m in re.finditer(r"--recipes ([^\n]+)", script) for e in m[1].split()]
     assert len(entries) >= 15 and "fast-muon:fp16-true:max-autotune" in entries
-    args = argparse.Namespace(runs=5, device="auto", compile=False, precision=None, epochs=None, subset=None)
     for entry in entries:
-        cfg = entry_config(entry, "o", args)
+        cfg = entry_config(entry, "o", runs=5)
         assert cfg.recipe == entry.split(":")[0]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import tempfile
 import traceback
 import warnings
@@ -42,7 +41,7 @@ from cifarlab.config import Config, resolve_config
 from cifarlab.data import Dataset, load_dataset
 from cifarlab.data.cifar import CIFAR10_CLASSES
 from cifarlab.errors import ConfigError
-from cifarlab.train import fit, fit_runs
+from cifarlab.train import fit, fit_runs, steps_per_epoch
 
 # Training switches a recipe entry may carry after colons.
 SWITCHES = {"cuda-graph": {"cuda_graph": True}, "compile": {"compile": True}, "bf16": {"precision": "bf16"},
@@ -159,8 +158,7 @@ def sync_check(cfg: Config, ds: Dataset, out: str) -> str:
     c = warmup_config(cfg, 1, out)
     c.train.epochs = 1  # the warm-up has run; no recompilation is expected now
     n = min(c.data.subset or len(ds.y_train), len(ds.y_train))
-    n_train = n - round(n * c.data.val_split)
-    steps = n_train // c.train.batch_size if c.train.drop_last else math.ceil(n_train / c.train.batch_size)
+    steps = steps_per_epoch(n - round(n * c.data.val_split), c)  # about: the split rounds per class
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")

@@ -96,9 +96,10 @@ def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.T
 def orthogonalize_many(mats: list[torch.Tensor], steps: int = 3, eps: float = 1e-7) -> list[torch.Tensor]:
     """:func:`orthogonalize` of each 2-D matrix in ``mats``, as one batched computation (a
     handful of kernels instead of a dozen per matrix: on an H200, fast-muon's optimizer step,
-    one matrix at a time, was bound by their launches). Each matrix, turned wide, is zero-padded to the largest shape: zero
-    rows and columns stay zero through the iteration and leave the norm alone, so each result
-    is the matrix's own. Returned in the iteration's dtype (bf16 on a GPU)."""
+    one matrix at a time, was bound by their launches). Each matrix, turned wide, is
+    zero-padded to the largest shape: zero rows and columns stay zero through the iteration and
+    leave the norm alone, so each result is the matrix's own. Returned in the iteration's dtype
+    (bf16 on a GPU)."""
     wide = [m.mT if m.shape[0] > m.shape[1] else m for m in mats]
     rows, cols = max(m.shape[0] for m in wide), max(m.shape[1] for m in wide)
     batch = wide[0].new_zeros((len(wide), rows, cols), dtype=_ns_dtype(wide[0]))

@@ -80,6 +80,13 @@ def make_arrays(cfg: Config, ds: Dataset, device: torch.device) -> Arrays:
                   t(ds.x_test), lab(ds.y_test))
 
 
+def steps_per_epoch(n_train: int, cfg: Config) -> int:
+    """Optimizer steps in an epoch of ``n_train`` images: full batches only with
+    ``train.drop_last``, else one more for the partial last batch."""
+    bs = cfg.train.batch_size
+    return n_train // bs if cfg.train.drop_last else math.ceil(n_train / bs)
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                y: torch.Tensor, label_smoothing: float = 0.0, autocast=None,
                cpu_kernels: bool = False, loss_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,8 +118,8 @@ class GraphedStep:
     ``warmup`` steps run eagerly on a side stream (as CUDA graph capture requires, so that
     lazy initialisation, and compilation for a compiled model, happen outside the capture);
     the next full batch is captured and replayed, and every later full batch is copied into
-    the captured input buffers and replayed. A batch of another size (the last, partial batch of an epoch) runs eagerly,
-    updating the same weights and optimizer state.
+    the captured input buffers and replayed. A batch of another size (the last, partial batch
+    of an epoch) runs eagerly, updating the same weights and optimizer state.
 
     The optimizer's hyperparameters are baked into the graph, so the learning rate must be
     constant (the config check refuses other schedules); the dropout masks still differ per
@@ -409,7 +416,7 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
         ds = _load_data(cfg, dataset, log)
         arrays = make_arrays(cfg, ds, device)
         n, bs = len(arrays.x_train), cfg.train.batch_size
-        steps = n // bs if cfg.train.drop_last else math.ceil(n / bs)
+        steps = steps_per_epoch(n, cfg)
         if steps == 0:
             raise CifarlabError(f"train.drop_last leaves no full batch: {n} training images, batch size {bs}; "
                                 "use a smaller --batch-size or turn drop_last off")

@@ -128,6 +128,13 @@ def test_fp16_on_cpu_is_refused(tmp_path, image_folder):
                                               "out": str(tmp_path / "r")}})
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         fit(cfg, log=lambda s: None)
+    # Refused before the data is read: a missing data path would otherwise be the error.
+    cfg.data.data = str(tmp_path / "missing")
+    for precision in ("fp16", "fp16-true"):
+        cfg.train.precision = precision
+        with pytest.raises(ConfigError, match=f"precision {precision} needs a CUDA device"):
+            fit(cfg, log=lambda s: None)
+    assert not (tmp_path / "r").exists()
 
 
 def test_true_precisions_cast_the_weights_but_not_batch_norm():
@@ -327,6 +334,9 @@ def test_cuda_graph_needs_cuda_and_a_constant_learning_rate(tmp_path, image_fold
     with pytest.raises(CifarlabError, match="cuda_graph needs a CUDA device; this run is on cpu"):
         fit(cfg, log=lambda s: None)
     assert not (tmp_path / "r").exists()  # a setup failure leaves no run folder behind
+    cfg.data.data = str(tmp_path / "missing")  # refused before the data is read
+    with pytest.raises(CifarlabError, match="cuda_graph needs a CUDA device; this run is on cpu"):
+        fit(cfg, log=lambda s: None)
 
 
 @pytest.mark.parametrize("recipe,airbench_lr", [("fast", 11.5), ("best", 9.0)])

@@ -79,6 +79,15 @@ def _check_precision(device: torch.device, precision: str) -> None:
         raise ConfigError(f"precision {precision} needs a CUDA device; use bf16, bf16-true or fp32 on the CPU")
 
 
+def check_device_options(device: torch.device, precision: str, cuda_graph: bool) -> None:
+    """Refuse, before any data is read, the options that ``device`` cannot run: the fp16
+    precisions and CUDA graphs need a CUDA device."""
+    _check_precision(device, precision)
+    if cuda_graph and device.type != "cuda":
+        raise ConfigError(f"train.cuda_graph needs a CUDA device; this run is on {device}. "
+                          "Leave --cuda-graph off on the CPU")
+
+
 def autocast(device: torch.device, precision: str = "fp32", cache: bool = True):
     """The mixed-precision context for ``precision`` (fp32: none; bf16 on CPU or GPU; fp16 on GPU).
 

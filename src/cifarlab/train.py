@@ -406,6 +406,7 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
         ckpt = _load_checkpoint(run)
     assert cfg is not None
     device = runtime.setup(cfg.train.device, cfg.train.threads, cfg.train.deterministic)
+    runtime.check_device_options(device, cfg.train.precision, cfg.train.cuda_graph)  # fail before the data load
     runtime.seed_everything(cfg.train.seed)
     before = "used"  # a resumed run's folder is never removed
     if resume is None:
@@ -596,9 +597,7 @@ def _step_function(cfg: Config, st: _Setup, device: torch.device,
     Both together record the compiled model's fused kernels in the step's graph: compilation
     cuts the number of kernels, the graph their launch cost (the compiler's own graphs are
     refused by the config check)."""
-    if cfg.train.cuda_graph and device.type != "cuda":
-        raise CifarlabError(f"train.cuda_graph needs a CUDA device; this run is on {device}. "
-                            "Leave --cuda-graph off on the CPU")
+    runtime.check_device_options(device, cfg.train.precision, cfg.train.cuda_graph)
     model = runtime.maybe_compile(st.model, cfg.train.compile, cfg.train.compile_mode)
     scale = runtime.loss_scale(cfg.train.precision, cfg.train.batch_size)
     if cfg.train.cuda_graph:

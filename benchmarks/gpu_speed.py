@@ -9,6 +9,8 @@ A recipe may carry training switches after colons (``keras-book:cuda-graph``,
 ``fast:compile:bf16``; ``nchw`` trains in channels-first memory), so one table compares a
 recipe plain and with them, on the same seeds. A switch ``section.key=value`` sets any config
 value (``best:fp16-true:train.epochs=30``, ``fast-muon:optim.muon_lr=0.3``), for quick sweeps.
+An entry's switches and settings win over the flags that apply to every entry (``--precision``,
+``--epochs``, ``--compile``).
 
 ``--npz DIR`` reads DIR/train.npz and DIR/test.npz (x: uint8 N,32,32,3; y: labels), the arrays the
 anchor script writes, so nothing is decoded twice; otherwise ``--data`` is loaded as usual.
@@ -61,9 +63,14 @@ def entry_config(entry: str, out: str, *, runs: int = 1, device: str = "auto", c
                  precision: str | None = None, epochs: int | None = None, subset: int | None = None) -> Config:
     """The config of one ``--recipes`` entry (a recipe, then switches after colons), trained
     ``runs`` times into ``out``; the other options, where given, apply to every entry as the
-    command line's flags of the same names do."""
+    command line's flags of the same names do, and the entry's own switches and settings win
+    over them (``fast:fp16-true`` stays fp16-true under ``--precision bf16``)."""
     recipe, *switches = entry.split(":")
-    train = {"runs": runs, "out": out, "device": device, "compile": compile}
+    train: dict = {"runs": runs, "out": out, "device": device, "compile": compile}
+    if precision:
+        train["precision"] = precision
+    if epochs:
+        train["epochs"] = epochs
     settings: dict = {}
     for sw in switches:
         if "=" in sw:
@@ -77,10 +84,6 @@ def entry_config(entry: str, out: str, *, runs: int = 1, device: str = "auto", c
             raise SystemExit(f"unknown switch '{sw}' in '{entry}'; valid: {', '.join(SWITCHES)}, "
                              "or a setting section.key=value")
         train.update(SWITCHES[sw])
-    if precision:
-        train["precision"] = precision
-    if epochs:
-        train["epochs"] = epochs
     over: dict = {"train": train}
     if subset:
         over["data"] = {"subset": subset}

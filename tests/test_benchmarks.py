@@ -125,6 +125,11 @@ def test_gpu_speed_entries_take_config_settings(monkeypatch):
     cfg = entry_config("best:fp16-true:train.epochs=30:optim.lr=0.5:train.precision=bf16", "o", runs=2)
     assert (cfg.train.epochs, cfg.optim.lr, cfg.train.precision, cfg.train.runs) == (30, 0.5, "bf16", 2)
     assert cfg.model.name == "speednet-wide"
+    # The command line's options apply to every entry; an entry's own switches and settings win.
+    cfg = entry_config("fast:fp16-true:train.epochs=3", "o", runs=1, precision="bf16", epochs=5)
+    assert (cfg.train.precision, cfg.train.epochs) == ("fp16-true", 3)
+    cfg = entry_config("fast", "o", runs=1, precision="bf16", epochs=5)
+    assert (cfg.train.precision, cfg.train.epochs) == ("bf16", 5)
     for bad, message in [("fast:train.epochs", "unknown switch 'train.epochs' in 'fast:train.epochs'; valid: "
                                                "cuda-graph, compile"),
                          ("fast:train.epochs=", "must read section.key=value"),

@@ -596,8 +596,7 @@ def _step_function(cfg: Config, st: _Setup, device: torch.device,
     loss and precision: replayed as a CUDA graph with ``train.cuda_graph``, else run eagerly.
     Both together record the compiled model's fused kernels in the step's graph: compilation
     cuts the number of kernels, the graph their launch cost (the compiler's own graphs are
-    refused by the config check)."""
-    runtime.check_device_options(device, cfg.train.precision, cfg.train.cuda_graph)
+    refused by the config check; :func:`fit` has refused what ``device`` cannot run)."""
     model = runtime.maybe_compile(st.model, cfg.train.compile, cfg.train.compile_mode)
     scale = runtime.loss_scale(cfg.train.precision, cfg.train.batch_size)
     if cfg.train.cuda_graph:

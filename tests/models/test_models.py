@@ -93,18 +93,39 @@ def test_each_model_takes_its_smallest_size_and_refuses_smaller(name):
         create_model(name, num_classes=0)
 
 
+def _speednet_params(widths, depth):
+    """Parameters of a speednet counted by hand: the whitening conv (24 filters of 3x2x2, bias),
+    per group ``depth`` 3x3 convolutions and batch norms (scale and shift), the head."""
+    n, cin = 24 * 3 * 4 + 24, 24
+    for cout in widths:
+        n += cout * cin * 9 + (depth - 1) * cout * cout * 9 + depth * 2 * cout
+        cin = cout
+    return n + widths[-1] * 10
+
+
 def test_speed_nets_have_airbenchs_parameter_counts():
-    """speednet is airbench94's net and speednet-wide airbench96's (three convolutions per group,
-    residual): the same parameter counts, batch-norm scales included."""
-    counts = {n: sum(p.numel() for p in create_model(n).parameters()) for n in ("speednet", "speednet-wide")}
-    assert counts == {"speednet": 1_972_792, "speednet-wide": 12_721_208}
+    """speednet is airbench94's net, speednet-wide airbench96's (three convolutions per group,
+    residual), speednet-wide2 and speednet-proxy airbench96_faster's two: the same parameter
+    counts, batch-norm scales included."""
+    names = ("speednet", "speednet-wide", "speednet-wide2", "speednet-proxy")
+    counts = {n: sum(p.numel() for p in create_model(n).parameters()) for n in names}
+    assert counts == {"speednet": 1_972_792, "speednet-wide": 12_721_208, "speednet-wide2": 9_918_776,
+                      "speednet-proxy": 146_744}
+    assert counts["speednet-wide2"] == _speednet_params((128, 384, 512), 3)
+    assert counts["speednet-proxy"] == _speednet_params((32, 64, 64), 2)
     torch.manual_seed(0)
-    group = create_model("speednet-wide").layers[1].eval()
     x = torch.randn(2, 24, 16, 16)
-    with torch.no_grad():
-        x0 = group.act(group.norm1(group.pool(group.conv1(x))))
-        expect = x0 + group.act(group.norm3(group.conv3(group.act(group.norm2(group.conv2(x0))))))
-        assert torch.allclose(group(x), expect)
+    for name in ("speednet-wide", "speednet-wide2"):
+        group = create_model(name).layers[1].eval()
+        with torch.no_grad():
+            x0 = group.act(group.norm1(group.pool(group.conv1(x))))
+            y = group.norm3(group.conv3(group.act(group.norm2(group.conv2(x0)))))
+            # speednet-wide2 (airbench96's June 2024 form) applies the last GELU after the sum
+            expect = group.act(x0 + y) if name == "speednet-wide2" else x0 + group.act(y)
+            assert torch.allclose(group(x), expect)
+    momenta = {n: {m.momentum for m in create_model(n).modules() if isinstance(m, torch.nn.BatchNorm2d)}
+               for n in names}
+    assert momenta == {"speednet": {0.4}, "speednet-wide": {0.4}, "speednet-wide2": {0.1}, "speednet-proxy": {0.1}}
 
 
 def test_global_max_pool_is_the_adaptive_max_pool_forward_and_backward():

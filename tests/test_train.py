@@ -231,14 +231,16 @@ def test_keras_augmentation_with_featurewise_statistics(tmp_path, image_folder):
     assert load_model(tmp_path / "run").prep == prep
 
 
-@pytest.mark.parametrize("preset", ["keras", "crop-flip", "fast-muon", "fast-muon-bf16-true"])
+@pytest.mark.parametrize("preset", ["keras", "crop-flip", "fast-muon", "fast-muon-bf16-true", "best-select"])
 def test_epochs_prepared_ahead_train_and_resume_mid_epoch_exactly(tmp_path, monkeypatch, preset):
     """train.prepare_ahead (the default on CUDA, forced here on the CPU) makes each epoch's
     augmented images at its start; a run stopped mid-epoch and resumed ends with the same weights
     as one never stopped, since the resumed epoch remakes the same images from its own generator.
     The fast-muon case also resumes Muon's state and the whitening bias's own schedule, which
     has reached zero in the second epoch; its bf16-true case, bf16 weights, optimizer state and
-    prepared images."""
+    prepared images. The best-select case also resumes the proxy that picks the examples (its
+    weights, optimizer, schedule and step count: it trains every fourth step, on global step 20
+    for the first time after the resume at step 18)."""
     import cifarlab.train as train_mod
     from cifarlab.config import resolve_config
     from cifarlab.train import TrainingInterrupted
@@ -253,6 +255,11 @@ def test_epochs_prepared_ahead_train_and_resume_mid_epoch_exactly(tmp_path, monk
                 "train": {"epochs": 2, "batch_size": 16, "out": str(tmp_path / out), "threads": 1,
                           "deterministic": True, "prepare_ahead": True, "whiten_bias_epochs": 1,
                           "precision": "bf16-true" if true else "fp32"}})
+        if preset == "best-select":
+            return resolve_config("best-select", overrides={
+                "data": {"data": str(data)}, "model": {"name": "speednet"},
+                "train": {"epochs": 2, "batch_size": 8, "out": str(tmp_path / out), "threads": 1,
+                          "deterministic": True, "prepare_ahead": True, "whiten_bias_epochs": 1}})
         c = tiny_config(str(data), str(tmp_path / out), epochs=2, batch_size=4, prepare_ahead=True)
         c.augment.preset = preset
         if preset == "keras":

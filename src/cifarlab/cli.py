@@ -33,7 +33,7 @@ _TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "augment": ("augment", "preset"), "runs": ("train", "runs"), "tta": ("train", "tta"),
     "label_smoothing": ("train", "label_smoothing"), "precision": ("train", "precision"),
     "compile": ("train", "compile"), "compile_mode": ("train", "compile_mode"), "cuda_graph": ("train", "cuda_graph"),
-    "cpu_kernels": ("train", "cpu_kernels"),
+    "cpu_kernels": ("train", "cpu_kernels"), "select_fraction": ("train", "select_fraction"),
 }
 
 
@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--nesterov", action="store_true", default=None, help="sgd with Nesterov momentum")
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--augment", help="augmentation preset: none, keras (the notebook's ImageDataGenerator), crop-flip")
+    g.add_argument("--select-fraction", type=float,
+                   help="train each step on this fraction of its batch, the examples a small proxy net finds "
+                        "hardest (default 1: all; best-select: 0.5); --lr then applies to their mean loss")
     g = t.add_argument_group("run")
     g.add_argument("--label-smoothing", type=float, help="share of target mass spread over all classes")
     g.add_argument("--tta", choices=TTA_LEVELS, help="test-time augmentation for the final test")

@@ -137,6 +137,13 @@ class TrainConfig:
     # CPU: cifarlab's own kernels (fp32 3x3 conv gradients, dropout; augmentation), where they build
     cpu_kernels: bool = True
     runs: int = 1  # train this many times with seeds seed, seed+1, ... and report mean/std/min/max
+    # Hard-example selection (cifarlab.selection): each step trains on this fraction of its batch,
+    # the examples a small proxy net (select_model) finds hardest; the proxy trains alongside, on
+    # the examples it keeps, every select_backward_every steps. 1: every example, no proxy
+    # (airbench96_faster: 0.5, every 4). optim.lr then applies to the kept examples' mean loss.
+    select_fraction: float = 1.0
+    select_model: str = "speednet-proxy"
+    select_backward_every: int = 4
 
 
 @dataclass
@@ -352,6 +359,12 @@ def validate(cfg: Config) -> None:
     if cfg.train.lookahead_every < 0 or not 0 <= cfg.train.lookahead_decay < 1:
         bad("train.lookahead_every/lookahead_decay", (cfg.train.lookahead_every, cfg.train.lookahead_decay),
             "every must be 0 or more and decay in [0, 1)")
+    if not 0 < cfg.train.select_fraction <= 1:
+        bad("train.select_fraction", cfg.train.select_fraction, "it must lie in (0, 1]; 1 trains on every example")
+    if cfg.train.select_fraction < 1 and cfg.train.select_model not in list_models():
+        bad("train.select_model", cfg.train.select_model, f"valid models: {', '.join(list_models())}")
+    if cfg.train.select_backward_every < 1:
+        bad("train.select_backward_every", cfg.train.select_backward_every, "it must be at least 1")
     if cfg.train.threads is not None and cfg.train.threads < 1:
         bad("threads", cfg.train.threads, "it must be at least 1")
     dev = cfg.train.device

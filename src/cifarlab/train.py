@@ -31,6 +31,7 @@ from .export import normalize, preprocess, save_architecture, save_weights, tta_
 from .fsutil import write_json, write_text
 from .models import create_model
 from .optim import build_optimizer, param_groups
+from .selection import HardExampleSelector
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -344,7 +345,8 @@ class _Setup:
     lookahead: Lookahead | None
     model_kwargs: dict
     num_params: int
-    init_time: float = 0.0  # seconds of data-dependent initialisation (the whitening layer's)
+    init_time: float = 0.0  # seconds of data-dependent initialisation (the whitening layers')
+    selector: HardExampleSelector | None = None  # picks the examples each step trains on
 
 
 def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps_per_epoch: int) -> _Setup:
@@ -367,24 +369,58 @@ def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps
             prep["std"] = augmenter.std.flatten().tolist() if augmenter.featurewise_std_normalization else None
             # Applied by normalize() after the transform (Keras' order) and saved with the run.
             augmenter.featurewise_center = augmenter.featurewise_std_normalization = False
+    proxy = create_model(cfg.train.select_model, **model_kwargs).to(device) if cfg.train.select_fraction < 1 else None
     init_time = 0.0
-    if hasattr(model, "init_whitening"):
+    whitened = [m for m in (model, proxy) if hasattr(m, "init_whitening")]
+    if whitened:
         clock = _Clock(device)  # counted as training time, as airbench counts it
         g = torch.Generator().manual_seed(cfg.train.seed)
         sample = torch.randperm(len(arrays.x_train), generator=g)[:5000].to(device)
-        model.init_whitening(preprocess(arrays.x_train[sample], prep))
+        for m in whitened:
+            m.init_whitening(preprocess(arrays.x_train[sample], prep))
         init_time = clock.elapsed()
     runtime.cast_model(model, device, cfg.train.precision)  # after the whitening, computed in float32
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim, capturable=cfg.train.cuda_graph)
+    scheduler = _scheduler(cfg, optimizer, steps_per_epoch)
+    lookahead = Lookahead(model) if cfg.train.lookahead_every else None
+    selector = _selector(cfg, proxy, device, steps_per_epoch) if proxy is not None else None
+    return _Setup(model, optimizer, scheduler, augmenter, prep, lookahead, model_kwargs,
+                  sum(p.numel() for p in model.parameters()), init_time, selector)
+
+
+def _scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The run's learning-rate schedule over ``optimizer``'s groups (a whitening bias's group on its own)."""
     main = _lr_lambda(cfg, cfg.train.epochs * steps_per_epoch)
     whiten = _whiten_bias_lambda(cfg.train.whiten_bias_epochs * steps_per_epoch, main)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
+    return torch.optim.lr_scheduler.LambdaLR(
         optimizer, [whiten if g.get("schedule") == "whiten_bias" else main for g in optimizer.param_groups])
-    lookahead = Lookahead(model) if cfg.train.lookahead_every else None
-    return _Setup(model, optimizer, scheduler, augmenter, prep, lookahead, model_kwargs,
-                  sum(p.numel() for p in model.parameters()), init_time)
+
+
+def _trained_per_step(cfg: Config) -> int:
+    """Examples a full batch's step trains on: the batch, or the share that selection keeps."""
+    return max(1, round(cfg.train.select_fraction * cfg.train.batch_size))
+
+
+def _selector(cfg: Config, proxy: nn.Module, device: torch.device, steps_per_epoch: int) -> HardExampleSelector:
+    """The hard-example selector around ``proxy`` (whitened already): prepared as the model is
+    (precision, memory format), with an optimizer and schedule of its own built from the run's
+    settings. Its whitening bias stays fixed, as airbench96_faster's proxy's. It runs eagerly:
+    ``train.compile`` compiles the model only."""
+    bias = getattr(getattr(proxy, "whiten", None), "bias", None)
+    if bias is not None:
+        bias.requires_grad_(False)
+    runtime.cast_model(proxy, device, cfg.train.precision)
+    proxy = proxy.to(memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+    optimizer = build_optimizer(param_groups(proxy, cfg.optim), cfg.optim)
+    autocast = runtime.autocast(device, cfg.train.precision)
+    step = functools.partial(train_step, proxy, optimizer, label_smoothing=cfg.train.label_smoothing,
+                             autocast=autocast,
+                             loss_scale=runtime.loss_scale(cfg.train.precision, _trained_per_step(cfg)))
+    return HardExampleSelector(proxy, optimizer, _scheduler(cfg, optimizer, steps_per_epoch), step,
+                               cfg.train.select_fraction, cfg.train.select_backward_every,
+                               cfg.train.label_smoothing, autocast)
 
 
 def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset: Dataset | None = None,
@@ -430,6 +466,9 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
         log(f"run folder: {run}")
         log(f"model {cfg.model.name} ({st.num_params:,} parameters) on {device}; {n:,} training, "
             f"{len(arrays.x_val):,} validation, {len(arrays.x_test):,} test images")
+        if st.selector is not None:
+            log(f"each step trains on the {_trained_per_step(cfg)} of its {bs} images that {cfg.train.select_model} "
+                f"({sum(p.numel() for p in st.selector.model.parameters()):,} parameters) finds hardest")
         loop = _Loop(cfg, run, st, arrays, device, steps, _use_cpu_kernels(cfg, device, log), ckpt)
     interrupts = _Interrupts()
     st.model.train()
@@ -495,6 +534,7 @@ class _Loop:
             "epoch": epoch, "step": step, "history": self.history, "train_time_s": self.train_time,
             "partial_loss": float(sums[0]), "partial_correct": float(sums[1]), "partial_seen": int(sums[2]),
             "aug_state": gen.get_state() if gen is not None else None,
+            "selector": st.selector.state_dict() if st.selector is not None else None,
         })
 
     def batch(self, idx: torch.Tensor, gen: torch.Generator, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -553,6 +593,9 @@ class _Loop:
                 x, y = self.batch(idx, gen, epoch)
             else:
                 x, y = epoch_x[step * bs:(step + 1) * bs], self.arrays.y_train[idx]
+            if st.selector is not None:
+                keep = st.selector(x, y)  # the examples the proxy finds hardest
+                x, y = x[keep], y[keep]
             l_sum, corr = self.step_fn(x, y)
             st.scheduler.step()
             global_step = epoch * steps + step + 1
@@ -598,7 +641,7 @@ def _step_function(cfg: Config, st: _Setup, device: torch.device,
     cuts the number of kernels, the graph their launch cost (the compiler's own graphs are
     refused by the config check; :func:`fit` has refused what ``device`` cannot run)."""
     model = runtime.maybe_compile(st.model, cfg.train.compile, cfg.train.compile_mode)
-    scale = runtime.loss_scale(cfg.train.precision, cfg.train.batch_size)
+    scale = runtime.loss_scale(cfg.train.precision, _trained_per_step(cfg))
     if cfg.train.cuda_graph:
         # Autocast's cache of cast weights cannot live across graph replays.
         return GraphedStep(model, st.optimizer, cfg.train.label_smoothing,
@@ -633,12 +676,14 @@ def _load_data(cfg: Config, dataset: Dataset | None, log: Callable[[str], None])
 
 
 def _restore(ckpt: dict, st: _Setup, device: torch.device) -> None:
-    """Load model, optimizer, schedule, lookahead and random-number states from a checkpoint."""
+    """Load model, optimizer, schedule, lookahead, selector and random-number states from a checkpoint."""
     st.model.load_state_dict(ckpt["model"])
     st.optimizer.load_state_dict(ckpt["optimizer"])
     st.scheduler.load_state_dict(ckpt["scheduler"])
     if st.lookahead is not None:
         st.lookahead.slow = list(ckpt["lookahead"])
+    if st.selector is not None:
+        st.selector.load_state_dict(ckpt["selector"])
     torch.set_rng_state(ckpt["rng_cpu"])
     if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
         torch.cuda.set_rng_state(ckpt["rng_cuda"], device)

@@ -13,13 +13,15 @@
 #             keras-book as a CUDA graph 3 times (also compiled), best once
 #   autotune  fast-muon with fp16 weights, as airbench94_muon trains, RUNS times compiled in
 #             max-autotune mode (minutes of compilation first)
+#   select    best-select (hard-example selection, the candidate for best's time goal) once and
+#             best once, both in bf16
 #   sync      the code lines that make the host wait for the GPU during one epoch of fast-muon,
 #             fast and keras-book, each after a warm-up
 #   all       the default: fast, keras and rest
 # Each step has a time limit, so one that hangs does not take the others with it.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-NPZ=${1:?usage: bash benchmarks/gpu_check.sh NPZ_FOLDER [fast|keras|rest|autotune|true|sync|all] [RUNS]}
+NPZ=${1:?usage: bash benchmarks/gpu_check.sh NPZ_FOLDER [fast|keras|rest|autotune|true|select|sync|all] [RUNS]}
 PART=${2:-all}
 N=${3:-5}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -43,6 +45,9 @@ if [ "$PART" = true ]; then
   timeout 240 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 3 \
     --recipes keras-book:cuda-graph:fp16-true keras-book:cuda-graph:bf16 keras-book:cuda-graph:fp16-true:compile
   timeout 100 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 1 --recipes best:fp16-true
+fi
+if [ "$PART" = select ]; then
+  timeout 300 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 1 --recipes best-select:bf16 best:bf16
 fi
 if [ "$PART" = sync ]; then
   timeout 200 python benchmarks/gpu_speed.py --npz "$NPZ" --sync-check \

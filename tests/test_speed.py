@@ -65,7 +65,7 @@ def test_tta_levels():
     assert torch.allclose(tta_logits(m, sym, "flip"), (m(sym) + m(sym.flip(3))) / 2)
 
 
-@pytest.mark.parametrize("recipe", ["fast", "best"])
+@pytest.mark.parametrize("recipe", ["fast", "best", "best-select"])
 def test_speed_recipes_train_on_cpu(tmp_path, recipe, monkeypatch):
     data = make_image_folder(tmp_path / "d", n_train=24, n_test=4)
     decays: list[float] = []
@@ -339,18 +339,21 @@ def test_cuda_graph_needs_cuda_and_a_constant_learning_rate(tmp_path, image_fold
         fit(cfg, log=lambda s: None)
 
 
-@pytest.mark.parametrize("recipe,airbench_lr", [("fast", 11.5), ("best", 9.0)])
-def test_speed_recipes_take_airbenchs_optimizer_steps(recipe, airbench_lr):
+@pytest.mark.parametrize("recipe,airbench_lr,airbench_wd", [("fast", 11.5, 0.0153), ("best", 9.0, 0.0153),
+                                                             ("best-select", 9.0, 0.012)])
+def test_speed_recipes_take_airbenchs_optimizer_steps(recipe, airbench_lr, airbench_wd):
     """Three steps of the recipe's optimizer (mean loss, our lr and weight decay, batch-norm
     biases in their own group) move every parameter exactly as airbench's arithmetic does (loss
     summed over the batch, lr 11.5 (airbench94) or 9.0 (airbench96) and weight decay 0.0153 per
-    1024 examples, bias_scaler 64)."""
+    1024 examples, bias_scaler 64). best-select, as airbench96_faster: the loss is summed over the
+    512 examples a step keeps, the weight decay (0.012) still reckoned on the batch of 1024."""
     from cifarlab.models.speed import BatchNormNoScale
     from cifarlab.optim import build_optimizer, param_groups
     from cifarlab.train import train_step
 
     cfg = resolve_config(recipe)
-    batch = cfg.train.batch_size
+    batch, trained = cfg.train.batch_size, round(cfg.train.select_fraction * cfg.train.batch_size)
+    assert trained == (512 if recipe == "best-select" else batch)
     torch.manual_seed(0)
     ours = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), BatchNormNoScale(4), torch.nn.GELU(),
                                torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10, bias=False))
@@ -358,7 +361,7 @@ def test_speed_recipes_take_airbenchs_optimizer_steps(recipe, airbench_lr):
 
     # airbench94's train(): lr and wd per 1024 examples, turned into PyTorch SGD's arguments.
     kilostep = 1024 * (1 + 1 / (1 - 0.85))
-    lr, wd = airbench_lr / kilostep, 0.0153 * batch / kilostep
+    lr, wd = airbench_lr / kilostep, airbench_wd * batch / kilostep
     norm_biases = [p for k, p in theirs.named_parameters() if k.startswith("1.") and p.requires_grad]
     others = [p for k, p in theirs.named_parameters() if not k.startswith("1.") and p.requires_grad]
     opt_theirs = torch.optim.SGD([dict(params=norm_biases, lr=lr * 64, weight_decay=wd / (lr * 64)),
@@ -367,7 +370,7 @@ def test_speed_recipes_take_airbenchs_optimizer_steps(recipe, airbench_lr):
     assert [len(g["params"]) for g in opt_ours.param_groups] == [1, 2]
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
-        x, y = torch.randn(batch, 3, 8, 8, generator=g), torch.randint(0, 10, (batch,), generator=g)
+        x, y = torch.randn(trained, 3, 8, 8, generator=g), torch.randint(0, 10, (trained,), generator=g)
         train_step(ours, opt_ours, x, y, label_smoothing=0.2)
         loss = torch.nn.functional.cross_entropy(theirs(x), y, label_smoothing=0.2, reduction="none").sum()
         opt_theirs.zero_grad(set_to_none=True)

@@ -142,11 +142,12 @@ def main() -> None:
 
 
 def print_table(rows: list) -> None:
-    """The summary table: one row per entry that trained."""
-    print(f"\n{'recipe':<24}{'n':>3}{'acc mean':>10}{'acc min':>9}{'acc max':>9}{'time mean':>11}{'time min':>10}")
+    """The summary table: one row per entry that trained, the entry column as wide as the longest."""
+    w = max([24] + [len(recipe) + 2 for recipe, _ in rows])
+    print(f"\n{'recipe':<{w}}{'n':>3}{'acc mean':>10}{'acc min':>9}{'acc max':>9}{'time mean':>11}{'time min':>10}")
     for recipe, s in rows:
         a, t = s["test_accuracy"], s["train_time_s"]
-        print(f"{recipe:<24}{s['runs']:>3}{a['mean']:>10.4f}{a['min']:>9.4f}{a['max']:>9.4f}"
+        print(f"{recipe:<{w}}{s['runs']:>3}{a['mean']:>10.4f}{a['min']:>9.4f}{a['max']:>9.4f}"
               f"{t['mean']:>10.2f}s{t['min']:>9.2f}s")
 
 

@@ -177,3 +177,19 @@ def test_every_gpu_check_entry_resolves(monkeypatch):
     for entry in entries:
         cfg = entry_config(entry, "o", runs=5)
         assert cfg.recipe == entry.split(":")[0]
+
+
+def test_gpu_speed_table_widens_for_long_entries(monkeypatch, capsys):
+    """An entry longer than the default column (``keras-book:cuda-graph:fp16-true:compile``)
+    keeps every figure under its heading."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from gpu_speed import print_table
+
+    stats = {"runs": 3, "test_accuracy": {"mean": 0.75, "min": 0.74, "max": 0.76},
+             "train_time_s": {"mean": 4.61, "min": 4.6}}
+    print_table([("fast", stats), ("keras-book:cuda-graph:fp16-true:compile", stats)])
+    header, *rows = capsys.readouterr().out.strip("\n").splitlines()
+    assert len(rows) == 2 and all(len(r) == len(header) for r in rows)
+    for r in rows:  # each figure ends where its heading ends
+        assert r[:header.index(" n") + 2].rstrip().endswith("3")
+        assert r.index("0.7500") + 6 == header.index("acc mean") + 8

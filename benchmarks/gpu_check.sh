@@ -17,11 +17,17 @@
 #             best once, both in bf16
 #   sync      the code lines that make the host wait for the GPU during one epoch of fast-muon,
 #             fast and keras-book, each after a warm-up
+#   open      what the README lists as not yet measured, most important first, within BUDGET
+#             seconds in all (environment, default 540): fast-muon in fp16-true beside bf16, RUNS
+#             times each; fast-muon fp16-true compiled; best-select and best once each in bf16;
+#             keras-book as a CUDA graph in fp16-true, bf16 and fp16-true compiled, 3 times each;
+#             best in fp16-true once; the sync check. A step starts only with 30 s or more left,
+#             and is cut off when the budget runs out
 #   all       the default: fast, keras and rest
 # Each step has a time limit, so one that hangs does not take the others with it.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-NPZ=${1:?usage: bash benchmarks/gpu_check.sh NPZ_FOLDER [fast|keras|rest|autotune|true|select|sync|all] [RUNS]}
+NPZ=${1:?usage: bash benchmarks/gpu_check.sh NPZ_FOLDER [fast|keras|rest|autotune|true|select|sync|open|all] [RUNS]}
 PART=${2:-all}
 N=${3:-5}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -52,4 +58,24 @@ fi
 if [ "$PART" = sync ]; then
   timeout 200 python benchmarks/gpu_speed.py --npz "$NPZ" --sync-check \
     --recipes fast-muon:bf16 fast-muon:fp16-true fast:bf16 keras-book:cuda-graph:bf16
+fi
+if [ "$PART" = open ]; then
+  BUDGET=${BUDGET:-540}
+  start=$SECONDS
+  # step LIMIT COMMAND...: run COMMAND for at most LIMIT seconds, or what is left of the budget.
+  step() {
+    local limit=$1 left=$((BUDGET - (SECONDS - start)))
+    shift
+    if [ "$left" -lt 30 ]; then echo "not run, ${left} s of the budget left: $*"; return; fi
+    timeout $((limit < left ? limit : left)) "$@"
+  }
+  step 150 python benchmarks/gpu_speed.py --npz "$NPZ" --runs "$N" --recipes fast-muon:fp16-true fast-muon:bf16
+  step 200 python benchmarks/gpu_speed.py --npz "$NPZ" --runs "$N" --recipes fast-muon:fp16-true:compile
+  step 200 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 1 --recipes best-select:bf16 best:bf16
+  step 150 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 3 \
+    --recipes keras-book:cuda-graph:fp16-true keras-book:cuda-graph:bf16 keras-book:cuda-graph:fp16-true:compile
+  step 80 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 1 --recipes best:fp16-true
+  step 120 python benchmarks/gpu_speed.py --npz "$NPZ" --sync-check \
+    --recipes fast-muon:bf16 fast-muon:fp16-true fast:bf16 keras-book:cuda-graph:bf16
+  echo "part open: $((SECONDS - start)) s"
 fi

@@ -193,3 +193,24 @@ def test_gpu_speed_table_widens_for_long_entries(monkeypatch, capsys):
     for r in rows:  # each figure ends where its heading ends
         assert r[:header.index(" n") + 2].rstrip().endswith("3")
         assert r.index("0.7500") + 6 == header.index("acc mean") + 8
+
+
+def test_gpu_check_open_part_keeps_to_its_budget(tmp_path):
+    """The part ``open`` runs its steps in order while 30 s or more of BUDGET are left, and names
+    each step it leaves out (a stand-in ``python`` that takes 10 s per step, no GPU needed)."""
+    import os
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text('#!/bin/sh\necho "ran: $*"\nsleep 10\n')
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho stand-in GPU\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "BUDGET": "45"}
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path), "open", "5"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert p.returncode == 0, p.stderr
+    ran = [line for line in p.stdout.splitlines() if line.startswith("ran: ")]
+    skipped = [line for line in p.stdout.splitlines() if line.startswith("not run, ")]
+    assert len(ran) == 2 and "fast-muon:fp16-true fast-muon:bf16" in ran[0] and ":compile" in ran[1]
+    assert len(skipped) == 4 and "best-select:bf16" in skipped[0] and "--sync-check" in skipped[-1]

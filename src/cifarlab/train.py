@@ -375,9 +375,9 @@ def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps
     if whitened:
         clock = _Clock(device)  # counted as training time, as airbench counts it
         g = torch.Generator().manual_seed(cfg.train.seed)
-        sample = torch.randperm(len(arrays.x_train), generator=g)[:5000].to(device)
+        sample = preprocess(arrays.x_train[torch.randperm(len(arrays.x_train), generator=g)[:5000].to(device)], prep)
         for m in whitened:
-            m.init_whitening(preprocess(arrays.x_train[sample], prep))
+            m.init_whitening(sample)
         init_time = clock.elapsed()
     runtime.cast_model(model, device, cfg.train.precision)  # after the whitening, computed in float32
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format

@@ -19,6 +19,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def kept_count(fraction: float, batch: int) -> int:
+    """How many examples of a batch of ``batch`` a selection of ``fraction`` keeps (at least one)."""
+    return max(1, round(fraction * batch))
+
+
 class HardExampleSelector:
     """Keeps the hardest ``fraction`` of each batch, as scored by ``model`` (the proxy).
 
@@ -42,8 +47,8 @@ class HardExampleSelector:
         self.steps = 0
 
     def kept(self, batch: int) -> int:
-        """How many examples of a batch of ``batch`` are kept (at least one)."""
-        return max(1, round(self.fraction * batch))
+        """How many examples of a batch of ``batch`` are kept (:func:`kept_count`)."""
+        return kept_count(self.fraction, batch)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Indices of the examples of (``x``, ``y``) to train on: the proxy's highest losses."""

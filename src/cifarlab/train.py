@@ -31,7 +31,7 @@ from .export import normalize, preprocess, save_architecture, save_weights, tta_
 from .fsutil import write_json, write_text
 from .models import create_model
 from .optim import build_optimizer, param_groups
-from .selection import HardExampleSelector
+from .selection import HardExampleSelector, kept_count
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -400,7 +400,7 @@ def _scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: i
 
 def _trained_per_step(cfg: Config) -> int:
     """Examples a full batch's step trains on: the batch, or the share that selection keeps."""
-    return max(1, round(cfg.train.select_fraction * cfg.train.batch_size))
+    return kept_count(cfg.train.select_fraction, cfg.train.batch_size)
 
 
 def _selector(cfg: Config, proxy: nn.Module, device: torch.device, steps_per_epoch: int) -> HardExampleSelector:

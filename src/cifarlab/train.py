@@ -385,7 +385,7 @@ def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps
     optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim, capturable=cfg.train.cuda_graph)
     scheduler = _scheduler(cfg, optimizer, steps_per_epoch)
     lookahead = Lookahead(model) if cfg.train.lookahead_every else None
-    selector = _selector(cfg, proxy, device, steps_per_epoch) if proxy is not None else None
+    selector = _selector(cfg, proxy, device, fmt, steps_per_epoch) if proxy is not None else None
     return _Setup(model, optimizer, scheduler, augmenter, prep, lookahead, model_kwargs,
                   sum(p.numel() for p in model.parameters()), init_time, selector)
 
@@ -403,16 +403,17 @@ def _trained_per_step(cfg: Config) -> int:
     return kept_count(cfg.train.select_fraction, cfg.train.batch_size)
 
 
-def _selector(cfg: Config, proxy: nn.Module, device: torch.device, steps_per_epoch: int) -> HardExampleSelector:
+def _selector(cfg: Config, proxy: nn.Module, device: torch.device, fmt: torch.memory_format,
+              steps_per_epoch: int) -> HardExampleSelector:
     """The hard-example selector around ``proxy`` (whitened already): prepared as the model is
-    (precision, memory format), with an optimizer and schedule of its own built from the run's
+    (precision, memory format ``fmt``), with an optimizer and schedule of its own built from the run's
     settings. Its whitening bias stays fixed, as airbench96_faster's proxy's. It runs eagerly:
     ``train.compile`` compiles the model only."""
     bias = getattr(getattr(proxy, "whiten", None), "bias", None)
     if bias is not None:
         bias.requires_grad_(False)
     runtime.cast_model(proxy, device, cfg.train.precision)
-    proxy = proxy.to(memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+    proxy = proxy.to(memory_format=fmt)
     optimizer = build_optimizer(param_groups(proxy, cfg.optim), cfg.optim)
     autocast = runtime.autocast(device, cfg.train.precision)
     step = functools.partial(train_step, proxy, optimizer, label_smoothing=cfg.train.label_smoothing,

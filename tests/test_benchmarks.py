@@ -214,3 +214,87 @@ def test_gpu_check_open_part_keeps_to_its_budget(tmp_path):
     skipped = [line for line in p.stdout.splitlines() if line.startswith("not run, ")]
     assert len(ran) == 2 and "fast-muon:fp16-true fast-muon:bf16" in ran[0] and ":compile" in ran[1]
     assert len(skipped) == 4 and "best-select:bf16" in skipped[0] and "--sync-check" in skipped[-1]
+
+
+def _half_storage_step(dtype, lr: float, steps: int = 3):
+    """A tiny linear model trained ``steps`` times through HalfStorage (Keras RMSprop)."""
+    import torch
+
+    from cifarlab.config import OptimConfig
+    from cifarlab.train import train_step
+    from half_storage import HalfStorage
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.fill_(1.5)
+    x, y = torch.randn(8, 4), torch.arange(8) % 3
+    opt = HalfStorage(model, OptimConfig(lr=lr), dtype, scale=8.0)
+    for _ in range(steps):
+        train_step(model, opt, x, y)
+    return model, opt
+
+
+def test_half_storage_in_float32_steps_as_the_plain_optimizer(monkeypatch):
+    """The emulation's plumbing (scale, round, unscale, update the masters, copy back) changes
+    nothing when the storage is float32: the same weights, bit for bit, as the optimizer alone."""
+    import torch
+
+    from cifarlab.config import OptimConfig
+    from cifarlab.optim import build_optimizer
+    from cifarlab.train import train_step
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    emulated, _ = _half_storage_step(torch.float32, lr=1e-2)
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        plain.weight.fill_(1.5)
+    x, y = torch.randn(8, 4), torch.arange(8) % 3
+    opt = build_optimizer(plain.parameters(), OptimConfig(lr=1e-2))
+    for _ in range(3):
+        train_step(plain, opt, x, y)
+    assert torch.equal(emulated.weight, plain.weight) and torch.equal(emulated.bias, plain.bias)
+    assert not torch.equal(plain.weight, torch.full_like(plain.weight, 1.5))  # it did train
+
+
+def test_half_storage_loses_updates_below_the_rounding_step(monkeypatch):
+    """Keras RMSprop moves a weight by at most lr * 3.2 a step (lr * g / sqrt(0.1 g^2) at first);
+    between 1 and 2, float16's rounding step is 2^-10 and bfloat16's 2^-7, so lr 1e-4 leaves
+    weights of 1.5 where they were in both, while float16 keeps the steps of lr 1e-3 that
+    bfloat16 loses; the masters and the optimizer state stay in their dtype."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    for dtype, lr, moved in ((torch.float16, 1e-4, False), (torch.bfloat16, 1e-4, False),
+                             (torch.float16, 1e-3, True), (torch.bfloat16, 1e-3, False),
+                             (torch.float32, 1e-4, True)):
+        model, opt = _half_storage_step(dtype, lr)
+        assert bool((model.weight != 1.5).any()) == moved, (dtype, lr)
+        assert all(m.dtype == dtype for m in opt.masters)
+        assert all(v.dtype == dtype for v in (opt.inner.state[m]["velocity"] for m in opt.masters))
+
+
+def test_half_storage_trains_keras_book_on_tiny_data_and_refuses_other_recipes(monkeypatch):
+    """One epoch of keras-book on 200 random images in each storage dtype gives a test accuracy;
+    a recipe with a learning-rate schedule is refused by name before any data is read."""
+    from cifarlab.config import Config
+    from cifarlab.data import Dataset
+    from cifarlab.recipes import apply_recipe
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from half_storage import train
+
+    rng = np.random.default_rng(0)
+    ds = Dataset(rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8), np.arange(200) % 10,
+                 rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8), np.arange(30) % 10,
+                 [str(i) for i in range(10)], "random", "test")
+    cfg = apply_recipe(Config(), "keras-book")
+    cfg.train.epochs, lines = 1, []
+    for storage in ("fp32", "fp16", "bf16"):
+        r = train(cfg, ds, storage, lines.append)
+        assert r["storage"] == storage and 0 <= r["test_accuracy"] <= 1 and r["test_loss"] > 0
+    assert len(lines) == 3 and lines[1].startswith("fp16 epoch 1: loss ")
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "half_storage.py"), "--recipe", "fast",
+                        "--data", "/nonexistent"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 1 and "recipe 'fast' is not valid here" in p.stderr

@@ -21,7 +21,9 @@
 #             seconds in all (environment, default 540): fast-muon in fp16-true beside bf16, RUNS
 #             times each; fast-muon fp16-true compiled; best-select and best once each in bf16;
 #             keras-book as a CUDA graph in fp16-true, bf16 and fp16-true compiled, 3 times each;
-#             best in fp16-true once; the sync check. A step starts only with 30 s or more left,
+#             best in fp16-true once; the sync check; a profile of keras-book's eager bf16 step
+#             (the kernels its CUDA graph replays, and their GPU time against the 2 s goal; eager,
+#             since the profiler has failed on graph replays). A step starts only with 30 s or more left,
 #             and is cut off when the budget runs out
 #   all       the default: fast, keras and rest
 # Each step has a time limit, so one that hangs does not take the others with it.
@@ -77,5 +79,6 @@ if [ "$PART" = open ]; then
   step 80 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 1 --recipes best:fp16-true
   step 120 python benchmarks/gpu_speed.py --npz "$NPZ" --sync-check \
     --recipes fast-muon:bf16 fast-muon:fp16-true fast:bf16 keras-book:cuda-graph:bf16
+  step 90 python benchmarks/gpu_profile.py --npz "$NPZ" --entry keras-book:bf16 --epochs 2 --rows 40
   echo "part open: $((SECONDS - start)) s"
 fi

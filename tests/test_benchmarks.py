@@ -213,7 +213,8 @@ def test_gpu_check_open_part_keeps_to_its_budget(tmp_path):
     ran = [line for line in p.stdout.splitlines() if line.startswith("ran: ")]
     skipped = [line for line in p.stdout.splitlines() if line.startswith("not run, ")]
     assert len(ran) == 2 and "fast-muon:fp16-true fast-muon:bf16" in ran[0] and ":compile" in ran[1]
-    assert len(skipped) == 4 and "best-select:bf16" in skipped[0] and "--sync-check" in skipped[-1]
+    assert len(skipped) == 5 and "best-select:bf16" in skipped[0] and "--sync-check" in skipped[-2]
+    assert "gpu_profile.py" in skipped[-1] and "keras-book:bf16" in skipped[-1]
 
 
 def _half_storage_step(dtype, lr: float, steps: int = 3):

@@ -1,7 +1,7 @@
 """What half-precision weights do to a recipe's accuracy, measured on the CPU.
 
 ``--precision fp16-true`` keeps weights, gradients and optimizer state in float16 and needs
-CUDA (float16 convolutions on this CPU run a hundred times slower than float32). This script
+CUDA (float16 convolutions run more than a hundred times slower than float32 on a CPU). This script
 keeps the *storage* in half precision and the arithmetic in float32, which isolates the
 effect that decides whether a small-learning-rate recipe survives half-precision weights:
 updates rounded away against the weights' rounding step, and optimizer state (RMSprop's mean

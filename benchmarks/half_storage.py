@@ -54,7 +54,6 @@ class HalfStorage:
                 p.copy_(m)
         self.inner = build_optimizer(self.masters, cfg)
         self.dtype, self.scale = dtype, scale
-        self.param_groups = self.inner.param_groups
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: D102 - as torch.optim.Optimizer's
         for p in self.params:

@@ -92,7 +92,7 @@ def _node_names(t: torch.Tensor) -> list[str]:
 
 def _grads(model: nn.Module, x, y, use: bool):
     model.zero_grad(set_to_none=True)
-    with cpu_kernels.kernel_mode(use):
+    with cpu_kernels.kernel_mode(use, conv=use):
         out = model(x)
         loss = F.cross_entropy(out, y)
     loss.backward()
@@ -117,7 +117,7 @@ def test_models_get_the_same_gradients_with_the_kernel(name):
 
 
 def _uses_kernel(conv: nn.Module, x: torch.Tensor) -> bool:
-    with cpu_kernels.kernel_mode():
+    with cpu_kernels.kernel_mode(conv=True):
         out = conv(x)
     return out.grad_fn is not None and "_Conv3x3" in out.grad_fn.name()
 
@@ -139,10 +139,34 @@ def test_only_eligible_convolutions_are_routed_to_the_kernel():
     with torch.no_grad():
         assert not _uses_kernel(nn.Conv2d(16, 8, 3, padding=1), x)
     w = torch.rand(8, 16, 3, 3, requires_grad=True)
-    with cpu_kernels.kernel_mode():  # the functional form, with and without keywords
+    with cpu_kernels.kernel_mode(conv=True):  # the functional form, with and without keywords
         assert "_Conv3x3" in F.conv2d(x, w, padding=1).grad_fn.name()
         assert "_Conv3x3" in F.conv2d(x, w, None, 1, 1).grad_fn.name()
         assert "_Conv3x3" not in F.conv2d(x, w).grad_fn.name()  # padding 0
+
+
+def test_the_conv_kernel_is_chosen_only_where_the_cpu_lacks_avx512():
+    """oneDNN's AVX-512 weight gradient beat the kernel (and its AVX2 one lost to it), so the
+    choice follows the instruction sets oneDNN's AVX-512 kernels need, all four of them."""
+    avx2 = "fpu sse4_2 avx avx2 fma f16c".split()
+    assert cpu_kernels.conv_kernel_pays_off(avx2)
+    assert not cpu_kernels.conv_kernel_pays_off(avx2 + "avx512f avx512dq avx512cd avx512bw avx512vl".split())
+    assert cpu_kernels.conv_kernel_pays_off(avx2 + ["avx512f", "avx512cd"])  # AVX-512 without BW/VL/DQ
+    assert isinstance(cpu_kernels.conv_kernel_pays_off(), bool)  # this machine's own flags
+
+
+@needs_kernel
+@pytest.mark.parametrize("pays_off", [True, False])
+def test_by_default_the_mode_routes_convolutions_where_the_kernel_pays_off(monkeypatch, pays_off):
+    monkeypatch.setattr(cpu_kernels, "conv_kernel_pays_off", lambda flags=None: pays_off)
+    conv, drop, x = nn.Conv2d(16, 8, 3, padding=1), nn.Dropout(0.25), _cl(torch.rand(2, 16, 8, 8))
+    with cpu_kernels.kernel_mode():
+        out = drop(conv(x))
+    names = _node_names(out)
+    assert ("_Conv3x3Backward" in names) is pays_off
+    assert "_DropoutBackward" in names  # dropout takes the kernel either way
+    with cpu_kernels.kernel_mode(conv=False):
+        assert "_Conv3x3Backward" not in _node_names(conv(x))
 
 
 @needs_kernel
@@ -151,7 +175,7 @@ def test_input_gradient_and_bias_free_convolutions():
     x = _cl(torch.rand(2, 16, 6, 6)).requires_grad_()
     ref = conv(x).square().sum()
     gx_ref, gw_ref = torch.autograd.grad(ref, [x, conv.weight])
-    with cpu_kernels.kernel_mode():
+    with cpu_kernels.kernel_mode(conv=True):
         got = conv(x).square().sum()
     gx, gw = torch.autograd.grad(got, [x, conv.weight])
     torch.testing.assert_close(gx, gx_ref)
@@ -166,7 +190,7 @@ def test_without_a_compiler_training_falls_back_with_a_reason(fresh_load, monkey
     assert reason and ("could not build" in reason or "needs an x86-64" in reason)
     assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.tmp"))  # nothing half-built left
     conv = nn.Conv2d(16, 8, 3, padding=1)
-    with cpu_kernels.kernel_mode():  # a no-op now
+    with cpu_kernels.kernel_mode(conv=True):  # a no-op now
         out = conv(_cl(torch.rand(1, 16, 4, 4)))
     assert "_Conv3x3" not in out.grad_fn.name()
     with pytest.raises(RuntimeError, match="unavailable"):

@@ -50,6 +50,7 @@ def test_cpu_kernels_switch_is_recorded_and_both_paths_learn(tmp_path, kernels):
     assert m["test_accuracy"] >= 0.9
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert saved["cpu_kernels"] is (kernels and cpu_kernels.load() is not None)
+    assert saved["cpu_conv_kernel"] is (saved["cpu_kernels"] and cpu_kernels.conv_kernel_pays_off())
 
 
 @pytest.mark.parametrize("kernels", [True, False])

@@ -134,7 +134,7 @@ class TrainConfig:
     # its work; the epoch then takes 4 bytes per value of device memory, 614 MB for 50,000
     # CIFAR images, or 2 bytes under the "-true" precisions)
     prepare_ahead: bool | None = None
-    # CPU: cifarlab's own kernels (fp32 3x3 conv gradients, dropout; augmentation), where they build
+    # CPU: cifarlab's own kernels (fp32 dropout, 3x3 conv gradients without AVX-512; augmentation), where they build
     cpu_kernels: bool = True
     runs: int = 1  # train this many times with seeds seed, seed+1, ... and report mean/std/min/max
     # Hard-example selection (cifarlab.selection): each step trains on this fraction of its batch,

@@ -7,7 +7,9 @@ small convolutional networks and small images:
 - the weight and bias gradient of 3x3, stride-1, 'same' convolutions: on AVX2 CPUs without
   AVX-512, oneDNN computes it at about half the speed of its forward convolution; this kernel
   ran about 1.5 times faster than it on the notebook's layers (2-core AMD EPYC, batch 128,
-  caches flushed as in training; ``benchmarks/conv_wgrad.py``);
+  caches flushed as in training; ``benchmarks/conv_wgrad.py``). Where the CPU has AVX-512,
+  oneDNN's own kernel is the faster one and training leaves the weight gradient to it
+  (:func:`conv_kernel_pays_off`);
 - inverted dropout in one pass with a counter-based random generator, where PyTorch's draws
   its mask with ``bernoulli_`` and then scales it and multiplies in two more passes;
 - Keras' ``ImageDataGenerator`` transform (:func:`affine_warp`): a per-image affine map with
@@ -35,6 +37,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 
@@ -55,15 +58,43 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
+@functools.cache
+def _cpuinfo() -> tuple[str, ...] | None:
+    """The first CPU's "model name" and "flags" lines of /proc/cpuinfo; None where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return tuple([ln for ln in f if ln.startswith(("model name", "flags"))][:2])
+    except OSError:
+        return None
+
+
 def _cpu_signature() -> str:
     """What ``-march=native`` depends on, so that a cache shared between machines (a network home
     folder) never hands one CPU a library built for another."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
-        return "".join(lines)
-    except OSError:
-        return platform.processor() or platform.machine()
+    info = _cpuinfo()
+    return "".join(info) if info is not None else platform.processor() or platform.machine()
+
+
+# The instruction sets of oneDNN's AVX-512 convolution kernels (its "avx512_core" level).
+_AVX512_CORE = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})
+
+
+def conv_kernel_pays_off(flags: Iterable[str] | None = None) -> bool:
+    """Whether training should send 3x3 convolutions' weight gradients to this module's kernel
+    rather than leave them to PyTorch's (oneDNN): only where the CPU lacks AVX-512, so that
+    oneDNN computes them with its AVX2 kernel. On the notebook's four layers (batch 128, 2
+    threads, ``benchmarks/conv_wgrad.py``) this kernel's backward pass took 0.79 times oneDNN's
+    time on an AVX2 AMD EPYC, but 1.35 times on an AVX-512 Xeon, whose oneDNN weight gradient
+    ran at 242 to 294 GFLOP/s against this kernel's 153 to 174; there a keras-deep step took
+    90 to 93 ms with the dropout kernel alone against 103 to 105 ms with both. ``flags`` are the CPU's
+    feature flags as /proc/cpuinfo names them; by default this machine's (where /proc/cpuinfo
+    is missing, PyTorch's own reading of the CPU decides)."""
+    if flags is None:
+        info = _cpuinfo()
+        if info is None:
+            return torch.backends.cpu.get_cpu_capability() != "AVX512"
+        flags = next((ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags")), [])
+    return not _AVX512_CORE <= set(flags)
 
 
 def _build(src: bytes, cxx: str) -> Path:
@@ -369,12 +400,16 @@ def _dropout_args(input, p=0.5, training=True, inplace=False):
 
 
 class _KernelMode(TorchFunctionMode):
-    """Sends eligible ``conv2d`` calls made while grad is enabled to :class:`_Conv3x3`, and
-    training-time ``dropout`` calls on float32 CPU tensors to :class:`_Dropout`."""
+    """Sends eligible ``conv2d`` calls made while grad is enabled to :class:`_Conv3x3` (when
+    ``conv``), and training-time ``dropout`` calls on float32 CPU tensors to :class:`_Dropout`."""
+
+    def __init__(self, conv: bool) -> None:
+        super().__init__()
+        self.conv = conv
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.conv2d and torch.is_grad_enabled() and _eligible(*args, **kwargs):
+        if self.conv and func is F.conv2d and torch.is_grad_enabled() and _eligible(*args, **kwargs):
             return _Conv3x3.apply(args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias"))
         if func is F.dropout:
             x, p, training, inplace = _dropout_args(*args, **kwargs)
@@ -383,10 +418,13 @@ class _KernelMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def kernel_mode(enabled: bool = True):
-    """A context in which training uses this module's kernels where they apply: convolutions that
-    are 3x3, stride 1, padding 1, float32, channels-last on the CPU, with input or output
-    channels a multiple of 16; and dropout on float32 CPU tensors. Everything else runs as
-    usual. A no-op where the kernels are unavailable or ``enabled`` is false. Enter it around
-    the forward pass; the backward pass needs nothing."""
-    return _KernelMode() if enabled and load() is not None else contextlib.nullcontext()
+def kernel_mode(enabled: bool = True, conv: bool | None = None):
+    """A context in which training uses this module's kernels where they apply: dropout on
+    float32 CPU tensors; and, when ``conv`` (by default where :func:`conv_kernel_pays_off`),
+    the weight gradient of convolutions that are 3x3, stride 1, padding 1, float32,
+    channels-last on the CPU, with input or output channels a multiple of 16. Everything else
+    runs as usual. A no-op where the kernels are unavailable or ``enabled`` is false. Enter it
+    around the forward pass; the backward pass needs nothing."""
+    if not enabled or load() is None:
+        return contextlib.nullcontext()
+    return _KernelMode(conv_kernel_pays_off() if conv is None else conv)

@@ -93,9 +93,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
                cpu_kernels: bool = False, loss_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a prepared batch; returns (summed loss, correct count) as
     device tensors, so the caller can accumulate without a GPU-to-CPU sync every step.
-    ``cpu_kernels`` uses cifarlab's own CPU kernels (:mod:`cifarlab.cpu_kernels`: 3x3
-    convolution weight gradients, dropout) where they apply. ``loss_scale`` multiplies the loss
-    before the backward pass and divides the gradients after it (see :func:`runtime.loss_scale`)."""
+    ``cpu_kernels`` uses cifarlab's own CPU kernels (:mod:`cifarlab.cpu_kernels`: dropout, and
+    3x3 convolution weight gradients on CPUs where they pay off) where they apply.
+    ``loss_scale`` multiplies the loss before the backward pass and divides the gradients
+    after it (see :func:`runtime.loss_scale`)."""
     with autocast or nullcontext(), kernels.kernel_mode(cpu_kernels):
         logits = model(x)
         # categorical cross-entropy on softmax(logits), as Keras; optionally with label smoothing
@@ -488,7 +489,8 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
     save_weights(run / "weights.safetensors", st.model)
     write_history(run, loop.history)
     metrics = _test_metrics(cfg, ds, arrays, st, device, loop.train_time)
-    metrics["cpu_kernels"] = loop.cpu_kernels  # whether cifarlab's own CPU kernels ran (conv gradients, dropout)
+    metrics["cpu_kernels"] = loop.cpu_kernels  # whether cifarlab's own CPU kernels ran (dropout, conv gradients)
+    metrics["cpu_conv_kernel"] = loop.cpu_kernels and kernels.conv_kernel_pays_off()  # the conv gradients too
     write_json(run / "metrics.json", metrics)
     log(f"Test score: {metrics['test_loss']:.4f}")
     log(f"Test accuracy: {metrics['test_accuracy']:.4f}")

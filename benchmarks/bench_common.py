@@ -29,10 +29,25 @@ def training_images(n: int, path: Path = SHARED) -> tuple[np.ndarray, np.ndarray
             f"{n:,} random 32x32x3 images (data copy absent)")
 
 
+def cpu_line() -> str:
+    """The CPU's model name and which of cifarlab's CPU kernels training uses on it, for a
+    benchmark's header: the same code ranks differently on CPUs with and without AVX-512."""
+    from cifarlab import cpu_kernels
+
+    info = cpu_kernels._cpuinfo() or ()
+    name = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), "unknown CPU")
+    if cpu_kernels.load() is None:
+        return f"CPU: {name}; cifarlab's CPU kernels unavailable ({cpu_kernels.unavailable_reason()})"
+    conv = "on" if cpu_kernels.conv_kernel_pays_off() else "off (the CPU has AVX-512)"
+    return f"CPU: {name}; cifarlab's dropout kernel on, its convolution weight-gradient kernel {conv}"
+
+
 def timed_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, batch: int,
-                fmt: torch.memory_format, kernels: bool | None = None) -> tuple[list[float], float]:
+                fmt: torch.memory_format, kernels: bool | None = None,
+                conv_kernel: bool | None = None) -> tuple[list[float], float]:
     """One shuffled training epoch with ``cifarlab train``'s step (scale by 1/255, memory format,
-    ``train_step``, and on the CPU cifarlab's own kernels unless ``kernels`` is False)
+    ``train_step``, and on the CPU cifarlab's own kernels unless ``kernels`` is False; its
+    convolution weight-gradient kernel where it pays off, or as ``conv_kernel`` says)
     over uint8 NCHW ``x`` on its device; returns each step's seconds and the epoch's, by the
     host clock (on a GPU those count launches, not the work: time with CUDA events)."""
     from cifarlab import cpu_kernels
@@ -41,6 +56,8 @@ def timed_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Ten
 
     if kernels is None:
         kernels = x.device.type == "cpu" and cpu_kernels.load() is not None
+    # train_step's own switch picks the convolution kernel by the CPU; this mode may overrule it
+    mode = cpu_kernels.kernel_mode(kernels, conv=conv_kernel)
 
     steps = []
     t_epoch = time.perf_counter()
@@ -48,7 +65,7 @@ def timed_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Ten
     for s in range(0, len(x), batch):
         idx = perm[s:s + batch]
         t0 = time.perf_counter()
-        train_step(model, opt, preprocess(x[idx], {"rescale": 1 / 255}).contiguous(memory_format=fmt), y[idx],
-                   cpu_kernels=kernels)
+        with mode:
+            train_step(model, opt, preprocess(x[idx], {"rescale": 1 / 255}).contiguous(memory_format=fmt), y[idx])
         steps.append(time.perf_counter() - t0)
     return steps, time.perf_counter() - t_epoch

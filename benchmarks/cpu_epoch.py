@@ -3,6 +3,10 @@
 Uses the same step as ``cifarlab train`` (preprocess, channels-last, ``train_step``) and prints
 the median step time and the whole epoch's time. Usage:
     python benchmarks/cpu_epoch.py [--images 40000] [--threads N] [--no-channels-last] [--no-cpu-kernels]
+        [--conv-kernel auto|on|off]
+
+``--conv-kernel`` overrules the CPU's choice of cifarlab's convolution weight-gradient kernel
+(``auto``: on where the CPU lacks AVX-512, as training chooses), to time both on one machine.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import statistics
 
 import numpy as np
 import torch
-from bench_common import timed_epoch, training_images
+from bench_common import cpu_line, timed_epoch, training_images
 
 from cifarlab import runtime
 from cifarlab.config import OptimConfig
@@ -28,6 +32,8 @@ def main() -> None:
     ap.add_argument("--model", default="keras-deep")
     ap.add_argument("--no-channels-last", action="store_true")
     ap.add_argument("--no-cpu-kernels", action="store_true", help="PyTorch's kernels only")
+    ap.add_argument("--conv-kernel", choices=["auto", "on", "off"], default="auto",
+                    help="cifarlab's convolution weight-gradient kernel (auto: where it pays off)")
     args = ap.parse_args()
     runtime.setup("cpu", args.threads)
     runtime.seed_everything(0)
@@ -37,9 +43,13 @@ def main() -> None:
     fmt = torch.contiguous_format if args.no_channels_last else torch.channels_last
     model = create_model(args.model).to(memory_format=fmt).train()
     opt = build_optimizer(model.parameters(), OptimConfig())
-    steps, epoch = timed_epoch(model, opt, xt, yt, args.batch, fmt, kernels=False if args.no_cpu_kernels else None)
+    print(cpu_line())
+    conv = {"auto": None, "on": True, "off": False}[args.conv_kernel]
+    steps, epoch = timed_epoch(model, opt, xt, yt, args.batch, fmt, kernels=False if args.no_cpu_kernels else None,
+                               conv_kernel=conv)
+    kernels = "PyTorch's kernels" if args.no_cpu_kernels else f"conv kernel {args.conv_kernel}"
     print(f"{args.model}, {src}, batch {args.batch}, {torch.get_num_threads()} threads, "
-          f"{'NCHW' if args.no_channels_last else 'channels-last'}: epoch {epoch:.1f} s, "
+          f"{'NCHW' if args.no_channels_last else 'channels-last'}, {kernels}: epoch {epoch:.1f} s, "
           f"median step {statistics.median(steps) * 1000:.0f} ms over {len(steps)} steps")
 
 

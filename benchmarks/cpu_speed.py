@@ -29,7 +29,7 @@ import sys
 import time
 
 import numpy as np
-from bench_common import timed_epoch, training_images
+from bench_common import cpu_line, timed_epoch, training_images
 
 BATCH = 128
 
@@ -160,6 +160,7 @@ def main() -> None:
     if not have_keras:
         runs = {k: runs[k] for k in ("cifarlab", "cifarlab-pytorch")}
     n = args.rounds * args.epochs
+    print(cpu_line())
     print(f"data: {src}; keras-deep, batch {BATCH}; {n} timed epochs of "
           f"{args.batches} steps per framework ({args.rounds} alternating rounds); ms per step: median (p10, p90)")
     label = {"cifarlab": "cifarlab (channels-last, its CPU kernels)",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -299,3 +300,38 @@ def test_half_storage_trains_keras_book_on_tiny_data_and_refuses_other_recipes(m
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "half_storage.py"), "--recipe", "fast",
                         "--data", "/nonexistent"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert p.returncode == 1 and "recipe 'fast' is not valid here" in p.stderr
+
+
+@needs_kernel
+@pytest.mark.parametrize("conv_kernel", [True, False, None])
+def test_cpu_epoch_timing_takes_the_convolution_kernel_as_asked(monkeypatch, conv_kernel):
+    """``timed_epoch`` (behind cpu_epoch.py and cpu_speed.py) trains with the convolution
+    weight-gradient kernel on, off, or where the CPU makes it pay off, so one machine can time
+    both; dropout takes cifarlab's kernel in every case."""
+    import torch
+
+    from cifarlab import cpu_kernels
+    from cifarlab.config import OptimConfig
+    from cifarlab.models import create_model
+    from cifarlab.optim import build_optimizer
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from bench_common import timed_epoch
+
+    calls = {"conv": 0, "dropout": 0}
+    for name in calls:
+        real = getattr(cpu_kernels, {"conv": "conv3x3_weight_grad", "dropout": "dropout"}[name])
+
+        def counted(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(cpu_kernels, {"conv": "conv3x3_weight_grad", "dropout": "dropout"}[name], counted)
+    torch.manual_seed(0)
+    model = create_model("keras-deep", img_size=8).to(memory_format=torch.channels_last).train()
+    opt = build_optimizer(model.parameters(), OptimConfig())
+    x, y = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8), torch.arange(16) % 10
+    steps, _ = timed_epoch(model, opt, x, y, 8, torch.channels_last, conv_kernel=conv_kernel)
+    assert len(steps) == 2
+    want_conv = cpu_kernels.conv_kernel_pays_off() if conv_kernel is None else conv_kernel
+    assert calls["conv"] == (2 * 4 if want_conv else 0)  # all four convolutions have 32 or 64 filters
+    assert calls["dropout"] == 2 * 3

@@ -32,10 +32,9 @@ def training_images(n: int, path: Path = SHARED) -> tuple[np.ndarray, np.ndarray
 def cpu_line() -> str:
     """The CPU's model name and which of cifarlab's CPU kernels training uses on it, for a
     benchmark's header: the same code ranks differently on CPUs with and without AVX-512."""
-    from cifarlab import cpu_kernels
+    from cifarlab import cpu_kernels, runtime
 
-    info = cpu_kernels._cpuinfo() or ()
-    name = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), "unknown CPU")
+    name = runtime.cpu_name()
     if cpu_kernels.load() is None:
         return f"CPU: {name}; cifarlab's CPU kernels unavailable ({cpu_kernels.unavailable_reason()})"
     conv = "on" if cpu_kernels.conv_kernel_pays_off() else "off (the CPU has AVX-512)"

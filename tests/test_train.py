@@ -31,6 +31,7 @@ def test_run_folder_contents(trained_run):
     assert set(hist[0]) >= {"loss", "accuracy", "val_loss", "val_accuracy", "train_time_s"}
     m = json.loads((trained_run / "metrics.json").read_text())
     assert 0 <= m["test_accuracy"] <= 1 and m["versions"]["torch"] == torch.__version__
+    assert isinstance(m["cpu"], str) and m["cpu"]  # the host CPU, which training times depend on
     assert (trained_run / "history.csv").read_text().startswith("epoch,loss,accuracy,val_loss,val_accuracy")
     assert (trained_run / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -163,6 +163,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def cpu_name() -> str:
+    """The host CPU's model name (from /proc/cpuinfo, else what the platform module reports),
+    saved with each run's metrics: training times, and which of cifarlab's CPU kernels pay off,
+    depend on it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def versions() -> dict[str, str]:
     """Versions of the libraries a result depends on, for run folders and model cards."""
     import platform

@@ -712,7 +712,7 @@ def _test_metrics(cfg: Config, ds: Dataset, arrays: Arrays, st: _Setup, device: 
             "num_params": st.num_params,
             "data": {"source": ds.source, "kind": ds.kind, "train_images": len(arrays.x_train),
                      "val_images": len(arrays.x_val), "test_images": len(arrays.x_test)},
-            "device": str(device), "versions": runtime.versions()}
+            "device": str(device), "cpu": runtime.cpu_name(), "versions": runtime.versions()}
 
 
 def fit_runs(cfg: Config, dataset: Dataset | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:

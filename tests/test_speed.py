@@ -167,12 +167,14 @@ def test_a_half_weight_step_moves_the_weights_as_the_fp32_step(monkeypatch, reci
     weights: every tensor the fp32 step moves, the half one moves the same way (SGD, Muon and
     Keras RMSprop alike; the same dropout masks). fp16-true is refused on the CPU, where float16 convolutions are slow, but its
     arithmetic is the same as on a GPU: with the device check lifted, its casts, static loss
-    scale and float32 batch norms run here, so a dtype error shows up before GPU time is spent."""
-    from cifarlab import runtime
+    scale and float32 batch norms run here, with Muon's iteration in bf16 as on a GPU, so a
+    dtype error shows up before GPU time is spent."""
+    from cifarlab import optim, runtime
     from cifarlab.optim import build_optimizer, param_groups
     from cifarlab.train import train_step
 
     monkeypatch.setattr(runtime, "_check_precision", lambda device, precision: None)
+    monkeypatch.setattr(optim, "_ns_dtype", lambda t: torch.bfloat16)  # Muon's iteration dtype on a GPU
     torch.manual_seed(0)
     x, y = torch.randn(32, 3, 12, 12), torch.randint(0, 10, (32,))
     cfg = resolve_config(recipe)

@@ -55,7 +55,8 @@ def timed_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Ten
 
     if kernels is None:
         kernels = x.device.type == "cpu" and cpu_kernels.load() is not None
-    # train_step's own switch picks the convolution kernel by the CPU; this mode may overrule it
+    # The kernels through a mode of this function's own, not train_step's switch, so that
+    # conv_kernel can overrule the CPU's choice of the convolution kernel.
     mode = cpu_kernels.kernel_mode(kernels, conv=conv_kernel)
 
     steps = []

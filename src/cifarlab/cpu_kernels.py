@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from . import runtime
 from .errors import CifarlabError
 from .fsutil import atomic_path
 
@@ -58,21 +59,21 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
-@functools.cache
-def _cpuinfo() -> tuple[str, ...] | None:
-    """The first CPU's "model name" and "flags" lines of /proc/cpuinfo; None where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return tuple([ln for ln in f if ln.startswith(("model name", "flags"))][:2])
-    except OSError:
-        return None
-
-
 def _cpu_signature() -> str:
     """What ``-march=native`` depends on, so that a cache shared between machines (a network home
     folder) never hands one CPU a library built for another."""
-    info = _cpuinfo()
+    info = runtime.cpuinfo_lines()
     return "".join(info) if info is not None else platform.processor() or platform.machine()
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str] | None:
+    """This CPU's feature flags as /proc/cpuinfo names them (None without that file); parsed once,
+    as every training step asks :func:`conv_kernel_pays_off`."""
+    info = runtime.cpuinfo_lines()
+    if info is None:
+        return None
+    return frozenset(next((ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags")), []))
 
 
 # The instruction sets of oneDNN's AVX-512 convolution kernels (its "avx512_core" level).
@@ -85,16 +86,16 @@ def conv_kernel_pays_off(flags: Iterable[str] | None = None) -> bool:
     oneDNN computes them with its AVX2 kernel. On the notebook's four layers (batch 128, 2
     threads, ``benchmarks/conv_wgrad.py``) this kernel's backward pass took 0.79 times oneDNN's
     time on an AVX2 AMD EPYC, but 1.35 times on an AVX-512 Xeon, whose oneDNN weight gradient
-    ran at 242 to 294 GFLOP/s against this kernel's 153 to 174; there a keras-deep step took
-    90 to 93 ms with the dropout kernel alone against 103 to 105 ms with both. ``flags`` are the CPU's
-    feature flags as /proc/cpuinfo names them; by default this machine's (where /proc/cpuinfo
-    is missing, PyTorch's own reading of the CPU decides)."""
+    ran at 242 to 294 GFLOP/s against this kernel's 153 to 174; there a keras-deep epoch
+    (``benchmarks/cpu_epoch.py``) took 24.7 and 26.4 s with the dropout kernel alone against
+    29.9 and 31.4 s with both. ``flags`` are the CPU's feature flags as /proc/cpuinfo names
+    them; by default this machine's (where /proc/cpuinfo is missing, PyTorch's own reading of
+    the CPU decides)."""
     if flags is None:
-        info = _cpuinfo()
-        if info is None:
+        flags = _cpu_flags()
+        if flags is None:
             return torch.backends.cpu.get_cpu_capability() != "AVX512"
-        flags = next((ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags")), [])
-    return not _AVX512_CORE <= set(flags)
+    return not _AVX512_CORE.issubset(flags)
 
 
 def _build(src: bytes, cxx: str) -> Path:

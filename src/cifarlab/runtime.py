@@ -163,18 +163,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@functools.cache
+def cpuinfo_lines() -> tuple[str, ...] | None:
+    """The first CPU's "model name" and "flags" lines of /proc/cpuinfo, as written there; None
+    where there is no such file (macOS, Windows). Read once per process."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return tuple([ln for ln in f if ln.startswith(("model name", "flags"))][:2])
+    except OSError:
+        return None
+
+
 def cpu_name() -> str:
     """The host CPU's model name (from /proc/cpuinfo, else what the platform module reports),
     saved with each run's metrics: training times, and which of cifarlab's CPU kernels pay off,
     depend on it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+    name = next((ln.split(":", 1)[1].strip() for ln in cpuinfo_lines() or () if ln.startswith("model name")), "")
+    return name or platform.processor() or platform.machine() or "unknown"
 
 
 def versions() -> dict[str, str]:

@@ -218,19 +218,24 @@ def test_gpu_check_open_part_keeps_to_its_budget(tmp_path):
     assert "gpu_profile.py" in skipped[-1] and "keras-book:bf16" in skipped[-1]
 
 
-def _half_storage_step(dtype, lr: float, steps: int = 3):
-    """A tiny linear model trained ``steps`` times through HalfStorage (Keras RMSprop)."""
+def _tiny_linear():
+    """A 4 -> 3 linear model with every weight at 1.5, and a batch of 8 for it (seed 0)."""
     import torch
-
-    from cifarlab.config import OptimConfig
-    from cifarlab.train import train_step
-    from half_storage import HalfStorage
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     with torch.no_grad():
         model.weight.fill_(1.5)
-    x, y = torch.randn(8, 4), torch.arange(8) % 3
+    return model, torch.randn(8, 4), torch.arange(8) % 3
+
+
+def _half_storage_step(dtype, lr: float, steps: int = 3):
+    """A tiny linear model trained ``steps`` times through HalfStorage (Keras RMSprop)."""
+    from cifarlab.config import OptimConfig
+    from cifarlab.train import train_step
+    from half_storage import HalfStorage
+
+    model, x, y = _tiny_linear()
     opt = HalfStorage(model, OptimConfig(lr=lr), dtype, scale=8.0)
     for _ in range(steps):
         train_step(model, opt, x, y)
@@ -248,11 +253,7 @@ def test_half_storage_in_float32_steps_as_the_plain_optimizer(monkeypatch):
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     emulated, _ = _half_storage_step(torch.float32, lr=1e-2)
-    torch.manual_seed(0)
-    plain = torch.nn.Linear(4, 3)
-    with torch.no_grad():
-        plain.weight.fill_(1.5)
-    x, y = torch.randn(8, 4), torch.arange(8) % 3
+    plain, x, y = _tiny_linear()
     opt = build_optimizer(plain.parameters(), OptimConfig(lr=1e-2))
     for _ in range(3):
         train_step(plain, opt, x, y)
@@ -318,14 +319,12 @@ def test_cpu_epoch_timing_takes_the_convolution_kernel_as_asked(monkeypatch, con
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from bench_common import timed_epoch
 
-    calls = {"conv": 0, "dropout": 0}
+    calls = {"conv3x3_weight_grad": 0, "dropout": 0}
     for name in calls:
-        real = getattr(cpu_kernels, {"conv": "conv3x3_weight_grad", "dropout": "dropout"}[name])
-
-        def counted(*a, _real=real, _name=name, **k):
+        def counted(*a, _real=getattr(cpu_kernels, name), _name=name, **k):
             calls[_name] += 1
             return _real(*a, **k)
-        monkeypatch.setattr(cpu_kernels, {"conv": "conv3x3_weight_grad", "dropout": "dropout"}[name], counted)
+        monkeypatch.setattr(cpu_kernels, name, counted)
     torch.manual_seed(0)
     model = create_model("keras-deep", img_size=8).to(memory_format=torch.channels_last).train()
     opt = build_optimizer(model.parameters(), OptimConfig())
@@ -333,5 +332,5 @@ def test_cpu_epoch_timing_takes_the_convolution_kernel_as_asked(monkeypatch, con
     steps, _ = timed_epoch(model, opt, x, y, 8, torch.channels_last, conv_kernel=conv_kernel)
     assert len(steps) == 2
     want_conv = cpu_kernels.conv_kernel_pays_off() if conv_kernel is None else conv_kernel
-    assert calls["conv"] == (2 * 4 if want_conv else 0)  # all four convolutions have 32 or 64 filters
+    assert calls["conv3x3_weight_grad"] == (2 * 4 if want_conv else 0)  # all four convolutions have 32 or 64 filters
     assert calls["dropout"] == 2 * 3

@@ -165,10 +165,10 @@ def test_true_precisions_cast_the_weights_but_not_batch_norm():
 def test_a_half_weight_step_moves_the_weights_as_the_fp32_step(monkeypatch, recipe, precision):
     """The same step from the same weights, once in float32 and once with half-precision
     weights: every tensor the fp32 step moves, the half one moves the same way (SGD, Muon and
-    Keras RMSprop alike; the same dropout masks). fp16-true is refused on the CPU, where float16 convolutions are slow, but its
-    arithmetic is the same as on a GPU: with the device check lifted, its casts, static loss
-    scale and float32 batch norms run here, with Muon's iteration in bf16 as on a GPU, so a
-    dtype error shows up before GPU time is spent."""
+    Keras RMSprop alike; the same dropout masks). fp16-true is refused on the CPU, where float16
+    convolutions are slow, but its arithmetic is the same as on a GPU: with the device check
+    lifted, its casts, static loss scale and float32 batch norms run here, with Muon's
+    iteration in bf16 as on a GPU, so a dtype error shows up before GPU time is spent."""
     from cifarlab import optim, runtime
     from cifarlab.optim import build_optimizer, param_groups
     from cifarlab.train import train_step

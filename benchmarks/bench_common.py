@@ -38,15 +38,17 @@ def cpu_line() -> str:
     if cpu_kernels.load() is None:
         return f"CPU: {name}; cifarlab's CPU kernels unavailable ({cpu_kernels.unavailable_reason()})"
     conv = "on" if cpu_kernels.conv_kernel_pays_off() else "off (the CPU has AVX-512)"
-    return f"CPU: {name}; cifarlab's dropout kernel on, its convolution weight-gradient kernel {conv}"
+    return (f"CPU: {name}; cifarlab's dropout, ReLU-pool and RMSprop kernels on, its convolution "
+            f"weight-gradient kernel {conv}")
 
 
 def timed_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, batch: int,
                 fmt: torch.memory_format, kernels: bool | None = None,
-                conv_kernel: bool | None = None) -> tuple[list[float], float]:
+                conv_kernel: bool | None = None, pool_kernel: bool = True) -> tuple[list[float], float]:
     """One shuffled training epoch with ``cifarlab train``'s step (scale by 1/255, memory format,
     ``train_step``, and on the CPU cifarlab's own kernels unless ``kernels`` is False; its
-    convolution weight-gradient kernel where it pays off, or as ``conv_kernel`` says)
+    convolution weight-gradient kernel where it pays off, or as ``conv_kernel`` says; its
+    ReLU-pool kernel unless ``pool_kernel`` is False)
     over uint8 NCHW ``x`` on its device; returns each step's seconds and the epoch's, by the
     host clock (on a GPU those count launches, not the work: time with CUDA events)."""
     from cifarlab import cpu_kernels
@@ -56,8 +58,8 @@ def timed_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Ten
     if kernels is None:
         kernels = x.device.type == "cpu" and cpu_kernels.load() is not None
     # The kernels through a mode of this function's own, not train_step's switch, so that
-    # conv_kernel can overrule the CPU's choice of the convolution kernel.
-    mode = cpu_kernels.kernel_mode(kernels, conv=conv_kernel)
+    # conv_kernel and pool_kernel can overrule training's choice.
+    mode = cpu_kernels.kernel_mode(kernels, conv=conv_kernel, pool=pool_kernel)
 
     steps = []
     t_epoch = time.perf_counter()

@@ -3,10 +3,12 @@
 Uses the same step as ``cifarlab train`` (preprocess, channels-last, ``train_step``) and prints
 the median step time and the whole epoch's time. Usage:
     python benchmarks/cpu_epoch.py [--images 40000] [--threads N] [--no-channels-last] [--no-cpu-kernels]
-        [--conv-kernel auto|on|off]
+        [--conv-kernel auto|on|off] [--no-pool-kernel] [--no-optimizer-kernel]
 
 ``--conv-kernel`` overrules the CPU's choice of cifarlab's convolution weight-gradient kernel
-(``auto``: on where the CPU lacks AVX-512, as training chooses), to time both on one machine.
+(``auto``: on where the CPU lacks AVX-512, as training chooses), to time both on one machine;
+``--no-pool-kernel`` leaves ReLU and max pooling to PyTorch, and ``--no-optimizer-kernel`` the
+RMSprop update, to time what each of those kernels saves.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def main() -> None:
     ap.add_argument("--no-cpu-kernels", action="store_true", help="PyTorch's kernels only")
     ap.add_argument("--conv-kernel", choices=["auto", "on", "off"], default="auto",
                     help="cifarlab's convolution weight-gradient kernel (auto: where it pays off)")
+    ap.add_argument("--no-pool-kernel", action="store_true", help="ReLU and max pooling by PyTorch's kernels")
+    ap.add_argument("--no-optimizer-kernel", action="store_true", help="RMSprop by PyTorch's multi-tensor ops")
     args = ap.parse_args()
     runtime.setup("cpu", args.threads)
     runtime.seed_everything(0)
@@ -42,12 +46,15 @@ def main() -> None:
     yt = torch.from_numpy(y.astype(np.int64))
     fmt = torch.contiguous_format if args.no_channels_last else torch.channels_last
     model = create_model(args.model).to(memory_format=fmt).train()
-    opt = build_optimizer(model.parameters(), OptimConfig())
+    opt = build_optimizer(model.parameters(), OptimConfig(),
+                          cpu_kernels=not (args.no_cpu_kernels or args.no_optimizer_kernel))
     print(cpu_line())
     conv = {"auto": None, "on": True, "off": False}[args.conv_kernel]
     steps, epoch = timed_epoch(model, opt, xt, yt, args.batch, fmt, kernels=False if args.no_cpu_kernels else None,
-                               conv_kernel=conv)
-    kernels = "PyTorch's kernels" if args.no_cpu_kernels else f"conv kernel {args.conv_kernel}"
+                               conv_kernel=conv, pool_kernel=not args.no_pool_kernel)
+    kernels = ("PyTorch's kernels" if args.no_cpu_kernels else
+               f"conv kernel {args.conv_kernel}, ReLU-pool kernel {'off' if args.no_pool_kernel else 'on'}, "
+               f"RMSprop kernel {'off' if args.no_optimizer_kernel else 'on'}")
     print(f"{args.model}, {src}, batch {args.batch}, {torch.get_num_threads()} threads, "
           f"{'NCHW' if args.no_channels_last else 'channels-last'}, {kernels}: epoch {epoch:.1f} s, "
           f"median step {statistics.median(steps) * 1000:.0f} ms over {len(steps)} steps")

@@ -50,7 +50,7 @@ def steps_cifarlab(x: np.ndarray, y: np.ndarray, epochs: int, threads: int | Non
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     yt = torch.from_numpy(y.astype(np.int64))
     model = create_model("keras-deep").to(memory_format=torch.channels_last).train()
-    opt = build_optimizer(model.parameters(), OptimConfig())
+    opt = build_optimizer(model.parameters(), OptimConfig(), cpu_kernels=kernels)
     out, epoch_s = [], []
     for epoch in range(epochs + 1):
         steps, seconds = timed_epoch(model, opt, xt, yt, BATCH, torch.channels_last, kernels=kernels)

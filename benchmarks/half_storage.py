@@ -77,9 +77,9 @@ def train(cfg: Config, ds, storage: str, log) -> dict:
     arrays = make_arrays(cfg, ds, device)
     model = create_model(cfg.model.name, num_classes=ds.num_classes).to(memory_format=torch.channels_last).train()
     scale = runtime.loss_scale("fp16-true" if storage == "fp16" else "fp32", cfg.train.batch_size)
-    opt = HalfStorage(model, cfg.optim, DTYPES[storage], scale) if storage != "fp32" else build_optimizer(
-        [p for p in model.parameters() if p.requires_grad], cfg.optim)
     kernels = cpu_kernels.load() is not None
+    opt = HalfStorage(model, cfg.optim, DTYPES[storage], scale) if storage != "fp32" else build_optimizer(
+        [p for p in model.parameters() if p.requires_grad], cfg.optim, cpu_kernels=kernels)
     prep = {"rescale": 1 / 255}
     n, bs = len(arrays.y_train), cfg.train.batch_size
     t0 = time.perf_counter()

@@ -304,11 +304,11 @@ def test_half_storage_trains_keras_book_on_tiny_data_and_refuses_other_recipes(m
 
 
 @needs_kernel
-@pytest.mark.parametrize("conv_kernel", [True, False, None])
-def test_cpu_epoch_timing_takes_the_convolution_kernel_as_asked(monkeypatch, conv_kernel):
+@pytest.mark.parametrize("conv_kernel,pool_kernel", [(True, True), (False, False), (None, True)])
+def test_cpu_epoch_timing_takes_the_kernels_as_asked(monkeypatch, conv_kernel, pool_kernel):
     """``timed_epoch`` (behind cpu_epoch.py and cpu_speed.py) trains with the convolution
-    weight-gradient kernel on, off, or where the CPU makes it pay off, so one machine can time
-    both; dropout takes cifarlab's kernel in every case."""
+    weight-gradient kernel on, off, or where the CPU makes it pay off, and with the ReLU-pool
+    kernel on or off, so one machine can time each; dropout takes cifarlab's kernel in every case."""
     import torch
 
     from cifarlab import cpu_kernels
@@ -319,7 +319,7 @@ def test_cpu_epoch_timing_takes_the_convolution_kernel_as_asked(monkeypatch, con
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from bench_common import timed_epoch
 
-    calls = {"conv3x3_weight_grad": 0, "dropout": 0}
+    calls = {"conv3x3_weight_grad": 0, "dropout": 0, "relu_max_pool2": 0}
     for name in calls:
         def counted(*a, _real=getattr(cpu_kernels, name), _name=name, **k):
             calls[_name] += 1
@@ -329,8 +329,10 @@ def test_cpu_epoch_timing_takes_the_convolution_kernel_as_asked(monkeypatch, con
     model = create_model("keras-deep", img_size=8).to(memory_format=torch.channels_last).train()
     opt = build_optimizer(model.parameters(), OptimConfig())
     x, y = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8), torch.arange(16) % 10
-    steps, _ = timed_epoch(model, opt, x, y, 8, torch.channels_last, conv_kernel=conv_kernel)
+    steps, _ = timed_epoch(model, opt, x, y, 8, torch.channels_last, conv_kernel=conv_kernel,
+                           pool_kernel=pool_kernel)
     assert len(steps) == 2
     want_conv = cpu_kernels.conv_kernel_pays_off() if conv_kernel is None else conv_kernel
     assert calls["conv3x3_weight_grad"] == (2 * 4 if want_conv else 0)  # all four convolutions have 32 or 64 filters
     assert calls["dropout"] == 2 * 3
+    assert calls["relu_max_pool2"] == (2 * 2 if pool_kernel else 0)  # both ReLU-pool pairs of keras-deep

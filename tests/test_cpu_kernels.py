@@ -1,5 +1,5 @@
-"""cifarlab's CPU convolution weight-gradient kernel: against PyTorch, inside training, and its
-fallback where it cannot be built."""
+"""cifarlab's CPU kernels (convolution weight gradient, dropout, ReLU with max pooling): against
+PyTorch, inside training, and their fallback where they cannot be built."""
 
 from __future__ import annotations
 
@@ -109,6 +109,8 @@ def test_models_get_the_same_gradients_with_the_kernel(name):
     out_b, gb = _grads(model, x, y, use=True)
     n_convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
     assert _node_names(out_b).count("_Conv3x3Backward") == n_convs  # every conv went through the kernel
+    n_pools = sum(isinstance(m, nn.MaxPool2d) for m in model.modules())
+    assert _node_names(out_b).count("_ReluMaxPoolBackward") == n_pools  # and every ReLU-pool pair
     assert "_Conv3x3Backward" not in _node_names(out_a)
     torch.testing.assert_close(out_a, out_b)
     for a, b, (pname, p) in zip(ga, gb, model.named_parameters()):
@@ -295,3 +297,156 @@ def test_a_training_step_with_the_kernels_learns_like_without():
         losses = [float(train_step(model, opt, x, y, cpu_kernels=use)[0]) / 64 for _ in range(40)]
         # both fall from about 2.3 to under 0.2 here, on 1 or 2 threads and seeds 1 to 3
         assert sum(losses[-5:]) / 5 < 0.35 * losses[0], (use, losses)
+
+
+def _relu_pool_reference(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xr = x.clone().requires_grad_()
+    out = F.max_pool2d(torch.relu(xr), 2)
+    return out.detach(), torch.autograd.grad(out, xr, g)[0]
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,c,h,w", [(3, 32, 8, 8), (2, 64, 4, 6), (2, 17, 5, 7), (1, 3, 2, 3), (2, 8, 9, 4)])
+def test_relu_max_pool_matches_pytorch_exactly(n, c, h, w):
+    """Values on a coarse grid, so that windows hold ties and windows with no positive value:
+    the first of equal maxima wins, as in PyTorch's pool, and a window ReLU zeroes passes no
+    gradient. Channel counts off the kernel's 8-wide vectors and odd sizes (the pool's floor)."""
+    torch.manual_seed(n * c + h * w)
+    x = _cl(torch.randint(-4, 5, (n, c, h, w)).float() / 4)
+    g = torch.randn(n, c, h // 2, w // 2)
+    want, want_gx = _relu_pool_reference(x, g)
+    out, idx = cpu_kernels.relu_max_pool2(x)
+    gx = cpu_kernels.relu_max_pool2_grad(g, idx, x.shape)
+    assert torch.equal(out, want) and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(gx, want_gx) and gx.is_contiguous(memory_format=torch.channels_last)
+    assert idx.dtype == torch.uint8  # a byte per output element, where PyTorch keeps an int64
+
+
+@needs_kernel
+def test_relu_max_pool_propagates_nan_as_pytorch_does():
+    x = _cl(torch.randn(2, 16, 4, 4))
+    x[0, 3, 0, 1] = float("nan")
+    x[1, 5, 2, 2] = x[1, 5, 3, 3] = float("nan")
+    x[1, 7, 0:2, 0:2] = torch.tensor([[-1.0, float("nan")], [-2.0, -3.0]])
+    g = torch.randn(2, 16, 2, 2)
+    want, want_gx = _relu_pool_reference(x, g)
+    out, idx = cpu_kernels.relu_max_pool2(x)
+    torch.testing.assert_close(out, want, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(cpu_kernels.relu_max_pool2_grad(g, idx, x.shape), want_gx, rtol=0, atol=0)
+
+
+@needs_kernel
+def test_relu_max_pool_rejects_what_it_does_not_take_naming_the_value():
+    with pytest.raises(ValueError, match="strides"):
+        cpu_kernels.relu_max_pool2(torch.rand(2, 16, 4, 4))  # NCHW memory
+    with pytest.raises(ValueError, match="torch.float64"):
+        cpu_kernels.relu_max_pool2(_cl(torch.rand(2, 16, 4, 4, dtype=torch.float64)))
+    with pytest.raises(ValueError, match=r"\(2, 16, 1, 4\)"):
+        cpu_kernels.relu_max_pool2(_cl(torch.rand(2, 16, 1, 4)))
+    _, idx = cpu_kernels.relu_max_pool2(_cl(torch.rand(2, 16, 4, 4)))
+    with pytest.raises(ValueError, match=r"\(2, 16, 3, 2\)"):
+        cpu_kernels.relu_max_pool2_grad(torch.rand(2, 16, 3, 2), idx, (2, 16, 4, 4))
+
+
+def _pooled_names(f, x, **mode) -> list[str]:
+    with cpu_kernels.kernel_mode(**mode):
+        return _node_names(f(x))
+
+
+@needs_kernel
+def test_the_mode_fuses_a_relu_only_with_the_2x2_pool_of_its_unchanged_output():
+    x = _cl(torch.randn(2, 16, 8, 8)).requires_grad_()
+    fused = "_ReluMaxPoolBackward"
+    assert fused in _pooled_names(lambda t: nn.MaxPool2d(2)(nn.ReLU()(t)), x)
+    assert fused in _pooled_names(lambda t: F.max_pool2d(F.relu(t), (2, 2), stride=2), x)
+    assert fused not in _pooled_names(lambda t: nn.MaxPool2d(2)(nn.ReLU()(t)), x, pool=False)
+    assert fused not in _pooled_names(lambda t: F.max_pool2d(F.relu(t), 3), x)
+    assert fused not in _pooled_names(lambda t: F.max_pool2d(F.relu(t), 2, stride=1), x)
+    assert fused not in _pooled_names(lambda t: F.max_pool2d(F.relu(t), 2, ceil_mode=True), x)
+    assert fused not in _pooled_names(lambda t: F.max_pool2d(F.relu(t), 2, padding=1), x)
+    assert fused not in _pooled_names(lambda t: F.max_pool2d(torch.relu(t) + 1, 2), x)  # not the ReLU's output
+    assert fused not in _pooled_names(lambda t: F.max_pool2d(F.relu(t.contiguous()), 2), x)  # NCHW memory
+    assert fused not in _pooled_names(lambda t: F.max_pool2d(F.relu(t.double()), 2), x)
+
+    def changed_between(t):
+        r = F.relu(t)
+        r.mul_(2)
+        return F.max_pool2d(r, 2)
+
+    assert fused not in _pooled_names(changed_between, x)
+    with cpu_kernels.kernel_mode():  # a second consumer of the ReLU's output still gets its gradient
+        r = F.relu(x)
+        out = F.max_pool2d(r, 2).sum() + r.sum()
+    (g,) = torch.autograd.grad(out, x)
+    xr = x.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad(F.max_pool2d(F.relu(xr), 2).sum() + F.relu(xr).sum(), xr)
+    torch.testing.assert_close(g, want, rtol=0, atol=0)
+
+
+def _rmsprop_params() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(64, 300, generator=g), _cl(torch.randn(32, 16, 3, 3, generator=g)), torch.randn(7, generator=g)]
+
+
+def _rmsprop_steps(cpu_kernel: bool, weight_decay: float, steps: int = 4):
+    from cifarlab.optim import KerasRMSprop
+
+    params = [p.clone().requires_grad_() for p in _rmsprop_params()]
+    opt = KerasRMSprop(params, lr=1e-2, weight_decay=weight_decay, cpu_kernel=cpu_kernel)
+    g, grads = torch.Generator().manual_seed(4), []
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).contiguous(memory_format=_layout(p))
+        grads = [p.grad.clone() for p in params]
+        opt.step()
+    return params, [opt.state[p]["velocity"] for p in params], grads, [p.grad for p in params]
+
+
+def _layout(t):
+    return torch.channels_last if t.dim() == 4 else torch.contiguous_format
+
+
+@needs_kernel
+@pytest.mark.parametrize("weight_decay", [0.0, 5e-3])
+def test_rmsprop_kernel_updates_as_the_multi_tensor_ops_do(monkeypatch, weight_decay):
+    """Same arithmetic, so the same weights and velocities to the last bit or two (PyTorch's CPU
+    square root is not always correctly rounded); the gradients are left as they were."""
+    calls = []
+    real = cpu_kernels.keras_rmsprop_
+    monkeypatch.setattr(cpu_kernels, "keras_rmsprop_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    want_p, want_v, _, _ = _rmsprop_steps(False, weight_decay)
+    assert not calls
+    got_p, got_v, grads_before, grads_after = _rmsprop_steps(True, weight_decay)
+    assert len(calls) == 4
+    for a, b, va, vb in zip(got_p, want_p, got_v, want_v):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(va, vb, rtol=1e-6, atol=0)
+        assert a.stride() == b.stride() and va.stride() == vb.stride()
+    assert all(torch.equal(a, b) for a, b in zip(grads_before, grads_after))
+
+
+@needs_kernel
+def test_rmsprop_kernel_keeps_keras_documented_step():
+    from cifarlab.optim import KerasRMSprop
+
+    var = torch.tensor([10.0], requires_grad=True)
+    opt = KerasRMSprop([var], lr=0.1, cpu_kernel=True)
+    (var**2 / 2).sum().backward()
+    v0 = var._version
+    opt.step()
+    assert var.item() == pytest.approx(9.683772, abs=1e-6)
+    assert var._version > v0  # counted as an in-place change, as PyTorch's own ops count it
+
+
+@needs_kernel
+def test_rmsprop_takes_float32_cpu_tensors_only_and_names_what_it_refuses():
+    from cifarlab.optim import KerasRMSprop
+
+    p = torch.ones(5, dtype=torch.float64, requires_grad=True)  # not the kernel's: the usual ops update it
+    opt = KerasRMSprop([p], lr=0.1, cpu_kernel=True)
+    p.grad = torch.ones(5, dtype=torch.float64)
+    opt.step()
+    assert torch.allclose(p, torch.full((5,), 1 - 0.1 / (0.1 + 1e-7) ** 0.5, dtype=torch.float64))
+    w = _cl(torch.rand(4, 8, 3, 3))
+    with pytest.raises(ValueError, match=r"strides \(72, 9, 3, 1\)"):
+        cpu_kernels.keras_rmsprop_([w], [torch.rand(4, 8, 3, 3)], [torch.zeros_like(w)], 0.1, 0.9, 1e-7)

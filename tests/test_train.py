@@ -43,14 +43,18 @@ def test_learns_an_easy_task(tmp_path):
 
 
 @pytest.mark.parametrize("kernels", [True, False])
-def test_cpu_kernels_switch_is_recorded_and_both_paths_learn(tmp_path, kernels):
+def test_cpu_kernels_switch_is_recorded_and_both_paths_learn(tmp_path, monkeypatch, kernels):
     from cifarlab import cpu_kernels
 
+    updates = []
+    real = cpu_kernels.keras_rmsprop_
+    monkeypatch.setattr(cpu_kernels, "keras_rmsprop_", lambda *a, **k: updates.append(1) or real(*a, **k))
     data = make_image_folder(tmp_path / "d", n_train=40, n_test=10)
     m = fit(tiny_config(str(data), str(tmp_path / "r"), epochs=4, cpu_kernels=kernels), log=lambda s: None)
     assert m["test_accuracy"] >= 0.9
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert saved["cpu_kernels"] is (kernels and cpu_kernels.load() is not None)
+    assert bool(updates) is saved["cpu_kernels"]  # the optimizer's kernel follows the same switch
     assert saved["cpu_conv_kernel"] is (saved["cpu_kernels"] and cpu_kernels.conv_kernel_pays_off())
 
 

@@ -1,7 +1,7 @@
 """cifarlab's own CPU kernels for the training step and augmentation, and the switch that routes
 training to them.
 
-Three kernels in ``csrc/cpu_kernels.cpp``, for where PyTorch's CPU kernels leave speed behind on
+Five kernels in ``csrc/cpu_kernels.cpp``, for where PyTorch's CPU kernels leave speed behind on
 small convolutional networks and small images:
 
 - the weight and bias gradient of 3x3, stride-1, 'same' convolutions: on AVX2 CPUs without
@@ -12,6 +12,11 @@ small convolutional networks and small images:
   (:func:`conv_kernel_pays_off`);
 - inverted dropout in one pass with a counter-based random generator, where PyTorch's draws
   its mask with ``bernoulli_`` and then scales it and multiplies in two more passes;
+- ReLU followed by 2x2 max pooling (:func:`relu_max_pool2`), one pass forward and one backward
+  with a byte per output element, where PyTorch makes four passes over the full-size tensor
+  and keeps int64 indices;
+- Keras' RMSprop update (:func:`keras_rmsprop_`, for :class:`cifarlab.optim.KerasRMSprop`), one
+  pass per tensor where PyTorch's multi-tensor ops make five on the CPU;
 - Keras' ``ImageDataGenerator`` transform (:func:`affine_warp`): a per-image affine map with
   order-1 interpolation and scipy's boundary modes, computed straight from the uint8 images,
   one image per task.
@@ -21,7 +26,7 @@ and checked against PyTorch before they are trusted. Where there is no compiler,
 or the check fails, :func:`load` returns None and training and augmentation use PyTorch's
 kernels as before.
 The kernels change speed, not meaning: gradients agree with PyTorch's to float32 rounding (the
-sums run in another order), dropout keeps each element with probability 1 - p, scaled by
+sums run in another order; the pool's exactly), dropout keeps each element with probability 1 - p, scaled by
 1 / (1 - p), as PyTorch's does, from a different stream of random numbers, and the warp agrees
 with scipy's per-image transform more closely than PyTorch's float32 ``grid_sample`` does.
 """
@@ -37,6 +42,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import weakref
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
@@ -153,6 +159,12 @@ def load() -> ctypes.CDLL | None:
                                    ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
                                    ctypes.c_float, ctypes.c_int]
     lib.cl_affine_warp.restype = ctypes.c_int
+    lib.cl_relu_maxpool2.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5
+    lib.cl_relu_maxpool2.restype = None
+    lib.cl_relu_maxpool2_bwd.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5
+    lib.cl_relu_maxpool2_bwd.restype = None
+    lib.cl_keras_rmsprop.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_float] * 5 + [ctypes.c_int]
+    lib.cl_keras_rmsprop.restype = None
     if not _self_check(lib):
         _why_unavailable = "its self-check against PyTorch failed on this machine"
         return None
@@ -167,7 +179,9 @@ def unavailable_reason() -> str | None:
 def _self_check(lib) -> bool:
     """The gradient kernel in both operand orders, odd sizes and more threads than rows, against
     PyTorch in float64; dropout's output against its mask, its keep rate, and its independence
-    of the thread count."""
+    of the thread count; ReLU and pooling against PyTorch's, forward and backward, with ties,
+    odd sizes and more threads than rows; RMSprop against the optimizer's multi-tensor update;
+    the warp against its PyTorch formulation."""
     fn = lib.cl_conv3x3_wgrad
     g = torch.Generator().manual_seed(0)
     for n, h, w, ci, co in ((2, 5, 7, 16, 3), (1, 3, 4, 3, 32), (3, 6, 5, 32, 16)):
@@ -189,7 +203,22 @@ def _self_check(lib) -> bool:
     if not (torch.equal(out, out3) and torch.equal(noise, noise3) and torch.equal(out, x * noise)
             and bool((noise[kept] == 1 / 0.75).all()) and abs(kept.double().mean().item() - 0.75) < 0.01):
         return False
-    return _warp_self_check(lib, g)
+    return _relu_pool_self_check(lib, g) and _rmsprop_self_check(lib, g) and _warp_self_check(lib, g)
+
+
+def _relu_pool_self_check(lib, g: torch.Generator) -> bool:
+    for shape in ((2, 17, 5, 7), (3, 16, 4, 4)):
+        # values on a coarse grid, so that windows hold ties and all-negative windows occur
+        x = (torch.randint(-3, 4, shape, generator=g).float() / 2).contiguous(memory_format=torch.channels_last)
+        gy = torch.randn(x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2, generator=g)
+        xr = x.clone().requires_grad_()
+        want = F.max_pool2d(torch.relu(xr), 2)
+        (want_gx,) = torch.autograd.grad(want, xr, gy)
+        out, idx = _relu_pool_into(lib, x, threads=40)
+        gx = _relu_pool_grad_into(lib, gy, idx, x.shape, threads=40)
+        if not (torch.equal(out, want.detach()) and torch.equal(gx, want_gx)):
+            return False
+    return True
 
 
 def _warp_self_check(lib, g: torch.Generator) -> bool:
@@ -277,6 +306,113 @@ def affine_warp(x: torch.Tensor, mats: torch.Tensor, fill_mode: str = "nearest",
     out = torch.empty(x.shape, dtype=torch.float32)
     _warp_into(lib, x, out, mats.cpu(), fill_mode, float(cval), float(in_scale), float(out_scale))
     return out
+
+
+def _rmsprop_self_check(lib, g: torch.Generator) -> bool:
+    from .optim import KerasRMSprop  # imported here: optim imports this module
+
+    for wd in (0.0, 1e-2):
+        p = torch.randn(40_003, generator=g)
+        grad = torch.randn(p.shape, generator=g)
+        want = p.clone().requires_grad_()
+        opt = KerasRMSprop([want], lr=1e-2, weight_decay=wd)
+        got, v = p.clone(), torch.zeros_like(p)
+        for _ in range(3):
+            want.grad = grad.clone()
+            opt.step()
+            _rmsprop_into(lib, got, grad, v, 1e-2, 0.9, 1e-7, wd, threads=3)
+        if not torch.allclose(got, want.detach(), rtol=1e-6, atol=1e-7):
+            return False
+    return True
+
+
+def _relu_pool_into(lib, x: torch.Tensor, threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    n, c, h, w = x.shape
+    out = torch.empty(n, c, h // 2, w // 2, memory_format=torch.channels_last)
+    idx = torch.empty(out.shape, dtype=torch.uint8, memory_format=torch.channels_last)
+    lib.cl_relu_maxpool2(x.data_ptr(), out.data_ptr(), idx.data_ptr(), n, h, w, c, threads or torch.get_num_threads())
+    return out, idx
+
+
+def _relu_pool_grad_into(lib, grad_out: torch.Tensor, idx: torch.Tensor, shape: torch.Size,
+                         threads: int | None = None) -> torch.Tensor:
+    n, c, h, w = shape
+    g = grad_out.contiguous(memory_format=torch.channels_last)  # the layout the kernel reads
+    gx = torch.empty(n, c, h, w, memory_format=torch.channels_last)
+    lib.cl_relu_maxpool2_bwd(g.data_ptr(), idx.data_ptr(), gx.data_ptr(), n, h, w, c,
+                             threads or torch.get_num_threads())
+    return gx
+
+
+def _relu_pool_takes(x) -> bool:
+    """Whether :func:`relu_max_pool2` takes tensor ``x``: float32 (N, C, H, W) on the CPU in
+    dense channels-last memory, H and W at least 2, under 2**31 elements."""
+    return (isinstance(x, torch.Tensor) and x.dim() == 4 and x.dtype == torch.float32 and x.device.type == "cpu"
+            and x.is_contiguous(memory_format=torch.channels_last) and x.shape[2] >= 2 and x.shape[3] >= 2
+            and 0 < x.numel() < 2**31)
+
+
+def relu_max_pool2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``max_pool2d(relu(x), 2)`` of a float32 channels-last CPU tensor ``x`` in one pass:
+    returns the pooled output (channels-last) and a uint8 tensor of its shape recording, for
+    the backward pass (:func:`relu_max_pool2_grad`), which element of each 2x2 window won and
+    whether ReLU zeroed it. Values equal PyTorch's exactly. Raises RuntimeError where the
+    kernels are unavailable, ValueError for a tensor it does not take."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are unavailable: {unavailable_reason()}")
+    if not _relu_pool_takes(x):
+        raise ValueError(f"ReLU-pool kernel takes a float32 (N, C, H, W) CPU tensor in channels-last memory, H and "
+                         f"W at least 2; got {x.dtype} on {x.device}, shape {tuple(x.shape)}, strides {x.stride()}")
+    return _relu_pool_into(lib, x)
+
+
+def relu_max_pool2_grad(grad_out: torch.Tensor, idx: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """The gradient with respect to ``x`` (of ``shape``, channels-last) of
+    :func:`relu_max_pool2`, given the output's gradient and the indices it returned."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are unavailable: {unavailable_reason()}")
+    n, c, h, w = shape
+    if grad_out.shape != idx.shape or tuple(idx.shape) != (n, c, h // 2, w // 2) or grad_out.dtype != torch.float32:
+        raise ValueError(f"grad_out must be float32 of the indices' shape {tuple(idx.shape)}, the pooled shape of "
+                         f"{tuple(shape)}; got {grad_out.dtype} {tuple(grad_out.shape)}")
+    return _relu_pool_grad_into(lib, grad_out, idx.contiguous(memory_format=torch.channels_last), torch.Size(shape))
+
+
+def rmsprop_takes(p: torch.Tensor, grad: torch.Tensor, velocity: torch.Tensor) -> bool:
+    """Whether :func:`keras_rmsprop_` takes these: float32 CPU tensors of one shape and one dense
+    memory layout."""
+    return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (p, grad, velocity))
+            and p.shape == grad.shape == velocity.shape and p.stride() == grad.stride() == velocity.stride()
+            and _dense(p))
+
+
+def keras_rmsprop_(params: list[torch.Tensor], grads: list[torch.Tensor], velocities: list[torch.Tensor],
+                   lr: float, rho: float, eps: float, weight_decay: float = 0.0) -> None:
+    """Keras' RMSprop step in place, one pass per tensor: ``g += weight_decay * p``;
+    ``v = rho * v + (1 - rho) * g**2``; ``p -= lr * g / sqrt(v + eps)`` (the gradients themselves
+    are left unchanged). Every triple must satisfy :func:`rmsprop_takes`. Raises RuntimeError
+    where the kernels are unavailable, ValueError naming a tensor they do not take."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are unavailable: {unavailable_reason()}")
+    threads = torch.get_num_threads()
+    for i, (p, g, v) in enumerate(zip(params, grads, velocities, strict=True)):
+        if not rmsprop_takes(p, g, v):
+            raise ValueError(f"RMSprop kernel takes float32 CPU tensors of one shape and dense layout; tensor {i} "
+                             f"has parameter {p.dtype} {tuple(p.shape)} on {p.device}, gradient {g.dtype} "
+                             f"{tuple(g.shape)} strides {g.stride()}, velocity {v.dtype} strides {v.stride()}")
+        _rmsprop_into(lib, p, g, v, lr, rho, eps, weight_decay, threads)
+
+
+def _rmsprop_into(lib, p: torch.Tensor, g: torch.Tensor, v: torch.Tensor, lr: float, rho: float, eps: float,
+                  weight_decay: float, threads: int) -> None:
+    lib.cl_keras_rmsprop(p.data_ptr(), g.data_ptr(), v.data_ptr(), p.numel(), -lr, rho, 1 - rho, eps, weight_decay,
+                         threads)
+    bump = getattr(torch.autograd.graph, "increment_version", None)  # PyTorch 2.3 on
+    for t in (p, v) if bump else ():  # written behind autograd's back: count the change as in-place ops do
+        bump(t)
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -396,17 +532,54 @@ class _Dropout(torch.autograd.Function):
         return grad_out * noise, None
 
 
+class _ReluMaxPool(torch.autograd.Function):
+    """``max_pool2d(relu(x), 2)`` through :func:`relu_max_pool2`; the backward pass needs only its
+    byte indices, not ``x``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out, idx = relu_max_pool2(x)
+        ctx.save_for_backward(idx)
+        ctx.in_shape = tuple(x.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (idx,) = ctx.saved_tensors
+        return relu_max_pool2_grad(grad_out, idx, ctx.in_shape)
+
+
 def _dropout_args(input, p=0.5, training=True, inplace=False):
     return input, p, training, inplace
 
 
+def _relu_args(input, inplace=False):
+    return input, inplace
+
+
+def _is_2x2_pool(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                 return_indices=False) -> bool:
+    return (_pair_is(kernel_size, 2) and (stride is None or _pair_is(stride, 2) or stride == [])
+            and _pair_is(padding, 0) and _pair_is(dilation, 1) and not ceil_mode and not return_indices)
+
+
 class _KernelMode(TorchFunctionMode):
     """Sends eligible ``conv2d`` calls made while grad is enabled to :class:`_Conv3x3` (when
-    ``conv``), and training-time ``dropout`` calls on float32 CPU tensors to :class:`_Dropout`."""
+    ``conv``), training-time ``dropout`` calls on float32 CPU tensors to :class:`_Dropout`, and
+    (when ``pool``) a 2x2 ``max_pool2d`` of a ``relu``'s output to :class:`_ReluMaxPool`.
 
-    def __init__(self, conv: bool) -> None:
+    The pool is a peephole: each eligible ``relu`` is run as usual and its input remembered;
+    when the next call pools that very output, unchanged since, the fused op pools the
+    remembered input instead. The ReLU's own output then has no further use in the graph, so
+    its backward never runs (if something else uses it, its gradient still flows there: the
+    result is the same function either way)."""
+
+    def __init__(self, conv: bool, pool: bool = True) -> None:
         super().__init__()
-        self.conv = conv
+        self.conv, self.pool = conv, pool
+        # The last eligible relu: (weak reference to its output, that output's version, its
+        # input, the input's version). Versions catch an in-place change in between.
+        self._relu: tuple | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -416,16 +589,30 @@ class _KernelMode(TorchFunctionMode):
             x, p, training, inplace = _dropout_args(*args, **kwargs)
             if training and not inplace and isinstance(p, float) and 0 < p < 1 and _dropout_takes(x):
                 return _Dropout.apply(x, p)
+        if self.pool and func is F.relu:
+            x, inplace = _relu_args(*args, **kwargs)
+            out = func(*args, **kwargs)
+            self._relu = (weakref.ref(out), out._version, x, x._version) \
+                if not inplace and _relu_pool_takes(x) else None
+            return out
+        if self.pool and func is F.max_pool2d and self._relu is not None:
+            out_ref, out_version, x, x_version = self._relu
+            self._relu = None  # x is not held past the pool that uses it
+            r = args[0] if args else kwargs.get("input")
+            if r is out_ref() and r._version == out_version and x._version == x_version \
+                    and _is_2x2_pool(*args, **kwargs):
+                return _ReluMaxPool.apply(x)
         return func(*args, **kwargs)
 
 
-def kernel_mode(enabled: bool = True, conv: bool | None = None):
+def kernel_mode(enabled: bool = True, conv: bool | None = None, pool: bool = True):
     """A context in which training uses this module's kernels where they apply: dropout on
-    float32 CPU tensors; and, when ``conv`` (by default where :func:`conv_kernel_pays_off`),
-    the weight gradient of convolutions that are 3x3, stride 1, padding 1, float32,
-    channels-last on the CPU, with input or output channels a multiple of 16. Everything else
-    runs as usual. A no-op where the kernels are unavailable or ``enabled`` is false. Enter it
-    around the forward pass; the backward pass needs nothing."""
+    float32 CPU tensors; when ``pool``, ReLU followed by 2x2 max pooling on float32
+    channels-last CPU tensors; and, when ``conv`` (by default where
+    :func:`conv_kernel_pays_off`), the weight gradient of convolutions that are 3x3, stride 1,
+    padding 1, float32, channels-last on the CPU, with input or output channels a multiple of
+    16. Everything else runs as usual. A no-op where the kernels are unavailable or ``enabled``
+    is false. Enter it around the forward pass; the backward pass needs nothing."""
     if not enabled or load() is None:
         return contextlib.nullcontext()
-    return _KernelMode(conv_kernel_pays_off() if conv is None else conv)
+    return _KernelMode(conv_kernel_pays_off() if conv is None else conv, pool)

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from . import cpu_kernels
 from .errors import ConfigError
 
 OPTIMIZERS = ("rmsprop", "sgd", "adam", "muon")
@@ -46,17 +47,25 @@ class KerasRMSprop(_PerGroupOptimizer):
     PyTorch's RMSprop adds ``eps`` outside the square root (``sqrt(v) + eps``); Keras adds it
     inside, which matters early in training when ``v`` is tiny. With lr 0.1, rho 0.9 and a
     variable at 10 with loss ``var**2 / 2``, one step leaves 9.683772, as Keras documents.
+
+    ``cpu_kernel``: update float32 CPU tensors in one pass each with cifarlab's CPU kernel
+    (:func:`cifarlab.cpu_kernels.keras_rmsprop_`) where it is available; same arithmetic.
     """
 
-    def __init__(self, params, lr: float = 1e-3, rho: float = 0.9, eps: float = 1e-7, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float = 1e-3, rho: float = 0.9, eps: float = 1e-7, weight_decay: float = 0.0,
+                 cpu_kernel: bool = False):
         if not lr > 0:
             raise ConfigError(f"learning rate {lr} is not valid; it must be greater than 0")
         super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay))
+        self.cpu_kernel = cpu_kernel
 
     def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        vs = self._buffers(params, "velocity")
+        if self.cpu_kernel and cpu_kernels.load() is not None and all(map(cpu_kernels.rmsprop_takes, params, grads, vs)):
+            cpu_kernels.keras_rmsprop_(params, grads, vs, group["lr"], group["rho"], group["eps"], group["weight_decay"])
+            return
         if group["weight_decay"]:
             grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-        vs = self._buffers(params, "velocity")
         # Batched over all parameters (one kernel per op, not per tensor): matters on GPU.
         torch._foreach_mul_(vs, group["rho"])
         torch._foreach_addcmul_(vs, grads, grads, value=1 - group["rho"])
@@ -206,15 +215,17 @@ def _all_cuda(params: list) -> bool:
     return bool(tensors) and all(t.is_cuda for t in tensors)
 
 
-def build_optimizer(params, cfg, capturable: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(params, cfg, capturable: bool = False, cpu_kernels: bool = False) -> torch.optim.Optimizer:
     """The optimizer named by ``cfg.name`` (an :class:`~cifarlab.config.OptimConfig`) over
     ``params``: tensors, or groups as :func:`param_groups` makes them.
 
     ``capturable``: the step will be recorded in a CUDA graph. RMSprop and SGD need nothing for
     that; Adam then keeps its step count on the device instead of reading it back every step.
+    ``cpu_kernels``: RMSprop updates float32 CPU tensors with cifarlab's one-pass kernel.
     """
     if cfg.name == "rmsprop":
-        return KerasRMSprop(params, lr=cfg.lr, rho=cfg.rho, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return KerasRMSprop(params, lr=cfg.lr, rho=cfg.rho, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                            cpu_kernel=cpu_kernels)
     if cfg.name == "sgd":
         params = list(params)
         # On a GPU, one fused kernel per parameter group instead of several multi-tensor

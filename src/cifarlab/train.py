@@ -93,8 +93,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
                cpu_kernels: bool = False, loss_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a prepared batch; returns (summed loss, correct count) as
     device tensors, so the caller can accumulate without a GPU-to-CPU sync every step.
-    ``cpu_kernels`` uses cifarlab's own CPU kernels (:mod:`cifarlab.cpu_kernels`: dropout, and
-    3x3 convolution weight gradients on CPUs where they pay off) where they apply.
+    ``cpu_kernels`` uses cifarlab's own CPU kernels (:mod:`cifarlab.cpu_kernels`: dropout, ReLU
+    with 2x2 max pooling, and 3x3 convolution weight gradients on CPUs where they pay off) in the
+    forward and backward passes where they apply; the optimizer's kernel is the optimizer's
+    choice (:func:`cifarlab.optim.build_optimizer`).
     ``loss_scale`` multiplies the loss before the backward pass and divides the gradients
     after it (see :func:`runtime.loss_scale`)."""
     with autocast or nullcontext(), kernels.kernel_mode(cpu_kernels):
@@ -350,8 +352,10 @@ class _Setup:
     selector: HardExampleSelector | None = None  # picks the examples each step trains on
 
 
-def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps_per_epoch: int) -> _Setup:
-    """Model, optimizer, schedule, augmentation and preprocessing for one run."""
+def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps_per_epoch: int,
+           cpu_kernels: bool = False) -> _Setup:
+    """Model, optimizer, schedule, augmentation and preprocessing for one run; ``cpu_kernels``:
+    the optimizer uses cifarlab's CPU kernel where it has one (RMSprop)."""
     c, h, w = arrays.x_train.shape[1:]
     model_kwargs = {"num_classes": ds.num_classes, "in_chans": int(c), "img_size": [int(h), int(w)]}
     model = create_model(cfg.model.name, **model_kwargs).to(device)
@@ -383,7 +387,8 @@ def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps
     runtime.cast_model(model, device, cfg.train.precision)  # after the whitening, computed in float32
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim, capturable=cfg.train.cuda_graph)
+    optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim, capturable=cfg.train.cuda_graph,
+                                cpu_kernels=cpu_kernels)
     scheduler = _scheduler(cfg, optimizer, steps_per_epoch)
     lookahead = Lookahead(model) if cfg.train.lookahead_every else None
     selector = _selector(cfg, proxy, device, fmt, steps_per_epoch) if proxy is not None else None
@@ -459,7 +464,8 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
         if steps == 0:
             raise CifarlabError(f"train.drop_last leaves no full batch: {n} training images, batch size {bs}; "
                                 "use a smaller --batch-size or turn drop_last off")
-        st = _build(cfg, ds, arrays, device, steps)
+        use_kernels = _use_cpu_kernels(cfg, device, log)
+        st = _build(cfg, ds, arrays, device, steps, use_kernels)
         c, h, w = arrays.x_train.shape[1:]
         save_architecture(run, cfg.model.name, st.model_kwargs, ds.classes, (int(c), int(h), int(w)), st.prep,
                           st.num_params, cfg.train.channels_last)
@@ -471,7 +477,7 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
         if st.selector is not None:
             log(f"each step trains on the {_trained_per_step(cfg)} of its {bs} images that {cfg.train.select_model} "
                 f"({sum(p.numel() for p in st.selector.model.parameters()):,} parameters) finds hardest")
-        loop = _Loop(cfg, run, st, arrays, device, steps, _use_cpu_kernels(cfg, device, log), ckpt)
+        loop = _Loop(cfg, run, st, arrays, device, steps, use_kernels, ckpt)
     interrupts = _Interrupts()
     st.model.train()
     try:
@@ -489,7 +495,7 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
     save_weights(run / "weights.safetensors", st.model)
     write_history(run, loop.history)
     metrics = _test_metrics(cfg, ds, arrays, st, device, loop.train_time)
-    metrics["cpu_kernels"] = loop.cpu_kernels  # whether cifarlab's own CPU kernels ran (dropout, conv gradients)
+    metrics["cpu_kernels"] = loop.cpu_kernels  # whether cifarlab's own CPU kernels ran (see cpu_kernels)
     metrics["cpu_conv_kernel"] = loop.cpu_kernels and kernels.conv_kernel_pays_off()  # the conv gradients too
     write_json(run / "metrics.json", metrics)
     log(f"Test score: {metrics['test_loss']:.4f}")

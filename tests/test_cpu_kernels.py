@@ -450,3 +450,14 @@ def test_rmsprop_takes_float32_cpu_tensors_only_and_names_what_it_refuses():
     w = _cl(torch.rand(4, 8, 3, 3))
     with pytest.raises(ValueError, match=r"strides \(72, 9, 3, 1\)"):
         cpu_kernels.keras_rmsprop_([w], [torch.rand(4, 8, 3, 3)], [torch.zeros_like(w)], 0.1, 0.9, 1e-7)
+
+
+@needs_kernel
+def test_the_kernels_load_when_first_used_without_grad(fresh_load):
+    """The self-check takes gradients; a first use under no_grad or inference mode (a forward
+    pass in evaluation) must still load the kernels, not fail the check."""
+    x = _cl(torch.randn(2, 16, 4, 4))
+    with torch.inference_mode():
+        out, _ = cpu_kernels.relu_max_pool2(x)
+    assert cpu_kernels.unavailable_reason() is None
+    torch.testing.assert_close(out, F.max_pool2d(torch.relu(x), 2), rtol=0, atol=0)

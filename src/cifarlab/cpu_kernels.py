@@ -26,9 +26,11 @@ and checked against PyTorch before they are trusted. Where there is no compiler,
 or the check fails, :func:`load` returns None and training and augmentation use PyTorch's
 kernels as before.
 The kernels change speed, not meaning: gradients agree with PyTorch's to float32 rounding (the
-sums run in another order; the pool's exactly), dropout keeps each element with probability 1 - p, scaled by
-1 / (1 - p), as PyTorch's does, from a different stream of random numbers, and the warp agrees
-with scipy's per-image transform more closely than PyTorch's float32 ``grid_sample`` does.
+sums run in another order; ReLU and pooling's exactly), RMSprop's update to the last bit where
+PyTorch's square root is correctly rounded, dropout keeps each element with probability 1 - p,
+scaled by 1 / (1 - p), as PyTorch's does, from a different stream of random numbers, and the
+warp agrees with scipy's per-image transform more closely than PyTorch's float32
+``grid_sample`` does.
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ def load() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot be used here (:func:`unavailable_reason` says
     why). Built once per machine and cached; loaded and self-checked once per process."""
     global _why_unavailable
+    _why_unavailable = None  # a reload (after load.cache_clear) starts afresh
     if os.environ.get("CIFARLAB_NO_CPU_KERNELS"):
         _why_unavailable = "turned off by CIFARLAB_NO_CPU_KERNELS"
         return None
@@ -165,7 +168,11 @@ def load() -> ctypes.CDLL | None:
     lib.cl_relu_maxpool2_bwd.restype = None
     lib.cl_keras_rmsprop.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_float] * 5 + [ctypes.c_int]
     lib.cl_keras_rmsprop.restype = None
-    if not _self_check(lib):
+    # The checks take gradients: run them as plain code whatever the caller's context (no_grad,
+    # inference mode, autocast), as load() is first called wherever a kernel is first used.
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        checked = _self_check(lib)
+    if not checked:
         _why_unavailable = "its self-check against PyTorch failed on this machine"
         return None
     return lib
@@ -217,6 +224,24 @@ def _relu_pool_self_check(lib, g: torch.Generator) -> bool:
         out, idx = _relu_pool_into(lib, x, threads=40)
         gx = _relu_pool_grad_into(lib, gy, idx, x.shape, threads=40)
         if not (torch.equal(out, want.detach()) and torch.equal(gx, want_gx)):
+            return False
+    return True
+
+
+def _rmsprop_self_check(lib, g: torch.Generator) -> bool:
+    from .optim import KerasRMSprop  # imported here: optim imports this module
+
+    for wd in (0.0, 1e-2):
+        p = torch.randn(40_003, generator=g)
+        grad = torch.randn(p.shape, generator=g)
+        want = p.clone().requires_grad_()
+        opt = KerasRMSprop([want], lr=1e-2, weight_decay=wd)
+        got, v = p.clone(), torch.zeros_like(p)
+        for _ in range(3):
+            want.grad = grad.clone()
+            opt.step()
+            _rmsprop_into(lib, got, grad, v, 1e-2, 0.9, 1e-7, wd, threads=3)
+        if not torch.allclose(got, want.detach(), rtol=1e-6, atol=1e-7):
             return False
     return True
 
@@ -306,24 +331,6 @@ def affine_warp(x: torch.Tensor, mats: torch.Tensor, fill_mode: str = "nearest",
     out = torch.empty(x.shape, dtype=torch.float32)
     _warp_into(lib, x, out, mats.cpu(), fill_mode, float(cval), float(in_scale), float(out_scale))
     return out
-
-
-def _rmsprop_self_check(lib, g: torch.Generator) -> bool:
-    from .optim import KerasRMSprop  # imported here: optim imports this module
-
-    for wd in (0.0, 1e-2):
-        p = torch.randn(40_003, generator=g)
-        grad = torch.randn(p.shape, generator=g)
-        want = p.clone().requires_grad_()
-        opt = KerasRMSprop([want], lr=1e-2, weight_decay=wd)
-        got, v = p.clone(), torch.zeros_like(p)
-        for _ in range(3):
-            want.grad = grad.clone()
-            opt.step()
-            _rmsprop_into(lib, got, grad, v, 1e-2, 0.9, 1e-7, wd, threads=3)
-        if not torch.allclose(got, want.detach(), rtol=1e-6, atol=1e-7):
-            return False
-    return True
 
 
 def _relu_pool_into(lib, x: torch.Tensor, threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

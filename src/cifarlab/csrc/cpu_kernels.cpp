@@ -531,17 +531,28 @@ inline void relu_max8(const float* a, const float* b, const float* c, const floa
   _mm_storel_epi64((__m128i*)k, _mm_packus_epi16(w16, w16));
 }
 
-// out = maxpool2x2(relu(x)) for x (n, h, w, c), out and idx (n, h / 2, w / 2, c), all contiguous;
-// an odd last row or column is left out, as PyTorch's floor mode does. NaN wins a window as in
-// PyTorch's pool and passes ReLU, as torch.relu lets it.
-extern "C" void cl_relu_maxpool2(const float* x, float* out, uint8_t* idx, int n, int h, int w, int c, int threads) {
-  const int ho = h / 2, wo = w / 2, c8 = c - c % 8;
+// Calls f(r, base, oh) for each pooled row r of the n images' (h / 2) rows each, spread over the
+// threads: `base` is the offset of the first input element of the row's 2x2 windows in the
+// (n, h, w, c) input, oh the row's index within its image.
+template <typename F>
+void for_pooled_rows(int n, int h, int w, int c, int threads, F f) {
+  const int ho = h / 2;
   const long rows = (long)n * ho;
   threads = (int)std::max(1L, std::min<long>(threads, rows));
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long r = 0; r < rows; ++r) {
     const long img = r / ho, oh = r - img * ho;
-    const float* top = x + ((img * h + 2 * oh) * (long)w) * c;
+    f(r, (img * h + 2 * oh) * (long)w * c, (int)oh);
+  }
+}
+
+// out = maxpool2x2(relu(x)) for x (n, h, w, c), out and idx (n, h / 2, w / 2, c), all contiguous;
+// an odd last row or column is left out, as PyTorch's floor mode does. NaN wins a window as in
+// PyTorch's pool and passes ReLU, as torch.relu lets it.
+extern "C" void cl_relu_maxpool2(const float* x, float* out, uint8_t* idx, int n, int h, int w, int c, int threads) {
+  const int wo = w / 2, c8 = c - c % 8;
+  for_pooled_rows(n, h, w, c, threads, [=](long r, long base, int) {
+    const float* top = x + base;
     const float* bottom = top + (long)w * c;
     float* o = out + r * wo * (long)c;
     uint8_t* k = idx + r * wo * (long)c;
@@ -559,7 +570,7 @@ extern "C" void cl_relu_maxpool2(const float* x, float* out, uint8_t* idx, int n
         k[ch] = pass ? at : (uint8_t)(at | kBlocked);
       }
     }
-  }
+  });
 }
 
 // The gradient of cl_relu_maxpool2 with respect to x: gx (n, h, w, c) gets gout at each window's
@@ -567,12 +578,8 @@ extern "C" void cl_relu_maxpool2(const float* x, float* out, uint8_t* idx, int n
 extern "C" void cl_relu_maxpool2_bwd(const float* gout, const uint8_t* idx, float* gx, int n, int h, int w, int c,
                                      int threads) {
   const int ho = h / 2, wo = w / 2, c8 = c - c % 8;
-  const long rows = (long)n * ho;
-  threads = (int)std::max(1L, std::min<long>(threads, rows));
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (long r = 0; r < rows; ++r) {
-    const long img = r / ho, oh = r - img * ho;
-    float* top = gx + ((img * h + 2 * oh) * (long)w) * c;
+  for_pooled_rows(n, h, w, c, threads, [=](long r, long base, int oh) {
+    float* top = gx + base;
     float* bottom = top + (long)w * c;
     const float* g = gout + r * wo * (long)c;
     const uint8_t* k = idx + r * wo * (long)c;
@@ -602,7 +609,7 @@ extern "C" void cl_relu_maxpool2_bwd(const float* gout, const uint8_t* idx, floa
     }
     if (h % 2 && oh == ho - 1)  // likewise the image's last row
       std::memset(bottom + c * (w % 2), 0, (long)w * c * sizeof(float));
-  }
+  });
 }
 
 // Keras' RMSprop for n elements: g' = g + wd * p; v = rho * v + (1 - rho) * g'^2;

@@ -111,6 +111,10 @@ def worker(args: argparse.Namespace) -> None:
         except ImportError:
             times, epochs = None, None
     else:
+        from cifarlab import cpu_kernels
+
+        if args.worker == "cifarlab" and cpu_kernels.load() is None:  # each process loads them anew
+            raise SystemExit(f"cifarlab's CPU kernels are unavailable here: {cpu_kernels.unavailable_reason()}")
         times, epochs = steps_cifarlab(x, y, args.epochs, args.threads, kernels=args.worker == "cifarlab")
     print(json.dumps({"times": times, "epochs": epochs, "data": src}))
 

@@ -13,9 +13,15 @@ and with PyTorch's kernels only (``--no-cpu-kernels``). Keras is also timed twic
 with the host-memory setting cifarlab applies to itself (glibc's mmap and trim thresholds), to
 show how much of the difference that setting is.
 
+``--precision bf16`` times both in bfloat16 mixed precision instead (on CPUs with bfloat16 units,
+AMX or AVX512-BF16): cifarlab with ``--precision bf16`` autocast, which trains without its own
+kernels as ``cifarlab train`` does, against Keras with its ``mixed_bfloat16`` policy. The
+notebook itself trains in float32, so the float32 run is the comparison with the notebook.
+
 Keras/TensorFlow is a benchmark-only extra (``pip install tensorflow-cpu``), looked for in
 ``--keras-python`` (default: this interpreter); without it only cifarlab is timed.
-Usage: python benchmarks/cpu_speed.py [--batches 40] [--epochs 3] [--rounds 2] [--keras-python PATH]
+Usage: python benchmarks/cpu_speed.py [--batches 40] [--epochs 3] [--rounds 2] [--precision fp32|bf16]
+    [--keras-python PATH]
 """
 
 from __future__ import annotations
@@ -35,9 +41,10 @@ BATCH = 128
 
 
 def steps_cifarlab(x: np.ndarray, y: np.ndarray, epochs: int, threads: int | None,
-                   kernels: bool = True) -> tuple[list, list]:
+                   kernels: bool = True, precision: str = "fp32") -> tuple[list, list]:
     """Seconds of each step of the timed epochs (after one warm-up epoch), and of each epoch;
-    ``kernels=False`` trains with PyTorch's kernels only (``--no-cpu-kernels``)."""
+    ``kernels=False`` trains with PyTorch's kernels only (``--no-cpu-kernels``); ``precision``
+    as ``cifarlab train --precision`` takes it on the CPU."""
     import torch
 
     from cifarlab import runtime
@@ -45,7 +52,8 @@ def steps_cifarlab(x: np.ndarray, y: np.ndarray, epochs: int, threads: int | Non
     from cifarlab.models import create_model
     from cifarlab.optim import build_optimizer
 
-    runtime.setup("cpu", threads)
+    device = runtime.setup("cpu", threads)
+    autocast = runtime.autocast(device, precision)
     runtime.seed_everything(0)
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     yt = torch.from_numpy(y.astype(np.int64))
@@ -53,20 +61,24 @@ def steps_cifarlab(x: np.ndarray, y: np.ndarray, epochs: int, threads: int | Non
     opt = build_optimizer(model.parameters(), OptimConfig(), cpu_kernels=kernels)
     out, epoch_s = [], []
     for epoch in range(epochs + 1):
-        steps, seconds = timed_epoch(model, opt, xt, yt, BATCH, torch.channels_last, kernels=kernels)
+        steps, seconds = timed_epoch(model, opt, xt, yt, BATCH, torch.channels_last, kernels=kernels,
+                                     autocast=autocast)
         if epoch:
             out += steps
             epoch_s.append(seconds)
     return out, epoch_s
 
 
-def steps_keras(x: np.ndarray, y: np.ndarray, epochs: int) -> tuple[list, list]:
+def steps_keras(x: np.ndarray, y: np.ndarray, epochs: int, precision: str = "fp32") -> tuple[list, list]:
     """Seconds of each step of the timed epochs of one ``model.fit`` call (after one warm-up
-    epoch), and of each epoch, from a callback's timestamps."""
+    epoch), and of each epoch, from a callback's timestamps; in bf16 under Keras'
+    ``mixed_bfloat16`` policy (float32 weights, bfloat16 arithmetic, the softmax in float32)."""
     import keras
     from keras import layers
 
     keras.utils.set_random_seed(0)
+    if precision == "bf16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
     model = keras.Sequential([
         keras.Input((32, 32, 3)),
         layers.Conv2D(32, 3, padding="same"), layers.Activation("relu"),
@@ -76,7 +88,7 @@ def steps_keras(x: np.ndarray, y: np.ndarray, epochs: int) -> tuple[list, list]:
         layers.Conv2D(64, 3, padding="same"), layers.Activation("relu"),
         layers.MaxPooling2D(2), layers.Dropout(0.25),
         layers.Flatten(), layers.Dense(512), layers.Activation("relu"), layers.Dropout(0.5),
-        layers.Dense(10), layers.Activation("softmax")])
+        layers.Dense(10), layers.Activation("softmax", dtype="float32")])
     model.compile(loss="categorical_crossentropy", optimizer=keras.optimizers.RMSprop(), metrics=["accuracy"])
     xf = x.astype("float32") / 255
     yo = np.eye(10, dtype="float32")[y]
@@ -107,20 +119,22 @@ def worker(args: argparse.Namespace) -> None:
     x, y, src = training_images(args.batches * BATCH)
     if args.worker == "keras":
         try:
-            times, epochs = steps_keras(x, y, args.epochs)
+            times, epochs = steps_keras(x, y, args.epochs, args.precision)
         except ImportError:
             times, epochs = None, None
     else:
         from cifarlab import cpu_kernels
 
-        if args.worker == "cifarlab" and cpu_kernels.load() is None:  # each process loads them anew
+        kernels = args.worker == "cifarlab" and args.precision == "fp32"  # as cifarlab train chooses
+        if kernels and cpu_kernels.load() is None:  # each process loads them anew
             raise SystemExit(f"cifarlab's CPU kernels are unavailable here: {cpu_kernels.unavailable_reason()}")
-        times, epochs = steps_cifarlab(x, y, args.epochs, args.threads, kernels=args.worker == "cifarlab")
+        times, epochs = steps_cifarlab(x, y, args.epochs, args.threads, kernels=kernels, precision=args.precision)
     print(json.dumps({"times": times, "epochs": epochs, "data": src}))
 
 
 def run_worker(python: str, name: str, args: argparse.Namespace, env: dict | None = None) -> dict:
-    cmd = [python, __file__, "--worker", name, "--batches", str(args.batches), "--epochs", str(args.epochs)]
+    cmd = [python, __file__, "--worker", name, "--batches", str(args.batches), "--epochs", str(args.epochs),
+           "--precision", args.precision]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
@@ -136,6 +150,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="timed epochs per process, after one warm-up epoch")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the processes")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="both frameworks in float32 (the notebook) or bfloat16 mixed precision")
     ap.add_argument("--keras-python", default=sys.executable, help="interpreter with keras and tensorflow")
     ap.add_argument("--worker", choices=["cifarlab", "cifarlab-pytorch", "keras"], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -144,13 +160,15 @@ def main() -> None:
         return
     # glibc's documented environment form of the mallopt calls in cifarlab.runtime.keep_freed_memory.
     tuned = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
-    names = ("cifarlab", "cifarlab-pytorch", "keras", "keras+malloc")
+    # In bf16 cifarlab trains without its own kernels (fp32 only), so there is no second run of it.
+    ours = ("cifarlab", "cifarlab-pytorch") if args.precision == "fp32" else ("cifarlab",)
+    names = (*ours, "keras", "keras+malloc")
     runs: dict[str, list[float]] = {k: [] for k in names}
     epoch_s: dict[str, list[float]] = {k: [] for k in names}
     src = ""
     have_keras = True
     for _ in range(args.rounds):
-        for label in ("cifarlab", "cifarlab-pytorch"):
+        for label in ours:
             r = run_worker(sys.executable, label, args)
             runs[label] += r["times"]
             epoch_s[label] += r["epochs"]
@@ -162,13 +180,15 @@ def main() -> None:
                 runs[label] += r["times"]
                 epoch_s[label] += r["epochs"]
     if not have_keras:
-        runs = {k: runs[k] for k in ("cifarlab", "cifarlab-pytorch")}
+        runs = {k: runs[k] for k in ours}
     n = args.rounds * args.epochs
     print(cpu_line())
-    print(f"data: {src}; keras-deep, batch {BATCH}; {n} timed epochs of "
+    print(f"data: {src}; keras-deep, batch {BATCH}, {args.precision}; {n} timed epochs of "
           f"{args.batches} steps per framework ({args.rounds} alternating rounds); ms per step: median (p10, p90)")
-    label = {"cifarlab": "cifarlab (channels-last, its CPU kernels)",
-             "cifarlab-pytorch": "cifarlab with PyTorch's kernels only", "keras": "Keras 3 / TensorFlow, model.fit",
+    label = {"cifarlab": "cifarlab (channels-last, its CPU kernels)" if args.precision == "fp32" else
+             "cifarlab (channels-last, bf16 autocast)",
+             "cifarlab-pytorch": "cifarlab with PyTorch's kernels only",
+             "keras": "Keras 3 / TensorFlow, model.fit" + (", mixed_bfloat16" if args.precision == "bf16" else ""),
              "keras+malloc": "the same Keras, cifarlab's malloc setting"}
     for k, v in runs.items():
         p10, p90 = np.percentile(v, [10, 90]) * 1000
@@ -181,9 +201,11 @@ def main() -> None:
     for what, d in (("step", runs), ("whole epoch", epoch_s)):
         ratio = statistics.median(d["keras"]) / statistics.median(d["cifarlab"])
         ratio_t = statistics.median(d["keras+malloc"]) / statistics.median(d["cifarlab"])
-        ratio_p = statistics.median(d["keras"]) / statistics.median(d["cifarlab-pytorch"])
-        print(f"per {what}: cifarlab is {ratio:.2f}x the speed of Keras as the notebook runs it "
-              f"({ratio_t:.2f}x against Keras with the malloc setting; {ratio_p:.2f}x with PyTorch's kernels only)")
+        pytorch_only = (f"; {statistics.median(d['keras']) / statistics.median(d['cifarlab-pytorch']):.2f}x with "
+                        "PyTorch's kernels only") if "cifarlab-pytorch" in d else ""
+        whose = "as the notebook runs it" if args.precision == "fp32" else "in the same precision"
+        print(f"per {what}: cifarlab is {ratio:.2f}x the speed of Keras {whose} "
+              f"({ratio_t:.2f}x against Keras with the malloc setting{pytorch_only})")
 
 
 if __name__ == "__main__":

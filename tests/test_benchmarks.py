@@ -336,3 +336,33 @@ def test_cpu_epoch_timing_takes_the_kernels_as_asked(monkeypatch, conv_kernel, p
     assert calls["conv3x3_weight_grad"] == (2 * 4 if want_conv else 0)  # all four convolutions have 32 or 64 filters
     assert calls["dropout"] == 2 * 3
     assert calls["relu_max_pool2"] == (2 * 2 if pool_kernel else 0)  # both ReLU-pool pairs of keras-deep
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cpu_speed_times_cifarlab_in_the_precision_asked(monkeypatch, precision):
+    """cpu_speed.py's cifarlab worker: one timed step per 128 images after a warm-up epoch, with
+    the precision's autocast in every step (none in fp32, bfloat16 in bf16)."""
+    import numpy as np
+    import torch
+
+    import cifarlab.train as train_mod
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import cpu_speed
+
+    seen = []
+    real = train_mod.train_step
+
+    def spy(*a, autocast=None, **k):
+        seen.append(autocast)
+        return real(*a, autocast=autocast, **k)
+
+    monkeypatch.setattr(train_mod, "train_step", spy)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 128)
+    times, epochs = cpu_speed.steps_cifarlab(x, y, 1, 1, kernels=False, precision=precision)
+    assert len(times) == 1 and len(epochs) == 1 and len(seen) == 2  # the warm-up epoch is not reported
+    if precision == "fp32":
+        assert all(a is None or not isinstance(a, torch.autocast) for a in seen)
+    else:
+        assert all(isinstance(a, torch.autocast) and a.fast_dtype == torch.bfloat16 for a in seen)

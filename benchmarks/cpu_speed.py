@@ -182,7 +182,7 @@ def main() -> None:
     if not have_keras:
         runs = {k: runs[k] for k in ours}
     n = args.rounds * args.epochs
-    print(cpu_line())
+    print(cpu_line() + ("; all fp32-only, so off in this bf16 run, as in cifarlab train" if args.precision == "bf16" else ""))
     print(f"data: {src}; keras-deep, batch {BATCH}, {args.precision}; {n} timed epochs of "
           f"{args.batches} steps per framework ({args.rounds} alternating rounds); ms per step: median (p10, p90)")
     label = {"cifarlab": "cifarlab (channels-last, its CPU kernels)" if args.precision == "fp32" else

@@ -14,9 +14,9 @@ with the host-memory setting cifarlab applies to itself (glibc's mmap and trim t
 show how much of the difference that setting is.
 
 ``--precision bf16`` times both in bfloat16 mixed precision instead (on CPUs with bfloat16 units,
-AMX or AVX512-BF16): cifarlab with ``--precision bf16`` autocast, which trains without its own
-kernels as ``cifarlab train`` does, against Keras with its ``mixed_bfloat16`` policy. The
-notebook itself trains in float32, so the float32 run is the comparison with the notebook.
+AMX or AVX512-BF16): cifarlab with ``--precision bf16`` autocast (its kernels where they apply
+there: dropout and RMSprop) against Keras with its ``mixed_bfloat16`` policy. The notebook
+itself trains in float32, so the float32 run is the comparison with the notebook.
 
 Keras/TensorFlow is a benchmark-only extra (``pip install tensorflow-cpu``), looked for in
 ``--keras-python`` (default: this interpreter); without it only cifarlab is timed.
@@ -125,7 +125,7 @@ def worker(args: argparse.Namespace) -> None:
     else:
         from cifarlab import cpu_kernels
 
-        kernels = args.worker == "cifarlab" and args.precision == "fp32"  # as cifarlab train chooses
+        kernels = args.worker == "cifarlab"
         if kernels and cpu_kernels.load() is None:  # each process loads them anew
             raise SystemExit(f"cifarlab's CPU kernels are unavailable here: {cpu_kernels.unavailable_reason()}")
         times, epochs = steps_cifarlab(x, y, args.epochs, args.threads, kernels=kernels, precision=args.precision)
@@ -160,8 +160,7 @@ def main() -> None:
         return
     # glibc's documented environment form of the mallopt calls in cifarlab.runtime.keep_freed_memory.
     tuned = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
-    # In bf16 cifarlab trains without its own kernels (fp32 only), so there is no second run of it.
-    ours = ("cifarlab", "cifarlab-pytorch") if args.precision == "fp32" else ("cifarlab",)
+    ours = ("cifarlab", "cifarlab-pytorch")
     names = (*ours, "keras", "keras+malloc")
     runs: dict[str, list[float]] = {k: [] for k in names}
     epoch_s: dict[str, list[float]] = {k: [] for k in names}
@@ -182,11 +181,11 @@ def main() -> None:
     if not have_keras:
         runs = {k: runs[k] for k in ours}
     n = args.rounds * args.epochs
-    print(cpu_line() + ("; all fp32-only, so off in this bf16 run, as in cifarlab train" if args.precision == "bf16" else ""))
+    print(cpu_line() + ("; in bf16 the dropout and RMSprop kernels apply" if args.precision == "bf16" else ""))
     print(f"data: {src}; keras-deep, batch {BATCH}, {args.precision}; {n} timed epochs of "
           f"{args.batches} steps per framework ({args.rounds} alternating rounds); ms per step: median (p10, p90)")
     label = {"cifarlab": "cifarlab (channels-last, its CPU kernels)" if args.precision == "fp32" else
-             "cifarlab (channels-last, bf16 autocast)",
+             "cifarlab (channels-last, bf16 autocast, its kernels)",
              "cifarlab-pytorch": "cifarlab with PyTorch's kernels only",
              "keras": "Keras 3 / TensorFlow, model.fit" + (", mixed_bfloat16" if args.precision == "bf16" else ""),
              "keras+malloc": "the same Keras, cifarlab's malloc setting"}

@@ -503,3 +503,38 @@ def test_relu_pool_and_rmsprop_kernels_write_only_their_outputs(n, c, h, w):
     want, want_gx = _relu_pool_reference(x, grad.view(n, ho, wo, c).permute(0, 3, 1, 2))
     assert torch.equal(out_flat.view(n, ho, wo, c).permute(0, 3, 1, 2), want)
     assert torch.equal(gx_flat.view(n, h, w, c).permute(0, 3, 1, 2), want_gx)
+
+
+@needs_kernel
+def test_bfloat16_dropout_draws_the_float32_mask_and_rounds_as_pytorch():
+    x = torch.randn(3, 40_001)
+    torch.manual_seed(7)
+    out, noise = cpu_kernels.dropout(x, 0.25)
+    torch.manual_seed(7)
+    out_b, noise_b = cpu_kernels.dropout(x.bfloat16(), 0.25)
+    assert out_b.dtype == noise_b.dtype == torch.bfloat16
+    assert torch.equal(noise_b != 0, noise != 0)  # the same elements kept
+    scale = torch.tensor(1 / 0.75).bfloat16()  # PyTorch's bfloat16 dropout scales by this rounded value
+    assert bool((noise_b[noise_b != 0] == scale).all())
+    assert torch.equal(out_b, x.bfloat16() * noise_b)  # one rounding of the product, as PyTorch's multiply
+    special = torch.tensor([float("nan"), float("inf"), -0.0, 3.0e38]).bfloat16()
+    torch.manual_seed(0)
+    got, n = cpu_kernels.dropout(special, 0.25)
+    torch.testing.assert_close(got, special * n, equal_nan=True, rtol=0, atol=0)
+
+
+@needs_kernel
+def test_under_autocast_the_mode_keeps_convolutions_off_the_float32_kernel():
+    """Under bf16 autocast a float32 input still gives a bfloat16 output and gradient, which the
+    float32-only weight-gradient kernel must not see; dropout takes the bfloat16 kernel."""
+    conv, x = nn.Conv2d(3, 32, 3, padding=1), _cl(torch.rand(2, 3, 8, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16), cpu_kernels.kernel_mode(conv=True):
+        y = conv(x)
+        out = F.dropout(y, 0.25)
+    assert y.dtype == out.dtype == torch.bfloat16
+    names = _node_names(out)
+    assert "_Conv3x3Backward" not in names and "_DropoutBackward" in names
+    out.float().sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.dtype == torch.float32
+    with cpu_kernels.kernel_mode(conv=True):  # and outside autocast the same call takes the kernel
+        assert "_Conv3x3Backward" in _node_names(conv(x))

@@ -58,6 +58,24 @@ def test_cpu_kernels_switch_is_recorded_and_both_paths_learn(tmp_path, monkeypat
     assert saved["cpu_conv_kernel"] is (saved["cpu_kernels"] and cpu_kernels.conv_kernel_pays_off())
 
 
+def test_bf16_autocast_training_on_the_cpu_uses_the_kernels_that_apply(tmp_path, monkeypatch):
+    """Under bf16 autocast the step's dropout (bfloat16) and the RMSprop update (float32 weights)
+    take cifarlab's kernels; the float32-only ones stay out of the way."""
+    from cifarlab import cpu_kernels
+
+    calls = {"dropout": 0, "keras_rmsprop_": 0}
+    for name in calls:
+        def counted(*a, _real=getattr(cpu_kernels, name), _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(cpu_kernels, name, counted)
+    data = make_image_folder(tmp_path / "d", n_train=40, n_test=10)
+    fit(tiny_config(str(data), str(tmp_path / "r"), epochs=1, precision="bf16"), log=lambda s: None)
+    saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert saved["cpu_kernels"] is (cpu_kernels.load() is not None)
+    assert (calls["dropout"] > 0 and calls["keras_rmsprop_"] > 0) is saved["cpu_kernels"]
+
+
 @pytest.mark.parametrize("kernels", [True, False])
 def test_cpu_kernels_switch_reaches_keras_augmentation(tmp_path, monkeypatch, kernels):
     """train.cpu_kernels also decides whether --augment keras warps with cifarlab's CPU kernel."""

@@ -158,6 +158,8 @@ def load() -> ctypes.CDLL | None:
     lib.cl_dropout.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_uint32, ctypes.c_float,
                                                        ctypes.c_uint64, ctypes.c_int]
     lib.cl_dropout.restype = None
+    lib.cl_dropout_bf16.argtypes = lib.cl_dropout.argtypes
+    lib.cl_dropout_bf16.restype = None
     lib.cl_affine_warp.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
                                    ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
                                    ctypes.c_float, ctypes.c_int]
@@ -209,6 +211,12 @@ def _self_check(lib) -> bool:
     kept = noise != 0
     if not (torch.equal(out, out3) and torch.equal(noise, noise3) and torch.equal(out, x * noise)
             and bool((noise[kept] == 1 / 0.75).all()) and abs(kept.double().mean().item() - 0.75) < 0.01):
+        return False
+    xb = x.bfloat16()
+    out_b, noise_b = torch.empty_like(xb), torch.empty_like(xb)
+    _dropout_into(lib, xb, out_b, noise_b, 0.25, seed=12345, threads=3)
+    if not (torch.equal(noise_b != 0, kept) and torch.equal(out_b, xb * noise_b)
+            and bool((noise_b[kept] == torch.tensor(1 / 0.75).bfloat16()).all())):
         return False
     return _relu_pool_self_check(lib, g) and _rmsprop_self_check(lib, g) and _warp_self_check(lib, g)
 
@@ -288,8 +296,11 @@ def supports(ci: int, co: int) -> bool:
 def _dropout_into(lib, x: torch.Tensor, out: torch.Tensor, noise: torch.Tensor, p: float, seed: int,
                   threads: int | None = None) -> None:
     drop_below = min(round(p * 2**32), 2**32 - 1)
-    lib.cl_dropout(x.data_ptr(), out.data_ptr(), noise.data_ptr(), x.numel(), drop_below, 1.0 / (1.0 - p), seed,
-                   threads or torch.get_num_threads())
+    fn, scale = lib.cl_dropout, 1.0 / (1.0 - p)
+    if x.dtype == torch.bfloat16:  # scaled by 1 / (1 - p) rounded to bfloat16, as PyTorch's bf16 dropout is
+        fn, scale = lib.cl_dropout_bf16, float(torch.tensor(scale).to(torch.bfloat16))
+    fn(x.data_ptr(), out.data_ptr(), noise.data_ptr(), x.numel(), drop_below, scale, seed,
+       threads or torch.get_num_threads())
 
 
 _FILL_CODES = {"nearest": 0, "reflect": 1, "wrap": 2, "constant": 3}  # as cl_affine_warp numbers them
@@ -437,14 +448,17 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 def _dropout_takes(x) -> bool:
-    """Whether the dropout kernel takes tensor ``x``: dense float32 on the CPU, under 2**32 elements."""
-    return (isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.device.type == "cpu" and _dense(x)
-            and x.numel() < 2**32)
+    """Whether the dropout kernel takes tensor ``x``: dense float32 or bfloat16 on the CPU, under
+    2**32 elements."""
+    return (isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
+            and _dense(x) and x.numel() < 2**32)
 
 
 def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverted dropout of a dense float32 CPU tensor ``x`` in training: returns ``(x * noise,
-    noise)``, where each element of ``noise`` is 1 / (1 - p) with probability 1 - p, else 0.
+    """Inverted dropout of a dense float32 or bfloat16 CPU tensor ``x`` in training: returns
+    ``(x * noise, noise)`` in ``x``'s dtype, where each element of ``noise`` is 1 / (1 - p)
+    (rounded to bfloat16 for a bfloat16 ``x``, as PyTorch's dropout rounds it) with
+    probability 1 - p, else 0; the same mask for either dtype under the same seed.
     The random stream is seeded from PyTorch's default generator, so ``torch.manual_seed``
     makes it repeatable (on any number of threads). Raises RuntimeError where the kernel is
     unavailable, ValueError for a tensor or ``p`` it does not take."""
@@ -454,7 +468,8 @@ def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     if not (0 < p < 1):
         raise ValueError(f"dropout probability p={p!r} is not valid here; expected 0 < p < 1")
     if not _dropout_takes(x):
-        raise ValueError(f"dropout kernel takes a dense float32 CPU tensor of under 2**32 elements; got {x.dtype} "
+        raise ValueError(f"dropout kernel takes a dense float32 or bfloat16 CPU tensor of under 2**32 elements; "
+                         f"got {x.dtype} "
                          f"on {x.device}, shape {tuple(x.shape)}, strides {x.stride()}")
     out, noise = torch.empty_like(x), torch.empty_like(x)  # same dense layout as x
     seed = int(torch.empty((), dtype=torch.int64).random_())  # from the default generator: manual_seed governs it
@@ -566,6 +581,15 @@ class _ReluMaxPool(torch.autograd.Function):
         return relu_max_pool2_grad(grad_out, idx, ctx.in_shape)
 
 
+def _autocasting() -> bool:
+    """Whether CPU autocast is on: the convolution kernel is float32-only, and under autocast a
+    float32 input still gives a bfloat16 output and gradient."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # PyTorch before 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
 def _dropout_args(input, p=0.5, training=True, inplace=False):
     return input, p, training, inplace
 
@@ -581,8 +605,9 @@ def _is_2x2_pool(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mo
 
 
 class _KernelMode(TorchFunctionMode):
-    """Sends eligible ``conv2d`` calls made while grad is enabled to :class:`_Conv3x3` (when
-    ``conv``), training-time ``dropout`` calls on float32 CPU tensors to :class:`_Dropout`, and
+    """Sends eligible ``conv2d`` calls made while grad is enabled and autocast is off to
+    :class:`_Conv3x3` (when ``conv``), training-time ``dropout`` calls on float32 and bfloat16
+    CPU tensors to :class:`_Dropout`, and
     (when ``pool``) a 2x2 ``max_pool2d`` of a ``relu``'s output to :class:`_ReluMaxPool`.
 
     The pool is a peephole: each eligible ``relu`` is run as usual and its input remembered;
@@ -600,7 +625,8 @@ class _KernelMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.conv and func is F.conv2d and torch.is_grad_enabled() and _eligible(*args, **kwargs):
+        if self.conv and func is F.conv2d and torch.is_grad_enabled() and not _autocasting() \
+                and _eligible(*args, **kwargs):
             return _Conv3x3.apply(args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias"))
         if func is F.dropout:
             x, p, training, inplace = _dropout_args(*args, **kwargs)
@@ -624,11 +650,11 @@ class _KernelMode(TorchFunctionMode):
 
 def kernel_mode(enabled: bool = True, conv: bool | None = None, pool: bool = True):
     """A context in which training uses this module's kernels where they apply: dropout on
-    float32 CPU tensors; when ``pool``, ReLU followed by 2x2 max pooling on float32
+    float32 and bfloat16 CPU tensors; when ``pool``, ReLU followed by 2x2 max pooling on float32
     channels-last CPU tensors; and, when ``conv`` (by default where
-    :func:`conv_kernel_pays_off`), the weight gradient of convolutions that are 3x3, stride 1,
-    padding 1, float32, channels-last on the CPU, with input or output channels a multiple of
-    16. Everything else runs as usual. A no-op where the kernels are unavailable or ``enabled``
+    :func:`conv_kernel_pays_off`) and autocast is off, the weight gradient of convolutions that
+    are 3x3, stride 1, padding 1, float32, channels-last on the CPU, with input or output
+    channels a multiple of 16. Everything else runs as usual. A no-op where the kernels are unavailable or ``enabled``
     is false. Enter it around the forward pass; the backward pass needs nothing."""
     if not enabled or load() is None:
         return contextlib.nullcontext()

@@ -202,15 +202,60 @@ inline uint32_t hash32(uint32_t h) {
   return h;
 }
 
-void dropout_range(const float* x, float* out, float* noise, long lo, long hi, uint32_t drop_below,
-                   float scale, uint64_t seed) {
+// Elements [first, first + m) of the stream: hash indices first + j, arrays indexed by j.
+void dropout_block(const float* x, float* out, float* noise, long first, int m, uint32_t drop_below, float scale,
+                   uint64_t seed) {
   const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-  for (long i = lo; i < hi; ++i) {
-    const uint32_t u = hash32(hash32((uint32_t)i + k0) ^ k1);
-    const float m = u >= drop_below ? scale : 0.f;
-    noise[i] = m;
-    out[i] = x[i] * m;
+  for (int j = 0; j < m; ++j) {
+    const uint32_t u = hash32(hash32((uint32_t)(first + j) + k0) ^ k1);
+    const float keep = u >= drop_below ? scale : 0.f;
+    noise[j] = keep;
+    out[j] = x[j] * keep;
   }
+}
+
+// bfloat16 as PyTorch stores it: the top half of a float's bits. The conversion to it rounds to
+// nearest even, as PyTorch's does, and keeps NaN a NaN.
+inline uint32_t float_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return u;
+}
+inline uint16_t to_bf16(float v) {
+  const uint32_t u = float_bits(v);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, quiet_nan = (u >> 16) | 0x40u;
+  return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+}
+
+void dropout_range(const float* x, float* out, float* noise, long lo, long hi, uint32_t drop_below, float scale,
+                   uint64_t seed) {
+  dropout_block(x + lo, out + lo, noise + lo, lo, (int)(hi - lo), drop_below, scale, seed);
+}
+
+// bfloat16 in blocks through float buffers in L1, so that each of the three loops vectorises
+// (one loop that converts and hashes together does not); the product is rounded once, as
+// PyTorch multiplies bfloat16 tensors.
+void dropout_range(const uint16_t* x, uint16_t* out, uint16_t* noise, long lo, long hi, uint32_t drop_below,
+                   float scale, uint64_t seed) {
+  constexpr int kBlock = 512;
+  float xf[kBlock], of[kBlock], nf[kBlock];
+  for (long b = lo; b < hi; b += kBlock) {
+    const int m = (int)std::min<long>(kBlock, hi - b);
+    for (int j = 0; j < m; ++j) {
+      const uint32_t u = (uint32_t)x[b + j] << 16;
+      std::memcpy(xf + j, &u, sizeof u);
+    }
+    dropout_block(xf, of, nf, b, m, drop_below, scale, seed);
+    for (int j = 0; j < m; ++j) out[b + j] = to_bf16(of[j]), noise[b + j] = to_bf16(nf[j]);
+  }
+}
+
+template <typename T>
+void dropout(const T* x, T* out, T* noise, long n, uint32_t drop_below, float scale, uint64_t seed, int threads) {
+  threads = (int)std::max(1L, std::min<long>(threads, n / 4096 + 1));  // small tensors: not worth a thread
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+  for (int t = 0; t < threads; ++t)
+    dropout_range(x, out, noise, n * t / threads, n * (t + 1) / threads, drop_below, scale, seed);
 }
 
 }  // namespace
@@ -221,10 +266,14 @@ void dropout_range(const float* x, float* out, float* noise, long lo, long hi, u
 // share one dense layout.
 extern "C" void cl_dropout(const float* x, float* out, float* noise, long n, uint32_t drop_below, float scale,
                            uint64_t seed, int threads) {
-  threads = (int)std::max(1L, std::min<long>(threads, n / 4096 + 1));  // small tensors: not worth a thread
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-  for (int t = 0; t < threads; ++t)
-    dropout_range(x, out, noise, n * t / threads, n * (t + 1) / threads, drop_below, scale, seed);
+  dropout(x, out, noise, n, drop_below, scale, seed, threads);
+}
+
+// The same for bfloat16 tensors (bf16 autocast): the same mask for the same seed; scale is the
+// bfloat16 value of 1 / (1 - p), as PyTorch's bfloat16 dropout scales by it.
+extern "C" void cl_dropout_bf16(const uint16_t* x, uint16_t* out, uint16_t* noise, long n, uint32_t drop_below,
+                                float scale, uint64_t seed, int threads) {
+  dropout(x, out, noise, n, drop_below, scale, seed, threads);
 }
 
 namespace {

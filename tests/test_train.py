@@ -73,6 +73,7 @@ def test_bf16_autocast_training_on_the_cpu_uses_the_kernels_that_apply(tmp_path,
     fit(tiny_config(str(data), str(tmp_path / "r"), epochs=1, precision="bf16"), log=lambda s: None)
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert saved["cpu_kernels"] is (cpu_kernels.load() is not None)
+    assert saved["cpu_conv_kernel"] is False  # float32 only
     assert (calls["dropout"] > 0 and calls["keras_rmsprop_"] > 0) is saved["cpu_kernels"]
 
 

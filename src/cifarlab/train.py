@@ -496,7 +496,8 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
     write_history(run, loop.history)
     metrics = _test_metrics(cfg, ds, arrays, st, device, loop.train_time)
     metrics["cpu_kernels"] = loop.cpu_kernels  # whether cifarlab's own CPU kernels ran (see cpu_kernels)
-    metrics["cpu_conv_kernel"] = loop.cpu_kernels and kernels.conv_kernel_pays_off()  # the conv gradients too
+    # the conv gradients too: float32 only, so never under bf16 autocast
+    metrics["cpu_conv_kernel"] = loop.cpu_kernels and cfg.train.precision == "fp32" and kernels.conv_kernel_pays_off()
     write_json(run / "metrics.json", metrics)
     log(f"Test score: {metrics['test_loss']:.4f}")
     log(f"Test accuracy: {metrics['test_accuracy']:.4f}")

@@ -23,7 +23,8 @@
 //    bernoulli_ (about 10 ns per element here, 6% of a keras-deep step), then divides and
 //    multiplies in two more passes. Here each element's keep/drop comes from a keyed
 //    counter-based hash of its index, vectorised, so the mask does not depend on the thread
-//    count, and the output and the scaled mask are written in the same pass.
+//    count, and the output and the scaled mask are written in the same pass. cl_dropout_bf16
+//    does the same for bfloat16 tensors (bf16 autocast), where bernoulli_ took 23% of the step.
 //
 // 3. cl_affine_warp: Keras' ImageDataGenerator transform (a per-image affine map, order-1
 //    interpolation, scipy's boundary modes) for a whole batch, one image per task. Why: the

@@ -180,6 +180,15 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
+def _loaded() -> ctypes.CDLL:
+    """:func:`load`'s library, for the public kernel functions: RuntimeError with the reason where
+    the kernels are unavailable."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are unavailable: {unavailable_reason()}")
+    return lib
+
+
 def unavailable_reason() -> str | None:
     """Why :func:`load` returned None (None if it did not, or was not called yet)."""
     return _why_unavailable
@@ -336,9 +345,7 @@ def affine_warp(x: torch.Tensor, mats: torch.Tensor, fill_mode: str = "nearest",
     to input pixels (:func:`cifarlab.augment.keras_matrices`). Coordinates are computed in
     float64. Raises RuntimeError where the kernels are unavailable, ValueError for input they
     do not take."""
-    lib = load()
-    if lib is None:
-        raise RuntimeError(f"the CPU kernels are unavailable: {unavailable_reason()}")
+    lib = _loaded()
     if not warp_takes(x):
         raise ValueError(f"affine warp kernel takes a non-empty (N, C, H, W) uint8 or float32 CPU tensor of images "
                          f"under 2**31 values each; got "
@@ -386,9 +393,7 @@ def relu_max_pool2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     the backward pass (:func:`relu_max_pool2_grad`), which element of each 2x2 window won and
     whether ReLU zeroed it. Values equal PyTorch's exactly. Raises RuntimeError where the
     kernels are unavailable, ValueError for a tensor it does not take."""
-    lib = load()
-    if lib is None:
-        raise RuntimeError(f"the CPU kernels are unavailable: {unavailable_reason()}")
+    lib = _loaded()
     if not _relu_pool_takes(x):
         raise ValueError(f"ReLU-pool kernel takes a float32 (N, C, H, W) CPU tensor in channels-last memory, H and "
                          f"W at least 2; got {x.dtype} on {x.device}, shape {tuple(x.shape)}, strides {x.stride()}")
@@ -398,9 +403,7 @@ def relu_max_pool2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def relu_max_pool2_grad(grad_out: torch.Tensor, idx: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
     """The gradient with respect to ``x`` (of ``shape``, channels-last) of
     :func:`relu_max_pool2`, given the output's gradient and the indices it returned."""
-    lib = load()
-    if lib is None:
-        raise RuntimeError(f"the CPU kernels are unavailable: {unavailable_reason()}")
+    lib = _loaded()
     n, c, h, w = shape
     if grad_out.shape != idx.shape or tuple(idx.shape) != (n, c, h // 2, w // 2) or grad_out.dtype != torch.float32:
         raise ValueError(f"grad_out must be float32 of the indices' shape {tuple(idx.shape)}, the pooled shape of "
@@ -422,9 +425,7 @@ def keras_rmsprop_(params: list[torch.Tensor], grads: list[torch.Tensor], veloci
     ``v = rho * v + (1 - rho) * g**2``; ``p -= lr * g / sqrt(v + eps)`` (the gradients themselves
     are left unchanged). Every triple must satisfy :func:`rmsprop_takes`. Raises RuntimeError
     where the kernels are unavailable, ValueError naming a tensor they do not take."""
-    lib = load()
-    if lib is None:
-        raise RuntimeError(f"the CPU kernels are unavailable: {unavailable_reason()}")
+    lib = _loaded()
     threads = torch.get_num_threads()
     for i, (p, g, v) in enumerate(zip(params, grads, velocities, strict=True)):
         if not rmsprop_takes(p, g, v):
@@ -434,13 +435,15 @@ def keras_rmsprop_(params: list[torch.Tensor], grads: list[torch.Tensor], veloci
         _rmsprop_into(lib, p, g, v, lr, rho, eps, weight_decay, threads)
 
 
+_bump_version = getattr(torch.autograd.graph, "increment_version", None)  # PyTorch 2.3 on
+
+
 def _rmsprop_into(lib, p: torch.Tensor, g: torch.Tensor, v: torch.Tensor, lr: float, rho: float, eps: float,
                   weight_decay: float, threads: int) -> None:
     lib.cl_keras_rmsprop(p.data_ptr(), g.data_ptr(), v.data_ptr(), p.numel(), -lr, rho, 1 - rho, eps, weight_decay,
                          threads)
-    bump = getattr(torch.autograd.graph, "increment_version", None)  # PyTorch 2.3 on
-    for t in (p, v) if bump else ():  # written behind autograd's back: count the change as in-place ops do
-        bump(t)
+    for t in (p, v) if _bump_version else ():  # written behind autograd's back: count it as in-place ops do
+        _bump_version(t)
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -462,9 +465,7 @@ def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     The random stream is seeded from PyTorch's default generator, so ``torch.manual_seed``
     makes it repeatable (on any number of threads). Raises RuntimeError where the kernel is
     unavailable, ValueError for a tensor or ``p`` it does not take."""
-    lib = load()
-    if lib is None:
-        raise RuntimeError(f"the CPU kernels are unavailable: {unavailable_reason()}")
+    lib = _loaded()
     if not (0 < p < 1):
         raise ValueError(f"dropout probability p={p!r} is not valid here; expected 0 < p < 1")
     if not _dropout_takes(x):
@@ -501,9 +502,7 @@ def conv3x3_weight_grad(x: torch.Tensor, grad_out: torch.Tensor,
     (N, C_in, H, W) given the output gradient (N, C_out, H, W), float32 CPU tensors, and the bias
     gradient (C_out) when ``bias`` (else None). Raises RuntimeError where the kernel is
     unavailable (see :func:`unavailable_reason`)."""
-    lib = load()
-    if lib is None:
-        raise RuntimeError(f"the CPU kernels are unavailable: {unavailable_reason()}")
+    lib = _loaded()
     return _wgrad(lib.cl_conv3x3_wgrad, x, grad_out, bias=bias)
 
 
@@ -654,8 +653,9 @@ def kernel_mode(enabled: bool = True, conv: bool | None = None, pool: bool = Tru
     channels-last CPU tensors; and, when ``conv`` (by default where
     :func:`conv_kernel_pays_off`) and autocast is off, the weight gradient of convolutions that
     are 3x3, stride 1, padding 1, float32, channels-last on the CPU, with input or output
-    channels a multiple of 16. Everything else runs as usual. A no-op where the kernels are unavailable or ``enabled``
-    is false. Enter it around the forward pass; the backward pass needs nothing."""
+    channels a multiple of 16. Everything else runs as usual. A no-op where the kernels are
+    unavailable or ``enabled`` is false. Enter it around the forward pass; the backward pass
+    needs nothing."""
     if not enabled or load() is None:
         return contextlib.nullcontext()
     return _KernelMode(conv_kernel_pays_off() if conv is None else conv, pool)

@@ -135,6 +135,18 @@ def make_official(tmp: Path, key: str, n: int = 10, **kw) -> tuple[Path, dict]:
     return path, truth
 
 
+def count_calls(monkeypatch, module, *names: str) -> dict[str, int]:
+    """Wrap each ``module.<name>`` so that its calls are counted and still made; returns the
+    counts, keyed by name (a test's view of which kernels a run reached)."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        def counted(*a, _real=getattr(module, name), _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
 def make_image_folder(root: Path, classes=("cat", "dog", "frog"), n_train: int = 6, n_test: int = 3,
                       size=(32, 32), mode: str = "RGB", fmt: str = "PNG", seed: int = 0) -> Path:
     """An image folder train/<class>/*.png, test/<class>/*.png whose class is visible in the colour."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import needs_kernel
+from conftest import count_calls, needs_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -319,12 +319,7 @@ def test_cpu_epoch_timing_takes_the_kernels_as_asked(monkeypatch, conv_kernel, p
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from bench_common import timed_epoch
 
-    calls = {"conv3x3_weight_grad": 0, "dropout": 0, "relu_max_pool2": 0}
-    for name in calls:
-        def counted(*a, _real=getattr(cpu_kernels, name), _name=name, **k):
-            calls[_name] += 1
-            return _real(*a, **k)
-        monkeypatch.setattr(cpu_kernels, name, counted)
+    calls = count_calls(monkeypatch, cpu_kernels, "conv3x3_weight_grad", "dropout", "relu_max_pool2")
     torch.manual_seed(0)
     model = create_model("keras-deep", img_size=8).to(memory_format=torch.channels_last).train()
     opt = build_optimizer(model.parameters(), OptimConfig())

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import needs_kernel
+from conftest import count_calls, needs_kernel
 
 from cifarlab import cpu_kernels
 from cifarlab.models import create_model
@@ -413,13 +413,11 @@ def test_rmsprop_kernel_updates_as_keras_defines_it(monkeypatch, weight_decay):
     root in them) also against the multi-tensor ops. The weights are compared with those only
     loosely: PyTorch's CPU square root is at times far from correctly rounded (see
     :func:`cifarlab.cpu_kernels.rmsprop_reference`). The gradients are left as they were."""
-    calls = []
-    real = cpu_kernels.keras_rmsprop_
-    monkeypatch.setattr(cpu_kernels, "keras_rmsprop_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_calls(monkeypatch, cpu_kernels, "keras_rmsprop_")
     want_p, want_v, _, _ = _rmsprop_steps(False, weight_decay)
-    assert not calls
+    assert calls["keras_rmsprop_"] == 0
     got_p, got_v, grads_before, grads_after = _rmsprop_steps(True, weight_decay)
-    assert len(calls) == 4
+    assert calls["keras_rmsprop_"] == 4
     for a, b, va, vb in zip(got_p, want_p, got_v, want_v):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
         torch.testing.assert_close(va, vb, rtol=1e-6, atol=0)

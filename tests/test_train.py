@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image_folder, tiny_config
+from conftest import count_calls, make_image_folder, tiny_config
 from safetensors.torch import load_file
 
 from cifarlab.errors import CifarlabError
@@ -46,15 +46,13 @@ def test_learns_an_easy_task(tmp_path):
 def test_cpu_kernels_switch_is_recorded_and_both_paths_learn(tmp_path, monkeypatch, kernels):
     from cifarlab import cpu_kernels
 
-    updates = []
-    real = cpu_kernels.keras_rmsprop_
-    monkeypatch.setattr(cpu_kernels, "keras_rmsprop_", lambda *a, **k: updates.append(1) or real(*a, **k))
+    calls = count_calls(monkeypatch, cpu_kernels, "keras_rmsprop_")
     data = make_image_folder(tmp_path / "d", n_train=40, n_test=10)
     m = fit(tiny_config(str(data), str(tmp_path / "r"), epochs=4, cpu_kernels=kernels), log=lambda s: None)
     assert m["test_accuracy"] >= 0.9
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert saved["cpu_kernels"] is (kernels and cpu_kernels.load() is not None)
-    assert bool(updates) is saved["cpu_kernels"]  # the optimizer's kernel follows the same switch
+    assert bool(calls["keras_rmsprop_"]) is saved["cpu_kernels"]  # the optimizer's kernel follows the same switch
     assert saved["cpu_conv_kernel"] is (saved["cpu_kernels"] and cpu_kernels.conv_kernel_pays_off())
 
 
@@ -63,12 +61,7 @@ def test_bf16_autocast_training_on_the_cpu_uses_the_kernels_that_apply(tmp_path,
     take cifarlab's kernels; the float32-only ones stay out of the way."""
     from cifarlab import cpu_kernels
 
-    calls = {"dropout": 0, "keras_rmsprop_": 0}
-    for name in calls:
-        def counted(*a, _real=getattr(cpu_kernels, name), _name=name, **k):
-            calls[_name] += 1
-            return _real(*a, **k)
-        monkeypatch.setattr(cpu_kernels, name, counted)
+    calls = count_calls(monkeypatch, cpu_kernels, "dropout", "keras_rmsprop_")
     data = make_image_folder(tmp_path / "d", n_train=40, n_test=10)
     fit(tiny_config(str(data), str(tmp_path / "r"), epochs=1, precision="bf16"), log=lambda s: None)
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
@@ -82,14 +75,12 @@ def test_cpu_kernels_switch_reaches_keras_augmentation(tmp_path, monkeypatch, ke
     """train.cpu_kernels also decides whether --augment keras warps with cifarlab's CPU kernel."""
     from cifarlab import cpu_kernels
 
-    calls = []
-    real = cpu_kernels.affine_warp
-    monkeypatch.setattr(cpu_kernels, "affine_warp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_calls(monkeypatch, cpu_kernels, "affine_warp")
     data = make_image_folder(tmp_path / "d", n_train=16, n_test=4)
     cfg = tiny_config(str(data), str(tmp_path / "r"), cpu_kernels=kernels)
     cfg.augment.preset = "keras"
     fit(cfg, log=lambda s: None)
-    assert bool(calls) is (kernels and cpu_kernels.load() is not None)  # one call per training batch
+    assert bool(calls["affine_warp"]) is (kernels and cpu_kernels.load() is not None)  # one call per batch
 
 
 def test_load_model_predictions_are_bitwise_reproducible(trained_run, image_folder):

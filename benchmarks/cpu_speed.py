@@ -15,7 +15,7 @@ show how much of the difference that setting is.
 
 ``--precision bf16`` times both in bfloat16 mixed precision instead (on CPUs with bfloat16 units,
 AMX or AVX512-BF16): cifarlab with ``--precision bf16`` autocast (its kernels where they apply
-there: dropout and RMSprop) against Keras with its ``mixed_bfloat16`` policy. The notebook
+there: dropout, ReLU-pool and RMSprop) against Keras with its ``mixed_bfloat16`` policy. The notebook
 itself trains in float32, so the float32 run is the comparison with the notebook.
 
 Keras/TensorFlow is a benchmark-only extra (``pip install tensorflow-cpu``), looked for in
@@ -181,7 +181,7 @@ def main() -> None:
     if not have_keras:
         runs = {k: runs[k] for k in ours}
     n = args.rounds * args.epochs
-    print(cpu_line() + ("; in bf16 the dropout and RMSprop kernels apply" if args.precision == "bf16" else ""))
+    print(cpu_line() + ("; in bf16 all but the weight-gradient kernel apply" if args.precision == "bf16" else ""))
     print(f"data: {src}; keras-deep, batch {BATCH}, {args.precision}; {n} timed epochs of "
           f"{args.batches} steps per framework ({args.rounds} alternating rounds); ms per step: median (p10, p90)")
     label = {"cifarlab": "cifarlab (channels-last, its CPU kernels)" if args.precision == "fp32" else

@@ -306,29 +306,49 @@ def _relu_pool_reference(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,c,h,w", [(3, 32, 8, 8), (2, 64, 4, 6), (2, 17, 5, 7), (1, 3, 2, 3), (2, 8, 9, 4)])
-def test_relu_max_pool_matches_pytorch_exactly(n, c, h, w):
+def test_relu_max_pool_matches_pytorch_exactly(n, c, h, w, dtype):
     """Values on a coarse grid, so that windows hold ties and windows with no positive value:
     the first of equal maxima wins, as in PyTorch's pool, and a window ReLU zeroes passes no
-    gradient. Channel counts off the kernel's 8-wide vectors and odd sizes (the pool's floor)."""
+    gradient. Channel counts off the kernel's 8-wide vectors and odd sizes (the pool's floor).
+    In bfloat16 too: max and ReLU only select, so there is no rounding to differ in."""
     torch.manual_seed(n * c + h * w)
-    x = _cl(torch.randint(-4, 5, (n, c, h, w)).float() / 4)
-    g = torch.randn(n, c, h // 2, w // 2)
+    x = _cl((torch.randint(-4, 5, (n, c, h, w)) / 4).to(dtype))
+    g = torch.randn(n, c, h // 2, w // 2).to(dtype)
     want, want_gx = _relu_pool_reference(x, g)
     out, idx = cpu_kernels.relu_max_pool2(x)
     gx = cpu_kernels.relu_max_pool2_grad(g, idx, x.shape)
+    assert out.dtype == gx.dtype == dtype
     assert torch.equal(out, want) and out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(gx, want_gx) and gx.is_contiguous(memory_format=torch.channels_last)
     assert idx.dtype == torch.uint8  # a byte per output element, where PyTorch keeps an int64
 
 
 @needs_kernel
-def test_relu_max_pool_propagates_nan_as_pytorch_does():
-    x = _cl(torch.randn(2, 16, 4, 4))
+def test_bfloat16_relu_max_pool_keeps_every_bit_of_the_winner():
+    """Random bfloat16 values, subnormals, infinities and negative zero among them: the kernel
+    widens them to float32 to compare and narrows the winner back, which must give back its bits."""
+    torch.manual_seed(3)
+    bits = torch.randint(0, 2**16, (2, 24, 6, 6), dtype=torch.int32)
+    bits = torch.where(((bits >> 7) & 0xFF) == 0xFF, bits & 0x807F, bits)  # no NaN: it would not compare equal
+    x = _cl(bits.to(torch.int16).view(torch.bfloat16))
+    x[0, 0, 0, 0], x[0, 1, 0, 0], x[1, 2, 2, 2] = float("inf"), float("-inf"), -0.0
+    g = torch.randn(2, 24, 3, 3).bfloat16()
+    want, want_gx = _relu_pool_reference(x, g)
+    out, idx = cpu_kernels.relu_max_pool2(x)
+    assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+    assert torch.equal(cpu_kernels.relu_max_pool2_grad(g, idx, x.shape), want_gx)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu_max_pool_propagates_nan_as_pytorch_does(dtype):
+    x = _cl(torch.randn(2, 16, 4, 4)).to(dtype)
     x[0, 3, 0, 1] = float("nan")
     x[1, 5, 2, 2] = x[1, 5, 3, 3] = float("nan")
     x[1, 7, 0:2, 0:2] = torch.tensor([[-1.0, float("nan")], [-2.0, -3.0]])
-    g = torch.randn(2, 16, 2, 2)
+    g = torch.randn(2, 16, 2, 2).to(dtype)
     want, want_gx = _relu_pool_reference(x, g)
     out, idx = cpu_kernels.relu_max_pool2(x)
     torch.testing.assert_close(out, want, equal_nan=True, rtol=0, atol=0)
@@ -536,3 +556,25 @@ def test_under_autocast_the_mode_keeps_convolutions_off_the_float32_kernel():
     assert conv.weight.grad is not None and conv.weight.grad.dtype == torch.float32
     with cpu_kernels.kernel_mode(conv=True):  # and outside autocast the same call takes the kernel
         assert "_Conv3x3Backward" in _node_names(conv(x))
+
+
+@needs_kernel
+def test_under_autocast_relu_and_pool_take_the_bfloat16_kernel_with_pytorchs_gradients():
+    """The keras-deep model under bf16 autocast, with and without the kernels: every ReLU-pool
+    pair goes through the kernel in bfloat16, and outputs and weight gradients are PyTorch's
+    (dropout off, eval mode; the convolutions are oneDNN's either way)."""
+    torch.manual_seed(0)
+    model = create_model("keras-deep").to(memory_format=torch.channels_last).eval()
+    x, y = _cl(torch.rand(4, 3, 32, 32)), torch.randint(0, 10, (4,))
+    results = []
+    for use in (False, True):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16), cpu_kernels.kernel_mode(use):
+            out = model(x)
+        F.cross_entropy(out.float(), y).backward()
+        results.append((out, [p.grad.clone() for p in model.parameters()], _node_names(out)))
+    (out_a, ga, names_a), (out_b, gb, names_b) = results
+    assert names_b.count("_ReluMaxPoolBackward") == 2 and "_ReluMaxPoolBackward" not in names_a
+    assert torch.equal(out_a, out_b)
+    for a, b in zip(ga, gb):
+        assert torch.equal(a, b)

@@ -57,17 +57,18 @@ def test_cpu_kernels_switch_is_recorded_and_both_paths_learn(tmp_path, monkeypat
 
 
 def test_bf16_autocast_training_on_the_cpu_uses_the_kernels_that_apply(tmp_path, monkeypatch):
-    """Under bf16 autocast the step's dropout (bfloat16) and the RMSprop update (float32 weights)
-    take cifarlab's kernels; the float32-only ones stay out of the way."""
+    """Under bf16 autocast the step's dropout and ReLU-pool pairs (bfloat16) and the RMSprop update
+    (float32 weights) take cifarlab's kernels; the float32-only one stays out of the way."""
     from cifarlab import cpu_kernels
 
-    calls = count_calls(monkeypatch, cpu_kernels, "dropout", "keras_rmsprop_")
+    calls = count_calls(monkeypatch, cpu_kernels, "dropout", "keras_rmsprop_", "relu_max_pool2")
     data = make_image_folder(tmp_path / "d", n_train=40, n_test=10)
     fit(tiny_config(str(data), str(tmp_path / "r"), epochs=1, precision="bf16"), log=lambda s: None)
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert saved["cpu_kernels"] is (cpu_kernels.load() is not None)
     assert saved["cpu_conv_kernel"] is False  # float32 only
-    assert (calls["dropout"] > 0 and calls["keras_rmsprop_"] > 0) is saved["cpu_kernels"]
+    assert (calls["dropout"] > 0 and calls["keras_rmsprop_"] > 0 and calls["relu_max_pool2"] > 0) \
+        is saved["cpu_kernels"]
 
 
 @pytest.mark.parametrize("kernels", [True, False])

@@ -168,6 +168,8 @@ def load() -> ctypes.CDLL | None:
     lib.cl_relu_maxpool2.restype = None
     lib.cl_relu_maxpool2_bwd.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5
     lib.cl_relu_maxpool2_bwd.restype = None
+    for name in ("cl_relu_maxpool2_bf16", "cl_relu_maxpool2_bwd_bf16"):
+        getattr(lib, name).argtypes, getattr(lib, name).restype = lib.cl_relu_maxpool2.argtypes, None
     lib.cl_keras_rmsprop.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_float] * 5 + [ctypes.c_int]
     lib.cl_keras_rmsprop.restype = None
     # The checks take gradients: run them as plain code whatever the caller's context (no_grad,
@@ -231,10 +233,11 @@ def _self_check(lib) -> bool:
 
 
 def _relu_pool_self_check(lib, g: torch.Generator) -> bool:
-    for shape in ((2, 17, 5, 7), (3, 16, 4, 4)):
+    for shape, dtype in (((2, 17, 5, 7), torch.float32), ((3, 16, 4, 4), torch.float32),
+                         ((2, 19, 5, 6), torch.bfloat16)):
         # values on a coarse grid, so that windows hold ties and all-negative windows occur
-        x = (torch.randint(-3, 4, shape, generator=g).float() / 2).contiguous(memory_format=torch.channels_last)
-        gy = torch.randn(x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2, generator=g)
+        x = (torch.randint(-3, 4, shape, generator=g) / 2).to(dtype).contiguous(memory_format=torch.channels_last)
+        gy = torch.randn(x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2, generator=g).to(dtype)
         xr = x.clone().requires_grad_()
         want = F.max_pool2d(torch.relu(xr), 2)
         (want_gx,) = torch.autograd.grad(want, xr, gy)
@@ -363,9 +366,10 @@ def affine_warp(x: torch.Tensor, mats: torch.Tensor, fill_mode: str = "nearest",
 
 def _relu_pool_into(lib, x: torch.Tensor, threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     n, c, h, w = x.shape
-    out = torch.empty(n, c, h // 2, w // 2, memory_format=torch.channels_last)
+    out = torch.empty(n, c, h // 2, w // 2, dtype=x.dtype, memory_format=torch.channels_last)
     idx = torch.empty(out.shape, dtype=torch.uint8, memory_format=torch.channels_last)
-    lib.cl_relu_maxpool2(x.data_ptr(), out.data_ptr(), idx.data_ptr(), n, h, w, c, threads or torch.get_num_threads())
+    fn = lib.cl_relu_maxpool2 if x.dtype == torch.float32 else lib.cl_relu_maxpool2_bf16
+    fn(x.data_ptr(), out.data_ptr(), idx.data_ptr(), n, h, w, c, threads or torch.get_num_threads())
     return out, idx
 
 
@@ -373,40 +377,44 @@ def _relu_pool_grad_into(lib, grad_out: torch.Tensor, idx: torch.Tensor, shape: 
                          threads: int | None = None) -> torch.Tensor:
     n, c, h, w = shape
     g = grad_out.contiguous(memory_format=torch.channels_last)  # the layout the kernel reads
-    gx = torch.empty(n, c, h, w, memory_format=torch.channels_last)
-    lib.cl_relu_maxpool2_bwd(g.data_ptr(), idx.data_ptr(), gx.data_ptr(), n, h, w, c,
-                             threads or torch.get_num_threads())
+    gx = torch.empty(n, c, h, w, dtype=g.dtype, memory_format=torch.channels_last)
+    fn = lib.cl_relu_maxpool2_bwd if g.dtype == torch.float32 else lib.cl_relu_maxpool2_bwd_bf16
+    fn(g.data_ptr(), idx.data_ptr(), gx.data_ptr(), n, h, w, c, threads or torch.get_num_threads())
     return gx
 
 
+_POOL_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def _relu_pool_takes(x) -> bool:
-    """Whether :func:`relu_max_pool2` takes tensor ``x``: float32 (N, C, H, W) on the CPU in
-    dense channels-last memory, H and W at least 2, under 2**31 elements."""
-    return (isinstance(x, torch.Tensor) and x.dim() == 4 and x.dtype == torch.float32 and x.device.type == "cpu"
+    """Whether :func:`relu_max_pool2` takes tensor ``x``: float32 or bfloat16 (N, C, H, W) on the
+    CPU in dense channels-last memory, H and W at least 2, under 2**31 elements."""
+    return (isinstance(x, torch.Tensor) and x.dim() == 4 and x.dtype in _POOL_DTYPES and x.device.type == "cpu"
             and x.is_contiguous(memory_format=torch.channels_last) and x.shape[2] >= 2 and x.shape[3] >= 2
             and 0 < x.numel() < 2**31)
 
 
 def relu_max_pool2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``max_pool2d(relu(x), 2)`` of a float32 channels-last CPU tensor ``x`` in one pass:
-    returns the pooled output (channels-last) and a uint8 tensor of its shape recording, for
+    """``max_pool2d(relu(x), 2)`` of a float32 or bfloat16 channels-last CPU tensor ``x`` in one
+    pass: returns the pooled output (channels-last, ``x``'s dtype) and a uint8 tensor of its shape recording, for
     the backward pass (:func:`relu_max_pool2_grad`), which element of each 2x2 window won and
     whether ReLU zeroed it. Values equal PyTorch's exactly. Raises RuntimeError where the
     kernels are unavailable, ValueError for a tensor it does not take."""
     lib = _loaded()
     if not _relu_pool_takes(x):
-        raise ValueError(f"ReLU-pool kernel takes a float32 (N, C, H, W) CPU tensor in channels-last memory, H and "
+        raise ValueError(f"ReLU-pool kernel takes a float32 or bfloat16 (N, C, H, W) CPU tensor in channels-last memory, H and "
                          f"W at least 2; got {x.dtype} on {x.device}, shape {tuple(x.shape)}, strides {x.stride()}")
     return _relu_pool_into(lib, x)
 
 
 def relu_max_pool2_grad(grad_out: torch.Tensor, idx: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
     """The gradient with respect to ``x`` (of ``shape``, channels-last) of
-    :func:`relu_max_pool2`, given the output's gradient and the indices it returned."""
+    :func:`relu_max_pool2`, given the output's gradient (float32 or bfloat16: the result's
+    dtype) and the indices it returned."""
     lib = _loaded()
     n, c, h, w = shape
-    if grad_out.shape != idx.shape or tuple(idx.shape) != (n, c, h // 2, w // 2) or grad_out.dtype != torch.float32:
-        raise ValueError(f"grad_out must be float32 of the indices' shape {tuple(idx.shape)}, the pooled shape of "
+    if grad_out.shape != idx.shape or tuple(idx.shape) != (n, c, h // 2, w // 2) or grad_out.dtype not in _POOL_DTYPES:
+        raise ValueError(f"grad_out must be float32 or bfloat16 of the indices' shape {tuple(idx.shape)}, the pooled shape of "
                          f"{tuple(shape)}; got {grad_out.dtype} {tuple(grad_out.shape)}")
     return _relu_pool_grad_into(lib, grad_out, idx.contiguous(memory_format=torch.channels_last), torch.Size(shape))
 
@@ -571,13 +579,13 @@ class _ReluMaxPool(torch.autograd.Function):
     def forward(ctx, x):
         out, idx = relu_max_pool2(x)
         ctx.save_for_backward(idx)
-        ctx.in_shape = tuple(x.shape)
+        ctx.in_shape, ctx.dtype = tuple(x.shape), x.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         (idx,) = ctx.saved_tensors
-        return relu_max_pool2_grad(grad_out, idx, ctx.in_shape)
+        return relu_max_pool2_grad(grad_out.to(ctx.dtype), idx, ctx.in_shape)  # x's dtype, as autograd expects
 
 
 def _autocasting() -> bool:
@@ -650,7 +658,7 @@ class _KernelMode(TorchFunctionMode):
 def kernel_mode(enabled: bool = True, conv: bool | None = None, pool: bool = True):
     """A context in which training uses this module's kernels where they apply: dropout on
     float32 and bfloat16 CPU tensors; when ``pool``, ReLU followed by 2x2 max pooling on float32
-    channels-last CPU tensors; and, when ``conv`` (by default where
+    or bfloat16 channels-last CPU tensors; and, when ``conv`` (by default where
     :func:`conv_kernel_pays_off`) and autocast is off, the weight gradient of convolutions that
     are 3x3, stride 1, padding 1, float32, channels-last on the CPU, with input or output
     channels a multiple of 16. Everything else runs as usual. A no-op where the kernels are

@@ -665,7 +665,8 @@ def _step_function(cfg: Config, st: _Setup, device: torch.device,
 def _use_cpu_kernels(cfg: Config, device: torch.device, log: Callable[[str], None]) -> bool:
     """Whether this run's steps use :mod:`cifarlab.cpu_kernels`: fp32 or bf16-autocast eager
     training on the CPU with ``train.cpu_kernels`` on, and the kernels built and checked here
-    (else a note says why). Under bf16 autocast the float32-only ones simply do not apply."""
+    (else a note says why). Under bf16 autocast the float32-only one (the convolution weight
+    gradient) simply does not apply."""
     if not (cfg.train.cpu_kernels and device.type == "cpu" and cfg.train.precision in ("fp32", "bf16")
             and not cfg.train.compile):
         return False

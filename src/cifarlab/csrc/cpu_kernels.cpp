@@ -33,14 +33,15 @@
 //    is computed once, from the image packed into L1, at about 3 ns a pixel on two cores.
 //
 // 4. cl_relu_maxpool2 / cl_relu_maxpool2_bwd: ReLU followed by 2x2, stride-2 max pooling, as one
-//    pass forward and one backward, on channels-last float32 data. Why: PyTorch runs them as
+//    pass forward and one backward, on channels-last float32 or bfloat16 data. Why: PyTorch runs them as
 //    four passes over the full-size tensor (ReLU, the pool, the pool's backward into a zeroed
 //    gradient, ReLU's backward) and keeps int64 indices; in a profile of the keras-deep step on
 //    an AVX-512 CPU, where oneDNN's convolutions leave little else, all its ReLUs and pools took
 //    14 of 87 ms.
 //    Max and ReLU commute (ReLU is monotone), so the pool reads the raw input and applies ReLU
 //    to the quarter-size result; one byte per output element records which input won and
-//    whether ReLU blocked it.
+//    whether ReLU blocked it. In bfloat16 (bf16 autocast) PyTorch's passes cost more still:
+//    14 ms of a 44 ms step on an AMX Xeon.
 //
 // 5. cl_keras_rmsprop: Keras' RMSprop update of one tensor in one pass. Why: as multi-tensor
 //    ops, PyTorch runs it on the CPU as five passes per tensor (plus a temporary for the
@@ -561,12 +562,35 @@ extern "C" int cl_affine_warp(const void* x, int x_is_u8, float* out, const doub
 // kBlocked when ReLU zeroed it (the maximum <= 0), so that the backward pass passes no gradient.
 namespace {
 constexpr uint8_t kBlocked = 4;
-}  // namespace
+
+// Eight elements as floats and back, for float32 and bfloat16 data. bfloat16 widens exactly,
+// and all that the ReLU-pool kernels store is one of their inputs or zero, so narrowing it
+// back by truncation is exact too (NaN's bits included).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(uint16_t* p, __m256 v) {
+  const __m256i u = _mm256_srli_epi32(_mm256_castps_si256(v), 16);  // 0..65535: packus keeps it
+  _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
+}
+inline float load1(float v) { return v; }
+inline float load1(uint16_t v) {
+  const uint32_t u = (uint32_t)v << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline void store1(float* p, float v) { *p = v; }
+inline void store1(uint16_t* p, float v) { *p = (uint16_t)(float_bits(v) >> 16); }
 
 // Eight channels of one window: the maximum, ReLU applied, and its byte (see kBlocked). The
 // comparisons are written as PyTorch's pool writes them: a later element wins when greater, or NaN.
-inline void relu_max8(const float* a, const float* b, const float* c, const float* d, float* o, uint8_t* k) {
-  const __m256 v[4] = {_mm256_loadu_ps(a), _mm256_loadu_ps(b), _mm256_loadu_ps(c), _mm256_loadu_ps(d)};
+template <typename T>
+inline void relu_max8(const T* a, const T* b, const T* c, const T* d, T* o, uint8_t* k) {
+  const __m256 v[4] = {load8(a), load8(b), load8(c), load8(d)};
   __m256 best = v[0];
   __m256i at = _mm256_setzero_si256();
   for (int j = 1; j < 4; ++j) {
@@ -576,7 +600,7 @@ inline void relu_max8(const float* a, const float* b, const float* c, const floa
   }
   const __m256 pass = _mm256_or_ps(_mm256_cmp_ps(best, _mm256_setzero_ps(), _CMP_GT_OQ),
                                    _mm256_cmp_ps(best, best, _CMP_UNORD_Q));
-  _mm256_storeu_ps(o, _mm256_and_ps(best, pass));
+  store8(o, _mm256_and_ps(best, pass));
   at = _mm256_or_si256(at, _mm256_andnot_si256(_mm256_castps_si256(pass), _mm256_set1_epi32(kBlocked)));
   const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(at), _mm256_extracti128_si256(at, 1));
   _mm_storel_epi64((__m128i*)k, _mm_packus_epi16(w16, w16));
@@ -597,70 +621,91 @@ void for_pooled_rows(int n, int h, int w, int c, int threads, F f) {
   }
 }
 
-// out = maxpool2x2(relu(x)) for x (n, h, w, c), out and idx (n, h / 2, w / 2, c), all contiguous;
-// an odd last row or column is left out, as PyTorch's floor mode does. NaN wins a window as in
-// PyTorch's pool and passes ReLU, as torch.relu lets it.
-extern "C" void cl_relu_maxpool2(const float* x, float* out, uint8_t* idx, int n, int h, int w, int c, int threads) {
+template <typename T>
+void relu_maxpool2(const T* x, T* out, uint8_t* idx, int n, int h, int w, int c, int threads) {
   const int wo = w / 2, c8 = c - c % 8;
   for_pooled_rows(n, h, w, c, threads, [=](long r, long base, int) {
-    const float* top = x + base;
-    const float* bottom = top + (long)w * c;
-    float* o = out + r * wo * (long)c;
+    const T* top = x + base;
+    const T* bottom = top + (long)w * c;
+    T* o = out + r * wo * (long)c;
     uint8_t* k = idx + r * wo * (long)c;
     for (int ow = 0; ow < wo; ++ow, top += 2 * c, bottom += 2 * c, o += c, k += c) {
       int ch = 0;
       for (; ch < c8; ch += 8) relu_max8(top + ch, top + c + ch, bottom + ch, bottom + c + ch, o + ch, k + ch);
       for (; ch < c; ++ch) {
-        const float v[4] = {top[ch], top[c + ch], bottom[ch], bottom[c + ch]};
+        const float v[4] = {load1(top[ch]), load1(top[c + ch]), load1(bottom[ch]), load1(bottom[c + ch])};
         float best = v[0];
         uint8_t at = 0;
         for (uint8_t j = 1; j < 4; ++j)
           if (v[j] > best || v[j] != v[j]) best = v[j], at = j;
         const bool pass = best > 0 || best != best;
-        o[ch] = pass ? best : 0.f;
+        store1(o + ch, pass ? best : 0.f);
         k[ch] = pass ? at : (uint8_t)(at | kBlocked);
       }
     }
   });
 }
 
-// The gradient of cl_relu_maxpool2 with respect to x: gx (n, h, w, c) gets gout at each window's
-// recorded maximum unless ReLU blocked it, and zero everywhere else (odd last rows and columns too).
-extern "C" void cl_relu_maxpool2_bwd(const float* gout, const uint8_t* idx, float* gx, int n, int h, int w, int c,
-                                     int threads) {
+template <typename T>
+void relu_maxpool2_bwd(const T* gout, const uint8_t* idx, T* gx, int n, int h, int w, int c, int threads) {
   const int ho = h / 2, wo = w / 2, c8 = c - c % 8;
   for_pooled_rows(n, h, w, c, threads, [=](long r, long base, int oh) {
-    float* top = gx + base;
-    float* bottom = top + (long)w * c;
-    const float* g = gout + r * wo * (long)c;
+    T* top = gx + base;
+    T* bottom = top + (long)w * c;
+    const T* g = gout + r * wo * (long)c;
     const uint8_t* k = idx + r * wo * (long)c;
     for (int ow = 0; ow < wo; ++ow, top += 2 * c, bottom += 2 * c, g += c, k += c) {
       int ch = 0;
       for (; ch < c8; ch += 8) {
         const __m256i at = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(k + ch)));
-        const __m256 v = _mm256_loadu_ps(g + ch);
+        const __m256 v = load8(g + ch);
         auto pick = [&](int j) { return _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(at, _mm256_set1_epi32(j))), v); };
-        _mm256_storeu_ps(top + ch, pick(0));
-        _mm256_storeu_ps(top + c + ch, pick(1));
-        _mm256_storeu_ps(bottom + ch, pick(2));
-        _mm256_storeu_ps(bottom + c + ch, pick(3));
+        store8(top + ch, pick(0));
+        store8(top + c + ch, pick(1));
+        store8(bottom + ch, pick(2));
+        store8(bottom + c + ch, pick(3));
       }
       for (; ch < c; ++ch) {
         const uint8_t at = k[ch];
-        const float v = g[ch];
-        top[ch] = at == 0 ? v : 0.f;
-        top[c + ch] = at == 1 ? v : 0.f;
-        bottom[ch] = at == 2 ? v : 0.f;
-        bottom[c + ch] = at == 3 ? v : 0.f;
+        const T v = g[ch], zero = T();
+        top[ch] = at == 0 ? v : zero;
+        top[c + ch] = at == 1 ? v : zero;
+        bottom[ch] = at == 2 ? v : zero;
+        bottom[c + ch] = at == 3 ? v : zero;
       }
     }
     if (w % 2) {  // the column the pool left out
-      std::memset(top, 0, c * sizeof(float));
-      std::memset(bottom, 0, c * sizeof(float));
+      std::memset(top, 0, c * sizeof(T));
+      std::memset(bottom, 0, c * sizeof(T));
     }
     if (h % 2 && oh == ho - 1)  // likewise the image's last row
-      std::memset(bottom + c * (w % 2), 0, (long)w * c * sizeof(float));
+      std::memset(bottom + c * (w % 2), 0, (long)w * c * sizeof(T));
   });
+}
+
+}  // namespace
+
+// out = maxpool2x2(relu(x)) for x (n, h, w, c), out and idx (n, h / 2, w / 2, c), all contiguous;
+// an odd last row or column is left out, as PyTorch's floor mode does. NaN wins a window as in
+// PyTorch's pool and passes ReLU, as torch.relu lets it. The _bf16 form takes bfloat16 data
+// (bf16 autocast), with the same results: max and ReLU only select, they never round.
+extern "C" void cl_relu_maxpool2(const float* x, float* out, uint8_t* idx, int n, int h, int w, int c, int threads) {
+  relu_maxpool2(x, out, idx, n, h, w, c, threads);
+}
+extern "C" void cl_relu_maxpool2_bf16(const uint16_t* x, uint16_t* out, uint8_t* idx, int n, int h, int w, int c,
+                                      int threads) {
+  relu_maxpool2(x, out, idx, n, h, w, c, threads);
+}
+
+// The gradient of cl_relu_maxpool2 with respect to x: gx (n, h, w, c) gets gout at each window's
+// recorded maximum unless ReLU blocked it, and zero everywhere else (odd last rows and columns too).
+extern "C" void cl_relu_maxpool2_bwd(const float* gout, const uint8_t* idx, float* gx, int n, int h, int w, int c,
+                                     int threads) {
+  relu_maxpool2_bwd(gout, idx, gx, n, h, w, c, threads);
+}
+extern "C" void cl_relu_maxpool2_bwd_bf16(const uint16_t* gout, const uint8_t* idx, uint16_t* gx, int n, int h,
+                                          int w, int c, int threads) {
+  relu_maxpool2_bwd(gout, idx, gx, n, h, w, c, threads);
 }
 
 // Keras' RMSprop for n elements: g' = g + wd * p; v = rho * v + (1 - rho) * g'^2;

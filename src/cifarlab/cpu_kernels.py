@@ -58,7 +58,10 @@ from .errors import CifarlabError
 from .fsutil import atomic_path
 
 _SOURCE = "cpu_kernels.cpp"
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fopenmp", "-std=c++17"]
+# -fno-math-errno: without it the compiler keeps a scalar loop around sqrt (which may set errno),
+# and RMSprop's update ran at about a third of memory speed; the results are the same, as the
+# vector square root and division round correctly, like the scalar ones.
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC", "-fopenmp", "-std=c++17"]
 _CHUNK = 4  # image rows per chunk of work: 4 rows of a 32x32x32 layer keep X and dY in L2
 _why_unavailable: str | None = None
 

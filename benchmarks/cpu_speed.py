@@ -15,12 +15,14 @@ show how much of the difference that setting is.
 
 ``--precision bf16`` times both in bfloat16 mixed precision instead (on CPUs with bfloat16 units,
 AMX or AVX512-BF16): cifarlab with ``--precision bf16`` autocast (its kernels where they apply
-there: dropout, ReLU-pool and RMSprop) against Keras with its ``mixed_bfloat16`` policy. The notebook
-itself trains in float32, so the float32 run is the comparison with the notebook.
+there: dropout, ReLU-pool and RMSprop) against Keras with its ``mixed_bfloat16`` policy;
+``--precision fp32 bf16`` times both precisions in one run. The notebook itself trains in
+float32, so Keras' float32 run is the notebook; with both, the last lines compare cifarlab in
+bf16 with it too (a change of arithmetic: its accuracy is a separate measurement, in the README).
 
 Keras/TensorFlow is a benchmark-only extra (``pip install tensorflow-cpu``), looked for in
 ``--keras-python`` (default: this interpreter); without it only cifarlab is timed.
-Usage: python benchmarks/cpu_speed.py [--batches 40] [--epochs 3] [--rounds 2] [--precision fp32|bf16]
+Usage: python benchmarks/cpu_speed.py [--batches 40] [--epochs 3] [--rounds 2] [--precision fp32 [bf16]]
     [--keras-python PATH]
 """
 
@@ -117,9 +119,10 @@ def steps_keras(x: np.ndarray, y: np.ndarray, epochs: int, precision: str = "fp3
 
 def worker(args: argparse.Namespace) -> None:
     x, y, src = training_images(args.batches * BATCH)
+    (precision,) = args.precision
     if args.worker == "keras":
         try:
-            times, epochs = steps_keras(x, y, args.epochs, args.precision)
+            times, epochs = steps_keras(x, y, args.epochs, precision)
         except ImportError:
             times, epochs = None, None
     else:
@@ -128,20 +131,84 @@ def worker(args: argparse.Namespace) -> None:
         kernels = args.worker == "cifarlab"
         if kernels and cpu_kernels.load() is None:  # each process loads them anew
             raise SystemExit(f"cifarlab's CPU kernels are unavailable here: {cpu_kernels.unavailable_reason()}")
-        times, epochs = steps_cifarlab(x, y, args.epochs, args.threads, kernels=kernels, precision=args.precision)
+        times, epochs = steps_cifarlab(x, y, args.epochs, args.threads, kernels=kernels, precision=precision)
     print(json.dumps({"times": times, "epochs": epochs, "data": src}))
 
 
-def run_worker(python: str, name: str, args: argparse.Namespace, env: dict | None = None) -> dict:
+def run_worker(python: str, name: str, precision: str, args: argparse.Namespace, env: dict | None = None) -> dict:
     cmd = [python, __file__, "--worker", name, "--batches", str(args.batches), "--epochs", str(args.epochs),
-           "--precision", args.precision]
+           "--precision", precision]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
-        raise SystemExit(f"the {name} worker failed:\n{res.stderr[-2000:]}")
+        raise SystemExit(f"the {name} worker ({precision}) failed:\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# glibc's documented environment form of the mallopt calls in cifarlab.runtime.keep_freed_memory.
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
+OURS = ("cifarlab", "cifarlab-pytorch")
+NAMES = (*OURS, "keras", "keras+malloc")
+
+
+def measure(args: argparse.Namespace) -> tuple[dict, dict, str]:
+    """Per-step and per-epoch seconds of every (name, precision), the processes alternating
+    round by round; Keras' entries are left out where it is not installed."""
+    runs: dict[tuple[str, str], list[float]] = {}
+    epoch_s: dict[tuple[str, str], list[float]] = {}
+    src, have_keras = "", True
+    for _ in range(args.rounds):
+        for precision in args.precision:
+            for name in NAMES:
+                if name in OURS:
+                    r = run_worker(sys.executable, name, precision, args)
+                elif have_keras:
+                    r = run_worker(args.keras_python, "keras", precision, args,
+                                   TUNED_MALLOC if name == "keras+malloc" else None)
+                    have_keras = r["times"] is not None
+                if name in OURS or have_keras:
+                    runs.setdefault((name, precision), []).extend(r["times"])
+                    epoch_s.setdefault((name, precision), []).extend(r["epochs"])
+                    src = r["data"]
+    if not have_keras:
+        runs = {k: v for k, v in runs.items() if k[0] in OURS}
+    return runs, epoch_s, src
+
+
+LABELS = {"cifarlab": "cifarlab (channels-last, its CPU kernels)",
+          "cifarlab-pytorch": "cifarlab with PyTorch's kernels only",
+          "keras": "Keras 3 / TensorFlow, model.fit",
+          "keras+malloc": "the same Keras, cifarlab's malloc setting"}
+
+
+def report(runs: dict, epoch_s: dict, args: argparse.Namespace) -> None:
+    """The table of medians, then the ratios: each precision against Keras in the same
+    precision, and cifarlab's bf16 against the notebook as it is written (Keras, float32)."""
+    def med(d, name, precision):
+        return statistics.median(d[(name, precision)])
+
+    for (name, precision), v in runs.items():
+        p10, p90 = np.percentile(v, [10, 90]) * 1000
+        e = epoch_s[(name, precision)]
+        print(f"{LABELS[name]:44s} {precision:5s} {statistics.median(v) * 1000:6.0f} ms ({p10:.0f}, {p90:.0f}); "
+              f"whole epoch {statistics.median(e):.1f} s (min {min(e):.1f}, max {max(e):.1f})")
+    if not any(name == "keras" for name, _ in runs):
+        print("Keras/TensorFlow: not installed there (pip install tensorflow-cpu), not measured")
+        return
+    for precision in args.precision:
+        whose = "as the notebook runs it" if precision == "fp32" else "in the same precision (mixed_bfloat16)"
+        for what, d in (("step", runs), ("whole epoch", epoch_s)):
+            ours = med(d, "cifarlab", precision)
+            print(f"{precision} per {what}: cifarlab is {med(d, 'keras', precision) / ours:.2f}x the speed of Keras "
+                  f"{whose} ({med(d, 'keras+malloc', precision) / ours:.2f}x against Keras with the malloc setting; "
+                  f"{med(d, 'keras', precision) / med(d, 'cifarlab-pytorch', precision):.2f}x with PyTorch's "
+                  f"kernels only)")
+    if {"fp32", "bf16"} <= set(args.precision):
+        for what, d in (("step", runs), ("whole epoch", epoch_s)):
+            print(f"bf16 against the notebook (Keras in float32) per {what}: cifarlab in bf16 is "
+                  f"{med(d, 'keras', 'fp32') / med(d, 'cifarlab', 'bf16'):.2f}x its speed")
 
 
 def main() -> None:
@@ -150,60 +217,24 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="timed epochs per process, after one warm-up epoch")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the processes")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                    help="both frameworks in float32 (the notebook) or bfloat16 mixed precision")
+    ap.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
+                    help="float32 (the notebook) and/or bfloat16 mixed precision, both frameworks in each")
     ap.add_argument("--keras-python", default=sys.executable, help="interpreter with keras and tensorflow")
     ap.add_argument("--worker", choices=["cifarlab", "cifarlab-pytorch", "keras"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.precision = list(dict.fromkeys(args.precision))  # each once, in the order given
     if args.worker:
+        if len(args.precision) != 1:
+            ap.error(f"a worker times one precision; got {args.precision}")
         worker(args)
         return
-    # glibc's documented environment form of the mallopt calls in cifarlab.runtime.keep_freed_memory.
-    tuned = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
-    ours = ("cifarlab", "cifarlab-pytorch")
-    names = (*ours, "keras", "keras+malloc")
-    runs: dict[str, list[float]] = {k: [] for k in names}
-    epoch_s: dict[str, list[float]] = {k: [] for k in names}
-    src = ""
-    have_keras = True
-    for _ in range(args.rounds):
-        for label in ours:
-            r = run_worker(sys.executable, label, args)
-            runs[label] += r["times"]
-            epoch_s[label] += r["epochs"]
-            src = r["data"]
-        for label, env in (("keras", None), ("keras+malloc", tuned)):
-            r = run_worker(args.keras_python, "keras", args, env) if have_keras else {"times": None}
-            have_keras = r["times"] is not None
-            if have_keras:
-                runs[label] += r["times"]
-                epoch_s[label] += r["epochs"]
-    if not have_keras:
-        runs = {k: runs[k] for k in ours}
+    runs, epoch_s, src = measure(args)
     n = args.rounds * args.epochs
-    print(cpu_line() + ("; in bf16 all but the weight-gradient kernel apply" if args.precision == "bf16" else ""))
-    print(f"data: {src}; keras-deep, batch {BATCH}, {args.precision}; {n} timed epochs of "
-          f"{args.batches} steps per framework ({args.rounds} alternating rounds); ms per step: median (p10, p90)")
-    label = {"cifarlab": "cifarlab (channels-last, its CPU kernels)" if args.precision == "fp32" else
-             "cifarlab (channels-last, bf16 autocast, its kernels)",
-             "cifarlab-pytorch": "cifarlab with PyTorch's kernels only",
-             "keras": "Keras 3 / TensorFlow, model.fit" + (", mixed_bfloat16" if args.precision == "bf16" else ""),
-             "keras+malloc": "the same Keras, cifarlab's malloc setting"}
-    for k, v in runs.items():
-        p10, p90 = np.percentile(v, [10, 90]) * 1000
-        e = epoch_s[k]
-        print(f"{label[k]:44s} {statistics.median(v) * 1000:6.0f} ms ({p10:.0f}, {p90:.0f}); "
-              f"whole epoch {statistics.median(e):.1f} s (min {min(e):.1f}, max {max(e):.1f})")
-    if "keras" not in runs:
-        print("Keras/TensorFlow: not installed there (pip install tensorflow-cpu), not measured")
-        return
-    for what, d in (("step", runs), ("whole epoch", epoch_s)):
-        ratio = statistics.median(d["keras"]) / statistics.median(d["cifarlab"])
-        ratio_t = statistics.median(d["keras+malloc"]) / statistics.median(d["cifarlab"])
-        ratio_p = statistics.median(d["keras"]) / statistics.median(d["cifarlab-pytorch"])
-        whose = "as the notebook runs it" if args.precision == "fp32" else "in the same precision"
-        print(f"per {what}: cifarlab is {ratio:.2f}x the speed of Keras {whose} "
-              f"({ratio_t:.2f}x against Keras with the malloc setting; {ratio_p:.2f}x with PyTorch's kernels only)")
+    print(cpu_line() + ("; in bf16 all but the weight-gradient kernel apply" if "bf16" in args.precision else ""))
+    print(f"data: {src}; keras-deep, batch {BATCH}, {' and '.join(args.precision)}; {n} timed epochs of "
+          f"{args.batches} steps per framework and precision ({args.rounds} alternating rounds); "
+          f"ms per step: median (p10, p90)")
+    report(runs, epoch_s, args)
 
 
 if __name__ == "__main__":

@@ -361,3 +361,32 @@ def test_cpu_speed_times_cifarlab_in_the_precision_asked(monkeypatch, precision)
         assert all(a is None or not isinstance(a, torch.autocast) for a in seen)
     else:
         assert all(isinstance(a, torch.autocast) and a.fast_dtype == torch.bfloat16 for a in seen)
+
+
+def test_cpu_speed_compares_both_precisions_and_bf16_with_the_float32_notebook(monkeypatch, capsys):
+    """With --precision fp32 bf16 every framework runs in both precisions, the rounds alternate,
+    and the last lines put cifarlab's bf16 against Keras' float32 run (the notebook)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import cpu_speed
+
+    step = {("cifarlab", "fp32"): 0.080, ("cifarlab-pytorch", "fp32"): 0.100, ("keras", "fp32"): 0.090,
+            ("keras+malloc", "fp32"): 0.088, ("cifarlab", "bf16"): 0.040, ("cifarlab-pytorch", "bf16"): 0.050,
+            ("keras", "bf16"): 0.044, ("keras+malloc", "bf16"): 0.043}
+    order = []
+
+    def fake(python, name, precision, args, env=None):
+        name = "keras+malloc" if env else name
+        order.append((name, precision))
+        s = step[(name, precision)]
+        return {"times": [s] * 4, "epochs": [s * 312] * 2, "data": "fake"}
+
+    monkeypatch.setattr(cpu_speed, "run_worker", fake)
+    monkeypatch.setattr(cpu_speed, "cpu_line", lambda: "CPU: test")
+    monkeypatch.setattr(sys, "argv", ["cpu_speed.py", "--precision", "fp32", "bf16", "--rounds", "2"])
+    cpu_speed.main()
+    out = capsys.readouterr().out
+    assert order == [*step] * 2  # both precisions in every round
+    assert "bf16 per step: cifarlab is 1.10x the speed of Keras" in out  # 44 / 40
+    assert "fp32 per whole epoch: cifarlab is 1.12x" in out  # 90 / 80
+    assert "per step: cifarlab in bf16 is 2.25x its speed" in out  # Keras fp32 90 / cifarlab bf16 40
+    assert out.count(" ms (") == len(step)

@@ -40,8 +40,8 @@
 //    14 of 87 ms.
 //    Max and ReLU commute (ReLU is monotone), so the pool reads the raw input and applies ReLU
 //    to the quarter-size result; one byte per output element records which input won and
-//    whether ReLU blocked it. In bfloat16 (bf16 autocast) PyTorch's passes cost more still:
-//    14 ms of a 44 ms step on an AMX Xeon.
+//    whether ReLU blocked it. In bfloat16 (bf16 autocast) they matter more: there PyTorch's ReLUs,
+//    pools and their backward passes took 14 ms of a 44 ms step on an AMX Xeon.
 //
 // 5. cl_keras_rmsprop: Keras' RMSprop update of one tensor in one pass. Why: as multi-tensor
 //    ops, PyTorch runs it on the CPU as five passes per tensor (plus a temporary for the

@@ -64,6 +64,8 @@ _SOURCE = "cpu_kernels.cpp"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC", "-fopenmp", "-std=c++17"]
 _CHUNK = 4  # image rows per chunk of work: 4 rows of a 32x32x32 layer keep X and dY in L2
 _why_unavailable: str | None = None
+# The dtypes that the dropout and ReLU-pool kernels take (bf16 autocast gives them bfloat16 tensors).
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _compiler() -> str | None:
@@ -386,27 +388,25 @@ def _relu_pool_grad_into(lib, grad_out: torch.Tensor, idx: torch.Tensor, shape: 
     return gx
 
 
-_POOL_DTYPES = (torch.float32, torch.bfloat16)
-
-
 def _relu_pool_takes(x) -> bool:
     """Whether :func:`relu_max_pool2` takes tensor ``x``: float32 or bfloat16 (N, C, H, W) on the
     CPU in dense channels-last memory, H and W at least 2, under 2**31 elements."""
-    return (isinstance(x, torch.Tensor) and x.dim() == 4 and x.dtype in _POOL_DTYPES and x.device.type == "cpu"
+    return (isinstance(x, torch.Tensor) and x.dim() == 4 and x.dtype in _KERNEL_DTYPES and x.device.type == "cpu"
             and x.is_contiguous(memory_format=torch.channels_last) and x.shape[2] >= 2 and x.shape[3] >= 2
             and 0 < x.numel() < 2**31)
 
 
 def relu_max_pool2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``max_pool2d(relu(x), 2)`` of a float32 or bfloat16 channels-last CPU tensor ``x`` in one
-    pass: returns the pooled output (channels-last, ``x``'s dtype) and a uint8 tensor of its shape recording, for
-    the backward pass (:func:`relu_max_pool2_grad`), which element of each 2x2 window won and
-    whether ReLU zeroed it. Values equal PyTorch's exactly. Raises RuntimeError where the
+    pass: returns the pooled output (channels-last, ``x``'s dtype) and a uint8 tensor of its
+    shape recording, for the backward pass (:func:`relu_max_pool2_grad`), which element of each
+    2x2 window won and whether ReLU zeroed it. Values equal PyTorch's exactly. Raises RuntimeError where the
     kernels are unavailable, ValueError for a tensor it does not take."""
     lib = _loaded()
     if not _relu_pool_takes(x):
-        raise ValueError(f"ReLU-pool kernel takes a float32 or bfloat16 (N, C, H, W) CPU tensor in channels-last memory, H and "
-                         f"W at least 2; got {x.dtype} on {x.device}, shape {tuple(x.shape)}, strides {x.stride()}")
+        raise ValueError(f"ReLU-pool kernel takes a float32 or bfloat16 (N, C, H, W) CPU tensor in channels-last "
+                         f"memory, H and W at least 2; got {x.dtype} on {x.device}, shape {tuple(x.shape)}, "
+                         f"strides {x.stride()}")
     return _relu_pool_into(lib, x)
 
 
@@ -416,9 +416,10 @@ def relu_max_pool2_grad(grad_out: torch.Tensor, idx: torch.Tensor, shape: tuple[
     dtype) and the indices it returned."""
     lib = _loaded()
     n, c, h, w = shape
-    if grad_out.shape != idx.shape or tuple(idx.shape) != (n, c, h // 2, w // 2) or grad_out.dtype not in _POOL_DTYPES:
-        raise ValueError(f"grad_out must be float32 or bfloat16 of the indices' shape {tuple(idx.shape)}, the pooled shape of "
-                         f"{tuple(shape)}; got {grad_out.dtype} {tuple(grad_out.shape)}")
+    if grad_out.shape != idx.shape or tuple(idx.shape) != (n, c, h // 2, w // 2) \
+            or grad_out.dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"grad_out must be float32 or bfloat16 of the indices' shape {tuple(idx.shape)}, the pooled "
+                         f"shape of {tuple(shape)}; got {grad_out.dtype} {tuple(grad_out.shape)}")
     return _relu_pool_grad_into(lib, grad_out, idx.contiguous(memory_format=torch.channels_last), torch.Size(shape))
 
 
@@ -464,8 +465,8 @@ def _dense(t: torch.Tensor) -> bool:
 def _dropout_takes(x) -> bool:
     """Whether the dropout kernel takes tensor ``x``: dense float32 or bfloat16 on the CPU, under
     2**32 elements."""
-    return (isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
-            and _dense(x) and x.numel() < 2**32)
+    return (isinstance(x, torch.Tensor) and x.dtype in _KERNEL_DTYPES and x.device.type == "cpu" and _dense(x)
+            and x.numel() < 2**32)
 
 
 def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -481,8 +482,7 @@ def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"dropout probability p={p!r} is not valid here; expected 0 < p < 1")
     if not _dropout_takes(x):
         raise ValueError(f"dropout kernel takes a dense float32 or bfloat16 CPU tensor of under 2**32 elements; "
-                         f"got {x.dtype} "
-                         f"on {x.device}, shape {tuple(x.shape)}, strides {x.stride()}")
+                         f"got {x.dtype} on {x.device}, shape {tuple(x.shape)}, strides {x.stride()}")
     out, noise = torch.empty_like(x), torch.empty_like(x)  # same dense layout as x
     seed = int(torch.empty((), dtype=torch.int64).random_())  # from the default generator: manual_seed governs it
     _dropout_into(lib, x, out, noise, p, seed)
@@ -582,13 +582,13 @@ class _ReluMaxPool(torch.autograd.Function):
     def forward(ctx, x):
         out, idx = relu_max_pool2(x)
         ctx.save_for_backward(idx)
-        ctx.in_shape, ctx.dtype = tuple(x.shape), x.dtype
+        ctx.in_shape = tuple(x.shape)
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out):  # autograd hands it in the output's dtype, which is x's
         (idx,) = ctx.saved_tensors
-        return relu_max_pool2_grad(grad_out.to(ctx.dtype), idx, ctx.in_shape)  # x's dtype, as autograd expects
+        return relu_max_pool2_grad(grad_out, idx, ctx.in_shape)
 
 
 def _autocasting() -> bool:

@@ -33,11 +33,11 @@
 //    is computed once, from the image packed into L1, at about 3 ns a pixel on two cores.
 //
 // 4. cl_relu_maxpool2 / cl_relu_maxpool2_bwd: ReLU followed by 2x2, stride-2 max pooling, as one
-//    pass forward and one backward, on channels-last float32 or bfloat16 data. Why: PyTorch runs them as
-//    four passes over the full-size tensor (ReLU, the pool, the pool's backward into a zeroed
-//    gradient, ReLU's backward) and keeps int64 indices; in a profile of the keras-deep step on
-//    an AVX-512 CPU, where oneDNN's convolutions leave little else, all its ReLUs and pools took
-//    14 of 87 ms.
+//    pass forward and one backward, on channels-last float32 or bfloat16 data. Why: PyTorch runs
+//    them as four passes over the full-size tensor (ReLU, the pool, the pool's backward into a
+//    zeroed gradient, ReLU's backward) and keeps int64 indices; in a profile of the keras-deep
+//    step on an AVX-512 CPU, where oneDNN's convolutions leave little else, all its ReLUs and
+//    pools took 14 of 87 ms.
 //    Max and ReLU commute (ReLU is monotone), so the pool reads the raw input and applies ReLU
 //    to the quarter-size result; one byte per output element records which input won and
 //    whether ReLU blocked it. In bfloat16 (bf16 autocast) they matter more: there PyTorch's ReLUs,
@@ -229,6 +229,30 @@ inline uint16_t to_bf16(float v) {
   return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
+// Widening bfloat16 to float is exact. Narrowing by truncation (store1, store8) is exact only for
+// values that came from bfloat16, as all that the ReLU-pool kernels store do (one of their inputs,
+// or zero; NaN's bits included); to_bf16 rounds any float.
+inline float load1(float v) { return v; }
+inline float load1(uint16_t v) {
+  const uint32_t u = (uint32_t)v << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline void store1(float* p, float v) { *p = v; }
+inline void store1(uint16_t* p, float v) { *p = (uint16_t)(float_bits(v) >> 16); }
+// The same for eight elements at a time.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(uint16_t* p, __m256 v) {
+  const __m256i u = _mm256_srli_epi32(_mm256_castps_si256(v), 16);  // 0..65535: packus keeps it
+  _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
+}
+
 void dropout_range(const float* x, float* out, float* noise, long lo, long hi, uint32_t drop_below, float scale,
                    uint64_t seed) {
   dropout_block(x + lo, out + lo, noise + lo, lo, (int)(hi - lo), drop_below, scale, seed);
@@ -243,10 +267,7 @@ void dropout_range(const uint16_t* x, uint16_t* out, uint16_t* noise, long lo, l
   float xf[kBlock], of[kBlock], nf[kBlock];
   for (long b = lo; b < hi; b += kBlock) {
     const int m = (int)std::min<long>(kBlock, hi - b);
-    for (int j = 0; j < m; ++j) {
-      const uint32_t u = (uint32_t)x[b + j] << 16;
-      std::memcpy(xf + j, &u, sizeof u);
-    }
+    for (int j = 0; j < m; ++j) xf[j] = load1(x[b + j]);
     dropout_block(xf, of, nf, b, m, drop_below, scale, seed);
     for (int j = 0; j < m; ++j) out[b + j] = to_bf16(of[j]), noise[b + j] = to_bf16(nf[j]);
   }
@@ -562,29 +583,6 @@ extern "C" int cl_affine_warp(const void* x, int x_is_u8, float* out, const doub
 // kBlocked when ReLU zeroed it (the maximum <= 0), so that the backward pass passes no gradient.
 namespace {
 constexpr uint8_t kBlocked = 4;
-
-// Eight elements as floats and back, for float32 and bfloat16 data. bfloat16 widens exactly,
-// and all that the ReLU-pool kernels store is one of their inputs or zero, so narrowing it
-// back by truncation is exact too (NaN's bits included).
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {
-  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
-}
-inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-inline void store8(uint16_t* p, __m256 v) {
-  const __m256i u = _mm256_srli_epi32(_mm256_castps_si256(v), 16);  // 0..65535: packus keeps it
-  _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
-}
-inline float load1(float v) { return v; }
-inline float load1(uint16_t v) {
-  const uint32_t u = (uint32_t)v << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline void store1(float* p, float v) { *p = v; }
-inline void store1(uint16_t* p, float v) { *p = (uint16_t)(float_bits(v) >> 16); }
 
 // Eight channels of one window: the maximum, ReLU applied, and its byte (see kBlocked). The
 // comparisons are written as PyTorch's pool writes them: a later element wins when greater, or NaN.

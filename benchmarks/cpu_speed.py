@@ -155,7 +155,8 @@ NAMES = (*OURS, "keras", "keras+malloc")
 
 def measure(args: argparse.Namespace) -> tuple[dict, dict, str]:
     """Per-step and per-epoch seconds of every (name, precision), the processes alternating
-    round by round; Keras' entries are left out where it is not installed."""
+    round by round; Keras' entries are left out where it is not installed (its first worker
+    says so, and no other is started)."""
     runs: dict[tuple[str, str], list[float]] = {}
     epoch_s: dict[tuple[str, str], list[float]] = {}
     src, have_keras = "", True
@@ -172,8 +173,6 @@ def measure(args: argparse.Namespace) -> tuple[dict, dict, str]:
                     runs.setdefault((name, precision), []).extend(r["times"])
                     epoch_s.setdefault((name, precision), []).extend(r["epochs"])
                     src = r["data"]
-    if not have_keras:
-        runs = {k: v for k, v in runs.items() if k[0] in OURS}
     return runs, epoch_s, src
 
 

@@ -337,7 +337,6 @@ def test_cpu_epoch_timing_takes_the_kernels_as_asked(monkeypatch, conv_kernel, p
 def test_cpu_speed_times_cifarlab_in_the_precision_asked(monkeypatch, precision):
     """cpu_speed.py's cifarlab worker: one timed step per 128 images after a warm-up epoch, with
     the precision's autocast in every step (none in fp32, bfloat16 in bf16)."""
-    import numpy as np
     import torch
 
     import cifarlab.train as train_mod

@@ -3,6 +3,8 @@ PyTorch, inside training, and their fallback where they cannot be built."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -90,12 +92,14 @@ def _node_names(t: torch.Tensor) -> list[str]:
     return names
 
 
-def _grads(model: nn.Module, x, y, use: bool):
+def _grads(model: nn.Module, x, y, use: bool, bf16: bool = False):
+    """The model's output and weight gradients, with the kernels or without (``use``), under bf16
+    autocast when ``bf16``."""
     model.zero_grad(set_to_none=True)
-    with cpu_kernels.kernel_mode(use, conv=use):
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with autocast, cpu_kernels.kernel_mode(use, conv=use):
         out = model(x)
-        loss = F.cross_entropy(out, y)
-    loss.backward()
+    F.cross_entropy(out.float(), y).backward()
     return out, [p.grad for p in model.parameters()]
 
 
@@ -566,15 +570,11 @@ def test_under_autocast_relu_and_pool_take_the_bfloat16_kernel_with_pytorchs_gra
     torch.manual_seed(0)
     model = create_model("keras-deep").to(memory_format=torch.channels_last).eval()
     x, y = _cl(torch.rand(4, 3, 32, 32)), torch.randint(0, 10, (4,))
-    results = []
-    for use in (False, True):
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16), cpu_kernels.kernel_mode(use):
-            out = model(x)
-        F.cross_entropy(out.float(), y).backward()
-        results.append((out, [p.grad.clone() for p in model.parameters()], _node_names(out)))
-    (out_a, ga, names_a), (out_b, gb, names_b) = results
+    out_a, ga = _grads(model, x, y, use=False, bf16=True)
+    out_b, gb = _grads(model, x, y, use=True, bf16=True)
+    names_a, names_b = _node_names(out_a), _node_names(out_b)
     assert names_b.count("_ReluMaxPoolBackward") == 2 and "_ReluMaxPoolBackward" not in names_a
+    assert "_Conv3x3Backward" not in names_b  # conv=True is ignored under autocast
     assert torch.equal(out_a, out_b)
     for a, b in zip(ga, gb):
         assert torch.equal(a, b)

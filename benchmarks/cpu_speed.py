@@ -18,7 +18,8 @@ AMX or AVX512-BF16): cifarlab with ``--precision bf16`` autocast (its kernels wh
 there: dropout, ReLU-pool and RMSprop) against Keras with its ``mixed_bfloat16`` policy;
 ``--precision fp32 bf16`` times both precisions in one run. The notebook itself trains in
 float32, so Keras' float32 run is the notebook; with both, the last lines compare cifarlab in
-bf16 with it too (a change of arithmetic: its accuracy is a separate measurement, in the README).
+bf16 with it too (a change of arithmetic: its accuracy is a separate measurement, in
+docs/performance.md).
 
 Keras/TensorFlow is a benchmark-only extra (``pip install tensorflow-cpu``), looked for in
 ``--keras-python`` (default: this interpreter); without it only cifarlab is timed.

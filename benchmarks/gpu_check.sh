@@ -1,5 +1,5 @@
 #!/bin/bash
-# Every GPU figure the README reports, on a CUDA machine, from the project root:
+# Every GPU figure docs/performance.md reports, on a CUDA machine, from the project root:
 #   bash benchmarks/gpu_check.sh NPZ_FOLDER [PART] [RUNS]
 # NPZ_FOLDER holds train.npz and test.npz (x: uint8 N,32,32,3; y: labels) of the CIFAR-10 copy.
 # PART, each limited to under ten minutes:
@@ -18,7 +18,7 @@
 #             best once, both in bf16
 #   sync      the code lines that make the host wait for the GPU during one epoch of fast-muon,
 #             fast and keras-book, each after a warm-up
-#   open      what the README lists as not yet measured, most important first, within BUDGET
+#   open      what docs/performance.md lists as not yet measured, most important first, within BUDGET
 #             seconds in all (environment, default 540): fast-muon in fp16-true beside bf16, RUNS
 #             times each; fast-muon fp16-true compiled; best-select and best once each in bf16;
 #             keras-book as a CUDA graph in fp16-true, bf16-true, bf16 and fp16-true compiled,

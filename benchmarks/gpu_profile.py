@@ -1,7 +1,7 @@
 """Profile a few training epochs of one recipe entry with ``torch.profiler`` and print the
 operations and kernels that take the most time: GPU time on a GPU, CPU time elsewhere. This is
-how the README's profiles are taken (two epochs, after an untimed warm-up run, so that cuDNN's
-kernel search and compilation fall outside them).
+how the profiles in docs/performance.md are taken (two epochs, after an untimed warm-up run, so
+that cuDNN's kernel search and compilation fall outside them).
 
     python benchmarks/gpu_profile.py --npz .devicework/cifar10 --entry fast-muon:bf16 --epochs 2
 

@@ -134,3 +134,47 @@ def test_evaluation_uses_the_runs_own_test_time_augmentation(image_folder, tmp_p
     assert load_model(tmp_path / "run").tta == "flip-translate"
     with pytest.raises(CifarlabError, match="test-time augmentation 'mirror' is not valid; choose none, flip"):
         load_model(tmp_path / "run", tta="mirror")
+
+
+def _strict_json(path):
+    """Parse ``path`` as standard JSON: NaN and Infinity tokens fail."""
+    def refuse(token):
+        raise AssertionError(f"{path.name} holds {token}, which is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_audit_of_a_model_that_predicts_one_class_writes_standard_json_and_n_a(trained_run, image_folder, tmp_path,
+                                                                             monkeypatch):
+    import warnings
+
+    from cifarlab import audit as audit_mod
+
+    ds = load_dataset(image_folder)
+    # Every image given to class 0: the other classes' precision, and most calibration bins, are undefined.
+    monkeypatch.setattr(audit_mod, "predict_dataset", lambda pred, x: np.tile([0.9, 0.05, 0.05], (len(x), 1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no numpy warning about all-NaN resamples
+        run_audit(trained_run, ds, tmp_path / "audit", n_boot=100, device="cpu", log=lambda s: None)
+    a = _strict_json(tmp_path / "audit" / "audit.json")
+    rows = {r["class"]: r for r in a["classes"]["per_class"]}
+    assert rows[ds.classes[1]]["precision"] is None and rows[ds.classes[1]]["precision_ci"] == [None, None]
+    assert rows[ds.classes[0]]["precision"] == pytest.approx(float(np.mean(ds.y_test == 0)))
+    _strict_json(tmp_path / "audit" / "model_card.json")
+    bins = _strict_json(tmp_path / "audit" / "metrics.json")["calibration"]["bin_accuracy"]
+    assert None in bins and any(b is not None for b in bins)
+    md = (tmp_path / "audit" / "audit.md").read_text()
+    assert f"| {ds.classes[1]} | " in md and "| n/a | n/a |" in md and "nan" not in md.lower()
+
+
+def test_a_bad_groups_file_stops_the_audit_before_any_prediction_or_file(trained_run, image_folder, tmp_path,
+                                                                         monkeypatch):
+    from cifarlab import audit as audit_mod
+
+    def must_not_predict(*a, **k):
+        raise AssertionError("predicted before checking the groups file")
+
+    monkeypatch.setattr(audit_mod, "predict_dataset", must_not_predict)
+    with pytest.raises(CifarlabError, match="cannot read groups file .*missing.csv"):
+        run_audit(trained_run, load_dataset(image_folder), tmp_path / "audit", groups_csv=str(tmp_path / "missing.csv"),
+                  n_boot=100, device="cpu", log=lambda s: None)
+    assert not (tmp_path / "audit").exists()

@@ -49,3 +49,18 @@ def test_interrupt_mid_write_leaves_old_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_text(p, "new")
     assert p.read_text() == "old" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_json_holds_no_nan_or_infinity_tokens(tmp_path):
+    import json
+
+    import numpy as np
+
+    from cifarlab.fsutil import write_json
+
+    write_json(tmp_path / "m.json", {"nan": float("nan"), "list": [1.5, float("inf"), np.float32("nan")],
+                                     "array": np.array([0.25, -np.inf]), "tuple": (2, float("-inf")),
+                                     "int": np.int64(7), "flag": np.bool_(True)})
+    text = (tmp_path / "m.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} written")) == {
+        "nan": None, "list": [1.5, None, None], "array": [0.25, None], "tuple": [2, None], "int": 7, "flag": True}

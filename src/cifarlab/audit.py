@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from datetime import date
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +22,7 @@ from .data import Dataset
 from .errors import CifarlabError
 from .evaluate import _check_compatible, predict_dataset
 from .export import list_to_csv_rows, load_model
-from .fsutil import write_json, write_text
+from .fsutil import json_text, write_json, write_text
 
 TO_FILL = "[TO BE FILLED IN BY THE MODEL'S OWNER]"
 
@@ -57,7 +58,8 @@ def class_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str], n_boot: i
         prec = np.diag(cm) / cm.sum(0)
 
     def ci(a: np.ndarray) -> list[float]:
-        return [float(np.nanquantile(a, 0.025)), float(np.nanquantile(a, 0.975))]
+        a = a[np.isfinite(a)]  # resamples where the figure is undefined (a class never predicted) drop out
+        return [float(np.quantile(a, 0.025)), float(np.quantile(a, 0.975))] if len(a) else [math.nan, math.nan]
 
     rows = [{"class": c, "support": int(cm[i].sum()), "accuracy": float(rec[i]), "accuracy_ci": ci(rec_b[:, i]),
              "recall": float(rec[i]), "recall_ci": ci(rec_b[:, i]),
@@ -174,6 +176,8 @@ def run_audit(run: Path, ds: Dataset, out: Path, groups_csv: str | None = None, 
     from .evaluate import write_report
 
     check_options(margin, min_group, n_boot)
+    # The groups file first: a mistake in it should cost no prediction and leave no partial report.
+    groups = read_groups(groups_csv, ds) if groups_csv else None
     pred = load_model(run, device, tta)
     _check_compatible(pred, ds)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,8 +195,8 @@ def run_audit(run: Path, ds: Dataset, out: Path, groups_csv: str | None = None, 
         if r["flagged"]:
             audit["warnings"].append(f"class '{r['class']}' accuracy {r['accuracy']:.3f} is more than {margin:.2f} "
                                      f"below the overall {overall:.3f}")
-    if groups_csv:
-        idx, attrs = read_groups(groups_csv, ds)
+    if groups is not None:
+        idx, attrs = groups
         audit["groups_file"] = str(groups_csv)
         audit["attributes"] = {}
         for name, values in attrs.items():
@@ -212,7 +216,7 @@ def run_audit(run: Path, ds: Dataset, out: Path, groups_csv: str | None = None, 
     _plot_class_accuracy(cls["per_class"], overall, out / "per_class_accuracy.png")
     write_json(out / "audit.json", audit)
     write_text(out / "per_class_audit.csv", list_to_csv_rows(
-        [{k: (json.dumps(v) if isinstance(v, list) else v) for k, v in r.items()} for r in cls["per_class"]]))
+        [{k: (json_text(v, indent=None) if isinstance(v, list) else v) for k, v in r.items()} for r in cls["per_class"]]))
     write_text(out / "audit.md", _audit_markdown(audit))
     card = build_model_card(run, pred, ds, report, audit)
     write_json(out / "model_card.json", card)
@@ -243,8 +247,13 @@ def _plot_class_accuracy(rows: list[dict], overall: float, path: Path) -> None:
     _save(fig, path)
 
 
-def _fmt_ci(ci: list[float]) -> str:
-    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+def _fmt(x: float | None) -> str:
+    """A figure to 3 decimals, or "n/a" where it is undefined (None or NaN, as read back from JSON)."""
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}"
+
+
+def _fmt_ci(ci: list[float | None]) -> str:
+    return "n/a" if any(x is None or not math.isfinite(x) for x in ci) else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def _audit_markdown(a: dict) -> str:
@@ -254,19 +263,18 @@ def _audit_markdown(a: dict) -> str:
              "![per-class accuracy](per_class_accuracy.png)", "",
              "| class | n | accuracy | 95% CI | precision | 95% CI | flagged |", "|---|---|---|---|---|---|---|"]
     for r in a["classes"]["per_class"]:
-        p = f"{r['precision']:.3f}" if r["precision"] is not None else "n/a"
-        lines.append(f"| {r['class']} | {r['support']} | {r['accuracy']:.3f} | {_fmt_ci(r['accuracy_ci'])} | {p} | "
-                     f"{_fmt_ci(r['precision_ci'])} | {'yes' if r['flagged'] else ''} |")
+        lines.append(f"| {r['class']} | {r['support']} | {r['accuracy']:.3f} | {_fmt_ci(r['accuracy_ci'])} | "
+                     f"{_fmt(r['precision'])} | {_fmt_ci(r['precision_ci'])} | {'yes' if r['flagged'] else ''} |")
     sp = a["classes"]["spread"]
     lines += ["", f"Spread: best class **{sp['best']}**, worst **{sp['worst']}**; difference {sp['difference']:.3f} "
-              f"{_fmt_ci(sp['difference_ci'])}, ratio {sp['ratio']:.3f} {_fmt_ci(sp['ratio_ci'])}.", ""]
+              f"{_fmt_ci(sp['difference_ci'])}, ratio {_fmt(sp['ratio'])} {_fmt_ci(sp['ratio_ci'])}.", ""]
     for name, gm in a.get("attributes", {}).items():
         lines += [f"## Groups by `{name}`", "", "| group | n | accuracy | 95% CI | macro recall | macro precision | note |",
                   "|---|---|---|---|---|---|---|"]
         for g in gm["groups"]:
             note = "too small to judge" if g["too_small"] else ("flagged" if g["flagged"] else "")
             lines.append(f"| {g['group']} | {g['n']} | {g['accuracy']:.3f} | {_fmt_ci(g['accuracy_ci'])} | "
-                         f"{g['macro_recall']:.3f} | {g['macro_precision']:.3f} | {note} |")
+                         f"{_fmt(g['macro_recall'])} | {_fmt(g['macro_precision'])} | {note} |")
         ga = gm["gap"]
         lines += ["", f"Largest gap: {ga['highest']} vs {ga['lowest']}: {ga['difference']:.3f} {_fmt_ci(ga['difference_ci'])}"
                   + (" - the interval excludes zero." if ga["ci_excludes_zero"] else " - the interval includes zero."), ""]
@@ -373,8 +381,7 @@ def model_card_markdown(card: dict) -> str:
              "![per-class accuracy](per_class_accuracy.png)", "",
              "| class | accuracy | 95% CI | precision |", "|---|---|---|---|"]
     for r in mt["per_class"]:
-        p = f"{r['precision']:.3f}" if r["precision"] is not None else "n/a"
-        lines.append(f"| {r['class']} | {r['accuracy']:.3f} | {_fmt_ci(r['accuracy_ci'])} | {p} |")
+        lines.append(f"| {r['class']} | {r['accuracy']:.3f} | {_fmt_ci(r['accuracy_ci'])} | {_fmt(r['precision'])} |")
     sp = mt["class_spread"]
     lines += ["", f"Largest class gap: {sp['best']} vs {sp['worst']}, {sp['difference']:.3f} {_fmt_ci(sp['difference_ci'])}.", ""]
     for name, gm in mt["groups"].items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -223,15 +222,15 @@ def _load_eval_data(args: argparse.Namespace, run: Path):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``cifarlab evaluate``."""
     from .evaluate import evaluate_run
-
     from .export import read_run
+    from .fsutil import json_text
 
     run, _ = read_run(args.run)
     ds = _load_eval_data(args, run)
     out = Path(args.out) if args.out else run / "eval"
     report = evaluate_run(run, ds, out, tta=args.tta, device=args.device)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json_text(report))
     else:
         print(f"Test score: {report['loss']:.4f}")
         print(f"Test accuracy: {report['accuracy']:.4f}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -51,9 +52,29 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def json_text(obj: Any, indent: int | None = 2) -> str:
+    """``obj`` as standard JSON. NaN and infinities (an empty calibration bin, the precision of a
+    class never predicted) become ``null``: JSON has no such numbers, and Python's ``NaN`` tokens
+    break other readers (``jq``, browsers, JSON Schema). numpy values and paths are converted."""
+    return json.dumps(_finite(obj), indent=indent, allow_nan=False, default=_json_default)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Atomically write ``obj`` as indented JSON (see :func:`json_text`)."""
+    write_text(path, json_text(obj) + "\n")
+
+
+def _finite(o: Any) -> Any:
+    """``o`` with every non-finite float, in any nesting of dicts, lists and tuples, made None."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if type(o).__module__ == "numpy":  # numpy scalars and arrays, without importing numpy here
+        return _finite(_json_default(o))
+    return o
 
 
 def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:

@@ -223,6 +223,18 @@ def test_resume_errors(tmp_path):
         fit(resume=tmp_path)
 
 
+def test_resuming_a_finished_run_says_so_and_changes_no_weight(trained_run):
+    before = _weights(trained_run)
+    first = json.loads((trained_run / "metrics.json").read_text())
+    lines: list[str] = []
+    again = fit(resume=trained_run, log=lines.append)
+    assert any("has trained all its 2 epochs; nothing to resume" in x for x in lines), lines
+    assert not any(x.startswith("resuming") for x in lines)
+    after = _weights(trained_run)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert again["test_accuracy"] == first["test_accuracy"]
+
+
 def test_out_of_memory_names_batch_size(tmp_path, image_folder, monkeypatch):
     import cifarlab.train as train_mod
 

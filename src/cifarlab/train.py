@@ -469,7 +469,10 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
         c, h, w = arrays.x_train.shape[1:]
         save_architecture(run, cfg.model.name, st.model_kwargs, ds.classes, (int(c), int(h), int(w)), st.prep,
                           st.num_params, cfg.train.channels_last)
-        if ckpt is not None:
+        if ckpt is not None and ckpt["epoch"] >= cfg.train.epochs:
+            log(f"{run} has trained all its {cfg.train.epochs} epochs; nothing to resume, the final weights and "
+                "test figures are written again")
+        elif ckpt is not None:
             log(f"resuming {run} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
         log(f"run folder: {run}")
         log(f"model {cfg.model.name} ({st.num_params:,} parameters) on {device}; {n:,} training, "

@@ -134,6 +134,11 @@ def test_augment_command(capsys, tmp_path, image_folder):
     code, _, e = run(capsys, "augment", "--data", str(image_folder), "--out", str(tmp_path / "folder"),
                      "--per-image", "1", "--split", "test")
     assert code == 0 and len(list((tmp_path / "folder" / "test" / "dog").iterdir())) == 3
+    code, o, e = run(capsys, "augment", "--data", str(image_folder), "--out", str(tmp_path / "all.npz"),
+                     "--per-image", "1", "--split", "test", "--subset", "50")
+    assert code == 0, e
+    assert "--subset 50 is more than the 9 test images; using them all" in o
+    assert len(np.load(tmp_path / "all.npz")["y"]) == 9
     assert run(capsys, "augment", "--data", str(image_folder), "--per-image", "0", "--out", "x.npz")[0] == 2
 
 

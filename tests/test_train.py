@@ -223,6 +223,15 @@ def test_resume_errors(tmp_path):
         fit(resume=tmp_path)
 
 
+def test_a_subset_larger_than_the_data_says_so_and_uses_every_image(tmp_path, image_folder):
+    cfg = tiny_config(str(image_folder), str(tmp_path / "r"))
+    cfg.data.subset = 1000
+    lines: list[str] = []
+    m = fit(cfg, log=lines.append)
+    assert any("--subset 1,000 is more than the 18 training images" in x for x in lines), lines
+    assert m["data"]["train_images"] + m["data"]["val_images"] == 18
+
+
 def test_resuming_a_finished_run_says_so_and_changes_no_weight(trained_run):
     before = _weights(trained_run)
     first = json.loads((trained_run / "metrics.json").read_text())

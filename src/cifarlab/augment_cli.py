@@ -153,6 +153,8 @@ def augment_command(args: argparse.Namespace) -> int:
     if args.subset:
         from .data import balanced_subset
 
+        if args.subset > len(y):
+            print(f"--subset {args.subset:,} is more than the {len(y):,} {args.split} images; using them all")
         keep = balanced_subset(y, args.subset, args.seed)
         x, y = x[keep], y[keep]
     if args.limit:

@@ -458,6 +458,9 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
         if resume is None:
             save_config(cfg, run / "config.yaml")
         ds = _load_data(cfg, dataset, log)
+        if cfg.data.subset and cfg.data.subset > len(ds.y_train):
+            log(f"--subset {cfg.data.subset:,} is more than the {len(ds.y_train):,} training images of {ds.source}; "
+                "using them all")
         arrays = make_arrays(cfg, ds, device)
         n, bs = len(arrays.x_train), cfg.train.batch_size
         steps = steps_per_epoch(n, cfg)

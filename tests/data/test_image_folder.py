@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import tarfile
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -96,6 +97,42 @@ def test_corrupt_and_truncated_images(image_folder):
     assert "fake.jpg" in str(e.value) and "--skip-bad-images" in str(e.value)
     ds = load_dataset(image_folder, skip_bad_images=True)
     assert len(ds.y_train) == 18 and any("skipped 2" in n for n in ds.notes)
+
+
+def _jpeg_with_orientation(a: np.ndarray, orientation: int | None, exif: bytes | None = None) -> bytes:
+    im, buf = Image.fromarray(a), io.BytesIO()
+    if orientation is not None:
+        ex = Image.Exif()
+        ex[0x0112] = orientation  # the EXIF Orientation tag
+        exif = ex.tobytes()
+    im.save(buf, "JPEG", quality=95, **({"exif": exif} if exif is not None else {}))
+    return buf.getvalue()
+
+
+def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
+    from cifarlab.data.images import open_image, to_array
+
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, :10] = 255  # a white band on the left of a landscape image
+    plain = to_array(open_image(_jpeg_with_orientation(wide, None), "plain.jpg"), 3)
+    assert plain.shape == (20, 40, 3) and plain[:, :8].min() > 200
+    # Orientation 6: stored sideways, shown turned 90 degrees clockwise, so the band is on top.
+    turned = to_array(open_image(_jpeg_with_orientation(wide, 6), "phone.jpg"), 3)
+    assert turned.shape == (40, 20, 3) and turned[:8].min() > 200 and turned[12:].max() < 50
+    # A malformed EXIF block leaves the pixels as decoded rather than refusing the photo (Pillow
+    # itself may warn about it on opening).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        odd = to_array(open_image(_jpeg_with_orientation(wide, None, exif=b"Exif\x00\x00MM\x00*junk"), "odd.jpg"), 3)
+    assert odd.shape == (20, 40, 3)
+    # The same through a folder, as training and prediction read it.
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / "f" / split / c).mkdir(parents=True)
+            for i in range(3):
+                (tmp_path / "f" / split / c / f"{i}.jpg").write_bytes(_jpeg_with_orientation(wide, 6))
+    ds = load_dataset(tmp_path / "f")
+    assert ds.x_train.shape[1:] == (40, 20, 3) and ds.x_train[0, :8].min() > 200
 
 
 def test_decompression_bomb_refused(image_folder, monkeypatch):

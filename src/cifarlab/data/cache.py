@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 # Bump when the decoded layout or the decoding rules change, so stale caches are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: images turned upright by their EXIF orientation
 
 
 def cache_dir() -> Path:

@@ -6,7 +6,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError
 
@@ -23,7 +23,8 @@ def is_image_name(name: str) -> bool:
 
 
 def open_image(data: bytes, what: str) -> Image.Image:
-    """Open and fully decode image bytes, refusing non-images, truncated files and bombs."""
+    """Open and fully decode image bytes, refusing non-images, truncated files and bombs, and turn
+    the image upright as its EXIF Orientation tag says (as image viewers show it)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -33,6 +34,7 @@ def open_image(data: bytes, what: str) -> Image.Image:
                 raise DataError(f"{what}: {w}x{h} pixels is larger than the {MAX_PIXELS:,}-pixel limit "
                                 "(a decompression bomb or a photo far too large for this tool); skipped")
             im.load()
+            im = _upright(im)
     except DataError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -42,6 +44,18 @@ def open_image(data: bytes, what: str) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{what}: corrupt or truncated image ({e})") from None
     return im
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """``im`` turned as its EXIF Orientation tag says. Cameras store portrait photos sideways with
+    that tag, which viewers honour; without it, a phone photo would be classified lying on its
+    side. A tag that cannot be read leaves the image as decoded, as viewers do."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's "Corrupt EXIF data": the fallback below covers it
+            return ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block can fail in many ways; the pixels are fine
+        return im
 
 
 def is_gray(im: Image.Image) -> bool:

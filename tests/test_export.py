@@ -31,6 +31,16 @@ def test_load_model_api_and_inputs(trained_run, tmp_path):
     assert model.predict([tmp_path / "g.png"]).shape == (1, 3)
     with pytest.raises(CifarlabError, match=r"images have shape \(16, 16, 3\)"):
         model.predict(np.zeros((1, 16, 16, 3), np.uint8))
+    # A list may mix arrays, PIL images and paths; an empty one gives no rows.
+    mixed = model.predict([img, Image.fromarray(img), tmp_path / "x.png", str(tmp_path / "x.png")])
+    assert mixed.shape == (4, 3) and np.allclose(mixed, np.repeat(p_arr, 4, 0), rtol=1e-4, atol=1e-6)  # batch of 4
+    assert model.predict([]).shape == (0, 3)
+    with pytest.raises(CifarlabError, match=r"images have shape \(30, 32, 3\)"):
+        model.predict([np.zeros((30, 32, 3), np.uint8)])
+    with pytest.raises(CifarlabError, match="cannot read image file '.*missing.png': No such file"):
+        model.predict(tmp_path / "missing.png")
+    with pytest.raises(CifarlabError, match="cannot predict on a int; give uint8 arrays"):
+        model.predict([img, 7])
 
 
 def test_architecture_json_is_readable(trained_run):

@@ -171,22 +171,42 @@ class Predictor:
         self.input_shape = (inp["channels"], inp["height"], inp["width"])
 
     def to_uint8(self, images: Any) -> torch.Tensor:
-        """Convert images (uint8 array N,H,W,C or H,W,C; PIL images; file paths) to uint8 N,C,H,W."""
+        """Convert images to uint8 N,C,H,W: a uint8 array N,H,W,C or H,W,C, or one PIL image or file
+        path, or a list of any of these (arrays H,W,C). Files and PIL images are converted and
+        resized to the model's input as training data are; arrays must already match it."""
+        from PIL import Image
+
         from .data.images import open_image, to_array
 
         c, h, w = self.input_shape
-        if isinstance(images, np.ndarray):
-            a = images if images.ndim == 4 else images[None]
+
+        def checked(a: np.ndarray) -> np.ndarray:
             if a.dtype != np.uint8:
                 raise CifarlabError(f"images must be uint8 (0..255) arrays, got {a.dtype}")
             if a.shape[1:] != (h, w, c):
                 raise CifarlabError(f"images have shape {a.shape[1:]}, the model expects (H, W, C) = {(h, w, c)}")
+            return a
+
+        if isinstance(images, np.ndarray):
+            a = checked(images if images.ndim == 4 else images[None])
             return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2)
         arrays = []
         for im in images if isinstance(images, (list, tuple)) else [images]:
+            if isinstance(im, np.ndarray):
+                arrays.append(checked(im[None])[0])
+                continue
             if isinstance(im, (str, Path)):
-                im = open_image(Path(im).read_bytes(), str(im))
+                try:
+                    data = Path(im).read_bytes()
+                except OSError as e:
+                    raise CifarlabError(f"cannot read image file '{im}': {e.strerror or e}") from None
+                im = open_image(data, str(im))
+            elif not isinstance(im, Image.Image):
+                raise CifarlabError(f"cannot predict on a {type(im).__name__}; give uint8 arrays (N, H, W, C) or "
+                                    "(H, W, C), PIL images or image file paths")
             arrays.append(to_array(im, c, (h, w)))
+        if not arrays:
+            return torch.zeros((0, c, h, w), dtype=torch.uint8)
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
     @torch.no_grad()

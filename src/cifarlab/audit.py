@@ -216,7 +216,8 @@ def run_audit(run: Path, ds: Dataset, out: Path, groups_csv: str | None = None, 
     _plot_class_accuracy(cls["per_class"], overall, out / "per_class_accuracy.png")
     write_json(out / "audit.json", audit)
     write_text(out / "per_class_audit.csv", list_to_csv_rows(
-        [{k: (json_text(v, indent=None) if isinstance(v, list) else v) for k, v in r.items()} for r in cls["per_class"]]))
+        [{k: (json_text(v, indent=None) if isinstance(v, list) else v) for k, v in r.items()}
+         for r in cls["per_class"]]))
     write_text(out / "audit.md", _audit_markdown(audit))
     card = build_model_card(run, pred, ds, report, audit)
     write_json(out / "model_card.json", card)

@@ -71,6 +71,28 @@ def test_bf16_autocast_training_on_the_cpu_uses_the_kernels_that_apply(tmp_path,
         is saved["cpu_kernels"]
 
 
+def test_bf16_on_a_cpu_without_bfloat16_units_gets_a_note(tmp_path, image_folder, monkeypatch):
+    from cifarlab import runtime
+
+    cpu = torch.device("cpu")
+    avx2 = frozenset("sse4_2 avx avx2 fma f16c".split())
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
+    assert "without bfloat16 units" in runtime.slow_bf16_note(cpu, "bf16", avx2)
+    assert "--precision bf16-true" in runtime.slow_bf16_note(cpu, "bf16-true", avx2)
+    assert runtime.slow_bf16_note(cpu, "bf16", avx2 | {"avx512_bf16"}) is None
+    assert runtime.slow_bf16_note(cpu, "bf16", avx2 | {"amx_bf16", "amx_tile"}) is None
+    assert runtime.slow_bf16_note(cpu, "fp32", avx2) is None
+    assert runtime.slow_bf16_note(torch.device("meta"), "bf16", avx2) is None  # not a CPU
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "aarch64")  # other flag names there
+    assert runtime.slow_bf16_note(cpu, "bf16", frozenset({"fp", "asimd"})) is None
+    # Training says it once, before the data load.
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: avx2)
+    lines: list[str] = []
+    fit(tiny_config(str(image_folder), str(tmp_path / "r"), precision="bf16"), log=lines.append)
+    assert sum("without bfloat16 units" in x for x in lines) == 1 and "without bfloat16" in lines[0]
+
+
 @pytest.mark.parametrize("kernels", [True, False])
 def test_cpu_kernels_switch_reaches_keras_augmentation(tmp_path, monkeypatch, kernels):
     """train.cpu_kernels also decides whether --augment keras warps with cifarlab's CPU kernel."""

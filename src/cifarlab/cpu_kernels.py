@@ -79,16 +79,6 @@ def _cpu_signature() -> str:
     return "".join(info) if info is not None else platform.processor() or platform.machine()
 
 
-@functools.cache
-def _cpu_flags() -> frozenset[str] | None:
-    """This CPU's feature flags as /proc/cpuinfo names them (None without that file); parsed once,
-    as every training step asks :func:`conv_kernel_pays_off`."""
-    info = runtime.cpuinfo_lines()
-    if info is None:
-        return None
-    return frozenset(next((ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags")), []))
-
-
 # The instruction sets of oneDNN's AVX-512 convolution kernels (its "avx512_core" level).
 _AVX512_CORE = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})
 
@@ -105,7 +95,7 @@ def conv_kernel_pays_off(flags: Iterable[str] | None = None) -> bool:
     them; by default this machine's (where /proc/cpuinfo is missing, PyTorch's own reading of
     the CPU decides)."""
     if flags is None:
-        flags = _cpu_flags()
+        flags = runtime.cpu_flags()
         if flags is None:
             return torch.backends.cpu.get_cpu_capability() != "AVX512"
     return not _AVX512_CORE.issubset(flags)

@@ -174,6 +174,36 @@ def cpuinfo_lines() -> tuple[str, ...] | None:
         return None
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str] | None:
+    """This CPU's feature flags as /proc/cpuinfo names them (None without that file); parsed
+    once, as every training step of the CPU kernels asks for them."""
+    info = cpuinfo_lines()
+    if info is None:
+        return None
+    return frozenset(next((ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags")), []))
+
+
+# The x86 instruction sets with bfloat16 arithmetic, which oneDNN uses for bf16 convolutions and
+# matrix products; without either it converts to float32 and back around every operation.
+BF16_UNITS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def slow_bf16_note(device: torch.device, precision: str, flags: frozenset[str] | None = None) -> str | None:
+    """A one-line note where ``precision`` computes in bfloat16 on a CPU without bfloat16 units
+    (by default this machine's flags; no note where they are unknown): there it is many times
+    slower than fp32 (a keras-book epoch of 480 images took 14.7 s against 1.0 s on an AVX2 CPU)."""
+    if device.type != "cpu" or precision not in ("bf16", "bf16-true"):
+        return None
+    flags = cpu_flags() if flags is None else flags
+    if flags is None or platform.machine().lower() not in ("x86_64", "amd64"):  # the flag names are x86's
+        return None
+    if BF16_UNITS & flags:
+        return None
+    return (f"note: --precision {precision} on a CPU without bfloat16 units (no avx512_bf16 or amx_bf16 among its "
+            "flags) is many times slower than fp32 here; fp32 is the faster choice on this machine")
+
+
 def cpu_name() -> str:
     """The host CPU's model name (from /proc/cpuinfo, else what the platform module reports),
     saved with each run's metrics: training times, and which of cifarlab's CPU kernels pay off,

@@ -450,6 +450,8 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
     assert cfg is not None
     device = runtime.setup(cfg.train.device, cfg.train.threads, cfg.train.deterministic)
     runtime.check_device_options(device, cfg.train.precision, cfg.train.cuda_graph)  # fail before the data load
+    if note := runtime.slow_bf16_note(device, cfg.train.precision):
+        log(note)
     runtime.seed_everything(cfg.train.seed)
     before = "used"  # a resumed run's folder is never removed
     if resume is None:

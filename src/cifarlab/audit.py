@@ -31,10 +31,17 @@ def bootstrap_ci(stat: Callable[[np.ndarray], float], n: int, n_boot: int, rng: 
                  alpha: float = 0.05) -> tuple[float, float]:
     """Percentile bootstrap interval of ``stat(indices)`` over ``n`` items."""
     vals = np.array([stat(rng.integers(0, n, n)) for _ in range(n_boot)], dtype=float)
-    vals = vals[np.isfinite(vals)]
+    lo, hi = percentile_interval(vals, alpha)
+    return lo, hi
+
+
+def percentile_interval(vals: np.ndarray, alpha: float = 0.05) -> list[float]:
+    """The central ``1 - alpha`` percentile interval of resampled figures; resamples where the
+    figure is undefined (NaN: a class never predicted) drop out, and none left gives NaNs."""
+    vals = vals[~np.isnan(vals)]
     if not len(vals):
-        return float("nan"), float("nan")
-    return float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2))
+        return [math.nan, math.nan]
+    return [float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2))]
 
 
 def class_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str], n_boot: int, seed: int) -> dict[str, Any]:
@@ -57,20 +64,18 @@ def class_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str], n_boot: i
         rec = np.diag(cm) / cm.sum(1)
         prec = np.diag(cm) / cm.sum(0)
 
-    def ci(a: np.ndarray) -> list[float]:
-        a = a[np.isfinite(a)]  # resamples where the figure is undefined (a class never predicted) drop out
-        return [float(np.quantile(a, 0.025)), float(np.quantile(a, 0.975))] if len(a) else [math.nan, math.nan]
-
-    rows = [{"class": c, "support": int(cm[i].sum()), "accuracy": float(rec[i]), "accuracy_ci": ci(rec_b[:, i]),
-             "recall": float(rec[i]), "recall_ci": ci(rec_b[:, i]),
+    rows = [{"class": c, "support": int(cm[i].sum()), "accuracy": float(rec[i]),
+             "accuracy_ci": percentile_interval(rec_b[:, i]),
+             "recall": float(rec[i]), "recall_ci": percentile_interval(rec_b[:, i]),
              "precision": float(prec[i]) if np.isfinite(prec[i]) else None,
-             "precision_ci": ci(prec_b[:, i])} for i, c in enumerate(classes)]
+             "precision_ci": percentile_interval(prec_b[:, i])} for i, c in enumerate(classes)]
     best, worst = int(np.nanargmax(rec)), int(np.nanargmin(rec))
     diff_b = rec_b[:, best] - rec_b[:, worst]
     ratio_b = rec_b[:, worst] / rec_b[:, best]
     spread = {"best": classes[best], "worst": classes[worst], "difference": float(rec[best] - rec[worst]),
-              "difference_ci": ci(diff_b), "ratio": float(rec[worst] / rec[best]) if rec[best] else None,
-              "ratio_ci": ci(ratio_b)}
+              "difference_ci": percentile_interval(diff_b),
+              "ratio": float(rec[worst] / rec[best]) if rec[best] else None,
+              "ratio_ci": percentile_interval(ratio_b)}
     return {"per_class": rows, "spread": spread}
 
 
@@ -150,7 +155,7 @@ def group_metrics(y: np.ndarray, pred: np.ndarray, values: np.ndarray, overall: 
         return acc(rng.choice(ih, len(ih))) - acc(rng.choice(il, len(il)))
 
     diffs = np.array([gap(None) for _ in range(n_boot)])
-    ci = [float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975))]
+    ci = percentile_interval(diffs)
     return {"groups": rows, "gap": {"highest": hi["group"], "lowest": lo["group"],
                                     "difference": hi["accuracy"] - lo["accuracy"], "difference_ci": ci,
                                     "ratio": lo["accuracy"] / hi["accuracy"] if hi["accuracy"] else None,

@@ -151,10 +151,10 @@ def augment_command(args: argparse.Namespace) -> int:
                       label_mode=args.label_mode or "fine", skip_bad_images=bool(args.skip_bad_images))
     x, y = (ds.x_train, ds.y_train) if args.split == "train" else (ds.x_test, ds.y_test)
     if args.subset:
-        from .data import balanced_subset
+        from .data import balanced_subset, subset_note
 
-        if args.subset > len(y):
-            print(f"--subset {args.subset:,} is more than the {len(y):,} {args.split} images; using them all")
+        if note := subset_note(args.subset, len(y), f"{args.split} images"):
+            print(note)
         keep = balanced_subset(y, args.subset, args.seed)
         x, y = x[keep], y[keep]
     if args.limit:

@@ -25,7 +25,7 @@ from . import cpu_kernels as kernels
 from . import runtime
 from .augment import CropFlipCutout, KerasAugment, augmenter_from_config
 from .config import Config, load_run_config, save_config
-from .data import Dataset, balanced_subset, load_dataset, stratified_split
+from .data import Dataset, balanced_subset, load_dataset, stratified_split, subset_note
 from .errors import CifarlabError
 from .export import normalize, preprocess, save_architecture, save_weights, tta_logits
 from .fsutil import write_json, write_text
@@ -460,9 +460,9 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
         if resume is None:
             save_config(cfg, run / "config.yaml")
         ds = _load_data(cfg, dataset, log)
-        if cfg.data.subset and cfg.data.subset > len(ds.y_train):
-            log(f"--subset {cfg.data.subset:,} is more than the {len(ds.y_train):,} training images of {ds.source}; "
-                "using them all")
+        if cfg.data.subset and (note := subset_note(cfg.data.subset, len(ds.y_train),
+                                                    f"training images of {ds.source}")):
+            log(note)
         arrays = make_arrays(cfg, ds, device)
         n, bs = len(arrays.x_train), cfg.train.batch_size
         steps = steps_per_epoch(n, cfg)

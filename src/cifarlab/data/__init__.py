@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import DataError
 from . import archive, cache, cifar, download, folder
 
-__all__ = ["Dataset", "load_dataset", "stratified_split", "balanced_subset", "DataError"]
+__all__ = ["Dataset", "load_dataset", "stratified_split", "balanced_subset", "subset_note", "DataError"]
 
 
 @dataclass
@@ -126,6 +126,12 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
             f"{len(counts)}, one per class, and every class at least 2 images (the smallest has {counts.min()}). "
             "Use more images (a larger --subset) or another --val-split") from None
     return np.sort(tr), np.sort(va)
+
+
+def subset_note(n: int, available: int, what: str) -> str | None:
+    """The note for ``--subset n`` asking for more than the ``available`` images (``what``, e.g.
+    "test images"): :func:`balanced_subset` then uses them all. None where it does not."""
+    return f"--subset {n:,} is more than the {available:,} {what}; using them all" if n > available else None
 
 
 def balanced_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:

@@ -1,13 +1,17 @@
 """Helpers shared by the benchmark scripts: where the data copy lies, the images they time and
-a timed training epoch."""
+a timed training epoch. Importing it needs only numpy (``cpu_speed.py``'s Keras worker runs it in
+an interpreter without torch or cifarlab)."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg.tar.xz"
 
@@ -53,6 +57,8 @@ def timed_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Ten
     context from :func:`cifarlab.runtime.autocast`, if given)
     over uint8 NCHW ``x`` on its device; returns each step's seconds and the epoch's, by the
     host clock (on a GPU those count launches, not the work: time with CUDA events)."""
+    import torch
+
     from cifarlab import cpu_kernels
     from cifarlab.export import preprocess
     from cifarlab.train import train_step

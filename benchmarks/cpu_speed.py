@@ -22,7 +22,9 @@ bf16 with it too (a change of arithmetic: its accuracy is a separate measurement
 docs/performance.md).
 
 Keras/TensorFlow is a benchmark-only extra (``pip install tensorflow-cpu``), looked for in
-``--keras-python`` (default: this interpreter); without it only cifarlab is timed.
+``--keras-python`` (default: this interpreter); without it only cifarlab is timed. That
+interpreter needs numpy and Keras only: this process decodes the images once and hands every
+worker the same arrays in a temporary ``.npz``.
 Usage: python benchmarks/cpu_speed.py [--batches 40] [--epochs 3] [--rounds 2] [--precision fp32 [bf16]]
     [--keras-python PATH]
 """
@@ -35,7 +37,9 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from bench_common import cpu_line, timed_epoch, training_images
@@ -119,7 +123,7 @@ def steps_keras(x: np.ndarray, y: np.ndarray, epochs: int, precision: str = "fp3
 
 
 def worker(args: argparse.Namespace) -> None:
-    x, y, src = training_images(args.batches * BATCH)
+    x, y, _ = training_images(args.batches * BATCH, Path(args.npz))
     (precision,) = args.precision
     if args.worker == "keras":
         try:
@@ -133,12 +137,12 @@ def worker(args: argparse.Namespace) -> None:
         if kernels and cpu_kernels.load() is None:  # each process loads them anew
             raise SystemExit(f"cifarlab's CPU kernels are unavailable here: {cpu_kernels.unavailable_reason()}")
         times, epochs = steps_cifarlab(x, y, args.epochs, args.threads, kernels=kernels, precision=precision)
-    print(json.dumps({"times": times, "epochs": epochs, "data": src}))
+    print(json.dumps({"times": times, "epochs": epochs}))
 
 
 def run_worker(python: str, name: str, precision: str, args: argparse.Namespace, env: dict | None = None) -> dict:
     cmd = [python, __file__, "--worker", name, "--batches", str(args.batches), "--epochs", str(args.epochs),
-           "--precision", precision]
+           "--precision", precision, "--npz", args.npz]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
@@ -160,7 +164,17 @@ def measure(args: argparse.Namespace) -> tuple[dict, dict, str]:
     says so, and no other is started)."""
     runs: dict[tuple[str, str], list[float]] = {}
     epoch_s: dict[tuple[str, str], list[float]] = {}
-    src, have_keras = "", True
+    x, y, src = training_images(args.batches * BATCH)
+    with tempfile.TemporaryDirectory(prefix="cpu_speed-") as tmp:
+        np.savez(Path(tmp) / "train.npz", x=x, y=y)
+        args.npz = tmp
+        _alternate(args, runs, epoch_s)
+    return runs, epoch_s, src
+
+
+def _alternate(args: argparse.Namespace, runs: dict, epoch_s: dict) -> None:
+    """Every worker ``args.rounds`` times, in turn, adding their seconds to ``runs`` and ``epoch_s``."""
+    have_keras = True
     for _ in range(args.rounds):
         for precision in args.precision:
             for name in NAMES:
@@ -173,8 +187,6 @@ def measure(args: argparse.Namespace) -> tuple[dict, dict, str]:
                 if name in OURS or have_keras:
                     runs.setdefault((name, precision), []).extend(r["times"])
                     epoch_s.setdefault((name, precision), []).extend(r["epochs"])
-                    src = r["data"]
-    return runs, epoch_s, src
 
 
 LABELS = {"cifarlab": "cifarlab (channels-last, its CPU kernels)",
@@ -221,6 +233,7 @@ def main() -> None:
                     help="float32 (the notebook) and/or bfloat16 mixed precision, both frameworks in each")
     ap.add_argument("--keras-python", default=sys.executable, help="interpreter with keras and tensorflow")
     ap.add_argument("--worker", choices=["cifarlab", "cifarlab-pytorch", "keras"], help=argparse.SUPPRESS)
+    ap.add_argument("--npz", help=argparse.SUPPRESS)  # a worker's images: the folder measure() writes
     args = ap.parse_args()
     args.precision = list(dict.fromkeys(args.precision))  # each once, in the order given
     if args.worker:

@@ -372,12 +372,16 @@ def test_cpu_speed_compares_both_precisions_and_bf16_with_the_float32_notebook(m
             ("keras+malloc", "fp32"): 0.088, ("cifarlab", "bf16"): 0.040, ("cifarlab-pytorch", "bf16"): 0.050,
             ("keras", "bf16"): 0.044, ("keras+malloc", "bf16"): 0.043}
     order = []
+    x, y = np.full((4, 32, 32, 3), 7, np.uint8), np.arange(4)
+    monkeypatch.setattr(cpu_speed, "training_images", lambda n: (x[:n], y[:n], "4 test images"))
 
     def fake(python, name, precision, args, env=None):
         name = "keras+malloc" if env else name
         order.append((name, precision))
+        handed = np.load(Path(args.npz) / "train.npz")  # every worker reads the images decoded once
+        assert np.array_equal(handed["x"], x) and np.array_equal(handed["y"], y)
         s = step[(name, precision)]
-        return {"times": [s] * 4, "epochs": [s * 312] * 2, "data": "fake"}
+        return {"times": [s] * 4, "epochs": [s * 312] * 2}
 
     monkeypatch.setattr(cpu_speed, "run_worker", fake)
     monkeypatch.setattr(cpu_speed, "cpu_line", lambda: "CPU: test")
@@ -389,3 +393,25 @@ def test_cpu_speed_compares_both_precisions_and_bf16_with_the_float32_notebook(m
     assert "fp32 per whole epoch: cifarlab is 1.12x" in out  # 90 / 80
     assert "per step: cifarlab in bf16 is 2.25x its speed" in out  # Keras fp32 90 / cifarlab bf16 40
     assert out.count(" ms (") == len(step)
+    assert "data: 4 test images;" in out
+
+
+def test_cpu_speed_keras_worker_needs_neither_torch_nor_cifarlab(tmp_path):
+    """The Keras worker runs in ``--keras-python``, an interpreter that may hold only numpy and
+    Keras: it must start there (here Keras is absent too, so it reports nothing measured)."""
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'cifarlab', 'keras', 'tensorflow'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n")
+    np.savez(tmp_path / "train.npz", x=np.zeros((256, 32, 32, 3), np.uint8), y=np.arange(256) % 10)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "cpu_speed.py"), "--worker", "keras", "--batches", "2",
+           "--epochs", "1", "--precision", "fp32", "--npz", str(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(blocker)})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1] == '{"times": null, "epochs": null}'

@@ -91,9 +91,9 @@ def conv_kernel_pays_off(flags: Iterable[str] | None = None) -> bool:
     time on an AVX2 AMD EPYC, but 1.35 times on an AVX-512 Xeon, whose oneDNN weight gradient
     ran at 242 to 294 GFLOP/s against this kernel's 153 to 174; there a keras-deep epoch
     (``benchmarks/cpu_epoch.py``) took 24.7 and 26.4 s with the dropout kernel alone against
-    29.9 and 31.4 s with both. ``flags`` are the CPU's feature flags as /proc/cpuinfo names
-    them; by default this machine's (where /proc/cpuinfo is missing, PyTorch's own reading of
-    the CPU decides)."""
+    29.9 and 31.4 s with both; and 1.07 times on an AVX-512 AMD EPYC. ``flags`` are the CPU's
+    feature flags as /proc/cpuinfo names them; by default this machine's (where /proc/cpuinfo is
+    missing, PyTorch's own reading of the CPU decides)."""
     if flags is None:
         flags = runtime.cpu_flags()
         if flags is None:

@@ -25,6 +25,13 @@ from .export import list_to_csv_rows, load_model
 from .fsutil import json_text, write_json, write_text
 
 TO_FILL = "[TO BE FILLED IN BY THE MODEL'S OWNER]"
+# Every model card's out-of-scope uses, also carried in the metadata of an exported model.
+OUT_OF_SCOPE = (
+    "Identifying, recognising, tracking or surveilling people, including face recognition.",
+    "Making or supporting decisions about people (access, employment, credit, policing, health).",
+    "Safety-critical perception (vehicles, medical imaging) or any image outside the training classes; "
+    "the model always answers with one of its classes, even for images of none of them.",
+)
 
 
 def bootstrap_ci(stat: Callable[[np.ndarray], float], n: int, n_boot: int, rng: np.random.Generator,
@@ -326,12 +333,7 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
                             f"set's {len(pred.classes)} classes ({', '.join(pred.classes[:10])}"
                             f"{', ...' if len(pred.classes) > 10 else ''}) for research, teaching and benchmarking.",
             "primary_users": "Students, researchers and engineers studying image classification.",
-            "out_of_scope": [
-                "Identifying, recognising, tracking or surveilling people, including face recognition.",
-                "Making or supporting decisions about people (access, employment, credit, policing, health).",
-                "Safety-critical perception (vehicles, medical imaging) or any image outside the training classes; "
-                "the model always answers with one of its classes, even for images of none of them.",
-            ],
+            "out_of_scope": list(OUT_OF_SCOPE),
         },
         "factors": {"relevant_factors": TO_FILL + " (e.g. photo source, lighting, region, camera)",
                     "evaluated_groups": list(audit.get("attributes", {}))},

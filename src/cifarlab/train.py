@@ -185,10 +185,12 @@ class GraphedStep:
 
 @torch.no_grad()
 def evaluate_arrays(model: nn.Module, x: torch.Tensor, y: torch.Tensor, prep: dict,
-                    batch_size: int = 1000, tta: str = "none", channels_last: bool = False,
+                    batch_size: int | None = None, tta: str = "none", channels_last: bool = False,
                     dtype: torch.dtype = torch.float32) -> tuple[float, float, torch.Tensor]:
     """Mean cross-entropy, accuracy and logits (on CPU) of ``model`` over uint8 images ``x``,
-    which reach the model as ``dtype`` (the weights' dtype, see :func:`runtime.cast_model`)."""
+    which reach the model as ``dtype`` (the weights' dtype, see :func:`runtime.cast_model`), in
+    batches of ``batch_size`` (default :func:`runtime.inference_batch_size` for ``x``'s device)."""
+    batch_size = batch_size or runtime.inference_batch_size(x.device)
     was = model.training
     model.eval()
     fmt = torch.channels_last if channels_last else torch.contiguous_format

@@ -91,11 +91,17 @@ def test_cli_export_and_its_errors(trained_run, tmp_path, capfd):
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert meta["test_time_augmentation"] == "flip"
     assert main(["export", str(trained_run), "--out", str(tmp_path / "cls.pt")]) == 2
-    assert "--out '" in capfd.readouterr().err
+    assert "cls.pt' is not a .onnx file name" in capfd.readouterr().err
     assert main(["export", str(tmp_path / "nope")]) == 2
     assert f"run folder '{tmp_path / 'nope'}' does not exist" in capfd.readouterr().err
-    assert main(["export", str(trained_run), "--opset", "3"]) == 2
-    assert "--opset 3 is not an ONNX opset" in capfd.readouterr().err
+    assert main(["export", str(trained_run), "--opset", "999"]) == 2
+    assert "--opset 999 is not an ONNX opset this onnx knows" in capfd.readouterr().err
+    # An opset the converter cannot reach is refused, not silently replaced by the exporter's own.
+    assert main(["export", str(trained_run), "--out", str(tmp_path / "old.onnx"), "--opset", "13"]) == 2
+    err = capfd.readouterr().err
+    assert "--opset 13: the ONNX converter could not express this model in opset 13" in err
+    assert "Traceback" not in err and not (tmp_path / "old.onnx").exists()
+    assert export_onnx(trained_run, tmp_path / "o17.onnx", opset=17, log=lambda s: None)["opset"] == 17
 
 
 def test_a_graph_that_disagrees_leaves_no_file(trained_run, monkeypatch):

@@ -117,16 +117,17 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
     run = Path(run)
     out = Path(out) if out is not None else run / "model.onnx"
     if out.suffix != ".onnx":
-        raise CifarlabError(f"--out '{out}' must name a .onnx file")
-    if opset is not None and not 7 <= opset <= 99:
-        raise CifarlabError(f"--opset {opset} is not an ONNX opset; give one such as 18 or 20")
+        raise CifarlabError(f"output '{out}' is not a .onnx file name; give a path ending in .onnx")
+    if opset is not None and not 1 <= opset <= onnx.defs.onnx_opset_version():
+        raise CifarlabError(f"--opset {opset} is not an ONNX opset this onnx knows (1 to "
+                            f"{onnx.defs.onnx_opset_version()}); give one such as 18 or 20")
     c, h, w = predictor.input_shape
     # float32 and the default memory format: the file holds one graph for every runtime.
     wrapped = ExportedClassifier(predictor.model.float().to(memory_format=torch.contiguous_format),
                                  predictor.prep, predictor.tta).eval()
     example = torch.zeros((2, h, w, c), dtype=torch.uint8)
     try:
-        with warnings.catch_warnings(), _quiet("torch.onnx"):
+        with warnings.catch_warnings(), _quiet("torch.onnx"), _quiet("onnxscript"):
             warnings.simplefilter("ignore")  # the exporter's own deprecation and tracing chatter
             program = torch.onnx.export(
                 wrapped, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -134,12 +135,16 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
                 external_data=False, verbose=False)
     except Exception as e:  # the exporter raises many types; the user needs the model and the reason
         raise CifarlabError(f"PyTorch could not export {predictor.arch['model']} to ONNX "
-                            f"(opset {opset or 'default'}): {type(e).__name__}: {str(e).splitlines()[0]}") from None
+                            f"(opset {opset or 'default'}): {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") \
+            from None
     proto = program.model_proto
+    made = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and made != opset:  # the exporter falls back to its own opset when converting fails
+        raise CifarlabError(f"--opset {opset}: the ONNX converter could not express this model in opset {opset} "
+                            f"(PyTorch's exporter made opset {made}); give a newer one, such as {made}, or omit --opset")
     onnx.helper.set_model_props(proto, _metadata(predictor, run, predictor.tta))
-    report: dict[str, Any] = {"path": str(out), "opset": next(
-        (o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None), "tta": predictor.tta,
-        "classes": predictor.classes, "check": None}
+    report: dict[str, Any] = {"path": str(out), "opset": made, "tta": predictor.tta, "classes": predictor.classes,
+                              "check": None}
 
     def write(tmp: Path) -> None:
         onnx.save_model(proto, str(tmp))

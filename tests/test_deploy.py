@@ -17,7 +17,7 @@ from cifarlab.errors import CifarlabError
 from cifarlab.export import save_architecture, save_weights
 from cifarlab.models import create_model, list_models
 
-onnx = pytest.importorskip("onnx", reason="ONNX export is tested with the onnx extra (pip install 'cifarlab[onnx]')")
+onnx = pytest.importorskip("onnx", reason="ONNX export is tested with the onnx extra (pip install '.[onnx]')")
 pytest.importorskip("onnxscript", reason="PyTorch's ONNX exporter needs onnxscript")
 ort = pytest.importorskip("onnxruntime", reason="the exported files are run with onnxruntime")
 
@@ -128,6 +128,6 @@ def test_without_onnxruntime_the_file_is_written_unchecked(trained_run, monkeypa
 
 def test_without_the_exporters_packages_the_error_names_the_extra(trained_run, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)
-    with pytest.raises(CifarlabError, match=r"onnxscript is not installed\): pip install 'cifarlab\[onnx\]'"):
+    with pytest.raises(CifarlabError, match=r"onnxscript is not installed\): pip install onnx onnxscript onnxruntime"):
         export_onnx(trained_run, log=lambda s: None)
     assert not (trained_run / "model.onnx").exists()

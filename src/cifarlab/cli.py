@@ -155,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Export a run as an ONNX file that runs without PyTorch or cifarlab: uint8 "
                                    "images (N, H, W, C) in, class probabilities out, with the run's preprocessing "
                                    "and test-time augmentation inside and its class names in the metadata. Needs "
-                                   "pip install 'cifarlab[onnx]'.")
+                                   "the onnx extra: pip install '.[onnx]' in a clone, or onnx onnxscript onnxruntime.")
     x.add_argument("run", help="run folder written by 'cifarlab train'")
     x.add_argument("--out", help="the .onnx file to write (default RUN/model.onnx)")
     _add_tta_arg(x)

@@ -78,7 +78,7 @@ def _onnx_modules():
         import onnxscript  # noqa: F401
     except ImportError as e:
         raise CifarlabError(f"ONNX export needs the packages onnx and onnxscript ({e.name} is not installed): "
-                            "pip install 'cifarlab[onnx]'") from None
+                            "pip install onnx onnxscript onnxruntime (the onnx extra: pip install '.[onnx]' in a clone)") from None
     return onnx
 
 

@@ -91,3 +91,19 @@ def test_preprocess_scales_and_standardises_with_per_channel_values_made_once():
     after = channel_values.cache_info()
     assert after.hits == before.hits + 2 and after.misses == before.misses
     assert torch.equal(preprocess(x, {"rescale": 0.5, "mean": None, "std": None}), x.float() * 0.5)
+
+
+def test_cpu_inference_runs_in_cache_sized_batches(trained_run):
+    """On the CPU a predictor passes 128 images at a time (runtime.inference_batch_size), and the
+    batch size does not change what it predicts."""
+    from cifarlab import runtime
+
+    assert runtime.inference_batch_size("cpu") == 128 and runtime.inference_batch_size("cuda:0") == 1000
+    model = cifarlab.load_model(trained_run)
+    sizes = []
+    hook = model.model.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])))
+    images = np.random.default_rng(0).integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
+    p_default = model.predict(images)
+    assert sizes == [128, 128, 44]
+    hook.remove()
+    assert np.allclose(p_default, model.predict(images, batch_size=1000), rtol=1e-5, atol=1e-6)

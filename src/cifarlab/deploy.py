@@ -6,7 +6,7 @@ graph, and the softmax: it returns class probabilities, (N, classes), the same a
 ``cifarlab.load_model(run).predict``. The class names, the preprocessing, the test-time
 augmentation and the out-of-scope uses of the model card are in the file's metadata, so the
 model does not travel without them. Weights are exported in float32 whatever the training
-precision (ONNX Runtime's CPU kernels are float32).
+precision, as :func:`cifarlab.load_model` loads them.
 """
 
 from __future__ import annotations

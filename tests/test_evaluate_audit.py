@@ -108,6 +108,44 @@ def test_groups_file_errors(image_folder, tmp_path):
     f.write_text("index,x\n0,a\n1,b\n")
     idx, attrs = read_groups(f, ds)
     assert idx.tolist() == [0, 1] and attrs["x"].tolist() == ["a", "b"]
+    f.write_text("index,x\n0,a\n1,b\n0,c\n")
+    with pytest.raises(CifarlabError, match=r"line 4: index '0' is listed twice \(first on line 2\)"):
+        read_groups(f, ds)
+    f.write_text(f"path,x\n{ds.test_paths[3]},a\n\n{ds.test_paths[3]},a\n")
+    with pytest.raises(CifarlabError, match=r"line 4: path '.*' is listed twice \(first on line 2\)"):
+        read_groups(f, ds)
+    f.write_text("index,x,y\n0,a,\n1,b, \n")
+    with pytest.raises(CifarlabError, match="column 'y' has no values"):
+        read_groups(f, ds)
+
+
+def test_groups_file_as_spreadsheets_write_it(image_folder, tmp_path):
+    """A byte-order mark, CRLF line ends and blank lines (as spreadsheets save CSV) are read as
+    the plain file is; an empty cell stays empty, for the audit to leave out."""
+    ds = load_dataset(image_folder)
+    f = tmp_path / "g.csv"
+    f.write_bytes("\ufeffindex,x\r\n0,a\r\n\r\n1,\r\n2,b\r\n\r\n".encode())
+    idx, attrs = read_groups(f, ds)
+    assert idx.tolist() == [0, 1, 2] and attrs["x"].tolist() == ["a", "", "b"]
+
+
+def test_audit_leaves_out_images_without_a_group_and_measures_no_gap_in_one_group(trained_run, image_folder,
+                                                                                   tmp_path):
+    ds = load_dataset(image_folder)
+    groups = tmp_path / "groups.csv"
+    n = len(ds.y_test)
+    groups.write_text("index,site,camera\n" + "".join(f"{i},{'a' if i < 5 else ''},c|1\n" for i in range(n)))
+    audit = run_audit(trained_run, ds, tmp_path / "audit", groups_csv=str(groups), n_boot=100, device="cpu",
+                      log=lambda s: None)
+    site, camera = audit["attributes"]["site"], audit["attributes"]["camera"]
+    assert [(g["group"], g["n"]) for g in site["groups"]] == [("a", 5)] and site["not_recorded"] == n - 5
+    assert site["gap"] is None and camera["gap"] is None and camera["not_recorded"] == 0
+    assert f"site: not recorded for {n - 5} images, left out of its groups" in audit["warnings"]
+    assert "only 5 images (< 30)" in " ".join(audit["warnings"])
+    md = (tmp_path / "audit" / "audit.md").read_text()
+    assert "Only one group: no gap to measure." in md and f"Not recorded for {n - 5} images" in md
+    assert "| c\\|1 | 9 |" in md  # a '|' in a name stays inside its table cell
+    assert "By `site`: a " in (tmp_path / "audit" / "MODEL_CARD.md").read_text()
 
 
 def test_evaluation_uses_the_runs_own_test_time_augmentation(image_folder, tmp_path):

@@ -90,24 +90,28 @@ def read_groups(path: str | Path, ds: Dataset) -> tuple[np.ndarray, dict[str, np
     """Read a groups CSV; returns (test indices, {attribute: values per row}).
 
     The first column is ``index`` (position in the test split, in the loader's order) or
-    ``path`` (as in ``Dataset.test_paths``, e.g. ``test/cat/0001.jpg``).
+    ``path`` (as in ``Dataset.test_paths``, e.g. ``test/cat/0001.jpg``). A byte-order mark (as
+    spreadsheets write "CSV UTF-8") and blank lines are ignored. An empty cell means the
+    attribute was not recorded for that image (see :func:`run_audit`). An image listed twice, or
+    an attribute column with no value at all, is refused: either would misstate the groups.
     """
     path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [(ln, r) for ln, r in enumerate(csv.reader(f), start=1) if any(c.strip() for c in r)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise CifarlabError(f"cannot read groups file '{path}': {e}") from None
-    if len(rows) < 2 or len(rows[0]) < 2:
+    if len(rows) < 2 or len(rows[0][1]) < 2:
         raise CifarlabError(f"groups file '{path}' needs a header and rows, with a first column 'index' or 'path' "
                             "and at least one attribute column")
-    head, body = [h.strip() for h in rows[0]], rows[1:]
+    head, body = [h.strip() for h in rows[0][1]], rows[1:]
     key = head[0].lower()
     if key not in ("index", "path"):
         raise CifarlabError(f"groups file '{path}': first column is '{head[0]}'; it must be 'index' or 'path'")
     lookup = {p: i for i, p in enumerate(ds.test_paths)} if key == "path" else None
-    idx = []
-    for ln, r in enumerate(body, start=2):
+    idx: list[int] = []
+    seen: dict[int, int] = {}
+    for ln, r in body:
         if len(r) != len(head):
             raise CifarlabError(f"groups file '{path}' line {ln}: {len(r)} fields, header has {len(head)}")
         v = r[0].strip()
@@ -115,19 +119,28 @@ def read_groups(path: str | Path, ds: Dataset) -> tuple[np.ndarray, dict[str, np
             if v not in lookup:
                 raise CifarlabError(f"groups file '{path}' line {ln}: path '{v}' is not a test image of {ds.source} "
                                     f"(test paths look like '{ds.test_paths[0] if ds.test_paths else '?'}')")
-            idx.append(lookup[v])
+            i = lookup[v]
         else:
             if not v.isdigit() or int(v) >= len(ds.y_test):
                 raise CifarlabError(f"groups file '{path}' line {ln}: index '{v}' is not valid; expected 0.."
                                     f"{len(ds.y_test) - 1}")
-            idx.append(int(v))
-    attrs = {h: np.array([r[j].strip() for r in body], dtype=object) for j, h in enumerate(head) if j > 0}
+            i = int(v)
+        if i in seen:
+            raise CifarlabError(f"groups file '{path}' line {ln}: {key} '{v}' is listed twice (first on line "
+                                f"{seen[i]}); give each test image one row")
+        seen[i] = ln
+        idx.append(i)
+    attrs = {h: np.array([r[j].strip() for _, r in body], dtype=object) for j, h in enumerate(head) if j > 0}
+    for h, values in attrs.items():
+        if not any(values):
+            raise CifarlabError(f"groups file '{path}': column '{h}' has no values; fill it in or remove it")
     return np.array(idx, dtype=np.int64), attrs
 
 
 def group_metrics(y: np.ndarray, pred: np.ndarray, values: np.ndarray, overall: float, n_boot: int,
                   seed: int, margin: float, min_group: int) -> dict[str, Any]:
-    """By-group accuracy, macro recall and macro precision with intervals; the largest gap and its interval."""
+    """By-group accuracy, macro recall and macro precision with intervals; the largest gap and its
+    interval, or a gap of None where there is only one group."""
     rng = np.random.default_rng(seed)
     groups = sorted(set(values.tolist()))
     rows = []
@@ -153,6 +166,8 @@ def group_metrics(y: np.ndarray, pred: np.ndarray, values: np.ndarray, overall: 
                "too_small": bool(len(ix) < min_group),
                "flagged": bool(a < overall - margin)}
         rows.append(row)
+    if len(rows) < 2:  # one group: nothing to compare it with
+        return {"groups": rows, "gap": None}
     judged = [r for r in rows if not r["too_small"]] or rows
     hi = max(judged, key=lambda r: r["accuracy"])
     lo = min(judged, key=lambda r: r["accuracy"])
@@ -167,6 +182,15 @@ def group_metrics(y: np.ndarray, pred: np.ndarray, values: np.ndarray, overall: 
                                     "difference": hi["accuracy"] - lo["accuracy"], "difference_ci": ci,
                                     "ratio": lo["accuracy"] / hi["accuracy"] if hi["accuracy"] else None,
                                     "ci_excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}}
+
+
+def _cell(text: str) -> str:
+    """A class or group name as one Markdown table cell: a '|' in it would split the cell."""
+    return str(text).replace("|", "\\|")
+
+
+def _images(n: int) -> str:
+    return f"{n} image" if n == 1 else f"{n} images"
 
 
 def check_options(margin: float, min_group: int, n_boot: int) -> None:
@@ -212,15 +236,24 @@ def run_audit(run: Path, ds: Dataset, out: Path, groups_csv: str | None = None, 
         audit["groups_file"] = str(groups_csv)
         audit["attributes"] = {}
         for name, values in attrs.items():
-            gm = group_metrics(y[idx], yhat[idx], values, overall, n_boot, seed, margin, min_group)
+            # An empty cell: the attribute was not recorded for that image, which then belongs to
+            # none of this attribute's groups (a group of its own would mix unrelated images).
+            known = values != ""
+            gm = group_metrics(y[idx][known], yhat[idx][known], values[known], overall, n_boot, seed, margin,
+                               min_group)
+            gm["not_recorded"] = int((~known).sum())
             audit["attributes"][name] = gm
+            if gm["not_recorded"]:
+                audit["warnings"].append(f"{name}: not recorded for {_images(gm['not_recorded'])}, left out of "
+                                         f"its groups")
             for g in gm["groups"]:
                 if g["too_small"]:
-                    audit["warnings"].append(f"{name}={g['group']}: only {g['n']} images (< {min_group}); too small to judge")
+                    audit["warnings"].append(f"{name}={g['group']}: only {_images(g['n'])} (< {min_group}); "
+                                             "too small to judge")
                 elif g["flagged"]:
                     audit["warnings"].append(f"{name}={g['group']}: accuracy {g['accuracy']:.3f} is more than "
                                              f"{margin:.2f} below the overall {overall:.3f}")
-            if gm["gap"]["ci_excludes_zero"]:
+            if gm["gap"] is not None and gm["gap"]["ci_excludes_zero"]:
                 ga = gm["gap"]
                 audit["warnings"].append(f"{name}: the accuracy gap between '{ga['highest']}' and '{ga['lowest']}' "
                                          f"({ga['difference']:.3f}, 95% CI {ga['difference_ci'][0]:.3f} to "
@@ -276,7 +309,7 @@ def _audit_markdown(a: dict) -> str:
              "![per-class accuracy](per_class_accuracy.png)", "",
              "| class | n | accuracy | 95% CI | precision | 95% CI | flagged |", "|---|---|---|---|---|---|---|"]
     for r in a["classes"]["per_class"]:
-        lines.append(f"| {r['class']} | {r['support']} | {r['accuracy']:.3f} | {_fmt_ci(r['accuracy_ci'])} | "
+        lines.append(f"| {_cell(r['class'])} | {r['support']} | {r['accuracy']:.3f} | {_fmt_ci(r['accuracy_ci'])} | "
                      f"{_fmt(r['precision'])} | {_fmt_ci(r['precision_ci'])} | {'yes' if r['flagged'] else ''} |")
     sp = a["classes"]["spread"]
     lines += ["", f"Spread: best class **{sp['best']}**, worst **{sp['worst']}**; difference {sp['difference']:.3f} "
@@ -286,10 +319,13 @@ def _audit_markdown(a: dict) -> str:
                   "|---|---|---|---|---|---|---|"]
         for g in gm["groups"]:
             note = "too small to judge" if g["too_small"] else ("flagged" if g["flagged"] else "")
-            lines.append(f"| {g['group']} | {g['n']} | {g['accuracy']:.3f} | {_fmt_ci(g['accuracy_ci'])} | "
+            lines.append(f"| {_cell(g['group'])} | {g['n']} | {g['accuracy']:.3f} | {_fmt_ci(g['accuracy_ci'])} | "
                          f"{_fmt(g['macro_recall'])} | {_fmt(g['macro_precision'])} | {note} |")
+        if gm.get("not_recorded"):
+            lines += ["", f"Not recorded for {_images(gm['not_recorded'])} (empty cells), left out of these groups."]
         ga = gm["gap"]
-        lines += ["", f"Largest gap: {ga['highest']} vs {ga['lowest']}: {ga['difference']:.3f} {_fmt_ci(ga['difference_ci'])}"
+        lines += ["", "Only one group: no gap to measure." if ga is None else
+                  f"Largest gap: {ga['highest']} vs {ga['lowest']}: {ga['difference']:.3f} {_fmt_ci(ga['difference_ci'])}"
                   + (" - the interval excludes zero." if ga["ci_excludes_zero"] else " - the interval includes zero."), ""]
     lines += ["## Other evaluation plots", "", "![confusion matrix](confusion_matrix.png)", "",
               "![reliability diagram](reliability.png)", "", "![most confident errors](confident_errors.png)", ""]
@@ -389,13 +425,13 @@ def model_card_markdown(card: dict) -> str:
              "![per-class accuracy](per_class_accuracy.png)", "",
              "| class | accuracy | 95% CI | precision |", "|---|---|---|---|"]
     for r in mt["per_class"]:
-        lines.append(f"| {r['class']} | {r['accuracy']:.3f} | {_fmt_ci(r['accuracy_ci'])} | {_fmt(r['precision'])} |")
+        lines.append(f"| {_cell(r['class'])} | {r['accuracy']:.3f} | {_fmt_ci(r['accuracy_ci'])} | {_fmt(r['precision'])} |")
     sp = mt["class_spread"]
     lines += ["", f"Largest class gap: {sp['best']} vs {sp['worst']}, {sp['difference']:.3f} {_fmt_ci(sp['difference_ci'])}.", ""]
     for name, gm in mt["groups"].items():
         ga = gm["gap"]
         lines += [f"By `{name}`: " + ", ".join(f"{g['group']} {g['accuracy']:.3f} (n={g['n']})" for g in gm["groups"])
-                  + f"; largest gap {ga['difference']:.3f} {_fmt_ci(ga['difference_ci'])}.", ""]
+                  + ("." if ga is None else f"; largest gap {ga['difference']:.3f} {_fmt_ci(ga['difference_ci'])}."), ""]
     lines += ["![confusion matrix](confusion_matrix.png) ![reliability diagram](reliability.png)", "",
               "## Ethical considerations", ""] + [f"- {e}" for e in card["ethical_considerations"]] + [
               "", "## Caveats and recommendations", ""] + [f"- {c}" for c in card["caveats"]] + [""]

@@ -62,11 +62,20 @@ def test_errors_are_one_paragraph_without_traceback(capsys, args, msg):
     assert err.startswith("cifarlab: error: ") and err.count("\n") == 1
 
 
-def test_unknown_option_lists_usage(capsys):
+@pytest.mark.parametrize("args, usage, msg", [
+    (["train", "--epoch", "3", "--lr=0.1"], "usage: cifarlab train ",
+     "cifarlab train: error: unrecognized arguments: --epoch 3 (--epoch: did you mean --epochs?)"),
+    (["predict", "run", "a.png", "--top-k=5"], "usage: cifarlab predict ",
+     "cifarlab predict: error: unrecognized arguments: --top-k=5 (--top-k: did you mean --top?)"),
+    (["list", "extra"], "usage: cifarlab list ", "cifarlab list: error: unrecognized arguments: extra\n"),
+    (["--bogus"], "usage: cifarlab [-h]", "cifarlab: error: unrecognized arguments: --bogus\n"),
+])
+def test_unknown_option_gives_its_commands_usage_and_the_closest_option(capsys, args, usage, msg):
     with pytest.raises(SystemExit) as e:
-        main(["train", "--epoch", "3"])
+        main(args)
     assert e.value.code == 2
-    assert "unrecognized arguments: --epoch" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(usage) and msg in err
 
 
 def test_download_offline_message(capsys):

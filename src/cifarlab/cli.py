@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -326,12 +327,30 @@ def cmd_list(args: argparse.Namespace) -> int:  # noqa: ARG001
     return 0
 
 
+def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
+    """Exit with the usage of the command the unknown arguments were given to (argparse names
+    only the top level's) and the closest option to each unknown one."""
+    sub = next((a.choices.get(args.command) for a in parser._actions
+                if isinstance(a, argparse._SubParsersAction)), None) if args.command else None
+    target = sub or parser
+    known = [o for a in target._actions for o in a.option_strings]
+    hints = []
+    for e in extra:
+        if e.startswith("-"):
+            close = difflib.get_close_matches(e.split("=", 1)[0], known, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{e.split('=', 1)[0]}: did you mean {close[0]}?")
+    target.error(f"unrecognized arguments: {' '.join(extra)}" + (f" ({'; '.join(hints)})" if hints else ""))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; user errors print one paragraph (no traceback) and exit with status 2."""
     from .train import TrainingInterrupted
 
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _refuse_unknown(parser, args, extra)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

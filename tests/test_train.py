@@ -405,3 +405,17 @@ def test_compile_mode_reaches_torch_compile_and_needs_compile(tmp_path, image_fo
         resolve_config(overrides={"train": {"compile_mode": "max-autotune"}})
     with pytest.raises(ConfigError, match="train.compile_mode = 'fastest' is not valid; choose default, reduce-overhead"):
         resolve_config(overrides={"train": {"compile": True, "compile_mode": "fastest"}})
+
+
+def test_evaluation_accuracy_is_the_exact_fraction():
+    """6 right of 18 is 1/3 in float64, as `evaluate` reports it, not float32's 0.33333334."""
+    from cifarlab.train import evaluate_arrays
+
+    class FirstClass(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 3).float()
+
+    y = torch.arange(18) % 3
+    loss, acc, logits = evaluate_arrays(FirstClass(), torch.zeros(18, 3, 4, 4, dtype=torch.uint8), y,
+                                        {"rescale": 1 / 255})
+    assert acc == 6 / 18 and logits.shape == (18, 3)

@@ -130,6 +130,17 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
+def several_runs(folder: Path, marker: str) -> tuple[str, Path] | None:
+    """Where ``folder`` is the parent folder of ``cifarlab train --runs N``, whose ``run-K``
+    subfolders hold ``marker``: a phrase naming them and the first one's path; else None."""
+    runs = sorted((p.name for p in folder.glob("run-*") if (p / marker).is_file()),
+                  key=lambda name: (len(name), name))  # run-2 before run-10
+    if not runs:
+        return None
+    return (f"'{folder}' holds {len(runs)} runs of 'cifarlab train --runs' ({', '.join(runs[:5])}"
+            f"{', ...' if len(runs) > 5 else ''})", folder / runs[0])
+
+
 def read_run(run: str | Path) -> tuple[Path, dict]:
     """Validate a run folder and return it with its parsed ``architecture.json``."""
     run = Path(run)
@@ -137,11 +148,9 @@ def read_run(run: str | Path) -> tuple[Path, dict]:
         raise CifarlabError(f"run folder '{run}' does not exist; give a folder written by 'cifarlab train'")
     arch_path = run / "architecture.json"
     if not arch_path.is_file():
-        runs = sorted((p.name for p in run.glob("run-*") if (p / "architecture.json").is_file()),
-                      key=lambda name: (len(name), name))  # run-2 before run-10
-        if runs:  # the parent folder of `cifarlab train --runs N`
-            raise CifarlabError(f"'{run}' holds {len(runs)} runs of 'cifarlab train --runs' ({', '.join(runs[:5])}"
-                                f"{', ...' if len(runs) > 5 else ''}); give one of them, for example '{run / runs[0]}'")
+        several = several_runs(run, "architecture.json")
+        if several:
+            raise CifarlabError(f"{several[0]}; give one of them, for example '{several[1]}'")
         raise CifarlabError(f"'{run}' is not a cifarlab run folder (no architecture.json); give a folder "
                             "written by 'cifarlab train'")
     try:

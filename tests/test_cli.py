@@ -149,6 +149,26 @@ def test_augment_command(capsys, tmp_path, image_folder):
     assert "--subset 50 is more than the 9 test images; using them all" in o
     assert len(np.load(tmp_path / "all.npz")["y"]) == 9
     assert run(capsys, "augment", "--data", str(image_folder), "--per-image", "0", "--out", "x.npz")[0] == 2
+    code, o, e = run(capsys, "augment", "--data", str(image_folder), "--out", str(tmp_path / "UPPER.NPZ"),
+                     "--per-image", "1", "--limit", "2")
+    assert code == 0 and np.load(tmp_path / "UPPER.NPZ")["x"].shape == (2, 32, 32, 3)
+
+
+def test_augment_checks_its_output_before_reading_the_data(capsys, tmp_path, monkeypatch):
+    """A file name other than .npz would have become a folder of PNG files; these mistakes are
+    refused before the data set is read."""
+    import cifarlab.augment_cli as augment_cli
+
+    monkeypatch.setattr(augment_cli, "load_dataset", lambda *a, **k: pytest.fail("read the data first"))
+    (tmp_path / "taken.npz").write_bytes(b"x")
+    for out, msg in [("copies.npy", "--out '{}' is not valid: it writes a .npz file or an image folder; give a name "
+                                    "ending in .npz or a folder name without '.npy'"),
+                     ("taken.npz", "output '{}' already exists; choose another --out or pass --overwrite")]:
+        code, _, e = run(capsys, "augment", "--data", "unread", "--out", str(tmp_path / out))
+        assert code == 2 and msg.format(tmp_path / out) in e
+        assert not (tmp_path / out).is_dir()
+    code, _, e = run(capsys, "augment", "--data", "unread")
+    assert code == 2 and "nothing to write: give --out" in e
 
 
 def test_augment_images_reads_the_uint8_images_as_training_does():

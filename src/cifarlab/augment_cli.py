@@ -134,11 +134,31 @@ def _write_folder(chunks: Iterable[np.ndarray], labels: np.ndarray, classes: lis
         old.unlink(missing_ok=True)
 
 
+# Suffixes of files that --out cannot write: anything but .npz is written as a folder, so
+# '--out copies.npy' would give a folder of PNG files named like an array file.
+_FILE_SUFFIXES = {".npy", ".h5", ".hdf5", ".pkl", ".pickle", ".pt", ".pth", ".zip", ".tar", ".gz", ".xz", ".tgz",
+                  ".csv", ".json", ".txt", ".png", ".jpg", ".jpeg"}
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    if not args.out and not args.preview_dir:
+        raise CifarlabError("nothing to write: give --out (a .npz file or a folder) and/or --preview-dir")
+    if not args.out:
+        return
+    out = Path(args.out)
+    if out.suffix.lower() in _FILE_SUFFIXES and not out.is_dir():
+        raise CifarlabError(f"--out '{out}' is not valid: it writes a .npz file or an image folder; give a name "
+                            f"ending in .npz or a folder name without '{out.suffix}'")
+    if out.exists() and not args.overwrite and (out.is_file() or any(out.iterdir())):
+        raise CifarlabError(f"output '{out}' already exists; choose another --out or pass --overwrite")
+
+
 def augment_command(args: argparse.Namespace) -> int:
     """Run ``cifarlab augment`` with parsed arguments."""
     for flag, value in (("--per-image", args.per_image), ("--limit", args.limit), ("--previews", args.previews)):
         if value is not None and value < 1:
             raise CifarlabError(f"{flag} {value} is not valid; it must be at least 1")
+    _check_output(args)  # before the data load, which can take seconds
     cfg = Config()
     if args.config:
         values = read_config_file(args.config)
@@ -159,8 +179,6 @@ def augment_command(args: argparse.Namespace) -> int:
         x, y = x[keep], y[keep]
     if args.limit:
         x, y = x[:args.limit], y[:args.limit]
-    if not args.out and not args.preview_dir:
-        raise CifarlabError("nothing to write: give --out (a .npz file or a folder) and/or --preview-dir")
     per = args.per_image
     labels = np.repeat(y, per)
     picks = preview_indices(y, args.previews) if args.preview_dir else np.zeros(0, np.int64)
@@ -177,9 +195,7 @@ def augment_command(args: argparse.Namespace) -> int:
 
     if args.out:
         out = Path(args.out)
-        if out.exists() and not args.overwrite and (out.is_file() or any(out.iterdir())):
-            raise CifarlabError(f"output '{out}' already exists; choose another --out or pass --overwrite")
-        if out.suffix == ".npz":
+        if out.suffix.lower() == ".npz":
             _write_npz(out, chunks(), (len(x) * per, *x.shape[1:]),
                        {"y": labels, "source_index": np.repeat(np.arange(len(x)), per),
                         "classes": np.array(ds.classes)})

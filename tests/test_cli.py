@@ -84,7 +84,7 @@ def test_download_offline_message(capsys):
     assert "--data" in err and "Traceback" not in err
 
 
-def test_train_evaluate_predict_end_to_end(capsys, tmp_path, image_folder):
+def test_train_evaluate_predict_end_to_end(capsys, tmp_path, image_folder, monkeypatch):
     out = tmp_path / "run"
     code, o, e = run(capsys, "train", "--data", str(image_folder), "--model", "keras-shallow", "--epochs", "1",
                      "--batch-size", "8", "--out", str(out), "--threads", "1")
@@ -98,6 +98,14 @@ def test_train_evaluate_predict_end_to_end(capsys, tmp_path, image_folder):
     assert code == 0 and o.startswith("Test score: ") and "Test-time augmentation: flip\n" in o
     code, o, _ = run(capsys, "evaluate", str(out))
     assert code == 0 and "Test-time augmentation: none\n" in o  # the run's own: trained without
+    import cifarlab.evaluate
+
+    # Every image given to one class: the others' precision is undefined, printed as n/a.
+    with monkeypatch.context() as m:
+        m.setattr(cifarlab.evaluate, "predict_dataset", lambda pred, x: np.tile(np.float32([1, 0, 0]), (len(x), 1)))
+        code, o, _ = run(capsys, "evaluate", str(out), "--out", str(tmp_path / "one-class"))
+    rows = [line.split() for line in o.splitlines() if line.split()[:1] and line.split()[0] in ("cat", "dog")]
+    assert code == 0 and len(rows) == 2 and rows[1][2] == "n/a" and rows[0][2] != "n/a", o
 
     good = tmp_path / "good.png"
     Image.fromarray(np.full((40, 30, 4), 120, np.uint8), "RGBA").save(good)

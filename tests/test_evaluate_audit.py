@@ -31,6 +31,18 @@ def test_report_matches_definitions():
     assert r["confused_pairs"][0]["count"] == np.max(cm - np.diag(np.diag(cm)))
 
 
+def test_report_leaves_undefined_figures_undefined():
+    """A class never predicted has no precision; a class with no test image, no recall."""
+    y = np.array([0, 0, 1, 1])
+    probs = np.array([[0.9, 0.05, 0.05], [0.2, 0.1, 0.7], [0.9, 0.05, 0.05], [0.1, 0.8, 0.1]])
+    rows = compute_report(probs, y, ["a", "b", "c"], k=1)["per_class"]
+    assert rows[0] == {"class": "a", "accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    # F1 as 2TP / (2TP + FP + FN): defined (0) once the class is predicted, wrongly
+    assert rows[2] == {"class": "c", "accuracy": None, "precision": 0.0, "recall": None, "f1": 0.0, "support": 0}
+    never = compute_report(probs[[0, 2]], y[[0, 2]], ["a", "b", "c"], k=1)["per_class"][1]
+    assert never["precision"] is None and never["recall"] == 0.0
+
+
 def test_ece_perfect_and_overconfident():
     y = np.array([0, 1] * 50)
     sure = np.eye(2)[y]
@@ -198,7 +210,10 @@ def test_audit_of_a_model_that_predicts_one_class_writes_standard_json_and_n_a(t
     assert rows[ds.classes[1]]["precision"] is None and rows[ds.classes[1]]["precision_ci"] == [None, None]
     assert rows[ds.classes[0]]["precision"] == pytest.approx(float(np.mean(ds.y_test == 0)))
     _strict_json(tmp_path / "audit" / "model_card.json")
-    bins = _strict_json(tmp_path / "audit" / "metrics.json")["calibration"]["bin_accuracy"]
+    metrics = _strict_json(tmp_path / "audit" / "metrics.json")
+    never = metrics["per_class"][1]  # the evaluation report agrees with the audit (it said 0.0)
+    assert never["precision"] is None and never["recall"] == 0.0 and never["f1"] == 0.0
+    bins = metrics["calibration"]["bin_accuracy"]
     assert None in bins and any(b is not None for b in bins)
     md = (tmp_path / "audit" / "audit.md").read_text()
     assert f"| {ds.classes[1]} | " in md and "| n/a | n/a |" in md and "nan" not in md.lower()

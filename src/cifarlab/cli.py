@@ -252,9 +252,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"Top-{report['top_k']['k']} accuracy: {report['top_k']['accuracy']:.4f}")
         print(f"Expected calibration error: {report['calibration']['ece']:.4f}")
         print(f"{'class':<16}{'accuracy':>10}{'precision':>11}{'recall':>9}{'f1':>8}{'support':>9}")
+        def num(v, width):  # an undefined figure (a class never predicted, or not in the data) is n/a
+            return f"{v:>{width}.4f}" if v is not None else f"{'n/a':>{width}}"
+
         for c in report["per_class"]:
-            print(f"{c['class']:<16}{c['accuracy']:>10.4f}{c['precision']:>11.4f}{c['recall']:>9.4f}"
-                  f"{c['f1']:>8.4f}{c['support']:>9}")
+            print(f"{c['class']:<16}{num(c['accuracy'], 10)}{num(c['precision'], 11)}{num(c['recall'], 9)}"
+                  f"{num(c['f1'], 8)}{c['support']:>9}")
         pairs = ", ".join(f"{p['true']}->{p['predicted']} ({p['count']})" for p in report["confused_pairs"][:5])
         print(f"Most confused: {pairs}")
         print(f"Test-time augmentation: {report['tta']}")

@@ -42,6 +42,10 @@ def calibration(probs: np.ndarray, y: np.ndarray, n_bins: int = 15) -> dict[str,
             "bin_count": count.tolist()}
 
 
+def _defined(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None
+
+
 def compute_report(probs: np.ndarray, y: np.ndarray, classes: list[str], k: int = 5) -> dict[str, Any]:
     """All evaluation metrics for predicted probabilities ``probs`` (N, C) and labels ``y``."""
     from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support, top_k_accuracy_score
@@ -49,7 +53,9 @@ def compute_report(probs: np.ndarray, y: np.ndarray, classes: list[str], k: int 
     labels = list(range(len(classes)))
     pred = probs.argmax(1)
     k = min(k, len(classes) - 1) if len(classes) > 2 else 1
-    prec, rec, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    # Undefined figures are None (null in JSON, empty in CSV), not 0: the precision of a class never
+    # predicted, the recall and F1 of a class with no test image.
+    prec, rec, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=np.nan)
     cm = confusion_matrix(y, pred, labels=labels)
     off = cm.copy()
     np.fill_diagonal(off, 0)
@@ -66,8 +72,9 @@ def compute_report(probs: np.ndarray, y: np.ndarray, classes: list[str], k: int 
         "accuracy": float((pred == y).mean()),
         "top_k": {"k": k, "accuracy": float(top_k_accuracy_score(y, probs, k=k, labels=labels))},
         "num_images": int(len(y)),
-        "per_class": [{"class": c, "accuracy": float(rec[i]), "precision": float(prec[i]), "recall": float(rec[i]),
-                       "f1": float(f1[i]), "support": int(support[i])} for i, c in enumerate(classes)],
+        "per_class": [{"class": c, "accuracy": _defined(rec[i]), "precision": _defined(prec[i]),
+                       "recall": _defined(rec[i]), "f1": _defined(f1[i]), "support": int(support[i])}
+                      for i, c in enumerate(classes)],
         "confusion_matrix": cm.tolist(),
         "confused_pairs": pairs,
         "calibration": calibration(probs, y),

@@ -76,3 +76,20 @@ def test_syntax_errors_name_the_line(tmp_path):
     (tmp_path / "c.ini").write_text("[train]\n")
     with pytest.raises(ConfigError, match="must end in .yaml, .yml or .toml"):
         resolve_config(file=tmp_path / "c.ini")
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("train:\n  epochs: 2\n  seed: 1\n  epochs: 3\n", "line 4, column 3: key 'epochs' is given twice (first at line 2)"),
+    ("train: {epochs: 2}\nmodel: {name: keras-deep}\ntrain: {seed: 3}\n",
+     "line 3, column 1: key 'train' is given twice (first at line 1)"),
+    ("? [a, b]\n: 1\n", "found unhashable key"),
+])
+def test_a_yaml_key_given_twice_is_refused(tmp_path, text, msg):
+    """PyYAML keeps the last of two equal keys; a config file must not lose a value silently."""
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        resolve_config(file=f)
+    assert msg in str(e.value)
+    f.write_text("train:\n  epochs: 2\nmodel:\n  name: keras-shallow\n  # epochs: 3\n")
+    assert resolve_config(file=f).train.epochs == 2

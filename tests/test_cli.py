@@ -116,6 +116,12 @@ def test_train_evaluate_predict_end_to_end(capsys, tmp_path, image_folder, monke
     assert res["errors"][0]["file"].endswith("bad.jpg") and "bad.jpg: not an image file" in e
     code, o, _ = run(capsys, "predict", str(out), str(good), "--tta", "flip-translate", "--csv", "--top", "2")
     assert code == 0 and o.splitlines()[0] == "file,rank,class,probability" and len(o.splitlines()) == 3
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    code, o, e = run(capsys, "predict", str(out), str(tmp_path / "empty"), str(good), "--json")
+    res = json.loads(o)
+    assert code == 1 and len(res["predictions"]) == 1 and res["errors"][0]["file"] == str(tmp_path / "empty")
+    assert "empty: folder holds no image files (.jpg, .jpeg, .png" in e
 
     code, o, e = run(capsys, "audit", str(out), "--bootstrap", "100")
     assert code == 0, e

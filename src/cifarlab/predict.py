@@ -9,19 +9,25 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.images import is_image_name, open_image, to_array
+from .data.images import IMAGE_SUFFIXES, is_image_name, open_image, to_array
 from .errors import CifarlabError
 from .export import load_model
 
 
-def _expand(paths: list[str]) -> list[Path]:
-    out: list[Path] = []
+def _expand(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The files to predict, folders searched for image files; and a failure for each folder
+    that holds none (a wrong folder should not pass as an empty result)."""
+    files: list[Path] = []
+    empty: list[tuple[str, str]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and is_image_name(f.name))
+            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_name(f.name))
+            if not found:
+                empty.append((str(p), f"{p}: folder holds no image files ({', '.join(IMAGE_SUFFIXES)})"))
+            files += found
         else:
-            out.append(p)
-    return out
+            files.append(p)
+    return files, empty
 
 
 def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", device: str = "cpu",
@@ -34,8 +40,11 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
         raise CifarlabError(f"--top {top} is not valid; it must be at least 1")
     top = min(top, len(pred.classes))
     c, h, w = pred.input_shape
-    ok_paths, arrays, failures = [], [], []
-    for f in _expand(paths):
+    files, failures = _expand(paths)
+    for _, e in failures:
+        print(f"cifarlab: error: {e}", file=sys.stderr)
+    ok_paths, arrays = [], []
+    for f in files:
         try:
             if not f.is_file():
                 raise CifarlabError(f"{f}: no such file")

@@ -231,3 +231,21 @@ def test_a_bad_groups_file_stops_the_audit_before_any_prediction_or_file(trained
         run_audit(trained_run, load_dataset(image_folder), tmp_path / "audit", groups_csv=str(tmp_path / "missing.csv"),
                   n_boot=100, device="cpu", log=lambda s: None)
     assert not (tmp_path / "audit").exists()
+
+
+@pytest.mark.parametrize("data_classes, msg", [
+    (["cat", "dog", "emu"], "the data's 3 classes differ from the model's 3 (not among the model's: emu; "
+                            "missing from the data: bird)"),
+    (["bird", "cat"], "the data's 2 classes differ from the model's 3 (missing from the data: dog)"),
+    (["dog", "cat", "bird"], "(the same names in another order: dog, cat, bird against the model's bird, cat, dog)"),
+])
+def test_evaluation_data_with_other_classes_is_refused_naming_them(data_classes, msg):
+    from types import SimpleNamespace
+
+    from cifarlab.evaluate import _check_compatible
+
+    pred = SimpleNamespace(input_shape=(3, 8, 8), classes=["bird", "cat", "dog"])
+    ds = SimpleNamespace(x_test=np.zeros((2, 8, 8, 3), np.uint8), classes=data_classes)
+    with pytest.raises(CifarlabError) as e:
+        _check_compatible(pred, ds)
+    assert msg in str(e.value)

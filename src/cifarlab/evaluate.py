@@ -130,5 +130,17 @@ def _check_compatible(pred: Predictor, ds: Dataset) -> None:
         raise CifarlabError(f"the data's images are {ds.x_test.shape[2]}x{ds.x_test.shape[1]}x{ds.x_test.shape[3]} "
                             f"but the model was trained on {w}x{h}x{c}")
     if ds.classes != pred.classes:
-        raise CifarlabError(f"the data's classes {ds.classes[:5]}... differ from the model's {pred.classes[:5]}...; "
-                            "evaluate on data with the classes the model was trained on")
+        def names(cs: list[str]) -> str:
+            return ", ".join(cs[:8]) + (f", ... ({len(cs)} in all)" if len(cs) > 8 else "")
+
+        unknown = [c for c in ds.classes if c not in pred.classes]
+        missing = [c for c in pred.classes if c not in ds.classes]
+        parts = []
+        if unknown:
+            parts.append(f"not among the model's: {names(unknown)}")
+        if missing:
+            parts.append(f"missing from the data: {names(missing)}")
+        detail = "; ".join(parts) or (f"the same names in another order: {names(ds.classes)} against the "
+                                      f"model's {names(pred.classes)}")
+        raise CifarlabError(f"the data's {len(ds.classes)} classes differ from the model's {len(pred.classes)} "
+                            f"({detail}); evaluate on data with the classes the model was trained on")

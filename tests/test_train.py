@@ -419,3 +419,27 @@ def test_evaluation_accuracy_is_the_exact_fraction():
     loss, acc, logits = evaluate_arrays(FirstClass(), torch.zeros(18, 3, 4, 4, dtype=torch.uint8), y,
                                         {"rescale": 1 / 255})
     assert acc == 6 / 18 and logits.shape == (18, 3)
+
+
+def test_default_run_folders_started_in_the_same_second_differ(tmp_path, monkeypatch):
+    """The folder is claimed by creating it: a folder made by another process after this one
+    looked (simulated: exists() sees nothing) is not shared."""
+    from datetime import datetime
+
+    import cifarlab.train as train_mod
+    from cifarlab.config import resolve_config
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 1, 2, 3, 4, 5)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_mod, "datetime", Frozen)
+    cfg = resolve_config(overrides={"model": {"name": "keras-shallow"}})
+    first, before = train_mod._new_run_dir(cfg)
+    assert first == Path("runs/keras-book-keras-shallow-20260102-030405") and before == "absent"
+    monkeypatch.setattr(Path, "exists", lambda self: False)
+    second, _ = train_mod._new_run_dir(cfg)
+    third, _ = train_mod._new_run_dir(cfg)
+    assert second.name.endswith("-2") and third.name.endswith("-3") and second.is_dir() and third.is_dir()

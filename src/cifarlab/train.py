@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import math
 import shutil
 import signal
@@ -243,12 +244,18 @@ def _new_run_dir(cfg: Config) -> tuple[Path, str]:
             raise CifarlabError(f"output folder '{run}' already exists and is not empty; choose another --out, "
                                 "pass --overwrite to replace its files, or --resume it")
     else:
+        # The folder is claimed by creating it (mkdir fails if it exists), so runs started in
+        # the same second, by a sweep's parallel processes say, each get a folder of their own.
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run = Path("runs") / f"{cfg.recipe}-{cfg.model.name}-{stamp}"
-        n = 1
-        while run.exists():
-            n += 1
-            run = Path("runs") / f"{cfg.recipe}-{cfg.model.name}-{stamp}-{n}"
+        for n in itertools.count(1):
+            run = Path("runs") / f"{cfg.recipe}-{cfg.model.name}-{stamp}{f'-{n}' if n > 1 else ''}"
+            try:
+                run.mkdir(parents=True)
+                return run, "absent"
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise CifarlabError(f"cannot create output folder '{run}': {e.strerror or e}") from None
     before = "absent" if not run.is_dir() else "used" if any(run.iterdir()) else "empty"
     try:
         run.mkdir(parents=True, exist_ok=True)

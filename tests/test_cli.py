@@ -283,3 +283,21 @@ def test_preview_indices_take_the_classes_in_turn():
     assert preview_indices(y, 4).tolist() == [0, 1, 3, 5]
     assert preview_indices(y, 10).tolist() == [0, 1, 2, 3, 4, 5]
     assert preview_indices(y, 1).tolist() == [0]
+
+
+def test_evaluate_names_the_runs_own_data_path_when_it_does_not_hold_from_here(capsys, tmp_path, image_folder,
+                                                                              monkeypatch):
+    """A run trained with a relative --data path, evaluated from another folder."""
+    monkeypatch.chdir(image_folder.parent)
+    out = tmp_path / "run"
+    code, _, e = run(capsys, "train", "--data", image_folder.name, "--model", "keras-shallow", "--epochs", "1",
+                     "--batch-size", "8", "--out", str(out), "--threads", "1")
+    assert code == 0, e
+    assert run(capsys, "evaluate", str(out))[0] == 0  # from where it was trained
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, e = run(capsys, "audit", str(out))
+    assert code == 2 and (f"the run's data '{image_folder.name}' (from {out / 'config.yaml'}) does not exist "
+                          f"from {elsewhere}; give its path with --data") in e
+    assert run(capsys, "evaluate", str(out), "--data", str(image_folder))[0] == 0

@@ -228,6 +228,10 @@ def _load_eval_data(args: argparse.Namespace, run: Path):
 
     cfg = load_run_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
     data = args.data or (cfg.data.data if cfg else None)
+    if not args.data and data and not Path(data).exists():
+        # The run's own data path, as typed when it was trained: relative paths hold only there.
+        raise ConfigError(f"the run's data '{data}' (from {run / 'config.yaml'}) does not exist from "
+                          f"{Path.cwd()}; give its path with --data")
     dataset = args.dataset or (cfg.data.dataset if cfg else "cifar10")
     label_mode = args.label_mode or (cfg.data.label_mode if cfg else "fine")
     return load_dataset(data, dataset, allow_unverified=bool(args.allow_unverified), label_mode=label_mode,

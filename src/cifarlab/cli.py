@@ -256,6 +256,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"Top-{report['top_k']['k']} accuracy: {report['top_k']['accuracy']:.4f}")
         print(f"Expected calibration error: {report['calibration']['ece']:.4f}")
         print(f"{'class':<16}{'accuracy':>10}{'precision':>11}{'recall':>9}{'f1':>8}{'support':>9}")
+
         def num(v, width):  # an undefined figure (a class never predicted, or not in the data) is n/a
             return f"{v:>{width}.4f}" if v is not None else f"{'n/a':>{width}}"
 

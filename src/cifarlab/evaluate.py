@@ -54,7 +54,7 @@ def compute_report(probs: np.ndarray, y: np.ndarray, classes: list[str], k: int 
     pred = probs.argmax(1)
     k = min(k, len(classes) - 1) if len(classes) > 2 else 1
     # Undefined figures are None (null in JSON, empty in CSV), not 0: the precision of a class never
-    # predicted, the recall and F1 of a class with no test image.
+    # predicted, the recall of a class with no test image (and its F1, unless it was predicted).
     prec, rec, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=np.nan)
     cm = confusion_matrix(y, pred, labels=labels)
     off = cm.copy()

@@ -98,3 +98,58 @@ def test_hardlink_in_official_archive_refused(tmp_path):
 
     with pytest.raises(DataError, match="is a link"):
         load_dataset(_tar_with(tmp_path, add), allow_unverified=True)
+
+
+def _zip_with(tmp_path, entries):
+    """A zip of (ZipInfo or name, data) entries, beside one good image member."""
+    import zipfile
+
+    path = tmp_path / "evil.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("train/cat/0.png", b"x")
+        for info, data in entries:
+            zf.writestr(info, data)
+    return path
+
+
+@pytest.mark.parametrize("name", ["../escape.png", "/abs/train/cat/1.png", "train/../../x.png"])
+def test_escaping_zip_member_refused(tmp_path, name):
+    import zipfile
+
+    info = zipfile.ZipInfo("placeholder")
+    info.filename = name  # ZipInfo would strip a leading '/' or '..' of a name given to it; a crafted file need not
+    with pytest.raises(DataError, match="escapes the target folder"):
+        load_dataset(_zip_with(tmp_path, [(info, b"x")]))
+
+
+def test_zip_symlink_encrypted_and_oversized_members_refused(tmp_path, monkeypatch):
+    import stat
+    import zipfile
+
+    from cifarlab.data import archive
+
+    link = zipfile.ZipInfo("train/cat/link.png")
+    link.external_attr = (stat.S_IFLNK | 0o777) << 16
+    with pytest.raises(DataError, match="member 'train/cat/link.png' is a link"):
+        load_dataset(_zip_with(tmp_path, [(link, b"/etc/passwd")]))
+    # zipfile writes no encrypted members: mark one as encrypted in the central directory
+    # (general-purpose flag bit 0, at offset 8 of its 'PK\1\2' record), which readers consult.
+    path = _zip_with(tmp_path, [("train/cat/1.png", b"x")])
+    data = bytearray(path.read_bytes())
+    at = data.find(b"PK\x01\x02", data.find(b"PK\x01\x02") + 4)  # the second record: train/cat/1.png
+    data[at + 8] |= 0x1
+    path.write_bytes(bytes(data))
+    assert zipfile.ZipFile(path).infolist()[1].flag_bits & 0x1
+    with pytest.raises(DataError, match="member 'train/cat/1.png' is encrypted"):
+        load_dataset(path)
+    monkeypatch.setattr(archive, "MAX_ZIP_MEMBER_BYTES", 1000)
+    with pytest.raises(DataError, match=r"member 'train/cat/big.png' would unpack to 4,096 bytes, more than any "
+                                        r"image data file needs \(1,000\)"):
+        load_dataset(_zip_with(tmp_path, [("train/cat/big.png", bytes(4096))]))
+
+
+def test_truncated_zip_is_reported_as_corrupt(tmp_path):
+    path = _zip_with(tmp_path, [("test/cat/0.png", bytes(100))])
+    path.write_bytes(path.read_bytes()[:-30])  # the central directory's end is cut off
+    with pytest.raises(DataError, match="the archive is truncated or corrupt"):
+        load_dataset(path)

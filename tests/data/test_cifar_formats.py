@@ -144,7 +144,7 @@ def test_missing_path_and_non_archive(tmp_path):
         load_dataset(tmp_path / "nope")
     f = tmp_path / "notes.txt"
     f.write_text("hi")
-    with pytest.raises(DataError, match="not a tar archive"):
+    with pytest.raises(DataError, match="not a tar or zip archive"):
         load_dataset(f)
 
 

@@ -201,3 +201,23 @@ def test_truncated_xz_archive(tmp_path, image_folder):
     path.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(DataError, match="truncated or corrupt"):
         load_dataset(path)
+
+
+def test_zip_of_folder_as_macos_makes_it(tmp_path, image_folder):
+    """A zip with a wrapper folder, folder entries, and the __MACOSX/ and '._' copies that
+    macOS's 'Compress' adds (they carry image suffixes but are not images)."""
+    import zipfile
+
+    path = tmp_path / "data.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(image_folder.rglob("*")):
+            rel = f.relative_to(image_folder).as_posix()
+            if f.is_dir():
+                zf.writestr(f"mydata/{rel}/", b"")
+            else:
+                zf.write(f, f"mydata/{rel}")
+                zf.writestr(f"__MACOSX/mydata/{f.parent.relative_to(image_folder).as_posix()}/._{f.name}", b"\0\5junk")
+    a, b = load_dataset(path, use_cache=False), load_dataset(image_folder, use_cache=False)
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    np.testing.assert_array_equal(a.y_test, b.y_test)
+    assert a.classes == b.classes and a.test_paths == b.test_paths

@@ -69,7 +69,7 @@ def load_dataset(data: str | Path | None = None, dataset: str = "cifar10", *, al
                         "extracted folder, or an image folder/archive with train/<class>/* and test/<class>/*")
     if path.is_file():
         if not path.name.lower().endswith(archive.ARCHIVE_SUFFIXES):
-            raise DataError(f"--data '{data}' is a file but not a tar archive; expected one of "
+            raise DataError(f"--data '{data}' is a file but not a tar or zip archive; expected one of "
                             f"{', '.join(archive.ARCHIVE_SUFFIXES)} or a folder")
         if cifar.detect_format([archive.first_name(path)]):
             train, test, classes, fmt = cifar.load_official_archive(path, allow_unverified, label_mode)

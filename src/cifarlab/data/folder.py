@@ -1,4 +1,4 @@
-"""Image-folder data: ``train/<class>/*`` and ``test/<class>/*`` in a folder or a tar archive."""
+"""Image-folder data: ``train/<class>/*`` and ``test/<class>/*`` in a folder or a tar or zip archive."""
 
 from __future__ import annotations
 

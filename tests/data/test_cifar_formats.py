@@ -153,3 +153,21 @@ def test_copy_of_archive_under_other_name_is_detected(tmp_path):
     other = tmp_path / "my-data.tar.gz"
     shutil.copy(path, other)
     assert load_dataset(other, allow_unverified=True).kind == "cifar100-binary"
+
+
+def test_official_layout_repacked_as_zip(tmp_path):
+    """A zip of the official folder is read as the archive is; its MD5 is not the published
+    one, so it needs --allow-unverified like any re-packed archive."""
+    import zipfile
+
+    _, truth = make_official(tmp_path, "cifar10-python")
+    path = tmp_path / "repacked.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in truth["members"].items():
+            zf.writestr(name, data)
+    with pytest.raises(DataError, match="MD5"):
+        load_dataset(path)
+    ds = load_dataset(path, allow_unverified=True)
+    assert ds.kind == "cifar10-python"
+    np.testing.assert_array_equal(ds.x_train, truth["train_x"])
+    np.testing.assert_array_equal(ds.y_test, truth["test_y"])

@@ -233,6 +233,16 @@ class _Interrupts:
                 signal.signal(s, h)
 
 
+def _make_folder(run: Path, exist_ok: bool = False) -> None:
+    """``run.mkdir``, with any failure but FileExistsError (which callers handle) as a user error."""
+    try:
+        run.mkdir(parents=True, exist_ok=exist_ok)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        raise CifarlabError(f"cannot create output folder '{run}': {e.strerror or e}") from None
+
+
 def _new_run_dir(cfg: Config) -> tuple[Path, str]:
     """The run folder, created; and what it was before: "absent", "empty" or "used" (it held files
     and ``--overwrite`` was given)."""
@@ -243,25 +253,20 @@ def _new_run_dir(cfg: Config) -> tuple[Path, str]:
         if run.is_dir() and any(run.iterdir()) and not cfg.train.overwrite:
             raise CifarlabError(f"output folder '{run}' already exists and is not empty; choose another --out, "
                                 "pass --overwrite to replace its files, or --resume it")
-    else:
-        # The folder is claimed by creating it (mkdir fails if it exists), so runs started in
-        # the same second, by a sweep's parallel processes say, each get a folder of their own.
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        for n in itertools.count(1):
-            run = Path("runs") / f"{cfg.recipe}-{cfg.model.name}-{stamp}{f'-{n}' if n > 1 else ''}"
-            try:
-                run.mkdir(parents=True)
-                return run, "absent"
-            except FileExistsError:
-                continue
-            except OSError as e:
-                raise CifarlabError(f"cannot create output folder '{run}': {e.strerror or e}") from None
-    before = "absent" if not run.is_dir() else "used" if any(run.iterdir()) else "empty"
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CifarlabError(f"cannot create output folder '{run}': {e.strerror or e}") from None
-    return run, before
+        before = "absent" if not run.is_dir() else "used" if any(run.iterdir()) else "empty"
+        _make_folder(run, exist_ok=True)
+        return run, before
+    # The folder is claimed by creating it (mkdir fails if it exists), so runs started in the
+    # same second, by a sweep's parallel processes say, each get a folder of their own.
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in itertools.count(1):
+        run = Path("runs") / f"{cfg.recipe}-{cfg.model.name}-{stamp}{f'-{n}' if n > 1 else ''}"
+        try:
+            _make_folder(run)
+            return run, "absent"
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")  # pragma: no cover - itertools.count never ends
 
 
 @contextmanager

@@ -122,6 +122,8 @@ def test_train_evaluate_predict_end_to_end(capsys, tmp_path, image_folder, monke
     res = json.loads(o)
     assert code == 1 and len(res["predictions"]) == 1 and res["errors"][0]["file"] == str(tmp_path / "empty")
     assert "empty: folder holds no image files (.jpg, .jpeg, .png" in e
+    # The summary counts the folder as a folder, not as a file that could not be read.
+    assert "1 folder(s) held no image files" in e and "could not be read" not in e, e
 
     code, o, e = run(capsys, "audit", str(out), "--bootstrap", "100")
     assert code == 0, e

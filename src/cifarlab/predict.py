@@ -41,6 +41,7 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
     top = min(top, len(pred.classes))
     c, h, w = pred.input_shape
     files, failures = _expand(paths)
+    empty_folders = len(failures)
     for _, e in failures:
         print(f"cifarlab: error: {e}", file=sys.stderr)
     ok_paths, arrays = [], []
@@ -73,6 +74,9 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
         for r in results:
             tops = "  ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
             out.write(f"{r['file']:<{width}}  {tops}\n")
-    if failures:
-        print(f"cifarlab: {len(failures)} of {len(failures) + len(results)} file(s) could not be read", file=sys.stderr)
+    bad_files = len(failures) - empty_folders
+    if bad_files:
+        print(f"cifarlab: {bad_files} of {bad_files + len(results)} file(s) could not be read", file=sys.stderr)
+    if empty_folders:
+        print(f"cifarlab: {empty_folders} folder(s) held no image files", file=sys.stderr)
     return 1 if failures else 0

@@ -88,6 +88,31 @@ def test_non_image_files_ignored_with_note(tmp_path, image_folder):
     assert "ignored 1 file(s) without an image suffix" in load_dataset(path).notes
 
 
+def test_images_outside_class_folders_are_counted_and_named(tmp_path, image_folder):
+    png = (image_folder / "train" / "cat" / "0000.png").read_bytes()
+    (image_folder / "train" / "cat" / "2019").mkdir()
+    (image_folder / "train" / "cat" / "2019" / "a.png").write_bytes(png)
+    (image_folder / "test" / "stray.png").write_bytes(png)
+    (image_folder / "train" / ".ipynb_checkpoints").mkdir()  # hidden: neither a class nor counted
+    (image_folder / "train" / ".ipynb_checkpoints" / "b.png").write_bytes(png)
+    for path in (image_folder, tmp_path / "d.zip"):
+        if path.suffix == ".zip":
+            import shutil
+
+            shutil.make_archive(str(path.with_suffix("")), "zip", image_folder)
+        ds = load_dataset(path)
+        assert ds.classes == ["cat", "dog", "frog"] and len(ds.y_train) == 18, path
+        assert ("ignored 2 image(s) not directly in a class folder (first: test/stray.png); only "
+                "train/<class>/<image> and test/<class>/<image> are read") in ds.notes, ds.notes
+    # A class whose images all sit one level too deep: the error says where they are.
+    (image_folder / "test" / "dog" / "jpg").mkdir()
+    for f in sorted((image_folder / "test" / "dog").glob("*.png")):
+        f.rename(image_folder / "test" / "dog" / "jpg" / f.name)
+    with pytest.raises(DataError, match=r"test/dog hold no images .*3 image\(s\) sit in subfolders of them "
+                                        r"\(first: test/dog/jpg/0000.png\).*move them up"):
+        load_dataset(image_folder)
+
+
 def test_corrupt_and_truncated_images(image_folder):
     good = (image_folder / "train" / "cat" / "0000.png").read_bytes()
     (image_folder / "train" / "cat" / "trunc.png").write_bytes(good[: len(good) // 2])

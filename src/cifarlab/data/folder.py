@@ -28,8 +28,9 @@ class FolderData:
     notes: list[str] = field(default_factory=list)
 
 
-def _index(names: list[str], source: str) -> tuple[str, dict[str, list[tuple[str, str]]]]:
-    """Find the root holding train/ and test/ and list (path, class) per split."""
+def _index(names: list[str], source: str) -> tuple[str, dict[str, list[tuple[str, str]]], list[str]]:
+    """Find the root holding train/ and test/ and list (path, class) per split, and the image
+    files under train/ or test/ that are not directly in a class folder (they are not read)."""
     norm = [n.strip("/") for n in names]
     prefix = ""
     if not any(n.startswith("train/") for n in norm):
@@ -41,16 +42,22 @@ def _index(names: list[str], source: str) -> tuple[str, dict[str, list[tuple[str
             raise DataError(f"{source}: no 'train/<class>/' folders found. An image folder must hold "
                             "train/<class>/<image> and test/<class>/<image> (for example train/cat/0001.jpg)")
     items: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
+    misplaced: list[str] = []
     for n in norm:
         if not n.startswith(prefix):
             continue
         parts = n[len(prefix):].split("/")
-        if len(parts) == 3 and parts[0] in SPLITS and parts[2] and not parts[2].startswith("."):
+        if parts[0] not in SPLITS or not parts[-1] or any(p.startswith(".") for p in parts):
+            continue
+        if len(parts) == 3:
             items[parts[0]].append((n, parts[1]))
-    return prefix, items
+        elif is_image_name(n):
+            misplaced.append(n[len(prefix):])
+    return prefix, items, sorted(misplaced)
 
 
-def _classes(items: dict[str, list[tuple[str, str]]], dirs: dict[str, set[str]], source: str) -> list[str]:
+def _classes(items: dict[str, list[tuple[str, str]]], dirs: dict[str, set[str]], source: str,
+             misplaced: list[str]) -> list[str]:
     train_classes = sorted(dirs["train"] | {c for _, c in items["train"]})
     if not train_classes:
         raise DataError(f"{source}: train/ holds no class folders; expected train/<class>/<image>")
@@ -58,8 +65,11 @@ def _classes(items: dict[str, list[tuple[str, str]]], dirs: dict[str, set[str]],
         counts = Counter(c for p, c in items[split] if is_image_name(p))
         empty = [c for c in sorted(dirs[split] | set(counts)) if counts[c] == 0]
         if empty:
+            deeper = [m for m in misplaced if tuple(m.split("/")[:2]) in {(split, c) for c in empty}]
+            hint = (f"; {len(deeper)} image(s) sit in subfolders of them (first: {deeper[0]}), but only "
+                    f"{split}/<class>/<image> is read: move them up" if deeper else "; remove them or add images")
             raise DataError(f"{source}: class folder(s) {', '.join(f'{split}/{c}' for c in empty)} hold no images "
-                            "(jpg, png, bmp, gif, tiff, webp, ppm); remove them or add images")
+                            f"(jpg, png, bmp, gif, tiff, webp, ppm){hint}")
     extra = sorted({c for _, c in items["test"]} - set(train_classes))
     if extra:
         raise DataError(f"{source}: test/ has classes not in train/: {', '.join(extra)}")
@@ -128,7 +138,7 @@ def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = 
         # Every member, not just images: non-image files must be listed to be counted as ignored.
         members = archive.read_members(path, dirs=True)
         names = [n for n, _ in members]
-    prefix, items = _index([n for n in names if not n.endswith("/")], source)
+    prefix, items, misplaced = _index([n for n in names if not n.endswith("/")], source)
     for n in names:
         parts = n.strip("/")[len(prefix):].split("/") if n.startswith(prefix) else []
         if n.endswith("/") and len(parts) == 2 and parts[0] in SPLITS and not parts[1].startswith("."):
@@ -139,12 +149,15 @@ def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = 
     else:
         blobs = [(n.strip("/"), b) for n, b in members if n.strip("/") in wanted]
         del members
-    classes = _classes(items, dirs, source)
+    classes = _classes(items, dirs, source, misplaced)
     ignored = sum(1 for s in SPLITS for n, _ in items[s] if not is_image_name(n))
     decoded, notes = _decode_all(blobs, skip_bad, source, workers)
     del blobs
     if ignored:
         notes.append(f"ignored {ignored} file(s) without an image suffix")
+    if misplaced:
+        notes.append(f"ignored {len(misplaced)} image(s) not directly in a class folder (first: {misplaced[0]}); "
+                     "only train/<class>/<image> and test/<class>/<image> are read")
     if not decoded:
         raise DataError(f"{source}: no readable images")
     sizes = Counter(a.shape[:2] for _, (a, _, _) in decoded)

@@ -47,6 +47,8 @@ def test_summary(capsys):
     (["train", "--data", "/no/such/data"], "--data '/no/such/data' does not exist"),
     (["train", "--config", "/no/such.yaml"], "cannot read config file"),
     (["train", "--recipe", "fast", "--cuda-graph"], "train.cuda_graph = True is not valid; a CUDA graph bakes in"),
+    (["train", "--resume", "/no/run", "--lr", "0.1"], "only --epochs may be given with it"),
+    (["train", "--resume", "/no/run", "--recipe", "fast"], "only --epochs may be given with it"),
     (["evaluate", "/no/run"], "run folder '/no/run' does not exist"),
     (["summary", "--model", "x"], "not a registered model"),
     (["summary", "--model", "keras-deep", "--num-classes", "0"], "num_classes=0 is not valid"),

@@ -234,6 +234,42 @@ def test_signal_saves_mid_epoch_checkpoint_and_resumes_exactly(tmp_path, resume_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_with_more_epochs_equals_the_longer_run(tmp_path, resume_data, reference_run):
+    run = tmp_path / "short"
+    p = _cli(_train_args(resume_data, run, epochs=2))
+    assert p.communicate(timeout=600) and p.returncode == 0
+    r = _cli(["train", "--resume", str(run), "--epochs", "4"])
+    out, err = r.communicate(timeout=600)
+    assert r.returncode == 0, err
+    assert "epochs 2 -> 4 (config.yaml updated)" in out and "resuming" in out and "Epoch 3/4" in out, out
+    a, b = _weights(run), _weights(reference_run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha, hb = (json.loads((r / "history.json").read_text()) for r in (run, reference_run))
+    assert [(h["loss"], h["val_accuracy"]) for h in ha] == [(h["loss"], h["val_accuracy"]) for h in hb]
+    assert "epochs: 4" in (run / "config.yaml").read_text()
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 4
+
+
+def test_resume_with_other_epochs_is_refused_where_it_would_change_the_run(trained_run):
+    import yaml
+
+    with pytest.raises(CifarlabError, match=r"--epochs 1 is not valid .* it has trained 2 epoch\(s\), so give "
+                                            r"at least 2"):
+        fit(resume=trained_run, epochs=1, log=lambda s: None)
+    cfg_path = trained_run / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["optim"].update(schedule="triangle", warmup_frac=0.2)
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CifarlabError, match=r"schedule \('triangle'\) is laid out over its 2 epochs"):
+        fit(resume=trained_run, epochs=5, log=lambda s: None)
+    assert yaml.safe_load(cfg_path.read_text())["train"]["epochs"] == 2  # left as it was
+    cfg["optim"]["schedule"] = "constant"
+    cfg["train"]["lookahead_every"] = 5
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CifarlabError, match=r"lookahead \(train.lookahead_every 5\) ramps up"):
+        fit(resume=trained_run, epochs=5, log=lambda s: None)
+
+
 def test_resume_errors(tmp_path):
     with pytest.raises(CifarlabError, match="no config.yaml"):
         fit(resume=tmp_path)

@@ -117,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
                         "conv gradients on CPUs without AVX-512)")
     g.add_argument("--out", help="run folder (default runs/<recipe>-<model>-<time>)")
     g.add_argument("--overwrite", action="store_true", default=None, help="write into an existing run folder")
-    g.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint with its saved config")
+    g.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint with its saved config; "
+                                                   "with --epochs, train a constant-lr run longer (or shorter)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="test a trained run: loss, accuracy, per-class metrics, plots")
@@ -207,10 +208,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import fit
 
     if args.resume:
-        if _train_overrides(args) or args.config or args.recipe:
-            raise ConfigError("--resume continues a run with its saved config; do not combine it with other "
-                              "options (start a new run instead)")
-        fit(resume=args.resume)
+        given = {f"{sec}.{key}" for sec, values in _train_overrides(args).items() for key in values}
+        if given - {"train.epochs"} or args.config or args.recipe:
+            raise ConfigError("--resume continues a run with its saved config; only --epochs may be given with "
+                              "it (to train a constant-lr run longer); start a new run for other options")
+        fit(resume=args.resume, epochs=args.epochs)
         return 0
     if args.model is not None:
         from .models import list_models

@@ -447,13 +447,40 @@ def _selector(cfg: Config, proxy: nn.Module, device: torch.device, fmt: torch.me
                                cfg.train.label_smoothing, autocast)
 
 
-def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset: Dataset | None = None,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+def _extend(run: Path, cfg: Config, ckpt: dict, epochs: int) -> Config:
+    """``cfg`` with ``epochs`` in place of its own, for resuming ``run`` longer or shorter (Keras'
+    ``fit(initial_epoch=...)``). Only where no part of training depends on the number of epochs,
+    so the result is the run that would have been trained with ``epochs`` from the start."""
+    done = ckpt["epoch"] + (1 if ckpt["step"] else 0)  # a started epoch counts
+    if epochs < max(1, done):
+        raise CifarlabError(f"--epochs {epochs} is not valid for '{run}': it has trained "
+                            f"{ckpt['epoch']} epoch(s){' and part of the next' if ckpt['step'] else ''}, "
+                            f"so give at least {max(1, done)}")
+    if cfg.optim.schedule != "constant":
+        raise CifarlabError(f"'{run}' cannot be resumed with another number of epochs: its learning-rate "
+                            f"schedule ({cfg.optim.schedule!r}) is laid out over its {cfg.train.epochs} epochs, "
+                            "so more epochs would not continue the same run; train a new run with --epochs "
+                            f"{epochs} instead")
+    if cfg.train.lookahead_every:
+        raise CifarlabError(f"'{run}' cannot be resumed with another number of epochs: its lookahead "
+                            f"(train.lookahead_every {cfg.train.lookahead_every}) ramps up over its "
+                            f"{cfg.train.epochs} epochs; train a new run with --epochs {epochs} instead")
+    cfg.train.epochs = epochs
+    return cfg
+
+
+def fit(cfg: Config | None = None, *, resume: str | Path | None = None, epochs: int | None = None,
+        dataset: Dataset | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train per ``cfg`` (or resume the run folder ``resume``) and write the run folder.
 
-    With ``cfg.train.runs > 1``, trains that many times (see :func:`fit_runs`). Returns the
-    final metrics dict (also saved as ``metrics.json``).
+    ``epochs`` with ``resume`` changes the run's number of epochs, where its schedule allows (a
+    constant learning rate, no lookahead): a finished run trains on, an unfinished one stops
+    sooner, each exactly as a run given that number from the start. With ``cfg.train.runs > 1``,
+    trains that many times (see :func:`fit_runs`). Returns the final metrics dict (also saved as
+    ``metrics.json``).
     """
+    if epochs is not None and resume is None:
+        raise CifarlabError("epochs= is for resuming a run; set cfg.train.epochs for a new one")
     if resume is None and cfg is not None and cfg.train.runs > 1:
         return fit_runs(cfg, dataset=dataset, log=log)
     ckpt = None
@@ -464,6 +491,11 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
                                 "'cifarlab train'")
         cfg = load_run_config(run / "config.yaml")
         ckpt = _load_checkpoint(run)
+        if epochs is not None and epochs != cfg.train.epochs:
+            old_epochs = cfg.train.epochs
+            cfg = _extend(run, cfg, ckpt, epochs)
+            save_config(cfg, run / "config.yaml")
+            log(f"{run}: epochs {old_epochs} -> {epochs} (config.yaml updated)")
     assert cfg is not None
     device = runtime.setup(cfg.train.device, cfg.train.threads, cfg.train.deterministic)
     runtime.check_device_options(device, cfg.train.precision, cfg.train.cuda_graph)  # fail before the data load
@@ -493,7 +525,7 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, dataset:
                           st.num_params, cfg.train.channels_last)
         if ckpt is not None and ckpt["epoch"] >= cfg.train.epochs:
             log(f"{run} has trained all its {cfg.train.epochs} epochs; nothing to resume, the final weights and "
-                "test figures are written again")
+                f"test figures are written again (to train longer: --resume {run} --epochs N)")
         elif ckpt is not None:
             log(f"resuming {run} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
         log(f"run folder: {run}")

@@ -132,6 +132,17 @@ def test_train_evaluate_predict_end_to_end(capsys, tmp_path, image_folder, monke
     assert (out / "audit" / "MODEL_CARD.md").is_file()
 
 
+def test_an_output_folder_that_cannot_be_made_is_one_line_naming_it(capsys, tmp_path, trained_run):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for args in (["evaluate", str(trained_run), "--out", str(blocker / "eval")],
+                 ["audit", str(trained_run), "--out", str(blocker / "audit")],
+                 ["augment", "--preview-dir", str(blocker), "--previews", "1"]):
+        code, _, err = run(capsys, *args)
+        assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+        assert f"'{blocker}" in err and ("Not a directory" in err or "exists and is a file" in err), err
+
+
 def test_no_cpu_kernels_flag_reaches_the_saved_config(capsys, tmp_path, image_folder):
     import yaml
 

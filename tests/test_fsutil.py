@@ -9,7 +9,7 @@ import torch
 
 from cifarlab import export
 from cifarlab.errors import CifarlabError
-from cifarlab.fsutil import write_json, write_text
+from cifarlab.fsutil import make_folder, write_json, write_text
 from cifarlab.models import create_model
 
 
@@ -38,6 +38,18 @@ def test_unwritable_folder_is_a_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(CifarlabError, match="cannot write to folder"):
         write_json(blocker / "sub" / "a.json", {"a": 1})
+
+
+def test_make_folder_names_the_folder_and_the_reason(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CifarlabError, match=r"output '.*file' exists and is a file; give a folder path"):
+        make_folder(blocker)
+    with pytest.raises(CifarlabError, match=r"cannot create output folder '.*file/sub': Not a directory"):
+        make_folder(blocker / "sub")
+    assert make_folder(tmp_path / "a" / "b").is_dir() and make_folder(tmp_path / "a" / "b").is_dir()
+    with pytest.raises(FileExistsError):  # claiming a folder: the caller picks another name
+        make_folder(tmp_path / "a" / "b", exist_ok=False)
 
 
 def test_interrupt_mid_write_leaves_old_file(tmp_path, monkeypatch):

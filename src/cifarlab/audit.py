@@ -22,7 +22,7 @@ from .data import Dataset
 from .errors import CifarlabError
 from .evaluate import _check_compatible, predict_dataset
 from .export import list_to_csv_rows, load_model
-from .fsutil import json_text, write_json, write_text
+from .fsutil import json_text, make_folder, write_json, write_text
 
 TO_FILL = "[TO BE FILLED IN BY THE MODEL'S OWNER]"
 # Every model card's out-of-scope uses, also carried in the metadata of an exported model.
@@ -216,7 +216,7 @@ def run_audit(run: Path, ds: Dataset, out: Path, groups_csv: str | None = None, 
     groups = read_groups(groups_csv, ds) if groups_csv else None
     pred = load_model(run, device, tta)
     _check_compatible(pred, ds)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     probs = predict_dataset(pred, ds.x_test)
     report = write_report(pred, ds, probs, out)  # confusion matrix, reliability, confident errors
     yhat = probs.argmax(1)

@@ -20,7 +20,7 @@ from .augment import KerasAugment, augmenter_from_config
 from .config import AugmentConfig, Config, apply_overrides, read_config_file
 from .data import load_dataset
 from .errors import CifarlabError
-from .fsutil import write_with
+from .fsutil import make_folder, write_with
 
 
 def iter_augmented(x_uint8: np.ndarray, augmenter, per_image: int, seed: int,
@@ -143,6 +143,8 @@ _FILE_SUFFIXES = {".npy", ".h5", ".hdf5", ".pkl", ".pickle", ".pt", ".pth", ".zi
 def _check_output(args: argparse.Namespace) -> None:
     if not args.out and not args.preview_dir:
         raise CifarlabError("nothing to write: give --out (a .npz file or a folder) and/or --preview-dir")
+    if args.preview_dir and Path(args.preview_dir).exists() and not Path(args.preview_dir).is_dir():
+        raise CifarlabError(f"--preview-dir '{args.preview_dir}' exists and is a file; give a folder path")
     if not args.out:
         return
     out = Path(args.out)
@@ -208,8 +210,7 @@ def augment_command(args: argparse.Namespace) -> int:
             if len(previews) == len(picks):
                 break
     if args.preview_dir:
-        pdir = Path(args.preview_dir)
-        pdir.mkdir(parents=True, exist_ok=True)
+        pdir = make_folder(args.preview_dir)
         ext = "jpeg" if args.save_format == "jpeg" else "png"
         for i in picks:
             for k in range(per):

@@ -15,7 +15,7 @@ import torch
 
 from .data import Dataset
 from .export import Predictor, list_to_csv_rows, load_model
-from .fsutil import write_json, write_text
+from .fsutil import make_folder, write_json, write_text
 
 
 def predict_dataset(pred: Predictor, x_uint8_nhwc: np.ndarray, tta: str | None = None,
@@ -88,6 +88,7 @@ def evaluate_run(run: Path, ds: Dataset, out: Path, tta: str | None = None, devi
     so the accuracy is the one its training reported."""
     pred = load_model(run, device, tta)
     _check_compatible(pred, ds)
+    make_folder(out)  # before the predictions: an unwritable folder should cost no time
     return write_report(pred, ds, predict_dataset(pred, ds.x_test), out, n_worst)
 
 
@@ -99,7 +100,7 @@ def write_report(pred: Predictor, ds: Dataset, probs: np.ndarray, out: Path, n_w
 
     report = compute_report(probs, ds.y_test, pred.classes)
     report.update({"run": str(pred.run), "data": ds.source, "tta": pred.tta})
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     cm = np.array(report["confusion_matrix"])
     write_text(out / "confusion_matrix.csv", list_to_csv_rows(
         [{"true\\predicted": c, **{p: int(v) for p, v in zip(pred.classes, row)}} for c, row in zip(pred.classes, cm)]))

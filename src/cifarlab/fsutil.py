@@ -41,6 +41,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def make_folder(path: str | os.PathLike, exist_ok: bool = True) -> Path:
+    """Create the output folder ``path`` and its parents; any failure is a user error naming the
+    folder and the reason. With ``exist_ok=False`` an existing folder raises FileExistsError, for
+    the caller to handle."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CifarlabError(f"output '{path}' exists and is a file; give a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=exist_ok)
+    except FileExistsError:
+        if not exist_ok:
+            raise
+        raise CifarlabError(f"cannot create output folder '{path}': a file stands in its way") from None
+    except OSError as e:
+        raise CifarlabError(f"cannot create output folder '{path}': {e.strerror or e}") from None
+    return path
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Atomically write ``data`` to ``path``."""
     with atomic_path(path) as tmp:

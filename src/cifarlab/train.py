@@ -29,7 +29,7 @@ from .config import Config, load_run_config, save_config
 from .data import Dataset, balanced_subset, load_dataset, stratified_split, subset_note
 from .errors import CifarlabError
 from .export import normalize, preprocess, save_architecture, save_weights, several_runs, tta_logits
-from .fsutil import write_json, write_text
+from .fsutil import make_folder, write_json, write_text
 from .models import create_model
 from .optim import build_optimizer, param_groups
 from .selection import HardExampleSelector, kept_count
@@ -233,28 +233,16 @@ class _Interrupts:
                 signal.signal(s, h)
 
 
-def _make_folder(run: Path, exist_ok: bool = False) -> None:
-    """``run.mkdir``, with any failure but FileExistsError (which callers handle) as a user error."""
-    try:
-        run.mkdir(parents=True, exist_ok=exist_ok)
-    except FileExistsError:
-        raise
-    except OSError as e:
-        raise CifarlabError(f"cannot create output folder '{run}': {e.strerror or e}") from None
-
-
 def _new_run_dir(cfg: Config) -> tuple[Path, str]:
     """The run folder, created; and what it was before: "absent", "empty" or "used" (it held files
     and ``--overwrite`` was given)."""
     if cfg.train.out:
         run = Path(cfg.train.out)
-        if run.exists() and not run.is_dir():
-            raise CifarlabError(f"output '{run}' exists and is a file; give a folder path")
         if run.is_dir() and any(run.iterdir()) and not cfg.train.overwrite:
             raise CifarlabError(f"output folder '{run}' already exists and is not empty; choose another --out, "
                                 "pass --overwrite to replace its files, or --resume it")
         before = "absent" if not run.is_dir() else "used" if any(run.iterdir()) else "empty"
-        _make_folder(run, exist_ok=True)
+        make_folder(run)
         return run, before
     # The folder is claimed by creating it (mkdir fails if it exists), so runs started in the
     # same second, by a sweep's parallel processes say, each get a folder of their own.
@@ -262,7 +250,7 @@ def _new_run_dir(cfg: Config) -> tuple[Path, str]:
     for n in itertools.count(1):
         run = Path("runs") / f"{cfg.recipe}-{cfg.model.name}-{stamp}{f'-{n}' if n > 1 else ''}"
         try:
-            _make_folder(run)
+            make_folder(run, exist_ok=False)
             return run, "absent"
         except FileExistsError:
             continue

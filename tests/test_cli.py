@@ -143,6 +143,12 @@ def test_an_output_folder_that_cannot_be_made_is_one_line_naming_it(capsys, tmp_
         assert f"'{blocker}" in err and ("Not a directory" in err or "exists and is a file" in err), err
 
 
+def test_evaluate_prints_the_data_notes_on_stderr(capsys, trained_run):
+    code, out, err = run(capsys, "evaluate", str(trained_run), "--json", "--label-mode", "coarse")
+    assert code == 0 and json.loads(out)["accuracy"] >= 0
+    assert "data: --label-mode coarse applies to CIFAR-100 only" in err, err
+
+
 def test_no_cpu_kernels_flag_reaches_the_saved_config(capsys, tmp_path, image_folder):
     import yaml
 

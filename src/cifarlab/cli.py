@@ -236,8 +236,11 @@ def _load_eval_data(args: argparse.Namespace, run: Path):
                           f"{Path.cwd()}; give its path with --data")
     dataset = args.dataset or (cfg.data.dataset if cfg else "cifar10")
     label_mode = args.label_mode or (cfg.data.label_mode if cfg else "fine")
-    return load_dataset(data, dataset, allow_unverified=bool(args.allow_unverified), label_mode=label_mode,
-                        skip_bad_images=bool(args.skip_bad_images))
+    ds = load_dataset(data, dataset, allow_unverified=bool(args.allow_unverified), label_mode=label_mode,
+                      skip_bad_images=bool(args.skip_bad_images))
+    for note in ds.notes:  # on stderr: stdout may be --json
+        print(f"data: {note}", file=sys.stderr)
+    return ds
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

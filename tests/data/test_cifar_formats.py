@@ -51,6 +51,19 @@ def test_cifar100_coarse_labels(tmp_path, key):
     ds = load_dataset(path, allow_unverified=True, label_mode="coarse")
     np.testing.assert_array_equal(ds.y_train, truth["coarse_train"])
     assert ds.classes == [f"coarse{i}" for i in range(20)]
+    assert not any("--label-mode" in n for n in ds.notes)
+
+
+def test_options_for_cifar100_on_other_data_are_ignored_with_a_note(tmp_path, image_folder):
+    path, truth = make_official(tmp_path, "cifar10-python")
+    ds = load_dataset(path, "cifar100", allow_unverified=True, label_mode="coarse")
+    np.testing.assert_array_equal(ds.y_train, truth["train_y"])
+    assert len(ds.classes) == 10
+    assert any(n.startswith("--label-mode coarse applies to CIFAR-100 only; ignored") and "(cifar10-python) has its "
+               "own 10 classes" in n for n in ds.notes), ds.notes
+    assert any(n.startswith("--dataset cifar100 only chooses what to download; ignored") for n in ds.notes)
+    ds = load_dataset(image_folder, label_mode="coarse")
+    assert ds.classes == ["cat", "dog", "frog"] and any("(image-folder) has its own 3 classes" in n for n in ds.notes)
 
 
 def test_pixel_layout_is_planar_rgb(tmp_path):

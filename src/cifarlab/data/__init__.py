@@ -56,9 +56,25 @@ class Dataset:
 def load_dataset(data: str | Path | None = None, dataset: str = "cifar10", *, allow_unverified: bool = False,
                  label_mode: str = "fine", skip_bad_images: bool = False, use_cache: bool = True,
                  quiet: bool = True) -> Dataset:
-    """Load a data set from ``data`` (a path), or download the official ``dataset`` if ``data`` is None."""
+    """Load a data set from ``data`` (a path), or download the official ``dataset`` if ``data`` is None.
+
+    ``dataset`` chooses the download only, and ``label_mode`` applies to CIFAR-100 only; where
+    ``data`` holds something else, they are ignored and the returned notes say so."""
     if dataset not in ("cifar10", "cifar100"):
         raise DataError(f"--dataset '{dataset}' is not valid; choose cifar10 or cifar100")
+    ds = _load(data, dataset, allow_unverified, label_mode, skip_bad_images, use_cache, quiet)
+    if not ds.kind.startswith("cifar100"):
+        if label_mode != "fine":
+            ds.notes.append(f"--label-mode {label_mode} applies to CIFAR-100 only; ignored, {ds.source} "
+                            f"({ds.kind}) has its own {ds.num_classes} classes")
+        if dataset != "cifar10":
+            ds.notes.append(f"--dataset {dataset} only chooses what to download; ignored, {ds.source} "
+                            f"({ds.kind}) is read as it is")
+    return ds
+
+
+def _load(data: str | Path | None, dataset: str, allow_unverified: bool, label_mode: str, skip_bad_images: bool,
+          use_cache: bool, quiet: bool) -> Dataset:
     if data is None:
         path = download.fetch(dataset, quiet=quiet)
         train, test, classes, fmt = cifar.load_official_archive(path, label_mode=label_mode)

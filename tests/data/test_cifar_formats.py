@@ -159,6 +159,8 @@ def test_missing_path_and_non_archive(tmp_path):
     f.write_text("hi")
     with pytest.raises(DataError, match="not a tar or zip archive"):
         load_dataset(f)
+    with pytest.raises(DataError, match=r"--data '' is empty; give a path, or leave --data out"):
+        load_dataset("")  # not the current folder
 
 
 def test_copy_of_archive_under_other_name_is_detected(tmp_path):

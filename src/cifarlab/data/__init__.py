@@ -75,6 +75,9 @@ def load_dataset(data: str | Path | None = None, dataset: str = "cifar10", *, al
 
 def _load(data: str | Path | None, dataset: str, allow_unverified: bool, label_mode: str, skip_bad_images: bool,
           use_cache: bool, quiet: bool) -> Dataset:
+    if data is not None and not str(data).strip():  # Path("") would silently mean the current folder
+        raise DataError(f"--data {str(data)!r} is empty; give a path, or leave --data out to download the "
+                        f"official {dataset} archive")
     if data is None:
         path = download.fetch(dataset, quiet=quiet)
         train, test, classes, fmt = cifar.load_official_archive(path, label_mode=label_mode)

@@ -46,6 +46,9 @@ def test_roundtrip(tmp_path):
     ({"train": {"device": "tpu"}}, "device = 'tpu' is not valid"),
     ({"augment": {"fill_mode": "mirror"}}, "fill_mode='mirror' is not valid; choose one of nearest, reflect, wrap, constant"),
     ({"augment": {"preset": "fancy"}}, "preset 'fancy' is not valid"),
+    ({"optim": {"lr": float("inf")}}, "optim.lr: inf is not valid; expected a finite number"),
+    ({"train": {"label_smoothing": float("nan")}}, "train.label_smoothing: nan is not valid; expected a finite"),
+    ({"augment": {"zoom_range": [0.9, float("inf")]}}, "augment.zoom_range: .* is not valid"),
 ])
 def test_invalid_values(over, msg):
     with pytest.raises(ConfigError, match=msg):

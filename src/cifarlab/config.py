@@ -7,6 +7,7 @@ repeated from that file alone (``cifarlab train --config RUN/config.yaml``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -201,9 +202,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: {value!r} is not valid; expected a number")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: {value!r} is not valid; expected a number") from None
+        if not math.isfinite(number):  # YAML's .inf and .nan, or --lr inf: no setting means them
+            raise ConfigError(f"{where}: {value!r} is not valid; expected a finite number")
+        return number
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where}: {value!r} is not valid; expected text")

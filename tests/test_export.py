@@ -41,6 +41,8 @@ def test_load_model_api_and_inputs(trained_run, tmp_path):
         model.predict(tmp_path / "missing.png")
     with pytest.raises(CifarlabError, match="cannot predict on a int; give uint8 arrays"):
         model.predict([img, 7])
+    with pytest.raises(CifarlabError, match=r"got float32; for images scaled to \[0, 1\], pass \(x \* 255\)"):
+        model.predict(img.astype(np.float32) / 255)  # the notebook's scaled arrays
 
 
 def test_architecture_json_is_readable(trained_run):

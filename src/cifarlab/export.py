@@ -191,7 +191,9 @@ class Predictor:
 
         def checked(a: np.ndarray) -> np.ndarray:
             if a.dtype != np.uint8:
-                raise CifarlabError(f"images must be uint8 (0..255) arrays, got {a.dtype}")
+                hint = "; for images scaled to [0, 1], pass (x * 255).round().astype(np.uint8)" \
+                    if a.dtype.kind == "f" else ""
+                raise CifarlabError(f"images must be uint8 (0..255) arrays, got {a.dtype}{hint}")
             if a.shape[1:] != (h, w, c):
                 raise CifarlabError(f"images have shape {a.shape[1:]}, the model expects (H, W, C) = {(h, w, c)}")
             return a

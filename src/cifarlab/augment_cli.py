@@ -143,6 +143,9 @@ _FILE_SUFFIXES = {".npy", ".h5", ".hdf5", ".pkl", ".pickle", ".pt", ".pth", ".zi
 def _check_output(args: argparse.Namespace) -> None:
     if not args.out and not args.preview_dir:
         raise CifarlabError("nothing to write: give --out (a .npz file or a folder) and/or --preview-dir")
+    if "/" in args.save_prefix or os.sep in args.save_prefix:
+        raise CifarlabError(f"--save-prefix {args.save_prefix!r} is not valid: it starts the previews' file names, "
+                            "so it cannot hold a path separator; choose the folder with --preview-dir")
     if args.preview_dir and Path(args.preview_dir).exists() and not Path(args.preview_dir).is_dir():
         raise CifarlabError(f"--preview-dir '{args.preview_dir}' exists and is a file; give a folder path")
     if not args.out:

@@ -281,6 +281,13 @@ def test_resume_errors(tmp_path):
         fit(resume=tmp_path)
 
 
+def test_data_with_one_class_is_refused_and_leaves_no_run_folder(tmp_path):
+    data = make_image_folder(tmp_path / "one", classes=("cat",))
+    with pytest.raises(CifarlabError, match=r"one has 1 class \(cat\); a classifier needs at least 2"):
+        fit(tiny_config(str(data), str(tmp_path / "r")), log=lambda s: None)
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_subset_larger_than_the_data_says_so_and_uses_every_image(tmp_path, image_folder):
     cfg = tiny_config(str(image_folder), str(tmp_path / "r"))
     cfg.data.subset = 1000

@@ -729,6 +729,9 @@ def _load_data(cfg: Config, dataset: Dataset | None, log: Callable[[str], None])
         label_mode=cfg.data.label_mode, skip_bad_images=cfg.data.skip_bad_images)
     for note in ds.notes:
         log(f"data: {note}")
+    if ds.num_classes < 2:
+        raise CifarlabError(f"{ds.source} has {ds.num_classes} class ({', '.join(ds.classes)}); a classifier needs "
+                            "at least 2, each a folder of its images under train/ and test/")
     return ds
 
 

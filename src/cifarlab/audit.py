@@ -342,6 +342,8 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
     import yaml
 
     cfg = yaml.safe_load(cfg_text) if cfg_text else {}
+    imported_path = run / "keras_import.json"  # written by `cifarlab import`: trained elsewhere
+    imported = json.loads(imported_path.read_text()) if imported_path.is_file() else None
     is_cifar10 = ds.kind.startswith("cifar10") or (ds.kind == "image-folder" and pred.classes == [
         "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"])
     training_data = {
@@ -363,6 +365,7 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
             "recipe": cfg.get("recipe"), "optimizer": cfg.get("optim"), "epochs": cfg.get("train", {}).get("epochs"),
             "training_time_s": m.get("train_time_s"), "trained_on": m.get("device"), "versions": m.get("versions"),
             "date": date.today().isoformat(), "developers": TO_FILL, "licence": TO_FILL, "contact": TO_FILL,
+            "imported_from": imported and {k: imported.get(k) for k in ("source", "sha256", "layout", "keras_version")},
         },
         "intended_use": {
             "primary_uses": f"Classifying small ({pred.input_shape[2]}x{pred.input_shape[1]}) photos into the data "
@@ -397,6 +400,19 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
     }
 
 
+def _origin_lines(d: dict) -> list[str]:
+    """How the model was trained: the recipe of a cifarlab run, or the Keras file it was imported from."""
+    if d.get("imported_from"):
+        i = d["imported_from"]
+        keras = f"Keras {i['keras_version']}" if i.get("keras_version") else "Keras"
+        return [f"- Trained in {keras} and imported with `cifarlab import` from `{i['source']}` ({i['layout']}, "
+                f"SHA-256 {i['sha256'][:16]}...)",
+                f"- Recipe, optimizer and epochs: {TO_FILL}"]
+    if d["recipe"] is None:
+        return [f"- Recipe, optimizer and epochs: {TO_FILL}"]
+    return [f"- Recipe: `{d['recipe']}`; optimizer: `{(d['optimizer'] or {}).get('name')}`, epochs: {d['epochs']}"]
+
+
 def model_card_markdown(card: dict) -> str:
     """Render a model card dict as Markdown, linking the audit plots beside it."""
     d, iu, td, ev, mt = (card["model_details"], card["intended_use"], card["training_data"], card["evaluation_data"],
@@ -404,10 +420,10 @@ def model_card_markdown(card: dict) -> str:
     o = mt["overall"]
     lines = [f"# Model card: {d['name']}", "", "## Model details", "",
              f"- Architecture: `{d['architecture']}`, {d['parameters']:,} parameters",
-             f"- Recipe: `{d['recipe']}`; optimizer: `{(d['optimizer'] or {}).get('name')}`, epochs: {d['epochs']}",
+             *_origin_lines(d),
              f"- Training time: {d['training_time_s']:.1f} s on {d['trained_on']}" if d["training_time_s"] else
              f"- Training time: {TO_FILL}",
-             f"- Versions: {', '.join(f'{k} {v}' for k, v in (d['versions'] or {}).items())}",
+             f"- Versions: {', '.join(f'{k} {v}' for k, v in (d['versions'] or {}).items()) or TO_FILL}",
              f"- Date of this card: {d['date']}",
              f"- Developers: {d['developers']}", f"- Licence: {d['licence']}", f"- Contact: {d['contact']}", "",
              "## Intended use", "", f"- Primary uses: {iu['primary_uses']}", f"- Primary users: {iu['primary_users']}",
@@ -415,7 +431,8 @@ def model_card_markdown(card: dict) -> str:
              "", "## Factors", "", f"- Relevant factors: {card['factors']['relevant_factors']}",
              f"- Evaluated group attributes: {', '.join(card['factors']['evaluated_groups']) or 'none supplied'}", "",
              "## Training data", "", f"- Source: `{td['source']}`",
-             f"- Size: {td['size'].get('train_images')} training, {td['size'].get('val_images')} validation images",
+             f"- Size: {td['size'].get('train_images')} training, {td['size'].get('val_images')} validation images"
+             if td["size"].get("train_images") is not None else f"- Size: {TO_FILL}",
              f"- Classes: {', '.join(td['classes'][:20])}{' ...' if len(td['classes']) > 20 else ''}",
              f"- Licence: {td['licence']}", f"- Consent: {td['consent']}", f"- Label caveats: {td['label_caveats']}", "",
              "## Evaluation data", "", f"- Source: `{ev['source']}`, {ev['size']} images; {ev['note']}", "",

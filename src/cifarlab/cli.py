@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,6 +19,7 @@ EPILOG = """examples:
   cifarlab predict runs/RUN cat.png dog.jpg                 # top-3 classes per image
   cifarlab audit runs/RUN --data DATA                       # disaggregated report + MODEL_CARD.md
   cifarlab export runs/RUN                                  # RUN/model.onnx for ONNX Runtime
+  cifarlab import cifar10_weights.h5 --architecture cifar10_architecture.json  # the notebook's saved model
   cifarlab summary --model keras-deep                       # Keras-style layer table
 """
 
@@ -166,6 +168,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="do not compare the file's outputs with PyTorch's (done when onnxruntime is installed)")
     x.set_defaults(func=cmd_export)
 
+    k = sub.add_parser("import", help="make a run folder of a model the Keras notebook trained and saved",
+                       description="Import the notebook's Keras model (keras-shallow or keras-deep) as a run folder, "
+                                   "so evaluate, predict, audit and export work on it. FILE is what save_weights "
+                                   "wrote (.h5 or .weights.h5) or a saved model (.h5, .keras); its arrays are read, "
+                                   "nothing in it runs. Needs h5py: pip install h5py (or '.[keras]' in a clone).")
+    k.add_argument("file", help="Keras weights or model file")
+    k.add_argument("--architecture", help="the notebook's model.to_json() file; checks every layer, not only the "
+                                          "weight shapes")
+    k.add_argument("--classes", help="class names in label order, comma-separated (default CIFAR-10's, for 10 "
+                                     "classes)")
+    k.add_argument("--image-size", help="HxW of the training images where no architecture says (default 32x32)")
+    k.add_argument("--out", help="run folder to write (default runs/keras-import-MODEL-TIME)")
+    k.add_argument("--overwrite", action="store_true")
+    k.set_defaults(func=cmd_import)
+
     g = sub.add_parser("augment", help="write augmented copies of images, previews and a grid")
     _add_data_args(g)
     g.add_argument("--config", help="YAML/TOML file whose 'augment' section sets the options")
@@ -302,6 +319,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .deploy import export_onnx
 
     export_onnx(args.run, args.out, tta=args.tta, opset=args.opset, check=args.check)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """``cifarlab import``."""
+    from .keras_import import import_keras
+
+    size = None
+    if args.image_size is not None:
+        m = re.fullmatch(r"\s*(\d+)\s*(?:[xX,]\s*(\d+)\s*)?", args.image_size)
+        if not m or int(m[1]) < 1 or int(m[2] or m[1]) < 1:
+            raise ConfigError(f"--image-size '{args.image_size}' is not valid; expected HxW such as 32x32, or one "
+                              "number for square images")
+        size = (int(m[1]), int(m[2] or m[1]))
+    import_keras(args.file, args.out, architecture=args.architecture, classes=args.classes, image_size=size,
+                 overwrite=args.overwrite)
     return 0
 
 

@@ -74,15 +74,20 @@ def _weighted_names(config: dict) -> list[str]:
             if layer["class_name"] in ("Conv2D", "Dense")]
 
 
-def _write_legacy(group, names: list[str], weights: list[np.ndarray], all_names: list[str]) -> None:
-    """Keras 2's ``save_weights`` layout: ``layer_names``, then per layer ``weight_names``."""
-    group.attrs["layer_names"] = np.array([n.encode() for n in all_names])
+def _write_legacy(group, names: list[str], weights: list[np.ndarray], all_names: list[str],
+                  as_bytes: bool = True) -> None:
+    """Keras 2's ``save_weights`` layout: ``layer_names``, then per layer ``weight_names``; names
+    as fixed-length bytes (Keras 2.2) or variable-length strings (tf-keras 2.21, Keras 3)."""
+    def text(values):
+        return np.array([v.encode() for v in values]) if as_bytes else np.array(values, dtype=h5py.string_dtype())
+
+    group.attrs["layer_names"] = text(all_names)
     for n in all_names:
         g = group.create_group(n)
         if n in names:
             i = names.index(n)
             wn = [f"{n}/kernel:0", f"{n}/bias:0"]
-            g.attrs["weight_names"] = np.array([w.encode() for w in wn])
+            g.attrs["weight_names"] = text(wn)
             g[wn[0]], g[wn[1]] = weights[2 * i], weights[2 * i + 1]
         else:
             g.attrs["weight_names"] = np.array([], dtype="S1")
@@ -124,7 +129,7 @@ def write_keras(path: Path, layout: str, model_name: str = "keras-deep", config:
         elif layout == "legacy-model":
             f.attrs["model_config"] = json.dumps(config).encode()
             f.attrs["keras_version"] = "3.15.1"
-            _write_legacy(f.create_group("model_weights"), names, weights, all_names)
+            _write_legacy(f.create_group("model_weights"), names, weights, all_names, as_bytes=False)
         else:
             _write_native(f, names, weights, all_names)
     return path, model, config
@@ -141,7 +146,7 @@ def _same_weights(run: Path, model: torch.nn.Module) -> bool:
 def test_each_keras_layout_imports_the_exact_weights(tmp_path, layout, suffix, model_name):
     path, model, _ = write_keras(tmp_path / f"m{suffix}", layout, model_name)
     logs = []
-    run = import_keras(path, tmp_path / "run", log=logs.append)
+    run = cifarlab.import_keras(path, tmp_path / "run", log=logs.append)
     assert _same_weights(run, model)
     arch = json.loads((run / "architecture.json").read_text())
     assert arch["model"] == model_name and arch["classes"][0] == "airplane" and len(arch["classes"]) == 10

@@ -10,7 +10,8 @@ The public API is imported lazily so that ``import cifarlab`` stays cheap:
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "list_models", "load_model", "load_dataset", "CifarlabError", "__version__"]
+__all__ = ["create_model", "list_models", "load_model", "load_dataset", "import_keras", "CifarlabError",
+           "__version__"]
 
 
 def __getattr__(name: str):
@@ -22,6 +23,10 @@ def __getattr__(name: str):
         from .export import load_model
 
         return load_model
+    if name == "import_keras":
+        from .keras_import import import_keras
+
+        return import_keras
     if name == "load_dataset":
         from .data import load_dataset
 

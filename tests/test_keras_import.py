@@ -219,15 +219,18 @@ def test_weights_alone_that_are_not_the_notebooks_are_refused(tmp_path):
     (b"not a keras file", "neither an HDF5 file nor a .keras zip"),
     (None, "is an HDF5 file but not one of Keras' weight layouts"),
     ("zip", "a zip without model.weights.h5"),
+    ("zip-list-config", "its config.json holds no Keras model config"),
 ])
 def test_files_that_are_not_keras_weights_are_named(tmp_path, content, message):
     path = tmp_path / "x.h5"
     if content is None:
         with h5py.File(path, "w") as f:
             f["data"] = np.zeros(3)
-    elif content == "zip":
+    elif isinstance(content, str):
         with zipfile.ZipFile(path, "w") as z:
-            z.writestr("config.json", "{}")
+            z.writestr("config.json", "[1]" if content == "zip-list-config" else "{}")
+            if content == "zip-list-config":
+                z.writestr("model.weights.h5", b"")
     else:
         path.write_bytes(content)
     with pytest.raises(CifarlabError, match=message):

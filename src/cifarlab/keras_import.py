@@ -19,6 +19,7 @@ is refused with the first layer that differs. Reading HDF5 needs h5py (the ``ker
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -28,7 +29,7 @@ import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch.nn as nn
@@ -127,7 +128,8 @@ def read_keras_file(path: str | Path, order: list[str] | None = None) -> KerasFi
         raise CifarlabError(f"Keras file '{path}' does not exist; give the file the notebook's save_weights "
                             "wrote (.h5), or a saved model (.h5, .keras)")
     if zipfile.is_zipfile(path):
-        return _read_keras_zip(path, order)
+        with _malformed(path, "the .keras file"):
+            return _read_keras_zip(path, order)
     h5py = _h5py()
     try:
         f = h5py.File(path, "r")
@@ -138,17 +140,13 @@ def read_keras_file(path: str | Path, order: list[str] | None = None) -> KerasFi
         return _read_h5(f, path, order)
 
 
-def _malformed(path: Path, what: str):
+@contextlib.contextmanager
+def _malformed(path: Path, what: str) -> Iterator[None]:
     """Turn a missing group, attribute or key of a damaged file into one clear error."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def guard():
-        try:
-            yield
-        except (KeyError, ValueError, TypeError, AttributeError, IndexError, OSError) as e:
-            raise CifarlabError(f"'{path}': {what} is damaged or not as Keras writes it ({type(e).__name__}: {e})") from None
-    return guard()
+    try:
+        yield
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise CifarlabError(f"'{path}': {what} is damaged or not as Keras writes it ({type(e).__name__}: {e})") from None
 
 
 def _read_keras_zip(path: Path, order: list[str] | None) -> KerasFile:
@@ -156,18 +154,11 @@ def _read_keras_zip(path: Path, order: list[str] | None) -> KerasFile:
         names = set(z.namelist())
         if "model.weights.h5" not in names:
             raise CifarlabError(f"'{path}' is a zip without model.weights.h5, so not a Keras .keras file")
-        config = None
-        if "config.json" in names:
-            try:
-                config = json.loads(z.read("config.json"))
-            except ValueError as e:
-                raise CifarlabError(f"{path}: its config.json is not JSON ({e})") from None
-        version = None
-        if "metadata.json" in names:
-            try:
-                version = json.loads(z.read("metadata.json")).get("keras_version")
-            except (ValueError, AttributeError):
-                version = None
+        config = json.loads(z.read("config.json")) if "config.json" in names else None
+        if config is not None and not isinstance(config, dict):
+            raise CifarlabError(f"'{path}': its config.json holds no Keras model config (a JSON object)")
+        meta = json.loads(z.read("metadata.json")) if "metadata.json" in names else {}
+        version = meta.get("keras_version") if isinstance(meta, dict) else None
         info = z.getinfo("model.weights.h5")
         if info.file_size > _MAX_ZIP_MEMBER:
             raise CifarlabError(f"{path}: model.weights.h5 is {info.file_size:,} bytes, far more than the "

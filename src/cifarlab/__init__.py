@@ -24,7 +24,7 @@ def __getattr__(name: str):
 
         return load_model
     if name == "import_keras":
-        from .keras_import import import_keras
+        from .keras_files import import_keras
 
         return import_keras
     if name == "load_dataset":

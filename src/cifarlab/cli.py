@@ -161,7 +161,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "and test-time augmentation inside and its class names in the metadata. Needs "
                                    "the onnx extra: pip install '.[onnx]' in a clone, or onnx onnxscript onnxruntime.")
     x.add_argument("run", help="run folder written by 'cifarlab train'")
-    x.add_argument("--out", help="the .onnx file to write (default RUN/model.onnx)")
+    x.add_argument("--out", help="the .onnx file to write (default RUN/model.onnx); a name ending in .h5 writes "
+                                 "the weights for Keras' model.load_weights instead (keras-shallow, keras-deep)")
     _add_tta_arg(x)
     x.add_argument("--opset", type=int, help="ONNX opset version (default: PyTorch's exporter's)")
     x.add_argument("--no-check", dest="check", action="store_false",
@@ -318,13 +319,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     """``cifarlab export``."""
     from .deploy import export_onnx
 
+    if args.out and args.out.endswith(".h5"):
+        from .keras_files import export_keras_weights
+
+        given = [flag for flag, v in (("--tta", args.tta), ("--opset", args.opset)) if v is not None]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to ONNX files, not "
+                              f"to Keras weights ('{args.out}'); leave {'them' if len(given) > 1 else 'it'} out")
+        export_keras_weights(args.run, args.out)
+        return 0
     export_onnx(args.run, args.out, tta=args.tta, opset=args.opset, check=args.check)
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     """``cifarlab import``."""
-    from .keras_import import import_keras
+    from .keras_files import import_keras
 
     size = None
     if args.image_size is not None:

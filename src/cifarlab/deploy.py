@@ -117,7 +117,8 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
     run = Path(run)
     out = Path(out) if out is not None else run / "model.onnx"
     if out.suffix != ".onnx":
-        raise CifarlabError(f"output '{out}' is not a .onnx file name; give a path ending in .onnx")
+        raise CifarlabError(f"output '{out}' is not a .onnx file name; give a path ending in .onnx (or in .h5 for "
+                            "Keras weights, from a keras-shallow or keras-deep run)")
     if opset is not None and not 1 <= opset <= onnx.defs.onnx_opset_version():
         raise CifarlabError(f"--opset {opset} is not an ONNX opset this onnx knows (1 to "
                             f"{onnx.defs.onnx_opset_version()}); give one such as 18 or 20")

@@ -1,4 +1,4 @@
-"""Import a model trained with the Keras notebook as a cifarlab run folder.
+"""Keras weight files: import a model the Keras notebook trained, and write a run's weights for Keras.
 
 The notebook saves its network as ``model.to_json()`` and its weights with ``save_weights``.
 Those files, or a whole saved model (legacy ``.h5`` or Keras 3 ``.keras``), become a run folder
@@ -14,7 +14,9 @@ Three weight layouts are read, each only as arrays (nothing in them is executed)
 - Keras 3's ``.keras`` zip: ``config.json`` beside a ``model.weights.h5`` of the layout above.
 
 Only the notebook's two networks are imported (``keras-shallow``, ``keras-deep``); anything else
-is refused with the first layer that differs. Reading HDF5 needs h5py (the ``keras`` extra).
+is refused with the first layer that differs. The other way, :func:`export_keras_weights` writes
+a run of one of those networks in the first layout, which Keras 2's and Keras 3's
+``model.load_weights`` read by layer order. HDF5 needs h5py (the ``keras`` extra).
 """
 
 from __future__ import annotations
@@ -424,3 +426,53 @@ def import_keras(weights: str | Path, out: str | Path | None = None, *, architec
         f"{f', Keras {kf.keras_version}' if kf.keras_version else ''}) into {run}")
     log(f"next: cifarlab evaluate {run} --data DATA")
     return run
+
+
+def export_keras_weights(run: str | Path, out: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Write a keras-shallow or keras-deep run's weights as Keras' ``save_weights`` would, in the
+    HDF5 layout that Keras 2 and Keras 3 ``model.load_weights(out)`` read by layer order, so the
+    notebook's model, built as the notebook builds it, predicts what the run predicts."""
+    from . import __version__
+    from .export import load_model, run_tta
+    from .fsutil import write_with
+    from .models.keras_layout import to_keras
+
+    out = Path(out)
+    if out.name.endswith(".weights.h5"):
+        raise CifarlabError(f"'{out}': Keras 3 reads a name ending in .weights.h5 in its own layout, which matches "
+                            "layers by their names; give a name ending in .h5 only (such as cifar10_weights.h5), "
+                            "which Keras 2 and 3 load by layer order")
+    predictor = load_model(run, "cpu", tta="none")
+    name = predictor.arch["model"]
+    if name not in KERAS_MODELS:
+        raise CifarlabError(f"only the notebook's networks ({', '.join(KERAS_MODELS)}) have a Keras counterpart; this "
+                            f"run's model is {name}; export it to ONNX with an --out ending in .onnx")
+    h5py = _h5py()
+    weights = to_keras(predictor.model.float())
+    kinds = ["conv2d" if w.ndim == 4 else "dense" for w in weights[::2]]
+    names = [k if kinds[:i].count(k) == 0 else f"{k}_{kinds[:i].count(k)}" for i, k in enumerate(kinds)]
+
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as f:
+            text = h5py.string_dtype()
+            f.attrs["layer_names"] = np.array(names, dtype=text)
+            f.attrs["backend"] = "tensorflow"  # kernels in TensorFlow's channels-last layout
+            f.attrs["keras_version"] = f"written by cifarlab {__version__}"
+            for i, n in enumerate(names):
+                g = f.create_group(n)
+                g.attrs["weight_names"] = np.array([f"{n}/kernel:0", f"{n}/bias:0"], dtype=text)
+                g[f"{n}/kernel:0"], g[f"{n}/bias:0"] = weights[2 * i], weights[2 * i + 1]
+
+    write_with(out, write)
+    prep = predictor.prep
+    if prep.get("mean") is not None or prep.get("std") is not None:
+        log(f"note: this run normalises images by the mean {prep.get('mean')} and std {prep.get('std')} after scaling "
+            "by 1/255; feed the Keras model images normalised the same way")
+    tta = run_tta(run)
+    if tta != "none":
+        log(f"note: the run's accuracy was measured with test-time augmentation '{tta}', which the Keras model does "
+            "not do; compare it with cifarlab evaluate --tta none")
+    log(f"wrote {out}: {name} weights in Keras' HDF5 layout ({len(names)} layers); in Keras build the notebook's "
+        f"{name} and call model.load_weights('{out.name}')")
+    return out
+

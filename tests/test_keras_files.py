@@ -18,7 +18,7 @@ from conftest import make_image_folder
 import cifarlab
 from cifarlab.cli import main
 from cifarlab.errors import CifarlabError
-from cifarlab.keras_import import import_keras
+from cifarlab.keras_files import import_keras
 from cifarlab.models import create_model
 from cifarlab.models.keras_layout import to_keras
 
@@ -305,3 +305,57 @@ def test_without_h5py_the_error_names_the_package(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "h5py", None)  # as if not installed
     with pytest.raises(CifarlabError, match=r"needs h5py; install it with pip install h5py"):
         import_keras(path, tmp_path / "run", log=lambda s: None)
+
+
+def _trained_like_run(tmp_path: Path, model_name: str, prep: dict | None = None) -> tuple[Path, torch.nn.Module]:
+    """A run folder of a seeded model, as ``cifarlab import`` would write it from Keras."""
+    path, model, _ = write_keras(tmp_path / "src.h5", "legacy", model_name, seed=5)
+    run = import_keras(path, tmp_path / "run", log=lambda s: None)
+    if prep:
+        arch = json.loads((run / "architecture.json").read_text())
+        arch["preprocessing"].update(prep)
+        (run / "architecture.json").write_text(json.dumps(arch))
+    return run, model
+
+
+@pytest.mark.parametrize("model_name", ["keras-shallow", "keras-deep"])
+def test_export_writes_weights_keras_loads_by_layer_order(tmp_path, model_name):
+    """The file has Keras' save_weights layout: layer_names in order, each layer's kernel and
+    bias in Keras' shapes under weight_names, a keras_version that is not "1" (which Keras would
+    convert from Keras 1's layout); and it imports back to the same weights."""
+    run, model = _trained_like_run(tmp_path, model_name)
+    out = tmp_path / "cifar10_weights.h5"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    want = to_keras(model)
+    with h5py.File(out, "r") as f:
+        names = [n.decode() if isinstance(n, bytes) else n for n in f.attrs["layer_names"]]
+        assert f.attrs["backend"] == "tensorflow" and f.attrs["keras_version"] not in ("1", b"1")
+        got = []
+        for n in names:
+            for w in f[n].attrs["weight_names"]:
+                got.append(np.asarray(f[n][w.decode() if isinstance(w, bytes) else w]))
+    assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+    assert names[0] == "conv2d" and names[-1] == "dense_1"
+    back = import_keras(out, tmp_path / "back", log=lambda s: None)
+    assert _same_weights(back, model)
+
+
+def test_export_to_keras_refuses_what_keras_could_not_load(tmp_path, capsys):
+    run, _ = _trained_like_run(tmp_path, "keras-shallow", prep={"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]})
+    assert main(["export", str(run), "--out", str(tmp_path / "w.weights.h5")]) == 2
+    assert "give a name ending in .h5 only" in capsys.readouterr().err
+    assert main(["export", str(run), "--out", str(tmp_path / "w.h5"), "--tta", "flip"]) == 2
+    assert "--tta applies to ONNX files, not to Keras weights" in capsys.readouterr().err
+    assert main(["export", str(run), "--out", str(tmp_path / "w.h5")]) == 0
+    assert "normalises images by the mean [0.5, 0.5, 0.5]" in capsys.readouterr().out
+    from cifarlab.export import save_architecture, save_weights
+
+    speed = tmp_path / "speed"
+    speed.mkdir()
+    net = create_model("speednet-proxy")
+    save_weights(speed / "weights.safetensors", net)
+    save_architecture(speed, "speednet-proxy", {"num_classes": 10}, [f"c{i}" for i in range(10)], (3, 32, 32),
+                      {"rescale": 1 / 255}, 1)
+    assert main(["export", str(speed), "--out", str(tmp_path / "s.h5")]) == 2
+    assert "only the notebook's networks (keras-shallow, keras-deep) have a Keras counterpart" in capsys.readouterr().err
+    assert not (tmp_path / "s.h5").exists() and not (tmp_path / "w.weights.h5").exists()

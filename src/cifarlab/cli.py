@@ -155,7 +155,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default="auto")
     a.set_defaults(func=cmd_audit)
 
-    x = sub.add_parser("export", help="write a run as one ONNX file (uint8 images in, probabilities out)",
+    x = sub.add_parser("export", help="write a run as one ONNX file (uint8 images in, probabilities out), or its "
+                                      "weights for Keras",
                        description="Export a run as an ONNX file that runs without PyTorch or cifarlab: uint8 "
                                    "images (N, H, W, C) in, class probabilities out, with the run's preprocessing "
                                    "and test-time augmentation inside and its class names in the metadata. Needs "

@@ -111,3 +111,64 @@ def test_image_folder_archive_reader(tmp_path_factory, entries):
     for s in ("train", "test"):
         assert fd.x[s].dtype == np.uint8 and fd.x[s].ndim == 4 and len(fd.x[s]) == len(fd.y[s]) >= 1
         assert fd.y[s].max() < len(fd.classes)
+
+
+_KERAS_MUTATIONS = st.lists(st.tuples(
+    st.sampled_from(["drop", "reshape", "strings", "layer_names", "weight_names", "model_config", "scalar"]),
+    st.integers(0, 5), st.lists(st.integers(0, 4), max_size=4),
+    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)),
+    max_size=4)  # HDF5 strings are UTF-8 without NUL
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(_KERAS_MUTATIONS, st.booleans())
+def test_keras_weights_reader_mutated_file(tmp_path_factory, mutations, whole_model):
+    """A small valid save_weights file (keras-shallow on 2x2 images) with random damage: the
+    import either succeeds, with a run folder that loads, or raises the tool's own error."""
+    import json
+
+    import h5py
+
+    import cifarlab
+    from cifarlab.keras_files import import_keras
+    from cifarlab.models import create_model
+    from cifarlab.models.keras_layout import to_keras
+
+    tmp = tmp_path_factory.mktemp("keras")
+    weights = to_keras(create_model("keras-shallow", img_size=2))
+    names = ["conv2d", "dense", "dense_1"]
+    with h5py.File(tmp / "w.h5", "w") as f:
+        root = f.create_group("model_weights") if whole_model else f
+        root.attrs["layer_names"] = np.array(names + ["flatten"], dtype=h5py.string_dtype())
+        root.create_group("flatten").attrs["weight_names"] = np.array([], dtype="S1")
+        for i, n in enumerate(names):
+            g = root.create_group(n)
+            g.attrs["weight_names"] = np.array([f"{n}/kernel:0", f"{n}/bias:0"], dtype=h5py.string_dtype())
+            g[f"{n}/kernel:0"], g[f"{n}/bias:0"] = weights[2 * i], weights[2 * i + 1]
+        for op, i, dims, text in mutations:
+            n = names[i % 3]
+            key = f"{n}/{n}/{'kernel' if i % 2 else 'bias'}:0"
+            if op == "drop" and key in root:
+                del root[key]
+            elif op == "reshape" and key in root:
+                del root[key]
+                root[key] = np.zeros(dims, np.float32)
+            elif op == "strings" and key in root:
+                del root[key]
+                root[key] = np.array([text], dtype=h5py.string_dtype())
+            elif op == "scalar" and key in root:
+                del root[key]
+                root[key] = np.int64(len(text))
+            elif op == "layer_names":
+                root.attrs["layer_names"] = np.array([text] + names[:i % 4], dtype=h5py.string_dtype())
+            elif op == "weight_names" and n in root:
+                root[n].attrs["weight_names"] = np.array([text] * (i % 3), dtype=h5py.string_dtype())
+            elif op == "model_config":
+                f.attrs["model_config"] = text if i % 2 else json.dumps({"config": {"layers": dims}})
+    try:
+        run = import_keras(tmp / "w.h5", tmp / "run", image_size=(2, 2), log=lambda s: None)
+    except CifarlabError:
+        assert not (tmp / "run").exists()
+        return
+    model = cifarlab.load_model(run)
+    assert model.predict(np.zeros((1, 2, 2, 3), np.uint8)).shape == (1, 10)

@@ -160,7 +160,9 @@ def _parser() -> argparse.ArgumentParser:
                        description="Export a run as an ONNX file that runs without PyTorch or cifarlab: uint8 "
                                    "images (N, H, W, C) in, class probabilities out, with the run's preprocessing "
                                    "and test-time augmentation inside and its class names in the metadata. Needs "
-                                   "the onnx extra: pip install '.[onnx]' in a clone, or onnx onnxscript onnxruntime.")
+                                   "the onnx extra: pip install '.[onnx]' in a clone, or onnx onnxscript onnxruntime. "
+                                   "With --out NAME.h5 it writes a keras-shallow or keras-deep run's weights for "
+                                   "Keras' model.load_weights instead (needs h5py).")
     x.add_argument("run", help="run folder written by 'cifarlab train'")
     x.add_argument("--out", help="the .onnx file to write (default RUN/model.onnx); a name ending in .h5 writes "
                                  "the weights for Keras' model.load_weights instead (keras-shallow, keras-deep)")

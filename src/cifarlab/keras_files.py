@@ -124,8 +124,20 @@ def _layer_list(config: dict) -> list[dict]:
 
 def read_keras_file(path: str | Path, order: list[str] | None = None) -> KerasFile:
     """Read the weights (and model config, where there is one) of a Keras file; ``order`` is the
-    layers' order from an architecture JSON, used where the file itself has none."""
-    path = Path(path)
+    layers' order from an architecture JSON, used where the file itself has none. Every layer
+    read is a numeric kernel (2-D or 4-D) and a 1-D bias, or a clear error."""
+    kf = _read_keras_file(Path(path), order)
+    for name, arrays in kf.layers:
+        shapes = [a.shape for a in arrays]
+        if (len(arrays) != 2 or arrays[0].ndim not in (2, 4) or arrays[1].ndim != 1
+                or not all(np.issubdtype(a.dtype, np.floating) for a in arrays)):
+            raise CifarlabError(f"'{path}': layer '{name}' holds {len(arrays)} array(s) of shapes {shapes} and types "
+                                f"{[str(a.dtype) for a in arrays]}; a Conv2D or Dense layer of the notebook holds a "
+                                "float kernel (4-D or 2-D) and a 1-D bias")
+    return kf
+
+
+def _read_keras_file(path: Path, order: list[str] | None) -> KerasFile:
     if not path.is_file():
         raise CifarlabError(f"Keras file '{path}' does not exist; give the file the notebook's save_weights "
                             "wrote (.h5), or a saved model (.h5, .keras)")

@@ -93,13 +93,20 @@ def _write_legacy(group, names: list[str], weights: list[np.ndarray], all_names:
             g.attrs["weight_names"] = np.array([], dtype="S1")
 
 
-def _write_native(f, names: list[str], weights: list[np.ndarray], all_names: list[str]) -> None:
-    """Keras 3's ``.weights.h5`` layout: ``layers/<name>/vars/<i>``."""
-    for n in all_names:
-        v = f.create_group(f"layers/{n}/vars")
-        if n in names:
-            i = names.index(n)
-            v["0"], v["1"] = weights[2 * i], weights[2 * i + 1]
+def _write_native(f, config: dict, weights: list[np.ndarray]) -> None:
+    """Keras 3's ``.weights.h5`` layout: ``layers/<key>/vars/<i>``, where the key is the layer's
+    class in snake case, numbered per class in the model's order, whatever the layer's name."""
+    counts: dict[str, int] = {}
+    it = iter(weights)
+    for layer in config["config"]["layers"]:
+        kind = {"Conv2D": "conv2d", "MaxPooling2D": "max_pooling2d"}.get(layer["class_name"], layer["class_name"].lower())
+        if kind == "inputlayer":
+            continue
+        key = kind if kind not in counts else f"{kind}_{counts[kind]}"
+        counts[kind] = counts.get(kind, 0) + 1
+        v = f.create_group(f"layers/{key}/vars")
+        if kind in ("conv2d", "dense"):
+            v["0"], v["1"] = next(it), next(it)
     f.create_group("vars")
 
 
@@ -131,7 +138,7 @@ def write_keras(path: Path, layout: str, model_name: str = "keras-deep", config:
             f.attrs["keras_version"] = "3.15.1"
             _write_legacy(f.create_group("model_weights"), names, weights, all_names, as_bytes=False)
         else:
-            _write_native(f, names, weights, all_names)
+            _write_native(f, config, weights)
     return path, model, config
 
 
@@ -188,15 +195,24 @@ def test_other_dropout_rates_import_with_a_note(tmp_path):
     assert any("Dropout(0.3) stands where keras-shallow has Dropout(0.5)" in line for line in logs)
 
 
-def test_native_layout_orders_layers_by_keras_numbering_not_by_name(tmp_path):
-    """HDF5 lists 'conv2d_10' before 'conv2d_9'; Keras numbered them in the order it built them."""
+@pytest.mark.parametrize("names", [("zeta", "alpha", "mid", "beta", "fc", "a_out"),
+                                   # a second model built in one Keras session: names that overlap the keys
+                                   ("conv2d_2", "conv2d_3", "conv2d_4", "conv2d_5", "dense", "dense_1")])
+def test_native_layout_keys_layers_by_class_not_by_the_names_given(tmp_path, names):
+    """Keras 3 keys a layer's weights by its class, numbered in the model's order (conv2d,
+    conv2d_1, ...), not by the name it was given: layers named by hand, or numbered on from an
+    earlier model, import with or without the architecture, which names them otherwise."""
     config = _config(DEEP)
-    for layer, n in zip((x for x in config["config"]["layers"] if x["class_name"] == "Conv2D"), (8, 9, 10, 11)):
-        layer["config"]["name"] = f"conv2d_{n}"
+    for layer, name in zip((x for x in config["config"]["layers"] if x["class_name"] in ("Conv2D", "Dense")),
+                           names):
+        layer["config"]["name"] = name
     path, model, _ = write_keras(tmp_path / "m.weights.h5", "native", config=config)
-    logs = []
-    assert _same_weights(import_keras(path, tmp_path / "run", log=logs.append), model)
-    assert any("layer order taken from Keras' layer names" in line for line in logs)
+    with h5py.File(path, "r") as f:
+        assert "conv2d_3" in f["layers"] and "zeta" not in f["layers"]
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps(config))
+    assert _same_weights(import_keras(path, tmp_path / "run", log=lambda s: None), model)
+    assert _same_weights(import_keras(path, tmp_path / "run2", architecture=arch, log=lambda s: None), model)
 
 
 def test_weights_alone_that_are_not_the_notebooks_are_refused(tmp_path):

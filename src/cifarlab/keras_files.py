@@ -28,7 +28,7 @@ import json
 import re
 import shutil
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -51,7 +51,6 @@ class KerasFile:
     layout: str
     config: dict | None = None
     keras_version: str | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def _h5py():
@@ -87,23 +86,18 @@ def _legacy_layers(group) -> list[tuple[str, list[np.ndarray]]]:
     return out
 
 
-def _native_layers(f, order: list[str] | None) -> list[tuple[str, list[np.ndarray]]]:
-    """Keras 3's ``layers/<name>/vars/<i>``. HDF5 lists groups by name, not by creation, so the
-    order comes from the model config where there is one, else from Keras' own numbering."""
+def _native_layers(f) -> list[tuple[str, list[np.ndarray]]]:
+    """Keras 3's ``layers/<key>/vars/<i>``. The keys are not the layers' names but their class
+    names numbered in the model's order (conv2d, conv2d_1, ..., dense, dense_1), whatever the
+    layers were called; HDF5 lists them alphabetically (conv2d_10 before conv2d_2), so they are
+    sorted by that number, convolutions first as in both networks."""
     found = {}
     for name, g in f["layers"].items():
         vars_ = g.get("vars")
         if vars_ is not None and len(vars_):
             found[name] = [np.asarray(vars_[k]) for k in sorted(vars_, key=int)]
-    if order:
-        names = [n for n in order if n in found] + sorted(set(found) - set(order), key=_natural)
-    else:  # convolutions come before dense layers in both networks
-        names = sorted(found, key=lambda n: (found[n][0].ndim != 4, _natural(n)))
+    names = sorted(found, key=lambda n: (found[n][0].ndim != 4, _natural(n)))
     return [(n, found[n]) for n in names]
-
-
-def _config_names(config: dict | None) -> list[str] | None:
-    return [layer["name"] for layer in _layer_list(config)] if config else None
 
 
 def _layer_list(config: dict) -> list[dict]:
@@ -122,11 +116,10 @@ def _layer_list(config: dict) -> list[dict]:
     return out
 
 
-def read_keras_file(path: str | Path, order: list[str] | None = None) -> KerasFile:
-    """Read the weights (and model config, where there is one) of a Keras file; ``order`` is the
-    layers' order from an architecture JSON, used where the file itself has none. Every layer
-    read is a numeric kernel (2-D or 4-D) and a 1-D bias, or a clear error."""
-    kf = _read_keras_file(Path(path), order)
+def read_keras_file(path: str | Path) -> KerasFile:
+    """Read the weights (and model config, where there is one) of a Keras file. Every layer read
+    is a numeric kernel (2-D or 4-D) and a 1-D bias, or a clear error."""
+    kf = _read_keras_file(Path(path))
     for name, arrays in kf.layers:
         shapes = [a.shape for a in arrays]
         if (len(arrays) != 2 or arrays[0].ndim not in (2, 4) or arrays[1].ndim != 1
@@ -137,13 +130,13 @@ def read_keras_file(path: str | Path, order: list[str] | None = None) -> KerasFi
     return kf
 
 
-def _read_keras_file(path: Path, order: list[str] | None) -> KerasFile:
+def _read_keras_file(path: Path) -> KerasFile:
     if not path.is_file():
         raise CifarlabError(f"Keras file '{path}' does not exist; give the file the notebook's save_weights "
                             "wrote (.h5), or a saved model (.h5, .keras)")
     if zipfile.is_zipfile(path):
         with _malformed(path, "the .keras file"):
-            return _read_keras_zip(path, order)
+            return _read_keras_zip(path)
     h5py = _h5py()
     try:
         f = h5py.File(path, "r")
@@ -151,7 +144,7 @@ def _read_keras_file(path: Path, order: list[str] | None) -> KerasFile:
         raise CifarlabError(f"'{path}' is neither an HDF5 file nor a .keras zip ({e}); give the file the "
                             "notebook's save_weights wrote") from None
     with f:
-        return _read_h5(f, path, order)
+        return _read_h5(f, path)
 
 
 @contextlib.contextmanager
@@ -163,7 +156,7 @@ def _malformed(path: Path, what: str) -> Iterator[None]:
         raise CifarlabError(f"'{path}': {what} is damaged or not as Keras writes it ({type(e).__name__}: {e})") from None
 
 
-def _read_keras_zip(path: Path, order: list[str] | None) -> KerasFile:
+def _read_keras_zip(path: Path) -> KerasFile:
     with zipfile.ZipFile(path) as z:
         names = set(z.namelist())
         if "model.weights.h5" not in names:
@@ -179,17 +172,17 @@ def _read_keras_zip(path: Path, order: list[str] | None) -> KerasFile:
                                 "notebook's networks hold")
         data = z.read("model.weights.h5")
     with _h5py().File(io.BytesIO(data), "r") as f:
-        kf = _read_h5(f, path, order or _config_names(config))
+        kf = _read_h5(f, path)
     kf.layout, kf.config, kf.keras_version = "Keras 3 .keras file", kf.config or config, version
     return kf
 
 
-def _read_h5(f, path: Path, order: list[str] | None) -> KerasFile:
+def _read_h5(f, path: Path) -> KerasFile:
     with _malformed(path, "the weights file"):
-        return _read_h5_layout(f, path, order)
+        return _read_h5_layout(f, path)
 
 
-def _read_h5_layout(f, path: Path, order: list[str] | None) -> KerasFile:
+def _read_h5_layout(f, path: Path) -> KerasFile:
     version = _text(f.attrs["keras_version"]) if "keras_version" in f.attrs else None
     config = None
     if "model_config" in f.attrs:
@@ -202,11 +195,7 @@ def _read_h5_layout(f, path: Path, order: list[str] | None) -> KerasFile:
     if "model_weights" in f and "layer_names" in f["model_weights"].attrs:
         return KerasFile(_legacy_layers(f["model_weights"]), "HDF5 model (model.save)", config, version)
     if "layers" in f:
-        kf = KerasFile(_native_layers(f, order or _config_names(config)), "Keras 3 .weights.h5", config, version)
-        if not order and not config:
-            kf.notes.append("layer order taken from Keras' layer names (conv2d, conv2d_1, ...); give --architecture "
-                            "if the layers were named by hand")
-        return kf
+        return KerasFile(_native_layers(f), "Keras 3 .weights.h5", config, version)
     raise CifarlabError(f"'{path}' is an HDF5 file but not one of Keras' weight layouts (no layer_names, "
                         "model_weights or layers); give the file the notebook's save_weights wrote")
 
@@ -374,7 +363,7 @@ def import_keras(weights: str | Path, out: str | Path | None = None, *, architec
     from .models.keras_layout import from_keras
 
     arch = _read_architecture(architecture) if architecture else None
-    kf = read_keras_file(weights, order=_config_names(arch) if arch else None)
+    kf = read_keras_file(weights)
     config = arch or kf.config
     if not kf.layers:
         raise CifarlabError(f"'{weights}' holds no weights (a Keras file of {kf.layout} layout with no weighted layer)")
@@ -383,7 +372,7 @@ def import_keras(weights: str | Path, out: str | Path | None = None, *, architec
         raise CifarlabError(f"the first weighted layer of '{weights}' ({kf.layers[0][0]}) is not a Conv2D "
                             f"(kernel shape {first.shape}), so this is not one of the notebook's networks")
     in_chans = int(first.shape[2])
-    notes = list(kf.notes)
+    notes: list[str] = []
     with _malformed(Path(architecture or weights), "the model config"):
         tokens, shape = keras_tokens(config) if config else ([], None)
     if shape and image_size and tuple(image_size) != tuple(shape[:2]):

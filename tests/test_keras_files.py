@@ -298,7 +298,9 @@ def test_cli_import_then_evaluate(tmp_path, capsys):
     data = make_image_folder(tmp_path / "d", classes=CIFAR10_CLASSES, n_train=1, n_test=2)
     path, model, _ = write_keras(tmp_path / "m.h5", "legacy", "keras-shallow")
     assert main(["import", str(path), "--out", str(tmp_path / "run")]) == 0
-    assert "imported keras-shallow (4,200,842 parameters" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "imported keras-shallow (4,200,842 parameters" in out
+    assert "classes, in label order: airplane, automobile, bird" in out and "(CIFAR-10's; --classes names" in out
     assert main(["evaluate", str(tmp_path / "run"), "--data", str(data), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     ds = cifarlab.load_dataset(str(data))

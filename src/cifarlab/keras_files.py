@@ -425,6 +425,8 @@ def import_keras(weights: str | Path, out: str | Path | None = None, *, architec
     log(f"imported {name} ({sum(p.numel() for p in model.parameters()):,} parameters, {num_classes} classes, "
         f"{size[0]}x{size[1]}x{in_chans} images) from {weights} ({kf.layout}"
         f"{f', Keras {kf.keras_version}' if kf.keras_version else ''}) into {run}")
+    shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+    log(f"classes, in label order: {shown}" + (" (CIFAR-10's; --classes names others)" if classes is None else ""))
     log(f"next: cifarlab evaluate {run} --data DATA")
     return run
 

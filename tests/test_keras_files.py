@@ -316,6 +316,9 @@ def test_cli_import_then_evaluate(tmp_path, capsys):
     assert "--image-size '0x5' is not valid; expected HxW" in capsys.readouterr().err
     assert main(["import", str(tmp_path / "missing.h5")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "saved_model").mkdir()
+    assert main(["import", str(tmp_path / "saved_model")]) == 2
+    assert "is a folder (a TensorFlow SavedModel, perhaps)" in capsys.readouterr().err
 
 
 def test_without_h5py_the_error_names_the_package(tmp_path, monkeypatch):

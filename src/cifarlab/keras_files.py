@@ -131,6 +131,9 @@ def read_keras_file(path: str | Path) -> KerasFile:
 
 
 def _read_keras_file(path: Path) -> KerasFile:
+    if path.is_dir():
+        raise CifarlabError(f"'{path}' is a folder (a TensorFlow SavedModel, perhaps); cifarlab reads Keras' .h5 and "
+                            ".keras files: in Keras, save the weights with model.save_weights('cifar10_weights.h5')")
     if not path.is_file():
         raise CifarlabError(f"Keras file '{path}' does not exist; give the file the notebook's save_weights "
                             "wrote (.h5), or a saved model (.h5, .keras)")

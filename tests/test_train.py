@@ -470,6 +470,7 @@ def test_default_run_folders_started_in_the_same_second_differ(tmp_path, monkeyp
     from datetime import datetime
 
     import cifarlab.train as train_mod
+    from cifarlab import fsutil
     from cifarlab.config import resolve_config
 
     class Frozen(datetime):
@@ -478,7 +479,7 @@ def test_default_run_folders_started_in_the_same_second_differ(tmp_path, monkeyp
             return datetime(2026, 1, 2, 3, 4, 5)
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train_mod, "datetime", Frozen)
+    monkeypatch.setattr(fsutil, "datetime", Frozen)  # where the run folder's name is made
     cfg = resolve_config(overrides={"model": {"name": "keras-shallow"}})
     first, before = train_mod._new_run_dir(cfg)
     assert first == Path("runs/keras-book-keras-shallow-20260102-030405") and before == "absent"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
+import shutil
 import tempfile
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -57,6 +60,50 @@ def make_folder(path: str | os.PathLike, exist_ok: bool = True) -> Path:
     except OSError as e:
         raise CifarlabError(f"cannot create output folder '{path}': {e.strerror or e}") from None
     return path
+
+
+def new_run_folder(out: str | os.PathLike | None, overwrite: bool, name: str, remedy: str) -> tuple[Path, str]:
+    """The run folder, created: ``out``, or ``runs/<name>-<time>``; and what it was before:
+    "absent", "empty" or "used" (it held files and ``overwrite`` was given). A non-empty ``out``
+    without ``overwrite`` is refused, the message ending in ``remedy`` (what the user can do)."""
+    if out:
+        run = Path(out)
+        if run.is_dir() and any(run.iterdir()) and not overwrite:
+            raise CifarlabError(f"output folder '{run}' already exists and is not empty; {remedy}")
+        before = "absent" if not run.is_dir() else "used" if any(run.iterdir()) else "empty"
+        make_folder(run)
+        return run, before
+    # The folder is claimed by creating it (mkdir fails if it exists), so runs started in the
+    # same second, by a sweep's parallel processes say, each get a folder of their own.
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in itertools.count(1):
+        run = Path("runs") / f"{name}-{stamp}{f'-{n}' if n > 1 else ''}"
+        try:
+            make_folder(run, exist_ok=False)
+            return run, "absent"
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")  # pragma: no cover - itertools.count never ends
+
+
+@contextlib.contextmanager
+def undo_on_failure(run: Path, before: str) -> Iterator[None]:
+    """If filling a new run folder fails (bad data, a model that cannot take the images, a Keras
+    file that does not fit), remove what was written, so a corrected rerun with the same ``--out``
+    is not refused. ``before`` is what :func:`new_run_folder` found: a folder that already held
+    files ("used") is left as it is."""
+    try:
+        yield
+    except BaseException:
+        if before == "absent":
+            shutil.rmtree(run, ignore_errors=True)
+        elif before == "empty":
+            for p in run.iterdir():
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        raise
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -26,10 +26,8 @@ import hashlib
 import io
 import json
 import re
-import shutil
 import zipfile
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -361,7 +359,7 @@ def import_keras(weights: str | Path, out: str | Path | None = None, *, architec
     32x32). The weights file is read as arrays only; nothing in it is executed.
     """
     from .export import save_architecture, save_weights
-    from .fsutil import make_folder, write_json
+    from .fsutil import new_run_folder, undo_on_failure, write_json
     from .models import create_model
     from .models.keras_layout import from_keras
 
@@ -402,30 +400,23 @@ def import_keras(weights: str | Path, out: str | Path | None = None, *, architec
     except ValueError as e:
         raise CifarlabError(f"the Keras weights do not fit {name}: {e}") from None
 
-    run = Path(out) if out else Path("runs") / f"keras-import-{name}-{datetime.now():%Y%m%d-%H%M%S}"
-    if run.is_dir() and any(run.iterdir()) and not overwrite:
-        raise CifarlabError(f"output folder '{run}' already exists and is not empty; choose another --out or pass "
-                            "--overwrite")
-    existed = run.is_dir()
-    make_folder(run)
-    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
-    try:
+    num_params = sum(p.numel() for p in model.parameters())
+    run, before = new_run_folder(out, overwrite, f"keras-import-{name}",
+                                 "choose another --out or pass --overwrite to replace its files")
+    with undo_on_failure(run, before):
         save_weights(run / "weights.safetensors", model)
         write_json(run / "keras_import.json", {
-            "source": str(weights), "sha256": digest, "layout": kf.layout, "keras_version": kf.keras_version,
+            "source": str(weights), "sha256": hashlib.sha256(Path(weights).read_bytes()).hexdigest(),
+            "layout": kf.layout, "keras_version": kf.keras_version,
             "architecture": str(architecture) if architecture else None, "model": name,
             "layers": [n for n, _ in kf.layers], "notes": notes,
         })
         # Last, because it marks the folder as a run: a failure before it leaves no half run.
         save_architecture(run, name, kwargs, names, (in_chans, *size), {"rescale": 1 / 255, "mean": None, "std": None},
-                          sum(p.numel() for p in model.parameters()))
-    except BaseException:
-        if not existed:
-            shutil.rmtree(run, ignore_errors=True)
-        raise
+                          num_params)
     for note in notes:
         log(f"note: {note}")
-    log(f"imported {name} ({sum(p.numel() for p in model.parameters()):,} parameters, {num_classes} classes, "
+    log(f"imported {name} ({num_params:,} parameters, {num_classes} classes, "
         f"{size[0]}x{size[1]}x{in_chans} images) from {weights} ({kf.layout}"
         f"{f', Keras {kf.keras_version}' if kf.keras_version else ''}) into {run}")
     shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
 import math
-import shutil
 import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,7 +26,7 @@ from .config import Config, load_run_config, save_config
 from .data import Dataset, balanced_subset, load_dataset, stratified_split, subset_note
 from .errors import CifarlabError
 from .export import normalize, preprocess, save_architecture, save_weights, several_runs, tta_logits
-from .fsutil import make_folder, write_json, write_text
+from .fsutil import new_run_folder, undo_on_failure, write_json, write_text
 from .models import create_model
 from .optim import build_optimizer, param_groups
 from .selection import HardExampleSelector, kept_count
@@ -234,46 +231,9 @@ class _Interrupts:
 
 
 def _new_run_dir(cfg: Config) -> tuple[Path, str]:
-    """The run folder, created; and what it was before: "absent", "empty" or "used" (it held files
-    and ``--overwrite`` was given)."""
-    if cfg.train.out:
-        run = Path(cfg.train.out)
-        if run.is_dir() and any(run.iterdir()) and not cfg.train.overwrite:
-            raise CifarlabError(f"output folder '{run}' already exists and is not empty; choose another --out, "
-                                "pass --overwrite to replace its files, or --resume it")
-        before = "absent" if not run.is_dir() else "used" if any(run.iterdir()) else "empty"
-        make_folder(run)
-        return run, before
-    # The folder is claimed by creating it (mkdir fails if it exists), so runs started in the
-    # same second, by a sweep's parallel processes say, each get a folder of their own.
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for n in itertools.count(1):
-        run = Path("runs") / f"{cfg.recipe}-{cfg.model.name}-{stamp}{f'-{n}' if n > 1 else ''}"
-        try:
-            make_folder(run, exist_ok=False)
-            return run, "absent"
-        except FileExistsError:
-            continue
-    raise AssertionError("unreachable")  # pragma: no cover - itertools.count never ends
-
-
-@contextmanager
-def _undo_on_failure(run: Path, before: str):
-    """If setting up a run fails (bad data, a model that cannot take the images), remove what it
-    wrote, so a corrected rerun with the same ``--out`` is not refused. ``before`` is what
-    :func:`_new_run_dir` found: a folder that already held files ("used") is left as it is."""
-    try:
-        yield
-    except BaseException:
-        if before == "absent":
-            shutil.rmtree(run, ignore_errors=True)
-        elif before == "empty":
-            for p in run.iterdir():
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
-        raise
+    """The run's folder, created (see :func:`cifarlab.fsutil.new_run_folder`)."""
+    return new_run_folder(cfg.train.out, cfg.train.overwrite, f"{cfg.recipe}-{cfg.model.name}",
+                          "choose another --out, pass --overwrite to replace its files, or --resume it")
 
 
 def _epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -493,7 +453,7 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, epochs: 
     before = "used"  # a resumed run's folder is never removed
     if resume is None:
         run, before = _new_run_dir(cfg)
-    with _undo_on_failure(run, before):
+    with undo_on_failure(run, before):
         if resume is None:
             save_config(cfg, run / "config.yaml")
         ds = _load_data(cfg, dataset, log)
@@ -781,7 +741,7 @@ def fit_runs(cfg: Config, dataset: Dataset | None = None, log: Callable[[str], N
     import statistics
 
     base, before = _new_run_dir(cfg)
-    with _undo_on_failure(base, before):
+    with undo_on_failure(base, before):
         save_config(cfg, base / "config.yaml")
         ds = _load_data(cfg, dataset, log)
     results = []

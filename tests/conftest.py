@@ -192,3 +192,24 @@ def pytest_report_header(config):  # noqa: ARG001
 
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def write_keras_legacy(group, names: list[str], weights: list[np.ndarray], all_names: list[str],
+                       as_bytes: bool = True) -> None:
+    """Keras 2's ``save_weights`` layout: ``layer_names``, then per layer ``weight_names``; names
+    as fixed-length bytes (Keras 2.2) or variable-length strings (tf-keras 2.21, Keras 3)."""
+    import h5py
+
+    def text(values):
+        return np.array([v.encode() for v in values]) if as_bytes else np.array(values, dtype=h5py.string_dtype())
+
+    group.attrs["layer_names"] = text(all_names)
+    for n in all_names:
+        g = group.create_group(n)
+        if n in names:
+            i = names.index(n)
+            wn = [f"{n}/kernel:0", f"{n}/bias:0"]
+            g.attrs["weight_names"] = text(wn)
+            g[wn[0]], g[wn[1]] = weights[2 * i], weights[2 * i + 1]
+        else:
+            g.attrs["weight_names"] = np.array([], dtype="S1")

@@ -7,6 +7,7 @@ import pickle
 import tarfile
 
 import numpy as np
+from conftest import write_keras_legacy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -139,12 +140,7 @@ def test_keras_weights_reader_mutated_file(tmp_path_factory, mutations, whole_mo
     names = ["conv2d", "dense", "dense_1"]
     with h5py.File(tmp / "w.h5", "w") as f:
         root = f.create_group("model_weights") if whole_model else f
-        root.attrs["layer_names"] = np.array(names + ["flatten"], dtype=h5py.string_dtype())
-        root.create_group("flatten").attrs["weight_names"] = np.array([], dtype="S1")
-        for i, n in enumerate(names):
-            g = root.create_group(n)
-            g.attrs["weight_names"] = np.array([f"{n}/kernel:0", f"{n}/bias:0"], dtype=h5py.string_dtype())
-            g[f"{n}/kernel:0"], g[f"{n}/bias:0"] = weights[2 * i], weights[2 * i + 1]
+        write_keras_legacy(root, names, weights, names + ["flatten"], as_bytes=False)
         for op, i, dims, text in mutations:
             n = names[i % 3]
             key = f"{n}/{n}/{'kernel' if i % 2 else 'bias'}:0"

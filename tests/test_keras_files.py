@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_image_folder
+from conftest import make_image_folder, write_keras_legacy
 
 import cifarlab
 from cifarlab.cli import main
@@ -74,25 +74,6 @@ def _weighted_names(config: dict) -> list[str]:
             if layer["class_name"] in ("Conv2D", "Dense")]
 
 
-def _write_legacy(group, names: list[str], weights: list[np.ndarray], all_names: list[str],
-                  as_bytes: bool = True) -> None:
-    """Keras 2's ``save_weights`` layout: ``layer_names``, then per layer ``weight_names``; names
-    as fixed-length bytes (Keras 2.2) or variable-length strings (tf-keras 2.21, Keras 3)."""
-    def text(values):
-        return np.array([v.encode() for v in values]) if as_bytes else np.array(values, dtype=h5py.string_dtype())
-
-    group.attrs["layer_names"] = text(all_names)
-    for n in all_names:
-        g = group.create_group(n)
-        if n in names:
-            i = names.index(n)
-            wn = [f"{n}/kernel:0", f"{n}/bias:0"]
-            g.attrs["weight_names"] = text(wn)
-            g[wn[0]], g[wn[1]] = weights[2 * i], weights[2 * i + 1]
-        else:
-            g.attrs["weight_names"] = np.array([], dtype="S1")
-
-
 def _write_native(f, config: dict, weights: list[np.ndarray]) -> None:
     """Keras 3's ``.weights.h5`` layout: ``layers/<key>/vars/<i>``, where the key is the layer's
     class in snake case, numbered per class in the model's order, whatever the layer's name."""
@@ -132,11 +113,11 @@ def write_keras(path: Path, layout: str, model_name: str = "keras-deep", config:
     with h5py.File(path, "w") as f:
         if layout == "legacy":
             f.attrs["keras_version"], f.attrs["backend"] = b"2.2.4", b"tensorflow"
-            _write_legacy(f, names, weights, all_names)
+            write_keras_legacy(f, names, weights, all_names)
         elif layout == "legacy-model":
             f.attrs["model_config"] = json.dumps(config).encode()
             f.attrs["keras_version"] = "3.15.1"
-            _write_legacy(f.create_group("model_weights"), names, weights, all_names, as_bytes=False)
+            write_keras_legacy(f.create_group("model_weights"), names, weights, all_names, as_bytes=False)
         else:
             _write_native(f, config, weights)
     return path, model, config
@@ -223,7 +204,7 @@ def test_weights_alone_that_are_not_the_notebooks_are_refused(tmp_path):
     names = ["conv2d", "conv2d_1", "conv2d_2", "conv2d_3", "dense", "dense_1"]
     path = tmp_path / "w.h5"
     with h5py.File(path, "w") as f:
-        _write_legacy(f, names, to_keras(model), names)
+        write_keras_legacy(f, names, to_keras(model), names)
     with pytest.raises(CifarlabError, match=r"do not have the shapes of keras-shallow or keras-deep on 32x32x3 .*"
                                             r"dense \(3136, 512\).*--image-size"):
         import_keras(path, tmp_path / "run", log=lambda s: None)
@@ -287,7 +268,7 @@ def test_classes_and_output_folder(tmp_path):
         m = create_model("keras-shallow", num_classes=5)
         names_ = _weighted_names(config)
         with h5py.File(tmp_path / "five.h5", "w") as f:
-            _write_legacy(f, names_, to_keras(m), names_)
+            write_keras_legacy(f, names_, to_keras(m), names_)
         import_keras(tmp_path / "five.h5", tmp_path / "five", log=lambda s: None)
 
 

@@ -403,6 +403,75 @@ def test_epochs_prepared_ahead_train_and_resume_mid_epoch_exactly(tmp_path, monk
         assert a["layers.1.conv1.weight"].dtype == torch.bfloat16
 
 
+def test_runs_stopped_midway_resume_as_one_folder_and_train_longer(tmp_path, monkeypatch):
+    """--runs 3 stopped by SIGINT in the second epoch of its second run: --resume on the parent
+    folder keeps run 1, finishes run 2 from its checkpoint and trains run 3, each bit for bit the
+    run never stopped, and writes the summary. --epochs there trains every run on, as single runs."""
+    import cifarlab.train as train_mod
+    from cifarlab.train import TrainingInterrupted
+
+    data = make_image_folder(tmp_path / "d", n_train=8, n_test=2)
+
+    def cfg(out, epochs):
+        c = tiny_config(str(data), str(tmp_path / out), epochs=epochs, batch_size=4)
+        c.train.runs = 3
+        return c
+
+    ref = fit(cfg("ref", 2), log=lambda s: None)
+    reads = []
+
+    class StopInRun2(train_mod._Interrupts):
+        """Reads as a SIGINT at the second step of the second run's second epoch (5 steps an epoch)."""
+
+        def __init__(self):
+            super().__init__()
+            reads.append(0)
+
+        @property
+        def flag(self):
+            reads[-1] += 1
+            return "SIGINT" if len(reads) == 2 and reads[-1] >= 7 else None
+
+        @flag.setter
+        def flag(self, value):
+            pass
+
+    monkeypatch.setattr(train_mod, "_Interrupts", StopInRun2)
+    with pytest.raises(TrainingInterrupted) as e:
+        fit(cfg("cut", 2), log=lambda s: None)
+    monkeypatch.undo()
+    cut = tmp_path / "cut"
+    assert str(e.value) == ("training stopped by SIGINT at epoch 2, step 2 of run 2 of 3 (run-1); a checkpoint "
+                            f"was saved. Resume with: cifarlab train --resume {cut}")
+    assert (cut / "run-0" / "metrics.json").is_file() and not (cut / "run-1" / "metrics.json").exists()
+    assert not (cut / "run-2").exists() and not (cut / "runs_summary.json").exists()
+    before = (cut / "run-0" / "metrics.json").read_bytes()
+    lines: list[str] = []
+    summary = fit(resume=cut, log=lines.append)
+    assert any("run 1/3 (seed 0): finished" in x for x in lines) and any("resuming" in x for x in lines), lines
+    assert (cut / "run-0" / "metrics.json").read_bytes() == before  # not trained again
+    for k in range(3):
+        a, b = _weights(cut / f"run-{k}"), _weights(tmp_path / "ref" / f"run-{k}")
+        assert a.keys() == b.keys() and all(torch.equal(a[x], b[x]) for x in a)
+    assert [r["test_accuracy"] for r in summary["per_run"]] == [r["test_accuracy"] for r in ref["per_run"]]
+    assert json.loads((cut / "runs_summary.json").read_text())["test_accuracy"] == ref["test_accuracy"]
+
+    # 1 epoch per run, then --resume PARENT --epochs 2: every run is the 2-epoch run.
+    short = tmp_path / "short"
+    fit(cfg("short", 1), log=lambda s: None)
+    with pytest.raises(CifarlabError, match=r"--epochs 0 is not valid for '.*run-0': it has trained 1 epoch"):
+        fit(resume=short, epochs=0, log=lambda s: None)
+    assert "epochs: 1" in (short / "config.yaml").read_text()  # refused before anything changed
+    longer = fit(resume=short, epochs=2, log=lines.append)
+    assert any("epochs 1 -> 2 for all 3 runs" in x for x in lines)
+    assert longer["test_accuracy"] == ref["test_accuracy"]
+    for k in range(3):
+        a, b = _weights(short / f"run-{k}"), _weights(tmp_path / "ref" / f"run-{k}")
+        assert all(torch.equal(a[x], b[x]) for x in a)
+        assert json.loads((short / f"run-{k}" / "metrics.json").read_text())["epochs"] == 2
+    assert "epochs: 2" in (short / "config.yaml").read_text()
+
+
 def test_prepared_epoch_holds_the_batches_the_steps_would_make(tmp_path):
     """prepare_epoch's rows are what batch() makes for the same images and generator state, in
     steps' order and memory format, also across chunk boundaries; with drop_last the unused tail

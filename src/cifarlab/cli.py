@@ -119,8 +119,9 @@ def _parser() -> argparse.ArgumentParser:
                         "conv gradients on CPUs without AVX-512)")
     g.add_argument("--out", help="run folder (default runs/<recipe>-<model>-<time>)")
     g.add_argument("--overwrite", action="store_true", default=None, help="write into an existing run folder")
-    g.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint with its saved config; "
-                                                   "with --epochs, train a constant-lr run longer (or shorter)")
+    g.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint with its saved config "
+                   "(the folder of --runs N: finish all its runs); with --epochs, train a constant-lr run longer "
+                   "(or shorter)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="test a trained run: loss, accuracy, per-class metrics, plots")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
 import signal
 import sys
@@ -35,7 +36,12 @@ CHECKPOINT = "checkpoint.pt"
 
 
 class TrainingInterrupted(CifarlabError):
-    """Training stopped on Ctrl-C or SIGTERM after saving a checkpoint."""
+    """Training stopped on Ctrl-C or SIGTERM after saving a checkpoint: ``what`` says where it
+    stopped, ``resume`` is the folder that ``--resume`` continues."""
+
+    def __init__(self, what: str, resume: Path):
+        super().__init__(f"{what}; a checkpoint was saved. Resume with: cifarlab train --resume {resume}")
+        self.what, self.resume = what, resume
 
 
 class NonFiniteLoss(CifarlabError):
@@ -404,6 +410,13 @@ def _extend(run: Path, cfg: Config, ckpt: dict, epochs: int) -> Config:
         raise CifarlabError(f"--epochs {epochs} is not valid for '{run}': it has trained "
                             f"{ckpt['epoch']} epoch(s){' and part of the next' if ckpt['step'] else ''}, "
                             f"so give at least {max(1, done)}")
+    _check_epochs_change(run, cfg, epochs)
+    cfg.train.epochs = epochs
+    return cfg
+
+
+def _check_epochs_change(run: Path, cfg: Config, epochs: int) -> None:
+    """Refuse another number of epochs where the run's training depends on its own."""
     if cfg.optim.schedule != "constant":
         raise CifarlabError(f"'{run}' cannot be resumed with another number of epochs: its learning-rate "
                             f"schedule ({cfg.optim.schedule!r}) is laid out over its {cfg.train.epochs} epochs, "
@@ -413,8 +426,6 @@ def _extend(run: Path, cfg: Config, ckpt: dict, epochs: int) -> Config:
         raise CifarlabError(f"'{run}' cannot be resumed with another number of epochs: its lookahead "
                             f"(train.lookahead_every {cfg.train.lookahead_every}) ramps up over its "
                             f"{cfg.train.epochs} epochs; train a new run with --epochs {epochs} instead")
-    cfg.train.epochs = epochs
-    return cfg
 
 
 def fit(cfg: Config | None = None, *, resume: str | Path | None = None, epochs: int | None = None,
@@ -438,6 +449,8 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, epochs: 
             raise CifarlabError(f"cannot resume '{run}': no config.yaml there; give a run folder written by "
                                 "'cifarlab train'")
         cfg = load_run_config(run / "config.yaml")
+        if cfg.train.runs > 1:  # the parent folder of --runs N
+            return resume_runs(run, epochs=epochs, dataset=dataset, log=log)
         ckpt = _load_checkpoint(run)
         if epochs is not None and epochs != cfg.train.epochs:
             old_epochs = cfg.train.epochs
@@ -628,8 +641,7 @@ class _Loop:
                 self.train_time += clock.elapsed()
                 self.save(epoch, step + 1, (loss_sum.item(), correct.item(), seen), gen)
                 raise TrainingInterrupted(
-                    f"training stopped by {interrupts.flag} at epoch {epoch + 1}, step {step + 1}; "
-                    f"a checkpoint was saved. Resume with: cifarlab train --resume {self.run}")
+                    f"training stopped by {interrupts.flag} at epoch {epoch + 1}, step {step + 1}", self.run)
         self.train_time += clock.elapsed()
         bar.close()
         tr_loss, tr_acc = loss_sum.item() / seen, correct.item() / seen  # one sync per epoch
@@ -736,29 +748,85 @@ def fit_runs(cfg: Config, dataset: Dataset | None = None, log: Callable[[str], N
     """Train ``cfg.train.runs`` times with seeds ``seed``, ``seed + 1``, ... into ``OUT/run-K``.
 
     Writes ``OUT/runs_summary.json`` with accuracy and training time as mean, std, min and max
-    (a single run proves little at this scale) and returns it.
+    (a single run proves little at this scale) and returns it. Stopped with Ctrl-C or SIGTERM,
+    ``resume_runs(OUT)`` (``cifarlab train --resume OUT``) finishes the runs.
     """
-    import statistics
-
     base, before = _new_run_dir(cfg)
     with undo_on_failure(base, before):
         save_config(cfg, base / "config.yaml")
         ds = _load_data(cfg, dataset, log)
+    return _train_runs(base, cfg, ds, log, resume=False)
+
+
+def resume_runs(base: str | Path, epochs: int | None = None, dataset: Dataset | None = None,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Finish the ``--runs N`` folder ``base``: finished runs are kept as they are, the stopped
+    one resumes from its checkpoint, those not started are trained, each exactly as
+    :func:`fit_runs` would have; then ``runs_summary.json`` is written again. ``epochs`` changes
+    every run's number of epochs, as for a single run (see :func:`fit`)."""
+    base = Path(base)
+    cfg = load_run_config(base / "config.yaml")
+    if epochs is not None and epochs != cfg.train.epochs:
+        _check_epochs_change(base, cfg, epochs)
+        for k in range(cfg.train.runs):  # every run's progress, before any file changes
+            if (base / f"run-{k}" / CHECKPOINT).is_file():
+                _extend(base / f"run-{k}", copy.deepcopy(cfg), _load_checkpoint(base / f"run-{k}"), epochs)
+        log(f"{base}: epochs {cfg.train.epochs} -> {epochs} for all {cfg.train.runs} runs (config.yaml updated)")
+        cfg.train.epochs = epochs
+        save_config(cfg, base / "config.yaml")
+    return _train_runs(base, cfg, dataset, log, resume=True)
+
+
+def _finished(run: Path, epochs: int) -> dict[str, Any] | None:
+    """The metrics of ``run`` if it has trained all of ``epochs``, else None."""
+    try:
+        metrics = json.loads((run / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if metrics.get("epochs") == epochs else None
+
+
+def _train_runs(base: Path, cfg: Config, dataset: Dataset | None, log: Callable[[str], None],
+                resume: bool) -> dict[str, Any]:
+    """Train ``base/run-K`` for K < ``cfg.train.runs`` (with ``resume``, only those not finished,
+    from their checkpoint where they have one), then summarise them into ``base/runs_summary.json``."""
+    import statistics
+
+    n = cfg.train.runs
     results = []
-    for k in range(cfg.train.runs):
-        c = copy.deepcopy(cfg)
-        c.train.runs, c.train.seed, c.train.out = 1, cfg.train.seed + k, str(base / f"run-{k}")
-        log(f"--- run {k + 1}/{cfg.train.runs} (seed {c.train.seed}) ---")
-        m = fit(c, dataset=ds, log=log)
-        results.append({"seed": c.train.seed, "test_accuracy": m["test_accuracy"], "train_time_s": m["train_time_s"],
-                        "run": m["run"]})
+    for k in range(n):
+        run, seed = base / f"run-{k}", cfg.train.seed + k
+        m = _finished(run, cfg.train.epochs) if resume else None
+        if m is not None:
+            log(f"--- run {k + 1}/{n} (seed {seed}): finished, test accuracy {m['test_accuracy']:.4f} ---")
+        else:
+            if dataset is None:  # loaded once, for the first run that trains
+                dataset = _load_data(cfg, None, log)
+            try:
+                if resume and (run / CHECKPOINT).is_file():
+                    log(f"--- run {k + 1}/{n} (seed {seed}), from its checkpoint ---")
+                    m = fit(resume=run, epochs=cfg.train.epochs, dataset=dataset, log=log)
+                elif resume and run.exists() and any(run.iterdir()):
+                    raise CifarlabError(f"'{run}' holds files but neither a checkpoint nor the metrics of a "
+                                        f"finished run, so run {k + 1} of '{base}' cannot go on from it; "
+                                        "move it away and resume again to train it anew")
+                else:
+                    c = copy.deepcopy(cfg)
+                    c.train.runs, c.train.seed, c.train.out = 1, seed, str(run)
+                    log(f"--- run {k + 1}/{n} (seed {seed}) ---")
+                    m = fit(c, dataset=dataset, log=log)
+            except TrainingInterrupted as e:
+                raise TrainingInterrupted(f"{e.what} of run {k + 1} of {n} ({run.name})", base) from None
+        results.append({"seed": seed, "test_accuracy": m["test_accuracy"], "train_time_s": m["train_time_s"],
+                        "run": str(run)})
+        source = m["data"]["source"]
 
     def stats(key: str) -> dict[str, float]:
         v = [r[key] for r in results]
         return {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "min": min(v),
                 "max": max(v)}
 
-    summary = {"runs": len(results), "recipe": cfg.recipe, "model": cfg.model.name, "data": ds.source,
+    summary = {"runs": len(results), "recipe": cfg.recipe, "model": cfg.model.name, "data": source,
                "test_accuracy": stats("test_accuracy"), "train_time_s": stats("train_time_s"), "per_run": results}
     write_json(base / "runs_summary.json", summary)
     a, t = summary["test_accuracy"], summary["train_time_s"]

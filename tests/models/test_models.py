@@ -76,8 +76,13 @@ def test_summary_table():
     assert total == trainable == 2_168_362
     assert rows[0] == ("conv2d_1 (Conv2D)", "(None, 32, 32, 32)", 896)
     assert ("flatten_1 (Flatten)", "(None, 4096)", 0) in rows
+    # Keras' names and the notebook's softmax layer last, as its model.summary() prints them
+    assert ("max_pooling2d_2 (MaxPooling2D)", "(None, 8, 8, 64)", 0) in rows
+    assert rows[-2:] == [("dense_2 (Dense)", "(None, 10)", 5130), ("activation_6 (Activation)", "(None, 10)", 0)]
+    assert len(rows) == 18
     text = format_summary(create_model("keras-shallow"), (3, 32, 32), "keras-shallow")
     assert "Total params: 4,200,842" in text and "dense_1 (Dense)" in text
+    assert "activation_3 (Activation)" in text and "activation_3 is the softmax" in text
 
 
 @pytest.mark.parametrize("name", list_models())

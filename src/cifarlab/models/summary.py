@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn as nn
 
@@ -9,10 +11,18 @@ _KERAS_NAMES = {"Conv2d": "Conv2D", "Linear": "Dense", "MaxPool2d": "MaxPooling2
                 "Dropout": "Dropout", "FlattenChannelsLast": "Flatten"}
 
 
-def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[list[tuple[str, str, int]], int, int]:
-    """Rows of (layer, output shape, params) for each leaf module, plus total and trainable counts.
+def _snake_case(name: str) -> str:
+    """A layer type as Keras names its instances: MaxPooling2D -> max_pooling2d."""
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", re.sub(r"(.)([A-Z][a-z0-9]+)", r"\1_\2", name)).lower()
 
-    Output shapes are shown channels-last, ``(None, H, W, C)``, as Keras prints them.
+
+def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[list[tuple[str, str, int]], int, int]:
+    """Rows of (layer, output shape, params) for each leaf module, then the softmax, plus total
+    and trainable counts.
+
+    Output shapes are shown channels-last, ``(None, H, W, C)``, as Keras prints them. The last
+    row is the notebook's ``Activation('softmax')``: a cifarlab model returns logits and the
+    softmax is applied to them where probabilities are wanted (see :mod:`cifarlab.models`).
     """
     rows: list[tuple[str, str, int]] = []
     counts: dict[str, int] = {}
@@ -24,7 +34,7 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[list
         counts[name] = counts.get(name, 0) + 1
         shape = tuple(out.shape[1:])
         shape = (shape[1], shape[2], shape[0]) if len(shape) == 3 else shape
-        rows.append((f"{name.lower()}_{counts[name]} ({name})", str((None, *shape)),
+        rows.append((f"{_snake_case(name)}_{counts[name]} ({name})", str((None, *shape)),
                      sum(p.numel() for p in mod.parameters(recurse=False))))
 
     for m in model.modules():
@@ -34,11 +44,14 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[list
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *input_shape))
+            logits = model(torch.zeros(1, *input_shape))
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
+    softmax = _KERAS_NAMES["ReLU"]
+    rows.append((f"{_snake_case(softmax)}_{counts.get(softmax, 0) + 1} ({softmax})",
+                 str((None, *logits.shape[1:])), 0))
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return rows, total, trainable
@@ -55,5 +68,7 @@ def format_summary(model: nn.Module, input_shape: tuple[int, int, int], name: st
     for r in rows:
         out.append(f"{r[0]:<{w1}}{r[1]:<{w2}}{r[2]:>10,}")
     out += [line, f"Total params: {total:,}", f"Trainable params: {trainable:,}",
-            f"Non-trainable params: {total - trainable:,}", "_" * (w1 + w2 + 12)]
+            f"Non-trainable params: {total - trainable:,}", "_" * (w1 + w2 + 12),
+            f"{rows[-1][0].split()[0]} is the softmax: the model returns logits, and the softmax is applied to them "
+            "where probabilities are wanted."]
     return "\n".join(out)

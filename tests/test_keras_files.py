@@ -348,6 +348,9 @@ def test_export_to_keras_refuses_what_keras_could_not_load(tmp_path, capsys):
     assert "give a name ending in .h5 only" in capsys.readouterr().err
     assert main(["export", str(run), "--out", str(tmp_path / "w.h5"), "--tta", "flip"]) == 2
     assert "--tta applies to ONNX files, not to Keras weights" in capsys.readouterr().err
+    assert main(["export", str(run), "--out", str(tmp_path / "w.h5"), "--opset", "17", "--no-check"]) == 2
+    assert "--opset and --no-check apply to ONNX files, not to Keras weights" in capsys.readouterr().err
+    assert not (tmp_path / "w.h5").exists()
     assert main(["export", str(run), "--out", str(tmp_path / "w.h5")]) == 0
     assert "normalises images by the mean [0.5, 0.5, 0.5]" in capsys.readouterr().out
     from cifarlab.export import save_architecture, save_weights

@@ -326,7 +326,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.out and args.out.endswith(".h5"):
         from .keras_files import export_keras_weights
 
-        given = [flag for flag, v in (("--tta", args.tta), ("--opset", args.opset)) if v is not None]
+        given = [flag for flag, v in (("--tta", args.tta), ("--opset", args.opset),
+                                      ("--no-check", None if args.check else True)) if v is not None]
         if given:
             raise ConfigError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to ONNX files, not "
                               f"to Keras weights ('{args.out}'); leave {'them' if len(given) > 1 else 'it'} out")

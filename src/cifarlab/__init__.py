@@ -10,8 +10,8 @@ The public API is imported lazily so that ``import cifarlab`` stays cheap:
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "list_models", "load_model", "load_dataset", "import_keras", "CifarlabError",
-           "__version__"]
+__all__ = ["create_model", "list_models", "load_model", "load_dataset", "import_keras", "compare_runs",
+           "CifarlabError", "__version__"]
 
 
 def __getattr__(name: str):
@@ -27,6 +27,10 @@ def __getattr__(name: str):
         from .keras_files import import_keras
 
         return import_keras
+    if name == "compare_runs":
+        from .compare import compare_runs
+
+        return compare_runs
     if name == "load_dataset":
         from .data import load_dataset
 

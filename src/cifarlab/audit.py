@@ -193,12 +193,17 @@ def _images(n: int) -> str:
     return f"{n} image" if n == 1 else f"{n} images"
 
 
+def check_bootstrap(n_boot: int) -> None:
+    """Refuse a number of bootstrap resamples too small for a 95% interval's tails."""
+    if n_boot < 100:
+        raise CifarlabError(f"--bootstrap {n_boot} is too few resamples for a 95% interval; use at least 100")
+
+
 def check_options(margin: float, min_group: int, n_boot: int) -> None:
     """Refuse audit settings that cannot give a meaningful report, naming the value."""
     if not 0 <= margin < 1:
         raise CifarlabError(f"--margin {margin} is not valid; it must lie in [0, 1)")
-    if n_boot < 100:
-        raise CifarlabError(f"--bootstrap {n_boot} is too few resamples for a 95% interval; use at least 100")
+    check_bootstrap(n_boot)
     if min_group < 1:
         raise CifarlabError(f"--min-group {min_group} is not valid; it must be a positive number of images")
 

@@ -18,6 +18,7 @@ EPILOG = """examples:
   cifarlab evaluate runs/RUN --data DATA                    # Test score / Test accuracy, per class
   cifarlab predict runs/RUN cat.png dog.jpg                 # top-3 classes per image
   cifarlab audit runs/RUN --data DATA                       # disaggregated report + MODEL_CARD.md
+  cifarlab compare runs/A runs/B --data DATA                # is B really more accurate than A?
   cifarlab export runs/RUN                                  # RUN/model.onnx for ONNX Runtime
   cifarlab import cifar10_weights.h5 --architecture cifar10_architecture.json  # the notebook's saved model
   cifarlab summary --model keras-deep                       # Keras-style layer table
@@ -155,6 +156,19 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--out", help="folder for the report (default RUN/audit)")
     a.add_argument("--device", default="auto")
     a.set_defaults(func=cmd_audit)
+
+    m = sub.add_parser("compare", help="are two runs' accuracies really different? a paired test on the same images",
+                       description="Compare two runs on the same test images, image by image: their accuracies, "
+                                   "B minus A with a paired bootstrap 95% interval, McNemar's exact test, and the "
+                                   "same per class (Holm-corrected). The data is run A's unless --data is given.")
+    m.add_argument("run_a", metavar="RUN_A")
+    m.add_argument("run_b", metavar="RUN_B")
+    _add_data_args(m)
+    m.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the interval")
+    _add_tta_arg(m)
+    m.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    m.add_argument("--device", default="auto")
+    m.set_defaults(func=cmd_compare)
 
     x = sub.add_parser("export", help="write a run as one ONNX file (uint8 images in, probabilities out), or its "
                                       "weights for Keras",
@@ -316,6 +330,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run / "audit"
     run_audit(run, ds, out, groups_csv=args.groups, margin=args.margin, min_group=args.min_group,
               n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``cifarlab compare``."""
+    from .audit import check_bootstrap
+    from .compare import check_same_classes, compare_runs, format_comparison
+    from .export import read_run
+    from .fsutil import json_text
+
+    check_bootstrap(args.bootstrap)  # these checks before the data is loaded
+    (run_a, arch_a), (run_b, arch_b) = read_run(args.run_a), read_run(args.run_b)
+    check_same_classes(run_a, arch_a["classes"], run_b, arch_b["classes"])
+    ds = _load_eval_data(args, run_a)
+    result = compare_runs(run_a, run_b, ds, tta=args.tta, device=args.device, n_boot=args.bootstrap)
+    print(json_text(result) if args.json else format_comparison(result))
     return 0
 
 

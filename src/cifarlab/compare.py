@@ -1,0 +1,143 @@
+"""Two trained models on the same test images: is the difference in accuracy real?
+
+A difference of a point between two runs is often within what the choice of test images alone
+gives. The comparison is paired, image by image, as the standard tests for two classifiers on
+one test set are (Dietterich, 1998): McNemar's exact test on the images exactly one model gets
+right, a paired percentile bootstrap interval for the difference in accuracy, and per class the
+same test with Holm's correction for testing every class. It says whether these two trained
+models differ on these images; whether two *recipes* differ needs several runs of each
+(``cifarlab train --runs N``), since seeds alone move accuracy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .audit import check_bootstrap
+from .data import Dataset
+from .errors import CifarlabError
+from .evaluate import _check_compatible, predict_dataset
+from .export import load_model
+
+ALPHA = 0.05  # the level at which a difference is called one
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: of the images exactly one model gets right, is the split
+    between the two models more uneven than a fair coin gives? (A binomial test with p = 1/2.)"""
+    from scipy.stats import binomtest
+
+    n = only_a + only_b
+    return 1.0 if n == 0 else float(binomtest(only_b, n, 0.5).pvalue)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment of ``pvalues`` (family-wise error), in their order."""
+    m = len(pvalues)
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda j: pvalues[j])):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))  # never below an earlier one
+        adjusted[i] = running
+    return adjusted
+
+
+def compare_predictions(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, classes: list[str],
+                        n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The paired comparison of two models' predicted classes ``pred_a`` and ``pred_b`` on the
+    images labelled ``y``: accuracies, B minus A with a bootstrap 95% interval (``n_boot``
+    resamples of the images, seeded), the four agreement counts, McNemar's exact p-value, and
+    the same per class (p-values Holm-adjusted over the classes)."""
+    check_bootstrap(n_boot)
+    ok_a, ok_b = pred_a == y, pred_b == y
+    n = len(y)
+    rng = np.random.default_rng(seed)
+    gain = ok_b.astype(np.int8) - ok_a.astype(np.int8)  # +1 only B right, -1 only A right
+    diffs = np.concatenate([gain[rng.integers(0, n, (chunk, n))].mean(1)  # chunks bound the memory
+                            for chunk in np.diff(np.r_[0:n_boot:100, n_boot])])
+
+    def counts(mask: np.ndarray) -> dict[str, int]:
+        a, b = ok_a[mask], ok_b[mask]
+        return {"both_right": int((a & b).sum()), "only_a": int((a & ~b).sum()), "only_b": int((~a & b).sum()),
+                "both_wrong": int((~a & ~b).sum())}
+
+    per_class = []
+    for i, c in enumerate(classes):
+        mask = y == i
+        if not mask.any():
+            continue
+        k = counts(mask)
+        per_class.append({"class": c, "support": int(mask.sum()), "accuracy_a": float(ok_a[mask].mean()),
+                          "accuracy_b": float(ok_b[mask].mean()),
+                          "difference": float(ok_b[mask].mean() - ok_a[mask].mean()), **k,
+                          "p_value": mcnemar_exact(k["only_a"], k["only_b"])})
+    for row, p in zip(per_class, holm([r["p_value"] for r in per_class])):
+        row["p_value_holm"] = p
+    total = counts(np.ones(n, dtype=bool))
+    return {"images": n, "accuracy_a": float(ok_a.mean()), "accuracy_b": float(ok_b.mean()),
+            "difference": float(ok_b.mean() - ok_a.mean()),
+            "difference_ci": [float(np.quantile(diffs, ALPHA / 2)), float(np.quantile(diffs, 1 - ALPHA / 2))],
+            "bootstrap": n_boot, "seed": seed, **total, "agreement": float((pred_a == pred_b).mean()),
+            "p_value": mcnemar_exact(total["only_a"], total["only_b"]), "alpha": ALPHA, "per_class": per_class}
+
+
+def check_same_classes(run_a: Path, classes_a: list[str], run_b: Path, classes_b: list[str]) -> None:
+    """Refuse two runs whose models tell apart other classes (or the same ones in another order)."""
+    if classes_a != classes_b:
+        how = ("the same classes in another order" if sorted(classes_a) == sorted(classes_b) else
+               f"{len(classes_a)} and {len(classes_b)} classes, "
+               f"{len(set(classes_a) ^ set(classes_b))} of them in one only")
+        raise CifarlabError(f"'{run_a}' and '{run_b}' cannot be compared: their models have {how} "
+                            f"({', '.join(classes_a[:5])}{', ...' if len(classes_a) > 5 else ''} against "
+                            f"{', '.join(classes_b[:5])}{', ...' if len(classes_b) > 5 else ''}); compare runs "
+                            "trained on the same classes")
+
+
+def compare_runs(run_a: str | Path, run_b: str | Path, ds: Dataset, tta: str | None = None, device: str = "auto",
+                 n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Compare two run folders on ``ds``'s test images (see :func:`compare_predictions`), each
+    with its own test-time augmentation unless ``tta`` names one for both."""
+    models = [load_model(r, device, tta) for r in (run_a, run_b)]
+    check_same_classes(models[0].run, models[0].classes, models[1].run, models[1].classes)
+    for name, m in zip("AB", models):
+        try:
+            _check_compatible(m, ds)
+        except CifarlabError as e:
+            raise CifarlabError(f"run {name} ('{m.run}'): {e}") from None
+    pred_a, pred_b = (predict_dataset(m, ds.x_test).argmax(1) for m in models)
+    result = compare_predictions(ds.y_test, pred_a, pred_b, ds.classes, n_boot, seed)
+    result.update({"a": {"run": str(models[0].run), "model": models[0].arch["model"], "tta": models[0].tta},
+                   "b": {"run": str(models[1].run), "model": models[1].arch["model"], "tta": models[1].tta},
+                   "data": ds.source})
+    return result
+
+
+def format_comparison(c: dict[str, Any]) -> str:
+    """The comparison as the lines ``cifarlab compare`` prints."""
+    def pct(x: float) -> str:
+        return f"{x:+.4f}"
+
+    lo, hi = c["difference_ci"]
+    p = c["p_value"]
+    verdict = (f"{'B' if c['difference'] > 0 else 'A'} is the more accurate on these images (p < {c['alpha']:g})"
+               if p < c["alpha"] else f"no difference at the {c['alpha']:g} level: a split this uneven is common "
+               "by chance")
+    lines = [f"A: {c['a']['run']} ({c['a']['model']}, tta {c['a']['tta']}): test accuracy {c['accuracy_a']:.4f}",
+             f"B: {c['b']['run']} ({c['b']['model']}, tta {c['b']['tta']}): test accuracy {c['accuracy_b']:.4f}",
+             f"B - A: {pct(c['difference'])} (95% interval {pct(lo)} to {pct(hi)}; paired bootstrap, "
+             f"{c['bootstrap']} resamples)",
+             f"On {c['images']:,} test images of {c['data']}: both right {c['both_right']:,}, only A {c['only_a']:,}, "
+             f"only B {c['only_b']:,}, both wrong {c['both_wrong']:,}; same prediction on {c['agreement']:.1%}",
+             f"McNemar's exact test: p = {p:.3g}; {verdict}",
+             f"{'class':<16}{'A':>8}{'B':>8}{'B - A':>9}{'only A':>8}{'only B':>8}{'p (Holm)':>10}"]
+    for r in c["per_class"]:
+        mark = " *" if r["p_value_holm"] < c["alpha"] else ""
+        lines.append(f"{r['class']:<16}{r['accuracy_a']:>8.4f}{r['accuracy_b']:>8.4f}{pct(r['difference']):>9}"
+                     f"{r['only_a']:>8}{r['only_b']:>8}{r['p_value_holm']:>10.3g}{mark}")
+    lines.append(f"* differs at the {c['alpha']:g} level after Holm's correction over the classes. These are two "
+                 "trained models on one test set; seeds alone move accuracy, so to compare recipes, train each "
+                 "with --runs N and compare the summaries.")
+    return "\n".join(lines)

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from conftest import make_image_folder, tiny_config
+
+from cifarlab.cli import main
+from cifarlab.compare import compare_predictions, holm, mcnemar_exact
+from cifarlab.errors import CifarlabError
+from cifarlab.train import fit
+
+
+def _exact_two_sided(k: int, n: int) -> float:
+    """The exact binomial two-sided p-value at p = 1/2, summed by hand."""
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def test_mcnemar_and_holm_match_their_definitions():
+    for a, b in [(0, 0), (3, 3), (1, 9), (30, 12), (200, 250)]:
+        assert mcnemar_exact(a, b) == pytest.approx(_exact_two_sided(b, a + b), rel=1e-9)
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(0, 10) == pytest.approx(2 / 1024)
+    # Holm: sorted 0.01, 0.03, 0.04 times 3, 2, 1 -> 0.03, 0.06, 0.04 -> made non-decreasing
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_paired_comparison_counts_and_interval():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 600)
+    a = y.copy()
+    a[:150] = (y[:150] + 1) % 3  # A wrong on the first 150 images
+    b = y.copy()
+    b[100:160] = (y[100:160] + 1) % 3  # B wrong on 60, 50 of them where A is wrong too
+    c = compare_predictions(y, a, b, ["x", "y", "z"], n_boot=400, seed=1)
+    assert (c["both_right"], c["only_a"], c["only_b"], c["both_wrong"]) == (440, 10, 100, 50)
+    assert c["accuracy_a"] == pytest.approx(450 / 600) and c["accuracy_b"] == pytest.approx(540 / 600)
+    assert c["difference"] == pytest.approx(90 / 600)
+    lo, hi = c["difference_ci"]
+    assert 0 < lo < c["difference"] < hi
+    assert c["p_value"] == pytest.approx(_exact_two_sided(10, 110)) and c["p_value"] < 1e-15
+    assert sum(r["support"] for r in c["per_class"]) == 600
+    assert sum(r["only_b"] for r in c["per_class"]) == 100
+    for r in c["per_class"]:
+        assert r["p_value_holm"] >= r["p_value"]
+    assert c == compare_predictions(y, a, b, ["x", "y", "z"], n_boot=400, seed=1)  # seeded
+    same = compare_predictions(y, a, a, ["x", "y", "z"], n_boot=100)
+    assert same["difference"] == 0 and same["difference_ci"] == [0, 0] and same["p_value"] == 1.0
+    assert same["agreement"] == 1.0
+    with pytest.raises(CifarlabError, match="--bootstrap 50 is too few"):
+        compare_predictions(y, a, b, ["x", "y", "z"], n_boot=50)
+
+
+def test_cli_compare_two_runs(tmp_path, image_folder, capsys):
+    for seed in (0, 1):
+        fit(tiny_config(str(image_folder), str(tmp_path / f"r{seed}"), seed=seed), log=lambda s: None)
+    assert main(["compare", str(tmp_path / "r0"), str(tmp_path / "r1"), "--bootstrap", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "McNemar's exact test: p = " in out and "B - A: " in out and "frog" in out
+    assert main(["compare", str(tmp_path / "r0"), str(tmp_path / "r1"), "--json", "--tta", "flip"]) == 0
+    c = json.loads(capsys.readouterr().out)
+    evaluated = [json.loads((tmp_path / r / "metrics.json").read_text())["test_accuracy"] for r in ("r0", "r1")]
+    assert c["images"] == 9 and c["a"]["tta"] == c["b"]["tta"] == "flip"
+    assert main(["compare", str(tmp_path / "r0"), str(tmp_path / "r1"), "--json"]) == 0
+    c = json.loads(capsys.readouterr().out)
+    assert [c["accuracy_a"], c["accuracy_b"]] == pytest.approx(evaluated)  # each run's own figure
+    assert c["both_right"] + c["only_a"] + c["only_b"] + c["both_wrong"] == 9
+
+    assert main(["compare", str(tmp_path / "r0"), str(tmp_path / "r1"), "--bootstrap", "10"]) == 2
+    assert "--bootstrap 10 is too few" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "r0"), str(tmp_path / "nope")]) == 2
+    assert "nope' does not exist" in capsys.readouterr().err
+    other = make_image_folder(tmp_path / "other", classes=("cat", "dog", "owl"))
+    fit(tiny_config(str(other), str(tmp_path / "owl")), log=lambda s: None)
+    assert main(["compare", str(tmp_path / "r0"), str(tmp_path / "owl")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be compared: their models have 3 and 3 classes, 2 of them in one only (cat, dog, frog " \
+           "against cat, dog, owl)" in err
+    assert main(["compare", str(tmp_path / "owl"), str(tmp_path / "owl"), "--json"]) == 0  # on run A's data
+    assert json.loads(capsys.readouterr().out)["p_value"] == 1.0
+    assert main(["compare", str(tmp_path / "owl"), str(tmp_path / "owl"), "--data", str(image_folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"run A ('{tmp_path / 'owl'}'): the data's 3 classes differ" in err and "missing from the data: owl" in err

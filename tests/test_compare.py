@@ -84,3 +84,57 @@ def test_cli_compare_two_runs(tmp_path, image_folder, capsys):
     assert main(["compare", str(tmp_path / "owl"), str(tmp_path / "owl"), "--data", str(image_folder)]) == 2
     err = capsys.readouterr().err
     assert f"run A ('{tmp_path / 'owl'}'): the data's 3 classes differ" in err and "missing from the data: owl" in err
+
+
+def _welch_p(a: list[float], b: list[float]) -> float:
+    """Welch's two-sided p-value from its formula (t and Welch-Satterthwaite degrees of freedom)."""
+    from scipy.stats import t as student_t
+
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    t = (np.mean(b) - np.mean(a)) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return float(2 * student_t.sf(abs(t), df))
+
+
+def test_compare_two_runs_folders_from_their_summaries(tmp_path, image_folder, capsys):
+    for name, model in (("a", "keras-shallow"), ("b", "keras-deep")):
+        cfg = tiny_config(str(image_folder), str(tmp_path / name))
+        cfg.model.name, cfg.train.runs = model, 3
+        fit(cfg, log=lambda s: None)
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--json"]) == 0
+    c = json.loads(capsys.readouterr().out)
+    acc = {k: [r["test_accuracy"] for r in json.loads((tmp_path / k / "runs_summary.json").read_text())["per_run"]]
+           for k in "ab"}
+    assert c["a"]["accuracies"] == acc["a"] and c["b"]["runs"] == 3 and c["same_data"]
+    assert c["difference"] == pytest.approx(np.mean(acc["b"]) - np.mean(acc["a"]))
+    if np.std(acc["a"]) + np.std(acc["b"]) > 0:
+        assert c["p_value"] == pytest.approx(_welch_p(acc["a"], acc["b"]))
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "3 runs, test accuracy mean" in out and "Welch's t-test on the runs' accuracies: p = " in out
+
+    # By hand: summaries with known accuracies, another data path, a single run, a mix, a stopped set.
+    def summary(folder, accs, data="d"):
+        folder.mkdir()
+        (folder / "runs_summary.json").write_text(json.dumps({"recipe": "r", "model": "m", "data": data, "per_run": [
+            {"seed": i, "test_accuracy": x, "train_time_s": 2.0} for i, x in enumerate(accs)]}))
+        return str(folder)
+
+    x = summary(tmp_path / "x", [0.90, 0.91, 0.92])
+    y = summary(tmp_path / "y", [0.93, 0.95, 0.94, 0.96], data="/elsewhere/d")
+    assert main(["compare", x, y]) == 0
+    out = capsys.readouterr().out
+    p = _welch_p([0.90, 0.91, 0.92], [0.93, 0.95, 0.94, 0.96])
+    assert f"p = {p:.3g}; B is the more accurate recipe" in out and "B - A: +0.0350" in out
+    assert "Note: A was tested on d and B on /elsewhere/d" in out
+    assert main(["compare", x, summary(tmp_path / "one", [0.9])]) == 2
+    assert "holds 1 run; a test across runs needs at least 2" in capsys.readouterr().err
+    assert main(["compare", x, str(tmp_path / "a" / "run-0")]) == 2
+    assert "holds the runs of 'cifarlab train --runs' and" in capsys.readouterr().err
+    (tmp_path / "stopped" / "run-0").mkdir(parents=True)
+    assert main(["compare", str(tmp_path / "stopped"), x]) == 2
+    err = capsys.readouterr().err
+    assert "has no runs_summary.json" in err and f"cifarlab train --resume {tmp_path / 'stopped'}" in err
+    same = summary(tmp_path / "same", [0.9, 0.9])
+    assert main(["compare", same, same, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["p_value"] == 1.0

@@ -160,7 +160,9 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("compare", help="are two runs' accuracies really different? a paired test on the same images",
                        description="Compare two runs on the same test images, image by image: their accuracies, "
                                    "B minus A with a paired bootstrap 95% interval, McNemar's exact test, and the "
-                                   "same per class (Holm-corrected). The data is run A's unless --data is given.")
+                                   "same per class (Holm-corrected). The data is run A's unless --data is given. "
+                                   "Given two folders of 'cifarlab train --runs N', it compares their runs' "
+                                   "accuracies instead (Welch's t-test), from their summaries.")
     m.add_argument("run_a", metavar="RUN_A")
     m.add_argument("run_b", metavar="RUN_B")
     _add_data_args(m)
@@ -336,10 +338,20 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     """``cifarlab compare``."""
     from .audit import check_bootstrap
-    from .compare import check_same_classes, compare_runs, format_comparison
+    from .compare import (check_same_classes, compare_run_sets, compare_runs, format_comparison, format_run_sets,
+                          is_runs_folder)
     from .export import read_run
     from .fsutil import json_text
 
+    sets = [is_runs_folder(r) for r in (args.run_a, args.run_b)]
+    if all(sets):  # two recipes, several seeds each: their summaries, no data needed
+        result = compare_run_sets(args.run_a, args.run_b)
+        print(json_text(result) if args.json else format_run_sets(result))
+        return 0
+    if any(sets):
+        raise ConfigError(f"'{args.run_a if sets[0] else args.run_b}' holds the runs of 'cifarlab train --runs' and "
+                          f"'{args.run_b if sets[0] else args.run_a}' does not; compare two runs, or two --runs "
+                          "folders")
     check_bootstrap(args.bootstrap)  # these checks before the data is loaded
     (run_a, arch_a), (run_b, arch_b) = read_run(args.run_a), read_run(args.run_b)
     check_same_classes(run_a, arch_a["classes"], run_b, arch_b["classes"])

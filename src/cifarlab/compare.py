@@ -6,11 +6,14 @@ one test set are (Dietterich, 1998): McNemar's exact test on the images exactly 
 right, a paired percentile bootstrap interval for the difference in accuracy, and per class the
 same test with Holm's correction for testing every class. It says whether these two trained
 models differ on these images; whether two *recipes* differ needs several runs of each
-(``cifarlab train --runs N``), since seeds alone move accuracy.
+(``cifarlab train --runs N``), since seeds alone move accuracy: :func:`compare_run_sets` compares
+two such folders with Welch's t-test on their runs' accuracies.
 """
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +116,74 @@ def compare_runs(run_a: str | Path, run_b: str | Path, ds: Dataset, tta: str | N
                    "b": {"run": str(models[1].run), "model": models[1].arch["model"], "tta": models[1].tta},
                    "data": ds.source})
     return result
+
+
+def is_runs_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` is the parent folder of ``cifarlab train --runs N``."""
+    folder = Path(folder)
+    return (folder / "runs_summary.json").is_file() or (folder / "run-0").is_dir()
+
+
+def _summary(folder: Path) -> dict[str, Any]:
+    path = folder / "runs_summary.json"
+    if not path.is_file():
+        raise CifarlabError(f"'{folder}' has no runs_summary.json: its runs did not all finish; finish them with "
+                            f"cifarlab train --resume {folder}")
+    try:
+        s = json.loads(path.read_text())
+        accuracies = [float(r["test_accuracy"]) for r in s["per_run"]]
+        times = [float(r["train_time_s"]) for r in s["per_run"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CifarlabError(f"{path} is not a summary written by 'cifarlab train --runs' ({type(e).__name__}: {e})") \
+            from None
+    return {"folder": str(folder), "recipe": s.get("recipe"), "model": s.get("model"), "data": s.get("data"),
+            "accuracies": accuracies, "times": times}
+
+
+def compare_run_sets(folder_a: str | Path, folder_b: str | Path) -> dict[str, Any]:
+    """Compare two ``--runs N`` folders (two recipes, each trained on several seeds) from their
+    summaries: mean test accuracy and training time of each, B minus A, and Welch's t-test on
+    the runs' accuracies (unpaired: a seed means nothing shared across recipes)."""
+    from scipy.stats import ttest_ind
+
+    a, b = _summary(Path(folder_a)), _summary(Path(folder_b))
+    for s in (a, b):
+        if len(s["accuracies"]) < 2:
+            raise CifarlabError(f"'{s['folder']}' holds {len(s['accuracies'])} run; a test across runs needs at "
+                                "least 2 in each folder (train with --runs N, N >= 2)")
+    if np.ptp(a["accuracies"]) == np.ptp(b["accuracies"]) == 0:  # no spread in either: t is 0/0 or infinite
+        p = 1.0 if a["accuracies"][0] == b["accuracies"][0] else 0.0
+    else:
+        with warnings.catch_warnings():  # scipy warns of "nearly identical" data when one set has no spread,
+            warnings.simplefilter("ignore", RuntimeWarning)  # which Welch's test handles (its variance is 0)
+            p = float(ttest_ind(b["accuracies"], a["accuracies"], equal_var=False).pvalue)
+    out = {"a": a, "b": b, "same_data": a["data"] == b["data"], "alpha": ALPHA, "p_value": p}
+    for side in (a, b):
+        acc, t = np.array(side["accuracies"]), np.array(side["times"])
+        side.update(runs=len(acc), accuracy_mean=float(acc.mean()), accuracy_std=float(acc.std(ddof=1)),
+                    accuracy_min=float(acc.min()), accuracy_max=float(acc.max()), time_mean=float(t.mean()))
+    out["difference"] = b["accuracy_mean"] - a["accuracy_mean"]
+    out["time_ratio"] = b["time_mean"] / a["time_mean"] if a["time_mean"] > 0 else None
+    return out
+
+
+def format_run_sets(c: dict[str, Any]) -> str:
+    """The comparison of two ``--runs`` folders as ``cifarlab compare`` prints it."""
+    lines = []
+    for name in "AB":
+        s = c[name.lower()]
+        lines.append(f"{name}: {s['folder']} ({s['recipe']}, {s['model']}): {s['runs']} runs, test accuracy mean "
+                     f"{s['accuracy_mean']:.4f} (std {s['accuracy_std']:.4f}, min {s['accuracy_min']:.4f}, "
+                     f"max {s['accuracy_max']:.4f}); training time mean {s['time_mean']:.2f} s")
+    verdict = (f"{'B' if c['difference'] > 0 else 'A'} is the more accurate recipe on this data (p < {c['alpha']:g})"
+               if c["p_value"] < c["alpha"] else f"no difference at the {c['alpha']:g} level across these runs")
+    ratio = f"; B's training time is {c['time_ratio']:.2f} times A's" if c["time_ratio"] is not None else ""
+    lines += [f"B - A: {c['difference']:+.4f} in mean test accuracy{ratio}",
+              f"Welch's t-test on the runs' accuracies: p = {c['p_value']:.3g}; {verdict}"]
+    if not c["same_data"]:  # the same data may have been named by two paths: a note, not a refusal
+        lines.append(f"Note: A was tested on {c['a']['data']} and B on {c['b']['data']}; the comparison holds only "
+                     "if these are the same test images.")
+    return "\n".join(lines)
 
 
 def format_comparison(c: dict[str, Any]) -> str:

@@ -127,6 +127,9 @@ def test_compare_two_runs_folders_from_their_summaries(tmp_path, image_folder, c
     p = _welch_p([0.90, 0.91, 0.92], [0.93, 0.95, 0.94, 0.96])
     assert f"p = {p:.3g}; B is the more accurate recipe" in out and "B - A: +0.0350" in out
     assert "Note: A was tested on d and B on /elsewhere/d" in out
+    assert main(["compare", x, y, "--data", "d", "--bootstrap", "100", "--tta"]) == 2
+    assert "--data, --bootstrap, --tta: two --runs folders are compared from their summaries" in \
+        capsys.readouterr().err
     assert main(["compare", x, summary(tmp_path / "one", [0.9])]) == 2
     assert "holds 1 run; a test across runs needs at least 2" in capsys.readouterr().err
     assert main(["compare", x, str(tmp_path / "a" / "run-0")]) == 2

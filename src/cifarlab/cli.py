@@ -166,10 +166,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("run_a", metavar="RUN_A")
     m.add_argument("run_b", metavar="RUN_B")
     _add_data_args(m)
-    m.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the interval")
+    m.add_argument("--bootstrap", type=int, help="bootstrap resamples for the interval (default 1000)")
     _add_tta_arg(m)
     m.add_argument("--json", action="store_true", help="print the comparison as JSON")
-    m.add_argument("--device", default="auto")
+    m.add_argument("--device", help="where the models run (default auto)")
     m.set_defaults(func=cmd_compare)
 
     x = sub.add_parser("export", help="write a run as one ONNX file (uint8 images in, probabilities out), or its "
@@ -345,6 +345,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     sets = [is_runs_folder(r) for r in (args.run_a, args.run_b)]
     if all(sets):  # two recipes, several seeds each: their summaries, no data needed
+        given = [f"--{k.replace('_', '-')}" for k in ("data", "dataset", "subset", "allow_unverified", "skip_bad_images",
+                                                    "label_mode", "bootstrap", "tta", "device")
+                 if getattr(args, k) not in (None, False)]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: two --runs folders are compared from their summaries, with no "
+                              "data and no model run; leave these out, or compare two single runs (RUN/run-K)")
         result = compare_run_sets(args.run_a, args.run_b)
         print(json_text(result) if args.json else format_run_sets(result))
         return 0
@@ -352,11 +358,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError(f"'{args.run_a if sets[0] else args.run_b}' holds the runs of 'cifarlab train --runs' and "
                           f"'{args.run_b if sets[0] else args.run_a}' does not; compare two runs, or two --runs "
                           "folders")
-    check_bootstrap(args.bootstrap)  # these checks before the data is loaded
+    n_boot = 1000 if args.bootstrap is None else args.bootstrap
+    check_bootstrap(n_boot)  # these checks before the data is loaded
     (run_a, arch_a), (run_b, arch_b) = read_run(args.run_a), read_run(args.run_b)
     check_same_classes(run_a, arch_a["classes"], run_b, arch_b["classes"])
     ds = _load_eval_data(args, run_a)
-    result = compare_runs(run_a, run_b, ds, tta=args.tta, device=args.device, n_boot=args.bootstrap)
+    result = compare_runs(run_a, run_b, ds, tta=args.tta, device=args.device or "auto", n_boot=n_boot)
     print(json_text(result) if args.json else format_comparison(result))
     return 0
 

@@ -47,6 +47,15 @@ def test_paired_comparison_counts_and_interval():
     for r in c["per_class"]:
         assert r["p_value_holm"] >= r["p_value"]
     assert c == compare_predictions(y, a, b, ["x", "y", "z"], n_boot=400, seed=1)  # seeded
+    light = np.array(["dark"] * 300 + ["bright"] * 250 + [""] * 50, dtype=object)
+    g = compare_predictions(y, a, b, ["x", "y", "z"], n_boot=100, groups=(np.arange(600), {"light": light}))
+    by = g["by_attribute"]["light"]
+    assert by["not_recorded"] == 50 and [r["group"] for r in by["groups"]] == ["bright", "dark"]
+    bright, dark = by["groups"]
+    assert (dark["support"], dark["accuracy_a"], dark["accuracy_b"]) == (300, 0.5, 0.8)
+    assert (dark["only_a"], dark["only_b"], dark["both_wrong"]) == (10, 100, 50)
+    assert (bright["support"], bright["accuracy_a"], bright["accuracy_b"], bright["only_b"]) == (250, 1.0, 1.0, 0)
+    assert bright["p_value"] == 1.0 and dark["p_value_holm"] == pytest.approx(2 * _exact_two_sided(10, 110))
     same = compare_predictions(y, a, a, ["x", "y", "z"], n_boot=100)
     assert same["difference"] == 0 and same["difference_ci"] == [0, 0] and same["p_value"] == 1.0
     assert same["agreement"] == 1.0
@@ -69,6 +78,18 @@ def test_cli_compare_two_runs(tmp_path, image_folder, capsys):
     assert [c["accuracy_a"], c["accuracy_b"]] == pytest.approx(evaluated)  # each run's own figure
     assert c["both_right"] + c["only_a"] + c["only_b"] + c["both_wrong"] == 9
 
+    groups = tmp_path / "groups.csv"
+    groups.write_text("index,light\n" + "".join(f"{i},{'dark' if i < 4 else 'bright' if i < 8 else ''}\n"
+                                                  for i in range(9)))
+    assert main(["compare", str(tmp_path / "r0"), str(tmp_path / "r1"), "--groups", str(groups)]) == 0
+    out = capsys.readouterr().out
+    assert "Attribute 'light' (not recorded for 1 image, left out):" in out and "dark" in out
+    assert main(["compare", str(tmp_path / "r0"), str(tmp_path / "r1"), "--groups", str(groups), "--json"]) == 0
+    by = json.loads(capsys.readouterr().out)["by_attribute"]["light"]
+    assert [(r["group"], r["support"]) for r in by["groups"]] == [("bright", 4), ("dark", 4)]
+    groups.write_text("index,light\n99,dark\n")
+    assert main(["compare", str(tmp_path / "r0"), str(tmp_path / "r1"), "--groups", str(groups)]) == 2
+    assert "index '99' is not valid; expected 0..8" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "r0"), str(tmp_path / "r1"), "--bootstrap", "10"]) == 2
     assert "--bootstrap 10 is too few" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "r0"), str(tmp_path / "nope")]) == 2

@@ -189,7 +189,8 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
-def _images(n: int) -> str:
+def images_phrase(n: int) -> str:
+    """'1 image', '2 images'."""
     return f"{n} image" if n == 1 else f"{n} images"
 
 
@@ -249,11 +250,11 @@ def run_audit(run: Path, ds: Dataset, out: Path, groups_csv: str | None = None, 
             gm["not_recorded"] = int((~known).sum())
             audit["attributes"][name] = gm
             if gm["not_recorded"]:
-                audit["warnings"].append(f"{name}: not recorded for {_images(gm['not_recorded'])}, left out of "
+                audit["warnings"].append(f"{name}: not recorded for {images_phrase(gm['not_recorded'])}, left out of "
                                          f"its groups")
             for g in gm["groups"]:
                 if g["too_small"]:
-                    audit["warnings"].append(f"{name}={g['group']}: only {_images(g['n'])} (< {min_group}); "
+                    audit["warnings"].append(f"{name}={g['group']}: only {images_phrase(g['n'])} (< {min_group}); "
                                              "too small to judge")
                 elif g["flagged"]:
                     audit["warnings"].append(f"{name}={g['group']}: accuracy {g['accuracy']:.3f} is more than "
@@ -327,7 +328,7 @@ def _audit_markdown(a: dict) -> str:
             lines.append(f"| {_cell(g['group'])} | {g['n']} | {g['accuracy']:.3f} | {_fmt_ci(g['accuracy_ci'])} | "
                          f"{_fmt(g['macro_recall'])} | {_fmt(g['macro_precision'])} | {note} |")
         if gm.get("not_recorded"):
-            lines += ["", f"Not recorded for {_images(gm['not_recorded'])} (empty cells), left out of these groups."]
+            lines += ["", f"Not recorded for {images_phrase(gm['not_recorded'])} (empty cells), left out of these groups."]
         ga = gm["gap"]
         lines += ["", "Only one group: no gap to measure." if ga is None else
                   f"Largest gap: {ga['highest']} vs {ga['lowest']}: {ga['difference']:.3f} {_fmt_ci(ga['difference_ci'])}"

@@ -166,6 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("run_a", metavar="RUN_A")
     m.add_argument("run_b", metavar="RUN_B")
     _add_data_args(m)
+    m.add_argument("--groups", help="CSV as audit --groups reads it: the comparison per group of each attribute")
     m.add_argument("--bootstrap", type=int, help="bootstrap resamples for the interval (default 1000)")
     _add_tta_arg(m)
     m.add_argument("--json", action="store_true", help="print the comparison as JSON")
@@ -346,7 +347,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     sets = [is_runs_folder(r) for r in (args.run_a, args.run_b)]
     if all(sets):  # two recipes, several seeds each: their summaries, no data needed
         given = [f"--{k.replace('_', '-')}" for k in ("data", "dataset", "subset", "allow_unverified", "skip_bad_images",
-                                                    "label_mode", "bootstrap", "tta", "device")
+                                                    "label_mode", "groups", "bootstrap", "tta", "device")
                  if getattr(args, k) not in (None, False)]
         if given:
             raise ConfigError(f"{', '.join(given)}: two --runs folders are compared from their summaries, with no "
@@ -363,7 +364,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     (run_a, arch_a), (run_b, arch_b) = read_run(args.run_a), read_run(args.run_b)
     check_same_classes(run_a, arch_a["classes"], run_b, arch_b["classes"])
     ds = _load_eval_data(args, run_a)
-    result = compare_runs(run_a, run_b, ds, tta=args.tta, device=args.device or "auto", n_boot=n_boot)
+    result = compare_runs(run_a, run_b, ds, tta=args.tta, device=args.device or "auto", n_boot=n_boot,
+                          groups_csv=args.groups)
     print(json_text(result) if args.json else format_comparison(result))
     return 0
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .audit import check_bootstrap
+from .audit import check_bootstrap, images_phrase, read_groups
 from .data import Dataset
 from .errors import CifarlabError
 from .evaluate import _check_compatible, predict_dataset
@@ -48,12 +48,35 @@ def holm(pvalues: list[float]) -> list[float]:
     return adjusted
 
 
+def _counts(ok_a: np.ndarray, ok_b: np.ndarray) -> dict[str, int]:
+    return {"both_right": int((ok_a & ok_b).sum()), "only_a": int((ok_a & ~ok_b).sum()),
+            "only_b": int((~ok_a & ok_b).sum()), "both_wrong": int((~ok_a & ~ok_b).sum())}
+
+
+def _subsets(ok_a: np.ndarray, ok_b: np.ndarray, key: str, subsets: list[tuple[str, np.ndarray]]) -> list[dict]:
+    """One row per named subset of the images (a class, a group): size, both accuracies, B minus
+    A, the four counts and McNemar's p-value, Holm-adjusted over the subsets."""
+    rows = []
+    for name, ix in subsets:
+        a, b = ok_a[ix], ok_b[ix]
+        k = _counts(a, b)
+        rows.append({key: name, "support": int(len(a)), "accuracy_a": float(a.mean()), "accuracy_b": float(b.mean()),
+                     "difference": float(b.mean() - a.mean()), **k, "p_value": mcnemar_exact(k["only_a"], k["only_b"])})
+    for row, p in zip(rows, holm([r["p_value"] for r in rows])):
+        row["p_value_holm"] = p
+    return rows
+
+
 def compare_predictions(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, classes: list[str],
-                        n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+                        n_boot: int = 1000, seed: int = 0,
+                        groups: tuple[np.ndarray, dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
     """The paired comparison of two models' predicted classes ``pred_a`` and ``pred_b`` on the
     images labelled ``y``: accuracies, B minus A with a bootstrap 95% interval (``n_boot``
     resamples of the images, seeded), the four agreement counts, McNemar's exact p-value, and
-    the same per class (p-values Holm-adjusted over the classes)."""
+    the same per class (p-values Holm-adjusted over the classes). ``groups`` (as
+    :func:`cifarlab.audit.read_groups` returns them: image indices and each attribute's value
+    per index) adds the same per group of each attribute, Holm-adjusted within the attribute;
+    images whose value is empty are left out of that attribute and counted."""
     check_bootstrap(n_boot)
     ok_a, ok_b = pred_a == y, pred_b == y
     n = len(y)
@@ -61,30 +84,21 @@ def compare_predictions(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, c
     gain = ok_b.astype(np.int8) - ok_a.astype(np.int8)  # +1 only B right, -1 only A right
     diffs = np.concatenate([gain[rng.integers(0, n, (chunk, n))].mean(1)  # chunks bound the memory
                             for chunk in np.diff(np.r_[0:n_boot:100, n_boot])])
-
-    def counts(mask: np.ndarray) -> dict[str, int]:
-        a, b = ok_a[mask], ok_b[mask]
-        return {"both_right": int((a & b).sum()), "only_a": int((a & ~b).sum()), "only_b": int((~a & b).sum()),
-                "both_wrong": int((~a & ~b).sum())}
-
-    per_class = []
-    for i, c in enumerate(classes):
-        mask = y == i
-        if not mask.any():
-            continue
-        k = counts(mask)
-        per_class.append({"class": c, "support": int(mask.sum()), "accuracy_a": float(ok_a[mask].mean()),
-                          "accuracy_b": float(ok_b[mask].mean()),
-                          "difference": float(ok_b[mask].mean() - ok_a[mask].mean()), **k,
-                          "p_value": mcnemar_exact(k["only_a"], k["only_b"])})
-    for row, p in zip(per_class, holm([r["p_value"] for r in per_class])):
-        row["p_value_holm"] = p
-    total = counts(np.ones(n, dtype=bool))
-    return {"images": n, "accuracy_a": float(ok_a.mean()), "accuracy_b": float(ok_b.mean()),
-            "difference": float(ok_b.mean() - ok_a.mean()),
-            "difference_ci": [float(np.quantile(diffs, ALPHA / 2)), float(np.quantile(diffs, 1 - ALPHA / 2))],
-            "bootstrap": n_boot, "seed": seed, **total, "agreement": float((pred_a == pred_b).mean()),
-            "p_value": mcnemar_exact(total["only_a"], total["only_b"]), "alpha": ALPHA, "per_class": per_class}
+    per_class = _subsets(ok_a, ok_b, "class", [(c, np.flatnonzero(y == i)) for i, c in enumerate(classes)
+                                               if (y == i).any()])
+    total = _counts(ok_a, ok_b)
+    out = {"images": n, "accuracy_a": float(ok_a.mean()), "accuracy_b": float(ok_b.mean()),
+           "difference": float(ok_b.mean() - ok_a.mean()),
+           "difference_ci": [float(np.quantile(diffs, ALPHA / 2)), float(np.quantile(diffs, 1 - ALPHA / 2))],
+           "bootstrap": n_boot, "seed": seed, **total, "agreement": float((pred_a == pred_b).mean()),
+           "p_value": mcnemar_exact(total["only_a"], total["only_b"]), "alpha": ALPHA, "per_class": per_class}
+    if groups is not None:
+        idx, attrs = groups
+        out["by_attribute"] = {
+            attr: {"not_recorded": int((values == "").sum()),
+                   "groups": _subsets(ok_a, ok_b, "group", [(g, idx[values == g]) for g in sorted(set(values) - {""})])}
+            for attr, values in attrs.items()}
+    return out
 
 
 def check_same_classes(run_a: Path, classes_a: list[str], run_b: Path, classes_b: list[str]) -> None:
@@ -100,9 +114,11 @@ def check_same_classes(run_a: Path, classes_a: list[str], run_b: Path, classes_b
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, ds: Dataset, tta: str | None = None, device: str = "auto",
-                 n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+                 n_boot: int = 1000, seed: int = 0, groups_csv: str | Path | None = None) -> dict[str, Any]:
     """Compare two run folders on ``ds``'s test images (see :func:`compare_predictions`), each
-    with its own test-time augmentation unless ``tta`` names one for both."""
+    with its own test-time augmentation unless ``tta`` names one for both; ``groups_csv`` is a
+    groups file as ``cifarlab audit --groups`` reads it."""
+    groups = read_groups(groups_csv, ds) if groups_csv is not None else None  # a bad file fails before any model runs
     models = [load_model(r, device, tta) for r in (run_a, run_b)]
     check_same_classes(models[0].run, models[0].classes, models[1].run, models[1].classes)
     for name, m in zip("AB", models):
@@ -111,7 +127,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, ds: Dataset, tta: str | N
         except CifarlabError as e:
             raise CifarlabError(f"run {name} ('{m.run}'): {e}") from None
     pred_a, pred_b = (predict_dataset(m, ds.x_test).argmax(1) for m in models)
-    result = compare_predictions(ds.y_test, pred_a, pred_b, ds.classes, n_boot, seed)
+    result = compare_predictions(ds.y_test, pred_a, pred_b, ds.classes, n_boot, seed, groups)
     result.update({"a": {"run": str(models[0].run), "model": models[0].arch["model"], "tta": models[0].tta},
                    "b": {"run": str(models[1].run), "model": models[1].arch["model"], "tta": models[1].tta},
                    "data": ds.source})
@@ -202,13 +218,23 @@ def format_comparison(c: dict[str, Any]) -> str:
              f"{c['bootstrap']} resamples)",
              f"On {c['images']:,} test images of {c['data']}: both right {c['both_right']:,}, only A {c['only_a']:,}, "
              f"only B {c['only_b']:,}, both wrong {c['both_wrong']:,}; same prediction on {c['agreement']:.1%}",
-             f"McNemar's exact test: p = {p:.3g}; {verdict}",
-             f"{'class':<16}{'A':>8}{'B':>8}{'B - A':>9}{'only A':>8}{'only B':>8}{'p (Holm)':>10}"]
-    for r in c["per_class"]:
-        mark = " *" if r["p_value_holm"] < c["alpha"] else ""
-        lines.append(f"{r['class']:<16}{r['accuracy_a']:>8.4f}{r['accuracy_b']:>8.4f}{pct(r['difference']):>9}"
-                     f"{r['only_a']:>8}{r['only_b']:>8}{r['p_value_holm']:>10.3g}{mark}")
-    lines.append(f"* differs at the {c['alpha']:g} level after Holm's correction over the classes. These are two "
-                 "trained models on one test set; seeds alone move accuracy, so to compare recipes, train each "
-                 "with --runs N and compare the summaries.")
+             f"McNemar's exact test: p = {p:.3g}; {verdict}"]
+
+    def table(key: str, rows: list[dict]) -> None:
+        width = max([16, *(len(str(r[key])) + 2 for r in rows)])
+        lines.append(f"{key:<{width}}{'images':>8}{'A':>8}{'B':>8}{'B - A':>9}{'only A':>8}{'only B':>8}"
+                     f"{'p (Holm)':>10}")
+        for r in rows:
+            mark = " *" if r["p_value_holm"] < c["alpha"] else ""
+            lines.append(f"{r[key]:<{width}}{r['support']:>8}{r['accuracy_a']:>8.4f}{r['accuracy_b']:>8.4f}"
+                         f"{pct(r['difference']):>9}{r['only_a']:>8}{r['only_b']:>8}{r['p_value_holm']:>10.3g}{mark}")
+
+    table("class", c["per_class"])
+    for attr, a in c.get("by_attribute", {}).items():
+        lines.append(f"Attribute '{attr}'" + (f" (not recorded for {images_phrase(a['not_recorded'])}, left out)"
+                                              if a["not_recorded"] else "") + ":")
+        table("group", a["groups"])
+    lines.append(f"* differs at the {c['alpha']:g} level after Holm's correction over the classes (over the groups "
+                 "of each attribute). These are two trained models on one test set; seeds alone move accuracy, so "
+                 "to compare recipes, train each with --runs N and compare the two folders.")
     return "\n".join(lines)

@@ -346,9 +346,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     sets = [is_runs_folder(r) for r in (args.run_a, args.run_b)]
     if all(sets):  # two recipes, several seeds each: their summaries, no data needed
-        given = [f"--{k.replace('_', '-')}" for k in ("data", "dataset", "subset", "allow_unverified", "skip_bad_images",
-                                                    "label_mode", "groups", "bootstrap", "tta", "device")
-                 if getattr(args, k) not in (None, False)]
+        used = ("data", "dataset", "subset", "allow_unverified", "skip_bad_images", "label_mode", "groups", "bootstrap",
+                "tta", "device")
+        given = [f"--{k.replace('_', '-')}" for k in used if getattr(args, k) not in (None, False)]
         if given:
             raise ConfigError(f"{', '.join(given)}: two --runs folders are compared from their summaries, with no "
                               "data and no model run; leave these out, or compare two single runs (RUN/run-K)")

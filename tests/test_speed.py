@@ -91,7 +91,7 @@ def test_speed_recipes_train_on_cpu(tmp_path, recipe, monkeypatch):
     assert arch["preprocessing"]["mean"] is not None  # normalised by the training images' statistics
 
 
-def test_runs_report_statistics(tmp_path, image_folder):
+def test_runs_report_statistics(tmp_path, image_folder, capsys):
     cfg = resolve_config(overrides={"data": {"data": str(image_folder), "val_split": 0.25},
                                     "model": {"name": "keras-shallow"},
                                     "train": {"epochs": 1, "batch_size": 8, "runs": 3, "out": str(tmp_path / "r"),
@@ -110,6 +110,14 @@ def test_runs_report_statistics(tmp_path, image_folder):
     with pytest.raises(CifarlabError, match=r"holds 3 runs of 'cifarlab train --runs' \(run-0, run-1, run-2\); "
                                             r"give one of them, for example '.*run-0'"):
         load_model(tmp_path / "r")
+    from cifarlab.cli import main
+
+    assert main(["evaluate", str(tmp_path / "r"), "--json"]) == 0  # each run, then the spread over them
+    ev = json.loads(capsys.readouterr().out)
+    assert [r["accuracy"] for r in ev["per_run"]] == pytest.approx(accs) and ev["runs"] == 3
+    assert ev["accuracy"]["mean"] == pytest.approx(saved["test_accuracy"]["mean"])
+    assert all((tmp_path / "r" / f"run-{k}" / "eval" / "metrics.json").is_file() for k in range(3))
+    assert json.loads((tmp_path / "r" / "eval_summary.json").read_text()) == ev
     lines: list[str] = []  # resuming finished runs trains nothing and summarises them again
     assert fit(resume=tmp_path / "r", log=lines.append)["test_accuracy"] == s["test_accuracy"]
     assert sum("finished, test accuracy" in x for x in lines) == 3 and not any("Epoch" in x for x in lines)

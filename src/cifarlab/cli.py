@@ -126,10 +126,12 @@ def _parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="test a trained run: loss, accuracy, per-class metrics, plots")
-    e.add_argument("run", help="run folder written by 'cifarlab train'")
+    e.add_argument("run", help="run folder written by 'cifarlab train' (the folder of --runs N: each run, and "
+                               "mean, std, min and max over them)")
     _add_data_args(e)
     _add_tta_arg(e)
-    e.add_argument("--out", help="folder for the report files (default RUN/eval)")
+    e.add_argument("--out", help="folder for the report files (default RUN/eval; for a --runs folder, OUT/run-K "
+                                 "and OUT/eval_summary.json)")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=cmd_evaluate)
@@ -285,9 +287,11 @@ def _load_eval_data(args: argparse.Namespace, run: Path):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``cifarlab evaluate``."""
     from .evaluate import evaluate_run
-    from .export import read_run
+    from .export import read_run, runs_of
     from .fsutil import json_text
 
+    if runs_of(args.run) and not (Path(args.run) / "architecture.json").is_file():
+        return _evaluate_runs(args)
     run, _ = read_run(args.run)
     ds = _load_eval_data(args, run)
     out = Path(args.out) if args.out else run / "eval"
@@ -311,6 +315,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"Most confused: {pairs}")
         print(f"Test-time augmentation: {report['tta']}")
         print(f"Report files in {out}")
+    return 0
+
+
+def _evaluate_runs(args: argparse.Namespace) -> int:
+    """``cifarlab evaluate`` of a ``--runs N`` folder: each run, then the spread over them."""
+    from .evaluate import evaluate_runs
+    from .fsutil import json_text
+
+    base = Path(args.run)
+    ds = _load_eval_data(args, base)
+    summary = evaluate_runs(base, ds, Path(args.out) if args.out else None, tta=args.tta, device=args.device)
+    if args.json:
+        print(json_text(summary))
+        return 0
+    for r in summary["per_run"]:
+        print(f"{r['run']}: Test score {r['loss']:.4f}, Test accuracy {r['accuracy']:.4f}")
+    a, lo = summary["accuracy"], summary["loss"]
+    print(f"{summary['runs']} runs (test-time augmentation {', '.join(summary['tta'])}): test accuracy mean "
+          f"{a['mean']:.4f} (std {a['std']:.4f}, min {a['min']:.4f}, max {a['max']:.4f}); test score mean "
+          f"{lo['mean']:.4f} (min {lo['min']:.4f}, max {lo['max']:.4f})")
+    print(f"Report files in each run's {'folder under ' + args.out if args.out else 'eval folder'}; summary in "
+          f"{Path(args.out or base) / 'eval_summary.json'}")
     return 0
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from .audit import check_bootstrap, images_phrase, read_groups
 from .data import Dataset
 from .errors import CifarlabError
-from .evaluate import _check_compatible, predict_dataset
+from .evaluate import _check_compatible, describe, predict_dataset
 from .export import load_model
 
 ALPHA = 0.05  # the level at which a difference is called one
@@ -175,11 +175,11 @@ def compare_run_sets(folder_a: str | Path, folder_b: str | Path) -> dict[str, An
             p = float(ttest_ind(b["accuracies"], a["accuracies"], equal_var=False).pvalue)
     out = {"a": a, "b": b, "same_data": a["data"] == b["data"], "alpha": ALPHA, "p_value": p}
     for side in (a, b):
-        acc, t = np.array(side["accuracies"]), np.array(side["times"])
-        side.update(runs=len(acc), accuracy_mean=float(acc.mean()), accuracy_std=float(acc.std(ddof=1)),
-                    accuracy_min=float(acc.min()), accuracy_max=float(acc.max()), time_mean=float(t.mean()))
-    out["difference"] = b["accuracy_mean"] - a["accuracy_mean"]
-    out["time_ratio"] = b["time_mean"] / a["time_mean"] if a["time_mean"] > 0 else None
+        side.update(runs=len(side["accuracies"]), test_accuracy=describe(side["accuracies"]),
+                    train_time_s=describe(side["times"]))
+    out["difference"] = b["test_accuracy"]["mean"] - a["test_accuracy"]["mean"]
+    ta, tb = a["train_time_s"]["mean"], b["train_time_s"]["mean"]
+    out["time_ratio"] = tb / ta if ta > 0 else None
     return out
 
 
@@ -188,9 +188,10 @@ def format_run_sets(c: dict[str, Any]) -> str:
     lines = []
     for name in "AB":
         s = c[name.lower()]
+        acc = s["test_accuracy"]
         lines.append(f"{name}: {s['folder']} ({s['recipe']}, {s['model']}): {s['runs']} runs, test accuracy mean "
-                     f"{s['accuracy_mean']:.4f} (std {s['accuracy_std']:.4f}, min {s['accuracy_min']:.4f}, "
-                     f"max {s['accuracy_max']:.4f}); training time mean {s['time_mean']:.2f} s")
+                     f"{acc['mean']:.4f} (std {acc['std']:.4f}, min {acc['min']:.4f}, max {acc['max']:.4f}); "
+                     f"training time mean {s['train_time_s']['mean']:.2f} s")
     verdict = (f"{'B' if c['difference'] > 0 else 'A'} is the more accurate recipe on this data (p < {c['alpha']:g})"
                if c["p_value"] < c["alpha"] else f"no difference at the {c['alpha']:g} level across these runs")
     ratio = f"; B's training time is {c['time_ratio']:.2f} times A's" if c["time_ratio"] is not None else ""

@@ -92,6 +92,32 @@ def evaluate_run(run: Path, ds: Dataset, out: Path, tta: str | None = None, devi
     return write_report(pred, ds, predict_dataset(pred, ds.x_test), out, n_worst)
 
 
+def describe(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (0 for one value), min and max: how runs on several seeds
+    are reported, since one run proves little at this scale."""
+    import statistics
+
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def evaluate_runs(base: Path, ds: Dataset, out: Path | None = None, tta: str | None = None,
+                  device: str = "auto") -> dict[str, Any]:
+    """Evaluate every run of the ``--runs N`` folder ``base`` (see :func:`evaluate_run`), each
+    report into ``RUN/eval`` (or ``out/run-K``), and summarise the test loss and accuracy over
+    the runs in ``eval_summary.json`` (in ``out``, by default ``base``)."""
+    from .export import runs_of
+
+    runs = runs_of(base)
+    reports = [evaluate_run(r, ds, (out / r.name) if out else r / "eval", tta, device) for r in runs]
+    summary = {"runs": len(runs), "data": ds.source, "tta": sorted({r["tta"] for r in reports}),
+               "accuracy": describe([r["accuracy"] for r in reports]), "loss": describe([r["loss"] for r in reports]),
+               "per_run": [{"run": str(r), "accuracy": rep["accuracy"], "loss": rep["loss"]}
+                           for r, rep in zip(runs, reports)]}
+    write_json((out or base) / "eval_summary.json", summary)
+    return summary
+
+
 def write_report(pred: Predictor, ds: Dataset, probs: np.ndarray, out: Path, n_worst: int = 32) -> dict[str, Any]:
     """The metrics of ``pred``'s probabilities ``probs`` on ``ds``'s test split, written into
     ``out``: ``metrics.json``, ``per_class.csv``, ``confusion_matrix.csv``/``.png``,

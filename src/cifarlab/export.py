@@ -130,11 +130,17 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
+def runs_of(folder: str | Path, marker: str = "architecture.json") -> list[Path]:
+    """The ``run-K`` subfolders holding ``marker`` of ``folder``, the parent folder of
+    ``cifarlab train --runs N``, in K's order; empty for any other folder."""
+    runs = [p for p in Path(folder).glob("run-*") if (p / marker).is_file()]
+    return sorted(runs, key=lambda p: (len(p.name), p.name))  # run-2 before run-10
+
+
 def several_runs(folder: Path, marker: str) -> tuple[str, Path] | None:
     """Where ``folder`` is the parent folder of ``cifarlab train --runs N``, whose ``run-K``
     subfolders hold ``marker``: a phrase naming them and the first one's path; else None."""
-    runs = sorted((p.name for p in folder.glob("run-*") if (p / marker).is_file()),
-                  key=lambda name: (len(name), name))  # run-2 before run-10
+    runs = [p.name for p in runs_of(folder, marker)]
     if not runs:
         return None
     return (f"'{folder}' holds {len(runs)} runs of 'cifarlab train --runs' ({', '.join(runs[:5])}"

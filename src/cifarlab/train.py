@@ -26,6 +26,7 @@ from .augment import CropFlipCutout, KerasAugment, augmenter_from_config
 from .config import Config, load_run_config, save_config
 from .data import Dataset, balanced_subset, load_dataset, stratified_split, subset_note
 from .errors import CifarlabError
+from .evaluate import describe
 from .export import normalize, preprocess, save_architecture, save_weights, several_runs, tta_logits
 from .fsutil import new_run_folder, undo_on_failure, write_json, write_text
 from .models import create_model
@@ -790,8 +791,6 @@ def _train_runs(base: Path, cfg: Config, dataset: Dataset | None, log: Callable[
                 resume: bool) -> dict[str, Any]:
     """Train ``base/run-K`` for K < ``cfg.train.runs`` (with ``resume``, only those not finished,
     from their checkpoint where they have one), then summarise them into ``base/runs_summary.json``."""
-    import statistics
-
     n = cfg.train.runs
     results = []
     for k in range(n):
@@ -821,13 +820,9 @@ def _train_runs(base: Path, cfg: Config, dataset: Dataset | None, log: Callable[
                         "run": str(run)})
         source = m["data"]["source"]
 
-    def stats(key: str) -> dict[str, float]:
-        v = [r[key] for r in results]
-        return {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "min": min(v),
-                "max": max(v)}
-
     summary = {"runs": len(results), "recipe": cfg.recipe, "model": cfg.model.name, "data": source,
-               "test_accuracy": stats("test_accuracy"), "train_time_s": stats("train_time_s"), "per_run": results}
+               "test_accuracy": describe([r["test_accuracy"] for r in results]),
+               "train_time_s": describe([r["train_time_s"] for r in results]), "per_run": results}
     write_json(base / "runs_summary.json", summary)
     a, t = summary["test_accuracy"], summary["train_time_s"]
     log(f"{len(results)} runs: test accuracy mean {a['mean']:.4f} (std {a['std']:.4f}, min {a['min']:.4f}, "

@@ -38,7 +38,8 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
 
 
 def holm(pvalues: list[float]) -> list[float]:
-    """Holm's step-down adjustment of ``pvalues`` (family-wise error), in their order."""
+    """Holm's step-down adjustment of ``pvalues`` (family-wise error), in their order. (scipy
+    adjusts only for the false discovery rate; statsmodels would be a dependency for this alone.)"""
     m = len(pvalues)
     adjusted = [0.0] * m
     running = 0.0

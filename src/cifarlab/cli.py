@@ -68,16 +68,8 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-def _parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    p = argparse.ArgumentParser(prog="cifarlab", description="Train, evaluate, augment, save and audit "
-                                "small-image classifiers (CIFAR-10, CIFAR-100, your own image folders).",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument("--version", action="version", version=f"cifarlab {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    """``cifarlab train``'s options."""
     t = sub.add_parser("train", help="train a model; writes a run folder",
                        description="Train a model. Values come from the recipe, then --config, then flags.")
     t.add_argument("--config", help="YAML or TOML file with sections data/model/optim/augment/train")
@@ -125,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
                    "(or shorter)")
     t.set_defaults(func=cmd_train)
 
+
+def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    """``cifarlab evaluate``'s options."""
     e = sub.add_parser("evaluate", help="test a trained run: loss, accuracy, per-class metrics, plots")
     e.add_argument("run", help="run folder written by 'cifarlab train' (the folder of --runs N: each run, and "
                                "mean, std, min and max over them)")
@@ -136,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.set_defaults(func=cmd_evaluate)
 
+
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    """``cifarlab predict``'s options."""
     pr = sub.add_parser("predict", help="classify image files")
     pr.add_argument("run")
     pr.add_argument("images", nargs="+", help="image files or folders")
@@ -147,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="cpu")
     pr.set_defaults(func=cmd_predict)
 
+
+def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
+    """``cifarlab audit``'s options."""
     a = sub.add_parser("audit", help="disaggregated evaluation and a model card")
     a.add_argument("run")
     _add_data_args(a)
@@ -159,6 +160,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default="auto")
     a.set_defaults(func=cmd_audit)
 
+
+def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
+    """``cifarlab compare``'s options."""
     m = sub.add_parser("compare", help="are two runs' accuracies really different? a paired test on the same images",
                        description="Compare two runs on the same test images, image by image: their accuracies, "
                                    "B minus A with a paired bootstrap 95% interval, McNemar's exact test, and the "
@@ -175,6 +179,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--device", help="where the models run (default auto)")
     m.set_defaults(func=cmd_compare)
 
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    """``cifarlab export``'s options."""
     x = sub.add_parser("export", help="write a run as one ONNX file (uint8 images in, probabilities out), or its "
                                       "weights for Keras",
                        description="Export a run as an ONNX file that runs without PyTorch or cifarlab: uint8 "
@@ -192,6 +199,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="do not compare the file's outputs with PyTorch's (done when onnxruntime is installed)")
     x.set_defaults(func=cmd_export)
 
+
+def _add_import_parser(sub: argparse._SubParsersAction) -> None:
+    """``cifarlab import``'s options."""
     k = sub.add_parser("import", help="make a run folder of a model the Keras notebook trained and saved",
                        description="Import the notebook's Keras model (keras-shallow or keras-deep) as a run folder, "
                                    "so evaluate, predict, audit and export work on it. FILE is what save_weights "
@@ -207,6 +217,9 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--overwrite", action="store_true")
     k.set_defaults(func=cmd_import)
 
+
+def _add_augment_parser(sub: argparse._SubParsersAction) -> None:
+    """``cifarlab augment``'s options."""
     g = sub.add_parser("augment", help="write augmented copies of images, previews and a grid")
     _add_data_args(g)
     g.add_argument("--config", help="YAML/TOML file whose 'augment' section sets the options")
@@ -223,14 +236,34 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true")
     g.set_defaults(func=cmd_augment)
 
+
+def _add_summary_parser(sub: argparse._SubParsersAction) -> None:
+    """``cifarlab summary``'s options."""
     s = sub.add_parser("summary", help="print a Keras-style table of a model's layers")
     s.add_argument("--model", required=True)
     s.add_argument("--num-classes", type=int, default=10)
     s.add_argument("--input", default="32,32,3", help="H,W,C (default 32,32,3)")
     s.set_defaults(func=cmd_summary)
 
+
+def _add_list_parser(sub: argparse._SubParsersAction) -> None:
+    """``cifarlab list``'s options."""
     ls = sub.add_parser("list", help="list models, recipes and augmentation presets")
     ls.set_defaults(func=cmd_list)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="cifarlab", description="Train, evaluate, augment, save and audit "
+                                "small-image classifiers (CIFAR-10, CIFAR-100, your own image folders).",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--version", action="version", version=f"cifarlab {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add in (_add_train_parser, _add_evaluate_parser, _add_predict_parser, _add_audit_parser, _add_compare_parser,
+                _add_export_parser, _add_import_parser, _add_augment_parser, _add_summary_parser, _add_list_parser):
+        add(sub)  # in the order --help lists the commands
     return p
 
 
@@ -344,8 +377,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """``cifarlab predict``: failures are reported per file; the exit code is 1 if any failed."""
     from .predict import predict_files
 
-    return predict_files(args.run, args.images, top=args.top, fmt="json" if args.json else "csv" if args.csv else "table",
-                         device=args.device, tta=args.tta)
+    fmt = "json" if args.json else "csv" if args.csv else "table"
+    return predict_files(args.run, args.images, top=args.top, fmt=fmt, device=args.device, tta=args.tta)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

@@ -443,7 +443,7 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, epochs: 
         raise CifarlabError("epochs= is for resuming a run; set cfg.train.epochs for a new one")
     if resume is None and cfg is not None and cfg.train.runs > 1:
         return fit_runs(cfg, dataset=dataset, log=log)
-    ckpt = None
+    run, ckpt = None, None
     if resume is not None:
         run = Path(resume)
         if not (run / "config.yaml").is_file():
@@ -459,16 +459,23 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, epochs: 
             save_config(cfg, run / "config.yaml")
             log(f"{run}: epochs {old_epochs} -> {epochs} (config.yaml updated)")
     assert cfg is not None
+    return _train_one(cfg, run, ckpt, dataset, log)
+
+
+def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Dataset | None,
+               log: Callable[[str], None]) -> dict[str, Any]:
+    """One run of :func:`fit`: into a new folder, or continuing ``run`` from ``ckpt``."""
+    new = run is None
     device = runtime.setup(cfg.train.device, cfg.train.threads, cfg.train.deterministic)
     runtime.check_device_options(device, cfg.train.precision, cfg.train.cuda_graph)  # fail before the data load
     if note := runtime.slow_bf16_note(device, cfg.train.precision):
         log(note)
     runtime.seed_everything(cfg.train.seed)
     before = "used"  # a resumed run's folder is never removed
-    if resume is None:
+    if new:
         run, before = _new_run_dir(cfg)
     with undo_on_failure(run, before):
-        if resume is None:
+        if new:
             save_config(cfg, run / "config.yaml")
         ds = _load_data(cfg, dataset, log)
         if cfg.data.subset and (note := subset_note(cfg.data.subset, len(ds.y_train),
@@ -509,6 +516,12 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, epochs: 
         raise CifarlabError(f"the GPU ran out of memory with batch size {bs}; try a smaller one, for example "
                             f"--batch-size {max(1, bs // 2)}{also}") from None
 
+    return _finish(cfg, run, ds, arrays, st, loop, device, log)
+
+
+def _finish(cfg: Config, run: Path, ds: Dataset, arrays: Arrays, st: _Setup, loop: _Loop, device: torch.device,
+            log: Callable[[str], None]) -> dict[str, Any]:
+    """After the last epoch: the final weights, the history, and the test figures."""
     if st.lookahead is not None:
         st.lookahead.update(st.model, 1.0)  # end on the slow weights, as airbench does
     save_weights(run / "weights.safetensors", st.model)

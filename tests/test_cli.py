@@ -58,7 +58,8 @@ def test_summary(capsys):
     (["augment", "--preview-dir", "p", "--save-prefix", "../x"], "--save-prefix '../x' is not valid: it starts"),
     (["audit", "/no/run", "--min-group", "0"], "--min-group 0 is not valid"),
 ])
-def test_errors_are_one_paragraph_without_traceback(capsys, args, msg):
+def test_errors_are_one_paragraph_without_traceback(capsys, args, msg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a train without --out makes runs/ in the working folder
     code, out, err = run(capsys, *args)
     assert code == 2
     assert msg in err and "Traceback" not in err
@@ -81,7 +82,8 @@ def test_unknown_option_gives_its_commands_usage_and_the_closest_option(capsys, 
     assert err.startswith(usage) and msg in err
 
 
-def test_download_offline_message(capsys):
+def test_download_offline_message(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a train without --out makes runs/ in the working folder
     code, _, err = run(capsys, "train", "--epochs", "1")
     assert code == 2 and "could not download http://127.0.0.1:9/cifar-10-python.tar.gz" in err
     assert "--data" in err and "Traceback" not in err

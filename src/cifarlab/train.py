@@ -27,7 +27,7 @@ from .config import Config, load_run_config, save_config
 from .data import Dataset, balanced_subset, load_dataset, stratified_split, subset_note
 from .errors import CifarlabError
 from .evaluate import describe
-from .export import normalize, preprocess, save_architecture, save_weights, several_runs, tta_logits
+from .export import normalize, preprocess, save_architecture, save_weights, tta_logits
 from .fsutil import new_run_folder, undo_on_failure, write_json, write_text
 from .models import create_model
 from .optim import build_optimizer, param_groups
@@ -260,9 +260,6 @@ def _save_checkpoint(run: Path, state: dict) -> None:
 def _load_checkpoint(run: Path) -> dict:
     path = run / CHECKPOINT
     if not path.is_file():
-        several = several_runs(run, CHECKPOINT)
-        if several:
-            raise CifarlabError(f"{several[0]}; resume one of them, for example --resume {several[1]}")
         raise CifarlabError(f"'{run}' has no {CHECKPOINT} to resume from; it was not written by "
                             "'cifarlab train' or finished and was cleaned up")
     try:

@@ -49,9 +49,8 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[list
         for h in hooks:
             h.remove()
         model.train(was_training)
-    softmax = _KERAS_NAMES["ReLU"]
-    rows.append((f"{_snake_case(softmax)}_{counts.get(softmax, 0) + 1} ({softmax})",
-                 str((None, *logits.shape[1:])), 0))
+    kind = "Activation"  # Activation('softmax'), numbered after the ReLU Activation layers as Keras numbers it
+    rows.append((f"{_snake_case(kind)}_{counts.get(kind, 0) + 1} ({kind})", str((None, *logits.shape[1:])), 0))
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return rows, total, trainable

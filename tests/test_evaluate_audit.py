@@ -249,3 +249,66 @@ def test_evaluation_data_with_other_classes_is_refused_naming_them(data_classes,
     with pytest.raises(CifarlabError) as e:
         _check_compatible(pred, ds)
     assert msg in str(e.value)
+
+
+def test_audit_of_a_runs_folder_summarises_each_class_and_group_over_the_runs(image_folder, tmp_path, capsys):
+    from conftest import make_image_folder, tiny_config
+
+    from cifarlab.cli import main
+    from cifarlab.train import fit
+
+    out = tmp_path / "r"
+    fit(tiny_config(str(image_folder), str(out), runs=3), log=lambda s: None)
+    # Test images of cat and dog in each other's colours: the models get them wrong, so flags occur.
+    swapped = make_image_folder(tmp_path / "swapped", classes=("dog", "cat", "frog"))
+    ds = load_dataset(swapped)
+    groups = tmp_path / "groups.csv"
+    groups.write_text("path,source\n" + "".join(f"{p},{'b' if i < 3 else 'a'}\n" for i, p in enumerate(ds.test_paths)))  # b: the cats
+    assert main(["audit", str(out), "--data", str(swapped), "--groups", str(groups), "--bootstrap", "100",
+                 "--min-group", "1"]) == 0
+    printed = capsys.readouterr().out
+    s = json.loads((out / "audit_summary.json").read_text())
+    runs = [json.loads((out / f"run-{k}" / "audit" / "audit.json").read_text()) for k in range(3)]
+    assert s["runs"] == 3 and all((out / f"run-{k}" / "audit" / "MODEL_CARD.md").is_file() for k in range(3))
+    assert [r["overall_accuracy"] for r in s["per_run"]] == [r["overall_accuracy"] for r in runs]
+    for i, c in enumerate(s["classes"]["per_class"]):
+        accs = [r["classes"]["per_class"][i]["accuracy"] for r in runs]
+        assert c["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+        assert (c["accuracy"]["min"], c["accuracy"]["max"]) == (min(accs), max(accs))
+        assert c["flagged_in"] == sum(r["classes"]["per_class"][i]["flagged"] for r in runs)
+        if c["flagged_in"]:
+            assert f"class '{c['class']}' was more than 0.05 below the overall accuracy in {c['flagged_in']} of 3 " \
+                   f"runs" in printed
+    for j, g in enumerate(s["attributes"]["source"]["groups"]):
+        accs = [r["attributes"]["source"]["groups"][j]["accuracy"] for r in runs]
+        assert g["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+        assert g["flagged_in"] == sum(r["attributes"]["source"]["groups"][j]["flagged"] for r in runs)
+    gap = s["attributes"]["source"]["gap"]
+    assert gap["difference"]["max"] == max(r["attributes"]["source"]["gap"]["difference"] for r in runs)
+    assert sum(gap["lowest"].values()) == 3 and sum(s["classes"]["spread"]["worst"].values()) == 3
+    assert sum(r["flagged_in"] for r in s["classes"]["per_class"]) > 0  # the checks above met a flag
+    assert "source=b: more than 0.05 below the overall accuracy in 3 of 3 runs" in printed
+    assert "3 runs: overall accuracy mean" in printed
+    assert "[its audit](run-2/audit/audit.md)" in (out / "audit_summary.md").read_text()
+    # --out: each run's report under OUT/run-K, the summary in OUT, its links relative to it
+    assert main(["audit", str(out), "--data", str(swapped), "--bootstrap", "100", "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "run-1" / "audit.md").is_file() and "attributes" not in json.loads(
+        (tmp_path / "a" / "audit_summary.json").read_text())
+    assert "[its audit](run-1/audit.md)" in (tmp_path / "a" / "audit_summary.md").read_text()
+
+
+def test_summary_of_audits_leaves_a_class_absent_from_the_test_data_undefined():
+    from cifarlab.audit import _audit_runs_markdown, summarise_audits
+
+    def audit(acc_a: float, flagged: bool) -> dict:
+        rows = [{"class": "a", "support": 5, "accuracy": acc_a, "flagged": flagged},
+                {"class": "b", "support": 0, "accuracy": float("nan"), "flagged": False}]
+        return {"data": "d", "tta": "none", "margin": 0.05, "bootstrap_resamples": 100, "overall_accuracy": acc_a,
+                "warnings": [], "classes": {"per_class": rows, "spread": {
+                    "best": "a", "worst": "a", "difference": 0.0, "difference_ci": [0.0, 0.0]}}}
+
+    s = summarise_audits([audit(0.5, True), audit(0.7, False)], ["r0", "r1"])
+    a, b = s["classes"]["per_class"]
+    assert a["accuracy"]["mean"] == pytest.approx(0.6) and a["flagged_in"] == 1 and b["accuracy"] is None
+    assert s["warnings"] == ["class 'a' was more than 0.05 below the overall accuracy in 1 of 2 runs"]
+    assert "| b | 0 | n/a | n/a | n/a | n/a | 0 of 2 |" in _audit_runs_markdown(s)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from datetime import date
 from pathlib import Path
 from typing import Any, Callable
@@ -280,6 +281,150 @@ def run_audit(run: Path, ds: Dataset, out: Path, groups_csv: str | None = None, 
         f"(95% CI {sp['difference_ci'][0]:.4f} to {sp['difference_ci'][1]:.4f})")
     log(f"wrote {out / 'audit.md'} and {out / 'MODEL_CARD.md'}")
     return audit
+
+
+def audit_runs(base: Path, ds: Dataset, out: Path | None = None, groups_csv: str | None = None, margin: float = 0.05,
+               min_group: int = 30, n_boot: int = 1000, seed: int = 0, tta: str | None = None,
+               device: str = "auto", log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Audit every run of the ``--runs N`` folder ``base`` (see :func:`run_audit`: each run's
+    report and model card in ``RUN/audit``, or ``out/run-K``), then summarise over the runs: each
+    class's and group's accuracy as mean, std, min and max, in how many runs it was flagged, and
+    the largest gaps. A gap that one run shows may be its seed's; one that every run shows is the
+    recipe's. Writes ``audit_summary.json`` and ``audit_summary.md`` into ``out`` (default ``base``)."""
+    from .export import runs_of
+
+    check_options(margin, min_group, n_boot)
+    runs = runs_of(base)
+    if not runs:
+        raise CifarlabError(f"'{base}' holds no finished runs of 'cifarlab train --runs' (run-K folders with "
+                            "architecture.json)")
+    audits, reports = [], []
+    for r in runs:
+        folder = (out / r.name) if out else r / "audit"
+        reports.append(folder / "audit.md")
+        a = run_audit(r, ds, folder, groups_csv, margin, min_group, n_boot, seed, tta, device,
+                      log=lambda _: None)  # its warnings are in its audit.md; the summary gathers them
+        sp = a["classes"]["spread"]
+        log(f"{r.name}: overall accuracy {a['overall_accuracy']:.4f}; worst class {sp['worst']}, gap "
+            f"{sp['difference']:.4f}; {len(a['warnings'])} warning(s); report in {folder / 'audit.md'}")
+        audits.append(a)
+    summary = summarise_audits(audits, [str(r) for r in runs])
+    dest = out or base
+    for row, report in zip(summary["per_run"], reports):
+        row["report"] = os.path.relpath(report, dest)  # from the summary's folder, so its links work
+    write_json(dest / "audit_summary.json", summary)
+    write_text(dest / "audit_summary.md", _audit_runs_markdown(summary))
+    return summary
+
+
+def _spread(values: list[float | None]) -> dict[str, float] | None:
+    """Mean, std, min and max of the defined values (a class absent from the test data has no
+    accuracy); None where no value is defined."""
+    from .evaluate import describe
+
+    defined = [v for v in values if v is not None and math.isfinite(v)]
+    return describe(defined) if defined else None
+
+
+def summarise_audits(audits: list[dict[str, Any]], runs: list[str]) -> dict[str, Any]:
+    """The spread over several runs' audits (as :func:`run_audit` returns them, on the same test
+    images and groups file): per class and per group, accuracy as mean/std/min/max and the number
+    of runs in which it was flagged; per attribute, the largest gap's spread and the number of runs
+    whose gap interval excluded zero; and which class was the worst in how many runs."""
+    from collections import Counter
+
+    n = len(audits)
+    first = audits[0]
+    classes = [r["class"] for r in first["classes"]["per_class"]]
+    per_class = []
+    for i, c in enumerate(classes):
+        rows = [a["classes"]["per_class"][i] for a in audits]
+        per_class.append({"class": c, "support": rows[0]["support"], "accuracy": _spread([r["accuracy"] for r in rows]),
+                          "flagged_in": sum(r["flagged"] for r in rows)})
+    spreads = [a["classes"]["spread"] for a in audits]
+    summary: dict[str, Any] = {
+        "runs": n, "data": first["data"], "tta": sorted({a["tta"] for a in audits}), "margin": first["margin"],
+        "bootstrap_resamples": first["bootstrap_resamples"],
+        "overall_accuracy": _spread([a["overall_accuracy"] for a in audits]),
+        "classes": {"per_class": per_class,
+                    "spread": {"difference": _spread([s["difference"] for s in spreads]),
+                               "worst": dict(Counter(s["worst"] for s in spreads).most_common()),
+                               "best": dict(Counter(s["best"] for s in spreads).most_common()),
+                               "interval_excludes_zero_in": sum(s["difference_ci"][0] > 0 for s in spreads)}},
+        "per_run": [{"run": r, "overall_accuracy": a["overall_accuracy"], "warnings": len(a["warnings"])}
+                    for r, a in zip(runs, audits)],
+        "warnings": [],
+    }
+    for r in per_class:
+        if r["flagged_in"]:
+            summary["warnings"].append(f"class '{r['class']}' was more than {first['margin']:.2f} below the overall "
+                                       f"accuracy in {r['flagged_in']} of {n} runs")
+    if "attributes" in first:
+        summary["groups_file"] = first["groups_file"]
+        summary["attributes"] = {}
+        for name, gm in first["attributes"].items():
+            per_run = [a["attributes"][name] for a in audits]
+            groups = []
+            for j, g in enumerate(gm["groups"]):
+                rows = [p["groups"][j] for p in per_run]
+                groups.append({"group": g["group"], "n": g["n"], "too_small": g["too_small"],
+                               "accuracy": _spread([x["accuracy"] for x in rows]),
+                               "flagged_in": sum(x["flagged"] for x in rows)})
+                if groups[-1]["flagged_in"] and not g["too_small"]:
+                    summary["warnings"].append(f"{name}={g['group']}: more than {first['margin']:.2f} below the "
+                                               f"overall accuracy in {groups[-1]['flagged_in']} of {n} runs")
+            gaps = [p["gap"] for p in per_run if p["gap"] is not None]
+            gap = None
+            if gaps:
+                gap = {"difference": _spread([x["difference"] for x in gaps]),
+                       "highest": dict(Counter(x["highest"] for x in gaps).most_common()),
+                       "lowest": dict(Counter(x["lowest"] for x in gaps).most_common()),
+                       "interval_excludes_zero_in": sum(x["ci_excludes_zero"] for x in gaps)}
+                if gap["interval_excludes_zero_in"]:
+                    summary["warnings"].append(f"{name}: the largest gap's interval excluded zero in "
+                                               f"{gap['interval_excludes_zero_in']} of {n} runs")
+            summary["attributes"][name] = {"groups": groups, "gap": gap, "not_recorded": gm.get("not_recorded", 0)}
+    return summary
+
+
+def _fmt_spread(d: dict[str, float] | None) -> str:
+    """'mean (min to max)' of a spread, or n/a."""
+    return "n/a" if d is None else f"{d['mean']:.3f} ({d['min']:.3f} to {d['max']:.3f})"
+
+
+def _audit_runs_markdown(s: dict) -> str:
+    n = s["runs"]
+    lines = [f"# Audit of {n} runs", "", f"Data: `{s['data']}`; test-time augmentation: {', '.join(s['tta'])}. "
+             f"Overall accuracy {_fmt_spread(s['overall_accuracy'])}, as mean (min to max) over the runs. Each "
+             f"run's own audit, with its intervals and model card, is listed at the end.", "",
+             "| class | n | accuracy, mean | std | min | max | flagged in |", "|---|---|---|---|---|---|---|"]
+    for r in s["classes"]["per_class"]:
+        a = r["accuracy"]
+        cells = " | ".join(_fmt(a[k]) for k in ("mean", "std", "min", "max")) if a else "n/a | n/a | n/a | n/a"
+        lines.append(f"| {_cell(r['class'])} | {r['support']} | {cells} | {r['flagged_in']} of {n} |")
+    sp = s["classes"]["spread"]
+    lines += ["", f"Best-to-worst class gap: {_fmt_spread(sp['difference'])}; its interval excluded zero in "
+              f"{sp['interval_excludes_zero_in']} of {n} runs. Best class: "
+              + ", ".join(f"{_cell(c)} in {k} of {n}" for c, k in sp["best"].items()) + "; worst: "
+              + ", ".join(f"{_cell(c)} in {k} of {n}" for c, k in sp["worst"].items()) + ".", ""]
+    for name, gm in s.get("attributes", {}).items():
+        lines += [f"## Groups by `{name}`", "", "| group | n | accuracy, mean (min to max) | flagged in |",
+                  "|---|---|---|---|"]
+        for g in gm["groups"]:
+            flagged = "too small to judge" if g["too_small"] else f"{g['flagged_in']} of {n}"
+            lines.append(f"| {_cell(g['group'])} | {g['n']} | {_fmt_spread(g['accuracy'])} | {flagged} |")
+        ga = gm["gap"]
+        lines += ["", "Only one group: no gap to measure." if ga is None else
+                  f"Largest gap: {_fmt_spread(ga['difference'])}; its interval excluded zero in "
+                  f"{ga['interval_excludes_zero_in']} of {n} runs. Highest group: "
+                  + ", ".join(f"{_cell(g)} in {k} of {n}" for g, k in ga["highest"].items()) + "; lowest: "
+                  + ", ".join(f"{_cell(g)} in {k} of {n}" for g, k in ga["lowest"].items()) + ".", ""]
+    if s["warnings"]:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in s["warnings"]] + [""]
+    lines += ["## Each run", ""] + [f"- `{r['run']}`: overall accuracy {r['overall_accuracy']:.4f}, "
+                                    f"{r['warnings']} warning(s)" + (f"; [its audit]({r['report']})" if r.get("report") else "")
+                                    for r in s["per_run"]] + [""]
+    return "\n".join(lines)
 
 
 def _plot_class_accuracy(rows: list[dict], overall: float, path: Path) -> None:

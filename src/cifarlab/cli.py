@@ -149,14 +149,16 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
 def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
     """``cifarlab audit``'s options."""
     a = sub.add_parser("audit", help="disaggregated evaluation and a model card")
-    a.add_argument("run")
+    a.add_argument("run", help="run folder written by 'cifarlab train' (the folder of --runs N: each run, and each "
+                               "class's and group's accuracy as mean, std, min and max over them)")
     _add_data_args(a)
     a.add_argument("--groups", help="CSV: first column 'index' or 'path', other columns group attributes")
     a.add_argument("--margin", type=float, default=0.05, help="flag classes/groups this far below overall accuracy")
     a.add_argument("--min-group", type=int, default=30, help="groups smaller than this are too small to judge")
     a.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
     _add_tta_arg(a)
-    a.add_argument("--out", help="folder for the report (default RUN/audit)")
+    a.add_argument("--out", help="folder for the report (default RUN/audit; for a --runs folder, OUT/run-K and "
+                                 "OUT/audit_summary.json and .md)")
     a.add_argument("--device", default="auto")
     a.set_defaults(func=cmd_audit)
 
@@ -384,14 +386,43 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     """``cifarlab audit``."""
     from .audit import check_options, run_audit
-    from .export import read_run
+    from .export import read_run, runs_of
 
     check_options(args.margin, args.min_group, args.bootstrap)  # before the data is loaded
+    if runs_of(args.run) and not (Path(args.run) / "architecture.json").is_file():
+        return _audit_runs(args)
     run, _ = read_run(args.run)
     ds = _load_eval_data(args, run)
     out = Path(args.out) if args.out else run / "audit"
     run_audit(run, ds, out, groups_csv=args.groups, margin=args.margin, min_group=args.min_group,
               n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print)
+    return 0
+
+
+def _audit_runs(args: argparse.Namespace) -> int:
+    """``cifarlab audit`` of a ``--runs N`` folder: each run, then each class's and group's spread."""
+    from .audit import audit_runs
+
+    base = Path(args.run)
+    ds = _load_eval_data(args, base)
+    out = Path(args.out) if args.out else None
+    s = audit_runs(base, ds, out, groups_csv=args.groups, margin=args.margin, min_group=args.min_group,
+                   n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print)
+    n, acc = s["runs"], s["overall_accuracy"]
+    print(f"{n} runs: overall accuracy mean {acc['mean']:.4f} (min {acc['min']:.4f}, max {acc['max']:.4f})")
+    print(f"{'class':<16}{'mean':>8}{'min':>8}{'max':>8}  flagged in")
+    for r in s["classes"]["per_class"]:
+        a = r["accuracy"]
+        figures = "".join(f"{a[k]:>8.4f}" for k in ("mean", "min", "max")) if a else f"{'n/a':>24}"
+        print(f"{r['class']:<16}{figures}  {r['flagged_in']} of {n}")
+    sp = s["classes"]["spread"]
+    worst = ", ".join(f"{c} in {k} of {n}" for c, k in sp["worst"].items())
+    print(f"best-to-worst class gap mean {sp['difference']['mean']:.4f} (min {sp['difference']['min']:.4f}, max "
+          f"{sp['difference']['max']:.4f}); worst class: {worst}")
+    for w in s["warnings"]:
+        print(f"warning: {w}")
+    print(f"wrote {(out or base) / 'audit_summary.md'}; each run's report and model card in its "
+          f"{'folder under ' + args.out if args.out else 'audit folder'}")
     return 0
 
 

@@ -556,3 +556,14 @@ def test_default_run_folders_started_in_the_same_second_differ(tmp_path, monkeyp
     second, _ = train_mod._new_run_dir(cfg)
     third, _ = train_mod._new_run_dir(cfg)
     assert second.name.endswith("-2") and third.name.endswith("-3") and second.is_dir() and third.is_dir()
+
+
+def test_each_epoch_line_gives_that_epochs_training_time_as_keras_does(tmp_path, image_folder, monkeypatch):
+    from cifarlab import train as train_mod
+
+    monkeypatch.setattr(train_mod._Clock, "elapsed", lambda self: 10.0)  # every epoch trains 10 s
+    lines: list[str] = []
+    fit(tiny_config(str(image_folder), str(tmp_path / "r"), epochs=3), log=lines.append)
+    assert [x.split(" - ")[1] for x in lines if x.startswith("Epoch ")] == ["10.0s"] * 3
+    history = json.loads((tmp_path / "r" / "history.json").read_text())
+    assert [h["train_time_s"] for h in history] == [10.0, 20.0, 30.0]  # the running total stays in the history

@@ -659,7 +659,9 @@ class _Loop:
         if not math.isfinite(tr_loss):
             raise NonFiniteLoss(_nan_message(epoch, None, cfg))
         row = {"epoch": epoch + 1, "loss": tr_loss, "accuracy": tr_acc}
-        line = f"Epoch {epoch + 1}/{cfg.train.epochs} - {self.train_time:.1f}s - loss: {tr_loss:.4f} - " \
+        # The epoch's own training time, as Keras prints it; the history keeps the running total.
+        epoch_time = self.train_time - (self.history[-1]["train_time_s"] if self.history else 0.0)
+        line = f"Epoch {epoch + 1}/{cfg.train.epochs} - {epoch_time:.1f}s - loss: {tr_loss:.4f} - " \
                f"accuracy: {tr_acc:.4f}"
         if len(self.arrays.x_val):
             v_loss, v_acc, _ = evaluate_arrays(st.model, self.arrays.x_val, self.arrays.y_val, st.prep,

@@ -403,7 +403,7 @@ def test_epochs_prepared_ahead_train_and_resume_mid_epoch_exactly(tmp_path, monk
         assert a["layers.1.conv1.weight"].dtype == torch.bfloat16
 
 
-def test_runs_stopped_midway_resume_as_one_folder_and_train_longer(tmp_path, monkeypatch):
+def test_runs_stopped_midway_resume_as_one_folder_and_train_longer(tmp_path, monkeypatch, capsys):
     """--runs 3 stopped by SIGINT in the second epoch of its second run: --resume on the parent
     folder keeps run 1, finishes run 2 from its checkpoint and trains run 3, each bit for bit the
     run never stopped, and writes the summary. --epochs there trains every run on, as single runs."""
@@ -446,6 +446,12 @@ def test_runs_stopped_midway_resume_as_one_folder_and_train_longer(tmp_path, mon
     assert (cut / "run-0" / "metrics.json").is_file() and not (cut / "run-1" / "metrics.json").exists()
     assert not (cut / "run-2").exists() and not (cut / "runs_summary.json").exists()
     before = (cut / "run-0" / "metrics.json").read_bytes()
+    from cifarlab.cli import main
+
+    for command in ("evaluate", "audit"):  # the set is refused whole, before any data is read
+        assert main([command, str(cut), "--data", str(tmp_path / "absent")]) == 2
+        assert f"run-1 of '{cut}' did not finish; finish them with: cifarlab train --resume {cut}" in \
+            capsys.readouterr().err and not (cut / "run-0" / command).exists()
     lines: list[str] = []
     summary = fit(resume=cut, log=lines.append)
     assert any("run 1/3 (seed 0): finished" in x for x in lines) and any("resuming" in x for x in lines), lines

@@ -291,13 +291,10 @@ def audit_runs(base: Path, ds: Dataset, out: Path | None = None, groups_csv: str
     class's and group's accuracy as mean, std, min and max, in how many runs it was flagged, and
     the largest gaps. A gap that one run shows may be its seed's; one that every run shows is the
     recipe's. Writes ``audit_summary.json`` and ``audit_summary.md`` into ``out`` (default ``base``)."""
-    from .export import runs_of
+    from .export import finished_runs
 
     check_options(margin, min_group, n_boot)
-    runs = runs_of(base)
-    if not runs:
-        raise CifarlabError(f"'{base}' holds no finished runs of 'cifarlab train --runs' (run-K folders with "
-                            "architecture.json)")
+    runs = finished_runs(base)
     audits, reports = [], []
     for r in runs:
         folder = (out / r.name) if out else r / "audit"

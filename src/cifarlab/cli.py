@@ -356,9 +356,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _evaluate_runs(args: argparse.Namespace) -> int:
     """``cifarlab evaluate`` of a ``--runs N`` folder: each run, then the spread over them."""
     from .evaluate import evaluate_runs
+    from .export import finished_runs
     from .fsutil import json_text
 
     base = Path(args.run)
+    finished_runs(base)  # before the data is loaded
     ds = _load_eval_data(args, base)
     summary = evaluate_runs(base, ds, Path(args.out) if args.out else None, tta=args.tta, device=args.device)
     if args.json:
@@ -402,8 +404,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def _audit_runs(args: argparse.Namespace) -> int:
     """``cifarlab audit`` of a ``--runs N`` folder: each run, then each class's and group's spread."""
     from .audit import audit_runs
+    from .export import finished_runs
 
     base = Path(args.run)
+    finished_runs(base)  # before the data is loaded
     ds = _load_eval_data(args, base)
     out = Path(args.out) if args.out else None
     s = audit_runs(base, ds, out, groups_csv=args.groups, margin=args.margin, min_group=args.min_group,

@@ -106,9 +106,9 @@ def evaluate_runs(base: Path, ds: Dataset, out: Path | None = None, tta: str | N
     """Evaluate every run of the ``--runs N`` folder ``base`` (see :func:`evaluate_run`), each
     report into ``RUN/eval`` (or ``out/run-K``), and summarise the test loss and accuracy over
     the runs in ``eval_summary.json`` (in ``out``, by default ``base``)."""
-    from .export import runs_of
+    from .export import finished_runs
 
-    runs = runs_of(base)
+    runs = finished_runs(base)
     reports = [evaluate_run(r, ds, (out / r.name) if out else r / "eval", tta, device) for r in runs]
     summary = {"runs": len(runs), "data": ds.source, "tta": sorted({r["tta"] for r in reports}),
                "accuracy": describe([r["accuracy"] for r in reports]), "loss": describe([r["loss"] for r in reports]),

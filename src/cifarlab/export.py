@@ -137,6 +137,23 @@ def runs_of(folder: str | Path, marker: str = "architecture.json") -> list[Path]
     return sorted(runs, key=lambda p: (len(p.name), p.name))  # run-2 before run-10
 
 
+def finished_runs(folder: str | Path) -> list[Path]:
+    """The runs of the ``--runs N`` folder ``folder`` (see :func:`runs_of`), refused with the
+    command that finishes them where any has no final weights yet (stopped, or not started):
+    evaluating or auditing the set takes all of them."""
+    runs = runs_of(folder)
+    if not runs:
+        raise CifarlabError(f"'{folder}' holds no runs of 'cifarlab train --runs' (run-K folders with "
+                            "architecture.json)")
+    summary = Path(folder) / "runs_summary.json"
+    unfinished = [r.name for r in runs if not (r / "weights.safetensors").is_file()]
+    if unfinished or not summary.is_file():
+        what = f"{', '.join(unfinished)} of '{folder}' did not finish" if unfinished else \
+            f"'{folder}' has no runs_summary.json: its runs did not all finish"
+        raise CifarlabError(f"{what}; finish them with: cifarlab train --resume {folder}")
+    return runs
+
+
 def several_runs(folder: Path, marker: str) -> tuple[str, Path] | None:
     """Where ``folder`` is the parent folder of ``cifarlab train --runs N``, whose ``run-K``
     subfolders hold ``marker``: a phrase naming them and the first one's path; else None."""

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,9 +131,19 @@ def test_compare_two_runs_folders_from_their_summaries(tmp_path, image_folder, c
     assert c["difference"] == pytest.approx(np.mean(acc["b"]) - np.mean(acc["a"]))
     if np.std(acc["a"]) + np.std(acc["b"]) > 0:
         assert c["p_value"] == pytest.approx(_welch_p(acc["a"], acc["b"]))
+    per_class = {k: [json.loads((tmp_path / k / f"run-{i}" / "metrics.json").read_text())["per_class_accuracy"]
+                     for i in range(3)] for k in "ab"}
+    assert [r["class"] for r in c["per_class"]] == list(per_class["a"][0])  # each class, from each run's metrics
+    for r in c["per_class"]:
+        xa, xb = ([m[r["class"]] for m in per_class[k]] for k in "ab")
+        assert (r["mean_a"], r["mean_b"]) == (pytest.approx(np.mean(xa)), pytest.approx(np.mean(xb)))
+        if np.std(xa) + np.std(xb) > 0:
+            assert r["p_value"] == pytest.approx(_welch_p(xa, xb))
+    assert [r["p_value_holm"] for r in c["per_class"]] == holm([r["p_value"] for r in c["per_class"]])
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
     assert "3 runs, test accuracy mean" in out and "Welch's t-test on the runs' accuracies: p = " in out
+    assert "A mean  B mean    B - A  p (Holm)" in out and "after Holm's correction over the classes" in out
 
     # By hand: summaries with known accuracies, another data path, a single run, a mix, a stopped set.
     def summary(folder, accs, data="d"):
@@ -148,6 +159,27 @@ def test_compare_two_runs_folders_from_their_summaries(tmp_path, image_folder, c
     p = _welch_p([0.90, 0.91, 0.92], [0.93, 0.95, 0.94, 0.96])
     assert f"p = {p:.3g}; B is the more accurate recipe" in out and "B - A: +0.0350" in out
     assert "Note: A was tested on d and B on /elsewhere/d" in out
+    assert f"Per class: not compared; '{x}' has no run-K/metrics.json files" in out  # summaries alone
+
+    def with_classes(folder, per_run):  # each run's metrics.json with these per-class accuracies
+        for i, accuracies in enumerate(per_run):
+            (Path(folder) / f"run-{i}").mkdir()
+            (Path(folder) / f"run-{i}" / "metrics.json").write_text(json.dumps({"per_class_accuracy": accuracies}))
+        return folder
+
+    cats_a, cats_b = [0.5, 0.6, 0.7], [0.8, 0.9, 0.85]
+    ka = with_classes(summary(tmp_path / "ka", [0.7, 0.75, 0.8]),
+                      [{"cat": v, "dog": 0.9, "emu": None} for v in cats_a])
+    kb = with_classes(summary(tmp_path / "kb", [0.85, 0.9, 0.875]),
+                      [{"cat": v, "dog": 0.9, "emu": None} for v in cats_b])
+    assert main(["compare", ka, kb, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["per_class"]
+    assert [r["class"] for r in rows] == ["cat", "dog"]  # emu: absent from the test data, no accuracy to test
+    assert rows[0]["p_value"] == pytest.approx(_welch_p(cats_a, cats_b)) and rows[1]["p_value"] == 1.0
+    assert rows[0]["p_value_holm"] == pytest.approx(min(1.0, 2 * rows[0]["p_value"]))
+    other = with_classes(summary(tmp_path / "other", [0.9, 0.8]), [{"cat": 0.9, "owl": 0.8}] * 2)
+    assert main(["compare", ka, other]) == 0
+    assert "Per class: not compared; the two sets have other classes" in capsys.readouterr().out
     assert main(["compare", x, y, "--data", "d", "--bootstrap", "100", "--tta"]) == 2
     assert "--data, --bootstrap, --tta: two --runs folders are compared from their summaries" in \
         capsys.readouterr().err

@@ -157,24 +157,69 @@ def _summary(folder: Path) -> dict[str, Any]:
             "accuracies": accuracies, "times": times}
 
 
+def welch_p(a: list[float], b: list[float]) -> float:
+    """Two-sided p-value of Welch's t-test (unequal variances) that ``a`` and ``b`` have the
+    same mean; where neither varies, 1 if they are equal, else 0 (t is 0/0 or infinite)."""
+    from scipy.stats import ttest_ind
+
+    if np.ptp(a) == np.ptp(b) == 0:
+        return 1.0 if a[0] == b[0] else 0.0
+    with warnings.catch_warnings():  # scipy warns of "nearly identical" data when one set has no spread,
+        warnings.simplefilter("ignore", RuntimeWarning)  # which Welch's test handles (its variance is 0)
+        return float(ttest_ind(b, a, equal_var=False).pvalue)
+
+
+def _class_accuracies(folder: Path) -> tuple[dict[str, list[float]] | None, str | None]:
+    """Each class's test accuracy over the runs of ``folder``, from their ``metrics.json``; or
+    None and the reason where a run's figures are missing or the runs name other classes."""
+    from .export import runs_of
+
+    rows = []
+    for run in runs_of(folder, "metrics.json"):
+        try:
+            rows.append(json.loads((run / "metrics.json").read_text())["per_class_accuracy"])
+        except (ValueError, KeyError, OSError) as e:
+            return None, f"{run / 'metrics.json'} has no per-class accuracy ({type(e).__name__})"
+    if not rows:
+        return None, f"'{folder}' has no run-K/metrics.json files"
+    if any(list(r) != list(rows[0]) for r in rows):
+        return None, f"the runs of '{folder}' name other classes"
+    return {c: [r[c] for r in rows] for c in rows[0]}, None
+
+
+def _per_class_tests(folder_a: Path, folder_b: Path) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """Welch's test per class on the two sets' runs, with Holm's correction over the classes;
+    None and the reason where the runs' per-class figures cannot be paired."""
+    (ca, why_a), (cb, why_b) = _class_accuracies(folder_a), _class_accuracies(folder_b)
+    if ca is None or cb is None:
+        return None, why_a or why_b
+    if list(ca) != list(cb):
+        return None, "the two sets have other classes"
+    rows = []
+    for c in ca:
+        xa, xb = ca[c], cb[c]
+        if any(x is None for x in xa + xb):  # a class absent from the test data has no accuracy
+            continue
+        rows.append({"class": c, "mean_a": float(np.mean(xa)), "mean_b": float(np.mean(xb)),
+                     "difference": float(np.mean(xb) - np.mean(xa)), "p_value": welch_p(xa, xb)})
+    for r, q in zip(rows, holm([r["p_value"] for r in rows])):
+        r["p_value_holm"] = q
+    return rows, None
+
+
 def compare_run_sets(folder_a: str | Path, folder_b: str | Path) -> dict[str, Any]:
     """Compare two ``--runs N`` folders (two recipes, each trained on several seeds) from their
     summaries: mean test accuracy and training time of each, B minus A, and Welch's t-test on
-    the runs' accuracies (unpaired: a seed means nothing shared across recipes)."""
-    from scipy.stats import ttest_ind
-
+    the runs' accuracies (unpaired: a seed means nothing shared across recipes); the same per
+    class from the runs' ``metrics.json``, with Holm's correction over the classes."""
     a, b = _summary(Path(folder_a)), _summary(Path(folder_b))
     for s in (a, b):
         if len(s["accuracies"]) < 2:
             raise CifarlabError(f"'{s['folder']}' holds {len(s['accuracies'])} run; a test across runs needs at "
                                 "least 2 in each folder (train with --runs N, N >= 2)")
-    if np.ptp(a["accuracies"]) == np.ptp(b["accuracies"]) == 0:  # no spread in either: t is 0/0 or infinite
-        p = 1.0 if a["accuracies"][0] == b["accuracies"][0] else 0.0
-    else:
-        with warnings.catch_warnings():  # scipy warns of "nearly identical" data when one set has no spread,
-            warnings.simplefilter("ignore", RuntimeWarning)  # which Welch's test handles (its variance is 0)
-            p = float(ttest_ind(b["accuracies"], a["accuracies"], equal_var=False).pvalue)
-    out = {"a": a, "b": b, "same_data": a["data"] == b["data"], "alpha": ALPHA, "p_value": p}
+    out = {"a": a, "b": b, "same_data": a["data"] == b["data"], "alpha": ALPHA,
+           "p_value": welch_p(a["accuracies"], b["accuracies"])}
+    out["per_class"], out["per_class_note"] = _per_class_tests(Path(folder_a), Path(folder_b))
     for side in (a, b):
         side.update(runs=len(side["accuracies"]), test_accuracy=describe(side["accuracies"]),
                     train_time_s=describe(side["times"]))
@@ -198,6 +243,17 @@ def format_run_sets(c: dict[str, Any]) -> str:
     ratio = f"; B's training time is {c['time_ratio']:.2f} times A's" if c["time_ratio"] is not None else ""
     lines += [f"B - A: {c['difference']:+.4f} in mean test accuracy{ratio}",
               f"Welch's t-test on the runs' accuracies: p = {c['p_value']:.3g}; {verdict}"]
+    if c.get("per_class"):
+        width = max([16, *(len(r["class"]) + 2 for r in c["per_class"])])
+        lines.append(f"{'class':<{width}}{'A mean':>8}{'B mean':>8}{'B - A':>9}{'p (Holm)':>10}")
+        for r in c["per_class"]:
+            mark = " *" if r["p_value_holm"] < c["alpha"] else ""
+            lines.append(f"{r['class']:<{width}}{r['mean_a']:>8.4f}{r['mean_b']:>8.4f}{r['difference']:>+9.4f}"
+                         f"{r['p_value_holm']:>10.3g}{mark}")
+        lines.append(f"* differs at the {c['alpha']:g} level after Holm's correction over the classes (Welch's "
+                     f"test on each class's accuracy over the runs; with few runs it finds only large differences)")
+    elif c.get("per_class_note"):
+        lines.append(f"Per class: not compared; {c['per_class_note']}")
     if not c["same_data"]:  # the same data may have been named by two paths: a note, not a refusal
         lines.append(f"Note: A was tested on {c['a']['data']} and B on {c['b']['data']}; the comparison holds only "
                      "if these are the same test images.")

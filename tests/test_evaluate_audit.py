@@ -290,6 +290,7 @@ def test_audit_of_a_runs_folder_summarises_each_class_and_group_over_the_runs(im
     assert "source=b: more than 0.05 below the overall accuracy in 3 of 3 runs" in printed
     assert "3 runs: overall accuracy mean" in printed
     assert "[its audit](run-2/audit/audit.md)" in (out / "audit_summary.md").read_text()
+    assert (out / "per_class_accuracy.png").is_file()
     # --out: each run's report under OUT/run-K, the summary in OUT, its links relative to it
     assert main(["audit", str(out), "--data", str(swapped), "--bootstrap", "100", "--out", str(tmp_path / "a")]) == 0
     assert (tmp_path / "a" / "run-1" / "audit.md").is_file() and "attributes" not in json.loads(

@@ -310,6 +310,7 @@ def audit_runs(base: Path, ds: Dataset, out: Path | None = None, groups_csv: str
     for row, report in zip(summary["per_run"], reports):
         row["report"] = os.path.relpath(report, dest)  # from the summary's folder, so its links work
     write_json(dest / "audit_summary.json", summary)
+    _plot_runs_class_accuracy(summary, dest / "per_class_accuracy.png")
     write_text(dest / "audit_summary.md", _audit_runs_markdown(summary))
     return summary
 
@@ -394,6 +395,7 @@ def _audit_runs_markdown(s: dict) -> str:
     lines = [f"# Audit of {n} runs", "", f"Data: `{s['data']}`; test-time augmentation: {', '.join(s['tta'])}. "
              f"Overall accuracy {_fmt_spread(s['overall_accuracy'])}, as mean (min to max) over the runs. Each "
              f"run's own audit, with its intervals and model card, is listed at the end.", "",
+             "![per-class accuracy over the runs](per_class_accuracy.png)", "",
              "| class | n | accuracy, mean | std | min | max | flagged in |", "|---|---|---|---|---|---|---|"]
     for r in s["classes"]["per_class"]:
         a = r["accuracy"]
@@ -438,6 +440,32 @@ def _plot_class_accuracy(rows: list[dict], overall: float, path: Path) -> None:
     ax.set_xticks(range(len(rows)), [r["class"] for r in rows], rotation=45, ha="right")
     ax.set(ylabel="accuracy (95% bootstrap CI)", ylim=(0, 1), title="Per-class accuracy")
     ax.legend()
+    _save(fig, path)
+
+
+def _plot_runs_class_accuracy(s: dict, path: Path) -> None:
+    """Each class's mean accuracy over the runs, its bar spanning min to max; red where the class
+    was flagged in every run, orange where in some."""
+    from .plots import _plt, _save
+
+    rows, n = s["classes"]["per_class"], s["runs"]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows) + 2) + 2.5, 4))
+    nan = {"mean": math.nan, "min": math.nan, "max": math.nan}
+    acc = [r["accuracy"] or nan for r in rows]
+    mean = np.array([a["mean"] for a in acc])
+    ax.bar(range(len(rows)), mean, yerr=[mean - [a["min"] for a in acc], np.array([a["max"] for a in acc]) - mean],
+           capsize=3, color=["tab:red" if r["flagged_in"] == n else "tab:orange" if r["flagged_in"] else "tab:blue"
+                             for r in rows])
+    overall = s["overall_accuracy"]["mean"]
+    ax.axhline(overall, color="k", ls="--", label=f"overall, mean {overall:.3f}")
+    from matplotlib.patches import Patch
+
+    ax.set_xticks(range(len(rows)), [r["class"] for r in rows], rotation=45, ha="right")
+    ax.set(ylabel=f"accuracy, mean (min to max of {n} runs)", ylim=(0, 1), title="Per-class accuracy over the runs")
+    ax.legend(handles=[*ax.get_legend_handles_labels()[0], Patch(color="tab:red", label="flagged in every run"),
+                       Patch(color="tab:orange", label="flagged in some runs")], fontsize="small",
+              loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, which can reach 1
     _save(fig, path)
 
 

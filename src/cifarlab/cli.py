@@ -170,7 +170,8 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
                                    "B minus A with a paired bootstrap 95% interval, McNemar's exact test, and the "
                                    "same per class (Holm-corrected). The data is run A's unless --data is given. "
                                    "Given two folders of 'cifarlab train --runs N', it compares their runs' "
-                                   "accuracies instead (Welch's t-test), from their summaries.")
+                                   "accuracies instead (Welch's t-test), overall and per class (Holm-corrected), "
+                                   "from the runs' own figures; no data is loaded.")
     m.add_argument("run_a", metavar="RUN_A")
     m.add_argument("run_b", metavar="RUN_B")
     _add_data_args(m)

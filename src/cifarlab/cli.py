@@ -47,12 +47,15 @@ def _add_tta_arg(p: argparse.ArgumentParser) -> None:
                         "flip-translate; default: the run's own (its train.tta), as its training reported")
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def _add_data_args(p: argparse.ArgumentParser, subset: str | None = None) -> None:
+    """The data options, and ``--subset`` with the help text ``subset`` where the command uses
+    it (evaluation reads every test image)."""
     g = p.add_argument_group("data")
     g.add_argument("--data", help="official CIFAR archive (.tar.gz) or its folder, or an image folder/archive "
                    "with train/<class>/* and test/<class>/*; omitted: download --dataset")
     g.add_argument("--dataset", choices=["cifar10", "cifar100"], help="data set to download when --data is omitted")
-    g.add_argument("--subset", type=int, help="use a class-balanced subset of N training images")
+    if subset:
+        g.add_argument("--subset", type=int, help=subset)
     g.add_argument("--allow-unverified", action="store_true", default=None,
                    help="read an official archive whose MD5 differs from the published one")
     g.add_argument("--skip-bad-images", action="store_true", default=None,
@@ -75,7 +78,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--config", help="YAML or TOML file with sections data/model/optim/augment/train")
     t.add_argument("--recipe", help="named recipe (default keras-book; see 'cifarlab list')")
     t.add_argument("--model", help="registered model name (see 'cifarlab list')")
-    _add_data_args(t)
+    _add_data_args(t, subset="use a class-balanced subset of N training images")
     t.add_argument("--val-split", type=float,
                    help="fraction of training images held out, per class (default 0.2; 0: no validation)")
     g = t.add_argument_group("optimisation")
@@ -224,7 +227,7 @@ def _add_import_parser(sub: argparse._SubParsersAction) -> None:
 def _add_augment_parser(sub: argparse._SubParsersAction) -> None:
     """``cifarlab augment``'s options."""
     g = sub.add_parser("augment", help="write augmented copies of images, previews and a grid")
-    _add_data_args(g)
+    _add_data_args(g, subset="augment a class-balanced subset of N images of --split")
     g.add_argument("--config", help="YAML/TOML file whose 'augment' section sets the options")
     g.add_argument("--augment", default="keras", help="preset (default keras: the notebook's settings)")
     g.add_argument("--per-image", type=int, default=5, help="augmented copies per image (default 5)")
@@ -441,7 +444,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     sets = [is_runs_folder(r) for r in (args.run_a, args.run_b)]
     if all(sets):  # two recipes, several seeds each: their summaries, no data needed
-        used = ("data", "dataset", "subset", "allow_unverified", "skip_bad_images", "label_mode", "groups", "bootstrap",
+        used = ("data", "dataset", "allow_unverified", "skip_bad_images", "label_mode", "groups", "bootstrap",
                 "tta", "device")
         given = [f"--{k.replace('_', '-')}" for k in used if getattr(args, k) not in (None, False)]
         if given:

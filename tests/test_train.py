@@ -450,8 +450,9 @@ def test_runs_stopped_midway_resume_as_one_folder_and_train_longer(tmp_path, mon
 
     for command in ("evaluate", "audit"):  # the set is refused whole, before any data is read
         assert main([command, str(cut), "--data", str(tmp_path / "absent")]) == 2
-        assert f"run-1 of '{cut}' did not finish; finish them with: cifarlab train --resume {cut}" in \
-            capsys.readouterr().err and not (cut / "run-0" / command).exists()
+        err = capsys.readouterr().err
+        assert f"'{cut}' has runs that have not trained all 2 epochs (run-1, run-2); finish them with: " \
+               f"cifarlab train --resume {cut}" in err and not (cut / "run-0" / command).exists()
     lines: list[str] = []
     summary = fit(resume=cut, log=lines.append)
     assert any("run 1/3 (seed 0): finished" in x for x in lines) and any("resuming" in x for x in lines), lines

@@ -137,20 +137,30 @@ def runs_of(folder: str | Path, marker: str = "architecture.json") -> list[Path]
     return sorted(runs, key=lambda p: (len(p.name), p.name))  # run-2 before run-10
 
 
+def finished_metrics(run: Path, epochs: int) -> dict[str, Any] | None:
+    """The ``metrics.json`` of ``run`` if it has trained all of ``epochs``, else None."""
+    try:
+        metrics = json.loads((run / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if metrics.get("epochs") == epochs else None
+
+
 def finished_runs(folder: str | Path) -> list[Path]:
-    """The runs of the ``--runs N`` folder ``folder`` (see :func:`runs_of`), refused with the
-    command that finishes them where any has no final weights yet (stopped, or not started):
-    evaluating or auditing the set takes all of them."""
-    runs = runs_of(folder)
-    if not runs:
+    """The runs of the ``--runs N`` folder ``folder``, refused with the command that finishes
+    them where any has not trained all the epochs its ``config.yaml`` names (stopped, not
+    started, or not yet trained on to more epochs): evaluating or auditing the set takes all of
+    them, as trained alike."""
+    folder = Path(folder)
+    if not runs_of(folder):
         raise CifarlabError(f"'{folder}' holds no runs of 'cifarlab train --runs' (run-K folders with "
                             "architecture.json)")
-    summary = Path(folder) / "runs_summary.json"
-    unfinished = [r.name for r in runs if not (r / "weights.safetensors").is_file()]
-    if unfinished or not summary.is_file():
-        what = f"{', '.join(unfinished)} of '{folder}' did not finish" if unfinished else \
-            f"'{folder}' has no runs_summary.json: its runs did not all finish"
-        raise CifarlabError(f"{what}; finish them with: cifarlab train --resume {folder}")
+    cfg = load_run_config(folder / "config.yaml")
+    runs = [folder / f"run-{k}" for k in range(cfg.train.runs)]
+    unfinished = [r.name for r in runs if finished_metrics(r, cfg.train.epochs) is None]
+    if unfinished:
+        raise CifarlabError(f"'{folder}' has runs that have not trained all {cfg.train.epochs} epochs "
+                            f"({', '.join(unfinished)}); finish them with: cifarlab train --resume {folder}")
     return runs
 
 

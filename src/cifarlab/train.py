@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import math
 import signal
 import sys
@@ -27,7 +26,7 @@ from .config import Config, load_run_config, save_config
 from .data import Dataset, balanced_subset, load_dataset, stratified_split, subset_note
 from .errors import CifarlabError
 from .evaluate import describe
-from .export import normalize, preprocess, save_architecture, save_weights, tta_logits
+from .export import finished_metrics, normalize, preprocess, save_architecture, save_weights, tta_logits
 from .fsutil import new_run_folder, undo_on_failure, write_json, write_text
 from .models import create_model
 from .optim import build_optimizer, param_groups
@@ -790,15 +789,6 @@ def resume_runs(base: str | Path, epochs: int | None = None, dataset: Dataset | 
     return _train_runs(base, cfg, dataset, log, resume=True)
 
 
-def _finished(run: Path, epochs: int) -> dict[str, Any] | None:
-    """The metrics of ``run`` if it has trained all of ``epochs``, else None."""
-    try:
-        metrics = json.loads((run / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return metrics if metrics.get("epochs") == epochs else None
-
-
 def _train_runs(base: Path, cfg: Config, dataset: Dataset | None, log: Callable[[str], None],
                 resume: bool) -> dict[str, Any]:
     """Train ``base/run-K`` for K < ``cfg.train.runs`` (with ``resume``, only those not finished,
@@ -807,7 +797,7 @@ def _train_runs(base: Path, cfg: Config, dataset: Dataset | None, log: Callable[
     results = []
     for k in range(n):
         run, seed = base / f"run-{k}", cfg.train.seed + k
-        m = _finished(run, cfg.train.epochs) if resume else None
+        m = finished_metrics(run, cfg.train.epochs) if resume else None
         if m is not None:
             log(f"--- run {k + 1}/{n} (seed {seed}): finished, test accuracy {m['test_accuracy']:.4f} ---")
         else:

@@ -73,7 +73,7 @@ def test_errors_are_one_paragraph_without_traceback(capsys, args, msg, tmp_path,
      "cifarlab predict: error: unrecognized arguments: --top-k=5 (--top-k: did you mean --top?)"),
     (["list", "extra"], "usage: cifarlab list ", "cifarlab list: error: unrecognized arguments: extra\n"),
     (["evaluate", "run", "--subset", "100"], "usage: cifarlab evaluate ",  # every test image is evaluated
-     "cifarlab evaluate: error: unrecognized arguments: --subset 100"),
+     "cifarlab evaluate: error: unrecognized arguments: --subset 100\n"),  # and no far-fetched hint
     (["--bogus"], "usage: cifarlab [-h]", "cifarlab: error: unrecognized arguments: --bogus\n"),
 ])
 def test_unknown_option_gives_its_commands_usage_and_the_closest_option(capsys, args, usage, msg):

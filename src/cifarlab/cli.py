@@ -543,13 +543,16 @@ def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, e
     sub = next((a.choices.get(args.command) for a in parser._actions
                 if isinstance(a, argparse._SubParsersAction)), None) if args.command else None
     target = sub or parser
-    known = [o for a in target._actions for o in a.option_strings]
+    # Matched without their dashes, which every option shares and which would make '--subset'
+    # look like '--out'.
+    known = {o.lstrip("-"): o for a in target._actions for o in a.option_strings}
     hints = []
     for e in extra:
         if e.startswith("-"):
-            close = difflib.get_close_matches(e.split("=", 1)[0], known, n=1, cutoff=0.6)
+            name = e.split("=", 1)[0]
+            close = difflib.get_close_matches(name.lstrip("-"), list(known), n=1, cutoff=0.6)
             if close:
-                hints.append(f"{e.split('=', 1)[0]}: did you mean {close[0]}?")
+                hints.append(f"{name}: did you mean {known[close[0]]}?")
     target.error(f"unrecognized arguments: {' '.join(extra)}" + (f" ({'; '.join(hints)})" if hints else ""))
 
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,11 @@ def test_compare_two_runs_folders_from_their_summaries(tmp_path, image_folder, c
     out = capsys.readouterr().out
     assert "3 runs, test accuracy mean" in out and "Welch's t-test on the runs' accuracies: p = " in out
     assert "A mean  B mean    B - A  p (Holm)" in out and "after Holm's correction over the classes" in out
+    ext = tmp_path / "ext"  # a set whose --resume OUT --epochs 2 is under way: its config says 2, its runs 1
+    shutil.copytree(tmp_path / "a", ext)
+    (ext / "config.yaml").write_text((ext / "config.yaml").read_text().replace("epochs: 1\n", "epochs: 2\n"))
+    assert main(["compare", str(ext), str(tmp_path / "b")]) == 2
+    assert f"'{ext}' has runs that have not trained all 2 epochs (run-0, run-1, run-2)" in capsys.readouterr().err
 
     # By hand: summaries with known accuracies, another data path, a single run, a mix, a stopped set.
     def summary(folder, accs, data="d"):

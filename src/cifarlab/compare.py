@@ -142,6 +142,10 @@ def is_runs_folder(folder: str | Path) -> bool:
 
 
 def _summary(folder: Path) -> dict[str, Any]:
+    from .export import finished_runs, runs_of
+
+    if (folder / "config.yaml").is_file() and runs_of(folder):
+        finished_runs(folder)  # every run trained its epochs: not a set stopped, or half trained on to more
     path = folder / "runs_summary.json"
     if not path.is_file():
         raise CifarlabError(f"'{folder}' has no runs_summary.json: its runs did not all finish; finish them with "

@@ -323,13 +323,21 @@ def _load_eval_data(args: argparse.Namespace, run: Path):
     return ds
 
 
+def _is_runs_set(folder: str) -> bool:
+    """Whether ``folder`` is the parent folder of ``cifarlab train --runs N`` rather than a run,
+    for the commands that take either (evaluate, audit)."""
+    from .export import runs_of
+
+    return bool(runs_of(folder)) and not (Path(folder) / "architecture.json").is_file()
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``cifarlab evaluate``."""
     from .evaluate import evaluate_run
-    from .export import read_run, runs_of
+    from .export import read_run
     from .fsutil import json_text
 
-    if runs_of(args.run) and not (Path(args.run) / "architecture.json").is_file():
+    if _is_runs_set(args.run):
         return _evaluate_runs(args)
     run, _ = read_run(args.run)
     ds = _load_eval_data(args, run)
@@ -392,10 +400,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     """``cifarlab audit``."""
     from .audit import check_options, run_audit
-    from .export import read_run, runs_of
+    from .export import read_run
 
     check_options(args.margin, args.min_group, args.bootstrap)  # before the data is loaded
-    if runs_of(args.run) and not (Path(args.run) / "architecture.json").is_file():
+    if _is_runs_set(args.run):
         return _audit_runs(args)
     run, _ = read_run(args.run)
     ds = _load_eval_data(args, run)

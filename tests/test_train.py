@@ -469,6 +469,11 @@ def test_runs_stopped_midway_resume_as_one_folder_and_train_longer(tmp_path, mon
     with pytest.raises(CifarlabError, match=r"--epochs 0 is not valid for '.*run-0': it has trained 1 epoch"):
         fit(resume=short, epochs=0, log=lambda s: None)
     assert "epochs: 1" in (short / "config.yaml").read_text()  # refused before anything changed
+    with pytest.raises(CifarlabError) as e:  # one run of a set alone would leave the set uneven
+        fit(resume=short / "run-1", epochs=2, log=lambda s: None)
+    assert str(e.value) == (f"'{short / 'run-1'}' is one of the 3 runs of '{short}', which all train 1 epoch(s); "
+                            f"change every run's epochs together: cifarlab train --resume {short} --epochs 2")
+    assert "epochs: 1" in (short / "run-1" / "config.yaml").read_text()
     longer = fit(resume=short, epochs=2, log=lines.append)
     assert any("epochs 1 -> 2 for all 3 runs" in x for x in lines)
     assert longer["test_accuracy"] == ref["test_accuracy"]
@@ -477,6 +482,12 @@ def test_runs_stopped_midway_resume_as_one_folder_and_train_longer(tmp_path, mon
         assert all(torch.equal(a[x], b[x]) for x in a)
         assert json.loads((short / f"run-{k}" / "metrics.json").read_text())["epochs"] == 2
     assert "epochs: 2" in (short / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(short / "run-2")]) == 0  # by hand: says the summary stays as it was
+    assert f"note: '{short / 'run-2'}' is one of the 3 runs of '{short}', whose runs_summary.json this does " \
+           f"not update; 'cifarlab train --resume {short}' finishes" in capsys.readouterr().out
+    assert main(["train", "--resume", str(short)]) == 0
+    assert "note:" not in capsys.readouterr().out
 
 
 def test_prepared_epoch_holds_the_batches_the_steps_would_make(tmp_path):

@@ -285,7 +285,7 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def cmd_train(args: argparse.Namespace) -> int:
     """``cifarlab train``."""
     from .config import resolve_config
-    from .train import fit
+    from .train import fit, set_of
 
     if args.resume:
         given = {f"{sec}.{key}" for sec, values in _train_overrides(args).items() for key in values}
@@ -293,6 +293,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("--resume continues a run with its saved config; only --epochs may be given with "
                               "it (to train a constant-lr run longer); start a new run for other options")
         fit(resume=args.resume, epochs=args.epochs)
+        if (parent := set_of(args.resume)) is not None:
+            base, base_cfg = parent
+            print(f"note: '{args.resume}' is one of the {base_cfg.train.runs} runs of '{base}', whose "
+                  f"runs_summary.json this does not update; 'cifarlab train --resume {base}' finishes its "
+                  "other runs and writes the summary again")
         return 0
     if args.model is not None:
         from .models import list_models

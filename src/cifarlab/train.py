@@ -449,6 +449,13 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, epochs: 
         if cfg.train.runs > 1:  # the parent folder of --runs N
             return resume_runs(run, epochs=epochs, dataset=dataset, log=log)
         ckpt = _load_checkpoint(run)
+        if epochs is not None and epochs != cfg.train.epochs and (parent := set_of(run)) is not None:
+            base, base_cfg = parent
+            if epochs != base_cfg.train.epochs:  # the set's own --epochs change sets its config first
+                raise CifarlabError(
+                    f"'{run}' is one of the {base_cfg.train.runs} runs of '{base}', which all train "
+                    f"{base_cfg.train.epochs} epoch(s); change every run's epochs together: "
+                    f"cifarlab train --resume {base} --epochs {epochs}")
         if epochs is not None and epochs != cfg.train.epochs:
             old_epochs = cfg.train.epochs
             cfg = _extend(run, cfg, ckpt, epochs)
@@ -456,6 +463,21 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, epochs: 
             log(f"{run}: epochs {old_epochs} -> {epochs} (config.yaml updated)")
     assert cfg is not None
     return _train_one(cfg, run, ckpt, dataset, log)
+
+
+def set_of(run: str | Path) -> tuple[Path, Config] | None:
+    """The ``--runs N`` folder that ``run`` is one of (``OUT`` for ``OUT/run-K`` with K < N) and
+    its config, or None for a run of its own."""
+    run = Path(run)
+    base = run.parent
+    k = run.name.removeprefix("run-")
+    if not k.isdigit() or not (base / "config.yaml").is_file():
+        return None
+    try:
+        cfg = load_run_config(base / "config.yaml")
+    except CifarlabError:
+        return None
+    return (base, cfg) if cfg.train.runs > 1 and int(k) < cfg.train.runs else None
 
 
 def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Dataset | None,

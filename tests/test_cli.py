@@ -97,6 +97,7 @@ def test_train_evaluate_predict_end_to_end(capsys, tmp_path, image_folder, monke
                      "--batch-size", "8", "--out", str(out), "--threads", "1")
     assert code == 0, e
     assert "Test score:" in o and "Test accuracy:" in o and "Epoch 1/1" in o
+    assert "\ntesting on 9 images\nTest score:" in o  # said before the test, which can take minutes
     code, o, _ = run(capsys, "evaluate", str(out), "--json")
     rep = json.loads(o, parse_constant=lambda c: pytest.fail(f"--json printed {c}, which is not JSON"))
     assert None in rep["calibration"]["bin_accuracy"]  # 15 bins, 9 test images: empty bins are null

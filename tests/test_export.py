@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -109,3 +110,27 @@ def test_cpu_inference_runs_in_cache_sized_batches(trained_run):
     assert sizes == [128, 128, 44]
     hook.remove()
     assert np.allclose(p_default, model.predict(images, batch_size=1000), rtol=1e-5, atol=1e-6)
+
+
+def test_long_inference_shows_a_transient_progress_bar_on_a_terminal_only(trained_run, monkeypatch):
+    """Predicting (and so evaluating) several batches draws a progress bar on an interactive
+    stderr, which it clears when done; piped to a file, stderr gets nothing."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    model = cifarlab.load_model(trained_run)
+    images = np.random.default_rng(0).integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
+    want = model.predict(images)
+    for stream, bar in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert np.array_equal(model.predict(images), want)
+        shown = stream.getvalue()
+        assert ("Predicting" in shown and "/3 " in shown) == bar, shown
+        assert shown.endswith("\r") or not bar  # cleared: the line is blanked and the cursor back at its start
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    model.predict(images[:128])  # one batch: nothing to show
+    assert terminal.getvalue() == ""

@@ -257,14 +257,14 @@ class Predictor:
     def logits(self, images: Any, batch_size: int | None = None, tta: str | None = None) -> np.ndarray:
         """Raw logits, float32 (N, classes); ``tta`` overrides the predictor's test-time augmentation;
         ``batch_size`` images per pass (default :func:`cifarlab.runtime.inference_batch_size`)."""
-        from .runtime import inference_batch_size
+        from .runtime import batch_starts, inference_batch_size
 
         tta = self.tta if tta is None else tta
         batch_size = batch_size or inference_batch_size(self.device)
         x = images if isinstance(images, torch.Tensor) else self.to_uint8(images)
         fmt = torch.channels_last if self.arch.get("channels_last") else torch.contiguous_format
         out = [tta_logits(self.model, preprocess(x[i:i + batch_size].to(self.device), self.prep).contiguous(
-            memory_format=fmt), tta).float().cpu() for i in range(0, len(x), batch_size)]
+            memory_format=fmt), tta).float().cpu() for i in batch_starts(len(x), batch_size, "Predicting")]
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
 
     def predict(self, images: Any, batch_size: int | None = None, tta: str | None = None) -> np.ndarray:

@@ -190,16 +190,17 @@ class GraphedStep:
 @torch.no_grad()
 def evaluate_arrays(model: nn.Module, x: torch.Tensor, y: torch.Tensor, prep: dict,
                     batch_size: int | None = None, tta: str = "none", channels_last: bool = False,
-                    dtype: torch.dtype = torch.float32) -> tuple[float, float, torch.Tensor]:
+                    dtype: torch.dtype = torch.float32, desc: str = "Evaluating") -> tuple[float, float, torch.Tensor]:
     """Mean cross-entropy, accuracy and logits (on CPU) of ``model`` over uint8 images ``x``,
     which reach the model as ``dtype`` (the weights' dtype, see :func:`runtime.cast_model`), in
-    batches of ``batch_size`` (default :func:`runtime.inference_batch_size` for ``x``'s device)."""
+    batches of ``batch_size`` (default :func:`runtime.inference_batch_size` for ``x``'s device);
+    ``desc`` names the pass on the progress bar of an interactive terminal."""
     batch_size = batch_size or runtime.inference_batch_size(x.device)
     was = model.training
     model.eval()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     outs = [tta_logits(model, preprocess(x[i:i + batch_size], prep).to(dtype).contiguous(memory_format=fmt), tta)
-            for i in range(0, len(x), batch_size)]
+            for i in runtime.batch_starts(len(x), batch_size, desc)]
     model.train(was)
     logits = torch.cat(outs).float()
     loss = F.cross_entropy(logits, y).item()  # one sync per evaluation
@@ -544,6 +545,9 @@ def _finish(cfg: Config, run: Path, ds: Dataset, arrays: Arrays, st: _Setup, loo
         st.lookahead.update(st.model, 1.0)  # end on the slow weights, as airbench does
     save_weights(run / "weights.safetensors", st.model)
     write_history(run, loop.history)
+    # Said before it starts: with test-time augmentation on a CPU the test takes a minute or more.
+    tta = "" if cfg.train.tta == "none" else f" with test-time augmentation {cfg.train.tta}"
+    log(f"testing on {len(arrays.x_test):,} images{tta}")
     metrics = _test_metrics(cfg, ds, arrays, st, device, loop.train_time)
     metrics["cpu_kernels"] = loop.cpu_kernels  # whether cifarlab's own CPU kernels ran (see cpu_kernels)
     # the conv gradients too: float32 only, so never under bf16 autocast
@@ -686,7 +690,8 @@ class _Loop:
                f"accuracy: {tr_acc:.4f}"
         if len(self.arrays.x_val):
             v_loss, v_acc, _ = evaluate_arrays(st.model, self.arrays.x_val, self.arrays.y_val, st.prep,
-                                               channels_last=cfg.train.channels_last, dtype=self.dtype)
+                                               channels_last=cfg.train.channels_last, dtype=self.dtype,
+                                               desc="Validation")
             row.update(val_loss=v_loss, val_accuracy=v_acc)
             line += f" - val_loss: {v_loss:.4f} - val_accuracy: {v_acc:.4f}"
         self.history.append({**row, "train_time_s": self.train_time})
@@ -765,7 +770,7 @@ def _test_metrics(cfg: Config, ds: Dataset, arrays: Arrays, st: _Setup, device: 
     if runtime.compute_dtype(cfg.train.precision) != torch.float32:
         model = copy.deepcopy(st.model).float()
     t_loss, t_acc, logits = evaluate_arrays(model, arrays.x_test, arrays.y_test, st.prep, tta=cfg.train.tta,
-                                            channels_last=cfg.train.channels_last)
+                                            channels_last=cfg.train.channels_last, desc="Test")
     y_test = arrays.y_test.cpu().numpy()
     pred = logits.argmax(1).numpy()
     per_class = {cls: float((pred[y_test == i] == i).mean()) if (y_test == i).any() else None

@@ -10,12 +10,15 @@ import platform
 import random
 import sys
 from collections.abc import Iterable
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from .config import PRECISIONS
 from .errors import ConfigError
+
+T = TypeVar("T")
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -164,14 +167,20 @@ def inference_batch_size(device: torch.device | str) -> int:
     return 128 if torch.device(device).type == "cpu" else 1000
 
 
-def batch_starts(n: int, batch_size: int, desc: str) -> Iterable[int]:
-    """The first index of each batch of ``n`` images, behind a progress bar on an interactive
-    terminal: evaluating with test-time augmentation on a CPU takes a minute or more, which a
-    silent terminal would not explain. The bar goes when done, and never reaches a log file."""
+def progress(items: Iterable[T], total: int, desc: str, unit: str) -> Iterable[T]:
+    """``items`` behind a progress bar on an interactive terminal, for work that takes long enough
+    to need explaining (a first decode of a data set, a test with test-time augmentation on a
+    CPU). The bar goes when done and never reaches a log file; one item shows none."""
     from tqdm.auto import tqdm
 
+    return tqdm(items, total=total, desc=desc, unit=unit, leave=False,
+                disable=not sys.stderr.isatty() or total < 2)
+
+
+def batch_starts(n: int, batch_size: int, desc: str) -> Iterable[int]:
+    """The first index of each batch of ``n`` images, behind a :func:`progress` bar."""
     starts = range(0, n, batch_size)
-    return tqdm(starts, desc=desc, unit="batch", leave=False, disable=not sys.stderr.isatty() or len(starts) < 2)
+    return progress(starts, len(starts), desc, "batch")
 
 
 def seed_everything(seed: int) -> None:

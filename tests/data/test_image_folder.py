@@ -26,6 +26,26 @@ def test_folder_reads_classes_and_order(image_folder):
     assert ds.x_train[ds.y_train == 1][..., 1].mean() > 150
 
 
+def test_decoding_shows_a_transient_progress_bar_on_a_terminal_only(image_folder, monkeypatch):
+    """A first decode of a large data set takes a while: on an interactive stderr a bar counts the
+    images and is cleared when done; piped to a file, stderr gets nothing."""
+    import sys
+
+    from cifarlab.data.folder import load_image_folder
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    want = load_image_folder(image_folder, workers=1)
+    for stream, bar in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        got = load_image_folder(image_folder, workers=1)
+        assert all(np.array_equal(got.x[k], want.x[k]) for k in ("train", "test"))
+        shown = stream.getvalue()
+        assert ("Decoding" in shown and "/27 " in shown) == bar, shown  # 18 training and 9 test images
+
+
 @pytest.mark.parametrize("mode", ["w:gz", "w:xz", "w"])
 def test_archive_of_folder_with_wrapper_dir(tmp_path, image_folder, mode):
     path = tmp_path / f"data.tar{'.' + mode[2:] if ':' in mode else ''}"

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
+from ..runtime import progress
 from . import archive
 from .images import is_gray, is_image_name, open_image, to_array
 
@@ -97,9 +98,9 @@ def _decode_all(blobs: list[tuple[str, bytes]], skip_bad: bool, source: str,
 
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         with ctx.Pool(workers) as pool:
-            results = pool.map(_decode_one, blobs, chunksize=1000)
+            results = list(progress(pool.imap(_decode_one, blobs, chunksize=1000), len(blobs), "Decoding", "image"))
     else:
-        results = [_decode_one(b) for b in blobs]
+        results = [_decode_one(b) for b in progress(blobs, len(blobs), "Decoding", "image")]
     bad = [(n, r) for n, r in results if isinstance(r, DataError)]
     if bad and not skip_bad:
         shown = "; ".join(str(e) for _, e in bad[:3])

@@ -49,6 +49,11 @@ def test_roundtrip(tmp_path):
     ({"optim": {"lr": float("inf")}}, "optim.lr: inf is not valid; expected a finite number"),
     ({"train": {"label_smoothing": float("nan")}}, "train.label_smoothing: nan is not valid; expected a finite"),
     ({"augment": {"zoom_range": [0.9, float("inf")]}}, "augment.zoom_range: .* is not valid"),
+    ({"train": {"early_stopping": -1}}, "train.early_stopping = -1 is not valid; it must be 0 "),
+    ({"train": {"early_stopping": 3}, "data": {"val_split": 0}},
+     r"train.early_stopping = 3 is not valid; it watches the validation loss, so it needs validation images: "
+     r"set data.val_split \(--val-split\) above 0"),
+    ({"train": {"early_stopping": 3, "lookahead_every": 5}}, "a run with lookahead ends on its slow weights"),
 ])
 def test_invalid_values(over, msg):
     with pytest.raises(ConfigError, match=msg):

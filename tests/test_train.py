@@ -585,3 +585,63 @@ def test_each_epoch_line_gives_that_epochs_training_time_as_keras_does(tmp_path,
     assert [x.split(" - ")[1] for x in lines if x.startswith("Epoch ")] == ["10.0s"] * 3
     history = json.loads((tmp_path / "r" / "history.json").read_text())
     assert [h["train_time_s"] for h in history] == [10.0, 20.0, 30.0]  # the running total stays in the history
+
+
+def test_early_stopping_ends_on_the_best_epochs_weights_and_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """Patience 2 with validation losses 1.0, 0.7, 0.9, 0.8: the run stops after epoch 4 and ends
+    on epoch 2's weights, bit for bit those of the same run trained 2 epochs (constant lr). Trained
+    3 epochs first and then resumed on to 10, it stops at the same point, its best weights kept
+    in the checkpoint; a stopped run resumes to nothing and cannot be trained on."""
+    import cifarlab.train as train_mod
+
+    data = make_image_folder(tmp_path / "d", n_train=8, n_test=4)
+    real = train_mod.evaluate_arrays
+    val_losses: list[float] = []
+
+    def scripted(*args, desc="Evaluating", **kw):  # the real validation pass, with a scripted loss
+        loss, acc, logits = real(*args, desc=desc, **kw)
+        return (val_losses.pop(0) if desc == "Validation" else loss), acc, logits
+
+    monkeypatch.setattr(train_mod, "evaluate_arrays", scripted)
+    val_losses[:] = [1.0, 0.7]
+    ref = fit(tiny_config(str(data), str(tmp_path / "ref"), epochs=2, batch_size=4), log=lambda s: None)
+
+    val_losses[:] = [1.0, 0.7, 0.9, 0.8]
+    lines: list[str] = []
+    m = fit(tiny_config(str(data), str(tmp_path / "es"), epochs=10, batch_size=4, early_stopping=2),
+            log=lines.append)
+    assert not val_losses  # four epochs, no fifth
+    assert "Epoch 4: early stopping (no lower val_loss for 2 epochs; the lowest, 0.7000, was epoch 2's)" in lines[-5]
+    assert "restoring the weights of epoch 2, the lowest val_loss (0.7000)" in lines
+    assert m["early_stopping"] == {"patience": 2, "best_epoch": 2, "best_val_loss": 0.7, "stopped_after_epoch": 4}
+    assert m["epochs_trained"] == 4 and m["epochs"] == 10 and m["test_accuracy"] == ref["test_accuracy"]
+    assert m["test_loss"] == ref["test_loss"]
+    a, b = _weights(tmp_path / "es"), _weights(tmp_path / "ref")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["val_loss"] for r in json.loads((tmp_path / "es" / "history.json").read_text())] == [1.0, 0.7, 0.9, 0.8]
+
+    val_losses[:] = [1.0, 0.7, 0.9]
+    fit(tiny_config(str(data), str(tmp_path / "cut"), epochs=3, batch_size=4, early_stopping=2), log=lambda s: None)
+    val_losses[:] = [0.8]
+    m2 = fit(resume=tmp_path / "cut", epochs=10, log=lambda s: None)
+    assert not val_losses and m2["early_stopping"] == m["early_stopping"] and m2["epochs_trained"] == 4
+    a = _weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    lines.clear()
+    again = fit(resume=tmp_path / "es", log=lines.append)  # no validation pass: val_losses is empty
+    assert any("stopped early after epoch 4; nothing to resume" in x for x in lines)
+    assert again["test_accuracy"] == m["test_accuracy"] and again["epochs_trained"] == 4
+    with pytest.raises(CifarlabError, match=r"stopped early after epoch 4, its validation loss no longer falling, "
+                                            r"and ended on its best epoch's weights; it cannot train on"):
+        fit(resume=tmp_path / "es", epochs=20, log=lambda s: None)
+
+    # A --runs set whose runs stopped early is refused whole, before its config changes.
+    c = tiny_config(str(data), str(tmp_path / "set"), epochs=10, batch_size=4, early_stopping=2)
+    c.train.runs = 2
+    val_losses[:] = [1.0, 0.7, 0.9, 0.8] * 2
+    summary = fit(c, log=lambda s: None)
+    assert not val_losses and summary["per_run"][0]["test_accuracy"] == ref["test_accuracy"]  # seed 0, as ref
+    with pytest.raises(CifarlabError, match=r"run-0' stopped early after epoch 4"):
+        fit(resume=tmp_path / "set", epochs=20, log=lambda s: None)
+    assert "epochs: 10" in (tmp_path / "set" / "config.yaml").read_text()

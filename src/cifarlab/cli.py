@@ -38,6 +38,7 @@ _TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "label_smoothing": ("train", "label_smoothing"), "precision": ("train", "precision"),
     "compile": ("train", "compile"), "compile_mode": ("train", "compile_mode"), "cuda_graph": ("train", "cuda_graph"),
     "cpu_kernels": ("train", "cpu_kernels"), "select_fraction": ("train", "select_fraction"),
+    "early_stopping": ("train", "early_stopping"),
 }
 
 
@@ -98,6 +99,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--label-smoothing", type=float, help="share of target mass spread over all classes")
     g.add_argument("--tta", choices=TTA_LEVELS, help="test-time augmentation for the final test")
     g.add_argument("--runs", type=int, help="train N times (seeds seed..seed+N-1); report mean/std/min/max")
+    g.add_argument("--early-stopping", type=int, metavar="PATIENCE",
+                   help="stop after PATIENCE epochs without a lower val_loss and keep the best epoch's weights "
+                        "(Keras' EarlyStopping with restore_best_weights; default 0: off)")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--threads", type=int, help="CPU threads (default: all cores)")

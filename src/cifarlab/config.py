@@ -139,6 +139,10 @@ class TrainConfig:
     # CPU: cifarlab's own kernels (fp32 dropout, 3x3 conv gradients without AVX-512; augmentation), where they build
     cpu_kernels: bool = True
     runs: int = 1  # train this many times with seeds seed, seed+1, ... and report mean/std/min/max
+    # Stop after this many epochs in a row without a lower validation loss, and end on the weights
+    # of the epoch with the lowest (Keras' EarlyStopping(patience=N, restore_best_weights=True));
+    # 0: off, every epoch trains and the last one's weights are kept, as the notebook does
+    early_stopping: int = 0
     # Hard-example selection (cifarlab.selection): each step trains on this fraction of its batch,
     # the examples a small proxy net (select_model) finds hardest; the proxy trains alongside, on
     # the examples it keeps, every select_backward_every steps. 1: every example, no proxy
@@ -376,6 +380,14 @@ def validate(cfg: Config) -> None:
         bad("train.compile_mode", cfg.train.compile_mode, "with train.cuda_graph the whole step is already one CUDA "
             "graph, and this mode records graphs of its own; choose default or max-autotune-no-cudagraphs, whose "
             "kernels the step's graph records")
+    if cfg.train.early_stopping < 0:
+        bad("train.early_stopping", cfg.train.early_stopping, "it must be 0 (off) or a number of epochs")
+    if cfg.train.early_stopping and not cfg.data.val_split:
+        bad("train.early_stopping", cfg.train.early_stopping, "it watches the validation loss, so it needs "
+            "validation images: set data.val_split (--val-split) above 0")
+    if cfg.train.early_stopping and cfg.train.lookahead_every:
+        bad("train.early_stopping", cfg.train.early_stopping, "a run with lookahead ends on its slow weights, not "
+            "on one epoch's; set train.lookahead_every to 0 or turn early stopping off")
     if cfg.train.runs < 1:
         bad("runs", cfg.train.runs, "it must be at least 1")
     if not 0 <= cfg.train.seed <= 2**32 - cfg.train.runs:  # NumPy's and scikit-learn's seed range

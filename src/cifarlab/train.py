@@ -284,6 +284,53 @@ class Lookahead:
         torch._foreach_copy_(fast, self.slow)
 
 
+class EarlyStopping:
+    """Keras' ``EarlyStopping(monitor="val_loss", patience=N, restore_best_weights=True)``: after
+    each epoch, a validation loss lower than the lowest so far keeps a copy of the weights; N
+    epochs in a row without one stop the run, which then ends on the kept weights. Patience 0 is
+    off. Its state goes into the checkpoint, so a resumed run stops where the whole one would."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best = math.inf
+        self.best_epoch = 0
+        self.wait = 0
+        self.stopped = False
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def update(self, epoch: int, val_loss: float, model: nn.Module) -> bool:
+        """Record epoch ``epoch``'s (1-based) ``val_loss``; True when the run should stop now."""
+        if not self.patience:
+            return False
+        if val_loss < self.best:  # Keras' default min_delta 0: any decrease counts
+            self.best, self.best_epoch, self.wait = val_loss, epoch, 0
+            # a copy, not a reference: training goes on changing the weights in place
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.wait += 1
+        self.stopped = self.wait >= self.patience
+        return self.stopped
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What a checkpoint keeps (None when off)."""
+        if not self.patience:
+            return None
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait, "stopped": self.stopped,
+                "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Continue from a checkpoint's :meth:`state_dict` (None: nothing recorded yet)."""
+        if state:
+            self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
+            self.stopped, self.best_state = state["stopped"], state["best_state"]
+
+    def summary(self) -> dict[str, Any]:
+        """For ``metrics.json``: the patience, the epoch whose weights the run kept and its loss,
+        and the epoch after which it stopped (None if it trained every epoch)."""
+        return {"patience": self.patience, "best_epoch": self.best_epoch, "best_val_loss": self.best,
+                "stopped_after_epoch": self.best_epoch + self.wait if self.stopped else None}
+
+
 def _lr_lambda(cfg: Config, total_steps: int) -> Callable[[int], float]:
     o = cfg.optim
     if o.schedule == "constant":
@@ -413,6 +460,14 @@ def _extend(run: Path, cfg: Config, ckpt: dict, epochs: int) -> Config:
     return cfg
 
 
+def _check_not_stopped(run: Path, ckpt: dict, epochs: int) -> None:
+    """Refuse another number of epochs for a run that early stopping has ended."""
+    if (ckpt.get("early_stopping") or {}).get("stopped"):
+        raise CifarlabError(f"'{run}' stopped early after epoch {ckpt['epoch']}, its validation loss no longer "
+                            "falling, and ended on its best epoch's weights; it cannot train on. Train a new "
+                            f"run with --epochs {epochs} instead")
+
+
 def _check_epochs_change(run: Path, cfg: Config, epochs: int) -> None:
     """Refuse another number of epochs where the run's training depends on its own."""
     if cfg.optim.schedule != "constant":
@@ -450,6 +505,8 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, epochs: 
         if cfg.train.runs > 1:  # the parent folder of --runs N
             return resume_runs(run, epochs=epochs, dataset=dataset, log=log)
         ckpt = _load_checkpoint(run)
+        if epochs is not None and epochs != cfg.train.epochs:
+            _check_not_stopped(run, ckpt, epochs)
         if epochs is not None and epochs != cfg.train.epochs and (parent := set_of(run)) is not None:
             base, base_cfg = parent
             if epochs != base_cfg.train.epochs:  # the set's own --epochs change sets its config first
@@ -511,7 +568,10 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
         c, h, w = arrays.x_train.shape[1:]
         save_architecture(run, cfg.model.name, st.model_kwargs, ds.classes, (int(c), int(h), int(w)), st.prep,
                           st.num_params, cfg.train.channels_last)
-        if ckpt is not None and ckpt["epoch"] >= cfg.train.epochs:
+        if ckpt is not None and (ckpt.get("early_stopping") or {}).get("stopped"):
+            log(f"{run} stopped early after epoch {ckpt['epoch']}; nothing to resume, the final weights and test "
+                "figures are written again")
+        elif ckpt is not None and ckpt["epoch"] >= cfg.train.epochs:
             log(f"{run} has trained all its {cfg.train.epochs} epochs; nothing to resume, the final weights and "
                 f"test figures are written again (to train longer: --resume {run} --epochs N)")
         elif ckpt is not None:
@@ -528,6 +588,8 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
     try:
         with interrupts.installed():
             for epoch in range(loop.start_epoch, cfg.train.epochs):
+                if loop.stopping.stopped:
+                    break
                 log(loop.run_epoch(epoch, interrupts))
     except torch.cuda.OutOfMemoryError:
         also = "; or set train.prepare_ahead: false, which prepares each batch as it comes instead of " \
@@ -543,6 +605,11 @@ def _finish(cfg: Config, run: Path, ds: Dataset, arrays: Arrays, st: _Setup, loo
     """After the last epoch: the final weights, the history, and the test figures."""
     if st.lookahead is not None:
         st.lookahead.update(st.model, 1.0)  # end on the slow weights, as airbench does
+    if loop.stopping.best_state is not None:
+        st.model.load_state_dict(loop.stopping.best_state)
+        if loop.stopping.best_epoch != len(loop.history):
+            log(f"restoring the weights of epoch {loop.stopping.best_epoch}, the lowest val_loss "
+                f"({loop.stopping.best:.4f})")
     save_weights(run / "weights.safetensors", st.model)
     write_history(run, loop.history)
     # Said before it starts: with test-time augmentation on a CPU the test takes a minute or more.
@@ -550,6 +617,9 @@ def _finish(cfg: Config, run: Path, ds: Dataset, arrays: Arrays, st: _Setup, loo
     log(f"testing on {len(arrays.x_test):,} images{tta}")
     metrics = _test_metrics(cfg, ds, arrays, st, device, loop.train_time)
     metrics["cpu_kernels"] = loop.cpu_kernels  # whether cifarlab's own CPU kernels ran (see cpu_kernels)
+    metrics["epochs_trained"] = len(loop.history)
+    if loop.stopping.patience:
+        metrics["early_stopping"] = loop.stopping.summary()
     # the conv gradients too: float32 only, so never under bf16 autocast
     metrics["cpu_conv_kernel"] = loop.cpu_kernels and cfg.train.precision == "fp32" and kernels.conv_kernel_pays_off()
     write_json(run / "metrics.json", metrics)
@@ -576,12 +646,14 @@ class _Loop:
         self.history: list[dict[str, float]] = []
         self.partial: tuple[float, float, int] = (0.0, 0.0, 0)  # loss sum, correct, seen before the interrupt
         self.aug_state: torch.Tensor | None = None
+        self.stopping = EarlyStopping(cfg.train.early_stopping)
         if ckpt is not None:
             _restore(ckpt, st, device)
             self.history = list(ckpt["history"])
             self.start_epoch, self.start_step, self.train_time = ckpt["epoch"], ckpt["step"], ckpt["train_time_s"]
             self.partial = (ckpt["partial_loss"], ckpt["partial_correct"], ckpt["partial_seen"])
             self.aug_state = ckpt.get("aug_state")
+            self.stopping.load_state_dict(ckpt.get("early_stopping"))
         self.step_fn = _step_function(cfg, st, device, cpu_kernels)
         ahead = cfg.train.prepare_ahead
         self.prepare_ahead = device.type == "cuda" if ahead is None else ahead
@@ -599,6 +671,7 @@ class _Loop:
             "partial_loss": float(sums[0]), "partial_correct": float(sums[1]), "partial_seen": int(sums[2]),
             "aug_state": gen.get_state() if gen is not None else None,
             "selector": st.selector.state_dict() if st.selector is not None else None,
+            "early_stopping": self.stopping.state_dict(),
         })
 
     def batch(self, idx: torch.Tensor, gen: torch.Generator, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -694,6 +767,9 @@ class _Loop:
                                                desc="Validation")
             row.update(val_loss=v_loss, val_accuracy=v_acc)
             line += f" - val_loss: {v_loss:.4f} - val_accuracy: {v_acc:.4f}"
+            if self.stopping.update(epoch + 1, v_loss, st.model):
+                line += f"\nEpoch {epoch + 1}: early stopping (no lower val_loss for {self.stopping.patience} " \
+                        f"epochs; the lowest, {self.stopping.best:.4f}, was epoch {self.stopping.best_epoch}'s)"
         self.history.append({**row, "train_time_s": self.train_time})
         self.save(epoch + 1, 0, (0.0, 0.0, 0), None)
         return line
@@ -809,7 +885,9 @@ def resume_runs(base: str | Path, epochs: int | None = None, dataset: Dataset | 
         _check_epochs_change(base, cfg, epochs)
         for k in range(cfg.train.runs):  # every run's progress, before any file changes
             if (base / f"run-{k}" / CHECKPOINT).is_file():
-                _extend(base / f"run-{k}", copy.deepcopy(cfg), _load_checkpoint(base / f"run-{k}"), epochs)
+                ckpt = _load_checkpoint(base / f"run-{k}")
+                _check_not_stopped(base / f"run-{k}", ckpt, epochs)
+                _extend(base / f"run-{k}", copy.deepcopy(cfg), ckpt, epochs)
         log(f"{base}: epochs {cfg.train.epochs} -> {epochs} for all {cfg.train.runs} runs (config.yaml updated)")
         cfg.train.epochs = epochs
         save_config(cfg, base / "config.yaml")

@@ -103,6 +103,19 @@ def test_evaluate_and_audit_write_reports(trained_run, image_folder, tmp_path):
     assert "identifying, recognising, tracking or surveilling people" in md.lower()
     assert "[TO BE FILLED IN BY THE MODEL'S OWNER]" in md  # unknown facts are marked, not invented
     assert "per_class_accuracy.png" in md and (tmp_path / "audit" / "per_class_accuracy.png").is_file()
+    assert card["model_details"]["early_stopping"] is None and ", epochs: 2\n" in md
+
+
+def test_model_card_says_which_epochs_weights_an_early_stopped_run_kept():
+    from cifarlab.audit import _origin_lines
+
+    d = {"recipe": "keras-book", "optimizer": {"name": "rmsprop"}, "epochs": 40,
+         "early_stopping": {"patience": 3, "best_epoch": 9, "best_val_loss": 1.2, "stopped_after_epoch": 12}}
+    assert _origin_lines(d) == ["- Recipe: `keras-book`; optimizer: `rmsprop`, epochs: 40 with early stopping "
+                                "(patience 3; stopped early after epoch 12; the weights are those of epoch 9, the "
+                                "lowest validation loss)"]
+    d["early_stopping"].update(best_epoch=39, stopped_after_epoch=None)
+    assert "(patience 3; trained every epoch; the weights are those of epoch 39," in _origin_lines(d)[0]
 
 
 def test_groups_file_errors(image_folder, tmp_path):

@@ -539,6 +539,7 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
         "model_details": {
             "name": run.name, "architecture": pred.arch["model"], "parameters": pred.arch.get("num_params"),
             "recipe": cfg.get("recipe"), "optimizer": cfg.get("optim"), "epochs": cfg.get("train", {}).get("epochs"),
+            "early_stopping": m.get("early_stopping"),
             "training_time_s": m.get("train_time_s"), "trained_on": m.get("device"), "versions": m.get("versions"),
             "date": date.today().isoformat(), "developers": TO_FILL, "licence": TO_FILL, "contact": TO_FILL,
             "imported_from": imported and {k: imported.get(k) for k in ("source", "sha256", "layout", "keras_version")},
@@ -586,7 +587,13 @@ def _origin_lines(d: dict) -> list[str]:
                 f"- Recipe, optimizer and epochs: {TO_FILL}"]
     if d["recipe"] is None:
         return [f"- Recipe, optimizer and epochs: {TO_FILL}"]
-    return [f"- Recipe: `{d['recipe']}`; optimizer: `{(d['optimizer'] or {}).get('name')}`, epochs: {d['epochs']}"]
+    epochs = d["epochs"]
+    if es := d.get("early_stopping"):
+        stop = f"stopped early after epoch {es['stopped_after_epoch']}" if es["stopped_after_epoch"] else \
+            "trained every epoch"
+        epochs = f"{epochs} with early stopping (patience {es['patience']}; {stop}; the weights are those of " \
+                 f"epoch {es['best_epoch']}, the lowest validation loss)"
+    return [f"- Recipe: `{d['recipe']}`; optimizer: `{(d['optimizer'] or {}).get('name')}`, epochs: {epochs}"]
 
 
 def model_card_markdown(card: dict) -> str:

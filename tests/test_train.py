@@ -642,6 +642,7 @@ def test_early_stopping_ends_on_the_best_epochs_weights_and_resumes_where_it_sto
     val_losses[:] = [1.0, 0.7, 0.9, 0.8] * 2
     summary = fit(c, log=lambda s: None)
     assert not val_losses and summary["per_run"][0]["test_accuracy"] == ref["test_accuracy"]  # seed 0, as ref
+    assert [r["epochs_trained"] for r in summary["per_run"]] == [4, 4]
     with pytest.raises(CifarlabError, match=r"run-0' stopped early after epoch 4"):
         fit(resume=tmp_path / "set", epochs=20, log=lambda s: None)
     assert "epochs: 10" in (tmp_path / "set" / "config.yaml").read_text()

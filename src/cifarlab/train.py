@@ -924,7 +924,7 @@ def _train_runs(base: Path, cfg: Config, dataset: Dataset | None, log: Callable[
             except TrainingInterrupted as e:
                 raise TrainingInterrupted(f"{e.what} of run {k + 1} of {n} ({run.name})", base) from None
         results.append({"seed": seed, "test_accuracy": m["test_accuracy"], "train_time_s": m["train_time_s"],
-                        "run": str(run)})
+                        "epochs_trained": m.get("epochs_trained", m["epochs"]), "run": str(run)})
         source = m["data"]["source"]
 
     summary = {"runs": len(results), "recipe": cfg.recipe, "model": cfg.model.name, "data": source,

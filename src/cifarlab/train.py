@@ -295,7 +295,6 @@ class EarlyStopping:
         self.best = math.inf
         self.best_epoch = 0
         self.wait = 0
-        self.stopped = False
         self.best_state: dict[str, torch.Tensor] | None = None
 
     def update(self, epoch: int, val_loss: float, model: nn.Module) -> bool:
@@ -308,13 +307,18 @@ class EarlyStopping:
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             self.wait += 1
-        self.stopped = self.wait >= self.patience
         return self.stopped
+
+    @property
+    def stopped(self) -> bool:
+        """Whether ``patience`` epochs in a row have passed without a lower validation loss."""
+        return bool(self.patience) and self.wait >= self.patience
 
     def state_dict(self) -> dict[str, Any] | None:
         """What a checkpoint keeps (None when off)."""
         if not self.patience:
             return None
+        # "stopped" follows from wait and patience; it is kept for readers of the checkpoint (_stopped_early)
         return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait, "stopped": self.stopped,
                 "best_state": self.best_state}
 
@@ -322,7 +326,7 @@ class EarlyStopping:
         """Continue from a checkpoint's :meth:`state_dict` (None: nothing recorded yet)."""
         if state:
             self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
-            self.stopped, self.best_state = state["stopped"], state["best_state"]
+            self.best_state = state["best_state"]
 
     def summary(self) -> dict[str, Any]:
         """For ``metrics.json``: the patience, the epoch whose weights the run kept and its loss,
@@ -449,7 +453,12 @@ def _selector(cfg: Config, proxy: nn.Module, device: torch.device, fmt: torch.me
 def _extend(run: Path, cfg: Config, ckpt: dict, epochs: int) -> Config:
     """``cfg`` with ``epochs`` in place of its own, for resuming ``run`` longer or shorter (Keras'
     ``fit(initial_epoch=...)``). Only where no part of training depends on the number of epochs,
-    so the result is the run that would have been trained with ``epochs`` from the start."""
+    so the result is the run that would have been trained with ``epochs`` from the start, and not
+    for a run that early stopping has ended."""
+    if _stopped_early(ckpt):
+        raise CifarlabError(f"'{run}' stopped early after epoch {ckpt['epoch']}, its validation loss no longer "
+                            "falling, and ended on its best epoch's weights; it cannot train on. Train a new "
+                            f"run with --epochs {epochs} instead")
     done = ckpt["epoch"] + (1 if ckpt["step"] else 0)  # a started epoch counts
     if epochs < max(1, done):
         raise CifarlabError(f"--epochs {epochs} is not valid for '{run}': it has trained "
@@ -460,12 +469,9 @@ def _extend(run: Path, cfg: Config, ckpt: dict, epochs: int) -> Config:
     return cfg
 
 
-def _check_not_stopped(run: Path, ckpt: dict, epochs: int) -> None:
-    """Refuse another number of epochs for a run that early stopping has ended."""
-    if (ckpt.get("early_stopping") or {}).get("stopped"):
-        raise CifarlabError(f"'{run}' stopped early after epoch {ckpt['epoch']}, its validation loss no longer "
-                            "falling, and ended on its best epoch's weights; it cannot train on. Train a new "
-                            f"run with --epochs {epochs} instead")
+def _stopped_early(ckpt: dict) -> bool:
+    """Whether the checkpoint is that of a run early stopping has ended (see :class:`EarlyStopping`)."""
+    return bool((ckpt.get("early_stopping") or {}).get("stopped"))
 
 
 def _check_epochs_change(run: Path, cfg: Config, epochs: int) -> None:
@@ -506,15 +512,14 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, epochs: 
             return resume_runs(run, epochs=epochs, dataset=dataset, log=log)
         ckpt = _load_checkpoint(run)
         if epochs is not None and epochs != cfg.train.epochs:
-            _check_not_stopped(run, ckpt, epochs)
-        if epochs is not None and epochs != cfg.train.epochs and (parent := set_of(run)) is not None:
-            base, base_cfg = parent
-            if epochs != base_cfg.train.epochs:  # the set's own --epochs change sets its config first
+            # The set's own --epochs change (resume_runs) sets its config first, so only a run
+            # changed by hand differs from it.
+            if (parent := set_of(run)) is not None and epochs != parent[1].train.epochs:
+                base, base_cfg = parent
                 raise CifarlabError(
                     f"'{run}' is one of the {base_cfg.train.runs} runs of '{base}', which all train "
                     f"{base_cfg.train.epochs} epoch(s); change every run's epochs together: "
                     f"cifarlab train --resume {base} --epochs {epochs}")
-        if epochs is not None and epochs != cfg.train.epochs:
             old_epochs = cfg.train.epochs
             cfg = _extend(run, cfg, ckpt, epochs)
             save_config(cfg, run / "config.yaml")
@@ -568,7 +573,7 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
         c, h, w = arrays.x_train.shape[1:]
         save_architecture(run, cfg.model.name, st.model_kwargs, ds.classes, (int(c), int(h), int(w)), st.prep,
                           st.num_params, cfg.train.channels_last)
-        if ckpt is not None and (ckpt.get("early_stopping") or {}).get("stopped"):
+        if ckpt is not None and _stopped_early(ckpt):
             log(f"{run} stopped early after epoch {ckpt['epoch']}; nothing to resume, the final weights and test "
                 "figures are written again")
         elif ckpt is not None and ckpt["epoch"] >= cfg.train.epochs:
@@ -885,9 +890,7 @@ def resume_runs(base: str | Path, epochs: int | None = None, dataset: Dataset | 
         _check_epochs_change(base, cfg, epochs)
         for k in range(cfg.train.runs):  # every run's progress, before any file changes
             if (base / f"run-{k}" / CHECKPOINT).is_file():
-                ckpt = _load_checkpoint(base / f"run-{k}")
-                _check_not_stopped(base / f"run-{k}", ckpt, epochs)
-                _extend(base / f"run-{k}", copy.deepcopy(cfg), ckpt, epochs)
+                _extend(base / f"run-{k}", copy.deepcopy(cfg), _load_checkpoint(base / f"run-{k}"), epochs)
         log(f"{base}: epochs {cfg.train.epochs} -> {epochs} for all {cfg.train.runs} runs (config.yaml updated)")
         cfg.train.epochs = epochs
         save_config(cfg, base / "config.yaml")

@@ -28,6 +28,21 @@ def test_help_and_list(capsys):
     assert code == 0 and "keras-deep" in out and "keras-book" in out
 
 
+def test_every_option_says_what_it_does():
+    """``COMMAND --help`` explains every argument: none is listed with its name alone."""
+    import argparse
+
+    from cifarlab.cli import _parser
+
+    bare = []
+    for action in _parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                bare += [f"{name} {'/'.join(a.option_strings) or a.dest}" for a in sub._actions
+                         if not a.help and not isinstance(a, argparse._HelpAction)]
+    assert bare == []
+
+
 def test_summary(capsys):
     code, out, _ = run(capsys, "summary", "--model", "keras-deep")
     assert code == 0 and "Total params: 2,168,362" in out
@@ -331,3 +346,4 @@ def test_evaluate_names_the_runs_own_data_path_when_it_does_not_hold_from_here(c
     assert code == 2 and (f"the run's data '{image_folder.name}' (from {out / 'config.yaml'}) does not exist "
                           f"from {elsewhere}; give its path with --data") in e
     assert run(capsys, "evaluate", str(out), "--data", str(image_folder))[0] == 0
+

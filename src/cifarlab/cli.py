@@ -83,14 +83,15 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--val-split", type=float,
                    help="fraction of training images held out, per class (default 0.2; 0: no validation)")
     g = t.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int)
+    g.add_argument("--epochs", type=int, help="passes over the training images (keras-book: 20)")
+    g.add_argument("--batch-size", type=int, help="images per step (keras-book: 128)")
     g.add_argument("--optimizer",
                    help="rmsprop (Keras semantics), sgd, adam or muon (convolution filters; SGD for the rest)")
-    g.add_argument("--lr", type=float, help="learning rate per step")
+    g.add_argument("--lr", type=float, help="learning rate per step, at the recipe's batch size "
+                                          "(keras-book: 0.001, Keras' RMSprop default)")
     g.add_argument("--momentum", type=float, help="sgd momentum")
     g.add_argument("--nesterov", action="store_true", default=None, help="sgd with Nesterov momentum")
-    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--weight-decay", type=float, help="L2 penalty added to each gradient (keras-book: 0)")
     g.add_argument("--augment", help="augmentation preset: none, keras (the notebook's ImageDataGenerator), crop-flip")
     g.add_argument("--select-fraction", type=float,
                    help="train each step on this fraction of its batch, the examples a small proxy net finds "
@@ -102,7 +103,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--early-stopping", type=int, metavar="PATIENCE",
                    help="stop after PATIENCE epochs without a lower val_loss and keep the best epoch's weights "
                         "(Keras' EarlyStopping with restore_best_weights; default 0: off)")
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=int, help="seed of the weights, the validation split, batch order, dropout "
+                                          "and augmentation (default 0)")
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     g.add_argument("--deterministic", action="store_true", default=None, help="bit-reproducible kernels")
@@ -135,21 +137,21 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", help="folder for the report files (default RUN/eval; for a --runs folder, OUT/run-K "
                                  "and OUT/eval_summary.json)")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    e.add_argument("--device", default="auto")
+    e.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda or cuda:N")
     e.set_defaults(func=cmd_evaluate)
 
 
 def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     """``cifarlab predict``'s options."""
     pr = sub.add_parser("predict", help="classify image files")
-    pr.add_argument("run")
+    pr.add_argument("run", help="run folder written by 'cifarlab train' (or 'cifarlab import')")
     pr.add_argument("images", nargs="+", help="image files or folders")
     pr.add_argument("--top", type=int, default=3, help="classes to show per image (default 3)")
     fmt = pr.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true")
-    fmt.add_argument("--csv", action="store_true")
+    fmt.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    fmt.add_argument("--csv", action="store_true", help="print the predictions as CSV")
     _add_tta_arg(pr)
-    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--device", default="cpu", help="where the model runs (default cpu)")
     pr.set_defaults(func=cmd_predict)
 
 
@@ -166,7 +168,7 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
     _add_tta_arg(a)
     a.add_argument("--out", help="folder for the report (default RUN/audit; for a --runs folder, OUT/run-K and "
                                  "OUT/audit_summary.json and .md)")
-    a.add_argument("--device", default="auto")
+    a.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda or cuda:N")
     a.set_defaults(func=cmd_audit)
 
 
@@ -179,8 +181,8 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
                                    "Given two folders of 'cifarlab train --runs N', it compares their runs' "
                                    "accuracies instead (Welch's t-test), overall and per class (Holm-corrected), "
                                    "from the runs' own figures; no data is loaded.")
-    m.add_argument("run_a", metavar="RUN_A")
-    m.add_argument("run_b", metavar="RUN_B")
+    m.add_argument("run_a", metavar="RUN_A", help="the first run folder (or the folder of --runs N)")
+    m.add_argument("run_b", metavar="RUN_B", help="the second; the differences are B minus A")
     _add_data_args(m)
     m.add_argument("--groups", help="CSV as audit --groups reads it: the comparison per group of each attribute")
     m.add_argument("--bootstrap", type=int, help="bootstrap resamples for the interval (default 1000)")
@@ -224,7 +226,7 @@ def _add_import_parser(sub: argparse._SubParsersAction) -> None:
                                      "classes)")
     k.add_argument("--image-size", help="HxW of the training images where no architecture says (default 32x32)")
     k.add_argument("--out", help="run folder to write (default runs/keras-import-MODEL-TIME)")
-    k.add_argument("--overwrite", action="store_true")
+    k.add_argument("--overwrite", action="store_true", help="write into an existing run folder")
     k.set_defaults(func=cmd_import)
 
 
@@ -235,23 +237,24 @@ def _add_augment_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--config", help="YAML/TOML file whose 'augment' section sets the options")
     g.add_argument("--augment", default="keras", help="preset (default keras: the notebook's settings)")
     g.add_argument("--per-image", type=int, default=5, help="augmented copies per image (default 5)")
-    g.add_argument("--split", choices=["train", "test"], default="train")
+    g.add_argument("--split", choices=["train", "test"], default="train", help="images to augment (default train)")
     g.add_argument("--limit", type=int, help="augment only the first N images")
     g.add_argument("--out", help="output: .npz array file or a folder (image folder layout)")
     g.add_argument("--preview-dir", help="write preview images here")
     g.add_argument("--save-prefix", default="aug", help="file name prefix of previews")
-    g.add_argument("--save-format", choices=["jpeg", "png"], default="jpeg")
+    g.add_argument("--save-format", choices=["jpeg", "png"], default="jpeg",
+                   help="file format of previews (default jpeg, as the notebook)")
     g.add_argument("--previews", type=int, default=8, help="images to preview, the classes taken in turn (default 8)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--overwrite", action="store_true")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random transforms and --subset (default 0)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     g.set_defaults(func=cmd_augment)
 
 
 def _add_summary_parser(sub: argparse._SubParsersAction) -> None:
     """``cifarlab summary``'s options."""
     s = sub.add_parser("summary", help="print a Keras-style table of a model's layers")
-    s.add_argument("--model", required=True)
-    s.add_argument("--num-classes", type=int, default=10)
+    s.add_argument("--model", required=True, help="registered model name (see 'cifarlab list')")
+    s.add_argument("--num-classes", type=int, default=10, help="classes of the last layer (default 10)")
     s.add_argument("--input", default="32,32,3", help="H,W,C (default 32,32,3)")
     s.set_defaults(func=cmd_summary)
 

@@ -66,6 +66,8 @@ def test_summary(capsys):
     (["train", "--recipe", "fast", "--cuda-graph"], "train.cuda_graph = True is not valid; a CUDA graph bakes in"),
     (["train", "--resume", "/no/run", "--lr", "0.1"], "only --epochs may be given with it"),
     (["train", "--resume", "/no/run", "--recipe", "fast"], "only --epochs may be given with it"),
+    (["train", "--device", "gpu"], "device = 'gpu' is not valid; choose auto, cpu, cuda or cuda:N"),
+    (["train", "--device", "cuda:first"], "device = 'cuda:first' is not valid; choose auto, cpu, cuda or cuda:N"),
     (["evaluate", "/no/run"], "run folder '/no/run' does not exist"),
     (["summary", "--model", "x"], "not a registered model"),
     (["summary", "--model", "keras-deep", "--num-classes", "0"], "num_classes=0 is not valid"),
@@ -347,3 +349,13 @@ def test_evaluate_names_the_runs_own_data_path_when_it_does_not_hold_from_here(c
                           f"from {elsewhere}; give its path with --data") in e
     assert run(capsys, "evaluate", str(out), "--data", str(image_folder))[0] == 0
 
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:first", "cuda0", "cuda:"])
+def test_a_bad_device_name_is_named_whether_or_not_cuda_is_here(name):
+    """evaluate, predict and audit take --device straight to ``select_device``: a malformed
+    name is refused as such, never with a bare traceback from parsing its number."""
+    from cifarlab.errors import ConfigError
+    from cifarlab.runtime import select_device
+
+    with pytest.raises(ConfigError, match=f"device '{name}' is not valid; choose auto, cpu, cuda or cuda:N"):
+        select_device(name)

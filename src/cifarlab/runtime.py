@@ -26,6 +26,9 @@ def select_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
+        suffix = name[len("cuda"):]
+        if suffix and not (suffix[0] == ":" and suffix[1:].isdigit()):
+            raise ConfigError(f"device '{name}' is not valid; choose auto, cpu, cuda or cuda:N (N a device number)")
         if not torch.cuda.is_available():
             raise ConfigError(f"device '{name}' was asked for but CUDA is not available here; use --device cpu or auto")
         idx = int(name.split(":")[1]) if ":" in name else 0

@@ -153,3 +153,43 @@ def test_truncated_zip_is_reported_as_corrupt(tmp_path):
     path.write_bytes(path.read_bytes()[:-30])  # the central directory's end is cut off
     with pytest.raises(DataError, match="the archive is truncated or corrupt"):
         load_dataset(path)
+
+
+@pytest.mark.parametrize("kind", ["w:xz", "zip"])
+def test_reading_an_archive_shows_its_bytes_on_a_terminal_only(tmp_path, monkeypatch, kind):
+    """The first read of a compressed data set takes seconds before decoding starts: on an
+    interactive stderr a bar counts the archive's bytes up to its whole size and is cleared when
+    done (the bar's total is the archive's size in KiB: random bytes do not compress); piped,
+    stderr gets nothing. Either way the members read are the same."""
+    import sys
+    import zipfile
+
+    from tqdm import tqdm
+
+    from cifarlab.data.archive import read_members
+
+    rng = np.random.default_rng(0)
+    blobs = {f"train/c/{i}.bin": rng.integers(0, 256, 40_000, dtype=np.uint8).tobytes() for i in range(4)}
+    path = tmp_path / ("d.tar.xz" if kind == "w:xz" else "d.zip")
+    if kind == "zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, b in blobs.items():
+                zf.writestr(name, b)
+    else:
+        with tarfile.open(path, kind) as tf:
+            for name, b in blobs.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(b)
+                tf.addfile(info, io.BytesIO(b))
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, bar in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert dict(read_members(path)) == blobs
+        shown = stream.getvalue()
+        total = path.stat().st_size if kind == "w:xz" else sum(zipfile.ZipFile(path).getinfo(n).compress_size
+                                                                 for n in blobs)
+        assert ("Reading" in shown and f"/{tqdm.format_sizeof(total, divisor=1024)}" in shown) == bar, shown

@@ -16,6 +16,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from ..errors import DataError
+from ..runtime import byte_progress
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".zip")
 _READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile,
@@ -84,7 +85,9 @@ def read_members(path: Path, want=lambda name: True, dirs: bool = False) -> list
         return _read_zip(path, want, dirs)
     out = []
     try:
-        with tarfile.open(path, "r:*") as tf:
+        # The file opened here so that its position, the compressed bytes read, moves the bar.
+        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tf, \
+                byte_progress(path.stat().st_size, "Reading") as bar:
             for m in tf:  # streaming: compressed archives are decompressed once
                 check_member(path, m)
                 if dirs and m.isdir():
@@ -93,6 +96,7 @@ def read_members(path: Path, want=lambda name: True, dirs: bool = False) -> list
                     f = tf.extractfile(m)
                     assert f is not None
                     out.append((m.name, f.read()))
+                bar.update(raw.tell() - bar.n)
     except DataError:
         raise
     except _READ_ERRORS as e:
@@ -107,12 +111,14 @@ def _read_zip(path: Path, want, dirs: bool) -> list[tuple[str, bytes]]:
             members = zf.infolist()
             for m in members:  # all checked before any is read
                 check_zip_member(path, m)
-            for m in members:
-                if m.is_dir():
-                    if dirs:
-                        out.append((m.filename.rstrip("/") + "/", b""))
-                elif want(m.filename):
-                    out.append((m.filename, zf.read(m)))
+            with byte_progress(sum(m.compress_size for m in members), "Reading") as bar:
+                for m in members:
+                    if m.is_dir():
+                        if dirs:
+                            out.append((m.filename.rstrip("/") + "/", b""))
+                    elif want(m.filename):
+                        out.append((m.filename, zf.read(m)))
+                    bar.update(m.compress_size)
     except DataError:
         raise
     except NotImplementedError as e:  # a compression method Python lacks (deflate64, say)

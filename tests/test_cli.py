@@ -59,8 +59,8 @@ def test_summary(capsys):
     (["train", "--seed", "-1"], "seed = -1 is not valid; with 1 run(s) it must lie in [0, 4294967295]"),
     (["train", "--val-split", "1.2"], "it must lie in [0, 1); 0 trains on every training image"),
     (["train", "--augment", "wild"], "augmentation preset 'wild' is not valid"),
-    (["train", "--recipe", "fast", "--early-stopping", "3"], "train.early_stopping = 3 is not valid; it watches the "
-                                                            "validation loss, so it needs validation images"),
+    (["train", "--recipe", "fast", "--early-stopping", "3"], "train.early_stopping = 3 is not valid; it watches "
+                                                            "val_loss, so it needs validation images"),
     (["train", "--data", "/no/such/data"], "--data '/no/such/data' does not exist"),
     (["train", "--config", "/no/such.yaml"], "cannot read config file"),
     (["train", "--recipe", "fast", "--cuda-graph"], "train.cuda_graph = True is not valid; a CUDA graph bakes in"),

@@ -51,8 +51,15 @@ def test_roundtrip(tmp_path):
     ({"augment": {"zoom_range": [0.9, float("inf")]}}, "augment.zoom_range: .* is not valid"),
     ({"train": {"early_stopping": -1}}, "train.early_stopping = -1 is not valid; it must be 0 "),
     ({"train": {"early_stopping": 3}, "data": {"val_split": 0}},
-     r"train.early_stopping = 3 is not valid; it watches the validation loss, so it needs validation images: "
+     r"train.early_stopping = 3 is not valid; it watches val_loss, so it needs validation images: "
      r"set data.val_split \(--val-split\) above 0"),
+    ({"train": {"early_stopping": 3, "early_stopping_monitor": "acc"}},
+     "train.early_stopping_monitor = 'acc' is not valid; choose val_loss or val_accuracy"),
+    ({"train": {"early_stopping": 3, "early_stopping_min_delta": -0.01}},
+     "train.early_stopping_min_delta = -0.01 is not valid; it must be 0 or more"),
+    ({"train": {"early_stopping_monitor": "val_accuracy"}}, "train.early_stopping_monitor = 'val_accuracy' is not "
+     r"valid; it only applies with early stopping on: set train.early_stopping \(--early-stopping\)"),
+    ({"train": {"early_stopping_min_delta": 0.01}}, "train.early_stopping_min_delta = 0.01 is not valid; it only"),
     ({"train": {"early_stopping": 3, "lookahead_every": 5}}, "a run with lookahead ends on its slow weights"),
 ])
 def test_invalid_values(over, msg):

@@ -116,6 +116,12 @@ def test_model_card_says_which_epochs_weights_an_early_stopped_run_kept():
                                 "lowest validation loss)"]
     d["early_stopping"].update(best_epoch=39, stopped_after_epoch=None)
     assert "(patience 3; trained every epoch; the weights are those of epoch 39," in _origin_lines(d)[0]
+    # a run that watched its validation accuracy, changes of 0.002 or less not counting
+    d["early_stopping"] = {"patience": 5, "monitor": "val_accuracy", "min_delta": 0.002, "best_epoch": 20,
+                           "best_val_accuracy": 0.75, "stopped_after_epoch": 25}
+    assert _origin_lines(d)[0].endswith("epochs: 40 with early stopping (patience 5, changes of 0.002 or less not "
+                                        "counting; stopped early after epoch 25; the weights are those of epoch "
+                                        "20, the highest validation accuracy)")
 
 
 def test_groups_file_errors(image_folder, tmp_path):

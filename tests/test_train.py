@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -587,6 +588,64 @@ def test_each_epoch_line_gives_that_epochs_training_time_as_keras_does(tmp_path,
     assert [h["train_time_s"] for h in history] == [10.0, 20.0, 30.0]  # the running total stays in the history
 
 
+@pytest.mark.parametrize("monitor,values,best_epoch,stop", [
+    # val_accuracy, higher is better, min_delta 0.01: 0.505, 0.525 and 0.528 are rises of 0.01 or
+    # less, no improvement; patience 2 then stops after epoch 5 on epoch 3's 0.52
+    ("val_accuracy", [0.50, 0.505, 0.52, 0.525, 0.528, 0.9], 3, 5),
+    # val_loss, lower is better, same rule the other way
+    ("val_loss", [1.0, 0.995, 0.98, 0.975, 0.972, 0.1], 3, 5),
+])
+def test_early_stopping_watches_either_figure_with_keras_min_delta(monitor, values, best_epoch, stop):
+    """Keras' rule: an epoch improves when its figure beats the best by strictly more than
+    min_delta, in the monitor's direction; the weights kept are a copy of the best epoch's."""
+    from cifarlab.train import EarlyStopping
+
+    model = torch.nn.Linear(1, 1)
+    es = EarlyStopping(2, monitor, min_delta=0.01)
+    stopped_at = None
+    for epoch, v in enumerate(values, 1):
+        with torch.no_grad():
+            model.weight.fill_(epoch)  # each epoch's weights, told apart
+        if es.update(epoch, {"val_loss": math.nan, "val_accuracy": math.nan, monitor: v}, model):
+            stopped_at = epoch
+            break
+    assert (stopped_at, es.best_epoch, es.best) == (stop, best_epoch, values[best_epoch - 1])
+    assert es.best_state["weight"].item() == best_epoch
+    assert es.summary() == {"patience": 2, "monitor": monitor, "min_delta": 0.01, "best_epoch": best_epoch,
+                            f"best_{monitor}": values[best_epoch - 1], "stopped_after_epoch": stop}
+    # Without min_delta every step the right way counts: it trains through all six epochs
+    es0 = EarlyStopping(2, monitor)
+    assert not any(es0.update(e, {monitor: v}, model) for e, v in enumerate(values, 1)) and es0.best_epoch == 6
+
+
+def test_early_stopping_on_validation_accuracy_in_a_run(tmp_path, monkeypatch, capsys):
+    """Through the CLI's flags: the run watches the scripted validation accuracy, stops after two
+    epochs without a higher one, and says so in its log and metrics."""
+    import cifarlab.train as train_mod
+    from cifarlab.cli import main
+
+    data = make_image_folder(tmp_path / "d", n_train=8, n_test=4)
+    real = train_mod.evaluate_arrays
+    accs = [0.25, 0.5, 0.5, 0.25, 0.75]
+
+    def scripted(*args, desc="Evaluating", **kw):
+        loss, acc, logits = real(*args, desc=desc, **kw)
+        return loss, (accs.pop(0) if desc == "Validation" else acc), logits
+
+    monkeypatch.setattr(train_mod, "evaluate_arrays", scripted)
+    out = tmp_path / "acc"
+    assert main(["train", "--data", str(data), "--model", "keras-shallow", "--epochs", "10", "--batch-size", "4",
+                 "--val-split", "0.25", "--threads", "1", "--out", str(out), "--early-stopping", "2",
+                 "--early-stopping-monitor", "val_accuracy"]) == 0
+    assert accs == [0.75]  # four epochs: 0.5 again is no improvement
+    assert "Epoch 4: early stopping (no higher val_accuracy for 2 epochs; the highest val_accuracy, 0.5000, was " \
+           "epoch 2's)" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["epochs_trained"] == 4 and m["early_stopping"]["best_epoch"] == 2
+    assert m["early_stopping"]["best_val_accuracy"] == 0.5 and m["early_stopping"]["monitor"] == "val_accuracy"
+    assert "early_stopping_monitor: val_accuracy" in (out / "config.yaml").read_text()
+
+
 def test_early_stopping_ends_on_the_best_epochs_weights_and_resumes_where_it_stopped(tmp_path, monkeypatch):
     """Patience 2 with validation losses 1.0, 0.7, 0.9, 0.8: the run stops after epoch 4 and ends
     on epoch 2's weights, bit for bit those of the same run trained 2 epochs (constant lr). Trained
@@ -611,9 +670,11 @@ def test_early_stopping_ends_on_the_best_epochs_weights_and_resumes_where_it_sto
     m = fit(tiny_config(str(data), str(tmp_path / "es"), epochs=10, batch_size=4, early_stopping=2),
             log=lines.append)
     assert not val_losses  # four epochs, no fifth
-    assert "Epoch 4: early stopping (no lower val_loss for 2 epochs; the lowest, 0.7000, was epoch 2's)" in lines[-5]
+    assert "Epoch 4: early stopping (no lower val_loss for 2 epochs; the lowest val_loss, 0.7000, was epoch 2's)" \
+        in lines[-5]
     assert "restoring the weights of epoch 2, the lowest val_loss (0.7000)" in lines
-    assert m["early_stopping"] == {"patience": 2, "best_epoch": 2, "best_val_loss": 0.7, "stopped_after_epoch": 4}
+    assert m["early_stopping"] == {"patience": 2, "monitor": "val_loss", "min_delta": 0.0, "best_epoch": 2,
+                                   "best_val_loss": 0.7, "stopped_after_epoch": 4}
     assert m["epochs_trained"] == 4 and m["epochs"] == 10 and m["test_accuracy"] == ref["test_accuracy"]
     assert m["test_loss"] == ref["test_loss"]
     a, b = _weights(tmp_path / "es"), _weights(tmp_path / "ref")
@@ -632,7 +693,7 @@ def test_early_stopping_ends_on_the_best_epochs_weights_and_resumes_where_it_sto
     again = fit(resume=tmp_path / "es", log=lines.append)  # no validation pass: val_losses is empty
     assert any("stopped early after epoch 4; nothing to resume" in x for x in lines)
     assert again["test_accuracy"] == m["test_accuracy"] and again["epochs_trained"] == 4
-    with pytest.raises(CifarlabError, match=r"stopped early after epoch 4, its validation loss no longer falling, "
+    with pytest.raises(CifarlabError, match=r"stopped early after epoch 4, its validation loss no longer improving, "
                                             r"and ended on its best epoch's weights; it cannot train on"):
         fit(resume=tmp_path / "es", epochs=20, log=lambda s: None)
 

@@ -591,8 +591,12 @@ def _origin_lines(d: dict) -> list[str]:
     if es := d.get("early_stopping"):
         stop = f"stopped early after epoch {es['stopped_after_epoch']}" if es["stopped_after_epoch"] else \
             "trained every epoch"
-        epochs = f"{epochs} with early stopping (patience {es['patience']}; {stop}; the weights are those of " \
-                 f"epoch {es['best_epoch']}, the lowest validation loss)"
+        # metrics.json written before the monitor could be chosen watched the validation loss
+        best = {"val_loss": "the lowest validation loss", "val_accuracy": "the highest validation accuracy"}[
+            es.get("monitor", "val_loss")]
+        delta = f", changes of {es['min_delta']:g} or less not counting" if es.get("min_delta") else ""
+        epochs = f"{epochs} with early stopping (patience {es['patience']}{delta}; {stop}; the weights are " \
+                 f"those of epoch {es['best_epoch']}, {best})"
     return [f"- Recipe: `{d['recipe']}`; optimizer: `{(d['optimizer'] or {}).get('name')}`, epochs: {epochs}"]
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import COMPILE_MODES, PRECISIONS, TTA_LEVELS
+from .config import COMPILE_MODES, EARLY_STOPPING_MONITORS, PRECISIONS, TTA_LEVELS
 from .errors import CifarlabError, ConfigError
 
 EPILOG = """examples:
@@ -38,7 +38,8 @@ _TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "label_smoothing": ("train", "label_smoothing"), "precision": ("train", "precision"),
     "compile": ("train", "compile"), "compile_mode": ("train", "compile_mode"), "cuda_graph": ("train", "cuda_graph"),
     "cpu_kernels": ("train", "cpu_kernels"), "select_fraction": ("train", "select_fraction"),
-    "early_stopping": ("train", "early_stopping"),
+    "early_stopping": ("train", "early_stopping"), "early_stopping_monitor": ("train", "early_stopping_monitor"),
+    "early_stopping_min_delta": ("train", "early_stopping_min_delta"),
 }
 
 
@@ -101,8 +102,13 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tta", choices=TTA_LEVELS, help="test-time augmentation for the final test")
     g.add_argument("--runs", type=int, help="train N times (seeds seed..seed+N-1); report mean/std/min/max")
     g.add_argument("--early-stopping", type=int, metavar="PATIENCE",
-                   help="stop after PATIENCE epochs without a lower val_loss and keep the best epoch's weights "
-                        "(Keras' EarlyStopping with restore_best_weights; default 0: off)")
+                   help="stop after PATIENCE epochs without a better --early-stopping-monitor and keep the best "
+                        "epoch's weights (Keras' EarlyStopping with restore_best_weights; default 0: off)")
+    g.add_argument("--early-stopping-monitor", choices=list(EARLY_STOPPING_MONITORS),
+                   help="what early stopping watches: val_loss (default; lower is better) or val_accuracy")
+    g.add_argument("--early-stopping-min-delta", type=float, metavar="DELTA",
+                   help="a change of the monitored figure by DELTA or less is no improvement (Keras' min_delta; "
+                        "default 0)")
     g.add_argument("--seed", type=int, help="seed of the weights, the validation split, batch order, dropout "
                                           "and augmentation (default 0)")
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N")

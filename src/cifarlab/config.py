@@ -25,6 +25,8 @@ TTA_LEVELS = ("none", "flip", "flip-translate")
 # fp32; autocast to bf16 or fp16 with float32 weights; or weights in bf16 / fp16 throughout
 # (the "-true" ones, Lightning's names; see cifarlab.runtime.cast_model).
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16-true", "fp16-true")
+# What early stopping can watch, and which way is better (Keras' mode "auto" infers the same)
+EARLY_STOPPING_MONITORS = {"val_loss": "min", "val_accuracy": "max"}
 
 
 @dataclass
@@ -139,10 +141,15 @@ class TrainConfig:
     # CPU: cifarlab's own kernels (fp32 dropout, 3x3 conv gradients without AVX-512; augmentation), where they build
     cpu_kernels: bool = True
     runs: int = 1  # train this many times with seeds seed, seed+1, ... and report mean/std/min/max
-    # Stop after this many epochs in a row without a lower validation loss, and end on the weights
-    # of the epoch with the lowest (Keras' EarlyStopping(patience=N, restore_best_weights=True));
+    # Stop after this many epochs in a row without a better early_stopping_monitor, and end on the
+    # weights of the best epoch (Keras' EarlyStopping(patience=N, restore_best_weights=True));
     # 0: off, every epoch trains and the last one's weights are kept, as the notebook does
     early_stopping: int = 0
+    # What early stopping watches: val_loss (lower is better) or val_accuracy (higher is better)
+    early_stopping_monitor: str = "val_loss"
+    # Keras' min_delta: a change of the monitored figure by this much or less is no improvement
+    # (in its own units: loss, or accuracy as a fraction); 0: any change counts
+    early_stopping_min_delta: float = 0.0
     # Hard-example selection (cifarlab.selection): each step trains on this fraction of its batch,
     # the examples a small proxy net (select_model) finds hardest; the proxy trains alongside, on
     # the examples it keeps, every select_backward_every steps. 1: every example, no proxy
@@ -382,9 +389,20 @@ def validate(cfg: Config) -> None:
             "kernels the step's graph records")
     if cfg.train.early_stopping < 0:
         bad("train.early_stopping", cfg.train.early_stopping, "it must be 0 (off) or a number of epochs")
+    if cfg.train.early_stopping_monitor not in EARLY_STOPPING_MONITORS:
+        bad("train.early_stopping_monitor", cfg.train.early_stopping_monitor,
+            f"choose {' or '.join(EARLY_STOPPING_MONITORS)}")
+    if not (cfg.train.early_stopping_min_delta >= 0 and math.isfinite(cfg.train.early_stopping_min_delta)):
+        bad("train.early_stopping_min_delta", cfg.train.early_stopping_min_delta,
+            "it must be 0 or more, in the monitored figure's units")
+    if not cfg.train.early_stopping:
+        for key, default in (("early_stopping_monitor", "val_loss"), ("early_stopping_min_delta", 0.0)):
+            if getattr(cfg.train, key) != default:
+                bad(f"train.{key}", getattr(cfg.train, key), "it only applies with early stopping on: set "
+                    "train.early_stopping (--early-stopping) to a number of epochs too")
     if cfg.train.early_stopping and not cfg.data.val_split:
-        bad("train.early_stopping", cfg.train.early_stopping, "it watches the validation loss, so it needs "
-            "validation images: set data.val_split (--val-split) above 0")
+        bad("train.early_stopping", cfg.train.early_stopping, f"it watches {cfg.train.early_stopping_monitor}, so "
+            "it needs validation images: set data.val_split (--val-split) above 0")
     if cfg.train.early_stopping and cfg.train.lookahead_every:
         bad("train.early_stopping", cfg.train.early_stopping, "a run with lookahead ends on its slow weights, not "
             "on one epoch's; set train.lookahead_every to 0 or turn early stopping off")

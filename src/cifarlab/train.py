@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import cpu_kernels as kernels
 from . import runtime
 from .augment import CropFlipCutout, KerasAugment, augmenter_from_config
-from .config import Config, load_run_config, save_config
+from .config import EARLY_STOPPING_MONITORS, Config, load_run_config, save_config
 from .data import Dataset, balanced_subset, load_dataset, stratified_split, subset_note
 from .errors import CifarlabError
 from .evaluate import describe
@@ -285,24 +285,29 @@ class Lookahead:
 
 
 class EarlyStopping:
-    """Keras' ``EarlyStopping(monitor="val_loss", patience=N, restore_best_weights=True)``: after
-    each epoch, a validation loss lower than the lowest so far keeps a copy of the weights; N
-    epochs in a row without one stop the run, which then ends on the kept weights. Patience 0 is
-    off. Its state goes into the checkpoint, so a resumed run stops where the whole one would."""
+    """Keras' ``EarlyStopping(monitor, min_delta, patience=N, restore_best_weights=True)``:
+    after each epoch, a ``monitor`` (``val_loss``, lower is better, or ``val_accuracy``, higher)
+    better than the best so far by more than ``min_delta`` keeps a copy of the weights; N epochs in
+    a row without one stop the run, which then ends on the kept weights. Patience 0 is off. Its
+    state goes into the checkpoint, so a resumed run stops where the whole one would."""
 
-    def __init__(self, patience: int):
-        self.patience = patience
-        self.best = math.inf
+    def __init__(self, patience: int, monitor: str = "val_loss", min_delta: float = 0.0):
+        self.patience, self.monitor, self.min_delta = patience, monitor, min_delta
+        self.lower_is_better = EARLY_STOPPING_MONITORS[monitor] == "min"
+        self.best = math.inf if self.lower_is_better else -math.inf
         self.best_epoch = 0
         self.wait = 0
         self.best_state: dict[str, torch.Tensor] | None = None
 
-    def update(self, epoch: int, val_loss: float, model: nn.Module) -> bool:
-        """Record epoch ``epoch``'s (1-based) ``val_loss``; True when the run should stop now."""
+    def update(self, epoch: int, logs: dict[str, float], model: nn.Module) -> bool:
+        """Record epoch ``epoch``'s (1-based) figures (``logs`` holds the monitored one); True
+        when the run should stop now."""
         if not self.patience:
             return False
-        if val_loss < self.best:  # Keras' default min_delta 0: any decrease counts
-            self.best, self.best_epoch, self.wait = val_loss, epoch, 0
+        value = logs[self.monitor]
+        # Keras' test: better by strictly more than min_delta (with 0, any change the right way)
+        if (value < self.best - self.min_delta) if self.lower_is_better else (value > self.best + self.min_delta):
+            self.best, self.best_epoch, self.wait = value, epoch, 0
             # a copy, not a reference: training goes on changing the weights in place
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
@@ -311,8 +316,12 @@ class EarlyStopping:
 
     @property
     def stopped(self) -> bool:
-        """Whether ``patience`` epochs in a row have passed without a lower validation loss."""
+        """Whether ``patience`` epochs in a row have passed without a better monitored figure."""
         return bool(self.patience) and self.wait >= self.patience
+
+    def describe(self) -> str:
+        """The best epoch in words, for the log: "the lowest val_loss"."""
+        return f"the {'lowest' if self.lower_is_better else 'highest'} {self.monitor}"
 
     def state_dict(self) -> dict[str, Any] | None:
         """What a checkpoint keeps (None when off)."""
@@ -329,9 +338,10 @@ class EarlyStopping:
             self.best_state = state["best_state"]
 
     def summary(self) -> dict[str, Any]:
-        """For ``metrics.json``: the patience, the epoch whose weights the run kept and its loss,
-        and the epoch after which it stopped (None if it trained every epoch)."""
-        return {"patience": self.patience, "best_epoch": self.best_epoch, "best_val_loss": self.best,
+        """For ``metrics.json``: the settings, the epoch whose weights the run kept and its
+        monitored figure, and the epoch after which it stopped (None if it trained every epoch)."""
+        return {"patience": self.patience, "monitor": self.monitor, "min_delta": self.min_delta,
+                "best_epoch": self.best_epoch, f"best_{self.monitor}": self.best,
                 "stopped_after_epoch": self.best_epoch + self.wait if self.stopped else None}
 
 
@@ -456,8 +466,9 @@ def _extend(run: Path, cfg: Config, ckpt: dict, epochs: int) -> Config:
     so the result is the run that would have been trained with ``epochs`` from the start, and not
     for a run that early stopping has ended."""
     if _stopped_early(ckpt):
-        raise CifarlabError(f"'{run}' stopped early after epoch {ckpt['epoch']}, its validation loss no longer "
-                            "falling, and ended on its best epoch's weights; it cannot train on. Train a new "
+        watched = cfg.train.early_stopping_monitor.replace("val_", "validation ")
+        raise CifarlabError(f"'{run}' stopped early after epoch {ckpt['epoch']}, its {watched} no longer "
+                            "improving, and ended on its best epoch's weights; it cannot train on. Train a new "
                             f"run with --epochs {epochs} instead")
     done = ckpt["epoch"] + (1 if ckpt["step"] else 0)  # a started epoch counts
     if epochs < max(1, done):
@@ -613,7 +624,7 @@ def _finish(cfg: Config, run: Path, ds: Dataset, arrays: Arrays, st: _Setup, loo
     if loop.stopping.best_state is not None:
         st.model.load_state_dict(loop.stopping.best_state)
         if loop.stopping.best_epoch != len(loop.history):
-            log(f"restoring the weights of epoch {loop.stopping.best_epoch}, the lowest val_loss "
+            log(f"restoring the weights of epoch {loop.stopping.best_epoch}, {loop.stopping.describe()} "
                 f"({loop.stopping.best:.4f})")
     save_weights(run / "weights.safetensors", st.model)
     write_history(run, loop.history)
@@ -651,7 +662,8 @@ class _Loop:
         self.history: list[dict[str, float]] = []
         self.partial: tuple[float, float, int] = (0.0, 0.0, 0)  # loss sum, correct, seen before the interrupt
         self.aug_state: torch.Tensor | None = None
-        self.stopping = EarlyStopping(cfg.train.early_stopping)
+        self.stopping = EarlyStopping(cfg.train.early_stopping, cfg.train.early_stopping_monitor,
+                                      cfg.train.early_stopping_min_delta)
         if ckpt is not None:
             _restore(ckpt, st, device)
             self.history = list(ckpt["history"])
@@ -772,9 +784,12 @@ class _Loop:
                                                desc="Validation")
             row.update(val_loss=v_loss, val_accuracy=v_acc)
             line += f" - val_loss: {v_loss:.4f} - val_accuracy: {v_acc:.4f}"
-            if self.stopping.update(epoch + 1, v_loss, st.model):
-                line += f"\nEpoch {epoch + 1}: early stopping (no lower val_loss for {self.stopping.patience} " \
-                        f"epochs; the lowest, {self.stopping.best:.4f}, was epoch {self.stopping.best_epoch}'s)"
+            if self.stopping.update(epoch + 1, row, st.model):
+                es = self.stopping
+                better = f"{'lower' if es.lower_is_better else 'higher'} {es.monitor}" + \
+                    (f" by more than {es.min_delta:g}" if es.min_delta else "")
+                line += f"\nEpoch {epoch + 1}: early stopping (no {better} for {es.patience} epochs; " \
+                        f"{es.describe()}, {es.best:.4f}, was epoch {es.best_epoch}'s)"
         self.history.append({**row, "train_time_s": self.train_time})
         self.save(epoch + 1, 0, (0.0, 0.0, 0), None)
         return line

@@ -60,6 +60,16 @@ def test_roundtrip(tmp_path):
     ({"train": {"early_stopping_monitor": "val_accuracy"}}, "train.early_stopping_monitor = 'val_accuracy' is not "
      r"valid; it only applies with early stopping on: set train.early_stopping \(--early-stopping\)"),
     ({"train": {"early_stopping_min_delta": 0.01}}, "train.early_stopping_min_delta = 0.01 is not valid; it only"),
+    ({"optim": {"plateau_patience": -1}}, "optim.plateau_patience = -1 is not valid; it must be 0 "),
+    ({"optim": {"plateau_patience": 2, "plateau_factor": 1.0}}, r"optim.plateau_factor = 1.0 is not valid; it must "
+     r"lie in \(0, 1\)"),
+    ({"optim": {"plateau_patience": 2, "plateau_min_lr": -1e-5}}, "optim.plateau_min_lr = -1e-05 is not valid"),
+    ({"optim": {"plateau_factor": 0.5}}, "optim.plateau_factor = 0.5 is not valid; it only applies with plateau "
+     r"cuts on: set optim.plateau_patience \(--reduce-lr-on-plateau\)"),
+    ({"optim": {"plateau_patience": 2}, "data": {"val_split": 0}}, "optim.plateau_patience = 2 is not valid; it "
+     "watches val_loss, so it needs validation images"),
+    ({"optim": {"plateau_patience": 2}, "train": {"cuda_graph": True}}, "a CUDA graph bakes in the learning rate, "
+     "so it cannot cut it on a plateau"),
     ({"train": {"early_stopping": 3, "lookahead_every": 5}}, "a run with lookahead ends on its slow weights"),
 ])
 def test_invalid_values(over, msg):

@@ -646,6 +646,92 @@ def test_early_stopping_on_validation_accuracy_in_a_run(tmp_path, monkeypatch, c
     assert "early_stopping_monitor: val_accuracy" in (out / "config.yaml").read_text()
 
 
+def test_plateau_cuts_follow_keras_reduce_lr_on_plateau():
+    """Patience 2, factor 0.5, floor 0.2: a fall of 1e-4 or less is no fall; each second epoch in
+    a row without one halves the scale, down to the floor and no further."""
+    from cifarlab.train import Plateau
+
+    p = Plateau(2, 0.5, min_scale=0.2)
+    losses = [1.0, 0.99995, 0.9, 0.95, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97]
+    cuts = [p.update(v) for v in losses]
+    assert [i + 1 for i, c in enumerate(cuts) if c] == [5, 7, 9]  # epochs after which it cut
+    assert p.scale == 0.2 and p.best == 0.9  # 0.125 would pass the floor; at the floor it stops cutting
+    q = Plateau(2, 0.5, 0.2)
+    q.load_state_dict(p.state_dict())
+    assert q.state_dict() == p.state_dict() and not Plateau(0).update(5.0)
+
+
+def test_plateau_scales_every_group_of_any_schedule():
+    """The cut multiplies each group's scheduled lr (triangle schedule, a whitening-bias group on
+    a schedule of its own) from the next step on; the selector's proxy gets its schedule the same way."""
+    from cifarlab.config import resolve_config
+    from cifarlab.train import Plateau, _reapply, _scheduler
+
+    cfg = resolve_config("fast", overrides={"optim": {"plateau_patience": 1, "plateau_factor": 0.5},
+                                            "data": {"val_split": 0.1}})
+    w, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([{"params": [w], "lr": 0.4}, {"params": [b], "lr": 0.2, "schedule": "whiten_bias"}])
+    plateau = Plateau(1, 0.5)
+    sched = _scheduler(cfg, opt, steps_per_epoch=10, plateau=plateau)
+    for _ in range(7):
+        opt.step()
+        sched.step()
+    before = [g["lr"] for g in opt.param_groups]
+    assert plateau.update(1.0) is False and plateau.update(1.0) is True and plateau.scale == 0.5
+    _reapply(sched)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([x * 0.5 for x in before], rel=1e-12)
+    opt.step()
+    sched.step()  # and the schedule goes on, scaled
+    plain = _scheduler(cfg, torch.optim.SGD([{"params": [w], "lr": 0.4},
+                                              {"params": [b], "lr": 0.2, "schedule": "whiten_bias"}]), 10)
+    assert [f(8) * 0.5 for f in plain.lr_lambdas] == pytest.approx([f(8) for f in sched.lr_lambdas], rel=1e-12)
+
+
+def test_reduce_lr_on_plateau_in_a_run_and_across_a_resume(tmp_path, monkeypatch, capsys):
+    """Through the CLI's flags: with patience 1 and factor 0.5, validation losses 1.0, 1.1, 1.2, 0.5
+    cut the lr after epochs 2 and 3; the history logs each epoch's lr, as Keras does. Trained 2
+    epochs and then resumed to 4, the run ends on the same weights, so the cut and the lr are
+    checkpointed."""
+    import cifarlab.train as train_mod
+    from cifarlab.cli import main
+
+    data = make_image_folder(tmp_path / "d", n_train=8, n_test=4)
+    real = train_mod.evaluate_arrays
+    val_losses: list[float] = []
+
+    def scripted(*args, desc="Evaluating", **kw):
+        loss, acc, logits = real(*args, desc=desc, **kw)
+        return (val_losses.pop(0) if desc == "Validation" else loss), acc, logits
+
+    monkeypatch.setattr(train_mod, "evaluate_arrays", scripted)
+    args = ["train", "--data", str(data), "--model", "keras-shallow", "--batch-size", "4", "--val-split", "0.25",
+            "--threads", "1", "--deterministic", "--reduce-lr-on-plateau", "1", "--reduce-lr-factor", "0.5"]
+    val_losses[:] = [1.0, 1.1, 1.2, 0.5]
+    assert main(args + ["--epochs", "4", "--out", str(tmp_path / "whole")]) == 0
+    out = capsys.readouterr().out
+    assert "Epoch 2: ReduceLROnPlateau reducing learning rate to 0.0005." in out
+    assert "Epoch 3: ReduceLROnPlateau reducing learning rate to 0.00025." in out and "Epoch 4: Reduce" not in out
+    history = json.loads((tmp_path / "whole" / "history.json").read_text())
+    assert [h["learning_rate"] for h in history] == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4], rel=1e-12)
+
+    val_losses[:] = [1.0, 1.1]
+    assert main(args + ["--epochs", "2", "--out", str(tmp_path / "cut")]) == 0
+    # the cut applies from the very next step: the checkpoint's optimizer already holds the new lr
+    assert [g["lr"] for g in train_mod._load_checkpoint(tmp_path / "cut")["optimizer"]["param_groups"]] == \
+        pytest.approx([5e-4], rel=1e-12)
+    val_losses[:] = [1.2, 0.5]
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--epochs", "4"]) == 0
+    assert not val_losses
+    a, b = _weights(tmp_path / "cut"), _weights(tmp_path / "whole")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and the cuts changed the training: without them the weights differ
+    val_losses[:] = [1.0, 1.1, 1.2, 0.5]
+    plain = args[:args.index("--reduce-lr-on-plateau")]
+    assert main(plain + ["--epochs", "4", "--out", str(tmp_path / "plain")]) == 0
+    c = _weights(tmp_path / "plain")
+    assert not all(torch.equal(c[k], b[k]) for k in b)
+
+
 def test_early_stopping_ends_on_the_best_epochs_weights_and_resumes_where_it_stopped(tmp_path, monkeypatch):
     """Patience 2 with validation losses 1.0, 0.7, 0.9, 0.8: the run stops after epoch 4 and ends
     on epoch 2's weights, bit for bit those of the same run trained 2 epochs (constant lr). Trained

@@ -40,6 +40,8 @@ _TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "cpu_kernels": ("train", "cpu_kernels"), "select_fraction": ("train", "select_fraction"),
     "early_stopping": ("train", "early_stopping"), "early_stopping_monitor": ("train", "early_stopping_monitor"),
     "early_stopping_min_delta": ("train", "early_stopping_min_delta"),
+    "reduce_lr_on_plateau": ("optim", "plateau_patience"), "reduce_lr_factor": ("optim", "plateau_factor"),
+    "min_lr": ("optim", "plateau_min_lr"),
 }
 
 
@@ -93,6 +95,11 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--momentum", type=float, help="sgd momentum")
     g.add_argument("--nesterov", action="store_true", default=None, help="sgd with Nesterov momentum")
     g.add_argument("--weight-decay", type=float, help="L2 penalty added to each gradient (keras-book: 0)")
+    g.add_argument("--reduce-lr-on-plateau", type=int, metavar="PATIENCE",
+                   help="multiply the lr by --reduce-lr-factor after PATIENCE epochs without a lower val_loss "
+                        "(Keras' ReduceLROnPlateau; default 0: off)")
+    g.add_argument("--reduce-lr-factor", type=float, metavar="F", help="the plateau cut's factor (default 0.1)")
+    g.add_argument("--min-lr", type=float, metavar="LR", help="plateau cuts stop at this lr (default 0)")
     g.add_argument("--augment", help="augmentation preset: none, keras (the notebook's ImageDataGenerator), crop-flip")
     g.add_argument("--select-fraction", type=float,
                    help="train each step on this fraction of its batch, the examples a small proxy net finds "

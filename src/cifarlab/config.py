@@ -67,6 +67,12 @@ class OptimConfig:
     warmup_frac: float = 0.0  # triangle: fraction of all steps spent warming up
     start_lr_frac: float = 1.0  # triangle: lr at step 0, as a fraction of lr
     final_lr_frac: float = 1.0  # triangle: lr at the last step, as a fraction of lr
+    # Keras' ReduceLROnPlateau on top of the schedule: after this many epochs in a row without a
+    # val_loss lower by more than 1e-4 (Keras' min_delta), multiply every lr by plateau_factor,
+    # never taking optim.lr below plateau_min_lr (the others scaled alike); 0: off
+    plateau_patience: int = 0
+    plateau_factor: float = 0.1
+    plateau_min_lr: float = 0.0
     # lr multiplier for normalisation-layer biases, their lr x weight decay kept (airbench: 64)
     norm_bias_lr_scale: float = 1.0
     # muon: the convolution filters' lr, a step's length relative to the filters' (fixed) norm, so
@@ -375,6 +381,23 @@ def validate(cfg: Config) -> None:
     if cfg.train.cuda_graph and cfg.optim.schedule != "constant":
         bad("train.cuda_graph", True, f"a CUDA graph bakes in the learning rate, so it needs optim.schedule "
             f"constant (this config has {cfg.optim.schedule!r})")
+    if cfg.optim.plateau_patience < 0:
+        bad("optim.plateau_patience", cfg.optim.plateau_patience, "it must be 0 (off) or a number of epochs")
+    if not 0 < cfg.optim.plateau_factor < 1:
+        bad("optim.plateau_factor", cfg.optim.plateau_factor, "it must lie in (0, 1): each cut multiplies the lr by it")
+    if not (0 <= cfg.optim.plateau_min_lr < math.inf):
+        bad("optim.plateau_min_lr", cfg.optim.plateau_min_lr, "it must be 0 or more")
+    if not cfg.optim.plateau_patience:
+        for key, default in (("plateau_factor", 0.1), ("plateau_min_lr", 0.0)):
+            if getattr(cfg.optim, key) != default:
+                bad(f"optim.{key}", getattr(cfg.optim, key), "it only applies with plateau cuts on: set "
+                    "optim.plateau_patience (--reduce-lr-on-plateau) to a number of epochs too")
+    if cfg.optim.plateau_patience and not cfg.data.val_split:
+        bad("optim.plateau_patience", cfg.optim.plateau_patience, "it watches val_loss, so it needs validation "
+            "images: set data.val_split (--val-split) above 0")
+    if cfg.train.cuda_graph and cfg.optim.plateau_patience:
+        bad("train.cuda_graph", True, "a CUDA graph bakes in the learning rate, so it cannot cut it on a plateau; "
+            "set optim.plateau_patience to 0")
     if cfg.train.cuda_graph and cfg.train.whiten_bias_epochs:
         bad("train.cuda_graph", True, "a CUDA graph fixes which parameters train, so it cannot stop training the "
             f"whitening bias after train.whiten_bias_epochs = {cfg.train.whiten_bias_epochs}; set that to 0")

@@ -345,6 +345,43 @@ class EarlyStopping:
                 "stopped_after_epoch": self.best_epoch + self.wait if self.stopped else None}
 
 
+class Plateau:
+    """Keras' ``ReduceLROnPlateau(monitor="val_loss", factor, patience, min_lr)`` (min_delta 1e-4,
+    no cooldown) as a multiplier on the schedule: after ``patience`` epochs in a row without a
+    validation loss lower than the best by more than 1e-4, :attr:`scale` is multiplied by
+    ``factor``, but never below ``min_scale`` (``min_lr`` over the main lr). Patience 0 is off.
+    Its state goes into the checkpoint, so a resumed run cuts where the whole one would."""
+
+    MIN_DELTA = 1e-4  # Keras' default: a smaller fall does not count as one
+
+    def __init__(self, patience: int, factor: float = 0.1, min_scale: float = 0.0):
+        self.patience, self.factor, self.min_scale = patience, factor, min_scale
+        self.scale, self.best, self.wait = 1.0, math.inf, 0
+
+    def update(self, val_loss: float) -> bool:
+        """Record an epoch's validation loss; True when it cuts the lr now."""
+        if not self.patience:
+            return False
+        if val_loss < self.best - self.MIN_DELTA:
+            self.best, self.wait = val_loss, 0
+            return False
+        self.wait += 1
+        # Keras cuts only while the lr is above its floor (with a little tolerance for rounding)
+        if self.wait < self.patience or self.scale <= self.min_scale * (1 + 1e-9):
+            return False
+        self.scale, self.wait = max(self.scale * self.factor, self.min_scale), 0
+        return True
+
+    def state_dict(self) -> dict[str, float]:
+        """What a checkpoint keeps."""
+        return {"scale": self.scale, "best": self.best, "wait": self.wait}
+
+    def load_state_dict(self, state: dict[str, float] | None) -> None:
+        """Continue from a checkpoint's :meth:`state_dict` (None: a checkpoint from before plateaus)."""
+        if state:
+            self.scale, self.best, self.wait = state["scale"], state["best"], state["wait"]
+
+
 def _lr_lambda(cfg: Config, total_steps: int) -> Callable[[int], float]:
     o = cfg.optim
     if o.schedule == "constant":
@@ -380,6 +417,7 @@ class _Setup:
     num_params: int
     init_time: float = 0.0  # seconds of data-dependent initialisation (the whitening layers')
     selector: HardExampleSelector | None = None  # picks the examples each step trains on
+    plateau: Plateau | None = None  # cuts the lr when the validation loss stops falling
 
 
 def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps_per_epoch: int,
@@ -419,19 +457,32 @@ def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps
     model = model.to(memory_format=fmt)
     optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim, capturable=cfg.train.cuda_graph,
                                 cpu_kernels=cpu_kernels)
-    scheduler = _scheduler(cfg, optimizer, steps_per_epoch)
+    o = cfg.optim
+    plateau = Plateau(o.plateau_patience, o.plateau_factor, o.plateau_min_lr / o.lr if o.lr else 0.0)
+    scheduler = _scheduler(cfg, optimizer, steps_per_epoch, plateau)
     lookahead = Lookahead(model) if cfg.train.lookahead_every else None
-    selector = _selector(cfg, proxy, device, fmt, steps_per_epoch) if proxy is not None else None
+    selector = _selector(cfg, proxy, device, fmt, steps_per_epoch, plateau) if proxy is not None else None
     return _Setup(model, optimizer, scheduler, augmenter, prep, lookahead, model_kwargs,
-                  sum(p.numel() for p in model.parameters()), init_time, selector)
+                  sum(p.numel() for p in model.parameters()), init_time, selector, plateau)
 
 
-def _scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The run's learning-rate schedule over ``optimizer``'s groups (a whitening bias's group on its own)."""
+def _scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
+               plateau: Plateau | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """The run's learning-rate schedule over ``optimizer``'s groups (a whitening bias's group on
+    its own), times ``plateau``'s scale where there is one."""
     main = _lr_lambda(cfg, cfg.train.epochs * steps_per_epoch)
     whiten = _whiten_bias_lambda(cfg.train.whiten_bias_epochs * steps_per_epoch, main)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [whiten if g.get("schedule") == "whiten_bias" else main for g in optimizer.param_groups])
+    lambdas = [whiten if g.get("schedule") == "whiten_bias" else main for g in optimizer.param_groups]
+    if plateau is not None and plateau.patience:
+        lambdas = [lambda step, f=f: f(step) * plateau.scale for f in lambdas]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def _reapply(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set the lrs of the step to come from ``scheduler``'s lambdas again, after a plateau cut
+    changed them: the scheduler set them at the last step, before the cut."""
+    for g, base, f in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        g["lr"] = base * f(scheduler.last_epoch)
 
 
 def _trained_per_step(cfg: Config) -> int:
@@ -440,7 +491,7 @@ def _trained_per_step(cfg: Config) -> int:
 
 
 def _selector(cfg: Config, proxy: nn.Module, device: torch.device, fmt: torch.memory_format,
-              steps_per_epoch: int) -> HardExampleSelector:
+              steps_per_epoch: int, plateau: Plateau | None = None) -> HardExampleSelector:
     """The hard-example selector around ``proxy`` (whitened already): prepared as the model is
     (precision, memory format ``fmt``), with an optimizer and schedule of its own built from the run's
     settings. Its whitening bias stays fixed, as airbench96_faster's proxy's. It runs eagerly:
@@ -455,7 +506,7 @@ def _selector(cfg: Config, proxy: nn.Module, device: torch.device, fmt: torch.me
     step = functools.partial(train_step, proxy, optimizer, label_smoothing=cfg.train.label_smoothing,
                              autocast=autocast,
                              loss_scale=runtime.loss_scale(cfg.train.precision, _trained_per_step(cfg)))
-    return HardExampleSelector(proxy, optimizer, _scheduler(cfg, optimizer, steps_per_epoch), step,
+    return HardExampleSelector(proxy, optimizer, _scheduler(cfg, optimizer, steps_per_epoch, plateau), step,
                                cfg.train.select_fraction, cfg.train.select_backward_every,
                                cfg.train.label_smoothing, autocast)
 
@@ -689,7 +740,23 @@ class _Loop:
             "aug_state": gen.get_state() if gen is not None else None,
             "selector": st.selector.state_dict() if st.selector is not None else None,
             "early_stopping": self.stopping.state_dict(),
+            "plateau": st.plateau.state_dict() if st.plateau is not None else None,
         })
+
+    def _plateau(self, epoch: int, val_loss: float, row: dict[str, float]) -> str:
+        """The plateau cut after epoch ``epoch`` (0-based): the lr of the epoch's last step
+        (optim.lr, scheduled) goes into its history row, as Keras logs it; a cut applies from the
+        next step on. Returns the log line's addition."""
+        st, o = self.st, self.cfg.optim
+        main = _lr_lambda(self.cfg, self.total_steps)
+        row["learning_rate"] = o.lr * main(max(0, st.scheduler.last_epoch - 1)) * st.plateau.scale
+        if not st.plateau.update(val_loss):
+            return ""
+        for sched in (st.scheduler, st.selector.scheduler if st.selector is not None else None):
+            if sched is not None:
+                _reapply(sched)
+        lr = f"{o.lr * st.plateau.scale:.4g}" + ("" if o.schedule == "constant" else " times the schedule")
+        return f"\nEpoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to {lr}."
 
     def batch(self, idx: torch.Tensor, gen: torch.Generator, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The training batch of images ``idx``: converted, augmented, normalised, on the device."""
@@ -784,6 +851,8 @@ class _Loop:
                                                desc="Validation")
             row.update(val_loss=v_loss, val_accuracy=v_acc)
             line += f" - val_loss: {v_loss:.4f} - val_accuracy: {v_acc:.4f}"
+            if st.plateau is not None and st.plateau.patience:
+                line += self._plateau(epoch, v_loss, row)
             if self.stopping.update(epoch + 1, row, st.model):
                 es = self.stopping
                 better = f"{'lower' if es.lower_is_better else 'higher'} {es.monitor}" + \
@@ -851,6 +920,8 @@ def _restore(ckpt: dict, st: _Setup, device: torch.device) -> None:
         st.lookahead.slow = list(ckpt["lookahead"])
     if st.selector is not None:
         st.selector.load_state_dict(ckpt["selector"])
+    if st.plateau is not None:
+        st.plateau.load_state_dict(ckpt.get("plateau"))
     torch.set_rng_state(ckpt["rng_cpu"])
     if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
         torch.cuda.set_rng_state(ckpt["rng_cuda"], device)

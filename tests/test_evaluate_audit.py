@@ -122,6 +122,12 @@ def test_model_card_says_which_epochs_weights_an_early_stopped_run_kept():
     assert _origin_lines(d)[0].endswith("epochs: 40 with early stopping (patience 5, changes of 0.002 or less not "
                                         "counting; stopped early after epoch 25; the weights are those of epoch "
                                         "20, the highest validation accuracy)")
+    d["optimizer"] = {"name": "rmsprop", "plateau_patience": 2, "plateau_factor": 0.5}
+    assert _origin_lines(d)[0].endswith("the highest validation accuracy); learning rate multiplied by 0.5 after "
+                                        "every 2 epoch(s) without a lower validation loss")
+    del d["early_stopping"]
+    assert _origin_lines(d)[0] == ("- Recipe: `keras-book`; optimizer: `rmsprop`, epochs: 40; learning rate "
+                                   "multiplied by 0.5 after every 2 epoch(s) without a lower validation loss")
 
 
 def test_groups_file_errors(image_folder, tmp_path):

@@ -587,7 +587,7 @@ def _origin_lines(d: dict) -> list[str]:
                 f"- Recipe, optimizer and epochs: {TO_FILL}"]
     if d["recipe"] is None:
         return [f"- Recipe, optimizer and epochs: {TO_FILL}"]
-    epochs = d["epochs"]
+    epochs = str(d["epochs"])
     if es := d.get("early_stopping"):
         stop = f"stopped early after epoch {es['stopped_after_epoch']}" if es["stopped_after_epoch"] else \
             "trained every epoch"
@@ -597,7 +597,11 @@ def _origin_lines(d: dict) -> list[str]:
         delta = f", changes of {es['min_delta']:g} or less not counting" if es.get("min_delta") else ""
         epochs = f"{epochs} with early stopping (patience {es['patience']}{delta}; {stop}; the weights are " \
                  f"those of epoch {es['best_epoch']}, {best})"
-    return [f"- Recipe: `{d['recipe']}`; optimizer: `{(d['optimizer'] or {}).get('name')}`, epochs: {epochs}"]
+    opt = d["optimizer"] or {}
+    if opt.get("plateau_patience"):
+        epochs += f"; learning rate multiplied by {opt['plateau_factor']:g} after every {opt['plateau_patience']} " \
+                  "epoch(s) without a lower validation loss"
+    return [f"- Recipe: `{d['recipe']}`; optimizer: `{opt.get('name')}`, epochs: {epochs}"]
 
 
 def model_card_markdown(card: dict) -> str:

@@ -335,6 +335,14 @@ def validate(cfg: Config) -> None:
     def bad(key: str, value: Any, valid: str) -> None:
         raise ConfigError(f"{key} = {value!r} is not valid; {valid}")
 
+    def refuse_unused(section: str, switch: str, flag: str, feature: str, keys: tuple[str, ...]) -> None:
+        # Options of a feature that is off would do nothing; set, they are taken for a mistake.
+        sec = getattr(cfg, section)
+        for key in keys:
+            if getattr(sec, key) != getattr(type(sec)(), key):
+                bad(f"{section}.{key}", getattr(sec, key), f"it only applies with {feature} on: set "
+                    f"{section}.{switch} ({flag}) to a number of epochs too")
+
     if cfg.model.name not in list_models():
         bad("model", cfg.model.name, f"valid models: {', '.join(list_models())}")
     if cfg.optim.name not in OPTIMIZERS:
@@ -388,10 +396,8 @@ def validate(cfg: Config) -> None:
     if not (0 <= cfg.optim.plateau_min_lr < math.inf):
         bad("optim.plateau_min_lr", cfg.optim.plateau_min_lr, "it must be 0 or more")
     if not cfg.optim.plateau_patience:
-        for key, default in (("plateau_factor", 0.1), ("plateau_min_lr", 0.0)):
-            if getattr(cfg.optim, key) != default:
-                bad(f"optim.{key}", getattr(cfg.optim, key), "it only applies with plateau cuts on: set "
-                    "optim.plateau_patience (--reduce-lr-on-plateau) to a number of epochs too")
+        refuse_unused("optim", "plateau_patience", "--reduce-lr-on-plateau", "plateau cuts",
+                      ("plateau_factor", "plateau_min_lr"))
     if cfg.optim.plateau_patience and not cfg.data.val_split:
         bad("optim.plateau_patience", cfg.optim.plateau_patience, "it watches val_loss, so it needs validation "
             "images: set data.val_split (--val-split) above 0")
@@ -419,10 +425,8 @@ def validate(cfg: Config) -> None:
         bad("train.early_stopping_min_delta", cfg.train.early_stopping_min_delta,
             "it must be 0 or more, in the monitored figure's units")
     if not cfg.train.early_stopping:
-        for key, default in (("early_stopping_monitor", "val_loss"), ("early_stopping_min_delta", 0.0)):
-            if getattr(cfg.train, key) != default:
-                bad(f"train.{key}", getattr(cfg.train, key), "it only applies with early stopping on: set "
-                    "train.early_stopping (--early-stopping) to a number of epochs too")
+        refuse_unused("train", "early_stopping", "--early-stopping", "early stopping",
+                      ("early_stopping_monitor", "early_stopping_min_delta"))
     if cfg.train.early_stopping and not cfg.data.val_split:
         bad("train.early_stopping", cfg.train.early_stopping, f"it watches {cfg.train.early_stopping_monitor}, so "
             "it needs validation images: set data.val_split (--val-split) above 0")

@@ -730,6 +730,12 @@ def test_reduce_lr_on_plateau_in_a_run_and_across_a_resume(tmp_path, monkeypatch
     assert main(plain + ["--epochs", "4", "--out", str(tmp_path / "plain")]) == 0
     c = _weights(tmp_path / "plain")
     assert not all(torch.equal(c[k], b[k]) for k in b)
+    # An epoch after which early stopping ends the run cuts nothing (the cut would never train)
+    val_losses[:] = [1.0, 1.1]
+    capsys.readouterr()
+    assert main(args + ["--epochs", "4", "--early-stopping", "1", "--out", str(tmp_path / "both")]) == 0
+    out = capsys.readouterr().out
+    assert "Epoch 2: early stopping" in out and "ReduceLROnPlateau" not in out and not val_losses
 
 
 def test_early_stopping_ends_on_the_best_epochs_weights_and_resumes_where_it_stopped(tmp_path, monkeypatch):

@@ -743,14 +743,14 @@ class _Loop:
             "plateau": st.plateau.state_dict() if st.plateau is not None else None,
         })
 
-    def _plateau(self, epoch: int, val_loss: float, row: dict[str, float]) -> str:
-        """The plateau cut after epoch ``epoch`` (0-based): the lr of the epoch's last step
-        (optim.lr, scheduled) goes into its history row, as Keras logs it; a cut applies from the
-        next step on. Returns the log line's addition."""
+    def _plateau(self, epoch: int, val_loss: float, row: dict[str, float], cut: bool = True) -> str:
+        """The plateau cut after epoch ``epoch`` (0-based), where ``cut``: the lr of the epoch's
+        last step (optim.lr, scheduled) goes into its history row, as Keras logs it; a cut applies
+        from the next step on. Returns the log line's addition."""
         st, o = self.st, self.cfg.optim
         main = _lr_lambda(self.cfg, self.total_steps)
         row["learning_rate"] = o.lr * main(max(0, st.scheduler.last_epoch - 1)) * st.plateau.scale
-        if not st.plateau.update(val_loss):
+        if not (cut and st.plateau.update(val_loss)):
             return ""
         for sched in (st.scheduler, st.selector.scheduler if st.selector is not None else None):
             if sched is not None:
@@ -851,9 +851,10 @@ class _Loop:
                                                desc="Validation")
             row.update(val_loss=v_loss, val_accuracy=v_acc)
             line += f" - val_loss: {v_loss:.4f} - val_accuracy: {v_acc:.4f}"
+            stopped = self.stopping.update(epoch + 1, row, st.model)
             if st.plateau is not None and st.plateau.patience:
-                line += self._plateau(epoch, v_loss, row)
-            if self.stopping.update(epoch + 1, row, st.model):
+                line += self._plateau(epoch, v_loss, row, cut=not stopped)  # no cut for a run that ends here
+            if stopped:
                 es = self.stopping
                 better = f"{'lower' if es.lower_is_better else 'higher'} {es.monitor}" + \
                     (f" by more than {es.min_delta:g}" if es.min_delta else "")

@@ -90,7 +90,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=int, help="images per step (keras-book: 128)")
     g.add_argument("--optimizer",
                    help="rmsprop (Keras semantics), sgd, adam or muon (convolution filters; SGD for the rest)")
-    g.add_argument("--lr", type=float, help="learning rate per step, at the recipe's batch size "
+    g.add_argument("--lr", type=float, help="learning rate per step, as given: a new --batch-size does not rescale it "
                                           "(keras-book: 0.001, Keras' RMSprop default)")
     g.add_argument("--momentum", type=float, help="sgd momentum")
     g.add_argument("--nesterov", action="store_true", default=None, help="sgd with Nesterov momentum")

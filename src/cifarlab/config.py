@@ -327,6 +327,11 @@ def resolve_config(recipe: str | None = None, file: str | Path | None = None,
     return cfg
 
 
+def is_device_name(name: str) -> bool:
+    """Whether ``name`` is one of auto, cpu, cuda or cuda:N, the devices cifarlab can be told to use."""
+    return name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())
+
+
 def validate(cfg: Config) -> None:
     """Check value ranges and names; raise :class:`ConfigError` naming the first bad value."""
     from .models import list_models
@@ -448,9 +453,8 @@ def validate(cfg: Config) -> None:
         bad("train.select_backward_every", cfg.train.select_backward_every, "it must be at least 1")
     if cfg.train.threads is not None and cfg.train.threads < 1:
         bad("threads", cfg.train.threads, "it must be at least 1")
-    dev = cfg.train.device
-    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-        bad("device", dev, "choose auto, cpu, cuda or cuda:N")
+    if not is_device_name(cfg.train.device):
+        bad("device", cfg.train.device, "choose auto, cpu, cuda or cuda:N")
     from .augment import augmenter_from_config
 
     augmenter_from_config(cfg.augment)  # raises ConfigError for bad augmentation values

@@ -15,7 +15,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from .config import PRECISIONS
+from .config import PRECISIONS, is_device_name
 from .errors import ConfigError
 
 T = TypeVar("T")
@@ -23,19 +23,16 @@ T = TypeVar("T")
 
 def select_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else CPU; an unavailable CUDA device is an error."""
+    if not is_device_name(name):  # the rule config validation applies to train.device
+        raise ConfigError(f"device '{name}' is not valid; choose auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
-        suffix = name[len("cuda"):]
-        if suffix and not (suffix[0] == ":" and suffix[1:].isdigit()):
-            raise ConfigError(f"device '{name}' is not valid; choose auto, cpu, cuda or cuda:N (N a device number)")
         if not torch.cuda.is_available():
             raise ConfigError(f"device '{name}' was asked for but CUDA is not available here; use --device cpu or auto")
         idx = int(name.split(":")[1]) if ":" in name else 0
         if idx >= torch.cuda.device_count():
             raise ConfigError(f"device '{name}' does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif name != "cpu":
-        raise ConfigError(f"device '{name}' is not valid; choose auto, cpu, cuda or cuda:N")
     return torch.device(name)
 
 

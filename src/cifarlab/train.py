@@ -417,7 +417,7 @@ class _Setup:
     num_params: int
     init_time: float = 0.0  # seconds of data-dependent initialisation (the whitening layers')
     selector: HardExampleSelector | None = None  # picks the examples each step trains on
-    plateau: Plateau | None = None  # cuts the lr when the validation loss stops falling
+    plateau: Plateau | None = None  # cuts the lr when the validation loss stops falling (None: off)
 
 
 def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps_per_epoch: int,
@@ -458,7 +458,8 @@ def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps
     optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim, capturable=cfg.train.cuda_graph,
                                 cpu_kernels=cpu_kernels)
     o = cfg.optim
-    plateau = Plateau(o.plateau_patience, o.plateau_factor, o.plateau_min_lr / o.lr if o.lr else 0.0)
+    plateau = Plateau(o.plateau_patience, o.plateau_factor, o.plateau_min_lr / o.lr if o.lr else 0.0) \
+        if o.plateau_patience else None
     scheduler = _scheduler(cfg, optimizer, steps_per_epoch, plateau)
     lookahead = Lookahead(model) if cfg.train.lookahead_every else None
     selector = _selector(cfg, proxy, device, fmt, steps_per_epoch, plateau) if proxy is not None else None
@@ -473,7 +474,7 @@ def _scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: i
     main = _lr_lambda(cfg, cfg.train.epochs * steps_per_epoch)
     whiten = _whiten_bias_lambda(cfg.train.whiten_bias_epochs * steps_per_epoch, main)
     lambdas = [whiten if g.get("schedule") == "whiten_bias" else main for g in optimizer.param_groups]
-    if plateau is not None and plateau.patience:
+    if plateau is not None:
         lambdas = [lambda step, f=f: f(step) * plateau.scale for f in lambdas]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
@@ -752,9 +753,9 @@ class _Loop:
         row["learning_rate"] = o.lr * main(max(0, st.scheduler.last_epoch - 1)) * st.plateau.scale
         if not (cut and st.plateau.update(val_loss)):
             return ""
-        for sched in (st.scheduler, st.selector.scheduler if st.selector is not None else None):
-            if sched is not None:
-                _reapply(sched)
+        _reapply(st.scheduler)
+        if st.selector is not None:
+            _reapply(st.selector.scheduler)
         lr = f"{o.lr * st.plateau.scale:.4g}" + ("" if o.schedule == "constant" else " times the schedule")
         return f"\nEpoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to {lr}."
 
@@ -852,7 +853,7 @@ class _Loop:
             row.update(val_loss=v_loss, val_accuracy=v_acc)
             line += f" - val_loss: {v_loss:.4f} - val_accuracy: {v_acc:.4f}"
             stopped = self.stopping.update(epoch + 1, row, st.model)
-            if st.plateau is not None and st.plateau.patience:
+            if st.plateau is not None:
                 line += self._plateau(epoch, v_loss, row, cut=not stopped)  # no cut for a run that ends here
             if stopped:
                 es = self.stopping

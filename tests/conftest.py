@@ -168,6 +168,13 @@ def image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "imgs")
 
 
+class Terminal(io.StringIO):
+    """A stand-in for stderr on an interactive terminal, where progress bars show."""
+
+    def isatty(self):
+        return True
+
+
 def tiny_config(data: str, out: str, **train):
     """A config for seconds-long CPU training runs in tests."""
     from cifarlab.config import resolve_config

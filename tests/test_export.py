@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import Terminal
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -116,10 +117,6 @@ def test_long_inference_shows_a_transient_progress_bar_on_a_terminal_only(traine
     """Predicting (and so evaluating) several batches draws a progress bar on an interactive
     stderr, which it clears when done; piped to a file, stderr gets nothing."""
     import io
-
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
 
     model = cifarlab.load_model(trained_run)
     images = np.random.default_rng(0).integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)

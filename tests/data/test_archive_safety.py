@@ -9,7 +9,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from conftest import make_official
+from conftest import Terminal, make_official
 
 from cifarlab.data import load_dataset
 from cifarlab.data.safe_pickle import safe_load
@@ -181,10 +181,6 @@ def test_reading_an_archive_shows_its_bytes_on_a_terminal_only(tmp_path, monkeyp
                 info = tarfile.TarInfo(name)
                 info.size = len(b)
                 tf.addfile(info, io.BytesIO(b))
-
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
 
     for stream, bar in ((Terminal(), True), (io.StringIO(), False)):
         monkeypatch.setattr(sys, "stderr", stream)

@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import SHARED_JPEG, make_image_folder
+from conftest import SHARED_JPEG, Terminal, make_image_folder
 from PIL import Image
 
 from cifarlab.data import balanced_subset, load_dataset, stratified_split
@@ -32,10 +32,6 @@ def test_decoding_shows_a_transient_progress_bar_on_a_terminal_only(image_folder
     import sys
 
     from cifarlab.data.folder import load_image_folder
-
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
 
     want = load_image_folder(image_folder, workers=1)
     for stream, bar in ((Terminal(), True), (io.StringIO(), False)):

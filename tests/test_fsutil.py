@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,3 +77,36 @@ def test_json_holds_no_nan_or_infinity_tokens(tmp_path):
     text = (tmp_path / "m.json").read_text()
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} written")) == {
         "nan": None, "list": [1.5, None, None], "array": [0.25, None], "tuple": [2, None], "int": 7, "flag": True}
+
+
+def test_a_failed_run_removes_the_parent_folders_it_created_and_no_others(tmp_path, monkeypatch):
+    """`runs/` made for the first run goes with that run's folder when the run fails; a `runs/`
+    that was there before stays, and so does one where another run put its folder meanwhile."""
+    from cifarlab.fsutil import new_run_folder, undo_on_failure
+
+    monkeypatch.chdir(tmp_path)
+
+    def fail_in(run, before, also=None):
+        with pytest.raises(RuntimeError), undo_on_failure(run, before):
+            (run / "config.yaml").write_text("x")
+            if also is not None:
+                also.mkdir()
+            raise RuntimeError("bad data")
+
+    run, before = new_run_folder(None, False, "r", "")
+    assert before == Path("runs")
+    fail_in(run, before)
+    assert list(tmp_path.iterdir()) == []
+    run, before = new_run_folder("a/b/c", False, "r", "")
+    assert before == Path("a")
+    fail_in(run, before)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "runs").mkdir()  # there before: stays, empty
+    run, before = new_run_folder(None, False, "r", "")
+    assert before == run
+    fail_in(run, before)
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"] and not any((tmp_path / "runs").iterdir())
+    (tmp_path / "runs").rmdir()
+    run, before = new_run_folder(None, False, "r", "")
+    fail_in(run, before, also=Path("runs/other"))  # a parallel run's folder, made meanwhile
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["other"]

@@ -62,15 +62,19 @@ def make_folder(path: str | os.PathLike, exist_ok: bool = True) -> Path:
     return path
 
 
-def new_run_folder(out: str | os.PathLike | None, overwrite: bool, name: str, remedy: str) -> tuple[Path, str]:
-    """The run folder, created: ``out``, or ``runs/<name>-<time>``; and what it was before:
-    "absent", "empty" or "used" (it held files and ``overwrite`` was given). A non-empty ``out``
-    without ``overwrite`` is refused, the message ending in ``remedy`` (what the user can do)."""
+def new_run_folder(out: str | os.PathLike | None, overwrite: bool, name: str,
+                   remedy: str) -> tuple[Path, str | Path]:
+    """The run folder, created: ``out``, or ``runs/<name>-<time>``; and what was there before:
+    "empty", "used" (it held files and ``overwrite`` was given), or, where the folder was absent,
+    the highest folder this call created (the run folder itself, or the first of its parents
+    that did not exist, ``runs`` say), so that :func:`undo_on_failure` removes no more and no
+    less. A non-empty ``out`` without ``overwrite`` is refused, the message ending in ``remedy``
+    (what the user can do)."""
     if out:
         run = Path(out)
         if run.is_dir() and any(run.iterdir()) and not overwrite:
             raise CifarlabError(f"output folder '{run}' already exists and is not empty; {remedy}")
-        before = "absent" if not run.is_dir() else "used" if any(run.iterdir()) else "empty"
+        before: str | Path = _highest_absent(run) if not run.is_dir() else "used" if any(run.iterdir()) else "empty"
         make_folder(run)
         return run, before
     # The folder is claimed by creating it (mkdir fails if it exists), so runs started in the
@@ -78,25 +82,43 @@ def new_run_folder(out: str | os.PathLike | None, overwrite: bool, name: str, re
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     for n in itertools.count(1):
         run = Path("runs") / f"{name}-{stamp}{f'-{n}' if n > 1 else ''}"
+        created = _highest_absent(run)
         try:
             make_folder(run, exist_ok=False)
-            return run, "absent"
+            return run, created
         except FileExistsError:
             continue
     raise AssertionError("unreachable")  # pragma: no cover - itertools.count never ends
 
 
+def _highest_absent(path: Path) -> Path:
+    """``path``'s highest folder that does not exist (``path`` itself where its parent exists)."""
+    top = path
+    while top.parent != top and not top.parent.exists():
+        top = top.parent
+    return top
+
+
 @contextlib.contextmanager
-def undo_on_failure(run: Path, before: str) -> Iterator[None]:
+def undo_on_failure(run: Path, before: str | Path) -> Iterator[None]:
     """If filling a new run folder fails (bad data, a model that cannot take the images, a Keras
     file that does not fit), remove what was written, so a corrected rerun with the same ``--out``
-    is not refused. ``before`` is what :func:`new_run_folder` found: a folder that already held
-    files ("used") is left as it is."""
+    is not refused and no empty ``runs`` folder is left behind. ``before`` is what
+    :func:`new_run_folder` found: a folder that already held files ("used") is left as it is."""
     try:
         yield
     except BaseException:
-        if before == "absent":
+        if isinstance(before, Path):
             shutil.rmtree(run, ignore_errors=True)
+            # Then the parents it created, each only while empty (rmdir refuses otherwise): a
+            # parallel run may have put its own folder in ``runs`` meanwhile.
+            for parent in run.parents:
+                if parent == before.parent:
+                    break
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
         elif before == "empty":
             for p in run.iterdir():
                 if p.is_dir():

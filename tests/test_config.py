@@ -118,3 +118,45 @@ def test_a_yaml_key_given_twice_is_refused(tmp_path, text, msg):
     assert msg in str(e.value)
     f.write_text("train:\n  epochs: 2\nmodel:\n  name: keras-shallow\n  # epochs: 3\n")
     assert resolve_config(file=f).train.epochs == 2
+
+
+def test_make_config_takes_the_train_flags_names_and_every_other_key_by_its_own():
+    from cifarlab.config import make_config
+
+    f_cfg = make_config("keras-book", epochs=3, model="speednet-wide", optimizer="adam", augment="crop-flip",
+                        reduce_lr_on_plateau=2, rho=0.8, schedule="constant", data="x.tar.gz", val_split=0.1)
+    nested = resolve_config("keras-book", overrides={
+        "train": {"epochs": 3}, "model": {"name": "speednet-wide"}, "optim": {"name": "adam", "plateau_patience": 2,
+                                                                              "rho": 0.8, "schedule": "constant"},
+        "augment": {"preset": "crop-flip"}, "data": {"data": "x.tar.gz", "val_split": 0.1}})
+    assert f_cfg == nested and f_cfg.recipe == "keras-book" and f_cfg.optim.plateau_patience == 2
+    assert make_config(plateau_patience=2).optim.plateau_patience == 2  # the key's own name too
+
+
+@pytest.mark.parametrize("options,msg", [
+    ({"name": "adam"}, "unknown option 'name'; it is a key of model.name and optim.name: give model or optimizer"),
+    ({"epoch": 5}, "unknown option 'epoch'; did you mean epochs?"),
+    ({"qqqq": 1}, r"unknown option 'qqqq'; cifarlab.config.option_keys\(\) lists every option"),
+    ({"epochs": "five"}, r"make_config\(\): train.epochs: 'five' is not valid; expected a whole number"),
+    ({"epochs": 0}, "epochs = 0 is not valid; it must be at least 1"),
+])
+def test_make_config_names_a_bad_option(options, msg):
+    from cifarlab.config import make_config
+
+    with pytest.raises(ConfigError, match=msg):
+        make_config(**options)
+
+
+def test_every_train_flag_sets_the_config_key_of_its_name():
+    """The CLI's train flags go through make_config's rule: a flag missing from the list, or one
+    the rule does not know, would be silently ignored or refused."""
+    import argparse
+
+    from cifarlab import cli
+    from cifarlab.config import OPTION_ALIASES, options_to_overrides
+
+    sub = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
+    dests = {a.dest for a in sub.choices["train"]._actions} - {"help", "config", "recipe", "resume"}
+    assert dests == set(cli._TRAIN_OPTIONS)
+    set_keys = {(sec, key) for sec, keys in options_to_overrides(dict.fromkeys(dests, 1)).items() for key in keys}
+    assert len(set_keys) == len(dests) and set(OPTION_ALIASES.values()) <= set_keys

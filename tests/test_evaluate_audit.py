@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cifarlab.audit import class_metrics, group_metrics, read_groups, run_audit
+from cifarlab.audit import class_metrics, group_metrics, read_groups, audit_run
 from cifarlab.data import load_dataset
 from cifarlab.errors import CifarlabError
 from cifarlab.evaluate import calibration, compute_report, evaluate_run
@@ -91,7 +91,7 @@ def test_evaluate_and_audit_write_reports(trained_run, image_folder, tmp_path):
     assert len(rep["per_class"]) == 3 and rep["num_images"] == 9
     groups = tmp_path / "groups.csv"
     groups.write_text("path,source\n" + "".join(f"{p},{'a' if i % 2 else 'b'}\n" for i, p in enumerate(ds.test_paths)))
-    audit = run_audit(trained_run, ds, tmp_path / "audit", groups_csv=str(groups), n_boot=200, device="cpu",
+    audit = audit_run(trained_run, ds, tmp_path / "audit", groups_csv=str(groups), n_boot=200, device="cpu",
                       log=lambda s: None)
     assert set(audit["attributes"]["source"]["gap"]) >= {"difference", "difference_ci", "ratio"}
     assert any("too small to judge" in w for w in audit["warnings"])  # groups of 4-5 < 30
@@ -172,7 +172,7 @@ def test_audit_leaves_out_images_without_a_group_and_measures_no_gap_in_one_grou
     groups = tmp_path / "groups.csv"
     n = len(ds.y_test)
     groups.write_text("index,site,camera\n" + "".join(f"{i},{'a' if i < 5 else ''},c|1\n" for i in range(n)))
-    audit = run_audit(trained_run, ds, tmp_path / "audit", groups_csv=str(groups), n_boot=100, device="cpu",
+    audit = audit_run(trained_run, ds, tmp_path / "audit", groups_csv=str(groups), n_boot=100, device="cpu",
                       log=lambda s: None)
     site, camera = audit["attributes"]["site"], audit["attributes"]["camera"]
     assert [(g["group"], g["n"]) for g in site["groups"]] == [("a", 5)] and site["not_recorded"] == n - 5
@@ -203,7 +203,7 @@ def test_evaluation_uses_the_runs_own_test_time_augmentation(image_folder, tmp_p
     assert rep["loss"] == pytest.approx(trained["test_loss"], rel=1e-4)
     plain = evaluate_run(tmp_path / "run", ds, tmp_path / "eval-none", tta="none", device="cpu")
     assert plain["tta"] == "none" and plain["loss"] != rep["loss"]
-    audit = run_audit(tmp_path / "run", ds, tmp_path / "audit", n_boot=100, device="cpu", log=lambda s: None)
+    audit = audit_run(tmp_path / "run", ds, tmp_path / "audit", n_boot=100, device="cpu", log=lambda s: None)
     assert audit["tta"] == "flip-translate" and audit["overall_accuracy"] == rep["accuracy"]
     assert "test-time augmentation: flip-translate" in (tmp_path / "audit" / "MODEL_CARD.md").read_text()
     assert load_model(tmp_path / "run").tta == "flip-translate"
@@ -229,7 +229,7 @@ def test_audit_of_a_model_that_predicts_one_class_writes_standard_json_and_n_a(t
     monkeypatch.setattr(audit_mod, "predict_dataset", lambda pred, x: np.tile([0.9, 0.05, 0.05], (len(x), 1)))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no numpy warning about all-NaN resamples
-        run_audit(trained_run, ds, tmp_path / "audit", n_boot=100, device="cpu", log=lambda s: None)
+        audit_run(trained_run, ds, tmp_path / "audit", n_boot=100, device="cpu", log=lambda s: None)
     a = _strict_json(tmp_path / "audit" / "audit.json")
     rows = {r["class"]: r for r in a["classes"]["per_class"]}
     assert rows[ds.classes[1]]["precision"] is None and rows[ds.classes[1]]["precision_ci"] == [None, None]
@@ -253,7 +253,7 @@ def test_a_bad_groups_file_stops_the_audit_before_any_prediction_or_file(trained
 
     monkeypatch.setattr(audit_mod, "predict_dataset", must_not_predict)
     with pytest.raises(CifarlabError, match="cannot read groups file .*missing.csv"):
-        run_audit(trained_run, load_dataset(image_folder), tmp_path / "audit", groups_csv=str(tmp_path / "missing.csv"),
+        audit_run(trained_run, load_dataset(image_folder), tmp_path / "audit", groups_csv=str(tmp_path / "missing.csv"),
                   n_boot=100, device="cpu", log=lambda s: None)
     assert not (tmp_path / "audit").exists()
 

@@ -3,6 +3,8 @@
 The public API is imported lazily so that ``import cifarlab`` stays cheap:
 
 >>> import cifarlab
+>>> cfg = cifarlab.make_config("keras-book", data="cifar10-jpeg.tar.xz", epochs=5)  # doctest: +SKIP
+>>> metrics = cifarlab.fit(cfg)                        # doctest: +SKIP
 >>> model = cifarlab.load_model("runs/my-run")          # doctest: +SKIP
 >>> probs = model.predict(images)                      # doctest: +SKIP
 """
@@ -10,33 +12,17 @@ The public API is imported lazily so that ``import cifarlab`` stays cheap:
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "list_models", "load_model", "load_dataset", "import_keras", "compare_runs",
-           "CifarlabError", "__version__"]
+__all__ = ["make_config", "fit", "create_model", "list_models", "load_model", "load_dataset", "evaluate_run",
+           "audit_run", "import_keras", "compare_runs", "CifarlabError", "__version__"]
+# Each public name, and the module that defines it (imported on first use).
+_HOMES = {"make_config": "config", "fit": "train", "create_model": "models", "list_models": "models",
+          "load_model": "export", "load_dataset": "data", "evaluate_run": "evaluate", "audit_run": "audit",
+          "import_keras": "keras_files", "compare_runs": "compare", "CifarlabError": "errors"}
 
 
 def __getattr__(name: str):
-    if name in ("create_model", "list_models"):
-        from . import models
+    if name in _HOMES:
+        import importlib
 
-        return getattr(models, name)
-    if name == "load_model":
-        from .export import load_model
-
-        return load_model
-    if name == "import_keras":
-        from .keras_files import import_keras
-
-        return import_keras
-    if name == "compare_runs":
-        from .compare import compare_runs
-
-        return compare_runs
-    if name == "load_dataset":
-        from .data import load_dataset
-
-        return load_dataset
-    if name == "CifarlabError":
-        from .errors import CifarlabError
-
-        return CifarlabError
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
     raise AttributeError(f"module 'cifarlab' has no attribute '{name}'")

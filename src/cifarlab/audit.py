@@ -93,7 +93,7 @@ def read_groups(path: str | Path, ds: Dataset) -> tuple[np.ndarray, dict[str, np
     The first column is ``index`` (position in the test split, in the loader's order) or
     ``path`` (as in ``Dataset.test_paths``, e.g. ``test/cat/0001.jpg``). A byte-order mark (as
     spreadsheets write "CSV UTF-8") and blank lines are ignored. An empty cell means the
-    attribute was not recorded for that image (see :func:`run_audit`). An image listed twice, or
+    attribute was not recorded for that image (see :func:`audit_run`). An image listed twice, or
     an attribute column with no value at all, is refused: either would misstate the groups.
     """
     path = Path(path)
@@ -210,14 +210,20 @@ def check_options(margin: float, min_group: int, n_boot: int) -> None:
         raise CifarlabError(f"--min-group {min_group} is not valid; it must be a positive number of images")
 
 
-def run_audit(run: Path, ds: Dataset, out: Path, groups_csv: str | None = None, margin: float = 0.05,
-              min_group: int = 30, n_boot: int = 1000, seed: int = 0, tta: str | None = None,
+def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, groups_csv: str | None = None,
+              margin: float = 0.05, min_group: int = 30, n_boot: int = 1000, seed: int = 0, tta: str | None = None,
               device: str = "auto", log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Write ``audit.json``, ``audit.md``, plots and ``MODEL_CARD.md``/``model_card.json`` into
-    ``out``. ``tta``: the test-time augmentation, by default the run's own (the model as trained
-    and reported is the model audited)."""
+    """Audit a run on ``ds``'s test split: write ``audit.json``, ``audit.md``, plots and
+    ``MODEL_CARD.md``/``model_card.json`` into ``out`` (default ``RUN/audit``) and return the
+    audit. ``groups_csv``: a file of image attributes to break accuracy down by (see
+    :func:`read_groups`); ``margin``: how far below the overall accuracy a class or group is
+    flagged; ``min_group``: a group of fewer images is marked too small and left out of the
+    best-to-worst gap; ``n_boot``: bootstrap resamples for the confidence intervals. ``tta``: the test-time
+    augmentation, by default the run's own (the model as trained and reported is the model audited)."""
     from .evaluate import write_report
 
+    run = Path(run)
+    out = Path(out) if out is not None else run / "audit"
     check_options(margin, min_group, n_boot)
     # The groups file first: a mistake in it should cost no prediction and leave no partial report.
     groups = read_groups(groups_csv, ds) if groups_csv else None
@@ -286,7 +292,7 @@ def run_audit(run: Path, ds: Dataset, out: Path, groups_csv: str | None = None, 
 def audit_runs(base: Path, ds: Dataset, out: Path | None = None, groups_csv: str | None = None, margin: float = 0.05,
                min_group: int = 30, n_boot: int = 1000, seed: int = 0, tta: str | None = None,
                device: str = "auto", log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Audit every run of the ``--runs N`` folder ``base`` (see :func:`run_audit`: each run's
+    """Audit every run of the ``--runs N`` folder ``base`` (see :func:`audit_run`: each run's
     report and model card in ``RUN/audit``, or ``out/run-K``), then summarise over the runs: each
     class's and group's accuracy as mean, std, min and max, in how many runs it was flagged, and
     the largest gaps. A gap that one run shows may be its seed's; one that every run shows is the
@@ -299,7 +305,7 @@ def audit_runs(base: Path, ds: Dataset, out: Path | None = None, groups_csv: str
     for r in runs:
         folder = (out / r.name) if out else r / "audit"
         reports.append(folder / "audit.md")
-        a = run_audit(r, ds, folder, groups_csv, margin, min_group, n_boot, seed, tta, device,
+        a = audit_run(r, ds, folder, groups_csv, margin, min_group, n_boot, seed, tta, device,
                       log=lambda _: None)  # its warnings are in its audit.md; the summary gathers them
         sp = a["classes"]["spread"]
         log(f"{r.name}: overall accuracy {a['overall_accuracy']:.4f}; worst class {sp['worst']}, gap "
@@ -325,7 +331,7 @@ def _spread(values: list[float | None]) -> dict[str, float] | None:
 
 
 def summarise_audits(audits: list[dict[str, Any]], runs: list[str]) -> dict[str, Any]:
-    """The spread over several runs' audits (as :func:`run_audit` returns them, on the same test
+    """The spread over several runs' audits (as :func:`audit_run` returns them, on the same test
     images and groups file): per class and per group, accuracy as mean/std/min/max and the number
     of runs in which it was flagged; per attribute, the largest gap's spread and the number of runs
     whose gap interval excluded zero; and which class was the worst in how many runs."""

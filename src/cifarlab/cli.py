@@ -24,25 +24,15 @@ EPILOG = """examples:
   cifarlab summary --model keras-deep                       # Keras-style layer table
 """
 
-# flag dest -> (config section, key); flags left unset (None) do not override anything.
-_TRAIN_FLAGS: dict[str, tuple[str, str]] = {
-    "data": ("data", "data"), "dataset": ("data", "dataset"), "subset": ("data", "subset"),
-    "val_split": ("data", "val_split"), "allow_unverified": ("data", "allow_unverified"),
-    "skip_bad_images": ("data", "skip_bad_images"), "label_mode": ("data", "label_mode"),
-    "model": ("model", "name"), "optimizer": ("optim", "name"), "lr": ("optim", "lr"),
-    "momentum": ("optim", "momentum"), "nesterov": ("optim", "nesterov"), "weight_decay": ("optim", "weight_decay"),
-    "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "seed": ("train", "seed"),
-    "device": ("train", "device"), "threads": ("train", "threads"), "out": ("train", "out"),
-    "overwrite": ("train", "overwrite"), "deterministic": ("train", "deterministic"),
-    "augment": ("augment", "preset"), "runs": ("train", "runs"), "tta": ("train", "tta"),
-    "label_smoothing": ("train", "label_smoothing"), "precision": ("train", "precision"),
-    "compile": ("train", "compile"), "compile_mode": ("train", "compile_mode"), "cuda_graph": ("train", "cuda_graph"),
-    "cpu_kernels": ("train", "cpu_kernels"), "select_fraction": ("train", "select_fraction"),
-    "early_stopping": ("train", "early_stopping"), "early_stopping_monitor": ("train", "early_stopping_monitor"),
-    "early_stopping_min_delta": ("train", "early_stopping_min_delta"),
-    "reduce_lr_on_plateau": ("optim", "plateau_patience"), "reduce_lr_factor": ("optim", "plateau_factor"),
-    "min_lr": ("optim", "plateau_min_lr"),
-}
+# The train flags that set a config key (by config.options_to_overrides' rule: the key's own name,
+# or one of config.OPTION_ALIASES); flags left unset (None) override nothing.
+_TRAIN_OPTIONS = (
+    "data", "dataset", "subset", "val_split", "allow_unverified", "skip_bad_images", "label_mode",
+    "model", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "epochs", "batch_size", "seed", "device",
+    "threads", "out", "overwrite", "deterministic", "augment", "runs", "tta", "label_smoothing", "precision",
+    "compile", "compile_mode", "cuda_graph", "cpu_kernels", "select_fraction", "early_stopping",
+    "early_stopping_monitor", "early_stopping_min_delta", "reduce_lr_on_plateau", "reduce_lr_factor", "min_lr",
+)
 
 
 def _add_tta_arg(p: argparse.ArgumentParser) -> None:
@@ -294,12 +284,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for dest, (sec, key) in _TRAIN_FLAGS.items():
-        v = getattr(args, dest, None)
-        if v is not None:
-            out.setdefault(sec, {})[key] = v
-    return out
+    from .config import options_to_overrides
+
+    return options_to_overrides({dest: v for dest in _TRAIN_OPTIONS if (v := getattr(args, dest, None)) is not None})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -424,7 +411,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """``cifarlab audit``."""
-    from .audit import check_options, run_audit
+    from .audit import audit_run, check_options
     from .export import read_run
 
     check_options(args.margin, args.min_group, args.bootstrap)  # before the data is loaded
@@ -433,7 +420,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     run, _ = read_run(args.run)
     ds = _load_eval_data(args, run)
     out = Path(args.out) if args.out else run / "audit"
-    run_audit(run, ds, out, groups_csv=args.groups, margin=args.margin, min_group=args.min_group,
+    audit_run(run, ds, out, groups_csv=args.groups, margin=args.margin, min_group=args.min_group,
               n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print)
     return 0
 

@@ -307,8 +307,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_config(recipe: str | None = None, file: str | Path | None = None,
-                   overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the recipe's settings, then the config file, then ``overrides`` (CLI flags).
+                   overrides: dict[str, Any] | None = None, origin: str = "command line") -> Config:
+    """Defaults, then the recipe's settings, then the config file, then ``overrides`` (CLI flags;
+    ``origin`` is where error messages say they came from).
 
     The recipe is taken from ``recipe`` if given, else from the file, else ``keras-book``.
     """
@@ -320,11 +321,71 @@ def resolve_config(recipe: str | None = None, file: str | Path | None = None,
     if file_values:
         apply_overrides(cfg, file_values, f"config file '{file}'")
     if overrides:
-        apply_overrides(cfg, overrides, "command line")
+        apply_overrides(cfg, overrides, origin)
     if recipe:
         cfg.recipe = recipe
     validate(cfg)
     return cfg
+
+
+# Options by one flat name, as `cifarlab train` flags and `make_config` keywords take them: every
+# key by its own name where no other section has it, and these by the CLI's name, where the key's
+# own is shared (model.name, optim.name) or the flag says more (--augment PRESET, Keras'
+# --reduce-lr-on-plateau PATIENCE).
+OPTION_ALIASES: dict[str, tuple[str, str]] = {
+    "model": ("model", "name"), "optimizer": ("optim", "name"), "augment": ("augment", "preset"),
+    "reduce_lr_on_plateau": ("optim", "plateau_patience"), "reduce_lr_factor": ("optim", "plateau_factor"),
+    "min_lr": ("optim", "plateau_min_lr"),
+}
+
+
+def _key_sections() -> dict[str, list[str]]:
+    """Each config key's name, and the sections that have a key of that name."""
+    owners: dict[str, list[str]] = {}
+    for sec in SECTIONS:
+        for f in dataclasses.fields(getattr(Config(), sec)):
+            owners.setdefault(f.name, []).append(sec)
+    return owners
+
+
+def option_keys() -> dict[str, tuple[str, str]]:
+    """Every option name :func:`make_config` takes, and the (section, key) it sets."""
+    unique = {name: (secs[0], name) for name, secs in _key_sections().items() if len(secs) == 1}
+    return {**unique, **OPTION_ALIASES}
+
+
+def options_to_overrides(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Flat options (``epochs=5``, ``model="keras-shallow"``) as the nested overrides that
+    :func:`resolve_config` takes; an unknown name raises :class:`ConfigError` with the nearest
+    valid ones."""
+    import difflib
+
+    keys, out = option_keys(), {}
+    for name, value in options.items():
+        if name not in keys:
+            if secs := _key_sections().get(name):  # model.name and optim.name
+                names = [a for a, (sec, key) in OPTION_ALIASES.items() if key == name and sec in secs]
+                hint = f"it is a key of {' and '.join(f'{s}.{name}' for s in secs)}: give {' or '.join(names)}"
+            elif near := difflib.get_close_matches(name, list(keys), n=3):
+                hint = f"did you mean {' or '.join(near)}?"
+            else:
+                hint = "cifarlab.config.option_keys() lists every option"
+            raise ConfigError(f"unknown option '{name}'; {hint}")
+        sec, key = keys[name]
+        out.setdefault(sec, {})[key] = value
+    return out
+
+
+def make_config(recipe: str | None = None, file: str | Path | None = None, **options: Any) -> Config:
+    """The configuration of a training run, validated: the recipe's settings (default
+    ``keras-book``), then the YAML/TOML ``file``, then ``options`` by the names of
+    ``cifarlab train``'s flags (``data=``, ``epochs=``, ``model=``, ``lr=``) or of any other
+    config key (``rho=``, ``schedule=``; :func:`option_keys` lists them all). Change its fields
+    and pass it to :func:`cifarlab.fit`, which checks it again.
+
+    >>> cfg = make_config("keras-book", data="cifar10-jpeg.tar.xz", epochs=5)  # doctest: +SKIP
+    """
+    return resolve_config(recipe, file, options_to_overrides(options), origin="make_config()")
 
 
 def is_device_name(name: str) -> bool:

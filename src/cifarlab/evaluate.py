@@ -81,11 +81,13 @@ def compute_report(probs: np.ndarray, y: np.ndarray, classes: list[str], k: int 
     }
 
 
-def evaluate_run(run: Path, ds: Dataset, out: Path, tta: str | None = None, device: str = "auto",
-                 n_worst: int = 32) -> dict[str, Any]:
-    """Evaluate a run on ``ds``'s test split and write report files into ``out`` (see
-    :func:`write_report`). ``tta``: the test-time augmentation level, by default the run's own,
-    so the accuracy is the one its training reported."""
+def evaluate_run(run: str | Path, ds: Dataset, out: str | Path | None = None, tta: str | None = None,
+                 device: str = "auto", n_worst: int = 32) -> dict[str, Any]:
+    """Evaluate a run on ``ds``'s test split (from :func:`cifarlab.load_dataset`) and write report
+    files into ``out``, by default ``RUN/eval`` (see :func:`write_report`); return the report, as
+    ``cifarlab evaluate --json`` prints it. ``tta``: the test-time augmentation level, by default
+    the run's own, so the accuracy is the one its training reported."""
+    out = Path(out) if out is not None else Path(run) / "eval"
     pred = load_model(run, device, tta)
     _check_compatible(pred, ds)
     make_folder(out)  # before the predictions: an unwritable folder should cost no time

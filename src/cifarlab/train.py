@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import cpu_kernels as kernels
 from . import runtime
 from .augment import CropFlipCutout, KerasAugment, augmenter_from_config
-from .config import EARLY_STOPPING_MONITORS, Config, load_run_config, save_config
+from .config import EARLY_STOPPING_MONITORS, Config, load_run_config, save_config, validate
 from .data import Dataset, balanced_subset, load_dataset, stratified_split, subset_note
 from .errors import CifarlabError
 from .evaluate import describe
@@ -552,16 +552,27 @@ def _check_epochs_change(run: Path, cfg: Config, epochs: int) -> None:
 
 def fit(cfg: Config | None = None, *, resume: str | Path | None = None, epochs: int | None = None,
         dataset: Dataset | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train per ``cfg`` (or resume the run folder ``resume``) and write the run folder.
+    """Train per ``cfg`` (a :class:`~cifarlab.config.Config`, from
+    :func:`cifarlab.make_config`), or resume the run folder ``resume``, and write the run folder.
 
-    ``epochs`` with ``resume`` changes the run's number of epochs, where its schedule allows (a
+    ``cfg`` is validated again here, so fields changed after :func:`~cifarlab.make_config` are
+    checked too. ``dataset``: images already loaded, trained on instead of loading ``cfg.data``'s
+    (the run's config still names ``cfg.data``'s, so they should be the same). ``log`` receives
+    each line of progress (default: print). ``epochs`` with ``resume`` changes the run's number of epochs, where its schedule allows (a
     constant learning rate, no lookahead): a finished run trains on, an unfinished one stops
     sooner, each exactly as a run given that number from the start. With ``cfg.train.runs > 1``,
-    trains that many times (see :func:`fit_runs`). Returns the final metrics dict (also saved as
-    ``metrics.json``).
+    trains that many times (see :func:`fit_runs`). Returns the final metrics dict (saved as
+    ``metrics.json``; ``runs_summary.json`` for several runs) with the run folder's path as ``run``.
     """
     if epochs is not None and resume is None:
         raise CifarlabError("epochs= is for resuming a run; set cfg.train.epochs for a new one")
+    if resume is None:
+        if not isinstance(cfg, Config):
+            raise CifarlabError(f"fit() takes a Config, from cifarlab.make_config(recipe, **options), or "
+                                f"resume=RUN; got {type(cfg).__name__} {cfg!r:.60}")
+        validate(cfg)
+    elif cfg is not None:
+        raise CifarlabError("fit(resume=RUN) continues the run with its saved config; give no cfg with it")
     if resume is None and cfg is not None and cfg.train.runs > 1:
         return fit_runs(cfg, dataset=dataset, log=log)
     run, ckpt = None, None

@@ -1,0 +1,48 @@
+"""The Python API, as a notebook uses it: make_config, fit, evaluate_run and audit_run on a run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import cifarlab
+from cifarlab.errors import CifarlabError, ConfigError
+
+
+def test_a_notebook_configures_trains_evaluates_and_audits_a_run(tmp_path, image_folder):
+    cfg = cifarlab.make_config(data=str(image_folder), model="keras-shallow", val_split=0.25, epochs=2, batch_size=8,
+                               out=str(tmp_path / "r"), threads=1, deterministic=True)
+    cfg.optim.lr = 2e-3  # a field changed after make_config is what trains
+    lines: list[str] = []
+    m = cifarlab.fit(cfg, log=lines.append)
+    assert [x.split(" - ")[0] for x in lines if x.startswith("Epoch")] == ["Epoch 1/2", "Epoch 2/2"]
+    assert m["run"] == str(tmp_path / "r")
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["test_accuracy"] == m["test_accuracy"]
+    assert "lr: 0.002" in (tmp_path / "r" / "config.yaml").read_text()
+    ds = cifarlab.load_dataset(image_folder)
+    report = cifarlab.evaluate_run(tmp_path / "r", ds, device="cpu")  # into RUN/eval by default
+    assert report["accuracy"] == pytest.approx(m["test_accuracy"], abs=1e-9)
+    assert (tmp_path / "r" / "eval" / "confusion_matrix.png").is_file()
+    audit = cifarlab.audit_run(str(tmp_path / "r"), ds, n_boot=100, device="cpu", log=lambda s: None)
+    assert audit["overall_accuracy"] == report["accuracy"] and (tmp_path / "r" / "audit" / "MODEL_CARD.md").is_file()
+
+
+def test_fit_checks_a_config_changed_after_make_config_and_refuses_what_is_not_one(tmp_path, image_folder):
+    cfg = cifarlab.make_config(data=str(image_folder), out=str(tmp_path / "r"))
+    cfg.train.epochs = 0
+    with pytest.raises(ConfigError, match="epochs = 0 is not valid; it must be at least 1"):
+        cifarlab.fit(cfg, log=lambda s: None)
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(CifarlabError, match=r"fit\(\) takes a Config, from cifarlab.make_config.*got str 'fast'"):
+        cifarlab.fit("fast")
+    cfg.train.epochs = 1
+    with pytest.raises(CifarlabError, match="continues the run with its saved config; give no cfg with it"):
+        cifarlab.fit(cfg, resume=tmp_path / "r")
+
+
+def test_every_public_name_resolves():
+    for name in cifarlab.__all__:
+        assert getattr(cifarlab, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'trian'"):
+        cifarlab.trian  # noqa: B018

@@ -80,6 +80,33 @@ def test_missing_and_foreign_run_folders(tmp_path):
         read_run(tmp_path)
 
 
+def test_one_rule_tells_a_runs_set_from_a_run(trained_run, tmp_path, capsys):
+    """A set is known by its summary, its run-K folders, or a config of several runs (a set
+    whose first run never started); a run (architecture.json) or any other folder is not one."""
+    from cifarlab.cli import main
+    from cifarlab.config import load_run_config, save_config
+    from cifarlab.export import is_runs_set
+
+    cfg = load_run_config(trained_run / "config.yaml")
+    assert not is_runs_set(trained_run) and not is_runs_set(tmp_path / "absent") and not is_runs_set(tmp_path)
+    assert not is_runs_set(trained_run / "config.yaml")  # a file
+    cases = {"summary": ("runs_summary.json", "{}"), "garbled": ("config.yaml", "train: [")}
+    for name, (file, text) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / file).write_text(text)
+    (tmp_path / "stopped" / "run-0").mkdir(parents=True)
+    (tmp_path / "notrun" / "run-x").mkdir(parents=True)
+    for name, runs in (("unstarted", 3), ("single", 1)):
+        cfg.train.runs = runs
+        save_config(cfg, tmp_path / name / "config.yaml")
+    assert {p.name: is_runs_set(p) for p in tmp_path.iterdir() if p.is_dir()} == {
+        "run": False, "summary": True, "garbled": False, "stopped": True, "notrun": False, "unstarted": True,
+        "single": False, "imgs": False}  # imgs: the image folder the run trained on
+    for command in ("evaluate", "audit"):  # the unstarted set: named as a set, not as a run lacking files
+        assert main([command, str(tmp_path / "unstarted"), "--data", "unused"]) == 2
+        assert "holds no runs of 'cifarlab train --runs'" in capsys.readouterr().err
+
+
 def test_preprocess_scales_and_standardises_with_per_channel_values_made_once():
     """preprocess is (x / 255 - mean) / (std + 1e-6) per channel, and the per-channel tensors are
     made once and reused, not rebuilt from the lists (a host-to-device copy on a GPU) per batch."""

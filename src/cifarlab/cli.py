@@ -335,21 +335,13 @@ def _load_eval_data(args: argparse.Namespace, run: Path):
     return ds
 
 
-def _is_runs_set(folder: str) -> bool:
-    """Whether ``folder`` is the parent folder of ``cifarlab train --runs N`` rather than a run,
-    for the commands that take either (evaluate, audit)."""
-    from .export import runs_of
-
-    return bool(runs_of(folder)) and not (Path(folder) / "architecture.json").is_file()
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``cifarlab evaluate``."""
     from .evaluate import evaluate_run
-    from .export import read_run
+    from .export import is_runs_set, read_run
     from .fsutil import json_text
 
-    if _is_runs_set(args.run):
+    if is_runs_set(args.run):
         return _evaluate_runs(args)
     run, _ = read_run(args.run)
     ds = _load_eval_data(args, run)
@@ -412,10 +404,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     """``cifarlab audit``."""
     from .audit import audit_run, check_options
-    from .export import read_run
+    from .export import is_runs_set, read_run
 
     check_options(args.margin, args.min_group, args.bootstrap)  # before the data is loaded
-    if _is_runs_set(args.run):
+    if is_runs_set(args.run):
         return _audit_runs(args)
     run, _ = read_run(args.run)
     ds = _load_eval_data(args, run)
@@ -457,12 +449,11 @@ def _audit_runs(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     """``cifarlab compare``."""
     from .audit import check_bootstrap
-    from .compare import (check_same_classes, compare_run_sets, compare_runs, format_comparison, format_run_sets,
-                          is_runs_folder)
-    from .export import read_run
+    from .compare import check_same_classes, compare_run_sets, compare_runs, format_comparison, format_run_sets
+    from .export import is_runs_set, read_run
     from .fsutil import json_text
 
-    sets = [is_runs_folder(r) for r in (args.run_a, args.run_b)]
+    sets = [is_runs_set(r) for r in (args.run_a, args.run_b)]
     if all(sets):  # two recipes, several seeds each: their summaries, no data needed
         used = ("data", "dataset", "allow_unverified", "skip_bad_images", "label_mode", "groups", "bootstrap",
                 "tta", "device")

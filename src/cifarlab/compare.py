@@ -135,12 +135,6 @@ def compare_runs(run_a: str | Path, run_b: str | Path, ds: Dataset, tta: str | N
     return result
 
 
-def is_runs_folder(folder: str | Path) -> bool:
-    """Whether ``folder`` is the parent folder of ``cifarlab train --runs N``."""
-    folder = Path(folder)
-    return (folder / "runs_summary.json").is_file() or (folder / "run-0").is_dir()
-
-
 def _summary(folder: Path) -> dict[str, Any]:
     from .export import finished_runs, runs_of
 

@@ -137,6 +137,23 @@ def runs_of(folder: str | Path, marker: str = "architecture.json") -> list[Path]
     return sorted(runs, key=lambda p: (len(p.name), p.name))  # run-2 before run-10
 
 
+def is_runs_set(folder: str | Path) -> bool:
+    """Whether ``folder`` is the parent folder of ``cifarlab train --runs N`` rather than a run:
+    it holds no ``architecture.json`` but a ``runs_summary.json``, ``run-K`` subfolders, or a
+    ``config.yaml`` of several runs (a set whose first run has not started). The one rule of the
+    commands that take either (evaluate, audit, compare)."""
+    folder = Path(folder)
+    if not folder.is_dir() or (folder / "architecture.json").is_file():
+        return False
+    if (folder / "runs_summary.json").is_file() or any(
+            p.is_dir() and p.name[4:].isdigit() for p in folder.glob("run-*")):
+        return True
+    try:
+        return (folder / "config.yaml").is_file() and load_run_config(folder / "config.yaml").train.runs > 1
+    except CifarlabError:  # not a config of ours: not a set (the command then says what the folder lacks)
+        return False
+
+
 def finished_metrics(run: Path, epochs: int) -> dict[str, Any] | None:
     """The ``metrics.json`` of ``run`` if it has trained all of ``epochs``, else None."""
     try:

@@ -237,7 +237,7 @@ class _Interrupts:
                 signal.signal(s, h)
 
 
-def _new_run_dir(cfg: Config) -> tuple[Path, str]:
+def _new_run_dir(cfg: Config) -> tuple[Path, str | Path]:
     """The run's folder, created (see :func:`cifarlab.fsutil.new_run_folder`)."""
     return new_run_folder(cfg.train.out, cfg.train.overwrite, f"{cfg.recipe}-{cfg.model.name}",
                           "choose another --out, pass --overwrite to replace its files, or --resume it")

@@ -25,7 +25,12 @@ def test_help_and_list(capsys):
     for cmd in ("train", "evaluate", "predict", "audit", "augment", "summary", "list"):
         assert cmd in out
     code, out, _ = run(capsys, "list")
-    assert code == 0 and "keras-deep" in out and "keras-book" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert code == 0 and lines["keras-deep"].split()[1:3] == ["2,168,362", "4x4"]
+    assert lines["keras-shallow"].split()[1:3] == ["4,200,842", "2x2"]  # counted on the model, as the README says
+    assert "keras-deep, rmsprop, batch 128, 20 epochs, augment none, validation 0.2, tta none" in lines["keras-book"]
+    assert "augment keras" in lines["keras-book-augmented"] and "cutout 12" in lines["best"]
+    assert "hardest 0.5 of each batch" in lines["best-select"] and "hardest" not in lines["best"]
 
 
 def test_every_option_says_what_it_does():

@@ -537,14 +537,29 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:  # noqa: ARG001
-    """``cifarlab list``."""
+    """``cifarlab list``: each model with its size, each recipe with the settings it resolves to."""
+    import torch
+
     from .augment import PRESETS
-    from .models import list_models
+    from .config import resolve_config
+    from .models import create_model, list_models, min_image_size, model_about
     from .recipes import RECIPES
 
-    print("models:  " + ", ".join(list_models()))
-    print("recipes: " + ", ".join(RECIPES))
-    print("augment: " + ", ".join(PRESETS))
+    print("models (parameters for 32x32 RGB images and 10 classes; the smallest image each takes):")
+    for name in list_models():
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            params = sum(p.numel() for p in create_model(name, num_classes=10, in_chans=3, img_size=32).parameters())
+        size = min_image_size(name)
+        print(f"  {name:<16}{params:>12,}  {f'{size}x{size}':>5}  {model_about(name)}")
+    print("recipes (cifarlab train --recipe NAME; any setting can be overridden):")
+    for name in RECIPES:
+        c = resolve_config(name)
+        aug = c.augment.preset + (f", cutout {c.augment.cutout}" if c.augment.cutout else "")
+        picked = f", trains on the hardest {c.train.select_fraction:g} of each batch" \
+            if c.train.select_fraction < 1 else ""
+        print(f"  {name:<22}{c.model.name}, {c.optim.name}, batch {c.train.batch_size}, {c.train.epochs} epochs, "
+              f"augment {aug}, validation {c.data.val_split:g}, tta {c.train.tta}{picked}")
+    print("augmentation presets (--augment): " + ", ".join(PRESETS))
     return 0
 
 

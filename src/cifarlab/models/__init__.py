@@ -16,17 +16,21 @@ from ..errors import ConfigError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _MIN_SIZE: dict[str, int] = {}
+_ABOUT: dict[str, str] = {}
 
 
-def register_model(name: str, min_size: int = 1) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+def register_model(name: str, min_size: int = 1,
+                   about: str = "") -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator adding a model constructor to the registry under ``name``; ``min_size`` is the
-    smallest image height and width (pixels) its layers can take."""
+    smallest image height and width (pixels) its layers can take; ``about``, a few words on what
+    it is, for ``cifarlab list``."""
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model '{name}' is registered twice")
         _REGISTRY[name] = fn
         _MIN_SIZE[name] = min_size
+        _ABOUT[name] = about
         return fn
 
     return deco
@@ -46,6 +50,12 @@ def min_image_size(name: str) -> int:
     """The smallest image height and width the registered model ``name`` can take."""
     _ensure_loaded()
     return _MIN_SIZE[name]
+
+
+def model_about(name: str) -> str:
+    """A few words on what the registered model ``name`` is."""
+    _ensure_loaded()
+    return _ABOUT[name]
 
 
 def create_model(name: str, **kwargs) -> nn.Module:

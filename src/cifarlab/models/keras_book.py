@@ -67,13 +67,13 @@ class KerasDeep(nn.Sequential):
         keras_init_(self)
 
 
-@register_model("keras-shallow", min_size=2)  # one 2x2 pool
+@register_model("keras-shallow", min_size=2, about="the notebook's shallow CNN")  # one 2x2 pool
 def keras_shallow(**kw) -> nn.Module:
     """The notebook's shallow CNN (4,200,842 parameters on 32x32x3, 10 classes)."""
     return KerasShallow(**kw)
 
 
-@register_model("keras-deep", min_size=4)  # two 2x2 pools
+@register_model("keras-deep", min_size=4, about="the notebook's deep CNN")  # two 2x2 pools
 def keras_deep(**kw) -> nn.Module:
     """The notebook's deep CNN (2,168,362 parameters on 32x32x3, 10 classes)."""
     return KerasDeep(**kw)

@@ -107,13 +107,14 @@ class SpeedNet(nn.Module):
         self.whiten.bias.zero_()
 
 
-@register_model("speednet", min_size=9)  # a 2x2 valid conv, then three 2x2 pools
+# min_size: a 2x2 valid conv, then three 2x2 pools
+@register_model("speednet", min_size=9, about="airbench94's net: whitening conv, batch norm, GELU")
 def speednet(**kw) -> nn.Module:
     """airbench94-style net (widths 64/256/256); ~2 M parameters."""
     return SpeedNet(**kw)
 
 
-@register_model("speednet-wide", min_size=9)
+@register_model("speednet-wide", min_size=9, about="airbench96's net: wider, residual groups")
 def speednet_wide(**kw) -> nn.Module:
     """airbench96-style net for the ``best`` recipe: widths 128/512/512, three convolutions per
     group with a residual connection; 12.7 M parameters."""
@@ -122,7 +123,7 @@ def speednet_wide(**kw) -> nn.Module:
     return SpeedNet(**kw)
 
 
-@register_model("speednet-wide2", min_size=9)
+@register_model("speednet-wide2", min_size=9, about="airbench96's June 2024 net (best-select)")
 def speednet_wide2(**kw) -> nn.Module:
     """airbench96's June 2024 net, as its hard-example-selection variant (airbench96_faster)
     trains it: widths 128/384/512, three convolutions per group with the last GELU after the
@@ -134,7 +135,7 @@ def speednet_wide2(**kw) -> nn.Module:
     return SpeedNet(**kw)
 
 
-@register_model("speednet-proxy", min_size=9)
+@register_model("speednet-proxy", min_size=9, about="small proxy that picks hard examples")
 def speednet_proxy(**kw) -> nn.Module:
     """A small speednet (widths 32/64/64, two convolutions per group, batch-norm momentum 0.1)
     that picks the examples a larger net trains on (``train.select_fraction``), as

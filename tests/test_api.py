@@ -46,3 +46,16 @@ def test_every_public_name_resolves():
         assert getattr(cifarlab, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'trian'"):
         cifarlab.trian  # noqa: B018
+
+
+def test_a_notebook_trains_evaluates_and_audits_a_set_of_runs(tmp_path, image_folder):
+    cfg = cifarlab.make_config(data=str(image_folder), model="keras-shallow", val_split=0.25, epochs=1, batch_size=8,
+                               out=str(tmp_path / "set"), runs=2, threads=1, deterministic=True)
+    s = cifarlab.fit(cfg, log=lambda line: None)
+    assert s["run"] == str(tmp_path / "set") and [r["seed"] for r in s["per_run"]] == [0, 1]
+    ds = cifarlab.load_dataset(image_folder)
+    ev = cifarlab.evaluate_runs(s["run"], ds, device="cpu")  # paths as strings, as a notebook has them
+    assert [r["accuracy"] for r in ev["per_run"]] == pytest.approx([r["test_accuracy"] for r in s["per_run"]])
+    au = cifarlab.audit_runs(s["run"], ds, out=str(tmp_path / "audits"), n_boot=100, device="cpu", log=lambda x: None)
+    assert au["runs"] == 2 and (tmp_path / "audits" / "audit_summary.md").is_file()
+    assert (tmp_path / "audits" / "run-1" / "MODEL_CARD.md").is_file()

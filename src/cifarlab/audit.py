@@ -289,8 +289,8 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
     return audit
 
 
-def audit_runs(base: Path, ds: Dataset, out: Path | None = None, groups_csv: str | None = None, margin: float = 0.05,
-               min_group: int = 30, n_boot: int = 1000, seed: int = 0, tta: str | None = None,
+def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, groups_csv: str | None = None,
+               margin: float = 0.05, min_group: int = 30, n_boot: int = 1000, seed: int = 0, tta: str | None = None,
                device: str = "auto", log: Callable[[str], None] = print) -> dict[str, Any]:
     """Audit every run of the ``--runs N`` folder ``base`` (see :func:`audit_run`: each run's
     report and model card in ``RUN/audit``, or ``out/run-K``), then summarise over the runs: each
@@ -300,6 +300,7 @@ def audit_runs(base: Path, ds: Dataset, out: Path | None = None, groups_csv: str
     from .export import finished_runs
 
     check_options(margin, min_group, n_boot)
+    base, out = Path(base), Path(out) if out is not None else None
     runs = finished_runs(base)
     audits, reports = [], []
     for r in runs:

@@ -103,13 +103,14 @@ def describe(values: list[float]) -> dict[str, float]:
             "min": min(values), "max": max(values)}
 
 
-def evaluate_runs(base: Path, ds: Dataset, out: Path | None = None, tta: str | None = None,
+def evaluate_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, tta: str | None = None,
                   device: str = "auto") -> dict[str, Any]:
     """Evaluate every run of the ``--runs N`` folder ``base`` (see :func:`evaluate_run`), each
     report into ``RUN/eval`` (or ``out/run-K``), and summarise the test loss and accuracy over
     the runs in ``eval_summary.json`` (in ``out``, by default ``base``)."""
     from .export import finished_runs
 
+    base, out = Path(base), Path(out) if out is not None else None
     runs = finished_runs(base)
     reports = [evaluate_run(r, ds, (out / r.name) if out else r / "eval", tta, device) for r in runs]
     summary = {"runs": len(runs), "data": ds.source, "tta": sorted({r["tta"] for r in reports}),

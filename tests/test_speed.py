@@ -36,6 +36,23 @@ def test_triangle_schedule():
     assert _lr_lambda(resolve_config(), 100)(57) == 1.0
 
 
+def test_cosine_schedule_warms_up_then_follows_half_a_cosine_to_its_floor():
+    """fast's warm-up (0.2 of the lr at step 0, peak at step 23 of 100) then a cosine to 0.07;
+    the notebook's recipe with --schedule cosine: from the lr to 0, half way at mid-run."""
+    import math
+
+    f = _lr_lambda(resolve_config("fast", overrides={"optim": {"schedule": "cosine"}}), 100)
+    assert f(0) == pytest.approx(0.2) and f(23) == pytest.approx(1.0) and f(100) == pytest.approx(0.07)
+    mid = 23 + 77 / 2
+    assert f(round(mid)) == pytest.approx(0.07 + 0.93 * (1 + math.cos(math.pi * (round(mid) - 23) / 77)) / 2)
+    decay = [f(k) for k in range(23, 101)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    triangle = _lr_lambda(resolve_config("fast"), 100)
+    assert f(30) > triangle(30) and f(90) < triangle(90)  # a cosine stays high longer, then falls lower
+    g = _lr_lambda(resolve_config(overrides={"optim": {"schedule": "cosine"}}), 201)  # the decay: steps 1 to 201
+    assert (g(0), g(1), g(101), g(201)) == pytest.approx((1.0, 1.0, 0.5, 0.0))
+
+
 def test_lookahead_pulls_toward_slow_weights():
     m = torch.nn.Linear(2, 1)
     la = Lookahead(m)
@@ -82,7 +99,7 @@ def test_speed_recipes_train_on_cpu(tmp_path, recipe, monkeypatch):
     # As airbench: every training image is trained on, no validation split.
     assert (m["data"]["train_images"], m["data"]["val_images"]) == (72, 0)
     history = json.loads((tmp_path / "r" / "history.json").read_text())
-    assert [sorted(h) for h in history] == [["accuracy", "epoch", "loss", "train_time_s"]] * 3
+    assert [sorted(h) for h in history] == [["accuracy", "epoch", "learning_rate", "loss", "train_time_s"]] * 3
     assert (tmp_path / "r" / "history.png").is_file() and "val_" not in "".join(lines)
     # Full batches only (drop_last): 72 // 16 = 4 steps an epoch, 12 in all. Lookahead at steps 5
     # and 10, its decay growing with progress; the run ends on the slow weights.

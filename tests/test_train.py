@@ -687,6 +687,27 @@ def test_plateau_scales_every_group_of_any_schedule():
     assert [f(8) * 0.5 for f in plain.lr_lambdas] == pytest.approx([f(8) for f in sched.lr_lambdas], rel=1e-12)
 
 
+def test_a_cosine_run_logs_each_epochs_last_lr(tmp_path, capsys):
+    """--schedule cosine: the history's learning_rate is the lr of each epoch's last step, as
+    Keras logs a scheduled lr; a constant-lr run has no such column."""
+    import math
+
+    from cifarlab.cli import main
+
+    data = make_image_folder(tmp_path / "d", n_train=8, n_test=4)  # 24 images, 18 trained: 5 steps of 4
+    args = ["train", "--data", str(data), "--model", "keras-shallow", "--batch-size", "4", "--val-split", "0.25",
+            "--threads", "1", "--deterministic", "--epochs", "3"]
+    assert main(args + ["--schedule", "cosine", "--out", str(tmp_path / "cos")]) == 0
+    history = json.loads((tmp_path / "cos" / "history.json").read_text())
+    steps = 5  # step 0 at the full lr, then the decay over steps 1 to 15: epoch e ends on step 5e - 1
+    want = [1e-3 * (1 + math.cos(math.pi * (e * steps - 2) / (3 * steps - 1))) / 2 for e in (1, 2, 3)]
+    assert [h["learning_rate"] for h in history] == pytest.approx(want, rel=1e-9)
+    assert "schedule: cosine" in (tmp_path / "cos" / "config.yaml").read_text()
+    assert main(args + ["--out", str(tmp_path / "const")]) == 0
+    assert "learning_rate" not in json.loads((tmp_path / "const" / "history.json").read_text())[0]
+    capsys.readouterr()
+
+
 def test_reduce_lr_on_plateau_in_a_run_and_across_a_resume(tmp_path, monkeypatch, capsys):
     """Through the CLI's flags: with patience 1 and factor 0.5, validation losses 1.0, 1.1, 1.2, 0.5
     cut the lr after epochs 2 and 3; the history logs each epoch's lr, as Keras does. Trained 2

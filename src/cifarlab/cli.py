@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import COMPILE_MODES, EARLY_STOPPING_MONITORS, PRECISIONS, TTA_LEVELS
+from .config import COMPILE_MODES, EARLY_STOPPING_MONITORS, PRECISIONS, SCHEDULES, TTA_LEVELS
 from .errors import CifarlabError, ConfigError
 
 EPILOG = """examples:
@@ -32,6 +32,7 @@ _TRAIN_OPTIONS = (
     "threads", "out", "overwrite", "deterministic", "augment", "runs", "tta", "label_smoothing", "precision",
     "compile", "compile_mode", "cuda_graph", "cpu_kernels", "select_fraction", "early_stopping",
     "early_stopping_monitor", "early_stopping_min_delta", "reduce_lr_on_plateau", "reduce_lr_factor", "min_lr",
+    "schedule",
 )
 
 
@@ -85,6 +86,11 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--momentum", type=float, help="sgd momentum")
     g.add_argument("--nesterov", action="store_true", default=None, help="sgd with Nesterov momentum")
     g.add_argument("--weight-decay", type=float, help="L2 penalty added to each gradient (keras-book: 0)")
+    g.add_argument("--schedule", choices=SCHEDULES,
+                   help="learning rate over the run: constant (keras-book), triangle (linear warm-up over "
+                        "optim.warmup_frac of the steps, then linear decay; fast, best) or cosine (the same "
+                        "warm-up, then half a cosine down), each decay ending at optim.final_lr_frac of --lr "
+                        "(default 0)")
     g.add_argument("--reduce-lr-on-plateau", type=int, metavar="PATIENCE",
                    help="multiply the lr by --reduce-lr-factor after PATIENCE epochs without a lower val_loss "
                         "(Keras' ReduceLROnPlateau; default 0: off)")

@@ -20,6 +20,8 @@ import yaml
 
 from .errors import ConfigError
 
+# Learning-rate schedules (see cifarlab.train._lr_lambda)
+SCHEDULES = ("constant", "triangle", "cosine")
 # Test-time augmentation levels (see cifarlab.export.tta_logits): airbench's levels 0, 1 and 2.
 TTA_LEVELS = ("none", "flip", "flip-translate")
 # fp32; autocast to bf16 or fp16 with float32 weights; or weights in bf16 / fp16 throughout
@@ -63,10 +65,12 @@ class OptimConfig:
     beta1: float = 0.9  # adam
     beta2: float = 0.999  # adam
     weight_decay: float = 0.0  # L2 added to the gradient (Keras-style kernel regularisation is not used)
-    schedule: str = "constant"  # constant | triangle (linear warm-up to lr, then linear decay)
-    warmup_frac: float = 0.0  # triangle: fraction of all steps spent warming up
-    start_lr_frac: float = 1.0  # triangle: lr at step 0, as a fraction of lr
-    final_lr_frac: float = 1.0  # triangle: lr at the last step, as a fraction of lr
+    # constant | triangle (linear warm-up to lr, then linear decay) | cosine (linear warm-up, then
+    # half a cosine down: SGDR without restarts, Keras' CosineDecay with warm-up)
+    schedule: str = "constant"
+    warmup_frac: float = 0.0  # triangle, cosine: fraction of all steps spent warming up
+    start_lr_frac: float = 1.0  # triangle, cosine: lr at step 0, as a fraction of lr
+    final_lr_frac: float = 0.0  # triangle, cosine: lr at the last step, as a fraction of lr
     # Keras' ReduceLROnPlateau on top of the schedule: after this many epochs in a row without a
     # val_loss lower by more than 1e-4 (Keras' min_delta), multiply every lr by plateau_factor,
     # never taking optim.lr below plateau_min_lr (the others scaled alike); 0: off
@@ -440,8 +444,8 @@ def validate(cfg: Config) -> None:
         bad("dataset", cfg.data.dataset, "choose cifar10 or cifar100")
     if cfg.data.label_mode not in ("fine", "coarse"):
         bad("data.label_mode", cfg.data.label_mode, "choose fine or coarse")
-    if cfg.optim.schedule not in ("constant", "triangle"):
-        bad("optim.schedule", cfg.optim.schedule, "choose constant or triangle")
+    if cfg.optim.schedule not in SCHEDULES:
+        bad("optim.schedule", cfg.optim.schedule, f"choose {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}")
     if not cfg.optim.norm_bias_lr_scale > 0:
         bad("optim.norm_bias_lr_scale", cfg.optim.norm_bias_lr_scale, "it must be greater than 0")
     if not 0 <= cfg.optim.warmup_frac <= 1:

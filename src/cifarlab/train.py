@@ -383,17 +383,25 @@ class Plateau:
 
 
 def _lr_lambda(cfg: Config, total_steps: int) -> Callable[[int], float]:
+    """The lr of step ``step`` (0-based) as a fraction of optim.lr: constant; or a linear warm-up
+    over warmup_frac of the steps from start_lr_frac to 1, then a decay to final_lr_frac at the
+    last step, linear (triangle) or along half a cosine (cosine: SGDR without restarts,
+    Loshchilov and Hutter 2017, as Keras' CosineDecay with warm-up)."""
     o = cfg.optim
     if o.schedule == "constant":
         return lambda step: 1.0
     peak = max(1, round(o.warmup_frac * total_steps))
+    cosine = o.schedule == "cosine"
 
-    def triangle(step: int) -> float:
+    def warmup_then_decay(step: int) -> float:
         if step < peak:
             return o.start_lr_frac + (1 - o.start_lr_frac) * step / peak
-        return 1 + (o.final_lr_frac - 1) * (step - peak) / max(1, total_steps - peak)
+        t = (step - peak) / max(1, total_steps - peak)  # 0 at the peak, 1 at the last step
+        if cosine:
+            t = (1 - math.cos(math.pi * t)) / 2
+        return 1 + (o.final_lr_frac - 1) * t
 
-    return triangle
+    return warmup_then_decay
 
 
 def _whiten_bias_lambda(steps: int, main: Callable[[int], float]) -> Callable[[int], float]:
@@ -558,9 +566,10 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, epochs: 
     ``cfg`` is validated again here, so fields changed after :func:`~cifarlab.make_config` are
     checked too. ``dataset``: images already loaded, trained on instead of loading ``cfg.data``'s
     (the run's config still names ``cfg.data``'s, so they should be the same). ``log`` receives
-    each line of progress (default: print). ``epochs`` with ``resume`` changes the run's number of epochs, where its schedule allows (a
-    constant learning rate, no lookahead): a finished run trains on, an unfinished one stops
-    sooner, each exactly as a run given that number from the start. With ``cfg.train.runs > 1``,
+    each line of progress (default: print). ``epochs`` with ``resume`` changes the run's number
+    of epochs, where its schedule allows (a constant learning rate, no lookahead): a finished run
+    trains on, an unfinished one stops sooner, each exactly as a run given that number from the
+    start. With ``cfg.train.runs > 1``,
     trains that many times (see :func:`fit_runs`). Returns the final metrics dict (saved as
     ``metrics.json``; ``runs_summary.json`` for several runs) with the run folder's path as ``run``.
     """
@@ -718,6 +727,7 @@ class _Loop:
                  cpu_kernels: bool, ckpt: dict | None = None):
         self.cfg, self.run, self.st, self.arrays, self.device = cfg, run, st, arrays, device
         self.steps, self.total_steps, self.cpu_kernels = steps, cfg.train.epochs * steps, cpu_kernels
+        self.lr_fraction = _lr_lambda(cfg, self.total_steps)  # the schedule, for the history's learning_rate
         self.fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.dtype = runtime.compute_dtype(cfg.train.precision)  # of the model's inputs
         self.whiten_bias = getattr(getattr(st.model, "whiten", None), "bias", None)
@@ -755,13 +765,15 @@ class _Loop:
             "plateau": st.plateau.state_dict() if st.plateau is not None else None,
         })
 
-    def _plateau(self, epoch: int, val_loss: float, row: dict[str, float], cut: bool = True) -> str:
-        """The plateau cut after epoch ``epoch`` (0-based), where ``cut``: the lr of the epoch's
-        last step (optim.lr, scheduled) goes into its history row, as Keras logs it; a cut applies
-        from the next step on. Returns the log line's addition."""
+    def _last_lr(self) -> float:
+        """The lr (optim.lr, scheduled and cut) of the step just taken, as Keras logs it."""
+        scale = self.st.plateau.scale if self.st.plateau is not None else 1.0
+        return self.cfg.optim.lr * self.lr_fraction(max(0, self.st.scheduler.last_epoch - 1)) * scale
+
+    def _plateau(self, epoch: int, val_loss: float, cut: bool = True) -> str:
+        """The plateau cut after epoch ``epoch`` (0-based), where ``cut``; it applies from the
+        next step on. Returns the log line's addition."""
         st, o = self.st, self.cfg.optim
-        main = _lr_lambda(self.cfg, self.total_steps)
-        row["learning_rate"] = o.lr * main(max(0, st.scheduler.last_epoch - 1)) * st.plateau.scale
         if not (cut and st.plateau.update(val_loss)):
             return ""
         _reapply(st.scheduler)
@@ -853,6 +865,8 @@ class _Loop:
         if not math.isfinite(tr_loss):
             raise NonFiniteLoss(_nan_message(epoch, None, cfg))
         row = {"epoch": epoch + 1, "loss": tr_loss, "accuracy": tr_acc}
+        if cfg.optim.schedule != "constant" or st.plateau is not None:  # an lr that changes is logged
+            row["learning_rate"] = self._last_lr()
         # The epoch's own training time, as Keras prints it; the history keeps the running total.
         epoch_time = self.train_time - (self.history[-1]["train_time_s"] if self.history else 0.0)
         line = f"Epoch {epoch + 1}/{cfg.train.epochs} - {epoch_time:.1f}s - loss: {tr_loss:.4f} - " \
@@ -865,7 +879,7 @@ class _Loop:
             line += f" - val_loss: {v_loss:.4f} - val_accuracy: {v_acc:.4f}"
             stopped = self.stopping.update(epoch + 1, row, st.model)
             if st.plateau is not None:
-                line += self._plateau(epoch, v_loss, row, cut=not stopped)  # no cut for a run that ends here
+                line += self._plateau(epoch, v_loss, cut=not stopped)  # no cut for a run that ends here
             if stopped:
                 es = self.stopping
                 better = f"{'lower' if es.lower_is_better else 'higher'} {es.monitor}" + \

@@ -218,8 +218,9 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
     audit. ``groups_csv``: a file of image attributes to break accuracy down by (see
     :func:`read_groups`); ``margin``: how far below the overall accuracy a class or group is
     flagged; ``min_group``: a group of fewer images is marked too small and left out of the
-    best-to-worst gap; ``n_boot``: bootstrap resamples for the confidence intervals. ``tta``: the test-time
-    augmentation, by default the run's own (the model as trained and reported is the model audited)."""
+    best-to-worst gap; ``n_boot``: bootstrap resamples for the confidence intervals. ``tta``:
+    the test-time augmentation, by default the run's own (the model as trained and reported is
+    the model audited)."""
     from .evaluate import write_report
 
     run = Path(run)

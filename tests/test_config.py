@@ -133,6 +133,16 @@ def test_make_config_takes_the_train_flags_names_and_every_other_key_by_its_own(
     assert make_config(plateau_patience=2).optim.plateau_patience == 2  # the key's own name too
 
 
+def test_make_config_puts_options_over_the_file_over_the_recipe(tmp_path):
+    from cifarlab.config import make_config
+
+    f = tmp_path / "c.yaml"
+    f.write_text("recipe: keras-book-augmented\ntrain:\n  epochs: 3\n  batch_size: 64\n")
+    cfg = make_config(file=f, epochs=5)
+    assert (cfg.recipe, cfg.augment.preset, cfg.train.batch_size, cfg.train.epochs) == (
+        "keras-book-augmented", "keras", 64, 5)
+
+
 @pytest.mark.parametrize("options,msg", [
     ({"name": "adam"}, "unknown option 'name'; it is a key of model.name and optim.name: give model or optimizer"),
     ({"epoch": 5}, "unknown option 'epoch'; did you mean epochs?"),

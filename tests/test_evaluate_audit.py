@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cifarlab.audit import class_metrics, group_metrics, read_groups, audit_run
+from cifarlab.audit import audit_run, class_metrics, group_metrics, read_groups
 from cifarlab.data import load_dataset
 from cifarlab.errors import CifarlabError
 from cifarlab.evaluate import calibration, compute_report, evaluate_run

@@ -569,9 +569,9 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, epochs: 
     each line of progress (default: print). ``epochs`` with ``resume`` changes the run's number
     of epochs, where its schedule allows (a constant learning rate, no lookahead): a finished run
     trains on, an unfinished one stops sooner, each exactly as a run given that number from the
-    start. With ``cfg.train.runs > 1``,
-    trains that many times (see :func:`fit_runs`). Returns the final metrics dict (saved as
-    ``metrics.json``; ``runs_summary.json`` for several runs) with the run folder's path as ``run``.
+    start. With ``cfg.train.runs > 1``, trains that many times (see :func:`fit_runs`). Returns the
+    final metrics dict (saved as ``metrics.json``; ``runs_summary.json`` for several runs) with the
+    run folder's path as ``run``.
     """
     if epochs is not None and resume is None:
         raise CifarlabError("epochs= is for resuming a run; set cfg.train.epochs for a new one")
@@ -580,10 +580,10 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, epochs: 
             raise CifarlabError(f"fit() takes a Config, from cifarlab.make_config(recipe, **options), or "
                                 f"resume=RUN; got {type(cfg).__name__} {cfg!r:.60}")
         validate(cfg)
+        if cfg.train.runs > 1:
+            return fit_runs(cfg, dataset=dataset, log=log)
     elif cfg is not None:
         raise CifarlabError("fit(resume=RUN) continues the run with its saved config; give no cfg with it")
-    if resume is None and cfg is not None and cfg.train.runs > 1:
-        return fit_runs(cfg, dataset=dataset, log=log)
     run, ckpt = None, None
     if resume is not None:
         run = Path(resume)

@@ -61,7 +61,7 @@ def test_paired_comparison_counts_and_interval():
     same = compare_predictions(y, a, a, ["x", "y", "z"], n_boot=100)
     assert same["difference"] == 0 and same["difference_ci"] == [0, 0] and same["p_value"] == 1.0
     assert same["agreement"] == 1.0
-    with pytest.raises(CifarlabError, match="--bootstrap 50 is too few"):
+    with pytest.raises(CifarlabError, match="n_boot=50 is too few"):  # named as the Python caller gave it
         compare_predictions(y, a, b, ["x", "y", "z"], n_boot=50)
 
 

@@ -338,3 +338,39 @@ def test_summary_of_audits_leaves_a_class_absent_from_the_test_data_undefined():
     assert a["accuracy"]["mean"] == pytest.approx(0.6) and a["flagged_in"] == 1 and b["accuracy"] is None
     assert s["warnings"] == ["class 'a' was more than 0.05 below the overall accuracy in 1 of 2 runs"]
     assert "| b | 0 | n/a | n/a | n/a | n/a | 0 of 2 |" in _audit_runs_markdown(s)
+
+
+@pytest.mark.parametrize("step", ["evaluate", "audit"])
+def test_an_interrupted_report_leaves_no_folder_it_created_and_keeps_an_earlier_report(step, trained_run, image_folder,
+                                                                                      tmp_path, monkeypatch):
+    import cifarlab.evaluate as ev
+
+    ds = load_dataset(image_folder)
+    report = (lambda out: evaluate_run(trained_run, ds, out, device="cpu")) if step == "evaluate" else \
+        (lambda out: audit_run(trained_run, ds, out, n_boot=100, device="cpu", log=lambda s: None))
+    report(tmp_path / "kept")  # a finished report, rewritten below
+
+    def interrupted(pred, ds, probs, out, n_worst=32):
+        (out / "confusion_matrix.csv").write_text("partial")  # some files written, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "write_report", interrupted)
+    for out in (tmp_path / "new" / "deep", tmp_path / "kept"):
+        with pytest.raises(KeyboardInterrupt):
+            report(out)
+    assert not (tmp_path / "new").exists()  # the folder and the parent it created are gone
+    assert (tmp_path / "kept" / ("MODEL_CARD.md" if step == "audit" else "metrics.json")).is_file()
+
+
+def test_audit_options_are_named_as_the_caller_gave_them(trained_run, image_folder, capsys):
+    from cifarlab.cli import main
+
+    ds = load_dataset(image_folder)
+    for kw, msg in [({"margin": 1.5}, "margin=1.5 is not valid; it must lie in [0, 1)"),
+                    ({"min_group": 0}, "min_group=0 is not valid"),
+                    ({"n_boot": 10}, "n_boot=10 is too few resamples")]:
+        with pytest.raises(CifarlabError, match=msg.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+            audit_run(trained_run, ds, device="cpu", **kw)
+    assert not (trained_run / "audit").exists()
+    assert main(["audit", str(trained_run), "--margin", "1.5"]) == 2
+    assert "--margin 1.5 is not valid" in capsys.readouterr().err

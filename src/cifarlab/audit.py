@@ -23,7 +23,7 @@ from .data import Dataset
 from .errors import CifarlabError
 from .evaluate import _check_compatible, predict_dataset
 from .export import list_to_csv_rows, load_model
-from .fsutil import json_text, make_folder, write_json, write_text
+from .fsutil import json_text, report_folder, write_json, write_text
 
 TO_FILL = "[TO BE FILLED IN BY THE MODEL'S OWNER]"
 # Every model card's out-of-scope uses, also carried in the metadata of an exported model.
@@ -195,19 +195,28 @@ def images_phrase(n: int) -> str:
     return f"{n} image" if n == 1 else f"{n} images"
 
 
-def check_bootstrap(n_boot: int) -> None:
+# How an option is named in an error: as the Python keyword the caller gave, or as the CLI flag
+# the user typed, so the message points at what they can change.
+PYTHON_NAMES = {"margin": "margin={}", "min_group": "min_group={}", "n_boot": "n_boot={}"}
+CLI_NAMES = {"margin": "--margin {}", "min_group": "--min-group {}", "n_boot": "--bootstrap {}"}
+
+
+def check_bootstrap(n_boot: int, names: dict[str, str] = PYTHON_NAMES) -> None:
     """Refuse a number of bootstrap resamples too small for a 95% interval's tails."""
     if n_boot < 100:
-        raise CifarlabError(f"--bootstrap {n_boot} is too few resamples for a 95% interval; use at least 100")
+        raise CifarlabError(f"{names['n_boot'].format(n_boot)} is too few resamples for a 95% interval; use at "
+                            "least 100")
 
 
-def check_options(margin: float, min_group: int, n_boot: int) -> None:
-    """Refuse audit settings that cannot give a meaningful report, naming the value."""
+def check_options(margin: float, min_group: int, n_boot: int, names: dict[str, str] = PYTHON_NAMES) -> None:
+    """Refuse audit settings that cannot give a meaningful report, naming the value; ``names``
+    spells each option (:data:`PYTHON_NAMES`, or :data:`CLI_NAMES` for the command line)."""
     if not 0 <= margin < 1:
-        raise CifarlabError(f"--margin {margin} is not valid; it must lie in [0, 1)")
-    check_bootstrap(n_boot)
+        raise CifarlabError(f"{names['margin'].format(margin)} is not valid; it must lie in [0, 1)")
+    check_bootstrap(n_boot, names)
     if min_group < 1:
-        raise CifarlabError(f"--min-group {min_group} is not valid; it must be a positive number of images")
+        raise CifarlabError(f"{names['min_group'].format(min_group)} is not valid; it must be a positive number "
+                            "of images")
 
 
 def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, groups_csv: str | None = None,
@@ -221,8 +230,6 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
     best-to-worst gap; ``n_boot``: bootstrap resamples for the confidence intervals. ``tta``:
     the test-time augmentation, by default the run's own (the model as trained and reported is
     the model audited)."""
-    from .evaluate import write_report
-
     run = Path(run)
     out = Path(out) if out is not None else run / "audit"
     check_options(margin, min_group, n_boot)
@@ -230,7 +237,22 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
     groups = read_groups(groups_csv, ds) if groups_csv else None
     pred = load_model(run, device, tta)
     _check_compatible(pred, ds)
-    make_folder(out)
+    with report_folder(out):  # removed again if the audit fails part-way
+        audit = _write_audit(out, run, pred, ds, groups, groups_csv, margin, min_group, n_boot, seed)
+    for w in audit["warnings"]:
+        log(f"warning: {w}")
+    sp = audit["classes"]["spread"]
+    log(f"overall accuracy {audit['overall_accuracy']:.4f}; best class {sp['best']}, worst {sp['worst']}: gap "
+        f"{sp['difference']:.4f} (95% CI {sp['difference_ci'][0]:.4f} to {sp['difference_ci'][1]:.4f})")
+    log(f"wrote {out / 'audit.md'} and {out / 'MODEL_CARD.md'}")
+    return audit
+
+
+def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: str | None, margin: float,
+                 min_group: int, n_boot: int, seed: int) -> dict[str, Any]:
+    """:func:`audit_run`'s predictions, metrics and files, into the existing folder ``out``."""
+    from .evaluate import write_report
+
     probs = predict_dataset(pred, ds.x_test)
     report = write_report(pred, ds, probs, out)  # confusion matrix, reliability, confident errors
     yhat = probs.argmax(1)
@@ -257,21 +279,7 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
                                min_group)
             gm["not_recorded"] = int((~known).sum())
             audit["attributes"][name] = gm
-            if gm["not_recorded"]:
-                audit["warnings"].append(f"{name}: not recorded for {images_phrase(gm['not_recorded'])}, left out of "
-                                         f"its groups")
-            for g in gm["groups"]:
-                if g["too_small"]:
-                    audit["warnings"].append(f"{name}={g['group']}: only {images_phrase(g['n'])} (< {min_group}); "
-                                             "too small to judge")
-                elif g["flagged"]:
-                    audit["warnings"].append(f"{name}={g['group']}: accuracy {g['accuracy']:.3f} is more than "
-                                             f"{margin:.2f} below the overall {overall:.3f}")
-            if gm["gap"] is not None and gm["gap"]["ci_excludes_zero"]:
-                ga = gm["gap"]
-                audit["warnings"].append(f"{name}: the accuracy gap between '{ga['highest']}' and '{ga['lowest']}' "
-                                         f"({ga['difference']:.3f}, 95% CI {ga['difference_ci'][0]:.3f} to "
-                                         f"{ga['difference_ci'][1]:.3f}) excludes zero")
+            audit["warnings"] += _group_warnings(name, gm, overall, margin, min_group)
     _plot_class_accuracy(cls["per_class"], overall, out / "per_class_accuracy.png")
     write_json(out / "audit.json", audit)
     write_text(out / "per_class_audit.csv", list_to_csv_rows(
@@ -281,13 +289,26 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
     card = build_model_card(run, pred, ds, report, audit)
     write_json(out / "model_card.json", card)
     write_text(out / "MODEL_CARD.md", model_card_markdown(card))
-    for w in audit["warnings"]:
-        log(f"warning: {w}")
-    sp = cls["spread"]
-    log(f"overall accuracy {overall:.4f}; best class {sp['best']}, worst {sp['worst']}: gap {sp['difference']:.4f} "
-        f"(95% CI {sp['difference_ci'][0]:.4f} to {sp['difference_ci'][1]:.4f})")
-    log(f"wrote {out / 'audit.md'} and {out / 'MODEL_CARD.md'}")
     return audit
+
+
+def _group_warnings(name: str, gm: dict[str, Any], overall: float, margin: float, min_group: int) -> list[str]:
+    """The warnings of one attribute's groups (``gm`` from :func:`group_metrics`)."""
+    warnings = []
+    if gm["not_recorded"]:
+        warnings.append(f"{name}: not recorded for {images_phrase(gm['not_recorded'])}, left out of its groups")
+    for g in gm["groups"]:
+        if g["too_small"]:
+            warnings.append(f"{name}={g['group']}: only {images_phrase(g['n'])} (< {min_group}); too small to judge")
+        elif g["flagged"]:
+            warnings.append(f"{name}={g['group']}: accuracy {g['accuracy']:.3f} is more than {margin:.2f} below the "
+                            f"overall {overall:.3f}")
+    if gm["gap"] is not None and gm["gap"]["ci_excludes_zero"]:
+        ga = gm["gap"]
+        warnings.append(f"{name}: the accuracy gap between '{ga['highest']}' and '{ga['lowest']}' "
+                        f"({ga['difference']:.3f}, 95% CI {ga['difference_ci'][0]:.3f} to "
+                        f"{ga['difference_ci'][1]:.3f}) excludes zero")
+    return warnings
 
 
 def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, groups_csv: str | None = None,

@@ -409,10 +409,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """``cifarlab audit``."""
-    from .audit import audit_run, check_options
+    from .audit import CLI_NAMES, audit_run, check_options
     from .export import is_runs_set, read_run
 
-    check_options(args.margin, args.min_group, args.bootstrap)  # before the data is loaded
+    check_options(args.margin, args.min_group, args.bootstrap, CLI_NAMES)  # before the data is loaded
     if is_runs_set(args.run):
         return _audit_runs(args)
     run, _ = read_run(args.run)
@@ -454,7 +454,7 @@ def _audit_runs(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """``cifarlab compare``."""
-    from .audit import check_bootstrap
+    from .audit import CLI_NAMES, check_bootstrap
     from .compare import check_same_classes, compare_run_sets, compare_runs, format_comparison, format_run_sets
     from .export import is_runs_set, read_run
     from .fsutil import json_text
@@ -475,7 +475,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                           f"'{args.run_b if sets[0] else args.run_a}' does not; compare two runs, or two --runs "
                           "folders")
     n_boot = 1000 if args.bootstrap is None else args.bootstrap
-    check_bootstrap(n_boot)  # these checks before the data is loaded
+    check_bootstrap(n_boot, CLI_NAMES)  # these checks before the data is loaded
     (run_a, arch_a), (run_b, arch_b) = read_run(args.run_a), read_run(args.run_b)
     check_same_classes(run_a, arch_a["classes"], run_b, arch_b["classes"])
     ds = _load_eval_data(args, run_a)

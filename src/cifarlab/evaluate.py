@@ -15,7 +15,7 @@ import torch
 
 from .data import Dataset
 from .export import Predictor, list_to_csv_rows, load_model
-from .fsutil import make_folder, write_json, write_text
+from .fsutil import make_folder, report_folder, write_json, write_text
 
 
 def predict_dataset(pred: Predictor, x_uint8_nhwc: np.ndarray, tta: str | None = None,
@@ -90,8 +90,8 @@ def evaluate_run(run: str | Path, ds: Dataset, out: str | Path | None = None, tt
     out = Path(out) if out is not None else Path(run) / "eval"
     pred = load_model(run, device, tta)
     _check_compatible(pred, ds)
-    make_folder(out)  # before the predictions: an unwritable folder should cost no time
-    return write_report(pred, ds, predict_dataset(pred, ds.x_test), out, n_worst)
+    with report_folder(out):  # before the predictions: an unwritable folder should cost no time
+        return write_report(pred, ds, predict_dataset(pred, ds.x_test), out, n_worst)
 
 
 def describe(values: list[float]) -> dict[str, float]:

@@ -128,6 +128,19 @@ def undo_on_failure(run: Path, before: str | Path) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def report_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Create the report folder ``path`` (and its parents) for the block's files; if the block
+    fails (interrupted predictions, a plot that cannot be drawn), remove what this call created,
+    so no empty or partial report is left to be mistaken for one. A folder that already held
+    files is left as it is."""
+    path = Path(path)
+    before: str | Path = _highest_absent(path) if not path.is_dir() else "used" if any(path.iterdir()) else "empty"
+    make_folder(path)
+    with undo_on_failure(path, before):
+        yield path
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Atomically write ``data`` to ``path``."""
     with atomic_path(path) as tmp:

@@ -366,3 +366,21 @@ def test_a_bad_device_name_is_named_whether_or_not_cuda_is_here(name):
 
     with pytest.raises(ConfigError, match=f"device '{name}' is not valid; choose auto, cpu, cuda or cuda:N"):
         select_device(name)
+
+
+def test_print_config_shows_what_the_options_resolve_to_and_reads_back_as_a_config_file(tmp_path, capsys,
+                                                                                         monkeypatch):
+    from cifarlab.config import resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "train", "--recipe", "fast", "--epochs", "3", "--schedule", "cosine", "--print-config")
+    assert code == 0 and err == ""
+    assert "epochs: 3" in out and "schedule: cosine" in out and "name: speednet" in out
+    (tmp_path / "fast3.yaml").write_text(out)
+    expected = resolve_config("fast", overrides={"train": {"epochs": 3}, "optim": {"schedule": "cosine"}})
+    assert resolve_config(file=tmp_path / "fast3.yaml") == expected  # the file alone gives the same run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fast3.yaml"]  # nothing trained, no runs/ folder
+    code, out, err = run(capsys, "train", "--epochs", "0", "--print-config")
+    assert code == 2 and "epochs = 0 is not valid" in err and out == ""  # validated as for training
+    code, _, err = run(capsys, "train", "--resume", "runs/x", "--print-config")
+    assert code == 2 and "--print-config shows a new run's config; the config of 'runs/x' is its config.yaml" in err

@@ -133,6 +133,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint with its saved config "
                    "(the folder of --runs N: finish all its runs); with --epochs, train a constant-lr run longer "
                    "(or shorter)")
+    g.add_argument("--print-config", action="store_true",
+                   help="print the config these options resolve to, as YAML that --config reads back, and exit "
+                        "without reading data or training")
     t.set_defaults(func=cmd_train)
 
 
@@ -297,9 +300,12 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``cifarlab train``."""
-    from .config import resolve_config
+    from .config import config_yaml, resolve_config
     from .train import fit, set_of
 
+    if args.resume and args.print_config:
+        raise ConfigError(f"--print-config shows a new run's config; the config of '{args.resume}' is its "
+                          "config.yaml")
     if args.resume:
         given = {f"{sec}.{key}" for sec, values in _train_overrides(args).items() for key in values}
         if given - {"train.epochs"} or args.config or args.recipe:
@@ -318,6 +324,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.model not in list_models():
             raise ConfigError(f"--model '{args.model}' is not a registered model; valid: {', '.join(list_models())}")
     cfg = resolve_config(args.recipe, args.config, _train_overrides(args))
+    if args.print_config:  # to start a config file from a recipe, or check what flags resolve to
+        print(config_yaml(cfg), end="")
+        return 0
     fit(cfg)
     return 0
 

@@ -525,11 +525,16 @@ def validate(cfg: Config) -> None:
     augmenter_from_config(cfg.augment)  # raises ConfigError for bad augmentation values
 
 
+def config_yaml(cfg: Config) -> str:
+    """The config as the YAML text that ``--config`` and :func:`load_run_config` read back."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
     from .fsutil import write_text
 
-    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text(path, config_yaml(cfg))
 
 
 def load_run_config(path: str | Path) -> Config:

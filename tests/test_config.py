@@ -68,6 +68,16 @@ def test_roundtrip(tmp_path):
      r"cuts on: set optim.plateau_patience \(--reduce-lr-on-plateau\)"),
     ({"optim": {"plateau_patience": 2}, "data": {"val_split": 0}}, "optim.plateau_patience = 2 is not valid; it "
      "watches val_loss, so it needs validation images"),
+    ({"optim": {"plateau_patience": 2, "plateau_monitor": "val_acc"}},
+     "optim.plateau_monitor = 'val_acc' is not valid; choose val_loss or val_accuracy"),
+    ({"optim": {"plateau_patience": 2, "plateau_min_delta": -0.5}},
+     "optim.plateau_min_delta = -0.5 is not valid; it must be 0 or more"),
+    ({"optim": {"plateau_patience": 2, "plateau_cooldown": -1}},
+     "optim.plateau_cooldown = -1 is not valid; it must be 0 or a number of epochs"),
+    ({"optim": {"plateau_cooldown": 2}}, "optim.plateau_cooldown = 2 is not valid; it only applies with plateau cuts"),
+    ({"optim": {"plateau_monitor": "val_accuracy"}}, "optim.plateau_monitor = 'val_accuracy' is not valid; it only"),
+    ({"optim": {"plateau_patience": 2, "plateau_monitor": "val_accuracy"}, "data": {"val_split": 0}},
+     "optim.plateau_patience = 2 is not valid; it watches val_accuracy, so it needs validation images"),
     ({"optim": {"plateau_patience": 2}, "train": {"cuda_graph": True}}, "a CUDA graph bakes in the learning rate, "
      "so it cannot cut it on a plateau"),
     ({"train": {"early_stopping": 3, "lookahead_every": 5}}, "a run with lookahead ends on its slow weights"),

@@ -661,6 +661,36 @@ def test_plateau_cuts_follow_keras_reduce_lr_on_plateau():
     assert q.state_dict() == p.state_dict() and not Plateau(0).update(5.0)
 
 
+@pytest.mark.parametrize("settings, values, scales", [
+    # val_accuracy, min_delta 0.01, cooldown 2, floor 0.1: a rise of 0.01 or less is none, and the
+    # two epochs after a cut count towards no cut
+    ({"patience": 2, "factor": 0.5, "min_scale": 0.1, "monitor": "val_accuracy", "min_delta": 0.01, "cooldown": 2},
+     [0.5, 0.505, 0.6, 0.6, 0.605, 0.61, 0.61, 0.62, 0.62, 0.62, 0.7, 0.7, 0.7, 0.7, 0.69, 0.69, 0.69],
+     [1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25, 0.125, 0.125, 0.125, 0.1, 0.1]),
+    # val_loss, patience 1, min_delta 0, cooldown 1: a new best in the cooldown still counts as one
+    ({"patience": 1, "factor": 0.5, "monitor": "val_loss", "min_delta": 0.0, "cooldown": 1},
+     [1.0, 1.0, 0.9, 0.95, 0.8, 0.85, 0.86, 0.87, 0.7, 0.7, 0.7, 0.7],
+     [1, 0.5, 0.5, 0.25, 0.25, 0.125, 0.0625, 0.03125, 0.03125, 0.015625, 0.0078125, 0.00390625]),
+])
+def test_plateau_monitor_min_delta_and_cooldown_follow_keras(settings, values, scales):
+    """The lr scale after each epoch, as Keras 3.15's ReduceLROnPlateau (mode min for val_loss,
+    max for val_accuracy) set the lr of an optimizer starting at 1 for the same figures."""
+    from cifarlab.train import Plateau
+
+    p = Plateau(**settings)
+    got = []
+    for v in values:
+        p.update(v)
+        got.append(p.scale)
+    assert got == pytest.approx(scales, rel=1e-6)
+    q = Plateau(**settings)  # a checkpoint taken in a cooldown resumes in it
+    for v in values[:5]:
+        q.update(v)
+    r = Plateau(**settings)
+    r.load_state_dict(q.state_dict())
+    assert [r.update(v) for v in values[5:]] == [q.update(v) for v in values[5:]]
+
+
 def test_plateau_scales_every_group_of_any_schedule():
     """The cut multiplies each group's scheduled lr (triangle schedule, a whitening-bias group on
     a schedule of its own) from the next step on; the selector's proxy gets its schedule the same way."""
@@ -757,6 +787,38 @@ def test_reduce_lr_on_plateau_in_a_run_and_across_a_resume(tmp_path, monkeypatch
     assert main(args + ["--epochs", "4", "--early-stopping", "1", "--out", str(tmp_path / "both")]) == 0
     out = capsys.readouterr().out
     assert "Epoch 2: early stopping" in out and "ReduceLROnPlateau" not in out and not val_losses
+
+
+def test_plateau_cuts_on_val_accuracy_with_a_cooldown_through_the_cli(tmp_path, monkeypatch, capsys):
+    """--reduce-lr-monitor val_accuracy --reduce-lr-cooldown 2 --reduce-lr-min-delta 0.05, patience
+    1: validation accuracies 0.5, 0.52, 0.4, 0.4, 0.4 cut after epoch 2 (0.52 is no rise by more
+    than 0.05), not after epoch 3 (the cooldown: as in Keras, its first epoch is the cut's own
+    next), then after epoch 4, not after 5; the model card says what was watched."""
+    import cifarlab.train as train_mod
+    from cifarlab.cli import main
+
+    data = make_image_folder(tmp_path / "d", n_train=8, n_test=4)
+    real = train_mod.evaluate_arrays
+    val_accs = [0.5, 0.52, 0.4, 0.4, 0.4]
+
+    def scripted(*args, desc="Evaluating", **kw):
+        loss, acc, logits = real(*args, desc=desc, **kw)
+        return loss, (val_accs.pop(0) if desc == "Validation" else acc), logits
+
+    monkeypatch.setattr(train_mod, "evaluate_arrays", scripted)
+    out = tmp_path / "r"
+    assert main(["train", "--data", str(data), "--model", "keras-shallow", "--batch-size", "4", "--val-split", "0.25",
+                 "--threads", "1", "--deterministic", "--epochs", "5", "--out", str(out), "--reduce-lr-on-plateau",
+                 "1", "--reduce-lr-factor", "0.5", "--reduce-lr-monitor", "val_accuracy", "--reduce-lr-cooldown", "2",
+                 "--reduce-lr-min-delta", "0.05"]) == 0
+    printed = capsys.readouterr().out
+    assert [line.split(":")[0] for line in printed.splitlines() if "ReduceLROnPlateau" in line] == ["Epoch 2", "Epoch 4"]
+    history = json.loads((out / "history.json").read_text())
+    assert [h["learning_rate"] for h in history] == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4], rel=1e-12)
+    assert "plateau_monitor: val_accuracy" in (out / "config.yaml").read_text()
+    assert main(["audit", str(out), "--bootstrap", "100"]) == 0
+    assert "after every 1 epoch(s) without a higher validation accuracy, then 2 epoch(s) of cooldown" in \
+        (out / "audit" / "MODEL_CARD.md").read_text()
 
 
 def test_early_stopping_ends_on_the_best_epochs_weights_and_resumes_where_it_stopped(tmp_path, monkeypatch):

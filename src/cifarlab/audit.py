@@ -628,8 +628,12 @@ def _origin_lines(d: dict) -> list[str]:
                  f"those of epoch {es['best_epoch']}, {best})"
     opt = d["optimizer"] or {}
     if opt.get("plateau_patience"):
+        # configs written before the monitor and the cooldown could be chosen watched the validation loss
+        better = {"val_loss": "a lower validation loss", "val_accuracy": "a higher validation accuracy"}[
+            opt.get("plateau_monitor", "val_loss")]
+        cooldown = f", then {opt['plateau_cooldown']} epoch(s) of cooldown" if opt.get("plateau_cooldown") else ""
         epochs += f"; learning rate multiplied by {opt['plateau_factor']:g} after every {opt['plateau_patience']} " \
-                  "epoch(s) without a lower validation loss"
+                  f"epoch(s) without {better}{cooldown}"
     return [f"- Recipe: `{d['recipe']}`; optimizer: `{opt.get('name')}`, epochs: {epochs}"]
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import COMPILE_MODES, EARLY_STOPPING_MONITORS, PRECISIONS, SCHEDULES, TTA_LEVELS
+from .config import COMPILE_MODES, MONITORS, PRECISIONS, SCHEDULES, TTA_LEVELS
 from .errors import CifarlabError, ConfigError
 
 EPILOG = """examples:
@@ -32,7 +32,7 @@ _TRAIN_OPTIONS = (
     "threads", "out", "overwrite", "deterministic", "augment", "runs", "tta", "label_smoothing", "precision",
     "compile", "compile_mode", "cuda_graph", "cpu_kernels", "select_fraction", "early_stopping",
     "early_stopping_monitor", "early_stopping_min_delta", "reduce_lr_on_plateau", "reduce_lr_factor", "min_lr",
-    "schedule",
+    "reduce_lr_monitor", "reduce_lr_min_delta", "reduce_lr_cooldown", "schedule",
 )
 
 
@@ -92,10 +92,17 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                         "warm-up, then half a cosine down), each decay ending at optim.final_lr_frac of --lr "
                         "(default 0)")
     g.add_argument("--reduce-lr-on-plateau", type=int, metavar="PATIENCE",
-                   help="multiply the lr by --reduce-lr-factor after PATIENCE epochs without a lower val_loss "
-                        "(Keras' ReduceLROnPlateau; default 0: off)")
+                   help="multiply the lr by --reduce-lr-factor after PATIENCE epochs without a better "
+                        "--reduce-lr-monitor (Keras' ReduceLROnPlateau; default 0: off)")
     g.add_argument("--reduce-lr-factor", type=float, metavar="F", help="the plateau cut's factor (default 0.1)")
     g.add_argument("--min-lr", type=float, metavar="LR", help="plateau cuts stop at this lr (default 0)")
+    g.add_argument("--reduce-lr-monitor", choices=list(MONITORS),
+                   help="what plateau cuts watch: val_loss (default; lower is better) or val_accuracy")
+    g.add_argument("--reduce-lr-min-delta", type=float, metavar="DELTA",
+                   help="a change of the watched figure by DELTA or less is no improvement (Keras' min_delta; "
+                        "default 1e-4)")
+    g.add_argument("--reduce-lr-cooldown", type=int, metavar="N",
+                   help="Keras' cooldown: the N-1 epochs after a cut count towards no cut (default 0)")
     g.add_argument("--augment", help="augmentation preset: none, keras (the notebook's ImageDataGenerator), crop-flip")
     g.add_argument("--select-fraction", type=float,
                    help="train each step on this fraction of its batch, the examples a small proxy net finds "
@@ -107,7 +114,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--early-stopping", type=int, metavar="PATIENCE",
                    help="stop after PATIENCE epochs without a better --early-stopping-monitor and keep the best "
                         "epoch's weights (Keras' EarlyStopping with restore_best_weights; default 0: off)")
-    g.add_argument("--early-stopping-monitor", choices=list(EARLY_STOPPING_MONITORS),
+    g.add_argument("--early-stopping-monitor", choices=list(MONITORS),
                    help="what early stopping watches: val_loss (default; lower is better) or val_accuracy")
     g.add_argument("--early-stopping-min-delta", type=float, metavar="DELTA",
                    help="a change of the monitored figure by DELTA or less is no improvement (Keras' min_delta; "

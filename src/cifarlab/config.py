@@ -27,8 +27,9 @@ TTA_LEVELS = ("none", "flip", "flip-translate")
 # fp32; autocast to bf16 or fp16 with float32 weights; or weights in bf16 / fp16 throughout
 # (the "-true" ones, Lightning's names; see cifarlab.runtime.cast_model).
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16-true", "fp16-true")
-# What early stopping can watch, and which way is better (Keras' mode "auto" infers the same)
-EARLY_STOPPING_MONITORS = {"val_loss": "min", "val_accuracy": "max"}
+# What early stopping and plateau cuts can watch, and which way is better (Keras' mode "auto"
+# infers the same)
+MONITORS = {"val_loss": "min", "val_accuracy": "max"}
 
 
 @dataclass
@@ -72,11 +73,16 @@ class OptimConfig:
     start_lr_frac: float = 1.0  # triangle, cosine: lr at step 0, as a fraction of lr
     final_lr_frac: float = 0.0  # triangle, cosine: lr at the last step, as a fraction of lr
     # Keras' ReduceLROnPlateau on top of the schedule: after this many epochs in a row without a
-    # val_loss lower by more than 1e-4 (Keras' min_delta), multiply every lr by plateau_factor,
-    # never taking optim.lr below plateau_min_lr (the others scaled alike); 0: off
+    # plateau_monitor better by more than plateau_min_delta (in its own units), multiply every lr
+    # by plateau_factor, never taking optim.lr below plateau_min_lr (the others scaled alike); the
+    # plateau_cooldown - 1 epochs after a cut count towards no cut (Keras' count); 0: off. Keras'
+    # defaults throughout.
     plateau_patience: int = 0
     plateau_factor: float = 0.1
     plateau_min_lr: float = 0.0
+    plateau_monitor: str = "val_loss"  # or val_accuracy (higher is better)
+    plateau_min_delta: float = 1e-4
+    plateau_cooldown: int = 0
     # lr multiplier for normalisation-layer biases, their lr x weight decay kept (airbench: 64)
     norm_bias_lr_scale: float = 1.0
     # muon: the convolution filters' lr, a step's length relative to the filters' (fixed) norm, so
@@ -339,7 +345,8 @@ def resolve_config(recipe: str | None = None, file: str | Path | None = None,
 OPTION_ALIASES: dict[str, tuple[str, str]] = {
     "model": ("model", "name"), "optimizer": ("optim", "name"), "augment": ("augment", "preset"),
     "reduce_lr_on_plateau": ("optim", "plateau_patience"), "reduce_lr_factor": ("optim", "plateau_factor"),
-    "min_lr": ("optim", "plateau_min_lr"),
+    "min_lr": ("optim", "plateau_min_lr"), "reduce_lr_monitor": ("optim", "plateau_monitor"),
+    "reduce_lr_min_delta": ("optim", "plateau_min_delta"), "reduce_lr_cooldown": ("optim", "plateau_cooldown"),
 }
 
 
@@ -465,12 +472,20 @@ def validate(cfg: Config) -> None:
         bad("optim.plateau_factor", cfg.optim.plateau_factor, "it must lie in (0, 1): each cut multiplies the lr by it")
     if not (0 <= cfg.optim.plateau_min_lr < math.inf):
         bad("optim.plateau_min_lr", cfg.optim.plateau_min_lr, "it must be 0 or more")
+    if cfg.optim.plateau_monitor not in MONITORS:
+        bad("optim.plateau_monitor", cfg.optim.plateau_monitor, f"choose {' or '.join(MONITORS)}")
+    if not (cfg.optim.plateau_min_delta >= 0 and math.isfinite(cfg.optim.plateau_min_delta)):
+        bad("optim.plateau_min_delta", cfg.optim.plateau_min_delta,
+            "it must be 0 or more, in the monitored figure's units")
+    if cfg.optim.plateau_cooldown < 0:
+        bad("optim.plateau_cooldown", cfg.optim.plateau_cooldown, "it must be 0 or a number of epochs")
     if not cfg.optim.plateau_patience:
         refuse_unused("optim", "plateau_patience", "--reduce-lr-on-plateau", "plateau cuts",
-                      ("plateau_factor", "plateau_min_lr"))
+                      ("plateau_factor", "plateau_min_lr", "plateau_monitor", "plateau_min_delta",
+                       "plateau_cooldown"))
     if cfg.optim.plateau_patience and not cfg.data.val_split:
-        bad("optim.plateau_patience", cfg.optim.plateau_patience, "it watches val_loss, so it needs validation "
-            "images: set data.val_split (--val-split) above 0")
+        bad("optim.plateau_patience", cfg.optim.plateau_patience, f"it watches {cfg.optim.plateau_monitor}, so it "
+            "needs validation images: set data.val_split (--val-split) above 0")
     if cfg.train.cuda_graph and cfg.optim.plateau_patience:
         bad("train.cuda_graph", True, "a CUDA graph bakes in the learning rate, so it cannot cut it on a plateau; "
             "set optim.plateau_patience to 0")
@@ -488,9 +503,9 @@ def validate(cfg: Config) -> None:
             "kernels the step's graph records")
     if cfg.train.early_stopping < 0:
         bad("train.early_stopping", cfg.train.early_stopping, "it must be 0 (off) or a number of epochs")
-    if cfg.train.early_stopping_monitor not in EARLY_STOPPING_MONITORS:
+    if cfg.train.early_stopping_monitor not in MONITORS:
         bad("train.early_stopping_monitor", cfg.train.early_stopping_monitor,
-            f"choose {' or '.join(EARLY_STOPPING_MONITORS)}")
+            f"choose {' or '.join(MONITORS)}")
     if not (cfg.train.early_stopping_min_delta >= 0 and math.isfinite(cfg.train.early_stopping_min_delta)):
         bad("train.early_stopping_min_delta", cfg.train.early_stopping_min_delta,
             "it must be 0 or more, in the monitored figure's units")

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import cpu_kernels as kernels
 from . import runtime
 from .augment import CropFlipCutout, KerasAugment, augmenter_from_config
-from .config import EARLY_STOPPING_MONITORS, Config, load_run_config, save_config, validate
+from .config import MONITORS, Config, load_run_config, save_config, validate
 from .data import Dataset, balanced_subset, load_dataset, stratified_split, subset_note
 from .errors import CifarlabError
 from .evaluate import describe
@@ -293,7 +293,7 @@ class EarlyStopping:
 
     def __init__(self, patience: int, monitor: str = "val_loss", min_delta: float = 0.0):
         self.patience, self.monitor, self.min_delta = patience, monitor, min_delta
-        self.lower_is_better = EARLY_STOPPING_MONITORS[monitor] == "min"
+        self.lower_is_better = MONITORS[monitor] == "min"
         self.best = math.inf if self.lower_is_better else -math.inf
         self.best_epoch = 0
         self.wait = 0
@@ -346,40 +346,53 @@ class EarlyStopping:
 
 
 class Plateau:
-    """Keras' ``ReduceLROnPlateau(monitor="val_loss", factor, patience, min_lr)`` (min_delta 1e-4,
-    no cooldown) as a multiplier on the schedule: after ``patience`` epochs in a row without a
-    validation loss lower than the best by more than 1e-4, :attr:`scale` is multiplied by
-    ``factor``, but never below ``min_scale`` (``min_lr`` over the main lr). Patience 0 is off.
-    Its state goes into the checkpoint, so a resumed run cuts where the whole one would."""
+    """Keras' ``ReduceLROnPlateau(monitor, factor, patience, min_delta, cooldown, min_lr)`` as a
+    multiplier on the schedule: after ``patience`` epochs in a row without a ``monitor``
+    (``val_loss``, lower is better, or ``val_accuracy``, higher) better than the best by more
+    than ``min_delta``, :attr:`scale` is multiplied by ``factor``, but never below ``min_scale``
+    (``min_lr`` over the main lr). A cut starts a cooldown of ``cooldown`` epochs counted from
+    the next epoch on, as Keras counts it: the first ``cooldown - 1`` epochs after a cut count
+    towards no cut (a better figure still becomes the best), so a cooldown of 1 changes nothing
+    (PyTorch's ``ReduceLROnPlateau`` leaves ``cooldown`` epochs out). Patience 0 is off. Its
+    state goes into the checkpoint, so a resumed run cuts where the whole one would."""
 
-    MIN_DELTA = 1e-4  # Keras' default: a smaller fall does not count as one
-
-    def __init__(self, patience: int, factor: float = 0.1, min_scale: float = 0.0):
+    def __init__(self, patience: int, factor: float = 0.1, min_scale: float = 0.0, monitor: str = "val_loss",
+                 min_delta: float = 1e-4, cooldown: int = 0):
         self.patience, self.factor, self.min_scale = patience, factor, min_scale
-        self.scale, self.best, self.wait = 1.0, math.inf, 0
+        self.monitor, self.min_delta, self.cooldown = monitor, min_delta, cooldown
+        self.lower_is_better = MONITORS[monitor] == "min"
+        self.scale, self.best, self.wait = 1.0, math.inf if self.lower_is_better else -math.inf, 0
+        self.cooldown_left = 0
 
-    def update(self, val_loss: float) -> bool:
-        """Record an epoch's validation loss; True when it cuts the lr now."""
+    def update(self, value: float) -> bool:
+        """Record an epoch's monitored figure; True when it cuts the lr now."""
         if not self.patience:
             return False
-        if val_loss < self.best - self.MIN_DELTA:
-            self.best, self.wait = val_loss, 0
+        if self.cooldown_left:  # Keras' order: the cooldown counts down before the figure is judged
+            self.cooldown_left -= 1
+            self.wait = 0
+        if (value < self.best - self.min_delta) if self.lower_is_better else (value > self.best + self.min_delta):
+            self.best, self.wait = value, 0
+            return False
+        if self.cooldown_left:
             return False
         self.wait += 1
         # Keras cuts only while the lr is above its floor (with a little tolerance for rounding)
         if self.wait < self.patience or self.scale <= self.min_scale * (1 + 1e-9):
             return False
-        self.scale, self.wait = max(self.scale * self.factor, self.min_scale), 0
+        self.scale, self.wait, self.cooldown_left = max(self.scale * self.factor, self.min_scale), 0, self.cooldown
         return True
 
     def state_dict(self) -> dict[str, float]:
         """What a checkpoint keeps."""
-        return {"scale": self.scale, "best": self.best, "wait": self.wait}
+        return {"scale": self.scale, "best": self.best, "wait": self.wait, "cooldown_left": self.cooldown_left}
 
     def load_state_dict(self, state: dict[str, float] | None) -> None:
-        """Continue from a checkpoint's :meth:`state_dict` (None: a checkpoint from before plateaus)."""
+        """Continue from a checkpoint's :meth:`state_dict` (None: a checkpoint from before plateaus;
+        one from before cooldowns has none left)."""
         if state:
             self.scale, self.best, self.wait = state["scale"], state["best"], state["wait"]
+            self.cooldown_left = int(state.get("cooldown_left", 0))
 
 
 def _lr_lambda(cfg: Config, total_steps: int) -> Callable[[int], float]:
@@ -466,8 +479,8 @@ def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps
     optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim, capturable=cfg.train.cuda_graph,
                                 cpu_kernels=cpu_kernels)
     o = cfg.optim
-    plateau = Plateau(o.plateau_patience, o.plateau_factor, o.plateau_min_lr / o.lr if o.lr else 0.0) \
-        if o.plateau_patience else None
+    plateau = Plateau(o.plateau_patience, o.plateau_factor, o.plateau_min_lr / o.lr if o.lr else 0.0,
+                      o.plateau_monitor, o.plateau_min_delta, o.plateau_cooldown) if o.plateau_patience else None
     scheduler = _scheduler(cfg, optimizer, steps_per_epoch, plateau)
     lookahead = Lookahead(model) if cfg.train.lookahead_every else None
     selector = _selector(cfg, proxy, device, fmt, steps_per_epoch, plateau) if proxy is not None else None
@@ -770,11 +783,11 @@ class _Loop:
         scale = self.st.plateau.scale if self.st.plateau is not None else 1.0
         return self.cfg.optim.lr * self.lr_fraction(max(0, self.st.scheduler.last_epoch - 1)) * scale
 
-    def _plateau(self, epoch: int, val_loss: float, cut: bool = True) -> str:
-        """The plateau cut after epoch ``epoch`` (0-based), where ``cut``; it applies from the
-        next step on. Returns the log line's addition."""
+    def _plateau(self, epoch: int, logs: dict[str, float], cut: bool = True) -> str:
+        """The plateau cut after epoch ``epoch`` (0-based), judged on ``logs``' monitored figure,
+        where ``cut``; it applies from the next step on. Returns the log line's addition."""
         st, o = self.st, self.cfg.optim
-        if not (cut and st.plateau.update(val_loss)):
+        if not (cut and st.plateau.update(logs[st.plateau.monitor])):
             return ""
         _reapply(st.scheduler)
         if st.selector is not None:
@@ -879,7 +892,7 @@ class _Loop:
             line += f" - val_loss: {v_loss:.4f} - val_accuracy: {v_acc:.4f}"
             stopped = self.stopping.update(epoch + 1, row, st.model)
             if st.plateau is not None:
-                line += self._plateau(epoch, v_loss, cut=not stopped)  # no cut for a run that ends here
+                line += self._plateau(epoch, row, cut=not stopped)  # no cut for a run that ends here
             if stopped:
                 es = self.stopping
                 better = f"{'lower' if es.lower_is_better else 'higher'} {es.monitor}" + \

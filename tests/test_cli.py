@@ -164,16 +164,21 @@ def test_train_evaluate_predict_end_to_end(capsys, tmp_path, image_folder, monke
     assert (out / "audit" / "MODEL_CARD.md").is_file()
 
 
-def test_an_output_folder_that_cannot_be_made_is_one_line_naming_it(capsys, tmp_path, trained_run):
+def test_an_output_folder_that_cannot_be_made_is_one_line_naming_it(capsys, tmp_path, trained_run, monkeypatch):
+    from cifarlab import cli
+
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    for args in (["evaluate", str(trained_run), "--out", str(blocker / "eval")],
-                 ["audit", str(trained_run), "--out", str(blocker / "audit")],
-                 ["augment", "--preview-dir", str(blocker), "--previews", "1"]):
+    for args in (["augment", "--preview-dir", str(blocker), "--previews", "1"],
+                 ["evaluate", str(trained_run), "--out", str(blocker / "eval")],
+                 ["audit", str(trained_run), "--out", str(blocker / "audit" / "deeper")],
+                 ["evaluate", str(trained_run), "--out", str(blocker)]):
         code, _, err = run(capsys, *args)
         errors = [line for line in err.splitlines() if not line.startswith("data: ")]  # the loader's notes
         assert code == 2 and "Traceback" not in err and len(errors) == 1 and errors[0].startswith("cifarlab: error:"), err
-        assert f"'{blocker}" in err and ("Not a directory" in err or "exists and is a file" in err), err
+        assert f"'{blocker}" in err and ("Not a directory" in err or "is a file" in err), err
+        # evaluate and audit refuse it before loading any data
+        monkeypatch.setattr(cli, "_load_eval_data", lambda *a: pytest.fail("data loaded for an unusable --out"))
 
 
 def test_evaluate_prints_the_data_notes_on_stderr(capsys, trained_run):

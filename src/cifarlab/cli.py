@@ -361,8 +361,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """``cifarlab evaluate``."""
     from .evaluate import evaluate_run
     from .export import is_runs_set, read_run
-    from .fsutil import json_text
+    from .fsutil import check_folder_path, json_text
 
+    if args.out:
+        check_folder_path(args.out)  # before the data is loaded
     if is_runs_set(args.run):
         return _evaluate_runs(args)
     run, _ = read_run(args.run)
@@ -427,8 +429,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """``cifarlab audit``."""
     from .audit import CLI_NAMES, audit_run, check_options
     from .export import is_runs_set, read_run
+    from .fsutil import check_folder_path
 
     check_options(args.margin, args.min_group, args.bootstrap, CLI_NAMES)  # before the data is loaded
+    if args.out:
+        check_folder_path(args.out)
     if is_runs_set(args.run):
         return _audit_runs(args)
     run, _ = read_run(args.run)

@@ -44,6 +44,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def check_folder_path(path: str | os.PathLike) -> None:
+    """Refuse ``path`` as an output folder where a file stands in its place or in a parent's,
+    before any work is done (:func:`make_folder` would refuse it only when it comes to write)."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "exists and is a file" if p == path else f"cannot be created: '{p}' is a file"
+                raise CifarlabError(f"output '{path}' {what}; give a folder path")
+            return
+
+
 def make_folder(path: str | os.PathLike, exist_ok: bool = True) -> Path:
     """Create the output folder ``path`` and its parents; any failure is a user error naming the
     folder and the reason. With ``exist_ok=False`` an existing folder raises FileExistsError, for

@@ -733,6 +733,12 @@ def test_a_cosine_run_logs_each_epochs_last_lr(tmp_path, capsys):
     want = [1e-3 * (1 + math.cos(math.pi * (e * steps - 2) / (3 * steps - 1))) / 2 for e in (1, 2, 3)]
     assert [h["learning_rate"] for h in history] == pytest.approx(want, rel=1e-9)
     assert "schedule: cosine" in (tmp_path / "cos" / "config.yaml").read_text()
+    assert "muon_learning_rate" not in history[0]
+    # Muon's filters have a rate of their own on the same schedule, logged beside the others'
+    assert main(args + ["--schedule", "cosine", "--optimizer", "muon", "--lr", "0.01", "--out", str(tmp_path / "mu")]) == 0
+    history = json.loads((tmp_path / "mu" / "history.json").read_text())
+    assert [h["learning_rate"] for h in history] == pytest.approx([w * 10 for w in want], rel=1e-9)
+    assert [h["muon_learning_rate"] for h in history] == pytest.approx([w * 240 for w in want], rel=1e-9)  # 0.24
     assert main(args + ["--out", str(tmp_path / "const")]) == 0
     assert "learning_rate" not in json.loads((tmp_path / "const" / "history.json").read_text())[0]
     capsys.readouterr()

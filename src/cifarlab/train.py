@@ -778,10 +778,11 @@ class _Loop:
             "plateau": st.plateau.state_dict() if st.plateau is not None else None,
         })
 
-    def _last_lr(self) -> float:
-        """The lr (optim.lr, scheduled and cut) of the step just taken, as Keras logs it."""
+    def _last_lr(self, base: float) -> float:
+        """The lr ``base`` (optim.lr, or muon_lr), scheduled and cut, of the step just taken, as
+        Keras logs it."""
         scale = self.st.plateau.scale if self.st.plateau is not None else 1.0
-        return self.cfg.optim.lr * self.lr_fraction(max(0, self.st.scheduler.last_epoch - 1)) * scale
+        return base * self.lr_fraction(max(0, self.st.scheduler.last_epoch - 1)) * scale
 
     def _plateau(self, epoch: int, logs: dict[str, float], cut: bool = True) -> str:
         """The plateau cut after epoch ``epoch`` (0-based), judged on ``logs``' monitored figure,
@@ -879,7 +880,9 @@ class _Loop:
             raise NonFiniteLoss(_nan_message(epoch, None, cfg))
         row = {"epoch": epoch + 1, "loss": tr_loss, "accuracy": tr_acc}
         if cfg.optim.schedule != "constant" or st.plateau is not None:  # an lr that changes is logged
-            row["learning_rate"] = self._last_lr()
+            row["learning_rate"] = self._last_lr(cfg.optim.lr)
+            if cfg.optim.name == "muon":  # the filters' own rate, on the same schedule
+                row["muon_learning_rate"] = self._last_lr(cfg.optim.muon_lr)
         # The epoch's own training time, as Keras prints it; the history keeps the running total.
         epoch_time = self.train_time - (self.history[-1]["train_time_s"] if self.history else 0.0)
         line = f"Epoch {epoch + 1}/{cfg.train.epochs} - {epoch_time:.1f}s - loss: {tr_loss:.4f} - " \

@@ -888,3 +888,18 @@ def test_early_stopping_ends_on_the_best_epochs_weights_and_resumes_where_it_sto
     with pytest.raises(CifarlabError, match=r"run-0' stopped early after epoch 4"):
         fit(resume=tmp_path / "set", epochs=20, log=lambda s: None)
     assert "epochs: 10" in (tmp_path / "set" / "config.yaml").read_text()
+
+
+def test_history_plot_adds_a_learning_rate_panel_where_the_rate_changes(tmp_path):
+    from PIL import Image
+
+    from cifarlab.plots import plot_history
+
+    rows = [{"epoch": e, "loss": 1.0 / e, "accuracy": 0.5 + e / 10, "val_loss": 1.1 / e, "val_accuracy": 0.5}
+            for e in (1, 2, 3)]
+    plot_history(rows, tmp_path / "plain.png")
+    plot_history([{**r, "learning_rate": 1e-3 / 10 ** (r["epoch"] // 2)} for r in rows], tmp_path / "cut.png")
+    plot_history([{**r, "learning_rate": 0.01 * (3 - r["epoch"]), "muon_learning_rate": 0.24 * (3 - r["epoch"])}
+                  for r in rows], tmp_path / "to-zero.png")  # a rate that reaches 0: a linear axis
+    widths = [Image.open(tmp_path / f).size[0] for f in ("plain.png", "cut.png", "to-zero.png")]
+    assert widths[1] > widths[0] * 1.3 and widths[2] > widths[0] * 1.3, widths

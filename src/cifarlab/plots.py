@@ -25,10 +25,13 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_history(history: list[dict], path: Path) -> None:
-    """Loss and accuracy curves per epoch, training and (where there was one) validation."""
+    """Loss and accuracy curves per epoch, training and (where there was one) validation, and,
+    where the history logs it (a schedule, plateau cuts), the learning rate on a log scale."""
     plt = _plt()
     ep = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    lr_keys = [k for k in ("learning_rate", "muon_learning_rate") if k in history[0]]
+    fig, axes = plt.subplots(1, 3 if lr_keys else 2, figsize=(15 if lr_keys else 10, 4))
+    a, b = axes[0], axes[1]
     a.plot(ep, [h["loss"] for h in history], "o-", label="train")
     b.plot(ep, [h["accuracy"] for h in history], "o-", label="train")
     if "val_loss" in history[0]:  # absent when training used no validation split
@@ -36,9 +39,16 @@ def plot_history(history: list[dict], path: Path) -> None:
         b.plot(ep, [h["val_accuracy"] for h in history], "o-", label="validation")
     a.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
     b.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    if lr_keys:
+        c = axes[2]
+        for k in lr_keys:  # each epoch's last rate; a log scale shows a plateau cut as a step
+            c.plot(ep, [h[k] for h in history], "o-", label={"learning_rate": "lr", "muon_learning_rate": "muon lr"}[k])
+        # a rate that decays to 0 has no logarithm: linear then
+        c.set(xlabel="epoch", ylabel="learning rate", title="Learning rate",
+              yscale="log" if all(h[k] > 0 for h in history for k in lr_keys) else "linear")
     from matplotlib.ticker import MaxNLocator
 
-    for ax in (a, b):
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

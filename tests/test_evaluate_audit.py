@@ -31,6 +31,16 @@ def test_report_matches_definitions():
     assert r["confused_pairs"][0]["count"] == np.max(cm - np.diag(np.diag(cm)))
 
 
+def test_report_of_two_classes_has_top_1_accuracy():
+    """Two classes: scikit-learn's top-k takes them for a binary problem and refuses two columns of
+    probabilities; with k 1 the top-k accuracy is the accuracy."""
+    y = np.array([0, 1, 1, 0, 1])
+    probs = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.4, 0.6], [0.1, 0.9]])
+    r = compute_report(probs, y, ["bird", "ship"])
+    assert r["top_k"] == {"k": 1, "accuracy": 0.6} and r["accuracy"] == 0.6
+    assert r["loss"] == pytest.approx(-np.log(probs[np.arange(5), y]).mean(), rel=1e-6)
+
+
 def test_report_leaves_undefined_figures_undefined():
     """A class never predicted has no precision; a class with no test image, no recall."""
     y = np.array([0, 0, 1, 1])

@@ -70,7 +70,10 @@ def compute_report(probs: np.ndarray, y: np.ndarray, classes: list[str], k: int 
     return {
         "loss": float(log_loss(y, np.clip(probs, 1e-7, 1), labels=labels)),
         "accuracy": float((pred == y).mean()),
-        "top_k": {"k": k, "accuracy": float(top_k_accuracy_score(y, probs, k=k, labels=labels))},
+        # top-1 is the accuracy; scikit-learn's top-k reads two classes as a binary problem and
+        # refuses their two columns of probabilities
+        "top_k": {"k": k, "accuracy": float((pred == y).mean()) if k == 1 else
+                  float(top_k_accuracy_score(y, probs, k=k, labels=labels))},
         "num_images": int(len(y)),
         "per_class": [{"class": c, "accuracy": _defined(rec[i]), "precision": _defined(prec[i]),
                        "recall": _defined(rec[i]), "f1": _defined(f1[i]), "support": int(support[i])}

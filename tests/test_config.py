@@ -68,6 +68,7 @@ def test_roundtrip(tmp_path):
      r"cuts on: set optim.plateau_patience \(--reduce-lr-on-plateau\)"),
     ({"optim": {"plateau_patience": 2}, "data": {"val_split": 0}}, "optim.plateau_patience = 2 is not valid; it "
      "watches val_loss, so it needs validation images"),
+    ({"model": {"init_from": " "}}, "model.init_from = ' ' is not valid; give a run folder"),
     ({"optim": {"plateau_patience": 2, "plateau_monitor": "val_acc"}},
      "optim.plateau_monitor = 'val_acc' is not valid; choose val_loss or val_accuracy"),
     ({"optim": {"plateau_patience": 2, "plateau_min_delta": -0.5}},

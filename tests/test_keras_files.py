@@ -292,6 +292,11 @@ def test_cli_import_then_evaluate(tmp_path, capsys):
     card = (tmp_path / "run" / "audit" / "MODEL_CARD.md").read_text()
     assert "- Trained in Keras 2.2.4 and imported with `cifarlab import` from `" in card
     assert "None" not in card and "Recipe, optimizer and epochs: [TO BE FILLED IN" in card
+    # and fine-tuned from, every tensor copied (the same model and classes)
+    assert main(["train", "--data", str(data), "--model", "keras-shallow", "--epochs", "1", "--val-split", "0",
+                 "--init-from", str(tmp_path / "run"), "--out", str(tmp_path / "tuned"), "--threads", "1"]) == 0
+    assert f"weights from {tmp_path / 'run'}, all of them" in capsys.readouterr().out
+    assert json.loads((tmp_path / "tuned" / "metrics.json").read_text())["init_from"]["fresh"] == []
     capsys.readouterr()
     assert main(["import", str(path), "--image-size", "0x5"]) == 2
     assert "--image-size '0x5' is not valid; expected HxW" in capsys.readouterr().err

@@ -903,3 +903,83 @@ def test_history_plot_adds_a_learning_rate_panel_where_the_rate_changes(tmp_path
                   for r in rows], tmp_path / "to-zero.png")  # a rate that reaches 0: a linear axis
     widths = [Image.open(tmp_path / f).size[0] for f in ("plain.png", "cut.png", "to-zero.png")]
     assert widths[1] > widths[0] * 1.3 and widths[2] > widths[0] * 1.3, widths
+
+
+def _yaml(tmp_path, text: str):
+    path = tmp_path / "extra.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_init_from_copies_every_tensor_that_fits_and_keeps_the_source_runs_preprocessing(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """A fine-tune: the run starts from the source run's weights, except the last layer, fresh for
+    its two classes; it preprocesses as the source did (the source's normalisation statistics,
+    not its own data's); the metrics and the model card say where it started; and resumed after
+    the source is gone, it keeps that preprocessing."""
+    import shutil
+
+    import cifarlab.train as train_mod
+    from cifarlab.cli import main
+
+    src_data = make_image_folder(tmp_path / "src-data", n_train=8, n_test=2)
+    new_data = make_image_folder(tmp_path / "new-data", classes=("bird", "ship"), n_train=8, n_test=2, seed=1)
+    common = ["--model", "keras-shallow", "--batch-size", "4", "--val-split", "0.25", "--threads", "1",
+              "--deterministic"]
+    assert main(["train", "--data", str(src_data), *common, "--epochs", "1", "--out", str(tmp_path / "src"),
+                 "--config", str(_yaml(tmp_path, "data: {normalize: true}"))]) == 0
+    source = _weights(tmp_path / "src")
+    src_prep = json.loads((tmp_path / "src" / "architecture.json").read_text())["preprocessing"]
+    assert src_prep["mean"] is not None
+
+    started: list[dict] = []
+    real_build = train_mod._build
+
+    def spy(*args, **kw):
+        st = real_build(*args, **kw)
+        started.append({k: v.detach().clone() for k, v in st.model.state_dict().items()})
+        return st
+
+    monkeypatch.setattr(train_mod, "_build", spy)
+    capsys.readouterr()
+    assert main(["train", "--data", str(new_data), *common, "--epochs", "1", "--out", str(tmp_path / "tuned"),
+                 "--init-from", str(tmp_path / "src")]) == 0
+    assert f"weights from {tmp_path / 'src'}; fresh, as their shapes differ there: 8.weight, 8.bias" in \
+        capsys.readouterr().out
+    first = started[-1]
+    differs = [k for k in first if first[k].shape != source[k].shape or not torch.equal(first[k], source[k])]
+    assert differs == ["8.weight", "8.bias"]  # the 3-class head cannot fit 2 classes; the rest is the source's
+    arch = json.loads((tmp_path / "tuned" / "architecture.json").read_text())
+    assert arch["preprocessing"] == src_prep and arch["classes"] == ["bird", "ship"]
+    m = json.loads((tmp_path / "tuned" / "metrics.json").read_text())
+    assert m["init_from"] == {"run": str(tmp_path / "src"), "model": "keras-shallow", "classes": ["cat", "dog", "frog"],
+                              "data": str(src_data), "fresh": ["8.weight", "8.bias"]}
+    assert "init_from: " + str(tmp_path / "src") in (tmp_path / "tuned" / "config.yaml").read_text()
+    assert main(["audit", str(tmp_path / "tuned"), "--bootstrap", "100"]) == 0
+    card = (tmp_path / "tuned" / "audit" / "MODEL_CARD.md").read_text()
+    assert f"- Started from: the weights of run `{tmp_path / 'src'}` (keras-shallow, trained on `{src_data}`" in card
+
+    # Resumed (trained on to 2 epochs) after the source run is gone: the same preprocessing
+    shutil.rmtree(tmp_path / "src")
+    assert main(["train", "--resume", str(tmp_path / "tuned"), "--epochs", "2"]) == 0
+    assert json.loads((tmp_path / "tuned" / "architecture.json").read_text())["preprocessing"] == src_prep
+    assert len(json.loads((tmp_path / "tuned" / "history.json").read_text())) == 2
+
+
+def test_init_from_is_checked_before_the_data_is_read_and_leaves_no_run_folder(tmp_path, trained_run, image_folder,
+                                                                                monkeypatch, capsys):
+    import cifarlab.train as train_mod
+    from cifarlab.cli import main
+
+    monkeypatch.setattr(train_mod, "_load_data", lambda *a: pytest.fail("data read for a bad --init-from"))
+    base = ["train", "--data", str(image_folder), "--epochs", "1", "--out", str(tmp_path / "new")]
+    for args, msg in [(["--init-from", str(trained_run)],  # a keras-shallow run; keras-book trains keras-deep
+                       f"--init-from '{trained_run}' holds a keras-shallow model and this run trains keras-deep; "
+                       "give --model keras-shallow, or start from a keras-deep run"),
+                      (["--model", "keras-shallow", "--init-from", str(tmp_path / "nope")],
+                       f"--init-from: run folder '{tmp_path / 'nope'}' does not exist"),
+                      (["--model", "keras-shallow", "--init-from", str(image_folder)],
+                       f"--init-from: '{image_folder}' is not a cifarlab run folder")]:
+        assert main(base + args) == 2
+        assert msg in capsys.readouterr().err
+        assert not (tmp_path / "new").exists()

@@ -549,6 +549,8 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
     cfg = yaml.safe_load(cfg_text) if cfg_text else {}
     imported_path = run / "keras_import.json"  # written by `cifarlab import`: trained elsewhere
     imported = json.loads(imported_path.read_text()) if imported_path.is_file() else None
+    start_path = run / "init_from.json"  # written by `cifarlab train --init-from`: a fine-tune
+    start = json.loads(start_path.read_text()) if start_path.is_file() else None
     is_cifar10 = ds.kind.startswith("cifar10") or (ds.kind == "image-folder" and pred.classes == [
         "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"])
     training_data = {
@@ -563,6 +565,8 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
                           "excludes pickups), a small share of test labels are known to be wrong or ambiguous, and "
                           "the data's parent collection was withdrawn in 2020 over offensive content")
         if is_cifar10 else TO_FILL,
+        # the data the starting weights learnt from shaped this model too, with its own caveats
+        "started_from": start and {k: start.get(k) for k in ("run", "model", "data", "classes", "fresh")},
     }
     return {
         "model_details": {
@@ -637,6 +641,17 @@ def _origin_lines(d: dict) -> list[str]:
     return [f"- Recipe: `{d['recipe']}`; optimizer: `{opt.get('name')}`, epochs: {epochs}"]
 
 
+def _started_from_lines(start: dict | None) -> list[str]:
+    """The model card's line on the run whose weights a fine-tuned model started from."""
+    if not start:
+        return []
+    classes = ", ".join(start["classes"][:10]) + (", ..." if len(start["classes"]) > 10 else "")
+    return [f"- Started from: the weights of run `{start['run']}` ({start['model']}, trained on "
+            f"`{start['data'] or TO_FILL}`, classes {classes}); that data shaped this model too, so its licence, "
+            "consent and caveats apply here as well (see that run's model card)"
+            + (f". Trained from fresh weights: {', '.join(start['fresh'])}." if start["fresh"] else ".")]
+
+
 def model_card_markdown(card: dict) -> str:
     """Render a model card dict as Markdown, linking the audit plots beside it."""
     d, iu, td, ev, mt = (card["model_details"], card["intended_use"], card["training_data"], card["evaluation_data"],
@@ -658,7 +673,8 @@ def model_card_markdown(card: dict) -> str:
              f"- Size: {td['size'].get('train_images')} training, {td['size'].get('val_images')} validation images"
              if td["size"].get("train_images") is not None else f"- Size: {TO_FILL}",
              f"- Classes: {', '.join(td['classes'][:20])}{' ...' if len(td['classes']) > 20 else ''}",
-             f"- Licence: {td['licence']}", f"- Consent: {td['consent']}", f"- Label caveats: {td['label_caveats']}", "",
+             f"- Licence: {td['licence']}", f"- Consent: {td['consent']}", f"- Label caveats: {td['label_caveats']}",
+             *_started_from_lines(td.get("started_from")), "",
              "## Evaluation data", "", f"- Source: `{ev['source']}`, {ev['size']} images; {ev['note']}", "",
              "## Metrics", "", f"Overall accuracy **{o['accuracy']:.4f}**, loss {o['loss']:.4f}, top-{o['top_k']['k']} "
              f"accuracy {o['top_k']['accuracy']:.4f}, expected calibration error {o['ece']:.4f}; test-time "

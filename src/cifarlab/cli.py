@@ -32,7 +32,7 @@ _TRAIN_OPTIONS = (
     "threads", "out", "overwrite", "deterministic", "augment", "runs", "tta", "label_smoothing", "precision",
     "compile", "compile_mode", "cuda_graph", "cpu_kernels", "select_fraction", "early_stopping",
     "early_stopping_monitor", "early_stopping_min_delta", "reduce_lr_on_plateau", "reduce_lr_factor", "min_lr",
-    "reduce_lr_monitor", "reduce_lr_min_delta", "reduce_lr_cooldown", "schedule",
+    "reduce_lr_monitor", "reduce_lr_min_delta", "reduce_lr_cooldown", "schedule", "init_from",
 )
 
 
@@ -73,6 +73,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--config", help="YAML or TOML file with sections data/model/optim/augment/train")
     t.add_argument("--recipe", help="named recipe (default keras-book; see 'cifarlab list')")
     t.add_argument("--model", help="registered model name (see 'cifarlab list')")
+    t.add_argument("--init-from", metavar="RUN",
+                   help="start from RUN's weights, to fine-tune it: tensors whose shape differs here (the last "
+                        "layer, for other classes) start fresh; images are preprocessed as RUN's were")
     _add_data_args(t, subset="use a class-balanced subset of N training images")
     t.add_argument("--val-split", type=float,
                    help="fraction of training images held out, per class (default 0.2; 0: no validation)")

@@ -48,9 +48,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Which registered model to build."""
+    """Which registered model to build, and what its weights start from."""
 
     name: str = "keras-deep"
+    # A run folder whose weights this run starts from, to fine-tune it (timm's
+    # --initial-checkpoint, Keras' load_weights(skip_mismatch=True)): every tensor whose shape
+    # fits is copied, the others (the last layer, for other classes) keep their fresh
+    # initialisation, and the run preprocesses images as that run did. None: from scratch.
+    init_from: str | None = None
 
 
 @dataclass
@@ -422,6 +427,8 @@ def validate(cfg: Config) -> None:
 
     if cfg.model.name not in list_models():
         bad("model", cfg.model.name, f"valid models: {', '.join(list_models())}")
+    if cfg.model.init_from is not None and not str(cfg.model.init_from).strip():
+        bad("model.init_from", cfg.model.init_from, "give a run folder written by 'cifarlab train', or leave it out")
     if cfg.optim.name not in OPTIMIZERS:
         bad("optimizer", cfg.optim.name, f"valid optimizers: {', '.join(OPTIMIZERS)}")
     if not cfg.optim.lr > 0:

@@ -108,12 +108,17 @@ def save_weights(path: Path, model: nn.Module) -> None:
     write_with(path, lambda tmp: save_file(state, str(tmp)))
 
 
-def load_weights(model: nn.Module, path: Path) -> nn.Module:
-    """Load safetensors weights into ``model``; a mismatch names the first differing tensor and both shapes."""
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (no code runs in reading one), or a clear error."""
     try:
-        state = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CifarlabError(f"{path}: not a readable safetensors weights file ({e})") from None
+
+
+def load_weights(model: nn.Module, path: Path) -> nn.Module:
+    """Load safetensors weights into ``model``; a mismatch names the first differing tensor and both shapes."""
+    state = read_weights(path)
     own = model.state_dict()
     for k, v in own.items():
         if k not in state:

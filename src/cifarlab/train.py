@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
 import signal
 import sys
@@ -427,6 +428,57 @@ def _whiten_bias_lambda(steps: int, main: Callable[[int], float]) -> Callable[[i
 
 
 @dataclass
+class _Start:
+    """What a run with ``model.init_from`` starts from: that run's weights (from safetensors),
+    its preprocessing, and what this run's metrics and model card say of it."""
+
+    run: Path
+    state: dict[str, torch.Tensor]
+    prep: dict
+    channels: int
+    about: dict  # the source run, its model, its data and classes, for metrics.json
+
+
+def _read_start(cfg: Config) -> _Start:
+    """Read and check ``cfg.model.init_from`` before any data is loaded: a run folder of the same
+    model, with its weights."""
+    from .export import read_run, read_weights
+
+    try:
+        run, arch = read_run(cfg.model.init_from)
+    except CifarlabError as e:
+        raise CifarlabError(f"--init-from: {e}") from None
+    if arch["model"] != cfg.model.name:
+        raise CifarlabError(f"--init-from '{run}' holds a {arch['model']} model and this run trains {cfg.model.name}; "
+                            f"give --model {arch['model']}, or start from a {cfg.model.name} run")
+    if not (run / "weights.safetensors").is_file():
+        raise CifarlabError(f"--init-from '{run}' has no weights.safetensors yet (an unfinished run?); finish it "
+                            f"first: cifarlab train --resume {run}")
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    about = {"run": str(run), "model": arch["model"], "classes": arch["classes"],
+             "data": metrics.get("data", {}).get("source")}
+    return _Start(run, read_weights(run / "weights.safetensors"), arch["preprocessing"], arch["input"]["channels"],
+                  about)
+
+
+def _saved_prep(run: Path) -> dict:
+    """The preprocessing a run started with, from its ``architecture.json``."""
+    from .export import read_run
+
+    return read_run(run)[1]["preprocessing"]
+
+
+def _copy_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[int, list[str]]:
+    """Copy into ``model`` every tensor of ``state`` with its name and shape (as Keras'
+    ``load_weights(skip_mismatch=True)``); return how many were copied and the names of the
+    model's tensors left at their fresh initialisation."""
+    own = model.state_dict()
+    fits = {k: v.to(own[k].dtype) for k, v in state.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(fits, strict=False)
+    return len(fits), [k for k in own if k not in fits]
+
+
+@dataclass
 class _Setup:
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -439,12 +491,15 @@ class _Setup:
     init_time: float = 0.0  # seconds of data-dependent initialisation (the whitening layers')
     selector: HardExampleSelector | None = None  # picks the examples each step trains on
     plateau: Plateau | None = None  # cuts the lr when the validation loss stops falling (None: off)
+    fresh: list[str] | None = None  # with model.init_from: the tensors not copied from that run
 
 
 def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps_per_epoch: int,
-           cpu_kernels: bool = False) -> _Setup:
+           cpu_kernels: bool = False, start: _Start | None = None, saved_prep: dict | None = None) -> _Setup:
     """Model, optimizer, schedule, augmentation and preprocessing for one run; ``cpu_kernels``:
-    the optimizer uses cifarlab's CPU kernel where it has one (RMSprop)."""
+    the optimizer uses cifarlab's CPU kernel where it has one (RMSprop). ``start``: the run the
+    weights start from (``model.init_from``), whose preprocessing the run takes; ``saved_prep``:
+    the preprocessing to take instead of computing it (a resumed run's, as it started)."""
     c, h, w = arrays.x_train.shape[1:]
     model_kwargs = {"num_classes": ds.num_classes, "in_chans": int(c), "img_size": [int(h), int(w)]}
     model = create_model(cfg.model.name, **model_kwargs).to(device)
@@ -463,6 +518,10 @@ def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps
             prep["std"] = augmenter.std.flatten().tolist() if augmenter.featurewise_std_normalization else None
             # Applied by normalize() after the transform (Keras' order) and saved with the run.
             augmenter.featurewise_center = augmenter.featurewise_std_normalization = False
+    if start is not None or saved_prep is not None:
+        # the weights were trained on images preprocessed so; other statistics would shift every
+        # input they see (timm, likewise, keeps a pretrained model's mean and std)
+        prep = dict(start.prep if start is not None else saved_prep)
     proxy = create_model(cfg.train.select_model, **model_kwargs).to(device) if cfg.train.select_fraction < 1 else None
     init_time = 0.0
     whitened = [m for m in (model, proxy) if hasattr(m, "init_whitening")]
@@ -473,6 +532,9 @@ def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps
         for m in whitened:
             m.init_whitening(sample)
         init_time = clock.elapsed()
+    fresh = None
+    if start is not None:  # after the whitening: the run's own whitening, where it fits, wins
+        _, fresh = _copy_matching(model, start.state)
     runtime.cast_model(model, device, cfg.train.precision)  # after the whitening, computed in float32
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
@@ -485,7 +547,7 @@ def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps
     lookahead = Lookahead(model) if cfg.train.lookahead_every else None
     selector = _selector(cfg, proxy, device, fmt, steps_per_epoch, plateau) if proxy is not None else None
     return _Setup(model, optimizer, scheduler, augmenter, prep, lookahead, model_kwargs,
-                  sum(p.numel() for p in model.parameters()), init_time, selector, plateau)
+                  sum(p.numel() for p in model.parameters()), init_time, selector, plateau, fresh)
 
 
 def _scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
@@ -654,6 +716,8 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
     with undo_on_failure(run, before):
         if new:
             save_config(cfg, run / "config.yaml")
+        # the weights to start from, checked before the data load; a resumed run has its own
+        start = _read_start(cfg) if new and cfg.model.init_from else None
         ds = _load_data(cfg, dataset, log)
         if cfg.data.subset and (note := subset_note(cfg.data.subset, len(ds.y_train),
                                                     f"training images of {ds.source}")):
@@ -665,7 +729,12 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
             raise CifarlabError(f"train.drop_last leaves no full batch: {n} training images, batch size {bs}; "
                                 "use a smaller --batch-size or turn drop_last off")
         use_kernels = _use_cpu_kernels(cfg, device, log)
-        st = _build(cfg, ds, arrays, device, steps, use_kernels)
+        if start is not None and start.channels != arrays.x_train.shape[1]:
+            raise CifarlabError(f"--init-from '{start.run}' takes {start.channels}-channel images and this data has "
+                                f"{arrays.x_train.shape[1]}-channel ones")
+        # a resumed fine-tune keeps the preprocessing it started with, without its source run
+        saved_prep = _saved_prep(run) if not new and cfg.model.init_from else None
+        st = _build(cfg, ds, arrays, device, steps, use_kernels, start, saved_prep)
         c, h, w = arrays.x_train.shape[1:]
         save_architecture(run, cfg.model.name, st.model_kwargs, ds.classes, (int(c), int(h), int(w)), st.prep,
                           st.num_params, cfg.train.channels_last)
@@ -680,6 +749,11 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
         log(f"run folder: {run}")
         log(f"model {cfg.model.name} ({st.num_params:,} parameters) on {device}; {n:,} training, "
             f"{len(arrays.x_val):,} validation, {len(arrays.x_test):,} test images")
+        if start is not None:
+            log(f"weights from {start.run}" + (f"; fresh, as their shapes differ there: {', '.join(st.fresh)}"
+                                               if st.fresh else ", all of them"))
+            # kept beside the run, as keras_import.json is: its model card names where it started
+            write_json(run / "init_from.json", {**start.about, "fresh": st.fresh})
         if st.selector is not None:
             log(f"each step trains on the {_trained_per_step(cfg)} of its {bs} images that {cfg.train.select_model} "
                 f"({sum(p.numel() for p in st.selector.model.parameters()):,} parameters) finds hardest")
@@ -719,6 +793,8 @@ def _finish(cfg: Config, run: Path, ds: Dataset, arrays: Arrays, st: _Setup, loo
     metrics = _test_metrics(cfg, ds, arrays, st, device, loop.train_time)
     metrics["cpu_kernels"] = loop.cpu_kernels  # whether cifarlab's own CPU kernels ran (see cpu_kernels)
     metrics["epochs_trained"] = len(loop.history)
+    if (run / "init_from.json").is_file():  # the run it started from, and what kept fresh weights
+        metrics["init_from"] = json.loads((run / "init_from.json").read_text())
     if loop.stopping.patience:
         metrics["early_stopping"] = loop.stopping.summary()
     # the conv gradients too: float32 only, so never under bf16 autocast

@@ -979,7 +979,8 @@ def test_init_from_is_checked_before_the_data_is_read_and_leaves_no_run_folder(t
                       (["--model", "keras-shallow", "--init-from", str(tmp_path / "nope")],
                        f"--init-from: run folder '{tmp_path / 'nope'}' does not exist"),
                       (["--model", "keras-shallow", "--init-from", str(image_folder)],
-                       f"--init-from: '{image_folder}' is not a cifarlab run folder")]:
+                       f"--init-from: '{image_folder}' is not a cifarlab run folder"),
+                      (["--runs", "2", "--init-from", str(trained_run)], "holds a keras-shallow model")]:
         assert main(base + args) == 2
         assert msg in capsys.readouterr().err
         assert not (tmp_path / "new").exists()

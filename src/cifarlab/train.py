@@ -1079,6 +1079,8 @@ def fit_runs(cfg: Config, dataset: Dataset | None = None, log: Callable[[str], N
     base, before = _new_run_dir(cfg)
     with undo_on_failure(base, before):
         save_config(cfg, base / "config.yaml")
+        if cfg.model.init_from:
+            _read_start(cfg)  # checked before the data load, as for one run
         ds = _load_data(cfg, dataset, log)
     return _train_runs(base, cfg, ds, log, resume=False)
 

@@ -913,17 +913,20 @@ def _yaml(tmp_path, text: str):
 
 def test_init_from_copies_every_tensor_that_fits_and_keeps_the_source_runs_preprocessing(tmp_path, monkeypatch,
                                                                                           capsys):
-    """A fine-tune: the run starts from the source run's weights, except the last layer, fresh for
-    its two classes; it preprocesses as the source did (the source's normalisation statistics,
-    not its own data's); the metrics and the model card say where it started; and resumed after
-    the source is gone, it keeps that preprocessing."""
+    """A fine-tune: the run starts from the source run's weights, except the classifier, fresh for
+    other classes, and the dense layer whose shape the smaller images change; it preprocesses as
+    the source did (the source's normalisation statistics, not its own data's); the metrics and
+    the model card say where it started; and resumed after the source is gone, it keeps that
+    preprocessing."""
     import shutil
 
     import cifarlab.train as train_mod
     from cifarlab.cli import main
 
     src_data = make_image_folder(tmp_path / "src-data", n_train=8, n_test=2)
-    new_data = make_image_folder(tmp_path / "new-data", classes=("bird", "ship"), n_train=8, n_test=2, seed=1)
+    # other classes, as many; smaller images
+    new_data = make_image_folder(tmp_path / "new-data", classes=("bird", "ship", "deer"), n_train=8, n_test=2,
+                                 size=(24, 24), seed=1)
     common = ["--model", "keras-shallow", "--batch-size", "4", "--val-split", "0.25", "--threads", "1",
               "--deterministic"]
     assert main(["train", "--data", str(src_data), *common, "--epochs", "1", "--out", str(tmp_path / "src"),
@@ -944,16 +947,18 @@ def test_init_from_copies_every_tensor_that_fits_and_keeps_the_source_runs_prepr
     capsys.readouterr()
     assert main(["train", "--data", str(new_data), *common, "--epochs", "1", "--out", str(tmp_path / "tuned"),
                  "--init-from", str(tmp_path / "src")]) == 0
-    assert f"weights from {tmp_path / 'src'}; fresh, as their shapes differ there: 8.weight, 8.bias" in \
-        capsys.readouterr().out
+    assert f"weights from {tmp_path / 'src'}; fresh: 8.weight, 8.bias (the classifier: {tmp_path / 'src'} was " \
+           "trained on other classes, cat, dog, frog); 5.weight (other shapes there)" in capsys.readouterr().out
     first = started[-1]
     differs = [k for k in first if first[k].shape != source[k].shape or not torch.equal(first[k], source[k])]
-    assert differs == ["8.weight", "8.bias"]  # the 3-class head cannot fit 2 classes; the rest is the source's
+    # the classifier, for other classes though its shape fits, and the dense layer that sees a
+    # smaller image's features; the rest is the source's, the dense layer's bias included
+    assert differs == ["5.weight", "8.weight", "8.bias"]
     arch = json.loads((tmp_path / "tuned" / "architecture.json").read_text())
-    assert arch["preprocessing"] == src_prep and arch["classes"] == ["bird", "ship"]
+    assert arch["preprocessing"] == src_prep and arch["classes"] == ["bird", "deer", "ship"]
     m = json.loads((tmp_path / "tuned" / "metrics.json").read_text())
     assert m["init_from"] == {"run": str(tmp_path / "src"), "model": "keras-shallow", "classes": ["cat", "dog", "frog"],
-                              "data": str(src_data), "fresh": ["8.weight", "8.bias"]}
+                              "data": str(src_data), "fresh": ["5.weight", "8.weight", "8.bias"]}
     assert "init_from: " + str(tmp_path / "src") in (tmp_path / "tuned" / "config.yaml").read_text()
     assert main(["audit", str(tmp_path / "tuned"), "--bootstrap", "100"]) == 0
     card = (tmp_path / "tuned" / "audit" / "MODEL_CARD.md").read_text()

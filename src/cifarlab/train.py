@@ -29,7 +29,7 @@ from .errors import CifarlabError
 from .evaluate import describe
 from .export import finished_metrics, normalize, preprocess, save_architecture, save_weights, tta_logits
 from .fsutil import new_run_folder, undo_on_failure, write_json, write_text
-from .models import create_model
+from .models import classifier_tensors, create_model
 from .optim import build_optimizer, param_groups
 from .selection import HardExampleSelector, kept_count
 
@@ -468,14 +468,25 @@ def _saved_prep(run: Path) -> dict:
     return read_run(run)[1]["preprocessing"]
 
 
-def _copy_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[int, list[str]]:
+def _start_note(start: _Start, st: _Setup, classes: list[str]) -> str:
+    """The log line of a run on ``classes`` that starts from ``start``'s weights: which tensors
+    start fresh, and why."""
+    head = [k for k in classifier_tensors(st.model) if start.about["classes"] != list(classes)]
+    misfit = [k for k in st.fresh if k not in head]
+    why = ([f"{', '.join(head)} (the classifier: {start.run} was trained on other classes, "
+            f"{', '.join(start.about['classes'][:10])}{', ...' if len(start.about['classes']) > 10 else ''})"]
+           if head else []) + ([f"{', '.join(misfit)} (other shapes there)"] if misfit else [])
+    return f"weights from {start.run}" + (f"; fresh: {'; '.join(why)}" if why else ", all of them")
+
+
+def _copy_matching(model: nn.Module, state: dict[str, torch.Tensor], skip: list[str]) -> list[str]:
     """Copy into ``model`` every tensor of ``state`` with its name and shape (as Keras'
-    ``load_weights(skip_mismatch=True)``); return how many were copied and the names of the
+    ``load_weights(skip_mismatch=True)``) but those named in ``skip``; return the names of the
     model's tensors left at their fresh initialisation."""
     own = model.state_dict()
-    fits = {k: v.to(own[k].dtype) for k, v in state.items() if k in own and v.shape == own[k].shape}
+    fits = {k: v.to(own[k].dtype) for k, v in state.items() if k in own and v.shape == own[k].shape and k not in skip}
     model.load_state_dict(fits, strict=False)
-    return len(fits), [k for k in own if k not in fits]
+    return [k for k in own if k not in fits]
 
 
 @dataclass
@@ -533,8 +544,11 @@ def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps
             m.init_whitening(sample)
         init_time = clock.elapsed()
     fresh = None
-    if start is not None:  # after the whitening: the run's own whitening, where it fits, wins
-        _, fresh = _copy_matching(model, start.state)
+    if start is not None:  # after the whitening: the source run's, where it fits, wins
+        # A classifier for other classes (or the same in another order) maps the features to the
+        # wrong outputs whatever its shape, so it starts fresh, as timm resets a pretrained head.
+        same_classes = start.about["classes"] == list(ds.classes)
+        fresh = _copy_matching(model, start.state, [] if same_classes else classifier_tensors(model))
     runtime.cast_model(model, device, cfg.train.precision)  # after the whitening, computed in float32
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
@@ -750,8 +764,7 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
         log(f"model {cfg.model.name} ({st.num_params:,} parameters) on {device}; {n:,} training, "
             f"{len(arrays.x_val):,} validation, {len(arrays.x_test):,} test images")
         if start is not None:
-            log(f"weights from {start.run}" + (f"; fresh, as their shapes differ there: {', '.join(st.fresh)}"
-                                               if st.fresh else ", all of them"))
+            log(_start_note(start, st, ds.classes))
             # kept beside the run, as keras_import.json is: its model card names where it started
             write_json(run / "init_from.json", {**start.about, "fresh": st.fresh})
         if st.selector is not None:

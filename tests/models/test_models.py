@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cifarlab.errors import ConfigError
-from cifarlab.models import create_model, list_models, min_image_size
+from cifarlab.models import classifier_tensors, create_model, list_models, min_image_size
 from cifarlab.models.keras_layout import from_keras, to_keras
 from cifarlab.models.summary import format_summary, summarize
 
@@ -24,6 +24,13 @@ def test_every_model_forward_backward(name, shape):
     grads = [p.grad for p in m.parameters() if p.requires_grad]  # frozen (whitening, BN scale) get none
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+    if shape[0] == 3:  # the classifier that a fine-tune to other classes starts afresh (train --init-from)
+        head = classifier_tensors(m)
+        assert head and all(m.state_dict()[k].shape[0] == 7 for k in head)
+        with torch.no_grad():
+            for k in head:
+                m.state_dict()[k].zero_()
+            assert torch.equal(m(x), torch.zeros(4, 7))  # it is the last layer: zeroed, the logits are 0
 
 
 def test_parameter_counts_equal_keras():

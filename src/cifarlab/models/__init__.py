@@ -75,6 +75,14 @@ def create_model(name: str, **kwargs) -> nn.Module:
         raise ConfigError(f"model '{name}' does not take these arguments {sorted(kwargs)}: {e}") from None
 
 
+def classifier_tensors(model: nn.Module) -> list[str]:
+    """The state-dict names of ``model``'s classifier: its last linear layer, whose outputs are
+    the classes (the notebook's final Dense, speednet's head); a fine-tune to other classes
+    starts it afresh."""
+    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    return [f"{name}.{k}" if name else k for k, _ in model.get_submodule(name).named_parameters()]
+
+
 def _check_common(name: str, kw: dict) -> None:
     for key in ("num_classes", "in_chans"):
         v = kw.get(key, 1)

@@ -979,13 +979,19 @@ def test_init_from_is_checked_before_the_data_is_read_and_leaves_no_run_folder(t
     monkeypatch.setattr(train_mod, "_load_data", lambda *a: pytest.fail("data read for a bad --init-from"))
     base = ["train", "--data", str(image_folder), "--epochs", "1", "--out", str(tmp_path / "new")]
     for args, msg in [(["--init-from", str(trained_run)],  # a keras-shallow run; keras-book trains keras-deep
-                       f"--init-from '{trained_run}' holds a keras-shallow model and this run trains keras-deep; "
-                       "give --model keras-shallow, or start from a keras-deep run"),
+                       f"model.init_from (--init-from) '{trained_run}' holds a keras-shallow model and this run "
+                       "trains keras-deep; set the model to keras-shallow (--model), or start from a keras-deep run"),
                       (["--model", "keras-shallow", "--init-from", str(tmp_path / "nope")],
-                       f"--init-from: run folder '{tmp_path / 'nope'}' does not exist"),
+                       f"model.init_from (--init-from): run folder '{tmp_path / 'nope'}' does not exist"),
                       (["--model", "keras-shallow", "--init-from", str(image_folder)],
-                       f"--init-from: '{image_folder}' is not a cifarlab run folder"),
+                       f"model.init_from (--init-from): '{image_folder}' is not a cifarlab run folder"),
                       (["--runs", "2", "--init-from", str(trained_run)], "holds a keras-shallow model")]:
         assert main(base + args) == 2
         assert msg in capsys.readouterr().err
         assert not (tmp_path / "new").exists()
+    monkeypatch.undo()  # and one found in the data: images of another number of channels
+    grey = make_image_folder(tmp_path / "grey", mode="L", n_train=4, n_test=1)
+    assert main(["train", "--data", str(grey), "--model", "keras-shallow", "--epochs", "1", "--init-from",
+                 str(trained_run), "--out", str(tmp_path / "new")]) == 2
+    assert f"'{trained_run}' takes 3-channel images and this data has 1-channel ones" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

@@ -444,15 +444,16 @@ def _read_start(cfg: Config) -> _Start:
     model, with its weights."""
     from .export import read_run, read_weights
 
+    what = "model.init_from (--init-from)"  # as the config and the CLI name it
     try:
         run, arch = read_run(cfg.model.init_from)
     except CifarlabError as e:
-        raise CifarlabError(f"--init-from: {e}") from None
+        raise CifarlabError(f"{what}: {e}") from None
     if arch["model"] != cfg.model.name:
-        raise CifarlabError(f"--init-from '{run}' holds a {arch['model']} model and this run trains {cfg.model.name}; "
-                            f"give --model {arch['model']}, or start from a {cfg.model.name} run")
+        raise CifarlabError(f"{what} '{run}' holds a {arch['model']} model and this run trains {cfg.model.name}; "
+                            f"set the model to {arch['model']} (--model), or start from a {cfg.model.name} run")
     if not (run / "weights.safetensors").is_file():
-        raise CifarlabError(f"--init-from '{run}' has no weights.safetensors yet (an unfinished run?); finish it "
+        raise CifarlabError(f"{what} '{run}' has no weights.safetensors yet (an unfinished run?); finish it "
                             f"first: cifarlab train --resume {run}")
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
     about = {"run": str(run), "model": arch["model"], "classes": arch["classes"],
@@ -744,8 +745,8 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
                                 "use a smaller --batch-size or turn drop_last off")
         use_kernels = _use_cpu_kernels(cfg, device, log)
         if start is not None and start.channels != arrays.x_train.shape[1]:
-            raise CifarlabError(f"--init-from '{start.run}' takes {start.channels}-channel images and this data has "
-                                f"{arrays.x_train.shape[1]}-channel ones")
+            raise CifarlabError(f"model.init_from (--init-from) '{start.run}' takes {start.channels}-channel images "
+                                f"and this data has {arrays.x_train.shape[1]}-channel ones")
         # a resumed fine-tune keeps the preprocessing it started with, without its source run
         saved_prep = _saved_prep(run) if not new and cfg.model.init_from else None
         st = _build(cfg, ds, arrays, device, steps, use_kernels, start, saved_prep)

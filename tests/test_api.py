@@ -59,3 +59,20 @@ def test_a_notebook_trains_evaluates_and_audits_a_set_of_runs(tmp_path, image_fo
     au = cifarlab.audit_runs(s["run"], ds, out=str(tmp_path / "audits"), n_boot=100, device="cpu", log=lambda x: None)
     assert au["runs"] == 2 and (tmp_path / "audits" / "audit_summary.md").is_file()
     assert (tmp_path / "audits" / "run-1" / "MODEL_CARD.md").is_file()
+
+
+def test_paths_and_hand_set_values_are_checked_and_converted_as_a_config_files_are(tmp_path, image_folder):
+    """A notebook passes pathlib.Path objects and sets fields by hand: paths become text (the
+    saved config.yaml must stay plain YAML), and a value of the wrong type is a ConfigError
+    naming the key, not a TypeError from deep inside."""
+    cfg = cifarlab.make_config(data=image_folder, model="keras-shallow", val_split=0.25, epochs=1, batch_size=8,
+                               threads=1, deterministic=True)
+    assert cfg.data.data == str(image_folder)
+    cfg.train.epochs = "two"
+    with pytest.raises(ConfigError, match="train.epochs: 'two' is not valid; expected a whole number"):
+        cifarlab.fit(cfg, log=lambda s: None)
+    cfg.train.epochs, cfg.train.out = 1, tmp_path / "r"  # a Path, set by hand
+    m = cifarlab.fit(cfg, log=lambda s: None)
+    assert m["run"] == str(tmp_path / "r") and f"out: {tmp_path / 'r'}" in (tmp_path / "r" / "config.yaml").read_text()
+    tuned = cifarlab.make_config(data=image_folder, model="keras-shallow", init_from=tmp_path / "r")
+    assert tuned.model.init_from == str(tmp_path / "r")

@@ -7,6 +7,7 @@ repeated from that file alone (``cifarlab train --config RUN/config.yaml``).
 from __future__ import annotations
 
 import dataclasses
+import os
 import math
 import tomllib
 import types
@@ -241,6 +242,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {value!r} is not valid; expected a finite number")
         return number
     if tp is str:
+        if isinstance(value, os.PathLike):  # a notebook's pathlib.Path for --data, --out, --init-from
+            return os.fspath(value)
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where}: {value!r} is not valid; expected text")
         return str(value)
@@ -410,9 +413,16 @@ def is_device_name(name: str) -> bool:
 
 
 def validate(cfg: Config) -> None:
-    """Check value ranges and names; raise :class:`ConfigError` naming the first bad value."""
+    """Check types (converting as a config file's values are: a ``Path`` to text, say), value
+    ranges and names; raise :class:`ConfigError` naming the first bad value. Types are checked
+    here, not only where values are read, for fields a notebook set by hand."""
     from .models import list_models
     from .optim import OPTIMIZERS
+
+    for sec in SECTIONS:
+        target = getattr(cfg, sec)
+        for key, tp in typing.get_type_hints(type(target)).items():
+            setattr(target, key, _coerce(getattr(target, key), tp, f"{sec}.{key}"))
 
     def bad(key: str, value: Any, valid: str) -> None:
         raise ConfigError(f"{key} = {value!r} is not valid; {valid}")

@@ -618,21 +618,31 @@ def test_early_stopping_watches_either_figure_with_keras_min_delta(monitor, valu
     assert not any(es0.update(e, {monitor: v}, model) for e, v in enumerate(values, 1)) and es0.best_epoch == 6
 
 
-def test_early_stopping_on_validation_accuracy_in_a_run(tmp_path, monkeypatch, capsys):
-    """Through the CLI's flags: the run watches the scripted validation accuracy, stops after two
-    epochs without a higher one, and says so in its log and metrics."""
+def _script_validation(monkeypatch, figure: str, values: list[float]) -> list[float]:
+    """Each epoch's validation pass runs as usual, but reports the next of ``values`` as its
+    ``figure`` (val_loss or val_accuracy); returns ``values``, which the epochs empty (refill it
+    between runs)."""
     import cifarlab.train as train_mod
-    from cifarlab.cli import main
 
-    data = make_image_folder(tmp_path / "d", n_train=8, n_test=4)
     real = train_mod.evaluate_arrays
-    accs = [0.25, 0.5, 0.5, 0.25, 0.75]
 
     def scripted(*args, desc="Evaluating", **kw):
         loss, acc, logits = real(*args, desc=desc, **kw)
-        return loss, (accs.pop(0) if desc == "Validation" else acc), logits
+        if desc == "Validation":
+            loss, acc = (values.pop(0), acc) if figure == "val_loss" else (loss, values.pop(0))
+        return loss, acc, logits
 
     monkeypatch.setattr(train_mod, "evaluate_arrays", scripted)
+    return values
+
+
+def test_early_stopping_on_validation_accuracy_in_a_run(tmp_path, monkeypatch, capsys):
+    """Through the CLI's flags: the run watches the scripted validation accuracy, stops after two
+    epochs without a higher one, and says so in its log and metrics."""
+    from cifarlab.cli import main
+
+    data = make_image_folder(tmp_path / "d", n_train=8, n_test=4)
+    accs = _script_validation(monkeypatch, "val_accuracy", [0.25, 0.5, 0.5, 0.25, 0.75])
     out = tmp_path / "acc"
     assert main(["train", "--data", str(data), "--model", "keras-shallow", "--epochs", "10", "--batch-size", "4",
                  "--val-split", "0.25", "--threads", "1", "--out", str(out), "--early-stopping", "2",
@@ -753,14 +763,7 @@ def test_reduce_lr_on_plateau_in_a_run_and_across_a_resume(tmp_path, monkeypatch
     from cifarlab.cli import main
 
     data = make_image_folder(tmp_path / "d", n_train=8, n_test=4)
-    real = train_mod.evaluate_arrays
-    val_losses: list[float] = []
-
-    def scripted(*args, desc="Evaluating", **kw):
-        loss, acc, logits = real(*args, desc=desc, **kw)
-        return (val_losses.pop(0) if desc == "Validation" else loss), acc, logits
-
-    monkeypatch.setattr(train_mod, "evaluate_arrays", scripted)
+    val_losses = _script_validation(monkeypatch, "val_loss", [])
     args = ["train", "--data", str(data), "--model", "keras-shallow", "--batch-size", "4", "--val-split", "0.25",
             "--threads", "1", "--deterministic", "--reduce-lr-on-plateau", "1", "--reduce-lr-factor", "0.5"]
     val_losses[:] = [1.0, 1.1, 1.2, 0.5]
@@ -800,18 +803,10 @@ def test_plateau_cuts_on_val_accuracy_with_a_cooldown_through_the_cli(tmp_path, 
     1: validation accuracies 0.5, 0.52, 0.4, 0.4, 0.4 cut after epoch 2 (0.52 is no rise by more
     than 0.05), not after epoch 3 (the cooldown: as in Keras, its first epoch is the cut's own
     next), then after epoch 4, not after 5; the model card says what was watched."""
-    import cifarlab.train as train_mod
     from cifarlab.cli import main
 
     data = make_image_folder(tmp_path / "d", n_train=8, n_test=4)
-    real = train_mod.evaluate_arrays
-    val_accs = [0.5, 0.52, 0.4, 0.4, 0.4]
-
-    def scripted(*args, desc="Evaluating", **kw):
-        loss, acc, logits = real(*args, desc=desc, **kw)
-        return loss, (val_accs.pop(0) if desc == "Validation" else acc), logits
-
-    monkeypatch.setattr(train_mod, "evaluate_arrays", scripted)
+    _script_validation(monkeypatch, "val_accuracy", [0.5, 0.52, 0.4, 0.4, 0.4])
     out = tmp_path / "r"
     assert main(["train", "--data", str(data), "--model", "keras-shallow", "--batch-size", "4", "--val-split", "0.25",
                  "--threads", "1", "--deterministic", "--epochs", "5", "--out", str(out), "--reduce-lr-on-plateau",
@@ -832,17 +827,9 @@ def test_early_stopping_ends_on_the_best_epochs_weights_and_resumes_where_it_sto
     on epoch 2's weights, bit for bit those of the same run trained 2 epochs (constant lr). Trained
     3 epochs first and then resumed on to 10, it stops at the same point, its best weights kept
     in the checkpoint; a stopped run resumes to nothing and cannot be trained on."""
-    import cifarlab.train as train_mod
 
     data = make_image_folder(tmp_path / "d", n_train=8, n_test=4)
-    real = train_mod.evaluate_arrays
-    val_losses: list[float] = []
-
-    def scripted(*args, desc="Evaluating", **kw):  # the real validation pass, with a scripted loss
-        loss, acc, logits = real(*args, desc=desc, **kw)
-        return (val_losses.pop(0) if desc == "Validation" else loss), acc, logits
-
-    monkeypatch.setattr(train_mod, "evaluate_arrays", scripted)
+    val_losses = _script_validation(monkeypatch, "val_loss", [])
     val_losses[:] = [1.0, 0.7]
     ref = fit(tiny_config(str(data), str(tmp_path / "ref"), epochs=2, batch_size=4), log=lambda s: None)
 

@@ -74,8 +74,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--recipe", help="named recipe (default keras-book; see 'cifarlab list')")
     t.add_argument("--model", help="registered model name (see 'cifarlab list')")
     t.add_argument("--init-from", metavar="RUN",
-                   help="start from RUN's weights, to fine-tune it: tensors whose shape differs here (the last "
-                        "layer, for other classes) start fresh; images are preprocessed as RUN's were")
+                   help="start from RUN's weights, to fine-tune it: the classifier (where RUN's classes are "
+                        "others) and tensors whose shape differs here start fresh; images are preprocessed as "
+                        "RUN's were")
     _add_data_args(t, subset="use a class-balanced subset of N training images")
     t.add_argument("--val-split", type=float,
                    help="fraction of training images held out, per class (default 0.2; 0: no validation)")

@@ -7,8 +7,8 @@ repeated from that file alone (``cifarlab train --config RUN/config.yaml``).
 from __future__ import annotations
 
 import dataclasses
-import os
 import math
+import os
 import tomllib
 import types
 import typing
@@ -54,8 +54,9 @@ class ModelConfig:
     name: str = "keras-deep"
     # A run folder whose weights this run starts from, to fine-tune it (timm's
     # --initial-checkpoint, Keras' load_weights(skip_mismatch=True)): every tensor whose shape
-    # fits is copied, the others (the last layer, for other classes) keep their fresh
-    # initialisation, and the run preprocesses images as that run did. None: from scratch.
+    # fits is copied but the classifier where that run's classes are not these; the others keep
+    # their fresh initialisation, and the run preprocesses images as that run did. None: from
+    # scratch.
     init_from: str | None = None
 
 

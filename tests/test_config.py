@@ -69,6 +69,9 @@ def test_roundtrip(tmp_path):
     ({"optim": {"plateau_patience": 2}, "data": {"val_split": 0}}, "optim.plateau_patience = 2 is not valid; it "
      "watches val_loss, so it needs validation images"),
     ({"model": {"init_from": " "}}, "model.init_from = ' ' is not valid; give a run folder"),
+    ({"train": {"freeze_epochs": -1}}, "train.freeze_epochs = -1 is not valid; it must be 0 "),
+    ({"train": {"freeze_epochs": 2, "cuda_graph": True}}, "a CUDA graph fixes which parameters train, so it cannot "
+     "unfreeze the model after train.freeze_epochs = 2"),
     ({"optim": {"plateau_patience": 2, "plateau_monitor": "val_acc"}},
      "optim.plateau_monitor = 'val_acc' is not valid; choose val_loss or val_accuracy"),
     ({"optim": {"plateau_patience": 2, "plateau_min_delta": -0.5}},

@@ -982,3 +982,30 @@ def test_init_from_is_checked_before_the_data_is_read_and_leaves_no_run_folder(t
                  str(trained_run), "--out", str(tmp_path / "new")]) == 2
     assert f"'{trained_run}' takes 3-channel images and this data has 1-channel ones" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_freeze_epochs_train_only_the_classifier_first_and_resume_across_the_thaw(tmp_path):
+    """--freeze-epochs 1 after --init-from: in the first epoch only the fresh classifier moves,
+    every other tensor stays the source run's bit for bit; in the second, all train. Stopped
+    after the frozen epoch and resumed, the run ends as the whole one (the freeze follows the
+    epoch, not the process); a freeze as long as the run is a linear probe."""
+    from cifarlab.cli import main
+
+    src_data = make_image_folder(tmp_path / "src-data", n_train=8, n_test=2)
+    new_data = make_image_folder(tmp_path / "new-data", classes=("bird", "ship"), n_train=8, n_test=2, seed=1)
+    common = ["--model", "keras-shallow", "--batch-size", "4", "--val-split", "0.25", "--threads", "1",
+              "--deterministic"]
+    assert main(["train", "--data", str(src_data), *common, "--epochs", "1", "--out", str(tmp_path / "src")]) == 0
+    source = _weights(tmp_path / "src")
+    tune = ["train", "--data", str(new_data), *common, "--init-from", str(tmp_path / "src"), "--freeze-epochs", "1"]
+    assert main(tune + ["--epochs", "1", "--out", str(tmp_path / "probe")]) == 0
+    probe = _weights(tmp_path / "probe")
+    body = [k for k in probe if not k.startswith("8.")]
+    assert body and all(torch.equal(probe[k], source[k]) for k in body)
+    assert main(tune + ["--epochs", "2", "--out", str(tmp_path / "whole")]) == 0
+    whole = _weights(tmp_path / "whole")
+    assert all(not torch.equal(whole[k], source[k]) for k in body if k.endswith("weight"))  # thawed in epoch 2
+    assert main(["train", "--resume", str(tmp_path / "probe"), "--epochs", "2"]) == 0
+    resumed = _weights(tmp_path / "probe")
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+    assert "freeze_epochs: 1" in (tmp_path / "whole" / "config.yaml").read_text()

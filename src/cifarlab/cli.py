@@ -32,7 +32,7 @@ _TRAIN_OPTIONS = (
     "threads", "out", "overwrite", "deterministic", "augment", "runs", "tta", "label_smoothing", "precision",
     "compile", "compile_mode", "cuda_graph", "cpu_kernels", "select_fraction", "early_stopping",
     "early_stopping_monitor", "early_stopping_min_delta", "reduce_lr_on_plateau", "reduce_lr_factor", "min_lr",
-    "reduce_lr_monitor", "reduce_lr_min_delta", "reduce_lr_cooldown", "schedule", "init_from",
+    "reduce_lr_monitor", "reduce_lr_min_delta", "reduce_lr_cooldown", "schedule", "init_from", "freeze_epochs",
 )
 
 
@@ -77,6 +77,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="start from RUN's weights, to fine-tune it: the classifier (where RUN's classes are "
                         "others) and tensors whose shape differs here start fresh; images are preprocessed as "
                         "RUN's were")
+    t.add_argument("--freeze-epochs", type=int, metavar="N",
+                   help="train only the classifier (the last layer) for the first N epochs, the rest frozen, then "
+                        "everything (default 0; N >= --epochs: only the classifier)")
     _add_data_args(t, subset="use a class-balanced subset of N training images")
     t.add_argument("--val-split", type=float,
                    help="fraction of training images held out, per class (default 0.2; 0: no validation)")

@@ -145,6 +145,11 @@ class TrainConfig:
     lookahead_every: int = 0  # every k steps, pull weights to a slow EMA copy (0: off)
     lookahead_decay: float = 0.95**5  # EMA decay per lookahead update
     whiten_bias_epochs: int = 0  # models with a whitening layer: train its bias for this many epochs only
+    # For this many epochs only the classifier (the last layer) trains, the rest frozen: a new
+    # head learns on the features before they change, as Keras' transfer-learning guide trains a
+    # new top on a frozen base first (with model.init_from). At least the run's epochs: only the
+    # classifier ever trains (a linear probe). Batch norms' running statistics still update.
+    freeze_epochs: int = 0
     tta: str = "none"  # test-time augmentation for the final test metrics: none | flip | flip-translate
     # fp32 | bf16 (autocast; 14x slower on an AVX2 CPU without bf16 units) | fp16 (autocast, CUDA
     # only) | bf16-true | fp16-true (CUDA only): half-precision weights, batch norms in float32
@@ -507,6 +512,11 @@ def validate(cfg: Config) -> None:
     if cfg.train.cuda_graph and cfg.optim.plateau_patience:
         bad("train.cuda_graph", True, "a CUDA graph bakes in the learning rate, so it cannot cut it on a plateau; "
             "set optim.plateau_patience to 0")
+    if cfg.train.freeze_epochs < 0:
+        bad("train.freeze_epochs", cfg.train.freeze_epochs, "it must be 0 (off) or a number of epochs")
+    if cfg.train.cuda_graph and cfg.train.freeze_epochs:
+        bad("train.cuda_graph", True, "a CUDA graph fixes which parameters train, so it cannot unfreeze the model "
+            f"after train.freeze_epochs = {cfg.train.freeze_epochs}; set that to 0")
     if cfg.train.cuda_graph and cfg.train.whiten_bias_epochs:
         bad("train.cuda_graph", True, "a CUDA graph fixes which parameters train, so it cannot stop training the "
             f"whitening bias after train.whiten_bias_epochs = {cfg.train.whiten_bias_epochs}; set that to 0")

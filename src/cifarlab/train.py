@@ -834,6 +834,11 @@ class _Loop:
         self.fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.dtype = runtime.compute_dtype(cfg.train.precision)  # of the model's inputs
         self.whiten_bias = getattr(getattr(st.model, "whiten", None), "bias", None)
+        # what train.freeze_epochs freezes: every trainable tensor but the classifier's (the
+        # whitening bias has its own switch; tensors frozen by design stay so)
+        head = set(classifier_tensors(st.model))
+        self.body = [p for name, p in st.model.named_parameters()
+                     if p.requires_grad and name not in head and p is not self.whiten_bias]
         self.start_epoch, self.start_step, self.train_time = 0, 0, st.init_time
         self.history: list[dict[str, float]] = []
         self.partial: tuple[float, float, int] = (0.0, 0.0, 0)  # loss sum, correct, seen before the interrupt
@@ -917,8 +922,11 @@ class _Loop:
         images, append to the history, checkpoint; returns the epoch's log line."""
         cfg, st, device, steps = self.cfg, self.st, self.device, self.steps
         bs, n = cfg.train.batch_size, len(self.arrays.x_train)
+        frozen = epoch < cfg.train.freeze_epochs  # no gradient, so the optimizer skips them: no update, no decay
+        for p in self.body:
+            p.requires_grad_(not frozen)
         if self.whiten_bias is not None:
-            self.whiten_bias.requires_grad_(epoch < cfg.train.whiten_bias_epochs)
+            self.whiten_bias.requires_grad_(epoch < cfg.train.whiten_bias_epochs and not frozen)
         gen = _epoch_generator(cfg.train.seed, epoch, device)
         perm = torch.randperm(n, generator=_epoch_generator(cfg.train.seed, epoch, torch.device("cpu"))).to(device)
         first = self.start_step if epoch == self.start_epoch else 0

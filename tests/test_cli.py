@@ -389,3 +389,16 @@ def test_print_config_shows_what_the_options_resolve_to_and_reads_back_as_a_conf
     assert code == 2 and "epochs = 0 is not valid" in err and out == ""  # validated as for training
     code, _, err = run(capsys, "train", "--resume", "runs/x", "--print-config")
     assert code == 2 and "--print-config shows a new run's config; the config of 'runs/x' is its config.yaml" in err
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    """`cifarlab list | head -1`: once the pipe's reader has gone, the command stops with the
+    status a shell gives a tool stopped by SIGPIPE (141) and no traceback."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "cifarlab", "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader goes away before the first line
+    err = p.stderr.read().decode()
+    p.stderr.close()
+    assert p.wait() == 141 and err == "", err

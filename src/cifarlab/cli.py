@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import re
 import sys
 from pathlib import Path
@@ -628,7 +629,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, so that a reader gone away is caught below, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader stopped early (`cifarlab list | head`): stop quietly, as Unix tools do. The
+        # interpreter's own flush at exit would fail again, so stdout goes to /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool stopped by a closed pipe
     except TrainingInterrupted as e:
         print(f"cifarlab: {e}", file=sys.stderr)
         return 130

@@ -86,7 +86,7 @@ def new_run_folder(out: str | os.PathLike | None, overwrite: bool, name: str,
         run = Path(out)
         if run.is_dir() and any(run.iterdir()) and not overwrite:
             raise CifarlabError(f"output folder '{run}' already exists and is not empty; {remedy}")
-        before: str | Path = _highest_absent(run) if not run.is_dir() else "used" if any(run.iterdir()) else "empty"
+        before = _state_before(run)
         make_folder(run)
         return run, before
     # The folder is claimed by creating it (mkdir fails if it exists), so runs started in the
@@ -101,6 +101,13 @@ def new_run_folder(out: str | os.PathLike | None, overwrite: bool, name: str,
         except FileExistsError:
             continue
     raise AssertionError("unreachable")  # pragma: no cover - itertools.count never ends
+
+
+def _state_before(path: Path) -> str | Path:
+    """What an output folder about to be created or filled is now, for :func:`undo_on_failure`:
+    "used" (it holds files), "empty", or, where it is absent, the highest folder that creating
+    it will create."""
+    return _highest_absent(path) if not path.is_dir() else "used" if any(path.iterdir()) else "empty"
 
 
 def _highest_absent(path: Path) -> Path:
@@ -147,7 +154,7 @@ def report_folder(path: str | os.PathLike) -> Iterator[Path]:
     so no empty or partial report is left to be mistaken for one. A folder that already held
     files is left as it is."""
     path = Path(path)
-    before: str | Path = _highest_absent(path) if not path.is_dir() else "used" if any(path.iterdir()) else "empty"
+    before = _state_before(path)
     make_folder(path)
     with undo_on_failure(path, before):
         yield path

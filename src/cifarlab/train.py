@@ -469,25 +469,27 @@ def _saved_prep(run: Path) -> dict:
     return read_run(run)[1]["preprocessing"]
 
 
-def _start_note(start: _Start, st: _Setup, classes: list[str]) -> str:
-    """The log line of a run on ``classes`` that starts from ``start``'s weights: which tensors
-    start fresh, and why."""
-    head = [k for k in classifier_tensors(st.model) if start.about["classes"] != list(classes)]
-    misfit = [k for k in st.fresh if k not in head]
+def _start_note(start: _Start, fresh: dict[str, str]) -> str:
+    """The log line of a run that starts from ``start``'s weights: which tensors start fresh
+    (``fresh``, from :func:`_copy_matching`), and why."""
+    head = [k for k, why in fresh.items() if why == "classifier"]
+    misfit = [k for k, why in fresh.items() if why != "classifier"]
+    classes = start.about["classes"]
     why = ([f"{', '.join(head)} (the classifier: {start.run} was trained on other classes, "
-            f"{', '.join(start.about['classes'][:10])}{', ...' if len(start.about['classes']) > 10 else ''})"]
-           if head else []) + ([f"{', '.join(misfit)} (other shapes there)"] if misfit else [])
+            f"{', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})"] if head else []) + \
+        ([f"{', '.join(misfit)} (other shapes there)"] if misfit else [])
     return f"weights from {start.run}" + (f"; fresh: {'; '.join(why)}" if why else ", all of them")
 
 
-def _copy_matching(model: nn.Module, state: dict[str, torch.Tensor], skip: list[str]) -> list[str]:
+def _copy_matching(model: nn.Module, state: dict[str, torch.Tensor], skip: list[str]) -> dict[str, str]:
     """Copy into ``model`` every tensor of ``state`` with its name and shape (as Keras'
-    ``load_weights(skip_mismatch=True)``) but those named in ``skip``; return the names of the
-    model's tensors left at their fresh initialisation."""
+    ``load_weights(skip_mismatch=True)``) but the classifier's, named in ``skip``; return the
+    model's tensors left at their fresh initialisation, each with why: "classifier" (skipped) or
+    "shape" (absent there, or of another shape)."""
     own = model.state_dict()
     fits = {k: v.to(own[k].dtype) for k, v in state.items() if k in own and v.shape == own[k].shape and k not in skip}
     model.load_state_dict(fits, strict=False)
-    return [k for k in own if k not in fits]
+    return {k: "classifier" if k in skip else "shape" for k in own if k not in fits}
 
 
 @dataclass
@@ -503,7 +505,7 @@ class _Setup:
     init_time: float = 0.0  # seconds of data-dependent initialisation (the whitening layers')
     selector: HardExampleSelector | None = None  # picks the examples each step trains on
     plateau: Plateau | None = None  # cuts the lr when the validation loss stops falling (None: off)
-    fresh: list[str] | None = None  # with model.init_from: the tensors not copied from that run
+    fresh: dict[str, str] | None = None  # with model.init_from: the tensors not copied from that run, and why
 
 
 def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps_per_epoch: int,
@@ -765,9 +767,9 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
         log(f"model {cfg.model.name} ({st.num_params:,} parameters) on {device}; {n:,} training, "
             f"{len(arrays.x_val):,} validation, {len(arrays.x_test):,} test images")
         if start is not None:
-            log(_start_note(start, st, ds.classes))
+            log(_start_note(start, st.fresh))
             # kept beside the run, as keras_import.json is: its model card names where it started
-            write_json(run / "init_from.json", {**start.about, "fresh": st.fresh})
+            write_json(run / "init_from.json", {**start.about, "fresh": list(st.fresh)})
         if st.selector is not None:
             log(f"each step trains on the {_trained_per_step(cfg)} of its {bs} images that {cfg.train.select_model} "
                 f"({sum(p.numel() for p in st.selector.model.parameters()):,} parameters) finds hardest")

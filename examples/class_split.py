@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 
-def _unpack(data: Path, into: Path) -> Path:
+def image_folder_root(data: Path, into: Path) -> Path:
     """The folder holding train/ and test/: ``data`` itself, or where its archive unpacked."""
     if data.is_dir():
         root = data
@@ -43,7 +43,7 @@ def main(data: str, out: str, first: str) -> None:
         sys.exit(f"{out} exists; give a new folder")
     wanted = [c.strip() for c in first.split(",") if c.strip()]
     with tempfile.TemporaryDirectory() as tmp:
-        root = _unpack(Path(data), Path(tmp))
+        root = image_folder_root(Path(data), Path(tmp))
         classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
         unknown = [c for c in wanted if c not in classes]
         if unknown or not wanted or len(wanted) == len(classes):

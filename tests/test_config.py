@@ -85,10 +85,29 @@ def test_roundtrip(tmp_path):
     ({"optim": {"plateau_patience": 2}, "train": {"cuda_graph": True}}, "a CUDA graph bakes in the learning rate, "
      "so it cannot cut it on a plateau"),
     ({"train": {"early_stopping": 3, "lookahead_every": 5}}, "a run with lookahead ends on its slow weights"),
+    ({"train": {"class_weight": "balance"}}, "train.class_weight = 'balance' is not valid; give balanced, a mapping"),
+    ({"train": {"class_weight": {"cat": -1}}}, r"train.class_weight = \{'cat': -1.0\} is not valid; a class's weight"),
+    ({"train": {"class_weight": {"cat": "heavy"}}}, "train.class_weight: .* is not valid; expected"),
+    ({"train": {"class_weight": ["cat"]}}, "train.class_weight: .* is not valid; expected"),
 ])
 def test_invalid_values(over, msg):
     with pytest.raises(ConfigError, match=msg):
         resolve_config(overrides=over)
+
+
+def test_class_weight_from_yaml_toml_or_flags_and_back(tmp_path):
+    """A mapping's keys become text (YAML's 0: is class index 0), its weights numbers; 'none'
+    is no weighting; the saved config reads back to the same."""
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  class_weight: {cat: 2, 0: 0.5}\n")
+    cfg = resolve_config(file=f)
+    assert cfg.train.class_weight == {"cat": 2.0, "0": 0.5}
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_run_config(tmp_path / "config.yaml") == cfg
+    t = tmp_path / "c.toml"
+    t.write_text('[train]\nclass_weight = "balanced"\n')
+    assert resolve_config(file=t).train.class_weight == "balanced"
+    assert resolve_config(file=f, overrides={"train": {"class_weight": "none"}}).train.class_weight is None
 
 
 def test_unknown_recipe_and_keys(tmp_path):

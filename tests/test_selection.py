@@ -133,3 +133,17 @@ def test_select_fraction_flag_reaches_the_config():
     args = _parser().parse_args(["train", "--select-fraction", "2"])
     with pytest.raises(ConfigError, match="train.select_fraction = 2.0 is not valid"):
         resolve_config(overrides=_train_overrides(args))
+
+
+def test_the_runs_proxy_trains_with_the_runs_class_weights():
+    """train.class_weight weighs the proxy's training loss as the model's (train.train_step's
+    class_weight); its scores, the examples' hardness, stay unweighted."""
+    from cifarlab.config import resolve_config
+    from cifarlab.models import create_model
+    from cifarlab.train import _selector
+
+    cfg = resolve_config("fast", overrides={"train": {"select_fraction": 0.5}})
+    weights = torch.tensor([1.0, 2.0, 3.0])
+    proxy = create_model("speednet-proxy", num_classes=3)
+    sel = _selector(cfg, proxy, torch.device("cpu"), torch.contiguous_format, 10, None, weights)
+    assert sel.train_step.keywords["class_weight"] is weights

@@ -311,9 +311,11 @@ class _EmulatedGraphStep(GraphedStep):
         return replay, out
 
 
-def test_graphed_step_bookkeeping_matches_eager_steps():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_graphed_step_bookkeeping_matches_eager_steps(weighted):
     """Warm-up steps, the capture, replays on fresh batches and an eager partial batch train
-    exactly as plain steps do (the CUDA graph itself is replaced by plain calls here)."""
+    exactly as plain steps do (the CUDA graph itself is replaced by plain calls here), with
+    class weights too."""
     from cifarlab.optim import build_optimizer
     from cifarlab.config import OptimConfig
     from cifarlab.train import train_step
@@ -327,9 +329,11 @@ def test_graphed_step_bookkeeping_matches_eager_steps():
     graph_model = create_model("keras-shallow")
     graph_model.load_state_dict(ref_model.state_dict())
     ref_opt = build_optimizer(ref_model.parameters(), OptimConfig())
-    step = _EmulatedGraphStep(graph_model, build_optimizer(graph_model.parameters(), OptimConfig()), warmup=2)
+    weights = torch.linspace(0.5, 2.0, 10) if weighted else None
+    step = _EmulatedGraphStep(graph_model, build_optimizer(graph_model.parameters(), OptimConfig()), warmup=2,
+                              class_weight=weights)
     torch.manual_seed(2)  # the same dropout masks for both
-    ref = [tuple(t.clone() for t in train_step(ref_model, ref_opt, x, y)) for x, y in batches]
+    ref = [tuple(t.clone() for t in train_step(ref_model, ref_opt, x, y, class_weight=weights)) for x, y in batches]
     torch.manual_seed(2)
     got = [tuple(t.clone() for t in step(x, y)) for x, y in batches]
     assert step.replay is not None and step.static[0].shape == (8, 3, 32, 32)

@@ -1009,3 +1009,52 @@ def test_freeze_epochs_train_only_the_classifier_first_and_resume_across_the_tha
     resumed = _weights(tmp_path / "probe")
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
     assert "freeze_epochs: 1" in (tmp_path / "whole" / "config.yaml").read_text()
+
+
+def test_class_weight_balanced_weighs_each_step_and_is_recorded(tmp_path, monkeypatch, capsys):
+    """--class-weight balanced: every training step's loss gets the weights n / (k x count) of
+    the training split's classes; the log, metrics.json and the model card say so, and the card
+    names the imbalance. Validation stays unweighted."""
+    import cifarlab.train as train_mod
+    from cifarlab.cli import main
+
+    data = make_image_folder(tmp_path / "d", n_train=10, n_test=2)
+    for f in sorted((data / "train" / "frog").iterdir())[5:]:
+        f.unlink()  # 10 cats, 10 dogs, 5 frogs
+    seen: list = []
+    real = train_mod.cross_entropy
+
+    def spy(logits, y, label_smoothing=0.0, class_weight=None):
+        seen.append(None if class_weight is None else class_weight.tolist())
+        return real(logits, y, label_smoothing, class_weight)
+
+    monkeypatch.setattr(train_mod, "cross_entropy", spy)
+    common = ["--data", str(data), "--model", "keras-shallow", "--batch-size", "8", "--val-split", "0.2",
+              "--epochs", "1", "--threads", "1"]
+    assert main(["train", *common, "--class-weight", "balanced", "--out", str(tmp_path / "w")]) == 0
+    counts = {"cat": 8, "dog": 8, "frog": 4}  # after the stratified validation split
+    expected = [20 / (3 * n) for n in counts.values()]
+    assert len(seen) == 3 and all(w == pytest.approx(expected) for w in seen)  # 20 images, batches of 8
+    assert "loss weighted by class (balanced): cat 0.8333, dog 0.8333, frog 1.667" in capsys.readouterr().out
+    m = json.loads((tmp_path / "w" / "metrics.json").read_text())
+    assert m["data"]["train_per_class"] == counts
+    assert m["class_weight"] == {"setting": "balanced", "weights": {"cat": 0.8333333, "dog": 0.8333333,
+                                                                    "frog": 1.666667}}
+    assert main(["audit", str(tmp_path / "w"), "--bootstrap", "100"]) == 0
+    card = (tmp_path / "w" / "audit" / "MODEL_CARD.md").read_text()
+    assert "- Training images per class: from 4 (frog) to 8 (cat, dog), 2.0 times as many; classes with fewer" in card
+    assert "- Training loss weighted by class (balanced, n_samples / (n_classes x count)): from 0.833 (cat) to " \
+           "1.67 (frog)" in card
+
+    seen.clear()
+    assert main(["train", *common, "--class-weight", "frog=3", "--out", str(tmp_path / "n")]) == 0
+    assert seen == [[1.0, 1.0, 3.0]] * 3
+    assert "loss weighted by class (as given, the others 1): cat 1, dog 1, frog 3" in capsys.readouterr().out
+    seen.clear()
+    assert main(["train", *common, "--out", str(tmp_path / "plain")]) == 0
+    assert seen == [None] * 3
+    assert "class_weight" not in json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert main(["train", *common, "--class-weight", "lion=2", "--out", str(tmp_path / "bad")]) == 2
+    assert "names class 'lion', which this data does not have; its classes are cat, dog, frog" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -557,6 +557,8 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
         "source": m.get("data", {}).get("source", TO_FILL),
         "size": {k: m.get("data", {}).get(k) for k in ("train_images", "val_images")},
         "classes": pred.classes,
+        # runs trained before these were recorded have neither
+        "per_class": m.get("data", {}).get("train_per_class"), "class_weight": m.get("class_weight"),
         "licence": "CIFAR-10/100 carry no explicit licence; the images were collected from the web (80 Million Tiny "
                    "Images) without the consent of the people photographed or the photographers" if is_cifar10 else TO_FILL,
         "consent": "not obtained: web-scraped images" if is_cifar10 else TO_FILL,
@@ -641,6 +643,32 @@ def _origin_lines(d: dict) -> list[str]:
     return [f"- Recipe: `{d['recipe']}`; optimizer: `{opt.get('name')}`, epochs: {epochs}"]
 
 
+def _balance_lines(per_class: dict[str, int] | None, class_weight: dict | None) -> list[str]:
+    """The model card's lines on how many images each class trained on and on the loss's class
+    weights: a class seen less is usually recognised worse, which the per-class metrics then show."""
+    lines = []
+    if per_class:
+        low, high = min(per_class.values()), max(per_class.values())
+
+        def having(n: int) -> str:
+            names = [c for c, k in per_class.items() if k == n]
+            return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+        if low == high:
+            lines.append(f"- Training images per class: {low:,} each")
+        else:
+            ratio = f"{high / low:.1f} times as many" if low else "none of the first"
+            lines.append(f"- Training images per class: from {low:,} ({having(low)}) to {high:,} ({having(high)}), "
+                         f"{ratio}; classes with fewer images are usually recognised worse (see the per-class "
+                         "metrics)")
+    if class_weight:
+        w = class_weight["weights"]
+        how = "balanced, n_samples / (n_classes x count)" if class_weight["setting"] == "balanced" else "as set"
+        lo, hi = min(w, key=w.get), max(w, key=w.get)
+        lines.append(f"- Training loss weighted by class ({how}): from {w[lo]:.3g} ({lo}) to {w[hi]:.3g} ({hi})")
+    return lines
+
+
 def _started_from_lines(start: dict | None) -> list[str]:
     """The model card's line on the run whose weights a fine-tuned model started from."""
     if not start:
@@ -674,6 +702,7 @@ def model_card_markdown(card: dict) -> str:
              if td["size"].get("train_images") is not None else f"- Size: {TO_FILL}",
              f"- Classes: {', '.join(td['classes'][:20])}{' ...' if len(td['classes']) > 20 else ''}",
              f"- Licence: {td['licence']}", f"- Consent: {td['consent']}", f"- Label caveats: {td['label_caveats']}",
+             *_balance_lines(td.get("per_class"), td.get("class_weight")),
              *_started_from_lines(td.get("started_from")), "",
              "## Evaluation data", "", f"- Source: `{ev['source']}`, {ev['size']} images; {ev['note']}", "",
              "## Metrics", "", f"Overall accuracy **{o['accuracy']:.4f}**, loss {o['loss']:.4f}, top-{o['top_k']['k']} "

@@ -34,6 +34,7 @@ _TRAIN_OPTIONS = (
     "compile", "compile_mode", "cuda_graph", "cpu_kernels", "select_fraction", "early_stopping",
     "early_stopping_monitor", "early_stopping_min_delta", "reduce_lr_on_plateau", "reduce_lr_factor", "min_lr",
     "reduce_lr_monitor", "reduce_lr_min_delta", "reduce_lr_cooldown", "schedule", "init_from", "freeze_epochs",
+    "class_weight",
 )
 
 
@@ -117,6 +118,10 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                         "hardest (default 1: all; best-select: 0.5); --lr then applies to their mean loss")
     g = t.add_argument_group("run")
     g.add_argument("--label-smoothing", type=float, help="share of target mass spread over all classes")
+    g.add_argument("--class-weight", type=_class_weight_arg, metavar="balanced|NAME=W,...",
+                   help="weigh each training example's loss by its class (Keras' class_weight): balanced "
+                        "(n_samples / (n_classes x the class's count), for classes of unequal size), "
+                        "NAME=WEIGHT,... (class names or indices; the others weigh 1), or none (default)")
     g.add_argument("--tta", choices=TTA_LEVELS, help="test-time augmentation for the final test")
     g.add_argument("--runs", type=int, help="train N times (seeds seed..seed+N-1); report mean/std/min/max")
     g.add_argument("--early-stopping", type=int, metavar="PATIENCE",
@@ -152,6 +157,23 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="print the config these options resolve to, as YAML that --config reads back, and exit "
                         "without reading data or training")
     t.set_defaults(func=cmd_train)
+
+
+def _class_weight_arg(text: str) -> str | dict[str, float]:
+    """``--class-weight``'s value: balanced, none, or NAME=WEIGHT pairs separated by commas."""
+    if text in ("balanced", "none"):
+        return text
+    weights: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, weight = part.partition("=")
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"{text!r} is not valid; give balanced, none or "
+                                             "NAME=WEIGHT,NAME=WEIGHT (for example cat=2,dog=0.5)")
+        try:
+            weights[name.strip()] = float(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: the weight {weight!r} is not a number") from None
+    return weights
 
 
 def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:

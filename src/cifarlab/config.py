@@ -151,6 +151,11 @@ class TrainConfig:
     # classifier ever trains (a linear probe). Batch norms' running statistics still update.
     freeze_epochs: int = 0
     tta: str = "none"  # test-time augmentation for the final test metrics: none | flip | flip-translate
+    # Weigh each training example's loss by its class, as Keras' fit(class_weight=...): null (every
+    # example alike, the notebook), "balanced" (n_samples / (n_classes x the class's count), so
+    # rare classes count as much as common ones in total) or a mapping of class names (or indices)
+    # to weights, classes left out weighing 1. Validation and test figures stay unweighted.
+    class_weight: str | dict[str, float] | None = None
     # fp32 | bf16 (autocast; 14x slower on an AVX2 CPU without bf16 units) | fp16 (autocast, CUDA
     # only) | bf16-true | fp16-true (CUDA only): half-precision weights, batch norms in float32
     precision: str = "fp32"
@@ -222,6 +227,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{where}: {value!r} is not valid; expected {_type_name(tp)}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {value!r} is not valid; expected a mapping")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp, where): _coerce(v, value_tp, where) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: {value!r} is not valid; expected a list")
@@ -480,6 +490,14 @@ def validate(cfg: Config) -> None:
         bad("optim.norm_bias_lr_scale", cfg.optim.norm_bias_lr_scale, "it must be greater than 0")
     if not 0 <= cfg.optim.warmup_frac <= 1:
         bad("optim.warmup_frac", cfg.optim.warmup_frac, "it must lie in [0, 1]")
+    if cfg.train.class_weight == "none":  # --class-weight none: as if left out
+        cfg.train.class_weight = None
+    cw = cfg.train.class_weight
+    if isinstance(cw, str) and cw != "balanced":
+        bad("train.class_weight", cw, "give balanced, a mapping of class names to weights (on the command line "
+            "NAME=WEIGHT,NAME=WEIGHT), or leave it out")
+    if isinstance(cw, dict) and (bad_weights := {k: v for k, v in cw.items() if v < 0}):
+        bad("train.class_weight", bad_weights, "a class's weight must be 0 or more")
     if not 0 <= cfg.train.label_smoothing < 1:
         bad("train.label_smoothing", cfg.train.label_smoothing, "it must lie in [0, 1)")
     if cfg.train.tta not in TTA_LEVELS:

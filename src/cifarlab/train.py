@@ -29,6 +29,7 @@ from .errors import CifarlabError
 from .evaluate import describe
 from .export import finished_metrics, normalize, preprocess, save_architecture, save_weights, tta_logits
 from .fsutil import new_run_folder, undo_on_failure, write_json, write_text
+from .losses import class_weights, cross_entropy
 from .models import classifier_tensors, create_model
 from .optim import build_optimizer, param_groups
 from .selection import HardExampleSelector, kept_count
@@ -95,7 +96,8 @@ def steps_per_epoch(n_train: int, cfg: Config) -> int:
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                y: torch.Tensor, label_smoothing: float = 0.0, autocast=None,
-               cpu_kernels: bool = False, loss_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+               cpu_kernels: bool = False, loss_scale: float = 1.0,
+               class_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a prepared batch; returns (summed loss, correct count) as
     device tensors, so the caller can accumulate without a GPU-to-CPU sync every step.
     ``cpu_kernels`` uses cifarlab's own CPU kernels (:mod:`cifarlab.cpu_kernels`: dropout, ReLU
@@ -103,11 +105,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     forward and backward passes where they apply; the optimizer's kernel is the optimizer's
     choice (:func:`cifarlab.optim.build_optimizer`).
     ``loss_scale`` multiplies the loss before the backward pass and divides the gradients
-    after it (see :func:`runtime.loss_scale`)."""
+    after it (see :func:`runtime.loss_scale`). ``class_weight`` (one weight per class) weighs
+    each example's loss by its class, as Keras' ``class_weight`` (:func:`losses.cross_entropy`);
+    the summed loss returned is then the weighted one, as Keras logs it."""
     with autocast or nullcontext(), kernels.kernel_mode(cpu_kernels):
         logits = model(x)
         # categorical cross-entropy on softmax(logits), as Keras; optionally with label smoothing
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        loss = cross_entropy(logits, y, label_smoothing, class_weight)
     optimizer.zero_grad(set_to_none=True)
     if loss_scale == 1:
         loss.backward()
@@ -136,9 +140,10 @@ class GraphedStep:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, label_smoothing: float = 0.0,
-                 autocast=None, warmup: int = 3, loss_scale: float = 1.0):
+                 autocast=None, warmup: int = 3, loss_scale: float = 1.0, class_weight: torch.Tensor | None = None):
         self.model, self.optimizer, self.label_smoothing = model, optimizer, label_smoothing
         self.autocast, self.warmup, self.loss_scale = autocast, warmup, loss_scale
+        self.class_weight = class_weight  # read by the graph from its fixed address: never replaced
         self.steps = self.largest = 0
         self.replay: Callable[[], None] | None = None
         self.static: tuple[torch.Tensor, ...] = ()  # input x, y, then the outputs (loss sum, correct)
@@ -146,7 +151,7 @@ class GraphedStep:
     def eager(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One ordinary step."""
         return train_step(self.model, self.optimizer, x, y, self.label_smoothing, self.autocast,
-                          loss_scale=self.loss_scale)
+                          loss_scale=self.loss_scale, class_weight=self.class_weight)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One step on ``x``, ``y``; returns (summed loss, correct count) as device tensors, which
@@ -481,6 +486,16 @@ def _start_note(start: _Start, fresh: dict[str, str]) -> str:
     return f"weights from {start.run}" + (f"; fresh: {'; '.join(why)}" if why else ", all of them")
 
 
+def _class_weight_note(cfg: Config, ds: Dataset, weights: torch.Tensor, most: int = 10) -> str:
+    """Training's log line on the class weights: the lightest and heaviest classes first."""
+    order = sorted(range(len(ds.classes)), key=lambda i: (float(weights[i]), i))
+    shown = [f"{ds.classes[i]} {float(weights[i]):.4g}" for i in order]
+    if len(shown) > most:
+        shown = shown[:most // 2] + ["..."] + shown[-(most // 2):]
+    how = "balanced" if cfg.train.class_weight == "balanced" else "as given, the others 1"
+    return f"loss weighted by class ({how}): {', '.join(shown)}"
+
+
 def _copy_matching(model: nn.Module, state: dict[str, torch.Tensor], skip: list[str]) -> dict[str, str]:
     """Copy into ``model`` every tensor of ``state`` with its name and shape (as Keras'
     ``load_weights(skip_mismatch=True)``) but the classifier's, named in ``skip``; return the
@@ -506,6 +521,7 @@ class _Setup:
     selector: HardExampleSelector | None = None  # picks the examples each step trains on
     plateau: Plateau | None = None  # cuts the lr when the validation loss stops falling (None: off)
     fresh: dict[str, str] | None = None  # with model.init_from: the tensors not copied from that run, and why
+    class_weight: torch.Tensor | None = None  # train.class_weight's weight per class, on the device (None: off)
 
 
 def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps_per_epoch: int,
@@ -562,9 +578,11 @@ def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps
                       o.plateau_monitor, o.plateau_min_delta, o.plateau_cooldown) if o.plateau_patience else None
     scheduler = _scheduler(cfg, optimizer, steps_per_epoch, plateau)
     lookahead = Lookahead(model) if cfg.train.lookahead_every else None
-    selector = _selector(cfg, proxy, device, fmt, steps_per_epoch, plateau) if proxy is not None else None
+    weights = class_weights(cfg.train.class_weight, arrays.y_train, ds.classes)
+    weights = weights.to(device) if weights is not None else None
+    selector = _selector(cfg, proxy, device, fmt, steps_per_epoch, plateau, weights) if proxy is not None else None
     return _Setup(model, optimizer, scheduler, augmenter, prep, lookahead, model_kwargs,
-                  sum(p.numel() for p in model.parameters()), init_time, selector, plateau, fresh)
+                  sum(p.numel() for p in model.parameters()), init_time, selector, plateau, fresh, weights)
 
 
 def _scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
@@ -592,11 +610,13 @@ def _trained_per_step(cfg: Config) -> int:
 
 
 def _selector(cfg: Config, proxy: nn.Module, device: torch.device, fmt: torch.memory_format,
-              steps_per_epoch: int, plateau: Plateau | None = None) -> HardExampleSelector:
+              steps_per_epoch: int, plateau: Plateau | None = None,
+              class_weight: torch.Tensor | None = None) -> HardExampleSelector:
     """The hard-example selector around ``proxy`` (whitened already): prepared as the model is
     (precision, memory format ``fmt``), with an optimizer and schedule of its own built from the run's
-    settings. Its whitening bias stays fixed, as airbench96_faster's proxy's. It runs eagerly:
-    ``train.compile`` compiles the model only."""
+    settings, its loss weighted by ``class_weight`` as the model's (its scores, the examples'
+    hardness, are not). Its whitening bias stays fixed, as airbench96_faster's proxy's. It runs
+    eagerly: ``train.compile`` compiles the model only."""
     bias = getattr(getattr(proxy, "whiten", None), "bias", None)
     if bias is not None:
         bias.requires_grad_(False)
@@ -605,7 +625,7 @@ def _selector(cfg: Config, proxy: nn.Module, device: torch.device, fmt: torch.me
     optimizer = build_optimizer(param_groups(proxy, cfg.optim), cfg.optim)
     autocast = runtime.autocast(device, cfg.train.precision)
     step = functools.partial(train_step, proxy, optimizer, label_smoothing=cfg.train.label_smoothing,
-                             autocast=autocast,
+                             autocast=autocast, class_weight=class_weight,
                              loss_scale=runtime.loss_scale(cfg.train.precision, _trained_per_step(cfg)))
     return HardExampleSelector(proxy, optimizer, _scheduler(cfg, optimizer, steps_per_epoch, plateau), step,
                                cfg.train.select_fraction, cfg.train.select_backward_every,
@@ -766,6 +786,8 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
         log(f"run folder: {run}")
         log(f"model {cfg.model.name} ({st.num_params:,} parameters) on {device}; {n:,} training, "
             f"{len(arrays.x_val):,} validation, {len(arrays.x_test):,} test images")
+        if st.class_weight is not None:
+            log(_class_weight_note(cfg, ds, st.class_weight))
         if start is not None:
             log(_start_note(start, st.fresh))
             # kept beside the run, as keras_import.json is: its model card names where it started
@@ -813,6 +835,8 @@ def _finish(cfg: Config, run: Path, ds: Dataset, arrays: Arrays, st: _Setup, loo
         metrics["init_from"] = json.loads((run / "init_from.json").read_text())
     if loop.stopping.patience:
         metrics["early_stopping"] = loop.stopping.summary()
+    if st.class_weight is not None:
+        metrics["class_weight"] = _class_weight_summary(cfg, ds, st.class_weight)
     # the conv gradients too: float32 only, so never under bf16 autocast
     metrics["cpu_conv_kernel"] = loop.cpu_kernels and cfg.train.precision == "fp32" and kernels.conv_kernel_pays_off()
     write_json(run / "metrics.json", metrics)
@@ -820,6 +844,13 @@ def _finish(cfg: Config, run: Path, ds: Dataset, arrays: Arrays, st: _Setup, loo
     log(f"Test accuracy: {metrics['test_accuracy']:.4f}")
     metrics["run"] = str(run)
     return metrics
+
+
+def _class_weight_summary(cfg: Config, ds: Dataset, weights: torch.Tensor) -> dict[str, Any]:
+    """train.class_weight as given and the weight it gave each class, for metrics.json and the model card."""
+    # float32 weights, shown to the digits they hold
+    return {"setting": cfg.train.class_weight,
+            "weights": {c: float(f"{w:.7g}") for c, w in zip(ds.classes, weights.cpu().tolist())}}
 
 
 class _Loop:
@@ -1019,9 +1050,10 @@ def _step_function(cfg: Config, st: _Setup, device: torch.device,
     if cfg.train.cuda_graph:
         # Autocast's cache of cast weights cannot live across graph replays.
         return GraphedStep(model, st.optimizer, cfg.train.label_smoothing,
-                           runtime.autocast(device, cfg.train.precision, cache=False), loss_scale=scale)
+                           runtime.autocast(device, cfg.train.precision, cache=False), loss_scale=scale,
+                           class_weight=st.class_weight)
     return functools.partial(train_step, model, st.optimizer,
-                             label_smoothing=cfg.train.label_smoothing,
+                             label_smoothing=cfg.train.label_smoothing, class_weight=st.class_weight,
                              autocast=runtime.autocast(device, cfg.train.precision),  # built once per run
                              cpu_kernels=cpu_kernels, loss_scale=scale)
 
@@ -1085,11 +1117,14 @@ def _test_metrics(cfg: Config, ds: Dataset, arrays: Arrays, st: _Setup, device: 
     pred = logits.argmax(1).numpy()
     per_class = {cls: float((pred[y_test == i] == i).mean()) if (y_test == i).any() else None
                  for i, cls in enumerate(ds.classes)}
+    # how many images each class trained on: the model card names an imbalance
+    counts = torch.bincount(arrays.y_train.cpu(), minlength=ds.num_classes).tolist()
     return {"test_loss": t_loss, "test_accuracy": t_acc, "tta": cfg.train.tta, "per_class_accuracy": per_class,
             "train_time_s": train_time, "epochs": cfg.train.epochs, "seed": cfg.train.seed,
             "num_params": st.num_params,
             "data": {"source": ds.source, "kind": ds.kind, "train_images": len(arrays.x_train),
-                     "val_images": len(arrays.x_val), "test_images": len(arrays.x_test)},
+                     "val_images": len(arrays.x_val), "test_images": len(arrays.x_test),
+                     "train_per_class": dict(zip(ds.classes, counts))},
             "device": str(device), "cpu": runtime.cpu_name(), "versions": runtime.versions()}
 
 

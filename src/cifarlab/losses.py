@@ -1,0 +1,77 @@
+"""The training loss: categorical cross-entropy, optionally with label smoothing and with each
+example weighted by its class (Keras' ``fit(class_weight=...)``).
+
+Class weights answer a training set whose classes are not equally common: unweighted, a class
+with a tenth of the images gets a tenth of the say in every gradient, and the model learns to
+guess it less often. ``balanced`` weighs each class by n_samples / (n_classes x its count), so
+every class weighs the same in total (scikit-learn's and Keras' usual choice).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+
+def class_weights(spec: str | Mapping[str, float] | None, labels: np.ndarray | torch.Tensor,
+                  classes: Sequence[str]) -> torch.Tensor | None:
+    """The per-class weight vector (float32, one entry per class, on the CPU) that ``spec``
+    (``train.class_weight``) gives for training ``labels`` (class indices) of ``classes``.
+
+    ``None``: no weighting. ``"balanced"``: n_samples / (n_classes x count), computed by
+    scikit-learn's ``compute_class_weight``; a class without training images is refused, since
+    its weight would be infinite. A mapping: each key a class name (or its index, as Keras'
+    ``class_weight`` dict takes it) and its weight; classes not named weigh 1.
+    """
+    if spec is None:
+        return None
+    y = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    k = len(classes)
+    if spec == "balanced":
+        from sklearn.utils.class_weight import compute_class_weight
+
+        counts = np.bincount(y, minlength=k)
+        if empty := [classes[i] for i in np.flatnonzero(counts == 0)]:
+            raise ConfigError(f"train.class_weight = 'balanced' needs training images of every class, and "
+                              f"{_names(empty)} {'has' if len(empty) == 1 else 'have'} none here; name the "
+                              "weights instead (--class-weight NAME=WEIGHT,...) or train on other data")
+        weights = compute_class_weight("balanced", classes=np.arange(k), y=y)
+        return torch.tensor(weights, dtype=torch.float32)
+    out = torch.ones(k, dtype=torch.float32)
+    index = {name: i for i, name in enumerate(classes)}
+    for key, weight in spec.items():
+        if key in index:  # a class name first: a folder's classes may be named "0", "1", ...
+            i = index[key]
+        elif str(key).isdigit() and int(key) < k:
+            i = int(key)
+        else:
+            raise ConfigError(f"train.class_weight names class {key!r}, which this data does not have; its "
+                              f"classes are {_names(list(classes))} (or their indices 0 to {k - 1})")
+        out[i] = float(weight)
+    if not out.any():
+        raise ConfigError("train.class_weight gives every class weight 0, so nothing would train; give at least "
+                          "one class a weight above 0")
+    return out
+
+
+def _names(names: list[str], most: int = 12) -> str:
+    shown = ", ".join(names[:most])
+    return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0,
+                  class_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` (computed in float32) against class indices ``y``, as
+    Keras' categorical cross-entropy on a softmax. With ``class_weight``, each example's loss
+    is multiplied by its class's weight and the sum divided by the batch size, as Keras reduces
+    a sample-weighted loss ("sum_over_batch_size"): a batch of rare classes counts for more than
+    one of common classes, where PyTorch's ``weight=`` would divide by the batch's summed weights."""
+    if class_weight is None:
+        return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    per_example = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="none")
+    return (per_example * class_weight[y]).mean()

@@ -1045,6 +1045,12 @@ def test_class_weight_balanced_weighs_each_step_and_is_recorded(tmp_path, monkey
     assert "- Training images per class: from 4 (frog) to 8 (cat, dog), 2.0 times as many; classes with fewer" in card
     assert "- Training loss weighted by class (balanced, n_samples / (n_classes x count)): from 0.833 (cat) to " \
            "1.67 (frog)" in card
+    assert "| class | accuracy | 95% CI | precision | training images |" in card
+    audit = json.loads((tmp_path / "w" / "audit" / "audit.json").read_text())
+    assert [r["train_images"] for r in audit["classes"]["per_class"]] == [8, 8, 4]
+    assert "| frog | 2 | " in (tmp_path / "w" / "audit" / "audit.md").read_text()
+    assert [line.endswith(" 4 |") for line in (tmp_path / "w" / "audit" / "audit.md").read_text().splitlines()
+            if line.startswith("| frog |")] == [True]
 
     seen.clear()
     assert main(["train", *common, "--class-weight", "frog=3", "--out", str(tmp_path / "n")]) == 0

@@ -259,8 +259,11 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
     y = ds.y_test
     overall = float((yhat == y).mean())
     cls = class_metrics(y, yhat, pred.classes, n_boot, seed)
+    trained = _train_per_class(run, pred.classes)
     for r in cls["per_class"]:
         r["flagged"] = bool(r["accuracy"] < overall - margin)
+        if trained:  # beside its accuracy: a class seen less in training is usually recognised worse
+            r["train_images"] = trained[r["class"]]
     audit: dict[str, Any] = {"run": str(run), "data": ds.source, "tta": pred.tta, "overall_accuracy": overall,
                              "margin": margin, "bootstrap_resamples": n_boot, "classes": cls, "warnings": []}
     for r in cls["per_class"]:
@@ -290,6 +293,16 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
     write_json(out / "model_card.json", card)
     write_text(out / "MODEL_CARD.md", model_card_markdown(card))
     return audit
+
+
+def _train_per_class(run: Path, classes: list[str]) -> dict[str, int] | None:
+    """How many images each class of ``run`` trained on, from its ``metrics.json`` (None for runs
+    that did not record it, such as imported ones)."""
+    try:
+        counts = json.loads((run / "metrics.json").read_text())["data"]["train_per_class"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return counts if isinstance(counts, dict) and list(counts) == list(classes) else None
 
 
 def _group_warnings(name: str, gm: dict[str, Any], overall: float, margin: float, min_group: int) -> list[str]:
@@ -513,9 +526,14 @@ def _audit_markdown(a: dict) -> str:
              f"{a['bootstrap_resamples']} resamples.", "",
              "![per-class accuracy](per_class_accuracy.png)", "",
              "| class | n | accuracy | 95% CI | precision | 95% CI | flagged |", "|---|---|---|---|---|---|---|"]
+    trained = bool(a["classes"]["per_class"]) and "train_images" in a["classes"]["per_class"][0]
+    if trained:  # and how many it trained on, where the run recorded it
+        lines[-2:] = ["| class | n | accuracy | 95% CI | precision | 95% CI | flagged | training images |",
+                      "|---|---|---|---|---|---|---|---|"]
     for r in a["classes"]["per_class"]:
         lines.append(f"| {_cell(r['class'])} | {r['support']} | {r['accuracy']:.3f} | {_fmt_ci(r['accuracy_ci'])} | "
-                     f"{_fmt(r['precision'])} | {_fmt_ci(r['precision_ci'])} | {'yes' if r['flagged'] else ''} |")
+                     f"{_fmt(r['precision'])} | {_fmt_ci(r['precision_ci'])} | {'yes' if r['flagged'] else ''} |"
+                     + (f" {r['train_images']:,} |" if trained else ""))
     sp = a["classes"]["spread"]
     lines += ["", f"Spread: best class **{sp['best']}**, worst **{sp['worst']}**; difference {sp['difference']:.3f} "
               f"{_fmt_ci(sp['difference_ci'])}, ratio {_fmt(sp['ratio'])} {_fmt_ci(sp['ratio_ci'])}.", ""]
@@ -710,8 +728,12 @@ def model_card_markdown(card: dict) -> str:
              f"augmentation: {o['test_time_augmentation']}. Intervals: {mt['interval_method']}.", "",
              "![per-class accuracy](per_class_accuracy.png)", "",
              "| class | accuracy | 95% CI | precision |", "|---|---|---|---|"]
+    trained = bool(mt["per_class"]) and "train_images" in mt["per_class"][0]
+    if trained:
+        lines[-2:] = ["| class | accuracy | 95% CI | precision | training images |", "|---|---|---|---|---|"]
     for r in mt["per_class"]:
-        lines.append(f"| {_cell(r['class'])} | {r['accuracy']:.3f} | {_fmt_ci(r['accuracy_ci'])} | {_fmt(r['precision'])} |")
+        lines.append(f"| {_cell(r['class'])} | {r['accuracy']:.3f} | {_fmt_ci(r['accuracy_ci'])} | {_fmt(r['precision'])} |"
+                     + (f" {r['train_images']:,} |" if trained else ""))
     sp = mt["class_spread"]
     lines += ["", f"Largest class gap: {sp['best']} vs {sp['worst']}, {sp['difference']:.3f} {_fmt_ci(sp['difference_ci'])}.", ""]
     for name, gm in mt["groups"].items():

@@ -132,6 +132,16 @@ def test_train_evaluate_predict_end_to_end(capsys, tmp_path, image_folder, monke
     assert code == 0 and o.startswith("Test score: ") and "Test-time augmentation: flip\n" in o
     code, o, _ = run(capsys, "evaluate", str(out))
     assert code == 0 and "Test-time augmentation: none\n" in o  # the run's own: trained without
+    assert "Balanced accuracy" not in o  # 3 test images per class: it is the accuracy
+    frog = sorted((image_folder / "test" / "frog").iterdir())
+    frog[0].rename(tmp_path / "aside.png")
+    try:  # 3, 3 and 2 test images: the mean per-class recall differs from the accuracy
+        code, o, _ = run(capsys, "evaluate", str(out), "--data", str(image_folder), "--out", str(tmp_path / "uneq"))
+        report = json.loads((tmp_path / "uneq" / "metrics.json").read_text())
+        recalls = [c["recall"] for c in report["per_class"]]
+        assert code == 0 and f"Balanced accuracy (mean per-class recall): {sum(recalls) / 3:.4f}\n" in o
+    finally:
+        (tmp_path / "aside.png").rename(frog[0])
     import cifarlab.evaluate
 
     # Every image given to one class: the others' precision is undefined, printed as n/a.

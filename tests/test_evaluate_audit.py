@@ -53,6 +53,16 @@ def test_report_leaves_undefined_figures_undefined():
     assert never["precision"] is None and never["recall"] == 0.0
 
 
+def test_balanced_accuracy_is_the_mean_recall_of_the_classes_with_test_images():
+    from sklearn.metrics import balanced_accuracy_score
+
+    y = np.array([0, 0, 0, 0, 1, 2, 2])  # class 3 has no test image
+    pred = np.array([0, 0, 0, 0, 0, 2, 1])
+    r = compute_report(np.eye(4)[pred] * 0.9 + 0.025, y, ["a", "b", "c", "d"], k=1)
+    assert r["accuracy"] == pytest.approx(5 / 7)
+    assert r["balanced_accuracy"] == pytest.approx((1 + 0 + 0.5) / 3) == balanced_accuracy_score(y, pred)
+
+
 def test_ece_perfect_and_overconfident():
     y = np.array([0, 1] * 50)
     sure = np.eye(2)[y]

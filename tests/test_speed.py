@@ -133,6 +133,8 @@ def test_runs_report_statistics(tmp_path, image_folder, capsys):
     ev = json.loads(capsys.readouterr().out)
     assert [r["accuracy"] for r in ev["per_run"]] == pytest.approx(accs) and ev["runs"] == 3
     assert ev["accuracy"]["mean"] == pytest.approx(saved["test_accuracy"]["mean"])
+    # equal test classes: the balanced accuracy is the accuracy, and the summary says so
+    assert ev["balanced_accuracy"] == pytest.approx(ev["accuracy"]) and ev["unequal_classes"] is False
     assert all((tmp_path / "r" / f"run-{k}" / "eval" / "metrics.json").is_file() for k in range(3))
     assert json.loads((tmp_path / "r" / "eval_summary.json").read_text()) == ev
     lines: list[str] = []  # resuming finished runs trains nothing and summarises them again

@@ -389,7 +389,7 @@ def _load_eval_data(args: argparse.Namespace, run: Path):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``cifarlab evaluate``."""
-    from .evaluate import evaluate_run
+    from .evaluate import evaluate_run, unequal_classes
     from .export import is_runs_set, read_run
     from .fsutil import check_folder_path, json_text
 
@@ -406,6 +406,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         print(f"Test score: {report['loss']:.4f}")
         print(f"Test accuracy: {report['accuracy']:.4f}")
+        if unequal_classes(report):  # else the same figure as the accuracy
+            print(f"Balanced accuracy (mean per-class recall): {report['balanced_accuracy']:.4f}")
         print(f"Top-{report['top_k']['k']} accuracy: {report['top_k']['accuracy']:.4f}")
         print(f"Expected calibration error: {report['calibration']['ece']:.4f}")
         print(f"{'class':<16}{'accuracy':>10}{'precision':>11}{'recall':>9}{'f1':>8}{'support':>9}")
@@ -442,6 +444,10 @@ def _evaluate_runs(args: argparse.Namespace) -> int:
     print(f"{summary['runs']} runs (test-time augmentation {', '.join(summary['tta'])}): test accuracy mean "
           f"{a['mean']:.4f} (std {a['std']:.4f}, min {a['min']:.4f}, max {a['max']:.4f}); test score mean "
           f"{lo['mean']:.4f} (min {lo['min']:.4f}, max {lo['max']:.4f})")
+    if summary["unequal_classes"]:
+        b = summary["balanced_accuracy"]
+        print(f"Balanced accuracy (mean per-class recall) mean {b['mean']:.4f} (std {b['std']:.4f}, min "
+              f"{b['min']:.4f}, max {b['max']:.4f})")
     print(f"Report files in each run's {'folder under ' + args.out if args.out else 'eval folder'}; summary in "
           f"{Path(args.out or base) / 'eval_summary.json'}")
     return 0

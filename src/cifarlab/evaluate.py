@@ -70,6 +70,9 @@ def compute_report(probs: np.ndarray, y: np.ndarray, classes: list[str], k: int 
     return {
         "loss": float(log_loss(y, np.clip(probs, 1e-7, 1), labels=labels)),
         "accuracy": float((pred == y).mean()),
+        # the mean of the per-class recalls (scikit-learn's balanced accuracy) over the classes
+        # with test images: where they are unequally many, the accuracy mostly weighs the common ones
+        "balanced_accuracy": _defined(np.nanmean(rec)) if (support > 0).any() else None,
         # top-1 is the accuracy; scikit-learn's top-k reads two classes as a binary problem and
         # refuses their two columns of probabilities
         "top_k": {"k": k, "accuracy": float((pred == y).mean()) if k == 1 else
@@ -82,6 +85,12 @@ def compute_report(probs: np.ndarray, y: np.ndarray, classes: list[str], k: int 
         "confused_pairs": pairs,
         "calibration": calibration(probs, y),
     }
+
+
+def unequal_classes(report: dict[str, Any]) -> bool:
+    """Whether the classes of ``report``'s test images are unequally many, so that its balanced
+    accuracy differs from its accuracy (classes without test images left out)."""
+    return len({c["support"] for c in report["per_class"] if c["support"]}) > 1
 
 
 def evaluate_run(run: str | Path, ds: Dataset, out: str | Path | None = None, tta: str | None = None,
@@ -118,8 +127,10 @@ def evaluate_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, 
     reports = [evaluate_run(r, ds, (out / r.name) if out else r / "eval", tta, device) for r in runs]
     summary = {"runs": len(runs), "data": ds.source, "tta": sorted({r["tta"] for r in reports}),
                "accuracy": describe([r["accuracy"] for r in reports]), "loss": describe([r["loss"] for r in reports]),
-               "per_run": [{"run": str(r), "accuracy": rep["accuracy"], "loss": rep["loss"]}
-                           for r, rep in zip(runs, reports)]}
+               "balanced_accuracy": describe([r["balanced_accuracy"] for r in reports]),
+               "unequal_classes": unequal_classes(reports[0]),
+               "per_run": [{"run": str(r), "accuracy": rep["accuracy"], "balanced_accuracy": rep["balanced_accuracy"],
+                            "loss": rep["loss"]} for r, rep in zip(runs, reports)]}
     write_json((out or base) / "eval_summary.json", summary)
     return summary
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .data import Dataset
-from .errors import CifarlabError
+from .errors import CifarlabError, short_list
 from .evaluate import _check_compatible, predict_dataset
 from .export import list_to_csv_rows, load_model
 from .fsutil import json_text, report_folder, write_json, write_text
@@ -599,8 +599,7 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
         },
         "intended_use": {
             "primary_uses": f"Classifying small ({pred.input_shape[2]}x{pred.input_shape[1]}) photos into the data "
-                            f"set's {len(pred.classes)} classes ({', '.join(pred.classes[:10])}"
-                            f"{', ...' if len(pred.classes) > 10 else ''}) for research, teaching and benchmarking.",
+                            f"set's {len(pred.classes)} classes ({short_list(pred.classes)}) for research, teaching and benchmarking.",
             "primary_users": "Students, researchers and engineers studying image classification.",
             "out_of_scope": list(OUT_OF_SCOPE),
         },
@@ -669,8 +668,7 @@ def _balance_lines(per_class: dict[str, int] | None, class_weight: dict | None) 
         low, high = min(per_class.values()), max(per_class.values())
 
         def having(n: int) -> str:
-            names = [c for c, k in per_class.items() if k == n]
-            return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            return short_list([c for c, k in per_class.items() if k == n], 3)
 
         if low == high:
             lines.append(f"- Training images per class: {low:,} each")
@@ -691,7 +689,7 @@ def _started_from_lines(start: dict | None) -> list[str]:
     """The model card's line on the run whose weights a fine-tuned model started from."""
     if not start:
         return []
-    classes = ", ".join(start["classes"][:10]) + (", ..." if len(start["classes"]) > 10 else "")
+    classes = short_list(start["classes"])
     return [f"- Started from: the weights of run `{start['run']}` ({start['model']}, trained on "
             f"`{start['data'] or TO_FILL}`, classes {classes}); that data shaped this model too, so its licence, "
             "consent and caveats apply here as well (see that run's model card)"
@@ -718,7 +716,7 @@ def model_card_markdown(card: dict) -> str:
              "## Training data", "", f"- Source: `{td['source']}`",
              f"- Size: {td['size'].get('train_images')} training, {td['size'].get('val_images')} validation images"
              if td["size"].get("train_images") is not None else f"- Size: {TO_FILL}",
-             f"- Classes: {', '.join(td['classes'][:20])}{' ...' if len(td['classes']) > 20 else ''}",
+             f"- Classes: {short_list(td['classes'], 20)}",
              f"- Licence: {td['licence']}", f"- Consent: {td['consent']}", f"- Label caveats: {td['label_caveats']}",
              *_balance_lines(td.get("per_class"), td.get("class_weight")),
              *_started_from_lines(td.get("started_from")), "",

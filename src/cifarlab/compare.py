@@ -21,7 +21,7 @@ import numpy as np
 
 from .audit import check_bootstrap, images_phrase, read_groups
 from .data import Dataset
-from .errors import CifarlabError
+from .errors import CifarlabError, short_list
 from .evaluate import _check_compatible, describe, predict_dataset
 from .export import load_model
 
@@ -109,8 +109,7 @@ def check_same_classes(run_a: Path, classes_a: list[str], run_b: Path, classes_b
                f"{len(classes_a)} and {len(classes_b)} classes, "
                f"{len(set(classes_a) ^ set(classes_b))} of them in one only")
         raise CifarlabError(f"'{run_a}' and '{run_b}' cannot be compared: their models have {how} "
-                            f"({', '.join(classes_a[:5])}{', ...' if len(classes_a) > 5 else ''} against "
-                            f"{', '.join(classes_b[:5])}{', ...' if len(classes_b) > 5 else ''}); compare runs "
+                            f"({short_list(classes_a, 5)} against {short_list(classes_b, 5)}); compare runs "
                             "trained on the same classes")
 
 

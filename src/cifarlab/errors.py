@@ -2,8 +2,19 @@
 
 Every failure the user can cause (bad data, bad options, bad files) is raised as a
 :class:`CifarlabError` whose message names the bad value and what would be valid. The CLI
-prints these as one paragraph, without a traceback.
+prints these as one paragraph, without a traceback. :func:`short_list` shortens the lists of
+names that such messages, the logs and the reports give.
 """
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def short_list(names: Sequence[str], most: int = 10) -> str:
+    """``names`` joined by commas, the first ``most`` only, then how many more there are."""
+    shown = ", ".join(names[:most])
+    return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
 
 
 class CifarlabError(Exception):

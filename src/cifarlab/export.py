@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import TTA_LEVELS, load_run_config
-from .errors import CifarlabError
+from .errors import CifarlabError, short_list
 from .fsutil import write_json, write_with
 
 ARCH_FORMAT = "cifarlab-architecture/1"
@@ -192,8 +192,7 @@ def several_runs(folder: Path, marker: str) -> tuple[str, Path] | None:
     runs = [p.name for p in runs_of(folder, marker)]
     if not runs:
         return None
-    return (f"'{folder}' holds {len(runs)} runs of 'cifarlab train --runs' ({', '.join(runs[:5])}"
-            f"{', ...' if len(runs) > 5 else ''})", folder / runs[0])
+    return f"'{folder}' holds {len(runs)} runs of 'cifarlab train --runs' ({short_list(runs, 5)})", folder / runs[0]
 
 
 def read_run(run: str | Path) -> tuple[Path, dict]:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch.nn as nn
 
-from .errors import CifarlabError
+from .errors import CifarlabError, short_list
 
 KERAS_MODELS = ("keras-shallow", "keras-deep")
 _MAX_ZIP_MEMBER = 4 << 30  # a .keras member larger than this is not the notebook's model
@@ -419,8 +419,7 @@ def import_keras(weights: str | Path, out: str | Path | None = None, *, architec
     log(f"imported {name} ({num_params:,} parameters, {num_classes} classes, "
         f"{size[0]}x{size[1]}x{in_chans} images) from {weights} ({kf.layout}"
         f"{f', Keras {kf.keras_version}' if kf.keras_version else ''}) into {run}")
-    shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
-    log(f"classes, in label order: {shown}" + (" (CIFAR-10's; --classes names others)" if classes is None else ""))
+    log(f"classes, in label order: {short_list(names)}" + (" (CIFAR-10's; --classes names others)" if classes is None else ""))
     log(f"next: cifarlab evaluate {run} --data DATA")
     return run
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from .errors import ConfigError, short_list
 
 
 def class_weights(spec: str | Mapping[str, float] | None, labels: np.ndarray | torch.Tensor,
@@ -38,7 +38,7 @@ def class_weights(spec: str | Mapping[str, float] | None, labels: np.ndarray | t
         counts = np.bincount(y, minlength=k)
         if empty := [classes[i] for i in np.flatnonzero(counts == 0)]:
             raise ConfigError(f"train.class_weight = 'balanced' needs training images of every class, and "
-                              f"{_names(empty)} {'has' if len(empty) == 1 else 'have'} none here; name the "
+                              f"{short_list(empty)} {'has' if len(empty) == 1 else 'have'} none here; name the "
                               "weights instead (--class-weight NAME=WEIGHT,...) or train on other data")
         weights = compute_class_weight("balanced", classes=np.arange(k), y=y)
         return torch.tensor(weights, dtype=torch.float32)
@@ -51,17 +51,12 @@ def class_weights(spec: str | Mapping[str, float] | None, labels: np.ndarray | t
             i = int(key)
         else:
             raise ConfigError(f"train.class_weight names class {key!r}, which this data does not have; its "
-                              f"classes are {_names(list(classes))} (or their indices 0 to {k - 1})")
+                              f"classes are {short_list(list(classes))} (or their indices 0 to {k - 1})")
         out[i] = float(weight)
     if not out.any():
         raise ConfigError("train.class_weight gives every class weight 0, so nothing would train; give at least "
                           "one class a weight above 0")
     return out
-
-
-def _names(names: list[str], most: int = 12) -> str:
-    shown = ", ".join(names[:most])
-    return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0,

@@ -25,7 +25,7 @@ from . import runtime
 from .augment import CropFlipCutout, KerasAugment, augmenter_from_config
 from .config import MONITORS, Config, load_run_config, save_config, validate
 from .data import Dataset, balanced_subset, load_dataset, stratified_split, subset_note
-from .errors import CifarlabError
+from .errors import CifarlabError, short_list
 from .evaluate import describe
 from .export import finished_metrics, normalize, preprocess, save_architecture, save_weights, tta_logits
 from .fsutil import new_run_folder, undo_on_failure, write_json, write_text
@@ -481,7 +481,7 @@ def _start_note(start: _Start, fresh: dict[str, str]) -> str:
     misfit = [k for k, why in fresh.items() if why != "classifier"]
     classes = start.about["classes"]
     why = ([f"{', '.join(head)} (the classifier: {start.run} was trained on other classes, "
-            f"{', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})"] if head else []) + \
+            f"{short_list(classes)})"] if head else []) + \
         ([f"{', '.join(misfit)} (other shapes there)"] if misfit else [])
     return f"weights from {start.run}" + (f"; fresh: {'; '.join(why)}" if why else ", all of them")
 

@@ -335,6 +335,14 @@ def test_audit_of_a_runs_folder_summarises_each_class_and_group_over_the_runs(im
     assert "source=b: more than 0.05 below the overall accuracy in 3 of 3 runs" in printed
     assert "3 runs: overall accuracy mean" in printed
     assert "[its audit](run-2/audit/audit.md)" in (out / "audit_summary.md").read_text()
+    trained = [json.loads((out / f"run-{k}" / "metrics.json").read_text())["data"]["train_per_class"]
+               for k in range(3)]
+    assert [c["train_images"] for c in s["classes"]["per_class"]] == [[t[c] for t in trained] for c in trained[0]]
+    text = (out / "audit_summary.md").read_text()
+    assert "| flagged in | training images |" in text
+    cat = [t["cat"] for t in trained]
+    cat_range = f"{min(cat)}" if min(cat) == max(cat) else f"{min(cat)} to {max(cat)}"
+    assert [line.endswith(f" {cat_range} |") for line in text.splitlines() if line.startswith("| cat |")] == [True]
     assert (out / "per_class_accuracy.png").is_file()
     # --out: each run's report under OUT/run-K, the summary in OUT, its links relative to it
     assert main(["audit", str(out), "--data", str(swapped), "--bootstrap", "100", "--out", str(tmp_path / "a")]) == 0

@@ -381,6 +381,8 @@ def summarise_audits(audits: list[dict[str, Any]], runs: list[str]) -> dict[str,
         rows = [a["classes"]["per_class"][i] for a in audits]
         per_class.append({"class": c, "support": rows[0]["support"], "accuracy": _spread([r["accuracy"] for r in rows]),
                           "flagged_in": sum(r["flagged"] for r in rows)})
+        if all("train_images" in r for r in rows):  # each run's (its seed splits off the validation images)
+            per_class[-1]["train_images"] = [r["train_images"] for r in rows]
     spreads = [a["classes"]["spread"] for a in audits]
     summary: dict[str, Any] = {
         "runs": n, "data": first["data"], "tta": sorted({a["tta"] for a in audits}), "margin": first["margin"],
@@ -432,6 +434,12 @@ def _fmt_spread(d: dict[str, float] | None) -> str:
     return "n/a" if d is None else f"{d['mean']:.3f} ({d['min']:.3f} to {d['max']:.3f})"
 
 
+def _count_range(counts: list[int]) -> str:
+    """'n', or 'min to max' where the runs' counts differ."""
+    low, high = min(counts), max(counts)
+    return f"{low:,}" if low == high else f"{low:,} to {high:,}"
+
+
 def _audit_runs_markdown(s: dict) -> str:
     n = s["runs"]
     lines = [f"# Audit of {n} runs", "", f"Data: `{s['data']}`; test-time augmentation: {', '.join(s['tta'])}. "
@@ -439,10 +447,15 @@ def _audit_runs_markdown(s: dict) -> str:
              f"run's own audit, with its intervals and model card, is listed at the end.", "",
              "![per-class accuracy over the runs](per_class_accuracy.png)", "",
              "| class | n | accuracy, mean | std | min | max | flagged in |", "|---|---|---|---|---|---|---|"]
+    trained = all("train_images" in r for r in s["classes"]["per_class"])
+    if trained:
+        lines[-2:] = ["| class | n | accuracy, mean | std | min | max | flagged in | training images |",
+                      "|---|---|---|---|---|---|---|---|"]
     for r in s["classes"]["per_class"]:
         a = r["accuracy"]
         cells = " | ".join(_fmt(a[k]) for k in ("mean", "std", "min", "max")) if a else "n/a | n/a | n/a | n/a"
-        lines.append(f"| {_cell(r['class'])} | {r['support']} | {cells} | {r['flagged_in']} of {n} |")
+        lines.append(f"| {_cell(r['class'])} | {r['support']} | {cells} | {r['flagged_in']} of {n} |"
+                     + (f" {_count_range(r['train_images'])} |" if trained else ""))
     sp = s["classes"]["spread"]
     lines += ["", f"Best-to-worst class gap: {_fmt_spread(sp['difference'])}; its interval excluded zero in "
               f"{sp['interval_excludes_zero_in']} of {n} runs. Best class: "

@@ -89,6 +89,9 @@ def test_roundtrip(tmp_path):
     ({"train": {"class_weight": {"cat": -1}}}, r"train.class_weight = \{'cat': -1.0\} is not valid; a class's weight"),
     ({"train": {"class_weight": {"cat": "heavy"}}}, "train.class_weight: .* is not valid; expected"),
     ({"train": {"class_weight": ["cat"]}}, "train.class_weight: .* is not valid; expected"),
+    ({"train": {"sampling": "oversample"}}, "train.sampling = 'oversample' is not valid; choose shuffle or balanced"),
+    ({"train": {"sampling": "balanced", "class_weight": "balanced"}}, "train.sampling = 'balanced' is not valid; "
+     "with train.class_weight set too, rare classes would be favoured twice over"),
 ])
 def test_invalid_values(over, msg):
     with pytest.raises(ConfigError, match=msg):

@@ -335,7 +335,8 @@ def test_keras_augmentation_with_featurewise_statistics(tmp_path, image_folder):
     assert load_model(tmp_path / "run").prep == prep
 
 
-@pytest.mark.parametrize("preset", ["keras", "crop-flip", "fast-muon", "fast-muon-bf16-true", "best-select"])
+@pytest.mark.parametrize("preset", ["keras", "crop-flip", "crop-flip-balanced", "fast-muon", "fast-muon-bf16-true",
+                                    "best-select"])
 def test_epochs_prepared_ahead_train_and_resume_mid_epoch_exactly(tmp_path, monkeypatch, preset):
     """train.prepare_ahead (the default on CUDA, forced here on the CPU) makes each epoch's
     augmented images at its start; a run stopped mid-epoch and resumed ends with the same weights
@@ -344,13 +345,17 @@ def test_epochs_prepared_ahead_train_and_resume_mid_epoch_exactly(tmp_path, monk
     has reached zero in the second epoch; its bf16-true case, bf16 weights, optimizer state and
     prepared images. The best-select case also resumes the proxy that picks the examples (its
     weights, optimizer, schedule and step count: it trains every fourth step, on global step 20
-    for the first time after the resume at step 18)."""
+    for the first time after the resume at step 18). The crop-flip-balanced case draws each
+    epoch's images class-balanced, with replacement, from classes of 40, 40 and 10 images."""
     import cifarlab.train as train_mod
     from cifarlab.config import resolve_config
     from cifarlab.train import TrainingInterrupted
 
     true = preset.endswith("-bf16-true")
     data = make_image_folder(tmp_path / "d", n_train=40, n_test=4, size=(12, 12) if true else (32, 32))
+    if preset == "crop-flip-balanced":
+        for f in sorted((data / "train" / "frog").iterdir())[10:]:
+            f.unlink()
 
     def cfg(out):
         if preset.startswith("fast-muon"):
@@ -365,7 +370,9 @@ def test_epochs_prepared_ahead_train_and_resume_mid_epoch_exactly(tmp_path, monk
                 "train": {"epochs": 2, "batch_size": 8, "out": str(tmp_path / out), "threads": 1,
                           "deterministic": True, "prepare_ahead": True, "whiten_bias_epochs": 1}})
         c = tiny_config(str(data), str(tmp_path / out), epochs=2, batch_size=4, prepare_ahead=True)
-        c.augment.preset = preset
+        c.augment.preset = preset.removesuffix("-balanced")
+        if preset.endswith("-balanced"):
+            c.train.sampling = "balanced"
         if preset == "keras":
             c.augment.rotation_range, c.augment.horizontal_flip = 30.0, True
         else:
@@ -1064,3 +1071,32 @@ def test_class_weight_balanced_weighs_each_step_and_is_recorded(tmp_path, monkey
     assert "names class 'lion', which this data does not have; its classes are cat, dog, frog" in \
         capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_balanced_sampling_draws_every_class_equally_often_and_is_recorded(tmp_path, capsys):
+    """--sampling balanced: each epoch's order is as many draws as images, with replacement,
+    classes equally likely (a seeded generator repeats it); shuffle is a permutation, as before.
+    The log, metrics.json and the model card say which ran."""
+    from cifarlab.cli import main
+    from cifarlab.train import epoch_order
+
+    y = torch.tensor([0] * 900 + [1] * 90 + [2] * 10)
+    order = epoch_order(y, "balanced", torch.Generator().manual_seed(0))
+    assert len(order) == 1000 and torch.equal(order, epoch_order(y, "balanced", torch.Generator().manual_seed(0)))
+    drawn = torch.bincount(y[order], minlength=3).tolist()
+    assert all(abs(k - 1000 / 3) < 60 for k in drawn), drawn  # 5 standard deviations of a binomial count
+    assert len(set(order[y[order] == 2].tolist())) <= 10  # the rare class's few images, each many times
+    shuffled = epoch_order(y, "shuffle", torch.Generator().manual_seed(0))
+    assert torch.equal(shuffled, torch.randperm(1000, generator=torch.Generator().manual_seed(0)))
+
+    data = make_image_folder(tmp_path / "d", n_train=10, n_test=2)
+    for f in sorted((data / "train" / "frog").iterdir())[5:]:
+        f.unlink()
+    assert main(["train", "--data", str(data), "--model", "keras-shallow", "--batch-size", "8", "--epochs", "1",
+                 "--threads", "1", "--sampling", "balanced", "--out", str(tmp_path / "b")]) == 0
+    assert "each epoch draws 20 of the training images with replacement, every class equally likely " \
+           "(train.sampling balanced): about 7 draws per class" in capsys.readouterr().out
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["sampling"] == "balanced"
+    assert main(["audit", str(tmp_path / "b"), "--bootstrap", "100"]) == 0
+    assert "- Training images drawn class-balanced: each epoch as many draws as images" in \
+        (tmp_path / "b" / "audit" / "MODEL_CARD.md").read_text()

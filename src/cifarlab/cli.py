@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import COMPILE_MODES, MONITORS, PRECISIONS, SCHEDULES, TTA_LEVELS
+from .config import COMPILE_MODES, MONITORS, PRECISIONS, SAMPLINGS, SCHEDULES, TTA_LEVELS
 from .errors import CifarlabError, ConfigError
 
 EPILOG = """examples:
@@ -34,7 +34,7 @@ _TRAIN_OPTIONS = (
     "compile", "compile_mode", "cuda_graph", "cpu_kernels", "select_fraction", "early_stopping",
     "early_stopping_monitor", "early_stopping_min_delta", "reduce_lr_on_plateau", "reduce_lr_factor", "min_lr",
     "reduce_lr_monitor", "reduce_lr_min_delta", "reduce_lr_cooldown", "schedule", "init_from", "freeze_epochs",
-    "class_weight",
+    "class_weight", "sampling",
 )
 
 
@@ -122,6 +122,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="weigh each training example's loss by its class (Keras' class_weight): balanced "
                         "(n_samples / (n_classes x the class's count), for classes of unequal size), "
                         "NAME=WEIGHT,... (class names or indices; the others weigh 1), or none (default)")
+    g.add_argument("--sampling", choices=SAMPLINGS,
+                   help="how each epoch orders the training images: shuffle (default: each once) or balanced "
+                        "(as many draws with replacement, every class equally likely; instead of --class-weight)")
     g.add_argument("--tta", choices=TTA_LEVELS, help="test-time augmentation for the final test")
     g.add_argument("--runs", type=int, help="train N times (seeds seed..seed+N-1); report mean/std/min/max")
     g.add_argument("--early-stopping", type=int, metavar="PATIENCE",

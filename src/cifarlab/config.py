@@ -28,6 +28,8 @@ TTA_LEVELS = ("none", "flip", "flip-translate")
 # fp32; autocast to bf16 or fp16 with float32 weights; or weights in bf16 / fp16 throughout
 # (the "-true" ones, Lightning's names; see cifarlab.runtime.cast_model).
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16-true", "fp16-true")
+# How an epoch orders the training images (see TrainConfig.sampling)
+SAMPLINGS = ("shuffle", "balanced")
 # What early stopping and plateau cuts can watch, and which way is better (Keras' mode "auto"
 # infers the same)
 MONITORS = {"val_loss": "min", "val_accuracy": "max"}
@@ -156,6 +158,11 @@ class TrainConfig:
     # rare classes count as much as common ones in total) or a mapping of class names (or indices)
     # to weights, classes left out weighing 1. Validation and test figures stay unweighted.
     class_weight: str | dict[str, float] | None = None
+    # How each epoch orders the training images: shuffle (each once, in a random order: Keras'
+    # fit(shuffle=True)) or balanced (as many draws, with replacement, every class equally likely:
+    # rare classes' images are seen several times an epoch, common ones' not all; PyTorch's
+    # WeightedRandomSampler). An alternative to class_weight, not to be combined with it.
+    sampling: str = "shuffle"
     # fp32 | bf16 (autocast; 14x slower on an AVX2 CPU without bf16 units) | fp16 (autocast, CUDA
     # only) | bf16-true | fp16-true (CUDA only): half-precision weights, batch norms in float32
     precision: str = "fp32"
@@ -498,6 +505,11 @@ def validate(cfg: Config) -> None:
             "NAME=WEIGHT,NAME=WEIGHT), or leave it out")
     if isinstance(cw, dict) and (bad_weights := {k: v for k, v in cw.items() if v < 0}):
         bad("train.class_weight", bad_weights, "a class's weight must be 0 or more")
+    if cfg.train.sampling not in SAMPLINGS:
+        bad("train.sampling", cfg.train.sampling, f"choose {' or '.join(SAMPLINGS)}")
+    if cfg.train.sampling == "balanced" and cw is not None:
+        bad("train.sampling", cfg.train.sampling, "with train.class_weight set too, rare classes would be favoured "
+            "twice over (drawn more often and weighed more); choose one of them")
     if not 0 <= cfg.train.label_smoothing < 1:
         bad("train.label_smoothing", cfg.train.label_smoothing, "it must lie in [0, 1)")
     if cfg.train.tta not in TTA_LEVELS:

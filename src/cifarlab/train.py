@@ -257,6 +257,19 @@ def _epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Gener
     return g
 
 
+def epoch_order(labels: torch.Tensor, sampling: str, gen: torch.Generator) -> torch.Tensor:
+    """The indices of one epoch's training images, in the order the steps take them, drawn with
+    ``gen`` (on the CPU): with ``sampling`` "shuffle", each image once in a random order; with
+    "balanced", as many draws with replacement, each image's chance the inverse of its class's
+    count, so every class present is drawn equally often in expectation."""
+    n = len(labels)
+    if sampling == "shuffle":
+        return torch.randperm(n, generator=gen)
+    y = labels.cpu()
+    chance = (1.0 / torch.bincount(y).double())[y]  # a class without images has none to draw
+    return torch.multinomial(chance, n, replacement=True, generator=gen)
+
+
 def _save_checkpoint(run: Path, state: dict) -> None:
     from .fsutil import write_with
 
@@ -788,6 +801,10 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
             f"{len(arrays.x_val):,} validation, {len(arrays.x_test):,} test images")
         if st.class_weight is not None:
             log(_class_weight_note(cfg, ds, st.class_weight))
+        if cfg.train.sampling == "balanced":
+            present = int(arrays.y_train.unique().numel())
+            log(f"each epoch draws {n:,} of the training images with replacement, every class equally likely "
+                f"(train.sampling balanced): about {n / present:,.0f} draws per class")
         if start is not None:
             log(_start_note(start, st.fresh))
             # kept beside the run, as keras_import.json is: its model card names where it started
@@ -837,6 +854,7 @@ def _finish(cfg: Config, run: Path, ds: Dataset, arrays: Arrays, st: _Setup, loo
         metrics["early_stopping"] = loop.stopping.summary()
     if st.class_weight is not None:
         metrics["class_weight"] = _class_weight_summary(cfg, ds, st.class_weight)
+    metrics["sampling"] = cfg.train.sampling  # for the model card, beside the images per class
     # the conv gradients too: float32 only, so never under bf16 autocast
     metrics["cpu_conv_kernel"] = loop.cpu_kernels and cfg.train.precision == "fp32" and kernels.conv_kernel_pays_off()
     write_json(run / "metrics.json", metrics)
@@ -954,14 +972,15 @@ class _Loop:
         """Train one epoch (from the saved step if it was interrupted), evaluate on the validation
         images, append to the history, checkpoint; returns the epoch's log line."""
         cfg, st, device, steps = self.cfg, self.st, self.device, self.steps
-        bs, n = cfg.train.batch_size, len(self.arrays.x_train)
+        bs = cfg.train.batch_size
         frozen = epoch < cfg.train.freeze_epochs  # no gradient, so the optimizer skips them: no update, no decay
         for p in self.body:
             p.requires_grad_(not frozen)
         if self.whiten_bias is not None:
             self.whiten_bias.requires_grad_(epoch < cfg.train.whiten_bias_epochs and not frozen)
         gen = _epoch_generator(cfg.train.seed, epoch, device)
-        perm = torch.randperm(n, generator=_epoch_generator(cfg.train.seed, epoch, torch.device("cpu"))).to(device)
+        perm = epoch_order(self.arrays.y_train, cfg.train.sampling,
+                           _epoch_generator(cfg.train.seed, epoch, torch.device("cpu"))).to(device)
         first = self.start_step if epoch == self.start_epoch else 0
         if first and self.aug_state is not None and not self.prepare_ahead:
             gen.set_state(self.aug_state)

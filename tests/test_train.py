@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import count_calls, make_image_folder, tiny_config
@@ -1100,3 +1101,38 @@ def test_balanced_sampling_draws_every_class_equally_often_and_is_recorded(tmp_p
     assert main(["audit", str(tmp_path / "b"), "--bootstrap", "100"]) == 0
     assert "- Training images drawn class-balanced: each epoch as many draws as images" in \
         (tmp_path / "b" / "audit" / "MODEL_CARD.md").read_text()
+
+
+def test_unequal_validation_classes_add_the_balanced_accuracy_which_early_stopping_can_watch(tmp_path, capsys):
+    """Where the validation classes are unequally many, the history and the epoch line add
+    val_balanced_accuracy (the mean per-class recall), which --early-stopping-monitor can
+    watch; with equal classes it is left out unless a monitor watches it."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from cifarlab.cli import main
+    from cifarlab.evaluate import balanced_accuracy
+
+    y, pred = np.array([0, 0, 0, 1, 2, 2]), np.array([0, 1, 0, 1, 2, 0])
+    assert balanced_accuracy(y, pred) == pytest.approx(balanced_accuracy_score(y, pred))
+    assert balanced_accuracy(torch.tensor([0, 2, 2]), torch.tensor([0, 2, 1])) == pytest.approx(0.75)
+
+    common = ["--model", "keras-shallow", "--batch-size", "8", "--threads", "1", "--val-split", "0.25"]
+    equal = make_image_folder(tmp_path / "eq", n_train=8, n_test=2)  # 2 validation images a class
+    assert main(["train", "--data", str(equal), *common, "--epochs", "1", "--out", str(tmp_path / "e")]) == 0
+    assert "val_balanced_accuracy" not in capsys.readouterr().out
+    assert "val_balanced_accuracy" not in json.loads((tmp_path / "e" / "history.json").read_text())[0]
+
+    unequal = make_image_folder(tmp_path / "uneq", n_train=8, n_test=2)
+    for f in sorted((unequal / "train" / "frog").iterdir())[4:]:
+        f.unlink()  # 2, 2 and 1 validation images
+    assert main(["train", "--data", str(unequal), *common, "--epochs", "3", "--early-stopping", "1",
+                 "--early-stopping-monitor", "val_balanced_accuracy", "--out", str(tmp_path / "u")]) == 0
+    out = capsys.readouterr().out
+    history = json.loads((tmp_path / "u" / "history.json").read_text())
+    values = [h["val_balanced_accuracy"] for h in history]
+    assert f"val_accuracy: {history[0]['val_accuracy']:.4f} - val_balanced_accuracy: {values[0]:.4f}" in out
+    es = json.loads((tmp_path / "u" / "metrics.json").read_text())["early_stopping"]
+    assert es["monitor"] == "val_balanced_accuracy" and es["best_val_balanced_accuracy"] == max(values)
+    assert values.index(max(values)) + 1 == es["best_epoch"]
+    assert main(["audit", str(tmp_path / "u"), "--bootstrap", "100"]) == 0
+    assert "the highest validation balanced accuracy)" in (tmp_path / "u" / "audit" / "MODEL_CARD.md").read_text()

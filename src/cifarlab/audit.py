@@ -658,7 +658,8 @@ def _origin_lines(d: dict) -> list[str]:
         stop = f"stopped early after epoch {es['stopped_after_epoch']}" if es["stopped_after_epoch"] else \
             "trained every epoch"
         # metrics.json written before the monitor could be chosen watched the validation loss
-        best = {"val_loss": "the lowest validation loss", "val_accuracy": "the highest validation accuracy"}[
+        best = {"val_loss": "the lowest validation loss", "val_accuracy": "the highest validation accuracy",
+                "val_balanced_accuracy": "the highest validation balanced accuracy"}[
             es.get("monitor", "val_loss")]
         delta = f", changes of {es['min_delta']:g} or less not counting" if es.get("min_delta") else ""
         epochs = f"{epochs} with early stopping (patience {es['patience']}{delta}; {stop}; the weights are " \
@@ -666,7 +667,8 @@ def _origin_lines(d: dict) -> list[str]:
     opt = d["optimizer"] or {}
     if opt.get("plateau_patience"):
         # configs written before the monitor and the cooldown could be chosen watched the validation loss
-        better = {"val_loss": "a lower validation loss", "val_accuracy": "a higher validation accuracy"}[
+        better = {"val_loss": "a lower validation loss", "val_accuracy": "a higher validation accuracy",
+                  "val_balanced_accuracy": "a higher validation balanced accuracy"}[
             opt.get("plateau_monitor", "val_loss")]
         cooldown = f", then {opt['plateau_cooldown']} epoch(s) of cooldown" if opt.get("plateau_cooldown") else ""
         epochs += f"; learning rate multiplied by {opt['plateau_factor']:g} after every {opt['plateau_patience']} " \

@@ -106,7 +106,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--reduce-lr-factor", type=float, metavar="F", help="the plateau cut's factor (default 0.1)")
     g.add_argument("--min-lr", type=float, metavar="LR", help="plateau cuts stop at this lr (default 0)")
     g.add_argument("--reduce-lr-monitor", choices=list(MONITORS),
-                   help="what plateau cuts watch: val_loss (default; lower is better) or val_accuracy")
+                   help="what plateau cuts watch: val_loss (default; lower is better), val_accuracy or "
+                        "val_balanced_accuracy (the mean per-class recall)")
     g.add_argument("--reduce-lr-min-delta", type=float, metavar="DELTA",
                    help="a change of the watched figure by DELTA or less is no improvement (Keras' min_delta; "
                         "default 1e-4)")
@@ -131,7 +132,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="stop after PATIENCE epochs without a better --early-stopping-monitor and keep the best "
                         "epoch's weights (Keras' EarlyStopping with restore_best_weights; default 0: off)")
     g.add_argument("--early-stopping-monitor", choices=list(MONITORS),
-                   help="what early stopping watches: val_loss (default; lower is better) or val_accuracy")
+                   help="what early stopping watches: val_loss (default; lower is better), val_accuracy or "
+                        "val_balanced_accuracy (the mean per-class recall)")
     g.add_argument("--early-stopping-min-delta", type=float, metavar="DELTA",
                    help="a change of the monitored figure by DELTA or less is no improvement (Keras' min_delta; "
                         "default 0)")

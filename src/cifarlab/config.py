@@ -31,8 +31,8 @@ PRECISIONS = ("fp32", "bf16", "fp16", "bf16-true", "fp16-true")
 # How an epoch orders the training images (see TrainConfig.sampling)
 SAMPLINGS = ("shuffle", "balanced")
 # What early stopping and plateau cuts can watch, and which way is better (Keras' mode "auto"
-# infers the same)
-MONITORS = {"val_loss": "min", "val_accuracy": "max"}
+# infers the same); val_balanced_accuracy, the mean per-class recall, for classes of unequal size
+MONITORS = {"val_loss": "min", "val_accuracy": "max", "val_balanced_accuracy": "max"}
 
 
 @dataclass
@@ -89,7 +89,7 @@ class OptimConfig:
     plateau_patience: int = 0
     plateau_factor: float = 0.1
     plateau_min_lr: float = 0.0
-    plateau_monitor: str = "val_loss"  # or val_accuracy (higher is better)
+    plateau_monitor: str = "val_loss"  # or val_accuracy, val_balanced_accuracy (higher is better)
     plateau_min_delta: float = 1e-4
     plateau_cooldown: int = 0
     # lr multiplier for normalisation-layer biases, their lr x weight decay kept (airbench: 64)
@@ -185,7 +185,8 @@ class TrainConfig:
     # weights of the best epoch (Keras' EarlyStopping(patience=N, restore_best_weights=True));
     # 0: off, every epoch trains and the last one's weights are kept, as the notebook does
     early_stopping: int = 0
-    # What early stopping watches: val_loss (lower is better) or val_accuracy (higher is better)
+    # What early stopping watches: val_loss (lower is better), val_accuracy or val_balanced_accuracy
+    # (the mean per-class recall; higher is better)
     early_stopping_monitor: str = "val_loss"
     # Keras' min_delta: a change of the monitored figure by this much or less is no improvement
     # (in its own units: loss, or accuracy as a fraction); 0: any change counts

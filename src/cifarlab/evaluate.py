@@ -87,6 +87,16 @@ def compute_report(probs: np.ndarray, y: np.ndarray, classes: list[str], k: int 
     }
 
 
+def balanced_accuracy(y: np.ndarray | torch.Tensor, pred: np.ndarray | torch.Tensor) -> float:
+    """The mean per-class recall of predictions ``pred`` for labels ``y``, over the classes with
+    labels (scikit-learn's ``balanced_accuracy_score``)."""
+    y, pred = np.asarray(y), np.asarray(pred)
+    counts = np.bincount(y)
+    hits = np.bincount(y[pred == y], minlength=len(counts))
+    present = counts > 0
+    return float((hits[present] / counts[present]).mean())
+
+
 def unequal_classes(report: dict[str, Any]) -> bool:
     """Whether the classes of ``report``'s test images are unequally many, so that its balanced
     accuracy differs from its accuracy (classes without test images left out)."""

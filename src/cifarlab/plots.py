@@ -37,6 +37,8 @@ def plot_history(history: list[dict], path: Path) -> None:
     if "val_loss" in history[0]:  # absent when training used no validation split
         a.plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
         b.plot(ep, [h["val_accuracy"] for h in history], "o-", label="validation")
+    if "val_balanced_accuracy" in history[0]:  # validation classes of unequal size
+        b.plot(ep, [h["val_balanced_accuracy"] for h in history], "o--", label="validation, balanced")
     a.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
     b.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
     if lr_keys:

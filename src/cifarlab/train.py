@@ -26,7 +26,7 @@ from .augment import CropFlipCutout, KerasAugment, augmenter_from_config
 from .config import MONITORS, Config, load_run_config, save_config, validate
 from .data import Dataset, balanced_subset, load_dataset, stratified_split, subset_note
 from .errors import CifarlabError, short_list
-from .evaluate import describe
+from .evaluate import balanced_accuracy, describe
 from .export import finished_metrics, normalize, preprocess, save_architecture, save_weights, tta_logits
 from .fsutil import new_run_folder, undo_on_failure, write_json, write_text
 from .losses import class_weights, cross_entropy
@@ -651,7 +651,7 @@ def _extend(run: Path, cfg: Config, ckpt: dict, epochs: int) -> Config:
     so the result is the run that would have been trained with ``epochs`` from the start, and not
     for a run that early stopping has ended."""
     if _stopped_early(ckpt):
-        watched = cfg.train.early_stopping_monitor.replace("val_", "validation ")
+        watched = cfg.train.early_stopping_monitor.replace("val_", "validation ").replace("_", " ")
         raise CifarlabError(f"'{run}' stopped early after epoch {ckpt['epoch']}, its {watched} no longer "
                             "improving, and ended on its best epoch's weights; it cannot train on. Train a new "
                             f"run with --epochs {epochs} instead")
@@ -904,6 +904,13 @@ class _Loop:
             self.aug_state = ckpt.get("aug_state")
             self.stopping.load_state_dict(ckpt.get("early_stopping"))
         self.step_fn = _step_function(cfg, st, device, cpu_kernels)
+        # Where the validation classes are unequally many the accuracy mostly weighs the common
+        # ones, so the history adds the mean per-class recall (also where a monitor watches it).
+        counts = torch.bincount(arrays.y_val.cpu())
+        watched = {cfg.train.early_stopping_monitor if cfg.train.early_stopping else None,
+                   cfg.optim.plateau_monitor if cfg.optim.plateau_patience else None}
+        self.val_balanced = len(arrays.y_val) > 0 and (len(set(counts[counts > 0].tolist())) > 1
+                                                       or "val_balanced_accuracy" in watched)
         ahead = cfg.train.prepare_ahead
         self.prepare_ahead = device.type == "cuda" if ahead is None else ahead
 
@@ -1038,11 +1045,14 @@ class _Loop:
         line = f"Epoch {epoch + 1}/{cfg.train.epochs} - {epoch_time:.1f}s - loss: {tr_loss:.4f} - " \
                f"accuracy: {tr_acc:.4f}"
         if len(self.arrays.x_val):
-            v_loss, v_acc, _ = evaluate_arrays(st.model, self.arrays.x_val, self.arrays.y_val, st.prep,
-                                               channels_last=cfg.train.channels_last, dtype=self.dtype,
-                                               desc="Validation")
+            v_loss, v_acc, v_logits = evaluate_arrays(st.model, self.arrays.x_val, self.arrays.y_val, st.prep,
+                                                      channels_last=cfg.train.channels_last, dtype=self.dtype,
+                                                      desc="Validation")
             row.update(val_loss=v_loss, val_accuracy=v_acc)
             line += f" - val_loss: {v_loss:.4f} - val_accuracy: {v_acc:.4f}"
+            if self.val_balanced:
+                row["val_balanced_accuracy"] = balanced_accuracy(self.arrays.y_val.cpu(), v_logits.argmax(1))
+                line += f" - val_balanced_accuracy: {row['val_balanced_accuracy']:.4f}"
             stopped = self.stopping.update(epoch + 1, row, st.model)
             if st.plateau is not None:
                 line += self._plateau(epoch, row, cut=not stopped)  # no cut for a run that ends here

@@ -1136,3 +1136,13 @@ def test_unequal_validation_classes_add_the_balanced_accuracy_which_early_stoppi
     assert values.index(max(values)) + 1 == es["best_epoch"]
     assert main(["audit", str(tmp_path / "u"), "--bootstrap", "100"]) == 0
     assert "the highest validation balanced accuracy)" in (tmp_path / "u" / "audit" / "MODEL_CARD.md").read_text()
+
+    # A run of a version without the column, trained on: its history keeps the columns it had.
+    assert main(["train", "--data", str(unequal), *common, "--epochs", "1", "--out", str(tmp_path / "old")]) == 0
+    ckpt = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=True)
+    for row in ckpt["history"]:
+        del row["val_balanced_accuracy"]
+    torch.save(ckpt, tmp_path / "old" / "checkpoint.pt")
+    assert main(["train", "--resume", str(tmp_path / "old"), "--epochs", "2"]) == 0
+    rows = json.loads((tmp_path / "old" / "history.json").read_text())
+    assert len(rows) == 2 and not any("val_balanced_accuracy" in r for r in rows)

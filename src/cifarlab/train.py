@@ -911,6 +911,8 @@ class _Loop:
                    cfg.optim.plateau_monitor if cfg.optim.plateau_patience else None}
         self.val_balanced = len(arrays.y_val) > 0 and (len(set(counts[counts > 0].tolist())) > 1
                                                        or "val_balanced_accuracy" in watched)
+        if self.history and "val_balanced_accuracy" not in self.history[0]:
+            self.val_balanced = False  # resumed from a version without it: its history's columns stay
         ahead = cfg.train.prepare_ahead
         self.prepare_ahead = device.type == "cuda" if ahead is None else ahead
 

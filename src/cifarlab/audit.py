@@ -691,10 +691,10 @@ def _balance_lines(per_class: dict[str, int] | None, class_weight: dict | None, 
         if low == high:
             lines.append(f"- Training images per class: {low:,} each")
         else:
-            ratio = f"{high / low:.1f} times as many" if low else "none of the first"
-            lines.append(f"- Training images per class: from {low:,} ({having(low)}) to {high:,} ({having(high)}), "
-                         f"{ratio}; classes with fewer images are usually recognised worse (see the per-class "
-                         "metrics)")
+            ratio = f", {high / low:.1f} times as many" if low else ""
+            lines.append(f"- Training images per class: from {f'{low:,}' if low else 'none'} ({having(low)}) to "
+                         f"{high:,} ({having(high)}){ratio}; classes with fewer images are usually recognised worse "
+                         "(see the per-class metrics)")
     if class_weight:
         w = class_weight["weights"]
         how = "balanced, n_samples / (n_classes x count)" if class_weight["setting"] == "balanced" else "as set"

@@ -402,3 +402,16 @@ def test_audit_options_are_named_as_the_caller_gave_them(trained_run, image_fold
     assert not (trained_run / "audit").exists()
     assert main(["audit", str(trained_run), "--margin", "1.5"]) == 2
     assert "--margin 1.5 is not valid" in capsys.readouterr().err
+
+
+def test_model_card_lines_on_unequal_classes_and_what_made_up_for_them():
+    from cifarlab.audit import _balance_lines
+
+    assert _balance_lines({"a": 4, "b": 4}, None) == ["- Training images per class: 4 each"]
+    assert _balance_lines({"a": 0, "b": 5, "c": 5}, None)[0].startswith(
+        "- Training images per class: from none (a) to 5 (b, c); classes with fewer")
+    lines = _balance_lines({"a": 2, "b": 8}, {"setting": {"a": 3.0}, "weights": {"a": 3.0, "b": 1.0}}, "shuffle")
+    assert lines[0].startswith("- Training images per class: from 2 (a) to 8 (b), 4.0 times as many;")
+    assert lines[1:] == ["- Training loss weighted by class (as set): from 1 (b) to 3 (a)"]
+    assert _balance_lines(None, None, "balanced")[0].startswith("- Training images drawn class-balanced")
+    assert _balance_lines(None, None, None) == []  # a run that recorded neither

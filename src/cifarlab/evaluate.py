@@ -70,9 +70,8 @@ def compute_report(probs: np.ndarray, y: np.ndarray, classes: list[str], k: int 
     return {
         "loss": float(log_loss(y, np.clip(probs, 1e-7, 1), labels=labels)),
         "accuracy": float((pred == y).mean()),
-        # the mean of the per-class recalls (scikit-learn's balanced accuracy) over the classes
-        # with test images: where they are unequally many, the accuracy mostly weighs the common ones
-        "balanced_accuracy": _defined(np.nanmean(rec)) if (support > 0).any() else None,
+        # where the classes' test images are unequally many, the accuracy mostly weighs the common ones
+        "balanced_accuracy": balanced_accuracy(y, pred) if len(y) else None,
         # top-1 is the accuracy; scikit-learn's top-k reads two classes as a binary problem and
         # refuses their two columns of probabilities
         "top_k": {"k": k, "accuracy": float((pred == y).mean()) if k == 1 else

@@ -51,6 +51,14 @@ def test_object_array_refused():
         safe_load(pickle.dumps(d, protocol=2), "batch")
 
 
+@pytest.mark.parametrize("put", [b"r" + (2**31).to_bytes(4, "little"), b"p2147483648\n"])
+def test_a_memo_index_that_would_fill_the_memory_is_refused_before_unpickling(put):
+    """CPython's unpickler grows its memo table to the index a PUT gives: these few bytes (a
+    LONG_BINPUT, then a text PUT) would make it allocate and zero 16 GiB or more."""
+    with pytest.raises(DataError, match="refused to read this pickle: memo index 2,147,483,648 at opcode 2"):
+        safe_load(b"\x80\x02N" + put + b".", "batch")
+
+
 def test_not_a_pickle():
     with pytest.raises(DataError, match="not a readable CIFAR python batch"):
         safe_load(b"\x00\x01garbage", "batch")

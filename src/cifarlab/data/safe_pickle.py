@@ -4,13 +4,16 @@ The batches are Python pickles. Loading a pickle with the standard unpickler can
 the file names, so a crafted archive could take over the machine. This unpickler resolves only
 the handful of globals that the real files hold (numpy's array reconstructor, ndarray and dtype,
 and the byte-string codec used by protocol-2 pickles) and refuses everything else before it is
-called.
+called. Before that, the stream's opcodes are read without running them, and a memo index beyond
+any object the stream could have made is refused: CPython's unpickler grows its memo table to the
+index given, so a few bytes asking for entry 2**31 would fill the machine's memory.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+import pickletools
 from typing import Any
 
 import numpy as np
@@ -77,6 +80,7 @@ def safe_load(data: bytes, what: str) -> Any:
     not a plain CIFAR batch (a foreign global, an object array, a malformed stream).
     """
     try:
+        _check_memo(data)
         obj = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
     except _Refused as e:
         raise DataError(f"{what}: refused to read this pickle: {e}. A genuine CIFAR batch holds only "
@@ -85,6 +89,15 @@ def safe_load(data: bytes, what: str) -> Any:
         raise DataError(f"{what}: not a readable CIFAR python batch ({type(e).__name__}: {e})") from None
     _check_plain(obj, what)
     return obj
+
+
+def _check_memo(data: bytes) -> None:
+    """Refuse a memo index larger than the number of opcodes before it (each memoised object was
+    made by an earlier opcode, so a genuine pickle's indices stay below it)."""
+    for count, (op, arg, _) in enumerate(pickletools.genops(data)):
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and int(arg) > count:
+            raise _Refused(f"memo index {int(arg):,} at opcode {count} (a genuine pickle numbers its objects "
+                           "from 0 up)")
 
 
 def _check_plain(obj: Any, what: str, depth: int = 0) -> None:

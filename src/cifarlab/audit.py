@@ -440,17 +440,25 @@ def _count_range(counts: list[int]) -> str:
     return f"{low:,}" if low == high else f"{low:,} to {high:,}"
 
 
+def _table_head(columns: list[str]) -> list[str]:
+    """A Markdown table's header line and the rule under it."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def _with_train_images(rows: list[dict]) -> list[str]:
+    """The extra column of a per-class table whose rows all give their training images (runs
+    that recorded them), else none."""
+    return ["training images"] if rows and all("train_images" in r for r in rows) else []
+
+
 def _audit_runs_markdown(s: dict) -> str:
     n = s["runs"]
+    trained = _with_train_images(s["classes"]["per_class"])
     lines = [f"# Audit of {n} runs", "", f"Data: `{s['data']}`; test-time augmentation: {', '.join(s['tta'])}. "
              f"Overall accuracy {_fmt_spread(s['overall_accuracy'])}, as mean (min to max) over the runs. Each "
              f"run's own audit, with its intervals and model card, is listed at the end.", "",
              "![per-class accuracy over the runs](per_class_accuracy.png)", "",
-             "| class | n | accuracy, mean | std | min | max | flagged in |", "|---|---|---|---|---|---|---|"]
-    trained = all("train_images" in r for r in s["classes"]["per_class"])
-    if trained:
-        lines[-2:] = ["| class | n | accuracy, mean | std | min | max | flagged in | training images |",
-                      "|---|---|---|---|---|---|---|---|"]
+             *_table_head(["class", "n", "accuracy, mean", "std", "min", "max", "flagged in", *trained])]
     for r in s["classes"]["per_class"]:
         a = r["accuracy"]
         cells = " | ".join(_fmt(a[k]) for k in ("mean", "std", "min", "max")) if a else "n/a | n/a | n/a | n/a"
@@ -534,15 +542,12 @@ def _fmt_ci(ci: list[float | None]) -> str:
 
 
 def _audit_markdown(a: dict) -> str:
+    trained = _with_train_images(a["classes"]["per_class"])  # where the run recorded them
     lines = [f"# Audit of `{a['run']}`", "", f"Data: `{a['data']}`. Overall accuracy **{a['overall_accuracy']:.4f}** "
              f"(test-time augmentation: {a['tta']}). Intervals: 95% percentile bootstrap, "
              f"{a['bootstrap_resamples']} resamples.", "",
              "![per-class accuracy](per_class_accuracy.png)", "",
-             "| class | n | accuracy | 95% CI | precision | 95% CI | flagged |", "|---|---|---|---|---|---|---|"]
-    trained = bool(a["classes"]["per_class"]) and "train_images" in a["classes"]["per_class"][0]
-    if trained:  # and how many it trained on, where the run recorded it
-        lines[-2:] = ["| class | n | accuracy | 95% CI | precision | 95% CI | flagged | training images |",
-                      "|---|---|---|---|---|---|---|---|"]
+             *_table_head(["class", "n", "accuracy", "95% CI", "precision", "95% CI", "flagged", *trained])]
     for r in a["classes"]["per_class"]:
         lines.append(f"| {_cell(r['class'])} | {r['support']} | {r['accuracy']:.3f} | {_fmt_ci(r['accuracy_ci'])} | "
                      f"{_fmt(r['precision'])} | {_fmt_ci(r['precision_ci'])} | {'yes' if r['flagged'] else ''} |"
@@ -722,6 +727,7 @@ def model_card_markdown(card: dict) -> str:
     d, iu, td, ev, mt = (card["model_details"], card["intended_use"], card["training_data"], card["evaluation_data"],
                          card["metrics"])
     o = mt["overall"]
+    trained = _with_train_images(mt["per_class"])
     lines = [f"# Model card: {d['name']}", "", "## Model details", "",
              f"- Architecture: `{d['architecture']}`, {d['parameters']:,} parameters",
              *_origin_lines(d),
@@ -746,10 +752,7 @@ def model_card_markdown(card: dict) -> str:
              f"accuracy {o['top_k']['accuracy']:.4f}, expected calibration error {o['ece']:.4f}; test-time "
              f"augmentation: {o['test_time_augmentation']}. Intervals: {mt['interval_method']}.", "",
              "![per-class accuracy](per_class_accuracy.png)", "",
-             "| class | accuracy | 95% CI | precision |", "|---|---|---|---|"]
-    trained = bool(mt["per_class"]) and "train_images" in mt["per_class"][0]
-    if trained:
-        lines[-2:] = ["| class | accuracy | 95% CI | precision | training images |", "|---|---|---|---|---|"]
+             *_table_head(["class", "accuracy", "95% CI", "precision", *trained])]
     for r in mt["per_class"]:
         lines.append(f"| {_cell(r['class'])} | {r['accuracy']:.3f} | {_fmt_ci(r['accuracy_ci'])} | {_fmt(r['precision'])} |"
                      + (f" {r['train_images']:,} |" if trained else ""))

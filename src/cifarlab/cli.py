@@ -411,7 +411,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         print(f"Test score: {report['loss']:.4f}")
         print(f"Test accuracy: {report['accuracy']:.4f}")
-        if unequal_classes(report):  # else the same figure as the accuracy
+        if unequal_classes(c["support"] for c in report["per_class"]):  # else the same figure as the accuracy
             print(f"Balanced accuracy (mean per-class recall): {report['balanced_accuracy']:.4f}")
         print(f"Top-{report['top_k']['k']} accuracy: {report['top_k']['accuracy']:.4f}")
         print(f"Expected calibration error: {report['calibration']['ece']:.4f}")

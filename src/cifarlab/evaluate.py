@@ -7,6 +7,7 @@ which scikit-learn does not provide for multi-class models.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +97,10 @@ def balanced_accuracy(y: np.ndarray | torch.Tensor, pred: np.ndarray | torch.Ten
     return float((hits[present] / counts[present]).mean())
 
 
-def unequal_classes(report: dict[str, Any]) -> bool:
-    """Whether the classes of ``report``'s test images are unequally many, so that its balanced
-    accuracy differs from its accuracy (classes without test images left out)."""
-    return len({c["support"] for c in report["per_class"] if c["support"]}) > 1
+def unequal_classes(counts: Iterable[int]) -> bool:
+    """Whether classes of these image ``counts`` are unequally many, so that the balanced
+    accuracy differs from the accuracy (classes without images left out)."""
+    return len({int(n) for n in counts if n}) > 1
 
 
 def evaluate_run(run: str | Path, ds: Dataset, out: str | Path | None = None, tta: str | None = None,
@@ -137,7 +138,7 @@ def evaluate_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, 
     summary = {"runs": len(runs), "data": ds.source, "tta": sorted({r["tta"] for r in reports}),
                "accuracy": describe([r["accuracy"] for r in reports]), "loss": describe([r["loss"] for r in reports]),
                "balanced_accuracy": describe([r["balanced_accuracy"] for r in reports]),
-               "unequal_classes": unequal_classes(reports[0]),
+               "unequal_classes": unequal_classes(c["support"] for c in reports[0]["per_class"]),
                "per_run": [{"run": str(r), "accuracy": rep["accuracy"], "balanced_accuracy": rep["balanced_accuracy"],
                             "loss": rep["loss"]} for r, rep in zip(runs, reports)]}
     write_json((out or base) / "eval_summary.json", summary)

@@ -26,7 +26,7 @@ from .augment import CropFlipCutout, KerasAugment, augmenter_from_config
 from .config import MONITORS, Config, load_run_config, save_config, validate
 from .data import Dataset, balanced_subset, load_dataset, stratified_split, subset_note
 from .errors import CifarlabError, short_list
-from .evaluate import balanced_accuracy, describe
+from .evaluate import balanced_accuracy, describe, unequal_classes
 from .export import finished_metrics, normalize, preprocess, save_architecture, save_weights, tta_logits
 from .fsutil import new_run_folder, undo_on_failure, write_json, write_text
 from .losses import class_weights, cross_entropy
@@ -906,10 +906,9 @@ class _Loop:
         self.step_fn = _step_function(cfg, st, device, cpu_kernels)
         # Where the validation classes are unequally many the accuracy mostly weighs the common
         # ones, so the history adds the mean per-class recall (also where a monitor watches it).
-        counts = torch.bincount(arrays.y_val.cpu())
         watched = {cfg.train.early_stopping_monitor if cfg.train.early_stopping else None,
                    cfg.optim.plateau_monitor if cfg.optim.plateau_patience else None}
-        self.val_balanced = len(arrays.y_val) > 0 and (len(set(counts[counts > 0].tolist())) > 1
+        self.val_balanced = len(arrays.y_val) > 0 and (unequal_classes(torch.bincount(arrays.y_val.cpu()).tolist())
                                                        or "val_balanced_accuracy" in watched)
         if self.history and "val_balanced_accuracy" not in self.history[0]:
             self.val_balanced = False  # resumed from a version without it: its history's columns stay

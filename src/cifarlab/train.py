@@ -62,20 +62,26 @@ class Arrays:
     y_test: torch.Tensor
 
 
+def split_indices(cfg: Config, y_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The indices into ``y_train`` of a run's training and validation images: ``data.subset``
+    then ``data.val_split``, both seeded by ``train.seed``, so a run's folder (its config.yaml)
+    names its validation images for as long as its data stays the same."""
+    idx = np.arange(len(y_train))
+    if cfg.data.subset:
+        idx = balanced_subset(y_train, cfg.data.subset, cfg.train.seed)
+    if not cfg.data.val_split:  # no validation: train on every image (the speed recipes, as airbench)
+        return idx, idx[:0]
+    tr, va = stratified_split(y_train[idx], cfg.data.val_split, cfg.train.seed)
+    return idx[tr], idx[va]
+
+
 def make_arrays(cfg: Config, ds: Dataset, device: torch.device) -> Arrays:
     """Subset, split (seeded, stratified) and move the data to ``device`` once, as uint8.
 
     Keeping uint8 on the device (a quarter of float32's size) and converting per batch avoids a
     host-to-device copy every step: the whole CIFAR-10 training set is 150 MB.
     """
-    idx = np.arange(len(ds.y_train))
-    if cfg.data.subset:
-        idx = balanced_subset(ds.y_train, cfg.data.subset, cfg.train.seed)
-    if cfg.data.val_split:
-        tr, va = stratified_split(ds.y_train[idx], cfg.data.val_split, cfg.train.seed)
-        tr, va = idx[tr], idx[va]
-    else:  # no validation: train on every image (the speed recipes, as airbench)
-        tr, va = idx, idx[:0]
+    tr, va = split_indices(cfg, ds.y_train)
 
     def t(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous().to(device)

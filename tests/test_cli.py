@@ -146,7 +146,8 @@ def test_train_evaluate_predict_end_to_end(capsys, tmp_path, image_folder, monke
 
     # Every image given to one class: the others' precision is undefined, printed as n/a.
     with monkeypatch.context() as m:
-        m.setattr(cifarlab.evaluate, "predict_dataset", lambda pred, x: np.tile(np.float32([1, 0, 0]), (len(x), 1)))
+        m.setattr(cifarlab.evaluate, "probabilities_and_raw",
+                  lambda pred, x: (np.tile(np.float32([1, 0, 0]), (len(x), 1)), None))
         code, o, _ = run(capsys, "evaluate", str(out), "--out", str(tmp_path / "one-class"))
     rows = [line.split() for line in o.splitlines() if line.split()[:1] and line.split()[0] in ("cat", "dog")]
     assert code == 0 and len(rows) == 2 and rows[1][2] == "n/a" and rows[0][2] != "n/a", o

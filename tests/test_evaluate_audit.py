@@ -246,7 +246,7 @@ def test_audit_of_a_model_that_predicts_one_class_writes_standard_json_and_n_a(t
 
     ds = load_dataset(image_folder)
     # Every image given to class 0: the other classes' precision, and most calibration bins, are undefined.
-    monkeypatch.setattr(audit_mod, "predict_dataset", lambda pred, x: np.tile([0.9, 0.05, 0.05], (len(x), 1)))
+    monkeypatch.setattr(audit_mod, "probabilities_and_raw", lambda pred, x: (np.tile([0.9, 0.05, 0.05], (len(x), 1)), None))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no numpy warning about all-NaN resamples
         audit_run(trained_run, ds, tmp_path / "audit", n_boot=100, device="cpu", log=lambda s: None)
@@ -271,7 +271,7 @@ def test_a_bad_groups_file_stops_the_audit_before_any_prediction_or_file(trained
     def must_not_predict(*a, **k):
         raise AssertionError("predicted before checking the groups file")
 
-    monkeypatch.setattr(audit_mod, "predict_dataset", must_not_predict)
+    monkeypatch.setattr(audit_mod, "probabilities_and_raw", must_not_predict)
     with pytest.raises(CifarlabError, match="cannot read groups file .*missing.csv"):
         audit_run(trained_run, load_dataset(image_folder), tmp_path / "audit", groups_csv=str(tmp_path / "missing.csv"),
                   n_boot=100, device="cpu", log=lambda s: None)
@@ -378,7 +378,7 @@ def test_an_interrupted_report_leaves_no_folder_it_created_and_keeps_an_earlier_
         (lambda out: audit_run(trained_run, ds, out, n_boot=100, device="cpu", log=lambda s: None))
     report(tmp_path / "kept")  # a finished report, rewritten below
 
-    def interrupted(pred, ds, probs, out, n_worst=32):
+    def interrupted(pred, ds, probs, out, n_worst=32, uncalibrated=None):
         (out / "confusion_matrix.csv").write_text("partial")  # some files written, then Ctrl-C
         raise KeyboardInterrupt
 

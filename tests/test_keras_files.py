@@ -355,9 +355,14 @@ def test_export_to_keras_refuses_what_keras_could_not_load(tmp_path, capsys):
     assert "--tta applies to ONNX files, not to Keras weights" in capsys.readouterr().err
     assert main(["export", str(run), "--out", str(tmp_path / "w.h5"), "--opset", "17", "--no-check"]) == 2
     assert "--opset and --no-check apply to ONNX files, not to Keras weights" in capsys.readouterr().err
+    assert main(["export", str(run), "--out", str(tmp_path / "w.h5"), "--uncalibrated"]) == 2
+    assert "--uncalibrated applies to ONNX files" in capsys.readouterr().err
     assert not (tmp_path / "w.h5").exists()
+    (run / "calibration.json").write_text('{"format": "cifarlab-calibration-1", "by_tta": {"none": {"temperature": 1.5}}}')
     assert main(["export", str(run), "--out", str(tmp_path / "w.h5")]) == 0
-    assert "normalises images by the mean [0.5, 0.5, 0.5]" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "normalises images by the mean [0.5, 0.5, 0.5]" in out
+    assert "a temperature of 1.5, which the weights do not hold" in out
     from cifarlab.export import save_architecture, save_weights
 
     speed = tmp_path / "speed"

@@ -21,7 +21,7 @@ import numpy as np
 
 from .data import Dataset
 from .errors import CifarlabError, short_list
-from .evaluate import _check_compatible, predict_dataset
+from .evaluate import _check_compatible, probabilities_and_raw
 from .export import list_to_csv_rows, load_model
 from .fsutil import json_text, report_folder, write_json, write_text
 
@@ -221,7 +221,8 @@ def check_options(margin: float, min_group: int, n_boot: int, names: dict[str, s
 
 def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, groups_csv: str | None = None,
               margin: float = 0.05, min_group: int = 30, n_boot: int = 1000, seed: int = 0, tta: str | None = None,
-              device: str = "auto", log: Callable[[str], None] = print) -> dict[str, Any]:
+              device: str = "auto", log: Callable[[str], None] = print,
+              uncalibrated: bool = False) -> dict[str, Any]:
     """Audit a run on ``ds``'s test split: write ``audit.json``, ``audit.md``, plots and
     ``MODEL_CARD.md``/``model_card.json`` into ``out`` (default ``RUN/audit``) and return the
     audit. ``groups_csv``: a file of image attributes to break accuracy down by (see
@@ -229,13 +230,14 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
     flagged; ``min_group``: a group of fewer images is marked too small and left out of the
     best-to-worst gap; ``n_boot``: bootstrap resamples for the confidence intervals. ``tta``:
     the test-time augmentation, by default the run's own (the model as trained and reported is
-    the model audited)."""
+    the model audited). Its probabilities use the run's temperature where ``cifarlab
+    calibrate`` fitted one, unless ``uncalibrated``."""
     run = Path(run)
     out = Path(out) if out is not None else run / "audit"
     check_options(margin, min_group, n_boot)
     # The groups file first: a mistake in it should cost no prediction and leave no partial report.
     groups = read_groups(groups_csv, ds) if groups_csv else None
-    pred = load_model(run, device, tta)
+    pred = load_model(run, device, tta, uncalibrated)
     _check_compatible(pred, ds)
     with report_folder(out):  # removed again if the audit fails part-way
         audit = _write_audit(out, run, pred, ds, groups, groups_csv, margin, min_group, n_boot, seed)
@@ -253,8 +255,8 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
     """:func:`audit_run`'s predictions, metrics and files, into the existing folder ``out``."""
     from .evaluate import write_report
 
-    probs = predict_dataset(pred, ds.x_test)
-    report = write_report(pred, ds, probs, out)  # confusion matrix, reliability, confident errors
+    probs, raw = probabilities_and_raw(pred, ds.x_test)
+    report = write_report(pred, ds, probs, out, uncalibrated=raw)  # confusion matrix, reliability, confident errors
     yhat = probs.argmax(1)
     y = ds.y_test
     overall = float((yhat == y).mean())
@@ -326,7 +328,8 @@ def _group_warnings(name: str, gm: dict[str, Any], overall: float, margin: float
 
 def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, groups_csv: str | None = None,
                margin: float = 0.05, min_group: int = 30, n_boot: int = 1000, seed: int = 0, tta: str | None = None,
-               device: str = "auto", log: Callable[[str], None] = print) -> dict[str, Any]:
+               device: str = "auto", log: Callable[[str], None] = print,
+               uncalibrated: bool = False) -> dict[str, Any]:
     """Audit every run of the ``--runs N`` folder ``base`` (see :func:`audit_run`: each run's
     report and model card in ``RUN/audit``, or ``out/run-K``), then summarise over the runs: each
     class's and group's accuracy as mean, std, min and max, in how many runs it was flagged, and
@@ -342,7 +345,7 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
         folder = (out / r.name) if out else r / "audit"
         reports.append(folder / "audit.md")
         a = audit_run(r, ds, folder, groups_csv, margin, min_group, n_boot, seed, tta, device,
-                      log=lambda _: None)  # its warnings are in its audit.md; the summary gathers them
+                      log=lambda _: None, uncalibrated=uncalibrated)  # its warnings are in its audit.md; the summary gathers them
         sp = a["classes"]["spread"]
         log(f"{r.name}: overall accuracy {a['overall_accuracy']:.4f}; worst class {sp['worst']}, gap "
             f"{sp['difference']:.4f}; {len(a['warnings'])} warning(s); report in {folder / 'audit.md'}")
@@ -629,7 +632,9 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
                             "note": "the test split of the same collection as the training data; it shares its biases"},
         "metrics": {
             "overall": {"accuracy": report["accuracy"], "loss": report["loss"], "top_k": report["top_k"],
-                        "ece": report["calibration"]["ece"], "test_time_augmentation": report["tta"]},
+                        "ece": report["calibration"]["ece"], "test_time_augmentation": report["tta"],
+                        # a temperature fitted by `cifarlab calibrate` changes the loss and ECE, not the accuracy
+                        "temperature": report.get("temperature"), "uncalibrated": report.get("uncalibrated")},
             "per_class": audit["classes"]["per_class"], "class_spread": audit["classes"]["spread"],
             "groups": audit.get("attributes", {}), "interval_method": f"95% percentile bootstrap, "
                                                                        f"{audit['bootstrap_resamples']} resamples",
@@ -646,6 +651,16 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
             "Group results are only as good as the groups file; small groups get wide intervals.",
         ] + audit["warnings"],
     }
+
+
+def _temperature_lines(overall: dict) -> list[str]:
+    """The card's line on the temperature its probabilities were divided by, if any."""
+    t, raw = overall.get("temperature"), overall.get("uncalibrated")
+    if not t:
+        return []
+    return [f"Probabilities are temperature-scaled (`cifarlab calibrate`, T = {t:.3f}, fitted on the run's "
+            f"validation images): without it, the loss was {raw['loss']:.4f} and the expected calibration error "
+            f"{raw['ece']:.4f}. The accuracy is the same either way.", ""]
 
 
 def _origin_lines(d: dict) -> list[str]:
@@ -751,6 +766,7 @@ def model_card_markdown(card: dict) -> str:
              "## Metrics", "", f"Overall accuracy **{o['accuracy']:.4f}**, loss {o['loss']:.4f}, top-{o['top_k']['k']} "
              f"accuracy {o['top_k']['accuracy']:.4f}, expected calibration error {o['ece']:.4f}; test-time "
              f"augmentation: {o['test_time_augmentation']}. Intervals: {mt['interval_method']}.", "",
+             *_temperature_lines(o),
              "![per-class accuracy](per_class_accuracy.png)", "",
              *_table_head(["class", "accuracy", "95% CI", "precision", *trained])]
     for r in mt["per_class"]:

@@ -17,6 +17,7 @@ EPILOG = """examples:
   cifarlab train --data cifar10-jpeg.tar.xz                 # the notebook's recipe (keras-deep, 20 epochs)
   cifarlab train --data DATA --augment keras --epochs 5     # with the notebook's ImageDataGenerator
   cifarlab evaluate runs/RUN --data DATA                    # Test score / Test accuracy, per class
+  cifarlab calibrate runs/RUN                               # temperature scaling on its validation images
   cifarlab predict runs/RUN cat.png dog.jpg                 # top-3 classes per image
   cifarlab audit runs/RUN --data DATA                       # disaggregated report + MODEL_CARD.md
   cifarlab compare runs/A runs/B --data DATA                # is B really more accurate than A?
@@ -42,6 +43,12 @@ def _add_tta_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", nargs="?", const="flip", choices=TTA_LEVELS,
                    help="test-time augmentation: none, flip (also --tta alone: the image and its mirror) or "
                         "flip-translate; default: the run's own (its train.tta), as its training reported")
+
+
+def _add_uncalibrated_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--uncalibrated", action="store_true",
+                   help="the model's own probabilities, without the temperature 'cifarlab calibrate' fitted (by "
+                        "default it is used where there is one for the test-time augmentation)")
 
 
 def _add_data_args(p: argparse.ArgumentParser, subset: str | None = None) -> None:
@@ -188,6 +195,7 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
                                "mean, std, min and max over them)")
     _add_data_args(e)
     _add_tta_arg(e)
+    _add_uncalibrated_arg(e)
     e.add_argument("--out", help="folder for the report files (default RUN/eval; for a --runs folder, OUT/run-K "
                                  "and OUT/eval_summary.json)")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -205,6 +213,7 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     fmt.add_argument("--json", action="store_true", help="print the predictions as JSON")
     fmt.add_argument("--csv", action="store_true", help="print the predictions as CSV")
     _add_tta_arg(pr)
+    _add_uncalibrated_arg(pr)
     pr.add_argument("--device", default="cpu", help="where the model runs (default cpu)")
     pr.set_defaults(func=cmd_predict)
 
@@ -220,6 +229,7 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--min-group", type=int, default=30, help="groups smaller than this are too small to judge")
     a.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
     _add_tta_arg(a)
+    _add_uncalibrated_arg(a)
     a.add_argument("--out", help="folder for the report (default RUN/audit; for a --runs folder, OUT/run-K and "
                                  "OUT/audit_summary.json and .md)")
     a.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda or cuda:N")
@@ -260,10 +270,30 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--out", help="the .onnx file to write (default RUN/model.onnx); a name ending in .h5 writes "
                                  "the weights for Keras' model.load_weights instead (keras-shallow, keras-deep)")
     _add_tta_arg(x)
+    _add_uncalibrated_arg(x)
     x.add_argument("--opset", type=int, help="ONNX opset version (default: PyTorch's exporter's)")
     x.add_argument("--no-check", dest="check", action="store_false",
                    help="do not compare the file's outputs with PyTorch's (done when onnxruntime is installed)")
     x.set_defaults(func=cmd_export)
+
+
+def _add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
+    """``cifarlab calibrate``'s options."""
+    c = sub.add_parser("calibrate", help="fit a temperature on a run's validation images, so that its "
+                                         "confidences match how often it is right",
+                       description="Temperature scaling (Guo et al., 2017): fit the one number T that the logits are "
+                                   "divided by before the softmax, minimising the loss on the run's own validation "
+                                   "images (never the test images), and record it in RUN/calibration.json. "
+                                   "evaluate, predict, audit and export then use it (--uncalibrated leaves it out). "
+                                   "The predicted classes, and every accuracy, stay the same. The data is the run's "
+                                   "own unless --data is given; it must be the data the run was trained on.")
+    c.add_argument("run", help="run folder written by 'cifarlab train' with validation images (the folder of "
+                               "--runs N: each run)")
+    _add_data_args(c)
+    _add_tta_arg(c)
+    c.add_argument("--json", action="store_true", help="print the result as JSON")
+    c.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda or cuda:N")
+    c.set_defaults(func=cmd_calibrate)
 
 
 def _add_import_parser(sub: argparse._SubParsersAction) -> None:
@@ -328,8 +358,8 @@ def _parser() -> argparse.ArgumentParser:
                                 allow_abbrev=False)
     p.add_argument("--version", action="version", version=f"cifarlab {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for add in (_add_train_parser, _add_evaluate_parser, _add_predict_parser, _add_audit_parser, _add_compare_parser,
-                _add_export_parser, _add_import_parser, _add_augment_parser, _add_summary_parser, _add_list_parser):
+    for add in (_add_train_parser, _add_evaluate_parser, _add_calibrate_parser, _add_predict_parser,
+                _add_audit_parser, _add_compare_parser, _add_export_parser, _add_import_parser, _add_augment_parser, _add_summary_parser, _add_list_parser):
         add(sub)  # in the order --help lists the commands
     return p
 
@@ -385,8 +415,10 @@ def _load_eval_data(args: argparse.Namespace, run: Path):
                           f"{Path.cwd()}; give its path with --data")
     dataset = args.dataset or (cfg.data.dataset if cfg else "cifar10")
     label_mode = args.label_mode or (cfg.data.label_mode if cfg else "fine")
+    # unset flags take the run's own setting: the data it was trained on, read as it was
+    skip_bad = args.skip_bad_images if args.skip_bad_images is not None else bool(cfg and cfg.data.skip_bad_images)
     ds = load_dataset(data, dataset, allow_unverified=bool(args.allow_unverified), label_mode=label_mode,
-                      skip_bad_images=bool(args.skip_bad_images))
+                      skip_bad_images=skip_bad)
     for note in ds.notes:  # on stderr: stdout may be --json
         print(f"data: {note}", file=sys.stderr)
     return ds
@@ -405,7 +437,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run, _ = read_run(args.run)
     ds = _load_eval_data(args, run)
     out = Path(args.out) if args.out else run / "eval"
-    report = evaluate_run(run, ds, out, tta=args.tta, device=args.device)
+    report = evaluate_run(run, ds, out, tta=args.tta, device=args.device, uncalibrated=args.uncalibrated)
     if args.json:
         print(json_text(report))
     else:
@@ -415,6 +447,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"Balanced accuracy (mean per-class recall): {report['balanced_accuracy']:.4f}")
         print(f"Top-{report['top_k']['k']} accuracy: {report['top_k']['accuracy']:.4f}")
         print(f"Expected calibration error: {report['calibration']['ece']:.4f}")
+        if report["temperature"]:
+            raw = report["uncalibrated"]
+            print(f"Temperature: {report['temperature']:.4f} (cifarlab calibrate); without it, Test score "
+                  f"{raw['loss']:.4f} and expected calibration error {raw['ece']:.4f}")
         print(f"{'class':<16}{'accuracy':>10}{'precision':>11}{'recall':>9}{'f1':>8}{'support':>9}")
 
         def num(v, width):  # an undefined figure (a class never predicted, or not in the data) is n/a
@@ -439,7 +475,8 @@ def _evaluate_runs(args: argparse.Namespace) -> int:
     base = Path(args.run)
     finished_runs(base)  # before the data is loaded
     ds = _load_eval_data(args, base)
-    summary = evaluate_runs(base, ds, Path(args.out) if args.out else None, tta=args.tta, device=args.device)
+    summary = evaluate_runs(base, ds, Path(args.out) if args.out else None, tta=args.tta, device=args.device,
+                            uncalibrated=args.uncalibrated)
     if args.json:
         print(json_text(summary))
         return 0
@@ -449,6 +486,10 @@ def _evaluate_runs(args: argparse.Namespace) -> int:
     print(f"{summary['runs']} runs (test-time augmentation {', '.join(summary['tta'])}): test accuracy mean "
           f"{a['mean']:.4f} (std {a['std']:.4f}, min {a['min']:.4f}, max {a['max']:.4f}); test score mean "
           f"{lo['mean']:.4f} (min {lo['min']:.4f}, max {lo['max']:.4f})")
+    e = summary["ece"]
+    print(f"Expected calibration error mean {e['mean']:.4f} (min {e['min']:.4f}, max {e['max']:.4f})"
+          + (f"; without the runs' temperatures (cifarlab calibrate) mean {summary['uncalibrated_ece']['mean']:.4f}"
+             if "uncalibrated_ece" in summary else ""))
     if summary["unequal_classes"]:
         b = summary["balanced_accuracy"]
         print(f"Balanced accuracy (mean per-class recall) mean {b['mean']:.4f} (std {b['std']:.4f}, min "
@@ -458,12 +499,52 @@ def _evaluate_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """``cifarlab calibrate``: one run, or each run of a ``--runs N`` folder."""
+    from .calibrate import calibrate_run, calibrate_runs
+    from .export import finished_runs, is_runs_set, read_run
+    from .fsutil import json_text
+
+    several = is_runs_set(args.run)
+    if several:
+        finished_runs(args.run)  # before the data is loaded
+        folder = Path(args.run)
+    else:
+        folder, _ = read_run(args.run)
+    ds = _load_eval_data(args, folder)
+    log = (lambda _: None) if args.json else print
+    if several:
+        result = calibrate_runs(folder, ds, args.tta, args.device, log)
+        entries = result["per_run"]
+    else:
+        result = calibrate_run(folder, ds, args.tta, args.device, log)
+        entries = [result]
+    if args.json:
+        print(json_text(result))
+        return 0
+    for e in entries:
+        loss, ece = e["validation_loss"], e["validation_ece"]
+        print(f"{e['run']}: temperature {e['temperature']:.4f}"
+              + (" (at the search's bound: too few validation images, or a broken model?)" if e["at_bound"] else "")
+              + f"; on its {e['validation_images']:,} validation images, loss {loss['before']:.4f} -> "
+                f"{loss['after']:.4f}, expected calibration error {ece['before']:.4f} -> {ece['after']:.4f}")
+    if several:
+        t, b, a = result["temperature"], result["validation_ece_before"], result["validation_ece_after"]
+        print(f"{result['runs']} runs: temperature mean {t['mean']:.4f} (min {t['min']:.4f}, max {t['max']:.4f}); "
+              f"validation calibration error mean {b['mean']:.4f} -> {a['mean']:.4f}")
+    print("written to calibration.json in each run's folder" if several else
+          f"written to {folder / 'calibration.json'}; evaluate, predict, audit and export now use it "
+          f"(--uncalibrated leaves it out)")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """``cifarlab predict``: failures are reported per file; the exit code is 1 if any failed."""
     from .predict import predict_files
 
     fmt = "json" if args.json else "csv" if args.csv else "table"
-    return predict_files(args.run, args.images, top=args.top, fmt=fmt, device=args.device, tta=args.tta)
+    return predict_files(args.run, args.images, top=args.top, fmt=fmt, device=args.device, tta=args.tta,
+                         uncalibrated=args.uncalibrated)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -481,7 +562,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     ds = _load_eval_data(args, run)
     out = Path(args.out) if args.out else run / "audit"
     audit_run(run, ds, out, groups_csv=args.groups, margin=args.margin, min_group=args.min_group,
-              n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print)
+              n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print, uncalibrated=args.uncalibrated)
     return 0
 
 
@@ -495,7 +576,8 @@ def _audit_runs(args: argparse.Namespace) -> int:
     ds = _load_eval_data(args, base)
     out = Path(args.out) if args.out else None
     s = audit_runs(base, ds, out, groups_csv=args.groups, margin=args.margin, min_group=args.min_group,
-                   n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print)
+                   n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print,
+                   uncalibrated=args.uncalibrated)
     n, acc = s["runs"], s["overall_accuracy"]
     print(f"{n} runs: overall accuracy mean {acc['mean']:.4f} (min {acc['min']:.4f}, max {acc['max']:.4f})")
     print(f"{'class':<16}{'mean':>8}{'min':>8}{'max':>8}  flagged in")
@@ -555,13 +637,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         from .keras_files import export_keras_weights
 
         given = [flag for flag, v in (("--tta", args.tta), ("--opset", args.opset),
-                                      ("--no-check", None if args.check else True)) if v is not None]
+                                      ("--no-check", None if args.check else True),
+                                      ("--uncalibrated", True if args.uncalibrated else None)) if v is not None]
         if given:
             raise ConfigError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to ONNX files, not "
                               f"to Keras weights ('{args.out}'); leave {'them' if len(given) > 1 else 'it'} out")
         export_keras_weights(args.run, args.out)
         return 0
-    export_onnx(args.run, args.out, tta=args.tta, opset=args.opset, check=args.check)
+    export_onnx(args.run, args.out, tta=args.tta, opset=args.opset, check=args.check, uncalibrated=args.uncalibrated)
     return 0
 
 

@@ -2,7 +2,8 @@
 
 The file takes what image decoders give: uint8 images, (N, H, W, C), any batch size. The run's
 preprocessing (1/255, featurewise mean and std) and its test-time augmentation are inside the
-graph, and the softmax: it returns class probabilities, (N, classes), the same as
+graph, and the softmax (of the logits divided by the run's temperature where ``cifarlab
+calibrate`` fitted one): it returns class probabilities, (N, classes), the same as
 ``cifarlab.load_model(run).predict``. The class names, the preprocessing, the test-time
 augmentation and the out-of-scope uses of the model card are in the file's metadata, so the
 model does not travel without them. Weights are exported in float32 whatever the training
@@ -38,11 +39,12 @@ class ExportedClassifier(nn.Module):
     computing :func:`cifarlab.export.preprocess` with its constants held as buffers (made here,
     not while the exporter traces, whose fake tensors must not reach ``channel_values``' cache)."""
 
-    def __init__(self, model: nn.Module, prep: dict[str, Any], tta: str):
+    def __init__(self, model: nn.Module, prep: dict[str, Any], tta: str, temperature: float | None = None):
         super().__init__()
         self.model = model
         self.rescale = float(prep.get("rescale", 1 / 255))
         self.tta = tta
+        self.temperature = temperature  # a constant in the graph; None: no division
         for name, add in (("mean", 0.0), ("std", 1e-6)):  # preprocess divides by std + 1e-6
             v = prep.get(name)
             self.register_buffer(name, None if v is None else
@@ -54,7 +56,8 @@ class ExportedClassifier(nn.Module):
             x = x - self.mean
         if self.std is not None:
             x = x / self.std
-        return tta_logits(self.model, x, self.tta).softmax(1)
+        logits = tta_logits(self.model, x, self.tta)
+        return (logits if self.temperature is None else logits / self.temperature).softmax(1)
 
 
 @contextlib.contextmanager
@@ -94,6 +97,8 @@ def _metadata(predictor, run: Path, tta: str) -> dict[str, str]:
         "output": f"{OUTPUT_NAME}: softmax over the classes, float32 (N, {len(predictor.classes)})",
         "preprocessing": json.dumps(predictor.prep),
         "test_time_augmentation": tta,
+        # the logits' divisor before the softmax, from `cifarlab calibrate`; "none" where there is none
+        "temperature": "none" if predictor.temperature() is None else repr(predictor.temperature()),
         "architecture": predictor.arch["model"],
         "source_run": run.name,
         "out_of_scope_uses": json.dumps(OUT_OF_SCOPE),
@@ -103,17 +108,18 @@ def _metadata(predictor, run: Path, tta: str) -> dict[str, str]:
 
 def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None = None,
                 opset: int | None = None, check: bool = True,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
+                log: Callable[[str], None] = print, uncalibrated: bool = False) -> dict[str, Any]:
     """Write ``run`` as an ONNX file (default ``RUN/model.onnx``) and return what was written.
 
     ``tta`` is the test-time augmentation built into the graph (default: the run's own, as
-    :func:`cifarlab.load_model`); ``opset`` the ONNX opset (default: PyTorch's exporter's).
+    :func:`cifarlab.load_model`), with the run's temperature at that level unless
+    ``uncalibrated``; ``opset`` the ONNX opset (default: PyTorch's exporter's).
     With ``check`` and ``onnxruntime`` installed, the file is run on seeded random images and
     its probabilities compared with PyTorch's; a difference over :data:`TOLERANCE` is an error
     and no file is left behind.
     """
     onnx = _onnx_modules()
-    predictor = load_model(run, "cpu", tta)
+    predictor = load_model(run, "cpu", tta, uncalibrated)
     run = Path(run)
     out = Path(out) if out is not None else run / "model.onnx"
     if out.suffix != ".onnx":
@@ -125,7 +131,7 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
     c, h, w = predictor.input_shape
     # float32 and the default memory format: the file holds one graph for every runtime.
     wrapped = ExportedClassifier(predictor.model.float().to(memory_format=torch.contiguous_format),
-                                 predictor.prep, predictor.tta).eval()
+                                 predictor.prep, predictor.tta, predictor.temperature()).eval()
     example = torch.zeros((2, h, w, c), dtype=torch.uint8)
     try:
         with warnings.catch_warnings(), _quiet("torch.onnx"), _quiet("onnxscript"):
@@ -145,7 +151,7 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
                             f"(PyTorch's exporter made opset {made}); give a newer one, such as {made}, or omit --opset")
     onnx.helper.set_model_props(proto, _metadata(predictor, run, predictor.tta))
     report: dict[str, Any] = {"path": str(out), "opset": made, "tta": predictor.tta, "classes": predictor.classes,
-                              "check": None}
+                              "temperature": predictor.temperature(), "check": None}
 
     def write(tmp: Path) -> None:
         onnx.save_model(proto, str(tmp))
@@ -156,7 +162,7 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
     report["bytes"] = out.stat().st_size
     log(f"wrote {out} ({report['bytes'] / 1e6:.1f} MB, opset {report['opset']}): uint8 images (N, {h}, {w}, {c}) "
         f"in '{INPUT_NAME}', probabilities over {len(predictor.classes)} classes out, test-time augmentation "
-        f"{predictor.tta}")
+        f"{predictor.tta}" + (f", temperature {predictor.temperature():.4g}" if predictor.temperature() else ""))
     chk = report["check"]
     if chk is None:
         log("not checked: " + ("--no-check" if not check else "onnxruntime is not installed (pip install onnxruntime)"))

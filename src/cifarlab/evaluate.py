@@ -23,8 +23,27 @@ def predict_dataset(pred: Predictor, x_uint8_nhwc: np.ndarray, tta: str | None =
                     batch_size: int | None = None) -> np.ndarray:
     """Probabilities for uint8 (N, H, W, C) images, with the predictor's test-time augmentation
     (the run's own unless it was loaded with another) or the level ``tta``."""
-    x = torch.from_numpy(np.ascontiguousarray(x_uint8_nhwc)).permute(0, 3, 1, 2)
-    return pred.predict(x, batch_size, tta=tta)
+    return pred.predict(_nchw(x_uint8_nhwc), batch_size, tta=tta)
+
+
+def probabilities_and_raw(pred: Predictor, x_uint8_nhwc: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``pred``'s probabilities for uint8 (N, H, W, C) images, and where they were divided by a
+    temperature, the probabilities without it (else None), from one pass over the images."""
+    logits = pred.logits(_nchw(x_uint8_nhwc))
+    raw = torch.from_numpy(logits).softmax(1).numpy() if pred.temperature() else None
+    return pred.probabilities(logits), raw
+
+
+def _nchw(x_uint8_nhwc: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x_uint8_nhwc)).permute(0, 3, 1, 2)
+
+
+def log_loss(probs: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood of the labels ``y`` under ``probs`` (N, classes), clipped at
+    1e-7 as Keras' categorical cross-entropy: the notebook's "Test score"."""
+    from sklearn.metrics import log_loss as sk_log_loss
+
+    return float(sk_log_loss(y, np.clip(probs, 1e-7, 1), labels=list(range(probs.shape[1]))))
 
 
 def calibration(probs: np.ndarray, y: np.ndarray, n_bins: int = 15) -> dict[str, Any]:
@@ -49,7 +68,7 @@ def _defined(v: float) -> float | None:
 
 def compute_report(probs: np.ndarray, y: np.ndarray, classes: list[str], k: int = 5) -> dict[str, Any]:
     """All evaluation metrics for predicted probabilities ``probs`` (N, C) and labels ``y``."""
-    from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support, top_k_accuracy_score
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
 
     labels = list(range(len(classes)))
     pred = probs.argmax(1)
@@ -69,7 +88,7 @@ def compute_report(probs: np.ndarray, y: np.ndarray, classes: list[str], k: int 
         pairs.append({"true": classes[i], "predicted": classes[j], "count": int(off[i, j]),
                       "share_of_true_class": float(off[i, j] / max(1, cm[i].sum()))})
     return {
-        "loss": float(log_loss(y, np.clip(probs, 1e-7, 1), labels=labels)),
+        "loss": log_loss(probs, y),
         "accuracy": float((pred == y).mean()),
         # where the classes' test images are unequally many, the accuracy mostly weighs the common ones
         "balanced_accuracy": balanced_accuracy(y, pred) if len(y) else None,
@@ -104,16 +123,19 @@ def unequal_classes(counts: Iterable[int]) -> bool:
 
 
 def evaluate_run(run: str | Path, ds: Dataset, out: str | Path | None = None, tta: str | None = None,
-                 device: str = "auto", n_worst: int = 32) -> dict[str, Any]:
+                 device: str = "auto", n_worst: int = 32, uncalibrated: bool = False) -> dict[str, Any]:
     """Evaluate a run on ``ds``'s test split (from :func:`cifarlab.load_dataset`) and write report
     files into ``out``, by default ``RUN/eval`` (see :func:`write_report`); return the report, as
     ``cifarlab evaluate --json`` prints it. ``tta``: the test-time augmentation level, by default
-    the run's own, so the accuracy is the one its training reported."""
+    the run's own, so the accuracy is the one its training reported. The probabilities are
+    those of the run's temperature where ``cifarlab calibrate`` fitted one (unless
+    ``uncalibrated``); the report then also gives the loss and calibration error without it."""
     out = Path(out) if out is not None else Path(run) / "eval"
-    pred = load_model(run, device, tta)
+    pred = load_model(run, device, tta, uncalibrated)
     _check_compatible(pred, ds)
     with report_folder(out):  # before the predictions: an unwritable folder should cost no time
-        return write_report(pred, ds, predict_dataset(pred, ds.x_test), out, n_worst)
+        probs, raw = probabilities_and_raw(pred, ds.x_test)
+        return write_report(pred, ds, probs, out, n_worst, uncalibrated=raw)
 
 
 def describe(values: list[float]) -> dict[str, float]:
@@ -126,7 +148,7 @@ def describe(values: list[float]) -> dict[str, float]:
 
 
 def evaluate_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, tta: str | None = None,
-                  device: str = "auto") -> dict[str, Any]:
+                  device: str = "auto", uncalibrated: bool = False) -> dict[str, Any]:
     """Evaluate every run of the ``--runs N`` folder ``base`` (see :func:`evaluate_run`), each
     report into ``RUN/eval`` (or ``out/run-K``), and summarise the test loss and accuracy over
     the runs in ``eval_summary.json`` (in ``out``, by default ``base``)."""
@@ -134,25 +156,36 @@ def evaluate_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, 
 
     base, out = Path(base), Path(out) if out is not None else None
     runs = finished_runs(base)
-    reports = [evaluate_run(r, ds, (out / r.name) if out else r / "eval", tta, device) for r in runs]
+    reports = [evaluate_run(r, ds, (out / r.name) if out else r / "eval", tta, device, uncalibrated=uncalibrated)
+               for r in runs]
     summary = {"runs": len(runs), "data": ds.source, "tta": sorted({r["tta"] for r in reports}),
                "accuracy": describe([r["accuracy"] for r in reports]), "loss": describe([r["loss"] for r in reports]),
                "balanced_accuracy": describe([r["balanced_accuracy"] for r in reports]),
+               "ece": describe([r["calibration"]["ece"] for r in reports]),
                "unequal_classes": unequal_classes(c["support"] for c in reports[0]["per_class"]),
                "per_run": [{"run": str(r), "accuracy": rep["accuracy"], "balanced_accuracy": rep["balanced_accuracy"],
-                            "loss": rep["loss"]} for r, rep in zip(runs, reports)]}
+                            "loss": rep["loss"], "ece": rep["calibration"]["ece"], "temperature": rep["temperature"]}
+                           for r, rep in zip(runs, reports)]}
+    if all(r["temperature"] for r in reports):  # every run calibrated: what the temperatures changed
+        summary["uncalibrated_ece"] = describe([r["uncalibrated"]["ece"] for r in reports])
     write_json((out or base) / "eval_summary.json", summary)
     return summary
 
 
-def write_report(pred: Predictor, ds: Dataset, probs: np.ndarray, out: Path, n_worst: int = 32) -> dict[str, Any]:
+def write_report(pred: Predictor, ds: Dataset, probs: np.ndarray, out: Path, n_worst: int = 32,
+                 uncalibrated: np.ndarray | None = None) -> dict[str, Any]:
     """The metrics of ``pred``'s probabilities ``probs`` on ``ds``'s test split, written into
     ``out``: ``metrics.json``, ``per_class.csv``, ``confusion_matrix.csv``/``.png``,
-    ``reliability.png``, ``confident_errors.png``."""
+    ``reliability.png``, ``confident_errors.png``. Where ``probs`` were divided by a
+    temperature, ``uncalibrated`` (the probabilities without it) gives the report's
+    "uncalibrated" loss and calibration error, to show what the temperature changed."""
     from .plots import image_grid, plot_confusion, plot_reliability
 
     report = compute_report(probs, ds.y_test, pred.classes)
-    report.update({"run": str(pred.run), "data": ds.source, "tta": pred.tta})
+    report.update({"run": str(pred.run), "data": ds.source, "tta": pred.tta, "temperature": pred.temperature()})
+    if uncalibrated is not None:
+        report["uncalibrated"] = {"loss": log_loss(uncalibrated, ds.y_test),
+                                  "ece": calibration(uncalibrated, ds.y_test)["ece"]}
     make_folder(out)
     cm = np.array(report["confusion_matrix"])
     write_text(out / "confusion_matrix.csv", list_to_csv_rows(

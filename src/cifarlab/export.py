@@ -219,11 +219,14 @@ def read_run(run: str | Path) -> tuple[Path, dict]:
 
 class Predictor:
     """A trained model with its classes, preprocessing and test-time augmentation (``tta``):
-    ``predict(images)`` gives probabilities."""
+    ``predict(images)`` gives probabilities, divided by the temperature of ``temperatures``
+    (by test-time augmentation level, from :func:`cifarlab.calibrate.read_calibration`) where
+    there is one for the level used."""
 
     def __init__(self, model: nn.Module, arch: dict, device: torch.device, run: Path | None = None,
-                 tta: str = "none"):
+                 tta: str = "none", temperatures: dict[str, float] | None = None):
         self.model = model.eval()
+        self.temperatures = dict(temperatures or {})
         self.arch = arch
         self.classes: list[str] = arch["classes"]
         self.prep: dict = arch["preprocessing"]
@@ -288,17 +291,32 @@ class Predictor:
             memory_format=fmt), tta).float().cpu() for i in batch_starts(len(x), batch_size, "Predicting")]
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
 
+    def temperature(self, tta: str | None = None) -> float | None:
+        """The temperature that divides the logits at test-time augmentation ``tta`` (default the
+        predictor's own); None where the run was not calibrated at that level."""
+        return self.temperatures.get(self.tta if tta is None else tta)
+
+    def probabilities(self, logits: np.ndarray, tta: str | None = None) -> np.ndarray:
+        """softmax(``logits`` / T), float32, T the temperature at ``tta`` (1 where there is none)."""
+        return torch.from_numpy(logits / (self.temperature(tta) or 1.0)).softmax(1).numpy()
+
     def predict(self, images: Any, batch_size: int | None = None, tta: str | None = None) -> np.ndarray:
-        """Class probabilities (softmax of the logits), float32 (N, classes)."""
-        return torch.from_numpy(self.logits(images, batch_size, tta)).softmax(1).numpy()
+        """Class probabilities, float32 (N, classes): the softmax of the logits, divided first by
+        the run's temperature where ``cifarlab calibrate`` fitted one for this test-time
+        augmentation."""
+        return self.probabilities(self.logits(images, batch_size, tta), tta)
 
 
-def load_model(run: str | Path, device: str = "cpu", tta: str | None = None) -> Predictor:
+def load_model(run: str | Path, device: str = "cpu", tta: str | None = None,
+               uncalibrated: bool = False) -> Predictor:
     """Rebuild a trained model from its run folder (architecture.json + weights.safetensors).
 
     ``tta`` is the test-time augmentation its predictions use: by default the run's own (see
     :func:`run_tta`), so evaluating a run reproduces the test accuracy its training reported.
+    Its probabilities use the temperatures of ``RUN/calibration.json`` (``cifarlab calibrate``)
+    unless ``uncalibrated``.
     """
+    from .calibrate import read_calibration
     from .models import create_model
     from .runtime import select_device
 
@@ -313,7 +331,7 @@ def load_model(run: str | Path, device: str = "cpu", tta: str | None = None) -> 
     dev = select_device(device)
     if arch.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
-    return Predictor(model.to(dev), arch, dev, run, tta)
+    return Predictor(model.to(dev), arch, dev, run, tta, {} if uncalibrated else read_calibration(run))
 
 
 def list_to_csv_rows(rows: Iterable[dict]) -> str:

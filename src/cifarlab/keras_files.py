@@ -468,6 +468,10 @@ def export_keras_weights(run: str | Path, out: str | Path, log: Callable[[str], 
     if tta != "none":
         log(f"note: the run's accuracy was measured with test-time augmentation '{tta}', which the Keras model does "
             "not do; compare it with cifarlab evaluate --tta none")
+    t = predictor.temperature()  # for tta "none", the level the Keras model computes
+    if t:
+        log(f"note: 'cifarlab calibrate' fitted this run a temperature of {t:.4g}, which the weights do not hold; "
+            f"for its calibrated probabilities, divide the logits (the input of the Keras model's final softmax) by it")
     log(f"wrote {out}: {name} weights in Keras' HDF5 layout ({len(names)} layers); in Keras build the notebook's "
         f"{name} and call model.load_weights('{out.name}')")
     return out

@@ -31,11 +31,12 @@ def _expand(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
 
 
 def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", device: str = "cpu",
-                  out=None, tta: str | None = None) -> int:
+                  out=None, tta: str | None = None, uncalibrated: bool = False) -> int:
     """Predict each file; print results in ``fmt`` (table, json, csv). Returns 1 if any file failed.
-    ``tta``: the test-time augmentation, by default the run's own."""
+    ``tta``: the test-time augmentation, by default the run's own; the probabilities use the
+    run's temperature (``cifarlab calibrate``) unless ``uncalibrated``."""
     out = out or sys.stdout
-    pred = load_model(run, device, tta)
+    pred = load_model(run, device, tta, uncalibrated)
     if top < 1:
         raise CifarlabError(f"--top {top} is not valid; it must be at least 1")
     top = min(top, len(pred.classes))
@@ -61,7 +62,8 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
             idx = np.argsort(-p)[:top]
             results.append({"file": str(f), "top": [{"class": pred.classes[i], "probability": float(p[i])} for i in idx]})
     if fmt == "json":
-        json.dump({"predictions": results, "errors": [{"file": f, "error": e} for f, e in failures]}, out, indent=2)
+        json.dump({"predictions": results, "errors": [{"file": f, "error": e} for f, e in failures],
+                   "temperature": pred.temperature()}, out, indent=2)
         out.write("\n")
     elif fmt == "csv":
         wr = csv.writer(out)

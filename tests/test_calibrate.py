@@ -1,0 +1,181 @@
+"""Temperature scaling: the fit, the file, and the commands that use it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cifarlab.calibrate import CALIBRATION_FILE, T_MAX, calibrate_run, calibrate_runs, fit_temperature, nll, \
+    read_calibration
+from cifarlab.cli import main
+from cifarlab.data import load_dataset
+from cifarlab.errors import CifarlabError
+from cifarlab.evaluate import evaluate_run
+from cifarlab.export import load_model
+
+from conftest import make_image_folder, tiny_config
+
+
+def _sampled(temperature: float, n: int = 20000, classes: int = 10, seed: int = 0):
+    """Logits, and labels drawn from softmax(logits / temperature): the temperature that makes
+    these logits calibrated is ``temperature``."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 3, (n, classes))
+    p = torch.from_numpy(z / temperature).softmax(1).numpy()
+    y = (p.cumsum(1) > rng.random((n, 1))).argmax(1)
+    return z.astype(np.float32), y
+
+
+@pytest.mark.parametrize("true_t", [0.5, 1.0, 2.5])
+def test_fit_recovers_the_temperature_the_labels_were_drawn_with(true_t):
+    z, y = _sampled(true_t)
+    assert fit_temperature(z, y) == pytest.approx(true_t, rel=0.05)
+
+
+def test_fit_is_the_minimum_of_the_loss_and_scales_with_the_logits():
+    z, y = _sampled(1.7, n=3000, seed=1)
+    t = fit_temperature(z, y)
+    grid = np.linspace(0.3, 6, 400)
+    assert nll(z, y, t) <= min(nll(z, y, g) for g in grid) + 1e-9
+    assert nll(z, y, t) < nll(z, y, 1.0)
+    # logits twice as large need twice the temperature for the same probabilities
+    assert fit_temperature(2 * z, y) == pytest.approx(2 * t, rel=1e-4)
+
+
+def test_fit_stops_at_the_bound_for_a_model_that_is_never_right():
+    z = np.eye(3, dtype=np.float32)[[0, 1, 2, 0]] * 5
+    y = np.array([1, 2, 0, 1])  # always confidently wrong: the flattest probabilities are best
+    assert fit_temperature(z, y) == pytest.approx(T_MAX, rel=1e-3)
+    with pytest.raises(CifarlabError, match="0 images"):
+        fit_temperature(z[:0], y[:0])
+
+
+def test_read_calibration_refuses_damaged_files(trained_run):
+    assert read_calibration(trained_run) == {}
+    path = trained_run / CALIBRATION_FILE
+    for text, match in (("{not json", "unreadable"), ('{"format": "other"}', "not a cifarlab calibration"),
+                        ('{"format": "cifarlab-calibration-1", "by_tta": {"none": {"temperature": -1}}}',
+                         "temperature -1"),
+                        ('{"format": "cifarlab-calibration-1", "by_tta": {"none": {"temperature": true}}}',
+                         "temperature True"),
+                        ('{"format": "cifarlab-calibration-1", "by_tta": {"sideways": {"temperature": 2}}}',
+                         "'sideways'")):
+        path.write_text(text)
+        with pytest.raises(CifarlabError, match=match) as e:
+            load_model(trained_run)
+        assert "cifarlab calibrate" in str(e.value)
+    assert load_model(trained_run, uncalibrated=True).temperatures == {}  # not read at all
+
+
+def test_calibrate_uses_the_runs_own_validation_images(trained_run, image_folder):
+    ds = load_dataset(str(image_folder))
+    entry = calibrate_run(trained_run, ds, device="cpu", log=lambda s: None)
+    last = json.loads((trained_run / "history.json").read_text())[-1]
+    # the same images training validated on: the same loss and accuracy before the temperature
+    assert entry["validation_accuracy"] == pytest.approx(last["val_accuracy"])
+    assert entry["validation_loss"]["before"] == pytest.approx(last["val_loss"], rel=1e-4, abs=1e-7)
+    assert entry["validation_images"] == json.loads((trained_run / "metrics.json").read_text())["data"]["val_images"]
+    assert entry["validation_loss"]["after"] <= entry["validation_loss"]["before"] + 1e-12
+    saved = json.loads((trained_run / CALIBRATION_FILE).read_text())
+    assert saved["by_tta"]["none"]["temperature"] == entry["temperature"]
+    # another test-time augmentation level is added beside it, not over it
+    flip = calibrate_run(trained_run, ds, tta="flip", device="cpu", log=lambda s: None)
+    assert read_calibration(trained_run) == {"none": entry["temperature"], "flip": flip["temperature"]}
+
+
+def test_calibrated_predictions_divide_the_logits_and_keep_every_class(trained_run, image_folder):
+    ds = load_dataset(str(image_folder))
+    t = calibrate_run(trained_run, ds, device="cpu", log=lambda s: None)["temperature"]
+    pred, raw = load_model(trained_run), load_model(trained_run, uncalibrated=True)
+    assert pred.temperature() == t and raw.temperature() is None
+    assert pred.temperature("flip") is None  # fitted for "none" only
+    logits = raw.logits(ds.x_test)
+    np.testing.assert_allclose(pred.predict(ds.x_test), torch.from_numpy(logits / t).softmax(1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(pred.predict(ds.x_test, tta="flip"), raw.predict(ds.x_test, tta="flip"), atol=1e-6)
+    np.testing.assert_array_equal(pred.predict(ds.x_test).argmax(1), raw.predict(ds.x_test).argmax(1))
+
+
+def test_evaluate_reports_the_temperature_and_the_figures_without_it(trained_run, image_folder, tmp_path):
+    ds = load_dataset(str(image_folder))
+    before = evaluate_run(trained_run, ds, tmp_path / "before", device="cpu")
+    assert before["temperature"] is None and "uncalibrated" not in before
+    calibrate_run(trained_run, ds, device="cpu", log=lambda s: None)
+    after = evaluate_run(trained_run, ds, tmp_path / "after", device="cpu")
+    assert after["temperature"] == read_calibration(trained_run)["none"]
+    assert after["accuracy"] == before["accuracy"]
+    assert after["uncalibrated"]["loss"] == pytest.approx(before["loss"])
+    assert after["uncalibrated"]["ece"] == pytest.approx(before["calibration"]["ece"])
+    assert after["loss"] != pytest.approx(before["loss"])
+    off = evaluate_run(trained_run, ds, tmp_path / "off", device="cpu", uncalibrated=True)
+    assert off["loss"] == pytest.approx(before["loss"]) and off["temperature"] is None
+
+
+def test_calibrate_refuses_runs_without_validation_and_other_data(tmp_path, image_folder, trained_run):
+    from cifarlab.train import fit
+
+    ds = load_dataset(str(image_folder))
+    cfg = tiny_config(str(image_folder), str(tmp_path / "noval"))
+    cfg.data.val_split = 0.0
+    fit(cfg, log=lambda s: None)
+    with pytest.raises(CifarlabError, match=r"held out no validation images .*--val-split"):
+        calibrate_run(tmp_path / "noval", ds, device="cpu", log=lambda s: None)
+    other = load_dataset(str(make_image_folder(tmp_path / "more", n_train=10)))
+    with pytest.raises(CifarlabError, match="not the data the run was trained on"):
+        calibrate_run(trained_run, other, device="cpu", log=lambda s: None)
+    fewer = load_dataset(str(make_image_folder(tmp_path / "two", classes=("cat", "dog"))))
+    with pytest.raises(CifarlabError, match="classes differ"):
+        calibrate_run(trained_run, fewer, device="cpu", log=lambda s: None)
+    (trained_run / "config.yaml").rename(trained_run / "config.yaml.bak")
+    with pytest.raises(CifarlabError, match="no config.yaml"):
+        calibrate_run(trained_run, ds, device="cpu", log=lambda s: None)
+    assert not (trained_run / CALIBRATION_FILE).exists()
+
+
+def test_calibrate_command_on_a_run_and_a_set_of_runs(tmp_path, image_folder, capsys):
+    from cifarlab.train import fit
+
+    fit(tiny_config(str(image_folder), str(tmp_path / "set"), runs=2), log=lambda s: None)
+    assert main(["calibrate", str(tmp_path / "set"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs: temperature mean" in out and out.count("validation images, loss") == 2
+    for k in range(2):
+        assert set(read_calibration(tmp_path / "set" / f"run-{k}")) == {"none"}
+    assert main(["calibrate", str(tmp_path / "set" / "run-1"), "--json", "--tta", "flip"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["tta"] == "flip" and doc["temperature"] > 0
+    summary = calibrate_runs(tmp_path / "set", load_dataset(str(image_folder)), device="cpu", log=lambda s: None)
+    assert summary["runs"] == 2 and summary["temperature"]["min"] <= summary["temperature"]["max"]
+    # evaluate, predict and audit say what they used
+    run = tmp_path / "set" / "run-0"
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 0
+    assert "Temperature: " in capsys.readouterr().out
+    assert main(["evaluate", str(run), "--device", "cpu", "--uncalibrated"]) == 0
+    assert "Temperature" not in capsys.readouterr().out
+    image = next((image_folder / "test" / "cat").iterdir())
+    assert main(["predict", str(run), str(image), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["temperature"] == read_calibration(run)["none"]
+    assert main(["audit", str(run), "--device", "cpu", "--bootstrap", "100"]) == 0
+    assert "temperature-scaled" in (run / "audit" / "MODEL_CARD.md").read_text()
+
+
+def test_calibrate_command_refuses_a_folder_that_is_no_run(tmp_path, capsys):
+    assert main(["calibrate", str(tmp_path)]) != 0
+    assert "not a cifarlab run folder" in capsys.readouterr().err
+
+
+def test_export_builds_the_temperature_into_the_graph(trained_run, image_folder, tmp_path):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    from cifarlab.deploy import export_onnx
+
+    ds = load_dataset(str(image_folder))
+    t = calibrate_run(trained_run, ds, device="cpu", log=lambda s: None)["temperature"]
+    report = export_onnx(trained_run, tmp_path / "m.onnx", log=lambda s: None)  # checked against predict()
+    assert report["temperature"] == t and report["check"]["max_abs_diff"] < 1e-4
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"images": ds.x_test})[0]
+    np.testing.assert_allclose(got, load_model(trained_run).predict(ds.x_test), atol=1e-4)
+    raw = export_onnx(trained_run, tmp_path / "raw.onnx", log=lambda s: None, uncalibrated=True)
+    assert raw["temperature"] is None

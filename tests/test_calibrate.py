@@ -86,6 +86,24 @@ def test_calibrate_uses_the_runs_own_validation_images(trained_run, image_folder
     assert read_calibration(trained_run) == {"none": entry["temperature"], "flip": flip["temperature"]}
 
 
+def test_a_temperature_fitted_to_other_weights_is_refused_until_calibrated_again(trained_run, image_folder):
+    from cifarlab.export import save_weights
+
+    ds = load_dataset(str(image_folder))
+    calibrate_run(trained_run, ds, device="cpu", log=lambda s: None)
+    model = load_model(trained_run, uncalibrated=True).model
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)  # as training on would change them
+    save_weights(trained_run / "weights.safetensors", model)
+    with pytest.raises(CifarlabError, match="fitted to other weights .*cifarlab calibrate"):
+        load_model(trained_run)
+    assert main(["evaluate", str(trained_run), "--device", "cpu", "--uncalibrated"]) == 0
+    said = []
+    calibrate_run(trained_run, ds, tta="flip", device="cpu", log=said.append)
+    assert any("replacing calibration.json" in s for s in said)
+    assert set(read_calibration(trained_run)) == {"flip"}  # the outdated "none" entry is gone
+
+
 def test_calibrated_predictions_divide_the_logits_and_keep_every_class(trained_run, image_folder):
     ds = load_dataset(str(image_folder))
     t = calibrate_run(trained_run, ds, device="cpu", log=lambda s: None)["temperature"]
@@ -111,6 +129,20 @@ def test_evaluate_reports_the_temperature_and_the_figures_without_it(trained_run
     assert after["loss"] != pytest.approx(before["loss"])
     off = evaluate_run(trained_run, ds, tmp_path / "off", device="cpu", uncalibrated=True)
     assert off["loss"] == pytest.approx(before["loss"]) and off["temperature"] is None
+
+
+def test_calibrate_finds_the_validation_images_of_a_subset_run(tmp_path):
+    from cifarlab.train import fit
+
+    folder = make_image_folder(tmp_path / "imgs", n_train=12, seed=3)
+    cfg = tiny_config(str(folder), str(tmp_path / "sub"), epochs=1, seed=5)
+    cfg.data.subset = 20
+    fit(cfg, log=lambda s: None)
+    entry = calibrate_run(tmp_path / "sub", load_dataset(str(folder)), device="cpu", log=lambda s: None)
+    last = json.loads((tmp_path / "sub" / "history.json").read_text())[-1]
+    assert entry["validation_images"] == 5
+    assert entry["validation_accuracy"] == pytest.approx(last["val_accuracy"])
+    assert entry["validation_loss"]["before"] == pytest.approx(last["val_loss"], rel=1e-4, abs=1e-7)
 
 
 def test_calibrate_refuses_runs_without_validation_and_other_data(tmp_path, image_folder, trained_run):

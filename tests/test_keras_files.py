@@ -358,7 +358,10 @@ def test_export_to_keras_refuses_what_keras_could_not_load(tmp_path, capsys):
     assert main(["export", str(run), "--out", str(tmp_path / "w.h5"), "--uncalibrated"]) == 2
     assert "--uncalibrated applies to ONNX files" in capsys.readouterr().err
     assert not (tmp_path / "w.h5").exists()
-    (run / "calibration.json").write_text('{"format": "cifarlab-calibration-1", "by_tta": {"none": {"temperature": 1.5}}}')
+    from cifarlab.calibrate import weights_digest
+
+    (run / "calibration.json").write_text(json.dumps({"format": "cifarlab-calibration-1", "by_tta": {
+        "none": {"temperature": 1.5, "weights_sha256": weights_digest(run)}}}))
     assert main(["export", str(run), "--out", str(tmp_path / "w.h5")]) == 0
     out = capsys.readouterr().out
     assert "normalises images by the mean [0.5, 0.5, 0.5]" in out

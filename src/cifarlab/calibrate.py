@@ -10,13 +10,15 @@ not trained on. T > 1 softens overconfident probabilities, T < 1 sharpens underc
 cifarlab fits T on the run's own validation images, which its ``config.yaml`` names (the seeded
 ``data.val_split``), never on the test images, whose figures it would otherwise flatter. The
 result is ``RUN/calibration.json``, one temperature per test-time augmentation level, since
-averaging the logits over flipped and shifted copies changes their scale. ``load_model``,
-``evaluate``, ``predict``, ``audit`` and ``export`` then use the temperature of their level;
-``uncalibrated`` (``--uncalibrated``) leaves it out.
+averaging the logits over flipped and shifted copies changes their scale, each tied by SHA-256
+to the weights it was fitted to: weights trained on since are refused, not misread.
+``load_model``, ``evaluate``, ``predict``, ``audit`` and ``export`` then use the temperature of
+their level; ``uncalibrated`` (``--uncalibrated``) leaves it out.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -59,14 +61,24 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     return float(1 / res.x)
 
 
+def weights_digest(run: str | Path) -> str:
+    """SHA-256 of the run's ``weights.safetensors``: which weights a temperature was fitted to."""
+    try:
+        return hashlib.sha256((Path(run) / "weights.safetensors").read_bytes()).hexdigest()
+    except OSError as e:
+        raise CifarlabError(f"cannot read {Path(run) / 'weights.safetensors'}: {e.strerror or e}") from None
+
+
 def read_calibration(run: str | Path) -> dict[str, float]:
     """The temperatures of ``RUN/calibration.json`` by test-time augmentation level; empty where
-    the run has none (it was never calibrated). A damaged file is refused, naming what is wrong."""
+    the run has none (it was never calibrated). A damaged file, or one fitted to other weights
+    than the run's (trained on since), is refused, naming what is wrong."""
     from .config import TTA_LEVELS
 
     path = Path(run) / CALIBRATION_FILE
     if not path.is_file():
         return {}
+    digest = weights_digest(run)
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -84,6 +96,10 @@ def read_calibration(run: str | Path) -> dict[str, float]:
             raise CifarlabError(f"{path}: entry {level!r} has temperature {t!r}; expected a test-time augmentation "
                                 f"level ({', '.join(TTA_LEVELS)}) with a positive number. Calibrate the run again "
                                 f"with: cifarlab calibrate {Path(run)}")
+        if entry.get("weights_sha256") != digest:
+            raise CifarlabError(f"{path}: its temperature for {level!r} was fitted to other weights than the run's "
+                                f"(trained on since?); calibrate it again with: cifarlab calibrate {Path(run)} "
+                                f"(or leave it out with --uncalibrated)")
         out[level] = float(t)
     return out
 
@@ -145,6 +161,7 @@ def calibrate_run(run: str | Path, ds, tta: str | None = None, device: str = "au
         return torch.from_numpy(logits / temp).softmax(1).numpy()
 
     entry = {"temperature": t, "at_bound": bool(t <= T_MIN * 1.001 or t >= T_MAX * 0.999),
+             "weights_sha256": weights_digest(run),
              "validation_images": int(len(y)), "data": ds.source,
              "validation_loss": {"before": nll(logits, y), "after": nll(logits, y, t)},
              "validation_ece": {"before": calibration(probs(1.0), y)["ece"], "after": calibration(probs(t), y)["ece"]},
@@ -159,12 +176,12 @@ def calibrate_run(run: str | Path, ds, tta: str | None = None, device: str = "au
 
 def _entries(run: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """The entries of the run's calibration file, kept beside a new level's; none where a
-    damaged file is replaced."""
+    damaged or outdated file (fitted to earlier weights) is replaced."""
     try:
         if read_calibration(run):  # checks every entry
             return json.loads((run / CALIBRATION_FILE).read_text())["by_tta"]
     except CifarlabError as e:
-        log(f"replacing a damaged {CALIBRATION_FILE}: {e}")
+        log(f"replacing {CALIBRATION_FILE}: {e}")
     return {}
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cifarlab.audit import audit_run, class_metrics, group_metrics, read_groups
+from cifarlab.audit import audit_run, class_confidence, class_metrics, group_metrics, read_groups
 from cifarlab.data import load_dataset
 from cifarlab.errors import CifarlabError
 from cifarlab.evaluate import calibration, compute_report, evaluate_run
@@ -415,3 +415,29 @@ def test_model_card_lines_on_unequal_classes_and_what_made_up_for_them():
     assert lines[1:] == ["- Training loss weighted by class (as set): from 1 (b) to 3 (a)"]
     assert _balance_lines(None, None, "balanced")[0].startswith("- Training images drawn class-balanced")
     assert _balance_lines(None, None, None) == []  # a run that recorded neither
+
+
+def test_class_confidence_sets_each_predicted_class_s_confidence_against_its_precision():
+    probs = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.6, 0.4, 0.0], [0.3, 0.7, 0.0]])
+    y = np.array([0, 1, 0, 1])
+    rows = {r["class"]: r for r in class_confidence(probs, y, ["a", "b", "c"])}
+    assert rows["a"]["predicted"] == 3 and rows["a"]["mean_confidence"] == pytest.approx(2.3 / 3)
+    assert rows["a"]["precision"] == pytest.approx(2 / 3)
+    assert rows["a"]["overconfidence"] == pytest.approx(2.3 / 3 - 2 / 3)
+    assert rows["b"]["overconfidence"] == pytest.approx(0.7 - 1.0)  # underconfident
+    assert rows["c"] == {"class": "c", "predicted": 0, "mean_confidence": None, "precision": None,
+                         "overconfidence": None}
+
+
+def test_audit_reports_confidence_by_predicted_class(trained_run, image_folder, tmp_path):
+    ds = load_dataset(image_folder)
+    a = audit_run(trained_run, ds, tmp_path / "audit", n_boot=100, device="cpu", log=lambda s: None)
+    rows = a["classes"]["confidence"]
+    assert sum(r["predicted"] for r in rows) == len(ds.y_test)
+    for r, c in zip(rows, a["classes"]["per_class"]):
+        assert r["class"] == c["class"] and (r["precision"] is None) == (c["precision"] is None)
+        if r["precision"] is not None:
+            assert r["precision"] == pytest.approx(c["precision"])
+            assert 0 < r["mean_confidence"] <= 1
+    md = (tmp_path / "audit" / "audit.md").read_text()
+    assert "## Confidence by predicted class" in md and f"| {rows[0]['class']} | {rows[0]['predicted']} |" in md

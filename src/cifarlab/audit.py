@@ -52,6 +52,24 @@ def percentile_interval(vals: np.ndarray, alpha: float = 0.05) -> list[float]:
     return [float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2))]
 
 
+def class_confidence(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> list[dict[str, Any]]:
+    """Calibration by predicted class: of the images the model gave each class, how many, its
+    mean confidence on them, and the share that truly were that class (the precision). A
+    confidence above the precision is overconfidence when the model names that class: a one-bin
+    form of class-wise calibration (Kull et al., 2019), readable beside the accuracies. Figures
+    of a class never predicted are None."""
+    yhat, conf = probs.argmax(1), probs.max(1)
+    rows = []
+    for i, c in enumerate(classes):
+        given = yhat == i
+        n = int(given.sum())
+        mean_conf = float(conf[given].mean()) if n else None
+        precision = float((y[given] == i).mean()) if n else None
+        rows.append({"class": c, "predicted": n, "mean_confidence": mean_conf, "precision": precision,
+                     "overconfidence": mean_conf - precision if n else None})
+    return rows
+
+
 def class_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str], n_boot: int, seed: int) -> dict[str, Any]:
     """Per-class accuracy (= recall), precision with bootstrap 95% intervals; best-worst spread."""
     rng = np.random.default_rng(seed)
@@ -261,6 +279,7 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
     y = ds.y_test
     overall = float((yhat == y).mean())
     cls = class_metrics(y, yhat, pred.classes, n_boot, seed)
+    cls["confidence"] = class_confidence(probs, y, pred.classes)
     trained = _train_per_class(run, pred.classes)
     for r in cls["per_class"]:
         r["flagged"] = bool(r["accuracy"] < overall - margin)
@@ -558,6 +577,7 @@ def _audit_markdown(a: dict) -> str:
     sp = a["classes"]["spread"]
     lines += ["", f"Spread: best class **{sp['best']}**, worst **{sp['worst']}**; difference {sp['difference']:.3f} "
               f"{_fmt_ci(sp['difference_ci'])}, ratio {_fmt(sp['ratio'])} {_fmt_ci(sp['ratio_ci'])}.", ""]
+    lines += _confidence_lines(a["classes"].get("confidence"))
     for name, gm in a.get("attributes", {}).items():
         lines += [f"## Groups by `{name}`", "", "| group | n | accuracy | 95% CI | macro recall | macro precision | note |",
                   "|---|---|---|---|---|---|---|"]
@@ -576,6 +596,27 @@ def _audit_markdown(a: dict) -> str:
     if a["warnings"]:
         lines += ["## Warnings", ""] + [f"- {w}" for w in a["warnings"]] + [""]
     return "\n".join(lines)
+
+
+def _confidence_lines(rows: list[dict[str, Any]] | None) -> list[str]:
+    """audit.md's table of :func:`class_confidence`, and the class the model is most
+    overconfident in (audits written before it have no rows)."""
+    if not rows:
+        return []
+    lines = ["## Confidence by predicted class", "",
+             "Of the test images the model gave each class: its mean confidence, and the share that truly were that "
+             "class (the precision). Confidence above the precision is overconfidence when the model names that class.",
+             "", *_table_head(["predicted class", "images", "mean confidence", "precision", "confidence - precision"])]
+    for r in rows:
+        gap = r["overconfidence"]
+        lines.append(f"| {_cell(r['class'])} | {r['predicted']} | {_fmt(r['mean_confidence'])} | {_fmt(r['precision'])} "
+                     f"| {'n/a' if gap is None else f'{gap:+.3f}'} |")
+    said = [r for r in rows if r["overconfidence"] is not None]
+    if said:
+        worst = max(said, key=lambda r: r["overconfidence"])
+        lines += ["", f"Most overconfident when it names **{worst['class']}**: {worst['overconfidence']:+.3f}."
+                  if worst["overconfidence"] > 0 else "The model is not overconfident in any class it names."]
+    return lines + [""]
 
 
 def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) -> dict[str, Any]:

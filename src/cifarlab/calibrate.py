@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import CifarlabError
+from .errors import CifarlabError, short_list
 
 CALIBRATION_FILE = "calibration.json"
 FORMAT = "cifarlab-calibration-1"
@@ -135,7 +135,7 @@ def _validation_images(run: Path, ds) -> tuple[np.ndarray, np.ndarray]:
         if have != per_class:
             diff = [c for c in ds.classes if have.get(c) != per_class.get(c)]
             raise CifarlabError(f"this data's training images per class differ from the run's (for "
-                                f"{', '.join(diff[:5])}): it is not the data '{run}' was trained on; give that with --data")
+                                f"{short_list(diff, 5)}): it is not the data '{run}' was trained on; give that with --data")
     return ds.x_train[va], ds.y_train[va]
 
 
@@ -180,8 +180,8 @@ def _entries(run: Path, log: Callable[[str], None]) -> dict[str, Any]:
     try:
         if read_calibration(run):  # checks every entry
             return json.loads((run / CALIBRATION_FILE).read_text())["by_tta"]
-    except CifarlabError as e:
-        log(f"replacing {CALIBRATION_FILE}: {e}")
+    except CifarlabError:
+        log(f"replacing {run / CALIBRATION_FILE}: it was damaged, or fitted to earlier weights")
     return {}
 
 

@@ -183,9 +183,11 @@ def write_report(pred: Predictor, ds: Dataset, probs: np.ndarray, out: Path, n_w
 
     report = compute_report(probs, ds.y_test, pred.classes)
     report.update({"run": str(pred.run), "data": ds.source, "tta": pred.tta, "temperature": pred.temperature()})
+    before = None
     if uncalibrated is not None:
-        report["uncalibrated"] = {"loss": log_loss(uncalibrated, ds.y_test),
-                                  "ece": calibration(uncalibrated, ds.y_test)["ece"]}
+        raw_cal = calibration(uncalibrated, ds.y_test)
+        report["uncalibrated"] = {"loss": log_loss(uncalibrated, ds.y_test), "ece": raw_cal["ece"]}
+        before = (np.array(raw_cal["bin_accuracy"], float), raw_cal["ece"], report["temperature"])
     make_folder(out)
     cm = np.array(report["confusion_matrix"])
     write_text(out / "confusion_matrix.csv", list_to_csv_rows(
@@ -194,7 +196,7 @@ def write_report(pred: Predictor, ds: Dataset, probs: np.ndarray, out: Path, n_w
     plot_confusion(cm, pred.classes, out / "confusion_matrix.png")
     cal = report["calibration"]
     plot_reliability(np.array(cal["bin_confidence"], float), np.array(cal["bin_accuracy"], float),
-                     np.array(cal["bin_count"]), cal["ece"], out / "reliability.png")
+                     np.array(cal["bin_count"]), cal["ece"], out / "reliability.png", before)
     wrong = np.flatnonzero(probs.argmax(1) != ds.y_test)
     worst = wrong[np.argsort(-probs[wrong].max(1))][:n_worst]
     if len(worst):

@@ -18,7 +18,8 @@ __all__ = ["make_config", "fit", "create_model", "list_models", "load_model", "l
 # Each public name, and the module that defines it (imported on first use).
 _HOMES = {"make_config": "config", "fit": "train", "create_model": "models", "list_models": "models",
           "load_model": "export", "load_dataset": "data", "evaluate_run": "evaluate", "audit_run": "audit",
-          "evaluate_runs": "evaluate", "calibrate_run": "calibrate", "calibrate_runs": "calibrate", "audit_runs": "audit",
+          "evaluate_runs": "evaluate", "audit_runs": "audit", "calibrate_run": "calibrate",
+          "calibrate_runs": "calibrate",
           "import_keras": "keras_files", "compare_runs": "compare", "CifarlabError": "errors"}
 
 

@@ -135,7 +135,8 @@ def _validation_images(run: Path, ds) -> tuple[np.ndarray, np.ndarray]:
         if have != per_class:
             diff = [c for c in ds.classes if have.get(c) != per_class.get(c)]
             raise CifarlabError(f"this data's training images per class differ from the run's (for "
-                                f"{short_list(diff, 5)}): it is not the data '{run}' was trained on; give that with --data")
+                                f"{short_list(diff, 5)}): it is not the data '{run}' was trained on; give that "
+                                "with --data")
     return ds.x_train[va], ds.y_train[va]
 
 

@@ -98,6 +98,9 @@ def test_a_temperature_fitted_to_other_weights_is_refused_until_calibrated_again
     with pytest.raises(CifarlabError, match="fitted to other weights .*cifarlab calibrate"):
         load_model(trained_run)
     assert main(["evaluate", str(trained_run), "--device", "cpu", "--uncalibrated"]) == 0
+    from cifarlab.compare import compare_runs
+
+    assert compare_runs(trained_run, trained_run, ds, device="cpu")  # predicted classes need no temperature
     said = []
     calibrate_run(trained_run, ds, tta="flip", device="cpu", log=said.append)
     assert any(s.startswith(f"replacing {trained_run / CALIBRATION_FILE}: ") for s in said)

@@ -120,7 +120,8 @@ def compare_runs(run_a: str | Path, run_b: str | Path, ds: Dataset, tta: str | N
     groups file as ``cifarlab audit --groups`` reads it."""
     check_bootstrap(n_boot)  # a bad setting should cost no prediction
     groups = read_groups(groups_csv, ds) if groups_csv is not None else None  # a bad file fails before any model runs
-    models = [load_model(r, device, tta) for r in (run_a, run_b)]
+    # only the predicted classes count here, which no temperature changes
+    models = [load_model(r, device, tta, uncalibrated=True) for r in (run_a, run_b)]
     check_same_classes(models[0].run, models[0].classes, models[1].run, models[1].classes)
     for name, m in zip("AB", models):
         try:

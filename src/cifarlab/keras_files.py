@@ -429,6 +429,7 @@ def export_keras_weights(run: str | Path, out: str | Path, log: Callable[[str], 
     HDF5 layout that Keras 2 and Keras 3 ``model.load_weights(out)`` read by layer order, so the
     notebook's model, built as the notebook builds it, predicts what the run predicts."""
     from . import __version__
+    from .calibrate import read_calibration
     from .export import load_model, run_tta
     from .fsutil import write_with
     from .models.keras_layout import to_keras
@@ -438,7 +439,7 @@ def export_keras_weights(run: str | Path, out: str | Path, log: Callable[[str], 
         raise CifarlabError(f"'{out}': Keras 3 reads a name ending in .weights.h5 in its own layout, which matches "
                             "layers by their names; give a name ending in .h5 only (such as cifar10_weights.h5), "
                             "which Keras 2 and 3 load by layer order")
-    predictor = load_model(run, "cpu", tta="none")
+    predictor = load_model(run, "cpu", tta="none", uncalibrated=True)  # the weights alone; the temperature below
     name = predictor.arch["model"]
     if name not in KERAS_MODELS:
         raise CifarlabError(f"only the notebook's networks ({', '.join(KERAS_MODELS)}) have a Keras counterpart; this "
@@ -468,7 +469,11 @@ def export_keras_weights(run: str | Path, out: str | Path, log: Callable[[str], 
     if tta != "none":
         log(f"note: the run's accuracy was measured with test-time augmentation '{tta}', which the Keras model does "
             "not do; compare it with cifarlab evaluate --tta none")
-    t = predictor.temperature()  # for tta "none", the level the Keras model computes
+    try:
+        t = read_calibration(run).get("none")  # the level the Keras model computes
+    except CifarlabError as e:
+        t = None
+        log(f"note: {e}")
     if t:
         log(f"note: 'cifarlab calibrate' fitted this run a temperature of {t:.4g}, which the weights do not hold; "
             f"for its calibrated probabilities, divide the logits (the input of the Keras model's final softmax) by it")

@@ -1019,6 +1019,28 @@ def test_freeze_epochs_train_only_the_classifier_first_and_resume_across_the_tha
     assert "freeze_epochs: 1" in (tmp_path / "whole" / "config.yaml").read_text()
 
 
+def test_a_frozen_phase_keeps_the_batch_norms_running_statistics(tmp_path):
+    """As Keras runs a frozen BatchNormalization in inference mode, the frozen epochs leave the
+    batch norms' running statistics as the source run's, bit for bit; once thawed they move."""
+    from cifarlab.cli import main
+
+    src_data = make_image_folder(tmp_path / "src-data", n_train=8, n_test=2)
+    new_data = make_image_folder(tmp_path / "new-data", classes=("bird", "ship"), n_train=8, n_test=2, seed=1)
+    common = ["--model", "speednet-proxy", "--batch-size", "4", "--val-split", "0.25", "--threads", "1",
+              "--deterministic"]
+    assert main(["train", "--data", str(src_data), *common, "--epochs", "1", "--out", str(tmp_path / "src")]) == 0
+    source = _weights(tmp_path / "src")
+    stats = [k for k in source if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    tune = ["train", "--data", str(new_data), *common, "--init-from", str(tmp_path / "src"), "--freeze-epochs", "1"]
+    assert main(tune + ["--epochs", "1", "--out", str(tmp_path / "probe")]) == 0
+    probe = _weights(tmp_path / "probe")
+    assert all(torch.equal(probe[k], source[k]) for k in stats)
+    assert main(tune + ["--epochs", "2", "--out", str(tmp_path / "whole")]) == 0
+    whole = _weights(tmp_path / "whole")
+    assert all(not torch.equal(whole[k], source[k]) for k in stats)  # thawed in epoch 2
+
+
 def test_class_weight_balanced_weighs_each_step_and_is_recorded(tmp_path, monkeypatch, capsys):
     """--class-weight balanced: every training step's loss gets the weights n / (k x count) of
     the training split's classes; the log, metrics.json and the model card say so, and the card

@@ -896,6 +896,9 @@ class _Loop:
         head = set(classifier_tensors(st.model))
         self.body = [p for name, p in st.model.named_parameters()
                      if p.requires_grad and name not in head and p is not self.whiten_bias]
+        # and its batch norms, which a frozen phase runs in inference mode, as Keras runs a frozen
+        # BatchNormalization: their running statistics stay the starting run's, as its weights do
+        self.norms = [m for m in st.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.start_epoch, self.start_step, self.train_time = 0, 0, st.init_time
         self.history: list[dict[str, float]] = []
         self.partial: tuple[float, float, int] = (0.0, 0.0, 0)  # loss sum, correct, seen before the interrupt
@@ -990,6 +993,8 @@ class _Loop:
         frozen = epoch < cfg.train.freeze_epochs  # no gradient, so the optimizer skips them: no update, no decay
         for p in self.body:
             p.requires_grad_(not frozen)
+        for m in self.norms:  # the validation pass at the epoch's end leaves them in training mode again
+            m.train(not frozen)
         if self.whiten_bias is not None:
             self.whiten_bias.requires_grad_(epoch < cfg.train.whiten_bias_epochs and not frozen)
         gen = _epoch_generator(cfg.train.seed, epoch, device)

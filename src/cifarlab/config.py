@@ -150,7 +150,7 @@ class TrainConfig:
     # For this many epochs only the classifier (the last layer) trains, the rest frozen: a new
     # head learns on the features before they change, as Keras' transfer-learning guide trains a
     # new top on a frozen base first (with model.init_from). At least the run's epochs: only the
-    # classifier ever trains (a linear probe). Batch norms' running statistics still update.
+    # classifier ever trains (a linear probe). Batch norms run in inference mode while frozen.
     freeze_epochs: int = 0
     tta: str = "none"  # test-time augmentation for the final test metrics: none | flip | flip-translate
     # Weigh each training example's loss by its class, as Keras' fit(class_weight=...): null (every

@@ -214,3 +214,37 @@ def test_export_builds_the_temperature_into_the_graph(trained_run, image_folder,
     np.testing.assert_allclose(got, load_model(trained_run).predict(ds.x_test), atol=1e-4)
     raw = export_onnx(trained_run, tmp_path / "raw.onnx", log=lambda s: None, uncalibrated=True)
     assert raw["temperature"] is None
+
+
+def test_predict_marks_images_below_the_minimum_confidence(trained_run, image_folder, capsys):
+    files = sorted(str(f) for f in (image_folder / "test").rglob("*.png"))
+    top = load_model(trained_run).predict(files).max(1)
+    threshold = float(np.median(top))
+    want = {f: bool(p < threshold) for f, p in zip(files, top)}
+    assert main(["predict", str(trained_run), *files, "--json", "--min-confidence", repr(threshold)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["min_confidence"] == threshold
+    assert {r["file"]: r["uncertain"] for r in doc["predictions"]} == want
+    assert main(["predict", str(trained_run), *files, "--csv", "--min-confidence", repr(threshold)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0] == "file,rank,class,probability,uncertain"
+    assert main(["predict", str(trained_run), *files, "--min-confidence", repr(threshold)]) == 0
+    table = capsys.readouterr().out
+    assert f"{sum(want.values())} of {len(files)} image(s) below confidence {threshold:g}: uncertain" in table
+    assert table.count("uncertain: ") == sum(want.values())
+    assert main(["predict", str(trained_run), *files, "--csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "file,rank,class,probability"
+    for bad in ("0", "1.5", "-0.2"):
+        assert main(["predict", str(trained_run), files[0], "--min-confidence", bad]) == 2
+        assert f"--min-confidence {float(bad)} is not valid; it must lie in (0, 1]" in capsys.readouterr().err
+
+
+def test_selective_table_counts_the_images_it_answers():
+    from cifarlab.evaluate import selective
+
+    probs = np.array([[0.95, 0.05], [0.6, 0.4], [0.3, 0.7], [0.45, 0.55]])
+    y = np.array([0, 1, 1, 0])
+    rows = {r["threshold"]: r for r in selective(probs, y, (0.5, 0.7, 0.99))}
+    assert rows[0.5] == {"threshold": 0.5, "images": 4, "coverage": 1.0, "accuracy": 0.5}
+    assert rows[0.7] == {"threshold": 0.7, "images": 2, "coverage": 0.5, "accuracy": 1.0}
+    assert rows[0.99] == {"threshold": 0.99, "images": 0, "coverage": 0.0, "accuracy": None}

@@ -209,6 +209,9 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("run", help="run folder written by 'cifarlab train' (or 'cifarlab import')")
     pr.add_argument("images", nargs="+", help="image files or folders")
     pr.add_argument("--top", type=int, default=3, help="classes to show per image (default 3)")
+    pr.add_argument("--min-confidence", type=float, metavar="P",
+                    help="mark an image 'uncertain' where its top probability is below P (0 < P <= 1), to leave it "
+                         "to a person; 'cifarlab evaluate' shows the share answered and the accuracy at thresholds")
     fmt = pr.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print the predictions as JSON")
     fmt.add_argument("--csv", action="store_true", help="print the predictions as CSV")
@@ -452,6 +455,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raw = report["uncalibrated"]
             print(f"Temperature: {report['temperature']:.4f} (cifarlab calibrate); without it, Test score "
                   f"{raw['loss']:.4f} and expected calibration error {raw['ece']:.4f}")
+        print("Answering only at a confidence of at least (predict --min-confidence; the rest left to a person):")
+        for r in report["selective"]:
+            print(f"  {r['threshold']:<5g} {r['coverage']:>6.1%} of the images, accuracy "
+                  + ("n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"))
         print(f"{'class':<16}{'accuracy':>10}{'precision':>11}{'recall':>9}{'f1':>8}{'support':>9}")
 
         def num(v, width):  # an undefined figure (a class never predicted, or not in the data) is n/a
@@ -545,7 +552,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     fmt = "json" if args.json else "csv" if args.csv else "table"
     return predict_files(args.run, args.images, top=args.top, fmt=fmt, device=args.device, tta=args.tta,
-                         uncalibrated=args.uncalibrated)
+                         uncalibrated=args.uncalibrated, min_confidence=args.min_confidence)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

@@ -62,6 +62,26 @@ def calibration(probs: np.ndarray, y: np.ndarray, n_bins: int = 15) -> dict[str,
             "bin_count": count.tolist()}
 
 
+# Confidence thresholds of the selective-prediction table: a model that answers only above one
+# leaves the rest to a person; the table shows the share it answers and how often it is right.
+SELECTIVE_THRESHOLDS = (0.5, 0.7, 0.9, 0.95)
+
+
+def selective(probs: np.ndarray, y: np.ndarray, thresholds: Iterable[float] = SELECTIVE_THRESHOLDS) -> list[dict[str, Any]]:
+    """For each confidence threshold: the share of images whose top probability reaches it (the
+    coverage), how many, and the accuracy on them (None where none reach it): the accuracy a
+    model buys by abstaining below the threshold (selective classification, Geifman and
+    El-Yaniv, 2017). Only as meaningful as the confidences: see ``cifarlab calibrate``."""
+    conf, right = probs.max(1), probs.argmax(1) == y
+    rows = []
+    for t in thresholds:
+        kept = conf >= t
+        n = int(kept.sum())
+        rows.append({"threshold": float(t), "images": n, "coverage": n / max(1, len(y)),
+                     "accuracy": float(right[kept].mean()) if n else None})
+    return rows
+
+
 def _defined(v: float) -> float | None:
     return float(v) if np.isfinite(v) else None
 
@@ -103,6 +123,7 @@ def compute_report(probs: np.ndarray, y: np.ndarray, classes: list[str], k: int 
         "confusion_matrix": cm.tolist(),
         "confused_pairs": pairs,
         "calibration": calibration(probs, y),
+        "selective": selective(probs, y),
     }
 
 

@@ -56,9 +56,21 @@ def test_a_notebook_trains_evaluates_and_audits_a_set_of_runs(tmp_path, image_fo
     ds = cifarlab.load_dataset(image_folder)
     ev = cifarlab.evaluate_runs(s["run"], ds, device="cpu")  # paths as strings, as a notebook has them
     assert [r["accuracy"] for r in ev["per_run"]] == pytest.approx([r["test_accuracy"] for r in s["per_run"]])
+    assert "uncalibrated_ece" not in ev
+    cal = cifarlab.calibrate_runs(s["run"], ds, device="cpu", log=lambda x: None)
+    ev = cifarlab.evaluate_runs(s["run"], ds, device="cpu")
+    assert [r["temperature"] for r in ev["per_run"]] == [r["temperature"] for r in cal["per_run"]]
+    assert ev["uncalibrated_ece"]["max"] >= ev["uncalibrated_ece"]["min"] >= 0
     au = cifarlab.audit_runs(s["run"], ds, out=str(tmp_path / "audits"), n_boot=100, device="cpu", log=lambda x: None)
     assert au["runs"] == 2 and (tmp_path / "audits" / "audit_summary.md").is_file()
     assert (tmp_path / "audits" / "run-1" / "MODEL_CARD.md").is_file()
+    assert au["calibration"]["temperature"]["min"] == min(r["temperature"] for r in cal["per_run"])
+    assert au["calibration"]["ece"]["mean"] == pytest.approx(ev["ece"]["mean"])
+    for r in au["classes"]["per_class"]:
+        assert 0 <= r["overconfident_in"] <= 2 and ("overconfidence" in r)
+    md = (tmp_path / "audits" / "audit_summary.md").read_text()
+    assert "## Confidence by predicted class" in md and "with the runs' temperatures from `cifarlab calibrate`" in md
+    assert "Answering only at a confidence of at least 0.5: " in (tmp_path / "audits" / "run-0" / "MODEL_CARD.md").read_text()
 
 
 def test_paths_and_hand_set_values_are_checked_and_converted_as_a_config_files_are(tmp_path, image_folder):

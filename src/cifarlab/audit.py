@@ -286,7 +286,9 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
         if trained:  # beside its accuracy: a class seen less in training is usually recognised worse
             r["train_images"] = trained[r["class"]]
     audit: dict[str, Any] = {"run": str(run), "data": ds.source, "tta": pred.tta, "overall_accuracy": overall,
-                             "margin": margin, "bootstrap_resamples": n_boot, "classes": cls, "warnings": []}
+                             "margin": margin, "bootstrap_resamples": n_boot, "classes": cls, "warnings": [],
+                             "calibration": {"ece": report["calibration"]["ece"], "temperature": report["temperature"],
+                                             "uncalibrated_ece": (report.get("uncalibrated") or {}).get("ece")}}
     for r in cls["per_class"]:
         if r["flagged"]:
             audit["warnings"].append(f"class '{r['class']}' accuracy {r['accuracy']:.3f} is more than {margin:.2f} "
@@ -405,11 +407,17 @@ def summarise_audits(audits: list[dict[str, Any]], runs: list[str]) -> dict[str,
                           "flagged_in": sum(r["flagged"] for r in rows)})
         if all("train_images" in r for r in rows):  # each run's (its seed splits off the validation images)
             per_class[-1]["train_images"] = [r["train_images"] for r in rows]
+        if all(a["classes"].get("confidence") for a in audits):  # audits written before it have none
+            over = [a["classes"]["confidence"][i]["overconfidence"] for a in audits]
+            per_class[-1]["overconfidence"] = _spread(over)
+            per_class[-1]["overconfident_in"] = sum(v is not None and v > 0 for v in over)
     spreads = [a["classes"]["spread"] for a in audits]
     summary: dict[str, Any] = {
         "runs": n, "data": first["data"], "tta": sorted({a["tta"] for a in audits}), "margin": first["margin"],
         "bootstrap_resamples": first["bootstrap_resamples"],
         "overall_accuracy": _spread([a["overall_accuracy"] for a in audits]),
+        "calibration": {k: _spread([a.get("calibration", {}).get(k) for a in audits])
+                        for k in ("ece", "temperature", "uncalibrated_ece")},
         "classes": {"per_class": per_class,
                     "spread": {"difference": _spread([s["difference"] for s in spreads]),
                                "worst": dict(Counter(s["worst"] for s in spreads).most_common()),
@@ -451,9 +459,10 @@ def summarise_audits(audits: list[dict[str, Any]], runs: list[str]) -> dict[str,
     return summary
 
 
-def _fmt_spread(d: dict[str, float] | None) -> str:
-    """'mean (min to max)' of a spread, or n/a."""
-    return "n/a" if d is None else f"{d['mean']:.3f} ({d['min']:.3f} to {d['max']:.3f})"
+def _fmt_spread(d: dict[str, float] | None, signed: bool = False) -> str:
+    """'mean (min to max)' of a spread, or n/a; ``signed`` gives each figure its sign."""
+    f = "+.3f" if signed else ".3f"
+    return "n/a" if d is None else f"{d['mean']:{f}} ({d['min']:{f}} to {d['max']:{f}})"
 
 
 def _count_range(counts: list[int]) -> str:
@@ -491,6 +500,7 @@ def _audit_runs_markdown(s: dict) -> str:
               f"{sp['interval_excludes_zero_in']} of {n} runs. Best class: "
               + ", ".join(f"{_cell(c)} in {k} of {n}" for c, k in sp["best"].items()) + "; worst: "
               + ", ".join(f"{_cell(c)} in {k} of {n}" for c, k in sp["worst"].items()) + ".", ""]
+    lines += _runs_confidence_lines(s)
     for name, gm in s.get("attributes", {}).items():
         lines += [f"## Groups by `{name}`", "", "| group | n | accuracy, mean (min to max) | flagged in |",
                   "|---|---|---|---|"]
@@ -509,6 +519,29 @@ def _audit_runs_markdown(s: dict) -> str:
                                     f"{r['warnings']} warning(s)" + (f"; [its audit]({r['report']})" if r.get("report") else "")
                                     for r in s["per_run"]] + [""]
     return "\n".join(lines)
+
+
+def _runs_confidence_lines(s: dict) -> list[str]:
+    """audit_summary.md's calibration over the runs: the ECE, and by predicted class how far the
+    mean confidence lay above the precision (as :func:`class_confidence`)."""
+    cal, rows = s.get("calibration") or {}, s["classes"]["per_class"]
+    lines = []
+    if cal.get("ece"):
+        lines += [f"Expected calibration error {_fmt_spread(cal['ece'])}"
+                  + (f" with the runs' temperatures from `cifarlab calibrate` (T {_fmt_spread(cal['temperature'])}); "
+                     f"{_fmt_spread(cal['uncalibrated_ece'])} without them" if cal.get("uncalibrated_ece") else "")
+                  + ".", ""]
+    if rows and all("overconfidence" in r for r in rows):
+        n = s["runs"]
+        lines += ["## Confidence by predicted class", "",
+                  "Of the test images each run gave a class, its mean confidence minus the share that truly were "
+                  "that class (the precision): above zero, overconfidence when it names that class.", "",
+                  *_table_head(["predicted class", "confidence - precision, mean (min to max)", "overconfident in"])]
+        for r in rows:
+            lines.append(f"| {_cell(r['class'])} | {_fmt_spread(r['overconfidence'], signed=True)} | "
+                         f"{r['overconfident_in']} of {n} |")
+        lines.append("")
+    return lines
 
 
 def _plot_class_accuracy(rows: list[dict], overall: float, path: Path) -> None:
@@ -675,7 +708,8 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
             "overall": {"accuracy": report["accuracy"], "loss": report["loss"], "top_k": report["top_k"],
                         "ece": report["calibration"]["ece"], "test_time_augmentation": report["tta"],
                         # a temperature fitted by `cifarlab calibrate` changes the loss and ECE, not the accuracy
-                        "temperature": report.get("temperature"), "uncalibrated": report.get("uncalibrated")},
+                        "temperature": report.get("temperature"), "uncalibrated": report.get("uncalibrated"),
+                        "selective": report.get("selective")},
             "per_class": audit["classes"]["per_class"], "class_spread": audit["classes"]["spread"],
             "groups": audit.get("attributes", {}), "interval_method": f"95% percentile bootstrap, "
                                                                        f"{audit['bootstrap_resamples']} resamples",
@@ -695,13 +729,20 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
 
 
 def _temperature_lines(overall: dict) -> list[str]:
-    """The card's line on the temperature its probabilities were divided by, if any."""
+    """The card's lines on the temperature its probabilities were divided by, if any, and on
+    answering only above a confidence threshold."""
     t, raw = overall.get("temperature"), overall.get("uncalibrated")
-    if not t:
-        return []
-    return [f"Probabilities are temperature-scaled (`cifarlab calibrate`, T = {t:.3f}, fitted on the run's "
-            f"validation images): without it, the loss was {raw['loss']:.4f} and the expected calibration error "
-            f"{raw['ece']:.4f}. The accuracy is the same either way.", ""]
+    lines = [] if not t else [
+        f"Probabilities are temperature-scaled (`cifarlab calibrate`, T = {t:.3f}, fitted on the run's validation "
+        f"images): without it, the loss was {raw['loss']:.4f} and the expected calibration error {raw['ece']:.4f}. "
+        "The accuracy is the same either way.", ""]
+    sel = [r for r in overall.get("selective") or [] if r["accuracy"] is not None]
+    if sel:
+        lines += ["Answering only at a confidence of at least "
+                  + "; ".join(f"{r['threshold']:g}: {r['coverage']:.1%} of the test images, accuracy {r['accuracy']:.4f}"
+                              for r in sel)
+                  + ". The rest would be left to a person (`cifarlab predict --min-confidence`).", ""]
+    return lines
 
 
 def _origin_lines(d: dict) -> list[str]:

@@ -342,7 +342,8 @@ def test_audit_of_a_runs_folder_summarises_each_class_and_group_over_the_runs(im
     assert "| flagged in | training images |" in text
     cat = [t["cat"] for t in trained]
     cat_range = f"{min(cat)}" if min(cat) == max(cat) else f"{min(cat)} to {max(cat)}"
-    assert [line.endswith(f" {cat_range} |") for line in text.splitlines() if line.startswith("| cat |")] == [True]
+    cat_rows = [line for line in text.splitlines() if line.startswith("| cat |")]  # accuracy, then confidence
+    assert len(cat_rows) == 2 and cat_rows[0].endswith(f" {cat_range} |") and cat_rows[1].endswith(" of 3 |")
     assert (out / "per_class_accuracy.png").is_file()
     # --out: each run's report under OUT/run-K, the summary in OUT, its links relative to it
     assert main(["audit", str(out), "--data", str(swapped), "--bootstrap", "100", "--out", str(tmp_path / "a")]) == 0

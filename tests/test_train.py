@@ -992,6 +992,21 @@ def test_init_from_is_checked_before_the_data_is_read_and_leaves_no_run_folder(t
     assert not (tmp_path / "new").exists()
 
 
+def _frozen_fine_tune(tmp_path, model: str) -> tuple[dict, list[str]]:
+    """A one-epoch source run of ``model`` on three classes, and its fine-tune on two others
+    with --freeze-epochs 1 for one epoch into ``probe``; returns the source's weights and the
+    fine-tune's command line without --epochs and --out."""
+    from cifarlab.cli import main
+
+    src_data = make_image_folder(tmp_path / "src-data", n_train=8, n_test=2)
+    new_data = make_image_folder(tmp_path / "new-data", classes=("bird", "ship"), n_train=8, n_test=2, seed=1)
+    common = ["--model", model, "--batch-size", "4", "--val-split", "0.25", "--threads", "1", "--deterministic"]
+    assert main(["train", "--data", str(src_data), *common, "--epochs", "1", "--out", str(tmp_path / "src")]) == 0
+    tune = ["train", "--data", str(new_data), *common, "--init-from", str(tmp_path / "src"), "--freeze-epochs", "1"]
+    assert main(tune + ["--epochs", "1", "--out", str(tmp_path / "probe")]) == 0
+    return _weights(tmp_path / "src"), tune
+
+
 def test_freeze_epochs_train_only_the_classifier_first_and_resume_across_the_thaw(tmp_path):
     """--freeze-epochs 1 after --init-from: in the first epoch only the fresh classifier moves,
     every other tensor stays the source run's bit for bit; in the second, all train. Stopped
@@ -999,14 +1014,7 @@ def test_freeze_epochs_train_only_the_classifier_first_and_resume_across_the_tha
     epoch, not the process); a freeze as long as the run is a linear probe."""
     from cifarlab.cli import main
 
-    src_data = make_image_folder(tmp_path / "src-data", n_train=8, n_test=2)
-    new_data = make_image_folder(tmp_path / "new-data", classes=("bird", "ship"), n_train=8, n_test=2, seed=1)
-    common = ["--model", "keras-shallow", "--batch-size", "4", "--val-split", "0.25", "--threads", "1",
-              "--deterministic"]
-    assert main(["train", "--data", str(src_data), *common, "--epochs", "1", "--out", str(tmp_path / "src")]) == 0
-    source = _weights(tmp_path / "src")
-    tune = ["train", "--data", str(new_data), *common, "--init-from", str(tmp_path / "src"), "--freeze-epochs", "1"]
-    assert main(tune + ["--epochs", "1", "--out", str(tmp_path / "probe")]) == 0
+    source, tune = _frozen_fine_tune(tmp_path, "keras-shallow")
     probe = _weights(tmp_path / "probe")
     body = [k for k in probe if not k.startswith("8.")]
     assert body and all(torch.equal(probe[k], source[k]) for k in body)
@@ -1024,16 +1032,9 @@ def test_a_frozen_phase_keeps_the_batch_norms_running_statistics(tmp_path):
     batch norms' running statistics as the source run's, bit for bit; once thawed they move."""
     from cifarlab.cli import main
 
-    src_data = make_image_folder(tmp_path / "src-data", n_train=8, n_test=2)
-    new_data = make_image_folder(tmp_path / "new-data", classes=("bird", "ship"), n_train=8, n_test=2, seed=1)
-    common = ["--model", "speednet-proxy", "--batch-size", "4", "--val-split", "0.25", "--threads", "1",
-              "--deterministic"]
-    assert main(["train", "--data", str(src_data), *common, "--epochs", "1", "--out", str(tmp_path / "src")]) == 0
-    source = _weights(tmp_path / "src")
+    source, tune = _frozen_fine_tune(tmp_path, "speednet-proxy")
     stats = [k for k in source if k.endswith(("running_mean", "running_var"))]
     assert stats
-    tune = ["train", "--data", str(new_data), *common, "--init-from", str(tmp_path / "src"), "--freeze-epochs", "1"]
-    assert main(tune + ["--epochs", "1", "--out", str(tmp_path / "probe")]) == 0
     probe = _weights(tmp_path / "probe")
     assert all(torch.equal(probe[k], source[k]) for k in stats)
     assert main(tune + ["--epochs", "2", "--out", str(tmp_path / "whole")]) == 0

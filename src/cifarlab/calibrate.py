@@ -54,10 +54,8 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
 
     if len(y) == 0:
         raise CifarlabError("cannot fit a temperature to 0 images; it needs validation images")
-    z = torch.from_numpy(np.asarray(logits, np.float64))
-    yt = torch.from_numpy(np.asarray(y, np.int64))
-    res = minimize_scalar(lambda beta: float(F.cross_entropy(z * beta, yt)), bounds=(1 / T_MAX, 1 / T_MIN),
-                          method="bounded", options={"xatol": 1e-7})
+    res = minimize_scalar(lambda beta: nll(logits, y, 1 / beta), bounds=(1 / T_MAX, 1 / T_MIN), method="bounded",
+                          options={"xatol": 1e-7})
     return float(1 / res.x)
 
 
@@ -155,7 +153,7 @@ def calibrate_run(run: str | Path, ds, tta: str | None = None, device: str = "au
     _check_compatible(pred, ds)
     x, y = _validation_images(run, ds)
     log(f"{run}: fitting the temperature on {len(y):,} validation images (test-time augmentation {pred.tta})")
-    logits = pred.logits(torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2))
+    logits = pred.logits(x)
     t = fit_temperature(logits, y)
 
     def probs(temp: float) -> np.ndarray:

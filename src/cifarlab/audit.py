@@ -365,8 +365,9 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
     for r in runs:
         folder = (out / r.name) if out else r / "audit"
         reports.append(folder / "audit.md")
+        # its warnings are in its audit.md; the summary gathers them
         a = audit_run(r, ds, folder, groups_csv, margin, min_group, n_boot, seed, tta, device,
-                      log=lambda _: None, uncalibrated=uncalibrated)  # its warnings are in its audit.md; the summary gathers them
+                      log=lambda _: None, uncalibrated=uncalibrated)
         sp = a["classes"]["spread"]
         log(f"{r.name}: overall accuracy {a['overall_accuracy']:.4f}; worst class {sp['worst']}, gap "
             f"{sp['difference']:.4f}; {len(a['warnings'])} warning(s); report in {folder / 'audit.md'}")

@@ -23,19 +23,15 @@ def predict_dataset(pred: Predictor, x_uint8_nhwc: np.ndarray, tta: str | None =
                     batch_size: int | None = None) -> np.ndarray:
     """Probabilities for uint8 (N, H, W, C) images, with the predictor's test-time augmentation
     (the run's own unless it was loaded with another) or the level ``tta``."""
-    return pred.predict(_nchw(x_uint8_nhwc), batch_size, tta=tta)
+    return pred.predict(x_uint8_nhwc, batch_size, tta=tta)
 
 
 def probabilities_and_raw(pred: Predictor, x_uint8_nhwc: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """``pred``'s probabilities for uint8 (N, H, W, C) images, and where they were divided by a
     temperature, the probabilities without it (else None), from one pass over the images."""
-    logits = pred.logits(_nchw(x_uint8_nhwc))
+    logits = pred.logits(x_uint8_nhwc)
     raw = torch.from_numpy(logits).softmax(1).numpy() if pred.temperature() else None
     return pred.probabilities(logits), raw
-
-
-def _nchw(x_uint8_nhwc: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x_uint8_nhwc)).permute(0, 3, 1, 2)
 
 
 def log_loss(probs: np.ndarray, y: np.ndarray) -> float:

@@ -84,8 +84,8 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
         for r in results:
             tops = "  ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
             out.write(f"{r['file']:<{width}}  {'uncertain: ' if r.get('uncertain') else ''}{tops}\n")
-        uncertain = sum(bool(r.get("uncertain")) for r in results)
         if min_confidence is not None:
+            uncertain = sum(r["uncertain"] for r in results)
             out.write(f"{uncertain} of {len(results)} image(s) below confidence {min_confidence:g}: uncertain\n")
     bad_files = len(failures) - empty_folders
     if bad_files:

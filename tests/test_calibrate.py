@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cifarlab.calibrate import CALIBRATION_FILE, T_MAX, calibrate_run, calibrate_runs, fit_temperature, nll, \
-    read_calibration
+from cifarlab.calibrate import CALIBRATION_FILE, T_MAX, Calibration, calibrate_run, calibrate_runs, \
+    fit_temperature, nll, read_calibration
 from cifarlab.cli import main
 from cifarlab.data import load_dataset
 from cifarlab.errors import CifarlabError
@@ -67,7 +67,7 @@ def test_read_calibration_refuses_damaged_files(trained_run):
         with pytest.raises(CifarlabError, match=match) as e:
             load_model(trained_run)
         assert "cifarlab calibrate" in str(e.value)
-    assert load_model(trained_run, uncalibrated=True).temperatures == {}  # not read at all
+    assert load_model(trained_run, uncalibrated=True).calibrations == {}  # not read at all
 
 
 def test_calibrate_uses_the_runs_own_validation_images(trained_run, image_folder):
@@ -83,7 +83,8 @@ def test_calibrate_uses_the_runs_own_validation_images(trained_run, image_folder
     assert saved["by_tta"]["none"]["temperature"] == entry["temperature"]
     # another test-time augmentation level is added beside it, not over it
     flip = calibrate_run(trained_run, ds, tta="flip", device="cpu", log=lambda s: None)
-    assert read_calibration(trained_run) == {"none": entry["temperature"], "flip": flip["temperature"]}
+    assert read_calibration(trained_run) == {"none": Calibration(entry["temperature"]),
+                                             "flip": Calibration(flip["temperature"])}
 
 
 def test_a_temperature_fitted_to_other_weights_is_refused_until_calibrated_again(trained_run, image_folder):
@@ -125,7 +126,7 @@ def test_evaluate_reports_the_temperature_and_the_figures_without_it(trained_run
     assert before["temperature"] is None and "uncalibrated" not in before
     calibrate_run(trained_run, ds, device="cpu", log=lambda s: None)
     after = evaluate_run(trained_run, ds, tmp_path / "after", device="cpu")
-    assert after["temperature"] == read_calibration(trained_run)["none"]
+    assert after["temperature"] == read_calibration(trained_run)["none"].temperature
     assert after["accuracy"] == before["accuracy"]
     assert after["uncalibrated"]["loss"] == pytest.approx(before["loss"])
     assert after["uncalibrated"]["ece"] == pytest.approx(before["calibration"]["ece"])
@@ -191,7 +192,7 @@ def test_calibrate_command_on_a_run_and_a_set_of_runs(tmp_path, image_folder, ca
     assert "Temperature" not in capsys.readouterr().out
     image = next((image_folder / "test" / "cat").iterdir())
     assert main(["predict", str(run), str(image), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["temperature"] == read_calibration(run)["none"]
+    assert json.loads(capsys.readouterr().out)["temperature"] == read_calibration(run)["none"].temperature
     assert main(["audit", str(run), "--device", "cpu", "--bootstrap", "100"]) == 0
     assert "temperature-scaled" in (run / "audit" / "MODEL_CARD.md").read_text()
 
@@ -248,3 +249,140 @@ def test_selective_table_counts_the_images_it_answers():
     assert rows[0.5] == {"threshold": 0.5, "images": 4, "coverage": 1.0, "accuracy": 0.5}
     assert rows[0.7] == {"threshold": 0.7, "images": 2, "coverage": 0.5, "accuracy": 1.0}
     assert rows[0.99] == {"threshold": 0.99, "images": 0, "coverage": 0.0, "accuracy": None}
+
+
+def test_balancing_offsets_turn_skewed_posteriors_into_equal_class_ones():
+    """Images of skewed classes (labels drawn from ``prior``, a feature x ~ N(class mean, 1)), and
+    a model that knows their posterior but is overconfident by the factor 1.8: the fitted
+    temperature and the offsets from the classes' counts give back the posterior of a world
+    where every class is equally likely, softmax(log p(x | y))."""
+    from cifarlab.calibrate import balancing_offsets
+
+    rng = np.random.default_rng(4)
+    prior, means = np.array([0.55, 0.25, 0.12, 0.05, 0.03]), np.array([-3.0, -1.5, 0.0, 1.5, 3.0])
+    y = rng.choice(5, 40000, p=prior)
+    x = rng.normal(means[y], 1.0)
+    log_px = -0.5 * (x[:, None] - means) ** 2  # log p(x | y) up to a constant
+    logits = 1.8 * (log_px + np.log(prior))
+    offsets = balancing_offsets(np.bincount(y, minlength=5))
+    np.testing.assert_allclose(offsets, np.log(0.2) - np.log(np.bincount(y) / len(y)))
+    assert balancing_offsets(np.array([7, 7, 7])).tolist() == [0.0, 0.0, 0.0]
+    cal = Calibration(fit_temperature(logits, y), tuple(offsets))
+    assert cal.temperature == pytest.approx(1.8, rel=0.03)
+    got = torch.from_numpy(cal.apply(logits)).softmax(1).numpy()
+    assert np.abs(got - torch.from_numpy(log_px).softmax(1).numpy()).max() < 0.03
+    np.testing.assert_allclose(cal.apply(logits), logits / cal.temperature + offsets)
+
+
+def _skewed_folder(root, rare: str = "frog", keep: int = 2):
+    """The test image folder with only ``keep`` training images of the class ``rare``."""
+    folder = make_image_folder(root, n_train=12)
+    for f in sorted((folder / "train" / rare).iterdir())[keep:]:
+        f.unlink()
+    return folder
+
+
+def test_balance_classes_records_the_offsets_and_predictions_use_them(tmp_path, capsys):
+    from cifarlab.config import load_run_config
+    from cifarlab.evaluate import balanced_accuracy
+    from cifarlab.train import fit, split_indices
+
+    folder = _skewed_folder(tmp_path / "imgs")
+    ds = load_dataset(str(folder))
+    fit(tiny_config(str(folder), str(tmp_path / "run"), epochs=2), log=lambda s: None)
+    run = tmp_path / "run"
+    said = []
+    entry = calibrate_run(run, ds, device="cpu", log=said.append, balance_classes=True)
+    bal = entry["balance_classes"]
+    tr, va = split_indices(load_run_config(run / "config.yaml"), ds.y_train)
+    counts = np.bincount(ds.y_train[tr], minlength=3)
+    assert counts.tolist() != [counts[0]] * 3  # the classes really are unequal
+    assert bal["training_share"] == pytest.approx(dict(zip(ds.classes, counts / counts.sum())))
+    assert bal["class_offsets"] == pytest.approx(dict(zip(ds.classes, np.log(1 / 3) - np.log(counts / counts.sum()))))
+    assert bal["trained_with"] == [] and not any("lean toward" in s for s in said)
+    raw = load_model(run, uncalibrated=True)
+    val_logits = raw.logits(ds.x_train[va])
+    assert bal["validation_balanced_accuracy"]["before"] == balanced_accuracy(ds.y_train[va], val_logits.argmax(1))
+    cal = read_calibration(run)["none"]
+    assert cal.class_offsets == pytest.approx([bal["class_offsets"][c] for c in ds.classes])
+    pred = load_model(run)
+    logits = raw.logits(ds.x_test)
+    want = torch.from_numpy(logits / entry["temperature"] + np.array(cal.class_offsets)).softmax(1).numpy()
+    np.testing.assert_allclose(pred.predict(ds.x_test), want, atol=1e-6)
+    report = evaluate_run(run, ds, tmp_path / "ev", device="cpu")
+    plain = evaluate_run(run, ds, tmp_path / "plain", device="cpu", uncalibrated=True)
+    assert report["class_offsets"] == pytest.approx(bal["class_offsets"])
+    assert report["uncalibrated"]["accuracy"] == plain["accuracy"]
+    assert report["uncalibrated"]["balanced_accuracy"] == plain["balanced_accuracy"]
+    assert report["accuracy"] == float((want.argmax(1) == ds.y_test).mean())
+    # calibrating again without the option drops the offsets
+    calibrate_run(run, ds, device="cpu", log=lambda s: None)
+    assert read_calibration(run)["none"].class_offsets is None
+    # the command line says what it did, and evaluate and audit what they used
+    assert main(["calibrate", str(run), "--balance-classes", "--device", "cpu"]) == 0
+    assert "with the classes balanced, balanced accuracy" in capsys.readouterr().out
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "(cifarlab calibrate, with the classes balanced); without them" in out and "balanced accuracy" in out
+    assert main(["audit", str(run), "--device", "cpu", "--bootstrap", "100"]) == 0
+    assert "corrected for the training classes' unequal sizes" in (run / "audit" / "MODEL_CARD.md").read_text()
+    capsys.readouterr()
+    image = next((folder / "test" / "cat").iterdir())
+    assert main(["predict", str(run), str(image), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["balanced_classes"] is True
+
+
+def test_balance_classes_warns_where_training_already_leaned_to_rare_classes(tmp_path):
+    from cifarlab.train import fit
+
+    folder = _skewed_folder(tmp_path / "imgs")
+    fit(tiny_config(str(folder), str(tmp_path / "cw"), class_weight="balanced"), log=lambda s: None)
+    said = []
+    entry = calibrate_run(tmp_path / "cw", load_dataset(str(folder)), device="cpu", log=said.append,
+                          balance_classes=True)
+    assert entry["balance_classes"]["trained_with"] == ["class weights"]
+    assert any("warning: it trained with class weights, which already lean toward rare classes" in s for s in said)
+
+
+def test_balance_classes_refuses_a_class_without_training_images_and_damaged_offsets(trained_run, image_folder):
+    from cifarlab.calibrate import _balance
+    from cifarlab.config import load_run_config
+
+    cfg = load_run_config(trained_run / "config.yaml")
+    z, y = np.zeros((4, 3), np.float32), np.array([0, 1, 0, 1])
+    with pytest.raises(CifarlabError, match="trained on no images of frog.*without --balance-classes"):
+        _balance(trained_run, cfg, ["cat", "dog", "frog"], np.array([0, 1, 1, 0]), z, y, 1.0, lambda s: None)
+    said = []
+    equal = _balance(trained_run, cfg, ["cat", "dog", "frog"], np.array([0, 1, 2]), z, y, 1.0, said.append)
+    assert list(equal["class_offsets"].values()) == [0.0, 0.0, 0.0] and "nothing to balance" in said[0]
+    calibrate_run(trained_run, load_dataset(str(image_folder)), device="cpu", log=lambda s: None,
+                  balance_classes=True)
+    path = trained_run / CALIBRATION_FILE
+    doc = json.loads(path.read_text())
+    for bad in ({"cat": 0.1, "dog": 0.2}, {"cat": 0.1, "dog": 0.2, "frog": float("nan")}, [0.1, 0.2, 0.3]):
+        doc["by_tta"]["none"]["balance_classes"]["class_offsets"] = bad
+        path.write_text(json.dumps(doc))
+        with pytest.raises(CifarlabError, match=r"class offsets .*expected a finite number for each of the model's "
+                                                r"classes \(cat, dog, frog\); calibrate the run again"):
+            load_model(trained_run)
+
+
+def test_export_builds_the_class_offsets_into_the_graph(tmp_path):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    from cifarlab.deploy import export_onnx
+    from cifarlab.train import fit
+
+    folder = _skewed_folder(tmp_path / "imgs")
+    ds = load_dataset(str(folder))
+    fit(tiny_config(str(folder), str(tmp_path / "run")), log=lambda s: None)
+    calibrate_run(tmp_path / "run", ds, device="cpu", log=lambda s: None, balance_classes=True)
+    offsets = read_calibration(tmp_path / "run")["none"].class_offsets
+    report = export_onnx(tmp_path / "run", tmp_path / "m.onnx", log=lambda s: None)
+    assert report["class_offsets"] == offsets and report["check"]["max_abs_diff"] < 1e-4
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"images": ds.x_test})[0]
+    np.testing.assert_allclose(got, load_model(tmp_path / "run").predict(ds.x_test), atol=1e-4)
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(meta["class_offsets"]) == pytest.approx(list(offsets))

@@ -365,7 +365,15 @@ def test_export_to_keras_refuses_what_keras_could_not_load(tmp_path, capsys):
     assert main(["export", str(run), "--out", str(tmp_path / "w.h5")]) == 0
     out = capsys.readouterr().out
     assert "normalises images by the mean [0.5, 0.5, 0.5]" in out
-    assert "a temperature of 1.5, which the weights do not hold" in out
+    assert "a temperature of 1.5, which the weights do not hold" in out and "offsets" not in out
+    classes = json.loads((run / "architecture.json").read_text())["classes"]
+    (run / "calibration.json").write_text(json.dumps({"format": "cifarlab-calibration-1", "by_tta": {
+        "none": {"temperature": 1.5, "weights_sha256": weights_digest(run), "balance_classes": {
+            "class_offsets": {c: 0.25 * k for k, c in enumerate(classes)}}}}}))
+    assert main(["export", str(run), "--out", str(tmp_path / "w.h5")]) == 0
+    offsets = ", ".join(f"{0.25 * k:.4g}" for k in range(len(classes)))
+    assert f"in the order of the classes, to balance the classes as 'cifarlab calibrate --balance-classes' did: " \
+           f"{offsets}" in capsys.readouterr().out
     from cifarlab.export import save_architecture, save_weights
 
     speed = tmp_path / "speed"

@@ -708,8 +708,10 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
         "metrics": {
             "overall": {"accuracy": report["accuracy"], "loss": report["loss"], "top_k": report["top_k"],
                         "ece": report["calibration"]["ece"], "test_time_augmentation": report["tta"],
-                        # a temperature fitted by `cifarlab calibrate` changes the loss and ECE, not the accuracy
-                        "temperature": report.get("temperature"), "uncalibrated": report.get("uncalibrated"),
+                        # a temperature fitted by `cifarlab calibrate` changes the loss and ECE, not the accuracy;
+                        # class offsets (--balance-classes) change the predictions too
+                        "temperature": report.get("temperature"), "class_offsets": report.get("class_offsets"),
+                        "uncalibrated": report.get("uncalibrated"),
                         "selective": report.get("selective")},
             "per_class": audit["classes"]["per_class"], "class_spread": audit["classes"]["spread"],
             "groups": audit.get("attributes", {}), "interval_method": f"95% percentile bootstrap, "
@@ -733,10 +735,19 @@ def _temperature_lines(overall: dict) -> list[str]:
     """The card's lines on the temperature its probabilities were divided by, if any, and on
     answering only above a confidence threshold."""
     t, raw = overall.get("temperature"), overall.get("uncalibrated")
-    lines = [] if not t else [
-        f"Probabilities are temperature-scaled (`cifarlab calibrate`, T = {t:.3f}, fitted on the run's validation "
-        f"images): without it, the loss was {raw['loss']:.4f} and the expected calibration error {raw['ece']:.4f}. "
-        "The accuracy is the same either way.", ""]
+    if t and overall.get("class_offsets"):
+        lines = [f"Probabilities are temperature-scaled (`cifarlab calibrate`, T = {t:.3f}, fitted on the run's "
+                 "validation images) and corrected for the training classes' unequal sizes (`--balance-classes`: as "
+                 "if every class were equally likely, so rare classes are predicted more often than the training "
+                 f"data alone would suggest). Without both, the loss was {raw['loss']:.4f}, the expected calibration "
+                 f"error {raw['ece']:.4f}, the accuracy {raw['accuracy']:.4f} and the balanced accuracy "
+                 f"{raw['balanced_accuracy']:.4f}. Where the classes will be as unequal in use as in training, "
+                 "calibrate the run without `--balance-classes`.", ""]
+    else:
+        lines = [] if not t else [
+            f"Probabilities are temperature-scaled (`cifarlab calibrate`, T = {t:.3f}, fitted on the run's validation "
+            f"images): without it, the loss was {raw['loss']:.4f} and the expected calibration error "
+            f"{raw['ece']:.4f}. The accuracy is the same either way.", ""]
     sel = [r for r in overall.get("selective") or [] if r["accuracy"] is not None]
     if sel:
         lines += ["Answering only at a confidence of at least "

@@ -14,6 +14,16 @@ averaging the logits over flipped and shifted copies changes their scale, each t
 to the weights it was fitted to: weights trained on since are refused, not misread.
 ``load_model``, ``evaluate``, ``predict``, ``audit`` and ``export`` then use the temperature of
 their level; ``uncalibrated`` (``--uncalibrated``) leaves it out.
+
+Where the training classes were unequal in size, ``balance_classes`` (``--balance-classes``)
+also corrects the calibrated probabilities for that: a model fitted to data where a class is
+rare learns to say it rarely, which is right for data as skewed as its training set and wrong
+for data where every class is equally common (CIFAR-10's test set; often a fair evaluation's
+aim). Bayes' rule turns the one into the other (Saerens et al., 2002; the post-hoc logit
+adjustment of Menon et al., 2021): add log(1 / classes) - log(training share of the class) to
+each class's logit after the temperature. Unlike the temperature, this changes predictions
+(rare classes are predicted more often), so it is asked for, and the validation images'
+balanced accuracy with and without it is reported.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +46,22 @@ FORMAT = "cifarlab-calibration-1"
 # The search's bounds: a temperature beyond these is a sign of a broken model or a handful of
 # validation images, and is reported as reaching the bound rather than trusted.
 T_MIN, T_MAX = 0.05, 20.0
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What ``cifarlab calibrate`` fitted for one test-time augmentation level: probabilities =
+    softmax(logits / ``temperature`` + ``class_offsets``)."""
+
+    temperature: float
+    # log(1 / classes) - log(training share), one per class in the model's order; None: the
+    # probabilities keep the training set's class balance
+    class_offsets: tuple[float, ...] | None = None
+
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        """``logits`` (N, classes) as the calibrated probabilities' logits."""
+        z = logits / self.temperature
+        return z if self.class_offsets is None else z + np.asarray(self.class_offsets, z.dtype)
 
 
 def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
@@ -67,46 +94,67 @@ def weights_digest(run: str | Path) -> str:
         raise CifarlabError(f"cannot read {Path(run) / 'weights.safetensors'}: {e.strerror or e}") from None
 
 
-def read_calibration(run: str | Path) -> dict[str, float]:
-    """The temperatures of ``RUN/calibration.json`` by test-time augmentation level; empty where
-    the run has none (it was never calibrated). A damaged file, or one fitted to other weights
-    than the run's (trained on since), is refused, naming what is wrong."""
+def read_calibration(run: str | Path, classes: list[str] | None = None) -> dict[str, Calibration]:
+    """What ``RUN/calibration.json`` holds, by test-time augmentation level; empty where the run
+    has none (it was never calibrated). ``classes`` (default those of the run's
+    ``architecture.json``) orders the class offsets. A damaged file, or one fitted to other
+    weights than the run's (trained on since), is refused, naming what is wrong."""
     from .config import TTA_LEVELS
 
     path = Path(run) / CALIBRATION_FILE
     if not path.is_file():
         return {}
     digest = weights_digest(run)
+    again = f"calibrate the run again with: cifarlab calibrate {Path(run)}"
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise CifarlabError(f"{path}: unreadable ({e}); calibrate the run again with: cifarlab calibrate "
-                            f"{Path(run)}") from None
+        raise CifarlabError(f"{path}: unreadable ({e}); {again}") from None
     levels = doc.get("by_tta") if isinstance(doc, dict) and doc.get("format") == FORMAT else None
     if not isinstance(levels, dict):
         raise CifarlabError(f"{path}: not a cifarlab calibration file (expected format {FORMAT!r} with 'by_tta'); "
-                            f"calibrate the run again with: cifarlab calibrate {Path(run)}")
+                            f"{again}")
+    if classes is None:
+        from .export import read_run
+
+        classes = read_run(run)[1]["classes"]
     out = {}
     for level, entry in levels.items():
         t = entry.get("temperature") if isinstance(entry, dict) else None
-        if level not in TTA_LEVELS or isinstance(t, bool) or not isinstance(t, (int, float)) \
-                or not math.isfinite(t) or t <= 0:
+        if level not in TTA_LEVELS or not _positive_number(t):
             raise CifarlabError(f"{path}: entry {level!r} has temperature {t!r}; expected a test-time augmentation "
-                                f"level ({', '.join(TTA_LEVELS)}) with a positive number. Calibrate the run again "
-                                f"with: cifarlab calibrate {Path(run)}")
+                                f"level ({', '.join(TTA_LEVELS)}) with a positive number. {again[0].upper()}{again[1:]}")
         if entry.get("weights_sha256") != digest:
             raise CifarlabError(f"{path}: its temperature for {level!r} was fitted to other weights than the run's "
                                 f"(trained on since?); calibrate it again with: cifarlab calibrate {Path(run)} "
                                 f"(or leave it out with --uncalibrated)")
-        out[level] = float(t)
+        out[level] = Calibration(float(t), _offsets(entry.get("balance_classes"), classes, f"{path}: entry {level!r}",
+                                                     again))
     return out
 
 
-def _validation_images(run: Path, ds) -> tuple[np.ndarray, np.ndarray]:
-    """The run's validation images (uint8 N, H, W, C) and labels, chosen again from ``ds``'s
-    training split as its training chose them; refused where the run held none out, or where
-    ``ds`` is not the data it was trained on (other image counts; its classes are checked
-    before)."""
+def _positive_number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def _offsets(balance: Any, classes: list[str], where: str, again: str) -> tuple[float, ...] | None:
+    """The class offsets of an entry's ``balance_classes`` in the order of ``classes``; None
+    where it has none."""
+    if balance is None:
+        return None
+    got = balance.get("class_offsets") if isinstance(balance, dict) else None
+    if not isinstance(got, dict) or sorted(got) != sorted(classes) or not all(
+            not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) for v in got.values()):
+        raise CifarlabError(f"{where} has class offsets {str(got)[:80]}; expected a finite number for each of the "
+                            f"model's classes ({short_list(classes, 5)}); {again}")
+    return tuple(float(got[c]) for c in classes)
+
+
+def _held_out(run: Path, ds) -> tuple[Any, np.ndarray, np.ndarray]:
+    """The run's config, and the indices into ``ds``'s training split of the images it trained
+    on and of those it validated on, chosen again as its training chose them; refused where the
+    run held none out, or where ``ds`` is not the data it was trained on (other image counts;
+    its classes are checked before)."""
     from .config import load_run_config
     from .train import split_indices
 
@@ -135,15 +183,17 @@ def _validation_images(run: Path, ds) -> tuple[np.ndarray, np.ndarray]:
             raise CifarlabError(f"this data's training images per class differ from the run's (for "
                                 f"{short_list(diff, 5)}): it is not the data '{run}' was trained on; give that "
                                 "with --data")
-    return ds.x_train[va], ds.y_train[va]
+    return cfg, tr, va
 
 
 def calibrate_run(run: str | Path, ds, tta: str | None = None, device: str = "auto",
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
+                  log: Callable[[str], None] = print, balance_classes: bool = False) -> dict[str, Any]:
     """Fit ``run``'s temperature on its validation images from ``ds`` (the data it was trained
     on), for the test-time augmentation ``tta`` (default the run's own), and record it in
     ``RUN/calibration.json`` beside the temperatures of other levels; return that level's entry:
-    the temperature with the validation loss and expected calibration error before and after."""
+    the temperature with the validation loss and expected calibration error before and after.
+    With ``balance_classes``, the entry also holds the class offsets that correct the
+    probabilities for the training classes' unequal sizes (see the module's docstring)."""
     from .evaluate import _check_compatible, calibration
     from .export import load_model, read_run
     from .fsutil import write_json
@@ -151,7 +201,8 @@ def calibrate_run(run: str | Path, ds, tta: str | None = None, device: str = "au
     run, _ = read_run(run)
     pred = load_model(run, device, tta, uncalibrated=True)
     _check_compatible(pred, ds)
-    x, y = _validation_images(run, ds)
+    cfg, tr, va = _held_out(run, ds)
+    x, y = ds.x_train[va], ds.y_train[va]
     log(f"{run}: fitting the temperature on {len(y):,} validation images (test-time augmentation {pred.tta})")
     logits = pred.logits(x)
     t = fit_temperature(logits, y)
@@ -165,12 +216,60 @@ def calibrate_run(run: str | Path, ds, tta: str | None = None, device: str = "au
              "validation_loss": {"before": nll(logits, y), "after": nll(logits, y, t)},
              "validation_ece": {"before": calibration(probs(1.0), y)["ece"], "after": calibration(probs(t), y)["ece"]},
              "validation_accuracy": float((logits.argmax(1) == y).mean())}
+    if balance_classes:
+        entry["balance_classes"] = _balance(run, cfg, pred.classes, ds.y_train[tr], logits, y, t, log)
     write_json(run / CALIBRATION_FILE, {
         "format": FORMAT,
         "method": "temperature scaling (Guo et al., 2017): probabilities = softmax(logits / temperature), the "
-                  "temperature minimising the negative log-likelihood of the run's validation images",
+                  "temperature minimising the negative log-likelihood of the run's validation images; with "
+                  "balance_classes, softmax(logits / temperature + class offset), the offset log(1 / classes) - "
+                  "log(the class's share of the training images) (Saerens et al., 2002; Menon et al., 2021)",
         "by_tta": {**_entries(run, log), pred.tta: entry}})
     return {"run": str(run), "tta": pred.tta, **entry}
+
+
+def balancing_offsets(train_counts: np.ndarray) -> np.ndarray:
+    """The offsets, one per class, that turn the calibrated logits of a model trained on
+    classes of ``train_counts`` images (all above 0) into those of one whose classes were
+    equally likely beforehand: log(1 / classes) - log(the class's share). By Bayes' rule,
+    p_equal(y | x) is proportional to p_train(y | x) / p_train(y), and the constant log(1 / classes)
+    keeps offsets of 0 where the classes were equal already."""
+    counts = np.asarray(train_counts, np.float64)
+    return np.log(1 / len(counts)) - np.log(counts / counts.sum())
+
+
+def _balance(run: Path, cfg, classes: list[str], y_train: np.ndarray, logits: np.ndarray, y: np.ndarray,
+             temperature: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """The ``balance_classes`` record of a calibration entry: the training share of each class,
+    the offsets that make the classes equally likely beforehand, and what they do to the
+    balanced accuracy of the validation images (``logits``, ``y``)."""
+    from .evaluate import balanced_accuracy
+
+    counts = np.bincount(y_train, minlength=len(classes))
+    if not counts.all():
+        missing = [c for c, n in zip(classes, counts) if not n]
+        raise CifarlabError(f"'{run}' trained on no images of {short_list(missing, 5)}, so it cannot be corrected "
+                            "toward classes it never saw; calibrate it without --balance-classes")
+    share = counts / counts.sum()
+    offsets = balancing_offsets(counts)
+    adjusted = Calibration(temperature, tuple(offsets.tolist())).apply(logits)
+    before, after = balanced_accuracy(y, logits.argmax(1)), balanced_accuracy(y, adjusted.argmax(1))
+    if len(set(counts.tolist())) == 1:
+        log(f"{run}: its training classes were equal in size ({counts[0]:,} images each); there is nothing to "
+            "balance, and the offsets are 0")
+    leaning = [what for what, on in (("class weights", cfg.train.class_weight is not None),
+                                     ("balanced sampling", cfg.train.sampling == "balanced")) if on]
+    if leaning:
+        log(f"{run}: warning: it trained with {' and '.join(leaning)}, which already lean toward rare classes; "
+            "the offsets assume a model trained on the data as it is, and may overcorrect")
+    if after < before:
+        log(f"{run}: warning: balancing lowers the validation images' balanced accuracy ({before:.4f} -> "
+            f"{after:.4f}); consider calibrating without --balance-classes")
+    return {"target": "every class equally likely",
+            "training_share": dict(zip(classes, share.tolist())),
+            "class_offsets": dict(zip(classes, offsets.tolist())),
+            "trained_with": leaning,
+            "validation_balanced_accuracy": {"before": before, "after": after}}
 
 
 def _entries(run: Path, log: Callable[[str], None]) -> dict[str, Any]:
@@ -185,14 +284,20 @@ def _entries(run: Path, log: Callable[[str], None]) -> dict[str, Any]:
 
 
 def calibrate_runs(base: str | Path, ds, tta: str | None = None, device: str = "auto",
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
+                   log: Callable[[str], None] = print, balance_classes: bool = False) -> dict[str, Any]:
     """:func:`calibrate_run` for every run of the ``--runs N`` folder ``base``; returns each run's
-    entry and the temperatures and validation calibration errors described over the runs."""
+    entry and the temperatures and validation calibration errors described over the runs (and
+    with ``balance_classes``, the validation balanced accuracies before and after)."""
     from .evaluate import describe
     from .export import finished_runs
 
-    entries = [calibrate_run(r, ds, tta, device, log) for r in finished_runs(base)]
-    return {"runs": len(entries), "per_run": entries,
-            "temperature": describe([e["temperature"] for e in entries]),
-            "validation_ece_before": describe([e["validation_ece"]["before"] for e in entries]),
-            "validation_ece_after": describe([e["validation_ece"]["after"] for e in entries])}
+    entries = [calibrate_run(r, ds, tta, device, log, balance_classes) for r in finished_runs(base)]
+    out = {"runs": len(entries), "per_run": entries,
+           "temperature": describe([e["temperature"] for e in entries]),
+           "validation_ece_before": describe([e["validation_ece"]["before"] for e in entries]),
+           "validation_ece_after": describe([e["validation_ece"]["after"] for e in entries])}
+    if balance_classes:
+        for when in ("before", "after"):
+            out[f"validation_balanced_accuracy_{when}"] = describe(
+                [e["balance_classes"]["validation_balanced_accuracy"][when] for e in entries])
+    return out

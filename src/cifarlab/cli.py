@@ -47,8 +47,9 @@ def _add_tta_arg(p: argparse.ArgumentParser) -> None:
 
 def _add_uncalibrated_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uncalibrated", action="store_true",
-                   help="the model's own probabilities, without the temperature 'cifarlab calibrate' fitted (by "
-                        "default it is used where there is one for the test-time augmentation)")
+                   help="the model's own probabilities, without what 'cifarlab calibrate' fitted (its temperature, "
+                        "and class offsets where it balanced the classes; by default used where there is a "
+                        "calibration for the test-time augmentation)")
 
 
 def _add_data_args(p: argparse.ArgumentParser, subset: str | None = None) -> None:
@@ -288,12 +289,19 @@ def _add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
                                    "divided by before the softmax, minimising the loss on the run's own validation "
                                    "images (never the test images), and record it in RUN/calibration.json. "
                                    "evaluate, predict, audit and export then use it (--uncalibrated leaves it out). "
-                                   "The predicted classes, and every accuracy, stay the same. The data is the run's "
-                                   "own unless --data is given; it must be the data the run was trained on.")
+                                   "The predicted classes, and every accuracy, stay the same, unless "
+                                   "--balance-classes is given. The data is the run's own unless --data is given; "
+                                   "it must be the data the run was trained on.")
     c.add_argument("run", help="run folder written by 'cifarlab train' with validation images (the folder of "
                                "--runs N: each run)")
     _add_data_args(c)
     _add_tta_arg(c)
+    c.add_argument("--balance-classes", action="store_true",
+                   help="for a run trained on classes of unequal size: also correct the probabilities to every "
+                        "class being equally likely, as in a balanced test set, by adding log(1/classes) - "
+                        "log(training share) to each class's logit (Menon et al., 2021). This changes predictions "
+                        "(rare classes are predicted more often); the validation balanced accuracy before and "
+                        "after is printed")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
     c.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda or cuda:N")
     c.set_defaults(func=cmd_calibrate)
@@ -453,8 +461,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"Expected calibration error: {report['calibration']['ece']:.4f}")
         if report["temperature"]:
             raw = report["uncalibrated"]
-            print(f"Temperature: {report['temperature']:.4f} (cifarlab calibrate); without it, Test score "
-                  f"{raw['loss']:.4f} and expected calibration error {raw['ece']:.4f}")
+            balanced = report["class_offsets"] is not None
+            print(f"Temperature: {report['temperature']:.4f} (cifarlab calibrate"
+                  + (", with the classes balanced" if balanced else "") + f"); without {'them' if balanced else 'it'}, "
+                  f"Test score {raw['loss']:.4f} and expected calibration error {raw['ece']:.4f}"
+                  + (f", Test accuracy {raw['accuracy']:.4f} and balanced accuracy {raw['balanced_accuracy']:.4f}"
+                     if balanced else ""))
         print("Answering only at a confidence of at least (predict --min-confidence; the rest left to a person):")
         for r in report["selective"]:
             print(f"  {r['threshold']:<5g} {r['coverage']:>6.1%} of the images, accuracy "
@@ -496,8 +508,12 @@ def _evaluate_runs(args: argparse.Namespace) -> int:
           f"{lo['mean']:.4f} (min {lo['min']:.4f}, max {lo['max']:.4f})")
     e = summary["ece"]
     print(f"Expected calibration error mean {e['mean']:.4f} (min {e['min']:.4f}, max {e['max']:.4f})"
-          + (f"; without the runs' temperatures (cifarlab calibrate) mean {summary['uncalibrated_ece']['mean']:.4f}"
+          + (f"; without the runs' calibration (cifarlab calibrate) mean {summary['uncalibrated_ece']['mean']:.4f}"
              if "uncalibrated_ece" in summary else ""))
+    if any(r["balanced_classes"] for r in summary["per_run"]) and "uncalibrated_accuracy" in summary:
+        u, ub = summary["uncalibrated_accuracy"], summary["uncalibrated_balanced_accuracy"]
+        print(f"Without the runs' class balancing (cifarlab calibrate --balance-classes): test accuracy mean "
+              f"{u['mean']:.4f} (min {u['min']:.4f}, max {u['max']:.4f}), balanced accuracy mean {ub['mean']:.4f}")
     if summary["unequal_classes"]:
         b = summary["balanced_accuracy"]
         print(f"Balanced accuracy (mean per-class recall) mean {b['mean']:.4f} (std {b['std']:.4f}, min "
@@ -522,10 +538,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     ds = _load_eval_data(args, folder)
     log = (lambda _: None) if args.json else print
     if several:
-        result = calibrate_runs(folder, ds, args.tta, args.device, log)
+        result = calibrate_runs(folder, ds, args.tta, args.device, log, args.balance_classes)
         entries = result["per_run"]
     else:
-        result = calibrate_run(folder, ds, args.tta, args.device, log)
+        result = calibrate_run(folder, ds, args.tta, args.device, log, args.balance_classes)
         entries = [result]
     if args.json:
         print(json_text(result))
@@ -535,11 +551,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"{e['run']}: temperature {e['temperature']:.4f}"
               + (" (at the search's bound: too few validation images, or a broken model?)" if e["at_bound"] else "")
               + f"; on its {e['validation_images']:,} validation images, loss {loss['before']:.4f} -> "
-                f"{loss['after']:.4f}, expected calibration error {ece['before']:.4f} -> {ece['after']:.4f}")
+                f"{loss['after']:.4f}, expected calibration error {ece['before']:.4f} -> {ece['after']:.4f}"
+              + ("; with the classes balanced, balanced accuracy {before:.4f} -> {after:.4f}".format(
+                  **e["balance_classes"]["validation_balanced_accuracy"]) if "balance_classes" in e else ""))
     if several:
         t, b, a = result["temperature"], result["validation_ece_before"], result["validation_ece_after"]
         print(f"{result['runs']} runs: temperature mean {t['mean']:.4f} (min {t['min']:.4f}, max {t['max']:.4f}); "
-              f"validation calibration error mean {b['mean']:.4f} -> {a['mean']:.4f}")
+              f"validation calibration error mean {b['mean']:.4f} -> {a['mean']:.4f}"
+              + ("; validation balanced accuracy mean {:.4f} -> {:.4f}".format(
+                  result["validation_balanced_accuracy_before"]["mean"],
+                  result["validation_balanced_accuracy_after"]["mean"]) if args.balance_classes else ""))
     print("written to calibration.json in each run's folder" if several else
           f"written to {folder / 'calibration.json'}; evaluate, predict, audit and export now use it "
           f"(--uncalibrated leaves it out)")

@@ -3,7 +3,7 @@
 The file takes what image decoders give: uint8 images, (N, H, W, C), any batch size. The run's
 preprocessing (1/255, featurewise mean and std) and its test-time augmentation are inside the
 graph, and the softmax (of the logits divided by the run's temperature where ``cifarlab
-calibrate`` fitted one): it returns class probabilities, (N, classes), the same as
+calibrate`` fitted one, and shifted by its class offsets where it balanced the classes): it returns class probabilities, (N, classes), the same as
 ``cifarlab.load_model(run).predict``. The class names, the preprocessing, the test-time
 augmentation and the out-of-scope uses of the model card are in the file's metadata, so the
 model does not travel without them. Weights are exported in float32 whatever the training
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .calibrate import Calibration
 from .errors import CifarlabError
 from .export import channel_values, load_model, tta_logits
 from .fsutil import write_with
@@ -39,12 +40,15 @@ class ExportedClassifier(nn.Module):
     computing :func:`cifarlab.export.preprocess` with its constants held as buffers (made here,
     not while the exporter traces, whose fake tensors must not reach ``channel_values``' cache)."""
 
-    def __init__(self, model: nn.Module, prep: dict[str, Any], tta: str, temperature: float | None = None):
+    def __init__(self, model: nn.Module, prep: dict[str, Any], tta: str, calibration: Calibration | None = None):
         super().__init__()
         self.model = model
         self.rescale = float(prep.get("rescale", 1 / 255))
         self.tta = tta
-        self.temperature = temperature  # a constant in the graph; None: no division
+        # constants in the graph (None: no division, no offsets), as Predictor.probabilities applies them
+        self.temperature = calibration.temperature if calibration else None
+        offsets = calibration.class_offsets if calibration else None
+        self.register_buffer("offsets", None if offsets is None else torch.tensor(offsets, dtype=torch.float32))
         for name, add in (("mean", 0.0), ("std", 1e-6)):  # preprocess divides by std + 1e-6
             v = prep.get(name)
             self.register_buffer(name, None if v is None else
@@ -57,7 +61,11 @@ class ExportedClassifier(nn.Module):
         if self.std is not None:
             x = x / self.std
         logits = tta_logits(self.model, x, self.tta)
-        return (logits if self.temperature is None else logits / self.temperature).softmax(1)
+        if self.temperature is not None:
+            logits = logits / self.temperature
+        if self.offsets is not None:
+            logits = logits + self.offsets
+        return logits.softmax(1)
 
 
 @contextlib.contextmanager
@@ -99,6 +107,8 @@ def _metadata(predictor, run: Path, tta: str) -> dict[str, str]:
         "test_time_augmentation": tta,
         # the logits' divisor before the softmax, from `cifarlab calibrate`; "none" where there is none
         "temperature": "none" if predictor.temperature() is None else repr(predictor.temperature()),
+        # added to the logits after the temperature (`cifarlab calibrate --balance-classes`), by class
+        "class_offsets": "none" if predictor.class_offsets() is None else json.dumps(list(predictor.class_offsets())),
         "architecture": predictor.arch["model"],
         "source_run": run.name,
         "out_of_scope_uses": json.dumps(OUT_OF_SCOPE),
@@ -112,8 +122,8 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
     """Write ``run`` as an ONNX file (default ``RUN/model.onnx``) and return what was written.
 
     ``tta`` is the test-time augmentation built into the graph (default: the run's own, as
-    :func:`cifarlab.load_model`), with the run's temperature at that level unless
-    ``uncalibrated``; ``opset`` the ONNX opset (default: PyTorch's exporter's).
+    :func:`cifarlab.load_model`), with the run's calibration at that level (temperature, and
+    class offsets) unless ``uncalibrated``; ``opset`` the ONNX opset (default: PyTorch's exporter's).
     With ``check`` and ``onnxruntime`` installed, the file is run on seeded random images and
     its probabilities compared with PyTorch's; a difference over :data:`TOLERANCE` is an error
     and no file is left behind.
@@ -131,7 +141,7 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
     c, h, w = predictor.input_shape
     # float32 and the default memory format: the file holds one graph for every runtime.
     wrapped = ExportedClassifier(predictor.model.float().to(memory_format=torch.contiguous_format),
-                                 predictor.prep, predictor.tta, predictor.temperature()).eval()
+                                 predictor.prep, predictor.tta, predictor.calibration()).eval()
     example = torch.zeros((2, h, w, c), dtype=torch.uint8)
     try:
         with warnings.catch_warnings(), _quiet("torch.onnx"), _quiet("onnxscript"):
@@ -151,7 +161,8 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
                             f"(PyTorch's exporter made opset {made}); give a newer one, such as {made}, or omit --opset")
     onnx.helper.set_model_props(proto, _metadata(predictor, run, predictor.tta))
     report: dict[str, Any] = {"path": str(out), "opset": made, "tta": predictor.tta, "classes": predictor.classes,
-                              "temperature": predictor.temperature(), "check": None}
+                              "temperature": predictor.temperature(), "class_offsets": predictor.class_offsets(),
+                              "check": None}
 
     def write(tmp: Path) -> None:
         onnx.save_model(proto, str(tmp))
@@ -162,7 +173,8 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
     report["bytes"] = out.stat().st_size
     log(f"wrote {out} ({report['bytes'] / 1e6:.1f} MB, opset {report['opset']}): uint8 images (N, {h}, {w}, {c}) "
         f"in '{INPUT_NAME}', probabilities over {len(predictor.classes)} classes out, test-time augmentation "
-        f"{predictor.tta}" + (f", temperature {predictor.temperature():.4g}" if predictor.temperature() else ""))
+        f"{predictor.tta}" + (f", temperature {predictor.temperature():.4g}" if predictor.temperature() else "")
+        + (", classes balanced (calibrate --balance-classes)" if predictor.class_offsets() else ""))
     chk = report["check"]
     if chk is None:
         log("not checked: " + ("--no-check" if not check else "onnxruntime is not installed (pip install onnxruntime)"))

@@ -27,10 +27,11 @@ def predict_dataset(pred: Predictor, x_uint8_nhwc: np.ndarray, tta: str | None =
 
 
 def probabilities_and_raw(pred: Predictor, x_uint8_nhwc: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """``pred``'s probabilities for uint8 (N, H, W, C) images, and where they were divided by a
-    temperature, the probabilities without it (else None), from one pass over the images."""
+    """``pred``'s probabilities for uint8 (N, H, W, C) images, and where they were calibrated
+    (``cifarlab calibrate``), the probabilities without it (else None), from one pass over the
+    images."""
     logits = pred.logits(x_uint8_nhwc)
-    raw = torch.from_numpy(logits).softmax(1).numpy() if pred.temperature() else None
+    raw = torch.from_numpy(logits).softmax(1).numpy() if pred.calibration() else None
     return pred.probabilities(logits), raw
 
 
@@ -181,10 +182,12 @@ def evaluate_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, 
                "ece": describe([r["calibration"]["ece"] for r in reports]),
                "unequal_classes": unequal_classes(c["support"] for c in reports[0]["per_class"]),
                "per_run": [{"run": str(r), "accuracy": rep["accuracy"], "balanced_accuracy": rep["balanced_accuracy"],
-                            "loss": rep["loss"], "ece": rep["calibration"]["ece"], "temperature": rep["temperature"]}
+                            "loss": rep["loss"], "ece": rep["calibration"]["ece"], "temperature": rep["temperature"],
+                            "balanced_classes": rep["class_offsets"] is not None}
                            for r, rep in zip(runs, reports)]}
-    if all(r["temperature"] for r in reports):  # every run calibrated: what the temperatures changed
-        summary["uncalibrated_ece"] = describe([r["uncalibrated"]["ece"] for r in reports])
+    if all(r["temperature"] for r in reports):  # every run calibrated: what calibrating changed
+        for key in ("ece", "accuracy", "balanced_accuracy"):
+            summary[f"uncalibrated_{key}"] = describe([r["uncalibrated"][key] for r in reports])
     write_json((out or base) / "eval_summary.json", summary)
     return summary
 
@@ -194,17 +197,24 @@ def write_report(pred: Predictor, ds: Dataset, probs: np.ndarray, out: Path, n_w
     """The metrics of ``pred``'s probabilities ``probs`` on ``ds``'s test split, written into
     ``out``: ``metrics.json``, ``per_class.csv``, ``confusion_matrix.csv``/``.png``,
     ``reliability.png``, ``confident_errors.png``. Where ``probs`` were divided by a
-    temperature, ``uncalibrated`` (the probabilities without it) gives the report's
-    "uncalibrated" loss and calibration error, to show what the temperature changed."""
+    temperature (and shifted by class offsets), ``uncalibrated`` (the probabilities without
+    them) gives the report's "uncalibrated" figures, to show what calibrating changed."""
     from .plots import image_grid, plot_confusion, plot_reliability
 
     report = compute_report(probs, ds.y_test, pred.classes)
-    report.update({"run": str(pred.run), "data": ds.source, "tta": pred.tta, "temperature": pred.temperature()})
+    offsets = pred.class_offsets()
+    report.update({"run": str(pred.run), "data": ds.source, "tta": pred.tta, "temperature": pred.temperature(),
+                   "class_offsets": None if offsets is None else dict(zip(pred.classes, offsets))})
     before = None
     if uncalibrated is not None:
         raw_cal = calibration(uncalibrated, ds.y_test)
-        report["uncalibrated"] = {"loss": log_loss(uncalibrated, ds.y_test), "ece": raw_cal["ece"]}
-        before = (np.array(raw_cal["bin_accuracy"], float), raw_cal["ece"], report["temperature"])
+        raw_pred = uncalibrated.argmax(1)  # differs from the calibrated one where the classes were balanced
+        report["uncalibrated"] = {"loss": log_loss(uncalibrated, ds.y_test), "ece": raw_cal["ece"],
+                                  "accuracy": float((raw_pred == ds.y_test).mean()) if len(raw_pred) else None,
+                                  "balanced_accuracy": balanced_accuracy(ds.y_test, raw_pred)
+                                  if len(raw_pred) else None}
+        before = (np.array(raw_cal["bin_accuracy"], float), raw_cal["ece"], f"temperature {report['temperature']:.3g}"
+                  + (", classes balanced" if offsets is not None else ""))
     make_folder(out)
     cm = np.array(report["confusion_matrix"])
     write_text(out / "confusion_matrix.csv", list_to_csv_rows(

@@ -18,6 +18,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .calibrate import Calibration
 from .config import TTA_LEVELS, load_run_config
 from .errors import CifarlabError, short_list
 from .fsutil import write_json, write_with
@@ -219,14 +220,14 @@ def read_run(run: str | Path) -> tuple[Path, dict]:
 
 class Predictor:
     """A trained model with its classes, preprocessing and test-time augmentation (``tta``):
-    ``predict(images)`` gives probabilities, divided by the temperature of ``temperatures``
-    (by test-time augmentation level, from :func:`cifarlab.calibrate.read_calibration`) where
-    there is one for the level used."""
+    ``predict(images)`` gives probabilities, calibrated by the entry of ``calibrations`` (by
+    test-time augmentation level, from :func:`cifarlab.calibrate.read_calibration`) where there
+    is one for the level used."""
 
     def __init__(self, model: nn.Module, arch: dict, device: torch.device, run: Path | None = None,
-                 tta: str = "none", temperatures: dict[str, float] | None = None):
+                 tta: str = "none", calibrations: dict[str, Calibration] | None = None):
         self.model = model.eval()
-        self.temperatures = dict(temperatures or {})
+        self.calibrations = dict(calibrations or {})
         self.arch = arch
         self.classes: list[str] = arch["classes"]
         self.prep: dict = arch["preprocessing"]
@@ -291,19 +292,33 @@ class Predictor:
             memory_format=fmt), tta).float().cpu() for i in batch_starts(len(x), batch_size, "Predicting")]
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
 
+    def calibration(self, tta: str | None = None) -> Calibration | None:
+        """What calibrates the probabilities at test-time augmentation ``tta`` (default the
+        predictor's own); None where the run was not calibrated at that level."""
+        return self.calibrations.get(self.tta if tta is None else tta)
+
     def temperature(self, tta: str | None = None) -> float | None:
         """The temperature that divides the logits at test-time augmentation ``tta`` (default the
         predictor's own); None where the run was not calibrated at that level."""
-        return self.temperatures.get(self.tta if tta is None else tta)
+        cal = self.calibration(tta)
+        return cal.temperature if cal else None
+
+    def class_offsets(self, tta: str | None = None) -> tuple[float, ...] | None:
+        """The per-class offsets added to the logits after the temperature (``cifarlab calibrate
+        --balance-classes``), in the order of ``classes``; None where there are none."""
+        cal = self.calibration(tta)
+        return cal.class_offsets if cal else None
 
     def probabilities(self, logits: np.ndarray, tta: str | None = None) -> np.ndarray:
-        """softmax(``logits`` / T), float32, T the temperature at ``tta`` (1 where there is none)."""
-        return torch.from_numpy(logits / (self.temperature(tta) or 1.0)).softmax(1).numpy()
+        """softmax(``logits`` / T + offsets), float32, with the calibration at ``tta`` (the plain
+        softmax where there is none)."""
+        cal = self.calibration(tta)
+        return torch.from_numpy(cal.apply(logits) if cal else logits).softmax(1).numpy()
 
     def predict(self, images: Any, batch_size: int | None = None, tta: str | None = None) -> np.ndarray:
-        """Class probabilities, float32 (N, classes): the softmax of the logits, divided first by
-        the run's temperature where ``cifarlab calibrate`` fitted one for this test-time
-        augmentation."""
+        """Class probabilities, float32 (N, classes): the softmax of the logits, calibrated first
+        where ``cifarlab calibrate`` fitted this test-time augmentation level (divided by the
+        temperature, and with ``--balance-classes`` shifted by the class offsets)."""
         return self.probabilities(self.logits(images, batch_size, tta), tta)
 
 
@@ -313,7 +328,7 @@ def load_model(run: str | Path, device: str = "cpu", tta: str | None = None,
 
     ``tta`` is the test-time augmentation its predictions use: by default the run's own (see
     :func:`run_tta`), so evaluating a run reproduces the test accuracy its training reported.
-    Its probabilities use the temperatures of ``RUN/calibration.json`` (``cifarlab calibrate``)
+    Its probabilities use the calibration of ``RUN/calibration.json`` (``cifarlab calibrate``)
     unless ``uncalibrated``.
     """
     from .calibrate import read_calibration
@@ -331,7 +346,7 @@ def load_model(run: str | Path, device: str = "cpu", tta: str | None = None,
     dev = select_device(device)
     if arch.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
-    return Predictor(model.to(dev), arch, dev, run, tta, {} if uncalibrated else read_calibration(run))
+    return Predictor(model.to(dev), arch, dev, run, tta, {} if uncalibrated else read_calibration(run, arch["classes"]))
 
 
 def list_to_csv_rows(rows: Iterable[dict]) -> str:

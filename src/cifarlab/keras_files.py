@@ -470,13 +470,17 @@ def export_keras_weights(run: str | Path, out: str | Path, log: Callable[[str], 
         log(f"note: the run's accuracy was measured with test-time augmentation '{tta}', which the Keras model does "
             "not do; compare it with cifarlab evaluate --tta none")
     try:
-        t = read_calibration(run).get("none")  # the level the Keras model computes
+        cal = read_calibration(run, predictor.classes).get("none")  # the level the Keras model computes
     except CifarlabError as e:
-        t = None
+        cal = None
         log(f"note: {e}")
-    if t:
-        log(f"note: 'cifarlab calibrate' fitted this run a temperature of {t:.4g}, which the weights do not hold; "
-            f"for its calibrated probabilities, divide the logits (the input of the Keras model's final softmax) by it")
+    if cal:
+        log(f"note: 'cifarlab calibrate' fitted this run a temperature of {cal.temperature:.4g}, which the weights do "
+            "not hold; for its calibrated probabilities, divide the logits (the input of the Keras model's final "
+            "softmax) by it")
+    if cal and cal.class_offsets:
+        log("note: and then add these offsets to the logits, in the order of the classes, to balance the classes as "
+            f"'cifarlab calibrate --balance-classes' did: {', '.join(f'{v:.4g}' for v in cal.class_offsets)}")
     log(f"wrote {out}: {name} weights in Keras' HDF5 layout ({len(names)} layers); in Keras build the notebook's "
         f"{name} and call model.load_weights('{out.name}')")
     return out

@@ -77,21 +77,21 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
 
 
 def plot_reliability(bin_conf: np.ndarray, bin_acc: np.ndarray, bin_count: np.ndarray, ece: float, path: Path,
-                     before: tuple[np.ndarray, float, float] | None = None) -> None:
+                     before: tuple[np.ndarray, float, str] | None = None) -> None:
     """Reliability diagram: accuracy against confidence per bin, with the diagonal. ``before``
-    (the bins' accuracies, the ECE and the temperature) adds the probabilities before a
-    temperature divided them, as an outline."""
+    (the bins' accuracies, the ECE, and what calibrated them, such as "temperature 1.5") adds
+    the probabilities before calibration, as an outline."""
     plt = _plt()
     nb = len(bin_conf)
     edges = np.linspace(0, 1, nb + 1)
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.bar(edges[:-1], np.nan_to_num(bin_acc), width=1 / nb, align="edge", edgecolor="k", alpha=0.7,
-           label="accuracy" if before is None else f"accuracy, temperature {before[2]:.3g}")
+           label="accuracy" if before is None else f"accuracy, {before[2]}")
     title = f"Reliability (ECE {ece:.3f})"
     if before is not None:
         acc = np.nan_to_num(np.asarray(before[0], float))
-        ax.stairs(acc, edges, color="tab:orange", linewidth=1.5, label="without the temperature")
-        title = f"Reliability (ECE {ece:.3f}; {before[1]:.3f} without T)"
+        ax.stairs(acc, edges, color="tab:orange", linewidth=1.5, label="uncalibrated")
+        title = f"Reliability (ECE {ece:.3f}; {before[1]:.3f} uncalibrated)"
     ax.plot([0, 1], [0, 1], "r--", label="perfect calibration")
     ax.set(xlabel="confidence", ylabel="accuracy", title=title, xlim=(0, 1), ylim=(0, 1))
     ax.legend()

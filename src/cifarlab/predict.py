@@ -35,7 +35,7 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
                   min_confidence: float | None = None) -> int:
     """Predict each file; print results in ``fmt`` (table, json, csv). Returns 1 if any file failed.
     ``tta``: the test-time augmentation, by default the run's own; the probabilities use the
-    run's temperature (``cifarlab calibrate``) unless ``uncalibrated``. With ``min_confidence``,
+    run's calibration (``cifarlab calibrate``) unless ``uncalibrated``. With ``min_confidence``,
     a file whose top probability is below it is marked uncertain (its classes still shown)."""
     out = out or sys.stdout
     if min_confidence is not None and not 0 < min_confidence <= 1:
@@ -69,7 +69,8 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
                 results[-1]["uncertain"] = bool(p[idx[0]] < min_confidence)
     if fmt == "json":
         json.dump({"predictions": results, "errors": [{"file": f, "error": e} for f, e in failures],
-                   "temperature": pred.temperature(), "min_confidence": min_confidence}, out, indent=2)
+                   "temperature": pred.temperature(), "balanced_classes": pred.class_offsets() is not None,
+                   "min_confidence": min_confidence}, out, indent=2)
         out.write("\n")
     elif fmt == "csv":
         wr = csv.writer(out)

@@ -71,6 +71,16 @@ def test_a_notebook_trains_evaluates_and_audits_a_set_of_runs(tmp_path, image_fo
     md = (tmp_path / "audits" / "audit_summary.md").read_text()
     assert "## Confidence by predicted class" in md and "with the runs' temperatures from `cifarlab calibrate`" in md
     assert "Answering only at a confidence of at least 0.5: " in (tmp_path / "audits" / "run-0" / "MODEL_CARD.md").read_text()
+    assert au["calibration"]["balanced_classes_in"] == 0 and "--balance-classes" not in md
+    cifarlab.calibrate_run(tmp_path / "set" / "run-1", ds, device="cpu", log=lambda x: None, balance_classes=True)
+    au = cifarlab.audit_runs(s["run"], ds, out=str(tmp_path / "audits"), n_boot=100, device="cpu", log=lambda x: None)
+    assert au["calibration"]["balanced_classes_in"] == 1
+    assert "In 1 of 2 runs the probabilities were also corrected" in (tmp_path / "audits" / "audit_summary.md").read_text()
+    from cifarlab.compare import compare_run_sets, format_run_sets
+
+    sets = compare_run_sets(s["run"], s["run"])  # training's figures, which the balancing does not change
+    assert sets["balanced_runs"] == [s["run"], s["run"]]
+    assert "were calibrated with --balance-classes, which changes their predictions" in format_run_sets(sets)
 
 
 def test_paths_and_hand_set_values_are_checked_and_converted_as_a_config_files_are(tmp_path, image_folder):

@@ -101,7 +101,9 @@ def test_a_temperature_fitted_to_other_weights_is_refused_until_calibrated_again
     assert main(["evaluate", str(trained_run), "--device", "cpu", "--uncalibrated"]) == 0
     from cifarlab.compare import compare_runs
 
-    assert compare_runs(trained_run, trained_run, ds, device="cpu")  # predicted classes need no temperature
+    with pytest.raises(CifarlabError, match="fitted to other weights"):
+        compare_runs(trained_run, trained_run, ds, device="cpu")
+    assert compare_runs(trained_run, trained_run, ds, device="cpu", uncalibrated=True)
     said = []
     calibrate_run(trained_run, ds, tta="flip", device="cpu", log=said.append)
     assert any(s.startswith(f"replacing {trained_run / CALIBRATION_FILE}: ") for s in said)
@@ -330,6 +332,19 @@ def test_balance_classes_records_the_offsets_and_predictions_use_them(tmp_path, 
     image = next((folder / "test" / "cat").iterdir())
     assert main(["predict", str(run), str(image), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["balanced_classes"] is True
+    # compare uses each run's calibration: the offsets change predicted classes
+    import shutil
+
+    shutil.copytree(run, tmp_path / "t-only")
+    calibrate_run(tmp_path / "t-only", ds, device="cpu", log=lambda s: None)
+    assert main(["compare", str(tmp_path / "t-only"), str(run), "--device", "cpu", "--json"]) == 0
+    c = json.loads(capsys.readouterr().out)
+    assert (c["a"]["balanced_classes"], c["b"]["balanced_classes"]) == (False, True)
+    assert (c["accuracy_a"], c["accuracy_b"]) == pytest.approx((plain["accuracy"], report["accuracy"]))
+    assert main(["compare", str(tmp_path / "t-only"), str(run), "--device", "cpu"]) == 0
+    assert "classes balanced by calibrate): test accuracy" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "t-only"), str(run), "--device", "cpu", "--uncalibrated", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy_b"] == pytest.approx(plain["accuracy"])
 
 
 def test_balance_classes_warns_where_training_already_leaned_to_rare_classes(tmp_path):
@@ -341,7 +356,7 @@ def test_balance_classes_warns_where_training_already_leaned_to_rare_classes(tmp
     entry = calibrate_run(tmp_path / "cw", load_dataset(str(folder)), device="cpu", log=said.append,
                           balance_classes=True)
     assert entry["balance_classes"]["trained_with"] == ["class weights"]
-    assert any("warning: it trained with class weights, which already lean toward rare classes" in s for s in said)
+    assert any("warning: it trained with class weights, so its predictions already lean toward rare classes" in s for s in said)
 
 
 def test_balance_classes_refuses_a_class_without_training_images_and_damaged_offsets(trained_run, image_folder):

@@ -288,7 +288,8 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
     audit: dict[str, Any] = {"run": str(run), "data": ds.source, "tta": pred.tta, "overall_accuracy": overall,
                              "margin": margin, "bootstrap_resamples": n_boot, "classes": cls, "warnings": [],
                              "calibration": {"ece": report["calibration"]["ece"], "temperature": report["temperature"],
-                                             "uncalibrated_ece": (report.get("uncalibrated") or {}).get("ece")}}
+                                             "uncalibrated_ece": (report.get("uncalibrated") or {}).get("ece"),
+                                             "balanced_classes": report.get("class_offsets") is not None}}
     for r in cls["per_class"]:
         if r["flagged"]:
             audit["warnings"].append(f"class '{r['class']}' accuracy {r['accuracy']:.3f} is more than {margin:.2f} "
@@ -417,8 +418,10 @@ def summarise_audits(audits: list[dict[str, Any]], runs: list[str]) -> dict[str,
         "runs": n, "data": first["data"], "tta": sorted({a["tta"] for a in audits}), "margin": first["margin"],
         "bootstrap_resamples": first["bootstrap_resamples"],
         "overall_accuracy": _spread([a["overall_accuracy"] for a in audits]),
-        "calibration": {k: _spread([a.get("calibration", {}).get(k) for a in audits])
-                        for k in ("ece", "temperature", "uncalibrated_ece")},
+        "calibration": {**{k: _spread([a.get("calibration", {}).get(k) for a in audits])
+                           for k in ("ece", "temperature", "uncalibrated_ece")},
+                        "balanced_classes_in": sum(bool(a.get("calibration", {}).get("balanced_classes"))
+                                                   for a in audits)},
         "classes": {"per_class": per_class,
                     "spread": {"difference": _spread([s["difference"] for s in spreads]),
                                "worst": dict(Counter(s["worst"] for s in spreads).most_common()),
@@ -532,6 +535,10 @@ def _runs_confidence_lines(s: dict) -> list[str]:
                   + (f" with the runs' temperatures from `cifarlab calibrate` (T {_fmt_spread(cal['temperature'])}); "
                      f"{_fmt_spread(cal['uncalibrated_ece'])} without them" if cal.get("uncalibrated_ece") else "")
                   + ".", ""]
+        if cal.get("balanced_classes_in"):
+            lines[-2:-1] = [lines[-2] + f" In {cal['balanced_classes_in']} of {s['runs']} runs the probabilities were "
+                            "also corrected for the training classes' unequal sizes (`cifarlab calibrate "
+                            "--balance-classes`), which changes their predictions."]
     if rows and all("overconfidence" in r for r in rows):
         n = s["runs"]
         lines += ["## Confidence by predicted class", "",

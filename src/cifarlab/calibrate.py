@@ -260,8 +260,8 @@ def _balance(run: Path, cfg, classes: list[str], y_train: np.ndarray, logits: np
     leaning = [what for what, on in (("class weights", cfg.train.class_weight is not None),
                                      ("balanced sampling", cfg.train.sampling == "balanced")) if on]
     if leaning:
-        log(f"{run}: warning: it trained with {' and '.join(leaning)}, which already lean toward rare classes; "
-            "the offsets assume a model trained on the data as it is, and may overcorrect")
+        log(f"{run}: warning: it trained with {' and '.join(leaning)}, so its predictions already lean toward rare "
+            "classes; the offsets assume a model trained on the data as it is, and may overcorrect")
     if after < before:
         log(f"{run}: warning: balancing lowers the validation images' balanced accuracy ({before:.4f} -> "
             f"{after:.4f}); consider calibrating without --balance-classes")

@@ -255,6 +255,7 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--groups", help="CSV as audit --groups reads it: the comparison per group of each attribute")
     m.add_argument("--bootstrap", type=int, help="bootstrap resamples for the interval (default 1000)")
     _add_tta_arg(m)
+    _add_uncalibrated_arg(m)
     m.add_argument("--json", action="store_true", help="print the comparison as JSON")
     m.add_argument("--device", help="where the models run (default auto)")
     m.set_defaults(func=cmd_compare)
@@ -635,7 +636,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     sets = [is_runs_set(r) for r in (args.run_a, args.run_b)]
     if all(sets):  # two recipes, several seeds each: their summaries, no data needed
         used = ("data", "dataset", "allow_unverified", "skip_bad_images", "label_mode", "groups", "bootstrap",
-                "tta", "device")
+                "tta", "device", "uncalibrated")
         given = [f"--{k.replace('_', '-')}" for k in used if getattr(args, k) not in (None, False)]
         if given:
             raise ConfigError(f"{', '.join(given)}: two --runs folders are compared from their summaries, with no "
@@ -653,7 +654,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     check_same_classes(run_a, arch_a["classes"], run_b, arch_b["classes"])
     ds = _load_eval_data(args, run_a)
     result = compare_runs(run_a, run_b, ds, tta=args.tta, device=args.device or "auto", n_boot=n_boot,
-                          groups_csv=args.groups)
+                          groups_csv=args.groups, uncalibrated=args.uncalibrated)
     print(json_text(result) if args.json else format_comparison(result))
     return 0
 

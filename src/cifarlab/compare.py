@@ -114,14 +114,16 @@ def check_same_classes(run_a: Path, classes_a: list[str], run_b: Path, classes_b
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, ds: Dataset, tta: str | None = None, device: str = "auto",
-                 n_boot: int = 1000, seed: int = 0, groups_csv: str | Path | None = None) -> dict[str, Any]:
+                 n_boot: int = 1000, seed: int = 0, groups_csv: str | Path | None = None,
+                 uncalibrated: bool = False) -> dict[str, Any]:
     """Compare two run folders on ``ds``'s test images (see :func:`compare_predictions`), each
-    with its own test-time augmentation unless ``tta`` names one for both; ``groups_csv`` is a
-    groups file as ``cifarlab audit --groups`` reads it."""
+    with its own test-time augmentation unless ``tta`` names one for both, and with its own
+    calibration unless ``uncalibrated`` (a temperature changes no predicted class, but the class
+    offsets of ``cifarlab calibrate --balance-classes`` do); ``groups_csv`` is a groups file as
+    ``cifarlab audit --groups`` reads it."""
     check_bootstrap(n_boot)  # a bad setting should cost no prediction
     groups = read_groups(groups_csv, ds) if groups_csv is not None else None  # a bad file fails before any model runs
-    # only the predicted classes count here, which no temperature changes
-    models = [load_model(r, device, tta, uncalibrated=True) for r in (run_a, run_b)]
+    models = [load_model(r, device, tta, uncalibrated) for r in (run_a, run_b)]
     check_same_classes(models[0].run, models[0].classes, models[1].run, models[1].classes)
     for name, m in zip("AB", models):
         try:
@@ -130,8 +132,8 @@ def compare_runs(run_a: str | Path, run_b: str | Path, ds: Dataset, tta: str | N
             raise CifarlabError(f"run {name} ('{m.run}'): {e}") from None
     pred_a, pred_b = (predict_dataset(m, ds.x_test).argmax(1) for m in models)
     result = compare_predictions(ds.y_test, pred_a, pred_b, ds.classes, n_boot, seed, groups)
-    result.update({"a": {"run": str(models[0].run), "model": models[0].arch["model"], "tta": models[0].tta},
-                   "b": {"run": str(models[1].run), "model": models[1].arch["model"], "tta": models[1].tta},
+    result.update({**{k: {"run": str(m.run), "model": m.arch["model"], "tta": m.tta,
+                          "balanced_classes": m.class_offsets() is not None} for k, m in zip("ab", models)},
                    "data": ds.source})
     return result
 
@@ -219,6 +221,7 @@ def compare_run_sets(folder_a: str | Path, folder_b: str | Path) -> dict[str, An
     out = {"a": a, "b": b, "same_data": a["data"] == b["data"], "alpha": ALPHA,
            "p_value": welch_p(a["accuracies"], b["accuracies"])}
     out["per_class"], out["per_class_note"] = _per_class_tests(Path(folder_a), Path(folder_b))
+    out["balanced_runs"] = [s for s in (folder_a, folder_b) if _balanced(Path(s))]
     for side in (a, b):
         side.update(runs=len(side["accuracies"]), test_accuracy=describe(side["accuracies"]),
                     train_time_s=describe(side["times"]))
@@ -226,6 +229,22 @@ def compare_run_sets(folder_a: str | Path, folder_b: str | Path) -> dict[str, An
     ta, tb = a["train_time_s"]["mean"], b["train_time_s"]["mean"]
     out["time_ratio"] = tb / ta if ta > 0 else None
     return out
+
+
+def _balanced(folder: Path) -> bool:
+    """Whether a run of ``folder`` was calibrated with ``--balance-classes``, which changes its
+    predictions from those its training's figures were measured with."""
+    from .calibrate import CALIBRATION_FILE
+    from .export import runs_of
+
+    for run in runs_of(folder):
+        try:
+            levels = json.loads((run / CALIBRATION_FILE).read_text()).get("by_tta", {})
+        except (OSError, ValueError, AttributeError):
+            continue  # no file, or a damaged one: the commands that use it say so
+        if any(isinstance(e, dict) and e.get("balance_classes") for e in levels.values()):
+            return True
+    return False
 
 
 def format_run_sets(c: dict[str, Any]) -> str:
@@ -253,6 +272,10 @@ def format_run_sets(c: dict[str, Any]) -> str:
                      f"test on each class's accuracy over the runs; with few runs it finds only large differences)")
     elif c.get("per_class_note"):
         lines.append(f"Per class: not compared; {c['per_class_note']}")
+    for folder in c.get("balanced_runs", []):
+        lines.append(f"Note: runs of {folder} were calibrated with --balance-classes, which changes their "
+                     "predictions; these figures are training's, without it. Compare two single runs, or evaluate "
+                     "each folder (cifarlab evaluate FOLDER), for the balanced figures.")
     if not c["same_data"]:  # the same data may have been named by two paths: a note, not a refusal
         lines.append(f"Note: A was tested on {c['a']['data']} and B on {c['b']['data']}; the comparison holds only "
                      "if these are the same test images.")
@@ -269,8 +292,13 @@ def format_comparison(c: dict[str, Any]) -> str:
     verdict = (f"{'B' if c['difference'] > 0 else 'A'} is the more accurate on these images (p < {c['alpha']:g})"
                if p < c["alpha"] else f"no difference at the {c['alpha']:g} level: a split this uneven is common "
                "by chance")
-    lines = [f"A: {c['a']['run']} ({c['a']['model']}, tta {c['a']['tta']}): test accuracy {c['accuracy_a']:.4f}",
-             f"B: {c['b']['run']} ({c['b']['model']}, tta {c['b']['tta']}): test accuracy {c['accuracy_b']:.4f}",
+    def side(name: str) -> str:
+        s = c[name.lower()]
+        return (f"{name}: {s['run']} ({s['model']}, tta {s['tta']}"
+                + (", classes balanced by calibrate" if s.get("balanced_classes") else "")
+                + f"): test accuracy {c['accuracy_' + name.lower()]:.4f}")
+
+    lines = [side("A"), side("B"),
              f"B - A: {pct(c['difference'])} (95% interval {pct(lo)} to {pct(hi)}; paired bootstrap, "
              f"{c['bootstrap']} resamples)",
              f"On {c['images']:,} test images of {c['data']}: both right {c['both_right']:,}, only A {c['only_a']:,}, "

@@ -413,3 +413,17 @@ def test_a_reader_that_stops_early_ends_the_command_quietly():
     err = p.stderr.read().decode()
     p.stderr.close()
     assert p.wait() == 141 and err == "", err
+
+
+def test_commands_refuse_an_unfinished_run_before_loading_data(trained_run, tmp_path, capsys):
+    import shutil
+
+    done = tmp_path / "done"
+    shutil.copytree(trained_run, done)
+    (trained_run / "weights.safetensors").unlink()  # as a run stopped before its first epoch ended
+    missing = str(tmp_path / "no-such-data")  # loading it would fail with another message
+    for argv in (["evaluate", str(trained_run)], ["calibrate", str(trained_run)], ["audit", str(trained_run)],
+                 ["compare", str(done), str(trained_run)], ["compare", str(trained_run), str(done)]):
+        assert main([*argv, "--data", missing]) == 2
+        err = capsys.readouterr().err
+        assert f"run folder '{trained_run}' has no weights.safetensors" in err and "--resume" in err

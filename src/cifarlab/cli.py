@@ -417,9 +417,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_eval_data(args: argparse.Namespace, run: Path):
+    """The data a command evaluates ``run`` (a run, or a ``--runs N`` folder) on: ``--data``, or
+    the run's own, read as it was trained on."""
     from .config import load_run_config
     from .data import load_dataset
+    from .export import check_weights
 
+    if (run / "architecture.json").is_file():  # one run: an unfinished one is refused before the data loads
+        check_weights(run)
     cfg = load_run_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
     data = args.data or (cfg.data.data if cfg else None)
     if not args.data and data and not Path(data).exists():
@@ -630,7 +635,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """``cifarlab compare``."""
     from .audit import CLI_NAMES, check_bootstrap
     from .compare import check_same_classes, compare_run_sets, compare_runs, format_comparison, format_run_sets
-    from .export import is_runs_set, read_run
+    from .export import check_weights, is_runs_set, read_run
     from .fsutil import json_text
 
     sets = [is_runs_set(r) for r in (args.run_a, args.run_b)]
@@ -651,6 +656,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     n_boot = 1000 if args.bootstrap is None else args.bootstrap
     check_bootstrap(n_boot, CLI_NAMES)  # these checks before the data is loaded
     (run_a, arch_a), (run_b, arch_b) = read_run(args.run_a), read_run(args.run_b)
+    check_weights(run_b)  # run A's before its data loads
     check_same_classes(run_a, arch_a["classes"], run_b, arch_b["classes"])
     ds = _load_eval_data(args, run_a)
     result = compare_runs(run_a, run_b, ds, tta=args.tta, device=args.device or "auto", n_boot=n_boot,

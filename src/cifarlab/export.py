@@ -322,6 +322,16 @@ class Predictor:
         return self.probabilities(self.logits(images, batch_size, tta), tta)
 
 
+def check_weights(run: Path) -> Path:
+    """The path of the run's ``weights.safetensors``; refused, naming how to finish it, where
+    its training has not written them yet. Commands call it before loading their data too."""
+    weights = run / "weights.safetensors"
+    if not weights.is_file():
+        raise CifarlabError(f"run folder '{run}' has no weights.safetensors; did its training finish? "
+                            f"(resume it with: cifarlab train --resume {run})")
+    return weights
+
+
 def load_model(run: str | Path, device: str = "cpu", tta: str | None = None,
                uncalibrated: bool = False) -> Predictor:
     """Rebuild a trained model from its run folder (architecture.json + weights.safetensors).
@@ -337,10 +347,7 @@ def load_model(run: str | Path, device: str = "cpu", tta: str | None = None,
 
     run, arch = read_run(run)
     tta = run_tta(run) if tta is None else tta  # checked by Predictor
-    weights = run / "weights.safetensors"
-    if not weights.is_file():
-        raise CifarlabError(f"run folder '{run}' has no weights.safetensors; did its training finish? "
-                            f"(resume it with: cifarlab train --resume {run})")
+    weights = check_weights(run)
     model = create_model(arch["model"], **arch.get("model_kwargs", {}))
     load_weights(model, weights)
     dev = select_device(device)

@@ -12,8 +12,8 @@ cifarlab fits T on the run's own validation images, which its ``config.yaml`` na
 result is ``RUN/calibration.json``, one temperature per test-time augmentation level, since
 averaging the logits over flipped and shifted copies changes their scale, each tied by SHA-256
 to the weights it was fitted to: weights trained on since are refused, not misread.
-``load_model``, ``evaluate``, ``predict``, ``audit`` and ``export`` then use the temperature of
-their level; ``uncalibrated`` (``--uncalibrated``) leaves it out.
+``load_model``, ``evaluate``, ``predict``, ``audit``, ``compare`` and ``export`` then use the
+temperature of their level; ``uncalibrated`` (``--uncalibrated``) leaves it out.
 
 Where the training classes were unequal in size, ``balance_classes`` (``--balance-classes``)
 also corrects the calibrated probabilities for that: a model fitted to data where a class is
@@ -123,7 +123,7 @@ def read_calibration(run: str | Path, classes: list[str] | None = None) -> dict[
         t = entry.get("temperature") if isinstance(entry, dict) else None
         if level not in TTA_LEVELS or not _positive_number(t):
             raise CifarlabError(f"{path}: entry {level!r} has temperature {t!r}; expected a test-time augmentation "
-                                f"level ({', '.join(TTA_LEVELS)}) with a positive number. {again[0].upper()}{again[1:]}")
+                                f"level ({', '.join(TTA_LEVELS)}) with a positive number; {again}")
         if entry.get("weights_sha256") != digest:
             raise CifarlabError(f"{path}: its temperature for {level!r} was fitted to other weights than the run's "
                                 f"(trained on since?); calibrate it again with: cifarlab calibrate {Path(run)} "
@@ -133,8 +133,12 @@ def read_calibration(run: str | Path, classes: list[str] | None = None) -> dict[
     return out
 
 
+def _finite(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
 def _positive_number(v: Any) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+    return _finite(v) and v > 0
 
 
 def _offsets(balance: Any, classes: list[str], where: str, again: str) -> tuple[float, ...] | None:
@@ -143,8 +147,7 @@ def _offsets(balance: Any, classes: list[str], where: str, again: str) -> tuple[
     if balance is None:
         return None
     got = balance.get("class_offsets") if isinstance(balance, dict) else None
-    if not isinstance(got, dict) or sorted(got) != sorted(classes) or not all(
-            not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) for v in got.values()):
+    if not isinstance(got, dict) or sorted(got) != sorted(classes) or not all(map(_finite, got.values())):
         raise CifarlabError(f"{where} has class offsets {str(got)[:80]}; expected a finite number for each of the "
                             f"model's classes ({short_list(classes, 5)}); {again}")
     return tuple(float(got[c]) for c in classes)

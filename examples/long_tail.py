@@ -1,4 +1,5 @@
-"""Make a long-tailed copy of an image-folder data set, to try ``cifarlab train --class-weight``:
+"""Make a long-tailed copy of an image-folder data set, to try ``cifarlab train --class-weight``
+(or ``--sampling balanced``, or ``cifarlab calibrate --balance-classes`` after training):
 class k of K (in sorted order) keeps n * RATIO ** (-k / (K - 1)) of its training images, where n
 is the count of the largest class, so the first class keeps all of them and the last 1/RATIO of
 them (Cui et al., 2019, "Class-Balanced Loss Based on Effective Number of Samples": RATIO 100 of

@@ -1119,8 +1119,10 @@ def test_balanced_sampling_draws_every_class_equally_often_and_is_recorded(tmp_p
         f.unlink()
     assert main(["train", "--data", str(data), "--model", "keras-shallow", "--batch-size", "8", "--epochs", "1",
                  "--threads", "1", "--sampling", "balanced", "--out", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
     assert "each epoch draws 20 of the training images with replacement, every class equally likely " \
-           "(train.sampling balanced): about 7 draws per class" in capsys.readouterr().out
+           "(train.sampling balanced): about 7 draws per class" in out
+    assert "--balance-classes" not in out  # its sampling already leans toward the rare class
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["sampling"] == "balanced"
     assert main(["audit", str(tmp_path / "b"), "--bootstrap", "100"]) == 0
     assert "- Training images drawn class-balanced: each epoch as many draws as images" in \
@@ -1143,7 +1145,8 @@ def test_unequal_validation_classes_add_the_balanced_accuracy_which_early_stoppi
     common = ["--model", "keras-shallow", "--batch-size", "8", "--threads", "1", "--val-split", "0.25"]
     equal = make_image_folder(tmp_path / "eq", n_train=8, n_test=2)  # 2 validation images a class
     assert main(["train", "--data", str(equal), *common, "--epochs", "1", "--out", str(tmp_path / "e")]) == 0
-    assert "val_balanced_accuracy" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "val_balanced_accuracy" not in out and "--balance-classes" not in out
     assert "val_balanced_accuracy" not in json.loads((tmp_path / "e" / "history.json").read_text())[0]
 
     unequal = make_image_folder(tmp_path / "uneq", n_train=8, n_test=2)
@@ -1155,6 +1158,8 @@ def test_unequal_validation_classes_add_the_balanced_accuracy_which_early_stoppi
     history = json.loads((tmp_path / "u" / "history.json").read_text())
     values = [h["val_balanced_accuracy"] for h in history]
     assert f"val_accuracy: {history[0]['val_accuracy']:.4f} - val_balanced_accuracy: {values[0]:.4f}" in out
+    assert ("note: its training classes were unequal (3 to 6 images); to predict as if they were equally likely, "
+            f"as in a balanced test set: cifarlab calibrate {tmp_path / 'u'} --balance-classes") in out
     es = json.loads((tmp_path / "u" / "metrics.json").read_text())["early_stopping"]
     assert es["monitor"] == "val_balanced_accuracy" and es["best_val_balanced_accuracy"] == max(values)
     assert values.index(max(values)) + 1 == es["best_epoch"]

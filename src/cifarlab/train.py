@@ -866,8 +866,23 @@ def _finish(cfg: Config, run: Path, ds: Dataset, arrays: Arrays, st: _Setup, loo
     write_json(run / "metrics.json", metrics)
     log(f"Test score: {metrics['test_loss']:.4f}")
     log(f"Test accuracy: {metrics['test_accuracy']:.4f}")
+    hint = _balance_hint(cfg, metrics["data"].get("train_per_class") or {}, run)
+    if hint:
+        log(hint)
     metrics["run"] = str(run)
     return metrics
+
+
+def _balance_hint(cfg: Config, per_class: dict[str, int], run: Path, ratio: float = 2.0) -> str | None:
+    """A pointer to ``cifarlab calibrate --balance-classes`` for a run trained on the data as it
+    is (no class weights, no balanced sampling), with validation images to calibrate on, whose
+    largest training class had at least ``ratio`` times the images of its smallest."""
+    counts = [n for n in per_class.values() if n]
+    if (not counts or max(counts) < ratio * min(counts) or not cfg.data.val_split
+            or cfg.train.class_weight is not None or cfg.train.sampling != "shuffle"):
+        return None
+    return (f"note: its training classes were unequal ({min(counts):,} to {max(counts):,} images); to predict as if "
+            f"they were equally likely, as in a balanced test set: cifarlab calibrate {run} --balance-classes")
 
 
 def _class_weight_summary(cfg: Config, ds: Dataset, weights: torch.Tensor) -> dict[str, Any]:

@@ -289,7 +289,7 @@ def _add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
                        description="Temperature scaling (Guo et al., 2017): fit the one number T that the logits are "
                                    "divided by before the softmax, minimising the loss on the run's own validation "
                                    "images (never the test images), and record it in RUN/calibration.json. "
-                                   "evaluate, predict, audit and export then use it (--uncalibrated leaves it out). "
+                                   "evaluate, predict, audit, compare and export then use it (--uncalibrated leaves it out). "
                                    "The predicted classes, and every accuracy, stay the same, unless "
                                    "--balance-classes is given. The data is the run's own unless --data is given; "
                                    "it must be the data the run was trained on.")

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from cifarlab.errors import ConfigError
-from cifarlab.losses import class_weights, cross_entropy
+from cifarlab.losses import class_weights, cross_entropy, logit_offsets
 
 CLASSES = ["cat", "dog", "frog"]
 
@@ -68,3 +68,28 @@ def test_a_weight_of_zero_leaves_that_class_out_of_the_gradient():
     cross_entropy(logits, LABELS, 0.0, torch.tensor([1.0, 0.0, 1.0])).backward()
     assert torch.equal(logits.grad[2], torch.zeros(3))  # the one example of class 1
     assert logits.grad[[0, 1, 3]].abs().sum() > 0
+
+
+def test_logit_offsets_are_tau_times_the_log_training_shares():
+    y = np.array([0] * 6 + [1] * 3 + [2] * 1)
+    np.testing.assert_allclose(logit_offsets(1.0, y, ["a", "b", "c"]).numpy(), np.log([0.6, 0.3, 0.1]), rtol=1e-6)
+    np.testing.assert_allclose(logit_offsets(0.5, torch.from_numpy(y), ["a", "b", "c"]).numpy(),
+                               0.5 * np.log([0.6, 0.3, 0.1]), rtol=1e-6)
+    assert logit_offsets(0.0, y, ["a", "b", "c"]) is None
+    with pytest.raises(ConfigError, match=r"logit_adjustment = 1 needs training images of every class, and d has none"):
+        logit_offsets(1.0, y, ["a", "b", "c", "d"])
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_logit_adjusted_cross_entropy_is_that_of_the_shifted_logits(smoothing):
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(16, 3, generator=g).bfloat16(), torch.randint(0, 3, (16,), generator=g)
+    offset = torch.log(torch.tensor([0.7, 0.2, 0.1]))
+    want = torch.nn.functional.cross_entropy(logits.float() + offset, y, label_smoothing=smoothing)
+    assert cross_entropy(logits, y, smoothing, logit_offset=offset).item() == pytest.approx(want.item(), rel=1e-6)
+    w = torch.tensor([1.0, 2.0, 3.0])  # with class weights too, the weighting of the shifted logits' losses
+    per = torch.nn.functional.cross_entropy(logits.float() + offset, y, label_smoothing=smoothing, reduction="none")
+    assert cross_entropy(logits, y, smoothing, w, offset).item() == pytest.approx((per * w[y]).mean().item(), rel=1e-6)
+    # a rare class's logit is lowered in the loss, so a rare example's loss rises: the push to predict it
+    rare = torch.tensor([2])
+    assert cross_entropy(torch.zeros(1, 3), rare, logit_offset=offset) > cross_entropy(torch.zeros(1, 3), rare)

@@ -1055,9 +1055,10 @@ def test_class_weight_balanced_weighs_each_step_and_is_recorded(tmp_path, monkey
     seen: list = []
     real = train_mod.cross_entropy
 
-    def spy(logits, y, label_smoothing=0.0, class_weight=None):
+    def spy(logits, y, label_smoothing=0.0, class_weight=None, logit_offset=None):
+        assert logit_offset is None
         seen.append(None if class_weight is None else class_weight.tolist())
-        return real(logits, y, label_smoothing, class_weight)
+        return real(logits, y, label_smoothing, class_weight, logit_offset)
 
     monkeypatch.setattr(train_mod, "cross_entropy", spy)
     common = ["--data", str(data), "--model", "keras-shallow", "--batch-size", "8", "--val-split", "0.2",
@@ -1095,6 +1096,56 @@ def test_class_weight_balanced_weighs_each_step_and_is_recorded(tmp_path, monkey
     assert main(["train", *common, "--class-weight", "lion=2", "--out", str(tmp_path / "bad")]) == 2
     assert "names class 'lion', which this data does not have; its classes are cat, dog, frog" in \
         capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_logit_adjusted_loss_shifts_each_step_and_is_recorded(tmp_path, monkeypatch, capsys):
+    """--logit-adjustment TAU: every training step's loss sees the logits plus TAU x log(the
+    training split's class shares); the log, metrics.json and the model card say so; calibrate
+    --balance-classes warns that the run already leans toward rare classes. It is refused with
+    the other remedies, and for a negative TAU."""
+    import cifarlab.train as train_mod
+    from cifarlab.cli import main
+
+    data = make_image_folder(tmp_path / "d", n_train=10, n_test=2)
+    for f in sorted((data / "train" / "frog").iterdir())[5:]:
+        f.unlink()  # 10 cats, 10 dogs, 5 frogs
+    seen: list = []
+    real = train_mod.cross_entropy
+
+    def spy(logits, y, label_smoothing=0.0, class_weight=None, logit_offset=None):
+        seen.append(None if logit_offset is None else logit_offset.tolist())
+        return real(logits, y, label_smoothing, class_weight, logit_offset)
+
+    monkeypatch.setattr(train_mod, "cross_entropy", spy)
+    common = ["--data", str(data), "--model", "keras-shallow", "--batch-size", "8", "--val-split", "0.2",
+              "--epochs", "1", "--threads", "1"]
+    assert main(["train", *common, "--logit-adjustment", "0.5", "--out", str(tmp_path / "la")]) == 0
+    want = (0.5 * np.log(np.array([8, 8, 4]) / 20)).tolist()  # the shares after the stratified validation split
+    assert len(seen) == 3 and all(o == pytest.approx(want, rel=1e-6) for o in seen)
+    out = capsys.readouterr().out
+    assert "logit-adjusted loss (train.logit_adjustment 0.5): each logit plus 0.5 x log(its class's training " \
+           "share), from -0.805 to -0.458" in out
+    assert "--balance-classes" not in out  # the loss already balanced it
+    m = json.loads((tmp_path / "la" / "metrics.json").read_text())
+    assert m["logit_adjustment"]["tau"] == 0.5
+    assert list(m["logit_adjustment"]["offsets"].values()) == pytest.approx(want, rel=1e-6)
+    assert main(["audit", str(tmp_path / "la"), "--bootstrap", "100"]) == 0
+    assert "- Logit-adjusted training loss (tau 0.5, Menon et al., 2021)" in \
+        (tmp_path / "la" / "audit" / "MODEL_CARD.md").read_text()
+    capsys.readouterr()
+    assert main(["calibrate", str(tmp_path / "la"), "--balance-classes"]) == 0
+    assert "warning: it trained with a logit-adjusted loss, so its predictions already lean toward rare " \
+           "classes" in capsys.readouterr().out
+    seen.clear()
+    assert main(["train", *common, "--out", str(tmp_path / "plain")]) == 0
+    assert seen == [None] * 3 and "logit_adjustment" not in json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    for bad, why in ((["--logit-adjustment", "1", "--class-weight", "balanced"], "favoured twice over"),
+                     (["--logit-adjustment", "1", "--sampling", "balanced"], "favoured twice over"),
+                     (["--logit-adjustment", "-1"], "it must be a number of 0 or more")):
+        assert main(["train", *common, *bad, "--out", str(tmp_path / "bad")]) == 2
+        assert f"train.logit_adjustment = {float(bad[1])!r} is not valid; " in (err := capsys.readouterr().err)
+        assert why in err
     assert not (tmp_path / "bad").exists()
 
 

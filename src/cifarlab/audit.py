@@ -680,7 +680,7 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
         "classes": pred.classes,
         # runs trained before these were recorded have neither
         "per_class": m.get("data", {}).get("train_per_class"), "class_weight": m.get("class_weight"),
-        "sampling": m.get("sampling"),
+        "sampling": m.get("sampling"), "logit_adjustment": m.get("logit_adjustment"),
         "licence": "CIFAR-10/100 carry no explicit licence; the images were collected from the web (80 Million Tiny "
                    "Images) without the consent of the people photographed or the photographers" if is_cifar10 else TO_FILL,
         "consent": "not obtained: web-scraped images" if is_cifar10 else TO_FILL,
@@ -797,11 +797,11 @@ def _origin_lines(d: dict) -> list[str]:
     return [f"- Recipe: `{d['recipe']}`; optimizer: `{opt.get('name')}`, epochs: {epochs}"]
 
 
-def _balance_lines(per_class: dict[str, int] | None, class_weight: dict | None, sampling: str | None = None
-                   ) -> list[str]:
+def _balance_lines(per_class: dict[str, int] | None, class_weight: dict | None, sampling: str | None = None,
+                   logit_adjustment: dict | None = None) -> list[str]:
     """The model card's lines on how many images each class trained on, and on what made up for
-    their differences (the loss's class weights, or class-balanced sampling): a class seen less
-    is usually recognised worse, which the per-class metrics then show."""
+    their differences (the loss's class weights, class-balanced sampling, or the logit-adjusted
+    loss): a class seen less is usually recognised worse, which the per-class metrics then show."""
     lines = []
     if per_class:
         low, high = min(per_class.values()), max(per_class.values())
@@ -824,6 +824,10 @@ def _balance_lines(per_class: dict[str, int] | None, class_weight: dict | None, 
     if sampling == "balanced":
         lines.append("- Training images drawn class-balanced: each epoch as many draws as images, with replacement, "
                      "every class equally likely, so a rare class's images were each seen several times an epoch")
+    if logit_adjustment:
+        lines.append(f"- Logit-adjusted training loss (tau {logit_adjustment['tau']:g}, Menon et al., 2021): the loss "
+                     "saw each logit plus tau x log(its class's training share), so the model's predictions treat the "
+                     "classes as equally likely")
     return lines
 
 
@@ -861,7 +865,8 @@ def model_card_markdown(card: dict) -> str:
              if td["size"].get("train_images") is not None else f"- Size: {TO_FILL}",
              f"- Classes: {short_list(td['classes'], 20)}",
              f"- Licence: {td['licence']}", f"- Consent: {td['consent']}", f"- Label caveats: {td['label_caveats']}",
-             *_balance_lines(td.get("per_class"), td.get("class_weight"), td.get("sampling")),
+             *_balance_lines(td.get("per_class"), td.get("class_weight"), td.get("sampling"),
+                             td.get("logit_adjustment")),
              *_started_from_lines(td.get("started_from")), "",
              "## Evaluation data", "", f"- Source: `{ev['source']}`, {ev['size']} images; {ev['note']}", "",
              "## Metrics", "", f"Overall accuracy **{o['accuracy']:.4f}**, loss {o['loss']:.4f}, top-{o['top_k']['k']} "

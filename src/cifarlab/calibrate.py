@@ -261,7 +261,8 @@ def _balance(run: Path, cfg, classes: list[str], y_train: np.ndarray, logits: np
         log(f"{run}: its training classes were equal in size ({counts[0]:,} images each); there is nothing to "
             "balance, and the offsets are 0")
     leaning = [what for what, on in (("class weights", cfg.train.class_weight is not None),
-                                     ("balanced sampling", cfg.train.sampling == "balanced")) if on]
+                                     ("balanced sampling", cfg.train.sampling == "balanced"),
+                                     ("a logit-adjusted loss", bool(cfg.train.logit_adjustment))) if on]
     if leaning:
         log(f"{run}: warning: it trained with {' and '.join(leaning)}, so its predictions already lean toward rare "
             "classes; the offsets assume a model trained on the data as it is, and may overcorrect")

@@ -35,7 +35,7 @@ _TRAIN_OPTIONS = (
     "compile", "compile_mode", "cuda_graph", "cpu_kernels", "select_fraction", "early_stopping",
     "early_stopping_monitor", "early_stopping_min_delta", "reduce_lr_on_plateau", "reduce_lr_factor", "min_lr",
     "reduce_lr_monitor", "reduce_lr_min_delta", "reduce_lr_cooldown", "schedule", "init_from", "freeze_epochs",
-    "class_weight", "sampling",
+    "class_weight", "sampling", "logit_adjustment",
 )
 
 
@@ -134,6 +134,11 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--sampling", choices=SAMPLINGS,
                    help="how each epoch orders the training images: shuffle (default: each once) or balanced "
                         "(as many draws with replacement, every class equally likely; instead of --class-weight)")
+    g.add_argument("--logit-adjustment", type=float, metavar="TAU",
+                   help="the logit-adjusted loss (Menon et al., 2021), for classes of unequal size: the loss sees "
+                        "each logit plus TAU x log(its class's training share), so predictions treat the classes "
+                        "as equally likely (1: as published; default 0, off; instead of --class-weight and "
+                        "--sampling balanced)")
     g.add_argument("--tta", choices=TTA_LEVELS, help="test-time augmentation for the final test")
     g.add_argument("--runs", type=int, help="train N times (seeds seed..seed+N-1); report mean/std/min/max")
     g.add_argument("--early-stopping", type=int, metavar="PATIENCE",

@@ -163,6 +163,11 @@ class TrainConfig:
     # rare classes' images are seen several times an epoch, common ones' not all; PyTorch's
     # WeightedRandomSampler). An alternative to class_weight, not to be combined with it.
     sampling: str = "shuffle"
+    # tau of the logit-adjusted loss (Menon et al., 2021): the training loss sees each logit plus
+    # tau x log(the class's share of the training images), so that predictions from the plain
+    # logits treat the classes as equally likely; 0: off (the notebook), 1: the paper's choice.
+    # Another alternative to class_weight and balanced sampling, not to be combined with them.
+    logit_adjustment: float = 0.0
     # fp32 | bf16 (autocast; 14x slower on an AVX2 CPU without bf16 units) | fp16 (autocast, CUDA
     # only) | bf16-true | fp16-true (CUDA only): half-precision weights, batch norms in float32
     precision: str = "fp32"
@@ -511,6 +516,13 @@ def validate(cfg: Config) -> None:
     if cfg.train.sampling == "balanced" and cw is not None:
         bad("train.sampling", cfg.train.sampling, "with train.class_weight set too, rare classes would be favoured "
             "twice over (drawn more often and weighed more); choose one of them")
+    la = cfg.train.logit_adjustment
+    if isinstance(la, bool) or not isinstance(la, (int, float)) or not math.isfinite(la) or la < 0:
+        bad("train.logit_adjustment", la, "it must be a number of 0 or more (1: the logit-adjusted loss as "
+            "published; 0: off)")
+    if la and (cw is not None or cfg.train.sampling == "balanced"):
+        bad("train.logit_adjustment", la, "with train.class_weight or train.sampling balanced set too, rare "
+            "classes would be favoured twice over; choose one of them")
     if not 0 <= cfg.train.label_smoothing < 1:
         bad("train.label_smoothing", cfg.train.label_smoothing, "it must lie in [0, 1)")
     if cfg.train.tta not in TTA_LEVELS:

@@ -5,6 +5,11 @@ Class weights answer a training set whose classes are not equally common: unweig
 with a tenth of the images gets a tenth of the say in every gradient, and the model learns to
 guess it less often. ``balanced`` weighs each class by n_samples / (n_classes x its count), so
 every class weighs the same in total (scikit-learn's and Keras' usual choice).
+
+The logit-adjusted loss (Menon et al., 2021, "Long-tail learning via logit adjustment") answers
+it another way: the loss sees each logit plus tau x log(the class's training share), so the
+model's own logits need not carry the classes' shares and learn what tells the classes apart;
+predictions, from the plain logits, then treat the classes as equally likely (for tau = 1).
 """
 
 from __future__ import annotations
@@ -59,14 +64,33 @@ def class_weights(spec: str | Mapping[str, float] | None, labels: np.ndarray | t
     return out
 
 
+def logit_offsets(tau: float, labels: np.ndarray | torch.Tensor, classes: Sequence[str]) -> torch.Tensor | None:
+    """tau x log(each class's share of the training ``labels``), float32 on the CPU: what the
+    logit-adjusted loss adds to the logits (``train.logit_adjustment``); None for tau 0. A
+    class without training images is refused, its offset being minus infinity."""
+    if not tau:
+        return None
+    y = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    counts = np.bincount(y, minlength=len(classes))
+    if empty := [classes[i] for i in np.flatnonzero(counts == 0)]:
+        raise ConfigError(f"train.logit_adjustment = {tau:g} needs training images of every class, and "
+                          f"{short_list(empty)} {'has' if len(empty) == 1 else 'have'} none here; leave it out "
+                          "or train on other data")
+    return torch.tensor(tau * np.log(counts / counts.sum()), dtype=torch.float32)
+
+
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0,
-                  class_weight: torch.Tensor | None = None) -> torch.Tensor:
+                  class_weight: torch.Tensor | None = None,
+                  logit_offset: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy of ``logits`` (computed in float32) against class indices ``y``, as
     Keras' categorical cross-entropy on a softmax. With ``class_weight``, each example's loss
     is multiplied by its class's weight and the sum divided by the batch size, as Keras reduces
     a sample-weighted loss ("sum_over_batch_size"): a batch of rare classes counts for more than
-    one of common classes, where PyTorch's ``weight=`` would divide by the batch's summed weights."""
+    one of common classes, where PyTorch's ``weight=`` would divide by the batch's summed weights.
+    With ``logit_offset`` (one per class, :func:`logit_offsets`), the loss is that of the logits
+    plus the offsets: the logit-adjusted loss."""
+    logits = logits.float() if logit_offset is None else logits.float() + logit_offset
     if class_weight is None:
-        return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-    per_example = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="none")
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    per_example = F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="none")
     return (per_example * class_weight[y]).mean()

@@ -29,7 +29,7 @@ from .errors import CifarlabError, short_list
 from .evaluate import balanced_accuracy, describe, unequal_classes
 from .export import finished_metrics, normalize, preprocess, save_architecture, save_weights, tta_logits
 from .fsutil import new_run_folder, undo_on_failure, write_json, write_text
-from .losses import class_weights, cross_entropy
+from .losses import class_weights, cross_entropy, logit_offsets
 from .models import classifier_tensors, create_model
 from .optim import build_optimizer, param_groups
 from .selection import HardExampleSelector, kept_count
@@ -103,7 +103,8 @@ def steps_per_epoch(n_train: int, cfg: Config) -> int:
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                y: torch.Tensor, label_smoothing: float = 0.0, autocast=None,
                cpu_kernels: bool = False, loss_scale: float = 1.0,
-               class_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               class_weight: torch.Tensor | None = None,
+               logit_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a prepared batch; returns (summed loss, correct count) as
     device tensors, so the caller can accumulate without a GPU-to-CPU sync every step.
     ``cpu_kernels`` uses cifarlab's own CPU kernels (:mod:`cifarlab.cpu_kernels`: dropout, ReLU
@@ -113,11 +114,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     ``loss_scale`` multiplies the loss before the backward pass and divides the gradients
     after it (see :func:`runtime.loss_scale`). ``class_weight`` (one weight per class) weighs
     each example's loss by its class, as Keras' ``class_weight`` (:func:`losses.cross_entropy`);
-    the summed loss returned is then the weighted one, as Keras logs it."""
+    the summed loss returned is then the weighted one, as Keras logs it. ``logit_offset`` makes
+    the loss the logit-adjusted one (:func:`losses.logit_offsets`); the correct count is that of
+    the plain logits, as predictions use them."""
     with autocast or nullcontext(), kernels.kernel_mode(cpu_kernels):
         logits = model(x)
         # categorical cross-entropy on softmax(logits), as Keras; optionally with label smoothing
-        loss = cross_entropy(logits, y, label_smoothing, class_weight)
+        loss = cross_entropy(logits, y, label_smoothing, class_weight, logit_offset)
     optimizer.zero_grad(set_to_none=True)
     if loss_scale == 1:
         loss.backward()
@@ -146,10 +149,12 @@ class GraphedStep:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, label_smoothing: float = 0.0,
-                 autocast=None, warmup: int = 3, loss_scale: float = 1.0, class_weight: torch.Tensor | None = None):
+                 autocast=None, warmup: int = 3, loss_scale: float = 1.0, class_weight: torch.Tensor | None = None,
+                 logit_offset: torch.Tensor | None = None):
         self.model, self.optimizer, self.label_smoothing = model, optimizer, label_smoothing
         self.autocast, self.warmup, self.loss_scale = autocast, warmup, loss_scale
-        self.class_weight = class_weight  # read by the graph from its fixed address: never replaced
+        # read by the graph from their fixed addresses: never replaced
+        self.class_weight, self.logit_offset = class_weight, logit_offset
         self.steps = self.largest = 0
         self.replay: Callable[[], None] | None = None
         self.static: tuple[torch.Tensor, ...] = ()  # input x, y, then the outputs (loss sum, correct)
@@ -157,7 +162,7 @@ class GraphedStep:
     def eager(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One ordinary step."""
         return train_step(self.model, self.optimizer, x, y, self.label_smoothing, self.autocast,
-                          loss_scale=self.loss_scale, class_weight=self.class_weight)
+                          loss_scale=self.loss_scale, class_weight=self.class_weight, logit_offset=self.logit_offset)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One step on ``x``, ``y``; returns (summed loss, correct count) as device tensors, which
@@ -541,6 +546,7 @@ class _Setup:
     plateau: Plateau | None = None  # cuts the lr when the validation loss stops falling (None: off)
     fresh: dict[str, str] | None = None  # with model.init_from: the tensors not copied from that run, and why
     class_weight: torch.Tensor | None = None  # train.class_weight's weight per class, on the device (None: off)
+    logit_offset: torch.Tensor | None = None  # train.logit_adjustment's offset per class, on the device (None: off)
 
 
 def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps_per_epoch: int,
@@ -599,9 +605,12 @@ def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps
     lookahead = Lookahead(model) if cfg.train.lookahead_every else None
     weights = class_weights(cfg.train.class_weight, arrays.y_train, ds.classes)
     weights = weights.to(device) if weights is not None else None
-    selector = _selector(cfg, proxy, device, fmt, steps_per_epoch, plateau, weights) if proxy is not None else None
+    offsets = logit_offsets(cfg.train.logit_adjustment, arrays.y_train, ds.classes)
+    offsets = offsets.to(device) if offsets is not None else None
+    selector = _selector(cfg, proxy, device, fmt, steps_per_epoch, plateau, weights, offsets) \
+        if proxy is not None else None
     return _Setup(model, optimizer, scheduler, augmenter, prep, lookahead, model_kwargs,
-                  sum(p.numel() for p in model.parameters()), init_time, selector, plateau, fresh, weights)
+                  sum(p.numel() for p in model.parameters()), init_time, selector, plateau, fresh, weights, offsets)
 
 
 def _scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
@@ -629,12 +638,12 @@ def _trained_per_step(cfg: Config) -> int:
 
 
 def _selector(cfg: Config, proxy: nn.Module, device: torch.device, fmt: torch.memory_format,
-              steps_per_epoch: int, plateau: Plateau | None = None,
-              class_weight: torch.Tensor | None = None) -> HardExampleSelector:
+              steps_per_epoch: int, plateau: Plateau | None = None, class_weight: torch.Tensor | None = None,
+              logit_offset: torch.Tensor | None = None) -> HardExampleSelector:
     """The hard-example selector around ``proxy`` (whitened already): prepared as the model is
     (precision, memory format ``fmt``), with an optimizer and schedule of its own built from the run's
-    settings, its loss weighted by ``class_weight`` as the model's (its scores, the examples'
-    hardness, are not). Its whitening bias stays fixed, as airbench96_faster's proxy's. It runs
+    settings, its loss weighted by ``class_weight`` and adjusted by ``logit_offset`` as the model's
+    (its scores, the examples' hardness, are not). Its whitening bias stays fixed, as airbench96_faster's proxy's. It runs
     eagerly: ``train.compile`` compiles the model only."""
     bias = getattr(getattr(proxy, "whiten", None), "bias", None)
     if bias is not None:
@@ -644,7 +653,7 @@ def _selector(cfg: Config, proxy: nn.Module, device: torch.device, fmt: torch.me
     optimizer = build_optimizer(param_groups(proxy, cfg.optim), cfg.optim)
     autocast = runtime.autocast(device, cfg.train.precision)
     step = functools.partial(train_step, proxy, optimizer, label_smoothing=cfg.train.label_smoothing,
-                             autocast=autocast, class_weight=class_weight,
+                             autocast=autocast, class_weight=class_weight, logit_offset=logit_offset,
                              loss_scale=runtime.loss_scale(cfg.train.precision, _trained_per_step(cfg)))
     return HardExampleSelector(proxy, optimizer, _scheduler(cfg, optimizer, steps_per_epoch, plateau), step,
                                cfg.train.select_fraction, cfg.train.select_backward_every,
@@ -807,6 +816,10 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
             f"{len(arrays.x_val):,} validation, {len(arrays.x_test):,} test images")
         if st.class_weight is not None:
             log(_class_weight_note(cfg, ds, st.class_weight))
+        if st.logit_offset is not None:
+            log(f"logit-adjusted loss (train.logit_adjustment {cfg.train.logit_adjustment:g}): each logit plus "
+                f"{cfg.train.logit_adjustment:g} x log(its class's training share), from "
+                f"{float(st.logit_offset.min()):.3g} to {float(st.logit_offset.max()):.3g}")
         if cfg.train.sampling == "balanced":
             present = int(arrays.y_train.unique().numel())
             log(f"each epoch draws {n:,} of the training images with replacement, every class equally likely "
@@ -860,6 +873,9 @@ def _finish(cfg: Config, run: Path, ds: Dataset, arrays: Arrays, st: _Setup, loo
         metrics["early_stopping"] = loop.stopping.summary()
     if st.class_weight is not None:
         metrics["class_weight"] = _class_weight_summary(cfg, ds, st.class_weight)
+    if st.logit_offset is not None:  # for the model card and calibrate, beside the images per class
+        metrics["logit_adjustment"] = {"tau": cfg.train.logit_adjustment, "offsets": {
+            c: float(f"{v:.7g}") for c, v in zip(ds.classes, st.logit_offset.cpu().tolist())}}
     metrics["sampling"] = cfg.train.sampling  # for the model card, beside the images per class
     # the conv gradients too: float32 only, so never under bf16 autocast
     metrics["cpu_conv_kernel"] = loop.cpu_kernels and cfg.train.precision == "fp32" and kernels.conv_kernel_pays_off()
@@ -875,11 +891,11 @@ def _finish(cfg: Config, run: Path, ds: Dataset, arrays: Arrays, st: _Setup, loo
 
 def _balance_hint(cfg: Config, per_class: dict[str, int], run: Path, ratio: float = 2.0) -> str | None:
     """A pointer to ``cifarlab calibrate --balance-classes`` for a run trained on the data as it
-    is (no class weights, no balanced sampling), with validation images to calibrate on, whose
+    is (no class weights, no balanced sampling, no logit adjustment), with validation images to calibrate on, whose
     largest training class had at least ``ratio`` times the images of its smallest."""
     counts = [n for n in per_class.values() if n]
     if (not counts or max(counts) < ratio * min(counts) or not cfg.data.val_split
-            or cfg.train.class_weight is not None or cfg.train.sampling != "shuffle"):
+            or cfg.train.class_weight is not None or cfg.train.sampling != "shuffle" or cfg.train.logit_adjustment):
         return None
     return (f"note: its training classes were unequal ({min(counts):,} to {max(counts):,} images); to predict as if "
             f"they were equally likely, as in a balanced test set: cifarlab calibrate {run} --balance-classes")
@@ -1107,9 +1123,10 @@ def _step_function(cfg: Config, st: _Setup, device: torch.device,
         # Autocast's cache of cast weights cannot live across graph replays.
         return GraphedStep(model, st.optimizer, cfg.train.label_smoothing,
                            runtime.autocast(device, cfg.train.precision, cache=False), loss_scale=scale,
-                           class_weight=st.class_weight)
+                           class_weight=st.class_weight, logit_offset=st.logit_offset)
     return functools.partial(train_step, model, st.optimizer,
                              label_smoothing=cfg.train.label_smoothing, class_weight=st.class_weight,
+                             logit_offset=st.logit_offset,
                              autocast=runtime.autocast(device, cfg.train.precision),  # built once per run
                              cpu_kernels=cpu_kernels, loss_scale=scale)
 

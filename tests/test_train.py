@@ -1042,27 +1042,36 @@ def test_a_frozen_phase_keeps_the_batch_norms_running_statistics(tmp_path):
     assert all(not torch.equal(whole[k], source[k]) for k in stats)  # thawed in epoch 2
 
 
-def test_class_weight_balanced_weighs_each_step_and_is_recorded(tmp_path, monkeypatch, capsys):
-    """--class-weight balanced: every training step's loss gets the weights n / (k x count) of
-    the training split's classes; the log, metrics.json and the model card say so, and the card
-    names the imbalance. Validation stays unweighted."""
+def _spied_skewed_training(tmp_path, monkeypatch, watch: str) -> tuple[list, list[str]]:
+    """Training arguments for 10 cats, 10 dogs and 5 frogs, and the list that every training
+    loss then appends its ``watch`` argument to (class_weight or logit_offset, as a list; None
+    where absent), the other one checked to be absent."""
     import cifarlab.train as train_mod
-    from cifarlab.cli import main
 
     data = make_image_folder(tmp_path / "d", n_train=10, n_test=2)
     for f in sorted((data / "train" / "frog").iterdir())[5:]:
-        f.unlink()  # 10 cats, 10 dogs, 5 frogs
+        f.unlink()
     seen: list = []
     real = train_mod.cross_entropy
 
     def spy(logits, y, label_smoothing=0.0, class_weight=None, logit_offset=None):
-        assert logit_offset is None
-        seen.append(None if class_weight is None else class_weight.tolist())
+        args = {"class_weight": class_weight, "logit_offset": logit_offset}
+        assert all(v is None for k, v in args.items() if k != watch)
+        seen.append(None if args[watch] is None else args[watch].tolist())
         return real(logits, y, label_smoothing, class_weight, logit_offset)
 
     monkeypatch.setattr(train_mod, "cross_entropy", spy)
-    common = ["--data", str(data), "--model", "keras-shallow", "--batch-size", "8", "--val-split", "0.2",
-              "--epochs", "1", "--threads", "1"]
+    return seen, ["--data", str(data), "--model", "keras-shallow", "--batch-size", "8", "--val-split", "0.2",
+                  "--epochs", "1", "--threads", "1"]
+
+
+def test_class_weight_balanced_weighs_each_step_and_is_recorded(tmp_path, monkeypatch, capsys):
+    """--class-weight balanced: every training step's loss gets the weights n / (k x count) of
+    the training split's classes; the log, metrics.json and the model card say so, and the card
+    names the imbalance. Validation stays unweighted."""
+    from cifarlab.cli import main
+
+    seen, common = _spied_skewed_training(tmp_path, monkeypatch, "class_weight")
     assert main(["train", *common, "--class-weight", "balanced", "--out", str(tmp_path / "w")]) == 0
     counts = {"cat": 8, "dog": 8, "frog": 4}  # after the stratified validation split
     expected = [20 / (3 * n) for n in counts.values()]
@@ -1104,22 +1113,9 @@ def test_logit_adjusted_loss_shifts_each_step_and_is_recorded(tmp_path, monkeypa
     training split's class shares); the log, metrics.json and the model card say so; calibrate
     --balance-classes warns that the run already leans toward rare classes. It is refused with
     the other remedies, and for a negative TAU."""
-    import cifarlab.train as train_mod
     from cifarlab.cli import main
 
-    data = make_image_folder(tmp_path / "d", n_train=10, n_test=2)
-    for f in sorted((data / "train" / "frog").iterdir())[5:]:
-        f.unlink()  # 10 cats, 10 dogs, 5 frogs
-    seen: list = []
-    real = train_mod.cross_entropy
-
-    def spy(logits, y, label_smoothing=0.0, class_weight=None, logit_offset=None):
-        seen.append(None if logit_offset is None else logit_offset.tolist())
-        return real(logits, y, label_smoothing, class_weight, logit_offset)
-
-    monkeypatch.setattr(train_mod, "cross_entropy", spy)
-    common = ["--data", str(data), "--model", "keras-shallow", "--batch-size", "8", "--val-split", "0.2",
-              "--epochs", "1", "--threads", "1"]
+    seen, common = _spied_skewed_training(tmp_path, monkeypatch, "logit_offset")
     assert main(["train", *common, "--logit-adjustment", "0.5", "--out", str(tmp_path / "la")]) == 0
     want = (0.5 * np.log(np.array([8, 8, 4]) / 20)).tolist()  # the shares after the stratified validation split
     assert len(seen) == 3 and all(o == pytest.approx(want, rel=1e-6) for o in seen)

@@ -643,8 +643,8 @@ def _selector(cfg: Config, proxy: nn.Module, device: torch.device, fmt: torch.me
     """The hard-example selector around ``proxy`` (whitened already): prepared as the model is
     (precision, memory format ``fmt``), with an optimizer and schedule of its own built from the run's
     settings, its loss weighted by ``class_weight`` and adjusted by ``logit_offset`` as the model's
-    (its scores, the examples' hardness, are not). Its whitening bias stays fixed, as airbench96_faster's proxy's. It runs
-    eagerly: ``train.compile`` compiles the model only."""
+    (its scores, the examples' hardness, are not). Its whitening bias stays fixed, as
+    airbench96_faster's proxy's. It runs eagerly: ``train.compile`` compiles the model only."""
     bias = getattr(getattr(proxy, "whiten", None), "bias", None)
     if bias is not None:
         bias.requires_grad_(False)
@@ -873,7 +873,7 @@ def _finish(cfg: Config, run: Path, ds: Dataset, arrays: Arrays, st: _Setup, loo
         metrics["early_stopping"] = loop.stopping.summary()
     if st.class_weight is not None:
         metrics["class_weight"] = _class_weight_summary(cfg, ds, st.class_weight)
-    if st.logit_offset is not None:  # for the model card and calibrate, beside the images per class
+    if st.logit_offset is not None:  # for the model card, beside the images per class
         metrics["logit_adjustment"] = {"tau": cfg.train.logit_adjustment, "offsets": {
             c: float(f"{v:.7g}") for c, v in zip(ds.classes, st.logit_offset.cpu().tolist())}}
     metrics["sampling"] = cfg.train.sampling  # for the model card, beside the images per class

@@ -207,12 +207,11 @@ def write_report(pred: Predictor, ds: Dataset, probs: np.ndarray, out: Path, n_w
                    "class_offsets": None if offsets is None else dict(zip(pred.classes, offsets))})
     before = None
     if uncalibrated is not None:
-        raw_cal = calibration(uncalibrated, ds.y_test)
-        raw_pred = uncalibrated.argmax(1)  # differs from the calibrated one where the classes were balanced
-        report["uncalibrated"] = {"loss": log_loss(uncalibrated, ds.y_test), "ece": raw_cal["ece"],
-                                  "accuracy": float((raw_pred == ds.y_test).mean()) if len(raw_pred) else None,
-                                  "balanced_accuracy": balanced_accuracy(ds.y_test, raw_pred)
-                                  if len(raw_pred) else None}
+        # the same metrics without calibration; the accuracies differ where the classes were balanced
+        raw = compute_report(uncalibrated, ds.y_test, pred.classes)
+        raw_cal = raw["calibration"]
+        report["uncalibrated"] = {"loss": raw["loss"], "ece": raw_cal["ece"], "accuracy": raw["accuracy"],
+                                  "balanced_accuracy": raw["balanced_accuracy"]}
         before = (np.array(raw_cal["bin_accuracy"], float), raw_cal["ece"], f"temperature {report['temperature']:.3g}"
                   + (", classes balanced" if offsets is not None else ""))
     make_folder(out)

@@ -35,16 +35,13 @@ def class_weights(spec: str | Mapping[str, float] | None, labels: np.ndarray | t
     """
     if spec is None:
         return None
-    y = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    y = _as_numpy(labels)
     k = len(classes)
     if spec == "balanced":
         from sklearn.utils.class_weight import compute_class_weight
 
-        counts = np.bincount(y, minlength=k)
-        if empty := [classes[i] for i in np.flatnonzero(counts == 0)]:
-            raise ConfigError(f"train.class_weight = 'balanced' needs training images of every class, and "
-                              f"{short_list(empty)} {'has' if len(empty) == 1 else 'have'} none here; name the "
-                              "weights instead (--class-weight NAME=WEIGHT,...) or train on other data")
+        _counts_of_every_class(y, classes, "train.class_weight = 'balanced'",
+                               "name the weights instead (--class-weight NAME=WEIGHT,...) or train on other data")
         weights = compute_class_weight("balanced", classes=np.arange(k), y=y)
         return torch.tensor(weights, dtype=torch.float32)
     out = torch.ones(k, dtype=torch.float32)
@@ -70,13 +67,24 @@ def logit_offsets(tau: float, labels: np.ndarray | torch.Tensor, classes: Sequen
     class without training images is refused, its offset being minus infinity."""
     if not tau:
         return None
-    y = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    counts = _counts_of_every_class(_as_numpy(labels), classes, f"train.logit_adjustment = {tau:g}",
+                                    "leave it out or train on other data")
+    return torch.tensor(tau * np.log(counts / counts.sum()), dtype=torch.float32)
+
+
+def _as_numpy(labels: np.ndarray | torch.Tensor) -> np.ndarray:
+    return labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+
+
+def _counts_of_every_class(y: np.ndarray, classes: Sequence[str], setting: str, remedy: str) -> np.ndarray:
+    """The number of labels ``y`` of each of ``classes``; refused, naming ``setting`` (such as
+    "train.class_weight = 'balanced'") and the ``remedy``, where a class has none, since a
+    setting computed from the counts would then divide by 0 or take log 0."""
     counts = np.bincount(y, minlength=len(classes))
     if empty := [classes[i] for i in np.flatnonzero(counts == 0)]:
-        raise ConfigError(f"train.logit_adjustment = {tau:g} needs training images of every class, and "
-                          f"{short_list(empty)} {'has' if len(empty) == 1 else 'have'} none here; leave it out "
-                          "or train on other data")
-    return torch.tensor(tau * np.log(counts / counts.sum()), dtype=torch.float32)
+        raise ConfigError(f"{setting} needs training images of every class, and {short_list(empty)} "
+                          f"{'has' if len(empty) == 1 else 'have'} none here; {remedy}")
+    return counts
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0,

@@ -294,8 +294,8 @@ def _add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
                        description="Temperature scaling (Guo et al., 2017): fit the one number T that the logits are "
                                    "divided by before the softmax, minimising the loss on the run's own validation "
                                    "images (never the test images), and record it in RUN/calibration.json. "
-                                   "evaluate, predict, audit, compare and export then use it (--uncalibrated leaves it out). "
-                                   "The predicted classes, and every accuracy, stay the same, unless "
+                                   "evaluate, predict, audit, compare and export then use it (--uncalibrated leaves "
+                                   "it out). The predicted classes, and every accuracy, stay the same, unless "
                                    "--balance-classes is given. The data is the run's own unless --data is given; "
                                    "it must be the data the run was trained on.")
     c.add_argument("run", help="run folder written by 'cifarlab train' with validation images (the folder of "
@@ -573,7 +573,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                   result["validation_balanced_accuracy_before"]["mean"],
                   result["validation_balanced_accuracy_after"]["mean"]) if args.balance_classes else ""))
     print("written to calibration.json in each run's folder" if several else
-          f"written to {folder / 'calibration.json'}; evaluate, predict, audit and export now use it "
+          f"written to {folder / 'calibration.json'}; evaluate, predict, audit, compare and export now use it "
           f"(--uncalibrated leaves it out)")
     return 0
 

@@ -3,8 +3,8 @@
 The file takes what image decoders give: uint8 images, (N, H, W, C), any batch size. The run's
 preprocessing (1/255, featurewise mean and std) and its test-time augmentation are inside the
 graph, and the softmax (of the logits divided by the run's temperature where ``cifarlab
-calibrate`` fitted one, and shifted by its class offsets where it balanced the classes): it returns class probabilities, (N, classes), the same as
-``cifarlab.load_model(run).predict``. The class names, the preprocessing, the test-time
+calibrate`` fitted one, and shifted by its class offsets where it balanced the classes): it
+returns class probabilities, (N, classes), the same as ``cifarlab.load_model(run).predict``. The class names, the preprocessing, the test-time
 augmentation and the out-of-scope uses of the model card are in the file's metadata, so the
 model does not travel without them. Weights are exported in float32 whatever the training
 precision, as :func:`cifarlab.load_model` loads them.

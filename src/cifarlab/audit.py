@@ -670,6 +670,7 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
     cfg = yaml.safe_load(cfg_text) if cfg_text else {}
     imported_path = run / "keras_import.json"  # written by `cifarlab import`: trained elsewhere
     imported = json.loads(imported_path.read_text()) if imported_path.is_file() else None
+    robustness = _robustness_summary(run, pred.tta)
     start_path = run / "init_from.json"  # written by `cifarlab train --init-from`: a fine-tune
     start = json.loads(start_path.read_text()) if start_path.is_file() else None
     is_cifar10 = ds.kind.startswith("cifar10") or (ds.kind == "image-folder" and pred.classes == [
@@ -723,6 +724,7 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
             "per_class": audit["classes"]["per_class"], "class_spread": audit["classes"]["spread"],
             "groups": audit.get("attributes", {}), "interval_method": f"95% percentile bootstrap, "
                                                                        f"{audit['bootstrap_resamples']} resamples",
+            "robustness": robustness,
         },
         "ethical_considerations": [
             "An inaccurate or unevenly accurate classifier harms the people who depend on its output; the per-class "
@@ -732,10 +734,48 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
         ],
         "caveats": [
             "Accuracy is measured on data from the same collection as the training data; expect lower accuracy on "
-            "other photos.",
+            "other photos" + ("." if robustness else ", and on noisy, blurred or compressed ones (`cifarlab robustness` "
+                                                     "measures how much lower)."),
             "Group results are only as good as the groups file; small groups get wide intervals.",
         ] + audit["warnings"],
     }
+
+
+def _robustness_summary(run: Path, tta: str) -> dict[str, Any] | None:
+    """What the card quotes of ``cifarlab robustness``'s report for these weights and test-time
+    augmentation, if there is one."""
+    from .robustness import read_robustness
+
+    r = read_robustness(run, tta)
+    if r is None:
+        return None
+    hardest = sorted(r["corruptions"], key=lambda c: c["accuracy"])[:3]
+    drops = sorted((c for c in r["per_class"] if c.get("drop") is not None), key=lambda c: -c["drop"])[:3]
+    return {"source": r["source"], "corruptions": [c["name"] for c in r["corruptions"]], "severities": r["severities"],
+            "images_per_cell": r["images_per_cell"], "clean_accuracy": r["clean"]["accuracy"],
+            "mean_accuracy": r["mean_accuracy"], "relative_accuracy": r["relative_accuracy"],
+            "clean_ece": r["clean"]["ece"], "mean_ece": r["mean_ece"],
+            "hardest": [{"corruption": c["name"], "accuracy": c["accuracy"]} for c in hardest],
+            "largest_class_drops": [{k: c[k] for k in ("class", "clean", "corrupted")} for c in drops]}
+
+
+def _robustness_lines(r: dict | None) -> list[str]:
+    """The card's paragraph on accuracy under common corruptions, where it was measured."""
+    if not r:
+        return []
+    src = r["source"]
+    made = (f"made from the test images with seed {src['seed']}" if src["kind"] == "generated" else
+            f"the published files in `{src['path']}`")
+    rel = f", {r['relative_accuracy']:.0%} of the {r['clean_accuracy']:.4f} on the clean images" \
+        if r["relative_accuracy"] is not None else ""
+    return [f"Under common corruptions (`cifarlab robustness`: {len(r['corruptions'])} corruptions at severities "
+            f"{', '.join(map(str, r['severities']))}, {made}, {r['images_per_cell']:,} images each): mean accuracy "
+            f"**{r['mean_accuracy']:.4f}**{rel}; hardest "
+            + ", ".join(f"{c['corruption']} {c['accuracy']:.3f}" for c in r["hardest"])
+            + f"; expected calibration error {r['mean_ece']:.4f} against {r['clean_ece']:.4f} clean"
+            + ("; classes that lost most: " + ", ".join(f"{c['class']} {c['clean']:.3f} -> {c['corrupted']:.3f}"
+                                                       for c in r["largest_class_drops"]) if r["largest_class_drops"]
+               else "") + ". See `robustness/robustness.png` in the run folder.", ""]
 
 
 def _temperature_lines(overall: dict) -> list[str]:
@@ -884,6 +924,7 @@ def model_card_markdown(card: dict) -> str:
         ga = gm["gap"]
         lines += [f"By `{name}`: " + ", ".join(f"{g['group']} {g['accuracy']:.3f} (n={g['n']})" for g in gm["groups"])
                   + ("." if ga is None else f"; largest gap {ga['difference']:.3f} {_fmt_ci(ga['difference_ci'])}."), ""]
+    lines += _robustness_lines(mt.get("robustness"))
     lines += ["![confusion matrix](confusion_matrix.png) ![reliability diagram](reliability.png)", "",
               "## Ethical considerations", ""] + [f"- {e}" for e in card["ethical_considerations"]] + [
               "", "## Caveats and recommendations", ""] + [f"- {c}" for c in card["caveats"]] + [""]

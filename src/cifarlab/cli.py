@@ -20,6 +20,7 @@ EPILOG = """examples:
   cifarlab calibrate runs/RUN                               # temperature scaling on its validation images
   cifarlab predict runs/RUN cat.png dog.jpg                 # top-3 classes per image
   cifarlab audit runs/RUN --data DATA                       # disaggregated report + MODEL_CARD.md
+  cifarlab robustness runs/RUN --data DATA                  # accuracy under noise, blur, fog, JPEG...
   cifarlab compare runs/A runs/B --data DATA                # is B really more accurate than A?
   cifarlab export runs/RUN                                  # RUN/model.onnx for ONNX Runtime
   cifarlab import cifar10_weights.h5 --architecture cifar10_architecture.json  # the notebook's saved model
@@ -245,6 +246,33 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
     a.set_defaults(func=cmd_audit)
 
 
+def _add_robustness_parser(sub: argparse._SubParsersAction) -> None:
+    """``cifarlab robustness``'s options."""
+    r = sub.add_parser("robustness", help="accuracy and calibration under common image corruptions (noise, blur, "
+                                          "weather, compression) at five severities")
+    r.add_argument("run", help="run folder written by 'cifarlab train' (the folder of --runs N: each run on the same "
+                               "corrupted images, and mean, std, min and max over them)")
+    _add_data_args(r)
+    r.add_argument("--corruptions", metavar="NAMES",
+                   help="comma-separated corruptions, or 'all' (default: the benchmark's; 'cifarlab robustness "
+                        "--list' names them)")
+    r.add_argument("--severities", metavar="LEVELS", help="comma-separated severities from 1 to 5 (default all five)")
+    r.add_argument("--images", type=int, metavar="N",
+                   help="a random N of the test images (drawn from --seed): quicker, rougher figures")
+    r.add_argument("--seed", type=int, default=0, help="seed of the corruptions' random draws (default 0)")
+    r.add_argument("--corrupted-data", metavar="PATH",
+                   help="read the published CIFAR-10-C or CIFAR-100-C files (the folder of NAME.npy and labels.npy, "
+                        "or its .tar) instead of corrupting the test images here")
+    r.add_argument("--list", action="store_true", help="list the corruptions and exit")
+    _add_tta_arg(r)
+    _add_uncalibrated_arg(r)
+    r.add_argument("--out", help="folder for the report (default RUN/robustness; for a --runs folder, OUT/run-K and "
+                                 "OUT/robustness_summary.json)")
+    r.add_argument("--json", action="store_true", help="print the report as JSON")
+    r.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda or cuda:N")
+    r.set_defaults(func=cmd_robustness)
+
+
 def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
     """``cifarlab compare``'s options."""
     m = sub.add_parser("compare", help="are two runs' accuracies really different? a paired test on the same images",
@@ -376,8 +404,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cifarlab {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in (_add_train_parser, _add_evaluate_parser, _add_calibrate_parser, _add_predict_parser,
-                _add_audit_parser, _add_compare_parser, _add_export_parser, _add_import_parser, _add_augment_parser,
-                _add_summary_parser, _add_list_parser):
+                _add_audit_parser, _add_robustness_parser, _add_compare_parser, _add_export_parser,
+                _add_import_parser, _add_augment_parser, _add_summary_parser, _add_list_parser):
         add(sub)  # in the order --help lists the commands
     return p
 
@@ -633,6 +661,43 @@ def _audit_runs(args: argparse.Namespace) -> int:
         print(f"warning: {w}")
     print(f"wrote {(out or base) / 'audit_summary.md'}; each run's report and model card in its "
           f"{'folder under ' + args.out if args.out else 'audit folder'}")
+    return 0
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    """``cifarlab robustness``: one run, or each run of a ``--runs N`` folder."""
+    from .export import finished_runs, is_runs_set, read_run
+    from .fsutil import check_folder_path, json_text
+    from .robustness import (check_severities, choose_corruptions, format_report, format_runs, list_corruptions,
+                             robustness_run, robustness_runs, test_subset)
+
+    if args.list:
+        print(list_corruptions())
+        return 0
+    # the options first: a mistake in them should cost no data loading
+    choose_corruptions(args.corruptions, args.corrupted_data is not None)
+    check_severities(args.severities)
+    test_subset(1, args.images, args.seed)
+    if args.out:
+        check_folder_path(args.out)
+    several = is_runs_set(args.run)
+    if several:
+        finished_runs(args.run)
+        folder = Path(args.run)
+    else:
+        folder, _ = read_run(args.run)
+    ds = _load_eval_data(args, folder)
+    log = (lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr))
+    kw = dict(corruptions=args.corruptions, severities=args.severities, seed=args.seed, images=args.images,
+              corrupted_data=args.corrupted_data, tta=args.tta, device=args.device, uncalibrated=args.uncalibrated,
+              log=log)
+    if several:
+        result = robustness_runs(folder, ds, Path(args.out) if args.out else None, **kw)
+        print(json_text(result) if args.json else format_runs(result, Path(args.out or folder)))
+        return 0
+    out = Path(args.out) if args.out else folder / "robustness"
+    result = robustness_run(folder, ds, out, **kw)
+    print(json_text(result) if args.json else f"{format_report(result)}\nReport files in {out}")
     return 0
 
 

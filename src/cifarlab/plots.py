@@ -112,3 +112,21 @@ def image_grid(images: np.ndarray, titles: list[str], path: Path, cols: int = 8)
                       interpolation="nearest")
             ax.set_title(titles[i], fontsize=7)
     _save(fig, path)
+
+
+def plot_robustness(names: list[str], severities: list[int], accuracy: np.ndarray, clean: float, mean: float,
+                    path: Path) -> None:
+    """A heat map of ``accuracy`` (corruption ``names`` x ``severities``), each cell labelled,
+    with the ``clean`` accuracy and the ``mean`` under corruption in the title."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.1 * len(severities) + 3.5, 0.35 * len(names) + 1.6))
+    top = max(clean, float(accuracy.max()))
+    im = ax.imshow(accuracy, vmin=0, vmax=top, cmap="viridis", aspect="auto")
+    for (i, j), v in np.ndenumerate(accuracy):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if v < 0.6 * top else "black")
+    ax.set_xticks(range(len(severities)), [str(s) for s in severities])
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("severity")
+    ax.set_title(f"accuracy under corruption (clean {clean:.3f}, mean {mean:.3f})", fontsize=10)
+    fig.colorbar(im, ax=ax)
+    _save(fig, path)

@@ -1,0 +1,414 @@
+"""How a trained model copes with worse images than its test split: accuracy and calibration
+under common corruptions (noise, blur, weather, digital artefacts) at five severities, overall,
+by corruption and by class.
+
+A test split shares its training data's cameras and care; photos in use are noisier, blurrier,
+darker, more compressed. Following Hendrycks and Dietterich (2019), the test images are
+corrupted (see :mod:`cifarlab.corruptions`), or the published CIFAR-10-C / CIFAR-100-C files are
+read, and the model is evaluated on each corruption and severity. Calibration is reported too,
+since confidence is known to fit worse under such shifts (Ovadia et al., 2019).
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .corruptions import CORRUPTIONS, PUBLISHED, PUBLISHED_BENCHMARK, SEVERITIES, corrupt
+from .data import Dataset
+from .errors import ConfigError, DataError
+from .evaluate import _check_compatible, calibration, describe
+from .export import Predictor, list_to_csv_rows, load_model
+from .fsutil import report_folder, write_json, write_text
+
+
+def choose_corruptions(names: str | list[str] | None, published: bool = False) -> list[str]:
+    """The corruptions to run: by default the benchmark's (those generated here, or with
+    ``published`` all fifteen of the published files'); ``"all"`` adds the held-out ones; else
+    the names given (a list or comma-separated), each checked."""
+    known = PUBLISHED if published else list(CORRUPTIONS)
+    if names is None:
+        return list(PUBLISHED_BENCHMARK) if published else [n for n, c in CORRUPTIONS.items() if c.benchmark]
+    if names == "all" or names == ["all"]:
+        return list(known)
+    chosen = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+    for n in chosen:
+        if n not in known:
+            raise ConfigError(f"unknown corruption '{n}'; valid: {', '.join(known)}, or all")
+    if not chosen or len(set(chosen)) != len(chosen):
+        raise ConfigError(f"corruptions {', '.join(chosen) or '(none)'}: give each one once")
+    return chosen
+
+
+def check_severities(severities: str | list[int] | None) -> list[int]:
+    """Severities 1 to 5 (default all), as a list or a comma-separated string, each checked."""
+    if severities is None:
+        return list(SEVERITIES)
+    items = severities.split(",") if isinstance(severities, str) else list(severities)
+    out = []
+    for s in items:
+        try:
+            v = int(s) if not isinstance(s, bool) else None
+        except (TypeError, ValueError):
+            v = None
+        if v not in SEVERITIES or v in out:
+            raise ConfigError(f"severity '{s}' is not valid; give each of 1 to 5 at most once, e.g. 1,3,5")
+        out.append(v)
+    return out
+
+
+def test_subset(n_test: int, images: int | None, seed: int) -> np.ndarray | None:
+    """Indices of a random ``images`` test images (sorted; None for all), drawn from ``seed``:
+    a quicker, rougher measurement."""
+    if images is None:
+        return None
+    if isinstance(images, bool) or not isinstance(images, int) or not 0 < images:
+        raise ConfigError(f"--images {images!r} must be a positive whole number of test images")
+    if images >= n_test:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n_test, images, replace=False))
+
+
+class PublishedCorruptions:
+    """The published CIFAR-10-C or CIFAR-100-C files: a folder of ``NAME.npy`` (uint8, five
+    severities' test images one after another) and ``labels.npy``, or the ``.tar`` they come
+    in. Read with ``allow_pickle=False``: the files are plain arrays, never code."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise DataError(f"corrupted data '{path}' does not exist; give the CIFAR-10-C (or CIFAR-100-C) folder "
+                            "of NAME.npy and labels.npy files, or its .tar")
+        self._tar = None
+        if self.path.is_file():
+            try:
+                self._tar = tarfile.open(self.path)  # noqa: SIM115 (closed by close(), after the last read)
+            except (tarfile.TarError, OSError) as e:
+                raise DataError(f"corrupted data '{path}' is neither a folder nor a readable tar archive ({e})") \
+                    from None
+            self._members = {Path(m.name).name: m for m in self._tar.getmembers()
+                             if m.isfile() and m.name.endswith(".npy")}
+        else:
+            self._members = {p.name: p for p in self.path.glob("*.npy")}
+        if "labels.npy" not in self._members:
+            raise DataError(f"corrupted data '{path}' has no labels.npy; expected the CIFAR-10-C layout (NAME.npy "
+                            "for each corruption, and labels.npy)")
+        self.labels = self._read("labels.npy").astype(np.int64)
+        if self.labels.ndim != 1 or len(self.labels) % len(SEVERITIES):
+            raise DataError(f"{self._where('labels.npy')} has shape {self.labels.shape}; expected one label per image "
+                            f"for {len(SEVERITIES)} severities ({len(SEVERITIES)} x the test images)")
+        self.per_severity = len(self.labels) // len(SEVERITIES)
+
+    def close(self) -> None:
+        """Close the archive, where the files are read from one."""
+        if self._tar is not None:
+            self._tar.close()
+
+    def __enter__(self) -> PublishedCorruptions:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _where(self, name: str) -> str:
+        return f"'{self.path}'" + (f" member {self._members[name].name}" if self._tar else f"/{name}")
+
+    def _read(self, name: str) -> np.ndarray:
+        try:
+            if self._tar is not None:
+                with self._tar.extractfile(self._members[name]) as f:  # numpy needs a real file or bytes
+                    return np.load(io.BytesIO(f.read()), allow_pickle=False)
+            return np.load(self._members[name], allow_pickle=False, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as e:
+            raise DataError(f"cannot read {self._where(name)} as a numpy array: {e}") from None
+
+    def available(self) -> list[str]:
+        """The corruptions whose files are there."""
+        return [n for n in PUBLISHED if f"{n}.npy" in self._members]
+
+    def images(self, name: str, classes: int, shape: tuple[int, int, int]) -> np.ndarray:
+        """All five severities' images of corruption ``name``, checked against the labels, the
+        model's input ``shape`` (H, W, C) and its number of ``classes``."""
+        if f"{name}.npy" not in self._members:
+            raise DataError(f"corrupted data '{self.path}' has no {name}.npy; it has: "
+                            f"{', '.join(self.available()) or 'none'}")
+        x = self._read(f"{name}.npy")
+        if x.dtype != np.uint8 or x.shape != (len(self.labels), *shape):
+            raise DataError(f"{self._where(f'{name}.npy')} holds {x.dtype} images of shape {x.shape}; expected "
+                            f"uint8 {(len(self.labels), *shape)} (the model's input, one per label)")
+        if self.labels.min() < 0 or self.labels.max() >= classes:
+            raise DataError(f"{self._where('labels.npy')} has labels {self.labels.min()} to {self.labels.max()}; "
+                            f"the model has {classes} classes (0 to {classes - 1})")
+        return x
+
+
+def _cells(ds: Dataset, names: list[str], severities: list[int], seed: int, subset: np.ndarray | None,
+           published: PublishedCorruptions | None, shape: tuple[int, int, int], classes: int
+           ) -> Iterator[tuple[str, int, np.ndarray, np.ndarray]]:
+    """(corruption, severity, images, labels) for each cell, made or read one at a time so that
+    only one cell's images are in memory."""
+    for name in names:
+        if published is not None:
+            x_all, n = published.images(name, classes, shape), published.per_severity
+        for s in severities:
+            if published is not None:
+                idx = np.arange((s - 1) * n, s * n) if subset is None else (s - 1) * n + subset
+                yield name, s, np.ascontiguousarray(x_all[idx]), published.labels[idx]
+            else:
+                x = ds.x_test if subset is None else ds.x_test[subset]
+                y = ds.y_test if subset is None else ds.y_test[subset]
+                # one seed per cell, so that a cell's images do not depend on which others ran
+                yield name, s, corrupt(x, name, s, seed=seed * 1000 + PUBLISHED.index(name) * 10 + s), y
+
+
+def _scores(probs: np.ndarray, y: np.ndarray, classes: int) -> dict[str, Any]:
+    pred = probs.argmax(1)
+    counts = np.bincount(y, minlength=classes)
+    hits = np.bincount(y[pred == y], minlength=classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.where(counts > 0, hits / counts, np.nan)
+    return {"accuracy": float((pred == y).mean()), "ece": calibration(probs, y)["ece"], "per_class": per_class}
+
+
+def measure(predictors: list[Predictor], ds: Dataset, names: list[str], severities: list[int], seed: int = 0,
+            images: int | None = None, published: PublishedCorruptions | None = None,
+            log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Each predictor's accuracy and calibration error on ``ds``'s test images, clean and with
+    each corruption in ``names`` at each of ``severities`` (generated from ``seed``, or read
+    from ``published``): one report per predictor (see :func:`robustness_run`), and the first
+    test image clean and in each cell, a row per corruption. Each cell's images are made once
+    for all the predictors."""
+    classes = len(ds.classes)
+    shape = ds.x_test.shape[1:]
+    subset = test_subset(len(ds.y_test) if published is None else published.per_severity, images, seed)
+    if published is not None and (missing := [n for n in names if n not in published.available()]):
+        raise DataError(f"corrupted data '{published.path}' has no file for {', '.join(missing)}; it has: "
+                        f"{', '.join(published.available()) or 'none'}")
+    x_clean = ds.x_test if subset is None or published is not None else ds.x_test[subset]
+    y_clean = ds.y_test if subset is None or published is not None else ds.y_test[subset]
+    clean = [_scores(p.predict(x_clean), y_clean, classes) for p in predictors]
+    cells: list[list[dict[str, Any]]] = [[] for _ in predictors]
+    total = len(names) * len(severities)
+    first: dict[str, list[np.ndarray]] = {}  # the first image of each cell, to show what was measured
+    for k, (name, s, x, y) in enumerate(_cells(ds, names, severities, seed, subset, published, shape, classes), 1):
+        first.setdefault(name, []).append(x[0])
+        for p, out in zip(predictors, cells):
+            out.append({"corruption": name, "severity": s, **_scores(p.predict(x), y, classes)})
+        log(f"[{k}/{total}] {name} {s}: accuracy " + ", ".join(f"{c[-1]['accuracy']:.4f}" for c in cells))
+    source = ({"kind": "published", "path": str(published.path),
+               "same_images_as_test_split": bool(published.per_severity == len(ds.y_test)
+                                                 and np.array_equal(published.labels[:len(ds.y_test)], ds.y_test))}
+              if published is not None else {"kind": "generated", "seed": seed})
+    reports = [_report(p, ds, c, cl, names, severities, source, len(y_clean) if published is None else
+                       (published.per_severity if subset is None else len(subset)))
+               for p, c, cl in zip(predictors, cells, clean)]
+    # the clean image beside its corrupted copies (for the published files, the test split's
+    # first image, which is theirs only where they were made from the same split)
+    examples = np.stack([im for n in names for im in (x_clean[0], *first[n])])
+    return reports, examples
+
+
+def _report(pred: Predictor, ds: Dataset, cells: list[dict], clean: dict, names: list[str], severities: list[int],
+            source: dict, n_images: int) -> dict[str, Any]:
+    from .calibrate import weights_digest
+
+    acc = np.array([c["accuracy"] for c in cells])
+    per_class = np.nanmean(np.stack([c["per_class"] for c in cells]), axis=0)
+    by_name = [{"name": n, "category": CORRUPTIONS[n].category if n in CORRUPTIONS else _published_category(n),
+                "accuracy": float(np.mean([c["accuracy"] for c in cells if c["corruption"] == n])),
+                "by_severity": [c["accuracy"] for c in cells if c["corruption"] == n]} for n in names]
+    worst = min(cells, key=lambda c: c["accuracy"])
+    classes = [{"class": name, "clean": _num(clean["per_class"][i]), "corrupted": _num(per_class[i]),
+                "drop": _num(clean["per_class"][i] - per_class[i])} for i, name in enumerate(pred.classes)]
+    return {
+        "run": str(pred.run), "data": ds.source, "source": source, "tta": pred.tta,
+        "temperature": pred.temperature(), "weights_sha256": weights_digest(pred.run) if pred.run else None,
+        "images_per_cell": n_images, "severities": severities,
+        "clean": {"accuracy": clean["accuracy"], "ece": clean["ece"]},
+        "mean_accuracy": float(acc.mean()), "relative_accuracy": float(acc.mean() / clean["accuracy"])
+        if clean["accuracy"] else None,
+        "mean_ece": float(np.mean([c["ece"] for c in cells])),
+        "worst": {"corruption": worst["corruption"], "severity": worst["severity"], "accuracy": worst["accuracy"]},
+        "corruptions": by_name,
+        "cells": [{k: v for k, v in c.items() if k != "per_class"} for c in cells],
+        "per_class": classes,
+    }
+
+
+def _num(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None
+
+
+_PUBLISHED_ONLY = {"motion_blur": "blur", "snow": "weather", "frost": "weather", "elastic_transform": "digital",
+                   "spatter": "digital"}
+
+
+def _published_category(name: str) -> str:
+    return _PUBLISHED_ONLY[name]
+
+
+def robustness_run(run: str | Path, ds: Dataset, out: str | Path | None = None, corruptions=None, severities=None,
+                   seed: int = 0, images: int | None = None, corrupted_data: str | Path | None = None,
+                   tta: str | None = None, device: str = "auto", uncalibrated: bool = False,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure a run's accuracy and expected calibration error on ``ds``'s test images, clean
+    and under each of ``corruptions`` (default: the benchmark's; see :func:`choose_corruptions`)
+    at each of ``severities`` (default 1 to 5), generated with ``seed`` or, with
+    ``corrupted_data``, read from the published CIFAR-10-C files. ``images``: a random subset of
+    that many test images (quicker, rougher). Writes ``robustness.json``, ``robustness.csv`` and
+    ``robustness.png`` into ``out`` (default ``RUN/robustness``), which ``cifarlab audit``'s
+    model card then quotes; returns the report. The run's test-time augmentation and
+    calibration are used, as in ``cifarlab evaluate``."""
+    out = Path(out) if out is not None else Path(run) / "robustness"
+    names, sev = choose_corruptions(corruptions, corrupted_data is not None), check_severities(severities)
+    pred = load_model(run, device, tta, uncalibrated)
+    _check_compatible(pred, ds)
+    with _published(corrupted_data) as published, report_folder(out):
+        reports, examples = measure([pred], ds, names, sev, seed, images, published, log)
+        write_files(reports[0], out, examples)
+    return reports[0]
+
+
+def _published(path: str | Path | None):
+    """The published files at ``path`` as a context that closes them, or None for none."""
+    import contextlib
+
+    return PublishedCorruptions(path) if path is not None else contextlib.nullcontext()
+
+
+def robustness_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, corruptions=None,
+                    severities=None, seed: int = 0, images: int | None = None,
+                    corrupted_data: str | Path | None = None, tta: str | None = None, device: str = "auto",
+                    uncalibrated: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """:func:`robustness_run` for every run of the ``--runs N`` folder ``base`` on the same
+    corrupted images, each report into ``RUN/robustness`` (or ``out/run-K``), and the spread
+    over the runs in ``robustness_summary.json`` (in ``out``, by default ``base``)."""
+    from .export import finished_runs
+
+    base, out = Path(base), Path(out) if out is not None else None
+    names, sev = choose_corruptions(corruptions, corrupted_data is not None), check_severities(severities)
+    runs = finished_runs(base)
+    preds = [load_model(r, device, tta, uncalibrated) for r in runs]
+    for p in preds:
+        _check_compatible(p, ds)
+    with _published(corrupted_data) as published:
+        reports, examples = measure(preds, ds, names, sev, seed, images, published, log)
+    for r, rep in zip(runs, reports):
+        folder = (out / r.name) if out else r / "robustness"
+        with report_folder(folder):
+            write_files(rep, folder, examples)
+    summary = {
+        "runs": len(runs), "data": ds.source, "source": reports[0]["source"], "severities": sev,
+        "images_per_cell": reports[0]["images_per_cell"],
+        "clean_accuracy": describe([r["clean"]["accuracy"] for r in reports]),
+        "mean_accuracy": describe([r["mean_accuracy"] for r in reports]),
+        "relative_accuracy": describe([r["relative_accuracy"] for r in reports if r["relative_accuracy"] is not None]),
+        "clean_ece": describe([r["clean"]["ece"] for r in reports]),
+        "mean_ece": describe([r["mean_ece"] for r in reports]),
+        "corruptions": [{"name": n, "accuracy": describe([r["corruptions"][i]["accuracy"] for r in reports])}
+                        for i, n in enumerate(names)],
+        "per_class_drop": [{"class": c["class"], "drop": _spread([r["per_class"][i]["drop"] for r in reports])}
+                           for i, c in enumerate(reports[0]["per_class"])],
+        "per_run": [{"run": str(r), "clean_accuracy": rep["clean"]["accuracy"], "mean_accuracy": rep["mean_accuracy"]}
+                    for r, rep in zip(runs, reports)],
+    }
+    write_json((out or base) / "robustness_summary.json", summary)
+    return summary
+
+
+def _spread(values: list[float | None]) -> dict[str, float] | None:
+    """:func:`describe` of the defined values (a class without test images has none)."""
+    defined = [v for v in values if v is not None]
+    return describe(defined) if defined else None
+
+
+def write_files(report: dict[str, Any], out: Path, examples: np.ndarray | None = None) -> None:
+    """``robustness.json``, ``robustness.csv`` (one row per corruption and severity),
+    ``robustness.png`` (accuracy by corruption and severity) and, given ``examples`` (from
+    :func:`measure`), ``examples.png`` into ``out``."""
+    from .plots import image_grid, plot_robustness
+
+    names, sev = [c["name"] for c in report["corruptions"]], report["severities"]
+    write_json(out / "robustness.json", report)
+    write_text(out / "robustness.csv", list_to_csv_rows(report["cells"]))
+    plot_robustness(names, sev, np.array([c["by_severity"] for c in report["corruptions"]]),
+                    report["clean"]["accuracy"], report["mean_accuracy"], out / "robustness.png")
+    if examples is not None:
+        image_grid(examples, [t for n in names for t in ("clean", *(f"{n} {s}" for s in sev))],
+                   out / "examples.png", cols=len(sev) + 1)
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The report as a table for the terminal: accuracy by corruption and severity, then the
+    summary figures and the classes that lost most."""
+    sev = r["severities"]
+    lines = [f"{'corruption':<18}{'category':<10}" + "".join(f"{s:>8}" for s in sev) + f"{'mean':>8}"]
+    for c in r["corruptions"]:
+        lines.append(f"{c['name']:<18}{c['category']:<10}" + "".join(f"{a:>8.4f}" for a in c["by_severity"])
+                     + f"{c['accuracy']:>8.4f}")
+    cl, w = r["clean"], r["worst"]
+    rel = f" ({r['relative_accuracy']:.1%} of clean)" if r["relative_accuracy"] is not None else ""
+    lines += [f"clean accuracy {cl['accuracy']:.4f}; under corruption, mean {r['mean_accuracy']:.4f}{rel}; worst "
+              f"{w['corruption']} at severity {w['severity']}: {w['accuracy']:.4f}",
+              f"expected calibration error: clean {cl['ece']:.4f}, under corruption mean {r['mean_ece']:.4f}"]
+    drops = sorted((c for c in r["per_class"] if c["drop"] is not None), key=lambda c: -c["drop"])
+    if drops:
+        lines.append("accuracy lost most by class: " + ", ".join(
+            f"{c['class']} {c['clean']:.3f} -> {c['corrupted']:.3f}" for c in drops[:3]))
+    src = r["source"]
+    lines.append(f"images: {r['images_per_cell']:,} per cell, " + (
+        f"corrupted here from the test split (seed {src['seed']})" if src["kind"] == "generated" else
+        f"the published files in {src['path']}" + ("" if src["same_images_as_test_split"] else
+                                                   " (not the same images as the clean test split)")))
+    return "\n".join(lines)
+
+
+def format_runs(s: dict[str, Any], folder: Path) -> str:
+    """A ``--runs N`` summary for the terminal: the spread over the runs."""
+    def spread(d: dict[str, float]) -> str:
+        return f"mean {d['mean']:.4f} (min {d['min']:.4f}, max {d['max']:.4f})"
+
+    lines = [f"{r['run']}: clean accuracy {r['clean_accuracy']:.4f}, under corruption {r['mean_accuracy']:.4f}"
+             for r in s["per_run"]]
+    lines += [f"{s['runs']} runs: clean accuracy {spread(s['clean_accuracy'])}; under corruption "
+              f"{spread(s['mean_accuracy'])}; relative {spread(s['relative_accuracy'])}",
+              f"expected calibration error: clean {spread(s['clean_ece'])}, under corruption {spread(s['mean_ece'])}",
+              "by corruption: " + ", ".join(f"{c['name']} {c['accuracy']['mean']:.4f}"
+                                             for c in sorted(s["corruptions"], key=lambda c: c["accuracy"]["mean"]))]
+    drops = sorted((c for c in s["per_class_drop"] if c["drop"]), key=lambda c: -c["drop"]["mean"])
+    if drops:
+        lines.append("accuracy lost by class, mean over the runs: " + ", ".join(
+            f"{c['class']} {c['drop']['mean']:.3f}" for c in drops[:3]))
+    lines.append(f"each run's report in its robustness folder; summary in {folder / 'robustness_summary.json'}")
+    return "\n".join(lines)
+
+
+def list_corruptions() -> str:
+    """The corruptions, their categories, and which are the benchmark's, for ``--list``."""
+    lines = ["generated here (the benchmark's unless marked held out):"]
+    lines += [f"  {n:<18}{c.category}" + ("" if c.benchmark else "  (held out)") for n, c in CORRUPTIONS.items()]
+    lines.append("only in the published CIFAR-10-C / CIFAR-100-C files (--corrupted-data): "
+                 + ", ".join(n for n in PUBLISHED if n not in CORRUPTIONS))
+    return "\n".join(lines)
+
+
+def read_robustness(run: str | Path, tta: str) -> dict[str, Any] | None:
+    """The run's ``robustness/robustness.json`` where it was measured with these weights and
+    test-time augmentation ``tta`` (None otherwise, or where it is unreadable): what the model
+    card quotes."""
+    import json
+
+    from .calibrate import weights_digest
+
+    path = Path(run) / "robustness" / "robustness.json"
+    try:
+        r = json.loads(path.read_text())
+        current = r.get("weights_sha256") == weights_digest(run) and r.get("tta") == tta
+        return r if current and isinstance(r.get("corruptions"), list) else None
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -61,6 +61,12 @@ def test_the_published_files_give_what_the_same_corruption_made_here_gives(train
     # contrast draws nothing at random, so the files hold the very images made here
     assert [c["accuracy"] for c in read["cells"]] == [c["accuracy"] for c in made["cells"]]
     assert read["source"]["kind"] == "published" and read["source"]["same_images_as_test_split"]
+    # a subset: the same images drawn from the files as from the test split, clean and corrupted
+    made, read = (robustness_run(trained_run, ds, tmp_path / f"sub{k}", corruptions="contrast", images=5,
+                                 corrupted_data=folder if k else None, log=lambda _: None, device="cpu")
+                  for k in range(2))
+    assert [c["accuracy"] for c in read["cells"]] == [c["accuracy"] for c in made["cells"]]
+    assert read["clean"] == made["clean"] and read["images_per_cell"] == 5
     # as the .tar it is published in, members under CIFAR-10-C/
     tar = tmp_path / "CIFAR-10-C.tar"
     with tarfile.open(tar, "w") as t:
@@ -120,7 +126,7 @@ def test_a_subset_of_the_test_images_is_drawn_once_for_every_cell(trained_run, i
     assert r["images_per_cell"] == len(ds.y_test)
 
 
-def test_the_runs_of_a_set_are_measured_on_the_same_images(tmp_path, image_folder):
+def test_the_runs_of_a_set_are_measured_on_the_same_images(tmp_path, image_folder, capsys):
     from cifarlab.train import fit
 
     fit(tiny_config(str(image_folder), str(tmp_path / "set"), runs=2), log=lambda s: None)
@@ -132,6 +138,11 @@ def test_the_runs_of_a_set_are_measured_on_the_same_images(tmp_path, image_folde
             for k in range(2)]
     assert s["mean_accuracy"]["min"] == min(r["mean_accuracy"] for r in each)
     assert [c["name"] for c in s["corruptions"]] == ["fog", "contrast"]
+    assert main(["robustness", str(tmp_path / "set"), "--data", str(image_folder), "--corruptions", "fog",
+                 "--severities", "3", "--device", "cpu", "--out", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    assert "2 runs: clean accuracy mean" in printed and str(tmp_path / "o" / "robustness_summary.json") in printed
+    assert (tmp_path / "o" / "run-1" / "robustness.json").is_file()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -148,7 +159,8 @@ def test_bad_options_are_refused_before_the_data_is_read(trained_run, capsys, ar
 
 
 def test_the_command_prints_the_table_and_the_audit_card_quotes_it(trained_run, image_folder, capsys):
-    assert main(["robustness", "--list", "x"]) == 0
+    assert main(["robustness"]) == 2 and "needs a run folder" in capsys.readouterr().err
+    assert main(["robustness", "--list"]) == 0
     listed = capsys.readouterr().out
     assert "glass_blur" in listed and "(held out)" in listed and "motion_blur" in listed
     assert main(["robustness", str(trained_run), "--data", str(image_folder), "--severities", "1,3",

@@ -250,8 +250,8 @@ def _add_robustness_parser(sub: argparse._SubParsersAction) -> None:
     """``cifarlab robustness``'s options."""
     r = sub.add_parser("robustness", help="accuracy and calibration under common image corruptions (noise, blur, "
                                           "weather, compression) at five severities")
-    r.add_argument("run", help="run folder written by 'cifarlab train' (the folder of --runs N: each run on the same "
-                               "corrupted images, and mean, std, min and max over them)")
+    r.add_argument("run", nargs="?", help="run folder written by 'cifarlab train' (the folder of --runs N: each run on "
+                                          "the same corrupted images, and mean, std, min and max over them)")
     _add_data_args(r)
     r.add_argument("--corruptions", metavar="NAMES",
                    help="comma-separated corruptions, or 'all' (default: the benchmark's; 'cifarlab robustness "
@@ -668,16 +668,18 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     """``cifarlab robustness``: one run, or each run of a ``--runs N`` folder."""
     from .export import finished_runs, is_runs_set, read_run
     from .fsutil import check_folder_path, json_text
-    from .robustness import (check_severities, choose_corruptions, format_report, format_runs, list_corruptions,
-                             robustness_run, robustness_runs, test_subset)
+    from .robustness import (check_severities, choose_corruptions, format_report, format_runs, image_subset,
+                             list_corruptions, robustness_run, robustness_runs)
 
     if args.list:
         print(list_corruptions())
         return 0
+    if args.run is None:
+        raise ConfigError("robustness needs a run folder: cifarlab robustness RUN (or --list to name the corruptions)")
     # the options first: a mistake in them should cost no data loading
     choose_corruptions(args.corruptions, args.corrupted_data is not None)
     check_severities(args.severities)
-    test_subset(1, args.images, args.seed)
+    image_subset(1, args.images, args.seed)
     if args.out:
         check_folder_path(args.out)
     several = is_runs_set(args.run)

@@ -52,17 +52,15 @@ def check_severities(severities: str | list[int] | None) -> list[int]:
     items = severities.split(",") if isinstance(severities, str) else list(severities)
     out = []
     for s in items:
-        try:
-            v = int(s) if not isinstance(s, bool) else None
-        except (TypeError, ValueError):
-            v = None
+        whole = isinstance(s, int) and not isinstance(s, bool) or isinstance(s, str) and s.strip().isdigit()
+        v = int(s) if whole else None
         if v not in SEVERITIES or v in out:
             raise ConfigError(f"severity '{s}' is not valid; give each of 1 to 5 at most once, e.g. 1,3,5")
         out.append(v)
     return out
 
 
-def test_subset(n_test: int, images: int | None, seed: int) -> np.ndarray | None:
+def image_subset(n_test: int, images: int | None, seed: int) -> np.ndarray | None:
     """Indices of a random ``images`` test images (sorted; None for all), drawn from ``seed``:
     a quicker, rougher measurement."""
     if images is None:
@@ -185,12 +183,16 @@ def measure(predictors: list[Predictor], ds: Dataset, names: list[str], severiti
     for all the predictors."""
     classes = len(ds.classes)
     shape = ds.x_test.shape[1:]
-    subset = test_subset(len(ds.y_test) if published is None else published.per_severity, images, seed)
+    subset = image_subset(len(ds.y_test) if published is None else published.per_severity, images, seed)
     if published is not None and (missing := [n for n in names if n not in published.available()]):
         raise DataError(f"corrupted data '{published.path}' has no file for {', '.join(missing)}; it has: "
                         f"{', '.join(published.available()) or 'none'}")
-    x_clean = ds.x_test if subset is None or published is not None else ds.x_test[subset]
-    y_clean = ds.y_test if subset is None or published is not None else ds.y_test[subset]
+    # The published files were made from the official test split; where these are its images (the
+    # labels agree), the clean figures are of the same images as the corrupted ones, else of the
+    # whole test split, and the report says so.
+    same = published is None or bool(published.per_severity == len(ds.y_test)
+                                      and np.array_equal(published.labels[:len(ds.y_test)], ds.y_test))
+    x_clean, y_clean = (ds.x_test, ds.y_test) if subset is None or not same else (ds.x_test[subset], ds.y_test[subset])
     clean = [_scores(p.predict(x_clean), y_clean, classes) for p in predictors]
     cells: list[list[dict[str, Any]]] = [[] for _ in predictors]
     total = len(names) * len(severities)
@@ -200,15 +202,13 @@ def measure(predictors: list[Predictor], ds: Dataset, names: list[str], severiti
         for p, out in zip(predictors, cells):
             out.append({"corruption": name, "severity": s, **_scores(p.predict(x), y, classes)})
         log(f"[{k}/{total}] {name} {s}: accuracy " + ", ".join(f"{c[-1]['accuracy']:.4f}" for c in cells))
-    source = ({"kind": "published", "path": str(published.path),
-               "same_images_as_test_split": bool(published.per_severity == len(ds.y_test)
-                                                 and np.array_equal(published.labels[:len(ds.y_test)], ds.y_test))}
+    source = ({"kind": "published", "path": str(published.path), "same_images_as_test_split": same}
               if published is not None else {"kind": "generated", "seed": seed})
     reports = [_report(p, ds, c, cl, names, severities, source, len(y_clean) if published is None else
                        (published.per_severity if subset is None else len(subset)))
                for p, c, cl in zip(predictors, cells, clean)]
-    # the clean image beside its corrupted copies (for the published files, the test split's
-    # first image, which is theirs only where they were made from the same split)
+    # the clean image beside its corrupted copies (for published files of other images, the test
+    # split's first image, which is then not theirs)
     examples = np.stack([im for n in names for im in (x_clean[0], *first[n])])
     return reports, examples
 

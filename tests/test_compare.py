@@ -145,6 +145,31 @@ def test_compare_two_runs_folders_from_their_summaries(tmp_path, image_folder, c
     out = capsys.readouterr().out
     assert "3 runs, test accuracy mean" in out and "Welch's t-test on the runs' accuracies: p = " in out
     assert "A mean  B mean    B - A  p (Holm)" in out and "after Holm's correction over the classes" in out
+    assert "Under corruption" not in out  # neither folder measured
+    # under corruption: once both folders were measured on the same images, Welch's test on the runs' means
+    rob = ["--data", str(image_folder), "--corruptions", "contrast,fog", "--severities", "2", "--device", "cpu"]
+    assert main(["robustness", str(tmp_path / "a"), *rob]) == 0
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert f"Under corruption: not compared; only one folder was measured under corruption; run: cifarlab " \
+           f"robustness {tmp_path / 'b'}" in capsys.readouterr().out
+    assert main(["robustness", str(tmp_path / "b"), *rob]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)["robustness"]
+    means = {k: [json.loads((tmp_path / k / f"run-{i}" / "robustness" / "robustness.json").read_text())[
+        "mean_accuracy"] for i in range(3)] for k in "ab"}
+    assert r["difference"] == pytest.approx(np.mean(means["b"]) - np.mean(means["a"]))
+    if np.std(means["a"]) + np.std(means["b"]) > 0:
+        assert r["p_value"] == pytest.approx(_welch_p(means["a"], means["b"]))
+    summary_b = tmp_path / "b" / "robustness_summary.json"
+    s = json.loads(summary_b.read_text())
+    summary_b.write_text(json.dumps(s | {"severities": [3]}))
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "measured under corruption with different severities" in capsys.readouterr().out
+    s["per_run"][1]["weights_sha256"] = "0" * 64  # as if run-1 trained on after it was measured
+    summary_b.write_text(json.dumps(s))
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "changed after cifarlab robustness measured them; measure again" in capsys.readouterr().out
     ext = tmp_path / "ext"  # a set whose --resume OUT --epochs 2 is under way: its config says 2, its runs 1
     shutil.copytree(tmp_path / "a", ext)
     (ext / "config.yaml").write_text((ext / "config.yaml").read_text().replace("epochs: 1\n", "epochs: 2\n"))

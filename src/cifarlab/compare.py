@@ -222,6 +222,7 @@ def compare_run_sets(folder_a: str | Path, folder_b: str | Path) -> dict[str, An
            "p_value": welch_p(a["accuracies"], b["accuracies"])}
     out["per_class"], out["per_class_note"] = _per_class_tests(Path(folder_a), Path(folder_b))
     out["balanced_runs"] = [s for s in (folder_a, folder_b) if _balanced(Path(s))]
+    out["robustness"] = _robustness(Path(folder_a), Path(folder_b))
     for side in (a, b):
         side.update(runs=len(side["accuracies"]), test_accuracy=describe(side["accuracies"]),
                     train_time_s=describe(side["times"]))
@@ -229,6 +230,46 @@ def compare_run_sets(folder_a: str | Path, folder_b: str | Path) -> dict[str, An
     ta, tb = a["train_time_s"]["mean"], b["train_time_s"]["mean"]
     out["time_ratio"] = tb / ta if ta > 0 else None
     return out
+
+
+def _robustness(folder_a: Path, folder_b: Path) -> dict[str, Any] | None:
+    """Welch's test on the runs' mean accuracies under corruption, where ``cifarlab robustness``
+    measured both folders on the same corruptions, severities and images and the runs still hold
+    the weights it measured; else a note saying what differs (None where neither was measured)."""
+    from .calibrate import weights_digest
+
+    found = {}
+    for f in (folder_a, folder_b):
+        try:
+            found[f] = json.loads((f / "robustness_summary.json").read_text())
+        except (OSError, ValueError):
+            pass
+    if not found:
+        return None
+    if len(found) < 2:
+        missing = folder_b if folder_a in found else folder_a
+        return {"note": f"only one folder was measured under corruption; run: cifarlab robustness {missing}"}
+    sa, sb = found[folder_a], found[folder_b]
+    try:
+        keys = ("source", "severities", "images_per_cell", "tta")
+        differ = [k for k in keys if sa.get(k) != sb.get(k)]
+        if [c["name"] for c in sa["corruptions"]] != [c["name"] for c in sb["corruptions"]]:
+            differ.append("corruptions")
+        # each run by its name inside the folder, which holds wherever the folder was measured from
+        stale = [r["run"] for f, s in found.items() for r in s["per_run"]
+                 if r.get("weights_sha256") != weights_digest(f / Path(r["run"]).name)]
+        a, b = [r["mean_accuracy"] for r in sa["per_run"]], [r["mean_accuracy"] for r in sb["per_run"]]
+    except (KeyError, TypeError, CifarlabError) as e:
+        return {"note": f"a robustness_summary.json could not be read ({e}); run cifarlab robustness on each folder "
+                        "again"}
+    if differ:
+        return {"note": f"the two folders were measured under corruption with different {', '.join(differ)}; "
+                        "measure both with the same options"}
+    if stale:
+        return {"note": f"{short_list(stale, 3)} changed after cifarlab robustness measured them; measure again"}
+    return {"corruptions": len(sa["corruptions"]), "severities": sa["severities"], "source": sa["source"],
+            "a": describe(a), "b": describe(b), "difference": float(np.mean(b) - np.mean(a)),
+            "p_value": welch_p(a, b) if min(len(a), len(b)) >= 2 else None}
 
 
 def _balanced(folder: Path) -> bool:
@@ -272,6 +313,16 @@ def format_run_sets(c: dict[str, Any]) -> str:
                      f"test on each class's accuracy over the runs; with few runs it finds only large differences)")
     elif c.get("per_class_note"):
         lines.append(f"Per class: not compared; {c['per_class_note']}")
+    rob = c.get("robustness")
+    if rob and "note" in rob:
+        lines.append(f"Under corruption: not compared; {rob['note']}")
+    elif rob:
+        p = rob["p_value"]
+        lines.append(f"Under corruption (cifarlab robustness, {rob['corruptions']} corruptions at severities "
+                     f"{', '.join(map(str, rob['severities']))}, the same images): A mean {rob['a']['mean']:.4f} (min "
+                     f"{rob['a']['min']:.4f}, max {rob['a']['max']:.4f}), B mean {rob['b']['mean']:.4f} (min "
+                     f"{rob['b']['min']:.4f}, max {rob['b']['max']:.4f}); B - A {rob['difference']:+.4f}"
+                     + (f"; Welch's t-test p = {p:.3g}" if p is not None else ""))
     for folder in c.get("balanced_runs", []):
         lines.append(f"Note: runs of {folder} were calibrated with --balance-classes, which changes their "
                      "predictions; these figures are training's, without it. Compare two single runs, or evaluate "

@@ -304,7 +304,7 @@ def robustness_runs(base: str | Path, ds: Dataset, out: str | Path | None = None
             write_files(rep, folder, examples)
     summary = {
         "runs": len(runs), "data": ds.source, "source": reports[0]["source"], "severities": sev,
-        "images_per_cell": reports[0]["images_per_cell"],
+        "images_per_cell": reports[0]["images_per_cell"], "tta": sorted({r["tta"] for r in reports}),
         "clean_accuracy": describe([r["clean"]["accuracy"] for r in reports]),
         "mean_accuracy": describe([r["mean_accuracy"] for r in reports]),
         "relative_accuracy": describe([r["relative_accuracy"] for r in reports if r["relative_accuracy"] is not None]),
@@ -314,8 +314,8 @@ def robustness_runs(base: str | Path, ds: Dataset, out: str | Path | None = None
                         for i, n in enumerate(names)],
         "per_class_drop": [{"class": c["class"], "drop": _spread([r["per_class"][i]["drop"] for r in reports])}
                            for i, c in enumerate(reports[0]["per_class"])],
-        "per_run": [{"run": str(r), "clean_accuracy": rep["clean"]["accuracy"], "mean_accuracy": rep["mean_accuracy"]}
-                    for r, rep in zip(runs, reports)],
+        "per_run": [{"run": str(r), "clean_accuracy": rep["clean"]["accuracy"], "mean_accuracy": rep["mean_accuracy"],
+                     "weights_sha256": rep["weights_sha256"]} for r, rep in zip(runs, reports)],
     }
     write_json((out or base) / "robustness_summary.json", summary)
     return summary

@@ -151,6 +151,7 @@ def test_the_runs_of_a_set_are_measured_on_the_same_images(tmp_path, image_folde
     (["--corruptions", "fog,snow"], "unknown corruption 'snow'"),
     (["--corruptions", "fog,fog"], "give each one once"),
     (["--images", "0"], "--images 0 must be a positive whole number"),
+    (["--seed", "-1"], "--seed -1 must be a whole number, 0 or more"),
 ])
 def test_bad_options_are_refused_before_the_data_is_read(trained_run, capsys, argv, message):
     # --data names nothing: the options are checked first

@@ -668,8 +668,8 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     """``cifarlab robustness``: one run, or each run of a ``--runs N`` folder."""
     from .export import finished_runs, is_runs_set, read_run
     from .fsutil import check_folder_path, json_text
-    from .robustness import (check_severities, choose_corruptions, format_report, format_runs, image_subset,
-                             list_corruptions, robustness_run, robustness_runs)
+    from .robustness import check_options, format_report, format_runs, list_corruptions, robustness_run, \
+        robustness_runs
 
     if args.list:
         print(list_corruptions())
@@ -677,9 +677,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     if args.run is None:
         raise ConfigError("robustness needs a run folder: cifarlab robustness RUN (or --list to name the corruptions)")
     # the options first: a mistake in them should cost no data loading
-    choose_corruptions(args.corruptions, args.corrupted_data is not None)
-    check_severities(args.severities)
-    image_subset(1, args.images, args.seed)
+    check_options(args.corruptions, args.severities, args.images, args.seed, args.corrupted_data is not None)
     if args.out:
         check_folder_path(args.out)
     several = is_runs_set(args.run)

@@ -72,6 +72,16 @@ def image_subset(n_test: int, images: int | None, seed: int) -> np.ndarray | Non
     return np.sort(np.random.default_rng(seed).choice(n_test, images, replace=False))
 
 
+def check_options(corruptions=None, severities=None, images: int | None = None, seed: int = 0,
+                  published: bool = False) -> tuple[list[str], list[int]]:
+    """The corruptions and severities chosen, after checking every option (before any data is
+    read): see :func:`choose_corruptions`, :func:`check_severities`, :func:`image_subset`."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"--seed {seed!r} must be a whole number, 0 or more")
+    image_subset(1, images, seed)
+    return choose_corruptions(corruptions, published), check_severities(severities)
+
+
 class PublishedCorruptions:
     """The published CIFAR-10-C or CIFAR-100-C files: a folder of ``NAME.npy`` (uint8, five
     severities' test images one after another) and ``labels.npy``, or the ``.tar`` they come
@@ -160,7 +170,8 @@ def _cells(ds: Dataset, names: list[str], severities: list[int], seed: int, subs
             else:
                 x = ds.x_test if subset is None else ds.x_test[subset]
                 y = ds.y_test if subset is None else ds.y_test[subset]
-                # one seed per cell, so that a cell's images do not depend on which others ran
+                # a seed of its own per cell (distinct for every seed, corruption and severity), so
+                # that a cell's images do not depend on which others ran
                 yield name, s, corrupt(x, name, s, seed=seed * 1000 + PUBLISHED.index(name) * 10 + s), y
 
 
@@ -265,7 +276,7 @@ def robustness_run(run: str | Path, ds: Dataset, out: str | Path | None = None, 
     model card then quotes; returns the report. The run's test-time augmentation and
     calibration are used, as in ``cifarlab evaluate``."""
     out = Path(out) if out is not None else Path(run) / "robustness"
-    names, sev = choose_corruptions(corruptions, corrupted_data is not None), check_severities(severities)
+    names, sev = check_options(corruptions, severities, images, seed, corrupted_data is not None)
     pred = load_model(run, device, tta, uncalibrated)
     _check_compatible(pred, ds)
     with _published(corrupted_data) as published, report_folder(out):
@@ -291,7 +302,7 @@ def robustness_runs(base: str | Path, ds: Dataset, out: str | Path | None = None
     from .export import finished_runs
 
     base, out = Path(base), Path(out) if out is not None else None
-    names, sev = choose_corruptions(corruptions, corrupted_data is not None), check_severities(severities)
+    names, sev = check_options(corruptions, severities, images, seed, corrupted_data is not None)
     runs = finished_runs(base)
     preds = [load_model(r, device, tta, uncalibrated) for r in runs]
     for p in preds:

@@ -53,6 +53,10 @@ def _add_uncalibrated_arg(p: argparse.ArgumentParser) -> None:
                         "calibration for the test-time augmentation)")
 
 
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda or cuda:N")
+
+
 def _add_data_args(p: argparse.ArgumentParser, subset: str | None = None) -> None:
     """The data options, and ``--subset`` with the help text ``subset`` where the command uses
     it (evaluation reads every test image)."""
@@ -206,7 +210,7 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", help="folder for the report files (default RUN/eval; for a --runs folder, OUT/run-K "
                                  "and OUT/eval_summary.json)")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    e.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda or cuda:N")
+    _add_device_arg(e)
     e.set_defaults(func=cmd_evaluate)
 
 
@@ -242,7 +246,7 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
     _add_uncalibrated_arg(a)
     a.add_argument("--out", help="folder for the report (default RUN/audit; for a --runs folder, OUT/run-K and "
                                  "OUT/audit_summary.json and .md)")
-    a.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda or cuda:N")
+    _add_device_arg(a)
     a.set_defaults(func=cmd_audit)
 
 
@@ -269,7 +273,7 @@ def _add_robustness_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", help="folder for the report (default RUN/robustness; for a --runs folder, OUT/run-K and "
                                  "OUT/robustness_summary.json)")
     r.add_argument("--json", action="store_true", help="print the report as JSON")
-    r.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda or cuda:N")
+    _add_device_arg(r)
     r.set_defaults(func=cmd_robustness)
 
 
@@ -337,7 +341,7 @@ def _add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
                         "(rare classes are predicted more often); the validation balanced accuracy before and "
                         "after is printed")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
-    c.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda or cuda:N")
+    _add_device_arg(c)
     c.set_defaults(func=cmd_calibrate)
 
 

@@ -14,7 +14,8 @@ from cifarlab.corruptions import corrupt
 from cifarlab.data import load_dataset
 from cifarlab.errors import CifarlabError
 from cifarlab.evaluate import evaluate_run
-from cifarlab.robustness import PUBLISHED_BENCHMARK, choose_corruptions, robustness_run, robustness_runs
+from cifarlab.robustness import PUBLISHED_BENCHMARK, choose_corruptions, format_report, robustness_run, \
+    robustness_runs
 
 from conftest import tiny_config
 
@@ -62,11 +63,12 @@ def test_the_published_files_give_what_the_same_corruption_made_here_gives(train
     assert [c["accuracy"] for c in read["cells"]] == [c["accuracy"] for c in made["cells"]]
     assert read["source"]["kind"] == "published" and read["source"]["same_images_as_test_split"]
     # a subset: the same images drawn from the files as from the test split, clean and corrupted
-    made, read = (robustness_run(trained_run, ds, tmp_path / f"sub{k}", corruptions="contrast", images=5,
-                                 corrupted_data=folder if k else None, log=lambda _: None, device="cpu")
-                  for k in range(2))
-    assert [c["accuracy"] for c in read["cells"]] == [c["accuracy"] for c in made["cells"]]
-    assert read["clean"] == made["clean"] and read["images_per_cell"] == 5
+    sub_made, sub_read = (robustness_run(trained_run, ds, tmp_path / f"sub{k}", corruptions="contrast",
+                                         images=5, corrupted_data=folder if k else None, log=lambda _: None,
+                                         device="cpu") for k in range(2))
+    assert [c["accuracy"] for c in sub_read["cells"]] == [c["accuracy"] for c in sub_made["cells"]]
+    assert sub_read["clean"] == sub_made["clean"] and sub_read["images_per_cell"] == 5
+    assert f"the published files in {folder}" in format_report(sub_read)
     # as the .tar it is published in, members under CIFAR-10-C/
     tar = tmp_path / "CIFAR-10-C.tar"
     with tarfile.open(tar, "w") as t:
@@ -75,6 +77,15 @@ def test_the_published_files_give_what_the_same_corruption_made_here_gives(train
                               log=lambda _: None, device="cpu")
     assert [c["accuracy"] for c in from_tar["cells"][:5]] == [c["accuracy"] for c in made["cells"]]
     assert [c["name"] for c in from_tar["corruptions"]] == ["contrast", "fog"]
+    # files of other images (here: their labels in another order): the clean figures are the
+    # whole test split's, and the report says the images differ
+    np.save(folder / "labels.npy", np.roll(np.tile(ds.y_test, 5), 1))
+    other = robustness_run(trained_run, ds, tmp_path / "other", corruptions="contrast", images=5,
+                           corrupted_data=folder, log=lambda _: None, device="cpu")
+    assert not other["source"]["same_images_as_test_split"]
+    assert other["clean"] == robustness_run(trained_run, ds, tmp_path / "all", corruptions="contrast",
+                                            log=lambda _: None, device="cpu")["clean"]
+    assert "(not the same images as the clean test split)" in format_report(other)
 
 
 def _refused(run, ds, folder, match, **kw):

@@ -149,6 +149,16 @@ def test_the_runs_of_a_set_are_measured_on_the_same_images(tmp_path, image_folde
             for k in range(2)]
     assert s["mean_accuracy"]["min"] == min(r["mean_accuracy"] for r in each)
     assert [c["name"] for c in s["corruptions"]] == ["fog", "contrast"]
+    # the audit of the set quotes the spread; audited with another test-time augmentation, it says why not
+    from cifarlab.audit import audit_runs
+
+    audit_runs(tmp_path / "set", ds, n_boot=100, device="cpu", log=lambda _: None)
+    md = (tmp_path / "set" / "audit_summary.md").read_text()
+    assert "Under common corruptions (`cifarlab robustness`: 2 corruptions at severities 3" in md
+    assert f"accuracy {s['mean_accuracy']['mean']:.3f} ({s['mean_accuracy']['min']:.3f} to" in md
+    audit_runs(tmp_path / "set", ds, n_boot=100, device="cpu", log=lambda _: None, tta="flip")
+    md = (tmp_path / "set" / "audit_summary.md").read_text()
+    assert "not quoted; measured under corruption with test-time augmentation none, audited with flip" in md
     assert main(["robustness", str(tmp_path / "set"), "--data", str(image_folder), "--corruptions", "fog",
                  "--severities", "3", "--device", "cpu", "--out", str(tmp_path / "o")]) == 0
     printed = capsys.readouterr().out

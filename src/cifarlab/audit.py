@@ -374,6 +374,7 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
             f"{sp['difference']:.4f}; {len(a['warnings'])} warning(s); report in {folder / 'audit.md'}")
         audits.append(a)
     summary = summarise_audits(audits, [str(r) for r in runs])
+    summary["robustness"] = _runs_robustness(base, summary["tta"])
     dest = out or base
     for row, report in zip(summary["per_run"], reports):
         row["report"] = os.path.relpath(report, dest)  # from the summary's folder, so its links work
@@ -381,6 +382,25 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
     _plot_runs_class_accuracy(summary, dest / "per_class_accuracy.png")
     write_text(dest / "audit_summary.md", _audit_runs_markdown(summary))
     return summary
+
+
+def _runs_robustness(base: Path, tta: list[str]) -> dict[str, Any] | None:
+    """What ``audit_summary`` quotes of ``cifarlab robustness``'s summary of the runs, where it
+    measured these weights with the test-time augmentation audited (else a note, or None)."""
+    from .robustness import read_runs_summary
+
+    r = read_runs_summary(base)
+    if r is None or "note" in r:
+        return r
+    s = r["summary"]
+    if s.get("tta") != tta:
+        return {"note": f"measured under corruption with test-time augmentation {', '.join(s.get('tta') or [])}, "
+                        f"audited with {', '.join(tta)}"}
+    hardest = sorted(s["corruptions"], key=lambda c: c["accuracy"]["mean"])[:3]
+    return {k: s[k] for k in ("source", "severities", "images_per_cell", "clean_accuracy", "mean_accuracy",
+                              "relative_accuracy", "clean_ece", "mean_ece")} | {
+        "corruptions": len(s["corruptions"]),
+        "hardest": [{"corruption": c["name"], "accuracy": c["accuracy"]} for c in hardest]}
 
 
 def _spread(values: list[float | None]) -> dict[str, float] | None:
@@ -505,6 +525,16 @@ def _audit_runs_markdown(s: dict) -> str:
               + ", ".join(f"{_cell(c)} in {k} of {n}" for c, k in sp["best"].items()) + "; worst: "
               + ", ".join(f"{_cell(c)} in {k} of {n}" for c, k in sp["worst"].items()) + ".", ""]
     lines += _runs_confidence_lines(s)
+    rob = s.get("robustness")
+    if rob and "note" in rob:
+        lines += [f"Under common corruptions: not quoted; {rob['note']}.", ""]
+    elif rob:
+        lines += [f"Under common corruptions (`cifarlab robustness`: {rob['corruptions']} corruptions at severities "
+                  f"{', '.join(map(str, rob['severities']))}, {rob['images_per_cell']:,} images each, the same for "
+                  f"every run): accuracy {_fmt_spread(rob['mean_accuracy'])} against {_fmt_spread(rob['clean_accuracy'])} "
+                  f"clean; expected calibration error {_fmt_spread(rob['mean_ece'])} against "
+                  f"{_fmt_spread(rob['clean_ece'])}; hardest: "
+                  + ", ".join(f"{c['corruption']} {_fmt_spread(c['accuracy'])}" for c in rob["hardest"]) + ".", ""]
     for name, gm in s.get("attributes", {}).items():
         lines += [f"## Groups by `{name}`", "", "| group | n | accuracy, mean (min to max) | flagged in |",
                   "|---|---|---|---|"]

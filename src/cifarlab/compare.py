@@ -236,37 +236,24 @@ def _robustness(folder_a: Path, folder_b: Path) -> dict[str, Any] | None:
     """Welch's test on the runs' mean accuracies under corruption, where ``cifarlab robustness``
     measured both folders on the same corruptions, severities and images and the runs still hold
     the weights it measured; else a note saying what differs (None where neither was measured)."""
-    from .calibrate import weights_digest
+    from .robustness import read_runs_summary
 
-    found = {}
-    for f in (folder_a, folder_b):
-        try:
-            found[f] = json.loads((f / "robustness_summary.json").read_text())
-        except (OSError, ValueError):
-            pass
+    found = {f: r for f in (folder_a, folder_b) if (r := read_runs_summary(f)) is not None}
     if not found:
         return None
     if len(found) < 2:
         missing = folder_b if folder_a in found else folder_a
         return {"note": f"only one folder was measured under corruption; run: cifarlab robustness {missing}"}
-    sa, sb = found[folder_a], found[folder_b]
-    try:
-        keys = ("source", "severities", "images_per_cell", "tta")
-        differ = [k for k in keys if sa.get(k) != sb.get(k)]
-        if [c["name"] for c in sa["corruptions"]] != [c["name"] for c in sb["corruptions"]]:
-            differ.append("corruptions")
-        # each run by its name inside the folder, which holds wherever the folder was measured from
-        stale = [r["run"] for f, s in found.items() for r in s["per_run"]
-                 if r.get("weights_sha256") != weights_digest(f / Path(r["run"]).name)]
-        a, b = [r["mean_accuracy"] for r in sa["per_run"]], [r["mean_accuracy"] for r in sb["per_run"]]
-    except (KeyError, TypeError, CifarlabError) as e:
-        return {"note": f"a robustness_summary.json could not be read ({e}); run cifarlab robustness on each folder "
-                        "again"}
+    if any("note" in r for r in found.values()):
+        return {"note": "; ".join(r["note"] for r in found.values() if "note" in r)}
+    sa, sb = found[folder_a]["summary"], found[folder_b]["summary"]
+    differ = [k for k in ("source", "severities", "images_per_cell", "tta") if sa.get(k) != sb.get(k)]
+    if [c.get("name") for c in sa["corruptions"]] != [c.get("name") for c in sb["corruptions"]]:
+        differ.append("corruptions")
     if differ:
         return {"note": f"the two folders were measured under corruption with different {', '.join(differ)}; "
                         "measure both with the same options"}
-    if stale:
-        return {"note": f"{short_list(stale, 3)} changed after cifarlab robustness measured them; measure again"}
+    a, b = [r["mean_accuracy"] for r in sa["per_run"]], [r["mean_accuracy"] for r in sb["per_run"]]
     return {"corruptions": len(sa["corruptions"]), "severities": sa["severities"], "source": sa["source"],
             "a": describe(a), "b": describe(b), "difference": float(np.mean(b) - np.mean(a)),
             "p_value": welch_p(a, b) if min(len(a), len(b)) >= 2 else None}

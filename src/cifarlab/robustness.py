@@ -408,6 +408,37 @@ def list_corruptions() -> str:
     return "\n".join(lines)
 
 
+def read_runs_summary(folder: str | Path) -> dict[str, Any] | None:
+    """``folder``'s ``robustness_summary.json`` (``cifarlab robustness`` of a ``--runs N``
+    folder) as ``{"summary": ...}`` where every run still holds the weights it measured, else
+    ``{"note": why not}``; None where there is none."""
+    import json
+
+    from .calibrate import weights_digest
+    from .errors import CifarlabError, short_list
+
+    folder = Path(folder)
+    try:
+        s = json.loads((folder / "robustness_summary.json").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        return {"note": f"{folder / 'robustness_summary.json'} could not be read ({e}); run cifarlab robustness "
+                        f"{folder} again"}
+    try:
+        if not isinstance(s.get("corruptions"), list) or "mean_accuracy" not in s:
+            raise KeyError("corruptions")
+        # each run by its name inside the folder, which holds wherever the folder was measured from
+        stale = [r["run"] for r in s["per_run"]
+                 if r.get("weights_sha256") != weights_digest(folder / Path(r["run"]).name)]
+    except (KeyError, TypeError, AttributeError, CifarlabError) as e:
+        return {"note": f"{folder / 'robustness_summary.json'} is incomplete ({e}); run cifarlab robustness {folder} "
+                        "again"}
+    if stale:
+        return {"note": f"{short_list(stale, 3)} changed after cifarlab robustness measured them; measure again"}
+    return {"summary": s}
+
+
 def read_robustness(run: str | Path, tta: str) -> dict[str, Any] | None:
     """The run's ``robustness/robustness.json`` where it was measured with these weights and
     test-time augmentation ``tta`` (None otherwise, or where it is unreadable): what the model

@@ -108,10 +108,10 @@ def _glass_blur(x, s, rng):
     rows = np.arange(n)
     for _ in range(iterations):
         # Bottom-right to top-left, one position at a time, each pixel takes the value of a
-        # neighbour up and to the left (offsets -delta to delta - 1), which may already hold an
-        # earlier position's. The reference meant to swap the two pixels, but its tuple swap of
-        # numpy views copies one way only, and the published images were made so. All images
-        # step together.
+        # neighbour at offsets -delta to delta - 1 (up and to the left for delta 1, positions
+        # this pass has not reached yet). The reference meant to swap the two pixels, but its
+        # tuple swap of numpy views copies one way only, and the published images were made so.
+        # All images step together.
         for i in range(h - delta, delta, -1):
             for j in range(w - delta, delta, -1):
                 dy, dx = rng.integers(-delta, delta, size=(2, n))

@@ -313,23 +313,31 @@ def robustness_runs(base: str | Path, ds: Dataset, out: str | Path | None = None
         folder = (out / r.name) if out else r / "robustness"
         with report_folder(folder):
             write_files(rep, folder, examples)
-    summary = {
-        "runs": len(runs), "data": ds.source, "source": reports[0]["source"], "severities": sev,
-        "images_per_cell": reports[0]["images_per_cell"], "tta": sorted({r["tta"] for r in reports}),
-        "clean_accuracy": describe([r["clean"]["accuracy"] for r in reports]),
-        "mean_accuracy": describe([r["mean_accuracy"] for r in reports]),
-        "relative_accuracy": describe([r["relative_accuracy"] for r in reports if r["relative_accuracy"] is not None]),
-        "clean_ece": describe([r["clean"]["ece"] for r in reports]),
-        "mean_ece": describe([r["mean_ece"] for r in reports]),
-        "corruptions": [{"name": n, "accuracy": describe([r["corruptions"][i]["accuracy"] for r in reports])}
-                        for i, n in enumerate(names)],
-        "per_class_drop": [{"class": c["class"], "drop": _spread([r["per_class"][i]["drop"] for r in reports])}
-                           for i, c in enumerate(reports[0]["per_class"])],
-        "per_run": [{"run": str(r), "clean_accuracy": rep["clean"]["accuracy"], "mean_accuracy": rep["mean_accuracy"],
-                     "weights_sha256": rep["weights_sha256"]} for r, rep in zip(runs, reports)],
-    }
+    summary = summarise_robustness(reports)
     write_json((out or base) / "robustness_summary.json", summary)
     return summary
+
+
+def summarise_robustness(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The spread over runs measured alike (:func:`robustness_run`'s reports, one per run):
+    clean and corrupted accuracy and calibration error, each corruption's accuracy and each
+    class's loss as mean, std, min and max, and each run's figures and weights' digest."""
+    first = reports[0]
+    return {
+        "runs": len(reports), "data": first["data"], "source": first["source"], "severities": first["severities"],
+        "images_per_cell": first["images_per_cell"], "tta": sorted({r["tta"] for r in reports}),
+        "clean_accuracy": describe([r["clean"]["accuracy"] for r in reports]),
+        "mean_accuracy": describe([r["mean_accuracy"] for r in reports]),
+        "relative_accuracy": _spread([r["relative_accuracy"] for r in reports]),
+        "clean_ece": describe([r["clean"]["ece"] for r in reports]),
+        "mean_ece": describe([r["mean_ece"] for r in reports]),
+        "corruptions": [{"name": c["name"], "accuracy": describe([r["corruptions"][i]["accuracy"] for r in reports])}
+                        for i, c in enumerate(first["corruptions"])],
+        "per_class_drop": [{"class": c["class"], "drop": _spread([r["per_class"][i]["drop"] for r in reports])}
+                           for i, c in enumerate(first["per_class"])],
+        "per_run": [{"run": r["run"], "clean_accuracy": r["clean"]["accuracy"], "mean_accuracy": r["mean_accuracy"],
+                     "weights_sha256": r["weights_sha256"]} for r in reports],
+    }
 
 
 def _spread(values: list[float | None]) -> dict[str, float] | None:

@@ -181,6 +181,7 @@ def test_bad_options_are_refused_before_the_data_is_read(trained_run, capsys, ar
 
 
 def test_the_command_prints_the_table_and_the_audit_card_quotes_it(trained_run, image_folder, capsys):
+    ds = load_dataset(str(image_folder))
     assert main(["robustness"]) == 2 and "needs a run folder" in capsys.readouterr().err
     assert main(["robustness", "--list"]) == 0
     listed = capsys.readouterr().out
@@ -194,8 +195,16 @@ def test_the_command_prints_the_table_and_the_audit_card_quotes_it(trained_run, 
     assert "Under common corruptions (`cifarlab robustness`: 11 corruptions at severities 1, 3" in card
     assert json.loads((trained_run / "audit" / "model_card.json").read_text())["metrics"]["robustness"][
         "severities"] == [1, 3]
-    # with another test-time augmentation the report is not the model audited: left out, and the
-    # caveat says how to measure it
+    # audited without the calibration it was measured with, or with another test-time
+    # augmentation, the report is not the model audited: left out, and the caveat says how to
+    # measure it
+    from cifarlab.calibrate import calibrate_run
+
+    calibrate_run(trained_run, ds, device="cpu", log=lambda _: None)
+    assert main(["audit", str(trained_run), "--data", str(image_folder), "--device", "cpu"]) == 0
+    assert "Under common corruptions" not in (trained_run / "audit" / "MODEL_CARD.md").read_text()
+    assert main(["audit", str(trained_run), "--data", str(image_folder), "--device", "cpu", "--uncalibrated"]) == 0
+    assert "Under common corruptions" in (trained_run / "audit" / "MODEL_CARD.md").read_text()
     assert main(["audit", str(trained_run), "--data", str(image_folder), "--device", "cpu", "--tta", "flip"]) == 0
     card = (trained_run / "audit" / "MODEL_CARD.md").read_text()
     assert "Under common corruptions" not in card and "`cifarlab robustness` measures how much lower" in card

@@ -700,7 +700,7 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
     cfg = yaml.safe_load(cfg_text) if cfg_text else {}
     imported_path = run / "keras_import.json"  # written by `cifarlab import`: trained elsewhere
     imported = json.loads(imported_path.read_text()) if imported_path.is_file() else None
-    robustness = _robustness_summary(run, pred.tta)
+    robustness = _robustness_summary(run, pred)
     start_path = run / "init_from.json"  # written by `cifarlab train --init-from`: a fine-tune
     start = json.loads(start_path.read_text()) if start_path.is_file() else None
     is_cifar10 = ds.kind.startswith("cifar10") or (ds.kind == "image-folder" and pred.classes == [
@@ -771,12 +771,12 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
     }
 
 
-def _robustness_summary(run: Path, tta: str) -> dict[str, Any] | None:
-    """What the card quotes of ``cifarlab robustness``'s report for these weights and test-time
-    augmentation, if there is one."""
+def _robustness_summary(run: Path, pred) -> dict[str, Any] | None:
+    """What the card quotes of ``cifarlab robustness``'s report for the predictor audited (its
+    weights, test-time augmentation and calibration), if there is one."""
     from .robustness import read_robustness
 
-    r = read_robustness(run, tta)
+    r = read_robustness(run, pred.tta, pred.temperature(), pred.class_offsets())
     if r is None:
         return None
     hardest = sorted(r["corruptions"], key=lambda c: c["accuracy"])[:3]

@@ -238,7 +238,8 @@ def _report(pred: Predictor, ds: Dataset, cells: list[dict], clean: dict, names:
                 "drop": _num(clean["per_class"][i] - per_class[i])} for i, name in enumerate(pred.classes)]
     return {
         "run": str(pred.run), "data": ds.source, "source": source, "tta": pred.tta,
-        "temperature": pred.temperature(), "weights_sha256": weights_digest(pred.run) if pred.run else None,
+        "temperature": pred.temperature(), "class_offsets": pred.class_offsets(),
+        "weights_sha256": weights_digest(pred.run) if pred.run else None,
         "images_per_cell": n_images, "severities": severities,
         "clean": {"accuracy": clean["accuracy"], "ece": clean["ece"]},
         "mean_accuracy": float(acc.mean()), "relative_accuracy": float(acc.mean() / clean["accuracy"])
@@ -447,10 +448,11 @@ def read_runs_summary(folder: str | Path) -> dict[str, Any] | None:
     return {"summary": s}
 
 
-def read_robustness(run: str | Path, tta: str) -> dict[str, Any] | None:
-    """The run's ``robustness/robustness.json`` where it was measured with these weights and
-    test-time augmentation ``tta`` (None otherwise, or where it is unreadable): what the model
-    card quotes."""
+def read_robustness(run: str | Path, tta: str, temperature: float | None = None,
+                    class_offsets: tuple[float, ...] | None = None) -> dict[str, Any] | None:
+    """The run's ``robustness/robustness.json`` where it was measured with these weights,
+    test-time augmentation ``tta`` and calibration (``temperature`` and ``class_offsets``, None
+    for none); None otherwise, or where it is unreadable: what the model card quotes."""
     import json
 
     from .calibrate import weights_digest
@@ -458,7 +460,11 @@ def read_robustness(run: str | Path, tta: str) -> dict[str, Any] | None:
     path = Path(run) / "robustness" / "robustness.json"
     try:
         r = json.loads(path.read_text())
-        current = r.get("weights_sha256") == weights_digest(run) and r.get("tta") == tta
+        offsets = r.get("class_offsets")
+        current = (r.get("weights_sha256") == weights_digest(run) and r.get("tta") == tta
+                   and r.get("temperature") == temperature
+                   and (None if offsets is None else tuple(offsets)) == (None if class_offsets is None
+                                                                           else tuple(class_offsets)))
         return r if current and isinstance(r.get("corruptions"), list) else None
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, TypeError):
         return None

@@ -12,7 +12,7 @@ figures; ``cifarlab robustness --corrupted-data`` reads the published files for 
 
 Eleven of the benchmark's fifteen corruptions are here, and three of its four held-out ones;
 motion blur, snow, frost, elastic transform and spatter are not (the first two need ImageMagick,
-frost its photographs of frost).
+frost its photographs of frost, the last two OpenCV's warps and edge maps).
 """
 
 from __future__ import annotations

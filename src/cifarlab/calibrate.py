@@ -155,37 +155,18 @@ def _offsets(balance: Any, classes: list[str], where: str, again: str) -> tuple[
 
 def _held_out(run: Path, ds) -> tuple[Any, np.ndarray, np.ndarray]:
     """The run's config, and the indices into ``ds``'s training split of the images it trained
-    on and of those it validated on, chosen again as its training chose them; refused where the
-    run held none out, or where ``ds`` is not the data it was trained on (other image counts;
-    its classes are checked before)."""
-    from .config import load_run_config
-    from .train import split_indices
+    on and of those it validated on (:func:`cifarlab.train.run_split`); refused where the run
+    held none out."""
+    from .train import run_split
 
-    cfg_path = run / "config.yaml"
-    if not cfg_path.is_file():
+    if not (run / "config.yaml").is_file():
         raise CifarlabError(f"'{run}' has no config.yaml (an imported model?), so its validation images are unknown; "
                             "calibration needs images the model was not trained on, and never the test images")
-    cfg = load_run_config(cfg_path)
+    cfg, tr, va = run_split(run, ds)
     if not cfg.data.val_split:
         raise CifarlabError(f"'{run}' held out no validation images (data.val_split = 0, as the speed recipes do), "
                             "and calibration needs images the model was not trained on, never the test images; "
                             "train with --val-split 0.1 (or more) to calibrate it")
-    tr, va = split_indices(cfg, ds.y_train)
-    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
-    data = metrics.get("data", {})
-    want = (data.get("train_images"), data.get("val_images"))
-    if None not in want and want != (len(tr), len(va)):
-        raise CifarlabError(f"'{run}' trained on {want[0]:,} images and validated on {want[1]:,}, but this data "
-                            f"splits into {len(tr):,} and {len(va):,}: it is not the data the run was trained on "
-                            f"('{data.get('source')}'); give that with --data")
-    per_class = data.get("train_per_class")
-    if per_class is not None:
-        have = dict(zip(ds.classes, np.bincount(ds.y_train[tr], minlength=len(ds.classes)).tolist()))
-        if have != per_class:
-            diff = [c for c in ds.classes if have.get(c) != per_class.get(c)]
-            raise CifarlabError(f"this data's training images per class differ from the run's (for "
-                                f"{short_list(diff, 5)}): it is not the data '{run}' was trained on; give that "
-                                "with --data")
     return cfg, tr, va
 
 

@@ -75,6 +75,31 @@ def split_indices(cfg: Config, y_train: np.ndarray) -> tuple[np.ndarray, np.ndar
     return idx[tr], idx[va]
 
 
+def run_split(run: Path, ds: Dataset) -> tuple[Config, np.ndarray, np.ndarray]:
+    """The config of ``run`` (a folder with config.yaml) and the indices into ``ds``'s training
+    split of the images it trained on and of those it validated on, chosen again as its training
+    chose them (:func:`split_indices`); refused where ``ds`` is not the data it was trained on
+    (other image counts, or other images per class, than its metrics.json records)."""
+    cfg = load_run_config(run / "config.yaml")
+    tr, va = split_indices(cfg, ds.y_train)
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    data = metrics.get("data", {})
+    want = (data.get("train_images"), data.get("val_images"))
+    if None not in want and want != (len(tr), len(va)):
+        raise CifarlabError(f"'{run}' trained on {want[0]:,} images and validated on {want[1]:,}, but this data "
+                            f"splits into {len(tr):,} and {len(va):,}: it is not the data the run was trained on "
+                            f"('{data.get('source')}'); give that with --data")
+    per_class = data.get("train_per_class")
+    if per_class is not None:
+        have = dict(zip(ds.classes, np.bincount(ds.y_train[tr], minlength=len(ds.classes)).tolist()))
+        if have != per_class:
+            diff = [c for c in ds.classes if have.get(c) != per_class.get(c)]
+            raise CifarlabError(f"this data's training images per class differ from the run's (for "
+                                f"{short_list(diff, 5)}): it is not the data '{run}' was trained on; give that "
+                                "with --data")
+    return cfg, tr, va
+
+
 def make_arrays(cfg: Config, ds: Dataset, device: torch.device) -> Arrays:
     """Subset, split (seeded, stratified) and move the data to ``device`` once, as uint8.
 

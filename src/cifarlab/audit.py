@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .data import Dataset
+from .duplicates import read_duplicates
 from .errors import CifarlabError, short_list
 from .evaluate import _check_compatible, probabilities_and_raw
 from .export import list_to_csv_rows, load_model
@@ -97,7 +98,8 @@ def class_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str], n_boot: i
              "precision_ci": percentile_interval(prec_b[:, i])} for i, c in enumerate(classes)]
     best, worst = int(np.nanargmax(rec)), int(np.nanargmin(rec))
     diff_b = rec_b[:, best] - rec_b[:, worst]
-    ratio_b = rec_b[:, worst] / rec_b[:, best]
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 in a resample: NaN, which the interval drops
+        ratio_b = rec_b[:, worst] / rec_b[:, best]
     spread = {"best": classes[best], "worst": classes[worst], "difference": float(rec[best] - rec[worst]),
               "difference_ci": percentile_interval(diff_b),
               "ratio": float(rec[worst] / rec[best]) if rec[best] else None,
@@ -294,6 +296,8 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
         if r["flagged"]:
             audit["warnings"].append(f"class '{r['class']}' accuracy {r['accuracy']:.3f} is more than {margin:.2f} "
                                      f"below the overall {overall:.3f}")
+    # `cifarlab duplicates`' figures for this model (weights, test-time augmentation, offsets), if measured
+    audit["near_duplicates"] = read_duplicates(run, pred.tta, pred.class_offsets())
     if groups is not None:
         idx, attrs = groups
         audit["groups_file"] = str(groups_csv)
@@ -375,6 +379,7 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
         audits.append(a)
     summary = summarise_audits(audits, [str(r) for r in runs])
     summary["robustness"] = _runs_robustness(base, summary["tta"])
+    summary["near_duplicates"] = _runs_duplicates(audits)
     dest = out or base
     for row, report in zip(summary["per_run"], reports):
         row["report"] = os.path.relpath(report, dest)  # from the summary's folder, so its links work
@@ -401,6 +406,22 @@ def _runs_robustness(base: Path, tta: list[str]) -> dict[str, Any] | None:
                               "relative_accuracy", "clean_ece", "mean_ece")} | {
         "corruptions": len(s["corruptions"]),
         "hardest": [{"corruption": c["name"], "accuracy": c["accuracy"]} for c in hardest]}
+
+
+def _runs_duplicates(audits: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What ``audit_summary`` quotes of ``cifarlab duplicates``: each run's accuracy without and
+    with the test images it trained on a copy of, as spreads, where it was measured for every
+    run audited; None otherwise."""
+    found = [a.get("near_duplicates") for a in audits]
+    if not all(found):
+        return None
+    runs = [d["run"] for d in found]
+    return {"threshold": found[0]["method"]["threshold"], "test_images": found[0]["test_images"],
+            "with_duplicate_images": [r["with_duplicate"]["images"] for r in runs],
+            "accuracy": _spread([r["accuracy"] for r in runs]),
+            "without_duplicate": _spread([r["without_duplicate"]["accuracy"] for r in runs]),
+            "with_duplicate": _spread([r["with_duplicate"]["accuracy"] for r in runs]),
+            "difference": _spread([r["difference"] for r in runs])}
 
 
 def _spread(values: list[float | None]) -> dict[str, float] | None:
@@ -535,6 +556,13 @@ def _audit_runs_markdown(s: dict) -> str:
                   f"clean; expected calibration error {_fmt_spread(rob['mean_ece'])} against "
                   f"{_fmt_spread(rob['clean_ece'])}; hardest: "
                   + ", ".join(f"{c['corruption']} {_fmt_spread(c['accuracy'])}" for c in rob["hardest"]) + ".", ""]
+    dup = s.get("near_duplicates")
+    if dup:
+        lines += [f"Near-duplicates (`cifarlab duplicates`, similarity >= {dup['threshold']}): "
+                  f"{_count_range(dup['with_duplicate_images'])} of the {dup['test_images']:,} test images have a "
+                  f"near-copy among the images a run trained on. Accuracy without them "
+                  f"{_fmt_spread(dup['without_duplicate'])}, on them {_fmt_spread(dup['with_duplicate'])}, against "
+                  f"{_fmt_spread(dup['accuracy'])} on all.", ""]
     for name, gm in s.get("attributes", {}).items():
         lines += [f"## Groups by `{name}`", "", "| group | n | accuracy, mean (min to max) | flagged in |",
                   "|---|---|---|---|"]
@@ -755,6 +783,7 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
             "groups": audit.get("attributes", {}), "interval_method": f"95% percentile bootstrap, "
                                                                        f"{audit['bootstrap_resamples']} resamples",
             "robustness": robustness,
+            "near_duplicates": audit.get("near_duplicates"),
         },
         "ethical_considerations": [
             "An inaccurate or unevenly accurate classifier harms the people who depend on its output; the per-class "
@@ -806,6 +835,27 @@ def _robustness_lines(r: dict | None) -> list[str]:
             + ("; classes that lost most: " + ", ".join(f"{c['class']} {c['clean']:.3f} -> {c['corrupted']:.3f}"
                                                        for c in r["largest_class_drops"]) if r["largest_class_drops"]
                else "") + ". See `robustness/robustness.png` in the run folder.", ""]
+
+
+def _duplicates_lines(d: dict | None) -> list[str]:
+    """The card's paragraph on test images that are near-copies of training images, where
+    ``cifarlab duplicates`` measured it for this model."""
+    if not d:
+        return []
+    r, m = d["run"], d["method"]
+    w, o = r["with_duplicate"], r["without_duplicate"]
+    if not w["images"]:
+        return [f"Near-duplicates (`cifarlab duplicates`, similarity >= {m['threshold']}): none of the test images "
+                f"has a near-copy among {r['trained_on']}.", ""]
+    diff = "" if r["difference"] is None else \
+        f" (difference {r['difference']:+.4f}, 95% CI {_fmt_ci(r['difference_ci'])})"
+    other = f", on the other {o['images']:,} **{o['accuracy']:.4f}**" if o["images"] else ""
+    verb = "has" if w["images"] == 1 else "have"
+    return [f"Near-duplicates (`cifarlab duplicates`, similarity >= {m['threshold']}): {images_phrase(w['images'])} "
+            f"of the {d['test_images']:,} test images {verb} a near-copy among {r['trained_on']}, which the model may "
+            f"recognise from memory. Accuracy on them {w['accuracy']:.4f}{other}{diff}; the latter is the fairer "
+            "estimate for photos it has not seen. See `duplicates.png` beside the report for the pairs near the "
+            "threshold.", ""]
 
 
 def _temperature_lines(overall: dict) -> list[str]:
@@ -955,6 +1005,7 @@ def model_card_markdown(card: dict) -> str:
         lines += [f"By `{name}`: " + ", ".join(f"{g['group']} {g['accuracy']:.3f} (n={g['n']})" for g in gm["groups"])
                   + ("." if ga is None else f"; largest gap {ga['difference']:.3f} {_fmt_ci(ga['difference_ci'])}."), ""]
     lines += _robustness_lines(mt.get("robustness"))
+    lines += _duplicates_lines(mt.get("near_duplicates"))
     lines += ["![confusion matrix](confusion_matrix.png) ![reliability diagram](reliability.png)", "",
               "## Ethical considerations", ""] + [f"- {e}" for e in card["ethical_considerations"]] + [
               "", "## Caveats and recommendations", ""] + [f"- {c}" for c in card["caveats"]] + [""]

@@ -21,6 +21,7 @@ EPILOG = """examples:
   cifarlab predict runs/RUN cat.png dog.jpg                 # top-3 classes per image
   cifarlab audit runs/RUN --data DATA                       # disaggregated report + MODEL_CARD.md
   cifarlab robustness runs/RUN --data DATA                  # accuracy under noise, blur, fog, JPEG...
+  cifarlab duplicates runs/RUN --data DATA                  # test images copied in training; accuracy without
   cifarlab compare runs/A runs/B --data DATA                # is B really more accurate than A?
   cifarlab export runs/RUN                                  # RUN/model.onnx for ONNX Runtime
   cifarlab import cifar10_weights.h5 --architecture cifar10_architecture.json  # the notebook's saved model
@@ -277,6 +278,36 @@ def _add_robustness_parser(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=cmd_robustness)
 
 
+def _add_duplicates_parser(sub: argparse._SubParsersAction) -> None:
+    """``cifarlab duplicates``' options."""
+    from .duplicates import DEFAULT_CANDIDATES, DEFAULT_SHIFT, DEFAULT_THRESHOLD
+
+    d = sub.add_parser("duplicates", help="test images that are near-copies of training images, and a run's "
+                                          "accuracy without them",
+                       description="Look for a near-duplicate of each test image among the training images (and "
+                                   "the other test images): the same photo, perhaps shifted by a few pixels, "
+                                   "re-coloured or re-compressed (Barz and Denzler, 2020). Given a run, also its "
+                                   "test accuracy with and without the test images whose copy it trained on. "
+                                   "Writes duplicates.json, duplicates.csv, groups.csv (for audit --groups) and "
+                                   "duplicates.png, the pairs either side of the threshold, to judge it by.")
+    d.add_argument("run", nargs="?", help="run folder written by 'cifarlab train' (or the folder of --runs N: each "
+                                          "run, and the mean, min and max over them); omitted: the data alone")
+    _add_data_args(d)
+    d.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"similarity from which a pair counts as a duplicate, in (0, 1] (default {DEFAULT_THRESHOLD})")
+    d.add_argument("--shift", type=int, default=DEFAULT_SHIFT,
+                   help=f"pixels a copy may be shifted by, each way (default {DEFAULT_SHIFT})")
+    d.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
+                   help=f"training images compared closely with each test image (default {DEFAULT_CANDIDATES}; "
+                        "more finds a few more shifted copies, slower)")
+    _add_tta_arg(d)
+    _add_uncalibrated_arg(d)
+    d.add_argument("--out", help="folder for the report (default RUN/duplicates, or ./duplicates without a run)")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_device_arg(d)
+    d.set_defaults(func=cmd_duplicates)
+
+
 def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
     """``cifarlab compare``'s options."""
     m = sub.add_parser("compare", help="are two runs' accuracies really different? a paired test on the same images",
@@ -408,8 +439,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cifarlab {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in (_add_train_parser, _add_evaluate_parser, _add_calibrate_parser, _add_predict_parser,
-                _add_audit_parser, _add_robustness_parser, _add_compare_parser, _add_export_parser,
-                _add_import_parser, _add_augment_parser, _add_summary_parser, _add_list_parser):
+                _add_audit_parser, _add_robustness_parser, _add_duplicates_parser, _add_compare_parser,
+                _add_export_parser, _add_import_parser, _add_augment_parser, _add_summary_parser, _add_list_parser):
         add(sub)  # in the order --help lists the commands
     return p
 
@@ -703,6 +734,49 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     result = robustness_run(folder, ds, out, **kw)
     print(json_text(result) if args.json else f"{format_report(result)}\nReport files in {out}")
     return 0
+
+
+def cmd_duplicates(args: argparse.Namespace) -> int:
+    """``cifarlab duplicates``: the data alone, one run, or each run of a ``--runs N`` folder."""
+    from .duplicates import check_options, duplicates_report, format_report, write_files
+    from .export import finished_runs, is_runs_set, read_run
+    from .fsutil import check_folder_path, json_text
+
+    check_options(args.threshold, args.shift, args.candidates)  # before the data is loaded
+    if args.out:
+        check_folder_path(args.out)
+    runs: list[Path] = []
+    if args.run is None:
+        ds = _load_data(args)
+        out = Path(args.out or "duplicates")
+    else:
+        if is_runs_set(args.run):
+            runs = finished_runs(args.run)
+            folder = Path(args.run)
+        else:
+            folder, _ = read_run(args.run)
+            runs = [folder]
+        ds = _load_eval_data(args, folder)
+        out = Path(args.out) if args.out else folder / "duplicates"
+    log = (lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr))
+    report, found = duplicates_report(ds, runs, args.threshold, args.shift, args.candidates, tta=args.tta,
+                                      device=args.device, uncalibrated=args.uncalibrated, log=log)
+    write_files(report, found, ds, out)
+    print(json_text(report) if args.json else f"{format_report(report)}\nReport files in {out}; look at "
+                                              f"{out / 'duplicates.png'} before quoting the figures")
+    return 0
+
+
+def _load_data(args: argparse.Namespace):
+    """The data of ``--data`` (or the download of ``--dataset``) with the data options given,
+    for a command that has no run to take them from."""
+    from .data import load_dataset
+
+    ds = load_dataset(args.data, args.dataset or "cifar10", allow_unverified=bool(args.allow_unverified),
+                      label_mode=args.label_mode or "fine", skip_bad_images=bool(args.skip_bad_images))
+    for note in ds.notes:  # on stderr: stdout may be --json
+        print(f"data: {note}", file=sys.stderr)
+    return ds
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -1,0 +1,380 @@
+"""Test images that are near-copies of training images, and what they do to a test accuracy.
+
+Barz and Denzler (2020, "Do we train on test data? Purging CIFAR of near-duplicates") found that
+3.3% of CIFAR-10's test images and 10% of CIFAR-100's have a near-duplicate in the training
+set: the same photo, perhaps shifted, re-coloured or re-compressed. A model can get those right
+by memory, so its test accuracy says more about the images it has seen than it should. This
+module finds such pairs in any data set cifarlab reads, and, given a run, reports its accuracy
+with and without the test images whose copy it trained on.
+
+How pairs are found, in two stages per test image:
+
+1. candidates: the ``candidates`` training images most like it at 8x8 (block means, each image
+   centred and scaled to unit length, so brightness and contrast do not count), by cosine;
+2. score: both images smoothed by a 3x3 box filter, the normalised cross-correlation of the
+   test image's centre (``shift`` pixels cropped from each side) with the candidate's windows
+   shifted by up to ``shift`` pixels, the best of them. 1 is the same picture up to brightness
+   and contrast; JPEG re-compression and resampling cost a little, less after the smoothing.
+
+A pair scoring at least ``threshold`` counts as a duplicate. Mirrored, rescaled or cropped copies
+are not looked for, nor are copies of flat (single-colour) images, whose correlation is
+undefined (scored 0). Images that are mostly one colour (a small aircraft on plain sky, a ship on
+open sea) correlate through their colour alone, so most false matches are of such images. The threshold is a judgement: :func:`write_files` draws the pairs either
+side of it, to be looked at before its figures are quoted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import Dataset
+from .errors import CifarlabError, ConfigError
+from .export import list_to_csv_rows
+from .fsutil import report_folder, write_json, write_text
+
+# Chosen by looking at random pairs of the JPEG copy of CIFAR-10 (see the README): 44 of 48 pairs
+# scoring 0.96 or more were the same photograph, against about 34 of 48 from 0.95 to 0.96.
+DEFAULT_THRESHOLD = 0.96
+DEFAULT_SHIFT = 3  # pixels each way: the shifts seen among CIFAR's near-duplicates are small
+DEFAULT_CANDIDATES = 20  # more finds a few more shifted copies, at linear cost
+COARSE = 8  # side of the candidate stage's block-mean images
+# Smoothing before the correlation: on pairs judged by eye it separated copies from look-alikes
+# better than raw pixels, whose JPEG noise and resampling lower the score of true copies.
+SMOOTH = 3
+REPORTED_THRESHOLDS = (0.94, 0.95, 0.97, 0.98)  # counts at these show how much the threshold matters
+_EPS = 1e-6
+
+
+def check_options(threshold: float = DEFAULT_THRESHOLD, shift: int = DEFAULT_SHIFT,
+                  candidates: int = DEFAULT_CANDIDATES, image_size: tuple[int, int] | None = None) -> None:
+    """Refuse a threshold outside (0, 1], a negative shift or one that leaves too little of the
+    image (``image_size``, height and width, where known), or fewer than one candidate."""
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 < threshold <= 1:
+        raise ConfigError(f"threshold {threshold!r} is not valid; give a similarity in (0, 1], such as "
+                          f"{DEFAULT_THRESHOLD}")
+    if not isinstance(shift, int) or isinstance(shift, bool) or shift < 0:
+        raise ConfigError(f"shift {shift!r} is not valid; give a whole number of pixels, 0 or more "
+                          f"(default {DEFAULT_SHIFT})")
+    side = None if image_size is None else min(image_size) - (SMOOTH - 1)  # after the smoothing
+    if side is not None and 4 * shift >= side:
+        most = "" if side < 1 else f", so give at most {(side - 1) // 4}"
+        raise ConfigError(f"shift {shift} is too large for {image_size[0]}x{image_size[1]} images; the compared "
+                          f"centre of the smoothed image must keep half of each side{most}")
+    if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
+        raise ConfigError(f"candidates {candidates!r} is not valid; give a whole number, 1 or more "
+                          f"(default {DEFAULT_CANDIDATES})")
+
+
+def _float(x: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, C) as float32 (N, C, H, W)."""
+    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float()
+
+
+def coarse_features(images: np.ndarray) -> torch.Tensor:
+    """Unit-length, zero-mean 8x8 block means of uint8 (N, H, W, C) images, (N, C*64): the
+    candidate stage's description, tolerant of small shifts, brightness and contrast."""
+    f = F.adaptive_avg_pool2d(_float(images), COARSE).flatten(1)
+    return F.normalize(f - f.mean(1, keepdim=True), dim=1)
+
+
+def smooth(images: torch.Tensor) -> torch.Tensor:
+    """float (N, C, H, W) images averaged over SMOOTH x SMOOTH windows (no padding, so the
+    result is SMOOTH - 1 pixels smaller each way)."""
+    return F.avg_pool2d(images, SMOOTH, stride=1)
+
+
+def shifted_similarity(queries: torch.Tensor, others: torch.Tensor, shift: int) -> torch.Tensor:
+    """For float (N, C, H, W) ``queries`` and ``others`` (pairs by position), the largest
+    normalised cross-correlation of each query's centre, ``shift`` pixels cropped from each side,
+    with the windows of its other image shifted by up to ``shift`` pixels each way; (N,).
+
+    Each image's brightness and contrast are taken out (the correlation of the mean-centred
+    pixels), so 1 means the same picture up to those; a flat window scores 0."""
+    n, c, h, w = queries.shape
+    s = shift
+    t = queries[:, :, s:h - s, s:w - s]
+    t = t - t.mean((1, 2, 3), keepdim=True)
+    t = t / t.flatten(1).norm(dim=1).clamp_min(_EPS).view(n, 1, 1, 1)
+    # one grouped convolution correlates each query with its own other image at every shift
+    num = F.conv2d(others.reshape(1, n * c, h, w), t, groups=n).reshape(n, -1)
+    kh, kw = t.shape[2:]
+    size = kh * kw * c
+    # each window's sum and sum of squares, from box filters, for its centred norm
+    s1 = F.avg_pool2d(others.sum(1, keepdim=True), (kh, kw), stride=1).reshape(n, -1) * (kh * kw)
+    s2 = F.avg_pool2d((others * others).sum(1, keepdim=True), (kh, kw), stride=1).reshape(n, -1) * (kh * kw)
+    norm = (s2 - s1 * s1 / size).clamp_min(0).sqrt()
+    flat_query = t.flatten(1).abs().sum(1, keepdim=True) < _EPS
+    score = torch.where((norm > _EPS * size) & ~flat_query, num / norm.clamp_min(_EPS), torch.zeros_like(num))
+    return score.max(1).values.clamp(-1, 1)
+
+
+def candidate_scores(queries: np.ndarray, pool: np.ndarray, *, shift: int = DEFAULT_SHIFT,
+                     candidates: int = DEFAULT_CANDIDATES, same_set: bool = False, chunk: int = 250,
+                     log: Callable[[str], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``candidates`` images of ``pool`` most like each of ``queries`` (both uint8 (N, H, W,
+    C)), and their scores (see the module's docstring): (indices into ``pool``, scores), each
+    (len(queries), candidates), best first. ``same_set``: ``queries`` is ``pool``, and an image is
+    not its own candidate."""
+    k = min(candidates, len(pool) - int(same_set))
+    if k < 1:
+        raise CifarlabError(f"{len(pool)} images to compare with: too few to look for duplicates")
+    fq, fp = coarse_features(queries), coarse_features(pool)
+    index = np.empty((len(queries), k), np.int64)
+    score = np.empty((len(queries), k), np.float32)
+    for start in range(0, len(queries), chunk):
+        stop = min(start + chunk, len(queries))
+        sim = fq[start:stop] @ fp.T
+        if same_set:
+            sim[torch.arange(stop - start), torch.arange(start, stop)] = -2  # not itself
+        cand = sim.topk(k, dim=1).indices
+        q = smooth(_float(queries[start:stop])).repeat_interleave(k, 0)
+        o = smooth(_float(pool[cand.flatten().numpy()]))
+        sc = shifted_similarity(q, o, shift).view(stop - start, k)
+        order = sc.argsort(1, descending=True)
+        index[start:stop] = cand.gather(1, order).numpy()
+        score[start:stop] = sc.gather(1, order).numpy()
+        if log and (stop == len(queries) or stop // chunk % 8 == 0):
+            log(f"  {stop:,} of {len(queries):,} images compared")
+    return index, score
+
+
+def best_among(index: np.ndarray, score: np.ndarray, allowed: np.ndarray | None = None) -> tuple[np.ndarray,
+                                                                                                  np.ndarray]:
+    """Each row's best candidate of :func:`candidate_scores` (rows best first), among those with
+    ``allowed[index]`` true where ``allowed`` (a mask over the pool) is given: (index, score), -1
+    and NaN for a row with none allowed."""
+    ok = np.ones(index.shape, bool) if allowed is None else allowed[index]
+    first = ok.argmax(1)
+    rows = np.arange(len(index))
+    has = ok[rows, first]
+    return np.where(has, index[rows, first], -1), np.where(has, score[rows, first], np.nan).astype(np.float32)
+
+
+def find_duplicates(ds: Dataset, threshold: float = DEFAULT_THRESHOLD, shift: int = DEFAULT_SHIFT,
+                    candidates: int = DEFAULT_CANDIDATES, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Look for a near-duplicate of each of ``ds``'s test images among its training images and
+    among its other test images. Returns the candidates (``train_index``, ``train_score``,
+    ``test_index``, ``test_score``, arrays) and the settings; :func:`summarise` makes the report."""
+    check_options(threshold, shift, candidates, ds.x_test.shape[1:3])
+    if log:
+        log(f"comparing {len(ds.x_test):,} test images with {len(ds.x_train):,} training images")
+    ti, ts = candidate_scores(ds.x_test, ds.x_train, shift=shift, candidates=candidates, log=log)
+    qi, qs = np.full(len(ds.x_test), -1), np.full(len(ds.x_test), np.nan, np.float32)
+    if len(ds.x_test) > 1:
+        if log:
+            log("comparing the test images with each other")
+        q_index, q_score = candidate_scores(ds.x_test, ds.x_test, shift=shift, candidates=candidates, same_set=True,
+                                            log=log)
+        qi, qs = q_index[:, 0], q_score[:, 0]
+    return {"threshold": float(threshold), "shift": shift, "candidates": candidates, "train_index": ti,
+            "train_score": ts, "test_index": qi, "test_score": qs}
+
+
+def _count_at(scores: np.ndarray, t: float) -> int:
+    return int(np.sum(np.nan_to_num(scores, nan=-2) >= t))
+
+
+def summarise(found: dict[str, Any], ds: Dataset) -> dict[str, Any]:
+    """The report of :func:`find_duplicates`' result: how many test images have a training
+    duplicate (overall, at other thresholds, by class), how many of those pairs disagree on the
+    class, and how many test images have a copy among the other test images."""
+    t = found["threshold"]
+    idx, score = best_among(found["train_index"], found["train_score"])
+    dup = score >= t
+    differ = dup & (ds.y_train[np.maximum(idx, 0)] != ds.y_test)
+    by_class = []
+    for c, name in enumerate(ds.classes):
+        m = ds.y_test == c
+        by_class.append({"class": name, "test_images": int(m.sum()), "with_train_duplicate": int((dup & m).sum()),
+                         "share": float((dup & m).sum() / m.sum()) if m.any() else None})
+    n = len(ds.y_test)
+    return {
+        "data": ds.source, "train_images": len(ds.y_train), "test_images": n,
+        "method": {"threshold": t, "shift": found["shift"], "candidates": found["candidates"], "coarse": COARSE,
+                   "score": "normalised cross-correlation, best over shifts"},
+        "test_with_train_duplicate": int(dup.sum()), "share": float(dup.mean()) if n else None,
+        "at_thresholds": {f"{x:.2f}": _count_at(score, x) for x in sorted({*REPORTED_THRESHOLDS, t})},
+        "label_disagreements": int(differ.sum()),
+        "test_with_test_duplicate": _count_at(found["test_score"], t),
+        "by_class": by_class,
+    }
+
+
+def run_accuracy(run: str | Path, ds: Dataset, found: dict[str, Any], tta: str | None = None,
+                 device: str = "auto", uncalibrated: bool = False, n_boot: int = 1000,
+                 seed: int = 0) -> dict[str, Any]:
+    """A run's test accuracy over all test images, over those with a near-duplicate among the
+    images it trained on (its own split of the training images, chosen again from its
+    config.yaml), and over the others, with the difference and its bootstrap 95% interval."""
+    from .audit import percentile_interval
+    from .calibrate import weights_digest
+    from .evaluate import _check_compatible, predict_dataset
+    from .export import load_model
+
+    pred = load_model(run, device, tta, uncalibrated)
+    _check_compatible(pred, ds)
+    trained, note = _trained_mask(Path(run), ds)
+    _, score = best_among(found["train_index"], found["train_score"], trained)
+    dup = np.nan_to_num(score, nan=-2) >= found["threshold"]
+    correct = predict_dataset(pred, ds.x_test).argmax(1) == ds.y_test
+    rng = np.random.default_rng(seed)
+    a, b = np.flatnonzero(dup), np.flatnonzero(~dup)
+
+    def acc(ix: np.ndarray) -> float | None:
+        return float(correct[ix].mean()) if len(ix) else None
+
+    diff, ci = None, [None, None]
+    if len(a) and len(b):
+        diff = acc(a) - acc(b)
+        boots = [correct[rng.choice(a, len(a))].mean() - correct[rng.choice(b, len(b))].mean()
+                 for _ in range(n_boot)]
+        ci = percentile_interval(np.array(boots))
+    return {"run": str(run), "tta": pred.tta, "temperature": pred.temperature(), "class_offsets": pred.class_offsets(),
+            "weights_sha256": weights_digest(pred.run), "trained_on": note, "accuracy": float(correct.mean()),
+            "with_duplicate": {"images": len(a), "accuracy": acc(a)},
+            "without_duplicate": {"images": len(b), "accuracy": acc(b)},
+            "difference": diff, "difference_ci": ci}
+
+
+def _trained_mask(run: Path, ds: Dataset) -> tuple[np.ndarray, str]:
+    """A mask over ``ds``'s training images of those ``run`` trained on, and a note of which."""
+    from .train import run_split
+
+    mask = np.zeros(len(ds.y_train), bool)
+    if not (run / "config.yaml").is_file():  # an imported model: its training images are unknown
+        mask[:] = True
+        return mask, "every training image (the run has no config.yaml naming its own)"
+    _, tr, _ = run_split(run, ds)
+    mask[tr] = True
+    return mask, f"its {len(tr):,} training images (validation images held out)" if len(tr) < len(mask) else \
+        f"all {len(tr):,} training images"
+
+
+_FIGURES = ("accuracy", "without_duplicate", "with_duplicate", "difference")
+
+
+def _figure(r: dict[str, Any], key: str) -> float | None:
+    """One of :data:`_FIGURES` from a :func:`run_accuracy` result."""
+    v = r[key]
+    return v["accuracy"] if isinstance(v, dict) else v
+
+
+def duplicates_report(ds: Dataset, runs: list[str | Path] | None = None, threshold: float = DEFAULT_THRESHOLD,
+                      shift: int = DEFAULT_SHIFT, candidates: int = DEFAULT_CANDIDATES, tta: str | None = None,
+                      device: str = "auto", uncalibrated: bool = False,
+                      log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Find the near-duplicates of ``ds``'s test images (:func:`find_duplicates`) and summarise
+    them; with ``runs``, also each run's accuracy with and without the test images whose copy it
+    trained on, and over several runs the mean, min and max. Returns (report, found)."""
+    found = find_duplicates(ds, threshold, shift, candidates, log)
+    report = summarise(found, ds)
+    if runs:
+        from .evaluate import describe
+
+        report["runs"] = [run_accuracy(r, ds, found, tta, device, uncalibrated) for r in runs]
+        if len(runs) > 1:
+            figures = {k: [_figure(r, k) for r in report["runs"]] for k in _FIGURES}
+            report["runs_summary"] = {k: describe(v) for k, v in figures.items() if None not in v}
+    return report, found
+
+
+def write_files(report: dict[str, Any], found: dict[str, Any], ds: Dataset, out: str | Path,
+                review: int = 16) -> None:
+    """Into ``out``: ``duplicates.json`` (the report), ``duplicates.csv`` (each test image, its
+    most similar training and test images and their scores), ``groups.csv`` (``index`` and
+    ``train_duplicate`` yes/no, for ``cifarlab audit --groups`` and ``compare --groups``) and
+    ``duplicates.png``: the ``review`` scoring pairs just above the threshold and just below it,
+    to judge the threshold by."""
+    from .plots import image_grid
+
+    out = Path(out)
+    t = found["threshold"]
+    idx, score = best_among(found["train_index"], found["train_score"])
+    rows = []
+    for i in range(len(ds.y_test)):
+        j, q, qs = int(idx[i]), int(found["test_index"][i]), float(found["test_score"][i])
+        rows.append({"index": i, "path": ds.test_paths[i] if ds.test_paths else "",
+                     "class": ds.classes[ds.y_test[i]], "train_index": j, "train_class": ds.classes[ds.y_train[j]],
+                     "train_score": round(float(score[i]), 4), "train_duplicate": "yes" if score[i] >= t else "no",
+                     # a single test image has no other to compare with
+                     "test_index": q if q >= 0 else "", "test_score": round(qs, 4) if q >= 0 else ""})
+    order = np.argsort(-score, kind="stable")
+    above = [i for i in order if score[i] >= t][-review:]
+    below = [i for i in order if score[i] < t][:review]
+    with report_folder(out):
+        write_json(out / "duplicates.json", report)
+        write_text(out / "duplicates.csv", list_to_csv_rows(rows))
+        write_text(out / "groups.csv", list_to_csv_rows({"index": r["index"], "train_duplicate": r["train_duplicate"]}
+                                                        for r in rows))
+        pairs, rejected = [*above, *below], set(below)
+        if pairs:
+            gap = np.full((ds.x_test.shape[1], 2, ds.x_test.shape[3]), 255, np.uint8)
+            images = np.stack([np.concatenate([ds.x_test[i], gap, ds.x_train[idx[i]]], axis=1) for i in pairs])
+            titles = [f"{'not ' if i in rejected else ''}dup {score[i]:.3f}\n{ds.classes[ds.y_test[i]]}"
+                      + ("" if ds.y_test[i] == ds.y_train[idx[i]] else f" / {ds.classes[ds.y_train[idx[i]]]}")
+                      for i in pairs]
+            image_grid(images, titles, out / "duplicates.png", cols=8)
+
+
+def read_duplicates(run: str | Path, tta: str, class_offsets: tuple[float, ...] | None = None) -> dict[str, Any] | None:
+    """What ``cifarlab duplicates`` measured for ``run`` with its current weights, test-time
+    augmentation ``tta`` and class offsets (which change predictions; a temperature does not):
+    the report's settings and counts with the run's entry as ``"run"``, from ``RUN/duplicates``
+    or, for a run of a ``--runs N`` folder, the folder's ``duplicates``; None where there is none,
+    or where it is unreadable or out of date: what the model card quotes."""
+    import json
+
+    from .calibrate import weights_digest
+
+    run = Path(run)
+    try:
+        digest = weights_digest(run)
+    except OSError:
+        return None
+    for path in (run / "duplicates" / "duplicates.json", run.parent / "duplicates" / "duplicates.json"):
+        try:
+            r = json.loads(path.read_text())
+            for entry in r.get("runs") or []:
+                offsets = entry.get("class_offsets")
+                if (entry.get("weights_sha256") == digest and entry.get("tta") == tta
+                        and (None if offsets is None else tuple(offsets)) == (None if class_offsets is None
+                                                                                else tuple(class_offsets))):
+                    return {**{k: v for k, v in r.items() if k not in ("runs", "runs_summary")}, "run": entry}
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue
+    return None
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The report as lines for the terminal."""
+    m = r["method"]
+    n, k = r["test_images"], r["test_with_train_duplicate"]
+    lines = [f"{k:,} of {n:,} test images ({100 * (r['share'] or 0):.2f}%) have a near-duplicate among the "
+             f"{r['train_images']:,} training images (score >= {m['threshold']}, shifts up to {m['shift']} pixels)",
+             "  at other thresholds: " + ", ".join(f">= {t}: {c:,}" for t, c in r["at_thresholds"].items()),
+             f"  pairs whose classes differ: {r['label_disagreements']:,}; test images with a near-duplicate among "
+             f"the other test images: {r['test_with_test_duplicate']:,}",
+             "  by class: " + ", ".join(f"{c['class']} {c['with_train_duplicate']}" for c in r["by_class"])]
+    for a in r.get("runs", []):
+        w, o = a["with_duplicate"], a["without_duplicate"]
+        diff = "" if a["difference"] is None else \
+            f"; difference {a['difference']:+.4f} (95% CI {a['difference_ci'][0]:+.4f} to {a['difference_ci'][1]:+.4f})"
+        lines.append(f"{a['run']}: test accuracy {a['accuracy']:.4f}; on the {o['images']:,} test images without a "
+                     f"near-duplicate among {a['trained_on']}: {_acc(o['accuracy'])}; on the {w['images']:,} "
+                     f"with one: {_acc(w['accuracy'])}{diff}")
+    s = r.get("runs_summary")
+    if s:
+        lines.append(f"over {len(r['runs'])} runs (mean, min, max): " + "; ".join(
+            f"{k.replace('_', ' ')} {v['mean']:+.4f} ({v['min']:+.4f}, {v['max']:+.4f})" if k == "difference" else
+            f"{k.replace('_', ' ')} {v['mean']:.4f} ({v['min']:.4f}, {v['max']:.4f})" for k, v in s.items()))
+    return "\n".join(lines)
+
+
+def _acc(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"

@@ -1,0 +1,277 @@
+"""``cifarlab duplicates``: near-copies of training images among the test images, and a run's
+accuracy with and without them."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifarlab.audit import read_groups
+from cifarlab.cli import main
+from cifarlab.config import load_run_config
+from cifarlab.data import Dataset, load_dataset
+from cifarlab.duplicates import best_among, candidate_scores, check_options, duplicates_report, find_duplicates, \
+    read_duplicates, shifted_similarity, summarise, write_files
+from cifarlab.errors import CifarlabError
+from cifarlab.evaluate import predict_dataset
+from cifarlab.export import load_model
+from cifarlab.train import fit, split_indices
+
+from conftest import tiny_config
+
+
+def smooth_images(n: int, seed: int, size: int = 32) -> np.ndarray:
+    """Distinct photo-like uint8 (n, size, size, 3) images: random 6x6 colour fields enlarged
+    smoothly, with a little pixel noise, so that block means tell them apart as they do photos."""
+    rng = np.random.default_rng(seed)
+    low = torch.from_numpy(rng.uniform(20, 235, (n, 3, 6, 6)).astype(np.float32))
+    big = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
+    big = big + torch.from_numpy(rng.normal(0, 3, big.shape).astype(np.float32))
+    return big.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy().copy()
+
+
+def _t(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x).permute(0, 3, 1, 2).float()
+
+
+def _brute_force(q: np.ndarray, o: np.ndarray, shift: int) -> float:
+    """The best correlation of q's centre with o's shifted windows, by numpy, one shift at a time."""
+    h, w = q.shape[:2]
+    t = q[shift:h - shift, shift:w - shift].astype(np.float64).ravel()
+    best = -1.0
+    for dy in range(2 * shift + 1):
+        for dx in range(2 * shift + 1):
+            win = o[dy:dy + h - 2 * shift, dx:dx + w - 2 * shift].astype(np.float64).ravel()
+            best = max(best, float(np.corrcoef(t, win)[0, 1]))
+    return best
+
+
+def test_the_shifted_correlation_is_the_brute_force_one():
+    rng = np.random.default_rng(1)
+    q = rng.integers(0, 256, (6, 20, 20, 3)).astype(np.float32)
+    o = rng.integers(0, 256, (6, 20, 20, 3)).astype(np.float32)
+    o[:3] = np.roll(q[:3], (1, -2), axis=(1, 2)) * 0.5 + 40  # shifted, darker, flatter copies
+    got = shifted_similarity(_t(q), _t(o), 3).numpy()
+    want = [_brute_force(q[i], o[i], 3) for i in range(6)]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert got[:3] == pytest.approx(1, abs=1e-4) and (got[3:] < 0.5).all()
+
+
+def test_a_shift_beyond_the_search_lowers_the_score_and_flat_images_score_zero():
+    x = smooth_images(2, 0).astype(np.float32)
+    moved = np.roll(x, (0, 3), axis=(1, 2))
+    assert shifted_similarity(_t(x), _t(moved), 3).numpy() == pytest.approx(1, abs=1e-4)
+    assert (shifted_similarity(_t(x), _t(moved), 1).numpy() < 0.99).all()
+    flat = np.full_like(x, 128)
+    for a, b in ((x, flat), (flat, x), (flat, flat)):
+        s = shifted_similarity(_t(a), _t(b), 2)
+        assert torch.isfinite(s).all() and (s == 0).all()
+
+
+def _dataset(x_train, y_train, x_test, y_test, classes=("a", "b", "c")) -> Dataset:
+    return Dataset(x_train, np.asarray(y_train, np.int64), x_test, np.asarray(y_test, np.int64), list(classes),
+                   "memory", "image-folder", [f"test/{i}.png" for i in range(len(x_test))])
+
+
+def _planted(seed: int = 0):
+    """30 training images and 12 test images, three of them near-copies of training images
+    (shifted; brightened and re-noised; the third with another class), one a copy of another
+    test image."""
+    rng = np.random.default_rng(seed)
+    imgs = smooth_images(42, seed)
+    x_train, x_test = imgs[:30], imgs[30:].copy()
+    y_train, y_test = np.arange(30) % 3, np.arange(12) % 3
+    x_test[0] = np.roll(x_train[4], (2, -1), axis=(0, 1))  # class 1 both
+    y_test[0] = y_train[4]
+    brighter = x_train[9].astype(np.int16) * 0.8 + 30 + rng.normal(0, 2, x_train[9].shape)
+    x_test[1] = brighter.clip(0, 255).round().astype(np.uint8)
+    y_test[1] = y_train[9]
+    x_test[2] = x_train[17]
+    y_test[2] = (y_train[17] + 1) % 3  # the same photo, labelled otherwise
+    x_test[11] = x_test[7]
+    return _dataset(x_train, y_train, x_test, y_test), {0: 4, 1: 9, 2: 17}
+
+
+def test_planted_copies_are_found_and_nothing_else():
+    ds, planted = _planted()
+    found = find_duplicates(ds, shift=3, candidates=5)
+    idx, score = best_among(found["train_index"], found["train_score"])
+    for i, j in planted.items():
+        assert idx[i] == j and score[i] > 0.98
+    others = [i for i in range(12) if i not in planted]
+    assert (score[others] < 0.9).all()
+    assert found["test_index"][7] == 11 and found["test_index"][11] == 7 and found["test_score"][7] > 0.99
+    r = summarise(found, ds)
+    assert r["test_with_train_duplicate"] == 3 and r["share"] == pytest.approx(3 / 12)
+    assert r["label_disagreements"] == 1 and r["test_with_test_duplicate"] == 2
+    assert {c["class"]: c["with_train_duplicate"] for c in r["by_class"]} == {
+        ds.classes[k]: int(sum(ds.y_test[i] == k for i in planted)) for k in range(3)}
+    counts = list(r["at_thresholds"].values())
+    assert counts == sorted(counts, reverse=True) and r["at_thresholds"]["0.96"] == 3
+
+
+def test_candidates_are_ranked_and_an_image_is_not_its_own_candidate():
+    x = smooth_images(20, 3)
+    index, score = candidate_scores(x, x, shift=2, candidates=4, same_set=True)
+    assert index.shape == (20, 4) and not (index == np.arange(20)[:, None]).any()
+    assert (np.diff(score, axis=1) <= 0).all()
+    index, score = candidate_scores(x, x, shift=2, candidates=4)
+    assert (index[:, 0] == np.arange(20)).all() and score[:, 0] == pytest.approx(1, abs=1e-4)
+    # fewer images than candidates: each one compared once
+    index, _ = candidate_scores(x[:2], x[:3], candidates=10)
+    assert index.shape == (2, 3)
+
+
+def test_the_best_candidate_can_be_limited_to_a_subset():
+    index = np.array([[5, 2, 7], [1, 0, 3]])
+    score = np.array([[0.99, 0.97, 0.5], [0.9, 0.8, 0.7]], np.float32)
+    allowed = np.zeros(8, bool)
+    allowed[[2, 7]] = True
+    idx, sc = best_among(index, score, allowed)
+    assert idx.tolist() == [2, -1] and sc[0] == pytest.approx(0.97) and np.isnan(sc[1])
+
+
+@pytest.mark.parametrize("kw, fragment", [
+    ({"threshold": 0}, "threshold 0 is not valid"), ({"threshold": 1.5}, "(0, 1]"),
+    ({"threshold": float("nan")}, "threshold nan"), ({"shift": -1}, "shift -1 is not valid"),
+    ({"shift": 2.5}, "whole number of pixels"), ({"candidates": 0}, "candidates 0 is not valid"),
+    ({"shift": 8, "image_size": (32, 32)}, "give at most 7"),
+    ({"shift": 1, "image_size": (4, 4)}, "too large for 4x4 images"),
+])
+def test_bad_options_are_refused_by_name(kw, fragment):
+    with pytest.raises(CifarlabError) as e:
+        check_options(**kw)
+    assert fragment in str(e.value)
+
+
+def _write_folder(root, ds: Dataset) -> None:
+    """``ds`` as a PNG image folder (lossless, so the loaded pixels are the same)."""
+    for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
+        for i, (im, lab) in enumerate(zip(x, y)):
+            d = root / split / ds.classes[lab]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(im).save(d / f"{i:04d}.png")
+
+
+def _index_of(x: np.ndarray, image: np.ndarray) -> int:
+    return int(np.flatnonzero((x == image).all(axis=(1, 2, 3)))[0])
+
+
+def _planted_folder(root) -> tuple[Dataset, object]:
+    """:func:`_planted`'s images with 60 more training images, so that a tiny run's validation
+    split holds some of the planted sources, as an image folder ``root``."""
+    src, _ = _planted(seed=1)
+    more = smooth_images(60, 7)
+    x_train = np.concatenate([src.x_train, more])
+    y_train = np.concatenate([src.y_train, np.arange(60) % 3])
+    _write_folder(root, _dataset(x_train, y_train, src.x_test, src.y_test))
+    return src, root
+
+
+def test_a_run_is_scored_without_the_test_images_it_trained_on(tmp_path):
+    src, folder = _planted_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    fit(tiny_config(str(folder), str(run), epochs=1), log=lambda _: None)
+    ds = load_dataset(str(folder))
+    tr, va = split_indices(load_run_config(run / "config.yaml"), ds.y_train)
+    # where each planted test image's source landed: trained on, or held out for validation
+    sources = {i: _index_of(ds.x_train, src.x_train[j]) for i, j in {0: 4, 1: 9, 2: 17}.items()}
+    test_pos = {i: _index_of(ds.x_test, src.x_test[i]) for i in sources}
+    trained = {test_pos[i] for i, j in sources.items() if j in set(tr)}
+    held_out = {test_pos[i] for i, j in sources.items() if j in set(va)}
+    assert trained and held_out, "this seed's split should train on some sources and hold some out"
+    report, _ = duplicates_report(ds, [run], device="cpu")
+    assert report["test_with_train_duplicate"] == 3  # the data's own figure: every training image counts
+    entry = report["runs"][0]
+    assert entry["with_duplicate"]["images"] == len(trained)
+    assert entry["trained_on"].startswith(f"its {len(tr):,} training images")
+    correct = predict_dataset(load_model(run), ds.x_test).argmax(1) == ds.y_test
+    mask = np.zeros(len(ds.y_test), bool)
+    mask[list(trained)] = True
+    assert entry["accuracy"] == pytest.approx(correct.mean())
+    assert entry["without_duplicate"]["accuracy"] == pytest.approx(correct[~mask].mean())
+    assert entry["with_duplicate"]["accuracy"] == pytest.approx(correct[mask].mean())
+    # the model card quotes the run's figures
+    assert main(["duplicates", str(run), "--data", str(folder), "--device", "cpu"]) == 0
+    assert main(["audit", str(run), "--data", str(folder), "--device", "cpu"]) == 0
+    card = (run / "audit" / "MODEL_CARD.md").read_text()
+    n = len(trained)
+    assert f"{n} image{'s' if n > 1 else ''} of the 12 test images {'have' if n > 1 else 'has'} a near-copy among its" \
+        in card
+    assert f"on the other {12 - n:,} **{entry['without_duplicate']['accuracy']:.4f}**" in card
+
+
+def test_the_command_writes_its_files_and_groups_that_audit_reads(tmp_path, capsys):
+    ds, planted = _planted()
+    folder = tmp_path / "data"
+    _write_folder(folder, ds)
+    out = tmp_path / "dup"
+    assert main(["duplicates", "--data", str(folder), "--out", str(out), "--candidates", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 of 12 test images (25.00%) have a near-duplicate" in printed and "duplicates.png" in printed
+    for f in ("duplicates.json", "duplicates.csv", "groups.csv", "duplicates.png"):
+        assert (out / f).is_file()
+    rows = list(csv.DictReader(open(out / "duplicates.csv")))
+    assert len(rows) == 12 and sum(r["train_duplicate"] == "yes" for r in rows) == 3
+    loaded = load_dataset(str(folder))
+    idx, groups = read_groups(out / "groups.csv", loaded)
+    assert sorted(idx.tolist()) == list(range(12)) and (groups["train_duplicate"] == "yes").sum() == 3
+    assert main(["duplicates", "--data", str(folder), "--out", str(tmp_path / "j"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_with_train_duplicate"] == 3
+
+
+def test_the_command_refuses_bad_options_before_loading_data(tmp_path, capsys):
+    assert main(["duplicates", "--data", str(tmp_path / "absent"), "--threshold", "1.2"]) == 2
+    assert "threshold 1.2 is not valid" in capsys.readouterr().err
+    assert main(["duplicates", "--data", str(tmp_path / "absent"), "--candidates", "0"]) == 2
+    assert "candidates 0 is not valid" in capsys.readouterr().err
+    assert not (tmp_path / "duplicates").exists()
+
+
+def test_the_model_card_quotes_the_figures_of_the_same_model_only(trained_run, image_folder, capsys):
+    assert main(["duplicates", str(trained_run), "--data", str(image_folder), "--device", "cpu"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    r = json.loads((trained_run / "duplicates" / "duplicates.json").read_text())
+    assert len(r["runs"]) == 1 and r["runs"][0]["tta"] == "none"
+    assert read_duplicates(trained_run, "none")["run"]["accuracy"] == r["runs"][0]["accuracy"]
+    assert read_duplicates(trained_run, "flip") is None  # measured with another test-time augmentation
+    assert main(["audit", str(trained_run), "--data", str(image_folder), "--device", "cpu"]) == 0
+    card = (trained_run / "audit" / "MODEL_CARD.md").read_text()
+    assert "Near-duplicates (`cifarlab duplicates`" in card
+    assert main(["audit", str(trained_run), "--data", str(image_folder), "--device", "cpu", "--tta", "flip",
+                 "--out", str(trained_run / "audit-flip")]) == 0
+    assert "Near-duplicates" not in (trained_run / "audit-flip" / "MODEL_CARD.md").read_text()
+
+
+def test_runs_are_each_scored_and_summarised(tmp_path, capsys):
+    _, image_folder = _planted_folder(tmp_path / "data")
+    fit(tiny_config(str(image_folder), str(tmp_path / "set"), runs=2), log=lambda _: None)
+    assert main(["duplicates", str(tmp_path / "set"), "--data", str(image_folder), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    r = json.loads((tmp_path / "set" / "duplicates" / "duplicates.json").read_text())
+    assert len(r["runs"]) == 2 and "over 2 runs" in printed
+    accs = [e["accuracy"] for e in r["runs"]]
+    assert r["runs_summary"]["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert r["runs_summary"]["accuracy"]["min"] == min(accs)
+    # each run's model card finds its entry in the folder's report, and the audit's summary quotes the spread
+    assert read_duplicates(tmp_path / "set" / "run-1", "none")["run"]["run"] == r["runs"][1]["run"]
+    assert main(["audit", str(tmp_path / "set"), "--data", str(image_folder), "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "set" / "audit_summary.json").read_text())["near_duplicates"]
+    assert summary["without_duplicate"]["mean"] == pytest.approx(
+        np.mean([e["without_duplicate"]["accuracy"] for e in r["runs"]]))
+    assert "Near-duplicates (`cifarlab duplicates`" in (tmp_path / "set" / "audit_summary.md").read_text()
+
+
+def test_one_test_image_has_no_other_to_compare_with(tmp_path):
+    x = smooth_images(5, 4)
+    ds = _dataset(x[:4], [0, 1, 2, 0], x[:1].copy(), [0])
+    report, found = duplicates_report(ds, candidates=3)
+    assert report["test_with_train_duplicate"] == 1 and report["test_with_test_duplicate"] == 0
+    write_files(report, found, ds, tmp_path / "one")
+    row = next(csv.DictReader(open(tmp_path / "one" / "duplicates.csv")))
+    assert row["train_index"] == "0" and row["test_index"] == "" and row["test_score"] == ""

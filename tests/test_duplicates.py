@@ -189,7 +189,7 @@ def test_a_run_is_scored_without_the_test_images_it_trained_on(tmp_path):
     assert report["test_with_train_duplicate"] == 3  # the data's own figure: every training image counts
     entry = report["runs"][0]
     assert entry["with_duplicate"]["images"] == len(trained)
-    assert entry["trained_on"].startswith(f"its {len(tr):,} training images")
+    assert entry["trained_on"] == f"the {len(tr):,} images it trained on (of the {len(ds.y_train):,} training images)"
     correct = predict_dataset(load_model(run), ds.x_test).argmax(1) == ds.y_test
     mask = np.zeros(len(ds.y_test), bool)
     mask[list(trained)] = True
@@ -201,7 +201,7 @@ def test_a_run_is_scored_without_the_test_images_it_trained_on(tmp_path):
     assert main(["audit", str(run), "--data", str(folder), "--device", "cpu"]) == 0
     card = (run / "audit" / "MODEL_CARD.md").read_text()
     n = len(trained)
-    assert f"{n} image{'s' if n > 1 else ''} of the 12 test images {'have' if n > 1 else 'has'} a near-copy among its" \
+    assert f"{n} image{'s' if n > 1 else ''} of the 12 test images {'have' if n > 1 else 'has'} a near-copy among the" \
         in card
     assert f"on the other {12 - n:,} **{entry['without_duplicate']['accuracy']:.4f}**" in card
 

@@ -249,11 +249,11 @@ def _trained_mask(run: Path, ds: Dataset) -> tuple[np.ndarray, str]:
     mask = np.zeros(len(ds.y_train), bool)
     if not (run / "config.yaml").is_file():  # an imported model: its training images are unknown
         mask[:] = True
-        return mask, "every training image (the run has no config.yaml naming its own)"
+        return mask, f"all {len(mask):,} training images (the run has no config.yaml naming those it trained on)"
     _, tr, _ = run_split(run, ds)
     mask[tr] = True
-    return mask, f"its {len(tr):,} training images (validation images held out)" if len(tr) < len(mask) else \
-        f"all {len(tr):,} training images"
+    return mask, f"the {len(tr):,} images it trained on (of the {len(mask):,} training images)" \
+        if len(tr) < len(mask) else f"all {len(tr):,} training images, which it trained on"
 
 
 _FIGURES = ("accuracy", "without_duplicate", "with_duplicate", "difference")

@@ -204,6 +204,7 @@ def test_a_run_is_scored_without_the_test_images_it_trained_on(tmp_path):
     assert f"{n} image{'s' if n > 1 else ''} of the 12 test images {'have' if n > 1 else 'has'} a near-copy among the" \
         in card
     assert f"on the other {12 - n:,} **{entry['without_duplicate']['accuracy']:.4f}**" in card
+    assert "`duplicates/duplicates.png` in the run folder" in card
 
 
 def test_the_command_writes_its_files_and_groups_that_audit_reads(tmp_path, capsys):
@@ -259,7 +260,8 @@ def test_runs_are_each_scored_and_summarised(tmp_path, capsys):
     assert r["runs_summary"]["accuracy"]["mean"] == pytest.approx(np.mean(accs))
     assert r["runs_summary"]["accuracy"]["min"] == min(accs)
     # each run's model card finds its entry in the folder's report, and the audit's summary quotes the spread
-    assert read_duplicates(tmp_path / "set" / "run-1", "none")["run"]["run"] == r["runs"][1]["run"]
+    found = read_duplicates(tmp_path / "set" / "run-1", "none")
+    assert found["run"]["run"] == r["runs"][1]["run"] and found["where"] == "the folder of its runs"
     assert main(["audit", str(tmp_path / "set"), "--data", str(image_folder), "--device", "cpu"]) == 0
     summary = json.loads((tmp_path / "set" / "audit_summary.json").read_text())["near_duplicates"]
     assert summary["without_duplicate"]["mean"] == pytest.approx(

@@ -854,8 +854,8 @@ def _duplicates_lines(d: dict | None) -> list[str]:
     return [f"Near-duplicates (`cifarlab duplicates`, similarity >= {m['threshold']}): {images_phrase(w['images'])} "
             f"of the {d['test_images']:,} test images {verb} a near-copy among {r['trained_on']}, which the model may "
             f"recognise from memory. Accuracy on them {w['accuracy']:.4f}{other}{diff}; the latter is the fairer "
-            "estimate for photos it has not seen. See `duplicates.png` beside the report for the pairs near the "
-            "threshold.", ""]
+            f"estimate for photos it has not seen. `duplicates/duplicates.png` in {d.get('where', 'the run folder')} "
+            "shows the pairs near the threshold.", ""]
 
 
 def _temperature_lines(overall: dict) -> list[str]:

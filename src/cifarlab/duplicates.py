@@ -325,9 +325,10 @@ def write_files(report: dict[str, Any], found: dict[str, Any], ds: Dataset, out:
 def read_duplicates(run: str | Path, tta: str, class_offsets: tuple[float, ...] | None = None) -> dict[str, Any] | None:
     """What ``cifarlab duplicates`` measured for ``run`` with its current weights, test-time
     augmentation ``tta`` and class offsets (which change predictions; a temperature does not):
-    the report's settings and counts with the run's entry as ``"run"``, from ``RUN/duplicates``
-    or, for a run of a ``--runs N`` folder, the folder's ``duplicates``; None where there is none,
-    or where it is unreadable or out of date: what the model card quotes."""
+    the report's settings and counts with the run's entry as ``"run"`` and the folder it is in as
+    ``"where"``, from ``RUN/duplicates`` or, for a run of a ``--runs N`` folder, the folder's
+    ``duplicates``; None where there is none, or where it is unreadable or out of date: what the
+    model card quotes."""
     import json
 
     from .calibrate import weights_digest
@@ -337,7 +338,8 @@ def read_duplicates(run: str | Path, tta: str, class_offsets: tuple[float, ...] 
         digest = weights_digest(run)
     except OSError:
         return None
-    for path in (run / "duplicates" / "duplicates.json", run.parent / "duplicates" / "duplicates.json"):
+    for path, where in ((run / "duplicates" / "duplicates.json", "the run folder"),
+                        (run.parent / "duplicates" / "duplicates.json", "the folder of its runs")):
         try:
             r = json.loads(path.read_text())
             for entry in r.get("runs") or []:
@@ -345,7 +347,8 @@ def read_duplicates(run: str | Path, tta: str, class_offsets: tuple[float, ...] 
                 if (entry.get("weights_sha256") == digest and entry.get("tta") == tta
                         and (None if offsets is None else tuple(offsets)) == (None if class_offsets is None
                                                                                 else tuple(class_offsets))):
-                    return {**{k: v for k, v in r.items() if k not in ("runs", "runs_summary")}, "run": entry}
+                    return {**{k: v for k, v in r.items() if k not in ("runs", "runs_summary")}, "run": entry,
+                            "where": where}
         except (OSError, ValueError, AttributeError, TypeError):
             continue
     return None

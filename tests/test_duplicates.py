@@ -231,6 +231,8 @@ def test_the_command_refuses_bad_options_before_loading_data(tmp_path, capsys):
     assert "threshold 1.2 is not valid" in capsys.readouterr().err
     assert main(["duplicates", "--data", str(tmp_path / "absent"), "--candidates", "0"]) == 2
     assert "candidates 0 is not valid" in capsys.readouterr().err
+    assert main(["duplicates", "--data", str(tmp_path / "absent"), "--tta", "flip"]) == 2
+    assert "--tta applies to a run's predictions" in capsys.readouterr().err
     assert not (tmp_path / "duplicates").exists()
 
 

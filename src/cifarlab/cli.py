@@ -743,6 +743,9 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
     from .fsutil import check_folder_path, json_text
 
     check_options(args.threshold, args.shift, args.candidates)  # before the data is loaded
+    if args.run is None and (args.tta or args.uncalibrated):
+        raise ConfigError(f"{'--tta' if args.tta else '--uncalibrated'} applies to a run's predictions; give the run "
+                          "folder: cifarlab duplicates RUN")
     if args.out:
         check_folder_path(args.out)
     runs: list[Path] = []

@@ -94,6 +94,12 @@ def weights_digest(run: str | Path) -> str:
         raise CifarlabError(f"cannot read {Path(run) / 'weights.safetensors'}: {e.strerror or e}") from None
 
 
+def same_offsets(a: Any, b: Any) -> bool:
+    """Whether two records of class offsets (lists or tuples, as JSON or a predictor gives them;
+    None for none) are the same: a report measured with other offsets predicted other classes."""
+    return (None if a is None else tuple(a)) == (None if b is None else tuple(b))
+
+
 def read_calibration(run: str | Path, classes: list[str] | None = None) -> dict[str, Calibration]:
     """What ``RUN/calibration.json`` holds, by test-time augmentation level; empty where the run
     has none (it was never calibrated). ``classes`` (default those of the run's

@@ -488,17 +488,24 @@ def _load_eval_data(args: argparse.Namespace, run: Path):
     """The data a command evaluates ``run`` (a run, or a ``--runs N`` folder) on: ``--data``, or
     the run's own, read as it was trained on."""
     from .config import load_run_config
-    from .data import load_dataset
     from .export import check_weights
 
     if (run / "architecture.json").is_file():  # one run: an unfinished one is refused before the data loads
         check_weights(run)
     cfg = load_run_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
-    data = args.data or (cfg.data.data if cfg else None)
-    if not args.data and data and not Path(data).exists():
+    if not args.data and cfg and cfg.data.data and not Path(cfg.data.data).exists():
         # The run's own data path, as typed when it was trained: relative paths hold only there.
-        raise ConfigError(f"the run's data '{data}' (from {run / 'config.yaml'}) does not exist from "
+        raise ConfigError(f"the run's data '{cfg.data.data}' (from {run / 'config.yaml'}) does not exist from "
                           f"{Path.cwd()}; give its path with --data")
+    return _load_data(args, cfg)
+
+
+def _load_data(args: argparse.Namespace, cfg=None):
+    """The data of ``--data`` (or the download of ``--dataset``) with the data options given;
+    options left unset take ``cfg``'s (a run's config, read as it was trained) where given."""
+    from .data import load_dataset
+
+    data = args.data or (cfg.data.data if cfg else None)
     dataset = args.dataset or (cfg.data.dataset if cfg else "cifar10")
     label_mode = args.label_mode or (cfg.data.label_mode if cfg else "fine")
     # unset flags take the run's own setting: the data it was trained on, read as it was
@@ -768,18 +775,6 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
     print(json_text(report) if args.json else f"{format_report(report)}\nReport files in {out}; look at "
                                               f"{out / 'duplicates.png'} before quoting the figures")
     return 0
-
-
-def _load_data(args: argparse.Namespace):
-    """The data of ``--data`` (or the download of ``--dataset``) with the data options given,
-    for a command that has no run to take them from."""
-    from .data import load_dataset
-
-    ds = load_dataset(args.data, args.dataset or "cifar10", allow_unverified=bool(args.allow_unverified),
-                      label_mode=args.label_mode or "fine", skip_bad_images=bool(args.skip_bad_images))
-    for note in ds.notes:  # on stderr: stdout may be --json
-        print(f"data: {note}", file=sys.stderr)
-    return ds
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

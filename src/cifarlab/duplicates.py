@@ -19,8 +19,9 @@ How pairs are found, in two stages per test image:
 A pair scoring at least ``threshold`` counts as a duplicate. Mirrored, rescaled or cropped copies
 are not looked for, nor are copies of flat (single-colour) images, whose correlation is
 undefined (scored 0). Images that are mostly one colour (a small aircraft on plain sky, a ship on
-open sea) correlate through their colour alone, so most false matches are of such images. The threshold is a judgement: :func:`write_files` draws the pairs either
-side of it, to be looked at before its figures are quoted.
+open sea) correlate through their colour alone, so most false matches are of such images. The
+threshold is a judgement: :func:`write_files` draws the pairs either side of it, to be looked at
+before its figures are quoted.
 """
 
 from __future__ import annotations
@@ -331,22 +332,20 @@ def read_duplicates(run: str | Path, tta: str, class_offsets: tuple[float, ...] 
     model card quotes."""
     import json
 
-    from .calibrate import weights_digest
+    from .calibrate import same_offsets, weights_digest
 
     run = Path(run)
     try:
         digest = weights_digest(run)
-    except OSError:
+    except CifarlabError:  # no readable weights: nothing measured can be theirs
         return None
     for path, where in ((run / "duplicates" / "duplicates.json", "the run folder"),
                         (run.parent / "duplicates" / "duplicates.json", "the folder of its runs")):
         try:
             r = json.loads(path.read_text())
             for entry in r.get("runs") or []:
-                offsets = entry.get("class_offsets")
                 if (entry.get("weights_sha256") == digest and entry.get("tta") == tta
-                        and (None if offsets is None else tuple(offsets)) == (None if class_offsets is None
-                                                                                else tuple(class_offsets))):
+                        and same_offsets(entry.get("class_offsets"), class_offsets)):
                     return {**{k: v for k, v in r.items() if k not in ("runs", "runs_summary")}, "run": entry,
                             "where": where}
         except (OSError, ValueError, AttributeError, TypeError):

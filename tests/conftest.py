@@ -28,11 +28,35 @@ CAN_BUILD = _avx2() and (shutil.which("g++") or shutil.which("c++")) is not None
 needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs an x86-64 CPU with AVX2 and a C++ compiler")
 
 
+@pytest.fixture(scope="session")
+def _shared_kernels(tmp_path_factory) -> Path:
+    """One folder for the compiled CPU kernels of the whole session: a build takes seconds, and
+    every test that trains in a subprocess would otherwise compile them again (tests of the build
+    itself point CIFARLAB_CACHE at a folder of their own)."""
+    return tmp_path_factory.mktemp("kernels")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test gets its own cache and never reaches the internet (mirror: a closed local port)."""
-    monkeypatch.setenv("CIFARLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+def _isolated_cache(tmp_path_factory, monkeypatch, _shared_kernels):
+    """Every test gets its own cache (but for the compiled kernels) and never reaches the
+    internet (mirror: a closed local port)."""
+    cache = tmp_path_factory.mktemp("cache")
+    (cache / "kernels").symlink_to(_shared_kernels, target_is_directory=True)
+    monkeypatch.setenv("CIFARLAB_CACHE", str(cache))
     monkeypatch.setenv("CIFARLAB_MIRROR", "http://127.0.0.1:9/")
+
+
+@pytest.fixture
+def real_data_cache(tmp_path_factory, monkeypatch, _shared_kernels):
+    """A cache shared by the tests on the shared JPEG copy, so that its 60,000 images are decoded
+    once per session rather than once per test (which load decodes and which reads the cache is
+    the tests' order; each asserts only what holds either way)."""
+    root = tmp_path_factory.getbasetemp() / "real-data-cache"
+    if not root.is_dir():
+        root.mkdir()
+        (root / "kernels").symlink_to(_shared_kernels, target_is_directory=True)
+    monkeypatch.setenv("CIFARLAB_CACHE", str(root))
+    return root
 
 
 def _tar(path: Path, members: dict[str, bytes], mode: str = "w:gz") -> Path:

@@ -25,11 +25,12 @@ def _anchor_arrays(folder: Path, n_train: int, n_test: int, seed: int) -> None:
 def test_gpu_speed_table_from_anchor_style_arrays(tmp_path):
     """``gpu_speed.py --npz`` reads the arrays the anchor script writes and prints one row per
     recipe entry with n runs, accuracies in [0, 1] and positive training times. (``fast`` in
-    batches of 100 rather than its 1024, so that a few hundred images make batches.)"""
+    batches of 100 rather than its 1024, so that a few hundred images make batches; no warm-up,
+    which the test below keeps.)"""
     _anchor_arrays(tmp_path, 400, 50, seed=0)
     fast = "fast:train.batch_size=100"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py"), "--npz", str(tmp_path), "--device", "cpu",
-           "--runs", "2", "--epochs", "1", "--subset", "300", "--recipes", "keras-book", fast]
+           "--runs", "2", "--epochs", "1", "--warmup-epochs", "0", "--subset", "300", "--recipes", "keras-book", fast]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert p.returncode == 0, p.stderr
     rows = {}
@@ -50,10 +51,11 @@ def test_gpu_speed_refuses_an_unknown_switch(tmp_path):
 
 def test_gpu_speed_reports_a_failing_entry_and_still_runs_the_others(tmp_path):
     """A CUDA-graph entry on the CPU fails: the benchmark names it with its error, still prints
-    the row of the entry after it, and exits non-zero so a script notices."""
+    the row of the entry after it (warmed up for an epoch first), and exits non-zero so a script
+    notices."""
     _anchor_arrays(tmp_path, 300, 20, seed=1)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py"), "--npz", str(tmp_path), "--device", "cpu",
-           "--runs", "1", "--epochs", "1", "--warmup-epochs", "0", "--subset", "200",
+           "--runs", "1", "--epochs", "1", "--warmup-epochs", "1", "--subset", "200",
            "--recipes", "keras-book:cuda-graph", "keras-book"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert p.returncode == 1 and "1 of 2 entries failed" in p.stderr, p.stderr
@@ -199,17 +201,19 @@ def test_gpu_speed_table_widens_for_long_entries(monkeypatch, capsys):
 
 
 def test_gpu_check_open_part_keeps_to_its_budget(tmp_path):
-    """The part ``open`` runs its steps in order while 30 s or more of BUDGET are left, and names
-    each step it leaves out (a stand-in ``python`` that takes 10 s per step, no GPU needed)."""
+    """The part ``open`` runs its steps in order while MIN_LEFT seconds or more of BUDGET are
+    left, and names each step it leaves out (a stand-in ``python`` that takes 2 s per step, no GPU
+    needed: with 8 s of budget and 5 s kept back, the first two steps run and the third finds
+    at most 4 s left, whichever way the shell's whole seconds fall)."""
     import os
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "python").write_text('#!/bin/sh\necho "ran: $*"\nsleep 10\n')
+    (bin_dir / "python").write_text('#!/bin/sh\necho "ran: $*"\nsleep 2\n')
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho stand-in GPU\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "BUDGET": "45"}
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "BUDGET": "8", "MIN_LEFT": "5"}
     p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path), "open", "5"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert p.returncode == 0, p.stderr

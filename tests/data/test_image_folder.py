@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import io
 import tarfile
-import time
 import warnings
 
 import numpy as np
 import pytest
-from conftest import SHARED_JPEG, Terminal, make_image_folder
+from conftest import Terminal, make_image_folder
 from PIL import Image
 
 from cifarlab.data import balanced_subset, load_dataset, stratified_split
@@ -220,18 +219,6 @@ def test_stratified_split_and_subset():
     with pytest.raises(DataError, match=r"0.2 of 15 images.*10 class\(es\) the validation part \(3 images\).*"
                                         r"need at least 10.*smallest has 1.*--subset"):
         stratified_split(np.r_[np.arange(10), np.zeros(5, int)], 0.2, 0)
-
-
-@pytest.mark.skipif(not SHARED_JPEG.is_file(), reason=f"the shared JPEG copy is absent ({SHARED_JPEG})")
-def test_real_jpeg_copy_loads_and_second_load_is_cached():
-    ds = load_dataset(SHARED_JPEG)
-    assert ds.x_train.shape == (50000, 32, 32, 3) and ds.x_test.shape == (10000, 32, 32, 3)
-    assert np.bincount(ds.y_train).tolist() == [5000] * 10
-    assert ds.classes[0] == "airplane" and ds.classes[9] == "truck"
-    t0 = time.perf_counter()
-    again = load_dataset(SHARED_JPEG)
-    print(f"second load of the JPEG copy: {time.perf_counter() - t0:.2f} s")
-    assert "loaded from the decoded cache" in again.notes
 
 
 def test_truncated_xz_archive(tmp_path, image_folder):

@@ -115,6 +115,43 @@ def test_planted_copies_are_found_and_nothing_else():
     assert counts == sorted(counts, reverse=True) and r["at_thresholds"]["0.96"] == 3
 
 
+def _planted_mirrored():
+    """:func:`_planted` with a shifted mirror image of training image 21 as test image 5, the
+    mirror image of test image 3 as test image 9, and test image 6 made left-right symmetric
+    (its own mirror image, which must not count as a copy of itself)."""
+    ds, planted = _planted()
+    ds.x_test[5] = np.roll(ds.x_train[21][:, ::-1], (1, 1), axis=(0, 1))
+    ds.y_test[5] = ds.y_train[21]
+    ds.x_test[9] = ds.x_test[3][:, ::-1]
+    half = ds.x_test[6][:, :16]
+    ds.x_test[6] = np.concatenate([half, half[:, ::-1]], axis=1)
+    return ds, planted
+
+
+def test_mirrored_copies_are_found_only_when_asked():
+    ds, planted = _planted_mirrored()
+    plain = find_duplicates(ds, shift=3, candidates=5)
+    idx, score = best_among(plain["train_index"], plain["train_score"])
+    assert score[5] < 0.9 and plain["test_score"][9] < 0.9 and not plain["train_mirrored"].any()
+    r = summarise(plain, ds)
+    assert r["test_with_train_duplicate"] == 3 and r["mirrored_pairs"] == 0 and not r["method"]["mirrored"]
+
+    found = find_duplicates(ds, shift=3, candidates=5, mirrored=True)
+    assert found["train_index"].shape == (12, 10)  # each image's candidates, then its mirror image's
+    assert (np.diff(found["train_score"], axis=1) <= 0).all()
+    idx, score = best_among(found["train_index"], found["train_score"])
+    assert idx[5] == 21 and score[5] > 0.98 and found["train_mirrored"][5, 0]
+    for i, j in planted.items():  # the plain copies are still found, as themselves
+        assert idx[i] == j and score[i] > 0.98 and not found["train_mirrored"][i, 0]
+    assert found["test_index"][9] == 3 and found["test_index"][3] == 9 and found["test_mirrored"][9]
+    assert found["test_index"][6] != 6 and found["test_score"][6] < 0.9  # not a copy of itself
+    others = [i for i in range(12) if i not in {*planted, 5}]
+    assert (score[others] < 0.9).all()
+    r = summarise(found, ds)
+    assert r["test_with_train_duplicate"] == 4 and r["mirrored_pairs"] == 1 and r["method"]["mirrored"]
+    assert r["test_with_test_duplicate"] == 4  # 7 and 11, 3 and 9
+
+
 def test_candidates_are_ranked_and_an_image_is_not_its_own_candidate():
     x = smooth_images(20, 3)
     index, score = candidate_scores(x, x, shift=2, candidates=4, same_set=True)
@@ -224,6 +261,34 @@ def test_the_command_writes_its_files_and_groups_that_audit_reads(tmp_path, caps
     assert sorted(idx.tolist()) == list(range(12)) and (groups["train_duplicate"] == "yes").sum() == 3
     assert main(["duplicates", "--data", str(folder), "--out", str(tmp_path / "j"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["test_with_train_duplicate"] == 3
+
+
+def test_the_mirrored_search_through_the_command_its_files_and_the_card(tmp_path, capsys):
+    ds, _ = _planted_mirrored()
+    folder = tmp_path / "data"
+    _write_folder(folder, ds)
+    out = tmp_path / "dup"
+    assert main(["duplicates", "--data", str(folder), "--out", str(out), "--candidates", "5", "--mirrored"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 of 12 test images (33.33%) have a near-duplicate among the 30 training images, 1 of them mirrored" \
+        in printed and "mirror images compared" in printed
+    loaded = load_dataset(str(folder))
+    rows = list(csv.DictReader(open(out / "duplicates.csv")))
+    # (a pair below the threshold may be mirrored too: its best match was its mirror image)
+    mirrored = [r for r in rows if r["train_mirrored"] == "yes" and r["train_duplicate"] == "yes"]
+    assert len(mirrored) == 1 and sum(r["train_duplicate"] == "yes" for r in rows) == 4
+    assert np.array_equal(loaded.x_train[int(mirrored[0]["train_index"])], ds.x_train[21])
+    assert sum(r["test_mirrored"] == "yes" and float(r["test_score"]) >= 0.96 for r in rows) == 2
+    assert main(["duplicates", "--data", str(folder), "--out", str(tmp_path / "plain"), "--candidates", "5"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "plain" / "duplicates.csv")))  # not compared: neither yes nor no
+    assert {r["train_mirrored"] for r in rows} == {""} and {r["test_mirrored"] for r in rows} == {""}
+
+
+def test_the_card_says_when_mirrored_copies_were_counted(trained_run, image_folder):
+    assert main(["duplicates", str(trained_run), "--data", str(image_folder), "--device", "cpu", "--mirrored"]) == 0
+    assert main(["audit", str(trained_run), "--data", str(image_folder), "--device", "cpu"]) == 0
+    card = (trained_run / "audit" / "MODEL_CARD.md").read_text()
+    assert "Near-duplicates (`cifarlab duplicates`, similarity >= 0.96, mirrored copies included)" in card
 
 
 def test_the_command_refuses_bad_options_before_loading_data(tmp_path, capsys):

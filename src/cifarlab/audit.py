@@ -416,7 +416,8 @@ def _runs_duplicates(audits: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not all(found):
         return None
     runs = [d["run"] for d in found]
-    return {"threshold": found[0]["method"]["threshold"], "test_images": found[0]["test_images"],
+    return {"threshold": found[0]["method"]["threshold"], "mirrored": bool(found[0]["method"].get("mirrored")),
+            "test_images": found[0]["test_images"],
             "with_duplicate_images": [r["with_duplicate"]["images"] for r in runs],
             "accuracy": _spread([r["accuracy"] for r in runs]),
             "without_duplicate": _spread([r["without_duplicate"]["accuracy"] for r in runs]),
@@ -558,7 +559,8 @@ def _audit_runs_markdown(s: dict) -> str:
                   + ", ".join(f"{c['corruption']} {_fmt_spread(c['accuracy'])}" for c in rob["hardest"]) + ".", ""]
     dup = s.get("near_duplicates")
     if dup:
-        lines += [f"Near-duplicates (`cifarlab duplicates`, similarity >= {dup['threshold']}): "
+        lines += [f"Near-duplicates (`cifarlab duplicates`, similarity >= {dup['threshold']}"
+                  f"{', mirrored copies included' if dup.get('mirrored') else ''}): "
                   f"{_count_range(dup['with_duplicate_images'])} of the {dup['test_images']:,} test images have a "
                   f"near-copy among the images a run trained on. Accuracy without them "
                   f"{_fmt_spread(dup['without_duplicate'])}, on them {_fmt_spread(dup['with_duplicate'])}, against "
@@ -844,14 +846,15 @@ def _duplicates_lines(d: dict | None) -> list[str]:
         return []
     r, m = d["run"], d["method"]
     w, o = r["with_duplicate"], r["without_duplicate"]
+    how = f"similarity >= {m['threshold']}" + (", mirrored copies included" if m.get("mirrored") else "")
     if not w["images"]:
-        return [f"Near-duplicates (`cifarlab duplicates`, similarity >= {m['threshold']}): none of the test images "
-                f"has a near-copy among {r['trained_on']}.", ""]
+        return [f"Near-duplicates (`cifarlab duplicates`, {how}): none of the test images has a near-copy among "
+                f"{r['trained_on']}.", ""]
     diff = "" if r["difference"] is None else \
         f" (difference {r['difference']:+.4f}, 95% CI {_fmt_ci(r['difference_ci'])})"
     other = f", on the other {o['images']:,} **{o['accuracy']:.4f}**" if o["images"] else ""
     verb = "has" if w["images"] == 1 else "have"
-    return [f"Near-duplicates (`cifarlab duplicates`, similarity >= {m['threshold']}): {images_phrase(w['images'])} "
+    return [f"Near-duplicates (`cifarlab duplicates`, {how}): {images_phrase(w['images'])} "
             f"of the {d['test_images']:,} test images {verb} a near-copy among {r['trained_on']}, which the model may "
             f"recognise from memory. Accuracy on them {w['accuracy']:.4f}{other}{diff}; the latter is the fairer "
             f"estimate for photos it has not seen. `duplicates/duplicates.png` in {d.get('where', 'the run folder')} "

@@ -300,6 +300,9 @@ def _add_duplicates_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
                    help=f"training images compared closely with each test image (default {DEFAULT_CANDIDATES}; "
                         "more finds a few more shifted copies, slower)")
+    d.add_argument("--mirrored", action="store_true",
+                   help="also compare each test image's left-right mirror image, as a model trained with "
+                        "horizontal flips has seen each training image both ways (twice the time)")
     _add_tta_arg(d)
     _add_uncalibrated_arg(d)
     d.add_argument("--out", help="folder for the report (default RUN/duplicates, or ./duplicates without a run)")
@@ -770,7 +773,8 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else folder / "duplicates"
     log = (lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr))
     report, found = duplicates_report(ds, runs, args.threshold, args.shift, args.candidates, tta=args.tta,
-                                      device=args.device, uncalibrated=args.uncalibrated, log=log)
+                                      device=args.device, uncalibrated=args.uncalibrated, log=log,
+                                      mirrored=args.mirrored)
     write_files(report, found, ds, out)
     print(json_text(report) if args.json else f"{format_report(report)}\nReport files in {out}; look at "
                                               f"{out / 'duplicates.png'} before quoting the figures")

@@ -16,12 +16,15 @@ How pairs are found, in two stages per test image:
    shifted by up to ``shift`` pixels, the best of them. 1 is the same picture up to brightness
    and contrast; JPEG re-compression and resampling cost a little, less after the smoothing.
 
-A pair scoring at least ``threshold`` counts as a duplicate. Mirrored, rescaled or cropped copies
-are not looked for, nor are copies of flat (single-colour) images, whose correlation is
-undefined (scored 0). Images that are mostly one colour (a small aircraft on plain sky, a ship on
-open sea) correlate through their colour alone, so most false matches are of such images. The
-threshold is a judgement: :func:`write_files` draws the pairs either side of it, to be looked at
-before its figures are quoted.
+With ``mirrored``, each test image is also compared, left-right mirrored, in the same two
+stages, and its best pair is the better of the two: a model trained with horizontal flips has
+seen the mirror image of each of its training images. A pair scoring at least ``threshold``
+counts as a duplicate. Rescaled or cropped copies are not looked for, nor are copies of flat
+(single-colour) images, whose correlation is undefined (scored 0). Images that are mostly one
+colour (a small aircraft on plain sky, a ship on open sea) correlate through their colour alone,
+so most false matches are of such images; a mirrored search gives each test image a second
+chance to meet one. The threshold is a judgement: :func:`write_files` draws the pairs either
+side of it, to be looked at before its figures are quoted.
 """
 
 from __future__ import annotations
@@ -145,36 +148,72 @@ def candidate_scores(queries: np.ndarray, pool: np.ndarray, *, shift: int = DEFA
     return index, score
 
 
+def best_column(index: np.ndarray, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's first column of :func:`candidate_scores`' ``index`` (rows best first) with
+    ``allowed[index]`` true where ``allowed`` (a mask over the pool) is given: (column, whether
+    the row has one)."""
+    ok = np.ones(index.shape, bool) if allowed is None else allowed[index]
+    first = ok.argmax(1)
+    return first, ok[np.arange(len(index)), first]
+
+
 def best_among(index: np.ndarray, score: np.ndarray, allowed: np.ndarray | None = None) -> tuple[np.ndarray,
                                                                                                   np.ndarray]:
     """Each row's best candidate of :func:`candidate_scores` (rows best first), among those with
     ``allowed[index]`` true where ``allowed`` (a mask over the pool) is given: (index, score), -1
     and NaN for a row with none allowed."""
-    ok = np.ones(index.shape, bool) if allowed is None else allowed[index]
-    first = ok.argmax(1)
+    first, has = best_column(index, allowed)
     rows = np.arange(len(index))
-    has = ok[rows, first]
     return np.where(has, index[rows, first], -1), np.where(has, score[rows, first], np.nan).astype(np.float32)
 
 
+def best_is_mirrored(found: dict[str, Any]) -> np.ndarray:
+    """Whether each test image's best training pair in :func:`find_duplicates`' result is its
+    mirror image's (all false where mirror images were not compared)."""
+    col, _ = best_column(found["train_index"])
+    return found["train_mirrored"][np.arange(len(col)), col]
+
+
+def _with_mirrored(queries: np.ndarray, pool: np.ndarray, mirrored: bool,
+                   **kw: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`candidate_scores` of ``queries`` and, with ``mirrored``, of their left-right mirror
+    images too, merged per row best first: (index, score, whether each pair is mirrored)."""
+    index, score = candidate_scores(queries, pool, **kw)
+    flag = np.zeros(index.shape, bool)
+    if not mirrored:
+        return index, score, flag
+    m_index, m_score = candidate_scores(queries[:, :, ::-1], pool, **kw)
+    index, score = np.concatenate([index, m_index], 1), np.concatenate([score, m_score], 1)
+    flag = np.concatenate([flag, np.ones(m_index.shape, bool)], 1)
+    order = np.argsort(-score, axis=1, kind="stable")  # ties: the unmirrored pair first
+    return tuple(np.take_along_axis(a, order, 1) for a in (index, score, flag))
+
+
 def find_duplicates(ds: Dataset, threshold: float = DEFAULT_THRESHOLD, shift: int = DEFAULT_SHIFT,
-                    candidates: int = DEFAULT_CANDIDATES, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                    candidates: int = DEFAULT_CANDIDATES, mirrored: bool = False,
+                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Look for a near-duplicate of each of ``ds``'s test images among its training images and
-    among its other test images. Returns the candidates (``train_index``, ``train_score``,
-    ``test_index``, ``test_score``, arrays) and the settings; :func:`summarise` makes the report."""
+    among its other test images, with ``mirrored`` also for their mirror images. Returns the
+    candidates (``train_index``, ``train_score``, ``train_mirrored``, ``test_index``,
+    ``test_score``, ``test_mirrored``, arrays) and the settings; :func:`summarise` makes the
+    report."""
     check_options(threshold, shift, candidates, ds.x_test.shape[1:3])
+    what = "test images and their mirror images" if mirrored else "test images"
     if log:
-        log(f"comparing {len(ds.x_test):,} test images with {len(ds.x_train):,} training images")
-    ti, ts = candidate_scores(ds.x_test, ds.x_train, shift=shift, candidates=candidates, log=log)
+        log(f"comparing {len(ds.x_test):,} {what} with {len(ds.x_train):,} training images")
+    kw = {"shift": shift, "candidates": candidates, "log": log}
+    ti, ts, tm = _with_mirrored(ds.x_test, ds.x_train, mirrored, **kw)
     qi, qs = np.full(len(ds.x_test), -1), np.full(len(ds.x_test), np.nan, np.float32)
+    qm = np.zeros(len(ds.x_test), bool)
     if len(ds.x_test) > 1:
         if log:
-            log("comparing the test images with each other")
-        q_index, q_score = candidate_scores(ds.x_test, ds.x_test, shift=shift, candidates=candidates, same_set=True,
-                                            log=log)
-        qi, qs = q_index[:, 0], q_score[:, 0]
-    return {"threshold": float(threshold), "shift": shift, "candidates": candidates, "train_index": ti,
-            "train_score": ts, "test_index": qi, "test_score": qs}
+            log(f"comparing the {what} with the other test images")
+        # same_set leaves an image out of its own candidates, its mirror image included
+        q_index, q_score, q_mirrored = _with_mirrored(ds.x_test, ds.x_test, mirrored, same_set=True, **kw)
+        qi, qs, qm = q_index[:, 0], q_score[:, 0], q_mirrored[:, 0]
+    return {"threshold": float(threshold), "shift": shift, "candidates": candidates, "mirrored": bool(mirrored),
+            "train_index": ti, "train_score": ts, "train_mirrored": tm, "test_index": qi, "test_score": qs,
+            "test_mirrored": qm}
 
 
 def _count_at(scores: np.ndarray, t: float) -> int:
@@ -189,6 +228,7 @@ def summarise(found: dict[str, Any], ds: Dataset) -> dict[str, Any]:
     idx, score = best_among(found["train_index"], found["train_score"])
     dup = score >= t
     differ = dup & (ds.y_train[np.maximum(idx, 0)] != ds.y_test)
+    mirror = best_is_mirrored(found)
     by_class = []
     for c, name in enumerate(ds.classes):
         m = ds.y_test == c
@@ -198,8 +238,10 @@ def summarise(found: dict[str, Any], ds: Dataset) -> dict[str, Any]:
     return {
         "data": ds.source, "train_images": len(ds.y_train), "test_images": n,
         "method": {"threshold": t, "shift": found["shift"], "candidates": found["candidates"], "coarse": COARSE,
-                   "score": "normalised cross-correlation, best over shifts"},
+                   "mirrored": found["mirrored"], "score": "normalised cross-correlation, best over shifts"},
         "test_with_train_duplicate": int(dup.sum()), "share": float(dup.mean()) if n else None,
+        # of those, the ones whose best pair is the mirror image (0 where mirror images were not compared)
+        "mirrored_pairs": int((dup & mirror).sum()),
         "at_thresholds": {f"{x:.2f}": _count_at(score, x) for x in sorted({*REPORTED_THRESHOLDS, t})},
         "label_disagreements": int(differ.sum()),
         "test_with_test_duplicate": _count_at(found["test_score"], t),
@@ -268,12 +310,13 @@ def _figure(r: dict[str, Any], key: str) -> float | None:
 
 def duplicates_report(ds: Dataset, runs: list[str | Path] | None = None, threshold: float = DEFAULT_THRESHOLD,
                       shift: int = DEFAULT_SHIFT, candidates: int = DEFAULT_CANDIDATES, tta: str | None = None,
-                      device: str = "auto", uncalibrated: bool = False,
-                      log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Find the near-duplicates of ``ds``'s test images (:func:`find_duplicates`) and summarise
-    them; with ``runs``, also each run's accuracy with and without the test images whose copy it
-    trained on, and over several runs the mean, min and max. Returns (report, found)."""
-    found = find_duplicates(ds, threshold, shift, candidates, log)
+                      device: str = "auto", uncalibrated: bool = False, log: Callable[[str], None] | None = None,
+                      mirrored: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Find the near-duplicates of ``ds``'s test images (:func:`find_duplicates`; with
+    ``mirrored``, mirrored copies too) and summarise them; with ``runs``, also each run's accuracy
+    with and without the test images whose copy it trained on, and over several runs the mean,
+    min and max. Returns (report, found)."""
+    found = find_duplicates(ds, threshold, shift, candidates, mirrored, log)
     report = summarise(found, ds)
     if runs:
         from .evaluate import describe
@@ -297,14 +340,21 @@ def write_files(report: dict[str, Any], found: dict[str, Any], ds: Dataset, out:
     out = Path(out)
     t = found["threshold"]
     idx, score = best_among(found["train_index"], found["train_score"])
+    mirror = best_is_mirrored(found)
+
+    def yes_no(flag: bool) -> str:  # empty where mirror images were not compared
+        return ("yes" if flag else "no") if found["mirrored"] else ""
+
     rows = []
     for i in range(len(ds.y_test)):
         j, q, qs = int(idx[i]), int(found["test_index"][i]), float(found["test_score"][i])
         rows.append({"index": i, "path": ds.test_paths[i] if ds.test_paths else "",
                      "class": ds.classes[ds.y_test[i]], "train_index": j, "train_class": ds.classes[ds.y_train[j]],
-                     "train_score": round(float(score[i]), 4), "train_duplicate": "yes" if score[i] >= t else "no",
+                     "train_score": round(float(score[i]), 4), "train_mirrored": yes_no(mirror[i]),
+                     "train_duplicate": "yes" if score[i] >= t else "no",
                      # a single test image has no other to compare with
-                     "test_index": q if q >= 0 else "", "test_score": round(qs, 4) if q >= 0 else ""})
+                     "test_index": q if q >= 0 else "", "test_score": round(qs, 4) if q >= 0 else "",
+                     "test_mirrored": yes_no(found["test_mirrored"][i]) if q >= 0 else ""})
     order = np.argsort(-score, kind="stable")
     above = [i for i in order if score[i] >= t][-review:]
     below = [i for i in order if score[i] < t][:review]
@@ -317,7 +367,9 @@ def write_files(report: dict[str, Any], found: dict[str, Any], ds: Dataset, out:
         if pairs:
             gap = np.full((ds.x_test.shape[1], 2, ds.x_test.shape[3]), 255, np.uint8)
             images = np.stack([np.concatenate([ds.x_test[i], gap, ds.x_train[idx[i]]], axis=1) for i in pairs])
-            titles = [f"{'not ' if i in rejected else ''}dup {score[i]:.3f}\n{ds.classes[ds.y_test[i]]}"
+            # the training image as stored: a "mirrored" pair shows the two facing opposite ways
+            titles = [f"{'not ' if i in rejected else ''}dup {score[i]:.3f}{' mirrored' if mirror[i] else ''}\n"
+                      f"{ds.classes[ds.y_test[i]]}"
                       + ("" if ds.y_test[i] == ds.y_train[idx[i]] else f" / {ds.classes[ds.y_train[idx[i]]]}")
                       for i in pairs]
             image_grid(images, titles, out / "duplicates.png", cols=8)
@@ -357,8 +409,10 @@ def format_report(r: dict[str, Any]) -> str:
     """The report as lines for the terminal."""
     m = r["method"]
     n, k = r["test_images"], r["test_with_train_duplicate"]
+    mirrored = f", {r['mirrored_pairs']:,} of them mirrored" if m.get("mirrored") else ""
     lines = [f"{k:,} of {n:,} test images ({100 * (r['share'] or 0):.2f}%) have a near-duplicate among the "
-             f"{r['train_images']:,} training images (score >= {m['threshold']}, shifts up to {m['shift']} pixels)",
+             f"{r['train_images']:,} training images{mirrored} (score >= {m['threshold']}, shifts up to "
+             f"{m['shift']} pixels{', mirror images compared' if m.get('mirrored') else ''})",
              "  at other thresholds: " + ", ".join(f">= {t}: {c:,}" for t, c in r["at_thresholds"].items()),
              f"  pairs whose classes differ: {r['label_disagreements']:,}; test images with a near-duplicate among "
              f"the other test images: {r['test_with_test_duplicate']:,}",

@@ -263,12 +263,21 @@ def test_the_command_writes_its_files_and_groups_that_audit_reads(tmp_path, caps
     assert json.loads(capsys.readouterr().out)["test_with_train_duplicate"] == 3
 
 
-def test_the_mirrored_search_through_the_command_its_files_and_the_card(tmp_path, capsys):
+def test_the_mirrored_search_through_the_command_its_files_and_the_card(tmp_path, capsys, monkeypatch):
+    import cifarlab.plots
+
+    drawn = {}
+    real_grid = cifarlab.plots.image_grid
+    monkeypatch.setattr(cifarlab.plots, "image_grid", lambda images, titles, *a, **k: (
+        drawn.update(images=images, titles=titles), real_grid(images, titles, *a, **k)))
     ds, _ = _planted_mirrored()
     folder = tmp_path / "data"
     _write_folder(folder, ds)
     out = tmp_path / "dup"
     assert main(["duplicates", "--data", str(folder), "--out", str(out), "--candidates", "5", "--mirrored"]) == 0
+    # the review sheet shows the mirrored pair's training image mirrored back, facing the test image's way
+    k = next(k for k, t in enumerate(drawn["titles"]) if t.startswith("dup") and "mirrored" in t)
+    assert np.array_equal(drawn["images"][k][:, 34:], ds.x_train[21][:, ::-1])
     printed = capsys.readouterr().out
     assert "4 of 12 test images (33.33%) have a near-duplicate among the 30 training images, 1 of them mirrored" \
         in printed and "mirror images compared" in printed

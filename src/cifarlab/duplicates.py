@@ -366,8 +366,10 @@ def write_files(report: dict[str, Any], found: dict[str, Any], ds: Dataset, out:
         pairs, rejected = [*above, *below], set(below)
         if pairs:
             gap = np.full((ds.x_test.shape[1], 2, ds.x_test.shape[3]), 255, np.uint8)
-            images = np.stack([np.concatenate([ds.x_test[i], gap, ds.x_train[idx[i]]], axis=1) for i in pairs])
-            # the training image as stored: a "mirrored" pair shows the two facing opposite ways
+            # a mirrored pair's training image is shown mirrored back, so that the two face the
+            # same way and can be judged as the others are; its title says so
+            images = np.stack([np.concatenate([ds.x_test[i], gap, ds.x_train[idx[i]][:, ::-1] if mirror[i]
+                                               else ds.x_train[idx[i]]], axis=1) for i in pairs])
             titles = [f"{'not ' if i in rejected else ''}dup {score[i]:.3f}{' mirrored' if mirror[i] else ''}\n"
                       f"{ds.classes[ds.y_test[i]]}"
                       + ("" if ds.y_test[i] == ds.y_train[idx[i]] else f" / {ds.classes[ds.y_train[idx[i]]]}")

@@ -36,12 +36,21 @@ def _shared_kernels(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("kernels")
 
 
+def _link_kernels(cache: Path, shared: Path) -> None:
+    """Point ``cache``'s kernel folder at the session's (where links cannot be made, as for an
+    unprivileged user on Windows, the cache builds its own)."""
+    try:
+        (cache / "kernels").symlink_to(shared, target_is_directory=True)
+    except OSError:
+        pass
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch, _shared_kernels):
     """Every test gets its own cache (but for the compiled kernels) and never reaches the
     internet (mirror: a closed local port)."""
     cache = tmp_path_factory.mktemp("cache")
-    (cache / "kernels").symlink_to(_shared_kernels, target_is_directory=True)
+    _link_kernels(cache, _shared_kernels)
     monkeypatch.setenv("CIFARLAB_CACHE", str(cache))
     monkeypatch.setenv("CIFARLAB_MIRROR", "http://127.0.0.1:9/")
 
@@ -54,7 +63,7 @@ def real_data_cache(tmp_path_factory, monkeypatch, _shared_kernels):
     root = tmp_path_factory.getbasetemp() / "real-data-cache"
     if not root.is_dir():
         root.mkdir()
-        (root / "kernels").symlink_to(_shared_kernels, target_is_directory=True)
+        _link_kernels(root, _shared_kernels)
     monkeypatch.setenv("CIFARLAB_CACHE", str(root))
     return root
 

@@ -199,10 +199,10 @@ def _index_of(x: np.ndarray, image: np.ndarray) -> int:
     return int(np.flatnonzero((x == image).all(axis=(1, 2, 3)))[0])
 
 
-def _planted_folder(root) -> tuple[Dataset, object]:
-    """:func:`_planted`'s images with 60 more training images, so that a tiny run's validation
-    split holds some of the planted sources, as an image folder ``root``."""
-    src, _ = _planted(seed=1)
+def _planted_folder(root, src: Dataset | None = None) -> tuple[Dataset, object]:
+    """:func:`_planted`'s images (or ``src``'s) with 60 more training images, so that a tiny
+    run's validation split holds some of the planted sources, as an image folder ``root``."""
+    src = _planted(seed=1)[0] if src is None else src
     more = smooth_images(60, 7)
     x_train = np.concatenate([src.x_train, more])
     y_train = np.concatenate([src.y_train, np.arange(60) % 3])
@@ -242,6 +242,29 @@ def test_a_run_is_scored_without_the_test_images_it_trained_on(tmp_path):
         in card
     assert f"on the other {12 - n:,} **{entry['without_duplicate']['accuracy']:.4f}**" in card
     assert "`duplicates/duplicates.png` in the run folder" in card
+
+
+def test_a_run_scores_its_mirrored_and_unmirrored_copies_apart(tmp_path):
+    src, _ = _planted_mirrored()
+    _, folder = _planted_folder(tmp_path / "data", src)
+    run = tmp_path / "run"
+    fit(tiny_config(str(folder), str(run), epochs=1, seed=1), log=lambda _: None)  # trains on training image 21
+    ds = load_dataset(str(folder))
+    tr, _ = split_indices(load_run_config(run / "config.yaml"), ds.y_train)
+    trained = set(tr.tolist())
+    pos = {i: _index_of(ds.x_test, src.x_test[i]) for i in (0, 1, 2, 5)}
+    mirrored = {pos[5]} if _index_of(ds.x_train, src.x_train[21]) in trained else set()
+    plain = {pos[i] for i, j in {0: 4, 1: 9, 2: 17}.items() if _index_of(ds.x_train, src.x_train[j]) in trained}
+    assert mirrored and plain, "this seed's split should train on the mirrored source and on some others"
+    report, _ = duplicates_report(ds, [run], device="cpu", mirrored=True, candidates=5)
+    w = report["runs"][0]["with_duplicate"]
+    assert (w["mirrored"]["images"], w["unmirrored"]["images"], w["images"]) == (
+        len(mirrored), len(plain), len(mirrored) + len(plain))
+    correct = predict_dataset(load_model(run), ds.x_test).argmax(1) == ds.y_test
+    for key, ix in (("mirrored", mirrored), ("unmirrored", plain)):
+        want = float(correct[sorted(ix)].mean()) if ix else None
+        assert w[key]["accuracy"] == (pytest.approx(want) if ix else None)
+    assert "mirrored" not in duplicates_report(ds, [run], device="cpu", candidates=5)[0]["runs"][0]["with_duplicate"]
 
 
 def test_the_command_writes_its_files_and_groups_that_audit_reads(tmp_path, capsys):

@@ -265,6 +265,8 @@ def run_accuracy(run: str | Path, ds: Dataset, found: dict[str, Any], tta: str |
     trained, note = _trained_mask(Path(run), ds)
     _, score = best_among(found["train_index"], found["train_score"], trained)
     dup = np.nan_to_num(score, nan=-2) >= found["threshold"]
+    col, _ = best_column(found["train_index"], trained)
+    mirror = dup & found["train_mirrored"][np.arange(len(col)), col]
     correct = predict_dataset(pred, ds.x_test).argmax(1) == ds.y_test
     rng = np.random.default_rng(seed)
     a, b = np.flatnonzero(dup), np.flatnonzero(~dup)
@@ -272,6 +274,11 @@ def run_accuracy(run: str | Path, ds: Dataset, found: dict[str, Any], tta: str |
     def acc(ix: np.ndarray) -> float | None:
         return float(correct[ix].mean()) if len(ix) else None
 
+    with_duplicate: dict[str, Any] = {"images": len(a), "accuracy": acc(a)}
+    if found["mirrored"]:  # a model trained without flips may know a mirrored copy less well
+        m, u = np.flatnonzero(mirror), np.flatnonzero(dup & ~mirror)
+        with_duplicate.update(mirrored={"images": len(m), "accuracy": acc(m)},
+                              unmirrored={"images": len(u), "accuracy": acc(u)})
     diff, ci = None, [None, None]
     if len(a) and len(b):
         diff = acc(a) - acc(b)
@@ -280,8 +287,7 @@ def run_accuracy(run: str | Path, ds: Dataset, found: dict[str, Any], tta: str |
         ci = percentile_interval(np.array(boots))
     return {"run": str(run), "tta": pred.tta, "temperature": pred.temperature(), "class_offsets": pred.class_offsets(),
             "weights_sha256": weights_digest(pred.run), "trained_on": note, "accuracy": float(correct.mean()),
-            "with_duplicate": {"images": len(a), "accuracy": acc(a)},
-            "without_duplicate": {"images": len(b), "accuracy": acc(b)},
+            "with_duplicate": with_duplicate, "without_duplicate": {"images": len(b), "accuracy": acc(b)},
             "difference": diff, "difference_ci": ci}
 
 
@@ -423,9 +429,12 @@ def format_report(r: dict[str, Any]) -> str:
         w, o = a["with_duplicate"], a["without_duplicate"]
         diff = "" if a["difference"] is None else \
             f"; difference {a['difference']:+.4f} (95% CI {a['difference_ci'][0]:+.4f} to {a['difference_ci'][1]:+.4f})"
+        split = "" if "mirrored" not in w else \
+            (f" (the {w['mirrored']['images']:,} mirrored pairs {_acc(w['mirrored']['accuracy'])}, the "
+             f"{w['unmirrored']['images']:,} others {_acc(w['unmirrored']['accuracy'])})")
         lines.append(f"{a['run']}: test accuracy {a['accuracy']:.4f}; on the {o['images']:,} test images without a "
                      f"near-duplicate among {a['trained_on']}: {_acc(o['accuracy'])}; on the {w['images']:,} "
-                     f"with one: {_acc(w['accuracy'])}{diff}")
+                     f"with one: {_acc(w['accuracy'])}{split}{diff}")
     s = r.get("runs_summary")
     if s:
         lines.append(f"over {len(r['runs'])} runs (mean, min, max): " + "; ".join(

@@ -559,8 +559,7 @@ def _audit_runs_markdown(s: dict) -> str:
                   + ", ".join(f"{c['corruption']} {_fmt_spread(c['accuracy'])}" for c in rob["hardest"]) + ".", ""]
     dup = s.get("near_duplicates")
     if dup:
-        lines += [f"Near-duplicates (`cifarlab duplicates`, similarity >= {dup['threshold']}"
-                  f"{', mirrored copies included' if dup.get('mirrored') else ''}): "
+        lines += [f"{_duplicates_head(dup['threshold'], dup.get('mirrored'))}: "
                   f"{_count_range(dup['with_duplicate_images'])} of the {dup['test_images']:,} test images have a "
                   f"near-copy among the images a run trained on. Accuracy without them "
                   f"{_fmt_spread(dup['without_duplicate'])}, on them {_fmt_spread(dup['with_duplicate'])}, against "
@@ -839,6 +838,13 @@ def _robustness_lines(r: dict | None) -> list[str]:
                else "") + ". See `robustness/robustness.png` in the run folder.", ""]
 
 
+def _duplicates_head(threshold: float, mirrored: bool | None) -> str:
+    """How the card and the runs' summary open their paragraph on near-duplicates: the command
+    and the settings it counted copies with."""
+    return (f"Near-duplicates (`cifarlab duplicates`, similarity >= {threshold}"
+            f"{', mirrored copies included' if mirrored else ''})")
+
+
 def _duplicates_lines(d: dict | None) -> list[str]:
     """The card's paragraph on test images that are near-copies of training images, where
     ``cifarlab duplicates`` measured it for this model."""
@@ -846,15 +852,14 @@ def _duplicates_lines(d: dict | None) -> list[str]:
         return []
     r, m = d["run"], d["method"]
     w, o = r["with_duplicate"], r["without_duplicate"]
-    how = f"similarity >= {m['threshold']}" + (", mirrored copies included" if m.get("mirrored") else "")
+    head = _duplicates_head(m["threshold"], m.get("mirrored"))
     if not w["images"]:
-        return [f"Near-duplicates (`cifarlab duplicates`, {how}): none of the test images has a near-copy among "
-                f"{r['trained_on']}.", ""]
+        return [f"{head}: none of the test images has a near-copy among {r['trained_on']}.", ""]
     diff = "" if r["difference"] is None else \
         f" (difference {r['difference']:+.4f}, 95% CI {_fmt_ci(r['difference_ci'])})"
     other = f", on the other {o['images']:,} **{o['accuracy']:.4f}**" if o["images"] else ""
     verb = "has" if w["images"] == 1 else "have"
-    return [f"Near-duplicates (`cifarlab duplicates`, {how}): {images_phrase(w['images'])} "
+    return [f"{head}: {images_phrase(w['images'])} "
             f"of the {d['test_images']:,} test images {verb} a near-copy among {r['trained_on']}, which the model may "
             f"recognise from memory. Accuracy on them {w['accuracy']:.4f}{other}{diff}; the latter is the fairer "
             f"estimate for photos it has not seen. `duplicates/duplicates.png` in {d.get('where', 'the run folder')} "

@@ -167,10 +167,11 @@ def best_among(index: np.ndarray, score: np.ndarray, allowed: np.ndarray | None 
     return np.where(has, index[rows, first], -1), np.where(has, score[rows, first], np.nan).astype(np.float32)
 
 
-def best_is_mirrored(found: dict[str, Any]) -> np.ndarray:
-    """Whether each test image's best training pair in :func:`find_duplicates`' result is its
-    mirror image's (all false where mirror images were not compared)."""
-    col, _ = best_column(found["train_index"])
+def best_is_mirrored(found: dict[str, Any], allowed: np.ndarray | None = None) -> np.ndarray:
+    """Whether each test image's best training pair in :func:`find_duplicates`' result (among
+    ``allowed``, as :func:`best_among`) is its mirror image's (all false where mirror images were
+    not compared; a row with none allowed reads its first column, so mask it with the score)."""
+    col, _ = best_column(found["train_index"], allowed)
     return found["train_mirrored"][np.arange(len(col)), col]
 
 
@@ -265,8 +266,7 @@ def run_accuracy(run: str | Path, ds: Dataset, found: dict[str, Any], tta: str |
     trained, note = _trained_mask(Path(run), ds)
     _, score = best_among(found["train_index"], found["train_score"], trained)
     dup = np.nan_to_num(score, nan=-2) >= found["threshold"]
-    col, _ = best_column(found["train_index"], trained)
-    mirror = dup & found["train_mirrored"][np.arange(len(col)), col]
+    mirror = dup & best_is_mirrored(found, trained)
     correct = predict_dataset(pred, ds.x_test).argmax(1) == ds.y_test
     rng = np.random.default_rng(seed)
     a, b = np.flatnonzero(dup), np.flatnonzero(~dup)

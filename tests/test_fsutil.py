@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import errno
+import os
+import stat
+import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from cifarlab import export
 from cifarlab.errors import CifarlabError
-from cifarlab.fsutil import make_folder, write_json, write_text
+from cifarlab.data import cache
+from cifarlab.fsutil import make_folder, umask, write_json, write_text
 from cifarlab.models import create_model
 
 
@@ -34,11 +40,20 @@ def test_full_disk_keeps_previous_weights(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.safetensors"]
 
 
-def test_unwritable_folder_is_a_clear_error(tmp_path):
+def test_unwritable_folder_is_a_clear_error(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(CifarlabError, match="cannot write to folder"):
+    with pytest.raises(CifarlabError, match=r"output '.*file/sub' cannot be created: '.*file' is a file"):
         write_json(blocker / "sub" / "a.json", {"a": 1})
+    with pytest.raises(CifarlabError, match=r"output '.*file' exists and is a file"):
+        write_json(blocker / "a.json", {"a": 1})
+
+    def refuse(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(CifarlabError, match=r"cannot write to folder '.*': Permission denied"):
+        write_json(tmp_path / "a.json", {"a": 1})
 
 
 def test_make_folder_names_the_folder_and_the_reason(tmp_path):
@@ -110,3 +125,32 @@ def test_a_failed_run_removes_the_parent_folders_it_created_and_no_others(tmp_pa
     run, before = new_run_folder(None, False, "r", "")
     fail_in(run, before, also=Path("runs/other"))  # a parallel run's folder, made meanwhile
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["other"]
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
+def test_written_files_get_the_permissions_a_plain_write_would(tmp_path, monkeypatch):
+    # The temporary files behind atomic writes are created private (0600, 0700); the files and
+    # cache folders they become must not be, or a group sharing run folders cannot read them.
+    old = os.umask(0o022)
+    try:
+        assert umask() == 0o022
+        write_text(tmp_path / "new.txt", "a")
+        assert _mode(tmp_path / "new.txt") == 0o644
+        (tmp_path / "kept.txt").write_text("a")
+        os.chmod(tmp_path / "kept.txt", 0o640)
+        write_text(tmp_path / "kept.txt", "b")  # replacing a file keeps its permissions
+        assert _mode(tmp_path / "kept.txt") == 0o640 and (tmp_path / "kept.txt").read_text() == "b"
+        monkeypatch.setenv("CIFARLAB_CACHE", str(tmp_path / "cache"))
+        cache.store_cached("k", {"x": np.zeros(3)}, {})
+        assert _mode(tmp_path / "cache" / "decoded" / "k") == 0o755
+        assert cache.load_cached("k") is not None
+        os.umask(0o077)
+        assert umask() == 0o077
+        write_text(tmp_path / "private.txt", "a")
+        assert _mode(tmp_path / "private.txt") == 0o600
+    finally:
+        os.umask(old)

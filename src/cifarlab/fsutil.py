@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +29,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
+        check_folder_path(path.parent)  # a file where a folder should be gets its own message
         raise CifarlabError(f"cannot write to folder '{path.parent}': {e.strerror or e}") from None
     os.close(fd)
     tmp_path = Path(tmp)
@@ -35,6 +37,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
+        set_final_mode(tmp_path, replacing=path)
         os.replace(tmp_path, path)
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
@@ -42,6 +45,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def umask() -> int:
+    """The process's umask, without changing it where Linux shows it in /proc (elsewhere it is
+    read the only portable way, by setting it and setting it back)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def set_final_mode(tmp: str | os.PathLike, replacing: str | os.PathLike | None = None) -> None:
+    """Give a temporary file or folder, about to be renamed into place, the permissions a plain
+    ``open()`` or ``mkdir()`` would have given it: those of the file it replaces, if any, else
+    0666 less the umask (0777 for a folder, or a file its writer made executable, such as a
+    compiled library). ``mkstemp`` and ``mkdtemp`` create theirs private (0600, 0700), which
+    would leave run folders and exported models unreadable to the rest of a group sharing them."""
+    try:
+        mode = stat.S_IMODE(os.stat(replacing).st_mode) if replacing is not None else None
+    except OSError:
+        mode = None
+    if mode is None:
+        st = os.stat(tmp)
+        mode = (0o777 if stat.S_ISDIR(st.st_mode) or st.st_mode & 0o111 else 0o666) & ~umask()
+    os.chmod(tmp, mode)
 
 
 def check_folder_path(path: str | os.PathLike) -> None:

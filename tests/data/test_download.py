@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import http.server
+import stat
+import sys
 import threading
 
 import pytest
@@ -11,6 +13,7 @@ from conftest import make_official
 
 from cifarlab.data import cifar, download, load_dataset
 from cifarlab.errors import DataError
+from cifarlab.fsutil import umask
 
 
 @pytest.fixture
@@ -46,6 +49,8 @@ def test_download_from_local_server_verified_and_cached(tmp_path, server, monkey
     assert ds.y_test.tolist() == truth["test_y"].tolist()
     cached = download.cache_dir() / "cifar-10-python.tar.gz"
     assert cached.is_file() and not list(cached.parent.glob("*.part"))
+    if sys.platform != "win32":  # readable as a plain write would leave it, not private like its .part file
+        assert stat.S_IMODE(cached.stat().st_mode) == 0o666 & ~umask()
     path.unlink()  # second load needs no server file
     assert load_dataset(None, "cifar10").x_train.shape == (50, 32, 32, 3)
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fsutil import set_final_mode
+
 # Bump when the decoded layout or the decoding rules change, so stale caches are not reused.
 CACHE_VERSION = 2  # 2: images turned upright by their EXIF orientation
 
@@ -70,6 +72,7 @@ def store_cached(key: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
         for name, a in arrays.items():
             np.save(tmp / f"{name}.npy", a, allow_pickle=False)
         (tmp / "meta.json").write_text(json.dumps({**meta, "arrays": list(arrays)}))
+        set_final_mode(tmp)
         os.replace(tmp, root / key)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import DataError
+from ..fsutil import set_final_mode
 from .cache import cache_dir
 from .cifar import FORMATS, OfficialFormat
 
@@ -77,6 +78,7 @@ def fetch(dataset: str, binary: bool = False, quiet: bool = False) -> Path:
         if h.hexdigest() != fmt.md5:
             raise DataError(f"downloaded {fmt.archive_name} from {url} has MD5 {h.hexdigest()}, not the "
                             f"official {fmt.md5}; the download was discarded. {help_}")
+        set_final_mode(tmp)
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         reason = getattr(e, "reason", None) or e

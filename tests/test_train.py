@@ -279,8 +279,25 @@ def test_resume_errors(tmp_path):
     with pytest.raises(CifarlabError, match="no checkpoint.pt"):
         fit(resume=tmp_path)
     (tmp_path / "checkpoint.pt").write_bytes(b"junk")
-    with pytest.raises(CifarlabError, match="unreadable checkpoint"):
+    with pytest.raises(CifarlabError, match="not a checkpoint cifarlab can read"):
         fit(resume=tmp_path)
+    # A checkpoint that would run code when unpickled is refused, and the message does not pass
+    # on torch's advice to load it with weights_only=False.
+    marker = tmp_path / "ran"
+    torch.save(_RunsCode(str(marker)), tmp_path / "checkpoint.pt")
+    with pytest.raises(CifarlabError, match="not a checkpoint cifarlab can read") as e:
+        fit(resume=tmp_path)
+    assert "weights_only" not in str(e.value) and not marker.exists()
+
+
+class _RunsCode:
+    """Unpickles by calling a function: here one that creates a file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
 
 
 def test_data_with_one_class_is_refused_and_leaves_no_run_folder(tmp_path):

@@ -320,7 +320,13 @@ def _load_checkpoint(run: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary unpickling
     except Exception as e:  # noqa: BLE001 - any failure means the file is unusable
-        raise CifarlabError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+        # Of a refused unpickling only the restricted unpickler's own reason: the rest of torch's
+        # message suggests loading with weights_only=False, which would run whatever the file holds.
+        text = str(e).split("WeightsUnpickler error:")[-1].strip()
+        first = (text.splitlines() or [""])[0]
+        raise CifarlabError(f"{path}: not a checkpoint cifarlab can read: damaged, or not written by "
+                            f"'cifarlab train' ({type(e).__name__}: {first}). Its weights.safetensors, if "
+                            "any, still evaluates; to train on, start a new run from it with --init-from") from None
 
 
 class Lookahead:

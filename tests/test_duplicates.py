@@ -366,6 +366,16 @@ def test_runs_are_each_scored_and_summarised(tmp_path, capsys):
     assert summary["without_duplicate"]["mean"] == pytest.approx(
         np.mean([e["without_duplicate"]["accuracy"] for e in r["runs"]]))
     assert "Near-duplicates (`cifarlab duplicates`" in (tmp_path / "set" / "audit_summary.md").read_text()
+    # one run measured again on its own at another threshold: its card quotes that, and the
+    # summary refuses to pool figures counted two ways
+    assert main(["duplicates", str(tmp_path / "set" / "run-1"), "--data", str(image_folder), "--device", "cpu",
+                 "--threshold", "0.9"]) == 0
+    assert read_duplicates(tmp_path / "set" / "run-1", "none")["method"]["threshold"] == 0.9
+    assert main(["audit", str(tmp_path / "set"), "--data", str(image_folder), "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "set" / "audit_summary.json").read_text())["near_duplicates"]
+    assert set(summary) == {"note"} and "run-0: >= 0.96" in summary["note"] and "run-1: >= 0.9," in summary["note"]
+    md = (tmp_path / "set" / "audit_summary.md").read_text()
+    assert "Near-duplicates: not quoted; its runs were measured with different settings" in md
 
 
 def test_one_test_image_has_no_other_to_compare_with(tmp_path):

@@ -159,6 +159,16 @@ def test_the_runs_of_a_set_are_measured_on_the_same_images(tmp_path, image_folde
     audit_runs(tmp_path / "set", ds, n_boot=100, device="cpu", log=lambda _: None, tta="flip")
     md = (tmp_path / "set" / "audit_summary.md").read_text()
     assert "not quoted; measured under corruption with test-time augmentation none, audited with flip" in md
+    # a run calibrated since: its calibration error under corruption is no longer what was measured
+    from cifarlab.calibrate import calibrate_run
+
+    calibrate_run(tmp_path / "set" / "run-1", ds, device="cpu", log=lambda _: None)
+    audit_runs(tmp_path / "set", ds, n_boot=100, device="cpu", log=lambda _: None)
+    md = (tmp_path / "set" / "audit_summary.md").read_text()
+    assert "Under common corruptions: not quoted; " in md and "run-1 measured under corruption with another" in md
+    assert "run-0 measured" not in md
+    audit_runs(tmp_path / "set", ds, n_boot=100, device="cpu", log=lambda _: None, uncalibrated=True)
+    assert "Under common corruptions (`cifarlab robustness`" in (tmp_path / "set" / "audit_summary.md").read_text()
     assert main(["robustness", str(tmp_path / "set"), "--data", str(image_folder), "--corruptions", "fog",
                  "--severities", "3", "--device", "cpu", "--out", str(tmp_path / "o")]) == 0
     printed = capsys.readouterr().out

@@ -291,7 +291,8 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
                              "margin": margin, "bootstrap_resamples": n_boot, "classes": cls, "warnings": [],
                              "calibration": {"ece": report["calibration"]["ece"], "temperature": report["temperature"],
                                              "uncalibrated_ece": (report.get("uncalibrated") or {}).get("ece"),
-                                             "balanced_classes": report.get("class_offsets") is not None}}
+                                             "balanced_classes": report.get("class_offsets") is not None,
+                                             "class_offsets": report.get("class_offsets")}}
     for r in cls["per_class"]:
         if r["flagged"]:
             audit["warnings"].append(f"class '{r['class']}' accuracy {r['accuracy']:.3f} is more than {margin:.2f} "
@@ -378,7 +379,7 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
             f"{sp['difference']:.4f}; {len(a['warnings'])} warning(s); report in {folder / 'audit.md'}")
         audits.append(a)
     summary = summarise_audits(audits, [str(r) for r in runs])
-    summary["robustness"] = _runs_robustness(base, summary["tta"])
+    summary["robustness"] = _runs_robustness(base, summary["tta"], audits)
     summary["near_duplicates"] = _runs_duplicates(audits)
     dest = out or base
     for row, report in zip(summary["per_run"], reports):
@@ -389,9 +390,12 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
     return summary
 
 
-def _runs_robustness(base: Path, tta: list[str]) -> dict[str, Any] | None:
+def _runs_robustness(base: Path, tta: list[str], audits: list[dict[str, Any]]) -> dict[str, Any] | None:
     """What ``audit_summary`` quotes of ``cifarlab robustness``'s summary of the runs, where it
-    measured these weights with the test-time augmentation audited (else a note, or None)."""
+    measured these weights with the test-time augmentation and calibration audited (else a
+    note, or None)."""
+    from .calibrate import same_offsets
+    from .errors import short_list
     from .robustness import read_runs_summary
 
     r = read_runs_summary(base)
@@ -401,6 +405,16 @@ def _runs_robustness(base: Path, tta: list[str]) -> dict[str, Any] | None:
     if s.get("tta") != tta:
         return {"note": f"measured under corruption with test-time augmentation {', '.join(s.get('tta') or [])}, "
                         f"audited with {', '.join(tta)}"}
+    # A temperature changes the calibration error quoted, class offsets the predictions: a run
+    # calibrated after it was measured, or audited --uncalibrated, is not what was measured.
+    audited = {Path(a["run"]).name: a["calibration"] for a in audits}
+    other = [m["run"] for m in s["per_run"]
+             if (c := audited.get(Path(m["run"]).name)) is not None
+             and (m.get("temperature") != c["temperature"] or not same_offsets(m.get("class_offsets"),
+                                                                                c["class_offsets"]))]
+    if other:
+        return {"note": f"{short_list(other, 3)} measured under corruption with another calibration than audited "
+                        "(`cifarlab calibrate` since, or --uncalibrated); measure again"}
     hardest = sorted(s["corruptions"], key=lambda c: c["accuracy"]["mean"])[:3]
     return {k: s[k] for k in ("source", "severities", "images_per_cell", "clean_accuracy", "mean_accuracy",
                               "relative_accuracy", "clean_ece", "mean_ece")} | {
@@ -411,10 +425,19 @@ def _runs_robustness(base: Path, tta: list[str]) -> dict[str, Any] | None:
 def _runs_duplicates(audits: list[dict[str, Any]]) -> dict[str, Any] | None:
     """What ``audit_summary`` quotes of ``cifarlab duplicates``: each run's accuracy without and
     with the test images it trained on a copy of, as spreads, where it was measured for every
-    run audited; None otherwise."""
+    run audited, with the same settings (else a note); None otherwise."""
     found = [a.get("near_duplicates") for a in audits]
     if not all(found):
         return None
+    # A run's own `duplicates` folder comes before its parent's, so runs can have been measured
+    # at different thresholds: their figures would not be one spread.
+    settings = [(d["method"]["threshold"], bool(d["method"].get("mirrored")), d["method"].get("shift"))
+                for d in found]
+    if len(set(settings)) > 1:
+        each = "; ".join(f"{Path(a['run']).name}: >= {t}{', mirrored' if m else ''}, shifts up to {sh}"
+                         for a, (t, m, sh) in zip(audits, settings))
+        return {"note": f"its runs were measured with different settings ({each}); run `cifarlab duplicates` "
+                        "on the folder of the runs to measure them alike"}
     runs = [d["run"] for d in found]
     return {"threshold": found[0]["method"]["threshold"], "mirrored": bool(found[0]["method"].get("mirrored")),
             "test_images": found[0]["test_images"],
@@ -558,7 +581,9 @@ def _audit_runs_markdown(s: dict) -> str:
                   f"{_fmt_spread(rob['clean_ece'])}; hardest: "
                   + ", ".join(f"{c['corruption']} {_fmt_spread(c['accuracy'])}" for c in rob["hardest"]) + ".", ""]
     dup = s.get("near_duplicates")
-    if dup:
+    if dup and "note" in dup:
+        lines += [f"Near-duplicates: not quoted; {dup['note']}.", ""]
+    elif dup:
         lines += [f"{_duplicates_head(dup['threshold'], dup.get('mirrored'))}: "
                   f"{_count_range(dup['with_duplicate_images'])} of the {dup['test_images']:,} test images have a "
                   f"near-copy among the images a run trained on. Accuracy without them "

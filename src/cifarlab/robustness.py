@@ -337,7 +337,8 @@ def summarise_robustness(reports: list[dict[str, Any]]) -> dict[str, Any]:
         "per_class_drop": [{"class": c["class"], "drop": _spread([r["per_class"][i]["drop"] for r in reports])}
                            for i, c in enumerate(first["per_class"])],
         "per_run": [{"run": r["run"], "clean_accuracy": r["clean"]["accuracy"], "mean_accuracy": r["mean_accuracy"],
-                     "weights_sha256": r["weights_sha256"]} for r in reports],
+                     "weights_sha256": r["weights_sha256"], "temperature": r["temperature"],
+                     "class_offsets": r["class_offsets"]} for r in reports],
     }
 
 

@@ -264,6 +264,19 @@ def test_a_run_scores_its_mirrored_and_unmirrored_copies_apart(tmp_path):
     for key, ix in (("mirrored", mirrored), ("unmirrored", plain)):
         want = float(correct[sorted(ix)].mean()) if ix else None
         assert w[key]["accuracy"] == (pytest.approx(want) if ix else None)
+    # the model card gives the split too, and the audit's summary of several runs its spread
+    from cifarlab.audit import _duplicates_lines, _runs_duplicates, _runs_mirrored_split
+
+    entry = {**{k: v for k, v in report.items() if k != "runs"}, "run": report["runs"][0]}
+    card = _duplicates_lines(entry)[0]
+    assert (f"({w['mirrored']['accuracy']:.4f} on the {len(mirrored)} whose copy is mirrored, "
+            f"{w['unmirrored']['accuracy']:.4f} on the other {len(plain)})") in card
+    summary = _runs_duplicates([{"run": str(run), "near_duplicates": entry}] * 2)
+    assert summary["with_duplicate_mirrored"]["images"] == [len(mirrored)] * 2
+    assert summary["with_duplicate_unmirrored"]["accuracy"]["mean"] == pytest.approx(w["unmirrored"]["accuracy"])
+    m, u = w["mirrored"]["accuracy"], w["unmirrored"]["accuracy"]
+    assert _runs_mirrored_split(summary) == (f" ({m:.3f} ({m:.3f} to {m:.3f}) on the {len(mirrored)} whose copy is "
+                                             f"mirrored, {u:.3f} ({u:.3f} to {u:.3f}) on the other {len(plain)})")
     assert "mirrored" not in duplicates_report(ds, [run], device="cpu", candidates=5)[0]["runs"][0]["with_duplicate"]
 
 

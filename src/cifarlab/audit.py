@@ -439,13 +439,28 @@ def _runs_duplicates(audits: list[dict[str, Any]]) -> dict[str, Any] | None:
         return {"note": f"its runs were measured with different settings ({each}); run `cifarlab duplicates` "
                         "on the folder of the runs to measure them alike"}
     runs = [d["run"] for d in found]
-    return {"threshold": found[0]["method"]["threshold"], "mirrored": bool(found[0]["method"].get("mirrored")),
-            "test_images": found[0]["test_images"],
-            "with_duplicate_images": [r["with_duplicate"]["images"] for r in runs],
-            "accuracy": _spread([r["accuracy"] for r in runs]),
-            "without_duplicate": _spread([r["without_duplicate"]["accuracy"] for r in runs]),
-            "with_duplicate": _spread([r["with_duplicate"]["accuracy"] for r in runs]),
-            "difference": _spread([r["difference"] for r in runs])}
+    out = {"threshold": found[0]["method"]["threshold"], "mirrored": bool(found[0]["method"].get("mirrored")),
+           "test_images": found[0]["test_images"],
+           "with_duplicate_images": [r["with_duplicate"]["images"] for r in runs],
+           "accuracy": _spread([r["accuracy"] for r in runs]),
+           "without_duplicate": _spread([r["without_duplicate"]["accuracy"] for r in runs]),
+           "with_duplicate": _spread([r["with_duplicate"]["accuracy"] for r in runs]),
+           "difference": _spread([r["difference"] for r in runs])}
+    if out["mirrored"] and all("mirrored" in r["with_duplicate"] for r in runs):
+        for key in ("mirrored", "unmirrored"):  # the copies whose best pair is mirrored, and the others
+            out[f"with_duplicate_{key}"] = {"images": [r["with_duplicate"][key]["images"] for r in runs],
+                                            "accuracy": _spread([r["with_duplicate"][key]["accuracy"] for r in runs])}
+    return out
+
+
+def _runs_mirrored_split(dup: dict[str, Any]) -> str:
+    """' (on the N whose copy is mirrored A, on the other M B)' of the runs' summary, where the
+    mirrored pairs were scored apart; else nothing."""
+    m, u = dup.get("with_duplicate_mirrored"), dup.get("with_duplicate_unmirrored")
+    if not m or not max(m["images"]):
+        return ""
+    return (f" ({_fmt_spread(m['accuracy'])} on the {_count_range(m['images'])} whose copy is mirrored, "
+            f"{_fmt_spread(u['accuracy'])} on the other {_count_range(u['images'])})")
 
 
 def _spread(values: list[float | None]) -> dict[str, float] | None:
@@ -587,8 +602,8 @@ def _audit_runs_markdown(s: dict) -> str:
         lines += [f"{_duplicates_head(dup['threshold'], dup.get('mirrored'))}: "
                   f"{_count_range(dup['with_duplicate_images'])} of the {dup['test_images']:,} test images have a "
                   f"near-copy among the images a run trained on. Accuracy without them "
-                  f"{_fmt_spread(dup['without_duplicate'])}, on them {_fmt_spread(dup['with_duplicate'])}, against "
-                  f"{_fmt_spread(dup['accuracy'])} on all.", ""]
+                  f"{_fmt_spread(dup['without_duplicate'])}, on them {_fmt_spread(dup['with_duplicate'])}"
+                  + _runs_mirrored_split(dup) + f", against {_fmt_spread(dup['accuracy'])} on all.", ""]
     for name, gm in s.get("attributes", {}).items():
         lines += [f"## Groups by `{name}`", "", "| group | n | accuracy, mean (min to max) | flagged in |",
                   "|---|---|---|---|"]
@@ -884,9 +899,14 @@ def _duplicates_lines(d: dict | None) -> list[str]:
         f" (difference {r['difference']:+.4f}, 95% CI {_fmt_ci(r['difference_ci'])})"
     other = f", on the other {o['images']:,} **{o['accuracy']:.4f}**" if o["images"] else ""
     verb = "has" if w["images"] == 1 else "have"
+    # a model trained without flips may know a mirrored copy less well than a plain one
+    split = "" if not w.get("mirrored", {}).get("images") else \
+        (f" ({w['mirrored']['accuracy']:.4f} on the {w['mirrored']['images']:,} whose copy is mirrored"
+         + (f", {w['unmirrored']['accuracy']:.4f} on the other {w['unmirrored']['images']:,}"
+            if w["unmirrored"]["images"] else "") + ")")
     return [f"{head}: {images_phrase(w['images'])} "
             f"of the {d['test_images']:,} test images {verb} a near-copy among {r['trained_on']}, which the model may "
-            f"recognise from memory. Accuracy on them {w['accuracy']:.4f}{other}{diff}; the latter is the fairer "
+            f"recognise from memory. Accuracy on them {w['accuracy']:.4f}{split}{other}{diff}; the latter is the fairer "
             f"estimate for photos it has not seen. `duplicates/duplicates.png` in {d.get('where', 'the run folder')} "
             "shows the pairs near the threshold.", ""]
 

@@ -144,7 +144,8 @@ def test_failed_setup_leaves_no_run_folder_behind(tmp_path):
             fit(cfg, log=lambda s: None)
     assert not (tmp_path / "new").exists()
     assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
-    with pytest.raises(CifarlabError, match="drop_last leaves no full batch: 13 training images, batch size 64"):
+    with pytest.raises(CifarlabError, match="drop_last leaves no full batch: 13 training images, batch size 64; .*"
+                       "keep the last partial batch with .drop_last: false. under .train:. in a --config file"):
         fit(tiny_config(str(small), str(tmp_path / "new"), batch_size=64, drop_last=True), log=lambda s: None)
     assert fit(tiny_config(str(small), str(tmp_path / "new")), log=lambda s: None)["test_accuracy"] >= 0
 

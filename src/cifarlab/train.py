@@ -823,7 +823,8 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
         steps = steps_per_epoch(n, cfg)
         if steps == 0:
             raise CifarlabError(f"train.drop_last leaves no full batch: {n} training images, batch size {bs}; "
-                                "use a smaller --batch-size or turn drop_last off")
+                                "use a smaller --batch-size, or keep the last partial batch with 'drop_last: false' "
+                                "under 'train:' in a --config file")
         use_kernels = _use_cpu_kernels(cfg, device, log)
         if start is not None and start.channels != arrays.x_train.shape[1]:
             raise CifarlabError(f"model.init_from (--init-from) '{start.run}' takes {start.channels}-channel images "

@@ -42,3 +42,12 @@ def test_the_readme_benchmark_table_lists_every_benchmark_script():
 def test_anchors_follow_github_rules():
     assert anchors("# Speed and measurements\n## `--cuda-graph`\n### cifarlab's CPU kernels\n") == {
         "speed-and-measurements", "--cuda-graph", "cifarlabs-cpu-kernels"}
+
+
+def test_the_python_the_readme_names_is_the_one_the_package_requires():
+    import tomllib
+
+    required = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    low = re.fullmatch(r">=(\d+)\.(\d+)", required)
+    assert low, f"requires-python {required!r}: expected '>=X.Y'"
+    assert f"Python {low[1]}.{low[2]}+" in (ROOT / "README.md").read_text()

@@ -453,14 +453,22 @@ def _runs_duplicates(audits: list[dict[str, Any]]) -> dict[str, Any] | None:
     return out
 
 
+def _mirrored_split(mirrored: tuple[str, str], other: tuple[str, str] | None) -> str:
+    """' (A on the N whose copy is mirrored, B on the other M)', from (accuracy, count) as text,
+    for the card and the runs' summary alike; the second part left out where ``other`` is None.
+    A model trained without flips may know a mirrored copy less well than a plain one."""
+    rest = f", {other[0]} on the other {other[1]}" if other else ""
+    return f" ({mirrored[0]} on the {mirrored[1]} whose copy is mirrored{rest})"
+
+
 def _runs_mirrored_split(dup: dict[str, Any]) -> str:
-    """' (on the N whose copy is mirrored A, on the other M B)' of the runs' summary, where the
-    mirrored pairs were scored apart; else nothing."""
+    """:func:`_mirrored_split` of the runs' summary as spreads, where the mirrored pairs were
+    scored apart and some run has one; else nothing."""
     m, u = dup.get("with_duplicate_mirrored"), dup.get("with_duplicate_unmirrored")
     if not m or not max(m["images"]):
         return ""
-    return (f" ({_fmt_spread(m['accuracy'])} on the {_count_range(m['images'])} whose copy is mirrored, "
-            f"{_fmt_spread(u['accuracy'])} on the other {_count_range(u['images'])})")
+    return _mirrored_split((_fmt_spread(m["accuracy"]), _count_range(m["images"])),
+                           (_fmt_spread(u["accuracy"]), _count_range(u["images"])))
 
 
 def _spread(values: list[float | None]) -> dict[str, float] | None:
@@ -899,11 +907,10 @@ def _duplicates_lines(d: dict | None) -> list[str]:
         f" (difference {r['difference']:+.4f}, 95% CI {_fmt_ci(r['difference_ci'])})"
     other = f", on the other {o['images']:,} **{o['accuracy']:.4f}**" if o["images"] else ""
     verb = "has" if w["images"] == 1 else "have"
-    # a model trained without flips may know a mirrored copy less well than a plain one
-    split = "" if not w.get("mirrored", {}).get("images") else \
-        (f" ({w['mirrored']['accuracy']:.4f} on the {w['mirrored']['images']:,} whose copy is mirrored"
-         + (f", {w['unmirrored']['accuracy']:.4f} on the other {w['unmirrored']['images']:,}"
-            if w["unmirrored"]["images"] else "") + ")")
+    mw, uw = w.get("mirrored"), w.get("unmirrored")
+    split = "" if not (mw or {}).get("images") else _mirrored_split(
+        (f"{mw['accuracy']:.4f}", f"{mw['images']:,}"),
+        (f"{uw['accuracy']:.4f}", f"{uw['images']:,}") if uw["images"] else None)
     return [f"{head}: {images_phrase(w['images'])} "
             f"of the {d['test_images']:,} test images {verb} a near-copy among {r['trained_on']}, which the model may "
             f"recognise from memory. Accuracy on them {w['accuracy']:.4f}{split}{other}{diff}; the latter is the fairer "

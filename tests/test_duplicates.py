@@ -58,8 +58,19 @@ def test_the_shifted_correlation_is_the_brute_force_one():
     o[:3] = np.roll(q[:3], (1, -2), axis=(1, 2)) * 0.5 + 40  # shifted, darker, flatter copies
     got = shifted_similarity(_t(q), _t(o), 3).numpy()
     want = [_brute_force(q[i], o[i], 3) for i in range(6)]
-    np.testing.assert_allclose(got, want, atol=1e-4)
-    assert got[:3] == pytest.approx(1, abs=1e-4) and (got[3:] < 0.5).all()
+    np.testing.assert_allclose(got, want, atol=1e-5)  # float64 norms: float32 window means were 1e-4 off
+    assert got[:3] == pytest.approx(1, abs=1e-5) and (got[3:] < 0.5).all()
+
+
+def test_each_query_can_be_compared_with_several_images_at_once():
+    rng = np.random.default_rng(2)
+    q = rng.integers(0, 256, (3, 16, 16, 3)).astype(np.float32)
+    o = rng.integers(0, 256, (6, 16, 16, 3)).astype(np.float32)
+    o[3] = np.roll(q[1], (2, 1), axis=(0, 1)) * 2 - 30  # the second query's second image: a brighter shifted copy
+    got = shifted_similarity(_t(q), _t(o), 2).numpy()  # two images per query: 0 and 1 for query 0, ...
+    want = [_brute_force(q[i // 2], o[i], 2) for i in range(6)]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert got[3] == pytest.approx(1, abs=1e-5)
 
 
 def test_a_shift_beyond_the_search_lowers_the_score_and_flat_images_score_zero():
@@ -162,6 +173,24 @@ def test_candidates_are_ranked_and_an_image_is_not_its_own_candidate():
     # fewer images than candidates: each one compared once
     index, _ = candidate_scores(x[:2], x[:3], candidates=10)
     assert index.shape == (2, 3)
+
+
+def _smoothed(x: np.ndarray) -> np.ndarray:
+    """3x3 box means of (N, H, W, C) images, by numpy in float64."""
+    h, w = x.shape[1:3]
+    return sum(x[:, a:h - 2 + a, b:w - 2 + b].astype(np.float64) for a in range(3) for b in range(3)) / 9
+
+
+def test_candidate_scores_are_the_brute_force_correlations_of_the_smoothed_images():
+    x = smooth_images(12, 5)
+    y = np.roll(smooth_images(12, 6), (1, -1), axis=(1, 2))
+    y[:4] = np.roll(x[:4], (2, 0), axis=(1, 2))  # shifted copies
+    y[4] = 77  # a flat image: scores 0 against anything
+    index, score = candidate_scores(x, y, shift=2, candidates=3, chunk=5)  # chunks of 5, 5 and 2
+    sx, sy = _smoothed(x), _smoothed(y)
+    want = [[_brute_force(sx[i], sy[j], 2) if j != 4 else 0.0 for j in row] for i, row in enumerate(index)]
+    np.testing.assert_allclose(score, want, atol=1e-5)
+    assert (index[:4, 0] == np.arange(4)).all() and (score[:4, 0] > 0.99).all()
 
 
 def test_the_best_candidate_can_be_limited_to_a_subset():

@@ -126,6 +126,27 @@ def test_a_pickled_labels_file_is_not_loaded(trained_run, image_folder, tmp_path
     _refused(trained_run, ds, folder, "cannot read .*labels.npy as a numpy array", corruptions="contrast")
 
 
+def test_only_one_cells_images_are_kept_at_a_time(trained_run, image_folder, tmp_path, monkeypatch):
+    import weakref
+
+    import cifarlab.robustness as rob
+
+    made = []
+
+    def recorded(*args, **kw):
+        x = corrupt(*args, **kw)
+        made.append(weakref.ref(x))
+        return x
+
+    alive = []
+    monkeypatch.setattr(rob, "corrupt", recorded)
+    ds = load_dataset(str(image_folder))
+    # the log line of each cell comes after its predictions; the cells before it must be gone by then
+    robustness_run(trained_run, ds, tmp_path / "o", corruptions="contrast,fog", severities="1,2,3",
+                   log=lambda _: alive.append(sum(r() is not None for r in made[:-1])), device="cpu")
+    assert len(made) == 6 and alive == [0] * 6
+
+
 def test_a_subset_of_the_test_images_is_drawn_once_for_every_cell(trained_run, image_folder, tmp_path):
     ds = load_dataset(str(image_folder))
     r = robustness_run(trained_run, ds, tmp_path / "o", corruptions="contrast,pixelate", severities=[2],

@@ -209,7 +209,7 @@ def measure(predictors: list[Predictor], ds: Dataset, names: list[str], severiti
     total = len(names) * len(severities)
     first: dict[str, list[np.ndarray]] = {}  # the first image of each cell, to show what was measured
     for k, (name, s, x, y) in enumerate(_cells(ds, names, severities, seed, subset, published, shape, classes), 1):
-        first.setdefault(name, []).append(x[0])
+        first.setdefault(name, []).append(x[0].copy())  # a view would keep the whole cell alive
         for p, out in zip(predictors, cells):
             out.append({"corruption": name, "severity": s, **_scores(p.predict(x), y, classes)})
         log(f"[{k}/{total}] {name} {s}: accuracy " + ", ".join(f"{c[-1]['accuracy']:.4f}" for c in cells))

@@ -421,3 +421,15 @@ def test_cpu_speed_keras_worker_needs_neither_torch_nor_cifarlab(tmp_path):
                        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(blocker)})
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == '{"times": null, "epochs": null}'
+
+
+def test_duplicates_speed_times_both_searches_and_finds_the_planted_copies():
+    """On random images (the path given does not exist) every fourth test image is a shifted
+    training image; the benchmark times the plain and mirrored searches and finds all of them."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "duplicates_speed.py"), "--data", "/nonexistent/data",
+           "--train", "400", "--test", "80", "--rounds", "1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    found = re.findall(r"round 1, (plain|mirrored)\s*: ([\d.]+) s, (\d+) test images with a training copy", p.stdout)
+    assert [(kind, int(n)) for kind, _, n in found] == [("plain", 20), ("mirrored", 20)], p.stdout
+    assert re.search(r"^plain: median [\d.]+ s \(min [\d.]+, max [\d.]+\) over 1 rounds$", p.stdout, re.M)

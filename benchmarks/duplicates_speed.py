@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,8 +26,6 @@ def images(path: str, n_train: int, n_test: int) -> tuple[Dataset, str]:
     """The first ``n_train`` training and ``n_test`` test images of ``path`` as a data set, or
     seeded random ones where it does not exist (then every fourth test image is a shifted
     training image, so that the search has copies to find)."""
-    from pathlib import Path
-
     if Path(path).is_file():
         from cifarlab.data import load_dataset
 

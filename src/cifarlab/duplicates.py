@@ -114,13 +114,15 @@ def _templates(queries: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.T
 
 def _window_norms(others: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """For float (M, C, H, W) images, the centred norm of each window of ``size`` (h, w) over
-    all channels, the windows in row-major order: (M, (H - h + 1) * (W - w + 1)), float32. In
-    float64, so that a flat window's is exactly 0 (its pixels are whole numbers here)."""
+    all channels, the windows in row-major order: (M, (H - h + 1) * (W - w + 1)), float32; 0
+    for a flat window (norm at most _EPS per value), which then scores 0. In float64, so that a
+    flat window's is exactly 0 (its pixels are whole numbers here)."""
     o = others.double()
     s1 = _box_sums(o.sum(1), *size).flatten(1)
     s2 = _box_sums((o * o).sum(1), *size).flatten(1)
     n = size[0] * size[1] * others.shape[1]
-    return (s2 - s1 * s1 / n).clamp_min(0).sqrt().float()
+    norm = (s2 - s1 * s1 / n).clamp_min(0).sqrt().float()
+    return torch.where(norm > _EPS * n, norm, torch.zeros_like(norm))
 
 
 def _correlations(templates: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
@@ -143,11 +145,11 @@ def _correlations(templates: torch.Tensor, others: torch.Tensor) -> torch.Tensor
     return full[:, :, :hh - h + 1, :ww - w + 1].reshape(m, -1)
 
 
-def _best_score(num: torch.Tensor, norm: torch.Tensor, flat: torch.Tensor, size: int) -> torch.Tensor:
+def _best_score(num: torch.Tensor, norm: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """Each row's best normalised correlation over its windows, from :func:`_correlations`'
     ``num``, :func:`_window_norms`' ``norm`` and whether the row's template is ``flat``; a flat
-    template or window scores 0. ``size``: pixels times channels of a template."""
-    ok = (norm > _EPS * size) & ~flat.view(-1, 1)
+    template or window scores 0."""
+    ok = (norm > 0) & ~flat.view(-1, 1)
     score = torch.where(ok, num / norm.clamp_min(_EPS), torch.zeros_like(num))
     return score.max(1).values.clamp(-1, 1)
 
@@ -160,12 +162,9 @@ def shifted_similarity(queries: torch.Tensor, others: torch.Tensor, shift: int) 
 
     Each image's brightness and contrast are taken out (the correlation of the mean-centred
     pixels), so 1 means the same picture up to those; a flat window scores 0."""
-    n, c = queries.shape[:2]
     t, flat = _templates(queries, shift)
-    k = len(others) // n
-    num = _correlations(t, others)
-    norm = _window_norms(others, t.shape[2:])
-    return _best_score(num, norm, flat.repeat_interleave(k), c * t.shape[2] * t.shape[3])
+    k = len(others) // len(queries)
+    return _best_score(_correlations(t, others), _window_norms(others, t.shape[2:]), flat.repeat_interleave(k))
 
 
 class _Pool:
@@ -178,13 +177,13 @@ class _Pool:
         self.coarse = coarse_features(images)
         n, h, w, c = images.shape
         sh, sw = h - SMOOTH + 1, w - SMOOTH + 1
-        self.size = (sh - 2 * shift, sw - 2 * shift)  # a template's height and width
+        size = (sh - 2 * shift, sw - 2 * shift)  # a template's height and width
         self.smoothed = torch.empty((n, c, sh, sw), dtype=torch.int16)
         self.norms = torch.empty((n, (2 * shift + 1) ** 2))
         for start in range(0, n, chunk):
             s = _smoothed_sums(images[start:start + chunk])
             self.smoothed[start:start + len(s)] = s.to(torch.int16)
-            self.norms[start:start + len(s)] = _window_norms(s, self.size)
+            self.norms[start:start + len(s)] = _window_norms(s, size)
 
 
 def candidate_scores(queries: np.ndarray, pool: np.ndarray, *, shift: int = DEFAULT_SHIFT,
@@ -210,8 +209,7 @@ def candidate_scores(queries: np.ndarray, pool: np.ndarray, *, shift: int = DEFA
         cand = sim.topk(k, dim=1).indices
         t, flat = _templates(_smoothed_sums(queries[start:stop]), shift)
         num = _correlations(t, p.smoothed[cand.flatten()].float())
-        size = t.shape[1] * t.shape[2] * t.shape[3]
-        sc = _best_score(num, p.norms[cand.flatten()], flat.repeat_interleave(k), size).view(stop - start, k)
+        sc = _best_score(num, p.norms[cand.flatten()], flat.repeat_interleave(k)).view(stop - start, k)
         order = sc.argsort(1, descending=True)
         index[start:stop] = cand.gather(1, order).numpy()
         score[start:stop] = sc.gather(1, order).numpy()

@@ -394,7 +394,7 @@ def _runs_robustness(base: Path, tta: list[str], audits: list[dict[str, Any]]) -
     """What ``audit_summary`` quotes of ``cifarlab robustness``'s summary of the runs, where it
     measured these weights with the test-time augmentation and calibration audited (else a
     note, or None)."""
-    from .calibrate import same_offsets
+    from .calibrate import same_calibration
     from .errors import short_list
     from .robustness import read_runs_summary
 
@@ -405,13 +405,11 @@ def _runs_robustness(base: Path, tta: list[str], audits: list[dict[str, Any]]) -
     if s.get("tta") != tta:
         return {"note": f"measured under corruption with test-time augmentation {', '.join(s.get('tta') or [])}, "
                         f"audited with {', '.join(tta)}"}
-    # A temperature changes the calibration error quoted, class offsets the predictions: a run
-    # calibrated after it was measured, or audited --uncalibrated, is not what was measured.
+    # A run calibrated after it was measured, or audited --uncalibrated, is not what was measured.
     audited = {Path(a["run"]).name: a["calibration"] for a in audits}
     other = [m["run"] for m in s["per_run"]
              if (c := audited.get(Path(m["run"]).name)) is not None
-             and (m.get("temperature") != c["temperature"] or not same_offsets(m.get("class_offsets"),
-                                                                                c["class_offsets"]))]
+             and not same_calibration(m, c["temperature"], c["class_offsets"])]
     if other:
         return {"note": f"{short_list(other, 3)} measured under corruption with another calibration than audited "
                         "(`cifarlab calibrate` since, or --uncalibrated); measure again"}

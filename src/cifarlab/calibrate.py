@@ -100,6 +100,13 @@ def same_offsets(a: Any, b: Any) -> bool:
     return (None if a is None else tuple(a)) == (None if b is None else tuple(b))
 
 
+def same_calibration(record: dict, temperature: float | None, class_offsets: Any) -> bool:
+    """Whether a report's ``record`` (its ``temperature`` and ``class_offsets`` keys) was measured
+    with this calibration: a temperature changes the calibration error quoted, class offsets the
+    predictions."""
+    return record.get("temperature") == temperature and same_offsets(record.get("class_offsets"), class_offsets)
+
+
 def read_calibration(run: str | Path, classes: list[str] | None = None) -> dict[str, Calibration]:
     """What ``RUN/calibration.json`` holds, by test-time augmentation level; empty where the run
     has none (it was never calibrated). ``classes`` (default those of the run's

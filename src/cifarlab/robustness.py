@@ -456,13 +456,13 @@ def read_robustness(run: str | Path, tta: str, temperature: float | None = None,
     for none); None otherwise, or where it is unreadable: what the model card quotes."""
     import json
 
-    from .calibrate import same_offsets, weights_digest
+    from .calibrate import same_calibration, weights_digest
 
     path = Path(run) / "robustness" / "robustness.json"
     try:
         r = json.loads(path.read_text())
         current = (r.get("weights_sha256") == weights_digest(run) and r.get("tta") == tta
-                   and r.get("temperature") == temperature and same_offsets(r.get("class_offsets"), class_offsets))
+                   and same_calibration(r, temperature, class_offsets))
         return r if current and isinstance(r.get("corruptions"), list) else None
     except (OSError, ValueError, AttributeError, TypeError):
         return None

@@ -140,6 +140,77 @@ def test_cpu_inference_runs_in_cache_sized_batches(trained_run):
     assert np.allclose(p_default, model.predict(images, batch_size=1000), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_logits_keeps_no_batch_output_past_its_batch(dtype):
+    """batched_logits copies each batch's logits into one float32 tensor as it goes: no batch's
+    output is still alive when the next batch runs (kept in a list, they sat between the next
+    batches' activations on the heap and grew the process by gigabytes), and the result is each
+    image's own logits, in order, the last batch short."""
+    import gc
+    import weakref
+
+    from cifarlab.export import batched_logits
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3 * 4 * 4, 5).to(dtype)
+            self.outputs, self.alive_at_call = [], []
+
+        def forward(self, x):
+            gc.collect()
+            self.alive_at_call.append(sum(r() is not None for r in self.outputs))
+            z = self.lin(x.flatten(1))
+            self.outputs.append(weakref.ref(z))
+            return z
+
+    x = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8)
+    prep = {"rescale": 1 / 255, "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.2, 0.3]}
+    model = Probe()
+    got = batched_logits(model, x, prep, batch_size=4, dtype=dtype)
+    assert model.alive_at_call == [0, 0, 0]
+    assert got.dtype == torch.float32 and got.shape == (10, 5)
+    with torch.no_grad():
+        want = model.lin(preprocess_for_test(x, prep).to(dtype).flatten(1)).float()
+    assert torch.allclose(got, want, atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    with pytest.raises(CifarlabError, match="no images"):
+        batched_logits(model, x[:0], prep, batch_size=4)
+
+
+def test_predictor_and_evaluation_keep_no_batch_logits_past_their_batch(trained_run):
+    """A predictor's and a training run's evaluation passes hold no earlier batch's logits while
+    the next batch runs, so a long prediction does not grow the process (batched_logits)."""
+    import gc
+    import weakref
+
+    from cifarlab.train import evaluate_arrays
+
+    pred = cifarlab.load_model(trained_run)
+    outputs, alive = [], []
+
+    def before(module, args):
+        gc.collect()
+        alive.append(sum(r() is not None for r in outputs))
+
+    hooks = [pred.model.register_forward_pre_hook(before),
+             pred.model.register_forward_hook(lambda m, args, out: outputs.append(weakref.ref(out)))]
+    images = np.random.default_rng(0).integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
+    pred.logits(images, batch_size=100)
+    assert alive == [0, 0, 0]
+    alive.clear()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    evaluate_arrays(pred.model, x, torch.zeros(300, dtype=torch.long), pred.prep, batch_size=100)
+    assert alive == [0, 0, 0]
+    for h in hooks:
+        h.remove()
+
+
+def preprocess_for_test(x, prep):
+    mean = torch.tensor(prep["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(prep["std"]).view(1, 3, 1, 1)
+    return (x.float() * prep["rescale"] - mean) / (std + 1e-6)
+
+
 def test_long_inference_shows_a_transient_progress_bar_on_a_terminal_only(trained_run, monkeypatch):
     """Predicting (and so evaluating) several batches draws a progress bar on an interactive
     stderr, which it clears when done; piped to a file, stderr gets nothing."""

@@ -75,6 +75,34 @@ def tta_logits(model: nn.Module, x: torch.Tensor, level: str = "none") -> torch.
     return (mirror(x) + shifted) / 2
 
 
+@torch.no_grad()
+def batched_logits(model: nn.Module, x: torch.Tensor, prep: dict[str, Any], batch_size: int, tta: str = "none",
+                   channels_last: bool = False, dtype: torch.dtype = torch.float32,
+                   device: torch.device | None = None, desc: str = "Predicting") -> torch.Tensor:
+    """Logits, float32 (N, classes) on ``x``'s device, of uint8 images ``x`` (N, C, H, W) with
+    test-time augmentation ``tta``: ``batch_size`` images a pass, each batch moved to ``device``
+    (default ``x``'s), preprocessed and cast to ``dtype``; ``desc`` names the progress bar.
+
+    Each batch's logits are copied into one tensor made at the first batch. Gathered as a list
+    of small tensors and joined at the end, every one of them sat on the heap above its batch's
+    large activations and kept glibc from reusing their room: ``cifarlab predict`` on 60,000
+    images peaked at 4.5 GB instead of 0.7 GB in two runs of three (2-core CPU)."""
+    from .runtime import batch_starts
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = None
+    for i in batch_starts(len(x), batch_size, desc):
+        batch = preprocess(x[i:i + batch_size].to(device or x.device), prep).to(dtype).contiguous(memory_format=fmt)
+        z = tta_logits(model, batch, tta)
+        if out is None:
+            out = torch.empty((len(x), *z.shape[1:]), dtype=torch.float32, device=x.device)
+        out[i:i + len(z)].copy_(z)
+        del batch, z  # freed before the next batch is made, not after
+    if out is None:
+        raise CifarlabError("no images to predict: the image set is empty")
+    return out
+
+
 def check_tta(level: str) -> str:
     """``level`` if it is a test-time augmentation level, else a clear error."""
     if level not in TTA_LEVELS:
@@ -282,15 +310,14 @@ class Predictor:
     def logits(self, images: Any, batch_size: int | None = None, tta: str | None = None) -> np.ndarray:
         """Raw logits, float32 (N, classes); ``tta`` overrides the predictor's test-time augmentation;
         ``batch_size`` images per pass (default :func:`cifarlab.runtime.inference_batch_size`)."""
-        from .runtime import batch_starts, inference_batch_size
+        from .runtime import inference_batch_size
 
-        tta = self.tta if tta is None else tta
-        batch_size = batch_size or inference_batch_size(self.device)
         x = images if isinstance(images, torch.Tensor) else self.to_uint8(images)
-        fmt = torch.channels_last if self.arch.get("channels_last") else torch.contiguous_format
-        out = [tta_logits(self.model, preprocess(x[i:i + batch_size].to(self.device), self.prep).contiguous(
-            memory_format=fmt), tta).float().cpu() for i in batch_starts(len(x), batch_size, "Predicting")]
-        return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
+        if not len(x):
+            return np.zeros((0, len(self.classes)), np.float32)
+        return batched_logits(self.model, x.cpu(), self.prep, batch_size or inference_batch_size(self.device),
+                              self.tta if tta is None else tta, bool(self.arch.get("channels_last")),
+                              device=self.device).numpy()
 
     def calibration(self, tta: str | None = None) -> Calibration | None:
         """What calibrates the probabilities at test-time augmentation ``tta`` (default the

@@ -27,7 +27,7 @@ from .config import MONITORS, Config, load_run_config, save_config, validate
 from .data import Dataset, balanced_subset, load_dataset, stratified_split, subset_note
 from .errors import CifarlabError, short_list
 from .evaluate import balanced_accuracy, describe, unequal_classes
-from .export import finished_metrics, normalize, preprocess, save_architecture, save_weights, tta_logits
+from .export import batched_logits, finished_metrics, normalize, preprocess, save_architecture, save_weights
 from .fsutil import new_run_folder, undo_on_failure, write_json, write_text
 from .losses import class_weights, cross_entropy, logit_offsets
 from .models import classifier_tensors, create_model
@@ -240,11 +240,10 @@ def evaluate_arrays(model: nn.Module, x: torch.Tensor, y: torch.Tensor, prep: di
     batch_size = batch_size or runtime.inference_batch_size(x.device)
     was = model.training
     model.eval()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    outs = [tta_logits(model, preprocess(x[i:i + batch_size], prep).to(dtype).contiguous(memory_format=fmt), tta)
-            for i in runtime.batch_starts(len(x), batch_size, desc)]
-    model.train(was)
-    logits = torch.cat(outs).float()
+    try:
+        logits = batched_logits(model, x, prep, batch_size, tta, channels_last, dtype, desc=desc)
+    finally:
+        model.train(was)
     loss = F.cross_entropy(logits, y).item()  # one sync per evaluation
     acc = (logits.argmax(1) == y).sum().item() / len(y)  # exact, as evaluate's numpy mean (not float32's 0.33333334)
     return loss, acc, logits.cpu()

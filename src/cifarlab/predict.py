@@ -30,13 +30,76 @@ def _expand(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     return files, empty
 
 
+CHUNK_FILES = 4096  # files read and predicted at a time: memory stays bounded, and rows appear as made
+
+
+class _Output:
+    """Writes predictions as they come, in ``fmt``: a table or CSV row by row; JSON, one
+    document, at the end."""
+
+    def __init__(self, fmt: str, out, width: int, min_confidence: float | None) -> None:
+        self.fmt, self.out, self.width, self.min_confidence = fmt, out, width, min_confidence
+        self.results: list[dict] = []  # kept for JSON only
+        self.count = self.uncertain = 0
+        self.csv = csv.writer(out) if fmt == "csv" else None
+        if self.csv:
+            # the uncertain column only where asked for: the plain layout stays as it was
+            self.csv.writerow(["file", "rank", "class", "probability"] + (["uncertain"] if self.marked else []))
+
+    @property
+    def marked(self) -> bool:
+        return self.min_confidence is not None
+
+    def add(self, r: dict) -> None:
+        self.count += 1
+        self.uncertain += bool(r.get("uncertain"))
+        if self.fmt == "json":
+            self.results.append(r)
+        elif self.csv:
+            for k, t in enumerate(r["top"], 1):
+                self.csv.writerow([r["file"], k, t["class"], f"{t['probability']:.6f}"]
+                                  + ([str(r["uncertain"]).lower()] if self.marked else []))
+        else:
+            tops = "  ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
+            self.out.write(f"{r['file']:<{self.width}}  {'uncertain: ' if r.get('uncertain') else ''}{tops}\n")
+
+    def finish(self, failures: list[tuple[str, str]], temperature: float | None, balanced: bool) -> None:
+        if self.fmt == "json":
+            json.dump({"predictions": self.results, "errors": [{"file": f, "error": e} for f, e in failures],
+                       "temperature": temperature, "balanced_classes": balanced,
+                       "min_confidence": self.min_confidence}, self.out, indent=2)
+            self.out.write("\n")
+        elif self.fmt == "table" and self.marked:
+            self.out.write(f"{self.uncertain} of {self.count} image(s) below confidence "
+                           f"{self.min_confidence:g}: uncertain\n")
+
+
+def _read(files: list[Path], channels: int, size: tuple[int, int],
+          failures: list[tuple[str, str]]) -> tuple[list[Path], list[np.ndarray]]:
+    """The files that could be read and their uint8 images; a failure (reported on stderr at
+    once) for each other."""
+    ok_paths, arrays = [], []
+    for f in files:
+        try:
+            if not f.is_file():
+                raise CifarlabError(f"{f}: no such file")
+            arrays.append(to_array(open_image(f.read_bytes(), str(f)), channels, size))
+            ok_paths.append(f)
+        except CifarlabError as e:
+            failures.append((str(f), str(e)))
+            print(f"cifarlab: error: {e}", file=sys.stderr)
+    return ok_paths, arrays
+
+
 def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", device: str = "cpu",
                   out=None, tta: str | None = None, uncalibrated: bool = False,
                   min_confidence: float | None = None) -> int:
     """Predict each file; print results in ``fmt`` (table, json, csv). Returns 1 if any file failed.
     ``tta``: the test-time augmentation, by default the run's own; the probabilities use the
     run's calibration (``cifarlab calibrate``) unless ``uncalibrated``. With ``min_confidence``,
-    a file whose top probability is below it is marked uncertain (its classes still shown)."""
+    a file whose top probability is below it is marked uncertain (its classes still shown).
+    Files are read and predicted :data:`CHUNK_FILES` at a time, and a table's or CSV's rows
+    written as each chunk is done, so a large folder needs no more memory than a chunk."""
     out = out or sys.stdout
     if min_confidence is not None and not 0 < min_confidence <= 1:
         raise CifarlabError(f"--min-confidence {min_confidence} is not valid; it must lie in (0, 1], such as 0.9")
@@ -49,48 +112,23 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
     empty_folders = len(failures)
     for _, e in failures:
         print(f"cifarlab: error: {e}", file=sys.stderr)
-    ok_paths, arrays = [], []
-    for f in files:
-        try:
-            if not f.is_file():
-                raise CifarlabError(f"{f}: no such file")
-            arrays.append(to_array(open_image(f.read_bytes(), str(f)), c, (h, w)))
-            ok_paths.append(f)
-        except CifarlabError as e:
-            failures.append((str(f), str(e)))
-            print(f"cifarlab: error: {e}", file=sys.stderr)
-    results = []
-    if arrays:
-        probs = pred.predict(np.stack(arrays))
-        for f, p in zip(ok_paths, probs):
+    # the table's file column is as wide as the longest name given, known before any is read
+    output = _Output(fmt, out, max([len(str(f)) for f in files] + [4]), min_confidence)
+    for s in range(0, len(files), CHUNK_FILES):
+        ok_paths, arrays = _read(files[s:s + CHUNK_FILES], c, (h, w), failures)
+        if not arrays:
+            continue
+        for f, p in zip(ok_paths, pred.predict(np.stack(arrays))):
             idx = np.argsort(-p)[:top]
-            results.append({"file": str(f), "top": [{"class": pred.classes[i], "probability": float(p[i])} for i in idx]})
+            r = {"file": str(f), "top": [{"class": pred.classes[i], "probability": float(p[i])} for i in idx]}
             if min_confidence is not None:
-                results[-1]["uncertain"] = bool(p[idx[0]] < min_confidence)
-    if fmt == "json":
-        json.dump({"predictions": results, "errors": [{"file": f, "error": e} for f, e in failures],
-                   "temperature": pred.temperature(), "balanced_classes": pred.class_offsets() is not None,
-                   "min_confidence": min_confidence}, out, indent=2)
-        out.write("\n")
-    elif fmt == "csv":
-        wr = csv.writer(out)
-        marked = min_confidence is not None  # the column only where asked for: the plain layout stays as it was
-        wr.writerow(["file", "rank", "class", "probability"] + (["uncertain"] if marked else []))
-        for r in results:
-            for k, t in enumerate(r["top"], 1):
-                wr.writerow([r["file"], k, t["class"], f"{t['probability']:.6f}"]
-                            + ([str(r["uncertain"]).lower()] if marked else []))
-    else:
-        width = max([len(r["file"]) for r in results] + [4])
-        for r in results:
-            tops = "  ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
-            out.write(f"{r['file']:<{width}}  {'uncertain: ' if r.get('uncertain') else ''}{tops}\n")
-        if min_confidence is not None:
-            uncertain = sum(r["uncertain"] for r in results)
-            out.write(f"{uncertain} of {len(results)} image(s) below confidence {min_confidence:g}: uncertain\n")
+                r["uncertain"] = bool(p[idx[0]] < min_confidence)
+            output.add(r)
+        out.flush()
+    output.finish(failures, pred.temperature(), pred.class_offsets() is not None)
     bad_files = len(failures) - empty_folders
     if bad_files:
-        print(f"cifarlab: {bad_files} of {bad_files + len(results)} file(s) could not be read", file=sys.stderr)
+        print(f"cifarlab: {bad_files} of {bad_files + output.count} file(s) could not be read", file=sys.stderr)
     if empty_folders:
         print(f"cifarlab: {empty_folders} folder(s) held no image files", file=sys.stderr)
     return 1 if failures else 0

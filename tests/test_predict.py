@@ -1,0 +1,71 @@
+"""cifarlab predict: image files in, top-k classes out."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+from cifarlab import predict
+
+
+def _files(image_folder, tmp_path):
+    """Seven files: six images and, in the middle, one that is not an image."""
+    files = sorted(str(f) for f in (image_folder / "test").rglob("*.png"))[:6]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    return files[:3] + [str(bad)] + files[3:]
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_files_are_read_and_written_a_chunk_at_a_time(trained_run, image_folder, tmp_path, monkeypatch, fmt):
+    """Chunked, the output is what one pass over all files gives; a table's or CSV's rows for a
+    chunk are written before the next chunk is read, and no pass predicts more than a chunk."""
+    files = _files(image_folder, tmp_path)
+    whole = io.StringIO()
+    assert predict.predict_files(str(trained_run), files, fmt=fmt, out=whole, min_confidence=0.5) == 1
+
+    monkeypatch.setattr(predict, "CHUNK_FILES", 2)
+    real_read, real_load = predict._read, predict.load_model
+    out = io.StringIO()
+    written_before_read, predicted = [], []
+
+    def read(chunk, *args):
+        written_before_read.append(len(out.getvalue()))
+        return real_read(chunk, *args)
+
+    def load(*args):
+        model = real_load(*args)
+        model_predict = model.predict
+        model.predict = lambda x: (predicted.append(len(x)), model_predict(x))[1]
+        return model
+
+    monkeypatch.setattr(predict, "_read", read)
+    monkeypatch.setattr(predict, "load_model", load)
+    assert predict.predict_files(str(trained_run), files, fmt=fmt, out=out, min_confidence=0.5) == 1
+    assert predicted == [2, 1, 2, 1] and len(written_before_read) == 4
+    if fmt == "json":  # in full precision, other batches may change a probability's last bits
+        got, want = json.loads(out.getvalue()), json.loads(whole.getvalue())
+        probs = [[t.pop("probability") for t in r["top"]] for doc in (got, want) for r in doc["predictions"]]
+        assert got == want and np.allclose(probs[:6], probs[6:], rtol=1e-4, atol=1e-7)
+    else:
+        assert out.getvalue() == whole.getvalue()
+        assert all(a < b for a, b in zip(written_before_read, written_before_read[1:]))
+    if fmt == "table":  # one column width for all rows, and the uncertain count over all chunks
+        rows = out.getvalue().splitlines()
+        assert len(rows) == 7 and len({r.index("  ") for r in rows[:6]}) == 1
+        assert rows[-1].endswith("of 6 image(s) below confidence 0.5: uncertain")
+    elif fmt == "json":
+        assert len(json.loads(out.getvalue())["predictions"]) == 6
+
+
+def test_unreadable_files_alone_give_no_rows(trained_run, tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    out = io.StringIO()
+    assert predict.predict_files(str(trained_run), [str(bad), str(tmp_path / "missing.png")], fmt="csv", out=out) == 1
+    assert out.getvalue().splitlines() == ["file,rank,class,probability"]
+    err = capsys.readouterr().err
+    assert "missing.png: no such file" in err and "2 of 2 file(s) could not be read" in err

@@ -427,3 +427,25 @@ def test_commands_refuse_an_unfinished_run_before_loading_data(trained_run, tmp_
         assert main([*argv, "--data", missing]) == 2
         err = capsys.readouterr().err
         assert f"run folder '{trained_run}' has no weights.safetensors" in err and "--resume" in err
+
+
+def test_train_image_size_and_the_commands_that_read_the_run_data(capsys, tmp_path):
+    """--image-size trains on images resized to HxW; evaluate, calibrate and audit read the run's
+    data at that size (without it they would refuse the data's native size)."""
+    from conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "photos", size=(48, 40), n_train=8)
+    run_dir = tmp_path / "run"
+    code, out, err = run(capsys, "train", "--data", str(data), "--model", "keras-shallow", "--epochs", "1",
+                         "--batch-size", "8", "--threads", "1", "--image-size", "24X20", "--out", str(run_dir))
+    assert code == 0, err
+    assert "resized 33 image(s) to 24x20 (the image size asked for, HxW)" in out
+    arch = json.loads((run_dir / "architecture.json").read_text())
+    assert (arch["input"]["height"], arch["input"]["width"]) == (24, 20)
+    assert "image_size: 24x20" in (run_dir / "config.yaml").read_text()
+    for command in (["evaluate", str(run_dir), "--json"], ["calibrate", str(run_dir)],
+                    ["audit", str(run_dir), "--bootstrap", "100"]):
+        code, out, err = run(capsys, *command)
+        assert code == 0 and "trained on" not in err, (command, err)
+    code, out, err = run(capsys, "train", "--data", str(data), "--image-size", "24x0", "--out", str(tmp_path / "x"))
+    assert code == 2 and "image size (data.image_size) '24x0' is not valid; expected HxW such as 32x32" in err, err

@@ -206,3 +206,18 @@ def test_every_train_flag_sets_the_config_key_of_its_name():
     assert dests == set(cli._TRAIN_OPTIONS)
     set_keys = {(sec, key) for sec, keys in options_to_overrides(dict.fromkeys(dests, 1)).items() for key in keys}
     assert len(set_keys) == len(dests) and set(OPTION_ALIASES.values()) <= set_keys
+
+
+def test_image_size_is_checked_and_saved_in_one_spelling(tmp_path):
+    from cifarlab.config import parse_image_size, validate
+
+    assert parse_image_size("64X48") == (64, 48) and parse_image_size(" 32 ") == (32, 32)
+    assert parse_image_size("24,16") == (24, 16)
+    cfg = resolve_config("keras-book", overrides={"data": {"image_size": "64X48"}})
+    validate(cfg)
+    assert cfg.data.image_size == "64x48"
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_run_config(tmp_path / "config.yaml").data.image_size == "64x48"
+    for bad in ("0x32", "32x", "big", "-4"):
+        with pytest.raises(ConfigError, match=f"image size \\(data.image_size\\) '{bad}' is not valid; expected HxW"):
+            validate(resolve_config("keras-book", overrides={"data": {"image_size": bad}}))

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import COMPILE_MODES, MONITORS, PRECISIONS, SAMPLINGS, SCHEDULES, TTA_LEVELS
+from .config import COMPILE_MODES, MONITORS, PRECISIONS, SAMPLINGS, SCHEDULES, TTA_LEVELS, parse_image_size
 from .errors import CifarlabError, ConfigError
 
 EPILOG = """examples:
@@ -31,7 +30,7 @@ EPILOG = """examples:
 # The train flags that set a config key (by config.options_to_overrides' rule: the key's own name,
 # or one of config.OPTION_ALIASES); flags left unset (None) override nothing.
 _TRAIN_OPTIONS = (
-    "data", "dataset", "subset", "val_split", "allow_unverified", "skip_bad_images", "label_mode",
+    "data", "dataset", "subset", "image_size", "val_split", "allow_unverified", "skip_bad_images", "label_mode",
     "model", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "epochs", "batch_size", "seed", "device",
     "threads", "out", "overwrite", "deterministic", "augment", "runs", "tta", "label_smoothing", "precision",
     "compile", "compile_mode", "cuda_graph", "cpu_kernels", "select_fraction", "early_stopping",
@@ -97,6 +96,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="train only the classifier (the last layer) for the first N epochs, the rest frozen, then "
                         "everything (default 0; N >= --epochs: only the classifier)")
     _add_data_args(t, subset="use a class-balanced subset of N training images")
+    t.add_argument("--image-size", metavar="HxW",
+                   help="resize every image to HxW (bilinear) as it is read, such as 32x32 for larger photos "
+                        "(default: the data's own size; an image folder's most common one)")
     t.add_argument("--val-split", type=float,
                    help="fraction of training images held out, per class (default 0.2; 0: no validation)")
     g = t.add_argument_group("optimisation")
@@ -513,8 +515,10 @@ def _load_data(args: argparse.Namespace, cfg=None):
     label_mode = args.label_mode or (cfg.data.label_mode if cfg else "fine")
     # unset flags take the run's own setting: the data it was trained on, read as it was
     skip_bad = args.skip_bad_images if args.skip_bad_images is not None else bool(cfg and cfg.data.skip_bad_images)
+    size = cfg.data.image_size if cfg else None  # the size the run was trained at, where it chose one
     ds = load_dataset(data, dataset, allow_unverified=bool(args.allow_unverified), label_mode=label_mode,
-                      skip_bad_images=skip_bad)
+                      skip_bad_images=skip_bad,
+                      image_size=parse_image_size(size, "image size (data.image_size)") if size else None)
     for note in ds.notes:  # on stderr: stdout may be --json
         print(f"data: {note}", file=sys.stderr)
     return ds
@@ -838,13 +842,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     """``cifarlab import``."""
     from .keras_files import import_keras
 
-    size = None
-    if args.image_size is not None:
-        m = re.fullmatch(r"\s*(\d+)\s*(?:[xX,]\s*(\d+)\s*)?", args.image_size)
-        if not m or int(m[1]) < 1 or int(m[2] or m[1]) < 1:
-            raise ConfigError(f"--image-size '{args.image_size}' is not valid; expected HxW such as 32x32, or one "
-                              "number for square images")
-        size = (int(m[1]), int(m[2] or m[1]))
+    size = None if args.image_size is None else parse_image_size(args.image_size)
     import_keras(args.file, args.out, architecture=args.architecture, classes=args.classes, image_size=size,
                  overwrite=args.overwrite)
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -47,6 +48,10 @@ class DataConfig:
     label_mode: str = "fine"  # CIFAR-100 labels: fine (100) | coarse (20)
     skip_bad_images: bool = False  # leave unreadable images out instead of stopping
     normalize: bool = False  # subtract the training images' per-channel mean, divide by their std
+    # HxW (such as 32x32) every image is resized to (bilinear) as it is read, as Keras'
+    # image_dataset_from_directory(image_size=...); None: the data's own size (a folder's most
+    # common one). Evaluation reads a run's data at its size.
+    image_size: str | None = None
 
 
 @dataclass
@@ -436,6 +441,16 @@ def make_config(recipe: str | None = None, file: str | Path | None = None, **opt
     return resolve_config(recipe, file, options_to_overrides(options), origin="make_config()")
 
 
+def parse_image_size(text: str, where: str = "--image-size") -> tuple[int, int]:
+    """(H, W) from "HxW" (such as 32x32 or 64X48) or one number for square images; a clear
+    error naming ``where`` otherwise."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX,]\s*(\d+)\s*)?", str(text))
+    if not m or int(m[1]) < 1 or int(m[2] or m[1]) < 1:
+        raise ConfigError(f"{where} '{text}' is not valid; expected HxW such as 32x32, or one number for square "
+                          "images")
+    return int(m[1]), int(m[2] or m[1])
+
+
 def is_device_name(name: str) -> bool:
     """Whether ``name`` is one of auto, cpu, cuda or cuda:N, the devices cifarlab can be told to use."""
     return name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())
@@ -497,6 +512,9 @@ def validate(cfg: Config) -> None:
         bad("dataset", cfg.data.dataset, "choose cifar10 or cifar100")
     if cfg.data.label_mode not in ("fine", "coarse"):
         bad("data.label_mode", cfg.data.label_mode, "choose fine or coarse")
+    if cfg.data.image_size is not None:
+        h, w = parse_image_size(cfg.data.image_size, "image size (data.image_size)")
+        cfg.data.image_size = f"{h}x{w}"  # one spelling in the saved config
     if cfg.optim.schedule not in SCHEDULES:
         bad("optim.schedule", cfg.optim.schedule, f"choose {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}")
     if not cfg.optim.norm_bias_lr_scale > 0:

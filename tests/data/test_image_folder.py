@@ -249,3 +249,46 @@ def test_zip_of_folder_as_macos_makes_it(tmp_path, image_folder):
     np.testing.assert_array_equal(a.x_train, b.x_train)
     np.testing.assert_array_equal(a.y_test, b.y_test)
     assert a.classes == b.classes and a.test_paths == b.test_paths
+
+
+def test_image_size_resizes_every_image_from_its_file(tmp_path):
+    """image_size resizes each image once, from its decoded file (bilinear, as predict does),
+    whatever its own size; the cache keeps the resized and the native arrays apart."""
+    from cifarlab.data.images import open_image, to_array
+
+    root = make_image_folder(tmp_path / "photos", size=(48, 64))
+    odd = root / "train" / "cat" / "0000.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 20, 3), dtype=np.uint8)).save(odd)
+    ds = load_dataset(root, image_size=(24, 16))
+    assert ds.x_train.shape[1:] == (24, 16, 3) and ds.x_test.shape[1:] == (24, 16, 3)
+    want = to_array(open_image(odd.read_bytes(), str(odd)), 3, (24, 16))
+    assert np.array_equal(ds.x_train[0], want)  # from the 30x20 file, not from the most common 48x64
+    assert any("resized 27 image(s) to 24x16 (the image size asked for, HxW)" in n for n in ds.notes), ds.notes
+    native = load_dataset(root)
+    assert native.x_train.shape[1:] == (48, 64, 3) and "loaded from the decoded cache" not in native.notes
+    again = load_dataset(root, image_size=(24, 16))
+    assert "loaded from the decoded cache" in again.notes and np.array_equal(again.x_train, ds.x_train)
+    for bad in ((0, 16), (24,), (24, 16, 3)):
+        with pytest.raises(DataError, match="image size .* is not valid; expected \\(height, width\\)"):
+            load_dataset(root, image_size=bad)
+
+
+def test_image_size_resizes_data_read_as_arrays(tmp_path):
+    """An official archive (read as arrays) is resized image by image, with a note; at its own
+    size it is returned as read."""
+    from conftest import make_official
+
+    from cifarlab.data import resized
+    from cifarlab.data.images import to_array
+
+    path, _ = make_official(tmp_path, "cifar10-python", n=4)
+    plain = load_dataset(path, allow_unverified=True)
+    big = load_dataset(path, allow_unverified=True, image_size=(40, 48))
+    assert big.x_train.shape == (20, 40, 48, 3) and big.x_test.shape == (4, 40, 48, 3)
+    assert np.array_equal(big.x_test[2], to_array(Image.fromarray(plain.x_test[2]), 3, (40, 48)))
+    assert np.array_equal(big.y_train, plain.y_train) and big.test_paths == plain.test_paths
+    assert "resized all 24 image(s) from 32x32 to 40x48 (the image size asked for, HxW)" in big.notes
+    assert resized(plain, (32, 32)) is plain
+    grey = resized(type(plain)(plain.x_train[..., :1], plain.y_train, plain.x_test[..., :1], plain.y_test,
+                               plain.classes, "s", "k"), (8, 8))
+    assert grey.x_train.shape == (20, 8, 8, 1)

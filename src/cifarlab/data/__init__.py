@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import DataError
 from . import archive, cache, cifar, download, folder
 
-__all__ = ["Dataset", "load_dataset", "stratified_split", "balanced_subset", "subset_note", "DataError"]
+__all__ = ["Dataset", "load_dataset", "resized", "stratified_split", "balanced_subset", "subset_note", "DataError"]
 
 
 @dataclass
@@ -55,14 +55,20 @@ class Dataset:
 
 def load_dataset(data: str | Path | None = None, dataset: str = "cifar10", *, allow_unverified: bool = False,
                  label_mode: str = "fine", skip_bad_images: bool = False, use_cache: bool = True,
-                 quiet: bool = True) -> Dataset:
+                 quiet: bool = True, image_size: tuple[int, int] | None = None) -> Dataset:
     """Load a data set from ``data`` (a path), or download the official ``dataset`` if ``data`` is None.
 
     ``dataset`` chooses the download only, and ``label_mode`` applies to CIFAR-100 only; where
-    ``data`` holds something else, they are ignored and the returned notes say so."""
+    ``data`` holds something else, they are ignored and the returned notes say so.
+    ``image_size`` (H, W): every image is resized to it (bilinear), an image folder's from its
+    file; None keeps the data's own size (for a folder, its most common one)."""
     if dataset not in ("cifar10", "cifar100"):
         raise DataError(f"--dataset '{dataset}' is not valid; choose cifar10 or cifar100")
-    ds = _load(data, dataset, allow_unverified, label_mode, skip_bad_images, use_cache, quiet)
+    if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
+        raise DataError(f"image size {tuple(image_size)} is not valid; expected (height, width), each at least 1")
+    ds = _load(data, dataset, allow_unverified, label_mode, skip_bad_images, use_cache, quiet, image_size)
+    if image_size is not None:
+        ds = resized(ds, image_size)
     if not ds.kind.startswith("cifar100"):
         if label_mode != "fine":
             ds.notes.append(f"--label-mode {label_mode} applies to CIFAR-100 only; ignored, {ds.source} "
@@ -73,8 +79,32 @@ def load_dataset(data: str | Path | None = None, dataset: str = "cifar10", *, al
     return ds
 
 
+def resized(ds: Dataset, size: tuple[int, int]) -> Dataset:
+    """``ds`` with every image resized to ``size`` (H, W), bilinear as Pillow does it (as
+    ``predict`` resizes an image file); ``ds`` itself where its images are that size already."""
+    from PIL import Image
+
+    from .images import to_array
+
+    size = (int(size[0]), int(size[1]))
+    n, h, w, c = ds.x_train.shape
+    if (h, w) == size:
+        return ds
+
+    def each(x: np.ndarray) -> np.ndarray:
+        out = np.empty((len(x), *size, c), np.uint8)
+        for i, im in enumerate(x):
+            out[i] = to_array(Image.fromarray(im[:, :, 0] if c == 1 else im), c, size)
+        return out
+
+    note = (f"resized all {n + len(ds.x_test)} image(s) from {h}x{w} to {size[0]}x{size[1]} "
+            "(the image size asked for, HxW)")
+    return Dataset(each(ds.x_train), ds.y_train, each(ds.x_test), ds.y_test, ds.classes, ds.source, ds.kind,
+                   ds.test_paths, ds.notes + [note])
+
+
 def _load(data: str | Path | None, dataset: str, allow_unverified: bool, label_mode: str, skip_bad_images: bool,
-          use_cache: bool, quiet: bool) -> Dataset:
+          use_cache: bool, quiet: bool, image_size: tuple[int, int] | None = None) -> Dataset:
     if data is not None and not str(data).strip():  # Path("") would silently mean the current folder
         raise DataError(f"--data {str(data)!r} is empty; give a path, or leave --data out to download the "
                         f"official {dataset} archive")
@@ -97,22 +127,24 @@ def _load(data: str | Path | None, dataset: str, allow_unverified: bool, label_m
             f.folder for f in cifar.FORMATS.values()}:
         train, test, classes, fmt = cifar.load_official_folder(path, label_mode)
         return _from_official(train, test, classes, fmt, str(path))
-    return _load_folder_cached(path, skip_bad_images, use_cache)
+    return _load_folder_cached(path, skip_bad_images, use_cache, image_size)
 
 
 def _from_official(train, test, classes, fmt, source) -> Dataset:
     return Dataset(train.x, train.y, test.x, test.y, classes, source, fmt.key, test_paths=test.names)
 
 
-def _load_folder_cached(path: Path, skip_bad: bool, use_cache: bool) -> Dataset:
-    key = cache.source_key(path, skip_bad=skip_bad) if use_cache else None
+def _load_folder_cached(path: Path, skip_bad: bool, use_cache: bool, size: tuple[int, int] | None = None) -> Dataset:
+    # the size joins the key only where given, so the keys of folders read at their own size stay
+    options = {"skip_bad": skip_bad, **({"size": list(size)} if size else {})}
+    key = cache.source_key(path, **options) if use_cache else None
     hit = cache.load_cached(key) if key else None
     if hit is not None:
         arrays, meta = hit
         return Dataset(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], meta["classes"],
                        str(path), "image-folder", meta["test_paths"], meta["notes"] + ["loaded from the decoded cache"])
     t0 = time.perf_counter()
-    fd = folder.load_image_folder(path, skip_bad=skip_bad)
+    fd = folder.load_image_folder(path, skip_bad=skip_bad, size=size)
     notes = fd.notes + [f"decoded in {time.perf_counter() - t0:.1f} s"]
     if key:
         cache.store_cached(key, {"x_train": fd.x["train"], "y_train": fd.y["train"], "x_test": fd.x["test"],

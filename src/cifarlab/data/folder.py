@@ -121,10 +121,12 @@ def _conform(arr: np.ndarray, channels: int, size: tuple[int, int]) -> np.ndarra
     return arr
 
 
-def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = None) -> FolderData:
+def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = None,
+                      size: tuple[int, int] | None = None) -> FolderData:
     """Read and decode an image folder or archive; all images end up one size and mode.
 
-    Images are resized (bilinear) to the most common size; grayscale is kept as one channel
+    Images are resized (bilinear) to ``size`` (H, W), by default the most common size, each
+    from its decoded file; grayscale is kept as one channel
     only when every image is grayscale, else everything becomes RGB. Each conversion is counted
     in ``notes``.
     """
@@ -162,11 +164,14 @@ def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = 
     if not decoded:
         raise DataError(f"{source}: no readable images")
     sizes = Counter(a.shape[:2] for _, (a, _, _) in decoded)
-    size = sizes.most_common(1)[0][0]
+    given = size is not None
+    size = tuple(size) if given else sizes.most_common(1)[0][0]
     channels = 1 if all(g for _, (_, g, _) in decoded) else 3
     resized = sum(n for s, n in sizes.items() if s != size)
     if resized:
-        notes.append(f"resized {resized} image(s) to the most common size {size[1]}x{size[0]}")
+        to = f"{size[0]}x{size[1]} (the image size asked for, HxW)" if given else \
+            f"the most common size {size[1]}x{size[0]}"
+        notes.append(f"resized {resized} image(s) to {to}")
     want_mode = "L" if channels == 1 else "RGB"
     converted = sum(1 for _, (_, _, mode) in decoded if mode != want_mode)
     if converted:

@@ -449,3 +449,23 @@ def test_train_image_size_and_the_commands_that_read_the_run_data(capsys, tmp_pa
         assert code == 0 and "trained on" not in err, (command, err)
     code, out, err = run(capsys, "train", "--data", str(data), "--image-size", "24x0", "--out", str(tmp_path / "x"))
     assert code == 2 and "image size (data.image_size) '24x0' is not valid; expected HxW such as 32x32" in err, err
+
+
+def test_train_on_class_folders_alone_and_evaluate_the_same_test_images(capsys, tmp_path):
+    """A folder of <class>/<image> trains with --test-split held out; evaluate reads the run's
+    own split (its test images, not another 0.2), as config.yaml records it."""
+    from conftest import make_image_folder
+
+    made = make_image_folder(tmp_path / "made", n_train=8, n_test=0)
+    data = made / "train"  # cat/, dog/, frog/ and nothing else
+    run_dir = tmp_path / "run"
+    code, out, err = run(capsys, "train", "--data", str(data), "--model", "keras-shallow", "--epochs", "1",
+                         "--batch-size", "8", "--threads", "1", "--test-split", "0.25", "--val-split", "0",
+                         "--out", str(run_dir))
+    assert code == 0, err
+    assert "held out 0.25 of each class's images for testing (6 of 24)" in out and "testing on 6 images" in out
+    assert "test_split: 0.25" in (run_dir / "config.yaml").read_text()
+    code, out, err = run(capsys, "evaluate", str(run_dir), "--json")
+    assert code == 0 and json.loads(out)["num_images"] == 6, (out, err)
+    code, out, err = run(capsys, "train", "--data", str(data), "--test-split", "1", "--out", str(tmp_path / "x"))
+    assert code == 2 and "test split (data.test_split) = 1.0 is not valid; it must lie strictly between 0 and 1" in err

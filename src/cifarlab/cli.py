@@ -30,7 +30,7 @@ EPILOG = """examples:
 # The train flags that set a config key (by config.options_to_overrides' rule: the key's own name,
 # or one of config.OPTION_ALIASES); flags left unset (None) override nothing.
 _TRAIN_OPTIONS = (
-    "data", "dataset", "subset", "image_size", "val_split", "allow_unverified", "skip_bad_images", "label_mode",
+    "data", "dataset", "subset", "image_size", "test_split", "val_split", "allow_unverified", "skip_bad_images", "label_mode",
     "model", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "epochs", "batch_size", "seed", "device",
     "threads", "out", "overwrite", "deterministic", "augment", "runs", "tta", "label_smoothing", "precision",
     "compile", "compile_mode", "cuda_graph", "cpu_kernels", "select_fraction", "early_stopping",
@@ -62,7 +62,7 @@ def _add_data_args(p: argparse.ArgumentParser, subset: str | None = None) -> Non
     it (evaluation reads every test image)."""
     g = p.add_argument_group("data")
     g.add_argument("--data", help="official CIFAR archive (.tar.gz) or its folder, or an image folder/archive "
-                   "with train/<class>/* and test/<class>/*; omitted: download --dataset")
+                   "with train/<class>/* and test/<class>/* (or <class>/* alone: see --test-split); omitted: download --dataset")
     g.add_argument("--dataset", choices=["cifar10", "cifar100"], help="data set to download when --data is omitted")
     if subset:
         g.add_argument("--subset", type=int, help=subset)
@@ -99,6 +99,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--image-size", metavar="HxW",
                    help="resize every image to HxW (bilinear) as it is read, such as 32x32 for larger photos "
                         "(default: the data's own size; an image folder's most common one)")
+    t.add_argument("--test-split", type=float, metavar="FRACTION",
+                   help="share of each class held out as test images where the data is a folder of class folders "
+                        "alone, <class>/<image> without train/ and test/ (default 0.2; chosen by the images' paths)")
     t.add_argument("--val-split", type=float,
                    help="fraction of training images held out, per class (default 0.2; 0: no validation)")
     g = t.add_argument_group("optimisation")
@@ -518,7 +521,8 @@ def _load_data(args: argparse.Namespace, cfg=None):
     size = cfg.data.image_size if cfg else None  # the size the run was trained at, where it chose one
     ds = load_dataset(data, dataset, allow_unverified=bool(args.allow_unverified), label_mode=label_mode,
                       skip_bad_images=skip_bad,
-                      image_size=parse_image_size(size, "image size (data.image_size)") if size else None)
+                      image_size=parse_image_size(size, "image size (data.image_size)") if size else None,
+                      test_split=cfg.data.test_split if cfg else 0.2)  # the run's own test images
     for note in ds.notes:  # on stderr: stdout may be --json
         print(f"data: {note}", file=sys.stderr)
     return ds

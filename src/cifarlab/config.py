@@ -52,6 +52,9 @@ class DataConfig:
     # image_dataset_from_directory(image_size=...); None: the data's own size (a folder's most
     # common one). Evaluation reads a run's data at its size.
     image_size: str | None = None
+    # the share of each class held out as test images from a folder of class folders alone
+    # (<class>/<image>, no train/ and test/), chosen by the images' paths (data/folder.py)
+    test_split: float = 0.2
 
 
 @dataclass
@@ -512,6 +515,8 @@ def validate(cfg: Config) -> None:
         bad("dataset", cfg.data.dataset, "choose cifar10 or cifar100")
     if cfg.data.label_mode not in ("fine", "coarse"):
         bad("data.label_mode", cfg.data.label_mode, "choose fine or coarse")
+    if not 0 < cfg.data.test_split < 1:
+        bad("test split (data.test_split)", cfg.data.test_split, "it must lie strictly between 0 and 1, such as 0.2")
     if cfg.data.image_size is not None:
         h, w = parse_image_size(cfg.data.image_size, "image size (data.image_size)")
         cfg.data.image_size = f"{h}x{w}"  # one spelling in the saved config

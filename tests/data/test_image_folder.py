@@ -292,3 +292,76 @@ def test_image_size_resizes_data_read_as_arrays(tmp_path):
     grey = resized(type(plain)(plain.x_train[..., :1], plain.y_train, plain.x_test[..., :1], plain.y_test,
                                plain.classes, "s", "k"), (8, 8))
     assert grey.x_train.shape == (20, 8, 8, 1)
+
+
+def _class_folders(root, counts, size=(16, 16)):
+    """<class>/<image> folders alone, ``counts`` images per class, each image's colour its own."""
+    rng = np.random.default_rng(0)
+    for c, n in counts.items():
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for k in range(n):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / c / f"{k:03d}.png")
+    return root
+
+
+def test_class_folders_alone_have_a_test_split_held_out_by_path(tmp_path):
+    """<class>/<image> without train/ and test/: each class's test_split is held out, chosen by
+    the paths alone (the same on every load, whatever the order or the cache), with a note."""
+    import hashlib
+
+    root = _class_folders(tmp_path / "flowers", {"daisy": 10, "rose": 7, "tulip": 5})
+    Image.new("RGB", (16, 16)).save(root / "loose.png")  # not in a class folder
+    (root / "rose" / "deeper").mkdir()
+    Image.new("RGB", (16, 16)).save(root / "rose" / "deeper" / "x.png")
+    ds = load_dataset(root)
+    assert ds.classes == ["daisy", "rose", "tulip"] and ds.kind == "image-folder"
+    assert np.bincount(ds.y_test).tolist() == [2, 1, 1] and np.bincount(ds.y_train).tolist() == [8, 6, 4]
+    by_hash = sorted((f"daisy/{k:03d}.png" for k in range(10)), key=lambda n: hashlib.sha256(
+        f"{n}".encode()).hexdigest())
+    assert [p for p in ds.test_paths if p.startswith("daisy/")] == sorted(by_hash[:2])
+    want = np.asarray(Image.open(root / ds.test_paths[0]))
+    assert np.array_equal(ds.x_test[0], want)
+    notes = " ".join(ds.notes)
+    assert "no train/ and test/ folders: read 3 class folders, and held out 0.2 of each class's images" in notes
+    assert "(4 of 22)" in notes
+    assert "ignored 2 image(s) not directly in a class folder" in notes and "only <class>/<image> are read" in notes
+    again = load_dataset(root)
+    assert "loaded from the decoded cache" in again.notes and again.test_paths == ds.test_paths
+    quarter = load_dataset(root, test_split=0.5)
+    assert np.bincount(quarter.y_test).tolist() == [5, 4, 2]  # Python's round: 3.5 to 4, 2.5 to 2 (half to even)
+    assert "loaded from the decoded cache" not in quarter.notes
+
+
+def test_class_folders_split_moves_little_when_images_are_added(tmp_path):
+    root = _class_folders(tmp_path / "c", {"a": 40, "b": 40})
+    before = set(load_dataset(root, use_cache=False).test_paths)
+    _class_folders(tmp_path / "extra", {"a": 1})
+    (tmp_path / "extra" / "a" / "000.png").rename(root / "a" / "new.png")
+    after = set(load_dataset(root, use_cache=False).test_paths)
+    assert len(before - after) <= 1 and len(after - before) <= 1
+
+
+def test_class_folders_in_an_archive_and_their_errors(tmp_path):
+    root = _class_folders(tmp_path / "pets", {"cat": 5, "dog": 5})
+    tar = tmp_path / "pets.tar.gz"
+    with tarfile.open(tar, "w:gz") as t:
+        t.add(root, arcname="pets")  # one wrapper folder, as archiving a folder makes
+    ds = load_dataset(tar)
+    assert ds.classes == ["cat", "dog"] and len(ds.x_test) == 2 and ds.test_paths[0].startswith("cat/")
+    _class_folders(root, {"lynx": 1})
+    with pytest.raises(DataError, match="class folder 'lynx' holds 1 image\\(s\\), too few to hold out a test split"):
+        load_dataset(root)
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    Image.new("RGB", (8, 8)).save(loose / "a.png")
+    with pytest.raises(DataError, match="no class folders found.*or <class>/<image> alone"):
+        load_dataset(loose)
+    for bad in (0, 1, 1.5, -0.1, True, "0.2"):
+        with pytest.raises(DataError, match="--test-split .* is not valid; it must lie strictly between 0 and 1"):
+            load_dataset(root, test_split=bad)
+
+
+def test_test_split_is_named_as_ignored_where_the_data_has_test_images(tmp_path, image_folder):
+    ds = load_dataset(image_folder, test_split=0.3)
+    assert any("--test-split 0.3 applies to a folder of class folders alone; ignored" in n for n in ds.notes)
+    assert len(ds.x_test) == 9

@@ -3,7 +3,8 @@
 Accepted by ``--data`` (see :func:`load_dataset`):
 
 * an official CIFAR-10/100 archive (python or binary version), as .tar.gz or extracted folder;
-* an image folder or .tar/.tar.gz/.tar.xz archive with ``train/<class>/*`` and ``test/<class>/*``;
+* an image folder or .tar/.tar.gz/.tar.xz archive with ``train/<class>/*`` and ``test/<class>/*``,
+  or ``<class>/*`` alone, from which a test split is held out;
 * nothing: the official python archive for ``--dataset`` is downloaded into the cache.
 """
 
@@ -55,18 +56,27 @@ class Dataset:
 
 def load_dataset(data: str | Path | None = None, dataset: str = "cifar10", *, allow_unverified: bool = False,
                  label_mode: str = "fine", skip_bad_images: bool = False, use_cache: bool = True,
-                 quiet: bool = True, image_size: tuple[int, int] | None = None) -> Dataset:
+                 quiet: bool = True, image_size: tuple[int, int] | None = None,
+                 test_split: float = folder.TEST_SPLIT) -> Dataset:
     """Load a data set from ``data`` (a path), or download the official ``dataset`` if ``data`` is None.
 
     ``dataset`` chooses the download only, and ``label_mode`` applies to CIFAR-100 only; where
     ``data`` holds something else, they are ignored and the returned notes say so.
     ``image_size`` (H, W): every image is resized to it (bilinear), an image folder's from its
-    file; None keeps the data's own size (for a folder, its most common one)."""
+    file; None keeps the data's own size (for a folder, its most common one). ``test_split``:
+    the share of each class held out for testing from an image folder of class folders alone
+    (``<class>/<image>``, no train/ and test/), chosen by the images' paths."""
     if dataset not in ("cifar10", "cifar100"):
         raise DataError(f"--dataset '{dataset}' is not valid; choose cifar10 or cifar100")
     if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
         raise DataError(f"image size {tuple(image_size)} is not valid; expected (height, width), each at least 1")
-    ds = _load(data, dataset, allow_unverified, label_mode, skip_bad_images, use_cache, quiet, image_size)
+    if isinstance(test_split, bool) or not isinstance(test_split, (int, float)) or not 0 < test_split < 1:
+        raise DataError(f"--test-split {test_split!r} is not valid; it must lie strictly between 0 and 1, such as 0.2")
+    ds = _load(data, dataset, allow_unverified, label_mode, skip_bad_images, use_cache, quiet, image_size,
+               float(test_split))
+    if test_split != folder.TEST_SPLIT and ds.kind != "image-folder":
+        ds.notes.append(f"--test-split {test_split:g} applies to a folder of class folders alone; ignored, "
+                        f"{ds.source} ({ds.kind}) has its own test images")
     if image_size is not None:
         ds = resized(ds, image_size)
     if not ds.kind.startswith("cifar100"):
@@ -104,7 +114,8 @@ def resized(ds: Dataset, size: tuple[int, int]) -> Dataset:
 
 
 def _load(data: str | Path | None, dataset: str, allow_unverified: bool, label_mode: str, skip_bad_images: bool,
-          use_cache: bool, quiet: bool, image_size: tuple[int, int] | None = None) -> Dataset:
+          use_cache: bool, quiet: bool, image_size: tuple[int, int] | None = None,
+          test_split: float = folder.TEST_SPLIT) -> Dataset:
     if data is not None and not str(data).strip():  # Path("") would silently mean the current folder
         raise DataError(f"--data {str(data)!r} is empty; give a path, or leave --data out to download the "
                         f"official {dataset} archive")
@@ -115,7 +126,7 @@ def _load(data: str | Path | None, dataset: str, allow_unverified: bool, label_m
     path = Path(data).expanduser()
     if not path.exists():
         raise DataError(f"--data '{data}' does not exist. Give an official CIFAR archive (.tar.gz) or its "
-                        "extracted folder, or an image folder/archive with train/<class>/* and test/<class>/*")
+                        "extracted folder, or an image folder/archive with train/<class>/* and test/<class>/*, or <class>/* alone")
     if path.is_file():
         if not path.name.lower().endswith(archive.ARCHIVE_SUFFIXES):
             raise DataError(f"--data '{data}' is a file but not a tar or zip archive; expected one of "
@@ -127,16 +138,19 @@ def _load(data: str | Path | None, dataset: str, allow_unverified: bool, label_m
             f.folder for f in cifar.FORMATS.values()}:
         train, test, classes, fmt = cifar.load_official_folder(path, label_mode)
         return _from_official(train, test, classes, fmt, str(path))
-    return _load_folder_cached(path, skip_bad_images, use_cache, image_size)
+    return _load_folder_cached(path, skip_bad_images, use_cache, image_size, test_split)
 
 
 def _from_official(train, test, classes, fmt, source) -> Dataset:
     return Dataset(train.x, train.y, test.x, test.y, classes, source, fmt.key, test_paths=test.names)
 
 
-def _load_folder_cached(path: Path, skip_bad: bool, use_cache: bool, size: tuple[int, int] | None = None) -> Dataset:
-    # the size joins the key only where given, so the keys of folders read at their own size stay
-    options = {"skip_bad": skip_bad, **({"size": list(size)} if size else {})}
+def _load_folder_cached(path: Path, skip_bad: bool, use_cache: bool, size: tuple[int, int] | None = None,
+                        test_split: float = folder.TEST_SPLIT) -> Dataset:
+    # size and test split join the key only where not the defaults, so the keys of folders read
+    # the default way stay as they were
+    options = {"skip_bad": skip_bad, **({"size": list(size)} if size else {}),
+               **({"test_split": test_split} if test_split != folder.TEST_SPLIT else {})}
     key = cache.source_key(path, **options) if use_cache else None
     hit = cache.load_cached(key) if key else None
     if hit is not None:
@@ -144,7 +158,7 @@ def _load_folder_cached(path: Path, skip_bad: bool, use_cache: bool, size: tuple
         return Dataset(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], meta["classes"],
                        str(path), "image-folder", meta["test_paths"], meta["notes"] + ["loaded from the decoded cache"])
     t0 = time.perf_counter()
-    fd = folder.load_image_folder(path, skip_bad=skip_bad, size=size)
+    fd = folder.load_image_folder(path, skip_bad=skip_bad, size=size, test_split=test_split)
     notes = fd.notes + [f"decoded in {time.perf_counter() - t0:.1f} s"]
     if key:
         cache.store_cached(key, {"x_train": fd.x["train"], "y_train": fd.y["train"], "x_test": fd.x["test"],

@@ -1,7 +1,9 @@
-"""Image-folder data: ``train/<class>/*`` and ``test/<class>/*`` in a folder or a tar or zip archive."""
+"""Image-folder data: ``train/<class>/*`` and ``test/<class>/*``, or ``<class>/*`` alone, in a folder or a
+tar or zip archive."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,9 +31,56 @@ class FolderData:
     notes: list[str] = field(default_factory=list)
 
 
-def _index(names: list[str], source: str) -> tuple[str, dict[str, list[tuple[str, str]]], list[str]]:
-    """Find the root holding train/ and test/ and list (path, class) per split, and the image
-    files under train/ or test/ that are not directly in a class folder (they are not read)."""
+TEST_SPLIT = 0.2  # the share of each class held out for testing from a folder of class folders
+
+
+def _held_out(names: list[str], fraction: float) -> set[str]:
+    """The ``fraction`` of ``names`` (one class's images) held out for testing: those whose
+    path's SHA-256 comes first. The choice depends on the paths alone (no seed, no file order),
+    so every command, on any machine, holds out the same images, and adding an image moves at
+    most one other."""
+    k = round(fraction * len(names))
+    return set(sorted(names, key=lambda n: hashlib.sha256(n.encode()).hexdigest())[:k])
+
+
+def _class_folders(norm: list[str], source: str, test_split: float
+                   ) -> tuple[str, dict[str, list[tuple[str, str]]], list[str]]:
+    """The layout without train/ and test/: <class>/<image>, perhaps in one wrapper folder. Each
+    class's images are split into train and test by :func:`_held_out`."""
+    images = [n for n in norm if is_image_name(n) and not any(p.startswith(".") for p in n.split("/"))]
+    prefix = ""
+    tops = {n.split("/")[0] for n in images}
+    if len(tops) == 1 and all(n.count("/") >= 2 for n in images):
+        prefix = tops.pop() + "/"  # one wrapper folder, as an archive of a folder holds
+    by_class: dict[str, list[str]] = {}
+    misplaced = []
+    for n in images:
+        parts = n[len(prefix):].split("/")
+        if len(parts) == 2:
+            by_class.setdefault(parts[0], []).append(n)
+        else:
+            misplaced.append(n[len(prefix):])
+    if not by_class:
+        raise DataError(f"{source}: no class folders found. An image folder must hold train/<class>/<image> and "
+                        "test/<class>/<image> (for example train/cat/0001.jpg), or <class>/<image> alone (for "
+                        "example cat/0001.jpg), from which a test split is held out")
+    items: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
+    for c, members in sorted(by_class.items()):
+        test = _held_out(members, test_split)
+        if not test or len(test) == len(members):
+            raise DataError(f"{source}: class folder '{prefix}{c}' holds {len(members)} image(s), too few to hold out "
+                            f"a test split of {test_split:g} and train on the rest; add images, or give another "
+                            "--test-split")
+        items["test"] += [(n, c) for n in members if n in test]
+        items["train"] += [(n, c) for n in members if n not in test]
+    return prefix, items, sorted(misplaced)
+
+
+def _index(names: list[str], source: str, test_split: float = TEST_SPLIT
+           ) -> tuple[str, dict[str, list[tuple[str, str]]], list[str], bool]:
+    """Find the root holding train/ and test/ and list (path, class) per split, the image
+    files under train/ or test/ that are not directly in a class folder (they are not read),
+    and whether the folder held class folders alone, split here (see :func:`_class_folders`)."""
     norm = [n.strip("/") for n in names]
     prefix = ""
     if not any(n.startswith("train/") for n in norm):
@@ -40,8 +89,7 @@ def _index(names: list[str], source: str) -> tuple[str, dict[str, list[tuple[str
         if len(cands) == 1:
             prefix = cands[0] + "/"
         else:
-            raise DataError(f"{source}: no 'train/<class>/' folders found. An image folder must hold "
-                            "train/<class>/<image> and test/<class>/<image> (for example train/cat/0001.jpg)")
+            return (*_class_folders(norm, source, test_split), True)
     items: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
     misplaced: list[str] = []
     for n in norm:
@@ -54,7 +102,7 @@ def _index(names: list[str], source: str) -> tuple[str, dict[str, list[tuple[str
             items[parts[0]].append((n, parts[1]))
         elif is_image_name(n):
             misplaced.append(n[len(prefix):])
-    return prefix, items, sorted(misplaced)
+    return prefix, items, sorted(misplaced), False
 
 
 def _classes(items: dict[str, list[tuple[str, str]]], dirs: dict[str, set[str]], source: str,
@@ -122,8 +170,11 @@ def _conform(arr: np.ndarray, channels: int, size: tuple[int, int]) -> np.ndarra
 
 
 def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = None,
-                      size: tuple[int, int] | None = None) -> FolderData:
+                      size: tuple[int, int] | None = None, test_split: float = TEST_SPLIT) -> FolderData:
     """Read and decode an image folder or archive; all images end up one size and mode.
+
+    A folder of class folders alone, without train/ and test/, has ``test_split`` of each
+    class's images held out for testing (see :func:`_held_out`).
 
     Images are resized (bilinear) to ``size`` (H, W), by default the most common size, each
     from its decoded file; grayscale is kept as one channel
@@ -141,7 +192,7 @@ def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = 
         # Every member, not just images: non-image files must be listed to be counted as ignored.
         members = archive.read_members(path, dirs=True)
         names = [n for n, _ in members]
-    prefix, items, misplaced = _index([n for n in names if not n.endswith("/")], source)
+    prefix, items, misplaced, flat = _index([n for n in names if not n.endswith("/")], source, test_split)
     for n in names:
         parts = n.strip("/")[len(prefix):].split("/") if n.startswith(prefix) else []
         if n.endswith("/") and len(parts) == 2 and parts[0] in SPLITS and not parts[1].startswith("."):
@@ -159,8 +210,16 @@ def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = 
     if ignored:
         notes.append(f"ignored {ignored} file(s) without an image suffix")
     if misplaced:
+        read = "<class>/<image>" if flat else "train/<class>/<image> and test/<class>/<image>"
         notes.append(f"ignored {len(misplaced)} image(s) not directly in a class folder (first: {misplaced[0]}); "
-                     "only train/<class>/<image> and test/<class>/<image> are read")
+                     f"only {read} are read")
+    if not flat and test_split != TEST_SPLIT:
+        notes.append(f"--test-split {test_split:g} applies to a folder of class folders alone; ignored, {source} "
+                     "has its own test/ folder")
+    if flat:
+        notes.append(f"no train/ and test/ folders: read {len(classes)} class folders, and held out {test_split:g} "
+                     f"of each class's images for testing ({len(items['test'])} of "
+                     f"{len(items['test']) + len(items['train'])}), by their paths, the same in every command")
     if not decoded:
         raise DataError(f"{source}: no readable images")
     sizes = Counter(a.shape[:2] for _, (a, _, _) in decoded)

@@ -442,3 +442,21 @@ def test_audit_reports_confidence_by_predicted_class(trained_run, image_folder, 
             assert 0 < r["mean_confidence"] <= 1
     md = (tmp_path / "audit" / "audit.md").read_text()
     assert "## Confidence by predicted class" in md and f"| {rows[0]['class']} | {rows[0]['predicted']} |" in md
+
+
+def test_test_score_is_the_cross_entropy_training_reports_also_when_overconfident():
+    """evaluate's loss is the cross-entropy of the logits, as training's test loss (and Keras on
+    TensorFlow, from the softmax's logits): images whose label has a probability far below 1e-7
+    count in full, not clipped; a probability float32 rounds to zero counts as a loss of 87.3."""
+    import torch
+    import torch.nn.functional as F
+
+    from cifarlab.evaluate import log_loss
+
+    logits = torch.tensor([[30.0, 0.0, -10.0], [0.0, 2.0, 1.0], [-20.0, 25.0, 0.0], [0.0, 0.0, 0.0]])
+    y = torch.tensor([2, 1, 0, 1])
+    probs = logits.softmax(1).numpy()
+    assert log_loss(probs, y.numpy()) == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    assert log_loss(probs, y.numpy()) > 20  # clipped at 1e-7, the first and third would count 16.1 each
+    huge = torch.tensor([[200.0, 0.0]]).softmax(1).numpy()  # the label's probability is 0 in float32
+    assert log_loss(huge, np.array([1])) == pytest.approx(-np.log(np.finfo(np.float32).tiny))

@@ -343,11 +343,14 @@ def test_class_folders_split_moves_little_when_images_are_added(tmp_path):
 
 def test_class_folders_in_an_archive_and_their_errors(tmp_path):
     root = _class_folders(tmp_path / "pets", {"cat": 5, "dog": 5})
+    Image.new("RGB", (16, 16)).save(root / "cover.png")  # beside the class folders: not read
     tar = tmp_path / "pets.tar.gz"
     with tarfile.open(tar, "w:gz") as t:
         t.add(root, arcname="pets")  # one wrapper folder, as archiving a folder makes
     ds = load_dataset(tar)
     assert ds.classes == ["cat", "dog"] and len(ds.x_test) == 2 and ds.test_paths[0].startswith("cat/")
+    assert any("ignored 1 image(s) not directly in a class folder (first: cover.png)" in n for n in ds.notes)
+    (root / "cover.png").unlink()
     _class_folders(root, {"lynx": 1})
     with pytest.raises(DataError, match="class folder 'lynx' holds 1 image\\(s\\), too few to hold out a test split"):
         load_dataset(root)

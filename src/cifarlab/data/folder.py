@@ -50,7 +50,7 @@ def _class_folders(norm: list[str], source: str, test_split: float
     images = [n for n in norm if is_image_name(n) and not any(p.startswith(".") for p in n.split("/"))]
     prefix = ""
     tops = {n.split("/")[0] for n in images}
-    if len(tops) == 1 and all(n.count("/") >= 2 for n in images):
+    if len(tops) == 1 and any(n.count("/") >= 2 for n in images):
         prefix = tops.pop() + "/"  # one wrapper folder, as an archive of a folder holds
     by_class: dict[str, list[str]] = {}
     misplaced = []

@@ -469,3 +469,22 @@ def test_train_on_class_folders_alone_and_evaluate_the_same_test_images(capsys, 
     assert code == 0 and json.loads(out)["num_images"] == 6, (out, err)
     code, out, err = run(capsys, "train", "--data", str(data), "--test-split", "1", "--out", str(tmp_path / "x"))
     assert code == 2 and "test split (data.test_split) = 1.0 is not valid; it must lie strictly between 0 and 1" in err
+
+
+def test_evaluation_commands_resize_other_data_to_the_run_input(capsys, tmp_path, trained_run):
+    """--data of another size is resized to the run's input, with a note, as predict resizes a
+    file; the API, given a data set of another size, says how to resize it."""
+    from conftest import make_image_folder
+
+    from cifarlab.data import load_dataset
+    from cifarlab.errors import CifarlabError
+    from cifarlab.evaluate import evaluate_run
+
+    other = make_image_folder(tmp_path / "larger", size=(48, 40))
+    for command in (["evaluate", str(trained_run), "--json"], ["calibrate", str(trained_run)]):
+        code, out, err = run(capsys, *command, "--data", str(other))
+        assert code == 0, err
+        assert "data: resized all 27 image(s) from 48x40 to 32x32 (the run's input, HxW)" in err, err
+    with pytest.raises(CifarlabError, match=r"40x48x3 but the model was trained on 32x32x3; resize them with "
+                                            r"cifarlab.data.resized\(ds, \(32, 32\)\)"):
+        evaluate_run(trained_run, load_dataset(other), tmp_path / "eval", device="cpu")

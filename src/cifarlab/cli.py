@@ -505,7 +505,27 @@ def _load_eval_data(args: argparse.Namespace, run: Path):
         # The run's own data path, as typed when it was trained: relative paths hold only there.
         raise ConfigError(f"the run's data '{cfg.data.data}' (from {run / 'config.yaml'}) does not exist from "
                           f"{Path.cwd()}; give its path with --data")
-    return _load_data(args, cfg)
+    ds = _load_data(args, cfg)
+    size = _input_size(run)
+    if size is not None and ds.x_test.shape[1:3] != size:
+        # Other data (--data) of another size is resized to the model's input, as predict resizes
+        # each file: a run trained on 32x32 images can then be tested on larger photos.
+        from .data import resized
+
+        ds = resized(ds, size, "the run's input")
+        print(f"data: {ds.notes[-1]}", file=sys.stderr)
+    return ds
+
+
+def _input_size(run: Path) -> tuple[int, int] | None:
+    """The (H, W) a run (or the first run of a ``--runs N`` folder) takes; None where unknown."""
+    from .export import read_run, runs_of
+
+    first = run if (run / "architecture.json").is_file() else next(iter(runs_of(run)), None)
+    if first is None:
+        return None
+    inp = read_run(first)[1].get("input", {})
+    return (inp["height"], inp["width"]) if "height" in inp and "width" in inp else None
 
 
 def _load_data(args: argparse.Namespace, cfg=None):

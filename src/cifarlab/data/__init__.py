@@ -89,9 +89,10 @@ def load_dataset(data: str | Path | None = None, dataset: str = "cifar10", *, al
     return ds
 
 
-def resized(ds: Dataset, size: tuple[int, int]) -> Dataset:
+def resized(ds: Dataset, size: tuple[int, int], reason: str = "the image size asked for") -> Dataset:
     """``ds`` with every image resized to ``size`` (H, W), bilinear as Pillow does it (as
-    ``predict`` resizes an image file); ``ds`` itself where its images are that size already."""
+    ``predict`` resizes an image file), and a note giving ``reason``; ``ds`` itself where its
+    images are that size already."""
     from PIL import Image
 
     from .images import to_array
@@ -107,8 +108,7 @@ def resized(ds: Dataset, size: tuple[int, int]) -> Dataset:
             out[i] = to_array(Image.fromarray(im[:, :, 0] if c == 1 else im), c, size)
         return out
 
-    note = (f"resized all {n + len(ds.x_test)} image(s) from {h}x{w} to {size[0]}x{size[1]} "
-            "(the image size asked for, HxW)")
+    note = f"resized all {n + len(ds.x_test)} image(s) from {h}x{w} to {size[0]}x{size[1]} ({reason}, HxW)"
     return Dataset(each(ds.x_train), ds.y_train, each(ds.x_test), ds.y_test, ds.classes, ds.source, ds.kind,
                    ds.test_paths, ds.notes + [note])
 

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import COMPILE_MODES, MONITORS, PRECISIONS, SAMPLINGS, SCHEDULES, TTA_LEVELS, parse_image_size
+from .config import (COMPILE_MODES, MONITORS, PRECISIONS, SAMPLINGS, SCHEDULES, TTA_LEVELS, DataConfig,
+                     parse_image_size)
 from .errors import CifarlabError, ConfigError
 
 EPILOG = """examples:
@@ -30,7 +31,8 @@ EPILOG = """examples:
 # The train flags that set a config key (by config.options_to_overrides' rule: the key's own name,
 # or one of config.OPTION_ALIASES); flags left unset (None) override nothing.
 _TRAIN_OPTIONS = (
-    "data", "dataset", "subset", "image_size", "test_split", "val_split", "allow_unverified", "skip_bad_images", "label_mode",
+    "data", "dataset", "subset", "image_size", "test_split", "val_split", "allow_unverified", "skip_bad_images",
+    "label_mode",
     "model", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "epochs", "batch_size", "seed", "device",
     "threads", "out", "overwrite", "deterministic", "augment", "runs", "tta", "label_smoothing", "precision",
     "compile", "compile_mode", "cuda_graph", "cpu_kernels", "select_fraction", "early_stopping",
@@ -62,7 +64,8 @@ def _add_data_args(p: argparse.ArgumentParser, subset: str | None = None) -> Non
     it (evaluation reads every test image)."""
     g = p.add_argument_group("data")
     g.add_argument("--data", help="official CIFAR archive (.tar.gz) or its folder, or an image folder/archive "
-                   "with train/<class>/* and test/<class>/* (or <class>/* alone: see --test-split); omitted: download --dataset")
+                   "with train/<class>/* and test/<class>/* (or <class>/* alone: see --test-split); omitted: "
+                   "download --dataset")
     g.add_argument("--dataset", choices=["cifar10", "cifar100"], help="data set to download when --data is omitted")
     if subset:
         g.add_argument("--subset", type=int, help=subset)
@@ -538,11 +541,10 @@ def _load_data(args: argparse.Namespace, cfg=None):
     label_mode = args.label_mode or (cfg.data.label_mode if cfg else "fine")
     # unset flags take the run's own setting: the data it was trained on, read as it was
     skip_bad = args.skip_bad_images if args.skip_bad_images is not None else bool(cfg and cfg.data.skip_bad_images)
-    size = cfg.data.image_size if cfg else None  # the size the run was trained at, where it chose one
+    # the size the run was trained at, where it chose one, and its own test images
+    own = cfg.data if cfg else DataConfig()
     ds = load_dataset(data, dataset, allow_unverified=bool(args.allow_unverified), label_mode=label_mode,
-                      skip_bad_images=skip_bad,
-                      image_size=parse_image_size(size, "image size (data.image_size)") if size else None,
-                      test_split=cfg.data.test_split if cfg else 0.2)  # the run's own test images
+                      skip_bad_images=skip_bad, image_size=own.image_hw(), test_split=own.test_split)
     for note in ds.notes:  # on stderr: stdout may be --json
         print(f"data: {note}", file=sys.stderr)
     return ds

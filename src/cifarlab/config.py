@@ -56,6 +56,10 @@ class DataConfig:
     # (<class>/<image>, no train/ and test/), chosen by the images' paths (data/folder.py)
     test_split: float = 0.2
 
+    def image_hw(self) -> tuple[int, int] | None:
+        """``image_size`` as (H, W); None where unset."""
+        return None if self.image_size is None else parse_image_size(self.image_size, "image size (data.image_size)")
+
 
 @dataclass
 class ModelConfig:
@@ -518,7 +522,7 @@ def validate(cfg: Config) -> None:
     if not 0 < cfg.data.test_split < 1:
         bad("test split (data.test_split)", cfg.data.test_split, "it must lie strictly between 0 and 1, such as 0.2")
     if cfg.data.image_size is not None:
-        h, w = parse_image_size(cfg.data.image_size, "image size (data.image_size)")
+        h, w = cfg.data.image_hw()
         cfg.data.image_size = f"{h}x{w}"  # one spelling in the saved config
     if cfg.optim.schedule not in SCHEDULES:
         bad("optim.schedule", cfg.optim.schedule, f"choose {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import cpu_kernels as kernels
 from . import runtime
 from .augment import CropFlipCutout, KerasAugment, augmenter_from_config
-from .config import MONITORS, Config, load_run_config, parse_image_size, save_config, validate
+from .config import MONITORS, Config, load_run_config, save_config, validate
 from .data import Dataset, balanced_subset, load_dataset, resized, stratified_split, subset_note
 from .errors import CifarlabError, short_list
 from .evaluate import balanced_accuracy, describe, unequal_classes
@@ -1179,7 +1179,7 @@ def _use_cpu_kernels(cfg: Config, device: torch.device, log: Callable[[str], Non
 
 def _load_data(cfg: Config, dataset: Dataset | None, log: Callable[[str], None]) -> Dataset:
     """The given data set, or the one ``cfg.data`` names; logs the loader's notes."""
-    size = parse_image_size(cfg.data.image_size, "image size (data.image_size)") if cfg.data.image_size else None
+    size = cfg.data.image_hw()
     ds = dataset if dataset is not None else load_dataset(
         cfg.data.data, cfg.data.dataset, allow_unverified=cfg.data.allow_unverified,
         label_mode=cfg.data.label_mode, skip_bad_images=cfg.data.skip_bad_images, image_size=size,

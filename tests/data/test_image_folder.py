@@ -311,6 +311,8 @@ def test_class_folders_alone_have_a_test_split_held_out_by_path(tmp_path):
 
     root = _class_folders(tmp_path / "flowers", {"daisy": 10, "rose": 7, "tulip": 5})
     Image.new("RGB", (16, 16)).save(root / "loose.png")  # not in a class folder
+    (root / "rose" / "notes.txt").write_text("not an image")  # counted as ignored
+    (root / "rose" / ".DS_Store").write_bytes(b"hidden")  # hidden: not counted
     (root / "rose" / "deeper").mkdir()
     Image.new("RGB", (16, 16)).save(root / "rose" / "deeper" / "x.png")
     ds = load_dataset(root)
@@ -325,6 +327,7 @@ def test_class_folders_alone_have_a_test_split_held_out_by_path(tmp_path):
     assert "no train/ and test/ folders: read 3 class folders, and held out 0.2 of each class's images" in notes
     assert "(4 of 22)" in notes
     assert "ignored 2 image(s) not directly in a class folder" in notes and "only <class>/<image> are read" in notes
+    assert "ignored 1 file(s) without an image suffix" in ds.notes
     again = load_dataset(root)
     assert "loaded from the decoded cache" in again.notes and again.test_paths == ds.test_paths
     quarter = load_dataset(root, test_split=0.5)
@@ -368,3 +371,4 @@ def test_test_split_is_named_as_ignored_where_the_data_has_test_images(tmp_path,
     ds = load_dataset(image_folder, test_split=0.3)
     assert any("--test-split 0.3 applies to a folder of class folders alone; ignored" in n for n in ds.notes)
     assert len(ds.x_test) == 9
+

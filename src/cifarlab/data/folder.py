@@ -76,6 +76,12 @@ def _class_folders(norm: list[str], source: str, test_split: float
     return prefix, items, sorted(misplaced)
 
 
+def _in_class_folder(name: str, prefix: str) -> bool:
+    """True for a file (not a folder, not hidden) directly in a class folder under ``prefix``."""
+    parts = name[len(prefix):].split("/") if name.startswith(prefix) else []
+    return len(parts) == 2 and all(p and not p.startswith(".") for p in parts)
+
+
 def _index(names: list[str], source: str, test_split: float = TEST_SPLIT
            ) -> tuple[str, dict[str, list[tuple[str, str]]], list[str], bool]:
     """Find the root holding train/ and test/ and list (path, class) per split, the image
@@ -205,6 +211,8 @@ def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = 
         del members
     classes = _classes(items, dirs, source, misplaced)
     ignored = sum(1 for s in SPLITS for n, _ in items[s] if not is_image_name(n))
+    if flat:  # the class-folders index keeps images only; count the other files in class folders here
+        ignored = sum(1 for n in names if _in_class_folder(n, prefix) and not is_image_name(n))
     decoded, notes = _decode_all(blobs, skip_bad, source, workers)
     del blobs
     if ignored:

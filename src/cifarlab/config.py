@@ -16,7 +16,7 @@ import typing
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -463,178 +463,207 @@ def is_device_name(name: str) -> bool:
     return name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())
 
 
+def _bad(key: str, value: Any, valid: str) -> NoReturn:
+    raise ConfigError(f"{key} = {value!r} is not valid; {valid}")
+
+
+def _refuse_unused(sec: Any, section: str, switch: str, flag: str, feature: str, keys: tuple[str, ...]) -> None:
+    """Options of a feature that is off would do nothing; set, they are taken for a mistake."""
+    for key in keys:
+        if getattr(sec, key) != getattr(type(sec)(), key):
+            _bad(f"{section}.{key}", getattr(sec, key), f"it only applies with {feature} on: set "
+                 f"{section}.{switch} ({flag}) to a number of epochs too")
+
+
+def _check_model(m: ModelConfig) -> None:
+    from .models import list_models
+
+    if m.name not in list_models():
+        _bad("model", m.name, f"valid models: {', '.join(list_models())}")
+    if m.init_from is not None and not str(m.init_from).strip():
+        _bad("model.init_from", m.init_from, "give a run folder written by 'cifarlab train', or leave it out")
+
+
+def _check_data(d: DataConfig) -> None:
+    if not 0 <= d.val_split < 1:
+        _bad("validation split (data.val_split)", d.val_split,
+             "it must lie in [0, 1); 0 trains on every training image with no validation")
+    if d.subset is not None and d.subset < 1:
+        _bad("subset", d.subset, "it must be a positive number of images")
+    if d.dataset not in ("cifar10", "cifar100"):
+        _bad("dataset", d.dataset, "choose cifar10 or cifar100")
+    if d.label_mode not in ("fine", "coarse"):
+        _bad("data.label_mode", d.label_mode, "choose fine or coarse")
+    if not 0 < d.test_split < 1:
+        _bad("test split (data.test_split)", d.test_split, "it must lie strictly between 0 and 1, such as 0.2")
+    if d.image_size is not None:
+        h, w = d.image_hw()
+        d.image_size = f"{h}x{w}"  # one spelling in the saved config
+
+
+def _check_optim(o: OptimConfig) -> None:
+    from .optim import OPTIMIZERS
+
+    if o.name not in OPTIMIZERS:
+        _bad("optimizer", o.name, f"valid optimizers: {', '.join(OPTIMIZERS)}")
+    if not o.lr > 0:
+        _bad("learning rate (optim.lr)", o.lr, "it must be greater than 0")
+    if o.weight_decay < 0:
+        _bad("optim.weight_decay", o.weight_decay, "it must be 0 or more")
+    if not 0 <= o.momentum < 1:
+        _bad("optim.momentum", o.momentum, "it must lie in [0, 1)")
+    if not 0 < o.rho < 1:
+        _bad("optim.rho", o.rho, "it must lie strictly between 0 and 1")
+    if not o.muon_lr > 0:
+        _bad("optim.muon_lr", o.muon_lr, "it must be greater than 0")
+    if not 0 <= o.muon_momentum < 1:
+        _bad("optim.muon_momentum", o.muon_momentum, "it must lie in [0, 1)")
+    if not 1 <= o.ns_steps <= 20:
+        _bad("optim.ns_steps", o.ns_steps, "it must lie in [1, 20]")
+    if o.schedule not in SCHEDULES:
+        _bad("optim.schedule", o.schedule, f"choose {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}")
+    if not o.norm_bias_lr_scale > 0:
+        _bad("optim.norm_bias_lr_scale", o.norm_bias_lr_scale, "it must be greater than 0")
+    if not 0 <= o.warmup_frac <= 1:
+        _bad("optim.warmup_frac", o.warmup_frac, "it must lie in [0, 1]")
+    if o.plateau_patience < 0:
+        _bad("optim.plateau_patience", o.plateau_patience, "it must be 0 (off) or a number of epochs")
+    if not 0 < o.plateau_factor < 1:
+        _bad("optim.plateau_factor", o.plateau_factor, "it must lie in (0, 1): each cut multiplies the lr by it")
+    if not (0 <= o.plateau_min_lr < math.inf):
+        _bad("optim.plateau_min_lr", o.plateau_min_lr, "it must be 0 or more")
+    if o.plateau_monitor not in MONITORS:
+        _bad("optim.plateau_monitor", o.plateau_monitor, f"choose {' or '.join(MONITORS)}")
+    if not (o.plateau_min_delta >= 0 and math.isfinite(o.plateau_min_delta)):
+        _bad("optim.plateau_min_delta", o.plateau_min_delta, "it must be 0 or more, in the monitored figure's units")
+    if o.plateau_cooldown < 0:
+        _bad("optim.plateau_cooldown", o.plateau_cooldown, "it must be 0 or a number of epochs")
+    if not o.plateau_patience:
+        _refuse_unused(o, "optim", "plateau_patience", "--reduce-lr-on-plateau", "plateau cuts",
+                       ("plateau_factor", "plateau_min_lr", "plateau_monitor", "plateau_min_delta",
+                        "plateau_cooldown"))
+
+
+def _check_class_balance(t: TrainConfig) -> None:
+    """Class weights, balanced sampling and the logit-adjusted loss: one of them at most."""
+    if t.class_weight == "none":  # --class-weight none: as if left out
+        t.class_weight = None
+    cw = t.class_weight
+    if isinstance(cw, str) and cw != "balanced":
+        _bad("train.class_weight", cw, "give balanced, a mapping of class names to weights (on the command line "
+             "NAME=WEIGHT,NAME=WEIGHT), or leave it out")
+    if isinstance(cw, dict) and (bad_weights := {k: v for k, v in cw.items() if v < 0}):
+        _bad("train.class_weight", bad_weights, "a class's weight must be 0 or more")
+    if t.sampling not in SAMPLINGS:
+        _bad("train.sampling", t.sampling, f"choose {' or '.join(SAMPLINGS)}")
+    if t.sampling == "balanced" and cw is not None:
+        _bad("train.sampling", t.sampling, "with train.class_weight set too, rare classes would be favoured "
+             "twice over (drawn more often and weighed more); choose one of them")
+    la = t.logit_adjustment
+    if isinstance(la, bool) or not isinstance(la, (int, float)) or not math.isfinite(la) or la < 0:
+        _bad("train.logit_adjustment", la, "it must be a number of 0 or more (1: the logit-adjusted loss as "
+             "published; 0: off)")
+    if la and (cw is not None or t.sampling == "balanced"):
+        _bad("train.logit_adjustment", la, "with train.class_weight or train.sampling balanced set too, rare "
+             "classes would be favoured twice over; choose one of them")
+
+
+def _check_train(t: TrainConfig) -> None:
+    from .models import list_models
+
+    if t.epochs < 1:
+        _bad("epochs", t.epochs, "it must be at least 1")
+    if t.batch_size < 1:
+        _bad("batch size", t.batch_size, "it must be at least 1")
+    _check_class_balance(t)
+    if not 0 <= t.label_smoothing < 1:
+        _bad("train.label_smoothing", t.label_smoothing, "it must lie in [0, 1)")
+    if t.tta not in TTA_LEVELS:
+        _bad("train.tta", t.tta, "choose none, flip or flip-translate")
+    if t.precision not in PRECISIONS:
+        _bad("train.precision", t.precision, f"choose {', '.join(PRECISIONS)}")
+    if t.freeze_epochs < 0:
+        _bad("train.freeze_epochs", t.freeze_epochs, "it must be 0 (off) or a number of epochs")
+    if t.compile_mode not in COMPILE_MODES:
+        _bad("train.compile_mode", t.compile_mode, f"choose {', '.join(COMPILE_MODES)}")
+    if t.compile_mode != "default" and not t.compile:
+        _bad("train.compile_mode", t.compile_mode, "it takes effect only with train.compile: true (--compile); "
+             "set that too, or leave the mode at default")
+    if t.early_stopping < 0:
+        _bad("train.early_stopping", t.early_stopping, "it must be 0 (off) or a number of epochs")
+    if t.early_stopping_monitor not in MONITORS:
+        _bad("train.early_stopping_monitor", t.early_stopping_monitor, f"choose {' or '.join(MONITORS)}")
+    if not (t.early_stopping_min_delta >= 0 and math.isfinite(t.early_stopping_min_delta)):
+        _bad("train.early_stopping_min_delta", t.early_stopping_min_delta,
+             "it must be 0 or more, in the monitored figure's units")
+    if not t.early_stopping:
+        _refuse_unused(t, "train", "early_stopping", "--early-stopping", "early stopping",
+                       ("early_stopping_monitor", "early_stopping_min_delta"))
+    if t.early_stopping and t.lookahead_every:
+        _bad("train.early_stopping", t.early_stopping, "a run with lookahead ends on its slow weights, not "
+             "on one epoch's; set train.lookahead_every to 0 or turn early stopping off")
+    if t.runs < 1:
+        _bad("runs", t.runs, "it must be at least 1")
+    if not 0 <= t.seed <= 2**32 - t.runs:  # NumPy's and scikit-learn's seed range
+        _bad("seed", t.seed, f"with {t.runs} run(s) it must lie in [0, {2**32 - t.runs}]")
+    if t.lookahead_every < 0 or not 0 <= t.lookahead_decay < 1:
+        _bad("train.lookahead_every/lookahead_decay", (t.lookahead_every, t.lookahead_decay),
+             "every must be 0 or more and decay in [0, 1)")
+    if not 0 < t.select_fraction <= 1:
+        _bad("train.select_fraction", t.select_fraction, "it must lie in (0, 1]; 1 trains on every example")
+    if t.select_fraction < 1 and t.select_model not in list_models():
+        _bad("train.select_model", t.select_model, f"valid models: {', '.join(list_models())}")
+    if t.select_backward_every < 1:
+        _bad("train.select_backward_every", t.select_backward_every, "it must be at least 1")
+    if t.threads is not None and t.threads < 1:
+        _bad("threads", t.threads, "it must be at least 1")
+    if not is_device_name(t.device):
+        _bad("device", t.device, "choose auto, cpu, cuda or cuda:N")
+
+
+def _check_across_sections(cfg: Config) -> None:
+    """Settings valid alone that cannot go together: what a CUDA graph fixes at capture, and
+    what watches validation figures without validation images."""
+    t, o = cfg.train, cfg.optim
+    if t.cuda_graph and o.schedule != "constant":
+        _bad("train.cuda_graph", True, f"a CUDA graph bakes in the learning rate, so it needs optim.schedule "
+             f"constant (this config has {o.schedule!r})")
+    if t.cuda_graph and o.plateau_patience:
+        _bad("train.cuda_graph", True, "a CUDA graph bakes in the learning rate, so it cannot cut it on a plateau; "
+             "set optim.plateau_patience to 0")
+    if t.cuda_graph and t.freeze_epochs:
+        _bad("train.cuda_graph", True, "a CUDA graph fixes which parameters train, so it cannot unfreeze the model "
+             f"after train.freeze_epochs = {t.freeze_epochs}; set that to 0")
+    if t.cuda_graph and t.whiten_bias_epochs:
+        _bad("train.cuda_graph", True, "a CUDA graph fixes which parameters train, so it cannot stop training the "
+             f"whitening bias after train.whiten_bias_epochs = {t.whiten_bias_epochs}; set that to 0")
+    if t.cuda_graph and t.compile and t.compile_mode in ("reduce-overhead", "max-autotune"):
+        _bad("train.compile_mode", t.compile_mode, "with train.cuda_graph the whole step is already one CUDA "
+             "graph, and this mode records graphs of its own; choose default or max-autotune-no-cudagraphs, whose "
+             "kernels the step's graph records")
+    if o.plateau_patience and not cfg.data.val_split:
+        _bad("optim.plateau_patience", o.plateau_patience, f"it watches {o.plateau_monitor}, so it "
+             "needs validation images: set data.val_split (--val-split) above 0")
+    if t.early_stopping and not cfg.data.val_split:
+        _bad("train.early_stopping", t.early_stopping, f"it watches {t.early_stopping_monitor}, so "
+             "it needs validation images: set data.val_split (--val-split) above 0")
+
+
 def validate(cfg: Config) -> None:
     """Check types (converting as a config file's values are: a ``Path`` to text, say), value
     ranges and names; raise :class:`ConfigError` naming the first bad value. Types are checked
     here, not only where values are read, for fields a notebook set by hand."""
-    from .models import list_models
-    from .optim import OPTIMIZERS
+    from .augment import augmenter_from_config
 
     for sec in SECTIONS:
         target = getattr(cfg, sec)
         for key, tp in typing.get_type_hints(type(target)).items():
             setattr(target, key, _coerce(getattr(target, key), tp, f"{sec}.{key}"))
-
-    def bad(key: str, value: Any, valid: str) -> None:
-        raise ConfigError(f"{key} = {value!r} is not valid; {valid}")
-
-    def refuse_unused(section: str, switch: str, flag: str, feature: str, keys: tuple[str, ...]) -> None:
-        # Options of a feature that is off would do nothing; set, they are taken for a mistake.
-        sec = getattr(cfg, section)
-        for key in keys:
-            if getattr(sec, key) != getattr(type(sec)(), key):
-                bad(f"{section}.{key}", getattr(sec, key), f"it only applies with {feature} on: set "
-                    f"{section}.{switch} ({flag}) to a number of epochs too")
-
-    if cfg.model.name not in list_models():
-        bad("model", cfg.model.name, f"valid models: {', '.join(list_models())}")
-    if cfg.model.init_from is not None and not str(cfg.model.init_from).strip():
-        bad("model.init_from", cfg.model.init_from, "give a run folder written by 'cifarlab train', or leave it out")
-    if cfg.optim.name not in OPTIMIZERS:
-        bad("optimizer", cfg.optim.name, f"valid optimizers: {', '.join(OPTIMIZERS)}")
-    if not cfg.optim.lr > 0:
-        bad("learning rate (optim.lr)", cfg.optim.lr, "it must be greater than 0")
-    if cfg.optim.weight_decay < 0:
-        bad("optim.weight_decay", cfg.optim.weight_decay, "it must be 0 or more")
-    if not 0 <= cfg.optim.momentum < 1:
-        bad("optim.momentum", cfg.optim.momentum, "it must lie in [0, 1)")
-    if not 0 < cfg.optim.rho < 1:
-        bad("optim.rho", cfg.optim.rho, "it must lie strictly between 0 and 1")
-    if not cfg.optim.muon_lr > 0:
-        bad("optim.muon_lr", cfg.optim.muon_lr, "it must be greater than 0")
-    if not 0 <= cfg.optim.muon_momentum < 1:
-        bad("optim.muon_momentum", cfg.optim.muon_momentum, "it must lie in [0, 1)")
-    if not 1 <= cfg.optim.ns_steps <= 20:
-        bad("optim.ns_steps", cfg.optim.ns_steps, "it must lie in [1, 20]")
-    if cfg.train.epochs < 1:
-        bad("epochs", cfg.train.epochs, "it must be at least 1")
-    if cfg.train.batch_size < 1:
-        bad("batch size", cfg.train.batch_size, "it must be at least 1")
-    if not 0 <= cfg.data.val_split < 1:
-        bad("validation split (data.val_split)", cfg.data.val_split,
-            "it must lie in [0, 1); 0 trains on every training image with no validation")
-    if cfg.data.subset is not None and cfg.data.subset < 1:
-        bad("subset", cfg.data.subset, "it must be a positive number of images")
-    if cfg.data.dataset not in ("cifar10", "cifar100"):
-        bad("dataset", cfg.data.dataset, "choose cifar10 or cifar100")
-    if cfg.data.label_mode not in ("fine", "coarse"):
-        bad("data.label_mode", cfg.data.label_mode, "choose fine or coarse")
-    if not 0 < cfg.data.test_split < 1:
-        bad("test split (data.test_split)", cfg.data.test_split, "it must lie strictly between 0 and 1, such as 0.2")
-    if cfg.data.image_size is not None:
-        h, w = cfg.data.image_hw()
-        cfg.data.image_size = f"{h}x{w}"  # one spelling in the saved config
-    if cfg.optim.schedule not in SCHEDULES:
-        bad("optim.schedule", cfg.optim.schedule, f"choose {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}")
-    if not cfg.optim.norm_bias_lr_scale > 0:
-        bad("optim.norm_bias_lr_scale", cfg.optim.norm_bias_lr_scale, "it must be greater than 0")
-    if not 0 <= cfg.optim.warmup_frac <= 1:
-        bad("optim.warmup_frac", cfg.optim.warmup_frac, "it must lie in [0, 1]")
-    if cfg.train.class_weight == "none":  # --class-weight none: as if left out
-        cfg.train.class_weight = None
-    cw = cfg.train.class_weight
-    if isinstance(cw, str) and cw != "balanced":
-        bad("train.class_weight", cw, "give balanced, a mapping of class names to weights (on the command line "
-            "NAME=WEIGHT,NAME=WEIGHT), or leave it out")
-    if isinstance(cw, dict) and (bad_weights := {k: v for k, v in cw.items() if v < 0}):
-        bad("train.class_weight", bad_weights, "a class's weight must be 0 or more")
-    if cfg.train.sampling not in SAMPLINGS:
-        bad("train.sampling", cfg.train.sampling, f"choose {' or '.join(SAMPLINGS)}")
-    if cfg.train.sampling == "balanced" and cw is not None:
-        bad("train.sampling", cfg.train.sampling, "with train.class_weight set too, rare classes would be favoured "
-            "twice over (drawn more often and weighed more); choose one of them")
-    la = cfg.train.logit_adjustment
-    if isinstance(la, bool) or not isinstance(la, (int, float)) or not math.isfinite(la) or la < 0:
-        bad("train.logit_adjustment", la, "it must be a number of 0 or more (1: the logit-adjusted loss as "
-            "published; 0: off)")
-    if la and (cw is not None or cfg.train.sampling == "balanced"):
-        bad("train.logit_adjustment", la, "with train.class_weight or train.sampling balanced set too, rare "
-            "classes would be favoured twice over; choose one of them")
-    if not 0 <= cfg.train.label_smoothing < 1:
-        bad("train.label_smoothing", cfg.train.label_smoothing, "it must lie in [0, 1)")
-    if cfg.train.tta not in TTA_LEVELS:
-        bad("train.tta", cfg.train.tta, "choose none, flip or flip-translate")
-    if cfg.train.precision not in PRECISIONS:
-        bad("train.precision", cfg.train.precision, f"choose {', '.join(PRECISIONS)}")
-    if cfg.train.cuda_graph and cfg.optim.schedule != "constant":
-        bad("train.cuda_graph", True, f"a CUDA graph bakes in the learning rate, so it needs optim.schedule "
-            f"constant (this config has {cfg.optim.schedule!r})")
-    if cfg.optim.plateau_patience < 0:
-        bad("optim.plateau_patience", cfg.optim.plateau_patience, "it must be 0 (off) or a number of epochs")
-    if not 0 < cfg.optim.plateau_factor < 1:
-        bad("optim.plateau_factor", cfg.optim.plateau_factor, "it must lie in (0, 1): each cut multiplies the lr by it")
-    if not (0 <= cfg.optim.plateau_min_lr < math.inf):
-        bad("optim.plateau_min_lr", cfg.optim.plateau_min_lr, "it must be 0 or more")
-    if cfg.optim.plateau_monitor not in MONITORS:
-        bad("optim.plateau_monitor", cfg.optim.plateau_monitor, f"choose {' or '.join(MONITORS)}")
-    if not (cfg.optim.plateau_min_delta >= 0 and math.isfinite(cfg.optim.plateau_min_delta)):
-        bad("optim.plateau_min_delta", cfg.optim.plateau_min_delta,
-            "it must be 0 or more, in the monitored figure's units")
-    if cfg.optim.plateau_cooldown < 0:
-        bad("optim.plateau_cooldown", cfg.optim.plateau_cooldown, "it must be 0 or a number of epochs")
-    if not cfg.optim.plateau_patience:
-        refuse_unused("optim", "plateau_patience", "--reduce-lr-on-plateau", "plateau cuts",
-                      ("plateau_factor", "plateau_min_lr", "plateau_monitor", "plateau_min_delta",
-                       "plateau_cooldown"))
-    if cfg.optim.plateau_patience and not cfg.data.val_split:
-        bad("optim.plateau_patience", cfg.optim.plateau_patience, f"it watches {cfg.optim.plateau_monitor}, so it "
-            "needs validation images: set data.val_split (--val-split) above 0")
-    if cfg.train.cuda_graph and cfg.optim.plateau_patience:
-        bad("train.cuda_graph", True, "a CUDA graph bakes in the learning rate, so it cannot cut it on a plateau; "
-            "set optim.plateau_patience to 0")
-    if cfg.train.freeze_epochs < 0:
-        bad("train.freeze_epochs", cfg.train.freeze_epochs, "it must be 0 (off) or a number of epochs")
-    if cfg.train.cuda_graph and cfg.train.freeze_epochs:
-        bad("train.cuda_graph", True, "a CUDA graph fixes which parameters train, so it cannot unfreeze the model "
-            f"after train.freeze_epochs = {cfg.train.freeze_epochs}; set that to 0")
-    if cfg.train.cuda_graph and cfg.train.whiten_bias_epochs:
-        bad("train.cuda_graph", True, "a CUDA graph fixes which parameters train, so it cannot stop training the "
-            f"whitening bias after train.whiten_bias_epochs = {cfg.train.whiten_bias_epochs}; set that to 0")
-    if cfg.train.compile_mode not in COMPILE_MODES:
-        bad("train.compile_mode", cfg.train.compile_mode, f"choose {', '.join(COMPILE_MODES)}")
-    if cfg.train.compile_mode != "default" and not cfg.train.compile:
-        bad("train.compile_mode", cfg.train.compile_mode, "it takes effect only with train.compile: true (--compile); "
-            "set that too, or leave the mode at default")
-    if cfg.train.cuda_graph and cfg.train.compile and cfg.train.compile_mode in ("reduce-overhead", "max-autotune"):
-        bad("train.compile_mode", cfg.train.compile_mode, "with train.cuda_graph the whole step is already one CUDA "
-            "graph, and this mode records graphs of its own; choose default or max-autotune-no-cudagraphs, whose "
-            "kernels the step's graph records")
-    if cfg.train.early_stopping < 0:
-        bad("train.early_stopping", cfg.train.early_stopping, "it must be 0 (off) or a number of epochs")
-    if cfg.train.early_stopping_monitor not in MONITORS:
-        bad("train.early_stopping_monitor", cfg.train.early_stopping_monitor,
-            f"choose {' or '.join(MONITORS)}")
-    if not (cfg.train.early_stopping_min_delta >= 0 and math.isfinite(cfg.train.early_stopping_min_delta)):
-        bad("train.early_stopping_min_delta", cfg.train.early_stopping_min_delta,
-            "it must be 0 or more, in the monitored figure's units")
-    if not cfg.train.early_stopping:
-        refuse_unused("train", "early_stopping", "--early-stopping", "early stopping",
-                      ("early_stopping_monitor", "early_stopping_min_delta"))
-    if cfg.train.early_stopping and not cfg.data.val_split:
-        bad("train.early_stopping", cfg.train.early_stopping, f"it watches {cfg.train.early_stopping_monitor}, so "
-            "it needs validation images: set data.val_split (--val-split) above 0")
-    if cfg.train.early_stopping and cfg.train.lookahead_every:
-        bad("train.early_stopping", cfg.train.early_stopping, "a run with lookahead ends on its slow weights, not "
-            "on one epoch's; set train.lookahead_every to 0 or turn early stopping off")
-    if cfg.train.runs < 1:
-        bad("runs", cfg.train.runs, "it must be at least 1")
-    if not 0 <= cfg.train.seed <= 2**32 - cfg.train.runs:  # NumPy's and scikit-learn's seed range
-        bad("seed", cfg.train.seed, f"with {cfg.train.runs} run(s) it must lie in [0, {2**32 - cfg.train.runs}]")
-    if cfg.train.lookahead_every < 0 or not 0 <= cfg.train.lookahead_decay < 1:
-        bad("train.lookahead_every/lookahead_decay", (cfg.train.lookahead_every, cfg.train.lookahead_decay),
-            "every must be 0 or more and decay in [0, 1)")
-    if not 0 < cfg.train.select_fraction <= 1:
-        bad("train.select_fraction", cfg.train.select_fraction, "it must lie in (0, 1]; 1 trains on every example")
-    if cfg.train.select_fraction < 1 and cfg.train.select_model not in list_models():
-        bad("train.select_model", cfg.train.select_model, f"valid models: {', '.join(list_models())}")
-    if cfg.train.select_backward_every < 1:
-        bad("train.select_backward_every", cfg.train.select_backward_every, "it must be at least 1")
-    if cfg.train.threads is not None and cfg.train.threads < 1:
-        bad("threads", cfg.train.threads, "it must be at least 1")
-    if not is_device_name(cfg.train.device):
-        bad("device", cfg.train.device, "choose auto, cpu, cuda or cuda:N")
-    from .augment import augmenter_from_config
-
+    _check_model(cfg.model)
+    _check_data(cfg.data)
+    _check_optim(cfg.optim)
+    _check_train(cfg.train)
+    _check_across_sections(cfg)
     augmenter_from_config(cfg.augment)  # raises ConfigError for bad augmentation values
 
 

@@ -599,9 +599,6 @@ def _check_train(t: TrainConfig) -> None:
     if not t.early_stopping:
         _refuse_unused(t, "train", "early_stopping", "--early-stopping", "early stopping",
                        ("early_stopping_monitor", "early_stopping_min_delta"))
-    if t.early_stopping and t.lookahead_every:
-        _bad("train.early_stopping", t.early_stopping, "a run with lookahead ends on its slow weights, not "
-             "on one epoch's; set train.lookahead_every to 0 or turn early stopping off")
     if t.runs < 1:
         _bad("runs", t.runs, "it must be at least 1")
     if not 0 <= t.seed <= 2**32 - t.runs:  # NumPy's and scikit-learn's seed range
@@ -647,6 +644,9 @@ def _check_across_sections(cfg: Config) -> None:
     if t.early_stopping and not cfg.data.val_split:
         _bad("train.early_stopping", t.early_stopping, f"it watches {t.early_stopping_monitor}, so "
              "it needs validation images: set data.val_split (--val-split) above 0")
+    if t.early_stopping and t.lookahead_every:
+        _bad("train.early_stopping", t.early_stopping, "a run with lookahead ends on its slow weights, not "
+             "on one epoch's; set train.lookahead_every to 0 or turn early stopping off")
 
 
 def validate(cfg: Config) -> None:

@@ -471,6 +471,41 @@ def test_train_on_class_folders_alone_and_evaluate_the_same_test_images(capsys, 
     assert code == 2 and "test split (data.test_split) = 1.0 is not valid; it must lie strictly between 0 and 1" in err
 
 
+def test_train_on_images_labelled_by_a_csv_and_evaluate_them_again(capsys, tmp_path, monkeypatch):
+    """--labels: Kaggle's layout (train/<id>.png, trainLabels.csv) trains; config.yaml records the
+    file, and evaluate reads the run's own data with it; other --data does not take it."""
+    from conftest import make_image_folder
+
+    made = make_image_folder(tmp_path / "made", n_train=8, n_test=0)
+    flat = tmp_path / "kaggle" / "train"
+    flat.mkdir(parents=True)
+    rows = ["id,label"]
+    for k, p in enumerate(sorted((made / "train").rglob("*.png")), 1):
+        p.rename(flat / f"{k}.png")
+        rows.append(f"{k},{p.parent.name}")
+    (tmp_path / "kaggle" / "trainLabels.csv").write_text("\n".join(rows) + "\n")
+    monkeypatch.chdir(tmp_path / "kaggle")
+    code, out, err = run(capsys, "train", "--data", "train", "--labels", "trainLabels.csv", "--model", "keras-shallow",
+                         "--epochs", "1", "--batch-size", "8", "--threads", "1", "--val-split", "0",
+                         "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert "labels from trainLabels.csv: 24 image(s) in 3 classes" in out and "testing on 6 images" in out
+    assert "labels: trainLabels.csv" in (tmp_path / "run" / "config.yaml").read_text()
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "run"), "--json")
+    assert code == 0 and json.loads(out)["num_images"] == 6, (out, err)
+    other = make_image_folder(tmp_path / "other", n_train=2, n_test=2)  # class folders: the CSV is not for it
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "run"), "--data", str(other), "--json")
+    assert code == 0 and json.loads(out)["num_images"] == 6 and "labels from" not in err, err
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "run"), "--data", "kaggle/train")
+    assert code != 0 and "need a CSV file of their labels (--labels)" in err, err
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "run"), "--data", "kaggle/train", "--labels",
+                         "kaggle/trainLabels.csv", "--json")
+    assert code == 0 and json.loads(out)["num_images"] == 6, (out, err)
+    code, out, err = run(capsys, "train", "--labels", "x.csv", "--out", str(tmp_path / "x"))
+    assert code == 2 and "data.labels = 'x.csv' is not valid; it names the classes of the images in data.data" in err
+
+
 def test_evaluation_commands_resize_other_data_to_the_run_input(capsys, tmp_path, trained_run):
     """--data of another size is resized to the run's input, with a note, as predict resizes a
     file; the API, given a data set of another size, says how to resize it."""

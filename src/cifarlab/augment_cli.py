@@ -173,7 +173,8 @@ def augment_command(args: argparse.Namespace) -> int:
         aug_cfg.preset = args.augment
     augmenter = augmenter_from_config(aug_cfg)
     ds = load_dataset(args.data, args.dataset or "cifar10", allow_unverified=bool(args.allow_unverified),
-                      label_mode=args.label_mode or "fine", skip_bad_images=bool(args.skip_bad_images))
+                      label_mode=args.label_mode or "fine", skip_bad_images=bool(args.skip_bad_images),
+                      labels=args.labels)
     for note in ds.notes:
         print(f"data: {note}")
     x, y = (ds.x_train, ds.y_train) if args.split == "train" else (ds.x_test, ds.y_test)

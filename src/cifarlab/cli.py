@@ -31,7 +31,7 @@ EPILOG = """examples:
 # The train flags that set a config key (by config.options_to_overrides' rule: the key's own name,
 # or one of config.OPTION_ALIASES); flags left unset (None) override nothing.
 _TRAIN_OPTIONS = (
-    "data", "dataset", "subset", "image_size", "test_split", "val_split", "allow_unverified", "skip_bad_images",
+    "data", "dataset", "subset", "image_size", "test_split", "labels", "val_split", "allow_unverified", "skip_bad_images",
     "label_mode",
     "model", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "epochs", "batch_size", "seed", "device",
     "threads", "out", "overwrite", "deterministic", "augment", "runs", "tta", "label_smoothing", "precision",
@@ -64,8 +64,8 @@ def _add_data_args(p: argparse.ArgumentParser, subset: str | None = None) -> Non
     it (evaluation reads every test image)."""
     g = p.add_argument_group("data")
     g.add_argument("--data", help="official CIFAR archive (.tar.gz) or its folder, or an image folder/archive "
-                   "with train/<class>/* and test/<class>/* (or <class>/* alone: see --test-split); omitted: "
-                   "download --dataset")
+                   "with train/<class>/* and test/<class>/* (or <class>/* alone: see --test-split; or images anywhere "
+                   "with --labels); omitted: download --dataset")
     g.add_argument("--dataset", choices=["cifar10", "cifar100"], help="data set to download when --data is omitted")
     if subset:
         g.add_argument("--subset", type=int, help=subset)
@@ -74,6 +74,9 @@ def _add_data_args(p: argparse.ArgumentParser, subset: str | None = None) -> Non
     g.add_argument("--skip-bad-images", action="store_true", default=None,
                    help="leave unreadable image files out instead of stopping")
     g.add_argument("--label-mode", choices=["fine", "coarse"], help="CIFAR-100 labels (default fine)")
+    g.add_argument("--labels", metavar="CSV",
+                   help="CSV file of file,label rows naming each image's class, for --data whose images are not "
+                        "in class folders (such as Kaggle's trainLabels.csv); a test split is held out of them")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -508,6 +511,10 @@ def _load_eval_data(args: argparse.Namespace, run: Path):
         # The run's own data path, as typed when it was trained: relative paths hold only there.
         raise ConfigError(f"the run's data '{cfg.data.data}' (from {run / 'config.yaml'}) does not exist from "
                           f"{Path.cwd()}; give its path with --data")
+    if (not args.data or args.data == (cfg and cfg.data.data)) and not args.labels and cfg and cfg.data.labels \
+            and not Path(cfg.data.labels).expanduser().exists():
+        raise ConfigError(f"the run's labels file '{cfg.data.labels}' (from {run / 'config.yaml'}) does not exist "
+                          f"from {Path.cwd()}; give its path with --labels")
     ds = _load_data(args, cfg)
     size = _input_size(run)
     if size is not None and ds.x_test.shape[1:3] != size:
@@ -538,13 +545,15 @@ def _load_data(args: argparse.Namespace, cfg=None):
 
     data = args.data or (cfg.data.data if cfg else None)
     dataset = args.dataset or (cfg.data.dataset if cfg else "cifar10")
+    # the run's labels file goes with the run's own data only
+    labels = args.labels or (cfg.data.labels if cfg and data == cfg.data.data else None)
     label_mode = args.label_mode or (cfg.data.label_mode if cfg else "fine")
     # unset flags take the run's own setting: the data it was trained on, read as it was
     skip_bad = args.skip_bad_images if args.skip_bad_images is not None else bool(cfg and cfg.data.skip_bad_images)
     # the size the run was trained at, where it chose one, and its own test images
     own = cfg.data if cfg else DataConfig()
     ds = load_dataset(data, dataset, allow_unverified=bool(args.allow_unverified), label_mode=label_mode,
-                      skip_bad_images=skip_bad, image_size=own.image_hw(), test_split=own.test_split)
+                      skip_bad_images=skip_bad, image_size=own.image_hw(), test_split=own.test_split, labels=labels)
     for note in ds.notes:  # on stderr: stdout may be --json
         print(f"data: {note}", file=sys.stderr)
     return ds

@@ -55,6 +55,9 @@ class DataConfig:
     # the share of each class held out as test images from a folder of class folders alone
     # (<class>/<image>, no train/ and test/), chosen by the images' paths (data/folder.py)
     test_split: float = 0.2
+    # a CSV file of file,label rows naming each image's class, for images not sorted into class
+    # folders (Kaggle's trainLabels.csv, say); the test split is then held out of them, as above
+    labels: str | None = None
 
     def image_hw(self) -> tuple[int, int] | None:
         """``image_size`` as (H, W); None where unset."""
@@ -496,6 +499,8 @@ def _check_data(d: DataConfig) -> None:
         _bad("data.label_mode", d.label_mode, "choose fine or coarse")
     if not 0 < d.test_split < 1:
         _bad("test split (data.test_split)", d.test_split, "it must lie strictly between 0 and 1, such as 0.2")
+    if d.labels is not None and not d.data:
+        _bad("data.labels", d.labels, "it names the classes of the images in data.data (--data); give that too")
     if d.image_size is not None:
         h, w = d.image_hw()
         d.image_size = f"{h}x{w}"  # one spelling in the saved config

@@ -1183,7 +1183,7 @@ def _load_data(cfg: Config, dataset: Dataset | None, log: Callable[[str], None])
     ds = dataset if dataset is not None else load_dataset(
         cfg.data.data, cfg.data.dataset, allow_unverified=cfg.data.allow_unverified,
         label_mode=cfg.data.label_mode, skip_bad_images=cfg.data.skip_bad_images, image_size=size,
-        test_split=cfg.data.test_split)
+        test_split=cfg.data.test_split, labels=cfg.data.labels)
     if size is not None:
         ds = resized(ds, size)  # a data set handed in is resized too; a loaded one already is
     for note in ds.notes:

@@ -4,7 +4,8 @@ Accepted by ``--data`` (see :func:`load_dataset`):
 
 * an official CIFAR-10/100 archive (python or binary version), as .tar.gz or extracted folder;
 * an image folder or .tar/.tar.gz/.tar.xz archive with ``train/<class>/*`` and ``test/<class>/*``,
-  or ``<class>/*`` alone, from which a test split is held out;
+  or ``<class>/*`` alone, or images anywhere in it with a CSV file of their labels (``labels``),
+  from which a test split is held out;
 * nothing: the official python archive for ``--dataset`` is downloaded into the cache.
 """
 
@@ -57,7 +58,7 @@ class Dataset:
 def load_dataset(data: str | Path | None = None, dataset: str = "cifar10", *, allow_unverified: bool = False,
                  label_mode: str = "fine", skip_bad_images: bool = False, use_cache: bool = True,
                  quiet: bool = True, image_size: tuple[int, int] | None = None,
-                 test_split: float = folder.TEST_SPLIT) -> Dataset:
+                 test_split: float = folder.TEST_SPLIT, labels: str | Path | None = None) -> Dataset:
     """Load a data set from ``data`` (a path), or download the official ``dataset`` if ``data`` is None.
 
     ``dataset`` chooses the download only, and ``label_mode`` applies to CIFAR-100 only; where
@@ -65,15 +66,19 @@ def load_dataset(data: str | Path | None = None, dataset: str = "cifar10", *, al
     ``image_size`` (H, W): every image is resized to it (bilinear), an image folder's from its
     file; None keeps the data's own size (for a folder, its most common one). ``test_split``:
     the share of each class held out for testing from an image folder of class folders alone
-    (``<class>/<image>``, no train/ and test/), chosen by the images' paths."""
+    (``<class>/<image>``, no train/ and test/), or labelled by ``labels``, chosen by the images'
+    paths. ``labels``: a CSV file of file,label rows naming the class of each image of an image
+    folder or archive, wherever the image lies (:mod:`cifarlab.data.labels_csv`)."""
     if dataset not in ("cifar10", "cifar100"):
         raise DataError(f"--dataset '{dataset}' is not valid; choose cifar10 or cifar100")
     if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
         raise DataError(f"image size {tuple(image_size)} is not valid; expected (height, width), each at least 1")
     if isinstance(test_split, bool) or not isinstance(test_split, (int, float)) or not 0 < test_split < 1:
         raise DataError(f"--test-split {test_split!r} is not valid; it must lie strictly between 0 and 1, such as 0.2")
+    if labels is not None and not str(labels).strip():
+        raise DataError(f"--labels {str(labels)!r} is empty; give a CSV file of file,label rows, or leave it out")
     ds = _load(data, dataset, allow_unverified, label_mode, skip_bad_images, use_cache, quiet, image_size,
-               float(test_split))
+               float(test_split), labels)
     if test_split != folder.TEST_SPLIT and ds.kind != "image-folder":
         ds.notes.append(f"--test-split {test_split:g} applies to a folder of class folders alone; ignored, "
                         f"{ds.source} ({ds.kind}) has its own test images")
@@ -115,10 +120,13 @@ def resized(ds: Dataset, size: tuple[int, int], reason: str = "the image size as
 
 def _load(data: str | Path | None, dataset: str, allow_unverified: bool, label_mode: str, skip_bad_images: bool,
           use_cache: bool, quiet: bool, image_size: tuple[int, int] | None = None,
-          test_split: float = folder.TEST_SPLIT) -> Dataset:
+          test_split: float = folder.TEST_SPLIT, labels: str | Path | None = None) -> Dataset:
     if data is not None and not str(data).strip():  # Path("") would silently mean the current folder
         raise DataError(f"--data {str(data)!r} is empty; give a path, or leave --data out to download the "
                         f"official {dataset} archive")
+    if labels is not None and data is None:
+        raise DataError(f"--labels {labels} names the classes of the images in --data; give --data too (a folder "
+                        "or archive of the images)")
     if data is None:
         path = download.fetch(dataset, quiet=quiet)
         train, test, classes, fmt = cifar.load_official_archive(path, label_mode=label_mode)
@@ -132,13 +140,21 @@ def _load(data: str | Path | None, dataset: str, allow_unverified: bool, label_m
             raise DataError(f"--data '{data}' is a file but not a tar or zip archive; expected one of "
                             f"{', '.join(archive.ARCHIVE_SUFFIXES)} or a folder")
         if cifar.detect_format([archive.first_name(path)]):
+            _refuse_labels(labels, path)
             train, test, classes, fmt = cifar.load_official_archive(path, allow_unverified, label_mode)
             return _from_official(train, test, classes, fmt, str(path))
     elif cifar.detect_format([p.name for p in path.iterdir()]) or path.name in {
             f.folder for f in cifar.FORMATS.values()}:
+        _refuse_labels(labels, path)
         train, test, classes, fmt = cifar.load_official_folder(path, label_mode)
         return _from_official(train, test, classes, fmt, str(path))
-    return _load_folder_cached(path, skip_bad_images, use_cache, image_size, test_split)
+    return _load_folder_cached(path, skip_bad_images, use_cache, image_size, test_split, labels)
+
+
+def _refuse_labels(labels: str | Path | None, path: Path) -> None:
+    if labels is not None:
+        raise DataError(f"--labels {labels} applies to image folders and archives; {path} is an official CIFAR "
+                        "archive, whose batches hold their own labels: leave --labels out")
 
 
 def _from_official(train, test, classes, fmt, source) -> Dataset:
@@ -146,11 +162,13 @@ def _from_official(train, test, classes, fmt, source) -> Dataset:
 
 
 def _load_folder_cached(path: Path, skip_bad: bool, use_cache: bool, size: tuple[int, int] | None = None,
-                        test_split: float = folder.TEST_SPLIT) -> Dataset:
-    # size and test split join the key only where not the defaults, so the keys of folders read
-    # the default way stay as they were
+                        test_split: float = folder.TEST_SPLIT, labels: str | Path | None = None) -> Dataset:
+    # size, test split and labels join the key only where not the defaults, so the keys of
+    # folders read the default way stay as they were; a labels file by its content, as it may
+    # lie outside the folder
     options = {"skip_bad": skip_bad, **({"size": list(size)} if size else {}),
-               **({"test_split": test_split} if test_split != folder.TEST_SPLIT else {})}
+               **({"test_split": test_split} if test_split != folder.TEST_SPLIT else {}),
+               **({"labels": cache.file_digest(Path(labels).expanduser())} if labels is not None else {})}
     key = cache.source_key(path, **options) if use_cache else None
     hit = cache.load_cached(key) if key else None
     if hit is not None:
@@ -158,7 +176,8 @@ def _load_folder_cached(path: Path, skip_bad: bool, use_cache: bool, size: tuple
         return Dataset(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], meta["classes"],
                        str(path), "image-folder", meta["test_paths"], meta["notes"] + ["loaded from the decoded cache"])
     t0 = time.perf_counter()
-    fd = folder.load_image_folder(path, skip_bad=skip_bad, size=size, test_split=test_split)
+    fd = folder.load_image_folder(path, skip_bad=skip_bad, size=size, test_split=test_split,
+                                  labels=Path(labels).expanduser() if labels is not None else None)
     notes = fd.notes + [f"decoded in {time.perf_counter() - t0:.1f} s"]
     if key:
         cache.store_cached(key, {"x_train": fd.x["train"], "y_train": fd.y["train"], "x_test": fd.x["test"],

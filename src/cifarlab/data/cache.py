@@ -36,14 +36,29 @@ def source_key(path: Path, **options) -> str:
     h = hashlib.sha256(f"v{CACHE_VERSION} {json.dumps(options, sort_keys=True)}".encode())
     path = path.resolve()
     if path.is_file():
-        with open(path, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
+        _hash_file(h, path)
     else:
         for p in sorted(path.rglob("*")):
             st = p.stat()
             h.update(f"{p.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:32]
+
+
+def _hash_file(h, path: Path) -> None:
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+
+
+def file_digest(path: Path) -> str | None:
+    """The SHA-256 of a file's bytes, for a key; None where it cannot be read (its reader then
+    says why)."""
+    h = hashlib.sha256()
+    try:
+        _hash_file(h, path)
+    except OSError:
+        return None
+    return h.hexdigest()
 
 
 def load_cached(key: str) -> tuple[dict[str, np.ndarray], dict] | None:

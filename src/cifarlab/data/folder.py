@@ -7,6 +7,7 @@ import functools
 import hashlib
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from PIL import Image
 
 from ..errors import DataError
 from ..runtime import progress, release_freed_memory
-from . import archive
+from . import archive, labels_csv
 from .images import is_gray, is_image_name, open_image, to_array
 
 SPLITS = ("train", "test")
@@ -66,17 +67,41 @@ def _class_folders(norm: list[str], source: str, test_split: float
     if not by_class:
         raise DataError(f"{source}: no class folders found. An image folder must hold train/<class>/<image> and "
                         "test/<class>/<image> (for example train/cat/0001.jpg), or <class>/<image> alone (for "
-                        "example cat/0001.jpg), from which a test split is held out")
+                        "example cat/0001.jpg), from which a test split is held out; images outside class folders need a "
+                        "CSV file of their labels (--labels)")
+    return prefix, _split_classes(by_class, test_split, lambda c: f"{source}: class folder '{prefix}{c}'"), \
+        sorted(misplaced)
+
+
+def _split_classes(by_class: dict[str, list[str]], test_split: float, what: Callable[[str], str]
+                   ) -> dict[str, list[tuple[str, str]]]:
+    """(path, class) per split, ``test_split`` of each class's paths held out (:func:`_held_out`);
+    a class too small to split is refused, named by ``what(class)``."""
     items: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
     for c, members in sorted(by_class.items()):
         test = _held_out(members, test_split)
         if not test or len(test) == len(members):
-            raise DataError(f"{source}: class folder '{prefix}{c}' holds {len(members)} image(s), too few to hold out "
-                            f"a test split of {test_split:g} and train on the rest; add images, or give another "
-                            "--test-split")
+            raise DataError(f"{what(c)} holds {len(members)} image(s), too few to hold out a test split of "
+                            f"{test_split:g} and train on the rest; add images, or give another --test-split")
         items["test"] += [(n, c) for n in members if n in test]
         items["train"] += [(n, c) for n in members if n not in test]
-    return prefix, items, sorted(misplaced)
+    return items
+
+
+def _labelled(files: list[str], labels: Path, source: str, test_split: float
+              ) -> tuple[str, dict[str, list[tuple[str, str]]], list[str], list[str]]:
+    """The layout of images labelled by a CSV file: the wrapper folder (or ''), (path, class) per
+    split with ``test_split`` of each class held out (:func:`_held_out`), the classes, and notes."""
+    rows = labels_csv.read_rows(Path(labels))
+    prefix, by_class, notes = labels_csv.assign(files, rows, source)
+    items = _split_classes(by_class, test_split, lambda c: f"{rows.path}: class {c!r}")
+    return prefix, items, labels_csv.class_order(by_class), notes + [_held_out_note(items, test_split)]
+
+
+def _held_out_note(items: dict[str, list[tuple[str, str]]], test_split: float) -> str:
+    n_test = len(items["test"])
+    return (f"held out {test_split:g} of each class's images for testing ({n_test} of {n_test + len(items['train'])}), "
+            "by their paths, the same in every command")
 
 
 def _in_class_folder(name: str, prefix: str) -> bool:
@@ -182,11 +207,14 @@ def _conform(arr: np.ndarray, channels: int, size: tuple[int, int]) -> np.ndarra
 
 
 def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = None,
-                      size: tuple[int, int] | None = None, test_split: float = TEST_SPLIT) -> FolderData:
+                      size: tuple[int, int] | None = None, test_split: float = TEST_SPLIT,
+                      labels: Path | None = None) -> FolderData:
     """Read and decode an image folder or archive; all images end up one size and mode.
 
     A folder of class folders alone, without train/ and test/, has ``test_split`` of each
-    class's images held out for testing (see :func:`_held_out`).
+    class's images held out for testing (see :func:`_held_out`). With ``labels``, a CSV file
+    naming each image's class (:mod:`.labels_csv`), the images it names are read wherever they
+    lie, and a test split is held out of them the same way.
 
     Images are resized (bilinear) to ``size`` (H, W), by default the most common size, each
     from its decoded file; grayscale is kept as one channel
@@ -204,7 +232,13 @@ def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = 
         # Every member, not just images: non-image files must be listed to be counted as ignored.
         members = archive.read_members(path, dirs=True)
         names = [n for n, _ in members]
-    prefix, items, misplaced, flat = _index([n for n in names if not n.endswith("/")], source, test_split)
+    files = [n for n in names if not n.endswith("/")]
+    if labels is not None:
+        prefix, items, classes, notes_before = _labelled(files, labels, source, test_split)
+        misplaced, layout = [], "labels"
+    else:
+        prefix, items, misplaced, flat = _index(files, source, test_split)
+        notes_before, layout = [], "class-folders" if flat else "split"
     for n in names:
         parts = n.strip("/")[len(prefix):].split("/") if n.startswith(prefix) else []
         if n.endswith("/") and len(parts) == 2 and parts[0] in SPLITS and not parts[1].startswith("."):
@@ -215,27 +249,28 @@ def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = 
     else:
         blobs = [(n.strip("/"), b) for n, b in members if n.strip("/") in wanted]
         del members
-    classes = _classes(items, dirs, source, misplaced)
+    if layout != "labels":  # a labels file names the classes; folders are not looked at
+        classes = _classes(items, dirs, source, misplaced)
     ignored = sum(1 for s in SPLITS for n, _ in items[s] if not is_image_name(n))
-    if flat:  # the class-folders index keeps images only; count the other files in class folders here
+    if layout == "class-folders":  # its index keeps images only; count the other files in class folders here
         ignored = sum(1 for n in names if _in_class_folder(n, prefix) and not is_image_name(n))
     # A size asked for is applied in the decoding workers; without one, the most common size is
     # only known once all are decoded, and the few of other sizes are resized below.
     decoded, notes = _decode_all(blobs, skip_bad, source, workers, tuple(size) if size is not None else None)
     del blobs
+    notes = notes_before + notes
     if ignored:
         notes.append(f"ignored {ignored} file(s) without an image suffix")
     if misplaced:
-        read = "<class>/<image>" if flat else "train/<class>/<image> and test/<class>/<image>"
+        read = "<class>/<image>" if layout == "class-folders" else "train/<class>/<image> and test/<class>/<image>"
         notes.append(f"ignored {len(misplaced)} image(s) not directly in a class folder (first: {misplaced[0]}); "
                      f"only {read} are read")
-    if not flat and test_split != TEST_SPLIT:
+    if layout == "split" and test_split != TEST_SPLIT:
         notes.append(f"--test-split {test_split:g} applies to a folder of class folders alone; ignored, {source} "
                      "has its own test/ folder")
-    if flat:
-        notes.append(f"no train/ and test/ folders: read {len(classes)} class folders, and held out {test_split:g} "
-                     f"of each class's images for testing ({len(items['test'])} of "
-                     f"{len(items['test']) + len(items['train'])}), by their paths, the same in every command")
+    if layout == "class-folders":
+        notes.append(f"no train/ and test/ folders: read {len(classes)} class folders, and "
+                     + _held_out_note(items, test_split))
     if not decoded:
         raise DataError(f"{source}: no readable images")
     sizes = Counter(hw for _, (_, _, _, hw) in decoded)

@@ -74,9 +74,10 @@ def test_headers_columns_separators_and_paths(tmp_path):
     (tmp_path / "semi.csv").write_text("\ufeffpath;label\n" + "".join(
         f".\\{n.replace('/', chr(92))};{c}\n" for n, c in rows), encoding="utf-8")
     (tmp_path / "other.csv").write_text("picture,kind\n" + "".join(f"{n[:-4]},{c}\n" for n, c in rows))
+    (tmp_path / "beside.csv").write_text("".join(f"d/{n},{c}\n" for n, c in rows))  # through the folder's name
     want = load_dataset(tmp_path / "d", labels=tmp_path / "named.csv")
     assert want.classes == ["apple", "banana"] and len(want.y_train) + len(want.y_test) == 10
-    for f in ("bare.csv", "semi.csv", "other.csv"):
+    for f in ("bare.csv", "semi.csv", "other.csv", "beside.csv"):
         ds = load_dataset(tmp_path / "d", labels=tmp_path / f, use_cache=False)
         assert ds.test_paths == want.test_paths and np.array_equal(ds.y_test, want.y_test), f
         assert np.array_equal(ds.x_train, want.x_train) and np.array_equal(ds.y_train, want.y_train), f

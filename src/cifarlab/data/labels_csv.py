@@ -3,7 +3,8 @@
 published for Kaggle's competition (``train/1.png`` ... with ``trainLabels.csv``: ``id,label``).
 
 A row's file is a path relative to the data's root, or that path without its suffix (an id such as
-``1`` for ``1.png``). The first row is a header unless it names an image. The file column is the
+``1`` for ``1.png``), either perhaps through the root folder's own name (``train/1.png`` for
+``--data train``, from a labels file beside that folder). The first row is a header unless it names an image. The file column is the
 one headed file, filename, path, image, image_id, id or name, else the first; the label column the
 one headed label, class, category or target, else the second.
 """
@@ -91,13 +92,20 @@ def assign(files: list[str], rows: Rows, source: str) -> tuple[str, dict[str, li
     prefix = tops.pop() + "/" if len(tops) == 1 and all("/" in n for n in images) else ""
     # with a wrapper folder (an archive of a folder), a row may name a path inside it or through it
     lookups = [_lookup(images)] + ([_lookup(images, len(prefix))] if prefix else [])
+    # a labels file beside the images' folder may name paths through that folder (train/1.png)
+    through = PurePosixPath(source.replace("\\", "/")).name + "/"
+
+    def find(name: str) -> list[str | None]:
+        keys = (name, name[len(through):]) if name.startswith(through) else (name,)
+        return [lk[k] for k in keys for lk in lookups if k in lk][:1]
+
     entries = rows.rows[1:] if rows.header else rows.rows
-    if not rows.header and not any(rows.rows[0][1] in lk for lk in lookups):
+    if not rows.header and not find(rows.rows[0][1]):
         entries = rows.rows[1:]  # a first row that names no image is a header, whatever it says
     label_of: dict[str, tuple[str, int]] = {}
     unmatched = []
     for line, name, label in entries:
-        hits = [lk[name] for lk in lookups if name in lk]
+        hits = find(name)
         if not hits:
             unmatched.append((line, name))
             continue

@@ -48,11 +48,13 @@ def test_files_are_read_and_written_a_chunk_at_a_time(trained_run, image_folder,
     assert predicted == [2, 1, 2, 1] and len(written_before_read) == 4
     if fmt == "json":  # in full precision, other batches may change a probability's last bits
         got, want = json.loads(out.getvalue()), json.loads(whole.getvalue())
+        # written as it comes, laid out as json.dump lays out the whole document
+        assert out.getvalue() == json.dumps(got, indent=2) + "\n"
         probs = [[t.pop("probability") for t in r["top"]] for doc in (got, want) for r in doc["predictions"]]
         assert got == want and np.allclose(probs[:6], probs[6:], rtol=1e-4, atol=1e-7)
     else:
         assert out.getvalue() == whole.getvalue()
-        assert all(a < b for a, b in zip(written_before_read, written_before_read[1:]))
+    assert all(a < b for a, b in zip(written_before_read, written_before_read[1:]))
     if fmt == "table":  # one column width for all rows, and the uncertain count over all chunks
         rows = out.getvalue().splitlines()
         assert len(rows) == 7 and len({r.index("  ") for r in rows[:6]}) == 1
@@ -67,5 +69,9 @@ def test_unreadable_files_alone_give_no_rows(trained_run, tmp_path, capsys):
     out = io.StringIO()
     assert predict.predict_files(str(trained_run), [str(bad), str(tmp_path / "missing.png")], fmt="csv", out=out) == 1
     assert out.getvalue().splitlines() == ["file,rank,class,probability"]
+    out = io.StringIO()
+    assert predict.predict_files(str(trained_run), [str(bad)], fmt="json", out=out) == 1
+    doc = json.loads(out.getvalue())
+    assert doc["predictions"] == [] and out.getvalue() == json.dumps(doc, indent=2) + "\n"
     err = capsys.readouterr().err
     assert "missing.png: no such file" in err and "2 of 2 file(s) could not be read" in err

@@ -34,17 +34,19 @@ CHUNK_FILES = 4096  # files read and predicted at a time: memory stays bounded, 
 
 
 class _Output:
-    """Writes predictions as they come, in ``fmt``: a table or CSV row by row; JSON, one
-    document, at the end."""
+    """Writes predictions as they come, in ``fmt``: a table or CSV row by row; JSON as one
+    document whose predictions are written one by one, laid out as ``json.dump(doc, indent=2)``
+    would lay it out, so a large folder's results are never all held at once."""
 
     def __init__(self, fmt: str, out, width: int, min_confidence: float | None) -> None:
         self.fmt, self.out, self.width, self.min_confidence = fmt, out, width, min_confidence
-        self.results: list[dict] = []  # kept for JSON only
         self.count = self.uncertain = 0
         self.csv = csv.writer(out) if fmt == "csv" else None
         if self.csv:
             # the uncertain column only where asked for: the plain layout stays as it was
             self.csv.writerow(["file", "rank", "class", "probability"] + (["uncertain"] if self.marked else []))
+        elif fmt == "json":
+            out.write('{\n  "predictions": [')
 
     @property
     def marked(self) -> bool:
@@ -54,7 +56,8 @@ class _Output:
         self.count += 1
         self.uncertain += bool(r.get("uncertain"))
         if self.fmt == "json":
-            self.results.append(r)
+            item = json.dumps(r, indent=2).replace("\n", "\n    ")  # at the list's depth
+            self.out.write(f"{',' if self.count > 1 else ''}\n    {item}")
         elif self.csv:
             for k, t in enumerate(r["top"], 1):
                 self.csv.writerow([r["file"], k, t["class"], f"{t['probability']:.6f}"]
@@ -65,10 +68,11 @@ class _Output:
 
     def finish(self, failures: list[tuple[str, str]], temperature: float | None, balanced: bool) -> None:
         if self.fmt == "json":
-            json.dump({"predictions": self.results, "errors": [{"file": f, "error": e} for f, e in failures],
-                       "temperature": temperature, "balanced_classes": balanced,
-                       "min_confidence": self.min_confidence}, self.out, indent=2)
-            self.out.write("\n")
+            rest = json.dumps({"predictions": [], "errors": [{"file": f, "error": e} for f, e in failures],
+                               "temperature": temperature, "balanced_classes": balanced,
+                               "min_confidence": self.min_confidence}, indent=2)
+            head = '{\n  "predictions": []'
+            self.out.write(("\n  ]" if self.count else "]") + rest[len(head):] + "\n")
         elif self.fmt == "table" and self.marked:
             self.out.write(f"{self.uncertain} of {self.count} image(s) below confidence "
                            f"{self.min_confidence:g}: uncertain\n")

@@ -102,8 +102,9 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
     ``tta``: the test-time augmentation, by default the run's own; the probabilities use the
     run's calibration (``cifarlab calibrate``) unless ``uncalibrated``. With ``min_confidence``,
     a file whose top probability is below it is marked uncertain (its classes still shown).
-    Files are read and predicted :data:`CHUNK_FILES` at a time, and a table's or CSV's rows
-    written as each chunk is done, so a large folder needs no more memory than a chunk."""
+    Files are read and predicted :data:`CHUNK_FILES` at a time, and the rows (the JSON
+    document's predictions too) written as each chunk is done, so a large folder needs no more
+    memory than a chunk."""
     out = out or sys.stdout
     if min_confidence is not None and not 0 < min_confidence <= 1:
         raise CifarlabError(f"--min-confidence {min_confidence} is not valid; it must lie in (0, 1], such as 0.9")

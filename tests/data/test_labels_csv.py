@@ -136,6 +136,15 @@ def test_labels_need_an_image_folder(tmp_path):
     root, csv, _, _ = _kaggle(tmp_path)
     with pytest.raises(DataError, match="--labels '.*missing.csv' does not exist; give a CSV file"):
         load_dataset(root, labels=tmp_path / "missing.csv")
+    with pytest.raises(DataError, match="--labels '.*' is a folder; give a CSV file"):
+        load_dataset(root, labels=tmp_path)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("id,label\n1,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match="--labels '.*latin.csv' is not UTF-8 text \\(line 2: invalid continuation "
+                                        "byte\\); save it as UTF-8"):
+        load_dataset(root, labels=latin)
+    with pytest.raises(DataError, match="--labels '' is empty; give a CSV file"):
+        load_dataset(root, labels="")
     with pytest.raises(DataError, match="--labels .* names the classes of the images in --data; give --data too"):
         load_dataset(None, labels=csv)
     path, _ = make_official(tmp_path, "cifar10-python", n=4)

@@ -38,14 +38,17 @@ def read_rows(path: Path) -> Rows:
     spreadsheets write, is dropped). Blank lines are skipped; a row without a file or a label is
     refused with its line number."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"--labels '{path}' does not exist; give a CSV file of file,label rows") from None
     except IsADirectoryError:
         raise DataError(f"--labels '{path}' is a folder; give a CSV file of file,label rows") from None
+    try:
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"--labels '{path}' is not UTF-8 text ({e.reason} at byte {e.start}); give a CSV file of "
-                        "file,label rows") from None
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"--labels '{path}' is not UTF-8 text (line {line}: {e.reason}); save it as UTF-8 (CSV UTF-8 "
+                        "in a spreadsheet)") from None
     try:
         dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
     except csv.Error:

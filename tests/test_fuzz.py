@@ -168,3 +168,26 @@ def test_keras_weights_reader_mutated_file(tmp_path_factory, mutations, whole_mo
         return
     model = cifarlab.load_model(run)
     assert model.predict(np.zeros((1, 2, 2, 3), np.uint8)).shape == (1, 10)
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=200),
+                 st.lists(st.tuples(st.sampled_from(["1", "2.png", "a/3", "id", "x", "", " ", '"', "train/1"]),
+                                    st.sampled_from(["cat", "dog", "label", "", "7", "\t"]),
+                                    st.sampled_from([",", ";", "\t", ",,"])), max_size=8)
+                 .map(lambda rows: "".join(f"{f}{sep}{c}\n" for f, c, sep in rows).encode())))
+def test_labels_file_reader(tmp_path_factory, data):
+    """Any bytes as a labels file, matched with a few images: rows assigned, or the tool's error."""
+    from cifarlab.data import labels_csv
+
+    path = tmp_path_factory.mktemp("labels") / "labels.csv"
+    path.write_bytes(data)
+    try:
+        rows = labels_csv.read_rows(path)
+        prefix, by_class, notes = labels_csv.assign(["1.png", "2.png", "a/3.jpg", "notes.txt"], rows, "train")
+    except CifarlabError:
+        return
+    named = [n for members in by_class.values() for n in members]
+    assert prefix == "" and len(named) == len(set(named)) and set(named) <= {"1.png", "2.png", "a/3.jpg"}
+    assert sorted(labels_csv.class_order(by_class)) == sorted(by_class)
+    assert notes[0].endswith(f": {len(named)} image(s) in {len(by_class)} classes")

@@ -493,6 +493,9 @@ def test_train_on_images_labelled_by_a_csv_and_evaluate_them_again(capsys, tmp_p
     assert "labels: trainLabels.csv" in (tmp_path / "run" / "config.yaml").read_text()
     code, out, err = run(capsys, "evaluate", str(tmp_path / "run"), "--json")
     assert code == 0 and json.loads(out)["num_images"] == 6, (out, err)
+    code, out, err = run(capsys, "audit", str(tmp_path / "run"), "--bootstrap", "100")
+    assert code == 0, err
+    assert "- Labels: from `trainLabels.csv` (file,label rows)" in (tmp_path / "run" / "audit" / "MODEL_CARD.md").read_text()
     other = make_image_folder(tmp_path / "other", n_train=2, n_test=2)  # class folders: the CSV is not for it
     code, out, err = run(capsys, "evaluate", str(tmp_path / "run"), "--data", str(other), "--json")
     assert code == 0 and json.loads(out)["num_images"] == 6 and "labels from" not in err, err

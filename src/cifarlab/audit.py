@@ -782,6 +782,8 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
         "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"])
     training_data = {
         "source": m.get("data", {}).get("source", TO_FILL),
+        # a labels file (train --labels) gave the classes, not folder names
+        "labels_file": (cfg.get("data") or {}).get("labels"),
         "size": {k: m.get("data", {}).get(k) for k in ("train_images", "val_images")},
         "classes": pred.classes,
         # runs trained before these were recorded have neither
@@ -1039,6 +1041,8 @@ def model_card_markdown(card: dict) -> str:
              "", "## Factors", "", f"- Relevant factors: {card['factors']['relevant_factors']}",
              f"- Evaluated group attributes: {', '.join(card['factors']['evaluated_groups']) or 'none supplied'}", "",
              "## Training data", "", f"- Source: `{td['source']}`",
+             *([f"- Labels: from `{td['labels_file']}` (file,label rows); the test images were held out of the "
+                "labelled images"] if td.get("labels_file") else []),
              f"- Size: {td['size'].get('train_images')} training, {td['size'].get('val_images')} validation images"
              if td["size"].get("train_images") is not None else f"- Size: {TO_FILL}",
              f"- Classes: {short_list(td['classes'], 20)}",

@@ -496,6 +496,12 @@ def test_train_on_images_labelled_by_a_csv_and_evaluate_them_again(capsys, tmp_p
     code, out, err = run(capsys, "audit", str(tmp_path / "run"), "--bootstrap", "100")
     assert code == 0, err
     assert "- Labels: from `trainLabels.csv` (file,label rows)" in (tmp_path / "run" / "audit" / "MODEL_CARD.md").read_text()
+    (tmp_path / "kaggle" / "trainLabels.csv").rename(tmp_path / "moved.csv")
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "run"))
+    assert code == 2 and "the run's labels file 'trainLabels.csv' (from " in err and "give its path with --labels" in err
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "run"), "--labels", str(tmp_path / "moved.csv"), "--json")
+    assert code == 0 and json.loads(out)["num_images"] == 6, (out, err)
+    (tmp_path / "moved.csv").rename(tmp_path / "kaggle" / "trainLabels.csv")
     other = make_image_folder(tmp_path / "other", n_train=2, n_test=2)  # class folders: the CSV is not for it
     code, out, err = run(capsys, "evaluate", str(tmp_path / "run"), "--data", str(other), "--json")
     assert code == 0 and json.loads(out)["num_images"] == 6 and "labels from" not in err, err

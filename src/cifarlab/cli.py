@@ -31,8 +31,8 @@ EPILOG = """examples:
 # The train flags that set a config key (by config.options_to_overrides' rule: the key's own name,
 # or one of config.OPTION_ALIASES); flags left unset (None) override nothing.
 _TRAIN_OPTIONS = (
-    "data", "dataset", "subset", "image_size", "test_split", "labels", "val_split", "allow_unverified", "skip_bad_images",
-    "label_mode",
+    "data", "dataset", "subset", "image_size", "test_split", "labels", "val_split", "allow_unverified",
+    "skip_bad_images", "label_mode",
     "model", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "epochs", "batch_size", "seed", "device",
     "threads", "out", "overwrite", "deterministic", "augment", "runs", "tta", "label_smoothing", "precision",
     "compile", "compile_mode", "cuda_graph", "cpu_kernels", "select_fraction", "early_stopping",
@@ -511,9 +511,9 @@ def _load_eval_data(args: argparse.Namespace, run: Path):
         # The run's own data path, as typed when it was trained: relative paths hold only there.
         raise ConfigError(f"the run's data '{cfg.data.data}' (from {run / 'config.yaml'}) does not exist from "
                           f"{Path.cwd()}; give its path with --data")
-    if (not args.data or args.data == (cfg and cfg.data.data)) and not args.labels and cfg and cfg.data.labels \
-            and not Path(cfg.data.labels).expanduser().exists():
-        raise ConfigError(f"the run's labels file '{cfg.data.labels}' (from {run / 'config.yaml'}) does not exist "
+    own_labels = None if args.labels else _labels(args, cfg)
+    if own_labels and not Path(own_labels).expanduser().exists():
+        raise ConfigError(f"the run's labels file '{own_labels}' (from {run / 'config.yaml'}) does not exist "
                           f"from {Path.cwd()}; give its path with --labels")
     ds = _load_data(args, cfg)
     size = _input_size(run)
@@ -538,6 +538,16 @@ def _input_size(run: Path) -> tuple[int, int] | None:
     return (inp["height"], inp["width"]) if "height" in inp and "width" in inp else None
 
 
+def _labels(args: argparse.Namespace, cfg=None) -> str | None:
+    """``--labels``, else the run's own labels file where the data is the run's own (``--data``
+    left out, or the same path): another folder's images are not named in it."""
+    if args.labels:
+        return args.labels
+    if cfg and cfg.data.labels and (not args.data or args.data == cfg.data.data):
+        return cfg.data.labels
+    return None
+
+
 def _load_data(args: argparse.Namespace, cfg=None):
     """The data of ``--data`` (or the download of ``--dataset``) with the data options given;
     options left unset take ``cfg``'s (a run's config, read as it was trained) where given."""
@@ -545,15 +555,14 @@ def _load_data(args: argparse.Namespace, cfg=None):
 
     data = args.data or (cfg.data.data if cfg else None)
     dataset = args.dataset or (cfg.data.dataset if cfg else "cifar10")
-    # the run's labels file goes with the run's own data only
-    labels = args.labels or (cfg.data.labels if cfg and data == cfg.data.data else None)
     label_mode = args.label_mode or (cfg.data.label_mode if cfg else "fine")
     # unset flags take the run's own setting: the data it was trained on, read as it was
     skip_bad = args.skip_bad_images if args.skip_bad_images is not None else bool(cfg and cfg.data.skip_bad_images)
     # the size the run was trained at, where it chose one, and its own test images
     own = cfg.data if cfg else DataConfig()
     ds = load_dataset(data, dataset, allow_unverified=bool(args.allow_unverified), label_mode=label_mode,
-                      skip_bad_images=skip_bad, image_size=own.image_hw(), test_split=own.test_split, labels=labels)
+                      skip_bad_images=skip_bad, image_size=own.image_hw(), test_split=own.test_split,
+                      labels=_labels(args, cfg))
     for note in ds.notes:  # on stderr: stdout may be --json
         print(f"data: {note}", file=sys.stderr)
     return ds

@@ -56,21 +56,6 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 512 << 20))
 
 
-def release_freed_memory() -> bool:
-    """Hand the heap's free pages back to the kernel (glibc's ``malloc_trim``); True if done.
-
-    For after work that freed many small blocks at once, such as decoding tens of thousands
-    of images one array each: the freed blocks lie between live ones, so glibc keeps them,
-    and the process would carry them, up to a gigabyte at 64x64, for the rest of its life.
-    """
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
-
-
 def setup(device: str = "auto", threads: int | None = None, deterministic: bool = False) -> torch.device:
     """Select the device and configure threads, host memory reuse and determinism; returns the device.
 

@@ -3,7 +3,6 @@ tar or zip archive."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from collections import Counter
@@ -15,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
-from ..runtime import progress, release_freed_memory
+from ..runtime import progress
 from . import archive, labels_csv
 from .images import is_gray, is_image_name, open_image, to_array
 
@@ -161,21 +160,19 @@ def _classes(items: dict[str, list[tuple[str, str]]], dirs: dict[str, set[str]],
     return train_classes
 
 
-def _decode_one(item: tuple[str, bytes], size: tuple[int, int] | None = None) -> tuple[str, object]:
-    """One file decoded to (array, is grayscale, Pillow mode, decoded (H, W)), or its DataError.
-    With ``size`` given the array is resized to it here, in the decoding worker."""
+def _decode_one(item: tuple[str, bytes]) -> tuple[str, object]:
+    """One file decoded to (array, is grayscale, Pillow mode), or its DataError."""
     name, data = item
     try:
         im = open_image(data, name)
         gray = is_gray(im)
-        return name, (to_array(im, 1 if gray else 3, size), gray, im.mode, (im.height, im.width))
+        return name, (to_array(im, 1 if gray else 3), gray, im.mode)
     except DataError as e:
         return name, e
 
 
-def _decode_all(blobs: list[tuple[str, bytes]], skip_bad: bool, source: str, workers: int,
-                size: tuple[int, int] | None = None) -> tuple[list[tuple[str, tuple]], list[str]]:
-    decode = functools.partial(_decode_one, size=size)
+def _decode_all(blobs: list[tuple[str, bytes]], skip_bad: bool, source: str,
+                workers: int) -> tuple[list[tuple[str, tuple]], list[str]]:
     if workers > 1 and len(blobs) > POOL_MIN_FILES:
         # Processes, not threads: decoding tiny JPEGs is dominated by Python-level overhead that
         # holds the GIL, so threads ran slower than one core here.
@@ -183,9 +180,9 @@ def _decode_all(blobs: list[tuple[str, bytes]], skip_bad: bool, source: str, wor
 
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         with ctx.Pool(workers) as pool:
-            results = list(progress(pool.imap(decode, blobs, chunksize=1000), len(blobs), "Decoding", "image"))
+            results = list(progress(pool.imap(_decode_one, blobs, chunksize=1000), len(blobs), "Decoding", "image"))
     else:
-        results = [decode(b) for b in progress(blobs, len(blobs), "Decoding", "image")]
+        results = [_decode_one(b) for b in progress(blobs, len(blobs), "Decoding", "image")]
     bad = [(n, r) for n, r in results if isinstance(r, DataError)]
     if bad and not skip_bad:
         shown = "; ".join(str(e) for _, e in bad[:3])
@@ -254,9 +251,7 @@ def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = 
     ignored = sum(1 for s in SPLITS for n, _ in items[s] if not is_image_name(n))
     if layout == "class-folders":  # its index keeps images only; count the other files in class folders here
         ignored = sum(1 for n in names if _in_class_folder(n, prefix) and not is_image_name(n))
-    # A size asked for is applied in the decoding workers; without one, the most common size is
-    # only known once all are decoded, and the few of other sizes are resized below.
-    decoded, notes = _decode_all(blobs, skip_bad, source, workers, tuple(size) if size is not None else None)
+    decoded, notes = _decode_all(blobs, skip_bad, source, workers)
     del blobs
     notes = notes_before + notes
     if ignored:
@@ -273,20 +268,20 @@ def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = 
                      + _held_out_note(items, test_split))
     if not decoded:
         raise DataError(f"{source}: no readable images")
-    sizes = Counter(hw for _, (_, _, _, hw) in decoded)
+    sizes = Counter(a.shape[:2] for _, (a, _, _) in decoded)
     given = size is not None
     size = tuple(size) if given else sizes.most_common(1)[0][0]
-    channels = 1 if all(g for _, (_, g, _, _) in decoded) else 3
+    channels = 1 if all(g for _, (_, g, _) in decoded) else 3
     resized = sum(n for s, n in sizes.items() if s != size)
     if resized:
         to = f"{size[0]}x{size[1]} (the image size asked for, HxW)" if given else \
             f"the most common size {size[1]}x{size[0]}"
         notes.append(f"resized {resized} image(s) to {to}")
     want_mode = "L" if channels == 1 else "RGB"
-    converted = sum(1 for _, (_, _, mode, _) in decoded if mode != want_mode)
+    converted = sum(1 for _, (_, _, mode) in decoded if mode != want_mode)
     if converted:
         notes.append(f"converted {converted} image(s) to {want_mode}")
-    arrays = {n: _conform(a, channels, size) for n, (a, _, _, _) in decoded}
+    arrays = {n: _conform(a, channels, size) for n, (a, _, _) in decoded}
     cls_index = {c: i for i, c in enumerate(classes)}
     out_x, out_y, out_p = {}, {}, {}
     for s in SPLITS:
@@ -296,6 +291,4 @@ def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = 
         out_x[s] = np.stack([arrays[prefix + n] for n, _ in rows])
         out_y[s] = np.array([cls_index[c] for _, c in rows], dtype=np.int64)
         out_p[s] = [n for n, _ in rows]
-    del arrays, decoded
-    release_freed_memory()  # the per-image arrays, now copied into out_x, would stay on the heap
     return FolderData(out_x, out_y, out_p, classes, notes)

@@ -16,7 +16,7 @@ from PIL import Image
 from ..errors import DataError
 from ..runtime import progress
 from . import archive, labels_csv
-from .images import is_gray, is_image_name, open_image, to_array
+from .images import is_gray, is_image_name, is_visible_image, open_image, to_array
 
 SPLITS = ("train", "test")
 
@@ -50,7 +50,7 @@ def _class_folders(norm: list[str], source: str, test_split: float
                    ) -> tuple[str, dict[str, list[tuple[str, str]]], list[str]]:
     """The layout without train/ and test/: <class>/<image>, perhaps in one wrapper folder. Each
     class's images are split into train and test by :func:`_held_out`."""
-    images = [n for n in norm if is_image_name(n) and not any(p.startswith(".") for p in n.split("/"))]
+    images = [n for n in norm if is_visible_image(n)]
     prefix = ""
     tops = {n.split("/")[0] for n in images}
     if len(tops) == 1 and any(n.count("/") >= 2 for n in images):

@@ -22,6 +22,12 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
+def is_visible_image(path: str) -> bool:
+    """True for an image file (by suffix) of a /-separated path with no hidden part: neither it
+    nor a folder above it starts with a dot (.DS_Store, .git/, a zip's ._ copies)."""
+    return is_image_name(path) and not any(p.startswith(".") for p in path.split("/"))
+
+
 def open_image(data: bytes, what: str) -> Image.Image:
     """Open and fully decode image bytes, refusing non-images, truncated files and bombs, and turn
     the image upright as its EXIF Orientation tag says (as image viewers show it)."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import DataError
-from .images import is_image_name
+from .images import is_visible_image
 
 FILE_HEADERS = ("file", "filename", "path", "image", "image_id", "id", "name")
 LABEL_HEADERS = ("label", "class", "category", "target")
@@ -88,7 +88,7 @@ def assign(files: list[str], rows: Rows, source: str) -> tuple[str, dict[str, li
     """The data's wrapper folder (or ''), each class's images, and notes: which rows name no
     image and which images no row names. A row naming two images, an image given two labels, or
     a file whose rows name none of its images is refused."""
-    images = sorted(n for n in files if is_image_name(n) and not any(p.startswith(".") for p in n.split("/")))
+    images = sorted(n for n in files if is_visible_image(n))
     if not images:
         raise DataError(f"{source}: no image files found to match with the labels in {rows.path}")
     tops = {n.split("/")[0] for n in images}

@@ -30,6 +30,8 @@ def _expand(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     return files, empty
 
 
+# the JSON document's start, before its first prediction
+_JSON_HEAD = '{\n  "predictions": ['
 CHUNK_FILES = 4096  # files read and predicted at a time: memory stays bounded, and rows appear as made
 
 
@@ -46,7 +48,7 @@ class _Output:
             # the uncertain column only where asked for: the plain layout stays as it was
             self.csv.writerow(["file", "rank", "class", "probability"] + (["uncertain"] if self.marked else []))
         elif fmt == "json":
-            out.write('{\n  "predictions": [')
+            out.write(_JSON_HEAD)
 
     @property
     def marked(self) -> bool:
@@ -71,8 +73,8 @@ class _Output:
             rest = json.dumps({"predictions": [], "errors": [{"file": f, "error": e} for f, e in failures],
                                "temperature": temperature, "balanced_classes": balanced,
                                "min_confidence": self.min_confidence}, indent=2)
-            head = '{\n  "predictions": []'
-            self.out.write(("\n  ]" if self.count else "]") + rest[len(head):] + "\n")
+            # the rest of the document as json.dump would lay it out after an empty list
+            self.out.write(("\n  ]" if self.count else "]") + rest.removeprefix(_JSON_HEAD + "]") + "\n")
         elif self.fmt == "table" and self.marked:
             self.out.write(f"{self.uncertain} of {self.count} image(s) below confidence "
                            f"{self.min_confidence:g}: uncertain\n")

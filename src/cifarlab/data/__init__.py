@@ -166,9 +166,10 @@ def _load_folder_cached(path: Path, skip_bad: bool, use_cache: bool, size: tuple
     # size, test split and labels join the key only where not the defaults, so the keys of
     # folders read the default way stay as they were; a labels file by its content, as it may
     # lie outside the folder
+    labels = Path(labels).expanduser() if labels is not None else None
     options = {"skip_bad": skip_bad, **({"size": list(size)} if size else {}),
                **({"test_split": test_split} if test_split != folder.TEST_SPLIT else {}),
-               **({"labels": cache.file_digest(Path(labels).expanduser())} if labels is not None else {})}
+               **({"labels": cache.file_digest(labels)} if labels is not None else {})}
     key = cache.source_key(path, **options) if use_cache else None
     hit = cache.load_cached(key) if key else None
     if hit is not None:
@@ -176,8 +177,7 @@ def _load_folder_cached(path: Path, skip_bad: bool, use_cache: bool, size: tuple
         return Dataset(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], meta["classes"],
                        str(path), "image-folder", meta["test_paths"], meta["notes"] + ["loaded from the decoded cache"])
     t0 = time.perf_counter()
-    fd = folder.load_image_folder(path, skip_bad=skip_bad, size=size, test_split=test_split,
-                                  labels=Path(labels).expanduser() if labels is not None else None)
+    fd = folder.load_image_folder(path, skip_bad=skip_bad, size=size, test_split=test_split, labels=labels)
     notes = fd.notes + [f"decoded in {time.perf_counter() - t0:.1f} s"]
     if key:
         cache.store_cached(key, {"x_train": fd.x["train"], "y_train": fd.y["train"], "x_test": fd.x["test"],

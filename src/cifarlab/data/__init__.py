@@ -11,6 +11,7 @@ Accepted by ``--data`` (see :func:`load_dataset`):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ import numpy as np
 from ..errors import DataError
 from . import archive, cache, cifar, download, folder
 
-__all__ = ["Dataset", "load_dataset", "resized", "stratified_split", "balanced_subset", "subset_note", "DataError"]
+__all__ = ["Dataset", "load_dataset", "resized", "every_image_as_test", "stratified_split", "balanced_subset",
+           "subset_note", "DataError"]
 
 
 @dataclass
@@ -30,7 +32,10 @@ class Dataset:
 
     ``test_paths`` name each test image in the source (``test/cat/0001.jpg`` for image folders,
     ``test_batch#17`` or the official file name for archives), in the order of ``x_test``:
-    this is the order that ``--groups`` files refer to by index.
+    this is the order that ``--groups`` files refer to by index. ``train_paths`` name the
+    training images the same way, in the order of ``x_train``. ``held_out`` is True where the
+    source names no test images (class folders alone, or images named by a labels file) and the
+    test split was held out of its images (:func:`cifarlab.data.folder.load_image_folder`).
     """
 
     x_train: np.ndarray
@@ -42,6 +47,8 @@ class Dataset:
     kind: str
     test_paths: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    train_paths: list[str] = field(default_factory=list)
+    held_out: bool = False
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -114,8 +121,21 @@ def resized(ds: Dataset, size: tuple[int, int], reason: str = "the image size as
         return out
 
     note = f"resized all {n + len(ds.x_test)} image(s) from {h}x{w} to {size[0]}x{size[1]} ({reason}, HxW)"
-    return Dataset(each(ds.x_train), ds.y_train, each(ds.x_test), ds.y_test, ds.classes, ds.source, ds.kind,
-                   ds.test_paths, ds.notes + [note])
+    return dataclasses.replace(ds, x_train=each(ds.x_train), x_test=each(ds.x_test), notes=ds.notes + [note])
+
+
+def every_image_as_test(ds: Dataset) -> Dataset:
+    """``ds`` with every image, its training ones included, as a test image, in the order of
+    their paths, and no training images: to evaluate a run on data it was not trained on. The
+    test paths need the training paths, so a data set without them is refused."""
+    if len(ds.train_paths) != len(ds.x_train) or len(ds.test_paths) != len(ds.x_test):
+        raise DataError(f"{ds.source}: its images are not all named, so they cannot be put in one order")
+    paths = ds.train_paths + ds.test_paths
+    order = np.argsort(np.array(paths, dtype=object), kind="stable")
+    x = np.concatenate([ds.x_train, ds.x_test])[order]
+    y = np.concatenate([ds.y_train, ds.y_test])[order]
+    return dataclasses.replace(ds, x_train=x[:0], y_train=y[:0], x_test=x, y_test=y, train_paths=[],
+                               test_paths=[paths[i] for i in order], held_out=False)
 
 
 def _load(data: str | Path | None, dataset: str, allow_unverified: bool, label_mode: str, skip_bad_images: bool,
@@ -158,7 +178,8 @@ def _refuse_labels(labels: str | Path | None, path: Path) -> None:
 
 
 def _from_official(train, test, classes, fmt, source) -> Dataset:
-    return Dataset(train.x, train.y, test.x, test.y, classes, source, fmt.key, test_paths=test.names)
+    return Dataset(train.x, train.y, test.x, test.y, classes, source, fmt.key, test_paths=test.names,
+                   train_paths=train.names)
 
 
 def _load_folder_cached(path: Path, skip_bad: bool, use_cache: bool, size: tuple[int, int] | None = None,
@@ -172,10 +193,11 @@ def _load_folder_cached(path: Path, skip_bad: bool, use_cache: bool, size: tuple
                **({"labels": cache.file_digest(labels)} if labels is not None else {})}
     key = cache.source_key(path, **options) if use_cache else None
     hit = cache.load_cached(key) if key else None
-    if hit is not None:
+    if hit is not None and "held_out" in hit[1]:  # an entry written before it kept the training paths is read again
         arrays, meta = hit
         return Dataset(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], meta["classes"],
-                       str(path), "image-folder", meta["test_paths"], meta["notes"] + ["loaded from the decoded cache"])
+                       str(path), "image-folder", meta["test_paths"], meta["notes"] + ["loaded from the decoded cache"],
+                       train_paths=meta["train_paths"], held_out=meta["held_out"])
     t0 = time.perf_counter()
     fd = folder.load_image_folder(path, skip_bad=skip_bad, size=size, test_split=test_split, labels=labels)
     notes = fd.notes + [f"decoded in {time.perf_counter() - t0:.1f} s"]
@@ -183,9 +205,9 @@ def _load_folder_cached(path: Path, skip_bad: bool, use_cache: bool, size: tuple
         cache.store_cached(key, {"x_train": fd.x["train"], "y_train": fd.y["train"], "x_test": fd.x["test"],
                                  "y_test": fd.y["test"]},
                            {"classes": fd.classes, "test_paths": fd.paths["test"], "notes": fd.notes,
-                            "source": str(path)})
+                            "source": str(path), "train_paths": fd.paths["train"], "held_out": fd.held_out})
     return Dataset(fd.x["train"], fd.y["train"], fd.x["test"], fd.y["test"], fd.classes, str(path),
-                   "image-folder", fd.paths["test"], notes)
+                   "image-folder", fd.paths["test"], notes, train_paths=fd.paths["train"], held_out=fd.held_out)
 
 
 def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1240,3 +1240,20 @@ def test_unequal_validation_classes_add_the_balanced_accuracy_which_early_stoppi
     assert main(["train", "--resume", str(tmp_path / "old"), "--epochs", "2"]) == 0
     rows = json.loads((tmp_path / "old" / "history.json").read_text())
     assert len(rows) == 2 and not any("val_balanced_accuracy" in r for r in rows)
+
+
+def test_a_run_keeps_hashes_of_the_images_it_trained_and_validated_on(trained_run, image_folder):
+    """seen_images.safetensors: the 18 training images (12 trained on, 6 validated on) by their
+    paths and pixels, not the test images; a run without one (an older cifarlab's) gets it when
+    resumed."""
+    from cifarlab.data import load_dataset, seen
+
+    ds = load_dataset(image_folder)
+    pixels, paths = seen.read(trained_run)
+    assert sorted(paths.tolist()) == sorted(seen.path_hashes(ds.train_paths).tolist())
+    assert sorted(pixels.tolist()) == sorted(seen.pixel_hashes(ds.x_train).tolist())
+    assert all(p.startswith("train/") for p in ds.train_paths) and len(ds.train_paths) == 18
+    assert not set(pixels.tolist()) & set(seen.pixel_hashes(ds.x_test).tolist())
+    (trained_run / seen.FILE).unlink()
+    fit(resume=trained_run, log=lambda s: None)
+    assert sorted(seen.read(trained_run)[1].tolist()) == sorted(paths.tolist())

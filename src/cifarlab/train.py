@@ -24,7 +24,7 @@ from . import cpu_kernels as kernels
 from . import runtime
 from .augment import CropFlipCutout, KerasAugment, augmenter_from_config
 from .config import MONITORS, Config, load_run_config, save_config, validate
-from .data import Dataset, balanced_subset, load_dataset, resized, stratified_split, subset_note
+from .data import Dataset, balanced_subset, load_dataset, resized, seen, stratified_split, subset_note
 from .errors import CifarlabError, short_list
 from .evaluate import balanced_accuracy, describe, unequal_classes
 from .export import batched_logits, finished_metrics, normalize, preprocess, save_architecture, save_weights
@@ -116,6 +116,14 @@ def make_arrays(cfg: Config, ds: Dataset, device: torch.device) -> Arrays:
 
     return Arrays(t(ds.x_train[tr]), lab(ds.y_train[tr]), t(ds.x_train[va]), lab(ds.y_train[va]),
                   t(ds.x_test), lab(ds.y_test))
+
+
+def _record_seen(run: Path, cfg: Config, ds: Dataset) -> None:
+    """Keep hashes of the images the run trains and validates on in its folder, so that it is
+    never tested on one of them in other data (:func:`cifarlab.data.seen.test_split_for`)."""
+    idx = np.concatenate(split_indices(cfg, ds.y_train))
+    named = len(ds.train_paths) == len(ds.x_train)
+    seen.record(run / seen.FILE, ds.x_train[idx], [ds.train_paths[i] for i in idx] if named else [])
 
 
 def steps_per_epoch(n_train: int, cfg: Config) -> int:
@@ -818,6 +826,8 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
                                                     f"training images of {ds.source}")):
             log(note)
         arrays = make_arrays(cfg, ds, device)
+        if new or not (run / seen.FILE).is_file():  # a run of an older cifarlab, resumed, gets one too
+            _record_seen(run, cfg, ds)
         n, bs = len(arrays.x_train), cfg.train.batch_size
         steps = steps_per_epoch(n, cfg)
         if steps == 0:

@@ -1,0 +1,133 @@
+"""The images a run trained and validated on, kept in its folder as one 64-bit hash of each
+image's path and one of its pixels, so that a run can be evaluated on other data without
+testing it on an image it has seen.
+
+Where the data names no test images (class folders alone, or a labels file), a test split is
+held out of it by the images' paths. That split is the run's test split only on the run's own
+data; on other data (new photos in class folders) every image is a test image, except those
+with the pixels of an image the run trained or validated on (:func:`test_split_for`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+
+FILE = "seen_images.safetensors"
+_FORMAT = "cifarlab seen images 1"
+
+
+def pixel_hashes(x: np.ndarray) -> np.ndarray:
+    """One 64-bit BLAKE2b hash per image of ``x`` (uint8, N x H x W x C), of its pixels and
+    shape: equal images (and, but for a chance of 2**-64, only they) hash alike."""
+    x = np.ascontiguousarray(x)
+    if len(x) == 0:
+        return np.zeros(0, np.uint64)
+    n = x[0].nbytes
+    key = "x".join(map(str, x.shape[1:])).encode()
+    flat = memoryview(x).cast("B")
+    # about 0.3 s for CIFAR-10's 50,000 training images on one core
+    return np.frombuffer(b"".join(hashlib.blake2b(flat[i * n:(i + 1) * n], digest_size=8, key=key).digest()
+                                  for i in range(len(x))), dtype="<u8").astype(np.uint64)
+
+
+def path_hashes(paths: Sequence[str]) -> np.ndarray:
+    """One 64-bit BLAKE2b hash per path (as :class:`~cifarlab.data.Dataset` names its images)."""
+    return np.frombuffer(b"".join(hashlib.blake2b(p.encode(), digest_size=8).digest() for p in paths),
+                         dtype="<u8").astype(np.uint64)
+
+
+def record(path: str | Path, x: np.ndarray, paths: Sequence[str]) -> None:
+    """Write the hashes of the images ``x``, named ``paths`` (empty where unnamed), to ``path``
+    (a run's :data:`FILE`), atomically."""
+    from safetensors.numpy import save_file
+
+    from ..fsutil import write_with
+
+    tensors = {"pixels": np.sort(pixel_hashes(x)), "paths": np.sort(path_hashes(paths))}
+    write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": _FORMAT}))
+
+
+def read(run: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The sorted (pixel hashes, path hashes) a run recorded, or None where it recorded none (a
+    run trained before cifarlab kept them, or imported from Keras)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(run) / FILE
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "np") as f:
+            if (f.metadata() or {}).get("format") != _FORMAT:
+                raise DataError(f"{path}: not a record of a run's images ({_FORMAT!r}); remove it, or train again")
+            return f.get_tensor("pixels"), f.get_tensor("paths")
+    except (SafetensorError, OSError, KeyError) as e:
+        raise DataError(f"{path}: not a readable record of a run's images ({e}); remove it, or train again") from None
+
+
+def test_split_for(ds, runs: Sequence[str | Path]):
+    """The test images on which to evaluate ``runs`` (one run, or the runs of a set or of a
+    comparison), with a note saying what was chosen (None where nothing changed).
+
+    Data that names its test images keeps them (a note counts those with the pixels of an image
+    a run trained or validated on). Data whose test split was held out (``ds.held_out``) keeps
+    it where it is every run's own data: every image each run trained or validated on, by its
+    path, lies in the data's training part. Otherwise every image of the data is a test image,
+    but for those with the pixels of an image a run trained or validated on. A run without a
+    record (:func:`read`) keeps the held-out split, as before such records were kept."""
+    from . import every_image_as_test
+
+    records = [(Path(r), read(r)) for r in runs]
+    who = "the run" if len(records) == 1 else "one of the runs"
+    missing = [str(r) for r, rec in records if rec is None]
+    if not ds.held_out:
+        if missing:
+            return ds, None
+        seen = np.concatenate([rec[0] for _, rec in records])
+        n = int(np.isin(pixel_hashes(ds.x_test), seen).sum())
+        return ds, (f"{n:,} of the {len(ds.x_test):,} test images of {ds.source} have the pixels of an image {who} "
+                    "trained or validated on; they stay in, as the data names its test images" if n else None)
+    if missing:
+        return ds, (f"{', '.join(missing)} records no images it trained on ({FILE}: made by an older cifarlab, or "
+                    f"imported), so {ds.source} keeps its held-out test split; on data the run was not trained on, "
+                    "that is a share of the images only")
+    if _all_in(ds.train_paths, [rec for _, rec in records]):
+        return ds, None  # the run's own data: the test split it was tested on in training
+    everything = every_image_as_test(ds)
+    seen = np.concatenate([rec[0] for _, rec in records])
+    keep = ~np.isin(pixel_hashes(everything.x_test), seen)
+    n_all, n_keep = len(keep), int(keep.sum())
+    if n_keep == 0:
+        raise DataError(f"{ds.source}: every one of its {n_all:,} images has the pixels of an image {who} trained or "
+                        "validated on, so none is left to test it on")
+    ds = everything if n_keep == n_all else _take(everything, keep)
+    left = (f", leaving out {n_all - n_keep:,} with the pixels of an image {who} trained or validated on"
+            if n_keep < n_all else "")
+    return ds, (f"{ds.source} is not the data {who} was trained on (its training images are not all in it), so "
+                f"every image is a test image, not the held-out split alone: {n_keep:,} of {n_all:,}{left}")
+
+
+def trained_on(ds, runs: Sequence[str | Path]) -> bool | None:
+    """Whether ``ds`` is the data ``runs`` were trained on: each image each of them trained or
+    validated on, by its path, is among ``ds``'s training images; None where a run keeps no
+    record (:func:`read`)."""
+    records = [read(r) for r in runs]
+    return None if any(rec is None for rec in records) else _all_in(ds.train_paths, records)
+
+
+def _all_in(paths: Sequence[str], records) -> bool:
+    have = set(path_hashes(paths).tolist())
+    return all(have.issuperset(rec[1].tolist()) for rec in records)
+
+
+def _take(ds, keep: np.ndarray):
+    import dataclasses
+
+    idx = np.flatnonzero(keep)
+    return dataclasses.replace(ds, x_test=ds.x_test[idx], y_test=ds.y_test[idx],
+                               test_paths=[ds.test_paths[i] for i in idx])

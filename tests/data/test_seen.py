@@ -1,0 +1,126 @@
+"""What a run trained on, kept as hashes, and the test images chosen from it on other data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cifarlab.data import Dataset, every_image_as_test, seen
+from cifarlab.errors import DataError
+
+
+def _images(n: int, seed: int, size=(4, 4)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, *size, 3), dtype=np.uint8)
+
+
+def _held_out(x_train, x_test, train_paths, test_paths, source="data") -> Dataset:
+    """A data set whose test split was held out of class folders, labels from the paths."""
+    def labels(paths):
+        return np.array([0 if p.startswith("cat/") else 1 for p in paths], np.int64)
+
+    return Dataset(x_train, labels(train_paths), x_test, labels(test_paths), ["cat", "dog"], source, "image-folder",
+                   test_paths=list(test_paths), train_paths=list(train_paths), held_out=True)
+
+
+def _names(prefix: str, n: int) -> list[str]:
+    return [f"{('cat', 'dog')[i % 2]}/{prefix}{i:03d}.png" for i in range(n)]
+
+
+def test_pixel_hashes_tell_images_apart_and_count_their_shape():
+    x = _images(50, 0)
+    h = seen.pixel_hashes(x)
+    assert h.dtype == np.uint64 and len(set(h.tolist())) == 50
+    assert (seen.pixel_hashes(x[::-1].copy()) == h[::-1]).all()
+    y = x.copy()
+    y[7, 3, 3, 2] ^= 1  # one bit of one pixel
+    assert (seen.pixel_hashes(y) != h).sum() == 1
+    # the same bytes in another shape are another image
+    assert seen.pixel_hashes(x.reshape(50, 8, 2, 3))[0] != h[0]
+    assert seen.pixel_hashes(x[:0]).shape == (0,)
+
+
+def test_record_reads_back_and_a_bad_record_is_named(tmp_path):
+    x = _images(6, 1)
+    seen.record(tmp_path / seen.FILE, x, _names("a", 6))
+    pixels, paths = seen.read(tmp_path)
+    assert sorted(pixels.tolist()) == sorted(seen.pixel_hashes(x).tolist())
+    assert sorted(paths.tolist()) == sorted(seen.path_hashes(_names("a", 6)).tolist())
+    assert seen.read(tmp_path / "none") is None
+    (tmp_path / seen.FILE).write_bytes(b"not safetensors")
+    with pytest.raises(DataError, match=f"{seen.FILE}: not a readable record of a run's images"):
+        seen.read(tmp_path)
+
+
+def test_every_image_as_test_keeps_each_image_with_its_label_and_path():
+    x_tr, x_te = _images(5, 2), _images(3, 3)
+    ds = _held_out(x_tr, x_te, ["dog/b.png", "cat/e.png", "cat/a.png", "dog/d.png", "cat/c2.png"],
+                   ["cat/c.png", "dog/a.png", "dog/z.png"])
+    every = every_image_as_test(ds)
+    assert every.test_paths == sorted(ds.train_paths + ds.test_paths) and len(every.x_train) == 0
+    by_path = dict(zip(ds.train_paths + ds.test_paths, np.concatenate([x_tr, x_te])))
+    for p, img, label in zip(every.test_paths, every.x_test, every.y_test):
+        assert (img == by_path[p]).all() and label == (0 if p.startswith("cat/") else 1)
+    assert not every.held_out and every.image_shape == ds.image_shape
+
+
+def test_own_data_keeps_its_held_out_split_other_data_is_tested_on_every_unseen_image(tmp_path):
+    x_tr, x_te = _images(8, 4), _images(4, 5)
+    tr_names, te_names = _names("t", 8), _names("h", 4)
+    own = _held_out(x_tr, x_te, tr_names, te_names)
+    run = tmp_path / "run"
+    run.mkdir()
+    seen.record(run / seen.FILE, x_tr[:6], tr_names[:6])  # a subset: the run's own data all the same
+    ds, note = seen.test_split_for(own, [run])
+    assert ds is own and note is None and seen.trained_on(own, [run]) is True
+
+    new = _held_out(_images(6, 6), _images(2, 7), _names("n", 6), _names("m", 2), source="new")
+    ds, note = seen.test_split_for(new, [run])
+    assert len(ds.x_test) == 8 and len(ds.x_train) == 0
+    assert note == ("new is not the data the run was trained on (its training images are not all in it), so every "
+                    "image is a test image, not the held-out split alone: 8 of 8")
+    assert seen.trained_on(new, [run]) is False
+
+    # the run's data with images added: the held-out split moves, so the images it saw are left out by their
+    # pixels, wherever they now lie (two of them among the new test images)
+    grown = _held_out(np.concatenate([x_tr[2:], _images(3, 8)]), np.concatenate([x_tr[:2], x_te]),
+                      tr_names[2:] + _names("g", 3), tr_names[:2] + te_names, source="grown")
+    ds, note = seen.test_split_for(grown, [run])
+    kept = set(seen.pixel_hashes(ds.x_test).tolist())
+    assert not kept & set(seen.pixel_hashes(x_tr[:6]).tolist())
+    assert len(ds.x_test) == 15 - 6 and note.endswith(": 9 of 15, leaving out 6 with the pixels of an image the "
+                                                      "run trained or validated on")
+    assert ds.test_paths == sorted(set(grown.train_paths + grown.test_paths) - set(tr_names[:6]))
+
+
+def test_several_runs_leave_out_what_any_of_them_saw(tmp_path):
+    x = _images(10, 9)
+    names = _names("i", 10)
+    runs = []
+    for k, part in enumerate((slice(0, 3), slice(3, 5))):
+        runs.append(tmp_path / f"run-{k}")
+        runs[-1].mkdir()
+        seen.record(runs[-1] / seen.FILE, x[part], names[part])
+    other = _held_out(x[:8], x[8:], ["x" + n for n in names[:8]], names[8:], source="other")
+    ds, note = seen.test_split_for(other, runs)
+    assert len(ds.x_test) == 5 and "one of the runs" in note
+    seen.record(runs[1] / seen.FILE, x, names)  # saw everything
+    with pytest.raises(DataError, match="every one of its 10 images has the pixels of an image one of the runs"):
+        seen.test_split_for(other, runs)
+
+
+def test_data_naming_its_test_images_keeps_them_and_a_run_without_a_record_keeps_the_split(tmp_path):
+    x_tr, x_te = _images(6, 10), _images(4, 11)
+    run = tmp_path / "run"
+    run.mkdir()
+    seen.record(run / seen.FILE, x_tr, _names("t", 6))
+    split = Dataset(_images(3, 12), np.zeros(3, np.int64), np.concatenate([x_te, x_tr[:1]]), np.zeros(5, np.int64),
+                    ["cat"], "split", "image-folder", test_paths=[f"test/cat/{i}.png" for i in range(5)])
+    ds, note = seen.test_split_for(split, [run])
+    assert ds is split and note == ("1 of the 5 test images of split have the pixels of an image the run trained or "
+                                    "validated on; they stay in, as the data names its test images")
+    old = tmp_path / "old"  # a run from before records were kept
+    old.mkdir()
+    other = _held_out(x_tr, x_te, _names("o", 6), _names("p", 4), source="other")
+    ds, note = seen.test_split_for(other, [old])
+    assert ds is other and note.startswith(f"{old} records no images it trained on ({seen.FILE}")
+    assert seen.trained_on(other, [old]) is None

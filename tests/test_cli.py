@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -469,6 +470,62 @@ def test_train_on_class_folders_alone_and_evaluate_the_same_test_images(capsys, 
     assert code == 0 and json.loads(out)["num_images"] == 6, (out, err)
     code, out, err = run(capsys, "train", "--data", str(data), "--test-split", "1", "--out", str(tmp_path / "x"))
     assert code == 2 and "test split (data.test_split) = 1.0 is not valid; it must lie strictly between 0 and 1" in err
+
+
+def test_other_class_folders_are_tested_on_every_image_the_run_has_not_seen(capsys, tmp_path):
+    """Class folders alone hold a test split out: on the run's own data, evaluate keeps it; on
+    new class folders, every image is a test image; on the run's data with images added, every
+    image but those it trained or validated on (kept as hashes in its folder). The model card
+    says which."""
+    import shutil
+
+    from conftest import make_image_folder
+
+    from cifarlab.data import seen
+
+    data = make_image_folder(tmp_path / "made", n_train=8, n_test=0) / "train"
+    runs = [tmp_path / "run-a", tmp_path / "run-b"]
+    for k, r in enumerate(runs):
+        code, out, err = run(capsys, "train", "--data", str(data), "--model", "keras-shallow", "--epochs", "1",
+                             "--batch-size", "8", "--threads", "1", "--seed", str(k), "--out", str(r))
+        assert code == 0, err
+    pixels, paths = seen.read(runs[0])
+    assert len(pixels) == len(paths) == 18  # 24 images, 6 held out for testing: 18 trained or validated on
+    code, out, err = run(capsys, "evaluate", str(runs[0]), "--data", str(data), "--json")
+    assert code == 0 and json.loads(out)["num_images"] == 6 and "every image is a test image" not in err, err
+
+    new = make_image_folder(tmp_path / "new", n_train=5, n_test=0, seed=1) / "train"
+    code, out, err = run(capsys, "evaluate", str(runs[0]), "--data", str(new), "--json")
+    assert code == 0 and json.loads(out)["num_images"] == 15, err
+    assert f"{new} is not the data the run was trained on (its training images are not all in it), so every image " \
+           "is a test image, not the held-out split alone: 15 of 15" in err
+    code, out, err = run(capsys, "audit", str(runs[0]), "--data", str(new), "--bootstrap", "100", "--out",
+                         str(tmp_path / "audit"))
+    assert code == 0, err
+    card = (tmp_path / "audit" / "MODEL_CARD.md").read_text()
+    assert f"- Source: `{new}`, 15 images; not the data the model was trained on: every one of its images" in card
+    assert f"Accuracy is measured on `{new}`, not on the training data" in card
+
+    # the run's data and 5 new images per class, named to come last in the hash order that holds the test split
+    # out: the split grows from 2 to 3 per class by one image the runs trained or validated on
+    def sha(name):
+        return hashlib.sha256(name.encode()).hexdigest()
+
+    grown = tmp_path / "grown"
+    shutil.copytree(data, grown)
+    for c in ("cat", "dog", "frog"):
+        last = max(sha(f"{c}/{p.name}") for p in (data / c).iterdir())
+        late = (f"new{i}.png" for i in range(10_000) if sha(f"{c}/new{i}.png") > last)
+        for k, name in zip(range(5), late):
+            shutil.copy(new / c / f"{k:04d}.png", grown / c / name)
+    code, out, err = run(capsys, "compare", str(runs[0]), str(runs[1]), "--data", str(grown), "--bootstrap", "100",
+                         "--json")
+    both = set(seen.read(runs[0])[0].tolist()) | set(seen.read(runs[1])[0].tolist())
+    assert code == 0 and json.loads(out)["images"] == 39 - len(both) == 21, err
+    assert ": 21 of 39, leaving out 18 with the pixels of an image one of the runs trained or validated on" in err
+    code, out, err = run(capsys, "robustness", str(runs[0]), "--data", str(new), "--corruptions", "fog",
+                         "--severities", "1", "--json")
+    assert code == 0 and json.loads(out)["images_per_cell"] == 15, err
 
 
 def test_train_on_images_labelled_by_a_csv_and_evaluate_them_again(capsys, tmp_path, monkeypatch):

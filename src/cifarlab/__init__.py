@@ -14,7 +14,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 __all__ = ["make_config", "fit", "create_model", "list_models", "load_model", "load_dataset", "evaluate_run",
            "evaluate_runs", "calibrate_run", "calibrate_runs", "audit_run", "audit_runs", "import_keras", "compare_runs",
-           "robustness_run", "robustness_runs", "corrupt", "duplicates_report", "CifarlabError", "__version__"]
+           "robustness_run", "robustness_runs", "corrupt", "duplicates_report", "test_split_for", "CifarlabError",
+           "__version__"]
 # Each public name, and the module that defines it (imported on first use).
 _HOMES = {"make_config": "config", "fit": "train", "create_model": "models", "list_models": "models",
           "load_model": "export", "load_dataset": "data", "evaluate_run": "evaluate", "audit_run": "audit",
@@ -22,7 +23,7 @@ _HOMES = {"make_config": "config", "fit": "train", "create_model": "models", "li
           "calibrate_runs": "calibrate",
           "import_keras": "keras_files", "compare_runs": "compare", "robustness_run": "robustness",
           "robustness_runs": "robustness", "corrupt": "corruptions",
-          "duplicates_report": "duplicates", "CifarlabError": "errors"}
+          "duplicates_report": "duplicates", "test_split_for": "data.seen", "CifarlabError": "errors"}
 
 
 def __getattr__(name: str):

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .data import Dataset
+from .data import Dataset, seen
 from .duplicates import read_duplicates
 from .errors import CifarlabError, short_list
 from .evaluate import _check_compatible, probabilities_and_raw
@@ -778,6 +778,7 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
     robustness = _robustness_summary(run, pred)
     start_path = run / "init_from.json"  # written by `cifarlab train --init-from`: a fine-tune
     start = json.loads(start_path.read_text()) if start_path.is_file() else None
+    own = seen.trained_on(ds, [run])  # None for a run that keeps no record of its training images
     is_cifar10 = ds.kind.startswith("cifar10") or (ds.kind == "image-folder" and pred.classes == [
         "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"])
     training_data = {
@@ -818,8 +819,7 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
         "factors": {"relevant_factors": TO_FILL + " (e.g. photo source, lighting, region, camera)",
                     "evaluated_groups": list(audit.get("attributes", {}))},
         "training_data": training_data,
-        "evaluation_data": {"source": ds.source, "size": int(len(ds.y_test)),
-                            "note": "the test split of the same collection as the training data; it shares its biases"},
+        "evaluation_data": {"source": ds.source, "size": int(len(ds.y_test)), "note": _evaluation_note(own, ds)},
         "metrics": {
             "overall": {"accuracy": report["accuracy"], "loss": report["loss"], "top_k": report["top_k"],
                         "ece": report["calibration"]["ece"], "test_time_augmentation": report["tta"],
@@ -841,12 +841,24 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
             "Uses for surveillance or face recognition are out of scope and should be refused.",
         ],
         "caveats": [
-            "Accuracy is measured on data from the same collection as the training data; expect lower accuracy on "
-            "other photos" + ("." if robustness else ", and on noisy, blurred or compressed ones (`cifarlab robustness` "
-                                                     "measures how much lower)."),
+            ("Accuracy is measured on data from the same collection as the training data; expect lower accuracy on "
+             "other photos" if own is not False else
+             f"Accuracy is measured on `{ds.source}`, not on the training data; expect other figures on photos unlike "
+             "both") + ("." if robustness else ", and on noisy, blurred or compressed ones (`cifarlab robustness` "
+                                               "measures how much lower)."),
             "Group results are only as good as the groups file; small groups get wide intervals.",
         ] + audit["warnings"],
     }
+
+
+def _evaluation_note(own: bool | None, ds) -> str:
+    """What the card says of its test images: the training data's own test split, or other data."""
+    if own is not False:
+        return "the test split of the same collection as the training data; it shares its biases"
+    if len(ds.x_train) == 0:  # seen.test_split_for took every image the model had not seen
+        return ("not the data the model was trained on: every one of its images but any with the pixels of an "
+                "image the model trained or validated on")
+    return "the test split of other data than the model was trained on"
 
 
 def _robustness_summary(run: Path, pred) -> dict[str, Any] | None:

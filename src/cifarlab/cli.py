@@ -498,9 +498,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_eval_data(args: argparse.Namespace, run: Path):
+def _load_eval_data(args: argparse.Namespace, run: Path, tested: list[Path] | None = None):
     """The data a command evaluates ``run`` (a run, or a ``--runs N`` folder) on: ``--data``, or
-    the run's own, read as it was trained on."""
+    the run's own, read as it was trained on. With ``tested``, the runs to be tested on its test
+    images, those are chosen for them (:func:`cifarlab.data.seen.test_split_for`): on other
+    data that names no test images, every image none of them trained or validated on."""
     from .config import load_run_config
     from .export import check_weights
 
@@ -524,6 +526,12 @@ def _load_eval_data(args: argparse.Namespace, run: Path):
 
         ds = resized(ds, size, "the run's input")
         print(f"data: {ds.notes[-1]}", file=sys.stderr)
+    if tested:
+        from .data.seen import test_split_for
+
+        ds, note = test_split_for(ds, tested)
+        if note:
+            print(f"data: {note}", file=sys.stderr)
     return ds
 
 
@@ -579,7 +587,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if is_runs_set(args.run):
         return _evaluate_runs(args)
     run, _ = read_run(args.run)
-    ds = _load_eval_data(args, run)
+    ds = _load_eval_data(args, run, [run])
     out = Path(args.out) if args.out else run / "eval"
     report = evaluate_run(run, ds, out, tta=args.tta, device=args.device, uncalibrated=args.uncalibrated)
     if args.json:
@@ -625,8 +633,8 @@ def _evaluate_runs(args: argparse.Namespace) -> int:
     from .fsutil import json_text
 
     base = Path(args.run)
-    finished_runs(base)  # before the data is loaded
-    ds = _load_eval_data(args, base)
+    runs = finished_runs(base)  # before the data is loaded
+    ds = _load_eval_data(args, base, runs)
     summary = evaluate_runs(base, ds, Path(args.out) if args.out else None, tta=args.tta, device=args.device,
                             uncalibrated=args.uncalibrated)
     if args.json:
@@ -720,7 +728,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if is_runs_set(args.run):
         return _audit_runs(args)
     run, _ = read_run(args.run)
-    ds = _load_eval_data(args, run)
+    ds = _load_eval_data(args, run, [run])
     out = Path(args.out) if args.out else run / "audit"
     audit_run(run, ds, out, groups_csv=args.groups, margin=args.margin, min_group=args.min_group,
               n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print, uncalibrated=args.uncalibrated)
@@ -733,8 +741,8 @@ def _audit_runs(args: argparse.Namespace) -> int:
     from .export import finished_runs
 
     base = Path(args.run)
-    finished_runs(base)  # before the data is loaded
-    ds = _load_eval_data(args, base)
+    runs = finished_runs(base)  # before the data is loaded
+    ds = _load_eval_data(args, base, runs)
     out = Path(args.out) if args.out else None
     s = audit_runs(base, ds, out, groups_csv=args.groups, margin=args.margin, min_group=args.min_group,
                    n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print,
@@ -775,11 +783,12 @@ def cmd_robustness(args: argparse.Namespace) -> int:
         check_folder_path(args.out)
     several = is_runs_set(args.run)
     if several:
-        finished_runs(args.run)
+        runs = finished_runs(args.run)
         folder = Path(args.run)
     else:
         folder, _ = read_run(args.run)
-    ds = _load_eval_data(args, folder)
+        runs = [folder]
+    ds = _load_eval_data(args, folder, runs)
     log = (lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr))
     kw = dict(corruptions=args.corruptions, severities=args.severities, seed=args.seed, images=args.images,
               corrupted_data=args.corrupted_data, tta=args.tta, device=args.device, uncalibrated=args.uncalibrated,
@@ -856,7 +865,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     (run_a, arch_a), (run_b, arch_b) = read_run(args.run_a), read_run(args.run_b)
     check_weights(run_b)  # run A's before its data loads
     check_same_classes(run_a, arch_a["classes"], run_b, arch_b["classes"])
-    ds = _load_eval_data(args, run_a)
+    ds = _load_eval_data(args, run_a, [run_a, run_b])
     result = compare_runs(run_a, run_b, ds, tta=args.tta, device=args.device or "auto", n_boot=n_boot,
                           groups_csv=args.groups, uncalibrated=args.uncalibrated)
     print(json_text(result) if args.json else format_comparison(result))

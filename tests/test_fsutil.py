@@ -154,3 +154,50 @@ def test_written_files_get_the_permissions_a_plain_write_would(tmp_path, monkeyp
         assert _mode(tmp_path / "private.txt") == 0o600
     finally:
         os.umask(old)
+
+
+def _tricky_tree(root):
+    """Names whose string order differs from their path order ('a-c' < 'a/b' as strings), hidden
+    files, a link to a folder (listed, not entered), a link to a file, a broken link."""
+    for rel in ("a/b", "a-c", "a/.hidden", "a/b2/deep/x.png", "z.txt", ".top"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(rel.encode())
+    (root / "empty").mkdir()
+    (root / "link-to-a").symlink_to(root / "a", target_is_directory=True)
+    (root / "link-to-z").symlink_to(root / "z.txt")
+    return root
+
+
+def test_tree_lists_what_rglob_lists(tmp_path):
+    import os
+
+    from cifarlab.fsutil import tree
+
+    root = _tricky_tree(tmp_path / "t")
+    want = sorted((str(p.relative_to(root)).replace(os.sep, "/"), p.is_dir()) for p in root.rglob("*"))
+    assert sorted((rel, e.is_dir()) for rel, e in tree(root)) == want
+    assert ("link-to-a/b", False) not in want and ("link-to-a", True) in want
+
+
+def test_the_decoded_cache_key_of_a_folder_is_what_earlier_versions_made(tmp_path):
+    """Listing the folder faster kept the keys: caches made by earlier versions stay valid."""
+    import hashlib
+    import json
+
+    from cifarlab.data import cache
+
+    root = _tricky_tree(tmp_path / "t")
+
+    def earlier(path, **options):  # the key as it was computed with pathlib
+        h = hashlib.sha256(f"v{cache.CACHE_VERSION} {json.dumps(options, sort_keys=True)}".encode())
+        for p in sorted(path.resolve().rglob("*")):
+            st = p.stat()
+            h.update(f"{p.relative_to(path.resolve())}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:32]
+
+    assert cache.source_key(root, skip_bad=False) == earlier(root, skip_bad=False)
+    (root / "a" / "b").write_bytes(b"changed size")
+    assert cache.source_key(root, skip_bad=True) == earlier(root, skip_bad=True)
+    before = cache.source_key(root)
+    (root / "broken").symlink_to(root / "gone")
+    assert cache.source_key(root) != before  # a broken link, which pathlib's stat could not take, counts too

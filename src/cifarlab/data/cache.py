@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fsutil import set_final_mode
+from ..fsutil import set_final_mode, tree
 
 # Bump when the decoded layout or the decoding rules change, so stale caches are not reused.
 CACHE_VERSION = 2  # 2: images turned upright by their EXIF orientation
@@ -38,9 +38,14 @@ def source_key(path: Path, **options) -> str:
     if path.is_file():
         _hash_file(h, path)
     else:
-        for p in sorted(path.rglob("*")):
-            st = p.stat()
-            h.update(f"{p.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        # sorted by path components, as Path objects sort, so the keys stay those of earlier versions
+        for rel, entry in sorted(tree(path), key=lambda item: item[0].split("/")):
+            try:
+                st = entry.stat()  # a link's target, as Path.stat
+            except OSError:  # a broken link: its reader says so if it is an image
+                h.update(f"{rel}\0?\n".encode())
+                continue
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:32]
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
+from ..fsutil import tree
 from ..runtime import progress
 from . import archive, labels_csv
 from .images import is_gray, is_image_name, is_visible_image, open_image, to_array
@@ -223,8 +224,7 @@ def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = 
     workers = workers or os.cpu_count() or 1
     dirs: dict[str, set[str]] = {s: set() for s in SPLITS}
     if path.is_dir():
-        names = [str(p.relative_to(path)).replace(os.sep, "/") + ("/" if p.is_dir() else "")
-                 for p in path.rglob("*")]
+        names = [rel + ("/" if e.is_dir() else "") for rel, e in tree(path)]
         members = None
     else:
         # Every member, not just images: non-image files must be listed to be counted as ignored.

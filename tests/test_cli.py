@@ -36,6 +36,21 @@ def test_help_and_list(capsys):
     assert "hardest 0.5 of each batch" in lines["best-select"] and "hardest" not in lines["best"]
 
 
+def test_data_help_says_what_each_command_takes_when_it_is_left_out():
+    """--data left out: train downloads; the commands that take a run read the run's own data."""
+    from cifarlab.cli import _parser
+
+    subs = next(a for a in _parser()._actions if a.dest == "command").choices
+    helps = {name: " ".join(next(a.help for a in subs[name]._actions if a.dest == "data").split())
+             for name in ("train", "evaluate", "audit", "robustness", "compare", "calibrate", "duplicates")}
+    assert helps["train"].endswith("omitted: download --dataset")
+    for name in ("evaluate", "audit", "robustness", "compare"):
+        assert "other data on every image the run did not train or validate on" in helps[name], name
+        assert helps[name].endswith("omitted: the run's own, as its config.yaml names it"), name
+    assert helps["calibrate"].endswith("omitted: the run's own, as its config.yaml names it")
+    assert helps["duplicates"].endswith("or without a run, download --dataset")
+
+
 def test_every_option_says_what_it_does():
     """``COMMAND --help`` explains every argument: none is listed with its name alone."""
     import argparse

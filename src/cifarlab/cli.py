@@ -59,13 +59,26 @@ def _add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda or cuda:N")
 
 
-def _add_data_args(p: argparse.ArgumentParser, subset: str | None = None) -> None:
+_DATA_HEAD = "official CIFAR archive (.tar.gz) or its folder, or an image folder/archive with train/<class>/* and " \
+             "test/<class>/* (or <class>/* alone"
+_OWN_DATA = "the run's own, as its config.yaml names it"
+# --data's help after _DATA_HEAD, by how a command takes a run's data (_add_data_args' ``run``)
+_DATA_TAIL = {
+    None: ": see --test-split; or images anywhere with --labels); omitted: download --dataset",
+    "test": ", or images anywhere with --labels: the run's own data is tested on its held-out split, other data on "
+            f"every image the run did not train or validate on); omitted: {_OWN_DATA}",
+    "own": f", with a test split held out; or images anywhere with --labels); omitted: {_OWN_DATA}",
+    "optional": f", with a test split held out; or images anywhere with --labels); omitted: {_OWN_DATA}, or "
+                "without a run, download --dataset",
+}
+
+
+def _add_data_args(p: argparse.ArgumentParser, subset: str | None = None, run: str | None = None) -> None:
     """The data options, and ``--subset`` with the help text ``subset`` where the command uses
-    it (evaluation reads every test image)."""
+    it (evaluation reads every test image). ``run``: how the command takes a run's data, where
+    it takes a run: 'test' (tests it), 'own' (must be its own) or 'optional' (a run or none)."""
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="official CIFAR archive (.tar.gz) or its folder, or an image folder/archive "
-                   "with train/<class>/* and test/<class>/* (or <class>/* alone: see --test-split; or images anywhere "
-                   "with --labels); omitted: download --dataset")
+    g.add_argument("--data", help=_DATA_HEAD + _DATA_TAIL[run])
     g.add_argument("--dataset", choices=["cifar10", "cifar100"], help="data set to download when --data is omitted")
     if subset:
         g.add_argument("--subset", type=int, help=subset)
@@ -216,7 +229,7 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("evaluate", help="test a trained run: loss, accuracy, per-class metrics, plots")
     e.add_argument("run", help="run folder written by 'cifarlab train' (the folder of --runs N: each run, and "
                                "mean, std, min and max over them)")
-    _add_data_args(e)
+    _add_data_args(e, run="test")
     _add_tta_arg(e)
     _add_uncalibrated_arg(e)
     e.add_argument("--out", help="folder for the report files (default RUN/eval; for a --runs folder, OUT/run-K "
@@ -249,7 +262,7 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
     a = sub.add_parser("audit", help="disaggregated evaluation and a model card")
     a.add_argument("run", help="run folder written by 'cifarlab train' (the folder of --runs N: each run, and each "
                                "class's and group's accuracy as mean, std, min and max over them)")
-    _add_data_args(a)
+    _add_data_args(a, run="test")
     a.add_argument("--groups", help="CSV: first column 'index' or 'path', other columns group attributes")
     a.add_argument("--margin", type=float, default=0.05, help="flag classes/groups this far below overall accuracy")
     a.add_argument("--min-group", type=int, default=30, help="groups smaller than this are too small to judge")
@@ -268,7 +281,7 @@ def _add_robustness_parser(sub: argparse._SubParsersAction) -> None:
                                           "weather, compression) at five severities")
     r.add_argument("run", nargs="?", help="run folder written by 'cifarlab train' (the folder of --runs N: each run on "
                                           "the same corrupted images, and mean, std, min and max over them)")
-    _add_data_args(r)
+    _add_data_args(r, run="test")
     r.add_argument("--corruptions", metavar="NAMES",
                    help="comma-separated corruptions, or 'all' (default: the benchmark's; 'cifarlab robustness "
                         "--list' names them)")
@@ -303,7 +316,7 @@ def _add_duplicates_parser(sub: argparse._SubParsersAction) -> None:
                                    "duplicates.png, the pairs either side of the threshold, to judge it by.")
     d.add_argument("run", nargs="?", help="run folder written by 'cifarlab train' (or the folder of --runs N: each "
                                           "run, and the mean, min and max over them); omitted: the data alone")
-    _add_data_args(d)
+    _add_data_args(d, run="optional")
     d.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"similarity from which a pair counts as a duplicate, in (0, 1] (default {DEFAULT_THRESHOLD})")
     d.add_argument("--shift", type=int, default=DEFAULT_SHIFT,
@@ -333,7 +346,7 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
                                    "from the runs' own figures; no data is loaded.")
     m.add_argument("run_a", metavar="RUN_A", help="the first run folder (or the folder of --runs N)")
     m.add_argument("run_b", metavar="RUN_B", help="the second; the differences are B minus A")
-    _add_data_args(m)
+    _add_data_args(m, run="test")
     m.add_argument("--groups", help="CSV as audit --groups reads it: the comparison per group of each attribute")
     m.add_argument("--bootstrap", type=int, help="bootstrap resamples for the interval (default 1000)")
     _add_tta_arg(m)
@@ -377,7 +390,7 @@ def _add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
                                    "it must be the data the run was trained on.")
     c.add_argument("run", help="run folder written by 'cifarlab train' with validation images (the folder of "
                                "--runs N: each run)")
-    _add_data_args(c)
+    _add_data_args(c, run="own")
     _add_tta_arg(c)
     c.add_argument("--balance-classes", action="store_true",
                    help="for a run trained on classes of unequal size: also correct the probabilities to every "

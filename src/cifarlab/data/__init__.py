@@ -154,7 +154,8 @@ def _load(data: str | Path | None, dataset: str, allow_unverified: bool, label_m
     path = Path(data).expanduser()
     if not path.exists():
         raise DataError(f"--data '{data}' does not exist. Give an official CIFAR archive (.tar.gz) or its "
-                        "extracted folder, or an image folder/archive with train/<class>/* and test/<class>/*, or <class>/* alone")
+                        "extracted folder, or an image folder/archive with train/<class>/* and test/<class>/*, or <class>/* alone, "
+                        "or with images anywhere and --labels FILE.csv naming their classes")
     if path.is_file():
         if not path.name.lower().endswith(archive.ARCHIVE_SUFFIXES):
             raise DataError(f"--data '{data}' is a file but not a tar or zip archive; expected one of "

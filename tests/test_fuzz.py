@@ -191,3 +191,34 @@ def test_labels_file_reader(tmp_path_factory, data):
     assert prefix == "" and len(named) == len(set(named)) and set(named) <= {"1.png", "2.png", "a/3.jpg"}
     assert sorted(labels_csv.class_order(by_class)) == sorted(by_class)
     assert notes[0].endswith(f": {len(named)} image(s) in {len(by_class)} classes")
+
+
+def _npy(arr) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=True)
+    return buf.getvalue()
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=300),
+                 st.builds(lambda shape, dtype: _npy(np.zeros(shape, dtype)),
+                           st.lists(st.integers(0, 33), min_size=0, max_size=4).map(tuple),
+                           st.sampled_from([np.uint8, np.int64, np.float32, object]))),
+       st.one_of(st.binary(max_size=100),
+                 st.builds(lambda n, lo, dtype: _npy((np.arange(n) + lo).astype(dtype)),
+                           st.integers(0, 40), st.integers(-3, 12), st.sampled_from([np.int64, np.uint8, np.float64]))),
+       st.integers(0, 300))
+def test_cifar10_1_reader(tmp_path_factory, data, labels, cut):
+    """Any CIFAR-10.1 data and labels files (arrays of any shape and type, or any bytes, cut
+    short): a test set of CIFAR-10's classes, or the tool's error."""
+    from cifarlab.data import reproductions
+
+    folder = tmp_path_factory.mktemp("c101")
+    (folder / "cifar10.1_v6_data.npy").write_bytes(data[:len(data) - cut] if cut < len(data) else data)
+    (folder / "cifar10.1_v6_labels.npy").write_bytes(labels)
+    try:
+        ds = reproductions.load(folder)
+    except CifarlabError:
+        return
+    assert ds.x_test.dtype == np.uint8 and ds.x_test.shape[1:] == (32, 32, 3) and len(ds.x_test) == len(ds.y_test)
+    assert ds.y_test.dtype == np.int64 and len(ds.y_test) >= 1 and 0 <= ds.y_test.min() <= ds.y_test.max() <= 9

@@ -855,10 +855,10 @@ def _evaluation_note(own: bool | None, ds) -> str:
     """What the card says of its test images: the training data's own test split, or other data."""
     if own is not False:
         return "the test split of the same collection as the training data; it shares its biases"
-    if len(ds.x_train) == 0:  # seen.test_split_for took every image the model had not seen
+    if ds.test_origin == "unseen":  # seen.test_split_for took every image the model had not seen
         return ("not the data the model was trained on: every one of its images but any with the pixels of an "
                 "image the model trained or validated on")
-    return "the test split of other data than the model was trained on"
+    return "the test images of other data than the model was trained on"
 
 
 def _robustness_summary(run: Path, pred) -> dict[str, Any] | None:

@@ -270,6 +270,9 @@ def find_duplicates(ds: Dataset, threshold: float = DEFAULT_THRESHOLD, shift: in
     ``test_score``, ``test_mirrored``, arrays) and the settings; :func:`summarise` makes the
     report."""
     check_options(threshold, shift, candidates, ds.x_test.shape[1:3])
+    if len(ds.x_train) == 0:
+        raise CifarlabError(f"{ds.source} ({ds.kind}) holds test images only: duplicates looks for test images that "
+                            "copy training images, so it needs data with both")
     what = "test images and their mirror images" if mirrored else "test images"
     if log:
         log(f"comparing {len(ds.x_test):,} {what} with {len(ds.x_train):,} training images")

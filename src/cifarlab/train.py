@@ -81,6 +81,9 @@ def run_split(run: Path, ds: Dataset) -> tuple[Config, np.ndarray, np.ndarray]:
     chose them (:func:`split_indices`); refused where ``ds`` is not the data it was trained on
     (other image counts, or other images per class, than its metrics.json records)."""
     cfg = load_run_config(run / "config.yaml")
+    if len(ds.y_train) == 0:
+        raise CifarlabError(f"{ds.source} ({ds.kind}) holds test images only, not the images '{run}' trained and "
+                            "validated on; give the data it was trained on with --data")
     tr, va = split_indices(cfg, ds.y_train)
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
     data = metrics.get("data", {})
@@ -1201,6 +1204,9 @@ def _load_data(cfg: Config, dataset: Dataset | None, log: Callable[[str], None])
     if ds.num_classes < 2:
         raise CifarlabError(f"{ds.source} has {ds.num_classes} class ({', '.join(ds.classes)}); a classifier needs "
                             "at least 2, each a folder of its images under train/ and test/")
+    if len(ds.x_train) == 0:
+        raise CifarlabError(f"{ds.source} ({ds.kind}) holds test images only: test a trained run on it (cifarlab "
+                            f"evaluate RUN --data {ds.source}), and train on data with training images")
     return ds
 
 

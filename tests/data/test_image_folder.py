@@ -197,11 +197,11 @@ def test_decoded_cache_is_used_and_keyed_by_content(tmp_path, image_folder):
     assert "loaded from the decoded cache" in second.notes
     np.testing.assert_array_equal(first.x_test, second.x_test)
     assert second.test_paths == first.test_paths and second.train_paths == first.train_paths
-    assert not second.held_out and second.train_paths[0] == "train/cat/0000.png"
+    assert second.test_origin == "named" and second.train_paths[0] == "train/cat/0000.png"
     # an entry written before the cache kept the training paths is decoded again
     (entry,) = (cache_dir() / "decoded").iterdir()
     meta = json.loads((entry / "meta.json").read_text())
-    del meta["train_paths"], meta["held_out"]
+    del meta["train_paths"], meta["test_origin"]
     (entry / "meta.json").write_text(json.dumps(meta))
     again = load_dataset(path)
     assert "loaded from the decoded cache" not in again.notes and again.train_paths == first.train_paths
@@ -354,10 +354,10 @@ def test_class_folders_alone_have_a_test_split_held_out_by_path(tmp_path):
     assert "(4 of 22)" in notes
     assert "ignored 2 image(s) not directly in a class folder" in notes and "only <class>/<image> are read" in notes
     assert "ignored 1 file(s) without an image suffix" in ds.notes
-    assert ds.held_out and len(ds.train_paths) == 18 and not set(ds.train_paths) & set(ds.test_paths)
+    assert ds.test_origin == "held-out" and len(ds.train_paths) == 18 and not set(ds.train_paths) & set(ds.test_paths)
     again = load_dataset(root)
     assert "loaded from the decoded cache" in again.notes and again.test_paths == ds.test_paths
-    assert again.train_paths == ds.train_paths and again.held_out
+    assert again.train_paths == ds.train_paths and again.test_origin == "held-out"
     quarter = load_dataset(root, test_split=0.5)
     assert np.bincount(quarter.y_test).tolist() == [5, 4, 2]  # Python's round: 3.5 to 4, 2.5 to 2 (half to even)
     assert "loaded from the decoded cache" not in quarter.notes

@@ -148,7 +148,8 @@ def test_labels_need_an_image_folder(tmp_path):
     with pytest.raises(DataError, match="--labels .* names the classes of the images in --data; give --data too"):
         load_dataset(None, labels=csv)
     path, _ = make_official(tmp_path, "cifar10-python", n=4)
-    with pytest.raises(DataError, match="applies to image folders and archives; .* is an official CIFAR archive"):
+    with pytest.raises(DataError, match="applies to image folders and archives; .* holds CIFAR data with its own "
+                                        "labels"):
         load_dataset(path, allow_unverified=True, labels=csv)
     with pytest.raises(DataError, match="no class folders found.*need a CSV file of their labels \\(--labels\\)"):
         load_dataset(root)

@@ -19,7 +19,7 @@ def _held_out(x_train, x_test, train_paths, test_paths, source="data") -> Datase
         return np.array([0 if p.startswith("cat/") else 1 for p in paths], np.int64)
 
     return Dataset(x_train, labels(train_paths), x_test, labels(test_paths), ["cat", "dog"], source, "image-folder",
-                   test_paths=list(test_paths), train_paths=list(train_paths), held_out=True)
+                   test_paths=list(test_paths), train_paths=list(train_paths), test_origin="held-out")
 
 
 def _names(prefix: str, n: int) -> list[str]:
@@ -60,7 +60,7 @@ def test_every_image_as_test_keeps_each_image_with_its_label_and_path():
     by_path = dict(zip(ds.train_paths + ds.test_paths, np.concatenate([x_tr, x_te])))
     for p, img, label in zip(every.test_paths, every.x_test, every.y_test):
         assert (img == by_path[p]).all() and label == (0 if p.startswith("cat/") else 1)
-    assert not every.held_out and every.image_shape == ds.image_shape
+    assert every.test_origin == "unseen" and every.image_shape == ds.image_shape
 
 
 def test_own_data_keeps_its_held_out_split_other_data_is_tested_on_every_unseen_image(tmp_path):

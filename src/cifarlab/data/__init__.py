@@ -3,6 +3,7 @@
 Accepted by ``--data`` (see :func:`load_dataset`):
 
 * an official CIFAR-10/100 archive (python or binary version), as .tar.gz or extracted folder;
+* a CIFAR-10.1 or CIFAR-10.2 file, or a folder of them (:mod:`.reproductions`): new test sets;
 * an image folder or .tar/.tar.gz/.tar.xz archive with ``train/<class>/*`` and ``test/<class>/*``,
   or ``<class>/*`` alone, or images anywhere in it with a CSV file of their labels (``labels``),
   from which a test split is held out;
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from . import archive, cache, cifar, download, folder
+from . import archive, cache, cifar, download, folder, reproductions
 
 __all__ = ["Dataset", "load_dataset", "resized", "every_image_as_test", "stratified_split", "balanced_subset",
            "subset_note", "DataError"]
@@ -33,9 +34,12 @@ class Dataset:
     ``test_paths`` name each test image in the source (``test/cat/0001.jpg`` for image folders,
     ``test_batch#17`` or the official file name for archives), in the order of ``x_test``:
     this is the order that ``--groups`` files refer to by index. ``train_paths`` name the
-    training images the same way, in the order of ``x_train``. ``held_out`` is True where the
-    source names no test images (class folders alone, or images named by a labels file) and the
-    test split was held out of its images (:func:`cifarlab.data.folder.load_image_folder`).
+    training images the same way, in the order of ``x_train``. ``test_origin`` says where the
+    test images come from: ``"named"``, the source names them (a test/ folder, an official test
+    batch, a test set's file); ``"held-out"``, the source names none (class folders alone, or
+    images named by a labels file) and a share of its images was held out
+    (:func:`cifarlab.data.folder.load_image_folder`); ``"unseen"``, every image of the source
+    that the runs to be tested did not train or validate on (:func:`cifarlab.data.seen.test_split_for`).
     """
 
     x_train: np.ndarray
@@ -48,7 +52,7 @@ class Dataset:
     test_paths: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     train_paths: list[str] = field(default_factory=list)
-    held_out: bool = False
+    test_origin: str = "named"
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -135,7 +139,7 @@ def every_image_as_test(ds: Dataset) -> Dataset:
     x = np.concatenate([ds.x_train, ds.x_test])[order]
     y = np.concatenate([ds.y_train, ds.y_test])[order]
     return dataclasses.replace(ds, x_train=x[:0], y_train=y[:0], x_test=x, y_test=y, train_paths=[],
-                               test_paths=[paths[i] for i in order], held_out=False)
+                               test_paths=[paths[i] for i in order], test_origin="unseen")
 
 
 def _load(data: str | Path | None, dataset: str, allow_unverified: bool, label_mode: str, skip_bad_images: bool,
@@ -154,8 +158,12 @@ def _load(data: str | Path | None, dataset: str, allow_unverified: bool, label_m
     path = Path(data).expanduser()
     if not path.exists():
         raise DataError(f"--data '{data}' does not exist. Give an official CIFAR archive (.tar.gz) or its "
-                        "extracted folder, or an image folder/archive with train/<class>/* and test/<class>/*, or <class>/* alone, "
-                        "or with images anywhere and --labels FILE.csv naming their classes")
+                        "extracted folder, or an image folder/archive with train/<class>/* and test/<class>/*, or "
+                        "<class>/* alone, or with images anywhere and --labels FILE.csv naming their classes, or a "
+                        "CIFAR-10.1 or CIFAR-10.2 file")
+    if reproductions.detect(path):
+        _refuse_labels(labels, path)
+        return reproductions.load(path)
     if path.is_file():
         if not path.name.lower().endswith(archive.ARCHIVE_SUFFIXES):
             raise DataError(f"--data '{data}' is a file but not a tar or zip archive; expected one of "
@@ -174,8 +182,8 @@ def _load(data: str | Path | None, dataset: str, allow_unverified: bool, label_m
 
 def _refuse_labels(labels: str | Path | None, path: Path) -> None:
     if labels is not None:
-        raise DataError(f"--labels {labels} applies to image folders and archives; {path} is an official CIFAR "
-                        "archive, whose batches hold their own labels: leave --labels out")
+        raise DataError(f"--labels {labels} applies to image folders and archives; {path} holds CIFAR data with "
+                        "its own labels: leave --labels out")
 
 
 def _from_official(train, test, classes, fmt, source) -> Dataset:
@@ -194,21 +202,22 @@ def _load_folder_cached(path: Path, skip_bad: bool, use_cache: bool, size: tuple
                **({"labels": cache.file_digest(labels)} if labels is not None else {})}
     key = cache.source_key(path, **options) if use_cache else None
     hit = cache.load_cached(key) if key else None
-    if hit is not None and "held_out" in hit[1]:  # an entry written before it kept the training paths is read again
+    if hit is not None and "test_origin" in hit[1]:  # an entry written before it kept the training paths is read again
         arrays, meta = hit
         return Dataset(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], meta["classes"],
                        str(path), "image-folder", meta["test_paths"], meta["notes"] + ["loaded from the decoded cache"],
-                       train_paths=meta["train_paths"], held_out=meta["held_out"])
+                       train_paths=meta["train_paths"], test_origin=meta["test_origin"])
     t0 = time.perf_counter()
     fd = folder.load_image_folder(path, skip_bad=skip_bad, size=size, test_split=test_split, labels=labels)
     notes = fd.notes + [f"decoded in {time.perf_counter() - t0:.1f} s"]
+    origin = "held-out" if fd.held_out else "named"
     if key:
         cache.store_cached(key, {"x_train": fd.x["train"], "y_train": fd.y["train"], "x_test": fd.x["test"],
                                  "y_test": fd.y["test"]},
                            {"classes": fd.classes, "test_paths": fd.paths["test"], "notes": fd.notes,
-                            "source": str(path), "train_paths": fd.paths["train"], "held_out": fd.held_out})
+                            "source": str(path), "train_paths": fd.paths["train"], "test_origin": origin})
     return Dataset(fd.x["train"], fd.y["train"], fd.x["test"], fd.y["test"], fd.classes, str(path),
-                   "image-folder", fd.paths["test"], notes, train_paths=fd.paths["train"], held_out=fd.held_out)
+                   "image-folder", fd.paths["test"], notes, train_paths=fd.paths["train"], test_origin=origin)
 
 
 def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

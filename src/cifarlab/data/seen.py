@@ -10,13 +10,18 @@ with the pixels of an image the run trained or validated on (:func:`test_split_f
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import DataError
+
+if TYPE_CHECKING:
+    from . import Dataset
 
 FILE = "seen_images.safetensors"
 _FORMAT = "cifarlab seen images 1"
@@ -70,12 +75,12 @@ def read(run: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
         raise DataError(f"{path}: not a readable record of a run's images ({e}); remove it, or train again") from None
 
 
-def test_split_for(ds, runs: Sequence[str | Path]):
+def test_split_for(ds: Dataset, runs: Sequence[str | Path]) -> tuple[Dataset, str | None]:
     """The test images on which to evaluate ``runs`` (one run, or the runs of a set or of a
     comparison), with a note saying what was chosen (None where nothing changed).
 
     Data that names its test images keeps them (a note counts those with the pixels of an image
-    a run trained or validated on). Data whose test split was held out (``ds.held_out``) keeps
+    a run trained or validated on). Data whose test split was held out (``ds.test_origin``) keeps
     it where it is every run's own data: every image each run trained or validated on, by its
     path, lies in the data's training part. Otherwise every image of the data is a test image,
     but for those with the pixels of an image a run trained or validated on. A run without a
@@ -85,11 +90,11 @@ def test_split_for(ds, runs: Sequence[str | Path]):
     records = [(Path(r), read(r)) for r in runs]
     who = "the run" if len(records) == 1 else "one of the runs"
     missing = [str(r) for r, rec in records if rec is None]
-    if not ds.held_out:
+    if ds.test_origin != "held-out":
         if missing:
             return ds, None
-        seen = np.concatenate([rec[0] for _, rec in records])
-        n = int(np.isin(pixel_hashes(ds.x_test), seen).sum())
+        saw = np.concatenate([rec[0] for _, rec in records])
+        n = int(np.isin(pixel_hashes(ds.x_test), saw).sum())
         return ds, (f"{n:,} of the {len(ds.x_test):,} test images of {ds.source} have the pixels of an image {who} "
                     "trained or validated on; they stay in, as the data names its test images" if n else None)
     if missing:
@@ -99,8 +104,8 @@ def test_split_for(ds, runs: Sequence[str | Path]):
     if _all_in(ds.train_paths, [rec for _, rec in records]):
         return ds, None  # the run's own data: the test split it was tested on in training
     everything = every_image_as_test(ds)
-    seen = np.concatenate([rec[0] for _, rec in records])
-    keep = ~np.isin(pixel_hashes(everything.x_test), seen)
+    saw = np.concatenate([rec[0] for _, rec in records])
+    keep = ~np.isin(pixel_hashes(everything.x_test), saw)
     n_all, n_keep = len(keep), int(keep.sum())
     if n_keep == 0:
         raise DataError(f"{ds.source}: every one of its {n_all:,} images has the pixels of an image {who} trained or "
@@ -112,7 +117,7 @@ def test_split_for(ds, runs: Sequence[str | Path]):
                 f"every image is a test image, not the held-out split alone: {n_keep:,} of {n_all:,}{left}")
 
 
-def trained_on(ds, runs: Sequence[str | Path]) -> bool | None:
+def trained_on(ds: Dataset, runs: Sequence[str | Path]) -> bool | None:
     """Whether ``ds`` is the data ``runs`` were trained on: each image each of them trained or
     validated on, by its path, is among ``ds``'s training images; None where a run keeps no
     record (:func:`read`)."""
@@ -125,9 +130,7 @@ def _all_in(paths: Sequence[str], records) -> bool:
     return all(have.issuperset(rec[1].tolist()) for rec in records)
 
 
-def _take(ds, keep: np.ndarray):
-    import dataclasses
-
+def _take(ds: Dataset, keep: np.ndarray) -> Dataset:
     idx = np.flatnonzero(keep)
     return dataclasses.replace(ds, x_test=ds.x_test[idx], y_test=ds.y_test[idx],
                                test_paths=[ds.test_paths[i] for i in idx])

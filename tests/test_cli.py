@@ -508,10 +508,11 @@ def test_other_class_folders_are_tested_on_every_image_the_run_has_not_seen(caps
     assert len(pixels) == len(paths) == 18  # 24 images, 6 held out for testing: 18 trained or validated on
     code, out, err = run(capsys, "evaluate", str(runs[0]), "--data", str(data), "--json")
     assert code == 0 and json.loads(out)["num_images"] == 6 and "every image is a test image" not in err, err
+    assert json.loads(out)["test_origin"] == "held-out"
 
     new = make_image_folder(tmp_path / "new", n_train=5, n_test=0, seed=1) / "train"
     code, out, err = run(capsys, "evaluate", str(runs[0]), "--data", str(new), "--json")
-    assert code == 0 and json.loads(out)["num_images"] == 15, err
+    assert code == 0 and json.loads(out)["num_images"] == 15 and json.loads(out)["test_origin"] == "unseen", err
     assert f"{new} is not the data the run was trained on (its training images are not all in it), so every image " \
            "is a test image, not the held-out split alone: 15 of 15" in err
     code, out, err = run(capsys, "audit", str(runs[0]), "--data", str(new), "--bootstrap", "100", "--out",

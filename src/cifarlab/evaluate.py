@@ -181,7 +181,8 @@ def evaluate_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, 
     runs = finished_runs(base)
     reports = [evaluate_run(r, ds, (out / r.name) if out else r / "eval", tta, device, uncalibrated=uncalibrated)
                for r in runs]
-    summary = {"runs": len(runs), "data": ds.source, "tta": sorted({r["tta"] for r in reports}),
+    summary = {"runs": len(runs), "data": ds.source, "test_origin": ds.test_origin,
+               "tta": sorted({r["tta"] for r in reports}),
                "accuracy": describe([r["accuracy"] for r in reports]), "loss": describe([r["loss"] for r in reports]),
                "balanced_accuracy": describe([r["balanced_accuracy"] for r in reports]),
                "ece": describe([r["calibration"]["ece"] for r in reports]),
@@ -208,7 +209,9 @@ def write_report(pred: Predictor, ds: Dataset, probs: np.ndarray, out: Path, n_w
 
     report = compute_report(probs, ds.y_test, pred.classes)
     offsets = pred.class_offsets()
-    report.update({"run": str(pred.run), "data": ds.source, "tta": pred.tta, "temperature": pred.temperature(),
+    # test_origin: the data's own test images, a share held out of it, or every image the run had not seen
+    report.update({"run": str(pred.run), "data": ds.source, "test_origin": ds.test_origin, "tta": pred.tta,
+                   "temperature": pred.temperature(),
                    "class_offsets": None if offsets is None else dict(zip(pred.classes, offsets))})
     before = None
     if uncalibrated is not None:

@@ -126,7 +126,7 @@ def _record_seen(run: Path, cfg: Config, ds: Dataset) -> None:
     never tested on one of them in other data (:func:`cifarlab.data.seen.test_split_for`)."""
     idx = np.concatenate(split_indices(cfg, ds.y_train))
     named = len(ds.train_paths) == len(ds.x_train)
-    seen.record(run / seen.FILE, ds.x_train[idx], [ds.train_paths[i] for i in idx] if named else [])
+    seen.record(run / seen.FILE, ds.x_train, idx, [ds.train_paths[i] for i in idx] if named else [])
 
 
 def steps_per_epoch(n_train: int, cfg: Config) -> int:

@@ -37,11 +37,12 @@ def test_pixel_hashes_tell_images_apart_and_count_their_shape():
     # the same bytes in another shape are another image
     assert seen.pixel_hashes(x.reshape(50, 8, 2, 3))[0] != h[0]
     assert seen.pixel_hashes(x[:0]).shape == (0,)
+    assert (seen.pixel_hashes(x, [3, 1]) == h[[3, 1]]).all() and seen.pixel_hashes(x, []).shape == (0,)
 
 
 def test_record_reads_back_and_a_bad_record_is_named(tmp_path):
     x = _images(6, 1)
-    seen.record(tmp_path / seen.FILE, x, _names("a", 6))
+    seen.record(tmp_path / seen.FILE, x, range(6), _names("a", 6))
     pixels, paths = seen.read(tmp_path)
     assert sorted(pixels.tolist()) == sorted(seen.pixel_hashes(x).tolist())
     assert sorted(paths.tolist()) == sorted(seen.path_hashes(_names("a", 6)).tolist())
@@ -69,7 +70,7 @@ def test_own_data_keeps_its_held_out_split_other_data_is_tested_on_every_unseen_
     own = _held_out(x_tr, x_te, tr_names, te_names)
     run = tmp_path / "run"
     run.mkdir()
-    seen.record(run / seen.FILE, x_tr[:6], tr_names[:6])  # a subset: the run's own data all the same
+    seen.record(run / seen.FILE, x_tr, [5, 0, 1, 2, 3, 4], tr_names[:6])  # a subset: the run's own data all the same
     ds, note = seen.test_split_for(own, [run])
     assert ds is own and note is None and seen.trained_on(own, [run]) is True
 
@@ -99,11 +100,11 @@ def test_several_runs_leave_out_what_any_of_them_saw(tmp_path):
     for k, part in enumerate((slice(0, 3), slice(3, 5))):
         runs.append(tmp_path / f"run-{k}")
         runs[-1].mkdir()
-        seen.record(runs[-1] / seen.FILE, x[part], names[part])
+        seen.record(runs[-1] / seen.FILE, x, range(10)[part], names[part])
     other = _held_out(x[:8], x[8:], ["x" + n for n in names[:8]], names[8:], source="other")
     ds, note = seen.test_split_for(other, runs)
     assert len(ds.x_test) == 5 and "one of the runs" in note
-    seen.record(runs[1] / seen.FILE, x, names)  # saw everything
+    seen.record(runs[1] / seen.FILE, x, range(10), names)  # saw everything
     with pytest.raises(DataError, match="every one of its 10 images has the pixels of an image one of the runs"):
         seen.test_split_for(other, runs)
 
@@ -112,7 +113,7 @@ def test_data_naming_its_test_images_keeps_them_and_a_run_without_a_record_keeps
     x_tr, x_te = _images(6, 10), _images(4, 11)
     run = tmp_path / "run"
     run.mkdir()
-    seen.record(run / seen.FILE, x_tr, _names("t", 6))
+    seen.record(run / seen.FILE, x_tr, range(6), _names("t", 6))
     split = Dataset(_images(3, 12), np.zeros(3, np.int64), np.concatenate([x_te, x_tr[:1]]), np.zeros(5, np.int64),
                     ["cat"], "split", "image-folder", test_paths=[f"test/cat/{i}.png" for i in range(5)])
     ds, note = seen.test_split_for(split, [run])

@@ -13,6 +13,9 @@ def test_defaults_are_the_notebook():
     assert (cfg.recipe, cfg.model.name, cfg.optim.name, cfg.optim.lr, cfg.optim.rho, cfg.optim.eps) == (
         "keras-book", "keras-deep", "rmsprop", 1e-3, 0.9, 1e-7)
     assert (cfg.train.batch_size, cfg.train.epochs, cfg.data.val_split) == (128, 20, 0.2)
+    from cifarlab.data.folder import TEST_SPLIT  # the loader's default, written twice (config imports no data code)
+
+    assert cfg.data.test_split == TEST_SPLIT
 
 
 def test_precedence_file_then_flags(tmp_path):

@@ -396,7 +396,13 @@ def test_class_folders_in_an_archive_and_their_errors(tmp_path):
 
 
 def test_test_split_is_named_as_ignored_where_the_data_has_test_images(tmp_path, image_folder):
-    ds = load_dataset(image_folder, test_split=0.3)
-    assert any("--test-split 0.3 applies to a folder of class folders alone; ignored" in n for n in ds.notes)
-    assert len(ds.x_test) == 9
+    from conftest import make_official
+
+    archive, _ = make_official(tmp_path, "cifar10-python", n=4)
+    for data in (image_folder, image_folder, archive):  # the folder decoded, then from the cache
+        ds = load_dataset(data, test_split=0.3, allow_unverified=True)
+        ignored = [n for n in ds.notes if n.startswith("--test-split 0.3 applies to a folder of class folders alone "
+                                                       "(or images named by --labels); ignored")]
+        assert len(ignored) == 1 and ignored[0].endswith(f"({ds.kind}) names its own test images"), ds.notes
+    assert len(load_dataset(image_folder, test_split=0.3).x_test) == 9
 

@@ -90,9 +90,9 @@ def load_dataset(data: str | Path | None = None, dataset: str = "cifar10", *, al
         raise DataError(f"--labels {str(labels)!r} is empty; give a CSV file of file,label rows, or leave it out")
     ds = _load(data, dataset, allow_unverified, label_mode, skip_bad_images, use_cache, quiet, image_size,
                float(test_split), labels)
-    if test_split != folder.TEST_SPLIT and ds.kind != "image-folder":
-        ds.notes.append(f"--test-split {test_split:g} applies to a folder of class folders alone; ignored, "
-                        f"{ds.source} ({ds.kind}) has its own test images")
+    if test_split != folder.TEST_SPLIT and ds.test_origin == "named":  # any data that names its test images
+        ds.notes.append(f"--test-split {test_split:g} applies to a folder of class folders alone (or images named by "
+                        f"--labels); ignored, {ds.source} ({ds.kind}) names its own test images")
     if image_size is not None:
         ds = resized(ds, image_size)
     if not ds.kind.startswith("cifar100"):

@@ -261,9 +261,6 @@ def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = 
         read = "<class>/<image>" if layout == "class-folders" else "train/<class>/<image> and test/<class>/<image>"
         notes.append(f"ignored {len(misplaced)} image(s) not directly in a class folder (first: {misplaced[0]}); "
                      f"only {read} are read")
-    if layout == "split" and test_split != TEST_SPLIT:
-        notes.append(f"--test-split {test_split:g} applies to a folder of class folders alone; ignored, {source} "
-                     "has its own test/ folder")
     if layout == "class-folders":
         notes.append(f"no train/ and test/ folders: read {len(classes)} class folders, and "
                      + _held_out_note(items, test_split))

@@ -171,6 +171,10 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                         "--sampling balanced)")
     g.add_argument("--tta", choices=TTA_LEVELS, help="test-time augmentation for the final test")
     g.add_argument("--runs", type=int, help="train N times (seeds seed..seed+N-1); report mean/std/min/max")
+    g.add_argument("--sweep", action="append", metavar="OPTION=V1,V2,...",
+                   help="train once (or --runs N times) for each combination of the values given, each in its own "
+                        "folder of --out, and rank them by validation accuracy in sweep_summary.json; OPTION is an "
+                        "option of train (lr, batch-size), a config key (optim.rho) or recipe; repeatable")
     g.add_argument("--early-stopping", type=int, metavar="PATIENCE",
                    help="stop after PATIENCE epochs without a better --early-stopping-monitor and keep the best "
                         "epoch's weights (Keras' EarlyStopping with restore_best_weights; default 0: off)")
@@ -481,16 +485,25 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def cmd_train(args: argparse.Namespace) -> int:
     """``cifarlab train``."""
     from .config import config_yaml, resolve_config
+    from .sweep import is_sweep, parse_axes, resume_sweep, run_sweep
     from .train import fit, set_of
 
     if args.resume and args.print_config:
         raise ConfigError(f"--print-config shows a new run's config; the config of '{args.resume}' is its "
                           "config.yaml")
+    if args.sweep and (args.resume or args.print_config):
+        raise ConfigError(f"--sweep starts a sweep; {'--resume' if args.resume else '--print-config'} cannot be given "
+                          "with it (a sweep folder resumes with --resume alone)")
     if args.resume:
         given = {f"{sec}.{key}" for sec, values in _train_overrides(args).items() for key in values}
         if given - {"train.epochs"} or args.config or args.recipe:
             raise ConfigError("--resume continues a run with its saved config; only --epochs may be given with "
                               "it (to train a constant-lr run longer); start a new run for other options")
+        if is_sweep(args.resume):
+            if args.epochs is not None:
+                raise ConfigError(f"--epochs cannot change the points of the sweep '{args.resume}'; resume it alone")
+            resume_sweep(args.resume)
+            return 0
         fit(resume=args.resume, epochs=args.epochs)
         if (parent := set_of(args.resume)) is not None:
             base, base_cfg = parent
@@ -503,6 +516,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         if args.model not in list_models():
             raise ConfigError(f"--model '{args.model}' is not a registered model; valid: {', '.join(list_models())}")
+    if args.sweep:
+        run_sweep(parse_axes(args.sweep), args.recipe, args.config, _train_overrides(args), args.out,
+                  bool(args.overwrite))
+        return 0
     cfg = resolve_config(args.recipe, args.config, _train_overrides(args))
     if args.print_config:  # to start a config file from a recipe, or check what flags resolve to
         print(config_yaml(cfg), end="")

@@ -1210,6 +1210,12 @@ def _load_data(cfg: Config, dataset: Dataset | None, log: Callable[[str], None])
     return ds
 
 
+def load_data_for(cfg: Config, log: Callable[[str], None] = print) -> Dataset:
+    """The data set ``cfg.data`` names, loaded and checked as training loads it (its notes
+    logged), to be handed to :func:`fit` for several configs that read the same data."""
+    return _load_data(cfg, None, log)
+
+
 def _restore(ckpt: dict, st: _Setup, device: torch.device) -> None:
     """Load model, optimizer, schedule, lookahead, selector and random-number states from a checkpoint."""
     st.model.load_state_dict(ckpt["model"])

@@ -205,6 +205,9 @@ def test_decoded_cache_is_used_and_keyed_by_content(tmp_path, image_folder):
     (entry / "meta.json").write_text(json.dumps(meta))
     again = load_dataset(path)
     assert "loaded from the decoded cache" not in again.notes and again.train_paths == first.train_paths
+    third = load_dataset(path)  # the stale entry was replaced, not left to be decoded again every time
+    assert "loaded from the decoded cache" in third.notes and third.train_paths == first.train_paths
+    assert [p.name for p in (cache_dir() / "decoded").iterdir()] == [entry.name]
     Image.new("RGB", (32, 32), (255, 0, 0)).save(image_folder / "train" / "cat" / "new.png")
     with tarfile.open(path, "w:gz") as tf:
         tf.add(image_folder, arcname=".")

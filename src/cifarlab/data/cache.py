@@ -78,7 +78,9 @@ def load_cached(key: str) -> tuple[dict[str, np.ndarray], dict] | None:
 
 
 def store_cached(key: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    """Write arrays and metadata under ``key``: a temporary folder renamed into place at once.
+    """Write arrays and metadata under ``key``: a temporary folder renamed into place at once,
+    replacing an entry already there (one that an older cifarlab wrote without what this one
+    reads, say: a folder cannot be renamed onto a full one, so it is moved aside first).
 
     Failure to write (read-only or full disk) is silently ignored: the cache is an optimisation.
     """
@@ -93,6 +95,12 @@ def store_cached(key: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
             np.save(tmp / f"{name}.npy", a, allow_pickle=False)
         (tmp / "meta.json").write_text(json.dumps({**meta, "arrays": list(arrays)}))
         set_final_mode(tmp)
+        old = None
+        if (root / key).exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{key}.old.", dir=root))
+            os.replace(root / key, old / "entry")
         os.replace(tmp, root / key)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)

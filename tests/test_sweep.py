@@ -72,6 +72,8 @@ def test_a_sweep_trains_each_point_ranks_them_and_resumes(capsys, tmp_path, imag
     (out / "lr=0.001,seed=1" / "checkpoint.pt").unlink()
     code, stdout, err = run_main(capsys, ["train", "--resume", str(out)])
     assert code == 2 and "holds files but neither a checkpoint nor a finished run's metrics" in err
+    code, stdout, err = run_main(capsys, ["evaluate", str(out)])
+    assert code == 2 and f"'{out}' is a sweep of 4 point(s), each a run folder" in err
 
 
 def run_main(capsys, argv):

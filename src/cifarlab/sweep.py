@@ -27,6 +27,7 @@ from .fsutil import new_run_folder, undo_on_failure, write_json, write_text
 
 SWEEP_FILE = "sweep.yaml"
 SUMMARY_FILE = "sweep_summary.json"
+CONFIGS = "configs"  # the folder of each point's resolved config
 # what the data loader reads: points that agree on these share one loaded data set
 _DATA_KEYS = ("data", "dataset", "allow_unverified", "label_mode", "skip_bad_images", "image_size", "test_split",
               "labels")
@@ -106,7 +107,7 @@ def run_sweep(axes: dict[str, list[str]], recipe: str | None, file: str | None, 
     with undo_on_failure(base, before):
         for name, _, cfg in points:
             cfg.train.out, cfg.train.overwrite = str(base / name), overwrite
-            save_config(cfg, base / "configs" / f"{name}.yaml")
+            save_config(cfg, base / CONFIGS / f"{name}.yaml")
         write_text(base / SWEEP_FILE, _sweep_yaml(axes, points))
     return _train_points(base, points, log, fresh=True)
 
@@ -123,7 +124,7 @@ def resume_sweep(base: str | Path, log: Callable[[str], None] = print) -> dict[s
     except (OSError, yaml.YAMLError, TypeError, KeyError) as e:
         raise ConfigError(f"{base / SWEEP_FILE} is not a sweep's record of its points ({e!r}); start the sweep "
                           "again") from None
-    points = [(name, values, load_run_config(base / "configs" / f"{name}.yaml")) for name, values in named]
+    points = [(name, values, load_run_config(base / CONFIGS / f"{name}.yaml")) for name, values in named]
     return _train_points(base, points, log)
 
 

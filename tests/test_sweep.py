@@ -103,3 +103,18 @@ def test_a_sweep_without_validation_images_is_not_ranked_and_sets_of_runs_are_po
     (out / "sweep.yaml").write_text("points: 3\n")
     code, _, err = run_main(capsys, ["train", "--resume", str(out)])
     assert code == 2 and "sweep.yaml is not a sweep's record of its points" in err
+
+
+def test_a_notebook_sweeps_with_run_sweep(tmp_path, image_folder):
+    import cifarlab
+
+    s = cifarlab.run_sweep({"lr": [0.001, 0.0005]}, data=str(image_folder), model="keras-shallow", epochs=1,
+                           batch_size=8, val_split=0.25, threads=1, deterministic=True, out=tmp_path / "api",
+                           log=lambda line: None)
+    assert sorted(p["name"] for p in s["points"]) == ["lr=0.0005", "lr=0.001"] and s["ranked_by"] == "val_accuracy"
+    assert "lr: 0.0005" in (tmp_path / "api" / "configs" / "lr=0.0005.yaml").read_text()
+    for axes in ({}, {"lr": []}, {"lr": 0.1}):
+        with pytest.raises(ConfigError, match="sweep axes .* are not valid; give a dict of option names to lists"):
+            cifarlab.run_sweep(axes)
+    with pytest.raises(ConfigError, match="sweep axis 'lr' gives a value twice"):
+        cifarlab.run_sweep({"lr": [0.1, 0.1]})

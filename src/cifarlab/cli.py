@@ -485,7 +485,7 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def cmd_train(args: argparse.Namespace) -> int:
     """``cifarlab train``."""
     from .config import config_yaml, resolve_config
-    from .sweep import is_sweep, parse_axes, resume_sweep, run_sweep
+    from .sweep import is_sweep, parse_axes, resume_sweep, sweep_with_overrides
     from .train import fit, set_of
 
     if args.resume and args.print_config:
@@ -517,8 +517,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.model not in list_models():
             raise ConfigError(f"--model '{args.model}' is not a registered model; valid: {', '.join(list_models())}")
     if args.sweep:
-        run_sweep(parse_axes(args.sweep), args.recipe, args.config, _train_overrides(args), args.out,
-                  bool(args.overwrite))
+        sweep_with_overrides(parse_axes(args.sweep), args.recipe, args.config, _train_overrides(args), args.out,
+                             bool(args.overwrite))
         return 0
     cfg = resolve_config(args.recipe, args.config, _train_overrides(args))
     if args.print_config:  # to start a config file from a recipe, or check what flags resolve to

@@ -71,13 +71,13 @@ def _point_overrides(point: dict[str, str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def point_name(point: dict[str, str]) -> str:
+def point_name(point: dict[str, Any]) -> str:
     """A point's folder name, ``lr=0.001,batch_size=64``, with characters a file name should not
     hold replaced by ``_``."""
     return ",".join(re.sub(r"[^A-Za-z0-9._=+-]", "_", f"{k}={v}") for k, v in point.items())
 
 
-def plan(axes: dict[str, list[str]], recipe: str | None, file: str | None,
+def plan(axes: dict[str, list[Any]], recipe: str | None, file: str | Path | None,
          overrides: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, str], Config]]:
     """Every point of the grid as (name, values, config), each config resolved and checked as
     ``cifarlab train`` would (the recipe, the file, the flags, then the point's values), before
@@ -98,10 +98,29 @@ def plan(axes: dict[str, list[str]], recipe: str | None, file: str | None,
     return points
 
 
-def run_sweep(axes: dict[str, list[str]], recipe: str | None, file: str | None, overrides: dict[str, dict[str, Any]],
-              out: str | None, overwrite: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train every point of the sweep into its own folder of ``out`` (default
-    ``runs/sweep-<time>``), then write and return the summary (see :func:`summarise`)."""
+def run_sweep(axes: dict[str, Sequence[Any]], recipe: str | None = None, file: str | Path | None = None, *,
+              out: str | Path | None = None, overwrite: bool = False, log: Callable[[str], None] = print,
+              **options: Any) -> dict[str, Any]:
+    """Train every combination of ``axes``' values (``{"lr": [1e-3, 5e-4], "batch_size": [64,
+    128]}``; keys as :func:`cifarlab.make_config` takes them, config keys such as
+    ``"optim.rho"``, or ``"recipe"``) on top of ``recipe``, ``file`` and ``options`` (as
+    :func:`cifarlab.make_config` takes them), each point into its own folder of ``out``
+    (default ``runs/sweep-<time>``); returns the summary (see :func:`summarise`)."""
+    if not isinstance(axes, dict) or not axes or not all(isinstance(v, (list, tuple)) and v for v in axes.values()):
+        raise ConfigError(f"sweep axes {axes!r} are not valid; give a dict of option names to lists of values, such "
+                          "as {'lr': [0.001, 0.0005]}")
+    for key, values in axes.items():
+        if len({str(v) for v in values}) != len(values):
+            raise ConfigError(f"sweep axis {key!r} gives a value twice: {list(values)}")
+    return sweep_with_overrides({k.replace("-", "_"): list(v) for k, v in axes.items()}, recipe, file,
+                                options_to_overrides(options), out, overwrite, log)
+
+
+def sweep_with_overrides(axes: dict[str, list[Any]], recipe: str | None, file: str | Path | None,
+                         overrides: dict[str, dict[str, Any]], out: str | Path | None, overwrite: bool = False,
+                         log: Callable[[str], None] = print) -> dict[str, Any]:
+    """:func:`run_sweep` with the options as nested config overrides, as ``cifarlab train``'s
+    flags give them."""
     points = plan(axes, recipe, file, overrides)
     base, before = new_run_folder(out, overwrite, "sweep", "choose another --out, or --resume it")
     with undo_on_failure(base, before):

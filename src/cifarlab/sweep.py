@@ -28,9 +28,9 @@ from .fsutil import new_run_folder, undo_on_failure, write_json, write_text
 SWEEP_FILE = "sweep.yaml"
 SUMMARY_FILE = "sweep_summary.json"
 CONFIGS = "configs"  # the folder of each point's resolved config
-# what the data loader reads: points that agree on these share one loaded data set
-_DATA_KEYS = ("data", "dataset", "allow_unverified", "label_mode", "skip_bad_images", "image_size", "test_split",
-              "labels")
+# data settings that only choose among the loaded images or scale them: points that differ in
+# these alone share one loaded data set (a setting added later is taken to change the load)
+_AFTER_LOAD = {"val_split", "subset", "normalize"}
 
 
 def parse_axes(specs: Sequence[str]) -> dict[str, list[str]]:
@@ -165,7 +165,8 @@ def _train_points(base: Path, points: list[tuple[str, dict[str, str], Config]], 
     folder held with ``--overwrite``; else each as far as it has not been), then summarise them."""
     from .train import fit, load_data_for, resume_runs
 
-    shared = {tuple(getattr(c.data, k) for k in _DATA_KEYS) for _, _, c in points}
+    shared = {tuple((k, v) for k, v in sorted(dataclasses.asdict(c.data).items()) if k not in _AFTER_LOAD)
+              for _, _, c in points}
     dataset = None  # loaded once where every point reads the same data (the first that trains loads it)
     for k, (name, _, cfg) in enumerate(points, 1):
         folder = base / name

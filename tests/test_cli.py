@@ -515,6 +515,8 @@ def test_other_class_folders_are_tested_on_every_image_the_run_has_not_seen(caps
     assert code == 0 and json.loads(out)["num_images"] == 15 and json.loads(out)["test_origin"] == "unseen", err
     assert f"{new} is not the data the run was trained on (its training images are not all in it), so every image " \
            "is a test image, not the held-out split alone: 15 of 15" in err
+    # the loader's note of the split it held out is left out, since none is held out
+    assert "data: no train/ and test/ folders: read 3 class folders\n" in err and "held out 0.2" not in err
     code, out, err = run(capsys, "audit", str(runs[0]), "--data", str(new), "--bootstrap", "100", "--out",
                          str(tmp_path / "audit"))
     assert code == 0, err

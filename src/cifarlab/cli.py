@@ -547,7 +547,7 @@ def _load_eval_data(args: argparse.Namespace, run: Path, tested: list[Path] | No
     if own_labels and not Path(own_labels).expanduser().exists():
         raise ConfigError(f"the run's labels file '{own_labels}' (from {run / 'config.yaml'}) does not exist "
                           f"from {Path.cwd()}; give its path with --labels")
-    ds = _load_data(args, cfg)
+    ds = _load_data(args, cfg, show=False)
     size = _input_size(run)
     if size is not None and ds.x_test.shape[1:3] != size:
         # Other data (--data) of another size is resized to the model's input, as predict resizes
@@ -555,13 +555,13 @@ def _load_eval_data(args: argparse.Namespace, run: Path, tested: list[Path] | No
         from .data import resized
 
         ds = resized(ds, size, "the run's input")
-        print(f"data: {ds.notes[-1]}", file=sys.stderr)
+    note = None
     if tested:
         from .data.seen import test_split_for
 
         ds, note = test_split_for(ds, tested)
-        if note:
-            print(f"data: {note}", file=sys.stderr)
+    for line in ds.notes + ([note] if note else []):  # once the test images are chosen: they may change them
+        print(f"data: {line}", file=sys.stderr)
     return ds
 
 
@@ -586,9 +586,10 @@ def _labels(args: argparse.Namespace, cfg=None) -> str | None:
     return None
 
 
-def _load_data(args: argparse.Namespace, cfg=None):
+def _load_data(args: argparse.Namespace, cfg=None, show: bool = True):
     """The data of ``--data`` (or the download of ``--dataset``) with the data options given;
-    options left unset take ``cfg``'s (a run's config, read as it was trained) where given."""
+    options left unset take ``cfg``'s (a run's config, read as it was trained) where given. Its
+    notes are printed with ``show``."""
     from .data import load_dataset
 
     data = args.data or (cfg.data.data if cfg else None)
@@ -601,7 +602,7 @@ def _load_data(args: argparse.Namespace, cfg=None):
     ds = load_dataset(data, dataset, allow_unverified=bool(args.allow_unverified), label_mode=label_mode,
                       skip_bad_images=skip_bad, image_size=own.image_hw(), test_split=own.test_split,
                       labels=_labels(args, cfg))
-    for note in ds.notes:  # on stderr: stdout may be --json
+    for note in ds.notes if show else ():  # on stderr: stdout may be --json
         print(f"data: {note}", file=sys.stderr)
     return ds
 

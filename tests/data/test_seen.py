@@ -125,3 +125,19 @@ def test_data_naming_its_test_images_keeps_them_and_a_run_without_a_record_keeps
     ds, note = seen.test_split_for(other, [old])
     assert ds is other and note.startswith(f"{old} records no images it trained on ({seen.FILE}")
     assert seen.trained_on(other, [old]) is None
+
+
+def test_every_image_as_test_drops_the_notes_of_a_held_out_split(tmp_path):
+    from conftest import make_image_folder
+
+    from cifarlab.data import load_dataset
+
+    ds = load_dataset(make_image_folder(tmp_path / "m", n_train=5, n_test=0) / "train", skip_bad_images=True)
+    assert any("held out 0.2 of each class's images for testing" in n for n in ds.notes)
+    notes = every_image_as_test(ds).notes
+    assert "no train/ and test/ folders: read 3 class folders" in notes and len(notes) == len(ds.notes)
+    assert not any("held out" in n for n in notes)
+    from cifarlab.data.folder import without_held_out
+
+    assert without_held_out(["held out 0.25 of each class's images for testing (3 of 12), by their paths, the same "
+                             "in every command", "decoded in 0.1 s"]) == ["decoded in 0.1 s"]

@@ -139,7 +139,8 @@ def every_image_as_test(ds: Dataset) -> Dataset:
     x = np.concatenate([ds.x_train, ds.x_test])[order]
     y = np.concatenate([ds.y_train, ds.y_test])[order]
     return dataclasses.replace(ds, x_train=x[:0], y_train=y[:0], x_test=x, y_test=y, train_paths=[],
-                               test_paths=[paths[i] for i in order], test_origin="unseen")
+                               test_paths=[paths[i] for i in order], test_origin="unseen",
+                               notes=folder.without_held_out(ds.notes))
 
 
 def _load(data: str | Path | None, dataset: str, allow_unverified: bool, label_mode: str, skip_bad_images: bool,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,6 +104,16 @@ def _held_out_note(items: dict[str, list[tuple[str, str]]], test_split: float) -
     n_test = len(items["test"])
     return (f"held out {test_split:g} of each class's images for testing ({n_test} of {n_test + len(items['train'])}), "
             "by their paths, the same in every command")
+
+
+_HELD_OUT_NOTE = re.compile(r"(, and )?held out \S+ of each class's images for testing \(\d+ of \d+\), by their paths, "
+                            r"the same in every command$")
+
+
+def without_held_out(notes: list[str]) -> list[str]:
+    """``notes`` without what they say of a held-out test split (:func:`_held_out_note`), for
+    data whose every image became a test image."""
+    return [kept for n in notes if (kept := _HELD_OUT_NOTE.sub("", n))]
 
 
 def _in_class_folder(name: str, prefix: str) -> bool:

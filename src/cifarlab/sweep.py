@@ -89,7 +89,10 @@ def plan(axes: dict[str, list[Any]], recipe: str | None, file: str | Path | None
         for sec, values in _point_overrides(point).items():
             merged.setdefault(sec, {}).update(values)
         name = point_name(point)
-        cfg = resolve_config(point.get("recipe", recipe), file, merged, origin=f"--sweep point {name}")
+        try:
+            cfg = resolve_config(point.get("recipe", recipe), file, merged, origin=f"--sweep point {name}")
+        except ConfigError as e:  # checks across keys name no origin: name the point here
+            raise (e if str(e).startswith("--sweep point") else ConfigError(f"--sweep point {name}: {e}")) from None
         points.append((name, point, cfg))
     names = [n for n, _, _ in points]
     if len(set(names)) != len(names):

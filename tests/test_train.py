@@ -1257,3 +1257,26 @@ def test_a_run_keeps_hashes_of_the_images_it_trained_and_validated_on(trained_ru
     (trained_run / seen.FILE).unlink()
     fit(resume=trained_run, log=lambda s: None)
     assert sorted(seen.read(trained_run)[1].tolist()) == sorted(paths.tolist())
+
+
+def test_a_sweep_stopped_mid_point_resumes_it_exactly(tmp_path, resume_data, reference_run):
+    """Ctrl-C in a sweep's point leaves its checkpoint; --resume of the sweep resumes that point
+    (not anew) and ends on the weights of the same run never stopped."""
+    args = _train_args(resume_data, tmp_path / "sw")
+    args[args.index("--seed"):args.index("--seed") + 2] = ["--sweep", "seed=3"]
+    p = _cli(args)
+    ckpt = tmp_path / "sw" / "seed=3" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "checkpoint was saved" in err, err
+    r = _cli(["train", "--resume", str(tmp_path / "sw")])
+    out, err = r.communicate(timeout=600)
+    assert r.returncode == 0, err
+    assert "=== point 1/1: seed=3 (started) ===" in out and "resuming" in out, out
+    a, b = _weights(tmp_path / "sw" / "seed=3"), _weights(reference_run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "sw" / "sweep_summary.json").is_file()

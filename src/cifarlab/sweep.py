@@ -197,8 +197,8 @@ def _state(folder: Path, cfg: Config) -> str:
     if not folder.is_dir() or not any(folder.iterdir()):
         return "new"
     if cfg.train.runs > 1:
-        runs = [folder / f"run-{k}" for k in range(cfg.train.runs)]
-        done = (folder / "runs_summary.json").is_file() and all(finished_metrics(r, cfg.train.epochs) for r in runs)
+        done = (folder / "runs_summary.json").is_file() and all(finished_metrics(r, cfg.train.epochs)
+                                                                for r in _runs(folder, cfg))
         return "finished" if done else "started"
     if finished_metrics(folder, cfg.train.epochs) is not None:
         return "finished"
@@ -209,6 +209,7 @@ def _state(folder: Path, cfg: Config) -> str:
 
 
 def _runs(folder: Path, cfg: Config) -> list[Path]:
+    """The run folders of a point: itself, or the run-K folders of its --runs N set."""
     return [folder / f"run-{k}" for k in range(cfg.train.runs)] if cfg.train.runs > 1 else [folder]
 
 

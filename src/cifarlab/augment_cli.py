@@ -179,9 +179,10 @@ def augment_command(args: argparse.Namespace) -> int:
         print(f"data: {note}")
     x, y = (ds.x_train, ds.y_train) if args.split == "train" else (ds.x_test, ds.y_test)
     if len(x) == 0:  # a test set alone (CIFAR-10.1) has no training images
+        other = "test" if args.split == "train" else "train"
         raise CifarlabError(f"{ds.source} ({ds.kind}) holds no {args.split} images; it holds "
-                            f"{len(ds.x_train) + len(ds.x_test):,} {'test' if args.split == 'train' else 'training'} "
-                            f"images: give --split {'test' if args.split == 'train' else 'train'}")
+                            f"{len(ds.x_train) + len(ds.x_test):,} {'training' if other == 'train' else 'test'} "
+                            f"images: give --split {other}")
     if args.subset:
         from .data import balanced_subset, subset_note
 

@@ -236,8 +236,8 @@ def read_run(run: str | Path) -> tuple[Path, dict]:
             raise CifarlabError(f"{several[0]}; give one of them, for example '{several[1]}'")
         from .sweep import CONFIGS, is_sweep
 
-        points = sorted(p.name for p in run.iterdir() if p.is_dir() and p.name != CONFIGS)
-        if is_sweep(run) and points:  # cifarlab train --sweep
+        points = sorted(p.name for p in run.iterdir() if p.is_dir() and p.name != CONFIGS) if is_sweep(run) else []
+        if points:  # cifarlab train --sweep
             raise CifarlabError(f"'{run}' is a sweep of {len(points)} point(s), each a run folder (or a --runs N "
                                 f"folder): give one, for example '{run / points[0]}'; its sweep_summary.json ranks "
                                 "them")

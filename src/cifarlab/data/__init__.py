@@ -211,14 +211,13 @@ def _load_folder_cached(path: Path, skip_bad: bool, use_cache: bool, size: tuple
     t0 = time.perf_counter()
     fd = folder.load_image_folder(path, skip_bad=skip_bad, size=size, test_split=test_split, labels=labels)
     notes = fd.notes + [f"decoded in {time.perf_counter() - t0:.1f} s"]
-    origin = "held-out" if fd.held_out else "named"
     if key:
         cache.store_cached(key, {"x_train": fd.x["train"], "y_train": fd.y["train"], "x_test": fd.x["test"],
                                  "y_test": fd.y["test"]},
                            {"classes": fd.classes, "test_paths": fd.paths["test"], "notes": fd.notes,
-                            "source": str(path), "train_paths": fd.paths["train"], "test_origin": origin})
+                            "source": str(path), "train_paths": fd.paths["train"], "test_origin": fd.test_origin})
     return Dataset(fd.x["train"], fd.y["train"], fd.x["test"], fd.y["test"], fd.classes, str(path),
-                   "image-folder", fd.paths["test"], notes, train_paths=fd.paths["train"], test_origin=origin)
+                   "image-folder", fd.paths["test"], notes, train_paths=fd.paths["train"], test_origin=fd.test_origin)
 
 
 def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -32,7 +32,7 @@ class FolderData:
     paths: dict[str, list[str]]
     classes: list[str]
     notes: list[str] = field(default_factory=list)
-    held_out: bool = False  # the test split was held out here: the folder names no test images
+    test_origin: str = "named"  # "held-out" where the folder names no test images (see Dataset.test_origin)
 
 
 # Below this many files, starting worker processes costs more than decoding in this one.
@@ -300,4 +300,4 @@ def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = 
         out_x[s] = np.stack([arrays[prefix + n] for n, _ in rows])
         out_y[s] = np.array([cls_index[c] for _, c in rows], dtype=np.int64)
         out_p[s] = [n for n, _ in rows]
-    return FolderData(out_x, out_y, out_p, classes, notes, held_out=layout != "split")
+    return FolderData(out_x, out_y, out_p, classes, notes, test_origin="named" if layout == "split" else "held-out")

@@ -93,6 +93,26 @@ def test_own_data_keeps_its_held_out_split_other_data_is_tested_on_every_unseen_
     assert ds.test_paths == sorted(set(grown.train_paths + grown.test_paths) - set(tr_names[:6]))
 
 
+def test_other_images_under_the_runs_own_names_are_other_data(tmp_path):
+    """A folder whose images bear the names of the run's (cat/0000.png ...) but are other
+    images is not the run's data: a sample of the images found by name must have the pixels the
+    run saw. Its own data with one image of ten edited since is still its own."""
+    x_tr, x_te = _images(10, 20), _images(4, 21)
+    names = _names("t", 10)
+    run = tmp_path / "run"
+    run.mkdir()
+    seen.record(run / seen.FILE, x_tr, range(10), names)
+    lookalike = _held_out(_images(10, 22), _images(4, 23), names, _names("h", 4), source="lookalike")
+    assert seen.trained_on(lookalike, [run]) is False
+    ds, note = seen.test_split_for(lookalike, [run])
+    assert len(ds.x_test) == 14 and note.endswith("every image is a test image, not the held-out split alone: 14 of 14")
+    edited = x_tr.copy()
+    edited[3] = 255 - edited[3]
+    assert seen.trained_on(_held_out(edited, x_te, names, _names("h", 4)), [run]) is True
+    edited[4] = 255 - edited[4]  # two of ten: below the share that counts as the run's own
+    assert seen.trained_on(_held_out(edited, x_te, names, _names("h", 4)), [run]) is False
+
+
 def test_several_runs_leave_out_what_any_of_them_saw(tmp_path):
     x = _images(10, 9)
     names = _names("i", 10)

@@ -80,7 +80,8 @@ def test_split_for(ds: Dataset, runs: Sequence[str | Path]) -> tuple[Dataset, st
     Data that names its test images keeps them (a note counts those with the pixels of an image
     a run trained or validated on). Data whose test split was held out (``ds.test_origin``) keeps
     it where it is every run's own data: every image each run trained or validated on, by its
-    path, lies in the data's training part. Otherwise every image of the data is a test image,
+    path, lies in the data's training part, with the pixels it saw (checked on a sample).
+    Otherwise every image of the data is a test image,
     but for those with the pixels of an image a run trained or validated on. A run without a
     record (:func:`read`) keeps the held-out split, as before such records were kept."""
     from . import every_image_as_test
@@ -99,7 +100,7 @@ def test_split_for(ds: Dataset, runs: Sequence[str | Path]) -> tuple[Dataset, st
         return ds, (f"{', '.join(missing)} records no images it trained on ({FILE}: made by an older cifarlab, or "
                     f"imported), so {ds.source} keeps its held-out test split; on data the run was not trained on, "
                     "that is a share of the images only")
-    if _all_in(ds.train_paths, [rec for _, rec in records]):
+    if _all_in(ds, [rec for _, rec in records]):
         return ds, None  # the run's own data: the test split it was tested on in training
     everything = every_image_as_test(ds)
     saw = np.concatenate([rec[0] for _, rec in records])
@@ -116,16 +117,37 @@ def test_split_for(ds: Dataset, runs: Sequence[str | Path]) -> tuple[Dataset, st
 
 
 def trained_on(ds: Dataset, runs: Sequence[str | Path]) -> bool | None:
-    """Whether ``ds`` is the data ``runs`` were trained on: each image each of them trained or
-    validated on, by its path, is among ``ds``'s training images; None where a run keeps no
-    record (:func:`read`)."""
+    """Whether ``ds`` is the data ``runs`` were trained on (:func:`_all_in`); None where a run
+    keeps no record (:func:`read`)."""
     records = [read(r) for r in runs]
-    return None if any(rec is None for rec in records) else _all_in(ds.train_paths, records)
+    return None if any(rec is None for rec in records) else _all_in(ds, records)
 
 
-def _all_in(paths: Sequence[str], records) -> bool:
-    have = set(path_hashes(paths).tolist())
-    return all(have.issuperset(rec[1].tolist()) for rec in records)
+# how many of a run's images, found in the data by their paths, have their pixels checked: a
+# sample, as hashing every training image's pixels costs about 0.3 s per 50,000
+_PIXEL_SAMPLE = 256
+# the share of that sample that must have the pixels the run recorded: other images under the
+# same names (another folder of cat/0001.png ...) match almost none; the run's data with a few
+# images edited since still counts as its own
+_PIXEL_MATCH = 0.9
+
+
+def _all_in(ds: Dataset, records) -> bool:
+    """Whether each image each run (by its :func:`read` record) trained or validated on, by its
+    path, is among ``ds``'s training images, and those images are the ones it saw: an evenly
+    spread sample of them has the pixels it recorded."""
+    hashes = path_hashes(ds.train_paths)
+    have = set(hashes.tolist())
+    if not all(have.issuperset(rec[1].tolist()) for rec in records):
+        return False
+    for pixels, paths in records:
+        found = np.flatnonzero(np.isin(hashes, paths))
+        if not len(found):
+            continue
+        sample = found[np.unique(np.linspace(0, len(found) - 1, min(len(found), _PIXEL_SAMPLE)).astype(np.int64))]
+        if np.isin(pixel_hashes(ds.x_train, sample.tolist()), pixels).mean() < _PIXEL_MATCH:
+            return False
+    return True
 
 
 def _take(ds: Dataset, keep: np.ndarray) -> Dataset:

@@ -546,6 +546,58 @@ def test_other_class_folders_are_tested_on_every_image_the_run_has_not_seen(caps
     assert code == 0 and json.loads(out)["images_per_cell"] == 15, err
 
 
+def test_reports_on_other_data_are_kept_beside_the_runs_own(capsys, tmp_path, trained_run, image_folder):
+    """evaluate, robustness, duplicates and audit on other data write RUN/<kind>-<data> by
+    default, leaving the report on the run's own test images as it was; the model card quotes
+    the robustness and near-copy reports made on the data it was audited on; a --runs folder
+    keeps its summaries on other data in OUT/<kind>-<data>."""
+    from conftest import make_image_folder
+
+    from cifarlab.export import data_tag
+
+    new = make_image_folder(tmp_path / "new", seed=5)
+    tag = data_tag(str(new))
+    code, out, err = run(capsys, "evaluate", str(trained_run))
+    assert code == 0 and f"Report files in {trained_run / 'eval'}" in out, err
+    own_report = (trained_run / "eval" / "metrics.json").read_bytes()
+    code, out, err = run(capsys, "evaluate", str(trained_run), "--data", str(new))
+    assert code == 0 and f"Report files in {trained_run / f'eval-{tag}'}\n" in out, err
+    assert json.loads((trained_run / f"eval-{tag}" / "metrics.json").read_text())["num_images"] == 9
+    assert (trained_run / "eval" / "metrics.json").read_bytes() == own_report
+
+    fog = ["--corruptions", "fog", "--severities", "1"]
+    code, out, err = run(capsys, "robustness", str(trained_run), "--data", str(new), *fog)
+    assert code == 0 and f"Report files in {trained_run / f'robustness-{tag}'}" in out, err
+    assert not (trained_run / "robustness").exists()
+    code, out, err = run(capsys, "duplicates", str(trained_run), "--data", str(new), "--json")
+    assert code == 0 and (trained_run / f"duplicates-{tag}" / "duplicates.json").is_file(), err
+    code, out, err = run(capsys, "audit", str(trained_run), "--data", str(new), "--bootstrap", "100")
+    assert code == 0 and f"wrote {trained_run / f'audit-{tag}' / 'audit.md'}" in out, err
+    card = (trained_run / f"audit-{tag}" / "MODEL_CARD.md").read_text()
+    assert "Under common corruptions (`cifarlab robustness`: 1 corruptions" in card
+    assert "near-copy among" in card  # the duplicates report made on `new`
+    code, out, err = run(capsys, "audit", str(trained_run), "--bootstrap", "100")
+    assert code == 0 and f"wrote {trained_run / 'audit' / 'audit.md'}" in out, err
+    card = (trained_run / "audit" / "MODEL_CARD.md").read_text()
+    assert "Under common corruptions" not in card and "near-copy among" not in card  # measured on other data only
+
+    base = tmp_path / "set"
+    code, out, err = run(capsys, "train", "--data", str(image_folder), "--model", "keras-shallow", "--epochs", "1",
+                         "--batch-size", "8", "--threads", "1", "--runs", "2", "--out", str(base))
+    assert code == 0, err
+    code, out, err = run(capsys, "evaluate", str(base), "--data", str(new))
+    assert code == 0 and f"summary in {base / f'eval-{tag}' / 'eval_summary.json'}" in out, err
+    assert (base / f"eval-{tag}" / "run-1" / "metrics.json").is_file() and not (base / "eval_summary.json").exists()
+    code, out, err = run(capsys, "robustness", str(base), "--data", str(new), *fog)
+    assert code == 0 and f"each run's report in {base / f'robustness-{tag}'}/run-K" in out, err
+    code, out, err = run(capsys, "audit", str(base), "--data", str(new), "--bootstrap", "100")
+    assert code == 0 and f"wrote {base / f'audit-{tag}' / 'audit_summary.md'}" in out, err
+    assert "Under common corruptions (`cifarlab robustness`: 1 corruptions" in \
+        (base / f"audit-{tag}" / "audit_summary.md").read_text()
+    code, out, err = run(capsys, "evaluate", str(base))
+    assert code == 0 and f"summary in {base / 'eval_summary.json'}" in out, err
+
+
 def test_train_on_images_labelled_by_a_csv_and_evaluate_them_again(capsys, tmp_path, monkeypatch):
     """--labels: Kaggle's layout (train/<id>.png, trainLabels.csv) trains; config.yaml records the
     file, and evaluate reads the run's own data with it; other --data does not take it."""

@@ -229,3 +229,44 @@ def test_long_inference_shows_a_transient_progress_bar_on_a_terminal_only(traine
     monkeypatch.setattr(sys, "stderr", terminal)
     model.predict(images[:128])  # one batch: nothing to show
     assert terminal.getvalue() == ""
+
+
+def test_data_tag_names_the_data_and_tells_two_folders_of_one_name_apart(tmp_path):
+    from cifarlab.export import data_tag
+
+    a, b = tmp_path / "a" / "test", tmp_path / "b" / "test"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    assert data_tag(str(a)).startswith("test-") and data_tag(str(b)).startswith("test-")
+    assert data_tag(str(a)) != data_tag(str(b))
+    assert data_tag(str(a)) == data_tag(str(tmp_path / "b" / ".." / "a" / "test"))  # the same folder, however named
+    assert data_tag("/x/cifar10.1_v6_data.npy").startswith("cifar10.1_v6_data-")
+    assert data_tag("/x/photos.TAR.GZ").startswith("photos-")
+    assert data_tag("/x/my photos (2024)").startswith("my_photos_2024-")
+    assert data_tag("/x/...").startswith("data-")
+
+
+def test_report_name_is_the_kind_on_the_runs_own_data_and_names_other_data(tmp_path, trained_run, image_folder):
+    """The run's own data keeps RUN/<kind>; other data gets <kind>-<tag>; a run without a record
+    of its images falls back on the data path in its metrics.json."""
+    from conftest import make_image_folder
+
+    from cifarlab.data import load_dataset, seen
+    from cifarlab.export import data_tag, default_report_folder, other_data_folder, report_name
+
+    own = load_dataset(image_folder)
+    other = load_dataset(make_image_folder(tmp_path / "other", seed=3))
+    assert report_name("eval", own, [trained_run]) == "eval"
+    assert report_name("eval", other, [trained_run]) == f"eval-{data_tag(other.source)}"
+    assert default_report_folder(trained_run, "audit", own) == trained_run / "audit"
+    assert default_report_folder(trained_run, "audit", other) == trained_run / f"audit-{data_tag(other.source)}"
+    assert other_data_folder(tmp_path / "set", "eval", own, [trained_run]) is None
+    assert other_data_folder(tmp_path / "set", "eval", other, [trained_run]) == \
+        tmp_path / "set" / f"eval-{data_tag(other.source)}"
+    (trained_run / seen.FILE).unlink()  # as a run of an older cifarlab: its data by path
+    assert report_name("eval", own, [trained_run]) == "eval"
+    assert report_name("eval", other, [trained_run]) != "eval"
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    del metrics["data"]["source"]  # nothing recorded (an imported model): as before, RUN/<kind>
+    (trained_run / "metrics.json").write_text(json.dumps(metrics))
+    assert report_name("eval", other, [trained_run]) == "eval"

@@ -23,7 +23,7 @@ from .data import Dataset, seen
 from .duplicates import read_duplicates
 from .errors import CifarlabError, short_list
 from .evaluate import _check_compatible, probabilities_and_raw
-from .export import list_to_csv_rows, load_model
+from .export import list_to_csv_rows, load_model, other_data_folder, report_name
 from .fsutil import json_text, report_folder, write_json, write_text
 
 TO_FILL = "[TO BE FILLED IN BY THE MODEL'S OWNER]"
@@ -244,7 +244,8 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
               device: str = "auto", log: Callable[[str], None] = print,
               uncalibrated: bool = False) -> dict[str, Any]:
     """Audit a run on ``ds``'s test split: write ``audit.json``, ``audit.md``, plots and
-    ``MODEL_CARD.md``/``model_card.json`` into ``out`` (default ``RUN/audit``) and return the
+    ``MODEL_CARD.md``/``model_card.json`` into ``out`` (default ``RUN/audit``, or ``RUN/audit-<data>``
+    on other data than the run's own: :func:`cifarlab.export.other_data_folder`) and return the
     audit. ``groups_csv``: a file of image attributes to break accuracy down by (see
     :func:`read_groups`); ``margin``: how far below the overall accuracy a class or group is
     flagged; ``min_group``: a group of fewer images is marked too small and left out of the
@@ -253,7 +254,7 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
     the model audited). Its probabilities use the run's temperature where ``cifarlab
     calibrate`` fitted one, unless ``uncalibrated``."""
     run = Path(run)
-    out = Path(out) if out is not None else run / "audit"
+    out = Path(out) if out is not None else run / report_name("audit", ds, [run])
     check_options(margin, min_group, n_boot)
     # The groups file first: a mistake in it should cost no prediction and leave no partial report.
     groups = read_groups(groups_csv, ds) if groups_csv else None
@@ -298,7 +299,9 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
             audit["warnings"].append(f"class '{r['class']}' accuracy {r['accuracy']:.3f} is more than {margin:.2f} "
                                      f"below the overall {overall:.3f}")
     # `cifarlab duplicates`' figures for this model (weights, test-time augmentation, offsets), if measured
-    audit["near_duplicates"] = read_duplicates(run, pred.tta, pred.class_offsets())
+    # measured on the data audited (a report on other data is kept in duplicates-<data>)
+    audit["near_duplicates"] = read_duplicates(run, pred.tta, pred.class_offsets(),
+                                               name=report_name("duplicates", ds, [run]))
     if groups is not None:
         idx, attrs = groups
         audit["groups_file"] = str(groups_csv)
@@ -361,12 +364,14 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
     report and model card in ``RUN/audit``, or ``out/run-K``), then summarise over the runs: each
     class's and group's accuracy as mean, std, min and max, in how many runs it was flagged, and
     the largest gaps. A gap that one run shows may be its seed's; one that every run shows is the
-    recipe's. Writes ``audit_summary.json`` and ``audit_summary.md`` into ``out`` (default ``base``)."""
+    recipe's. Writes ``audit_summary.json`` and ``audit_summary.md`` into ``out`` (default ``base``,
+    or ``base/audit-<data>`` on other data than the runs' own: :func:`cifarlab.export.other_data_folder`)."""
     from .export import finished_runs
 
     check_options(margin, min_group, n_boot)
-    base, out = Path(base), Path(out) if out is not None else None
+    base = Path(base)
     runs = finished_runs(base)
+    out = Path(out) if out is not None else other_data_folder(base, "audit", ds, runs)
     audits, reports = [], []
     for r in runs:
         folder = (out / r.name) if out else r / "audit"
@@ -379,7 +384,7 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
             f"{sp['difference']:.4f}; {len(a['warnings'])} warning(s); report in {folder / 'audit.md'}")
         audits.append(a)
     summary = summarise_audits(audits, [str(r) for r in runs])
-    summary["robustness"] = _runs_robustness(base, summary["tta"], audits)
+    summary["robustness"] = _runs_robustness(base, report_name("robustness", ds, runs), summary["tta"], audits)
     summary["near_duplicates"] = _runs_duplicates(audits)
     dest = out or base
     for row, report in zip(summary["per_run"], reports):
@@ -390,15 +395,16 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
     return summary
 
 
-def _runs_robustness(base: Path, tta: list[str], audits: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """What ``audit_summary`` quotes of ``cifarlab robustness``'s summary of the runs, where it
-    measured these weights with the test-time augmentation and calibration audited (else a
-    note, or None)."""
+def _runs_robustness(base: Path, name: str, tta: list[str], audits: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What ``audit_summary`` quotes of ``cifarlab robustness``'s summary of the runs (in
+    ``base``, or in its subfolder ``name`` where that is not ``robustness``: measured on other
+    data), where it measured these weights with the test-time augmentation and calibration
+    audited (else a note, or None)."""
     from .calibrate import same_calibration
     from .errors import short_list
     from .robustness import read_runs_summary
 
-    r = read_runs_summary(base)
+    r = read_runs_summary(base, None if name == "robustness" else name)
     if r is None or "note" in r:
         return r
     s = r["summary"]
@@ -775,7 +781,7 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
     cfg = yaml.safe_load(cfg_text) if cfg_text else {}
     imported_path = run / "keras_import.json"  # written by `cifarlab import`: trained elsewhere
     imported = json.loads(imported_path.read_text()) if imported_path.is_file() else None
-    robustness = _robustness_summary(run, pred)
+    robustness = _robustness_summary(run, pred, report_name("robustness", ds, [run]))
     start_path = run / "init_from.json"  # written by `cifarlab train --init-from`: a fine-tune
     start = json.loads(start_path.read_text()) if start_path.is_file() else None
     own = seen.trained_on(ds, [run])  # None for a run that keeps no record of its training images
@@ -861,12 +867,13 @@ def _evaluation_note(own: bool | None, ds) -> str:
     return "the test images of other data than the model was trained on"
 
 
-def _robustness_summary(run: Path, pred) -> dict[str, Any] | None:
-    """What the card quotes of ``cifarlab robustness``'s report for the predictor audited (its
-    weights, test-time augmentation and calibration), if there is one."""
+def _robustness_summary(run: Path, pred, name: str) -> dict[str, Any] | None:
+    """What the card quotes of ``cifarlab robustness``'s report (in ``RUN/name``: on the data
+    audited) for the predictor audited (its weights, test-time augmentation and calibration), if
+    there is one."""
     from .robustness import read_robustness
 
-    r = read_robustness(run, pred.tta, pred.temperature(), pred.class_offsets())
+    r = read_robustness(run, pred.tta, pred.temperature(), pred.class_offsets(), name)
     if r is None:
         return None
     hardest = sorted(r["corruptions"], key=lambda c: c["accuracy"])[:3]

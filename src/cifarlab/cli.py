@@ -236,8 +236,9 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     _add_data_args(e, run="test")
     _add_tta_arg(e)
     _add_uncalibrated_arg(e)
-    e.add_argument("--out", help="folder for the report files (default RUN/eval; for a --runs folder, OUT/run-K "
-                                 "and OUT/eval_summary.json)")
+    e.add_argument("--out", help="folder for the report files (default RUN/eval, or RUN/eval-<data name>-<hash> on "
+                                 "other data than the run's own, so each data's report is kept; for a --runs folder, "
+                                 "OUT/run-K and OUT/eval_summary.json)")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _add_device_arg(e)
     e.set_defaults(func=cmd_evaluate)
@@ -273,8 +274,9 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
     _add_tta_arg(a)
     _add_uncalibrated_arg(a)
-    a.add_argument("--out", help="folder for the report (default RUN/audit; for a --runs folder, OUT/run-K and "
-                                 "OUT/audit_summary.json and .md)")
+    a.add_argument("--out", help="folder for the report (default RUN/audit, or RUN/audit-<data name>-<hash> on other "
+                                 "data than the run's own; for a --runs folder, OUT/run-K and OUT/audit_summary.json "
+                                 "and .md)")
     _add_device_arg(a)
     a.set_defaults(func=cmd_audit)
 
@@ -299,7 +301,8 @@ def _add_robustness_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--list", action="store_true", help="list the corruptions and exit")
     _add_tta_arg(r)
     _add_uncalibrated_arg(r)
-    r.add_argument("--out", help="folder for the report (default RUN/robustness; for a --runs folder, OUT/run-K and "
+    r.add_argument("--out", help="folder for the report (default RUN/robustness, or RUN/robustness-<data name>-<hash> "
+                                 "on other data than the run's own; for a --runs folder, OUT/run-K and "
                                  "OUT/robustness_summary.json)")
     r.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_device_arg(r)
@@ -333,7 +336,8 @@ def _add_duplicates_parser(sub: argparse._SubParsersAction) -> None:
                         "horizontal flips has seen each training image both ways (twice the time)")
     _add_tta_arg(d)
     _add_uncalibrated_arg(d)
-    d.add_argument("--out", help="folder for the report (default RUN/duplicates, or ./duplicates without a run)")
+    d.add_argument("--out", help="folder for the report (default RUN/duplicates, or RUN/duplicates-<data name>-<hash> "
+                                 "on other data than the run's own, or ./duplicates without a run)")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_device_arg(d)
     d.set_defaults(func=cmd_duplicates)
@@ -610,7 +614,7 @@ def _load_data(args: argparse.Namespace, cfg=None, show: bool = True):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``cifarlab evaluate``."""
     from .evaluate import evaluate_run, unequal_classes
-    from .export import is_runs_set, read_run
+    from .export import default_report_folder, is_runs_set, read_run
     from .fsutil import check_folder_path, json_text
 
     if args.out:
@@ -619,7 +623,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return _evaluate_runs(args)
     run, _ = read_run(args.run)
     ds = _load_eval_data(args, run, [run])
-    out = Path(args.out) if args.out else run / "eval"
+    out = Path(args.out) if args.out else default_report_folder(run, "eval", ds)
     report = evaluate_run(run, ds, out, tta=args.tta, device=args.device, uncalibrated=args.uncalibrated)
     if args.json:
         print(json_text(report))
@@ -660,14 +664,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _evaluate_runs(args: argparse.Namespace) -> int:
     """``cifarlab evaluate`` of a ``--runs N`` folder: each run, then the spread over them."""
     from .evaluate import evaluate_runs
-    from .export import finished_runs
+    from .export import finished_runs, other_data_folder
     from .fsutil import json_text
 
     base = Path(args.run)
     runs = finished_runs(base)  # before the data is loaded
     ds = _load_eval_data(args, base, runs)
-    summary = evaluate_runs(base, ds, Path(args.out) if args.out else None, tta=args.tta, device=args.device,
-                            uncalibrated=args.uncalibrated)
+    out = Path(args.out) if args.out else other_data_folder(base, "eval", ds, runs)
+    summary = evaluate_runs(base, ds, out, tta=args.tta, device=args.device, uncalibrated=args.uncalibrated)
     if args.json:
         print(json_text(summary))
         return 0
@@ -689,8 +693,8 @@ def _evaluate_runs(args: argparse.Namespace) -> int:
         b = summary["balanced_accuracy"]
         print(f"Balanced accuracy (mean per-class recall) mean {b['mean']:.4f} (std {b['std']:.4f}, min "
               f"{b['min']:.4f}, max {b['max']:.4f})")
-    print(f"Report files in each run's {'folder under ' + args.out if args.out else 'eval folder'}; summary in "
-          f"{Path(args.out or base) / 'eval_summary.json'}")
+    print(f"Report files in each run's {f'folder under {out}' if out else 'eval folder'}; summary in "
+          f"{(out or base) / 'eval_summary.json'}")
     return 0
 
 
@@ -750,7 +754,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     """``cifarlab audit``."""
     from .audit import CLI_NAMES, audit_run, check_options
-    from .export import is_runs_set, read_run
+    from .export import default_report_folder, is_runs_set, read_run
     from .fsutil import check_folder_path
 
     check_options(args.margin, args.min_group, args.bootstrap, CLI_NAMES)  # before the data is loaded
@@ -760,7 +764,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return _audit_runs(args)
     run, _ = read_run(args.run)
     ds = _load_eval_data(args, run, [run])
-    out = Path(args.out) if args.out else run / "audit"
+    out = Path(args.out) if args.out else default_report_folder(run, "audit", ds)
     audit_run(run, ds, out, groups_csv=args.groups, margin=args.margin, min_group=args.min_group,
               n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print, uncalibrated=args.uncalibrated)
     return 0
@@ -769,12 +773,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def _audit_runs(args: argparse.Namespace) -> int:
     """``cifarlab audit`` of a ``--runs N`` folder: each run, then each class's and group's spread."""
     from .audit import audit_runs
-    from .export import finished_runs
+    from .export import finished_runs, other_data_folder
 
     base = Path(args.run)
     runs = finished_runs(base)  # before the data is loaded
     ds = _load_eval_data(args, base, runs)
-    out = Path(args.out) if args.out else None
+    out = Path(args.out) if args.out else other_data_folder(base, "audit", ds, runs)
     s = audit_runs(base, ds, out, groups_csv=args.groups, margin=args.margin, min_group=args.min_group,
                    n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print,
                    uncalibrated=args.uncalibrated)
@@ -792,13 +796,13 @@ def _audit_runs(args: argparse.Namespace) -> int:
     for w in s["warnings"]:
         print(f"warning: {w}")
     print(f"wrote {(out or base) / 'audit_summary.md'}; each run's report and model card in its "
-          f"{'folder under ' + args.out if args.out else 'audit folder'}")
+          f"{f'folder under {out}' if out else 'audit folder'}")
     return 0
 
 
 def cmd_robustness(args: argparse.Namespace) -> int:
     """``cifarlab robustness``: one run, or each run of a ``--runs N`` folder."""
-    from .export import finished_runs, is_runs_set, read_run
+    from .export import default_report_folder, finished_runs, is_runs_set, other_data_folder, read_run
     from .fsutil import check_folder_path, json_text
     from .robustness import check_options, format_report, format_runs, list_corruptions, robustness_run, \
         robustness_runs
@@ -825,10 +829,11 @@ def cmd_robustness(args: argparse.Namespace) -> int:
               corrupted_data=args.corrupted_data, tta=args.tta, device=args.device, uncalibrated=args.uncalibrated,
               log=log)
     if several:
-        result = robustness_runs(folder, ds, Path(args.out) if args.out else None, **kw)
-        print(json_text(result) if args.json else format_runs(result, Path(args.out or folder)))
+        out = Path(args.out) if args.out else other_data_folder(folder, "robustness", ds, runs)
+        result = robustness_runs(folder, ds, out, **kw)
+        print(json_text(result) if args.json else format_runs(result, out or folder, out))
         return 0
-    out = Path(args.out) if args.out else folder / "robustness"
+    out = Path(args.out) if args.out else default_report_folder(folder, "robustness", ds)
     result = robustness_run(folder, ds, out, **kw)
     print(json_text(result) if args.json else f"{format_report(result)}\nReport files in {out}")
     return 0
@@ -837,7 +842,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 def cmd_duplicates(args: argparse.Namespace) -> int:
     """``cifarlab duplicates``: the data alone, one run, or each run of a ``--runs N`` folder."""
     from .duplicates import check_options, duplicates_report, format_report, write_files
-    from .export import finished_runs, is_runs_set, read_run
+    from .export import finished_runs, is_runs_set, read_run, report_name
     from .fsutil import check_folder_path, json_text
 
     check_options(args.threshold, args.shift, args.candidates)  # before the data is loaded
@@ -858,7 +863,7 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
             folder, _ = read_run(args.run)
             runs = [folder]
         ds = _load_eval_data(args, folder)
-        out = Path(args.out) if args.out else folder / "duplicates"
+        out = Path(args.out) if args.out else folder / report_name("duplicates", ds, runs)
     log = (lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr))
     report, found = duplicates_report(ds, runs, args.threshold, args.shift, args.candidates, tta=args.tta,
                                       device=args.device, uncalibrated=args.uncalibrated, log=log,

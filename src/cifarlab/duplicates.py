@@ -457,13 +457,15 @@ def write_files(report: dict[str, Any], found: dict[str, Any], ds: Dataset, out:
             image_grid(images, titles, out / "duplicates.png", cols=8)
 
 
-def read_duplicates(run: str | Path, tta: str, class_offsets: tuple[float, ...] | None = None) -> dict[str, Any] | None:
+def read_duplicates(run: str | Path, tta: str, class_offsets: tuple[float, ...] | None = None,
+                    name: str = "duplicates") -> dict[str, Any] | None:
     """What ``cifarlab duplicates`` measured for ``run`` with its current weights, test-time
     augmentation ``tta`` and class offsets (which change predictions; a temperature does not):
     the report's settings and counts with the run's entry as ``"run"`` and the folder it is in as
     ``"where"``, from ``RUN/duplicates`` or, for a run of a ``--runs N`` folder, the folder's
-    ``duplicates``; None where there is none, or where it is unreadable or out of date: what the
-    model card quotes."""
+    ``duplicates`` (``name``, where not ``duplicates``: ``duplicates-<data>``, measured on other
+    data); None where there is none, or where it is unreadable or out of date: what the model
+    card quotes."""
     import json
 
     from .calibrate import same_offsets, weights_digest
@@ -473,8 +475,8 @@ def read_duplicates(run: str | Path, tta: str, class_offsets: tuple[float, ...] 
         digest = weights_digest(run)
     except CifarlabError:  # no readable weights: nothing measured can be theirs
         return None
-    for path, where in ((run / "duplicates" / "duplicates.json", "the run folder"),
-                        (run.parent / "duplicates" / "duplicates.json", "the folder of its runs")):
+    for path, where in ((run / name / "duplicates.json", "the run folder"),
+                        (run.parent / name / "duplicates.json", "the folder of its runs")):
         try:
             r = json.loads(path.read_text())
             for entry in r.get("runs") or []:

@@ -148,12 +148,15 @@ def unequal_classes(counts: Iterable[int]) -> bool:
 def evaluate_run(run: str | Path, ds: Dataset, out: str | Path | None = None, tta: str | None = None,
                  device: str = "auto", n_worst: int = 32, uncalibrated: bool = False) -> dict[str, Any]:
     """Evaluate a run on ``ds``'s test split (from :func:`cifarlab.load_dataset`) and write report
-    files into ``out``, by default ``RUN/eval`` (see :func:`write_report`); return the report, as
+    files into ``out``, by default ``RUN/eval``, or ``RUN/eval-<data>`` where ``ds`` is not the
+    run's own data (:func:`cifarlab.export.other_data_folder`; see :func:`write_report`); return the report, as
     ``cifarlab evaluate --json`` prints it. ``tta``: the test-time augmentation level, by default
     the run's own, so the accuracy is the one its training reported. The probabilities are
     those of the run's temperature where ``cifarlab calibrate`` fitted one (unless
     ``uncalibrated``); the report then also gives the loss and calibration error without it."""
-    out = Path(out) if out is not None else Path(run) / "eval"
+    from .export import default_report_folder
+
+    out = Path(out) if out is not None else default_report_folder(run, "eval", ds)
     pred = load_model(run, device, tta, uncalibrated)
     _check_compatible(pred, ds)
     with report_folder(out):  # before the predictions: an unwritable folder should cost no time
@@ -174,11 +177,13 @@ def evaluate_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, 
                   device: str = "auto", uncalibrated: bool = False) -> dict[str, Any]:
     """Evaluate every run of the ``--runs N`` folder ``base`` (see :func:`evaluate_run`), each
     report into ``RUN/eval`` (or ``out/run-K``), and summarise the test loss and accuracy over
-    the runs in ``eval_summary.json`` (in ``out``, by default ``base``)."""
-    from .export import finished_runs
+    the runs in ``eval_summary.json`` (in ``out``, by default ``base``). On other data than the
+    runs' own, ``out`` is by default ``base/eval-<data>`` (:func:`cifarlab.export.other_data_folder`)."""
+    from .export import finished_runs, other_data_folder
 
-    base, out = Path(base), Path(out) if out is not None else None
+    base = Path(base)
     runs = finished_runs(base)
+    out = Path(out) if out is not None else other_data_folder(base, "eval", ds, runs)
     reports = [evaluate_run(r, ds, (out / r.name) if out else r / "eval", tta, device, uncalibrated=uncalibrated)
                for r in runs]
     summary = {"runs": len(runs), "data": ds.source, "test_origin": ds.test_origin,

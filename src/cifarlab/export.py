@@ -8,7 +8,9 @@ preprocessing: enough to rebuild the model without the config), ``weights.safete
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -222,6 +224,70 @@ def several_runs(folder: Path, marker: str) -> tuple[str, Path] | None:
     if not runs:
         return None
     return f"'{folder}' holds {len(runs)} runs of 'cifarlab train --runs' ({short_list(runs, 5)})", folder / runs[0]
+
+
+# suffixes left out of a data file's name where it names a report folder
+_DATA_SUFFIXES = (".tar.gz", ".tar.xz", ".tar.bz2", ".tgz", ".tar", ".zip", ".npy", ".npz")
+
+
+def data_tag(source: str) -> str:
+    """A folder-name-safe tag for the data at ``source``: its name, and 8 hex digits of its
+    absolute path, so that two folders both named ``test`` get two tags."""
+    name = Path(source).name
+    for suffix in _DATA_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[:-len(suffix)]
+            break
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:40] or "data"
+    where = str(Path(source).expanduser().resolve()) if Path(source).expanduser().exists() else source
+    return f"{name}-{hashlib.blake2b(where.encode(), digest_size=4).hexdigest()}"
+
+
+def report_name(kind: str, ds, runs: Iterable[str | Path]) -> str:
+    """The name of the folder of a report of ``kind`` (``eval``, ``audit``, ``robustness``,
+    ``duplicates``) of ``runs`` on ``ds``: ``kind`` where ``ds`` is the data they were trained
+    on, or where that is unknown (a run without a record of its images, whose data path is not
+    recorded either); else ``<kind>-<data tag>`` (:func:`data_tag`).
+
+    So a report on other data (CIFAR-10.1, new photos) is kept beside the run's report on its
+    own test images instead of replacing it, and the model card quotes the reports made on the
+    data it was audited on."""
+    from .data import seen
+
+    runs = [Path(r) for r in runs]
+    own = seen.trained_on(ds, runs)
+    if own is None:  # no record of the images (an older run, an imported model): the data's path, where recorded
+        own = all(_same_source(ds.source, r) for r in runs)
+    return kind if own else f"{kind}-{data_tag(ds.source)}"
+
+
+def other_data_folder(folder: str | Path, kind: str, ds, runs: Iterable[str | Path] | None = None) -> Path | None:
+    """``folder/<kind>-<data tag>`` where ``ds`` is not the data that ``runs`` (by default the
+    run ``folder``) were trained on (:func:`report_name`); else None. ``evaluate``, ``audit``,
+    ``robustness`` and ``duplicates`` of a ``--runs N`` folder write there by default."""
+    name = report_name(kind, ds, runs if runs is not None else [folder])
+    return None if name == kind else Path(folder) / name
+
+
+def default_report_folder(run: str | Path, kind: str, ds) -> Path:
+    """Where a report of ``kind`` (``eval``, ``audit``, ...) of ``run`` on ``ds`` goes when no
+    folder is given: ``RUN/<kind>`` on the run's own data, else ``RUN/<kind>-<data tag>``
+    (:func:`report_name`)."""
+    return Path(run) / report_name(kind, ds, [run])
+
+
+def _same_source(source: str, run: Path) -> bool:
+    """Whether ``source`` is the data path in ``run``'s ``metrics.json`` (True where it has none)."""
+    try:
+        recorded = json.loads((run / "metrics.json").read_text())["data"]["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    if not isinstance(recorded, str) or recorded == source:
+        return True
+    try:
+        return Path(recorded).expanduser().resolve() == Path(source).expanduser().resolve()
+    except OSError:
+        return False
 
 
 def read_run(run: str | Path) -> tuple[Path, dict]:

@@ -273,10 +273,13 @@ def robustness_run(run: str | Path, ds: Dataset, out: str | Path | None = None, 
     at each of ``severities`` (default 1 to 5), generated with ``seed`` or, with
     ``corrupted_data``, read from the published CIFAR-10-C files. ``images``: a random subset of
     that many test images (quicker, rougher). Writes ``robustness.json``, ``robustness.csv`` and
-    ``robustness.png`` into ``out`` (default ``RUN/robustness``), which ``cifarlab audit``'s
-    model card then quotes; returns the report. The run's test-time augmentation and
+    ``robustness.png`` into ``out`` (default ``RUN/robustness``, or ``RUN/robustness-<data>`` on
+    other data than the run's own: :func:`cifarlab.export.other_data_folder`), which ``cifarlab
+    audit``'s model card then quotes; returns the report. The run's test-time augmentation and
     calibration are used, as in ``cifarlab evaluate``."""
-    out = Path(out) if out is not None else Path(run) / "robustness"
+    from .export import default_report_folder
+
+    out = Path(out) if out is not None else default_report_folder(run, "robustness", ds)
     names, sev = check_options(corruptions, severities, images, seed, corrupted_data is not None)
     pred = load_model(run, device, tta, uncalibrated)
     _check_compatible(pred, ds)
@@ -299,12 +302,14 @@ def robustness_runs(base: str | Path, ds: Dataset, out: str | Path | None = None
                     uncalibrated: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """:func:`robustness_run` for every run of the ``--runs N`` folder ``base`` on the same
     corrupted images, each report into ``RUN/robustness`` (or ``out/run-K``), and the spread
-    over the runs in ``robustness_summary.json`` (in ``out``, by default ``base``)."""
-    from .export import finished_runs
+    over the runs in ``robustness_summary.json`` (in ``out``, by default ``base``, or
+    ``base/robustness-<data>`` on other data than the runs' own: :func:`cifarlab.export.other_data_folder`)."""
+    from .export import finished_runs, other_data_folder
 
-    base, out = Path(base), Path(out) if out is not None else None
+    base = Path(base)
     names, sev = check_options(corruptions, severities, images, seed, corrupted_data is not None)
     runs = finished_runs(base)
+    out = Path(out) if out is not None else other_data_folder(base, "robustness", ds, runs)
     preds = [load_model(r, device, tta, uncalibrated) for r in runs]
     for p in preds:
         _check_compatible(p, ds)
@@ -389,8 +394,9 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_runs(s: dict[str, Any], folder: Path) -> str:
-    """A ``--runs N`` summary for the terminal: the spread over the runs."""
+def format_runs(s: dict[str, Any], folder: Path, reports: Path | None = None) -> str:
+    """A ``--runs N`` summary for the terminal: the spread over the runs, whose summary is in
+    ``folder`` and reports in ``reports/run-K`` (each run's robustness folder where None)."""
     def spread(d: dict[str, float]) -> str:
         return f"mean {d['mean']:.4f} (min {d['min']:.4f}, max {d['max']:.4f})"
 
@@ -405,7 +411,8 @@ def format_runs(s: dict[str, Any], folder: Path) -> str:
     if drops:
         lines.append("accuracy lost by class, mean over the runs: " + ", ".join(
             f"{c['class']} {c['drop']['mean']:.3f}" for c in drops[:3]))
-    lines.append(f"each run's report in its robustness folder; summary in {folder / 'robustness_summary.json'}")
+    lines.append(f"each run's report in {f'{reports}/run-K' if reports else 'its robustness folder'}; summary in "
+                 f"{folder / 'robustness_summary.json'}")
     return "\n".join(lines)
 
 
@@ -418,9 +425,10 @@ def list_corruptions() -> str:
     return "\n".join(lines)
 
 
-def read_runs_summary(folder: str | Path) -> dict[str, Any] | None:
+def read_runs_summary(folder: str | Path, name: str | None = None) -> dict[str, Any] | None:
     """``folder``'s ``robustness_summary.json`` (``cifarlab robustness`` of a ``--runs N``
-    folder) as ``{"summary": ...}`` where every run still holds the weights it measured, else
+    folder), or that of its subfolder ``name`` (``robustness-<data>``, measured on other data),
+    as ``{"summary": ...}`` where every run still holds the weights it measured, else
     ``{"note": why not}``; None where there is none."""
     import json
 
@@ -428,12 +436,13 @@ def read_runs_summary(folder: str | Path) -> dict[str, Any] | None:
     from .errors import CifarlabError, short_list
 
     folder = Path(folder)
+    path = folder / name / "robustness_summary.json" if name else folder / "robustness_summary.json"
     try:
-        s = json.loads((folder / "robustness_summary.json").read_text())
+        s = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        return {"note": f"{folder / 'robustness_summary.json'} could not be read ({e}); run cifarlab robustness "
+        return {"note": f"{path} could not be read ({e}); run cifarlab robustness "
                         f"{folder} again"}
     try:
         if not isinstance(s.get("corruptions"), list) or "mean_accuracy" not in s:
@@ -442,7 +451,7 @@ def read_runs_summary(folder: str | Path) -> dict[str, Any] | None:
         stale = [r["run"] for r in s["per_run"]
                  if r.get("weights_sha256") != weights_digest(folder / Path(r["run"]).name)]
     except (KeyError, TypeError, AttributeError, CifarlabError) as e:
-        return {"note": f"{folder / 'robustness_summary.json'} is incomplete ({e}); run cifarlab robustness {folder} "
+        return {"note": f"{path} is incomplete ({e}); run cifarlab robustness {folder} "
                         "again"}
     if stale:
         return {"note": f"{short_list(stale, 3)} changed after cifarlab robustness measured them; measure again"}
@@ -450,15 +459,16 @@ def read_runs_summary(folder: str | Path) -> dict[str, Any] | None:
 
 
 def read_robustness(run: str | Path, tta: str, temperature: float | None = None,
-                    class_offsets: tuple[float, ...] | None = None) -> dict[str, Any] | None:
-    """The run's ``robustness/robustness.json`` where it was measured with these weights,
-    test-time augmentation ``tta`` and calibration (``temperature`` and ``class_offsets``, None
-    for none); None otherwise, or where it is unreadable: what the model card quotes."""
+                    class_offsets: tuple[float, ...] | None = None, name: str = "robustness") -> dict[str, Any] | None:
+    """The run's ``robustness/robustness.json`` (or ``name/robustness.json``: ``robustness-<data>``
+    on other data) where it was measured with these weights, test-time augmentation ``tta`` and
+    calibration (``temperature`` and ``class_offsets``, None for none); None otherwise, or where
+    it is unreadable: what the model card quotes."""
     import json
 
     from .calibrate import same_calibration, weights_digest
 
-    path = Path(run) / "robustness" / "robustness.json"
+    path = Path(run) / name / "robustness.json"
     try:
         r = json.loads(path.read_text())
         current = (r.get("weights_sha256") == weights_digest(run) and r.get("tta") == tta

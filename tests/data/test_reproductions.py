@@ -122,7 +122,10 @@ def test_a_run_is_tested_on_cifar10_1_and_a_test_set_alone_cannot_be_trained_on(
     assert report["num_images"] == 20 and report["data"] == str(tmp_path / "c101")
     assert [c["support"] for c in report["per_class"]] == [2] * 10
     assert main(["audit", str(tmp_path / "run"), "--data", str(tmp_path / "c101"), "--bootstrap", "100"]) == 0
-    card = (tmp_path / "run" / "audit" / "MODEL_CARD.md").read_text()
+    # a report on other data is kept apart from the run's own: audit-<data name>-<hash of its path>
+    (folder,) = (tmp_path / "run").glob("audit-c101-*")
+    assert not (tmp_path / "run" / "audit").exists()
+    card = (folder / "MODEL_CARD.md").read_text()
     assert f"- Source: `{tmp_path / 'c101'}`, 20 images; the test images of other data than the model was trained on" \
         in card
     capsys.readouterr()

@@ -92,6 +92,7 @@ def test_roundtrip(tmp_path):
     ({"train": {"class_weight": {"cat": -1}}}, r"train.class_weight = \{'cat': -1.0\} is not valid; a class's weight"),
     ({"train": {"class_weight": {"cat": "heavy"}}}, "train.class_weight: .* is not valid; expected"),
     ({"train": {"class_weight": ["cat"]}}, "train.class_weight: .* is not valid; expected"),
+    ({"train": {"class_weight": "cat=heavy"}}, "train.class_weight: 'cat=heavy': the weight 'heavy' is not a number"),
     ({"train": {"sampling": "oversample"}}, "train.sampling = 'oversample' is not valid; choose shuffle or balanced"),
     ({"train": {"sampling": "balanced", "class_weight": "balanced"}}, "train.sampling = 'balanced' is not valid; "
      "with train.class_weight set too, rare classes would be favoured twice over"),
@@ -114,6 +115,9 @@ def test_class_weight_from_yaml_toml_or_flags_and_back(tmp_path):
     t.write_text('[train]\nclass_weight = "balanced"\n')
     assert resolve_config(file=t).train.class_weight == "balanced"
     assert resolve_config(file=f, overrides={"train": {"class_weight": "none"}}).train.class_weight is None
+    # the flag's text form, as a file or a sweep may give it
+    assert resolve_config(overrides={"train": {"class_weight": "cat=2, dog=0.5"}}).train.class_weight == \
+        {"cat": 2.0, "dog": 0.5}
 
 
 def test_unknown_recipe_and_keys(tmp_path):

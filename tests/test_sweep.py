@@ -23,6 +23,18 @@ def test_axes_are_parsed_and_bad_ones_named():
     assert point_name({"data": "a/b c", "lr": "1e-3"}) == "data=a_b_c,lr=1e-3"
 
 
+def test_values_holding_commas_are_quoted_or_bracketed():
+    axes = parse_axes(["class-weight=balanced, 'cat=2,dog=1'", 'x="a,b",[1,(2,3)],{k: 1, j: 2}'])
+    assert axes == {"class_weight": ["balanced", "cat=2,dog=1"], "x": ["a,b", "[1,(2,3)]", "{k: 1, j: 2}"]}
+    points = plan({"class_weight": axes["class_weight"]}, None, None, {})
+    assert [c.train.class_weight for _, _, c in points] == ["balanced", {"cat": 2.0, "dog": 1.0}]
+    for spec, msg in (("x='a,b", "--sweep \"x='a,b\" has an unclosed quote '; close it with '"),
+                      ("x=[1,(2", r"--sweep 'x=\[1,\(2' has an unclosed bracket \(; close it with \)"),
+                      ("x=a,,b", "quote a value that holds commas: class-weight=balanced,'cat=2,dog=1'")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_axes([spec])
+
+
 def test_every_point_is_resolved_and_checked_before_any_trains():
     points = plan(parse_axes(["recipe=keras-book,keras-book-augmented", "optim.rho=0.8,0.95"]), None, None,
                   {"train": {"epochs": 2}})

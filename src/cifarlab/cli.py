@@ -174,7 +174,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--sweep", action="append", metavar="OPTION=V1,V2,...",
                    help="train once (or --runs N times) for each combination of the values given, each in its own "
                         "folder of --out, and rank them by validation accuracy in sweep_summary.json; OPTION is an "
-                        "option of train (lr, batch-size), a config key (optim.rho) or recipe; repeatable")
+                        "option of train (lr, batch-size), a config key (optim.rho) or recipe; quote a value that "
+                        "holds commas (class-weight=balanced,'cat=2,dog=1'); repeatable")
     g.add_argument("--early-stopping", type=int, metavar="PATIENCE",
                    help="stop after PATIENCE epochs without a better --early-stopping-monitor and keep the best "
                         "epoch's weights (Keras' EarlyStopping with restore_best_weights; default 0: off)")
@@ -213,19 +214,12 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 def _class_weight_arg(text: str) -> str | dict[str, float]:
     """``--class-weight``'s value: balanced, none, or NAME=WEIGHT pairs separated by commas."""
-    if text in ("balanced", "none"):
-        return text
-    weights: dict[str, float] = {}
-    for part in text.split(","):
-        name, sep, weight = part.partition("=")
-        if not sep or not name.strip():
-            raise argparse.ArgumentTypeError(f"{text!r} is not valid; give balanced, none or "
-                                             "NAME=WEIGHT,NAME=WEIGHT (for example cat=2,dog=0.5)")
-        try:
-            weights[name.strip()] = float(weight)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r}: the weight {weight!r} is not a number") from None
-    return weights
+    from .config import parse_class_weight
+
+    try:
+        return parse_class_weight(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:

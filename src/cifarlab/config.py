@@ -549,8 +549,31 @@ def _check_optim(o: OptimConfig) -> None:
                         "plateau_cooldown"))
 
 
+def parse_class_weight(text: str) -> str | dict[str, float]:
+    """A class weighting as text: ``balanced``, ``none``, or ``NAME=WEIGHT`` pairs separated by
+    commas (``cat=2,dog=0.5``), as the mapping :class:`TrainConfig` keeps."""
+    if text.strip() in ("balanced", "none"):
+        return text.strip()
+    weights: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, weight = part.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"{text!r} is not valid; give balanced, none or NAME=WEIGHT,NAME=WEIGHT (for example "
+                              "cat=2,dog=0.5)")
+        try:
+            weights[name.strip()] = float(weight)
+        except ValueError:
+            raise ConfigError(f"{part!r}: the weight {weight!r} is not a number") from None
+    return weights
+
+
 def _check_class_balance(t: TrainConfig) -> None:
     """Class weights, balanced sampling and the logit-adjusted loss: one of them at most."""
+    if isinstance(t.class_weight, str) and "=" in t.class_weight:  # the text of --class-weight (a sweep's value)
+        try:
+            t.class_weight = parse_class_weight(t.class_weight)
+        except ConfigError as e:
+            raise ConfigError(f"train.class_weight: {e}") from None
     if t.class_weight == "none":  # --class-weight none: as if left out
         t.class_weight = None
     cw = t.class_weight

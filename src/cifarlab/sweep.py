@@ -36,21 +36,52 @@ _AFTER_LOAD = {"val_split", "subset", "normalize"}
 def parse_axes(specs: Sequence[str]) -> dict[str, list[str]]:
     """``["lr=0.001,0.0005", "batch-size=64,128"]`` as ``{"lr": ["0.001", "0.0005"],
     "batch_size": ["64", "128"]}``: each option once, each value once. Values stay text until
-    the config checks them against their keys' types."""
+    the config checks them against their keys' types. A value holding commas is quoted
+    (``class-weight=balanced,'cat=2,dog=1'``) or bracketed (``[1,2]``), as in Hydra's sweeps."""
     axes: dict[str, list[str]] = {}
     for spec in specs:
         key, sep, text = spec.partition("=")
         key = key.strip().replace("-", "_")
-        values = [v.strip() for v in text.split(",")]
+        values = _split_values(spec, text)
         if not sep or not key or not all(values):
             raise ConfigError(f"--sweep {spec!r} is not valid; expected OPTION=VALUE,VALUE,... such as "
-                              "lr=0.001,0.0005 (an option of cifarlab train, a config key such as optim.rho, or recipe)")
+                              "lr=0.001,0.0005 (an option of cifarlab train, a config key such as optim.rho, or recipe; "
+                              "quote a value that holds commas: class-weight=balanced,'cat=2,dog=1')")
         if key in axes:
             raise ConfigError(f"--sweep {key} is given twice; give all its values in one --sweep")
         if len(set(values)) != len(values):
             raise ConfigError(f"--sweep {spec!r} gives a value twice")
         axes[key] = values
     return axes
+
+
+_CLOSING = {"[": "]", "(": ")", "{": "}"}
+
+
+def _split_values(spec: str, text: str) -> list[str]:
+    """``text`` split at the commas outside quotes and brackets; a value wholly in quotes loses
+    them. An unclosed quote or bracket is refused, naming ``spec``."""
+    values, part, quote, nest = [], [], None, []
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in _CLOSING:
+            nest.append(ch)
+        elif nest and ch == _CLOSING[nest[-1]]:
+            nest.pop()
+        elif ch == "," and not nest:
+            values.append("".join(part))
+            part = []
+            continue
+        part.append(ch)
+    if quote or nest:
+        what = f"quote {quote}" if quote else f"bracket {nest[-1]}"
+        raise ConfigError(f"--sweep {spec!r} has an unclosed {what}; close it with {quote or _CLOSING[nest[-1]]}")
+    values.append("".join(part))
+    values = [v.strip() for v in values]
+    return [v[1:-1] if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"" else v for v in values]
 
 
 def _point_overrides(point: dict[str, str]) -> dict[str, dict[str, Any]]:

@@ -222,3 +222,36 @@ def test_cifar10_1_reader(tmp_path_factory, data, labels, cut):
         return
     assert ds.x_test.dtype == np.uint8 and ds.x_test.shape[1:] == (32, 32, 3) and len(ds.x_test) == len(ds.y_test)
     assert ds.y_test.dtype == np.int64 and len(ds.y_test) >= 1 and 0 <= ds.y_test.min() <= ds.y_test.max() <= 9
+
+
+_ARRAY = st.builds(lambda shape, dtype: np.zeros(shape, dtype),
+                   st.lists(st.integers(0, 6), min_size=0, max_size=4).map(tuple),
+                   st.sampled_from([np.uint8, np.int64, np.float32, np.bool_, "U3", object]))
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(["x_train", "y_train", "x_test", "y_test", "classes", "other"]),
+                       st.one_of(_ARRAY, st.builds(lambda n, lo: np.arange(n) + lo, st.integers(0, 6),
+                                                   st.integers(-2, 3))), max_size=6),
+       st.integers(0, 400))
+def test_keras_arrays_reader(tmp_path_factory, arrays, cut):
+    """Any .npz of Keras' array names (any shapes and types, objects among them, the file cut
+    short): a data set whose images are uint8 (N, H, W, C) with a label per image, each a class,
+    or the tool's error."""
+    from cifarlab.data import arrays as arrays_format
+
+    path = tmp_path_factory.mktemp("npz") / "data.npz"
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    data = buf.getvalue()
+    path.write_bytes(data[:len(data) - cut] if 0 < cut < len(data) else data)
+    try:
+        if not arrays_format.detect(path):
+            return
+        ds = arrays_format.load(path, 0.2)
+    except CifarlabError:
+        return
+    for x, y in ((ds.x_train, ds.y_train), (ds.x_test, ds.y_test)):
+        assert x.dtype == np.uint8 and x.ndim == 4 and x.shape[-1] in (1, 3) and len(x) == len(y)
+        assert y.dtype == np.int64 and (len(y) == 0 or 0 <= y.min() <= y.max() < len(ds.classes))
+    assert len(ds.x_train) + len(ds.x_test) >= 1 and len(set(ds.classes)) == len(ds.classes)

@@ -785,7 +785,7 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
     start_path = run / "init_from.json"  # written by `cifarlab train --init-from`: a fine-tune
     start = json.loads(start_path.read_text()) if start_path.is_file() else None
     own = seen.trained_on(ds, [run])  # None for a run that keeps no record of its training images
-    is_cifar10 = ds.kind.startswith("cifar10") or (ds.kind == "image-folder" and pred.classes == [
+    is_cifar10 = ds.kind.startswith("cifar10") or (ds.kind in ("image-folder", "arrays") and pred.classes == [
         "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"])
     training_data = {
         "source": m.get("data", {}).get("source", TO_FILL),

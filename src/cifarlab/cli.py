@@ -59,7 +59,8 @@ def _add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda or cuda:N")
 
 
-_DATA_HEAD = "official CIFAR archive (.tar.gz) or its folder, a CIFAR-10.1 or CIFAR-10.2 file (or their folder), or " \
+_DATA_HEAD = "official CIFAR archive (.tar.gz) or its folder, a CIFAR-10.1 or CIFAR-10.2 file (or their folder), an " \
+             ".npz of arrays x_train, y_train, x_test, y_test (as keras.datasets gives them), or " \
              "an image folder/archive with train/<class>/* and test/<class>/* (or <class>/* alone"
 _OWN_DATA = "the run's own, as its config.yaml names it"
 # --data's help after _DATA_HEAD, by how a command takes a run's data (_add_data_args' ``run``)

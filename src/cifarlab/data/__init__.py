@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from . import archive, cache, cifar, download, folder, reproductions
+from . import archive, arrays, cache, cifar, download, folder, reproductions
 
 __all__ = ["Dataset", "load_dataset", "resized", "every_image_as_test", "stratified_split", "balanced_subset",
            "subset_note", "DataError"]
@@ -161,14 +161,18 @@ def _load(data: str | Path | None, dataset: str, allow_unverified: bool, label_m
         raise DataError(f"--data '{data}' does not exist. Give an official CIFAR archive (.tar.gz) or its "
                         "extracted folder, or an image folder/archive with train/<class>/* and test/<class>/*, or "
                         "<class>/* alone, or with images anywhere and --labels FILE.csv naming their classes, or a "
-                        "CIFAR-10.1 or CIFAR-10.2 file")
+                        "CIFAR-10.1 or CIFAR-10.2 file, or an .npz of arrays x_train, y_train, x_test, y_test")
     if reproductions.detect(path):
         _refuse_labels(labels, path)
         return reproductions.load(path)
+    if arrays.detect(path):
+        _refuse_labels(labels, path)
+        return arrays.load(path, test_split)
     if path.is_file():
         if not path.name.lower().endswith(archive.ARCHIVE_SUFFIXES):
             raise DataError(f"--data '{data}' is a file but not a tar or zip archive; expected one of "
-                            f"{', '.join(archive.ARCHIVE_SUFFIXES)} or a folder")
+                            f"{', '.join(archive.ARCHIVE_SUFFIXES)}, an .npz of numpy arrays named x_train, y_train, "
+                            "x_test, y_test (as keras.datasets gives them), or a folder")
         if cifar.detect_format([archive.first_name(path)]):
             _refuse_labels(labels, path)
             train, test, classes, fmt = cifar.load_official_archive(path, allow_unverified, label_mode)

@@ -23,7 +23,7 @@ from .data import Dataset, seen
 from .duplicates import read_duplicates
 from .errors import CifarlabError, short_list
 from .evaluate import _check_compatible, probabilities_and_raw
-from .export import list_to_csv_rows, load_model, other_data_folder, report_name
+from .export import data_suffix, list_to_csv_rows, load_model
 from .fsutil import json_text, report_folder, write_json, write_text
 
 TO_FILL = "[TO BE FILLED IN BY THE MODEL'S OWNER]"
@@ -254,14 +254,15 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
     the model audited). Its probabilities use the run's temperature where ``cifarlab
     calibrate`` fitted one, unless ``uncalibrated``."""
     run = Path(run)
-    out = Path(out) if out is not None else run / report_name("audit", ds, [run])
+    suffix = data_suffix(ds, [run])  # the reports on this data are in RUN/<kind><suffix>
+    out = Path(out) if out is not None else run / f"audit{suffix}"
     check_options(margin, min_group, n_boot)
     # The groups file first: a mistake in it should cost no prediction and leave no partial report.
     groups = read_groups(groups_csv, ds) if groups_csv else None
     pred = load_model(run, device, tta, uncalibrated)
     _check_compatible(pred, ds)
     with report_folder(out):  # removed again if the audit fails part-way
-        audit = _write_audit(out, run, pred, ds, groups, groups_csv, margin, min_group, n_boot, seed)
+        audit = _write_audit(out, run, pred, ds, groups, groups_csv, margin, min_group, n_boot, seed, suffix)
     for w in audit["warnings"]:
         log(f"warning: {w}")
     sp = audit["classes"]["spread"]
@@ -272,8 +273,9 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
 
 
 def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: str | None, margin: float,
-                 min_group: int, n_boot: int, seed: int) -> dict[str, Any]:
-    """:func:`audit_run`'s predictions, metrics and files, into the existing folder ``out``."""
+                 min_group: int, n_boot: int, seed: int, suffix: str) -> dict[str, Any]:
+    """:func:`audit_run`'s predictions, metrics and files, into the existing folder ``out``;
+    the other reports it quotes are those in ``RUN/<kind><suffix>`` (:func:`cifarlab.export.data_suffix`)."""
     from .evaluate import write_report
 
     probs, raw = probabilities_and_raw(pred, ds.x_test)
@@ -300,8 +302,7 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
                                      f"below the overall {overall:.3f}")
     # `cifarlab duplicates`' figures for this model (weights, test-time augmentation, offsets), if measured
     # measured on the data audited (a report on other data is kept in duplicates-<data>)
-    audit["near_duplicates"] = read_duplicates(run, pred.tta, pred.class_offsets(),
-                                               name=report_name("duplicates", ds, [run]))
+    audit["near_duplicates"] = read_duplicates(run, pred.tta, pred.class_offsets(), name=f"duplicates{suffix}")
     if groups is not None:
         idx, attrs = groups
         audit["groups_file"] = str(groups_csv)
@@ -321,7 +322,7 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
         [{k: (json_text(v, indent=None) if isinstance(v, list) else v) for k, v in r.items()}
          for r in cls["per_class"]]))
     write_text(out / "audit.md", _audit_markdown(audit))
-    card = build_model_card(run, pred, ds, report, audit)
+    card = build_model_card(run, pred, ds, report, audit, suffix)
     write_json(out / "model_card.json", card)
     write_text(out / "MODEL_CARD.md", model_card_markdown(card))
     return audit
@@ -371,7 +372,8 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
     check_options(margin, min_group, n_boot)
     base = Path(base)
     runs = finished_runs(base)
-    out = Path(out) if out is not None else other_data_folder(base, "audit", ds, runs)
+    suffix = data_suffix(ds, runs)  # the reports on this data are in base/<kind><suffix>
+    out = Path(out) if out is not None else (base / f"audit{suffix}" if suffix else None)
     audits, reports = [], []
     for r in runs:
         folder = (out / r.name) if out else r / "audit"
@@ -384,7 +386,7 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
             f"{sp['difference']:.4f}; {len(a['warnings'])} warning(s); report in {folder / 'audit.md'}")
         audits.append(a)
     summary = summarise_audits(audits, [str(r) for r in runs])
-    summary["robustness"] = _runs_robustness(base, report_name("robustness", ds, runs), summary["tta"], audits)
+    summary["robustness"] = _runs_robustness(base, f"robustness{suffix}", summary["tta"], audits)
     summary["near_duplicates"] = _runs_duplicates(audits)
     dest = out or base
     for row, report in zip(summary["per_run"], reports):
@@ -771,8 +773,11 @@ def _confidence_lines(rows: list[dict[str, Any]] | None) -> list[str]:
     return lines + [""]
 
 
-def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) -> dict[str, Any]:
-    """The model card's content (Mitchell et al., 2019) as a dict; unknown facts are marked TO_FILL."""
+def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, suffix: str | None = None
+                     ) -> dict[str, Any]:
+    """The model card's content (Mitchell et al., 2019) as a dict; unknown facts are marked
+    TO_FILL. It quotes ``cifarlab robustness``'s report on the data audited, in
+    ``RUN/robustness<suffix>`` (:func:`cifarlab.export.data_suffix`, worked out where None)."""
     metrics_path = run / "metrics.json"
     m = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     cfg_text = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else ""
@@ -781,7 +786,8 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict) ->
     cfg = yaml.safe_load(cfg_text) if cfg_text else {}
     imported_path = run / "keras_import.json"  # written by `cifarlab import`: trained elsewhere
     imported = json.loads(imported_path.read_text()) if imported_path.is_file() else None
-    robustness = _robustness_summary(run, pred, report_name("robustness", ds, [run]))
+    suffix = data_suffix(ds, [run]) if suffix is None else suffix
+    robustness = _robustness_summary(run, pred, f"robustness{suffix}")
     start_path = run / "init_from.json"  # written by `cifarlab train --init-from`: a fine-tune
     start = json.loads(start_path.read_text()) if start_path.is_file() else None
     own = seen.trained_on(ds, [run])  # None for a run that keeps no record of its training images

@@ -749,7 +749,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     """``cifarlab audit``."""
     from .audit import CLI_NAMES, audit_run, check_options
-    from .export import default_report_folder, is_runs_set, read_run
+    from .export import is_runs_set, read_run
     from .fsutil import check_folder_path
 
     check_options(args.margin, args.min_group, args.bootstrap, CLI_NAMES)  # before the data is loaded
@@ -759,8 +759,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return _audit_runs(args)
     run, _ = read_run(args.run)
     ds = _load_eval_data(args, run, [run])
-    out = Path(args.out) if args.out else default_report_folder(run, "audit", ds)
-    audit_run(run, ds, out, groups_csv=args.groups, margin=args.margin, min_group=args.min_group,
+    # without --out, RUN/audit, or RUN/audit-<data> on other data: audit_run names it as it writes
+    audit_run(run, ds, Path(args.out) if args.out else None, groups_csv=args.groups, margin=args.margin, min_group=args.min_group,
               n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print, uncalibrated=args.uncalibrated)
     return 0
 

@@ -243,22 +243,29 @@ def data_tag(source: str) -> str:
     return f"{name}-{hashlib.blake2b(where.encode(), digest_size=4).hexdigest()}"
 
 
-def report_name(kind: str, ds, runs: Iterable[str | Path]) -> str:
-    """The name of the folder of a report of ``kind`` (``eval``, ``audit``, ``robustness``,
-    ``duplicates``) of ``runs`` on ``ds``: ``kind`` where ``ds`` is the data they were trained
-    on, or where that is unknown (a run without a record of its images, whose data path is not
-    recorded either); else ``<kind>-<data tag>`` (:func:`data_tag`).
-
-    So a report on other data (CIFAR-10.1, new photos) is kept beside the run's report on its
-    own test images instead of replacing it, and the model card quotes the reports made on the
-    data it was audited on."""
+def data_suffix(ds, runs: Iterable[str | Path]) -> str:
+    """What the name of a report folder of ``runs`` on ``ds`` adds to its kind (:func:`report_name`):
+    nothing where ``ds`` is the data they were trained on, or where that is unknown (a run
+    without a record of its images, whose data path is not recorded either); else
+    ``-<data tag>`` (:func:`data_tag`)."""
     from .data import seen
 
     runs = [Path(r) for r in runs]
     own = seen.trained_on(ds, runs)
     if own is None:  # no record of the images (an older run, an imported model): the data's path, where recorded
         own = all(_same_source(ds.source, r) for r in runs)
-    return kind if own else f"{kind}-{data_tag(ds.source)}"
+    return "" if own else f"-{data_tag(ds.source)}"
+
+
+def report_name(kind: str, ds, runs: Iterable[str | Path]) -> str:
+    """The name of the folder of a report of ``kind`` (``eval``, ``audit``, ``robustness``,
+    ``duplicates``) of ``runs`` on ``ds``: ``kind`` on their own data, else ``<kind>-<data tag>``
+    (:func:`data_suffix`).
+
+    So a report on other data (CIFAR-10.1, new photos) is kept beside the run's report on its
+    own test images instead of replacing it, and the model card quotes the reports made on the
+    data it was audited on."""
+    return kind + data_suffix(ds, runs)
 
 
 def other_data_folder(folder: str | Path, kind: str, ds, runs: Iterable[str | Path] | None = None) -> Path | None:

@@ -153,3 +153,31 @@ def test_global_max_pool_is_the_adaptive_max_pool_forward_and_backward():
         (a * g).sum().backward()
         (b * g).sum().backward()
         assert a.shape == b.shape and torch.equal(a, b) and torch.equal(x.grad, x2.grad)
+
+
+def test_cifar_resnets_have_the_papers_layers_and_weightless_shortcuts():
+    """ResNet-20 and -56 as He et al. (2016) built them for CIFAR-10: 6n + 2 weighted layers,
+    0.27 M and 0.85 M parameters, option-A shortcuts (identity; every second pixel and zero
+    channels where a stage halves the size), so a block at its start adds no weights."""
+    def by_hand(n):
+        total, c_in = 3 * 16 * 9 + 2 * 16, 16
+        for c_out in (16, 32, 64):
+            for _ in range(n):
+                total += c_in * c_out * 9 + c_out * c_out * 9 + 2 * 2 * c_out
+                c_in = c_out
+        return total + 64 * 10 + 10
+
+    for name, n in (("resnet20", 3), ("resnet56", 9)):
+        m = create_model(name)
+        weighted = [x for x in m.modules() if isinstance(x, (torch.nn.Conv2d, torch.nn.Linear))]
+        assert len(weighted) == 6 * n + 2 and sum(p.numel() for p in m.parameters()) == by_hand(n)
+    assert by_hand(3) == 269_722 and by_hand(9) == 853_018
+    block = create_model("resnet20").blocks[3]  # the first of the 32-filter stage
+    assert block.stride == 2 and block.pad == 16
+    with torch.no_grad():  # with the residual branch zeroed, the block passes its shortcut (through a ReLU)
+        block.bn2.weight.zero_()
+        block.bn2.bias.zero_()
+        x = torch.randn(2, 16, 8, 8)
+        y = block.eval()(x)
+    assert y.shape == (2, 32, 4, 4) and torch.equal(y[:, :16], x[:, :, ::2, ::2].relu())
+    assert not y[:, 16:].any()

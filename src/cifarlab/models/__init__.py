@@ -37,7 +37,7 @@ def register_model(name: str, min_size: int = 1,
 
 
 def _ensure_loaded() -> None:
-    from . import keras_book, speed  # noqa: F401  (register on import)
+    from . import keras_book, resnet, speed  # noqa: F401  (register on import)
 
 
 def list_models() -> list[str]:

@@ -36,6 +36,9 @@ def test_roundtrip(tmp_path):
     cfg = resolve_config(overrides={"train": {"epochs": 4}, "augment": {"zoom_range": [0.9, 1.2]}})
     save_config(cfg, tmp_path / "config.yaml")
     assert load_run_config(tmp_path / "config.yaml") == cfg
+    cfg = resolve_config("resnet", overrides={"optim": {"milestones": [0.3, 0.6, 0.9]}})
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_run_config(tmp_path / "config.yaml") == cfg and cfg.optim.milestones == [0.3, 0.6, 0.9]
 
 
 @pytest.mark.parametrize("over,msg", [
@@ -88,6 +91,13 @@ def test_roundtrip(tmp_path):
     ({"optim": {"plateau_patience": 2}, "train": {"cuda_graph": True}}, "a CUDA graph bakes in the learning rate, "
      "so it cannot cut it on a plateau"),
     ({"train": {"early_stopping": 3, "lookahead_every": 5}}, "a run with lookahead ends on its slow weights"),
+    ({"optim": {"schedule": "step", "milestones": [0.75, 0.5]}}, r"optim.milestones = \[0.75, 0.5\] is not valid; "
+     "give fractions of all steps in increasing order"),
+    ({"optim": {"schedule": "step", "milestones": [0.5, 1.0]}}, "each strictly between 0 and 1"),
+    ({"optim": {"schedule": "step", "milestones": []}}, r"optim.milestones = \[\] is not valid"),
+    ({"optim": {"schedule": "step", "gamma": 1.5}}, r"optim.gamma = 1.5 is not valid; it must lie in \(0, 1\)"),
+    ({"optim": {"schedule": "cosine", "gamma": 0.5}}, "optim.gamma = 0.5 is not valid; it only applies with "
+     "optim.schedule step"),
     ({"train": {"class_weight": "balance"}}, "train.class_weight = 'balance' is not valid; give balanced, a mapping"),
     ({"train": {"class_weight": {"cat": -1}}}, r"train.class_weight = \{'cat': -1.0\} is not valid; a class's weight"),
     ({"train": {"class_weight": {"cat": "heavy"}}}, "train.class_weight: .* is not valid; expected"),

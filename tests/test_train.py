@@ -780,6 +780,28 @@ def test_a_cosine_run_logs_each_epochs_last_lr(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_the_step_schedule_cuts_the_lr_at_its_milestones(tmp_path):
+    """schedule step: the lr is multiplied by gamma from the first step at each milestone (a
+    fraction of all steps) on, after any warm-up; the resnet recipe trains with it on the CPU and
+    logs each epoch's last lr."""
+    from cifarlab.config import resolve_config
+    from cifarlab.train import _lr_lambda
+
+    f = _lr_lambda(resolve_config(overrides={"optim": {"schedule": "step", "milestones": [0.3, 0.6],
+                                                        "gamma": 0.5, "warmup_frac": 0.1, "start_lr_frac": 0.2}}),
+                   100)
+    assert [f(s) for s in (0, 5, 10, 29, 30, 59, 60, 99)] == pytest.approx([0.2, 0.6, 1, 1, 0.5, 0.5, 0.25, 0.25])
+    data = make_image_folder(tmp_path / "d", n_train=8, n_test=2, size=(8, 8))
+    cfg = resolve_config("resnet", overrides={"data": {"data": str(data), "val_split": 0.25},
+                                              "train": {"epochs": 4, "batch_size": 6, "out": str(tmp_path / "r"),
+                                                        "threads": 1}})
+    m = fit(cfg, log=lambda s: None)
+    assert 0 <= m["test_accuracy"] <= 1 and m["num_params"] == 269_722 - 65 * 7  # resnet20, 3 classes
+    history = json.loads((tmp_path / "r" / "history.json").read_text())
+    # 18 training images, 3 steps an epoch, 12 in all: cuts at steps 6 and 9
+    assert [h["learning_rate"] for h in history] == pytest.approx([0.1, 0.1, 0.01, 0.001])
+
+
 def test_reduce_lr_on_plateau_in_a_run_and_across_a_resume(tmp_path, monkeypatch, capsys):
     """Through the CLI's flags: with patience 1 and factor 0.5, validation losses 1.0, 1.1, 1.2, 0.5
     cut the lr after epochs 2 and 3; the history logs each epoch's lr, as Keras does. Trained 2

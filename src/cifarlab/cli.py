@@ -138,7 +138,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="learning rate over the run: constant (keras-book), triangle (linear warm-up over "
                         "optim.warmup_frac of the steps, then linear decay; fast, best) or cosine (the same "
                         "warm-up, then half a cosine down), each decay ending at optim.final_lr_frac of --lr "
-                        "(default 0)")
+                        "(default 0); or step (the lr multiplied by optim.gamma, default 0.1, at each of "
+                        "optim.milestones, fractions of all steps, default 0.5 and 0.75; resnet)")
     g.add_argument("--reduce-lr-on-plateau", type=int, metavar="PATIENCE",
                    help="multiply the lr by --reduce-lr-factor after PATIENCE epochs without a better "
                         "--reduce-lr-monitor (Keras' ReduceLROnPlateau; default 0: off)")

@@ -23,7 +23,7 @@ import yaml
 from .errors import ConfigError
 
 # Learning-rate schedules (see cifarlab.train._lr_lambda)
-SCHEDULES = ("constant", "triangle", "cosine")
+SCHEDULES = ("constant", "triangle", "cosine", "step")
 # Test-time augmentation levels (see cifarlab.export.tta_logits): airbench's levels 0, 1 and 2.
 TTA_LEVELS = ("none", "flip", "flip-translate")
 # fp32; autocast to bf16 or fp16 with float32 weights; or weights in bf16 / fp16 throughout
@@ -91,11 +91,17 @@ class OptimConfig:
     beta2: float = 0.999  # adam
     weight_decay: float = 0.0  # L2 added to the gradient (Keras-style kernel regularisation is not used)
     # constant | triangle (linear warm-up to lr, then linear decay) | cosine (linear warm-up, then
-    # half a cosine down: SGDR without restarts, Keras' CosineDecay with warm-up)
+    # half a cosine down: SGDR without restarts, Keras' CosineDecay with warm-up) | step (linear
+    # warm-up, then the lr cut by gamma at each milestone: PyTorch's MultiStepLR, Keras'
+    # PiecewiseConstantDecay)
     schedule: str = "constant"
-    warmup_frac: float = 0.0  # triangle, cosine: fraction of all steps spent warming up
-    start_lr_frac: float = 1.0  # triangle, cosine: lr at step 0, as a fraction of lr
+    warmup_frac: float = 0.0  # triangle, cosine, step: fraction of all steps spent warming up
+    start_lr_frac: float = 1.0  # triangle, cosine, step: lr at step 0, as a fraction of lr
     final_lr_frac: float = 0.0  # triangle, cosine: lr at the last step, as a fraction of lr
+    # step: the fractions of all steps at which the lr is multiplied by gamma (He et al. 2016 cut
+    # it tenfold at 32,000 and 48,000 of their 64,000 steps)
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    gamma: float = 0.1
     # Keras' ReduceLROnPlateau on top of the schedule: after this many epochs in a row without a
     # plateau_monitor better by more than plateau_min_delta (in its own units), multiply every lr
     # by plateau_factor, never taking optim.lr below plateau_min_lr (the others scaled alike); the
@@ -531,6 +537,16 @@ def _check_optim(o: OptimConfig) -> None:
         _bad("optim.norm_bias_lr_scale", o.norm_bias_lr_scale, "it must be greater than 0")
     if not 0 <= o.warmup_frac <= 1:
         _bad("optim.warmup_frac", o.warmup_frac, "it must lie in [0, 1]")
+    if not o.milestones or any(not 0 < m < 1 for m in o.milestones) or o.milestones != sorted(set(o.milestones)):
+        _bad("optim.milestones", o.milestones, "give fractions of all steps in increasing order, each strictly "
+             "between 0 and 1, such as [0.5, 0.75]")
+    if not 0 < o.gamma < 1:
+        _bad("optim.gamma", o.gamma, "it must lie in (0, 1): each milestone multiplies the lr by it")
+    if o.schedule != "step":
+        for key in ("milestones", "gamma"):
+            if getattr(o, key) != getattr(OptimConfig(), key):
+                _bad(f"optim.{key}", getattr(o, key), f"it only applies with optim.schedule step (--schedule step); "
+                     f"the schedule is {o.schedule}")
     if o.plateau_patience < 0:
         _bad("optim.plateau_patience", o.plateau_patience, "it must be 0 (off) or a number of epochs")
     if not 0 < o.plateau_factor < 1:

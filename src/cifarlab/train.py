@@ -470,16 +470,20 @@ def _lr_lambda(cfg: Config, total_steps: int) -> Callable[[int], float]:
     """The lr of step ``step`` (0-based) as a fraction of optim.lr: constant; or a linear warm-up
     over warmup_frac of the steps from start_lr_frac to 1, then a decay to final_lr_frac at the
     last step, linear (triangle) or along half a cosine (cosine: SGDR without restarts,
-    Loshchilov and Hutter 2017, as Keras' CosineDecay with warm-up)."""
+    Loshchilov and Hutter 2017, as Keras' CosineDecay with warm-up), or by gamma from each of the
+    milestones' steps on (step: He et al. 2016, as PyTorch's MultiStepLR)."""
     o = cfg.optim
     if o.schedule == "constant":
         return lambda step: 1.0
     peak = max(1, round(o.warmup_frac * total_steps))
     cosine = o.schedule == "cosine"
+    cuts = [round(m * total_steps) for m in o.milestones]  # the first step at each lower lr
 
     def warmup_then_decay(step: int) -> float:
         if step < peak:
             return o.start_lr_frac + (1 - o.start_lr_frac) * step / peak
+        if o.schedule == "step":
+            return o.gamma ** sum(step >= c for c in cuts)
         t = (step - peak) / max(1, total_steps - peak)  # 0 at the peak, 1 at the last step
         if cosine:
             t = (1 - math.cos(math.pi * t)) / 2

@@ -28,6 +28,13 @@ def test_values_holding_commas_are_quoted_or_bracketed():
     assert axes == {"class_weight": ["balanced", "cat=2,dog=1"], "x": ["a,b", "[1,(2,3)]", "{k: 1, j: 2}"]}
     points = plan({"class_weight": axes["class_weight"]}, None, None, {})
     assert [c.train.class_weight for _, _, c in points] == ["balanced", {"cat": 2.0, "dog": 1.0}]
+    # bracketed and braced values are read as a config file's YAML reads them: lists and mappings
+    points = plan(parse_axes(["optim.milestones=[0.5,0.75],[0.3, 0.6, 0.9]", "class-weight={cat: 2, dog: 1}"]),
+                  "resnet", None, {})
+    assert [(c.optim.milestones, c.train.class_weight) for _, _, c in points] == [
+        ([0.5, 0.75], {"cat": 2.0, "dog": 1.0}), ([0.3, 0.6, 0.9], {"cat": 2.0, "dog": 1.0})]
+    with pytest.raises(ConfigError, match=r"--sweep optim.milestones=\[0.5,: not a list or mapping as YAML writes"):
+        plan({"optim.milestones": ["[0.5,"]}, "resnet", None, {})
     for spec, msg in (("x='a,b", "--sweep \"x='a,b\" has an unclosed quote '; close it with '"),
                       ("x=[1,(2", r"--sweep 'x=\[1,\(2' has an unclosed bracket \(; close it with \)"),
                       ("x=a,,b", "quote a value that holds commas: class-weight=balanced,'cat=2,dog=1'")):

@@ -84,14 +84,30 @@ def _split_values(spec: str, text: str) -> list[str]:
     return [v[1:-1] if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"" else v for v in values]
 
 
+def _flow_value(key: str, value: Any) -> Any:
+    """A bracketed or braced text value (``[0.5,0.75]``, ``{cat: 2}``) as the list or mapping a
+    config file's YAML would give; any other value as it is."""
+    if not (isinstance(value, str) and value[:1] in "[{"):
+        return value
+    import yaml
+
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--sweep {key}={value}: not a list or mapping as YAML writes one inline "
+                          f"({str(e).splitlines()[0]}); such as [0.5, 0.75] or {{cat: 2, dog: 1}}") from None
+
+
 def _point_overrides(point: dict[str, str]) -> dict[str, dict[str, Any]]:
     """A point's values as config overrides (``section.key`` as given, other names as the
-    options of ``cifarlab train``); ``recipe`` is left to the caller."""
+    options of ``cifarlab train``; bracketed values as lists, braced ones as mappings);
+    ``recipe`` is left to the caller."""
     out: dict[str, dict[str, Any]] = {}
     flat = {}
     for key, value in point.items():
         if key == "recipe":
             continue
+        value = _flow_value(key, value)
         if "." in key:
             sec, _, name = key.partition(".")
             out.setdefault(sec, {})[name] = value

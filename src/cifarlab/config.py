@@ -476,12 +476,18 @@ def _bad(key: str, value: Any, valid: str) -> NoReturn:
     raise ConfigError(f"{key} = {value!r} is not valid; {valid}")
 
 
-def _refuse_unused(sec: Any, section: str, switch: str, flag: str, feature: str, keys: tuple[str, ...]) -> None:
-    """Options of a feature that is off would do nothing; set, they are taken for a mistake."""
+def _refuse_set(sec: Any, section: str, keys: tuple[str, ...], why: str) -> None:
+    """Options that would do nothing in this config: set away from their defaults, they are
+    taken for a mistake and refused, saying ``why``."""
     for key in keys:
         if getattr(sec, key) != getattr(type(sec)(), key):
-            _bad(f"{section}.{key}", getattr(sec, key), f"it only applies with {feature} on: set "
-                 f"{section}.{switch} ({flag}) to a number of epochs too")
+            _bad(f"{section}.{key}", getattr(sec, key), why)
+
+
+def _refuse_unused(sec: Any, section: str, switch: str, flag: str, feature: str, keys: tuple[str, ...]) -> None:
+    """Options of a feature switched on by a number of epochs, while it is off (:func:`_refuse_set`)."""
+    _refuse_set(sec, section, keys, f"it only applies with {feature} on: set {section}.{switch} ({flag}) to a number "
+                                    "of epochs too")
 
 
 def _check_model(m: ModelConfig) -> None:
@@ -543,10 +549,8 @@ def _check_optim(o: OptimConfig) -> None:
     if not 0 < o.gamma < 1:
         _bad("optim.gamma", o.gamma, "it must lie in (0, 1): each milestone multiplies the lr by it")
     if o.schedule != "step":
-        for key in ("milestones", "gamma"):
-            if getattr(o, key) != getattr(OptimConfig(), key):
-                _bad(f"optim.{key}", getattr(o, key), f"it only applies with optim.schedule step (--schedule step); "
-                     f"the schedule is {o.schedule}")
+        _refuse_set(o, "optim", ("milestones", "gamma"), "it only applies with optim.schedule step (--schedule step); "
+                    f"the schedule is {o.schedule}")
     if o.plateau_patience < 0:
         _bad("optim.plateau_patience", o.plateau_patience, "it must be 0 (off) or a number of epochs")
     if not 0 < o.plateau_factor < 1:

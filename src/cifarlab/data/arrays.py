@@ -49,13 +49,18 @@ def load(path: Path, test_split: float):
     ``test_split``: the share of each class held out for testing where it has no test arrays."""
     from . import Dataset, folder
 
-    names = _members(path) or []
-    notes: list[str] = []
-    unknown = sorted(set(names) - set(KEYS) - {"classes"})
-    if unknown:
-        notes.append(f"{path.name}: ignored array(s) {', '.join(unknown)}; read are {', '.join(KEYS)} and classes")
-    parts, one_hot = _read_parts(path, names, notes)
-    classes = _classes(path, names, parts, one_hot, notes)
+    try:
+        npz = np.load(path, allow_pickle=False)  # opened once; each array is read from it as asked for
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: not a readable numpy file ({e})") from None
+    with npz:
+        names = list(npz.files)
+        notes: list[str] = []
+        unknown = sorted(set(names) - set(KEYS) - {"classes"})
+        if unknown:
+            notes.append(f"{path.name}: ignored array(s) {', '.join(unknown)}; read are {', '.join(KEYS)} and classes")
+        parts, one_hot = _read_parts(npz, path, names, notes)
+        classes = _classes(npz, path, names, parts, one_hot, notes)
     if "test" in parts:
         x0 = parts["test"][0]
         (x_tr, y_tr), (x_te, y_te) = parts.get("train", (x0[:0], np.zeros(0, np.int64))), parts["test"]
@@ -77,7 +82,7 @@ def load(path: Path, test_split: float):
                    test_paths=test_paths, notes=notes, train_paths=train_paths, test_origin=origin)
 
 
-def _read_parts(path: Path, names: list[str], notes: list[str]
+def _read_parts(npz, path: Path, names: list[str], notes: list[str]
                 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
     """The (images, labels) of each split the file holds, checked to agree, and the number of
     classes its one-hot labels count (0 for integer labels)."""
@@ -89,8 +94,8 @@ def _read_parts(path: Path, names: list[str], notes: list[str]
             have, lack = (x_key, y_key) if x_key in names else (y_key, x_key)
             raise DataError(f"{path}: holds {have} but not {lack}; give both, or neither")
         if x_key in names:
-            y, width = _labels(_array(path, y_key), path, y_key, notes)
-            x = _images(_array(path, x_key), path, x_key)
+            y, width = _labels(_array(npz, path, y_key), path, y_key, notes)
+            x = _images(_array(npz, path, x_key), path, x_key)
             if len(y) != len(x):
                 raise DataError(f"{path}: {x_key} holds {len(x)} images but {y_key} {len(y)} labels; expected one "
                                 "label per image")
@@ -104,7 +109,7 @@ def _read_parts(path: Path, names: list[str], notes: list[str]
     return parts, one_hot
 
 
-def _classes(path: Path, names: list[str], parts, one_hot: int, notes: list[str]) -> list[str]:
+def _classes(npz, path: Path, names: list[str], parts, one_hot: int, notes: list[str]) -> list[str]:
     """The class names: the file's ``classes`` array, else the numbers (with a note)."""
     n_classes = max([one_hot] + [int(y.max()) + 1 for _, y in parts.values() if len(y)])
     if "classes" not in names:
@@ -114,19 +119,18 @@ def _classes(path: Path, names: list[str], parts, one_hot: int, notes: list[str]
         notes.append(f"{path.name} names no classes: they are called 0 to {n_classes - 1}; to name them, save a "
                      "classes array of names in label order in the file (np.savez(..., classes=[...]))")
         return [str(k) for k in range(n_classes)]
-    given = _class_names(_array(path, "classes"), path)
+    given = _class_names(_array(npz, path, "classes"), path)
     if len(given) < n_classes:
         raise DataError(f"{path}: classes names {len(given)} classes but a label is {n_classes - 1}; expected at "
                         f"least {n_classes} names, in label order")
     return given
 
 
-def _array(path: Path, key: str) -> np.ndarray:
-    """The array ``key`` of the .npz file ``path``, read with pickles refused; an object array (a
-    pickle) or a damaged member is named."""
+def _array(npz, path: Path, key: str) -> np.ndarray:
+    """The array ``key`` of the .npz file ``path``, opened as ``npz`` with pickles refused; an
+    object array (a pickle) or a damaged member is named."""
     try:
-        with np.load(path, allow_pickle=False) as f:
-            return f[key]
+        return npz[key]
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: its array {key} could not be read as plain numbers or text ({e}); save it as a "
                         "numeric array (pickled objects are never read)") from None

@@ -22,6 +22,7 @@ EPILOG = """examples:
   cifarlab audit runs/RUN --data DATA                       # disaggregated report + MODEL_CARD.md
   cifarlab robustness runs/RUN --data DATA                  # accuracy under noise, blur, fog, JPEG...
   cifarlab duplicates runs/RUN --data DATA                  # test images copied in training; accuracy without
+  cifarlab explain runs/RUN --class cat                     # where it looks in the cats it gets most wrong
   cifarlab compare runs/A runs/B --data DATA                # is B really more accurate than A?
   cifarlab export runs/RUN                                  # RUN/model.onnx for ONNX Runtime
   cifarlab import cifar10_weights.h5 --architecture cifar10_architecture.json  # the notebook's saved model
@@ -339,6 +340,41 @@ def _add_duplicates_parser(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=cmd_duplicates)
 
 
+def _add_explain_parser(sub: argparse._SubParsersAction) -> None:
+    """``cifarlab explain``'s options."""
+    from .explain import METHODS, SELECTIONS
+
+    x = sub.add_parser("explain", help="attribution maps (Grad-CAM, occlusion, integrated gradients): where in an "
+                                       "image the model finds its class, checked against random weights")
+    x.add_argument("run", help="run folder written by 'cifarlab train' (or 'cifarlab import')")
+    x.add_argument("images", nargs="*", help="image files or folders to explain by their predicted class; omitted: "
+                                             "test images of the data, chosen by --select")
+    _add_data_args(x, run="test")
+    x.add_argument("--method", default="gradcam", choices=METHODS,
+                   help="gradcam (default: a convolution's features weighted by their gradients; coarse, cheap), "
+                        "occlusion (the change in the class's logit as grey windows cover the image; model-agnostic) "
+                        "or integrated-gradients (gradients along the path from a grey image)")
+    x.add_argument("--select", default="wrong", choices=SELECTIONS,
+                   help="which test images: the most confidently wrong (default), the most confidently right, or "
+                        "a random draw (--seed)")
+    x.add_argument("--count", type=int, default=16, help="test images to explain (default 16)")
+    x.add_argument("--class", dest="class_name", metavar="NAME", help="test images of this true class only")
+    x.add_argument("--layer", help="Grad-CAM's convolution, by its module name (default: the last one whose map is "
+                                   "larger than 1x1)")
+    x.add_argument("--seed", type=int, default=0, help="seed of --select random and of the random weights of the "
+                                                        "sanity check (default 0)")
+    x.add_argument("--no-sanity-check", action="store_true",
+                   help="skip computing the maps again with random weights (Adebayo et al.'s randomisation test), "
+                        "which doubles the time")
+    _add_tta_arg(x)
+    _add_uncalibrated_arg(x)
+    x.add_argument("--out", help="folder for the report (default RUN/explain, or RUN/explain-<data name>-<hash> on "
+                                 "other data than the run's own; RUN/explain-files for image files given)")
+    x.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_device_arg(x)
+    x.set_defaults(func=cmd_explain)
+
+
 def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
     """``cifarlab compare``'s options."""
     m = sub.add_parser("compare", help="are two runs' accuracies really different? a paired test on the same images",
@@ -470,8 +506,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cifarlab {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in (_add_train_parser, _add_evaluate_parser, _add_calibrate_parser, _add_predict_parser,
-                _add_audit_parser, _add_robustness_parser, _add_duplicates_parser, _add_compare_parser,
-                _add_export_parser, _add_import_parser, _add_augment_parser, _add_summary_parser, _add_list_parser):
+                _add_audit_parser, _add_robustness_parser, _add_duplicates_parser, _add_explain_parser,
+                _add_compare_parser, _add_export_parser, _add_import_parser, _add_augment_parser, _add_summary_parser, _add_list_parser):
         add(sub)  # in the order --help lists the commands
     return p
 
@@ -868,6 +904,36 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
     print(json_text(report) if args.json else f"{format_report(report)}\nReport files in {out}; look at "
                                               f"{out / 'duplicates.png'} before quoting the figures")
     return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """``cifarlab explain``: test images chosen from the data, or image files."""
+    from .explain import check_options, explain_dataset, explain_files, format_report
+    from .export import default_report_folder, read_run
+    from .fsutil import check_folder_path, json_text
+
+    check_options(args.method, args.select, args.count)  # before the data is loaded
+    if args.out:
+        check_folder_path(args.out)
+    log = (lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr))
+    kw = dict(method=args.method, layer=args.layer, sanity=not args.no_sanity_check, seed=args.seed, tta=args.tta,
+              device=args.device, uncalibrated=args.uncalibrated, log=log)
+    if args.images:
+        given = [f"--{k.replace('_', '-')}" for k in ("data", "labels", "class_name") if getattr(args, k)]
+        if given:
+            raise ConfigError(f"{', '.join(given).replace('class-name', 'class')} chooses test images, but image files "
+                              "were given: give one or the other")
+        run, _ = read_run(args.run)
+        out = Path(args.out) if args.out else run / "explain-files"
+        report = explain_files(run, args.images, out, **kw)
+    else:
+        run, _ = read_run(args.run)
+        ds = _load_eval_data(args, run, [run])
+        out = Path(args.out) if args.out else default_report_folder(run, "explain", ds)
+        report = explain_dataset(run, ds, out, select=args.select, count=args.count, class_name=args.class_name,
+                                 **kw)
+    print(json_text(report) if args.json else format_report(report, out))
+    return 1 if report.get("errors") else 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

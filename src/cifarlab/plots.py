@@ -130,3 +130,31 @@ def plot_robustness(names: list[str], severities: list[int], accuracy: np.ndarra
     ax.set_title(f"accuracy under corruption (clean {clean:.3f}, mean {mean:.3f})", fontsize=10)
     fig.colorbar(im, ax=ax)
     _save(fig, path)
+
+
+def explanation_grid(images: np.ndarray, panels: list[list], path: Path, per_row: int = 4) -> None:
+    """Each uint8 image (N, H, W, C) beside its attribution maps: ``panels[i]`` lists image
+    ``i``'s cells, the first ``(None, title)`` (the image itself), then ``(map, title)`` with a
+    map scaled to [0, 1] drawn over the image, or None for an empty cell; ``per_row`` images a
+    row."""
+    plt = _plt()
+    cells = max(len(p) for p in panels)
+    n = len(images)
+    rows = max(1, int(np.ceil(n / per_row)))
+    cols = cells * min(n, per_row)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.25, rows * 1.75), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (im, cell_list) in enumerate(zip(images, panels)):
+        grey = im.shape[2] == 1
+        shown = im[:, :, 0] if grey else im
+        for j, cell in enumerate(cell_list):
+            if cell is None:
+                continue
+            heat, title = cell
+            ax = axes[i // per_row, (i % per_row) * cells + j]
+            ax.imshow(shown, cmap="gray" if grey else None, interpolation="nearest")
+            if heat is not None:
+                ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_title(title, fontsize=7)
+    _save(fig, path)

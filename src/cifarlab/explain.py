@@ -209,7 +209,8 @@ def explain_images(pred, images: np.ndarray, labels: np.ndarray | None, method: 
     predicted = probs.argmax(1)
     model = pred.model.float().to(memory_format=torch.contiguous_format)
     name, size = choose_layer(model, (c, h, w), layer) if method == "gradcam" else (None, None)
-    log(f"explaining {len(images)} image(s) by {method}" + (f" at layer {name} ({size[0]}x{size[1]} map)" if name else ""))
+    where = f" at layer {name} ({size[0]}x{size[1]} map)" if name else ""
+    log(f"explaining {len(images)} image(s) by {method}{where}")
     maps = {"predicted": attribute(model, pred.prep, x, torch.from_numpy(predicted), method, name)}
     if labels is not None:
         true_maps = maps["predicted"].copy()
@@ -259,7 +260,8 @@ def write_explanations(out: Path, result: dict[str, Any], pred, images: np.ndarr
     panels = []
     show_true = labels is not None and bool((labels != predicted).any())
     for i, row in enumerate(rows):
-        head = (f"true {row['true']}\n" if labels is not None else "") + f"pred {row['predicted']} {row['confidence']:.2f}"
+        truth = f"true {row['true']}\n" if labels is not None else ""
+        head = f"{truth}pred {row['predicted']} {row['confidence']:.2f}"
         cells = [(None, head), (display_map(maps["predicted"][i]), f"evidence for\n{row['predicted']}")]
         if show_true:
             cells.append((display_map(maps["true"][i]), f"evidence for\n{row['true']}") if not row["correct"]

@@ -195,3 +195,13 @@ def test_explain_files_and_other_data(trained_run, image_folder, tmp_path, capsy
     folders = sorted(p.name for p in trained_run.iterdir() if p.name.startswith("explain-other"))
     assert len(folders) == 1
     assert json.loads((trained_run / folders[0] / "explanations.json").read_text())["data"] == str(other)
+
+
+def test_flagged_maps_are_named_on_the_terminal(trained_run, capsys, monkeypatch):
+    """Where the maps' mean rank correlation with random weights' reaches the flag, the terminal
+    says not to read them as the model's reasons, and the report marks them."""
+    monkeypatch.setattr(explain, "SANITY_FLAG", 0.0)
+    assert main(["explain", str(trained_run), "--select", "random", "--count", "3", "--method", "occlusion"]) == 0
+    assert "do not read them as its reasons" in capsys.readouterr().out
+    report = json.loads((trained_run / "explain" / "explanations.json").read_text())
+    assert report["sanity_check"]["flagged"] and report["sanity_check"]["flag_at"] == 0.0

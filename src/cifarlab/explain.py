@@ -380,7 +380,7 @@ def format_report(report: dict[str, Any], out: Path) -> str:
         rc = s["rank_correlation"]
         verdict = ("the maps look much the same with random weights: they show the image's structure more than "
                    "what the model learned; do not read them as its reasons") if s["flagged"] else \
-            "the maps change with the trained weights, as explanations of the model should"
+            f"not flagged (below {SANITY_FLAG:g}): the maps depend on the trained weights"
         lines.append(f"Sanity check (random weights): rank correlation with the trained maps mean |rho| "
                      f"{rc['mean_abs']:.2f} (min {rc['min']:.2f}, max {rc['max']:.2f}, {rc['images']} images"
                      + (f", {s['undefined']} undefined" if s["undefined"] else "") + f"): {verdict}")

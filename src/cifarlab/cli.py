@@ -212,6 +212,15 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--print-config", action="store_true",
                    help="print the config these options resolve to, as YAML that --config reads back, and exit "
                         "without reading data or training")
+    f = t.add_argument_group("learning-rate range test (instead of training)")
+    f.add_argument("--lr-find", action="store_true",
+                   help="train these options for a few steps with the lr rising geometrically over --lr-range, "
+                        "plot the loss against it and suggest an lr (Smith's range test, as fastai's lr_find); "
+                        "writes --out (default runs/lr-find-<recipe>-<model>-<time>), no model")
+    f.add_argument("--lr-range", metavar="MIN,MAX", default="1e-7,10",
+                   help="the lrs the test runs from and to (default 1e-7,10); Muon's filters keep their ratio")
+    f.add_argument("--lr-find-steps", type=int, default=200, metavar="N",
+                   help="steps of the test (default 200); it stops sooner once the loss blows up")
     t.set_defaults(func=cmd_train)
 
 
@@ -524,6 +533,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .sweep import is_sweep, parse_axes, resume_sweep, sweep_with_overrides
     from .train import fit, set_of
 
+    if args.lr_find and (args.resume or args.sweep or args.print_config):
+        given = "--resume" if args.resume else "--sweep" if args.sweep else "--print-config"
+        raise ConfigError(f"--lr-find tests a new run's options; {given} cannot be given with it")
     if args.resume and args.print_config:
         raise ConfigError(f"--print-config shows a new run's config; the config of '{args.resume}' is its "
                           "config.yaml")
@@ -559,6 +571,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.recipe, args.config, _train_overrides(args))
     if args.print_config:  # to start a config file from a recipe, or check what flags resolve to
         print(config_yaml(cfg), end="")
+        return 0
+    if args.lr_find:
+        from .lr_find import find_lr, format_result, parse_range
+
+        lo, hi = parse_range(args.lr_range)
+        print(format_result(find_lr(cfg, lo, hi, args.lr_find_steps)))
         return 0
     fit(cfg)
     return 0

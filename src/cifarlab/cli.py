@@ -516,7 +516,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in (_add_train_parser, _add_evaluate_parser, _add_calibrate_parser, _add_predict_parser,
                 _add_audit_parser, _add_robustness_parser, _add_duplicates_parser, _add_explain_parser,
-                _add_compare_parser, _add_export_parser, _add_import_parser, _add_augment_parser, _add_summary_parser, _add_list_parser):
+                _add_compare_parser, _add_export_parser, _add_import_parser, _add_augment_parser, _add_summary_parser,
+                _add_list_parser):
         add(sub)  # in the order --help lists the commands
     return p
 

@@ -220,7 +220,7 @@ def test_every_train_flag_sets_the_config_key_of_its_name():
 
     sub = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
     dests = {a.dest for a in sub.choices["train"]._actions} - {"help", "config", "recipe", "resume", "print_config",
-                                                              "sweep"}
+                                                              "sweep", "lr_find", "lr_range", "lr_find_steps"}
     assert dests == set(cli._TRAIN_OPTIONS)
     set_keys = {(sec, key) for sec, keys in options_to_overrides(dict.fromkeys(dests, 1)).items() for key in keys}
     assert len(set_keys) == len(dests) and set(OPTION_ALIASES.values()) <= set_keys

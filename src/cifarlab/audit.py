@@ -21,6 +21,7 @@ import numpy as np
 
 from .data import Dataset, seen
 from .duplicates import read_duplicates
+from .label_issues import read_label_issues
 from .errors import CifarlabError, short_list
 from .evaluate import _check_compatible, probabilities_and_raw
 from .export import data_suffix, list_to_csv_rows, load_model
@@ -303,6 +304,8 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
     # `cifarlab duplicates`' figures for this model (weights, test-time augmentation, offsets), if measured
     # measured on the data audited (a report on other data is kept in duplicates-<data>)
     audit["near_duplicates"] = read_duplicates(run, pred.tta, pred.class_offsets(), name=f"duplicates{suffix}")
+    # and `cifarlab label-issues`', on the same terms
+    audit["label_issues"] = read_label_issues(run, pred.tta, pred.class_offsets(), name=f"label-issues{suffix}")
     if groups is not None:
         idx, attrs = groups
         audit["groups_file"] = str(groups_csv)
@@ -845,6 +848,7 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, su
                                                                        f"{audit['bootstrap_resamples']} resamples",
             "robustness": robustness,
             "near_duplicates": audit.get("near_duplicates"),
+            "label_issues": audit.get("label_issues"),
         },
         "ethical_considerations": [
             "An inaccurate or unevenly accurate classifier harms the people who depend on its output; the per-class "
@@ -941,6 +945,23 @@ def _duplicates_lines(d: dict | None) -> list[str]:
             f"recognise from memory. Accuracy on them {w['accuracy']:.4f}{split}{other}{diff}; the latter is the fairer "
             f"estimate for photos it has not seen. `duplicates/duplicates.png` in {d.get('where', 'the run folder')} "
             "shows the pairs near the threshold.", ""]
+
+
+def _label_issues_lines(li: dict | None) -> list[str]:
+    """The card's paragraph on test labels in doubt, where ``cifarlab label-issues`` measured
+    them for this model."""
+    if not li:
+        return []
+    n, k = li["test_images"], li["flagged"]
+    without = li["accuracy_without_flagged"]
+    rest = "" if without is None else f"; accuracy without them {without:.4f} (with them {li['accuracy']:.4f})"
+    worst = sorted(li["per_class"], key=lambda c: -c["flagged"])[:3]
+    return [f"Test labels in doubt (`cifarlab label-issues`, confident learning): {k:,} of the {n:,} test images "
+            f"({k / n:.1%}) flagged as possibly mislabelled, most in "
+            + ", ".join(f"{c['class']} ({c['flagged']})" for c in worst)
+            + f"; an estimated {li['estimated_wrong_labels']:.0f} wrong labels{rest}. The flags are candidates, "
+            "mostly the model's own mistakes where it is weak; `label-issues/label_issues.png` shows the most doubtful "
+            "to judge by eye.", ""]
 
 
 def _temperature_lines(overall: dict) -> list[str]:
@@ -1093,6 +1114,7 @@ def model_card_markdown(card: dict) -> str:
                   + ("." if ga is None else f"; largest gap {ga['difference']:.3f} {_fmt_ci(ga['difference_ci'])}."), ""]
     lines += _robustness_lines(mt.get("robustness"))
     lines += _duplicates_lines(mt.get("near_duplicates"))
+    lines += _label_issues_lines(mt.get("label_issues"))
     lines += ["![confusion matrix](confusion_matrix.png) ![reliability diagram](reliability.png)", "",
               "## Ethical considerations", ""] + [f"- {e}" for e in card["ethical_considerations"]] + [
               "", "## Caveats and recommendations", ""] + [f"- {c}" for c in card["caveats"]] + [""]

@@ -23,6 +23,7 @@ EPILOG = """examples:
   cifarlab robustness runs/RUN --data DATA                  # accuracy under noise, blur, fog, JPEG...
   cifarlab duplicates runs/RUN --data DATA                  # test images copied in training; accuracy without
   cifarlab explain runs/RUN --class cat                     # where it looks in the cats it gets most wrong
+  cifarlab label-issues runs/RUN                            # test images whose label is probably wrong
   cifarlab compare runs/A runs/B --data DATA                # is B really more accurate than A?
   cifarlab export runs/RUN                                  # RUN/model.onnx for ONNX Runtime
   cifarlab import cifar10_weights.h5 --architecture cifar10_architecture.json  # the notebook's saved model
@@ -384,6 +385,24 @@ def _add_explain_parser(sub: argparse._SubParsersAction) -> None:
     x.set_defaults(func=cmd_explain)
 
 
+def _add_label_issues_parser(sub: argparse._SubParsersAction) -> None:
+    """``cifarlab label-issues``' options."""
+    li = sub.add_parser("label-issues", help="test images whose given label the run's predictions put in doubt "
+                                             "(confident learning): candidates to look at, and the accuracy without "
+                                             "them")
+    li.add_argument("run", help="run folder written by 'cifarlab train' (or 'cifarlab import')")
+    _add_data_args(li, run="test")
+    li.add_argument("--review", type=int, default=32, metavar="N",
+                    help="the N most doubtful images in label_issues.png (default 32)")
+    _add_tta_arg(li)
+    _add_uncalibrated_arg(li)
+    li.add_argument("--out", help="folder for the report (default RUN/label-issues, or RUN/label-issues-<data name>-"
+                                  "<hash> on other data than the run's own)")
+    li.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_device_arg(li)
+    li.set_defaults(func=cmd_label_issues)
+
+
 def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
     """``cifarlab compare``'s options."""
     m = sub.add_parser("compare", help="are two runs' accuracies really different? a paired test on the same images",
@@ -516,7 +535,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in (_add_train_parser, _add_evaluate_parser, _add_calibrate_parser, _add_predict_parser,
                 _add_audit_parser, _add_robustness_parser, _add_duplicates_parser, _add_explain_parser,
-                _add_compare_parser, _add_export_parser, _add_import_parser, _add_augment_parser, _add_summary_parser,
+                _add_label_issues_parser, _add_compare_parser, _add_export_parser, _add_import_parser, _add_augment_parser, _add_summary_parser,
                 _add_list_parser):
         add(sub)  # in the order --help lists the commands
     return p
@@ -953,6 +972,26 @@ def cmd_explain(args: argparse.Namespace) -> int:
                                  **kw)
     print(json_text(report) if args.json else format_report(report, out))
     return 1 if report.get("errors") else 0
+
+
+def cmd_label_issues(args: argparse.Namespace) -> int:
+    """``cifarlab label-issues``."""
+    from .export import default_report_folder, read_run
+    from .fsutil import check_folder_path, json_text
+    from .label_issues import format_report, label_issues_run
+
+    if args.review < 0:  # before the data is loaded
+        raise ConfigError(f"--review {args.review} is not valid; give 0 or more images to show")
+    if args.out:
+        check_folder_path(args.out)
+    run, _ = read_run(args.run)
+    ds = _load_eval_data(args, run, [run])
+    out = Path(args.out) if args.out else default_report_folder(run, "label-issues", ds)
+    log = (lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr))
+    report = label_issues_run(run, ds, out, args.review, tta=args.tta, device=args.device,
+                              uncalibrated=args.uncalibrated, log=log)
+    print(json_text(report) if args.json else format_report(report, out))
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

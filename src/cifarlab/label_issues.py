@@ -1,0 +1,204 @@
+"""``cifarlab label-issues``: test images whose given label a run's predictions put in doubt.
+
+Some of what a model "gets wrong" is the data's fault: Northcutt, Athalye and Mueller (2021,
+"Pervasive label errors in test sets destabilize machine learning benchmarks") found 54 of
+CIFAR-10's 10,000 test labels wrong, and more in other test sets. Confident learning
+(Northcutt, Jiang and Chuang, 2021, JAIR 70, sections 3.1 and 3.2) finds candidates from
+out-of-sample predicted probabilities, which a run's test images give (it never trained on them):
+
+* each class j gets a threshold t_j, the mean probability of j over the images labelled j
+  (the model's average self-confidence there);
+* an image labelled i counts towards class j when its probability of j reaches t_j (of several
+  such classes, the most probable); counted for another class than its label, it is a label
+  issue (the off-diagonal of the "confident joint");
+* the confident joint, its rows scaled to the number of images of each label, estimates how
+  many labels are wrong.
+
+Implemented from the paper's definitions rather than with cleanlab, whose AGPL licence would
+bind cifarlab's users. Candidates are for a person to look at: a weak model's own mistakes are
+among them, and a flagged image is not wrong until someone has looked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import CifarlabError
+
+
+def thresholds(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each class's threshold: the mean probability of the class over the images labelled with
+    it; NaN for a class no image is labelled with (it then counts no image)."""
+    k = probs.shape[1]
+    t = np.full(k, np.nan)
+    for j in range(k):
+        mine = labels == j
+        if mine.any():
+            t[j] = probs[mine, j].mean()
+    return t
+
+
+def confident_classes(probs: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """For each image, the class it confidently belongs to: of the classes whose probability
+    reaches their threshold, the most probable; -1 where none does."""
+    above = probs >= np.where(np.isnan(t), np.inf, t)  # a class without images is never reached
+    masked = np.where(above, probs, -1.0)
+    out = masked.argmax(1)
+    out[~above.any(1)] = -1
+    return out
+
+
+def confident_joint(labels: np.ndarray, confident: np.ndarray, k: int) -> np.ndarray:
+    """C[i, j]: the images labelled i that confidently belong to j (those with none left out)."""
+    c = np.zeros((k, k), int)
+    ok = confident >= 0
+    np.add.at(c, (labels[ok], confident[ok]), 1)
+    return c
+
+
+def estimated_issues(c: np.ndarray, labels: np.ndarray) -> float:
+    """The number of wrong labels the confident joint estimates: each row scaled to the images
+    of that label (the paper's calibration, its equation 2), the off-diagonal summed."""
+    counts = np.bincount(labels, minlength=len(c)).astype(float)
+    rows = c.sum(1).astype(float)
+    scaled = np.divide(c * counts[:, None], rows[:, None], out=np.zeros(c.shape), where=rows[:, None] > 0)
+    return float(scaled.sum() - np.trace(scaled))
+
+
+def find_issues(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Confident learning on ``probs`` (N, K), out-of-sample, and the given ``labels`` (N,):
+    the flagged images' indices, ranked by the probability of their given label (lowest
+    first, Northcutt et al.'s "self-confidence" ranking), the class each confidently belongs
+    to, the thresholds, the confident joint and the estimated number of wrong labels."""
+    k = probs.shape[1]
+    t = thresholds(probs, labels)
+    conf = confident_classes(probs, t)
+    flagged = np.flatnonzero((conf >= 0) & (conf != labels))
+    self_conf = probs[np.arange(len(labels)), labels]
+    flagged = flagged[np.argsort(self_conf[flagged], kind="stable")]
+    c = confident_joint(labels, conf, k)
+    return {"indices": flagged, "suggested": conf[flagged], "thresholds": t, "confident_joint": c,
+            "estimated": estimated_issues(c, labels), "self_confidence": self_conf}
+
+
+def label_issues_report(pred, ds, out: Path, review: int = 32, log: Callable[[str], None] = lambda _: None,
+                        about: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Find the label issues of ``ds``'s test images with ``pred`` (a
+    :class:`cifarlab.export.Predictor`) and write ``label_issues.json`` (the report),
+    ``label_issues.csv`` (each flagged image: index, path, given and suggested label, their
+    probabilities), ``groups.csv`` (``index``, ``label_issue`` yes/no, for ``audit --groups`` and
+    ``compare --groups``) and ``label_issues.png`` (the ``review`` most doubtful, with both
+    labels) into ``out``. The report gives the run's accuracy with and without the flagged
+    images, and per class how many of its images are flagged; ``about`` adds what identifies
+    the model measured (its weights' digest, class offsets), for the model card to check."""
+    from .export import list_to_csv_rows
+    from .fsutil import make_folder, write_json, write_text
+    from .plots import image_grid
+
+    log(f"predicting the {len(ds.x_test)} test images")
+    probs = pred.predict(ds.x_test)
+    y = ds.y_test
+    found = find_issues(probs, y)
+    idx, sugg = found["indices"], found["suggested"]
+    classes = pred.classes
+    n = len(y)
+    correct = probs.argmax(1) == y
+    keep = np.ones(n, bool)
+    keep[idx] = False
+    rows = [{"rank": r + 1, "index": int(i), "path": ds.test_paths[i] if ds.test_paths else "",
+             "given": classes[y[i]], "suggested": classes[s], "p_given": round(float(probs[i, y[i]]), 6),
+             "p_suggested": round(float(probs[i, s]), 6), "predicted": classes[probs[i].argmax()]}
+            for r, (i, s) in enumerate(zip(idx, sugg))]
+    flagged_per_class = np.bincount(y[idx], minlength=len(classes))
+    t = found["thresholds"]
+    per_class = [{"class": name, "test_images": int((y == j).sum()), "flagged": int(flagged_per_class[j]),
+                  "threshold": None if np.isnan(t[j]) else float(t[j])} for j, name in enumerate(classes)]
+    report = {"run": str(pred.run), "data": ds.source, "test_origin": ds.test_origin, "tta": pred.tta,
+              "temperature": pred.temperature(), **(about or {}), "test_images": n, "flagged": len(idx),
+              "flagged_share": len(idx) / n if n else None, "estimated_wrong_labels": found["estimated"],
+              "accuracy": float(correct.mean()) if n else None,
+              "accuracy_without_flagged": float(correct[keep].mean()) if keep.any() else None,
+              "flagged_predicted_as_suggested": int(sum(r["predicted"] == r["suggested"] for r in rows)),
+              "per_class": per_class, "confident_joint": found["confident_joint"].tolist(), "classes": classes,
+              "method": "confident learning (Northcutt et al., 2021): off-diagonal of the confident joint, ranked "
+                        "by the given label's probability",
+              "issues": rows}
+    make_folder(out)
+    write_text(out / "label_issues.csv", list_to_csv_rows(rows) if rows else
+               "rank,index,path,given,suggested,p_given,p_suggested,predicted\n")
+    write_text(out / "groups.csv", list_to_csv_rows({"index": i, "label_issue": "no" if keep[i] else "yes"}
+                                                    for i in range(n)))
+    shown = idx[:review]
+    if len(shown):
+        titles = [f"given {classes[y[i]]} {probs[i, y[i]]:.2f}\nmodel: {classes[s]} {probs[i, s]:.2f}"
+                  for i, s in zip(shown, sugg[:review])]
+        image_grid(ds.x_test[shown], titles, out / "label_issues.png")
+    report["files"] = sorted({p.name for p in out.iterdir() if not p.name.startswith(".")} | {"label_issues.json"})
+    write_json(out / "label_issues.json", report)
+    return report
+
+
+def label_issues_run(run: str | Path, ds, out: str | Path | None = None, review: int = 32, tta: str | None = None,
+                     device: str = "auto", uncalibrated: bool = False,
+                     log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """:func:`label_issues_report` of the run ``run`` on ``ds``'s test split, into ``out``, by
+    default ``RUN/label-issues`` (``RUN/label-issues-<data>`` on other data than the run's own)."""
+    from .calibrate import weights_digest
+    from .evaluate import _check_compatible
+    from .export import default_report_folder, load_model
+    from .fsutil import report_folder
+
+    if review < 0:
+        raise CifarlabError(f"--review {review} is not valid; give 0 or more images to show")
+    out = Path(out) if out is not None else default_report_folder(run, "label-issues", ds)
+    pred = load_model(run, device, tta, uncalibrated)
+    _check_compatible(pred, ds)
+    offsets = pred.class_offsets()
+    about = {"weights_sha256": weights_digest(pred.run),
+             "class_offsets": None if offsets is None else list(offsets)}
+    with report_folder(out):
+        return label_issues_report(pred, ds, out, review, log, about)
+
+
+def read_label_issues(run: str | Path, tta: str, class_offsets: tuple[float, ...] | None = None,
+                      name: str = "label-issues") -> dict[str, Any] | None:
+    """What ``cifarlab label-issues`` found for ``run`` with its current weights, test-time
+    augmentation ``tta`` and class offsets, from ``RUN/<name>/label_issues.json`` (``name``
+    ``label-issues-<data>`` for other data); None where there is none, or where it is
+    unreadable or was measured with other weights or settings: what the model card quotes."""
+    import json
+
+    from .calibrate import same_offsets, weights_digest
+
+    try:
+        r = json.loads((Path(run) / name / "label_issues.json").read_text())
+        digest = weights_digest(run)
+    except (OSError, ValueError, CifarlabError):
+        return None
+    if not isinstance(r, dict) or r.get("weights_sha256") != digest or r.get("tta") != tta \
+            or not same_offsets(r.get("class_offsets"), class_offsets):
+        return None
+    return {k: r.get(k) for k in ("test_images", "flagged", "estimated_wrong_labels", "accuracy",
+                                  "accuracy_without_flagged", "per_class")}
+
+
+def format_report(r: dict[str, Any], out: Path, most: int = 10) -> str:
+    """The report as a few lines for the terminal."""
+    n, k = r["test_images"], r["flagged"]
+    lines = [f"{k} of {n} test images flagged ({k / n:.2%}) as possibly mislabelled; confident learning estimates "
+             f"{r['estimated_wrong_labels']:.0f} wrong labels",
+             f"accuracy {r['accuracy']:.4f}; without the flagged images "
+             + ("n/a" if r["accuracy_without_flagged"] is None else f"{r['accuracy_without_flagged']:.4f}"),
+             "flagged by class: " + ", ".join(f"{c['class']} {c['flagged']}" for c in r["per_class"])]
+    for row in r["issues"][:most]:
+        lines.append(f"  {row['rank']:>3}. {row['path'] or '#' + str(row['index']):<28} given {row['given']} "
+                     f"({row['p_given']:.3f}), model: {row['suggested']} ({row['p_suggested']:.3f})")
+    if k > most:
+        lines.append(f"  ... {k - most} more in label_issues.csv")
+    lines.append("These are candidates to look at, not errors found: the model's own mistakes are among them "
+                 "(label_issues.png shows the most doubtful).")
+    lines.append(f"Report files in {out}")
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""cifarlab label-issues: confident learning on a run's test predictions."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from cifarlab import label_issues as li
+from cifarlab.cli import main
+from cifarlab.data import Dataset
+
+# five images, classes 0 and 1 (and 2, which no image has): thresholds 0.7 and 0.8+0.7+0.2 / 3
+PROBS = np.array([[0.9, 0.1, 0.0], [0.5, 0.5, 0.0], [0.2, 0.8, 0.0], [0.3, 0.7, 0.0], [0.8, 0.2, 0.0]])
+LABELS = np.array([0, 0, 1, 1, 1])
+
+
+def test_thresholds_joint_and_estimate_by_hand():
+    t = li.thresholds(PROBS, LABELS)
+    assert t[:2] == pytest.approx([0.7, 1.7 / 3]) and np.isnan(t[2])
+    conf = li.confident_classes(PROBS, t)
+    # image 1 reaches no threshold; image 4, labelled 1, is confidently 0
+    assert conf.tolist() == [0, -1, 1, 1, 0]
+    c = li.confident_joint(LABELS, conf, 3)
+    assert c.tolist() == [[1, 0, 0], [1, 2, 0], [0, 0, 0]]
+    # row 0 scaled to its 2 images stays diagonal; row 1 (3 images, 3 counted): one off the diagonal
+    assert li.estimated_issues(c, LABELS) == pytest.approx(1.0)
+    found = li.find_issues(PROBS, LABELS)
+    assert found["indices"].tolist() == [4] and found["suggested"].tolist() == [0]
+
+
+def test_several_classes_above_threshold_take_the_most_probable():
+    probs = np.array([[0.5, 0.45, 0.05], [0.3, 0.6, 0.1], [0.1, 0.2, 0.7], [0.6, 0.1, 0.3]])
+    t = np.array([0.4, 0.4, 0.25])
+    assert li.confident_classes(probs, t).tolist() == [0, 1, 2, 0]
+
+
+def test_flagged_images_are_ranked_by_the_given_labels_probability():
+    probs = np.array([[0.95, 0.05]] * 4 + [[0.05, 0.95]] * 4 + [[0.96, 0.04], [0.99, 0.01], [0.97, 0.03]])
+    labels = np.array([0] * 4 + [1] * 7)  # the last three labelled 1 look like 0
+    found = li.find_issues(probs, labels)
+    assert found["indices"].tolist() == [9, 10, 8]  # p(given) 0.01, 0.03, 0.04
+    assert found["estimated"] == pytest.approx(3.0)
+
+
+class _Stub:
+    """A predictor giving fixed probabilities, for the report's files."""
+
+    def __init__(self, probs, classes):
+        self.probs, self.classes, self.run, self.tta = probs, classes, "stub", "none"
+
+    def predict(self, x):
+        assert len(x) == len(self.probs)
+        return self.probs
+
+    def temperature(self):
+        return None
+
+
+def test_report_files(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    ds = Dataset(x[:0], LABELS[:0], x, LABELS, ["cat", "dog", "frog"], "mem", "arrays",
+                 test_paths=[f"test/{i}.png" for i in range(5)])
+    out = tmp_path / "li"
+    r = li.label_issues_report(_Stub(PROBS, ds.classes), ds, out)
+    assert sorted(p.name for p in out.iterdir()) == r["files"] == ["groups.csv", "label_issues.csv",
+                                                                    "label_issues.json", "label_issues.png"]
+    assert r["flagged"] == 1 and r["estimated_wrong_labels"] == pytest.approx(1.0)
+    # argmax right on images 0 to 3 (image 1's tie goes to its label, 0): 4 of 5; without image 4: 4 of 4
+    assert r["accuracy"] == pytest.approx(0.8) and r["accuracy_without_flagged"] == pytest.approx(1.0)
+    assert [c["flagged"] for c in r["per_class"]] == [0, 1, 0] and r["per_class"][2]["threshold"] is None
+    rows = list(csv.DictReader((out / "label_issues.csv").open()))
+    assert rows == [{"rank": "1", "index": "4", "path": "test/4.png", "given": "dog", "suggested": "cat",
+                     "p_given": "0.2", "p_suggested": "0.8", "predicted": "cat"}]
+    groups = list(csv.DictReader((out / "groups.csv").open()))
+    assert [g["label_issue"] for g in groups] == ["no", "no", "no", "no", "yes"]
+    assert json.loads((out / "label_issues.json").read_text())["confident_joint"] == [[1, 0, 0], [1, 2, 0], [0, 0, 0]]
+
+
+def test_label_issues_through_the_cli(trained_run, capsys):
+    """The run's own test images; the groups file is one that audit --groups reads."""
+    assert main(["label-issues", str(trained_run), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    out = trained_run / "label-issues"
+    assert r["test_images"] == 9 and r["files"] == sorted(p.name for p in out.iterdir())
+    flagged = {row["index"] for row in r["issues"]}
+    groups = list(csv.DictReader((out / "groups.csv").open()))
+    assert {int(g["index"]) for g in groups if g["label_issue"] == "yes"} == flagged
+    assert main(["audit", str(trained_run), "--groups", str(out / "groups.csv"), "--bootstrap", "100"]) == 0
+    card = (trained_run / "audit" / "MODEL_CARD.md").read_text()
+    assert "By `label_issue`" in card
+    # the card quotes the report measured with these weights and this test-time augmentation
+    assert f"Test labels in doubt (`cifarlab label-issues`, confident learning): {r['flagged']:,} of the 9 " in card
+    card_json = json.loads((trained_run / "audit" / "model_card.json").read_text())
+    assert card_json["metrics"]["label_issues"]["flagged"] == r["flagged"]
+    assert main(["audit", str(trained_run), "--tta", "flip", "--bootstrap", "100"]) == 0
+    assert "Test labels in doubt" not in (trained_run / "audit" / "MODEL_CARD.md").read_text()
+    assert main(["label-issues", str(trained_run), "--review", "-1"]) == 2
+    assert "--review -1 is not valid" in capsys.readouterr().err

@@ -164,6 +164,7 @@ def test_explain_refusals(trained_run, image_folder, capsys):
         (["--class", "horse"], "--class 'horse' is not one of the model's classes; choose one of cat, dog, frog"),
         (["--count", "0"], "--count 0 is not valid; it must be at least 1"),
         (["--layer", "5"], "--layer '5' is not one of the model's convolutions; choose one of 0"),
+        (["--layer", "0", "--method", "occlusion"], "--layer is Grad-CAM's; --method occlusion looks at the input"),
         ([str(image_folder / "test"), "--data", str(image_folder)], "--data chooses test images, but image files "
                                                                      "were given: give one or the other"),
         ([str(image_folder / "test"), "--class", "cat"], "--class chooses test images"),

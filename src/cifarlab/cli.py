@@ -535,8 +535,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in (_add_train_parser, _add_evaluate_parser, _add_calibrate_parser, _add_predict_parser,
                 _add_audit_parser, _add_robustness_parser, _add_duplicates_parser, _add_explain_parser,
-                _add_label_issues_parser, _add_compare_parser, _add_export_parser, _add_import_parser, _add_augment_parser, _add_summary_parser,
-                _add_list_parser):
+                _add_label_issues_parser, _add_compare_parser, _add_export_parser, _add_import_parser,
+                _add_augment_parser, _add_summary_parser, _add_list_parser):
         add(sub)  # in the order --help lists the commands
     return p
 
@@ -950,17 +950,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .export import default_report_folder, read_run
     from .fsutil import check_folder_path, json_text
 
-    check_options(args.method, args.select, args.count)  # before the data is loaded
+    check_options(args.method, args.select, args.count, args.layer)  # before the data is loaded
     if args.out:
         check_folder_path(args.out)
     log = (lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr))
     kw = dict(method=args.method, layer=args.layer, sanity=not args.no_sanity_check, seed=args.seed, tta=args.tta,
               device=args.device, uncalibrated=args.uncalibrated, log=log)
     if args.images:
-        given = [f"--{k.replace('_', '-')}" for k in ("data", "labels", "class_name") if getattr(args, k)]
+        given = [flag for dest, flag in (("data", "--data"), ("labels", "--labels"), ("class_name", "--class"))
+                 if getattr(args, dest)]
         if given:
-            raise ConfigError(f"{', '.join(given).replace('class-name', 'class')} chooses test images, but image files "
-                              "were given: give one or the other")
+            raise ConfigError(f"{', '.join(given)} chooses test images, but image files were given: give one or the "
+                              "other")
         run, _ = read_run(args.run)
         out = Path(args.out) if args.out else run / "explain-files"
         report = explain_files(run, args.images, out, **kw)

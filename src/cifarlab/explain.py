@@ -42,15 +42,17 @@ def _captum():
     return IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
 
 
-def check_options(method: str, select: str, count: int) -> None:
-    """A clear error for an unknown method or selection, or a count below 1; before any data
-    is loaded."""
+def check_options(method: str, select: str, count: int, layer: str | None = None) -> None:
+    """A clear error for an unknown method or selection, a count below 1, or a layer given to
+    a method that takes none; before any data is loaded."""
     if method not in METHODS:
         raise CifarlabError(f"--method '{method}' is not valid; choose one of {', '.join(METHODS)}")
     if select not in SELECTIONS:
         raise CifarlabError(f"--select '{select}' is not valid; choose one of {', '.join(SELECTIONS)}")
     if count < 1:
         raise CifarlabError(f"--count {count} is not valid; it must be at least 1, such as 16")
+    if layer is not None and method != "gradcam":
+        raise CifarlabError(f"--layer is Grad-CAM's; --method {method} looks at the input, not at a layer")
 
 
 class PixelModel(nn.Module):
@@ -293,7 +295,7 @@ def explain_dataset(run: str | Path, ds, out: str | Path | None = None, method: 
     from .export import default_report_folder, load_model
     from .fsutil import report_folder
 
-    check_options(method, select, count)
+    check_options(method, select, count, layer)
     out = Path(out) if out is not None else default_report_folder(run, "explain", ds)
     pred = load_model(run, device, tta, uncalibrated)
     _check_compatible(pred, ds)
@@ -333,7 +335,7 @@ def explain_files(run: str | Path, paths: list[str], out: str | Path | None = No
     from .fsutil import report_folder
     from .predict import _expand, _read
 
-    check_options(method, "wrong", 1)
+    check_options(method, "wrong", 1, layer)
     run, _ = read_run(run)
     files, failures = _expand(paths)
     if len(files) > MAX_FILES:

@@ -45,26 +45,12 @@ def test_flagged_images_are_ranked_by_the_given_labels_probability():
     assert found["estimated"] == pytest.approx(3.0)
 
 
-class _Stub:
-    """A predictor giving fixed probabilities, for the report's files."""
-
-    def __init__(self, probs, classes):
-        self.probs, self.classes, self.run, self.tta = probs, classes, "stub", "none"
-
-    def predict(self, x):
-        assert len(x) == len(self.probs)
-        return self.probs
-
-    def temperature(self):
-        return None
-
-
 def test_report_files(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     ds = Dataset(x[:0], LABELS[:0], x, LABELS, ["cat", "dog", "frog"], "mem", "arrays",
                  test_paths=[f"test/{i}.png" for i in range(5)])
     out = tmp_path / "li"
-    r = li.label_issues_report(_Stub(PROBS, ds.classes), ds, out)
+    r = li.label_issues_report(PROBS, ds, out, ds.classes, about={"run": "stub"})
     assert sorted(p.name for p in out.iterdir()) == r["files"] == ["groups.csv", "label_issues.csv",
                                                                     "label_issues.json", "label_issues.png"]
     assert r["flagged"] == 1 and r["estimated_wrong_labels"] == pytest.approx(1.0)
@@ -76,7 +62,8 @@ def test_report_files(tmp_path):
                      "p_given": "0.2", "p_suggested": "0.8", "predicted": "cat"}]
     groups = list(csv.DictReader((out / "groups.csv").open()))
     assert [g["label_issue"] for g in groups] == ["no", "no", "no", "no", "yes"]
-    assert json.loads((out / "label_issues.json").read_text())["confident_joint"] == [[1, 0, 0], [1, 2, 0], [0, 0, 0]]
+    saved = json.loads((out / "label_issues.json").read_text())
+    assert saved["confident_joint"] == [[1, 0, 0], [1, 2, 0], [0, 0, 0]] and saved["run"] == "stub"
 
 
 def test_label_issues_through_the_cli(trained_run, capsys):
@@ -99,3 +86,27 @@ def test_label_issues_through_the_cli(trained_run, capsys):
     assert "Test labels in doubt" not in (trained_run / "audit" / "MODEL_CARD.md").read_text()
     assert main(["label-issues", str(trained_run), "--review", "-1"]) == 2
     assert "--review -1 is not valid" in capsys.readouterr().err
+
+
+def test_label_issues_of_a_runs_folder_use_the_mean_probabilities(image_folder, tmp_path, capsys):
+    """A --runs N folder: one report, on the mean of the runs' probabilities, in OUT/label-issues."""
+    from conftest import tiny_config
+
+    from cifarlab.export import load_model
+    from cifarlab.train import fit
+
+    base = tmp_path / "set"
+    fit(tiny_config(str(image_folder), str(base), runs=2), log=lambda s: None)
+    assert main(["label-issues", str(base), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (base / "label-issues" / "label_issues.json").is_file()
+    assert r["runs"] == [str(base / "run-0"), str(base / "run-1")] and len(r["per_run_accuracy"]) == 2
+    from cifarlab.data import load_dataset
+
+    ds = load_dataset(str(image_folder))
+    mean = np.mean([load_model(base / f"run-{k}").predict(ds.x_test) for k in range(2)], 0)
+    assert r["flagged"] == len(li.find_issues(mean, ds.y_test)["indices"])
+    assert r["accuracy"] == pytest.approx(float((mean.argmax(1) == ds.y_test).mean()))
+    assert "weights_sha256" not in r  # no run's model card quotes the runs' ensemble
+    assert main(["label-issues", str(base)]) == 0
+    assert "from the mean of the probabilities of 2 runs" in capsys.readouterr().out

@@ -390,14 +390,15 @@ def _add_label_issues_parser(sub: argparse._SubParsersAction) -> None:
     li = sub.add_parser("label-issues", help="test images whose given label the run's predictions put in doubt "
                                              "(confident learning): candidates to look at, and the accuracy without "
                                              "them")
-    li.add_argument("run", help="run folder written by 'cifarlab train' (or 'cifarlab import')")
+    li.add_argument("run", help="run folder written by 'cifarlab train' (or 'cifarlab import'); the folder of --runs N: "
+                                "the mean of its runs' probabilities, whose doubts are fewer of its own mistakes")
     _add_data_args(li, run="test")
     li.add_argument("--review", type=int, default=32, metavar="N",
                     help="the N most doubtful images in label_issues.png (default 32)")
     _add_tta_arg(li)
     _add_uncalibrated_arg(li)
     li.add_argument("--out", help="folder for the report (default RUN/label-issues, or RUN/label-issues-<data name>-"
-                                  "<hash> on other data than the run's own)")
+                                  "<hash> on other data than the run's own; likewise in the folder of --runs N)")
     li.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_device_arg(li)
     li.set_defaults(func=cmd_label_issues)
@@ -976,21 +977,29 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_label_issues(args: argparse.Namespace) -> int:
-    """``cifarlab label-issues``."""
-    from .export import default_report_folder, read_run
+    """``cifarlab label-issues``: one run, or the runs of a ``--runs N`` folder together."""
+    from .export import default_report_folder, finished_runs, is_runs_set, other_data_folder, read_run
     from .fsutil import check_folder_path, json_text
-    from .label_issues import format_report, label_issues_run
+    from .label_issues import format_report, label_issues_run, label_issues_runs
 
     if args.review < 0:  # before the data is loaded
         raise ConfigError(f"--review {args.review} is not valid; give 0 or more images to show")
     if args.out:
         check_folder_path(args.out)
-    run, _ = read_run(args.run)
-    ds = _load_eval_data(args, run, [run])
-    out = Path(args.out) if args.out else default_report_folder(run, "label-issues", ds)
     log = (lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr))
-    report = label_issues_run(run, ds, out, args.review, tta=args.tta, device=args.device,
-                              uncalibrated=args.uncalibrated, log=log)
+    kw = dict(tta=args.tta, device=args.device, uncalibrated=args.uncalibrated, log=log)
+    if is_runs_set(args.run):  # the runs' mean probabilities
+        base = Path(args.run)
+        runs = finished_runs(base)
+        ds = _load_eval_data(args, base, runs)
+        out = Path(args.out) if args.out else other_data_folder(base, "label-issues", ds, runs) or \
+            base / "label-issues"
+        report = label_issues_runs(base, ds, out, args.review, **kw)
+    else:
+        run, _ = read_run(args.run)
+        ds = _load_eval_data(args, run, [run])
+        out = Path(args.out) if args.out else default_report_folder(run, "label-issues", ds)
+        report = label_issues_run(run, ds, out, args.review, **kw)
     print(json_text(report) if args.json else format_report(report, out))
     return 0
 

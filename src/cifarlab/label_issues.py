@@ -84,26 +84,23 @@ def find_issues(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
             "estimated": estimated_issues(c, labels), "self_confidence": self_conf}
 
 
-def label_issues_report(pred, ds, out: Path, review: int = 32, log: Callable[[str], None] = lambda _: None,
+def label_issues_report(probs: np.ndarray, ds, out: Path, classes: list[str], review: int = 32,
                         about: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Find the label issues of ``ds``'s test images with ``pred`` (a
-    :class:`cifarlab.export.Predictor`) and write ``label_issues.json`` (the report),
+    """Find the label issues of ``ds``'s test images from ``probs``, out-of-sample class
+    probabilities of them (N, classes), and write ``label_issues.json`` (the report),
     ``label_issues.csv`` (each flagged image: index, path, given and suggested label, their
     probabilities), ``groups.csv`` (``index``, ``label_issue`` yes/no, for ``audit --groups`` and
     ``compare --groups``) and ``label_issues.png`` (the ``review`` most doubtful, with both
-    labels) into ``out``. The report gives the run's accuracy with and without the flagged
-    images, and per class how many of its images are flagged; ``about`` adds what identifies
-    the model measured (its weights' digest, class offsets), for the model card to check."""
+    labels) into ``out``. The report gives the accuracy of ``probs`` with and without the
+    flagged images, and per class how many of its images are flagged; ``about`` opens it with
+    what was measured (the run, its test-time augmentation, its weights' digest)."""
     from .export import list_to_csv_rows
     from .fsutil import make_folder, write_json, write_text
     from .plots import image_grid
 
-    log(f"predicting the {len(ds.x_test)} test images")
-    probs = pred.predict(ds.x_test)
     y = ds.y_test
     found = find_issues(probs, y)
     idx, sugg = found["indices"], found["suggested"]
-    classes = pred.classes
     n = len(y)
     correct = probs.argmax(1) == y
     keep = np.ones(n, bool)
@@ -116,8 +113,7 @@ def label_issues_report(pred, ds, out: Path, review: int = 32, log: Callable[[st
     t = found["thresholds"]
     per_class = [{"class": name, "test_images": int((y == j).sum()), "flagged": int(flagged_per_class[j]),
                   "threshold": None if np.isnan(t[j]) else float(t[j])} for j, name in enumerate(classes)]
-    report = {"run": str(pred.run), "data": ds.source, "test_origin": ds.test_origin, "tta": pred.tta,
-              "temperature": pred.temperature(), **(about or {}), "test_images": n, "flagged": len(idx),
+    report = {**(about or {}), "data": ds.source, "test_origin": ds.test_origin, "test_images": n, "flagged": len(idx),
               "flagged_share": len(idx) / n if n else None, "estimated_wrong_labels": found["estimated"],
               "accuracy": float(correct.mean()) if n else None,
               "accuracy_without_flagged": float(correct[keep].mean()) if keep.any() else None,
@@ -157,10 +153,41 @@ def label_issues_run(run: str | Path, ds, out: str | Path | None = None, review:
     pred = load_model(run, device, tta, uncalibrated)
     _check_compatible(pred, ds)
     offsets = pred.class_offsets()
-    about = {"weights_sha256": weights_digest(pred.run),
-             "class_offsets": None if offsets is None else list(offsets)}
+    about = {"run": str(pred.run), "tta": pred.tta, "temperature": pred.temperature(),
+             "class_offsets": None if offsets is None else list(offsets), "weights_sha256": weights_digest(pred.run)}
     with report_folder(out):
-        return label_issues_report(pred, ds, out, review, log, about)
+        log(f"predicting the {len(ds.x_test)} test images")
+        return label_issues_report(pred.predict(ds.x_test), ds, out, pred.classes, review, about)
+
+
+def label_issues_runs(base: str | Path, ds, out: str | Path | None = None, review: int = 32, tta: str | None = None,
+                      device: str = "auto", uncalibrated: bool = False,
+                      log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """:func:`label_issues_report` of the runs of the ``--runs N`` folder ``base`` together: on
+    the mean of their probabilities (their ensemble, more accurate than each, so its doubts are
+    fewer of its own mistakes), into ``out``, by default ``base/label-issues``
+    (``base/label-issues-<data>`` on other data). The report adds each run's accuracy."""
+    from .evaluate import _check_compatible
+    from .export import finished_runs, load_model, other_data_folder
+    from .fsutil import report_folder
+
+    if review < 0:
+        raise CifarlabError(f"--review {review} is not valid; give 0 or more images to show")
+    base = Path(base)
+    runs = finished_runs(base)
+    out = Path(out) if out is not None else other_data_folder(base, "label-issues", ds, runs) or base / "label-issues"
+    preds = [load_model(r, device, tta, uncalibrated) for r in runs]
+    for p in preds:
+        _check_compatible(p, ds)
+    with report_folder(out):
+        probs = []
+        for r, p in zip(runs, preds):
+            log(f"predicting the {len(ds.x_test)} test images with {r.name}")
+            probs.append(p.predict(ds.x_test))
+        about = {"run": str(base), "runs": [str(r) for r in runs], "probabilities": "mean of the runs'",
+                 "tta": sorted({p.tta for p in preds}),
+                 "per_run_accuracy": [float((q.argmax(1) == ds.y_test).mean()) for q in probs]}
+        return label_issues_report(np.mean(probs, 0), ds, out, preds[0].classes, review, about)
 
 
 def read_label_issues(run: str | Path, tta: str, class_offsets: tuple[float, ...] | None = None,
@@ -189,10 +216,14 @@ def format_report(r: dict[str, Any], out: Path, most: int = 10) -> str:
     """The report as a few lines for the terminal."""
     n, k = r["test_images"], r["flagged"]
     lines = [f"{k} of {n} test images flagged ({k / n:.2%}) as possibly mislabelled; confident learning estimates "
-             f"{r['estimated_wrong_labels']:.0f} wrong labels",
-             f"accuracy {r['accuracy']:.4f}; without the flagged images "
-             + ("n/a" if r["accuracy_without_flagged"] is None else f"{r['accuracy_without_flagged']:.4f}"),
-             "flagged by class: " + ", ".join(f"{c['class']} {c['flagged']}" for c in r["per_class"])]
+             f"{r['estimated_wrong_labels']:.0f} wrong labels"]
+    if r.get("runs"):
+        each = r["per_run_accuracy"]
+        lines.append(f"from the mean of the probabilities of {len(r['runs'])} runs (each run's accuracy "
+                     f"{min(each):.4f} to {max(each):.4f})")
+    lines += [f"accuracy {r['accuracy']:.4f}; without the flagged images "
+              + ("n/a" if r["accuracy_without_flagged"] is None else f"{r['accuracy_without_flagged']:.4f}"),
+              "flagged by class: " + ", ".join(f"{c['class']} {c['flagged']}" for c in r["per_class"])]
     for row in r["issues"][:most]:
         lines.append(f"  {row['rank']:>3}. {row['path'] or '#' + str(row['index']):<28} given {row['given']} "
                      f"({row['p_given']:.3f}), model: {row['suggested']} ({row['p_suggested']:.3f})")

@@ -1,8 +1,8 @@
 """``cifarlab label-issues``: test images whose given label a run's predictions put in doubt.
 
 Some of what a model "gets wrong" is the data's fault: Northcutt, Athalye and Mueller (2021,
-"Pervasive label errors in test sets destabilize machine learning benchmarks") found 54 of
-CIFAR-10's 10,000 test labels wrong, and more in other test sets. Confident learning
+"Pervasive label errors in test sets destabilize machine learning benchmarks") found wrong
+labels in the test sets of ten common benchmarks, CIFAR-10's among them. Confident learning
 (Northcutt, Jiang and Chuang, 2021, JAIR 70, sections 3.1 and 3.2) finds candidates from
 out-of-sample predicted probabilities, which a run's test images give (it never trained on them):
 

@@ -57,6 +57,16 @@ def _add_uncalibrated_arg(p: argparse.ArgumentParser) -> None:
                         "calibration for the test-time augmentation)")
 
 
+def _add_report_args(p: argparse.ArgumentParser, out_help: str) -> None:
+    """The options a report command ends with: test-time augmentation, calibration, the
+    report's folder (``out_help``), JSON on stdout and the device."""
+    _add_tta_arg(p)
+    _add_uncalibrated_arg(p)
+    p.add_argument("--out", help=out_help)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_device_arg(p)
+
+
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda or cuda:N")
 
@@ -306,13 +316,9 @@ def _add_robustness_parser(sub: argparse._SubParsersAction) -> None:
                    help="read the published CIFAR-10-C or CIFAR-100-C files (the folder of NAME.npy and labels.npy, "
                         "or its .tar) instead of corrupting the test images here")
     r.add_argument("--list", action="store_true", help="list the corruptions and exit")
-    _add_tta_arg(r)
-    _add_uncalibrated_arg(r)
-    r.add_argument("--out", help="folder for the report (default RUN/robustness, or RUN/robustness-<data name>-<hash> "
-                                 "on other data than the run's own; for a --runs folder, OUT/run-K and "
-                                 "OUT/robustness_summary.json)")
-    r.add_argument("--json", action="store_true", help="print the report as JSON")
-    _add_device_arg(r)
+    _add_report_args(r, "folder for the report (default RUN/robustness, or RUN/robustness-<data name>-<hash> "
+                        "on other data than the run's own; for a --runs folder, OUT/run-K and "
+                        "OUT/robustness_summary.json)")
     r.set_defaults(func=cmd_robustness)
 
 
@@ -341,12 +347,8 @@ def _add_duplicates_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--mirrored", action="store_true",
                    help="also compare each test image's left-right mirror image, as a model trained with "
                         "horizontal flips has seen each training image both ways (twice the time)")
-    _add_tta_arg(d)
-    _add_uncalibrated_arg(d)
-    d.add_argument("--out", help="folder for the report (default RUN/duplicates, or RUN/duplicates-<data name>-<hash> "
-                                 "on other data than the run's own, or ./duplicates without a run)")
-    d.add_argument("--json", action="store_true", help="print the report as JSON")
-    _add_device_arg(d)
+    _add_report_args(d, "folder for the report (default RUN/duplicates, or RUN/duplicates-<data name>-<hash> "
+                        "on other data than the run's own, or ./duplicates without a run)")
     d.set_defaults(func=cmd_duplicates)
 
 
@@ -376,12 +378,8 @@ def _add_explain_parser(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--no-sanity-check", action="store_true",
                    help="skip computing the maps again with random weights (Adebayo et al.'s randomisation test), "
                         "which doubles the time")
-    _add_tta_arg(x)
-    _add_uncalibrated_arg(x)
-    x.add_argument("--out", help="folder for the report (default RUN/explain, or RUN/explain-<data name>-<hash> on "
-                                 "other data than the run's own; RUN/explain-files for image files given)")
-    x.add_argument("--json", action="store_true", help="print the report as JSON")
-    _add_device_arg(x)
+    _add_report_args(x, "folder for the report (default RUN/explain, or RUN/explain-<data name>-<hash> on "
+                        "other data than the run's own; RUN/explain-files for image files given)")
     x.set_defaults(func=cmd_explain)
 
 
@@ -395,12 +393,8 @@ def _add_label_issues_parser(sub: argparse._SubParsersAction) -> None:
     _add_data_args(li, run="test")
     li.add_argument("--review", type=int, default=32, metavar="N",
                     help="the N most doubtful images in label_issues.png (default 32)")
-    _add_tta_arg(li)
-    _add_uncalibrated_arg(li)
-    li.add_argument("--out", help="folder for the report (default RUN/label-issues, or RUN/label-issues-<data name>-"
-                                  "<hash> on other data than the run's own; likewise in the folder of --runs N)")
-    li.add_argument("--json", action="store_true", help="print the report as JSON")
-    _add_device_arg(li)
+    _add_report_args(li, "folder for the report (default RUN/label-issues, or RUN/label-issues-<data name>-"
+                         "<hash> on other data than the run's own; likewise in the folder of --runs N)")
     li.set_defaults(func=cmd_label_issues)
 
 

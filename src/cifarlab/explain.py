@@ -104,6 +104,12 @@ def choose_layer(model: nn.Module, input_shape: tuple[int, int, int], layer: str
                         f"{short_list([n for n, _ in convs], 12)}")
 
 
+def occlusion_window(h: int, w: int) -> int:
+    """Occlusion's square, an eighth of the image's shorter side (at least 2 pixels); it moves
+    by half its width, so on 32x32 images 4-pixel squares take 15 x 15 positions."""
+    return max(2, min(h, w) // 8)
+
+
 def attribute(model: nn.Module, prep: dict[str, Any], images: torch.Tensor, targets: torch.Tensor, method: str,
               layer: str | None = None, batch_size: int = 64) -> np.ndarray:
     """Attribution maps, float32 (N, H, W), of uint8 ``images`` (N, C, H, W) for the classes
@@ -124,9 +130,7 @@ def attribute(model: nn.Module, prep: dict[str, Any], images: torch.Tensor, targ
             a = gradcam_cls(net, module).attribute(x, target=t, relu_attributions=True)
             a = layer_attr.interpolate(a, (h, w), interpolate_mode="bilinear")
         elif method == "occlusion":
-            # windows an eighth of the image wide, half-overlapping: 15 x 15 positions on 32x32 images
-            k = max(2, min(h, w) // 8)
-            c = x.shape[1]
+            k, c = occlusion_window(h, w), x.shape[1]
             a = occlusion_cls(net).attribute(x, target=t, sliding_window_shapes=(c, k, k), strides=(c, k // 2, k // 2),
                                              baselines=GREY, perturbations_per_eval=16)
         else:
@@ -223,7 +227,7 @@ def explain_images(pred, images: np.ndarray, labels: np.ndarray | None, method: 
     result: dict[str, Any] = {"method": method, "layer": name, "layer_map_size": list(size) if size else None,
                               "probs": probs, "predicted": predicted, "maps": maps, "sanity_check": None}
     if method == "occlusion":
-        k = max(2, min(h, w) // 8)
+        k = occlusion_window(h, w)
         result["settings"] = {"window": k, "stride": k // 2, "baseline": GREY}
     elif method == "integrated-gradients":
         result["settings"] = {"steps": IG_STEPS, "baseline": GREY}

@@ -642,6 +642,30 @@ def test_train_on_images_labelled_by_a_csv_and_evaluate_them_again(capsys, tmp_p
     assert code == 2 and "data.labels = 'x.csv' is not valid; it names the classes of the images in data.data" in err
 
 
+def test_reports_on_two_labellings_of_the_same_images_are_kept_apart(capsys, tmp_path, trained_run):
+    """Other data's images named by two labels files: each labelling's report has a folder of
+    its own, as its accuracy is its own."""
+    from conftest import make_image_folder
+
+    made = make_image_folder(tmp_path / "made", n_train=0, n_test=3)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    right, swapped = ["file,label"], ["file,label"]
+    for k, p in enumerate(sorted((made / "test").rglob("*.png"))):
+        p.rename(flat / f"{k}.png")
+        right.append(f"{k}.png,{p.parent.name}")
+        swapped.append(f"{k}.png,{ {'cat': 'dog', 'dog': 'cat'}.get(p.parent.name, p.parent.name) }")
+    (tmp_path / "right.csv").write_text("\n".join(right) + "\n")
+    (tmp_path / "swapped.csv").write_text("\n".join(swapped) + "\n")
+    folders = []
+    for labels in ("right.csv", "swapped.csv"):
+        code, out, err = run(capsys, "evaluate", str(trained_run), "--data", str(flat), "--labels",
+                             str(tmp_path / labels))
+        assert code == 0, err
+        folders.append(out.strip().splitlines()[-1].removeprefix("Report files in "))
+    assert folders[0] != folders[1] and all(f.startswith(str(trained_run / "eval-flat-")) for f in folders)
+
+
 def test_evaluation_commands_resize_other_data_to_the_run_input(capsys, tmp_path, trained_run):
     """--data of another size is resized to the run's input, with a note, as predict resizes a
     file; the API, given a data set of another size, says how to resize it."""

@@ -244,6 +244,11 @@ def test_data_tag_names_the_data_and_tells_two_folders_of_one_name_apart(tmp_pat
     assert data_tag("/x/photos.TAR.GZ").startswith("photos-")
     assert data_tag("/x/my photos (2024)").startswith("my_photos_2024-")
     assert data_tag("/x/...").startswith("data-")
+    # two labels files for the same images: two tags, each another than the images' alone
+    (tmp_path / "one.csv").write_text("id,label\n")
+    (tmp_path / "two.csv").write_text("id,label\n")
+    tags = {data_tag(str(a)), data_tag(str(a), str(tmp_path / "one.csv")), data_tag(str(a), str(tmp_path / "two.csv"))}
+    assert len(tags) == 3 and all(t.startswith("test-") for t in tags)
 
 
 def test_report_name_is_the_kind_on_the_runs_own_data_and_names_other_data(tmp_path, trained_run, image_folder):

@@ -230,16 +230,21 @@ def several_runs(folder: Path, marker: str) -> tuple[str, Path] | None:
 _DATA_SUFFIXES = (".tar.gz", ".tar.xz", ".tar.bz2", ".tgz", ".tar", ".zip", ".npy", ".npz")
 
 
-def data_tag(source: str) -> str:
+def data_tag(source: str, labels: str | None = None) -> str:
     """A folder-name-safe tag for the data at ``source``: its name, and 8 hex digits of its
-    absolute path, so that two folders both named ``test`` get two tags."""
+    absolute path, so that two folders both named ``test`` get two tags; and of the absolute
+    path of the ``labels`` file that named its classes, where one did, so that two labellings
+    of the same images get two tags too."""
     name = Path(source).name
     for suffix in _DATA_SUFFIXES:
         if name.lower().endswith(suffix):
             name = name[:-len(suffix)]
             break
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:40] or "data"
-    where = str(Path(source).expanduser().resolve()) if Path(source).expanduser().exists() else source
+    def absolute(p: str) -> str:
+        return str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() else p
+
+    where = absolute(source) + ("" if labels is None else f"\nlabels {absolute(labels)}")
     return f"{name}-{hashlib.blake2b(where.encode(), digest_size=4).hexdigest()}"
 
 
@@ -254,7 +259,7 @@ def data_suffix(ds, runs: Iterable[str | Path]) -> str:
     own = seen.trained_on(ds, runs)
     if own is None:  # no record of the images (an older run, an imported model): the data's path, where recorded
         own = all(_same_source(ds.source, r) for r in runs)
-    return "" if own else f"-{data_tag(ds.source)}"
+    return "" if own else f"-{data_tag(ds.source, ds.labels)}"
 
 
 def report_name(kind: str, ds, runs: Iterable[str | Path]) -> str:

@@ -40,6 +40,7 @@ class Dataset:
     images named by a labels file) and a share of its images was held out
     (:func:`cifarlab.data.folder.load_image_folder`); ``"unseen"``, every image of the source
     that the runs to be tested did not train or validate on (:func:`cifarlab.data.seen.test_split_for`).
+    ``labels``: the path of the ``--labels`` file that named the classes, where one did.
     """
 
     x_train: np.ndarray
@@ -53,6 +54,7 @@ class Dataset:
     notes: list[str] = field(default_factory=list)
     train_paths: list[str] = field(default_factory=list)
     test_origin: str = "named"
+    labels: str | None = None  # the --labels file that named the images' classes, where one did
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -211,7 +213,8 @@ def _load_folder_cached(path: Path, skip_bad: bool, use_cache: bool, size: tuple
         arrays, meta = hit
         return Dataset(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], meta["classes"],
                        str(path), "image-folder", meta["test_paths"], meta["notes"] + ["loaded from the decoded cache"],
-                       train_paths=meta["train_paths"], test_origin=meta["test_origin"])
+                       train_paths=meta["train_paths"], test_origin=meta["test_origin"],
+                       labels=str(labels) if labels is not None else None)
     t0 = time.perf_counter()
     fd = folder.load_image_folder(path, skip_bad=skip_bad, size=size, test_split=test_split, labels=labels)
     notes = fd.notes + [f"decoded in {time.perf_counter() - t0:.1f} s"]
@@ -221,7 +224,8 @@ def _load_folder_cached(path: Path, skip_bad: bool, use_cache: bool, size: tuple
                            {"classes": fd.classes, "test_paths": fd.paths["test"], "notes": fd.notes,
                             "source": str(path), "train_paths": fd.paths["train"], "test_origin": fd.test_origin})
     return Dataset(fd.x["train"], fd.y["train"], fd.x["test"], fd.y["test"], fd.classes, str(path),
-                   "image-folder", fd.paths["test"], notes, train_paths=fd.paths["train"], test_origin=fd.test_origin)
+                   "image-folder", fd.paths["test"], notes, train_paths=fd.paths["train"], test_origin=fd.test_origin,
+                   labels=str(labels) if labels is not None else None)
 
 
 def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

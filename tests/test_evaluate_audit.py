@@ -106,9 +106,20 @@ def test_group_gap_detection_and_small_groups():
 def test_evaluate_and_audit_write_reports(trained_run, image_folder, tmp_path):
     ds = load_dataset(image_folder)
     rep = evaluate_run(trained_run, ds, tmp_path / "eval", device="cpu")
-    for f in ("metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "reliability.png", "per_class.csv"):
+    for f in ("metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "reliability.png", "per_class.csv",
+              "predictions.csv"):
         assert (tmp_path / "eval" / f).is_file()
     assert len(rep["per_class"]) == 3 and rep["num_images"] == 9
+    # one row per test image, in the test split's order, agreeing with the report's figures
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "eval" / "predictions.csv").open()))
+    assert [r["path"] for r in rows] == ds.test_paths and [r["index"] for r in rows] == [str(i) for i in range(9)]
+    assert [r["true"] for r in rows] == [ds.classes[y] for y in ds.y_test]
+    assert sum(r["correct"] == "yes" for r in rows) / 9 == pytest.approx(rep["accuracy"])
+    assert all((r["predicted"] == r["true"]) == (r["correct"] == "yes") for r in rows)
+    assert all(float(r["confidence"]) >= float(r["p_true"]) for r in rows)
+    assert "predictions.csv" in rep["files"]
     groups = tmp_path / "groups.csv"
     groups.write_text("path,source\n" + "".join(f"{p},{'a' if i % 2 else 'b'}\n" for i, p in enumerate(ds.test_paths)))
     audit = audit_run(trained_run, ds, tmp_path / "audit", groups_csv=str(groups), n_boot=200, device="cpu",

@@ -7,7 +7,7 @@ which scikit-learn does not provide for multi-class models.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -207,9 +207,10 @@ def write_report(pred: Predictor, ds: Dataset, probs: np.ndarray, out: Path, n_w
                  uncalibrated: np.ndarray | None = None) -> dict[str, Any]:
     """The metrics of ``pred``'s probabilities ``probs`` on ``ds``'s test split, written into
     ``out``: ``metrics.json``, ``per_class.csv``, ``confusion_matrix.csv``/``.png``,
-    ``reliability.png``, ``confident_errors.png``. Where ``probs`` were divided by a
-    temperature (and shifted by class offsets), ``uncalibrated`` (the probabilities without
-    them) gives the report's "uncalibrated" figures, to show what calibrating changed."""
+    ``reliability.png``, ``confident_errors.png``, ``predictions.csv`` (one row per image).
+    Where ``probs`` were divided by a temperature (and shifted by class offsets),
+    ``uncalibrated`` (the probabilities without them) gives the report's "uncalibrated"
+    figures, to show what calibrating changed."""
     from .plots import image_grid, plot_confusion, plot_reliability
 
     report = compute_report(probs, ds.y_test, pred.classes)
@@ -242,12 +243,24 @@ def write_report(pred: Predictor, ds: Dataset, probs: np.ndarray, out: Path, n_w
         titles = [f"true {pred.classes[ds.y_test[i]]}\npred {pred.classes[probs[i].argmax()]} {probs[i].max():.2f}"
                   for i in worst]
         image_grid(ds.x_test[worst], titles, out / "confident_errors.png")
+    write_text(out / "predictions.csv", list_to_csv_rows(_prediction_rows(probs, ds, pred.classes)))
     report["confident_errors"] = [{"index": int(i), "path": ds.test_paths[i] if ds.test_paths else None,
                                    "true": pred.classes[ds.y_test[i]], "predicted": pred.classes[probs[i].argmax()],
                                    "confidence": float(probs[i].max())} for i in worst]
     report["files"] = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     write_json(out / "metrics.json", report)
     return report
+
+
+def _prediction_rows(probs: np.ndarray, ds: Dataset, classes: list[str]) -> Iterator[dict[str, Any]]:
+    """One row per test image, for ``predictions.csv``: its index and path, true and predicted
+    class, the predicted class's probability, the true class's, and whether it was right; a
+    spreadsheet or a script can then take the report apart by any attribute of the images."""
+    predicted = probs.argmax(1)
+    for i, (t, p) in enumerate(zip(ds.y_test, predicted)):
+        yield {"index": i, "path": ds.test_paths[i] if ds.test_paths else "", "true": classes[t],
+               "predicted": classes[p], "confidence": round(float(probs[i, p]), 6),
+               "p_true": round(float(probs[i, t]), 6), "correct": "yes" if t == p else "no"}
 
 
 def _check_compatible(pred: Predictor, ds: Dataset) -> None:

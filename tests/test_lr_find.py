@@ -25,6 +25,14 @@ def test_rates_smoothing_and_the_longest_fall():
     assert lr_find.longest_fall(np.array([1.0, 2.0, 3.0])) == (0, 0)
 
 
+def test_the_stop_rule():
+    """Four times the lowest loss, as fastai and Lightning; a loss near zero (weights that already
+    fit) is judged against 0.1 nats instead, or its noise would end the test at once."""
+    assert lr_find.diverged(8.1, 2.0) and not lr_find.diverged(7.9, 2.0)
+    assert not lr_find.diverged(5e-4, 1e-4) and not lr_find.diverged(0.39, 1e-4)
+    assert lr_find.diverged(0.41, 1e-4)
+
+
 def test_the_centred_smoothing_does_not_lag():
     """Half a decade of rates around each point (here 8 steps a decade: 2 either side), fewer at
     the ends; a straight line stays where it is, where the exponential average trails it."""

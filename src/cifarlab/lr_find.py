@@ -24,8 +24,17 @@ from .config import Config, save_config, validate
 from .errors import CifarlabError
 
 DIVERGE = 4.0  # stop once the smoothed loss passes this many times its best (fastai's and Lightning's rule)
+# ... or this many nats, where lower: the noise of a loss near zero (a test from --init-from weights
+# that already fit the data) passes four times its best at once and would end the test at step 2
+LOSS_FLOOR = 0.1
 BETA = 0.98  # the divergence stop's exponential smoothing (as fastai and Lightning), bias-corrected
 MIN_POINTS = 10  # steps the curve needs before it suggests anything
+
+
+def diverged(smoothed: float, best: float) -> bool:
+    """Whether the smoothed loss has blown up: past :data:`DIVERGE` times its lowest so far, or
+    times :data:`LOSS_FLOOR` where the lowest is below that."""
+    return smoothed > DIVERGE * max(best, LOSS_FLOOR)
 
 
 def check_options(lr_min: float, lr_max: float, steps: int) -> None:
@@ -205,8 +214,9 @@ def find_lr(cfg: Config, lr_min: float = 1e-7, lr_max: float = 10.0, steps: int 
             avg = BETA * avg + (1 - BETA) * loss  # smooth()'s average, kept as it goes
             sm = avg / (1 - BETA ** len(losses))
             best = min(best, sm)
-            if sm > DIVERGE * best:
-                stop = f"the smoothed loss passed {DIVERGE:g} times its lowest at lr {lr:.3g}"
+            if diverged(sm, best):
+                stop = f"the smoothed loss passed {DIVERGE:g} times its lowest (or {DIVERGE * LOSS_FLOOR:g}) at lr " \
+                       f"{lr:.3g}"
                 break
         kept = lrs[:len(losses)]
         smoothed = centred(losses, kept)
@@ -215,7 +225,8 @@ def find_lr(cfg: Config, lr_min: float = 1e-7, lr_max: float = 10.0, steps: int 
                   "steps_run": len(losses), "stopped": stop, "lrs": kept.tolist(), "losses": losses,
                   "smoothed": smoothed.tolist(), "suggestion": suggest(kept, smoothed),
                   "method": {"smoothing": "mean over a centred half decade of rates",
-                             "stop": f"exponential average (beta {BETA}) above {DIVERGE:g} times its lowest"}}
+                             "stop": f"exponential average (beta {BETA}) above {DIVERGE:g} times its lowest, "
+                                     f"or {DIVERGE * LOSS_FLOOR:g} where that is more"}}
         write_json(folder / "lr_find.json", result)
         write_text(folder / "lr_find.csv", list_to_csv_rows(
             [{"step": i + 1, "lr": lr, "loss": lo, "smoothed_loss": s}

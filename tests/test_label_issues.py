@@ -110,3 +110,41 @@ def test_label_issues_of_a_runs_folder_use_the_mean_probabilities(image_folder, 
     assert "weights_sha256" not in r  # no run's model card quotes the runs' ensemble
     assert main(["label-issues", str(base)]) == 0
     assert "from the mean of the probabilities of 2 runs" in capsys.readouterr().out
+    assert main(["label-issues", str(base), "--split", "val"]) == 2
+    assert f"--split val takes one run, whose validation images are its own; give one of the runs of '{base}'" \
+        in capsys.readouterr().err
+
+
+def test_label_issues_of_the_validation_images(trained_run, image_folder, tmp_path, capsys):
+    """--split val: the run's validation images (training data it never trained on), in the
+    order the run holds them out, into RUN/label-issues-val; refused where it held none out."""
+    from conftest import tiny_config
+
+    from cifarlab.data import load_dataset
+    from cifarlab.export import load_model
+    from cifarlab.train import fit, run_split
+
+    assert main(["label-issues", str(trained_run), "--split", "val", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    ds = load_dataset(str(image_folder))
+    _, _, va = run_split(trained_run, ds)
+    assert r["test_origin"] == "validation" and r["test_images"] == len(va) > 0
+    rows = list(csv.DictReader((trained_run / "label-issues-val" / "groups.csv").open()))
+    assert len(rows) == len(va)
+    probs = load_model(trained_run).predict(ds.x_train[va])
+    assert r["flagged"] == len(li.find_issues(probs, ds.y_train[va])["indices"])
+    assert all(row["path"].startswith("train/") for row in r["issues"])
+    assert not (trained_run / "label-issues").exists()  # the test images' report is another
+
+    no_val = tmp_path / "noval"
+    cfg = tiny_config(str(image_folder), str(no_val))
+    cfg.data.val_split = 0.0
+    fit(cfg, log=lambda s: None)
+    assert main(["label-issues", str(no_val), "--split", "val"]) == 2
+    assert "held out no validation images" in capsys.readouterr().err
+    other = tmp_path / "other-data"
+    from conftest import make_image_folder
+
+    make_image_folder(other, seed=3, n_train=4)
+    assert main(["label-issues", str(trained_run), "--split", "val", "--data", str(other)]) == 2
+    assert "not the data" in capsys.readouterr().err

@@ -391,6 +391,10 @@ def _add_label_issues_parser(sub: argparse._SubParsersAction) -> None:
     li.add_argument("run", help="run folder written by 'cifarlab train' (or 'cifarlab import'); the folder of --runs N: "
                                 "the mean of its runs' probabilities, whose doubts are fewer of its own mistakes")
     _add_data_args(li, run="test")
+    li.add_argument("--split", choices=["test", "val"], default="test",
+                    help="whose labels to doubt: the test images (default), or the run's validation images, a share "
+                         "of the training data it never trained on (the run's own data only; into "
+                         "RUN/label-issues-val)")
     li.add_argument("--review", type=int, default=32, metavar="N",
                     help="the N most doubtful images in label_issues.png (default 32)")
     _add_report_args(li, "folder for the report (default RUN/label-issues, or RUN/label-issues-<data name>-"
@@ -974,7 +978,7 @@ def cmd_label_issues(args: argparse.Namespace) -> int:
     """``cifarlab label-issues``: one run, or the runs of a ``--runs N`` folder together."""
     from .export import default_report_folder, finished_runs, is_runs_set, other_data_folder, read_run
     from .fsutil import check_folder_path, json_text
-    from .label_issues import format_report, label_issues_run, label_issues_runs
+    from .label_issues import format_report, label_issues_run, label_issues_runs, validation_images
 
     if args.review < 0:  # before the data is loaded
         raise ConfigError(f"--review {args.review} is not valid; give 0 or more images to show")
@@ -982,7 +986,15 @@ def cmd_label_issues(args: argparse.Namespace) -> int:
         check_folder_path(args.out)
     log = (lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr))
     kw = dict(tta=args.tta, device=args.device, uncalibrated=args.uncalibrated, log=log)
-    if is_runs_set(args.run):  # the runs' mean probabilities
+    if args.split == "val":  # the run's own data, its validation images as the images to doubt
+        if is_runs_set(args.run):
+            raise ConfigError(f"--split val takes one run, whose validation images are its own; give one of the runs "
+                              f"of '{args.run}', such as '{Path(args.run) / 'run-0'}'")
+        run, _ = read_run(args.run)
+        ds = validation_images(run, _load_eval_data(args, run))
+        out = Path(args.out) if args.out else run / "label-issues-val"
+        report = label_issues_run(run, ds, out, args.review, **kw)
+    elif is_runs_set(args.run):  # the runs' mean probabilities
         base = Path(args.run)
         runs = finished_runs(base)
         ds = _load_eval_data(args, base, runs)

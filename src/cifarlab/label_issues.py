@@ -156,8 +156,32 @@ def label_issues_run(run: str | Path, ds, out: str | Path | None = None, review:
     about = {"run": str(pred.run), "tta": pred.tta, "temperature": pred.temperature(),
              "class_offsets": None if offsets is None else list(offsets), "weights_sha256": weights_digest(pred.run)}
     with report_folder(out):
-        log(f"predicting the {len(ds.x_test)} test images")
+        which = "validation" if ds.test_origin == "validation" else "test"
+        log(f"predicting the {len(ds.x_test)} {which} images")
         return label_issues_report(pred.predict(ds.x_test), ds, out, pred.classes, review, about)
+
+
+def validation_images(run: str | Path, ds):
+    """``ds`` with its test split replaced by the images ``run`` validated on (out of sample
+    too: it never trained on them), so confident learning can look for label errors among the
+    training data's images; ``test_origin`` "validation". ``ds`` must be the data the run was
+    trained on."""
+    import dataclasses
+
+    from .train import run_split
+
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise CifarlabError(f"'{run}' has no config.yaml (an imported model?), so its validation images are unknown; "
+                            "look at its test images instead (leave out --split val)")
+    _, _, va = run_split(run, ds)
+    if not len(va):
+        raise CifarlabError(f"'{run}' held out no validation images (data.val_split = 0, as the speed recipes do); "
+                            "look at its test images instead (leave out --split val)")
+    named = len(ds.train_paths) == len(ds.x_train)
+    return dataclasses.replace(ds, x_test=ds.x_train[va], y_test=ds.y_train[va],
+                               test_paths=[ds.train_paths[i] if named else f"train#{i}" for i in va],
+                               test_origin="validation")
 
 
 def label_issues_runs(base: str | Path, ds, out: str | Path | None = None, review: int = 32, tta: str | None = None,
@@ -215,7 +239,8 @@ def read_label_issues(run: str | Path, tta: str, class_offsets: tuple[float, ...
 def format_report(r: dict[str, Any], out: Path, most: int = 10) -> str:
     """The report as a few lines for the terminal."""
     n, k = r["test_images"], r["flagged"]
-    lines = [f"{k} of {n} test images flagged ({k / n:.2%}) as possibly mislabelled; confident learning estimates "
+    which = "validation" if r.get("test_origin") == "validation" else "test"
+    lines = [f"{k} of {n} {which} images flagged ({k / n:.2%}) as possibly mislabelled; confident learning estimates "
              f"{r['estimated_wrong_labels']:.0f} wrong labels"]
     if r.get("runs"):
         each = r["per_run_accuracy"]

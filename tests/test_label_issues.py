@@ -148,3 +148,13 @@ def test_label_issues_of_the_validation_images(trained_run, image_folder, tmp_pa
     make_image_folder(other, seed=3, n_train=4)
     assert main(["label-issues", str(trained_run), "--split", "val", "--data", str(other)]) == 2
     assert "not the data" in capsys.readouterr().err
+
+
+def test_no_test_images_is_refused(tmp_path):
+    from cifarlab.errors import CifarlabError
+
+    x = np.zeros((0, 8, 8, 3), np.uint8)
+    ds = Dataset(x, LABELS[:0], x, LABELS[:0], ["cat", "dog", "frog"], "empty", "arrays")
+    with pytest.raises(CifarlabError, match="empty has no test images to doubt the labels of"):
+        li.label_issues_report(np.zeros((0, 3)), ds, tmp_path / "li", ds.classes)
+    assert not (tmp_path / "li").exists()

@@ -99,6 +99,8 @@ def label_issues_report(probs: np.ndarray, ds, out: Path, classes: list[str], re
     from .plots import image_grid
 
     y = ds.y_test
+    if not len(y):
+        raise CifarlabError(f"{ds.source} has no test images to doubt the labels of")
     found = find_issues(probs, y)
     idx, sugg = found["indices"], found["suggested"]
     n = len(y)

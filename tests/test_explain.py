@@ -116,10 +116,16 @@ def test_the_default_layer_of_the_notebook_model():
         explain.choose_layer(model, (3, 32, 32), "9")
 
 
-def test_missing_captum_is_named(monkeypatch):
+def test_missing_captum_is_named_before_the_data_is_read(monkeypatch, trained_run, capsys):
     monkeypatch.setitem(sys.modules, "captum.attr", None)
     with pytest.raises(CifarlabError, match=r"needs the package captum: pip install captum"):
         explain.attribute(RedSum(), {}, _red_corner(1), torch.tensor([0]), "occlusion")
+    from cifarlab import cli
+
+    loaded = []
+    monkeypatch.setattr(cli, "_load_eval_data", lambda *a, **k: loaded.append(1))
+    assert main(["explain", str(trained_run)]) == 2
+    assert "needs the package captum" in capsys.readouterr().err and not loaded
 
 
 def test_explain_test_images_through_the_cli(trained_run, capsys):

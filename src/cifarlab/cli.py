@@ -945,11 +945,12 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """``cifarlab explain``: test images chosen from the data, or image files."""
-    from .explain import check_options, explain_dataset, explain_files, format_report
+    from .explain import check_options, explain_dataset, explain_files, format_report, require_captum
     from .export import default_report_folder, read_run
     from .fsutil import check_folder_path, json_text
 
     check_options(args.method, args.select, args.count, args.layer)  # before the data is loaded
+    require_captum()
     if args.out:
         check_folder_path(args.out)
     log = (lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr))

@@ -32,7 +32,7 @@ GREY = 127.5  # occlusion's and integrated gradients' baseline: mid-grey pixels,
 IG_STEPS = 32  # integrated gradients' Riemann steps per image (Sundararajan et al. use 20 to 300)
 
 
-def _captum():
+def require_captum():
     """Captum's attribution classes, with a clear error naming the extra where it is missing."""
     try:
         from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
@@ -117,7 +117,7 @@ def attribute(model: nn.Module, prep: dict[str, Any], images: torch.Tensor, targ
     Grad-CAM's map (at ``layer``, a convolution's name) is kept positive, as Selvaraju et al.
     do, and upsampled bilinearly to the image; occlusion and integrated gradients are signed
     (positive: evidence for the class), against grey pixels."""
-    ig_cls, layer_attr, gradcam_cls, occlusion_cls = _captum()
+    ig_cls, layer_attr, gradcam_cls, occlusion_cls = require_captum()
     net = PixelModel(model, prep).eval()
     device = next(model.parameters()).device
     h, w = images.shape[-2:]
@@ -300,6 +300,7 @@ def explain_dataset(run: str | Path, ds, out: str | Path | None = None, method: 
     from .fsutil import report_folder
 
     check_options(method, select, count, layer)
+    require_captum()  # a missing library is named before the test images are predicted
     out = Path(out) if out is not None else default_report_folder(run, "explain", ds)
     pred = load_model(run, device, tta, uncalibrated)
     _check_compatible(pred, ds)
@@ -340,6 +341,7 @@ def explain_files(run: str | Path, paths: list[str], out: str | Path | None = No
     from .predict import _expand, _read
 
     check_options(method, "wrong", 1, layer)
+    require_captum()
     run, _ = read_run(run)
     files, failures = _expand(paths)
     if len(files) > MAX_FILES:

@@ -153,13 +153,10 @@ def find_lr(cfg: Config, lr_min: float = 1e-7, lr_max: float = 10.0, steps: int 
     folder, ``cfg.train.out`` or ``runs/lr-find-<recipe>-<model>-<time>``. Every parameter
     group's rate is its configured one times lr / ``optim.lr`` (Muon's filters keep their ratio
     to the other weights). Returns the figures, as ``lr_find.json`` holds them, with ``folder``."""
-    import torch
-
     from . import runtime
     from .export import list_to_csv_rows
     from .fsutil import new_run_folder, undo_on_failure, write_json, write_text
-    from .train import (_build, _epoch_generator, _Loop, _load_data, _read_start, _use_cpu_kernels, epoch_order,
-                        make_arrays, steps_per_epoch)
+    from .train import _build, _Loop, _load_data, _read_start, _use_cpu_kernels, make_arrays, steps_per_epoch
 
     validate(cfg)
     check_options(lr_min, lr_max, steps)
@@ -186,38 +183,10 @@ def find_lr(cfg: Config, lr_min: float = 1e-7, lr_max: float = 10.0, steps: int 
         kernels = _use_cpu_kernels(cfg, device, log)
         st = _build(cfg, ds, arrays, device, per_epoch, kernels, start)
         loop = _Loop(cfg, folder, st, arrays, device, per_epoch, kernels)
-        base = [g["initial_lr"] if "initial_lr" in g else g["lr"] for g in st.optimizer.param_groups]
         lrs = rates(lr_min, lr_max, steps)
         log(f"lr range test: {cfg.model.name}, {cfg.optim.name}, batch {cfg.train.batch_size}, {steps} steps from "
             f"lr {lr_min:g} to {lr_max:g} (optim.lr is {cfg.optim.lr:g}); {len(arrays.x_train):,} training images")
-        losses: list[float] = []
-        stop = None
-        best, avg = math.inf, 0.0
-        st.model.train()
-        bs, order, gen = cfg.train.batch_size, None, None
-        for k, lr in enumerate(lrs):
-            epoch, step = divmod(k, per_epoch)
-            if step == 0:  # each epoch of the test draws its order and augmentation as training's would
-                gen = _epoch_generator(cfg.train.seed, epoch, device)
-                order = epoch_order(arrays.y_train, cfg.train.sampling,
-                                    _epoch_generator(cfg.train.seed, epoch, torch.device("cpu"))).to(device)
-            for g, b in zip(st.optimizer.param_groups, base):
-                g["lr"] = b * lr / cfg.optim.lr
-            x, y = loop.batch(order[step * bs:(step + 1) * bs], gen, epoch)
-            l_sum, _ = loop.step_fn(x, y)
-            loss = l_sum.item() / len(y)  # a GPU-to-CPU sync every step: the test's output is each step's loss
-            losses.append(loss)
-            if not math.isfinite(loss):
-                stop = f"the loss became {loss} at lr {lr:.3g}"
-                losses.pop()
-                break
-            avg = BETA * avg + (1 - BETA) * loss  # smooth()'s average, kept as it goes
-            sm = avg / (1 - BETA ** len(losses))
-            best = min(best, sm)
-            if diverged(sm, best):
-                stop = f"the smoothed loss passed {DIVERGE:g} times its lowest (or {DIVERGE * LOSS_FLOOR:g}) at lr " \
-                       f"{lr:.3g}"
-                break
+        losses, stop = _run_steps(cfg, loop, lrs, device)
         kept = lrs[:len(losses)]
         smoothed = centred(losses, kept)
         result = {"config_lr": cfg.optim.lr, "optimizer": cfg.optim.name, "model": cfg.model.name,
@@ -233,6 +202,41 @@ def find_lr(cfg: Config, lr_min: float = 1e-7, lr_max: float = 10.0, steps: int 
              for i, (lr, lo, s) in enumerate(zip(kept.tolist(), losses, smoothed.tolist()))]))
         plot(result, folder / "lr_find.png")
     return {**result, "folder": str(folder)}
+
+
+def _run_steps(cfg: Config, loop, lrs: np.ndarray, device) -> tuple[list[float], str | None]:
+    """Train ``loop``'s model (a :class:`cifarlab.train._Loop`) one step at each rate of
+    ``lrs``, its batches drawn as training draws them, until the loss blows up; returns each
+    step's loss and why it stopped early (None where it did not)."""
+    import torch
+
+    from .train import _epoch_generator, epoch_order
+
+    st, arrays, bs = loop.st, loop.arrays, cfg.train.batch_size
+    base = [g["initial_lr"] if "initial_lr" in g else g["lr"] for g in st.optimizer.param_groups]
+    losses: list[float] = []
+    best, order, gen = math.inf, None, None
+    st.model.train()
+    for k, lr in enumerate(lrs):
+        epoch, step = divmod(k, loop.steps)
+        if step == 0:  # each epoch of the test draws its order and augmentation as training's would
+            gen = _epoch_generator(cfg.train.seed, epoch, device)
+            order = epoch_order(arrays.y_train, cfg.train.sampling,
+                                _epoch_generator(cfg.train.seed, epoch, torch.device("cpu"))).to(device)
+        for g, b in zip(st.optimizer.param_groups, base):
+            g["lr"] = b * lr / cfg.optim.lr
+        x, y = loop.batch(order[step * bs:(step + 1) * bs], gen, epoch)
+        l_sum, _ = loop.step_fn(x, y)
+        loss = l_sum.item() / len(y)  # a GPU-to-CPU sync every step: the test's output is each step's loss
+        if not math.isfinite(loss):
+            return losses, f"the loss became {loss} at lr {lr:.3g}"
+        losses.append(loss)
+        sm = smooth(losses)[-1]
+        best = min(best, sm)
+        if diverged(sm, best):
+            return losses, f"the smoothed loss passed {DIVERGE:g} times its lowest (or {DIVERGE * LOSS_FLOOR:g}) at " \
+                           f"lr {lr:.3g}"
+    return losses, None
 
 
 def format_result(r: dict[str, Any]) -> str:

@@ -158,3 +158,12 @@ def test_no_test_images_is_refused(tmp_path):
     with pytest.raises(CifarlabError, match="empty has no test images to doubt the labels of"):
         li.label_issues_report(np.zeros((0, 3)), ds, tmp_path / "li", ds.classes)
     assert not (tmp_path / "li").exists()
+
+
+def test_many_classes_print_the_most_flagged():
+    per_class = [{"class": f"c{k}", "flagged": k % 7} for k in range(100)]
+    line = li._by_class(per_class)
+    assert line.startswith("c6 6, c13 6, ") and line.count(",") == 19
+    # 295 flags in all; the 20 shown hold 14 x 6 + 6 x 5 = 114
+    assert line.endswith("; the other 80 classes 181 (label_issues.json lists each)")
+    assert li._by_class(per_class[:3]) == "c0 0, c1 1, c2 2"

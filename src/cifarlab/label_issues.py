@@ -238,6 +238,17 @@ def read_label_issues(run: str | Path, tta: str, class_offsets: tuple[float, ...
                                   "accuracy_without_flagged", "per_class")}
 
 
+def _by_class(per_class: list[dict[str, Any]], most: int = 20) -> str:
+    """Each class's flagged count, in the classes' order; of more than ``most`` classes (CIFAR-100's
+    hundred), the ``most`` with the most flags, and how many the others hold."""
+    if len(per_class) <= most:
+        return ", ".join(f"{c['class']} {c['flagged']}" for c in per_class)
+    top = sorted(per_class, key=lambda c: -c["flagged"])[:most]
+    rest = sum(c["flagged"] for c in per_class) - sum(c["flagged"] for c in top)
+    return ", ".join(f"{c['class']} {c['flagged']}" for c in top) + \
+        f"; the other {len(per_class) - most} classes {rest} (label_issues.json lists each)"
+
+
 def format_report(r: dict[str, Any], out: Path, most: int = 10) -> str:
     """The report as a few lines for the terminal."""
     n, k = r["test_images"], r["flagged"]
@@ -250,7 +261,7 @@ def format_report(r: dict[str, Any], out: Path, most: int = 10) -> str:
                      f"{min(each):.4f} to {max(each):.4f})")
     lines += [f"accuracy {r['accuracy']:.4f}; without the flagged images "
               + ("n/a" if r["accuracy_without_flagged"] is None else f"{r['accuracy_without_flagged']:.4f}"),
-              "flagged by class: " + ", ".join(f"{c['class']} {c['flagged']}" for c in r["per_class"])]
+              "flagged by class: " + _by_class(r["per_class"])]
     for row in r["issues"][:most]:
         lines.append(f"  {row['rank']:>3}. {row['path'] or '#' + str(row['index']):<28} given {row['given']} "
                      f"({row['p_given']:.3f}), model: {row['suggested']} ({row['p_suggested']:.3f})")

@@ -959,9 +959,9 @@ def _label_issues_lines(li: dict | None) -> list[str]:
     return [f"Test labels in doubt (`cifarlab label-issues`, confident learning): {k:,} of the {n:,} test images "
             f"({k / n:.1%}) flagged as possibly mislabelled, most in "
             + ", ".join(f"{c['class']} ({c['flagged']})" for c in worst)
-            + f"; an estimated {li['estimated_wrong_labels']:.0f} wrong labels{rest}. The flags are candidates, "
-            "mostly the model's own mistakes where it is weak; `label-issues/label_issues.png` shows the most doubtful "
-            "to judge by eye.", ""]
+            + f"; an estimated {li['estimated_wrong_labels']:.0f} wrong labels{rest}. The flags are candidates, often "
+            "the model's own mistakes rather than wrong labels (the weaker the model, the more of them); "
+            "`label-issues/label_issues.png` shows the most doubtful to judge by eye.", ""]
 
 
 def _temperature_lines(overall: dict) -> list[str]:

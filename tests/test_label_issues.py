@@ -84,6 +84,14 @@ def test_label_issues_through_the_cli(trained_run, capsys):
     assert card_json["metrics"]["label_issues"]["flagged"] == r["flagged"]
     assert main(["audit", str(trained_run), "--tta", "flip", "--bootstrap", "100"]) == 0
     assert "Test labels in doubt" not in (trained_run / "audit" / "MODEL_CARD.md").read_text()
+    # a temperature changes the probabilities the thresholds are means of: the report is then another's
+    assert main(["calibrate", str(trained_run)]) == 0
+    assert main(["audit", str(trained_run), "--bootstrap", "100"]) == 0
+    assert "Test labels in doubt" not in (trained_run / "audit" / "MODEL_CARD.md").read_text()
+    assert main(["label-issues", str(trained_run)]) == 0
+    assert main(["audit", str(trained_run), "--bootstrap", "100"]) == 0
+    assert "Test labels in doubt" in (trained_run / "audit" / "MODEL_CARD.md").read_text()
+    capsys.readouterr()
     assert main(["label-issues", str(trained_run), "--review", "-1"]) == 2
     assert "--review -1 is not valid" in capsys.readouterr().err
 

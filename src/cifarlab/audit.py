@@ -305,7 +305,8 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
     # measured on the data audited (a report on other data is kept in duplicates-<data>)
     audit["near_duplicates"] = read_duplicates(run, pred.tta, pred.class_offsets(), name=f"duplicates{suffix}")
     # and `cifarlab label-issues`', on the same terms
-    audit["label_issues"] = read_label_issues(run, pred.tta, pred.class_offsets(), name=f"label-issues{suffix}")
+    audit["label_issues"] = read_label_issues(run, pred.tta, pred.temperature(), pred.class_offsets(),
+                                              name=f"label-issues{suffix}")
     if groups is not None:
         idx, attrs = groups
         audit["groups_file"] = str(groups_csv)

@@ -216,15 +216,17 @@ def label_issues_runs(base: str | Path, ds, out: str | Path | None = None, revie
         return label_issues_report(np.mean(probs, 0), ds, out, preds[0].classes, review, about)
 
 
-def read_label_issues(run: str | Path, tta: str, class_offsets: tuple[float, ...] | None = None,
+def read_label_issues(run: str | Path, tta: str, temperature: float | None = None,
+                      class_offsets: tuple[float, ...] | None = None,
                       name: str = "label-issues") -> dict[str, Any] | None:
     """What ``cifarlab label-issues`` found for ``run`` with its current weights, test-time
-    augmentation ``tta`` and class offsets, from ``RUN/<name>/label_issues.json`` (``name``
+    augmentation ``tta`` and calibration (``temperature`` and ``class_offsets``: both change the
+    probabilities the thresholds are means of), from ``RUN/<name>/label_issues.json`` (``name``
     ``label-issues-<data>`` for other data); None where there is none, or where it is
     unreadable or was measured with other weights or settings: what the model card quotes."""
     import json
 
-    from .calibrate import same_offsets, weights_digest
+    from .calibrate import same_calibration, weights_digest
 
     try:
         r = json.loads((Path(run) / name / "label_issues.json").read_text())
@@ -232,7 +234,7 @@ def read_label_issues(run: str | Path, tta: str, class_offsets: tuple[float, ...
     except (OSError, ValueError, CifarlabError):
         return None
     if not isinstance(r, dict) or r.get("weights_sha256") != digest or r.get("tta") != tta \
-            or not same_offsets(r.get("class_offsets"), class_offsets):
+            or not same_calibration(r, temperature, class_offsets):
         return None
     return {k: r.get(k) for k in ("test_images", "flagged", "estimated_wrong_labels", "accuracy",
                                   "accuracy_without_flagged", "per_class")}

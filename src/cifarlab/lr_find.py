@@ -62,13 +62,20 @@ def rates(lr_min: float, lr_max: float, steps: int) -> np.ndarray:
     return np.geomspace(lr_min, lr_max, steps)
 
 
+def ema_step(avg: float, loss: float, k: int, beta: float = BETA) -> tuple[float, float]:
+    """One step of :func:`smooth`: the running average after the ``k``-th (1-based) ``loss``, and
+    that average bias-corrected."""
+    avg = beta * avg + (1 - beta) * loss
+    return avg, avg / (1 - beta ** k)
+
+
 def smooth(losses: list[float] | np.ndarray, beta: float = BETA) -> np.ndarray:
     """The exponential moving average of ``losses`` with weight ``beta`` on the past, divided by
     1 - beta^k so that the first values are not pulled towards zero."""
     out, avg = [], 0.0
     for k, loss in enumerate(losses, 1):
-        avg = beta * avg + (1 - beta) * loss
-        out.append(avg / (1 - beta ** k))
+        avg, corrected = ema_step(avg, loss, k, beta)
+        out.append(corrected)
     return np.array(out)
 
 
@@ -215,7 +222,7 @@ def _run_steps(cfg: Config, loop, lrs: np.ndarray, device) -> tuple[list[float],
     st, arrays, bs = loop.st, loop.arrays, cfg.train.batch_size
     base = [g["initial_lr"] if "initial_lr" in g else g["lr"] for g in st.optimizer.param_groups]
     losses: list[float] = []
-    best, order, gen = math.inf, None, None
+    best, avg, order, gen = math.inf, 0.0, None, None
     st.model.train()
     for k, lr in enumerate(lrs):
         epoch, step = divmod(k, loop.steps)
@@ -231,7 +238,7 @@ def _run_steps(cfg: Config, loop, lrs: np.ndarray, device) -> tuple[list[float],
         if not math.isfinite(loss):
             return losses, f"the loss became {loss} at lr {lr:.3g}"
         losses.append(loss)
-        sm = smooth(losses)[-1]
+        avg, sm = ema_step(avg, loss, len(losses))  # smooth()'s last value, one step at a time
         best = min(best, sm)
         if diverged(sm, best):
             return losses, f"the smoothed loss passed {DIVERGE:g} times its lowest (or {DIVERGE * LOSS_FLOOR:g}) at " \

@@ -29,6 +29,12 @@ import numpy as np
 from .errors import CifarlabError
 
 
+def check_review(review: int) -> None:
+    """A clear error for a negative ``--review``, before any data is loaded."""
+    if review < 0:
+        raise CifarlabError(f"--review {review} is not valid; give 0 or more images to show")
+
+
 def thresholds(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Each class's threshold: the mean probability of the class over the images labelled with
     it; NaN for a class no image is labelled with (it then counts no image)."""
@@ -116,8 +122,8 @@ def label_issues_report(probs: np.ndarray, ds, out: Path, classes: list[str], re
     per_class = [{"class": name, "test_images": int((y == j).sum()), "flagged": int(flagged_per_class[j]),
                   "threshold": None if np.isnan(t[j]) else float(t[j])} for j, name in enumerate(classes)]
     report = {**(about or {}), "data": ds.source, "test_origin": ds.test_origin, "test_images": n, "flagged": len(idx),
-              "flagged_share": len(idx) / n if n else None, "estimated_wrong_labels": found["estimated"],
-              "accuracy": float(correct.mean()) if n else None,
+              "flagged_share": len(idx) / n, "estimated_wrong_labels": found["estimated"],
+              "accuracy": float(correct.mean()),
               "accuracy_without_flagged": float(correct[keep].mean()) if keep.any() else None,
               "flagged_predicted_as_suggested": int(sum(r["predicted"] == r["suggested"] for r in rows)),
               "per_class": per_class, "confident_joint": found["confident_joint"].tolist(), "classes": classes,
@@ -149,8 +155,7 @@ def label_issues_run(run: str | Path, ds, out: str | Path | None = None, review:
     from .export import default_report_folder, load_model
     from .fsutil import report_folder
 
-    if review < 0:
-        raise CifarlabError(f"--review {review} is not valid; give 0 or more images to show")
+    check_review(review)
     out = Path(out) if out is not None else default_report_folder(run, "label-issues", ds)
     pred = load_model(run, device, tta, uncalibrated)
     _check_compatible(pred, ds)
@@ -197,8 +202,7 @@ def label_issues_runs(base: str | Path, ds, out: str | Path | None = None, revie
     from .export import finished_runs, load_model, other_data_folder
     from .fsutil import report_folder
 
-    if review < 0:
-        raise CifarlabError(f"--review {review} is not valid; give 0 or more images to show")
+    check_review(review)
     base = Path(base)
     runs = finished_runs(base)
     out = Path(out) if out is not None else other_data_folder(base, "label-issues", ds, runs) or base / "label-issues"

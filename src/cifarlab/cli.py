@@ -834,7 +834,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     run, _ = read_run(args.run)
     ds = _load_eval_data(args, run, [run])
     # without --out, RUN/audit, or RUN/audit-<data> on other data: audit_run names it as it writes
-    audit_run(run, ds, Path(args.out) if args.out else None, groups_csv=args.groups, margin=args.margin, min_group=args.min_group,
+    audit_run(run, ds, Path(args.out) if args.out else None, groups_csv=args.groups, margin=args.margin,
+              min_group=args.min_group,
               n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print, uncalibrated=args.uncalibrated)
     return 0
 
@@ -962,11 +963,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if given:
             raise ConfigError(f"{', '.join(given)} chooses test images, but image files were given: give one or the "
                               "other")
-        run, _ = read_run(args.run)
+    run, _ = read_run(args.run)
+    if args.images:
         out = Path(args.out) if args.out else run / "explain-files"
         report = explain_files(run, args.images, out, **kw)
     else:
-        run, _ = read_run(args.run)
         ds = _load_eval_data(args, run, [run])
         out = Path(args.out) if args.out else default_report_folder(run, "explain", ds)
         report = explain_dataset(run, ds, out, select=args.select, count=args.count, class_name=args.class_name,
@@ -979,10 +980,9 @@ def cmd_label_issues(args: argparse.Namespace) -> int:
     """``cifarlab label-issues``: one run, or the runs of a ``--runs N`` folder together."""
     from .export import default_report_folder, finished_runs, is_runs_set, other_data_folder, read_run
     from .fsutil import check_folder_path, json_text
-    from .label_issues import format_report, label_issues_run, label_issues_runs, validation_images
+    from .label_issues import check_review, format_report, label_issues_run, label_issues_runs, validation_images
 
-    if args.review < 0:  # before the data is loaded
-        raise ConfigError(f"--review {args.review} is not valid; give 0 or more images to show")
+    check_review(args.review)  # before the data is loaded
     if args.out:
         check_folder_path(args.out)
     log = (lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr))

@@ -33,7 +33,7 @@ EPILOG = """examples:
 # The train flags that set a config key (by config.options_to_overrides' rule: the key's own name,
 # or one of config.OPTION_ALIASES); flags left unset (None) override nothing.
 _TRAIN_OPTIONS = (
-    "data", "dataset", "subset", "image_size", "test_split", "labels", "val_split", "allow_unverified",
+    "data", "dataset", "subset", "image_size", "test_split", "labels", "classes", "val_split", "allow_unverified",
     "skip_bad_images", "label_mode",
     "model", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "epochs", "batch_size", "seed", "device",
     "threads", "out", "overwrite", "deterministic", "augment", "runs", "tta", "label_smoothing", "precision",
@@ -134,6 +134,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--test-split", type=float, metavar="FRACTION",
                    help="share of each class held out as test images where the data is a folder of class folders "
                         "alone, <class>/<image> without train/ and test/ (default 0.2; chosen by the images' paths)")
+    t.add_argument("--classes", type=_class_names, metavar="NAME,NAME,...",
+                   help="train on these classes only, in this order (default: every class of the data); the "
+                        "others' images are left out, to test later with 'cifarlab ood' how the run meets them")
     t.add_argument("--val-split", type=float,
                    help="fraction of training images held out, per class (default 0.2; 0: no validation)")
     g = t.add_argument_group("optimisation")
@@ -233,6 +236,11 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--lr-find-steps", type=int, default=200, metavar="N",
                    help="steps of the test (default 200); it stops sooner once the loss blows up")
     t.set_defaults(func=cmd_train)
+
+
+def _class_names(text: str) -> list[str]:
+    """``--classes``' comma-separated names, as a list (config.validate checks them)."""
+    return [c.strip() for c in text.split(",")]
 
 
 def _class_weight_arg(text: str) -> str | dict[str, float]:
@@ -675,6 +683,10 @@ def _load_data(args: argparse.Namespace, cfg=None, show: bool = True):
     ds = load_dataset(data, dataset, allow_unverified=bool(args.allow_unverified), label_mode=label_mode,
                       skip_bad_images=skip_bad, image_size=own.image_hw(), test_split=own.test_split,
                       labels=_labels(args, cfg))
+    if own.classes:  # a run trained on some classes is tested on those, of whichever data
+        from .data import only_classes
+
+        ds = only_classes(ds, own.classes)
     for note in ds.notes if show else ():  # on stderr: stdout may be --json
         print(f"data: {note}", file=sys.stderr)
     return ds

@@ -58,6 +58,10 @@ class DataConfig:
     # a CSV file of file,label rows naming each image's class, for images not sorted into class
     # folders (Kaggle's trainLabels.csv, say); the test split is then held out of them, as above
     labels: str | None = None
+    # train on these classes only, in this order (Keras' image_dataset_from_directory(class_names=)):
+    # the others' images are left out of training, validation and test alike, so that a run can be
+    # tested on classes it never saw (cifarlab ood); None: every class of the data
+    classes: list[str] | None = None
 
     def image_hw(self) -> tuple[int, int] | None:
         """``image_size`` as (H, W); None where unset."""
@@ -513,6 +517,13 @@ def _check_data(d: DataConfig) -> None:
         _bad("test split (data.test_split)", d.test_split, "it must lie strictly between 0 and 1, such as 0.2")
     if d.labels is not None and not d.data:
         _bad("data.labels", d.labels, "it names the classes of the images in data.data (--data); give that too")
+    if d.classes is not None:
+        names = [str(c).strip() for c in d.classes]
+        doubled = sorted({c for c in names if names.count(c) > 1})
+        if len(names) < 2 or "" in names or doubled:
+            _bad("data.classes", d.classes, "give two or more different class names of the data, such as "
+                 "airplane,automobile,bird" + (f" ({', '.join(doubled)} given twice)" if doubled else ""))
+        d.classes = names
     if d.image_size is not None:
         h, w = d.image_hw()
         d.image_size = f"{h}x{w}"  # one spelling in the saved config

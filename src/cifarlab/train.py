@@ -24,7 +24,7 @@ from . import cpu_kernels as kernels
 from . import runtime
 from .augment import CropFlipCutout, KerasAugment, augmenter_from_config
 from .config import MONITORS, Config, load_run_config, save_config, validate
-from .data import Dataset, balanced_subset, load_dataset, resized, seen, stratified_split, subset_note
+from .data import Dataset, balanced_subset, load_dataset, only_classes, resized, seen, stratified_split, subset_note
 from .errors import CifarlabError, short_list
 from .evaluate import balanced_accuracy, describe, unequal_classes
 from .export import batched_logits, finished_metrics, normalize, preprocess, save_architecture, save_weights
@@ -1203,6 +1203,8 @@ def _load_data(cfg: Config, dataset: Dataset | None, log: Callable[[str], None])
         test_split=cfg.data.test_split, labels=cfg.data.labels)
     if size is not None:
         ds = resized(ds, size)  # a data set handed in is resized too; a loaded one already is
+    if cfg.data.classes:
+        ds = only_classes(ds, cfg.data.classes)
     for note in ds.notes:
         log(f"data: {note}")
     if ds.num_classes < 2:

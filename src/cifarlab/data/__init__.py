@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import DataError
 from . import archive, arrays, cache, cifar, download, folder, reproductions
 
-__all__ = ["Dataset", "load_dataset", "resized", "every_image_as_test", "stratified_split", "balanced_subset",
+__all__ = ["Dataset", "load_dataset", "resized", "only_classes", "every_image_as_test", "stratified_split", "balanced_subset",
            "subset_note", "DataError"]
 
 
@@ -128,6 +128,34 @@ def resized(ds: Dataset, size: tuple[int, int], reason: str = "the image size as
 
     note = f"resized all {n + len(ds.x_test)} image(s) from {h}x{w} to {size[0]}x{size[1]} ({reason}, HxW)"
     return dataclasses.replace(ds, x_train=each(ds.x_train), x_test=each(ds.x_test), notes=ds.notes + [note])
+
+
+def only_classes(ds: Dataset, names: list[str]) -> Dataset:
+    """``ds`` with the images of the classes ``names`` alone, labelled by their place in
+    ``names`` (which becomes ``classes``); a name that is not one of ``ds``'s classes is
+    refused, naming the valid ones. ``ds`` itself where ``names`` are its classes in its order."""
+    names = list(names)
+    if names == ds.classes:
+        return ds
+    unknown = [c for c in names if c not in ds.classes]
+    if unknown:
+        raise DataError(f"class(es) {', '.join(repr(c) for c in unknown)} of data.classes (--classes) are not in "
+                        f"{ds.source}; its classes: {', '.join(ds.classes[:20])}"
+                        + (f", ... ({len(ds.classes)} in all)" if len(ds.classes) > 20 else ""))
+    new = np.full(len(ds.classes), -1, np.int64)
+    new[[ds.classes.index(c) for c in names]] = np.arange(len(names))
+
+    def keep(x: np.ndarray, y: np.ndarray, paths: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        m = new[y] >= 0 if len(y) else np.zeros(0, bool)
+        return x[m], new[y[m]], [p for p, k in zip(paths, m) if k] if len(paths) == len(y) else paths
+
+    x_tr, y_tr, p_tr = keep(ds.x_train, ds.y_train, ds.train_paths)
+    x_te, y_te, p_te = keep(ds.x_test, ds.y_test, ds.test_paths)
+    left = [c for c in ds.classes if c not in names]
+    note = (f"{len(names)} of its {len(ds.classes)} classes (data.classes); the images of "
+            f"{', '.join(left[:10])}{', ...' if len(left) > 10 else ''} left out")
+    return dataclasses.replace(ds, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te, classes=names,
+                               train_paths=p_tr, test_paths=p_te, notes=ds.notes + [note])
 
 
 def every_image_as_test(ds: Dataset) -> Dataset:

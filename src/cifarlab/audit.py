@@ -22,6 +22,7 @@ import numpy as np
 from .data import Dataset, seen
 from .duplicates import read_duplicates
 from .label_issues import read_label_issues
+from .ood import read_ood
 from .errors import CifarlabError, short_list
 from .evaluate import _check_compatible, probabilities_and_raw
 from .export import data_suffix, list_to_csv_rows, load_model
@@ -307,6 +308,9 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
     # and `cifarlab label-issues`', on the same terms
     audit["label_issues"] = read_label_issues(run, pred.tta, pred.temperature(), pred.class_offsets(),
                                               name=f"label-issues{suffix}")
+    # and `cifarlab ood`'s, whose familiar images are always the run's own test images
+    audit["unfamiliar_images"] = None if suffix else _ood_summary(
+        read_ood(run, pred.tta, pred.temperature(), pred.class_offsets()))
     if groups is not None:
         idx, attrs = groups
         audit["groups_file"] = str(groups_csv)
@@ -850,6 +854,7 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, su
             "robustness": robustness,
             "near_duplicates": audit.get("near_duplicates"),
             "label_issues": audit.get("label_issues"),
+            "unfamiliar_images": audit.get("unfamiliar_images"),
         },
         "ethical_considerations": [
             "An inaccurate or unevenly accurate classifier harms the people who depend on its output; the per-class "
@@ -963,6 +968,33 @@ def _label_issues_lines(li: dict | None) -> list[str]:
             + f"; an estimated {li['estimated_wrong_labels']:.0f} wrong labels{rest}. The flags are candidates, often "
             "the model's own mistakes rather than wrong labels (the weaker the model, the more of them); "
             "`label-issues/label_issues.png` shows the most doubtful to judge by eye.", ""]
+
+
+def _ood_summary(r: dict | None) -> dict[str, Any] | None:
+    """What the card quotes of a ``cifarlab ood`` report: per set, how well the threshold's
+    score separates it from the test images, the share it lets through, and its commonest label."""
+    if not r:
+        return None
+    s = r["score"]
+    return {"score": s, "keep": r["keep"], "fitted_on": r["threshold_fitted_on"],
+            "sets": [{"name": st["name"], "images": st["images"], "auroc": st[s]["auroc"],
+                      "fpr_at_95_tpr": st[s]["fpr_at_95_tpr"], "accepted_share": st["accepted_share"],
+                      "called": st["called"][0] if st["called"] else None} for st in r["sets"]]}
+
+
+def _ood_lines(u: dict | None) -> list[str]:
+    """The card's paragraph on images unlike the training data, where ``cifarlab ood`` measured it."""
+    if not u:
+        return []
+    sets = "; ".join(f"{st['name']} ({st['images']:,} images): AUROC {st['auroc']:.3f}, "
+                     f"**{st['accepted_share']:.1%} accepted**"
+                     + (f", most called {st['called']['class']} ({st['called']['share']:.0%})" if st["called"] else "")
+                     for st in u["sets"])
+    return [f"Unfamiliar images (`cifarlab ood`, {u['score']} score): flagging images below a threshold that keeps "
+            f"{u['keep']:.0%} of its {u['fitted_on']} images, the model still accepts as one of its classes: {sets}. "
+            "`cifarlab predict --flag-unfamiliar` applies the threshold; "
+            "synthetic sets are the easy case, and real photographs of other things are harder to tell. See "
+            "`ood/ood.png` in the run folder.", ""]
 
 
 def _temperature_lines(overall: dict) -> list[str]:
@@ -1116,6 +1148,7 @@ def model_card_markdown(card: dict) -> str:
     lines += _robustness_lines(mt.get("robustness"))
     lines += _duplicates_lines(mt.get("near_duplicates"))
     lines += _label_issues_lines(mt.get("label_issues"))
+    lines += _ood_lines(mt.get("unfamiliar_images"))
     lines += ["![confusion matrix](confusion_matrix.png) ![reliability diagram](reliability.png)", "",
               "## Ethical considerations", ""] + [f"- {e}" for e in card["ethical_considerations"]] + [
               "", "## Caveats and recommendations", ""] + [f"- {c}" for c in card["caveats"]] + [""]

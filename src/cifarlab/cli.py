@@ -278,6 +278,9 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--min-confidence", type=float, metavar="P",
                     help="mark an image 'uncertain' where its top probability is below P (0 < P <= 1), to leave it "
                          "to a person; 'cifarlab evaluate' shows the share answered and the accuracy at thresholds")
+    pr.add_argument("--flag-unfamiliar", action="store_true",
+                    help="mark an image 'unfamiliar' where its OOD score is below the threshold 'cifarlab ood RUN' "
+                         "fitted (kept by 95%% of the run's validation images): unlike the images it was trained on")
     fmt = pr.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print the predictions as JSON")
     fmt.add_argument("--csv", action="store_true", help="print the predictions as CSV")
@@ -389,6 +392,29 @@ def _add_explain_parser(sub: argparse._SubParsersAction) -> None:
     _add_report_args(x, "folder for the report (default RUN/explain, or RUN/explain-<data name>-<hash> on "
                         "other data than the run's own; RUN/explain-files for image files given)")
     x.set_defaults(func=cmd_explain)
+
+
+def _add_ood_parser(sub: argparse._SubParsersAction) -> None:
+    """``cifarlab ood``'s options."""
+    from .ood import SCORES, SYNTHETIC
+
+    o = sub.add_parser("ood", help="does the run know an unfamiliar image when it sees one? how well its scores tell "
+                                   "its own test images from other data and synthetic images")
+    o.add_argument("run", help="run folder written by 'cifarlab train' (or 'cifarlab import')")
+    o.add_argument("sources", nargs="*", metavar="SOURCE",
+                   help="unfamiliar images: a data archive or folder (its test images; those of a class the run "
+                        "knows are left out), or a built-in set, " + ", ".join(f"synthetic:{k}" for k in SYNTHETIC)
+                        + "; omitted: every built-in set")
+    _add_data_args(o, run="own")
+    o.add_argument("--score", default="energy", choices=SCORES,
+                   help="the score that sets the threshold and the plot (default energy: logsumexp of the logits; "
+                        "msp: the largest probability; maxlogit: the largest logit); every score is measured")
+    o.add_argument("--count", type=int, default=10_000, help="at most this many images of each source (default "
+                                                              "10000; the built-in sets: as many as test images)")
+    o.add_argument("--seed", type=int, default=0, help="seed of the synthetic images and of the choice of --count "
+                                                        "images (default 0)")
+    _add_report_args(o, "folder for the report (default RUN/ood)")
+    o.set_defaults(func=cmd_ood)
 
 
 def _add_label_issues_parser(sub: argparse._SubParsersAction) -> None:
@@ -542,7 +568,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in (_add_train_parser, _add_evaluate_parser, _add_calibrate_parser, _add_predict_parser,
                 _add_audit_parser, _add_robustness_parser, _add_duplicates_parser, _add_explain_parser,
-                _add_label_issues_parser, _add_compare_parser, _add_export_parser, _add_import_parser,
+                _add_label_issues_parser, _add_ood_parser, _add_compare_parser, _add_export_parser, _add_import_parser,
                 _add_augment_parser, _add_summary_parser, _add_list_parser):
         add(sub)  # in the order --help lists the commands
     return p
@@ -829,7 +855,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     fmt = "json" if args.json else "csv" if args.csv else "table"
     return predict_files(args.run, args.images, top=args.top, fmt=fmt, device=args.device, tta=args.tta,
-                         uncalibrated=args.uncalibrated, min_confidence=args.min_confidence)
+                         uncalibrated=args.uncalibrated, min_confidence=args.min_confidence,
+                         flag_unfamiliar=args.flag_unfamiliar)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -1019,6 +1046,31 @@ def cmd_label_issues(args: argparse.Namespace) -> int:
         ds = _load_eval_data(args, run, [run])
         out = Path(args.out) if args.out else default_report_folder(run, "label-issues", ds)
         report = label_issues_run(run, ds, out, args.review, **kw)
+    print(json_text(report) if args.json else format_report(report, out))
+    return 0
+
+
+def cmd_ood(args: argparse.Namespace) -> int:
+    """``cifarlab ood``: the run's own test images against other data and synthetic images."""
+    from .export import is_runs_set, read_run
+    from .fsutil import check_folder_path, json_text
+    from .ood import check_score, check_sources, format_report, ood_run
+
+    check_score(args.score)  # before the data is loaded
+    check_sources(args.sources)
+    if args.count < 1:
+        raise ConfigError(f"--count {args.count} is not valid; give 1 or more images per set")
+    if args.out:
+        check_folder_path(args.out)
+    if is_runs_set(args.run):
+        raise ConfigError(f"'{args.run}' is the folder of several runs; give one of them, such as "
+                          f"'{Path(args.run) / 'run-0'}'")
+    log = (lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr))
+    run, _ = read_run(args.run)
+    ds = _load_eval_data(args, run)
+    out = Path(args.out) if args.out else run / "ood"
+    report = ood_run(run, ds, args.sources, out, args.score, args.count, args.seed, args.tta, args.device,
+                     args.uncalibrated, bool(args.skip_bad_images), log)
     print(json_text(report) if args.json else format_report(report, out))
     return 0
 

@@ -12,6 +12,7 @@ import numpy as np
 from .data.images import IMAGE_SUFFIXES, is_image_name, open_image, to_array
 from .errors import CifarlabError
 from .export import load_model
+from .ood import calibrated_logits, read_ood, scores
 
 
 def _expand(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -40,13 +41,16 @@ class _Output:
     document whose predictions are written one by one, laid out as ``json.dump(doc, indent=2)``
     would lay it out, so a large folder's results are never all held at once."""
 
-    def __init__(self, fmt: str, out, width: int, min_confidence: float | None) -> None:
+    def __init__(self, fmt: str, out, width: int, min_confidence: float | None,
+                 unfamiliar: dict | None = None) -> None:
         self.fmt, self.out, self.width, self.min_confidence = fmt, out, width, min_confidence
-        self.count = self.uncertain = 0
+        self.unfamiliar_rule = unfamiliar  # the score and threshold of cifarlab ood, where asked for
+        self.count = self.uncertain = self.unfamiliar = 0
         self.csv = csv.writer(out) if fmt == "csv" else None
         if self.csv:
-            # the uncertain column only where asked for: the plain layout stays as it was
-            self.csv.writerow(["file", "rank", "class", "probability"] + (["uncertain"] if self.marked else []))
+            # the uncertain and unfamiliar columns only where asked for: the plain layout stays as it was
+            self.csv.writerow(["file", "rank", "class", "probability"] + (["uncertain"] if self.marked else [])
+                              + (["unfamiliar"] if unfamiliar else []))
         elif fmt == "json":
             out.write(_JSON_HEAD)
 
@@ -57,27 +61,37 @@ class _Output:
     def add(self, r: dict) -> None:
         self.count += 1
         self.uncertain += bool(r.get("uncertain"))
+        self.unfamiliar += bool(r.get("unfamiliar"))
         if self.fmt == "json":
             item = json.dumps(r, indent=2).replace("\n", "\n    ")  # at the list's depth
             self.out.write(f"{',' if self.count > 1 else ''}\n    {item}")
         elif self.csv:
             for k, t in enumerate(r["top"], 1):
                 self.csv.writerow([r["file"], k, t["class"], f"{t['probability']:.6f}"]
-                                  + ([str(r["uncertain"]).lower()] if self.marked else []))
+                                  + ([str(r["uncertain"]).lower()] if self.marked else [])
+                                  + ([str(r["unfamiliar"]).lower()] if self.unfamiliar_rule else []))
         else:
             tops = "  ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
-            self.out.write(f"{r['file']:<{self.width}}  {'uncertain: ' if r.get('uncertain') else ''}{tops}\n")
+            marks = "".join(f"{m}: " for m in ("unfamiliar", "uncertain") if r.get(m))
+            self.out.write(f"{r['file']:<{self.width}}  {marks}{tops}\n")
 
     def finish(self, failures: list[tuple[str, str]], temperature: float | None, balanced: bool) -> None:
         if self.fmt == "json":
             rest = json.dumps({"predictions": [], "errors": [{"file": f, "error": e} for f, e in failures],
                                "temperature": temperature, "balanced_classes": balanced,
-                               "min_confidence": self.min_confidence}, indent=2)
+                               "min_confidence": self.min_confidence,
+                               **({"unfamiliar_below": self.unfamiliar_rule} if self.unfamiliar_rule else {})},
+                              indent=2)
             # the rest of the document as json.dump would lay it out after an empty list
             self.out.write(("\n  ]" if self.count else "]") + rest.removeprefix(_JSON_HEAD + "]") + "\n")
         elif self.fmt == "table" and self.marked:
             self.out.write(f"{self.uncertain} of {self.count} image(s) below confidence "
                            f"{self.min_confidence:g}: uncertain\n")
+        if self.fmt == "table" and self.unfamiliar_rule:
+            u = self.unfamiliar_rule
+            self.out.write(f"{self.unfamiliar} of {self.count} image(s) below the {u['score']} threshold "
+                           f"{u['threshold']:.4g} of cifarlab ood (which keeps {u['keep']:.0%} of the run's "
+                           f"{u['fitted_on']} images): unfamiliar, unlike the images it was trained on\n")
 
 
 def _read(files: list[Path], channels: int, size: tuple[int, int],
@@ -97,13 +111,28 @@ def _read(files: list[Path], channels: int, size: tuple[int, int],
     return ok_paths, arrays
 
 
+def _unfamiliar_rule(pred) -> dict:
+    """The OOD score and threshold ``cifarlab ood`` fitted for the run of ``pred``, as measured
+    with its weights, test-time augmentation and calibration; refused, naming the command to
+    run, where there is none."""
+    r = read_ood(pred.run, pred.tta, pred.temperature(), pred.class_offsets())
+    if r is None:
+        raise CifarlabError(f"--flag-unfamiliar needs the threshold of 'cifarlab ood {pred.run}', measured with the "
+                            f"run's current weights, test-time augmentation ({pred.tta}) and calibration; run that "
+                            "first (with the same --tta and --uncalibrated)")
+    return {"score": r["score"], "threshold": r["threshold"], "keep": r["keep"], "fitted_on": r["threshold_fitted_on"]}
+
+
 def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", device: str = "cpu",
                   out=None, tta: str | None = None, uncalibrated: bool = False,
-                  min_confidence: float | None = None) -> int:
+                  min_confidence: float | None = None, flag_unfamiliar: bool = False) -> int:
     """Predict each file; print results in ``fmt`` (table, json, csv). Returns 1 if any file failed.
     ``tta``: the test-time augmentation, by default the run's own; the probabilities use the
     run's calibration (``cifarlab calibrate``) unless ``uncalibrated``. With ``min_confidence``,
     a file whose top probability is below it is marked uncertain (its classes still shown).
+    With ``flag_unfamiliar``, a file whose OOD score is below the threshold ``cifarlab ood``
+    fitted (its report in ``RUN/ood``, measured with these weights and settings) is marked
+    unfamiliar: unlike the images the run was trained on.
     Files are read and predicted :data:`CHUNK_FILES` at a time, and the rows (the JSON
     document's predictions too) written as each chunk is done, so a large folder needs no more
     memory than a chunk."""
@@ -113,6 +142,7 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
     if top < 1:
         raise CifarlabError(f"--top {top} is not valid; it must be at least 1")
     pred = load_model(run, device, tta, uncalibrated)
+    rule = _unfamiliar_rule(pred) if flag_unfamiliar else None
     top = min(top, len(pred.classes))
     c, h, w = pred.input_shape
     files, failures = _expand(paths)
@@ -120,16 +150,20 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
     for _, e in failures:
         print(f"cifarlab: error: {e}", file=sys.stderr)
     # the table's file column is as wide as the longest name given, known before any is read
-    output = _Output(fmt, out, max([len(str(f)) for f in files] + [4]), min_confidence)
+    output = _Output(fmt, out, max([len(str(f)) for f in files] + [4]), min_confidence, rule)
     for s in range(0, len(files), CHUNK_FILES):
         ok_paths, arrays = _read(files[s:s + CHUNK_FILES], c, (h, w), failures)
         if not arrays:
             continue
-        for f, p in zip(ok_paths, pred.predict(np.stack(arrays))):
+        logits = pred.logits(np.stack(arrays))
+        familiar = scores(calibrated_logits(pred, logits))[rule["score"]] if rule else None
+        for n, (f, p) in enumerate(zip(ok_paths, pred.probabilities(logits))):
             idx = np.argsort(-p)[:top]
             r = {"file": str(f), "top": [{"class": pred.classes[i], "probability": float(p[i])} for i in idx]}
             if min_confidence is not None:
                 r["uncertain"] = bool(p[idx[0]] < min_confidence)
+            if rule:
+                r["unfamiliar"] = bool(familiar[n] < rule["threshold"])
             output.add(r)
         out.flush()
     output.finish(failures, pred.temperature(), pred.class_offsets() is not None)

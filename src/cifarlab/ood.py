@@ -1,0 +1,333 @@
+"""``cifarlab ood``: does a run know when an image is unlike anything it was trained on?
+
+A classifier answers every image with one of its classes. Shown a face, a sketch or static, a
+CIFAR-10 model still says "frog" or "truck", often with high confidence; that is the misuse
+the notebook's essay warns of, a model applied to images outside its scope. Out-of-distribution
+(OOD) detection scores each image by how familiar it looks to the model and compares the scores
+of the run's own test images with those of images from elsewhere:
+
+* ``msp``: the largest class probability (Hendrycks and Gimpel, 2017, "A baseline for detecting
+  misclassified and out-of-distribution examples");
+* ``energy``: logsumexp of the logits, the negative free energy (Liu, Wang, Owens and Li, 2020,
+  "Energy-based out-of-distribution detection"), which does not saturate as probabilities do;
+* ``maxlogit``: the largest logit (Hendrycks et al., 2022, "Scaling out-of-distribution detection
+  for real-world settings").
+
+Higher means more familiar. The scores use the logits the run predicts with: divided by its
+temperature and shifted by its class offsets where ``cifarlab calibrate`` fitted them.
+
+How well a score separates the run's test images ("in") from other images ("out") is given as
+the area under the ROC curve (AUROC: 0.5 is chance, 1 perfect), the share of out images
+accepted when 95% of in images are (FPR at 95% TPR, lower is better) and the areas under the
+precision-recall curves with in and with out images as the positives (scikit-learn computes
+all of them). A threshold keeping 95% of the run's validation images (of its test images where
+it held out none) says what a deployment that flags unfamiliar images would do:
+``cifarlab predict --flag-unfamiliar`` applies it.
+
+Images from elsewhere are other data (any ``--data`` source; images of a class the run knows
+are left out) or built-in synthetic sets, the sanity checks of Hendrycks, Mazeika and
+Dietterich (2019, "Deep anomaly detection with outlier exposure"): a run that accepts static
+as a frog has learned little about what frogs look like. Synthetic images are far from every
+real photograph, so separating them is necessary, not sufficient: real unfamiliar photographs
+are harder, and only they can say how a run would do on them.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import CifarlabError
+
+SCORES = ("energy", "msp", "maxlogit")
+SYNTHETIC = {
+    "gaussian": "each channel of each pixel drawn from a normal distribution of mean 0.5 and standard deviation "
+                "1, clipped to [0, 1] (Hendrycks et al., 2019)",
+    "uniform": "each channel of each pixel drawn uniformly from [0, 1]",
+    "blank": "one colour filling the whole image, drawn uniformly per image",
+    "shuffled": "the run's test images with their pixels shuffled: their colours kept, their shapes destroyed",
+}
+KEEP = 0.95  # the share of in-distribution images a threshold keeps: the field's usual 95% TPR
+FILE = "ood.json"
+
+
+def check_sources(sources: list[str]) -> None:
+    """A clear error for a source that is neither a built-in synthetic set nor an existing path,
+    before any data is loaded."""
+    for s in sources:
+        if s.startswith("synthetic:"):
+            name = s.split(":", 1)[1]
+            if name not in SYNTHETIC:
+                raise CifarlabError(f"unknown synthetic set '{s}'; choose from "
+                                    f"{', '.join('synthetic:' + k for k in SYNTHETIC)}")
+        elif not Path(s).expanduser().exists():
+            raise CifarlabError(f"OOD source '{s}' does not exist; give a data archive or folder, or one of "
+                                f"{', '.join('synthetic:' + k for k in SYNTHETIC)}")
+
+
+def check_score(score: str) -> str:
+    """``score``, refused unless it is one of :data:`SCORES`."""
+    if score not in SCORES:
+        raise CifarlabError(f"--score {score!r} is not valid; choose from {', '.join(SCORES)}")
+    return score
+
+
+def scores(logits: np.ndarray) -> dict[str, np.ndarray]:
+    """Each score of :data:`SCORES` for ``logits`` (N, K) (calibrated already, where the run is),
+    float64 (N,); higher means more like the training images."""
+    z = np.asarray(logits, np.float64)
+    top = z.max(1) if len(z) else np.zeros(0)
+    lse = top + np.log(np.exp(z - top[:, None]).sum(1)) if len(z) else np.zeros(0)  # stable logsumexp
+    return {"energy": lse, "msp": np.exp(top - lse), "maxlogit": top}
+
+
+def calibrated_logits(pred, logits: np.ndarray) -> np.ndarray:
+    """``logits`` of the predictor ``pred`` as its probabilities use them, float64: divided by
+    its temperature and shifted by its class offsets where the run was calibrated."""
+    cal = pred.calibration()
+    return np.asarray(cal.apply(logits) if cal else logits, np.float64)
+
+
+def synthetic_images(name: str, n: int, shape: tuple[int, int, int], seed: int = 0,
+                     like: np.ndarray | None = None) -> np.ndarray:
+    """``n`` uint8 images (n, H, W, C) of ``shape`` (H, W, C) from the synthetic set ``name``
+    (:data:`SYNTHETIC`), seeded; ``shuffled`` shuffles the pixels of the first ``n`` of ``like``."""
+    rng = np.random.default_rng(seed)
+    h, w, c = shape
+    if name == "gaussian":
+        x = np.clip(rng.normal(0.5, 1.0, (n, h, w, c)), 0, 1)
+    elif name == "uniform":
+        x = rng.random((n, h, w, c))
+    elif name == "blank":
+        x = np.broadcast_to(rng.random((n, 1, 1, c)), (n, h, w, c))
+    elif name == "shuffled":
+        if like is None or len(like) < n:
+            raise CifarlabError(f"the shuffled set needs {n} images to shuffle, got {0 if like is None else len(like)}")
+        flat = like[:n].reshape(n, h * w, c)
+        order = np.argsort(rng.random((n, h * w)), axis=1)  # one permutation of the pixels per image
+        return np.ascontiguousarray(np.take_along_axis(flat, order[:, :, None], 1).reshape(n, h, w, c))
+    else:
+        raise CifarlabError(f"unknown synthetic set '{name}'; choose from {', '.join(SYNTHETIC)}")
+    return np.round(x * 255).astype(np.uint8)
+
+
+def separation(inside: np.ndarray, outside: np.ndarray) -> dict[str, float]:
+    """How well scores tell in-distribution images (``inside``) from others (``outside``), higher
+    scores meaning in: AUROC, FPR at 95% TPR, and the areas under the precision-recall curves
+    with in (``aupr_in``) and with out images (``aupr_out``) as the positives."""
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+    if not len(inside) or not len(outside):
+        raise CifarlabError(f"separation needs images of both kinds, got {len(inside)} in and {len(outside)} out")
+    y = np.r_[np.ones(len(inside)), np.zeros(len(outside))]
+    s = np.r_[inside, outside]
+    fpr, tpr, _ = roc_curve(y, s)
+    return {"auroc": float(roc_auc_score(y, s)),
+            # the first point of the curve that keeps 95% of in images: the fewest out images accepted with them
+            "fpr_at_95_tpr": float(fpr[np.searchsorted(tpr, KEEP, side="left")]),
+            "aupr_in": float(average_precision_score(y, s)),
+            "aupr_out": float(average_precision_score(1 - y, -s))}
+
+
+def threshold(scores_in: np.ndarray, keep: float = KEEP) -> float:
+    """The highest score that at least ``keep`` of ``scores_in`` reach: images scoring below it
+    are flagged as unfamiliar."""
+    if not len(scores_in):
+        raise CifarlabError("a threshold needs in-distribution images, got none")
+    s = np.sort(np.asarray(scores_in, np.float64))
+    # at most this many may fall below; the small margin keeps 0.05 x 100 from rounding down to 4
+    below = int(math.floor((1 - keep) * len(s) + 1e-9))
+    return float(s[below])
+
+
+def _what_it_calls(probs: np.ndarray, classes: list[str], most: int = 3) -> list[dict[str, Any]]:
+    """The classes a run gives a set's images most often, with their shares."""
+    counts = np.bincount(probs.argmax(1), minlength=len(classes))
+    order = np.argsort(-counts, kind="stable")[:most]
+    return [{"class": classes[i], "share": float(counts[i] / len(probs))} for i in order if counts[i]]
+
+
+def ood_report(pred, x_in: np.ndarray, x_val: np.ndarray | None, sets: list[dict[str, Any]], out: str | Path,
+               score: str = "energy", about: dict[str, Any] | None = None,
+               log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Score the run of ``pred`` (a :class:`cifarlab.export.Predictor`) on its test images
+    ``x_in``, on its validation images ``x_val`` (None: it held out none, and the threshold comes
+    from ``x_in``) and on each of ``sets`` (dicts with ``name``, ``source`` and uint8 ``images``);
+    write ``ood.json``, ``ood.png`` and ``scores.npz`` into ``out``; return the report.
+    ``score`` (:data:`SCORES`) sets the threshold and the plot; every score is measured."""
+    from . import plots
+    from .fsutil import write_bytes, write_json
+
+    check_score(score)
+    out = Path(out)
+
+    def scored(x: np.ndarray, what: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        log(f"predicting the {len(x)} {what}")
+        z = calibrated_logits(pred, pred.logits(x))
+        s = scores(z)
+        return s, np.exp(z - s["energy"][:, None])  # the probabilities: softmax is exp(z - logsumexp z)
+
+    s_in, p_in = scored(x_in, "test images")
+    if x_val is not None and len(x_val):
+        s_val, _ = scored(x_val, "validation images")
+        fitted_on = "validation"
+    else:
+        s_val, fitted_on = s_in, "test"
+    thr = {k: threshold(s_val[k]) for k in SCORES}
+    report: dict[str, Any] = dict(about or {})
+    report.update({
+        "score": score, "keep": KEEP, "threshold_fitted_on": fitted_on,
+        "threshold": thr[score], "thresholds": thr,
+        "in_distribution": {"images": int(len(x_in)),
+                            "flagged_share": float((s_in[score] < thr[score]).mean()),
+                            "mean_confidence": float(p_in.max(1).mean())},
+        "sets": []})
+    arrays = {f"in_{k}": v for k, v in s_in.items()}
+    for i, st in enumerate(sets):
+        s_out, p_out = scored(st["images"], f"images of {st['name']}")
+        report["sets"].append({
+            "name": st["name"], "source": st["source"], "images": int(len(st["images"])),
+            "notes": list(st.get("notes", [])),
+            **{k: separation(s_in[k], s_out[k]) for k in SCORES},
+            "accepted_share": float((s_out[score] >= thr[score]).mean()),
+            "mean_confidence": float(p_out.max(1).mean()),
+            "called": _what_it_calls(p_out, pred.classes)})
+        arrays.update({f"set{i}_{k}": v for k, v in s_out.items()})
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    write_bytes(out / "scores.npz", buf.getvalue())
+    plots.plot_ood(s_in[score], [(st["name"], arrays[f"set{i}_{score}"]) for i, st in enumerate(sets)],
+                   thr[score], score, out / "ood.png")
+    write_json(out / FILE, report)
+    return report
+
+
+def load_source(source: str, pred, known: list[str], count: int, seed: int, like: np.ndarray,
+                skip_bad_images: bool = False, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """The images of one OOD ``source`` for the model of ``pred``: ``synthetic:NAME`` made at
+    its input size (``like``, the run's test images, are what ``shuffled`` shuffles), or a data
+    path's test images resized to it, those of a class in ``known`` (the run's) left out; at
+    most ``count`` of them, chosen at random (``seed``) where there are more."""
+    from .data import load_dataset, resized
+
+    c, h, w = pred.input_shape
+    rng = np.random.default_rng(seed)
+    if source.startswith("synthetic:"):
+        name = source.split(":", 1)[1]
+        n = min(count, len(like))
+        return {"name": name, "source": source, "notes": [SYNTHETIC[name]],
+                "images": synthetic_images(name, n, (h, w, c), seed, like[rng.permutation(len(like))[:n]])}
+    ds = load_dataset(source, image_size=(h, w), skip_bad_images=skip_bad_images)
+    if ds.x_test.shape[1:3] != (h, w):
+        ds = resized(ds, (h, w), "the run's input")
+    if ds.x_test.shape[3] != c:
+        raise CifarlabError(f"{source}'s images have {ds.x_test.shape[3]} channels, the model takes {c}; give "
+                            "images of as many channels")
+    for note in ds.notes:
+        log(f"data ({source}): {note}")
+    notes = []
+    keep = ~np.isin(np.asarray(ds.classes)[ds.y_test], known) if len(ds.y_test) else np.zeros(0, bool)
+    shared = sorted(set(ds.classes) & set(known))
+    if shared:
+        notes.append(f"its images of {', '.join(shared)} were left out: the run knows those classes")
+    idx = np.flatnonzero(keep)
+    if not len(idx):
+        raise CifarlabError(f"{source} holds no test images of a class the run does not know (its classes: "
+                            f"{', '.join(ds.classes[:10])}{', ...' if len(ds.classes) > 10 else ''}); give other data")
+    if len(idx) > count:
+        notes.append(f"{count} of its {len(idx)} test images, chosen at random (seed {seed})")
+        idx = np.sort(rng.choice(idx, count, replace=False))
+    from .export import data_tag
+
+    return {"name": data_tag(ds.source, ds.labels), "source": str(ds.source), "notes": notes,
+            "images": ds.x_test[idx]}
+
+
+def ood_run(run: str | Path, ds, sources: list[str] | None = None, out: str | Path | None = None,
+            score: str = "energy", count: int = 10_000, seed: int = 0, tta: str | None = None,
+            device: str = "auto", uncalibrated: bool = False, skip_bad_images: bool = False,
+            log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """:func:`ood_report` of the run ``run`` with ``ds``, the data it was trained on: its test
+    images as the familiar ones, its validation images for the threshold, and ``sources``
+    (default every synthetic set) as the unfamiliar ones; into ``out``, by default ``RUN/ood``."""
+    from .calibrate import weights_digest
+    from .evaluate import _check_compatible
+    from .export import load_model
+    from .fsutil import report_folder
+    from .train import run_split
+
+    check_score(score)
+    sources = list(sources or [f"synthetic:{k}" for k in SYNTHETIC])
+    check_sources(sources)
+    if count < 1:
+        raise CifarlabError(f"--count {count} is not valid; give 1 or more images per set")
+    run = Path(run)
+    out = Path(out) if out is not None else run / "ood"
+    pred = load_model(run, device, tta, uncalibrated)
+    _check_compatible(pred, ds)
+    x_val = None
+    if (run / "config.yaml").is_file() and len(ds.y_train):
+        _, _, va = run_split(run, ds)
+        x_val = ds.x_train[va] if len(va) else None
+    sets = [load_source(s, pred, pred.classes, count, seed + i, ds.x_test, skip_bad_images, log)
+            for i, s in enumerate(sources)]
+    offsets = pred.class_offsets()
+    about = {"run": str(pred.run), "data": str(ds.source), "tta": pred.tta, "temperature": pred.temperature(),
+             "class_offsets": None if offsets is None else list(offsets), "weights_sha256": weights_digest(pred.run)}
+    with report_folder(out):
+        return ood_report(pred, ds.x_test, x_val, sets, out, score, about, log)
+
+
+def read_ood(run: str | Path, tta: str, temperature: float | None = None,
+             class_offsets: tuple[float, ...] | None = None, name: str = "ood") -> dict[str, Any] | None:
+    """The report of ``cifarlab ood`` in ``RUN/<name>`` where it was measured with the run's
+    current weights, test-time augmentation ``tta`` and calibration; None where there is none,
+    it is unreadable, or it was measured otherwise (its scores and threshold would not hold)."""
+    import json
+
+    from .calibrate import same_calibration, weights_digest
+
+    try:
+        r = json.loads((Path(run) / name / FILE).read_text())
+        digest = weights_digest(run)
+    except (OSError, ValueError, CifarlabError):
+        return None
+    if not isinstance(r, dict) or r.get("weights_sha256") != digest or r.get("tta") != tta \
+            or not same_calibration(r, temperature, class_offsets) or r.get("score") not in SCORES:
+        return None
+    return r
+
+
+def format_report(r: dict[str, Any], out: Path) -> str:
+    """The report as a few lines for the terminal."""
+    s = r["score"]
+    ind = r["in_distribution"]
+    lines = [f"{ind['images']} test images of the run's own data against {len(r['sets'])} other set(s); "
+             f"higher AUROC and lower FPR95 are better (AUROC 0.5: no better than chance)",
+             f"{'set':<24} {'images':>7} " + " ".join(f"{k + ' AUROC':>14} {'FPR95':>6}" for k in SCORES)
+             + f" {'accepted':>9}  called mostly"]
+    for st in r["sets"]:
+        called = ", ".join(f"{c['class']} {c['share']:.0%}" for c in st["called"])
+        lines.append(f"{st['name'][:24]:<24} {st['images']:>7} "
+                     + " ".join(f"{st[k]['auroc']:>14.4f} {st[k]['fpr_at_95_tpr']:>6.3f}" for k in SCORES)
+                     + f" {st['accepted_share']:>9.2%}  {called}")
+    for st in r["sets"]:
+        for note in st["notes"] if not st["source"].startswith("synthetic:") else ():
+            lines.append(f"  {st['name']}: {note}")
+    lines.append(f"accepted: the share scoring at or above the {s} threshold {r['threshold']:.4g}, which keeps "
+                 f"{r['keep']:.0%} of the run's {r['threshold_fitted_on']} images ({ind['flagged_share']:.2%} of "
+                 f"its test images fall below it); cifarlab predict --flag-unfamiliar applies it")
+    upside = [st["name"] for st in r["sets"] if st[s]["auroc"] < 0.5]
+    if upside:
+        lines.append(f"AUROC below 0.5: the run finds {', '.join(upside)} more familiar than its own test images "
+                     "(confident answers for images of nothing it knows)")
+    worst = [st for st in r["sets"] if st["accepted_share"] > 0.5]
+    if worst:
+        lines.append("Most images of " + ", ".join(st["name"] for st in worst) + " pass as familiar: the run "
+                     "cannot tell them from its own kind of image, and would label them with confidence.")
+    lines.append(f"Report files in {out}")
+    return "\n".join(lines)

@@ -1,0 +1,221 @@
+"""cifarlab ood: scores, separation figures, synthetic sets, the report, predict's flag and the card."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cifarlab import ood
+from cifarlab.cli import main
+from cifarlab.errors import CifarlabError
+
+
+def test_scores_match_their_definitions():
+    z = np.random.default_rng(0).normal(0, 3, (7, 5))
+    s = ood.scores(z)
+    t = torch.tensor(z)
+    assert s["energy"] == pytest.approx(torch.logsumexp(t, 1).numpy())
+    assert s["msp"] == pytest.approx(t.softmax(1).max(1).values.numpy())
+    assert s["maxlogit"] == pytest.approx(z.max(1))
+    # large logits overflow a naive exp: the logsumexp stays finite
+    big = ood.scores(np.array([[1000.0, 999.0]]))
+    assert big["energy"][0] == pytest.approx(1000 + np.log1p(np.exp(-1.0))) and np.isfinite(big["msp"]).all()
+
+
+def test_separation_by_hand():
+    r = ood.separation(np.array([3.0, 4, 5]), np.array([0.0, 1, 3.5]))
+    assert r["auroc"] == pytest.approx(8 / 9)  # of the 9 pairs, only (3, 3.5) is ranked wrongly
+    # keeping all 3 in images (2 of 3 is under 95%) needs the threshold 3, which lets 3.5 through
+    assert r["fpr_at_95_tpr"] == pytest.approx(1 / 3)
+    perfect = ood.separation(np.array([2.0, 3]), np.array([0.0, 1]))
+    assert perfect == {"auroc": 1.0, "fpr_at_95_tpr": 0.0, "aupr_in": 1.0, "aupr_out": 1.0}
+    upside = ood.separation(np.array([0.0, 1]), np.array([2.0, 3]))
+    assert upside["auroc"] == 0.0 and upside["fpr_at_95_tpr"] == 1.0
+    with pytest.raises(CifarlabError, match="both kinds"):
+        ood.separation(np.array([1.0]), np.array([]))
+
+
+@pytest.mark.parametrize("n, expected", [(100, 5.0), (20, 1.0), (19, 0.0), (1, 0.0)])
+def test_threshold_keeps_at_least_95_percent_and_no_more_than_it_must(n, expected):
+    s = np.random.default_rng(n).permutation(np.arange(n, dtype=float))
+    t = ood.threshold(s)
+    assert t == expected and (s >= t).mean() >= 0.95
+    with pytest.raises(CifarlabError, match="none"):
+        ood.threshold(np.array([]))
+
+
+def test_synthetic_sets():
+    like = np.random.default_rng(1).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    for name in ood.SYNTHETIC:
+        x = ood.synthetic_images(name, 5, (8, 8, 3), seed=3, like=like)
+        assert x.shape == (5, 8, 8, 3) and x.dtype == np.uint8
+        assert np.array_equal(x, ood.synthetic_images(name, 5, (8, 8, 3), seed=3, like=like))  # seeded
+    blank = ood.synthetic_images("blank", 4, (8, 8, 3))
+    assert (blank == blank[:, :1, :1]).all() and len({tuple(b[0, 0]) for b in blank}) == 4
+    shuffled = ood.synthetic_images("shuffled", 5, (8, 8, 3), like=like)
+    for a, b in zip(shuffled, like):  # each image's pixels, rearranged
+        assert sorted(map(tuple, a.reshape(-1, 3))) == sorted(map(tuple, b.reshape(-1, 3)))
+        assert not np.array_equal(a, b)
+    gauss = ood.synthetic_images("gaussian", 200, (8, 8, 3))
+    # sd 1 around 0.5, clipped: about 31% of the values on each bound
+    assert 0.25 < (gauss == 0).mean() < 0.37 and 0.25 < (gauss == 255).mean() < 0.37
+    with pytest.raises(CifarlabError, match="needs 5 images"):
+        ood.synthetic_images("shuffled", 5, (8, 8, 3), like=like[:2])
+
+
+def test_sources_are_checked_before_any_data(tmp_path):
+    ood.check_sources(["synthetic:gaussian", str(tmp_path)])
+    with pytest.raises(CifarlabError, match="unknown synthetic set 'synthetic:static'.*synthetic:gaussian"):
+        ood.check_sources(["synthetic:static"])
+    with pytest.raises(CifarlabError, match="'nowhere' does not exist"):
+        ood.check_sources(["nowhere"])
+    with pytest.raises(CifarlabError, match="--score 'odin' is not valid; choose from energy, msp, maxlogit"):
+        ood.check_score("odin")
+
+
+class _Bright:
+    """A predictor stand-in whose confidence grows with an image's brightness: bright images
+    are its familiar kind, dark ones unfamiliar; it calls every image class 0 or 1 by its red."""
+
+    classes = ["red", "other"]
+
+    def calibration(self):
+        return None
+
+    def logits(self, x):
+        x = np.asarray(x, np.float64)
+        b = x.mean((1, 2, 3)) / 255 * 10
+        red = x[..., 0].mean((1, 2)) > x[..., 1:].mean((1, 2, 3))
+        return np.stack([np.where(red, b, 0), np.where(red, 0, b)], 1)
+
+
+def test_report_of_a_model_that_knows_bright_images(tmp_path):
+    rng = np.random.default_rng(0)
+    bright = rng.integers(200, 256, (40, 4, 4, 3), dtype=np.uint8)
+    val = rng.integers(200, 256, (20, 4, 4, 3), dtype=np.uint8)
+    dark = rng.integers(0, 50, (30, 4, 4, 3), dtype=np.uint8)
+    mixed = np.concatenate([dark[:10], rng.integers(200, 256, (10, 4, 4, 3), dtype=np.uint8)])
+    sets = [{"name": "dark", "source": "synthetic:dark", "images": dark, "notes": ["how it is made"]},
+            {"name": "mixed", "source": "test:mixed", "images": mixed, "notes": ["half bright"]}]
+    r = ood.ood_report(_Bright(), bright, val, sets, tmp_path, "msp", {"run": "stub"})
+    assert r["threshold_fitted_on"] == "validation" and r["run"] == "stub"
+    d, m = r["sets"]
+    assert d["energy"]["auroc"] == 1.0 and d["accepted_share"] == 0.0 and d["images"] == 30
+    assert 0.6 < m["energy"]["auroc"] < 0.9 and m["accepted_share"] <= 0.5 and m["notes"] == ["half bright"]
+    assert r["in_distribution"]["images"] == 40 and r["in_distribution"]["flagged_share"] <= 0.1
+    assert r["threshold"] == r["thresholds"]["msp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ood.json", "ood.png", "scores.npz"]
+    with np.load(tmp_path / "scores.npz") as z:
+        assert z["in_energy"].shape == (40,) and z["set1_msp"].shape == (20,)
+    assert json.loads((tmp_path / "ood.json").read_text())["sets"][0]["name"] == "dark"
+    text = ood.format_report(r, tmp_path)
+    # a data source's notes are shown; a synthetic set's description is in the report alone
+    assert "mixed: half bright" in text and "how it is made" not in text
+    # without validation images, the threshold comes from the test images, and says so
+    r2 = ood.ood_report(_Bright(), bright, None, sets[:1], tmp_path / "b")
+    assert r2["threshold_fitted_on"] == "test" and r2["score"] == "energy"
+    assert r2["in_distribution"]["flagged_share"] == pytest.approx(2 / 40)  # two of 40 below: at most 5%
+
+
+def test_a_set_scored_more_familiar_than_the_test_images_is_called_out(tmp_path):
+    rng = np.random.default_rng(0)
+    dim = rng.integers(100, 150, (20, 4, 4, 3), dtype=np.uint8)
+    glare = np.full((20, 4, 4, 3), 255, np.uint8)
+    r = ood.ood_report(_Bright(), dim, None, [{"name": "glare", "source": "x", "images": glare}], tmp_path)
+    assert r["sets"][0]["energy"]["auroc"] == 0.0 and r["sets"][0]["accepted_share"] == 1.0
+    text = ood.format_report(r, tmp_path)
+    assert "more familiar than its own test images" in text and "Most images of glare pass as familiar" in text
+
+
+def test_ood_through_the_cli_predict_and_the_card(trained_run, capsys):
+    assert main(["ood", str(trained_run), "--json", "--count", "5"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in r["sets"]] == list(ood.SYNTHETIC)
+    assert all(s["images"] == 5 for s in r["sets"]) and r["in_distribution"]["images"] == 9
+    assert r["threshold_fitted_on"] == "validation" and r["tta"] == "none"
+    for s in r["sets"]:
+        assert {k: 0 <= s[k]["auroc"] <= 1 for k in ood.SCORES} == dict.fromkeys(ood.SCORES, True)
+    assert (trained_run / "ood" / "ood.png").is_file()
+
+    # predict marks exactly the images whose energy falls below the report's threshold
+    imgs = trained_run.parent / "imgs" / "test" / "cat"
+    noise = trained_run.parent / "noise.png"
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(noise)
+    assert main(["predict", str(trained_run), str(imgs), str(noise), "--flag-unfamiliar", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    from cifarlab.export import load_model
+
+    pred = load_model(trained_run)
+    files = [p["file"] for p in doc["predictions"]]
+    energy = ood.scores(ood.calibrated_logits(pred, pred.logits(files)))["energy"]
+    assert [p["unfamiliar"] for p in doc["predictions"]] == (energy < r["threshold"]).tolist()
+    assert doc["unfamiliar_below"] == {"score": "energy", "threshold": r["threshold"], "keep": 0.95,
+                                       "fitted_on": "validation"}
+    assert main(["predict", str(trained_run), str(noise), "--flag-unfamiliar", "--csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "file,rank,class,probability,unfamiliar"
+    # another test-time augmentation changes the scores: the threshold is not borrowed
+    assert main(["predict", str(trained_run), str(noise), "--flag-unfamiliar", "--tta", "flip"]) == 2
+    assert "run that first" in capsys.readouterr().err
+
+    assert main(["audit", str(trained_run), "--bootstrap", "100"]) == 0
+    card = (trained_run / "audit" / "MODEL_CARD.md").read_text()
+    assert "Unfamiliar images (`cifarlab ood`, energy score)" in card and "gaussian (5 images)" in card
+    # weights trained on since: the report no longer describes the model, and the card drops it
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(trained_run / "weights.safetensors")
+    save_file({k: v + 0.01 for k, v in w.items()}, trained_run / "weights.safetensors")
+    assert main(["audit", str(trained_run), "--bootstrap", "100"]) == 0
+    assert "Unfamiliar images" not in (trained_run / "audit" / "MODEL_CARD.md").read_text()
+
+
+def test_a_run_of_some_classes_meets_the_others(tmp_path, image_folder, capsys):
+    """The open-set check: trained on two of three classes, tested against the third's images."""
+    from conftest import tiny_config
+
+    from cifarlab.train import fit
+
+    run = tmp_path / "two"
+    cfg = tiny_config(str(image_folder), str(run), epochs=1)
+    cfg.data.classes = ["frog", "cat"]
+    fit(cfg, log=lambda s: None)
+    arch = json.loads((run / "architecture.json").read_text())
+    assert arch["classes"] == ["frog", "cat"]
+    assert main(["evaluate", str(run), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["num_images"] == 6 and [c["class"] for c in ev["per_class"]] == ["frog", "cat"]  # 3 of each
+    assert main(["ood", str(run), str(image_folder), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    (s,) = r["sets"]
+    assert s["images"] == 3 and s["source"] == str(image_folder)  # dog's test images alone
+    assert s["notes"] == ["its images of cat, frog were left out: the run knows those classes"]
+    assert main(["ood", str(run), str(image_folder), "--count", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sets"][0]["images"] == 2
+    # data of no class the run does not know has nothing to offer
+    two = tmp_path / "same"
+    from conftest import make_image_folder
+
+    make_image_folder(two, classes=("cat", "frog"))
+    assert main(["ood", str(run), str(two)]) == 2
+    assert "holds no test images of a class the run does not know" in capsys.readouterr().err
+
+
+def test_cli_refusals(trained_run, tmp_path, capsys):
+    assert main(["ood", str(trained_run), "synthetic:static"]) == 2
+    assert "unknown synthetic set" in capsys.readouterr().err
+    assert main(["ood", str(trained_run), "--count", "0"]) == 2
+    assert "--count 0 is not valid" in capsys.readouterr().err
+    grey = tmp_path / "grey"
+    from conftest import make_image_folder
+
+    make_image_folder(grey, classes=("ship", "plane"), mode="L")
+    assert main(["ood", str(trained_run), str(grey)]) == 2
+    assert "channels" in capsys.readouterr().err
+    assert not (trained_run / "ood").exists()  # nothing half-written
+    assert main(["predict", str(trained_run), str(grey), "--flag-unfamiliar"]) == 2
+    assert "needs the threshold of 'cifarlab ood" in capsys.readouterr().err

@@ -194,6 +194,9 @@ def test_a_run_of_some_classes_meets_the_others(tmp_path, image_folder, capsys):
     (s,) = r["sets"]
     assert s["images"] == 3 and s["source"] == str(image_folder)  # dog's test images alone
     assert s["notes"] == ["its images of cat, frog were left out: the run knows those classes"]
+    (dog,) = s["per_class"]
+    assert dog["class"] == "dog" and dog["images"] == 3 and dog["accepted_share"] == s["accepted_share"]
+    assert dog["called"]["class"] in ("frog", "cat") and dog["called"]["share"] >= 0.5
     assert main(["ood", str(run), str(image_folder), "--count", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["sets"][0]["images"] == 2
     # data of no class the run does not know has nothing to offer

@@ -24,6 +24,7 @@ EPILOG = """examples:
   cifarlab duplicates runs/RUN --data DATA                  # test images copied in training; accuracy without
   cifarlab explain runs/RUN --class cat                     # where it looks in the cats it gets most wrong
   cifarlab label-issues runs/RUN                            # test images whose label is probably wrong
+  cifarlab ood runs/RUN                                     # does it know noise when it sees it?
   cifarlab compare runs/A runs/B --data DATA                # is B really more accurate than A?
   cifarlab export runs/RUN                                  # RUN/model.onnx for ONNX Runtime
   cifarlab import cifar10_weights.h5 --architecture cifar10_architecture.json  # the notebook's saved model

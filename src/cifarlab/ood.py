@@ -151,6 +151,18 @@ def _what_it_calls(probs: np.ndarray, classes: list[str], most: int = 3) -> list
     return [{"class": classes[i], "share": float(counts[i] / len(probs))} for i in order if counts[i]]
 
 
+def _per_class(labels: list[str], accepted: np.ndarray, probs: np.ndarray, classes: list[str]) -> list[dict]:
+    """For a data source's images, by their own class: how many, the share accepted, and what
+    the run calls them most (a ship called airplane is a near miss; static called frog is not)."""
+    names = np.asarray(labels)
+    rows = []
+    for c in sorted(set(labels)):
+        m = names == c
+        rows.append({"class": c, "images": int(m.sum()), "accepted_share": float(accepted[m].mean()),
+                     "called": _what_it_calls(probs[m], classes, most=1)[0]})
+    return rows
+
+
 def ood_report(pred, x_in: np.ndarray, x_val: np.ndarray | None, sets: list[dict[str, Any]], out: str | Path,
                score: str = "energy", about: dict[str, Any] | None = None,
                log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
@@ -195,7 +207,9 @@ def ood_report(pred, x_in: np.ndarray, x_val: np.ndarray | None, sets: list[dict
             **{k: separation(s_in[k], s_out[k]) for k in SCORES},
             "accepted_share": float((s_out[score] >= thr[score]).mean()),
             "mean_confidence": float(p_out.max(1).mean()),
-            "called": _what_it_calls(p_out, pred.classes)})
+            "called": _what_it_calls(p_out, pred.classes),
+            **({"per_class": _per_class(st["labels"], s_out[score] >= thr[score], p_out, pred.classes)}
+               if st.get("labels") is not None else {})})
         arrays.update({f"set{i}_{k}": v for k, v in s_out.items()})
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
@@ -244,7 +258,7 @@ def load_source(source: str, pred, known: list[str], count: int, seed: int, like
     from .export import data_tag
 
     return {"name": data_tag(ds.source, ds.labels), "source": str(ds.source), "notes": notes,
-            "images": ds.x_test[idx]}
+            "images": ds.x_test[idx], "labels": [ds.classes[k] for k in ds.y_test[idx]]}
 
 
 def ood_run(run: str | Path, ds, sources: list[str] | None = None, out: str | Path | None = None,
@@ -318,6 +332,11 @@ def format_report(r: dict[str, Any], out: Path) -> str:
     for st in r["sets"]:
         for note in st["notes"] if not st["source"].startswith("synthetic:") else ():
             lines.append(f"  {st['name']}: {note}")
+        if st.get("per_class"):
+            lines.append(f"  {st['name']} by class: " + "; ".join(
+                f"{c['class']} {c['accepted_share']:.0%} accepted, called {c['called']['class']} "
+                f"{c['called']['share']:.0%}" for c in st["per_class"][:10])
+                + (f"; ... ({len(st['per_class'])} classes in ood.json)" if len(st["per_class"]) > 10 else ""))
     lines.append(f"accepted: the share scoring at or above the {s} threshold {r['threshold']:.4g}, which keeps "
                  f"{r['keep']:.0%} of the run's {r['threshold_fitted_on']} images ({ind['flagged_share']:.2%} of "
                  f"its test images fall below it); cifarlab predict --flag-unfamiliar applies it")

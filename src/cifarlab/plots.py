@@ -163,7 +163,8 @@ def explanation_grid(images: np.ndarray, panels: list[list], path: Path, per_row
 def plot_ood(inside: np.ndarray, sets: list[tuple[str, np.ndarray]], threshold: float, score: str,
              path: Path) -> None:
     """Histograms of an OOD score: the run's own test images filled, each other set as an
-    outline, on shared bins, with the threshold below which images are flagged."""
+    outline, on shared bins spanning the middle 99% of all scores (the rest gathered into the
+    end bins), with the threshold below which images are flagged."""
     plt = _plt()
     every = np.concatenate([inside] + [s for _, s in sets])
     lo, hi = np.percentile(every, [0.5, 99.5]) if len(every) else (0.0, 1.0)
@@ -173,7 +174,8 @@ def plot_ood(inside: np.ndarray, sets: list[tuple[str, np.ndarray]], threshold: 
     for name, s in sets:
         ax.hist(np.clip(s, lo, hi), bins, density=True, histtype="step", linewidth=1.5, label=name)
     ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label="threshold (below: flagged)")
-    ax.set(xlabel=f"{score} score (higher: more familiar)", ylabel="density", title="How familiar images look")
+    ax.set(xlabel=f"{score} score (higher: more familiar; the outermost 0.5% at each end in the end bins)",
+           ylabel="density", title="How familiar images look")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)

@@ -222,3 +222,72 @@ def test_cli_refusals(trained_run, tmp_path, capsys):
     assert not (trained_run / "ood").exists()  # nothing half-written
     assert main(["predict", str(trained_run), str(grey), "--flag-unfamiliar"]) == 2
     assert "needs the threshold of 'cifarlab ood" in capsys.readouterr().err
+
+
+def test_knn_score_by_hand():
+    bank = np.array([[1.0, 0], [0, 1.0], [-1.0, 0]])
+    feats = np.array([[1.0, 0], [np.sqrt(0.5), np.sqrt(0.5)]])
+    # the first: nearest at distance 0, then sqrt(2), then 2; the second: sqrt(2 - sqrt 2) twice, then the far one
+    assert ood.knn_scores(bank, feats, 1) == pytest.approx([0, -np.sqrt(2 - np.sqrt(2))])
+    assert ood.knn_scores(bank, feats, 2) == pytest.approx([-np.sqrt(2), -np.sqrt(2 - np.sqrt(2))])
+    assert ood.knn_scores(bank, feats, 3, chunk=1) == pytest.approx([-2, -np.sqrt(2 + np.sqrt(2))])
+    assert [ood.knn_k(n) for n in (50_000, 10_000, 1_000, 13, 1)] == [50, 10, 1, 1, 1]
+
+
+class _Net:
+    """A predictor stand-in around a small network, for the features of its last layer."""
+
+    classes = ["a", "b"]
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5), torch.nn.ReLU(),
+                                         torch.nn.Linear(5, 2))
+
+    def calibration(self):
+        return None
+
+    def logits(self, x, tta=None):
+        with torch.no_grad():
+            return self.model(torch.as_tensor(np.asarray(x), dtype=torch.float32) / 255).numpy()
+
+
+def test_features_are_the_classifiers_input_at_length_one(tmp_path):
+    net = _Net()
+    x = np.random.default_rng(0).integers(0, 256, (6, 2, 2, 3), dtype=np.uint8)
+    f = ood.features(net, x)
+    want = torch.relu(net.model[1](torch.as_tensor(x, dtype=torch.float32).flatten(1) / 255)).detach()
+    assert f.shape == (6, 5) and f == pytest.approx(torch.nn.functional.normalize(want, dim=1).numpy(), abs=1e-6)
+    assert ood.last_linear(net.model)[0] == "3"
+    with pytest.raises(CifarlabError, match="no linear layer"):
+        ood.last_linear(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1)))
+    # the report with a bank: the knn score beside the others, its bank saved as used
+    r = ood.ood_report(net, x, None, [{"name": "n", "source": "synthetic:x", "images": x[::-1].copy()}], tmp_path,
+                       "knn", bank=f[:4])
+    assert r["knn"]["bank_images"] == 4 and r["knn"]["k"] == 1 and "knn" in r["sets"][0]
+    assert r["threshold"] == r["thresholds"]["knn"] and (tmp_path / "knn_bank.safetensors").is_file()
+    assert np.array_equal(ood.read_bank(tmp_path.parent, tmp_path.name), f[:4].astype(np.float16).astype(np.float32))
+    with pytest.raises(CifarlabError, match="--score knn needs a bank"):
+        ood.ood_report(net, x, None, [], tmp_path / "b", "knn")
+
+
+def test_knn_through_the_cli_and_predict(trained_run, capsys):
+    assert main(["ood", str(trained_run), "synthetic:uniform", "--score", "knn", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    # all 13 images the run trained on are in the bank (of the folder's 18, 5 validated it)
+    assert r["knn"]["bank_images"] == 13 and r["score"] == "knn" and r["threshold"] == r["thresholds"]["knn"]
+    imgs = sorted(str(p) for p in (trained_run.parent / "imgs" / "test").rglob("*.png"))
+    assert main(["predict", str(trained_run), *imgs, "--flag-unfamiliar", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    from cifarlab.export import load_model
+
+    pred = load_model(trained_run)
+    want = ood.knn_scores(ood.read_bank(trained_run), ood.features(pred, imgs), r["knn"]["k"]) < r["threshold"]
+    assert [p["unfamiliar"] for p in doc["predictions"]] == want.tolist()
+    assert doc["unfamiliar_below"]["score"] == "knn"
+    assert main(["ood", str(trained_run), "synthetic:blank", "--knn-bank", "0", "--json"]) == 0
+    assert "knn" not in json.loads(capsys.readouterr().out)
+    for args, msg in ((["--knn-bank", "-1"], "--knn-bank -1 is not valid"),
+                      (["--score", "knn", "--knn-bank", "0"], "--score knn needs a bank")):
+        assert main(["ood", str(trained_run), *args]) == 2
+        assert msg in capsys.readouterr().err

@@ -397,7 +397,7 @@ def _add_explain_parser(sub: argparse._SubParsersAction) -> None:
 
 def _add_ood_parser(sub: argparse._SubParsersAction) -> None:
     """``cifarlab ood``'s options."""
-    from .ood import SCORES, SYNTHETIC
+    from .ood import KNN, KNN_BANK, SCORES, SYNTHETIC
 
     o = sub.add_parser("ood", help="does the run know an unfamiliar image when it sees one? how well its scores tell "
                                    "its own test images from other data and synthetic images")
@@ -407,9 +407,13 @@ def _add_ood_parser(sub: argparse._SubParsersAction) -> None:
                         "knows are left out), or a built-in set, " + ", ".join(f"synthetic:{k}" for k in SYNTHETIC)
                         + "; omitted: every built-in set")
     _add_data_args(o, run="own")
-    o.add_argument("--score", default="energy", choices=SCORES,
+    o.add_argument("--score", default="energy", choices=SCORES + (KNN,),
                    help="the score that sets the threshold and the plot (default energy: logsumexp of the logits; "
-                        "msp: the largest probability; maxlogit: the largest logit); every score is measured")
+                        "msp: the largest probability; maxlogit: the largest logit; knn: minus the distance from "
+                        "the image's features to the k-th nearest training image's); every score is measured")
+    o.add_argument("--knn-bank", type=int, default=KNN_BANK, metavar="N",
+                   help=f"training images whose features the knn score compares with (default {KNN_BANK}, chosen "
+                        "class-balanced with --seed; 0: no knn score)")
     o.add_argument("--count", type=int, default=10_000, help="at most this many images of each source (default "
                                                               "10000; the built-in sets: as many as test images)")
     o.add_argument("--seed", type=int, default=0, help="seed of the synthetic images and of the choice of --count "
@@ -1061,6 +1065,8 @@ def cmd_ood(args: argparse.Namespace) -> int:
     check_sources(args.sources)
     if args.count < 1:
         raise ConfigError(f"--count {args.count} is not valid; give 1 or more images per set")
+    if args.knn_bank < 0:
+        raise ConfigError(f"--knn-bank {args.knn_bank} is not valid; give 0 (no knn score) or more training images")
     if args.out:
         check_folder_path(args.out)
     if is_runs_set(args.run):
@@ -1071,7 +1077,7 @@ def cmd_ood(args: argparse.Namespace) -> int:
     ds = _load_eval_data(args, run)
     out = Path(args.out) if args.out else run / "ood"
     report = ood_run(run, ds, args.sources, out, args.score, args.count, args.seed, args.tta, args.device,
-                     args.uncalibrated, bool(args.skip_bad_images), log)
+                     args.uncalibrated, bool(args.skip_bad_images), log, args.knn_bank)
     print(json_text(report) if args.json else format_report(report, out))
     return 0
 

@@ -11,10 +11,17 @@ of the run's own test images with those of images from elsewhere:
 * ``energy``: logsumexp of the logits, the negative free energy (Liu, Wang, Owens and Li, 2020,
   "Energy-based out-of-distribution detection"), which does not saturate as probabilities do;
 * ``maxlogit``: the largest logit (Hendrycks et al., 2022, "Scaling out-of-distribution detection
-  for real-world settings").
+  for real-world settings");
+* ``knn``: how near an image's features (the input of the classifier's last layer, scaled to
+  length 1) lie to those of the run's training images: minus the distance to the k-th nearest
+  (Sun, Ming, Zhu and Li, 2022, "Out-of-distribution detection with deep nearest neighbors"),
+  which looks at what the network saw rather than at what it concluded.
 
-Higher means more familiar. The scores use the logits the run predicts with: divided by its
-temperature and shifted by its class offsets where ``cifarlab calibrate`` fitted them.
+Higher means more familiar. The first three use the logits the run predicts with: divided by its
+temperature and shifted by its class offsets where ``cifarlab calibrate`` fitted them. ``knn``
+uses the plain model's features, without test-time augmentation, and a bank of the features of
+up to :data:`KNN_BANK` of the run's training images (class-balanced, seeded), saved beside the
+report so that ``predict`` can use it.
 
 How well a score separates the run's test images ("in") from other images ("out") is given as
 the area under the ROC curve (AUROC: 0.5 is chance, 1 perfect), the share of out images
@@ -43,7 +50,13 @@ import numpy as np
 
 from .errors import CifarlabError
 
-SCORES = ("energy", "msp", "maxlogit")
+SCORES = ("energy", "msp", "maxlogit")  # from the logits: every run has them
+KNN = "knn"  # from the features and a bank of training images': runs whose training images are known
+KNN_BANK = 10_000  # training images in the bank by default: enough for Sun et al. (1% of ImageNet's did)
+# Sun et al.'s k for CIFAR-10's 50,000 training images; a smaller bank gets a proportionally
+# smaller k, so that the k-th neighbour lies about as far away as in the full bank
+KNN_K_PER_50K = 50
+BANK_FILE = "knn_bank.safetensors"
 SYNTHETIC = {
     "gaussian": "each channel of each pixel drawn from a normal distribution of mean 0.5 and standard deviation "
                 "1, clipped to [0, 1] (Hendrycks et al., 2019)",
@@ -70,10 +83,59 @@ def check_sources(sources: list[str]) -> None:
 
 
 def check_score(score: str) -> str:
-    """``score``, refused unless it is one of :data:`SCORES`."""
-    if score not in SCORES:
-        raise CifarlabError(f"--score {score!r} is not valid; choose from {', '.join(SCORES)}")
+    """``score``, refused unless it is one of :data:`SCORES` or :data:`KNN`."""
+    if score not in SCORES + (KNN,):
+        raise CifarlabError(f"--score {score!r} is not valid; choose from {', '.join(SCORES + (KNN,))}")
     return score
+
+
+def last_linear(model):
+    """The model's last ``nn.Linear`` (its classifier), whose input are the features ``knn``
+    compares; refused where there is none."""
+    import torch.nn as nn
+
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not found:
+        raise CifarlabError(f"{type(model).__name__} has no linear layer whose input could serve as features; "
+                            f"choose a score of the logits ({', '.join(SCORES)})")
+    return found[-1]
+
+
+def features(pred, images: np.ndarray) -> np.ndarray:
+    """The features of uint8 ``images`` (N, H, W, C) for the model of ``pred``: the input of its
+    last linear layer, without test-time augmentation, scaled to length 1; float32 (N, D)."""
+    import torch
+
+    _, layer = last_linear(pred.model)
+    got: list[torch.Tensor] = []
+    # the model runs as predict runs it (its preprocessing and batches); the hook keeps what
+    # reaches the classifier
+    hook = layer.register_forward_hook(lambda _m, inp, _out: got.append(inp[0].detach().float().flatten(1).cpu()))
+    try:
+        pred.logits(images, tta="none")
+    finally:
+        hook.remove()
+    f = torch.cat(got) if got else torch.zeros((0, layer.in_features))
+    return torch.nn.functional.normalize(f, dim=1).numpy()
+
+
+def knn_k(bank_size: int) -> int:
+    """k for a bank of ``bank_size`` features: :data:`KNN_K_PER_50K` scaled to it, at least 1."""
+    return max(1, min(bank_size, round(KNN_K_PER_50K * bank_size / 50_000)))
+
+
+def knn_scores(bank: np.ndarray, feats: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
+    """Minus the Euclidean distance from each of ``feats`` (N, D, length 1) to its ``k``-th
+    nearest of ``bank`` (M, D, length 1), float64 (N,); higher means more familiar."""
+    import torch
+
+    b = torch.from_numpy(np.asarray(bank, np.float32))
+    out = np.empty(len(feats))
+    for i in range(0, len(feats), chunk):  # (chunk, M) similarities at a time: memory stays bounded
+        sim = torch.from_numpy(np.asarray(feats[i:i + chunk], np.float32)) @ b.T
+        kth = sim.topk(k, dim=1).values[:, -1].double()
+        out[i:i + chunk] = -torch.sqrt(torch.clamp(2 - 2 * kth, min=0)).numpy()  # |a - b|^2 = 2 - 2 a.b
+    return out
 
 
 def scores(logits: np.ndarray) -> dict[str, np.ndarray]:
@@ -165,22 +227,33 @@ def _per_class(labels: list[str], accepted: np.ndarray, probs: np.ndarray, class
 
 def ood_report(pred, x_in: np.ndarray, x_val: np.ndarray | None, sets: list[dict[str, Any]], out: str | Path,
                score: str = "energy", about: dict[str, Any] | None = None,
-               log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+               log: Callable[[str], None] = lambda _: None, bank: np.ndarray | None = None) -> dict[str, Any]:
     """Score the run of ``pred`` (a :class:`cifarlab.export.Predictor`) on its test images
     ``x_in``, on its validation images ``x_val`` (None: it held out none, and the threshold comes
     from ``x_in``) and on each of ``sets`` (dicts with ``name``, ``source`` and uint8 ``images``);
     write ``ood.json``, ``ood.png`` and ``scores.npz`` into ``out``; return the report.
-    ``score`` (:data:`SCORES`) sets the threshold and the plot; every score is measured."""
+    ``bank``: the features (:func:`features`) of training images, for the ``knn`` score, saved
+    as ``knn_bank.safetensors``; None: the scores of the logits alone. ``score`` sets the
+    threshold and the plot; every score is measured."""
     from . import plots
-    from .fsutil import write_bytes, write_json
+    from .fsutil import write_bytes, write_json, write_with
 
     check_score(score)
+    if score == KNN and bank is None:
+        raise CifarlabError("--score knn needs a bank of the run's training images' features, which a run without "
+                            "config.yaml or training images cannot have; choose " + ", ".join(SCORES))
+    if bank is not None:  # the scores use the bank as saved (half precision), so predict's match them
+        bank = np.asarray(bank, np.float16).astype(np.float32)
+    names = SCORES + ((KNN,) if bank is not None else ())
+    k = knn_k(len(bank)) if bank is not None else None
     out = Path(out)
 
     def scored(x: np.ndarray, what: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
         log(f"predicting the {len(x)} {what}")
         z = calibrated_logits(pred, pred.logits(x))
         s = scores(z)
+        if bank is not None:
+            s[KNN] = knn_scores(bank, features(pred, x), k)
         return s, np.exp(z - s["energy"][:, None])  # the probabilities: softmax is exp(z - logsumexp z)
 
     s_in, p_in = scored(x_in, "test images")
@@ -189,7 +262,7 @@ def ood_report(pred, x_in: np.ndarray, x_val: np.ndarray | None, sets: list[dict
         fitted_on = "validation"
     else:
         s_val, fitted_on = s_in, "test"
-    thr = {k: threshold(s_val[k]) for k in SCORES}
+    thr = {n: threshold(s_val[n]) for n in names}
     report: dict[str, Any] = dict(about or {})
     report.update({
         "score": score, "keep": KEEP, "threshold_fitted_on": fitted_on,
@@ -198,19 +271,28 @@ def ood_report(pred, x_in: np.ndarray, x_val: np.ndarray | None, sets: list[dict
                             "flagged_share": float((s_in[score] < thr[score]).mean()),
                             "mean_confidence": float(p_in.max(1).mean())},
         "sets": []})
-    arrays = {f"in_{k}": v for k, v in s_in.items()}
+    if bank is not None:
+        layer, _ = last_linear(pred.model)
+        report[KNN] = {"bank_images": int(len(bank)), "k": k, "features": f"the input of layer '{layer}', length 1",
+                       "tta": "none", "file": BANK_FILE}
+    arrays = {f"in_{n}": v for n, v in s_in.items()}
     for i, st in enumerate(sets):
         s_out, p_out = scored(st["images"], f"images of {st['name']}")
         report["sets"].append({
             "name": st["name"], "source": st["source"], "images": int(len(st["images"])),
             "notes": list(st.get("notes", [])),
-            **{k: separation(s_in[k], s_out[k]) for k in SCORES},
+            **{n: separation(s_in[n], s_out[n]) for n in names},
             "accepted_share": float((s_out[score] >= thr[score]).mean()),
             "mean_confidence": float(p_out.max(1).mean()),
             "called": _what_it_calls(p_out, pred.classes),
             **({"per_class": _per_class(st["labels"], s_out[score] >= thr[score], p_out, pred.classes)}
                if st.get("labels") is not None else {})})
-        arrays.update({f"set{i}_{k}": v for k, v in s_out.items()})
+        arrays.update({f"set{i}_{n}": v for n, v in s_out.items()})
+    if bank is not None:
+        from safetensors.numpy import save_file
+
+        # half precision, half the file: a feature of length 1 keeps about three decimal digits
+        write_with(out / BANK_FILE, lambda tmp: save_file({"features": bank.astype(np.float16)}, str(tmp)))
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     write_bytes(out / "scores.npz", buf.getvalue())
@@ -264,10 +346,12 @@ def load_source(source: str, pred, known: list[str], count: int, seed: int, like
 def ood_run(run: str | Path, ds, sources: list[str] | None = None, out: str | Path | None = None,
             score: str = "energy", count: int = 10_000, seed: int = 0, tta: str | None = None,
             device: str = "auto", uncalibrated: bool = False, skip_bad_images: bool = False,
-            log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+            log: Callable[[str], None] = lambda _: None, knn_bank: int = KNN_BANK) -> dict[str, Any]:
     """:func:`ood_report` of the run ``run`` with ``ds``, the data it was trained on: its test
-    images as the familiar ones, its validation images for the threshold, and ``sources``
-    (default every synthetic set) as the unfamiliar ones; into ``out``, by default ``RUN/ood``."""
+    images as the familiar ones, its validation images for the threshold, ``knn_bank`` of its
+    training images (class-balanced, ``seed``; 0: no ``knn`` score) as the bank of the ``knn``
+    score, and ``sources`` (default every synthetic set) as the unfamiliar ones; into ``out``, by
+    default ``RUN/ood``."""
     from .calibrate import weights_digest
     from .evaluate import _check_compatible
     from .export import load_model
@@ -279,21 +363,34 @@ def ood_run(run: str | Path, ds, sources: list[str] | None = None, out: str | Pa
     check_sources(sources)
     if count < 1:
         raise CifarlabError(f"--count {count} is not valid; give 1 or more images per set")
+    if knn_bank < 0:
+        raise CifarlabError(f"--knn-bank {knn_bank} is not valid; give 0 (no knn score) or more training images")
+    if score == KNN and not knn_bank:
+        raise CifarlabError("--score knn needs a bank of training images; leave out --knn-bank 0")
     run = Path(run)
     out = Path(out) if out is not None else run / "ood"
     pred = load_model(run, device, tta, uncalibrated)
     _check_compatible(pred, ds)
-    x_val = None
+    x_val = tr = None
     if (run / "config.yaml").is_file() and len(ds.y_train):
-        _, _, va = run_split(run, ds)
+        _, tr, va = run_split(run, ds)
         x_val = ds.x_train[va] if len(va) else None
+    bank = None
+    if knn_bank and tr is not None and len(tr):
+        from .data import balanced_subset
+
+        pick = tr[balanced_subset(ds.y_train[tr], min(knn_bank, len(tr)), seed)]
+        log(f"computing the features of {len(pick)} training images for the knn score")
+        bank = features(pred, ds.x_train[pick])
+    elif knn_bank:
+        log("no knn score: the run's training images are unknown (no config.yaml) or not in this data")
     sets = [load_source(s, pred, pred.classes, count, seed + i, ds.x_test, skip_bad_images, log)
             for i, s in enumerate(sources)]
     offsets = pred.class_offsets()
     about = {"run": str(pred.run), "data": str(ds.source), "tta": pred.tta, "temperature": pred.temperature(),
              "class_offsets": None if offsets is None else list(offsets), "weights_sha256": weights_digest(pred.run)}
     with report_folder(out):
-        return ood_report(pred, ds.x_test, x_val, sets, out, score, about, log)
+        return ood_report(pred, ds.x_test, x_val, sets, out, score, about, log, bank)
 
 
 def read_ood(run: str | Path, tta: str, temperature: float | None = None,
@@ -311,23 +408,47 @@ def read_ood(run: str | Path, tta: str, temperature: float | None = None,
     except (OSError, ValueError, CifarlabError):
         return None
     if not isinstance(r, dict) or r.get("weights_sha256") != digest or r.get("tta") != tta \
-            or not same_calibration(r, temperature, class_offsets) or r.get("score") not in SCORES:
+            or not same_calibration(r, temperature, class_offsets) or r.get("score") not in SCORES + (KNN,):
         return None
     return r
+
+
+def read_bank(run: str | Path, name: str = "ood") -> np.ndarray:
+    """The ``knn`` score's bank of training features that ``cifarlab ood`` saved in
+    ``RUN/<name>``, float32 (M, D); refused, naming the command, where it is missing or damaged."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = Path(run) / name / BANK_FILE
+    try:
+        return load_file(str(path))["features"].astype(np.float32)
+    except (OSError, KeyError, ValueError, SafetensorError) as e:
+        raise CifarlabError(f"cannot read the knn score's bank {path} ({e}); run 'cifarlab ood {run} --score knn' "
+                            "again") from None
+
+
+def familiarity(pred, images: np.ndarray, logits: np.ndarray, score: str, bank: np.ndarray | None = None,
+                k: int | None = None) -> np.ndarray:
+    """The ``score`` of each of ``images`` for the model of ``pred``, from their ``logits``
+    (the run's own, before calibration) or, for ``knn``, their features and ``bank``."""
+    if score == KNN:
+        return knn_scores(bank, features(pred, images), k)
+    return scores(calibrated_logits(pred, logits))[score]
 
 
 def format_report(r: dict[str, Any], out: Path) -> str:
     """The report as a few lines for the terminal."""
     s = r["score"]
     ind = r["in_distribution"]
+    names = SCORES + ((KNN,) if KNN in r else ())
     lines = [f"{ind['images']} test images of the run's own data against {len(r['sets'])} other set(s); "
              f"higher AUROC and lower FPR95 are better (AUROC 0.5: no better than chance)",
-             f"{'set':<24} {'images':>7} " + " ".join(f"{k + ' AUROC':>14} {'FPR95':>6}" for k in SCORES)
+             f"{'set':<24} {'images':>7} " + " ".join(f"{k + ' AUROC':>14} {'FPR95':>6}" for k in names)
              + f" {'accepted':>9}  called mostly"]
     for st in r["sets"]:
         called = ", ".join(f"{c['class']} {c['share']:.0%}" for c in st["called"])
         lines.append(f"{st['name'][:24]:<24} {st['images']:>7} "
-                     + " ".join(f"{st[k]['auroc']:>14.4f} {st[k]['fpr_at_95_tpr']:>6.3f}" for k in SCORES)
+                     + " ".join(f"{st[k]['auroc']:>14.4f} {st[k]['fpr_at_95_tpr']:>6.3f}" for k in names)
                      + f" {st['accepted_share']:>9.2%}  {called}")
     for st in r["sets"]:
         for note in st["notes"] if not st["source"].startswith("synthetic:") else ():
@@ -337,6 +458,10 @@ def format_report(r: dict[str, Any], out: Path) -> str:
                 f"{c['class']} {c['accepted_share']:.0%} accepted, called {c['called']['class']} "
                 f"{c['called']['share']:.0%}" for c in st["per_class"][:10])
                 + (f"; ... ({len(st['per_class'])} classes in ood.json)" if len(st["per_class"]) > 10 else ""))
+    if KNN in r:
+        kn = r[KNN]
+        lines.append(f"knn: minus the distance to the k-th nearest (k = {kn['k']}) of {kn['bank_images']} training images' "
+                     f"features ({kn['features']}; without test-time augmentation)")
     lines.append(f"accepted: the share scoring at or above the {s} threshold {r['threshold']:.4g}, which keeps "
                  f"{r['keep']:.0%} of the run's {r['threshold_fitted_on']} images ({ind['flagged_share']:.2%} of "
                  f"its test images fall below it); cifarlab predict --flag-unfamiliar applies it")

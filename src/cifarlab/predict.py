@@ -12,7 +12,7 @@ import numpy as np
 from .data.images import IMAGE_SUFFIXES, is_image_name, open_image, to_array
 from .errors import CifarlabError
 from .export import load_model
-from .ood import calibrated_logits, read_ood, scores
+from .ood import KNN, familiarity, read_bank, read_ood
 
 
 def _expand(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -120,7 +120,10 @@ def _unfamiliar_rule(pred) -> dict:
         raise CifarlabError(f"--flag-unfamiliar needs the threshold of 'cifarlab ood {pred.run}', measured with the "
                             f"run's current weights, test-time augmentation ({pred.tta}) and calibration; run that "
                             "first (with the same --tta and --uncalibrated)")
-    return {"score": r["score"], "threshold": r["threshold"], "keep": r["keep"], "fitted_on": r["threshold_fitted_on"]}
+    rule = {"score": r["score"], "threshold": r["threshold"], "keep": r["keep"], "fitted_on": r["threshold_fitted_on"]}
+    if r["score"] == KNN:
+        rule.update(k=r[KNN]["k"], bank_images=r[KNN]["bank_images"])
+    return rule
 
 
 def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", device: str = "cpu",
@@ -143,6 +146,7 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
         raise CifarlabError(f"--top {top} is not valid; it must be at least 1")
     pred = load_model(run, device, tta, uncalibrated)
     rule = _unfamiliar_rule(pred) if flag_unfamiliar else None
+    bank = read_bank(pred.run) if rule and rule["score"] == KNN else None
     top = min(top, len(pred.classes))
     c, h, w = pred.input_shape
     files, failures = _expand(paths)
@@ -155,8 +159,9 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
         ok_paths, arrays = _read(files[s:s + CHUNK_FILES], c, (h, w), failures)
         if not arrays:
             continue
-        logits = pred.logits(np.stack(arrays))
-        familiar = scores(calibrated_logits(pred, logits))[rule["score"]] if rule else None
+        images = np.stack(arrays)
+        logits = pred.logits(images)
+        familiar = familiarity(pred, images, logits, rule["score"], bank, rule.get("k")) if rule else None
         for n, (f, p) in enumerate(zip(ok_paths, pred.probabilities(logits))):
             idx = np.argsort(-p)[:top]
             r = {"file": str(f), "top": [{"class": pred.classes[i], "probability": float(p[i])} for i in idx]}

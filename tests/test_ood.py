@@ -208,7 +208,7 @@ def test_a_run_of_some_classes_meets_the_others(tmp_path, image_folder, capsys):
     assert "holds no test images of a class the run does not know" in capsys.readouterr().err
 
 
-def test_cli_refusals(trained_run, tmp_path, capsys):
+def test_cli_refusals_and_a_grey_source(trained_run, tmp_path, capsys):
     assert main(["ood", str(trained_run), "synthetic:static"]) == 2
     assert "unknown synthetic set" in capsys.readouterr().err
     assert main(["ood", str(trained_run), "--count", "0"]) == 2
@@ -217,9 +217,21 @@ def test_cli_refusals(trained_run, tmp_path, capsys):
     from conftest import make_image_folder
 
     make_image_folder(grey, classes=("ship", "plane"), mode="L")
-    assert main(["ood", str(trained_run), str(grey)]) == 2
-    assert "channels" in capsys.readouterr().err
+    assert main(["ood", str(trained_run), "synthetic:nowhere"]) == 2
     assert not (trained_run / "ood").exists()  # nothing half-written
+    # grey images against a colour model: converted, as predict converts files
+    assert main(["ood", str(trained_run), str(grey), "--json", "--knn-bank", "0"]) == 0
+    (s,) = json.loads(capsys.readouterr().out)["sets"]
+    assert s["images"] == 6 and "its grey images converted to colour, as predict converts image files" in s["notes"]
+    from cifarlab.data import load_dataset
+    from cifarlab.export import load_model
+
+    pred = load_model(trained_run)
+    rgb = np.repeat(load_dataset(grey).x_test, 3, axis=3)  # grey to RGB repeats the channel
+    energy = ood.scores(ood.calibrated_logits(pred, pred.logits(rgb)))["energy"]
+    got = np.load(trained_run / "ood" / "scores.npz")["set0_energy"]
+    assert got == pytest.approx(energy)
+    (trained_run / "ood" / "ood.json").unlink()
     assert main(["predict", str(trained_run), str(grey), "--flag-unfamiliar"]) == 2
     assert "needs the threshold of 'cifarlab ood" in capsys.readouterr().err
 

@@ -320,9 +320,6 @@ def load_source(source: str, pred, known: list[str], count: int, seed: int, like
     ds = load_dataset(source, image_size=(h, w), skip_bad_images=skip_bad_images)
     if ds.x_test.shape[1:3] != (h, w):
         ds = resized(ds, (h, w), "the run's input")
-    if ds.x_test.shape[3] != c:
-        raise CifarlabError(f"{source}'s images have {ds.x_test.shape[3]} channels, the model takes {c}; give "
-                            "images of as many channels")
     for note in ds.notes:
         log(f"data ({source}): {note}")
     notes = []
@@ -337,10 +334,19 @@ def load_source(source: str, pred, known: list[str], count: int, seed: int, like
     if len(idx) > count:
         notes.append(f"{count} of its {len(idx)} test images, chosen at random (seed {seed})")
         idx = np.sort(rng.choice(idx, count, replace=False))
+    x = ds.x_test[idx]
+    if x.shape[3] != c:  # grey digits against a colour model, say: converted as predict converts a file
+        from PIL import Image
+
+        from .data.images import to_array
+
+        notes.append(f"its {'grey' if x.shape[3] == 1 else 'colour'} images converted to "
+                     f"{'colour' if c == 3 else 'grey'}, as predict converts image files")
+        x = np.stack([to_array(Image.fromarray(im[:, :, 0] if im.shape[2] == 1 else im), c) for im in x])
     from .export import data_tag
 
     return {"name": data_tag(ds.source, ds.labels), "source": str(ds.source), "notes": notes,
-            "images": ds.x_test[idx], "labels": [ds.classes[k] for k in ds.y_test[idx]]}
+            "images": x, "labels": [ds.classes[k] for k in ds.y_test[idx]]}
 
 
 def ood_run(run: str | Path, ds, sources: list[str] | None = None, out: str | Path | None = None,

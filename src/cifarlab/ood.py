@@ -31,8 +31,8 @@ all of them). A threshold keeping 95% of the run's validation images (of its tes
 it held out none) says what a deployment that flags unfamiliar images would do:
 ``cifarlab predict --flag-unfamiliar`` applies it.
 
-Images from elsewhere are other data (any ``--data`` source; images of a class the run knows
-are left out) or built-in synthetic sets, the sanity checks of Hendrycks, Mazeika and
+Images from elsewhere are other data (any source ``--data`` reads; images of a class the run
+knows are left out) or built-in synthetic sets, the sanity checks of Hendrycks, Mazeika and
 Dietterich (2019, "Deep anomaly detection with outlier exposure"): a run that accepts static
 as a frog has learned little about what frogs look like. Synthetic images are far from every
 real photograph, so separating them is necessary, not sufficient: real unfamiliar photographs
@@ -52,8 +52,8 @@ from .errors import CifarlabError
 
 SCORES = ("energy", "msp", "maxlogit")  # from the logits: every run has them
 KNN = "knn"  # from the features and a bank of training images': runs whose training images are known
-KNN_BANK = 10_000  # training images in the bank by default: enough for Sun et al. (1% of ImageNet's did)
-# Sun et al.'s k for CIFAR-10's 50,000 training images; a smaller bank gets a proportionally
+KNN_BANK = 10_000  # training images in the bank by default: a fifth of CIFAR-10's, 10 MB of keras-deep features
+# Sun et al.'s k for CIFAR-10's 50,000 training images (their code's); a smaller bank gets a proportionally
 # smaller k, so that the k-th neighbour lies about as far away as in the full bank
 KNN_K_PER_50K = 50
 BANK_FILE = "knn_bank.safetensors"

@@ -466,8 +466,8 @@ def format_report(r: dict[str, Any], out: Path) -> str:
                 + (f"; ... ({len(st['per_class'])} classes in ood.json)" if len(st["per_class"]) > 10 else ""))
     if KNN in r:
         kn = r[KNN]
-        lines.append(f"knn: minus the distance to the k-th nearest (k = {kn['k']}) of {kn['bank_images']} training images' "
-                     f"features ({kn['features']}; without test-time augmentation)")
+        lines.append(f"knn: minus the distance to the k-th nearest (k = {kn['k']}) of {kn['bank_images']} training "
+                     f"images' features ({kn['features']}; without test-time augmentation)")
     lines.append(f"accepted: the share scoring at or above the {s} threshold {r['threshold']:.4g}, which keeps "
                  f"{r['keep']:.0%} of the run's {r['threshold_fitted_on']} images ({ind['flagged_share']:.2%} of "
                  f"its test images fall below it); cifarlab predict --flag-unfamiliar applies it")

@@ -23,8 +23,8 @@ import numpy as np
 from ..errors import DataError
 from . import archive, arrays, cache, cifar, download, folder, reproductions
 
-__all__ = ["Dataset", "load_dataset", "resized", "only_classes", "every_image_as_test", "stratified_split", "balanced_subset",
-           "subset_note", "DataError"]
+__all__ = ["Dataset", "load_dataset", "resized", "only_classes", "every_image_as_test", "stratified_split",
+           "balanced_subset", "subset_note", "DataError"]
 
 
 @dataclass

@@ -303,3 +303,16 @@ def test_knn_through_the_cli_and_predict(trained_run, capsys):
                       (["--score", "knn", "--knn-bank", "0"], "--score knn needs a bank")):
         assert main(["ood", str(trained_run), *args]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_a_run_without_its_config_gets_the_logit_scores_and_a_threshold_from_its_test_images(trained_run, capsys):
+    """An imported model's training and validation images are unknown: no knn, and the test
+    images fit the threshold (the report says so)."""
+    (trained_run / "config.yaml").unlink()
+    data = str(trained_run.parent / "imgs")
+    assert main(["ood", str(trained_run), "synthetic:blank", "--data", data, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert "knn" not in r and r["threshold_fitted_on"] == "test"
+    assert r["in_distribution"]["flagged_share"] <= 0.05
+    assert main(["ood", str(trained_run), "--data", data, "--score", "knn"]) == 2
+    assert "--score knn needs a bank of the run's training images' features" in capsys.readouterr().err

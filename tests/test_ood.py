@@ -316,3 +316,32 @@ def test_a_run_without_its_config_gets_the_logit_scores_and_a_threshold_from_its
     assert r["in_distribution"]["flagged_share"] <= 0.05
     assert main(["ood", str(trained_run), "--data", data, "--score", "knn"]) == 2
     assert "--score knn needs a bank of the run's training images' features" in capsys.readouterr().err
+
+
+def test_a_folder_of_loose_images_is_a_source(trained_run, tmp_path, capsys):
+    """Photos of other things, as a user has them: image files in a folder, no classes."""
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    (photos / "more").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, where in enumerate([photos, photos, photos / "more"]):
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(where / f"p{i}.jpg")
+    (photos / "notes.txt").write_text("not an image")
+    assert main(["ood", str(trained_run), str(photos), "--json", "--knn-bank", "0"]) == 0
+    (s,) = json.loads(capsys.readouterr().out)["sets"]
+    assert s["images"] == 3 and s["notes"] == ["3 image file(s), read as predict reads them"]
+    from cifarlab.export import load_model
+
+    pred = load_model(trained_run)
+    files = sorted(str(f) for f in photos.rglob("*.jpg"))  # resized to 32x32 as predict resizes them
+    energy = ood.scores(ood.calibrated_logits(pred, pred.logits(files)))["energy"]
+    assert np.load(trained_run / "ood" / "scores.npz")["set0_energy"] == pytest.approx(energy)
+    (photos / "broken.png").write_bytes(b"no image")
+    assert main(["ood", str(trained_run), str(photos)]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    assert main(["ood", str(trained_run), str(photos), "--skip-bad-images", "--knn-bank", "0", "--json"]) == 0
+    (s,) = json.loads(capsys.readouterr().out)["sets"]
+    assert s["images"] == 3 and "1 unreadable file(s) left out" in s["notes"][1]
+    assert main(["ood", str(trained_run), files[0], "--knn-bank", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sets"][0]["images"] == 1

@@ -403,7 +403,8 @@ def _add_ood_parser(sub: argparse._SubParsersAction) -> None:
                                    "its own test images from other data and synthetic images")
     o.add_argument("run", help="run folder written by 'cifarlab train' (or 'cifarlab import')")
     o.add_argument("sources", nargs="*", metavar="SOURCE",
-                   help="unfamiliar images: a data archive or folder (its test images; those of a class the run "
+                   help="unfamiliar images: image files (an image, or a folder with images at its top, read as "
+                        "predict reads them), a data archive or folder (its test images; those of a class the run "
                         "knows are left out), or a built-in set, " + ", ".join(f"synthetic:{k}" for k in SYNTHETIC)
                         + "; omitted: every built-in set")
     _add_data_args(o, run="own")

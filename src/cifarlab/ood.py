@@ -31,8 +31,8 @@ all of them). A threshold keeping 95% of the run's validation images (of its tes
 it held out none) says what a deployment that flags unfamiliar images would do:
 ``cifarlab predict --flag-unfamiliar`` applies it.
 
-Images from elsewhere are other data (any source ``--data`` reads; images of a class the run
-knows are left out) or built-in synthetic sets, the sanity checks of Hendrycks, Mazeika and
+Images from elsewhere are image files (a folder of photos of other things), other data (any
+source ``--data`` reads; images of a class the run knows are left out) or built-in synthetic sets, the sanity checks of Hendrycks, Mazeika and
 Dietterich (2019, "Deep anomaly detection with outlier exposure"): a run that accepts static
 as a frog has learned little about what frogs look like. Synthetic images are far from every
 real photograph, so separating them is necessary, not sufficient: real unfamiliar photographs
@@ -305,9 +305,10 @@ def ood_report(pred, x_in: np.ndarray, x_val: np.ndarray | None, sets: list[dict
 def load_source(source: str, pred, known: list[str], count: int, seed: int, like: np.ndarray,
                 skip_bad_images: bool = False, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """The images of one OOD ``source`` for the model of ``pred``: ``synthetic:NAME`` made at
-    its input size (``like``, the run's test images, are what ``shuffled`` shuffles), or a data
-    path's test images resized to it, those of a class in ``known`` (the run's) left out; at
-    most ``count`` of them, chosen at random (``seed``) where there are more."""
+    its input size (``like``, the run's test images, are what ``shuffled`` shuffles); image files
+    (an image, or a folder with images at its top, searched through), read as ``predict`` reads
+    them; or a data path's test images resized to it, those of a class in ``known`` (the run's)
+    left out; at most ``count`` of them, chosen at random (``seed``) where there are more."""
     from .data import load_dataset, resized
 
     c, h, w = pred.input_shape
@@ -317,6 +318,8 @@ def load_source(source: str, pred, known: list[str], count: int, seed: int, like
         n = min(count, len(like))
         return {"name": name, "source": source, "notes": [SYNTHETIC[name]],
                 "images": synthetic_images(name, n, (h, w, c), seed, like[rng.permutation(len(like))[:n]])}
+    if _loose_images(Path(source).expanduser()):
+        return _image_files(Path(source).expanduser(), pred, count, rng, skip_bad_images)
     ds = load_dataset(source, image_size=(h, w), skip_bad_images=skip_bad_images)
     if ds.x_test.shape[1:3] != (h, w):
         ds = resized(ds, (h, w), "the run's input")
@@ -347,6 +350,43 @@ def load_source(source: str, pred, known: list[str], count: int, seed: int, like
 
     return {"name": data_tag(ds.source, ds.labels), "source": str(ds.source), "notes": notes,
             "images": x, "labels": [ds.classes[k] for k in ds.y_test[idx]]}
+
+
+def _loose_images(path: Path) -> bool:
+    """Whether ``path`` is image files rather than a data set: an image file, or a folder with
+    image files at its top (a data set's folder holds class or split folders there)."""
+    from .data.images import is_image_name
+
+    if path.is_file():
+        return is_image_name(path.name)
+    return path.is_dir() and any(f.is_file() and is_image_name(f.name) for f in path.iterdir())
+
+
+def _image_files(path: Path, pred, count: int, rng: np.random.Generator, skip_bad: bool) -> dict[str, Any]:
+    """The image files of ``path`` (an image, or every image in a folder and its subfolders) as
+    one unfamiliar set, read and resized as ``predict`` reads them; an unreadable one is
+    refused, or left out and counted with ``skip_bad``."""
+    from .data.images import is_image_name
+    from .export import data_tag
+
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file() and is_image_name(f.name))
+    notes = [f"{len(files)} image file(s), read as predict reads them"]
+    if len(files) > count:
+        notes.append(f"{count} of them, chosen at random")
+        files = [files[i] for i in np.sort(rng.choice(len(files), count, replace=False))]
+    arrays, bad = [], []
+    for f in files:
+        try:
+            arrays.append(pred.to_uint8([f])[0].permute(1, 2, 0).numpy())
+        except CifarlabError as e:
+            if not skip_bad:
+                raise CifarlabError(f"{e}; leave unreadable files out with --skip-bad-images") from None
+            bad.append(f)
+    if bad:
+        notes.append(f"{len(bad)} unreadable file(s) left out (--skip-bad-images), such as {bad[0]}")
+    if not arrays:
+        raise CifarlabError(f"{path} holds no readable image file")
+    return {"name": data_tag(str(path)), "source": str(path), "notes": notes, "images": np.stack(arrays)}
 
 
 def ood_run(run: str | Path, ds, sources: list[str] | None = None, out: str | Path | None = None,

@@ -250,6 +250,7 @@ class _Net:
     """A predictor stand-in around a small network, for the features of its last layer."""
 
     classes = ["a", "b"]
+    tta = "none"
 
     def __init__(self):
         torch.manual_seed(0)
@@ -297,6 +298,11 @@ def test_knn_through_the_cli_and_predict(trained_run, capsys):
     want = ood.knn_scores(ood.read_bank(trained_run), ood.features(pred, imgs), r["knn"]["k"]) < r["threshold"]
     assert [p["unfamiliar"] for p in doc["predictions"]] == want.tolist()
     assert doc["unfamiliar_below"]["score"] == "knn"
+    # the features are the plain model's: with test-time augmentation (two passes) the knn scores stay
+    before = np.load(trained_run / "ood" / "scores.npz")["in_knn"]
+    assert main(["ood", str(trained_run), "synthetic:uniform", "--tta", "flip", "--json"]) == 0
+    capsys.readouterr()
+    assert np.load(trained_run / "ood" / "scores.npz")["in_knn"] == pytest.approx(before, abs=1e-6)
     assert main(["ood", str(trained_run), "synthetic:blank", "--knn-bank", "0", "--json"]) == 0
     assert "knn" not in json.loads(capsys.readouterr().out)
     for args, msg in ((["--knn-bank", "-1"], "--knn-bank -1 is not valid"),

@@ -101,9 +101,10 @@ def last_linear(model):
     return found[-1]
 
 
-def features(pred, images: np.ndarray) -> np.ndarray:
+def features(pred, images: np.ndarray, with_logits: bool = False):
     """The features of uint8 ``images`` (N, H, W, C) for the model of ``pred``: the input of its
-    last linear layer, without test-time augmentation, scaled to length 1; float32 (N, D)."""
+    last linear layer, without test-time augmentation, scaled to length 1; float32 (N, D). With
+    ``with_logits``, also the logits of that pass: (features, logits)."""
     import torch
 
     _, layer = last_linear(pred.model)
@@ -112,11 +113,12 @@ def features(pred, images: np.ndarray) -> np.ndarray:
     # reaches the classifier
     hook = layer.register_forward_hook(lambda _m, inp, _out: got.append(inp[0].detach().float().flatten(1).cpu()))
     try:
-        pred.logits(images, tta="none")
+        logits = pred.logits(images, tta="none")
     finally:
         hook.remove()
     f = torch.cat(got) if got else torch.zeros((0, layer.in_features))
-    return torch.nn.functional.normalize(f, dim=1).numpy()
+    f = torch.nn.functional.normalize(f, dim=1).numpy()
+    return (f, logits) if with_logits else f
 
 
 def knn_k(bank_size: int) -> int:
@@ -250,10 +252,14 @@ def ood_report(pred, x_in: np.ndarray, x_val: np.ndarray | None, sets: list[dict
 
     def scored(x: np.ndarray, what: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
         log(f"predicting the {len(x)} {what}")
-        z = calibrated_logits(pred, pred.logits(x))
+        if bank is not None and pred.tta == "none":  # one pass gives both: the features are the plain model's
+            f, raw = features(pred, x, with_logits=True)
+        else:
+            raw, f = pred.logits(x), features(pred, x) if bank is not None else None
+        z = calibrated_logits(pred, raw)
         s = scores(z)
         if bank is not None:
-            s[KNN] = knn_scores(bank, features(pred, x), k)
+            s[KNN] = knn_scores(bank, f, k)
         return s, np.exp(z - s["energy"][:, None])  # the probabilities: softmax is exp(z - logsumexp z)
 
     s_in, p_in = scored(x_in, "test images")

@@ -165,6 +165,8 @@ def test_ood_through_the_cli_predict_and_the_card(trained_run, capsys):
     assert main(["audit", str(trained_run), "--bootstrap", "100"]) == 0
     card = (trained_run / "audit" / "MODEL_CARD.md").read_text()
     assert "Unfamiliar images (`cifarlab ood`, energy score)" in card and "gaussian (5 images)" in card
+    knn = r["sets"][0]["knn"]["auroc"]  # the features' score beside the threshold's
+    assert f"gaussian (5 images): AUROC {r['sets'][0]['energy']['auroc']:.3f} (knn {knn:.3f}), **" in card
     # weights trained on since: the report no longer describes the model, and the card drops it
     from safetensors.torch import load_file, save_file
 

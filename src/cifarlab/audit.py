@@ -979,14 +979,18 @@ def _ood_summary(r: dict | None) -> dict[str, Any] | None:
     return {"score": s, "keep": r["keep"], "fitted_on": r["threshold_fitted_on"],
             "sets": [{"name": st["name"], "images": st["images"], "auroc": st[s]["auroc"],
                       "fpr_at_95_tpr": st[s]["fpr_at_95_tpr"], "accepted_share": st["accepted_share"],
-                      "called": st["called"][0] if st["called"] else None} for st in r["sets"]]}
+                      "called": st["called"][0] if st["called"] else None,
+                      # the features' score beside the threshold's, where measured: often far apart
+                      "knn_auroc": st["knn"]["auroc"] if "knn" in st and s != "knn" else None}
+                     for st in r["sets"]]}
 
 
 def _ood_lines(u: dict | None) -> list[str]:
     """The card's paragraph on images unlike the training data, where ``cifarlab ood`` measured it."""
     if not u:
         return []
-    sets = "; ".join(f"{st['name']} ({st['images']:,} images): AUROC {st['auroc']:.3f}, "
+    sets = "; ".join(f"{st['name']} ({st['images']:,} images): AUROC {st['auroc']:.3f}"
+                     + (f" (knn {st['knn_auroc']:.3f})" if st.get("knn_auroc") is not None else "") + ", "
                      f"**{st['accepted_share']:.1%} accepted**"
                      + (f", most called {st['called']['class']} ({st['called']['share']:.0%})" if st["called"] else "")
                      for st in u["sets"])

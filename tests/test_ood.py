@@ -45,6 +45,7 @@ def test_threshold_keeps_at_least_95_percent_and_no_more_than_it_must(n, expecte
     assert t == expected and (s >= t).mean() >= 0.95
     with pytest.raises(CifarlabError, match="none"):
         ood.threshold(np.array([]))
+    assert ood.threshold(np.arange(100.0), 0.5) == 50.0 and ood.threshold(np.arange(100.0), 0.99) == 1.0
 
 
 def test_synthetic_sets():
@@ -353,3 +354,18 @@ def test_a_folder_of_loose_images_is_a_source(trained_run, tmp_path, capsys):
     assert s["images"] == 3 and "1 unreadable file(s) left out" in s["notes"][1]
     assert main(["ood", str(trained_run), files[0], "--knn-bank", "0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["sets"][0]["images"] == 1
+
+
+def test_keep_sets_how_many_of_the_runs_own_images_the_threshold_keeps(trained_run, capsys):
+    args = ["ood", str(trained_run), "synthetic:blank", "--knn-bank", "0", "--json"]
+    assert main(args) == 0
+    usual = json.loads(capsys.readouterr().out)
+    assert main(args + ["--keep", "0.5"]) == 0
+    half = json.loads(capsys.readouterr().out)
+    assert usual["keep"] == 0.95 and half["keep"] == 0.5
+    # keeping fewer of its own images takes a threshold at least as high, for every score
+    assert all(half["thresholds"][k] >= usual["thresholds"][k] for k in ood.SCORES)
+    assert half["in_distribution"]["flagged_share"] >= usual["in_distribution"]["flagged_share"]
+    for bad in ("1", "0", "-0.5"):
+        assert main(["ood", str(trained_run), "--keep", bad]) == 2
+        assert f"--keep {float(bad)} is not valid" in capsys.readouterr().err

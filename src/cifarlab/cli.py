@@ -415,6 +415,9 @@ def _add_ood_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--knn-bank", type=int, default=KNN_BANK, metavar="N",
                    help=f"training images whose features the knn score compares with (default {KNN_BANK}, chosen "
                         "class-balanced with --seed; 0: no knn score)")
+    o.add_argument("--keep", type=float, default=0.95, metavar="FRACTION",
+                   help="the share of the run's validation images the threshold keeps (default 0.95, the usual "
+                        "95%% TPR; 0.99 flags fewer of its own kind of image and lets more unfamiliar ones through)")
     o.add_argument("--count", type=int, default=10_000, help="at most this many images of each source (default "
                                                               "10000; the built-in sets: as many as test images)")
     o.add_argument("--seed", type=int, default=0, help="seed of the synthetic images and of the choice of --count "
@@ -1060,9 +1063,10 @@ def cmd_ood(args: argparse.Namespace) -> int:
     """``cifarlab ood``: the run's own test images against other data and synthetic images."""
     from .export import is_runs_set, read_run
     from .fsutil import check_folder_path, json_text
-    from .ood import check_score, check_sources, format_report, ood_run
+    from .ood import check_keep, check_score, check_sources, format_report, ood_run
 
     check_score(args.score)  # before the data is loaded
+    check_keep(args.keep)
     check_sources(args.sources)
     if args.count < 1:
         raise ConfigError(f"--count {args.count} is not valid; give 1 or more images per set")
@@ -1078,7 +1082,7 @@ def cmd_ood(args: argparse.Namespace) -> int:
     ds = _load_eval_data(args, run)
     out = Path(args.out) if args.out else run / "ood"
     report = ood_run(run, ds, args.sources, out, args.score, args.count, args.seed, args.tta, args.device,
-                     args.uncalibrated, bool(args.skip_bad_images), log, args.knn_bank)
+                     args.uncalibrated, bool(args.skip_bad_images), log, args.knn_bank, args.keep)
     print(json_text(report) if args.json else format_report(report, out))
     return 0
 

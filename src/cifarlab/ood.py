@@ -27,8 +27,8 @@ How well a score separates the run's test images ("in") from other images ("out"
 the area under the ROC curve (AUROC: 0.5 is chance, 1 perfect), the share of out images
 accepted when 95% of in images are (FPR at 95% TPR, lower is better) and the areas under the
 precision-recall curves with in and with out images as the positives (scikit-learn computes
-all of them). A threshold keeping 95% of the run's validation images (of its test images where
-it held out none) says what a deployment that flags unfamiliar images would do:
+all of them). A threshold keeping 95% (``--keep``) of the run's validation images (of its test images
+where it held out none) says what a deployment that flags unfamiliar images would do:
 ``cifarlab predict --flag-unfamiliar`` applies it.
 
 Images from elsewhere are image files (a folder of photos of other things), other data (any
@@ -64,7 +64,7 @@ SYNTHETIC = {
     "blank": "one colour filling the whole image, drawn uniformly per image",
     "shuffled": "the run's test images with their pixels shuffled: their colours kept, their shapes destroyed",
 }
-KEEP = 0.95  # the share of in-distribution images a threshold keeps: the field's usual 95% TPR
+KEEP = 0.95  # the share of in-distribution images a threshold keeps by default: the field's usual 95% TPR
 FILE = "ood.json"
 
 
@@ -80,6 +80,14 @@ def check_sources(sources: list[str]) -> None:
         elif not Path(s).expanduser().exists():
             raise CifarlabError(f"OOD source '{s}' does not exist; give a data archive or folder, or one of "
                                 f"{', '.join('synthetic:' + k for k in SYNTHETIC)}")
+
+
+def check_keep(keep: float) -> float:
+    """``keep`` (``--keep``), refused unless it lies strictly between 0 and 1."""
+    if not 0 < keep < 1:
+        raise CifarlabError(f"--keep {keep} is not valid; give the share of the run's own images the threshold "
+                            "keeps, strictly between 0 and 1, such as 0.95 (the default) or 0.99")
+    return keep
 
 
 def check_score(score: str) -> str:
@@ -192,7 +200,7 @@ def separation(inside: np.ndarray, outside: np.ndarray) -> dict[str, float]:
     fpr, tpr, _ = roc_curve(y, s)
     return {"auroc": float(roc_auc_score(y, s)),
             # the first point of the curve that keeps 95% of in images: the fewest out images accepted with them
-            "fpr_at_95_tpr": float(fpr[np.searchsorted(tpr, KEEP, side="left")]),
+            "fpr_at_95_tpr": float(fpr[np.searchsorted(tpr, 0.95, side="left")]),
             "aupr_in": float(average_precision_score(y, s)),
             "aupr_out": float(average_precision_score(1 - y, -s))}
 
@@ -229,18 +237,21 @@ def _per_class(labels: list[str], accepted: np.ndarray, probs: np.ndarray, class
 
 def ood_report(pred, x_in: np.ndarray, x_val: np.ndarray | None, sets: list[dict[str, Any]], out: str | Path,
                score: str = "energy", about: dict[str, Any] | None = None,
-               log: Callable[[str], None] = lambda _: None, bank: np.ndarray | None = None) -> dict[str, Any]:
+               log: Callable[[str], None] = lambda _: None, bank: np.ndarray | None = None,
+               keep: float = KEEP) -> dict[str, Any]:
     """Score the run of ``pred`` (a :class:`cifarlab.export.Predictor`) on its test images
     ``x_in``, on its validation images ``x_val`` (None: it held out none, and the threshold comes
     from ``x_in``) and on each of ``sets`` (dicts with ``name``, ``source`` and uint8 ``images``);
     write ``ood.json``, ``ood.png`` and ``scores.npz`` into ``out``; return the report.
     ``bank``: the features (:func:`features`) of training images, for the ``knn`` score, saved
     as ``knn_bank.safetensors``; None: the scores of the logits alone. ``score`` sets the
-    threshold and the plot; every score is measured."""
+    threshold (which keeps ``keep`` of the validation images) and the plot; every score is
+    measured."""
     from . import plots
     from .fsutil import write_bytes, write_json, write_with
 
     check_score(score)
+    check_keep(keep)
     if score == KNN and bank is None:
         raise CifarlabError("--score knn needs a bank of the run's training images' features, which a run without "
                             "config.yaml or training images cannot have; choose " + ", ".join(SCORES))
@@ -268,10 +279,10 @@ def ood_report(pred, x_in: np.ndarray, x_val: np.ndarray | None, sets: list[dict
         fitted_on = "validation"
     else:
         s_val, fitted_on = s_in, "test"
-    thr = {n: threshold(s_val[n]) for n in names}
+    thr = {n: threshold(s_val[n], keep) for n in names}
     report: dict[str, Any] = dict(about or {})
     report.update({
-        "score": score, "keep": KEEP, "threshold_fitted_on": fitted_on,
+        "score": score, "keep": keep, "threshold_fitted_on": fitted_on,
         "threshold": thr[score], "thresholds": thr,
         "in_distribution": {"images": int(len(x_in)),
                             "flagged_share": float((s_in[score] < thr[score]).mean()),
@@ -398,12 +409,13 @@ def _image_files(path: Path, pred, count: int, rng: np.random.Generator, skip_ba
 def ood_run(run: str | Path, ds, sources: list[str] | None = None, out: str | Path | None = None,
             score: str = "energy", count: int = 10_000, seed: int = 0, tta: str | None = None,
             device: str = "auto", uncalibrated: bool = False, skip_bad_images: bool = False,
-            log: Callable[[str], None] = lambda _: None, knn_bank: int = KNN_BANK) -> dict[str, Any]:
+            log: Callable[[str], None] = lambda _: None, knn_bank: int = KNN_BANK,
+            keep: float = KEEP) -> dict[str, Any]:
     """:func:`ood_report` of the run ``run`` with ``ds``, the data it was trained on: its test
     images as the familiar ones, its validation images for the threshold, ``knn_bank`` of its
     training images (class-balanced, ``seed``; 0: no ``knn`` score) as the bank of the ``knn``
-    score, and ``sources`` (default every synthetic set) as the unfamiliar ones; into ``out``, by
-    default ``RUN/ood``."""
+    score, and ``sources`` (default every synthetic set) as the unfamiliar ones; the threshold
+    keeps ``keep`` of the validation images; into ``out``, by default ``RUN/ood``."""
     from .calibrate import weights_digest
     from .evaluate import _check_compatible
     from .export import load_model
@@ -411,6 +423,7 @@ def ood_run(run: str | Path, ds, sources: list[str] | None = None, out: str | Pa
     from .train import run_split
 
     check_score(score)
+    check_keep(keep)
     sources = list(sources or [f"synthetic:{k}" for k in SYNTHETIC])
     check_sources(sources)
     if count < 1:
@@ -442,7 +455,7 @@ def ood_run(run: str | Path, ds, sources: list[str] | None = None, out: str | Pa
     about = {"run": str(pred.run), "data": str(ds.source), "tta": pred.tta, "temperature": pred.temperature(),
              "class_offsets": None if offsets is None else list(offsets), "weights_sha256": weights_digest(pred.run)}
     with report_folder(out):
-        return ood_report(pred, ds.x_test, x_val, sets, out, score, about, log, bank)
+        return ood_report(pred, ds.x_test, x_val, sets, out, score, about, log, bank, keep)
 
 
 def read_ood(run: str | Path, tta: str, temperature: float | None = None,

@@ -1063,15 +1063,9 @@ def cmd_ood(args: argparse.Namespace) -> int:
     """``cifarlab ood``: the run's own test images against other data and synthetic images."""
     from .export import is_runs_set, read_run
     from .fsutil import check_folder_path, json_text
-    from .ood import check_keep, check_score, check_sources, format_report, ood_run
+    from .ood import check_options, format_report, ood_run
 
-    check_score(args.score)  # before the data is loaded
-    check_keep(args.keep)
-    check_sources(args.sources)
-    if args.count < 1:
-        raise ConfigError(f"--count {args.count} is not valid; give 1 or more images per set")
-    if args.knn_bank < 0:
-        raise ConfigError(f"--knn-bank {args.knn_bank} is not valid; give 0 (no knn score) or more training images")
+    check_options(args.score, args.sources, args.count, args.knn_bank, args.keep)  # before the data is loaded
     if args.out:
         check_folder_path(args.out)
     if is_runs_set(args.run):

@@ -97,6 +97,19 @@ def check_score(score: str) -> str:
     return score
 
 
+def check_options(score: str, sources: list[str], count: int, knn_bank: int, keep: float) -> None:
+    """A clear error for any bad option of ``cifarlab ood``, before any data is loaded."""
+    check_score(score)
+    check_keep(keep)
+    check_sources(sources)
+    if count < 1:
+        raise CifarlabError(f"--count {count} is not valid; give 1 or more images per set")
+    if knn_bank < 0:
+        raise CifarlabError(f"--knn-bank {knn_bank} is not valid; give 0 (no knn score) or more training images")
+    if score == KNN and not knn_bank:
+        raise CifarlabError("--score knn needs a bank of training images; leave out --knn-bank 0")
+
+
 def last_linear(model):
     """The model's last ``nn.Linear`` (its classifier), whose input are the features ``knn``
     compares; refused where there is none."""
@@ -422,16 +435,8 @@ def ood_run(run: str | Path, ds, sources: list[str] | None = None, out: str | Pa
     from .fsutil import report_folder
     from .train import run_split
 
-    check_score(score)
-    check_keep(keep)
     sources = list(sources or [f"synthetic:{k}" for k in SYNTHETIC])
-    check_sources(sources)
-    if count < 1:
-        raise CifarlabError(f"--count {count} is not valid; give 1 or more images per set")
-    if knn_bank < 0:
-        raise CifarlabError(f"--knn-bank {knn_bank} is not valid; give 0 (no knn score) or more training images")
-    if score == KNN and not knn_bank:
-        raise CifarlabError("--score knn needs a bank of training images; leave out --knn-bank 0")
+    check_options(score, sources, count, knn_bank, keep)
     run = Path(run)
     out = Path(out) if out is not None else run / "ood"
     pred = load_model(run, device, tta, uncalibrated)

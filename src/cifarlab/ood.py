@@ -144,7 +144,7 @@ def features(pred, images: np.ndarray, with_logits: bool = False):
 
 def knn_k(bank_size: int) -> int:
     """k for a bank of ``bank_size`` features: :data:`KNN_K_PER_50K` scaled to it, at least 1."""
-    return max(1, min(bank_size, round(KNN_K_PER_50K * bank_size / 50_000)))
+    return max(1, round(KNN_K_PER_50K * bank_size / 50_000))
 
 
 def knn_scores(bank: np.ndarray, feats: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
@@ -164,9 +164,10 @@ def knn_scores(bank: np.ndarray, feats: np.ndarray, k: int, chunk: int = 2048) -
 def scores(logits: np.ndarray) -> dict[str, np.ndarray]:
     """Each score of :data:`SCORES` for ``logits`` (N, K) (calibrated already, where the run is),
     float64 (N,); higher means more like the training images."""
+    from scipy.special import logsumexp
+
     z = np.asarray(logits, np.float64)
-    top = z.max(1) if len(z) else np.zeros(0)
-    lse = top + np.log(np.exp(z - top[:, None]).sum(1)) if len(z) else np.zeros(0)  # stable logsumexp
+    top, lse = z.max(1), logsumexp(z, axis=1)
     return {"energy": lse, "msp": np.exp(top - lse), "maxlogit": top}
 
 

@@ -107,6 +107,20 @@ def same_calibration(record: dict, temperature: float | None, class_offsets: Any
     return record.get("temperature") == temperature and same_offsets(record.get("class_offsets"), class_offsets)
 
 
+def read_current_report(path: str | Path, run: str | Path, tta: str, temperature: float | None,
+                        class_offsets: Any) -> dict | None:
+    """The JSON report at ``path`` where it was measured with ``run``'s current weights (their
+    SHA-256), test-time augmentation ``tta`` and calibration (:func:`same_calibration`); None
+    where it is missing, unreadable or measured otherwise: what the model card may quote."""
+    try:
+        r = json.loads(Path(path).read_text())
+        current = (isinstance(r, dict) and r.get("weights_sha256") == weights_digest(run) and r.get("tta") == tta
+                   and same_calibration(r, temperature, class_offsets))
+    except (OSError, ValueError, TypeError, CifarlabError):  # TypeError: offsets that are not a list
+        return None
+    return r if current else None
+
+
 def read_calibration(run: str | Path, classes: list[str] | None = None) -> dict[str, Calibration]:
     """What ``RUN/calibration.json`` holds, by test-time augmentation level; empty where the run
     has none (it was never calibrated). ``classes`` (default those of the run's

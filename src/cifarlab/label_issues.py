@@ -228,17 +228,10 @@ def read_label_issues(run: str | Path, tta: str, temperature: float | None = Non
     probabilities the thresholds are means of), from ``RUN/<name>/label_issues.json`` (``name``
     ``label-issues-<data>`` for other data); None where there is none, or where it is
     unreadable or was measured with other weights or settings: what the model card quotes."""
-    import json
+    from .calibrate import read_current_report
 
-    from .calibrate import same_calibration, weights_digest
-
-    try:
-        r = json.loads((Path(run) / name / "label_issues.json").read_text())
-        digest = weights_digest(run)
-    except (OSError, ValueError, CifarlabError):
-        return None
-    if not isinstance(r, dict) or r.get("weights_sha256") != digest or r.get("tta") != tta \
-            or not same_calibration(r, temperature, class_offsets):
+    r = read_current_report(Path(run) / name / "label_issues.json", run, tta, temperature, class_offsets)
+    if r is None:
         return None
     return {k: r.get(k) for k in ("test_images", "flagged", "estimated_wrong_labels", "accuracy",
                                   "accuracy_without_flagged", "per_class")}

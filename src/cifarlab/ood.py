@@ -469,19 +469,10 @@ def read_ood(run: str | Path, tta: str, temperature: float | None = None,
     """The report of ``cifarlab ood`` in ``RUN/<name>`` where it was measured with the run's
     current weights, test-time augmentation ``tta`` and calibration; None where there is none,
     it is unreadable, or it was measured otherwise (its scores and threshold would not hold)."""
-    import json
+    from .calibrate import read_current_report
 
-    from .calibrate import same_calibration, weights_digest
-
-    try:
-        r = json.loads((Path(run) / name / FILE).read_text())
-        digest = weights_digest(run)
-    except (OSError, ValueError, CifarlabError):
-        return None
-    if not isinstance(r, dict) or r.get("weights_sha256") != digest or r.get("tta") != tta \
-            or not same_calibration(r, temperature, class_offsets) or r.get("score") not in SCORES + (KNN,):
-        return None
-    return r
+    r = read_current_report(Path(run) / name / FILE, run, tta, temperature, class_offsets)
+    return r if r is not None and r.get("score") in SCORES + (KNN,) else None
 
 
 def read_bank(run: str | Path, name: str = "ood") -> np.ndarray:

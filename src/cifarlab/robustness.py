@@ -464,15 +464,7 @@ def read_robustness(run: str | Path, tta: str, temperature: float | None = None,
     on other data) where it was measured with these weights, test-time augmentation ``tta`` and
     calibration (``temperature`` and ``class_offsets``, None for none); None otherwise, or where
     it is unreadable: what the model card quotes."""
-    import json
+    from .calibrate import read_current_report
 
-    from .calibrate import same_calibration, weights_digest
-
-    path = Path(run) / name / "robustness.json"
-    try:
-        r = json.loads(path.read_text())
-        current = (r.get("weights_sha256") == weights_digest(run) and r.get("tta") == tta
-                   and same_calibration(r, temperature, class_offsets))
-        return r if current and isinstance(r.get("corruptions"), list) else None
-    except (OSError, ValueError, AttributeError, TypeError):
-        return None
+    r = read_current_report(Path(run) / name / "robustness.json", run, tta, temperature, class_offsets)
+    return r if r is not None and isinstance(r.get("corruptions"), list) else None

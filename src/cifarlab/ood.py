@@ -397,10 +397,10 @@ def _image_files(path: Path, pred, count: int, rng: np.random.Generator, skip_ba
     """The image files of ``path`` (an image, or every image in a folder and its subfolders) as
     one unfamiliar set, read and resized as ``predict`` reads them; an unreadable one is
     refused, or left out and counted with ``skip_bad``."""
-    from .data.images import is_image_name
     from .export import data_tag
+    from .predict import _expand
 
-    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file() and is_image_name(f.name))
+    files, _ = _expand([str(path)])  # the files predict would read, in its order
     notes = [f"{len(files)} image file(s), read as predict reads them"]
     if len(files) > count:
         notes.append(f"{count} of them, chosen at random")

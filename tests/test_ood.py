@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -369,3 +370,84 @@ def test_keep_sets_how_many_of_the_runs_own_images_the_threshold_keeps(trained_r
     for bad in ("1", "0", "-0.5"):
         assert main(["ood", str(trained_run), "--keep", bad]) == 2
         assert f"--keep {float(bad)} is not valid" in capsys.readouterr().err
+
+
+def test_the_runs_of_a_set_meet_the_same_images_and_their_spread_is_reported(tmp_path, image_folder, capsys):
+    from conftest import tiny_config
+
+    from cifarlab.train import fit
+
+    base = tmp_path / "set"
+    fit(tiny_config(str(image_folder), str(base), runs=2), log=lambda s: None)
+    other = tmp_path / "others"
+    from conftest import make_image_folder
+
+    make_image_folder(other, classes=("ship", "plane"))
+    assert main(["ood", str(base), str(other), "synthetic:uniform", "--count", "4", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    each = [json.loads((base / f"run-{k}" / "ood" / "ood.json").read_text()) for k in range(2)]
+    assert s == json.loads((base / "ood_summary.json").read_text())
+    assert s["runs"] == 2 and [st["name"] for st in s["sets"]] == [e["name"] for e in each[0]["sets"]]
+    assert s["scores"] == list(ood.SCORES) + ["knn"]
+    assert [r["weights_sha256"] for r in s["per_run"]] == [e["weights_sha256"] for e in each]
+    assert each[0]["weights_sha256"] != each[1]["weights_sha256"]  # two seeds, two models
+    for i, st in enumerate(s["sets"]):
+        assert [e["sets"][i]["images"] for e in each] == [4, 4] and st["images"] == 4
+        # the same images for both runs: the same random choice of the folder's files, the same noise
+        assert each[0]["sets"][i]["notes"] == each[1]["sets"][i]["notes"] == st["notes"]
+        for score in s["scores"]:
+            aurocs = [e["sets"][i][score]["auroc"] for e in each]
+            assert st[score]["auroc"]["min"] == min(aurocs) and st[score]["auroc"]["max"] == max(aurocs)
+            assert st[score]["auroc"]["mean"] == pytest.approx(sum(aurocs) / 2)
+        assert st["accepted_share"]["mean"] == pytest.approx(sum(e["sets"][i]["accepted_share"] for e in each) / 2)
+        assert sum(c["runs"] for c in st["called_most"]) == 2
+    # the noise is literally the same: run-1 scores the images run-0 scored, and its own scores are reproduced
+    from cifarlab.export import load_model
+
+    noise = ood.synthetic_images("uniform", 4, (32, 32, 3), seed=1)  # the second source: seed + 1
+    pred = load_model(base / "run-1")
+    got = np.load(base / "run-1" / "ood" / "scores.npz")["set1_energy"]
+    assert got == pytest.approx(ood.scores(ood.calibrated_logits(pred, pred.logits(noise)))["energy"])
+
+    # on the terminal, and into --out: each run's report under OUT/run-K, the summary in OUT
+    out = tmp_path / "o"
+    assert main(["ood", str(base), "synthetic:blank", "--count", "3", "--knn-bank", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "run-0: energy threshold" in printed and "2 runs, 9 test images of their own data against 1" in printed
+    assert str(out / "ood_summary.json") in printed and (out / "run-1" / "ood.json").is_file()
+    assert json.loads((out / "ood_summary.json").read_text())["scores"] == list(ood.SCORES)
+
+    # the audit of the set quotes the spread of the runs' own reports
+    from cifarlab.audit import audit_runs
+    from cifarlab.data import load_dataset
+
+    ds = load_dataset(str(image_folder))
+    audit_runs(base, ds, n_boot=100, device="cpu", log=lambda _: None)
+    md = (base / "audit_summary.md").read_text()
+    u = s["sets"][1]
+    assert ("Unfamiliar images (`cifarlab ood`, energy score, each run's threshold keeping 95% of its validation "
+            "images): ") in md
+    assert (f"uniform (4 images): AUROC {u['energy']['auroc']['mean']:.3f} ({u['energy']['auroc']['min']:.3f} to "
+            f"{u['energy']['auroc']['max']:.3f}), accepted {u['accepted_share']['mean']:.3f}") in md
+    (base / "run-1" / "ood" / "ood.json").unlink()
+    audit_runs(base, ds, n_boot=100, device="cpu", log=lambda _: None)
+    md = (base / "audit_summary.md").read_text()
+    assert "Unfamiliar images: not quoted; run-1 not measured with its current weights" in md
+
+
+def test_a_spread_that_straddles_chance_is_called_out():
+    def report(run, auroc):
+        st = {"name": "blank", "source": "synthetic:blank", "images": 5, "notes": [], "accepted_share": 0.5,
+              "mean_confidence": 0.9, "called": [{"class": "cat", "share": 1.0}],
+              **{k: {"auroc": auroc, "fpr_at_95_tpr": 0.5} for k in ood.SCORES}}
+        return {"run": run, "data": "d", "score": "energy", "keep": 0.95, "tta": "none", "threshold": 1.0,
+                "thresholds": dict.fromkeys(ood.SCORES, 1.0), "threshold_fitted_on": "validation",
+                "temperature": None, "class_offsets": None, "weights_sha256": run,
+                "in_distribution": {"images": 9, "flagged_share": 0.0, "mean_confidence": 0.8}, "sets": [st]}
+
+    s = ood.summarise_ood([report("a", 0.3), report("b", 0.8)])
+    assert s["sets"][0]["energy"]["auroc"]["mean"] == pytest.approx(0.55)
+    assert s["sets"][0]["called_most"] == [{"class": "cat", "runs": 2}]
+    text = ood.format_runs(s, Path("f"))
+    assert "The runs disagree on blank" in text and "0.5500 (0.3000 to 0.8000)" in text
+    assert "disagree" not in ood.format_runs(ood.summarise_ood([report("a", 0.6), report("b", 0.8)]), Path("f"))

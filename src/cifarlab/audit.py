@@ -396,6 +396,7 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
     summary = summarise_audits(audits, [str(r) for r in runs])
     summary["robustness"] = _runs_robustness(base, f"robustness{suffix}", summary["tta"], audits)
     summary["near_duplicates"] = _runs_duplicates(audits)
+    summary["unfamiliar_images"] = _runs_ood(audits)
     dest = out or base
     for row, report in zip(summary["per_run"], reports):
         row["report"] = os.path.relpath(report, dest)  # from the summary's folder, so its links work
@@ -465,6 +466,29 @@ def _runs_duplicates(audits: list[dict[str, Any]]) -> dict[str, Any] | None:
             out[f"with_duplicate_{key}"] = {"images": [r["with_duplicate"][key]["images"] for r in runs],
                                             "accuracy": _spread([r["with_duplicate"][key]["accuracy"] for r in runs])}
     return out
+
+
+def _runs_ood(audits: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What ``audit_summary`` quotes of ``cifarlab ood``: per set, the AUROC and the share
+    accepted as spreads over the runs, where every run audited was measured against the same sets
+    with the same score and threshold rule (else a note); None where none was."""
+    found = [a.get("unfamiliar_images") for a in audits]
+    if not any(found):
+        return None
+    if not all(found):
+        missing = [Path(a["run"]).name for a, u in zip(audits, found) if not u]
+        return {"note": f"{', '.join(missing)} not measured with its current weights, test-time augmentation and "
+                        "calibration; run `cifarlab ood` on the folder of the runs"}
+    settings = {(u["score"], u["keep"], tuple(st["name"] for st in u["sets"])) for u in found}
+    if len(settings) > 1:
+        return {"note": "its runs were measured with different scores, thresholds or sets; run `cifarlab ood` on the "
+                        "folder of the runs to measure them alike"}
+    first = found[0]
+    return {"score": first["score"], "keep": first["keep"], "fitted_on": first["fitted_on"],
+            "sets": [{"name": st["name"], "images": st["images"],
+                      "auroc": _spread([u["sets"][i]["auroc"] for u in found]),
+                      "accepted_share": _spread([u["sets"][i]["accepted_share"] for u in found])}
+                     for i, st in enumerate(first["sets"])]}
 
 
 def _mirrored_split(mirrored: tuple[str, str], other: tuple[str, str] | None) -> str:
@@ -626,6 +650,14 @@ def _audit_runs_markdown(s: dict) -> str:
                   f"near-copy among the images a run trained on. Accuracy without them "
                   f"{_fmt_spread(dup['without_duplicate'])}, on them {_fmt_spread(dup['with_duplicate'])}"
                   + _runs_mirrored_split(dup) + f", against {_fmt_spread(dup['accuracy'])} on all.", ""]
+    ood = s.get("unfamiliar_images")
+    if ood and "note" in ood:
+        lines += [f"Unfamiliar images: not quoted; {ood['note']}.", ""]
+    elif ood:
+        lines += [f"Unfamiliar images (`cifarlab ood`, {ood['score']} score, each run's threshold keeping "
+                  f"{ood['keep']:.0%} of its {ood['fitted_on']} images): "
+                  + "; ".join(f"{_cell(st['name'])} ({st['images']:,} images): AUROC {_fmt_spread(st['auroc'])}, "
+                              f"accepted {_fmt_spread(st['accepted_share'])}" for st in ood["sets"]) + ".", ""]
     for name, gm in s.get("attributes", {}).items():
         lines += [f"## Groups by `{name}`", "", "| group | n | accuracy, mean (min to max) | flagged in |",
                   "|---|---|---|---|"]

@@ -401,7 +401,8 @@ def _add_ood_parser(sub: argparse._SubParsersAction) -> None:
 
     o = sub.add_parser("ood", help="does the run know an unfamiliar image when it sees one? how well its scores tell "
                                    "its own test images from other data and synthetic images")
-    o.add_argument("run", help="run folder written by 'cifarlab train' (or 'cifarlab import')")
+    o.add_argument("run", help="run folder written by 'cifarlab train' (or 'cifarlab import'); the folder of --runs N: "
+                               "each run against the same images, and the spread over them")
     o.add_argument("sources", nargs="*", metavar="SOURCE",
                    help="unfamiliar images: image files (an image, or a folder with images at its top, read as "
                         "predict reads them), a data archive or folder (its test images; those of a class the run "
@@ -422,7 +423,8 @@ def _add_ood_parser(sub: argparse._SubParsersAction) -> None:
                                                               "10000; the built-in sets: as many as test images)")
     o.add_argument("--seed", type=int, default=0, help="seed of the synthetic images and of the choice of --count "
                                                         "images (default 0)")
-    _add_report_args(o, "folder for the report (default RUN/ood)")
+    _add_report_args(o, "folder for the report (default RUN/ood; for --runs N, OUT/run-K and the summary "
+                        "in OUT, by default each run's ood folder and the summary in the runs' folder)")
     o.set_defaults(func=cmd_ood)
 
 
@@ -1060,23 +1062,31 @@ def cmd_label_issues(args: argparse.Namespace) -> int:
 
 
 def cmd_ood(args: argparse.Namespace) -> int:
-    """``cifarlab ood``: the run's own test images against other data and synthetic images."""
-    from .export import is_runs_set, read_run
+    """``cifarlab ood``: the run's own test images against other data and synthetic images; or
+    each run of a ``--runs N`` folder against the same images."""
+    from .export import finished_runs, is_runs_set, read_run
     from .fsutil import check_folder_path, json_text
-    from .ood import check_options, format_report, ood_run
+    from .ood import check_options, format_report, format_runs, ood_run, ood_runs
 
     check_options(args.score, args.sources, args.count, args.knn_bank, args.keep)  # before the data is loaded
     if args.out:
         check_folder_path(args.out)
-    if is_runs_set(args.run):
-        raise ConfigError(f"'{args.run}' is the folder of several runs; give one of them, such as "
-                          f"'{Path(args.run) / 'run-0'}'")
     log = (lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr))
+    kw = dict(score=args.score, count=args.count, seed=args.seed, tta=args.tta, device=args.device,
+              uncalibrated=args.uncalibrated, skip_bad_images=bool(args.skip_bad_images), log=log,
+              knn_bank=args.knn_bank, keep=args.keep)
+    if is_runs_set(args.run):
+        base = Path(args.run)
+        runs = finished_runs(base)  # before the data is loaded
+        ds = _load_eval_data(args, base, runs)
+        out = Path(args.out) if args.out else None
+        summary = ood_runs(base, ds, args.sources, out, **kw)
+        print(json_text(summary) if args.json else format_runs(summary, out or base, out))
+        return 0
     run, _ = read_run(args.run)
     ds = _load_eval_data(args, run)
     out = Path(args.out) if args.out else run / "ood"
-    report = ood_run(run, ds, args.sources, out, args.score, args.count, args.seed, args.tta, args.device,
-                     args.uncalibrated, bool(args.skip_bad_images), log, args.knn_bank, args.keep)
+    report = ood_run(run, ds, args.sources, out, **kw)
     print(json_text(report) if args.json else format_report(report, out))
     return 0
 

@@ -66,6 +66,7 @@ SYNTHETIC = {
 }
 KEEP = 0.95  # the share of in-distribution images a threshold keeps by default: the field's usual 95% TPR
 FILE = "ood.json"
+SUMMARY_FILE = "ood_summary.json"  # of a --runs N folder, beside its runs
 
 
 def check_sources(sources: list[str]) -> None:
@@ -430,16 +431,60 @@ def ood_run(run: str | Path, ds, sources: list[str] | None = None, out: str | Pa
     training images (class-balanced, ``seed``; 0: no ``knn`` score) as the bank of the ``knn``
     score, and ``sources`` (default every synthetic set) as the unfamiliar ones; the threshold
     keeps ``keep`` of the validation images; into ``out``, by default ``RUN/ood``."""
-    from .calibrate import weights_digest
-    from .evaluate import _check_compatible
-    from .export import load_model
     from .fsutil import report_folder
-    from .train import run_split
 
     sources = list(sources or [f"synthetic:{k}" for k in SYNTHETIC])
     check_options(score, sources, count, knn_bank, keep)
     run = Path(run)
     out = Path(out) if out is not None else run / "ood"
+    pred, x_val, bank, about = _subject(run, ds, device, tta, uncalibrated, knn_bank, seed, log)
+    sets = _load_sources(sources, pred, count, seed, ds.x_test, skip_bad_images, log)
+    with report_folder(out):
+        return ood_report(pred, ds.x_test, x_val, sets, out, score, about, log, bank, keep)
+
+
+def ood_runs(base: str | Path, ds, sources: list[str] | None = None, out: str | Path | None = None,
+             score: str = "energy", count: int = 10_000, seed: int = 0, tta: str | None = None,
+             device: str = "auto", uncalibrated: bool = False, skip_bad_images: bool = False,
+             log: Callable[[str], None] = lambda _: None, knn_bank: int = KNN_BANK,
+             keep: float = KEEP) -> dict[str, Any]:
+    """:func:`ood_run` for every run of the ``--runs N`` folder ``base``, all against the same
+    unfamiliar images (each run's threshold from its own validation images), each report into
+    ``RUN/ood`` (or ``out/run-K``), and the spread over the runs in ``ood_summary.json`` (in
+    ``out``, by default ``base``): one seed may tell static from photographs and the next not."""
+    from .export import finished_runs
+    from .fsutil import report_folder, write_json
+
+    sources = list(sources or [f"synthetic:{k}" for k in SYNTHETIC])
+    check_options(score, sources, count, knn_bank, keep)
+    base = Path(base)
+    runs = finished_runs(base)
+    out = Path(out) if out is not None else None
+    reports: list[dict[str, Any]] = []
+    sets = None
+    for r in runs:
+        pred, x_val, bank, about = _subject(r, ds, device, tta, uncalibrated, knn_bank, seed, log)
+        if sets is None:  # once: the runs of a set share their model and input, so the same images serve all
+            sets = _load_sources(sources, pred, count, seed, ds.x_test, skip_bad_images, log)
+        folder = out / r.name if out else r / "ood"
+        with report_folder(folder):
+            reports.append(ood_report(pred, ds.x_test, x_val, sets, folder, score, about, log, bank, keep))
+        log(f"{r.name}: report in {folder}")
+    summary = summarise_ood(reports)
+    write_json((out or base) / SUMMARY_FILE, summary)
+    return summary
+
+
+def _subject(run: Path, ds, device: str, tta: str | None, uncalibrated: bool, knn_bank: int, seed: int,
+             log: Callable[[str], None]):
+    """What :func:`ood_report` needs of one run: its predictor, its validation images (None
+    where it held out none or its split is unknown), the features of ``knn_bank`` of its
+    training images (None: no ``knn`` score) and what the report records of it."""
+    from .calibrate import weights_digest
+    from .evaluate import _check_compatible
+    from .export import load_model
+    from .train import run_split
+
     pred = load_model(run, device, tta, uncalibrated)
     _check_compatible(pred, ds)
     x_val = tr = None
@@ -455,13 +500,54 @@ def ood_run(run: str | Path, ds, sources: list[str] | None = None, out: str | Pa
         bank = features(pred, ds.x_train[pick])
     elif knn_bank:
         log("no knn score: the run's training images are unknown (no config.yaml) or not in this data")
-    sets = [load_source(s, pred, pred.classes, count, seed + i, ds.x_test, skip_bad_images, log)
-            for i, s in enumerate(sources)]
     offsets = pred.class_offsets()
     about = {"run": str(pred.run), "data": str(ds.source), "tta": pred.tta, "temperature": pred.temperature(),
              "class_offsets": None if offsets is None else list(offsets), "weights_sha256": weights_digest(pred.run)}
-    with report_folder(out):
-        return ood_report(pred, ds.x_test, x_val, sets, out, score, about, log, bank, keep)
+    return pred, x_val, bank, about
+
+
+def _load_sources(sources: list[str], pred, count: int, seed: int, like: np.ndarray, skip_bad_images: bool,
+                  log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """:func:`load_source` of each source, the i-th with seed ``seed + i``."""
+    return [load_source(s, pred, pred.classes, count, seed + i, like, skip_bad_images, log)
+            for i, s in enumerate(sources)]
+
+
+def summarise_ood(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The spread over runs measured against the same images (:func:`ood_report`'s reports, one
+    per run): per set and score, AUROC and FPR at 95% TPR as mean, std, min and max; the share
+    each run's threshold accepts; the class each run calls the set most, with in how many runs;
+    and each run's figures and weights' digest."""
+    from collections import Counter
+
+    from .evaluate import describe
+
+    first = reports[0]
+    names = [n for n in SCORES + (KNN,) if all(n in r.get("thresholds", {}) for r in reports)]
+    sets = []
+    for i, st in enumerate(first["sets"]):
+        each = [r["sets"][i] for r in reports]
+        called = Counter(s["called"][0]["class"] for s in each if s["called"])
+        sets.append({"name": st["name"], "source": st["source"], "images": st["images"], "notes": st["notes"],
+                     **{n: {k: describe([s[n][k] for s in each]) for k in ("auroc", "fpr_at_95_tpr")}
+                        for n in names},
+                     "accepted_share": describe([s["accepted_share"] for s in each]),
+                     "mean_confidence": describe([s["mean_confidence"] for s in each]),
+                     "called_most": [{"class": c, "runs": k} for c, k in called.most_common()]})
+    return {
+        "runs": len(reports), "data": first["data"], "score": first["score"], "keep": first["keep"],
+        "scores": names, "tta": sorted({r["tta"] for r in reports}),
+        "threshold_fitted_on": sorted({r["threshold_fitted_on"] for r in reports}),
+        "in_distribution": {"images": first["in_distribution"]["images"],
+                            "flagged_share": describe([r["in_distribution"]["flagged_share"] for r in reports]),
+                            "mean_confidence": describe([r["in_distribution"]["mean_confidence"] for r in reports])},
+        "sets": sets,
+        "per_run": [{"run": r["run"], "weights_sha256": r["weights_sha256"], "temperature": r["temperature"],
+                     "class_offsets": r["class_offsets"], "threshold": r["threshold"],
+                     "flagged_share": r["in_distribution"]["flagged_share"],
+                     "auroc": [s[r["score"]]["auroc"] for s in r["sets"]],
+                     "accepted_share": [s["accepted_share"] for s in r["sets"]]} for r in reports],
+    }
 
 
 def read_ood(run: str | Path, tta: str, temperature: float | None = None,
@@ -536,4 +622,39 @@ def format_report(r: dict[str, Any], out: Path) -> str:
         lines.append("Most images of " + ", ".join(st["name"] for st in worst) + " pass as familiar: the run "
                      "cannot tell them from its own kind of image, and would label them with confidence.")
     lines.append(f"Report files in {out}")
+    return "\n".join(lines)
+
+
+def format_runs(s: dict[str, Any], folder: Path, reports: Path | None = None) -> str:
+    """A ``--runs N`` summary for the terminal: each set's separation and share accepted over
+    the runs, whose summary is in ``folder`` and reports in ``reports/run-K`` (each run's ``ood``
+    folder where None)."""
+    def spread(d: dict[str, float], f: str = ".4f") -> str:
+        return f"{d['mean']:{f}} ({d['min']:{f}} to {d['max']:{f}})"
+
+    n, sc = s["runs"], s["score"]
+    lines = [f"{r['run']}: {sc} threshold {r['threshold']:.4g}, AUROC "
+             + ", ".join(f"{a:.3f}" for a in r["auroc"]) + "; accepted "
+             + ", ".join(f"{a:.1%}" for a in r["accepted_share"]) for r in s["per_run"]]
+    lines += [f"{n} runs, {s['in_distribution']['images']} test images of their own data against {len(s['sets'])} "
+              f"other set(s): mean (min to max) over the runs",
+              f"{'set':<24} {'images':>7} {sc + ' AUROC':>26} {'FPR95':>22} {'accepted':>24}  called mostly"]
+    for st in s["sets"]:
+        called = ", ".join(f"{c['class']} in {c['runs']} of {n}" for c in st["called_most"])
+        lines.append(f"{st['name'][:24]:<24} {st['images']:>7} {spread(st[sc]['auroc']):>26} "
+                     f"{spread(st[sc]['fpr_at_95_tpr'], '.3f'):>22} {spread(st['accepted_share'], '.1%'):>24}  "
+                     f"{called}")
+    others = [k for k in s["scores"] if k != sc]
+    if others:
+        lines.append("AUROC by the other scores, mean over the runs: " + "; ".join(
+            f"{st['name']}: " + ", ".join(f"{k} {st[k]['auroc']['mean']:.3f}" for k in others) for st in s["sets"]))
+    lines.append(f"accepted: the share at or above each run's {sc} threshold, which keeps {s['keep']:.0%} of its "
+                 f"{'/'.join(s['threshold_fitted_on'])} images ({spread(s['in_distribution']['flagged_share'], '.2%')} "
+                 f"of the test images fall below it)")
+    apart = [st["name"] for st in s["sets"] if st[sc]["auroc"]["min"] < 0.5 <= st[sc]["auroc"]["max"]]
+    if apart:
+        lines.append(f"The runs disagree on {', '.join(apart)}: some find it more familiar than their own test "
+                     "images, others less; one seed's figure would have told only half of it.")
+    lines.append(f"each run's report in {f'{reports}/run-K' if reports else 'its ood folder'}; summary in "
+                 f"{folder / SUMMARY_FILE}")
     return "\n".join(lines)

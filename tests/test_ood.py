@@ -122,6 +122,35 @@ def test_report_of_a_model_that_knows_bright_images(tmp_path):
     assert r2["in_distribution"]["flagged_share"] == pytest.approx(2 / 40)  # two of 40 below: at most 5%
 
 
+def test_the_share_of_its_own_images_flagged_is_given_by_class(tmp_path):
+    """A threshold that keeps 95% of the validation images may turn away one class's test images
+    wholesale: here the dimmer images of class 'other'."""
+    rng = np.random.default_rng(0)
+    val = rng.integers(200, 256, (40, 4, 4, 3), dtype=np.uint8)
+    test = np.concatenate([rng.integers(200, 256, (30, 4, 4, 3), dtype=np.uint8),
+                           rng.integers(120, 160, (10, 4, 4, 3), dtype=np.uint8)])
+    y = np.r_[np.zeros(30, int), np.ones(10, int)]
+    sets = [{"name": "dark", "source": "x", "images": rng.integers(0, 50, (5, 4, 4, 3), dtype=np.uint8)}]
+    r = ood.ood_report(_Bright(), test, val, sets, tmp_path, y_in=y)
+    ind = r["in_distribution"]
+    red, other = ind["per_class"]
+    assert (red["class"], red["images"], other["class"], other["images"]) == ("red", 30, "other", 10)
+    assert other["flagged_share"] == 1.0 and red["flagged_share"] <= 0.1
+    assert ind["flagged_share"] == pytest.approx((30 * red["flagged_share"] + 10) / 40)
+    assert f"flagged, by class: most other 100.0%, red {red['flagged_share']:.1%}; least red" in \
+        ood.format_report(r, tmp_path)
+    # a class without test images has no share; without labels, no breakdown
+    assert [c["class"] for c in ood.ood_report(_Bright(), test[:30], val, sets, tmp_path / "b", y_in=y[:30])[
+        "in_distribution"]["per_class"]] == ["red"]
+    assert "per_class" not in ood.ood_report(_Bright(), test, val, sets, tmp_path / "c")["in_distribution"]
+    # the card's sentence
+    from cifarlab.audit import _ood_lines, _ood_summary
+
+    (line, _) = _ood_lines(_ood_summary(r))
+    assert (f"The threshold also flags {ind['flagged_share']:.1%} of the test images, which are of its classes, and "
+            f"not alike by class: 100.0% of the other images, {red['flagged_share']:.1%} of the red images.") in line
+
+
 def test_a_set_scored_more_familiar_than_the_test_images_is_called_out(tmp_path):
     rng = np.random.default_rng(0)
     dim = rng.integers(100, 150, (20, 4, 4, 3), dtype=np.uint8)
@@ -390,6 +419,10 @@ def test_the_runs_of_a_set_meet_the_same_images_and_their_spread_is_reported(tmp
     assert s["runs"] == 2 and [st["name"] for st in s["sets"]] == [e["name"] for e in each[0]["sets"]]
     assert s["scores"] == list(ood.SCORES) + ["knn"]
     assert [r["weights_sha256"] for r in s["per_run"]] == [e["weights_sha256"] for e in each]
+    assert len(s["in_distribution"]["per_class"]) == 3
+    for i, c in enumerate(s["in_distribution"]["per_class"]):  # each class's own images flagged, over the runs
+        shares = [e["in_distribution"]["per_class"][i]["flagged_share"] for e in each]
+        assert c["flagged_share"]["mean"] == pytest.approx(sum(shares) / 2) and c["images"] == 3
     assert each[0]["weights_sha256"] != each[1]["weights_sha256"]  # two seeds, two models
     for i, st in enumerate(s["sets"]):
         assert [e["sets"][i]["images"] for e in each] == [4, 4] and st["images"] == 4

@@ -1008,7 +1008,13 @@ def _ood_summary(r: dict | None) -> dict[str, Any] | None:
     if not r:
         return None
     s = r["score"]
+    ind = r.get("in_distribution") or {}
+    by_class = sorted(ind.get("per_class") or [], key=lambda c: -c["flagged_share"])
     return {"score": s, "keep": r["keep"], "fitted_on": r["threshold_fitted_on"],
+            "flagged_share": ind.get("flagged_share"),
+            # the own classes a deployment that flags would turn away most and least
+            "most_flagged": by_class[0] if len(by_class) > 1 else None,
+            "least_flagged": by_class[-1] if len(by_class) > 1 else None,
             "sets": [{"name": st["name"], "images": st["images"], "auroc": st[s]["auroc"],
                       "fpr_at_95_tpr": st[s]["fpr_at_95_tpr"], "accepted_share": st["accepted_share"],
                       "called": st["called"][0] if st["called"] else None,
@@ -1030,7 +1036,18 @@ def _ood_lines(u: dict | None) -> list[str]:
             f"{u['keep']:.0%} of its {u['fitted_on']} images, the model still accepts as one of its classes: {sets}. "
             "`cifarlab predict --flag-unfamiliar` applies the threshold; "
             "synthetic sets are the easy case, and real photographs of other things are harder to tell. See "
-            "`ood/ood.png` in the run folder.", ""]
+            "`ood/ood.png` in the run folder." + _flagged_own_sentence(u), ""]
+
+
+def _flagged_own_sentence(u: dict) -> str:
+    """The card's sentence on the share of the run's own test images the threshold turns away,
+    overall and for the classes it turns away most and least, where the report gives them."""
+    most, least = u.get("most_flagged"), u.get("least_flagged")
+    if u.get("flagged_share") is None or not most:
+        return ""
+    return (f" The threshold also flags {u['flagged_share']:.1%} of the test images, which are of its classes, and "
+            f"not alike by class: {most['flagged_share']:.1%} of the {_cell(most['class'])} images, "
+            f"{least['flagged_share']:.1%} of the {_cell(least['class'])} images.")
 
 
 def _temperature_lines(overall: dict) -> list[str]:

@@ -1077,8 +1077,8 @@ def cmd_ood(args: argparse.Namespace) -> int:
               knn_bank=args.knn_bank, keep=args.keep)
     if is_runs_set(args.run):
         base = Path(args.run)
-        runs = finished_runs(base)  # before the data is loaded
-        ds = _load_eval_data(args, base, runs)
+        finished_runs(base)  # unfinished runs are refused before the data is loaded
+        ds = _load_eval_data(args, base)  # its test images, as for one run
         out = Path(args.out) if args.out else None
         summary = ood_runs(base, ds, args.sources, out, **kw)
         print(json_text(summary) if args.json else format_runs(summary, out or base, out))

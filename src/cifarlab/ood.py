@@ -238,6 +238,15 @@ def _what_it_calls(probs: np.ndarray, classes: list[str], most: int = 3) -> list
     return [{"class": classes[i], "share": float(counts[i] / len(probs))} for i in order if counts[i]]
 
 
+def _flagged_by_class(flagged: np.ndarray, labels: np.ndarray, classes: list[str]) -> list[dict[str, Any]]:
+    """The share of each class's own test images a threshold flags as unfamiliar (classes with
+    test images): the images a deployment that flags would turn away, by class. A threshold
+    keeping 95% overall may turn away far more of one class than of the others."""
+    labels = np.asarray(labels)
+    return [{"class": c, "images": int((labels == i).sum()), "flagged_share": float(flagged[labels == i].mean())}
+            for i, c in enumerate(classes) if (labels == i).any()]
+
+
 def _per_class(labels: list[str], accepted: np.ndarray, probs: np.ndarray, classes: list[str]) -> list[dict]:
     """For a data source's images, by their own class: how many, the share accepted, and what
     the run calls them most (a ship called airplane is a near miss; static called frog is not)."""
@@ -253,10 +262,12 @@ def _per_class(labels: list[str], accepted: np.ndarray, probs: np.ndarray, class
 def ood_report(pred, x_in: np.ndarray, x_val: np.ndarray | None, sets: list[dict[str, Any]], out: str | Path,
                score: str = "energy", about: dict[str, Any] | None = None,
                log: Callable[[str], None] = lambda _: None, bank: np.ndarray | None = None,
-               keep: float = KEEP) -> dict[str, Any]:
+               keep: float = KEEP, y_in: np.ndarray | None = None) -> dict[str, Any]:
     """Score the run of ``pred`` (a :class:`cifarlab.export.Predictor`) on its test images
-    ``x_in``, on its validation images ``x_val`` (None: it held out none, and the threshold comes
-    from ``x_in``) and on each of ``sets`` (dicts with ``name``, ``source`` and uint8 ``images``);
+    ``x_in`` (``y_in``: their labels, indices into its classes, for the share of each class the
+    threshold flags; None: no breakdown), on its validation images ``x_val`` (None: it held out
+    none, and the threshold comes from ``x_in``) and on each of ``sets`` (dicts with ``name``,
+    ``source`` and uint8 ``images``);
     write ``ood.json``, ``ood.png`` and ``scores.npz`` into ``out``; return the report.
     ``bank``: the features (:func:`features`) of training images, for the ``knn`` score, saved
     as ``knn_bank.safetensors``; None: the scores of the logits alone. ``score`` sets the
@@ -301,7 +312,9 @@ def ood_report(pred, x_in: np.ndarray, x_val: np.ndarray | None, sets: list[dict
         "threshold": thr[score], "thresholds": thr,
         "in_distribution": {"images": int(len(x_in)),
                             "flagged_share": float((s_in[score] < thr[score]).mean()),
-                            "mean_confidence": float(p_in.max(1).mean())},
+                            "mean_confidence": float(p_in.max(1).mean()),
+                            **({"per_class": _flagged_by_class(s_in[score] < thr[score], y_in, pred.classes)}
+                               if y_in is not None else {})},
         "sets": []})
     if bank is not None:
         layer, _ = last_linear(pred.model)
@@ -440,7 +453,7 @@ def ood_run(run: str | Path, ds, sources: list[str] | None = None, out: str | Pa
     pred, x_val, bank, about = _subject(run, ds, device, tta, uncalibrated, knn_bank, seed, log)
     sets = _load_sources(sources, pred, count, seed, ds.x_test, skip_bad_images, log)
     with report_folder(out):
-        return ood_report(pred, ds.x_test, x_val, sets, out, score, about, log, bank, keep)
+        return ood_report(pred, ds.x_test, x_val, sets, out, score, about, log, bank, keep, ds.y_test)
 
 
 def ood_runs(base: str | Path, ds, sources: list[str] | None = None, out: str | Path | None = None,
@@ -468,7 +481,8 @@ def ood_runs(base: str | Path, ds, sources: list[str] | None = None, out: str | 
             sets = _load_sources(sources, pred, count, seed, ds.x_test, skip_bad_images, log)
         folder = out / r.name if out else r / "ood"
         with report_folder(folder):
-            reports.append(ood_report(pred, ds.x_test, x_val, sets, folder, score, about, log, bank, keep))
+            reports.append(ood_report(pred, ds.x_test, x_val, sets, folder, score, about, log, bank, keep,
+                                      ds.y_test))
         log(f"{r.name}: report in {folder}")
     summary = summarise_ood(reports)
     write_json((out or base) / SUMMARY_FILE, summary)
@@ -540,7 +554,12 @@ def summarise_ood(reports: list[dict[str, Any]]) -> dict[str, Any]:
         "threshold_fitted_on": sorted({r["threshold_fitted_on"] for r in reports}),
         "in_distribution": {"images": first["in_distribution"]["images"],
                             "flagged_share": describe([r["in_distribution"]["flagged_share"] for r in reports]),
-                            "mean_confidence": describe([r["in_distribution"]["mean_confidence"] for r in reports])},
+                            "mean_confidence": describe([r["in_distribution"]["mean_confidence"] for r in reports]),
+                            **({"per_class": [{"class": c["class"], "images": c["images"],
+                                               "flagged_share": describe([r["in_distribution"]["per_class"][i][
+                                                   "flagged_share"] for r in reports])}
+                                              for i, c in enumerate(first["in_distribution"]["per_class"])]}
+                               if all("per_class" in r["in_distribution"] for r in reports) else {})},
         "sets": sets,
         "per_run": [{"run": r["run"], "weights_sha256": r["weights_sha256"], "temperature": r["temperature"],
                      "class_offsets": r["class_offsets"], "threshold": r["threshold"],
@@ -613,6 +632,7 @@ def format_report(r: dict[str, Any], out: Path) -> str:
     lines.append(f"accepted: the share scoring at or above the {s} threshold {r['threshold']:.4g}, which keeps "
                  f"{r['keep']:.0%} of the run's {r['threshold_fitted_on']} images ({ind['flagged_share']:.2%} of "
                  f"its test images fall below it); cifarlab predict --flag-unfamiliar applies it")
+    lines += _flagged_lines(ind)
     upside = [st["name"] for st in r["sets"] if st[s]["auroc"] < 0.5]
     if upside:
         lines.append(f"AUROC below 0.5: the run finds {', '.join(upside)} more familiar than its own test images "
@@ -623,6 +643,23 @@ def format_report(r: dict[str, Any], out: Path) -> str:
                      "cannot tell them from its own kind of image, and would label them with confidence.")
     lines.append(f"Report files in {out}")
     return "\n".join(lines)
+
+
+def _flagged_lines(ind: dict[str, Any], most: int = 3) -> list[str]:
+    """The classes of the run's own test images the threshold flags most, where the report has
+    them by class (its share of each class, or for several runs their mean)."""
+    rows = ind.get("per_class")
+    if not rows or len(rows) < 2:
+        return []
+
+    def share(c: dict) -> float:
+        f = c["flagged_share"]
+        return f["mean"] if isinstance(f, dict) else f
+
+    ranked = sorted(rows, key=lambda c: -share(c))
+    worst = ", ".join(f"{c['class']} {share(c):.1%}" for c in ranked[:most])
+    return [f"its own test images flagged, by class: most {worst}; least {ranked[-1]['class']} "
+            f"{share(ranked[-1]):.1%}"]
 
 
 def format_runs(s: dict[str, Any], folder: Path, reports: Path | None = None) -> str:
@@ -651,6 +688,7 @@ def format_runs(s: dict[str, Any], folder: Path, reports: Path | None = None) ->
     lines.append(f"accepted: the share at or above each run's {sc} threshold, which keeps {s['keep']:.0%} of its "
                  f"{'/'.join(s['threshold_fitted_on'])} images ({spread(s['in_distribution']['flagged_share'], '.2%')} "
                  f"of the test images fall below it)")
+    lines += _flagged_lines(s["in_distribution"])
     apart = [st["name"] for st in s["sets"] if st[sc]["auroc"]["min"] < 0.5 <= st[sc]["auroc"]["max"]]
     if apart:
         lines.append(f"The runs disagree on {', '.join(apart)}: some find it more familiar than their own test "

@@ -631,33 +631,9 @@ def _audit_runs_markdown(s: dict) -> str:
               + ", ".join(f"{_cell(c)} in {k} of {n}" for c, k in sp["best"].items()) + "; worst: "
               + ", ".join(f"{_cell(c)} in {k} of {n}" for c, k in sp["worst"].items()) + ".", ""]
     lines += _runs_confidence_lines(s)
-    rob = s.get("robustness")
-    if rob and "note" in rob:
-        lines += [f"Under common corruptions: not quoted; {rob['note']}.", ""]
-    elif rob:
-        lines += [f"Under common corruptions (`cifarlab robustness`: {rob['corruptions']} corruptions at severities "
-                  f"{', '.join(map(str, rob['severities']))}, {rob['images_per_cell']:,} images each, the same for "
-                  f"every run): accuracy {_fmt_spread(rob['mean_accuracy'])} against {_fmt_spread(rob['clean_accuracy'])} "
-                  f"clean; expected calibration error {_fmt_spread(rob['mean_ece'])} against "
-                  f"{_fmt_spread(rob['clean_ece'])}; hardest: "
-                  + ", ".join(f"{c['corruption']} {_fmt_spread(c['accuracy'])}" for c in rob["hardest"]) + ".", ""]
-    dup = s.get("near_duplicates")
-    if dup and "note" in dup:
-        lines += [f"Near-duplicates: not quoted; {dup['note']}.", ""]
-    elif dup:
-        lines += [f"{_duplicates_head(dup['threshold'], dup.get('mirrored'))}: "
-                  f"{_count_range(dup['with_duplicate_images'])} of the {dup['test_images']:,} test images have a "
-                  f"near-copy among the images a run trained on. Accuracy without them "
-                  f"{_fmt_spread(dup['without_duplicate'])}, on them {_fmt_spread(dup['with_duplicate'])}"
-                  + _runs_mirrored_split(dup) + f", against {_fmt_spread(dup['accuracy'])} on all.", ""]
-    ood = s.get("unfamiliar_images")
-    if ood and "note" in ood:
-        lines += [f"Unfamiliar images: not quoted; {ood['note']}.", ""]
-    elif ood:
-        lines += [f"Unfamiliar images (`cifarlab ood`, {ood['score']} score, each run's threshold keeping "
-                  f"{ood['keep']:.0%} of its {ood['fitted_on']} images): "
-                  + "; ".join(f"{_cell(st['name'])} ({st['images']:,} images): AUROC {_fmt_spread(st['auroc'])}, "
-                              f"accepted {_fmt_spread(st['accepted_share'])}" for st in ood["sets"]) + ".", ""]
+    lines += _quoted("Under common corruptions", s.get("robustness"), _runs_robustness_sentence)
+    lines += _quoted("Near-duplicates", s.get("near_duplicates"), _runs_duplicates_sentence)
+    lines += _quoted("Unfamiliar images", s.get("unfamiliar_images"), _runs_ood_sentence)
     for name, gm in s.get("attributes", {}).items():
         lines += [f"## Groups by `{name}`", "", "| group | n | accuracy, mean (min to max) | flagged in |",
                   "|---|---|---|---|"]
@@ -676,6 +652,37 @@ def _audit_runs_markdown(s: dict) -> str:
                                     f"{r['warnings']} warning(s)" + (f"; [its audit]({r['report']})" if r.get("report") else "")
                                     for r in s["per_run"]] + [""]
     return "\n".join(lines)
+
+
+def _quoted(head: str, section: dict | None, sentence: Callable[[dict], str]) -> list[str]:
+    """audit_summary.md's paragraph on what another command measured of the runs: its
+    ``sentence``, the reason it is not quoted (``head``: not quoted; ...), or nothing."""
+    if not section:
+        return []
+    return [f"{head}: not quoted; {section['note']}." if "note" in section else sentence(section), ""]
+
+
+def _runs_robustness_sentence(rob: dict) -> str:
+    return (f"Under common corruptions (`cifarlab robustness`: {rob['corruptions']} corruptions at severities "
+            f"{', '.join(map(str, rob['severities']))}, {rob['images_per_cell']:,} images each, the same for every "
+            f"run): accuracy {_fmt_spread(rob['mean_accuracy'])} against {_fmt_spread(rob['clean_accuracy'])} clean; "
+            f"expected calibration error {_fmt_spread(rob['mean_ece'])} against {_fmt_spread(rob['clean_ece'])}; "
+            "hardest: " + ", ".join(f"{c['corruption']} {_fmt_spread(c['accuracy'])}" for c in rob["hardest"]) + ".")
+
+
+def _runs_duplicates_sentence(dup: dict) -> str:
+    return (f"{_duplicates_head(dup['threshold'], dup.get('mirrored'))}: "
+            f"{_count_range(dup['with_duplicate_images'])} of the {dup['test_images']:,} test images have a "
+            f"near-copy among the images a run trained on. Accuracy without them "
+            f"{_fmt_spread(dup['without_duplicate'])}, on them {_fmt_spread(dup['with_duplicate'])}"
+            + _runs_mirrored_split(dup) + f", against {_fmt_spread(dup['accuracy'])} on all.")
+
+
+def _runs_ood_sentence(ood: dict) -> str:
+    return (f"Unfamiliar images (`cifarlab ood`, {ood['score']} score, each run's threshold keeping "
+            f"{ood['keep']:.0%} of its {ood['fitted_on']} images): "
+            + "; ".join(f"{_cell(st['name'])} ({st['images']:,} images): AUROC {_fmt_spread(st['auroc'])}, "
+                        f"accepted {_fmt_spread(st['accepted_share'])}" for st in ood["sets"]) + ".")
 
 
 def _runs_confidence_lines(s: dict) -> list[str]:

@@ -455,8 +455,18 @@ def test_the_runs_of_a_set_meet_the_same_images_and_their_spread_is_reported(tmp
     from cifarlab.data import load_dataset
 
     ds = load_dataset(str(image_folder))
-    audit_runs(base, ds, n_boot=100, device="cpu", log=lambda _: None)
+    groups = tmp_path / "groups.csv"
+    groups.write_text("index,half\n" + "".join(f"{i},{'first' if i < 5 else 'second'}\n" for i in range(9)))
+    audit_runs(base, ds, n_boot=100, device="cpu", log=lambda _: None, groups_csv=str(groups))
     md = (base / "audit_summary.md").read_text()
+    summary = json.loads((base / "audit_summary.json").read_text())["attributes"]["half"]
+    each_group = [json.loads((base / f"run-{k}" / "audit" / "audit.json").read_text())["attributes"]["half"]
+                  for k in range(2)]
+    for j, g in enumerate(summary["groups"]):  # each group's share flagged as unfamiliar, over the runs
+        assert g["unfamiliar_share"]["max"] == max(e["groups"][j]["unfamiliar_share"] for e in each_group)
+    assert summary["unfamiliar_gap"]["difference"]["min"] == min(e["unfamiliar_gap"]["difference"] for e in each_group)
+    assert "| group | n | accuracy, mean (min to max) | flagged in | flagged unfamiliar |" in md
+    assert "Flagged as unfamiliar (`cifarlab ood`'s threshold): largest gap " in md
     u = s["sets"][1]
     assert ("Unfamiliar images (`cifarlab ood`, energy score, each run's threshold keeping 95% of its validation "
             "images): ") in md
@@ -484,3 +494,60 @@ def test_a_spread_that_straddles_chance_is_called_out():
     text = ood.format_runs(s, Path("f"))
     assert "The runs disagree on blank" in text and "0.5500 (0.3000 to 0.8000)" in text
     assert "disagree" not in ood.format_runs(ood.summarise_ood([report("a", 0.6), report("b", 0.8)]), Path("f"))
+
+
+def test_the_audit_gives_the_share_of_each_group_flagged_as_unfamiliar(trained_run, tmp_path, capsys):
+    groups = tmp_path / "groups.csv"
+    groups.write_text("index,light\n" + "".join(f"{i},{'dark' if i < 4 else 'bright'}\n" for i in range(9)))
+    assert main(["audit", str(trained_run), "--groups", str(groups), "--bootstrap", "100"]) == 0
+    a = json.loads((trained_run / "audit" / "audit.json").read_text())
+    assert "unfamiliar_gap" not in a["attributes"]["light"]  # no ood report yet: nothing to break down
+    capsys.readouterr()
+    # a threshold keeping half the validation images flags some of the test images
+    assert main(["ood", str(trained_run), "synthetic:blank", "--count", "3", "--knn-bank", "0", "--keep", "0.5",
+                 "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert main(["audit", str(trained_run), "--groups", str(groups), "--bootstrap", "100"]) == 0
+    capsys.readouterr()
+    a = json.loads((trained_run / "audit" / "audit.json").read_text())
+    gm = a["attributes"]["light"]
+    flagged = np.load(trained_run / "ood" / "scores.npz")["in_energy"] < r["threshold"]
+    by_hand = {"dark": flagged[:4].mean(), "bright": flagged[4:].mean()}
+    assert {g["group"]: g["unfamiliar_share"] for g in gm["groups"]} == pytest.approx(by_hand)
+    ug = gm["unfamiliar_gap"]
+    assert ug["difference"] == pytest.approx(max(by_hand.values()) - min(by_hand.values()))
+    assert by_hand[ug["most"]] == max(by_hand.values()) and by_hand[ug["least"]] == min(by_hand.values())
+    assert gm["unfamiliar_score"] == "energy" and 0 < flagged.mean() < 1
+    md = (trained_run / "audit" / "audit.md").read_text()
+    assert "| group | n | accuracy | 95% CI | macro recall | macro precision | flagged unfamiliar | note |" in md
+    assert f"Flagged as unfamiliar (the energy threshold of `cifarlab ood`): {ug['most']} most" in md
+    card = (trained_run / "audit" / "MODEL_CARD.md").read_text()
+    assert (f"Flagged as unfamiliar by `cifarlab ood`'s threshold: bright {by_hand['bright']:.1%}, dark "
+            f"{by_hand['dark']:.1%}") in card
+    # scores of other images than these test images are not borrowed
+    np.savez(trained_run / "ood" / "scores.npz", in_energy=np.zeros(5))
+    assert main(["audit", str(trained_run), "--groups", str(groups), "--bootstrap", "100"]) == 0
+    assert "unfamiliar_gap" not in json.loads((trained_run / "audit" / "audit.json").read_text())["attributes"]["light"]
+
+
+def test_a_group_flagged_far_more_often_is_warned_of():
+    from cifarlab.audit import _group_warnings, group_metrics, unfamiliar_by_group
+
+    values = np.array(["night"] * 40 + ["day"] * 40)
+    y = np.zeros(80, int)
+    gm = group_metrics(y, y, values, 1.0, 200, 0, 0.05, 30)
+    gm["not_recorded"] = 0
+    flagged = np.r_[np.arange(40) < 20, np.zeros(40, bool)]  # half the night photos, no day photo
+    ug = gm["unfamiliar_gap"] = unfamiliar_by_group(flagged, values, gm, 200, 0)
+    assert (ug["most"], ug["least"], ug["difference"]) == ("night", "day", 0.5)
+    assert ug["ci_excludes_zero"] and ug["difference_ci"][0] > 0
+    assert [g["unfamiliar_share"] for g in gm["groups"]] == [0.0, 0.5]  # day, night: sorted
+    (w,) = _group_warnings("light", gm, 1.0, 0.05, 30)
+    assert w.startswith("light: the unfamiliar-image threshold of `cifarlab ood` flags 50.0% of 'night' images "
+                        "against 0.0% of 'day'")
+    # alike groups: an interval that holds zero, no warning
+    gm2 = group_metrics(y, y, values, 1.0, 200, 0, 0.05, 30)
+    gm2["not_recorded"] = 0
+    gm2["unfamiliar_gap"] = unfamiliar_by_group(np.tile(np.arange(40) < 4, 2), values, gm2, 200, 0)
+    assert not gm2["unfamiliar_gap"]["ci_excludes_zero"] and gm2["unfamiliar_gap"]["difference"] == 0
+    assert _group_warnings("light", gm2, 1.0, 0.05, 30) == []

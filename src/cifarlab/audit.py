@@ -194,17 +194,45 @@ def group_metrics(y: np.ndarray, pred: np.ndarray, values: np.ndarray, overall: 
     judged = [r for r in rows if not r["too_small"]] or rows
     hi = max(judged, key=lambda r: r["accuracy"])
     lo = min(judged, key=lambda r: r["accuracy"])
-    ih, il = members[hi["group"]], members[lo["group"]]
-
-    def gap(_):
-        return acc(rng.choice(ih, len(ih))) - acc(rng.choice(il, len(il)))
-
-    diffs = np.array([gap(None) for _ in range(n_boot)])
-    ci = percentile_interval(diffs)
+    ci = gap_interval(acc, members[hi["group"]], members[lo["group"]], n_boot, rng)
     return {"groups": rows, "gap": {"highest": hi["group"], "lowest": lo["group"],
                                     "difference": hi["accuracy"] - lo["accuracy"], "difference_ci": ci,
                                     "ratio": lo["accuracy"] / hi["accuracy"] if hi["accuracy"] else None,
                                     "ci_excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}}
+
+
+def gap_interval(stat: Callable[[np.ndarray], float], high: np.ndarray, low: np.ndarray, n_boot: int,
+                 rng: np.random.Generator) -> list[float]:
+    """The 95% percentile bootstrap interval of ``stat(high) - stat(low)``, ``stat`` taking the
+    indices of a group's images; each group resampled on its own, as the groups were sampled."""
+    diffs = np.array([stat(rng.choice(high, len(high))) - stat(rng.choice(low, len(low))) for _ in range(n_boot)])
+    return percentile_interval(diffs)
+
+
+def unfamiliar_by_group(flagged: np.ndarray, values: np.ndarray, gm: dict[str, Any], n_boot: int,
+                        seed: int) -> dict[str, Any] | None:
+    """The share of each group's test images that ``cifarlab ood``'s threshold flags as
+    unfamiliar (``flagged``, aligned with ``values``), added to the rows of ``gm`` (as
+    :func:`group_metrics` returns them) as ``unfamiliar_share``; returns the gap between the
+    groups flagged most and least (those large enough to judge) with its interval, or None
+    where there is only one group. A deployment that turns away unfamiliar images turns away
+    some people's photographs more than others' where this gap is real."""
+    members = {g["group"]: np.flatnonzero(values == g["group"]) for g in gm["groups"]}
+
+    def share(ix: np.ndarray) -> float:
+        return float(flagged[ix].mean()) if len(ix) else float("nan")
+
+    for g in gm["groups"]:
+        g["unfamiliar_share"] = share(members[g["group"]])
+    if len(gm["groups"]) < 2:
+        return None
+    judged = [g for g in gm["groups"] if not g["too_small"]] or gm["groups"]
+    most = max(judged, key=lambda g: g["unfamiliar_share"])
+    least = min(judged, key=lambda g: g["unfamiliar_share"])
+    ci = gap_interval(share, members[most["group"]], members[least["group"]], n_boot, np.random.default_rng(seed))
+    return {"most": most["group"], "least": least["group"],
+            "difference": most["unfamiliar_share"] - least["unfamiliar_share"], "difference_ci": ci,
+            "ci_excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}
 
 
 def _cell(text: str) -> str:
@@ -309,8 +337,9 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
     audit["label_issues"] = read_label_issues(run, pred.tta, pred.temperature(), pred.class_offsets(),
                                               name=f"label-issues{suffix}")
     # and `cifarlab ood`'s, whose familiar images are always the run's own test images
-    audit["unfamiliar_images"] = None if suffix else _ood_summary(
-        read_ood(run, pred.tta, pred.temperature(), pred.class_offsets()))
+    ood = None if suffix else read_ood(run, pred.tta, pred.temperature(), pred.class_offsets())
+    audit["unfamiliar_images"] = _ood_summary(ood)
+    flagged = unfamiliar_flags(run, ood, len(y))  # each test image below its threshold, or None
     if groups is not None:
         idx, attrs = groups
         audit["groups_file"] = str(groups_csv)
@@ -322,6 +351,9 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
             gm = group_metrics(y[idx][known], yhat[idx][known], values[known], overall, n_boot, seed, margin,
                                min_group)
             gm["not_recorded"] = int((~known).sum())
+            if flagged is not None:
+                gm["unfamiliar_gap"] = unfamiliar_by_group(flagged[idx][known], values[known], gm, n_boot, seed)
+                gm["unfamiliar_score"] = ood["score"]
             audit["attributes"][name] = gm
             audit["warnings"] += _group_warnings(name, gm, overall, margin, min_group)
     _plot_class_accuracy(cls["per_class"], overall, out / "per_class_accuracy.png")
@@ -362,6 +394,13 @@ def _group_warnings(name: str, gm: dict[str, Any], overall: float, margin: float
         warnings.append(f"{name}: the accuracy gap between '{ga['highest']}' and '{ga['lowest']}' "
                         f"({ga['difference']:.3f}, 95% CI {ga['difference_ci'][0]:.3f} to "
                         f"{ga['difference_ci'][1]:.3f}) excludes zero")
+    ug = gm.get("unfamiliar_gap")
+    if ug and ug["ci_excludes_zero"]:
+        shares = {g["group"]: g["unfamiliar_share"] for g in gm["groups"]}
+        warnings.append(f"{name}: the unfamiliar-image threshold of `cifarlab ood` flags {shares[ug['most']]:.1%} of "
+                        f"'{ug['most']}' images against {shares[ug['least']]:.1%} of '{ug['least']}' "
+                        f"(difference {ug['difference']:.3f}, 95% CI {ug['difference_ci'][0]:.3f} to "
+                        f"{ug['difference_ci'][1]:.3f}, which excludes zero)")
     return warnings
 
 
@@ -572,6 +611,8 @@ def summarise_audits(audits: list[dict[str, Any]], runs: list[str]) -> dict[str,
                 groups.append({"group": g["group"], "n": g["n"], "too_small": g["too_small"],
                                "accuracy": _spread([x["accuracy"] for x in rows]),
                                "flagged_in": sum(x["flagged"] for x in rows)})
+                if all("unfamiliar_share" in x for x in rows):  # every run measured by `cifarlab ood`
+                    groups[-1]["unfamiliar_share"] = _spread([x["unfamiliar_share"] for x in rows])
                 if groups[-1]["flagged_in"] and not g["too_small"]:
                     summary["warnings"].append(f"{name}={g['group']}: more than {first['margin']:.2f} below the "
                                                f"overall accuracy in {groups[-1]['flagged_in']} of {n} runs")
@@ -586,6 +627,13 @@ def summarise_audits(audits: list[dict[str, Any]], runs: list[str]) -> dict[str,
                     summary["warnings"].append(f"{name}: the largest gap's interval excluded zero in "
                                                f"{gap['interval_excludes_zero_in']} of {n} runs")
             summary["attributes"][name] = {"groups": groups, "gap": gap, "not_recorded": gm.get("not_recorded", 0)}
+            ugaps = [p.get("unfamiliar_gap") for p in per_run]
+            if all(ugaps):
+                summary["attributes"][name]["unfamiliar_gap"] = {
+                    "difference": _spread([x["difference"] for x in ugaps]),
+                    "most": dict(Counter(x["most"] for x in ugaps).most_common()),
+                    "least": dict(Counter(x["least"] for x in ugaps).most_common()),
+                    "interval_excludes_zero_in": sum(x["ci_excludes_zero"] for x in ugaps)}
     return summary
 
 
@@ -635,17 +683,25 @@ def _audit_runs_markdown(s: dict) -> str:
     lines += _quoted("Near-duplicates", s.get("near_duplicates"), _runs_duplicates_sentence)
     lines += _quoted("Unfamiliar images", s.get("unfamiliar_images"), _runs_ood_sentence)
     for name, gm in s.get("attributes", {}).items():
-        lines += [f"## Groups by `{name}`", "", "| group | n | accuracy, mean (min to max) | flagged in |",
-                  "|---|---|---|---|"]
+        unfamiliar = all("unfamiliar_share" in g for g in gm["groups"])
+        lines += [f"## Groups by `{name}`", "", *_table_head(["group", "n", "accuracy, mean (min to max)", "flagged in",
+                                                              *(["flagged unfamiliar"] if unfamiliar else [])])]
         for g in gm["groups"]:
             flagged = "too small to judge" if g["too_small"] else f"{g['flagged_in']} of {n}"
-            lines.append(f"| {_cell(g['group'])} | {g['n']} | {_fmt_spread(g['accuracy'])} | {flagged} |")
+            lines.append(f"| {_cell(g['group'])} | {g['n']} | {_fmt_spread(g['accuracy'])} | {flagged} |"
+                         + (f" {_fmt_spread(g['unfamiliar_share'])} |" if unfamiliar else ""))
         ga = gm["gap"]
         lines += ["", "Only one group: no gap to measure." if ga is None else
                   f"Largest gap: {_fmt_spread(ga['difference'])}; its interval excluded zero in "
                   f"{ga['interval_excludes_zero_in']} of {n} runs. Highest group: "
                   + ", ".join(f"{_cell(g)} in {k} of {n}" for g, k in ga["highest"].items()) + "; lowest: "
                   + ", ".join(f"{_cell(g)} in {k} of {n}" for g, k in ga["lowest"].items()) + ".", ""]
+        ug = gm.get("unfamiliar_gap")
+        if ug:
+            lines += [f"Flagged as unfamiliar (`cifarlab ood`'s threshold): largest gap {_fmt_spread(ug['difference'])}; "
+                      f"its interval excluded zero in {ug['interval_excludes_zero_in']} of {n} runs. Flagged most: "
+                      + ", ".join(f"{_cell(g)} in {k} of {n}" for g, k in ug["most"].items()) + "; least: "
+                      + ", ".join(f"{_cell(g)} in {k} of {n}" for g, k in ug["least"].items()) + ".", ""]
     if s["warnings"]:
         lines += ["## Warnings", ""] + [f"- {w}" for w in s["warnings"]] + [""]
     lines += ["## Each run", ""] + [f"- `{r['run']}`: overall accuracy {r['overall_accuracy']:.4f}, "
@@ -780,18 +836,21 @@ def _audit_markdown(a: dict) -> str:
               f"{_fmt_ci(sp['difference_ci'])}, ratio {_fmt(sp['ratio'])} {_fmt_ci(sp['ratio_ci'])}.", ""]
     lines += _confidence_lines(a["classes"].get("confidence"))
     for name, gm in a.get("attributes", {}).items():
-        lines += [f"## Groups by `{name}`", "", "| group | n | accuracy | 95% CI | macro recall | macro precision | note |",
-                  "|---|---|---|---|---|---|---|"]
+        unfamiliar = ["flagged unfamiliar"] if "unfamiliar_score" in gm else []
+        lines += [f"## Groups by `{name}`", "", *_table_head(["group", "n", "accuracy", "95% CI", "macro recall",
+                                                              "macro precision", *unfamiliar, "note"])]
         for g in gm["groups"]:
             note = "too small to judge" if g["too_small"] else ("flagged" if g["flagged"] else "")
             lines.append(f"| {_cell(g['group'])} | {g['n']} | {g['accuracy']:.3f} | {_fmt_ci(g['accuracy_ci'])} | "
-                         f"{_fmt(g['macro_recall'])} | {_fmt(g['macro_precision'])} | {note} |")
+                         f"{_fmt(g['macro_recall'])} | {_fmt(g['macro_precision'])} | "
+                         + (f"{g['unfamiliar_share']:.1%} | " if unfamiliar else "") + f"{note} |")
         if gm.get("not_recorded"):
             lines += ["", f"Not recorded for {images_phrase(gm['not_recorded'])} (empty cells), left out of these groups."]
         ga = gm["gap"]
         lines += ["", "Only one group: no gap to measure." if ga is None else
                   f"Largest gap: {ga['highest']} vs {ga['lowest']}: {ga['difference']:.3f} {_fmt_ci(ga['difference_ci'])}"
                   + (" - the interval excludes zero." if ga["ci_excludes_zero"] else " - the interval includes zero."), ""]
+        lines += _unfamiliar_gap_lines(gm)
     lines += ["## Other evaluation plots", "", "![confusion matrix](confusion_matrix.png)", "",
               "![reliability diagram](reliability.png)", "", "![most confident errors](confident_errors.png)", ""]
     if a["warnings"]:
@@ -1009,6 +1068,18 @@ def _label_issues_lines(li: dict | None) -> list[str]:
             "`label-issues/label_issues.png` shows the most doubtful to judge by eye.", ""]
 
 
+def unfamiliar_flags(run: Path, ood: dict | None, n: int) -> np.ndarray | None:
+    """Which of the run's ``n`` test images the threshold of the ``cifarlab ood`` report ``ood``
+    (current, as :func:`cifarlab.ood.read_ood` returns it) flags as unfamiliar, from the scores
+    it saved; None without a report, or where its scores are missing or of other images."""
+    from .ood import read_in_scores
+
+    if not ood:
+        return None
+    scores = read_in_scores(run, ood["score"])
+    return None if scores is None or len(scores) != n else scores < ood["threshold"]
+
+
 def _ood_summary(r: dict | None) -> dict[str, Any] | None:
     """What the card quotes of a ``cifarlab ood`` report: per set, how well the threshold's
     score separates it from the test images, the share it lets through, and its commonest label."""
@@ -1028,6 +1099,27 @@ def _ood_summary(r: dict | None) -> dict[str, Any] | None:
                       # the features' score beside the threshold's, where measured: often far apart
                       "knn_auroc": st["knn"]["auroc"] if "knn" in st and s != "knn" else None}
                      for st in r["sets"]]}
+
+
+def _unfamiliar_gap_lines(gm: dict) -> list[str]:
+    """audit.md's line on how unequally the unfamiliar-image threshold flags an attribute's
+    groups, where ``cifarlab ood`` measured the run."""
+    ug = gm.get("unfamiliar_gap")
+    if not ug:
+        return []
+    return [f"Flagged as unfamiliar (the {gm['unfamiliar_score']} threshold of `cifarlab ood`): {_cell(ug['most'])} "
+            f"most, {_cell(ug['least'])} least; difference {ug['difference']:.3f} {_fmt_ci(ug['difference_ci'])}"
+            + (" - the interval excludes zero." if ug["ci_excludes_zero"] else " - the interval includes zero."), ""]
+
+
+def _card_unfamiliar_by_group(gm: dict) -> str:
+    """The card's sentence on the share of each group the unfamiliar-image threshold flags."""
+    ug = gm.get("unfamiliar_gap")
+    if "unfamiliar_score" not in gm:
+        return ""
+    return (" Flagged as unfamiliar by `cifarlab ood`'s threshold: "
+            + ", ".join(f"{g['group']} {g['unfamiliar_share']:.1%}" for g in gm["groups"])
+            + ("" if not ug else f" (largest gap {ug['difference']:.3f} {_fmt_ci(ug['difference_ci'])})") + ".")
 
 
 def _ood_lines(u: dict | None) -> list[str]:
@@ -1204,7 +1296,8 @@ def model_card_markdown(card: dict) -> str:
     for name, gm in mt["groups"].items():
         ga = gm["gap"]
         lines += [f"By `{name}`: " + ", ".join(f"{g['group']} {g['accuracy']:.3f} (n={g['n']})" for g in gm["groups"])
-                  + ("." if ga is None else f"; largest gap {ga['difference']:.3f} {_fmt_ci(ga['difference_ci'])}."), ""]
+                  + ("." if ga is None else f"; largest gap {ga['difference']:.3f} {_fmt_ci(ga['difference_ci'])}.")
+                  + _card_unfamiliar_by_group(gm), ""]
     lines += _robustness_lines(mt.get("robustness"))
     lines += _duplicates_lines(mt.get("near_duplicates"))
     lines += _label_issues_lines(mt.get("label_issues"))

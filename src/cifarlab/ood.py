@@ -580,6 +580,18 @@ def read_ood(run: str | Path, tta: str, temperature: float | None = None,
     return r if r is not None and r.get("score") in SCORES + (KNN,) else None
 
 
+def read_in_scores(run: str | Path, score: str, name: str = "ood") -> np.ndarray | None:
+    """The ``score`` of each of the run's test images that ``cifarlab ood`` saved in
+    ``RUN/<name>/scores.npz``, in the order of the test split; None where it is missing or
+    unreadable."""
+    path = Path(run) / name / "scores.npz"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return np.asarray(z[f"in_{score}"], np.float64)
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def read_bank(run: str | Path, name: str = "ood") -> np.ndarray:
     """The ``knn`` score's bank of training features that ``cifarlab ood`` saved in
     ``RUN/<name>``, float32 (M, D); refused, naming the command, where it is missing or damaged."""

@@ -467,6 +467,15 @@ def test_the_runs_of_a_set_meet_the_same_images_and_their_spread_is_reported(tmp
     assert summary["unfamiliar_gap"]["difference"]["min"] == min(e["unfamiliar_gap"]["difference"] for e in each_group)
     assert "| group | n | accuracy, mean (min to max) | flagged in | flagged unfamiliar |" in md
     assert "Flagged as unfamiliar (`cifarlab ood`'s threshold): largest gap " in md
+    # one run whose flag gap is real: the summary warns, naming in how many runs
+    from cifarlab.audit import summarise_audits
+
+    audits = [json.loads((base / f"run-{k}" / "audit" / "audit.json").read_text()) for k in range(2)]
+    for a, real in zip(audits, (True, False)):
+        a["attributes"]["half"]["unfamiliar_gap"]["ci_excludes_zero"] = real
+    warned = summarise_audits(audits, ["run-0", "run-1"])["warnings"]
+    assert ("half: the gap between the groups `cifarlab ood`'s threshold flags most and least as unfamiliar "
+            "excluded zero in 1 of 2 runs") in warned
     u = s["sets"][1]
     assert ("Unfamiliar images (`cifarlab ood`, energy score, each run's threshold keeping 95% of its validation "
             "images): ") in md

@@ -629,11 +629,15 @@ def summarise_audits(audits: list[dict[str, Any]], runs: list[str]) -> dict[str,
             summary["attributes"][name] = {"groups": groups, "gap": gap, "not_recorded": gm.get("not_recorded", 0)}
             ugaps = [p.get("unfamiliar_gap") for p in per_run]
             if all(ugaps):
-                summary["attributes"][name]["unfamiliar_gap"] = {
-                    "difference": _spread([x["difference"] for x in ugaps]),
-                    "most": dict(Counter(x["most"] for x in ugaps).most_common()),
-                    "least": dict(Counter(x["least"] for x in ugaps).most_common()),
-                    "interval_excludes_zero_in": sum(x["ci_excludes_zero"] for x in ugaps)}
+                ug = {"difference": _spread([x["difference"] for x in ugaps]),
+                      "most": dict(Counter(x["most"] for x in ugaps).most_common()),
+                      "least": dict(Counter(x["least"] for x in ugaps).most_common()),
+                      "interval_excludes_zero_in": sum(x["ci_excludes_zero"] for x in ugaps)}
+                summary["attributes"][name]["unfamiliar_gap"] = ug
+                if ug["interval_excludes_zero_in"]:
+                    summary["warnings"].append(f"{name}: the gap between the groups `cifarlab ood`'s threshold flags "
+                                               f"most and least as unfamiliar excluded zero in "
+                                               f"{ug['interval_excludes_zero_in']} of {n} runs")
     return summary
 
 

@@ -7,6 +7,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 from conftest import make_image_folder
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -60,3 +61,21 @@ def test_long_tail_keeps_the_profile_of_training_images_and_every_test_image(tmp
         r = _run("long_tail.py", str(data), str(tmp_path / "bad"), bad)
         assert r.returncode == 1 and f"RATIO {bad!r} is not valid" in r.stderr
         assert not (tmp_path / "bad").exists()
+
+
+def test_digits_folder_writes_sklearns_digits_as_unfamiliar_images(tmp_path):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    out = tmp_path / "digits"
+    r = _run("digits_folder.py", str(out))
+    assert r.returncode == 0, r.stderr
+    files = sorted(out.iterdir())
+    assert len(files) == 1797 and "wrote 1797 images" in r.stdout and not (tmp_path / "digits.partial").exists()
+    d = load_digits()
+    first = np.asarray(Image.open(out / f"digit{d.target[0]}-0000.png"))
+    assert first.shape == (8, 8) and first.dtype == np.uint8
+    # ink dark on white: intensity 16 is black, 0 white
+    assert (first == np.round(255 - d.images[0] * 255 / 16)).all() and first.max() == 255
+    r = _run("digits_folder.py", str(out))
+    assert r.returncode == 1 and "exists; give a new folder" in r.stderr

@@ -501,8 +501,9 @@ def test_a_spread_that_straddles_chance_is_called_out():
     assert s["sets"][0]["energy"]["auroc"]["mean"] == pytest.approx(0.55)
     assert s["sets"][0]["called_most"] == [{"class": "cat", "runs": 2}]
     text = ood.format_runs(s, Path("f"))
-    assert "The runs disagree on blank" in text and "0.5500 (0.3000 to 0.8000)" in text
-    assert "disagree" not in ood.format_runs(ood.summarise_ood([report("a", 0.6), report("b", 0.8)]), Path("f"))
+    assert "blank: AUROC from 0.300 to 0.800 over the runs, on both sides of 0.5" in text
+    assert "0.5500 (0.3000 to 0.8000)" in text
+    assert "both sides" not in ood.format_runs(ood.summarise_ood([report("a", 0.6), report("b", 0.8)]), Path("f"))
 
 
 def test_the_audit_gives_the_share_of_each_group_flagged_as_unfamiliar(trained_run, tmp_path, capsys):

@@ -6,7 +6,10 @@ graph, and the softmax (of the logits divided by the run's temperature where ``c
 calibrate`` fitted one, and shifted by its class offsets where it balanced the classes): it
 returns class probabilities, (N, classes), the same as ``cifarlab.load_model(run).predict``. The class names, the preprocessing, the test-time
 augmentation and the out-of-scope uses of the model card are in the file's metadata, so the
-model does not travel without them. Weights are exported in float32 whatever the training
+model does not travel without them. Where ``cifarlab ood`` measured the run with a score of its
+logits, a second output gives each image's familiarity by that score, and the metadata its
+threshold: an application can then turn away images unlike the training images, as
+``cifarlab predict --flag-unfamiliar`` does. Weights are exported in float32 whatever the training
 precision, as :func:`cifarlab.load_model` loads them.
 """
 
@@ -30,6 +33,7 @@ from .fsutil import write_with
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
+FAMILIARITY_NAME = "familiarity"  # the second output, where cifarlab ood fitted a threshold
 # Exported probabilities may differ from PyTorch's by float32 rounding in a different order of
 # operations; anything larger means the graph computes something else.
 TOLERANCE = 1e-4
@@ -40,9 +44,11 @@ class ExportedClassifier(nn.Module):
     computing :func:`cifarlab.export.preprocess` with its constants held as buffers (made here,
     not while the exporter traces, whose fake tensors must not reach ``channel_values``' cache)."""
 
-    def __init__(self, model: nn.Module, prep: dict[str, Any], tta: str, calibration: Calibration | None = None):
+    def __init__(self, model: nn.Module, prep: dict[str, Any], tta: str, calibration: Calibration | None = None,
+                 score: str | None = None):
         super().__init__()
         self.model = model
+        self.score = score  # a score of cifarlab.ood.SCORES: a second output of it; None: probabilities alone
         self.rescale = float(prep.get("rescale", 1 / 255))
         self.tta = tta
         # constants in the graph (None: no division, no offsets), as Predictor.probabilities applies them
@@ -54,7 +60,7 @@ class ExportedClassifier(nn.Module):
             self.register_buffer(name, None if v is None else
                                  channel_values(tuple(v), torch.float32, torch.device("cpu"), add).clone())
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = images.permute(0, 3, 1, 2).float() * self.rescale
         if self.mean is not None:
             x = x - self.mean
@@ -65,7 +71,13 @@ class ExportedClassifier(nn.Module):
             logits = logits / self.temperature
         if self.offsets is not None:
             logits = logits + self.offsets
-        return logits.softmax(1)
+        probs = logits.softmax(1)
+        if self.score is None:
+            return probs
+        # cifarlab.ood.scores, of the logits as calibrated
+        familiarity = {"energy": lambda: logits.logsumexp(1), "msp": lambda: probs.amax(1),
+                       "maxlogit": lambda: logits.amax(1)}[self.score]()
+        return probs, familiarity
 
 
 @contextlib.contextmanager
@@ -91,6 +103,24 @@ def _onnx_modules():
         raise CifarlabError(f"ONNX export needs the packages onnx and onnxscript ({e.name} is not installed): "
                             "pip install onnx onnxscript onnxruntime (the onnx extra: pip install '.[onnx]' in a clone)") from None
     return onnx
+
+
+def _unfamiliar_rule(predictor, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The score and threshold of ``cifarlab ood``'s report on the run of ``predictor``, where
+    it was measured with its weights, test-time augmentation and calibration and its score is
+    one of the logits (``knn`` needs the features and a bank of training images' features,
+    which the graph does not hold); None otherwise."""
+    from .ood import SCORES, read_ood
+
+    r = read_ood(predictor.run, predictor.tta, predictor.temperature(), predictor.class_offsets())
+    if r is None:
+        return None
+    if r["score"] not in SCORES:
+        log(f"no '{FAMILIARITY_NAME}' output: cifarlab ood's threshold is of the {r['score']} score, which the graph "
+            f"cannot compute; run cifarlab ood with --score energy (or {', '.join(SCORES[1:])}) to export one")
+        return None
+    return {"output": FAMILIARITY_NAME, "score": r["score"], "threshold": r["threshold"], "keep": r["keep"],
+            "fitted_on": r["threshold_fitted_on"]}
 
 
 def _metadata(predictor, run: Path, tta: str) -> dict[str, str]:
@@ -140,14 +170,17 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
                             f"{onnx.defs.onnx_opset_version()}); give one such as 18 or 20")
     c, h, w = predictor.input_shape
     # float32 and the default memory format: the file holds one graph for every runtime.
+    rule = _unfamiliar_rule(predictor, log)
     wrapped = ExportedClassifier(predictor.model.float().to(memory_format=torch.contiguous_format),
-                                 predictor.prep, predictor.tta, predictor.calibration()).eval()
+                                 predictor.prep, predictor.tta, predictor.calibration(),
+                                 rule["score"] if rule else None).eval()
+    outputs = [OUTPUT_NAME] + ([FAMILIARITY_NAME] if rule else [])
     example = torch.zeros((2, h, w, c), dtype=torch.uint8)
     try:
         with warnings.catch_warnings(), _quiet("torch.onnx"), _quiet("onnxscript"):
             warnings.simplefilter("ignore")  # the exporter's own deprecation and tracing chatter
             program = torch.onnx.export(
-                wrapped, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                wrapped, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=outputs,
                 dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}}, opset_version=opset,
                 external_data=False, verbose=False)
     except Exception as e:  # the exporter raises many types; the user needs the model and the reason
@@ -159,22 +192,27 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
     if opset is not None and made != opset:  # the exporter falls back to its own opset when converting fails
         raise CifarlabError(f"--opset {opset}: the ONNX converter could not express this model in opset {opset} "
                             f"(PyTorch's exporter made opset {made}); give a newer one, such as {made}, or omit --opset")
-    onnx.helper.set_model_props(proto, _metadata(predictor, run, predictor.tta))
+    meta = _metadata(predictor, run, predictor.tta)
+    if rule:  # what the second output means, and where to draw the line
+        meta["unfamiliar_below"] = json.dumps(rule)
+    onnx.helper.set_model_props(proto, meta)
     report: dict[str, Any] = {"path": str(out), "opset": made, "tta": predictor.tta, "classes": predictor.classes,
                               "temperature": predictor.temperature(), "class_offsets": predictor.class_offsets(),
-                              "check": None}
+                              "unfamiliar_below": rule, "check": None}
 
     def write(tmp: Path) -> None:
         onnx.save_model(proto, str(tmp))
         if check:
-            report["check"] = compare_with_pytorch(tmp, predictor)
+            report["check"] = compare_with_pytorch(tmp, predictor, score=rule["score"] if rule else None)
 
     write_with(out, write)
     report["bytes"] = out.stat().st_size
     log(f"wrote {out} ({report['bytes'] / 1e6:.1f} MB, opset {report['opset']}): uint8 images (N, {h}, {w}, {c}) "
         f"in '{INPUT_NAME}', probabilities over {len(predictor.classes)} classes out, test-time augmentation "
         f"{predictor.tta}" + (f", temperature {predictor.temperature():.4g}" if predictor.temperature() else "")
-        + (", classes balanced (calibrate --balance-classes)" if predictor.class_offsets() else ""))
+        + (", classes balanced (calibrate --balance-classes)" if predictor.class_offsets() else "")
+        + (f"; '{FAMILIARITY_NAME}' out, the {rule['score']} score, unfamiliar below {rule['threshold']:.4g} "
+           "(metadata 'unfamiliar_below', from cifarlab ood)" if rule else ""))
     chk = report["check"]
     if chk is None:
         log("not checked: " + ("--no-check" if not check else "onnxruntime is not installed (pip install onnxruntime)"))
@@ -185,10 +223,13 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
     return report
 
 
-def compare_with_pytorch(path: str | Path, predictor, n: int = 16, seed: int = 0) -> dict[str, Any] | None:
+def compare_with_pytorch(path: str | Path, predictor, n: int = 16, seed: int = 0,
+                         score: str | None = None) -> dict[str, Any] | None:
     """Run the ONNX file at ``path`` on ``n`` seeded random uint8 images and compare its outputs
-    with ``predictor.predict``'s; None where onnxruntime is not installed. Raises when the
-    probabilities differ by more than :data:`TOLERANCE`."""
+    with ``predictor.predict``'s (and, with ``score``, its second output with that score of
+    :func:`cifarlab.ood.scores`); None where onnxruntime is not installed. Raises when the
+    probabilities differ by more than :data:`TOLERANCE`, or the scores by more than it relative
+    to their size."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -196,11 +237,22 @@ def compare_with_pytorch(path: str | Path, predictor, n: int = 16, seed: int = 0
     c, h, w = predictor.input_shape
     images = np.random.default_rng(seed).integers(0, 256, (n, h, w, c), dtype=np.uint8)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
-    want = predictor.predict(images)
-    diff = float(np.abs(got - want).max())
+    got = session.run([OUTPUT_NAME] + ([FAMILIARITY_NAME] if score else []), {INPUT_NAME: images})
+    logits = predictor.logits(images)
+    want = predictor.probabilities(logits)
+    diff = float(np.abs(got[0] - want).max())
     if not diff <= TOLERANCE:  # also catches NaN
         raise CifarlabError(f"the exported graph does not reproduce the model: its probabilities differ from "
                             f"PyTorch's by up to {diff:.2e} (tolerance {TOLERANCE:g}); no file was written")
-    return {"onnxruntime": ort.__version__, "images": n, "max_abs_diff": diff,
-            "same_top1": int((got.argmax(1) == want.argmax(1)).sum())}
+    out = {"onnxruntime": ort.__version__, "images": n, "max_abs_diff": diff,
+           "same_top1": int((got[0].argmax(1) == want.argmax(1)).sum())}
+    if score:
+        from .ood import calibrated_logits, scores
+
+        expected = scores(calibrated_logits(predictor, logits))[score]
+        rel = float((np.abs(got[1] - expected) / np.maximum(1.0, np.abs(expected))).max())
+        if not rel <= TOLERANCE:
+            raise CifarlabError(f"the exported graph's {FAMILIARITY_NAME} differs from cifarlab ood's {score} score by "
+                                f"up to {rel:.2e} of its size (tolerance {TOLERANCE:g}); no file was written")
+        out["familiarity_max_rel_diff"] = rel
+    return out

@@ -121,6 +121,34 @@ def read_current_report(path: str | Path, run: str | Path, tta: str, temperature
     return r if current else None
 
 
+def read_runs_summary_file(path: str | Path, folder: str | Path, command: str,
+                           missing: Callable[[dict], str | None]) -> dict[str, Any] | None:
+    """The summary at ``path`` that ``command`` (``cifarlab robustness``, ``cifarlab ood``) wrote
+    of the runs of the ``--runs N`` folder ``folder``, as ``{"summary": ...}`` where every run it
+    names still holds the weights it measured, else ``{"note": why not}``; None where there is
+    none. ``missing`` names what an incomplete summary lacks (None where it has all it needs)."""
+
+    folder = Path(folder)
+    try:
+        s = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        return {"note": f"{path} could not be read ({e}); run {command} {folder} again"}
+    try:
+        lacking = missing(s) if isinstance(s, dict) else "a JSON object"
+        if lacking:
+            raise KeyError(lacking)
+        # each run by its name inside the folder, which holds wherever the folder was measured from
+        stale = [r["run"] for r in s["per_run"]
+                 if r.get("weights_sha256") != weights_digest(folder / Path(r["run"]).name)]
+    except (KeyError, TypeError, AttributeError, CifarlabError) as e:
+        return {"note": f"{path} is incomplete ({e}); run {command} {folder} again"}
+    if stale:
+        return {"note": f"{short_list(stale, 3)} changed after {command} measured them; measure again"}
+    return {"summary": s}
+
+
 def read_calibration(run: str | Path, classes: list[str] | None = None) -> dict[str, Calibration]:
     """What ``RUN/calibration.json`` holds, by test-time augmentation level; empty where the run
     has none (it was never calibrated). ``classes`` (default those of the run's

@@ -430,32 +430,12 @@ def read_runs_summary(folder: str | Path, name: str | None = None) -> dict[str, 
     folder), or that of its subfolder ``name`` (``robustness-<data>``, measured on other data),
     as ``{"summary": ...}`` where every run still holds the weights it measured, else
     ``{"note": why not}``; None where there is none."""
-    import json
-
-    from .calibrate import weights_digest
-    from .errors import CifarlabError, short_list
+    from .calibrate import read_runs_summary_file
 
     folder = Path(folder)
     path = folder / name / "robustness_summary.json" if name else folder / "robustness_summary.json"
-    try:
-        s = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        return {"note": f"{path} could not be read ({e}); run cifarlab robustness "
-                        f"{folder} again"}
-    try:
-        if not isinstance(s.get("corruptions"), list) or "mean_accuracy" not in s:
-            raise KeyError("corruptions")
-        # each run by its name inside the folder, which holds wherever the folder was measured from
-        stale = [r["run"] for r in s["per_run"]
-                 if r.get("weights_sha256") != weights_digest(folder / Path(r["run"]).name)]
-    except (KeyError, TypeError, AttributeError, CifarlabError) as e:
-        return {"note": f"{path} is incomplete ({e}); run cifarlab robustness {folder} "
-                        "again"}
-    if stale:
-        return {"note": f"{short_list(stale, 3)} changed after cifarlab robustness measured them; measure again"}
-    return {"summary": s}
+    return read_runs_summary_file(path, folder, "cifarlab robustness", lambda s: None if isinstance(
+        s.get("corruptions"), list) and "mean_accuracy" in s else "corruptions")
 
 
 def read_robustness(run: str | Path, tta: str, temperature: float | None = None,

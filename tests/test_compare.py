@@ -170,6 +170,34 @@ def test_compare_two_runs_folders_from_their_summaries(tmp_path, image_folder, c
     summary_b.write_text(json.dumps(s))
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     assert "changed after cifarlab robustness measured them; measure again" in capsys.readouterr().out
+    # against unfamiliar images: Welch's test on the runs' AUROC for each set, where both were measured alike
+    ood = ["synthetic:uniform", "synthetic:blank", "--data", str(image_folder), "--count", "5", "--knn-bank", "0",
+           "--device", "cpu"]
+    assert main(["ood", str(tmp_path / "a"), *ood]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert (f"Unfamiliar images: not compared; only one folder was measured against unfamiliar images; run: "
+            f"cifarlab ood {tmp_path / 'b'}") in capsys.readouterr().out
+    assert main(["ood", str(tmp_path / "b"), *ood]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--json"]) == 0
+    u = json.loads(capsys.readouterr().out)["unfamiliar_images"]
+    assert u["score"] == "energy" and [r["set"] for r in u["sets"]] == ["uniform", "blank"]
+    aurocs = {k: [[json.loads((tmp_path / k / f"run-{i}" / "ood" / "ood.json").read_text())["sets"][j]["energy"][
+        "auroc"] for i in range(3)] for j in range(2)] for k in "ab"}
+    for j, r in enumerate(u["sets"]):
+        assert r["difference"] == pytest.approx(np.mean(aurocs["b"][j]) - np.mean(aurocs["a"][j]))
+        assert r["a"]["min"] == min(aurocs["a"][j]) and r["b"]["max"] == max(aurocs["b"][j])
+        if np.std(aurocs["a"][j]) + np.std(aurocs["b"][j]) > 0:
+            assert r["p_value"] == pytest.approx(_welch_p(aurocs["a"][j], aurocs["b"][j]))
+    assert [r["p_value_holm"] for r in u["sets"]] == holm([r["p_value"] for r in u["sets"]])
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "Unfamiliar images (cifarlab ood, energy AUROC over the runs, mean (min to max), the same images): " \
+           "uniform: A " in capsys.readouterr().out
+    assert main(["ood", str(tmp_path / "b"), "synthetic:uniform", *ood[2:]]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "measured against unfamiliar images with different sets" in capsys.readouterr().out
     ext = tmp_path / "ext"  # a set whose --resume OUT --epochs 2 is under way: its config says 2, its runs 1
     shutil.copytree(tmp_path / "a", ext)
     (ext / "config.yaml").write_text((ext / "config.yaml").read_text().replace("epochs: 1\n", "epochs: 2\n"))

@@ -223,6 +223,7 @@ def compare_run_sets(folder_a: str | Path, folder_b: str | Path) -> dict[str, An
     out["per_class"], out["per_class_note"] = _per_class_tests(Path(folder_a), Path(folder_b))
     out["balanced_runs"] = [s for s in (folder_a, folder_b) if _balanced(Path(s))]
     out["robustness"] = _robustness(Path(folder_a), Path(folder_b))
+    out["unfamiliar_images"] = _ood(Path(folder_a), Path(folder_b))
     for side in (a, b):
         side.update(runs=len(side["accuracies"]), test_accuracy=describe(side["accuracies"]),
                     train_time_s=describe(side["times"]))
@@ -257,6 +258,41 @@ def _robustness(folder_a: Path, folder_b: Path) -> dict[str, Any] | None:
     return {"corruptions": len(sa["corruptions"]), "severities": sa["severities"], "source": sa["source"],
             "a": describe(a), "b": describe(b), "difference": float(np.mean(b) - np.mean(a)),
             "p_value": welch_p(a, b) if min(len(a), len(b)) >= 2 else None}
+
+
+def _ood(folder_a: Path, folder_b: Path) -> dict[str, Any] | None:
+    """Welch's test on the runs' AUROC for each unfamiliar set, where ``cifarlab ood`` measured
+    both folders against the same sets with the same score and test-time augmentation and the
+    runs still hold the weights it measured, with Holm's correction over the sets; else a note
+    saying what differs (None where neither was measured). Seeds move these figures far more than
+    they move accuracy: only a test across runs can say one recipe tells them apart better."""
+    from .ood import read_runs_summary
+
+    found = {f: r for f in (folder_a, folder_b) if (r := read_runs_summary(f)) is not None}
+    if not found:
+        return None
+    if len(found) < 2:
+        missing = folder_b if folder_a in found else folder_a
+        return {"note": f"only one folder was measured against unfamiliar images; run: cifarlab ood {missing}"}
+    if any("note" in r for r in found.values()):
+        return {"note": "; ".join(r["note"] for r in found.values() if "note" in r)}
+    sa, sb = found[folder_a]["summary"], found[folder_b]["summary"]
+    differ = [k for k in ("score", "tta", "keep") if sa.get(k) != sb.get(k)]
+    if [(st.get("source"), st.get("images")) for st in sa["sets"]] != \
+            [(st.get("source"), st.get("images")) for st in sb["sets"]]:
+        differ.append("sets")
+    if differ:
+        return {"note": f"the two folders were measured against unfamiliar images with different "
+                        f"{', '.join(differ)}; measure both with the same options"}
+    rows = []
+    for i, st in enumerate(sa["sets"]):
+        a, b = [r["auroc"][i] for r in sa["per_run"]], [r["auroc"][i] for r in sb["per_run"]]
+        rows.append({"set": st["name"], "a": describe(a), "b": describe(b), "difference": float(np.mean(b) - np.mean(a)),
+                     "p_value": welch_p(a, b) if min(len(a), len(b)) >= 2 else None})
+    tested = [r for r in rows if r["p_value"] is not None]
+    for r, q in zip(tested, holm([r["p_value"] for r in tested])):
+        r["p_value_holm"] = q
+    return {"score": sa["score"], "sets": rows}
 
 
 def _balanced(folder: Path) -> bool:
@@ -310,6 +346,14 @@ def format_run_sets(c: dict[str, Any]) -> str:
                      f"{rob['a']['min']:.4f}, max {rob['a']['max']:.4f}), B mean {rob['b']['mean']:.4f} (min "
                      f"{rob['b']['min']:.4f}, max {rob['b']['max']:.4f}); B - A {rob['difference']:+.4f}"
                      + (f"; Welch's t-test p = {p:.3g}" if p is not None else ""))
+    ood = c.get("unfamiliar_images")
+    if ood and "note" in ood:
+        lines.append(f"Unfamiliar images: not compared; {ood['note']}")
+    elif ood:
+        lines.append(f"Unfamiliar images (cifarlab ood, {ood['score']} AUROC over the runs, mean (min to max), the "
+                     "same images): " + "; ".join(
+                         f"{r['set']}: A {_mean_range(r['a'])}, B {_mean_range(r['b'])}, B - A {r['difference']:+.3f}"
+                         + (f", p (Holm) {r['p_value_holm']:.3g}" if "p_value_holm" in r else "") for r in ood["sets"]))
     for folder in c.get("balanced_runs", []):
         lines.append(f"Note: runs of {folder} were calibrated with --balance-classes, which changes their "
                      "predictions; these figures are training's, without it. Compare two single runs, or evaluate "
@@ -318,6 +362,10 @@ def format_run_sets(c: dict[str, Any]) -> str:
         lines.append(f"Note: A was tested on {c['a']['data']} and B on {c['b']['data']}; the comparison holds only "
                      "if these are the same test images.")
     return "\n".join(lines)
+
+
+def _mean_range(d: dict[str, float]) -> str:
+    return f"{d['mean']:.3f} ({d['min']:.3f} to {d['max']:.3f})"
 
 
 def format_comparison(c: dict[str, Any]) -> str:

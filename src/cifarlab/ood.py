@@ -592,6 +592,16 @@ def read_in_scores(run: str | Path, score: str, name: str = "ood") -> np.ndarray
         return None
 
 
+def read_runs_summary(folder: str | Path) -> dict[str, Any] | None:
+    """``folder``'s ``ood_summary.json`` (``cifarlab ood`` of a ``--runs N`` folder) as
+    ``{"summary": ...}`` where every run still holds the weights it measured, else ``{"note":
+    why not}``; None where there is none."""
+    from .calibrate import read_runs_summary_file
+
+    return read_runs_summary_file(Path(folder) / SUMMARY_FILE, folder, "cifarlab ood", lambda s: None if isinstance(
+        s.get("sets"), list) and s.get("score") in SCORES + (KNN,) else "sets")
+
+
 def read_bank(run: str | Path, name: str = "ood") -> np.ndarray:
     """The ``knn`` score's bank of training features that ``cifarlab ood`` saved in
     ``RUN/<name>``, float32 (M, D); refused, naming the command, where it is missing or damaged."""

@@ -136,16 +136,21 @@ def test_without_the_exporters_packages_the_error_names_the_extra(trained_run, m
     assert not (trained_run / "model.onnx").exists()
 
 
-@pytest.mark.parametrize("score", ["energy", "msp", "maxlogit"])
-def test_the_file_carries_the_unfamiliar_images_threshold_of_ood(trained_run, score, capsys):
+@pytest.mark.parametrize("score, tta", [("energy", "none"), ("msp", "flip"), ("maxlogit", "none"), ("knn", "none"),
+                                        ("knn", "flip")])
+def test_the_file_carries_the_unfamiliar_images_threshold_of_ood(trained_run, score, tta, capsys):
     assert export_onnx(trained_run, log=lambda s: None)["unfamiliar_below"] is None  # no ood report: no such output
     assert [o.name for o in ort.InferenceSession(str(trained_run / "model.onnx")).get_outputs()] == ["probabilities"]
-    assert main(["ood", str(trained_run), "synthetic:uniform", "--count", "4", "--knn-bank", "0", "--score", score,
-                 "--keep", "0.5", "--json"]) == 0
+    assert main(["ood", str(trained_run), "synthetic:uniform", "--count", "4", "--score", score, "--keep", "0.5",
+                 "--tta", tta, "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    report = export_onnx(trained_run, log=lambda s: None)
+    said = []
+    report = export_onnx(trained_run, tta=tta, log=said.append)
     rule = {"output": "familiarity", "score": score, "threshold": r["threshold"], "keep": 0.5,
             "fitted_on": "validation"}
+    if score == "knn":  # the bank travels in the file: the training images' features the report's scores used
+        rule |= {"k": r["knn"]["k"], "bank_images": r["knn"]["bank_images"]}
+        assert f"the features of {r['knn']['bank_images']} training images in the file" in said[0]
     assert report["unfamiliar_below"] == rule and report["check"]["familiarity_max_rel_diff"] <= 1e-4
     path = trained_run / "model.onnx"
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
@@ -154,7 +159,7 @@ def test_the_file_carries_the_unfamiliar_images_threshold_of_ood(trained_run, sc
     from PIL import Image
 
     files = sorted((trained_run.parent / "imgs" / "test").rglob("*.png"))
-    assert main(["predict", str(trained_run), *map(str, files), "--flag-unfamiliar", "--json"]) == 0
+    assert main(["predict", str(trained_run), *map(str, files), "--flag-unfamiliar", "--tta", tta, "--json"]) == 0
     flags = {p["file"]: p["unfamiliar"] for p in json.loads(capsys.readouterr().out)["predictions"]}
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
@@ -164,13 +169,11 @@ def test_the_file_carries_the_unfamiliar_images_threshold_of_ood(trained_run, sc
     assert 0 < sum(flags.values()) < len(files)  # the threshold keeping half flags some of the test images
 
 
-def test_a_knn_threshold_or_a_stale_report_is_not_exported(trained_run, capsys):
+def test_a_stale_report_or_a_lost_bank_is_not_exported(trained_run, capsys):
     assert main(["ood", str(trained_run), "synthetic:blank", "--count", "3", "--score", "knn", "--json"]) == 0
     capsys.readouterr()
+    assert export_onnx(trained_run, log=lambda s: None, tta="flip")["unfamiliar_below"] is None  # measured without
+    (trained_run / "ood" / "knn_bank.safetensors").unlink()
     said = []
     assert export_onnx(trained_run, log=said.append)["unfamiliar_below"] is None
-    assert any("no 'familiarity' output: cifarlab ood's threshold is of the knn score" in s for s in said)
-    assert main(["ood", str(trained_run), "synthetic:blank", "--count", "3", "--json"]) == 0
-    capsys.readouterr()
-    assert export_onnx(trained_run, log=lambda s: None, tta="flip")["unfamiliar_below"] is None  # measured without
-    assert export_onnx(trained_run, log=lambda s: None)["unfamiliar_below"]["score"] == "energy"
+    assert any("no 'familiarity' output: cannot read the knn score's bank" in s for s in said)

@@ -562,11 +562,3 @@ def test_a_group_flagged_far_more_often_is_warned_of():
     gm2["unfamiliar_gap"] = unfamiliar_by_group(np.tile(np.arange(40) < 4, 2), values, gm2, 200, 0)
     assert not gm2["unfamiliar_gap"]["ci_excludes_zero"] and gm2["unfamiliar_gap"]["difference"] == 0
     assert _group_warnings("light", gm2, 1.0, 0.05, 30) == []
-
-
-def test_the_card_says_the_export_carries_the_threshold_only_for_a_score_of_the_logits():
-    from cifarlab.audit import _ood_lines
-
-    u = {"keep": 0.95, "fitted_on": "validation", "sets": []}
-    assert "`cifarlab export` puts it in the ONNX file" in _ood_lines({**u, "score": "msp"})[0]
-    assert "cifarlab export" not in _ood_lines({**u, "score": "knn"})[0]

@@ -1137,9 +1137,8 @@ def _ood_lines(u: dict | None) -> list[str]:
                      for st in u["sets"])
     return [f"Unfamiliar images (`cifarlab ood`, {u['score']} score): flagging images below a threshold that keeps "
             f"{u['keep']:.0%} of its {u['fitted_on']} images, the model still accepts as one of its classes: {sets}. "
-            "`cifarlab predict --flag-unfamiliar` applies the threshold"
-            + (", and `cifarlab export` puts it in the ONNX file" if u["score"] != "knn" else "") + "; "
-            "synthetic sets are the easy case, and real photographs of other things are harder to tell. See "
+            "`cifarlab predict --flag-unfamiliar` applies the threshold, and `cifarlab export` puts it in the ONNX "
+            "file; synthetic sets are the easy case, and real photographs of other things are harder to tell. See "
             "`ood/ood.png` in the run folder." + _flagged_own_sentence(u), ""]
 
 

@@ -6,10 +6,10 @@ graph, and the softmax (of the logits divided by the run's temperature where ``c
 calibrate`` fitted one, and shifted by its class offsets where it balanced the classes): it
 returns class probabilities, (N, classes), the same as ``cifarlab.load_model(run).predict``. The class names, the preprocessing, the test-time
 augmentation and the out-of-scope uses of the model card are in the file's metadata, so the
-model does not travel without them. Where ``cifarlab ood`` measured the run with a score of its
-logits, a second output gives each image's familiarity by that score, and the metadata its
-threshold: an application can then turn away images unlike the training images, as
-``cifarlab predict --flag-unfamiliar`` does. Weights are exported in float32 whatever the training
+model does not travel without them. Where ``cifarlab ood`` fitted a threshold, a second output
+gives each image's familiarity by its score (for ``knn``, with the bank of training images'
+features in the file), and the metadata the threshold: an application can then turn away images
+unlike the training images, as ``cifarlab predict --flag-unfamiliar`` does. Weights are exported in float32 whatever the training
 precision, as :func:`cifarlab.load_model` loads them.
 """
 
@@ -45,10 +45,13 @@ class ExportedClassifier(nn.Module):
     not while the exporter traces, whose fake tensors must not reach ``channel_values``' cache)."""
 
     def __init__(self, model: nn.Module, prep: dict[str, Any], tta: str, calibration: Calibration | None = None,
-                 score: str | None = None):
+                 score: str | None = None, bank: np.ndarray | None = None, k: int | None = None):
         super().__init__()
         self.model = model
-        self.score = score  # a score of cifarlab.ood.SCORES: a second output of it; None: probabilities alone
+        self.score = score  # a score of cifarlab.ood: a second output of it; None: probabilities alone
+        # knn: the training images' features (half precision, as cifarlab ood saved and used them) and k
+        self.register_buffer("bank", None if bank is None else torch.from_numpy(np.asarray(bank, np.float16)))
+        self.k = k
         self.rescale = float(prep.get("rescale", 1 / 255))
         self.tta = tta
         # constants in the graph (None: no division, no offsets), as Predictor.probabilities applies them
@@ -66,7 +69,20 @@ class ExportedClassifier(nn.Module):
             x = x - self.mean
         if self.std is not None:
             x = x / self.std
-        logits = tta_logits(self.model, x, self.tta)
+        feats: list[torch.Tensor] = []
+        if self.score == "knn":  # the classifier's input, from the plain pass (as cifarlab.ood.features)
+            from .ood import last_linear
+
+            hook = last_linear(self.model)[1].register_forward_hook(lambda _m, i, _o: feats.append(i[0]))
+            try:
+                logits = tta_logits(self.model, x, self.tta)
+                if self.tta != "none":  # the test-time augmentation's passes are not the features' pass
+                    feats.clear()
+                    self.model(x)
+            finally:
+                hook.remove()
+        else:
+            logits = tta_logits(self.model, x, self.tta)
         if self.temperature is not None:
             logits = logits / self.temperature
         if self.offsets is not None:
@@ -74,6 +90,10 @@ class ExportedClassifier(nn.Module):
         probs = logits.softmax(1)
         if self.score is None:
             return probs
+        if self.score == "knn":  # cifarlab.ood.knn_scores: minus the distance to the k-th nearest, |a - b|^2 = 2 - 2 a.b
+            f = torch.nn.functional.normalize(feats[0].float().flatten(1), dim=1)
+            kth = (f @ self.bank.float().T).topk(self.k, dim=1).values[:, -1]
+            return probs, -torch.sqrt(torch.clamp(2 - 2 * kth, min=0))
         # cifarlab.ood.scores, of the logits as calibrated
         familiarity = {"energy": lambda: logits.logsumexp(1), "msp": lambda: probs.amax(1),
                        "maxlogit": lambda: logits.amax(1)}[self.score]()
@@ -105,22 +125,25 @@ def _onnx_modules():
     return onnx
 
 
-def _unfamiliar_rule(predictor, log: Callable[[str], None]) -> dict[str, Any] | None:
+def _unfamiliar_rule(predictor, log: Callable[[str], None]) -> tuple[dict[str, Any] | None, np.ndarray | None]:
     """The score and threshold of ``cifarlab ood``'s report on the run of ``predictor``, where
-    it was measured with its weights, test-time augmentation and calibration and its score is
-    one of the logits (``knn`` needs the features and a bank of training images' features,
-    which the graph does not hold); None otherwise."""
-    from .ood import SCORES, read_ood
+    it was measured with its weights, test-time augmentation and calibration, and for ``knn``
+    the bank of training images' features it saved; (None, None) where there is none."""
+    from .ood import KNN, read_bank, read_ood
 
     r = read_ood(predictor.run, predictor.tta, predictor.temperature(), predictor.class_offsets())
     if r is None:
-        return None
-    if r["score"] not in SCORES:
-        log(f"no '{FAMILIARITY_NAME}' output: cifarlab ood's threshold is of the {r['score']} score, which the graph "
-            f"cannot compute; run cifarlab ood with --score energy (or {', '.join(SCORES[1:])}) to export one")
-        return None
-    return {"output": FAMILIARITY_NAME, "score": r["score"], "threshold": r["threshold"], "keep": r["keep"],
+        return None, None
+    rule = {"output": FAMILIARITY_NAME, "score": r["score"], "threshold": r["threshold"], "keep": r["keep"],
             "fitted_on": r["threshold_fitted_on"]}
+    if r["score"] != KNN:
+        return rule, None
+    try:
+        bank = read_bank(predictor.run)
+    except CifarlabError as e:
+        log(f"no '{FAMILIARITY_NAME}' output: {e}")
+        return None, None
+    return rule | {"k": r[KNN]["k"], "bank_images": len(bank)}, bank
 
 
 def _metadata(predictor, run: Path, tta: str) -> dict[str, str]:
@@ -170,10 +193,10 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
                             f"{onnx.defs.onnx_opset_version()}); give one such as 18 or 20")
     c, h, w = predictor.input_shape
     # float32 and the default memory format: the file holds one graph for every runtime.
-    rule = _unfamiliar_rule(predictor, log)
+    rule, bank = _unfamiliar_rule(predictor, log)
     wrapped = ExportedClassifier(predictor.model.float().to(memory_format=torch.contiguous_format),
                                  predictor.prep, predictor.tta, predictor.calibration(),
-                                 rule["score"] if rule else None).eval()
+                                 rule["score"] if rule else None, bank, rule.get("k") if rule else None).eval()
     outputs = [OUTPUT_NAME] + ([FAMILIARITY_NAME] if rule else [])
     example = torch.zeros((2, h, w, c), dtype=torch.uint8)
     try:
@@ -203,7 +226,8 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
     def write(tmp: Path) -> None:
         onnx.save_model(proto, str(tmp))
         if check:
-            report["check"] = compare_with_pytorch(tmp, predictor, score=rule["score"] if rule else None)
+            report["check"] = compare_with_pytorch(tmp, predictor, score=rule["score"] if rule else None, bank=bank,
+                                                   k=rule.get("k") if rule else None)
 
     write_with(out, write)
     report["bytes"] = out.stat().st_size
@@ -211,8 +235,11 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
         f"in '{INPUT_NAME}', probabilities over {len(predictor.classes)} classes out, test-time augmentation "
         f"{predictor.tta}" + (f", temperature {predictor.temperature():.4g}" if predictor.temperature() else "")
         + (", classes balanced (calibrate --balance-classes)" if predictor.class_offsets() else "")
-        + (f"; '{FAMILIARITY_NAME}' out, the {rule['score']} score, unfamiliar below {rule['threshold']:.4g} "
-           "(metadata 'unfamiliar_below', from cifarlab ood)" if rule else ""))
+        + (f"; '{FAMILIARITY_NAME}' out, the {rule['score']} score"
+           + (f" (k = {rule['k']}, the features of {rule['bank_images']} training images in the file)"
+              if "k" in rule else "")
+           + f", unfamiliar below {rule['threshold']:.4g} (metadata 'unfamiliar_below', from cifarlab ood)"
+           if rule else ""))
     chk = report["check"]
     if chk is None:
         log("not checked: " + ("--no-check" if not check else "onnxruntime is not installed (pip install onnxruntime)"))
@@ -223,11 +250,12 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
     return report
 
 
-def compare_with_pytorch(path: str | Path, predictor, n: int = 16, seed: int = 0,
-                         score: str | None = None) -> dict[str, Any] | None:
+def compare_with_pytorch(path: str | Path, predictor, n: int = 16, seed: int = 0, score: str | None = None,
+                         bank: np.ndarray | None = None, k: int | None = None) -> dict[str, Any] | None:
     """Run the ONNX file at ``path`` on ``n`` seeded random uint8 images and compare its outputs
-    with ``predictor.predict``'s (and, with ``score``, its second output with that score of
-    :func:`cifarlab.ood.scores`); None where onnxruntime is not installed. Raises when the
+    with ``predictor.predict``'s (and, with ``score``, its second output with that score as
+    :func:`cifarlab.ood.familiarity` computes it; ``bank`` and ``k`` for ``knn``); None where
+    onnxruntime is not installed. Raises when the
     probabilities differ by more than :data:`TOLERANCE`, or the scores by more than it relative
     to their size."""
     try:
@@ -247,9 +275,9 @@ def compare_with_pytorch(path: str | Path, predictor, n: int = 16, seed: int = 0
     out = {"onnxruntime": ort.__version__, "images": n, "max_abs_diff": diff,
            "same_top1": int((got[0].argmax(1) == want.argmax(1)).sum())}
     if score:
-        from .ood import calibrated_logits, scores
+        from .ood import familiarity
 
-        expected = scores(calibrated_logits(predictor, logits))[score]
+        expected = familiarity(predictor, images, logits, score, bank, k)
         rel = float((np.abs(got[1] - expected) / np.maximum(1.0, np.abs(expected))).max())
         if not rel <= TOLERANCE:
             raise CifarlabError(f"the exported graph's {FAMILIARITY_NAME} differs from cifarlab ood's {score} score by "

@@ -9,8 +9,8 @@ augmentation and the out-of-scope uses of the model card are in the file's metad
 model does not travel without them. Where ``cifarlab ood`` fitted a threshold, a second output
 gives each image's familiarity by its score (for ``knn``, with the bank of training images'
 features in the file), and the metadata the threshold: an application can then turn away images
-unlike the training images, as ``cifarlab predict --flag-unfamiliar`` does. Weights are exported in float32 whatever the training
-precision, as :func:`cifarlab.load_model` loads them.
+unlike the training images, as ``cifarlab predict --flag-unfamiliar`` does. Weights are exported
+in float32 whatever the training precision, as :func:`cifarlab.load_model` loads them.
 """
 
 from __future__ import annotations
@@ -194,9 +194,9 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
     c, h, w = predictor.input_shape
     # float32 and the default memory format: the file holds one graph for every runtime.
     rule, bank = _unfamiliar_rule(predictor, log)
+    score, k = (rule["score"], rule.get("k")) if rule else (None, None)
     wrapped = ExportedClassifier(predictor.model.float().to(memory_format=torch.contiguous_format),
-                                 predictor.prep, predictor.tta, predictor.calibration(),
-                                 rule["score"] if rule else None, bank, rule.get("k") if rule else None).eval()
+                                 predictor.prep, predictor.tta, predictor.calibration(), score, bank, k).eval()
     outputs = [OUTPUT_NAME] + ([FAMILIARITY_NAME] if rule else [])
     example = torch.zeros((2, h, w, c), dtype=torch.uint8)
     try:
@@ -226,8 +226,7 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
     def write(tmp: Path) -> None:
         onnx.save_model(proto, str(tmp))
         if check:
-            report["check"] = compare_with_pytorch(tmp, predictor, score=rule["score"] if rule else None, bank=bank,
-                                                   k=rule.get("k") if rule else None)
+            report["check"] = compare_with_pytorch(tmp, predictor, score=score, bank=bank, k=k)
 
     write_with(out, write)
     report["bytes"] = out.stat().st_size
@@ -255,9 +254,8 @@ def compare_with_pytorch(path: str | Path, predictor, n: int = 16, seed: int = 0
     """Run the ONNX file at ``path`` on ``n`` seeded random uint8 images and compare its outputs
     with ``predictor.predict``'s (and, with ``score``, its second output with that score as
     :func:`cifarlab.ood.familiarity` computes it; ``bank`` and ``k`` for ``knn``); None where
-    onnxruntime is not installed. Raises when the
-    probabilities differ by more than :data:`TOLERANCE`, or the scores by more than it relative
-    to their size."""
+    onnxruntime is not installed. Raises when the probabilities differ by more than
+    :data:`TOLERANCE`, or the scores by more than it relative to their size."""
     try:
         import onnxruntime as ort
     except ImportError:

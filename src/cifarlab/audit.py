@@ -516,8 +516,8 @@ def _runs_ood(audits: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     if not all(found):
         missing = [Path(a["run"]).name for a, u in zip(audits, found) if not u]
-        return {"note": f"{', '.join(missing)} not measured with its current weights, test-time augmentation and "
-                        "calibration; run `cifarlab ood` on the folder of the runs"}
+        return {"note": f"{', '.join(missing)} not measured with {'its' if len(missing) == 1 else 'their'} current "
+                        "weights, test-time augmentation and calibration; run `cifarlab ood` on the folder of the runs"}
     settings = {(u["score"], u["keep"], tuple(st["name"] for st in u["sets"])) for u in found}
     if len(settings) > 1:
         return {"note": "its runs were measured with different scores, thresholds or sets; run `cifarlab ood` on the "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -233,21 +233,32 @@ def compare_run_sets(folder_a: str | Path, folder_b: str | Path) -> dict[str, An
     return out
 
 
+def _both_summaries(folder_a: Path, folder_b: Path, read: Callable[[Path], dict[str, Any] | None], what: str,
+                    command: str) -> tuple[dict[str, Any], dict[str, Any]] | dict[str, Any] | None:
+    """The summaries of ``command`` in both folders, as ``read`` returns them (``{"summary": ...}``
+    or ``{"note": ...}``), as the pair (A's, B's); else a note saying why not (``what``: what the
+    command measured), or None where it measured neither folder."""
+    found = {f: r for f in (folder_a, folder_b) if (r := read(f)) is not None}
+    if not found:
+        return None
+    if len(found) < 2:
+        missing = folder_b if folder_a in found else folder_a
+        return {"note": f"only one folder was measured {what}; run: {command} {missing}"}
+    if any("note" in r for r in found.values()):
+        return {"note": "; ".join(r["note"] for r in found.values() if "note" in r)}
+    return found[folder_a]["summary"], found[folder_b]["summary"]
+
+
 def _robustness(folder_a: Path, folder_b: Path) -> dict[str, Any] | None:
     """Welch's test on the runs' mean accuracies under corruption, where ``cifarlab robustness``
     measured both folders on the same corruptions, severities and images and the runs still hold
     the weights it measured; else a note saying what differs (None where neither was measured)."""
     from .robustness import read_runs_summary
 
-    found = {f: r for f in (folder_a, folder_b) if (r := read_runs_summary(f)) is not None}
-    if not found:
-        return None
-    if len(found) < 2:
-        missing = folder_b if folder_a in found else folder_a
-        return {"note": f"only one folder was measured under corruption; run: cifarlab robustness {missing}"}
-    if any("note" in r for r in found.values()):
-        return {"note": "; ".join(r["note"] for r in found.values() if "note" in r)}
-    sa, sb = found[folder_a]["summary"], found[folder_b]["summary"]
+    got = _both_summaries(folder_a, folder_b, read_runs_summary, "under corruption", "cifarlab robustness")
+    if not isinstance(got, tuple):
+        return got
+    sa, sb = got
     differ = [k for k in ("source", "severities", "images_per_cell", "tta") if sa.get(k) != sb.get(k)]
     if [c.get("name") for c in sa["corruptions"]] != [c.get("name") for c in sb["corruptions"]]:
         differ.append("corruptions")
@@ -268,15 +279,10 @@ def _ood(folder_a: Path, folder_b: Path) -> dict[str, Any] | None:
     they move accuracy: only a test across runs can say one recipe tells them apart better."""
     from .ood import read_runs_summary
 
-    found = {f: r for f in (folder_a, folder_b) if (r := read_runs_summary(f)) is not None}
-    if not found:
-        return None
-    if len(found) < 2:
-        missing = folder_b if folder_a in found else folder_a
-        return {"note": f"only one folder was measured against unfamiliar images; run: cifarlab ood {missing}"}
-    if any("note" in r for r in found.values()):
-        return {"note": "; ".join(r["note"] for r in found.values() if "note" in r)}
-    sa, sb = found[folder_a]["summary"], found[folder_b]["summary"]
+    got = _both_summaries(folder_a, folder_b, read_runs_summary, "against unfamiliar images", "cifarlab ood")
+    if not isinstance(got, tuple):
+        return got
+    sa, sb = got
     differ = [k for k in ("score", "tta", "keep") if sa.get(k) != sb.get(k)]
     if [(st.get("source"), st.get("images")) for st in sa["sets"]] != \
             [(st.get("source"), st.get("images")) for st in sb["sets"]]:

@@ -535,10 +535,17 @@ def test_the_audit_gives_the_share_of_each_group_flagged_as_unfamiliar(trained_r
     card = (trained_run / "audit" / "MODEL_CARD.md").read_text()
     assert (f"Flagged as unfamiliar by `cifarlab ood`'s threshold: bright {by_hand['bright']:.1%}, dark "
             f"{by_hand['dark']:.1%}") in card
-    # scores of other images than these test images are not borrowed
-    np.savez(trained_run / "ood" / "scores.npz", in_energy=np.zeros(5))
-    assert main(["audit", str(trained_run), "--groups", str(groups), "--bootstrap", "100"]) == 0
-    assert "unfamiliar_gap" not in json.loads((trained_run / "audit" / "audit.json").read_text())["attributes"]["light"]
+    # scores of other images than these test images are not borrowed; damaged scores are no scores
+    scores = trained_run / "ood" / "scores.npz"
+    whole = scores.read_bytes()
+    np.savez(scores, in_energy=np.zeros(5))
+    for damaged in (None, whole[:60], b"", b"not an npz"):
+        if damaged is not None:
+            scores.write_bytes(damaged)
+        assert main(["audit", str(trained_run), "--groups", str(groups), "--bootstrap", "100"]) == 0
+        capsys.readouterr()
+        assert "unfamiliar_gap" not in json.loads((trained_run / "audit" / "audit.json").read_text())["attributes"][
+            "light"]
 
 
 def test_a_group_flagged_far_more_often_is_warned_of():

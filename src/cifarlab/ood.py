@@ -584,11 +584,13 @@ def read_in_scores(run: str | Path, score: str, name: str = "ood") -> np.ndarray
     """The ``score`` of each of the run's test images that ``cifarlab ood`` saved in
     ``RUN/<name>/scores.npz``, in the order of the test split; None where it is missing or
     unreadable."""
+    import zipfile
+
     path = Path(run) / name / "scores.npz"
     try:
         with np.load(path, allow_pickle=False) as z:
             return np.asarray(z[f"in_{score}"], np.float64)
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # missing, damaged, cut short or empty
         return None
 
 

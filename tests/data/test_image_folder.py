@@ -208,6 +208,12 @@ def test_decoded_cache_is_used_and_keyed_by_content(tmp_path, image_folder):
     third = load_dataset(path)  # the stale entry was replaced, not left to be decoded again every time
     assert "loaded from the decoded cache" in third.notes and third.train_paths == first.train_paths
     assert [p.name for p in (cache_dir() / "decoded").iterdir()] == [entry.name]
+    # a damaged entry (an array file emptied or cut short) is decoded again, not a crash
+    for damage in (b"", (entry / "x_test.npy").read_bytes()[:-50]):
+        (entry / "x_test.npy").write_bytes(damage)
+        again = load_dataset(path)
+        assert "loaded from the decoded cache" not in again.notes
+        np.testing.assert_array_equal(again.x_test, first.x_test)
     Image.new("RGB", (32, 32), (255, 0, 0)).save(image_folder / "train" / "cat" / "new.png")
     with tarfile.open(path, "w:gz") as tf:
         tf.add(image_folder, arcname=".")

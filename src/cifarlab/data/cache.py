@@ -73,7 +73,7 @@ def load_cached(key: str) -> tuple[dict[str, np.ndarray], dict] | None:
         meta = json.loads((d / "meta.json").read_text())
         arrays = {name: np.load(d / f"{name}.npy", allow_pickle=False) for name in meta["arrays"]}
         return arrays, meta
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError):  # EOFError: an empty array file
         return None
 
 

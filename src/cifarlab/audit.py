@@ -1139,7 +1139,9 @@ def _ood_lines(u: dict | None) -> list[str]:
             f"{u['keep']:.0%} of its {u['fitted_on']} images, the model still accepts as one of its classes: {sets}. "
             "`cifarlab predict --flag-unfamiliar` applies the threshold, and `cifarlab export` puts it in the ONNX "
             "file; synthetic sets are the easy case, and real photographs of other things are harder to tell. See "
-            "`ood/ood.png` in the run folder." + _flagged_own_sentence(u), ""]
+            "`ood/ood.png` in the run folder." + _flagged_own_sentence(u)
+            + " These are one run's figures, and seeds move them far more than they move accuracy: `cifarlab ood` on "
+            "the folder of `train --runs N` gives their spread.", ""]
 
 
 def _flagged_own_sentence(u: dict) -> str:

@@ -197,7 +197,7 @@ def test_ood_through_the_cli_predict_and_the_card(trained_run, capsys):
     card = (trained_run / "audit" / "MODEL_CARD.md").read_text()
     assert "Unfamiliar images (`cifarlab ood`, energy score)" in card and "gaussian (5 images)" in card
     assert "applies the threshold, and `cifarlab export` puts it in the ONNX file; " in card
-    assert "These are one run's figures, and seeds move them far more than they move accuracy" in card
+    assert "These are one run's figures, and seeds can move them far more than they move accuracy" in card
     knn = r["sets"][0]["knn"]["auroc"]  # the features' score beside the threshold's
     assert f"gaussian (5 images): AUROC {r['sets'][0]['energy']['auroc']:.3f} (knn {knn:.3f}), **" in card
     # weights trained on since: the report no longer describes the model, and the card drops it

@@ -1140,7 +1140,7 @@ def _ood_lines(u: dict | None) -> list[str]:
             "`cifarlab predict --flag-unfamiliar` applies the threshold, and `cifarlab export` puts it in the ONNX "
             "file; synthetic sets are the easy case, and real photographs of other things are harder to tell. See "
             "`ood/ood.png` in the run folder." + _flagged_own_sentence(u)
-            + " These are one run's figures, and seeds move them far more than they move accuracy: `cifarlab ood` on "
+            + " These are one run's figures, and seeds can move them far more than they move accuracy: `cifarlab ood` on "
             "the folder of `train --runs N` gives their spread.", ""]
 
 

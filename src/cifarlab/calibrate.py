@@ -127,7 +127,6 @@ def read_runs_summary_file(path: str | Path, folder: str | Path, command: str,
     of the runs of the ``--runs N`` folder ``folder``, as ``{"summary": ...}`` where every run it
     names still holds the weights it measured, else ``{"note": why not}``; None where there is
     none. ``missing`` names what an incomplete summary lacks (None where it has all it needs)."""
-
     folder = Path(folder)
     try:
         s = json.loads(Path(path).read_text())

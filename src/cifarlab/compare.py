@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .audit import check_bootstrap, images_phrase, read_groups
+from .audit import _fmt_spread, check_bootstrap, images_phrase, read_groups
 from .data import Dataset
 from .errors import CifarlabError, short_list
 from .evaluate import _check_compatible, describe, predict_dataset
@@ -358,7 +358,7 @@ def format_run_sets(c: dict[str, Any]) -> str:
     elif ood:
         lines.append(f"Unfamiliar images (cifarlab ood, {ood['score']} AUROC over the runs, mean (min to max), the "
                      "same images): " + "; ".join(
-                         f"{r['set']}: A {_mean_range(r['a'])}, B {_mean_range(r['b'])}, B - A {r['difference']:+.3f}"
+                         f"{r['set']}: A {_fmt_spread(r['a'])}, B {_fmt_spread(r['b'])}, B - A {r['difference']:+.3f}"
                          + (f", p (Holm) {r['p_value_holm']:.3g}" if "p_value_holm" in r else "") for r in ood["sets"]))
     for folder in c.get("balanced_runs", []):
         lines.append(f"Note: runs of {folder} were calibrated with --balance-classes, which changes their "
@@ -368,10 +368,6 @@ def format_run_sets(c: dict[str, Any]) -> str:
         lines.append(f"Note: A was tested on {c['a']['data']} and B on {c['b']['data']}; the comparison holds only "
                      "if these are the same test images.")
     return "\n".join(lines)
-
-
-def _mean_range(d: dict[str, float]) -> str:
-    return f"{d['mean']:.3f} ({d['min']:.3f} to {d['max']:.3f})"
 
 
 def format_comparison(c: dict[str, Any]) -> str:

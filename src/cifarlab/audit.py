@@ -619,26 +619,31 @@ def summarise_audits(audits: list[dict[str, Any]], runs: list[str]) -> dict[str,
             gaps = [p["gap"] for p in per_run if p["gap"] is not None]
             gap = None
             if gaps:
-                gap = {"difference": _spread([x["difference"] for x in gaps]),
-                       "highest": dict(Counter(x["highest"] for x in gaps).most_common()),
-                       "lowest": dict(Counter(x["lowest"] for x in gaps).most_common()),
-                       "interval_excludes_zero_in": sum(x["ci_excludes_zero"] for x in gaps)}
+                gap = _gap_spread(gaps, "highest", "lowest")
                 if gap["interval_excludes_zero_in"]:
                     summary["warnings"].append(f"{name}: the largest gap's interval excluded zero in "
                                                f"{gap['interval_excludes_zero_in']} of {n} runs")
             summary["attributes"][name] = {"groups": groups, "gap": gap, "not_recorded": gm.get("not_recorded", 0)}
             ugaps = [p.get("unfamiliar_gap") for p in per_run]
             if all(ugaps):
-                ug = {"difference": _spread([x["difference"] for x in ugaps]),
-                      "most": dict(Counter(x["most"] for x in ugaps).most_common()),
-                      "least": dict(Counter(x["least"] for x in ugaps).most_common()),
-                      "interval_excludes_zero_in": sum(x["ci_excludes_zero"] for x in ugaps)}
-                summary["attributes"][name]["unfamiliar_gap"] = ug
+                ug = summary["attributes"][name]["unfamiliar_gap"] = _gap_spread(ugaps, "most", "least")
                 if ug["interval_excludes_zero_in"]:
                     summary["warnings"].append(f"{name}: the gap between the groups `cifarlab ood`'s threshold flags "
                                                f"most and least as unfamiliar excluded zero in "
                                                f"{ug['interval_excludes_zero_in']} of {n} runs")
     return summary
+
+
+def _gap_spread(gaps: list[dict[str, Any]], high: str, low: str) -> dict[str, Any]:
+    """The spread over runs of one attribute's largest gap (each run's, with its groups under
+    ``high`` and ``low``): the difference's spread, how often each group was at either end, and
+    in how many runs the gap's interval excluded zero."""
+    from collections import Counter
+
+    return {"difference": _spread([x["difference"] for x in gaps]),
+            high: dict(Counter(x[high] for x in gaps).most_common()),
+            low: dict(Counter(x[low] for x in gaps).most_common()),
+            "interval_excludes_zero_in": sum(x["ci_excludes_zero"] for x in gaps)}
 
 
 def _fmt_spread(d: dict[str, float] | None, signed: bool = False) -> str:

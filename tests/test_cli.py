@@ -683,3 +683,18 @@ def test_evaluation_commands_resize_other_data_to_the_run_input(capsys, tmp_path
     with pytest.raises(CifarlabError, match=r"40x48x3 but the model was trained on 32x32x3; resize them with "
                                             r"cifarlab.data.resized\(ds, \(32, 32\)\)"):
         evaluate_run(trained_run, load_dataset(other), tmp_path / "eval", device="cpu")
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["train", "--help"], ["duplicates", "--help"],
+                                  ["explain", "--help"], ["ood", "--help"]])
+def test_help_and_version_do_not_import_torch(argv):
+    """Help and the version answer at once: building the parser imports no PyTorch (about
+    1.5 s on a 2-core machine), only the modules of the command that runs do."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom cifarlab.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, file=sys.stderr)")
+    p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert p.stderr.strip().splitlines()[-1] == "False", p.stderr
+    assert "usage: cifarlab" in p.stdout or p.stdout.startswith("cifarlab ")

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from .config import (COMPILE_MODES, MONITORS, PRECISIONS, SAMPLINGS, SCHEDULES, TTA_LEVELS, DataConfig,
                      parse_image_size)
-from .errors import CifarlabError, ConfigError
+from .errors import CifarlabError, ConfigError, TrainingInterrupted
 
 EPILOG = """examples:
   cifarlab train --data cifar10-jpeg.tar.xz                 # the notebook's recipe (keras-deep, 20 epochs)
@@ -336,7 +336,7 @@ def _add_robustness_parser(sub: argparse._SubParsersAction) -> None:
 
 def _add_duplicates_parser(sub: argparse._SubParsersAction) -> None:
     """``cifarlab duplicates``' options."""
-    from .duplicates import DEFAULT_CANDIDATES, DEFAULT_SHIFT, DEFAULT_THRESHOLD
+    from .config import DUPLICATES_CANDIDATES, DUPLICATES_SHIFT, DUPLICATES_THRESHOLD
 
     d = sub.add_parser("duplicates", help="test images that are near-copies of training images, and a run's "
                                           "accuracy without them",
@@ -349,12 +349,12 @@ def _add_duplicates_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("run", nargs="?", help="run folder written by 'cifarlab train' (or the folder of --runs N: each "
                                           "run, and the mean, min and max over them); omitted: the data alone")
     _add_data_args(d, run="optional")
-    d.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                   help=f"similarity from which a pair counts as a duplicate, in (0, 1] (default {DEFAULT_THRESHOLD})")
-    d.add_argument("--shift", type=int, default=DEFAULT_SHIFT,
-                   help=f"pixels a copy may be shifted by, each way (default {DEFAULT_SHIFT})")
-    d.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
-                   help=f"training images compared closely with each test image (default {DEFAULT_CANDIDATES}; "
+    d.add_argument("--threshold", type=float, default=DUPLICATES_THRESHOLD,
+                   help=f"similarity from which a pair counts as a duplicate, in (0, 1] (default {DUPLICATES_THRESHOLD})")
+    d.add_argument("--shift", type=int, default=DUPLICATES_SHIFT,
+                   help=f"pixels a copy may be shifted by, each way (default {DUPLICATES_SHIFT})")
+    d.add_argument("--candidates", type=int, default=DUPLICATES_CANDIDATES,
+                   help=f"training images compared closely with each test image (default {DUPLICATES_CANDIDATES}; "
                         "more finds a few more shifted copies, slower)")
     d.add_argument("--mirrored", action="store_true",
                    help="also compare each test image's left-right mirror image, as a model trained with "
@@ -366,7 +366,7 @@ def _add_duplicates_parser(sub: argparse._SubParsersAction) -> None:
 
 def _add_explain_parser(sub: argparse._SubParsersAction) -> None:
     """``cifarlab explain``'s options."""
-    from .explain import METHODS, SELECTIONS
+    from .config import EXPLAIN_METHODS, EXPLAIN_SELECTIONS
 
     x = sub.add_parser("explain", help="attribution maps (Grad-CAM, occlusion, integrated gradients): where in an "
                                        "image the model finds its class, checked against random weights")
@@ -374,11 +374,11 @@ def _add_explain_parser(sub: argparse._SubParsersAction) -> None:
     x.add_argument("images", nargs="*", help="image files or folders to explain by their predicted class; omitted: "
                                              "test images of the data, chosen by --select")
     _add_data_args(x, run="test")
-    x.add_argument("--method", default="gradcam", choices=METHODS,
+    x.add_argument("--method", default="gradcam", choices=EXPLAIN_METHODS,
                    help="gradcam (default: a convolution's features weighted by their gradients; coarse, cheap), "
                         "occlusion (the change in the class's logit as grey windows cover the image; model-agnostic) "
                         "or integrated-gradients (gradients along the path from a grey image)")
-    x.add_argument("--select", default="wrong", choices=SELECTIONS,
+    x.add_argument("--select", default="wrong", choices=EXPLAIN_SELECTIONS,
                    help="which test images: the most confidently wrong (default), the most confidently right, or "
                         "a random draw (--seed)")
     x.add_argument("--count", type=int, default=16, help="test images to explain (default 16)")
@@ -1225,8 +1225,6 @@ def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, e
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; user errors print one paragraph (no traceback) and exit with status 2."""
-    from .train import TrainingInterrupted
-
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra:

@@ -37,16 +37,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import DUPLICATES_CANDIDATES as DEFAULT_CANDIDATES
+from .config import DUPLICATES_SHIFT as DEFAULT_SHIFT
+from .config import DUPLICATES_THRESHOLD as DEFAULT_THRESHOLD
 from .data import Dataset
 from .errors import CifarlabError, ConfigError
 from .export import list_to_csv_rows
 from .fsutil import report_folder, write_json, write_text
 
-# Chosen by looking at random pairs of the JPEG copy of CIFAR-10 (see the README): 44 of 48 pairs
-# scoring 0.96 or more were the same photograph, against about 34 of 48 from 0.95 to 0.96.
-DEFAULT_THRESHOLD = 0.96
-DEFAULT_SHIFT = 3  # pixels each way: the shifts seen among CIFAR's near-duplicates are small
-DEFAULT_CANDIDATES = 20  # more finds a few more shifted copies, at linear cost
 COARSE = 8  # side of the candidate stage's block-mean images
 # Smoothing before the correlation: on pairs judged by eye it separated copies from look-alikes
 # better than raw pixels, whose JPEG noise and resampling lower the score of true copies.

@@ -9,6 +9,7 @@ names that such messages, the logs and the reports give.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def short_list(names: Sequence[str], most: int = 10) -> str:
@@ -27,3 +28,13 @@ class DataError(CifarlabError):
 
 class ConfigError(CifarlabError):
     """An option, config file or value is invalid."""
+
+
+class TrainingInterrupted(CifarlabError):
+    """Training stopped on Ctrl-C or SIGTERM after saving a checkpoint: ``what`` says where it
+    stopped, ``resume`` is the folder that ``--resume`` continues. Defined here, not in
+    ``train``, so that the CLI can catch it without importing PyTorch for ``--help``."""
+
+    def __init__(self, what: str, resume: Path):
+        super().__init__(f"{what}; a checkpoint was saved. Resume with: cifarlab train --resume {resume}")
+        self.what, self.resume = what, resume

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .config import EXPLAIN_METHODS as METHODS
+from .config import EXPLAIN_SELECTIONS as SELECTIONS
 from .errors import CifarlabError, short_list
 
-METHODS = ("gradcam", "occlusion", "integrated-gradients")
-SELECTIONS = ("wrong", "right", "random")
 # Maps whose mean rank correlation with the random-weight maps reaches this are flagged: more
 # alike than unlike, so they mostly reflect the image and the architecture (a judgement call;
 # Adebayo et al. show the correlations and give no threshold).

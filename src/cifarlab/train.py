@@ -25,7 +25,7 @@ from . import runtime
 from .augment import CropFlipCutout, KerasAugment, augmenter_from_config
 from .config import MONITORS, Config, load_run_config, save_config, validate
 from .data import Dataset, balanced_subset, load_dataset, only_classes, resized, seen, stratified_split, subset_note
-from .errors import CifarlabError, short_list
+from .errors import CifarlabError, TrainingInterrupted, short_list
 from .evaluate import balanced_accuracy, describe, unequal_classes
 from .export import batched_logits, finished_metrics, normalize, preprocess, save_architecture, save_weights
 from .fsutil import new_run_folder, undo_on_failure, write_json, write_text
@@ -35,15 +35,6 @@ from .optim import build_optimizer, param_groups
 from .selection import HardExampleSelector, kept_count
 
 CHECKPOINT = "checkpoint.pt"
-
-
-class TrainingInterrupted(CifarlabError):
-    """Training stopped on Ctrl-C or SIGTERM after saving a checkpoint: ``what`` says where it
-    stopped, ``resume`` is the folder that ``--resume`` continues."""
-
-    def __init__(self, what: str, resume: Path):
-        super().__init__(f"{what}; a checkpoint was saved. Resume with: cifarlab train --resume {resume}")
-        self.what, self.resume = what, resume
 
 
 class NonFiniteLoss(CifarlabError):

@@ -21,6 +21,7 @@ EPILOG = """examples:
   cifarlab predict runs/RUN cat.png dog.jpg                 # top-3 classes per image
   cifarlab audit runs/RUN --data DATA                       # disaggregated report + MODEL_CARD.md
   cifarlab robustness runs/RUN --data DATA                  # accuracy under noise, blur, fog, JPEG...
+  cifarlab datasheet --data DATA                            # the data's classes, copies, colour cues; DATASHEET.md
   cifarlab duplicates runs/RUN --data DATA                  # test images copied in training; accuracy without
   cifarlab explain runs/RUN --class cat                     # where it looks in the cats it gets most wrong
   cifarlab label-issues runs/RUN                            # test images whose label is probably wrong
@@ -334,6 +335,24 @@ def _add_robustness_parser(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=cmd_robustness)
 
 
+def _add_datasheet_parser(sub: argparse._SubParsersAction) -> None:
+    """``cifarlab datasheet``'s options."""
+    d = sub.add_parser("datasheet", help="measure a data set before training on it: class sizes, exact copies, "
+                                         "colour cues by class; and DATASHEET.md, with the questions left",
+                       description="Describe a data set as a datasheet (Gebru et al., 2021): images per class in "
+                                   "each split, exact copies within and across the splits and those with "
+                                   "different labels, luminance, colourfulness and nearly grey images by class "
+                                   "(with a chi-squared test of whether greyness depends on the class), and how "
+                                   "much of the test labels colour statistics alone predict. Writes "
+                                   "datasheet.json, DATASHEET.md (with the questions of motivation, collection, "
+                                   "consent and licence that only the data's makers can answer) and "
+                                   "colour_by_class.png.")
+    _add_data_args(d)
+    d.add_argument("--out", help="folder for the report (default ./datasheet)")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    d.set_defaults(func=cmd_datasheet)
+
+
 def _add_duplicates_parser(sub: argparse._SubParsersAction) -> None:
     """``cifarlab duplicates``' options."""
     from .config import DUPLICATES_CANDIDATES, DUPLICATES_SHIFT, DUPLICATES_THRESHOLD
@@ -578,7 +597,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cifarlab {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in (_add_train_parser, _add_evaluate_parser, _add_calibrate_parser, _add_predict_parser,
-                _add_audit_parser, _add_robustness_parser, _add_duplicates_parser, _add_explain_parser,
+                _add_audit_parser, _add_datasheet_parser, _add_robustness_parser, _add_duplicates_parser, _add_explain_parser,
                 _add_label_issues_parser, _add_ood_parser, _add_compare_parser, _add_export_parser, _add_import_parser,
                 _add_augment_parser, _add_summary_parser, _add_list_parser):
         add(sub)  # in the order --help lists the commands
@@ -956,6 +975,21 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_report_folder(folder, "robustness", ds)
     result = robustness_run(folder, ds, out, **kw)
     print(json_text(result) if args.json else f"{format_report(result)}\nReport files in {out}")
+    return 0
+
+
+def cmd_datasheet(args: argparse.Namespace) -> int:
+    """``cifarlab datasheet``: the data alone."""
+    from .datasheet import format_datasheet, make_datasheet, write_datasheet
+    from .fsutil import check_folder_path, json_text
+
+    out = Path(args.out or "datasheet")
+    check_folder_path(out)  # before the data is loaded
+    ds = _load_data(args)
+    log = (lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr))
+    report, groups = make_datasheet(ds, log)
+    write_datasheet(report, groups, out)
+    print(json_text(report) if args.json else format_datasheet(report, out))
     return 0
 
 

@@ -179,3 +179,27 @@ def plot_ood(inside: np.ndarray, sets: list[tuple[str, np.ndarray]], threshold: 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def plot_colour_by_class(classes: list[str], splits: dict[str, list[float]], shortcut: list[float | None] | None,
+                         path: Path) -> None:
+    """Bars per class: the share of nearly grey images in each split of ``splits`` (name ->
+    share per class) and, where given, the recall of the colour-only ``shortcut`` classifier."""
+    plt = _plt()
+    panels = 2 if shortcut is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(min(0.45 * len(classes), 40) * panels + 2, 3.6), squeeze=False)
+    x = np.arange(len(classes))
+    width = 0.8 / max(1, len(splits))
+    ax = axes[0, 0]
+    for j, (name, shares) in enumerate(splits.items()):
+        ax.bar(x + (j - (len(splits) - 1) / 2) * width, [np.nan if s is None else 100 * s for s in shares], width,
+               label=name)
+    ax.set_ylabel("nearly grey images (%)")
+    ax.legend(fontsize=8)
+    if shortcut is not None:
+        ax = axes[0, 1]
+        ax.bar(x, [np.nan if r is None else 100 * r for r in shortcut], 0.6, color="tab:gray")
+        ax.set_ylabel("recalled from colour alone (%)")
+    for ax in axes.flat:
+        ax.set_xticks(x, classes, rotation=90 if len(classes) > 12 else 45, ha="right", fontsize=7)
+    _save(fig, path)

@@ -176,3 +176,24 @@ def test_real_cifar10_grey_airplanes_and_colour_shortcut(real_data_cache):
     assert max(grey, key=grey.get) == "airplane"
     assert r["colour"]["train"]["grey_depends_on_class"]["p_value"] < dsh.ALPHA
     assert 0.15 < s["accuracy"] < 0.5
+
+
+def test_a_test_set_alone_and_many_classes():
+    """A test set without training images (CIFAR-10.1) is described without the shortcut; the
+    terminal shows the extremes of many classes, the file every class."""
+    x = _random(40, 0)
+    x[:5] = x[:5][..., :1]  # one image of each of c00 to c04 is grey
+    y = np.arange(40) % 30
+    classes = [f"c{i:02d}" for i in range(30)]
+    ds = _ds(np.zeros((0, 8, 8, 3)), [], x, y, classes)
+    r, groups = dsh.make_datasheet(ds)
+    assert r["colour"]["train"] is None and r["colour_shortcut"] is None
+    assert r["composition"]["imbalance_ratio"] is None and r["composition"]["absent_from_train"] == classes
+    assert any("no training images of c00" in w for w in r["warnings"])
+    text = dsh.format_datasheet(r, shown=6)
+    table = [ln.split()[0] for ln in text.splitlines() if ln.startswith("c") and "%" in ln]
+    assert len(table) == 6 and table[:3] == ["c00", "c01", "c02"]  # the five grey images are c00..c04's
+    assert "the 3 classes with most and least" in text
+    md = dsh.datasheet_markdown(r)
+    assert all(f"| {c} |" in md for c in classes)
+    assert len(groups[1]) == 40

@@ -247,15 +247,16 @@ def _shape(r: dict[str, Any]) -> str:
     return f"{h}x{w} pixels, {r['channels']} channel{'s' if r['channels'] > 1 else ''}"
 
 
-def format_datasheet(r: dict[str, Any], out: Path | None = None) -> str:
-    """The report as lines for the terminal."""
+def format_datasheet(r: dict[str, Any], out: Path | None = None, shown: int = 20) -> str:
+    """The report as lines for the terminal; of more than ``shown`` classes, the half with most
+    nearly grey images and the half with least."""
     comp = r["composition"]
     lines = [f"{r['data']}: {comp['train_images']:,} training and {comp['test_images']:,} test images of "
              f"{len(r['classes'])} classes, {_shape(r)}"]
     ratio = comp["imbalance_ratio"]
     lines.append("class sizes (train/test): "
-                 + ", ".join(f"{c['class']} {c['train']:,}/{c['test']:,}" for c in comp["classes"][:20])
-                 + (f" and {len(comp['classes']) - 20} more" if len(comp["classes"]) > 20 else "")
+                 + ", ".join(f"{c['class']} {c['train']:,}/{c['test']:,}" for c in comp["classes"][:shown])
+                 + (f" and {len(comp['classes']) - shown} more" if len(comp["classes"]) > shown else "")
                  + ("" if ratio is None else f"; largest/smallest training class {ratio:.2f}"))
     cp = r["exact_copies"]
     lines.append(f"exact copies: {cp['groups']:,} groups of identical images ({cp['groups_within_train']:,} within "
@@ -263,13 +264,18 @@ def format_datasheet(r: dict[str, Any], out: Path | None = None) -> str:
                  f"{cp['groups_with_different_labels']:,} with different labels)")
     col = r["colour"].get("train") or r["colour"].get("test")
     if col:
+        rows = [c for c in col["classes"] if c["images"]]
+        most = len(rows) > shown  # many classes: the greyest and the most colourful only, DATASHEET.md has all
+        if most:
+            rows = sorted(rows, key=lambda c: -c["grey_share"])
+            rows = rows[:shown // 2] + rows[-(shown // 2):]
         lines.append(f"{'class':<16}{'luminance':>10}{'colour spread':>15}{'nearly grey':>13}")
-        for c in col["classes"]:
-            if c["images"]:
-                lines.append(f"{c['class'][:15]:<16}{c['luminance']:>10.1f}{c['colour_spread']:>15.1f}"
-                             f"{c['grey_share']:>13.2%}")
+        for c in rows:
+            lines.append(f"{c['class'][:15]:<16}{c['luminance']:>10.1f}{c['colour_spread']:>15.1f}"
+                         f"{c['grey_share']:>13.2%}")
         which = "training" if r["colour"].get("train") else "test"
-        lines.append(f"({which} images; 0-255 levels; nearly grey: colour spread below {GREY_SPREAD:g})")
+        lines.append(f"({which} images; {f'the {shown // 2} classes with most and least nearly grey; ' if most else ''}"
+                     f"0-255 levels; nearly grey: colour spread below {GREY_SPREAD:g})")
     s = r["colour_shortcut"]
     if s:
         lines.append(f"colour shortcut: {s['accuracy']:.2%} test accuracy from colour statistics alone (95% CI "

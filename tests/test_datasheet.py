@@ -138,6 +138,11 @@ def test_cli_writes_the_report_files_and_groups_that_audit_reads(tmp_path, capsy
 
     idx, attrs = read_groups(out / "groups.csv", ds)
     assert sorted(idx) == list(range(18)) and set(attrs["lighting"]) == {"dark", "medium", "bright"}
+    # read again from the decoded cache: the same report, and no word of how the data was read
+    assert "decoded cache" in " ".join(load_dataset(data).notes)
+    assert main(["datasheet", "--data", str(data), "--out", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "datasheet.json").read_text()) == r
+    assert "decoded cache" not in (tmp_path / "again" / "DATASHEET.md").read_text()
 
 
 def test_cli_json_and_bad_out(tmp_path, capsys):

@@ -183,9 +183,11 @@ def make_datasheet(ds, log: Callable[[str], None] = lambda _: None) -> tuple[dic
     """Everything this module measures of the data set ``ds`` (a :class:`cifarlab.data.Dataset`),
     with the warnings it gives rise to, as one JSON-ready dict; and the :func:`image_groups` of
     its test images, for :func:`write_datasheet`'s ``groups.csv``."""
+    from .data import content_notes
+
     report: dict[str, Any] = {"data": str(ds.source), "kind": ds.kind, "test_origin": ds.test_origin,
                               "image_size": list(ds.image_shape[1:]), "channels": ds.image_shape[0],
-                              "notes": list(ds.notes),
+                              "notes": content_notes(ds.notes),
                               "classes": list(ds.classes)}
     report["composition"] = composition(ds)
     log("looking for exact copies")

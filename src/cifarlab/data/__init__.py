@@ -26,6 +26,15 @@ from . import archive, arrays, cache, cifar, download, folder, reproductions
 __all__ = ["Dataset", "load_dataset", "resized", "only_classes", "every_image_as_test", "stratified_split",
            "balanced_subset", "subset_note", "DataError"]
 
+CACHE_NOTE = "loaded from the decoded cache"
+DECODED_NOTE = "decoded in {:.1f} s"
+
+
+def content_notes(notes: list[str]) -> list[str]:
+    """``notes`` without those that say how the data was read this time (decoded, or from the
+    cache), which differ between two reads of the same data: what remains is about the data."""
+    return [n for n in notes if n != CACHE_NOTE and not (n.startswith("decoded in ") and n.endswith(" s"))]
+
 
 @dataclass
 class Dataset:
@@ -240,12 +249,12 @@ def _load_folder_cached(path: Path, skip_bad: bool, use_cache: bool, size: tuple
     if hit is not None and "test_origin" in hit[1]:  # an entry written before it kept the training paths is read again
         arrays, meta = hit
         return Dataset(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], meta["classes"],
-                       str(path), "image-folder", meta["test_paths"], meta["notes"] + ["loaded from the decoded cache"],
+                       str(path), "image-folder", meta["test_paths"], meta["notes"] + [CACHE_NOTE],
                        train_paths=meta["train_paths"], test_origin=meta["test_origin"],
                        labels=str(labels) if labels is not None else None)
     t0 = time.perf_counter()
     fd = folder.load_image_folder(path, skip_bad=skip_bad, size=size, test_split=test_split, labels=labels)
-    notes = fd.notes + [f"decoded in {time.perf_counter() - t0:.1f} s"]
+    notes = fd.notes + [DECODED_NOTE.format(time.perf_counter() - t0)]
     if key:
         cache.store_cached(key, {"x_train": fd.x["train"], "y_train": fd.y["train"], "x_test": fd.x["test"],
                                  "y_test": fd.y["test"]},

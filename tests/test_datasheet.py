@@ -58,18 +58,25 @@ def test_composition_counts_imbalance_and_share_distance():
 def test_exact_copies_within_and_across_splits_and_label_conflicts():
     x_train, x_test = _random(6, 0), _random(4, 1)
     x_train[1] = x_train[0]  # within train, same label
-    x_test[0] = x_train[2]  # across, different label
+    x_test[0] = x_test[1] = x_train[2]  # across (two test images of one training image), three labels
     x_test[2] = x_test[3]  # within test, same label
     ds = _ds(x_train, [0, 0, 1, 1, 2, 2], x_test, [2, 0, 1, 1],
              train_paths=[f"train/{i}.png" for i in range(6)], test_paths=[f"test/{i}.png" for i in range(4)])
     r = dsh.exact_copies(ds)
-    assert r["groups"] == 3 and r["images_in_groups"] == 6
-    assert (r["groups_within_train"], r["groups_within_test"], r["groups_across_splits"]) == (1, 1, 1)
+    assert r["groups"] == 3 and r["images_in_groups"] == 7
+    assert (r["groups_within_train"], r["groups_within_test"], r["groups_across_splits"]) == (1, 2, 1)
+    assert r["test_images_copied_from_train"] == 2
     assert r["groups_with_different_labels"] == 1
-    assert r["different_labels_shown"] == [{"images": ["train/2.png", "test/0.png"], "labels": ["b", "c"]}]
+    assert r["different_labels_shown"] == [{"images": ["train/2.png", "test/0.png", "test/1.png"],
+                                            "labels": ["a", "b", "c"]}]
+    warned = dsh.warnings({"composition": dsh.composition(ds), "exact_copies": r, "colour": {},
+                           "colour_shortcut": None})
+    assert any(w.startswith("2 test images are exact copies") for w in warned)
     # an image differing in one value is no copy
     x_test[0, 0, 0, 0] ^= 1
-    assert dsh.exact_copies(_ds(x_train, [0, 0, 1, 1, 2, 2], x_test, [2, 0, 1, 1]))["groups_across_splits"] == 0
+    x_test[1, 0, 0, 0] ^= 2
+    again = dsh.exact_copies(_ds(x_train, [0, 0, 1, 1, 2, 2], x_test, [2, 0, 1, 1]))
+    assert (again["groups"], again["groups_across_splits"], again["different_labels_shown"]) == (2, 0, [])
 
 
 def test_grey_images_tied_to_a_class_are_found_and_warned_about():

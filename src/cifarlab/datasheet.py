@@ -93,24 +93,28 @@ def exact_copies(ds, shown: int = 10) -> dict[str, Any]:
     rows = np.ascontiguousarray(x.reshape(len(x), -1))
     keys = rows.view(np.dtype((np.void, rows.shape[1]))).ravel()
     _, group, counts = np.unique(keys, return_inverse=True, return_counts=True)
-    within_train = within_test = across = 0
+    group = group.ravel()
+    copied = np.flatnonzero(counts[group] > 1)  # images with a copy, then sorted into their groups
+    copied = copied[np.argsort(group[copied], kind="stable")]
+    within_train = within_test = across = test_copied = 0
     conflicts: list[dict[str, Any]] = []
     conflict_groups = 0
-    for g in np.flatnonzero(counts > 1):
-        members = np.flatnonzero(group == g)
+    for members in np.split(copied, np.flatnonzero(np.diff(group[copied])) + 1) if len(copied) else []:
         in_train = members < n_train
         within_train += int(in_train.sum() > 1)
         within_test += int((~in_train).sum() > 1)
-        across += int(in_train.any() and (~in_train).any())
+        if in_train.any() and (~in_train).any():
+            across += 1
+            test_copied += int((~in_train).sum())
         labels = sorted({ds.classes[int(v)] for v in y[members]})
         if len(labels) > 1:
             conflict_groups += 1
             if len(conflicts) < shown:
                 conflicts.append({"images": [names[i] for i in members], "labels": labels})
-    return {"groups": int((counts > 1).sum()), "images_in_groups": int(counts[counts > 1].sum()),
+    return {"groups": int((counts > 1).sum()), "images_in_groups": int(len(copied)),
             "groups_within_train": within_train, "groups_within_test": within_test,
-            "groups_across_splits": across, "groups_with_different_labels": conflict_groups,
-            "different_labels_shown": conflicts}
+            "groups_across_splits": across, "test_images_copied_from_train": test_copied,
+            "groups_with_different_labels": conflict_groups, "different_labels_shown": conflicts}
 
 
 def colour_by_class(stats: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, Any]:
@@ -222,8 +226,9 @@ def warnings(r: dict[str, Any]) -> list[str]:
                    f"{comp['class_share_distance']:.3f}): test accuracy weighs the classes otherwise than training did")
     cp = r["exact_copies"]
     if cp["groups_across_splits"]:
-        out.append(f"{cp['groups_across_splits']:,} test images are exact copies of training images: their test "
-                   "answers measure memory, not generalisation ('cifarlab duplicates' finds near-copies too)")
+        out.append(f"{cp['test_images_copied_from_train']:,} test images are exact copies of training images: "
+                   "their test answers measure memory, not generalisation ('cifarlab duplicates' finds near-copies "
+                   "too)")
     if cp["groups_with_different_labels"]:
         out.append(f"{cp['groups_with_different_labels']:,} groups of identical images carry different labels")
     g = (r["colour"].get("train") or {}).get("grey_depends_on_class")
@@ -232,8 +237,8 @@ def warnings(r: dict[str, Any]) -> list[str]:
         hi, lo = max(rows, key=lambda c: c["grey_share"]), min(rows, key=lambda c: c["grey_share"])
         out.append(f"nearly grey images are not spread evenly over the classes (chi-squared p = {g['p_value']:.1e}): "
                    f"{hi['grey_share']:.1%} of the {hi['class']} training images against {lo['grey_share']:.1%} of "
-                   f"the {lo['class']}; a model may take greyness as a cue for {hi['class']}: see how a run does on the nearly grey test "
-                   "images with cifarlab audit RUN --groups on this report's groups.csv")
+                   f"the {lo['class']}; a model may take greyness as a cue for {hi['class']}: see how a run does on "
+                   "the nearly grey test images with cifarlab audit RUN --groups on this report's groups.csv")
     s = r["colour_shortcut"]
     if s and s["accuracy_ci"][0] > s["commonest_class_share"]:
         best = max((c for c in s["recall"] if c["recall"] is not None), key=lambda c: c["recall"])
@@ -262,7 +267,8 @@ def format_datasheet(r: dict[str, Any], out: Path | None = None, shown: int = 20
                  + ("" if ratio is None else f"; largest/smallest training class {ratio:.2f}"))
     cp = r["exact_copies"]
     lines.append(f"exact copies: {cp['groups']:,} groups of identical images ({cp['groups_within_train']:,} within "
-                 f"train, {cp['groups_within_test']:,} within test, {cp['groups_across_splits']:,} across the splits; "
+                 f"train, {cp['groups_within_test']:,} within test, {cp['groups_across_splits']:,} across the splits, "
+                 f"{cp['test_images_copied_from_train']:,} test images copied from training images; "
                  f"{cp['groups_with_different_labels']:,} with different labels)")
     col = r["colour"].get("train") or r["colour"].get("test")
     if col:
@@ -292,9 +298,9 @@ def format_datasheet(r: dict[str, Any], out: Path | None = None, shown: int = 20
 
 # Known of the data behind these classes; said only of data whose source or classes are CIFAR's
 CIFAR_PROVENANCE = (
-    "CIFAR-10 and CIFAR-100 are 32x32 photographs chosen from the 80 Million Tiny Images collection (Torralba, Fergus and "
-    "Freeman, 2008), which was gathered by searching the web for English nouns; paid students labelled them by "
-    "hand (Krizhevsky, 2009). No consent of the people pictured, or of the owners of what is pictured, is "
+    "CIFAR-10 and CIFAR-100 are 32x32 photographs chosen from the 80 Million Tiny Images collection (Torralba, "
+    "Fergus and Freeman, 2008), which was gathered by searching the web for English nouns; paid students labelled "
+    "them by hand (Krizhevsky, 2009). No consent of the people pictured, or of the owners of what is pictured, is "
     "recorded. The Tiny Images collection was withdrawn by its authors in 2020, after offensive labels and "
     "images were found in it (Birhane and Prabhu, 2021); CIFAR-10 and CIFAR-100 were not withdrawn. Known "
     "faults: some test images are near-copies of training images (Barz and Denzler, 2020; `cifarlab "
@@ -344,9 +350,9 @@ def datasheet_markdown(r: dict[str, Any]) -> str:
     lines += ["## Exact copies", "",
               f"{cp['groups']:,} groups of images with identical pixels ({cp['images_in_groups']:,} images): "
               f"{cp['groups_within_train']:,} within the training split, {cp['groups_within_test']:,} within the "
-              f"test split, {cp['groups_across_splits']:,} across them; {cp['groups_with_different_labels']:,} "
-              "carry different labels. Near-copies (shifted, re-coloured, re-compressed) are found by "
-              "`cifarlab duplicates`.", ""]
+              f"test split, {cp['groups_across_splits']:,} across them ({cp['test_images_copied_from_train']:,} test "
+              f"images copied from training images); {cp['groups_with_different_labels']:,} carry different labels. "
+              "Near-copies (shifted, re-coloured, re-compressed) are found by `cifarlab duplicates`.", ""]
     lines += [f"- {', '.join(g['images'])}: {', '.join(g['labels'])}" for g in cp["different_labels_shown"]]
     lines += [""] if cp["different_labels_shown"] else []
     tr, te = r["colour"].get("train"), r["colour"].get("test")
@@ -377,9 +383,9 @@ def datasheet_markdown(r: dict[str, Any]) -> str:
     if s:
         lines += ["## Colour shortcut", "",
                   f"A {s['model']} of {len(s['features'])} colour statistics per image ({', '.join(s['features'])}), "
-                  f"standardised and fitted on the training images, labels {s['accuracy']:.2%} of the test images correctly (95% CI "
-                  f"{s['accuracy_ci'][0]:.2%} to {s['accuracy_ci'][1]:.2%}); always answering the commonest class "
-                  f"scores {s['commonest_class_share']:.2%}. Recall by class: "
+                  f"standardised and fitted on the training images, labels {s['accuracy']:.2%} of the test images "
+                  f"correctly (95% CI {s['accuracy_ci'][0]:.2%} to {s['accuracy_ci'][1]:.2%}); always answering the "
+                  f"commonest class scores {s['commonest_class_share']:.2%}. Recall by class: "
                   + ", ".join(f"{c['class']} {c['recall']:.1%}" for c in s["recall"] if c["recall"] is not None)
                   + ".", ""]
     lines += ["## Questions no measurement answers", "",

@@ -135,6 +135,11 @@ def test_evaluate_and_audit_write_reports(trained_run, image_folder, tmp_path):
     assert "[TO BE FILLED IN BY THE MODEL'S OWNER]" in md  # unknown facts are marked, not invented
     assert "per_class_accuracy.png" in md and (tmp_path / "audit" / "per_class_accuracy.png").is_file()
     assert card["model_details"]["early_stopping"] is None and ", epochs: 2\n" in md
+    # the command that describes the training data, its path quoted for a shell
+    import shlex
+
+    line = next(ln for ln in md.splitlines() if ln.startswith("- Datasheet: "))
+    assert shlex.split(line.split("`")[1]) == ["cifarlab", "datasheet", "--data", card["training_data"]["source"]]
 
 
 def test_model_card_says_which_epochs_weights_an_early_stopped_run_kept():

@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import os
+import shlex
 from datetime import date
 from pathlib import Path
 from typing import Any, Callable
@@ -1289,6 +1290,9 @@ def model_card_markdown(card: dict) -> str:
              if td["size"].get("train_images") is not None else f"- Size: {TO_FILL}",
              f"- Classes: {short_list(td['classes'], 20)}",
              f"- Licence: {td['licence']}", f"- Consent: {td['consent']}", f"- Label caveats: {td['label_caveats']}",
+             f"- Datasheet: `cifarlab datasheet --data {shlex.quote(td['source'])}` measures its class sizes, exact copies and "
+             "colour cues by class, and lists the questions of collection and consent (DATASHEET.md)"
+             if td["source"] != TO_FILL else f"- Datasheet: {TO_FILL}",
              *_balance_lines(td.get("per_class"), td.get("class_weight"), td.get("sampling"),
                              td.get("logit_adjustment")),
              *_started_from_lines(td.get("started_from")), "",

@@ -476,3 +476,57 @@ def test_test_score_is_the_cross_entropy_training_reports_also_when_overconfiden
     assert log_loss(probs, y.numpy()) > 20  # clipped at 1e-7, the first and third would count 16.1 each
     huge = torch.tensor([[200.0, 0.0]]).softmax(1).numpy()  # the label's probability is 0 in float32
     assert log_loss(huge, np.array([1])) == pytest.approx(-np.log(np.finfo(np.float32).tiny))
+
+
+def test_intersections_pair_every_two_attributes_and_leave_out_unrecorded_values():
+    from cifarlab.audit import with_intersections
+
+    attrs = {"light": np.array(["dark", "bright", "", "dark"], dtype=object),
+             "colour": np.array(["grey", "grey", "grey", ""], dtype=object),
+             "site": np.array(["x", "y", "x", "y"], dtype=object)}
+    out = with_intersections(attrs)
+    assert list(out) == ["light", "colour", "site", "light & colour", "light & site", "colour & site"]
+    assert out["light & colour"].tolist() == ["dark & grey", "bright & grey", "", ""]
+    assert out["colour & site"].tolist() == ["grey & x", "grey & y", "grey & x", ""]
+    assert all(out[k] is attrs[k] for k in attrs)  # the attributes themselves are untouched
+    with pytest.raises(CifarlabError, match="column named 'light & colour'"):
+        with_intersections({**attrs, "light & colour": attrs["site"]})
+
+
+def test_a_gap_only_a_combination_shows():
+    """Right answers in (a, p) and (b, q), wrong ones in (a, q) and (b, p): each attribute alone
+    shows no gap, their intersection a gap of 1."""
+    from cifarlab.audit import with_intersections
+
+    n = 200
+    first = np.array(["a", "b"] * (n // 2), dtype=object)
+    second = np.array(["p", "p", "q", "q"] * (n // 4), dtype=object)
+    y = np.zeros(n, np.int64)
+    pred = np.where((first == "a") == (second == "p"), 0, 1)
+    attrs = with_intersections({"first": first, "second": second})
+    gaps = {k: group_metrics(y, pred, v, 0.5, 100, 0, 0.05, 30)["gap"]["difference"] for k, v in attrs.items()}
+    assert gaps == {"first": 0.0, "second": 0.0, "first & second": 1.0}
+
+
+def test_audit_with_intersections(trained_run, image_folder, tmp_path, capsys):
+    from cifarlab.cli import main
+
+    ds = load_dataset(image_folder)
+    n = len(ds.y_test)
+    groups = tmp_path / "groups.csv"
+    groups.write_text("index,first,second\n" + "".join(f"{i},{'ab'[i % 2]},{'pq'[i // 2 % 2]}\n" for i in range(n)))
+    audit = audit_run(trained_run, ds, tmp_path / "audit", groups_csv=str(groups), n_boot=100, device="cpu",
+                      log=lambda s: None, intersections=True)
+    both = audit["attributes"]["first & second"]
+    assert {g["group"]: g["n"] for g in both["groups"]} == {
+        f"{x} & {z}": sum('ab'[i % 2] == x and 'pq'[i // 2 % 2] == z for i in range(n)) for x in "ab" for z in "pq"}
+    assert "Evaluated group attributes: first, second, first & second" in \
+        (tmp_path / "audit" / "MODEL_CARD.md").read_text()
+    # the command line: refused without a groups file, and with a file of one attribute, before any file
+    assert main(["audit", str(trained_run), "--intersections"]) == 2
+    assert "--intersections pairs the attributes of a groups file" in capsys.readouterr().err
+    one = tmp_path / "one.csv"
+    one.write_text("index,first\n" + "".join(f"{i},{'ab'[i % 2]}\n" for i in range(n)))
+    assert main(["audit", str(trained_run), "--groups", str(one), "--intersections", "--out",
+                 str(tmp_path / "a2")]) == 2
+    assert "has one (first)" in capsys.readouterr().err and not (tmp_path / "a2").exists()

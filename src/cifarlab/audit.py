@@ -161,6 +161,28 @@ def read_groups(path: str | Path, ds: Dataset) -> tuple[np.ndarray, dict[str, np
     return np.array(idx, dtype=np.int64), attrs
 
 
+AND = " & "  # joins two attributes' names, and their values, into an intersection's
+
+
+def with_intersections(attrs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``attrs`` (attribute -> value per image, '' where not recorded) and, for each pair of
+    attributes, their intersection: ``'lighting & colour'`` with values such as ``'dark & nearly
+    grey'``, not recorded where either is not. A gap can hide in a combination that neither
+    attribute shows alone (Buolamwini and Gebru, 2018: darker-skinned women, not darker skin or
+    women alone); pairs only, since the groups of three attributes are mostly too small to judge."""
+    names = list(attrs)
+    out = dict(attrs)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            name = f"{a}{AND}{b}"
+            if name in attrs:
+                raise CifarlabError(f"the groups file has a column named '{name}', the name of the intersection of "
+                                    f"'{a}' and '{b}'; rename it to audit with --intersections")
+            va, vb = attrs[a], attrs[b]
+            out[name] = np.array([f"{x}{AND}{z}" if x and z else "" for x, z in zip(va, vb)], dtype=object)
+    return out
+
+
 def group_metrics(y: np.ndarray, pred: np.ndarray, values: np.ndarray, overall: float, n_boot: int,
                   seed: int, margin: float, min_group: int) -> dict[str, Any]:
     """By-group accuracy, macro recall and macro precision with intervals; the largest gap and its
@@ -273,7 +295,7 @@ def check_options(margin: float, min_group: int, n_boot: int, names: dict[str, s
 def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, groups_csv: str | None = None,
               margin: float = 0.05, min_group: int = 30, n_boot: int = 1000, seed: int = 0, tta: str | None = None,
               device: str = "auto", log: Callable[[str], None] = print,
-              uncalibrated: bool = False) -> dict[str, Any]:
+              uncalibrated: bool = False, intersections: bool = False) -> dict[str, Any]:
     """Audit a run on ``ds``'s test split: write ``audit.json``, ``audit.md``, plots and
     ``MODEL_CARD.md``/``model_card.json`` into ``out`` (default ``RUN/audit``, or ``RUN/audit-<data>``
     on other data than the run's own: :func:`cifarlab.export.other_data_folder`) and return the
@@ -283,13 +305,21 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
     best-to-worst gap; ``n_boot``: bootstrap resamples for the confidence intervals. ``tta``:
     the test-time augmentation, by default the run's own (the model as trained and reported is
     the model audited). Its probabilities use the run's temperature where ``cifarlab
-    calibrate`` fitted one, unless ``uncalibrated``."""
+    calibrate`` fitted one, unless ``uncalibrated``. ``intersections``: also every pair of the
+    groups file's attributes (:func:`with_intersections`)."""
     run = Path(run)
     suffix = data_suffix(ds, [run])  # the reports on this data are in RUN/<kind><suffix>
     out = Path(out) if out is not None else run / f"audit{suffix}"
     check_options(margin, min_group, n_boot)
     # The groups file first: a mistake in it should cost no prediction and leave no partial report.
     groups = read_groups(groups_csv, ds) if groups_csv else None
+    if intersections:
+        if groups is None:
+            raise CifarlabError("--intersections pairs the attributes of a groups file; give one with --groups")
+        if len(groups[1]) < 2:
+            raise CifarlabError(f"--intersections pairs the attributes of the groups file, and '{groups_csv}' has one "
+                                f"({', '.join(groups[1])}); add a column, or leave --intersections out")
+        groups = (groups[0], with_intersections(groups[1]))
     pred = load_model(run, device, tta, uncalibrated)
     _check_compatible(pred, ds)
     with report_folder(out):  # removed again if the audit fails part-way
@@ -408,7 +438,7 @@ def _group_warnings(name: str, gm: dict[str, Any], overall: float, margin: float
 def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, groups_csv: str | None = None,
                margin: float = 0.05, min_group: int = 30, n_boot: int = 1000, seed: int = 0, tta: str | None = None,
                device: str = "auto", log: Callable[[str], None] = print,
-               uncalibrated: bool = False) -> dict[str, Any]:
+               uncalibrated: bool = False, intersections: bool = False) -> dict[str, Any]:
     """Audit every run of the ``--runs N`` folder ``base`` (see :func:`audit_run`: each run's
     report and model card in ``RUN/audit``, or ``out/run-K``), then summarise over the runs: each
     class's and group's accuracy as mean, std, min and max, in how many runs it was flagged, and
@@ -428,7 +458,7 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
         reports.append(folder / "audit.md")
         # its warnings are in its audit.md; the summary gathers them
         a = audit_run(r, ds, folder, groups_csv, margin, min_group, n_boot, seed, tta, device,
-                      log=lambda _: None, uncalibrated=uncalibrated)
+                      log=lambda _: None, uncalibrated=uncalibrated, intersections=intersections)
         sp = a["classes"]["spread"]
         log(f"{r.name}: overall accuracy {a['overall_accuracy']:.4f}; worst class {sp['worst']}, gap "
             f"{sp['difference']:.4f}; {len(a['warnings'])} warning(s); report in {folder / 'audit.md'}")

@@ -299,6 +299,9 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
                                "class's and group's accuracy as mean, std, min and max over them)")
     _add_data_args(a, run="test")
     a.add_argument("--groups", help="CSV: first column 'index' or 'path', other columns group attributes")
+    a.add_argument("--intersections", action="store_true",
+                   help="also each pair of the groups file's attributes, such as 'lighting & colour' with groups "
+                        "such as 'dark & nearly grey': a gap may show only in a combination")
     a.add_argument("--margin", type=float, default=0.05, help="flag classes/groups this far below overall accuracy")
     a.add_argument("--min-group", type=int, default=30, help="groups smaller than this are too small to judge")
     a.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
@@ -896,6 +899,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from .fsutil import check_folder_path
 
     check_options(args.margin, args.min_group, args.bootstrap, CLI_NAMES)  # before the data is loaded
+    if args.intersections and not args.groups:
+        raise ConfigError("--intersections pairs the attributes of a groups file; give one with --groups")
     if args.out:
         check_folder_path(args.out)
     if is_runs_set(args.run):
@@ -904,8 +909,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     ds = _load_eval_data(args, run, [run])
     # without --out, RUN/audit, or RUN/audit-<data> on other data: audit_run names it as it writes
     audit_run(run, ds, Path(args.out) if args.out else None, groups_csv=args.groups, margin=args.margin,
-              min_group=args.min_group,
-              n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print, uncalibrated=args.uncalibrated)
+              min_group=args.min_group, n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print,
+              uncalibrated=args.uncalibrated, intersections=args.intersections)
     return 0
 
 
@@ -920,7 +925,7 @@ def _audit_runs(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else other_data_folder(base, "audit", ds, runs)
     s = audit_runs(base, ds, out, groups_csv=args.groups, margin=args.margin, min_group=args.min_group,
                    n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print,
-                   uncalibrated=args.uncalibrated)
+                   uncalibrated=args.uncalibrated, intersections=args.intersections)
     n, acc = s["runs"], s["overall_accuracy"]
     print(f"{n} runs: overall accuracy mean {acc['mean']:.4f} (min {acc['min']:.4f}, max {acc['max']:.4f})")
     print(f"{'class':<16}{'mean':>8}{'min':>8}{'max':>8}  flagged in")

@@ -89,6 +89,16 @@ def test_cli_compare_two_runs(tmp_path, image_folder, capsys):
     assert main(["compare", str(tmp_path / "r0"), str(tmp_path / "r1"), "--groups", str(groups), "--json"]) == 0
     by = json.loads(capsys.readouterr().out)["by_attribute"]["light"]
     assert [(r["group"], r["support"]) for r in by["groups"]] == [("bright", 4), ("dark", 4)]
+    groups.write_text("index,light,site\n" + "".join(f"{i},{'dark' if i < 4 else 'bright'},{'xy'[i % 2]}\n"
+                                                       for i in range(9)))
+    assert main(["compare", str(tmp_path / "r0"), str(tmp_path / "r1"), "--groups", str(groups), "--json",
+                 "--intersections"]) == 0
+    by = json.loads(capsys.readouterr().out)["by_attribute"]
+    assert list(by) == ["light", "site", "light & site"]
+    assert [(r["group"], r["support"]) for r in by["light & site"]["groups"]] == [
+        ("bright & x", 3), ("bright & y", 2), ("dark & x", 2), ("dark & y", 2)]
+    assert main(["compare", str(tmp_path / "r0"), str(tmp_path / "r1"), "--intersections"]) == 2
+    assert "--intersections pairs the attributes of a groups file" in capsys.readouterr().err
     groups.write_text("index,light\n99,dark\n")
     assert main(["compare", str(tmp_path / "r0"), str(tmp_path / "r1"), "--groups", str(groups)]) == 2
     assert "index '99' is not valid; expected 0..8" in capsys.readouterr().err

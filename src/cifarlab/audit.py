@@ -183,6 +183,20 @@ def with_intersections(attrs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def load_groups(groups_csv: str | Path | None, ds: Dataset, intersections: bool = False):
+    """:func:`read_groups` of ``groups_csv`` (None: no groups), with :func:`with_intersections`
+    where ``intersections``, which needs a file of two attributes or more."""
+    groups = read_groups(groups_csv, ds) if groups_csv else None
+    if not intersections:
+        return groups
+    if groups is None:
+        raise CifarlabError("--intersections pairs the attributes of a groups file; give one with --groups")
+    if len(groups[1]) < 2:
+        raise CifarlabError(f"--intersections pairs the attributes of the groups file, and '{groups_csv}' has one "
+                            f"({', '.join(groups[1])}); add a column, or leave --intersections out")
+    return groups[0], with_intersections(groups[1])
+
+
 def group_metrics(y: np.ndarray, pred: np.ndarray, values: np.ndarray, overall: float, n_boot: int,
                   seed: int, margin: float, min_group: int) -> dict[str, Any]:
     """By-group accuracy, macro recall and macro precision with intervals; the largest gap and its
@@ -312,14 +326,7 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
     out = Path(out) if out is not None else run / f"audit{suffix}"
     check_options(margin, min_group, n_boot)
     # The groups file first: a mistake in it should cost no prediction and leave no partial report.
-    groups = read_groups(groups_csv, ds) if groups_csv else None
-    if intersections:
-        if groups is None:
-            raise CifarlabError("--intersections pairs the attributes of a groups file; give one with --groups")
-        if len(groups[1]) < 2:
-            raise CifarlabError(f"--intersections pairs the attributes of the groups file, and '{groups_csv}' has one "
-                                f"({', '.join(groups[1])}); add a column, or leave --intersections out")
-        groups = (groups[0], with_intersections(groups[1]))
+    groups = load_groups(groups_csv, ds, intersections)
     pred = load_model(run, device, tta, uncalibrated)
     _check_compatible(pred, ds)
     with report_folder(out):  # removed again if the audit fails part-way

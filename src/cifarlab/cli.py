@@ -482,6 +482,8 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("run_b", metavar="RUN_B", help="the second; the differences are B minus A")
     _add_data_args(m, run="test")
     m.add_argument("--groups", help="CSV as audit --groups reads it: the comparison per group of each attribute")
+    m.add_argument("--intersections", action="store_true",
+                   help="also per group of each pair of the groups file's attributes, as audit --intersections")
     m.add_argument("--bootstrap", type=int, help="bootstrap resamples for the interval (default 1000)")
     _add_tta_arg(m)
     _add_uncalibrated_arg(m)
@@ -1139,8 +1141,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     sets = [is_runs_set(r) for r in (args.run_a, args.run_b)]
     if all(sets):  # two recipes, several seeds each: their summaries, no data needed
-        used = ("data", "dataset", "allow_unverified", "skip_bad_images", "label_mode", "groups", "bootstrap",
-                "tta", "device", "uncalibrated")
+        used = ("data", "dataset", "allow_unverified", "skip_bad_images", "label_mode", "groups", "intersections",
+                "bootstrap", "tta", "device", "uncalibrated")
         given = [f"--{k.replace('_', '-')}" for k in used if getattr(args, k) not in (None, False)]
         if given:
             raise ConfigError(f"{', '.join(given)}: two --runs folders are compared from their summaries, with no "
@@ -1154,12 +1156,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
                           "folders")
     n_boot = 1000 if args.bootstrap is None else args.bootstrap
     check_bootstrap(n_boot, CLI_NAMES)  # these checks before the data is loaded
+    if args.intersections and not args.groups:
+        raise ConfigError("--intersections pairs the attributes of a groups file; give one with --groups")
     (run_a, arch_a), (run_b, arch_b) = read_run(args.run_a), read_run(args.run_b)
     check_weights(run_b)  # run A's before its data loads
     check_same_classes(run_a, arch_a["classes"], run_b, arch_b["classes"])
     ds = _load_eval_data(args, run_a, [run_a, run_b])
     result = compare_runs(run_a, run_b, ds, tta=args.tta, device=args.device or "auto", n_boot=n_boot,
-                          groups_csv=args.groups, uncalibrated=args.uncalibrated)
+                          groups_csv=args.groups, uncalibrated=args.uncalibrated, intersections=args.intersections)
     print(json_text(result) if args.json else format_comparison(result))
     return 0
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .audit import _fmt_spread, check_bootstrap, images_phrase, read_groups
+from .audit import _fmt_spread, check_bootstrap, images_phrase, load_groups
 from .data import Dataset
 from .errors import CifarlabError, short_list
 from .evaluate import _check_compatible, describe, predict_dataset
@@ -115,14 +115,14 @@ def check_same_classes(run_a: Path, classes_a: list[str], run_b: Path, classes_b
 
 def compare_runs(run_a: str | Path, run_b: str | Path, ds: Dataset, tta: str | None = None, device: str = "auto",
                  n_boot: int = 1000, seed: int = 0, groups_csv: str | Path | None = None,
-                 uncalibrated: bool = False) -> dict[str, Any]:
+                 uncalibrated: bool = False, intersections: bool = False) -> dict[str, Any]:
     """Compare two run folders on ``ds``'s test images (see :func:`compare_predictions`), each
     with its own test-time augmentation unless ``tta`` names one for both, and with its own
     calibration unless ``uncalibrated`` (a temperature changes no predicted class, but the class
     offsets of ``cifarlab calibrate --balance-classes`` do); ``groups_csv`` is a groups file as
-    ``cifarlab audit --groups`` reads it."""
+    ``cifarlab audit --groups`` reads it, with each pair of its attributes where ``intersections``."""
     check_bootstrap(n_boot)  # a bad setting should cost no prediction
-    groups = read_groups(groups_csv, ds) if groups_csv is not None else None  # a bad file fails before any model runs
+    groups = load_groups(groups_csv, ds, intersections)  # a bad file fails before any model runs
     models = [load_model(r, device, tta, uncalibrated) for r in (run_a, run_b)]
     check_same_classes(models[0].run, models[0].classes, models[1].run, models[1].classes)
     for name, m in zip("AB", models):

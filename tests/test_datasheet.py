@@ -209,3 +209,23 @@ def test_a_test_set_alone_and_many_classes():
     md = dsh.datasheet_markdown(r)
     assert all(f"| {c} |" in md for c in classes)
     assert len(groups[1]) == 40
+
+
+def test_an_official_cifar100_archive_gets_the_provenance_and_a_path_key(tmp_path, capsys):
+    """An archive in CIFAR-100's official layout (its MD5 not the published one, hence
+    --allow-unverified): the provenance paragraph, and groups named by the archive's own names."""
+    from conftest import make_official
+
+    path, truth = make_official(tmp_path, "cifar100-python")
+    assert main(["datasheet", "--data", str(path), "--allow-unverified", "--out", str(tmp_path / "s")]) == 0
+    r = json.loads((tmp_path / "s" / "datasheet.json").read_text())
+    assert r["kind"] == "cifar100-python" and len(r["classes"]) == 100
+    assert r["composition"]["train_images"] == len(truth["train_y"])
+    assert "80 Million Tiny Images" in (tmp_path / "s" / "DATASHEET.md").read_text()
+    from cifarlab.audit import read_groups
+
+    ds = load_dataset(path, allow_unverified=True)
+    idx, attrs = read_groups(tmp_path / "s" / "groups.csv", ds)  # by the archive's file names
+    assert (tmp_path / "s" / "groups.csv").read_text().startswith("path,lighting,colour\n")
+    assert sorted(idx) == list(range(len(ds.y_test))) and set(attrs) == {"lighting", "colour"}
+    assert "and 80 more" in capsys.readouterr().out  # 100 class sizes: the first 20 on the terminal

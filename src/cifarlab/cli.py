@@ -348,8 +348,9 @@ def _add_datasheet_parser(sub: argparse._SubParsersAction) -> None:
                                    "(with a chi-squared test of whether greyness depends on the class), and how "
                                    "much of the test labels colour statistics alone predict. Writes "
                                    "datasheet.json, DATASHEET.md (with the questions of motivation, collection, "
-                                   "consent and licence that only the data's makers can answer) and "
-                                   "colour_by_class.png.")
+                                   "consent and licence that only the data's makers can answer), "
+                                   "colour_by_class.png and groups.csv (the test images by colour and lighting, "
+                                   "for audit --groups).")
     _add_data_args(d)
     d.add_argument("--out", help="folder for the report (default ./datasheet)")
     d.add_argument("--json", action="store_true", help="print the report as JSON")

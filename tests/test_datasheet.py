@@ -229,3 +229,16 @@ def test_an_official_cifar100_archive_gets_the_provenance_and_a_path_key(tmp_pat
     assert (tmp_path / "s" / "groups.csv").read_text().startswith("path,lighting,colour\n")
     assert sorted(idx) == list(range(len(ds.y_test))) and set(attrs) == {"lighting", "colour"}
     assert "and 80 more" in capsys.readouterr().out  # 100 class sizes: the first 20 on the terminal
+
+
+def test_classes_that_label_people_are_named():
+    assert dsh.people_classes(["baby", "boy", "maple_tree", "snowman", "manta_ray", "young_Man", "WOMEN", "cat"]) \
+        == ["baby", "boy", "young_Man", "WOMEN"]
+    x = _random(12, 0)
+    y = np.arange(12) % 3
+    r, _ = dsh.make_datasheet(_ds(x, y, x[:6], y[:6], classes=("man", "woman", "bicycle")))
+    assert r["people_classes"] == ["man", "woman"]
+    assert r["warnings"][0].startswith("the classes man, woman label people by how they look")
+    assert "do not use such a model to infer anyone's age or gender" in dsh.datasheet_markdown(r)
+    r2, _ = dsh.make_datasheet(_ds(x, y, x[:6], y[:6], classes=("cat", "dog", "bicycle")))
+    assert r2["people_classes"] == [] and not any("label people" in w for w in r2["warnings"])

@@ -530,3 +530,38 @@ def test_audit_with_intersections(trained_run, image_folder, tmp_path, capsys):
     assert main(["audit", str(trained_run), "--groups", str(one), "--intersections", "--out",
                  str(tmp_path / "a2")]) == 2
     assert "has one (first)" in capsys.readouterr().err and not (tmp_path / "a2").exists()
+
+
+def test_the_model_card_of_classes_that_label_people_says_so(tmp_path, capsys):
+    """A model that sorts people (CIFAR-100's man and woman, say) gets that said in its card's
+    ethical considerations and on the terminal; its data's consent is left for its owner to state."""
+    from conftest import make_image_folder, tiny_config
+
+    from cifarlab.train import fit
+
+    data = make_image_folder(tmp_path / "imgs", classes=("man", "woman", "bicycle"))
+    fit(tiny_config(str(data), str(tmp_path / "run")), log=lambda s: None)
+    lines = []
+    audit_run(tmp_path / "run", load_dataset(data), tmp_path / "audit", n_boot=100, device="cpu", log=lines.append)
+    assert any(ln.startswith("note: the classes man, woman label people by how they look") for ln in lines)
+    card = json.loads((tmp_path / "audit" / "model_card.json").read_text())
+    ethics = card["ethical_considerations"]
+    assert ethics[-1].startswith("The classes man, woman label people") and ethics[-1].endswith("about people.")
+    assert any("consented: [TO BE FILLED IN BY THE MODEL'S OWNER]" in e for e in ethics)
+    assert not any("were collected without consent" in e for e in ethics)  # not known of this data
+
+
+def test_the_model_card_of_cifar10s_classes_states_what_is_known_of_the_data(tmp_path):
+    from conftest import make_image_folder, tiny_config
+
+    from cifarlab.data.cifar import CIFAR10_CLASSES
+    from cifarlab.train import fit
+
+    data = make_image_folder(tmp_path / "imgs", classes=tuple(CIFAR10_CLASSES), n_train=4, n_test=1)
+    fit(tiny_config(str(data), str(tmp_path / "run"), epochs=1), log=lambda s: None)
+    audit_run(tmp_path / "run", load_dataset(data), tmp_path / "audit", n_boot=100, device="cpu",
+              log=lambda s: None, min_group=1)
+    card = json.loads((tmp_path / "audit" / "model_card.json").read_text())
+    assert card["training_data"]["consent"] == "not obtained: web-scraped images"
+    assert any("were collected without consent" in e for e in card["ethical_considerations"])
+    assert not any("label people" in e for e in card["ethical_considerations"])

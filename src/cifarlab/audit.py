@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .data import Dataset, seen
+from .datasheet import people_classes, people_warning
 from .duplicates import read_duplicates
 from .label_issues import read_label_issues
 from .ood import read_ood
@@ -333,6 +334,8 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
         audit = _write_audit(out, run, pred, ds, groups, groups_csv, margin, min_group, n_boot, seed, suffix)
     for w in audit["warnings"]:
         log(f"warning: {w}")
+    if people_classes(pred.classes):  # the model card's ethical considerations say it in full
+        log(f"note: {people_warning(people_classes(pred.classes))}")
     sp = audit["classes"]["spread"]
     log(f"overall accuracy {audit['overall_accuracy']:.4f}; best class {sp['best']}, worst {sp['worst']}: gap "
         f"{sp['difference']:.4f} (95% CI {sp['difference_ci'][0]:.4f} to {sp['difference_ci'][1]:.4f})")
@@ -946,6 +949,7 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, su
     own = seen.trained_on(ds, [run])  # None for a run that keeps no record of its training images
     is_cifar10 = ds.kind.startswith("cifar10") or (ds.kind in ("image-folder", "arrays") and pred.classes == [
         "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"])
+    people = people_classes(pred.classes)
     training_data = {
         "source": m.get("data", {}).get("source", TO_FILL),
         # a labels file (train --labels) gave the classes, not folder names
@@ -1004,9 +1008,11 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, su
         "ethical_considerations": [
             "An inaccurate or unevenly accurate classifier harms the people who depend on its output; the per-class "
             "and per-group figures above show where this model is weaker.",
-            "The training images were collected without consent; do not extend such data with images of people.",
+            "The training images were collected without consent; do not extend such data with images of people."
+            if is_cifar10 else f"Whether the people pictured in the training images consented: {TO_FILL} "
+                               "(`cifarlab datasheet` lists the questions to answer of the data).",
             "Uses for surveillance or face recognition are out of scope and should be refused.",
-        ],
+        ] + ([_sentence(people_warning(people))] if people else []),
         "caveats": [
             ("Accuracy is measured on data from the same collection as the training data; expect lower accuracy on "
              "other photos" if own is not False else
@@ -1016,6 +1022,11 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, su
             "Group results are only as good as the groups file; small groups get wide intervals.",
         ] + audit["warnings"],
     }
+
+
+def _sentence(warning: str) -> str:
+    """A warning (written to follow 'warning: ') as a sentence of its own."""
+    return f"{warning[0].upper()}{warning[1:]}."
 
 
 def _evaluation_note(own: bool | None, ds) -> str:

@@ -39,6 +39,12 @@ SHIFT = 0.05  # total variation distance between the splits' class shares worth 
 ALPHA = 0.001  # greyness "depends on the class" below this p-value (a large sample makes small ones common)
 FEATURES = ("mean red", "mean green", "mean blue", "std red", "std green", "std blue", "colour spread", "luminance")
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601, as PIL's convert("L")
+# Words that make a class name a label of people (CIFAR-100 has baby, boy, girl, man and woman):
+# such classes sort people by how they look, which the model card and the datasheet then say.
+PEOPLE_WORDS = frozenset(
+    "person persons people human humans man men woman women boy boys girl girls baby babies child children kid kids "
+    "toddler toddlers teen teens teenager teenagers adult adults male males female females lady ladies gentleman "
+    "gentlemen face faces pedestrian pedestrians".split())
 # groups of the test images for audit --groups: key column name, its values, attribute columns
 Groups = tuple[str, list[str], dict[str, list[str]]]
 
@@ -61,6 +67,14 @@ def image_stats(x: np.ndarray, chunk: int = 4096) -> np.ndarray:
         out[s:s + len(c), 6] = (c.max(-1) - c.min(-1)).reshape(len(c), -1).mean(1)  # uint8: max >= min
         out[s:s + len(c), 7] = (f @ LUMA).mean(1)
     return out
+
+
+def people_classes(classes: list[str]) -> list[str]:
+    """The classes whose names label people: a whole word of the name, in any case, is one of
+    :data:`PEOPLE_WORDS` ('woman' and 'young_man' are such classes, 'snowman' and 'manta_ray' not)."""
+    import re
+
+    return [c for c in classes if PEOPLE_WORDS & set(re.split(r"[^a-z]+", c.lower()))]
 
 
 def composition(ds) -> dict[str, Any]:
@@ -194,6 +208,7 @@ def make_datasheet(ds, log: Callable[[str], None] = lambda _: None) -> tuple[dic
                               "notes": content_notes(ds.notes),
                               "classes": list(ds.classes)}
     report["composition"] = composition(ds)
+    report["people_classes"] = people_classes(ds.classes)
     log("looking for exact copies")
     report["exact_copies"] = exact_copies(ds)
     log(f"colour statistics of {len(ds.x_train) + len(ds.x_test):,} images")
@@ -211,9 +226,19 @@ def make_datasheet(ds, log: Callable[[str], None] = lambda _: None) -> tuple[dic
     return report, image_groups(ds, te)
 
 
+def people_warning(classes: list[str]) -> str:
+    """What the datasheet and the model card say of data whose ``classes`` label people."""
+    return (f"the classes {', '.join(classes)} label people by how they look (their apparent age or gender, as "
+            "labellers saw it): a model learns to sort people into these boxes, which is often wrong and may not be "
+            "how they see themselves. Answer the consent question before training on it, and do not use such a "
+            "model to infer anyone's age or gender or to make decisions about people")
+
+
 def warnings(r: dict[str, Any]) -> list[str]:
     """What in the report ``r`` deserves attention before training on the data."""
     out = []
+    if r.get("people_classes"):
+        out.append(people_warning(r["people_classes"]))
     comp = r["composition"]
     if comp["absent_from_train"]:
         out.append(f"no training images of {', '.join(comp['absent_from_train'])}: a model cannot learn them")

@@ -540,7 +540,10 @@ def test_the_model_card_of_classes_that_label_people_says_so(tmp_path, capsys):
     from cifarlab.train import fit
 
     data = make_image_folder(tmp_path / "imgs", classes=("man", "woman", "bicycle"))
-    fit(tiny_config(str(data), str(tmp_path / "run")), log=lambda s: None)
+    trained: list[str] = []
+    fit(tiny_config(str(data), str(tmp_path / "run")), log=trained.append)
+    note = next(i for i, ln in enumerate(trained) if ln.startswith("note: the classes man, woman label people"))
+    assert note < next(i for i, ln in enumerate(trained) if ln.startswith("Epoch 1/"))  # before training starts
     lines = []
     audit_run(tmp_path / "run", load_dataset(data), tmp_path / "audit", n_boot=100, device="cpu", log=lines.append)
     assert any(ln.startswith("note: the classes man, woman label people by how they look") for ln in lines)

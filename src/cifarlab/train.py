@@ -25,6 +25,7 @@ from . import runtime
 from .augment import CropFlipCutout, KerasAugment, augmenter_from_config
 from .config import MONITORS, Config, load_run_config, save_config, validate
 from .data import Dataset, balanced_subset, load_dataset, only_classes, resized, seen, stratified_split, subset_note
+from .datasheet import people_classes, people_warning
 from .errors import CifarlabError, TrainingInterrupted, short_list
 from .evaluate import balanced_accuracy, describe, unequal_classes
 from .export import batched_logits, finished_metrics, normalize, preprocess, save_architecture, save_weights
@@ -853,6 +854,8 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
         log(f"run folder: {run}")
         log(f"model {cfg.model.name} ({st.num_params:,} parameters) on {device}; {n:,} training, "
             f"{len(arrays.x_val):,} validation, {len(arrays.x_test):,} test images")
+        if people := people_classes(ds.classes):  # said before training, while there is time to reconsider
+            log(f"note: {people_warning(people)}")
         if st.class_weight is not None:
             log(_class_weight_note(cfg, ds, st.class_weight))
         if st.logit_offset is not None:

@@ -190,15 +190,19 @@ def test_real_cifar10_grey_airplanes_and_colour_shortcut(real_data_cache):
     assert 0.15 < s["accuracy"] < 0.5
 
 
-def test_a_test_set_alone_and_many_classes():
+def test_a_test_set_alone_and_many_classes(tmp_path):
     """A test set without training images (CIFAR-10.1) is described without the shortcut; the
     terminal shows the extremes of many classes, the file every class."""
+    import cifarlab
+
     x = _random(40, 0)
     x[:5] = x[:5][..., :1]  # one image of each of c00 to c04 is grey
     y = np.arange(40) % 30
     classes = [f"c{i:02d}" for i in range(30)]
     ds = _ds(np.zeros((0, 8, 8, 3)), [], x, y, classes)
-    r, groups = dsh.make_datasheet(ds)
+    r, groups = cifarlab.make_datasheet(ds, out=tmp_path / "sheet")
+    assert sorted(p.name for p in (tmp_path / "sheet").iterdir()) == ["DATASHEET.md", "colour_by_class.png",
+                                                                     "datasheet.json", "groups.csv"]
     assert r["colour"]["train"] is None and r["colour_shortcut"] is None
     assert r["composition"]["imbalance_ratio"] is None and r["composition"]["absent_from_train"] == classes
     assert any("no training images of c00" in w for w in r["warnings"])

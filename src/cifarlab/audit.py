@@ -184,14 +184,19 @@ def with_intersections(attrs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def check_intersections(intersections: bool, groups_csv: str | Path | None) -> None:
+    """``--intersections`` needs ``--groups``: refused without one, before any data is read."""
+    if intersections and not groups_csv:
+        raise CifarlabError("--intersections pairs the attributes of a groups file; give one with --groups")
+
+
 def load_groups(groups_csv: str | Path | None, ds: Dataset, intersections: bool = False):
     """:func:`read_groups` of ``groups_csv`` (None: no groups), with :func:`with_intersections`
     where ``intersections``, which needs a file of two attributes or more."""
+    check_intersections(intersections, groups_csv)
     groups = read_groups(groups_csv, ds) if groups_csv else None
-    if not intersections:
+    if groups is None or not intersections:
         return groups
-    if groups is None:
-        raise CifarlabError("--intersections pairs the attributes of a groups file; give one with --groups")
     if len(groups[1]) < 2:
         raise CifarlabError(f"--intersections pairs the attributes of the groups file, and '{groups_csv}' has one "
                             f"({', '.join(groups[1])}); add a column, or leave --intersections out")
@@ -1338,9 +1343,9 @@ def model_card_markdown(card: dict) -> str:
              if td["size"].get("train_images") is not None else f"- Size: {TO_FILL}",
              f"- Classes: {short_list(td['classes'], 20)}",
              f"- Licence: {td['licence']}", f"- Consent: {td['consent']}", f"- Label caveats: {td['label_caveats']}",
-             f"- Datasheet: `cifarlab datasheet --data {shlex.quote(td['source'])}` measures its class sizes, exact copies and "
-             "colour cues by class, and lists the questions of collection and consent (DATASHEET.md)"
-             if td["source"] != TO_FILL else f"- Datasheet: {TO_FILL}",
+             f"- Datasheet: `cifarlab datasheet --data {shlex.quote(td['source'])}` measures its class sizes, "
+             "exact copies and colour cues by class, and lists the questions of collection and consent "
+             "(DATASHEET.md)" if td["source"] != TO_FILL else f"- Datasheet: {TO_FILL}",
              *_balance_lines(td.get("per_class"), td.get("class_weight"), td.get("sampling"),
                              td.get("logit_adjustment")),
              *_started_from_lines(td.get("started_from")), "",

@@ -373,7 +373,8 @@ def _add_duplicates_parser(sub: argparse._SubParsersAction) -> None:
                                           "run, and the mean, min and max over them); omitted: the data alone")
     _add_data_args(d, run="optional")
     d.add_argument("--threshold", type=float, default=DUPLICATES_THRESHOLD,
-                   help=f"similarity from which a pair counts as a duplicate, in (0, 1] (default {DUPLICATES_THRESHOLD})")
+                   help="similarity from which a pair counts as a duplicate, in (0, 1] "
+                        f"(default {DUPLICATES_THRESHOLD})")
     d.add_argument("--shift", type=int, default=DUPLICATES_SHIFT,
                    help=f"pixels a copy may be shifted by, each way (default {DUPLICATES_SHIFT})")
     d.add_argument("--candidates", type=int, default=DUPLICATES_CANDIDATES,
@@ -603,9 +604,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cifarlab {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in (_add_train_parser, _add_evaluate_parser, _add_calibrate_parser, _add_predict_parser,
-                _add_audit_parser, _add_datasheet_parser, _add_robustness_parser, _add_duplicates_parser, _add_explain_parser,
-                _add_label_issues_parser, _add_ood_parser, _add_compare_parser, _add_export_parser, _add_import_parser,
-                _add_augment_parser, _add_summary_parser, _add_list_parser):
+                _add_audit_parser, _add_datasheet_parser, _add_robustness_parser, _add_duplicates_parser,
+                _add_explain_parser, _add_label_issues_parser, _add_ood_parser, _add_compare_parser, _add_export_parser,
+                _add_import_parser, _add_augment_parser, _add_summary_parser, _add_list_parser):
         add(sub)  # in the order --help lists the commands
     return p
 
@@ -897,13 +898,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """``cifarlab audit``."""
-    from .audit import CLI_NAMES, audit_run, check_options
+    from .audit import CLI_NAMES, audit_run, check_intersections, check_options
     from .export import is_runs_set, read_run
     from .fsutil import check_folder_path
 
     check_options(args.margin, args.min_group, args.bootstrap, CLI_NAMES)  # before the data is loaded
-    if args.intersections and not args.groups:
-        raise ConfigError("--intersections pairs the attributes of a groups file; give one with --groups")
+    check_intersections(args.intersections, args.groups)
     if args.out:
         check_folder_path(args.out)
     if is_runs_set(args.run):
@@ -988,15 +988,14 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 
 def cmd_datasheet(args: argparse.Namespace) -> int:
     """``cifarlab datasheet``: the data alone."""
-    from .datasheet import format_datasheet, make_datasheet, write_datasheet
+    from .datasheet import format_datasheet, make_datasheet
     from .fsutil import check_folder_path, json_text
 
     out = Path(args.out or "datasheet")
     check_folder_path(out)  # before the data is loaded
     ds = _load_data(args)
     log = (lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr))
-    report, groups = make_datasheet(ds, log)
-    write_datasheet(report, groups, out)
+    report, _ = make_datasheet(ds, out, log)
     print(json_text(report) if args.json else format_datasheet(report, out))
     return 0
 
@@ -1135,7 +1134,7 @@ def cmd_ood(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """``cifarlab compare``."""
-    from .audit import CLI_NAMES, check_bootstrap
+    from .audit import CLI_NAMES, check_bootstrap, check_intersections
     from .compare import check_same_classes, compare_run_sets, compare_runs, format_comparison, format_run_sets
     from .export import check_weights, is_runs_set, read_run
     from .fsutil import json_text
@@ -1157,8 +1156,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                           "folders")
     n_boot = 1000 if args.bootstrap is None else args.bootstrap
     check_bootstrap(n_boot, CLI_NAMES)  # these checks before the data is loaded
-    if args.intersections and not args.groups:
-        raise ConfigError("--intersections pairs the attributes of a groups file; give one with --groups")
+    check_intersections(args.intersections, args.groups)
     (run_a, arch_a), (run_b, arch_b) = read_run(args.run_a), read_run(args.run_b)
     check_weights(run_b)  # run A's before its data loads
     check_same_classes(run_a, arch_a["classes"], run_b, arch_b["classes"])

@@ -197,10 +197,11 @@ def image_groups(ds, stats: np.ndarray) -> Groups:
     return key, keys, cols
 
 
-def make_datasheet(ds, log: Callable[[str], None] = lambda _: None) -> tuple[dict[str, Any], Groups]:
+def make_datasheet(ds, out: str | Path | None = None,
+                   log: Callable[[str], None] = lambda _: None) -> tuple[dict[str, Any], Groups]:
     """Everything this module measures of the data set ``ds`` (a :class:`cifarlab.data.Dataset`),
     with the warnings it gives rise to, as one JSON-ready dict; and the :func:`image_groups` of
-    its test images, for :func:`write_datasheet`'s ``groups.csv``."""
+    its test images. With ``out``, both are written there (:func:`write_datasheet`)."""
     from .data import content_notes
 
     report: dict[str, Any] = {"data": str(ds.source), "kind": ds.kind, "test_origin": ds.test_origin,
@@ -223,7 +224,10 @@ def make_datasheet(ds, log: Callable[[str], None] = lambda _: None) -> tuple[dic
     else:
         report["colour_shortcut"] = None
     report["warnings"] = warnings(report)
-    return report, image_groups(ds, te)
+    groups = image_groups(ds, te)
+    if out is not None:
+        write_datasheet(report, groups, out)
+    return report, groups
 
 
 def people_warning(classes: list[str]) -> str:

@@ -315,7 +315,8 @@ def check_options(margin: float, min_group: int, n_boot: int, names: dict[str, s
 def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, groups_csv: str | None = None,
               margin: float = 0.05, min_group: int = 30, n_boot: int = 1000, seed: int = 0, tta: str | None = None,
               device: str = "auto", log: Callable[[str], None] = print,
-              uncalibrated: bool = False, intersections: bool = False) -> dict[str, Any]:
+              uncalibrated: bool = False, intersections: bool = False,
+              about: str | Path | None = None) -> dict[str, Any]:
     """Audit a run on ``ds``'s test split: write ``audit.json``, ``audit.md``, plots and
     ``MODEL_CARD.md``/``model_card.json`` into ``out`` (default ``RUN/audit``, or ``RUN/audit-<data>``
     on other data than the run's own: :func:`cifarlab.export.other_data_folder`) and return the
@@ -326,17 +327,21 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
     the test-time augmentation, by default the run's own (the model as trained and reported is
     the model audited). Its probabilities use the run's temperature where ``cifarlab
     calibrate`` fitted one, unless ``uncalibrated``. ``intersections``: also every pair of the
-    groups file's attributes (:func:`with_intersections`)."""
+    groups file's attributes (:func:`with_intersections`). ``about``: a file of what only the
+    model's owner knows (:func:`cifarlab.about.read_about`), which the model card states."""
+    from .about import read_about
+
     run = Path(run)
     suffix = data_suffix(ds, [run])  # the reports on this data are in RUN/<kind><suffix>
     out = Path(out) if out is not None else run / f"audit{suffix}"
     check_options(margin, min_group, n_boot)
     # The groups file first: a mistake in it should cost no prediction and leave no partial report.
     groups = load_groups(groups_csv, ds, intersections)
+    facts = read_about(about)
     pred = load_model(run, device, tta, uncalibrated)
     _check_compatible(pred, ds)
     with report_folder(out):  # removed again if the audit fails part-way
-        audit = _write_audit(out, run, pred, ds, groups, groups_csv, margin, min_group, n_boot, seed, suffix)
+        audit = _write_audit(out, run, pred, ds, groups, groups_csv, margin, min_group, n_boot, seed, suffix, facts)
     for w in audit["warnings"]:
         log(f"warning: {w}")
     if people_classes(pred.classes):  # the model card's ethical considerations say it in full
@@ -349,9 +354,11 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
 
 
 def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: str | None, margin: float,
-                 min_group: int, n_boot: int, seed: int, suffix: str) -> dict[str, Any]:
+                 min_group: int, n_boot: int, seed: int, suffix: str,
+                 facts: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
     """:func:`audit_run`'s predictions, metrics and files, into the existing folder ``out``;
-    the other reports it quotes are those in ``RUN/<kind><suffix>`` (:func:`cifarlab.export.data_suffix`)."""
+    the other reports it quotes are those in ``RUN/<kind><suffix>`` (:func:`cifarlab.export.data_suffix`);
+    ``facts``, the owner's answers (:func:`cifarlab.about.read_about`), go into the model card."""
     from .evaluate import write_report
 
     probs, raw = probabilities_and_raw(pred, ds.x_test)
@@ -408,7 +415,7 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
         [{k: (json_text(v, indent=None) if isinstance(v, list) else v) for k, v in r.items()}
          for r in cls["per_class"]]))
     write_text(out / "audit.md", _audit_markdown(audit))
-    card = build_model_card(run, pred, ds, report, audit, suffix)
+    card = build_model_card(run, pred, ds, report, audit, suffix, facts)
     write_json(out / "model_card.json", card)
     write_text(out / "MODEL_CARD.md", model_card_markdown(card))
     return audit
@@ -453,16 +460,19 @@ def _group_warnings(name: str, gm: dict[str, Any], overall: float, margin: float
 def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, groups_csv: str | None = None,
                margin: float = 0.05, min_group: int = 30, n_boot: int = 1000, seed: int = 0, tta: str | None = None,
                device: str = "auto", log: Callable[[str], None] = print,
-               uncalibrated: bool = False, intersections: bool = False) -> dict[str, Any]:
+               uncalibrated: bool = False, intersections: bool = False,
+               about: str | Path | None = None) -> dict[str, Any]:
     """Audit every run of the ``--runs N`` folder ``base`` (see :func:`audit_run`: each run's
     report and model card in ``RUN/audit``, or ``out/run-K``), then summarise over the runs: each
     class's and group's accuracy as mean, std, min and max, in how many runs it was flagged, and
     the largest gaps. A gap that one run shows may be its seed's; one that every run shows is the
     recipe's. Writes ``audit_summary.json`` and ``audit_summary.md`` into ``out`` (default ``base``,
     or ``base/audit-<data>`` on other data than the runs' own: :func:`cifarlab.export.other_data_folder`)."""
+    from .about import read_about
     from .export import finished_runs
 
     check_options(margin, min_group, n_boot)
+    read_about(about)  # a bad about file fails before the first run is audited
     base = Path(base)
     runs = finished_runs(base)
     suffix = data_suffix(ds, runs)  # the reports on this data are in base/<kind><suffix>
@@ -473,7 +483,7 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
         reports.append(folder / "audit.md")
         # its warnings are in its audit.md; the summary gathers them
         a = audit_run(r, ds, folder, groups_csv, margin, min_group, n_boot, seed, tta, device,
-                      log=lambda _: None, uncalibrated=uncalibrated, intersections=intersections)
+                      log=lambda _: None, uncalibrated=uncalibrated, intersections=intersections, about=about)
         sp = a["classes"]["spread"]
         log(f"{r.name}: overall accuracy {a['overall_accuracy']:.4f}; worst class {sp['worst']}, gap "
             f"{sp['difference']:.4f}; {len(a['warnings'])} warning(s); report in {folder / 'audit.md'}")
@@ -934,11 +944,12 @@ def _confidence_lines(rows: list[dict[str, Any]] | None) -> list[str]:
     return lines + [""]
 
 
-def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, suffix: str | None = None
-                     ) -> dict[str, Any]:
+def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, suffix: str | None = None,
+                     facts: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
     """The model card's content (Mitchell et al., 2019) as a dict; unknown facts are marked
-    TO_FILL. It quotes ``cifarlab robustness``'s report on the data audited, in
-    ``RUN/robustness<suffix>`` (:func:`cifarlab.export.data_suffix`, worked out where None)."""
+    TO_FILL, unless ``facts`` (:func:`cifarlab.about.read_about`) answers them. It quotes
+    ``cifarlab robustness``'s report on the data audited, in ``RUN/robustness<suffix>``
+    (:func:`cifarlab.export.data_suffix`, worked out where None)."""
     metrics_path = run / "metrics.json"
     m = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     cfg_text = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else ""
@@ -955,6 +966,7 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, su
     is_cifar10 = ds.kind.startswith("cifar10") or (ds.kind in ("image-folder", "arrays") and pred.classes == [
         "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"])
     people = people_classes(pred.classes)
+    given, told = (facts or {}).get("model", {}), (facts or {}).get("data", {})  # the owner's answers win
     training_data = {
         "source": m.get("data", {}).get("source", TO_FILL),
         # a labels file (train --labels) gave the classes, not folder names
@@ -964,14 +976,15 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, su
         # runs trained before these were recorded have neither
         "per_class": m.get("data", {}).get("train_per_class"), "class_weight": m.get("class_weight"),
         "sampling": m.get("sampling"), "logit_adjustment": m.get("logit_adjustment"),
-        "licence": "CIFAR-10/100 carry no explicit licence; the images were collected from the web (80 Million Tiny "
-                   "Images) without the consent of the people photographed or the photographers" if is_cifar10 else TO_FILL,
-        "consent": "not obtained: web-scraped images" if is_cifar10 else TO_FILL,
-        "label_caveats": ("CIFAR-10 labels were assigned by paid student labellers to 32x32 thumbnails; classes are "
-                          "defined by the labelling instructions (e.g. 'automobile' excludes pickup trucks, 'truck' "
-                          "excludes pickups), a small share of test labels are known to be wrong or ambiguous, and "
-                          "the data's parent collection was withdrawn in 2020 over offensive content")
-        if is_cifar10 else TO_FILL,
+        "licence": told.get("licence") or (
+            "CIFAR-10/100 carry no explicit licence; the images were collected from the web (80 Million Tiny "
+            "Images) without the consent of the people photographed or the photographers" if is_cifar10 else TO_FILL),
+        "consent": told.get("consent") or ("not obtained: web-scraped images" if is_cifar10 else TO_FILL),
+        "label_caveats": told.get("label_caveats") or (
+            "CIFAR-10 labels were assigned by paid student labellers to 32x32 thumbnails; classes are defined by the "
+            "labelling instructions (e.g. 'automobile' excludes pickup trucks, 'truck' excludes pickups), a small "
+            "share of test labels are known to be wrong or ambiguous, and the data's parent collection was withdrawn "
+            "in 2020 over offensive content" if is_cifar10 else TO_FILL),
         # the data the starting weights learnt from shaped this model too, with its own caveats
         "started_from": start and {k: start.get(k) for k in ("run", "model", "data", "classes", "fresh")},
     }
@@ -981,16 +994,19 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, su
             "recipe": cfg.get("recipe"), "optimizer": cfg.get("optim"), "epochs": cfg.get("train", {}).get("epochs"),
             "early_stopping": m.get("early_stopping"),
             "training_time_s": m.get("train_time_s"), "trained_on": m.get("device"), "versions": m.get("versions"),
-            "date": date.today().isoformat(), "developers": TO_FILL, "licence": TO_FILL, "contact": TO_FILL,
+            "date": date.today().isoformat(),
+            **{k: given.get(k, TO_FILL) for k in ("developers", "licence", "contact")},
             "imported_from": imported and {k: imported.get(k) for k in ("source", "sha256", "layout", "keras_version")},
         },
         "intended_use": {
             "primary_uses": f"Classifying small ({pred.input_shape[2]}x{pred.input_shape[1]}) photos into the data "
                             f"set's {len(pred.classes)} classes ({short_list(pred.classes)}) for research, teaching and benchmarking.",
-            "primary_users": "Students, researchers and engineers studying image classification.",
+            "primary_users": given.get("primary_users", "Students, researchers and engineers studying image "
+                                                        "classification."),
             "out_of_scope": list(OUT_OF_SCOPE),
         },
-        "factors": {"relevant_factors": TO_FILL + " (e.g. photo source, lighting, region, camera)",
+        "factors": {"relevant_factors": given.get("relevant_factors", TO_FILL + " (e.g. photo source, lighting, "
+                                                                             "region, camera)"),
                     "evaluated_groups": list(audit.get("attributes", {}))},
         "training_data": training_data,
         "evaluation_data": {"source": ds.source, "size": int(len(ds.y_test)), "note": _evaluation_note(own, ds)},
@@ -1013,6 +1029,8 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, su
         "ethical_considerations": [
             "An inaccurate or unevenly accurate classifier harms the people who depend on its output; the per-class "
             "and per-group figures above show where this model is weaker.",
+            f"Consent of the people pictured in the training images, as the data's owner states it: {told['consent']}"
+            if "consent" in told else
             "The training images were collected without consent; do not extend such data with images of people."
             if is_cifar10 else f"Whether the people pictured in the training images consented: {TO_FILL} "
                                "(`cifarlab datasheet` lists the questions to answer of the data).",

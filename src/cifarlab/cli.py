@@ -302,6 +302,10 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--intersections", action="store_true",
                    help="also each pair of the groups file's attributes, such as 'lighting & colour' with groups "
                         "such as 'dark & nearly grey': a gap may show only in a combination")
+    a.add_argument("--about", metavar="FILE",
+                   help="YAML or TOML file of what only the model's owner knows (developers, licence, contact, the "
+                        "data's consent...), which the model card states ('cifarlab datasheet --about-template' "
+                        "prints one to fill in)")
     a.add_argument("--margin", type=float, default=0.05, help="flag classes/groups this far below overall accuracy")
     a.add_argument("--min-group", type=int, default=30, help="groups smaller than this are too small to judge")
     a.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
@@ -352,6 +356,12 @@ def _add_datasheet_parser(sub: argparse._SubParsersAction) -> None:
                                    "colour_by_class.png and groups.csv (the test images by colour and lighting, "
                                    "for audit --groups).")
     _add_data_args(d)
+    d.add_argument("--about", metavar="FILE",
+                   help="YAML or TOML file of what only the data's owner knows (its section 'data': motivation, "
+                        "collection, consent, labelling, coverage, licence, uses_to_avoid, maintenance), written "
+                        "into DATASHEET.md under its questions")
+    d.add_argument("--about-template", action="store_true",
+                   help="print an about file with every key and what it asks, to fill in, and exit")
     d.add_argument("--out", help="folder for the report (default ./datasheet)")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
     d.set_defaults(func=cmd_datasheet)
@@ -898,12 +908,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """``cifarlab audit``."""
+    from .about import read_about
     from .audit import CLI_NAMES, audit_run, check_intersections, check_options
     from .export import is_runs_set, read_run
     from .fsutil import check_folder_path
 
     check_options(args.margin, args.min_group, args.bootstrap, CLI_NAMES)  # before the data is loaded
     check_intersections(args.intersections, args.groups)
+    read_about(args.about)  # a bad about file fails before the data is loaded
     if args.out:
         check_folder_path(args.out)
     if is_runs_set(args.run):
@@ -913,7 +925,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     # without --out, RUN/audit, or RUN/audit-<data> on other data: audit_run names it as it writes
     audit_run(run, ds, Path(args.out) if args.out else None, groups_csv=args.groups, margin=args.margin,
               min_group=args.min_group, n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print,
-              uncalibrated=args.uncalibrated, intersections=args.intersections)
+              uncalibrated=args.uncalibrated, intersections=args.intersections, about=args.about)
     return 0
 
 
@@ -928,7 +940,7 @@ def _audit_runs(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else other_data_folder(base, "audit", ds, runs)
     s = audit_runs(base, ds, out, groups_csv=args.groups, margin=args.margin, min_group=args.min_group,
                    n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print,
-                   uncalibrated=args.uncalibrated, intersections=args.intersections)
+                   uncalibrated=args.uncalibrated, intersections=args.intersections, about=args.about)
     n, acc = s["runs"], s["overall_accuracy"]
     print(f"{n} runs: overall accuracy mean {acc['mean']:.4f} (min {acc['min']:.4f}, max {acc['max']:.4f})")
     print(f"{'class':<16}{'mean':>8}{'min':>8}{'max':>8}  flagged in")
@@ -988,14 +1000,19 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 
 def cmd_datasheet(args: argparse.Namespace) -> int:
     """``cifarlab datasheet``: the data alone."""
+    from .about import read_about, template
     from .datasheet import format_datasheet, make_datasheet
     from .fsutil import check_folder_path, json_text
 
+    if args.about_template:
+        print(template(), end="")
+        return 0
     out = Path(args.out or "datasheet")
-    check_folder_path(out)  # before the data is loaded
+    check_folder_path(out)  # these checks before the data is loaded
+    facts = read_about(args.about)
     ds = _load_data(args)
     log = (lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr))
-    report, _ = make_datasheet(ds, out, log)
+    report, _ = make_datasheet(ds, out, log, facts["data"])
     print(json_text(report) if args.json else format_datasheet(report, out))
     return 0
 

@@ -359,18 +359,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Parse a YAML (.yaml/.yml) or TOML (.toml) config file; syntax errors name the line."""
+def read_config_file(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """Parse a YAML (.yaml/.yml) or TOML (.toml) config file; syntax errors name the line, and
+    messages call the file ``what``."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise ConfigError(f"cannot read config file '{path}': {e.strerror or e}") from None
+        raise ConfigError(f"cannot read {what} '{path}': {e.strerror or e}") from None
     if path.suffix.lower() == ".toml":
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file '{path}': TOML syntax error: {e}") from None
+            raise ConfigError(f"{what} '{path}': TOML syntax error: {e}") from None
     elif path.suffix.lower() in (".yaml", ".yml"):
         try:
             data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
@@ -378,13 +379,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(e, "problem", None) or str(e)
-            raise ConfigError(f"config file '{path}': YAML syntax error{where}: {problem}") from None
+            raise ConfigError(f"{what} '{path}': YAML syntax error{where}: {problem}") from None
     else:
-        raise ConfigError(f"config file '{path}' must end in .yaml, .yml or .toml")
+        raise ConfigError(f"{what} '{path}' must end in .yaml, .yml or .toml")
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of sections, found {type(data).__name__}")
+        raise ConfigError(f"{what} '{path}' must hold a mapping of sections, found {type(data).__name__}")
     return data
 
 

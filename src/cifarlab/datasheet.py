@@ -197,17 +197,19 @@ def image_groups(ds, stats: np.ndarray) -> Groups:
     return key, keys, cols
 
 
-def make_datasheet(ds, out: str | Path | None = None,
-                   log: Callable[[str], None] = lambda _: None) -> tuple[dict[str, Any], Groups]:
+def make_datasheet(ds, out: str | Path | None = None, log: Callable[[str], None] = lambda _: None,
+                   answers: dict[str, str] | None = None) -> tuple[dict[str, Any], Groups]:
     """Everything this module measures of the data set ``ds`` (a :class:`cifarlab.data.Dataset`),
     with the warnings it gives rise to, as one JSON-ready dict; and the :func:`image_groups` of
-    its test images. With ``out``, both are written there (:func:`write_datasheet`)."""
+    its test images. With ``out``, both are written there (:func:`write_datasheet`).
+    ``answers``: the owner's answers to :data:`QUESTIONS`, the ``data`` section of
+    :func:`cifarlab.about.read_about`, written under them."""
     from .data import content_notes
 
     report: dict[str, Any] = {"data": str(ds.source), "kind": ds.kind, "test_origin": ds.test_origin,
                               "image_size": list(ds.image_shape[1:]), "channels": ds.image_shape[0],
                               "notes": content_notes(ds.notes),
-                              "classes": list(ds.classes)}
+                              "classes": list(ds.classes), "answers": dict(answers or {})}
     report["composition"] = composition(ds)
     report["people_classes"] = people_classes(ds.classes)
     log("looking for exact copies")
@@ -335,20 +337,22 @@ CIFAR_PROVENANCE = (
     "faults: some test images are near-copies of training images (Barz and Denzler, 2020; `cifarlab "
     "duplicates`) and some test labels are wrong (Northcutt et al., 2021; `cifarlab label-issues`).")
 
-# Datasheets for Datasets' questions that the pixels cannot answer, in short
+# Datasheets for Datasets' questions that the pixels cannot answer, in short, by their key in the
+# 'data' section of an about file (cifarlab.about)
 QUESTIONS = (
-    ("Motivation", "Why was the data set made, by whom, and who paid for it?"),
-    ("Collection", "How were the images gathered (web searches, cameras, other data sets), when, and where?"),
-    ("Consent", "Do the images show people, their faces, homes or cars? Were those people told, did they agree, "
-                "and can they withdraw?"),
-    ("Labelling", "Who gave the labels, following which instructions, and were they paid fairly? How were "
-                  "disagreements settled?"),
-    ("Coverage", "Whose world do the images show? Which countries, seasons, kinds of camera and kinds of each "
-                 "class are missing or rare?"),
-    ("Licence", "Under what terms may the images be used, shared and changed?"),
-    ("Uses to avoid", "What should the data not be used for (recognising or tracking people, decisions about "
-                      "them)?"),
-    ("Maintenance", "Who looks after the data, and how are errors reported and put right?"),
+    ("motivation", "Motivation", "Why was the data set made, by whom, and who paid for it?"),
+    ("collection", "Collection", "How were the images gathered (web searches, cameras, other data sets), when, and "
+                                 "where?"),
+    ("consent", "Consent", "Do the images show people, their faces, homes or cars? Were those people told, did they "
+                           "agree, and can they withdraw?"),
+    ("labelling", "Labelling", "Who gave the labels, following which instructions, and were they paid fairly? How "
+                               "were disagreements settled?"),
+    ("coverage", "Coverage", "Whose world do the images show? Which countries, seasons, kinds of camera and kinds of "
+                             "each class are missing or rare?"),
+    ("licence", "Licence", "Under what terms may the images be used, shared and changed?"),
+    ("uses_to_avoid", "Uses to avoid", "What should the data not be used for (recognising or tracking people, "
+                                       "decisions about them)?"),
+    ("maintenance", "Maintenance", "Who looks after the data, and how are errors reported and put right?"),
 )
 
 
@@ -419,11 +423,15 @@ def datasheet_markdown(r: dict[str, Any]) -> str:
                   + ".", ""]
     lines += ["## Questions no measurement answers", "",
               "From Gebru et al., *Datasheets for Datasets* (2021). Answer them before the data is used for "
-              "anything that affects people.", ""]
+              "anything that affects people: in the section `data` of an about file (`cifarlab datasheet "
+              "--about-template` prints one), which `--about FILE` writes in here.", ""]
     if _is_cifar(r):
         lines += [f"What is known if these are CIFAR's images: {CIFAR_PROVENANCE}", ""]
-    for head, q in QUESTIONS:
-        lines += [f"**{head}.** {q}", "", "*Not recorded.*", ""]
+    answers = r.get("answers") or {}
+    for key, head, q in QUESTIONS:
+        lines += [f"**{head}.** {q}", "", answers.get(key, "*Not recorded.*"), ""]
+        if key == "labelling" and "label_caveats" in answers:
+            lines += [f"Known faults of the labels: {answers['label_caveats']}", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

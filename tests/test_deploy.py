@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,6 +49,18 @@ def test_exported_file_reproduces_predict_on_any_batch_size(trained_run):
     assert json.loads(meta["input"])["layout"] == "NHWC" and meta["test_time_augmentation"] == "none"
     assert any("surveilling people" in u for u in json.loads(meta["out_of_scope_uses"]))
     assert meta["source_run"] == trained_run.name and meta["architecture"] == "keras-shallow"
+    assert "people_classes" not in meta  # cat, dog and frog are no people
+
+
+def test_the_metadata_of_a_model_that_sorts_people_says_so():
+    from types import SimpleNamespace
+
+    from cifarlab.deploy import _metadata
+
+    fake = SimpleNamespace(input_shape=(3, 32, 32), classes=["bicycle", "man", "woman"], prep={}, arch={"model": "m"},
+                           temperature=lambda: None, class_offsets=lambda: None)
+    meta = _metadata(fake, Path("run"), "none")
+    assert meta["people_classes"].startswith("the classes man, woman label people by how they look")
 
 
 def _random_run(tmp_path, name: str, prep: dict) -> tuple:

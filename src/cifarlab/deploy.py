@@ -149,8 +149,10 @@ def _unfamiliar_rule(predictor, log: Callable[[str], None]) -> tuple[dict[str, A
 def _metadata(predictor, run: Path, tta: str) -> dict[str, str]:
     from . import __version__
     from .audit import OUT_OF_SCOPE
+    from .datasheet import people_classes, people_warning
 
     c, h, w = predictor.input_shape
+    people = people_classes(predictor.classes)
     return {
         "classes": json.dumps(predictor.classes),
         "input": json.dumps({"name": INPUT_NAME, "layout": "NHWC", "dtype": "uint8", "height": h, "width": w,
@@ -165,6 +167,8 @@ def _metadata(predictor, run: Path, tta: str) -> dict[str, str]:
         "architecture": predictor.arch["model"],
         "source_run": run.name,
         "out_of_scope_uses": json.dumps(OUT_OF_SCOPE),
+        # the file travels without its model card: a model that sorts people says so itself
+        **({"people_classes": people_warning(people)} if people else {}),
         "producer": f"cifarlab {__version__}",
     }
 

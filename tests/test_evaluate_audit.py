@@ -566,5 +566,7 @@ def test_the_model_card_of_cifar10s_classes_states_what_is_known_of_the_data(tmp
               log=lambda s: None, min_group=1)
     card = json.loads((tmp_path / "audit" / "model_card.json").read_text())
     assert card["training_data"]["consent"] == "not obtained: web-scraped images"
+    assert card["training_data"]["label_caveats"].startswith("CIFAR-10 labels were assigned")
+    assert "'automobile' excludes pickup trucks" in card["training_data"]["label_caveats"]
     assert any("were collected without consent" in e for e in card["ethical_considerations"])
     assert not any("label people" in e for e in card["ethical_considerations"])

@@ -963,8 +963,11 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, su
     start_path = run / "init_from.json"  # written by `cifarlab train --init-from`: a fine-tune
     start = json.loads(start_path.read_text()) if start_path.is_file() else None
     own = seen.trained_on(ds, [run])  # None for a run that keeps no record of its training images
-    is_cifar10 = ds.kind.startswith("cifar10") or (ds.kind in ("image-folder", "arrays") and pred.classes == [
-        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"])
+    from .data.cifar import CIFAR10_CLASSES
+
+    # CIFAR-10, CIFAR-100 and their new test sets share their provenance (80 Million Tiny Images)
+    cifar10_classes = pred.classes == CIFAR10_CLASSES
+    is_cifar10 = ds.kind.startswith("cifar10") or (ds.kind in ("image-folder", "arrays") and cifar10_classes)
     people = people_classes(pred.classes)
     given, told = (facts or {}).get("model", {}), (facts or {}).get("data", {})  # the owner's answers win
     training_data = {
@@ -981,10 +984,11 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, su
             "Images) without the consent of the people photographed or the photographers" if is_cifar10 else TO_FILL),
         "consent": told.get("consent") or ("not obtained: web-scraped images" if is_cifar10 else TO_FILL),
         "label_caveats": told.get("label_caveats") or (
-            "CIFAR-10 labels were assigned by paid student labellers to 32x32 thumbnails; classes are defined by the "
-            "labelling instructions (e.g. 'automobile' excludes pickup trucks, 'truck' excludes pickups), a small "
-            "share of test labels are known to be wrong or ambiguous, and the data's parent collection was withdrawn "
-            "in 2020 over offensive content" if is_cifar10 else TO_FILL),
+            f"{'CIFAR-10' if cifar10_classes else 'CIFAR'} labels were assigned by paid student labellers to 32x32 "
+            "thumbnails; classes are defined by the labelling instructions"
+            + (" (e.g. 'automobile' excludes pickup trucks, 'truck' excludes pickups)" if cifar10_classes else "")
+            + ", a small share of test labels are known to be wrong or ambiguous, and the data's parent collection "
+            "was withdrawn in 2020 over offensive content" if is_cifar10 else TO_FILL),
         # the data the starting weights learnt from shaped this model too, with its own caveats
         "started_from": start and {k: start.get(k) for k in ("run", "model", "data", "classes", "fresh")},
     }

@@ -52,6 +52,20 @@ def test_exported_file_reproduces_predict_on_any_batch_size(trained_run):
     assert "people_classes" not in meta  # cat, dog and frog are no people
 
 
+def test_the_owners_answers_join_the_metadata(trained_run, tmp_path, capsys):
+    about = tmp_path / "about.yaml"
+    about.write_text("model:\n  developers: Ada Example\n  contact: ada@example.org\ndata:\n  consent: n/a\n")
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(trained_run), "--out", str(out), "--about", str(about), "--no-check"]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert (meta["developers"], meta["contact"]) == ("Ada Example", "ada@example.org") and "licence" not in meta
+    about.write_text("model:\n  contacts: x\n")
+    assert main(["export", str(trained_run), "--out", str(tmp_path / "m2.onnx"), "--about", str(about)]) == 2
+    assert "unknown key 'model.contacts'" in capsys.readouterr().err and not (tmp_path / "m2.onnx").exists()
+    assert main(["export", str(trained_run), "--out", str(tmp_path / "w.h5"), "--about", str(about)]) == 2
+    assert "--about applies to ONNX files" in capsys.readouterr().err
+
+
 def test_the_metadata_of_a_model_that_sorts_people_says_so():
     from types import SimpleNamespace
 

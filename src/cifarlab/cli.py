@@ -522,6 +522,9 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--opset", type=int, help="ONNX opset version (default: PyTorch's exporter's)")
     x.add_argument("--no-check", dest="check", action="store_false",
                    help="do not compare the file's outputs with PyTorch's (done when onnxruntime is installed)")
+    x.add_argument("--about", metavar="FILE",
+                   help="about file (as audit --about reads it) whose model developers, licence and contact join "
+                        "the ONNX file's metadata")
     x.set_defaults(func=cmd_export)
 
 
@@ -1193,13 +1196,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         given = [flag for flag, v in (("--tta", args.tta), ("--opset", args.opset),
                                       ("--no-check", None if args.check else True),
-                                      ("--uncalibrated", True if args.uncalibrated else None)) if v is not None]
+                                      ("--uncalibrated", True if args.uncalibrated else None),
+                                      ("--about", args.about)) if v is not None]
         if given:
             raise ConfigError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to ONNX files, not "
                               f"to Keras weights ('{args.out}'); leave {'them' if len(given) > 1 else 'it'} out")
         export_keras_weights(args.run, args.out)
         return 0
-    export_onnx(args.run, args.out, tta=args.tta, opset=args.opset, check=args.check, uncalibrated=args.uncalibrated)
+    export_onnx(args.run, args.out, tta=args.tta, opset=args.opset, check=args.check, uncalibrated=args.uncalibrated,
+                about=args.about)
     return 0
 
 

@@ -175,7 +175,8 @@ def _metadata(predictor, run: Path, tta: str) -> dict[str, str]:
 
 def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None = None,
                 opset: int | None = None, check: bool = True,
-                log: Callable[[str], None] = print, uncalibrated: bool = False) -> dict[str, Any]:
+                log: Callable[[str], None] = print, uncalibrated: bool = False,
+                about: str | Path | None = None) -> dict[str, Any]:
     """Write ``run`` as an ONNX file (default ``RUN/model.onnx``) and return what was written.
 
     ``tta`` is the test-time augmentation built into the graph (default: the run's own, as
@@ -183,8 +184,12 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
     class offsets) unless ``uncalibrated``; ``opset`` the ONNX opset (default: PyTorch's exporter's).
     With ``check`` and ``onnxruntime`` installed, the file is run on seeded random images and
     its probabilities compared with PyTorch's; a difference over :data:`TOLERANCE` is an error
-    and no file is left behind.
+    and no file is left behind. ``about``: an about file (:func:`cifarlab.about.read_about`)
+    whose model developers, licence and contact join the metadata.
     """
+    from .about import read_about
+
+    given = read_about(about)["model"]  # a bad file fails before the export starts
     onnx = _onnx_modules()
     predictor = load_model(run, "cpu", tta, uncalibrated)
     run = Path(run)
@@ -220,6 +225,7 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
         raise CifarlabError(f"--opset {opset}: the ONNX converter could not express this model in opset {opset} "
                             f"(PyTorch's exporter made opset {made}); give a newer one, such as {made}, or omit --opset")
     meta = _metadata(predictor, run, predictor.tta)
+    meta.update({k: given[k] for k in ("developers", "licence", "contact") if k in given})
     if rule:  # what the second output means, and where to draw the line
         meta["unfamiliar_below"] = json.dumps(rule)
     onnx.helper.set_model_props(proto, meta)

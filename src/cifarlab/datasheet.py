@@ -16,8 +16,10 @@ After Gebru et al., "Datasheets for Datasets" (2018/2021). Measured here:
   rate. A class it recognises well from colour alone (ships on blue water, frogs on green
   leaves) is one a network may also recognise partly from colour.
 
-Nothing here looks at what the images show; the questions of motivation, collection, consent
-and licence are written into ``DATASHEET.md`` for a person to answer.
+Classes whose names label people (CIFAR-100's man and woman) are named first: a model of them
+sorts people by how they look. Nothing here looks at what the images show; the questions of
+motivation, collection, consent and licence are written into ``DATASHEET.md`` for a person to
+answer, with the answers of an about file (:mod:`cifarlab.about`) where one is given.
 """
 
 from __future__ import annotations

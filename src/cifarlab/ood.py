@@ -446,8 +446,7 @@ def ood_run(run: str | Path, ds, sources: list[str] | None = None, out: str | Pa
     keeps ``keep`` of the validation images; into ``out``, by default ``RUN/ood``."""
     from .fsutil import report_folder
 
-    sources = list(sources or [f"synthetic:{k}" for k in SYNTHETIC])
-    check_options(score, sources, count, knn_bank, keep)
+    sources = _checked_sources(sources, score, count, knn_bank, keep)
     run = Path(run)
     out = Path(out) if out is not None else run / "ood"
     pred, x_val, bank, about = _subject(run, ds, device, tta, uncalibrated, knn_bank, seed, log)
@@ -468,8 +467,7 @@ def ood_runs(base: str | Path, ds, sources: list[str] | None = None, out: str | 
     from .export import finished_runs
     from .fsutil import report_folder, write_json
 
-    sources = list(sources or [f"synthetic:{k}" for k in SYNTHETIC])
-    check_options(score, sources, count, knn_bank, keep)
+    sources = _checked_sources(sources, score, count, knn_bank, keep)
     base = Path(base)
     runs = finished_runs(base)
     out = Path(out) if out is not None else None
@@ -487,6 +485,13 @@ def ood_runs(base: str | Path, ds, sources: list[str] | None = None, out: str | 
     summary = summarise_ood(reports)
     write_json((out or base) / SUMMARY_FILE, summary)
     return summary
+
+
+def _checked_sources(sources: list[str] | None, score: str, count: int, knn_bank: int, keep: float) -> list[str]:
+    """``sources``, or every synthetic set where none are given, once the options are checked."""
+    sources = list(sources or [f"synthetic:{k}" for k in SYNTHETIC])
+    check_options(score, sources, count, knn_bank, keep)
+    return sources
 
 
 def _subject(run: Path, ds, device: str, tta: str | None, uncalibrated: bool, knn_bank: int, seed: int,

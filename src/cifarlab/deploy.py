@@ -71,16 +71,13 @@ class ExportedClassifier(nn.Module):
             x = x / self.std
         feats: list[torch.Tensor] = []
         if self.score == "knn":  # the classifier's input, from the plain pass (as cifarlab.ood.features)
-            from .ood import last_linear
+            from .ood import classifier_inputs
 
-            hook = last_linear(self.model)[1].register_forward_hook(lambda _m, i, _o: feats.append(i[0]))
-            try:
+            with classifier_inputs(self.model) as feats:
                 logits = tta_logits(self.model, x, self.tta)
                 if self.tta != "none":  # the test-time augmentation's passes are not the features' pass
                     feats.clear()
                     self.model(x)
-            finally:
-                hook.remove()
         else:
             logits = tta_logits(self.model, x, self.tta)
         if self.temperature is not None:

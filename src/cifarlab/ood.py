@@ -41,6 +41,7 @@ are harder, and only they can say how a run would do on them.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from pathlib import Path
@@ -123,6 +124,19 @@ def last_linear(model):
     return found[-1]
 
 
+@contextlib.contextmanager
+def classifier_inputs(model, keep: Callable[[Any], Any] = lambda t: t):
+    """While open, each forward pass of ``model`` appends ``keep`` of the input of its last
+    linear layer (its features) to the yielded list: the features of any pass, batched or in an
+    exported graph, without changing the model."""
+    got: list = []
+    hook = last_linear(model)[1].register_forward_hook(lambda _m, inp, _out: got.append(keep(inp[0])))
+    try:
+        yield got
+    finally:
+        hook.remove()
+
+
 def features(pred, images: np.ndarray, with_logits: bool = False):
     """The features of uint8 ``images`` (N, H, W, C) for the model of ``pred``: the input of its
     last linear layer, without test-time augmentation, scaled to length 1; float32 (N, D). With
@@ -130,14 +144,10 @@ def features(pred, images: np.ndarray, with_logits: bool = False):
     import torch
 
     _, layer = last_linear(pred.model)
-    got: list[torch.Tensor] = []
-    # the model runs as predict runs it (its preprocessing and batches); the hook keeps what
-    # reaches the classifier
-    hook = layer.register_forward_hook(lambda _m, inp, _out: got.append(inp[0].detach().float().flatten(1).cpu()))
-    try:
+    # the model runs as predict runs it (its preprocessing and batches); each batch's features
+    # go to the CPU at once, so a large set's stay out of GPU memory
+    with classifier_inputs(pred.model, lambda t: t.detach().float().flatten(1).cpu()) as got:
         logits = pred.logits(images, tta="none")
-    finally:
-        hook.remove()
     f = torch.cat(got) if got else torch.zeros((0, layer.in_features))
     f = torch.nn.functional.normalize(f, dim=1).numpy()
     return (f, logits) if with_logits else f

@@ -246,3 +246,11 @@ def test_classes_that_label_people_are_named():
     assert "do not use such a model to infer anyone's age or gender" in dsh.datasheet_markdown(r)
     r2, _ = dsh.make_datasheet(_ds(x, y, x[:6], y[:6], classes=("cat", "dog", "bicycle")))
     assert r2["people_classes"] == [] and not any("label people" in w for w in r2["warnings"])
+
+
+def test_a_bar_in_a_class_name_stays_in_its_table_cell():
+    x = _random(12, 0)
+    y = np.arange(12) % 3
+    r, _ = dsh.make_datasheet(_ds(x, y, x[:6], y[:6], classes=("a|b", "c", "d")))
+    rows = [ln for ln in dsh.datasheet_markdown(r).splitlines() if ln.startswith("| a")]
+    assert rows == ["| a\\|b | 4 | 2 |", "| a\\|b | " + rows[1].split(" | ", 1)[1]] and rows[1].count(" | ") == 4

@@ -28,7 +28,7 @@ from .ood import read_ood
 from .errors import CifarlabError, short_list
 from .evaluate import _check_compatible, probabilities_and_raw
 from .export import data_suffix, list_to_csv_rows, load_model
-from .fsutil import json_text, report_folder, write_json, write_text
+from .fsutil import json_text, md_cell, report_folder, write_json, write_text
 
 TO_FILL = "[TO BE FILLED IN BY THE MODEL'S OWNER]"
 # Every model card's out-of-scope uses, also carried in the metadata of an exported model.
@@ -276,11 +276,6 @@ def unfamiliar_by_group(flagged: np.ndarray, values: np.ndarray, gm: dict[str, A
     return {"most": most["group"], "least": least["group"],
             "difference": most["unfamiliar_share"] - least["unfamiliar_share"], "difference_ci": ci,
             "ci_excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}
-
-
-def _cell(text: str) -> str:
-    """A class or group name as one Markdown table cell: a '|' in it would split the cell."""
-    return str(text).replace("|", "\\|")
 
 
 def images_phrase(n: int) -> str:
@@ -736,13 +731,13 @@ def _audit_runs_markdown(s: dict) -> str:
     for r in s["classes"]["per_class"]:
         a = r["accuracy"]
         cells = " | ".join(_fmt(a[k]) for k in ("mean", "std", "min", "max")) if a else "n/a | n/a | n/a | n/a"
-        lines.append(f"| {_cell(r['class'])} | {r['support']} | {cells} | {r['flagged_in']} of {n} |"
+        lines.append(f"| {md_cell(r['class'])} | {r['support']} | {cells} | {r['flagged_in']} of {n} |"
                      + (f" {_count_range(r['train_images'])} |" if trained else ""))
     sp = s["classes"]["spread"]
     lines += ["", f"Best-to-worst class gap: {_fmt_spread(sp['difference'])}; its interval excluded zero in "
               f"{sp['interval_excludes_zero_in']} of {n} runs. Best class: "
-              + ", ".join(f"{_cell(c)} in {k} of {n}" for c, k in sp["best"].items()) + "; worst: "
-              + ", ".join(f"{_cell(c)} in {k} of {n}" for c, k in sp["worst"].items()) + ".", ""]
+              + ", ".join(f"{md_cell(c)} in {k} of {n}" for c, k in sp["best"].items()) + "; worst: "
+              + ", ".join(f"{md_cell(c)} in {k} of {n}" for c, k in sp["worst"].items()) + ".", ""]
     lines += _runs_confidence_lines(s)
     lines += _quoted("Under common corruptions", s.get("robustness"), _runs_robustness_sentence)
     lines += _quoted("Near-duplicates", s.get("near_duplicates"), _runs_duplicates_sentence)
@@ -753,20 +748,20 @@ def _audit_runs_markdown(s: dict) -> str:
                                                               *(["flagged unfamiliar"] if unfamiliar else [])])]
         for g in gm["groups"]:
             flagged = "too small to judge" if g["too_small"] else f"{g['flagged_in']} of {n}"
-            lines.append(f"| {_cell(g['group'])} | {g['n']} | {_fmt_spread(g['accuracy'])} | {flagged} |"
+            lines.append(f"| {md_cell(g['group'])} | {g['n']} | {_fmt_spread(g['accuracy'])} | {flagged} |"
                          + (f" {_fmt_spread(g['unfamiliar_share'])} |" if unfamiliar else ""))
         ga = gm["gap"]
         lines += ["", "Only one group: no gap to measure." if ga is None else
                   f"Largest gap: {_fmt_spread(ga['difference'])}; its interval excluded zero in "
                   f"{ga['interval_excludes_zero_in']} of {n} runs. Highest group: "
-                  + ", ".join(f"{_cell(g)} in {k} of {n}" for g, k in ga["highest"].items()) + "; lowest: "
-                  + ", ".join(f"{_cell(g)} in {k} of {n}" for g, k in ga["lowest"].items()) + ".", ""]
+                  + ", ".join(f"{md_cell(g)} in {k} of {n}" for g, k in ga["highest"].items()) + "; lowest: "
+                  + ", ".join(f"{md_cell(g)} in {k} of {n}" for g, k in ga["lowest"].items()) + ".", ""]
         ug = gm.get("unfamiliar_gap")
         if ug:
             lines += [f"Flagged as unfamiliar (`cifarlab ood`'s threshold): largest gap {_fmt_spread(ug['difference'])}; "
                       f"its interval excluded zero in {ug['interval_excludes_zero_in']} of {n} runs. Flagged most: "
-                      + ", ".join(f"{_cell(g)} in {k} of {n}" for g, k in ug["most"].items()) + "; least: "
-                      + ", ".join(f"{_cell(g)} in {k} of {n}" for g, k in ug["least"].items()) + ".", ""]
+                      + ", ".join(f"{md_cell(g)} in {k} of {n}" for g, k in ug["most"].items()) + "; least: "
+                      + ", ".join(f"{md_cell(g)} in {k} of {n}" for g, k in ug["least"].items()) + ".", ""]
     if s["warnings"]:
         lines += ["## Warnings", ""] + [f"- {w}" for w in s["warnings"]] + [""]
     lines += ["## Each run", ""] + [f"- `{r['run']}`: overall accuracy {r['overall_accuracy']:.4f}, "
@@ -802,7 +797,7 @@ def _runs_duplicates_sentence(dup: dict) -> str:
 def _runs_ood_sentence(ood: dict) -> str:
     return (f"Unfamiliar images (`cifarlab ood`, {ood['score']} score, each run's threshold keeping "
             f"{ood['keep']:.0%} of its {ood['fitted_on']} images): "
-            + "; ".join(f"{_cell(st['name'])} ({st['images']:,} images): AUROC {_fmt_spread(st['auroc'])}, "
+            + "; ".join(f"{md_cell(st['name'])} ({st['images']:,} images): AUROC {_fmt_spread(st['auroc'])}, "
                         f"accepted {_fmt_spread(st['accepted_share'])}" for st in ood["sets"]) + ".")
 
 
@@ -827,7 +822,7 @@ def _runs_confidence_lines(s: dict) -> list[str]:
                   "that class (the precision): above zero, overconfidence when it names that class.", "",
                   *_table_head(["predicted class", "confidence - precision, mean (min to max)", "overconfident in"])]
         for r in rows:
-            lines.append(f"| {_cell(r['class'])} | {_fmt_spread(r['overconfidence'], signed=True)} | "
+            lines.append(f"| {md_cell(r['class'])} | {_fmt_spread(r['overconfidence'], signed=True)} | "
                          f"{r['overconfident_in']} of {n} |")
         lines.append("")
     return lines
@@ -893,7 +888,7 @@ def _audit_markdown(a: dict) -> str:
              "![per-class accuracy](per_class_accuracy.png)", "",
              *_table_head(["class", "n", "accuracy", "95% CI", "precision", "95% CI", "flagged", *trained])]
     for r in a["classes"]["per_class"]:
-        lines.append(f"| {_cell(r['class'])} | {r['support']} | {r['accuracy']:.3f} | {_fmt_ci(r['accuracy_ci'])} | "
+        lines.append(f"| {md_cell(r['class'])} | {r['support']} | {r['accuracy']:.3f} | {_fmt_ci(r['accuracy_ci'])} | "
                      f"{_fmt(r['precision'])} | {_fmt_ci(r['precision_ci'])} | {'yes' if r['flagged'] else ''} |"
                      + (f" {r['train_images']:,} |" if trained else ""))
     sp = a["classes"]["spread"]
@@ -906,7 +901,7 @@ def _audit_markdown(a: dict) -> str:
                                                               "macro precision", *unfamiliar, "note"])]
         for g in gm["groups"]:
             note = "too small to judge" if g["too_small"] else ("flagged" if g["flagged"] else "")
-            lines.append(f"| {_cell(g['group'])} | {g['n']} | {g['accuracy']:.3f} | {_fmt_ci(g['accuracy_ci'])} | "
+            lines.append(f"| {md_cell(g['group'])} | {g['n']} | {g['accuracy']:.3f} | {_fmt_ci(g['accuracy_ci'])} | "
                          f"{_fmt(g['macro_recall'])} | {_fmt(g['macro_precision'])} | "
                          + (f"{g['unfamiliar_share']:.1%} | " if unfamiliar else "") + f"{note} |")
         if gm.get("not_recorded"):
@@ -934,8 +929,8 @@ def _confidence_lines(rows: list[dict[str, Any]] | None) -> list[str]:
              "", *_table_head(["predicted class", "images", "mean confidence", "precision", "confidence - precision"])]
     for r in rows:
         gap = r["overconfidence"]
-        lines.append(f"| {_cell(r['class'])} | {r['predicted']} | {_fmt(r['mean_confidence'])} | {_fmt(r['precision'])} "
-                     f"| {'n/a' if gap is None else f'{gap:+.3f}'} |")
+        lines.append(f"| {md_cell(r['class'])} | {r['predicted']} | {_fmt(r['mean_confidence'])} | "
+                     f"{_fmt(r['precision'])} | {'n/a' if gap is None else f'{gap:+.3f}'} |")
     said = [r for r in rows if r["overconfidence"] is not None]
     if said:
         worst = max(said, key=lambda r: r["overconfidence"])
@@ -1192,8 +1187,8 @@ def _unfamiliar_gap_lines(gm: dict) -> list[str]:
     ug = gm.get("unfamiliar_gap")
     if not ug:
         return []
-    return [f"Flagged as unfamiliar (the {gm['unfamiliar_score']} threshold of `cifarlab ood`): {_cell(ug['most'])} "
-            f"most, {_cell(ug['least'])} least; difference {ug['difference']:.3f} {_fmt_ci(ug['difference_ci'])}"
+    return [f"Flagged as unfamiliar (the {gm['unfamiliar_score']} threshold of `cifarlab ood`): {md_cell(ug['most'])} "
+            f"most, {md_cell(ug['least'])} least; difference {ug['difference']:.3f} {_fmt_ci(ug['difference_ci'])}"
             + (" - the interval excludes zero." if ug["ci_excludes_zero"] else " - the interval includes zero."), ""]
 
 
@@ -1232,8 +1227,8 @@ def _flagged_own_sentence(u: dict) -> str:
     if u.get("flagged_share") is None or not most:
         return ""
     return (f" The threshold also flags {u['flagged_share']:.1%} of the test images, which are of its classes, and "
-            f"not alike by class: {most['flagged_share']:.1%} of the {_cell(most['class'])} images, "
-            f"{least['flagged_share']:.1%} of the {_cell(least['class'])} images.")
+            f"not alike by class: {most['flagged_share']:.1%} of the {md_cell(most['class'])} images, "
+            f"{least['flagged_share']:.1%} of the {md_cell(least['class'])} images.")
 
 
 def _temperature_lines(overall: dict) -> list[str]:
@@ -1379,8 +1374,8 @@ def model_card_markdown(card: dict) -> str:
              "![per-class accuracy](per_class_accuracy.png)", "",
              *_table_head(["class", "accuracy", "95% CI", "precision", *trained])]
     for r in mt["per_class"]:
-        lines.append(f"| {_cell(r['class'])} | {r['accuracy']:.3f} | {_fmt_ci(r['accuracy_ci'])} | {_fmt(r['precision'])} |"
-                     + (f" {r['train_images']:,} |" if trained else ""))
+        lines.append(f"| {md_cell(r['class'])} | {r['accuracy']:.3f} | {_fmt_ci(r['accuracy_ci'])} | "
+                     f"{_fmt(r['precision'])} |" + (f" {r['train_images']:,} |" if trained else ""))
     sp = mt["class_spread"]
     lines += ["", f"Largest class gap: {sp['best']} vs {sp['worst']}, {sp['difference']:.3f} {_fmt_ci(sp['difference_ci'])}.", ""]
     for name, gm in mt["groups"].items():

@@ -367,6 +367,7 @@ def _is_cifar(r: dict[str, Any]) -> bool:
 def datasheet_markdown(r: dict[str, Any]) -> str:
     """``DATASHEET.md``: the measurements of the report ``r`` and the questions they leave."""
     from . import __version__
+    from .fsutil import md_cell
 
     comp, cp, s = r["composition"], r["exact_copies"], r["colour_shortcut"]
     lines = [f"# Datasheet: {Path(r['data']).name}", "",
@@ -377,7 +378,7 @@ def datasheet_markdown(r: dict[str, Any]) -> str:
     if r["warnings"]:
         lines += ["## Warnings", ""] + [f"- {w}" for w in r["warnings"]] + [""]
     lines += ["## Composition", "", "| class | training images | test images |", "|---|---:|---:|"]
-    lines += [f"| {c['class']} | {c['train']:,} | {c['test']:,} |" for c in comp["classes"]]
+    lines += [f"| {md_cell(c['class'])} | {c['train']:,} | {c['test']:,} |" for c in comp["classes"]]
     ratio, tvd = comp["imbalance_ratio"], comp["class_share_distance"]
     lines += ["", ("" if ratio is None else f"Largest over smallest training class: {ratio:.2f}. ")
               + ("" if tvd is None else f"Total variation distance between the splits' class shares: {tvd:.3f} "
@@ -405,8 +406,8 @@ def datasheet_markdown(r: dict[str, Any]) -> str:
 
         for i, c in enumerate(ref["classes"]):
             if c["images"]:
-                lines.append(f"| {c['class']} | {c['luminance']:.1f} | {c['colour_spread']:.1f} | {share(tr, i)} | "
-                             f"{share(te, i)} |")
+                lines.append(f"| {md_cell(c['class'])} | {c['luminance']:.1f} | {c['colour_spread']:.1f} | "
+                             f"{share(tr, i)} | {share(te, i)} |")
         g = ref["grey_depends_on_class"]
         if g:
             lines += ["", f"Does greyness depend on the class ({'training' if tr else 'test'} images)? Chi-squared "

@@ -206,6 +206,11 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def md_cell(text: Any) -> str:
+    """A class or group name as one Markdown table cell: a '|' in it would split the cell."""
+    return str(text).replace("|", "\\|")
+
+
 def json_text(obj: Any, indent: int | None = 2) -> str:
     """``obj`` as standard JSON. NaN and infinities (an empty calibration bin, the precision of a
     class never predicted) become ``null``: JSON has no such numbers, and Python's ``NaN`` tokens

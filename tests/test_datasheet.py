@@ -254,3 +254,28 @@ def test_a_bar_in_a_class_name_stays_in_its_table_cell():
     r, _ = dsh.make_datasheet(_ds(x, y, x[:6], y[:6], classes=("a|b", "c", "d")))
     rows = [ln for ln in dsh.datasheet_markdown(r).splitlines() if ln.startswith("| a")]
     assert rows == ["| a\\|b | 4 | 2 |", "| a\\|b | " + rows[1].split(" | ", 1)[1]] and rows[1].count(" | ") == 4
+
+
+def test_audit_quotes_the_training_datas_datasheet_in_the_model_card(trained_run, image_folder, tmp_path, capsys):
+    sheet = tmp_path / "sheet"
+    assert main(["datasheet", "--data", str(image_folder), "--out", str(sheet)]) == 0
+    warned = json.loads((sheet / "datasheet.json").read_text())["warnings"]
+    assert warned  # the folder's classes are told apart by colour: at least the shortcut's warning
+    assert main(["audit", str(trained_run), "--datasheet", str(sheet), "--out", str(tmp_path / "audit")]) == 0
+    card = json.loads((tmp_path / "audit" / "model_card.json").read_text())
+    assert card["training_data"]["datasheet"]["warnings"] == warned
+    md = (tmp_path / "audit" / "MODEL_CARD.md").read_text()
+    assert "- Datasheet (`cifarlab datasheet` of " in md and all(f"  - {w}" in md for w in warned)
+    capsys.readouterr()
+    # the datasheet of other classes, or a file that is none, is refused before anything is written
+    other = tmp_path / "other"
+    assert main(["datasheet", "--data", str(make_image_folder(tmp_path / "o", classes=("owl", "emu"))), "--out",
+                 str(other)]) == 0
+    assert main(["audit", str(trained_run), "--datasheet", str(other), "--out", str(tmp_path / "a2")]) == 2
+    assert "describes data of the classes emu, owl" in capsys.readouterr().err and not (tmp_path / "a2").exists()
+    assert main(["audit", str(trained_run), "--datasheet", str(trained_run / "config.yaml"), "--out",
+                 str(tmp_path / "a3")]) == 2
+    assert "cannot read the datasheet" in capsys.readouterr().err and not (tmp_path / "a3").exists()
+    (tmp_path / "x.json").write_text('{"a": 1}')
+    assert main(["audit", str(trained_run), "--datasheet", str(tmp_path / "x.json")]) == 2
+    assert "is not a datasheet written by 'cifarlab datasheet'" in capsys.readouterr().err

@@ -311,7 +311,7 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
               margin: float = 0.05, min_group: int = 30, n_boot: int = 1000, seed: int = 0, tta: str | None = None,
               device: str = "auto", log: Callable[[str], None] = print,
               uncalibrated: bool = False, intersections: bool = False,
-              about: str | Path | None = None) -> dict[str, Any]:
+              about: str | Path | None = None, datasheet: str | Path | None = None) -> dict[str, Any]:
     """Audit a run on ``ds``'s test split: write ``audit.json``, ``audit.md``, plots and
     ``MODEL_CARD.md``/``model_card.json`` into ``out`` (default ``RUN/audit``, or ``RUN/audit-<data>``
     on other data than the run's own: :func:`cifarlab.export.other_data_folder`) and return the
@@ -323,8 +323,11 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
     the model audited). Its probabilities use the run's temperature where ``cifarlab
     calibrate`` fitted one, unless ``uncalibrated``. ``intersections``: also every pair of the
     groups file's attributes (:func:`with_intersections`). ``about``: a file of what only the
-    model's owner knows (:func:`cifarlab.about.read_about`), which the model card states."""
+    model's owner knows (:func:`cifarlab.about.read_about`), which the model card states;
+    ``datasheet``: the folder (or ``datasheet.json``) that ``cifarlab datasheet`` wrote of the
+    run's training data, whose warnings the model card quotes."""
     from .about import read_about
+    from .datasheet import read_datasheet
 
     run = Path(run)
     suffix = data_suffix(ds, [run])  # the reports on this data are in RUN/<kind><suffix>
@@ -333,10 +336,16 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
     # The groups file first: a mistake in it should cost no prediction and leave no partial report.
     groups = load_groups(groups_csv, ds, intersections)
     facts = read_about(about)
+    sheet = read_datasheet(datasheet) if datasheet is not None else None
     pred = load_model(run, device, tta, uncalibrated)
     _check_compatible(pred, ds)
+    if sheet is not None and sheet["classes"] != pred.classes:
+        raise CifarlabError(f"the datasheet '{datasheet}' describes data of the classes "
+                            f"{short_list(sheet['classes'])}, the run's are {short_list(pred.classes)}; give the "
+                            "datasheet of its training data")
     with report_folder(out):  # removed again if the audit fails part-way
-        audit = _write_audit(out, run, pred, ds, groups, groups_csv, margin, min_group, n_boot, seed, suffix, facts)
+        audit = _write_audit(out, run, pred, ds, groups, groups_csv, margin, min_group, n_boot, seed, suffix, facts,
+                             sheet)
     for w in audit["warnings"]:
         log(f"warning: {w}")
     if people_classes(pred.classes):  # the model card's ethical considerations say it in full
@@ -350,10 +359,11 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
 
 def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: str | None, margin: float,
                  min_group: int, n_boot: int, seed: int, suffix: str,
-                 facts: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+                 facts: dict[str, dict[str, str]] | None = None, sheet: dict | None = None) -> dict[str, Any]:
     """:func:`audit_run`'s predictions, metrics and files, into the existing folder ``out``;
     the other reports it quotes are those in ``RUN/<kind><suffix>`` (:func:`cifarlab.export.data_suffix`);
-    ``facts``, the owner's answers (:func:`cifarlab.about.read_about`), go into the model card."""
+    ``facts``, the owner's answers (:func:`cifarlab.about.read_about`), and ``sheet``, the
+    training data's datasheet (:func:`cifarlab.datasheet.read_datasheet`), go into the model card."""
     from .evaluate import write_report
 
     probs, raw = probabilities_and_raw(pred, ds.x_test)
@@ -410,7 +420,7 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
         [{k: (json_text(v, indent=None) if isinstance(v, list) else v) for k, v in r.items()}
          for r in cls["per_class"]]))
     write_text(out / "audit.md", _audit_markdown(audit))
-    card = build_model_card(run, pred, ds, report, audit, suffix, facts)
+    card = build_model_card(run, pred, ds, report, audit, suffix, facts, sheet)
     write_json(out / "model_card.json", card)
     write_text(out / "MODEL_CARD.md", model_card_markdown(card))
     return audit
@@ -456,7 +466,7 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
                margin: float = 0.05, min_group: int = 30, n_boot: int = 1000, seed: int = 0, tta: str | None = None,
                device: str = "auto", log: Callable[[str], None] = print,
                uncalibrated: bool = False, intersections: bool = False,
-               about: str | Path | None = None) -> dict[str, Any]:
+               about: str | Path | None = None, datasheet: str | Path | None = None) -> dict[str, Any]:
     """Audit every run of the ``--runs N`` folder ``base`` (see :func:`audit_run`: each run's
     report and model card in ``RUN/audit``, or ``out/run-K``), then summarise over the runs: each
     class's and group's accuracy as mean, std, min and max, in how many runs it was flagged, and
@@ -464,10 +474,13 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
     recipe's. Writes ``audit_summary.json`` and ``audit_summary.md`` into ``out`` (default ``base``,
     or ``base/audit-<data>`` on other data than the runs' own: :func:`cifarlab.export.other_data_folder`)."""
     from .about import read_about
+    from .datasheet import read_datasheet
     from .export import finished_runs
 
     check_options(margin, min_group, n_boot)
-    read_about(about)  # a bad about file fails before the first run is audited
+    read_about(about)  # a bad about file or datasheet fails before the first run is audited
+    if datasheet is not None:
+        read_datasheet(datasheet)
     base = Path(base)
     runs = finished_runs(base)
     suffix = data_suffix(ds, runs)  # the reports on this data are in base/<kind><suffix>
@@ -478,7 +491,8 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
         reports.append(folder / "audit.md")
         # its warnings are in its audit.md; the summary gathers them
         a = audit_run(r, ds, folder, groups_csv, margin, min_group, n_boot, seed, tta, device,
-                      log=lambda _: None, uncalibrated=uncalibrated, intersections=intersections, about=about)
+                      log=lambda _: None, uncalibrated=uncalibrated, intersections=intersections, about=about,
+                      datasheet=datasheet)
         sp = a["classes"]["spread"]
         log(f"{r.name}: overall accuracy {a['overall_accuracy']:.4f}; worst class {sp['worst']}, gap "
             f"{sp['difference']:.4f}; {len(a['warnings'])} warning(s); report in {folder / 'audit.md'}")
@@ -940,9 +954,10 @@ def _confidence_lines(rows: list[dict[str, Any]] | None) -> list[str]:
 
 
 def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, suffix: str | None = None,
-                     facts: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+                     facts: dict[str, dict[str, str]] | None = None, sheet: dict | None = None) -> dict[str, Any]:
     """The model card's content (Mitchell et al., 2019) as a dict; unknown facts are marked
-    TO_FILL, unless ``facts`` (:func:`cifarlab.about.read_about`) answers them. It quotes
+    TO_FILL, unless ``facts`` (:func:`cifarlab.about.read_about`) answers them; the warnings of
+    ``sheet``, the training data's datasheet, are quoted with it. It quotes
     ``cifarlab robustness``'s report on the data audited, in ``RUN/robustness<suffix>``
     (:func:`cifarlab.export.data_suffix`, worked out where None)."""
     metrics_path = run / "metrics.json"
@@ -984,6 +999,7 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, su
             + (" (e.g. 'automobile' excludes pickup trucks, 'truck' excludes pickups)" if cifar10_classes else "")
             + ", a small share of test labels are known to be wrong or ambiguous, and the data's parent collection "
             "was withdrawn in 2020 over offensive content" if is_cifar10 else TO_FILL),
+        "datasheet": sheet and {"data": sheet["data"], "warnings": sheet["warnings"]},
         # the data the starting weights learnt from shaped this model too, with its own caveats
         "started_from": start and {k: start.get(k) for k in ("run", "model", "data", "classes", "fresh")},
     }
@@ -1044,6 +1060,20 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, su
             "Group results are only as good as the groups file; small groups get wide intervals.",
         ] + audit["warnings"],
     }
+
+
+def _datasheet_lines(td: dict[str, Any]) -> list[str]:
+    """The model card's line on the training data's datasheet: its warnings, where the audit was
+    given it, else the command that makes it."""
+    sheet = td.get("datasheet")
+    if sheet:
+        said = [f"  - {w}" for w in sheet["warnings"]] or ["  - none"]
+        return [f"- Datasheet (`cifarlab datasheet` of `{sheet['data']}`), its warnings:", *said]
+    if td["source"] == TO_FILL:
+        return [f"- Datasheet: {TO_FILL}"]
+    return [f"- Datasheet: `cifarlab datasheet --data {shlex.quote(td['source'])}` measures its class sizes, exact "
+            "copies and colour cues by class, and lists the questions of collection and consent (DATASHEET.md); "
+            "`cifarlab audit --datasheet FOLDER` quotes its warnings here"]
 
 
 def _sentence(warning: str) -> str:
@@ -1360,9 +1390,7 @@ def model_card_markdown(card: dict) -> str:
              if td["size"].get("train_images") is not None else f"- Size: {TO_FILL}",
              f"- Classes: {short_list(td['classes'], 20)}",
              f"- Licence: {td['licence']}", f"- Consent: {td['consent']}", f"- Label caveats: {td['label_caveats']}",
-             f"- Datasheet: `cifarlab datasheet --data {shlex.quote(td['source'])}` measures its class sizes, "
-             "exact copies and colour cues by class, and lists the questions of collection and consent "
-             "(DATASHEET.md)" if td["source"] != TO_FILL else f"- Datasheet: {TO_FILL}",
+             *_datasheet_lines(td),
              *_balance_lines(td.get("per_class"), td.get("class_weight"), td.get("sampling"),
                              td.get("logit_adjustment")),
              *_started_from_lines(td.get("started_from")), "",

@@ -306,6 +306,9 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
                    help="YAML or TOML file of what only the model's owner knows (developers, licence, contact, the "
                         "data's consent...), which the model card states ('cifarlab datasheet --about-template' "
                         "prints one to fill in)")
+    a.add_argument("--datasheet", metavar="FOLDER",
+                   help="the folder 'cifarlab datasheet' wrote of the run's training data (or its datasheet.json), "
+                        "whose warnings the model card quotes")
     a.add_argument("--margin", type=float, default=0.05, help="flag classes/groups this far below overall accuracy")
     a.add_argument("--min-group", type=int, default=30, help="groups smaller than this are too small to judge")
     a.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
@@ -913,12 +916,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """``cifarlab audit``."""
     from .about import read_about
     from .audit import CLI_NAMES, audit_run, check_intersections, check_options
+    from .datasheet import read_datasheet
     from .export import is_runs_set, read_run
     from .fsutil import check_folder_path
 
     check_options(args.margin, args.min_group, args.bootstrap, CLI_NAMES)  # before the data is loaded
     check_intersections(args.intersections, args.groups)
-    read_about(args.about)  # a bad about file fails before the data is loaded
+    read_about(args.about)  # a bad about file or datasheet fails before the data is loaded
+    if args.datasheet:
+        read_datasheet(args.datasheet)
     if args.out:
         check_folder_path(args.out)
     if is_runs_set(args.run):
@@ -928,7 +934,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     # without --out, RUN/audit, or RUN/audit-<data> on other data: audit_run names it as it writes
     audit_run(run, ds, Path(args.out) if args.out else None, groups_csv=args.groups, margin=args.margin,
               min_group=args.min_group, n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print,
-              uncalibrated=args.uncalibrated, intersections=args.intersections, about=args.about)
+              uncalibrated=args.uncalibrated, intersections=args.intersections, about=args.about,
+              datasheet=args.datasheet)
     return 0
 
 
@@ -943,7 +950,8 @@ def _audit_runs(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else other_data_folder(base, "audit", ds, runs)
     s = audit_runs(base, ds, out, groups_csv=args.groups, margin=args.margin, min_group=args.min_group,
                    n_boot=args.bootstrap, tta=args.tta, device=args.device, log=print,
-                   uncalibrated=args.uncalibrated, intersections=args.intersections, about=args.about)
+                   uncalibrated=args.uncalibrated, intersections=args.intersections, about=args.about,
+                   datasheet=args.datasheet)
     n, acc = s["runs"], s["overall_accuracy"]
     print(f"{n} runs: overall accuracy mean {acc['mean']:.4f} (min {acc['min']:.4f}, max {acc['max']:.4f})")
     print(f"{'class':<16}{'mean':>8}{'min':>8}{'max':>8}  flagged in")

@@ -438,6 +438,24 @@ def datasheet_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def read_datasheet(path: str | Path) -> dict[str, Any]:
+    """The report that :func:`write_datasheet` wrote, from its folder or its ``datasheet.json``;
+    anything else is refused, naming what was found."""
+    import json
+
+    path = Path(path)
+    file = path / "datasheet.json" if path.is_dir() else path
+    try:
+        r = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CifarlabError(f"cannot read the datasheet '{file}' ({e}); give the folder that 'cifarlab datasheet' "
+                            "wrote, or its datasheet.json") from None
+    if not isinstance(r, dict) or not {"data", "classes", "warnings", "composition"} <= set(r):
+        raise CifarlabError(f"'{file}' is not a datasheet written by 'cifarlab datasheet' (it lacks data, classes, "
+                            "warnings or composition)")
+    return r
+
+
 def write_datasheet(r: dict[str, Any], groups: Groups, out: str | Path) -> Path:
     """``datasheet.json``, ``DATASHEET.md``, ``colour_by_class.png`` (where the images have
     colour) and ``groups.csv`` (the :func:`image_groups` ``groups``, for ``cifarlab audit

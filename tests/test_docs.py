@@ -51,3 +51,13 @@ def test_the_python_the_readme_names_is_the_one_the_package_requires():
     low = re.fullmatch(r">=(\d+)\.(\d+)", required)
     assert low, f"requires-python {required!r}: expected '>=X.Y'"
     assert f"Python {low[1]}.{low[2]}+" in (ROOT / "README.md").read_text()
+
+
+def test_the_readmes_about_file_is_one_cifarlab_reads(tmp_path):
+    from cifarlab.about import read_about
+
+    section = (ROOT / "README.md").read_text().split("### What only the owner knows", 1)[1]
+    example = re.search(r"```yaml\n(.*?)```", section, flags=re.S).group(1)
+    (tmp_path / "about.yaml").write_text(example)
+    facts = read_about(tmp_path / "about.yaml")
+    assert facts["model"]["developers"] and facts["data"]["consent"]

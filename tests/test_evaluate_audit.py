@@ -366,6 +366,18 @@ def test_audit_of_a_runs_folder_summarises_each_class_and_group_over_the_runs(im
     assert (tmp_path / "a" / "run-1" / "audit.md").is_file() and "attributes" not in json.loads(
         (tmp_path / "a" / "audit_summary.json").read_text())
     assert "[its audit](run-1/audit.md)" in (tmp_path / "a" / "audit_summary.md").read_text()
+    # the about file, the datasheet and the intersections reach every run's card and the summary
+    (tmp_path / "about.yaml").write_text("model:\n  developers: Ada Example\n")
+    assert main(["datasheet", "--data", str(image_folder), "--out", str(tmp_path / "sheet")]) == 0
+    groups.write_text("path,source,half\n" + "".join(f"{p},{'b' if i < 3 else 'a'},{'xy'[i % 2]}\n"
+                                                     for i, p in enumerate(ds.test_paths)))
+    assert main(["audit", str(out), "--data", str(swapped), "--bootstrap", "100", "--out", str(tmp_path / "c"),
+                 "--about", str(tmp_path / "about.yaml"), "--datasheet", str(tmp_path / "sheet"), "--groups",
+                 str(groups), "--intersections", "--min-group", "1"]) == 0
+    for k in range(3):
+        card = json.loads((tmp_path / "c" / f"run-{k}" / "model_card.json").read_text())
+        assert card["model_details"]["developers"] == "Ada Example" and card["training_data"]["datasheet"]
+    assert "source & half" in json.loads((tmp_path / "c" / "audit_summary.json").read_text())["attributes"]
 
 
 def test_summary_of_audits_leaves_a_class_absent_from_the_test_data_undefined():

@@ -69,7 +69,6 @@ class ExportedClassifier(nn.Module):
             x = x - self.mean
         if self.std is not None:
             x = x / self.std
-        feats: list[torch.Tensor] = []
         if self.score == "knn":  # the classifier's input, from the plain pass (as cifarlab.ood.features)
             from .ood import classifier_inputs
 

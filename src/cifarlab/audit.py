@@ -326,17 +326,13 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
     model's owner knows (:func:`cifarlab.about.read_about`), which the model card states;
     ``datasheet``: the folder (or ``datasheet.json``) that ``cifarlab datasheet`` wrote of the
     run's training data, whose warnings the model card quotes."""
-    from .about import read_about
-    from .datasheet import read_datasheet
-
     run = Path(run)
     suffix = data_suffix(ds, [run])  # the reports on this data are in RUN/<kind><suffix>
     out = Path(out) if out is not None else run / f"audit{suffix}"
     check_options(margin, min_group, n_boot)
     # The groups file first: a mistake in it should cost no prediction and leave no partial report.
     groups = load_groups(groups_csv, ds, intersections)
-    facts = read_about(about)
-    sheet = read_datasheet(datasheet) if datasheet is not None else None
+    facts, sheet = read_card_files(about, datasheet)
     pred = load_model(run, device, tta, uncalibrated)
     _check_compatible(pred, ds)
     if sheet is not None and sheet["classes"] != pred.classes:
@@ -348,13 +344,25 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
                              sheet)
     for w in audit["warnings"]:
         log(f"warning: {w}")
-    if people_classes(pred.classes):  # the model card's ethical considerations say it in full
-        log(f"note: {people_warning(people_classes(pred.classes))}")
+    if people := people_classes(pred.classes):  # the model card's ethical considerations say it in full
+        log(f"note: {people_warning(people)}")
     sp = audit["classes"]["spread"]
     log(f"overall accuracy {audit['overall_accuracy']:.4f}; best class {sp['best']}, worst {sp['worst']}: gap "
         f"{sp['difference']:.4f} (95% CI {sp['difference_ci'][0]:.4f} to {sp['difference_ci'][1]:.4f})")
     log(f"wrote {out / 'audit.md'} and {out / 'MODEL_CARD.md'}")
     return audit
+
+
+def read_card_files(about: str | Path | None, datasheet: str | Path | None) -> tuple[dict[str, dict[str, str]],
+                                                                                   dict[str, Any] | None]:
+    """What the model card states besides the audit's figures: the answers of the about file
+    ``about`` (:func:`cifarlab.about.read_about`) and the report of the datasheet folder or file
+    ``datasheet`` (:func:`cifarlab.datasheet.read_datasheet`; None without one). A bad file of
+    either is refused, so callers check them before any data is loaded or model run."""
+    from .about import read_about
+    from .datasheet import read_datasheet
+
+    return read_about(about), (read_datasheet(datasheet) if datasheet is not None else None)
 
 
 def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: str | None, margin: float,
@@ -473,14 +481,10 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
     the largest gaps. A gap that one run shows may be its seed's; one that every run shows is the
     recipe's. Writes ``audit_summary.json`` and ``audit_summary.md`` into ``out`` (default ``base``,
     or ``base/audit-<data>`` on other data than the runs' own: :func:`cifarlab.export.other_data_folder`)."""
-    from .about import read_about
-    from .datasheet import read_datasheet
     from .export import finished_runs
 
     check_options(margin, min_group, n_boot)
-    read_about(about)  # a bad about file or datasheet fails before the first run is audited
-    if datasheet is not None:
-        read_datasheet(datasheet)
+    read_card_files(about, datasheet)  # a bad about file or datasheet fails before the first run is audited
     base = Path(base)
     runs = finished_runs(base)
     suffix = data_suffix(ds, runs)  # the reports on this data are in base/<kind><suffix>

@@ -914,17 +914,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """``cifarlab audit``."""
-    from .about import read_about
-    from .audit import CLI_NAMES, audit_run, check_intersections, check_options
-    from .datasheet import read_datasheet
+    from .audit import CLI_NAMES, audit_run, check_intersections, check_options, read_card_files
     from .export import is_runs_set, read_run
     from .fsutil import check_folder_path
 
     check_options(args.margin, args.min_group, args.bootstrap, CLI_NAMES)  # before the data is loaded
     check_intersections(args.intersections, args.groups)
-    read_about(args.about)  # a bad about file or datasheet fails before the data is loaded
-    if args.datasheet:
-        read_datasheet(args.datasheet)
+    read_card_files(args.about, args.datasheet)  # a bad about file or datasheet fails before the data is loaded
     if args.out:
         check_folder_path(args.out)
     if is_runs_set(args.run):

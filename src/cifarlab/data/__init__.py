@@ -33,7 +33,8 @@ DECODED_NOTE = "decoded in {:.1f} s"
 def content_notes(notes: list[str]) -> list[str]:
     """``notes`` without those that say how the data was read this time (decoded, or from the
     cache), which differ between two reads of the same data: what remains is about the data."""
-    return [n for n in notes if n != CACHE_NOTE and not (n.startswith("decoded in ") and n.endswith(" s"))]
+    head, _, tail = DECODED_NOTE.partition("{:.1f}")  # the decoded note, whatever its time
+    return [n for n in notes if n != CACHE_NOTE and not (n.startswith(head) and n.endswith(tail))]
 
 
 @dataclass

@@ -103,8 +103,11 @@ def exact_copies(ds, shown: int = 10) -> dict[str, Any]:
     x = np.concatenate([ds.x_train, ds.x_test]) if len(ds.x_test) else ds.x_train
     y = np.concatenate([ds.y_train, ds.y_test])
     n_train = len(ds.x_train)
-    names = (list(ds.train_paths) if len(ds.train_paths) == n_train else [f"train #{i}" for i in range(n_train)]) + \
-        (list(ds.test_paths) if len(ds.test_paths) == len(ds.x_test) else [f"test #{i}" for i in range(len(ds.x_test))])
+
+    def name(i: int) -> str:  # its path, else split and index; only the few shown are named
+        split, paths, j, n = ("train", ds.train_paths, i, n_train) if i < n_train else \
+            ("test", ds.test_paths, i - n_train, len(ds.x_test))
+        return paths[j] if len(paths) == n else f"{split} #{j}"
     # each image's bytes as one opaque value, so that np.unique groups identical images exactly
     rows = np.ascontiguousarray(x.reshape(len(x), -1))
     keys = rows.view(np.dtype((np.void, rows.shape[1]))).ravel()
@@ -126,7 +129,7 @@ def exact_copies(ds, shown: int = 10) -> dict[str, Any]:
         if len(labels) > 1:
             conflict_groups += 1
             if len(conflicts) < shown:
-                conflicts.append({"images": [names[i] for i in members], "labels": labels})
+                conflicts.append({"images": [name(int(i)) for i in members], "labels": labels})
     return {"groups": int((counts > 1).sum()), "images_in_groups": int(len(copied)),
             "groups_within_train": within_train, "groups_within_test": within_test,
             "groups_across_splits": across, "test_images_copied_from_train": test_copied,

@@ -227,6 +227,30 @@ def trained_run(tmp_path, image_folder) -> Path:
     return out
 
 
+def random_run(tmp_path: Path, name: str, prep: dict) -> Path:
+    """A run folder of model ``name`` with random weights (4 classes a to d) and preprocessing
+    ``prep``, its batch norms holding one random batch's statistics."""
+    import torch
+
+    from cifarlab.export import save_architecture, save_weights
+    from cifarlab.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=4)
+    model.train()
+    for m in model.modules():  # a cumulative average: one batch's statistics, as a trained net's would be its data's
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None
+    with torch.no_grad():  # batch norms with statistics of their own, so eval mode is not identity (and a deep
+        model(torch.randn(8, 3, 32, 32))  # net's activations do not grow block by block into saturated outputs)
+    run = tmp_path / name
+    run.mkdir()
+    save_architecture(run, name, {"num_classes": 4}, ["a", "b", "c", "d"], (3, 32, 32), prep,
+                      sum(p.numel() for p in model.parameters()))
+    save_weights(run / "weights.safetensors", model)
+    return run
+
+
 def pytest_report_header(config):  # noqa: ARG001
     return f"shared JPEG copy: {'present' if SHARED_JPEG.is_file() else 'absent'} ({SHARED_JPEG})"
 

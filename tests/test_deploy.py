@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import cifarlab
 from cifarlab.cli import main
 from cifarlab.errors import CifarlabError
-from cifarlab.export import save_architecture, save_weights
-from cifarlab.models import create_model, list_models
+from cifarlab.models import list_models
+
+from conftest import random_run
 
 onnx = pytest.importorskip("onnx", reason="ONNX export is tested with the onnx extra (pip install '.[onnx]')")
 pytest.importorskip("onnxscript", reason="PyTorch's ONNX exporter needs onnxscript")
@@ -77,29 +77,12 @@ def test_the_metadata_of_a_model_that_sorts_people_says_so():
     assert meta["people_classes"].startswith("the classes man, woman label people by how they look")
 
 
-def _random_run(tmp_path, name: str, prep: dict) -> tuple:
-    torch.manual_seed(0)
-    model = create_model(name, num_classes=4)
-    model.train()
-    for m in model.modules():  # a cumulative average: one batch's statistics, as a trained net's would be its data's
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-    with torch.no_grad():  # batch norms with statistics of their own, so eval mode is not identity (and a deep
-        model(torch.randn(8, 3, 32, 32))  # net's activations do not grow block by block into saturated outputs)
-    run = tmp_path / name
-    run.mkdir()
-    save_architecture(run, name, {"num_classes": 4}, ["a", "b", "c", "d"], (3, 32, 32), prep,
-                      sum(p.numel() for p in model.parameters()))
-    save_weights(run / "weights.safetensors", model)
-    return run
-
-
 @pytest.mark.parametrize("name", list_models())
 def test_every_registered_model_exports_with_test_time_augmentation(tmp_path, name):
     """Each model, with flip + translate test-time augmentation (six passes, reflect padding) and
     featurewise normalisation inside the graph, gives PyTorch's probabilities."""
     prep = {"rescale": 1 / 255, "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}
-    run = _random_run(tmp_path, name, prep)
+    run = random_run(tmp_path, name, prep)
     report = export_onnx(run, tmp_path / "m.onnx", tta="flip-translate", log=lambda s: None)
     assert report["tta"] == "flip-translate" and report["check"]["max_abs_diff"] <= 1e-4
     images = np.random.default_rng(2).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)

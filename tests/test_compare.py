@@ -252,6 +252,8 @@ def test_compare_two_runs_folders_from_their_summaries(tmp_path, image_folder, c
     assert main(["compare", x, y, "--data", "d", "--bootstrap", "100", "--tta"]) == 2
     assert "--data, --bootstrap, --tta: two --runs folders are compared from their summaries" in \
         capsys.readouterr().err
+    assert main(["compare", x, y, "--labels", "l.csv"]) == 2  # every data option, the labels file's too
+    assert "--labels: two --runs folders are compared from their summaries" in capsys.readouterr().err
     assert main(["compare", x, summary(tmp_path / "one", [0.9])]) == 2
     assert "holds 1 run; a test across runs needs at least 2" in capsys.readouterr().err
     assert main(["compare", x, str(tmp_path / "a" / "run-0")]) == 2

@@ -88,6 +88,10 @@ _DATA_TAIL = {
 }
 
 
+# the destinations of _add_data_args' options (--subset aside), none set unless given
+_DATA_OPTIONS = ("data", "dataset", "allow_unverified", "skip_bad_images", "label_mode", "labels")
+
+
 def _add_data_args(p: argparse.ArgumentParser, subset: str | None = None, run: str | None = None) -> None:
     """The data options, and ``--subset`` with the help text ``subset`` where the command uses
     it (evaluation reads every test image). ``run``: how the command takes a run's data, where
@@ -1165,8 +1169,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     sets = [is_runs_set(r) for r in (args.run_a, args.run_b)]
     if all(sets):  # two recipes, several seeds each: their summaries, no data needed
-        used = ("data", "dataset", "allow_unverified", "skip_bad_images", "label_mode", "groups", "intersections",
-                "bootstrap", "tta", "device", "uncalibrated")
+        used = (*_DATA_OPTIONS, "groups", "intersections", "bootstrap", "tta", "device", "uncalibrated")
         given = [f"--{k.replace('_', '-')}" for k in used if getattr(args, k) not in (None, False)]
         if given:
             raise ConfigError(f"{', '.join(given)}: two --runs folders are compared from their summaries, with no "

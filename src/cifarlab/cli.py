@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import (COMPILE_MODES, MONITORS, PRECISIONS, SAMPLINGS, SCHEDULES, TTA_LEVELS, DataConfig,
-                     parse_image_size)
+from .config import (CALIBRATION_METHODS, COMPILE_MODES, MONITORS, PRECISIONS, SAMPLINGS, SCHEDULES, TTA_LEVELS,
+                     DataConfig, parse_image_size)
 from .errors import CifarlabError, ConfigError, TrainingInterrupted
 
 EPILOG = """examples:
@@ -532,6 +532,17 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--about", metavar="FILE",
                    help="about file (as audit --about reads it) whose model developers, licence and contact join "
                         "the ONNX file's metadata")
+    q = x.add_argument_group("int8")
+    q.add_argument("--int8", action="store_true",
+                   help="write an int8 copy instead (default RUN/model.int8.onnx): int8 convolution and dense "
+                        "layers, about a quarter of the size, calibrated on the run's training images; both files "
+                        "classify the test images and RUN/model.int8.json says what changed, overall and per class")
+    q.add_argument("--calibration-images", type=int, metavar="N",
+                   help="training images the int8 ranges are measured on, class-balanced (default 1000)")
+    q.add_argument("--calibration-method", choices=CALIBRATION_METHODS,
+                   help="how a range is taken from them: minmax (default: the whole range seen), percentile "
+                        "(99.999%% of it) or entropy (the range whose int8 histogram keeps the most information)")
+    _add_data_args(x, run="test")
     x.set_defaults(func=cmd_export)
 
 
@@ -1198,20 +1209,42 @@ def cmd_export(args: argparse.Namespace) -> int:
     """``cifarlab export``."""
     from .deploy import export_onnx
 
+    int8_only = [flag for flag, v in (("--calibration-images", args.calibration_images),
+                                      ("--calibration-method", args.calibration_method),
+                                      *((f"--{k.replace('_', '-')}", getattr(args, k)) for k in _DATA_OPTIONS))
+                 if v is not None]
     if args.out and args.out.endswith(".h5"):
         from .keras_files import export_keras_weights
 
         given = [flag for flag, v in (("--tta", args.tta), ("--opset", args.opset),
                                       ("--no-check", None if args.check else True),
                                       ("--uncalibrated", True if args.uncalibrated else None),
-                                      ("--about", args.about)) if v is not None]
+                                      ("--about", args.about), ("--int8", True if args.int8 else None)) if v is not None]
+        given += int8_only
         if given:
             raise ConfigError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to ONNX files, not "
                               f"to Keras weights ('{args.out}'); leave {'them' if len(given) > 1 else 'it'} out")
         export_keras_weights(args.run, args.out)
         return 0
-    export_onnx(args.run, args.out, tta=args.tta, opset=args.opset, check=args.check, uncalibrated=args.uncalibrated,
-                about=args.about)
+    if not args.int8:
+        if int8_only:
+            raise ConfigError(f"{' and '.join(int8_only)} {'apply' if len(int8_only) > 1 else 'applies'} to --int8 "
+                              "(the float32 file needs no data); add --int8, or leave "
+                              f"{'them' if len(int8_only) > 1 else 'it'} out")
+        export_onnx(args.run, args.out, tta=args.tta, opset=args.opset, check=args.check,
+                    uncalibrated=args.uncalibrated, about=args.about)
+        return 0
+    from .export import read_run
+    from .quantize import check_calibration, export_int8
+
+    n = 1000 if args.calibration_images is None else args.calibration_images
+    method = args.calibration_method or "minmax"
+    check_calibration(n, method)  # before the data is loaded
+    run, _ = read_run(args.run)
+    ds = _load_eval_data(args, run, [run])
+    export_int8(run, ds, args.out, n, method, tta=args.tta, opset=args.opset, check=args.check,
+                uncalibrated=args.uncalibrated, about=args.about,
+                log=lambda m: print(m, file=sys.stderr) if m.startswith(("calibrating", "classifying")) else print(m))
     return 0
 
 

@@ -1,0 +1,154 @@
+"""export --int8: an int8 file that keeps the float32 file's interface and metadata, calibrated on
+training images, measured against the float32 file on the test images, written whole or not at all."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cifarlab.cli import main
+from cifarlab.errors import CifarlabError
+
+onnx = pytest.importorskip("onnx", reason="ONNX export is tested with the onnx extra (pip install '.[onnx]')")
+pytest.importorskip("onnxscript", reason="PyTorch's ONNX exporter needs onnxscript")
+ort = pytest.importorskip("onnxruntime", reason="the int8 files are made and run with onnxruntime")
+
+from cifarlab import quantize  # noqa: E402
+from cifarlab.deploy import export_onnx  # noqa: E402
+
+from conftest import random_run  # noqa: E402
+
+
+def _meta(path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def _int8_weights(path) -> dict[str, str]:
+    """Each Conv and Gemm node of the file, and the type of the initializer its weight is
+    dequantized from ('' where its weight is no dequantized initializer)."""
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: i for i in graph.initializer}
+    made_by = {o: n for n in graph.node for o in n.output}
+    out = {}
+    for n in graph.node:
+        if n.op_type in ("Conv", "Gemm"):
+            src = made_by.get(n.input[1])
+            w = inits.get(src.input[0]) if src is not None and src.op_type == "DequantizeLinear" else None
+            out[n.name] = onnx.TensorProto.DataType.Name(w.data_type) if w is not None else ""
+    return out
+
+
+def test_cli_writes_a_measured_int8_file_beside_the_run(trained_run, capsys):
+    assert main(["export", str(trained_run), "--int8", "--calibration-images", "9"]) == 0
+    out, err = capsys.readouterr()
+    path, report_path = trained_run / "model.int8.onnx", trained_run / "model.int8.json"
+    assert path.is_file() and report_path.is_file() and not (trained_run / "model.onnx").exists()
+    assert f"wrote {path}" in out and "on 9 training images" in out and "on 9 test images" in out
+    assert "calibrating the int8 ranges (minmax) on 9 training images" in err  # progress on stderr
+    weights = _int8_weights(path)
+    assert weights and set(weights.values()) == {"INT8"}  # every Conv and Gemm takes int8 weights
+    report = json.loads(report_path.read_text())
+    assert report["bytes"] == path.stat().st_size < report["float32_bytes"] / 3
+    assert report["calibration"] == {"images": 9, "method": "minmax", "split": "training", "seed": 0}
+    t = report["test"]
+    assert (t["a"], t["b"], t["images"]) == ("float32", "int8", 9)  # 3 test images per class
+    assert [r["class"] for r in t["per_class"]] == ["cat", "dog", "frog"]
+    assert t["both_right"] + t["only_a"] + t["only_b"] + t["both_wrong"] == 9
+    meta = _meta(path)
+    assert json.loads(meta["classes"]) == ["cat", "dog", "frog"] and "out_of_scope_uses" in meta  # the float's
+    q = json.loads(meta["quantization"])
+    assert q["test_accuracy_int8"] == t["accuracy_b"] and q["calibration"]["images"] == 9
+    # the same interface as the float32 file: uint8 (N, H, W, C) in, probabilities out, any batch size
+    export_onnx(trained_run, log=lambda s: None)
+    images = np.random.default_rng(3).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    run = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["probabilities"], {"images": images})[0]
+           for p in (trained_run / "model.onnx", path)]
+    assert run[1].shape == (5, 3) and np.allclose(run[1].sum(1), 1, atol=1e-5)
+    assert np.abs(run[0] - run[1]).max() < 0.05  # int8 rounding, not another model
+
+
+@pytest.mark.parametrize("name", ["keras-deep", "resnet20", "speednet"])
+def test_each_family_of_model_quantizes_close_to_its_float_file(tmp_path, name):
+    """The notebook's net, a residual net and a speed net (batch norms after pooling, GELU):
+    their convolution and dense layers become int8 and the probabilities stay close."""
+    prep = {"rescale": 1 / 255, "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}
+    run = random_run(tmp_path, name, prep)
+    export_onnx(run, tmp_path / "f.onnx", tta="flip", log=lambda s: None)
+    rng = np.random.default_rng(0)
+    quantize.quantize_file(tmp_path / "f.onnx", tmp_path / "q.onnx", rng.integers(0, 256, (64, 32, 32, 3), np.uint8))
+    assert set(_int8_weights(tmp_path / "q.onnx").values()) == {"INT8"}
+    images = rng.integers(0, 256, (16, 32, 32, 3), np.uint8)
+    (f,), _ = quantize.run_file(tmp_path / "f.onnx", images, ["probabilities"])
+    (q,), _ = quantize.run_file(tmp_path / "q.onnx", images, ["probabilities"])
+    assert np.abs(f - q).max() < 0.05
+
+
+def test_a_class_that_int8_costs_is_named(monkeypatch):
+    """Int8 that keeps the overall accuracy but loses one class (Hooker et al.): the class is
+    named in the report and warned about; a change within chance is not."""
+    labels = np.repeat(np.arange(3), 40)
+    right = np.eye(3, dtype=np.float32)[labels]
+    hurt = right.copy()
+    hurt[:40] = np.eye(3, dtype=np.float32)[1]  # every cat called a dog
+    outputs = {"f": [right], "q": [hurt]}
+    monkeypatch.setattr(quantize, "run_file", lambda path, images, names: (outputs[str(path)], 1.0))
+    c = quantize.compare_files("f", "q", np.zeros((120, 1)), labels, ["cat", "dog", "frog"])
+    assert c["classes_lost"] == ["cat"] and c["difference"] == pytest.approx(-1 / 3)
+    report = {"path": "m.int8.onnx", "bytes": 1e6, "float32_bytes": 4e6, "test": c,
+              "calibration": {"method": "minmax", "images": 10}}
+    text = quantize.format_int8_report(report)
+    assert "WARNING: int8 lost accuracy beyond chance on cat" in text and "cat -1.0000" in text
+    outputs["q"] = [np.r_[np.eye(3, dtype=np.float32)[[1]], right[1:]]]  # one cat lost: chance
+    c = quantize.compare_files("f", "q", np.zeros((120, 1)), labels, ["cat", "dog", "frog"])
+    assert c["classes_lost"] == [] and "no class lost accuracy beyond chance" in quantize.format_int8_report(
+        report | {"test": c})
+
+
+def test_int8_options_and_their_errors(trained_run, tmp_path, capsys):
+    assert main(["export", str(trained_run), "--int8", "--calibration-images", "0"]) == 2
+    assert "--calibration-images 0 is not valid; give a positive number" in capsys.readouterr().err
+    assert main(["export", str(trained_run), "--calibration-images", "5"]) == 2
+    assert "--calibration-images applies to --int8" in capsys.readouterr().err
+    assert main(["export", str(trained_run), "--data", str(tmp_path)]) == 2
+    assert "--data applies to --int8 (the float32 file needs no data)" in capsys.readouterr().err
+    assert main(["export", str(trained_run), "--int8", "--out", str(tmp_path / "w.h5")]) == 2
+    assert "--int8 applies to ONNX files, not to Keras weights" in capsys.readouterr().err
+    assert main(["export", str(trained_run), "--int8", "--out", str(tmp_path / "m.int8")]) == 2
+    assert "is not a .onnx file name" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", str(trained_run), "--int8", "--calibration-method", "kl"])
+    assert "invalid choice: 'kl'" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.onnx")) and not (trained_run / "model.int8.onnx").exists()
+
+
+def test_a_failed_quantization_leaves_no_file(trained_run, monkeypatch):
+    from cifarlab.data import load_dataset
+
+    ds = load_dataset(trained_run.parent / "imgs")
+    path = trained_run / "model.int8.onnx"
+    path.write_bytes(b"earlier export")
+
+    def broken(*a, **k):
+        raise CifarlabError("calibration failed")
+
+    monkeypatch.setattr(quantize, "quantize_file", broken)
+    with pytest.raises(CifarlabError, match="calibration failed"):
+        quantize.export_int8(trained_run, ds, log=lambda s: None)
+    assert path.read_bytes() == b"earlier export" and not (trained_run / "model.int8.json").exists()
+    assert not [p for p in trained_run.iterdir() if p.name.startswith(".model.int8")]
+
+
+def test_the_familiarity_output_is_kept_and_its_threshold_checked(trained_run, capsys):
+    assert main(["ood", str(trained_run), "synthetic:uniform", "--count", "4", "--score", "energy", "--keep", "0.5",
+                 "--json"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(trained_run), "--int8", "--calibration-images", "6",
+                 "--calibration-method", "percentile"]) == 0
+    assert "of the test images on the same side of the threshold as in float32" in capsys.readouterr().out
+    path = trained_run / "model.int8.onnx"
+    outputs = [o.name for o in ort.InferenceSession(str(path)).get_outputs()]
+    assert outputs == ["probabilities", "familiarity"] and "unfamiliar_below" in _meta(path)
+    report = json.loads((trained_run / "model.int8.json").read_text())
+    assert 0 <= report["test"]["familiarity_same_side"] <= 1 and report["calibration"]["method"] == "percentile"

@@ -99,7 +99,7 @@ def test_a_class_that_int8_costs_is_named(monkeypatch):
     report = {"path": "m.int8.onnx", "bytes": 1e6, "float32_bytes": 4e6, "test": c,
               "calibration": {"method": "minmax", "images": 10}}
     text = quantize.format_int8_report(report)
-    assert "WARNING: int8 lost accuracy beyond chance on cat" in text and "cat -1.0000" in text
+    assert "WARNING: the int8 file is less accurate on cat beyond chance" in text and "cat -1.0000" in text
     outputs["q"] = [np.r_[np.eye(3, dtype=np.float32)[[1]], right[1:]]]  # one cat lost: chance
     c = quantize.compare_files("f", "q", np.zeros((120, 1)), labels, ["cat", "dog", "frog"])
     assert c["classes_lost"] == [] and "no class lost accuracy beyond chance" in quantize.format_int8_report(

@@ -540,8 +540,8 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--calibration-images", type=int, metavar="N",
                    help="training images the int8 ranges are measured on, class-balanced (default 1000)")
     q.add_argument("--calibration-method", choices=CALIBRATION_METHODS,
-                   help="how a range is taken from them: minmax (default: the whole range seen), percentile "
-                        "(99.999%% of it) or entropy (the range whose int8 histogram keeps the most information)")
+                   help="how each range is taken from them: minmax (default: all values seen) or percentile "
+                        "(the 0.001%% most extreme left out)")
     _add_data_args(x, run="test")
     x.set_defaults(func=cmd_export)
 

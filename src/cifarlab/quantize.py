@@ -100,8 +100,8 @@ def quantize_file(float_path: str | Path, out: str | Path, images: np.ndarray, m
         q.quantize_static(str(prepared), str(out), Batches(), quant_format=q.QuantFormat.QDQ, per_channel=True,
                           activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
                           op_types_to_quantize=list(QUANTIZED_OPS),
-                          calibrate_method=getattr(q.CalibrationMethod, {"minmax": "MinMax", "percentile": "Percentile",
-                                                                         "entropy": "Entropy"}[method]))
+                          calibrate_method={"minmax": q.CalibrationMethod.MinMax,
+                                            "percentile": q.CalibrationMethod.Percentile}[method])
 
 
 def run_file(path: str | Path, images: np.ndarray, outputs: list[str], input_name: str = "images"
@@ -226,8 +226,10 @@ def format_int8_report(r: dict[str, Any], most: int = 3) -> str:
         f"{row['class']} {row['difference']:+.4f} (Holm p = {row['p_value_holm']:.2g})" for row in worst[:most])
         if worst else "no class's accuracy fell")
     if c["classes_lost"]:
-        lines.append(f"WARNING: int8 lost accuracy beyond chance on {short_list(c['classes_lost'])} (McNemar, "
-                     f"Holm-adjusted, alpha {ALPHA}): check those classes' users before shipping it")
+        lines.append(f"WARNING: the int8 file is less accurate on {short_list(c['classes_lost'])} beyond chance "
+                     f"(McNemar per class, Holm-adjusted, alpha {ALPHA}): its smaller size is paid for by "
+                     f"{'that class' if len(c['classes_lost']) == 1 else 'those classes'}; weigh that before "
+                     "deploying it")
     else:
         lines.append(f"no class lost accuracy beyond chance (McNemar per class, Holm-adjusted, alpha {ALPHA})")
     return "\n".join(lines)

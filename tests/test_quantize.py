@@ -140,6 +140,17 @@ def test_a_failed_quantization_leaves_no_file(trained_run, monkeypatch):
     assert not [p for p in trained_run.iterdir() if p.name.startswith(".model.int8")]
 
 
+def test_data_of_other_classes_is_refused_before_anything_is_written(trained_run, tmp_path):
+    import cifarlab
+    from conftest import make_image_folder
+
+    ds = cifarlab.load_dataset(make_image_folder(tmp_path / "other", classes=("cat", "dog", "emu")))
+    with pytest.raises(CifarlabError, match=r"the data's 3 classes differ from the model's 3 \(not among the model's: "
+                                            r"emu; missing from the data: frog\)"):
+        cifarlab.export_int8(trained_run, ds, log=lambda s: None)
+    assert not (trained_run / "model.int8.onnx").exists() and not (trained_run / "model.int8.json").exists()
+
+
 def test_the_familiarity_output_is_kept_and_its_threshold_checked(trained_run, capsys):
     assert main(["ood", str(trained_run), "synthetic:uniform", "--count", "4", "--score", "energy", "--keep", "0.5",
                  "--json"]) == 0

@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 __all__ = ["make_config", "fit", "create_model", "list_models", "load_model", "load_dataset", "evaluate_run",
            "evaluate_runs", "calibrate_run", "calibrate_runs", "audit_run", "audit_runs", "import_keras", "compare_runs",
            "robustness_run", "robustness_runs", "corrupt", "duplicates_report", "test_split_for", "run_sweep", "explain_dataset",
-           "explain_files", "find_lr", "label_issues_run", "ood_run", "ood_runs", "make_datasheet", "CifarlabError",
+           "explain_files", "find_lr", "label_issues_run", "ood_run", "ood_runs", "make_datasheet", "export_onnx",
+           "export_int8", "CifarlabError",
            "__version__"]
 # Each public name, and the module that defines it (imported on first use).
 _HOMES = {"make_config": "config", "fit": "train", "create_model": "models", "list_models": "models",
@@ -27,7 +28,7 @@ _HOMES = {"make_config": "config", "fit": "train", "create_model": "models", "li
           "duplicates_report": "duplicates", "test_split_for": "data.seen", "run_sweep": "sweep",
           "explain_dataset": "explain", "explain_files": "explain", "find_lr": "lr_find",
           "label_issues_run": "label_issues", "ood_run": "ood", "ood_runs": "ood", "make_datasheet": "datasheet",
-          "CifarlabError": "errors"}
+          "export_onnx": "deploy", "export_int8": "quantize", "CifarlabError": "errors"}
 
 
 def __getattr__(name: str):

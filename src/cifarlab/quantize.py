@@ -162,10 +162,13 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
 
     from .data import balanced_subset
     from .deploy import export_onnx
+    from .evaluate import _check_compatible
+    from .export import load_model
     from .fsutil import atomic_path, write_json
 
     check_calibration(calibration_images, method)
     _ort_quantization()
+    _check_compatible(load_model(run, "cpu", tta, uncalibrated), ds)  # its labels must be the model's classes
     run = Path(run)
     out = Path(out) if out is not None else run / "model.int8.onnx"
     if out.suffix != ".onnx":

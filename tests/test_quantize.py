@@ -70,9 +70,11 @@ def test_cli_writes_a_measured_int8_file_beside_the_run(trained_run, capsys):
 
 
 @pytest.mark.parametrize("name", ["keras-deep", "resnet20", "speednet"])
-def test_each_family_of_model_quantizes_close_to_its_float_file(tmp_path, name):
+def test_each_family_of_model_quantizes_close_to_its_float_file(tmp_path, name, monkeypatch):
     """The notebook's net, a residual net and a speed net (batch norms after pooling, GELU):
-    their convolution and dense layers become int8 and the probabilities stay close."""
+    their convolution and dense layers become int8 and the probabilities stay close; nothing is
+    left in the working folder."""
+    monkeypatch.chdir(tmp_path)
     prep = {"rescale": 1 / 255, "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}
     run = random_run(tmp_path, name, prep)
     export_onnx(run, tmp_path / "f.onnx", tta="flip", log=lambda s: None)
@@ -83,6 +85,7 @@ def test_each_family_of_model_quantizes_close_to_its_float_file(tmp_path, name):
     (f,), _ = quantize.run_file(tmp_path / "f.onnx", images, ["probabilities"])
     (q,), _ = quantize.run_file(tmp_path / "q.onnx", images, ["probabilities"])
     assert np.abs(f - q).max() < 0.05
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["f.onnx", "q.onnx", name])
 
 
 def test_a_class_that_int8_costs_is_named(monkeypatch):

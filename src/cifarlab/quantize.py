@@ -95,8 +95,11 @@ def quantize_file(float_path: str | Path, out: str | Path, images: np.ndarray, m
     with tempfile.TemporaryDirectory(prefix="cifarlab-int8-") as tmp, _quiet():
         prepared = Path(tmp) / "prepared.onnx"
         # shape inference and ONNX Runtime's graph optimisations first (batch norms folded into the
-        # convolutions before them), as its quantization guide asks: fewer tensors to calibrate
-        pre_process(str(float_path), str(prepared))
+        # convolutions before them), as its quantization guide asks: fewer tensors to calibrate.
+        # ONNX's shape inference is enough for these graphs; ONNX Runtime's symbolic one (for
+        # dynamic shapes inside transformers) fails on them in version 1.18, leaving files in the
+        # working folder.
+        pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         q.quantize_static(str(prepared), str(out), Batches(), quant_format=q.QuantFormat.QDQ, per_channel=True,
                           activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
                           op_types_to_quantize=list(QUANTIZED_OPS),

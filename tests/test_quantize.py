@@ -166,3 +166,21 @@ def test_the_familiarity_output_is_kept_and_its_threshold_checked(trained_run, c
     assert outputs == ["probabilities", "familiarity"] and "unfamiliar_below" in _meta(path)
     report = json.loads((trained_run / "model.int8.json").read_text())
     assert 0 <= report["test"]["familiarity_same_side"] <= 1 and report["calibration"]["method"] == "percentile"
+
+
+def test_the_model_card_quotes_the_int8_copy_while_the_run_is_unchanged(trained_run, capsys):
+    assert main(["export", str(trained_run), "--int8", "--calibration-images", "6"]) == 0
+    report = json.loads((trained_run / "model.int8.json").read_text())
+    assert main(["audit", str(trained_run)]) == 0
+    card = (trained_run / "audit" / "MODEL_CARD.md").read_text()
+    t = report["test"]
+    assert (f"Its int8 copy (`cifarlab export --int8`: `model.int8.onnx`, {report['bytes'] / 1e6:.1f} MB against "
+            f"{report['float32_bytes'] / 1e6:.1f} MB in float32) reached {t['accuracy_b']:.4f} against "
+            f"{t['accuracy_a']:.4f} on the 9 test images of") in card
+    card_json = json.loads((trained_run / "audit" / "model_card.json").read_text())
+    assert card_json["metrics"]["int8"]["classes_lost"] == [] and card_json["metrics"]["int8"]["images"] == 9
+    # a temperature fitted since: the int8 file was measured without it, so the card leaves it out
+    assert main(["calibrate", str(trained_run)]) == 0
+    assert main(["audit", str(trained_run)]) == 0
+    capsys.readouterr()
+    assert "int8" not in (trained_run / "audit" / "MODEL_CARD.md").read_text()

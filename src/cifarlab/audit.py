@@ -1041,6 +1041,7 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, su
             "groups": audit.get("attributes", {}), "interval_method": f"95% percentile bootstrap, "
                                                                        f"{audit['bootstrap_resamples']} resamples",
             "robustness": robustness,
+            "int8": _int8_summary(run, pred),
             "near_duplicates": audit.get("near_duplicates"),
             "label_issues": audit.get("label_issues"),
             "unfamiliar_images": audit.get("unfamiliar_images"),
@@ -1131,6 +1132,38 @@ def _robustness_lines(r: dict | None) -> list[str]:
             + ("; classes that lost most: " + ", ".join(f"{c['class']} {c['clean']:.3f} -> {c['corrupted']:.3f}"
                                                        for c in r["largest_class_drops"]) if r["largest_class_drops"]
                else "") + ". See `robustness/robustness.png` in the run folder.", ""]
+
+
+def _int8_summary(run: Path, pred) -> dict[str, Any] | None:
+    """What the card quotes of ``cifarlab export --int8``'s comparison (``RUN/model.int8.json``),
+    where it was measured with the predictor audited (weights, test-time augmentation, calibration)."""
+    from .quantize import read_int8
+
+    r = read_int8(run, pred)
+    if r is None:
+        return None
+    t = r["test"]
+    return {"file": Path(r["path"]).name, "bytes": r["bytes"], "float32_bytes": r["float32_bytes"], "data": r["data"],
+            "images": t["images"], "accuracy_float32": t["accuracy_a"], "accuracy_int8": t["accuracy_b"],
+            "difference_ci": t["difference_ci"], "changed_class": 1 - t["agreement"],
+            "classes_lost": [{k: row[k] for k in ("class", "difference", "p_value_holm")}
+                             for row in t["per_class"] if row["class"] in t["classes_lost"]]}
+
+
+def _int8_lines(q: dict | None) -> list[str]:
+    """The card's paragraph on its int8 copy, where ``cifarlab export --int8`` measured one."""
+    if not q:
+        return []
+    lo, hi = q["difference_ci"]
+    lost = q["classes_lost"]
+    cost = ("; less accurate beyond chance on " + ", ".join(
+        f"**{c['class']}** ({c['difference']:+.4f}, Holm-adjusted p = {c['p_value_holm']:.2g})" for c in lost)
+        + f": its smaller size is paid for by {'that class' if len(lost) == 1 else 'those classes'}" if lost else
+        "; no class less accurate beyond chance (McNemar's test per class, Holm-adjusted)")
+    return [f"Its int8 copy (`cifarlab export --int8`: `{q['file']}`, {q['bytes'] / 1e6:.1f} MB against "
+            f"{q['float32_bytes'] / 1e6:.1f} MB in float32) reached {q['accuracy_int8']:.4f} against "
+            f"{q['accuracy_float32']:.4f} on the {q['images']:,} test images of `{q['data']}` (int8 minus float32: "
+            f"95% CI {lo:+.4f} to {hi:+.4f}); {q['changed_class']:.1%} of them changed class{cost}.", ""]
 
 
 def _duplicates_head(threshold: float, mirrored: bool | None) -> str:
@@ -1416,6 +1449,7 @@ def model_card_markdown(card: dict) -> str:
                   + ("." if ga is None else f"; largest gap {ga['difference']:.3f} {_fmt_ci(ga['difference_ci'])}.")
                   + _card_unfamiliar_by_group(gm), ""]
     lines += _robustness_lines(mt.get("robustness"))
+    lines += _int8_lines(mt.get("int8"))
     lines += _duplicates_lines(mt.get("near_duplicates"))
     lines += _label_issues_lines(mt.get("label_issues"))
     lines += _ood_lines(mt.get("unfamiliar_images"))

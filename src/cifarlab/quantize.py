@@ -163,6 +163,7 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
     """
     import onnx
 
+    from .calibrate import weights_digest
     from .data import balanced_subset
     from .deploy import export_onnx
     from .evaluate import _check_compatible
@@ -192,8 +193,10 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
         log(f"classifying the {len(ds.x_test):,} test images with the float32 and the int8 file")
         c = compare_files(float_path, quantized, ds.x_test, ds.y_test, exported["classes"],
                           exported["unfamiliar_below"], seed)
+        # what it was measured with, so the model card quotes it only while the run is unchanged
         report = {"path": str(out), "float32_bytes": float_path.stat().st_size, "tta": exported["tta"],
-                  "opset": exported["opset"], "weights": "int8, symmetric, a scale per output channel",
+                  "weights_sha256": weights_digest(run), "temperature": exported["temperature"],
+                  "class_offsets": exported["class_offsets"], "data": ds.source, "opset": exported["opset"], "weights": "int8, symmetric, a scale per output channel",
                   "activations": "uint8, a static range per tensor", "layers": list(QUANTIZED_OPS),
                   "calibration": {"images": len(calib), "method": method, "split": "training", "seed": seed},
                   "onnxruntime": _ort_quantization()[0].__version__, "test": c}
@@ -210,6 +213,15 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
             write_json(out.with_suffix(".json"), report)
     log(format_int8_report(report))
     return report
+
+
+def read_int8(run: str | Path, pred) -> dict[str, Any] | None:
+    """``RUN/model.int8.json`` where it was measured with the weights, test-time augmentation and
+    calibration of ``pred`` (a :class:`cifarlab.export.Predictor` of ``run``); None where there
+    is none or the run has changed since. Only the default file is looked for."""
+    from .calibrate import read_current_report
+
+    return read_current_report(Path(run) / "model.int8.json", run, pred.tta, pred.temperature(), pred.class_offsets())
 
 
 def format_int8_report(r: dict[str, Any], most: int = 3) -> str:

@@ -433,3 +433,17 @@ def test_duplicates_speed_times_both_searches_and_finds_the_planted_copies():
     found = re.findall(r"round 1, (plain|mirrored)\s*: ([\d.]+) s, (\d+) test images with a training copy", p.stdout)
     assert [(kind, int(n)) for kind, _, n in found] == [("plain", 20), ("mirrored", 20)], p.stdout
     assert re.search(r"^plain: median [\d.]+ s \(min [\d.]+, max [\d.]+\) over 1 rounds$", p.stdout, re.M)
+
+
+def test_int8_speed_times_both_files_at_each_batch_size(trained_run):
+    pytest.importorskip("onnxscript", reason="the benchmark exports with PyTorch's ONNX exporter")
+    pytest.importorskip("onnxruntime", reason="the benchmark times onnxruntime sessions")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "int8_speed.py"), str(trained_run), "--data", "/nonexistent/data",
+           "--batches", "1,8", "--images", "24", "--rounds", "2"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    head = re.search(r"24 random 32x32x3 images \(data copy absent\).*2 rounds; float32 ([\d.]+) MB, int8 ([\d.]+) MB",
+                     p.stdout)
+    assert head and float(head[2]) < float(head[1]) / 3, p.stdout
+    rows = re.findall(r"^\s+(\d+)\s+[\d.]+ \([\d.]+-[\d.]+\)\s+[\d.]+ \([\d.]+-[\d.]+\)\s+[\d.]+x \(", p.stdout, re.M)
+    assert rows == ["1", "8"], p.stdout

@@ -109,6 +109,50 @@ def test_a_class_that_int8_costs_is_named(monkeypatch):
         report | {"test": c})
 
 
+def test_a_group_that_int8_costs_is_named(monkeypatch):
+    """Two groups of images across all classes: int8 loses every dark image of class cat only.
+    The dark group is named (the loss is within it), the bright one is not."""
+    labels = np.repeat(np.arange(3), 60)
+    light = np.array(["dark", "bright"] * 90)
+    right = np.eye(3, dtype=np.float32)[labels]
+    hurt = right.copy()
+    hurt[(labels == 0) & (light == "dark")] = np.eye(3, dtype=np.float32)[2]
+    monkeypatch.setattr(quantize, "run_file",
+                        lambda path, images, names: ({"f": [right], "q": [hurt]}[str(path)], 1.0))
+    c = quantize.compare_files("f", "q", np.zeros((180, 1)), labels, ["cat", "dog", "frog"],
+                               groups=(np.arange(180), {"light": light}))
+    assert [(g["attribute"], g["group"]) for g in c["groups_lost"]] == [("light", "dark")]
+    assert c["groups_lost"][0]["difference"] == pytest.approx(-30 / 90)
+    report = {"path": "m.int8.onnx", "bytes": 1e6, "float32_bytes": 4e6, "test": c,
+              "calibration": {"method": "minmax", "images": 10}}
+    assert "WARNING: the int8 file is less accurate on the light group 'dark' beyond chance (-0.3333" in \
+        quantize.format_int8_report(report)
+    from cifarlab.audit import _int8_lines
+
+    q = {"file": "m.int8.onnx", "bytes": 1e6, "float32_bytes": 4e6, "data": "d", "images": 180,
+         "accuracy_float32": 1.0, "accuracy_int8": c["accuracy_b"], "difference_ci": c["difference_ci"],
+         "changed_class": 1 - c["agreement"], "classes_lost": [], "groups_compared": ["light"],
+         "groups_lost": c["groups_lost"]}
+    assert "by group (light), less accurate beyond chance on light **dark** (-0.3333" in _int8_lines(q)[0]
+
+
+def test_cli_int8_by_group(trained_run, tmp_path, capsys):
+    groups = tmp_path / "groups.csv"
+    groups.write_text("index,light,site\n" + "".join(f"{i},{'dark' if i < 5 else 'bright'},{'xy'[i % 2]}\n"
+                                                     for i in range(9)))
+    assert main(["export", str(trained_run), "--int8", "--calibration-images", "6", "--groups", str(groups),
+                 "--intersections"]) == 0
+    assert "by group (light, site, light & site): " in capsys.readouterr().out
+    t = json.loads((trained_run / "model.int8.json").read_text())["test"]
+    assert list(t["by_attribute"]) == ["light", "site", "light & site"] and "groups_lost" in t
+    assert [(r["group"], r["support"]) for r in t["by_attribute"]["light"]["groups"]] == [("bright", 4), ("dark", 5)]
+    capsys.readouterr()
+    assert main(["export", str(trained_run), "--int8", "--intersections"]) == 2
+    assert "--intersections pairs the attributes of a groups file; give one with --groups" in capsys.readouterr().err
+    assert main(["export", str(trained_run), "--groups", str(groups)]) == 2
+    assert "--groups applies to --int8" in capsys.readouterr().err
+
+
 def test_int8_options_and_their_errors(trained_run, tmp_path, capsys):
     assert main(["export", str(trained_run), "--int8", "--calibration-images", "0"]) == 2
     assert "--calibration-images 0 is not valid; give a positive number" in capsys.readouterr().err

@@ -1147,7 +1147,9 @@ def _int8_summary(run: Path, pred) -> dict[str, Any] | None:
             "images": t["images"], "accuracy_float32": t["accuracy_a"], "accuracy_int8": t["accuracy_b"],
             "difference_ci": t["difference_ci"], "changed_class": 1 - t["agreement"],
             "classes_lost": [{k: row[k] for k in ("class", "difference", "p_value_holm")}
-                             for row in t["per_class"] if row["class"] in t["classes_lost"]]}
+                             for row in t["per_class"] if row["class"] in t["classes_lost"]],
+            # with export --int8 --groups: the groups it costs, Holm-adjusted within each attribute
+            "groups_compared": list(t.get("by_attribute", {})), "groups_lost": t.get("groups_lost", [])}
 
 
 def _int8_lines(q: dict | None) -> list[str]:
@@ -1160,6 +1162,11 @@ def _int8_lines(q: dict | None) -> list[str]:
         f"**{c['class']}** ({c['difference']:+.4f}, Holm-adjusted p = {c['p_value_holm']:.2g})" for c in lost)
         + f": its smaller size is paid for by {'that class' if len(lost) == 1 else 'those classes'}" if lost else
         "; no class less accurate beyond chance (McNemar's test per class, Holm-adjusted)")
+    if q.get("groups_compared"):
+        cost += ("; by group (" + ", ".join(q["groups_compared"]) + "), less accurate beyond chance on " + ", ".join(
+            f"{g['attribute']} **{g['group']}** ({g['difference']:+.4f}, p = {g['p_value_holm']:.2g})"
+            for g in q["groups_lost"]) if q["groups_lost"] else
+            f"; by group ({', '.join(q['groups_compared'])}), none less accurate beyond chance")
     return [f"Its int8 copy (`cifarlab export --int8`: `{q['file']}`, {q['bytes'] / 1e6:.1f} MB against "
             f"{q['float32_bytes'] / 1e6:.1f} MB in float32) reached {q['accuracy_int8']:.4f} against "
             f"{q['accuracy_float32']:.4f} on the {q['images']:,} test images of `{q['data']}` (int8 minus float32: "

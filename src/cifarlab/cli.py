@@ -542,6 +542,10 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--calibration-method", choices=CALIBRATION_METHODS,
                    help="how each range is taken from them: minmax (default: all values seen) or percentile "
                         "(the 0.001%% most extreme left out)")
+    q.add_argument("--groups", help="CSV as audit --groups reads it: the int8 file against the float32 one per "
+                                    "group of each attribute too")
+    q.add_argument("--intersections", action="store_true", default=None,
+                   help="with --groups: each pair of its attributes as groups of their own too")
     _add_data_args(x, run="test")
     x.set_defaults(func=cmd_export)
 
@@ -1211,6 +1215,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     int8_only = [flag for flag, v in (("--calibration-images", args.calibration_images),
                                       ("--calibration-method", args.calibration_method),
+                                      ("--groups", args.groups), ("--intersections", args.intersections),
                                       *((f"--{k.replace('_', '-')}", getattr(args, k)) for k in _DATA_OPTIONS))
                  if v is not None]
     if args.out and args.out.endswith(".h5"):
@@ -1234,17 +1239,19 @@ def cmd_export(args: argparse.Namespace) -> int:
         export_onnx(args.run, args.out, tta=args.tta, opset=args.opset, check=args.check,
                     uncalibrated=args.uncalibrated, about=args.about)
         return 0
+    from .audit import check_intersections
     from .export import read_run
     from .quantize import check_calibration, export_int8
 
     n = 1000 if args.calibration_images is None else args.calibration_images
     method = args.calibration_method or "minmax"
     check_calibration(n, method)  # before the data is loaded
+    check_intersections(bool(args.intersections), args.groups)
     run, _ = read_run(args.run)
     ds = _load_eval_data(args, run, [run])
     export_int8(run, ds, args.out, n, method, tta=args.tta, opset=args.opset, check=args.check,
-                uncalibrated=args.uncalibrated, about=args.about,
-                log=lambda m: print(m, file=sys.stderr) if m.startswith(("calibrating", "classifying")) else print(m))
+                uncalibrated=args.uncalibrated, about=args.about, groups_csv=args.groups,
+                intersections=bool(args.intersections), log=lambda m: print(m, file=sys.stderr) if m.startswith(("calibrating", "classifying")) else print(m))
     return 0
 
 

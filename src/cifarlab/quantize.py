@@ -123,11 +123,13 @@ def run_file(path: str | Path, images: np.ndarray, outputs: list[str], input_nam
 
 
 def compare_files(float_path: str | Path, int8_path: str | Path, images: np.ndarray, labels: np.ndarray,
-                  classes: list[str], familiarity: dict[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
+                  classes: list[str], familiarity: dict[str, Any] | None = None, seed: int = 0,
+                  groups: tuple[np.ndarray, dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
     """Classify ``images`` with both files and compare them (:func:`cifarlab.compare.compare_predictions`:
-    accuracies, int8 minus float32 with a bootstrap interval, McNemar's test, the same per class).
-    Also the seconds each took, and with ``familiarity`` (the export's ``unfamiliar_below`` rule)
-    the share of images on the same side of its threshold in both files."""
+    accuracies, int8 minus float32 with a bootstrap interval, McNemar's test, the same per class,
+    and per group of each attribute of ``groups``, as :func:`cifarlab.audit.load_groups` reads a
+    groups file). Also the seconds each took, and with ``familiarity`` (the export's
+    ``unfamiliar_below`` rule) the share of images on the same side of its threshold in both files."""
     from .compare import compare_predictions
     from .deploy import FAMILIARITY_NAME, OUTPUT_NAME
 
@@ -136,7 +138,7 @@ def compare_files(float_path: str | Path, int8_path: str | Path, images: np.ndar
     (p_int8, *f_int8), t_int8 = run_file(int8_path, images, outputs)
     # a: the float32 file, b: the int8 one (their difference: int8 minus float32)
     c = {"a": "float32", "b": "int8"} | compare_predictions(labels, p_float.argmax(1), p_int8.argmax(1), classes,
-                                                             seed=seed)
+                                                             seed=seed, groups=groups)
     c["seconds_float"], c["seconds_int8"] = t_float, t_int8
     c["max_abs_diff"] = float(np.abs(p_float - p_int8).max()) if len(images) else 0.0
     if familiarity:
@@ -144,12 +146,18 @@ def compare_files(float_path: str | Path, int8_path: str | Path, images: np.ndar
         c["familiarity_same_side"] = float(((f_float[0] >= t) == (f_int8[0] >= t)).mean())
     # classes whose accuracy fell beyond chance (McNemar's test per class, Holm-adjusted)
     c["classes_lost"] = [r["class"] for r in c["per_class"] if r["difference"] < 0 and r["p_value_holm"] < ALPHA]
+    if groups is not None:  # the same by group, Holm-adjusted within each attribute
+        c["groups_lost"] = [{"attribute": attr, "group": r["group"], "difference": r["difference"],
+                             "p_value_holm": r["p_value_holm"]}
+                            for attr, a in c["by_attribute"].items() for r in a["groups"]
+                            if r["difference"] < 0 and r["p_value_holm"] < ALPHA]
     return c
 
 
 def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_images: int = 1000,
                 method: str = "minmax", tta: str | None = None, opset: int | None = None, check: bool = True,
                 uncalibrated: bool = False, about: str | Path | None = None, seed: int = 0,
+                groups_csv: str | Path | None = None, intersections: bool = False,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write ``run`` as an int8 ONNX file (default ``RUN/model.int8.onnx``) and its comparison
     with the float32 file on ``ds``'s test images (``<out>.json`` beside it, and in the file's
@@ -158,11 +166,13 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
     The float32 file is exported first as :func:`cifarlab.deploy.export_onnx` makes it (``tta``,
     ``opset``, ``check``, ``uncalibrated`` and ``about`` as there) and quantized with
     :func:`quantize_file`, calibrated on ``calibration_images`` of ``ds``'s training images
-    (class-balanced, drawn with ``seed``), never its test images. Nothing is written where any
-    step fails.
+    (class-balanced, drawn with ``seed``), never its test images. ``groups_csv`` (a groups file
+    as ``cifarlab audit --groups`` reads it, with each pair of its attributes where
+    ``intersections``) adds the comparison per group. Nothing is written where any step fails.
     """
     import onnx
 
+    from .audit import load_groups
     from .calibrate import weights_digest
     from .data import balanced_subset
     from .deploy import export_onnx
@@ -173,6 +183,7 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
     check_calibration(calibration_images, method)
     _ort_quantization()
     _check_compatible(load_model(run, "cpu", tta, uncalibrated), ds)  # its labels must be the model's classes
+    groups = load_groups(groups_csv, ds, intersections)  # a bad file fails before anything is exported
     run = Path(run)
     out = Path(out) if out is not None else run / "model.int8.onnx"
     if out.suffix != ".onnx":
@@ -192,7 +203,7 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
         quantize_file(float_path, quantized, calib, method)
         log(f"classifying the {len(ds.x_test):,} test images with the float32 and the int8 file")
         c = compare_files(float_path, quantized, ds.x_test, ds.y_test, exported["classes"],
-                          exported["unfamiliar_below"], seed)
+                          exported["unfamiliar_below"], seed, groups)
         # what it was measured with, so the model card quotes it only while the run is unchanged
         report = {"path": str(out), "float32_bytes": float_path.stat().st_size, "tta": exported["tta"],
                   "weights_sha256": weights_digest(run), "temperature": exported["temperature"],
@@ -243,6 +254,15 @@ def format_int8_report(r: dict[str, Any], most: int = 3) -> str:
     lines.append("largest drops by class: " + ", ".join(
         f"{row['class']} {row['difference']:+.4f} (Holm p = {row['p_value_holm']:.2g})" for row in worst[:most])
         if worst else "no class's accuracy fell")
+    if "by_attribute" in c and not c["groups_lost"]:
+        rows = [(attr, r) for attr, a in c["by_attribute"].items() for r in a["groups"]]
+        attr, low = min(rows, key=lambda ar: ar[1]["difference"]) if rows else (None, None)
+        lines.append(f"by group ({', '.join(c['by_attribute'])}): none less accurate beyond chance"
+                     + (f"; largest drop {attr} '{low['group']}' {low['difference']:+.4f} ({low['support']:,} images, "
+                        f"Holm p = {low['p_value_holm']:.2g})" if low is not None and low["difference"] < 0 else ""))
+    for g in c.get("groups_lost", []):
+        lines.append(f"WARNING: the int8 file is less accurate on the {g['attribute']} group '{g['group']}' beyond "
+                     f"chance ({g['difference']:+.4f}, Holm-adjusted p = {g['p_value_holm']:.2g} within the attribute)")
     if c["classes_lost"]:
         lines.append(f"WARNING: the int8 file is less accurate on {short_list(c['classes_lost'])} beyond chance "
                      f"(McNemar per class, Holm-adjusted, alpha {ALPHA}): its smaller size is paid for by "

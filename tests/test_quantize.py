@@ -56,6 +56,8 @@ def test_cli_writes_a_measured_int8_file_beside_the_run(trained_run, capsys):
     assert (t["a"], t["b"], t["images"]) == ("float32", "int8", 9)  # 3 test images per class
     assert [r["class"] for r in t["per_class"]] == ["cat", "dog", "frog"]
     assert t["both_right"] + t["only_a"] + t["only_b"] + t["both_wrong"] == 9
+    assert f"Test score {t['loss_int8']:.4f} int8 against {t['loss_float32']:.4f} float32" in out
+    assert 0 <= t["ece_int8"] <= 1 and 0 <= t["ece_float32"] <= 1
     meta = _meta(path)
     assert json.loads(meta["classes"]) == ["cat", "dog", "frog"] and "out_of_scope_uses" in meta  # the float's
     q = json.loads(meta["quantization"])
@@ -99,6 +101,8 @@ def test_a_class_that_int8_costs_is_named(monkeypatch):
     monkeypatch.setattr(quantize, "run_file", lambda path, images, names: (outputs[str(path)], 1.0))
     c = quantize.compare_files("f", "q", np.zeros((120, 1)), labels, ["cat", "dog", "frog"])
     assert c["classes_lost"] == ["cat"] and c["difference"] == pytest.approx(-1 / 3)
+    # certain and right in float32, certain and a third wrong in int8
+    assert (c["ece_float32"], c["ece_int8"]) == (0.0, pytest.approx(1 / 3)) and c["loss_int8"] > 20
     report = {"path": "m.int8.onnx", "bytes": 1e6, "float32_bytes": 4e6, "test": c,
               "calibration": {"method": "minmax", "images": 10}}
     text = quantize.format_int8_report(report)

@@ -132,6 +132,7 @@ def compare_files(float_path: str | Path, int8_path: str | Path, images: np.ndar
     ``unfamiliar_below`` rule) the share of images on the same side of its threshold in both files."""
     from .compare import compare_predictions
     from .deploy import FAMILIARITY_NAME, OUTPUT_NAME
+    from .evaluate import calibration, log_loss
 
     outputs = [OUTPUT_NAME] + ([FAMILIARITY_NAME] if familiarity else [])
     (p_float, *f_float), t_float = run_file(float_path, images, outputs)
@@ -140,6 +141,9 @@ def compare_files(float_path: str | Path, int8_path: str | Path, images: np.ndar
     c = {"a": "float32", "b": "int8"} | compare_predictions(labels, p_float.argmax(1), p_int8.argmax(1), classes,
                                                              seed=seed, groups=groups)
     c["seconds_float"], c["seconds_int8"] = t_float, t_int8
+    # the confidences move too: Test score and calibration error of each, as cifarlab evaluate reports them
+    c["loss_float32"], c["loss_int8"] = log_loss(p_float, labels), log_loss(p_int8, labels)
+    c["ece_float32"], c["ece_int8"] = calibration(p_float, labels)["ece"], calibration(p_int8, labels)["ece"]
     c["max_abs_diff"] = float(np.abs(p_float - p_int8).max()) if len(images) else 0.0
     if familiarity:
         t = familiarity["threshold"]
@@ -247,6 +251,9 @@ def format_int8_report(r: dict[str, Any], most: int = 3) -> str:
                  f"float32 ({c['difference']:+.4f}, 95% CI {lo:+.4f} to {hi:+.4f}; McNemar p = {c['p_value']:.2g}); "
                  f"{changed:,} images ({1 - c['agreement']:.1%}) changed class; {c['seconds_int8']:.2f} s against "
                  f"{c['seconds_float']:.2f} s with ONNX Runtime on this CPU")
+    if "loss_int8" in c:
+        lines.append(f"Test score {c['loss_int8']:.4f} int8 against {c['loss_float32']:.4f} float32; expected "
+                     f"calibration error {c['ece_int8']:.4f} against {c['ece_float32']:.4f}")
     if "familiarity_same_side" in c:
         lines.append(f"familiarity: {c['familiarity_same_side']:.1%} of the test images on the same side of the "
                      "threshold as in float32")

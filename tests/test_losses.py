@@ -93,3 +93,20 @@ def test_logit_adjusted_cross_entropy_is_that_of_the_shifted_logits(smoothing):
     # a rare class's logit is lowered in the loss, so a rare example's loss rises: the push to predict it
     rare = torch.tensor([2])
     assert cross_entropy(torch.zeros(1, 3), rare, logit_offset=offset) > cross_entropy(torch.zeros(1, 3), rare)
+
+
+def test_distillation_loss_is_t_squared_kl_with_hintons_gradient():
+    """Zero where the two agree; T^2 KL(teacher || model) of the softened softmaxes otherwise,
+    whose gradient in the model's logits is T (softmax(s/T) - softmax(t/T)) / N (Hinton et al.)."""
+    from cifarlab.losses import distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 5, generator=g, requires_grad=True), torch.randn(6, 5, generator=g) * 3
+    assert distillation_loss(t, t, 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    for temp in (1.0, 4.0):
+        loss = distillation_loss(s, t, temp)
+        p, q = torch.softmax(s.detach() / temp, 1), torch.softmax(t / temp, 1)
+        kl = (q * (q.log() - p.log())).sum(1).mean() * temp**2
+        assert loss.item() == pytest.approx(kl.item(), rel=1e-5)
+        (grad,) = torch.autograd.grad(loss, s)
+        assert torch.allclose(grad, temp * (p - q) / len(s), atol=1e-6)

@@ -1302,3 +1302,106 @@ def test_a_sweep_stopped_mid_point_resumes_it_exactly(tmp_path, resume_data, ref
     a, b = _weights(tmp_path / "sw" / "seed=3"), _weights(reference_run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "sw" / "sweep_summary.json").is_file()
+
+
+def test_a_teacher_of_weight_zero_changes_nothing_and_is_recorded(tmp_path, trained_run, image_folder):
+    """Distillation with distill_weight 0 trains bit for bit as without a teacher (its forward
+    pass leaves the model's random draws alone); the run records its teacher; the teacher stays
+    frozen in eval mode."""
+    from cifarlab.export import read_weights
+
+    plain = fit(tiny_config(str(image_folder), str(tmp_path / "plain")), log=lambda s: None)
+    said = []
+    taught = fit(tiny_config(str(image_folder), str(tmp_path / "taught"), teacher=str(trained_run),
+                             distill_weight=0.0), log=said.append)
+    a, b = (read_weights(Path(m["run"]) / "weights.safetensors") for m in (plain, taught))
+    assert all(torch.equal(a[k], b[k]) for k in a) and taught["test_loss"] == plain["test_loss"]
+    t = json.loads((tmp_path / "taught" / "metrics.json").read_text())["teacher"]
+    teacher_accuracy = json.loads((trained_run / "metrics.json").read_text())["test_accuracy"]
+    assert t == {"run": str(trained_run), "model": "keras-shallow", "test_accuracy": teacher_accuracy,
+                 "data": t["data"], "weight": 0.0, "temperature": 4.0}
+    assert any(s.startswith(f"distilling from {trained_run} (keras-shallow, test accuracy") and
+               "loss = 1 x cross-entropy + 0 x T^2 x KL to its softmax at T = 4" in s for s in said)
+    from cifarlab.cli import main
+
+    assert main(["audit", taught["run"]]) == 0
+    card = (tmp_path / "taught" / "audit" / "MODEL_CARD.md").read_text()
+    assert (f"- Distilled from: the predictions of run `{trained_run}` (keras-shallow, test accuracy "
+            f"{teacher_accuracy:.4f}, trained on `{t['data']}`; 0 of the loss, at temperature 4)") in card
+
+
+def test_the_student_learns_the_teachers_answers(tmp_path, image_folder):
+    """A teacher trained to call every image 'frog' (its data labels them so) and a student taught
+    by it alone (distill_weight 1) on the true labels: the student calls them frog too."""
+    import shutil
+
+    frogs = tmp_path / "frogs"
+    shutil.copytree(image_folder, frogs)
+    for split in ("train", "test"):  # every image in the frog folder, the other class folders kept, empty
+        for c in ("cat", "dog"):
+            for f in (frogs / split / c).iterdir():
+                f.rename(frogs / split / "frog" / f"{c}-{f.name}")
+    for c in ("cat", "dog"):  # a few images each, so that the classes exist
+        for split, names in (("train", ("0000", "0001")), ("test", ("0000",))):
+            for name in names:
+                shutil.copy(image_folder / split / c / f"{name}.png", frogs / split / c / f"{name}.png")
+    teacher = fit(tiny_config(str(frogs), str(tmp_path / "t"), epochs=3), log=lambda s: None)
+    student = fit(tiny_config(str(image_folder), str(tmp_path / "s"), epochs=3, teacher=teacher["run"],
+                              distill_weight=1.0, distill_temperature=1.0), log=lambda s: None)
+    from cifarlab.data import load_dataset
+
+    ds = load_dataset(image_folder)
+    pred = load_model(student["run"]).predict(ds.x_test).argmax(1)
+    assert (pred == ds.classes.index("frog")).mean() > 0.8  # as the teacher, not as the labels (a third frogs)
+
+
+def test_a_teacher_takes_its_own_preprocessing():
+    """The student's input, preprocessed its way, reaches the teacher preprocessed the teacher's."""
+    from cifarlab.export import preprocess
+    from cifarlab.train import TeacherLogits
+
+    seen = []
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    probe = torch.nn.Sequential()
+    probe.forward = lambda x: seen.append(x) or net(x)
+    u = torch.randint(0, 256, (3, 3, 2, 2), dtype=torch.uint8)
+    student = {"rescale": 1 / 255, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+    own = {"rescale": 1 / 255, "mean": None, "std": None}
+    teacher = TeacherLogits(probe, student, own)
+    teacher(preprocess(u, student))
+    assert torch.allclose(seen[0], preprocess(u, own), atol=1e-5)
+    assert not TeacherLogits(probe, own, dict(own)).train().training  # it never trains
+    same = TeacherLogits(probe, own, dict(own))
+    x = preprocess(u, own)
+    same(x)
+    assert seen[-1] is x  # the same preprocessing: the input as it is
+
+
+def test_teacher_settings_are_checked_before_the_data_is_read(tmp_path, trained_run, image_folder, monkeypatch,
+                                                              capsys):
+    import cifarlab.train as train_mod
+    from cifarlab.cli import main
+
+    base = ["train", "--data", str(image_folder), "--model", "keras-shallow", "--epochs", "1",
+            "--out", str(tmp_path / "new")]
+    monkeypatch.setattr(train_mod, "_load_data", lambda *a: pytest.fail("data read for a bad teacher"))
+    for args, msg in [(["--teacher", str(tmp_path / "nope")],
+                       f"train.teacher (--teacher): run folder '{tmp_path / 'nope'}' does not exist"),
+                      (["--distill-weight", "0.3"], "train.distill_weight = 0.3 is not valid; it only applies with "
+                                                    "a teacher: set train.teacher (--teacher) to a run folder too"),
+                      (["--teacher", str(trained_run), "--distill-weight", "1.5"],
+                       "train.distill_weight = 1.5 is not valid; it must lie in [0, 1]"),
+                      (["--teacher", str(trained_run), "--distill-temperature", "0"],
+                       "train.distill_temperature = 0.0 is not valid; it must be a number above 0"),
+                      (["--teacher", str(trained_run), "--cuda-graph"], "the captured step does not run a teacher"),
+                      (["--runs", "2", "--teacher", str(tmp_path / "nope")], "does not exist")]:
+        assert main(base + args) == 2
+        assert msg in capsys.readouterr().err
+        assert not (tmp_path / "new").exists()
+    monkeypatch.undo()  # and what only the data tells: a teacher of other classes
+    other = make_image_folder(tmp_path / "other", classes=("cat", "dog", "emu"), n_train=4, n_test=1)
+    assert main(["train", "--data", str(other), "--model", "keras-shallow", "--epochs", "1", "--teacher",
+                 str(trained_run), "--out", str(tmp_path / "new")]) == 2
+    assert (f"train.teacher (--teacher) '{trained_run}' tells apart 3 classes (cat, dog, frog) and this run's "
+            "data 3 (cat, dog, emu); a teacher needs the same classes in the same order") in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

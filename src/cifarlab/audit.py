@@ -1006,6 +1006,8 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, su
         "datasheet": sheet and {"data": sheet["data"], "warnings": sheet["warnings"]},
         # the data the starting weights learnt from shaped this model too, with its own caveats
         "started_from": start and {k: start.get(k) for k in ("run", "model", "data", "classes", "fresh")},
+        # a teacher's predictions (train --teacher) taught this model, with its data's caveats and its errors
+        "distilled_from": m.get("teacher"),
     }
     return {
         "model_details": {
@@ -1409,6 +1411,17 @@ def _started_from_lines(start: dict | None) -> list[str]:
             + (f". Trained from fresh weights: {', '.join(start['fresh'])}." if start["fresh"] else ".")]
 
 
+def _distilled_from_lines(teacher: dict | None) -> list[str]:
+    """The model card's line on the teacher whose predictions the model learnt from."""
+    if not teacher:
+        return []
+    acc = f", test accuracy {teacher['test_accuracy']:.4f}" if teacher.get("test_accuracy") is not None else ""
+    return [f"- Distilled from: the predictions of run `{teacher['run']}` ({teacher['model']}{acc}, trained on "
+            f"`{teacher['data'] or TO_FILL}`; {teacher['weight']:g} of the loss, at temperature "
+            f"{teacher['temperature']:g}); that run's data and its errors shaped this model too, so its model card "
+            "applies here as well"]
+
+
 def model_card_markdown(card: dict) -> str:
     """Render a model card dict as Markdown, linking the audit plots beside it."""
     d, iu, td, ev, mt = (card["model_details"], card["intended_use"], card["training_data"], card["evaluation_data"],
@@ -1437,7 +1450,7 @@ def model_card_markdown(card: dict) -> str:
              *_datasheet_lines(td),
              *_balance_lines(td.get("per_class"), td.get("class_weight"), td.get("sampling"),
                              td.get("logit_adjustment")),
-             *_started_from_lines(td.get("started_from")), "",
+             *_started_from_lines(td.get("started_from")), *_distilled_from_lines(td.get("distilled_from")), "",
              "## Evaluation data", "", f"- Source: `{ev['source']}`, {ev['size']} images; {ev['note']}", "",
              "## Metrics", "", f"Overall accuracy **{o['accuracy']:.4f}**, loss {o['loss']:.4f}, top-{o['top_k']['k']} "
              f"accuracy {o['top_k']['accuracy']:.4f}, expected calibration error {o['ece']:.4f}; test-time "

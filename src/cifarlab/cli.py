@@ -42,7 +42,7 @@ _TRAIN_OPTIONS = (
     "compile", "compile_mode", "cuda_graph", "cpu_kernels", "select_fraction", "early_stopping",
     "early_stopping_monitor", "early_stopping_min_delta", "reduce_lr_on_plateau", "reduce_lr_factor", "min_lr",
     "reduce_lr_monitor", "reduce_lr_min_delta", "reduce_lr_cooldown", "schedule", "init_from", "freeze_epochs",
-    "class_weight", "sampling", "logit_adjustment",
+    "class_weight", "sampling", "logit_adjustment", "teacher", "distill_weight", "distill_temperature",
 )
 
 
@@ -192,6 +192,14 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                         "each logit plus TAU x log(its class's training share), so predictions treat the classes "
                         "as equally likely (1: as published; default 0, off; instead of --class-weight and "
                         "--sampling balanced)")
+    g.add_argument("--teacher", metavar="RUN",
+                   help="knowledge distillation (Hinton et al., 2015): learn from RUN's softened predictions as "
+                        "well as from the labels, such as a small model from a large one (same classes and image "
+                        "size; the teacher's own preprocessing)")
+    g.add_argument("--distill-weight", type=float, metavar="A",
+                   help="with --teacher: the soft targets' share of the loss, the labels' being 1 - A (default 0.5)")
+    g.add_argument("--distill-temperature", type=float, metavar="T",
+                   help="with --teacher: the softmax temperature of both models' soft targets (default 4)")
     g.add_argument("--tta", choices=TTA_LEVELS, help="test-time augmentation for the final test")
     g.add_argument("--runs", type=int, help="train N times (seeds seed..seed+N-1); report mean/std/min/max")
     g.add_argument("--sweep", action="append", metavar="OPTION=V1,V2,...",

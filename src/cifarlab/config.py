@@ -228,6 +228,14 @@ class TrainConfig:
     select_fraction: float = 1.0
     select_model: str = "speednet-proxy"
     select_backward_every: int = 4
+    # Knowledge distillation (Hinton et al., 2015): a trained run (its folder) whose predictions the
+    # model learns from as well as the labels. The loss is (1 - distill_weight) x the cross-entropy
+    # with the labels + distill_weight x T^2 x KL(teacher || model) of both softmaxes at temperature
+    # T = distill_temperature (higher: softer targets that show which wrong classes the teacher
+    # finds likely; T^2 keeps their gradients' scale). null: off (the notebook).
+    teacher: str | None = None
+    distill_weight: float = 0.5  # the soft targets' share of the loss, in [0, 1] (Hinton et al.: mostly soft)
+    distill_temperature: float = 4.0  # T; 1 is the teacher's own probabilities
 
 
 @dataclass
@@ -686,6 +694,17 @@ def _check_train(t: TrainConfig) -> None:
         _bad("train.select_model", t.select_model, f"valid models: {', '.join(list_models())}")
     if t.select_backward_every < 1:
         _bad("train.select_backward_every", t.select_backward_every, "it must be at least 1")
+    if t.teacher is not None and not str(t.teacher).strip():
+        _bad("train.teacher", t.teacher, "give a run folder written by 'cifarlab train', or leave it out")
+    if isinstance(t.distill_weight, bool) or not isinstance(t.distill_weight, (int, float)) \
+            or not 0 <= t.distill_weight <= 1:
+        _bad("train.distill_weight", t.distill_weight, "it must lie in [0, 1]: the soft targets' share of the loss")
+    if isinstance(t.distill_temperature, bool) or not isinstance(t.distill_temperature, (int, float)) \
+            or not (math.isfinite(t.distill_temperature) and t.distill_temperature > 0):
+        _bad("train.distill_temperature", t.distill_temperature, "it must be a number above 0, such as 4")
+    if t.teacher is None:
+        _refuse_set(t, "train", ("distill_weight", "distill_temperature"),
+                    "it only applies with a teacher: set train.teacher (--teacher) to a run folder too")
     if t.threads is not None and t.threads < 1:
         _bad("threads", t.threads, "it must be at least 1")
     if not is_device_name(t.device):
@@ -696,6 +715,9 @@ def _check_across_sections(cfg: Config) -> None:
     """Settings valid alone that cannot go together: what a CUDA graph fixes at capture, and
     what watches validation figures without validation images."""
     t, o = cfg.train, cfg.optim
+    if t.cuda_graph and t.teacher is not None:
+        _bad("train.cuda_graph", True, "the captured step does not run a teacher; train with train.teacher "
+             "(--teacher) without the CUDA graph")
     if t.cuda_graph and o.schedule != "constant":
         _bad("train.cuda_graph", True, f"a CUDA graph bakes in the learning rate, so it needs optim.schedule "
              f"constant (this config has {o.schedule!r})")

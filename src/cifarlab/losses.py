@@ -10,6 +10,10 @@ The logit-adjusted loss (Menon et al., 2021, "Long-tail learning via logit adjus
 it another way: the loss sees each logit plus tau x log(the class's training share), so the
 model's own logits need not carry the classes' shares and learn what tells the classes apart;
 predictions, from the plain logits, then treat the classes as equally likely (for tau = 1).
+
+Knowledge distillation (Hinton et al., 2015, "Distilling the knowledge in a neural network")
+adds a second target: a trained teacher's probabilities, softened by a temperature, which say
+which wrong classes an image resembles as well as which class is right.
 """
 
 from __future__ import annotations
@@ -102,3 +106,14 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float 
         return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     per_example = F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="none")
     return (per_example * class_weight[y]).mean()
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s soft-target loss: T^2 x KL(softmax(teacher / T) || softmax(logits / T)),
+    the mean over the batch (computed in float32). The factor T^2 keeps its gradients' size
+    independent of T, as the paper asks, so that a weight mixing it with the cross-entropy means
+    the same at any temperature."""
+    t = float(temperature)
+    model = F.log_softmax(logits.float() / t, dim=1)
+    teacher = F.log_softmax(teacher_logits.float() / t, dim=1)
+    return F.kl_div(model, teacher, reduction="batchmean", log_target=True) * (t * t)

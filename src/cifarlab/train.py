@@ -30,7 +30,7 @@ from .errors import CifarlabError, TrainingInterrupted, short_list
 from .evaluate import balanced_accuracy, describe, unequal_classes
 from .export import batched_logits, finished_metrics, normalize, preprocess, save_architecture, save_weights
 from .fsutil import new_run_folder, undo_on_failure, write_json, write_text
-from .losses import class_weights, cross_entropy, logit_offsets
+from .losses import class_weights, cross_entropy, distillation_loss, logit_offsets
 from .models import classifier_tensors, create_model
 from .optim import build_optimizer, param_groups
 from .selection import HardExampleSelector, kept_count
@@ -132,7 +132,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
                y: torch.Tensor, label_smoothing: float = 0.0, autocast=None,
                cpu_kernels: bool = False, loss_scale: float = 1.0,
                class_weight: torch.Tensor | None = None,
-               logit_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               logit_offset: torch.Tensor | None = None, teacher: nn.Module | None = None,
+               distill_weight: float = 0.5, distill_temperature: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a prepared batch; returns (summed loss, correct count) as
     device tensors, so the caller can accumulate without a GPU-to-CPU sync every step.
     ``cpu_kernels`` uses cifarlab's own CPU kernels (:mod:`cifarlab.cpu_kernels`: dropout, ReLU
@@ -144,11 +145,18 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     each example's loss by its class, as Keras' ``class_weight`` (:func:`losses.cross_entropy`);
     the summed loss returned is then the weighted one, as Keras logs it. ``logit_offset`` makes
     the loss the logit-adjusted one (:func:`losses.logit_offsets`); the correct count is that of
-    the plain logits, as predictions use them."""
+    the plain logits, as predictions use them. ``teacher`` (a frozen model in eval mode taking
+    the same input, :class:`TeacherLogits`) adds the distillation loss
+    (:func:`losses.distillation_loss` at ``distill_temperature``) with the share
+    ``distill_weight``, the cross-entropy keeping the rest."""
     with autocast or nullcontext(), kernels.kernel_mode(cpu_kernels):
         logits = model(x)
         # categorical cross-entropy on softmax(logits), as Keras; optionally with label smoothing
         loss = cross_entropy(logits, y, label_smoothing, class_weight, logit_offset)
+        if teacher is not None:
+            with torch.no_grad():
+                soft = teacher(x)
+            loss = (1 - distill_weight) * loss + distill_weight * distillation_loss(logits, soft, distill_temperature)
     optimizer.zero_grad(set_to_none=True)
     if loss_scale == 1:
         loss.backward()
@@ -158,6 +166,74 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
         torch._foreach_mul_(grads, 1 / loss_scale)  # one kernel for all; exact for a power of two
     optimizer.step()
     return loss.detach() * len(y), (logits.detach().argmax(1) == y).sum()
+
+
+class TeacherLogits(nn.Module):
+    """A trained run's model as a teacher (``train.teacher``): frozen and always in eval mode (its
+    dropout off, its batch norms on their running statistics), taking the images as the student
+    gets them, preprocessed with the student's ``prep``, and giving its logits for the same images
+    preprocessed as it was trained, with ``teacher_prep``."""
+
+    def __init__(self, model: nn.Module, prep: dict, teacher_prep: dict) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.prep, self.teacher_prep = dict(prep), dict(teacher_prep)
+        keys = ("rescale", "mean", "std")
+        self.same = all(self.prep.get(k) == self.teacher_prep.get(k) for k in keys)
+
+    def train(self, mode: bool = True) -> TeacherLogits:  # noqa: ARG002 - a teacher never trains
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.same:  # back to the 0-255 scale, then as the teacher was trained (export.preprocess)
+            from .export import channel_values
+
+            p = self.prep
+            if p.get("std") is not None:
+                x = x * channel_values(tuple(p["std"]), x.dtype, x.device, 1e-6)
+            if p.get("mean") is not None:
+                x = x + channel_values(tuple(p["mean"]), x.dtype, x.device)
+            x = normalize(x * (self.teacher_prep.get("rescale", 1 / 255) / p.get("rescale", 1 / 255)),
+                          self.teacher_prep)
+        return self.model(x)
+
+
+def _read_teacher(cfg: Config) -> tuple[Path, dict]:
+    """Check ``cfg.train.teacher`` before any data is loaded: a run folder with its weights.
+    Returns the folder and what the run's metrics and model card say of it."""
+    from .export import check_weights, read_run
+
+    try:
+        run, arch = read_run(cfg.train.teacher)
+        check_weights(run)
+    except CifarlabError as e:
+        raise CifarlabError(f"train.teacher (--teacher): {e}") from None
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    return run, {"run": str(run), "model": arch["model"], "test_accuracy": metrics.get("test_accuracy"),
+                 "data": metrics.get("data", {}).get("source"), "weight": cfg.train.distill_weight,
+                 "temperature": cfg.train.distill_temperature}
+
+
+def _teacher(cfg: Config, ds: Dataset, shape: tuple[int, int, int], prep: dict, device: torch.device,
+             fmt: torch.memory_format) -> tuple[TeacherLogits, dict]:
+    """The teacher of ``cfg.train.teacher`` for this run's data (its classes, image ``shape``)
+    and preprocessing ``prep``, on ``device`` in the run's precision and memory format ``fmt``;
+    and what the run's metrics say of it."""
+    from .export import load_model
+
+    run, about = _read_teacher(cfg)
+    with torch.random.fork_rng(devices=[]):  # building it draws initial weights: the run's own draws stay as they were
+        p = load_model(run, "cpu", "none", uncalibrated=True)  # logits as trained: the temperature is distillation's
+    if p.classes != list(ds.classes):
+        raise CifarlabError(f"train.teacher (--teacher) '{run}' tells apart {len(p.classes)} classes "
+                            f"({short_list(p.classes, 5)}) and this run's data {len(ds.classes)} "
+                            f"({short_list(ds.classes, 5)}); a teacher needs the same classes in the same order")
+    if tuple(p.input_shape) != tuple(shape):
+        (c, h, w), (tc, th, tw) = shape, p.input_shape
+        raise CifarlabError(f"train.teacher (--teacher) '{run}' takes {tw}x{th}x{tc} images and this run's are "
+                            f"{w}x{h}x{c}; give a teacher trained on images of this size (--image-size)")
+    model = runtime.cast_model(p.model.float().to(device), device, cfg.train.precision).to(memory_format=fmt)
+    return TeacherLogits(model, prep, p.prep), about
 
 
 class GraphedStep:
@@ -584,6 +660,8 @@ class _Setup:
     fresh: dict[str, str] | None = None  # with model.init_from: the tensors not copied from that run, and why
     class_weight: torch.Tensor | None = None  # train.class_weight's weight per class, on the device (None: off)
     logit_offset: torch.Tensor | None = None  # train.logit_adjustment's offset per class, on the device (None: off)
+    teacher: TeacherLogits | None = None  # train.teacher's model (None: no distillation)
+    teacher_about: dict | None = None  # the teacher run, its model, accuracy and data, and the loss's settings
 
 
 def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps_per_epoch: int,
@@ -646,8 +724,11 @@ def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps
     offsets = offsets.to(device) if offsets is not None else None
     selector = _selector(cfg, proxy, device, fmt, steps_per_epoch, plateau, weights, offsets) \
         if proxy is not None else None
+    teacher, about = _teacher(cfg, ds, (int(c), int(h), int(w)), prep, device, fmt) if cfg.train.teacher \
+        else (None, None)
     return _Setup(model, optimizer, scheduler, augmenter, prep, lookahead, model_kwargs,
-                  sum(p.numel() for p in model.parameters()), init_time, selector, plateau, fresh, weights, offsets)
+                  sum(p.numel() for p in model.parameters()), init_time, selector, plateau, fresh, weights, offsets,
+                  teacher, about)
 
 
 def _scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
@@ -820,6 +901,8 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
             save_config(cfg, run / "config.yaml")
         # the weights to start from, checked before the data load; a resumed run has its own
         start = _read_start(cfg) if new and cfg.model.init_from else None
+        if cfg.train.teacher:
+            _read_teacher(cfg)  # checked before the data load too
         ds = _load_data(cfg, dataset, log)
         if cfg.data.subset and (note := subset_note(cfg.data.subset, len(ds.y_train),
                                                     f"training images of {ds.source}")):
@@ -870,6 +953,11 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
             log(_start_note(start, st.fresh))
             # kept beside the run, as keras_import.json is: its model card names where it started
             write_json(run / "init_from.json", {**start.about, "fresh": list(st.fresh)})
+        if st.teacher is not None:
+            t = st.teacher_about
+            acc = f", test accuracy {t['test_accuracy']:.4f}" if t["test_accuracy"] is not None else ""
+            log(f"distilling from {t['run']} ({t['model']}{acc}): loss = {1 - t['weight']:g} x cross-entropy + "
+                f"{t['weight']:g} x T^2 x KL to its softmax at T = {t['temperature']:g}")
         if st.selector is not None:
             log(f"each step trains on the {_trained_per_step(cfg)} of its {bs} images that {cfg.train.select_model} "
                 f"({sum(p.numel() for p in st.selector.model.parameters()):,} parameters) finds hardest")
@@ -911,6 +999,8 @@ def _finish(cfg: Config, run: Path, ds: Dataset, arrays: Arrays, st: _Setup, loo
     metrics["epochs_trained"] = len(loop.history)
     if (run / "init_from.json").is_file():  # the run it started from, and what kept fresh weights
         metrics["init_from"] = json.loads((run / "init_from.json").read_text())
+    if st.teacher_about is not None:  # for the model card: the teacher's data shaped this model too
+        metrics["teacher"] = st.teacher_about
     if loop.stopping.patience:
         metrics["early_stopping"] = loop.stopping.summary()
     if st.class_weight is not None:
@@ -1168,7 +1258,9 @@ def _step_function(cfg: Config, st: _Setup, device: torch.device,
                            class_weight=st.class_weight, logit_offset=st.logit_offset)
     return functools.partial(train_step, model, st.optimizer,
                              label_smoothing=cfg.train.label_smoothing, class_weight=st.class_weight,
-                             logit_offset=st.logit_offset,
+                             logit_offset=st.logit_offset, teacher=st.teacher,
+                             distill_weight=cfg.train.distill_weight,
+                             distill_temperature=cfg.train.distill_temperature,
                              autocast=runtime.autocast(device, cfg.train.precision),  # built once per run
                              cpu_kernels=cpu_kernels, loss_scale=scale)
 
@@ -1270,6 +1362,8 @@ def fit_runs(cfg: Config, dataset: Dataset | None = None, log: Callable[[str], N
         save_config(cfg, base / "config.yaml")
         if cfg.model.init_from:
             _read_start(cfg)  # checked before the data load, as for one run
+        if cfg.train.teacher:
+            _read_teacher(cfg)
         ds = _load_data(cfg, dataset, log)
     return _train_runs(base, cfg, ds, log, resume=False)
 

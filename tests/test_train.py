@@ -1330,6 +1330,19 @@ def test_a_teacher_of_weight_zero_changes_nothing_and_is_recorded(tmp_path, trai
             f"{teacher_accuracy:.4f}, trained on `{t['data']}`; 0 of the loss, at temperature 4)") in card
 
 
+def test_a_taught_run_resumed_trains_as_one_uninterrupted(tmp_path, trained_run, image_folder):
+    """The teacher is read again on resume: a taught run of 1 epoch trained on to 2 ends on the
+    weights of a taught run of 2 epochs from the start."""
+    from cifarlab.export import read_weights
+
+    kw = {"teacher": str(trained_run), "distill_weight": 0.7}
+    whole = fit(tiny_config(str(image_folder), str(tmp_path / "whole"), epochs=2, **kw), log=lambda s: None)
+    fit(tiny_config(str(image_folder), str(tmp_path / "part"), epochs=1, **kw), log=lambda s: None)
+    part = fit(resume=tmp_path / "part", epochs=2, log=lambda s: None)
+    a, b = (read_weights(Path(m["run"]) / "weights.safetensors") for m in (whole, part))
+    assert all(torch.equal(a[k], b[k]) for k in a) and part["test_loss"] == whole["test_loss"]
+
+
 def test_the_student_learns_the_teachers_answers(tmp_path, image_folder):
     """A teacher trained to call every image 'frog' (its data labels them so) and a student taught
     by it alone (distill_weight 1) on the true labels: the student calls them frog too."""

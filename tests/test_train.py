@@ -17,6 +17,7 @@ import torch
 from conftest import count_calls, make_image_folder, tiny_config
 from safetensors.torch import load_file
 
+from cifarlab.config import resolve_config
 from cifarlab.errors import CifarlabError
 from cifarlab.export import load_model
 from cifarlab.train import NonFiniteLoss, fit
@@ -1343,9 +1344,11 @@ def test_a_taught_run_resumed_trains_as_one_uninterrupted(tmp_path, trained_run,
     assert all(torch.equal(a[k], b[k]) for k in a) and part["test_loss"] == whole["test_loss"]
 
 
-def test_the_student_learns_the_teachers_answers(tmp_path, image_folder):
+@pytest.mark.parametrize("augment", ["none", "crop-flip"])
+def test_the_student_learns_the_teachers_answers(tmp_path, image_folder, augment):
     """A teacher trained to call every image 'frog' (its data labels them so) and a student taught
-    by it alone (distill_weight 1) on the true labels: the student calls them frog too."""
+    by it alone (distill_weight 1) on the true labels: the student calls them frog too, with the
+    teacher's logits computed once beforehand (no augmentation) or in every step (augmented)."""
     import shutil
 
     frogs = tmp_path / "frogs"
@@ -1360,12 +1363,38 @@ def test_the_student_learns_the_teachers_answers(tmp_path, image_folder):
                 shutil.copy(image_folder / split / c / f"{name}.png", frogs / split / c / f"{name}.png")
     teacher = fit(tiny_config(str(frogs), str(tmp_path / "t"), epochs=3), log=lambda s: None)
     student = fit(tiny_config(str(image_folder), str(tmp_path / "s"), epochs=3, teacher=teacher["run"],
-                              distill_weight=1.0, distill_temperature=1.0), log=lambda s: None)
+                              distill_weight=1.0, distill_temperature=1.0) if augment == "none" else
+                  resolve_config("keras-book", overrides={
+                      "data": {"data": str(image_folder), "val_split": 0.25}, "model": {"name": "keras-shallow"},
+                      "augment": {"preset": augment},
+                      "train": {"epochs": 3, "batch_size": 8, "out": str(tmp_path / "s"), "seed": 0, "threads": 1,
+                                "deterministic": True, "teacher": teacher["run"], "distill_weight": 1.0,
+                                "distill_temperature": 1.0}}), log=lambda s: None)
     from cifarlab.data import load_dataset
 
     ds = load_dataset(image_folder)
     pred = load_model(student["run"]).predict(ds.x_test).argmax(1)
     assert (pred == ds.classes.index("frog")).mean() > 0.8  # as the teacher, not as the labels (a third frogs)
+
+
+def test_without_augmentation_the_teachers_logits_are_made_once_as_a_step_makes_them(tmp_path, trained_run,
+                                                                                    image_folder, monkeypatch):
+    import cifarlab.train as train_mod
+
+    made = {}
+    real = train_mod._Loop._teacher_logits
+
+    def spy(loop):
+        made["soft"] = real(loop)
+        made["want"] = loop.st.teacher(preprocess(loop.arrays.x_train, loop.st.prep).contiguous(
+            memory_format=torch.channels_last))
+        return made["soft"]
+
+    from cifarlab.export import preprocess
+
+    monkeypatch.setattr(train_mod._Loop, "_teacher_logits", spy)
+    fit(tiny_config(str(image_folder), str(tmp_path / "s"), teacher=str(trained_run)), log=lambda s: None)
+    assert made["soft"].shape == (13, 3) and torch.allclose(made["soft"], made["want"], atol=1e-5)
 
 
 def test_a_teacher_takes_its_own_preprocessing():

@@ -133,7 +133,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
                cpu_kernels: bool = False, loss_scale: float = 1.0,
                class_weight: torch.Tensor | None = None,
                logit_offset: torch.Tensor | None = None, teacher: nn.Module | None = None,
-               distill_weight: float = 0.5, distill_temperature: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
+               distill_weight: float = 0.5, distill_temperature: float = 4.0,
+               soft: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a prepared batch; returns (summed loss, correct count) as
     device tensors, so the caller can accumulate without a GPU-to-CPU sync every step.
     ``cpu_kernels`` uses cifarlab's own CPU kernels (:mod:`cifarlab.cpu_kernels`: dropout, ReLU
@@ -148,14 +149,16 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     the plain logits, as predictions use them. ``teacher`` (a frozen model in eval mode taking
     the same input, :class:`TeacherLogits`) adds the distillation loss
     (:func:`losses.distillation_loss` at ``distill_temperature``) with the share
-    ``distill_weight``, the cross-entropy keeping the rest."""
+    ``distill_weight``, the cross-entropy keeping the rest; ``soft``, the teacher's logits for
+    ``x`` computed beforehand, saves its forward pass."""
     with autocast or nullcontext(), kernels.kernel_mode(cpu_kernels):
         logits = model(x)
         # categorical cross-entropy on softmax(logits), as Keras; optionally with label smoothing
         loss = cross_entropy(logits, y, label_smoothing, class_weight, logit_offset)
-        if teacher is not None:
-            with torch.no_grad():
-                soft = teacher(x)
+        if teacher is not None or soft is not None:
+            if soft is None:
+                with torch.no_grad():
+                    soft = teacher(x)
             loss = (1 - distill_weight) * loss + distill_weight * distillation_loss(logits, soft, distill_temperature)
     optimizer.zero_grad(set_to_none=True)
     if loss_scale == 1:
@@ -1076,6 +1079,13 @@ class _Loop:
             self.aug_state = ckpt.get("aug_state")
             self.stopping.load_state_dict(ckpt.get("early_stopping"))
         self.step_fn = _step_function(cfg, st, device, cpu_kernels)
+        # Without augmentation each training image reaches the teacher the same way every epoch:
+        # its logits are computed once, in one inference pass, instead of in every step.
+        self.soft = None
+        if st.teacher is not None and st.augmenter is None:
+            clock = _Clock(device)
+            self.soft = self._teacher_logits()
+            self.train_time += clock.elapsed()  # the teacher's work, as the steps would have done it
         # Where the validation classes are unequally many the accuracy mostly weighs the common
         # ones, so the history adds the mean per-class recall (also where a monitor watches it).
         watched = {cfg.train.early_stopping_monitor if cfg.train.early_stopping else None,
@@ -1135,6 +1145,19 @@ class _Loop:
                 x = st.augmenter(x, gen, indices=idx, epoch=epoch, seed=self.cfg.train.seed)
         return x.to(self.dtype).contiguous(memory_format=self.fmt), self.arrays.y_train[idx]
 
+    def _teacher_logits(self) -> torch.Tensor:
+        """The teacher's logits (float32) for every training image, made as a step would make
+        them (the batch as :meth:`batch` prepares it, the run's precision and CPU kernels), in
+        batches of the training batch size. Only for runs without augmentation."""
+        x, bs = self.arrays.x_train, self.cfg.train.batch_size
+        out = torch.empty((len(x), self.st.model_kwargs["num_classes"]), device=self.device)
+        autocast = runtime.autocast(self.device, self.cfg.train.precision)
+        with torch.no_grad(), autocast or nullcontext(), kernels.kernel_mode(self.cpu_kernels):
+            for s in range(0, len(x), bs):
+                idx = torch.arange(s, min(s + bs, len(x)), device=x.device)
+                out[s:s + bs] = self.st.teacher(self.batch(idx, None, 0)[0]).float()
+        return out
+
     def prepare_epoch(self, perm: torch.Tensor, gen: torch.Generator, epoch: int, chunk: int = 8192) -> torch.Tensor:
         """The images of every step of the epoch at once, in ``perm`` order, each made by
         :meth:`batch` as the step would make it, ``chunk`` images per call (airbench prepares
@@ -1184,10 +1207,12 @@ class _Loop:
                 x, y = self.batch(idx, gen, epoch)
             else:
                 x, y = epoch_x[step * bs:(step + 1) * bs], self.arrays.y_train[idx]
+            soft = None if self.soft is None else self.soft[idx]
             if st.selector is not None:
                 keep = st.selector(x, y)  # the examples the proxy finds hardest
                 x, y = x[keep], y[keep]
-            l_sum, corr = self.step_fn(x, y)
+                soft = None if soft is None else soft[keep]
+            l_sum, corr = self.step_fn(x, y) if soft is None else self.step_fn(x, y, soft=soft)
             st.scheduler.step()
             global_step = epoch * steps + step + 1
             if st.lookahead is not None and global_step % cfg.train.lookahead_every == 0:

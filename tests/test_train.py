@@ -1397,6 +1397,35 @@ def test_without_augmentation_the_teachers_logits_are_made_once_as_a_step_makes_
     assert made["soft"].shape == (13, 3) and torch.allclose(made["soft"], made["want"], atol=1e-5)
 
 
+def test_the_runs_of_a_runs_folder_teach_as_one_ensemble(tmp_path, image_folder):
+    """A --runs 2 folder as the teacher: the mean of its runs' logits, recorded and carded as
+    such; a folder with an unfinished run is refused before any data is read."""
+    from cifarlab.cli import main
+    from cifarlab.train import EnsembleLogits
+
+    members = [torch.nn.Linear(2, 3), torch.nn.Linear(2, 3)]
+    x = torch.randn(4, 2)
+    assert torch.allclose(EnsembleLogits(members)(x), (members[0](x) + members[1](x)) / 2)
+    teachers = fit(tiny_config(str(image_folder), str(tmp_path / "t"), runs=2), log=lambda s: None)
+    said = []
+    fit(tiny_config(str(image_folder), str(tmp_path / "s"), teacher=str(tmp_path / "t")), log=said.append)
+    t = json.loads((tmp_path / "s" / "metrics.json").read_text())["teacher"]
+    mean = sum(r["test_accuracy"] for r in teachers["per_run"]) / 2
+    assert t["runs"] == 2 and t["test_accuracy"] == pytest.approx(mean) and t["model"] == "keras-shallow"
+    assert any(s.startswith(f"distilling from the 2 runs of {tmp_path / 't'} (keras-shallow, mean test accuracy")
+               for s in said)
+    assert main(["audit", str(tmp_path / "s")]) == 0
+    card = (tmp_path / "s" / "audit" / "MODEL_CARD.md").read_text()
+    assert f"- Distilled from: the predictions of the 2 runs of `{tmp_path / 't'}` (their logits averaged, " in card
+    assert "those runs's data" not in card and "their model cards apply here as well" in card
+    import shutil
+
+    shutil.rmtree(tmp_path / "t" / "run-1")
+    assert main(["train", "--data", str(image_folder), "--model", "keras-shallow", "--teacher", str(tmp_path / "t"),
+                 "--out", str(tmp_path / "s2")]) == 2
+    assert not (tmp_path / "s2").exists()
+
+
 def test_a_teacher_takes_its_own_preprocessing():
     """The student's input, preprocessed its way, reaches the teacher preprocessed the teacher's."""
     from cifarlab.export import preprocess

@@ -1415,11 +1415,15 @@ def _distilled_from_lines(teacher: dict | None) -> list[str]:
     """The model card's line on the teacher whose predictions the model learnt from."""
     if not teacher:
         return []
-    acc = f", test accuracy {teacher['test_accuracy']:.4f}" if teacher.get("test_accuracy") is not None else ""
-    return [f"- Distilled from: the predictions of run `{teacher['run']}` ({teacher['model']}{acc}, trained on "
+    runs = teacher.get("runs")  # an ensemble: the runs of a --runs N folder, their logits averaged
+    what = "mean test accuracy" if runs else "test accuracy"
+    acc = f", {what} {teacher['test_accuracy']:.4f}" if teacher.get("test_accuracy") is not None else ""
+    of = f"the {runs} runs of `{teacher['run']}` (their logits averaged" if runs else f"run `{teacher['run']}` ("
+    return [f"- Distilled from: the predictions of {of}{', ' if runs else ''}{teacher['model']}{acc}, trained on "
             f"`{teacher['data'] or TO_FILL}`; {teacher['weight']:g} of the loss, at temperature "
-            f"{teacher['temperature']:g}); that run's data and its errors shaped this model too, so its model card "
-            "applies here as well"]
+            f"{teacher['temperature']:g}); " + ("those runs' data" if runs else "that run's data")
+            + f" and errors shaped this model too, so {'their model cards apply' if runs else 'its model card applies'} "
+            "here as well"]
 
 
 def model_card_markdown(card: dict) -> str:

@@ -201,42 +201,66 @@ class TeacherLogits(nn.Module):
         return self.model(x)
 
 
-def _read_teacher(cfg: Config) -> tuple[Path, dict]:
-    """Check ``cfg.train.teacher`` before any data is loaded: a run folder with its weights.
-    Returns the folder and what the run's metrics and model card say of it."""
-    from .export import check_weights, read_run
+class EnsembleLogits(nn.Module):
+    """Several teachers as one: the mean of their logits, whose softmax at any temperature is
+    the normalised geometric mean of their softened distributions (one of the two ensemble
+    targets Hinton et al. distil)."""
+
+    def __init__(self, members: list[TeacherLogits]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x).float() for m in self.members]).mean(0)
+
+
+def _read_teacher(cfg: Config) -> tuple[list[Path], dict]:
+    """Check ``cfg.train.teacher`` before any data is loaded: a run folder with its weights, or
+    the folder of ``cifarlab train --runs N`` whose runs have all finished (an ensemble teacher).
+    Returns the runs and what the run's metrics and model card say of the teacher."""
+    from .export import check_weights, finished_runs, is_runs_set, read_run
 
     try:
-        run, arch = read_run(cfg.train.teacher)
-        check_weights(run)
+        runs = finished_runs(cfg.train.teacher) if is_runs_set(cfg.train.teacher) else [Path(cfg.train.teacher)]
+        archs = [read_run(r)[1] for r in runs]
+        for r in runs:
+            check_weights(r)
     except CifarlabError as e:
         raise CifarlabError(f"train.teacher (--teacher): {e}") from None
-    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
-    return run, {"run": str(run), "model": arch["model"], "test_accuracy": metrics.get("test_accuracy"),
-                 "data": metrics.get("data", {}).get("source"), "weight": cfg.train.distill_weight,
-                 "temperature": cfg.train.distill_temperature}
+    metrics = [json.loads((r / "metrics.json").read_text()) if (r / "metrics.json").is_file() else {} for r in runs]
+    accuracies = [m.get("test_accuracy") for m in metrics]
+    about = {"run": str(cfg.train.teacher), "model": ", ".join(sorted({a["model"] for a in archs})),
+             # of an ensemble, its runs' mean (the ensemble's own is not measured)
+             "test_accuracy": None if None in accuracies else sum(accuracies) / len(accuracies),
+             "data": metrics[0].get("data", {}).get("source"), "weight": cfg.train.distill_weight,
+             "temperature": cfg.train.distill_temperature}
+    return runs, about | ({"runs": len(runs)} if len(runs) > 1 else {})
 
 
 def _teacher(cfg: Config, ds: Dataset, shape: tuple[int, int, int], prep: dict, device: torch.device,
-             fmt: torch.memory_format) -> tuple[TeacherLogits, dict]:
+             fmt: torch.memory_format) -> tuple[nn.Module, dict]:
     """The teacher of ``cfg.train.teacher`` for this run's data (its classes, image ``shape``)
-    and preprocessing ``prep``, on ``device`` in the run's precision and memory format ``fmt``;
-    and what the run's metrics say of it."""
+    and preprocessing ``prep``, on ``device`` in the run's precision and memory format ``fmt``
+    (:class:`TeacherLogits`, or :class:`EnsembleLogits` of a ``--runs N`` folder's runs); and
+    what the run's metrics say of it."""
     from .export import load_model
 
-    run, about = _read_teacher(cfg)
-    with torch.random.fork_rng(devices=[]):  # building it draws initial weights: the run's own draws stay as they were
-        p = load_model(run, "cpu", "none", uncalibrated=True)  # logits as trained: the temperature is distillation's
-    if p.classes != list(ds.classes):
-        raise CifarlabError(f"train.teacher (--teacher) '{run}' tells apart {len(p.classes)} classes "
-                            f"({short_list(p.classes, 5)}) and this run's data {len(ds.classes)} "
-                            f"({short_list(ds.classes, 5)}); a teacher needs the same classes in the same order")
-    if tuple(p.input_shape) != tuple(shape):
-        (c, h, w), (tc, th, tw) = shape, p.input_shape
-        raise CifarlabError(f"train.teacher (--teacher) '{run}' takes {tw}x{th}x{tc} images and this run's are "
-                            f"{w}x{h}x{c}; give a teacher trained on images of this size (--image-size)")
-    model = runtime.cast_model(p.model.float().to(device), device, cfg.train.precision).to(memory_format=fmt)
-    return TeacherLogits(model, prep, p.prep), about
+    runs, about = _read_teacher(cfg)
+    members = []
+    for run in runs:
+        with torch.random.fork_rng(devices=[]):  # building it draws initial weights: the run's own stay as they were
+            p = load_model(run, "cpu", "none", uncalibrated=True)  # logits as trained: the temperature is distillation's
+        if p.classes != list(ds.classes):
+            raise CifarlabError(f"train.teacher (--teacher) '{run}' tells apart {len(p.classes)} classes "
+                                f"({short_list(p.classes, 5)}) and this run's data {len(ds.classes)} "
+                                f"({short_list(ds.classes, 5)}); a teacher needs the same classes in the same order")
+        if tuple(p.input_shape) != tuple(shape):
+            (c, h, w), (tc, th, tw) = shape, p.input_shape
+            raise CifarlabError(f"train.teacher (--teacher) '{run}' takes {tw}x{th}x{tc} images and this run's are "
+                                f"{w}x{h}x{c}; give a teacher trained on images of this size (--image-size)")
+        model = runtime.cast_model(p.model.float().to(device), device, cfg.train.precision).to(memory_format=fmt)
+        members.append(TeacherLogits(model, prep, p.prep))
+    return (members[0] if len(members) == 1 else EnsembleLogits(members)), about
 
 
 class GraphedStep:
@@ -663,7 +687,7 @@ class _Setup:
     fresh: dict[str, str] | None = None  # with model.init_from: the tensors not copied from that run, and why
     class_weight: torch.Tensor | None = None  # train.class_weight's weight per class, on the device (None: off)
     logit_offset: torch.Tensor | None = None  # train.logit_adjustment's offset per class, on the device (None: off)
-    teacher: TeacherLogits | None = None  # train.teacher's model (None: no distillation)
+    teacher: nn.Module | None = None  # train.teacher's model, or its runs' ensemble (None: no distillation)
     teacher_about: dict | None = None  # the teacher run, its model, accuracy and data, and the loss's settings
 
 
@@ -958,8 +982,10 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
             write_json(run / "init_from.json", {**start.about, "fresh": list(st.fresh)})
         if st.teacher is not None:
             t = st.teacher_about
-            acc = f", test accuracy {t['test_accuracy']:.4f}" if t["test_accuracy"] is not None else ""
-            log(f"distilling from {t['run']} ({t['model']}{acc}): loss = {1 - t['weight']:g} x cross-entropy + "
+            what = "mean test accuracy" if "runs" in t else "test accuracy"
+            acc = f", {what} {t['test_accuracy']:.4f}" if t["test_accuracy"] is not None else ""
+            of = f"the {t['runs']} runs of {t['run']}" if "runs" in t else t["run"]
+            log(f"distilling from {of} ({t['model']}{acc}): loss = {1 - t['weight']:g} x cross-entropy + "
                 f"{t['weight']:g} x T^2 x KL to its softmax at T = {t['temperature']:g}")
         if st.selector is not None:
             log(f"each step trains on the {_trained_per_step(cfg)} of its {bs} images that {cfg.train.select_model} "

@@ -195,7 +195,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--teacher", metavar="RUN",
                    help="knowledge distillation (Hinton et al., 2015): learn from RUN's softened predictions as "
                         "well as from the labels, such as a small model from a large one (same classes and image "
-                        "size; the teacher's own preprocessing)")
+                        "size; the teacher's own preprocessing); a --runs N folder teaches as an ensemble, the mean "
+                        "of its runs' logits")
     g.add_argument("--distill-weight", type=float, metavar="A",
                    help="with --teacher: the soft targets' share of the loss, the labels' being 1 - A (default 0.5)")
     g.add_argument("--distill-temperature", type=float, metavar="T",

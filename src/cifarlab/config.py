@@ -228,8 +228,9 @@ class TrainConfig:
     select_fraction: float = 1.0
     select_model: str = "speednet-proxy"
     select_backward_every: int = 4
-    # Knowledge distillation (Hinton et al., 2015): a trained run (its folder) whose predictions the
-    # model learns from as well as the labels. The loss is (1 - distill_weight) x the cross-entropy
+    # Knowledge distillation (Hinton et al., 2015): a trained run (its folder; or a --runs N folder,
+    # whose runs teach as an ensemble, the mean of their logits) whose predictions the model learns
+    # from as well as the labels. The loss is (1 - distill_weight) x the cross-entropy
     # with the labels + distill_weight x T^2 x KL(teacher || model) of both softmaxes at temperature
     # T = distill_temperature (higher: softer targets that show which wrong classes the teacher
     # finds likely; T^2 keeps their gradients' scale). null: off (the notebook).

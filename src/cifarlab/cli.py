@@ -1260,7 +1260,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     ds = _load_eval_data(args, run, [run])
     export_int8(run, ds, args.out, n, method, tta=args.tta, opset=args.opset, check=args.check,
                 uncalibrated=args.uncalibrated, about=args.about, groups_csv=args.groups,
-                intersections=bool(args.intersections), log=lambda m: print(m, file=sys.stderr) if m.startswith(("calibrating", "classifying")) else print(m))
+                intersections=bool(args.intersections), progress=lambda m: print(m, file=sys.stderr))
     return 0
 
 

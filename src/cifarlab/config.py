@@ -235,7 +235,7 @@ class TrainConfig:
     # T = distill_temperature (higher: softer targets that show which wrong classes the teacher
     # finds likely; T^2 keeps their gradients' scale). null: off (the notebook).
     teacher: str | None = None
-    distill_weight: float = 0.5  # the soft targets' share of the loss, in [0, 1] (Hinton et al.: mostly soft)
+    distill_weight: float = 0.5  # the soft targets' share of the loss, in [0, 1]; the labels' is the rest
     distill_temperature: float = 4.0  # T; 1 is the teacher's own probabilities
 
 
@@ -262,12 +262,12 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # offer them without importing the modules (and PyTorch) that carry the commands out.
 EXPLAIN_METHODS = ("gradcam", "occlusion", "integrated-gradients")
 EXPLAIN_SELECTIONS = ("wrong", "right", "random")
-# Chosen by looking at random pairs of the JPEG copy of CIFAR-10 (see the README): 44 of 48 pairs
-# scoring 0.96 or more were the same photograph, against about 34 of 48 from 0.95 to 0.96.
 # cifarlab export --int8: how ONNX Runtime takes each tensor's range from the calibration images.
 # Not its "entropy": quantize_static builds that histogram with as many bins as it quantizes to,
 # leaving one candidate range, the whole one (the same scales as minmax for keras-deep, checked).
 CALIBRATION_METHODS = ("minmax", "percentile")
+# Chosen by looking at random pairs of the JPEG copy of CIFAR-10 (see the README): 44 of 48 pairs
+# scoring 0.96 or more were the same photograph, against about 34 of 48 from 0.95 to 0.96.
 DUPLICATES_THRESHOLD = 0.96
 DUPLICATES_SHIFT = 3  # pixels each way: the shifts seen among CIFAR's near-duplicates are small
 DUPLICATES_CANDIDATES = 20  # more finds a few more shifted copies, at linear cost

@@ -162,7 +162,7 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
                 method: str = "minmax", tta: str | None = None, opset: int | None = None, check: bool = True,
                 uncalibrated: bool = False, about: str | Path | None = None, seed: int = 0,
                 groups_csv: str | Path | None = None, intersections: bool = False,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
+                log: Callable[[str], None] = print, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write ``run`` as an int8 ONNX file (default ``RUN/model.int8.onnx``) and its comparison
     with the float32 file on ``ds``'s test images (``<out>.json`` beside it, and in the file's
     metadata ``quantization``); return that report.
@@ -173,6 +173,8 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
     (class-balanced, drawn with ``seed``), never its test images. ``groups_csv`` (a groups file
     as ``cifarlab audit --groups`` reads it, with each pair of its attributes where
     ``intersections``) adds the comparison per group. Nothing is written where any step fails.
+    ``log`` receives what was written and measured, ``progress`` (default ``log``) each step as
+    it starts.
     """
     import onnx
 
@@ -202,10 +204,11 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
                                uncalibrated=uncalibrated, about=about)
         chosen = balanced_subset(ds.y_train, calibration_images, seed)
         calib = ds.x_train[chosen]
-        log(f"calibrating the int8 ranges ({method}) on {len(calib):,} training images")
+        progress = progress or log
+        progress(f"calibrating the int8 ranges ({method}) on {len(calib):,} training images")
         quantized = Path(tmp) / "model.int8.onnx"
         quantize_file(float_path, quantized, calib, method)
-        log(f"classifying the {len(ds.x_test):,} test images with the float32 and the int8 file")
+        progress(f"classifying the {len(ds.x_test):,} test images with the float32 and the int8 file")
         c = compare_files(float_path, quantized, ds.x_test, ds.y_test, exported["classes"],
                           exported["unfamiliar_below"], seed, groups)
         # what it was measured with, so the model card quotes it only while the run is unchanged

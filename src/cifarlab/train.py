@@ -248,8 +248,10 @@ def _teacher(cfg: Config, ds: Dataset, shape: tuple[int, int, int], prep: dict, 
     runs, about = _read_teacher(cfg)
     members = []
     for run in runs:
-        with torch.random.fork_rng(devices=[]):  # building it draws initial weights: the run's own stay as they were
-            p = load_model(run, "cpu", "none", uncalibrated=True)  # logits as trained: the temperature is distillation's
+        # Building it draws initial weights: the run's own random draws stay as they were. Its
+        # logits as trained, uncalibrated: the temperature is distillation's.
+        with torch.random.fork_rng(devices=[]):
+            p = load_model(run, "cpu", "none", uncalibrated=True)
         if p.classes != list(ds.classes):
             raise CifarlabError(f"train.teacher (--teacher) '{run}' tells apart {len(p.classes)} classes "
                                 f"({short_list(p.classes, 5)}) and this run's data {len(ds.classes)} "

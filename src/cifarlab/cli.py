@@ -92,6 +92,21 @@ _DATA_TAIL = {
 _DATA_OPTIONS = ("data", "dataset", "allow_unverified", "skip_bad_images", "label_mode", "labels")
 
 
+def _given_flags(args: argparse.Namespace, dests: Sequence[str]) -> list[str]:
+    """The flags of ``dests`` given on the command line: set to a value, where they default to
+    None or False (a value 0 counts as given)."""
+    return [f"--{d.replace('_', '-')}" for d in dests if getattr(args, d) is not None and getattr(args, d) is not False]
+
+
+def _refuse_flags(flags: list[str], applies_to: str, instead: str = "") -> None:
+    """Refuse ``flags`` given where they do nothing: '--a and --b apply to ``applies_to``;
+    ``instead`` leave them out'."""
+    if flags:
+        many = len(flags) > 1
+        raise ConfigError(f"{' and '.join(flags)} {'apply' if many else 'applies'} to {applies_to}; {instead}leave "
+                          f"{'them' if many else 'it'} out")
+
+
 def _add_data_args(p: argparse.ArgumentParser, subset: str | None = None, run: str | None = None) -> None:
     """The data options, and ``--subset`` with the help text ``subset`` where the command uses
     it (evaluation reads every test image). ``run``: how the command takes a run's data, where
@@ -1222,29 +1237,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     """``cifarlab export``."""
     from .deploy import export_onnx
 
-    int8_only = [flag for flag, v in (("--calibration-images", args.calibration_images),
-                                      ("--calibration-method", args.calibration_method),
-                                      ("--groups", args.groups), ("--intersections", args.intersections),
-                                      *((f"--{k.replace('_', '-')}", getattr(args, k)) for k in _DATA_OPTIONS))
-                 if v is not None]
+    int8_only = _given_flags(args, ("calibration_images", "calibration_method", "groups", "intersections",
+                                    *_DATA_OPTIONS))
     if args.out and args.out.endswith(".h5"):
         from .keras_files import export_keras_weights
 
-        given = [flag for flag, v in (("--tta", args.tta), ("--opset", args.opset),
-                                      ("--no-check", None if args.check else True),
-                                      ("--uncalibrated", True if args.uncalibrated else None),
-                                      ("--about", args.about), ("--int8", True if args.int8 else None)) if v is not None]
-        given += int8_only
-        if given:
-            raise ConfigError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to ONNX files, not "
-                              f"to Keras weights ('{args.out}'); leave {'them' if len(given) > 1 else 'it'} out")
+        onnx_only = (_given_flags(args, ("tta", "opset")) + ([] if args.check else ["--no-check"])  # stores False
+                     + _given_flags(args, ("uncalibrated", "about", "int8")))
+        _refuse_flags(onnx_only + int8_only, f"ONNX files, not to Keras weights ('{args.out}')")
         export_keras_weights(args.run, args.out)
         return 0
     if not args.int8:
-        if int8_only:
-            raise ConfigError(f"{' and '.join(int8_only)} {'apply' if len(int8_only) > 1 else 'applies'} to --int8 "
-                              "(the float32 file needs no data); add --int8, or leave "
-                              f"{'them' if len(int8_only) > 1 else 'it'} out")
+        _refuse_flags(int8_only, "--int8 (the float32 file needs no data)", "add --int8, or ")
         export_onnx(args.run, args.out, tta=args.tta, opset=args.opset, check=args.check,
                     uncalibrated=args.uncalibrated, about=args.about)
         return 0

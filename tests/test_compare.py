@@ -254,6 +254,8 @@ def test_compare_two_runs_folders_from_their_summaries(tmp_path, image_folder, c
         capsys.readouterr().err
     assert main(["compare", x, y, "--labels", "l.csv"]) == 2  # every data option, the labels file's too
     assert "--labels: two --runs folders are compared from their summaries" in capsys.readouterr().err
+    assert main(["compare", x, y, "--bootstrap", "0"]) == 2  # a value of 0 is given too, not left out
+    assert "--bootstrap: two --runs folders are compared from their summaries" in capsys.readouterr().err
     assert main(["compare", x, summary(tmp_path / "one", [0.9])]) == 2
     assert "holds 1 run; a test across runs needs at least 2" in capsys.readouterr().err
     assert main(["compare", x, str(tmp_path / "a" / "run-0")]) == 2

@@ -1208,8 +1208,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     sets = [is_runs_set(r) for r in (args.run_a, args.run_b)]
     if all(sets):  # two recipes, several seeds each: their summaries, no data needed
-        used = (*_DATA_OPTIONS, "groups", "intersections", "bootstrap", "tta", "device", "uncalibrated")
-        given = [f"--{k.replace('_', '-')}" for k in used if getattr(args, k) not in (None, False)]
+        given = _given_flags(args, (*_DATA_OPTIONS, "groups", "intersections", "bootstrap", "tta", "device",
+                                    "uncalibrated"))
         if given:
             raise ConfigError(f"{', '.join(given)}: two --runs folders are compared from their summaries, with no "
                               "data and no model run; leave these out, or compare two single runs (RUN/run-K)")

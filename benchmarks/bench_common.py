@@ -49,12 +49,12 @@ def cpu_line() -> str:
 def timed_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, batch: int,
                 fmt: torch.memory_format, kernels: bool | None = None,
                 conv_kernel: bool | None = None, pool_kernel: bool = True,
-                autocast=None) -> tuple[list[float], float]:
+                autocast=None, label_smoothing: float = 0.0) -> tuple[list[float], float]:
     """One shuffled training epoch with ``cifarlab train``'s step (scale by 1/255, memory format,
     ``train_step``, and on the CPU cifarlab's own kernels unless ``kernels`` is False; its
     convolution weight-gradient kernel where it pays off, or as ``conv_kernel`` says; its
     ReLU-pool kernel unless ``pool_kernel`` is False; under ``autocast``, a mixed-precision
-    context from :func:`cifarlab.runtime.autocast`, if given)
+    context from :func:`cifarlab.runtime.autocast`, if given; with ``label_smoothing``)
     over uint8 NCHW ``x`` on its device; returns each step's seconds and the epoch's, by the
     host clock (on a GPU those count launches, not the work: time with CUDA events)."""
     import torch
@@ -77,6 +77,6 @@ def timed_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Ten
         t0 = time.perf_counter()
         with mode:
             train_step(model, opt, preprocess(x[idx], {"rescale": 1 / 255}).contiguous(memory_format=fmt), y[idx],
-                       autocast=autocast)
+                       label_smoothing, autocast=autocast)
         steps.append(time.perf_counter() - t0)
     return steps, time.perf_counter() - t_epoch

@@ -339,6 +339,37 @@ def test_cpu_epoch_timing_takes_the_kernels_as_asked(monkeypatch, conv_kernel, p
     assert calls["relu_max_pool2"] == (2 * 2 if pool_kernel else 0)  # both ReLU-pool pairs of keras-deep
 
 
+def test_cpu_epoch_times_the_recipe_and_precision_asked(monkeypatch, capsys):
+    """cpu_epoch.py --recipe fast --precision bf16 times the fast recipe's step: its model, its
+    optimizer groups (batch-norm biases at 64 times the lr), its label smoothing, under bf16 autocast."""
+    import torch
+
+    import cifarlab.train as train_mod
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import cpu_epoch
+
+    seen = []
+    real = train_mod.train_step
+
+    def spy(model, opt, x, y, label_smoothing=0.0, autocast=None, **k):
+        seen.append((type(model).__name__, [g["lr"] for g in opt.param_groups], label_smoothing, autocast))
+        return real(model, opt, x, y, label_smoothing, autocast=autocast, **k)
+
+    monkeypatch.setattr(train_mod, "train_step", spy)
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(cpu_epoch, "training_images", lambda n: (
+        rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n), f"{n} random images"))
+    monkeypatch.setattr(sys, "argv", ["cpu_epoch.py", "--recipe", "fast", "--precision", "bf16", "--images", "16",
+                                      "--batch", "8", "--threads", "1"])
+    cpu_epoch.main()
+    assert len(seen) == 2
+    name, lrs, smoothing, autocast = seen[0]
+    assert name == "SpeedNet" and smoothing == 0.2 and lrs[0] == pytest.approx(64 * lrs[1])
+    assert isinstance(autocast, torch.autocast) and autocast.fast_dtype == torch.bfloat16
+    assert "fast's step, speednet, bf16, 16 random images, batch 8" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cpu_speed_times_cifarlab_in_the_precision_asked(monkeypatch, precision):
     """cpu_speed.py's cifarlab worker: one timed step per 128 images after a warm-up epoch, with

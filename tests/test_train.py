@@ -17,8 +17,8 @@ import torch
 from conftest import count_calls, make_image_folder, tiny_config
 from safetensors.torch import load_file
 
-from cifarlab.config import resolve_config
-from cifarlab.errors import CifarlabError
+from cifarlab.config import load_run_config, resolve_config
+from cifarlab.errors import CifarlabError, ConfigError
 from cifarlab.export import load_model
 from cifarlab.train import NonFiniteLoss, fit
 
@@ -94,6 +94,35 @@ def test_bf16_on_a_cpu_without_bfloat16_units_gets_a_note(tmp_path, image_folder
     lines: list[str] = []
     fit(tiny_config(str(image_folder), str(tmp_path / "r"), precision="bf16"), log=lines.append)
     assert sum("without bfloat16 units" in x for x in lines) == 1 and "without bfloat16" in lines[0]
+
+
+def test_precision_auto_resolves_by_the_cpu_and_the_run_records_it(tmp_path, image_folder, monkeypatch):
+    """auto is bf16 on a CPU with bfloat16 units and fp32 on one without (or of unknown flags);
+    training says which, and the run's config.yaml holds the resolved one, so a resumed run keeps it."""
+    from cifarlab import runtime
+
+    cpu = torch.device("cpu")
+    avx2 = frozenset("sse4_2 avx avx2 fma f16c".split())
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
+    assert runtime.resolve_precision(cpu, "auto", avx2) == "fp32"
+    assert runtime.resolve_precision(cpu, "auto", avx2 | {"avx512_bf16"}) == "bf16"
+    assert runtime.resolve_precision(cpu, "auto", avx2 | {"amx_bf16"}) == "bf16"
+    assert runtime.resolve_precision(cpu, "fp32", avx2 | {"amx_bf16"}) == "fp32"  # only auto is resolved
+    assert runtime.resolve_precision(cpu, "bf16-true", avx2) == "bf16-true"
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "aarch64")  # other flag names there
+    assert runtime.resolve_precision(cpu, "auto", frozenset({"avx512_bf16"})) == "fp32"
+    with pytest.raises(ConfigError, match="resolved"):  # unresolved, it reaches no autocast
+        runtime.autocast(cpu, "auto")
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
+    for flags, want in ((avx2 | {"avx512_bf16"}, "bf16"), (avx2, "fp32")):
+        monkeypatch.setattr(runtime, "cpu_flags", lambda flags=flags: flags)
+        out = tmp_path / want
+        lines: list[str] = []
+        fit(tiny_config(str(image_folder), str(out), precision="auto"), log=lines.append)
+        assert [x for x in lines if x.startswith("precision auto")] == \
+            [f"precision auto: {'bf16 autocast' if want == 'bf16' else 'fp32'}, as this CPU "
+             f"{'computes bfloat16 natively' if want == 'bf16' else 'has no bfloat16 units'}"]
+        assert load_run_config(out / "config.yaml").train.precision == want
 
 
 @pytest.mark.parametrize("kernels", [True, False])

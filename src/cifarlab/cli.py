@@ -238,7 +238,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     g.add_argument("--deterministic", action="store_true", default=None, help="bit-reproducible kernels")
     g.add_argument("--precision", choices=PRECISIONS,
-                   help="fp32 (default); bf16 or fp16 autocast; bf16-true or fp16-true: half-precision weights")
+                   help="fp32 (default); bf16 or fp16 autocast; bf16-true or fp16-true: half-precision weights; "
+                        "auto: bf16 where the device has bfloat16 units, else fp32")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (long GPU runs)")
     g.add_argument("--compile-mode", choices=COMPILE_MODES,
                    help="torch.compile's mode with --compile (default: default; max-autotune adds CUDA graphs "

@@ -27,8 +27,9 @@ SCHEDULES = ("constant", "triangle", "cosine", "step")
 # Test-time augmentation levels (see cifarlab.export.tta_logits): airbench's levels 0, 1 and 2.
 TTA_LEVELS = ("none", "flip", "flip-translate")
 # fp32; autocast to bf16 or fp16 with float32 weights; or weights in bf16 / fp16 throughout
-# (the "-true" ones, Lightning's names; see cifarlab.runtime.cast_model).
-PRECISIONS = ("fp32", "bf16", "fp16", "bf16-true", "fp16-true")
+# (the "-true" ones, Lightning's names; see cifarlab.runtime.cast_model); auto: bf16 where the
+# device computes bfloat16 natively, else fp32 (cifarlab.runtime.resolve_precision).
+PRECISIONS = ("fp32", "bf16", "fp16", "bf16-true", "fp16-true", "auto")
 # How an epoch orders the training images (see TrainConfig.sampling)
 SAMPLINGS = ("shuffle", "balanced")
 # What early stopping and plateau cuts can watch, and which way is better (Keras' mode "auto"
@@ -194,7 +195,9 @@ class TrainConfig:
     # Another alternative to class_weight and balanced sampling, not to be combined with them.
     logit_adjustment: float = 0.0
     # fp32 | bf16 (autocast; 14x slower on an AVX2 CPU without bf16 units) | fp16 (autocast, CUDA
-    # only) | bf16-true | fp16-true (CUDA only): half-precision weights, batch norms in float32
+    # only) | bf16-true | fp16-true (CUDA only): half-precision weights, batch norms in float32 |
+    # auto: bf16 where the device has bfloat16 units (a GPU of compute capability 8.0 or more, a
+    # CPU with AVX-512 BF16 or AMX), else fp32; the run's config.yaml records the one it resolved to
     precision: str = "fp32"
     compile: bool = False  # torch.compile the model for training (pays off on long GPU runs only)
     # torch.compile's mode for the model: default | reduce-overhead | max-autotune (CUDA graphs and

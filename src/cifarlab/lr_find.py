@@ -163,7 +163,8 @@ def find_lr(cfg: Config, lr_min: float = 1e-7, lr_max: float = 10.0, steps: int 
     from . import runtime
     from .export import list_to_csv_rows
     from .fsutil import new_run_folder, undo_on_failure, write_json, write_text
-    from .train import _build, _Loop, _load_data, _read_start, _use_cpu_kernels, make_arrays, steps_per_epoch
+    from .train import (_build, _Loop, _load_data, _read_start, _use_cpu_kernels, make_arrays, resolve_precision,
+                        steps_per_epoch)
 
     validate(cfg)
     check_options(lr_min, lr_max, steps)
@@ -174,6 +175,7 @@ def find_lr(cfg: Config, lr_min: float = 1e-7, lr_max: float = 10.0, steps: int 
         log("the range test steps eagerly: --cuda-graph would fix the learning rate")
         cfg.train.cuda_graph = False
     device = runtime.setup(cfg.train.device, cfg.train.threads, cfg.train.deterministic)
+    cfg = resolve_precision(cfg, device, log)
     runtime.check_device_options(device, cfg.train.precision, cfg.train.cuda_graph)
     runtime.seed_everything(cfg.train.seed)
     start = _read_start(cfg) if cfg.model.init_from else None

@@ -79,6 +79,8 @@ def setup(device: str = "auto", threads: int | None = None, deterministic: bool 
 def _check_precision(device: torch.device, precision: str) -> None:
     if precision not in PRECISIONS:
         raise ConfigError(f"precision '{precision}' is not valid; choose {', '.join(PRECISIONS)}")
+    if precision == "auto":  # a caller's slip: every use takes the resolved one
+        raise ConfigError("precision 'auto' must be resolved for the device first (runtime.resolve_precision)")
     if precision.startswith("fp16") and device.type != "cuda":
         raise ConfigError(f"precision {precision} needs a CUDA device; use bf16, bf16-true or fp32 on the CPU")
 
@@ -90,6 +92,26 @@ def check_device_options(device: torch.device, precision: str, cuda_graph: bool)
     if cuda_graph and device.type != "cuda":
         raise ConfigError(f"train.cuda_graph needs a CUDA device; this run is on {device}. "
                           "Leave --cuda-graph off on the CPU")
+
+
+def resolve_precision(device: torch.device, precision: str, flags: frozenset[str] | None = None) -> str:
+    """``precision`` itself, or for ``auto`` the one that trains fastest on ``device`` without
+    loss scaling: bf16 (autocast) where it computes bfloat16 natively, a CUDA GPU of compute
+    capability 8.0 or more or an x86 CPU with AVX-512 BF16 or AMX (``flags``: this machine's, by
+    default), else fp32. Only these two: fp16 autocast would need a GPU without bf16 units, where
+    it has not been measured. On a 2-core AVX-512 BF16 CPU a step of the fast recipe's net (batch
+    1024) took 1.9 s in bf16 against 4.7 s in fp32; on an AVX2 CPU bf16 is many times slower."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    return "bf16" if device.type == "cpu" and _has_bf16_units(cpu_flags() if flags is None else flags) else "fp32"
+
+
+def _has_bf16_units(flags: frozenset[str] | None) -> bool:
+    """Whether an x86 CPU's ``flags`` name bfloat16 arithmetic (None or another architecture: no)."""
+    return (flags is not None and platform.machine().lower() in ("x86_64", "amd64")  # the flag names are x86's
+            and bool(BF16_UNITS & flags))
 
 
 def autocast(device: torch.device, precision: str = "fp32", cache: bool = True):

@@ -913,11 +913,26 @@ def set_of(run: str | Path) -> tuple[Path, Config] | None:
     return (base, cfg) if cfg.train.runs > 1 and int(k) < cfg.train.runs else None
 
 
+def resolve_precision(cfg: Config, device: torch.device, log: Callable[[str], None]) -> Config:
+    """``cfg``, or for ``train.precision: auto`` a copy with the precision it resolves to on
+    ``device`` (:func:`runtime.resolve_precision`), said in one line; the run's config.yaml then
+    records the resolved one, so resuming or repeating the run elsewhere keeps it."""
+    if cfg.train.precision != "auto":
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.train.precision = runtime.resolve_precision(device, "auto")
+    why = "computes bfloat16 natively" if cfg.train.precision == "bf16" else "has no bfloat16 units"
+    what = "bf16 autocast" if cfg.train.precision == "bf16" else "fp32"
+    log(f"precision auto: {what}, as this {'GPU' if device.type == 'cuda' else 'CPU'} {why}")
+    return cfg
+
+
 def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Dataset | None,
                log: Callable[[str], None]) -> dict[str, Any]:
     """One run of :func:`fit`: into a new folder, or continuing ``run`` from ``ckpt``."""
     new = run is None
     device = runtime.setup(cfg.train.device, cfg.train.threads, cfg.train.deterministic)
+    cfg = resolve_precision(cfg, device, log)
     runtime.check_device_options(device, cfg.train.precision, cfg.train.cuda_graph)  # fail before the data load
     if note := runtime.slow_bf16_note(device, cfg.train.precision):
         log(note)

@@ -113,6 +113,10 @@ def test_precision_auto_resolves_by_the_cpu_and_the_run_records_it(tmp_path, ima
     assert runtime.resolve_precision(cpu, "auto", frozenset({"avx512_bf16"})) == "fp32"
     with pytest.raises(ConfigError, match="resolved"):  # unresolved, it reaches no autocast
         runtime.autocast(cpu, "auto")
+    for native, want in ((True, "bf16"), (False, "fp32")):  # a GPU: bf16 from compute capability 8.0
+        monkeypatch.setattr(runtime.torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, n=native: n and not including_emulation)
+        assert runtime.resolve_precision(torch.device("cuda"), "auto") == want
     monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
     for flags, want in ((avx2 | {"avx512_bf16"}, "bf16"), (avx2, "fp32")):
         monkeypatch.setattr(runtime, "cpu_flags", lambda flags=flags: flags)
@@ -123,6 +127,7 @@ def test_precision_auto_resolves_by_the_cpu_and_the_run_records_it(tmp_path, ima
             [f"precision auto: {'bf16 autocast' if want == 'bf16' else 'fp32'}, as this CPU "
              f"{'computes bfloat16 natively' if want == 'bf16' else 'has no bfloat16 units'}"]
         assert load_run_config(out / "config.yaml").train.precision == want
+        assert json.loads((out / "metrics.json").read_text())["precision"] == want
 
 
 @pytest.mark.parametrize("kernels", [True, False])

@@ -1415,7 +1415,8 @@ def _test_metrics(cfg: Config, ds: Dataset, arrays: Arrays, st: _Setup, device: 
             "data": {"source": ds.source, "kind": ds.kind, "train_images": len(arrays.x_train),
                      "val_images": len(arrays.x_val), "test_images": len(arrays.x_test),
                      "train_per_class": dict(zip(ds.classes, counts))},
-            "device": str(device), "cpu": runtime.cpu_name(), "versions": runtime.versions()}
+            "device": str(device), "precision": cfg.train.precision,  # as resolved (train.precision auto)
+            "cpu": runtime.cpu_name(), "versions": runtime.versions()}
 
 
 def fit_runs(cfg: Config, dataset: Dataset | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -1485,7 +1486,8 @@ def _train_runs(base: Path, cfg: Config, dataset: Dataset | None, log: Callable[
             except TrainingInterrupted as e:
                 raise TrainingInterrupted(f"{e.what} of run {k + 1} of {n} ({run.name})", base) from None
         results.append({"seed": seed, "test_accuracy": m["test_accuracy"], "train_time_s": m["train_time_s"],
-                        "epochs_trained": m.get("epochs_trained", m["epochs"]), "run": str(run)})
+                        "epochs_trained": m.get("epochs_trained", m["epochs"]), "run": str(run),
+                        "precision": m.get("precision")})  # the time depends on it; None from older runs
         source = m["data"]["source"]
 
     summary = {"runs": len(results), "recipe": cfg.recipe, "model": cfg.model.name, "data": source,

@@ -921,9 +921,11 @@ def resolve_precision(cfg: Config, device: torch.device, log: Callable[[str], No
         return cfg
     cfg = copy.deepcopy(cfg)
     cfg.train.precision = runtime.resolve_precision(device, "auto")
-    why = "computes bfloat16 natively" if cfg.train.precision == "bf16" else "has no bfloat16 units"
-    what = "bf16 autocast" if cfg.train.precision == "bf16" else "fp32"
-    log(f"precision auto: {what}, as this {'GPU' if device.type == 'cuda' else 'CPU'} {why}")
+    units = "compute capability 8.0 or more" if device.type == "cuda" else "AVX-512 BF16 or AMX"
+    if cfg.train.precision == "bf16":
+        log(f"precision auto: bf16 autocast, as this {device.type.upper()} computes bfloat16 natively ({units})")
+    else:
+        log(f"precision auto: fp32, as this {device.type.upper()} has no bfloat16 units known to cifarlab ({units})")
     return cfg
 
 

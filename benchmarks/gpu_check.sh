@@ -36,7 +36,7 @@ PART=${2:-all}
 N=${3:-5}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ "$PART" = fast ] || [ "$PART" = all ]; then
-  timeout 420 python benchmarks/gpu_speed.py --npz "$NPZ" --runs "$N" --recipes fast-muon:bf16 fast:bf16 fast fast-muon:bf16:compile
+  timeout 420 python benchmarks/gpu_speed.py --npz "$NPZ" --runs "$N" --recipes fast-muon:bf16 fast:bf16 fast:fp32 fast-muon:bf16:compile
 fi
 if [ "$PART" = keras ] || [ "$PART" = all ]; then
   timeout 300 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 3 \

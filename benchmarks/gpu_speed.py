@@ -46,7 +46,8 @@ from cifarlab.errors import ConfigError
 from cifarlab.train import fit, fit_runs, steps_per_epoch
 
 # Training switches a recipe entry may carry after colons.
-SWITCHES = {"cuda-graph": {"cuda_graph": True}, "compile": {"compile": True}, "bf16": {"precision": "bf16"},
+SWITCHES = {"cuda-graph": {"cuda_graph": True}, "compile": {"compile": True}, "fp32": {"precision": "fp32"},
+            "bf16": {"precision": "bf16"},
             "fp16": {"precision": "fp16"}, "bf16-true": {"precision": "bf16-true"},
             "fp16-true": {"precision": "fp16-true"}, "nchw": {"channels_last": False},
             "max-autotune": {"compile": True, "compile_mode": "max-autotune"}}

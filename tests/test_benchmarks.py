@@ -135,6 +135,9 @@ def test_gpu_speed_entries_take_config_settings(monkeypatch):
     assert (cfg.train.precision, cfg.train.epochs) == ("fp16-true", 3)
     cfg = entry_config("fast", "o", runs=1, precision="bf16", epochs=5)
     assert (cfg.train.precision, cfg.train.epochs) == ("bf16", 5)
+    # The speed recipes' own precision is auto; fp32 must be asked for by name.
+    assert entry_config("fast", "o").train.precision == "auto"
+    assert entry_config("fast:fp32", "o").train.precision == "fp32"
     for bad, message in [("fast:train.epochs", "unknown switch 'train.epochs' in 'fast:train.epochs'; valid: "
                                                "cuda-graph, compile"),
                          ("fast:train.epochs=", "must read section.key=value"),

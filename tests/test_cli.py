@@ -29,8 +29,9 @@ def test_help_and_list(capsys):
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
     assert code == 0 and lines["keras-deep"].split()[1:3] == ["2,168,362", "4x4"]
     assert lines["keras-shallow"].split()[1:3] == ["4,200,842", "2x2"]  # counted on the model, as the README says
-    assert "keras-deep, rmsprop (constant lr), batch 128, 20 epochs, augment none, validation 0.2, tta none" in \
-        lines["keras-book"]
+    assert "keras-deep, rmsprop (constant lr), batch 128, 20 epochs, augment none, validation 0.2, tta none, " \
+        "precision fp32" in lines["keras-book"]  # the notebook's arithmetic
+    assert all("precision auto" in lines[r] for r in ("fast", "fast-muon", "best", "best-select"))
     assert "speednet, sgd (triangle lr), batch 1024, 10 epochs" in lines["fast"]
     assert "augment keras" in lines["keras-book-augmented"] and "cutout 12" in lines["best"]
     assert "hardest 0.5 of each batch" in lines["best-select"] and "hardest" not in lines["best"]

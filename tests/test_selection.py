@@ -142,7 +142,7 @@ def test_the_runs_proxy_trains_with_the_runs_class_weights():
     from cifarlab.models import create_model
     from cifarlab.train import _selector
 
-    cfg = resolve_config("fast", overrides={"train": {"select_fraction": 0.5}})
+    cfg = resolve_config("fast", overrides={"train": {"select_fraction": 0.5, "precision": "fp32"}})
     weights = torch.tensor([1.0, 2.0, 3.0])
     proxy = create_model("speednet-proxy", num_classes=3)
     sel = _selector(cfg, proxy, torch.device("cpu"), torch.contiguous_format, 10, None, weights)

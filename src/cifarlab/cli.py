@@ -1324,7 +1324,8 @@ def cmd_list(args: argparse.Namespace) -> int:  # noqa: ARG001
         picked = f", trains on the hardest {c.train.select_fraction:g} of each batch" \
             if c.train.select_fraction < 1 else ""
         print(f"  {name:<22}{c.model.name}, {c.optim.name} ({c.optim.schedule} lr), batch {c.train.batch_size}, "
-              f"{c.train.epochs} epochs, augment {aug}, validation {c.data.val_split:g}, tta {c.train.tta}{picked}")
+              f"{c.train.epochs} epochs, augment {aug}, validation {c.data.val_split:g}, tta {c.train.tta}, "
+              f"precision {c.train.precision}{picked}")
     print("augmentation presets (--augment): " + ", ".join(PRESETS))
     return 0
 

@@ -66,7 +66,8 @@ def main() -> None:
                                label_smoothing=cfg.train.label_smoothing)
     kernels = ("PyTorch's kernels" if args.no_cpu_kernels else
                f"conv kernel {args.conv_kernel}, ReLU-pool kernel {'off' if args.no_pool_kernel else 'on'}, "
-               f"RMSprop kernel {'off' if args.no_optimizer_kernel else 'on'}")
+               + (f"RMSprop kernel {'off' if args.no_optimizer_kernel else 'on'}" if cfg.optim.name == "rmsprop"
+                  else f"optimizer {cfg.optim.name}"))
     print(f"{args.recipe}'s step, {args.model}, {precision}, {src}, batch {args.batch}, "
           f"{torch.get_num_threads()} threads, "
           f"{'NCHW' if args.no_channels_last else 'channels-last'}, {kernels}: epoch {epoch:.1f} s, "

@@ -105,13 +105,15 @@ def resolve_precision(device: torch.device, precision: str, flags: frozenset[str
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
-    return "bf16" if device.type == "cpu" and _has_bf16_units(cpu_flags() if flags is None else flags) else "fp32"
+    known = _x86_flags(flags) if device.type == "cpu" else None
+    return "bf16" if known is not None and BF16_UNITS & known else "fp32"
 
 
-def _has_bf16_units(flags: frozenset[str] | None) -> bool:
-    """Whether an x86 CPU's ``flags`` name bfloat16 arithmetic (None or another architecture: no)."""
-    return (flags is not None and platform.machine().lower() in ("x86_64", "amd64")  # the flag names are x86's
-            and bool(BF16_UNITS & flags))
+def _x86_flags(flags: frozenset[str] | None = None) -> frozenset[str] | None:
+    """``flags`` (by default this CPU's) where they can be read as x86 flag names; None where
+    they are unknown or another architecture's, whose bfloat16 units go by other names."""
+    flags = cpu_flags() if flags is None else flags
+    return flags if flags is not None and platform.machine().lower() in ("x86_64", "amd64") else None
 
 
 def autocast(device: torch.device, precision: str = "fp32", cache: bool = True):
@@ -254,10 +256,8 @@ def slow_bf16_note(device: torch.device, precision: str, flags: frozenset[str] |
     CPU a keras-book epoch of 480 images took 14.7 s in bf16 against 1.0 s in fp32."""
     if device.type != "cpu" or precision not in ("bf16", "bf16-true"):
         return None
-    flags = cpu_flags() if flags is None else flags
-    if flags is None or platform.machine().lower() not in ("x86_64", "amd64"):  # the flag names are x86's
-        return None
-    if BF16_UNITS & flags:
+    known = _x86_flags(flags)
+    if known is None or BF16_UNITS & known:
         return None
     return (f"note: --precision {precision} on a CPU without bfloat16 units (no avx512_bf16 or amx_bf16 among its "
             "flags) computes bfloat16 by conversion, which made training many times slower than fp32 on an AVX2 "

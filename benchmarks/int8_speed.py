@@ -74,6 +74,7 @@ def main() -> None:
                     times[k, b].append(seconds(s, images, b) / len(images) * 1e3)
     print(f"{args.run}: {what}; onnxruntime {ort.__version__}, {args.threads or 'default'} threads, "
           f"{args.rounds} rounds; float32 {sizes['float32'] / 1e6:.1f} MB, int8 {sizes['int8'] / 1e6:.1f} MB")
+
     def cell(v: list[float], unit: str = "") -> str:
         return f"{statistics.median(v):.4f}{unit} ({min(v):.4f}-{max(v):.4f})"
 
@@ -82,6 +83,7 @@ def main() -> None:
         f, q = times["float32", b], times["int8", b]
         ratios = [a / c for a, c in zip(f, q)]
         print(f"{b:>6}  {cell(f):<26}{cell(q):<26}{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+
 
 if __name__ == "__main__":
     main()

@@ -215,7 +215,8 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
         report = {"path": str(out), "float32_bytes": float_path.stat().st_size, "tta": exported["tta"],
                   "weights_sha256": weights_digest(run), "temperature": exported["temperature"],
                   "class_offsets": exported["class_offsets"], "data": ds.source, "opset": exported["opset"],
-                  "weights": "int8, symmetric, a scale per output channel", "activations": "uint8, a static range per tensor", "layers": list(QUANTIZED_OPS),
+                  "weights": "int8, symmetric, a scale per output channel",
+                  "activations": "uint8, a static range per tensor", "layers": list(QUANTIZED_OPS),
                   "calibration": {"images": len(calib), "method": method, "split": "training", "seed": seed},
                   "onnxruntime": _ort_quantization()[0].__version__, "test": c}
         proto = onnx.load(str(quantized))

@@ -303,25 +303,28 @@ def test_a_training_step_with_the_kernels_learns_like_without():
         assert sum(losses[-5:]) / 5 < 0.35 * losses[0], (use, losses)
 
 
-def _relu_pool_reference(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _relu_pool_reference(x: torch.Tensor, g: torch.Tensor, relu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     xr = x.clone().requires_grad_()
-    out = F.max_pool2d(torch.relu(xr), 2)
+    out = F.max_pool2d(torch.relu(xr) if relu else xr, 2)
     return out.detach(), torch.autograd.grad(out, xr, g)[0]
 
 
 @needs_kernel
+@pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n,c,h,w", [(3, 32, 8, 8), (2, 64, 4, 6), (2, 17, 5, 7), (1, 3, 2, 3), (2, 8, 9, 4)])
-def test_relu_max_pool_matches_pytorch_exactly(n, c, h, w, dtype):
+@pytest.mark.parametrize("n,c,h,w", [(3, 32, 8, 8), (2, 64, 4, 6), (2, 17, 5, 7), (1, 3, 2, 3), (2, 8, 9, 4),
+                                     (2, 64, 31, 31)])
+def test_relu_max_pool_matches_pytorch_exactly(n, c, h, w, dtype, relu):
     """Values on a coarse grid, so that windows hold ties and windows with no positive value:
     the first of equal maxima wins, as in PyTorch's pool, and a window ReLU zeroes passes no
-    gradient. Channel counts off the kernel's 8-wide vectors and odd sizes (the pool's floor).
-    In bfloat16 too: max and ReLU only select, so there is no rounding to differ in."""
+    gradient (without the ReLU, it passes the gradient of its first maximum). Channel counts
+    off the kernel's 8-wide vectors and odd sizes (the pool's floor; 31x31 is the speed nets'
+    first pool). In bfloat16 too: max and ReLU only select, so there is no rounding to differ in."""
     torch.manual_seed(n * c + h * w)
     x = _cl((torch.randint(-4, 5, (n, c, h, w)) / 4).to(dtype))
     g = torch.randn(n, c, h // 2, w // 2).to(dtype)
-    want, want_gx = _relu_pool_reference(x, g)
-    out, idx = cpu_kernels.relu_max_pool2(x)
+    want, want_gx = _relu_pool_reference(x, g, relu)
+    out, idx = cpu_kernels.relu_max_pool2(x, relu=relu)
     gx = cpu_kernels.relu_max_pool2_grad(g, idx, x.shape)
     assert out.dtype == gx.dtype == dtype
     assert torch.equal(out, want) and out.is_contiguous(memory_format=torch.channels_last)
@@ -346,15 +349,16 @@ def test_bfloat16_relu_max_pool_keeps_every_bit_of_the_winner():
 
 
 @needs_kernel
+@pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_relu_max_pool_propagates_nan_as_pytorch_does(dtype):
+def test_relu_max_pool_propagates_nan_as_pytorch_does(dtype, relu):
     x = _cl(torch.randn(2, 16, 4, 4)).to(dtype)
     x[0, 3, 0, 1] = float("nan")
     x[1, 5, 2, 2] = x[1, 5, 3, 3] = float("nan")
     x[1, 7, 0:2, 0:2] = torch.tensor([[-1.0, float("nan")], [-2.0, -3.0]])
     g = torch.randn(2, 16, 2, 2).to(dtype)
-    want, want_gx = _relu_pool_reference(x, g)
-    out, idx = cpu_kernels.relu_max_pool2(x)
+    want, want_gx = _relu_pool_reference(x, g, relu)
+    out, idx = cpu_kernels.relu_max_pool2(x, relu=relu)
     torch.testing.assert_close(out, want, equal_nan=True, rtol=0, atol=0)
     torch.testing.assert_close(cpu_kernels.relu_max_pool2_grad(g, idx, x.shape), want_gx, rtol=0, atol=0)
 
@@ -398,6 +402,10 @@ def test_the_mode_fuses_a_relu_only_with_the_2x2_pool_of_its_unchanged_output():
         return F.max_pool2d(r, 2)
 
     assert fused not in _pooled_names(changed_between, x)
+    # where the ReLU is not fused, an eligible pool still takes the kernel, without the ReLU
+    assert "_MaxPoolBackward" in _pooled_names(changed_between, x)
+    assert "_MaxPoolBackward" in _pooled_names(lambda t: F.max_pool2d(torch.relu(t) + 1, 2), x)
+    assert "_MaxPoolBackward" not in _pooled_names(lambda t: nn.MaxPool2d(2)(nn.ReLU()(t)), x)
     with cpu_kernels.kernel_mode():  # a second consumer of the ReLU's output still gets its gradient
         r = F.relu(x)
         out = F.max_pool2d(r, 2).sum() + r.sum()
@@ -405,6 +413,51 @@ def test_the_mode_fuses_a_relu_only_with_the_2x2_pool_of_its_unchanged_output():
     xr = x.detach().clone().requires_grad_()
     (want,) = torch.autograd.grad(F.max_pool2d(F.relu(xr), 2).sum() + F.relu(xr).sum(), xr)
     torch.testing.assert_close(g, want, rtol=0, atol=0)
+
+
+@needs_kernel
+def test_the_mode_sends_only_2x2_pools_of_tensors_the_kernel_takes_to_the_plain_pool():
+    x = _cl(torch.randn(2, 16, 9, 9)).requires_grad_()
+    plain = "_MaxPoolBackward"
+    assert plain in _pooled_names(lambda t: nn.MaxPool2d(2)(t * 2), x)
+    assert plain in _pooled_names(lambda t: F.max_pool2d(t * 2, kernel_size=(2, 2), stride=[2, 2]), x)
+    assert plain in _pooled_names(lambda t: F.max_pool2d(t.bfloat16(), 2), x)
+    assert plain not in _pooled_names(lambda t: nn.MaxPool2d(2)(t * 2), x, pool=False)
+    for f in (lambda t: F.max_pool2d(t, 3), lambda t: F.max_pool2d(t, 2, stride=1),
+              lambda t: F.max_pool2d(t, 2, ceil_mode=True), lambda t: F.max_pool2d(t, 2, padding=1),
+              lambda t: F.max_pool2d(t.contiguous(), 2), lambda t: F.max_pool2d(t.double(), 2)):
+        assert plain not in _pooled_names(f, x)
+    with cpu_kernels.kernel_mode():  # the result and return_indices stay PyTorch's where it is not taken
+        out, ind = F.max_pool2d(x, 2, return_indices=True)
+    assert ind.dtype == torch.int64 and torch.equal(out, F.max_pool2d(x, 2))
+
+
+@needs_kernel
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("name", ["speednet", "speednet-wide2"])
+def test_speed_nets_pool_through_the_kernel_with_pytorchs_results(name, bf16):
+    """The speed recipes' nets pool a convolution's output (conv, pool, batch norm, GELU): each
+    of their 2x2 pools takes the kernel without a ReLU, in float32 and under bf16 autocast, and
+    outputs and weight gradients are PyTorch's bit for bit (the convolution kernel kept off, so
+    that the pools are the only difference; training mode, whose batch norms use batch statistics)."""
+    torch.manual_seed(0)
+    model = create_model(name, img_size=16).to(memory_format=torch.channels_last).train()
+    x, y = _cl(torch.rand(8, 3, 16, 16)), torch.randint(0, 10, (8,))
+    outs, grads, names = [], [], []
+    for use in (False, True):
+        model.zero_grad(set_to_none=True)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with autocast, cpu_kernels.kernel_mode(use, conv=False):
+            out = model(x)
+        F.cross_entropy(out.float(), y).backward()
+        outs.append(out)
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])  # not the frozen whitening
+        names.append(_node_names(out))
+    n_pools = sum(isinstance(m, nn.MaxPool2d) for m in model.modules())
+    assert n_pools >= 3 and names[1].count("_MaxPoolBackward") == n_pools and "_MaxPoolBackward" not in names[0]
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 def _rmsprop_params() -> list[torch.Tensor]:

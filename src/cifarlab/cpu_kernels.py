@@ -14,7 +14,10 @@ small convolutional networks and small images:
   its mask with ``bernoulli_`` and then scales it and multiplies in two more passes;
 - ReLU followed by 2x2 max pooling (:func:`relu_max_pool2`), one pass forward and one backward
   with a byte per output element, where PyTorch makes four passes over the full-size tensor
-  and keeps int64 indices;
+  and keeps int64 indices; and the same pool without the ReLU, for nets that pool a
+  convolution's output (the speed recipes' groups), where PyTorch's pool, its backward and
+  the zero fill it writes into took about a quarter of the `fast` recipe's bf16 step on an
+  AMX Xeon;
 - Keras' RMSprop update (:func:`keras_rmsprop_`, for :class:`cifarlab.optim.KerasRMSprop`), one
   pass per tensor where PyTorch's multi-tensor ops make five on the CPU;
 - Keras' ``ImageDataGenerator`` transform (:func:`affine_warp`): a per-image affine map with
@@ -163,7 +166,7 @@ def load() -> ctypes.CDLL | None:
     lib.cl_relu_maxpool2.restype = None
     lib.cl_relu_maxpool2_bwd.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5
     lib.cl_relu_maxpool2_bwd.restype = None
-    for name in ("cl_relu_maxpool2_bf16", "cl_relu_maxpool2_bwd_bf16"):
+    for name in ("cl_relu_maxpool2_bf16", "cl_relu_maxpool2_bwd_bf16", "cl_maxpool2", "cl_maxpool2_bf16"):
         getattr(lib, name).argtypes, getattr(lib, name).restype = lib.cl_relu_maxpool2.argtypes, None
     lib.cl_keras_rmsprop.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_float] * 5 + [ctypes.c_int]
     lib.cl_keras_rmsprop.restype = None
@@ -195,7 +198,8 @@ def _self_check(lib) -> bool:
     """The gradient kernel in both operand orders, odd sizes and more threads than rows, against
     PyTorch in float64; dropout's output against its mask, its keep rate, and its independence
     of the thread count; ReLU and pooling against PyTorch's, forward and backward, with ties,
-    odd sizes and more threads than rows; RMSprop against its formula in float64;
+    odd sizes and more threads than rows, and pooling alone likewise; RMSprop against its
+    formula in float64;
     the warp against its PyTorch formulation."""
     fn = lib.cl_conv3x3_wgrad
     g = torch.Generator().manual_seed(0)
@@ -233,13 +237,14 @@ def _relu_pool_self_check(lib, g: torch.Generator) -> bool:
         # values on a coarse grid, so that windows hold ties and all-negative windows occur
         x = (torch.randint(-3, 4, shape, generator=g) / 2).to(dtype).contiguous(memory_format=torch.channels_last)
         gy = torch.randn(x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2, generator=g).to(dtype)
-        xr = x.clone().requires_grad_()
-        want = F.max_pool2d(torch.relu(xr), 2)
-        (want_gx,) = torch.autograd.grad(want, xr, gy)
-        out, idx = _relu_pool_into(lib, x, threads=40)
-        gx = _relu_pool_grad_into(lib, gy, idx, x.shape, threads=40)
-        if not (torch.equal(out, want.detach()) and torch.equal(gx, want_gx)):
-            return False
+        for relu in (True, False):
+            xr = x.clone().requires_grad_()
+            want = F.max_pool2d(torch.relu(xr) if relu else xr, 2)
+            (want_gx,) = torch.autograd.grad(want, xr, gy)
+            out, idx = _relu_pool_into(lib, x, threads=40, relu=relu)
+            gx = _relu_pool_grad_into(lib, gy, idx, x.shape, threads=40)
+            if not (torch.equal(out, want.detach()) and torch.equal(gx, want_gx)):
+                return False
     return True
 
 
@@ -359,11 +364,13 @@ def affine_warp(x: torch.Tensor, mats: torch.Tensor, fill_mode: str = "nearest",
     return out
 
 
-def _relu_pool_into(lib, x: torch.Tensor, threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _relu_pool_into(lib, x: torch.Tensor, threads: int | None = None,
+                    relu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     n, c, h, w = x.shape
     out = torch.empty(n, c, h // 2, w // 2, dtype=x.dtype, memory_format=torch.channels_last)
     idx = torch.empty(out.shape, dtype=torch.uint8, memory_format=torch.channels_last)
-    fn = lib.cl_relu_maxpool2 if x.dtype == torch.float32 else lib.cl_relu_maxpool2_bf16
+    name = ("cl_relu_maxpool2" if relu else "cl_maxpool2") + ("" if x.dtype == torch.float32 else "_bf16")
+    fn = getattr(lib, name)
     fn(x.data_ptr(), out.data_ptr(), idx.data_ptr(), n, h, w, c, threads or torch.get_num_threads())
     return out, idx
 
@@ -386,18 +393,19 @@ def _relu_pool_takes(x) -> bool:
             and 0 < x.numel() < 2**31)
 
 
-def relu_max_pool2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def relu_max_pool2(x: torch.Tensor, relu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``max_pool2d(relu(x), 2)`` of a float32 or bfloat16 channels-last CPU tensor ``x`` in one
-    pass: returns the pooled output (channels-last, ``x``'s dtype) and a uint8 tensor of its
-    shape recording, for the backward pass (:func:`relu_max_pool2_grad`), which element of each
-    2x2 window won and whether ReLU zeroed it. Values equal PyTorch's exactly. Raises RuntimeError where the
-    kernels are unavailable, ValueError for a tensor it does not take."""
+    pass (``max_pool2d(x, 2)`` when ``relu`` is false): returns the pooled output
+    (channels-last, ``x``'s dtype) and a uint8 tensor of its shape recording, for the backward
+    pass (:func:`relu_max_pool2_grad`), which element of each 2x2 window won and whether ReLU
+    zeroed it. Values equal PyTorch's exactly. Raises RuntimeError where the kernels are
+    unavailable, ValueError for a tensor it does not take."""
     lib = _loaded()
     if not _relu_pool_takes(x):
         raise ValueError(f"ReLU-pool kernel takes a float32 or bfloat16 (N, C, H, W) CPU tensor in channels-last "
                          f"memory, H and W at least 2; got {x.dtype} on {x.device}, shape {tuple(x.shape)}, "
                          f"strides {x.stride()}")
-    return _relu_pool_into(lib, x)
+    return _relu_pool_into(lib, x, relu=relu)
 
 
 def relu_max_pool2_grad(grad_out: torch.Tensor, idx: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
@@ -564,21 +572,40 @@ class _Dropout(torch.autograd.Function):
         return grad_out * noise, None
 
 
+def _pool_forward(ctx, x: torch.Tensor, relu: bool) -> torch.Tensor:
+    out, idx = relu_max_pool2(x, relu)
+    ctx.save_for_backward(idx)  # the backward pass needs only the byte indices, not x
+    ctx.in_shape = tuple(x.shape)
+    return out
+
+
+def _pool_backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+    (idx,) = ctx.saved_tensors  # autograd hands grad_out in the output's dtype, which is x's
+    return relu_max_pool2_grad(grad_out, idx, ctx.in_shape)
+
+
 class _ReluMaxPool(torch.autograd.Function):
-    """``max_pool2d(relu(x), 2)`` through :func:`relu_max_pool2`; the backward pass needs only its
-    byte indices, not ``x``."""
+    """``max_pool2d(relu(x), 2)`` through :func:`relu_max_pool2`."""
 
     @staticmethod
     def forward(ctx, x):
-        out, idx = relu_max_pool2(x)
-        ctx.save_for_backward(idx)
-        ctx.in_shape = tuple(x.shape)
-        return out
+        return _pool_forward(ctx, x, relu=True)
 
     @staticmethod
-    def backward(ctx, grad_out):  # autograd hands it in the output's dtype, which is x's
-        (idx,) = ctx.saved_tensors
-        return relu_max_pool2_grad(grad_out, idx, ctx.in_shape)
+    def backward(ctx, grad_out):
+        return _pool_backward(ctx, grad_out)
+
+
+class _MaxPool(torch.autograd.Function):
+    """``max_pool2d(x, 2)`` through :func:`relu_max_pool2` without its ReLU."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return _pool_forward(ctx, x, relu=False)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _pool_backward(ctx, grad_out)
 
 
 def _autocasting() -> bool:
@@ -607,8 +634,9 @@ def _is_2x2_pool(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mo
 class _KernelMode(TorchFunctionMode):
     """Sends eligible ``conv2d`` calls made while grad is enabled and autocast is off to
     :class:`_Conv3x3` (when ``conv``), training-time ``dropout`` calls on float32 and bfloat16
-    CPU tensors to :class:`_Dropout`, and
-    (when ``pool``) a 2x2 ``max_pool2d`` of a ``relu``'s output to :class:`_ReluMaxPool`.
+    CPU tensors to :class:`_Dropout`, and (when ``pool``) a 2x2 ``max_pool2d`` of a ``relu``'s
+    output to :class:`_ReluMaxPool`, and of any other float32 or bfloat16 channels-last CPU
+    tensor to :class:`_MaxPool`.
 
     The pool is a peephole: each eligible ``relu`` is run as usual and its input remembered;
     when the next call pools that very output, unchanged since, the fused op pools the
@@ -638,20 +666,23 @@ class _KernelMode(TorchFunctionMode):
             self._relu = (weakref.ref(out), out._version, x, x._version) \
                 if not inplace and _relu_pool_takes(x) else None
             return out
-        if self.pool and func is F.max_pool2d and self._relu is not None:
-            out_ref, out_version, x, x_version = self._relu
-            self._relu = None  # x is not held past the pool that uses it
+        if self.pool and func is F.max_pool2d:
             r = args[0] if args else kwargs.get("input")
-            if r is out_ref() and r._version == out_version and x._version == x_version \
-                    and _is_2x2_pool(*args, **kwargs):
-                return _ReluMaxPool.apply(x)
+            if self._relu is not None:
+                out_ref, out_version, x, x_version = self._relu
+                self._relu = None  # x is not held past the pool that uses it
+                if r is out_ref() and r._version == out_version and x._version == x_version \
+                        and _is_2x2_pool(*args, **kwargs):
+                    return _ReluMaxPool.apply(x)
+            if _relu_pool_takes(r) and _is_2x2_pool(*args, **kwargs):
+                return _MaxPool.apply(r)
         return func(*args, **kwargs)
 
 
 def kernel_mode(enabled: bool = True, conv: bool | None = None, pool: bool = True):
     """A context in which training uses this module's kernels where they apply: dropout on
-    float32 and bfloat16 CPU tensors; when ``pool``, ReLU followed by 2x2 max pooling on float32
-    or bfloat16 channels-last CPU tensors; and, when ``conv`` (by default where
+    float32 and bfloat16 CPU tensors; when ``pool``, 2x2 max pooling, with the ReLU before it
+    where there is one, on float32 or bfloat16 channels-last CPU tensors; and, when ``conv`` (by default where
     :func:`conv_kernel_pays_off`) and autocast is off, the weight gradient of convolutions that
     are 3x3, stride 1, padding 1, float32, channels-last on the CPU, with input or output
     channels a multiple of 16. Everything else runs as usual. A no-op where the kernels are

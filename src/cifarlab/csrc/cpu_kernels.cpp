@@ -42,6 +42,10 @@
 //    to the quarter-size result; one byte per output element records which input won and
 //    whether ReLU blocked it. In bfloat16 (bf16 autocast) they matter more: there PyTorch's ReLUs,
 //    pools and their backward passes took 14 ms of a 44 ms step on an AMX Xeon.
+//    cl_maxpool2 is the same pool without the ReLU, for nets that pool a convolution's output
+//    (airbench's groups: conv, pool, batch norm, GELU). Why: in a profile of the `fast` recipe's
+//    bf16 step on an AMX Xeon, PyTorch's 2x2 pools, their backward passes and the zero fill
+//    those write into took about a quarter of the step.
 //
 // 5. cl_keras_rmsprop: Keras' RMSprop update of one tensor in one pass. Why: as multi-tensor
 //    ops, PyTorch runs it on the CPU as five passes per tensor (plus a temporary for the
@@ -584,9 +588,9 @@ extern "C" int cl_affine_warp(const void* x, int x_is_u8, float* out, const doub
 namespace {
 constexpr uint8_t kBlocked = 4;
 
-// Eight channels of one window: the maximum, ReLU applied, and its byte (see kBlocked). The
-// comparisons are written as PyTorch's pool writes them: a later element wins when greater, or NaN.
-template <typename T>
+// Eight channels of one window: the maximum, ReLU applied when RELU, and its byte (see kBlocked).
+// The comparisons are written as PyTorch's pool writes them: a later element wins when greater, or NaN.
+template <bool RELU, typename T>
 inline void relu_max8(const T* a, const T* b, const T* c, const T* d, T* o, uint8_t* k) {
   const __m256 v[4] = {load8(a), load8(b), load8(c), load8(d)};
   __m256 best = v[0];
@@ -596,10 +600,13 @@ inline void relu_max8(const T* a, const T* b, const T* c, const T* d, T* o, uint
     best = _mm256_blendv_ps(best, v[j], win);
     at = _mm256_blendv_epi8(at, _mm256_set1_epi32(j), _mm256_castps_si256(win));
   }
-  const __m256 pass = _mm256_or_ps(_mm256_cmp_ps(best, _mm256_setzero_ps(), _CMP_GT_OQ),
-                                   _mm256_cmp_ps(best, best, _CMP_UNORD_Q));
-  store8(o, _mm256_and_ps(best, pass));
-  at = _mm256_or_si256(at, _mm256_andnot_si256(_mm256_castps_si256(pass), _mm256_set1_epi32(kBlocked)));
+  if (RELU) {
+    const __m256 pass = _mm256_or_ps(_mm256_cmp_ps(best, _mm256_setzero_ps(), _CMP_GT_OQ),
+                                     _mm256_cmp_ps(best, best, _CMP_UNORD_Q));
+    best = _mm256_and_ps(best, pass);
+    at = _mm256_or_si256(at, _mm256_andnot_si256(_mm256_castps_si256(pass), _mm256_set1_epi32(kBlocked)));
+  }
+  store8(o, best);
   const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(at), _mm256_extracti128_si256(at, 1));
   _mm_storel_epi64((__m128i*)k, _mm_packus_epi16(w16, w16));
 }
@@ -619,7 +626,7 @@ void for_pooled_rows(int n, int h, int w, int c, int threads, F f) {
   }
 }
 
-template <typename T>
+template <bool RELU, typename T>
 void relu_maxpool2(const T* x, T* out, uint8_t* idx, int n, int h, int w, int c, int threads) {
   const int wo = w / 2, c8 = c - c % 8;
   for_pooled_rows(n, h, w, c, threads, [=](long r, long base, int) {
@@ -629,14 +636,14 @@ void relu_maxpool2(const T* x, T* out, uint8_t* idx, int n, int h, int w, int c,
     uint8_t* k = idx + r * wo * (long)c;
     for (int ow = 0; ow < wo; ++ow, top += 2 * c, bottom += 2 * c, o += c, k += c) {
       int ch = 0;
-      for (; ch < c8; ch += 8) relu_max8(top + ch, top + c + ch, bottom + ch, bottom + c + ch, o + ch, k + ch);
+      for (; ch < c8; ch += 8) relu_max8<RELU>(top + ch, top + c + ch, bottom + ch, bottom + c + ch, o + ch, k + ch);
       for (; ch < c; ++ch) {
         const float v[4] = {load1(top[ch]), load1(top[c + ch]), load1(bottom[ch]), load1(bottom[c + ch])};
         float best = v[0];
         uint8_t at = 0;
         for (uint8_t j = 1; j < 4; ++j)
           if (v[j] > best || v[j] != v[j]) best = v[j], at = j;
-        const bool pass = best > 0 || best != best;
+        const bool pass = !RELU || best > 0 || best != best;
         store1(o + ch, pass ? best : 0.f);
         k[ch] = pass ? at : (uint8_t)(at | kBlocked);
       }
@@ -688,11 +695,20 @@ void relu_maxpool2_bwd(const T* gout, const uint8_t* idx, T* gx, int n, int h, i
 // PyTorch's pool and passes ReLU, as torch.relu lets it. The _bf16 form takes bfloat16 data
 // (bf16 autocast), with the same results: max and ReLU only select, they never round.
 extern "C" void cl_relu_maxpool2(const float* x, float* out, uint8_t* idx, int n, int h, int w, int c, int threads) {
-  relu_maxpool2(x, out, idx, n, h, w, c, threads);
+  relu_maxpool2<true>(x, out, idx, n, h, w, c, threads);
 }
 extern "C" void cl_relu_maxpool2_bf16(const uint16_t* x, uint16_t* out, uint8_t* idx, int n, int h, int w, int c,
                                       int threads) {
-  relu_maxpool2(x, out, idx, n, h, w, c, threads);
+  relu_maxpool2<true>(x, out, idx, n, h, w, c, threads);
+}
+// The same without the ReLU: out = maxpool2x2(x), idx as above (never kBlocked), so that
+// cl_relu_maxpool2_bwd is its gradient too.
+extern "C" void cl_maxpool2(const float* x, float* out, uint8_t* idx, int n, int h, int w, int c, int threads) {
+  relu_maxpool2<false>(x, out, idx, n, h, w, c, threads);
+}
+extern "C" void cl_maxpool2_bf16(const uint16_t* x, uint16_t* out, uint8_t* idx, int n, int h, int w, int c,
+                                 int threads) {
+  relu_maxpool2<false>(x, out, idx, n, h, w, c, threads);
 }
 
 // The gradient of cl_relu_maxpool2 with respect to x: gx (n, h, w, c) gets gout at each window's

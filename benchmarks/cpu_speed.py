@@ -153,7 +153,8 @@ def run_worker(python: str, name: str, precision: str, args: argparse.Namespace,
 
 
 # glibc's documented environment form of the mallopt calls in cifarlab.runtime.keep_freed_memory.
-TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(512 << 20),
+                "MALLOC_MMAP_MAX_": "0"}
 OURS = ("cifarlab", "cifarlab-pytorch")
 NAMES = (*OURS, "keras", "keras+malloc")
 

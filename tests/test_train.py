@@ -131,6 +131,36 @@ def test_precision_auto_resolves_by_the_cpu_and_the_run_records_it(tmp_path, ima
         assert json.loads((out / "metrics.json").read_text())["precision"] == want
 
 
+_MAPPED_BYTES = """
+import ctypes, torch
+from cifarlab import runtime
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+def mapped_by(size):
+    before = libc.mallinfo2().hblkhd
+    t = torch.empty(size, dtype=torch.uint8)
+    return libc.mallinfo2().hblkhd - before
+print(mapped_by(48 << 20), mapped_by(160 << 20), runtime.keep_freed_memory(), mapped_by(48 << 20),
+      mapped_by(160 << 20))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="glibc's malloc settings")
+def test_training_serves_large_tensors_from_the_heap_not_fresh_mappings():
+    """Under glibc's defaults a tensor over its mmap threshold is mapped on allocation and unmapped
+    on free, so a step's large activations page-fault afresh every step; once training sets malloc
+    up (runtime.keep_freed_memory), tensors of any size come from the heap, whose freed blocks are
+    reused. Measured in a process of its own, as the setting is process-wide."""
+    out = subprocess.run([sys.executable, "-c", _MAPPED_BYTES], capture_output=True, text=True, check=True)
+    before_48, before_160, applied, after_48, after_160 = out.stdout.split()
+    assert int(before_48) >= 48 << 20 and int(before_160) >= 160 << 20  # glibc's default: mapped
+    assert applied == "True" and int(after_48) == int(after_160) == 0
+
+
 @pytest.mark.parametrize("kernels", [True, False])
 def test_cpu_kernels_switch_reaches_keras_augmentation(tmp_path, monkeypatch, kernels):
     """train.cpu_kernels also decides whether --augment keras warps with cifarlab's CPU kernel."""

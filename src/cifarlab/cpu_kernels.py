@@ -682,12 +682,12 @@ class _KernelMode(TorchFunctionMode):
 def kernel_mode(enabled: bool = True, conv: bool | None = None, pool: bool = True):
     """A context in which training uses this module's kernels where they apply: dropout on
     float32 and bfloat16 CPU tensors; when ``pool``, 2x2 max pooling, with the ReLU before it
-    where there is one, on float32 or bfloat16 channels-last CPU tensors; and, when ``conv`` (by default where
-    :func:`conv_kernel_pays_off`) and autocast is off, the weight gradient of convolutions that
-    are 3x3, stride 1, padding 1, float32, channels-last on the CPU, with input or output
-    channels a multiple of 16. Everything else runs as usual. A no-op where the kernels are
-    unavailable or ``enabled`` is false. Enter it around the forward pass; the backward pass
-    needs nothing."""
+    where there is one, on float32 or bfloat16 channels-last CPU tensors; and, when ``conv``
+    (by default where :func:`conv_kernel_pays_off`) and autocast is off, the weight gradient
+    of convolutions that are 3x3, stride 1, padding 1, float32, channels-last on the CPU, with
+    input or output channels a multiple of 16. Everything else runs as usual. A no-op where
+    the kernels are unavailable or ``enabled`` is false. Enter it around the forward pass; the
+    backward pass needs nothing."""
     if not enabled or load() is None:
         return contextlib.nullcontext()
     return _KernelMode(conv_kernel_pays_off() if conv is None else conv, pool)

@@ -4,14 +4,16 @@ Uses the same step as ``cifarlab train`` (preprocess, channels-last, ``train_ste
 the median step time and the whole epoch's time. Usage:
     python benchmarks/cpu_epoch.py [--images 40000] [--threads N] [--no-channels-last] [--no-cpu-kernels]
         [--conv-kernel auto|on|off] [--no-pool-kernel] [--no-optimizer-kernel]
-        [--recipe NAME] [--precision fp32|bf16|auto]
+        [--recipe NAME] [--precision fp32|bf16|auto] [--compile]
 
 ``--conv-kernel`` overrules the CPU's choice of cifarlab's convolution weight-gradient kernel
 (``auto``: on where the CPU lacks AVX-512, as training chooses), to time both on one machine;
 ``--no-pool-kernel`` leaves ReLU and max pooling to PyTorch, and ``--no-optimizer-kernel`` the
 RMSprop update, to time what each of those kernels saves. ``--recipe`` times another recipe's
 step (its model, batch size, optimizer and label smoothing; no augmentation) and ``--precision``
-another precision (``auto`` as training resolves it on this CPU).
+another precision (``auto`` as training resolves it on this CPU). ``--compile`` times the model
+compiled with ``torch.compile`` (default mode), as ``cifarlab train --compile`` runs it: without
+cifarlab's kernels; its first step, which compiles, is printed apart.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def main() -> None:
                     help="cifarlab's convolution weight-gradient kernel (auto: where it pays off)")
     ap.add_argument("--no-pool-kernel", action="store_true", help="ReLU and max pooling by PyTorch's kernels")
     ap.add_argument("--no-optimizer-kernel", action="store_true", help="RMSprop by PyTorch's multi-tensor ops")
+    ap.add_argument("--compile", action="store_true",
+                    help="the model compiled by torch.compile, without cifarlab's kernels (as train --compile)")
     args = ap.parse_args()
     device = runtime.setup("cpu", args.threads)
     runtime.seed_everything(0)
@@ -56,18 +60,23 @@ def main() -> None:
     yt = torch.from_numpy(y.astype(np.int64))
     fmt = torch.contiguous_format if args.no_channels_last else torch.channels_last
     model = create_model(args.model).to(memory_format=fmt).train()
+    no_kernels = args.no_cpu_kernels or args.compile  # training leaves them out of compiled runs too
     opt = build_optimizer(param_groups(model, cfg.optim), cfg.optim,
-                          cpu_kernels=not (args.no_cpu_kernels or args.no_optimizer_kernel))
+                          cpu_kernels=not (no_kernels or args.no_optimizer_kernel))
     print(cpu_line())
     conv = {"auto": None, "on": True, "off": False}[args.conv_kernel]
-    steps, epoch = timed_epoch(model, opt, xt, yt, args.batch, fmt, kernels=False if args.no_cpu_kernels else None,
+    steps, epoch = timed_epoch(runtime.maybe_compile(model, args.compile), opt, xt, yt, args.batch, fmt,
+                               kernels=False if no_kernels else None,
                                conv_kernel=conv, pool_kernel=not args.no_pool_kernel,
                                autocast=runtime.autocast(device, precision),
                                label_smoothing=cfg.train.label_smoothing)
-    kernels = ("PyTorch's kernels" if args.no_cpu_kernels else
+    kernels = ("PyTorch's kernels" if no_kernels else
                f"conv kernel {args.conv_kernel}, ReLU-pool kernel {'off' if args.no_pool_kernel else 'on'}, "
                + (f"RMSprop kernel {'off' if args.no_optimizer_kernel else 'on'}" if cfg.optim.name == "rmsprop"
                   else f"optimizer {cfg.optim.name}"))
+    if args.compile:  # the first step compiles: the median leaves it out, the epoch does not
+        kernels += f", compiled (first step {steps[0]:.1f} s)"
+        steps = steps[1:] or steps
     print(f"{args.recipe}'s step, {args.model}, {precision}, {src}, batch {args.batch}, "
           f"{torch.get_num_threads()} threads, "
           f"{'NCHW' if args.no_channels_last else 'channels-last'}, {kernels}: epoch {epoch:.1f} s, "

@@ -373,6 +373,32 @@ def test_cpu_epoch_times_the_recipe_and_precision_asked(monkeypatch, capsys):
     assert "fast's step, speednet, bf16, 16 random images, batch 8" in capsys.readouterr().out
 
 
+@needs_kernel
+def test_cpu_epoch_compile_times_the_compiled_model_without_cifarlabs_kernels(monkeypatch, capsys):
+    """cpu_epoch.py --compile runs as ``train --compile`` does: the model through
+    runtime.maybe_compile (a stand-in here, as compiling takes minutes), none of cifarlab's
+    kernels, and the first, compiling step kept out of the median."""
+    from cifarlab import cpu_kernels, runtime
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import cpu_epoch
+
+    asked = []
+    monkeypatch.setattr(runtime, "maybe_compile", lambda model, enabled, mode="default": asked.append(enabled) or model)
+    calls = count_calls(monkeypatch, cpu_kernels, "dropout", "relu_max_pool2", "keras_rmsprop_")
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(cpu_epoch, "training_images", lambda n: (
+        rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n), f"{n} random images"))
+    for flags in ([], ["--compile"]):
+        monkeypatch.setattr(sys, "argv", ["cpu_epoch.py", "--images", "24", "--batch", "8", "--threads", "1", *flags])
+        cpu_epoch.main()
+    out = capsys.readouterr().out.splitlines()
+    assert asked == [False, True]
+    assert calls == {"dropout": 3 * 3, "relu_max_pool2": 3 * 2, "keras_rmsprop_": 3}  # the eager run's only
+    assert "compiled" not in out[1] and out[1].endswith("over 3 steps")
+    assert "PyTorch's kernels, compiled (first step " in out[3] and out[3].endswith("over 2 steps")
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cpu_speed_times_cifarlab_in_the_precision_asked(monkeypatch, precision):
     """cpu_speed.py's cifarlab worker: one timed step per 128 images after a warm-up epoch, with

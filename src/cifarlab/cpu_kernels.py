@@ -579,11 +579,6 @@ def _pool_forward(ctx, x: torch.Tensor, relu: bool) -> torch.Tensor:
     return out
 
 
-def _pool_backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
-    (idx,) = ctx.saved_tensors  # autograd hands grad_out in the output's dtype, which is x's
-    return relu_max_pool2_grad(grad_out, idx, ctx.in_shape)
-
-
 class _ReluMaxPool(torch.autograd.Function):
     """``max_pool2d(relu(x), 2)`` through :func:`relu_max_pool2`."""
 
@@ -592,20 +587,18 @@ class _ReluMaxPool(torch.autograd.Function):
         return _pool_forward(ctx, x, relu=True)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        return _pool_backward(ctx, grad_out)
+    def backward(ctx, grad_out):  # autograd hands it in the output's dtype, which is x's
+        (idx,) = ctx.saved_tensors
+        return relu_max_pool2_grad(grad_out, idx, ctx.in_shape)
 
 
-class _MaxPool(torch.autograd.Function):
-    """``max_pool2d(x, 2)`` through :func:`relu_max_pool2` without its ReLU."""
+class _MaxPool(_ReluMaxPool):
+    """``max_pool2d(x, 2)`` through :func:`relu_max_pool2` without its ReLU; the same backward
+    (its indices are never marked blocked). A class of its own, so that graphs name it apart."""
 
     @staticmethod
     def forward(ctx, x):
         return _pool_forward(ctx, x, relu=False)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return _pool_backward(ctx, grad_out)
 
 
 def _autocasting() -> bool:

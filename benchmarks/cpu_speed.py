@@ -153,8 +153,7 @@ def run_worker(python: str, name: str, precision: str, args: argparse.Namespace,
 
 
 # glibc's documented environment form of the mallopt calls in cifarlab.runtime.keep_freed_memory.
-TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(512 << 20),
-                "MALLOC_MMAP_MAX_": "0"}
+TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
 OURS = ("cifarlab", "cifarlab-pytorch")
 NAMES = (*OURS, "keras", "keras+malloc")
 

@@ -55,7 +55,6 @@ def fast() -> dict[str, Any]:
         "augment": {"preset": "crop-flip", "crop_padding": 2, "alternating_flip": True},
         "train": {"epochs": 10, "batch_size": 1024, "drop_last": True, "label_smoothing": 0.2,
                   "lookahead_every": 5, "whiten_bias_epochs": 3, "tta": "flip-translate",
-                  # bf16 where the device has bfloat16 units, as the records train in half precision;
                   # on a 2-core CPU with AVX-512 BF16 an epoch took 86-104 s, against 182-196 s in fp32
                   "precision": "auto"},
     }

@@ -43,13 +43,12 @@ def keep_freed_memory() -> bool:
     By default glibc hands every block over its (adaptive) mmap threshold back to the
     kernel on free, so each large batch-sized tensor costs fresh page faults: on the 2-core
     development machine this made a 6 MB elementwise op 3 to 7 times slower and the batched
-    augmentation half as fast. Raising the threshold serves blocks of up to 32 MiB from the
-    heap, the most glibc allows on 64-bit; larger ones, such as the speed recipes'
-    batch-1024 activations (126 MB for the `fast` recipe's first group in bf16), would still
-    be mapped afresh on every step, so mapping is turned off (``M_MMAP_MAX`` 0) and they come
-    from the heap too. Free memory at the heap's top beyond 512 MiB still goes back to the
-    system. The cost is that the process keeps its peak heap. (PyTorch's CPU tuning guide
-    reaches the same end by preloading jemalloc or tcmalloc.)
+    augmentation half as fast. So mapping is turned off (``M_MMAP_MAX`` 0) and every block
+    comes from the heap: raising the threshold instead would serve blocks of up to 32 MiB
+    only, the most glibc allows on 64-bit, and the speed recipes' batch-1024 activations are
+    larger (126 MB for the `fast` recipe's first group in bf16). Free memory at the heap's top
+    beyond 512 MiB still goes back to the system. The cost is that the process keeps its peak
+    heap. (PyTorch's CPU tuning guide reaches the same end by preloading jemalloc or tcmalloc.)
     """
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
@@ -57,9 +56,9 @@ def keep_freed_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4  # from glibc's malloc.h
-    return (bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 512 << 20))
-            and bool(libc.mallopt(m_mmap_max, 0)))
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    # With mapping off, the mmap threshold (32 MiB here before) no longer decides anything.
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 512 << 20))
 
 
 def setup(device: str = "auto", threads: int | None = None, deterministic: bool = False) -> torch.device:

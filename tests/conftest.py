@@ -6,6 +6,7 @@ import io
 import os
 import pickle
 import shutil
+import struct
 import tarfile
 from pathlib import Path
 
@@ -90,6 +91,43 @@ def fake_images(n: int, seed: int) -> np.ndarray:
     return x
 
 
+class _OfficialPickler(pickle._Pickler):  # the pure-Python pickler, whose dispatch table can be extended
+    """Pickles as the official CIFAR python batches were pickled, by Python 2 with numpy 1:
+    byte strings and numpy's own names as Python 2 ``str`` (SHORT_BINSTRING, BINSTRING), arrays rebuilt by
+    ``numpy.core.multiarray._reconstruct``, dtypes as ``dtype('u1', 0, 1)`` with int flags
+    (numpy 2 writes ``_codecs.encode`` calls, ``numpy._core`` and booleans)."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_str(self, obj: bytes | str) -> None:
+        raw = obj.encode("latin-1") if isinstance(obj, str) else obj  # Python 2's str was bytes
+        n = len(raw)
+        self.write((pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)) + raw)
+        self.memoize(obj)
+
+    dispatch[bytes] = dispatch[str] = save_py2_str
+
+    def save_global(self, obj, name=None) -> None:
+        if getattr(obj, "__name__", None) == "_reconstruct" and obj.__module__.startswith("numpy"):
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+    def reducer_override(self, obj):
+        if isinstance(obj, np.dtype):
+            make, (name, _, _), state = obj.__reduce__()
+            return make, (name, 0, 1), state
+        return NotImplemented
+
+
+def official_pickle(obj) -> bytes:
+    """``obj`` pickled as the official CIFAR python batches are (protocol 2, Python 2, numpy 1)."""
+    out = io.BytesIO()
+    _OfficialPickler(out, protocol=2).dump(obj)
+    return out.getvalue()
+
+
 def make_official(tmp: Path, key: str, n: int = 10, **kw) -> tuple[Path, dict]:
     """Write a small archive in the official layout of ``key``; returns its path and the truth."""
     rng = np.random.default_rng(0)
@@ -102,14 +140,14 @@ def make_official(tmp: Path, key: str, n: int = 10, **kw) -> tuple[Path, dict]:
             y = rng.integers(0, 10, n).tolist()
             d = {b"batch_label": b"batch", b"labels": y, b"data": x,
                  b"filenames": [f"img_{i}_{k}.png".encode() for k in range(n)]}
-            members[f"{folder}/{name}"] = pickle.dumps(d, protocol=2)
+            members[f"{folder}/{name}"] = official_pickle(d)
             part = "test" if name == "test_batch" else "train"
             truth[f"{part}_x"].append(x)
             truth[f"{part}_y"] += y
-        members[f"{folder}/batches.meta"] = pickle.dumps(
+        members[f"{folder}/batches.meta"] = official_pickle(
             {b"label_names": [c.encode() for c in kw.get("names", ["airplane", "automobile", "bird", "cat", "deer",
                                                                     "dog", "frog", "horse", "ship", "truck"])],
-             b"num_cases_per_batch": n, b"num_vis": 3072}, protocol=2)
+             b"num_cases_per_batch": n, b"num_vis": 3072})
         members[f"{folder}/readme.html"] = b"<html></html>"
     elif key == "cifar10-binary":
         folder = "cifar-10-batches-bin"
@@ -129,15 +167,14 @@ def make_official(tmp: Path, key: str, n: int = 10, **kw) -> tuple[Path, dict]:
             x = fake_images(n, i)
             fine = rng.integers(0, 100, n).tolist()
             coarse = rng.integers(0, 20, n).tolist()
-            members[f"{folder}/{name}"] = pickle.dumps(
+            members[f"{folder}/{name}"] = official_pickle(
                 {b"filenames": [f"f{k}.png".encode() for k in range(n)], b"batch_label": b"b", b"fine_labels": fine,
-                 b"coarse_labels": coarse, b"data": x}, protocol=2)
+                 b"coarse_labels": coarse, b"data": x})
             truth[f"{name}_x"].append(x)
             truth[f"{name}_y"] += fine
             truth[f"coarse_{name}"] += coarse
-        members[f"{folder}/meta"] = pickle.dumps({b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
-                                                  b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]},
-                                                 protocol=2)
+        members[f"{folder}/meta"] = official_pickle({b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+                                                     b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]})
     elif key == "cifar100-binary":
         folder = "cifar-100-binary"
         for i, name in enumerate(["train.bin", "test.bin"]):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import pickletools
 import tarfile
+import warnings
 
 import numpy as np
 import pytest
-from conftest import Terminal, make_official
+from conftest import Terminal, make_official, official_pickle
 
 from cifarlab.data import load_dataset
 from cifarlab.data.safe_pickle import safe_load
@@ -42,6 +44,25 @@ def test_pickle_payload_is_refused_and_not_run(tmp_path):
 def test_plain_batch_loads_under_every_protocol(protocol):
     d = {b"labels": [1, 2], b"data": np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072) % 251}
     out = safe_load(pickle.dumps(d, protocol=protocol), "batch")
+    np.testing.assert_array_equal(out[b"data"], d[b"data"])
+
+
+def test_batch_pickled_as_the_official_files_were_loads_without_a_warning():
+    """The official batches were pickled by Python 2 with numpy 1: byte strings as Python 2 str
+    (SHORT_BINSTRING, BINSTRING), arrays rebuilt by numpy.core.multiarray, the dtype as
+    dtype('u1', 0, 1) with int flags. numpy 2 pickles none of these, so the stream is checked
+    first; it must read with no warning (numpy 2.4 deprecates int dtype flags other than 0, 1)."""
+    d = {b"labels": [1, 2], b"data": np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072) % 251}
+    data = official_pickle(d)
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(data) if op.name != "BINPUT"]
+    at = ops.index(("SHORT_BINSTRING", "u1"))
+    assert ops[at + 1:at + 3] == [("BININT1", 0), ("BININT1", 1)]
+    assert ("GLOBAL", "numpy.core.multiarray _reconstruct") in ops and ("SHORT_BINSTRING", "labels") in ops
+    assert [name for name, arg in ops if isinstance(arg, str) and len(arg) == 2 * 3072] == ["BINSTRING"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = safe_load(data, "batch")
+    assert out[b"data"].dtype == np.uint8 and out[b"labels"] == [1, 2]
     np.testing.assert_array_equal(out[b"data"], d[b"data"])
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
+import platform
 import signal
 import subprocess
 import sys
@@ -150,10 +150,9 @@ print(mapped_by(48 << 20), mapped_by(160 << 20), runtime.keep_freed_memory(), ma
 
 
 def _glibc_version() -> tuple[int, ...]:
-    """glibc's version, such as (2, 36); () where the C library is not glibc."""
-    name = "CS_GNU_LIBC_VERSION"  # unknown to Python builds on other C libraries
-    found = re.fullmatch(r"glibc (\d+)\.(\d+).*", os.confstr(name) or "") if name in os.confstr_names else None
-    return tuple(int(x) for x in found.groups()) if found else ()
+    """glibc's version, such as (2, 36), as runtime.keep_freed_memory tells glibc; () elsewhere."""
+    lib, version = platform.libc_ver()
+    return tuple(int(x) for x in version.split(".")[:2]) if lib == "glibc" else ()
 
 
 @pytest.mark.skipif(_glibc_version() < (2, 33), reason="needs glibc 2.33 or newer (malloc settings read by mallinfo2)")

@@ -389,6 +389,15 @@ def test_a_subset_larger_than_the_data_says_so_and_uses_every_image(tmp_path, im
     assert m["data"]["train_images"] + m["data"]["val_images"] == 18
 
 
+def test_a_subset_smaller_than_the_classes_says_which_share_goes_unseen(tmp_path, image_folder):
+    cfg = tiny_config(str(image_folder), str(tmp_path / "r"))
+    cfg.data.subset, cfg.data.val_split = 2, 0.0
+    lines: list[str] = []
+    m = fit(cfg, log=lines.append)
+    assert any("--subset 2 is fewer images than the 3 classes: training sees no image of 1 of them" in x for x in lines), lines
+    assert m["data"]["train_images"] == 2
+
+
 def test_resuming_a_finished_run_says_so_and_changes_no_weight(trained_run):
     before = _weights(trained_run)
     first = json.loads((trained_run / "metrics.json").read_text())

@@ -951,7 +951,7 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
             _read_teacher(cfg)  # checked before the data load too
         ds = _load_data(cfg, dataset, log)
         if cfg.data.subset and (note := subset_note(cfg.data.subset, len(ds.y_train),
-                                                    f"training images of {ds.source}")):
+                                                    f"training images of {ds.source}", len(ds.classes))):
             log(note)
         arrays = make_arrays(cfg, ds, device)
         if new or not (run / seen.FILE).is_file():  # a run of an older cifarlab, resumed, gets one too

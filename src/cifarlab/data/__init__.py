@@ -282,18 +282,24 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     except ValueError:
         counts = np.unique(y, return_counts=True)[1]
         n_val = math.ceil(fraction * len(y))
+        images = "image" if n_val == 1 else "images"
         raise DataError(
             f"cannot hold out {fraction:g} of {len(y)} images class by class: with {len(counts)} class(es) the "
-            f"validation part ({n_val} images) and the training part ({len(y) - n_val}) each need at least "
+            f"validation part ({n_val} {images}) and the training part ({len(y) - n_val}) each need at least "
             f"{len(counts)}, one per class, and every class at least 2 images (the smallest has {counts.min()}). "
             "Use more images (a larger --subset) or another --val-split") from None
     return np.sort(tr), np.sort(va)
 
 
-def subset_note(n: int, available: int, what: str) -> str | None:
+def subset_note(n: int, available: int, what: str, classes: int = 0) -> str | None:
     """The note for ``--subset n`` asking for more than the ``available`` images (``what``, e.g.
-    "test images"): :func:`balanced_subset` then uses them all. None where it does not."""
-    return f"--subset {n:,} is more than the {available:,} {what}; using them all" if n > available else None
+    "test images"): :func:`balanced_subset` then uses them all; or for fewer images than the
+    data's ``classes``, where some classes get none. None where neither holds."""
+    if n > available:
+        return f"--subset {n:,} is more than the {available:,} {what}; using them all"
+    if n < classes:
+        return f"--subset {n:,} is fewer images than the {classes:,} classes: training sees no image of {classes - n:,} of them"
+    return None
 
 
 def balanced_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:

@@ -661,14 +661,14 @@ class _KernelMode(TorchFunctionMode):
             return out
         if self.pool and func is F.max_pool2d:
             r = args[0] if args else kwargs.get("input")
-            if self._relu is not None:
-                out_ref, out_version, x, x_version = self._relu
-                self._relu = None  # x is not held past the pool that uses it
-                if r is out_ref() and r._version == out_version and x._version == x_version \
-                        and _is_2x2_pool(*args, **kwargs):
-                    return _ReluMaxPool.apply(x)
-            if _relu_pool_takes(r) and _is_2x2_pool(*args, **kwargs):
-                return _MaxPool.apply(r)
+            relu, self._relu = self._relu, None  # its input is not held past the pool that follows it
+            if _is_2x2_pool(*args, **kwargs):
+                if relu is not None:
+                    out_ref, out_version, x, x_version = relu
+                    if r is out_ref() and r._version == out_version and x._version == x_version:
+                        return _ReluMaxPool.apply(x)
+                if _relu_pool_takes(r):
+                    return _MaxPool.apply(r)
         return func(*args, **kwargs)
 
 

@@ -49,6 +49,11 @@ def test_roundtrip(tmp_path):
     ({"model": {"name": "vgg"}}, "valid models: keras-deep, keras-shallow"),
     ({"optim": {"name": "lbfgs"}}, "valid optimizers: rmsprop, sgd, adam"),
     ({"train": {"batch_size": "big"}}, "train.batch_size: 'big' is not valid; expected a whole number"),
+    # a setting that may be left unset names its type in the same words
+    ({"data": {"subset": 1.5}}, "data.subset: 1.5 is not valid; expected a whole number or null"),
+    ({"train": {"prepare_ahead": 3}}, "train.prepare_ahead: 3 is not valid; expected true, false or null"),
+    ({"train": {"class_weight": [1]}}, r"train.class_weight: \[1\] is not valid; expected text, a mapping or null"),
+    ({"augment": {"width_shift_range": "wide"}}, "width_shift_range: 'wide' is not valid; expected a number or a list"),
     ({"train": {"device": "tpu"}}, "device = 'tpu' is not valid"),
     ({"augment": {"fill_mode": "mirror"}}, "fill_mode='mirror' is not valid; choose one of nearest, reflect, wrap, constant"),
     ({"augment": {"preset": "fancy"}}, "preset 'fancy' is not valid"),

@@ -330,8 +330,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+_TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text", type(None): "null"}
+
+
 def _type_name(tp: Any) -> str:
-    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    """What a value of type ``tp`` looks like, in the words of the other messages: ``int | None``
+    is "a whole number or null"."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        words = [w for a in args if not (a is int and float in args)  # a number takes whole ones
+                 for w in (("true", "false") if a is bool else (_type_name(a),))]
+        return ", ".join(words[:-1]) + " or " + words[-1]
+    return {list: "a list", dict: "a mapping"}.get(origin) or _TYPE_WORDS.get(tp, str(tp))
 
 
 def apply_overrides(cfg: Config, values: dict[str, Any], origin: str) -> Config:

@@ -389,7 +389,7 @@ def test_a_subset_larger_than_the_data_says_so_and_uses_every_image(tmp_path, im
     assert m["data"]["train_images"] + m["data"]["val_images"] == 18
 
 
-def test_a_subset_smaller_than_the_classes_says_which_share_goes_unseen(tmp_path, image_folder):
+def test_a_subset_smaller_than_the_classes_says_how_many_classes_go_unseen(tmp_path, image_folder):
     cfg = tiny_config(str(image_folder), str(tmp_path / "r"))
     cfg.data.subset, cfg.data.val_split = 2, 0.0
     lines: list[str] = []

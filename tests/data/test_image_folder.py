@@ -231,6 +231,10 @@ def test_stratified_split_and_subset():
     assert not np.array_equal(va, stratified_split(y, 0.2, seed=2)[1])
     sub = balanced_subset(y, 50, seed=0)
     assert len(sub) == 50 and set(np.bincount(y[sub])) == {5}
+    for seed in range(20):  # fewer images than classes: each from another class
+        few = balanced_subset(y, 7, seed)
+        assert len(few) == 7 and len(set(y[few])) == 7
+    assert not np.array_equal(balanced_subset(y, 7, 0), balanced_subset(y, 7, 1))
     for bad in (0.0, 1.0, -0.1):
         with pytest.raises(DataError, match="strictly between 0 and 1"):
             stratified_split(y, bad, 0)

@@ -303,7 +303,8 @@ def subset_note(n: int, available: int, what: str, classes: int = 0) -> str | No
 
 
 def balanced_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Indices of a seeded, class-balanced subset of ``n`` images (sorted)."""
+    """Indices of a seeded, class-balanced subset of ``n`` images (sorted); of fewer images than
+    classes, one image each of ``n`` classes drawn with the seed."""
     if n <= 0:
         raise DataError(f"--subset {n} is not valid; it must be a positive number of images")
     if n >= len(y):
@@ -312,7 +313,10 @@ def balanced_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:
 
     try:
         sub, _ = train_test_split(np.arange(len(y)), train_size=n, random_state=seed, stratify=y)
-    except ValueError:
-        # fewer images than classes: stratification is impossible, take a seeded random subset
-        sub = np.random.default_rng(seed).choice(len(y), size=n, replace=False)
+    except ValueError:  # stratification is impossible
+        rng, classes = np.random.default_rng(seed), np.unique(y)
+        if n < len(classes):  # no class twice, so that as few classes as can be go without an image
+            sub = np.array([rng.choice(np.flatnonzero(y == c)) for c in rng.choice(classes, n, replace=False)])
+        else:  # a class too small to be split, for one: a seeded random subset
+            sub = rng.choice(len(y), size=n, replace=False)
     return np.sort(sub)

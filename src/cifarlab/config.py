@@ -278,6 +278,9 @@ DUPLICATES_CANDIDATES = 20  # more finds a few more shifted copies, at linear co
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotated type ``tp`` (as a string or type) and convert it."""
+    def bad() -> ConfigError:  # in the words of _type_name, so that each type is named one way
+        return ConfigError(f"{where}: {value!r} is not valid; expected {_type_name(tp)}")
+
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -290,15 +293,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except ConfigError:
                 pass
-        raise ConfigError(f"{where}: {value!r} is not valid; expected {_type_name(tp)}")
+        raise bad()
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: {value!r} is not valid; expected a mapping")
+            raise bad()
         key_tp, value_tp = typing.get_args(tp)
         return {_coerce(k, key_tp, where): _coerce(v, value_tp, where) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: {value!r} is not valid; expected a list")
+            raise bad()
         (inner,) = typing.get_args(tp)
         return [_coerce(v, inner, where) for v in value]
     if tp is bool:
@@ -306,18 +309,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{where}: {value!r} is not valid; expected true or false")
+        raise bad()
     if tp is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit())):
-            raise ConfigError(f"{where}: {value!r} is not valid; expected a whole number")
+            raise bad()
         return int(value)
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: {value!r} is not valid; expected a number")
+            raise bad()
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: {value!r} is not valid; expected a number") from None
+            raise bad() from None
         if not math.isfinite(number):  # YAML's .inf and .nan, or --lr inf: no setting means them
             raise ConfigError(f"{where}: {value!r} is not valid; expected a finite number")
         return number
@@ -325,7 +328,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, os.PathLike):  # a notebook's pathlib.Path for --data, --out, --init-from
             return os.fspath(value)
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: {value!r} is not valid; expected text")
+            raise bad()
         return str(value)
     return value
 
@@ -341,7 +344,7 @@ def _type_name(tp: Any) -> str:
         args = typing.get_args(tp)
         words = [w for a in args if not (a is int and float in args)  # a number takes whole ones
                  for w in (("true", "false") if a is bool else (_type_name(a),))]
-        return ", ".join(words[:-1]) + " or " + words[-1]
+        return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
     return {list: "a list", dict: "a mapping"}.get(origin) or _TYPE_WORDS.get(tp, str(tp))
 
 

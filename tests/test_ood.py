@@ -313,6 +313,7 @@ def test_features_are_the_classifiers_input_at_length_one(tmp_path):
     r = ood.ood_report(net, x, None, [{"name": "n", "source": "synthetic:x", "images": x[::-1].copy()}], tmp_path,
                        "knn", bank=f[:4])
     assert r["knn"]["bank_images"] == 4 and r["knn"]["k"] == 1 and "knn" in r["sets"][0]
+    assert r["knn"]["features"] == "the 5 inputs of layer '3', scaled to length 1"
     assert r["threshold"] == r["thresholds"]["knn"] and (tmp_path / "knn_bank.safetensors").is_file()
     assert np.array_equal(ood.read_bank(tmp_path.parent, tmp_path.name), f[:4].astype(np.float16).astype(np.float32))
     with pytest.raises(CifarlabError, match="--score knn needs a bank"):

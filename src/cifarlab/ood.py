@@ -327,8 +327,10 @@ def ood_report(pred, x_in: np.ndarray, x_val: np.ndarray | None, sets: list[dict
                                if y_in is not None else {})},
         "sets": []})
     if bank is not None:
-        layer, _ = last_linear(pred.model)
-        report[KNN] = {"bank_images": int(len(bank)), "k": k, "features": f"the input of layer '{layer}', length 1",
+        name, layer = last_linear(pred.model)
+        # 'length 1' alone reads as one number: the count says what is compared, the norm how
+        report[KNN] = {"bank_images": int(len(bank)), "k": k,
+                       "features": f"the {layer.in_features} inputs of layer '{name}', scaled to length 1",
                        "tta": "none", "file": BANK_FILE}
     arrays = {f"in_{n}": v for n, v in s_in.items()}
     for i, st in enumerate(sets):

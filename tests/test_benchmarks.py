@@ -141,7 +141,8 @@ def test_gpu_speed_entries_take_config_settings(monkeypatch):
     for bad, message in [("fast:train.epochs", "unknown switch 'train.epochs' in 'fast:train.epochs'; valid: "
                                                "cuda-graph, compile"),
                          ("fast:train.epochs=", "must read section.key=value"),
-                         ("fast:trian.epochs=3", "unknown section 'trian'; valid sections: recipe, "),
+                         ("fast:trian.epochs=3", "unknown section 'trian' (did you mean 'train'?); valid sections: "
+                                                 "recipe, "),
                          ("fast:train.epochs=many", "train.epochs: 'many' is not valid; expected a whole number"),
                          ("fast:train.epochs=0", "entry 'fast:train.epochs=0': epochs = 0 is not valid")]:
         with pytest.raises(SystemExit, match=re.escape(message)):

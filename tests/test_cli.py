@@ -77,6 +77,11 @@ def test_summary(capsys):
 @pytest.mark.parametrize("args,msg", [
     (["train", "--model", "lenet"], "--model 'lenet' is not a registered model; valid: keras-deep, keras-shallow"),
     (["train", "--recipe", "warp"], "unknown recipe 'warp'; valid recipes: keras-book"),
+    # a typo is named with what it was probably meant to be
+    (["train", "--model", "keras-dep"], "--model 'keras-dep' is not a registered model (did you mean 'keras-deep'?); "
+                                        "valid: keras-deep"),
+    (["train", "--recipe", "fats"], "unknown recipe 'fats' (did you mean 'fast'?); valid recipes"),
+    (["train", "--augment", "kera"], "augmentation preset 'kera' is not valid (did you mean 'keras'?); choose one of"),
     (["train", "--optimizer", "lion"], "valid optimizers: rmsprop, sgd, adam"),
     (["train", "--lr", "-1"], "learning rate (optim.lr) = -1.0 is not valid"),
     (["train", "--epochs", "0"], "epochs = 0 is not valid"),

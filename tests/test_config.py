@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from cifarlab.config import load_run_config, resolve_config, save_config
@@ -136,14 +138,16 @@ def test_class_weight_from_yaml_toml_or_flags_and_back(tmp_path):
 
 
 def test_unknown_recipe_and_keys(tmp_path):
-    with pytest.raises(ConfigError, match="unknown recipe 'fastest'; valid recipes: keras-book"):
+    with pytest.raises(ConfigError, match=re.escape("unknown recipe 'fastest' (did you mean 'fast'?); valid recipes: "
+                                                    "keras-book")):
         resolve_config("fastest")
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  epoch: 3\n")
-    with pytest.raises(ConfigError, match="unknown key 'train.epoch'; valid keys in 'train': epochs"):
+    with pytest.raises(ConfigError, match=re.escape("unknown key 'train.epoch' (did you mean 'epochs'?); valid keys "
+                                                    "in 'train': epochs")):
         resolve_config(file=f)
     f.write_text("trainer:\n  epochs: 3\n")
-    with pytest.raises(ConfigError, match="unknown section 'trainer'"):
+    with pytest.raises(ConfigError, match="unknown section 'trainer' \\(did you mean 'train'\\?\\)"):
         resolve_config(file=f)
 
 

@@ -168,6 +168,7 @@ def test_explain_selections_classes_and_methods(trained_run, capsys):
 def test_explain_refusals(trained_run, image_folder, capsys):
     cases = [
         (["--class", "horse"], "--class 'horse' is not one of the model's classes; choose one of cat, dog, frog"),
+        (["--class", "frgo"], "--class 'frgo' is not one of the model's classes (did you mean 'frog'?); choose"),
         (["--count", "0"], "--count 0 is not valid; it must be at least 1"),
         (["--layer", "5"], "--layer '5' is not one of the model's convolutions; choose one of 0"),
         (["--layer", "0", "--method", "occlusion"], "--layer is Grad-CAM's; --method occlusion looks at the input"),

@@ -16,11 +16,9 @@ answers survive the reports being written anew (an edit to MODEL_CARD.md would n
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
-from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 # key -> what it answers; the datasheet's questions are the data keys from motivation to maintenance
 ABOUT_KEYS: dict[str, dict[str, str]] = {
@@ -57,7 +55,7 @@ def read_about(path: str | Path | None) -> dict[str, dict[str, str]]:
     raw = read_config_file(path, "about file")
     for section, values in raw.items():
         if section not in ABOUT_KEYS:
-            raise ConfigError(f"about file '{path}': unknown section '{section}'{_near(section, ABOUT_KEYS)}; "
+            raise ConfigError(f"about file '{path}': unknown section '{section}'{did_you_mean(section, ABOUT_KEYS)}; "
                               f"valid: {', '.join(ABOUT_KEYS)}")
         if not isinstance(values, dict):
             raise ConfigError(f"about file '{path}': section '{section}' must hold keys such as "
@@ -65,7 +63,7 @@ def read_about(path: str | Path | None) -> dict[str, dict[str, str]]:
         for key, value in values.items():
             if key not in ABOUT_KEYS[section]:
                 raise ConfigError(f"about file '{path}': unknown key '{section}.{key}'"
-                                  f"{_near(key, ABOUT_KEYS[section])}; valid in '{section}': "
+                                  f"{did_you_mean(key, ABOUT_KEYS[section])}; valid in '{section}': "
                                   f"{', '.join(ABOUT_KEYS[section])}")
             if value is None or (isinstance(value, str) and not value.strip()):
                 continue  # left blank, as the template leaves it: not answered
@@ -75,10 +73,6 @@ def read_about(path: str | Path | None) -> dict[str, dict[str, str]]:
             out[section][key] = " ".join(value.split())  # one paragraph, as the reports print it
     return out
 
-
-def _near(name: str, valid: Any) -> str:
-    near = difflib.get_close_matches(name, list(valid), n=1)
-    return f" (did you mean '{near[0]}'?)" if near else ""
 
 
 def template() -> str:

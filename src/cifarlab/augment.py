@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import cpu_kernels
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 FILL_MODES = ("nearest", "reflect", "wrap", "constant")
 PRESETS = ("none", "keras", "crop-flip")
@@ -603,7 +603,8 @@ def augmenter_from_config(cfg) -> KerasAugment | CropFlipCutout | None:
     in the config refine it.
     """
     if cfg.preset not in PRESETS:
-        raise ConfigError(f"augmentation preset '{cfg.preset}' is not valid; choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"augmentation preset '{cfg.preset}' is not valid{did_you_mean(cfg.preset, PRESETS)}; "
+                          f"choose one of {', '.join(PRESETS)}")
     if cfg.preset == "crop-flip":
         if cfg.crop_padding < 0 or cfg.cutout < 0:
             raise ConfigError(f"crop_padding={cfg.crop_padding} and cutout={cfg.cutout} must be 0 or more")

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from .config import (CALIBRATION_METHODS, COMPILE_MODES, MONITORS, PRECISIONS, SAMPLINGS, SCHEDULES, TTA_LEVELS,
                      DataConfig, parse_image_size)
-from .errors import CifarlabError, ConfigError, TrainingInterrupted
+from .errors import CifarlabError, ConfigError, TrainingInterrupted, did_you_mean
 
 EPILOG = """examples:
   cifarlab train --data cifar10-jpeg.tar.xz                 # the notebook's recipe (keras-deep, 20 epochs)
@@ -713,7 +713,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .models import list_models
 
         if args.model not in list_models():
-            raise ConfigError(f"--model '{args.model}' is not a registered model; valid: {', '.join(list_models())}")
+            raise ConfigError(f"--model '{args.model}' is not a registered model{did_you_mean(args.model, list_models())}; valid: {', '.join(list_models())}")
     if args.sweep:
         sweep_with_overrides(parse_axes(args.sweep), args.recipe, args.config, _train_overrides(args), args.out,
                              bool(args.overwrite))
@@ -1292,7 +1292,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from .models.summary import format_summary
 
     if args.model not in list_models():
-        raise ConfigError(f"--model '{args.model}' is not a registered model; valid: {', '.join(list_models())}")
+        raise ConfigError(f"--model '{args.model}' is not a registered model{did_you_mean(args.model, list_models())}; valid: {', '.join(list_models())}")
     try:
         h, w, c = (int(v) for v in args.input.split(","))
     except ValueError:

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 # Learning-rate schedules (see cifarlab.train._lr_lambda)
 SCHEDULES = ("constant", "triangle", "cosine", "step")
@@ -358,14 +358,15 @@ def apply_overrides(cfg: Config, values: dict[str, Any], origin: str) -> Config:
             cfg.recipe = _coerce(sub, str, f"{origin}: recipe")
             continue
         if sec not in SECTIONS:
-            raise ConfigError(f"{origin}: unknown section '{sec}'; valid sections: recipe, {', '.join(SECTIONS)}")
+            raise ConfigError(f"{origin}: unknown section '{sec}'{did_you_mean(sec, SECTIONS)}; valid sections: recipe, {', '.join(SECTIONS)}")
         if not isinstance(sub, dict):
             raise ConfigError(f"{origin}: section '{sec}' must be a mapping of keys to values, found {sub!r}")
         target = getattr(cfg, sec)
         hints = typing.get_type_hints(type(target))
         for key, value in sub.items():
             if key not in hints:
-                raise ConfigError(f"{origin}: unknown key '{sec}.{key}'; valid keys in '{sec}': {', '.join(hints)}")
+                raise ConfigError(f"{origin}: unknown key '{sec}.{key}'{did_you_mean(key, hints)}; valid keys in '{sec}': "
+                                  f"{', '.join(hints)}")
             setattr(target, key, _coerce(value, hints[key], f"{origin}: {sec}.{key}"))
     return cfg
 

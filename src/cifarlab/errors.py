@@ -3,12 +3,14 @@
 Every failure the user can cause (bad data, bad options, bad files) is raised as a
 :class:`CifarlabError` whose message names the bad value and what would be valid. The CLI
 prints these as one paragraph, without a traceback. :func:`short_list` shortens the lists of
-names that such messages, the logs and the reports give.
+names that such messages, the logs and the reports give; :func:`did_you_mean` names the valid
+one a misspelt name was probably meant to be.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 
@@ -16,6 +18,14 @@ def short_list(names: Sequence[str], most: int = 10) -> str:
     """``names`` joined by commas, the first ``most`` only, then how many more there are."""
     shown = ", ".join(names[:most])
     return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
+
+
+def did_you_mean(name: str, valid: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` where one of ``valid`` is close to ``name`` (a typo), else ``''``:
+    to follow the bad value in a message, before the list of valid ones."""
+    # above difflib's 0.6, for 'lenet' is no typo of 'resnet20' (0.62); 'dgo' is one of 'dog' (0.67)
+    near = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.65)
+    return f" (did you mean '{near[0]}'?)" if near else ""
 
 
 class CifarlabError(Exception):

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .config import EXPLAIN_METHODS as METHODS
 from .config import EXPLAIN_SELECTIONS as SELECTIONS
-from .errors import CifarlabError, short_list
+from .errors import CifarlabError, did_you_mean, short_list
 
 # Maps whose mean rank correlation with the random-weight maps reaches this are flagged: more
 # alike than unlike, so they mostly reflect the image and the architecture (a judgement call;
@@ -307,7 +307,8 @@ def explain_dataset(run: str | Path, ds, out: str | Path | None = None, method: 
     class_index = None
     if class_name is not None:
         if class_name not in pred.classes:
-            raise CifarlabError(f"--class '{class_name}' is not one of the model's classes; choose one of "
+            raise CifarlabError(f"--class '{class_name}' is not one of the model's classes{did_you_mean(class_name, pred.classes)}; "
+                                f"choose one of "
                                 f"{short_list(pred.classes, 12)}")
         class_index = pred.classes.index(class_name)
     if method == "gradcam":  # a bad --layer is named before the test images are predicted

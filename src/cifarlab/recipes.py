@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .config import Config, apply_overrides
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 
 def keras_book() -> dict[str, Any]:
@@ -146,6 +146,6 @@ RECIPES: dict[str, Callable[[], dict[str, Any]]] = {
 def apply_recipe(cfg: Config, name: str) -> Config:
     """Set the recipe's values on ``cfg``; unknown names raise :class:`ConfigError` listing the valid ones."""
     if name not in RECIPES:
-        raise ConfigError(f"unknown recipe '{name}'; valid recipes: {', '.join(RECIPES)}")
+        raise ConfigError(f"unknown recipe '{name}'{did_you_mean(name, RECIPES)}; valid recipes: {', '.join(RECIPES)}")
     cfg.recipe = name
     return apply_overrides(cfg, RECIPES[name](), f"recipe '{name}'")

@@ -27,6 +27,8 @@ def test_only_classes_keeps_and_renumbers():
     assert only_classes(_ds(), ["cat", "dog", "frog"]).notes == []
     with pytest.raises(CifarlabError, match="'zebra' of data.classes.*its classes: cat, dog, frog"):
         only_classes(_ds(), ["cat", "zebra"])
+    with pytest.raises(CifarlabError, match=r"class\(es\) 'dgo' \(did you mean 'dog'\?\), 'zebra' of data.classes"):
+        only_classes(_ds(), ["cat", "dgo", "zebra"])
 
 
 @pytest.mark.parametrize("value, hint", [(["cat"], "two or more"), (["cat", "cat"], "cat given twice"),

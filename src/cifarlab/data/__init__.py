@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, did_you_mean, short_list
 from . import archive, arrays, cache, cifar, download, folder, reproductions
 
 __all__ = ["Dataset", "load_dataset", "resized", "only_classes", "every_image_as_test", "stratified_split",
@@ -149,9 +149,8 @@ def only_classes(ds: Dataset, names: list[str]) -> Dataset:
         return ds
     unknown = [c for c in names if c not in ds.classes]
     if unknown:
-        raise DataError(f"class(es) {', '.join(repr(c) for c in unknown)} of data.classes (--classes) are not in "
-                        f"{ds.source}; its classes: {', '.join(ds.classes[:20])}"
-                        + (f", ... ({len(ds.classes)} in all)" if len(ds.classes) > 20 else ""))
+        raise DataError(f"class(es) {', '.join(repr(c) + did_you_mean(c, ds.classes) for c in unknown)} of "
+                        f"data.classes (--classes) are not in {ds.source}; its classes: {short_list(ds.classes, 20)}")
     new = np.full(len(ds.classes), -1, np.int64)
     new[[ds.classes.index(c) for c in names]] = np.arange(len(names))
 

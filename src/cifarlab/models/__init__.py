@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _MIN_SIZE: dict[str, int] = {}
@@ -67,7 +67,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
     """
     _ensure_loaded()
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown model '{name}'; valid models: {', '.join(sorted(_REGISTRY))}")
+        raise ConfigError(f"unknown model '{name}'{did_you_mean(name, _REGISTRY)}; valid models: {', '.join(sorted(_REGISTRY))}")
     _check_common(name, kwargs)
     try:
         return _REGISTRY[name](**kwargs)

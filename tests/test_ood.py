@@ -72,10 +72,14 @@ def test_sources_are_checked_before_any_data(tmp_path):
     ood.check_sources(["synthetic:gaussian", str(tmp_path)])
     with pytest.raises(CifarlabError, match="unknown synthetic set 'synthetic:static'.*synthetic:gaussian"):
         ood.check_sources(["synthetic:static"])
+    with pytest.raises(CifarlabError, match="'synthetic:gausian' \\(did you mean 'synthetic:gaussian'\\?\\)"):
+        ood.check_sources(["synthetic:gausian"])
     with pytest.raises(CifarlabError, match="'nowhere' does not exist"):
         ood.check_sources(["nowhere"])
     with pytest.raises(CifarlabError, match="--score 'odin' is not valid; choose from energy, msp, maxlogit"):
         ood.check_score("odin")
+    with pytest.raises(CifarlabError, match="--score 'enegry' is not valid \\(did you mean 'energy'\\?\\)"):
+        ood.check_score("enegry")
 
 
 class _Bright:

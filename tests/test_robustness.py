@@ -201,6 +201,7 @@ def test_the_runs_of_a_set_are_measured_on_the_same_images(tmp_path, image_folde
     (["--severities", "0"], "severity '0' is not valid"),
     (["--severities", "2,2"], "severity '2' is not valid; give each of 1 to 5 at most once"),
     (["--corruptions", "fog,snow"], "unknown corruption 'snow'"),
+    (["--corruptions", "fog,gausian_noise"], "unknown corruption 'gausian_noise' (did you mean 'gaussian_noise'?)"),
     (["--corruptions", "fog,fog"], "give each one once"),
     (["--images", "0"], "--images 0 must be a positive whole number"),
     (["--seed", "-1"], "--seed -1 must be a whole number, 0 or more"),

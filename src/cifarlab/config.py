@@ -575,7 +575,8 @@ def _check_optim(o: OptimConfig) -> None:
     from .optim import OPTIMIZERS
 
     if o.name not in OPTIMIZERS:
-        _bad("optimizer", o.name, f"valid optimizers: {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"optimizer = {o.name!r} is not valid{did_you_mean(o.name, OPTIMIZERS)}; valid optimizers: "
+                          f"{', '.join(OPTIMIZERS)}")
     if not o.lr > 0:
         _bad("learning rate (optim.lr)", o.lr, "it must be greater than 0")
     if o.weight_decay < 0:

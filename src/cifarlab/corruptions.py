@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 SEVERITIES = (1, 2, 3, 4, 5)
 
@@ -277,7 +277,7 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
 def check_corruption(name: str, severity: int) -> Corruption:
     """The corruption ``name`` after checking ``severity``; a clear error naming the valid ones."""
     if name not in CORRUPTIONS:
-        raise ConfigError(f"unknown corruption '{name}'; valid: {', '.join(CORRUPTIONS)}")
+        raise ConfigError(f"unknown corruption '{name}'{did_you_mean(name, CORRUPTIONS)}; valid: {', '.join(CORRUPTIONS)}")
     if isinstance(severity, bool) or severity not in SEVERITIES:
         raise ConfigError(f"severity {severity!r} is not valid; valid: 1 to 5")
     return CORRUPTIONS[name]

@@ -20,12 +20,13 @@ def short_list(names: Sequence[str], most: int = 10) -> str:
     return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
 
 
-def did_you_mean(name: str, valid: Iterable[str]) -> str:
+def did_you_mean(name: str, valid: Iterable[str], prefix: str = "") -> str:
     """`` (did you mean 'x'?)`` where one of ``valid`` is close to ``name`` (a typo), else ``''``:
-    to follow the bad value in a message, before the list of valid ones."""
+    to follow the bad value in a message, before the list of valid ones. ``prefix`` goes before
+    the name shown (``synthetic:`` of ``synthetic:gaussian``), not into the comparison."""
     # above difflib's 0.6, for 'lenet' is no typo of 'resnet20' (0.62); 'dgo' is one of 'dog' (0.67)
     near = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.65)
-    return f" (did you mean '{near[0]}'?)" if near else ""
+    return f" (did you mean '{prefix}{near[0]}'?)" if near else ""
 
 
 class CifarlabError(Exception):

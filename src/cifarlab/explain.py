@@ -46,9 +46,9 @@ def check_options(method: str, select: str, count: int, layer: str | None = None
     """A clear error for an unknown method or selection, a count below 1, or a layer given to
     a method that takes none; before any data is loaded."""
     if method not in METHODS:
-        raise CifarlabError(f"--method '{method}' is not valid; choose one of {', '.join(METHODS)}")
+        raise CifarlabError(f"--method '{method}' is not valid{did_you_mean(method, METHODS)}; choose one of {', '.join(METHODS)}")
     if select not in SELECTIONS:
-        raise CifarlabError(f"--select '{select}' is not valid; choose one of {', '.join(SELECTIONS)}")
+        raise CifarlabError(f"--select '{select}' is not valid{did_you_mean(select, SELECTIONS)}; choose one of {', '.join(SELECTIONS)}")
     if count < 1:
         raise CifarlabError(f"--count {count} is not valid; it must be at least 1, such as 16")
     if layer is not None and method != "gradcam":

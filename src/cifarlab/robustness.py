@@ -21,7 +21,7 @@ import numpy as np
 
 from .corruptions import CORRUPTIONS, PUBLISHED, PUBLISHED_BENCHMARK, SEVERITIES, corrupt
 from .data import Dataset
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, did_you_mean
 from .evaluate import _check_compatible, calibration, describe
 from .export import Predictor, list_to_csv_rows, load_model
 from .fsutil import report_folder, write_json, write_text
@@ -39,7 +39,7 @@ def choose_corruptions(names: str | list[str] | None, published: bool = False) -
     chosen = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
     for n in chosen:
         if n not in known:
-            raise ConfigError(f"unknown corruption '{n}'; valid: {', '.join(known)}, or all")
+            raise ConfigError(f"unknown corruption '{n}'{did_you_mean(n, known)}; valid: {', '.join(known)}, or all")
     if not chosen or len(set(chosen)) != len(chosen):
         raise ConfigError(f"corruptions {', '.join(chosen) or '(none)'}: give each one once")
     return chosen

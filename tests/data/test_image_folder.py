@@ -235,6 +235,13 @@ def test_stratified_split_and_subset():
         few = balanced_subset(y, 7, seed)
         assert len(few) == 7 and len(set(y[few])) == 7
     assert not np.array_equal(balanced_subset(y, 7, 0), balanced_subset(y, 7, 1))
+    # A rare class still gets an image where there are enough for every class: one of 2 in 1,000
+    # (stratification rounds its share of 20 down to none) and one of 1 (stratification fails)
+    for rare in (np.r_[np.repeat(np.arange(9), 111)[:998], 9, 9], np.r_[np.repeat(np.arange(9), 111), 9]):
+        for seed in range(10):
+            sub = balanced_subset(rare, 20, seed)
+            assert len(set(sub)) == 20 and set(rare[sub]) == set(range(10)), seed
+            assert np.array_equal(sub, balanced_subset(rare, 20, seed))
     for bad in (0.0, 1.0, -0.1):
         with pytest.raises(DataError, match="strictly between 0 and 1"):
             stratified_split(y, bad, 0)

@@ -302,20 +302,27 @@ def subset_note(n: int, available: int, what: str, classes: int = 0) -> str | No
 
 
 def balanced_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Indices of a seeded, class-balanced subset of ``n`` images (sorted); of fewer images than
-    classes, one image each of ``n`` classes drawn with the seed."""
+    """Indices of a seeded, class-balanced subset of ``n`` images (sorted), with an image of
+    every class where ``n`` is at least the number of classes; of fewer, one image each of
+    ``n`` classes drawn with the seed."""
     if n <= 0:
         raise DataError(f"--subset {n} is not valid; it must be a positive number of images")
     if n >= len(y):
         return np.arange(len(y))
     from sklearn.model_selection import train_test_split
 
+    rng, classes = np.random.default_rng(seed), np.unique(y)
     try:
         sub, _ = train_test_split(np.arange(len(y)), train_size=n, random_state=seed, stratify=y)
     except ValueError:  # stratification is impossible
-        rng, classes = np.random.default_rng(seed), np.unique(y)
         if n < len(classes):  # no class twice, so that as few classes as can be go without an image
             sub = np.array([rng.choice(np.flatnonzero(y == c)) for c in rng.choice(classes, n, replace=False)])
         else:  # a class too small to be split, for one: a seeded random subset
             sub = rng.choice(len(y), size=n, replace=False)
+    if n >= len(classes):
+        # stratification rounds a rare class's share down to no image, and the random draw may
+        # miss one: each class left out takes the place of an image of the subset's largest class
+        for c in np.setdiff1d(classes, y[sub]):
+            have, counts = np.unique(y[sub], return_counts=True)
+            sub[rng.choice(np.flatnonzero(y[sub] == have[counts.argmax()]))] = rng.choice(np.flatnonzero(y == c))
     return np.sort(sub)

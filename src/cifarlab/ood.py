@@ -605,9 +605,11 @@ def read_in_scores(run: str | Path, score: str, name: str = "ood") -> np.ndarray
 
     path = Path(run) / name / "scores.npz"
     try:
-        with np.load(path, allow_pickle=False) as z:
+        # our handle, closed even where numpy's would stay open (a damaged zip index)
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
             return np.asarray(z[f"in_{score}"], np.float64)
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # missing, damaged, cut short or empty
+    # missing, damaged, cut short, empty, or one array (np.save's, which is no context manager)
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, TypeError):
         return None
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -87,12 +90,30 @@ def test_bad_arrays_are_refused_by_name(tmp_path, arrays, message):
         load_dataset(path)
 
 
-def test_other_npz_files_are_not_taken_for_keras_arrays(tmp_path):
+def test_other_npz_files_are_refused_saying_what_they_hold(tmp_path):
     path = tmp_path / "weights.npz"
-    np.savez(path, w=np.zeros(3))
-    with pytest.raises(DataError, match="is a file but not a tar or zip archive; expected one of .*an .npz of numpy "
-                                        "arrays named x_train, y_train, x_test, y_test"):
+    np.savez(path, w=np.zeros(3), b=np.zeros(1))
+    with pytest.raises(DataError, match="weights.npz: holds the arrays w, b but neither x_train nor x_test; expected "
+                                        "x_train, y_train, x_test, y_test"):
         load_dataset(path)
+    np.save(tmp_path / "one.npy", np.zeros((2, 3)))  # np.save's one array, under an .npz name
+    (tmp_path / "one.npy").rename(tmp_path / "one.npz")
+    with pytest.raises(DataError, match=re.escape("one.npz: holds a single array of shape (2, 3), as np.save writes "
+                                                  "one, where named arrays were expected: save them with np.savez(")):
+        load_dataset(tmp_path / "one.npz")
+
+
+def test_a_damaged_npz_is_named_and_its_file_closed(tmp_path):
+    whole = tmp_path / "whole.npz"
+    np.savez(whole, x_test=_images(4, 0), y_test=_labels(4))
+    path = tmp_path / "cut.npz"
+    path.write_bytes(whole.read_bytes()[:-40])  # the zip's index cut short
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(DataError, match="cut.npz: not a readable numpy file"):
+            load_dataset(path)
+        gc.collect()  # an unclosed file warns as it is collected
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
 
 
 def test_train_evaluate_and_test_on_a_test_set_alone(tmp_path, capsys):

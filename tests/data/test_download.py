@@ -38,6 +38,7 @@ def server(tmp_path):
     t.start()
     yield www, f"http://127.0.0.1:{httpd.server_address[1]}/"
     httpd.shutdown()
+    httpd.server_close()  # shutdown stops the loop; this closes the listening socket
 
 
 def test_download_from_local_server_verified_and_cached(tmp_path, server, monkeypatch, official_md5):

@@ -27,21 +27,11 @@ KEYS = ("x_train", "y_train", "x_test", "y_test")
 MAX_NUMBERED = 10_000  # the most classes numbered without names (ImageNet-21k has about 21,000: name them)
 
 
-def _members(path: Path) -> list[str] | None:
-    """The array names of the .npz file ``path``, or None where it is not one numpy can open."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return list(f.files)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, AttributeError):
-        return None
-
-
 def detect(path: Path) -> bool:
-    """Whether ``path`` is an .npz file holding ``x_train`` or ``x_test`` (Keras' names)."""
-    if not (path.is_file() and path.name.lower().endswith(".npz")):
-        return False
-    names = _members(path)
-    return bool(names) and ("x_train" in names or "x_test" in names)
+    """Whether ``path`` is an .npz file: by its name, so that :func:`load` says what is wrong
+    with one that numpy cannot read or that lacks Keras' array names (CIFAR-10.2's own .npz
+    files are known by their names before this is asked)."""
+    return path.is_file() and path.name.lower().endswith(".npz")
 
 
 def load(path: Path, test_split: float):
@@ -49,18 +39,30 @@ def load(path: Path, test_split: float):
     ``test_split``: the share of each class held out for testing where it has no test arrays."""
     from . import Dataset, folder
 
-    try:
-        npz = np.load(path, allow_pickle=False)  # opened once; each array is read from it as asked for
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: not a readable numpy file ({e})") from None
-    with npz:
-        names = list(npz.files)
-        notes: list[str] = []
-        unknown = sorted(set(names) - set(KEYS) - {"classes"})
-        if unknown:
-            notes.append(f"{path.name}: ignored array(s) {', '.join(unknown)}; read are {', '.join(KEYS)} and classes")
-        parts, one_hot = _read_parts(npz, path, names, notes)
-        classes = _classes(npz, path, names, parts, one_hot, notes)
+    # opened here, not by numpy, which leaves its own handle open when a zip's index is damaged;
+    # once, each array read from it as asked for
+    with open(path, "rb") as fh:
+        try:
+            npz = np.load(fh, allow_pickle=False)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise DataError(f"{path}: not a readable numpy file ({e})") from None
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: holds a single array of shape {npz.shape}, as np.save writes one, where named "
+                            "arrays were expected: save them with np.savez(path, x_train=..., y_train=..., "
+                            "x_test=..., y_test=...)")
+        with npz:
+            names = list(npz.files)
+            if "x_train" not in names and "x_test" not in names:
+                raise DataError(f"{path}: holds the arrays {', '.join(names) or '(none)'} but neither x_train nor "
+                                f"x_test; expected {', '.join(KEYS)} (and optionally classes), as keras.datasets "
+                                "gives them")
+            notes: list[str] = []
+            unknown = sorted(set(names) - set(KEYS) - {"classes"})
+            if unknown:
+                notes.append(f"{path.name}: ignored array(s) {', '.join(unknown)}; read are {', '.join(KEYS)} and "
+                             "classes")
+            parts, one_hot = _read_parts(npz, path, names, notes)
+            classes = _classes(npz, path, names, parts, one_hot, notes)
     if "test" in parts:
         x0 = parts["test"][0]
         (x_tr, y_tr), (x_te, y_te) = parts.get("train", (x0[:0], np.zeros(0, np.int64))), parts["test"]

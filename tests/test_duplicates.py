@@ -319,7 +319,7 @@ def test_the_command_writes_its_files_and_groups_that_audit_reads(tmp_path, caps
     assert "3 of 12 test images (25.00%) have a near-duplicate" in printed and "duplicates.png" in printed
     for f in ("duplicates.json", "duplicates.csv", "groups.csv", "duplicates.png"):
         assert (out / f).is_file()
-    rows = list(csv.DictReader(open(out / "duplicates.csv")))
+    rows = list(csv.DictReader((out / "duplicates.csv").read_text().splitlines()))
     assert len(rows) == 12 and sum(r["train_duplicate"] == "yes" for r in rows) == 3
     loaded = load_dataset(str(folder))
     idx, groups = read_groups(out / "groups.csv", loaded)
@@ -347,14 +347,15 @@ def test_the_mirrored_search_through_the_command_its_files_and_the_card(tmp_path
     assert "4 of 12 test images (33.33%) have a near-duplicate among the 30 training images, 1 of them mirrored" \
         in printed and "mirror images compared" in printed
     loaded = load_dataset(str(folder))
-    rows = list(csv.DictReader(open(out / "duplicates.csv")))
+    rows = list(csv.DictReader((out / "duplicates.csv").read_text().splitlines()))
     # (a pair below the threshold may be mirrored too: its best match was its mirror image)
     mirrored = [r for r in rows if r["train_mirrored"] == "yes" and r["train_duplicate"] == "yes"]
     assert len(mirrored) == 1 and sum(r["train_duplicate"] == "yes" for r in rows) == 4
     assert np.array_equal(loaded.x_train[int(mirrored[0]["train_index"])], ds.x_train[21])
     assert sum(r["test_mirrored"] == "yes" and float(r["test_score"]) >= 0.96 for r in rows) == 2
     assert main(["duplicates", "--data", str(folder), "--out", str(tmp_path / "plain"), "--candidates", "5"]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "plain" / "duplicates.csv")))  # not compared: neither yes nor no
+    # not compared: neither yes nor no
+    rows = list(csv.DictReader((tmp_path / "plain" / "duplicates.csv").read_text().splitlines()))
     assert {r["train_mirrored"] for r in rows} == {""} and {r["test_mirrored"] for r in rows} == {""}
 
 
@@ -426,5 +427,5 @@ def test_one_test_image_has_no_other_to_compare_with(tmp_path):
     report, found = duplicates_report(ds, candidates=3)
     assert report["test_with_train_duplicate"] == 1 and report["test_with_test_duplicate"] == 0
     write_files(report, found, ds, tmp_path / "one")
-    row = next(csv.DictReader(open(tmp_path / "one" / "duplicates.csv")))
+    row = next(csv.DictReader((tmp_path / "one" / "duplicates.csv").read_text().splitlines()))
     assert row["train_index"] == "0" and row["test_index"] == "" and row["test_score"] == ""

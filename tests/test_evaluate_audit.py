@@ -113,7 +113,7 @@ def test_evaluate_and_audit_write_reports(trained_run, image_folder, tmp_path):
     # one row per test image, in the test split's order, agreeing with the report's figures
     import csv
 
-    rows = list(csv.DictReader((tmp_path / "eval" / "predictions.csv").open()))
+    rows = list(csv.DictReader((tmp_path / "eval" / "predictions.csv").read_text().splitlines()))
     assert [r["path"] for r in rows] == ds.test_paths and [r["index"] for r in rows] == [str(i) for i in range(9)]
     assert [r["true"] for r in rows] == [ds.classes[y] for y in ds.y_test]
     assert sum(r["correct"] == "yes" for r in rows) / 9 == pytest.approx(rep["accuracy"])

@@ -233,21 +233,23 @@ _ARRAY = st.builds(lambda shape, dtype: np.zeros(shape, dtype),
 @given(st.dictionaries(st.sampled_from(["x_train", "y_train", "x_test", "y_test", "classes", "other"]),
                        st.one_of(_ARRAY, st.builds(lambda n, lo: np.arange(n) + lo, st.integers(0, 6),
                                                    st.integers(-2, 3))), max_size=6),
-       st.integers(0, 400))
-def test_keras_arrays_reader(tmp_path_factory, arrays, cut):
+       st.integers(0, 400), st.booleans())
+def test_keras_arrays_reader(tmp_path_factory, arrays, cut, single):
     """Any .npz of Keras' array names (any shapes and types, objects among them, the file cut
-    short): a data set whose images are uint8 (N, H, W, C) with a label per image, each a class,
-    or the tool's error."""
+    short), or np.save's one array under an .npz name (``single``): a data set whose images are
+    uint8 (N, H, W, C) with a label per image, each a class, or the tool's error."""
     from cifarlab.data import arrays as arrays_format
 
     path = tmp_path_factory.mktemp("npz") / "data.npz"
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    if single:
+        np.save(buf, next(iter(arrays.values()), np.zeros(0)))
+    else:
+        np.savez(buf, **arrays)
     data = buf.getvalue()
     path.write_bytes(data[:len(data) - cut] if 0 < cut < len(data) else data)
+    assert arrays_format.detect(path)  # by its name: load names what is wrong with it
     try:
-        if not arrays_format.detect(path):
-            return
         ds = arrays_format.load(path, 0.2)
     except CifarlabError:
         return

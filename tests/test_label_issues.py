@@ -57,10 +57,10 @@ def test_report_files(tmp_path):
     # argmax right on images 0 to 3 (image 1's tie goes to its label, 0): 4 of 5; without image 4: 4 of 4
     assert r["accuracy"] == pytest.approx(0.8) and r["accuracy_without_flagged"] == pytest.approx(1.0)
     assert [c["flagged"] for c in r["per_class"]] == [0, 1, 0] and r["per_class"][2]["threshold"] is None
-    rows = list(csv.DictReader((out / "label_issues.csv").open()))
+    rows = list(csv.DictReader((out / "label_issues.csv").read_text().splitlines()))
     assert rows == [{"rank": "1", "index": "4", "path": "test/4.png", "given": "dog", "suggested": "cat",
                      "p_given": "0.2", "p_suggested": "0.8", "predicted": "cat"}]
-    groups = list(csv.DictReader((out / "groups.csv").open()))
+    groups = list(csv.DictReader((out / "groups.csv").read_text().splitlines()))
     assert [g["label_issue"] for g in groups] == ["no", "no", "no", "no", "yes"]
     saved = json.loads((out / "label_issues.json").read_text())
     assert saved["confident_joint"] == [[1, 0, 0], [1, 2, 0], [0, 0, 0]] and saved["run"] == "stub"
@@ -73,7 +73,7 @@ def test_label_issues_through_the_cli(trained_run, capsys):
     out = trained_run / "label-issues"
     assert r["test_images"] == 9 and r["files"] == sorted(p.name for p in out.iterdir())
     flagged = {row["index"] for row in r["issues"]}
-    groups = list(csv.DictReader((out / "groups.csv").open()))
+    groups = list(csv.DictReader((out / "groups.csv").read_text().splitlines()))
     assert {int(g["index"]) for g in groups if g["label_issue"] == "yes"} == flagged
     assert main(["audit", str(trained_run), "--groups", str(out / "groups.csv"), "--bootstrap", "100"]) == 0
     card = (trained_run / "audit" / "MODEL_CARD.md").read_text()
@@ -137,7 +137,7 @@ def test_label_issues_of_the_validation_images(trained_run, image_folder, tmp_pa
     ds = load_dataset(str(image_folder))
     _, _, va = run_split(trained_run, ds)
     assert r["test_origin"] == "validation" and r["test_images"] == len(va) > 0
-    rows = list(csv.DictReader((trained_run / "label-issues-val" / "groups.csv").open()))
+    rows = list(csv.DictReader((trained_run / "label-issues-val" / "groups.csv").read_text().splitlines()))
     assert len(rows) == len(va)
     probs = load_model(trained_run).predict(ds.x_train[va])
     assert r["flagged"] == len(li.find_issues(probs, ds.y_train[va])["indices"])

@@ -104,6 +104,13 @@ def test_damaged_published_files_are_refused_by_name(trained_run, image_folder, 
              corruptions="contrast")
     np.save(folder / "labels.npy", np.tile(ds.y_test + 7, 5))
     _refused(trained_run, ds, folder, "labels 7 to 9; the model has 3 classes", corruptions="contrast")
+    np.save(folder / "labels.npy", np.tile(ds.y_test, 5).astype(str))
+    _refused(trained_run, ds, folder, "labels.npy holds <U21 values; expected whole-number class labels",
+             corruptions="contrast")
+    with open(folder / "labels.npy", "wb") as f:  # np.savez's zip of arrays, under an .npy name
+        np.savez(f, labels=np.tile(ds.y_test, 5))
+    _refused(trained_run, ds, folder, r"labels.npy is an .npz archive of arrays \(labels\); expected one array",
+             corruptions="contrast")
     np.save(folder / "labels.npy", np.tile(ds.y_test, 5))
     np.save(folder / "contrast.npy", np.zeros((45, 16, 16, 3), np.uint8))
     _refused(trained_run, ds, folder, r"contrast.npy holds uint8 images of shape \(45, 16, 16, 3\); expected uint8 "

@@ -275,7 +275,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, resume_dat
     p, ckpt = _start_after_first_checkpoint(resume_data, run, 0.15)
     first = ckpt.stat().st_mtime_ns
     p.send_signal(signal.SIGKILL)
-    p.wait(timeout=60)
+    p.communicate(timeout=60)  # waits, and closes its pipes
     assert p.returncode == -signal.SIGKILL, "training finished before it could be killed"
     assert not (run / "weights.safetensors").exists()
     state = torch.load(ckpt, weights_only=True)
@@ -1017,7 +1017,11 @@ def test_history_plot_adds_a_learning_rate_panel_where_the_rate_changes(tmp_path
     plot_history([{**r, "learning_rate": 1e-3 / 10 ** (r["epoch"] // 2)} for r in rows], tmp_path / "cut.png")
     plot_history([{**r, "learning_rate": 0.01 * (3 - r["epoch"]), "muon_learning_rate": 0.24 * (3 - r["epoch"])}
                   for r in rows], tmp_path / "to-zero.png")  # a rate that reaches 0: a linear axis
-    widths = [Image.open(tmp_path / f).size[0] for f in ("plain.png", "cut.png", "to-zero.png")]
+    def width(name: str) -> int:
+        with Image.open(tmp_path / name) as im:
+            return im.size[0]
+
+    widths = [width(f) for f in ("plain.png", "cut.png", "to-zero.png")]
     assert widths[1] > widths[0] * 1.3 and widths[2] > widths[0] * 1.3, widths
 
 

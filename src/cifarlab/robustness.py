@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,11 @@ class PublishedCorruptions:
         if "labels.npy" not in self._members:
             raise DataError(f"corrupted data '{path}' has no labels.npy; expected the CIFAR-10-C layout (NAME.npy "
                             "for each corruption, and labels.npy)")
-        self.labels = self._read("labels.npy").astype(np.int64)
+        labels = self._read("labels.npy")
+        if labels.dtype.kind not in "iu":
+            raise DataError(f"{self._where('labels.npy')} holds {labels.dtype} values; expected whole-number class "
+                            "labels")
+        self.labels = labels.astype(np.int64)
         if self.labels.ndim != 1 or len(self.labels) % len(SEVERITIES):
             raise DataError(f"{self._where('labels.npy')} has shape {self.labels.shape}; expected one label per image "
                             f"for {len(SEVERITIES)} severities ({len(SEVERITIES)} x the test images)")
@@ -130,10 +135,16 @@ class PublishedCorruptions:
         try:
             if self._tar is not None:
                 with self._tar.extractfile(self._members[name]) as f:  # numpy needs a real file or bytes
-                    return np.load(io.BytesIO(f.read()), allow_pickle=False)
-            return np.load(self._members[name], allow_pickle=False, mmap_mode="r")
-        except (ValueError, OSError, EOFError) as e:
+                    x = np.load(io.BytesIO(f.read()), allow_pickle=False)
+            else:
+                x = np.load(self._members[name], allow_pickle=False, mmap_mode="r")
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
             raise DataError(f"cannot read {self._where(name)} as a numpy array: {e}") from None
+        if not isinstance(x, np.ndarray):  # a zip of arrays (np.savez's) under an .npy name
+            x.close()
+            raise DataError(f"{self._where(name)} is an .npz archive of arrays ({', '.join(x.files)}); expected one "
+                            "array, as np.save writes it")
+        return x
 
     def available(self) -> list[str]:
         """The corruptions whose files are there."""

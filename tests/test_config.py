@@ -163,6 +163,9 @@ def test_syntax_errors_name_the_line(tmp_path):
     (tmp_path / "c.ini").write_text("[train]\n")
     with pytest.raises(ConfigError, match="must end in .yaml, .yml or .toml"):
         resolve_config(file=tmp_path / "c.ini")
+    f.write_bytes("train:\n  out: caf\u00e9\n".encode("latin-1"))  # saved in another encoding than UTF-8
+    with pytest.raises(ConfigError, match=r"c.yaml' is not UTF-8 text \(byte 0xe9 at offset 17\); save it as UTF-8"):
+        resolve_config(file=f)
 
 
 @pytest.mark.parametrize("text, msg", [

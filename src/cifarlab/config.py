@@ -398,6 +398,9 @@ def read_config_file(path: str | Path, what: str = "config file") -> dict[str, A
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read {what} '{path}': {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} '{path}' is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          "save it as UTF-8") from None
     if path.suffix.lower() == ".toml":
         try:
             data = tomllib.loads(text)

@@ -50,6 +50,11 @@ def test_roundtrip(tmp_path):
     ({"data": {"val_split": -0.1}}, r"must lie in \[0, 1\)"),
     ({"model": {"name": "vgg"}}, "valid models: keras-deep, keras-shallow"),
     ({"optim": {"name": "lbfgs"}}, "valid optimizers: rmsprop, sgd, adam"),
+    # a misspelt name is answered with the one it was probably meant to be
+    ({"model": {"name": "kerasdeep"}},
+     "model = 'kerasdeep' is not valid \\(did you mean 'keras-deep'\\?\\); valid models"),
+    ({"optim": {"schedule": "cosin"}}, "optim.schedule = 'cosin' is not valid \\(did you mean 'cosine'\\?\\); choose"),
+    ({"train": {"precision": "bf61"}}, "train.precision = 'bf61' is not valid \\(did you mean 'bf16'\\?\\); choose"),
     ({"train": {"batch_size": "big"}}, "train.batch_size: 'big' is not valid; expected a whole number"),
     # a setting that may be left unset names its type in the same words
     ({"data": {"subset": 1.5}}, "data.subset: 1.5 is not valid; expected a whole number or null"),
@@ -86,7 +91,8 @@ def test_roundtrip(tmp_path):
     ({"train": {"freeze_epochs": 2, "cuda_graph": True}}, "a CUDA graph fixes which parameters train, so it cannot "
      "unfreeze the model after train.freeze_epochs = 2"),
     ({"optim": {"plateau_patience": 2, "plateau_monitor": "val_acc"}},
-     "optim.plateau_monitor = 'val_acc' is not valid; choose val_loss or val_accuracy"),
+     "optim.plateau_monitor = 'val_acc' is not valid \\(did you mean 'val_accuracy'\\?\\); choose val_loss or "
+     "val_accuracy"),
     ({"optim": {"plateau_patience": 2, "plateau_min_delta": -0.5}},
      "optim.plateau_min_delta = -0.5 is not valid; it must be 0 or more"),
     ({"optim": {"plateau_patience": 2, "plateau_cooldown": -1}},

@@ -710,10 +710,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                   "other runs and writes the summary again")
         return 0
     if args.model is not None:
-        from .models import list_models
-
-        if args.model not in list_models():
-            raise ConfigError(f"--model '{args.model}' is not a registered model{did_you_mean(args.model, list_models())}; valid: {', '.join(list_models())}")
+        _check_model(args.model)
     if args.sweep:
         sweep_with_overrides(parse_axes(args.sweep), args.recipe, args.config, _train_overrides(args), args.out,
                              bool(args.overwrite))
@@ -1286,13 +1283,21 @@ def cmd_augment(args: argparse.Namespace) -> int:
     return augment_command(args)
 
 
+def _check_model(name: str) -> None:
+    """Refuse a ``--model`` that is not in the registry, naming the registered ones."""
+    from .models import list_models
+
+    if name not in list_models():
+        raise ConfigError(f"--model '{name}' is not a registered model{did_you_mean(name, list_models())}; valid: "
+                          f"{', '.join(list_models())}")
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     """``cifarlab summary``."""
-    from .models import create_model, list_models
+    from .models import create_model
     from .models.summary import format_summary
 
-    if args.model not in list_models():
-        raise ConfigError(f"--model '{args.model}' is not a registered model{did_you_mean(args.model, list_models())}; valid: {', '.join(list_models())}")
+    _check_model(args.model)
     try:
         h, w, c = (int(v) for v in args.input.split(","))
     except ValueError:

@@ -13,7 +13,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -358,15 +358,16 @@ def apply_overrides(cfg: Config, values: dict[str, Any], origin: str) -> Config:
             cfg.recipe = _coerce(sub, str, f"{origin}: recipe")
             continue
         if sec not in SECTIONS:
-            raise ConfigError(f"{origin}: unknown section '{sec}'{did_you_mean(sec, SECTIONS)}; valid sections: recipe, {', '.join(SECTIONS)}")
+            raise ConfigError(f"{origin}: unknown section '{sec}'{did_you_mean(sec, SECTIONS)}; valid sections: "
+                              f"recipe, {', '.join(SECTIONS)}")
         if not isinstance(sub, dict):
             raise ConfigError(f"{origin}: section '{sec}' must be a mapping of keys to values, found {sub!r}")
         target = getattr(cfg, sec)
         hints = typing.get_type_hints(type(target))
         for key, value in sub.items():
             if key not in hints:
-                raise ConfigError(f"{origin}: unknown key '{sec}.{key}'{did_you_mean(key, hints)}; valid keys in '{sec}': "
-                                  f"{', '.join(hints)}")
+                raise ConfigError(f"{origin}: unknown key '{sec}.{key}'{did_you_mean(key, hints)}; valid keys in "
+                                  f"'{sec}': {', '.join(hints)}")
             setattr(target, key, _coerce(value, hints[key], f"{origin}: {sec}.{key}"))
     return cfg
 
@@ -521,8 +522,11 @@ def is_device_name(name: str) -> bool:
     return name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())
 
 
-def _bad(key: str, value: Any, valid: str) -> NoReturn:
-    raise ConfigError(f"{key} = {value!r} is not valid; {valid}")
+def _bad(key: str, value: Any, valid: str, names: Iterable[str] = ()) -> NoReturn:
+    """Refuse ``value`` of ``key``, saying what is ``valid``; of a name among ``names``, the
+    one it was probably meant to be too."""
+    near = did_you_mean(value, names) if isinstance(value, str) else ""
+    raise ConfigError(f"{key} = {value!r} is not valid{near}; {valid}")
 
 
 def _refuse_set(sec: Any, section: str, keys: tuple[str, ...], why: str) -> None:
@@ -543,7 +547,7 @@ def _check_model(m: ModelConfig) -> None:
     from .models import list_models
 
     if m.name not in list_models():
-        _bad("model", m.name, f"valid models: {', '.join(list_models())}")
+        _bad("model", m.name, f"valid models: {', '.join(list_models())}", list_models())
     if m.init_from is not None and not str(m.init_from).strip():
         _bad("model.init_from", m.init_from, "give a run folder written by 'cifarlab train', or leave it out")
 
@@ -555,9 +559,9 @@ def _check_data(d: DataConfig) -> None:
     if d.subset is not None and d.subset < 1:
         _bad("subset", d.subset, "it must be a positive number of images")
     if d.dataset not in ("cifar10", "cifar100"):
-        _bad("dataset", d.dataset, "choose cifar10 or cifar100")
+        _bad("dataset", d.dataset, "choose cifar10 or cifar100", ("cifar10", "cifar100"))
     if d.label_mode not in ("fine", "coarse"):
-        _bad("data.label_mode", d.label_mode, "choose fine or coarse")
+        _bad("data.label_mode", d.label_mode, "choose fine or coarse", ("fine", "coarse"))
     if not 0 < d.test_split < 1:
         _bad("test split (data.test_split)", d.test_split, "it must lie strictly between 0 and 1, such as 0.2")
     if d.labels is not None and not d.data:
@@ -578,8 +582,7 @@ def _check_optim(o: OptimConfig) -> None:
     from .optim import OPTIMIZERS
 
     if o.name not in OPTIMIZERS:
-        raise ConfigError(f"optimizer = {o.name!r} is not valid{did_you_mean(o.name, OPTIMIZERS)}; valid optimizers: "
-                          f"{', '.join(OPTIMIZERS)}")
+        _bad("optimizer", o.name, f"valid optimizers: {', '.join(OPTIMIZERS)}", OPTIMIZERS)
     if not o.lr > 0:
         _bad("learning rate (optim.lr)", o.lr, "it must be greater than 0")
     if o.weight_decay < 0:
@@ -595,7 +598,7 @@ def _check_optim(o: OptimConfig) -> None:
     if not 1 <= o.ns_steps <= 20:
         _bad("optim.ns_steps", o.ns_steps, "it must lie in [1, 20]")
     if o.schedule not in SCHEDULES:
-        _bad("optim.schedule", o.schedule, f"choose {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}")
+        _bad("optim.schedule", o.schedule, f"choose {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}", SCHEDULES)
     if not o.norm_bias_lr_scale > 0:
         _bad("optim.norm_bias_lr_scale", o.norm_bias_lr_scale, "it must be greater than 0")
     if not 0 <= o.warmup_frac <= 1:
@@ -615,7 +618,7 @@ def _check_optim(o: OptimConfig) -> None:
     if not (0 <= o.plateau_min_lr < math.inf):
         _bad("optim.plateau_min_lr", o.plateau_min_lr, "it must be 0 or more")
     if o.plateau_monitor not in MONITORS:
-        _bad("optim.plateau_monitor", o.plateau_monitor, f"choose {' or '.join(MONITORS)}")
+        _bad("optim.plateau_monitor", o.plateau_monitor, f"choose {' or '.join(MONITORS)}", MONITORS)
     if not (o.plateau_min_delta >= 0 and math.isfinite(o.plateau_min_delta)):
         _bad("optim.plateau_min_delta", o.plateau_min_delta, "it must be 0 or more, in the monitored figure's units")
     if o.plateau_cooldown < 0:
@@ -660,7 +663,7 @@ def _check_class_balance(t: TrainConfig) -> None:
     if isinstance(cw, dict) and (bad_weights := {k: v for k, v in cw.items() if v < 0}):
         _bad("train.class_weight", bad_weights, "a class's weight must be 0 or more")
     if t.sampling not in SAMPLINGS:
-        _bad("train.sampling", t.sampling, f"choose {' or '.join(SAMPLINGS)}")
+        _bad("train.sampling", t.sampling, f"choose {' or '.join(SAMPLINGS)}", SAMPLINGS)
     if t.sampling == "balanced" and cw is not None:
         _bad("train.sampling", t.sampling, "with train.class_weight set too, rare classes would be favoured "
              "twice over (drawn more often and weighed more); choose one of them")
@@ -684,20 +687,21 @@ def _check_train(t: TrainConfig) -> None:
     if not 0 <= t.label_smoothing < 1:
         _bad("train.label_smoothing", t.label_smoothing, "it must lie in [0, 1)")
     if t.tta not in TTA_LEVELS:
-        _bad("train.tta", t.tta, "choose none, flip or flip-translate")
+        _bad("train.tta", t.tta, "choose none, flip or flip-translate", TTA_LEVELS)
     if t.precision not in PRECISIONS:
-        _bad("train.precision", t.precision, f"choose {', '.join(PRECISIONS)}")
+        _bad("train.precision", t.precision, f"choose {', '.join(PRECISIONS)}", PRECISIONS)
     if t.freeze_epochs < 0:
         _bad("train.freeze_epochs", t.freeze_epochs, "it must be 0 (off) or a number of epochs")
     if t.compile_mode not in COMPILE_MODES:
-        _bad("train.compile_mode", t.compile_mode, f"choose {', '.join(COMPILE_MODES)}")
+        _bad("train.compile_mode", t.compile_mode, f"choose {', '.join(COMPILE_MODES)}", COMPILE_MODES)
     if t.compile_mode != "default" and not t.compile:
         _bad("train.compile_mode", t.compile_mode, "it takes effect only with train.compile: true (--compile); "
              "set that too, or leave the mode at default")
     if t.early_stopping < 0:
         _bad("train.early_stopping", t.early_stopping, "it must be 0 (off) or a number of epochs")
     if t.early_stopping_monitor not in MONITORS:
-        _bad("train.early_stopping_monitor", t.early_stopping_monitor, f"choose {' or '.join(MONITORS)}")
+        _bad("train.early_stopping_monitor", t.early_stopping_monitor, f"choose {' or '.join(MONITORS)}",
+             MONITORS)
     if not (t.early_stopping_min_delta >= 0 and math.isfinite(t.early_stopping_min_delta)):
         _bad("train.early_stopping_min_delta", t.early_stopping_min_delta,
              "it must be 0 or more, in the monitored figure's units")
@@ -714,7 +718,7 @@ def _check_train(t: TrainConfig) -> None:
     if not 0 < t.select_fraction <= 1:
         _bad("train.select_fraction", t.select_fraction, "it must lie in (0, 1]; 1 trains on every example")
     if t.select_fraction < 1 and t.select_model not in list_models():
-        _bad("train.select_model", t.select_model, f"valid models: {', '.join(list_models())}")
+        _bad("train.select_model", t.select_model, f"valid models: {', '.join(list_models())}", list_models())
     if t.select_backward_every < 1:
         _bad("train.select_backward_every", t.select_backward_every, "it must be at least 1")
     if t.teacher is not None and not str(t.teacher).strip():

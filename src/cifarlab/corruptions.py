@@ -277,7 +277,8 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
 def check_corruption(name: str, severity: int) -> Corruption:
     """The corruption ``name`` after checking ``severity``; a clear error naming the valid ones."""
     if name not in CORRUPTIONS:
-        raise ConfigError(f"unknown corruption '{name}'{did_you_mean(name, CORRUPTIONS)}; valid: {', '.join(CORRUPTIONS)}")
+        raise ConfigError(f"unknown corruption '{name}'{did_you_mean(name, CORRUPTIONS)}; valid: "
+                          f"{', '.join(CORRUPTIONS)}")
     if isinstance(severity, bool) or severity not in SEVERITIES:
         raise ConfigError(f"severity {severity!r} is not valid; valid: 1 to 5")
     return CORRUPTIONS[name]

@@ -46,9 +46,11 @@ def check_options(method: str, select: str, count: int, layer: str | None = None
     """A clear error for an unknown method or selection, a count below 1, or a layer given to
     a method that takes none; before any data is loaded."""
     if method not in METHODS:
-        raise CifarlabError(f"--method '{method}' is not valid{did_you_mean(method, METHODS)}; choose one of {', '.join(METHODS)}")
+        raise CifarlabError(f"--method '{method}' is not valid{did_you_mean(method, METHODS)}; choose one of "
+                            f"{', '.join(METHODS)}")
     if select not in SELECTIONS:
-        raise CifarlabError(f"--select '{select}' is not valid{did_you_mean(select, SELECTIONS)}; choose one of {', '.join(SELECTIONS)}")
+        raise CifarlabError(f"--select '{select}' is not valid{did_you_mean(select, SELECTIONS)}; choose one of "
+                            f"{', '.join(SELECTIONS)}")
     if count < 1:
         raise CifarlabError(f"--count {count} is not valid; it must be at least 1, such as 16")
     if layer is not None and method != "gradcam":
@@ -307,8 +309,8 @@ def explain_dataset(run: str | Path, ds, out: str | Path | None = None, method: 
     class_index = None
     if class_name is not None:
         if class_name not in pred.classes:
-            raise CifarlabError(f"--class '{class_name}' is not one of the model's classes{did_you_mean(class_name, pred.classes)}; "
-                                f"choose one of "
+            raise CifarlabError(f"--class '{class_name}' is not one of the model's classes"
+                                f"{did_you_mean(class_name, pred.classes)}; choose one of "
                                 f"{short_list(pred.classes, 12)}")
         class_index = pred.classes.index(class_name)
     if method == "gradcam":  # a bad --layer is named before the test images are predicted

@@ -77,8 +77,8 @@ def check_sources(sources: list[str]) -> None:
         if s.startswith("synthetic:"):
             name = s.split(":", 1)[1]
             if name not in SYNTHETIC:
-                raise CifarlabError(f"unknown synthetic set '{s}'{did_you_mean(name, SYNTHETIC, 'synthetic:')}; choose from "
-                                    f"{', '.join('synthetic:' + k for k in SYNTHETIC)}")
+                raise CifarlabError(f"unknown synthetic set '{s}'{did_you_mean(name, SYNTHETIC, 'synthetic:')}; "
+                                    f"choose from {', '.join('synthetic:' + k for k in SYNTHETIC)}")
         elif not Path(s).expanduser().exists():
             raise CifarlabError(f"OOD source '{s}' does not exist; give a data archive or folder, or one of "
                                 f"{', '.join('synthetic:' + k for k in SYNTHETIC)}")
@@ -95,7 +95,8 @@ def check_keep(keep: float) -> float:
 def check_score(score: str) -> str:
     """``score``, refused unless it is one of :data:`SCORES` or :data:`KNN`."""
     if score not in SCORES + (KNN,):
-        raise CifarlabError(f"--score {score!r} is not valid{did_you_mean(score, SCORES + (KNN,))}; choose from {', '.join(SCORES + (KNN,))}")
+        raise CifarlabError(f"--score {score!r} is not valid{did_you_mean(score, SCORES + (KNN,))}; choose from "
+                            f"{', '.join(SCORES + (KNN,))}")
     return score
 
 
@@ -208,7 +209,8 @@ def synthetic_images(name: str, n: int, shape: tuple[int, int, int], seed: int =
         order = np.argsort(rng.random((n, h * w)), axis=1)  # one permutation of the pixels per image
         return np.ascontiguousarray(np.take_along_axis(flat, order[:, :, None], 1).reshape(n, h, w, c))
     else:
-        raise CifarlabError(f"unknown synthetic set '{name}'{did_you_mean(name, SYNTHETIC)}; choose from {', '.join(SYNTHETIC)}")
+        raise CifarlabError(f"unknown synthetic set '{name}'{did_you_mean(name, SYNTHETIC)}; choose from "
+                            f"{', '.join(SYNTHETIC)}")
     return np.round(x * 255).astype(np.uint8)
 
 

@@ -74,7 +74,8 @@ def test_flatten_is_channels_last_like_keras():
 
 
 def test_unknown_model_lists_valid():
-    with pytest.raises(ConfigError, match="unknown model 'resnet9000' \\(did you mean 'resnet20'\\?\\); valid models: keras-deep, "):
+    with pytest.raises(ConfigError, match="unknown model 'resnet9000' \\(did you mean 'resnet20'\\?\\); valid models: "
+                                          "keras-deep, "):
         create_model("resnet9000")
 
 

@@ -67,7 +67,8 @@ def create_model(name: str, **kwargs) -> nn.Module:
     """
     _ensure_loaded()
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown model '{name}'{did_you_mean(name, _REGISTRY)}; valid models: {', '.join(sorted(_REGISTRY))}")
+        raise ConfigError(f"unknown model '{name}'{did_you_mean(name, _REGISTRY)}; valid models: "
+                          f"{', '.join(sorted(_REGISTRY))}")
     _check_common(name, kwargs)
     try:
         return _REGISTRY[name](**kwargs)

@@ -238,6 +238,10 @@ def test_an_official_cifar100_archive_gets_the_provenance_and_a_path_key(tmp_pat
 def test_classes_that_label_people_are_named():
     assert dsh.people_classes(["baby", "boy", "maple_tree", "snowman", "manta_ray", "young_Man", "WOMEN", "cat"]) \
         == ["baby", "boy", "young_Man", "WOMEN"]
+    # class folders named in other languages, with their accents or without, and Unicode letters
+    # as letters (a word is not cut at the 'ñ' of 'niños')
+    named = ["niños", "Mädchen", "Fußgänger", "visages", "mujer_joven", "caracal", "ñandú", "kind", "pingüino"]
+    assert dsh.people_classes(named) == ["niños", "Mädchen", "Fußgänger", "visages", "mujer_joven"]
     x = _random(12, 0)
     y = np.arange(12) % 3
     r, _ = dsh.make_datasheet(_ds(x, y, x[:6], y[:6], classes=("man", "woman", "bicycle")))

@@ -46,7 +46,20 @@ LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601, as PIL's con
 PEOPLE_WORDS = frozenset(
     "person persons people human humans man men woman women boy boys girl girls baby babies child children kid kids "
     "toddler toddlers teen teens teenager teenagers adult adults male males female females lady ladies gentleman "
-    "gentlemen face faces pedestrian pedestrians".split())
+    "gentlemen face faces pedestrian pedestrians "
+    # the same in the languages class folders are most often named in after English, written
+    # without accents as names are compared (nino for niño); German's 'kind' is left out, as it
+    # is an English word of another sense
+    "persona personas gente humano humanos hombre hombres mujer mujeres nino ninos nina ninas bebe bebes chico "
+    "chicos chica chicas cara caras rostro rostros peaton peatones adulto adultos "  # Spanish
+    "personne personnes gens humain humains homme hommes femme femmes enfant enfants garcon garcons fille filles "
+    "visage visages pieton pietons adulte adultes "  # French
+    "mensch menschen personen leute mann manner frau frauen kinder junge jungen madchen babys gesicht gesichter "
+    "fussganger erwachsene "  # German
+    "pessoa pessoas homem homens mulher mulheres crianca criancas menino meninos menina meninas rosto rostos "
+    "pedestre pedestres "  # Portuguese
+    "persone uomo uomini donna donne bambino bambini bambina bambine ragazzo ragazzi ragazza ragazze viso visi "
+    "volto volti pedone pedoni".split())  # Italian
 # groups of the test images for audit --groups: key column name, its values, attribute columns
 Groups = tuple[str, list[str], dict[str, list[str]]]
 
@@ -72,11 +85,18 @@ def image_stats(x: np.ndarray, chunk: int = 4096) -> np.ndarray:
 
 
 def people_classes(classes: list[str]) -> list[str]:
-    """The classes whose names label people: a whole word of the name, in any case, is one of
-    :data:`PEOPLE_WORDS` ('woman' and 'young_man' are such classes, 'snowman' and 'manta_ray' not)."""
+    """The classes whose names label people: a whole word of the name, in any case and with
+    or without accents, is one of :data:`PEOPLE_WORDS` ('woman', 'young_man' and 'niños' are
+    such classes, 'snowman' and 'manta_ray' not)."""
     import re
+    import unicodedata
 
-    return [c for c in classes if PEOPLE_WORDS & set(re.split(r"[^a-z]+", c.lower()))]
+    def words(name: str) -> set[str]:
+        # accents dropped (ñ to n, ä to a, ß to ss); words split at anything but a letter
+        plain = "".join(ch for ch in unicodedata.normalize("NFKD", name.casefold()) if not unicodedata.combining(ch))
+        return set(re.split(r"[\W\d_]+", plain))
+
+    return [c for c in classes if PEOPLE_WORDS & words(c)]
 
 
 def composition(ds) -> dict[str, Any]:

@@ -52,7 +52,8 @@ def test_every_point_is_resolved_and_checked_before_any_trains():
         ("keras-book", "none", 0.95, 2), ("keras-book-augmented", "keras", 0.8, 2)]
     with pytest.raises(ConfigError, match="--sweep point lr=fast: optim.lr: 'fast' is not valid; expected a number"):
         plan(parse_axes(["lr=0.1,fast"]), None, None, {})
-    with pytest.raises(ConfigError, match="--sweep point model=kerasdeep: model = 'kerasdeep' is not valid; valid "
+    with pytest.raises(ConfigError, match="--sweep point model=kerasdeep: model = 'kerasdeep' is not valid \\(did "
+                                          "you mean 'keras-deep'\\?\\); valid "
                                           "models: keras-deep"):
         plan(parse_axes(["model=keras-shallow,kerasdeep"]), None, None, {})
     with pytest.raises(ConfigError, match="unknown option 'lrr'; did you mean lr"):

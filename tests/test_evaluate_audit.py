@@ -142,6 +142,22 @@ def test_evaluate_and_audit_write_reports(trained_run, image_folder, tmp_path):
     assert shlex.split(line.split("`")[1]) == ["cifarlab", "datasheet", "--data", card["training_data"]["source"]]
 
 
+def test_a_run_whose_metrics_file_is_damaged_is_refused_by_name(trained_run, image_folder, tmp_path, capsys):
+    """A run folder is handed over (copied, synced): a metrics.json cut short stops the model
+    card, a teacher and a start, naming the file, where each raised a traceback."""
+    from cifarlab.cli import main
+
+    metrics = trained_run / "metrics.json"
+    metrics.write_bytes(metrics.read_bytes()[:50])
+    base = ["train", "--data", str(image_folder), "--epochs", "1", "--out", str(tmp_path / "new")]
+    for argv in (["audit", str(trained_run), "--out", str(tmp_path / "a")],
+                 base + ["--model", "keras-shallow", "--teacher", str(trained_run)],
+                 base + ["--model", "keras-shallow", "--init-from", str(trained_run)]):
+        assert main(argv) == 2, argv
+        assert f"{metrics} is damaged (" in capsys.readouterr().err
+        assert not (tmp_path / "a").exists() and not (tmp_path / "new").exists()
+
+
 def test_model_card_says_which_epochs_weights_an_early_stopped_run_kept():
     from cifarlab.audit import _origin_lines
 

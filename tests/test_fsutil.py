@@ -16,7 +16,7 @@ import torch
 from cifarlab import export
 from cifarlab.errors import CifarlabError
 from cifarlab.data import cache
-from cifarlab.fsutil import make_folder, umask, write_json, write_text
+from cifarlab.fsutil import make_folder, read_json, umask, write_json, write_text
 from cifarlab.models import create_model
 
 
@@ -92,6 +92,26 @@ def test_json_holds_no_nan_or_infinity_tokens(tmp_path):
     text = (tmp_path / "m.json").read_text()
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} written")) == {
         "nan": None, "list": [1.5, None, None], "array": [0.25, None], "tuple": [2, None], "int": 7, "flag": True}
+
+
+@pytest.mark.parametrize("content, expect, message", [
+    (b'{"epochs": 2', dict, r"m.json is damaged \(Expecting ',' delimiter"),  # cut short
+    (b"\xff\xfe{}", dict, "m.json is damaged \\('utf-8' codec can't decode byte 0xff"),
+    (b"[1, 2]", dict, "m.json is damaged: it holds a list where cifarlab writes an object; restore it"),
+    (b"null", list, "m.json is damaged: it holds null where cifarlab writes a list"),
+])
+def test_a_damaged_json_file_is_refused_by_name(tmp_path, content, expect, message):
+    (tmp_path / "m.json").write_bytes(content)
+    with pytest.raises(CifarlabError, match=message):
+        read_json(tmp_path / "m.json", expect=expect)
+
+
+def test_read_json_gives_what_was_written_or_the_value_for_absent(tmp_path):
+    write_json(tmp_path / "m.json", {"a": [1, 2.5]})
+    assert read_json(tmp_path / "m.json") == {"a": [1, 2.5]}
+    assert read_json(tmp_path / "none.json", absent={}) == {} and read_json(tmp_path / "none.json", absent=None) is None
+    with pytest.raises(CifarlabError, match="none.json does not exist; it is written by cifarlab"):
+        read_json(tmp_path / "none.json")
 
 
 def test_a_failed_run_removes_the_parent_folders_it_created_and_no_others(tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ from .ood import read_ood
 from .errors import CifarlabError, short_list
 from .evaluate import _check_compatible, probabilities_and_raw
 from .export import data_suffix, list_to_csv_rows, load_model
-from .fsutil import json_text, md_cell, report_folder, write_json, write_text
+from .fsutil import json_text, md_cell, read_json, report_folder, write_json, write_text
 
 TO_FILL = "[TO BE FILLED IN BY THE MODEL'S OWNER]"
 # Every model card's out-of-scope uses, also carried in the metadata of an exported model.
@@ -964,18 +964,15 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, su
     ``sheet``, the training data's datasheet, are quoted with it. It quotes
     ``cifarlab robustness``'s report on the data audited, in ``RUN/robustness<suffix>``
     (:func:`cifarlab.export.data_suffix`, worked out where None)."""
-    metrics_path = run / "metrics.json"
-    m = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    m = read_json(run / "metrics.json", absent={})
     cfg_text = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else ""
     import yaml
 
     cfg = yaml.safe_load(cfg_text) if cfg_text else {}
-    imported_path = run / "keras_import.json"  # written by `cifarlab import`: trained elsewhere
-    imported = json.loads(imported_path.read_text()) if imported_path.is_file() else None
+    imported = read_json(run / "keras_import.json", absent=None)  # written by `cifarlab import`: trained elsewhere
     suffix = data_suffix(ds, [run]) if suffix is None else suffix
     robustness = _robustness_summary(run, pred, f"robustness{suffix}")
-    start_path = run / "init_from.json"  # written by `cifarlab train --init-from`: a fine-tune
-    start = json.loads(start_path.read_text()) if start_path.is_file() else None
+    start = read_json(run / "init_from.json", absent=None)  # written by `cifarlab train --init-from`: a fine-tune
     own = seen.trained_on(ds, [run])  # None for a run that keeps no record of its training images
     from .data.cifar import CIFAR10_CLASSES
 

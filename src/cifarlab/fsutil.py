@@ -1,5 +1,5 @@
 """File system helpers: atomic writes (never leave a half-written file where a good one was),
-run folders, and a fast listing of a folder tree."""
+reading back the JSON files written so, run folders, and a fast listing of a folder tree."""
 
 from __future__ import annotations
 
@@ -221,6 +221,36 @@ def json_text(obj: Any, indent: int | None = 2) -> str:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON (see :func:`json_text`)."""
     write_text(path, json_text(obj) + "\n")
+
+
+_ABSENT: Any = object()
+
+
+def read_json(path: str | os.PathLike, expect: type = dict, absent: Any = _ABSENT) -> Any:
+    """The JSON document in ``path``, one of the files cifarlab writes (a run's ``metrics.json``,
+    ``history.json``), checked to be an ``expect`` (an object, or a list); ``absent`` where there
+    is no such file, if given. A file that cannot be read, or is damaged (cut short, not UTF-8,
+    not JSON, or another kind of document), is refused with its path and the reason, where it
+    would have failed later with a traceback."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if absent is _ABSENT:
+            raise CifarlabError(f"{path} does not exist; it is written by cifarlab (train, or the command of "
+                                "its folder): run that again") from None
+        return absent
+    except OSError as e:
+        raise CifarlabError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:  # not UTF-8, or not JSON: both are ValueErrors
+        raise CifarlabError(f"{path} is damaged ({e}); it is written by cifarlab: restore it from a copy, or "
+                            "run the command that writes it again") from None
+    if not isinstance(doc, expect):
+        kinds = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+                 bool: "true or false", type(None): "null"}
+        raise CifarlabError(f"{path} is damaged: it holds {kinds[type(doc)]} where cifarlab writes {kinds[expect]}; "
+                            "restore it from a copy, or run the command that writes it again")
+    return doc
 
 
 def _finite(o: Any) -> Any:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 from .config import Config, load_run_config, options_to_overrides, resolve_config, save_config
 from .errors import ConfigError
-from .fsutil import new_run_folder, undo_on_failure, write_json, write_text
+from .fsutil import new_run_folder, read_json, undo_on_failure, write_json, write_text
 
 SWEEP_FILE = "sweep.yaml"
 SUMMARY_FILE = "sweep_summary.json"
@@ -263,8 +262,8 @@ def _runs(folder: Path, cfg: Config) -> list[Path]:
 def _kept_val_accuracy(run: Path) -> float | None:
     """The validation accuracy of the epoch whose weights the run kept (the last, or with early
     stopping the best); None without validation images."""
-    history = json.loads((run / "history.json").read_text())
-    metrics = json.loads((run / "metrics.json").read_text())
+    history = read_json(run / "history.json", expect=list)
+    metrics = read_json(run / "metrics.json")
     best = (metrics.get("early_stopping") or {}).get("best_epoch")
     row = next((h for h in history if h["epoch"] == best), history[-1]) if history else {}
     return row.get("val_accuracy")
@@ -280,7 +279,7 @@ def summarise(base: Path, points: list[tuple[str, dict[str, str], Config]],
     rows = []
     for name, values, cfg in points:
         runs = _runs(base / name, cfg)
-        metrics = [json.loads((r / "metrics.json").read_text()) for r in runs]
+        metrics = [read_json(r / "metrics.json") for r in runs]
         val = [_kept_val_accuracy(r) for r in runs]
         rows.append({"name": name, "values": values, "runs": len(runs),
                      "val_accuracy": describe(val) if None not in val else None,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import math
 import signal
 import sys
@@ -29,7 +28,7 @@ from .datasheet import people_classes, people_warning
 from .errors import CifarlabError, TrainingInterrupted, short_list
 from .evaluate import balanced_accuracy, describe, unequal_classes
 from .export import batched_logits, finished_metrics, normalize, preprocess, save_architecture, save_weights
-from .fsutil import new_run_folder, undo_on_failure, write_json, write_text
+from .fsutil import new_run_folder, read_json, undo_on_failure, write_json, write_text
 from .losses import class_weights, cross_entropy, distillation_loss, logit_offsets
 from .models import classifier_tensors, create_model
 from .optim import build_optimizer, param_groups
@@ -77,7 +76,7 @@ def run_split(run: Path, ds: Dataset) -> tuple[Config, np.ndarray, np.ndarray]:
         raise CifarlabError(f"{ds.source} ({ds.kind}) holds test images only, not the images '{run}' trained and "
                             "validated on; give the data it was trained on with --data")
     tr, va = split_indices(cfg, ds.y_train)
-    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    metrics = read_json(run / "metrics.json", absent={})
     data = metrics.get("data", {})
     want = (data.get("train_images"), data.get("val_images"))
     if None not in want and want != (len(tr), len(va)):
@@ -227,7 +226,7 @@ def _read_teacher(cfg: Config) -> tuple[list[Path], dict]:
             check_weights(r)
     except CifarlabError as e:
         raise CifarlabError(f"train.teacher (--teacher): {e}") from None
-    metrics = [json.loads((r / "metrics.json").read_text()) if (r / "metrics.json").is_file() else {} for r in runs]
+    metrics = [read_json(r / "metrics.json", absent={}) for r in runs]
     accuracies = [m.get("test_accuracy") for m in metrics]
     about = {"run": str(cfg.train.teacher), "model": ", ".join(sorted({a["model"] for a in archs})),
              # of an ensemble, its runs' mean (the ensemble's own is not measured)
@@ -626,7 +625,7 @@ def _read_start(cfg: Config) -> _Start:
     if not (run / "weights.safetensors").is_file():
         raise CifarlabError(f"{what} '{run}' has no weights.safetensors yet (an unfinished run?); finish it "
                             f"first: cifarlab train --resume {run}")
-    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    metrics = read_json(run / "metrics.json", absent={})
     about = {"run": str(run), "model": arch["model"], "classes": arch["classes"],
              "data": metrics.get("data", {}).get("source")}
     return _Start(run, read_weights(run / "weights.safetensors"), arch["preprocessing"], arch["input"]["channels"],
@@ -1046,7 +1045,7 @@ def _finish(cfg: Config, run: Path, ds: Dataset, arrays: Arrays, st: _Setup, loo
     metrics["cpu_kernels"] = loop.cpu_kernels  # whether cifarlab's own CPU kernels ran (see cpu_kernels)
     metrics["epochs_trained"] = len(loop.history)
     if (run / "init_from.json").is_file():  # the run it started from, and what kept fresh weights
-        metrics["init_from"] = json.loads((run / "init_from.json").read_text())
+        metrics["init_from"] = read_json(run / "init_from.json")
     if st.teacher_about is not None:  # for the model card: the teacher's data shaped this model too
         metrics["teacher"] = st.teacher_about
     if loop.stopping.patience:

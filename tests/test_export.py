@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 import cifarlab
 from cifarlab.errors import CifarlabError
 from cifarlab.export import load_weights, read_run
+from cifarlab.fsutil import write_json
 from cifarlab.models import create_model
 
 
@@ -78,6 +80,18 @@ def test_missing_and_foreign_run_folders(tmp_path):
     (tmp_path / "architecture.json").write_text('{"format": "something-else"}')
     with pytest.raises(CifarlabError, match="not a cifarlab architecture file"):
         read_run(tmp_path)
+
+
+def test_an_architecture_file_missing_a_field_is_refused_by_its_name(trained_run):
+    good = json.loads((trained_run / "architecture.json").read_text())
+    assert read_run(trained_run)[1] == good
+    for change, named in (({"classes": None}, "its classes is missing"),
+                          ({"classes": ["cat", 3]}, "its classes is missing"),
+                          ({"input": {"channels": 3, "height": 0, "width": 32}}, "its input is missing"),
+                          ({"model": 7, "preprocessing": []}, "its model and preprocessing are missing")):
+        write_json(trained_run / "architecture.json", {k: v for k, v in {**good, **change}.items() if v is not None})
+        with pytest.raises(CifarlabError, match=re.escape(f"architecture.json: {named} or not what cifarlab writes")):
+            read_run(trained_run)
 
 
 def test_one_rule_tells_a_runs_set_from_a_run(trained_run, tmp_path, capsys):

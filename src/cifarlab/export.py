@@ -328,7 +328,29 @@ def read_run(run: str | Path) -> tuple[Path, dict]:
     if not isinstance(arch, dict) or arch.get("format") != ARCH_FORMAT:
         raise CifarlabError(f"{arch_path}: not a cifarlab architecture file (format "
                             f"{arch.get('format') if isinstance(arch, dict) else None!r}, expected {ARCH_FORMAT!r})")
+    _check_architecture(arch, arch_path)
     return run, arch
+
+
+def _check_architecture(arch: dict, path: Path) -> None:
+    """Refuse an architecture file that lacks a field the commands read, or holds one of another
+    kind (edited, or damaged): by its name, where it would have failed later with a traceback."""
+    def is_size(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    inp = arch.get("input")
+    checks = {"model": isinstance(arch.get("model"), str),
+              "model_kwargs": isinstance(arch.get("model_kwargs", {}), dict),
+              "classes": isinstance(arch.get("classes"), list) and all(isinstance(c, str) for c in arch["classes"]),
+              "input": isinstance(inp, dict) and all(is_size(inp.get(k)) for k in ("channels", "height", "width")),
+              "preprocessing": isinstance(arch.get("preprocessing"), dict)}
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        named = " and ".join([", ".join(bad[:-1]), bad[-1]] if len(bad) > 1 else bad)
+        raise CifarlabError(f"{path}: its {named} {'is' if len(bad) == 1 else 'are'} missing or not what "
+                            "cifarlab writes (model: a name; model_kwargs: a mapping; classes: a list of names; "
+                            "input: channels, height and width; preprocessing: a mapping); restore the file from a "
+                            "copy, or train again")
 
 
 class Predictor:

@@ -229,6 +229,40 @@ def test_nan_loss_stops_with_epoch_step_and_lr(tmp_path, image_folder):
         fit(cfg, log=lambda s: None)
 
 
+def test_weights_that_overflow_in_the_last_steps_are_not_kept(tmp_path, image_folder):
+    """One step is enough to overflow: its loss, summed before the update, is finite, and the
+    outputs of the weights it leaves are not. Found by the validation loss where there are
+    validation images (the epoch's checkpoint is then not written), else by the test loss (the
+    weights are then removed: no run that looks trained is left)."""
+    cfg = tiny_config(str(image_folder), str(tmp_path / "v"), batch_size=64)  # one step an epoch
+    cfg.optim.lr = 1e12
+    with pytest.raises(NonFiniteLoss, match=r"the validation loss became NaN or infinite \(the model's outputs "
+                                            r"overflow\) at epoch 1\..*try --lr 1e\+11"):
+        fit(cfg, log=lambda s: None)
+    assert not (tmp_path / "v" / "checkpoint.pt").exists() and not (tmp_path / "v" / "weights.safetensors").exists()
+    cfg = tiny_config(str(image_folder), str(tmp_path / "t"), batch_size=64)
+    cfg.optim.lr, cfg.data.val_split = 1e12, 0.0
+    with pytest.raises(NonFiniteLoss, match="the test loss is NaN or infinite .* Its weights are not kept"):
+        fit(cfg, log=lambda s: None)
+    assert not (tmp_path / "t" / "weights.safetensors").exists() and not (tmp_path / "t" / "metrics.json").exists()
+
+
+def test_a_model_whose_outputs_overflow_is_refused_where_it_is_used(trained_run, image_folder, capsys):
+    """Weights that overflow (from an older cifarlab, or damaged) stop evaluate and predict with
+    the reason, where evaluate raised a scikit-learn traceback and predict printed nan."""
+    from safetensors.torch import save_file
+
+    from cifarlab.cli import main
+
+    state = _weights(trained_run)
+    save_file({k: v * 1e30 if v.is_floating_point() else v for k, v in state.items()},
+              str(trained_run / "weights.safetensors"))
+    image = next((image_folder / "test").rglob("*.png"))
+    for argv in (["evaluate", str(trained_run)], ["predict", str(trained_run), str(image)]):
+        assert main(argv) == 2, argv
+        assert f"the model of {trained_run} gives NaN or infinite outputs for" in capsys.readouterr().err
+
+
 def _cli(args, **kw):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     return subprocess.Popen([sys.executable, "-m", "cifarlab", *args], env=env, stdout=subprocess.PIPE,

@@ -422,9 +422,15 @@ class Predictor:
         x = images if isinstance(images, torch.Tensor) else self.to_uint8(images)
         if not len(x):
             return np.zeros((0, len(self.classes)), np.float32)
-        return batched_logits(self.model, x.cpu(), self.prep, batch_size or inference_batch_size(self.device),
-                              self.tta if tta is None else tta, bool(self.arch.get("channels_last")),
-                              device=self.device).numpy()
+        out = batched_logits(self.model, x.cpu(), self.prep, batch_size or inference_batch_size(self.device),
+                             self.tta if tta is None else tta, bool(self.arch.get("channels_last")),
+                             device=self.device).numpy()
+        bad = int((~np.isfinite(out)).any(1).sum())
+        if bad:  # every figure made of them would be NaN, or a library's traceback
+            raise CifarlabError(f"the model{f' of {self.run}' if self.run else ''} gives NaN or infinite outputs for "
+                                f"{bad:,} of {len(out):,} images: its weights overflow (a training that diverged) or "
+                                "are damaged; train it again, with a lower learning rate")
+        return out
 
     def calibration(self, tta: str | None = None) -> Calibration | None:
         """What calibrates the probabilities at test-time augmentation ``tta`` (default the

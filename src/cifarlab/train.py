@@ -1042,6 +1042,10 @@ def _finish(cfg: Config, run: Path, ds: Dataset, arrays: Arrays, st: _Setup, loo
     tta = "" if cfg.train.tta == "none" else f" with test-time augmentation {cfg.train.tta}"
     log(f"testing on {len(arrays.x_test):,} images{tta}")
     metrics = _test_metrics(cfg, ds, arrays, st, device, loop.train_time)
+    if not math.isfinite(metrics["test_loss"]):  # without validation images, the first sign of a last step's overflow
+        (run / "weights.safetensors").unlink()  # weights whose outputs overflow are no trained run
+        raise NonFiniteLoss(_nan_message(len(loop.history) - 1, None, cfg, "the test loss is NaN or infinite (the "
+                                         "model's outputs overflow after the last steps)", "Its weights are not kept."))
     metrics["cpu_kernels"] = loop.cpu_kernels  # whether cifarlab's own CPU kernels ran (see cpu_kernels)
     metrics["epochs_trained"] = len(loop.history)
     if (run / "init_from.json").is_file():  # the run it started from, and what kept fresh weights
@@ -1292,6 +1296,9 @@ class _Loop:
             v_loss, v_acc, v_logits = evaluate_arrays(st.model, self.arrays.x_val, self.arrays.y_val, st.prep,
                                                       channels_last=cfg.train.channels_last, dtype=self.dtype,
                                                       desc="Validation")
+            if not math.isfinite(v_loss):  # the epoch's last steps overflowed the weights after their loss was summed
+                raise NonFiniteLoss(_nan_message(epoch, None, cfg, "the validation loss became NaN or infinite (the "
+                                                                   "model's outputs overflow)"))
             row.update(val_loss=v_loss, val_accuracy=v_acc)
             line += f" - val_loss: {v_loss:.4f} - val_accuracy: {v_acc:.4f}"
             if self.val_balanced:
@@ -1523,11 +1530,11 @@ class _Clock:
         return time.perf_counter() - self.t0
 
 
-def _nan_message(epoch: int, step: int | None, cfg: Config) -> str:
+def _nan_message(epoch: int, step: int | None, cfg: Config, what: str = "the training loss became NaN or infinite",
+                 kept: str = "The checkpoint of the last completed epoch is kept.") -> str:
     where = f"epoch {epoch + 1}, step {step + 1}" if step is not None else f"epoch {epoch + 1}"
-    return (f"the training loss became NaN or infinite at {where}. The usual cause is a learning rate too high "
-            f"for this model (now {cfg.optim.lr:g}); try --lr {cfg.optim.lr / 10:g}. The checkpoint of the last "
-            "completed epoch is kept.")
+    return (f"{what} at {where}. The usual cause is a learning rate too high for this model (now "
+            f"{cfg.optim.lr:g}); try --lr {cfg.optim.lr / 10:g}. {kept}")
 
 
 def write_history(run: Path, history: list[dict[str, float]]) -> None:

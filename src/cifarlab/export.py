@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from .calibrate import Calibration
 from .config import TTA_LEVELS, load_run_config
 from .errors import CifarlabError, short_list
-from .fsutil import write_json, write_with
+from .fsutil import read_json, write_json, write_with
 
 ARCH_FORMAT = "cifarlab-architecture/1"
 
@@ -321,13 +321,10 @@ def read_run(run: str | Path) -> tuple[Path, dict]:
                                 "them")
         raise CifarlabError(f"'{run}' is not a cifarlab run folder (no architecture.json); give a folder "
                             "written by 'cifarlab train'")
-    try:
-        arch = json.loads(arch_path.read_text())
-    except (OSError, ValueError) as e:
-        raise CifarlabError(f"{arch_path}: unreadable ({e})") from None
-    if not isinstance(arch, dict) or arch.get("format") != ARCH_FORMAT:
-        raise CifarlabError(f"{arch_path}: not a cifarlab architecture file (format "
-                            f"{arch.get('format') if isinstance(arch, dict) else None!r}, expected {ARCH_FORMAT!r})")
+    arch = read_json(arch_path)
+    if arch.get("format") != ARCH_FORMAT:
+        raise CifarlabError(f"{arch_path}: not a cifarlab architecture file (format {arch.get('format')!r}, expected "
+                            f"{ARCH_FORMAT!r})")
     _check_architecture(arch, arch_path)
     return run, arch
 

@@ -259,11 +259,10 @@ def _runs(folder: Path, cfg: Config) -> list[Path]:
     return [folder / f"run-{k}" for k in range(cfg.train.runs)] if cfg.train.runs > 1 else [folder]
 
 
-def _kept_val_accuracy(run: Path) -> float | None:
+def _kept_val_accuracy(run: Path, metrics: dict[str, Any]) -> float | None:
     """The validation accuracy of the epoch whose weights the run kept (the last, or with early
-    stopping the best); None without validation images."""
+    stopping the best, which its ``metrics`` name); None without validation images."""
     history = read_json(run / "history.json", expect=list)
-    metrics = read_json(run / "metrics.json")
     best = (metrics.get("early_stopping") or {}).get("best_epoch")
     row = next((h for h in history if h["epoch"] == best), history[-1]) if history else {}
     return row.get("val_accuracy")
@@ -280,7 +279,7 @@ def summarise(base: Path, points: list[tuple[str, dict[str, str], Config]],
     for name, values, cfg in points:
         runs = _runs(base / name, cfg)
         metrics = [read_json(r / "metrics.json") for r in runs]
-        val = [_kept_val_accuracy(r) for r in runs]
+        val = [_kept_val_accuracy(r, m) for r, m in zip(runs, metrics)]
         rows.append({"name": name, "values": values, "runs": len(runs),
                      "val_accuracy": describe(val) if None not in val else None,
                      "test_accuracy": describe([m["test_accuracy"] for m in metrics]),

@@ -297,7 +297,8 @@ def subset_note(n: int, available: int, what: str, classes: int = 0) -> str | No
     if n > available:
         return f"--subset {n:,} is more than the {available:,} {what}; using them all"
     if n < classes:
-        return f"--subset {n:,} is fewer images than the {classes:,} classes: training sees no image of {classes - n:,} of them"
+        return (f"--subset {n:,} is fewer images than the {classes:,} classes: training sees no image of "
+                f"{classes - n:,} of them")
     return None
 
 

@@ -72,6 +72,19 @@ def test_summary(capsys):
     assert code == 0 and "Total params: 2,168,362" in out
     code, out, _ = run(capsys, "summary", "--model", "keras-shallow", "--input", "28,28,1")
     assert code == 0 and "(None, 28, 28, 32)" in out
+    code, same, _ = run(capsys, "summary", "keras-deep")  # the name without --model, as 'cifarlab list' shows it
+    assert code == 0 and "Total params: 2,168,362" in same
+
+
+def test_summary_of_a_run_has_its_classes_and_image_size(capsys, tmp_path):
+    from conftest import random_run
+
+    run_dir = random_run(tmp_path, "keras-shallow", {"scale": 1 / 255})  # 4 classes
+    code, out, _ = run(capsys, "summary", str(run_dir))
+    assert code == 0 and "(None, 4)" in out and "(None, 32, 32, 32)" in out
+    # Those of another model size are refused, not silently replaced by the run's own.
+    code, _, err = run(capsys, "summary", str(run_dir), "--input", "28,28,1")
+    assert code == 2 and "--num-classes and --input are for a model name" in err
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -100,6 +113,9 @@ def test_summary(capsys):
     (["train", "--device", "cuda:first"], "device = 'cuda:first' is not valid; choose auto, cpu, cuda or cuda:N"),
     (["evaluate", "/no/run"], "run folder '/no/run' does not exist"),
     (["summary", "--model", "x"], "not a registered model"),
+    (["summary", "keras-dep"], "'keras-dep' is neither a registered model (did you mean 'keras-deep'?) nor a run"),
+    (["summary"], "give a registered model name or a run folder, such as 'cifarlab summary keras-deep'"),
+    (["summary", "keras-deep", "--model", "keras-shallow"], "give the model once"),
     (["summary", "--model", "keras-deep", "--num-classes", "0"], "num_classes=0 is not valid"),
     (["summary", "--model", "keras-deep", "--input", "3,3,3"], "needs a height and width of at least 4 pixels"),
     (["augment", "--limit", "0", "--out", "x.npz"], "--limit 0 is not valid; it must be at least 1"),

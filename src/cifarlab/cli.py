@@ -29,7 +29,7 @@ EPILOG = """examples:
   cifarlab compare runs/A runs/B --data DATA                # is B really more accurate than A?
   cifarlab export runs/RUN                                  # RUN/model.onnx for ONNX Runtime
   cifarlab import cifar10_weights.h5 --architecture cifar10_architecture.json  # the notebook's saved model
-  cifarlab summary --model keras-deep                       # Keras-style layer table
+  cifarlab summary keras-deep                               # Keras-style layer table (or of runs/RUN)
 """
 
 # The train flags that set a config key (by config.options_to_overrides' rule: the key's own name,
@@ -642,9 +642,12 @@ def _add_augment_parser(sub: argparse._SubParsersAction) -> None:
 def _add_summary_parser(sub: argparse._SubParsersAction) -> None:
     """``cifarlab summary``'s options."""
     s = sub.add_parser("summary", help="print a Keras-style table of a model's layers")
-    s.add_argument("--model", required=True, help="registered model name (see 'cifarlab list')")
-    s.add_argument("--num-classes", type=int, default=10, help="classes of the last layer (default 10)")
-    s.add_argument("--input", default="32,32,3", help="H,W,C (default 32,32,3)")
+    s.add_argument("target", nargs="?", metavar="MODEL|RUN",
+                   help="a registered model name (see 'cifarlab list'), or a run folder: the model it trained, with "
+                        "its classes and image size")
+    s.add_argument("--model", help="registered model name, the same as giving it as MODEL")
+    s.add_argument("--num-classes", type=int, help="classes of the last layer (default 10; a run's own)")
+    s.add_argument("--input", help="H,W,C (default 32,32,3; a run's own)")
     s.set_defaults(func=cmd_summary)
 
 
@@ -1293,17 +1296,39 @@ def _check_model(name: str) -> None:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    """``cifarlab summary``."""
-    from .models import create_model
+    """``cifarlab summary``: the table of a registered model, or of the model a run folder trained."""
+    from .models import create_model, list_models
     from .models.summary import format_summary
 
-    _check_model(args.model)
+    if args.target and args.model:
+        raise ConfigError(f"give the model once: '{args.target}' and --model '{args.model}' were both given")
+    target = args.target or args.model
+    if target is None:
+        raise ConfigError("give a registered model name or a run folder, such as 'cifarlab summary keras-deep' "
+                          f"(models: {', '.join(list_models())})")
+    if target not in list_models() and Path(target).is_dir():
+        from .export import read_run
+
+        if args.num_classes is not None or args.input is not None:
+            raise ConfigError(f"'{target}' is a run folder, whose classes and image size are its own; "
+                              "--num-classes and --input are for a model name")
+        _, arch = read_run(target)
+        inp = arch["input"]
+        model = create_model(arch["model"], **arch.get("model_kwargs", {}))
+        print(format_summary(model, (inp["channels"], inp["height"], inp["width"]), arch["model"]))
+        return 0
+    if args.target and args.target not in list_models():
+        raise ConfigError(f"'{target}' is neither a registered model{did_you_mean(target, list_models())} nor a "
+                          f"run folder; models: {', '.join(list_models())}")
+    _check_model(target)
+    text = args.input or "32,32,3"
     try:
-        h, w, c = (int(v) for v in args.input.split(","))
+        h, w, c = (int(v) for v in text.split(","))
     except ValueError:
-        raise ConfigError(f"--input '{args.input}' is not valid; expected H,W,C such as 32,32,3") from None
-    model = create_model(args.model, num_classes=args.num_classes, in_chans=c, img_size=(h, w))
-    print(format_summary(model, (c, h, w), args.model))
+        raise ConfigError(f"--input '{text}' is not valid; expected H,W,C such as 32,32,3") from None
+    model = create_model(target, num_classes=10 if args.num_classes is None else args.num_classes, in_chans=c,
+                         img_size=(h, w))
+    print(format_summary(model, (c, h, w), target))
     return 0
 
 

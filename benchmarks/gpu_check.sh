@@ -20,18 +20,21 @@
 #             fast and keras-book, each after a warm-up
 #   open      what docs/performance.md lists as not yet measured, most important first, within BUDGET
 #             seconds in all (environment, default 540): fast-muon in fp16-true beside bf16, RUNS
-#             times each; fast-muon fp16-true compiled; best-select and best once each in bf16;
+#             times each; fast-muon fp16-true compiled; the smoke check; best-select and best once
+#             each in bf16;
 #             keras-book as a CUDA graph in fp16-true, bf16-true, bf16 and fp16-true compiled,
 #             3 times each; best in fp16-true once; the sync check; a profile of keras-book's
 #             eager bf16 step (the kernels its CUDA graph replays and their GPU time, against
 #             the 2 s goal; eager, as PyTorch's profiler has had bugs with graph replays). A step starts
 #             only with MIN_LEFT seconds or more left (environment, default 30: less starts nothing
 #             useful), and is cut off when the budget runs out
+#   smoke     the options and commands no GPU has run yet, once each on 2,000 training images
+#             (benchmarks/gpu_smoke.py): ok or FAILED, and a line of what each printed
 #   all       the default: fast, keras and rest
 # Each step has a time limit, so one that hangs does not take the others with it.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-NPZ=${1:?usage: bash benchmarks/gpu_check.sh NPZ_FOLDER [fast|keras|rest|autotune|true|select|sync|open|all] [RUNS]}
+NPZ=${1:?usage: bash benchmarks/gpu_check.sh NPZ_FOLDER [fast|keras|rest|autotune|true|select|sync|smoke|open|all] [RUNS]}
 PART=${2:-all}
 N=${3:-5}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -64,6 +67,9 @@ if [ "$PART" = sync ]; then
   timeout 200 python benchmarks/gpu_speed.py --npz "$NPZ" --sync-check \
     --recipes fast-muon:bf16 fast-muon:fp16-true fast:bf16 keras-book:cuda-graph:bf16
 fi
+if [ "$PART" = smoke ]; then
+  timeout 300 python benchmarks/gpu_smoke.py --npz "$NPZ"
+fi
 if [ "$PART" = open ]; then
   BUDGET=${BUDGET:-540}
   MIN_LEFT=${MIN_LEFT:-30}
@@ -77,6 +83,7 @@ if [ "$PART" = open ]; then
   }
   step 150 python benchmarks/gpu_speed.py --npz "$NPZ" --runs "$N" --recipes fast-muon:fp16-true fast-muon:bf16
   step 200 python benchmarks/gpu_speed.py --npz "$NPZ" --runs "$N" --recipes fast-muon:fp16-true:compile
+  step 120 python benchmarks/gpu_smoke.py --npz "$NPZ"
   step 200 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 1 --recipes best-select:bf16 best:bf16
   step 180 python benchmarks/gpu_speed.py --npz "$NPZ" --runs 3 \
     --recipes keras-book:cuda-graph:fp16-true keras-book:cuda-graph:bf16-true keras-book:cuda-graph:bf16 \

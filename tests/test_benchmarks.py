@@ -224,7 +224,8 @@ def test_gpu_check_open_part_keeps_to_its_budget(tmp_path):
     ran = [line for line in p.stdout.splitlines() if line.startswith("ran: ")]
     skipped = [line for line in p.stdout.splitlines() if line.startswith("not run, ")]
     assert len(ran) == 2 and "fast-muon:fp16-true fast-muon:bf16" in ran[0] and ":compile" in ran[1]
-    assert len(skipped) == 5 and "best-select:bf16" in skipped[0] and "--sync-check" in skipped[-2]
+    assert len(skipped) == 6 and "gpu_smoke.py" in skipped[0] and "best-select:bf16" in skipped[1]
+    assert "--sync-check" in skipped[-2]
     assert "gpu_profile.py" in skipped[-1] and "keras-book:bf16" in skipped[-1]
 
 
@@ -508,3 +509,46 @@ def test_int8_speed_times_both_files_at_each_batch_size(trained_run):
     assert head and float(head[2]) < float(head[1]) / 3, p.stdout
     rows = re.findall(r"^\s+(\d+)\s+[\d.]+ \([\d.]+-[\d.]+\)\s+[\d.]+ \([\d.]+-[\d.]+\)\s+[\d.]+x \(", p.stdout, re.M)
     assert rows == ["1", "8"], p.stdout
+
+
+def test_gpu_smoke_runs_a_step_with_the_runs_it_reads(tmp_path):
+    """``gpu_smoke.py --only compare`` runs the steps whose run folders compare reads (resnet, then
+    teacher, which reads resnet's) and compare, each ok, on anchor-style arrays sorted by class
+    (the slice is class-balanced, or training on one class would be refused)."""
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 200), ("test", 100)):
+        np.savez(tmp_path / f"{name}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 y=np.sort(np.arange(n) % 10))
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_smoke.py"), "--npz", str(tmp_path),
+                        "--device", "cpu", "--only", "compare", "--train-images", "200", "--test-images", "50"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    steps = [line.split()[:2] for line in p.stdout.splitlines()[1:-1]]
+    assert steps == [["resnet", "ok"], ["teacher", "ok"], ["compare", "ok"]], p.stdout
+    assert "200 training and 50 test images" in p.stdout and p.stdout.rstrip().endswith("3 steps ok, 0 failed, 0 not run")
+
+
+def test_gpu_smoke_reports_a_failure_and_skips_what_reads_its_run(monkeypatch, capsys):
+    """A failed step is FAILED with its error's line; the steps that read its run are not run,
+    and the exit status counts the failures. A refusal by cifarlab or by argparse is a failure
+    with its message, not a traceback."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_smoke
+
+    ok, line = gpu_smoke.run_step(["evaluate", "/no/such/run"])
+    assert not ok and line.startswith("cifarlab: error: run folder '/no/such/run' does not exist")
+    ok, line = gpu_smoke.run_step(["train", "--epoch", "3"])
+    assert not ok and "did you mean --epochs?" in line
+    monkeypatch.setattr(gpu_smoke, "run_step", lambda argv: (argv[0] != "train", "refused"))
+    failed = gpu_smoke.main(["--device", "cpu", "--only", "evaluate,teacher,lr-find", "--train-images", "20",
+                             "--test-images", "10"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in lines[1:-1]}
+    assert failed == 2 and list(rows) == ["resnet", "teacher", "lr-find", "evaluate"]
+    assert lines[-1] == "0 steps ok, 2 failed, 2 not run"
+
+    assert rows["resnet"].split()[1] == "FAILED" and rows["resnet"].endswith("refused")
+    assert "not run  (it reads step resnet's run, which failed)" in rows["evaluate"]
+    with pytest.raises(SystemExit):
+        gpu_smoke.main(["--device", "cpu", "--only", "evalute"])
+    assert "unknown step(s) evalute" in capsys.readouterr().err

@@ -55,6 +55,23 @@ def test_suggestions():
     assert s["valley"] == pytest.approx(lrs[(first + last) // 2])
     assert s["valley_from"] < s["valley"] < s["valley_to"]
     assert lr_find.suggest(lrs[:5], loss[:5]) is None  # too few points
+    assert s["first_loss"] == 2.3 and s["fall"] == pytest.approx(1.3 / 2.3)
+
+
+def test_a_curve_that_hardly_falls_is_flagged():
+    """Where the averaged loss ends less than 5% below its start, as keras-book's does in 200
+    steps from scratch, the readings are printed with a warning that they rest on noise; a
+    curve that falls further has none."""
+    lrs = lr_find.rates(1e-7, 10.0, 40)
+    flat = np.concatenate([np.linspace(2.31, 2.26, 30), [2.4, 3.0, 5.0, 9.0, 12.0, 14.0, 15.0, 16.0, 17.0, 18.0]])
+    r = {"steps_run": 40, "steps": 200, "stopped": None, "config_lr": 1e-3, "folder": "f",
+         "suggestion": lr_find.suggest(lrs, flat)}
+    assert r["suggestion"]["fall"] == pytest.approx(0.05 / 2.31)
+    text = lr_find.format_result(r)
+    assert "warning: the averaged loss fell only 2.2% below where it started (2.3100 to 2.2600)" in text
+    assert "more --lr-find-steps than 200" in text and "suggestions, not answers" in text
+    falls = np.concatenate([np.linspace(2.31, 1.9, 30), flat[30:]])
+    assert "warning" not in lr_find.format_result({**r, "suggestion": lr_find.suggest(lrs, falls)})
 
 
 @pytest.mark.parametrize("args, message", [

@@ -155,6 +155,14 @@ def test_unknown_recipe_and_keys(tmp_path):
     f.write_text("trainer:\n  epochs: 3\n")
     with pytest.raises(ConfigError, match="unknown section 'trainer' \\(did you mean 'train'\\?\\)"):
         resolve_config(file=f)
+    # a key put in the wrong section is named with the section it belongs to (or sections, where several have it)
+    f.write_text("train:\n  lr: 0.01\n")
+    with pytest.raises(ConfigError, match=re.escape("unknown key 'train.lr' (lr is set in another section: "
+                                                    "'optim.lr'); valid keys in 'train': epochs")):
+        resolve_config(file=f)
+    f.write_text("train:\n  name: sgd\n")
+    with pytest.raises(ConfigError, match=re.escape("(name is set in another section: 'model.name' or 'optim.name')")):
+        resolve_config(file=f)
 
 
 def test_syntax_errors_name_the_line(tmp_path):

@@ -225,7 +225,8 @@ def test_make_config_puts_options_over_the_file_over_the_recipe(tmp_path):
 @pytest.mark.parametrize("options,msg", [
     ({"name": "adam"}, "unknown option 'name'; it is a key of model.name and optim.name: give model or optimizer"),
     ({"epoch": 5}, "unknown option 'epoch'; did you mean epochs?"),
-    ({"qqqq": 1}, r"unknown option 'qqqq'; cifarlab.config.option_keys\(\) lists every option"),
+    ({"qqqq": 1}, r"unknown option 'qqqq'; give a flag of 'cifarlab train' without its dashes \(lr, epochs, "
+                  r"batch_size\) or a config key as section.key.*cifarlab.config.option_keys\(\) lists every option"),
     ({"epochs": "five"}, r"make_config\(\): train.epochs: 'five' is not valid; expected a whole number"),
     ({"epochs": 0}, "epochs = 0 is not valid; it must be at least 1"),
 ])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -58,6 +59,12 @@ def test_every_point_is_resolved_and_checked_before_any_trains():
         plan(parse_axes(["model=keras-shallow,kerasdeep"]), None, None, {})
     with pytest.raises(ConfigError, match="unknown option 'lrr'; did you mean lr"):
         plan(parse_axes(["lrr=0.1"]), None, None, {})
+    # one key by two names: the later would set it at every point, and the points named 0.1 and 0.2 be one
+    for axes in (["optim.lr=0.1,0.2", "lr=0.3"], ["batch-size=64", "train.batch_size=32,128"]):
+        first, second = (a.partition("=")[0].replace("-", "_") for a in axes)
+        with pytest.raises(ConfigError, match=re.escape(f"--sweep {first} and --sweep {second} both set")):
+            plan(parse_axes(axes), None, None, {})
+    assert len(plan(parse_axes(["optim.lr=0.1,0.2", "optim.momentum=0.5"]), None, None, {})) == 2
 
 
 def _sweep(capsys, data, out, *extra):

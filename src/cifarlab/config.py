@@ -498,7 +498,9 @@ def options_to_overrides(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
             elif near := difflib.get_close_matches(name, list(keys), n=3):
                 hint = f"did you mean {' or '.join(near)}?"
             else:
-                hint = "cifarlab.config.option_keys() lists every option"
+                hint = ("give a flag of 'cifarlab train' without its dashes (lr, epochs, batch_size) or a config "
+                        "key as section.key, such as optim.rho ('cifarlab train --print-config' shows every key; "
+                        "in Python, cifarlab.config.option_keys() lists every option)")
             raise ConfigError(f"unknown option '{name}'; {hint}")
         sec, key = keys[name]
         out.setdefault(sec, {})[key] = value

@@ -123,11 +123,28 @@ def point_name(point: dict[str, Any]) -> str:
     return ",".join(re.sub(r"[^A-Za-z0-9._=+-]", "_", f"{k}={v}") for k, v in point.items())
 
 
+def _check_distinct_keys(axes: dict[str, list[Any]]) -> None:
+    """Refuse two axes that set one config key (``lr`` and ``optim.lr``): the later would win at
+    every point, and points named by different values would train the same config."""
+    from .config import option_keys
+
+    names = option_keys()
+    seen: dict[str, str] = {}
+    for axis in axes:
+        sec, _, key = axis.partition(".")
+        target = axis if key else ".".join(names[axis]) if axis in names else axis
+        if target in seen:
+            raise ConfigError(f"--sweep {seen[target]} and --sweep {axis} both set {target}; give all its values in "
+                              "one --sweep")
+        seen[target] = axis
+
+
 def plan(axes: dict[str, list[Any]], recipe: str | None, file: str | Path | None,
          overrides: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, str], Config]]:
     """Every point of the grid as (name, values, config), each config resolved and checked as
     ``cifarlab train`` would (the recipe, the file, the flags, then the point's values), before
     anything trains: a bad value is named with its point."""
+    _check_distinct_keys(axes)
     points = []
     for combo in itertools.product(*axes.values()):
         point = dict(zip(axes, combo))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,3 +176,14 @@ def test_many_classes_print_the_most_flagged():
     # 295 flags in all; the 20 shown hold 14 x 6 + 6 x 5 = 114
     assert line.endswith("; the other 80 classes 181 (label_issues.json lists each)")
     assert li._by_class(per_class[:3]) == "c0 0, c1 1, c2 2"
+
+
+def test_a_report_that_flags_most_images_says_the_flags_are_the_models():
+    """Labels cannot be mostly wrong in data a model learns from: where more than half the images
+    are flagged, the terminal report warns that the flags are mostly the model's own mistakes."""
+    r = {"test_images": 10, "estimated_wrong_labels": 6.0, "accuracy": 0.3, "accuracy_without_flagged": 0.75,
+         "per_class": [{"class": "cat", "flagged": 6}], "issues": []}
+    text = li.format_report({**r, "flagged": 6}, Path("out"))
+    assert ("warning: more than half the test images are flagged: a data set whose labels were mostly wrong could "
+            "not be learnt at all, so most of these flags are the model's own mistakes (accuracy 0.3000)") in text
+    assert "warning" not in li.format_report({**r, "flagged": 5}, Path("out"))

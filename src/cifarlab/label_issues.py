@@ -268,5 +268,9 @@ def format_report(r: dict[str, Any], out: Path, most: int = 10) -> str:
         lines.append(f"  ... {k - most} more in label_issues.csv")
     lines.append("These are candidates to look at, not errors found: the model's own mistakes are among them "
                  "(label_issues.png shows the most doubtful).")
+    if k > n / 2:  # most labels of a data set worth testing on are right: so most of these flags are the model's
+        lines.append(f"warning: more than half the {which} images are flagged: a data set whose labels were mostly "
+                     f"wrong could not be learnt at all, so most of these flags are the model's own mistakes "
+                     f"(accuracy {r['accuracy']:.4f}); a more accurate model gives a shorter list to look at")
     lines.append(f"Report files in {out}")
     return "\n".join(lines)

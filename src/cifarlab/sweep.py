@@ -131,8 +131,7 @@ def _check_distinct_keys(axes: dict[str, list[Any]]) -> None:
     names = option_keys()
     seen: dict[str, str] = {}
     for axis in axes:
-        sec, _, key = axis.partition(".")
-        target = axis if key else ".".join(names[axis]) if axis in names else axis
+        target = ".".join(names[axis]) if axis in names else axis  # section.key as given; unknown ones fail later
         if target in seen:
             raise ConfigError(f"--sweep {seen[target]} and --sweep {axis} both set {target}; give all its values in "
                               "one --sweep")

@@ -112,6 +112,7 @@ def test_summary_of_a_run_has_its_classes_and_image_size(capsys, tmp_path):
     (["train", "--device", "gpu"], "device = 'gpu' is not valid; choose auto, cpu, cuda or cuda:N"),
     (["train", "--device", "cuda:first"], "device = 'cuda:first' is not valid; choose auto, cpu, cuda or cuda:N"),
     (["evaluate", "/no/run"], "run folder '/no/run' does not exist"),
+    (["compare", "runs/a", "runs/../runs/a/"], "'runs/a' and 'runs/../runs/a/' are the same folder; give two runs"),
     (["summary", "--model", "x"], "not a registered model"),
     (["summary", "keras-dep"], "'keras-dep' is neither a registered model (did you mean 'keras-deep'?) nor a run"),
     (["summary"], "give a registered model name or a run folder, such as 'cifarlab summary keras-deep'"),

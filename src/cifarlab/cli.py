@@ -1207,6 +1207,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .export import check_weights, is_runs_set, read_run
     from .fsutil import json_text
 
+    if Path(args.run_a).resolve() == Path(args.run_b).resolve():  # the same weights and settings: nothing to test
+        raise ConfigError(f"'{args.run_a}' and '{args.run_b}' are the same folder; give two runs (or two --runs "
+                          "folders) to compare")
     sets = [is_runs_set(r) for r in (args.run_a, args.run_b)]
     if all(sets):  # two recipes, several seeds each: their summaries, no data needed
         given = _given_flags(args, (*_DATA_OPTIONS, "groups", "intersections", "bootstrap", "tta", "device",

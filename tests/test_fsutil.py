@@ -20,24 +20,40 @@ from cifarlab.fsutil import make_folder, read_json, umask, write_json, write_tex
 from cifarlab.models import create_model
 
 
-def test_full_disk_keeps_previous_weights(tmp_path, monkeypatch):
+def _full_disk(monkeypatch) -> None:
+    """File writes that stop part-way with ENOSPC, as a full disk makes them."""
+    def failing_write(self, data):
+        with open(self, "wb") as f:
+            f.write(bytes(data)[:7])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", failing_write)
+
+
+def test_full_disk_keeps_previous_weights_and_checkpoint(tmp_path, monkeypatch):
+    """A full disk while writing weights or a checkpoint is a one-line error naming the file and
+    the cause, with the previous file intact. (They are serialised in memory and written by
+    Python: on a real full disk, safetensors' own writer raised a SafetensorError and torch.save
+    a RuntimeError from its C++ writer, both tracebacks.)"""
+    from cifarlab.train import CHECKPOINT, _save_checkpoint
+
     model = create_model("keras-shallow", num_classes=3)
     path = tmp_path / "weights.safetensors"
     export.save_weights(path, model)
-    before = path.read_bytes()
-
-    def failing_save(state, filename):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(export, "save_file", failing_save)
+    _save_checkpoint(tmp_path, {"step": torch.tensor(1)})
+    before = path.read_bytes(), (tmp_path / CHECKPOINT).read_bytes()
     with torch.no_grad():
         next(model.parameters()).add_(1)
-    with pytest.raises(CifarlabError, match="No space left on device.*previous file .* intact"):
-        export.save_weights(path, model)
-    assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.safetensors"]
+    with monkeypatch.context() as m:
+        _full_disk(m)
+        with pytest.raises(CifarlabError, match="weights.safetensors': No space left on device.*previous file .* "
+                                                "intact"):
+            export.save_weights(path, model)
+        with pytest.raises(CifarlabError, match=f"{CHECKPOINT}': No space left on device"):
+            _save_checkpoint(tmp_path, {"step": torch.tensor(2)})
+    assert (path.read_bytes(), (tmp_path / CHECKPOINT).read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT, "weights.safetensors"])
+    assert torch.load(tmp_path / CHECKPOINT)["step"] == 1
 
 
 def test_unwritable_folder_is_a_clear_error(tmp_path, monkeypatch):

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .calibrate import Calibration
 from .config import TTA_LEVELS, load_run_config
 from .errors import CifarlabError, short_list
-from .fsutil import read_json, write_json, write_with
+from .fsutil import read_json, write_bytes, write_json
 
 ARCH_FORMAT = "cifarlab-architecture/1"
 
@@ -136,7 +136,8 @@ def save_architecture(run: Path, model_name: str, model_kwargs: dict, classes: l
 def save_weights(path: Path, model: nn.Module) -> None:
     """Write the model's state as safetensors, atomically."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_with(path, lambda tmp: save_file(state, str(tmp)))
+    # bytes first: safetensors' own file writer reports a full disk as a SafetensorError, a traceback
+    write_bytes(path, save(state))
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

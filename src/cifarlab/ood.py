@@ -286,7 +286,7 @@ def ood_report(pred, x_in: np.ndarray, x_val: np.ndarray | None, sets: list[dict
     threshold (which keeps ``keep`` of the validation images) and the plot; every score is
     measured."""
     from . import plots
-    from .fsutil import write_bytes, write_json, write_with
+    from .fsutil import write_bytes, write_json
 
     check_score(score)
     check_keep(keep)
@@ -348,10 +348,10 @@ def ood_report(pred, x_in: np.ndarray, x_val: np.ndarray | None, sets: list[dict
                if st.get("labels") is not None else {})})
         arrays.update({f"set{i}_{n}": v for n, v in s_out.items()})
     if bank is not None:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         # half precision, half the file: a feature of length 1 keeps about three decimal digits
-        write_with(out / BANK_FILE, lambda tmp: save_file({"features": bank.astype(np.float16)}, str(tmp)))
+        write_bytes(out / BANK_FILE, save({"features": bank.astype(np.float16)}))  # see export.save_weights
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     write_bytes(out / "scores.npz", buf.getvalue())

@@ -413,9 +413,15 @@ def epoch_order(labels: torch.Tensor, sampling: str, gen: torch.Generator) -> to
 
 
 def _save_checkpoint(run: Path, state: dict) -> None:
-    from .fsutil import write_with
+    import io
 
-    write_with(run / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+    from .fsutil import write_bytes
+
+    # serialised in memory, then written: torch.save on a full disk raises an internal RuntimeError
+    # (a traceback), where a plain file write raises the OSError that names the cause
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes(run / CHECKPOINT, buf.getvalue())
 
 
 def _load_checkpoint(run: Path) -> dict:

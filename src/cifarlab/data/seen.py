@@ -48,12 +48,12 @@ def path_hashes(paths: Sequence[str]) -> np.ndarray:
 def record(path: str | Path, x: np.ndarray, rows: Sequence[int], paths: Sequence[str]) -> None:
     """Write the hashes of the images ``x[rows]``, named ``paths`` (empty where unnamed), to
     ``path`` (a run's :data:`FILE`), atomically."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    from ..fsutil import write_with
+    from ..fsutil import write_bytes
 
     tensors = {"pixels": np.sort(pixel_hashes(x, rows)), "paths": np.sort(path_hashes(paths))}
-    write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": _FORMAT}))
+    write_bytes(path, save(tensors, metadata={"format": _FORMAT}))  # bytes first: see export.save_weights
 
 
 def read(run: str | Path) -> tuple[np.ndarray, np.ndarray] | None:

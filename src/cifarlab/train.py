@@ -1071,11 +1071,24 @@ def _finish(cfg: Config, run: Path, ds: Dataset, arrays: Arrays, st: _Setup, loo
     write_json(run / "metrics.json", metrics)
     log(f"Test score: {metrics['test_loss']:.4f}")
     log(f"Test accuracy: {metrics['test_accuracy']:.4f}")
-    hint = _balance_hint(cfg, metrics["data"].get("train_per_class") or {}, run)
-    if hint:
-        log(hint)
+    for hint in (_divergence_hint(cfg, metrics["test_loss"], len(ds.classes)),
+                 _balance_hint(cfg, metrics["data"].get("train_per_class") or {}, run)):
+        if hint:
+            log(hint)
     metrics["run"] = str(run)
     return metrics
+
+
+def _divergence_hint(cfg: Config, test_loss: float, n_classes: int, times: float = 10.0) -> str | None:
+    """A warning for a finite test loss ``times`` or more above a uniform guess's, ln(n_classes):
+    a model that confident and that wrong has most likely diverged (the loss that NaN checks
+    miss: 5.8e8 from RMSprop at lr 0.3 on keras-deep, where training well ends near 0.9)."""
+    chance = math.log(max(n_classes, 2))
+    if test_loss < times * chance:
+        return None
+    return (f"warning: the test loss {test_loss:.4g} is over {times:g} times the {chance:.3f} of a uniform guess "
+            f"over the {n_classes} classes: the model is confidently wrong on many images, and its weights most "
+            f"likely diverged; train again with a lower --lr than {cfg.optim.lr:g}")
 
 
 def _balance_hint(cfg: Config, per_class: dict[str, int], run: Path, ratio: float = 2.0) -> str | None:

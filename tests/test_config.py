@@ -62,6 +62,10 @@ def test_roundtrip(tmp_path):
     ({"train": {"class_weight": [1]}}, r"train.class_weight: \[1\] is not valid; expected text, a mapping or null"),
     ({"augment": {"width_shift_range": "wide"}}, "width_shift_range: 'wide' is not valid; expected a number or a list"),
     ({"train": {"device": "tpu"}}, "device = 'tpu' is not valid"),
+    ({"data": {"classes": ["cat"]}}, r"data.classes = \['cat'\] is not valid; give two or more different class names"),
+    ({"data": {"classes": ["cat", "dog", "cat"]}}, r"class names of the data, such as airplane,automobile,bird \(cat "
+                                                  r"given twice\)"),
+    ({"data": {"classes": ["", ""]}}, r"class names of the data, such as airplane,automobile,bird \(an empty name\)"),
     ({"augment": {"fill_mode": "mirror"}}, "fill_mode='mirror' is not valid; choose one of nearest, reflect, wrap, constant"),
     ({"augment": {"preset": "fancy"}}, "preset 'fancy' is not valid"),
     ({"optim": {"lr": float("inf")}}, "optim.lr: inf is not valid; expected a finite number"),

@@ -580,10 +580,11 @@ def _check_data(d: DataConfig) -> None:
         _bad("data.labels", d.labels, "it names the classes of the images in data.data (--data); give that too")
     if d.classes is not None:
         names = [str(c).strip() for c in d.classes]
-        doubled = sorted({c for c in names if names.count(c) > 1})
+        doubled = sorted({c for c in names if c and names.count(c) > 1})
         if len(names) < 2 or "" in names or doubled:
+            why = ("an empty name" if "" in names else f"{', '.join(doubled)} given twice" if doubled else "")
             _bad("data.classes", d.classes, "give two or more different class names of the data, such as "
-                 "airplane,automobile,bird" + (f" ({', '.join(doubled)} given twice)" if doubled else ""))
+                 "airplane,automobile,bird" + (f" ({why})" if why else ""))
         d.classes = names
     if d.image_size is not None:
         h, w = d.image_hw()

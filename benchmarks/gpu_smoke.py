@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             if name not in chosen:
                 continue
             if needs and not done.get(needs):
-                print(f"{name:<20} not run  (it reads step {needs}'s run, which failed)")
+                print(f"{name:<20} not run  (it reads step {needs}'s run, which did not finish)")
                 continue
             out = Path(tmp) / name
             fill = {"data": data, "dev": args.device, "out": out} | {f"run_{k}": Path(tmp) / k for k in names}

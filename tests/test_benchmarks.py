@@ -548,7 +548,7 @@ def test_gpu_smoke_reports_a_failure_and_skips_what_reads_its_run(monkeypatch, c
     assert lines[-1] == "0 steps ok, 2 failed, 2 not run"
 
     assert rows["resnet"].split()[1] == "FAILED" and rows["resnet"].endswith("refused")
-    assert "not run  (it reads step resnet's run, which failed)" in rows["evaluate"]
+    assert "not run  (it reads step resnet's run, which did not finish)" in rows["evaluate"]
     with pytest.raises(SystemExit):
         gpu_smoke.main(["--device", "cpu", "--only", "evalute"])
     assert "unknown step(s) evalute" in capsys.readouterr().err

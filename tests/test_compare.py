@@ -112,9 +112,10 @@ def test_cli_compare_two_runs(tmp_path, image_folder, capsys):
     err = capsys.readouterr().err
     assert "cannot be compared: their models have 3 and 3 classes, 2 of them in one only (cat, dog, frog " \
            "against cat, dog, owl)" in err
-    assert main(["compare", str(tmp_path / "owl"), str(tmp_path / "owl"), "--json"]) == 0  # on run A's data
+    shutil.copytree(tmp_path / "owl", tmp_path / "owl2")  # the same weights in another folder
+    assert main(["compare", str(tmp_path / "owl"), str(tmp_path / "owl2"), "--json"]) == 0  # on run A's data
     assert json.loads(capsys.readouterr().out)["p_value"] == 1.0
-    assert main(["compare", str(tmp_path / "owl"), str(tmp_path / "owl"), "--data", str(image_folder)]) == 2
+    assert main(["compare", str(tmp_path / "owl"), str(tmp_path / "owl2"), "--data", str(image_folder)]) == 2
     err = capsys.readouterr().err
     assert f"run A ('{tmp_path / 'owl'}'): the data's 3 classes differ" in err and "missing from the data: owl" in err
 
@@ -264,6 +265,8 @@ def test_compare_two_runs_folders_from_their_summaries(tmp_path, image_folder, c
     assert main(["compare", str(tmp_path / "stopped"), x]) == 2
     err = capsys.readouterr().err
     assert "has no runs_summary.json" in err and f"cifarlab train --resume {tmp_path / 'stopped'}" in err
-    same = summary(tmp_path / "same", [0.9, 0.9])
-    assert main(["compare", same, same, "--json"]) == 0
+    same = summary(tmp_path / "same", [0.9, 0.9]), summary(tmp_path / "same2", [0.9, 0.9])
+    assert main(["compare", *same, "--json"]) == 0  # no spread at all: Welch's test is undefined, p taken as 1
     assert json.loads(capsys.readouterr().out)["p_value"] == 1.0
+    assert main(["compare", same[0], same[0]]) == 2  # one folder twice: nothing to test
+    assert "are the same folder; give two runs (or two --runs folders) to compare" in capsys.readouterr().err

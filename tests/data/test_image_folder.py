@@ -66,8 +66,18 @@ def test_mixed_sizes_and_modes_are_converted_with_notes(tmp_path):
     ds = load_dataset(root)
     assert ds.x_train.shape[1:] == (32, 32, 3)
     joined = " ".join(ds.notes)
-    assert "resized 1 image(s) to the most common size 32x32" in joined
+    assert "resized 1 image(s) to the most common size 32x32 (HxW, as --image-size takes it)" in joined
     assert "converted 3 image(s) to RGB" in joined
+
+
+def test_the_most_common_size_is_named_height_first(tmp_path):
+    """Photos 48 wide and 24 high are named 24x48, the order --image-size takes, so the size
+    in the note can be given back to it."""
+    root = make_image_folder(tmp_path / "w", size=(24, 48))
+    Image.new("RGB", (32, 32)).save(root / "train" / "cat" / "square.png")
+    ds = load_dataset(root)
+    assert ds.x_train.shape[1:3] == (24, 48)
+    assert "resized 1 image(s) to the most common size 24x48 (HxW" in " ".join(ds.notes)
 
 
 def test_16bit_grayscale_is_scaled_not_clipped(tmp_path):

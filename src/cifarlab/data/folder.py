@@ -284,7 +284,7 @@ def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = 
     resized = sum(n for s, n in sizes.items() if s != size)
     if resized:
         to = f"{size[0]}x{size[1]} (the image size asked for, HxW)" if given else \
-            f"the most common size {size[1]}x{size[0]}"
+            f"the most common size {size[0]}x{size[1]} (HxW, as --image-size takes it)"
         notes.append(f"resized {resized} image(s) to {to}")
     want_mode = "L" if channels == 1 else "RGB"
     converted = sum(1 for _, (_, _, mode) in decoded if mode != want_mode)

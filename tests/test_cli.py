@@ -704,7 +704,7 @@ def test_evaluation_commands_resize_other_data_to_the_run_input(capsys, tmp_path
         code, out, err = run(capsys, *command, "--data", str(other))
         assert code == 0, err
         assert "data: resized all 27 image(s) from 48x40 to 32x32 (the run's input, HxW)" in err, err
-    with pytest.raises(CifarlabError, match=r"40x48x3 but the model was trained on 32x32x3; resize them with "
+    with pytest.raises(CifarlabError, match=r"48x40x3 \(HxWxC\) but the model was trained on 32x32x3; resize them with "
                                             r"cifarlab.data.resized\(ds, \(32, 32\)\)"):
         evaluate_run(trained_run, load_dataset(other), tmp_path / "eval", device="cpu")
 

@@ -1612,3 +1612,8 @@ def test_teacher_settings_are_checked_before_the_data_is_read(tmp_path, trained_
     assert (f"train.teacher (--teacher) '{trained_run}' tells apart 3 classes (cat, dog, frog) and this run's "
             "data 3 (cat, dog, emu); a teacher needs the same classes in the same order") in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+    # or of another image size, named height first as --image-size takes it
+    assert main(["train", "--data", str(image_folder), "--model", "keras-shallow", "--epochs", "1", "--teacher",
+                 str(trained_run), "--image-size", "24x16", "--out", str(tmp_path / "new")]) == 2
+    assert (f"train.teacher (--teacher) '{trained_run}' takes 32x32x3 images (HxWxC) and this run's are 24x16x3; "
+            "give a teacher trained on images of this size (--image-size)") in capsys.readouterr().err

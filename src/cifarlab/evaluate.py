@@ -269,8 +269,8 @@ def _check_compatible(pred: Predictor, ds: Dataset) -> None:
     c, h, w = pred.input_shape
     if ds.x_test.shape[1:] != (h, w, c):
         hint = f"; resize them with cifarlab.data.resized(ds, ({h}, {w}))" if ds.x_test.shape[3] == c else ""
-        raise CifarlabError(f"the data's images are {ds.x_test.shape[2]}x{ds.x_test.shape[1]}x{ds.x_test.shape[3]} "
-                            f"but the model was trained on {w}x{h}x{c}{hint}")
+        raise CifarlabError(f"the data's images are {'x'.join(map(str, ds.x_test.shape[1:]))} (HxWxC) but the model "
+                            f"was trained on {h}x{w}x{c}{hint}")
     if ds.classes != pred.classes:
         def names(cs: list[str]) -> str:
             return ", ".join(cs[:8]) + (f", ... ({len(cs)} in all)" if len(cs) > 8 else "")

@@ -257,8 +257,8 @@ def _teacher(cfg: Config, ds: Dataset, shape: tuple[int, int, int], prep: dict, 
                                 f"({short_list(ds.classes, 5)}); a teacher needs the same classes in the same order")
         if tuple(p.input_shape) != tuple(shape):
             (c, h, w), (tc, th, tw) = shape, p.input_shape
-            raise CifarlabError(f"train.teacher (--teacher) '{run}' takes {tw}x{th}x{tc} images and this run's are "
-                                f"{w}x{h}x{c}; give a teacher trained on images of this size (--image-size)")
+            raise CifarlabError(f"train.teacher (--teacher) '{run}' takes {th}x{tw}x{tc} images (HxWxC) and this run's "
+                                f"are {h}x{w}x{c}; give a teacher trained on images of this size (--image-size)")
         model = runtime.cast_model(p.model.float().to(device), device, cfg.train.precision).to(memory_format=fmt)
         members.append(TeacherLogits(model, prep, p.prep))
     return (members[0] if len(members) == 1 else EnsembleLogits(members)), about

@@ -74,7 +74,6 @@ def read_about(path: str | Path | None) -> dict[str, dict[str, str]]:
     return out
 
 
-
 def template() -> str:
     """An about file with every key, each answer blank for its owner to fill in, as YAML."""
     lines = ["# What cifarlab's model card and datasheet cannot measure: answer what you know; blank answers "

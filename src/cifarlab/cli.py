@@ -1309,21 +1309,22 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if target is None:
         raise ConfigError("give a registered model name or a run folder, such as 'cifarlab summary keras-deep' "
                           f"(models: {', '.join(list_models())})")
-    if target not in list_models() and Path(target).is_dir():
-        from .export import read_run
+    if target not in list_models():
+        if Path(target).is_dir():
+            from .export import read_run
 
-        if args.num_classes is not None or args.input is not None:
-            raise ConfigError(f"'{target}' is a run folder, whose classes and image size are its own; "
-                              "--num-classes and --input are for a model name")
-        _, arch = read_run(target)
-        inp = arch["input"]
-        model = create_model(arch["model"], **arch.get("model_kwargs", {}))
-        print(format_summary(model, (inp["channels"], inp["height"], inp["width"]), arch["model"]))
-        return 0
-    if args.target and args.target not in list_models():
-        raise ConfigError(f"'{target}' is neither a registered model{did_you_mean(target, list_models())} nor a "
-                          f"run folder; models: {', '.join(list_models())}")
-    _check_model(target)
+            if args.num_classes is not None or args.input is not None:
+                raise ConfigError(f"'{target}' is a run folder, whose classes and image size are its own; "
+                                  "--num-classes and --input are for a model name")
+            _, arch = read_run(target)
+            inp = arch["input"]
+            model = create_model(arch["model"], **arch.get("model_kwargs", {}))
+            print(format_summary(model, (inp["channels"], inp["height"], inp["width"]), arch["model"]))
+            return 0
+        if args.target:
+            raise ConfigError(f"'{target}' is neither a registered model{did_you_mean(target, list_models())} nor "
+                              f"a run folder; models: {', '.join(list_models())}")
+        _check_model(target)  # as --model, refused in its words
     text = args.input or "32,32,3"
     try:
         h, w, c = (int(v) for v in text.split(","))

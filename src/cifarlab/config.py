@@ -366,17 +366,16 @@ def apply_overrides(cfg: Config, values: dict[str, Any], origin: str) -> Config:
         hints = typing.get_type_hints(type(target))
         for key, value in sub.items():
             if key not in hints:
-                raise ConfigError(f"{origin}: unknown key '{sec}.{key}'{_key_hint(cfg, sec, key, hints)}; valid "
+                raise ConfigError(f"{origin}: unknown key '{sec}.{key}'{_key_hint(sec, key, hints)}; valid "
                                   f"keys in '{sec}': {', '.join(hints)}")
             setattr(target, key, _coerce(value, hints[key], f"{origin}: {sec}.{key}"))
     return cfg
 
 
-def _key_hint(cfg: Config, sec: str, key: str, hints: dict) -> str:
+def _key_hint(sec: str, key: str, hints: dict) -> str:
     """Where a key unknown in section ``sec`` is one of another section (``train.lr`` for
     ``optim.lr``), that section's key; else the closest key of ``sec``, if any."""
-    homes = [f"'{other}.{key}'" for other in SECTIONS
-             if other != sec and key in typing.get_type_hints(type(getattr(cfg, other)))]
+    homes = [f"'{other}.{key}'" for other in _key_sections().get(key, []) if other != sec]
     if homes:
         return f" ({key} is set in another section: {' or '.join(homes)})"
     return did_you_mean(key, hints)

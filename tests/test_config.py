@@ -123,6 +123,46 @@ def test_roundtrip(tmp_path):
     ({"train": {"sampling": "oversample"}}, "train.sampling = 'oversample' is not valid; choose shuffle or balanced"),
     ({"train": {"sampling": "balanced", "class_weight": "balanced"}}, "train.sampling = 'balanced' is not valid; "
      "with train.class_weight set too, rare classes would be favoured twice over"),
+    # each remaining check, so that none of them can break unseen into a traceback
+    ({"train": {"deterministic": "maybe"}}, "train.deterministic: 'maybe' is not valid; expected true or false"),
+    ({"optim": {"lr": True}}, "optim.lr: True is not valid; expected a number"),
+    ({"data": {"data": ["a"]}}, r"data.data: \['a'\] is not valid; expected text or null"),
+    ({"train": "x"}, "section 'train' must be a mapping of keys to values, found 'x'"),
+    ({"data": {"subset": 0}}, "subset = 0 is not valid; it must be a positive number of images"),
+    ({"data": {"dataset": "cifar20"}}, r"dataset = 'cifar20' is not valid \(did you mean 'cifar10'\?\)"),
+    ({"data": {"label_mode": "medium"}}, "data.label_mode = 'medium' is not valid; choose fine or coarse"),
+    ({"data": {"test_split": 1}}, r"test split \(data.test_split\) = 1.0 is not valid; it must lie strictly between"),
+    ({"data": {"labels": "x.csv"}}, r"data.labels = 'x.csv' is not valid; it names the classes of the images in "
+     r"data.data \(--data\); give that too"),
+    ({"optim": {"weight_decay": -1}}, "optim.weight_decay = -1.0 is not valid; it must be 0 or more"),
+    ({"optim": {"momentum": 1.0}}, r"optim.momentum = 1.0 is not valid; it must lie in \[0, 1\)"),
+    ({"optim": {"rho": 1.0}}, "optim.rho = 1.0 is not valid; it must lie strictly between 0 and 1"),
+    ({"optim": {"muon_lr": 0}}, "optim.muon_lr = 0.0 is not valid; it must be greater than 0"),
+    ({"optim": {"muon_momentum": 1}}, r"optim.muon_momentum = 1.0 is not valid; it must lie in \[0, 1\)"),
+    ({"optim": {"ns_steps": 0}}, r"optim.ns_steps = 0 is not valid; it must lie in \[1, 20\]"),
+    ({"optim": {"norm_bias_lr_scale": 0}}, "optim.norm_bias_lr_scale = 0.0 is not valid; it must be greater than 0"),
+    ({"optim": {"warmup_frac": 1.5}}, r"optim.warmup_frac = 1.5 is not valid; it must lie in \[0, 1\]"),
+    ({"train": {"class_weight": "=2"}}, "train.class_weight: '=2' is not valid; give balanced, none or NAME=WEIGHT"),
+    ({"train": {"batch_size": 0}}, "batch size = 0 is not valid; it must be at least 1"),
+    ({"train": {"label_smoothing": 1.0}}, r"train.label_smoothing = 1.0 is not valid; it must lie in \[0, 1\)"),
+    ({"train": {"tta": "flips"}}, r"train.tta = 'flips' is not valid \(did you mean 'flip'\?\)"),
+    ({"train": {"lookahead_every": -1}}, r"train.lookahead_every = -1 is not valid; it must be 0 \(off\) or a number"),
+    ({"train": {"lookahead_every": 5, "lookahead_decay": 1.0}}, r"train.lookahead_decay = 1.0 is not valid; it must "
+     r"lie in \[0, 1\)"),
+    ({"train": {"lookahead_decay": 0.5}}, "train.lookahead_decay = 0.5 is not valid; it only applies with "
+     "lookahead on"),
+    ({"train": {"select_fraction": 0}}, r"train.select_fraction = 0.0 is not valid; it must lie in \(0, 1\]"),
+    ({"train": {"select_fraction": 0.5, "select_model": "tiny"}}, "train.select_model = 'tiny' is not valid; valid "
+     "models: keras-deep"),
+    ({"train": {"select_backward_every": 0}}, "train.select_backward_every = 0 is not valid; it must be at least 1"),
+    ({"train": {"teacher": "r", "distill_weight": 2}}, r"train.distill_weight = 2.0 is not valid; it must lie in "
+     r"\[0, 1\]"),
+    ({"train": {"teacher": "r", "distill_temperature": 0}}, "train.distill_temperature = 0.0 is not valid; it must "
+     "be a number above 0"),
+    ({"train": {"threads": 0}}, "threads = 0 is not valid; it must be at least 1"),
+    ({"train": {"compile_mode": "max-autotune"}}, "train.compile_mode = 'max-autotune' is not valid; it takes effect "
+     "only with train.compile: true"),
+    ({"train": {"runs": 0}}, "runs = 0 is not valid; it must be at least 1"),
 ])
 def test_invalid_values(over, msg):
     with pytest.raises(ConfigError, match=msg):

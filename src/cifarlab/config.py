@@ -724,9 +724,13 @@ def _check_train(t: TrainConfig) -> None:
         _bad("runs", t.runs, "it must be at least 1")
     if not 0 <= t.seed <= 2**32 - t.runs:  # NumPy's and scikit-learn's seed range
         _bad("seed", t.seed, f"with {t.runs} run(s) it must lie in [0, {2**32 - t.runs}]")
-    if t.lookahead_every < 0 or not 0 <= t.lookahead_decay < 1:
-        _bad("train.lookahead_every/lookahead_decay", (t.lookahead_every, t.lookahead_decay),
-             "every must be 0 or more and decay in [0, 1)")
+    if t.lookahead_every < 0:
+        _bad("train.lookahead_every", t.lookahead_every, "it must be 0 (off) or a number of steps")
+    if not 0 <= t.lookahead_decay < 1:
+        _bad("train.lookahead_decay", t.lookahead_decay, "it must lie in [0, 1)")
+    if not t.lookahead_every:
+        _refuse_set(t, "train", ("lookahead_decay",),
+                    "it only applies with lookahead on: set train.lookahead_every to a number of steps too")
     if not 0 < t.select_fraction <= 1:
         _bad("train.select_fraction", t.select_fraction, "it must lie in (0, 1]; 1 trains on every example")
     if t.select_fraction < 1 and t.select_model not in list_models():

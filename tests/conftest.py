@@ -47,17 +47,21 @@ def _link_kernels(cache: Path, shared: Path) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch, _shared_kernels):
+def _isolated_cache(tmp_path_factory, _shared_kernels):
     """Every test gets its own cache (but for the compiled kernels) and never reaches the
-    internet (mirror: a closed local port)."""
+    internet (mirror: a closed local port). The settings are this fixture's own, not the test's
+    ``monkeypatch``, so that a test's ``monkeypatch.undo()`` leaves them in place: it once undid
+    them and trained into the cache of whoever ran the tests."""
     cache = tmp_path_factory.mktemp("cache")
     _link_kernels(cache, _shared_kernels)
-    monkeypatch.setenv("CIFARLAB_CACHE", str(cache))
-    monkeypatch.setenv("CIFARLAB_MIRROR", "http://127.0.0.1:9/")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CIFARLAB_CACHE", str(cache))
+        mp.setenv("CIFARLAB_MIRROR", "http://127.0.0.1:9/")
+        yield
 
 
 @pytest.fixture
-def real_data_cache(tmp_path_factory, monkeypatch, _shared_kernels):
+def real_data_cache(tmp_path_factory, _shared_kernels):
     """A cache shared by the tests on the shared JPEG copy, so that its 60,000 images are decoded
     once per session rather than once per test (which load decodes and which reads the cache is
     the tests' order; each asserts only what holds either way)."""
@@ -65,8 +69,9 @@ def real_data_cache(tmp_path_factory, monkeypatch, _shared_kernels):
     if not root.is_dir():
         root.mkdir()
         _link_kernels(root, _shared_kernels)
-    monkeypatch.setenv("CIFARLAB_CACHE", str(root))
-    return root
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CIFARLAB_CACHE", str(root))
+        yield root
 
 
 def _tar(path: Path, members: dict[str, bytes], mode: str = "w:gz") -> Path:

@@ -30,6 +30,7 @@ EPILOG = """examples:
   cifarlab export runs/RUN                                  # RUN/model.onnx for ONNX Runtime
   cifarlab import cifar10_weights.h5 --architecture cifar10_architecture.json  # the notebook's saved model
   cifarlab summary keras-deep                               # Keras-style layer table (or of runs/RUN)
+  cifarlab cache --clear                                    # free the room that decoded data takes in the cache
 """
 
 # The train flags that set a config key (by config.options_to_overrides' rule: the key's own name,
@@ -651,6 +652,23 @@ def _add_summary_parser(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_summary)
 
 
+def _add_cache_parser(sub: argparse._SubParsersAction) -> None:
+    """``cifarlab cache``'s options."""
+    c = sub.add_parser("cache", help="what cifarlab keeps in its cache folder (decoded data, downloads, compiled "
+                                     "kernels), and clearing it",
+                       description="List what cifarlab keeps in its cache folder ($CIFARLAB_CACHE, else "
+                                   "$XDG_CACHE_HOME/cifarlab, else ~/.cache/cifarlab) and how much room it takes, "
+                                   "or remove it. Every entry is made again when next needed. Only names cifarlab "
+                                   "writes are listed or removed; other files in that folder are left alone.")
+    c.add_argument("--clear", nargs="?", const="decoded", choices=("decoded", "downloads", "kernels", "all"),
+                   help="remove the decoded data (the default), the downloaded archives, the compiled kernels or "
+                        "all three; with any of them, what stopped writes left behind")
+    c.add_argument("--unused-days", type=float, metavar="DAYS",
+                   help="with --clear: only what has not been used for DAYS days")
+    c.add_argument("--json", action="store_true", help="print the entries (and what was removed) as JSON")
+    c.set_defaults(func=cmd_cache)
+
+
 def _add_list_parser(sub: argparse._SubParsersAction) -> None:
     """``cifarlab list``'s options."""
     ls = sub.add_parser("list", help="list models, recipes and augmentation presets")
@@ -669,7 +687,7 @@ def _parser() -> argparse.ArgumentParser:
     for add in (_add_train_parser, _add_evaluate_parser, _add_calibrate_parser, _add_predict_parser,
                 _add_audit_parser, _add_datasheet_parser, _add_robustness_parser, _add_duplicates_parser,
                 _add_explain_parser, _add_label_issues_parser, _add_ood_parser, _add_compare_parser, _add_export_parser,
-                _add_import_parser, _add_augment_parser, _add_summary_parser, _add_list_parser):
+                _add_import_parser, _add_augment_parser, _add_summary_parser, _add_list_parser, _add_cache_parser):
         add(sub)  # in the order --help lists the commands
     return p
 
@@ -1333,6 +1351,63 @@ def cmd_summary(args: argparse.Namespace) -> int:
     model = create_model(target, num_classes=10 if args.num_classes is None else args.num_classes, in_chans=c,
                          img_size=(h, w))
     print(format_summary(model, (c, h, w), target))
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """``cifarlab cache``: each entry of the cache folder with its size and last use; ``--clear``
+    removes those of one kind (or all), ``--unused-days`` only the ones unused that long."""
+    import time
+
+    from .data.cache import KIND_TITLES, KINDS, cache_dir, cache_entries, format_size, remove_entry
+    from .fsutil import json_text
+
+    days = args.unused_days
+    if days is not None and (args.clear is None or not days >= 0 or days == float("inf")):
+        raise ConfigError(f"--unused-days {days:g} is not valid; " + (
+            "it chooses what --clear removes: give --clear too" if args.clear is None
+            else "give a number of days, 0 or more"))
+    now = time.time()
+    entries = cache_entries(now)
+    removed = []
+    if args.clear:
+        kinds = KINDS if args.clear == "all" else (args.clear,)
+        for e in entries:
+            if e.kind in kinds and (e.leftover or days is None or now - e.last_used > days * 86400) \
+                    and remove_entry(e):
+                removed.append(e)
+        gone = {id(e) for e in removed}
+        entries = [e for e in entries if id(e) not in gone]
+    if args.json:
+        print(json_text({"folder": str(cache_dir()), "entries": [e.as_json() for e in entries],
+                         **({"removed": [e.as_json() for e in removed]} if args.clear else {})}))
+        return 0
+    print(f"cache folder: {cache_dir()}")
+    if args.clear:
+        what = {"all": "everything cifarlab keeps", "decoded": "the decoded data", "downloads": "the downloads",
+                "kernels": "the compiled kernels"}[args.clear]
+        kept = [e for e in removed if not e.leftover]
+        left = [e for e in removed if e.leftover]
+        print(f"removed {what}" + (f" not used for {days:g} day{'' if days == 1 else 's'}" if days is not None else "")
+              + f": {len(kept)} entr{'y' if len(kept) == 1 else 'ies'}, {format_size(sum(e.size for e in kept))}"
+              + (f"; and {len(left)} left by stopped writes, {format_size(sum(e.size for e in left))}" if left else ""))
+    for kind in KINDS:
+        mine = [e for e in entries if e.kind == kind and not e.leftover]
+        if not mine:
+            continue
+        print(f"{KIND_TITLES[kind]}: {len(mine)}, {format_size(sum(e.size for e in mine))}")
+        for e in mine:
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+            print(f"  {format_size(e.size):>10}  last used {used}  {e.describe()}")
+    left = [e for e in entries if e.leftover]
+    if left:
+        print(f"left by stopped writes: {len(left)}, {format_size(sum(e.size for e in left))} "
+              "(cifarlab cache --clear removes them)")
+    if not entries:
+        print("nothing cached" + (" now" if removed else " yet"))
+    else:
+        print(f"total {format_size(sum(e.size for e in entries))}" + (
+            "" if args.clear else "; cifarlab cache --clear removes the decoded data, --clear all everything"))
     return 0
 
 

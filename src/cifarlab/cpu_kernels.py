@@ -106,13 +106,14 @@ def conv_kernel_pays_off(flags: Iterable[str] | None = None) -> bool:
 
 def _build(src: bytes, cxx: str) -> Path:
     """Compile ``src`` once per source, compiler, flags and CPU into the cache folder."""
-    from .data.cache import cache_dir
+    from .data.cache import cache_dir, mark_used
 
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(_FLAGS).encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     lib = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
     if lib.is_file():
+        mark_used(lib)
         return lib
     with atomic_path(lib) as tmp:  # concurrent builds each write their own file, then rename
         cpp = tmp.with_suffix(".cpp")

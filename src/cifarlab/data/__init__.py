@@ -259,10 +259,19 @@ def _load_folder_cached(path: Path, skip_bad: bool, use_cache: bool, size: tuple
         cache.store_cached(key, {"x_train": fd.x["train"], "y_train": fd.y["train"], "x_test": fd.x["test"],
                                  "y_test": fd.y["test"]},
                            {"classes": fd.classes, "test_paths": fd.paths["test"], "notes": fd.notes,
-                            "source": str(path), "train_paths": fd.paths["train"], "test_origin": fd.test_origin})
+                            "source": str(path.resolve()), "read_with": _read_with(size, test_split, labels, skip_bad),
+                            "train_paths": fd.paths["train"], "test_origin": fd.test_origin})
     return Dataset(fd.x["train"], fd.y["train"], fd.x["test"], fd.y["test"], fd.classes, str(path),
                    "image-folder", fd.paths["test"], notes, train_paths=fd.paths["train"], test_origin=fd.test_origin,
                    labels=str(labels) if labels is not None else None)
+
+
+def _read_with(size: tuple[int, int] | None, test_split: float, labels: Path | None, skip_bad: bool) -> list[str]:
+    """The options other than the defaults that a cached folder was read with, in the flags'
+    words, for ``cifarlab cache`` to tell two entries of one folder apart."""
+    return ([f"--image-size {size[0]}x{size[1]}"] if size else []) + (
+        [f"--test-split {test_split:g}"] if test_split != folder.TEST_SPLIT else []) + (
+        [f"--labels {labels.resolve()}"] if labels is not None else []) + (["--skip-bad-images"] if skip_bad else [])
 
 
 def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

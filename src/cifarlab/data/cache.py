@@ -1,12 +1,16 @@
-"""Where cifarlab keeps downloads and decoded arrays, and the decoded-array cache itself."""
+"""Where cifarlab keeps downloads and decoded arrays, the decoded-array cache itself, and the
+inventory and clearing of everything cifarlab keeps there (``cifarlab cache``)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,9 +76,19 @@ def load_cached(key: str) -> tuple[dict[str, np.ndarray], dict] | None:
     try:
         meta = json.loads((d / "meta.json").read_text())
         arrays = {name: np.load(d / f"{name}.npy", allow_pickle=False) for name in meta["arrays"]}
-        return arrays, meta
     except (OSError, ValueError, KeyError, EOFError):  # EOFError: an empty array file
         return None
+    mark_used(d / "meta.json")
+    return arrays, meta
+
+
+def mark_used(path: Path) -> None:
+    """Record that a cached file was just read (its modification time), which is what
+    ``cifarlab cache --clear --unused-days N`` goes by; a read-only cache is left as it is."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def store_cached(key: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
@@ -104,3 +118,136 @@ def store_cached(key: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# cifarlab cache: what is kept, and clearing it ----------------------------------------------
+
+KINDS = ("decoded", "downloads", "kernels")
+KIND_TITLES = {"decoded": "decoded image folders and archives (read again from their source when removed)",
+               "downloads": "official archives downloaded without --data (downloaded again when removed)",
+               "kernels": "cifarlab's compiled CPU kernels (compiled again, in about 3 s, when removed)"}
+# A temporary name untouched this long is a write that was stopped (killed, or the machine went
+# down), not one in progress: a download or decoding touches its file or folder as it goes.
+LEFTOVER_AGE_S = 3600
+_KEY = re.compile(r"[0-9a-f]{32}")
+_KERNEL = re.compile(r"cpu_kernels-[0-9a-f]{16}\.so")
+
+
+@dataclass
+class CacheEntry:
+    """One thing cifarlab keeps in its cache folder (or left there, half written)."""
+
+    kind: str  # one of KINDS
+    path: Path
+    size: int  # bytes
+    last_used: float  # seconds since the epoch: when it was last read (or written)
+    source: str = ""  # a decoded entry: the folder or archive it was decoded from
+    read_with: tuple[str, ...] = ()  # and the options other than the defaults it was read with
+    leftover: bool = False  # a temporary name that a stopped write left behind
+
+    def describe(self) -> str:
+        """What the entry holds, in one line's words: its source and options, or its file name."""
+        if self.kind != "decoded" or self.leftover:
+            return self.path.name
+        return self.source + (f" ({', '.join(self.read_with)})" if self.read_with else "")
+
+    def as_json(self) -> dict:
+        """The entry as ``cifarlab cache --json`` lists it."""
+        return {"kind": self.kind, "path": str(self.path), "bytes": self.size, "leftover": self.leftover,
+                "last_used": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.last_used)),
+                **({"source": self.source, "read_with": list(self.read_with)}
+                   if self.kind == "decoded" and not self.leftover else {})}
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def _entry(kind: str, path: Path, now: float, stamp: Path | None = None, source: tuple[str, tuple[str, ...]] = ("", ()),
+           leftover: bool = False) -> CacheEntry | None:
+    """The entry at ``path``, or None where it vanished meanwhile (another process cleared it) or,
+    as a leftover, may still be being written."""
+    try:
+        used = (stamp or path).stat().st_mtime
+        if leftover and now - used < LEFTOVER_AGE_S:
+            return None
+        return CacheEntry(kind, path, _size(path), used, *source, leftover=leftover)
+    except OSError:
+        return None
+
+
+def _decoded_source(entry: Path) -> tuple[str, tuple[str, ...]]:
+    """The folder or archive a decoded entry came from, and the options it was read with."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        source, options = meta.get("source"), meta.get("read_with")
+    except (OSError, ValueError, AttributeError):  # a half-removed entry, or one of another tool
+        source, options = None, None
+    options = tuple(map(str, options)) if isinstance(options, list) else ()
+    return (str(source) if source else "(source not recorded)"), options
+
+
+def cache_entries(now: float | None = None) -> list[CacheEntry]:
+    """Everything cifarlab keeps in :func:`cache_dir`, by kind, most recently used first. Only
+    names that cifarlab writes are listed; anything else in that folder is someone else's and is
+    neither listed nor ever removed (``$CIFARLAB_CACHE`` may name a folder shared with other files)."""
+    from .cifar import FORMATS
+
+    now = time.time() if now is None else now
+    root = cache_dir()
+    found: list[CacheEntry | None] = []
+    for child in _children(root / "decoded"):
+        if _KEY.fullmatch(child.name) and child.is_dir():
+            found.append(_entry("decoded", child, now, child / "meta.json", _decoded_source(child)))
+        elif _KEY.fullmatch(child.name.split(".")[1] if child.name.count(".") >= 2 else ""):
+            found.append(_entry("decoded", child, now, leftover=True))  # .KEY.* of store_cached
+    archives = {f.archive_name for f in FORMATS.values()}
+    for child in _children(root):
+        if child.name in archives and child.is_file():
+            found.append(_entry("downloads", child, now))
+        elif child.name.endswith(".part") and any(child.name.startswith(f".{a}.") for a in archives):
+            found.append(_entry("downloads", child, now, leftover=True))
+    for child in _children(root / "kernels"):
+        if _KERNEL.fullmatch(child.name) and child.is_file():
+            found.append(_entry("kernels", child, now))
+        elif child.name.startswith(".cpu_kernels-"):  # atomic_path's temporary and the source beside it
+            found.append(_entry("kernels", child, now, leftover=True))
+    entries = [e for e in found if e is not None]
+    return sorted(entries, key=lambda e: (KINDS.index(e.kind), e.leftover, -e.last_used, str(e.path)))
+
+
+def _children(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError:  # absent (nothing cached yet) or unreadable
+        return []
+
+
+def remove_entry(entry: CacheEntry) -> bool:
+    """Remove one cached entry; False where it was already gone. A decoded entry is first renamed
+    out of its key's place, so a process loading it at that moment finds it whole or not at all
+    (and then decodes its source again)."""
+    path = entry.path
+    try:
+        if path.is_dir() and not path.is_symlink():
+            if not entry.leftover:
+                aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.removing.", dir=path.parent))
+                os.replace(path, aside / "entry")
+                path = aside
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def format_size(n: int) -> str:
+    """Bytes as people read them on disk: 184.3 MB (powers of 1000, as ``df -H`` and file managers)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")

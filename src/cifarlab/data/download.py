@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError
 from ..fsutil import set_final_mode
-from .cache import cache_dir
+from .cache import cache_dir, mark_used
 from .cifar import FORMATS, OfficialFormat
 
 OFFICIAL_BASE_URL = "https://www.cs.toronto.edu/~kriz/"
@@ -44,6 +44,7 @@ def fetch(dataset: str, binary: bool = False, quiet: bool = False) -> Path:
     fmt = FORMATS[key]
     dest = cache_dir() / fmt.archive_name
     if dest.is_file():
+        mark_used(dest)
         return dest
     url = source_url(fmt)
     help_ = (f"Download {fmt.archive_name} by hand (from {url}) and pass --data PATH, or point "

@@ -722,3 +722,32 @@ def test_help_and_version_do_not_import_torch(argv):
     p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
     assert p.stderr.strip().splitlines()[-1] == "False", p.stderr
     assert "usage: cifarlab" in p.stdout or p.stdout.startswith("cifarlab ")
+
+
+def test_commands_that_read_data_without_a_run_take_its_image_size_and_test_split(tmp_path, trained_run, capsys):
+    """datasheet, augment and duplicates (without a run) read a folder of class folders as train
+    does with --image-size and --test-split, so that they describe the same test images; with a
+    run, the run's own settings hold, and the flags are refused."""
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "photos" / c).mkdir(parents=True)
+        for i in range(10):
+            img = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(img).save(tmp_path / "photos" / c / f"{i}.png")
+    read = ["--data", str(tmp_path / "photos"), "--image-size", "16x20", "--test-split", "0.5"]
+    assert main(["datasheet", *read, "--out", str(tmp_path / "sheet"), "--json"]) == 0
+    sheet = json.loads(capsys.readouterr().out)
+    assert sheet["image_size"] == [16, 20] and sheet["composition"]["test_images"] == 10
+    assert main(["augment", *read, "--per-image", "2", "--out", str(tmp_path / "aug.npz")]) == 0
+    with np.load(tmp_path / "aug.npz") as z:
+        assert z["x"].shape == (20, 16, 20, 3)  # the 10 training images left, twice each
+    assert main(["duplicates", *read, "--out", str(tmp_path / "dup"), "--json"]) == 0
+    assert "held out 0.5 of each class's images for testing (10 of 20)" in capsys.readouterr().err
+    assert main(["datasheet", "--data", str(tmp_path / "photos"), "--test-split", "1.5"]) == 2
+    assert "test split (data.test_split) = 1.5 is not valid" in capsys.readouterr().err
+    assert main(["augment", "--data", str(tmp_path / "photos"), "--image-size", "big", "--out",
+                 str(tmp_path / "bad.npz")]) == 2
+    assert "image size (data.image_size) 'big' is not valid" in capsys.readouterr().err
+    assert main(["duplicates", str(trained_run), "--test-split", "0.5"]) == 2
+    assert (f"--test-split applies to data read without a run; '{trained_run}' reads its data as it was trained"
+            in capsys.readouterr().err)

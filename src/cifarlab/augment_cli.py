@@ -172,9 +172,12 @@ def augment_command(args: argparse.Namespace) -> int:
     if args.augment:
         aug_cfg.preset = args.augment
     augmenter = augmenter_from_config(aug_cfg)
+    from .cli import read_options
+
+    read = read_options(args)
     ds = load_dataset(args.data, args.dataset or "cifar10", allow_unverified=bool(args.allow_unverified),
                       label_mode=args.label_mode or "fine", skip_bad_images=bool(args.skip_bad_images),
-                      labels=args.labels)
+                      labels=args.labels, image_size=read.image_hw(), test_split=read.test_split)
     for note in ds.notes:
         print(f"data: {note}")
     x, y = (ds.x_train, ds.y_train) if args.split == "train" else (ds.x_test, ds.y_test)

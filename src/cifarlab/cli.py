@@ -127,6 +127,29 @@ def _add_data_args(p: argparse.ArgumentParser, subset: str | None = None, run: s
                         "in class folders (such as Kaggle's trainLabels.csv); a test split is held out of them")
 
 
+def _add_read_args(p: argparse.ArgumentParser) -> None:
+    """How image folders are read: ``--image-size`` and ``--test-split``, for the commands that
+    read data without a run (a run's commands read it as the run was trained)."""
+    p.add_argument("--image-size", metavar="HxW",
+                   help="resize every image to HxW (bilinear) as it is read, such as 32x32 for larger photos "
+                        "(default: the data's own size; an image folder's most common one)")
+    p.add_argument("--test-split", type=float, metavar="FRACTION",
+                   help="share of each class held out as test images where the data is a folder of class folders "
+                        "alone, <class>/<image> without train/ and test/ (default 0.2; chosen by the images' paths)")
+
+
+def read_options(args: argparse.Namespace) -> DataConfig:
+    """The data section that ``--image-size`` and ``--test-split`` give (the defaults where
+    absent), checked as ``train`` checks them."""
+    from .config import Config, apply_overrides, validate
+
+    cfg = Config()
+    apply_overrides(cfg, {"data": {k: v for k in ("image_size", "test_split")
+                                   if (v := getattr(args, k, None)) is not None}}, "command line")
+    validate(cfg)
+    return cfg.data
+
+
 class _Parser(argparse.ArgumentParser):
     """Subcommand parser: no abbreviated options (``--epoch`` must not silently mean ``--epochs``)."""
 
@@ -150,12 +173,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="train only the classifier (the last layer) for the first N epochs, the rest frozen, then "
                         "everything (default 0; N >= --epochs: only the classifier)")
     _add_data_args(t, subset="use a class-balanced subset of N training images")
-    t.add_argument("--image-size", metavar="HxW",
-                   help="resize every image to HxW (bilinear) as it is read, such as 32x32 for larger photos "
-                        "(default: the data's own size; an image folder's most common one)")
-    t.add_argument("--test-split", type=float, metavar="FRACTION",
-                   help="share of each class held out as test images where the data is a folder of class folders "
-                        "alone, <class>/<image> without train/ and test/ (default 0.2; chosen by the images' paths)")
+    _add_read_args(t)
     t.add_argument("--classes", type=_class_names, metavar="NAME,NAME,...",
                    help="train on these classes only, in this order (default: every class of the data); the "
                         "others' images are left out, to test later with 'cifarlab ood' how the run meets them")
@@ -389,6 +407,7 @@ def _add_datasheet_parser(sub: argparse._SubParsersAction) -> None:
                                    "colour_by_class.png and groups.csv (the test images by colour and lighting, "
                                    "for audit --groups).")
     _add_data_args(d)
+    _add_read_args(d)
     d.add_argument("--about", metavar="FILE",
                    help="YAML or TOML file of what only the data's owner knows (its section 'data': motivation, "
                         "collection, consent, labelling, coverage, licence, uses_to_avoid, maintenance), written "
@@ -415,6 +434,7 @@ def _add_duplicates_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("run", nargs="?", help="run folder written by 'cifarlab train' (or the folder of --runs N: each "
                                           "run, and the mean, min and max over them); omitted: the data alone")
     _add_data_args(d, run="optional")
+    _add_read_args(d)
     d.add_argument("--threshold", type=float, default=DUPLICATES_THRESHOLD,
                    help="similarity from which a pair counts as a duplicate, in (0, 1] "
                         f"(default {DUPLICATES_THRESHOLD})")
@@ -624,6 +644,7 @@ def _add_augment_parser(sub: argparse._SubParsersAction) -> None:
     """``cifarlab augment``'s options."""
     g = sub.add_parser("augment", help="write augmented copies of images, previews and a grid")
     _add_data_args(g, subset="augment a class-balanced subset of N images of --split")
+    _add_read_args(g)
     g.add_argument("--config", help="YAML/TOML file whose 'augment' section sets the options")
     g.add_argument("--augment", default="keras", help="preset (default keras: the notebook's settings)")
     g.add_argument("--per-image", type=int, default=5, help="augmented copies per image (default 5)")
@@ -819,8 +840,9 @@ def _load_data(args: argparse.Namespace, cfg=None, show: bool = True):
     label_mode = args.label_mode or (cfg.data.label_mode if cfg else "fine")
     # unset flags take the run's own setting: the data it was trained on, read as it was
     skip_bad = args.skip_bad_images if args.skip_bad_images is not None else bool(cfg and cfg.data.skip_bad_images)
-    # the size the run was trained at, where it chose one, and its own test images
-    own = cfg.data if cfg else DataConfig()
+    # the size the run was trained at, where it chose one, and its own test images; without a
+    # run, those that --image-size and --test-split give
+    own = cfg.data if cfg else read_options(args)
     ds = load_dataset(data, dataset, allow_unverified=bool(args.allow_unverified), label_mode=label_mode,
                       skip_bad_images=skip_bad, image_size=own.image_hw(), test_split=own.test_split,
                       labels=_labels(args, cfg))
@@ -1096,6 +1118,9 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
     if args.run is None and (args.tta or args.uncalibrated):
         raise ConfigError(f"{'--tta' if args.tta else '--uncalibrated'} applies to a run's predictions; give the run "
                           "folder: cifarlab duplicates RUN")
+    if args.run is not None:
+        _refuse_flags(_given_flags(args, ("image_size", "test_split")), "data read without a run",
+                      f"'{args.run}' reads its data as it was trained (its config.yaml): ")
     if args.out:
         check_folder_path(args.out)
     runs: list[Path] = []

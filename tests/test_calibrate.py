@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -189,14 +190,20 @@ def test_calibrate_command_on_a_run_and_a_set_of_runs(tmp_path, image_folder, ca
     # evaluate, predict and audit say what they used
     run = tmp_path / "set" / "run-0"
     assert main(["evaluate", str(run), "--device", "cpu"]) == 0
-    assert "Temperature: " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Temperature: " in out
+    # each confidence threshold with the share of the 9 test images it answers, and their number
+    shares = re.findall(r"^  0\.\d+ +(\d+\.\d)% of the images \((\d+)\), accuracy", out, re.M)
+    assert len(shares) == 4 and all(abs(float(p) - 100 * int(n) / 9) < 0.06 for p, n in shares)
     assert main(["evaluate", str(run), "--device", "cpu", "--uncalibrated"]) == 0
     assert "Temperature" not in capsys.readouterr().out
     image = next((image_folder / "test" / "cat").iterdir())
     assert main(["predict", str(run), str(image), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["temperature"] == read_calibration(run)["none"].temperature
     assert main(["audit", str(run), "--device", "cpu", "--bootstrap", "100"]) == 0
-    assert "temperature-scaled" in (run / "audit" / "MODEL_CARD.md").read_text()
+    card = (run / "audit" / "MODEL_CARD.md").read_text()
+    assert "temperature-scaled" in card
+    assert re.search(r"0\.5: \d+\.\d% of the test images \(\d\), accuracy", card)
 
 
 def test_calibrate_command_refuses_a_folder_that_is_no_run(tmp_path, capsys):

@@ -1324,8 +1324,8 @@ def _temperature_lines(overall: dict) -> list[str]:
     sel = [r for r in overall.get("selective") or [] if r["accuracy"] is not None]
     if sel:
         lines += ["Answering only at a confidence of at least "
-                  + "; ".join(f"{r['threshold']:g}: {r['coverage']:.1%} of the test images, accuracy {r['accuracy']:.4f}"
-                              for r in sel)
+                  + "; ".join(f"{r['threshold']:g}: {r['coverage']:.1%} of the test images ({r['images']:,}), accuracy "
+                              f"{r['accuracy']:.4f}" for r in sel)
                   + ". The rest would be left to a person (`cifarlab predict --min-confidence`).", ""]
     return lines
 

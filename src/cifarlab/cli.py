@@ -888,7 +888,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                      if balanced else ""))
         print("Answering only at a confidence of at least (predict --min-confidence; the rest left to a person):")
         for r in report["selective"]:
-            print(f"  {r['threshold']:<5g} {r['coverage']:>6.1%} of the images, accuracy "
+            print(f"  {r['threshold']:<5g} {r['coverage']:>6.1%} of the images ({r['images']:,}), accuracy "
                   + ("n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"))
         print(f"{'class':<16}{'accuracy':>10}{'precision':>11}{'recall':>9}{'f1':>8}{'support':>9}")
 

@@ -1444,7 +1444,7 @@ def model_card_markdown(card: dict) -> str:
              "## Training data", "", f"- Source: `{td['source']}`",
              *([f"- Labels: from `{td['labels_file']}` (file,label rows); the test images were held out of the "
                 "labelled images"] if td.get("labels_file") else []),
-             f"- Size: {td['size'].get('train_images')} training, {td['size'].get('val_images')} validation images"
+             f"- Size: {td['size']['train_images']:,} training, {td['size'].get('val_images') or 0:,} validation images"
              if td["size"].get("train_images") is not None else f"- Size: {TO_FILL}",
              f"- Classes: {short_list(td['classes'], 20)}",
              f"- Licence: {td['licence']}", f"- Consent: {td['consent']}", f"- Label caveats: {td['label_caveats']}",
@@ -1452,7 +1452,7 @@ def model_card_markdown(card: dict) -> str:
              *_balance_lines(td.get("per_class"), td.get("class_weight"), td.get("sampling"),
                              td.get("logit_adjustment")),
              *_started_from_lines(td.get("started_from")), *_distilled_from_lines(td.get("distilled_from")), "",
-             "## Evaluation data", "", f"- Source: `{ev['source']}`, {ev['size']} images; {ev['note']}", "",
+             "## Evaluation data", "", f"- Source: `{ev['source']}`, {ev['size']:,} images; {ev['note']}", "",
              "## Metrics", "", f"Overall accuracy **{o['accuracy']:.4f}**, loss {o['loss']:.4f}, top-{o['top_k']['k']} "
              f"accuracy {o['top_k']['accuracy']:.4f}, expected calibration error {o['ece']:.4f}; test-time "
              f"augmentation: {o['test_time_augmentation']}. Intervals: {mt['interval_method']}.", "",

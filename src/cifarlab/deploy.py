@@ -241,7 +241,7 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
         f"{predictor.tta}" + (f", temperature {predictor.temperature():.4g}" if predictor.temperature() else "")
         + (", classes balanced (calibrate --balance-classes)" if predictor.class_offsets() else "")
         + (f"; '{FAMILIARITY_NAME}' out, the {rule['score']} score"
-           + (f" (k = {rule['k']}, the features of {rule['bank_images']} training images in the file)"
+           + (f" (k = {rule['k']}, the features of {rule['bank_images']:,} training images in the file)"
               if "k" in rule else "")
            + f", unfamiliar below {rule['threshold']:.4g} (metadata 'unfamiliar_below', from cifarlab ood)"
            if rule else ""))

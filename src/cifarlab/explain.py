@@ -316,7 +316,7 @@ def explain_dataset(run: str | Path, ds, out: str | Path | None = None, method: 
     if method == "gradcam":  # a bad --layer is named before the test images are predicted
         choose_layer(pred.model, pred.input_shape, layer)
     with report_folder(out):
-        log(f"predicting the {len(ds.x_test)} test images")
+        log(f"predicting the {len(ds.x_test):,} test images")
         idx = select_images(pred.predict(ds.x_test), ds.y_test, select, count, class_index, seed)
         if not len(idx):
             which = f" of class {class_name}" if class_name else ""

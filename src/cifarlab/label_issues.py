@@ -164,7 +164,7 @@ def label_issues_run(run: str | Path, ds, out: str | Path | None = None, review:
              "class_offsets": None if offsets is None else list(offsets), "weights_sha256": weights_digest(pred.run)}
     with report_folder(out):
         which = "validation" if ds.test_origin == "validation" else "test"
-        log(f"predicting the {len(ds.x_test)} {which} images")
+        log(f"predicting the {len(ds.x_test):,} {which} images")
         return label_issues_report(pred.predict(ds.x_test), ds, out, pred.classes, review, about)
 
 
@@ -212,7 +212,7 @@ def label_issues_runs(base: str | Path, ds, out: str | Path | None = None, revie
     with report_folder(out):
         probs = []
         for r, p in zip(runs, preds):
-            log(f"predicting the {len(ds.x_test)} test images with {r.name}")
+            log(f"predicting the {len(ds.x_test):,} test images with {r.name}")
             probs.append(p.predict(ds.x_test))
         about = {"run": str(base), "runs": [str(r) for r in runs], "probabilities": "mean of the runs'",
                  "tta": sorted({p.tta for p in preds}),
@@ -252,8 +252,8 @@ def format_report(r: dict[str, Any], out: Path, most: int = 10) -> str:
     """The report as a few lines for the terminal."""
     n, k = r["test_images"], r["flagged"]
     which = "validation" if r.get("test_origin") == "validation" else "test"
-    lines = [f"{k} of {n} {which} images flagged ({k / n:.2%}) as possibly mislabelled; confident learning estimates "
-             f"{r['estimated_wrong_labels']:.0f} wrong labels"]
+    lines = [f"{k:,} of {n:,} {which} images flagged ({k / n:.2%}) as possibly mislabelled; confident learning "
+             f"estimates {r['estimated_wrong_labels']:,.0f} wrong labels"]
     if r.get("runs"):
         each = r["per_run_accuracy"]
         lines.append(f"from the mean of the probabilities of {len(r['runs'])} runs (each run's accuracy "

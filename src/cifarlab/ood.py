@@ -300,7 +300,7 @@ def ood_report(pred, x_in: np.ndarray, x_val: np.ndarray | None, sets: list[dict
     out = Path(out)
 
     def scored(x: np.ndarray, what: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        log(f"predicting the {len(x)} {what}")
+        log(f"predicting the {len(x):,} {what}")
         if bank is not None and pred.tta == "none":  # one pass gives both: the features are the plain model's
             f, raw = features(pred, x, with_logits=True)
         else:
@@ -529,7 +529,7 @@ def _subject(run: Path, ds, device: str, tta: str | None, uncalibrated: bool, kn
         from .data import balanced_subset
 
         pick = tr[balanced_subset(ds.y_train[tr], min(knn_bank, len(tr)), seed)]
-        log(f"computing the features of {len(pick)} training images for the knn score")
+        log(f"computing the features of {len(pick):,} training images for the knn score")
         bank = features(pred, ds.x_train[pick])
     elif knn_bank:
         log("no knn score: the run's training images are unknown (no config.yaml) or not in this data")

@@ -1617,3 +1617,32 @@ def test_teacher_settings_are_checked_before_the_data_is_read(tmp_path, trained_
                  str(trained_run), "--image-size", "24x16", "--out", str(tmp_path / "new")]) == 2
     assert (f"train.teacher (--teacher) '{trained_run}' takes 32x32x3 images (HxWxC) and this run's are 24x16x3; "
             "give a teacher trained on images of this size (--image-size)") in capsys.readouterr().err
+
+
+def test_a_run_is_resumed_only_on_the_images_it_started_with(tmp_path):
+    """A folder edited after training started (an image changed, removed or added) is refused on
+    --resume, naming how many images differ; restored, the run resumes."""
+    import shutil
+
+    from PIL import Image
+
+    data = make_image_folder(tmp_path / "d", n_train=6, n_test=2)
+    fit(tiny_config(str(data), str(tmp_path / "run")), log=lambda s: None)
+    one = data / "train" / "cat" / "0000.png"
+    shutil.copy(one, tmp_path / "kept.png")
+    with Image.open(one) as im:
+        pixels = np.array(im)
+    pixels[0, 0, 0] ^= 1  # one level of one pixel
+    Image.fromarray(pixels).save(one)
+    with pytest.raises(CifarlabError) as e:
+        fit(resume=tmp_path / "run", epochs=2, log=lambda s: None)
+    assert str(e.value).startswith(f"'{tmp_path / 'run'}' cannot be resumed on this data: of the 18 training and "
+                                   f"validation images it started with, 1 is not in {data} now, and of the 18 there "
+                                   "now, 1 is new.")
+    assert f"--model keras-shallow --init-from {tmp_path / 'run'}" in str(e.value)
+    one.unlink()
+    with pytest.raises(CifarlabError, match="of the 18 training and validation images it started with, 1 is not in "
+                                            ".* and of the 17 there now, 0 are new"):
+        fit(resume=tmp_path / "run", epochs=2, log=lambda s: None)
+    shutil.copy(tmp_path / "kept.png", one)
+    assert fit(resume=tmp_path / "run", epochs=2, log=lambda s: None)["epochs_trained"] == 2

@@ -120,6 +120,26 @@ def _record_seen(run: Path, cfg: Config, ds: Dataset) -> None:
     seen.record(run / seen.FILE, ds.x_train, idx, [ds.train_paths[i] for i in idx] if named else [])
 
 
+def _check_same_images(run: Path, cfg: Config, ds: Dataset) -> None:
+    """Refuse to resume ``run`` on data whose training and validation images are not those it
+    started with (a folder edited since, say): it would go on training on other images, and its
+    validation split, drawn again, could hold images it has trained on."""
+    recorded = seen.read(run)
+    if recorded is None:
+        return
+    before = recorded[0]
+    now = np.sort(seen.pixel_hashes(ds.x_train, np.concatenate(split_indices(cfg, ds.y_train))))
+    if np.array_equal(now, before):
+        return
+    gone, added = np.setdiff1d(before, now).size, np.setdiff1d(now, before).size
+    raise CifarlabError(
+        f"'{run}' cannot be resumed on this data: of the {len(before):,} training and validation images it started "
+        f"with, {gone:,} {'is' if gone == 1 else 'are'} not in {ds.source} now, and of the {len(now):,} there now, "
+        f"{added:,} {'is' if added == 1 else 'are'} new. Resumed, the run would train on other images, and its "
+        "validation split could hold images it trained on. Give it the data it started with, or start a new run "
+        f"from its weights: cifarlab train --data DATA --model {cfg.model.name} --init-from {run}")
+
+
 def steps_per_epoch(n_train: int, cfg: Config) -> int:
     """Optimizer steps in an epoch of ``n_train`` images: full batches only with
     ``train.drop_last``, else one more for the partial last batch."""
@@ -961,6 +981,8 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
         arrays = make_arrays(cfg, ds, device)
         if new or not (run / seen.FILE).is_file():  # a run of an older cifarlab, resumed, gets one too
             _record_seen(run, cfg, ds)
+        else:
+            _check_same_images(run, cfg, ds)
         n, bs = len(arrays.x_train), cfg.train.batch_size
         steps = steps_per_epoch(n, cfg)
         if steps == 0:

@@ -87,6 +87,22 @@ def test_class_metrics_intervals_cover_and_spread():
     assert m["spread"]["difference_ci"][0] > 0.3
 
 
+def test_an_accuracy_of_none_or_all_of_a_few_images_gets_an_honest_interval():
+    """Four images of a class, all wrong or all right: the percentile bootstrap's interval was
+    the point [0, 0] or [1, 1]; the exact binomial one says how little four images tell (the
+    Clopper-Pearson bounds of 0 of 4 and 4 of 4, 0.6024 = 1 - 0.025 ** (1 / 4))."""
+    y = np.repeat(np.arange(3), 4)
+    pred = np.array([1] * 4 + [1] * 4 + [0, 2, 2, 2])
+    rows = {r["class"]: r for r in class_metrics(y, pred, ["cat", "dog", "frog"], n_boot=200, seed=0)["per_class"]}
+    assert rows["cat"]["accuracy_ci"] == pytest.approx([0.0, 1 - 0.025 ** 0.25], abs=1e-4)
+    assert rows["dog"]["accuracy_ci"] == pytest.approx([0.025 ** 0.25, 1.0], abs=1e-4)
+    assert rows["frog"]["accuracy_ci"][0] < 0.75 < rows["frog"]["accuracy_ci"][1]
+    assert rows["cat"]["recall_ci"] == rows["cat"]["accuracy_ci"]
+    groups = group_metrics(y, pred, np.array(["dark"] * 4 + ["bright"] * 8), 0.5, 200, 0, 0.05, 1)
+    dark = next(g for g in groups["groups"] if g["group"] == "dark")
+    assert dark["accuracy"] == 0 and dark["accuracy_ci"] == pytest.approx([0.0, 0.6024], abs=1e-4)
+
+
 def test_group_gap_detection_and_small_groups():
     rng = np.random.default_rng(2)
     y = rng.integers(0, 3, 1000)

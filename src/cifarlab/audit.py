@@ -2,8 +2,9 @@
 
 Semantics follow Fairlearn's ``MetricFrame``: a metric computed overall and ``by_group``, with
 ``difference`` (largest minus smallest) and ``ratio`` (smallest over largest) between groups.
-Intervals are percentile bootstrap intervals over test images (seeded), so every gap comes with
-its uncertainty. Fairlearn itself is not a dependency: these few aggregations are all it would
+Every figure comes with a 95% interval: a class's or group's accuracy the exact binomial
+(Clopper-Pearson) one; precisions, gaps and ratios percentile bootstrap intervals over test
+images (seeded), so every gap comes with its uncertainty. Fairlearn itself is not a dependency: these few aggregations are all it would
 be used for here.
 """
 
@@ -40,12 +41,17 @@ OUT_OF_SCOPE = (
 )
 
 
-def bootstrap_ci(stat: Callable[[np.ndarray], float], n: int, n_boot: int, rng: np.random.Generator,
-                 alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``stat(indices)`` over ``n`` items."""
-    vals = np.array([stat(rng.integers(0, n, n)) for _ in range(n_boot)], dtype=float)
-    lo, hi = percentile_interval(vals, alpha)
-    return lo, hi
+def proportion_ci(k: int, n: int, alpha: float = 0.05) -> list[float]:
+    """The exact (Clopper-Pearson) ``1 - alpha`` interval of a share of ``k`` in ``n``; NaNs
+    where ``n`` is 0. A percentile bootstrap collapses to a point where every image of a class is
+    right or every one wrong ([0, 0] for 0 of 4: each resample of four wrong answers is wrong);
+    this one says how little four images tell ([0, 0.602])."""
+    if n == 0:
+        return [math.nan, math.nan]
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(k), int(n)).proportion_ci(1 - alpha, method="exact")
+    return [float(ci.low), float(ci.high)]
 
 
 def percentile_interval(vals: np.ndarray, alpha: float = 0.05) -> list[float]:
@@ -76,7 +82,8 @@ def class_confidence(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> li
 
 
 def class_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str], n_boot: int, seed: int) -> dict[str, Any]:
-    """Per-class accuracy (= recall), precision with bootstrap 95% intervals; best-worst spread."""
+    """Per-class accuracy (= recall) with its exact 95% interval, precision with a bootstrap
+    one; the best-worst spread with bootstrap intervals."""
     rng = np.random.default_rng(seed)
     k = len(classes)
     n = len(y)
@@ -96,8 +103,8 @@ def class_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str], n_boot: i
         prec = np.diag(cm) / cm.sum(0)
 
     rows = [{"class": c, "support": int(cm[i].sum()), "accuracy": float(rec[i]),
-             "accuracy_ci": percentile_interval(rec_b[:, i]),
-             "recall": float(rec[i]), "recall_ci": percentile_interval(rec_b[:, i]),
+             "accuracy_ci": proportion_ci(cm[i, i], cm[i].sum()),
+             "recall": float(rec[i]), "recall_ci": proportion_ci(cm[i, i], cm[i].sum()),
              "precision": float(prec[i]) if np.isfinite(prec[i]) else None,
              "precision_ci": percentile_interval(prec_b[:, i])} for i, c in enumerate(classes)]
     best, worst = int(np.nanargmax(rec)), int(np.nanargmin(rec))
@@ -227,7 +234,7 @@ def group_metrics(y: np.ndarray, pred: np.ndarray, values: np.ndarray, overall: 
         ix = members[g]
         a = acc(ix)
         row = {"group": g, "n": int(len(ix)), "accuracy": a,
-               "accuracy_ci": list(bootstrap_ci(lambda b: acc(ix[b]), len(ix), n_boot, rng)),
+               "accuracy_ci": proportion_ci(int((y[ix] == pred[ix]).sum()), len(ix)),
                "macro_recall": macro(ix, True), "macro_precision": macro(ix, False),
                "too_small": bool(len(ix) < min_group),
                "flagged": bool(a < overall - margin)}
@@ -894,6 +901,12 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}"
 
 
+def interval_method(resamples: int) -> str:
+    """How the audit's 95% intervals are made, in one phrase for its reports."""
+    return (f"95%; of an accuracy, exact binomial (Clopper-Pearson); of a precision, gap or ratio, percentile "
+            f"bootstrap, {resamples} resamples")
+
+
 def _fmt_ci(ci: list[float | None]) -> str:
     return "n/a" if any(x is None or not math.isfinite(x) for x in ci) else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
@@ -901,8 +914,7 @@ def _fmt_ci(ci: list[float | None]) -> str:
 def _audit_markdown(a: dict) -> str:
     trained = _with_train_images(a["classes"]["per_class"])  # where the run recorded them
     lines = [f"# Audit of `{a['run']}`", "", f"Data: `{a['data']}`. Overall accuracy **{a['overall_accuracy']:.4f}** "
-             f"(test-time augmentation: {a['tta']}). Intervals: 95% percentile bootstrap, "
-             f"{a['bootstrap_resamples']} resamples.", "",
+             f"(test-time augmentation: {a['tta']}). Intervals: {interval_method(a['bootstrap_resamples'])}.", "",
              "![per-class accuracy](per_class_accuracy.png)", "",
              *_table_head(["class", "n", "accuracy", "95% CI", "precision", "95% CI", "flagged", *trained])]
     for r in a["classes"]["per_class"]:
@@ -1037,8 +1049,7 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, su
                         "uncalibrated": report.get("uncalibrated"),
                         "selective": report.get("selective")},
             "per_class": audit["classes"]["per_class"], "class_spread": audit["classes"]["spread"],
-            "groups": audit.get("attributes", {}), "interval_method": f"95% percentile bootstrap, "
-                                                                       f"{audit['bootstrap_resamples']} resamples",
+            "groups": audit.get("attributes", {}), "interval_method": interval_method(audit["bootstrap_resamples"]),
             "robustness": robustness,
             "int8": _int8_summary(run, pred),
             "near_duplicates": audit.get("near_duplicates"),

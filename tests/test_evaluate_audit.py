@@ -98,9 +98,23 @@ def test_an_accuracy_of_none_or_all_of_a_few_images_gets_an_honest_interval():
     assert rows["dog"]["accuracy_ci"] == pytest.approx([0.025 ** 0.25, 1.0], abs=1e-4)
     assert rows["frog"]["accuracy_ci"][0] < 0.75 < rows["frog"]["accuracy_ci"][1]
     assert rows["cat"]["recall_ci"] == rows["cat"]["accuracy_ci"]
-    groups = group_metrics(y, pred, np.array(["dark"] * 4 + ["bright"] * 8), 0.5, 200, 0, 0.05, 1)
+    groups = group_metrics(y, pred, np.array(["dark"] * 4 + ["bright"] * 8), 0.5, 0.05, 1)
     dark = next(g for g in groups["groups"] if g["group"] == "dark")
     assert dark["accuracy"] == 0 and dark["accuracy_ci"] == pytest.approx([0.0, 0.6024], abs=1e-4)
+
+
+def test_gap_intervals_are_newcombes_and_widen_for_few_images():
+    """The difference of two accuracies: Newcombe's (1998) method 10, checked against his table's
+    examples; a class all right against one all wrong, on four images each, is no longer the
+    bootstrap's point [1, 1]."""
+    from cifarlab.audit import difference_ci
+
+    for (k1, n1, k2, n2), want in [((56, 70, 48, 80), [0.0524, 0.3339]), ((9, 10, 3, 10), [0.1705, 0.8090]),
+                                   ((5, 56, 0, 29), [-0.0381, 0.1926])]:
+        assert difference_ci(k1, n1, k2, n2) == pytest.approx(want, abs=1e-4)
+    y = np.repeat(np.arange(2), 4)
+    spread = class_metrics(y, np.zeros(8, np.int64), ["cat", "dog"], n_boot=200, seed=0)["spread"]
+    assert spread["difference"] == 1 and spread["difference_ci"] == pytest.approx([0.3072, 1.0], abs=1e-4)
 
 
 def test_group_gap_detection_and_small_groups():
@@ -110,12 +124,12 @@ def test_group_gap_detection_and_small_groups():
     pred = y.copy()
     bad = (g == "night") & (rng.random(1000) < 0.4)
     pred[bad] = (y[bad] + 1) % 3
-    gm = group_metrics(y, pred, g, overall=float((pred == y).mean()), n_boot=300, seed=0, margin=0.05, min_group=30)
+    gm = group_metrics(y, pred, g, overall=float((pred == y).mean()), margin=0.05, min_group=30)
     rows = {r["group"]: r for r in gm["groups"]}
     assert rows["dusk"]["too_small"] and not rows["day"]["too_small"]
     assert rows["night"]["flagged"] and not rows["day"]["flagged"]
     assert gm["gap"]["highest"] == "day" and gm["gap"]["lowest"] == "night" and gm["gap"]["ci_excludes_zero"]
-    same = group_metrics(y, y, g, 1.0, 300, 0, 0.05, 30)
+    same = group_metrics(y, y, g, 1.0, 0.05, 30)
     assert not same["gap"]["ci_excludes_zero"]
 
 
@@ -548,7 +562,7 @@ def test_a_gap_only_a_combination_shows():
     y = np.zeros(n, np.int64)
     pred = np.where((first == "a") == (second == "p"), 0, 1)
     attrs = with_intersections({"first": first, "second": second})
-    gaps = {k: group_metrics(y, pred, v, 0.5, 100, 0, 0.05, 30)["gap"]["difference"] for k, v in attrs.items()}
+    gaps = {k: group_metrics(y, pred, v, 0.5, 0.05, 30)["gap"]["difference"] for k, v in attrs.items()}
     assert gaps == {"first": 0.0, "second": 0.0, "first & second": 1.0}
 
 

@@ -562,10 +562,10 @@ def test_a_group_flagged_far_more_often_is_warned_of():
 
     values = np.array(["night"] * 40 + ["day"] * 40)
     y = np.zeros(80, int)
-    gm = group_metrics(y, y, values, 1.0, 200, 0, 0.05, 30)
+    gm = group_metrics(y, y, values, 1.0, 0.05, 30)
     gm["not_recorded"] = 0
     flagged = np.r_[np.arange(40) < 20, np.zeros(40, bool)]  # half the night photos, no day photo
-    ug = gm["unfamiliar_gap"] = unfamiliar_by_group(flagged, values, gm, 200, 0)
+    ug = gm["unfamiliar_gap"] = unfamiliar_by_group(flagged, values, gm)
     assert (ug["most"], ug["least"], ug["difference"]) == ("night", "day", 0.5)
     assert ug["ci_excludes_zero"] and ug["difference_ci"][0] > 0
     assert [g["unfamiliar_share"] for g in gm["groups"]] == [0.0, 0.5]  # day, night: sorted
@@ -573,8 +573,8 @@ def test_a_group_flagged_far_more_often_is_warned_of():
     assert w.startswith("light: the unfamiliar-image threshold of `cifarlab ood` flags 50.0% of 'night' images "
                         "against 0.0% of 'day'")
     # alike groups: an interval that holds zero, no warning
-    gm2 = group_metrics(y, y, values, 1.0, 200, 0, 0.05, 30)
+    gm2 = group_metrics(y, y, values, 1.0, 0.05, 30)
     gm2["not_recorded"] = 0
-    gm2["unfamiliar_gap"] = unfamiliar_by_group(np.tile(np.arange(40) < 4, 2), values, gm2, 200, 0)
+    gm2["unfamiliar_gap"] = unfamiliar_by_group(np.tile(np.arange(40) < 4, 2), values, gm2)
     assert not gm2["unfamiliar_gap"]["ci_excludes_zero"] and gm2["unfamiliar_gap"]["difference"] == 0
     assert _group_warnings("light", gm2, 1.0, 0.05, 30) == []

@@ -2,10 +2,11 @@
 
 Semantics follow Fairlearn's ``MetricFrame``: a metric computed overall and ``by_group``, with
 ``difference`` (largest minus smallest) and ``ratio`` (smallest over largest) between groups.
-Every figure comes with a 95% interval: a class's or group's accuracy the exact binomial
-(Clopper-Pearson) one; precisions, gaps and ratios percentile bootstrap intervals over test
-images (seeded), so every gap comes with its uncertainty. Fairlearn itself is not a dependency: these few aggregations are all it would
-be used for here.
+Every figure comes with a 95% interval, so every gap comes with its uncertainty: a class's or
+group's accuracy the exact binomial (Clopper-Pearson) one, a gap between two the Newcombe
+hybrid score one; precisions and ratios percentile bootstrap intervals over test images
+(seeded). Fairlearn itself is not a dependency: these few aggregations are all it would be used
+for here.
 """
 
 from __future__ import annotations
@@ -52,6 +53,26 @@ def proportion_ci(k: int, n: int, alpha: float = 0.05) -> list[float]:
 
     ci = binomtest(int(k), int(n)).proportion_ci(1 - alpha, method="exact")
     return [float(ci.low), float(ci.high)]
+
+
+def _wilson(k: int, n: int, alpha: float) -> tuple[float, float]:
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(k), int(n)).proportion_ci(1 - alpha, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def difference_ci(k1: int, n1: int, k2: int, n2: int, alpha: float = 0.05) -> list[float]:
+    """Newcombe's hybrid score ``1 - alpha`` interval (his method 10, 1998) of ``k1/n1 - k2/n2``,
+    the difference of two shares of disjoint sets of images, from their Wilson intervals; NaNs
+    where a set is empty. Its bootstrap was the point [1, 1] for a class all right against one
+    all wrong, however few their images; this one widens as they get fewer."""
+    if not n1 or not n2:
+        return [math.nan, math.nan]
+    p1, p2 = k1 / n1, k2 / n2
+    (l1, u1), (l2, u2) = _wilson(k1, n1, alpha), _wilson(k2, n2, alpha)
+    d = p1 - p2
+    return [d - math.hypot(p1 - l1, u2 - p2), d + math.hypot(u1 - p1, p2 - l2)]
 
 
 def percentile_interval(vals: np.ndarray, alpha: float = 0.05) -> list[float]:
@@ -108,11 +129,10 @@ def class_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str], n_boot: i
              "precision": float(prec[i]) if np.isfinite(prec[i]) else None,
              "precision_ci": percentile_interval(prec_b[:, i])} for i, c in enumerate(classes)]
     best, worst = int(np.nanargmax(rec)), int(np.nanargmin(rec))
-    diff_b = rec_b[:, best] - rec_b[:, worst]
     with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 in a resample: NaN, which the interval drops
         ratio_b = rec_b[:, worst] / rec_b[:, best]
     spread = {"best": classes[best], "worst": classes[worst], "difference": float(rec[best] - rec[worst]),
-              "difference_ci": percentile_interval(diff_b),
+              "difference_ci": difference_ci(cm[best, best], cm[best].sum(), cm[worst, worst], cm[worst].sum()),
               "ratio": float(rec[worst] / rec[best]) if rec[best] else None,
               "ratio_ci": percentile_interval(ratio_b)}
     return {"per_class": rows, "spread": spread}
@@ -210,11 +230,10 @@ def load_groups(groups_csv: str | Path | None, ds: Dataset, intersections: bool 
     return groups[0], with_intersections(groups[1])
 
 
-def group_metrics(y: np.ndarray, pred: np.ndarray, values: np.ndarray, overall: float, n_boot: int,
-                  seed: int, margin: float, min_group: int) -> dict[str, Any]:
-    """By-group accuracy, macro recall and macro precision with intervals; the largest gap and its
-    interval, or a gap of None where there is only one group."""
-    rng = np.random.default_rng(seed)
+def group_metrics(y: np.ndarray, pred: np.ndarray, values: np.ndarray, overall: float, margin: float,
+                  min_group: int) -> dict[str, Any]:
+    """By-group accuracy (with its exact interval), macro recall and macro precision; the largest
+    gap and its interval (:func:`difference_ci`), or a gap of None where there is only one group."""
     groups = sorted(set(values.tolist()))
     rows = []
     members = {g: np.flatnonzero(values == g) for g in groups}
@@ -244,23 +263,15 @@ def group_metrics(y: np.ndarray, pred: np.ndarray, values: np.ndarray, overall: 
     judged = [r for r in rows if not r["too_small"]] or rows
     hi = max(judged, key=lambda r: r["accuracy"])
     lo = min(judged, key=lambda r: r["accuracy"])
-    ci = gap_interval(acc, members[hi["group"]], members[lo["group"]], n_boot, rng)
+    right = {r["group"]: int((y[members[r["group"]]] == pred[members[r["group"]]]).sum()) for r in (hi, lo)}
+    ci = difference_ci(right[hi["group"]], hi["n"], right[lo["group"]], lo["n"])
     return {"groups": rows, "gap": {"highest": hi["group"], "lowest": lo["group"],
                                     "difference": hi["accuracy"] - lo["accuracy"], "difference_ci": ci,
                                     "ratio": lo["accuracy"] / hi["accuracy"] if hi["accuracy"] else None,
                                     "ci_excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}}
 
 
-def gap_interval(stat: Callable[[np.ndarray], float], high: np.ndarray, low: np.ndarray, n_boot: int,
-                 rng: np.random.Generator) -> list[float]:
-    """The 95% percentile bootstrap interval of ``stat(high) - stat(low)``, ``stat`` taking the
-    indices of a group's images; each group resampled on its own, as the groups were sampled."""
-    diffs = np.array([stat(rng.choice(high, len(high))) - stat(rng.choice(low, len(low))) for _ in range(n_boot)])
-    return percentile_interval(diffs)
-
-
-def unfamiliar_by_group(flagged: np.ndarray, values: np.ndarray, gm: dict[str, Any], n_boot: int,
-                        seed: int) -> dict[str, Any] | None:
+def unfamiliar_by_group(flagged: np.ndarray, values: np.ndarray, gm: dict[str, Any]) -> dict[str, Any] | None:
     """The share of each group's test images that ``cifarlab ood``'s threshold flags as
     unfamiliar (``flagged``, aligned with ``values``), added to the rows of ``gm`` (as
     :func:`group_metrics` returns them) as ``unfamiliar_share``; returns the gap between the
@@ -279,7 +290,8 @@ def unfamiliar_by_group(flagged: np.ndarray, values: np.ndarray, gm: dict[str, A
     judged = [g for g in gm["groups"] if not g["too_small"]] or gm["groups"]
     most = max(judged, key=lambda g: g["unfamiliar_share"])
     least = min(judged, key=lambda g: g["unfamiliar_share"])
-    ci = gap_interval(share, members[most["group"]], members[least["group"]], n_boot, np.random.default_rng(seed))
+    hits = {g["group"]: int(flagged[members[g["group"]]].sum()) for g in (most, least)}
+    ci = difference_ci(hits[most["group"]], most["n"], hits[least["group"]], least["n"])
     return {"most": most["group"], "least": least["group"],
             "difference": most["unfamiliar_share"] - least["unfamiliar_share"], "difference_ci": ci,
             "ci_excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}
@@ -421,11 +433,10 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
             # An empty cell: the attribute was not recorded for that image, which then belongs to
             # none of this attribute's groups (a group of its own would mix unrelated images).
             known = values != ""
-            gm = group_metrics(y[idx][known], yhat[idx][known], values[known], overall, n_boot, seed, margin,
-                               min_group)
+            gm = group_metrics(y[idx][known], yhat[idx][known], values[known], overall, margin, min_group)
             gm["not_recorded"] = int((~known).sum())
             if flagged is not None:
-                gm["unfamiliar_gap"] = unfamiliar_by_group(flagged[idx][known], values[known], gm, n_boot, seed)
+                gm["unfamiliar_gap"] = unfamiliar_by_group(flagged[idx][known], values[known], gm)
                 gm["unfamiliar_score"] = ood["score"]
             audit["attributes"][name] = gm
             audit["warnings"] += _group_warnings(name, gm, overall, margin, min_group)
@@ -903,8 +914,8 @@ def _fmt(x: float | None) -> str:
 
 def interval_method(resamples: int) -> str:
     """How the audit's 95% intervals are made, in one phrase for its reports."""
-    return (f"95%; of an accuracy, exact binomial (Clopper-Pearson); of a precision, gap or ratio, percentile "
-            f"bootstrap, {resamples} resamples")
+    return (f"95%; of an accuracy, exact binomial (Clopper-Pearson); of a gap between two accuracies, Newcombe's "
+            f"hybrid score interval; of a precision or ratio, percentile bootstrap, {resamples} resamples")
 
 
 def _fmt_ci(ci: list[float | None]) -> str:

@@ -323,12 +323,12 @@ def summarise(found: dict[str, Any], ds: Dataset) -> dict[str, Any]:
 
 
 def run_accuracy(run: str | Path, ds: Dataset, found: dict[str, Any], tta: str | None = None,
-                 device: str = "auto", uncalibrated: bool = False, n_boot: int = 1000,
-                 seed: int = 0) -> dict[str, Any]:
+                 device: str = "auto", uncalibrated: bool = False) -> dict[str, Any]:
     """A run's test accuracy over all test images, over those with a near-duplicate among the
     images it trained on (its own split of the training images, chosen again from its
-    config.yaml), and over the others, with the difference and its bootstrap 95% interval."""
-    from .audit import percentile_interval
+    config.yaml), and over the others, with the difference and its 95% interval (Newcombe's,
+    :func:`cifarlab.audit.difference_ci`: the images with a copy are often few)."""
+    from .audit import difference_ci
     from .calibrate import weights_digest
     from .evaluate import _check_compatible, predict_dataset
     from .export import load_model
@@ -340,7 +340,6 @@ def run_accuracy(run: str | Path, ds: Dataset, found: dict[str, Any], tta: str |
     dup = np.nan_to_num(score, nan=-2) >= found["threshold"]
     mirror = dup & best_is_mirrored(found, trained)
     correct = predict_dataset(pred, ds.x_test).argmax(1) == ds.y_test
-    rng = np.random.default_rng(seed)
     a, b = np.flatnonzero(dup), np.flatnonzero(~dup)
 
     def acc(ix: np.ndarray) -> float | None:
@@ -354,9 +353,7 @@ def run_accuracy(run: str | Path, ds: Dataset, found: dict[str, Any], tta: str |
     diff, ci = None, [None, None]
     if len(a) and len(b):
         diff = acc(a) - acc(b)
-        boots = [correct[rng.choice(a, len(a))].mean() - correct[rng.choice(b, len(b))].mean()
-                 for _ in range(n_boot)]
-        ci = percentile_interval(np.array(boots))
+        ci = difference_ci(int(correct[a].sum()), len(a), int(correct[b].sum()), len(b))
     return {"run": str(run), "tta": pred.tta, "temperature": pred.temperature(), "class_offsets": pred.class_offsets(),
             "weights_sha256": weights_digest(pred.run), "trained_on": note, "accuracy": float(correct.mean()),
             "with_duplicate": with_duplicate, "without_duplicate": {"images": len(b), "accuracy": acc(b)},

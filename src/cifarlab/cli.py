@@ -1411,10 +1411,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if args.clear:
         what = {"all": "everything cifarlab keeps", "decoded": "the decoded data", "downloads": "the downloads",
                 "kernels": "the compiled kernels"}[args.clear]
-        kept = [e for e in removed if not e.leftover]
+        whole = [e for e in removed if not e.leftover]
         left = [e for e in removed if e.leftover]
         print(f"removed {what}" + (f" not used for {days:g} day{'' if days == 1 else 's'}" if days is not None else "")
-              + f": {len(kept)} entr{'y' if len(kept) == 1 else 'ies'}, {format_size(sum(e.size for e in kept))}"
+              + f": {len(whole)} entr{'y' if len(whole) == 1 else 'ies'}, {format_size(sum(e.size for e in whole))}"
               + (f"; and {len(left)} left by stopped writes, {format_size(sum(e.size for e in left))}" if left else ""))
     for kind in KINDS:
         mine = [e for e in entries if e.kind == kind and not e.leftover]

@@ -104,7 +104,8 @@ def class_confidence(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> li
 
 def class_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str], n_boot: int, seed: int) -> dict[str, Any]:
     """Per-class accuracy (= recall) with its exact 95% interval, precision with a bootstrap
-    one; the best-worst spread with bootstrap intervals."""
+    one; the best-worst spread, its difference with Newcombe's interval and its ratio with a
+    bootstrap one."""
     rng = np.random.default_rng(seed)
     k = len(classes)
     n = len(y)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import count_calls, make_image_folder, tiny_config
+from conftest import _link_kernels, count_calls, make_image_folder, tiny_config
 from safetensors.torch import load_file
 
 from cifarlab.config import load_run_config, resolve_config
@@ -281,8 +281,8 @@ def test_a_model_whose_outputs_overflow_is_refused_where_it_is_used(trained_run,
         assert f"the model of {trained_run} gives NaN or infinite outputs for" in capsys.readouterr().err
 
 
-def _cli(args, **kw):
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+def _cli(args, cache=None, **kw):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **({"CIFARLAB_CACHE": str(cache)} if cache else {})}
     return subprocess.Popen([sys.executable, "-m", "cifarlab", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 
@@ -302,10 +302,13 @@ def resume_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, resume_data):
-    """The same run, never interrupted (the cache is per test; the subprocess uses its own)."""
+def reference_run(tmp_path_factory, resume_data, _shared_kernels):
+    """The same run, never interrupted. A module's fixture runs before each test's isolated
+    cache is set, so it names a cache of its own, or it would decode into the user's."""
     ref = tmp_path_factory.mktemp("resume") / "ref"
-    p = _cli(_train_args(resume_data, ref))
+    cache = tmp_path_factory.mktemp("resume-cache")
+    _link_kernels(cache, _shared_kernels)
+    p = _cli(_train_args(resume_data, ref), cache=cache)
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err
     return ref

@@ -42,24 +42,18 @@ OUT_OF_SCOPE = (
 )
 
 
-def proportion_ci(k: int, n: int, alpha: float = 0.05) -> list[float]:
-    """The exact (Clopper-Pearson) ``1 - alpha`` interval of a share of ``k`` in ``n``; NaNs
-    where ``n`` is 0. A percentile bootstrap collapses to a point where every image of a class is
-    right or every one wrong ([0, 0] for 0 of 4: each resample of four wrong answers is wrong);
-    this one says how little four images tell ([0, 0.602])."""
+def proportion_ci(k: int, n: int, alpha: float = 0.05, method: str = "exact") -> list[float]:
+    """The ``1 - alpha`` interval of a share of ``k`` in ``n``, exact (Clopper-Pearson) unless
+    ``method`` names another of scipy's (``"wilson"``); NaNs where ``n`` is 0. A percentile
+    bootstrap collapses to a point where every image of a class is right or every one wrong ([0, 0]
+    for 0 of 4: each resample of four wrong answers is wrong); this one says how little four
+    images tell ([0, 0.602])."""
     if n == 0:
         return [math.nan, math.nan]
     from scipy.stats import binomtest
 
-    ci = binomtest(int(k), int(n)).proportion_ci(1 - alpha, method="exact")
+    ci = binomtest(int(k), int(n)).proportion_ci(1 - alpha, method=method)
     return [float(ci.low), float(ci.high)]
-
-
-def _wilson(k: int, n: int, alpha: float) -> tuple[float, float]:
-    from scipy.stats import binomtest
-
-    ci = binomtest(int(k), int(n)).proportion_ci(1 - alpha, method="wilson")
-    return float(ci.low), float(ci.high)
 
 
 def difference_ci(k1: int, n1: int, k2: int, n2: int, alpha: float = 0.05) -> list[float]:
@@ -70,7 +64,7 @@ def difference_ci(k1: int, n1: int, k2: int, n2: int, alpha: float = 0.05) -> li
     if not n1 or not n2:
         return [math.nan, math.nan]
     p1, p2 = k1 / n1, k2 / n2
-    (l1, u1), (l2, u2) = _wilson(k1, n1, alpha), _wilson(k2, n2, alpha)
+    (l1, u1), (l2, u2) = proportion_ci(k1, n1, alpha, "wilson"), proportion_ci(k2, n2, alpha, "wilson")
     d = p1 - p2
     return [d - math.hypot(p1 - l1, u2 - p2), d + math.hypot(u1 - p1, p2 - l2)]
 
@@ -238,9 +232,7 @@ def group_metrics(y: np.ndarray, pred: np.ndarray, values: np.ndarray, overall: 
     groups = sorted(set(values.tolist()))
     rows = []
     members = {g: np.flatnonzero(values == g) for g in groups}
-
-    def acc(ix):
-        return float((y[ix] == pred[ix]).mean()) if len(ix) else float("nan")
+    right = {g: int((y[ix] == pred[ix]).sum()) for g, ix in members.items()}  # each group has an image
 
     def macro(ix, axis_true: bool):
         yt, pt = y[ix], pred[ix]
@@ -252,9 +244,8 @@ def group_metrics(y: np.ndarray, pred: np.ndarray, values: np.ndarray, overall: 
 
     for g in groups:
         ix = members[g]
-        a = acc(ix)
-        row = {"group": g, "n": int(len(ix)), "accuracy": a,
-               "accuracy_ci": proportion_ci(int((y[ix] == pred[ix]).sum()), len(ix)),
+        a = right[g] / len(ix)
+        row = {"group": g, "n": int(len(ix)), "accuracy": a, "accuracy_ci": proportion_ci(right[g], len(ix)),
                "macro_recall": macro(ix, True), "macro_precision": macro(ix, False),
                "too_small": bool(len(ix) < min_group),
                "flagged": bool(a < overall - margin)}
@@ -264,7 +255,6 @@ def group_metrics(y: np.ndarray, pred: np.ndarray, values: np.ndarray, overall: 
     judged = [r for r in rows if not r["too_small"]] or rows
     hi = max(judged, key=lambda r: r["accuracy"])
     lo = min(judged, key=lambda r: r["accuracy"])
-    right = {r["group"]: int((y[members[r["group"]]] == pred[members[r["group"]]]).sum()) for r in (hi, lo)}
     ci = difference_ci(right[hi["group"]], hi["n"], right[lo["group"]], lo["n"])
     return {"groups": rows, "gap": {"highest": hi["group"], "lowest": lo["group"],
                                     "difference": hi["accuracy"] - lo["accuracy"], "difference_ci": ci,
@@ -279,19 +269,14 @@ def unfamiliar_by_group(flagged: np.ndarray, values: np.ndarray, gm: dict[str, A
     groups flagged most and least (those large enough to judge) with its interval, or None
     where there is only one group. A deployment that turns away unfamiliar images turns away
     some people's photographs more than others' where this gap is real."""
-    members = {g["group"]: np.flatnonzero(values == g["group"]) for g in gm["groups"]}
-
-    def share(ix: np.ndarray) -> float:
-        return float(flagged[ix].mean()) if len(ix) else float("nan")
-
+    hits = {g["group"]: int(flagged[values == g["group"]].sum()) for g in gm["groups"]}  # each has an image
     for g in gm["groups"]:
-        g["unfamiliar_share"] = share(members[g["group"]])
+        g["unfamiliar_share"] = hits[g["group"]] / g["n"]
     if len(gm["groups"]) < 2:
         return None
     judged = [g for g in gm["groups"] if not g["too_small"]] or gm["groups"]
     most = max(judged, key=lambda g: g["unfamiliar_share"])
     least = min(judged, key=lambda g: g["unfamiliar_share"])
-    hits = {g["group"]: int(flagged[members[g["group"]]].sum()) for g in (most, least)}
     ci = difference_ci(hits[most["group"]], most["n"], hits[least["group"]], least["n"])
     return {"most": most["group"], "least": least["group"],
             "difference": most["unfamiliar_share"] - least["unfamiliar_share"], "difference_ci": ci,

@@ -12,6 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -130,6 +131,7 @@ KIND_TITLES = {"decoded": "decoded image folders and archives (read again from t
 # down), not one in progress: a download or decoding touches its file or folder as it goes.
 LEFTOVER_AGE_S = 3600
 _KEY = re.compile(r"[0-9a-f]{32}")
+_KEY_TEMP = re.compile(r"\.[0-9a-f]{32}\..+")  # store_cached's and remove_entry's temporary folders
 _KERNEL = re.compile(r"cpu_kernels-[0-9a-f]{16}\.so")
 
 
@@ -165,28 +167,29 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
-def _entry(kind: str, path: Path, now: float, stamp: Path | None = None, source: tuple[str, tuple[str, ...]] = ("", ()),
-           leftover: bool = False) -> CacheEntry | None:
-    """The entry at ``path``, or None where it vanished meanwhile (another process cleared it) or,
-    as a leftover, may still be being written."""
+def _entry(kind: str, path: Path, now: float, stamp: Path | None = None, leftover: bool = False,
+           **described: Any) -> CacheEntry | None:
+    """The entry at ``path`` (``described``: its source and read_with), or None where it vanished
+    meanwhile (another process cleared it) or, as a leftover, may still be being written."""
     try:
         used = (stamp or path).stat().st_mtime
         if leftover and now - used < LEFTOVER_AGE_S:
             return None
-        return CacheEntry(kind, path, _size(path), used, *source, leftover=leftover)
+        return CacheEntry(kind, path, _size(path), used, leftover=leftover, **described)
     except OSError:
         return None
 
 
-def _decoded_source(entry: Path) -> tuple[str, tuple[str, ...]]:
-    """The folder or archive a decoded entry came from, and the options it was read with."""
+def _decoded_source(entry: Path) -> dict[str, Any]:
+    """The folder or archive a decoded entry came from (``source``), and the options it was read
+    with (``read_with``)."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
         source, options = meta.get("source"), meta.get("read_with")
     except (OSError, ValueError, AttributeError):  # a half-removed entry, or one of another tool
         source, options = None, None
-    options = tuple(map(str, options)) if isinstance(options, list) else ()
-    return (str(source) if source else "(source not recorded)"), options
+    return {"source": str(source) if source else "(source not recorded)",
+            "read_with": tuple(map(str, options)) if isinstance(options, list) else ()}
 
 
 def cache_entries(now: float | None = None) -> list[CacheEntry]:
@@ -200,9 +203,9 @@ def cache_entries(now: float | None = None) -> list[CacheEntry]:
     found: list[CacheEntry | None] = []
     for child in _children(root / "decoded"):
         if _KEY.fullmatch(child.name) and child.is_dir():
-            found.append(_entry("decoded", child, now, child / "meta.json", _decoded_source(child)))
-        elif _KEY.fullmatch(child.name.split(".")[1] if child.name.count(".") >= 2 else ""):
-            found.append(_entry("decoded", child, now, leftover=True))  # .KEY.* of store_cached
+            found.append(_entry("decoded", child, now, child / "meta.json", **_decoded_source(child)))
+        elif _KEY_TEMP.fullmatch(child.name):
+            found.append(_entry("decoded", child, now, leftover=True))
     archives = {f.archive_name for f in FORMATS.values()}
     for child in _children(root):
         if child.name in archives and child.is_file():

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from .augment import KerasAugment, augmenter_from_config
-from .config import AugmentConfig, Config, apply_overrides, read_config_file
+from .config import AugmentConfig, Config, apply_overrides, read_config_file, read_settings
 from .data import load_dataset
 from .errors import CifarlabError
 from .fsutil import make_folder, write_with
@@ -172,9 +172,7 @@ def augment_command(args: argparse.Namespace) -> int:
     if args.augment:
         aug_cfg.preset = args.augment
     augmenter = augmenter_from_config(aug_cfg)
-    from .cli import read_options
-
-    read = read_options(args)
+    read = read_settings(args.image_size, args.test_split)
     ds = load_dataset(args.data, args.dataset or "cifar10", allow_unverified=bool(args.allow_unverified),
                       label_mode=args.label_mode or "fine", skip_bad_images=bool(args.skip_bad_images),
                       labels=args.labels, image_size=read.image_hw(), test_split=read.test_split)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import (CALIBRATION_METHODS, COMPILE_MODES, MONITORS, PRECISIONS, SAMPLINGS, SCHEDULES, TTA_LEVELS,
-                     DataConfig, parse_image_size)
+                     parse_image_size, read_settings)
 from .errors import CifarlabError, ConfigError, TrainingInterrupted, did_you_mean
 
 EPILOG = """examples:
@@ -136,18 +136,6 @@ def _add_read_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-split", type=float, metavar="FRACTION",
                    help="share of each class held out as test images where the data is a folder of class folders "
                         "alone, <class>/<image> without train/ and test/ (default 0.2; chosen by the images' paths)")
-
-
-def read_options(args: argparse.Namespace) -> DataConfig:
-    """The data section that ``--image-size`` and ``--test-split`` give (the defaults where
-    absent), checked as ``train`` checks them."""
-    from .config import Config, apply_overrides, validate
-
-    cfg = Config()
-    apply_overrides(cfg, {"data": {k: v for k in ("image_size", "test_split")
-                                   if (v := getattr(args, k, None)) is not None}}, "command line")
-    validate(cfg)
-    return cfg.data
 
 
 class _Parser(argparse.ArgumentParser):
@@ -842,7 +830,7 @@ def _load_data(args: argparse.Namespace, cfg=None, show: bool = True):
     skip_bad = args.skip_bad_images if args.skip_bad_images is not None else bool(cfg and cfg.data.skip_bad_images)
     # the size the run was trained at, where it chose one, and its own test images; without a
     # run, those that --image-size and --test-split give
-    own = cfg.data if cfg else read_options(args)
+    own = cfg.data if cfg else read_settings(getattr(args, "image_size", None), getattr(args, "test_split", None))
     ds = load_dataset(data, dataset, allow_unverified=bool(args.allow_unverified), label_mode=label_mode,
                       skip_bad_images=skip_bad, image_size=own.image_hw(), test_split=own.test_split,
                       labels=_labels(args, cfg))

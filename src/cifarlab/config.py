@@ -518,6 +518,16 @@ def make_config(recipe: str | None = None, file: str | Path | None = None, **opt
     return resolve_config(recipe, file, options_to_overrides(options), origin="make_config()")
 
 
+def read_settings(image_size: str | None = None, test_split: float | None = None) -> DataConfig:
+    """The data section that ``--image-size`` and ``--test-split`` give (the defaults where
+    None), checked as ``train`` checks them: how a command without a run reads an image folder."""
+    cfg = Config()
+    given = {"image_size": image_size, "test_split": test_split}
+    apply_overrides(cfg, {"data": {k: v for k, v in given.items() if v is not None}}, "command line")
+    validate(cfg)
+    return cfg.data
+
+
 def parse_image_size(text: str, where: str = "--image-size") -> tuple[int, int]:
     """(H, W) from "HxW" (such as 32x32 or 64X48) or one number for square images; a clear
     error naming ``where`` otherwise."""

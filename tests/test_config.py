@@ -224,6 +224,9 @@ def test_syntax_errors_name_the_line(tmp_path):
     f.write_bytes("train:\n  out: caf\u00e9\n".encode("latin-1"))  # saved in another encoding than UTF-8
     with pytest.raises(ConfigError, match=r"c.yaml' is not UTF-8 text \(byte 0xe9 at offset 17\); save it as UTF-8"):
         resolve_config(file=f)
+    f.write_text("- train\n- epochs: 3\n")  # a list, where the sections must be named
+    with pytest.raises(ConfigError, match=r"c.yaml' must hold a mapping of sections, found list"):
+        resolve_config(file=f)
 
 
 @pytest.mark.parametrize("text, msg", [

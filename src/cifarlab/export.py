@@ -89,7 +89,7 @@ def batched_logits(model: nn.Module, x: torch.Tensor, prep: dict[str, Any], batc
     of small tensors and joined at the end, every one of them sat on the heap above its batch's
     large activations and kept glibc from reusing their room: ``cifarlab predict`` on 60,000
     images peaked at 4.5 GB instead of 0.7 GB in two runs of three (2-core CPU)."""
-    from .runtime import batch_starts
+    from .progress import batch_starts
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = None

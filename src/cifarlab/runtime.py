@@ -9,8 +9,6 @@ import os
 import platform
 import random
 import sys
-from collections.abc import Iterable
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -18,7 +16,6 @@ import torch
 from .config import PRECISIONS, is_device_name
 from .errors import ConfigError
 
-T = TypeVar("T")
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -194,32 +191,6 @@ def inference_batch_size(device: torch.device | str) -> int:
     batch's activations in cache: 10,000 images through keras-deep took 3.3 s at 128 and 6.4 s
     at 1000 (2 cores, channels-last), speednet 12.3 against 17.1 s; a GPU wants large batches."""
     return 128 if torch.device(device).type == "cpu" else 1000
-
-
-def progress(items: Iterable[T], total: int, desc: str, unit: str) -> Iterable[T]:
-    """``items`` behind a progress bar on an interactive terminal, for work that takes long enough
-    to need explaining (a first decode of a data set, a test with test-time augmentation on a
-    CPU). The bar goes when done and never reaches a log file; one item shows none."""
-    return _bar(items, total, desc, unit)
-
-
-def byte_progress(total: int, desc: str):
-    """A :func:`progress` bar counting bytes, moved by hand with ``update(n)`` (reading an
-    archive, where the bytes read are the measure of work done); use it as a context manager."""
-    return _bar(None, total, desc, "B", unit_scale=True, unit_divisor=1024)
-
-
-def _bar(items, total: int, desc: str, unit: str, **kw):
-    from tqdm.auto import tqdm
-
-    return tqdm(items, total=total, desc=desc, unit=unit, leave=False,
-                disable=not sys.stderr.isatty() or total < 2, **kw)
-
-
-def batch_starts(n: int, batch_size: int, desc: str) -> Iterable[int]:
-    """The first index of each batch of ``n`` images, behind a :func:`progress` bar."""
-    starts = range(0, n, batch_size)
-    return progress(starts, len(starts), desc, "batch")
 
 
 def seed_everything(seed: int) -> None:

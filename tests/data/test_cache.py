@@ -141,3 +141,15 @@ def test_an_empty_or_absent_cache(tmp_path, monkeypatch, capsys):
 def test_format_size():
     assert [format_size(n) for n in (0, 999, 1000, 186_325, 184_320_000, 3 * 10**9)] == \
         ["0 B", "999 B", "1.0 kB", "186.3 kB", "184.3 MB", "3.0 GB"]
+
+
+def test_listing_the_cache_and_reading_data_do_not_import_torch(cache):
+    """Listing the cache is a quick look at a folder: importing torch would take it from a
+    fraction of a second to several seconds."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom cifarlab.cli import main\nimport cifarlab.data\n"
+            "assert main(['cache']) == 0\nprint('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr

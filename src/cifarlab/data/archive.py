@@ -16,7 +16,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from ..errors import DataError
-from ..runtime import byte_progress
+from ..progress import byte_progress
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".zip")
 _READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile,

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..errors import DataError
 from ..fsutil import tree
-from ..runtime import progress
+from ..progress import progress
 from . import archive, labels_csv
 from .images import is_gray, is_image_name, is_visible_image, open_image, to_array
 

@@ -75,3 +75,51 @@ def test_unreadable_files_alone_give_no_rows(trained_run, tmp_path, capsys):
     assert doc["predictions"] == [] and out.getvalue() == json.dumps(doc, indent=2) + "\n"
     err = capsys.readouterr().err
     assert "missing.png: no such file" in err and "2 of 2 file(s) could not be read" in err
+
+
+def test_a_runs_folder_predicts_with_the_mean_of_its_runs_probabilities(tmp_path, image_folder, capsys):
+    """The folder of --runs N predicts as an ensemble: each run's probabilities with its own
+    calibration, then their mean; the JSON names the runs and each one's calibration, and a
+    table says what the probabilities are. --flag-unfamiliar (one run's threshold) is refused,
+    and so are runs that classify different classes."""
+    from conftest import tiny_config
+
+    from cifarlab.cli import main
+    from cifarlab.data.images import open_image, to_array
+    from cifarlab.errors import CifarlabError
+    from cifarlab.export import load_model
+    from cifarlab.train import fit
+
+    base = tmp_path / "set"
+    fit(tiny_config(str(image_folder), str(base), runs=2), log=lambda s: None)
+    assert main(["calibrate", str(base / "run-0")]) == 0  # run-1 stays uncalibrated
+    capsys.readouterr()
+    files = sorted(str(f) for f in (image_folder / "test").rglob("*.png"))[:5]
+    out = io.StringIO()
+    assert predict.predict_files(str(base), files, fmt="json", out=out, top=4) == 0
+    doc = json.loads(out.getvalue())
+    assert doc["runs"] == [str(base / "run-0"), str(base / "run-1")] and doc["probabilities"] == "mean of the runs'"
+    assert doc["temperature"][0] > 0 and doc["temperature"][1] is None and doc["balanced_classes"] == [False, False]
+
+    images = np.stack([to_array(open_image(open(f, "rb").read(), f), 3, (32, 32)) for f in files])
+    each = [load_model(base / f"run-{k}").predict(images) for k in range(2)]
+    assert not np.allclose(each[0], each[1], atol=1e-5)  # two seeds: an average that could be told from either
+    mean = np.mean(each, axis=0)
+    for r, p in zip(doc["predictions"], mean):
+        classes = [t["class"] for t in r["top"]]
+        assert classes == [load_model(base / "run-0").classes[i] for i in np.argsort(-p)]
+        assert np.allclose([t["probability"] for t in r["top"]], np.sort(p)[::-1], atol=1e-5)
+
+    assert main(["predict", str(base), *files[:2]]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"the probabilities are the mean of the 2 runs' in {base}"
+    assert main(["predict", str(base), files[0], "--flag-unfamiliar"]) == 2
+    assert (f"--flag-unfamiliar takes one run, whose 'cifarlab ood' threshold it applies; '{base}' holds the runs of "
+            f"--runs N: give one of them, for example '{base / 'run-0'}'") in capsys.readouterr().err
+
+    arch = base / "run-1" / "architecture.json"
+    a = json.loads(arch.read_text())
+    a["classes"] = a["classes"][::-1]
+    arch.write_text(json.dumps(a))
+    with pytest.raises(CifarlabError, match=r"the runs of '.*set' differ: run-0 classifies cat, dog, frog from 32x32x3 "
+                                            r"images, run-1 frog, dog, cat from 32x32x3"):
+        predict.predict_files(str(base), files, out=io.StringIO())

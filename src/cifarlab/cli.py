@@ -310,7 +310,8 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
 def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     """``cifarlab predict``'s options."""
     pr = sub.add_parser("predict", help="classify image files")
-    pr.add_argument("run", help="run folder written by 'cifarlab train' (or 'cifarlab import')")
+    pr.add_argument("run", help="run folder written by 'cifarlab train' (or 'cifarlab import'); the folder of --runs N "
+                                "predicts with the mean of its runs' probabilities (their ensemble)")
     pr.add_argument("images", nargs="+", help="image files or folders")
     pr.add_argument("--top", type=int, default=3, help="classes to show per image (default 3)")
     pr.add_argument("--min-confidence", type=float, metavar="P",

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from .data.images import IMAGE_SUFFIXES, is_image_name, open_image, to_array
-from .errors import CifarlabError
-from .export import load_model
+from .errors import CifarlabError, short_list
+from .export import Predictor, finished_runs, is_runs_set, load_model
 from .ood import KNN, familiarity, read_bank, read_ood
 
 
@@ -75,16 +75,20 @@ class _Output:
             marks = "".join(f"{m}: " for m in ("unfamiliar", "uncertain") if r.get(m))
             self.out.write(f"{r['file']:<{self.width}}  {marks}{tops}\n")
 
-    def finish(self, failures: list[tuple[str, str]], temperature: float | None, balanced: bool) -> None:
+    def finish(self, failures: list[tuple[str, str]], about: dict) -> None:
+        """The JSON document's end, or the table's closing lines; ``about`` says where the
+        probabilities came from (:func:`_about`)."""
         if self.fmt == "json":
             rest = json.dumps({"predictions": [], "errors": [{"file": f, "error": e} for f, e in failures],
-                               "temperature": temperature, "balanced_classes": balanced,
-                               "min_confidence": self.min_confidence,
+                               **about, "min_confidence": self.min_confidence,
                                **({"unfamiliar_below": self.unfamiliar_rule} if self.unfamiliar_rule else {})},
                               indent=2)
             # the rest of the document as json.dump would lay it out after an empty list
             self.out.write(("\n  ]" if self.count else "]") + rest.removeprefix(_JSON_HEAD + "]") + "\n")
-        elif self.fmt == "table" and self.marked:
+        elif self.fmt == "table" and "runs" in about:
+            runs = about["runs"]
+            self.out.write(f"the probabilities are the mean of the {len(runs)} runs' in {Path(runs[0]).parent}\n")
+        if self.fmt == "table" and self.marked:
             self.out.write(f"{self.uncertain} of {self.count} image(s) below confidence "
                            f"{self.min_confidence:g}: uncertain\n")
         if self.fmt == "table" and self.unfamiliar_rule:
@@ -111,6 +115,39 @@ def _read(files: list[Path], channels: int, size: tuple[int, int],
     return ok_paths, arrays
 
 
+def load_models(run: str | Path, device: str = "cpu", tta: str | None = None,
+                uncalibrated: bool = False) -> list[Predictor]:
+    """The model of ``run``, as :func:`~cifarlab.export.load_model` loads it; or, where ``run``
+    is the folder of ``cifarlab train --runs N``, each of its runs' (all must have finished),
+    refused where two of them do not classify the same classes from the same input."""
+    if not is_runs_set(run):
+        return [load_model(run, device, tta, uncalibrated)]
+    preds = [load_model(r, device, tta, uncalibrated) for r in finished_runs(run)]
+    first = preds[0]
+    for p in preds[1:]:
+        if (p.classes, p.input_shape) != (first.classes, first.input_shape):
+            raise CifarlabError(f"the runs of '{run}' differ: {first.run.name} classifies {short_list(first.classes, 5)}"
+                                f" from {_shape(first)} images, {p.run.name} {short_list(p.classes, 5)} from "
+                                f"{_shape(p)}; their probabilities cannot be averaged: give one run")
+    return preds
+
+
+def _shape(pred: Predictor) -> str:
+    c, h, w = pred.input_shape
+    return f"{h}x{w}x{c}"
+
+
+def _about(preds: list[Predictor]) -> dict:
+    """Where the probabilities came from, as the JSON document records it: one run's
+    calibration (its temperature, and whether its classes' priors were balanced); or the runs
+    whose mean they are, and each one's calibration."""
+    if len(preds) == 1:
+        return {"temperature": preds[0].temperature(), "balanced_classes": preds[0].class_offsets() is not None}
+    return {"runs": [str(p.run) for p in preds], "probabilities": "mean of the runs'",
+            "temperature": [p.temperature() for p in preds],
+            "balanced_classes": [p.class_offsets() is not None for p in preds]}
+
+
 def _unfamiliar_rule(pred) -> dict:
     """The OOD score and threshold ``cifarlab ood`` fitted for the run of ``pred``, as measured
     with its weights, test-time augmentation and calibration; refused, naming the command to
@@ -135,7 +172,9 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
     a file whose top probability is below it is marked uncertain (its classes still shown).
     With ``flag_unfamiliar``, a file whose OOD score is below the threshold ``cifarlab ood``
     fitted (its report in ``RUN/ood``, measured with these weights and settings) is marked
-    unfamiliar: unlike the images the run was trained on.
+    unfamiliar: unlike the images the run was trained on. ``run`` may be the folder of
+    ``cifarlab train --runs N``: the probabilities are then the mean of its runs' (an ensemble,
+    each run calibrated as its own), and ``flag_unfamiliar`` is refused (a threshold is one run's).
     Files are read and predicted :data:`CHUNK_FILES` at a time, and the rows (the JSON
     document's predictions too) written as each chunk is done, so a large folder needs no more
     memory than a chunk."""
@@ -144,7 +183,11 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
         raise CifarlabError(f"--min-confidence {min_confidence} is not valid; it must lie in (0, 1], such as 0.9")
     if top < 1:
         raise CifarlabError(f"--top {top} is not valid; it must be at least 1")
-    pred = load_model(run, device, tta, uncalibrated)
+    if flag_unfamiliar and is_runs_set(run):  # before the models are loaded
+        raise CifarlabError(f"--flag-unfamiliar takes one run, whose 'cifarlab ood' threshold it applies; '{run}' "
+                            f"holds the runs of --runs N: give one of them, for example '{Path(run) / 'run-0'}'")
+    preds = load_models(run, device, tta, uncalibrated)
+    pred = preds[0]
     rule = _unfamiliar_rule(pred) if flag_unfamiliar else None
     bank = read_bank(pred.run) if rule and rule["score"] == KNN else None
     top = min(top, len(pred.classes))
@@ -160,9 +203,13 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
         if not arrays:
             continue
         images = np.stack(arrays)
-        logits = pred.logits(images)
-        familiar = familiarity(pred, images, logits, rule["score"], bank, rule.get("k")) if rule else None
-        for n, (f, p) in enumerate(zip(ok_paths, pred.probabilities(logits))):
+        if len(preds) == 1:
+            logits = pred.logits(images)
+            familiar = familiarity(pred, images, logits, rule["score"], bank, rule.get("k")) if rule else None
+            probs = pred.probabilities(logits)
+        else:  # each run's probabilities with its own calibration, then their mean
+            probs = np.mean([p.predict(images) for p in preds], axis=0)
+        for n, (f, p) in enumerate(zip(ok_paths, probs)):
             idx = np.argsort(-p)[:top]
             r = {"file": str(f), "top": [{"class": pred.classes[i], "probability": float(p[i])} for i in idx]}
             if min_confidence is not None:
@@ -171,7 +218,7 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
                 r["unfamiliar"] = bool(familiar[n] < rule["threshold"])
             output.add(r)
         out.flush()
-    output.finish(failures, pred.temperature(), pred.class_offsets() is not None)
+    output.finish(failures, _about(preds))
     bad_files = len(failures) - empty_folders
     if bad_files:
         print(f"cifarlab: {bad_files} of {bad_files + output.count} file(s) could not be read", file=sys.stderr)

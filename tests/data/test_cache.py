@@ -153,3 +153,27 @@ def test_listing_the_cache_and_reading_data_do_not_import_torch(cache):
             "assert main(['cache']) == 0\nprint('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
     assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
+
+
+def test_skipping_bad_images_shares_the_entry_of_a_folder_that_has_none(tmp_path, monkeypatch):
+    """--skip-bad-images changes nothing where every image reads, so it decodes no second copy;
+    an entry that did leave images out serves only reads that skip them, and a plain read of
+    that folder is refused naming the files, as a first read would be."""
+    from cifarlab.errors import DataError
+
+    monkeypatch.setenv("CIFARLAB_CACHE", str(tmp_path / "cache"))
+    good = make_image_folder(tmp_path / "good", n_train=4, n_test=2)
+    load_dataset(good)
+    ds = load_dataset(good, skip_bad_images=True)
+    assert CACHED in ds.notes and len(cache_entries()) == 1
+
+    bad = make_image_folder(tmp_path / "bad", n_train=4, n_test=2)
+    (bad / "train" / "dog" / "fake.jpg").write_bytes(b"this is not a jpeg")
+    first = load_dataset(bad, skip_bad_images=True)
+    again = load_dataset(bad, skip_bad_images=True)
+    assert CACHED not in first.notes and CACHED in again.notes and len(again.y_train) == 12
+    assert any("skipped 1 unreadable image file(s), first: train/dog/fake.jpg" in n for n in again.notes)
+    with pytest.raises(DataError, match=r"1 unreadable image file\(s\): .*fake.jpg.* or pass --skip-bad-images"):
+        load_dataset(bad)
+    entry = next(e for e in cache_entries() if e.source == str(bad.resolve()))
+    assert entry.read_with == ("--skip-bad-images",) and len(cache_entries()) == 2

@@ -239,14 +239,18 @@ def _load_folder_cached(path: Path, skip_bad: bool, use_cache: bool, size: tuple
                         test_split: float = folder.TEST_SPLIT, labels: str | Path | None = None) -> Dataset:
     # size, test split and labels join the key only where not the defaults, so the keys of
     # folders read the default way stay as they were; a labels file by its content, as it may
-    # lie outside the folder
+    # lie outside the folder. skip_bad stays out of it (False, as keys held it before): a folder
+    # without unreadable images reads the same either way, so both share one entry, and an
+    # entry that left images out serves only a read that skips them
     labels = Path(labels).expanduser() if labels is not None else None
-    options = {"skip_bad": skip_bad, **({"size": list(size)} if size else {}),
+    options = {"skip_bad": False, **({"size": list(size)} if size else {}),
                **({"test_split": test_split} if test_split != folder.TEST_SPLIT else {}),
                **({"labels": cache.file_digest(labels)} if labels is not None else {})}
     key = cache.source_key(path, **options) if use_cache else None
     hit = cache.load_cached(key) if key else None
-    if hit is not None and "test_origin" in hit[1]:  # an entry written before it kept the training paths is read again
+    # an entry written before it kept the training paths is read again, and so is one that left
+    # unreadable images out for a read that does not skip them, which is then refused naming them
+    if hit is not None and "test_origin" in hit[1] and (skip_bad or not hit[1].get("skipped")):
         arrays, meta = hit
         return Dataset(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], meta["classes"],
                        str(path), "image-folder", meta["test_paths"], meta["notes"] + [CACHE_NOTE],
@@ -259,19 +263,21 @@ def _load_folder_cached(path: Path, skip_bad: bool, use_cache: bool, size: tuple
         cache.store_cached(key, {"x_train": fd.x["train"], "y_train": fd.y["train"], "x_test": fd.x["test"],
                                  "y_test": fd.y["test"]},
                            {"classes": fd.classes, "test_paths": fd.paths["test"], "notes": fd.notes,
-                            "source": str(path.resolve()), "read_with": _read_with(size, test_split, labels, skip_bad),
-                            "train_paths": fd.paths["train"], "test_origin": fd.test_origin})
+                            "source": str(path.resolve()),
+                            "read_with": _read_with(size, test_split, labels, fd.skipped > 0),
+                            "train_paths": fd.paths["train"], "test_origin": fd.test_origin, "skipped": fd.skipped})
     return Dataset(fd.x["train"], fd.y["train"], fd.x["test"], fd.y["test"], fd.classes, str(path),
                    "image-folder", fd.paths["test"], notes, train_paths=fd.paths["train"], test_origin=fd.test_origin,
                    labels=str(labels) if labels is not None else None)
 
 
-def _read_with(size: tuple[int, int] | None, test_split: float, labels: Path | None, skip_bad: bool) -> list[str]:
+def _read_with(size: tuple[int, int] | None, test_split: float, labels: Path | None, skipped: bool) -> list[str]:
     """The options other than the defaults that a cached folder was read with, in the flags'
-    words, for ``cifarlab cache`` to tell two entries of one folder apart."""
+    words, for ``cifarlab cache`` to tell two entries of one folder apart (--skip-bad-images
+    where it ``skipped`` images: otherwise the entry is the one a plain read makes too)."""
     return ([f"--image-size {size[0]}x{size[1]}"] if size else []) + (
         [f"--test-split {test_split:g}"] if test_split != folder.TEST_SPLIT else []) + (
-        [f"--labels {labels.resolve()}"] if labels is not None else []) + (["--skip-bad-images"] if skip_bad else [])
+        [f"--labels {labels.resolve()}"] if labels is not None else []) + (["--skip-bad-images"] if skipped else [])
 
 
 def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

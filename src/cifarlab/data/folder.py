@@ -33,6 +33,7 @@ class FolderData:
     classes: list[str]
     notes: list[str] = field(default_factory=list)
     test_origin: str = "named"  # "held-out" where the folder names no test images (see Dataset.test_origin)
+    skipped: int = 0  # unreadable image files left out (skip_bad)
 
 
 # Below this many files, starting worker processes costs more than decoding in this one.
@@ -264,6 +265,7 @@ def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = 
     if layout == "class-folders":  # its index keeps images only; count the other files in class folders here
         ignored = sum(1 for n in names if _in_class_folder(n, prefix) and not is_image_name(n))
     decoded, notes = _decode_all(blobs, skip_bad, source, workers)
+    skipped = len(blobs) - len(decoded)
     del blobs
     notes = notes_before + notes
     if ignored:
@@ -300,4 +302,5 @@ def load_image_folder(path: Path, skip_bad: bool = False, workers: int | None = 
         out_x[s] = np.stack([arrays[prefix + n] for n, _ in rows])
         out_y[s] = np.array([cls_index[c] for _, c in rows], dtype=np.int64)
         out_p[s] = [n for n, _ in rows]
-    return FolderData(out_x, out_y, out_p, classes, notes, test_origin="named" if layout == "split" else "held-out")
+    return FolderData(out_x, out_y, out_p, classes, notes, test_origin="named" if layout == "split" else "held-out",
+                      skipped=skipped)

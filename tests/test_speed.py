@@ -139,6 +139,18 @@ def test_runs_report_statistics(tmp_path, image_folder, capsys):
     assert ev["balanced_accuracy"] == pytest.approx(ev["accuracy"]) and ev["unequal_classes"] is False
     assert all((tmp_path / "r" / f"run-{k}" / "eval" / "metrics.json").is_file() for k in range(3))
     assert json.loads((tmp_path / "r" / "eval_summary.json").read_text()) == ev
+    # and their ensemble: the mean of the runs' probabilities, as predict gives it
+    from cifarlab.data import load_dataset
+
+    ds = load_dataset(image_folder)
+    mean = np.mean([load_model(tmp_path / "r" / f"run-{k}").predict(ds.x_test) for k in range(3)], axis=0)
+    ens = ev["ensemble"]
+    assert ens["accuracy"] == pytest.approx(float((mean.argmax(1) == ds.y_test).mean()))
+    assert ens["loss"] == pytest.approx(float(-np.log(mean[np.arange(len(ds.y_test)), ds.y_test]).mean()), rel=1e-5)
+    assert ens["loss"] <= ev["loss"]["mean"] + 1e-6  # -log is convex: never above the runs' mean loss
+    assert main(["evaluate", str(tmp_path / "r")]) == 0
+    assert (f"Their ensemble (the mean of their probabilities, as 'cifarlab predict {tmp_path / 'r'}' gives them): "
+            f"test accuracy {ens['accuracy']:.4f}, test score {ens['loss']:.4f}") in capsys.readouterr().out
     lines: list[str] = []  # resuming finished runs trains nothing and summarises them again
     assert fit(resume=tmp_path / "r", log=lines.append)["test_accuracy"] == s["test_accuracy"]
     assert sum("finished, test accuracy" in x for x in lines) == 3 and not any("Epoch" in x for x in lines)

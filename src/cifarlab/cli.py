@@ -914,6 +914,9 @@ def _evaluate_runs(args: argparse.Namespace) -> int:
     print(f"{summary['runs']} runs (test-time augmentation {', '.join(summary['tta'])}): test accuracy mean "
           f"{a['mean']:.4f} (std {a['std']:.4f}, min {a['min']:.4f}, max {a['max']:.4f}); test score mean "
           f"{lo['mean']:.4f} (min {lo['min']:.4f}, max {lo['max']:.4f})")
+    en = summary["ensemble"]
+    print(f"Their ensemble (the mean of their probabilities, as 'cifarlab predict {base}' gives them): test "
+          f"accuracy {en['accuracy']:.4f}, test score {en['loss']:.4f}, expected calibration error {en['ece']:.4f}")
     e = summary["ece"]
     print(f"Expected calibration error mean {e['mean']:.4f} (min {e['min']:.4f}, max {e['max']:.4f})"
           + (f"; without the runs' calibration (cifarlab calibrate) mean {summary['uncalibrated_ece']['mean']:.4f}"

@@ -154,6 +154,12 @@ def evaluate_run(run: str | Path, ds: Dataset, out: str | Path | None = None, tt
     the run's own, so the accuracy is the one its training reported. The probabilities are
     those of the run's temperature where ``cifarlab calibrate`` fitted one (unless
     ``uncalibrated``); the report then also gives the loss and calibration error without it."""
+    return _evaluate(run, ds, out, tta, device, n_worst, uncalibrated)[0]
+
+
+def _evaluate(run: str | Path, ds: Dataset, out: str | Path | None, tta: str | None, device: str,
+              n_worst: int = 32, uncalibrated: bool = False) -> tuple[dict[str, Any], np.ndarray]:
+    """:func:`evaluate_run`'s report, and the probabilities it was made of."""
     from .export import default_report_folder
 
     out = Path(out) if out is not None else default_report_folder(run, "eval", ds)
@@ -161,7 +167,7 @@ def evaluate_run(run: str | Path, ds: Dataset, out: str | Path | None = None, tt
     _check_compatible(pred, ds)
     with report_folder(out):  # before the predictions: an unwritable folder should cost no time
         probs, raw = probabilities_and_raw(pred, ds.x_test)
-        return write_report(pred, ds, probs, out, n_worst, uncalibrated=raw)
+        return write_report(pred, ds, probs, out, n_worst, uncalibrated=raw), probs
 
 
 def describe(values: list[float]) -> dict[str, float]:
@@ -177,21 +183,31 @@ def evaluate_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, 
                   device: str = "auto", uncalibrated: bool = False) -> dict[str, Any]:
     """Evaluate every run of the ``--runs N`` folder ``base`` (see :func:`evaluate_run`), each
     report into ``RUN/eval`` (or ``out/run-K``), and summarise the test loss and accuracy over
-    the runs in ``eval_summary.json`` (in ``out``, by default ``base``). On other data than the
-    runs' own, ``out`` is by default ``base/eval-<data>`` (:func:`cifarlab.export.other_data_folder`)."""
+    the runs in ``eval_summary.json`` (in ``out``, by default ``base``), with the figures of their
+    ensemble: the mean of their probabilities, as ``cifarlab predict BASE`` gives them. On other
+    data than the runs' own, ``out`` is by default ``base/eval-<data>``
+    (:func:`cifarlab.export.other_data_folder`)."""
     from .export import finished_runs, other_data_folder
 
     base = Path(base)
     runs = finished_runs(base)
     out = Path(out) if out is not None else other_data_folder(base, "eval", ds, runs)
-    reports = [evaluate_run(r, ds, (out / r.name) if out else r / "eval", tta, device, uncalibrated=uncalibrated)
-               for r in runs]
+    reports, total = [], None
+    for r in runs:
+        rep, probs = _evaluate(r, ds, (out / r.name) if out else r / "eval", tta, device, uncalibrated=uncalibrated)
+        reports.append(rep)
+        total = probs.astype(np.float64) if total is None else total + probs  # a sum: one array held, not N
+    ens = compute_report((total / len(runs)).astype(np.float32), ds.y_test,
+                         [c["class"] for c in reports[0]["per_class"]])
     summary = {"runs": len(runs), "data": ds.source, "test_origin": ds.test_origin,
                "tta": sorted({r["tta"] for r in reports}),
                "accuracy": describe([r["accuracy"] for r in reports]), "loss": describe([r["loss"] for r in reports]),
                "balanced_accuracy": describe([r["balanced_accuracy"] for r in reports]),
                "ece": describe([r["calibration"]["ece"] for r in reports]),
                "unequal_classes": unequal_classes(c["support"] for c in reports[0]["per_class"]),
+               "ensemble": {"probabilities": "mean of the runs'", "accuracy": ens["accuracy"],
+                            "balanced_accuracy": ens["balanced_accuracy"], "loss": ens["loss"],
+                            "ece": ens["calibration"]["ece"]},
                "per_run": [{"run": str(r), "accuracy": rep["accuracy"], "balanced_accuracy": rep["balanced_accuracy"],
                             "loss": rep["loss"], "ece": rep["calibration"]["ece"], "temperature": rep["temperature"],
                             "balanced_classes": rep["class_offsets"] is not None}

@@ -58,6 +58,8 @@ STEPS = [
     ("ood-held-out", "classes", "ood {run_classes} --data {data} --device {dev}"),
     ("duplicates", "resnet", "duplicates {run_resnet} --data {data} --device {dev}"),
     ("compare", "teacher", "compare {run_resnet} {run_teacher} --data {data} --device {dev}"),
+    ("runs", None, "train --epochs 1 --runs 2 --data {data} --device {dev} --out {out}"),
+    ("evaluate-runs", "runs", "evaluate {run_runs} --data {data} --device {dev}"),  # with their ensemble
 ]
 
 # the openings of the lines by which commands name the files they wrote, passed over for a line of figures

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 import cifarlab
@@ -57,6 +58,13 @@ def test_a_notebook_trains_evaluates_and_audits_a_set_of_runs(tmp_path, image_fo
     ev = cifarlab.evaluate_runs(s["run"], ds, device="cpu")  # paths as strings, as a notebook has them
     assert [r["accuracy"] for r in ev["per_run"]] == pytest.approx([r["test_accuracy"] for r in s["per_run"]])
     assert "uncalibrated_ece" not in ev
+    ens = cifarlab.load_ensemble(s["run"])  # the runs as one classifier, as predict and evaluate_runs take them
+    probs = ens.predict(ds.x_test)
+    each = [cifarlab.load_model(r).predict(ds.x_test) for r in (tmp_path / "set" / "run-0", tmp_path / "set" / "run-1")]
+    assert probs.dtype == np.float32 and np.allclose(probs, np.mean(each, axis=0), atol=1e-6)
+    assert ev["ensemble"]["accuracy"] == pytest.approx(float((probs.argmax(1) == ds.y_test).mean()))
+    files = [str(image_folder / p) for p in ds.test_paths[:2]]  # file paths, read once for both runs
+    assert np.allclose(ens.predict(files), probs[:2], atol=1e-6) and ens.classes == ds.classes
     cal = cifarlab.calibrate_runs(s["run"], ds, device="cpu", log=lambda x: None)
     ev = cifarlab.evaluate_runs(s["run"], ds, device="cpu")
     assert [r["temperature"] for r in ev["per_run"]] == [r["temperature"] for r in cal["per_run"]]

@@ -12,15 +12,16 @@ The public API is imported lazily so that ``import cifarlab`` stays cheap:
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["make_config", "fit", "create_model", "list_models", "load_model", "load_dataset", "evaluate_run",
-           "evaluate_runs", "calibrate_run", "calibrate_runs", "audit_run", "audit_runs", "import_keras", "compare_runs",
+__all__ = ["make_config", "fit", "create_model", "list_models", "load_model", "load_ensemble", "load_dataset",
+           "evaluate_run", "evaluate_runs", "calibrate_run", "calibrate_runs", "audit_run", "audit_runs", "import_keras", "compare_runs",
            "robustness_run", "robustness_runs", "corrupt", "duplicates_report", "test_split_for", "run_sweep", "explain_dataset",
            "explain_files", "find_lr", "label_issues_run", "ood_run", "ood_runs", "make_datasheet", "export_onnx",
            "export_int8", "CifarlabError",
            "__version__"]
 # Each public name, and the module that defines it (imported on first use).
 _HOMES = {"make_config": "config", "fit": "train", "create_model": "models", "list_models": "models",
-          "load_model": "export", "load_dataset": "data", "evaluate_run": "evaluate", "audit_run": "audit",
+          "load_model": "export", "load_ensemble": "export", "load_dataset": "data", "evaluate_run": "evaluate",
+          "audit_run": "audit",
           "evaluate_runs": "evaluate", "audit_runs": "audit", "calibrate_run": "calibrate",
           "calibrate_runs": "calibrate",
           "import_keras": "keras_files", "compare_runs": "compare", "robustness_run": "robustness",

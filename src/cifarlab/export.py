@@ -460,6 +460,53 @@ class Predictor:
         return self.probabilities(self.logits(images, batch_size, tta), tta)
 
 
+class Ensemble:
+    """The runs of a ``cifarlab train --runs N`` folder as one classifier: ``predict(images)``
+    gives the mean of their probabilities, each run's with its own test-time augmentation and
+    calibration (as ``cifarlab predict BASE`` gives them, and the ensemble figures of
+    ``cifarlab evaluate BASE``). The runs must classify the same classes from the same input."""
+
+    def __init__(self, members: list[Predictor], folder: str | Path | None = None):
+        if not members:
+            raise CifarlabError("an ensemble needs at least one run")
+        first = members[0]
+        for m in members[1:]:
+            if (m.classes, m.input_shape) != (first.classes, first.input_shape):
+                raise CifarlabError(
+                    f"the runs of '{folder}' differ: {_name(first)} classifies {short_list(first.classes, 5)} from "
+                    f"{_input(first)} images, {_name(m)} {short_list(m.classes, 5)} from {_input(m)}; their "
+                    "probabilities cannot be averaged: give one run")
+        self.members = members
+        self.folder = Path(folder) if folder is not None else None
+        self.classes, self.input_shape = first.classes, first.input_shape
+
+    def predict(self, images: Any, batch_size: int | None = None) -> np.ndarray:
+        """The mean of the members' class probabilities, float32 (N, classes), for images as
+        :meth:`Predictor.predict` takes them (read and converted once, not once a run)."""
+        x = images if isinstance(images, torch.Tensor) else self.members[0].to_uint8(images)
+        total = None
+        for m in self.members:
+            p = m.predict(x, batch_size).astype(np.float64)
+            total = p if total is None else total + p
+        return (total / len(self.members)).astype(np.float32)
+
+
+def _name(pred: Predictor) -> str:
+    return pred.run.name if pred.run else "a run"
+
+
+def _input(pred: Predictor) -> str:
+    c, h, w = pred.input_shape
+    return f"{h}x{w}x{c}"
+
+
+def load_ensemble(folder: str | Path, device: str = "cpu", tta: str | None = None,
+                  uncalibrated: bool = False) -> Ensemble:
+    """The runs of the ``--runs N`` folder ``folder`` (all finished), each loaded as
+    :func:`load_model` loads a run, as one :class:`Ensemble`."""
+    return Ensemble([load_model(r, device, tta, uncalibrated) for r in finished_runs(folder)], folder)
+
+
 def check_weights(run: Path) -> Path:
     """The path of the run's ``weights.safetensors``; refused, naming how to finish it, where
     its training has not written them yet. Commands call it before loading their data too."""

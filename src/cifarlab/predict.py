@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from .data.images import IMAGE_SUFFIXES, is_image_name, open_image, to_array
-from .errors import CifarlabError, short_list
-from .export import Predictor, finished_runs, is_runs_set, load_model
+from .errors import CifarlabError
+from .export import Ensemble, Predictor, is_runs_set, load_ensemble, load_model
 from .ood import KNN, familiarity, read_bank, read_ood
 
 
@@ -115,37 +115,15 @@ def _read(files: list[Path], channels: int, size: tuple[int, int],
     return ok_paths, arrays
 
 
-def load_models(run: str | Path, device: str = "cpu", tta: str | None = None,
-                uncalibrated: bool = False) -> list[Predictor]:
-    """The model of ``run``, as :func:`~cifarlab.export.load_model` loads it; or, where ``run``
-    is the folder of ``cifarlab train --runs N``, each of its runs' (all must have finished),
-    refused where two of them do not classify the same classes from the same input."""
-    if not is_runs_set(run):
-        return [load_model(run, device, tta, uncalibrated)]
-    preds = [load_model(r, device, tta, uncalibrated) for r in finished_runs(run)]
-    first = preds[0]
-    for p in preds[1:]:
-        if (p.classes, p.input_shape) != (first.classes, first.input_shape):
-            raise CifarlabError(f"the runs of '{run}' differ: {first.run.name} classifies {short_list(first.classes, 5)}"
-                                f" from {_shape(first)} images, {p.run.name} {short_list(p.classes, 5)} from "
-                                f"{_shape(p)}; their probabilities cannot be averaged: give one run")
-    return preds
-
-
-def _shape(pred: Predictor) -> str:
-    c, h, w = pred.input_shape
-    return f"{h}x{w}x{c}"
-
-
-def _about(preds: list[Predictor]) -> dict:
+def _about(model: Predictor | Ensemble) -> dict:
     """Where the probabilities came from, as the JSON document records it: one run's
     calibration (its temperature, and whether its classes' priors were balanced); or the runs
     whose mean they are, and each one's calibration."""
-    if len(preds) == 1:
-        return {"temperature": preds[0].temperature(), "balanced_classes": preds[0].class_offsets() is not None}
-    return {"runs": [str(p.run) for p in preds], "probabilities": "mean of the runs'",
-            "temperature": [p.temperature() for p in preds],
-            "balanced_classes": [p.class_offsets() is not None for p in preds]}
+    if isinstance(model, Predictor):
+        return {"temperature": model.temperature(), "balanced_classes": model.class_offsets() is not None}
+    return {"runs": [str(p.run) for p in model.members], "probabilities": "mean of the runs'",
+            "temperature": [p.temperature() for p in model.members],
+            "balanced_classes": [p.class_offsets() is not None for p in model.members]}
 
 
 def _unfamiliar_rule(pred) -> dict:
@@ -186,12 +164,12 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
     if flag_unfamiliar and is_runs_set(run):  # before the models are loaded
         raise CifarlabError(f"--flag-unfamiliar takes one run, whose 'cifarlab ood' threshold it applies; '{run}' "
                             f"holds the runs of --runs N: give one of them, for example '{Path(run) / 'run-0'}'")
-    preds = load_models(run, device, tta, uncalibrated)
-    pred = preds[0]
-    rule = _unfamiliar_rule(pred) if flag_unfamiliar else None
-    bank = read_bank(pred.run) if rule and rule["score"] == KNN else None
-    top = min(top, len(pred.classes))
-    c, h, w = pred.input_shape
+    model = load_ensemble(run, device, tta, uncalibrated) if is_runs_set(run) else \
+        load_model(run, device, tta, uncalibrated)
+    rule = _unfamiliar_rule(model) if flag_unfamiliar else None
+    bank = read_bank(model.run) if rule and rule["score"] == KNN else None
+    top = min(top, len(model.classes))
+    c, h, w = model.input_shape
     files, failures = _expand(paths)
     empty_folders = len(failures)
     for _, e in failures:
@@ -203,22 +181,22 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
         if not arrays:
             continue
         images = np.stack(arrays)
-        if len(preds) == 1:
-            logits = pred.logits(images)
-            familiar = familiarity(pred, images, logits, rule["score"], bank, rule.get("k")) if rule else None
-            probs = pred.probabilities(logits)
-        else:  # each run's probabilities with its own calibration, then their mean
-            probs = np.mean([p.predict(images) for p in preds], axis=0)
+        if isinstance(model, Ensemble):
+            probs, familiar = model.predict(images), None
+        else:
+            logits = model.logits(images)
+            familiar = familiarity(model, images, logits, rule["score"], bank, rule.get("k")) if rule else None
+            probs = model.probabilities(logits)
         for n, (f, p) in enumerate(zip(ok_paths, probs)):
             idx = np.argsort(-p)[:top]
-            r = {"file": str(f), "top": [{"class": pred.classes[i], "probability": float(p[i])} for i in idx]}
+            r = {"file": str(f), "top": [{"class": model.classes[i], "probability": float(p[i])} for i in idx]}
             if min_confidence is not None:
                 r["uncertain"] = bool(p[idx[0]] < min_confidence)
             if rule:
                 r["unfamiliar"] = bool(familiar[n] < rule["threshold"])
             output.add(r)
         out.flush()
-    output.finish(failures, _about(preds))
+    output.finish(failures, _about(model))
     bad_files = len(failures) - empty_folders
     if bad_files:
         print(f"cifarlab: {bad_files} of {bad_files + output.count} file(s) could not be read", file=sys.stderr)

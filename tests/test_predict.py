@@ -116,6 +116,10 @@ def test_a_runs_folder_predicts_with_the_mean_of_its_runs_probabilities(tmp_path
     assert (f"--flag-unfamiliar takes one run, whose 'cifarlab ood' threshold it applies; '{base}' holds the runs of "
             f"--runs N: give one of them, for example '{base / 'run-0'}'") in capsys.readouterr().err
 
+    from cifarlab.export import Ensemble
+
+    with pytest.raises(CifarlabError, match="an ensemble needs at least one run"):
+        Ensemble([])
     arch = base / "run-1" / "architecture.json"
     a = json.loads(arch.read_text())
     a["classes"] = a["classes"][::-1]

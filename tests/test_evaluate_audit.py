@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cifarlab.audit import audit_run, class_confidence, class_metrics, group_metrics, read_groups
+from cifarlab.audit import audit_run, class_confidence, class_metrics, group_metrics, proportion_ci, read_groups
 from cifarlab.data import load_dataset
 from cifarlab.errors import CifarlabError
 from cifarlab.evaluate import calibration, compute_report, evaluate_run
@@ -397,6 +397,25 @@ def test_audit_of_a_runs_folder_summarises_each_class_and_group_over_the_runs(im
     assert "source=b: more than 0.05 below the overall accuracy in 3 of 3 runs" in printed
     assert "3 runs: overall accuracy mean" in printed
     assert "[its audit](run-2/audit/audit.md)" in (out / "audit_summary.md").read_text()
+    # their ensemble, the model predict serves for the folder, audited as one run is
+    from cifarlab.export import load_ensemble
+
+    e = s["ensemble"]
+    yhat = load_ensemble(out).predict(ds.x_test).argmax(1)
+    assert e["overall_accuracy"] == pytest.approx(float((yhat == ds.y_test).mean()))
+    for i, c in enumerate(e["classes"]["per_class"]):
+        right = int(((yhat == i) & (ds.y_test == i)).sum())
+        assert c["accuracy"] == pytest.approx(right / 3) and c["accuracy_ci"] == pytest.approx(proportion_ci(right, 3))
+        assert c["flagged"] == (c["accuracy"] < e["overall_accuracy"] - 0.05)
+    b = [g for g in e["attributes"]["source"]["groups"] if g["group"] == "b"][0]  # the 3 cats
+    assert b["n"] == 3 and b["accuracy"] == pytest.approx(float((yhat[:3] == ds.y_test[:3]).mean()))
+    assert all(f"class '{c['class']}' accuracy" in " ".join(e["warnings"]) for c in e["classes"]["per_class"]
+               if c["flagged"])
+    assert f"their ensemble (the mean of their probabilities, as 'cifarlab predict {out}' gives them): overall " \
+           f"accuracy {e['overall_accuracy']:.4f}" in printed
+    md = (out / "audit_summary.md").read_text()
+    assert "## Their ensemble" in md and f"Overall accuracy **{e['overall_accuracy']:.4f}**" in md
+    assert "### The ensemble's groups by `source`" in md
     trained = [json.loads((out / f"run-{k}" / "metrics.json").read_text())["data"]["train_per_class"]
                for k in range(3)]
     assert [c["train_images"] for c in s["classes"]["per_class"]] == [[t[c] for t in trained] for c in trained[0]]
@@ -404,7 +423,8 @@ def test_audit_of_a_runs_folder_summarises_each_class_and_group_over_the_runs(im
     assert "| flagged in | training images |" in text
     cat = [t["cat"] for t in trained]
     cat_range = f"{min(cat)}" if min(cat) == max(cat) else f"{min(cat)} to {max(cat)}"
-    cat_rows = [line for line in text.splitlines() if line.startswith("| cat |")]  # accuracy, then confidence
+    runs_part = text.split("## Their ensemble")[0]
+    cat_rows = [line for line in runs_part.splitlines() if line.startswith("| cat |")]  # accuracy, then confidence
     assert len(cat_rows) == 2 and cat_rows[0].endswith(f" {cat_range} |") and cat_rows[1].endswith(" of 3 |")
     assert (out / "per_class_accuracy.png").is_file()
     # --out: each run's report under OUT/run-K, the summary in OUT, its links relative to it

@@ -384,11 +384,10 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
     yhat = probs.argmax(1)
     y = ds.y_test
     overall = float((yhat == y).mean())
-    cls = class_metrics(y, yhat, pred.classes, n_boot, seed)
+    cls, class_warnings = _class_audit(y, yhat, pred.classes, overall, margin, n_boot, seed)
     cls["confidence"] = class_confidence(probs, y, pred.classes)
     trained = _train_per_class(run, pred.classes)
     for r in cls["per_class"]:
-        r["flagged"] = bool(r["accuracy"] < overall - margin)
         if trained:  # beside its accuracy: a class seen less in training is usually recognised worse
             r["train_images"] = trained[r["class"]]
     audit: dict[str, Any] = {"run": str(run), "data": ds.source, "tta": pred.tta, "overall_accuracy": overall,
@@ -397,10 +396,7 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
                                              "uncalibrated_ece": (report.get("uncalibrated") or {}).get("ece"),
                                              "balanced_classes": report.get("class_offsets") is not None,
                                              "class_offsets": report.get("class_offsets")}}
-    for r in cls["per_class"]:
-        if r["flagged"]:
-            audit["warnings"].append(f"class '{r['class']}' accuracy {r['accuracy']:.3f} is more than {margin:.2f} "
-                                     f"below the overall {overall:.3f}")
+    audit["warnings"] += class_warnings
     # `cifarlab duplicates`' figures for this model (weights, test-time augmentation, offsets), if measured
     # measured on the data audited (a report on other data is kept in duplicates-<data>)
     audit["near_duplicates"] = read_duplicates(run, pred.tta, pred.class_offsets(), name=f"duplicates{suffix}")
@@ -416,12 +412,9 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
         audit["groups_file"] = str(groups_csv)
         audit["attributes"] = {}
         for name, values in attrs.items():
-            # An empty cell: the attribute was not recorded for that image, which then belongs to
-            # none of this attribute's groups (a group of its own would mix unrelated images).
-            known = values != ""
-            gm = group_metrics(y[idx][known], yhat[idx][known], values[known], overall, margin, min_group)
-            gm["not_recorded"] = int((~known).sum())
+            gm = _group_audit(y[idx], yhat[idx], values, overall, margin, min_group)
             if flagged is not None:
+                known = values != ""
                 gm["unfamiliar_gap"] = unfamiliar_by_group(flagged[idx][known], values[known], gm)
                 gm["unfamiliar_score"] = ood["score"]
             audit["attributes"][name] = gm
@@ -436,6 +429,54 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
     write_json(out / "model_card.json", card)
     write_text(out / "MODEL_CARD.md", model_card_markdown(card))
     return audit
+
+
+def _class_audit(y: np.ndarray, yhat: np.ndarray, classes: list[str], overall: float, margin: float, n_boot: int,
+                 seed: int) -> tuple[dict[str, Any], list[str]]:
+    """:func:`class_metrics`, each class flagged where its accuracy is more than ``margin`` below
+    ``overall``; and a warning for each class flagged."""
+    cls = class_metrics(y, yhat, classes, n_boot, seed)
+    warnings = []
+    for r in cls["per_class"]:
+        r["flagged"] = bool(r["accuracy"] < overall - margin)
+        if r["flagged"]:
+            warnings.append(f"class '{r['class']}' accuracy {r['accuracy']:.3f} is more than {margin:.2f} below the "
+                            f"overall {overall:.3f}")
+    return cls, warnings
+
+
+def _group_audit(y: np.ndarray, yhat: np.ndarray, values: np.ndarray, overall: float, margin: float,
+                 min_group: int) -> dict[str, Any]:
+    """:func:`group_metrics` of one attribute's ``values`` (one per image of ``y``). An empty
+    cell: the attribute was not recorded for that image, which then belongs to none of its
+    groups (a group of its own would mix unrelated images); ``not_recorded`` counts them."""
+    known = values != ""
+    gm = group_metrics(y[known], yhat[known], values[known], overall, margin, min_group)
+    gm["not_recorded"] = int((~known).sum())
+    return gm
+
+
+def _ensemble_audit(base: Path, ds: Dataset, groups, margin: float, min_group: int, n_boot: int, seed: int,
+                    tta: str | None, device: str, uncalibrated: bool) -> dict[str, Any]:
+    """The runs of ``base`` as one model, their ensemble (:func:`cifarlab.export.load_ensemble`,
+    what ``cifarlab predict BASE`` serves), audited as :func:`audit_run` audits a run: its
+    overall accuracy, each class's with its interval and flag, the best-to-worst gap, each
+    group's accuracy and gap (``groups`` from :func:`load_groups`), and their warnings."""
+    from .export import load_ensemble
+
+    ens = load_ensemble(base, device, tta, uncalibrated)
+    y, yhat = ds.y_test, ens.predict(ds.x_test).argmax(1)
+    overall = float((yhat == y).mean())
+    cls, warnings = _class_audit(y, yhat, ens.classes, overall, margin, n_boot, seed)
+    out: dict[str, Any] = {"probabilities": "mean of the runs'", "overall_accuracy": overall, "classes": cls}
+    if groups is not None:
+        idx, attrs = groups
+        out["attributes"] = {}
+        for name, values in attrs.items():
+            gm = out["attributes"][name] = _group_audit(y[idx], yhat[idx], values, overall, margin, min_group)
+            warnings += _group_warnings(name, gm, overall, margin, min_group)
+    out["warnings"] = warnings
+    return out
 
 
 def _train_per_class(run: Path, classes: list[str]) -> dict[str, int] | None:
@@ -506,6 +547,12 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
             f"{sp['difference']:.4f}; {len(a['warnings'])} warning(s); report in {folder / 'audit.md'}")
         audits.append(a)
     summary = summarise_audits(audits, [str(r) for r in runs])
+    summary["ensemble"] = e = _ensemble_audit(base, ds, load_groups(groups_csv, ds, intersections), margin,
+                                              min_group, n_boot, seed, tta, device, uncalibrated)
+    sp = e["classes"]["spread"]
+    log(f"their ensemble (the mean of their probabilities, as 'cifarlab predict {base}' gives them): overall accuracy "
+        f"{e['overall_accuracy']:.4f}; worst class {sp['worst']}, gap {sp['difference']:.4f}; "
+        f"{len(e['warnings'])} warning(s)")
     summary["robustness"] = _runs_robustness(base, f"robustness{suffix}", summary["tta"], audits)
     summary["near_duplicates"] = _runs_duplicates(audits)
     summary["unfamiliar_images"] = _runs_ood(audits)
@@ -784,6 +831,8 @@ def _audit_runs_markdown(s: dict) -> str:
                       f"its interval excluded zero in {ug['interval_excludes_zero_in']} of {n} runs. Flagged most: "
                       + ", ".join(f"{md_cell(g)} in {k} of {n}" for g, k in ug["most"].items()) + "; least: "
                       + ", ".join(f"{md_cell(g)} in {k} of {n}" for g, k in ug["least"].items()) + ".", ""]
+    if "ensemble" in s:  # audit_runs adds it; summarise_audits alone does not
+        lines += _ensemble_lines(s["ensemble"], n, s["bootstrap_resamples"])
     if s["warnings"]:
         lines += ["## Warnings", ""] + [f"- {w}" for w in s["warnings"]] + [""]
     lines += ["## Each run", ""] + [f"- `{r['run']}`: overall accuracy {r['overall_accuracy']:.4f}, "
@@ -912,37 +961,61 @@ def _audit_markdown(a: dict) -> str:
     trained = _with_train_images(a["classes"]["per_class"])  # where the run recorded them
     lines = [f"# Audit of `{a['run']}`", "", f"Data: `{a['data']}`. Overall accuracy **{a['overall_accuracy']:.4f}** "
              f"(test-time augmentation: {a['tta']}). Intervals: {interval_method(a['bootstrap_resamples'])}.", "",
-             "![per-class accuracy](per_class_accuracy.png)", "",
-             *_table_head(["class", "n", "accuracy", "95% CI", "precision", "95% CI", "flagged", *trained])]
-    for r in a["classes"]["per_class"]:
-        lines.append(f"| {md_cell(r['class'])} | {r['support']} | {r['accuracy']:.3f} | {_fmt_ci(r['accuracy_ci'])} | "
-                     f"{_fmt(r['precision'])} | {_fmt_ci(r['precision_ci'])} | {'yes' if r['flagged'] else ''} |"
-                     + (f" {r['train_images']:,} |" if trained else ""))
-    sp = a["classes"]["spread"]
-    lines += ["", f"Spread: best class **{sp['best']}**, worst **{sp['worst']}**; difference {sp['difference']:.3f} "
-              f"{_fmt_ci(sp['difference_ci'])}, ratio {_fmt(sp['ratio'])} {_fmt_ci(sp['ratio_ci'])}.", ""]
+             "![per-class accuracy](per_class_accuracy.png)", "", *_class_lines(a["classes"], trained)]
     lines += _confidence_lines(a["classes"].get("confidence"))
     for name, gm in a.get("attributes", {}).items():
-        unfamiliar = ["flagged unfamiliar"] if "unfamiliar_score" in gm else []
-        lines += [f"## Groups by `{name}`", "", *_table_head(["group", "n", "accuracy", "95% CI", "macro recall",
-                                                              "macro precision", *unfamiliar, "note"])]
-        for g in gm["groups"]:
-            note = "too small to judge" if g["too_small"] else ("flagged" if g["flagged"] else "")
-            lines.append(f"| {md_cell(g['group'])} | {g['n']} | {g['accuracy']:.3f} | {_fmt_ci(g['accuracy_ci'])} | "
-                         f"{_fmt(g['macro_recall'])} | {_fmt(g['macro_precision'])} | "
-                         + (f"{g['unfamiliar_share']:.1%} | " if unfamiliar else "") + f"{note} |")
-        if gm.get("not_recorded"):
-            lines += ["", f"Not recorded for {images_phrase(gm['not_recorded'])} (empty cells), left out of these groups."]
-        ga = gm["gap"]
-        lines += ["", "Only one group: no gap to measure." if ga is None else
-                  f"Largest gap: {ga['highest']} vs {ga['lowest']}: {ga['difference']:.3f} {_fmt_ci(ga['difference_ci'])}"
-                  + (" - the interval excludes zero." if ga["ci_excludes_zero"] else " - the interval includes zero."), ""]
-        lines += _unfamiliar_gap_lines(gm)
+        lines += _group_lines(f"## Groups by `{name}`", gm)
     lines += ["## Other evaluation plots", "", "![confusion matrix](confusion_matrix.png)", "",
               "![reliability diagram](reliability.png)", "", "![most confident errors](confident_errors.png)", ""]
     if a["warnings"]:
         lines += ["## Warnings", ""] + [f"- {w}" for w in a["warnings"]] + [""]
     return "\n".join(lines)
+
+
+def _class_lines(cls: dict[str, Any], trained: list[str]) -> list[str]:
+    """The table of :func:`class_metrics`' classes (with their training images where ``trained``
+    names the column), and the spread between the best and the worst."""
+    lines = _table_head(["class", "n", "accuracy", "95% CI", "precision", "95% CI", "flagged", *trained])
+    for r in cls["per_class"]:
+        lines.append(f"| {md_cell(r['class'])} | {r['support']} | {r['accuracy']:.3f} | {_fmt_ci(r['accuracy_ci'])} | "
+                     f"{_fmt(r['precision'])} | {_fmt_ci(r['precision_ci'])} | {'yes' if r['flagged'] else ''} |"
+                     + (f" {r['train_images']:,} |" if trained else ""))
+    sp = cls["spread"]
+    return lines + ["", f"Spread: best class **{sp['best']}**, worst **{sp['worst']}**; difference "
+                    f"{sp['difference']:.3f} {_fmt_ci(sp['difference_ci'])}, ratio {_fmt(sp['ratio'])} "
+                    f"{_fmt_ci(sp['ratio_ci'])}.", ""]
+
+
+def _group_lines(heading: str, gm: dict[str, Any]) -> list[str]:
+    """One attribute's groups (:func:`_group_audit`) under ``heading``: their table, and the
+    largest gap."""
+    unfamiliar = ["flagged unfamiliar"] if "unfamiliar_score" in gm else []
+    lines = [heading, "", *_table_head(["group", "n", "accuracy", "95% CI", "macro recall", "macro precision",
+                                        *unfamiliar, "note"])]
+    for g in gm["groups"]:
+        note = "too small to judge" if g["too_small"] else ("flagged" if g["flagged"] else "")
+        lines.append(f"| {md_cell(g['group'])} | {g['n']} | {g['accuracy']:.3f} | {_fmt_ci(g['accuracy_ci'])} | "
+                     f"{_fmt(g['macro_recall'])} | {_fmt(g['macro_precision'])} | "
+                     + (f"{g['unfamiliar_share']:.1%} | " if unfamiliar else "") + f"{note} |")
+    if gm.get("not_recorded"):
+        lines += ["", f"Not recorded for {images_phrase(gm['not_recorded'])} (empty cells), left out of these groups."]
+    ga = gm["gap"]
+    lines += ["", "Only one group: no gap to measure." if ga is None else
+              f"Largest gap: {ga['highest']} vs {ga['lowest']}: {ga['difference']:.3f} {_fmt_ci(ga['difference_ci'])}"
+              + (" - the interval excludes zero." if ga["ci_excludes_zero"] else " - the interval includes zero."), ""]
+    return lines + _unfamiliar_gap_lines(gm)
+
+
+def _ensemble_lines(e: dict[str, Any], n: int, n_boot: int) -> list[str]:
+    """audit_summary.md's section on the runs' ensemble (:func:`_ensemble_audit`)."""
+    lines = ["## Their ensemble", "", f"The {n} runs as one model: the mean of their probabilities, which `cifarlab "
+             f"predict` serves when given their folder. Overall accuracy **{e['overall_accuracy']:.4f}**. Intervals: "
+             f"{interval_method(n_boot)}.", "", *_class_lines(e["classes"], [])]
+    for name, gm in e.get("attributes", {}).items():
+        lines += _group_lines(f"### The ensemble's groups by `{name}`", gm)
+    if e["warnings"]:
+        lines += ["The ensemble's warnings:", ""] + [f"- {w}" for w in e["warnings"]] + [""]
+    return lines
 
 
 def _confidence_lines(rows: list[dict[str, Any]] | None) -> list[str]:

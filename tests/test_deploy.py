@@ -187,3 +187,39 @@ def test_a_stale_report_or_a_lost_bank_is_not_exported(trained_run, capsys):
     said = []
     assert export_onnx(trained_run, log=said.append)["unfamiliar_below"] is None
     assert any("no 'familiarity' output: cannot read the knn score's bank" in s for s in said)
+
+
+def test_a_runs_folder_exports_as_one_file_of_their_ensemble(tmp_path, image_folder, capsys):
+    """The folder of --runs N exports as one graph: every run with its own preprocessing and
+    calibration, the mean of their probabilities out, as load_ensemble predicts; the metadata
+    names the runs and holds each one's figures. cifarlab ood's threshold, one run's, stays out;
+    --int8 and Keras weights take one run."""
+    from conftest import tiny_config
+
+    from cifarlab.export import load_ensemble
+    from cifarlab.train import fit
+
+    base = tmp_path / "set"
+    fit(tiny_config(str(image_folder), str(base), runs=2), log=lambda s: None)
+    assert main(["calibrate", str(base / "run-1")]) == 0  # run-0 stays uncalibrated
+    assert main(["ood", str(base / "run-0"), "synthetic:gaussian"]) == 0  # a threshold, which is not exported
+    capsys.readouterr()
+    assert main(["export", str(base)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {base / 'model.onnx'}" in printed and "the mean of the 2 runs' (metadata 'ensemble_of'" in printed
+    sess = ort.InferenceSession(str(base / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["probabilities"]
+    images = np.random.default_rng(3).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    ens = load_ensemble(base)
+    got, want = _run(sess, images), ens.predict(images)
+    assert np.abs(got - want).max() <= 1e-5
+    assert not np.allclose(want, ens.members[0].predict(images), atol=1e-4)  # not one run's alone
+    meta = {p.key: p.value for p in onnx.load(str(base / "model.onnx")).metadata_props}
+    assert json.loads(meta["ensemble_of"]) == ["run-0", "run-1"] and meta["source_run"] == "set"
+    t = json.loads(meta["temperature"])
+    assert t[0] is None and t[1] == pytest.approx(ens.members[1].temperature())
+    assert len(json.loads(meta["preprocessing"])) == 2 and "unfamiliar_below" not in meta
+    assert any("surveilling people" in u for u in json.loads(meta["out_of_scope_uses"]))
+    for extra in (["--int8"], ["--out", str(tmp_path / "w.h5")]):
+        assert main(["export", str(base), *extra]) == 2
+        assert "holds 2 runs of 'cifarlab train --runs' (run-0, run-1); give one of them" in capsys.readouterr().err

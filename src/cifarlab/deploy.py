@@ -96,6 +96,20 @@ class ExportedClassifier(nn.Module):
         return probs, familiarity
 
 
+class ExportedEnsemble(nn.Module):
+    """The runs of a ``--runs N`` folder as the ONNX file holds them: each run's
+    :class:`ExportedClassifier` (its own preprocessing, test-time augmentation and calibration)
+    on the same images, and the mean of their probabilities, as
+    :meth:`cifarlab.export.Ensemble.predict` computes it."""
+
+    def __init__(self, members: list[ExportedClassifier]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(images) for m in self.members]).mean(0)
+
+
 @contextlib.contextmanager
 def _quiet(logger: str) -> Iterator[None]:
     """Silence ``logger`` below errors: PyTorch's exporter logs a warning for every torchvision
@@ -143,10 +157,25 @@ def _unfamiliar_rule(predictor, log: Callable[[str], None]) -> tuple[dict[str, A
 
 
 def _metadata(predictor, run: Path, tta: str) -> dict[str, str]:
+    """The ONNX file's metadata: what a user of the file needs to feed it and read it, and what
+    it must not be used for. ``predictor`` may be an :class:`~cifarlab.export.Ensemble`: the
+    figures that are each run's own (preprocessing, temperature, class offsets) are then lists,
+    in the order of ``ensemble_of``."""
     from . import __version__
     from .audit import OUT_OF_SCOPE
     from .datasheet import people_classes, people_warning
+    from .export import Ensemble
 
+    if isinstance(predictor, Ensemble):
+        members = predictor.members
+        return {**_metadata(members[0], run, tta),
+                "output": f"{OUTPUT_NAME}: the mean of the runs' softmax over the classes, float32 (N, "
+                          f"{len(predictor.classes)})",
+                "ensemble_of": json.dumps([m.run.name for m in members]),
+                "preprocessing": json.dumps([m.prep for m in members]),
+                "temperature": json.dumps([m.temperature() for m in members]),
+                "class_offsets": json.dumps([None if m.class_offsets() is None else list(m.class_offsets())
+                                             for m in members])}
     c, h, w = predictor.input_shape
     people = people_classes(predictor.classes)
     return {
@@ -169,6 +198,26 @@ def _metadata(predictor, run: Path, tta: str) -> dict[str, str]:
     }
 
 
+def _exported(predictor, score: str | None = None, bank: np.ndarray | None = None,
+              k: int | None = None) -> ExportedClassifier:
+    """``predictor``'s model as the file holds it: float32 and the default memory format, so
+    that the file holds one graph for every runtime."""
+    return ExportedClassifier(predictor.model.float().to(memory_format=torch.contiguous_format), predictor.prep,
+                              predictor.tta, predictor.calibration(), score, bank, k).eval()
+
+
+def _architecture(predictor) -> str:
+    """The model's name, of an ensemble each run's (one name: the runs of a folder train alike)."""
+    members = getattr(predictor, "members", [predictor])
+    return ", ".join(sorted({m.arch["model"] for m in members}))
+
+
+def _ttas(predictor) -> str:
+    """The test-time augmentation in the graph, of an ensemble each run's."""
+    members = getattr(predictor, "members", [predictor])
+    return ", ".join(sorted({m.tta for m in members}))
+
+
 def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None = None,
                 opset: int | None = None, check: bool = True,
                 log: Callable[[str], None] = print, uncalibrated: bool = False,
@@ -185,9 +234,12 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
     """
     from .about import read_about
 
+    from .export import is_runs_set, load_ensemble
+
     given = read_about(about)["model"]  # a bad file fails before the export starts
     onnx = _onnx_modules()
-    predictor = load_model(run, "cpu", tta, uncalibrated)
+    several = is_runs_set(run)
+    predictor = load_ensemble(run, "cpu", tta, uncalibrated) if several else load_model(run, "cpu", tta, uncalibrated)
     run = Path(run)
     out = Path(out) if out is not None else run / "model.onnx"
     if out.suffix != ".onnx":
@@ -198,10 +250,13 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
                             f"{onnx.defs.onnx_opset_version()}); give one such as 18 or 20")
     c, h, w = predictor.input_shape
     # float32 and the default memory format: the file holds one graph for every runtime.
-    rule, bank = _unfamiliar_rule(predictor, log)
-    score, k = (rule["score"], rule.get("k")) if rule else (None, None)
-    wrapped = ExportedClassifier(predictor.model.float().to(memory_format=torch.contiguous_format),
-                                 predictor.prep, predictor.tta, predictor.calibration(), score, bank, k).eval()
+    if several:  # cifarlab ood's threshold is one run's: the ensemble's file gives probabilities alone
+        rule, bank, score, k = None, None, None, None
+        wrapped = ExportedEnsemble([_exported(m) for m in predictor.members]).eval()
+    else:
+        rule, bank = _unfamiliar_rule(predictor, log)
+        score, k = (rule["score"], rule.get("k")) if rule else (None, None)
+        wrapped = _exported(predictor, score, bank, k)
     outputs = [OUTPUT_NAME] + ([FAMILIARITY_NAME] if rule else [])
     example = torch.zeros((2, h, w, c), dtype=torch.uint8)
     try:
@@ -212,7 +267,7 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
                 dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}}, opset_version=opset,
                 external_data=False, verbose=False)
     except Exception as e:  # the exporter raises many types; the user needs the model and the reason
-        raise CifarlabError(f"PyTorch could not export {predictor.arch['model']} to ONNX "
+        raise CifarlabError(f"PyTorch could not export {_architecture(predictor)} to ONNX "
                             f"(opset {opset or 'default'}): {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") \
             from None
     proto = program.model_proto
@@ -220,14 +275,20 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
     if opset is not None and made != opset:  # the exporter falls back to its own opset when converting fails
         raise CifarlabError(f"--opset {opset}: the ONNX converter could not express this model in opset {opset} "
                             f"(PyTorch's exporter made opset {made}); give a newer one, such as {made}, or omit --opset")
-    meta = _metadata(predictor, run, predictor.tta)
+    ttas = _ttas(predictor)
+    meta = _metadata(predictor, run, ttas)
     meta.update({k: given[k] for k in ("developers", "licence", "contact") if k in given})
     if rule:  # what the second output means, and where to draw the line
         meta["unfamiliar_below"] = json.dumps(rule)
     onnx.helper.set_model_props(proto, meta)
-    report: dict[str, Any] = {"path": str(out), "opset": made, "tta": predictor.tta, "classes": predictor.classes,
-                              "temperature": predictor.temperature(), "class_offsets": predictor.class_offsets(),
-                              "unfamiliar_below": rule, "check": None}
+    each = predictor.members if several else [predictor]
+    report: dict[str, Any] = {"path": str(out), "opset": made, "tta": ttas, "classes": predictor.classes,
+                              "temperature": predictor.temperature() if not several else
+                              [m.temperature() for m in each],
+                              "class_offsets": predictor.class_offsets() if not several else
+                              [m.class_offsets() for m in each],
+                              "unfamiliar_below": rule, "check": None,
+                              **({"ensemble_of": [str(m.run) for m in each]} if several else {})}
 
     def write(tmp: Path) -> None:
         onnx.save_model(proto, str(tmp))
@@ -237,9 +298,11 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
     write_with(out, write)
     report["bytes"] = out.stat().st_size
     log(f"wrote {out} ({report['bytes'] / 1e6:.1f} MB, opset {report['opset']}): uint8 images (N, {h}, {w}, {c}) "
-        f"in '{INPUT_NAME}', probabilities over {len(predictor.classes)} classes out, test-time augmentation "
-        f"{predictor.tta}" + (f", temperature {predictor.temperature():.4g}" if predictor.temperature() else "")
-        + (", classes balanced (calibrate --balance-classes)" if predictor.class_offsets() else "")
+        f"in '{INPUT_NAME}', probabilities over {len(predictor.classes)} classes out"
+        + (f", the mean of the {len(each)} runs' (metadata 'ensemble_of'; each with its own calibration)"
+           if several else "") + f", test-time augmentation {ttas}"
+        + (f", temperature {predictor.temperature():.4g}" if not several and predictor.temperature() else "")
+        + (", classes balanced (calibrate --balance-classes)" if not several and predictor.class_offsets() else "")
         + (f"; '{FAMILIARITY_NAME}' out, the {rule['score']} score"
            + (f" (k = {rule['k']}, the features of {rule['bank_images']:,} training images in the file)"
               if "k" in rule else "")
@@ -270,8 +333,11 @@ def compare_with_pytorch(path: str | Path, predictor, n: int = 16, seed: int = 0
     images = np.random.default_rng(seed).integers(0, 256, (n, h, w, c), dtype=np.uint8)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run([OUTPUT_NAME] + ([FAMILIARITY_NAME] if score else []), {INPUT_NAME: images})
-    logits = predictor.logits(images)
-    want = predictor.probabilities(logits)
+    if score:
+        logits = predictor.logits(images)
+        want = predictor.probabilities(logits)
+    else:  # of an ensemble too, whose probabilities are the mean of its runs'
+        want = predictor.predict(images)
     diff = float(np.abs(got[0] - want).max())
     if not diff <= TOLERANCE:  # also catches NaN
         raise CifarlabError(f"the exported graph does not reproduce the model: its probabilities differ from "

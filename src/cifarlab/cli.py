@@ -556,7 +556,8 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
                                    "the onnx extra: pip install '.[onnx]' in a clone, or onnx onnxscript onnxruntime. "
                                    "With --out NAME.h5 it writes a keras-shallow or keras-deep run's weights for "
                                    "Keras' model.load_weights instead (needs h5py).")
-    x.add_argument("run", help="run folder written by 'cifarlab train'")
+    x.add_argument("run", help="run folder written by 'cifarlab train' (the folder of --runs N: one ONNX file of their "
+                               "ensemble, the mean of their probabilities)")
     x.add_argument("--out", help="the .onnx file to write (default RUN/model.onnx); a name ending in .h5 writes "
                                  "the weights for Keras' model.load_weights instead (keras-shallow, keras-deep)")
     _add_tta_arg(x)

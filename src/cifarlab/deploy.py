@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from .calibrate import Calibration
 from .errors import CifarlabError
-from .export import channel_values, load_model, tta_logits
+from .export import Ensemble, channel_values, is_runs_set, load_ensemble, load_model, tta_logits
 from .fsutil import write_with
 
 INPUT_NAME = "images"
@@ -164,7 +164,6 @@ def _metadata(predictor, run: Path, tta: str) -> dict[str, str]:
     from . import __version__
     from .audit import OUT_OF_SCOPE
     from .datasheet import people_classes, people_warning
-    from .export import Ensemble
 
     if isinstance(predictor, Ensemble):
         members = predictor.members
@@ -234,8 +233,6 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
     """
     from .about import read_about
 
-    from .export import is_runs_set, load_ensemble
-
     given = read_about(about)["model"]  # a bad file fails before the export starts
     onnx = _onnx_modules()
     several = is_runs_set(run)
@@ -249,7 +246,6 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
         raise CifarlabError(f"--opset {opset} is not an ONNX opset this onnx knows (1 to "
                             f"{onnx.defs.onnx_opset_version()}); give one such as 18 or 20")
     c, h, w = predictor.input_shape
-    # float32 and the default memory format: the file holds one graph for every runtime.
     if several:  # cifarlab ood's threshold is one run's: the ensemble's file gives probabilities alone
         rule, bank, score, k = None, None, None, None
         wrapped = ExportedEnsemble([_exported(m) for m in predictor.members]).eval()
@@ -282,11 +278,11 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
         meta["unfamiliar_below"] = json.dumps(rule)
     onnx.helper.set_model_props(proto, meta)
     each = predictor.members if several else [predictor]
+    temperatures, offsets = [m.temperature() for m in each], [m.class_offsets() for m in each]
     report: dict[str, Any] = {"path": str(out), "opset": made, "tta": ttas, "classes": predictor.classes,
-                              "temperature": predictor.temperature() if not several else
-                              [m.temperature() for m in each],
-                              "class_offsets": predictor.class_offsets() if not several else
-                              [m.class_offsets() for m in each],
+                              # of an ensemble, each run's, in the order of ensemble_of
+                              "temperature": temperatures if several else temperatures[0],
+                              "class_offsets": offsets if several else offsets[0],
                               "unfamiliar_below": rule, "check": None,
                               **({"ensemble_of": [str(m.run) for m in each]} if several else {})}
 
@@ -301,8 +297,8 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
         f"in '{INPUT_NAME}', probabilities over {len(predictor.classes)} classes out"
         + (f", the mean of the {len(each)} runs' (metadata 'ensemble_of'; each with its own calibration)"
            if several else "") + f", test-time augmentation {ttas}"
-        + (f", temperature {predictor.temperature():.4g}" if not several and predictor.temperature() else "")
-        + (", classes balanced (calibrate --balance-classes)" if not several and predictor.class_offsets() else "")
+        + (f", temperature {temperatures[0]:.4g}" if not several and temperatures[0] else "")
+        + (", classes balanced (calibrate --balance-classes)" if not several and offsets[0] else "")
         + (f"; '{FAMILIARITY_NAME}' out, the {rule['score']} score"
            + (f" (k = {rule['k']}, the features of {rule['bank_images']:,} training images in the file)"
               if "k" in rule else "")

@@ -65,6 +65,9 @@ def test_a_notebook_trains_evaluates_and_audits_a_set_of_runs(tmp_path, image_fo
     assert ev["ensemble"]["accuracy"] == pytest.approx(float((probs.argmax(1) == ds.y_test).mean()))
     files = [str(image_folder / p) for p in ds.test_paths[:2]]  # file paths, read once for both runs
     assert np.allclose(ens.predict(files), probs[:2], atol=1e-6) and ens.classes == ds.classes
+    with pytest.raises(CifarlabError, match=r"'.*run-0' is one run, not the folder of 'cifarlab train --runs N'; "
+                                            r"load it with load_model"):
+        cifarlab.load_ensemble(tmp_path / "set" / "run-0")
     cal = cifarlab.calibrate_runs(s["run"], ds, device="cpu", log=lambda x: None)
     ev = cifarlab.evaluate_runs(s["run"], ds, device="cpu")
     assert [r["temperature"] for r in ev["per_run"]] == [r["temperature"] for r in cal["per_run"]]

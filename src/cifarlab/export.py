@@ -504,6 +504,9 @@ def load_ensemble(folder: str | Path, device: str = "cpu", tta: str | None = Non
                   uncalibrated: bool = False) -> Ensemble:
     """The runs of the ``--runs N`` folder ``folder`` (all finished), each loaded as
     :func:`load_model` loads a run, as one :class:`Ensemble`."""
+    if (Path(folder) / "architecture.json").is_file():
+        raise CifarlabError(f"'{folder}' is one run, not the folder of 'cifarlab train --runs N'; load it with "
+                            "load_model")
     return Ensemble([load_model(r, device, tta, uncalibrated) for r in finished_runs(folder)], folder)
 
 

@@ -118,9 +118,9 @@ def class_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str], n_boot: i
         rec = np.diag(cm) / cm.sum(1)
         prec = np.diag(cm) / cm.sum(0)
 
-    rows = [{"class": c, "support": int(cm[i].sum()), "accuracy": float(rec[i]),
-             "accuracy_ci": proportion_ci(cm[i, i], cm[i].sum()),
-             "recall": float(rec[i]), "recall_ci": proportion_ci(cm[i, i], cm[i].sum()),
+    acc_ci = [proportion_ci(cm[i, i], cm[i].sum()) for i in range(k)]  # a class's accuracy is its recall
+    rows = [{"class": c, "support": int(cm[i].sum()), "accuracy": float(rec[i]), "accuracy_ci": acc_ci[i],
+             "recall": float(rec[i]), "recall_ci": list(acc_ci[i]),
              "precision": float(prec[i]) if np.isfinite(prec[i]) else None,
              "precision_ci": percentile_interval(prec_b[:, i])} for i, c in enumerate(classes)]
     best, worst = int(np.nanargmax(rec)), int(np.nanargmin(rec))

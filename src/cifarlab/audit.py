@@ -331,6 +331,15 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
     model's owner knows (:func:`cifarlab.about.read_about`), which the model card states;
     ``datasheet``: the folder (or ``datasheet.json``) that ``cifarlab datasheet`` wrote of the
     run's training data, whose warnings the model card quotes."""
+    return _audit(run, ds, out, groups_csv, margin, min_group, n_boot, seed, tta, device, log, uncalibrated,
+                  intersections, about, datasheet)[0]
+
+
+def _audit(run: str | Path, ds: Dataset, out: str | Path | None, groups_csv: str | None, margin: float,
+           min_group: int, n_boot: int, seed: int, tta: str | None, device: str, log: Callable[[str], None],
+           uncalibrated: bool, intersections: bool, about: str | Path | None,
+           datasheet: str | Path | None) -> tuple[dict[str, Any], np.ndarray]:
+    """:func:`audit_run`'s audit, and the probabilities it was made of."""
     run = Path(run)
     suffix = data_suffix(ds, [run])  # the reports on this data are in RUN/<kind><suffix>
     out = Path(out) if out is not None else run / f"audit{suffix}"
@@ -345,8 +354,8 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
                             f"{short_list(sheet['classes'])}, the run's are {short_list(pred.classes)}; give the "
                             "datasheet of its training data")
     with report_folder(out):  # removed again if the audit fails part-way
-        audit = _write_audit(out, run, pred, ds, groups, groups_csv, margin, min_group, n_boot, seed, suffix, facts,
-                             sheet)
+        audit, probs = _write_audit(out, run, pred, ds, groups, groups_csv, margin, min_group, n_boot, seed, suffix,
+                                    facts, sheet)
     for w in audit["warnings"]:
         log(f"warning: {w}")
     if people := people_classes(pred.classes):  # the model card's ethical considerations say it in full
@@ -355,7 +364,7 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
     log(f"overall accuracy {audit['overall_accuracy']:.4f}; best class {sp['best']}, worst {sp['worst']}: gap "
         f"{sp['difference']:.4f} (95% CI {sp['difference_ci'][0]:.4f} to {sp['difference_ci'][1]:.4f})")
     log(f"wrote {out / 'audit.md'} and {out / 'MODEL_CARD.md'}")
-    return audit
+    return audit, probs
 
 
 def read_card_files(about: str | Path | None, datasheet: str | Path | None) -> tuple[dict[str, dict[str, str]],
@@ -372,8 +381,10 @@ def read_card_files(about: str | Path | None, datasheet: str | Path | None) -> t
 
 def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: str | None, margin: float,
                  min_group: int, n_boot: int, seed: int, suffix: str,
-                 facts: dict[str, dict[str, str]] | None = None, sheet: dict | None = None) -> dict[str, Any]:
-    """:func:`audit_run`'s predictions, metrics and files, into the existing folder ``out``;
+                 facts: dict[str, dict[str, str]] | None = None,
+                 sheet: dict | None = None) -> tuple[dict[str, Any], np.ndarray]:
+    """:func:`audit_run`'s predictions, metrics and files, into the existing folder ``out``,
+    returned with the probabilities they were made of;
     the other reports it quotes are those in ``RUN/<kind><suffix>`` (:func:`cifarlab.export.data_suffix`);
     ``facts``, the owner's answers (:func:`cifarlab.about.read_about`), and ``sheet``, the
     training data's datasheet (:func:`cifarlab.datasheet.read_datasheet`), go into the model card."""
@@ -428,7 +439,7 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
     card = build_model_card(run, pred, ds, report, audit, suffix, facts, sheet)
     write_json(out / "model_card.json", card)
     write_text(out / "MODEL_CARD.md", model_card_markdown(card))
-    return audit
+    return audit, probs
 
 
 def _class_audit(y: np.ndarray, yhat: np.ndarray, classes: list[str], overall: float, margin: float, n_boot: int,
@@ -456,18 +467,16 @@ def _group_audit(y: np.ndarray, yhat: np.ndarray, values: np.ndarray, overall: f
     return gm
 
 
-def _ensemble_audit(base: Path, ds: Dataset, groups, margin: float, min_group: int, n_boot: int, seed: int,
-                    tta: str | None, device: str, uncalibrated: bool) -> dict[str, Any]:
-    """The runs of ``base`` as one model, their ensemble (:func:`cifarlab.export.load_ensemble`,
-    what ``cifarlab predict BASE`` serves), audited as :func:`audit_run` audits a run: its
-    overall accuracy, each class's with its interval and flag, the best-to-worst gap, each
-    group's accuracy and gap (``groups`` from :func:`load_groups`), and their warnings."""
-    from .export import load_ensemble
-
-    ens = load_ensemble(base, device, tta, uncalibrated)
-    y, yhat = ds.y_test, ens.predict(ds.x_test).argmax(1)
+def _ensemble_audit(probs: np.ndarray, classes: list[str], ds: Dataset, groups, margin: float, min_group: int,
+                    n_boot: int, seed: int) -> dict[str, Any]:
+    """The runs as one model, their ensemble, whose probabilities ``probs`` are the mean of the
+    runs' (as :class:`cifarlab.export.Ensemble` gives them, what ``cifarlab predict BASE``
+    serves), audited as :func:`audit_run` audits a run: its overall accuracy, each class's with
+    its interval and flag, the best-to-worst gap, each group's accuracy and gap (``groups`` from
+    :func:`load_groups`), and their warnings."""
+    y, yhat = ds.y_test, probs.argmax(1)
     overall = float((yhat == y).mean())
-    cls, warnings = _class_audit(y, yhat, ens.classes, overall, margin, n_boot, seed)
+    cls, warnings = _class_audit(y, yhat, classes, overall, margin, n_boot, seed)
     out: dict[str, Any] = {"probabilities": "mean of the runs'", "overall_accuracy": overall, "classes": cls}
     if groups is not None:
         idx, attrs = groups
@@ -534,21 +543,23 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
     runs = finished_runs(base)
     suffix = data_suffix(ds, runs)  # the reports on this data are in base/<kind><suffix>
     out = Path(out) if out is not None else (base / f"audit{suffix}" if suffix else None)
-    audits, reports = [], []
+    audits, reports, total = [], [], None
     for r in runs:
         folder = (out / r.name) if out else r / "audit"
         reports.append(folder / "audit.md")
         # its warnings are in its audit.md; the summary gathers them
-        a = audit_run(r, ds, folder, groups_csv, margin, min_group, n_boot, seed, tta, device,
-                      log=lambda _: None, uncalibrated=uncalibrated, intersections=intersections, about=about,
-                      datasheet=datasheet)
+        a, probs = _audit(r, ds, folder, groups_csv, margin, min_group, n_boot, seed, tta, device, lambda _: None,
+                          uncalibrated, intersections, about, datasheet)
+        total = probs.astype(np.float64) if total is None else total + probs  # the ensemble's, summed as they come
         sp = a["classes"]["spread"]
         log(f"{r.name}: overall accuracy {a['overall_accuracy']:.4f}; worst class {sp['worst']}, gap "
             f"{sp['difference']:.4f}; {len(a['warnings'])} warning(s); report in {folder / 'audit.md'}")
         audits.append(a)
     summary = summarise_audits(audits, [str(r) for r in runs])
-    summary["ensemble"] = e = _ensemble_audit(base, ds, load_groups(groups_csv, ds, intersections), margin,
-                                              min_group, n_boot, seed, tta, device, uncalibrated)
+    classes = [c["class"] for c in audits[0]["classes"]["per_class"]]
+    summary["ensemble"] = e = _ensemble_audit((total / len(runs)).astype(np.float32), classes, ds,
+                                              load_groups(groups_csv, ds, intersections), margin, min_group, n_boot,
+                                              seed)
     sp = e["classes"]["spread"]
     log(f"their ensemble (the mean of their probabilities, as 'cifarlab predict {base}' gives them): overall accuracy "
         f"{e['overall_accuracy']:.4f}; worst class {sp['worst']}, gap {sp['difference']:.4f}; "

@@ -1377,7 +1377,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     removes those of one kind (or all), ``--unused-days`` only the ones unused that long."""
     import time
 
-    from .data.cache import KIND_TITLES, KINDS, cache_dir, cache_entries, format_size, remove_entry
+    from .data.cache import KIND_TITLES, KINDS, cache_dir, cache_entries, clear_entries, format_size
     from .fsutil import json_text
 
     days = args.unused_days
@@ -1389,11 +1389,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     entries = cache_entries(now)
     removed = []
     if args.clear:
-        kinds = KINDS if args.clear == "all" else (args.clear,)
-        for e in entries:
-            if e.kind in kinds and (e.leftover or days is None or now - e.last_used > days * 86400) \
-                    and remove_entry(e):
-                removed.append(e)
+        removed = clear_entries(entries, KINDS if args.clear == "all" else (args.clear,), days, now)
         gone = {id(e) for e in removed}
         entries = [e for e in entries if id(e) not in gone]
     if args.json:

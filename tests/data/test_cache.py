@@ -12,7 +12,7 @@ from conftest import make_image_folder
 
 from cifarlab.cli import main
 from cifarlab.data import load_dataset
-from cifarlab.data.cache import LEFTOVER_AGE_S, cache_entries, format_size, remove_entry
+from cifarlab.data.cache import LEFTOVER_AGE_S, cache_entries, clear_entries, format_size, remove_entry
 
 CACHED = "loaded from the decoded cache"
 KEY = "0123456789abcdef0123456789abcdef"
@@ -128,6 +128,16 @@ def test_an_entry_removed_meanwhile_is_passed_over(cache):
     assert remove_entry(entry) and not entry.path.exists()
     assert not remove_entry(entry)
     assert not any(p.name.startswith(f".{entry.path.name}.removing") for p in (cache / "decoded").iterdir())
+
+
+def test_clear_entries_leaves_out_what_another_process_removed_first(cache):
+    entries = cache_entries()
+    decoded = [e for e in entries if e.kind == "decoded"]
+    assert remove_entry(decoded[0])  # gone before the clearing reaches it
+    removed = clear_entries(entries, ("decoded",), unused_days=0)
+    assert removed == decoded[1:]  # the other entry, unused for more than 0 days, and the leftover
+    assert [e.kind for e in cache_entries()] == ["downloads", "kernels"]
+    assert clear_entries(cache_entries(), ("downloads", "kernels"), unused_days=1) == []  # all used just now
 
 
 def test_an_empty_or_absent_cache(tmp_path, monkeypatch, capsys):

@@ -247,6 +247,20 @@ def remove_entry(entry: CacheEntry) -> bool:
     return True
 
 
+def clear_entries(entries: list[CacheEntry], kinds: tuple[str, ...], unused_days: float | None = None,
+                  now: float | None = None) -> list[CacheEntry]:
+    """Remove the entries of ``kinds`` not used for ``unused_days`` days (all of them where it is
+    None), and every one of those kinds that a stopped write left behind, whatever its age: it
+    would never be read. Returns the entries removed (not those another process removed first)."""
+    now = time.time() if now is None else now
+    removed = []
+    for e in entries:
+        if e.kind in kinds and (e.leftover or unused_days is None or now - e.last_used > unused_days * 86400) \
+                and remove_entry(e):
+            removed.append(e)
+    return removed
+
+
 def format_size(n: int) -> str:
     """Bytes as people read them on disk: 184.3 MB (powers of 1000, as ``df -H`` and file managers)."""
     for unit in ("B", "kB", "MB", "GB"):

@@ -358,7 +358,8 @@ def test_evaluation_data_with_other_classes_is_refused_naming_them(data_classes,
     assert msg in str(e.value)
 
 
-def test_audit_of_a_runs_folder_summarises_each_class_and_group_over_the_runs(image_folder, tmp_path, capsys):
+def test_audit_of_a_runs_folder_summarises_each_class_and_group_over_the_runs(image_folder, tmp_path, capsys,
+                                                                               monkeypatch):
     from conftest import make_image_folder, tiny_config
 
     from cifarlab.cli import main
@@ -437,9 +438,23 @@ def test_audit_of_a_runs_folder_summarises_each_class_and_group_over_the_runs(im
     assert main(["datasheet", "--data", str(image_folder), "--out", str(tmp_path / "sheet")]) == 0
     groups.write_text("path,source,half\n" + "".join(f"{p},{'b' if i < 3 else 'a'},{'xy'[i % 2]}\n"
                                                      for i, p in enumerate(ds.test_paths)))
+    import cifarlab.about
+    import cifarlab.audit
+    import cifarlab.datasheet
+
+    reads = []
+    for module, name in ((cifarlab.audit, "read_groups"), (cifarlab.about, "read_about"),
+                         (cifarlab.datasheet, "read_datasheet")):
+        def counted(*a, _f=getattr(module, name), _name=name, **k):
+            reads.append(_name)
+            return _f(*a, **k)
+        monkeypatch.setattr(module, name, counted)
     assert main(["audit", str(out), "--data", str(swapped), "--bootstrap", "100", "--out", str(tmp_path / "c"),
                  "--about", str(tmp_path / "about.yaml"), "--datasheet", str(tmp_path / "sheet"), "--groups",
                  str(groups), "--intersections", "--min-group", "1"]) == 0
+    # the groups file read once for the 3 runs and the ensemble; the card files so too, after the
+    # command's own check of them before the data is loaded
+    assert sorted(reads) == ["read_about"] * 2 + ["read_datasheet"] * 2 + ["read_groups"]
     for k in range(3):
         card = json.loads((tmp_path / "c" / f"run-{k}" / "model_card.json").read_text())
         assert card["model_details"]["developers"] == "Ada Example" and card["training_data"]["datasheet"]

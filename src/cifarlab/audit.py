@@ -331,22 +331,24 @@ def audit_run(run: str | Path, ds: Dataset, out: str | Path | None = None, group
     model's owner knows (:func:`cifarlab.about.read_about`), which the model card states;
     ``datasheet``: the folder (or ``datasheet.json``) that ``cifarlab datasheet`` wrote of the
     run's training data, whose warnings the model card quotes."""
-    return _audit(run, ds, out, groups_csv, margin, min_group, n_boot, seed, tta, device, log, uncalibrated,
-                  intersections, about, datasheet)[0]
-
-
-def _audit(run: str | Path, ds: Dataset, out: str | Path | None, groups_csv: str | None, margin: float,
-           min_group: int, n_boot: int, seed: int, tta: str | None, device: str, log: Callable[[str], None],
-           uncalibrated: bool, intersections: bool, about: str | Path | None,
-           datasheet: str | Path | None) -> tuple[dict[str, Any], np.ndarray]:
-    """:func:`audit_run`'s audit, and the probabilities it was made of."""
-    run = Path(run)
-    suffix = data_suffix(ds, [run])  # the reports on this data are in RUN/<kind><suffix>
-    out = Path(out) if out is not None else run / f"audit{suffix}"
     check_options(margin, min_group, n_boot)
     # The groups file first: a mistake in it should cost no prediction and leave no partial report.
     groups = load_groups(groups_csv, ds, intersections)
-    facts, sheet = read_card_files(about, datasheet)
+    return _audit(run, ds, out, groups, groups_csv, margin, min_group, n_boot, seed, tta, device, log, uncalibrated,
+                  read_card_files(about, datasheet), datasheet)[0]
+
+
+def _audit(run: str | Path, ds: Dataset, out: str | Path | None, groups, groups_csv: str | None, margin: float,
+           min_group: int, n_boot: int, seed: int, tta: str | None, device: str, log: Callable[[str], None],
+           uncalibrated: bool, cards: tuple[dict[str, dict[str, str]], dict[str, Any] | None],
+           datasheet: str | Path | None) -> tuple[dict[str, Any], np.ndarray]:
+    """:func:`audit_run`'s audit, and the probabilities it was made of, with the groups file
+    already read (:func:`load_groups`) and the model card's files (:func:`read_card_files`), so
+    that the runs of a folder share one reading of each."""
+    run = Path(run)
+    suffix = data_suffix(ds, [run])  # the reports on this data are in RUN/<kind><suffix>
+    out = Path(out) if out is not None else run / f"audit{suffix}"
+    facts, sheet = cards
     pred = load_model(run, device, tta, uncalibrated)
     _check_compatible(pred, ds)
     if sheet is not None and sheet["classes"] != pred.classes:
@@ -538,7 +540,9 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
     from .export import finished_runs
 
     check_options(margin, min_group, n_boot)
-    read_card_files(about, datasheet)  # a bad about file or datasheet fails before the first run is audited
+    # Read once for every run and the ensemble; a bad file fails before the first run is audited.
+    groups = load_groups(groups_csv, ds, intersections)
+    cards = read_card_files(about, datasheet)
     base = Path(base)
     runs = finished_runs(base)
     suffix = data_suffix(ds, runs)  # the reports on this data are in base/<kind><suffix>
@@ -548,8 +552,8 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
         folder = (out / r.name) if out else r / "audit"
         reports.append(folder / "audit.md")
         # its warnings are in its audit.md; the summary gathers them
-        a, probs = _audit(r, ds, folder, groups_csv, margin, min_group, n_boot, seed, tta, device, lambda _: None,
-                          uncalibrated, intersections, about, datasheet)
+        a, probs = _audit(r, ds, folder, groups, groups_csv, margin, min_group, n_boot, seed, tta, device,
+                          lambda _: None, uncalibrated, cards, datasheet)
         total = probs.astype(np.float64) if total is None else total + probs  # the ensemble's, summed as they come
         sp = a["classes"]["spread"]
         log(f"{r.name}: overall accuracy {a['overall_accuracy']:.4f}; worst class {sp['worst']}, gap "
@@ -558,8 +562,7 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
     summary = summarise_audits(audits, [str(r) for r in runs])
     classes = [c["class"] for c in audits[0]["classes"]["per_class"]]
     summary["ensemble"] = e = _ensemble_audit((total / len(runs)).astype(np.float32), classes, ds,
-                                              load_groups(groups_csv, ds, intersections), margin, min_group, n_boot,
-                                              seed)
+                                              groups, margin, min_group, n_boot, seed)
     sp = e["classes"]["spread"]
     log(f"their ensemble (the mean of their probabilities, as 'cifarlab predict {base}' gives them): overall accuracy "
         f"{e['overall_accuracy']:.4f}; worst class {sp['worst']}, gap {sp['difference']:.4f}; "

@@ -408,3 +408,88 @@ def test_export_builds_the_class_offsets_into_the_graph(tmp_path):
     np.testing.assert_allclose(got, load_model(tmp_path / "run").predict(ds.x_test), atol=1e-4)
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert json.loads(meta["class_offsets"]) == pytest.approx(list(offsets))
+
+
+def test_calibrate_mean_is_the_softmax_of_the_log_mean_over_the_temperature():
+    from cifarlab.calibrate import calibrate_mean
+
+    p = np.array([[0.7, 0.2, 0.1], [0.5, 0.5, 0.0]])
+    got = calibrate_mean(p, 0.5)
+    want = p ** 2 / (p ** 2).sum(1, keepdims=True)  # softmax(log p / T) = p^(1/T), normalised
+    np.testing.assert_allclose(got, want, atol=1e-7)
+    assert got.dtype == np.float32 and np.isfinite(got).all()  # a class every run gave 0 keeps 0, not NaN
+    np.testing.assert_allclose(calibrate_mean(p, 1.0), p, atol=1e-7)
+
+
+def test_runs_that_share_their_validation_images_calibrate_their_ensemble(tmp_path, image_folder, capsys):
+    """With --split-seed the runs hold out the same validation images; calibrate OUT then fits
+    the ensemble's own temperature on them, which load_ensemble, evaluate, predict and export
+    apply, and which a run changed since makes refused. Without it, the runs' validation
+    images differ and the ensemble is left uncalibrated, saying why."""
+    from cifarlab.calibrate import ENSEMBLE_FILE, calibrate_mean
+    from cifarlab.evaluate import evaluate_runs
+    from cifarlab.export import Ensemble, load_ensemble
+    from cifarlab.train import fit, run_split
+
+    base = tmp_path / "set"
+    cfg = tiny_config(str(image_folder), str(base), runs=2, epochs=2)
+    cfg.data.split_seed = 7
+    fit(cfg, log=lambda s: None)
+    ds = load_dataset(str(image_folder))
+    va = [run_split(base / f"run-{k}", ds)[2] for k in range(2)]
+    assert np.array_equal(va[0], va[1])
+    assert "split_seed: 7" in (base / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main(["calibrate", str(base), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    doc = json.loads((base / ENSEMBLE_FILE).read_text())
+    entry = doc["by_tta"]["none"]
+    t = entry["temperature"]
+    assert f"their ensemble: temperature {t:.4f}" in out and f"on the {len(va[0])} validation images they share" in out
+    assert [r["run"] for r in entry["runs"]] == ["run-0", "run-1"]
+    assert entry["validation_loss"]["after"] <= entry["validation_loss"]["before"] + 1e-12
+    # the fit: the temperature minimises the loss of log(mean of the calibrated runs' probabilities)
+    members = [load_model(base / f"run-{k}") for k in range(2)]
+    mean = np.mean([m.predict(ds.x_train[va[0]]).astype(np.float64) for m in members], axis=0)
+    floor = np.finfo(np.float64).tiny  # as the fit floors them: a class every run gave 0
+    assert t == pytest.approx(fit_temperature(np.log(np.maximum(mean, floor)), ds.y_train[va[0]]), rel=1e-6)
+
+    ens = load_ensemble(base)
+    assert ens.temperature() == t and load_ensemble(base, uncalibrated=True).temperature() is None
+    raw = Ensemble(members, base).predict(ds.x_test)
+    np.testing.assert_allclose(ens.predict(ds.x_test), calibrate_mean(raw, t), atol=1e-6)
+    assert (ens.predict(ds.x_test).argmax(1) == raw.argmax(1)).all()  # a temperature changes no prediction
+    s = evaluate_runs(base, ds, device="cpu")
+    assert s["ensemble"]["temperature"] == t
+    assert s["ensemble"]["loss"] == pytest.approx(nll(np.log(np.maximum(ens.predict(ds.x_test), floor)), ds.y_test),
+                                                 abs=1e-5)
+    from cifarlab.evaluate import calibration
+
+    assert s["ensemble"]["uncalibrated_ece"] == pytest.approx(calibration(raw, ds.y_test)["ece"], abs=1e-6)
+    image = next((image_folder / "test" / "cat").iterdir())
+    assert main(["predict", str(base), str(image), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ensemble_temperature"] == t
+    if pytest.importorskip("onnxruntime") and pytest.importorskip("onnxscript"):
+        from cifarlab.deploy import export_onnx
+
+        report = export_onnx(base, tmp_path / "e.onnx", log=lambda s: None)  # checked against ens.predict
+        assert report["ensemble_temperature"] == t and report["check"]["max_abs_diff"] < 1e-4
+
+    # a run calibrated on its own since: the ensemble's temperature no longer fits, and says so
+    f = base / "run-1" / CALIBRATION_FILE
+    d = json.loads(f.read_text())
+    d["by_tta"]["none"]["temperature"] *= 2
+    f.write_text(json.dumps(d))
+    with pytest.raises(CifarlabError, match=r"run-1 changed after the ensemble's temperature for 'none' was fitted"):
+        load_ensemble(base)
+    assert main(["evaluate", str(base), "--device", "cpu"]) == 2
+    assert f"calibrate them again with: cifarlab calibrate {base}" in capsys.readouterr().err
+    assert load_ensemble(base, uncalibrated=True).temperature() is None
+
+    # runs split by their own seeds share no validation set: nothing fitted, and why
+    other = tmp_path / "other"
+    fit(tiny_config(str(image_folder), str(other), runs=2), log=lambda s: None)
+    assert main(["calibrate", str(other), "--device", "cpu"]) == 0
+    assert "their ensemble (the mean of their probabilities) is not calibrated: the runs hold out different " \
+           "validation images" in capsys.readouterr().out
+    assert not (other / ENSEMBLE_FILE).exists() and load_ensemble(other).temperature() is None

@@ -438,6 +438,8 @@ def test_print_config_shows_what_the_options_resolve_to_and_reads_back_as_a_conf
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fast3.yaml"]  # nothing trained, no runs/ folder
     code, out, err = run(capsys, "train", "--epochs", "0", "--print-config")
     assert code == 2 and "epochs = 0 is not valid" in err and out == ""  # validated as for training
+    code, out, err = run(capsys, "train", "--runs", "3", "--split-seed", "7", "--print-config")
+    assert code == 0 and "split_seed: 7" in out
     code, _, err = run(capsys, "train", "--resume", "runs/x", "--print-config")
     assert code == 2 and "--print-config shows a new run's config; the config of 'runs/x' is its config.yaml" in err
 

@@ -129,6 +129,10 @@ def test_roundtrip(tmp_path):
     ({"data": {"data": ["a"]}}, r"data.data: \['a'\] is not valid; expected text or null"),
     ({"train": "x"}, "section 'train' must be a mapping of keys to values, found 'x'"),
     ({"data": {"subset": 0}}, "subset = 0 is not valid; it must be a positive number of images"),
+    ({"data": {"split_seed": -1}}, r"data.split_seed = -1 is not valid; it must lie in \[0, 4294967295\], or be "
+     "left out for the run's seed"),
+    ({"data": {"split_seed": 3, "val_split": 0}}, "data.split_seed = 3 is not valid; it seeds --subset and the "
+     r"validation split, and this config has neither: set data.val_split \(--val-split\) above 0"),
     ({"data": {"dataset": "cifar20"}}, r"dataset = 'cifar20' is not valid \(did you mean 'cifar10'\?\)"),
     ({"data": {"label_mode": "medium"}}, "data.label_mode = 'medium' is not valid; choose fine or coarse"),
     ({"data": {"test_split": 1}}, r"test split \(data.test_split\) = 1.0 is not valid; it must lie strictly between"),

@@ -24,6 +24,14 @@ adjustment of Menon et al., 2021): add log(1 / classes) - log(training share of 
 each class's logit after the temperature. Unlike the temperature, this changes predictions
 (rare classes are predicted more often), so it is asked for, and the validation images'
 balanced accuracy with and without it is reported.
+
+The ensemble of a ``--runs N`` folder (the mean of its runs' calibrated probabilities) is
+underconfident where its runs disagree, however well each run is calibrated: averaging
+spreads the probability. Its own temperature, fitted after averaging (pool, then calibrate:
+Rahaman and Thiery, 2021), corrects that: probabilities = softmax(log(mean) / T). It needs
+validation images that no run trained on, so the runs must hold out the same ones
+(``data.split_seed``, ``--split-seed``); ``OUT/ensemble_calibration.json`` records it, tied to
+each run's weights and calibration as fitted.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ from .errors import CifarlabError, short_list
 
 CALIBRATION_FILE = "calibration.json"
 FORMAT = "cifarlab-calibration-1"
+ENSEMBLE_FILE = "ensemble_calibration.json"
+ENSEMBLE_FORMAT = "cifarlab-ensemble-calibration-1"
 # The search's bounds: a temperature beyond these is a sign of a broken model or a handful of
 # validation images, and is reported as reaching the bound rather than trusted.
 T_MIN, T_MAX = 0.05, 20.0
@@ -266,6 +276,109 @@ def calibrate_run(run: str | Path, ds, tta: str | None = None, device: str = "au
     return {"run": str(run), "tta": pred.tta, **entry}
 
 
+def calibrate_mean(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """An ensemble's mean probabilities ``probs`` (N, classes) with its temperature:
+    softmax(log(probs) / temperature), float32. The log is taken in float64, of the
+    probabilities floored at the smallest normal float64, so a class whose every run gave it 0
+    keeps a probability of about 0 rather than becoming NaN."""
+    z = np.log(np.maximum(np.asarray(probs, np.float64), np.finfo(np.float64).tiny)) / temperature
+    return torch.from_numpy(z).softmax(1).numpy().astype(np.float32)
+
+
+def _member_state(run: Path, tta: str) -> dict[str, Any]:
+    """What an ensemble's temperature was fitted on top of, for one run: its weights and its
+    calibration at ``tta`` (as :func:`read_calibration` gives them now)."""
+    cal = read_calibration(run).get(tta)
+    return {"run": run.name, "weights_sha256": weights_digest(run),
+            "temperature": None if cal is None else cal.temperature,
+            "class_offsets": None if cal is None or cal.class_offsets is None else list(cal.class_offsets)}
+
+
+def read_ensemble_calibration(folder: str | Path, runs: list[Path], tta: str) -> Calibration | None:
+    """The temperature of the ensemble of ``runs`` (the finished runs of the ``--runs N`` folder
+    ``folder``) at test-time augmentation ``tta``, from ``folder/ensemble_calibration.json``;
+    None where it has none for that level. Refused, naming what to do, where the file is damaged
+    or a run's weights or calibration changed since the temperature was fitted on top of them."""
+    folder = Path(folder)
+    path = folder / ENSEMBLE_FILE
+    if not path.is_file():
+        return None
+    again = f"calibrate them again with: cifarlab calibrate {folder} (or leave it out with --uncalibrated)"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CifarlabError(f"{path}: unreadable ({e}); {again}") from None
+    levels = doc.get("by_tta") if isinstance(doc, dict) and doc.get("format") == ENSEMBLE_FORMAT else None
+    if not isinstance(levels, dict):
+        raise CifarlabError(f"{path}: not a cifarlab ensemble calibration file (expected format {ENSEMBLE_FORMAT!r} "
+                            f"with 'by_tta'); {again}")
+    entry = levels.get(tta)
+    if entry is None:
+        return None
+    t = entry.get("temperature") if isinstance(entry, dict) else None
+    if not _positive_number(t) or not isinstance(entry.get("runs"), list):
+        raise CifarlabError(f"{path}: entry {tta!r} has temperature {t!r}; expected a positive number and the runs "
+                            f"it was fitted on; {again}")
+    now = [_member_state(r, tta) for r in runs]
+    if [m.get("run") if isinstance(m, dict) else None for m in entry["runs"]] != [m["run"] for m in now]:
+        raise CifarlabError(f"{path}: its temperature for {tta!r} was fitted to the ensemble of other runs than "
+                            f"the folder's finished ones ({short_list([m['run'] for m in now], 5)}); {again}")
+    changed = [m["run"] for m, was in zip(now, entry["runs"])
+               if was.get("weights_sha256") != m["weights_sha256"]
+               or not same_calibration(was, m["temperature"], m["class_offsets"])]
+    if changed:
+        raise CifarlabError(f"{path}: {short_list(changed, 5)} changed after the ensemble's temperature for {tta!r} "
+                            f"was fitted (trained on, or calibrated on its own, since); {again}")
+    return Calibration(float(t))
+
+
+def calibrate_ensemble(base: str | Path, ds, tta: str | None = None, device: str = "auto",
+                       log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fit the temperature of the ensemble of the ``--runs N`` folder ``base`` (the mean of its
+    runs' probabilities, each run with its calibration as it is now) on the validation images
+    its runs share, and record it in ``base/ensemble_calibration.json``; return its entry. Where
+    the runs hold out different validation images (each seeded by its run's seed, the default),
+    nothing is fitted: every one of them trained some run, and the entry says why."""
+    from .evaluate import calibration
+    from .export import Ensemble, finished_runs, load_model
+    from .fsutil import write_json
+
+    base = Path(base)
+    runs = finished_runs(base)
+    held = [_held_out(r, ds)[2] for r in runs]
+    if any(not np.array_equal(np.sort(h), np.sort(held[0])) for h in held[1:]):
+        why = ("the runs hold out different validation images (each chosen by its run's seed), so every one of them "
+               "trained some run; train with --split-seed N to give them the same ones")
+        return {"calibrated": False, "why": why}
+    ens = Ensemble([load_model(r, device, tta) for r in runs], base)  # each run with its calibration, as now
+    level = ens.members[0].tta
+    x, y = ds.x_train[held[0]], ds.y_train[held[0]]
+    log(f"{base}: fitting their ensemble's temperature on the {len(y):,} validation images they share")
+    logits = np.log(np.maximum(ens.predict(x).astype(np.float64), np.finfo(np.float64).tiny))
+    t = fit_temperature(logits, y)
+
+    def probs(temp: float) -> np.ndarray:
+        return torch.from_numpy(logits / temp).softmax(1).numpy()
+
+    entry = {"temperature": t, "at_bound": bool(t <= T_MIN * 1.001 or t >= T_MAX * 0.999),
+             "runs": [_member_state(r, level) for r in runs], "validation_images": int(len(y)), "data": ds.source,
+             "validation_loss": {"before": nll(logits, y), "after": nll(logits, y, t)},
+             "validation_ece": {"before": calibration(probs(1.0), y)["ece"], "after": calibration(probs(t), y)["ece"]},
+             "validation_accuracy": float((logits.argmax(1) == y).mean())}
+    try:
+        old = json.loads((base / ENSEMBLE_FILE).read_text())["by_tta"]
+        kept = {k: v for k, v in old.items() if k != level} if isinstance(old, dict) else {}
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or damaged: this level alone
+        kept = {}
+    write_json(base / ENSEMBLE_FILE, {
+        "format": ENSEMBLE_FORMAT,
+        "method": "temperature scaling after averaging (Rahaman and Thiery, 2021): probabilities = "
+                  "softmax(log(mean of the runs' calibrated probabilities) / temperature), the temperature "
+                  "minimising the negative log-likelihood of the validation images every run held out",
+        "by_tta": {**kept, level: entry}})
+    return {"calibrated": True, "tta": level, **entry}
+
+
 def balancing_offsets(train_counts: np.ndarray) -> np.ndarray:
     """The offsets, one per class, that turn the calibrated logits of a model trained on
     classes of ``train_counts`` images (all above 0) into those of one whose classes were
@@ -324,14 +437,16 @@ def _entries(run: Path, log: Callable[[str], None]) -> dict[str, Any]:
 
 def calibrate_runs(base: str | Path, ds, tta: str | None = None, device: str = "auto",
                    log: Callable[[str], None] = print, balance_classes: bool = False) -> dict[str, Any]:
-    """:func:`calibrate_run` for every run of the ``--runs N`` folder ``base``; returns each run's
-    entry and the temperatures and validation calibration errors described over the runs (and
-    with ``balance_classes``, the validation balanced accuracies before and after)."""
+    """:func:`calibrate_run` for every run of the ``--runs N`` folder ``base``, then
+    :func:`calibrate_ensemble` for their ensemble; returns each run's entry, the ensemble's, and
+    the temperatures and validation calibration errors described over the runs (and with
+    ``balance_classes``, the validation balanced accuracies before and after)."""
     from .evaluate import describe
     from .export import finished_runs
 
     entries = [calibrate_run(r, ds, tta, device, log, balance_classes) for r in finished_runs(base)]
-    out = {"runs": len(entries), "per_run": entries,
+    ensemble = calibrate_ensemble(base, ds, tta, device, log)
+    out = {"runs": len(entries), "per_run": entries, "ensemble": ensemble,
            "temperature": describe([e["temperature"] for e in entries]),
            "validation_ece_before": describe([e["validation_ece"]["before"] for e in entries]),
            "validation_ece_after": describe([e["validation_ece"]["after"] for e in entries])}

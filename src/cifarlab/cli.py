@@ -36,7 +36,8 @@ EPILOG = """examples:
 # The train flags that set a config key (by config.options_to_overrides' rule: the key's own name,
 # or one of config.OPTION_ALIASES); flags left unset (None) override nothing.
 _TRAIN_OPTIONS = (
-    "data", "dataset", "subset", "image_size", "test_split", "labels", "classes", "val_split", "allow_unverified",
+    "data", "dataset", "subset", "image_size", "test_split", "labels", "classes", "val_split", "split_seed",
+    "allow_unverified",
     "skip_bad_images", "label_mode",
     "model", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "epochs", "batch_size", "seed", "device",
     "threads", "out", "overwrite", "deterministic", "augment", "runs", "tta", "label_smoothing", "precision",
@@ -167,6 +168,10 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                         "others' images are left out, to test later with 'cifarlab ood' how the run meets them")
     t.add_argument("--val-split", type=float,
                    help="fraction of training images held out, per class (default 0.2; 0: no validation)")
+    t.add_argument("--split-seed", type=int, metavar="N",
+                   help="seed of --subset and of the validation split (default: --seed); with --runs N, every run "
+                        "holds out the same validation images, on which 'cifarlab calibrate OUT' also calibrates "
+                        "their ensemble")
     g = t.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help="passes over the training images (keras-book: 20)")
     g.add_argument("--batch-size", type=int, help="images per step (keras-book: 128)")
@@ -916,8 +921,10 @@ def _evaluate_runs(args: argparse.Namespace) -> int:
           f"{a['mean']:.4f} (std {a['std']:.4f}, min {a['min']:.4f}, max {a['max']:.4f}); test score mean "
           f"{lo['mean']:.4f} (min {lo['min']:.4f}, max {lo['max']:.4f})")
     en = summary["ensemble"]
-    print(f"Their ensemble (the mean of their probabilities, as 'cifarlab predict {base}' gives them): test "
-          f"accuracy {en['accuracy']:.4f}, test score {en['loss']:.4f}, expected calibration error {en['ece']:.4f}")
+    own = "" if en["temperature"] is None else f", calibrated with their ensemble's temperature {en['temperature']:.4f}"
+    print(f"Their ensemble (the mean of their probabilities{own}, as 'cifarlab predict {base}' gives them): test "
+          f"accuracy {en['accuracy']:.4f}, test score {en['loss']:.4f}, expected calibration error {en['ece']:.4f}"
+          + (f" ({en['uncalibrated_ece']:.4f} without its temperature)" if "uncalibrated_ece" in en else ""))
     e = summary["ece"]
     print(f"Expected calibration error mean {e['mean']:.4f} (min {e['min']:.4f}, max {e['max']:.4f})"
           + (f"; without the runs' calibration (cifarlab calibrate) mean {summary['uncalibrated_ece']['mean']:.4f}"
@@ -973,6 +980,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
               + ("; validation balanced accuracy mean {:.4f} -> {:.4f}".format(
                   result["validation_balanced_accuracy_before"]["mean"],
                   result["validation_balanced_accuracy_after"]["mean"]) if args.balance_classes else ""))
+    if several:
+        en = result["ensemble"]
+        if en["calibrated"]:
+            loss, ece = en["validation_loss"], en["validation_ece"]
+            print(f"their ensemble: temperature {en['temperature']:.4f}"
+                  + (" (at the search's bound)" if en["at_bound"] else "")
+                  + f"; on the {en['validation_images']:,} validation images they share, loss {loss['before']:.4f} "
+                    f"-> {loss['after']:.4f}, expected calibration error {ece['before']:.4f} -> {ece['after']:.4f}; "
+                    f"written to {folder / 'ensemble_calibration.json'}")
+        else:
+            print(f"their ensemble (the mean of their probabilities) is not calibrated: {en['why']}")
     print("written to calibration.json in each run's folder" if several else
           f"written to {folder / 'calibration.json'}; evaluate, predict, audit, compare and export now use it "
           f"(--uncalibrated leaves it out)")

@@ -45,6 +45,10 @@ class DataConfig:
     dataset: str = "cifar10"  # cifar10 | cifar100, for downloads
     val_split: float = 0.2  # fraction of the training images held out, per class (notebook: 0.2; 0: none)
     subset: int | None = None  # train on a class-balanced subset of this many images
+    # seed of the subset and of the validation split; None: the run's train.seed. The runs of
+    # --runs N given one hold out the same validation images, on which `cifarlab calibrate` can
+    # then fit their ensemble's temperature as well as each run's
+    split_seed: int | None = None
     allow_unverified: bool = False  # read official archives whose MD5 differs from the published one
     label_mode: str = "fine"  # CIFAR-100 labels: fine (100) | coarse (20)
     skip_bad_images: bool = False  # leave unreadable images out instead of stopping
@@ -579,6 +583,11 @@ def _check_data(d: DataConfig) -> None:
              "it must lie in [0, 1); 0 trains on every training image with no validation")
     if d.subset is not None and d.subset < 1:
         _bad("subset", d.subset, "it must be a positive number of images")
+    if d.split_seed is not None and not 0 <= d.split_seed < 2**32:  # NumPy's and scikit-learn's seed range
+        _bad("data.split_seed", d.split_seed, f"it must lie in [0, {2**32 - 1}], or be left out for the run's seed")
+    if not d.val_split and not d.subset:
+        _refuse_set(d, "data", ("split_seed",), "it seeds --subset and the validation split, and this config has "
+                                                "neither: set data.val_split (--val-split) above 0")
     if d.dataset not in ("cifar10", "cifar100"):
         _bad("dataset", d.dataset, "choose cifar10 or cifar100", ("cifar10", "cifar100"))
     if d.label_mode not in ("fine", "coarse"):

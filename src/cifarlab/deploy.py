@@ -99,15 +99,20 @@ class ExportedClassifier(nn.Module):
 class ExportedEnsemble(nn.Module):
     """The runs of a ``--runs N`` folder as the ONNX file holds them: each run's
     :class:`ExportedClassifier` (its own preprocessing, test-time augmentation and calibration)
-    on the same images, and the mean of their probabilities, as
-    :meth:`cifarlab.export.Ensemble.predict` computes it."""
+    on the same images, and the mean of their probabilities, with the ensemble's own
+    ``temperature`` where it has one, as :meth:`cifarlab.export.Ensemble.predict` computes it."""
 
-    def __init__(self, members: list[ExportedClassifier]):
+    def __init__(self, members: list[ExportedClassifier], temperature: float | None = None):
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.temperature = temperature
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(images) for m in self.members]).mean(0)
+        mean = torch.stack([m(images) for m in self.members]).mean(0)
+        if self.temperature is None:
+            return mean
+        # cifarlab.calibrate.calibrate_mean, floored at float32's smallest normal (it floors in float64)
+        return (mean.clamp_min(torch.finfo(torch.float32).tiny).log() / self.temperature).softmax(1)
 
 
 @contextlib.contextmanager
@@ -168,9 +173,12 @@ def _metadata(predictor, run: Path, tta: str) -> dict[str, str]:
     if isinstance(predictor, Ensemble):
         members = predictor.members
         return {**_metadata(members[0], run, tta),
-                "output": f"{OUTPUT_NAME}: the mean of the runs' softmax over the classes, float32 (N, "
-                          f"{len(predictor.classes)})",
+                "output": f"{OUTPUT_NAME}: the mean of the runs' softmax over the classes"
+                          + ("" if predictor.temperature() is None else ", calibrated with the ensemble's temperature")
+                          + f", float32 (N, {len(predictor.classes)})",
                 "ensemble_of": json.dumps([m.run.name for m in members]),
+                # the mean's own temperature: softmax(log(mean) / it); "none" where it has none
+                "ensemble_temperature": "none" if predictor.temperature() is None else repr(predictor.temperature()),
                 "preprocessing": json.dumps([m.prep for m in members]),
                 "temperature": json.dumps([m.temperature() for m in members]),
                 "class_offsets": json.dumps([None if m.class_offsets() is None else list(m.class_offsets())
@@ -248,7 +256,7 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
     c, h, w = predictor.input_shape
     if several:  # cifarlab ood's threshold is one run's: the ensemble's file gives probabilities alone
         rule, bank, score, k = None, None, None, None
-        wrapped = ExportedEnsemble([_exported(m) for m in predictor.members]).eval()
+        wrapped = ExportedEnsemble([_exported(m) for m in predictor.members], predictor.temperature()).eval()
     else:
         rule, bank = _unfamiliar_rule(predictor, log)
         score, k = (rule["score"], rule.get("k")) if rule else (None, None)
@@ -284,7 +292,8 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
                               "temperature": temperatures if several else temperatures[0],
                               "class_offsets": offsets if several else offsets[0],
                               "unfamiliar_below": rule, "check": None,
-                              **({"ensemble_of": [str(m.run) for m in each]} if several else {})}
+                              **({"ensemble_of": [str(m.run) for m in each],
+                                  "ensemble_temperature": predictor.temperature()} if several else {})}
 
     def write(tmp: Path) -> None:
         onnx.save_model(proto, str(tmp))
@@ -295,8 +304,9 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
     report["bytes"] = out.stat().st_size
     log(f"wrote {out} ({report['bytes'] / 1e6:.1f} MB, opset {report['opset']}): uint8 images (N, {h}, {w}, {c}) "
         f"in '{INPUT_NAME}', probabilities over {len(predictor.classes)} classes out"
-        + (f", the mean of the {len(each)} runs' (metadata 'ensemble_of'; each with its own calibration)"
-           if several else "") + f", test-time augmentation {ttas}"
+        + (f", the mean of the {len(each)} runs' (metadata 'ensemble_of'; each with its own calibration"
+           + (f"; the mean with the ensemble's temperature {predictor.temperature():.4g}"
+              if predictor.temperature() else "") + ")" if several else "") + f", test-time augmentation {ttas}"
         + (f", temperature {temperatures[0]:.4g}" if not several and temperatures[0] else "")
         + (", classes balanced (calibrate --balance-classes)" if not several and offsets[0] else "")
         + (f"; '{FAMILIARITY_NAME}' out, the {rule['score']} score"

@@ -187,27 +187,34 @@ def evaluate_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, 
     ensemble: the mean of their probabilities, as ``cifarlab predict BASE`` gives them. On other
     data than the runs' own, ``out`` is by default ``base/eval-<data>``
     (:func:`cifarlab.export.other_data_folder`)."""
-    from .export import finished_runs, other_data_folder
+    from .calibrate import calibrate_mean
+    from .export import ensemble_calibration, finished_runs, other_data_folder
 
     base = Path(base)
     runs = finished_runs(base)
+    own = ensemble_calibration(base, runs, tta, uncalibrated)  # a stale one is refused before any run is evaluated
     out = Path(out) if out is not None else other_data_folder(base, "eval", ds, runs)
     reports, total = [], None
     for r in runs:
         rep, probs = _evaluate(r, ds, (out / r.name) if out else r / "eval", tta, device, uncalibrated=uncalibrated)
         reports.append(rep)
         total = probs.astype(np.float64) if total is None else total + probs  # a sum: one array held, not N
-    ens = compute_report((total / len(runs)).astype(np.float32), ds.y_test,
-                         [c["class"] for c in reports[0]["per_class"]])
+    classes = [c["class"] for c in reports[0]["per_class"]]
+    mean = total / len(runs)
+    ens = compute_report(mean.astype(np.float32) if own is None else calibrate_mean(mean, own.temperature), ds.y_test,
+                         classes)
     summary = {"runs": len(runs), "data": ds.source, "test_origin": ds.test_origin,
                "tta": sorted({r["tta"] for r in reports}),
                "accuracy": describe([r["accuracy"] for r in reports]), "loss": describe([r["loss"] for r in reports]),
                "balanced_accuracy": describe([r["balanced_accuracy"] for r in reports]),
                "ece": describe([r["calibration"]["ece"] for r in reports]),
                "unequal_classes": unequal_classes(c["support"] for c in reports[0]["per_class"]),
-               "ensemble": {"probabilities": "mean of the runs'", "accuracy": ens["accuracy"],
+               "ensemble": {"probabilities": "mean of the runs'" + (
+                                "" if own is None else ", calibrated with the ensemble's temperature"),
+                            "temperature": None if own is None else own.temperature, "accuracy": ens["accuracy"],
                             "balanced_accuracy": ens["balanced_accuracy"], "loss": ens["loss"],
-                            "ece": ens["calibration"]["ece"]},
+                            "ece": ens["calibration"]["ece"],
+                            **({} if own is None else {"uncalibrated_ece": calibration(mean, ds.y_test)["ece"]})},
                "per_run": [{"run": str(r), "accuracy": rep["accuracy"], "balanced_accuracy": rep["balanced_accuracy"],
                             "loss": rep["loss"], "ece": rep["calibration"]["ece"], "temperature": rep["temperature"],
                             "balanced_classes": rep["class_offsets"] is not None}

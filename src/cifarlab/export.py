@@ -464,9 +464,12 @@ class Ensemble:
     """The runs of a ``cifarlab train --runs N`` folder as one classifier: ``predict(images)``
     gives the mean of their probabilities, each run's with its own test-time augmentation and
     calibration (as ``cifarlab predict BASE`` gives them, and the ensemble figures of
-    ``cifarlab evaluate BASE``). The runs must classify the same classes from the same input."""
+    ``cifarlab evaluate BASE``), and where ``calibration`` holds the ensemble's own temperature
+    (``cifarlab calibrate BASE`` on runs that share their validation images), that mean
+    calibrated with it (:func:`cifarlab.calibrate.calibrate_mean`). The runs must classify the
+    same classes from the same input."""
 
-    def __init__(self, members: list[Predictor], folder: str | Path | None = None):
+    def __init__(self, members: list[Predictor], folder: str | Path | None = None, calibration: Any = None):
         if not members:
             raise CifarlabError("an ensemble needs at least one run")
         first = members[0]
@@ -479,16 +482,25 @@ class Ensemble:
         self.members = members
         self.folder = Path(folder) if folder is not None else None
         self.classes, self.input_shape = first.classes, first.input_shape
+        self.calibration = calibration
+
+    def temperature(self) -> float | None:
+        """The ensemble's own temperature; None where it has none (its mean is not recalibrated)."""
+        return None if self.calibration is None else self.calibration.temperature
 
     def predict(self, images: Any, batch_size: int | None = None) -> np.ndarray:
-        """The mean of the members' class probabilities, float32 (N, classes), for images as
-        :meth:`Predictor.predict` takes them (read and converted once, not once a run)."""
+        """The mean of the members' class probabilities, float32 (N, classes), calibrated with
+        the ensemble's temperature where it has one, for images as :meth:`Predictor.predict`
+        takes them (read and converted once, not once a run)."""
+        from .calibrate import calibrate_mean
+
         x = images if isinstance(images, torch.Tensor) else self.members[0].to_uint8(images)
         total = None
         for m in self.members:
             p = m.predict(x, batch_size).astype(np.float64)
             total = p if total is None else total + p
-        return (total / len(self.members)).astype(np.float32)
+        mean = total / len(self.members)
+        return mean.astype(np.float32) if self.calibration is None else calibrate_mean(mean, self.temperature())
 
 
 def _name(pred: Predictor) -> str:
@@ -503,11 +515,25 @@ def _input(pred: Predictor) -> str:
 def load_ensemble(folder: str | Path, device: str = "cpu", tta: str | None = None,
                   uncalibrated: bool = False) -> Ensemble:
     """The runs of the ``--runs N`` folder ``folder`` (all finished), each loaded as
-    :func:`load_model` loads a run, as one :class:`Ensemble`."""
+    :func:`load_model` loads a run, as one :class:`Ensemble`, with the ensemble's own
+    temperature where ``cifarlab calibrate`` fitted one for its test-time augmentation (none
+    where ``uncalibrated``)."""
     if (Path(folder) / "architecture.json").is_file():
         raise CifarlabError(f"'{folder}' is one run, not the folder of 'cifarlab train --runs N'; load it with "
                             "load_model")
-    return Ensemble([load_model(r, device, tta, uncalibrated) for r in finished_runs(folder)], folder)
+    runs = finished_runs(folder)
+    own = ensemble_calibration(folder, runs, tta, uncalibrated)  # a stale one is refused before any run loads
+    return Ensemble([load_model(r, device, tta, uncalibrated) for r in runs], folder, own)
+
+
+def ensemble_calibration(folder: str | Path, runs: list[Path], tta: str | None = None, uncalibrated: bool = False):
+    """The ensemble temperature (:func:`cifarlab.calibrate.read_ensemble_calibration`) of
+    ``runs``, the finished runs of ``folder``, predicting with test-time augmentation ``tta``
+    (default each run's own); None where it has none, or ``uncalibrated``."""
+    from .calibrate import read_ensemble_calibration
+
+    levels = {run_tta(r) if tta is None else tta for r in runs}
+    return None if uncalibrated or len(levels) > 1 else read_ensemble_calibration(folder, runs, levels.pop())
 
 
 def check_weights(run: Path) -> Path:

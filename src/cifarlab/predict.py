@@ -87,7 +87,9 @@ class _Output:
             self.out.write(("\n  ]" if self.count else "]") + rest.removeprefix(_JSON_HEAD + "]") + "\n")
         elif self.fmt == "table" and "runs" in about:
             runs = about["runs"]
-            self.out.write(f"the probabilities are the mean of the {len(runs)} runs' in {Path(runs[0]).parent}\n")
+            t = about["ensemble_temperature"]
+            self.out.write(f"the probabilities are the mean of the {len(runs)} runs' in {Path(runs[0]).parent}"
+                           + ("" if t is None else f", calibrated with their ensemble's temperature {t:.4g}") + "\n")
         if self.fmt == "table" and self.marked:
             self.out.write(f"{self.uncertain} of {self.count} image(s) below confidence "
                            f"{self.min_confidence:g}: uncertain\n")
@@ -121,8 +123,9 @@ def _about(model: Predictor | Ensemble) -> dict:
     whose mean they are, and each one's calibration."""
     if isinstance(model, Predictor):
         return {"temperature": model.temperature(), "balanced_classes": model.class_offsets() is not None}
-    return {"runs": [str(p.run) for p in model.members], "probabilities": "mean of the runs'",
-            "temperature": [p.temperature() for p in model.members],
+    return {"runs": [str(p.run) for p in model.members], "probabilities": "mean of the runs'" + (
+                "" if model.temperature() is None else ", calibrated with the ensemble's temperature"),
+            "ensemble_temperature": model.temperature(), "temperature": [p.temperature() for p in model.members],
             "balanced_classes": [p.class_offsets() is not None for p in model.members]}
 
 

@@ -55,14 +55,16 @@ class Arrays:
 
 def split_indices(cfg: Config, y_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The indices into ``y_train`` of a run's training and validation images: ``data.subset``
-    then ``data.val_split``, both seeded by ``train.seed``, so a run's folder (its config.yaml)
-    names its validation images for as long as its data stays the same."""
+    then ``data.val_split``, both seeded by ``data.split_seed`` (default ``train.seed``), so a
+    run's folder (its config.yaml) names its validation images for as long as its data stays
+    the same."""
+    seed = cfg.train.seed if cfg.data.split_seed is None else cfg.data.split_seed
     idx = np.arange(len(y_train))
     if cfg.data.subset:
-        idx = balanced_subset(y_train, cfg.data.subset, cfg.train.seed)
+        idx = balanced_subset(y_train, cfg.data.subset, seed)
     if not cfg.data.val_split:  # no validation: train on every image (the speed recipes, as airbench)
         return idx, idx[:0]
-    tr, va = stratified_split(y_train[idx], cfg.data.val_split, cfg.train.seed)
+    tr, va = stratified_split(y_train[idx], cfg.data.val_split, seed)
     return idx[tr], idx[va]
 
 

@@ -485,6 +485,16 @@ def test_runs_that_share_their_validation_images_calibrate_their_ensemble(tmp_pa
     assert main(["evaluate", str(base), "--device", "cpu"]) == 2
     assert f"calibrate them again with: cifarlab calibrate {base}" in capsys.readouterr().err
     assert load_ensemble(base, uncalibrated=True).temperature() is None
+    # a damaged file, or another tool's, is refused by name too
+    runs = [base / "run-0", base / "run-1"]
+    from cifarlab.calibrate import read_ensemble_calibration
+
+    for text, why in (("{", "unreadable"), ('{"format": "x"}', "not a cifarlab ensemble calibration file"),
+                      ('{"format": "cifarlab-ensemble-calibration-1", "by_tta": {"none": {"temperature": -1}}}',
+                       "entry 'none' has temperature -1")):
+        (base / ENSEMBLE_FILE).write_text(text)
+        with pytest.raises(CifarlabError, match=why):
+            read_ensemble_calibration(base, runs, "none")
 
     # runs split by their own seeds share no validation set: nothing fitted, and why
     other = tmp_path / "other"

@@ -469,6 +469,10 @@ def test_runs_that_share_their_validation_images_calibrate_their_ensemble(tmp_pa
     image = next((image_folder / "test" / "cat").iterdir())
     assert main(["predict", str(base), str(image), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ensemble_temperature"] == t
+    from cifarlab.label_issues import label_issues_runs
+
+    li = label_issues_runs(base, ds, out=tmp_path / "li", device="cpu")
+    assert li["ensemble_temperature"] == t
     if pytest.importorskip("onnxruntime") and pytest.importorskip("onnxscript"):
         from cifarlab.deploy import export_onnx
 

@@ -197,14 +197,18 @@ def label_issues_runs(base: str | Path, ds, out: str | Path | None = None, revie
     """:func:`label_issues_report` of the runs of the ``--runs N`` folder ``base`` together: on
     the mean of their probabilities (their ensemble, more accurate than each, so its doubts are
     fewer of its own mistakes), into ``out``, by default ``base/label-issues``
-    (``base/label-issues-<data>`` on other data). The report adds each run's accuracy."""
+    (``base/label-issues-<data>`` on other data). The report adds each run's accuracy. The mean
+    is calibrated with the ensemble's own temperature where ``cifarlab calibrate`` fitted one
+    (:class:`cifarlab.export.Ensemble`), as ``cifarlab predict BASE`` gives it."""
+    from .calibrate import calibrate_mean
     from .evaluate import _check_compatible
-    from .export import finished_runs, load_model, other_data_folder
+    from .export import ensemble_calibration, finished_runs, load_model, other_data_folder
     from .fsutil import report_folder
 
     check_review(review)
     base = Path(base)
     runs = finished_runs(base)
+    own = ensemble_calibration(base, runs, tta, uncalibrated)
     out = Path(out) if out is not None else other_data_folder(base, "label-issues", ds, runs) or base / "label-issues"
     preds = [load_model(r, device, tta, uncalibrated) for r in runs]
     for p in preds:
@@ -214,10 +218,14 @@ def label_issues_runs(base: str | Path, ds, out: str | Path | None = None, revie
         for r, p in zip(runs, preds):
             log(f"predicting the {len(ds.x_test):,} test images with {r.name}")
             probs.append(p.predict(ds.x_test))
-        about = {"run": str(base), "runs": [str(r) for r in runs], "probabilities": "mean of the runs'",
+        about = {"run": str(base), "runs": [str(r) for r in runs], "probabilities": "mean of the runs'" + (
+                     "" if own is None else ", calibrated with the ensemble's temperature"),
+                 "ensemble_temperature": None if own is None else own.temperature,
                  "tta": sorted({p.tta for p in preds}),
                  "per_run_accuracy": [float((q.argmax(1) == ds.y_test).mean()) for q in probs]}
-        return label_issues_report(np.mean(probs, 0), ds, out, preds[0].classes, review, about)
+        mean = np.mean(np.asarray(probs, np.float64), 0)
+        return label_issues_report(mean.astype(np.float32) if own is None else calibrate_mean(mean, own.temperature),
+                                   ds, out, preds[0].classes, review, about)
 
 
 def read_label_issues(run: str | Path, tta: str, temperature: float | None = None,

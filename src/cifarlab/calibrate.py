@@ -170,14 +170,7 @@ def read_calibration(run: str | Path, classes: list[str] | None = None) -> dict[
         return {}
     digest = weights_digest(run)
     again = f"calibrate the run again with: cifarlab calibrate {Path(run)}"
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CifarlabError(f"{path}: unreadable ({e}); {again}") from None
-    levels = doc.get("by_tta") if isinstance(doc, dict) and doc.get("format") == FORMAT else None
-    if not isinstance(levels, dict):
-        raise CifarlabError(f"{path}: not a cifarlab calibration file (expected format {FORMAT!r} with 'by_tta'); "
-                            f"{again}")
+    levels = _levels(path, FORMAT, "calibration file", again)
     if classes is None:
         from .export import read_run
 
@@ -195,6 +188,38 @@ def read_calibration(run: str | Path, classes: list[str] | None = None) -> dict[
         out[level] = Calibration(float(t), _offsets(entry.get("balance_classes"), classes, f"{path}: entry {level!r}",
                                                      again))
     return out
+
+
+def _levels(path: Path, fmt: str, what: str, again: str) -> dict[str, Any]:
+    """The entries by test-time augmentation level (``by_tta``) of the calibration file
+    ``path`` of format ``fmt``; a file unreadable or of another kind is refused, saying what to
+    do (``again``)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CifarlabError(f"{path}: unreadable ({e}); {again}") from None
+    levels = doc.get("by_tta") if isinstance(doc, dict) and doc.get("format") == fmt else None
+    if not isinstance(levels, dict):
+        raise CifarlabError(f"{path}: not a cifarlab {what} (expected format {fmt!r} with 'by_tta'); {again}")
+    return levels
+
+
+def _fitted(logits: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """The temperature fitted to ``logits`` for labels ``y`` (:func:`fit_temperature`), with the
+    loss and expected calibration error before and after it, as a calibration file's entry
+    records them."""
+    from .evaluate import calibration
+
+    t = fit_temperature(logits, y)
+
+    def probs(temp: float) -> np.ndarray:
+        return torch.from_numpy(logits / temp).softmax(1).numpy()
+
+    return {"temperature": t, "at_bound": bool(t <= T_MIN * 1.001 or t >= T_MAX * 0.999),
+            "validation_images": int(len(y)),
+            "validation_loss": {"before": nll(logits, y), "after": nll(logits, y, t)},
+            "validation_ece": {"before": calibration(probs(1.0), y)["ece"], "after": calibration(probs(t), y)["ece"]},
+            "validation_accuracy": float((logits.argmax(1) == y).mean())}
 
 
 def _finite(v: Any) -> bool:
@@ -242,7 +267,7 @@ def calibrate_run(run: str | Path, ds, tta: str | None = None, device: str = "au
     the temperature with the validation loss and expected calibration error before and after.
     With ``balance_classes``, the entry also holds the class offsets that correct the
     probabilities for the training classes' unequal sizes (see the module's docstring)."""
-    from .evaluate import _check_compatible, calibration
+    from .evaluate import _check_compatible
     from .export import load_model, read_run
     from .fsutil import write_json
 
@@ -253,19 +278,10 @@ def calibrate_run(run: str | Path, ds, tta: str | None = None, device: str = "au
     x, y = ds.x_train[va], ds.y_train[va]
     log(f"{run}: fitting the temperature on {len(y):,} validation images (test-time augmentation {pred.tta})")
     logits = pred.logits(x)
-    t = fit_temperature(logits, y)
-
-    def probs(temp: float) -> np.ndarray:
-        return torch.from_numpy(logits / temp).softmax(1).numpy()
-
-    entry = {"temperature": t, "at_bound": bool(t <= T_MIN * 1.001 or t >= T_MAX * 0.999),
-             "weights_sha256": weights_digest(run),
-             "validation_images": int(len(y)), "data": ds.source,
-             "validation_loss": {"before": nll(logits, y), "after": nll(logits, y, t)},
-             "validation_ece": {"before": calibration(probs(1.0), y)["ece"], "after": calibration(probs(t), y)["ece"]},
-             "validation_accuracy": float((logits.argmax(1) == y).mean())}
+    entry = {**_fitted(logits, y), "weights_sha256": weights_digest(run), "data": ds.source}
     if balance_classes:
-        entry["balance_classes"] = _balance(run, cfg, pred.classes, ds.y_train[tr], logits, y, t, log)
+        entry["balance_classes"] = _balance(run, cfg, pred.classes, ds.y_train[tr], logits, y, entry["temperature"],
+                                            log)
     write_json(run / CALIBRATION_FILE, {
         "format": FORMAT,
         "method": "temperature scaling (Guo et al., 2017): probabilities = softmax(logits / temperature), the "
@@ -304,15 +320,7 @@ def read_ensemble_calibration(folder: str | Path, runs: list[Path], tta: str) ->
     if not path.is_file():
         return None
     again = f"calibrate them again with: cifarlab calibrate {folder} (or leave it out with --uncalibrated)"
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CifarlabError(f"{path}: unreadable ({e}); {again}") from None
-    levels = doc.get("by_tta") if isinstance(doc, dict) and doc.get("format") == ENSEMBLE_FORMAT else None
-    if not isinstance(levels, dict):
-        raise CifarlabError(f"{path}: not a cifarlab ensemble calibration file (expected format {ENSEMBLE_FORMAT!r} "
-                            f"with 'by_tta'); {again}")
-    entry = levels.get(tta)
+    entry = _levels(path, ENSEMBLE_FORMAT, "ensemble calibration file", again).get(tta)
     if entry is None:
         return None
     t = entry.get("temperature") if isinstance(entry, dict) else None
@@ -339,7 +347,6 @@ def calibrate_ensemble(base: str | Path, ds, tta: str | None = None, device: str
     its runs share, and record it in ``base/ensemble_calibration.json``; return its entry. Where
     the runs hold out different validation images (each seeded by its run's seed, the default),
     nothing is fitted: every one of them trained some run, and the entry says why."""
-    from .evaluate import calibration
     from .export import Ensemble, finished_runs, load_model
     from .fsutil import write_json
 
@@ -355,16 +362,7 @@ def calibrate_ensemble(base: str | Path, ds, tta: str | None = None, device: str
     x, y = ds.x_train[held[0]], ds.y_train[held[0]]
     log(f"{base}: fitting their ensemble's temperature on the {len(y):,} validation images they share")
     logits = np.log(np.maximum(ens.predict(x).astype(np.float64), np.finfo(np.float64).tiny))
-    t = fit_temperature(logits, y)
-
-    def probs(temp: float) -> np.ndarray:
-        return torch.from_numpy(logits / temp).softmax(1).numpy()
-
-    entry = {"temperature": t, "at_bound": bool(t <= T_MIN * 1.001 or t >= T_MAX * 0.999),
-             "runs": [_member_state(r, level) for r in runs], "validation_images": int(len(y)), "data": ds.source,
-             "validation_loss": {"before": nll(logits, y), "after": nll(logits, y, t)},
-             "validation_ece": {"before": calibration(probs(1.0), y)["ece"], "after": calibration(probs(t), y)["ece"]},
-             "validation_accuracy": float((logits.argmax(1) == y).mean())}
+    entry = {**_fitted(logits, y), "runs": [_member_state(r, level) for r in runs], "data": ds.source}
     try:
         old = json.loads((base / ENSEMBLE_FILE).read_text())["by_tta"]
         kept = {k: v for k, v in old.items() if k != level} if isinstance(old, dict) else {}

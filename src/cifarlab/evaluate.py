@@ -188,7 +188,7 @@ def evaluate_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, 
     data than the runs' own, ``out`` is by default ``base/eval-<data>``
     (:func:`cifarlab.export.other_data_folder`)."""
     from .calibrate import calibrate_mean
-    from .export import ensemble_calibration, finished_runs, other_data_folder
+    from .export import ensemble_calibration, ensemble_probabilities, finished_runs, other_data_folder
 
     base = Path(base)
     runs = finished_runs(base)
@@ -209,8 +209,7 @@ def evaluate_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, 
                "balanced_accuracy": describe([r["balanced_accuracy"] for r in reports]),
                "ece": describe([r["calibration"]["ece"] for r in reports]),
                "unequal_classes": unequal_classes(c["support"] for c in reports[0]["per_class"]),
-               "ensemble": {"probabilities": "mean of the runs'" + (
-                                "" if own is None else ", calibrated with the ensemble's temperature"),
+               "ensemble": {"probabilities": ensemble_probabilities(None if own is None else own.temperature),
                             "temperature": None if own is None else own.temperature, "accuracy": ens["accuracy"],
                             "balanced_accuracy": ens["balanced_accuracy"], "loss": ens["loss"],
                             "ece": ens["calibration"]["ece"],

@@ -526,6 +526,12 @@ def load_ensemble(folder: str | Path, device: str = "cpu", tta: str | None = Non
     return Ensemble([load_model(r, device, tta, uncalibrated) for r in runs], folder, own)
 
 
+def ensemble_probabilities(temperature: float | None) -> str:
+    """What the probabilities of an ensemble with this temperature (None: none) are, in the
+    words the reports record."""
+    return "mean of the runs'" + ("" if temperature is None else ", calibrated with the ensemble's temperature")
+
+
 def ensemble_calibration(folder: str | Path, runs: list[Path], tta: str | None = None, uncalibrated: bool = False):
     """The ensemble temperature (:func:`cifarlab.calibrate.read_ensemble_calibration`) of
     ``runs``, the finished runs of ``folder``, predicting with test-time augmentation ``tta``

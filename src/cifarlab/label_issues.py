@@ -202,7 +202,8 @@ def label_issues_runs(base: str | Path, ds, out: str | Path | None = None, revie
     (:class:`cifarlab.export.Ensemble`), as ``cifarlab predict BASE`` gives it."""
     from .calibrate import calibrate_mean
     from .evaluate import _check_compatible
-    from .export import ensemble_calibration, finished_runs, load_model, other_data_folder
+    from .export import ensemble_calibration, ensemble_probabilities, finished_runs, load_model, \
+        other_data_folder
     from .fsutil import report_folder
 
     check_review(review)
@@ -218,9 +219,9 @@ def label_issues_runs(base: str | Path, ds, out: str | Path | None = None, revie
         for r, p in zip(runs, preds):
             log(f"predicting the {len(ds.x_test):,} test images with {r.name}")
             probs.append(p.predict(ds.x_test))
-        about = {"run": str(base), "runs": [str(r) for r in runs], "probabilities": "mean of the runs'" + (
-                     "" if own is None else ", calibrated with the ensemble's temperature"),
-                 "ensemble_temperature": None if own is None else own.temperature,
+        t = None if own is None else own.temperature
+        about = {"run": str(base), "runs": [str(r) for r in runs], "probabilities": ensemble_probabilities(t),
+                 "ensemble_temperature": t,
                  "tta": sorted({p.tta for p in preds}),
                  "per_run_accuracy": [float((q.argmax(1) == ds.y_test).mean()) for q in probs]}
         mean = np.mean(np.asarray(probs, np.float64), 0)

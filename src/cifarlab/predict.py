@@ -11,7 +11,7 @@ import numpy as np
 
 from .data.images import IMAGE_SUFFIXES, is_image_name, open_image, to_array
 from .errors import CifarlabError
-from .export import Ensemble, Predictor, is_runs_set, load_ensemble, load_model
+from .export import Ensemble, Predictor, ensemble_probabilities, is_runs_set, load_ensemble, load_model
 from .ood import KNN, familiarity, read_bank, read_ood
 
 
@@ -123,8 +123,7 @@ def _about(model: Predictor | Ensemble) -> dict:
     whose mean they are, and each one's calibration."""
     if isinstance(model, Predictor):
         return {"temperature": model.temperature(), "balanced_classes": model.class_offsets() is not None}
-    return {"runs": [str(p.run) for p in model.members], "probabilities": "mean of the runs'" + (
-                "" if model.temperature() is None else ", calibrated with the ensemble's temperature"),
+    return {"runs": [str(p.run) for p in model.members], "probabilities": ensemble_probabilities(model.temperature()),
             "ensemble_temperature": model.temperature(), "temperature": [p.temperature() for p in model.members],
             "balanced_classes": [p.class_offsets() is not None for p in model.members]}
 

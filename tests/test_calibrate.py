@@ -421,11 +421,13 @@ def test_calibrate_mean_is_the_softmax_of_the_log_mean_over_the_temperature():
     np.testing.assert_allclose(calibrate_mean(p, 1.0), p, atol=1e-7)
 
 
-def test_runs_that_share_their_validation_images_calibrate_their_ensemble(tmp_path, image_folder, capsys):
+def test_the_ensemble_is_calibrated_on_the_images_no_run_trained_on(tmp_path, image_folder, capsys, monkeypatch):
     """With --split-seed the runs hold out the same validation images; calibrate OUT then fits
-    the ensemble's own temperature on them, which load_ensemble, evaluate, predict and export
-    apply, and which a run changed since makes refused. Without it, the runs' validation
-    images differ and the ensemble is left uncalibrated, saying why."""
+    the ensemble's own temperature on them, which load_ensemble, evaluate, predict, label-issues
+    and export apply, and which a run changed since makes refused. Without it, runs of the whole
+    data leave too few images that none trained on, and the ensemble is left as it is, saying
+    why; runs of a --subset each leave the images outside it, on which it is calibrated."""
+    import cifarlab.calibrate
     from cifarlab.calibrate import ENSEMBLE_FILE, calibrate_mean
     from cifarlab.evaluate import evaluate_runs
     from cifarlab.export import Ensemble, load_ensemble
@@ -439,13 +441,15 @@ def test_runs_that_share_their_validation_images_calibrate_their_ensemble(tmp_pa
     va = [run_split(base / f"run-{k}", ds)[2] for k in range(2)]
     assert np.array_equal(va[0], va[1])
     assert "split_seed: 7" in (base / "config.yaml").read_text()
+    # the least it takes, scaled to these 18 training images: the runs' shared validation images
+    monkeypatch.setattr(cifarlab.calibrate, "ENSEMBLE_MIN_IMAGES", len(va[0]))
     capsys.readouterr()
     assert main(["calibrate", str(base), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     doc = json.loads((base / ENSEMBLE_FILE).read_text())
     entry = doc["by_tta"]["none"]
     t = entry["temperature"]
-    assert f"their ensemble: temperature {t:.4f}" in out and f"on the {len(va[0])} validation images they share" in out
+    assert f"their ensemble: temperature {t:.4f}" in out and f"on {len(va[0])} training images no run trained on" in out
     assert [r["run"] for r in entry["runs"]] == ["run-0", "run-1"]
     assert entry["validation_loss"]["after"] <= entry["validation_loss"]["before"] + 1e-12
     # the fit: the temperature minimises the loss of log(mean of the calibrated runs' probabilities)
@@ -500,10 +504,26 @@ def test_runs_that_share_their_validation_images_calibrate_their_ensemble(tmp_pa
         with pytest.raises(CifarlabError, match=why):
             read_ensemble_calibration(base, runs, "none")
 
-    # runs split by their own seeds share no validation set: nothing fitted, and why
+    # runs of the whole data split by their own seeds: each image trained one run or the other
     other = tmp_path / "other"
     fit(tiny_config(str(image_folder), str(other), runs=2), log=lambda s: None)
     assert main(["calibrate", str(other), "--device", "cpu"]) == 0
-    assert "their ensemble (the mean of their probabilities) is not calibrated: the runs hold out different " \
-           "validation images" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    unseen = len(ds.y_train) - len(np.union1d(*[run_split(other / f"run-{k}", ds)[1] for k in range(2)]))
+    assert unseen < len(va[0]) and f"their ensemble (the mean of their probabilities) is not calibrated: {unseen} " \
+           f"of the training images were trained on by no run" in said and "--split-seed N" in said
     assert not (other / ENSEMBLE_FILE).exists() and load_ensemble(other).temperature() is None
+    # runs of a subset, each its own: the images outside every subset serve
+    sub = tmp_path / "sub"
+    fit(_with_data(tiny_config(str(image_folder), str(sub), runs=2, epochs=2), subset=9), log=lambda s: None)
+    trained = np.union1d(*[run_split(sub / f"run-{k}", ds)[1] for k in range(2)])
+    assert main(["calibrate", str(sub), "--device", "cpu", "--json"]) == 0
+    e = json.loads(capsys.readouterr().out)["ensemble"]
+    assert e["calibrated"] and e["validation_images"] == len(ds.y_train) - len(trained) >= len(va[0])
+    assert load_ensemble(sub).temperature() == e["temperature"]
+
+
+def _with_data(cfg, **data):
+    for k, v in data.items():
+        setattr(cfg.data, k, v)
+    return cfg

@@ -170,7 +170,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="fraction of training images held out, per class (default 0.2; 0: no validation)")
     t.add_argument("--split-seed", type=int, metavar="N",
                    help="seed of --subset and of the validation split (default: --seed); with --runs N, every run "
-                        "holds out the same validation images, on which 'cifarlab calibrate OUT' also calibrates "
+                        "holds out the same validation images, on which 'cifarlab calibrate OUT' can also calibrate "
                         "their ensemble")
     g = t.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help="passes over the training images (keras-book: 20)")
@@ -986,7 +986,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             loss, ece = en["validation_loss"], en["validation_ece"]
             print(f"their ensemble: temperature {en['temperature']:.4f}"
                   + (" (at the search's bound)" if en["at_bound"] else "")
-                  + f"; on the {en['validation_images']:,} validation images they share, loss {loss['before']:.4f} "
+                  + f"; on {en['validation_images']:,} training images no run trained on, loss {loss['before']:.4f} "
                     f"-> {loss['after']:.4f}, expected calibration error {ece['before']:.4f} -> {ece['after']:.4f}; "
                     f"written to {folder / 'ensemble_calibration.json'}")
         else:

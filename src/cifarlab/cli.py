@@ -601,9 +601,13 @@ def _add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
                                    "evaluate, predict, audit, compare and export then use it (--uncalibrated leaves "
                                    "it out). The predicted classes, and every accuracy, stay the same, unless "
                                    "--balance-classes is given. The data is the run's own unless --data is given; "
-                                   "it must be the data the run was trained on.")
+                                   "it must be the data the run was trained on. Given the folder of --runs N, each "
+                                   "run, then their ensemble (the mean of their probabilities, which averaging makes "
+                                   "underconfident): one more temperature for the mean, fitted on training images no "
+                                   "run trained on (outside every run's --subset, or the validation images that "
+                                   "train --split-seed makes shared), recorded in OUT/ensemble_calibration.json.")
     c.add_argument("run", help="run folder written by 'cifarlab train' with validation images (the folder of "
-                               "--runs N: each run)")
+                               "--runs N: each run, and their ensemble)")
     _add_data_args(c, run="own")
     _add_tta_arg(c)
     c.add_argument("--balance-classes", action="store_true",

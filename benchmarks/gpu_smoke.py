@@ -58,7 +58,9 @@ STEPS = [
     ("ood-held-out", "classes", "ood {run_classes} --data {data} --device {dev}"),
     ("duplicates", "resnet", "duplicates {run_resnet} --data {data} --device {dev}"),
     ("compare", "teacher", "compare {run_resnet} {run_teacher} --data {data} --device {dev}"),
-    ("runs", None, "train --epochs 1 --runs 2 --data {data} --device {dev} --out {out}"),
+    # one subset and validation split for both runs, so that 1,200 images are left for their ensemble's temperature
+    ("runs", None, "train --epochs 1 --runs 2 --subset 1000 --split-seed 0 --data {data} --device {dev} --out {out}"),
+    ("calibrate-runs", "runs", "calibrate {run_runs} --data {data} --device {dev}"),  # each run, then the ensemble
     ("evaluate-runs", "runs", "evaluate {run_runs} --data {data} --device {dev}"),  # with their ensemble
 ]
 

@@ -74,6 +74,9 @@ def test_grey_images_one_hot_labels_and_training_arrays_alone(tmp_path):
     ({"x_test": _images(2, 0), "y_test": np.array([[0.5, 0.5], [1, 0]])}, "its rows are not one-hot"),
     ({"x_test": _images(2, 0), "y_test": np.array([0.0, 1.0])}, "y_test is float64 of shape \\(2,\\); expected integer"),
     ({"x_test": _images(2, 0), "y_test": np.array([0, -1])}, "y_test holds the label -1; labels are class numbers"),
+    # text labels: as rows of two they were summed as one-hot rows would be, a TypeError (found by the fuzz test)
+    ({"x_test": _images(0, 0), "y_test": np.zeros((0, 2), "U3")}, r"y_test is <U3 of shape \(0, 2\); expected integer"),
+    ({"x_test": _images(2, 0), "y_test": np.array([["a", "b"], ["c", "d"]])}, "y_test is <U1 of shape"),
     ({"x_test": _images(2, 0), "y_test": np.array([0, 3]), "classes": np.array(["a", "b"])},
      "classes names 2 classes but a label is 3; expected at least 4 names"),
     ({"x_test": _images(2, 0), "y_test": _labels(2), "classes": np.array(["a", "a"])}, "must be distinct"),

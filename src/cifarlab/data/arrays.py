@@ -154,6 +154,9 @@ def _images(x: np.ndarray, path: Path, key: str) -> np.ndarray:
 def _labels(y: np.ndarray, path: Path, key: str, notes: list[str]) -> tuple[np.ndarray, int]:
     """``y`` as int64 (N,), from integer labels (N,) or (N, 1), or one-hot rows (N, K); and K
     (0 for integer labels)."""
+    if y.dtype.kind not in "biuf":  # text or other kinds: neither sums nor compares to 0 and 1 as numbers
+        raise DataError(f"{path}: {key} is {y.dtype} of shape {y.shape}; expected integer labels (N,) or (N, 1), "
+                        "or one-hot rows (N, K)")
     if y.ndim == 2 and y.shape[1] > 1:  # one-hot, as to_categorical makes them
         if not ((y == 0) | (y == 1)).all() or not (y.sum(1) == 1).all():
             raise DataError(f"{path}: {key} has shape {y.shape} but its rows are not one-hot (a single 1, the rest "

@@ -465,7 +465,7 @@ class Ensemble:
     gives the mean of their probabilities, each run's with its own test-time augmentation and
     calibration (as ``cifarlab predict BASE`` gives them, and the ensemble figures of
     ``cifarlab evaluate BASE``), and where ``calibration`` holds the ensemble's own temperature
-    (``cifarlab calibrate BASE`` on runs that share their validation images), that mean
+    (``cifarlab calibrate BASE``, on training images no run trained on), that mean
     calibrated with it (:func:`cifarlab.calibrate.calibrate_mean`). The runs must classify the
     same classes from the same input."""
 

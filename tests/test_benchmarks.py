@@ -25,12 +25,12 @@ def _anchor_arrays(folder: Path, n_train: int, n_test: int, seed: int) -> None:
 def test_gpu_speed_table_from_anchor_style_arrays(tmp_path):
     """``gpu_speed.py --npz`` reads the arrays the anchor script writes and prints one row per
     recipe entry with n runs, accuracies in [0, 1] and positive training times. (``fast`` in
-    batches of 100 rather than its 1024, so that a few hundred images make batches; no warm-up,
-    which the test below keeps.)"""
-    _anchor_arrays(tmp_path, 400, 50, seed=0)
-    fast = "fast:train.batch_size=100"
+    batches of 50 rather than its 1024, so that a hundred images make batches; no warm-up, which
+    the test below keeps.)"""
+    _anchor_arrays(tmp_path, 150, 30, seed=0)
+    fast = "fast:train.batch_size=50"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py"), "--npz", str(tmp_path), "--device", "cpu",
-           "--runs", "2", "--epochs", "1", "--warmup-epochs", "0", "--subset", "300", "--recipes", "keras-book", fast]
+           "--runs", "2", "--epochs", "1", "--warmup-epochs", "0", "--subset", "100", "--recipes", "keras-book", fast]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert p.returncode == 0, p.stderr
     rows = {}

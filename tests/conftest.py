@@ -300,6 +300,23 @@ def pytest_report_header(config):  # noqa: ARG001
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+def _hypothesis_profile() -> None:
+    """The property-based tests draw new examples on every run, which is how they find bugs (a
+    reader's TypeError was found so), except where ``CIFARLAB_TEST_PROFILE=ci`` (``.ci/run``):
+    there they draw the same examples every time, so that whether a change passes depends on
+    the change alone."""
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True)
+    name = os.environ.get("CIFARLAB_TEST_PROFILE", "default")
+    if name not in ("ci", "default"):
+        raise pytest.UsageError(f"CIFARLAB_TEST_PROFILE={name!r} is not a test profile; use ci or leave it unset")
+    settings.load_profile(name)
+
+
+_hypothesis_profile()
+
+
 def write_keras_legacy(group, names: list[str], weights: list[np.ndarray], all_names: list[str],
                        as_bytes: bool = True) -> None:
     """Keras 2's ``save_weights`` layout: ``layer_names``, then per layer ``weight_names``; names

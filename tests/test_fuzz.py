@@ -257,3 +257,10 @@ def test_keras_arrays_reader(tmp_path_factory, arrays, cut, single):
         assert x.dtype == np.uint8 and x.ndim == 4 and x.shape[-1] in (1, 3) and len(x) == len(y)
         assert y.dtype == np.int64 and (len(y) == 0 or 0 <= y.min() <= y.max() < len(ds.classes))
     assert len(ds.x_train) + len(ds.x_test) >= 1 and len(set(ds.classes)) == len(ds.classes)
+
+
+def test_the_ci_profile_draws_the_same_examples_every_time():
+    """``.ci/run``'s profile (tests/conftest.py): a change passes or fails there on its own merits,
+    not on the examples a run happened to draw."""
+    assert settings.get_profile("ci").derandomize
+    assert not settings.get_profile("default").derandomize

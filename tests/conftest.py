@@ -64,14 +64,38 @@ def _isolated_cache(tmp_path_factory, _shared_kernels):
 def real_data_cache(tmp_path_factory, _shared_kernels):
     """A cache shared by the tests on the shared JPEG copy, so that its 60,000 images are decoded
     once per session rather than once per test (which load decodes and which reads the cache is
-    the tests' order; each asserts only what holds either way)."""
-    root = tmp_path_factory.getbasetemp() / "real-data-cache"
-    if not root.is_dir():
+    the tests' order; each asserts only what holds either way). Under pytest-xdist the workers
+    share it too (the folder beside theirs), and the first to need it decodes it while the others
+    wait, rather than each decoding beside it."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "real-data-cache"
+    try:
         root.mkdir()
+    except FileExistsError:
+        pass
+    else:
         _link_kernels(root, _shared_kernels)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CIFARLAB_CACHE", str(root))
+        if SHARED_JPEG.is_file():
+            _decode_once(root)
         yield root
+
+
+def _decode_once(root: Path) -> None:
+    """Decode the shared JPEG copy into the cache ``root`` unless a test has, one process at a
+    time (where there are no file locks, as on Windows, each test decodes or reads as it comes)."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    from cifarlab.data import load_dataset
+
+    with open(root / ".decoding.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes
+        if not (root / ".decoded").exists():
+            load_dataset(SHARED_JPEG)
+            (root / ".decoded").touch()
 
 
 def _tar(path: Path, members: dict[str, bytes], mode: str = "w:gz") -> Path:

@@ -115,7 +115,8 @@ def test_runs_report_statistics(tmp_path, image_folder, capsys):
                                     "model": {"name": "keras-shallow"},
                                     "train": {"epochs": 1, "batch_size": 8, "runs": 3, "out": str(tmp_path / "r"),
                                               "threads": 1}})
-    s = fit(cfg, log=lambda s: None)
+    lines = []
+    s = fit(cfg, log=lines.append)
     saved = json.loads((tmp_path / "r" / "runs_summary.json").read_text())
     assert saved["runs"] == 3 and [r["seed"] for r in saved["per_run"]] == [0, 1, 2]
     accs = [r["test_accuracy"] for r in saved["per_run"]]
@@ -146,14 +147,22 @@ def test_runs_report_statistics(tmp_path, image_folder, capsys):
     mean = np.mean([load_model(tmp_path / "r" / f"run-{k}").predict(ds.x_test) for k in range(3)], axis=0)
     ens = ev["ensemble"]
     assert ens["accuracy"] == pytest.approx(float((mean.argmax(1) == ds.y_test).mean()))
+    # which training reported already, the runs being uncalibrated then
+    assert saved["ensemble"] == {"test_accuracy": ens["accuracy"], "probabilities": "mean of the runs', uncalibrated"}
+    assert (f"their ensemble (the mean of their probabilities, uncalibrated): test accuracy "
+            f"{ens['accuracy']:.4f}") in lines[-1]
     assert ens["loss"] == pytest.approx(float(-np.log(mean[np.arange(len(ds.y_test)), ds.y_test]).mean()), rel=1e-5)
     assert ens["loss"] <= ev["loss"]["mean"] + 1e-6  # -log is convex: never above the runs' mean loss
     assert main(["evaluate", str(tmp_path / "r")]) == 0
     assert (f"Their ensemble (the mean of their probabilities, as 'cifarlab predict {tmp_path / 'r'}' gives them): "
             f"test accuracy {ens['accuracy']:.4f}, test score {ens['loss']:.4f}") in capsys.readouterr().out
-    lines: list[str] = []  # resuming finished runs trains nothing and summarises them again
+    # the predict command that gives those probabilities carries the evaluation's options
+    assert main(["evaluate", str(tmp_path / "r"), "--tta", "flip", "--uncalibrated", "--out", str(tmp_path / "e")]) == 0
+    assert f"as 'cifarlab predict {tmp_path / 'r'} --tta flip --uncalibrated' gives them" in capsys.readouterr().out
+    lines = []  # resuming finished runs trains nothing and summarises them again, the ensemble too
     assert fit(resume=tmp_path / "r", log=lines.append)["test_accuracy"] == s["test_accuracy"]
     assert sum("finished, test accuracy" in x for x in lines) == 3 and not any("Epoch" in x for x in lines)
+    assert json.loads((tmp_path / "r" / "runs_summary.json").read_text())["ensemble"] == saved["ensemble"]
 
 
 def test_bf16_autocast_trains_on_cpu(tmp_path, image_folder):

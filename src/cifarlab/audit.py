@@ -29,7 +29,7 @@ from .label_issues import read_label_issues
 from .ood import read_ood
 from .errors import CifarlabError, short_list
 from .evaluate import _check_compatible, probabilities_and_raw
-from .export import data_suffix, list_to_csv_rows, load_model
+from .export import data_suffix, list_to_csv_rows, load_model, predict_command
 from .fsutil import json_text, md_cell, read_json, report_folder, write_json, write_text
 
 TO_FILL = "[TO BE FILLED IN BY THE MODEL'S OWNER]"
@@ -564,8 +564,8 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
     summary["ensemble"] = e = _ensemble_audit((total / len(runs)).astype(np.float32), classes, ds,
                                               groups, margin, min_group, n_boot, seed)
     sp = e["classes"]["spread"]
-    log(f"their ensemble (the mean of their probabilities, as 'cifarlab predict {base}' gives them): overall accuracy "
-        f"{e['overall_accuracy']:.4f}; worst class {sp['worst']}, gap {sp['difference']:.4f}; "
+    log(f"their ensemble (the mean of their probabilities, as '{predict_command(base, tta, uncalibrated)}' gives "
+        f"them): overall accuracy {e['overall_accuracy']:.4f}; worst class {sp['worst']}, gap {sp['difference']:.4f}; "
         f"{len(e['warnings'])} warning(s)")
     summary["robustness"] = _runs_robustness(base, f"robustness{suffix}", summary["tta"], audits)
     summary["near_duplicates"] = _runs_duplicates(audits)

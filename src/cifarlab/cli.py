@@ -907,7 +907,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _evaluate_runs(args: argparse.Namespace) -> int:
     """``cifarlab evaluate`` of a ``--runs N`` folder: each run, then the spread over them."""
     from .evaluate import evaluate_runs
-    from .export import finished_runs, other_data_folder
+    from .export import finished_runs, other_data_folder, predict_command
     from .fsutil import json_text
 
     base = Path(args.run)
@@ -926,8 +926,8 @@ def _evaluate_runs(args: argparse.Namespace) -> int:
           f"{lo['mean']:.4f} (min {lo['min']:.4f}, max {lo['max']:.4f})")
     en = summary["ensemble"]
     own = "" if en["temperature"] is None else f", calibrated with their ensemble's temperature {en['temperature']:.4f}"
-    print(f"Their ensemble (the mean of their probabilities{own}, as 'cifarlab predict {base}' gives them): test "
-          f"accuracy {en['accuracy']:.4f}, test score {en['loss']:.4f}, expected calibration error {en['ece']:.4f}"
+    print(f"Their ensemble (the mean of their probabilities{own}, as '{predict_command(base, args.tta, args.uncalibrated)}'"
+          f" gives them): test accuracy {en['accuracy']:.4f}, test score {en['loss']:.4f}, expected calibration error {en['ece']:.4f}"
           + (f" ({en['uncalibrated_ece']:.4f} without its temperature)" if "uncalibrated_ece" in en else ""))
     e = summary["ece"]
     print(f"Expected calibration error mean {e['mean']:.4f} (min {e['min']:.4f}, max {e['max']:.4f})"

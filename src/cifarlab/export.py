@@ -532,6 +532,13 @@ def ensemble_probabilities(temperature: float | None) -> str:
     return "mean of the runs'" + ("" if temperature is None else ", calibrated with the ensemble's temperature")
 
 
+def predict_command(folder: str | Path, tta: str | None = None, uncalibrated: bool = False) -> str:
+    """The ``cifarlab predict`` command that gives the probabilities a report on ``folder``
+    used, with its ``--tta`` and ``--uncalibrated`` where the report had them."""
+    return (f"cifarlab predict {folder}" + (f" --tta {tta}" if tta else "")
+            + (" --uncalibrated" if uncalibrated else ""))
+
+
 def ensemble_calibration(folder: str | Path, runs: list[Path], tta: str | None = None, uncalibrated: bool = False):
     """The ensemble temperature (:func:`cifarlab.calibrate.read_ensemble_calibration`) of
     ``runs``, the finished runs of ``folder``, predicting with test-time augmentation ``tta``

@@ -1541,16 +1541,36 @@ def _train_runs(base: Path, cfg: Config, dataset: Dataset | None, log: Callable[
                         "precision": m.get("precision")})  # the time depends on it; None from older runs
         source = m["data"]["source"]
 
+    if dataset is None:  # every run had finished: their ensemble is tested again all the same
+        dataset = _load_data(cfg, None, log)
     summary = {"runs": len(results), "recipe": cfg.recipe, "model": cfg.model.name, "data": source,
                "test_accuracy": describe([r["test_accuracy"] for r in results]),
-               "train_time_s": describe([r["train_time_s"] for r in results]), "per_run": results}
+               "train_time_s": describe([r["train_time_s"] for r in results]),
+               "ensemble": _ensemble_test(base, cfg, dataset, log), "per_run": results}
     write_json(base / "runs_summary.json", summary)
     a, t = summary["test_accuracy"], summary["train_time_s"]
     log(f"{len(results)} runs: test accuracy mean {a['mean']:.4f} (std {a['std']:.4f}, min {a['min']:.4f}, "
         f"max {a['max']:.4f}); training time mean {t['mean']:.2f} s (std {t['std']:.2f}, min {t['min']:.2f}, "
         f"max {t['max']:.2f})")
+    log(f"their ensemble (the mean of their probabilities, uncalibrated): test accuracy "
+        f"{summary['ensemble']['test_accuracy']:.4f}; 'cifarlab calibrate {base}' calibrates it, 'cifarlab evaluate "
+        f"{base}' gives its loss and calibration error")
     summary["run"] = str(base)
     return summary
+
+
+def _ensemble_test(base: Path, cfg: Config, ds: Dataset, log: Callable[[str], None]) -> dict[str, Any]:
+    """The test accuracy of the ensemble of ``base``'s runs, each with its own test-time
+    augmentation, uncalibrated (a run's calibration comes after its training; ``cifarlab
+    evaluate BASE`` gives the calibrated figures). Its test images are those each run was tested
+    on, ``ds``'s test split."""
+    from .export import ensemble_probabilities, load_ensemble
+
+    log(f"testing their ensemble on {len(ds.y_test):,} images")
+    device = runtime.select_device(cfg.train.device)
+    probs = load_ensemble(base, str(device), uncalibrated=True).predict(ds.x_test)
+    return {"test_accuracy": float((probs.argmax(1) == ds.y_test).mean()),
+            "probabilities": ensemble_probabilities(None) + ", uncalibrated"}
 
 
 class _Clock:

@@ -196,8 +196,8 @@ def test_a_stale_report_or_a_lost_bank_is_not_exported(trained_run, capsys):
 def test_a_runs_folder_exports_as_one_file_of_their_ensemble(tmp_path, image_folder, capsys):
     """The folder of --runs N exports as one graph: every run with its own preprocessing and
     calibration, the mean of their probabilities out, as load_ensemble predicts; the metadata
-    names the runs and holds each one's figures. cifarlab ood's threshold, one run's, stays out;
-    --int8 and Keras weights take one run."""
+    names the runs and holds each one's figures. cifarlab ood's threshold, one run's, stays out.
+    --int8 writes the ensemble's int8 copy, measured against it; Keras weights take one run."""
     from conftest import tiny_config
 
     from cifarlab.export import load_ensemble
@@ -224,6 +224,17 @@ def test_a_runs_folder_exports_as_one_file_of_their_ensemble(tmp_path, image_fol
     assert t[0] is None and t[1] == pytest.approx(ens.members[1].temperature())
     assert len(json.loads(meta["preprocessing"])) == 2 and "unfamiliar_below" not in meta
     assert any("surveilling people" in u for u in json.loads(meta["out_of_scope_uses"]))
-    for extra in (["--int8"], ["--out", str(tmp_path / "w.h5")]):
-        assert main(["export", str(base), *extra]) == 2
-        assert "holds 2 runs of 'cifarlab train --runs' (run-0, run-1); give one of them" in capsys.readouterr().err
+    assert main(["export", str(base), "--out", str(tmp_path / "w.h5")]) == 2
+    assert "holds 2 runs of 'cifarlab train --runs' (run-0, run-1); give one of them" in capsys.readouterr().err
+    from cifarlab.calibrate import weights_digest
+
+    assert main(["export", str(base), "--int8", "--calibration-images", "9"]) == 0
+    assert f"wrote {base / 'model.int8.onnx'}" in capsys.readouterr().out
+    report = json.loads((base / "model.int8.json").read_text())
+    runs = [base / "run-0", base / "run-1"]
+    assert report["ensemble_of"] == [str(r) for r in runs] and report["weights_sha256"] == [weights_digest(r) for r in runs]
+    assert report["test"]["images"] == 9 and report["temperature"][1] == pytest.approx(ens.members[1].temperature())
+    meta = {p.key: p.value for p in onnx.load(str(base / "model.int8.onnx")).metadata_props}
+    assert json.loads(meta["ensemble_of"]) == ["run-0", "run-1"] and "quantization" in meta
+    int8 = _run(ort.InferenceSession(str(base / "model.int8.onnx"), providers=["CPUExecutionProvider"]), images)
+    assert np.abs(int8 - want).max() < 0.05  # the ensemble, with int8 rounding

@@ -575,7 +575,8 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
                         "the ONNX file's metadata")
     q = x.add_argument_group("int8")
     q.add_argument("--int8", action="store_true",
-                   help="write an int8 copy instead (default RUN/model.int8.onnx): int8 convolution and dense "
+                   help="write an int8 copy instead (default RUN/model.int8.onnx; of a --runs N folder, of their "
+                        "ensemble): int8 convolution and dense "
                         "layers, about a quarter of the size, calibrated on the run's training images; both files "
                         "classify the test images and RUN/model.int8.json says what changed, overall and per class")
     q.add_argument("--calibration-images", type=int, metavar="N",
@@ -1315,15 +1316,19 @@ def cmd_export(args: argparse.Namespace) -> int:
                     uncalibrated=args.uncalibrated, about=args.about)
         return 0
     from .audit import check_intersections
-    from .export import read_run
+    from .export import finished_runs, is_runs_set, read_run
     from .quantize import check_calibration, export_int8
 
     n = 1000 if args.calibration_images is None else args.calibration_images
     method = args.calibration_method or "minmax"
     check_calibration(n, method)  # before the data is loaded
     check_intersections(bool(args.intersections), args.groups)
-    run, _ = read_run(args.run)
-    ds = _load_eval_data(args, run, [run])
+    if is_runs_set(args.run):  # their ensemble; an unfinished run is refused before the data loads
+        run, runs = Path(args.run), finished_runs(args.run)
+    else:
+        run, _ = read_run(args.run)
+        runs = [run]
+    ds = _load_eval_data(args, run, runs)
     export_int8(run, ds, args.out, n, method, tta=args.tta, opset=args.opset, check=args.check,
                 uncalibrated=args.uncalibrated, about=args.about, groups_csv=args.groups,
                 intersections=bool(args.intersections), progress=lambda m: print(m, file=sys.stderr))

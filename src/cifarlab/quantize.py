@@ -172,7 +172,9 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
     :func:`quantize_file`, calibrated on ``calibration_images`` of ``ds``'s training images
     (class-balanced, drawn with ``seed``), never its test images. ``groups_csv`` (a groups file
     as ``cifarlab audit --groups`` reads it, with each pair of its attributes where
-    ``intersections``) adds the comparison per group. Nothing is written where any step fails.
+    ``intersections``) adds the comparison per group. ``run`` may be the folder of
+    ``cifarlab train --runs N``: the file is then its ensemble's (see ``export_onnx``), and the
+    report records each run's weights' SHA-256. Nothing is written where any step fails.
     ``log`` receives what was written and measured, ``progress`` (default ``log``) each step as
     it starts.
     """
@@ -183,12 +185,14 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
     from .data import balanced_subset
     from .deploy import export_onnx
     from .evaluate import _check_compatible
-    from .export import load_model
+    from .export import finished_runs, is_runs_set, load_ensemble, load_model
     from .fsutil import atomic_path, write_json
 
     check_calibration(calibration_images, method)
     _ort_quantization()
-    _check_compatible(load_model(run, "cpu", tta, uncalibrated), ds)  # its labels must be the model's classes
+    several = is_runs_set(run)
+    pred = load_ensemble(run, "cpu", tta, uncalibrated) if several else load_model(run, "cpu", tta, uncalibrated)
+    _check_compatible(pred, ds)  # its labels must be the model's classes
     groups = load_groups(groups_csv, ds, intersections)  # a bad file fails before anything is exported
     run = Path(run)
     out = Path(out) if out is not None else run / "model.int8.onnx"
@@ -213,7 +217,11 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
                           exported["unfamiliar_below"], seed, groups)
         # what it was measured with, so the model card quotes it only while the run is unchanged
         report = {"path": str(out), "float32_bytes": float_path.stat().st_size, "tta": exported["tta"],
-                  "weights_sha256": weights_digest(run), "temperature": exported["temperature"],
+                  # of an ensemble, each run's, in the order of ensemble_of
+                  "weights_sha256": [weights_digest(r) for r in finished_runs(run)] if several else weights_digest(run),
+                  **({"ensemble_of": exported["ensemble_of"], "ensemble_temperature": exported["ensemble_temperature"]}
+                     if several else {}),
+                  "temperature": exported["temperature"],
                   "class_offsets": exported["class_offsets"], "data": ds.source, "opset": exported["opset"],
                   "weights": "int8, symmetric, a scale per output channel",
                   "activations": "uint8, a static range per tensor", "layers": list(QUANTIZED_OPS),

@@ -927,8 +927,9 @@ def _evaluate_runs(args: argparse.Namespace) -> int:
           f"{lo['mean']:.4f} (min {lo['min']:.4f}, max {lo['max']:.4f})")
     en = summary["ensemble"]
     own = "" if en["temperature"] is None else f", calibrated with their ensemble's temperature {en['temperature']:.4f}"
-    print(f"Their ensemble (the mean of their probabilities{own}, as '{predict_command(base, args.tta, args.uncalibrated)}'"
-          f" gives them): test accuracy {en['accuracy']:.4f}, test score {en['loss']:.4f}, expected calibration error {en['ece']:.4f}"
+    command = predict_command(base, args.tta, args.uncalibrated)
+    print(f"Their ensemble (the mean of their probabilities{own}, as '{command}' gives them): test accuracy "
+          f"{en['accuracy']:.4f}, test score {en['loss']:.4f}, expected calibration error {en['ece']:.4f}"
           + (f" ({en['uncalibrated_ece']:.4f} without its temperature)" if "uncalibrated_ece" in en else ""))
     e = summary["ece"]
     print(f"Expected calibration error mean {e['mean']:.4f} (min {e['min']:.4f}, max {e['max']:.4f})"

@@ -259,8 +259,8 @@ def test_compare_two_runs_folders_from_their_summaries(tmp_path, image_folder, c
     assert "--bootstrap: two --runs folders are compared from their summaries" in capsys.readouterr().err
     assert main(["compare", x, summary(tmp_path / "one", [0.9])]) == 2
     assert "holds 1 run; a test across runs needs at least 2" in capsys.readouterr().err
-    assert main(["compare", x, str(tmp_path / "a" / "run-0")]) == 2
-    assert "holds the runs of 'cifarlab train --runs' and" in capsys.readouterr().err
+    assert main(["compare", x, str(tmp_path / "a" / "run-0")]) == 2  # beside a run, a set is its ensemble: its runs
+    assert f"'{x}' holds no runs of 'cifarlab train --runs' (run-K folders" in capsys.readouterr().err
     (tmp_path / "stopped" / "run-0").mkdir(parents=True)
     assert main(["compare", str(tmp_path / "stopped"), x]) == 2
     err = capsys.readouterr().err
@@ -270,3 +270,31 @@ def test_compare_two_runs_folders_from_their_summaries(tmp_path, image_folder, c
     assert json.loads(capsys.readouterr().out)["p_value"] == 1.0
     assert main(["compare", same[0], same[0]]) == 2  # one folder twice: nothing to test
     assert "are the same folder; give two runs (or two --runs folders) to compare" in capsys.readouterr().err
+
+
+def test_a_runs_folders_ensemble_is_compared_as_one_model(tmp_path, image_folder, capsys):
+    """Beside a single run, a --runs N folder is compared as its ensemble (the model predict
+    serves for it), image by image; two such folders likewise with --ensembles. --ensembles
+    without such a folder is refused."""
+    from cifarlab.data import load_dataset
+    from cifarlab.export import load_ensemble, load_model
+
+    base, single = tmp_path / "set", tmp_path / "one"
+    fit(tiny_config(str(image_folder), str(base), runs=2), log=lambda s: None)
+    fit(tiny_config(str(image_folder), str(single), seed=5), log=lambda s: None)
+    assert main(["compare", str(single), str(base), "--json"]) == 0
+    c = json.loads(capsys.readouterr().out)
+    ds = load_dataset(image_folder)
+    ok_a = load_model(single).predict(ds.x_test).argmax(1) == ds.y_test
+    ok_b = load_ensemble(base).predict(ds.x_test).argmax(1) == ds.y_test
+    assert (c["accuracy_a"], c["accuracy_b"]) == (pytest.approx(ok_a.mean()), pytest.approx(ok_b.mean()))
+    assert (c["only_a"], c["only_b"]) == (int((ok_a & ~ok_b).sum()), int((ok_b & ~ok_a).sum()))
+    assert c["a"]["runs"] == 0 and c["b"] == {"run": str(base), "model": "ensemble of 2 keras-shallow runs",
+                                              "tta": "none", "runs": 2, "balanced_classes": False}
+    shutil.copytree(base, tmp_path / "set2")  # the same ensemble in another folder: no image differs
+    assert main(["compare", str(base), str(tmp_path / "set2"), "--ensembles"]) == 0
+    out = capsys.readouterr().out
+    assert f"A: {base} (ensemble of 2 keras-shallow runs, tta none): test accuracy {ok_b.mean():.4f}" in out
+    assert "only A 0, only B 0" in out and "McNemar's exact test: p = 1" in out
+    assert main(["compare", str(single), str(base / "run-0"), "--ensembles"]) == 2
+    assert "--ensembles compares the ensembles of --runs N folders, and neither" in capsys.readouterr().err

@@ -536,7 +536,9 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
                                    "same per class (Holm-corrected). The data is run A's unless --data is given. "
                                    "Given two folders of 'cifarlab train --runs N', it compares their runs' "
                                    "accuracies instead (Welch's t-test), overall and per class (Holm-corrected), "
-                                   "from the runs' own figures; no data is loaded.")
+                                   "from the runs' own figures; no data is loaded (--ensembles compares their "
+                                   "ensembles image by image instead). A --runs N folder beside a single run is "
+                                   "compared as its ensemble, the model 'cifarlab predict' serves for it.")
     m.add_argument("run_a", metavar="RUN_A", help="the first run folder (or the folder of --runs N)")
     m.add_argument("run_b", metavar="RUN_B", help="the second; the differences are B minus A")
     _add_data_args(m, run="test")
@@ -544,6 +546,10 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--intersections", action="store_true",
                    help="also per group of each pair of the groups file's attributes, as audit --intersections")
     m.add_argument("--bootstrap", type=int, help="bootstrap resamples for the interval (default 1000)")
+    m.add_argument("--ensembles", action="store_true",
+                   help="given two --runs N folders, compare their ensembles image by image, as two runs are, "
+                        "rather than their runs' accuracies (a --runs N folder beside a single run is always "
+                        "compared as its ensemble)")
     _add_tta_arg(m)
     _add_uncalibrated_arg(m)
     m.add_argument("--json", action="store_true", help="print the comparison as JSON")
@@ -1264,37 +1270,51 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """``cifarlab compare``."""
     from .audit import CLI_NAMES, check_bootstrap, check_intersections
     from .compare import check_same_classes, compare_run_sets, compare_runs, format_comparison, format_run_sets
-    from .export import check_weights, is_runs_set, read_run
+    from .export import check_weights, is_runs_set
     from .fsutil import json_text
 
     if Path(args.run_a).resolve() == Path(args.run_b).resolve():  # the same weights and settings: nothing to test
         raise ConfigError(f"'{args.run_a}' and '{args.run_b}' are the same folder; give two runs (or two --runs "
                           "folders) to compare")
     sets = [is_runs_set(r) for r in (args.run_a, args.run_b)]
-    if all(sets):  # two recipes, several seeds each: their summaries, no data needed
+    if args.ensembles and not any(sets):
+        raise ConfigError(f"--ensembles compares the ensembles of --runs N folders, and neither '{args.run_a}' nor "
+                          f"'{args.run_b}' is one; leave it out to compare the two runs")
+    if all(sets) and not args.ensembles:  # two recipes, several seeds each: their summaries, no data needed
         given = _given_flags(args, (*_DATA_OPTIONS, "groups", "intersections", "bootstrap", "tta", "device",
                                     "uncalibrated"))
         if given:
             raise ConfigError(f"{', '.join(given)}: two --runs folders are compared from their summaries, with no "
-                              "data and no model run; leave these out, or compare two single runs (RUN/run-K)")
+                              "data and no model run; leave these out, compare their ensembles (--ensembles), or "
+                              "compare two single runs (RUN/run-K)")
         result = compare_run_sets(args.run_a, args.run_b)
         print(json_text(result) if args.json else format_run_sets(result))
         return 0
-    if any(sets):
-        raise ConfigError(f"'{args.run_a if sets[0] else args.run_b}' holds the runs of 'cifarlab train --runs' and "
-                          f"'{args.run_b if sets[0] else args.run_a}' does not; compare two runs, or two --runs "
-                          "folders")
     n_boot = 1000 if args.bootstrap is None else args.bootstrap
     check_bootstrap(n_boot, CLI_NAMES)  # these checks before the data is loaded
     check_intersections(args.intersections, args.groups)
-    (run_a, arch_a), (run_b, arch_b) = read_run(args.run_a), read_run(args.run_b)
-    check_weights(run_b)  # run A's before its data loads
-    check_same_classes(run_a, arch_a["classes"], run_b, arch_b["classes"])
-    ds = _load_eval_data(args, run_a, [run_a, run_b])
+    # A --runs folder beside a run (or with --ensembles, two) is compared as its ensemble: one model.
+    (run_a, runs_a, classes_a), (run_b, runs_b, classes_b) = (_compared(r) for r in (args.run_a, args.run_b))
+    if not runs_b:
+        check_weights(run_b)  # run A's before its data loads
+    check_same_classes(run_a, classes_a, run_b, classes_b)
+    ds = _load_eval_data(args, run_a, (runs_a or [run_a]) + (runs_b or [run_b]))
     result = compare_runs(run_a, run_b, ds, tta=args.tta, device=args.device or "auto", n_boot=n_boot,
                           groups_csv=args.groups, uncalibrated=args.uncalibrated, intersections=args.intersections)
     print(json_text(result) if args.json else format_comparison(result))
     return 0
+
+
+def _compared(folder: str) -> tuple[Path, list[Path], list[str]]:
+    """One side of ``cifarlab compare``: the folder, its finished runs where it is a ``--runs N``
+    folder (else an empty list), and the classes its model tells apart."""
+    from .export import finished_runs, is_runs_set, read_run
+
+    if is_runs_set(folder):
+        runs = finished_runs(folder)
+        return Path(folder), runs, read_run(runs[0])[1]["classes"]
+    run, arch = read_run(folder)
+    return run, [], arch["classes"]
 
 
 def cmd_export(args: argparse.Namespace) -> int:

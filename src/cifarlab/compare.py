@@ -7,7 +7,8 @@ right, a paired percentile bootstrap interval for the difference in accuracy, an
 same test with Holm's correction for testing every class. It says whether these two trained
 models differ on these images; whether two *recipes* differ needs several runs of each
 (``cifarlab train --runs N``), since seeds alone move accuracy: :func:`compare_run_sets` compares
-two such folders with Welch's t-test on their runs' accuracies.
+two such folders with Welch's t-test on their runs' accuracies. The ensemble of such a folder is
+one model too, and :func:`compare_runs` compares it as one (with a run, or with another ensemble).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import numpy as np
 from .audit import _fmt_spread, check_bootstrap, images_phrase, load_groups
 from .data import Dataset
 from .errors import CifarlabError, short_list
-from .evaluate import _check_compatible, describe, predict_dataset
-from .export import load_model
+from .evaluate import _check_compatible, describe
+from .export import is_runs_set, load_ensemble, load_model
 
 ALPHA = 0.05  # the level at which a difference is called one
 
@@ -120,22 +121,36 @@ def compare_runs(run_a: str | Path, run_b: str | Path, ds: Dataset, tta: str | N
     with its own test-time augmentation unless ``tta`` names one for both, and with its own
     calibration unless ``uncalibrated`` (a temperature changes no predicted class, but the class
     offsets of ``cifarlab calibrate --balance-classes`` do); ``groups_csv`` is a groups file as
-    ``cifarlab audit --groups`` reads it, with each pair of its attributes where ``intersections``."""
+    ``cifarlab audit --groups`` reads it, with each pair of its attributes where ``intersections``.
+    Either folder may be that of ``cifarlab train --runs N``: its ensemble is compared, the model
+    ``cifarlab predict`` serves for it (:func:`cifarlab.export.load_ensemble`)."""
     check_bootstrap(n_boot)  # a bad setting should cost no prediction
     groups = load_groups(groups_csv, ds, intersections)  # a bad file fails before any model runs
-    models = [load_model(r, device, tta, uncalibrated) for r in (run_a, run_b)]
-    check_same_classes(models[0].run, models[0].classes, models[1].run, models[1].classes)
-    for name, m in zip("AB", models):
+    models = [load_ensemble(r, device, tta, uncalibrated) if is_runs_set(r) else load_model(r, device, tta, uncalibrated)
+              for r in (run_a, run_b)]
+    about = [_about(m) for m in models]
+    check_same_classes(Path(about[0]["run"]), models[0].classes, Path(about[1]["run"]), models[1].classes)
+    for name, m, a in zip("AB", models, about):
         try:
             _check_compatible(m, ds)
         except CifarlabError as e:
-            raise CifarlabError(f"run {name} ('{m.run}'): {e}") from None
-    pred_a, pred_b = (predict_dataset(m, ds.x_test).argmax(1) for m in models)
+            raise CifarlabError(f"{'ensemble' if a['runs'] else 'run'} {name} ('{a['run']}'): {e}") from None
+    pred_a, pred_b = (m.predict(ds.x_test).argmax(1) for m in models)
     result = compare_predictions(ds.y_test, pred_a, pred_b, ds.classes, n_boot, seed, groups)
-    result.update({**{k: {"run": str(m.run), "model": m.arch["model"], "tta": m.tta,
-                          "balanced_classes": m.class_offsets() is not None} for k, m in zip("ab", models)},
-                   "data": ds.source})
+    result.update({"a": about[0], "b": about[1], "data": ds.source})
     return result
+
+
+def _about(m) -> dict[str, Any]:
+    """What a comparison records of one side: a run, or the ensemble of a ``--runs N`` folder
+    (``runs``: how many; 0 for one run)."""
+    if hasattr(m, "members"):
+        each = m.members
+        return {"run": str(m.folder), "model": f"ensemble of {len(each)} {each[0].arch['model']} runs",
+                "tta": ", ".join(sorted({r.tta for r in each})), "runs": len(each),
+                "balanced_classes": any(r.class_offsets() is not None for r in each)}
+    return {"run": str(m.run), "model": m.arch["model"], "tta": m.tta, "runs": 0,
+            "balanced_classes": m.class_offsets() is not None}
 
 
 def _summary(folder: Path) -> dict[str, Any]:

@@ -177,6 +177,17 @@ def test_the_runs_of_a_set_are_measured_on_the_same_images(tmp_path, image_folde
             for k in range(2)]
     assert s["mean_accuracy"]["min"] == min(r["mean_accuracy"] for r in each)
     assert [c["name"] for c in s["corruptions"]] == ["fog", "contrast"]
+    # their ensemble on the same images, from the runs' probabilities: what predict serves for the folder
+    from cifarlab.corruptions import PUBLISHED, corrupt
+    from cifarlab.export import load_ensemble
+
+    e, ens = s["ensemble"], load_ensemble(tmp_path / "set")
+    assert e["ensemble_of"] == [str(tmp_path / "set" / f"run-{k}") for k in range(2)] and len(e["weights_sha256"]) == 2
+    assert e["clean"]["accuracy"] == pytest.approx(float((ens.predict(ds.x_test).argmax(1) == ds.y_test).mean()))
+    fog = corrupt(ds.x_test, "fog", 3, seed=PUBLISHED.index("fog") * 10 + 3)  # the cell's own seed, for seed 0
+    assert e["cells"][0]["corruption"] == "fog"
+    assert e["cells"][0]["accuracy"] == pytest.approx(float((ens.predict(fog).argmax(1) == ds.y_test).mean()))
+    assert e["mean_accuracy"] == pytest.approx(np.mean([c["accuracy"] for c in e["cells"]]))
     # the audit of the set quotes the spread; audited with another test-time augmentation, it says why not
     from cifarlab.audit import audit_runs
 
@@ -201,6 +212,7 @@ def test_the_runs_of_a_set_are_measured_on_the_same_images(tmp_path, image_folde
                  "--severities", "3", "--device", "cpu", "--out", str(tmp_path / "o")]) == 0
     printed = capsys.readouterr().out
     assert "2 runs: clean accuracy mean" in printed and str(tmp_path / "o" / "robustness_summary.json") in printed
+    assert "their ensemble (probabilities: the mean of the runs'): clean accuracy" in printed
     assert (tmp_path / "o" / "run-1" / "robustness.json").is_file()
 
 

@@ -492,14 +492,22 @@ class Ensemble:
         """The mean of the members' class probabilities, float32 (N, classes), calibrated with
         the ensemble's temperature where it has one, for images as :meth:`Predictor.predict`
         takes them (read and converted once, not once a run)."""
+        x = images if isinstance(images, torch.Tensor) else self.members[0].to_uint8(images)
+        return self.combine(m.predict(x, batch_size) for m in self.members)
+
+    def combine(self, probabilities: Iterable[np.ndarray]) -> np.ndarray:
+        """The ensemble's probabilities from its members' (one array per member, in their order,
+        taken one at a time, so a generator holds one array, not N): their mean, calibrated with
+        the ensemble's temperature where it has one."""
         from .calibrate import calibrate_mean
 
-        x = images if isinstance(images, torch.Tensor) else self.members[0].to_uint8(images)
-        total = None
-        for m in self.members:
-            p = m.predict(x, batch_size).astype(np.float64)
-            total = p if total is None else total + p
-        mean = total / len(self.members)
+        total, n = None, 0
+        for p in probabilities:
+            total = p.astype(np.float64) if total is None else total + p
+            n += 1
+        if n != len(self.members):
+            raise ValueError(f"{n} members' probabilities given, for an ensemble of {len(self.members)}")
+        mean = total / n
         return mean.astype(np.float32) if self.calibration is None else calibrate_mean(mean, self.temperature())
 
 

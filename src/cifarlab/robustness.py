@@ -24,7 +24,7 @@ from .corruptions import CORRUPTIONS, PUBLISHED, PUBLISHED_BENCHMARK, SEVERITIES
 from .data import Dataset
 from .errors import ConfigError, DataError, did_you_mean
 from .evaluate import _check_compatible, calibration, describe
-from .export import Predictor, list_to_csv_rows, load_model
+from .export import Predictor, ensemble_probabilities, list_to_csv_rows, load_model
 from .fsutil import report_folder, write_json, write_text
 
 
@@ -197,12 +197,13 @@ def _scores(probs: np.ndarray, y: np.ndarray, classes: int) -> dict[str, Any]:
 
 def measure(predictors: list[Predictor], ds: Dataset, names: list[str], severities: list[int], seed: int = 0,
             images: int | None = None, published: PublishedCorruptions | None = None,
-            log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], np.ndarray]:
+            log: Callable[[str], None] = print, ensemble=None) -> tuple[list[dict[str, Any]], np.ndarray]:
     """Each predictor's accuracy and calibration error on ``ds``'s test images, clean and with
     each corruption in ``names`` at each of ``severities`` (generated from ``seed``, or read
     from ``published``): one report per predictor (see :func:`robustness_run`), and the first
     test image clean and in each cell, a row per corruption. Each cell's images are made once
-    for all the predictors."""
+    for all the predictors. ``ensemble`` (a :class:`cifarlab.export.Ensemble` of the
+    predictors) adds its report last, from the predictors' probabilities: no pass of its own."""
     classes = len(ds.classes)
     shape = ds.x_test.shape[1:]
     subset = image_subset(len(ds.y_test) if published is None else published.per_severity, images, seed)
@@ -215,20 +216,26 @@ def measure(predictors: list[Predictor], ds: Dataset, names: list[str], severiti
     same = published is None or bool(published.per_severity == len(ds.y_test)
                                       and np.array_equal(published.labels[:len(ds.y_test)], ds.y_test))
     x_clean, y_clean = (ds.x_test, ds.y_test) if subset is None or not same else (ds.x_test[subset], ds.y_test[subset])
-    clean = [_scores(p.predict(x_clean), y_clean, classes) for p in predictors]
-    cells: list[list[dict[str, Any]]] = [[] for _ in predictors]
+    measured = predictors + ([ensemble] if ensemble is not None else [])
+
+    def scores(x: np.ndarray, y: np.ndarray) -> list[dict[str, Any]]:
+        probs = [p.predict(x) for p in predictors]
+        return [_scores(q, y, classes) for q in probs + ([ensemble.combine(probs)] if ensemble is not None else [])]
+
+    clean = scores(x_clean, y_clean)
+    cells: list[list[dict[str, Any]]] = [[] for _ in measured]
     total = len(names) * len(severities)
     first: dict[str, list[np.ndarray]] = {}  # the first image of each cell, to show what was measured
     for k, (name, s, x, y) in enumerate(_cells(ds, names, severities, seed, subset, published, shape, classes), 1):
         first.setdefault(name, []).append(x[0].copy())  # a view would keep the whole cell alive
-        for p, out in zip(predictors, cells):
-            out.append({"corruption": name, "severity": s, **_scores(p.predict(x), y, classes)})
+        for out, sc in zip(cells, scores(x, y)):
+            out.append({"corruption": name, "severity": s, **sc})
         log(f"[{k}/{total}] {name} {s}: accuracy " + ", ".join(f"{c[-1]['accuracy']:.4f}" for c in cells))
     source = ({"kind": "published", "path": str(published.path), "same_images_as_test_split": same}
               if published is not None else {"kind": "generated", "seed": seed})
     reports = [_report(p, ds, c, cl, names, severities, source, len(y_clean) if published is None else
                        (published.per_severity if subset is None else len(subset)))
-               for p, c, cl in zip(predictors, cells, clean)]
+               for p, c, cl in zip(measured, cells, clean)]
     # the clean image beside its corrupted copies (for published files of other images, the test
     # split's first image, which is then not theirs)
     examples = np.stack([im for n in names for im in (x_clean[0], *first[n])])
@@ -247,10 +254,16 @@ def _report(pred: Predictor, ds: Dataset, cells: list[dict], clean: dict, names:
     worst = min(cells, key=lambda c: c["accuracy"])
     classes = [{"class": name, "clean": _num(clean["per_class"][i]), "corrupted": _num(per_class[i]),
                 "drop": _num(clean["per_class"][i] - per_class[i])} for i, name in enumerate(pred.classes)]
+    if hasattr(pred, "members"):  # an ensemble: its folder, its temperature, and each run's weights
+        about = {"run": str(pred.folder), "ensemble_of": [str(m.run) for m in pred.members],
+                 "probabilities": ensemble_probabilities(pred.temperature()),
+                 "tta": ", ".join(sorted({m.tta for m in pred.members})), "temperature": pred.temperature(),
+                 "weights_sha256": [weights_digest(m.run) for m in pred.members]}
+    else:
+        about = {"run": str(pred.run), "tta": pred.tta, "temperature": pred.temperature(),
+                 "class_offsets": pred.class_offsets(), "weights_sha256": weights_digest(pred.run) if pred.run else None}
     return {
-        "run": str(pred.run), "data": ds.source, "source": source, "tta": pred.tta,
-        "temperature": pred.temperature(), "class_offsets": pred.class_offsets(),
-        "weights_sha256": weights_digest(pred.run) if pred.run else None,
+        **about, "data": ds.source, "source": source,
         "images_per_cell": n_images, "severities": severities,
         "clean": {"accuracy": clean["accuracy"], "ece": clean["ece"]},
         "mean_accuracy": float(acc.mean()), "relative_accuracy": float(acc.mean() / clean["accuracy"])
@@ -315,22 +328,28 @@ def robustness_runs(base: str | Path, ds: Dataset, out: str | Path | None = None
     corrupted images, each report into ``RUN/robustness`` (or ``out/run-K``), and the spread
     over the runs in ``robustness_summary.json`` (in ``out``, by default ``base``, or
     ``base/robustness-<data>`` on other data than the runs' own: :func:`cifarlab.export.other_data_folder`)."""
-    from .export import finished_runs, other_data_folder
+    from .export import Ensemble, ensemble_calibration, finished_runs, other_data_folder
 
     base = Path(base)
     names, sev = check_options(corruptions, severities, images, seed, corrupted_data is not None)
     runs = finished_runs(base)
     out = Path(out) if out is not None else other_data_folder(base, "robustness", ds, runs)
+    own = ensemble_calibration(base, runs, tta, uncalibrated)  # a stale one is refused before any run loads
     preds = [load_model(r, device, tta, uncalibrated) for r in runs]
     for p in preds:
         _check_compatible(p, ds)
     with _published(corrupted_data) as published:
-        reports, examples = measure(preds, ds, names, sev, seed, images, published, log)
+        reports, examples = measure(preds, ds, names, sev, seed, images, published, log,
+                                    ensemble=Ensemble(preds, base, own))
+    *reports, ensemble = reports
     for r, rep in zip(runs, reports):
         folder = (out / r.name) if out else r / "robustness"
         with report_folder(folder):
             write_files(rep, folder, examples)
     summary = summarise_robustness(reports)
+    # the model predict serves for the folder, measured on the same images (its cells in the summary)
+    summary["ensemble"] = {k: v for k, v in ensemble.items() if k not in ("data", "source", "severities",
+                                                                          "images_per_cell")}
     write_json((out or base) / "robustness_summary.json", summary)
     return summary
 
@@ -422,6 +441,12 @@ def format_runs(s: dict[str, Any], folder: Path, reports: Path | None = None) ->
     if drops:
         lines.append("accuracy lost by class, mean over the runs: " + ", ".join(
             f"{c['class']} {c['drop']['mean']:.3f}" for c in drops[:3]))
+    e = s.get("ensemble")
+    if e:
+        rel = f" ({e['relative_accuracy']:.1%} of clean)" if e["relative_accuracy"] is not None else ""
+        lines.append(f"their ensemble (probabilities: the {e['probabilities']}): clean accuracy "
+                     f"{e['clean']['accuracy']:.4f}, under corruption {e['mean_accuracy']:.4f}{rel}; expected "
+                     f"calibration error clean {e['clean']['ece']:.4f}, under corruption {e['mean_ece']:.4f}")
     lines.append(f"each run's report in {f'{reports}/run-K' if reports else 'its robustness folder'}; summary in "
                  f"{folder / 'robustness_summary.json'}")
     return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import tarfile
 
 import numpy as np
@@ -178,7 +179,7 @@ def test_the_runs_of_a_set_are_measured_on_the_same_images(tmp_path, image_folde
     assert s["mean_accuracy"]["min"] == min(r["mean_accuracy"] for r in each)
     assert [c["name"] for c in s["corruptions"]] == ["fog", "contrast"]
     # their ensemble on the same images, from the runs' probabilities: what predict serves for the folder
-    from cifarlab.corruptions import PUBLISHED, corrupt
+    from cifarlab.corruptions import PUBLISHED
     from cifarlab.export import load_ensemble
 
     e, ens = s["ensemble"], load_ensemble(tmp_path / "set")
@@ -210,8 +211,9 @@ def test_the_runs_of_a_set_are_measured_on_the_same_images(tmp_path, image_folde
     assert "Under common corruptions (`cifarlab robustness`" in (tmp_path / "set" / "audit_summary.md").read_text()
     assert main(["robustness", str(tmp_path / "set"), "--data", str(image_folder), "--corruptions", "fog",
                  "--severities", "3", "--device", "cpu", "--out", str(tmp_path / "o")]) == 0
-    printed = capsys.readouterr().out
+    printed, progress = capsys.readouterr()
     assert "2 runs: clean accuracy mean" in printed and str(tmp_path / "o" / "robustness_summary.json") in printed
+    assert re.search(r"\[1/1\] fog 3: accuracy [\d.]+, [\d.]+; their ensemble [\d.]+", progress), progress
     assert "their ensemble (probabilities: the mean of the runs'): clean accuracy" in printed
     assert (tmp_path / "o" / "run-1" / "robustness.json").is_file()
 

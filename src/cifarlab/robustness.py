@@ -230,7 +230,9 @@ def measure(predictors: list[Predictor], ds: Dataset, names: list[str], severiti
         first.setdefault(name, []).append(x[0].copy())  # a view would keep the whole cell alive
         for out, sc in zip(cells, scores(x, y)):
             out.append({"corruption": name, "severity": s, **sc})
-        log(f"[{k}/{total}] {name} {s}: accuracy " + ", ".join(f"{c[-1]['accuracy']:.4f}" for c in cells))
+        runs = cells[:len(predictors)]
+        log(f"[{k}/{total}] {name} {s}: accuracy " + ", ".join(f"{c[-1]['accuracy']:.4f}" for c in runs)
+            + (f"; their ensemble {cells[-1][-1]['accuracy']:.4f}" if ensemble is not None else ""))
     source = ({"kind": "published", "path": str(published.path), "same_images_as_test_split": same}
               if published is not None else {"kind": "generated", "seed": seed})
     reports = [_report(p, ds, c, cl, names, severities, source, len(y_clean) if published is None else

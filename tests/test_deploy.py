@@ -232,7 +232,8 @@ def test_a_runs_folder_exports_as_one_file_of_their_ensemble(tmp_path, image_fol
     assert f"wrote {base / 'model.int8.onnx'}" in capsys.readouterr().out
     report = json.loads((base / "model.int8.json").read_text())
     runs = [base / "run-0", base / "run-1"]
-    assert report["ensemble_of"] == [str(r) for r in runs] and report["weights_sha256"] == [weights_digest(r) for r in runs]
+    assert report["ensemble_of"] == [str(r) for r in runs]
+    assert report["weights_sha256"] == [weights_digest(r) for r in runs]
     assert report["test"]["images"] == 9 and report["temperature"][1] == pytest.approx(ens.members[1].temperature())
     meta = {p.key: p.value for p in onnx.load(str(base / "model.int8.onnx")).metadata_props}
     assert json.loads(meta["ensemble_of"]) == ["run-0", "run-1"] and "quantization" in meta

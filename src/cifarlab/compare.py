@@ -126,8 +126,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, ds: Dataset, tta: str | N
     ``cifarlab predict`` serves for it (:func:`cifarlab.export.load_ensemble`)."""
     check_bootstrap(n_boot)  # a bad setting should cost no prediction
     groups = load_groups(groups_csv, ds, intersections)  # a bad file fails before any model runs
-    models = [load_ensemble(r, device, tta, uncalibrated) if is_runs_set(r) else load_model(r, device, tta, uncalibrated)
-              for r in (run_a, run_b)]
+    models = [(load_ensemble if is_runs_set(r) else load_model)(r, device, tta, uncalibrated) for r in (run_a, run_b)]
     about = [_about(m) for m in models]
     check_same_classes(Path(about[0]["run"]), models[0].classes, Path(about[1]["run"]), models[1].classes)
     for name, m, a in zip("AB", models, about):

@@ -263,7 +263,8 @@ def _report(pred: Predictor, ds: Dataset, cells: list[dict], clean: dict, names:
                  "weights_sha256": [weights_digest(m.run) for m in pred.members]}
     else:
         about = {"run": str(pred.run), "tta": pred.tta, "temperature": pred.temperature(),
-                 "class_offsets": pred.class_offsets(), "weights_sha256": weights_digest(pred.run) if pred.run else None}
+                 "class_offsets": pred.class_offsets(),
+                 "weights_sha256": weights_digest(pred.run) if pred.run else None}
     return {
         **about, "data": ds.source, "source": source,
         "images_per_cell": n_images, "severities": severities,

@@ -1075,7 +1075,7 @@ def _audit_runs(args: argparse.Namespace) -> int:
 
 def cmd_robustness(args: argparse.Namespace) -> int:
     """``cifarlab robustness``: one run, or each run of a ``--runs N`` folder."""
-    from .export import default_report_folder, finished_runs, is_runs_set, other_data_folder, read_run
+    from .export import default_report_folder, other_data_folder
     from .fsutil import check_folder_path, json_text
     from .robustness import check_options, format_report, format_runs, list_corruptions, robustness_run, \
         robustness_runs
@@ -1089,13 +1089,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     check_options(args.corruptions, args.severities, args.images, args.seed, args.corrupted_data is not None)
     if args.out:
         check_folder_path(args.out)
-    several = is_runs_set(args.run)
-    if several:
-        runs = finished_runs(args.run)
-        folder = Path(args.run)
-    else:
-        folder, _ = read_run(args.run)
-        runs = [folder]
+    folder, runs, several = _folder_and_runs(args.run)
     ds = _load_eval_data(args, folder, runs)
     log = (lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr))
     kw = dict(corruptions=args.corruptions, severities=args.severities, seed=args.seed, images=args.images,
@@ -1134,7 +1128,7 @@ def cmd_datasheet(args: argparse.Namespace) -> int:
 def cmd_duplicates(args: argparse.Namespace) -> int:
     """``cifarlab duplicates``: the data alone, one run, or each run of a ``--runs N`` folder."""
     from .duplicates import check_options, duplicates_report, format_report, write_files
-    from .export import finished_runs, is_runs_set, read_run, report_name
+    from .export import report_name
     from .fsutil import check_folder_path, json_text
 
     check_options(args.threshold, args.shift, args.candidates)  # before the data is loaded
@@ -1151,12 +1145,7 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
         ds = _load_data(args)
         out = Path(args.out or "duplicates")
     else:
-        if is_runs_set(args.run):
-            runs = finished_runs(args.run)
-            folder = Path(args.run)
-        else:
-            folder, _ = read_run(args.run)
-            runs = [folder]
+        folder, runs, _ = _folder_and_runs(args.run)
         ds = _load_eval_data(args, folder)
         out = Path(args.out) if args.out else folder / report_name("duplicates", ds, runs)
     log = (lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr))
@@ -1305,16 +1294,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _folder_and_runs(given: str) -> tuple[Path, list[Path], bool]:
+    """The run folder a command was given and ``[it]``, or the folder of ``--runs N`` and its
+    runs (refused, before any data loads, where one has not finished); and which of the two."""
+    from .export import finished_runs, is_runs_set, read_run
+
+    if is_runs_set(given):
+        return Path(given), finished_runs(given), True
+    run, _ = read_run(given)
+    return run, [run], False
+
+
 def _compared(folder: str) -> tuple[Path, list[Path], list[str]]:
     """One side of ``cifarlab compare``: the folder, its finished runs where it is a ``--runs N``
     folder (else an empty list), and the classes its model tells apart."""
-    from .export import finished_runs, is_runs_set, read_run
+    from .export import read_run
 
-    if is_runs_set(folder):
-        runs = finished_runs(folder)
-        return Path(folder), runs, read_run(runs[0])[1]["classes"]
-    run, arch = read_run(folder)
-    return run, [], arch["classes"]
+    folder, runs, several = _folder_and_runs(folder)
+    return folder, runs if several else [], read_run(runs[0])[1]["classes"]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -1337,18 +1334,13 @@ def cmd_export(args: argparse.Namespace) -> int:
                     uncalibrated=args.uncalibrated, about=args.about)
         return 0
     from .audit import check_intersections
-    from .export import finished_runs, is_runs_set, read_run
     from .quantize import check_calibration, export_int8
 
     n = 1000 if args.calibration_images is None else args.calibration_images
     method = args.calibration_method or "minmax"
     check_calibration(n, method)  # before the data is loaded
     check_intersections(bool(args.intersections), args.groups)
-    if is_runs_set(args.run):  # their ensemble; an unfinished run is refused before the data loads
-        run, runs = Path(args.run), finished_runs(args.run)
-    else:
-        run, _ = read_run(args.run)
-        runs = [run]
+    run, runs, _ = _folder_and_runs(args.run)  # a --runs N folder: their ensemble
     ds = _load_eval_data(args, run, runs)
     export_int8(run, ds, args.out, n, method, tta=args.tta, opset=args.opset, check=args.check,
                 uncalibrated=args.uncalibrated, about=args.about, groups_csv=args.groups,

@@ -146,7 +146,7 @@ def _about(m) -> dict[str, Any]:
     if hasattr(m, "members"):
         each = m.members
         return {"run": str(m.folder), "model": f"ensemble of {len(each)} {each[0].arch['model']} runs",
-                "tta": ", ".join(sorted({r.tta for r in each})), "runs": len(each),
+                "tta": m.tta, "runs": len(each),
                 "balanced_classes": any(r.class_offsets() is not None for r in each)}
     return {"run": str(m.run), "model": m.arch["model"], "tta": m.tta, "runs": 0,
             "balanced_classes": m.class_offsets() is not None}

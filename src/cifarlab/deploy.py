@@ -219,12 +219,6 @@ def _architecture(predictor) -> str:
     return ", ".join(sorted({m.arch["model"] for m in members}))
 
 
-def _ttas(predictor) -> str:
-    """The test-time augmentation in the graph, of an ensemble each run's."""
-    members = getattr(predictor, "members", [predictor])
-    return ", ".join(sorted({m.tta for m in members}))
-
-
 def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None = None,
                 opset: int | None = None, check: bool = True,
                 log: Callable[[str], None] = print, uncalibrated: bool = False,
@@ -279,7 +273,7 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
     if opset is not None and made != opset:  # the exporter falls back to its own opset when converting fails
         raise CifarlabError(f"--opset {opset}: the ONNX converter could not express this model in opset {opset} "
                             f"(PyTorch's exporter made opset {made}); give a newer one, such as {made}, or omit --opset")
-    ttas = _ttas(predictor)
+    ttas = predictor.tta  # the test-time augmentation in the graph; of an ensemble, each run's
     meta = _metadata(predictor, run, ttas)
     meta.update({k: given[k] for k in ("developers", "licence", "contact") if k in given})
     if rule:  # what the second output means, and where to draw the line

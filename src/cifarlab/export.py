@@ -484,6 +484,12 @@ class Ensemble:
         self.classes, self.input_shape = first.classes, first.input_shape
         self.calibration = calibration
 
+    @property
+    def tta(self) -> str:
+        """Its runs' test-time augmentation, each level once ("flip", or "flip, none" where
+        they differ), as :attr:`Predictor.tta` names one run's."""
+        return ", ".join(sorted({m.tta for m in self.members}))
+
     def temperature(self) -> float | None:
         """The ensemble's own temperature; None where it has none (its mean is not recalibrated)."""
         return None if self.calibration is None else self.calibration.temperature

@@ -185,7 +185,7 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
     from .data import balanced_subset
     from .deploy import export_onnx
     from .evaluate import _check_compatible
-    from .export import finished_runs, is_runs_set, load_ensemble, load_model
+    from .export import is_runs_set, load_ensemble, load_model
     from .fsutil import atomic_path, write_json
 
     check_calibration(calibration_images, method)
@@ -218,7 +218,7 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
         # what it was measured with, so the model card quotes it only while the run is unchanged
         report = {"path": str(out), "float32_bytes": float_path.stat().st_size, "tta": exported["tta"],
                   # of an ensemble, each run's, in the order of ensemble_of
-                  "weights_sha256": [weights_digest(r) for r in finished_runs(run)] if several else weights_digest(run),
+                  "weights_sha256": [weights_digest(m.run) for m in pred.members] if several else weights_digest(run),
                   **({"ensemble_of": exported["ensemble_of"], "ensemble_temperature": exported["ensemble_temperature"]}
                      if several else {}),
                   "temperature": exported["temperature"],

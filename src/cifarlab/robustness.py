@@ -259,7 +259,7 @@ def _report(pred: Predictor, ds: Dataset, cells: list[dict], clean: dict, names:
     if hasattr(pred, "members"):  # an ensemble: its folder, its temperature, and each run's weights
         about = {"run": str(pred.folder), "ensemble_of": [str(m.run) for m in pred.members],
                  "probabilities": ensemble_probabilities(pred.temperature()),
-                 "tta": ", ".join(sorted({m.tta for m in pred.members})), "temperature": pred.temperature(),
+                 "tta": pred.tta, "temperature": pred.temperature(),
                  "weights_sha256": [weights_digest(m.run) for m in pred.members]}
     else:
         about = {"run": str(pred.run), "tta": pred.tta, "temperature": pred.temperature(),

@@ -324,11 +324,11 @@ def pytest_report_header(config):  # noqa: ARG001
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
-def _hypothesis_profile() -> None:
+def pytest_configure(config):  # noqa: ARG001
     """The property-based tests draw new examples on every run, which is how they find bugs (a
     reader's TypeError was found so), except where ``CIFARLAB_TEST_PROFILE=ci`` (``.ci/run``):
     there they draw the same examples every time, so that whether a change passes depends on
-    the change alone."""
+    the change alone. Set here, before the test modules make their settings from the profile."""
     from hypothesis import settings
 
     settings.register_profile("ci", derandomize=True)
@@ -336,9 +336,6 @@ def _hypothesis_profile() -> None:
     if name not in ("ci", "default"):
         raise pytest.UsageError(f"CIFARLAB_TEST_PROFILE={name!r} is not a test profile; use ci or leave it unset")
     settings.load_profile(name)
-
-
-_hypothesis_profile()
 
 
 def write_keras_legacy(group, names: list[str], weights: list[np.ndarray], all_names: list[str],

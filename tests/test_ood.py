@@ -495,6 +495,113 @@ def test_the_runs_of_a_set_meet_the_same_images_and_their_spread_is_reported(tmp
     assert "Unfamiliar images: not quoted; run-1 not measured with its current weights" in md
 
 
+def test_the_ensemble_of_a_set_gets_its_own_threshold_which_predict_and_its_file_apply(tmp_path, image_folder, capsys,
+                                                                                        monkeypatch):
+    """ood OUT reports the runs' ensemble, the model predict OUT serves, from the runs' own
+    scores: msp its own top probability, the others the mean of the runs'; its threshold keeps
+    95% of the training images no run trained on (the test images where there are too few).
+    predict OUT --flag-unfamiliar and the ensemble's ONNX file apply it, and a run or bank
+    changed since makes it refused."""
+    from conftest import tiny_config
+
+    import cifarlab.calibrate
+    from cifarlab.data import load_dataset
+    from cifarlab.data.images import open_image, to_array
+    from cifarlab.export import load_ensemble, load_model
+    from cifarlab.train import fit, run_split
+
+    base = tmp_path / "set"
+    cfg = tiny_config(str(image_folder), str(base), runs=2, epochs=2)
+    cfg.data.split_seed = 7  # the runs hold out the same 5 validation images, which neither trained on
+    fit(cfg, log=lambda s: None)
+    ds = load_dataset(str(image_folder))
+    va = run_split(base / "run-0", ds)[2]
+    runs = [load_model(base / f"run-{k}") for k in range(2)]
+
+    # too few images that no run trained on: the threshold comes from the test images, and says so
+    assert main(["ood", str(base), "synthetic:uniform", "--count", "4", "--knn-bank", "0"]) == 0
+    printed = capsys.readouterr().out
+    e = json.loads((base / "ood_summary.json").read_text())["ensemble"]
+    assert e["threshold_fitted_on"] == "test" and e["threshold_images"] == 9
+    assert "keeps 95% of the 9 test images (too few training images were trained on by no run" in printed
+
+    monkeypatch.setattr(cifarlab.calibrate, "ENSEMBLE_MIN_IMAGES", len(va))
+    assert main(["ood", str(base), "synthetic:uniform", "synthetic:blank", "--count", "4", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    e = s["ensemble"]
+    assert e["threshold_fitted_on"] == "unseen training" and e["threshold_images"] == len(va) == 5
+    assert [r["run"] for r in e["runs"]] == ["run-0", "run-1"] and e["ensemble_temperature"] is None
+    assert [r["weights_sha256"] for r in e["runs"]] == [r["weights_sha256"] for r in s["per_run"]]
+    assert list(e["thresholds"]) == list(ood.SCORES) + ["knn"] and e["score"] == "energy"
+
+    # by hand: energy is the mean of the runs' energies, msp the ensemble's own top probability
+    def energies(x):
+        return np.mean([ood.scores(ood.calibrated_logits(m, m.logits(x)))["energy"] for m in runs], axis=0)
+
+    ens = load_ensemble(base)
+    assert e["thresholds"]["energy"] == pytest.approx(ood.threshold(energies(ds.x_train[va])))
+    assert e["thresholds"]["msp"] == pytest.approx(ood.threshold(ens.predict(ds.x_train[va]).max(1)), abs=1e-6)
+    p_test = ens.predict(ds.x_test)
+    assert e["in_distribution"]["mean_confidence"] == pytest.approx(p_test.max(1).mean(), abs=1e-6)
+    assert e["in_distribution"]["flagged_share"] == pytest.approx((energies(ds.x_test) < e["threshold"]).mean())
+    noise = ood.synthetic_images("uniform", 4, (32, 32, 3), seed=0)
+    sep = ood.separation(energies(ds.x_test), energies(noise))
+    assert e["sets"][0]["energy"]["auroc"] == pytest.approx(sep["auroc"])
+    assert e["sets"][0]["accepted_share"] == pytest.approx((energies(noise) >= e["threshold"]).mean())
+    # knn: the mean of the runs' own knn scores, each against its own bank
+    each = [np.load(base / f"run-{k}" / "ood" / "scores.npz")["set1_knn"] for k in range(2)]
+    blank = ood.synthetic_images("blank", 4, (32, 32, 3), seed=1)
+    assert e["sets"][1]["knn"]["auroc"] == pytest.approx(ood.separation(
+        np.mean([np.load(base / f"run-{k}" / "ood" / "scores.npz")["in_knn"] for k in range(2)], axis=0),
+        np.mean(each, axis=0))["auroc"])
+    k = json.loads((base / "run-0" / "ood" / "ood.json").read_text())["knn"]["k"]
+    assert each[0] == pytest.approx(ood.knn_scores(ood.read_bank(base / "run-0"), ood.features(runs[0], blank), k))
+
+    # predict OUT --flag-unfamiliar applies it: an image is unfamiliar where the runs' mean energy is below it
+    files = sorted(str(f) for f in (image_folder / "test").rglob("*.png"))
+    images = np.stack([to_array(open_image(open(f, "rb").read(), f), 3, (32, 32)) for f in files])
+    assert main(["predict", str(base), *files, "--flag-unfamiliar", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["unfamiliar"] for r in doc["predictions"]] == (energies(images) < e["threshold"]).tolist()
+    assert doc["unfamiliar_below"] == {"score": "energy", "threshold": e["threshold"], "keep": 0.95,
+                                       "fitted_on": "unseen training", "runs": 2,
+                                       "scored": "the mean of the runs' energy scores"}
+    assert main(["predict", str(base), *files[:2], "--flag-unfamiliar"]) == 0
+    assert "image(s) below the energy threshold" in capsys.readouterr().out
+    assert main(["ood", str(base), "synthetic:uniform", "--count", "4", "--score", "msp", "--knn-bank", "0"]) == 0
+    assert "msp score: the largest of the ensemble's own probabilities" in capsys.readouterr().out
+    thr = json.loads((base / "ood_summary.json").read_text())["ensemble"]["threshold"]
+    assert main(["predict", str(base), *files, "--flag-unfamiliar", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["unfamiliar"] for r in doc["predictions"]] == (ens.predict(images).max(1) < thr).tolist()
+
+    # the ensemble's ONNX file gives its familiarity, as predict scores it (the export checks it)
+    from importlib.util import find_spec
+
+    for score in ("msp", "knn"):
+        if score == "knn":
+            assert main(["ood", str(base), "synthetic:uniform", "--count", "4", "--score", "knn"]) == 0
+        if find_spec("onnxruntime") and find_spec("onnxscript"):
+            from cifarlab.deploy import export_onnx
+
+            report = export_onnx(base, tmp_path / f"{score}.onnx", log=lambda s: None)
+            assert report["unfamiliar_below"]["score"] == score and report["unfamiliar_below"]["runs"] == 2
+            assert report["check"]["familiarity_max_rel_diff"] < 1e-4
+
+    # a run's bank measured again on its own, and a run calibrated since: the threshold no longer holds
+    assert main(["ood", str(base / "run-0"), "synthetic:blank", "--count", "2", "--knn-bank", "5", "--score",
+                 "knn"]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(base), files[0], "--flag-unfamiliar"]) == 2
+    assert f"needs the threshold of their ensemble that 'cifarlab ood {base}' fits" in capsys.readouterr().err
+    assert main(["ood", str(base), "synthetic:uniform", "--count", "4"]) == 0
+    assert main(["predict", str(base), files[0], "--flag-unfamiliar"]) == 0
+    assert main(["calibrate", str(base / "run-1")]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(base), files[0], "--flag-unfamiliar"]) == 2
+    assert "and the ensemble's; run that first" in capsys.readouterr().err
+
+
 def test_a_spread_that_straddles_chance_is_called_out():
     def report(run, auroc):
         st = {"name": "blank", "source": "synthetic:blank", "images": 5, "notes": [], "accepted_share": 0.5,

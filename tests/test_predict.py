@@ -39,7 +39,7 @@ def test_files_are_read_and_written_a_chunk_at_a_time(trained_run, image_folder,
     def load(*args):
         model = real_load(*args)
         model_logits = model.logits
-        model.logits = lambda x: (predicted.append(len(x)), model_logits(x))[1]
+        model.logits = lambda x, *rest: (predicted.append(len(x)), model_logits(x, *rest))[1]
         return model
 
     monkeypatch.setattr(predict, "_read", read)
@@ -113,8 +113,8 @@ def test_a_runs_folder_predicts_with_the_mean_of_its_runs_probabilities(tmp_path
     assert main(["predict", str(base), *files[:2]]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f"the probabilities are the mean of the 2 runs' in {base}"
     assert main(["predict", str(base), files[0], "--flag-unfamiliar"]) == 2
-    assert (f"--flag-unfamiliar takes one run, whose 'cifarlab ood' threshold it applies; '{base}' holds the runs of "
-            f"--runs N: give one of them, for example '{base / 'run-0'}'") in capsys.readouterr().err
+    assert (f"--flag-unfamiliar needs the threshold of their ensemble that 'cifarlab ood {base}' fits") \
+        in capsys.readouterr().err  # test_ood applies one
 
     from cifarlab.export import Ensemble
 

@@ -346,6 +346,16 @@ def read_ensemble_calibration(folder: str | Path, runs: list[Path], tta: str) ->
     return Calibration(float(t))
 
 
+def untrained_images(trained: list[np.ndarray], n: int) -> np.ndarray:
+    """The indices, sorted, of the images of a training split of ``n`` that none of ``trained``
+    (each run's indices of the images it trained on) holds: those an ensemble of the runs has
+    never seen, at most :data:`ENSEMBLE_MAX_IMAGES` of them (a seeded draw)."""
+    unseen = np.setdiff1d(np.arange(n), np.concatenate(trained) if trained else [])
+    if len(unseen) > ENSEMBLE_MAX_IMAGES:  # enough for one number; predicting more only costs time
+        unseen = np.sort(np.random.default_rng(0).choice(unseen, ENSEMBLE_MAX_IMAGES, replace=False))
+    return unseen
+
+
 def calibrate_ensemble(base: str | Path, ds, tta: str | None = None, device: str = "auto",
                        log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fit the temperature of the ensemble of the ``--runs N`` folder ``base`` (the mean of its
@@ -360,15 +370,12 @@ def calibrate_ensemble(base: str | Path, ds, tta: str | None = None, device: str
 
     base = Path(base)
     runs = finished_runs(base)
-    trained = np.concatenate([_held_out(r, ds)[1] for r in runs])
-    unseen = np.setdiff1d(np.arange(len(ds.y_train)), trained)
+    unseen = untrained_images([_held_out(r, ds)[1] for r in runs], len(ds.y_train))
     if len(unseen) < ENSEMBLE_MIN_IMAGES:
         why = (f"{len(unseen):,} of the training images were trained on by no run (each run holds out validation "
                f"images drawn by its own seed), and the ensemble's temperature needs {ENSEMBLE_MIN_IMAGES:,}; train "
                "with --split-seed N, so that every run holds out the same ones")
         return {"calibrated": False, "why": why, "unseen_images": int(len(unseen))}
-    if len(unseen) > ENSEMBLE_MAX_IMAGES:  # enough for one number; predicting more only costs time
-        unseen = np.sort(np.random.default_rng(0).choice(unseen, ENSEMBLE_MAX_IMAGES, replace=False))
     ens = Ensemble([load_model(r, device, tta) for r in runs], base)  # each run with its calibration, as now
     level = ens.members[0].tta
     x, y = ds.x_train[unseen], ds.y_train[unseen]

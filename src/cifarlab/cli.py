@@ -324,7 +324,8 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                          "to a person; 'cifarlab evaluate' shows the share answered and the accuracy at thresholds")
     pr.add_argument("--flag-unfamiliar", action="store_true",
                     help="mark an image 'unfamiliar' where its OOD score is below the threshold 'cifarlab ood RUN' "
-                         "fitted (kept by 95%% of the run's validation images): unlike the images it was trained on")
+                         "fitted (kept by 95%% of the run's validation images): unlike the images it was trained on; "
+                         "for the folder of --runs N, their ensemble's threshold from 'cifarlab ood OUT'")
     fmt = pr.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print the predictions as JSON")
     fmt.add_argument("--csv", action="store_true", help="print the predictions as CSV")
@@ -483,7 +484,8 @@ def _add_ood_parser(sub: argparse._SubParsersAction) -> None:
     o = sub.add_parser("ood", help="does the run know an unfamiliar image when it sees one? how well its scores tell "
                                    "its own test images from other data and synthetic images")
     o.add_argument("run", help="run folder written by 'cifarlab train' (or 'cifarlab import'); the folder of --runs N: "
-                               "each run against the same images, and the spread over them")
+                               "each run against the same images, the spread over them, and their ensemble "
+                               "(the model 'cifarlab predict OUT' serves), with its own threshold")
     o.add_argument("sources", nargs="*", metavar="SOURCE",
                    help="unfamiliar images: image files (an image, or a folder with images at its top, read as "
                         "predict reads them), a data archive or folder (its test images; those of a class the run "

@@ -6,10 +6,11 @@ graph, and the softmax (of the logits divided by the run's temperature where ``c
 calibrate`` fitted one, and shifted by its class offsets where it balanced the classes): it
 returns class probabilities, (N, classes), the same as ``cifarlab.load_model(run).predict``. The class names, the preprocessing, the test-time
 augmentation and the out-of-scope uses of the model card are in the file's metadata, so the
-model does not travel without them. Where ``cifarlab ood`` fitted a threshold, a second output
-gives each image's familiarity by its score (for ``knn``, with the bank of training images'
-features in the file), and the metadata the threshold: an application can then turn away images
-unlike the training images, as ``cifarlab predict --flag-unfamiliar`` does. Weights are exported
+model does not travel without them. Where ``cifarlab ood`` fitted a threshold (of the run, or of
+the ensemble of a ``--runs N`` folder), a second output gives each image's familiarity by its
+score (for ``knn``, with the bank of training images' features in the file), and the metadata
+the threshold: an application can then turn away images unlike the training images, as
+``cifarlab predict --flag-unfamiliar`` does. Weights are exported
 in float32 whatever the training precision, as :func:`cifarlab.load_model` loads them.
 """
 
@@ -100,19 +101,27 @@ class ExportedEnsemble(nn.Module):
     """The runs of a ``--runs N`` folder as the ONNX file holds them: each run's
     :class:`ExportedClassifier` (its own preprocessing, test-time augmentation and calibration)
     on the same images, and the mean of their probabilities, with the ensemble's own
-    ``temperature`` where it has one, as :meth:`cifarlab.export.Ensemble.predict` computes it."""
+    ``temperature`` where it has one, as :meth:`cifarlab.export.Ensemble.predict` computes it;
+    with ``score``, also the ensemble's score of :func:`cifarlab.ood.ensemble_score` (the members
+    then give theirs, except for ``msp``, which is the ensemble's own top probability)."""
 
-    def __init__(self, members: list[ExportedClassifier], temperature: float | None = None):
+    def __init__(self, members: list[ExportedClassifier], temperature: float | None = None, score: str | None = None):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.temperature = temperature
+        self.score = score
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        mean = torch.stack([m(images) for m in self.members]).mean(0)
-        if self.temperature is None:
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        outs = [m(images) for m in self.members]
+        mean = torch.stack([o[0] if isinstance(o, tuple) else o for o in outs]).mean(0)
+        if self.temperature is not None:
+            # cifarlab.calibrate.calibrate_mean, floored at float32's smallest normal (it floors in float64)
+            mean = (mean.clamp_min(torch.finfo(torch.float32).tiny).log() / self.temperature).softmax(1)
+        if self.score is None:
             return mean
-        # cifarlab.calibrate.calibrate_mean, floored at float32's smallest normal (it floors in float64)
-        return (mean.clamp_min(torch.finfo(torch.float32).tiny).log() / self.temperature).softmax(1)
+        if self.score == "msp":
+            return mean, mean.amax(1)
+        return mean, torch.stack([o[1] for o in outs]).mean(0)
 
 
 @contextlib.contextmanager
@@ -140,12 +149,16 @@ def _onnx_modules():
     return onnx
 
 
-def _unfamiliar_rule(predictor, log: Callable[[str], None]) -> tuple[dict[str, Any] | None, np.ndarray | None]:
-    """The score and threshold of ``cifarlab ood``'s report on the run of ``predictor``, where
-    it was measured with its weights, test-time augmentation and calibration, and for ``knn``
-    the bank of training images' features it saved; (None, None) where there is none."""
-    from .ood import KNN, read_bank, read_ood
+def _unfamiliar_rule(predictor, log: Callable[[str], None]) -> tuple[dict[str, Any] | None, Any]:
+    """The score and threshold of ``cifarlab ood``'s report on the run of ``predictor`` (or on
+    the ensemble, for an :class:`~cifarlab.export.Ensemble`), where it was measured with its
+    weights, test-time augmentation and calibration, and for ``knn`` the bank of training
+    images' features it saved (of an ensemble, each run's); (None, None) where there is none."""
+    from .ood import KNN, read_bank, read_ensemble_rule, read_ood
 
+    if isinstance(predictor, Ensemble):
+        rule, banks = read_ensemble_rule(predictor) or (None, None)
+        return (None, None) if rule is None else ({"output": FAMILIARITY_NAME, **rule}, banks)
     r = read_ood(predictor.run, predictor.tta, predictor.temperature(), predictor.class_offsets())
     if r is None:
         return None, None
@@ -248,12 +261,14 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
         raise CifarlabError(f"--opset {opset} is not an ONNX opset this onnx knows (1 to "
                             f"{onnx.defs.onnx_opset_version()}); give one such as 18 or 20")
     c, h, w = predictor.input_shape
-    if several:  # cifarlab ood's threshold is one run's: the ensemble's file gives probabilities alone
-        rule, bank, score, k = None, None, None, None
-        wrapped = ExportedEnsemble([_exported(m) for m in predictor.members], predictor.temperature()).eval()
+    rule, bank = _unfamiliar_rule(predictor, log)
+    score, k = (rule["score"], rule.get("k")) if rule else (None, None)
+    if several:  # msp is the ensemble's own top probability: its runs need not score
+        each = None if score == "msp" else score
+        wrapped = ExportedEnsemble([_exported(m, each, b, k) for m, b in
+                                    zip(predictor.members, bank or [None] * len(predictor.members))],
+                                   predictor.temperature(), score).eval()
     else:
-        rule, bank = _unfamiliar_rule(predictor, log)
-        score, k = (rule["score"], rule.get("k")) if rule else (None, None)
         wrapped = _exported(predictor, score, bank, k)
     outputs = [OUTPUT_NAME] + ([FAMILIARITY_NAME] if rule else [])
     example = torch.zeros((2, h, w, c), dtype=torch.uint8)
@@ -304,7 +319,8 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
         + (f", temperature {temperatures[0]:.4g}" if not several and temperatures[0] else "")
         + (", classes balanced (calibrate --balance-classes)" if not several and offsets[0] else "")
         + (f"; '{FAMILIARITY_NAME}' out, the {rule['score']} score"
-           + (f" (k = {rule['k']}, the features of {rule['bank_images']:,} training images in the file)"
+           + (f" (k = {rule['k']}, the features of {rule['bank_images']:,} training images in the file"
+              + (", each run's" if several else "") + ")"
               if "k" in rule else "")
            + f", unfamiliar below {rule['threshold']:.4g} (metadata 'unfamiliar_below', from cifarlab ood)"
            if rule else ""))
@@ -319,10 +335,11 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
 
 
 def compare_with_pytorch(path: str | Path, predictor, n: int = 16, seed: int = 0, score: str | None = None,
-                         bank: np.ndarray | None = None, k: int | None = None) -> dict[str, Any] | None:
+                         bank: Any = None, k: int | None = None) -> dict[str, Any] | None:
     """Run the ONNX file at ``path`` on ``n`` seeded random uint8 images and compare its outputs
     with ``predictor.predict``'s (and, with ``score``, its second output with that score as
-    :func:`cifarlab.ood.familiarity` computes it; ``bank`` and ``k`` for ``knn``); None where
+    :func:`cifarlab.ood.predict_familiarity` computes it; ``bank`` and ``k`` for ``knn``, of an
+    ensemble ``bank`` each run's); None where
     onnxruntime is not installed. Raises when the probabilities differ by more than
     :data:`TOLERANCE`, or the scores by more than it relative to their size."""
     try:
@@ -334,8 +351,9 @@ def compare_with_pytorch(path: str | Path, predictor, n: int = 16, seed: int = 0
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run([OUTPUT_NAME] + ([FAMILIARITY_NAME] if score else []), {INPUT_NAME: images})
     if score:
-        logits = predictor.logits(images)
-        want = predictor.probabilities(logits)
+        from .ood import predict_familiarity
+
+        want, expected = predict_familiarity(predictor, images, score, bank, k)
     else:  # of an ensemble too, whose probabilities are the mean of its runs'
         want = predictor.predict(images)
     diff = float(np.abs(got[0] - want).max())
@@ -345,9 +363,6 @@ def compare_with_pytorch(path: str | Path, predictor, n: int = 16, seed: int = 0
     out = {"onnxruntime": ort.__version__, "images": n, "max_abs_diff": diff,
            "same_top1": int((got[0].argmax(1) == want.argmax(1)).sum())}
     if score:
-        from .ood import familiarity
-
-        expected = familiarity(predictor, images, logits, score, bank, k)
         rel = float((np.abs(got[1] - expected) / np.maximum(1.0, np.abs(expected))).max())
         if not rel <= TOLERANCE:
             raise CifarlabError(f"the exported graph's {FAMILIARITY_NAME} differs from cifarlab ood's {score} score by "

@@ -29,7 +29,9 @@ accepted when 95% of in images are (FPR at 95% TPR, lower is better) and the are
 precision-recall curves with in and with out images as the positives (scikit-learn computes
 all of them). A threshold keeping 95% (``--keep``) of the run's validation images (of its test images
 where it held out none) says what a deployment that flags unfamiliar images would do:
-``cifarlab predict --flag-unfamiliar`` applies it.
+``cifarlab predict --flag-unfamiliar`` applies it. Of the folder of ``--runs N``, each run is
+reported, and their ensemble, the model ``cifarlab predict`` serves for the folder, with its own
+threshold (:func:`ensemble_report`).
 
 Images from elsewhere are image files (a folder of photos of other things), other data (any
 source ``--data`` reads; images of a class the run knows are left out) or built-in synthetic sets, the sanity checks of Hendrycks, Mazeika and
@@ -42,10 +44,11 @@ are harder, and only they can say how a run would do on them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -271,10 +274,56 @@ def _per_class(labels: list[str], accepted: np.ndarray, probs: np.ndarray, class
     return rows
 
 
+def score_images(pred, x: np.ndarray, bank: np.ndarray | None = None,
+                 k: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Each score of uint8 images ``x`` for the run of ``pred``, float64 (N,): those of
+    :data:`SCORES`, and ``knn`` with ``bank`` (as saved: half precision) and ``k``; and its
+    probabilities, float64 (N, classes)."""
+    if bank is not None and pred.tta == "none":  # one pass gives both: the features are the plain model's
+        f, raw = features(pred, x, with_logits=True)
+    else:
+        raw, f = pred.logits(x), features(pred, x) if bank is not None else None
+    z = calibrated_logits(pred, raw)
+    s = scores(z)
+    if bank is not None:
+        s[KNN] = knn_scores(bank, f, k)
+    return s, np.exp(z - s["energy"][:, None])  # the probabilities: softmax is exp(z - logsumexp z)
+
+
+def _figures(scored_in: tuple[dict[str, np.ndarray], np.ndarray], scores_thr: dict[str, np.ndarray],
+             fitted_on: str, sets: list[dict[str, Any]], scored_sets: list[tuple[dict[str, np.ndarray], np.ndarray]],
+             score: str, keep: float, classes: list[str], y_in: np.ndarray | None) -> dict[str, Any]:
+    """The figures of a report from the scores and probabilities (:func:`score_images`) of the
+    test images (``scored_in``) and of each of ``sets`` (``scored_sets``), the threshold of each
+    score keeping ``keep`` of ``scores_thr``, which are of the ``fitted_on`` images."""
+    s_in, p_in = scored_in
+    thr = {n: threshold(scores_thr[n], keep) for n in s_in}
+    fig: dict[str, Any] = {
+        "score": score, "keep": keep, "threshold_fitted_on": fitted_on,
+        "threshold": thr[score], "thresholds": thr,
+        "in_distribution": {"images": int(len(p_in)),
+                            "flagged_share": float((s_in[score] < thr[score]).mean()),
+                            "mean_confidence": float(p_in.max(1).mean()),
+                            **({"per_class": _flagged_by_class(s_in[score] < thr[score], y_in, classes)}
+                               if y_in is not None else {})},
+        "sets": []}
+    for st, (s_out, p_out) in zip(sets, scored_sets):
+        fig["sets"].append({
+            "name": st["name"], "source": st["source"], "images": int(len(st["images"])),
+            "notes": list(st.get("notes", [])),
+            **{n: separation(s_in[n], s_out[n]) for n in s_in},
+            "accepted_share": float((s_out[score] >= thr[score]).mean()),
+            "mean_confidence": float(p_out.max(1).mean()),
+            "called": _what_it_calls(p_out, classes),
+            **({"per_class": _per_class(st["labels"], s_out[score] >= thr[score], p_out, classes)}
+               if st.get("labels") is not None else {})})
+    return fig
+
+
 def ood_report(pred, x_in: np.ndarray, x_val: np.ndarray | None, sets: list[dict[str, Any]], out: str | Path,
                score: str = "energy", about: dict[str, Any] | None = None,
                log: Callable[[str], None] = lambda _: None, bank: np.ndarray | None = None,
-               keep: float = KEEP, y_in: np.ndarray | None = None) -> dict[str, Any]:
+               keep: float = KEEP, y_in: np.ndarray | None = None, collect: dict | None = None) -> dict[str, Any]:
     """Score the run of ``pred`` (a :class:`cifarlab.export.Predictor`) on its test images
     ``x_in`` (``y_in``: their labels, indices into its classes, for the share of each class the
     threshold flags; None: no breakdown), on its validation images ``x_val`` (None: it held out
@@ -284,7 +333,9 @@ def ood_report(pred, x_in: np.ndarray, x_val: np.ndarray | None, sets: list[dict
     ``bank``: the features (:func:`features`) of training images, for the ``knn`` score, saved
     as ``knn_bank.safetensors``; None: the scores of the logits alone. ``score`` sets the
     threshold (which keeps ``keep`` of the validation images) and the plot; every score is
-    measured."""
+    measured. ``collect``: where given, the scores and probabilities (:func:`score_images`) of
+    the test images (``in``), the validation images (``val``, None where there were none) and
+    each set (``sets``) are put in it, for an ensemble's report to combine."""
     from . import plots
     from .fsutil import write_bytes, write_json
 
@@ -294,71 +345,49 @@ def ood_report(pred, x_in: np.ndarray, x_val: np.ndarray | None, sets: list[dict
         raise CifarlabError("--score knn needs a bank of the run's training images' features, which a run without "
                             "config.yaml or training images cannot have; choose " + ", ".join(SCORES))
     if bank is not None:  # the scores use the bank as saved (half precision), so predict's match them
-        bank = np.asarray(bank, np.float16).astype(np.float32)
-    names = SCORES + ((KNN,) if bank is not None else ())
+        bank = as_saved(bank)
     k = knn_k(len(bank)) if bank is not None else None
     out = Path(out)
 
     def scored(x: np.ndarray, what: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
         log(f"predicting the {len(x):,} {what}")
-        if bank is not None and pred.tta == "none":  # one pass gives both: the features are the plain model's
-            f, raw = features(pred, x, with_logits=True)
-        else:
-            raw, f = pred.logits(x), features(pred, x) if bank is not None else None
-        z = calibrated_logits(pred, raw)
-        s = scores(z)
-        if bank is not None:
-            s[KNN] = knn_scores(bank, f, k)
-        return s, np.exp(z - s["energy"][:, None])  # the probabilities: softmax is exp(z - logsumexp z)
+        return score_images(pred, x, bank, k)
 
-    s_in, p_in = scored(x_in, "test images")
-    if x_val is not None and len(x_val):
-        s_val, _ = scored(x_val, "validation images")
-        fitted_on = "validation"
-    else:
-        s_val, fitted_on = s_in, "test"
-    thr = {n: threshold(s_val[n], keep) for n in names}
+    got_in = scored(x_in, "test images")
+    got_val = scored(x_val, "validation images") if x_val is not None and len(x_val) else None
+    got_sets = [scored(st["images"], f"images of {st['name']}") for st in sets]
+    if collect is not None:
+        collect.update({"in": got_in, "val": got_val, "sets": got_sets})
     report: dict[str, Any] = dict(about or {})
-    report.update({
-        "score": score, "keep": keep, "threshold_fitted_on": fitted_on,
-        "threshold": thr[score], "thresholds": thr,
-        "in_distribution": {"images": int(len(x_in)),
-                            "flagged_share": float((s_in[score] < thr[score]).mean()),
-                            "mean_confidence": float(p_in.max(1).mean()),
-                            **({"per_class": _flagged_by_class(s_in[score] < thr[score], y_in, pred.classes)}
-                               if y_in is not None else {})},
-        "sets": []})
-    if bank is not None:
-        name, layer = last_linear(pred.model)
-        # 'length 1' alone reads as one number: the count says what is compared, the norm how
-        report[KNN] = {"bank_images": int(len(bank)), "k": k,
-                       "features": f"the {layer.in_features} inputs of layer '{name}', scaled to length 1",
-                       "tta": "none", "file": BANK_FILE}
-    arrays = {f"in_{n}": v for n, v in s_in.items()}
-    for i, st in enumerate(sets):
-        s_out, p_out = scored(st["images"], f"images of {st['name']}")
-        report["sets"].append({
-            "name": st["name"], "source": st["source"], "images": int(len(st["images"])),
-            "notes": list(st.get("notes", [])),
-            **{n: separation(s_in[n], s_out[n]) for n in names},
-            "accepted_share": float((s_out[score] >= thr[score]).mean()),
-            "mean_confidence": float(p_out.max(1).mean()),
-            "called": _what_it_calls(p_out, pred.classes),
-            **({"per_class": _per_class(st["labels"], s_out[score] >= thr[score], p_out, pred.classes)}
-               if st.get("labels") is not None else {})})
-        arrays.update({f"set{i}_{n}": v for n, v in s_out.items()})
+    report.update(_figures(got_in, (got_val or got_in)[0], "test" if got_val is None else "validation", sets,
+                           got_sets, score, keep, pred.classes, y_in))
     if bank is not None:
         from safetensors.numpy import save
 
+        name, layer = last_linear(pred.model)
         # half precision, half the file: a feature of length 1 keeps about three decimal digits
-        write_bytes(out / BANK_FILE, save({"features": bank.astype(np.float16)}))  # see export.save_weights
+        data = save({"features": bank.astype(np.float16)})  # see export.save_weights
+        # 'length 1' alone reads as one number: the count says what is compared, the norm how
+        report[KNN] = {"bank_images": int(len(bank)), "k": k,
+                       "features": f"the {layer.in_features} inputs of layer '{name}', scaled to length 1",
+                       "tta": "none", "file": BANK_FILE, "bank_sha256": hashlib.sha256(data).hexdigest()}
+        write_bytes(out / BANK_FILE, data)
+    arrays = {f"in_{n}": v for n, v in got_in[0].items()}
+    for i, (s_out, _) in enumerate(got_sets):
+        arrays.update({f"set{i}_{n}": v for n, v in s_out.items()})
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     write_bytes(out / "scores.npz", buf.getvalue())
-    plots.plot_ood(s_in[score], [(st["name"], arrays[f"set{i}_{score}"]) for i, st in enumerate(sets)],
-                   thr[score], score, out / "ood.png")
+    plots.plot_ood(got_in[0][score], [(st["name"], arrays[f"set{i}_{score}"]) for i, st in enumerate(sets)],
+                   report["threshold"], score, out / "ood.png")
     write_json(out / FILE, report)
     return report
+
+
+def as_saved(bank: np.ndarray) -> np.ndarray:
+    """The ``knn`` bank ``bank`` as the report saves it and ``predict`` reads it back: half
+    precision, as float32."""
+    return np.asarray(bank, np.float16).astype(np.float32)
 
 
 def load_source(source: str, pred, known: list[str], count: int, seed: int, like: np.ndarray,
@@ -463,10 +492,10 @@ def ood_run(run: str | Path, ds, sources: list[str] | None = None, out: str | Pa
     sources = _checked_sources(sources, score, count, knn_bank, keep)
     run = Path(run)
     out = Path(out) if out is not None else run / "ood"
-    pred, x_val, bank, about = _subject(run, ds, device, tta, uncalibrated, knn_bank, seed, log)
-    sets = _load_sources(sources, pred, count, seed, ds.x_test, skip_bad_images, log)
+    sub = _subject(run, ds, device, tta, uncalibrated, knn_bank, seed, log)
+    sets = _load_sources(sources, sub.pred, count, seed, ds.x_test, skip_bad_images, log)
     with report_folder(out):
-        return ood_report(pred, ds.x_test, x_val, sets, out, score, about, log, bank, keep, ds.y_test)
+        return ood_report(sub.pred, ds.x_test, sub.x_val, sets, out, score, sub.about, log, sub.bank, keep, ds.y_test)
 
 
 def ood_runs(base: str | Path, ds, sources: list[str] | None = None, out: str | Path | None = None,
@@ -477,28 +506,161 @@ def ood_runs(base: str | Path, ds, sources: list[str] | None = None, out: str | 
     """:func:`ood_run` for every run of the ``--runs N`` folder ``base``, all against the same
     unfamiliar images (each run's threshold from its own validation images), each report into
     ``RUN/ood`` (or ``out/run-K``), and the spread over the runs in ``ood_summary.json`` (in
-    ``out``, by default ``base``): one seed may tell static from photographs and the next not."""
-    from .export import finished_runs
+    ``out``, by default ``base``): one seed may tell static from photographs and the next not.
+    The summary's ``ensemble`` is the report of their ensemble, the model ``cifarlab predict
+    BASE`` serves (:func:`ensemble_score`), from the runs' own scores and probabilities, with
+    its threshold fitted on training images no run trained on (:func:`ensemble_report`)."""
+    from .export import ensemble_calibration, finished_runs
     from .fsutil import report_folder, write_json
 
     sources = _checked_sources(sources, score, count, knn_bank, keep)
     base = Path(base)
     runs = finished_runs(base)
+    own = ensemble_calibration(base, runs, tta, uncalibrated)  # a stale one is refused before any run is scored
     out = Path(out) if out is not None else None
     reports: list[dict[str, Any]] = []
+    subjects: list[_Subject] = []
+    collected: list[dict] = []
     sets = None
     for r in runs:
-        pred, x_val, bank, about = _subject(r, ds, device, tta, uncalibrated, knn_bank, seed, log)
+        sub = _subject(r, ds, device, tta, uncalibrated, knn_bank, seed, log)
         if sets is None:  # once: the runs of a set share their model and input, so the same images serve all
-            sets = _load_sources(sources, pred, count, seed, ds.x_test, skip_bad_images, log)
+            sets = _load_sources(sources, sub.pred, count, seed, ds.x_test, skip_bad_images, log)
         folder = out / r.name if out else r / "ood"
+        subjects.append(sub)
+        collected.append({})
         with report_folder(folder):
-            reports.append(ood_report(pred, ds.x_test, x_val, sets, folder, score, about, log, bank, keep,
-                                      ds.y_test))
+            reports.append(ood_report(sub.pred, ds.x_test, sub.x_val, sets, folder, score, sub.about, log, sub.bank,
+                                      keep, ds.y_test, collected[-1]))
         log(f"{r.name}: report in {folder}")
     summary = summarise_ood(reports)
+    summary["ensemble"] = ensemble_report(base, ds, subjects, collected, reports, own, sets, score, keep, log)
     write_json((out or base) / SUMMARY_FILE, summary)
     return summary
+
+
+def ensemble_score(score: str, member_scores: list[np.ndarray], probabilities: np.ndarray) -> np.ndarray:
+    """An ensemble's ``score`` of each image, float64 (N,): for ``msp`` the largest of its own
+    ``probabilities`` (the mean of its runs', as it predicts), which falls where its runs
+    disagree; for the others, which a mean of probabilities does not have, the mean of its
+    runs' scores ``member_scores`` (one array per run)."""
+    if score == "msp":
+        return np.asarray(probabilities, np.float64).max(1)
+    return np.mean(np.asarray(member_scores, np.float64), axis=0)
+
+
+UNSEEN = "unseen training"  # the ensemble's threshold images: training images that no run trained on
+
+
+def _ensemble_rule_words(score: str) -> str:
+    """What an ensemble's ``score`` is (:func:`ensemble_score`), in the words the reports record."""
+    if score == "msp":
+        return "the largest of the ensemble's own probabilities (it falls where the runs disagree)"
+    return f"the mean of the runs' {score} scores"
+
+
+def _combined(ens, each: list[tuple[dict[str, np.ndarray], np.ndarray]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The ensemble ``ens``'s scores and probabilities of a set of images from its runs'
+    (:func:`score_images`, one per run, in its order): every score all the runs have."""
+    probs = ens.combine(p for _, p in each)
+    names = [n for n in each[0][0] if all(n in s for s, _ in each)]
+    return {n: ensemble_score(n, [s[n] for s, _ in each], probs) for n in names}, probs
+
+
+def ensemble_report(base: Path, ds, subjects: list[_Subject], collected: list[dict], reports: list[dict[str, Any]],
+                    own, sets: list[dict[str, Any]], score: str, keep: float,
+                    log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """The report of the ensemble of ``subjects`` (the runs of ``base``, with ``own``, the
+    ensemble's temperature or None) from what their reports ``collected`` (:func:`ood_report`):
+    its scores of the test images and of each set (:func:`ensemble_score`), and thresholds
+    keeping ``keep`` of the training images that no run trained on (as the ensemble's
+    temperature is fitted: at most :data:`cifarlab.calibrate.ENSEMBLE_MAX_IMAGES`, the runs'
+    scores of their own validation images serving where those are the same images), or of the
+    test images where there are fewer than :data:`cifarlab.calibrate.ENSEMBLE_MIN_IMAGES`.
+    It records what it was measured on top of (each run's weights, calibration and ``knn``
+    bank, and the ensemble's temperature), which ``predict --flag-unfamiliar`` checks."""
+    from .calibrate import ENSEMBLE_MIN_IMAGES, untrained_images
+    from .export import Ensemble, ensemble_probabilities
+
+    ens = Ensemble([s.pred for s in subjects], base, own)
+    got_in = _combined(ens, [c["in"] for c in collected])
+    got_sets = [_combined(ens, [c["sets"][i] for c in collected]) for i in range(len(sets))]
+    unseen = (untrained_images([s.trained for s in subjects], len(ds.y_train))
+              if all(s.trained is not None for s in subjects) else np.zeros(0, np.int64))
+    if len(unseen) >= ENSEMBLE_MIN_IMAGES:
+        each = []
+        for s, c in zip(subjects, collected):
+            if c["val"] is not None and np.array_equal(np.sort(s.held), unseen):  # its validation images: scored
+                each.append(c["val"])
+            else:
+                log(f"{s.pred.run.name}: predicting the {len(unseen):,} training images no run trained on")
+                each.append(score_images(s.pred, ds.x_train[unseen], s.bank, knn_k(len(s.bank)) if s.bank is not
+                                         None else None))
+        scores_thr, fitted_on = _combined(ens, each)[0], UNSEEN
+    else:
+        log(f"their ensemble: {len(unseen):,} training images were trained on by no run, fewer than "
+            f"{ENSEMBLE_MIN_IMAGES:,}; its threshold comes from the test images (train with --split-seed N for more)")
+        scores_thr, fitted_on = got_in[0], "test"
+    fig = _figures(got_in, scores_thr, fitted_on, sets, got_sets, score, keep, ens.classes, ds.y_test)
+    return {"probabilities": ensemble_probabilities(ens.temperature()), "ensemble_temperature": ens.temperature(),
+            "tta": ens.tta, "scored": {n: _ensemble_rule_words(n) for n in got_in[0]},
+            "threshold_images": int(len(unseen)) if fitted_on == UNSEEN else int(len(ds.y_test)), **fig,
+            "runs": [{"run": s.pred.run.name, "weights_sha256": r["weights_sha256"], "temperature": r["temperature"],
+                      "class_offsets": r["class_offsets"],
+                      "knn_bank_sha256": r[KNN]["bank_sha256"] if KNN in r else None}
+                     for s, r in zip(subjects, reports)]}
+
+
+def read_ensemble_rule(ens) -> tuple[dict[str, Any], list[np.ndarray] | None] | None:
+    """The score and threshold of the ensemble ``ens`` (:func:`cifarlab.export.load_ensemble`)
+    that ``cifarlab ood`` fitted (in its folder's ``ood_summary.json``), and for ``knn`` each
+    run's bank; None where there is none, or where it was measured with other weights, test-time
+    augmentation, calibration or banks than the runs and the ensemble have now."""
+    from .calibrate import same_calibration
+
+    got = read_runs_summary(ens.folder)
+    e = (got or {}).get("summary", {}).get("ensemble")
+    try:
+        was = e["runs"]
+        if (e["tta"] != ens.tta or e["ensemble_temperature"] != ens.temperature() or e["score"] not in e["thresholds"]
+                or [m["run"] for m in was] != [p.run.name for p in ens.members]
+                or not all(same_calibration(m, p.temperature(), p.class_offsets()) for m, p in zip(was, ens.members))):
+            return None
+        rule = {"score": e["score"], "threshold": float(e["threshold"]), "keep": e["keep"],
+                "fitted_on": e["threshold_fitted_on"], "runs": len(was), "scored": _ensemble_rule_words(e["score"])}
+        if e["score"] != KNN:
+            return rule, None
+        if [m["knn_bank_sha256"] for m in was] != [bank_digest(p.run) for p in ens.members]:
+            return None  # a run's bank was measured again since (cifarlab ood RUN), with other images
+        banks = [read_bank(p.run) for p in ens.members]
+        return rule | {"k": knn_k(len(banks[0])), "bank_images": len(banks[0])}, banks
+    except (KeyError, TypeError, AttributeError):  # none, or not the summary this version writes
+        return None
+
+
+def bank_digest(run: str | Path, name: str = "ood") -> str | None:
+    """The SHA-256 of the ``knn`` bank that ``cifarlab ood`` saved in ``RUN/<name>``; None where
+    there is none."""
+    try:
+        return hashlib.sha256((Path(run) / name / BANK_FILE).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def predict_familiarity(model, images: np.ndarray, score: str, bank: Any = None,
+                        k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The probabilities of ``model`` (a :class:`cifarlab.export.Predictor`, or an
+    :class:`cifarlab.export.Ensemble` with ``bank`` its runs' banks) for uint8 ``images``, as
+    its ``predict`` gives them, and each image's ``score`` as ``cifarlab ood`` scores it."""
+    from .export import Ensemble
+
+    if isinstance(model, Ensemble):
+        each = [predict_familiarity(m, images, score, b, k)
+                for m, b in zip(model.members, bank or [None] * len(model.members))]
+        probs = model.combine(p for p, _ in each)
+        return probs, ensemble_score(score, [f for _, f in each], probs)
+    logits = model.logits(images)
+    return model.probabilities(logits), familiarity(model, images, logits, score, bank, k)
 
 
 def _checked_sources(sources: list[str] | None, score: str, count: int, knn_bank: int, keep: float) -> list[str]:
@@ -508,11 +670,21 @@ def _checked_sources(sources: list[str] | None, score: str, count: int, knn_bank
     return sources
 
 
+class _Subject(NamedTuple):
+    """What :func:`ood_report` needs of one run, and an ensemble's report of its runs."""
+
+    pred: Any  # its Predictor
+    x_val: np.ndarray | None  # its validation images; None where it held out none or its split is unknown
+    bank: np.ndarray | None  # the features of its training images, as saved; None: no knn score
+    about: dict[str, Any]  # what the report records of it
+    trained: np.ndarray | None  # indices of the training images it trained on; None where unknown
+    held: np.ndarray | None  # indices of its validation images; None where unknown
+
+
 def _subject(run: Path, ds, device: str, tta: str | None, uncalibrated: bool, knn_bank: int, seed: int,
-             log: Callable[[str], None]):
-    """What :func:`ood_report` needs of one run: its predictor, its validation images (None
-    where it held out none or its split is unknown), the features of ``knn_bank`` of its
-    training images (None: no ``knn`` score) and what the report records of it."""
+             log: Callable[[str], None]) -> _Subject:
+    """The run ``run`` loaded and its images found (:class:`_Subject`), with the features of
+    ``knn_bank`` of its training images (class-balanced, ``seed``) where it knows them."""
     from .calibrate import weights_digest
     from .evaluate import _check_compatible
     from .export import load_model
@@ -520,23 +692,23 @@ def _subject(run: Path, ds, device: str, tta: str | None, uncalibrated: bool, kn
 
     pred = load_model(run, device, tta, uncalibrated)
     _check_compatible(pred, ds)
-    x_val = tr = None
+    tr = va = None
     if (run / "config.yaml").is_file() and len(ds.y_train):
         _, tr, va = run_split(run, ds)
-        x_val = ds.x_train[va] if len(va) else None
     bank = None
     if knn_bank and tr is not None and len(tr):
         from .data import balanced_subset
 
         pick = tr[balanced_subset(ds.y_train[tr], min(knn_bank, len(tr)), seed)]
         log(f"computing the features of {len(pick):,} training images for the knn score")
-        bank = features(pred, ds.x_train[pick])
+        bank = as_saved(features(pred, ds.x_train[pick]))
     elif knn_bank:
         log("no knn score: the run's training images are unknown (no config.yaml) or not in this data")
     offsets = pred.class_offsets()
     about = {"run": str(pred.run), "data": str(ds.source), "tta": pred.tta, "temperature": pred.temperature(),
              "class_offsets": None if offsets is None else list(offsets), "weights_sha256": weights_digest(pred.run)}
-    return pred, x_val, bank, about
+    x_val = ds.x_train[va] if va is not None and len(va) else None
+    return _Subject(pred, x_val, bank, about, tr, va)
 
 
 def _load_sources(sources: list[str], pred, count: int, seed: int, like: np.ndarray, skip_bad_images: bool,
@@ -739,6 +911,24 @@ def format_runs(s: dict[str, Any], folder: Path, reports: Path | None = None) ->
         if a["min"] < 0.5 < a["max"]:
             lines.append(f"{st['name']}: AUROC from {a['min']:.3f} to {a['max']:.3f} over the runs, on both sides of "
                          "0.5: whether a run finds these images more or less familiar than its own depends on its seed")
+    lines += _ensemble_lines(s.get("ensemble"), folder if reports is None else None)
     lines.append(f"each run's report in {f'{reports}/run-K' if reports else 'its ood folder'}; summary in "
                  f"{folder / SUMMARY_FILE}")
     return "\n".join(lines)
+
+
+def _ensemble_lines(e: dict[str, Any] | None, folder: Path | None) -> list[str]:
+    """The summary's ensemble (:func:`ensemble_report`) in two lines; the command that applies
+    its threshold where the summary is the folder's own (``folder``; None: it went to ``--out``)."""
+    if not e:
+        return []
+    sc = e["score"]
+    on = (f"{e['threshold_images']:,} training images no run trained on" if e["threshold_fitted_on"] == UNSEEN
+          else f"the {e['threshold_images']:,} test images (too few training images were trained on by no run: "
+               "train with --split-seed N for more)")
+    return [f"their ensemble (probabilities: the {e['probabilities']}; {sc} score: {e['scored'][sc]}): AUROC "
+            + ", ".join(f"{st['name']} {st[sc]['auroc']:.3f}" for st in e["sets"]) + "; accepted "
+            + ", ".join(f"{st['accepted_share']:.1%}" for st in e["sets"]),
+            f"  its {sc} threshold {e['threshold']:.4g} keeps {e['keep']:.0%} of {on} "
+            f"({e['in_distribution']['flagged_share']:.2%} of the test images fall below it)"
+            + (f"; cifarlab predict {folder} --flag-unfamiliar applies it" if folder is not None else "")]

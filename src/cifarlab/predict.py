@@ -6,13 +6,14 @@ import csv
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .data.images import IMAGE_SUFFIXES, is_image_name, open_image, to_array
 from .errors import CifarlabError
 from .export import Ensemble, Predictor, ensemble_probabilities, is_runs_set, load_ensemble, load_model
-from .ood import KNN, familiarity, read_bank, read_ood
+from .ood import KNN, predict_familiarity, read_bank, read_ensemble_rule, read_ood
 
 
 def _expand(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -96,8 +97,9 @@ class _Output:
         if self.fmt == "table" and self.unfamiliar_rule:
             u = self.unfamiliar_rule
             self.out.write(f"{self.unfamiliar} of {self.count} image(s) below the {u['score']} threshold "
-                           f"{u['threshold']:.4g} of cifarlab ood (which keeps {u['keep']:.0%} of the run's "
-                           f"{u['fitted_on']} images): unfamiliar, unlike the images it was trained on\n")
+                           f"{u['threshold']:.4g} of cifarlab ood (which keeps {u['keep']:.0%} of the "
+                           f"{'ensemble' if 'runs' in u else 'run'}'s {u['fitted_on']} images): unfamiliar, unlike "
+                           "the images it was trained on\n")
 
 
 def _read(files: list[Path], channels: int, size: tuple[int, int],
@@ -128,19 +130,28 @@ def _about(model: Predictor | Ensemble) -> dict:
             "balanced_classes": [p.class_offsets() is not None for p in model.members]}
 
 
-def _unfamiliar_rule(pred) -> dict:
-    """The OOD score and threshold ``cifarlab ood`` fitted for the run of ``pred``, as measured
-    with its weights, test-time augmentation and calibration; refused, naming the command to
-    run, where there is none."""
-    r = read_ood(pred.run, pred.tta, pred.temperature(), pred.class_offsets())
+def _unfamiliar_rule(model: Predictor | Ensemble) -> tuple[dict, Any]:
+    """The OOD score and threshold ``cifarlab ood`` fitted for the run of ``model``, or for the
+    ensemble of a ``--runs N`` folder, as measured with its weights, test-time augmentation and
+    calibration, and for ``knn`` its bank (of an ensemble, each run's); refused, naming the
+    command to run, where there is none."""
+    if isinstance(model, Ensemble):
+        got = read_ensemble_rule(model)
+        if got is None:
+            raise CifarlabError(f"--flag-unfamiliar needs the threshold of their ensemble that 'cifarlab ood "
+                                f"{model.folder}' fits, measured with the runs' current weights, test-time "
+                                f"augmentation ({model.tta}) and calibration and the ensemble's; run that first (with "
+                                "the same --tta and --uncalibrated)")
+        return got
+    r = read_ood(model.run, model.tta, model.temperature(), model.class_offsets())
     if r is None:
-        raise CifarlabError(f"--flag-unfamiliar needs the threshold of 'cifarlab ood {pred.run}', measured with the "
-                            f"run's current weights, test-time augmentation ({pred.tta}) and calibration; run that "
+        raise CifarlabError(f"--flag-unfamiliar needs the threshold of 'cifarlab ood {model.run}', measured with the "
+                            f"run's current weights, test-time augmentation ({model.tta}) and calibration; run that "
                             "first (with the same --tta and --uncalibrated)")
     rule = {"score": r["score"], "threshold": r["threshold"], "keep": r["keep"], "fitted_on": r["threshold_fitted_on"]}
-    if r["score"] == KNN:
-        rule.update(k=r[KNN]["k"], bank_images=r[KNN]["bank_images"])
-    return rule
+    if r["score"] != KNN:
+        return rule, None
+    return rule | {"k": r[KNN]["k"], "bank_images": r[KNN]["bank_images"]}, read_bank(model.run)
 
 
 def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", device: str = "cpu",
@@ -154,7 +165,8 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
     fitted (its report in ``RUN/ood``, measured with these weights and settings) is marked
     unfamiliar: unlike the images the run was trained on. ``run`` may be the folder of
     ``cifarlab train --runs N``: the probabilities are then the mean of its runs' (an ensemble,
-    each run calibrated as its own), and ``flag_unfamiliar`` is refused (a threshold is one run's).
+    each run calibrated as its own), and ``flag_unfamiliar`` applies the ensemble's threshold
+    from ``cifarlab ood`` of the folder.
     Files are read and predicted :data:`CHUNK_FILES` at a time, and the rows (the JSON
     document's predictions too) written as each chunk is done, so a large folder needs no more
     memory than a chunk."""
@@ -163,13 +175,9 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
         raise CifarlabError(f"--min-confidence {min_confidence} is not valid; it must lie in (0, 1], such as 0.9")
     if top < 1:
         raise CifarlabError(f"--top {top} is not valid; it must be at least 1")
-    if flag_unfamiliar and is_runs_set(run):  # before the models are loaded
-        raise CifarlabError(f"--flag-unfamiliar takes one run, whose 'cifarlab ood' threshold it applies; '{run}' "
-                            f"holds the runs of --runs N: give one of them, for example '{Path(run) / 'run-0'}'")
     model = load_ensemble(run, device, tta, uncalibrated) if is_runs_set(run) else \
         load_model(run, device, tta, uncalibrated)
-    rule = _unfamiliar_rule(model) if flag_unfamiliar else None
-    bank = read_bank(model.run) if rule and rule["score"] == KNN else None
+    rule, bank = _unfamiliar_rule(model) if flag_unfamiliar else (None, None)
     top = min(top, len(model.classes))
     c, h, w = model.input_shape
     files, failures = _expand(paths)
@@ -183,12 +191,8 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
         if not arrays:
             continue
         images = np.stack(arrays)
-        if isinstance(model, Ensemble):
-            probs, familiar = model.predict(images), None
-        else:
-            logits = model.logits(images)
-            familiar = familiarity(model, images, logits, rule["score"], bank, rule.get("k")) if rule else None
-            probs = model.probabilities(logits)
+        probs, familiar = (predict_familiarity(model, images, rule["score"], bank, rule.get("k")) if rule
+                           else (model.predict(images), None))
         for n, (f, p) in enumerate(zip(ok_paths, probs)):
             idx = np.argsort(-p)[:top]
             r = {"file": str(f), "top": [{"class": model.classes[i], "probability": float(p[i])} for i in idx]}

@@ -62,6 +62,7 @@ STEPS = [
     ("runs", None, "train --epochs 1 --runs 2 --subset 1000 --split-seed 0 --data {data} --device {dev} --out {out}"),
     ("calibrate-runs", "runs", "calibrate {run_runs} --data {data} --device {dev}"),  # each run, then the ensemble
     ("evaluate-runs", "runs", "evaluate {run_runs} --data {data} --device {dev}"),  # with their ensemble
+    ("ood-runs", "runs", "ood {run_runs} --data {data} --device {dev} --count 1000"),  # each run, then the ensemble
 ]
 
 # the openings of the lines by which commands name the files they wrote, passed over for a line of figures

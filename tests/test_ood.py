@@ -568,6 +568,17 @@ def test_the_ensemble_of_a_set_gets_its_own_threshold_which_predict_and_its_file
                                        "scored": "the mean of the runs' energy scores"}
     assert main(["predict", str(base), *files[:2], "--flag-unfamiliar"]) == 0
     assert "image(s) below the energy threshold" in capsys.readouterr().out
+    # the audit's section on the ensemble quotes it
+    from cifarlab.audit import audit_runs
+
+    summary = audit_runs(base, ds, n_boot=100, device="cpu", log=lambda _: None)
+    u = summary["ensemble"]["unfamiliar_images"]
+    assert u["sets"][0] == {"name": "uniform", "images": 4, "auroc": e["sets"][0]["energy"]["auroc"],
+                            "accepted_share": e["sets"][0]["accepted_share"]}
+    md = (base / "audit_summary.md").read_text()
+    assert ("Unfamiliar images (`cifarlab ood`, energy score: the mean of the runs' energy scores; its threshold keeps "
+            "95% of 5 unseen training images and flags") in md
+    assert f"uniform (4 images): AUROC {u['sets'][0]['auroc']:.3f}, accepted" in md.split("## Their ensemble")[1]
     assert main(["ood", str(base), "synthetic:uniform", "--count", "4", "--score", "msp", "--knn-bank", "0"]) == 0
     assert "msp score: the largest of the ensemble's own probabilities" in capsys.readouterr().out
     thr = json.loads((base / "ood_summary.json").read_text())["ensemble"]["threshold"]
@@ -600,6 +611,7 @@ def test_the_ensemble_of_a_set_gets_its_own_threshold_which_predict_and_its_file
     capsys.readouterr()
     assert main(["predict", str(base), files[0], "--flag-unfamiliar"]) == 2
     assert "and the ensemble's; run that first" in capsys.readouterr().err
+    assert audit_runs(base, ds, n_boot=100, device="cpu", log=lambda _: None)["ensemble"]["unfamiliar_images"] is None
 
 
 def test_a_spread_that_straddles_chance_is_called_out():

@@ -26,10 +26,10 @@ from .data import Dataset, seen
 from .datasheet import people_classes, people_warning
 from .duplicates import read_duplicates
 from .label_issues import read_label_issues
-from .ood import read_ood
+from .ood import read_ensemble_report, read_ood
 from .errors import CifarlabError, short_list
 from .evaluate import _check_compatible, probabilities_and_raw
-from .export import data_suffix, list_to_csv_rows, load_model, predict_command
+from .export import data_suffix, list_to_csv_rows, load_ensemble, load_model, predict_command
 from .fsutil import json_text, md_cell, read_json, report_folder, write_json, write_text
 
 TO_FILL = "[TO BE FILLED IN BY THE MODEL'S OWNER]"
@@ -490,6 +490,23 @@ def _ensemble_audit(probs: np.ndarray, classes: list[str], ds: Dataset, groups, 
     return out
 
 
+def _ensemble_ood(base: Path, tta: str | None, uncalibrated: bool) -> dict[str, Any] | None:
+    """What the ensemble's section quotes of ``cifarlab ood``'s report on the ensemble of
+    ``base`` (:func:`cifarlab.ood.read_ensemble_report`): its score and threshold, and per set the
+    AUROC and the share accepted; None where there is none measured as the ensemble is now."""
+    try:
+        e = read_ensemble_report(load_ensemble(base, "cpu", tta, uncalibrated))
+    except CifarlabError:  # the ensemble's own temperature is stale: no report can hold for it
+        return None
+    if e is None:
+        return None
+    sc = e["score"]
+    return {"score": sc, "scored": e["scored"][sc], "keep": e["keep"], "fitted_on": e["threshold_fitted_on"],
+            "threshold_images": e["threshold_images"], "flagged_share": e["in_distribution"]["flagged_share"],
+            "sets": [{"name": st["name"], "images": st["images"], "auroc": st[sc]["auroc"],
+                      "accepted_share": st["accepted_share"]} for st in e["sets"]]}
+
+
 def _train_per_class(run: Path, classes: list[str]) -> dict[str, int] | None:
     """How many images each class of ``run`` trained on, from its ``metrics.json`` (None for runs
     that did not record it, such as imported ones)."""
@@ -563,6 +580,8 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
     classes = [c["class"] for c in audits[0]["classes"]["per_class"]]
     summary["ensemble"] = e = _ensemble_audit((total / len(runs)).astype(np.float32), classes, ds,
                                               groups, margin, min_group, n_boot, seed)
+    if not suffix:  # cifarlab ood's familiar images are always the runs' own test images
+        e["unfamiliar_images"] = _ensemble_ood(base, tta, uncalibrated)
     sp = e["classes"]["spread"]
     log(f"their ensemble (the mean of their probabilities, as '{predict_command(base, tta, uncalibrated)}' gives "
         f"them): overall accuracy {e['overall_accuracy']:.4f}; worst class {sp['worst']}, gap {sp['difference']:.4f}; "
@@ -1025,6 +1044,13 @@ def _ensemble_lines(e: dict[str, Any], n: int, n_boot: int) -> list[str]:
     lines = ["## Their ensemble", "", f"The {n} runs as one model: the mean of their probabilities, which `cifarlab "
              f"predict` serves when given their folder. Overall accuracy **{e['overall_accuracy']:.4f}**. Intervals: "
              f"{interval_method(n_boot)}.", "", *_class_lines(e["classes"], [])]
+    u = e.get("unfamiliar_images")
+    if u:
+        lines += [f"Unfamiliar images (`cifarlab ood`, {u['score']} score: {u['scored']}; its threshold keeps "
+                  f"{u['keep']:.0%} of {u['threshold_images']:,} {u['fitted_on']} images and flags "
+                  f"{u['flagged_share']:.1%} of the test images): "
+                  + "; ".join(f"{md_cell(st['name'])} ({st['images']:,} images): AUROC {st['auroc']:.3f}, accepted "
+                              f"{st['accepted_share']:.1%}" for st in u["sets"]) + ".", ""]
     for name, gm in e.get("attributes", {}).items():
         lines += _group_lines(f"### The ensemble's groups by `{name}`", gm)
     if e["warnings"]:

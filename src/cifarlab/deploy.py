@@ -154,24 +154,14 @@ def _unfamiliar_rule(predictor, log: Callable[[str], None]) -> tuple[dict[str, A
     the ensemble, for an :class:`~cifarlab.export.Ensemble`), where it was measured with its
     weights, test-time augmentation and calibration, and for ``knn`` the bank of training
     images' features it saved (of an ensemble, each run's); (None, None) where there is none."""
-    from .ood import KNN, read_bank, read_ensemble_rule, read_ood
+    from .ood import read_rule
 
-    if isinstance(predictor, Ensemble):
-        rule, banks = read_ensemble_rule(predictor) or (None, None)
-        return (None, None) if rule is None else ({"output": FAMILIARITY_NAME, **rule}, banks)
-    r = read_ood(predictor.run, predictor.tta, predictor.temperature(), predictor.class_offsets())
-    if r is None:
-        return None, None
-    rule = {"output": FAMILIARITY_NAME, "score": r["score"], "threshold": r["threshold"], "keep": r["keep"],
-            "fitted_on": r["threshold_fitted_on"]}
-    if r["score"] != KNN:
-        return rule, None
     try:
-        bank = read_bank(predictor.run)
-    except CifarlabError as e:
+        got = read_rule(predictor)
+    except CifarlabError as e:  # a knn bank missing or damaged: the file gives probabilities alone
         log(f"no '{FAMILIARITY_NAME}' output: {e}")
         return None, None
-    return rule | {"k": r[KNN]["k"], "bank_images": len(bank)}, bank
+    return (None, None) if got is None else ({"output": FAMILIARITY_NAME, **got[0]}, got[1])
 
 
 def _metadata(predictor, run: Path, tta: str) -> dict[str, str]:

@@ -611,11 +611,11 @@ def ensemble_report(base: Path, ds, subjects: list[_Subject], collected: list[di
                      for s, r in zip(subjects, reports)]}
 
 
-def read_ensemble_rule(ens) -> tuple[dict[str, Any], list[np.ndarray] | None] | None:
-    """The score and threshold of the ensemble ``ens`` (:func:`cifarlab.export.load_ensemble`)
-    that ``cifarlab ood`` fitted (in its folder's ``ood_summary.json``), and for ``knn`` each
-    run's bank; None where there is none, or where it was measured with other weights, test-time
-    augmentation, calibration or banks than the runs and the ensemble have now."""
+def read_ensemble_report(ens) -> dict[str, Any] | None:
+    """The report on the ensemble ``ens`` (:func:`cifarlab.export.load_ensemble`) that ``cifarlab
+    ood`` wrote in its folder's ``ood_summary.json`` (:func:`ensemble_report`), where it was
+    measured with the weights, test-time augmentation and calibration the runs and the ensemble
+    have now (and for ``knn``, the banks in the runs' ``ood`` folders); None otherwise."""
     from .calibrate import same_calibration
 
     got = read_runs_summary(ens.folder)
@@ -626,16 +626,38 @@ def read_ensemble_rule(ens) -> tuple[dict[str, Any], list[np.ndarray] | None] | 
                 or [m["run"] for m in was] != [p.run.name for p in ens.members]
                 or not all(same_calibration(m, p.temperature(), p.class_offsets()) for m, p in zip(was, ens.members))):
             return None
-        rule = {"score": e["score"], "threshold": float(e["threshold"]), "keep": e["keep"],
-                "fitted_on": e["threshold_fitted_on"], "runs": len(was), "scored": _ensemble_rule_words(e["score"])}
-        if e["score"] != KNN:
-            return rule, None
-        if [m["knn_bank_sha256"] for m in was] != [bank_digest(p.run) for p in ens.members]:
+        if e["score"] == KNN and [m["knn_bank_sha256"] for m in was] != [bank_digest(p.run) for p in ens.members]:
             return None  # a run's bank was measured again since (cifarlab ood RUN), with other images
-        banks = [read_bank(p.run) for p in ens.members]
-        return rule | {"k": knn_k(len(banks[0])), "bank_images": len(banks[0])}, banks
+        return e
     except (KeyError, TypeError, AttributeError):  # none, or not the summary this version writes
         return None
+
+
+def read_rule(model) -> tuple[dict[str, Any], Any] | None:
+    """The score and threshold ``cifarlab ood`` fitted for ``model``: for a
+    :class:`cifarlab.export.Predictor` its run's (:func:`read_ood`), for an
+    :class:`cifarlab.export.Ensemble` the ensemble's (:func:`read_ensemble_report`), as measured
+    with its current weights, test-time augmentation and calibration; and for ``knn`` its bank
+    (of an ensemble, each run's), refused by name where it is missing or damaged. None where
+    there is none."""
+    from .export import Ensemble
+
+    if isinstance(model, Ensemble):
+        r = read_ensemble_report(model)
+        runs = [p.run for p in model.members]
+        extra = {} if r is None else {"runs": len(runs), "scored": _ensemble_rule_words(r["score"])}
+    else:
+        r = read_ood(model.run, model.tta, model.temperature(), model.class_offsets())
+        runs, extra = [model.run], {}
+    if r is None:
+        return None
+    rule = {"score": r["score"], "threshold": float(r["threshold"]), "keep": r["keep"],
+            "fitted_on": r["threshold_fitted_on"], **extra}
+    if r["score"] != KNN:
+        return rule, None
+    banks = [read_bank(run) for run in runs]
+    return rule | {"k": knn_k(len(banks[0])), "bank_images": len(banks[0])}, \
+        banks if isinstance(model, Ensemble) else banks[0]
 
 
 def bank_digest(run: str | Path, name: str = "ood") -> str | None:

@@ -13,7 +13,7 @@ import numpy as np
 from .data.images import IMAGE_SUFFIXES, is_image_name, open_image, to_array
 from .errors import CifarlabError
 from .export import Ensemble, Predictor, ensemble_probabilities, is_runs_set, load_ensemble, load_model
-from .ood import KNN, predict_familiarity, read_bank, read_ensemble_rule, read_ood
+from .ood import predict_familiarity, read_rule
 
 
 def _expand(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -132,26 +132,19 @@ def _about(model: Predictor | Ensemble) -> dict:
 
 def _unfamiliar_rule(model: Predictor | Ensemble) -> tuple[dict, Any]:
     """The OOD score and threshold ``cifarlab ood`` fitted for the run of ``model``, or for the
-    ensemble of a ``--runs N`` folder, as measured with its weights, test-time augmentation and
-    calibration, and for ``knn`` its bank (of an ensemble, each run's); refused, naming the
-    command to run, where there is none."""
-    if isinstance(model, Ensemble):
-        got = read_ensemble_rule(model)
-        if got is None:
-            raise CifarlabError(f"--flag-unfamiliar needs the threshold of their ensemble that 'cifarlab ood "
-                                f"{model.folder}' fits, measured with the runs' current weights, test-time "
-                                f"augmentation ({model.tta}) and calibration and the ensemble's; run that first (with "
-                                "the same --tta and --uncalibrated)")
+    ensemble of a ``--runs N`` folder (:func:`cifarlab.ood.read_rule`), and for ``knn`` its bank;
+    refused, naming the command to run, where there is none."""
+    got = read_rule(model)
+    if got is not None:
         return got
-    r = read_ood(model.run, model.tta, model.temperature(), model.class_offsets())
-    if r is None:
-        raise CifarlabError(f"--flag-unfamiliar needs the threshold of 'cifarlab ood {model.run}', measured with the "
-                            f"run's current weights, test-time augmentation ({model.tta}) and calibration; run that "
-                            "first (with the same --tta and --uncalibrated)")
-    rule = {"score": r["score"], "threshold": r["threshold"], "keep": r["keep"], "fitted_on": r["threshold_fitted_on"]}
-    if r["score"] != KNN:
-        return rule, None
-    return rule | {"k": r[KNN]["k"], "bank_images": r[KNN]["bank_images"]}, read_bank(model.run)
+    if isinstance(model, Ensemble):
+        raise CifarlabError(f"--flag-unfamiliar needs the threshold of their ensemble that 'cifarlab ood "
+                            f"{model.folder}' fits, measured with the runs' current weights, test-time "
+                            f"augmentation ({model.tta}) and calibration and the ensemble's; run that first (with "
+                            "the same --tta and --uncalibrated)")
+    raise CifarlabError(f"--flag-unfamiliar needs the threshold of 'cifarlab ood {model.run}', measured with the "
+                        f"run's current weights, test-time augmentation ({model.tta}) and calibration; run that "
+                        "first (with the same --tta and --uncalibrated)")
 
 
 def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", device: str = "cpu",

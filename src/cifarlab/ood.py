@@ -618,7 +618,7 @@ def read_ensemble_report(ens) -> dict[str, Any] | None:
     have now (and for ``knn``, the banks in the runs' ``ood`` folders); None otherwise."""
     from .calibrate import same_calibration
 
-    got = read_runs_summary(ens.folder)
+    got = read_runs_summary(ens.folder) if ens.folder is not None else None
     e = (got or {}).get("summary", {}).get("ensemble")
     try:
         was = e["runs"]

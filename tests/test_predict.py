@@ -28,7 +28,7 @@ def test_files_are_read_and_written_a_chunk_at_a_time(trained_run, image_folder,
     assert predict.predict_files(str(trained_run), files, fmt=fmt, out=whole, min_confidence=0.5) == 1
 
     monkeypatch.setattr(predict, "CHUNK_FILES", 2)
-    real_read, real_load = predict._read, predict.load_model
+    real_read, real_load = predict._read, predict.load_classifier
     out = io.StringIO()
     written_before_read, predicted = [], []
 
@@ -43,7 +43,7 @@ def test_files_are_read_and_written_a_chunk_at_a_time(trained_run, image_folder,
         return model
 
     monkeypatch.setattr(predict, "_read", read)
-    monkeypatch.setattr(predict, "load_model", load)
+    monkeypatch.setattr(predict, "load_classifier", load)
     assert predict.predict_files(str(trained_run), files, fmt=fmt, out=out, min_confidence=0.5) == 1
     assert predicted == [2, 1, 2, 1] and len(written_before_read) == 4
     if fmt == "json":  # in full precision, other batches may change a probability's last bits

@@ -24,7 +24,7 @@ from .audit import _fmt_spread, check_bootstrap, images_phrase, load_groups
 from .data import Dataset
 from .errors import CifarlabError, short_list
 from .evaluate import _check_compatible, describe
-from .export import is_runs_set, load_ensemble, load_model
+from .export import Ensemble, load_classifier
 
 ALPHA = 0.05  # the level at which a difference is called one
 
@@ -126,7 +126,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, ds: Dataset, tta: str | N
     ``cifarlab predict`` serves for it (:func:`cifarlab.export.load_ensemble`)."""
     check_bootstrap(n_boot)  # a bad setting should cost no prediction
     groups = load_groups(groups_csv, ds, intersections)  # a bad file fails before any model runs
-    models = [(load_ensemble if is_runs_set(r) else load_model)(r, device, tta, uncalibrated) for r in (run_a, run_b)]
+    models = [load_classifier(r, device, tta, uncalibrated) for r in (run_a, run_b)]
     about = [_about(m) for m in models]
     check_same_classes(Path(about[0]["run"]), models[0].classes, Path(about[1]["run"]), models[1].classes)
     for name, m, a in zip("AB", models, about):
@@ -143,7 +143,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, ds: Dataset, tta: str | N
 def _about(m) -> dict[str, Any]:
     """What a comparison records of one side: a run, or the ensemble of a ``--runs N`` folder
     (``runs``: how many; 0 for one run)."""
-    if hasattr(m, "members"):
+    if isinstance(m, Ensemble):
         each = m.members
         return {"run": str(m.folder), "model": f"ensemble of {len(each)} {each[0].arch['model']} runs",
                 "tta": m.tta, "runs": len(each),

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from .calibrate import Calibration
 from .errors import CifarlabError
-from .export import Ensemble, channel_values, is_runs_set, load_ensemble, load_model, tta_logits
+from .export import Ensemble, channel_values, load_classifier, tta_logits
 from .fsutil import write_with
 
 INPUT_NAME = "images"
@@ -240,8 +240,8 @@ def export_onnx(run: str | Path, out: str | Path | None = None, tta: str | None 
 
     given = read_about(about)["model"]  # a bad file fails before the export starts
     onnx = _onnx_modules()
-    several = is_runs_set(run)
-    predictor = load_ensemble(run, "cpu", tta, uncalibrated) if several else load_model(run, "cpu", tta, uncalibrated)
+    predictor = load_classifier(run, "cpu", tta, uncalibrated)
+    several = isinstance(predictor, Ensemble)
     run = Path(run)
     out = Path(out) if out is not None else run / "model.onnx"
     if out.suffix != ".onnx":

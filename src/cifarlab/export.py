@@ -597,6 +597,14 @@ def load_model(run: str | Path, device: str = "cpu", tta: str | None = None,
     return Predictor(model.to(dev), arch, dev, run, tta, {} if uncalibrated else read_calibration(run, arch["classes"]))
 
 
+def load_classifier(run: str | Path, device: str = "cpu", tta: str | None = None,
+                    uncalibrated: bool = False) -> Predictor | Ensemble:
+    """The model ``cifarlab predict RUN`` serves: one run's :class:`Predictor`
+    (:func:`load_model`), or for the folder of ``cifarlab train --runs N`` their
+    :class:`Ensemble` (:func:`load_ensemble`)."""
+    return (load_ensemble if is_runs_set(run) else load_model)(run, device, tta, uncalibrated)
+
+
 def list_to_csv_rows(rows: Iterable[dict]) -> str:
     """Rows of dicts (same keys) as CSV text."""
     import csv

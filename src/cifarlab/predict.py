@@ -12,7 +12,7 @@ import numpy as np
 
 from .data.images import IMAGE_SUFFIXES, is_image_name, open_image, to_array
 from .errors import CifarlabError
-from .export import Ensemble, Predictor, ensemble_probabilities, is_runs_set, load_ensemble, load_model
+from .export import Ensemble, Predictor, ensemble_probabilities, load_classifier
 from .ood import predict_familiarity, read_rule
 
 
@@ -168,8 +168,7 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
         raise CifarlabError(f"--min-confidence {min_confidence} is not valid; it must lie in (0, 1], such as 0.9")
     if top < 1:
         raise CifarlabError(f"--top {top} is not valid; it must be at least 1")
-    model = load_ensemble(run, device, tta, uncalibrated) if is_runs_set(run) else \
-        load_model(run, device, tta, uncalibrated)
+    model = load_classifier(run, device, tta, uncalibrated)
     rule, bank = _unfamiliar_rule(model) if flag_unfamiliar else (None, None)
     top = min(top, len(model.classes))
     c, h, w = model.input_shape

@@ -185,13 +185,13 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
     from .data import balanced_subset
     from .deploy import export_onnx
     from .evaluate import _check_compatible
-    from .export import is_runs_set, load_ensemble, load_model
+    from .export import Ensemble, load_classifier
     from .fsutil import atomic_path, write_json
 
     check_calibration(calibration_images, method)
     _ort_quantization()
-    several = is_runs_set(run)
-    pred = load_ensemble(run, "cpu", tta, uncalibrated) if several else load_model(run, "cpu", tta, uncalibrated)
+    pred = load_classifier(run, "cpu", tta, uncalibrated)
+    several = isinstance(pred, Ensemble)
     _check_compatible(pred, ds)  # its labels must be the model's classes
     groups = load_groups(groups_csv, ds, intersections)  # a bad file fails before anything is exported
     run = Path(run)

@@ -24,7 +24,7 @@ from .corruptions import CORRUPTIONS, PUBLISHED, PUBLISHED_BENCHMARK, SEVERITIES
 from .data import Dataset
 from .errors import ConfigError, DataError, did_you_mean
 from .evaluate import _check_compatible, calibration, describe
-from .export import Predictor, ensemble_probabilities, list_to_csv_rows, load_model
+from .export import Ensemble, Predictor, ensemble_probabilities, list_to_csv_rows, load_model
 from .fsutil import report_folder, write_json, write_text
 
 
@@ -256,7 +256,7 @@ def _report(pred: Predictor, ds: Dataset, cells: list[dict], clean: dict, names:
     worst = min(cells, key=lambda c: c["accuracy"])
     classes = [{"class": name, "clean": _num(clean["per_class"][i]), "corrupted": _num(per_class[i]),
                 "drop": _num(clean["per_class"][i] - per_class[i])} for i, name in enumerate(pred.classes)]
-    if hasattr(pred, "members"):  # an ensemble: its folder, its temperature, and each run's weights
+    if isinstance(pred, Ensemble):  # an ensemble: its folder, its temperature, and each run's weights
         about = {"run": str(pred.folder), "ensemble_of": [str(m.run) for m in pred.members],
                  "probabilities": ensemble_probabilities(pred.temperature()),
                  "tta": pred.tta, "temperature": pred.temperature(),

@@ -626,9 +626,26 @@ def test_runs_stopped_midway_resume_as_one_folder_and_train_longer(tmp_path, mon
     assert [r["test_accuracy"] for r in summary["per_run"]] == [r["test_accuracy"] for r in ref["per_run"]]
     assert json.loads((cut / "runs_summary.json").read_text())["test_accuracy"] == ref["test_accuracy"]
 
-    # 1 epoch per run, then --resume PARENT --epochs 2: every run is the 2-epoch run.
+    # Ctrl-C in the test of the ensemble, after the last run: the runs are kept, the summary waits for
+    # --resume, which trains nothing and tests the ensemble.
     short = tmp_path / "short"
-    fit(cfg("short", 1), log=lambda s: None)
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_ensemble_test", ctrl_c)
+    with pytest.raises(TrainingInterrupted) as e:
+        fit(cfg("short", 1), log=lambda s: None)
+    monkeypatch.undo()
+    assert str(e.value) == (f"the test of their ensemble was interrupted; all 3 runs had finished and are kept. "
+                            f"Resume with: cifarlab train --resume {short}")
+    assert not (short / "runs_summary.json").exists()
+    lines = []
+    fit(resume=short, log=lines.append)
+    assert sum("finished, test accuracy" in x for x in lines) == 3 and not any("epoch" in x for x in lines), lines
+    assert "ensemble" in json.loads((short / "runs_summary.json").read_text())
+
+    # 1 epoch per run, then --resume PARENT --epochs 2: every run is the 2-epoch run.
     with pytest.raises(CifarlabError, match=r"--epochs 0 is not valid for '.*run-0': it has trained 1 epoch"):
         fit(resume=short, epochs=0, log=lambda s: None)
     assert "epochs: 1" in (short / "config.yaml").read_text()  # refused before anything changed

@@ -43,9 +43,10 @@ class ConfigError(CifarlabError):
 
 class TrainingInterrupted(CifarlabError):
     """Training stopped on Ctrl-C or SIGTERM after saving a checkpoint: ``what`` says where it
-    stopped, ``resume`` is the folder that ``--resume`` continues. Defined here, not in
-    ``train``, so that the CLI can catch it without importing PyTorch for ``--help``."""
+    stopped, ``resume`` is the folder that ``--resume`` continues, ``saved`` what it keeps.
+    Defined here, not in ``train``, so that the CLI can catch it without importing PyTorch for
+    ``--help``."""
 
-    def __init__(self, what: str, resume: Path):
-        super().__init__(f"{what}; a checkpoint was saved. Resume with: cifarlab train --resume {resume}")
+    def __init__(self, what: str, resume: Path, saved: str = "a checkpoint was saved"):
+        super().__init__(f"{what}; {saved}. Resume with: cifarlab train --resume {resume}")
         self.what, self.resume = what, resume

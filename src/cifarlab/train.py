@@ -1543,10 +1543,16 @@ def _train_runs(base: Path, cfg: Config, dataset: Dataset | None, log: Callable[
 
     if dataset is None:  # every run had finished: their ensemble is tested again all the same
         dataset = _load_data(cfg, None, log)
+    try:
+        ensemble = _ensemble_test(base, cfg, dataset, log)
+    except KeyboardInterrupt:  # no training signal handler is installed here: Ctrl-C lands as itself
+        # runs_summary.json stands for a finished folder (compare, sweeps), so it waits for this test
+        raise TrainingInterrupted("the test of their ensemble was interrupted", base,
+                                  f"all {n} runs had finished and are kept") from None
     summary = {"runs": len(results), "recipe": cfg.recipe, "model": cfg.model.name, "data": source,
                "test_accuracy": describe([r["test_accuracy"] for r in results]),
                "train_time_s": describe([r["train_time_s"] for r in results]),
-               "ensemble": _ensemble_test(base, cfg, dataset, log), "per_run": results}
+               "ensemble": ensemble, "per_run": results}
     write_json(base / "runs_summary.json", summary)
     a, t = summary["test_accuracy"], summary["train_time_s"]
     log(f"{len(results)} runs: test accuracy mean {a['mean']:.4f} (std {a['std']:.4f}, min {a['min']:.4f}, "

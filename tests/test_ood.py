@@ -571,8 +571,21 @@ def test_the_ensemble_of_a_set_gets_its_own_threshold_which_predict_and_its_file
     # the audit's section on the ensemble quotes it
     from cifarlab.audit import audit_runs
 
-    summary = audit_runs(base, ds, n_boot=100, device="cpu", log=lambda _: None)
+    groups = tmp_path / "groups.csv"
+    groups.write_text("index,light\n" + "".join(f"{i},{'dark' if i < 4 else 'bright'}\n" for i in range(9)))
+    summary = audit_runs(base, ds, groups_csv=str(groups), n_boot=100, device="cpu", log=lambda _: None)
     u = summary["ensemble"]["unfamiliar_images"]
+    # and each group's share its threshold flags, from the ensemble's scores saved beside the summary
+    saved = base / ood.ENSEMBLE_SCORES_FILE
+    assert np.load(saved)["in_energy"] == pytest.approx(energies(ds.x_test))
+    flagged = energies(ds.x_test) < e["threshold"]
+    gm = summary["ensemble"]["attributes"]["light"]
+    assert {g["group"]: g["unfamiliar_share"] for g in gm["groups"]} == pytest.approx(
+        {"dark": flagged[:4].mean(), "bright": flagged[4:].mean()}) and gm["unfamiliar_score"] == "energy"
+    assert "flagged unfamiliar" in (base / "audit_summary.md").read_text().split("### The ensemble's groups")[1]
+    saved.write_bytes(saved.read_bytes()[:-1] + b"x")  # not the file it wrote: no shares
+    again = audit_runs(base, ds, groups_csv=str(groups), n_boot=100, device="cpu", log=lambda _: None)
+    assert "unfamiliar_gap" not in again["ensemble"]["attributes"]["light"] and again["ensemble"]["unfamiliar_images"]
     assert u["sets"][0] == {"name": "uniform", "images": 4, "auroc": e["sets"][0]["energy"]["auroc"],
                             "accepted_share": e["sets"][0]["accepted_share"]}
     md = (base / "audit_summary.md").read_text()

@@ -26,7 +26,7 @@ from .data import Dataset, seen
 from .datasheet import people_classes, people_warning
 from .duplicates import read_duplicates
 from .label_issues import read_label_issues
-from .ood import read_ensemble_report, read_ood
+from .ood import read_ensemble_in_scores, read_ensemble_report, read_ood
 from .errors import CifarlabError, short_list
 from .evaluate import _check_compatible, probabilities_and_raw
 from .export import data_suffix, list_to_csv_rows, load_ensemble, load_model, predict_command
@@ -425,11 +425,8 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
         audit["groups_file"] = str(groups_csv)
         audit["attributes"] = {}
         for name, values in attrs.items():
-            gm = _group_audit(y[idx], yhat[idx], values, overall, margin, min_group)
-            if flagged is not None:
-                known = values != ""
-                gm["unfamiliar_gap"] = unfamiliar_by_group(flagged[idx][known], values[known], gm)
-                gm["unfamiliar_score"] = ood["score"]
+            gm = _group_audit(y[idx], yhat[idx], values, overall, margin, min_group,
+                              None if flagged is None else (flagged[idx], ood["score"]))
             audit["attributes"][name] = gm
             audit["warnings"] += _group_warnings(name, gm, overall, margin, min_group)
     _plot_class_accuracy(cls["per_class"], overall, out / "per_class_accuracy.png")
@@ -459,23 +456,30 @@ def _class_audit(y: np.ndarray, yhat: np.ndarray, classes: list[str], overall: f
 
 
 def _group_audit(y: np.ndarray, yhat: np.ndarray, values: np.ndarray, overall: float, margin: float,
-                 min_group: int) -> dict[str, Any]:
+                 min_group: int, unfamiliar: tuple[np.ndarray, str] | None = None) -> dict[str, Any]:
     """:func:`group_metrics` of one attribute's ``values`` (one per image of ``y``). An empty
     cell: the attribute was not recorded for that image, which then belongs to none of its
-    groups (a group of its own would mix unrelated images); ``not_recorded`` counts them."""
+    groups (a group of its own would mix unrelated images); ``not_recorded`` counts them.
+    ``unfamiliar``: which of the images the threshold of ``cifarlab ood`` flags, and its score,
+    for each group's share flagged (:func:`unfamiliar_by_group`)."""
     known = values != ""
     gm = group_metrics(y[known], yhat[known], values[known], overall, margin, min_group)
     gm["not_recorded"] = int((~known).sum())
+    if unfamiliar is not None:
+        flagged, score = unfamiliar
+        gm["unfamiliar_gap"] = unfamiliar_by_group(flagged[known], values[known], gm)
+        gm["unfamiliar_score"] = score
     return gm
 
 
 def _ensemble_audit(probs: np.ndarray, classes: list[str], ds: Dataset, groups, margin: float, min_group: int,
-                    n_boot: int, seed: int) -> dict[str, Any]:
+                    n_boot: int, seed: int, unfamiliar: tuple[np.ndarray, str] | None = None) -> dict[str, Any]:
     """The runs as one model, their ensemble, whose probabilities ``probs`` are the mean of the
     runs' (as :class:`cifarlab.export.Ensemble` gives them, what ``cifarlab predict BASE``
     serves), audited as :func:`audit_run` audits a run: its overall accuracy, each class's with
     its interval and flag, the best-to-worst gap, each group's accuracy and gap (``groups`` from
-    :func:`load_groups`), and their warnings."""
+    :func:`load_groups`) and, with ``unfamiliar`` (which test images the ensemble's threshold of
+    ``cifarlab ood`` flags, and its score), the share of each group flagged, and their warnings."""
     y, yhat = ds.y_test, probs.argmax(1)
     overall = float((yhat == y).mean())
     cls, warnings = _class_audit(y, yhat, classes, overall, margin, n_boot, seed)
@@ -484,27 +488,35 @@ def _ensemble_audit(probs: np.ndarray, classes: list[str], ds: Dataset, groups, 
         idx, attrs = groups
         out["attributes"] = {}
         for name, values in attrs.items():
-            gm = out["attributes"][name] = _group_audit(y[idx], yhat[idx], values, overall, margin, min_group)
+            gm = out["attributes"][name] = _group_audit(
+                y[idx], yhat[idx], values, overall, margin, min_group,
+                None if unfamiliar is None else (unfamiliar[0][idx], unfamiliar[1]))
             warnings += _group_warnings(name, gm, overall, margin, min_group)
     out["warnings"] = warnings
     return out
 
 
-def _ensemble_ood(base: Path, tta: str | None, uncalibrated: bool) -> dict[str, Any] | None:
+def _ensemble_ood(base: Path, tta: str | None, uncalibrated: bool,
+                  n: int) -> tuple[dict[str, Any] | None, np.ndarray | None]:
     """What the ensemble's section quotes of ``cifarlab ood``'s report on the ensemble of
     ``base`` (:func:`cifarlab.ood.read_ensemble_report`): its score and threshold, and per set the
-    AUROC and the share accepted; None where there is none measured as the ensemble is now."""
+    AUROC and the share accepted; and which of its ``n`` test images the threshold flags, from
+    the scores the report saved (None where they are missing or of other images). (None, None)
+    where there is no report measured as the ensemble is now."""
     try:
-        e = read_ensemble_report(load_ensemble(base, "cpu", tta, uncalibrated))
+        ens = load_ensemble(base, "cpu", tta, uncalibrated)
+        e = read_ensemble_report(ens)
     except CifarlabError:  # the ensemble's own temperature is stale: no report can hold for it
-        return None
+        return None, None
     if e is None:
-        return None
+        return None, None
+    scores = read_ensemble_in_scores(ens, e)
+    flagged = None if scores is None or len(scores) != n else scores < e["threshold"]
     sc = e["score"]
     return {"score": sc, "scored": e["scored"][sc], "keep": e["keep"], "fitted_on": e["threshold_fitted_on"],
             "threshold_images": e["threshold_images"], "flagged_share": e["in_distribution"]["flagged_share"],
             "sets": [{"name": st["name"], "images": st["images"], "auroc": st[sc]["auroc"],
-                      "accepted_share": st["accepted_share"]} for st in e["sets"]]}
+                      "accepted_share": st["accepted_share"]} for st in e["sets"]]}, flagged
 
 
 def _train_per_class(run: Path, classes: list[str]) -> dict[str, int] | None:
@@ -578,10 +590,13 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
         audits.append(a)
     summary = summarise_audits(audits, [str(r) for r in runs])
     classes = [c["class"] for c in audits[0]["classes"]["per_class"]]
-    summary["ensemble"] = e = _ensemble_audit((total / len(runs)).astype(np.float32), classes, ds,
-                                              groups, margin, min_group, n_boot, seed)
-    if not suffix:  # cifarlab ood's familiar images are always the runs' own test images
-        e["unfamiliar_images"] = _ensemble_ood(base, tta, uncalibrated)
+    # cifarlab ood's familiar images are always the runs' own test images
+    ood, flagged = _ensemble_ood(base, tta, uncalibrated, len(ds.y_test)) if not suffix else (None, None)
+    summary["ensemble"] = e = _ensemble_audit((total / len(runs)).astype(np.float32), classes, ds, groups, margin,
+                                              min_group, n_boot, seed, None if flagged is None else
+                                              (flagged, ood["score"]))
+    if not suffix:
+        e["unfamiliar_images"] = ood
     sp = e["classes"]["spread"]
     log(f"their ensemble (the mean of their probabilities, as '{predict_command(base, tta, uncalibrated)}' gives "
         f"them): overall accuracy {e['overall_accuracy']:.4f}; worst class {sp['worst']}, gap {sp['difference']:.4f}; "

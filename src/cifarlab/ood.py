@@ -71,6 +71,7 @@ SYNTHETIC = {
 KEEP = 0.95  # the share of in-distribution images a threshold keeps by default: the field's usual 95% TPR
 FILE = "ood.json"
 SUMMARY_FILE = "ood_summary.json"  # of a --runs N folder, beside its runs
+ENSEMBLE_SCORES_FILE = "ood_ensemble_scores.npz"  # its ensemble's scores, beside the summary
 
 
 def check_sources(sources: list[str]) -> None:
@@ -372,16 +373,23 @@ def ood_report(pred, x_in: np.ndarray, x_val: np.ndarray | None, sets: list[dict
                        "features": f"the {layer.in_features} inputs of layer '{name}', scaled to length 1",
                        "tta": "none", "file": BANK_FILE, "bank_sha256": hashlib.sha256(data).hexdigest()}
         write_bytes(out / BANK_FILE, data)
+    write_bytes(out / "scores.npz", _scores_npz(got_in, got_sets))
+    plots.plot_ood(got_in[0][score], [(st["name"], s_out[score]) for st, (s_out, _) in zip(sets, got_sets)],
+                   report["threshold"], score, out / "ood.png")
+    write_json(out / FILE, report)
+    return report
+
+
+def _scores_npz(got_in: tuple[dict[str, np.ndarray], np.ndarray],
+                got_sets: list[tuple[dict[str, np.ndarray], np.ndarray]]) -> bytes:
+    """The ``scores.npz`` file of a report: each score of the test images (``in_<score>``, in
+    the order of the test split) and of each set (``set<i>_<score>``), from :func:`score_images`."""
     arrays = {f"in_{n}": v for n, v in got_in[0].items()}
     for i, (s_out, _) in enumerate(got_sets):
         arrays.update({f"set{i}_{n}": v for n, v in s_out.items()})
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
-    write_bytes(out / "scores.npz", buf.getvalue())
-    plots.plot_ood(got_in[0][score], [(st["name"], arrays[f"set{i}_{score}"]) for i, st in enumerate(sets)],
-                   report["threshold"], score, out / "ood.png")
-    write_json(out / FILE, report)
-    return report
+    return buf.getvalue()
 
 
 def as_saved(bank: np.ndarray) -> np.ndarray:
@@ -534,7 +542,8 @@ def ood_runs(base: str | Path, ds, sources: list[str] | None = None, out: str | 
                                       keep, ds.y_test, collected[-1]))
         log(f"{r.name}: report in {folder}")
     summary = summarise_ood(reports)
-    summary["ensemble"] = ensemble_report(base, ds, subjects, collected, reports, own, sets, score, keep, log)
+    summary["ensemble"] = ensemble_report(base, ds, subjects, collected, reports, own, sets, score, keep, log,
+                                          out or base)
     write_json((out or base) / SUMMARY_FILE, summary)
     return summary
 
@@ -569,7 +578,7 @@ def _combined(ens, each: list[tuple[dict[str, np.ndarray], np.ndarray]]) -> tupl
 
 def ensemble_report(base: Path, ds, subjects: list[_Subject], collected: list[dict], reports: list[dict[str, Any]],
                     own, sets: list[dict[str, Any]], score: str, keep: float,
-                    log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+                    log: Callable[[str], None] = lambda _: None, dest: Path | None = None) -> dict[str, Any]:
     """The report of the ensemble of ``subjects`` (the runs of ``base``, with ``own``, the
     ensemble's temperature or None) from what their reports ``collected`` (:func:`ood_report`):
     its scores of the test images and of each set (:func:`ensemble_score`), and thresholds
@@ -578,9 +587,13 @@ def ensemble_report(base: Path, ds, subjects: list[_Subject], collected: list[di
     scores of their own validation images serving where those are the same images), or of the
     test images where there are fewer than :data:`cifarlab.calibrate.ENSEMBLE_MIN_IMAGES`.
     It records what it was measured on top of (each run's weights, calibration and ``knn``
-    bank, and the ensemble's temperature), which ``predict --flag-unfamiliar`` checks."""
+    bank, and the ensemble's temperature), which ``predict --flag-unfamiliar`` checks. Its
+    scores are written to ``dest``'s :data:`ENSEMBLE_SCORES_FILE` (as a run's ``scores.npz``),
+    whose SHA-256 it records, so that the audit reads them back as measured (None: not written).
+    """
     from .calibrate import ENSEMBLE_MIN_IMAGES, untrained_images
     from .export import Ensemble, ensemble_probabilities
+    from .fsutil import write_bytes
 
     ens = Ensemble([s.pred for s in subjects], base, own)
     got_in = _combined(ens, [c["in"] for c in collected])
@@ -602,6 +615,10 @@ def ensemble_report(base: Path, ds, subjects: list[_Subject], collected: list[di
             f"{ENSEMBLE_MIN_IMAGES:,}; its threshold comes from the test images (train with --split-seed N for more)")
         scores_thr, fitted_on = got_in[0], "test"
     fig = _figures(got_in, scores_thr, fitted_on, sets, got_sets, score, keep, ens.classes, ds.y_test)
+    if dest is not None:
+        data = _scores_npz(got_in, got_sets)
+        write_bytes(dest / ENSEMBLE_SCORES_FILE, data)
+        fig["scores_file"] = {"file": ENSEMBLE_SCORES_FILE, "sha256": hashlib.sha256(data).hexdigest()}
     return {"probabilities": ensemble_probabilities(ens.temperature()), "ensemble_temperature": ens.temperature(),
             "tta": ens.tta, "scored": {n: _ensemble_rule_words(n) for n in got_in[0]},
             "threshold_images": int(len(unseen)) if fitted_on == UNSEEN else int(len(ds.y_test)), **fig,
@@ -797,12 +814,30 @@ def read_in_scores(run: str | Path, score: str, name: str = "ood") -> np.ndarray
     """The ``score`` of each of the run's test images that ``cifarlab ood`` saved in
     ``RUN/<name>/scores.npz``, in the order of the test split; None where it is missing or
     unreadable."""
+    return _read_in_scores(Path(run) / name / "scores.npz", score)
+
+
+def read_ensemble_in_scores(ens, report: dict[str, Any]) -> np.ndarray | None:
+    """The ensemble ``ens``'s score of each of its test images, in the order of the test split,
+    that ``cifarlab ood`` saved beside its report ``report`` (:func:`read_ensemble_report`); None
+    where the report names no such file, or the file is missing, unreadable or not the one it
+    wrote (a SHA-256 other than the one it recorded)."""
+    f = report.get("scores_file")
+    if not isinstance(f, dict) or ens.folder is None:
+        return None
+    return _read_in_scores(Path(ens.folder) / ENSEMBLE_SCORES_FILE, report["score"], f.get("sha256"))
+
+
+def _read_in_scores(path: Path, score: str, sha256: str | None = None) -> np.ndarray | None:
+    """The array ``in_<score>`` of the ``scores.npz``-style file ``path`` (where ``sha256`` is
+    given, only if the file has that digest); None where it is missing or unreadable."""
     import zipfile
 
-    path = Path(run) / name / "scores.npz"
     try:
-        # our handle, closed even where numpy's would stay open (a damaged zip index)
-        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
+        data = path.read_bytes()
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            return None
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return np.asarray(z[f"in_{score}"], np.float64)
     # missing, damaged, cut short, empty, or one array (np.save's, which is no context manager)
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, TypeError):

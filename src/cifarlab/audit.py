@@ -26,7 +26,7 @@ from .data import Dataset, seen
 from .datasheet import people_classes, people_warning
 from .duplicates import read_duplicates
 from .label_issues import read_label_issues
-from .ood import read_ensemble_in_scores, read_ensemble_report, read_ood
+from .ood import read_ensemble_report, read_ood, saved_scores
 from .errors import CifarlabError, short_list
 from .evaluate import _check_compatible, probabilities_and_raw
 from .export import data_suffix, list_to_csv_rows, load_ensemble, load_model, predict_command
@@ -419,7 +419,7 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
     # and `cifarlab ood`'s, whose familiar images are always the run's own test images
     ood = None if suffix else read_ood(run, pred.tta, pred.temperature(), pred.class_offsets())
     audit["unfamiliar_images"] = _ood_summary(ood)
-    flagged = unfamiliar_flags(run, ood, len(y))  # each test image below its threshold, or None
+    flagged = unfamiliar_flags(pred, ood, len(y))  # each test image below its threshold, or None
     if groups is not None:
         idx, attrs = groups
         audit["groups_file"] = str(groups_csv)
@@ -510,7 +510,7 @@ def _ensemble_ood(base: Path, tta: str | None, uncalibrated: bool,
         return None, None
     if e is None:
         return None, None
-    scores = read_ensemble_in_scores(ens, e)
+    scores = (saved_scores(ens, e) or {}).get("in")
     flagged = None if scores is None or len(scores) != n else scores < e["threshold"]
     sc = e["score"]
     return {"score": sc, "scored": e["scored"][sc], "keep": e["keep"], "fitted_on": e["threshold_fitted_on"],
@@ -1357,15 +1357,14 @@ def _label_issues_lines(li: dict | None) -> list[str]:
             "`label-issues/label_issues.png` shows the most doubtful to judge by eye.", ""]
 
 
-def unfamiliar_flags(run: Path, ood: dict | None, n: int) -> np.ndarray | None:
-    """Which of the run's ``n`` test images the threshold of the ``cifarlab ood`` report ``ood``
-    (current, as :func:`cifarlab.ood.read_ood` returns it) flags as unfamiliar, from the scores
-    it saved; None without a report, or where its scores are missing or of other images."""
-    from .ood import read_in_scores
-
+def unfamiliar_flags(pred, ood: dict | None, n: int) -> np.ndarray | None:
+    """Which of the ``n`` test images of the run of ``pred`` the threshold of the ``cifarlab
+    ood`` report ``ood`` (current, as :func:`cifarlab.ood.read_ood` returns it) flags as
+    unfamiliar, from the scores it saved; None without a report, or where its scores are missing
+    or of other images."""
     if not ood:
         return None
-    scores = read_in_scores(run, ood["score"])
+    scores = (saved_scores(pred, ood) or {}).get("in")
     return None if scores is None or len(scores) != n else scores < ood["threshold"]
 
 

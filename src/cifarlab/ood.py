@@ -72,6 +72,7 @@ KEEP = 0.95  # the share of in-distribution images a threshold keeps by default:
 FILE = "ood.json"
 SUMMARY_FILE = "ood_summary.json"  # of a --runs N folder, beside its runs
 ENSEMBLE_SCORES_FILE = "ood_ensemble_scores.npz"  # its ensemble's scores, beside the summary
+SCORES_FILE = "scores.npz"  # a run's scores, in its report's folder
 
 
 def check_sources(sources: list[str]) -> None:
@@ -291,18 +292,25 @@ def score_images(pred, x: np.ndarray, bank: np.ndarray | None = None,
     return s, np.exp(z - s["energy"][:, None])  # the probabilities: softmax is exp(z - logsumexp z)
 
 
+def images_digest(x: np.ndarray) -> str:
+    """The SHA-256 of the uint8 images ``x``, their shape included: two reports scored the same
+    images, in the same order, where their digests agree (``cifarlab compare`` pairs them so)."""
+    x = np.ascontiguousarray(x)
+    return hashlib.sha256(f"{x.dtype.str}{x.shape}".encode() + x.data).hexdigest()
+
+
 def _figures(scored_in: tuple[dict[str, np.ndarray], np.ndarray], scores_thr: dict[str, np.ndarray],
              fitted_on: str, sets: list[dict[str, Any]], scored_sets: list[tuple[dict[str, np.ndarray], np.ndarray]],
-             score: str, keep: float, classes: list[str], y_in: np.ndarray | None) -> dict[str, Any]:
+             score: str, keep: float, classes: list[str], y_in: np.ndarray | None, x_in: np.ndarray) -> dict[str, Any]:
     """The figures of a report from the scores and probabilities (:func:`score_images`) of the
-    test images (``scored_in``) and of each of ``sets`` (``scored_sets``), the threshold of each
-    score keeping ``keep`` of ``scores_thr``, which are of the ``fitted_on`` images."""
+    test images ``x_in`` (``scored_in``) and of each of ``sets`` (``scored_sets``), the threshold
+    of each score keeping ``keep`` of ``scores_thr``, which are of the ``fitted_on`` images."""
     s_in, p_in = scored_in
     thr = {n: threshold(scores_thr[n], keep) for n in s_in}
     fig: dict[str, Any] = {
         "score": score, "keep": keep, "threshold_fitted_on": fitted_on,
         "threshold": thr[score], "thresholds": thr,
-        "in_distribution": {"images": int(len(p_in)),
+        "in_distribution": {"images": int(len(p_in)), "images_sha256": images_digest(x_in),
                             "flagged_share": float((s_in[score] < thr[score]).mean()),
                             "mean_confidence": float(p_in.max(1).mean()),
                             **({"per_class": _flagged_by_class(s_in[score] < thr[score], y_in, classes)}
@@ -311,7 +319,7 @@ def _figures(scored_in: tuple[dict[str, np.ndarray], np.ndarray], scores_thr: di
     for st, (s_out, p_out) in zip(sets, scored_sets):
         fig["sets"].append({
             "name": st["name"], "source": st["source"], "images": int(len(st["images"])),
-            "notes": list(st.get("notes", [])),
+            "images_sha256": images_digest(st["images"]), "notes": list(st.get("notes", [])),
             **{n: separation(s_in[n], s_out[n]) for n in s_in},
             "accepted_share": float((s_out[score] >= thr[score]).mean()),
             "mean_confidence": float(p_out.max(1).mean()),
@@ -361,7 +369,7 @@ def ood_report(pred, x_in: np.ndarray, x_val: np.ndarray | None, sets: list[dict
         collect.update({"in": got_in, "val": got_val, "sets": got_sets})
     report: dict[str, Any] = dict(about or {})
     report.update(_figures(got_in, (got_val or got_in)[0], "test" if got_val is None else "validation", sets,
-                           got_sets, score, keep, pred.classes, y_in))
+                           got_sets, score, keep, pred.classes, y_in, x_in))
     if bank is not None:
         from safetensors.numpy import save
 
@@ -373,7 +381,9 @@ def ood_report(pred, x_in: np.ndarray, x_val: np.ndarray | None, sets: list[dict
                        "features": f"the {layer.in_features} inputs of layer '{name}', scaled to length 1",
                        "tta": "none", "file": BANK_FILE, "bank_sha256": hashlib.sha256(data).hexdigest()}
         write_bytes(out / BANK_FILE, data)
-    write_bytes(out / "scores.npz", _scores_npz(got_in, got_sets))
+    data = _scores_npz(got_in, got_sets)
+    write_bytes(out / SCORES_FILE, data)
+    report["scores_file"] = {"file": SCORES_FILE, "sha256": hashlib.sha256(data).hexdigest()}
     plots.plot_ood(got_in[0][score], [(st["name"], s_out[score]) for st, (s_out, _) in zip(sets, got_sets)],
                    report["threshold"], score, out / "ood.png")
     write_json(out / FILE, report)
@@ -614,7 +624,7 @@ def ensemble_report(base: Path, ds, subjects: list[_Subject], collected: list[di
         log(f"their ensemble: {len(unseen):,} training images were trained on by no run, fewer than "
             f"{ENSEMBLE_MIN_IMAGES:,}; its threshold comes from the test images (train with --split-seed N for more)")
         scores_thr, fitted_on = got_in[0], "test"
-    fig = _figures(got_in, scores_thr, fitted_on, sets, got_sets, score, keep, ens.classes, ds.y_test)
+    fig = _figures(got_in, scores_thr, fitted_on, sets, got_sets, score, keep, ens.classes, ds.y_test, ds.x_test)
     if dest is not None:
         data = _scores_npz(got_in, got_sets)
         write_bytes(dest / ENSEMBLE_SCORES_FILE, data)
@@ -810,35 +820,33 @@ def read_ood(run: str | Path, tta: str, temperature: float | None = None,
     return r if r is not None and r.get("score") in SCORES + (KNN,) else None
 
 
-def read_in_scores(run: str | Path, score: str, name: str = "ood") -> np.ndarray | None:
-    """The ``score`` of each of the run's test images that ``cifarlab ood`` saved in
-    ``RUN/<name>/scores.npz``, in the order of the test split; None where it is missing or
-    unreadable."""
-    return _read_in_scores(Path(run) / name / "scores.npz", score)
-
-
-def read_ensemble_in_scores(ens, report: dict[str, Any]) -> np.ndarray | None:
-    """The ensemble ``ens``'s score of each of its test images, in the order of the test split,
-    that ``cifarlab ood`` saved beside its report ``report`` (:func:`read_ensemble_report`); None
-    where the report names no such file, or the file is missing, unreadable or not the one it
-    wrote (a SHA-256 other than the one it recorded)."""
-    f = report.get("scores_file")
-    if not isinstance(f, dict) or ens.folder is None:
-        return None
-    return _read_in_scores(Path(ens.folder) / ENSEMBLE_SCORES_FILE, report["score"], f.get("sha256"))
-
-
-def _read_in_scores(path: Path, score: str, sha256: str | None = None) -> np.ndarray | None:
-    """The array ``in_<score>`` of the ``scores.npz``-style file ``path`` (where ``sha256`` is
-    given, only if the file has that digest); None where it is missing or unreadable."""
+def saved_scores(model, report: dict[str, Any]) -> dict[str, Any] | None:
+    """The scores that ``cifarlab ood`` saved with ``report``, its current report on ``model``
+    (:func:`read_ood` of a :class:`cifarlab.export.Predictor`'s run, :func:`read_ensemble_report`
+    of an :class:`cifarlab.export.Ensemble`), for the report's score: ``in``, of each test image
+    in the order of the test split, and ``sets``, of each set's images, float64. None where the
+    file is missing, unreadable or not the one the report recorded (its SHA-256; a run's report
+    written before it recorded one is taken as it is)."""
     import zipfile
 
+    from .export import Ensemble
+
+    f = report.get("scores_file")
+    digest = f.get("sha256") if isinstance(f, dict) else None
+    if isinstance(model, Ensemble):
+        if model.folder is None or digest is None:
+            return None
+        path = Path(model.folder) / ENSEMBLE_SCORES_FILE
+    else:
+        path = Path(model.run) / "ood" / SCORES_FILE
+    score = report["score"]
     try:
         data = path.read_bytes()
-        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        if digest is not None and hashlib.sha256(data).hexdigest() != digest:
             return None
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            return np.asarray(z[f"in_{score}"], np.float64)
+            return {"in": np.asarray(z[f"in_{score}"], np.float64),
+                    "sets": [np.asarray(z[f"set{i}_{score}"], np.float64) for i in range(len(report["sets"]))]}
     # missing, damaged, cut short, empty, or one array (np.save's, which is no context manager)
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, TypeError):
         return None

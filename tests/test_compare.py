@@ -30,6 +30,45 @@ def test_mcnemar_and_holm_match_their_definitions():
     assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
 
 
+def _delong_by_definition(xa, ya, xb, yb):
+    """DeLong's test from its definition: each image's placement values from every in-out pair
+    (a tie counts one half), their covariances across the two scores, and the normal p-value."""
+    from scipy.stats import norm
+
+    def placements(x, y):
+        psi = (x[:, None] > y[None, :]) + 0.5 * (x[:, None] == y[None, :])
+        return psi.mean(1), psi.mean(0)
+
+    (va10, va01), (vb10, vb01) = placements(xa, ya), placements(xb, yb)
+    s10, s01 = np.cov([va10, vb10]), np.cov([va01, vb01])
+    var = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / len(xa) + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / len(ya)
+    diff = vb10.mean() - va10.mean()
+    return va10.mean(), vb10.mean(), np.sqrt(var), 2 * norm.sf(abs(diff) / np.sqrt(var))
+
+
+def test_delongs_test_matches_its_definition_and_the_auroc():
+    from sklearn.metrics import roc_auc_score
+
+    from cifarlab.compare import delong
+
+    rng = np.random.default_rng(0)
+    for m, n, levels in [(40, 30, 1000), (25, 60, 4)]:  # the second with many ties
+        xa, ya = rng.integers(0, levels, m) + 1.0, rng.integers(0, levels, n) * 1.0
+        xb, yb = xa + rng.normal(0, levels / 4, m), ya + rng.normal(0, levels / 2, n)  # the same images, noisier
+        d = delong(xa, ya, xb, yb)
+        a, b, se, p = _delong_by_definition(xa, ya, xb, yb)
+        assert (d["auroc_a"], d["auroc_b"], d["se"], d["p_value"]) == pytest.approx((a, b, se, p), rel=1e-9)
+        assert d["auroc_a"] == pytest.approx(roc_auc_score(np.r_[np.ones(m), np.zeros(n)], np.r_[xa, ya]))
+        assert d["difference"] == pytest.approx(b - a)
+    same = delong(xa, ya, xa, ya)
+    assert same["difference"] == 0 and same["se"] == 0 and same["p_value"] == 1.0
+    # a score that tells them apart against one that does not: far apart, on 200 images each
+    x, y = rng.normal(1, 1, 200), rng.normal(0, 1, 200)
+    assert delong(rng.normal(0, 1, 200), rng.normal(0, 1, 200), x, y)["p_value"] < 1e-6
+    with pytest.raises(CifarlabError, match="needs the same images under both scores, got 200 and 3 in"):
+        delong(x, y, x[:3], y)
+
+
 def test_paired_comparison_counts_and_interval():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 600)
@@ -298,3 +337,44 @@ def test_a_runs_folders_ensemble_is_compared_as_one_model(tmp_path, image_folder
     assert "only A 0, only B 0" in out and "McNemar's exact test: p = 1" in out
     assert main(["compare", str(single), str(base / "run-0"), "--ensembles"]) == 2
     assert "--ensembles compares the ensembles of --runs N folders, and neither" in capsys.readouterr().err
+
+    # how well each tells unfamiliar images from its test images: DeLong's paired test, where cifarlab ood
+    # measured both on the same images
+    from cifarlab.compare import delong
+
+    assert c["unfamiliar_images"] is None  # measured on neither
+    sets = ["synthetic:uniform", "synthetic:blank", "--count", "6", "--knn-bank", "0"]
+    assert main(["ood", str(single), *sets]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(single), str(base), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unfamiliar_images"] == {
+        "note": f"B has no report of cifarlab ood measured as it is now; run: cifarlab ood {base}"}
+    assert main(["ood", str(base), *sets]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(single), str(base), "--json"]) == 0
+    u = json.loads(capsys.readouterr().out)["unfamiliar_images"]
+    ra = json.loads((single / "ood" / "ood.json").read_text())
+    rb = json.loads((base / "ood_summary.json").read_text())["ensemble"]
+    sa, sb = np.load(single / "ood" / "scores.npz"), np.load(base / "ood_ensemble_scores.npz")
+    assert u["score"] == "energy" and u["test_images"] == 9 and u["unpaired"] == {"a": [], "b": []}
+    for i, (r, name) in enumerate(zip(u["sets"], ["uniform", "blank"])):
+        assert r["set"] == name and r["images"] == 6
+        assert (r["auroc_a"], r["auroc_b"]) == pytest.approx((ra["sets"][i]["energy"]["auroc"],
+                                                               rb["sets"][i]["energy"]["auroc"]))
+        assert r["p_value"] == pytest.approx(delong(sa["in_energy"], sa[f"set{i}_energy"], sb["in_energy"],
+                                                    sb[f"set{i}_energy"])["p_value"])
+    assert main(["compare", str(single), str(base)]) == 0
+    out = capsys.readouterr().out
+    assert "Unfamiliar images (cifarlab ood, energy score): AUROC of telling each set from the 9 test images" in out
+    assert f"  uniform (6 images): A {u['sets'][0]['auroc_a']:.4f}, B {u['sets'][0]['auroc_b']:.4f}, B - A " in out
+    # other images in each set (another --seed) are not paired; another score is not compared
+    assert main(["ood", str(base), *sets, "--seed", "5"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(single), str(base)]) == 0
+    assert ("not compared, each scored on other images (another --seed, --count or source): A's uniform, blank; "
+            "B's uniform, blank") in capsys.readouterr().out
+    assert main(["ood", str(base), *sets, "--score", "msp"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(single), str(base)]) == 0
+    assert ("Unfamiliar images: not compared; A was measured with the energy score and B with msp; measure both "
+            "with the same --score") in capsys.readouterr().out

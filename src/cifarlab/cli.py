@@ -535,7 +535,9 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("compare", help="are two runs' accuracies really different? a paired test on the same images",
                        description="Compare two runs on the same test images, image by image: their accuracies, "
                                    "B minus A with a paired bootstrap 95% interval, McNemar's exact test, and the "
-                                   "same per class (Holm-corrected). The data is run A's unless --data is given. "
+                                   "same per class (Holm-corrected), and where 'cifarlab ood' measured both on the "
+                                   "same images, DeLong's paired test of their AUROCs against each set of unfamiliar "
+                                   "images. The data is run A's unless --data is given. "
                                    "Given two folders of 'cifarlab train --runs N', it compares their runs' "
                                    "accuracies instead (Welch's t-test), overall and per class (Holm-corrected), "
                                    "from the runs' own figures; no data is loaded (--ensembles compares their "

@@ -4,8 +4,9 @@ A difference of a point between two runs is often within what the choice of test
 gives. The comparison is paired, image by image, as the standard tests for two classifiers on
 one test set are (Dietterich, 1998): McNemar's exact test on the images exactly one model gets
 right, a paired percentile bootstrap interval for the difference in accuracy, and per class the
-same test with Holm's correction for testing every class. It says whether these two trained
-models differ on these images; whether two *recipes* differ needs several runs of each
+same test with Holm's correction for testing every class; and, from ``cifarlab ood``'s reports,
+DeLong's paired test of how well each tells unfamiliar images from the test images. It says
+whether these two trained models differ on these images; whether two *recipes* differ needs several runs of each
 (``cifarlab train --runs N``), since seeds alone move accuracy: :func:`compare_run_sets` compares
 two such folders with Welch's t-test on their runs' accuracies. The ensemble of such a folder is
 one model too, and :func:`compare_runs` compares it as one (with a run, or with another ensemble).
@@ -48,6 +49,36 @@ def holm(pvalues: list[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * pvalues[i]))  # never below an earlier one
         adjusted[i] = running
     return adjusted
+
+
+def delong(inside_a: np.ndarray, outside_a: np.ndarray, inside_b: np.ndarray,
+           outside_b: np.ndarray) -> dict[str, float]:
+    """DeLong's test (DeLong, DeLong and Clarke-Pearson, 1988) of whether two scores of the same
+    images tell in-distribution images (``inside_*``, higher meaning in) from others
+    (``outside_*``) equally well: both AUROCs, B minus A, its standard error and the two-sided
+    p-value. Paired: the i-th image is the same image in A's and in B's arrays, so the
+    covariance of the two AUROCs is taken into account. Computed from midranks (Sun and Xu,
+    2014). The standard error is 0 (and p 1, or 0 where the AUROCs differ) where neither score
+    varies across the images in a way that moves its AUROC."""
+    from scipy.stats import norm, rankdata
+
+    m, n = len(inside_a), len(outside_a)
+    if not m or not n or len(inside_b) != m or len(outside_b) != n:
+        raise CifarlabError(f"DeLong's test needs the same images under both scores, got {m} and {len(inside_b)} "
+                            f"in, {n} and {len(outside_b)} out")
+    v10, v01, auc = [], [], []
+    for x, y in ((inside_a, outside_a), (inside_b, outside_b)):
+        tz = rankdata(np.r_[x, y])  # midranks: a tie counts one half, as the AUROC counts it
+        tx, ty = rankdata(x), rankdata(y)
+        v10.append((tz[:m] - tx) / n)  # each in image: the share of out images it scores above
+        v01.append(1 - (tz[m:] - ty) / m)  # each out image: the share of in images that score above it
+        auc.append(float(v10[-1].mean()))
+    s10, s01 = np.cov(v10) if m > 1 else np.zeros((2, 2)), np.cov(v01) if n > 1 else np.zeros((2, 2))
+    var = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
+    diff = auc[1] - auc[0]
+    se = float(np.sqrt(max(var, 0.0)))
+    p = float(2 * norm.sf(abs(diff) / se)) if se > 0 else (1.0 if diff == 0 else 0.0)
+    return {"auroc_a": auc[0], "auroc_b": auc[1], "difference": diff, "se": se, "p_value": p}
 
 
 def _counts(ok_a: np.ndarray, ok_b: np.ndarray) -> dict[str, int]:
@@ -136,8 +167,53 @@ def compare_runs(run_a: str | Path, run_b: str | Path, ds: Dataset, tta: str | N
             raise CifarlabError(f"{'ensemble' if a['runs'] else 'run'} {name} ('{a['run']}'): {e}") from None
     pred_a, pred_b = (m.predict(ds.x_test).argmax(1) for m in models)
     result = compare_predictions(ds.y_test, pred_a, pred_b, ds.classes, n_boot, seed, groups)
-    result.update({"a": about[0], "b": about[1], "data": ds.source})
+    result.update({"a": about[0], "b": about[1], "data": ds.source, "unfamiliar_images": paired_ood(*models)})
     return result
+
+
+def paired_ood(model_a, model_b) -> dict[str, Any] | None:
+    """How well the two models tell unfamiliar images from their test images, from the reports
+    of ``cifarlab ood`` on each (a run's, or a ``--runs N`` folder's ensemble's): for each set
+    of images both scored, both AUROCs and DeLong's paired test (:func:`delong`), Holm-adjusted
+    over the sets. It needs both measured as they are now, with the same score, on the same
+    test images; sets are paired by their images (those with other images in each, as from
+    another ``--seed``, are named and left out). None where neither was measured; else a note
+    saying why not, where they cannot be paired."""
+    from .ood import read_ensemble_report, read_ood, saved_scores
+
+    got = [read_ensemble_report(m) if isinstance(m, Ensemble) else
+           read_ood(m.run, m.tta, m.temperature(), m.class_offsets()) for m in (model_a, model_b)]
+    if got == [None, None]:
+        return None
+    for name, r, m in zip("AB", got, (model_a, model_b)):
+        if r is None:
+            folder = m.folder if isinstance(m, Ensemble) else m.run
+            return {"note": f"{name} has no report of cifarlab ood measured as it is now; run: cifarlab ood {folder}"}
+    ra, rb = got
+    if ra["score"] != rb["score"]:
+        return {"note": f"A was measured with the {ra['score']} score and B with {rb['score']}; measure both with "
+                        "the same --score"}
+    if not ra["in_distribution"].get("images_sha256") or \
+            ra["in_distribution"].get("images_sha256") != rb["in_distribution"].get("images_sha256"):
+        return {"note": "the two were not measured on the same test images (or by an older cifarlab ood, which "
+                        "recorded none); measure both again on the same data"}
+    sa, sb = saved_scores(model_a, ra), saved_scores(model_b, rb)
+    if sa is None or sb is None:
+        return {"note": f"the scores that cifarlab ood saved with {'A' if sa is None else 'B'}'s report are missing "
+                        "or damaged; run cifarlab ood on it again"}
+    where_b = {st["images_sha256"]: j for j, st in enumerate(rb["sets"]) if st.get("images_sha256")}
+    rows, paired = [], {}  # B's set -> A's
+    for i, st in enumerate(ra["sets"]):
+        j = where_b.get(st.get("images_sha256"))
+        if j is not None and j not in paired:
+            paired[j] = i
+            rows.append({"set": st["name"], "images": st["images"],
+                         **delong(sa["in"], sa["sets"][i], sb["in"], sb["sets"][j])})
+    for r, q in zip(rows, holm([r["p_value"] for r in rows])):
+        r["p_value_holm"] = q
+    return {"score": ra["score"], "test_images": ra["in_distribution"]["images"], "sets": rows,
+            "unpaired": {"a": [st["name"] for i, st in enumerate(ra["sets"]) if i not in paired.values()],
+                         "b": [st["name"] for j, st in enumerate(rb["sets"]) if j not in paired]}}
 
 
 def _about(m) -> dict[str, Any]:
@@ -384,6 +460,25 @@ def format_run_sets(c: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _paired_ood_lines(u: dict[str, Any] | None, alpha: float) -> list[str]:
+    """The lines of :func:`paired_ood`'s figures in ``cifarlab compare``'s output."""
+    if not u:
+        return []
+    if "note" in u:
+        return [f"Unfamiliar images: not compared; {u['note']}"]
+    lines = [f"Unfamiliar images (cifarlab ood, {u['score']} score): AUROC of telling each set from the "
+             f"{u['test_images']:,} test images; DeLong's paired test, p Holm-adjusted over the sets"]
+    for r in u["sets"]:
+        lines.append(f"  {r['set']} ({r['images']:,} images): A {r['auroc_a']:.4f}, B {r['auroc_b']:.4f}, B - A "
+                     f"{r['difference']:+.4f} (standard error {r['se']:.4f}), p (Holm) {r['p_value_holm']:.3g}"
+                     + (" *" if r["p_value_holm"] < alpha else ""))
+    a, b = u["unpaired"]["a"], u["unpaired"]["b"]
+    if a or b:
+        lines.append("  not compared, each scored on other images (another --seed, --count or source): "
+                     + "; ".join(f"{name}'s {', '.join(sets)}" for name, sets in (("A", a), ("B", b)) if sets))
+    return lines
+
+
 def format_comparison(c: dict[str, Any]) -> str:
     """The comparison as the lines ``cifarlab compare`` prints."""
     def pct(x: float) -> str:
@@ -421,7 +516,9 @@ def format_comparison(c: dict[str, Any]) -> str:
         lines.append(f"Attribute '{attr}'" + (f" (not recorded for {images_phrase(a['not_recorded'])}, left out)"
                                               if a["not_recorded"] else "") + ":")
         table("group", a["groups"])
+    lines += _paired_ood_lines(c.get("unfamiliar_images"), c["alpha"])
     lines.append(f"* differs at the {c['alpha']:g} level after Holm's correction over the classes (over the groups "
-                 "of each attribute). These are two trained models on one test set; seeds alone move accuracy, so "
+                 "of each attribute, over the sets of unfamiliar images). These are two trained models on one test "
+                 "set; seeds alone move accuracy, so "
                  "to compare recipes, train each with --runs N and compare the two folders.")
     return "\n".join(lines)

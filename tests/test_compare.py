@@ -67,6 +67,15 @@ def test_delongs_test_matches_its_definition_and_the_auroc():
     assert delong(rng.normal(0, 1, 200), rng.normal(0, 1, 200), x, y)["p_value"] < 1e-6
     with pytest.raises(CifarlabError, match="needs the same images under both scores, got 200 and 3 in"):
         delong(x, y, x[:3], y)
+    # a p-value below a double's range prints as a bound, not as 0
+    from cifarlab.compare import _paired_ood_lines
+
+    row = {"set": "uniform", "images": 9, "auroc_a": 0.5, "auroc_b": 0.9, "difference": 0.4, "se": 0.001,
+           "p_value_holm": 0.0}
+    lines = _paired_ood_lines({"score": "energy", "test_images": 9, "sets": [row], "unpaired": {"a": [], "b": []}},
+                              0.05)
+    assert lines[1] == "  uniform (9 images): A 0.5000, B 0.9000, B - A +0.4000 (standard error 0.0010), p (Holm) " \
+                       "< 1e-300 *"
 
 
 def test_paired_comparison_counts_and_interval():

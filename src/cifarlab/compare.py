@@ -470,7 +470,8 @@ def _paired_ood_lines(u: dict[str, Any] | None, alpha: float) -> list[str]:
              f"{u['test_images']:,} test images; DeLong's paired test, p Holm-adjusted over the sets"]
     for r in u["sets"]:
         lines.append(f"  {r['set']} ({r['images']:,} images): A {r['auroc_a']:.4f}, B {r['auroc_b']:.4f}, B - A "
-                     f"{r['difference']:+.4f} (standard error {r['se']:.4f}), p (Holm) {r['p_value_holm']:.3g}"
+                     f"{r['difference']:+.4f} (standard error {r['se']:.4f}), p (Holm) "
+                     + (f"{r['p_value_holm']:.3g}" if r["p_value_holm"] > 0 else "< 1e-300")  # below a double's range
                      + (" *" if r["p_value_holm"] < alpha else ""))
     a, b = u["unpaired"]["a"], u["unpaired"]["b"]
     if a or b:

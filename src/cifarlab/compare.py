@@ -374,9 +374,10 @@ def _ood(folder_a: Path, folder_b: Path) -> dict[str, Any] | None:
         return got
     sa, sb = got
     differ = [k for k in ("score", "tta", "keep") if sa.get(k) != sb.get(k)]
-    if [(st.get("source"), st.get("images")) for st in sa["sets"]] != \
-            [(st.get("source"), st.get("images")) for st in sb["sets"]]:
-        differ.append("sets")
+    # the same images, where both summaries record their digests (older ones: the same sources and counts)
+    if [(st.get("source"), st.get("images"), st.get("images_sha256")) for st in sa["sets"]] != \
+            [(st.get("source"), st.get("images"), st.get("images_sha256")) for st in sb["sets"]]:
+        differ.append("sets (sources, counts or --seed)")
     if differ:
         return {"note": f"the two folders were measured against unfamiliar images with different "
                         f"{', '.join(differ)}; measure both with the same options"}

@@ -782,7 +782,8 @@ def summarise_ood(reports: list[dict[str, Any]]) -> dict[str, Any]:
     for i, st in enumerate(first["sets"]):
         each = [r["sets"][i] for r in reports]
         called = Counter(s["called"][0]["class"] for s in each if s["called"])
-        sets.append({"name": st["name"], "source": st["source"], "images": st["images"], "notes": st["notes"],
+        sets.append({"name": st["name"], "source": st["source"], "images": st["images"],
+                     "images_sha256": st.get("images_sha256"), "notes": st["notes"],
                      **{n: {k: describe([s[n][k] for s in each]) for k in ("auroc", "fpr_at_95_tpr")}
                         for n in names},
                      "accepted_share": describe([s["accepted_share"] for s in each]),

@@ -510,13 +510,11 @@ def _ensemble_ood(base: Path, tta: str | None, uncalibrated: bool,
         return None, None
     if e is None:
         return None, None
-    scores = (saved_scores(ens, e) or {}).get("in")
-    flagged = None if scores is None or len(scores) != n else scores < e["threshold"]
     sc = e["score"]
     return {"score": sc, "scored": e["scored"][sc], "keep": e["keep"], "fitted_on": e["threshold_fitted_on"],
             "threshold_images": e["threshold_images"], "flagged_share": e["in_distribution"]["flagged_share"],
             "sets": [{"name": st["name"], "images": st["images"], "auroc": st[sc]["auroc"],
-                      "accepted_share": st["accepted_share"]} for st in e["sets"]]}, flagged
+                      "accepted_share": st["accepted_share"]} for st in e["sets"]]}, unfamiliar_flags(ens, e, n)
 
 
 def _train_per_class(run: Path, classes: list[str]) -> dict[str, int] | None:
@@ -1357,14 +1355,14 @@ def _label_issues_lines(li: dict | None) -> list[str]:
             "`label-issues/label_issues.png` shows the most doubtful to judge by eye.", ""]
 
 
-def unfamiliar_flags(pred, ood: dict | None, n: int) -> np.ndarray | None:
-    """Which of the ``n`` test images of the run of ``pred`` the threshold of the ``cifarlab
-    ood`` report ``ood`` (current, as :func:`cifarlab.ood.read_ood` returns it) flags as
-    unfamiliar, from the scores it saved; None without a report, or where its scores are missing
-    or of other images."""
+def unfamiliar_flags(model, ood: dict | None, n: int) -> np.ndarray | None:
+    """Which of the ``n`` test images of ``model`` (a run's predictor, or an ensemble) the
+    threshold of the ``cifarlab ood`` report ``ood`` (current, as :func:`cifarlab.ood.read_ood`
+    or :func:`cifarlab.ood.read_ensemble_report` returns it) flags as unfamiliar, from the scores
+    it saved; None without a report, or where its scores are missing or of other images."""
     if not ood:
         return None
-    scores = (saved_scores(pred, ood) or {}).get("in")
+    scores = (saved_scores(model, ood) or {}).get("in")
     return None if scores is None or len(scores) != n else scores < ood["threshold"]
 
 

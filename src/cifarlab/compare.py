@@ -7,9 +7,10 @@ right, a paired percentile bootstrap interval for the difference in accuracy, an
 same test with Holm's correction for testing every class; and, from ``cifarlab ood``'s reports,
 DeLong's paired test of how well each tells unfamiliar images from the test images. It says
 whether these two trained models differ on these images; whether two *recipes* differ needs
-several runs of each (``cifarlab train --runs N``), since seeds alone move accuracy: :func:`compare_run_sets` compares
-two such folders with Welch's t-test on their runs' accuracies. The ensemble of such a folder is
-one model too, and :func:`compare_runs` compares it as one (with a run, or with another ensemble).
+several runs of each (``cifarlab train --runs N``), since seeds alone move accuracy:
+:func:`compare_run_sets` compares two such folders with Welch's t-test on their runs'
+accuracies. The ensemble of such a folder is one model too, and :func:`compare_runs` compares it
+as one (with a run, or with another ensemble).
 """
 
 from __future__ import annotations

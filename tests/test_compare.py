@@ -388,3 +388,7 @@ def test_a_runs_folders_ensemble_is_compared_as_one_model(tmp_path, image_folder
     assert main(["compare", str(single), str(base)]) == 0
     assert ("Unfamiliar images: not compared; A was measured with the energy score and B with msp; measure both "
             "with the same --score") in capsys.readouterr().out
+    assert main(["compare", str(single), str(base), "--tta", "flip"]) == 0  # measured without it, both
+    assert ("Unfamiliar images: not compared; neither has a report of cifarlab ood measured as it is compared here "
+            f"(its weights, calibration and test-time augmentation); run: cifarlab ood {single}, cifarlab ood {base}") \
+        in capsys.readouterr().out

@@ -180,15 +180,20 @@ def paired_ood(model_a, model_b) -> dict[str, Any] | None:
     test images; sets are paired by their images (those with other images in each, as from
     another ``--seed``, are named and left out). None where neither was measured; else a note
     saying why not, where they cannot be paired."""
-    from .ood import read_ensemble_report, read_ood, saved_scores
+    from .ood import FILE, SUMMARY_FILE, read_ensemble_report, read_ood, saved_scores
 
+    models = (model_a, model_b)
     got = [read_ensemble_report(m) if isinstance(m, Ensemble) else
-           read_ood(m.run, m.tta, m.temperature(), m.class_offsets()) for m in (model_a, model_b)]
-    if got == [None, None]:
-        return None
-    for name, r, m in zip("AB", got, (model_a, model_b)):
+           read_ood(m.run, m.tta, m.temperature(), m.class_offsets()) for m in models]
+    folders = [m.folder if isinstance(m, Ensemble) else m.run for m in models]
+    if got == [None, None]:  # none at all, or none that holds for the models as compared
+        written = [f is not None and (Path(f) / (SUMMARY_FILE if isinstance(m, Ensemble) else f"ood/{FILE}")).is_file()
+                   for f, m in zip(folders, models)]
+        return {"note": "neither has a report of cifarlab ood measured as it is compared here (its weights, "
+                        f"calibration and test-time augmentation); run: cifarlab ood {folders[0]}, cifarlab ood {folders[1]}"} \
+            if any(written) else None
+    for name, r, folder in zip("AB", got, folders):
         if r is None:
-            folder = m.folder if isinstance(m, Ensemble) else m.run
             return {"note": f"{name} has no report of cifarlab ood measured as it is now; run: cifarlab ood {folder}"}
     ra, rb = got
     if ra["score"] != rb["score"]:

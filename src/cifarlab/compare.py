@@ -190,8 +190,8 @@ def paired_ood(model_a, model_b) -> dict[str, Any] | None:
         written = [f is not None and (Path(f) / (SUMMARY_FILE if isinstance(m, Ensemble) else f"ood/{FILE}")).is_file()
                    for f, m in zip(folders, models)]
         return {"note": "neither has a report of cifarlab ood measured as it is compared here (its weights, "
-                        f"calibration and test-time augmentation); run: cifarlab ood {folders[0]}, cifarlab ood {folders[1]}"} \
-            if any(written) else None
+                        f"calibration and test-time augmentation); run: cifarlab ood {folders[0]}, "
+                        f"cifarlab ood {folders[1]}"} if any(written) else None
     for name, r, folder in zip("AB", got, folders):
         if r is None:
             return {"note": f"{name} has no report of cifarlab ood measured as it is now; run: cifarlab ood {folder}"}

@@ -239,3 +239,15 @@ def test_a_runs_folder_exports_as_one_file_of_their_ensemble(tmp_path, image_fol
     assert json.loads(meta["ensemble_of"]) == ["run-0", "run-1"] and "quantization" in meta
     int8 = _run(ort.InferenceSession(str(base / "model.int8.onnx"), providers=["CPUExecutionProvider"]), images)
     assert np.abs(int8 - want).max() < 0.05  # the ensemble, with int8 rounding
+    # the audit's section on the ensemble quotes it, while every run and the ensemble are as it was measured
+    assert main(["audit", str(base), "--bootstrap", "100"]) == 0
+    t = report["test"]
+    section = (base / "audit_summary.md").read_text().split("## Their ensemble")[1]
+    assert (f"Its int8 copy (`cifarlab export --int8`: `model.int8.onnx`, {report['bytes'] / 1e6:.1f} MB against "
+            f"{report['float32_bytes'] / 1e6:.1f} MB in float32) reached {t['accuracy_b']:.4f} against "
+            f"{t['accuracy_a']:.4f} on the 9 test images of") in section
+    assert json.loads((base / "audit_summary.json").read_text())["ensemble"]["int8"]["images"] == 9
+    assert main(["calibrate", str(base / "run-0")]) == 0  # measured without this temperature
+    assert main(["audit", str(base), "--bootstrap", "100"]) == 0
+    capsys.readouterr()
+    assert "int8" not in (base / "audit_summary.md").read_text().split("## Their ensemble")[1]

@@ -496,18 +496,13 @@ def _ensemble_audit(probs: np.ndarray, classes: list[str], ds: Dataset, groups, 
     return out
 
 
-def _ensemble_ood(base: Path, tta: str | None, uncalibrated: bool,
-                  n: int) -> tuple[dict[str, Any] | None, np.ndarray | None]:
-    """What the ensemble's section quotes of ``cifarlab ood``'s report on the ensemble of
-    ``base`` (:func:`cifarlab.ood.read_ensemble_report`): its score and threshold, and per set the
-    AUROC and the share accepted; and which of its ``n`` test images the threshold flags, from
-    the scores the report saved (None where they are missing or of other images). (None, None)
+def _ensemble_ood(ens, n: int) -> tuple[dict[str, Any] | None, np.ndarray | None]:
+    """What the ensemble's section quotes of ``cifarlab ood``'s report on the ensemble ``ens``
+    (:func:`cifarlab.ood.read_ensemble_report`): its score and threshold, and per set the AUROC
+    and the share accepted; and which of its ``n`` test images the threshold flags, from the
+    scores the report saved (None where they are missing or of other images). (None, None)
     where there is no report measured as the ensemble is now."""
-    try:
-        ens = load_ensemble(base, "cpu", tta, uncalibrated)
-        e = read_ensemble_report(ens)
-    except CifarlabError:  # the ensemble's own temperature is stale: no report can hold for it
-        return None, None
+    e = read_ensemble_report(ens)
     if e is None:
         return None, None
     sc = e["score"]
@@ -588,13 +583,19 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
         audits.append(a)
     summary = summarise_audits(audits, [str(r) for r in runs])
     classes = [c["class"] for c in audits[0]["classes"]["per_class"]]
+    try:  # the ensemble as predict serves it, for the reports measured on it
+        ens = load_ensemble(base, "cpu", tta, uncalibrated)
+    except CifarlabError:  # its own temperature is stale: no report can hold for it
+        ens = None
     # cifarlab ood's familiar images are always the runs' own test images
-    ood, flagged = _ensemble_ood(base, tta, uncalibrated, len(ds.y_test)) if not suffix else (None, None)
+    ood, flagged = _ensemble_ood(ens, len(ds.y_test)) if ens is not None and not suffix else (None, None)
     summary["ensemble"] = e = _ensemble_audit((total / len(runs)).astype(np.float32), classes, ds, groups, margin,
                                               min_group, n_boot, seed, None if flagged is None else
                                               (flagged, ood["score"]))
     if not suffix:
         e["unfamiliar_images"] = ood
+    # export --int8 OUT's comparison (only the default file is read; it names the data it was measured on)
+    e["int8"] = _int8_summary(base, ens) if ens is not None else None
     sp = e["classes"]["spread"]
     log(f"their ensemble (the mean of their probabilities, as '{predict_command(base, tta, uncalibrated)}' gives "
         f"them): overall accuracy {e['overall_accuracy']:.4f}; worst class {sp['worst']}, gap {sp['difference']:.4f}; "
@@ -1064,6 +1065,7 @@ def _ensemble_lines(e: dict[str, Any], n: int, n_boot: int) -> list[str]:
                   f"{u['flagged_share']:.1%} of the test images): "
                   + "; ".join(f"{md_cell(st['name'])} ({st['images']:,} images): AUROC {st['auroc']:.3f}, accepted "
                               f"{st['accepted_share']:.1%}" for st in u["sets"]) + ".", ""]
+    lines += _int8_lines(e.get("int8"))
     for name, gm in e.get("attributes", {}).items():
         lines += _group_lines(f"### The ensemble's groups by `{name}`", gm)
     if e["warnings"]:
@@ -1269,7 +1271,8 @@ def _robustness_lines(r: dict | None) -> list[str]:
 
 def _int8_summary(run: Path, pred) -> dict[str, Any] | None:
     """What the card quotes of ``cifarlab export --int8``'s comparison (``RUN/model.int8.json``),
-    where it was measured with the predictor audited (weights, test-time augmentation, calibration)."""
+    where it was measured with the predictor audited (weights, test-time augmentation, calibration;
+    of a ``--runs N`` folder, its ensemble's)."""
     from .quantize import read_int8
 
     r = read_int8(run, pred)

@@ -244,11 +244,27 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
 
 def read_int8(run: str | Path, pred) -> dict[str, Any] | None:
     """``RUN/model.int8.json`` where it was measured with the weights, test-time augmentation and
-    calibration of ``pred`` (a :class:`cifarlab.export.Predictor` of ``run``); None where there
-    is none or the run has changed since. Only the default file is looked for."""
-    from .calibrate import read_current_report
+    calibration of ``pred`` (a :class:`cifarlab.export.Predictor` of ``run``, or the
+    :class:`cifarlab.export.Ensemble` of the ``--runs N`` folder ``run``: each of its runs', and
+    its own temperature); None where there is none or a run has changed since. Only the default
+    file is looked for."""
+    from .calibrate import read_current_report, same_calibration, weights_digest
+    from .export import Ensemble
 
-    return read_current_report(Path(run) / "model.int8.json", run, pred.tta, pred.temperature(), pred.class_offsets())
+    path = Path(run) / "model.int8.json"
+    if not isinstance(pred, Ensemble):
+        return read_current_report(path, run, pred.tta, pred.temperature(), pred.class_offsets())
+    try:
+        r = json.loads(path.read_text())
+        each = pred.members
+        current = (r["tta"] == pred.tta and r["ensemble_temperature"] == pred.temperature()
+                   and r["weights_sha256"] == [weights_digest(m.run) for m in each]
+                   and len(r["temperature"]) == len(r["class_offsets"]) == len(each)
+                   and all(same_calibration({"temperature": t, "class_offsets": o}, m.temperature(), m.class_offsets())
+                           for t, o, m in zip(r["temperature"], r["class_offsets"], each)))
+    except (OSError, ValueError, TypeError, KeyError, CifarlabError):  # none, damaged, or a single run's report
+        return None
+    return r if current else None
 
 
 def format_int8_report(r: dict[str, Any], most: int = 3) -> str:

@@ -586,12 +586,17 @@ def test_the_ensemble_of_a_set_gets_its_own_threshold_which_predict_and_its_file
     saved.write_bytes(saved.read_bytes()[:-1] + b"x")  # not the file it wrote: no shares
     again = audit_runs(base, ds, groups_csv=str(groups), n_boot=100, device="cpu", log=lambda _: None)
     assert "unfamiliar_gap" not in again["ensemble"]["attributes"]["light"] and again["ensemble"]["unfamiliar_images"]
-    assert u["sets"][0] == {"name": "uniform", "images": 4, "auroc": e["sets"][0]["energy"]["auroc"],
-                            "accepted_share": e["sets"][0]["accepted_share"]}
+    assert {k: u["sets"][0][k] for k in ("name", "images", "auroc", "accepted_share")} == {
+        "name": "uniform", "images": 4, "auroc": e["sets"][0]["energy"]["auroc"],
+        "accepted_share": e["sets"][0]["accepted_share"]}
+    by_class = sorted(e["in_distribution"]["per_class"], key=lambda c: -c["flagged_share"])
+    assert (u["most_flagged"], u["least_flagged"]) == (by_class[0], by_class[-1])
     md = (base / "audit_summary.md").read_text()
     assert ("Unfamiliar images (`cifarlab ood`, energy score: the mean of the runs' energy scores; its threshold keeps "
             "95% of 5 unseen training images and flags") in md
     assert f"uniform (4 images): AUROC {u['sets'][0]['auroc']:.3f}, accepted" in md.split("## Their ensemble")[1]
+    assert (f"By class, the most and the least: {by_class[0]['flagged_share']:.1%} of the {by_class[0]['class']} "
+            f"images, {by_class[-1]['flagged_share']:.1%} of the {by_class[-1]['class']} images.") in md
     assert main(["ood", str(base), "synthetic:uniform", "--count", "4", "--score", "msp", "--knn-bank", "0"]) == 0
     assert "msp score: the largest of the ensemble's own probabilities" in capsys.readouterr().out
     thr = json.loads((base / "ood_summary.json").read_text())["ensemble"]["threshold"]

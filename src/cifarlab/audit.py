@@ -505,11 +505,9 @@ def _ensemble_ood(ens, n: int) -> tuple[dict[str, Any] | None, np.ndarray | None
     e = read_ensemble_report(ens)
     if e is None:
         return None, None
-    sc = e["score"]
-    return {"score": sc, "scored": e["scored"][sc], "keep": e["keep"], "fitted_on": e["threshold_fitted_on"],
-            "threshold_images": e["threshold_images"], "flagged_share": e["in_distribution"]["flagged_share"],
-            "sets": [{"name": st["name"], "images": st["images"], "auroc": st[sc]["auroc"],
-                      "accepted_share": st["accepted_share"]} for st in e["sets"]]}, unfamiliar_flags(ens, e, n)
+    # what a run's card quotes of its report, and what the ensemble's score is and its threshold was fitted on
+    return {**_ood_summary(e), "scored": e["scored"][e["score"]], "threshold_images": e["threshold_images"]}, \
+        unfamiliar_flags(ens, e, n)
 
 
 def _train_per_class(run: Path, classes: list[str]) -> dict[str, int] | None:
@@ -1064,7 +1062,8 @@ def _ensemble_lines(e: dict[str, Any], n: int, n_boot: int) -> list[str]:
                   f"{u['keep']:.0%} of {u['threshold_images']:,} {u['fitted_on']} images and flags "
                   f"{u['flagged_share']:.1%} of the test images): "
                   + "; ".join(f"{md_cell(st['name'])} ({st['images']:,} images): AUROC {st['auroc']:.3f}, accepted "
-                              f"{st['accepted_share']:.1%}" for st in u["sets"]) + ".", ""]
+                              f"{st['accepted_share']:.1%}" for st in u["sets"]) + "."
+                  + _flagged_own_sentence(u, overall=False), ""]
     lines += _int8_lines(e.get("int8"))
     for name, gm in e.get("attributes", {}).items():
         lines += _group_lines(f"### The ensemble's groups by `{name}`", gm)
@@ -1429,15 +1428,19 @@ def _ood_lines(u: dict | None) -> list[str]:
             "the folder of `train --runs N` gives their spread.", ""]
 
 
-def _flagged_own_sentence(u: dict) -> str:
+def _flagged_own_sentence(u: dict, overall: bool = True) -> str:
     """The card's sentence on the share of the run's own test images the threshold turns away,
-    overall and for the classes it turns away most and least, where the report gives them."""
+    overall (unless said already: ``overall`` False) and for the classes it turns away most and
+    least, where the report gives them."""
     most, least = u.get("most_flagged"), u.get("least_flagged")
     if u.get("flagged_share") is None or not most:
         return ""
+    by_class = (f"{most['flagged_share']:.1%} of the {md_cell(most['class'])} images, "
+                f"{least['flagged_share']:.1%} of the {md_cell(least['class'])} images.")
+    if not overall:
+        return f" By class, the most and the least: {by_class}"
     return (f" The threshold also flags {u['flagged_share']:.1%} of the test images, which are of its classes, and "
-            f"not alike by class: {most['flagged_share']:.1%} of the {md_cell(most['class'])} images, "
-            f"{least['flagged_share']:.1%} of the {md_cell(least['class'])} images.")
+            f"not alike by class: {by_class}")
 
 
 def _temperature_lines(overall: dict) -> list[str]:

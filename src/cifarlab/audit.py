@@ -26,7 +26,7 @@ from .data import Dataset, seen
 from .datasheet import people_classes, people_warning
 from .duplicates import read_duplicates
 from .label_issues import read_label_issues
-from .ood import read_ensemble_report, read_ood, saved_scores
+from .ood import read_ensemble_report, read_report, saved_scores
 from .errors import CifarlabError, short_list
 from .evaluate import _check_compatible, probabilities_and_raw
 from .export import data_suffix, list_to_csv_rows, load_ensemble, load_model, predict_command
@@ -417,7 +417,7 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
     audit["label_issues"] = read_label_issues(run, pred.tta, pred.temperature(), pred.class_offsets(),
                                               name=f"label-issues{suffix}")
     # and `cifarlab ood`'s, whose familiar images are always the run's own test images
-    ood = None if suffix else read_ood(run, pred.tta, pred.temperature(), pred.class_offsets())
+    ood = None if suffix else read_report(pred)
     audit["unfamiliar_images"] = _ood_summary(ood)
     flagged = unfamiliar_flags(pred, ood, len(y))  # each test image below its threshold, or None
     if groups is not None:

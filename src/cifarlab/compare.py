@@ -180,11 +180,10 @@ def paired_ood(model_a, model_b) -> dict[str, Any] | None:
     test images; sets are paired by their images (those with other images in each, as from
     another ``--seed``, are named and left out). None where neither was measured; else a note
     saying why not, where they cannot be paired."""
-    from .ood import FILE, SUMMARY_FILE, read_ensemble_report, read_ood, saved_scores
+    from .ood import FILE, SUMMARY_FILE, read_report, saved_scores
 
     models = (model_a, model_b)
-    got = [read_ensemble_report(m) if isinstance(m, Ensemble) else
-           read_ood(m.run, m.tta, m.temperature(), m.class_offsets()) for m in models]
+    got = [read_report(m) for m in models]
     folders = [m.folder if isinstance(m, Ensemble) else m.run for m in models]
     if got == [None, None]:  # none at all, or none that holds for the models as compared
         written = [f is not None and (Path(f) / (SUMMARY_FILE if isinstance(m, Ensemble) else f"ood/{FILE}")).is_file()

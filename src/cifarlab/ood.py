@@ -660,6 +660,18 @@ def read_ensemble_report(ens) -> dict[str, Any] | None:
         return None
 
 
+def read_report(model) -> dict[str, Any] | None:
+    """The report of ``cifarlab ood`` on ``model`` as it is now: for a
+    :class:`cifarlab.export.Predictor` its run's (:func:`read_ood`), for an
+    :class:`cifarlab.export.Ensemble` the ensemble's (:func:`read_ensemble_report`); None where
+    there is none measured with its current weights, test-time augmentation and calibration."""
+    from .export import Ensemble
+
+    if isinstance(model, Ensemble):
+        return read_ensemble_report(model)
+    return read_ood(model.run, model.tta, model.temperature(), model.class_offsets())
+
+
 def read_rule(model) -> tuple[dict[str, Any], Any] | None:
     """The score and threshold ``cifarlab ood`` fitted for ``model``: for a
     :class:`cifarlab.export.Predictor` its run's (:func:`read_ood`), for an
@@ -669,13 +681,10 @@ def read_rule(model) -> tuple[dict[str, Any], Any] | None:
     there is none."""
     from .export import Ensemble
 
-    if isinstance(model, Ensemble):
-        r = read_ensemble_report(model)
-        runs = [p.run for p in model.members]
-        extra = {} if r is None else {"runs": len(runs), "scored": _ensemble_rule_words(r["score"])}
-    else:
-        r = read_ood(model.run, model.tta, model.temperature(), model.class_offsets())
-        runs, extra = [model.run], {}
+    r = read_report(model)
+    several = isinstance(model, Ensemble)
+    runs = [p.run for p in model.members] if several else [model.run]
+    extra = {"runs": len(runs), "scored": _ensemble_rule_words(r["score"])} if several and r is not None else {}
     if r is None:
         return None
     rule = {"score": r["score"], "threshold": float(r["threshold"]), "keep": r["keep"],
@@ -684,7 +693,7 @@ def read_rule(model) -> tuple[dict[str, Any], Any] | None:
         return rule, None
     banks = [read_bank(run) for run in runs]
     return rule | {"k": knn_k(len(banks[0])), "bank_images": len(banks[0])}, \
-        banks if isinstance(model, Ensemble) else banks[0]
+        banks if several else banks[0]
 
 
 def bank_digest(run: str | Path, name: str = "ood") -> str | None:

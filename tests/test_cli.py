@@ -530,7 +530,7 @@ def test_other_class_folders_are_tested_on_every_image_the_run_has_not_seen(caps
         code, out, err = run(capsys, "train", "--data", str(data), "--model", "keras-shallow", "--epochs", "1",
                              "--batch-size", "8", "--threads", "1", "--seed", str(k), "--out", str(r))
         assert code == 0, err
-    pixels, paths = seen.read(runs[0])
+    pixels, paths, _, _ = seen.read(runs[0])
     assert len(pixels) == len(paths) == 18  # 24 images, 6 held out for testing: 18 trained or validated on
     code, out, err = run(capsys, "evaluate", str(runs[0]), "--data", str(data), "--json")
     assert code == 0 and json.loads(out)["num_images"] == 6 and "every image is a test image" not in err, err

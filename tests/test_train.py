@@ -1150,7 +1150,8 @@ def test_init_from_copies_every_tensor_that_fits_and_keeps_the_source_runs_prepr
     assert arch["preprocessing"] == src_prep and arch["classes"] == ["bird", "deer", "ship"]
     m = json.loads((tmp_path / "tuned" / "metrics.json").read_text())
     assert m["init_from"] == {"run": str(tmp_path / "src"), "model": "keras-shallow", "classes": ["cat", "dog", "frog"],
-                              "data": str(src_data), "fresh": ["5.weight", "8.weight", "8.bias"]}
+                              "data": str(src_data), "fresh": ["5.weight", "8.weight", "8.bias"],
+                              "seen_validation_images": 0, "seen_test_images": 0}
     assert "init_from: " + str(tmp_path / "src") in (tmp_path / "tuned" / "config.yaml").read_text()
     assert main(["audit", str(tmp_path / "tuned"), "--bootstrap", "100"]) == 0
     card = (tmp_path / "tuned" / "audit" / "MODEL_CARD.md").read_text()
@@ -1161,6 +1162,67 @@ def test_init_from_copies_every_tensor_that_fits_and_keeps_the_source_runs_prepr
     assert main(["train", "--resume", str(tmp_path / "tuned"), "--epochs", "2"]) == 0
     assert json.loads((tmp_path / "tuned" / "architecture.json").read_text())["preprocessing"] == src_prep
     assert len(json.loads((tmp_path / "tuned" / "history.json").read_text())) == 2
+
+
+def test_a_fine_tune_leaves_what_its_source_run_trained_on_out_of_its_calibration_and_says_so(tmp_path, capsys):
+    """Fine-tuned on data that holds images the source run trained on, a run records them as
+    learnt from: training says how many of its validation and test images they are (kept in
+    init_from.json, and said by the model card), and its calibration leaves those validation
+    images out. The source's validation images are not among them: fine-tuned on the same data
+    and split, a run keeps every validation image."""
+    import shutil
+
+    from cifarlab.calibrate import calibrate_run
+    from cifarlab.cli import main
+    from cifarlab.data import load_dataset, seen
+    from cifarlab.train import run_split, split_indices
+
+    a = make_image_folder(tmp_path / "a", n_train=8, n_test=2)
+    b = make_image_folder(tmp_path / "b", n_train=8, n_test=2, seed=1)
+    for c in ("cat", "dog", "frog"):  # four of each class's training images of a, among b's training images
+        for k in range(4):
+            shutil.copy(a / "train" / c / f"{k:04d}.png", b / "train" / c / f"from-a-{k}.png")
+    common = ["--model", "keras-shallow", "--batch-size", "4", "--val-split", "0.25", "--threads", "1",
+              "--deterministic", "--epochs", "1"]
+    assert main(["train", "--data", str(a), *common, "--out", str(tmp_path / "src")]) == 0
+    ds_a = load_dataset(a)
+    src_tr, src_va = run_split(tmp_path / "src", ds_a)[1:]
+    trained_a = set(seen.pixel_hashes(ds_a.x_train, src_tr.tolist()).tolist())
+    # one image the source trained on among b's test images, and one it validated on: that one is no leak
+    shutil.copy(a / ds_a.train_paths[src_tr[0]], b / "test" / "dog" / "from-a-trained.png")
+    shutil.copy(a / ds_a.train_paths[src_va[0]], b / "test" / "dog" / "from-a-validated.png")
+    capsys.readouterr()
+    assert main(["train", "--data", str(b), *common, "--out", str(tmp_path / "tuned"), "--init-from",
+                 str(tmp_path / "src")]) == 0
+    out = capsys.readouterr().out
+
+    ds = load_dataset(b)
+    va = split_indices(load_run_config(tmp_path / "tuned" / "config.yaml"), ds.y_train)[1]
+    shared = [i for i in va if seen.pixel_hashes(ds.x_train, [i])[0] in trained_a]
+    assert 0 < len(shared) < len(va)
+    start = json.loads((tmp_path / "tuned" / "init_from.json").read_text())
+    assert start["seen_validation_images"] == len(shared) and start["seen_test_images"] == 1
+    assert (f"note: {len(shared)} of the {len(va)} validation images and 1 of the 8 test images have the pixels of "
+            f"an image that {tmp_path / 'src'}'s weights learnt from") in out
+    assert set(seen.read(tmp_path / "tuned").inherited.tolist()) == trained_a
+
+    _, _, fresh = run_split(tmp_path / "tuned", ds)
+    assert sorted(fresh.tolist()) == sorted(set(va.tolist()) - set(shared))
+    logged: list[str] = []
+    entry = calibrate_run(tmp_path / "tuned", ds, log=logged.append)
+    assert entry["validation_images"] == len(va) - len(shared)
+    assert f"; {len(shared)} left out, as the weights it started from had learnt from them)" in logged[0]
+    assert main(["audit", str(tmp_path / "tuned"), "--bootstrap", "100"]) == 0
+    card = (tmp_path / "tuned" / "audit" / "MODEL_CARD.md").read_text()
+    assert ("1 of this model's test images has the pixels of an image that run's weights learnt from: the test "
+            "figures count it, and may flatter the model.") in card
+
+    # the same data and split: the source validated on the run's validation images, and trained on none
+    assert main(["train", "--data", str(a), *common, "--out", str(tmp_path / "again"), "--init-from",
+                 str(tmp_path / "src")]) == 0
+    start = json.loads((tmp_path / "again" / "init_from.json").read_text())
+    assert start["seen_validation_images"] == 0 and start["seen_test_images"] == 0
+    assert sorted(run_split(tmp_path / "again", ds_a)[2].tolist()) == sorted(src_va.tolist())
 
 
 def test_init_from_is_checked_before_the_data_is_read_and_leaves_no_run_folder(tmp_path, trained_run, image_folder,
@@ -1422,15 +1484,20 @@ def test_unequal_validation_classes_add_the_balanced_accuracy_which_early_stoppi
 
 
 def test_a_run_keeps_hashes_of_the_images_it_trained_and_validated_on(trained_run, image_folder):
-    """seen_images.safetensors: the 18 training images (12 trained on, 6 validated on) by their
-    paths and pixels, not the test images; a run without one (an older cifarlab's) gets it when
-    resumed."""
+    """seen_images.safetensors: the 18 training images (13 trained on, 5 validated on) by their
+    paths and pixels, and which it trained on, not the test images; a run without one (an older
+    cifarlab's) gets it when resumed."""
     from cifarlab.data import load_dataset, seen
 
+    from cifarlab.train import run_split
+
     ds = load_dataset(image_folder)
-    pixels, paths = seen.read(trained_run)
+    pixels, paths, trained, inherited = seen.read(trained_run)
     assert sorted(paths.tolist()) == sorted(seen.path_hashes(ds.train_paths).tolist())
     assert sorted(pixels.tolist()) == sorted(seen.pixel_hashes(ds.x_train).tolist())
+    tr = run_split(trained_run, ds)[1]
+    assert len(tr) == 13 and sorted(trained.tolist()) == sorted(seen.pixel_hashes(ds.x_train, tr.tolist()).tolist())
+    assert len(inherited) == 0  # it started from fresh weights
     assert all(p.startswith("train/") for p in ds.train_paths) and len(ds.train_paths) == 18
     assert not set(pixels.tolist()) & set(seen.pixel_hashes(ds.x_test).tolist())
     (trained_run / seen.FILE).unlink()

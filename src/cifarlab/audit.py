@@ -1138,7 +1138,8 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, su
             "was withdrawn in 2020 over offensive content" if is_cifar10 else TO_FILL),
         "datasheet": sheet and {"data": sheet["data"], "warnings": sheet["warnings"]},
         # the data the starting weights learnt from shaped this model too, with its own caveats
-        "started_from": start and {k: start.get(k) for k in ("run", "model", "data", "classes", "fresh")},
+        "started_from": start and {k: start.get(k) for k in ("run", "model", "data", "classes", "fresh")} | {
+            k: start[k] for k in ("seen_validation_images", "seen_test_images") if k in start},  # absent: older runs
         # a teacher's predictions (train --teacher) taught this model, with its data's caveats and its errors
         "distilled_from": m.get("teacher"),
     }
@@ -1544,7 +1545,23 @@ def _started_from_lines(start: dict | None) -> list[str]:
     return [f"- Started from: the weights of run `{start['run']}` ({start['model']}, trained on "
             f"`{start['data'] or TO_FILL}`, classes {classes}); that data shaped this model too, so its licence, "
             "consent and caveats apply here as well (see that run's model card)"
-            + (f". Trained from fresh weights: {', '.join(start['fresh'])}." if start["fresh"] else ".")]
+            + (f". Trained from fresh weights: {', '.join(start['fresh'])}." if start["fresh"] else ".")
+            + _seen_by_start_words(start)]
+
+
+def _seen_by_start_words(start: dict) -> str:
+    """What the model card says of the test images that the weights a model started from had
+    learnt from (``seen_test_images`` in ``init_from.json``; absent from runs of an older
+    cifarlab)."""
+    if "seen_test_images" not in start:
+        return ""
+    n = start["seen_test_images"]
+    if n is None:
+        return (" That run's record does not tell which images it trained on, so whether this model's test images "
+                "include any is unknown.")
+    return (f" {n:,} of this model's test images {'has' if n == 1 else 'have'} the pixels of an image that run's "
+            f"weights learnt from: the test figures count {'it' if n == 1 else 'them'}, and may flatter the model."
+            if n else "")
 
 
 def _distilled_from_lines(teacher: dict | None) -> list[str]:

@@ -262,6 +262,10 @@ def _held_out(run: Path, ds) -> tuple[Any, np.ndarray, np.ndarray]:
         raise CifarlabError(f"'{run}' held out no validation images (data.val_split = 0, as the speed recipes do), "
                             "and calibration needs images the model was not trained on, never the test images; "
                             "train with --val-split 0.1 (or more) to calibrate it")
+    if not len(va):
+        raise CifarlabError(f"every validation image of '{run}' has the pixels of an image that the weights it started "
+                            "from (--init-from) learnt from, and calibration needs images its weights have not learnt "
+                            "from; train it with other validation images (--split-seed N)")
     return cfg, tr, va
 
 
@@ -275,14 +279,17 @@ def calibrate_run(run: str | Path, ds, tta: str | None = None, device: str = "au
     probabilities for the training classes' unequal sizes (see the module's docstring)."""
     from .evaluate import _check_compatible
     from .export import load_model, read_run
-    from .fsutil import write_json
+    from .fsutil import read_json, write_json
 
     run, _ = read_run(run)
     pred = load_model(run, device, tta, uncalibrated=True)
     _check_compatible(pred, ds)
     cfg, tr, va = _held_out(run, ds)
     x, y = ds.x_train[va], ds.y_train[va]
-    log(f"{run}: fitting the temperature on {len(y):,} validation images (test-time augmentation {pred.tta})")
+    held = read_json(run / "metrics.json", absent={}).get("data", {}).get("val_images", len(va))
+    left = (f"; {held - len(va):,} left out, as the weights it started from had learnt from them"
+            if held > len(va) else "")
+    log(f"{run}: fitting the temperature on {len(y):,} validation images (test-time augmentation {pred.tta}{left})")
     logits = pred.logits(x)
     entry = {**_fitted(logits, y), "weights_sha256": weights_digest(run), "data": ds.source}
     if balance_classes:
@@ -348,8 +355,9 @@ def read_ensemble_calibration(folder: str | Path, runs: list[Path], tta: str) ->
 
 def untrained_images(trained: list[np.ndarray], n: int) -> np.ndarray:
     """The indices, sorted, of the images of a training split of ``n`` that none of ``trained``
-    (each run's indices of the images it trained on) holds: those an ensemble of the runs has
-    never seen, at most :data:`ENSEMBLE_MAX_IMAGES` of them (a seeded draw)."""
+    (each run's indices of the images its weights learnt from:
+    :func:`cifarlab.data.seen.learnt_from`) holds: those an ensemble of the runs has never seen,
+    at most :data:`ENSEMBLE_MAX_IMAGES` of them (a seeded draw)."""
     unseen = np.setdiff1d(np.arange(n), np.concatenate(trained) if trained else [])
     if len(unseen) > ENSEMBLE_MAX_IMAGES:  # enough for one number; predicting more only costs time
         unseen = np.sort(np.random.default_rng(0).choice(unseen, ENSEMBLE_MAX_IMAGES, replace=False))
@@ -365,12 +373,13 @@ def calibrate_ensemble(base: str | Path, ds, tta: str | None = None, device: str
     draw). Record it in ``base/ensemble_calibration.json`` and return its entry. Where there are
     fewer than :data:`ENSEMBLE_MIN_IMAGES` (runs of the whole data, whose validation images are
     each drawn by the run's own seed), nothing is fitted, and the entry says why."""
+    from .data.seen import learnt_from
     from .export import Ensemble, finished_runs, load_model
     from .fsutil import write_json
 
     base = Path(base)
     runs = finished_runs(base)
-    unseen = untrained_images([_held_out(r, ds)[1] for r in runs], len(ds.y_train))
+    unseen = untrained_images([learnt_from(r, ds.x_train, _held_out(r, ds)[1]) for r in runs], len(ds.y_train))
     if len(unseen) < ENSEMBLE_MIN_IMAGES:
         why = (f"{len(unseen):,} of the training images were trained on by no run (each run holds out validation "
                f"images drawn by its own seed), and the ensemble's temperature needs {ENSEMBLE_MIN_IMAGES:,}; train "

@@ -735,7 +735,7 @@ class _Subject(NamedTuple):
     x_val: np.ndarray | None  # its validation images; None where it held out none or its split is unknown
     bank: np.ndarray | None  # the features of its training images, as saved; None: no knn score
     about: dict[str, Any]  # what the report records of it
-    trained: np.ndarray | None  # indices of the training images it trained on; None where unknown
+    trained: np.ndarray | None  # indices of the training images its weights learnt from; None where unknown
     held: np.ndarray | None  # indices of its validation images; None where unknown
 
 
@@ -744,6 +744,7 @@ def _subject(run: Path, ds, device: str, tta: str | None, uncalibrated: bool, kn
     """The run ``run`` loaded and its images found (:class:`_Subject`), with the features of
     ``knn_bank`` of its training images (class-balanced, ``seed``) where it knows them."""
     from .calibrate import weights_digest
+    from .data.seen import learnt_from
     from .evaluate import _check_compatible
     from .export import load_model
     from .train import run_split
@@ -766,7 +767,7 @@ def _subject(run: Path, ds, device: str, tta: str | None, uncalibrated: bool, kn
     about = {"run": str(pred.run), "data": str(ds.source), "tta": pred.tta, "temperature": pred.temperature(),
              "class_offsets": None if offsets is None else list(offsets), "weights_sha256": weights_digest(pred.run)}
     x_val = ds.x_train[va] if va is not None and len(va) else None
-    return _Subject(pred, x_val, bank, about, tr, va)
+    return _Subject(pred, x_val, bank, about, None if tr is None else learnt_from(run, ds.x_train, tr), va)
 
 
 def _load_sources(sources: list[str], pred, count: int, seed: int, like: np.ndarray, skip_bad_images: bool,

@@ -72,7 +72,10 @@ def run_split(run: Path, ds: Dataset) -> tuple[Config, np.ndarray, np.ndarray]:
     """The config of ``run`` (a folder with config.yaml) and the indices into ``ds``'s training
     split of the images it trained on and of those it validated on, chosen again as its training
     chose them (:func:`split_indices`); refused where ``ds`` is not the data it was trained on
-    (other image counts, or other images per class, than its metrics.json records)."""
+    (other image counts, or other images per class, than its metrics.json records). Validation
+    images that the run it started from (``--init-from``) had seen are left out
+    (:func:`cifarlab.data.seen.inherited_rows`): its weights learnt from them, so they would
+    flatter its calibration, its thresholds and its label checks."""
     cfg = load_run_config(run / "config.yaml")
     if len(ds.y_train) == 0:
         raise CifarlabError(f"{ds.source} ({ds.kind}) holds test images only, not the images '{run}' trained and "
@@ -93,7 +96,7 @@ def run_split(run: Path, ds: Dataset) -> tuple[Config, np.ndarray, np.ndarray]:
             raise CifarlabError(f"this data's training images per class differ from the run's (for "
                                 f"{short_list(diff, 5)}): it is not the data '{run}' was trained on; give that "
                                 "with --data")
-    return cfg, tr, va
+    return cfg, tr, va[~np.isin(va, seen.inherited_rows(run, ds.x_train, va))]  # in the order drawn
 
 
 def make_arrays(cfg: Config, ds: Dataset, device: torch.device) -> Arrays:
@@ -114,12 +117,51 @@ def make_arrays(cfg: Config, ds: Dataset, device: torch.device) -> Arrays:
                   t(ds.x_test), lab(ds.y_test))
 
 
-def _record_seen(run: Path, cfg: Config, ds: Dataset) -> None:
-    """Keep hashes of the images the run trains and validates on in its folder, so that it is
-    never tested on one of them in other data (:func:`cifarlab.data.seen.test_split_for`)."""
-    idx = np.concatenate(split_indices(cfg, ds.y_train))
+def _record_seen(run: Path, cfg: Config, ds: Dataset, inherited: np.ndarray | None) -> None:
+    """Keep hashes of the images the run trains and validates on in its folder, with those its
+    starting weights learnt from (``inherited``, :func:`_inherited`), so that it is never tested
+    on one of them in other data (:func:`cifarlab.data.seen.test_split_for`)."""
+    tr, va = split_indices(cfg, ds.y_train)
+    idx = np.concatenate([tr, va])
     named = len(ds.train_paths) == len(ds.x_train)
-    seen.record(run / seen.FILE, ds.x_train, idx, [ds.train_paths[i] for i in idx] if named else [])
+    seen.record(run / seen.FILE, ds.x_train, idx, [ds.train_paths[i] for i in idx] if named else [], tr, inherited)
+
+
+def _inherited(cfg: Config) -> np.ndarray | None:
+    """The pixel hashes of every image the weights of ``model.init_from`` learnt from (those it
+    trained on, and what it inherited in turn: :attr:`cifarlab.data.seen.Record.learnt`); None
+    without such a run, or where its record does not tell (none: trained by an older cifarlab,
+    imported, or gone since a resumed run started; or one of an older cifarlab that mixes its
+    training and validation images)."""
+    if not cfg.model.init_from or not Path(cfg.model.init_from).is_dir():
+        return None
+    rec = seen.read(cfg.model.init_from)
+    return None if rec is None else rec.learnt
+
+
+def _seen_by_start(inherited: np.ndarray | None, cfg: Config, ds: Dataset) -> dict[str, int | None]:
+    """How many of the run's validation and test images have the pixels of an image that the
+    weights it starts from learnt from (``inherited``, :func:`_inherited`; None where unknown):
+    kept in ``init_from.json``, and said in the log where there are any."""
+    if inherited is None:
+        return {"seen_validation_images": None, "seen_test_images": None}
+    va = split_indices(cfg, ds.y_train)[1]
+    return {"seen_validation_images": int(np.isin(seen.pixel_hashes(ds.x_train, va.tolist()), inherited).sum()),
+            "seen_test_images": int(np.isin(seen.pixel_hashes(ds.x_test), inherited).sum())}
+
+
+def _seen_by_start_note(start: _Start, counts: dict[str, int | None], n_val: int, n_test: int) -> str | None:
+    """The log line on the images the weights it starts from learnt from (:func:`_seen_by_start`)."""
+    if counts["seen_validation_images"] is None:
+        return (f"{start.run} keeps no record of the images it trained on ({seen.FILE}, or one of an older cifarlab "
+                "that does not tell them from its validation images), so they cannot be told apart from this run's "
+                "validation and test images")
+    v, t = counts["seen_validation_images"], counts["seen_test_images"]
+    if not v and not t:
+        return None
+    return (f"{v:,} of the {n_val:,} validation images and {t:,} of the {n_test:,} test images have the pixels of an "
+            f"image that {start.run}'s weights learnt from: the validation and test accuracies count them, while "
+            "calibration and the thresholds of cifarlab ood leave those validation images out")
 
 
 def _check_same_images(run: Path, cfg: Config, ds: Dataset) -> None:
@@ -129,7 +171,7 @@ def _check_same_images(run: Path, cfg: Config, ds: Dataset) -> None:
     recorded = seen.read(run)
     if recorded is None:
         return
-    before = recorded[0]
+    before = recorded.pixels
     now = np.sort(seen.pixel_hashes(ds.x_train, np.concatenate(split_indices(cfg, ds.y_train))))
     if np.array_equal(now, before):
         return
@@ -981,8 +1023,9 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
                                                     f"training images of {ds.source}", len(ds.classes))):
             log(note)
         arrays = make_arrays(cfg, ds, device)
+        inherited = _inherited(cfg)
         if new or not (run / seen.FILE).is_file():  # a run of an older cifarlab, resumed, gets one too
-            _record_seen(run, cfg, ds)
+            _record_seen(run, cfg, ds, inherited)
         else:
             _check_same_images(run, cfg, ds)
         n, bs = len(arrays.x_train), cfg.train.batch_size
@@ -1026,8 +1069,11 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
                 f"(train.sampling balanced): about {n / present:,.0f} draws per class")
         if start is not None:
             log(_start_note(start, st.fresh))
+            counts = _seen_by_start(inherited, cfg, ds)
+            if note := _seen_by_start_note(start, counts, len(arrays.x_val), len(arrays.x_test)):
+                log(f"note: {note}")
             # kept beside the run, as keras_import.json is: its model card names where it started
-            write_json(run / "init_from.json", {**start.about, "fresh": list(st.fresh)})
+            write_json(run / "init_from.json", {**start.about, "fresh": list(st.fresh), **counts})
         if st.teacher is not None:
             t = st.teacher_about
             what = "mean test accuracy" if "runs" in t else "test accuracy"

@@ -73,9 +73,9 @@ def run_split(run: Path, ds: Dataset) -> tuple[Config, np.ndarray, np.ndarray]:
     split of the images it trained on and of those it validated on, chosen again as its training
     chose them (:func:`split_indices`); refused where ``ds`` is not the data it was trained on
     (other image counts, or other images per class, than its metrics.json records). Validation
-    images that the run it started from (``--init-from``) had seen are left out
-    (:func:`cifarlab.data.seen.inherited_rows`): its weights learnt from them, so they would
-    flatter its calibration, its thresholds and its label checks."""
+    images that the weights it started from (``--init-from``) learnt from are left out
+    (:func:`cifarlab.data.seen.inherited_rows`): its own weights carry what they learnt, so
+    those images would flatter its calibration, its thresholds and its label checks."""
     cfg = load_run_config(run / "config.yaml")
     if len(ds.y_train) == 0:
         raise CifarlabError(f"{ds.source} ({ds.kind}) holds test images only, not the images '{run}' trained and "

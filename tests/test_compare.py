@@ -203,6 +203,10 @@ def test_compare_two_runs_folders_from_their_summaries(tmp_path, image_folder, c
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
     assert "3 runs, test accuracy mean" in out and "Welch's t-test on the runs' accuracies: p = " in out
+    ens = {k: json.loads((tmp_path / k / "runs_summary.json").read_text())["ensemble"]["test_accuracy"] for k in "ab"}
+    assert (f"Their ensembles (the mean of each folder's runs' probabilities, uncalibrated, as training tested them): "
+            f"A {ens['a']:.4f}, B {ens['b']:.4f}, B - A {ens['b'] - ens['a']:+.4f}; --ensembles tests them image by "
+            "image") in out
     assert "A mean  B mean    B - A  p (Holm)" in out and "after Holm's correction over the classes" in out
     assert "Under corruption" not in out  # neither folder measured
     # under corruption: once both folders were measured on the same images, Welch's test on the runs' means
@@ -278,6 +282,7 @@ def test_compare_two_runs_folders_from_their_summaries(tmp_path, image_folder, c
     p = _welch_p([0.90, 0.91, 0.92], [0.93, 0.95, 0.94, 0.96])
     assert f"p = {p:.3g}; B is the more accurate recipe" in out and "B - A: +0.0350" in out
     assert "Note: A was tested on d and B on /elsewhere/d" in out
+    assert "Their ensembles" not in out  # summaries without them, as an older cifarlab wrote
     assert f"Per class: not compared; '{x}' has no run-K/metrics.json files" in out  # summaries alone
 
     def with_classes(folder, per_run):  # each run's metrics.json with these per-class accuracies

@@ -249,8 +249,10 @@ def _summary(folder: Path) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError) as e:
         raise CifarlabError(f"{path} is not a summary written by 'cifarlab train --runs' ({type(e).__name__}: {e})") \
             from None
+    ensemble = (s.get("ensemble") or {}).get("test_accuracy")  # absent from summaries of an older cifarlab
     return {"folder": str(folder), "recipe": s.get("recipe"), "model": s.get("model"), "data": s.get("data"),
-            "accuracies": accuracies, "times": times}
+            "accuracies": accuracies, "times": times,
+            "ensemble_accuracy": float(ensemble) if isinstance(ensemble, (int, float)) else None}
 
 
 def welch_p(a: list[float], b: list[float]) -> float:
@@ -307,7 +309,8 @@ def compare_run_sets(folder_a: str | Path, folder_b: str | Path) -> dict[str, An
     """Compare two ``--runs N`` folders (two recipes, each trained on several seeds) from their
     summaries: mean test accuracy and training time of each, B minus A, and Welch's t-test on
     the runs' accuracies (unpaired: a seed means nothing shared across recipes); the same per
-    class from the runs' ``metrics.json``, with Holm's correction over the classes."""
+    class from the runs' ``metrics.json``, with Holm's correction over the classes. Their
+    ensembles' test accuracies, as training measured them, are quoted beside, untested."""
     a, b = _summary(Path(folder_a)), _summary(Path(folder_b))
     for s in (a, b):
         if len(s["accuracies"]) < 2:
@@ -325,6 +328,8 @@ def compare_run_sets(folder_a: str | Path, folder_b: str | Path) -> dict[str, An
     out["difference"] = b["test_accuracy"]["mean"] - a["test_accuracy"]["mean"]
     ta, tb = a["train_time_s"]["mean"], b["train_time_s"]["mean"]
     out["time_ratio"] = tb / ta if ta > 0 else None
+    ea, eb = a["ensemble_accuracy"], b["ensemble_accuracy"]
+    out["ensemble_difference"] = eb - ea if ea is not None and eb is not None else None
     return out
 
 
@@ -427,6 +432,10 @@ def format_run_sets(c: dict[str, Any]) -> str:
     ratio = f"; B's training time is {c['time_ratio']:.2f} times A's" if c["time_ratio"] is not None else ""
     lines += [f"B - A: {c['difference']:+.4f} in mean test accuracy{ratio}",
               f"Welch's t-test on the runs' accuracies: p = {c['p_value']:.3g}; {verdict}"]
+    if c.get("ensemble_difference") is not None:  # quoted, not tested: that takes the data and both ensembles
+        lines.append(f"Their ensembles (the mean of each folder's runs' probabilities, uncalibrated, as training "
+                     f"tested them): A {c['a']['ensemble_accuracy']:.4f}, B {c['b']['ensemble_accuracy']:.4f}, "
+                     f"B - A {c['ensemble_difference']:+.4f}; --ensembles tests them image by image")
     if c.get("per_class"):
         width = max([16, *(len(r["class"]) + 2 for r in c["per_class"])])
         lines.append(f"{'class':<{width}}{'A mean':>8}{'B mean':>8}{'B - A':>9}{'p (Holm)':>10}")

@@ -663,3 +663,21 @@ def test_the_model_card_of_cifar10s_classes_states_what_is_known_of_the_data(tmp
     assert "'automobile' excludes pickup trucks" in card["training_data"]["label_caveats"]
     assert any("were collected without consent" in e for e in card["ethical_considerations"])
     assert not any("label people" in e for e in card["ethical_considerations"])
+
+
+def test_the_model_cards_started_from_line_counts_the_test_images_the_starting_weights_learnt_from():
+    """A fine-tune's card names the test images its starting weights learnt from, says where
+    that is unknown, and says nothing of them for a run of an older cifarlab that did not count."""
+    from cifarlab.audit import _started_from_lines
+
+    start = {"run": "src", "model": "keras-deep", "data": "d", "classes": ["cat", "dog"], "fresh": []}
+    old = _started_from_lines(start)[0]
+    assert old.endswith("(see that run's model card).")
+    counted = {**start, "seen_validation_images": 3}
+    assert _started_from_lines({**counted, "seen_test_images": 0}) == [old]
+    assert _started_from_lines({**counted, "seen_test_images": 2})[0] == old + (
+        " 2 of this model's test images have the pixels of an image that run's weights learnt from: the test figures "
+        "count them, and may flatter the model.")
+    assert _started_from_lines({**start, "seen_validation_images": None, "seen_test_images": None})[0] == old + (
+        " That run's record does not tell which images it trained on, so whether this model's test images include "
+        "any is unknown.")

@@ -1223,6 +1223,15 @@ def test_a_fine_tune_leaves_what_its_source_run_trained_on_out_of_its_calibratio
     start = json.loads((tmp_path / "again" / "init_from.json").read_text())
     assert start["seen_validation_images"] == 0 and start["seen_test_images"] == 0
     assert sorted(run_split(tmp_path / "again", ds_a)[2].tolist()) == sorted(src_va.tolist())
+    # a source without a record (an older cifarlab's): the counts are unknown, and the log says so
+    (tmp_path / "src" / seen.FILE).unlink()
+    capsys.readouterr()
+    assert main(["train", "--data", str(b), *common, "--out", str(tmp_path / "blind"), "--init-from",
+                 str(tmp_path / "src")]) == 0
+    assert f"note: {tmp_path / 'src'} keeps no record of the images it trained on" in capsys.readouterr().out
+    start = json.loads((tmp_path / "blind" / "init_from.json").read_text())
+    assert start["seen_validation_images"] is None and start["seen_test_images"] is None
+    assert len(seen.read(tmp_path / "blind").inherited) == 0 and len(run_split(tmp_path / "blind", ds)[2]) == len(va)
 
 
 def test_init_from_is_checked_before_the_data_is_read_and_leaves_no_run_folder(tmp_path, trained_run, image_folder,

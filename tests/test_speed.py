@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -532,15 +531,18 @@ def test_fast_muon_trains_on_cpu_and_its_whitening_bias_stops_at_zero_lr(tmp_pat
         resolve_config("fast-muon", overrides={"optim": {"muon_momentum": 1.5}})
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="torch.compile on the CPU needs a C++ compiler (g++ or c++) on PATH")
-def test_a_second_compiled_run_compiles_nothing_new(tmp_path):
+def test_a_second_compiled_run_compiles_nothing_new(tmp_path, monkeypatch):
     """``benchmarks/gpu_speed.py`` times compiled entries after one untimed warm-up run; that is
     fair only if a later run (a new model, other seeds) reuses what the first compiled, the graph
-    after the whitening bias stops training included. Dynamo's counters show it does."""
+    after the whitening bias stops training included. Dynamo's counters show it does. Whether a
+    run compiles anew is Dynamo's choice (its guards), made before any backend, so the graphs go
+    to AOTAutograd without Inductor's C++ code generation (47 s of this test before, on 2 cores)."""
+    import functools
+
     import torch._dynamo
     from torch._dynamo.utils import counters
 
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     torch._dynamo.reset()  # nothing cached from other tests
     data = make_image_folder(tmp_path / "d", n_train=16, n_test=2, size=(16, 16))
     graphs = []

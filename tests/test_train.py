@@ -1167,9 +1167,9 @@ def test_init_from_copies_every_tensor_that_fits_and_keeps_the_source_runs_prepr
 def test_a_fine_tune_leaves_what_its_source_run_trained_on_out_of_its_calibration_and_says_so(tmp_path, capsys):
     """Fine-tuned on data that holds images the source run trained on, a run records them as
     learnt from: training says how many of its validation and test images they are (kept in
-    init_from.json, and said by the model card), and its calibration leaves those validation
-    images out. The source's validation images are not among them: fine-tuned on the same data
-    and split, a run keeps every validation image."""
+    init_from.json, and said by the model card), and its validation in training and its
+    calibration leave those validation images out. The source's validation images are not among
+    them: fine-tuned on the same data and split, a run keeps every validation image."""
     import shutil
 
     from cifarlab.calibrate import calibrate_run
@@ -1203,7 +1203,11 @@ def test_a_fine_tune_leaves_what_its_source_run_trained_on_out_of_its_calibratio
     start = json.loads((tmp_path / "tuned" / "init_from.json").read_text())
     assert start["seen_validation_images"] == len(shared) and start["seen_test_images"] == 1
     assert (f"note: {len(shared)} of the {len(va)} validation images and 1 of the 8 test images have the pixels of "
-            f"an image that {tmp_path / 'src'}'s weights learnt from") in out
+            f"an image that {tmp_path / 'src'}'s weights learnt from: those validation images are left out") in out
+    # training validated on the others alone, as the metrics and history say
+    assert f"; {len(ds.y_train) - len(va)} training, {len(va) - len(shared)} validation, 8 test images" in out
+    assert json.loads((tmp_path / "tuned" / "metrics.json").read_text())["data"]["val_images"] == \
+        len(va) - len(shared)
     assert set(seen.read(tmp_path / "tuned").inherited.tolist()) == trained_a
 
     _, _, fresh = run_split(tmp_path / "tuned", ds)
@@ -1232,6 +1236,11 @@ def test_a_fine_tune_leaves_what_its_source_run_trained_on_out_of_its_calibratio
     start = json.loads((tmp_path / "blind" / "init_from.json").read_text())
     assert start["seen_validation_images"] is None and start["seen_test_images"] is None
     assert len(seen.read(tmp_path / "blind").inherited) == 0 and len(run_split(tmp_path / "blind", ds)[2]) == len(va)
+    # resumed without its source's record, the fine-tune keeps those images out by its own record
+    assert main(["train", "--resume", str(tmp_path / "tuned"), "--epochs", "2"]) == 0
+    assert f"{len(va) - len(shared)} validation, 8 test images" in capsys.readouterr().out
+    assert json.loads((tmp_path / "tuned" / "metrics.json").read_text())["data"]["val_images"] == \
+        len(va) - len(shared)
 
 
 def test_init_from_is_checked_before_the_data_is_read_and_leaves_no_run_folder(tmp_path, trained_run, image_folder,

@@ -286,9 +286,8 @@ def calibrate_run(run: str | Path, ds, tta: str | None = None, device: str = "au
     _check_compatible(pred, ds)
     cfg, tr, va = _held_out(run, ds)
     x, y = ds.x_train[va], ds.y_train[va]
-    held = read_json(run / "metrics.json", absent={}).get("data", {}).get("val_images", len(va))
-    left = (f"; {held - len(va):,} left out, as the weights it started from had learnt from them"
-            if held > len(va) else "")
+    n = read_json(run / "init_from.json", absent={}).get("seen_validation_images")  # a fine-tune's (train.py)
+    left = f"; {n:,} left out, as the weights it started from had learnt from them" if n else ""
     log(f"{run}: fitting the temperature on {len(y):,} validation images (test-time augmentation {pred.tta}{left})")
     logits = pred.logits(x)
     entry = {**_fitted(logits, y), "weights_sha256": weights_digest(run), "data": ds.source}

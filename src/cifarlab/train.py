@@ -74,19 +74,23 @@ def run_split(run: Path, ds: Dataset) -> tuple[Config, np.ndarray, np.ndarray]:
     chose them (:func:`split_indices`); refused where ``ds`` is not the data it was trained on
     (other image counts, or other images per class, than its metrics.json records). Validation
     images that the weights it started from (``--init-from``) learnt from are left out
-    (:func:`cifarlab.data.seen.inherited_rows`): its own weights carry what they learnt, so
-    those images would flatter its calibration, its thresholds and its label checks."""
+    (:func:`cifarlab.data.seen.inherited_rows`), as training left them out
+    (:func:`make_arrays`): its own weights carry what they learnt, so those images would
+    flatter its calibration, its thresholds and its label checks."""
     cfg = load_run_config(run / "config.yaml")
     if len(ds.y_train) == 0:
         raise CifarlabError(f"{ds.source} ({ds.kind}) holds test images only, not the images '{run}' trained and "
                             "validated on; give the data it was trained on with --data")
     tr, va = split_indices(cfg, ds.y_train)
+    fresh = va[~np.isin(va, seen.inherited_rows(run, ds.x_train, va))]  # in the order drawn
     metrics = read_json(run / "metrics.json", absent={})
     data = metrics.get("data", {})
     want = (data.get("train_images"), data.get("val_images"))
-    if None not in want and want != (len(tr), len(va)):
+    # validated on: the split as drawn less what the starting weights learnt from (as make_arrays
+    # leaves them out), or all of it (runs of an older cifarlab, which did not)
+    if None not in want and want not in ((len(tr), len(fresh)), (len(tr), len(va))):
         raise CifarlabError(f"'{run}' trained on {want[0]:,} images and validated on {want[1]:,}, but this data "
-                            f"splits into {len(tr):,} and {len(va):,}: it is not the data the run was trained on "
+                            f"splits into {len(tr):,} and {len(fresh):,}: it is not the data the run was trained on "
                             f"('{data.get('source')}'); give that with --data")
     per_class = data.get("train_per_class")
     if per_class is not None:
@@ -96,16 +100,21 @@ def run_split(run: Path, ds: Dataset) -> tuple[Config, np.ndarray, np.ndarray]:
             raise CifarlabError(f"this data's training images per class differ from the run's (for "
                                 f"{short_list(diff, 5)}): it is not the data '{run}' was trained on; give that "
                                 "with --data")
-    return cfg, tr, va[~np.isin(va, seen.inherited_rows(run, ds.x_train, va))]  # in the order drawn
+    return cfg, tr, fresh
 
 
-def make_arrays(cfg: Config, ds: Dataset, device: torch.device) -> Arrays:
-    """Subset, split (seeded, stratified) and move the data to ``device`` once, as uint8.
+def make_arrays(cfg: Config, ds: Dataset, device: torch.device, inherited: np.ndarray | None = None) -> Arrays:
+    """Subset, split (seeded, stratified) and move the data to ``device`` once, as uint8. The
+    validation images with the pixels of an image in ``inherited`` (those the weights a
+    fine-tune starts from learnt from: :func:`_inherited`) are left out, as they would flatter
+    its validation figures and early stopping.
 
     Keeping uint8 on the device (a quarter of float32's size) and converting per batch avoids a
     host-to-device copy every step: the whole CIFAR-10 training set is 150 MB.
     """
     tr, va = split_indices(cfg, ds.y_train)
+    if inherited is not None and len(inherited) and len(va):
+        va = va[~np.isin(seen.pixel_hashes(ds.x_train, va.tolist()), inherited)]
 
     def t(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous().to(device)
@@ -151,7 +160,8 @@ def _seen_by_start(inherited: np.ndarray | None, cfg: Config, ds: Dataset) -> di
 
 
 def _seen_by_start_note(start: _Start, counts: dict[str, int | None], n_val: int, n_test: int) -> str | None:
-    """The log line on the images the weights it starts from learnt from (:func:`_seen_by_start`)."""
+    """The log line on the images the weights it starts from learnt from (:func:`_seen_by_start`),
+    with ``n_val`` validation images left after those and ``n_test`` test images."""
     if counts["seen_validation_images"] is None:
         return (f"{start.run} keeps no record of the images it trained on ({seen.FILE}, or one of an older cifarlab "
                 "that does not tell them from its validation images), so they cannot be told apart from this run's "
@@ -159,9 +169,10 @@ def _seen_by_start_note(start: _Start, counts: dict[str, int | None], n_val: int
     v, t = counts["seen_validation_images"], counts["seen_test_images"]
     if not v and not t:
         return None
-    return (f"{v:,} of the {n_val:,} validation images and {t:,} of the {n_test:,} test images have the pixels of an "
-            f"image that {start.run}'s weights learnt from: the validation and test accuracies count them, while "
-            "calibration and the thresholds of cifarlab ood leave those validation images out")
+    return (f"{v:,} of the {n_val + v:,} validation images and {t:,} of the {n_test:,} test images have the pixels of "
+            f"an image that {start.run}'s weights learnt from: those validation images are left out (of training's "
+            "validation figures, calibration and the thresholds of cifarlab ood), while the test figures count those "
+            "test images")
 
 
 def _check_same_images(run: Path, cfg: Config, ds: Dataset) -> None:
@@ -1022,9 +1033,12 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
         if cfg.data.subset and (note := subset_note(cfg.data.subset, len(ds.y_train),
                                                     f"training images of {ds.source}", len(ds.classes))):
             log(note)
-        arrays = make_arrays(cfg, ds, device)
-        inherited = _inherited(cfg)
-        if new or not (run / seen.FILE).is_file():  # a run of an older cifarlab, resumed, gets one too
+        # what the starting weights learnt from: the record's for a resumed run (the run it started
+        # from may be gone, or trained on since), kept out of validation as it was when it started
+        rec = None if new else seen.read(run)
+        inherited = _inherited(cfg) if new else (rec.inherited if rec is not None else None)
+        arrays = make_arrays(cfg, ds, device, inherited)
+        if rec is None:  # a run of an older cifarlab, resumed, gets one too
             _record_seen(run, cfg, ds, inherited)
         else:
             _check_same_images(run, cfg, ds)

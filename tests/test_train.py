@@ -1202,8 +1202,10 @@ def test_a_fine_tune_leaves_what_its_source_run_trained_on_out_of_its_calibratio
     assert 0 < len(shared) < len(va)
     start = json.loads((tmp_path / "tuned" / "init_from.json").read_text())
     assert start["seen_validation_images"] == len(shared) and start["seen_test_images"] == 1
-    assert (f"note: {len(shared)} of the {len(va)} validation images and 1 of the 8 test images have the pixels of "
-            f"an image that {tmp_path / 'src'}'s weights learnt from: those validation images are left out") in out
+    assert (f"note: {len(shared)} of the {len(va)} validation images have the pixels of an image that "
+            f"{tmp_path / 'src'}'s weights learnt from: they are left out of training's validation figures, "
+            "calibration and the thresholds of cifarlab ood; 1 of the 8 test images has too, and the test figures "
+            "count it") in out
     # training validated on the others alone, as the metrics and history say
     assert f"; {len(ds.y_train) - len(va)} training, {len(va) - len(shared)} validation, 8 test images" in out
     assert json.loads((tmp_path / "tuned" / "metrics.json").read_text())["data"]["val_images"] == \
@@ -1241,6 +1243,23 @@ def test_a_fine_tune_leaves_what_its_source_run_trained_on_out_of_its_calibratio
     assert f"{len(va) - len(shared)} validation, 8 test images" in capsys.readouterr().out
     assert json.loads((tmp_path / "tuned" / "metrics.json").read_text())["data"]["val_images"] == \
         len(va) - len(shared)
+
+
+def test_a_fine_tunes_note_on_what_its_starting_weights_learnt_from_says_only_what_there_is():
+    from cifarlab.train import _seen_by_start_note, _Start
+
+    start = _Start(Path("src"), {}, {}, 3, {})
+
+    def note(v, t):
+        return _seen_by_start_note(start, {"seen_validation_images": v, "seen_test_images": t}, 90, 50)
+
+    assert note(0, 0) is None
+    assert note(0, 2) == "2 of the 50 test images have the pixels of an image that src's weights learnt from: the " \
+        "test figures count them"
+    assert note(10, 0) == ("10 of the 100 validation images have the pixels of an image that src's weights learnt "
+                           "from: they are left out of training's validation figures, calibration and the thresholds "
+                           "of cifarlab ood")
+    assert note(None, None).startswith("src keeps no record of the images it trained on")
 
 
 def test_init_from_is_checked_before_the_data_is_read_and_leaves_no_run_folder(tmp_path, trained_run, image_folder,

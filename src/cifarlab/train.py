@@ -167,12 +167,13 @@ def _seen_by_start_note(start: _Start, counts: dict[str, int | None], n_val: int
                 "that does not tell them from its validation images), so they cannot be told apart from this run's "
                 "validation and test images")
     v, t = counts["seen_validation_images"], counts["seen_test_images"]
-    if not v and not t:
-        return None
-    return (f"{v:,} of the {n_val + v:,} validation images and {t:,} of the {n_test:,} test images have the pixels of "
-            f"an image that {start.run}'s weights learnt from: those validation images are left out (of training's "
-            "validation figures, calibration and the thresholds of cifarlab ood), while the test figures count those "
-            "test images")
+    learnt = f"the pixels of an image that {start.run}'s weights learnt from"
+    test = f"{t:,} of the {n_test:,} test images {'has' if t == 1 else 'have'}"
+    counted = f"the test figures count {'it' if t == 1 else 'them'}"
+    if not v:
+        return f"{test} {learnt}: {counted}" if t else None
+    return (f"{v:,} of the {n_val + v:,} validation images have {learnt}: they are left out of training's validation "
+            "figures, calibration and the thresholds of cifarlab ood" + (f"; {test} too, and {counted}" if t else ""))
 
 
 def _check_same_images(run: Path, cfg: Config, ds: Dataset) -> None:

@@ -1010,6 +1010,71 @@ def resolve_precision(cfg: Config, device: torch.device, log: Callable[[str], No
     return cfg
 
 
+def _split_and_record(run: Path, cfg: Config, ds: Dataset, device: torch.device,
+                      new: bool) -> tuple[Arrays, np.ndarray | None]:
+    """The run's images on ``device`` (:func:`make_arrays`) and the pixel hashes of those its
+    starting weights learnt from (:func:`_inherited`; for a resumed run, its own record's, as the
+    run it started from may be gone or trained on since), which its validation leaves out; and
+    its record of its images, written for a new run (and a resumed one of an older cifarlab that
+    has none), checked against the data for a resumed one (:func:`_check_same_images`)."""
+    rec = None if new else seen.read(run)
+    inherited = _inherited(cfg) if new else (rec.inherited if rec is not None else None)
+    arrays = make_arrays(cfg, ds, device, inherited)
+    if rec is None:
+        _record_seen(run, cfg, ds, inherited)
+    else:
+        _check_same_images(run, cfg, ds)
+    return arrays, inherited
+
+
+def _resume_note(run: Path, ckpt: dict, epochs: int) -> str:
+    """The log line of a resumed run: where it resumes, or that it has nothing left to train."""
+    if _stopped_early(ckpt):
+        return (f"{run} stopped early after epoch {ckpt['epoch']}; nothing to resume, the final weights and test "
+                "figures are written again")
+    if ckpt["epoch"] >= epochs:
+        return (f"{run} has trained all its {epochs} epochs; nothing to resume, the final weights and test figures "
+                f"are written again (to train longer: --resume {run} --epochs N)")
+    return f"resuming {run} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}"
+
+
+def _describe_setup(cfg: Config, ds: Dataset, arrays: Arrays, st: _Setup, device: torch.device,
+                    start: _Start | None, counts: dict[str, int | None], log: Callable[[str], None]) -> None:
+    """The log lines, before the first epoch, on what the run trains (the model, the images) and
+    whatever changes how: a warning on classes that label people, class weights, the
+    logit-adjusted loss, balanced sampling, the weights it starts from (``start``, with
+    ``counts`` of :func:`_seen_by_start`), a teacher, hard-example selection."""
+    n, bs = len(arrays.x_train), cfg.train.batch_size
+    log(f"model {cfg.model.name} ({st.num_params:,} parameters) on {device}; {n:,} training, "
+        f"{len(arrays.x_val):,} validation, {len(arrays.x_test):,} test images")
+    if people := people_classes(ds.classes):  # said before training, while there is time to reconsider
+        log(f"note: {people_warning(people)}")
+    if st.class_weight is not None:
+        log(_class_weight_note(cfg, ds, st.class_weight))
+    if st.logit_offset is not None:
+        log(f"logit-adjusted loss (train.logit_adjustment {cfg.train.logit_adjustment:g}): each logit plus "
+            f"{cfg.train.logit_adjustment:g} x log(its class's training share), from "
+            f"{float(st.logit_offset.min()):.3g} to {float(st.logit_offset.max()):.3g}")
+    if cfg.train.sampling == "balanced":
+        present = int(arrays.y_train.unique().numel())
+        log(f"each epoch draws {n:,} of the training images with replacement, every class equally likely "
+            f"(train.sampling balanced): about {n / present:,.0f} draws per class")
+    if start is not None:
+        log(_start_note(start, st.fresh))
+        if note := _seen_by_start_note(start, counts, len(arrays.x_val), len(arrays.x_test)):
+            log(f"note: {note}")
+    if st.teacher is not None:
+        t = st.teacher_about
+        what = "mean test accuracy" if "runs" in t else "test accuracy"
+        acc = f", {what} {t['test_accuracy']:.4f}" if t["test_accuracy"] is not None else ""
+        of = f"the {t['runs']} runs of {t['run']}" if "runs" in t else t["run"]
+        log(f"distilling from {of} ({t['model']}{acc}): loss = {1 - t['weight']:g} x cross-entropy + "
+            f"{t['weight']:g} x T^2 x KL to its softmax at T = {t['temperature']:g}")
+    if st.selector is not None:
+        log(f"each step trains on the {_trained_per_step(cfg)} of its {bs} images that {cfg.train.select_model} "
+            f"({sum(p.numel() for p in st.selector.model.parameters()):,} parameters) finds hardest")
+
+
 def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Dataset | None,
                log: Callable[[str], None]) -> dict[str, Any]:
     """One run of :func:`fit`: into a new folder, or continuing ``run`` from ``ckpt``."""
@@ -1034,15 +1099,7 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
         if cfg.data.subset and (note := subset_note(cfg.data.subset, len(ds.y_train),
                                                     f"training images of {ds.source}", len(ds.classes))):
             log(note)
-        # what the starting weights learnt from: the record's for a resumed run (the run it started
-        # from may be gone, or trained on since), kept out of validation as it was when it started
-        rec = None if new else seen.read(run)
-        inherited = _inherited(cfg) if new else (rec.inherited if rec is not None else None)
-        arrays = make_arrays(cfg, ds, device, inherited)
-        if rec is None:  # a run of an older cifarlab, resumed, gets one too
-            _record_seen(run, cfg, ds, inherited)
-        else:
-            _check_same_images(run, cfg, ds)
+        arrays, inherited = _split_and_record(run, cfg, ds, device, new)
         n, bs = len(arrays.x_train), cfg.train.batch_size
         steps = steps_per_epoch(n, cfg)
         if steps == 0:
@@ -1059,46 +1116,13 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
         c, h, w = arrays.x_train.shape[1:]
         save_architecture(run, cfg.model.name, st.model_kwargs, ds.classes, (int(c), int(h), int(w)), st.prep,
                           st.num_params, cfg.train.channels_last)
-        if ckpt is not None and _stopped_early(ckpt):
-            log(f"{run} stopped early after epoch {ckpt['epoch']}; nothing to resume, the final weights and test "
-                "figures are written again")
-        elif ckpt is not None and ckpt["epoch"] >= cfg.train.epochs:
-            log(f"{run} has trained all its {cfg.train.epochs} epochs; nothing to resume, the final weights and "
-                f"test figures are written again (to train longer: --resume {run} --epochs N)")
-        elif ckpt is not None:
-            log(f"resuming {run} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
+        if ckpt is not None:
+            log(_resume_note(run, ckpt, cfg.train.epochs))
         log(f"run folder: {run}")
-        log(f"model {cfg.model.name} ({st.num_params:,} parameters) on {device}; {n:,} training, "
-            f"{len(arrays.x_val):,} validation, {len(arrays.x_test):,} test images")
-        if people := people_classes(ds.classes):  # said before training, while there is time to reconsider
-            log(f"note: {people_warning(people)}")
-        if st.class_weight is not None:
-            log(_class_weight_note(cfg, ds, st.class_weight))
-        if st.logit_offset is not None:
-            log(f"logit-adjusted loss (train.logit_adjustment {cfg.train.logit_adjustment:g}): each logit plus "
-                f"{cfg.train.logit_adjustment:g} x log(its class's training share), from "
-                f"{float(st.logit_offset.min()):.3g} to {float(st.logit_offset.max()):.3g}")
-        if cfg.train.sampling == "balanced":
-            present = int(arrays.y_train.unique().numel())
-            log(f"each epoch draws {n:,} of the training images with replacement, every class equally likely "
-                f"(train.sampling balanced): about {n / present:,.0f} draws per class")
-        if start is not None:
-            log(_start_note(start, st.fresh))
-            counts = _seen_by_start(inherited, cfg, ds)
-            if note := _seen_by_start_note(start, counts, len(arrays.x_val), len(arrays.x_test)):
-                log(f"note: {note}")
-            # kept beside the run, as keras_import.json is: its model card names where it started
+        counts = _seen_by_start(inherited, cfg, ds) if start is not None else {}
+        _describe_setup(cfg, ds, arrays, st, device, start, counts, log)
+        if start is not None:  # kept beside the run, as keras_import.json is: its model card names where it started
             write_json(run / "init_from.json", {**start.about, "fresh": list(st.fresh), **counts})
-        if st.teacher is not None:
-            t = st.teacher_about
-            what = "mean test accuracy" if "runs" in t else "test accuracy"
-            acc = f", {what} {t['test_accuracy']:.4f}" if t["test_accuracy"] is not None else ""
-            of = f"the {t['runs']} runs of {t['run']}" if "runs" in t else t["run"]
-            log(f"distilling from {of} ({t['model']}{acc}): loss = {1 - t['weight']:g} x cross-entropy + "
-                f"{t['weight']:g} x T^2 x KL to its softmax at T = {t['temperature']:g}")
-        if st.selector is not None:
-            log(f"each step trains on the {_trained_per_step(cfg)} of its {bs} images that {cfg.train.select_model} "
-                f"({sum(p.numel() for p in st.selector.model.parameters()):,} parameters) finds hardest")
         loop = _Loop(cfg, run, st, arrays, device, steps, use_kernels, ckpt)
     interrupts = _Interrupts()
     st.model.train()

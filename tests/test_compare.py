@@ -205,8 +205,9 @@ def test_compare_two_runs_folders_from_their_summaries(tmp_path, image_folder, c
     assert "3 runs, test accuracy mean" in out and "Welch's t-test on the runs' accuracies: p = " in out
     ens = {k: json.loads((tmp_path / k / "runs_summary.json").read_text())["ensemble"]["test_accuracy"] for k in "ab"}
     assert (f"Their ensembles (the mean of each folder's runs' probabilities, uncalibrated, as training tested them): "
-            f"A {ens['a']:.4f}, B {ens['b']:.4f}, B - A {ens['b'] - ens['a']:+.4f}; --ensembles tests them image by "
-            "image") in out
+            f"A {ens['a']:.4f}, B {ens['b']:.4f}, B - A {ens['b'] - ens['a']:+.4f}; not tested here, as a "
+            f"difference of two models: cifarlab compare {tmp_path / 'a'} {tmp_path / 'b'} --ensembles tests it image "
+            "by image") in out
     assert "A mean  B mean    B - A  p (Holm)" in out and "after Holm's correction over the classes" in out
     assert "Under corruption" not in out  # neither folder measured
     # under corruption: once both folders were measured on the same images, Welch's test on the runs' means

@@ -435,7 +435,8 @@ def format_run_sets(c: dict[str, Any]) -> str:
     if c.get("ensemble_difference") is not None:  # quoted, not tested: that takes the data and both ensembles
         lines.append(f"Their ensembles (the mean of each folder's runs' probabilities, uncalibrated, as training "
                      f"tested them): A {c['a']['ensemble_accuracy']:.4f}, B {c['b']['ensemble_accuracy']:.4f}, "
-                     f"B - A {c['ensemble_difference']:+.4f}; --ensembles tests them image by image")
+                     f"B - A {c['ensemble_difference']:+.4f}; not tested here, as a difference of two models: "
+                     f"cifarlab compare {c['a']['folder']} {c['b']['folder']} --ensembles tests it image by image")
     if c.get("per_class"):
         width = max([16, *(len(r["class"]) + 2 for r in c["per_class"])])
         lines.append(f"{'class':<{width}}{'A mean':>8}{'B mean':>8}{'B - A':>9}{'p (Holm)':>10}")

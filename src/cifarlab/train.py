@@ -113,8 +113,7 @@ def make_arrays(cfg: Config, ds: Dataset, device: torch.device, inherited: np.nd
     host-to-device copy every step: the whole CIFAR-10 training set is 150 MB.
     """
     tr, va = split_indices(cfg, ds.y_train)
-    if inherited is not None and len(inherited) and len(va):
-        va = va[~np.isin(seen.pixel_hashes(ds.x_train, va.tolist()), inherited)]
+    va = va[~seen.among(ds.x_train, va, inherited)]
 
     def t(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous().to(device)
@@ -155,8 +154,8 @@ def _seen_by_start(inherited: np.ndarray | None, cfg: Config, ds: Dataset) -> di
     if inherited is None:
         return {"seen_validation_images": None, "seen_test_images": None}
     va = split_indices(cfg, ds.y_train)[1]
-    return {"seen_validation_images": int(np.isin(seen.pixel_hashes(ds.x_train, va.tolist()), inherited).sum()),
-            "seen_test_images": int(np.isin(seen.pixel_hashes(ds.x_test), inherited).sum())}
+    return {"seen_validation_images": int(seen.among(ds.x_train, va, inherited).sum()),
+            "seen_test_images": int(seen.among(ds.x_test, np.arange(len(ds.x_test)), inherited).sum())}
 
 
 def _seen_by_start_note(start: _Start, counts: dict[str, int | None], n_val: int, n_test: int) -> str | None:

@@ -120,9 +120,17 @@ def inherited_rows(run: str | Path, x: np.ndarray, rows: np.ndarray | None = Non
     its thresholds on. Empty where the run started from no run, or keeps no record."""
     rows = np.arange(len(x)) if rows is None else np.asarray(rows, np.int64)
     rec = read(run)
-    if rec is None or not len(rec.inherited) or not len(rows):
-        return np.zeros(0, np.int64)
-    return rows[np.isin(pixel_hashes(x, rows.tolist()), rec.inherited)]
+    return rows[among(x, rows, None if rec is None else rec.inherited)]
+
+
+def among(x: np.ndarray, rows: np.ndarray, hashes: np.ndarray | None) -> np.ndarray:
+    """Whether each image ``x[rows]`` has the pixels of an image of ``hashes`` (pixel hashes,
+    such as a :class:`Record`'s), one bool per row; all False where ``hashes`` is None or empty
+    (nothing is hashed then)."""
+    rows = np.asarray(rows, np.int64)
+    if hashes is None or not len(hashes) or not len(rows):
+        return np.zeros(len(rows), bool)
+    return np.isin(pixel_hashes(x, rows.tolist()), hashes)
 
 
 def learnt_from(run: str | Path, x: np.ndarray, trained: np.ndarray) -> np.ndarray:

@@ -108,7 +108,7 @@ def test_report_of_a_model_that_knows_bright_images(tmp_path):
     sets = [{"name": "dark", "source": "synthetic:dark", "images": dark, "notes": ["how it is made"]},
             {"name": "mixed", "source": "test:mixed", "images": mixed, "notes": ["half bright"]}]
     r = ood.ood_report(_Bright(), bright, val, sets, tmp_path, "msp", {"run": "stub"})
-    assert r["threshold_fitted_on"] == "validation" and r["run"] == "stub"
+    assert r["threshold_fitted_on"] == "validation" and r["threshold_images"] == 20 and r["run"] == "stub"
     d, m = r["sets"]
     assert d["energy"]["auroc"] == 1.0 and d["accepted_share"] == 0.0 and d["images"] == 30
     assert 0.6 < m["energy"]["auroc"] < 0.9 and m["accepted_share"] <= 0.5 and m["notes"] == ["half bright"]
@@ -121,9 +121,10 @@ def test_report_of_a_model_that_knows_bright_images(tmp_path):
     text = ood.format_report(r, tmp_path)
     # a data source's notes are shown; a synthetic set's description is in the report alone
     assert "mixed: half bright" in text and "how it is made" not in text
+    assert "which keeps 95% of the run's 20 validation images" in text
     # without validation images, the threshold comes from the test images, and says so
     r2 = ood.ood_report(_Bright(), bright, None, sets[:1], tmp_path / "b")
-    assert r2["threshold_fitted_on"] == "test" and r2["score"] == "energy"
+    assert r2["threshold_fitted_on"] == "test" and r2["threshold_images"] == 40 and r2["score"] == "energy"
     assert r2["in_distribution"]["flagged_share"] == pytest.approx(2 / 40)  # two of 40 below: at most 5%
 
 

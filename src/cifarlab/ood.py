@@ -309,7 +309,7 @@ def _figures(scored_in: tuple[dict[str, np.ndarray], np.ndarray], scores_thr: di
     thr = {n: threshold(scores_thr[n], keep) for n in s_in}
     fig: dict[str, Any] = {
         "score": score, "keep": keep, "threshold_fitted_on": fitted_on,
-        "threshold": thr[score], "thresholds": thr,
+        "threshold_images": int(len(scores_thr[score])), "threshold": thr[score], "thresholds": thr,
         "in_distribution": {"images": int(len(p_in)), "images_sha256": images_digest(x_in),
                             "flagged_share": float((s_in[score] < thr[score]).mean()),
                             "mean_confidence": float(p_in.max(1).mean()),
@@ -631,7 +631,7 @@ def ensemble_report(base: Path, ds, subjects: list[_Subject], collected: list[di
         fig["scores_file"] = {"file": ENSEMBLE_SCORES_FILE, "sha256": hashlib.sha256(data).hexdigest()}
     return {"probabilities": ensemble_probabilities(ens.temperature()), "ensemble_temperature": ens.temperature(),
             "tta": ens.tta, "scored": {n: _ensemble_rule_words(n) for n in got_in[0]},
-            "threshold_images": int(len(unseen)) if fitted_on == UNSEEN else int(len(ds.y_test)), **fig,
+            **fig,
             "runs": [{"run": s.pred.run.name, "weights_sha256": r["weights_sha256"], "temperature": r["temperature"],
                       "class_offsets": r["class_offsets"],
                       "knn_bank_sha256": r[KNN]["bank_sha256"] if KNN in r else None}
@@ -896,6 +896,12 @@ def familiarity(pred, images: np.ndarray, logits: np.ndarray, score: str, bank: 
     return scores(calibrated_logits(pred, logits))[score]
 
 
+def _counted(n: int | None) -> str:
+    """``n`` images as a report's text counts them ("1,687 "), or nothing in a report of an older
+    cifarlab that did not record how many."""
+    return f"{n:,} " if isinstance(n, int) else ""
+
+
 def format_report(r: dict[str, Any], out: Path) -> str:
     """The report as a few lines for the terminal."""
     s = r["score"]
@@ -923,7 +929,8 @@ def format_report(r: dict[str, Any], out: Path) -> str:
         lines.append(f"knn: minus the distance to the k-th nearest (k = {kn['k']}) of {kn['bank_images']} training "
                      f"images' features ({kn['features']}; without test-time augmentation)")
     lines.append(f"accepted: the share scoring at or above the {s} threshold {r['threshold']:.4g}, which keeps "
-                 f"{r['keep']:.0%} of the run's {r['threshold_fitted_on']} images ({ind['flagged_share']:.2%} of "
+                 f"{r['keep']:.0%} of the run's {_counted(r.get('threshold_images'))}{r['threshold_fitted_on']} images "
+                 f"({ind['flagged_share']:.2%} of "
                  f"its test images fall below it); cifarlab predict --flag-unfamiliar applies it")
     lines += _flagged_lines(ind)
     upside = [st["name"] for st in r["sets"] if st[s]["auroc"] < 0.5]

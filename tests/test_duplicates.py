@@ -272,6 +272,20 @@ def test_a_run_is_scored_without_the_test_images_it_trained_on(tmp_path):
     assert f"on the other {12 - n:,} **{entry['without_duplicate']['accuracy']:.4f}**" in card
     assert "`duplicates/duplicates.png` in the run folder" in card
 
+    # a fine-tune of it with another split: the copies its starting weights learnt from count too
+    tuned = tmp_path / "tuned"
+    cfg = tiny_config(str(folder), str(tuned), epochs=1, seed=3)
+    cfg.model.init_from = str(run)
+    fit(cfg, log=lambda _: None)
+    tr_tuned = split_indices(load_run_config(tuned / "config.yaml"), ds.y_train)[0]
+    learnt = set(tr_tuned.tolist()) | set(tr.tolist())
+    assert len(learnt) > len(tr_tuned), "this seed's split should hold out some images the first run trained on"
+    entry = duplicates_report(ds, [tuned], device="cpu")[0]["runs"][0]
+    assert entry["with_duplicate"]["images"] == len({test_pos[i] for i, j in sources.items() if j in learnt})
+    assert entry["trained_on"] == (f"the {len(tr_tuned):,} images it trained on and {len(learnt) - len(tr_tuned):,} "
+                                   f"more that the weights it started from learnt from (of the {len(ds.y_train):,} "
+                                   "training images)")
+
 
 def test_a_run_scores_its_mirrored_and_unmirrored_copies_apart(tmp_path):
     src, _ = _planted_mirrored()

@@ -361,7 +361,10 @@ def run_accuracy(run: str | Path, ds: Dataset, found: dict[str, Any], tta: str |
 
 
 def _trained_mask(run: Path, ds: Dataset) -> tuple[np.ndarray, str]:
-    """A mask over ``ds``'s training images of those ``run`` trained on, and a note of which."""
+    """A mask over ``ds``'s training images of those ``run``'s weights learnt from (those it
+    trained on and, for a fine-tune, those its starting weights had:
+    :func:`cifarlab.data.seen.learnt_from`), and a note of which."""
+    from .data.seen import learnt_from
     from .train import run_split
 
     mask = np.zeros(len(ds.y_train), bool)
@@ -369,9 +372,14 @@ def _trained_mask(run: Path, ds: Dataset) -> tuple[np.ndarray, str]:
         mask[:] = True
         return mask, f"all {len(mask):,} training images (the run has no config.yaml naming those it trained on)"
     _, tr, _ = run_split(run, ds)
-    mask[tr] = True
-    return mask, f"the {len(tr):,} images it trained on (of the {len(mask):,} training images)" \
-        if len(tr) < len(mask) else f"all {len(tr):,} training images, which it trained on"
+    learnt = learnt_from(run, ds.x_train, tr)
+    mask[learnt] = True
+    more = len(learnt) - len(tr)
+    if len(learnt) == len(mask):
+        who = "it or the weights it started from" if more else "it"
+        return mask, f"all {len(learnt):,} training images, which {who} trained on"
+    also = f" and {more:,} more that the weights it started from learnt from" if more else ""
+    return mask, f"the {len(tr):,} images it trained on{also} (of the {len(mask):,} training images)"
 
 
 _FIGURES = ("accuracy", "without_duplicate", "with_duplicate", "difference")

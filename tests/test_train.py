@@ -1238,6 +1238,15 @@ def test_a_fine_tune_leaves_what_its_source_run_trained_on_out_of_its_calibratio
     start = json.loads((tmp_path / "blind" / "init_from.json").read_text())
     assert start["seen_validation_images"] is None and start["seen_test_images"] is None
     assert len(seen.read(tmp_path / "blind").inherited) == 0 and len(run_split(tmp_path / "blind", ds)[2]) == len(va)
+    # a source that trained on every image leaves no validation image: refused, and no run folder is left
+    assert main(["train", "--data", str(a), *common, "--val-split", "0", "--out", str(tmp_path / "all")]) == 0
+    capsys.readouterr()
+    assert main(["train", "--data", str(a), *common, "--out", str(tmp_path / "none-left"), "--init-from",
+                 str(tmp_path / "all")]) == 2
+    assert (f"every validation image has the pixels of an image that the weights of model.init_from (--init-from) "
+            f"'{tmp_path / 'all'}' learnt from, so none is left to validate on") in capsys.readouterr().err
+    assert not (tmp_path / "none-left").exists()
+
     # resumed without its source's record, the fine-tune keeps those images out by its own record
     assert main(["train", "--resume", str(tmp_path / "tuned"), "--epochs", "2"]) == 0
     assert f"{len(va) - len(shared)} validation, 8 test images" in capsys.readouterr().out

@@ -262,10 +262,6 @@ def _held_out(run: Path, ds) -> tuple[Any, np.ndarray, np.ndarray]:
         raise CifarlabError(f"'{run}' held out no validation images (data.val_split = 0, as the speed recipes do), "
                             "and calibration needs images the model was not trained on, never the test images; "
                             "train with --val-split 0.1 (or more) to calibrate it")
-    if not len(va):
-        raise CifarlabError(f"every validation image of '{run}' has the pixels of an image that the weights it started "
-                            "from (--init-from) learnt from, and calibration needs images its weights have not learnt "
-                            "from; train it with other validation images (--split-seed N)")
     return cfg, tr, va
 
 

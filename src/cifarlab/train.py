@@ -1019,6 +1019,11 @@ def _split_and_record(run: Path, cfg: Config, ds: Dataset, device: torch.device,
     rec = None if new else seen.read(run)
     inherited = _inherited(cfg) if new else (rec.inherited if rec is not None else None)
     arrays = make_arrays(cfg, ds, device, inherited)
+    if cfg.data.val_split and not len(arrays.x_val):  # else validation's figures, early stopping, would fail
+        raise CifarlabError(f"every validation image has the pixels of an image that the weights of "
+                            f"model.init_from (--init-from) '{cfg.model.init_from}' learnt from, so none is left to "
+                            "validate on; give data those weights did not learn all of, or train without validation "
+                            "(--val-split 0)")
     if rec is None:
         _record_seen(run, cfg, ds, inherited)
     else:

@@ -202,6 +202,7 @@ def test_ood_through_the_cli_predict_and_the_card(trained_run, capsys):
     assert main(["audit", str(trained_run), "--bootstrap", "100"]) == 0
     card = (trained_run / "audit" / "MODEL_CARD.md").read_text()
     assert "Unfamiliar images (`cifarlab ood`, energy score)" in card and "gaussian (5 images)" in card
+    assert f"a threshold that keeps 95% of its {r['threshold_images']} validation images, the model" in card
     assert "applies the threshold, and `cifarlab export` puts it in the ONNX file; " in card
     assert "These are one run's figures, and seeds can move them far more than they move accuracy" in card
     knn = r["sets"][0]["knn"]["auroc"]  # the features' score beside the threshold's

@@ -26,7 +26,7 @@ from .data import Dataset, seen
 from .datasheet import people_classes, people_warning
 from .duplicates import read_duplicates
 from .label_issues import read_label_issues
-from .ood import read_ensemble_report, read_report, saved_scores
+from .ood import image_count, read_ensemble_report, read_report, saved_scores
 from .errors import CifarlabError, short_list
 from .evaluate import _check_compatible, probabilities_and_raw
 from .export import data_suffix, list_to_csv_rows, load_ensemble, load_model, predict_command
@@ -506,7 +506,7 @@ def _ensemble_ood(ens, n: int) -> tuple[dict[str, Any] | None, np.ndarray | None
     if e is None:
         return None, None
     # what a run's card quotes of its report, and what the ensemble's score is and its threshold was fitted on
-    return {**_ood_summary(e), "scored": e["scored"][e["score"]], "threshold_images": e["threshold_images"]}, \
+    return {**_ood_summary(e), "scored": e["scored"][e["score"]]}, \
         unfamiliar_flags(ens, e, n)
 
 
@@ -1378,6 +1378,7 @@ def _ood_summary(r: dict | None) -> dict[str, Any] | None:
     ind = r.get("in_distribution") or {}
     by_class = sorted(ind.get("per_class") or [], key=lambda c: -c["flagged_share"])
     return {"score": s, "keep": r["keep"], "fitted_on": r["threshold_fitted_on"],
+            "threshold_images": r.get("threshold_images"),  # absent from reports of an older cifarlab
             "flagged_share": ind.get("flagged_share"),
             # the own classes a deployment that flags would turn away most and least
             "most_flagged": by_class[0] if len(by_class) > 1 else None,
@@ -1421,7 +1422,8 @@ def _ood_lines(u: dict | None) -> list[str]:
                      + (f", most called {st['called']['class']} ({st['called']['share']:.0%})" if st["called"] else "")
                      for st in u["sets"])
     return [f"Unfamiliar images (`cifarlab ood`, {u['score']} score): flagging images below a threshold that keeps "
-            f"{u['keep']:.0%} of its {u['fitted_on']} images, the model still accepts as one of its classes: {sets}. "
+            f"{u['keep']:.0%} of its {image_count(u.get('threshold_images'))}{u['fitted_on']} images, the model still "
+            f"accepts as one of its classes: {sets}. "
             "`cifarlab predict --flag-unfamiliar` applies the threshold, and `cifarlab export` puts it in the ONNX "
             "file; synthetic sets are the easy case, and real photographs of other things are harder to tell. See "
             "`ood/ood.png` in the run folder." + _flagged_own_sentence(u)

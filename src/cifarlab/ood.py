@@ -896,9 +896,9 @@ def familiarity(pred, images: np.ndarray, logits: np.ndarray, score: str, bank: 
     return scores(calibrated_logits(pred, logits))[score]
 
 
-def _counted(n: int | None) -> str:
-    """``n`` images as a report's text counts them ("1,687 "), or nothing in a report of an older
-    cifarlab that did not record how many."""
+def image_count(n: int | None) -> str:
+    """``n`` images as a report's text counts them ("1,687 "), or nothing for a report of an
+    older cifarlab that did not record how many (``threshold_images``)."""
     return f"{n:,} " if isinstance(n, int) else ""
 
 
@@ -929,8 +929,8 @@ def format_report(r: dict[str, Any], out: Path) -> str:
         lines.append(f"knn: minus the distance to the k-th nearest (k = {kn['k']}) of {kn['bank_images']} training "
                      f"images' features ({kn['features']}; without test-time augmentation)")
     lines.append(f"accepted: the share scoring at or above the {s} threshold {r['threshold']:.4g}, which keeps "
-                 f"{r['keep']:.0%} of the run's {_counted(r.get('threshold_images'))}{r['threshold_fitted_on']} images "
-                 f"({ind['flagged_share']:.2%} of "
+                 f"{r['keep']:.0%} of the run's {image_count(r.get('threshold_images'))}{r['threshold_fitted_on']} "
+                 f"images ({ind['flagged_share']:.2%} of "
                  f"its test images fall below it); cifarlab predict --flag-unfamiliar applies it")
     lines += _flagged_lines(ind)
     upside = [st["name"] for st in r["sets"] if st[s]["auroc"] < 0.5]

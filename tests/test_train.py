@@ -1229,6 +1229,12 @@ def test_a_fine_tune_leaves_what_its_source_run_trained_on_out_of_its_calibratio
     start = json.loads((tmp_path / "again" / "init_from.json").read_text())
     assert start["seen_validation_images"] == 0 and start["seen_test_images"] == 0
     assert sorted(run_split(tmp_path / "again", ds_a)[2].tolist()) == sorted(src_va.tolist())
+    # another seed, so another split of the same data: the note names the source's split seed, which keeps them all
+    assert main(["train", "--data", str(a), *common, "--seed", "1", "--out", str(tmp_path / "reseeded"),
+                 "--init-from", str(tmp_path / "src")]) == 0
+    out = capsys.readouterr().out
+    assert "validation images have the pixels of an image that" in out
+    assert f"(--split-seed 0, as {tmp_path / 'src'} drew its split, would keep every validation image)" in out
     # a source without a record (an older cifarlab's): the counts are unknown, and the log says so
     (tmp_path / "src" / seen.FILE).unlink()
     capsys.readouterr()

@@ -158,9 +158,29 @@ def _seen_by_start(inherited: np.ndarray | None, cfg: Config, ds: Dataset) -> di
             "seen_test_images": int(seen.among(ds.x_test, np.arange(len(ds.x_test)), inherited).sum())}
 
 
-def _seen_by_start_note(start: _Start, counts: dict[str, int | None], n_val: int, n_test: int) -> str | None:
+def _split_hint(start: _Start, inherited: np.ndarray | None, cfg: Config, ds: Dataset) -> str | None:
+    """For a run some of whose validation images the weights it starts from (``start``) learnt
+    from (:func:`_seen_by_start`): where the split seed of the run it starts from would leave it
+    none of those (the same data and subset, split as that run split it), the option that says
+    so; else None."""
+    if inherited is None or not (start.run / "config.yaml").is_file():
+        return None
+    theirs = load_run_config(start.run / "config.yaml")
+    seed = theirs.train.seed if theirs.data.split_seed is None else theirs.data.split_seed
+    if seed == (cfg.train.seed if cfg.data.split_seed is None else cfg.data.split_seed):
+        return None
+    alt = copy.deepcopy(cfg)
+    alt.data.split_seed = seed
+    if seen.among(ds.x_train, split_indices(alt, ds.y_train)[1], inherited).any():
+        return None
+    return f"--split-seed {seed}, as {start.run} drew its split, would keep every validation image"
+
+
+def _seen_by_start_note(start: _Start, counts: dict[str, int | None], n_val: int, n_test: int,
+                        hint: str | None = None) -> str | None:
     """The log line on the images the weights it starts from learnt from (:func:`_seen_by_start`),
-    with ``n_val`` validation images left after those and ``n_test`` test images."""
+    with ``n_val`` validation images left after those, ``n_test`` test images, and the
+    :func:`_split_hint` where there is one."""
     if counts["seen_validation_images"] is None:
         return (f"{start.run} keeps no record of the images it trained on ({seen.FILE}, or one of an older cifarlab "
                 "that does not tell them from its validation images), so they cannot be told apart from this run's "
@@ -172,7 +192,8 @@ def _seen_by_start_note(start: _Start, counts: dict[str, int | None], n_val: int
     if not v:
         return f"{test} {learnt}: {counted}" if t else None
     return (f"{v:,} of the {n_val + v:,} validation images have {learnt}: they are left out of training's validation "
-            "figures, calibration and the thresholds of cifarlab ood" + (f"; {test} too, and {counted}" if t else ""))
+            "figures, calibration and the thresholds of cifarlab ood" + (f"; {test} too, and {counted}" if t else "")
+            + (f" ({hint})" if hint else ""))
 
 
 def _check_same_images(run: Path, cfg: Config, ds: Dataset) -> None:
@@ -1043,11 +1064,11 @@ def _resume_note(run: Path, ckpt: dict, epochs: int) -> str:
 
 
 def _describe_setup(cfg: Config, ds: Dataset, arrays: Arrays, st: _Setup, device: torch.device,
-                    start: _Start | None, counts: dict[str, int | None], log: Callable[[str], None]) -> None:
+                    start: _Start | None, seen_note: str | None, log: Callable[[str], None]) -> None:
     """The log lines, before the first epoch, on what the run trains (the model, the images) and
     whatever changes how: a warning on classes that label people, class weights, the
     logit-adjusted loss, balanced sampling, the weights it starts from (``start``, with
-    ``counts`` of :func:`_seen_by_start`), a teacher, hard-example selection."""
+    ``seen_note`` of :func:`_seen_by_start_note`), a teacher, hard-example selection."""
     n, bs = len(arrays.x_train), cfg.train.batch_size
     log(f"model {cfg.model.name} ({st.num_params:,} parameters) on {device}; {n:,} training, "
         f"{len(arrays.x_val):,} validation, {len(arrays.x_test):,} test images")
@@ -1065,8 +1086,8 @@ def _describe_setup(cfg: Config, ds: Dataset, arrays: Arrays, st: _Setup, device
             f"(train.sampling balanced): about {n / present:,.0f} draws per class")
     if start is not None:
         log(_start_note(start, st.fresh))
-        if note := _seen_by_start_note(start, counts, len(arrays.x_val), len(arrays.x_test)):
-            log(f"note: {note}")
+        if seen_note:
+            log(f"note: {seen_note}")
     if st.teacher is not None:
         t = st.teacher_about
         what = "mean test accuracy" if "runs" in t else "test accuracy"
@@ -1124,7 +1145,10 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
             log(_resume_note(run, ckpt, cfg.train.epochs))
         log(f"run folder: {run}")
         counts = _seen_by_start(inherited, cfg, ds) if start is not None else {}
-        _describe_setup(cfg, ds, arrays, st, device, start, counts, log)
+        hint = _split_hint(start, inherited, cfg, ds) if counts.get("seen_validation_images") else None
+        seen_note = _seen_by_start_note(start, counts, len(arrays.x_val), len(arrays.x_test), hint) \
+            if start is not None else None
+        _describe_setup(cfg, ds, arrays, st, device, start, seen_note, log)
         if start is not None:  # kept beside the run, as keras_import.json is: its model card names where it started
             write_json(run / "init_from.json", {**start.about, "fresh": list(st.fresh), **counts})
         loop = _Loop(cfg, run, st, arrays, device, steps, use_kernels, ckpt)

@@ -1265,8 +1265,8 @@ def test_a_fine_tunes_note_on_what_its_starting_weights_learnt_from_says_only_wh
 
     start = _Start(Path("src"), {}, {}, 3, {})
 
-    def note(v, t):
-        return _seen_by_start_note(start, {"seen_validation_images": v, "seen_test_images": t}, 90, 50)
+    def note(v, t, hint=None):
+        return _seen_by_start_note(start, {"seen_validation_images": v, "seen_test_images": t}, 90, 50, hint)
 
     assert note(0, 0) is None
     assert note(0, 2) == "2 of the 50 test images have the pixels of an image that src's weights learnt from: the " \
@@ -1275,6 +1275,16 @@ def test_a_fine_tunes_note_on_what_its_starting_weights_learnt_from_says_only_wh
                            "from: they are left out of training's validation figures, calibration and the thresholds "
                            "of cifarlab ood")
     assert note(None, None).startswith("src keeps no record of the images it trained on")
+    assert note(10, 0, "--split-seed 4, as src drew its split, would keep every validation image").endswith(
+        "of cifarlab ood (--split-seed 4, as src drew its split, would keep every validation image)")
+
+
+def test_a_split_hint_is_not_given_from_a_config_it_cannot_read(tmp_path):
+    from cifarlab.train import _split_hint, _Start
+
+    (tmp_path / "config.yaml").write_text("model: [not, a, config\n")
+    cfg = tiny_config(str(tmp_path), str(tmp_path / "out"))
+    assert _split_hint(_Start(tmp_path, {}, {}, 3, {}), np.zeros(1, np.uint64), cfg, None) is None
 
 
 def test_init_from_is_checked_before_the_data_is_read_and_leaves_no_run_folder(tmp_path, trained_run, image_folder,

@@ -165,7 +165,10 @@ def _split_hint(start: _Start, inherited: np.ndarray | None, cfg: Config, ds: Da
     so; else None."""
     if inherited is None or not (start.run / "config.yaml").is_file():
         return None
-    theirs = load_run_config(start.run / "config.yaml")
+    try:
+        theirs = load_run_config(start.run / "config.yaml")
+    except CifarlabError:  # a hint, not a check: a config this version cannot read gives none
+        return None
     seed = theirs.train.seed if theirs.data.split_seed is None else theirs.data.split_seed
     if seed == (cfg.train.seed if cfg.data.split_seed is None else cfg.data.split_seed):
         return None

@@ -158,6 +158,16 @@ def _seen_by_start(inherited: np.ndarray | None, cfg: Config, ds: Dataset) -> di
             "seen_test_images": int(seen.among(ds.x_test, np.arange(len(ds.x_test)), inherited).sum())}
 
 
+def _start_report(start: _Start, inherited: np.ndarray | None, cfg: Config, ds: Dataset,
+                  arrays: Arrays) -> tuple[dict[str, int | None], str | None]:
+    """What ``init_from.json`` keeps of the images the weights a fine-tune starts from learnt
+    from (:func:`_seen_by_start`), and the log's note on them (:func:`_seen_by_start_note`, with
+    the :func:`_split_hint` where some validation images are among them)."""
+    counts = _seen_by_start(inherited, cfg, ds)
+    hint = _split_hint(start, inherited, cfg, ds) if counts["seen_validation_images"] else None
+    return counts, _seen_by_start_note(start, counts, len(arrays.x_val), len(arrays.x_test), hint)
+
+
 def _split_hint(start: _Start, inherited: np.ndarray | None, cfg: Config, ds: Dataset) -> str | None:
     """For a run some of whose validation images the weights it starts from (``start``) learnt
     from (:func:`_seen_by_start`): where the split seed of the run it starts from would leave it
@@ -1147,10 +1157,7 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
         if ckpt is not None:
             log(_resume_note(run, ckpt, cfg.train.epochs))
         log(f"run folder: {run}")
-        counts = _seen_by_start(inherited, cfg, ds) if start is not None else {}
-        hint = _split_hint(start, inherited, cfg, ds) if counts.get("seen_validation_images") else None
-        seen_note = _seen_by_start_note(start, counts, len(arrays.x_val), len(arrays.x_test), hint) \
-            if start is not None else None
+        counts, seen_note = _start_report(start, inherited, cfg, ds, arrays) if start is not None else ({}, None)
         _describe_setup(cfg, ds, arrays, st, device, start, seen_note, log)
         if start is not None:  # kept beside the run, as keras_import.json is: its model card names where it started
             write_json(run / "init_from.json", {**start.about, "fresh": list(st.fresh), **counts})

@@ -682,11 +682,11 @@ def read_rule(model) -> tuple[dict[str, Any], Any] | None:
     from .export import Ensemble
 
     r = read_report(model)
-    several = isinstance(model, Ensemble)
-    runs = [p.run for p in model.members] if several else [model.run]
-    extra = {"runs": len(runs), "scored": _ensemble_rule_words(r["score"])} if several and r is not None else {}
     if r is None:
         return None
+    several = isinstance(model, Ensemble)
+    runs = [p.run for p in model.members] if several else [model.run]
+    extra = {"runs": len(runs), "scored": _ensemble_rule_words(r["score"])} if several else {}
     rule = {"score": r["score"], "threshold": float(r["threshold"]), "keep": r["keep"],
             "fitted_on": r["threshold_fitted_on"], **extra}
     if r["score"] != KNN:

@@ -209,13 +209,10 @@ def _seen_by_start_note(start: _Start, counts: dict[str, int | None], n_val: int
             + (f" ({hint})" if hint else ""))
 
 
-def _check_same_images(run: Path, cfg: Config, ds: Dataset) -> None:
+def _check_same_images(run: Path, cfg: Config, ds: Dataset, recorded: seen.Record) -> None:
     """Refuse to resume ``run`` on data whose training and validation images are not those it
-    started with (a folder edited since, say): it would go on training on other images, and its
-    validation split, drawn again, could hold images it has trained on."""
-    recorded = seen.read(run)
-    if recorded is None:
-        return
+    started with (``recorded``, its record: a folder edited since, say): it would go on training
+    on other images, and its validation split, drawn again, could hold images it has trained on."""
     before = recorded.pixels
     now = np.sort(seen.pixel_hashes(ds.x_train, np.concatenate(split_indices(cfg, ds.y_train))))
     if np.array_equal(now, before):
@@ -1061,7 +1058,7 @@ def _split_and_record(run: Path, cfg: Config, ds: Dataset, device: torch.device,
     if rec is None:
         _record_seen(run, cfg, ds, inherited)
     else:
-        _check_same_images(run, cfg, ds)
+        _check_same_images(run, cfg, ds, rec)
     return arrays, inherited
 
 

@@ -53,10 +53,10 @@ def test_the_python_the_readme_names_is_the_one_the_package_requires():
     assert f"Python {low[1]}.{low[2]}+" in (ROOT / "README.md").read_text()
 
 
-def test_the_readmes_about_file_is_one_cifarlab_reads(tmp_path):
+def test_the_documented_about_file_is_one_cifarlab_reads(tmp_path):
     from cifarlab.about import read_about
 
-    section = (ROOT / "README.md").read_text().split("### What only the owner knows", 1)[1]
+    section = (ROOT / "docs" / "reports.md").read_text().split("## What only the owner knows", 1)[1]
     example = re.search(r"```yaml\n(.*?)```", section, flags=re.S).group(1)
     (tmp_path / "about.yaml").write_text(example)
     facts = read_about(tmp_path / "about.yaml")

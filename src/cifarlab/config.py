@@ -273,7 +273,7 @@ EXPLAIN_SELECTIONS = ("wrong", "right", "random")
 # Not its "entropy": quantize_static builds that histogram with as many bins as it quantizes to,
 # leaving one candidate range, the whole one (the same scales as minmax for keras-deep, checked).
 CALIBRATION_METHODS = ("minmax", "percentile")
-# Chosen by looking at random pairs of the JPEG copy of CIFAR-10 (see the README): 44 of 48 pairs
+# Chosen by looking at random pairs of the JPEG copy of CIFAR-10 (docs/reports.md, near-copies): 44 of 48 pairs
 # scoring 0.96 or more were the same photograph, against about 34 of 48 from 0.95 to 0.96.
 DUPLICATES_THRESHOLD = 0.96
 DUPLICATES_SHIFT = 3  # pixels each way: the shifts seen among CIFAR's near-duplicates are small

@@ -36,7 +36,8 @@ from .errors import CifarlabError
 # by a level or two from JPEG's colour rounding, and on CIFAR-10 images below 4 looked grey
 # while those from 4 up showed colour (a red tail fin, a blue sky).
 GREY_SPREAD = 4.0
-IMBALANCE = 1.5  # largest over smallest class: above it, the README's remedies for unequal classes apply
+# largest over smallest class: above it, the remedies of 'Classes of unequal size' (docs/training.md) apply
+IMBALANCE = 1.5
 SHIFT = 0.05  # total variation distance between the splits' class shares worth a warning
 ALPHA = 0.001  # greyness "depends on the class" below this p-value (a large sample makes small ones common)
 FEATURES = ("mean red", "mean green", "mean blue", "std red", "std green", "std blue", "colour spread", "luminance")
@@ -275,8 +276,8 @@ def warnings(r: dict[str, Any]) -> list[str]:
         out.append(f"no training images of {', '.join(comp['absent_from_train'])}: a model cannot learn them")
     if comp["imbalance_ratio"] is not None and comp["imbalance_ratio"] > IMBALANCE:
         out.append(f"the largest training class has {comp['imbalance_ratio']:.1f} times the images of the smallest: "
-                   "see the README's 'Classes of unequal size' (--class-weight, --sampling balanced) and read the "
-                   "balanced accuracy, not only the accuracy")
+                   "see 'Classes of unequal size' in cifarlab's docs/training.md (--class-weight, --sampling balanced) "
+                   "and read the balanced accuracy, not only the accuracy")
     if comp["class_share_distance"] is not None and comp["class_share_distance"] > SHIFT:
         out.append(f"the class shares of the test split differ from the training split's (total variation "
                    f"{comp['class_share_distance']:.3f}): test accuracy weighs the classes otherwise than training did")

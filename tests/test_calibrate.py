@@ -180,6 +180,8 @@ def test_calibrate_command_on_a_run_and_a_set_of_runs(tmp_path, image_folder, ca
     assert main(["calibrate", str(tmp_path / "set"), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "2 runs: temperature mean" in out and out.count("validation images, loss") == 2
+    eces = [tuple(map(float, m)) for m in re.findall(r"expected calibration error ([\d.]+) -> ([\d.]+)", out)]
+    assert ("calibration error rose" in out) == any(after > before for before, after in eces)
     for k in range(2):
         assert set(read_calibration(tmp_path / "set" / f"run-{k}")) == {"none"}
     assert main(["calibrate", str(tmp_path / "set" / "run-1"), "--json", "--tta", "flip"]) == 0
@@ -204,6 +206,19 @@ def test_calibrate_command_on_a_run_and_a_set_of_runs(tmp_path, image_folder, ca
     card = (run / "audit" / "MODEL_CARD.md").read_text()
     assert "temperature-scaled" in card
     assert re.search(r"0\.5: \d+\.\d% of the test images \(\d\), accuracy", card)
+
+
+def test_calibrate_says_why_a_calibration_error_can_rise_and_names_where_it_did():
+    from cifarlab.cli import _ece_rose_note
+
+    def fit(before, after, n):
+        return {"validation_ece": {"before": before, "after": after}, "validation_images": n}
+
+    assert _ece_rose_note([("runs/a", fit(0.07, 0.05, 600)), ("runs/b", fit(0.03, 0.03, 600))]) is None
+    note = _ece_rose_note([("runs/a", fit(0.07, 0.05, 600)), ("runs/b", fit(0.074, 0.098, 600)),
+                           ("their ensemble", fit(0.02, 0.03, 10_000))])
+    assert "(runs/b, their ensemble)" in note and "runs/a" not in note
+    assert "lowest loss" in note and "600 images or more" in note
 
 
 def test_calibrate_command_refuses_a_folder_that_is_no_run(tmp_path, capsys):

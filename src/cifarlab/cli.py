@@ -1007,10 +1007,30 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                     f"written to {folder / 'ensemble_calibration.json'}")
         else:
             print(f"their ensemble (the mean of their probabilities) is not calibrated: {en['why']}")
+    fits = [(str(e["run"]), e) for e in entries]
+    if several and result["ensemble"]["calibrated"]:
+        fits.append(("their ensemble", result["ensemble"]))
+    note = _ece_rose_note(fits)
+    if note:
+        print(note)
     print("written to calibration.json in each run's folder" if several else
           f"written to {folder / 'calibration.json'}; evaluate, predict, audit, compare and export now use it "
           f"(--uncalibrated leaves it out)")
     return 0
+
+
+def _ece_rose_note(fits: list[tuple[str, dict[str, Any]]]) -> str | None:
+    """A note for the fitted temperatures (name, calibration entry) whose expected calibration
+    error on their own images is higher after than before, which reads as a failure but is not
+    one: None where every error fell or stayed."""
+    rose = [(name, e) for name, e in fits if e["validation_ece"]["after"] > e["validation_ece"]["before"]]
+    if not rose:
+        return None
+    fewest = min(e["validation_images"] for _, e in rose)
+    return (f"note: the expected calibration error rose ({', '.join(name for name, _ in rose)}). The temperature is "
+            "the one with the lowest loss on these images, not the lowest calibration error, and the error, over 15 "
+            f"confidence bins of {fewest:,} images{' or more' if len(rose) > 1 else ''}, is a rough figure: "
+            "'cifarlab evaluate' measures both on the test images, with and without the temperature")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

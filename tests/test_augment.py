@@ -392,3 +392,40 @@ def test_cutout_zeroes_one_square():
     zeros = (out[:, 0] == 0).sum(dim=(1, 2))
     assert (zeros <= 16).all() and (zeros >= 4).all()
     assert torch.equal(out[:, 0] == 0, out[:, 2] == 0)
+
+
+def test_draw_mix_draws_mixup_or_cutmix_shares_and_boxes_whose_area_is_the_share():
+    from cifarlab.augment import draw_mix
+
+    rng = np.random.default_rng(0)
+    assert draw_mix(rng, 0.0, 0.0, (32, 32)) == (1.0, None)
+    lams = [draw_mix(rng, 0.4, 0.0, (32, 32)) for _ in range(200)]
+    assert all(box is None and 0 <= lam <= 1 for lam, box in lams)
+    # Beta(0.4, 0.4) puts most of its mass near 0 and 1
+    assert np.mean([min(lam, 1 - lam) < 0.1 for lam, _ in lams]) > 0.4
+    both = [draw_mix(rng, 0.4, 1.0, (24, 20)) for _ in range(400)]
+    boxes = [(lam, box) for lam, box in both if box is not None]
+    assert 150 < len(boxes) < 250  # each step one of the two, at even chances
+    for lam, (top, bottom, left, right) in boxes:
+        assert 0 <= top <= bottom <= 24 and 0 <= left <= right <= 20
+        assert lam == pytest.approx(1 - (bottom - top) * (right - left) / (24 * 20))
+    # seeded: the same generator state gives the same draws
+    assert draw_mix(np.random.default_rng(5), 0.4, 1.0, (8, 8)) == draw_mix(np.random.default_rng(5), 0.4, 1.0, (8, 8))
+
+
+def test_mix_batch_pairs_each_image_with_the_batch_reversed():
+    from cifarlab.augment import mix_batch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 3, 6, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([0, 1, 2, 3, 4])
+    mixed, partners = mix_batch(x, y, 0.3)
+    assert torch.equal(partners, torch.tensor([4, 3, 2, 1, 0]))
+    assert torch.allclose(mixed, 0.3 * x + 0.7 * x.flip(0))
+    mixed, partners = mix_batch(x, y, 0.75, (1, 4, 2, 5))
+    inside = torch.zeros(6, 7, dtype=torch.bool)
+    inside[1:4, 2:5] = True
+    assert torch.equal(mixed[:, :, inside], x.flip(0)[:, :, inside])
+    assert torch.equal(mixed[:, :, ~inside], x[:, :, ~inside])
+    assert torch.equal(x, x.clone())  # the input is left as it was
+    assert torch.equal(partners, y.flip(0))

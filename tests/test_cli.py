@@ -440,6 +440,8 @@ def test_print_config_shows_what_the_options_resolve_to_and_reads_back_as_a_conf
     assert code == 2 and "epochs = 0 is not valid" in err and out == ""  # validated as for training
     code, out, err = run(capsys, "train", "--runs", "3", "--split-seed", "7", "--print-config")
     assert code == 0 and "split_seed: 7" in out
+    code, out, err = run(capsys, "train", "--mixup", "0.2", "--cutmix", "1", "--print-config")
+    assert code == 0 and "mixup: 0.2" in out and "cutmix: 1.0" in out
     code, _, err = run(capsys, "train", "--resume", "runs/x", "--print-config")
     assert code == 2 and "--print-config shows a new run's config; the config of 'runs/x' is its config.yaml" in err
 

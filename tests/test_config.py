@@ -167,6 +167,10 @@ def test_roundtrip(tmp_path):
     ({"train": {"compile_mode": "max-autotune"}}, "train.compile_mode = 'max-autotune' is not valid; it takes effect "
      "only with train.compile: true"),
     ({"train": {"runs": 0}}, "runs = 0 is not valid; it must be at least 1"),
+    ({"augment": {"mixup": -0.2}}, r"augment.mixup = -0.2 is not valid; it is the alpha of a Beta\(alpha, alpha\)"),
+    ({"augment": {"cutmix": float("nan")}}, "augment.cutmix: nan is not valid; expected a finite number"),
+    ({"augment": {"cutmix": 1.0}, "train": {"cuda_graph": True}}, "train.cuda_graph = True is not valid; a CUDA "
+     "graph fixes the step's images and labels at capture, and MixUp and CutMix"),
 ])
 def test_invalid_values(over, msg):
     with pytest.raises(ConfigError, match=msg):

@@ -490,8 +490,8 @@ def test_keras_augmentation_with_featurewise_statistics(tmp_path, image_folder):
     assert load_model(tmp_path / "run").prep == prep
 
 
-@pytest.mark.parametrize("preset", ["keras", "crop-flip", "crop-flip-balanced", "fast-muon", "fast-muon-bf16-true",
-                                    "best-select"])
+@pytest.mark.parametrize("preset", ["keras", "crop-flip", "crop-flip-balanced", "crop-flip-mix", "fast-muon",
+                                    "fast-muon-bf16-true", "best-select"])
 def test_epochs_prepared_ahead_train_and_resume_mid_epoch_exactly(tmp_path, monkeypatch, preset):
     """train.prepare_ahead (the default on CUDA, forced here on the CPU) makes each epoch's
     augmented images at its start; a run stopped mid-epoch and resumed ends with the same weights
@@ -501,7 +501,8 @@ def test_epochs_prepared_ahead_train_and_resume_mid_epoch_exactly(tmp_path, monk
     prepared images. The best-select case also resumes the proxy that picks the examples (its
     weights, optimizer, schedule and step count: it trains every fourth step, on global step 20
     for the first time after the resume at step 18). The crop-flip-balanced case draws each
-    epoch's images class-balanced, with replacement, from classes of 40, 40 and 10 images."""
+    epoch's images class-balanced, with replacement, from classes of 40, 40 and 10 images. The
+    crop-flip-mix case also mixes each batch by MixUp or CutMix, drawn per step."""
     import cifarlab.train as train_mod
     from cifarlab.config import resolve_config
     from cifarlab.train import TrainingInterrupted
@@ -525,9 +526,11 @@ def test_epochs_prepared_ahead_train_and_resume_mid_epoch_exactly(tmp_path, monk
                 "train": {"epochs": 2, "batch_size": 8, "out": str(tmp_path / out), "threads": 1,
                           "deterministic": True, "prepare_ahead": True, "whiten_bias_epochs": 1}})
         c = tiny_config(str(data), str(tmp_path / out), epochs=2, batch_size=4, prepare_ahead=True)
-        c.augment.preset = preset.removesuffix("-balanced")
+        c.augment.preset = preset.removesuffix("-balanced").removesuffix("-mix")
         if preset.endswith("-balanced"):
             c.train.sampling = "balanced"
+        if preset.endswith("-mix"):
+            c.augment.mixup, c.augment.cutmix = 0.4, 1.0
         if preset == "keras":
             c.augment.rotation_range, c.augment.horizontal_flip = 30.0, True
         else:
@@ -1795,3 +1798,75 @@ def test_a_run_is_resumed_only_on_the_images_it_started_with(tmp_path):
         fit(resume=tmp_path / "run", epochs=2, log=lambda s: None)
     shutil.copy(tmp_path / "kept.png", one)
     assert fit(resume=tmp_path / "run", epochs=2, log=lambda s: None)["epochs_trained"] == 2
+
+
+def test_a_mixed_pair_is_trained_on_both_labels_by_their_shares():
+    """train_step's loss for MixUp / CutMix images: the share lam of the cross-entropy of the
+    images' own labels and 1 - lam of their partners', with label smoothing and class weights
+    applied to both; an image is correct where it predicts the label of the larger share."""
+    import torch.nn.functional as F
+
+    from cifarlab.train import train_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x, y, partners = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([2, 1, 0, 2, 1, 0])
+    weight = torch.tensor([1.0, 2.0, 0.5])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # no update: the loss and count are of these weights
+    logits = model(x).detach()
+
+    def ce(target):
+        return (F.cross_entropy(logits, target, label_smoothing=0.1, reduction="none") * weight[target]).mean()
+
+    for lam in (0.8, 0.3):
+        loss, correct = train_step(model, opt, x, y, label_smoothing=0.1, class_weight=weight, mix=(partners, lam))
+        assert float(loss) / 6 == pytest.approx(float(lam * ce(y) + (1 - lam) * ce(partners)), rel=1e-6)
+        larger = y if lam >= 0.5 else partners
+        assert int(correct) == int((logits.argmax(1) == larger).sum())
+    plain, _ = train_step(model, opt, x, y, label_smoothing=0.1, class_weight=weight)
+    assert float(plain) == pytest.approx(float(train_step(model, opt, x, y, label_smoothing=0.1, class_weight=weight,
+                                                          mix=(partners, 1.0))[0]))
+
+
+def test_mixup_and_cutmix_mix_every_step_of_a_run_and_of_the_lr_range_test(tmp_path, image_folder, monkeypatch):
+    """With both set, each step of a run mixes its batch by one of the two (boxes for CutMix),
+    the step trains on the partners' labels too, and a teacher runs on the mixed images rather
+    than giving the unmixed images' logits made beforehand; the learning-rate range test steps
+    as training does, mixed."""
+    import cifarlab.augment as augment_mod
+    import cifarlab.train as train_mod
+    from cifarlab import lr_find
+
+    boxes, mixes = [], []
+    real_mix, real_step = train_mod.mix_batch, train_mod.train_step
+    monkeypatch.setattr(train_mod, "mix_batch", lambda x, y, lam, box=None: boxes.append(box) or real_mix(x, y, lam,
+                                                                                                           box))
+
+    def step(*a, mix=None, **k):
+        mixes.append(mix)
+        return real_step(*a, mix=mix, **k)
+
+    monkeypatch.setattr(train_mod, "train_step", step)
+    def mixing(out, mixup=0.0, cutmix=0.0, **train):
+        cfg = tiny_config(str(image_folder), str(tmp_path / out), **train)
+        cfg.augment.mixup, cfg.augment.cutmix = mixup, cutmix
+        return cfg
+
+    said = []
+    fit(mixing("m", 0.4, 1.0, epochs=3, batch_size=4), log=said.append)
+    steps = 3 * math.ceil(13 / 4)  # 13 training images (the validation's held out) in batches of 4
+    assert len(boxes) == len(mixes) == steps and all(m is not None and 0 <= m[1] <= 1 for m in mixes)
+    assert any(b is None for b in boxes) and any(b is not None for b in boxes)
+    assert "each step mixes pairs of its images by MixUp (alpha 0.4) or CutMix (alpha 1), one of the two at " \
+           "random, and their labels by the same shares" in said
+    assert not hasattr(augment_mod, "MIX_STREAM")  # the stream is training's, apart from the augmenters'
+
+    made = []
+    monkeypatch.setattr(train_mod._Loop, "_teacher_logits", lambda loop: made.append(1))
+    mixes.clear()
+    fit(mixing("s", 0.4, teacher=str(tmp_path / "m")), log=lambda s: None)
+    assert not made and len(mixes) == math.ceil(13 / 8) and all(m is not None for m in mixes)
+
+    mixes.clear()
+    r = lr_find.find_lr(mixing("lr", cutmix=1.0, batch_size=4), 1e-4, 1e-2, 10, log=lambda _: None)
+    assert len(mixes) == r["steps_run"] > 0 and all(m is not None for m in mixes)

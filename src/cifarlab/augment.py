@@ -11,8 +11,13 @@ Two families:
 * :func:`crop_flip_cutout` - the fast augmentations of the speed records (airbench): random crop
   after reflect padding, random or alternating flips, cutout.
 
+And, after either, the mixing of pairs of images within a batch (:func:`draw_mix`,
+:func:`mix_batch`): MixUp and CutMix.
+
 All randomness comes from an explicit ``torch.Generator``, so results are seeded and
-reproducible, and resuming a run can restore the generator.
+reproducible, and resuming a run can restore the generator; the mixing's one draw per batch (a
+mixing weight, a box) comes from a NumPy generator instead, as torch has no seeded Beta draw, and
+stays on the host, so that it costs the device no synchronisation.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from . import cpu_kernels
@@ -574,6 +580,51 @@ def cutout(x: torch.Tensor, size: int, generator: torch.Generator | None = None)
     col = torch.arange(w, device=x.device).view(1, 1, w)
     m = (r >= top) & (r < top + size) & (col >= left) & (col < left + size)
     return x * (~m).unsqueeze(1).to(x.dtype)
+
+
+def draw_mix(rng: np.random.Generator, mixup: float, cutmix: float,
+             size: tuple[int, int]) -> tuple[float, tuple[int, int, int, int] | None]:
+    """One batch's mixing draw: ``(lam, box)``, the weight of each image's own label and, for
+    CutMix, the box (top, bottom, left, right) of an image of ``size`` (H, W) that its partner
+    fills; ``(1.0, None)`` where both are off.
+
+    ``mixup`` and ``cutmix`` are the alphas of their Beta(alpha, alpha) draws of ``lam``
+    (0: off; MixUp, Zhang et al., 2018; CutMix, Yun et al., 2019). With both set, each batch
+    takes one of the two with equal chance, as timm's ``Mixup`` does by default. CutMix's box
+    has sides of sqrt(1 - lam) times the image's, centred anywhere in it and cut off at its
+    edges, and ``lam`` becomes the share of the image left outside the box, so that the labels
+    weigh as much as the pixels."""
+    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    if alpha <= 0:
+        return 1.0, None
+    lam = float(rng.beta(alpha, alpha))
+    if not use_cutmix:
+        return lam, None
+    h, w = size
+    cut_h, cut_w = round(h * math.sqrt(1 - lam)), round(w * math.sqrt(1 - lam))
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    top, bottom = max(cy - cut_h // 2, 0), min(cy - cut_h // 2 + cut_h, h)
+    left, right = max(cx - cut_w // 2, 0), min(cx - cut_w // 2 + cut_w, w)
+    return 1 - (bottom - top) * (right - left) / (h * w), (top, bottom, left, right)
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, lam: float,
+              box: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix each image of the batch ``x`` (N, C, H, W) with its partner, the image at the same
+    place in the batch reversed (the batch is in random order already, so this pairs at random
+    without a permutation, as timm does): MixUp's ``lam * x + (1 - lam) * partner`` where
+    ``box`` is None, else CutMix's image with the partner's pixels in ``box`` (:func:`draw_mix`).
+    Returns the mixed images and the partners' labels; the loss weighs ``y`` by ``lam`` and the
+    partners' labels by ``1 - lam``."""
+    partner = x.flip(0)
+    if box is None:
+        mixed = x * lam + partner * (1 - lam)
+    else:
+        top, bottom, left, right = box
+        mixed = x.clone()
+        mixed[:, :, top:bottom, left:right] = partner[:, :, top:bottom, left:right]
+    return mixed, y.flip(0)
 
 
 @dataclass

@@ -40,7 +40,8 @@ _TRAIN_OPTIONS = (
     "allow_unverified",
     "skip_bad_images", "label_mode",
     "model", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "epochs", "batch_size", "seed", "device",
-    "threads", "out", "overwrite", "deterministic", "augment", "runs", "tta", "label_smoothing", "precision",
+    "threads", "out", "overwrite", "deterministic", "augment", "mixup", "cutmix", "runs", "tta", "label_smoothing",
+    "precision",
     "compile", "compile_mode", "cuda_graph", "cpu_kernels", "select_fraction", "early_stopping",
     "early_stopping_monitor", "early_stopping_min_delta", "reduce_lr_on_plateau", "reduce_lr_factor", "min_lr",
     "reduce_lr_monitor", "reduce_lr_min_delta", "reduce_lr_cooldown", "schedule", "init_from", "freeze_epochs",
@@ -202,6 +203,12 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--reduce-lr-cooldown", type=int, metavar="N",
                    help="Keras' cooldown: the N-1 epochs after a cut count towards no cut (default 0)")
     g.add_argument("--augment", help="augmentation preset: none, keras (the notebook's ImageDataGenerator), crop-flip")
+    g.add_argument("--mixup", type=float, metavar="ALPHA",
+                   help="MixUp: each step's images mixed in pairs, and their labels by the same shares, drawn from "
+                        "Beta(ALPHA, ALPHA) (0.2 to 1 usual; default 0: off)")
+    g.add_argument("--cutmix", type=float, metavar="ALPHA",
+                   help="CutMix: a box of each image filled from its partner's, its area's share from "
+                        "Beta(ALPHA, ALPHA) (1 usual; default 0: off); with --mixup, each step one of the two")
     g.add_argument("--select-fraction", type=float,
                    help="train each step on this fraction of its batch, the examples a small proxy net finds "
                         "hardest (default 1: all; best-select: 0.5); --lr then applies to their mean loss")

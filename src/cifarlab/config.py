@@ -157,6 +157,9 @@ class AugmentConfig:
     crop_padding: int = 0  # crop-flip: random crop after reflect padding by this many pixels
     cutout: int = 0  # crop-flip: side of a zeroed square, 0 for none
     alternating_flip: bool = False  # crop-flip: flip each image every other epoch instead of at random
+    # After any preset, pairs of a batch's images mixed, their labels weighed by the same share:
+    mixup: float = 0.0  # MixUp's alpha: the share ~ Beta(alpha, alpha) (0.2 to 1 usual); 0 off
+    cutmix: float = 0.0  # CutMix's alpha: a box of the partner's pixels (1.0 usual); 0 off; with mixup, half each
 
 
 @dataclass
@@ -786,6 +789,14 @@ def _check_across_sections(cfg: Config) -> None:
     if t.cuda_graph and o.plateau_patience:
         _bad("train.cuda_graph", True, "a CUDA graph bakes in the learning rate, so it cannot cut it on a plateau; "
              "set optim.plateau_patience to 0")
+    a = cfg.augment
+    for key in ("mixup", "cutmix"):
+        if getattr(a, key) < 0:  # a number already: not NaN or infinite
+            _bad(f"augment.{key}", getattr(a, key), "it is the alpha of a Beta(alpha, alpha) draw: a number above 0, "
+                 "or 0 for off")
+    if t.cuda_graph and (a.mixup or a.cutmix):
+        _bad("train.cuda_graph", True, "a CUDA graph fixes the step's images and labels at capture, and MixUp and "
+             "CutMix draw new pairs and weights every step; train without one of the two")
     if t.cuda_graph and t.freeze_epochs:
         _bad("train.cuda_graph", True, "a CUDA graph fixes which parameters train, so it cannot unfreeze the model "
              f"after train.freeze_epochs = {t.freeze_epochs}; set that to 0")

@@ -241,7 +241,8 @@ def _run_steps(cfg: Config, loop, lrs: np.ndarray, device) -> tuple[list[float],
         for g, b in zip(st.optimizer.param_groups, base):
             g["lr"] = b * lr / cfg.optim.lr
         x, y = loop.batch(order[step * bs:(step + 1) * bs], gen, epoch)
-        l_sum, _ = loop.step_fn(x, y)
+        x, mix = loop.mixed(x, y, epoch, step)
+        l_sum, _ = loop.step_fn(x, y, **mix)
         loss = l_sum.item() / len(y)  # a GPU-to-CPU sync every step: the test's output is each step's loss
         if not math.isfinite(loss):
             return losses, f"the loss became {loss} at lr {lr:.3g}"

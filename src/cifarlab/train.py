@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import cpu_kernels as kernels
 from . import runtime
-from .augment import CropFlipCutout, KerasAugment, augmenter_from_config
+from .augment import CropFlipCutout, KerasAugment, augmenter_from_config, draw_mix, mix_batch
 from .config import MONITORS, Config, load_run_config, save_config, validate
 from .data import Dataset, balanced_subset, load_dataset, only_classes, resized, seen, stratified_split, subset_note
 from .datasheet import people_classes, people_warning
@@ -35,6 +35,7 @@ from .optim import build_optimizer, param_groups
 from .selection import HardExampleSelector, kept_count
 
 CHECKPOINT = "checkpoint.pt"
+MIX_STREAM = 0x6D6978  # "mix": seeds the MixUp / CutMix draws apart from the run's other random streams
 
 
 class NonFiniteLoss(CifarlabError):
@@ -239,7 +240,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
                class_weight: torch.Tensor | None = None,
                logit_offset: torch.Tensor | None = None, teacher: nn.Module | None = None,
                distill_weight: float = 0.5, distill_temperature: float = 4.0,
-               soft: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               soft: torch.Tensor | None = None,
+               mix: tuple[torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a prepared batch; returns (summed loss, correct count) as
     device tensors, so the caller can accumulate without a GPU-to-CPU sync every step.
     ``cpu_kernels`` uses cifarlab's own CPU kernels (:mod:`cifarlab.cpu_kernels`: dropout, ReLU
@@ -255,11 +257,20 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     the same input, :class:`TeacherLogits`) adds the distillation loss
     (:func:`losses.distillation_loss` at ``distill_temperature``) with the share
     ``distill_weight``, the cross-entropy keeping the rest; ``soft``, the teacher's logits for
-    ``x`` computed beforehand, saves its forward pass."""
+    ``x`` computed beforehand, saves its forward pass. ``mix``, for images that MixUp or CutMix
+    mixed (:func:`cifarlab.augment.mix_batch`), is the partners' labels and the share ``lam`` of
+    ``y``: the cross-entropy is ``lam`` times that of ``y`` plus ``1 - lam`` times that of the
+    partners' labels, and an image counts as correct where it predicts the label of the larger
+    share."""
     with autocast or nullcontext(), kernels.kernel_mode(cpu_kernels):
         logits = model(x)
         # categorical cross-entropy on softmax(logits), as Keras; optionally with label smoothing
         loss = cross_entropy(logits, y, label_smoothing, class_weight, logit_offset)
+        if mix is not None:
+            loss = mix[1] * loss + (1 - mix[1]) * cross_entropy(logits, mix[0], label_smoothing, class_weight,
+                                                                logit_offset)
+            if mix[1] < 0.5:
+                y = mix[0]
         if teacher is not None or soft is not None:
             if soft is None:
                 with torch.no_grad():
@@ -1078,7 +1089,8 @@ def _describe_setup(cfg: Config, ds: Dataset, arrays: Arrays, st: _Setup, device
     """The log lines, before the first epoch, on what the run trains (the model, the images) and
     whatever changes how: a warning on classes that label people, class weights, the
     logit-adjusted loss, balanced sampling, the weights it starts from (``start``, with
-    ``seen_note`` of :func:`_seen_by_start_note`), a teacher, hard-example selection."""
+    ``seen_note`` of :func:`_seen_by_start_note`), a teacher, MixUp or CutMix, hard-example
+    selection."""
     n, bs = len(arrays.x_train), cfg.train.batch_size
     log(f"model {cfg.model.name} ({st.num_params:,} parameters) on {device}; {n:,} training, "
         f"{len(arrays.x_val):,} validation, {len(arrays.x_test):,} test images")
@@ -1105,6 +1117,10 @@ def _describe_setup(cfg: Config, ds: Dataset, arrays: Arrays, st: _Setup, device
         of = f"the {t['runs']} runs of {t['run']}" if "runs" in t else t["run"]
         log(f"distilling from {of} ({t['model']}{acc}): loss = {1 - t['weight']:g} x cross-entropy + "
             f"{t['weight']:g} x T^2 x KL to its softmax at T = {t['temperature']:g}")
+    if mixes := [f"{name} (alpha {alpha:g})" for name, alpha in (("MixUp", cfg.augment.mixup),
+                                                                     ("CutMix", cfg.augment.cutmix)) if alpha]:
+        log(f"each step mixes pairs of its images by {' or '.join(mixes)}"
+            f"{', one of the two at random' if len(mixes) == 2 else ''}, and their labels by the same shares")
     if st.selector is not None:
         log(f"each step trains on the {_trained_per_step(cfg)} of its {bs} images that {cfg.train.select_model} "
             f"({sum(p.numel() for p in st.selector.model.parameters()):,} parameters) finds hardest")
@@ -1293,7 +1309,8 @@ class _Loop:
         # Without augmentation each training image reaches the teacher the same way every epoch:
         # its logits are computed once, in one inference pass, instead of in every step.
         self.soft = None
-        if st.teacher is not None and st.augmenter is None:
+        self.mixing = bool(cfg.augment.mixup or cfg.augment.cutmix)
+        if st.teacher is not None and st.augmenter is None and not self.mixing:
             clock = _Clock(device)
             self.soft = self._teacher_logits()
             self.train_time += clock.elapsed()  # the teacher's work, as the steps would have done it
@@ -1355,6 +1372,18 @@ class _Loop:
             if isinstance(st.augmenter, CropFlipCutout):
                 x = st.augmenter(x, gen, indices=idx, epoch=epoch, seed=self.cfg.train.seed)
         return x.to(self.dtype).contiguous(memory_format=self.fmt), self.arrays.y_train[idx]
+
+    def mixed(self, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The batch ``x`` of step ``step`` of epoch ``epoch`` as MixUp or CutMix mix it, where
+        the run mixes, with the step function's ``mix`` argument (:func:`train_step`); else
+        ``x`` as it is, with none."""
+        if not self.mixing:
+            return x, {}
+        # Drawn from the run's seed, the epoch and the step alone, so a resumed epoch mixes alike.
+        rng = np.random.default_rng([self.cfg.train.seed, MIX_STREAM, epoch, step])
+        lam, box = draw_mix(rng, self.cfg.augment.mixup, self.cfg.augment.cutmix, tuple(x.shape[-2:]))
+        x, partners = mix_batch(x, y, lam, box)
+        return x, {"mix": (partners, lam)}
 
     def _teacher_logits(self) -> torch.Tensor:
         """The teacher's logits (float32) for every training image, made as a step would make
@@ -1423,7 +1452,10 @@ class _Loop:
                 keep = st.selector(x, y)  # the examples the proxy finds hardest
                 x, y = x[keep], y[keep]
                 soft = None if soft is None else soft[keep]
-            l_sum, corr = self.step_fn(x, y) if soft is None else self.step_fn(x, y, soft=soft)
+            x, extra = self.mixed(x, y, epoch, step)
+            if soft is not None:
+                extra["soft"] = soft
+            l_sum, corr = self.step_fn(x, y, **extra)
             st.scheduler.step()
             global_step = epoch * steps + step + 1
             if st.lookahead is not None and global_step % cfg.train.lookahead_every == 0:

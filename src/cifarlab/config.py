@@ -776,6 +776,15 @@ def _check_train(t: TrainConfig) -> None:
         _bad("device", t.device, "choose auto, cpu, cuda or cuda:N")
 
 
+def _check_mixing(a: AugmentConfig) -> None:
+    """The mixing alphas; the presets' own values are checked as the augmenter is built
+    (:func:`cifarlab.augment.augmenter_from_config`)."""
+    for key in ("mixup", "cutmix"):
+        if getattr(a, key) < 0:  # a number already: not NaN or infinite
+            _bad(f"augment.{key}", getattr(a, key), "it is the alpha of a Beta(alpha, alpha) draw: a number above 0, "
+                 "or 0 for off")
+
+
 def _check_across_sections(cfg: Config) -> None:
     """Settings valid alone that cannot go together: what a CUDA graph fixes at capture, and
     what watches validation figures without validation images."""
@@ -789,12 +798,7 @@ def _check_across_sections(cfg: Config) -> None:
     if t.cuda_graph and o.plateau_patience:
         _bad("train.cuda_graph", True, "a CUDA graph bakes in the learning rate, so it cannot cut it on a plateau; "
              "set optim.plateau_patience to 0")
-    a = cfg.augment
-    for key in ("mixup", "cutmix"):
-        if getattr(a, key) < 0:  # a number already: not NaN or infinite
-            _bad(f"augment.{key}", getattr(a, key), "it is the alpha of a Beta(alpha, alpha) draw: a number above 0, "
-                 "or 0 for off")
-    if t.cuda_graph and (a.mixup or a.cutmix):
+    if t.cuda_graph and (cfg.augment.mixup or cfg.augment.cutmix):
         _bad("train.cuda_graph", True, "a CUDA graph fixes the step's images and labels at capture, and MixUp and "
              "CutMix draw new pairs and weights every step; train without one of the two")
     if t.cuda_graph and t.freeze_epochs:
@@ -832,6 +836,7 @@ def validate(cfg: Config) -> None:
     _check_data(cfg.data)
     _check_optim(cfg.optim)
     _check_train(cfg.train)
+    _check_mixing(cfg.augment)
     _check_across_sections(cfg)
     augmenter_from_config(cfg.augment)  # raises ConfigError for bad augmentation values
 

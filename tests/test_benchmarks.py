@@ -497,6 +497,18 @@ def test_duplicates_speed_times_both_searches_and_finds_the_planted_copies():
     assert re.search(r"^plain: median [\d.]+ s \(min [\d.]+, max [\d.]+\) over 1 rounds$", p.stdout, re.M)
 
 
+def test_policy_throughput_times_the_batched_policies_beside_pillows_per_image_path():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "policy_throughput.py"), "--data", "/nonexistent/data",
+           "--images", "300", "--rounds", "1", "--batch", "64"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert "300 random 32x32x3 images (data copy absent)" in p.stdout and "batches of 64, 1 rounds" in p.stdout
+    rows = dict(re.findall(r"^(\S.*?)\s{2,}([\d,]+)(?:\s+[\d.]+x)?$", p.stdout, re.M))
+    assert set(rows) == {"crop-flip (4-pixel crop, flip)", "trivialaugment", "randaugment",
+                         "trivialaugment, Pillow per image", "randaugment, Pillow per image"}, p.stdout
+    assert re.search(r"^trivialaugment, Pillow per image\s+[\d,]+\s+1\.0x$", p.stdout, re.M)
+
+
 def test_int8_speed_times_both_files_at_each_batch_size(trained_run):
     pytest.importorskip("onnxscript", reason="the benchmark exports with PyTorch's ONNX exporter")
     pytest.importorskip("onnxruntime", reason="the benchmark times onnxruntime sessions")

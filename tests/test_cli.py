@@ -35,6 +35,7 @@ def test_help_and_list(capsys):
     assert "speednet, sgd (triangle lr), batch 1024, 10 epochs" in lines["fast"]
     assert "augment keras" in lines["keras-book-augmented"] and "cutout 12" in lines["best"]
     assert "hardest 0.5 of each batch" in lines["best-select"] and "hardest" not in lines["best"]
+    assert "augmentation policies (--auto-augment): none, trivialaugment, randaugment" in out
 
 
 def test_data_help_says_what_each_command_takes_when_it_is_left_out():
@@ -442,6 +443,9 @@ def test_print_config_shows_what_the_options_resolve_to_and_reads_back_as_a_conf
     assert code == 0 and "split_seed: 7" in out
     code, out, err = run(capsys, "train", "--mixup", "0.2", "--cutmix", "1", "--print-config")
     assert code == 0 and "mixup: 0.2" in out and "cutmix: 1.0" in out
+    code, out, err = run(capsys, "train", "--augment", "crop-flip", "--auto-augment", "trivialaugment",
+                         "--print-config")
+    assert code == 0 and "auto_augment: trivialaugment" in out
     code, _, err = run(capsys, "train", "--resume", "runs/x", "--print-config")
     assert code == 2 and "--print-config shows a new run's config; the config of 'runs/x' is its config.yaml" in err
 

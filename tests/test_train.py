@@ -490,8 +490,8 @@ def test_keras_augmentation_with_featurewise_statistics(tmp_path, image_folder):
     assert load_model(tmp_path / "run").prep == prep
 
 
-@pytest.mark.parametrize("preset", ["keras", "crop-flip", "crop-flip-balanced", "crop-flip-mix", "fast-muon",
-                                    "fast-muon-bf16-true", "best-select"])
+@pytest.mark.parametrize("preset", ["keras", "crop-flip", "crop-flip-balanced", "crop-flip-mix", "crop-flip-policy",
+                                    "fast-muon", "fast-muon-bf16-true", "best-select"])
 def test_epochs_prepared_ahead_train_and_resume_mid_epoch_exactly(tmp_path, monkeypatch, preset):
     """train.prepare_ahead (the default on CUDA, forced here on the CPU) makes each epoch's
     augmented images at its start; a run stopped mid-epoch and resumed ends with the same weights
@@ -502,7 +502,8 @@ def test_epochs_prepared_ahead_train_and_resume_mid_epoch_exactly(tmp_path, monk
     weights, optimizer, schedule and step count: it trains every fourth step, on global step 20
     for the first time after the resume at step 18). The crop-flip-balanced case draws each
     epoch's images class-balanced, with replacement, from classes of 40, 40 and 10 images. The
-    crop-flip-mix case also mixes each batch by MixUp or CutMix, drawn per step."""
+    crop-flip-mix case also mixes each batch by MixUp or CutMix, drawn per step; the
+    crop-flip-policy case runs RandAugment before the crop and flip."""
     import cifarlab.train as train_mod
     from cifarlab.config import resolve_config
     from cifarlab.train import TrainingInterrupted
@@ -526,11 +527,13 @@ def test_epochs_prepared_ahead_train_and_resume_mid_epoch_exactly(tmp_path, monk
                 "train": {"epochs": 2, "batch_size": 8, "out": str(tmp_path / out), "threads": 1,
                           "deterministic": True, "prepare_ahead": True, "whiten_bias_epochs": 1}})
         c = tiny_config(str(data), str(tmp_path / out), epochs=2, batch_size=4, prepare_ahead=True)
-        c.augment.preset = preset.removesuffix("-balanced").removesuffix("-mix")
+        c.augment.preset = preset.removesuffix("-balanced").removesuffix("-mix").removesuffix("-policy")
         if preset.endswith("-balanced"):
             c.train.sampling = "balanced"
         if preset.endswith("-mix"):
             c.augment.mixup, c.augment.cutmix = 0.4, 1.0
+        if preset.endswith("-policy"):
+            c.augment.auto_augment = "randaugment"
         if preset == "keras":
             c.augment.rotation_range, c.augment.horizontal_flip = 30.0, True
         else:

@@ -337,8 +337,10 @@ def _wrap_coords(c: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where((c >= 0) & (c <= n - 1), c, torch.remainder(c, n - 1))
 
 
-def affine_sample(x: torch.Tensor, mats: torch.Tensor, fill_mode: str = "nearest", cval: float = 0.0) -> torch.Tensor:
-    """Bilinearly sample ``x`` (N, C, H, W) at ``mats @ (row, col, 1)`` for every output pixel.
+def affine_sample(x: torch.Tensor, mats: torch.Tensor, fill_mode: str = "nearest", cval: float = 0.0,
+                  mode: str = "bilinear") -> torch.Tensor:
+    """Bilinearly sample ``x`` (N, C, H, W) at ``mats @ (row, col, 1)`` for every output pixel
+    (or, with ``mode`` 'nearest', take the nearest pixel).
 
     Matches ``scipy.ndimage.affine_transform(channel, mats[i, :2, :2], mats[i, :2, 2], order=1,
     mode=fill_mode, cval=cval)`` per image and channel. One ``grid_sample`` call does the
@@ -373,9 +375,11 @@ def affine_sample(x: torch.Tensor, mats: torch.Tensor, fill_mode: str = "nearest
             sr, sc = _wrap_coords(sr, h), _wrap_coords(sc, w)
             grid = torch.stack([(2 * sc + 1) / w - 1, (2 * sr + 1) / h - 1], dim=-1)
     pad = "reflection" if fill_mode == "reflect" else "border"
-    out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode=pad, align_corners=False)
+    out = torch.nn.functional.grid_sample(x, grid, mode=mode, padding_mode=pad, align_corners=False)
     if fill_mode == "constant":
-        eps = 1e-4  # float32 grid: a point scipy puts exactly on the edge may land a hair outside
+        # float32 grid: a point scipy puts exactly on the edge may land a hair outside; the
+        # nearest pixel is inside for any point within half a pixel of the image
+        eps = 0.5 if mode == "nearest" else 1e-4
         inside = (sr >= -eps) & (sr <= h - 1 + eps) & (sc >= -eps) & (sc <= w - 1 + eps)
         out = torch.where(inside.unsqueeze(1), out, torch.as_tensor(cval, dtype=x.dtype, device=dev))
     return out

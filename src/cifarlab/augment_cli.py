@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from .augment import KerasAugment, augmenter_from_config
+from .augment_policy import PolicyAugment, policy_from_config
 from .config import AugmentConfig, Config, apply_overrides, read_config_file, read_settings
 from .data import load_dataset
 from .errors import CifarlabError
@@ -24,10 +25,11 @@ from .fsutil import make_folder, write_with
 
 
 def iter_augmented(x_uint8: np.ndarray, augmenter, per_image: int, seed: int,
-                   rows_per_chunk: int = 8192) -> Iterator[np.ndarray]:
+                   rows_per_chunk: int = 8192, policy: PolicyAugment | None = None) -> Iterator[np.ndarray]:
     """Yield the augmented copies as uint8 (rows, H, W, C) chunks, in order: copy k of image i is
     overall row ``i * per_image + k``. Chunks of about ``rows_per_chunk`` rows keep the memory
-    flat however many copies are asked for (25 MB a chunk at 32x32x3)."""
+    flat however many copies are asked for (25 MB a chunk at 32x32x3). ``policy`` runs before
+    ``augmenter``, as in training (not with a :class:`KerasAugment`)."""
     g = torch.Generator().manual_seed(seed)
     step = max(1, rows_per_chunk // per_image)  # source images per chunk
     for s in range(0, len(x_uint8), step):
@@ -35,7 +37,7 @@ def iter_augmented(x_uint8: np.ndarray, augmenter, per_image: int, seed: int,
         if isinstance(augmenter, KerasAugment):  # it reads the uint8 images itself, as in training
             aug = augmenter(rep, g, input_scale=1 / 255)
         else:
-            rep = rep.float() / 255
+            rep = (policy(rep, g) if policy is not None else rep.float()) / 255
             aug = augmenter(rep, g) if augmenter is not None else rep
         yield (aug.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
@@ -165,13 +167,17 @@ def augment_command(args: argparse.Namespace) -> int:
             raise CifarlabError(f"{flag} {value} is not valid; it must be at least 1")
     _check_output(args)  # before the data load, which can take seconds
     cfg = Config()
-    if args.config:
-        values = read_config_file(args.config)
-        apply_overrides(cfg, {"augment": values.get("augment", {})}, f"config file '{args.config}'")
+    from_file = read_config_file(args.config).get("augment", {}) if args.config else {}
+    apply_overrides(cfg, {"augment": from_file}, f"config file '{args.config}'")
     aug_cfg: AugmentConfig = cfg.augment
+    if args.auto_augment:
+        aug_cfg.auto_augment = args.auto_augment
     if args.augment:
         aug_cfg.preset = args.augment
+    elif "preset" not in from_file:  # the notebook's, unless a policy is asked for
+        aug_cfg.preset = "keras" if aug_cfg.auto_augment == "none" else "none"
     augmenter = augmenter_from_config(aug_cfg)
+    policy = policy_from_config(aug_cfg)
     read = read_settings(args.image_size, args.test_split)
     ds = load_dataset(args.data, args.dataset or "cifar10", allow_unverified=bool(args.allow_unverified),
                       label_mode=args.label_mode or "fine", skip_bad_images=bool(args.skip_bad_images),
@@ -200,7 +206,7 @@ def augment_command(args: argparse.Namespace) -> int:
 
     def chunks() -> Iterator[np.ndarray]:
         start = 0  # source index of the chunk's first image
-        for c in iter_augmented(x, augmenter, per, args.seed):
+        for c in iter_augmented(x, augmenter, per, args.seed, policy=policy):
             end = start + len(c) // per
             for i in picks[(picks >= start) & (picks < end)]:
                 previews[int(i)] = c[(i - start) * per:(i - start + 1) * per].copy()

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import (CALIBRATION_METHODS, COMPILE_MODES, MONITORS, PRECISIONS, SAMPLINGS, SCHEDULES, TTA_LEVELS,
-                     parse_image_size, read_settings)
+from .config import (CALIBRATION_METHODS, COMPILE_MODES, MONITORS, POLICIES, PRECISIONS, SAMPLINGS, SCHEDULES,
+                     TTA_LEVELS, parse_image_size, read_settings)
 from .errors import CifarlabError, ConfigError, TrainingInterrupted, did_you_mean
 
 EPILOG = """examples:
@@ -40,8 +40,8 @@ _TRAIN_OPTIONS = (
     "allow_unverified",
     "skip_bad_images", "label_mode",
     "model", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "epochs", "batch_size", "seed", "device",
-    "threads", "out", "overwrite", "deterministic", "augment", "mixup", "cutmix", "runs", "tta", "label_smoothing",
-    "precision",
+    "threads", "out", "overwrite", "deterministic", "augment", "auto_augment", "mixup", "cutmix", "runs", "tta",
+    "label_smoothing", "precision",
     "compile", "compile_mode", "cuda_graph", "cpu_kernels", "select_fraction", "early_stopping",
     "early_stopping_monitor", "early_stopping_min_delta", "reduce_lr_on_plateau", "reduce_lr_factor", "min_lr",
     "reduce_lr_monitor", "reduce_lr_min_delta", "reduce_lr_cooldown", "schedule", "init_from", "freeze_epochs",
@@ -203,6 +203,10 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--reduce-lr-cooldown", type=int, metavar="N",
                    help="Keras' cooldown: the N-1 epochs after a cut count towards no cut (default 0)")
     g.add_argument("--augment", help="augmentation preset: none, keras (the notebook's ImageDataGenerator), crop-flip")
+    g.add_argument("--auto-augment", choices=POLICIES,
+                   help="a policy of image operations before the preset's crop and flip: trivialaugment (one "
+                        "operation per image at a random strength) or randaugment (augment.randaugment_ops of them "
+                        "at augment.randaugment_magnitude, default 2 at 9 of 30); default none")
     g.add_argument("--mixup", type=float, metavar="ALPHA",
                    help="MixUp: each step's images mixed in pairs, and their labels by the same shares, drawn from "
                         "Beta(ALPHA, ALPHA) (0.2 to 1 usual; default 0: off)")
@@ -663,7 +667,9 @@ def _add_augment_parser(sub: argparse._SubParsersAction) -> None:
     _add_data_args(g, subset="augment a class-balanced subset of N images of --split")
     _add_read_args(g)
     g.add_argument("--config", help="YAML/TOML file whose 'augment' section sets the options")
-    g.add_argument("--augment", default="keras", help="preset (default keras: the notebook's settings)")
+    g.add_argument("--augment", help="preset (default keras: the notebook's settings; none with --auto-augment)")
+    g.add_argument("--auto-augment", choices=POLICIES,
+                   help="a policy of image operations before the preset (see 'cifarlab train --help')")
     g.add_argument("--per-image", type=int, default=5, help="augmented copies per image (default 5)")
     g.add_argument("--split", choices=["train", "test"], default="train", help="images to augment (default train)")
     g.add_argument("--limit", type=int, help="augment only the first N images")
@@ -1521,6 +1527,7 @@ def cmd_list(args: argparse.Namespace) -> int:  # noqa: ARG001
               f"{c.train.epochs} epochs, augment {aug}, validation {c.data.val_split:g}, tta {c.train.tta}, "
               f"precision {c.train.precision}{picked}")
     print("augmentation presets (--augment): " + ", ".join(PRESETS))
+    print("augmentation policies (--auto-augment): " + ", ".join(POLICIES))
     return 0
 
 

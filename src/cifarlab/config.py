@@ -26,6 +26,7 @@ from .errors import ConfigError, did_you_mean
 SCHEDULES = ("constant", "triangle", "cosine", "step")
 # Test-time augmentation levels (see cifarlab.export.tta_logits): airbench's levels 0, 1 and 2.
 TTA_LEVELS = ("none", "flip", "flip-translate")
+POLICIES = ("none", "trivialaugment", "randaugment")  # augment.auto_augment (see augment_policy)
 # fp32; autocast to bf16 or fp16 with float32 weights; or weights in bf16 / fp16 throughout
 # (the "-true" ones, Lightning's names; see cifarlab.runtime.cast_model); auto: bf16 where the
 # device computes bfloat16 natively, else fp32 (cifarlab.runtime.resolve_precision).
@@ -157,6 +158,10 @@ class AugmentConfig:
     crop_padding: int = 0  # crop-flip: random crop after reflect padding by this many pixels
     cutout: int = 0  # crop-flip: side of a zeroed square, 0 for none
     alternating_flip: bool = False  # crop-flip: flip each image every other epoch instead of at random
+    # Before the preset's crop and flip, a policy of operations drawn per image (augment_policy):
+    auto_augment: str = "none"  # none | trivialaugment | randaugment
+    randaugment_ops: int = 2  # randaugment: operations per image (its N)
+    randaugment_magnitude: int = 9  # randaugment: their strength, a level from 0 to 30 (its M)
     # After any preset, pairs of a batch's images mixed, their labels weighed by the same share:
     mixup: float = 0.0  # MixUp's alpha: the share ~ Beta(alpha, alpha) (0.2 to 1 usual); 0 off
     cutmix: float = 0.0  # CutMix's alpha: a box of the partner's pixels (1.0 usual); 0 off; with mixup, half each
@@ -785,6 +790,19 @@ def _check_mixing(a: AugmentConfig) -> None:
                  "or 0 for off")
 
 
+def _check_policy(a: AugmentConfig) -> None:
+    """The augmentation policy; its own values are checked as it is built
+    (:func:`cifarlab.augment_policy.policy_from_config`)."""
+    from .augment_policy import policy_from_config
+
+    if a.auto_augment not in POLICIES:
+        _bad("augment.auto_augment", a.auto_augment, f"choose one of {', '.join(POLICIES)}", POLICIES)
+    if a.auto_augment != "randaugment":
+        _refuse_set(a, "augment", ("randaugment_ops", "randaugment_magnitude"),
+                    "it only applies to RandAugment: set augment.auto_augment (--auto-augment) to randaugment too")
+    policy_from_config(a)
+
+
 def _check_across_sections(cfg: Config) -> None:
     """Settings valid alone that cannot go together: what a CUDA graph fixes at capture, and
     what watches validation figures without validation images."""
@@ -837,6 +855,7 @@ def validate(cfg: Config) -> None:
     _check_optim(cfg.optim)
     _check_train(cfg.train)
     _check_mixing(cfg.augment)
+    _check_policy(cfg.augment)
     _check_across_sections(cfg)
     augmenter_from_config(cfg.augment)  # raises ConfigError for bad augmentation values
 

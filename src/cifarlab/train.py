@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from . import cpu_kernels as kernels
 from . import runtime
 from .augment import CropFlipCutout, KerasAugment, augmenter_from_config, draw_mix, mix_batch
+from .augment_policy import OPS, PolicyAugment, policy_from_config
 from .config import MONITORS, Config, load_run_config, save_config, validate
 from .data import Dataset, balanced_subset, load_dataset, only_classes, resized, seen, stratified_split, subset_note
 from .datasheet import people_classes, people_warning
@@ -813,6 +814,7 @@ class _Setup:
     logit_offset: torch.Tensor | None = None  # train.logit_adjustment's offset per class, on the device (None: off)
     teacher: nn.Module | None = None  # train.teacher's model, or its runs' ensemble (None: no distillation)
     teacher_about: dict | None = None  # the teacher run, its model, accuracy and data, and the loss's settings
+    policy: PolicyAugment | None = None  # augment.auto_augment's TrivialAugment or RandAugment (None: off)
 
 
 def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps_per_epoch: int,
@@ -879,7 +881,7 @@ def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps
         else (None, None)
     return _Setup(model, optimizer, scheduler, augmenter, prep, lookahead, model_kwargs,
                   sum(p.numel() for p in model.parameters()), init_time, selector, plateau, fresh, weights, offsets,
-                  teacher, about)
+                  teacher, about, policy_from_config(cfg.augment))
 
 
 def _scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
@@ -1089,8 +1091,8 @@ def _describe_setup(cfg: Config, ds: Dataset, arrays: Arrays, st: _Setup, device
     """The log lines, before the first epoch, on what the run trains (the model, the images) and
     whatever changes how: a warning on classes that label people, class weights, the
     logit-adjusted loss, balanced sampling, the weights it starts from (``start``, with
-    ``seen_note`` of :func:`_seen_by_start_note`), a teacher, MixUp or CutMix, hard-example
-    selection."""
+    ``seen_note`` of :func:`_seen_by_start_note`), a teacher, an augmentation policy, MixUp or
+    CutMix, hard-example selection."""
     n, bs = len(arrays.x_train), cfg.train.batch_size
     log(f"model {cfg.model.name} ({st.num_params:,} parameters) on {device}; {n:,} training, "
         f"{len(arrays.x_val):,} validation, {len(arrays.x_test):,} test images")
@@ -1117,6 +1119,14 @@ def _describe_setup(cfg: Config, ds: Dataset, arrays: Arrays, st: _Setup, device
         of = f"the {t['runs']} runs of {t['run']}" if "runs" in t else t["run"]
         log(f"distilling from {of} ({t['model']}{acc}): loss = {1 - t['weight']:g} x cross-entropy + "
             f"{t['weight']:g} x T^2 x KL to its softmax at T = {t['temperature']:g}")
+    if st.policy is not None:
+        a = cfg.augment
+        what = (f"one of {len(OPS)} operations at a random strength (TrivialAugment)"
+                if a.auto_augment == "trivialaugment" else
+                f"{a.randaugment_ops} of {len(OPS)} operations in turn at level {a.randaugment_magnitude} of 30 "
+                "(RandAugment)")
+        log(f"each training image gets {what}, each drawn at random"
+            + (f", before the {a.preset} preset" if a.preset != "none" else ""))
     if mixes := [f"{name} (alpha {alpha:g})" for name, alpha in (("MixUp", cfg.augment.mixup),
                                                                      ("CutMix", cfg.augment.cutmix)) if alpha]:
         log(f"each step mixes pairs of its images by {' or '.join(mixes)}"
@@ -1310,7 +1320,7 @@ class _Loop:
         # its logits are computed once, in one inference pass, instead of in every step.
         self.soft = None
         self.mixing = bool(cfg.augment.mixup or cfg.augment.cutmix)
-        if st.teacher is not None and st.augmenter is None and not self.mixing:
+        if st.teacher is not None and st.augmenter is None and st.policy is None and not self.mixing:
             clock = _Clock(device)
             self.soft = self._teacher_logits()
             self.train_time += clock.elapsed()  # the teacher's work, as the steps would have done it
@@ -1368,7 +1378,10 @@ class _Loop:
             # standardisation; the augmenter reads the uint8 images itself.
             x = normalize(st.augmenter(x_train[idx], gen, input_scale=st.prep["rescale"]), st.prep)
         else:
-            x = preprocess(x_train[idx], st.prep)
+            x = x_train[idx]
+            if st.policy is not None:  # it reads the 8-bit levels, so it comes before the preprocessing
+                x = st.policy(x, gen)
+            x = preprocess(x, st.prep)
             if isinstance(st.augmenter, CropFlipCutout):
                 x = st.augmenter(x, gen, indices=idx, epoch=epoch, seed=self.cfg.train.seed)
         return x.to(self.dtype).contiguous(memory_format=self.fmt), self.arrays.y_train[idx]

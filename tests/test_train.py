@@ -491,7 +491,7 @@ def test_keras_augmentation_with_featurewise_statistics(tmp_path, image_folder):
 
 
 @pytest.mark.parametrize("preset", ["keras", "crop-flip", "crop-flip-balanced", "crop-flip-mix", "crop-flip-policy",
-                                    "fast-muon", "fast-muon-bf16-true", "best-select"])
+                                    "crop-flip-ema", "fast-muon", "fast-muon-bf16-true", "best-select"])
 def test_epochs_prepared_ahead_train_and_resume_mid_epoch_exactly(tmp_path, monkeypatch, preset):
     """train.prepare_ahead (the default on CUDA, forced here on the CPU) makes each epoch's
     augmented images at its start; a run stopped mid-epoch and resumed ends with the same weights
@@ -503,7 +503,8 @@ def test_epochs_prepared_ahead_train_and_resume_mid_epoch_exactly(tmp_path, monk
     for the first time after the resume at step 18). The crop-flip-balanced case draws each
     epoch's images class-balanced, with replacement, from classes of 40, 40 and 10 images. The
     crop-flip-mix case also mixes each batch by MixUp or CutMix, drawn per step; the
-    crop-flip-policy case runs RandAugment before the crop and flip."""
+    crop-flip-policy case runs RandAugment before the crop and flip; the crop-flip-ema case
+    resumes the moving average of the weights, which the run ends on."""
     import cifarlab.train as train_mod
     from cifarlab.config import resolve_config
     from cifarlab.train import TrainingInterrupted
@@ -527,13 +528,15 @@ def test_epochs_prepared_ahead_train_and_resume_mid_epoch_exactly(tmp_path, monk
                 "train": {"epochs": 2, "batch_size": 8, "out": str(tmp_path / out), "threads": 1,
                           "deterministic": True, "prepare_ahead": True, "whiten_bias_epochs": 1}})
         c = tiny_config(str(data), str(tmp_path / out), epochs=2, batch_size=4, prepare_ahead=True)
-        c.augment.preset = preset.removesuffix("-balanced").removesuffix("-mix").removesuffix("-policy")
+        c.augment.preset = preset.split("-")[0] + ("-flip" if preset.startswith("crop-flip") else "")
         if preset.endswith("-balanced"):
             c.train.sampling = "balanced"
         if preset.endswith("-mix"):
             c.augment.mixup, c.augment.cutmix = 0.4, 1.0
         if preset.endswith("-policy"):
             c.augment.auto_augment = "randaugment"
+        if preset.endswith("-ema"):
+            c.optim.ema_momentum = 0.9
         if preset == "keras":
             c.augment.rotation_range, c.augment.horizontal_flip = 30.0, True
         else:
@@ -1873,3 +1876,65 @@ def test_mixup_and_cutmix_mix_every_step_of_a_run_and_of_the_lr_range_test(tmp_p
     mixes.clear()
     r = lr_find.find_lr(mixing("lr", cutmix=1.0, batch_size=4), 1e-4, 1e-2, 10, log=lambda _: None)
     assert len(mixes) == r["steps_run"] > 0 and all(m is not None for m in mixes)
+
+
+def test_the_weight_average_is_keras_ema_kept_in_float32():
+    """The first update takes the weights as they are (Keras' momentum 0 on its first step),
+    then each moves the average by 1 - momentum; half-precision weights keep a float32 average,
+    which the end copies back."""
+    from cifarlab.train import WeightAverage
+
+    model = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    avg = WeightAverage(model, 0.9)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    avg.update(first=True)
+    assert avg.average[0].dtype == torch.float32 and torch.equal(avg.average[0], torch.ones(2, 3))
+    for value in (2.0, 4.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        avg.update()
+    want = (0.9 * 1.0 + 0.1 * 2.0) * 0.9 + 0.1 * 4.0  # 1.18; bf16 steps of 2 ** -7 near 1 could not hold it
+    assert avg.average[0].sub(want).abs().max() < 1e-6
+    avg.apply()
+    assert model.weight.dtype == torch.bfloat16 and model.weight.float().sub(want).abs().max() < 1e-2
+
+
+def test_a_run_with_ema_ends_on_the_average_of_every_steps_weights(tmp_path, image_folder, monkeypatch):
+    """Each step's parameters, averaged as Keras averages them, are the weights the run saves
+    and tests; the validation figures are those of the epochs' own weights, as in Keras."""
+    from cifarlab.export import read_weights
+    from cifarlab.train import WeightAverage
+
+    snapshots = []
+    real = WeightAverage.update
+    monkeypatch.setattr(WeightAverage, "update", lambda self, first=False: snapshots.append(
+        ([p.detach().clone() for p in self.params], first)) or real(self, first))
+    said = []
+    cfg = tiny_config(str(image_folder), str(tmp_path / "r"), epochs=2, batch_size=4)
+    cfg.optim.ema_momentum = 0.5
+    fit(cfg, log=said.append)
+    assert len(snapshots) == 2 * math.ceil(13 / 4) and [f for _, f in snapshots] == [True] + [False] * 7
+    want = snapshots[0][0]
+    for params, _ in snapshots[1:]:
+        want = [0.5 * a + 0.5 * p for a, p in zip(want, params)]
+    saved = read_weights(tmp_path / "r" / "weights.safetensors")
+    names = [n for n, _ in load_model(tmp_path / "r").model.named_parameters()]
+    assert all(torch.allclose(saved[n], w, atol=1e-6) for n, w in zip(names, want))
+    assert not torch.allclose(saved[names[0]], snapshots[-1][0][0])  # the average, not the last step's
+    assert "ending on the moving average of the weights (optim.ema_momentum 0.5)" in said
+    assert any(s.startswith("the run ends on a moving average of its weights, each step moving it by 0.5 (Keras' "
+                            "use_ema, ema_momentum 0.5)") for s in said)
+
+
+def test_ema_settings_are_checked():
+    def cfg(**over):
+        return resolve_config("keras-book", overrides=over)
+
+    assert cfg(optim={"ema_momentum": 0.99}).optim.ema_momentum == 0.99
+    with pytest.raises(ConfigError, match=r"optim.ema_momentum = 1.0 is not valid; it must lie in \[0, 1\)"):
+        cfg(optim={"ema_momentum": 1.0})
+    with pytest.raises(ConfigError, match=r"optim.ema_momentum = 0.9 is not valid; a run with early stopping ends"):
+        cfg(optim={"ema_momentum": 0.9}, train={"early_stopping": 3})
+    with pytest.raises(ConfigError, match=r"optim.ema_momentum = 0.9 is not valid; a run with lookahead ends"):
+        cfg(optim={"ema_momentum": 0.9}, train={"lookahead_every": 5})

@@ -44,7 +44,7 @@ _TRAIN_OPTIONS = (
     "label_smoothing", "precision",
     "compile", "compile_mode", "cuda_graph", "cpu_kernels", "select_fraction", "early_stopping",
     "early_stopping_monitor", "early_stopping_min_delta", "reduce_lr_on_plateau", "reduce_lr_factor", "min_lr",
-    "reduce_lr_monitor", "reduce_lr_min_delta", "reduce_lr_cooldown", "schedule", "init_from", "freeze_epochs",
+    "reduce_lr_monitor", "reduce_lr_min_delta", "reduce_lr_cooldown", "ema", "schedule", "init_from", "freeze_epochs",
     "class_weight", "sampling", "logit_adjustment", "teacher", "distill_weight", "distill_temperature",
 )
 
@@ -202,6 +202,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                         "default 1e-4)")
     g.add_argument("--reduce-lr-cooldown", type=int, metavar="N",
                    help="Keras' cooldown: the N-1 epochs after a cut count towards no cut (default 0)")
+    g.add_argument("--ema", type=float, metavar="MOMENTUM",
+                   help="end on an exponential moving average of the weights, each step moving it by 1 - MOMENTUM "
+                        "(Keras' use_ema and ema_momentum; 0.99 usual; default 0: off)")
     g.add_argument("--augment", help="augmentation preset: none, keras (the notebook's ImageDataGenerator), crop-flip")
     g.add_argument("--auto-augment", choices=POLICIES,
                    help="a policy of image operations before the preset's crop and flip: trivialaugment (one "

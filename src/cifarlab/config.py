@@ -130,6 +130,10 @@ class OptimConfig:
     muon_lr: float = 0.24
     muon_momentum: float = 0.6
     ns_steps: int = 3
+    # Keras' use_ema: an exponential moving average of the weights, each step moving it by
+    # 1 - ema_momentum (the first step's weights start it), which the run ends on; 0: off
+    # (Keras' default when on: 0.99, an average over the last hundred or so steps)
+    ema_momentum: float = 0.0
 
 
 @dataclass
@@ -476,6 +480,7 @@ OPTION_ALIASES: dict[str, tuple[str, str]] = {
     "reduce_lr_on_plateau": ("optim", "plateau_patience"), "reduce_lr_factor": ("optim", "plateau_factor"),
     "min_lr": ("optim", "plateau_min_lr"), "reduce_lr_monitor": ("optim", "plateau_monitor"),
     "reduce_lr_min_delta": ("optim", "plateau_min_delta"), "reduce_lr_cooldown": ("optim", "plateau_cooldown"),
+    "ema": ("optim", "ema_momentum"),
 }
 
 
@@ -636,6 +641,9 @@ def _check_optim(o: OptimConfig) -> None:
         _bad("optim.muon_momentum", o.muon_momentum, "it must lie in [0, 1)")
     if not 1 <= o.ns_steps <= 20:
         _bad("optim.ns_steps", o.ns_steps, "it must lie in [1, 20]")
+    if not 0 <= o.ema_momentum < 1:
+        _bad("optim.ema_momentum", o.ema_momentum, "it must lie in [0, 1): 0 for no average, such as 0.99 (Keras' "
+             "default) for one over about the last hundred steps")
     if o.schedule not in SCHEDULES:
         _bad("optim.schedule", o.schedule, f"choose {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}", SCHEDULES)
     if not o.norm_bias_lr_scale > 0:
@@ -838,6 +846,12 @@ def _check_across_sections(cfg: Config) -> None:
     if t.early_stopping and t.lookahead_every:
         _bad("train.early_stopping", t.early_stopping, "a run with lookahead ends on its slow weights, not "
              "on one epoch's; set train.lookahead_every to 0 or turn early stopping off")
+    if o.ema_momentum and t.early_stopping:
+        _bad("optim.ema_momentum", o.ema_momentum, "a run with early stopping ends on one epoch's weights, not on "
+             "their average; set it to 0 or turn early stopping off")
+    if o.ema_momentum and t.lookahead_every:
+        _bad("optim.ema_momentum", o.ema_momentum, "a run with lookahead ends on its own slow weights, an average "
+             "of another kind; set it to 0 or train.lookahead_every to 0")
 
 
 def validate(cfg: Config) -> None:

@@ -575,6 +575,29 @@ class Lookahead:
         torch._foreach_copy_(fast, self.slow)
 
 
+class WeightAverage:
+    """Keras' ``use_ema``: an exponential moving average of the model's parameters, moved after
+    every step by ``1 - momentum`` towards them (the first step's parameters start it, as Keras'
+    first update uses momentum 0), which the run ends on (:meth:`apply`, Keras'
+    ``finalize_variable_values``). Buffers (batch norms' running statistics) are not averaged, as
+    Keras averages trainable variables only. The average is kept in float32, where half-precision
+    weights could not hold a step of a hundredth."""
+
+    def __init__(self, model: nn.Module, momentum: float):
+        self.params = list(model.parameters())
+        self.average = [p.detach().float().clone() for p in self.params]
+        self.momentum = momentum
+
+    @torch.no_grad()
+    def update(self, first: bool = False) -> None:
+        current = [p.detach().float() for p in self.params]  # the parameters themselves where float32
+        torch._foreach_lerp_(self.average, current, 1.0 if first else 1 - self.momentum)  # one fused op for all
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        torch._foreach_copy_(self.params, self.average)
+
+
 class EarlyStopping:
     """Keras' ``EarlyStopping(monitor, min_delta, patience=N, restore_best_weights=True)``:
     after each epoch, a ``monitor`` (``val_loss``, lower is better, or ``val_accuracy``, higher)
@@ -815,6 +838,7 @@ class _Setup:
     teacher: nn.Module | None = None  # train.teacher's model, or its runs' ensemble (None: no distillation)
     teacher_about: dict | None = None  # the teacher run, its model, accuracy and data, and the loss's settings
     policy: PolicyAugment | None = None  # augment.auto_augment's TrivialAugment or RandAugment (None: off)
+    average: WeightAverage | None = None  # optim.ema_momentum's average of the weights (None: off)
 
 
 def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps_per_epoch: int,
@@ -881,7 +905,8 @@ def _build(cfg: Config, ds: Dataset, arrays: Arrays, device: torch.device, steps
         else (None, None)
     return _Setup(model, optimizer, scheduler, augmenter, prep, lookahead, model_kwargs,
                   sum(p.numel() for p in model.parameters()), init_time, selector, plateau, fresh, weights, offsets,
-                  teacher, about, policy_from_config(cfg.augment))
+                  teacher, about, policy_from_config(cfg.augment),
+                  WeightAverage(model, cfg.optim.ema_momentum) if cfg.optim.ema_momentum else None)
 
 
 def _scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
@@ -1092,7 +1117,7 @@ def _describe_setup(cfg: Config, ds: Dataset, arrays: Arrays, st: _Setup, device
     whatever changes how: a warning on classes that label people, class weights, the
     logit-adjusted loss, balanced sampling, the weights it starts from (``start``, with
     ``seen_note`` of :func:`_seen_by_start_note`), a teacher, an augmentation policy, MixUp or
-    CutMix, hard-example selection."""
+    CutMix, an average of the weights, hard-example selection."""
     n, bs = len(arrays.x_train), cfg.train.batch_size
     log(f"model {cfg.model.name} ({st.num_params:,} parameters) on {device}; {n:,} training, "
         f"{len(arrays.x_val):,} validation, {len(arrays.x_test):,} test images")
@@ -1131,6 +1156,10 @@ def _describe_setup(cfg: Config, ds: Dataset, arrays: Arrays, st: _Setup, device
                                                                      ("CutMix", cfg.augment.cutmix)) if alpha]:
         log(f"each step mixes pairs of its images by {' or '.join(mixes)}"
             f"{', one of the two at random' if len(mixes) == 2 else ''}, and their labels by the same shares")
+    if st.average is not None:
+        log(f"the run ends on a moving average of its weights, each step moving it by "
+            f"{1 - cfg.optim.ema_momentum:.4g} (Keras' use_ema, ema_momentum {cfg.optim.ema_momentum:g}); the "
+            "validation figures are those of each epoch's own weights")
     if st.selector is not None:
         log(f"each step trains on the {_trained_per_step(cfg)} of its {bs} images that {cfg.train.select_model} "
             f"({sum(p.numel() for p in st.selector.model.parameters()):,} parameters) finds hardest")
@@ -1207,6 +1236,9 @@ def _finish(cfg: Config, run: Path, ds: Dataset, arrays: Arrays, st: _Setup, loo
     """After the last epoch: the final weights, the history, and the test figures."""
     if st.lookahead is not None:
         st.lookahead.update(st.model, 1.0)  # end on the slow weights, as airbench does
+    if st.average is not None:
+        st.average.apply()
+        log(f"ending on the moving average of the weights (optim.ema_momentum {cfg.optim.ema_momentum:g})")
     if loop.stopping.best_state is not None:
         st.model.load_state_dict(loop.stopping.best_state)
         if loop.stopping.best_epoch != len(loop.history):
@@ -1342,6 +1374,7 @@ class _Loop:
             "model": st.model.state_dict(), "optimizer": st.optimizer.state_dict(),
             "scheduler": st.scheduler.state_dict(),
             "lookahead": st.lookahead.slow if st.lookahead is not None else None,
+            "average": st.average.average if st.average is not None else None,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "epoch": epoch, "step": step, "history": self.history, "train_time_s": self.train_time,
@@ -1473,6 +1506,8 @@ class _Loop:
             global_step = epoch * steps + step + 1
             if st.lookahead is not None and global_step % cfg.train.lookahead_every == 0:
                 st.lookahead.update(st.model, cfg.train.lookahead_decay * (global_step / self.total_steps) ** 3)
+            if st.average is not None:
+                st.average.update(first=global_step == 1)
             if device.type == "cpu" and not math.isfinite(l_sum.item()):  # free on CPU: no device sync
                 raise NonFiniteLoss(_nan_message(epoch, step, cfg))
             loss_sum += l_sum
@@ -1593,12 +1628,15 @@ def load_data_for(cfg: Config, log: Callable[[str], None] = print) -> Dataset:
 
 
 def _restore(ckpt: dict, st: _Setup, device: torch.device) -> None:
-    """Load model, optimizer, schedule, lookahead, selector and random-number states from a checkpoint."""
+    """Load model, optimizer, schedule, lookahead, weight average, selector and random-number states from a
+    checkpoint."""
     st.model.load_state_dict(ckpt["model"])
     st.optimizer.load_state_dict(ckpt["optimizer"])
     st.scheduler.load_state_dict(ckpt["scheduler"])
     if st.lookahead is not None:
         st.lookahead.slow = list(ckpt["lookahead"])
+    if st.average is not None:
+        st.average.average = list(ckpt["average"])
     if st.selector is not None:
         st.selector.load_state_dict(ckpt["selector"])
     if st.plateau is not None:

@@ -47,6 +47,7 @@ STEPS = [
     ("teacher", "resnet", "train --model keras-shallow --epochs 1 --teacher {run_resnet} --data {data} "
                           "--device {dev} --out {out}"),
     ("lr-find", None, "train --lr-find --lr-find-steps 30 --data {data} --device {dev} --out {out}"),
+    ("graph-ema", None, "train --epochs 1 --cuda-graph --ema 0.99 --data {data} --device {dev} --out {out}"),
     ("mixing", None, "train --epochs 1 --mixup 0.2 --cutmix 1 --data {data} --device {dev} --out {out}"),
     # the policies inside the prepared epochs (fast), and in each step's batch
     ("trivialaugment", None, "train --recipe fast --epochs 1 --auto-augment trivialaugment --data {data} "

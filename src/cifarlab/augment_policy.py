@@ -71,8 +71,8 @@ def _luma(x: torch.Tensor) -> torch.Tensor:
 def _smoothed(x: torch.Tensor) -> torch.Tensor:
     """Pillow's SMOOTH filter (3x3, centre weight 5 of 13), rounded, the border pixels kept as
     they are (Pillow does not filter them): the image that sharpness moves away from."""
-    # The 3x3 sum by shifted slices, rows then columns: a grouped convolution took 35 times as
-    # long on the CPU.
+    # The 3x3 sum by shifted slices, rows then columns: a grouped convolution took 5.6 times as
+    # long on the CPU (batches of 128).
     rows = x[:, :, :-2] + x[:, :, 1:-1] + x[:, :, 2:]
     box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
     out = x.clone()
@@ -117,17 +117,15 @@ def _enhance(x: torch.Tensor, op: torch.Tensor, signed: torch.Tensor, ranges: Ra
     Only the degenerate images of ``kinds`` (the enhancements among ``op``) are made."""
     factor = (1 + signed * ranges.enhance).to(x.dtype).view(-1, 1, 1, 1)
     o = op.view(-1, 1, 1, 1)
+    kinds = set(kinds)
+    grey = _luma(x) if kinds & {_OP["color"], _OP["contrast"]} else None
     d = torch.zeros_like(x[:, :1, :1, :1])  # brightness's black
-    for kind in kinds:
-        if kind == _OP["color"] or kind == _OP["contrast"]:
-            grey = _luma(x)
-            # Pillow's contrast: a flat image of the mean grey, rounded
-            cand = grey if kind == _OP["color"] else (grey.mean((1, 2, 3), keepdim=True) + 0.5).floor()
-        elif kind == _OP["sharpness"]:
-            cand = _smoothed(x)
-        else:
-            continue
-        d = torch.where(o == kind, cand, d)
+    if _OP["color"] in kinds:
+        d = torch.where(o == _OP["color"], grey, d)
+    if _OP["contrast"] in kinds:  # Pillow's: a flat image of the mean grey, rounded
+        d = torch.where(o == _OP["contrast"], (grey.mean((1, 2, 3), keepdim=True) + 0.5).floor(), d)
+    if _OP["sharpness"] in kinds:
+        d = torch.where(o == _OP["sharpness"], _smoothed(x), d)
     # cut to whole levels as Pillow's integer cast does (the nudge: float32 can leave an exact
     # whole number a hair below itself)
     blended = (d + factor * (x - d) + 1e-3).floor().clamp(0, 255)
@@ -198,7 +196,7 @@ def _apply(x: torch.Tensor, op: torch.Tensor, level: torch.Tensor, negative: tor
     if kinds & _GEOMETRIC:
         x = _geometry(x, op, signed, ranges)
     if kinds & _ENHANCE:
-        x = _enhance(x, op, signed, ranges, sorted(kinds & _ENHANCE))
+        x = _enhance(x, op, signed, ranges, kinds & _ENHANCE)
     o = op.view(-1, 1, 1, 1)
     if _OP["posterize"] in kinds:
         bits = 8 - (level.to(torch.float32) / ((LEVELS - 1) / (8 - ranges.posterize_bits))).round()

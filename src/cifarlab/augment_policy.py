@@ -254,8 +254,9 @@ def policy_from_config(cfg) -> PolicyAugment | None:
     :class:`ConfigError` where its values are not valid or it cannot go with the preset."""
     if cfg.auto_augment == "none":
         return None
+    policy = PolicyAugment(cfg.auto_augment, cfg.randaugment_ops, cfg.randaugment_magnitude)
     if cfg.preset == "keras":
         raise ConfigError(f"augment.auto_augment = {cfg.auto_augment!r} is not valid with the keras preset, which "
                           "draws its own rotations, shifts and zooms from the 8-bit images that a policy would "
                           "have changed first; use it with the crop-flip or none preset")
-    return PolicyAugment(cfg.auto_augment, cfg.randaugment_ops, cfg.randaugment_magnitude)
+    return policy

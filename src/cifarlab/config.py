@@ -799,12 +799,11 @@ def _check_mixing(a: AugmentConfig) -> None:
 
 
 def _check_policy(a: AugmentConfig) -> None:
-    """The augmentation policy; its own values are checked as it is built
-    (:func:`cifarlab.augment_policy.policy_from_config`)."""
+    """The augmentation policy: its name, RandAugment's values and the preset it goes with are
+    checked as it is built (:func:`cifarlab.augment_policy.policy_from_config`)."""
     from .augment_policy import policy_from_config
 
-    if a.auto_augment not in POLICIES:
-        _bad("augment.auto_augment", a.auto_augment, f"choose one of {', '.join(POLICIES)}", POLICIES)
+    policy_from_config(a)
     if a.auto_augment != "randaugment":
         _refuse_set(a, "augment", ("randaugment_ops", "randaugment_magnitude"),
                     "it only applies to RandAugment: set augment.auto_augment (--auto-augment) to randaugment too")

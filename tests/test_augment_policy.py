@@ -5,11 +5,12 @@ and in ``cifarlab augment``."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageOps
 
 import cifarlab.augment_policy as ap
 from cifarlab.augment_policy import OPS, STANDARD, WIDE, PolicyAugment, apply_ops
@@ -30,29 +31,22 @@ def _apply(x: torch.Tensor, name: str, level: int, negative: int = 0, ranges=WID
     return apply_ops(x, torch.full((n,), OPS.index(name)), torch.full((n,), level), torch.full((n,), negative), ranges)
 
 
-def _pillow(name: str, im: Image.Image, level: int, negative: int) -> Image.Image:
-    """The operation as Pillow does it, at the strengths of torchvision's TrivialAugmentWide."""
-    factor = 1 + (-1 if negative else 1) * level / 30 * 0.99
-    enhancers = {"brightness": ImageEnhance.Brightness, "color": ImageEnhance.Color,
-                 "contrast": ImageEnhance.Contrast, "sharpness": ImageEnhance.Sharpness}
-    if name in enhancers:
-        return enhancers[name](im).enhance(factor)
-    if name == "posterize":
-        return ImageOps.posterize(im, int(8 - round(level / 5)))
-    if name == "solarize":
-        return ImageOps.solarize(im, 255 * (30 - level) / 30)
-    return ImageOps.equalize(im)
-
-
 @pytest.mark.parametrize("name", ["brightness", "color", "contrast", "sharpness", "posterize", "solarize", "equalize"])
-def test_each_colour_operation_gives_pillows_levels_exactly(name):
+def test_each_colour_operation_gives_pillows_levels_exactly(name, monkeypatch):
+    """Against Pillow, one image at a time, as the throughput benchmark runs the policies with it
+    (so that benchmark compares the same work), at both ranges."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from policy_throughput import pillow_op
+
     imgs = _images()
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float()
-    for level in (0, 4, 13, 22, 30):
-        for negative in (0, 1):
-            got = _apply(x, name, level, negative).permute(0, 2, 3, 1).numpy()
-            want = np.stack([np.asarray(_pillow(name, Image.fromarray(im), level, negative)) for im in imgs])
-            assert np.array_equal(got, want.astype(np.float32)), (name, level, negative)
+    for ranges in (WIDE, STANDARD):
+        for level in (0, 4, 13, 22, 30):
+            for negative in (0, 1):
+                got = _apply(x, name, level, negative, ranges).permute(0, 2, 3, 1).numpy()
+                want = np.stack([np.asarray(pillow_op(Image.fromarray(im), name, level, bool(negative), ranges))
+                                 for im in imgs])
+                assert np.array_equal(got, want.astype(np.float32)), (name, level, negative, ranges)
 
 
 def test_autocontrast_stretches_each_channel_to_the_full_range_as_pillow_does():

@@ -48,6 +48,8 @@ STEPS = [
                           "--device {dev} --out {out}"),
     ("lr-find", None, "train --lr-find --lr-find-steps 30 --data {data} --device {dev} --out {out}"),
     ("graph-ema", None, "train --epochs 1 --cuda-graph --ema 0.99 --data {data} --device {dev} --out {out}"),
+    ("graph-adamw-clip", None, "train --epochs 1 --cuda-graph --optimizer adamw --weight-decay 0.004 "
+                               "--global-clipnorm 1 --data {data} --device {dev} --out {out}"),
     ("mixing", None, "train --epochs 1 --mixup 0.2 --cutmix 1 --data {data} --device {dev} --out {out}"),
     # the policies inside the prepared epochs (fast), and in each step's batch
     ("trivialaugment", None, "train --recipe fast --epochs 1 --auto-augment trivialaugment --data {data} "

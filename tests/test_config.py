@@ -49,7 +49,11 @@ def test_roundtrip(tmp_path):
     ({"data": {"val_split": 1.5}}, r"must lie in \[0, 1\)"),
     ({"data": {"val_split": -0.1}}, r"must lie in \[0, 1\)"),
     ({"model": {"name": "vgg"}}, "valid models: keras-deep, keras-shallow"),
-    ({"optim": {"name": "lbfgs"}}, "valid optimizers: rmsprop, sgd, adam"),
+    ({"optim": {"name": "lbfgs"}}, "valid optimizers: rmsprop, sgd, adam, adamw, muon"),
+    ({"optim": {"clipnorm": -1.0}}, "optim.clipnorm = -1.0 is not valid; it must be 0 \\(off\\) or a positive number"),
+    ({"optim": {"global_clipnorm": float("nan")}}, "optim.global_clipnorm: nan is not valid; expected a finite number"),
+    ({"optim": {"clipnorm": 1.0, "clipvalue": 0.5}},
+     "optim.clipnorm = 1 and optim.clipvalue = 0.5 are not valid together: clip the gradients by one of"),
     # a misspelt name is answered with the one it was probably meant to be
     ({"model": {"name": "kerasdeep"}},
      "model = 'kerasdeep' is not valid \\(did you mean 'keras-deep'\\?\\); valid models"),

@@ -7,7 +7,7 @@ import torch
 
 from cifarlab.config import OptimConfig
 from cifarlab.errors import ConfigError
-from cifarlab.optim import KerasRMSprop, build_optimizer
+from cifarlab.optim import OPTIMIZERS, KerasRMSprop, build_optimizer, clip_gradients_
 
 
 def test_keras_rmsprop_documented_step():
@@ -37,7 +37,8 @@ def test_build_each_optimizer():
     sgd = build_optimizer(p, OptimConfig(name="sgd", lr=0.1, momentum=0.9, nesterov=True))
     assert sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.9
     assert isinstance(build_optimizer(p, OptimConfig(name="adam")), torch.optim.Adam)
-    with pytest.raises(ConfigError, match="valid optimizers: rmsprop, sgd, adam"):
+    assert isinstance(build_optimizer(p, OptimConfig(name="adamw")), torch.optim.AdamW)
+    with pytest.raises(ConfigError, match="valid optimizers: rmsprop, sgd, adam, adamw, muon"):
         build_optimizer(p, OptimConfig(name="adagrad"))
     with pytest.raises(ConfigError, match="learning rate -1"):
         KerasRMSprop(p, lr=-1)
@@ -131,3 +132,105 @@ def test_orthogonalize_many_matches_one_at_a_time():
     for one, many in zip((orthogonalize(m) for m in mats), orthogonalize_many(mats)):
         assert one.shape == many.shape and torch.allclose(one, many, atol=1e-5)
     assert torch.allclose(orthogonalize(torch.stack(mats[1:2] * 2))[1], orthogonalize(mats[1]), atol=1e-6)
+
+
+def test_adamw_decays_the_weights_apart_from_the_gradient():
+    """AdamW (Keras' and PyTorch's) shrinks each weight by lr x weight_decay of itself; Adam's
+    weight decay is L2 added to the gradient, which its normalisation turns into a step of
+    about lr whatever the decay's size."""
+    lr, wd = 0.01, 0.004
+    w, v = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    adamw = build_optimizer([w], OptimConfig(name="adamw", lr=lr, weight_decay=wd))
+    adam = build_optimizer([v], OptimConfig(name="adam", lr=lr, weight_decay=wd))
+    w.grad, v.grad = torch.zeros(3), torch.zeros(3)
+    adamw.step()
+    adam.step()
+    assert torch.equal(w.detach(), torch.full((3,), 1 - lr * wd))
+    assert torch.allclose(v.detach(), torch.full((3,), 1 - lr), atol=1e-5)
+
+
+def _keras_clipped(grads, clipnorm=0.0, global_clipnorm=0.0, clipvalue=0.0):
+    """Keras 3's BaseOptimizer._clip_gradients, written out in float64 from its definitions."""
+    g64 = [g.double() for g in grads]
+    if clipnorm:
+        return [g * clipnorm / max(g.norm().item(), clipnorm) for g in g64]
+    if global_clipnorm:
+        n = torch.stack([g.norm() for g in g64]).norm().item()
+        return [g * (global_clipnorm * min(1 / n, 1 / global_clipnorm)) for g in g64]
+    return [g.clamp(-clipvalue, clipvalue) for g in g64]
+
+
+@pytest.mark.parametrize("clip", [{"clipnorm": 1.5}, {"global_clipnorm": 2.0}, {"global_clipnorm": 50.0},
+                                  {"clipvalue": 0.3}])
+def test_clip_gradients_as_keras(clip):
+    """Each tensor's gradient (norms about 0.5, 2 and 10 here) clipped by Keras' rule; a
+    gradient under the cap is left exactly as it was; a parameter without one is skipped."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in ((4, 4), (10,), (3, 3, 3, 3), (2,))]
+    for p, norm in zip(params, (0.5, 2.0, 10.0)):
+        d = torch.randn(p.shape, generator=g)
+        p.grad = d * norm / d.norm()
+    before = [p.grad.clone() for p in params[:3]]
+    clip_gradients_(params, **clip)
+    assert params[3].grad is None
+    for p, got, want in zip(params, [p.grad for p in params[:3]], _keras_clipped(before, **clip)):
+        assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-7)
+    if "clipnorm" in clip:  # only the first is under the cap
+        assert torch.equal(params[0].grad, before[0]) and params[1].grad.norm() == pytest.approx(1.5, rel=1e-6)
+    if clip.get("global_clipnorm") == 50.0:  # under the cap: every gradient as it was
+        assert all(torch.equal(p.grad, b) for p, b in zip(params, before))
+
+
+def test_global_clipnorm_of_a_non_finite_gradient_is_nan_as_in_keras():
+    p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    p.grad, q.grad = torch.tensor([float("inf"), 1.0]), torch.tensor([1.0, 2.0])
+    clip_gradients_([p, q], global_clipnorm=1.0)
+    assert torch.isnan(p.grad).all() and torch.isnan(q.grad).all()
+
+
+def test_clipnorm_of_bfloat16_gradients_keeps_their_dtype():
+    p = torch.nn.Parameter(torch.zeros(1000, dtype=torch.bfloat16))
+    p.grad = torch.full((1000,), 3.0, dtype=torch.bfloat16)  # norm 94.9
+    clip_gradients_([p], clipnorm=1.0)
+    assert p.grad.dtype == torch.bfloat16 and p.grad.float().norm().item() == pytest.approx(1.0, rel=1e-2)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizer_steps_on_the_clipped_gradients(name):
+    """A config's clipping reaches every optimizer's step: its step equals that of the same
+    optimizer, unclipped, given the gradients clipped beforehand."""
+    g = torch.Generator().manual_seed(1)
+    init = [torch.randn(4, 3, 3, 3, generator=g), torch.randn(4, generator=g)]
+    grads = [5 * torch.randn(t.shape, generator=g) for t in init]
+    results = []
+    for clip in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        groups = [{"params": params[:1], "muon": True}, {"params": params[1:]}] if name == "muon" else params
+        cfg = OptimConfig(name=name, lr=0.01, momentum=0.9 if name == "sgd" else 0.0, clipnorm=1.0 if clip else 0.0)
+        opt = build_optimizer(groups, cfg)
+        for _ in range(2):
+            for p, d in zip(params, grads):
+                p.grad = d.clone()
+            if not clip:
+                clip_gradients_(params, clipnorm=1.0)
+            opt.step()
+        results.append(params)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert not torch.equal(results[0][0].detach(), init[0])
+
+
+def test_clipping_sees_the_gradients_with_the_loss_scale_undone():
+    """train_step divides a loss scale out of the gradients before the optimizer's step, and so
+    before its clipping: a power-of-two scale changes no bit of a clipped step."""
+    from cifarlab.train import train_step
+
+    x, y = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(2)), torch.arange(8) % 2
+    results = []
+    for scale in (1.0, 1024.0):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 2))
+        opt = build_optimizer(model.parameters(), OptimConfig(name="sgd", lr=0.5, global_clipnorm=0.05))
+        for _ in range(3):
+            train_step(model, opt, x, y, loss_scale=scale)
+        results.append([p.detach() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -1927,6 +1927,28 @@ def test_a_run_with_ema_ends_on_the_average_of_every_steps_weights(tmp_path, ima
                             "use_ema, ema_momentum 0.5)") for s in said)
 
 
+def test_a_run_clips_every_steps_gradients(tmp_path, image_folder, monkeypatch):
+    """--global-clipnorm reaches each training step of a real run, after the backward pass and
+    before the update, and the log says so."""
+    from cifarlab import optim
+
+    norms = []
+    real = optim.clip_gradients_
+
+    def watched(params, **clip):
+        real(params, **clip)
+        norms.append(torch.stack([p.grad.norm() for p in params if p.grad is not None]).norm().item())
+
+    monkeypatch.setattr(optim, "clip_gradients_", watched)
+    said = []
+    cfg = tiny_config(str(image_folder), str(tmp_path / "r"), epochs=2, batch_size=4)
+    cfg.optim.global_clipnorm = 0.01  # far under this tiny run's gradient norms
+    fit(cfg, log=said.append)
+    assert len(norms) == 2 * math.ceil(13 / 4) and all(n <= 0.01 * (1 + 1e-5) for n in norms)
+    assert max(norms) > 0.0099
+    assert "each step's gradients are clipped, all together to a norm of at most 0.01 (Keras' global_clipnorm)" in said
+
+
 def test_ema_settings_are_checked():
     def cfg(**over):
         return resolve_config("keras-book", overrides=over)

@@ -44,7 +44,8 @@ _TRAIN_OPTIONS = (
     "label_smoothing", "precision",
     "compile", "compile_mode", "cuda_graph", "cpu_kernels", "select_fraction", "early_stopping",
     "early_stopping_monitor", "early_stopping_min_delta", "reduce_lr_on_plateau", "reduce_lr_factor", "min_lr",
-    "reduce_lr_monitor", "reduce_lr_min_delta", "reduce_lr_cooldown", "ema", "schedule", "init_from", "freeze_epochs",
+    "reduce_lr_monitor", "reduce_lr_min_delta", "reduce_lr_cooldown", "ema", "clipnorm", "global_clipnorm",
+    "clipvalue", "schedule", "init_from", "freeze_epochs",
     "class_weight", "sampling", "logit_adjustment", "teacher", "distill_weight", "distill_temperature",
 )
 
@@ -177,12 +178,24 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--epochs", type=int, help="passes over the training images (keras-book: 20)")
     g.add_argument("--batch-size", type=int, help="images per step (keras-book: 128)")
     g.add_argument("--optimizer",
-                   help="rmsprop (Keras semantics), sgd, adam or muon (convolution filters; SGD for the rest)")
+                   help="rmsprop (Keras semantics), sgd, adam, adamw (Adam with decoupled weight decay) or muon "
+                        "(convolution filters; SGD for the rest)")
     g.add_argument("--lr", type=float, help="learning rate per step, as given: a new --batch-size does not rescale it "
                                           "(keras-book: 0.001, Keras' RMSprop default)")
     g.add_argument("--momentum", type=float, help="sgd momentum")
     g.add_argument("--nesterov", action="store_true", default=None, help="sgd with Nesterov momentum")
-    g.add_argument("--weight-decay", type=float, help="L2 penalty added to each gradient (keras-book: 0)")
+    g.add_argument("--weight-decay", type=float,
+                   help="L2 penalty added to each gradient (keras-book: 0); with adamw, the share of the lr by which "
+                        "each step shrinks the weights (Keras' AdamW default: 0.004)")
+    g.add_argument("--clipnorm", type=float, metavar="C",
+                   help="scale each weight tensor's gradient down to a norm of at most C (Keras' clipnorm; "
+                        "default 0: off)")
+    g.add_argument("--global-clipnorm", type=float, metavar="C",
+                   help="scale all the gradients alike, down to a joint norm of at most C (Keras' global_clipnorm; "
+                        "default 0: off)")
+    g.add_argument("--clipvalue", type=float, metavar="V",
+                   help="clamp each gradient element to [-V, V] (Keras' clipvalue; default 0: off); one of the "
+                        "three clippings at most")
     g.add_argument("--schedule", choices=SCHEDULES,
                    help="learning rate over the run: constant (keras-book), triangle (linear warm-up over "
                         "optim.warmup_frac of the steps, then linear decay; fast, best) or cosine (the same "

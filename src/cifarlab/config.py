@@ -91,15 +91,23 @@ class ModelConfig:
 class OptimConfig:
     """Optimizer and its hyperparameters (Keras defaults for the keras-book recipe)."""
 
-    name: str = "rmsprop"  # rmsprop (Keras semantics) | sgd | adam | muon (filters; SGD for the rest)
+    name: str = "rmsprop"  # rmsprop (Keras semantics) | sgd | adam | adamw | muon (filters; SGD for the rest)
     lr: float = 1e-3  # learning rate per step, for the batch size below (muon: of the non-filter tensors)
     rho: float = 0.9  # rmsprop: decay of the squared-gradient average
     eps: float = 1e-7  # rmsprop: added inside the square root; adam: added to the denominator
     momentum: float = 0.0  # sgd, and muon's SGD groups
     nesterov: bool = False  # sgd; muon (both kinds of group)
-    beta1: float = 0.9  # adam
-    beta2: float = 0.999  # adam
-    weight_decay: float = 0.0  # L2 added to the gradient (Keras-style kernel regularisation is not used)
+    beta1: float = 0.9  # adam, adamw
+    beta2: float = 0.999  # adam, adamw
+    # L2 added to the gradient (Keras-style kernel regularisation is not used); adamw: decoupled,
+    # each step shrinking the weights by lr x weight_decay of themselves, as Keras' and PyTorch's AdamW
+    weight_decay: float = 0.0
+    # Keras' gradient clipping, by one of these at most (0: off), once any loss scale is undone and
+    # before the weight decay and the update: clipnorm caps each tensor's gradient norm,
+    # global_clipnorm the norm of all of them together (scaled alike), clipvalue each element's size
+    clipnorm: float = 0.0
+    global_clipnorm: float = 0.0
+    clipvalue: float = 0.0
     # constant | triangle (linear warm-up to lr, then linear decay) | cosine (linear warm-up, then
     # half a cosine down: SGDR without restarts, Keras' CosineDecay with warm-up) | step (linear
     # warm-up, then the lr cut by gamma at each milestone: PyTorch's MultiStepLR, Keras'
@@ -623,7 +631,7 @@ def _check_data(d: DataConfig) -> None:
 
 
 def _check_optim(o: OptimConfig) -> None:
-    from .optim import OPTIMIZERS
+    from .optim import CLIPPING, OPTIMIZERS
 
     if o.name not in OPTIMIZERS:
         _bad("optimizer", o.name, f"valid optimizers: {', '.join(OPTIMIZERS)}", OPTIMIZERS)
@@ -633,6 +641,13 @@ def _check_optim(o: OptimConfig) -> None:
         _bad("optim.weight_decay", o.weight_decay, "it must be 0 or more")
     if not 0 <= o.momentum < 1:
         _bad("optim.momentum", o.momentum, "it must lie in [0, 1)")
+    for key in CLIPPING:
+        if getattr(o, key) < 0:
+            _bad(f"optim.{key}", getattr(o, key), "it must be 0 (off) or a positive number")
+    if sum(bool(getattr(o, key)) for key in CLIPPING) > 1:
+        given = " and ".join(f"optim.{key} = {getattr(o, key):g}" for key in CLIPPING if getattr(o, key))
+        raise ConfigError(f"{given} are not valid together: clip the gradients by one of --clipnorm, "
+                          "--global-clipnorm and --clipvalue at most, as Keras allows; set the others to 0")
     if not 0 < o.rho < 1:
         _bad("optim.rho", o.rho, "it must lie strictly between 0 and 1")
     if not o.muon_lr > 0:

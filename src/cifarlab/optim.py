@@ -9,7 +9,7 @@ import torch
 from . import cpu_kernels
 from .errors import ConfigError
 
-OPTIMIZERS = ("rmsprop", "sgd", "adam", "muon")
+OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw", "muon")
 
 
 class _PerGroupOptimizer(torch.optim.Optimizer):
@@ -209,6 +209,40 @@ def muon_param_groups(model: torch.nn.Module, cfg) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+# Keras' three ways of clipping gradients (the optimizer arguments of the same names); one at most.
+CLIPPING = ("clipnorm", "global_clipnorm", "clipvalue")
+
+
+@torch.no_grad()
+def clip_gradients_(params: list[torch.Tensor], clipnorm: float = 0.0, global_clipnorm: float = 0.0,
+                    clipvalue: float = 0.0) -> None:
+    """Clip the gradients of ``params`` in place as Keras' optimizers do, by the one setting
+    above 0: ``clipnorm`` scales each tensor's gradient ``g`` to ``g * c / max(|g|, c)``, a norm
+    of at most ``c``; ``global_clipnorm`` scales all of them by ``c * min(1 / n, 1 / c)``, ``n``
+    their joint norm (a non-finite ``n`` makes every gradient NaN, as in Keras, so that the loss
+    shows it); ``clipvalue`` clamps each element to ``[-v, v]``. Norms are taken in float32,
+    whatever the gradients' precision. No GPU-to-CPU sync, so a CUDA graph can record it.
+    Parameters without a gradient are left out."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    if clipvalue:
+        torch.nn.utils.clip_grad_value_([p for p in params if p.grad is not None], clipvalue, foreach=True)
+        return
+    # Hand-written rather than torch.nn.utils.clip_grad_norm_: that one has no per-tensor form,
+    # takes the norm in the gradients' own precision and divides by the norm plus 1e-6.
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+    if clipnorm:
+        torch._foreach_maximum_(norms, clipnorm)
+        torch._foreach_reciprocal_(norms)
+        torch._foreach_mul_(norms, clipnorm)
+        torch._foreach_mul_(grads, norms)
+    elif global_clipnorm:
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        scale = global_clipnorm * torch.clamp(total.reciprocal(), max=1 / global_clipnorm) + (total - total)
+        torch._foreach_mul_(grads, scale)
+
+
 def _all_cuda(params: list) -> bool:
     """Whether every tensor in ``params`` (tensors, or groups of them) lives on a CUDA device."""
     tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
@@ -217,12 +251,24 @@ def _all_cuda(params: list) -> bool:
 
 def build_optimizer(params, cfg, capturable: bool = False, cpu_kernels: bool = False) -> torch.optim.Optimizer:
     """The optimizer named by ``cfg.name`` (an :class:`~cifarlab.config.OptimConfig`) over
-    ``params``: tensors, or groups as :func:`param_groups` makes them.
+    ``params``: tensors, or groups as :func:`param_groups` makes them, clipping its gradients
+    before each step where ``cfg`` asks for it (:func:`clip_gradients_`).
 
     ``capturable``: the step will be recorded in a CUDA graph. RMSprop and SGD need nothing for
-    that; Adam then keeps its step count on the device instead of reading it back every step.
+    that; Adam and AdamW then keep their step count on the device instead of reading it back every step.
     ``cpu_kernels``: RMSprop updates float32 CPU tensors with cifarlab's one-pass kernel.
     """
+    optimizer = _optimizer(params, cfg, capturable, cpu_kernels)
+    clip = {k: getattr(cfg, k) for k in CLIPPING if getattr(cfg, k)}
+    if clip:
+        # A step pre-hook, as Keras clips inside the optimizer: every caller of step() gets it,
+        # a recorded CUDA graph included, and train_step has undone any loss scale by then.
+        optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs: clip_gradients_([p for g in opt.param_groups for p in g["params"]], **clip))
+    return optimizer
+
+
+def _optimizer(params, cfg, capturable: bool, cpu_kernels: bool) -> torch.optim.Optimizer:
     if cfg.name == "rmsprop":
         return KerasRMSprop(params, lr=cfg.lr, rho=cfg.rho, eps=cfg.eps, weight_decay=cfg.weight_decay,
                             cpu_kernel=cpu_kernels)
@@ -232,9 +278,10 @@ def build_optimizer(params, cfg, capturable: bool = False, cpu_kernels: bool = F
         # launches: an H200 profile of the fast recipe put the unfused step at 0.38 ms.
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay, fused=True if _all_cuda(params) else None)
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                weight_decay=cfg.weight_decay, capturable=capturable)
+    if cfg.name in ("adam", "adamw"):
+        adam = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+        return adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                    capturable=capturable)
     if cfg.name == "muon":
         return Muon(params, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=cfg.nesterov, ns_steps=cfg.ns_steps,
                     aux_momentum=cfg.momentum, weight_decay=cfg.weight_decay)

@@ -1160,6 +1160,11 @@ def _describe_setup(cfg: Config, ds: Dataset, arrays: Arrays, st: _Setup, device
         log(f"the run ends on a moving average of its weights, each step moving it by "
             f"{1 - cfg.optim.ema_momentum:.4g} (Keras' use_ema, ema_momentum {cfg.optim.ema_momentum:g}); the "
             "validation figures are those of each epoch's own weights")
+    for key, what in (("clipnorm", "each weight tensor's to a norm of at most {v:g}"),
+                      ("global_clipnorm", "all together to a norm of at most {v:g}"),
+                      ("clipvalue", "each element to [-{v:g}, {v:g}]")):
+        if v := getattr(cfg.optim, key):
+            log(f"each step's gradients are clipped, {what.format(v=v)} (Keras' {key})")
     if st.selector is not None:
         log(f"each step trains on the {_trained_per_step(cfg)} of its {bs} images that {cfg.train.select_model} "
             f"({sum(p.numel() for p in st.selector.model.parameters()):,} parameters) finds hardest")

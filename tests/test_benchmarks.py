@@ -35,12 +35,13 @@ def test_gpu_speed_table_from_anchor_style_arrays(tmp_path):
     assert p.returncode == 0, p.stderr
     rows = {}
     for line in p.stdout.splitlines():
-        m = re.fullmatch(r"(\S+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)s\s+([\d.]+)s", line.strip())
+        m = re.fullmatch(r"(\S+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)" + r"\s+([\d.]+)s" * 4, line.strip())
         if m:
             rows[m[1]] = [float(v) for v in m.groups()[1:]]
     assert set(rows) == {"keras-book", fast}, p.stdout
-    for n, mean, lo, hi, t_mean, t_min in rows.values():
+    for n, mean, lo, hi, t_mean, t_min, both_mean, both_min in rows.values():
         assert n == 2 and 0 <= lo <= mean <= hi <= 1 and t_mean >= t_min > 0
+        assert both_mean > t_mean and both_min > t_min  # the test passes' time on top
 
 
 def test_gpu_speed_refuses_an_unknown_switch(tmp_path):
@@ -195,13 +196,17 @@ def test_gpu_speed_table_widens_for_long_entries(monkeypatch, capsys):
     from gpu_speed import print_table
 
     stats = {"runs": 3, "test_accuracy": {"mean": 0.75, "min": 0.74, "max": 0.76},
-             "train_time_s": {"mean": 4.61, "min": 4.6}}
+             "train_time_s": {"mean": 4.61, "min": 4.6},
+             "per_run": [{"train_time_s": t, "test_time_s": 0.25} for t in (4.6, 4.61, 4.62)]}
     print_table([("fast", stats), ("keras-book:cuda-graph:fp16-true:compile", stats)])
     header, *rows = capsys.readouterr().out.strip("\n").splitlines()
     assert len(rows) == 2 and all(len(r) == len(header) for r in rows)
     for r in rows:  # each figure ends where its heading ends
         assert r[:header.index(" n") + 2].rstrip().endswith("3")
         assert r.index("0.7500") + 6 == header.index("acc mean") + 8
+        # training and test pass together, per run: mean 4.86 s, min 4.85 s
+        assert r.index("4.86s") + 5 == header.index("with test mean") + 14
+        assert r.endswith("4.85s") and header.endswith("with test min")
 
 
 def test_gpu_check_open_part_keeps_to_its_budget(tmp_path):

@@ -5,7 +5,10 @@ Each layer's backward (input, weight and bias gradients; the first layer has no 
 as in training) is timed with the caches flushed first, as in a training step where the layer's
 input was written long before; PyTorch and cifarlab alternate within each round, so slow
 phases of a shared machine hit both. Prints the median milliseconds and the weight-gradient
-part's GFLOP/s. Usage: python benchmarks/conv_wgrad.py [--batch 128] [--rounds 15] [--threads N]
+part's GFLOP/s; then each layer's forward pass and PyTorch's whole backward pass in GFLOP/s
+beside a large float32 matrix product's, the rate the CPU reaches on dense arithmetic: where
+the convolutions come near it, a faster float32 step needs fewer operations, not faster kernels.
+Usage: python benchmarks/conv_wgrad.py [--batch 128] [--rounds 15] [--threads N]
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def time_layer(ci: int, co: int, s: int, batch: int, rounds: int, flush: torch.T
             aten([True, False, False], None)
         cpu_kernels.conv3x3_weight_grad(x, gy, bias=True)
 
-    fns = {"pytorch": lambda: aten([need_x, True, True], [co]), "cifarlab": ours,
+    fns = {"forward": lambda: torch.ops.aten.convolution(x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1),
+           "pytorch": lambda: aten([need_x, True, True], [co]), "cifarlab": ours,
            "wgrad pytorch": lambda: aten([False, True, True], [co]),
            "wgrad cifarlab": lambda: cpu_kernels.conv3x3_weight_grad(x, gy, bias=True)}
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -64,8 +68,10 @@ def main() -> None:
     flush = torch.empty(64 << 18)  # 64 MiB, twice the development machine's L3
     print(f"batch {args.batch}, {torch.get_num_threads()} threads; median ms of {args.rounds} rounds, caches flushed")
     tot = {"pytorch": 0.0, "cifarlab": 0.0}
+    rates = []
     for ci, co, s in LAYERS:
         med = time_layer(ci, co, s, args.batch, args.rounds, flush)
+        rates.append(((ci, co, s), med))
         gflop = 2 * args.batch * s * s * ci * co * 9 / 1e9
         tot["pytorch"] += med["pytorch"]
         tot["cifarlab"] += med["cifarlab"]
@@ -74,6 +80,24 @@ def main() -> None:
               f"{gflop / med['wgrad pytorch'] * 1000:.0f} against {gflop / med['wgrad cifarlab'] * 1000:.0f} GFLOP/s")
     print(f"all four: {tot['pytorch']:.1f} ms PyTorch, {tot['cifarlab']:.1f} ms cifarlab "
           f"({tot['pytorch'] / tot['cifarlab']:.2f}x)")
+    for (ci, co, s), med in rates:
+        gflop = 2 * args.batch * s * s * ci * co * 9 / 1e9
+        back = gflop * (2 if ci != 3 else 1)  # input and weight gradients; the image needs no gradient
+        print(f"conv {ci:>2} -> {co} on {s}x{s}: forward {gflop / med['forward'] * 1000:.0f} GFLOP/s, PyTorch's "
+              f"backward {back / med['pytorch'] * 1000:.0f} GFLOP/s")
+    print(f"a 2048 x 2048 float32 matrix product: {matmul_rate(args.rounds):.0f} GFLOP/s")
+
+
+def matmul_rate(rounds: int, n: int = 2048) -> float:
+    """GFLOP/s of a float32 ``n`` x ``n`` matrix product, median of ``rounds`` after one untimed."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 if __name__ == "__main__":

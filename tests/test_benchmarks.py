@@ -502,6 +502,19 @@ def test_duplicates_speed_times_both_searches_and_finds_the_planted_copies():
     assert re.search(r"^plain: median [\d.]+ s \(min [\d.]+, max [\d.]+\) over 1 rounds$", p.stdout, re.M)
 
 
+@needs_kernel
+def test_conv_wgrad_rates_every_layer_beside_a_matrix_product():
+    """Each of the notebook's four convolutions gets its backward times and, after them, its
+    forward and backward rates; a matrix product's rate closes the report."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "conv_wgrad.py"), "--batch", "4", "--rounds", "1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    rates = re.findall(r"forward (\d+) GFLOP/s, PyTorch's backward (\d+) GFLOP/s", p.stdout)
+    assert len(rates) == 4 and all(int(f) > 0 and int(b) > 0 for f, b in rates), p.stdout
+    assert len(re.findall(r"^conv .* backward +[\d.]+ ms PyTorch", p.stdout, re.M)) == 4
+    assert re.search(r"^a 2048 x 2048 float32 matrix product: \d+ GFLOP/s$", p.stdout, re.M), p.stdout
+
+
 def test_policy_throughput_times_the_batched_policies_beside_pillows_per_image_path():
     cmd = [sys.executable, str(ROOT / "benchmarks" / "policy_throughput.py"), "--data", "/nonexistent/data",
            "--images", "300", "--rounds", "1", "--batch", "64"]

@@ -1239,10 +1239,13 @@ def _train_one(cfg: Config, run: Path | None, ckpt: dict | None, dataset: Datase
 def _finish(cfg: Config, run: Path, ds: Dataset, arrays: Arrays, st: _Setup, loop: _Loop, device: torch.device,
             log: Callable[[str], None]) -> dict[str, Any]:
     """After the last epoch: the final weights, the history, and the test figures."""
+    clock = _Clock(device)  # the final weights are training's work: airbench times its last lookahead update
     if st.lookahead is not None:
         st.lookahead.update(st.model, 1.0)  # end on the slow weights, as airbench does
     if st.average is not None:
         st.average.apply()
+    loop.train_time += clock.elapsed()
+    if st.average is not None:
         log(f"ending on the moving average of the weights (optim.ema_momentum {cfg.optim.ema_momentum:g})")
     if loop.stopping.best_state is not None:
         st.model.load_state_dict(loop.stopping.best_state)

@@ -181,6 +181,14 @@ def test_clip_gradients_as_keras(clip):
         assert all(torch.equal(p.grad, b) for p, b in zip(params, before))
 
 
+@pytest.mark.parametrize("clip", [{"clipnorm": 1.0}, {"global_clipnorm": 1.0}, {"clipvalue": 1.0}])
+def test_clipping_without_any_gradient_does_nothing(clip):
+    """A step can come with no gradient at all (every parameter frozen for a while)."""
+    p = torch.nn.Parameter(torch.ones(2))
+    clip_gradients_([p], **clip)
+    assert p.grad is None
+
+
 def test_global_clipnorm_of_a_non_finite_gradient_is_nan_as_in_keras():
     p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     p.grad, q.grad = torch.tensor([float("inf"), 1.0]), torch.tensor([1.0, 2.0])

@@ -223,12 +223,13 @@ def clip_gradients_(params: list[torch.Tensor], clipnorm: float = 0.0, global_cl
     shows it); ``clipvalue`` clamps each element to ``[-v, v]``. Norms are taken in float32,
     whatever the gradients' precision. No GPU-to-CPU sync, so a CUDA graph can record it.
     Parameters without a gradient are left out."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:  # PyTorch's clip_grad_value_ refuses an empty list
         return
     if clipvalue:
-        torch.nn.utils.clip_grad_value_([p for p in params if p.grad is not None], clipvalue, foreach=True)
+        torch.nn.utils.clip_grad_value_(with_grad, clipvalue, foreach=True)
         return
+    grads = [p.grad for p in with_grad]
     # Hand-written rather than torch.nn.utils.clip_grad_norm_: that one has no per-tensor form,
     # takes the norm in the gradients' own precision and divides by the norm plus 1e-6.
     norms = torch._foreach_norm(grads, 2, dtype=torch.float32)

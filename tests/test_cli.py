@@ -448,6 +448,8 @@ def test_print_config_shows_what_the_options_resolve_to_and_reads_back_as_a_conf
     assert code == 0 and "auto_augment: trivialaugment" in out
     code, out, err = run(capsys, "train", "--ema", "0.99", "--print-config")
     assert code == 0 and "ema_momentum: 0.99" in out
+    code, out, err = run(capsys, "train", "--momentum", "0.9", "--centered", "--print-config")
+    assert code == 0 and "  momentum: 0.9" in out and "  centered: true" in out
     for key in ("clipnorm", "global_clipnorm", "clipvalue"):
         code, out, err = run(capsys, "train", "--" + key.replace("_", "-"), "0.5", "--print-config")
         assert code == 0 and f"  {key}: 0.5" in out

@@ -31,6 +31,60 @@ def test_keras_rmsprop_eps_inside_sqrt_differs_from_torch():
     assert abs(a.item() - b.item()) > 1e-4
 
 
+def _keras_rmsprop_steps(w, grads, lr, rho, eps, momentum, centered):
+    """Keras' RMSprop update_step for dense gradients, written out in float64 from its source."""
+    w, v, m, a = w.double(), torch.zeros_like(w, dtype=torch.float64), 0.0, 0.0
+    for g in grads:
+        g = g.double()
+        v = rho * v + (1 - rho) * g.square()
+        if centered:
+            a = rho * a + (1 - rho) * g
+            denominator = v - a * a + eps
+        else:
+            denominator = v + eps
+        increment = lr * g * denominator.rsqrt()
+        if momentum > 0:
+            m = momentum * m + increment
+            w = w - m
+        else:
+            w = w - increment
+    return w
+
+
+@pytest.mark.parametrize("momentum,centered", [(0.9, False), (0.0, True), (0.5, True)])
+@pytest.mark.parametrize("kernel", [False, True])
+def test_keras_rmsprop_momentum_and_centered_follow_keras(momentum, centered, kernel):
+    """Keras' momentum and centered options over four steps, with or without cifarlab's CPU
+    kernel asked for (it has neither option, so the step leaves it aside)."""
+    gen = torch.Generator().manual_seed(3)
+    init = torch.randn(50, generator=gen)
+    grads = [torch.randn(50, generator=gen) * s for s in (1.0, 0.1, 2.0, 0.01)]
+    w = torch.nn.Parameter(init.clone())
+    opt = KerasRMSprop([w], lr=0.01, rho=0.8, eps=1e-7, momentum=momentum, centered=centered, cpu_kernel=kernel)
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+    want = _keras_rmsprop_steps(init, grads, 0.01, 0.8, 1e-7, momentum, centered)
+    assert torch.allclose(w.detach().double(), want, rtol=1e-5, atol=1e-6)
+    plain = torch.nn.Parameter(init.clone())
+    plain_opt = KerasRMSprop([plain], lr=0.01, rho=0.8)
+    for g in grads:
+        plain.grad = g.clone()
+        plain_opt.step()
+    assert not torch.allclose(plain, w)  # the options change the steps
+
+
+def test_rmsprop_options_come_from_the_config():
+    p = [torch.nn.Parameter(torch.ones(2))]
+    opt = build_optimizer(p, OptimConfig(name="rmsprop", momentum=0.9, centered=True))
+    assert opt.defaults["momentum"] == 0.9 and opt.defaults["centered"] is True
+    with pytest.raises(ConfigError, match="optim.centered = True is not valid; it is an option of rmsprop, and the "
+                                          "optimizer is adam"):
+        from cifarlab.config import resolve_config
+
+        resolve_config(overrides={"optim": {"name": "adam", "centered": True}})
+
+
 def test_build_each_optimizer():
     p = [torch.nn.Parameter(torch.ones(2))]
     assert isinstance(build_optimizer(p, OptimConfig(name="rmsprop")), KerasRMSprop)

@@ -39,8 +39,8 @@ _TRAIN_OPTIONS = (
     "data", "dataset", "subset", "image_size", "test_split", "labels", "classes", "val_split", "split_seed",
     "allow_unverified",
     "skip_bad_images", "label_mode",
-    "model", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "epochs", "batch_size", "seed", "device",
-    "threads", "out", "overwrite", "deterministic", "augment", "auto_augment", "mixup", "cutmix", "runs", "tta",
+    "model", "optimizer", "lr", "momentum", "centered", "nesterov", "weight_decay", "epochs", "batch_size", "seed",
+    "device", "threads", "out", "overwrite", "deterministic", "augment", "auto_augment", "mixup", "cutmix", "runs", "tta",
     "label_smoothing", "precision",
     "compile", "compile_mode", "cuda_graph", "cpu_kernels", "select_fraction", "early_stopping",
     "early_stopping_monitor", "early_stopping_min_delta", "reduce_lr_on_plateau", "reduce_lr_factor", "min_lr",
@@ -182,7 +182,12 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                         "(convolution filters; SGD for the rest)")
     g.add_argument("--lr", type=float, help="learning rate per step, as given: a new --batch-size does not rescale it "
                                           "(keras-book: 0.001, Keras' RMSprop default)")
-    g.add_argument("--momentum", type=float, help="sgd momentum")
+    g.add_argument("--momentum", type=float,
+                   help="momentum of sgd, and of rmsprop as Keras' RMSprop has it (a running sum of the steps); "
+                        "default 0")
+    g.add_argument("--centered", action="store_true", default=None,
+                   help="rmsprop: divide by the gradients' estimated variance rather than their mean square "
+                        "(Keras' centered)")
     g.add_argument("--nesterov", action="store_true", default=None, help="sgd with Nesterov momentum")
     g.add_argument("--weight-decay", type=float,
                    help="L2 penalty added to each gradient (keras-book: 0); with adamw, the share of the lr by which "

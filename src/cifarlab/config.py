@@ -95,7 +95,9 @@ class OptimConfig:
     lr: float = 1e-3  # learning rate per step, for the batch size below (muon: of the non-filter tensors)
     rho: float = 0.9  # rmsprop: decay of the squared-gradient average
     eps: float = 1e-7  # rmsprop: added inside the square root; adam: added to the denominator
-    momentum: float = 0.0  # sgd, and muon's SGD groups
+    # sgd; rmsprop (Keras': a running sum of the steps, decayed by it); muon's SGD groups
+    momentum: float = 0.0
+    centered: bool = False  # rmsprop (Keras'): divide by the gradients' estimated variance, not their mean square
     nesterov: bool = False  # sgd; muon (both kinds of group)
     beta1: float = 0.9  # adam, adamw
     beta2: float = 0.999  # adam, adamw
@@ -641,6 +643,8 @@ def _check_optim(o: OptimConfig) -> None:
         _bad("optim.weight_decay", o.weight_decay, "it must be 0 or more")
     if not 0 <= o.momentum < 1:
         _bad("optim.momentum", o.momentum, "it must lie in [0, 1)")
+    if o.name != "rmsprop":
+        _refuse_set(o, "optim", ("centered",), f"it is an option of rmsprop, and the optimizer is {o.name}")
     for key in CLIPPING:
         if getattr(o, key) < 0:
             _bad(f"optim.{key}", getattr(o, key), "it must be 0 (off) or a positive number")

@@ -48,30 +48,51 @@ class KerasRMSprop(_PerGroupOptimizer):
     inside, which matters early in training when ``v`` is tiny. With lr 0.1, rho 0.9 and a
     variable at 10 with loss ``var**2 / 2``, one step leaves 9.683772, as Keras documents.
 
+    Keras' two options: ``momentum`` above 0 accumulates the steps, ``m = momentum*m + lr * g /
+    sqrt(...)`` and ``w -= m``; ``centered`` divides by the gradients' estimated variance
+    instead, ``sqrt(v - a^2 + eps)`` with ``a = rho*a + (1-rho)*g``.
+
     ``cpu_kernel``: update float32 CPU tensors in one pass each with cifarlab's CPU kernel
-    (:func:`cifarlab.cpu_kernels.keras_rmsprop_`) where it is available; same arithmetic.
+    (:func:`cifarlab.cpu_kernels.keras_rmsprop_`) where it is available and neither option is
+    on; same arithmetic.
     """
 
     def __init__(self, params, lr: float = 1e-3, rho: float = 0.9, eps: float = 1e-7, weight_decay: float = 0.0,
-                 cpu_kernel: bool = False):
+                 momentum: float = 0.0, centered: bool = False, cpu_kernel: bool = False):
         if not lr > 0:
             raise ConfigError(f"learning rate {lr} is not valid; it must be greater than 0")
-        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                                      centered=centered))
         self.cpu_kernel = cpu_kernel
 
     def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         vs = self._buffers(params, "velocity")
-        if self.cpu_kernel and cpu_kernels.load() is not None and all(map(cpu_kernels.rmsprop_takes, params, grads, vs)):
-            cpu_kernels.keras_rmsprop_(params, grads, vs, group["lr"], group["rho"], group["eps"], group["weight_decay"])
+        rho, momentum = group["rho"], group["momentum"]
+        if (self.cpu_kernel and not momentum and not group["centered"] and cpu_kernels.load() is not None
+                and all(map(cpu_kernels.rmsprop_takes, params, grads, vs))):
+            cpu_kernels.keras_rmsprop_(params, grads, vs, group["lr"], rho, group["eps"], group["weight_decay"])
             return
         if group["weight_decay"]:
             grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
         # Batched over all parameters (one kernel per op, not per tensor): matters on GPU.
-        torch._foreach_mul_(vs, group["rho"])
-        torch._foreach_addcmul_(vs, grads, grads, value=1 - group["rho"])
-        denom = torch._foreach_add(vs, group["eps"])
+        torch._foreach_mul_(vs, rho)
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - rho)
+        if group["centered"]:
+            avgs = self._buffers(params, "average_gradient")
+            torch._foreach_mul_(avgs, rho)
+            torch._foreach_add_(avgs, grads, alpha=1 - rho)
+            denom = torch._foreach_addcmul(vs, avgs, avgs, value=-1)
+            torch._foreach_add_(denom, group["eps"])
+        else:
+            denom = torch._foreach_add(vs, group["eps"])
         torch._foreach_sqrt_(denom)
-        torch._foreach_addcdiv_(params, grads, denom, value=-group["lr"])
+        if momentum:
+            ms = self._buffers(params, "momentum")
+            torch._foreach_mul_(ms, momentum)
+            torch._foreach_addcdiv_(ms, grads, denom, value=group["lr"])
+            torch._foreach_sub_(params, ms)
+        else:
+            torch._foreach_addcdiv_(params, grads, denom, value=-group["lr"])
 
 
 def _ns_dtype(t: torch.Tensor) -> torch.dtype:
@@ -272,7 +293,7 @@ def build_optimizer(params, cfg, capturable: bool = False, cpu_kernels: bool = F
 def _optimizer(params, cfg, capturable: bool, cpu_kernels: bool) -> torch.optim.Optimizer:
     if cfg.name == "rmsprop":
         return KerasRMSprop(params, lr=cfg.lr, rho=cfg.rho, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                            cpu_kernel=cpu_kernels)
+                            momentum=cfg.momentum, centered=cfg.centered, cpu_kernel=cpu_kernels)
     if cfg.name == "sgd":
         params = list(params)
         # On a GPU, one fused kernel per parameter group instead of several multi-tensor

@@ -74,6 +74,30 @@ def test_keras_rmsprop_momentum_and_centered_follow_keras(momentum, centered, ke
     assert not torch.allclose(plain, w)  # the options change the steps
 
 
+def test_an_rmsprop_checkpoint_from_before_its_options_resumes_as_it_trained():
+    """Optimizer states saved before momentum and centered existed have neither key in their
+    groups; loaded, they step as plain RMSprop, as they trained, whatever the new config says."""
+    gen = torch.Generator().manual_seed(4)
+    init, grads = torch.randn(20, generator=gen), [torch.randn(20, generator=gen) for _ in range(3)]
+    results = []
+    for old in (True, False):
+        w = torch.nn.Parameter(init.clone())
+        opt = KerasRMSprop([w], lr=0.01)
+        w.grad = grads[0].clone()
+        opt.step()
+        saved = opt.state_dict()
+        if old:
+            for group in saved["param_groups"]:
+                del group["momentum"], group["centered"]
+            opt = KerasRMSprop([w], lr=0.01, momentum=0.9, centered=True)  # the config, read anew
+        opt.load_state_dict(saved)
+        for g in grads[1:]:
+            w.grad = g.clone()
+            opt.step()
+        results.append(w.detach().clone())
+    assert torch.equal(*results)
+
+
 def test_rmsprop_options_come_from_the_config():
     p = [torch.nn.Parameter(torch.ones(2))]
     opt = build_optimizer(p, OptimConfig(name="rmsprop", momentum=0.9, centered=True))

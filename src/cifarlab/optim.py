@@ -65,6 +65,12 @@ class KerasRMSprop(_PerGroupOptimizer):
                                       centered=centered))
         self.cpu_kernel = cpu_kernel
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # a checkpoint from before the two options resumes as it trained
+            group.setdefault("momentum", 0.0)
+            group.setdefault("centered", False)
+
     def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         vs = self._buffers(params, "velocity")
         rho, momentum = group["rho"], group["momentum"]

@@ -826,7 +826,6 @@ def _check_policy(a: AugmentConfig) -> None:
     if a.auto_augment != "randaugment":
         _refuse_set(a, "augment", ("randaugment_ops", "randaugment_magnitude"),
                     "it only applies to RandAugment: set augment.auto_augment (--auto-augment) to randaugment too")
-    policy_from_config(a)
 
 
 def _check_across_sections(cfg: Config) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from cifarlab.config import OptimConfig
 from cifarlab.errors import ConfigError
-from cifarlab.optim import OPTIMIZERS, KerasRMSprop, build_optimizer, clip_gradients_
+from cifarlab.optim import OPTIMIZER_KEYS, OPTIMIZERS, KerasRMSprop, build_optimizer, clip_gradients_, unused_options
 
 
 def test_keras_rmsprop_documented_step():
@@ -320,3 +320,45 @@ def test_clipping_sees_the_gradients_with_the_loss_scale_undone():
             train_step(model, opt, x, y, loss_scale=scale)
         results.append([p.detach() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+# A value away from OptimConfig's default for each optimizer-specific key.
+_OTHER_VALUE = {"rho": 0.5, "eps": 0.5, "momentum": 0.5, "centered": True, "nesterov": True, "beta1": 0.5,
+                "beta2": 0.5, "muon_lr": 0.05, "muon_momentum": 0.2, "ns_steps": 5}
+
+
+def _three_steps(cfg: OptimConfig) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    params = [torch.nn.Parameter(torch.randn(4, 3, 3, 3, generator=g)), torch.nn.Parameter(torch.randn(4, generator=g))]
+    grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(3)]
+    opt = build_optimizer([{"params": params[:1], "muon": True}, {"params": params[1:]}] if cfg.name == "muon"
+                          else params, cfg)
+    for step in grads:
+        for p, d in zip(params, step):
+            p.grad = d.clone()
+        opt.step()
+    return [p.detach() for p in params]
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_optimizer_keys_are_the_ones_each_optimizer_reads(name):
+    """OPTIMIZER_KEYS, which the unused-option note relies on, says which keys move each
+    optimizer's steps: every key listed changes them, every other one leaves them bit for bit."""
+    base = {"name": name, "lr": 0.01, "momentum": 0.3}  # nesterov needs a momentum to act on
+    ref = _three_steps(OptimConfig(**base))
+    assert set(_OTHER_VALUE) == {k for keys in OPTIMIZER_KEYS.values() for k in keys}
+    for key, value in _OTHER_VALUE.items():
+        if key == "momentum":
+            value = 0.6
+        moved = _three_steps(OptimConfig(**{**base, key: value}))
+        same = all(torch.equal(a, b) for a, b in zip(ref, moved))
+        assert same == (key not in OPTIMIZER_KEYS[name]), (name, key)
+
+
+def test_unused_options_names_what_the_optimizer_ignores():
+    assert unused_options(OptimConfig()) == []
+    assert unused_options(OptimConfig(name="rmsprop", momentum=0.9, centered=True)) == []
+    assert unused_options(OptimConfig(name="adamw", momentum=0.85, nesterov=True, rho=0.9)) == [
+        "momentum = 0.85", "nesterov = True"]
+    assert unused_options(OptimConfig(name="sgd", beta2=0.99, ns_steps=5, eps=1e-8)) == [
+        "beta2 = 0.99", "eps = 1e-08", "ns_steps = 5"]

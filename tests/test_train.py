@@ -1949,6 +1949,22 @@ def test_a_run_clips_every_steps_gradients(tmp_path, image_folder, monkeypatch):
     assert "each step's gradients are clipped, all together to a norm of at most 0.01 (Keras' global_clipnorm)" in said
 
 
+def test_a_run_notes_options_its_optimizer_does_not_use(tmp_path, image_folder):
+    """A momentum left from another optimizer (as --recipe fast --optimizer adamw leaves fast's)
+    trains, and the log says that adamw ignores it."""
+    said = []
+    cfg = tiny_config(str(image_folder), str(tmp_path / "r"), epochs=1, batch_size=4)
+    cfg.optim.name, cfg.optim.momentum, cfg.optim.nesterov = "adamw", 0.85, True
+    fit(cfg, log=said.append)
+    assert ("note: adamw does not use optim.momentum = 0.85, optim.nesterov = True (options of other optimizers, "
+            "from the recipe or given; ignored)") in said
+    said.clear()
+    cfg = tiny_config(str(image_folder), str(tmp_path / "r2"), epochs=1, batch_size=4)
+    cfg.optim.momentum = 0.5  # rmsprop's own
+    fit(cfg, log=said.append)
+    assert not [s for s in said if "does not use" in s]
+
+
 def test_ema_settings_are_checked():
     def cfg(**over):
         return resolve_config("keras-book", overrides=over)

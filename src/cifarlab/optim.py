@@ -11,6 +11,16 @@ from .errors import ConfigError
 
 OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw", "muon")
 
+# The optim keys each optimizer reads beyond those all of them do (lr, weight decay, clipping,
+# schedule): what unused_options checks a config against.
+OPTIMIZER_KEYS: dict[str, tuple[str, ...]] = {
+    "rmsprop": ("rho", "eps", "momentum", "centered"),
+    "sgd": ("momentum", "nesterov"),
+    "adam": ("beta1", "beta2", "eps"),
+    "adamw": ("beta1", "beta2", "eps"),
+    "muon": ("muon_lr", "muon_momentum", "ns_steps", "momentum", "nesterov"),
+}
+
 
 class _PerGroupOptimizer(torch.optim.Optimizer):
     """What this module's optimizers share: ``step`` runs the closure, then hands each group's
@@ -269,6 +279,18 @@ def clip_gradients_(params: list[torch.Tensor], clipnorm: float = 0.0, global_cl
         total = torch.linalg.vector_norm(torch.stack(norms))
         scale = global_clipnorm * torch.clamp(total.reciprocal(), max=1 / global_clipnorm) + (total - total)
         torch._foreach_mul_(grads, scale)
+
+
+def unused_options(cfg) -> list[str]:
+    """The optimizer options of ``cfg`` (an :class:`~cifarlab.config.OptimConfig`) set away from
+    their defaults that its optimizer does not read, as ``key = value`` (``momentum = 0.85`` with
+    adamw): a recipe's SGD momentum left behind when ``--optimizer`` swaps the optimizer, or a
+    flag meant for another one. Training notes them rather than refusing them, so that a recipe's
+    optimizer can be swapped and one sweep can compare optimizers under the same flags."""
+    default = type(cfg)()
+    used = OPTIMIZER_KEYS.get(cfg.name, ())
+    others = sorted({k for keys in OPTIMIZER_KEYS.values() for k in keys} - set(used))
+    return [f"{k} = {getattr(cfg, k)!r}" for k in others if getattr(cfg, k) != getattr(default, k)]
 
 
 def _all_cuda(params: list) -> bool:

@@ -36,6 +36,8 @@ def test_help_and_list(capsys):
     assert "augment keras" in lines["keras-book-augmented"] and "cutout 12" in lines["best"]
     assert "hardest 0.5 of each batch" in lines["best-select"] and "hardest" not in lines["best"]
     assert "augmentation policies (--auto-augment): none, trivialaugment, randaugment" in out
+    assert ("optimizers (--optimizer), with the optim keys each reads besides lr, weight_decay and clipping: "
+            "rmsprop (rho, eps, momentum, centered); sgd (momentum, nesterov); adam (beta1, beta2, eps); ") in out
 
 
 def test_data_help_says_what_each_command_takes_when_it_is_left_out():

@@ -1530,6 +1530,7 @@ def cmd_list(args: argparse.Namespace) -> int:  # noqa: ARG001
     from .augment import PRESETS
     from .config import resolve_config
     from .models import create_model, list_models, min_image_size, model_about
+    from .optim import OPTIMIZER_KEYS
     from .recipes import RECIPES
 
     print("models (parameters for 32x32 RGB images and 10 classes; the smallest image each takes):")
@@ -1549,6 +1550,8 @@ def cmd_list(args: argparse.Namespace) -> int:  # noqa: ARG001
               f"precision {c.train.precision}{picked}")
     print("augmentation presets (--augment): " + ", ".join(PRESETS))
     print("augmentation policies (--auto-augment): " + ", ".join(POLICIES))
+    print("optimizers (--optimizer), with the optim keys each reads besides lr, weight_decay and clipping: "
+          + "; ".join(f"{name} ({', '.join(keys)})" for name, keys in OPTIMIZER_KEYS.items()))
     return 0
 
 

@@ -362,3 +362,17 @@ def test_unused_options_names_what_the_optimizer_ignores():
         "momentum = 0.85", "nesterov = True"]
     assert unused_options(OptimConfig(name="sgd", beta2=0.99, ns_steps=5, eps=1e-8)) == [
         "beta2 = 0.99", "eps = 1e-08", "ns_steps = 5"]
+
+
+def test_no_recipe_sets_an_option_it_does_not_use():
+    """The unused-option notes are left for swaps: every recipe as it stands reads all it sets."""
+    from cifarlab.config import resolve_config
+    from cifarlab.optim import unused_schedule_options
+    from cifarlab.recipes import RECIPES
+
+    for name in RECIPES:
+        o = resolve_config(name).optim
+        assert unused_options(o) == [] and unused_schedule_options(o) == [], name
+    swapped = resolve_config("fast", overrides={"optim": {"name": "adamw", "schedule": "constant"}}).optim
+    assert unused_options(swapped) == ["momentum = 0.85", "nesterov = True"]
+    assert unused_schedule_options(swapped) == ["final_lr_frac = 0.07", "start_lr_frac = 0.2", "warmup_frac = 0.23"]

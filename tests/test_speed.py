@@ -16,6 +16,30 @@ from cifarlab.models import create_model
 from cifarlab.train import GraphedStep, Lookahead, _lr_lambda, fit
 
 
+# A value away from OptimConfig's default for each schedule key.
+_OTHER_SCHEDULE_VALUE = {"warmup_frac": 0.3, "start_lr_frac": 0.5, "final_lr_frac": 0.25, "milestones": [0.6, 0.9],
+                         "gamma": 0.5}
+
+
+@pytest.mark.parametrize("schedule", ["constant", "triangle", "cosine", "step"])
+def test_schedule_keys_are_the_ones_each_schedule_reads(schedule):
+    """SCHEDULE_KEYS, which the unused-option note relies on, says which keys move each
+    schedule's learning rates: every key listed changes them, every other one leaves them."""
+    from cifarlab.config import Config
+    from cifarlab.optim import SCHEDULE_KEYS
+
+    assert set(_OTHER_SCHEDULE_VALUE) == {k for keys in SCHEDULE_KEYS.values() for k in keys}
+    cfg = Config()
+    # a warm-up that starts low, for warmup_frac and start_lr_frac to act on under every schedule
+    cfg.optim.schedule, cfg.optim.warmup_frac, cfg.optim.start_lr_frac = schedule, 0.1, 0.2
+    ref = [_lr_lambda(cfg, 100)(s) for s in range(100)]
+    for key, value in _OTHER_SCHEDULE_VALUE.items():
+        moved = copy.deepcopy(cfg)
+        setattr(moved.optim, key, value)
+        same = [_lr_lambda(moved, 100)(s) for s in range(100)] == ref
+        assert same == (key not in SCHEDULE_KEYS[schedule]), (schedule, key)
+
+
 def test_whitening_layer_whitens_patches():
     torch.manual_seed(0)
     x = torch.randn(256, 3, 16, 16) @ torch.randn(16, 16) * 0.3 + 0.5  # correlated pixels

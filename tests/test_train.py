@@ -1951,7 +1951,7 @@ def test_a_run_clips_every_steps_gradients(tmp_path, image_folder, monkeypatch):
 
 def test_a_run_notes_options_its_optimizer_does_not_use(tmp_path, image_folder):
     """A momentum left from another optimizer (as --recipe fast --optimizer adamw leaves fast's)
-    trains, and the log says that adamw ignores it."""
+    trains, and the log says that adamw ignores it; so with a warm-up under a constant schedule."""
     said = []
     cfg = tiny_config(str(image_folder), str(tmp_path / "r"), epochs=1, batch_size=4)
     cfg.optim.name, cfg.optim.momentum, cfg.optim.nesterov = "adamw", 0.85, True
@@ -1963,6 +1963,12 @@ def test_a_run_notes_options_its_optimizer_does_not_use(tmp_path, image_folder):
     cfg.optim.momentum = 0.5  # rmsprop's own
     fit(cfg, log=said.append)
     assert not [s for s in said if "does not use" in s]
+    said.clear()
+    cfg = tiny_config(str(image_folder), str(tmp_path / "r3"), epochs=1, batch_size=4)
+    cfg.optim.warmup_frac, cfg.optim.final_lr_frac = 0.23, 0.07  # fast's, under a constant schedule
+    fit(cfg, log=said.append)
+    assert ("note: the constant schedule does not use optim.final_lr_frac = 0.07, optim.warmup_frac = 0.23 "
+            "(options of other schedules, from the recipe or given; ignored)") in said
 
 
 def test_ema_settings_are_checked():

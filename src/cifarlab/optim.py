@@ -20,6 +20,13 @@ OPTIMIZER_KEYS: dict[str, tuple[str, ...]] = {
     "adamw": ("beta1", "beta2", "eps"),
     "muon": ("muon_lr", "muon_momentum", "ns_steps", "momentum", "nesterov"),
 }
+# The optim keys each learning-rate schedule reads (optim.schedule), for the same check.
+SCHEDULE_KEYS: dict[str, tuple[str, ...]] = {
+    "constant": (),
+    "triangle": ("warmup_frac", "start_lr_frac", "final_lr_frac"),
+    "cosine": ("warmup_frac", "start_lr_frac", "final_lr_frac"),
+    "step": ("warmup_frac", "start_lr_frac", "milestones", "gamma"),
+}
 
 
 class _PerGroupOptimizer(torch.optim.Optimizer):
@@ -287,9 +294,18 @@ def unused_options(cfg) -> list[str]:
     adamw): a recipe's SGD momentum left behind when ``--optimizer`` swaps the optimizer, or a
     flag meant for another one. Training notes them rather than refusing them, so that a recipe's
     optimizer can be swapped and one sweep can compare optimizers under the same flags."""
+    return _unused(cfg, OPTIMIZER_KEYS, cfg.name)
+
+
+def unused_schedule_options(cfg) -> list[str]:
+    """As :func:`unused_options`, for the learning-rate schedule (``optim.schedule``): a
+    recipe's warm-up left behind by ``--schedule constant``, say."""
+    return _unused(cfg, SCHEDULE_KEYS, cfg.schedule)
+
+
+def _unused(cfg, table: dict[str, tuple[str, ...]], chosen: str) -> list[str]:
     default = type(cfg)()
-    used = OPTIMIZER_KEYS.get(cfg.name, ())
-    others = sorted({k for keys in OPTIMIZER_KEYS.values() for k in keys} - set(used))
+    others = sorted({k for keys in table.values() for k in keys} - set(table.get(chosen, ())))
     return [f"{k} = {getattr(cfg, k)!r}" for k in others if getattr(cfg, k) != getattr(default, k)]
 
 

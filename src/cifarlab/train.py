@@ -32,7 +32,7 @@ from .export import batched_logits, finished_metrics, normalize, preprocess, sav
 from .fsutil import new_run_folder, read_json, undo_on_failure, write_json, write_text
 from .losses import class_weights, cross_entropy, distillation_loss, logit_offsets
 from .models import classifier_tensors, create_model
-from .optim import build_optimizer, param_groups, unused_options
+from .optim import build_optimizer, param_groups, unused_options, unused_schedule_options
 from .selection import HardExampleSelector, kept_count
 
 CHECKPOINT = "checkpoint.pt"
@@ -1165,9 +1165,11 @@ def _describe_setup(cfg: Config, ds: Dataset, arrays: Arrays, st: _Setup, device
                       ("clipvalue", "each element to [-{v:g}, {v:g}]")):
         if v := getattr(cfg.optim, key):
             log(f"each step's gradients are clipped, {what.format(v=v)} (Keras' {key})")
-    if unused := unused_options(cfg.optim):
-        log(f"note: {cfg.optim.name} does not use optim.{', optim.'.join(unused)} (options of other optimizers, "
-            "from the recipe or given; ignored)")
+    for unused, what, of in ((unused_options(cfg.optim), cfg.optim.name, "optimizers"),
+                             (unused_schedule_options(cfg.optim), f"the {cfg.optim.schedule} schedule", "schedules")):
+        if unused:
+            log(f"note: {what} does not use optim.{', optim.'.join(unused)} (options of other {of}, from the "
+                "recipe or given; ignored)")
     if st.selector is not None:
         log(f"each step trains on the {_trained_per_step(cfg)} of its {bs} images that {cfg.train.select_model} "
             f"({sum(p.numel() for p in st.selector.model.parameters()):,} parameters) finds hardest")

@@ -281,6 +281,15 @@ def test_augment_command(capsys, tmp_path, image_folder):
     assert code == 0 and np.load(tmp_path / "UPPER.NPZ")["x"].shape == (2, 32, 32, 3)
 
 
+def test_augment_notes_a_config_files_settings_its_preset_ignores(capsys, tmp_path, image_folder):
+    (tmp_path / "c.yaml").write_text("augment:\n  crop_padding: 2\n  rotation_range: 10\n")
+    code, o, e = run(capsys, "augment", "--data", str(image_folder), "--per-image", "1", "--limit", "2",
+                     "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "a.npz"))
+    assert code == 0, e
+    assert ("note: the keras augmentation preset does not use augment.crop_padding = 2 (options of other presets, "
+            "from the recipe or given; ignored)") in o.splitlines()
+
+
 def test_augment_checks_its_output_before_reading_the_data(capsys, tmp_path, monkeypatch):
     """A file name other than .npz would have become a folder of PNG files; these mistakes are
     refused before the data set is read."""

@@ -325,3 +325,42 @@ def test_image_size_is_checked_and_saved_in_one_spelling(tmp_path):
     for bad in ("0x32", "32x", "big", "-4"):
         with pytest.raises(ConfigError, match=f"image size \\(data.image_size\\) '{bad}' is not valid; expected HxW"):
             validate(resolve_config("keras-book", overrides={"data": {"image_size": bad}}))
+
+
+def test_unused_settings_names_what_the_choices_ignore():
+    """Options another optimizer, schedule or augmentation preset reads are named, one note per
+    choice; what the choices read, and defaults, are not."""
+    from cifarlab.config import unused_settings
+
+    def notes(**over):
+        return unused_settings(resolve_config("keras-book", overrides=over))
+
+    assert notes() == []
+    assert notes(optim={"momentum": 0.9, "centered": True}) == []  # rmsprop's own
+    assert notes(optim={"name": "sgd", "beta2": 0.99, "ns_steps": 5, "eps": 1e-8}) == [
+        "sgd does not use optim.beta2 = 0.99, optim.eps = 1e-08, optim.ns_steps = 5 (options of other optimizers, "
+        "from the recipe or given; ignored)"]
+    assert notes(augment={"preset": "keras", "cutout": 8}) == [
+        "the keras augmentation preset does not use augment.cutout = 8 (options of other presets, from the recipe "
+        "or given; ignored)"]
+    assert notes(augment={"preset": "crop-flip", "rotation_range": 10.0, "crop_padding": 2}) == [
+        "the crop-flip augmentation preset does not use augment.rotation_range = 10.0 (options of other presets, "
+        "from the recipe or given; ignored)"]
+    assert notes(augment={"rotation_range": 10.0}) == []  # "none" refined by Keras' fields
+
+
+def test_every_recipe_reads_all_it_sets_and_a_swap_is_noted():
+    """The notes are left for swaps: every recipe as it stands reads what it sets; swapping
+    fast's optimizer, schedule and preset names each of fast's settings left behind."""
+    from cifarlab.config import unused_settings
+    from cifarlab.recipes import RECIPES
+
+    for name in RECIPES:
+        assert unused_settings(resolve_config(name)) == [], name
+    swapped = resolve_config("fast", overrides={"optim": {"name": "adamw", "schedule": "constant"},
+                                                "augment": {"preset": "none"}})
+    assert [n.split(" (")[0] for n in unused_settings(swapped)] == [
+        "adamw does not use optim.momentum = 0.85, optim.nesterov = True",
+        "the constant schedule does not use optim.final_lr_frac = 0.07, optim.start_lr_frac = 0.2, "
+        "optim.warmup_frac = 0.23",
+        "the none augmentation preset does not use augment.alternating_flip = True, augment.crop_padding = 2"]

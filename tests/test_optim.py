@@ -7,7 +7,7 @@ import torch
 
 from cifarlab.config import OptimConfig
 from cifarlab.errors import ConfigError
-from cifarlab.optim import OPTIMIZER_KEYS, OPTIMIZERS, KerasRMSprop, build_optimizer, clip_gradients_, unused_options
+from cifarlab.optim import OPTIMIZER_KEYS, OPTIMIZERS, KerasRMSprop, build_optimizer, clip_gradients_
 
 
 def test_keras_rmsprop_documented_step():
@@ -342,7 +342,7 @@ def _three_steps(cfg: OptimConfig) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_optimizer_keys_are_the_ones_each_optimizer_reads(name):
-    """OPTIMIZER_KEYS, which the unused-option note relies on, says which keys move each
+    """OPTIMIZER_KEYS, which config.unused_settings relies on, says which keys move each
     optimizer's steps: every key listed changes them, every other one leaves them bit for bit."""
     base = {"name": name, "lr": 0.01, "momentum": 0.3}  # nesterov needs a momentum to act on
     ref = _three_steps(OptimConfig(**base))
@@ -353,26 +353,3 @@ def test_optimizer_keys_are_the_ones_each_optimizer_reads(name):
         moved = _three_steps(OptimConfig(**{**base, key: value}))
         same = all(torch.equal(a, b) for a, b in zip(ref, moved))
         assert same == (key not in OPTIMIZER_KEYS[name]), (name, key)
-
-
-def test_unused_options_names_what_the_optimizer_ignores():
-    assert unused_options(OptimConfig()) == []
-    assert unused_options(OptimConfig(name="rmsprop", momentum=0.9, centered=True)) == []
-    assert unused_options(OptimConfig(name="adamw", momentum=0.85, nesterov=True, rho=0.9)) == [
-        "momentum = 0.85", "nesterov = True"]
-    assert unused_options(OptimConfig(name="sgd", beta2=0.99, ns_steps=5, eps=1e-8)) == [
-        "beta2 = 0.99", "eps = 1e-08", "ns_steps = 5"]
-
-
-def test_no_recipe_sets_an_option_it_does_not_use():
-    """The unused-option notes are left for swaps: every recipe as it stands reads all it sets."""
-    from cifarlab.config import resolve_config
-    from cifarlab.optim import unused_schedule_options
-    from cifarlab.recipes import RECIPES
-
-    for name in RECIPES:
-        o = resolve_config(name).optim
-        assert unused_options(o) == [] and unused_schedule_options(o) == [], name
-    swapped = resolve_config("fast", overrides={"optim": {"name": "adamw", "schedule": "constant"}}).optim
-    assert unused_options(swapped) == ["momentum = 0.85", "nesterov = True"]
-    assert unused_schedule_options(swapped) == ["final_lr_frac = 0.07", "start_lr_frac = 0.2", "warmup_frac = 0.23"]

@@ -23,7 +23,7 @@ _OTHER_SCHEDULE_VALUE = {"warmup_frac": 0.3, "start_lr_frac": 0.5, "final_lr_fra
 
 @pytest.mark.parametrize("schedule", ["constant", "triangle", "cosine", "step"])
 def test_schedule_keys_are_the_ones_each_schedule_reads(schedule):
-    """SCHEDULE_KEYS, which the unused-option note relies on, says which keys move each
+    """SCHEDULE_KEYS, which config.unused_settings relies on, says which keys move each
     schedule's learning rates: every key listed changes them, every other one leaves them."""
     from cifarlab.config import Config
     from cifarlab.optim import SCHEDULE_KEYS

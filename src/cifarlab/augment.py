@@ -35,6 +35,13 @@ from .errors import ConfigError, did_you_mean
 
 FILL_MODES = ("nearest", "reflect", "wrap", "constant")
 PRESETS = ("none", "keras", "crop-flip")
+# The augment keys each preset reads (the policy and mixing keys apply under all of them): what
+# config.unused_settings checks a config against. "none" takes Keras' fields as a refinement.
+_KERAS_KEYS = ("rotation_range", "width_shift_range", "height_shift_range", "shear_range", "zoom_range",
+               "horizontal_flip", "vertical_flip", "fill_mode", "cval", "brightness_range", "channel_shift_range",
+               "featurewise_center", "featurewise_std_normalization")
+PRESET_KEYS: dict[str, tuple[str, ...]] = {"none": _KERAS_KEYS, "keras": _KERAS_KEYS,
+                                           "crop-flip": ("crop_padding", "cutout", "alternating_flip")}
 
 # The notebook's ImageDataGenerator settings.
 KERAS_NOTEBOOK = dict(rotation_range=40.0, width_shift_range=0.2, height_shift_range=0.2, zoom_range=0.2,
@@ -665,8 +672,6 @@ def augmenter_from_config(cfg) -> KerasAugment | CropFlipCutout | None:
             raise ConfigError(f"crop_padding={cfg.crop_padding} and cutout={cfg.cutout} must be 0 or more")
         return CropFlipCutout(crop_padding=cfg.crop_padding or 4, flip=True, cutout=cfg.cutout,
                               alternating=cfg.alternating_flip)
-    if cfg.alternating_flip:
-        raise ConfigError("alternating_flip applies to the crop-flip preset only")
     keras_fields = dict(rotation_range=cfg.rotation_range, width_shift_range=cfg.width_shift_range,
                         height_shift_range=cfg.height_shift_range, shear_range=cfg.shear_range,
                         zoom_range=cfg.zoom_range, horizontal_flip=cfg.horizontal_flip,

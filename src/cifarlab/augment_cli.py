@@ -18,7 +18,7 @@ from PIL import Image
 
 from .augment import KerasAugment, augmenter_from_config
 from .augment_policy import PolicyAugment, policy_from_config
-from .config import AugmentConfig, Config, apply_overrides, read_config_file, read_settings
+from .config import AugmentConfig, Config, apply_overrides, read_config_file, read_settings, unused_settings
 from .data import load_dataset
 from .errors import CifarlabError
 from .fsutil import make_folder, write_with
@@ -178,6 +178,8 @@ def augment_command(args: argparse.Namespace) -> int:
         aug_cfg.preset = "keras" if aug_cfg.auto_augment == "none" else "none"
     augmenter = augmenter_from_config(aug_cfg)
     policy = policy_from_config(aug_cfg)
+    for note in unused_settings(cfg):  # only the augment section is set here
+        print(f"note: {note}")
     read = read_settings(args.image_size, args.test_split)
     ds = load_dataset(args.data, args.dataset or "cifar10", allow_unverified=bool(args.allow_unverified),
                       label_mode=args.label_mode or "fine", skip_bad_images=bool(args.skip_bad_images),

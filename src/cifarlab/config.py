@@ -891,6 +891,31 @@ def validate(cfg: Config) -> None:
     augmenter_from_config(cfg.augment)  # raises ConfigError for bad augmentation values
 
 
+def unused_settings(cfg: Config) -> list[str]:
+    """What ``cfg`` sets away from the defaults that its choices do not read, one note per
+    choice: another optimizer's options (``optim.momentum`` with adamw), another schedule's
+    (a warm-up under ``constant``), another augmentation preset's (``crop_padding`` under
+    ``keras``). Training logs them rather than refusing them: they are what a recipe leaves
+    behind when a flag swaps one of its choices (``--recipe fast --optimizer adamw`` keeps
+    fast's SGD momentum), and one sweep may compare optimizers under the same flags."""
+    from .augment import PRESET_KEYS
+    from .optim import OPTIMIZER_KEYS, SCHEDULE_KEYS
+
+    notes = []
+    for section, table, chosen, what, kind in (
+            ("optim", OPTIMIZER_KEYS, cfg.optim.name, cfg.optim.name, "optimizers"),
+            ("optim", SCHEDULE_KEYS, cfg.optim.schedule, f"the {cfg.optim.schedule} schedule", "schedules"),
+            ("augment", PRESET_KEYS, cfg.augment.preset, f"the {cfg.augment.preset} augmentation preset",
+             "presets")):
+        sec, default = getattr(cfg, section), type(getattr(cfg, section))()
+        others = sorted({k for keys in table.values() for k in keys} - set(table.get(chosen, ())))
+        if unused := [f"{section}.{k} = {getattr(sec, k)!r}" for k in others
+                      if getattr(sec, k) != getattr(default, k)]:
+            notes.append(f"{what} does not use {', '.join(unused)} (options of other {kind}, from the recipe or "
+                         "given; ignored)")
+    return notes
+
+
 def config_yaml(cfg: Config) -> str:
     """The config as the YAML text that ``--config`` and :func:`load_run_config` read back."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -12,7 +12,7 @@ from .errors import ConfigError
 OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw", "muon")
 
 # The optim keys each optimizer reads beyond those all of them do (lr, weight decay, clipping,
-# schedule): what unused_options checks a config against.
+# schedule): what config.unused_settings checks a config against.
 OPTIMIZER_KEYS: dict[str, tuple[str, ...]] = {
     "rmsprop": ("rho", "eps", "momentum", "centered"),
     "sgd": ("momentum", "nesterov"),
@@ -286,27 +286,6 @@ def clip_gradients_(params: list[torch.Tensor], clipnorm: float = 0.0, global_cl
         total = torch.linalg.vector_norm(torch.stack(norms))
         scale = global_clipnorm * torch.clamp(total.reciprocal(), max=1 / global_clipnorm) + (total - total)
         torch._foreach_mul_(grads, scale)
-
-
-def unused_options(cfg) -> list[str]:
-    """The optimizer options of ``cfg`` (an :class:`~cifarlab.config.OptimConfig`) set away from
-    their defaults that its optimizer does not read, as ``key = value`` (``momentum = 0.85`` with
-    adamw): a recipe's SGD momentum left behind when ``--optimizer`` swaps the optimizer, or a
-    flag meant for another one. Training notes them rather than refusing them, so that a recipe's
-    optimizer can be swapped and one sweep can compare optimizers under the same flags."""
-    return _unused(cfg, OPTIMIZER_KEYS, cfg.name)
-
-
-def unused_schedule_options(cfg) -> list[str]:
-    """As :func:`unused_options`, for the learning-rate schedule (``optim.schedule``): a
-    recipe's warm-up left behind by ``--schedule constant``, say."""
-    return _unused(cfg, SCHEDULE_KEYS, cfg.schedule)
-
-
-def _unused(cfg, table: dict[str, tuple[str, ...]], chosen: str) -> list[str]:
-    default = type(cfg)()
-    others = sorted({k for keys in table.values() for k in keys} - set(table.get(chosen, ())))
-    return [f"{k} = {getattr(cfg, k)!r}" for k in others if getattr(cfg, k) != getattr(default, k)]
 
 
 def _all_cuda(params: list) -> bool:

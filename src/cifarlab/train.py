@@ -23,7 +23,7 @@ from . import cpu_kernels as kernels
 from . import runtime
 from .augment import CropFlipCutout, KerasAugment, augmenter_from_config, draw_mix, mix_batch
 from .augment_policy import OPS, PolicyAugment, policy_from_config
-from .config import MONITORS, Config, load_run_config, save_config, validate
+from .config import MONITORS, Config, load_run_config, save_config, unused_settings, validate
 from .data import Dataset, balanced_subset, load_dataset, only_classes, resized, seen, stratified_split, subset_note
 from .datasheet import people_classes, people_warning
 from .errors import CifarlabError, TrainingInterrupted, short_list
@@ -32,7 +32,7 @@ from .export import batched_logits, finished_metrics, normalize, preprocess, sav
 from .fsutil import new_run_folder, read_json, undo_on_failure, write_json, write_text
 from .losses import class_weights, cross_entropy, distillation_loss, logit_offsets
 from .models import classifier_tensors, create_model
-from .optim import build_optimizer, param_groups, unused_options, unused_schedule_options
+from .optim import build_optimizer, param_groups
 from .selection import HardExampleSelector, kept_count
 
 CHECKPOINT = "checkpoint.pt"
@@ -1165,11 +1165,8 @@ def _describe_setup(cfg: Config, ds: Dataset, arrays: Arrays, st: _Setup, device
                       ("clipvalue", "each element to [-{v:g}, {v:g}]")):
         if v := getattr(cfg.optim, key):
             log(f"each step's gradients are clipped, {what.format(v=v)} (Keras' {key})")
-    for unused, what, of in ((unused_options(cfg.optim), cfg.optim.name, "optimizers"),
-                             (unused_schedule_options(cfg.optim), f"the {cfg.optim.schedule} schedule", "schedules")):
-        if unused:
-            log(f"note: {what} does not use optim.{', optim.'.join(unused)} (options of other {of}, from the "
-                "recipe or given; ignored)")
+    for note in unused_settings(cfg):
+        log(f"note: {note}")
     if st.selector is not None:
         log(f"each step trains on the {_trained_per_step(cfg)} of its {bs} images that {cfg.train.select_model} "
             f"({sum(p.numel() for p in st.selector.model.parameters()):,} parameters) finds hardest")

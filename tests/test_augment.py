@@ -429,3 +429,22 @@ def test_mix_batch_pairs_each_image_with_the_batch_reversed():
     assert torch.equal(mixed[:, :, ~inside], x[:, :, ~inside])
     assert torch.equal(x, x.clone())  # the input is left as it was
     assert torch.equal(partners, y.flip(0))
+
+
+def test_preset_keys_are_the_ones_each_preset_reads():
+    """PRESET_KEYS, which config.unused_settings relies on, says which augment keys change each
+    preset's augmenter: every key listed changes it, every other one leaves it as it was."""
+    from cifarlab.augment import KERAS_NOTEBOOK, PRESET_KEYS, PRESETS
+
+    other = {"rotation_range": 10.0, "width_shift_range": 0.1, "height_shift_range": 0.1, "shear_range": 5.0,
+             "zoom_range": 0.1, "horizontal_flip": True, "vertical_flip": True, "fill_mode": "reflect", "cval": 0.5,
+             "brightness_range": [0.8, 1.2], "channel_shift_range": 0.1, "featurewise_center": True,
+             "featurewise_std_normalization": True, "crop_padding": 2, "cutout": 8, "alternating_flip": True}
+    assert set(other) == {k for keys in PRESET_KEYS.values() for k in keys} and set(PRESET_KEYS) == set(PRESETS)
+    for preset in PRESETS:
+        base = AugmentConfig(preset=preset)
+        for key, value in other.items():
+            changed = augmenter_from_config(AugmentConfig(preset=preset, **{key: value}))
+            # the keras preset already flips as the notebook does
+            read = key in PRESET_KEYS[preset] and not (preset == "keras" and KERAS_NOTEBOOK.get(key) == value)
+            assert (changed == augmenter_from_config(base)) != read, (preset, key)

@@ -364,3 +364,9 @@ def test_every_recipe_reads_all_it_sets_and_a_swap_is_noted():
         "the constant schedule does not use optim.final_lr_frac = 0.07, optim.start_lr_frac = 0.2, "
         "optim.warmup_frac = 0.23",
         "the none augmentation preset does not use augment.alternating_flip = True, augment.crop_padding = 2"]
+    keras_deep = resolve_config("fast", overrides={"model": {"name": "keras-deep"}})
+    assert unused_settings(keras_deep) == ["keras-deep has no whitening layer, so train.whiten_bias_epochs = 3 does "
+                                           "nothing (an option of the speednet models; ignored)"]
+    # nor does a CUDA graph refuse it there, as it does for a model whose whitening bias stops training
+    assert resolve_config("fast", overrides={"model": {"name": "keras-deep"}, "optim": {"schedule": "constant"},
+                                             "train": {"cuda_graph": True}}).train.cuda_graph

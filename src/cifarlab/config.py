@@ -831,6 +831,8 @@ def _check_policy(a: AugmentConfig) -> None:
 def _check_across_sections(cfg: Config) -> None:
     """Settings valid alone that cannot go together: what a CUDA graph fixes at capture, and
     what watches validation figures without validation images."""
+    from .models import has_whitening
+
     t, o = cfg.train, cfg.optim
     if t.cuda_graph and t.teacher is not None:
         _bad("train.cuda_graph", True, "the captured step does not run a teacher; train with train.teacher "
@@ -847,7 +849,7 @@ def _check_across_sections(cfg: Config) -> None:
     if t.cuda_graph and t.freeze_epochs:
         _bad("train.cuda_graph", True, "a CUDA graph fixes which parameters train, so it cannot unfreeze the model "
              f"after train.freeze_epochs = {t.freeze_epochs}; set that to 0")
-    if t.cuda_graph and t.whiten_bias_epochs:
+    if t.cuda_graph and t.whiten_bias_epochs and has_whitening(cfg.model.name):
         _bad("train.cuda_graph", True, "a CUDA graph fixes which parameters train, so it cannot stop training the "
              f"whitening bias after train.whiten_bias_epochs = {t.whiten_bias_epochs}; set that to 0")
     if t.cuda_graph and t.compile and t.compile_mode in ("reduce-overhead", "max-autotune"):
@@ -895,10 +897,12 @@ def unused_settings(cfg: Config) -> list[str]:
     """What ``cfg`` sets away from the defaults that its choices do not read, one note per
     choice: another optimizer's options (``optim.momentum`` with adamw), another schedule's
     (a warm-up under ``constant``), another augmentation preset's (``crop_padding`` under
-    ``keras``). Training logs them rather than refusing them: they are what a recipe leaves
-    behind when a flag swaps one of its choices (``--recipe fast --optimizer adamw`` keeps
-    fast's SGD momentum), and one sweep may compare optimizers under the same flags."""
+    ``keras``), a whitening layer's (``train.whiten_bias_epochs`` for a model without one).
+    Training logs them rather than refusing them: they are what a recipe leaves behind when a
+    flag swaps one of its choices (``--recipe fast --optimizer adamw`` keeps fast's SGD
+    momentum), and one sweep may compare optimizers under the same flags."""
     from .augment import PRESET_KEYS
+    from .models import has_whitening
     from .optim import OPTIMIZER_KEYS, SCHEDULE_KEYS
 
     notes = []
@@ -913,6 +917,9 @@ def unused_settings(cfg: Config) -> list[str]:
                       if getattr(sec, k) != getattr(default, k)]:
             notes.append(f"{what} does not use {', '.join(unused)} (options of other {kind}, from the recipe or "
                          "given; ignored)")
+    if cfg.train.whiten_bias_epochs and not has_whitening(cfg.model.name):
+        notes.append(f"{cfg.model.name} has no whitening layer, so train.whiten_bias_epochs = "
+                     f"{cfg.train.whiten_bias_epochs} does nothing (an option of the speednet models; ignored)")
     return notes
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cifarlab.errors import ConfigError
-from cifarlab.models import classifier_tensors, create_model, list_models, min_image_size
+from cifarlab.models import classifier_tensors, create_model, has_whitening, list_models, min_image_size
 from cifarlab.models.keras_layout import from_keras, to_keras
 from cifarlab.models.summary import format_summary, summarize
 
@@ -182,3 +182,9 @@ def test_cifar_resnets_have_the_papers_layers_and_weightless_shortcuts():
         y = block.eval()(x)
     assert y.shape == (2, 32, 4, 4) and torch.equal(y[:, :16], x[:, :, ::2, ::2].relu())
     assert not y[:, 16:].any()
+
+
+def test_has_whitening_names_the_models_with_a_whitening_layer():
+    assert [n for n in list_models() if has_whitening(n)] == ["speednet", "speednet-proxy", "speednet-wide",
+                                                              "speednet-wide2"]
+    assert all(hasattr(create_model(n), "whiten") == has_whitening(n) for n in list_models())

@@ -58,6 +58,16 @@ def model_about(name: str) -> str:
     return _ABOUT[name]
 
 
+def has_whitening(name: str) -> bool:
+    """Whether the registered model ``name`` has a first layer that whitens the data's patches
+    (``init_whitening``), whose bias ``train.whiten_bias_epochs`` limits; built on the meta
+    device to look, which allocates nothing."""
+    import torch
+
+    with torch.device("meta"):
+        return hasattr(create_model(name), "init_whitening")
+
+
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build the registered model ``name`` with keyword arguments (num_classes, in_chans, img_size, ...).
 

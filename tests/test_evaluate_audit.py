@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from cifarlab.audit import audit_run, class_confidence, class_metrics, group_metrics, proportion_ci, read_groups
+from cifarlab.audit import (audit_run, class_confidence, class_metrics, confidence_gap, group_metrics, proportion_ci,
+                           read_groups)
 from cifarlab.data import load_dataset
 from cifarlab.errors import CifarlabError
 from cifarlab.evaluate import calibration, compute_report, evaluate_run
@@ -131,6 +132,49 @@ def test_group_gap_detection_and_small_groups():
     assert gm["gap"]["highest"] == "day" and gm["gap"]["lowest"] == "night" and gm["gap"]["ci_excludes_zero"]
     same = group_metrics(y, y, g, 1.0, 0.05, 30)
     assert not same["gap"]["ci_excludes_zero"]
+
+
+def test_group_confidence_and_the_gap_between_the_most_and_least_overconfident_groups():
+    """Each group's mean confidence and that minus its accuracy, worked by hand; the gap's
+    interval is Welch's normal one on each image's confidence minus its correctness."""
+    y = np.zeros(8, np.int64)
+    pred = np.array([0, 0, 1, 1, 0, 0, 0, 1])
+    conf = np.array([0.9, 0.9, 0.9, 0.9, 0.6, 0.6, 0.6, 0.6])
+    g = np.array(["a"] * 4 + ["b"] * 4, dtype=object)
+    gm = group_metrics(y, pred, g, overall=0.625, margin=0.05, min_group=1, conf=conf)
+    rows = {r["group"]: r for r in gm["groups"]}
+    assert rows["a"]["mean_confidence"] == pytest.approx(0.9) and rows["a"]["overconfidence"] == pytest.approx(0.4)
+    assert rows["b"]["mean_confidence"] == pytest.approx(0.6) and rows["b"]["overconfidence"] == pytest.approx(-0.15)
+    cg = gm["confidence_gap"]
+    assert (cg["most"], cg["least"]) == ("a", "b") and cg["difference"] == pytest.approx(0.55)
+    # a: excess 0.9-1, 0.9-1, 0.9, 0.9 (variance 1/3); b: -0.4 x3, 0.6 (variance 0.25)
+    half = 1.959964 * (1 / 3 / 4 + 0.25 / 4) ** 0.5
+    assert cg["difference_ci"] == pytest.approx([0.55 - half, 0.55 + half], abs=1e-5)
+    assert not cg["ci_excludes_zero"]  # four images a group tell little
+    rng = np.random.default_rng(0)
+    big = confidence_gap(rng.uniform(0.2, 0.4, 400), rng.uniform(-0.1, 0.1, 400))
+    assert big["ci_excludes_zero"] and big["difference"] == pytest.approx(0.3, abs=0.02)
+    assert "confidence_gap" not in group_metrics(y, pred, g, 0.625, 0.05, 1)  # without confidences, as before
+    assert group_metrics(y, pred, np.array(["a"] * 8, dtype=object), 0.625, 0.05, 1, conf)["confidence_gap"] is None
+
+
+
+def test_an_audit_warns_of_a_group_its_confidences_overstate_beyond_chance():
+    from cifarlab.audit import _group_audit, _group_warnings
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 800)
+    pred = np.where(rng.random(800) < 0.7, y, 1 - y)  # 70% right in both groups
+    conf = np.concatenate([np.full(400, 0.95), np.full(400, 0.7)])  # overstated for "a" alone
+    g = np.array(["a"] * 400 + ["b"] * 400, dtype=object)
+    gm = _group_audit(y, pred, g, float((pred == y).mean()), 0.05, 30, conf=conf)
+    warned = [w for w in _group_warnings("site", gm, 0.7, 0.05, 30) if "confidence exceeds accuracy" in w]
+    a, b = gm["groups"]
+    assert len(warned) == 1 and warned[0].startswith(f"site: confidence exceeds accuracy by {a['overconfidence']:+.3f} "
+                                                     f"on 'a' images against {b['overconfidence']:+.3f} on 'b'")
+    assert "which excludes zero): a confidence threshold is less reliable for the first" in warned[0]
+    calibrated = _group_audit(y, pred, g, float((pred == y).mean()), 0.05, 30, conf=np.full(800, 0.7))
+    assert not [w for w in _group_warnings("site", calibrated, 0.7, 0.05, 30) if "confidence" in w]
 
 
 def test_evaluate_and_audit_write_reports(trained_run, image_folder, tmp_path):
@@ -265,6 +309,10 @@ def test_audit_leaves_out_images_without_a_group_and_measures_no_gap_in_one_grou
     assert "Only one group: no gap to measure." in md and f"Not recorded for {n - 5} images" in md
     assert "| c\\|1 | 9 |" in md  # a '|' in a name stays inside its table cell
     assert "By `site`: a " in (tmp_path / "audit" / "MODEL_CARD.md").read_text()
+    a = site["groups"][0]
+    assert a["overconfidence"] == pytest.approx(a["mean_confidence"] - a["accuracy"])
+    assert "| mean confidence | confidence - accuracy |" in md and "Confidence minus accuracy: a " in (
+        tmp_path / "audit" / "MODEL_CARD.md").read_text()
 
 
 def test_evaluation_uses_the_runs_own_test_time_augmentation(image_folder, tmp_path):
@@ -396,6 +444,11 @@ def test_audit_of_a_runs_folder_summarises_each_class_and_group_over_the_runs(im
     assert sum(gap["lowest"].values()) == 3 and sum(s["classes"]["spread"]["worst"].values()) == 3
     assert sum(r["flagged_in"] for r in s["classes"]["per_class"]) > 0  # the checks above met a flag
     assert "source=b: more than 0.05 below the overall accuracy in 3 of 3 runs" in printed
+    for j, g in enumerate(s["attributes"]["source"]["groups"]):  # each run's confidence minus accuracy, spread
+        over = [r["attributes"]["source"]["groups"][j]["overconfidence"] for r in runs]
+        assert (g["overconfidence"]["min"], g["overconfidence"]["max"]) == (min(over), max(over))
+    assert sum(s["attributes"]["source"]["confidence_gap"]["most"].values()) == 3
+    assert "Confidence minus accuracy: largest gap" in (out / "audit_summary.md").read_text()
     assert "3 runs: overall accuracy mean" in printed
     assert "[its audit](run-2/audit/audit.md)" in (out / "audit_summary.md").read_text()
     # their ensemble, the model predict serves for the folder, audited as one run is

@@ -226,9 +226,12 @@ def load_groups(groups_csv: str | Path | None, ds: Dataset, intersections: bool 
 
 
 def group_metrics(y: np.ndarray, pred: np.ndarray, values: np.ndarray, overall: float, margin: float,
-                  min_group: int) -> dict[str, Any]:
+                  min_group: int, conf: np.ndarray | None = None) -> dict[str, Any]:
     """By-group accuracy (with its exact interval), macro recall and macro precision; the largest
-    gap and its interval (:func:`difference_ci`), or a gap of None where there is only one group."""
+    gap and its interval (:func:`difference_ci`), or a gap of None where there is only one group.
+    With ``conf``, each image's top probability: each group's mean confidence and its
+    overconfidence (that minus its accuracy), and the gap between the groups most and least
+    overconfident (:func:`confidence_gap`)."""
     groups = sorted(set(values.tolist()))
     rows = []
     members = {g: np.flatnonzero(values == g) for g in groups}
@@ -249,17 +252,43 @@ def group_metrics(y: np.ndarray, pred: np.ndarray, values: np.ndarray, overall: 
                "macro_recall": macro(ix, True), "macro_precision": macro(ix, False),
                "too_small": bool(len(ix) < min_group),
                "flagged": bool(a < overall - margin)}
+        if conf is not None:
+            row["mean_confidence"] = float(conf[ix].mean())
+            row["overconfidence"] = row["mean_confidence"] - a
         rows.append(row)
     if len(rows) < 2:  # one group: nothing to compare it with
-        return {"groups": rows, "gap": None}
+        return {"groups": rows, "gap": None} | ({"confidence_gap": None} if conf is not None else {})
     judged = [r for r in rows if not r["too_small"]] or rows
     hi = max(judged, key=lambda r: r["accuracy"])
     lo = min(judged, key=lambda r: r["accuracy"])
     ci = difference_ci(right[hi["group"]], hi["n"], right[lo["group"]], lo["n"])
-    return {"groups": rows, "gap": {"highest": hi["group"], "lowest": lo["group"],
-                                    "difference": hi["accuracy"] - lo["accuracy"], "difference_ci": ci,
-                                    "ratio": lo["accuracy"] / hi["accuracy"] if hi["accuracy"] else None,
-                                    "ci_excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}}
+    out = {"groups": rows, "gap": {"highest": hi["group"], "lowest": lo["group"],
+                                   "difference": hi["accuracy"] - lo["accuracy"], "difference_ci": ci,
+                                   "ratio": lo["accuracy"] / hi["accuracy"] if hi["accuracy"] else None,
+                                   "ci_excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}}
+    if conf is not None:
+        most = max(judged, key=lambda r: r["overconfidence"])
+        least = min(judged, key=lambda r: r["overconfidence"])
+        excess = conf - (y == pred)  # each image's confidence minus whether it was right
+        out["confidence_gap"] = confidence_gap(excess[members[most["group"]]], excess[members[least["group"]]])
+        out["confidence_gap"] |= {"most": most["group"], "least": least["group"]}
+    return out
+
+
+def confidence_gap(excess_a: np.ndarray, excess_b: np.ndarray, alpha: float = 0.05) -> dict[str, Any]:
+    """How much more overconfident a model is on one group of images than on another: the
+    difference of the groups' mean confidence minus accuracy, from each image's confidence
+    minus 1 if it was right (0 if not), with a normal-approximation interval of a difference of
+    two means (Welch's standard error; each value lies in [-1, 1], so the means are near normal
+    for groups of tens of images). Calibration within groups (Pleiss et al., 2017): a confidence
+    threshold that trusts a prediction trusts one group's wrongly more often."""
+    from scipy import stats
+
+    diff = float(excess_a.mean() - excess_b.mean())
+    var = sum(float(e.var(ddof=1)) / len(e) if len(e) > 1 else 0.0 for e in (excess_a, excess_b))
+    half = float(stats.norm.ppf(1 - alpha / 2)) * var ** 0.5
+    ci = [diff - half, diff + half]
+    return {"difference": diff, "difference_ci": ci, "ci_excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}
 
 
 def unfamiliar_by_group(flagged: np.ndarray, values: np.ndarray, gm: dict[str, Any]) -> dict[str, Any] | None:
@@ -426,7 +455,7 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
         audit["attributes"] = {}
         for name, values in attrs.items():
             gm = _group_audit(y[idx], yhat[idx], values, overall, margin, min_group,
-                              None if flagged is None else (flagged[idx], ood["score"]))
+                              None if flagged is None else (flagged[idx], ood["score"]), probs.max(1)[idx])
             audit["attributes"][name] = gm
             audit["warnings"] += _group_warnings(name, gm, overall, margin, min_group)
     _plot_class_accuracy(cls["per_class"], overall, out / "per_class_accuracy.png")
@@ -456,14 +485,17 @@ def _class_audit(y: np.ndarray, yhat: np.ndarray, classes: list[str], overall: f
 
 
 def _group_audit(y: np.ndarray, yhat: np.ndarray, values: np.ndarray, overall: float, margin: float,
-                 min_group: int, unfamiliar: tuple[np.ndarray, str] | None = None) -> dict[str, Any]:
-    """:func:`group_metrics` of one attribute's ``values`` (one per image of ``y``). An empty
+                 min_group: int, unfamiliar: tuple[np.ndarray, str] | None = None,
+                 conf: np.ndarray | None = None) -> dict[str, Any]:
+    """:func:`group_metrics` of one attribute's ``values`` (one per image of ``y``, as ``conf``,
+    each image's top probability, where given). An empty
     cell: the attribute was not recorded for that image, which then belongs to none of its
     groups (a group of its own would mix unrelated images); ``not_recorded`` counts them.
     ``unfamiliar``: which of the images the threshold of ``cifarlab ood`` flags, and its score,
     for each group's share flagged (:func:`unfamiliar_by_group`)."""
     known = values != ""
-    gm = group_metrics(y[known], yhat[known], values[known], overall, margin, min_group)
+    gm = group_metrics(y[known], yhat[known], values[known], overall, margin, min_group,
+                       None if conf is None else conf[known])
     gm["not_recorded"] = int((~known).sum())
     if unfamiliar is not None:
         flagged, score = unfamiliar
@@ -490,7 +522,7 @@ def _ensemble_audit(probs: np.ndarray, classes: list[str], ds: Dataset, groups, 
         for name, values in attrs.items():
             gm = out["attributes"][name] = _group_audit(
                 y[idx], yhat[idx], values, overall, margin, min_group,
-                None if unfamiliar is None else (unfamiliar[0][idx], unfamiliar[1]))
+                None if unfamiliar is None else (unfamiliar[0][idx], unfamiliar[1]), probs.max(1)[idx])
             warnings += _group_warnings(name, gm, overall, margin, min_group)
     out["warnings"] = warnings
     return out
@@ -536,6 +568,13 @@ def _group_warnings(name: str, gm: dict[str, Any], overall: float, margin: float
         warnings.append(f"{name}: the accuracy gap between '{ga['highest']}' and '{ga['lowest']}' "
                         f"({ga['difference']:.3f}, 95% CI {ga['difference_ci'][0]:.3f} to "
                         f"{ga['difference_ci'][1]:.3f}) excludes zero")
+    cg = gm.get("confidence_gap")
+    if cg and cg["ci_excludes_zero"]:
+        over = {g["group"]: g["overconfidence"] for g in gm["groups"]}
+        warnings.append(f"{name}: confidence exceeds accuracy by {over[cg['most']]:+.3f} on '{cg['most']}' images "
+                        f"against {over[cg['least']]:+.3f} on '{cg['least']}' (difference {cg['difference']:.3f}, "
+                        f"95% CI {cg['difference_ci'][0]:.3f} to {cg['difference_ci'][1]:.3f}, which excludes zero): "
+                        "a confidence threshold is less reliable for the first")
     ug = gm.get("unfamiliar_gap")
     if ug and ug["ci_excludes_zero"]:
         shares = {g["group"]: g["unfamiliar_share"] for g in gm["groups"]}
@@ -776,6 +815,8 @@ def summarise_audits(audits: list[dict[str, Any]], runs: list[str]) -> dict[str,
                 groups.append({"group": g["group"], "n": g["n"], "too_small": g["too_small"],
                                "accuracy": _spread([x["accuracy"] for x in rows]),
                                "flagged_in": sum(x["flagged"] for x in rows)})
+                if all("overconfidence" in x for x in rows):  # audits written before it have none
+                    groups[-1]["overconfidence"] = _spread([x["overconfidence"] for x in rows])
                 if all("unfamiliar_share" in x for x in rows):  # every run measured by `cifarlab ood`
                     groups[-1]["unfamiliar_share"] = _spread([x["unfamiliar_share"] for x in rows])
                 if groups[-1]["flagged_in"] and not g["too_small"]:
@@ -789,6 +830,12 @@ def summarise_audits(audits: list[dict[str, Any]], runs: list[str]) -> dict[str,
                     summary["warnings"].append(f"{name}: the largest gap's interval excluded zero in "
                                                f"{gap['interval_excludes_zero_in']} of {n} runs")
             summary["attributes"][name] = {"groups": groups, "gap": gap, "not_recorded": gm.get("not_recorded", 0)}
+            cgaps = [p.get("confidence_gap") for p in per_run]
+            if all(cgaps):
+                cg = summary["attributes"][name]["confidence_gap"] = _gap_spread(cgaps, "most", "least")
+                if cg["interval_excludes_zero_in"]:
+                    summary["warnings"].append(f"{name}: the gap between the groups most and least overconfident "
+                                               f"excluded zero in {cg['interval_excludes_zero_in']} of {n} runs")
             ugaps = [p.get("unfamiliar_gap") for p in per_run]
             if all(ugaps):
                 ug = summary["attributes"][name]["unfamiliar_gap"] = _gap_spread(ugaps, "most", "least")
@@ -858,11 +905,15 @@ def _audit_runs_markdown(s: dict) -> str:
     lines += _quoted("Unfamiliar images", s.get("unfamiliar_images"), _runs_ood_sentence)
     for name, gm in s.get("attributes", {}).items():
         unfamiliar = all("unfamiliar_share" in g for g in gm["groups"])
-        lines += [f"## Groups by `{name}`", "", *_table_head(["group", "n", "accuracy, mean (min to max)", "flagged in",
-                                                              *(["flagged unfamiliar"] if unfamiliar else [])])]
+        confident = all("overconfidence" in g for g in gm["groups"])
+        lines += [f"## Groups by `{name}`", "", *_table_head(
+            ["group", "n", "accuracy, mean (min to max)", "flagged in",
+             *(["confidence - accuracy, mean (min to max)"] if confident else []),
+             *(["flagged unfamiliar"] if unfamiliar else [])])]
         for g in gm["groups"]:
             flagged = "too small to judge" if g["too_small"] else f"{g['flagged_in']} of {n}"
             lines.append(f"| {md_cell(g['group'])} | {g['n']} | {_fmt_spread(g['accuracy'])} | {flagged} |"
+                         + (f" {_fmt_spread(g['overconfidence'], signed=True)} |" if confident else "")
                          + (f" {_fmt_spread(g['unfamiliar_share'])} |" if unfamiliar else ""))
         ga = gm["gap"]
         lines += ["", "Only one group: no gap to measure." if ga is None else
@@ -870,6 +921,12 @@ def _audit_runs_markdown(s: dict) -> str:
                   f"{ga['interval_excludes_zero_in']} of {n} runs. Highest group: "
                   + ", ".join(f"{md_cell(g)} in {k} of {n}" for g, k in ga["highest"].items()) + "; lowest: "
                   + ", ".join(f"{md_cell(g)} in {k} of {n}" for g, k in ga["lowest"].items()) + ".", ""]
+        cg = gm.get("confidence_gap")
+        if cg:
+            lines += [f"Confidence minus accuracy: largest gap {_fmt_spread(cg['difference'])}; its interval excluded "
+                      f"zero in {cg['interval_excludes_zero_in']} of {n} runs. Most overconfident: "
+                      + ", ".join(f"{md_cell(g)} in {k} of {n}" for g, k in cg["most"].items()) + "; least: "
+                      + ", ".join(f"{md_cell(g)} in {k} of {n}" for g, k in cg["least"].items()) + ".", ""]
         ug = gm.get("unfamiliar_gap")
         if ug:
             lines += [f"Flagged as unfamiliar (`cifarlab ood`'s threshold): largest gap {_fmt_spread(ug['difference'])}; "
@@ -1035,12 +1092,14 @@ def _group_lines(heading: str, gm: dict[str, Any]) -> list[str]:
     """One attribute's groups (:func:`_group_audit`) under ``heading``: their table, and the
     largest gap."""
     unfamiliar = ["flagged unfamiliar"] if "unfamiliar_score" in gm else []
+    confident = ["mean confidence", "confidence - accuracy"] if "confidence_gap" in gm else []  # older audits: none
     lines = [heading, "", *_table_head(["group", "n", "accuracy", "95% CI", "macro recall", "macro precision",
-                                        *unfamiliar, "note"])]
+                                        *confident, *unfamiliar, "note"])]
     for g in gm["groups"]:
         note = "too small to judge" if g["too_small"] else ("flagged" if g["flagged"] else "")
         lines.append(f"| {md_cell(g['group'])} | {g['n']} | {g['accuracy']:.3f} | {_fmt_ci(g['accuracy_ci'])} | "
                      f"{_fmt(g['macro_recall'])} | {_fmt(g['macro_precision'])} | "
+                     + (f"{g['mean_confidence']:.3f} | {g['overconfidence']:+.3f} | " if confident else "")
                      + (f"{g['unfamiliar_share']:.1%} | " if unfamiliar else "") + f"{note} |")
     if gm.get("not_recorded"):
         lines += ["", f"Not recorded for {images_phrase(gm['not_recorded'])} (empty cells), left out of these groups."]
@@ -1048,6 +1107,12 @@ def _group_lines(heading: str, gm: dict[str, Any]) -> list[str]:
     lines += ["", "Only one group: no gap to measure." if ga is None else
               f"Largest gap: {ga['highest']} vs {ga['lowest']}: {ga['difference']:.3f} {_fmt_ci(ga['difference_ci'])}"
               + (" - the interval excludes zero." if ga["ci_excludes_zero"] else " - the interval includes zero."), ""]
+    cg = gm.get("confidence_gap")
+    if cg:
+        lines += [f"Confidence minus accuracy (above zero: overconfident): highest on {md_cell(cg['most'])}, lowest "
+                  f"on {md_cell(cg['least'])}; difference {cg['difference']:.3f} {_fmt_ci(cg['difference_ci'])}"
+                  + (" - the interval excludes zero." if cg["ci_excludes_zero"] else " - the interval includes zero."),
+                  ""]
     return lines + _unfamiliar_gap_lines(gm)
 
 
@@ -1402,6 +1467,16 @@ def _unfamiliar_gap_lines(gm: dict) -> list[str]:
             + (" - the interval excludes zero." if ug["ci_excludes_zero"] else " - the interval includes zero."), ""]
 
 
+def _card_confidence_by_group(gm: dict) -> str:
+    """The card's sentence on each group's confidence minus accuracy (audits written before it
+    have none)."""
+    if "confidence_gap" not in gm:
+        return ""
+    cg = gm["confidence_gap"]
+    return (" Confidence minus accuracy: " + ", ".join(f"{g['group']} {g['overconfidence']:+.3f}" for g in gm["groups"])
+            + ("" if not cg else f" (largest gap {cg['difference']:.3f} {_fmt_ci(cg['difference_ci'])})") + ".")
+
+
 def _card_unfamiliar_by_group(gm: dict) -> str:
     """The card's sentence on the share of each group the unfamiliar-image threshold flags."""
     ug = gm.get("unfamiliar_gap")
@@ -1626,7 +1701,7 @@ def model_card_markdown(card: dict) -> str:
         ga = gm["gap"]
         lines += [f"By `{name}`: " + ", ".join(f"{g['group']} {g['accuracy']:.3f} (n={g['n']})" for g in gm["groups"])
                   + ("." if ga is None else f"; largest gap {ga['difference']:.3f} {_fmt_ci(ga['difference_ci'])}.")
-                  + _card_unfamiliar_by_group(gm), ""]
+                  + _card_confidence_by_group(gm) + _card_unfamiliar_by_group(gm), ""]
     lines += _robustness_lines(mt.get("robustness"))
     lines += _int8_lines(mt.get("int8"))
     lines += _duplicates_lines(mt.get("near_duplicates"))

@@ -156,6 +156,8 @@ def test_group_confidence_and_the_gap_between_the_most_and_least_overconfident_g
     assert big["ci_excludes_zero"] and big["difference"] == pytest.approx(0.3, abs=0.02)
     assert "confidence_gap" not in group_metrics(y, pred, g, 0.625, 0.05, 1)  # without confidences, as before
     assert group_metrics(y, pred, np.array(["a"] * 8, dtype=object), 0.625, 0.05, 1, conf)["confidence_gap"] is None
+    one = confidence_gap(np.array([0.5]), np.array([0.1, -0.2]))  # one image: no spread, no interval
+    assert one["difference_ci"] == [None, None] and not one["ci_excludes_zero"]
 
 
 
@@ -175,6 +177,11 @@ def test_an_audit_warns_of_a_group_its_confidences_overstate_beyond_chance():
     assert "which excludes zero): a confidence threshold is less reliable for the first" in warned[0]
     calibrated = _group_audit(y, pred, g, float((pred == y).mean()), 0.05, 30, conf=np.full(800, 0.7))
     assert not [w for w in _group_warnings("site", calibrated, 0.7, 0.05, 30) if "confidence" in w]
+    # all right in both groups, confidences 1.0 against 0.99: beyond chance, but under the margin
+    sure = _group_audit(np.zeros(800, np.int64), np.zeros(800, np.int64), g, 1.0, 0.05, 30,
+                        conf=np.concatenate([np.full(400, 1.0), np.full(400, 0.99)]))
+    assert sure["confidence_gap"]["ci_excludes_zero"]
+    assert not [w for w in _group_warnings("site", sure, 1.0, 0.05, 30) if "confidence" in w]
 
 
 def test_evaluate_and_audit_write_reports(trained_run, image_folder, tmp_path):

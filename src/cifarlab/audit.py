@@ -285,7 +285,9 @@ def confidence_gap(excess_a: np.ndarray, excess_b: np.ndarray, alpha: float = 0.
     from scipy import stats
 
     diff = float(excess_a.mean() - excess_b.mean())
-    var = sum(float(e.var(ddof=1)) / len(e) if len(e) > 1 else 0.0 for e in (excess_a, excess_b))
+    if min(len(excess_a), len(excess_b)) < 2:  # a single image's spread is unknown: no interval
+        return {"difference": diff, "difference_ci": [None, None], "ci_excludes_zero": False}
+    var = sum(float(e.var(ddof=1)) / len(e) for e in (excess_a, excess_b))
     half = float(stats.norm.ppf(1 - alpha / 2)) * var ** 0.5
     ci = [diff - half, diff + half]
     return {"difference": diff, "difference_ci": ci, "ci_excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}
@@ -569,7 +571,9 @@ def _group_warnings(name: str, gm: dict[str, Any], overall: float, margin: float
                         f"({ga['difference']:.3f}, 95% CI {ga['difference_ci'][0]:.3f} to "
                         f"{ga['difference_ci'][1]:.3f}) excludes zero")
     cg = gm.get("confidence_gap")
-    if cg and cg["ci_excludes_zero"]:
+    # beyond chance and by more than the margin: groups whose images are all right, say, differ
+    # by hundredths of confidence with next to no spread, which no threshold feels
+    if cg and cg["ci_excludes_zero"] and cg["difference"] > margin:
         over = {g["group"]: g["overconfidence"] for g in gm["groups"]}
         warnings.append(f"{name}: confidence exceeds accuracy by {over[cg['most']]:+.3f} on '{cg['most']}' images "
                         f"against {over[cg['least']]:+.3f} on '{cg['least']}' (difference {cg['difference']:.3f}, "

@@ -454,7 +454,10 @@ def test_audit_of_a_runs_folder_summarises_each_class_and_group_over_the_runs(im
     for j, g in enumerate(s["attributes"]["source"]["groups"]):  # each run's confidence minus accuracy, spread
         over = [r["attributes"]["source"]["groups"][j]["overconfidence"] for r in runs]
         assert (g["overconfidence"]["min"], g["overconfidence"]["max"]) == (min(over), max(over))
-    assert sum(s["attributes"]["source"]["confidence_gap"]["most"].values()) == 3
+    cg = s["attributes"]["source"]["confidence_gap"]
+    assert sum(cg["most"].values()) == 3 and cg["warned_in"] == sum(
+        r["attributes"]["source"]["confidence_gap"]["ci_excludes_zero"]
+        and r["attributes"]["source"]["confidence_gap"]["difference"] > 0.05 for r in runs)
     assert "Confidence minus accuracy: largest gap" in (out / "audit_summary.md").read_text()
     assert "3 runs: overall accuracy mean" in printed
     assert "[its audit](run-2/audit/audit.md)" in (out / "audit_summary.md").read_text()

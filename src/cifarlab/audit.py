@@ -837,9 +837,12 @@ def summarise_audits(audits: list[dict[str, Any]], runs: list[str]) -> dict[str,
             cgaps = [p.get("confidence_gap") for p in per_run]
             if all(cgaps):
                 cg = summary["attributes"][name]["confidence_gap"] = _gap_spread(cgaps, "most", "least")
-                if cg["interval_excludes_zero_in"]:
-                    summary["warnings"].append(f"{name}: the gap between the groups most and least overconfident "
-                                               f"excluded zero in {cg['interval_excludes_zero_in']} of {n} runs")
+                # as each run warns: beyond chance and by more than the margin
+                cg["warned_in"] = sum(x["ci_excludes_zero"] and x["difference"] > first["margin"] for x in cgaps)
+                if cg["warned_in"]:
+                    summary["warnings"].append(f"{name}: confidence exceeded accuracy by more on one group than on "
+                                               f"another, beyond chance and by more than {first['margin']:.2f}, in "
+                                               f"{cg['warned_in']} of {n} runs")
             ugaps = [p.get("unfamiliar_gap") for p in per_run]
             if all(ugaps):
                 ug = summary["attributes"][name]["unfamiliar_gap"] = _gap_spread(ugaps, "most", "least")

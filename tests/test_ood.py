@@ -475,7 +475,8 @@ def test_the_runs_of_a_set_meet_the_same_images_and_their_spread_is_reported(tmp
     for j, g in enumerate(summary["groups"]):  # each group's share flagged as unfamiliar, over the runs
         assert g["unfamiliar_share"]["max"] == max(e["groups"][j]["unfamiliar_share"] for e in each_group)
     assert summary["unfamiliar_gap"]["difference"]["min"] == min(e["unfamiliar_gap"]["difference"] for e in each_group)
-    assert "| group | n | accuracy, mean (min to max) | flagged in | flagged unfamiliar |" in md
+    assert ("| group | n | accuracy, mean (min to max) | flagged in | confidence - accuracy, mean (min to max) | "
+            "flagged unfamiliar |") in md
     assert "Flagged as unfamiliar (`cifarlab ood`'s threshold): largest gap " in md
     # one run whose flag gap is real: the summary warns, naming in how many runs
     from cifarlab.audit import summarise_audits
@@ -676,7 +677,8 @@ def test_the_audit_gives_the_share_of_each_group_flagged_as_unfamiliar(trained_r
     assert by_hand[ug["most"]] == max(by_hand.values()) and by_hand[ug["least"]] == min(by_hand.values())
     assert gm["unfamiliar_score"] == "energy" and 0 < flagged.mean() < 1
     md = (trained_run / "audit" / "audit.md").read_text()
-    assert "| group | n | accuracy | 95% CI | macro recall | macro precision | flagged unfamiliar | note |" in md
+    assert ("| group | n | accuracy | 95% CI | macro recall | macro precision | mean confidence | "
+            "confidence - accuracy | flagged unfamiliar | note |") in md
     assert f"Flagged as unfamiliar (the energy threshold of `cifarlab ood`): {ug['most']} most" in md
     card = (trained_run / "audit" / "MODEL_CARD.md").read_text()
     assert (f"Flagged as unfamiliar by `cifarlab ood`'s threshold: bright {by_hand['bright']:.1%}, dark "

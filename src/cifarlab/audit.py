@@ -924,22 +924,13 @@ def _audit_runs_markdown(s: dict) -> str:
                          + (f" {_fmt_spread(g['unfamiliar_share'])} |" if unfamiliar else ""))
         ga = gm["gap"]
         lines += ["", "Only one group: no gap to measure." if ga is None else
-                  f"Largest gap: {_fmt_spread(ga['difference'])}; its interval excluded zero in "
-                  f"{ga['interval_excludes_zero_in']} of {n} runs. Highest group: "
-                  + ", ".join(f"{md_cell(g)} in {k} of {n}" for g, k in ga["highest"].items()) + "; lowest: "
-                  + ", ".join(f"{md_cell(g)} in {k} of {n}" for g, k in ga["lowest"].items()) + ".", ""]
-        cg = gm.get("confidence_gap")
-        if cg:
-            lines += [f"Confidence minus accuracy: largest gap {_fmt_spread(cg['difference'])}; its interval excluded "
-                      f"zero in {cg['interval_excludes_zero_in']} of {n} runs. Most overconfident: "
-                      + ", ".join(f"{md_cell(g)} in {k} of {n}" for g, k in cg["most"].items()) + "; least: "
-                      + ", ".join(f"{md_cell(g)} in {k} of {n}" for g, k in cg["least"].items()) + ".", ""]
-        ug = gm.get("unfamiliar_gap")
-        if ug:
-            lines += [f"Flagged as unfamiliar (`cifarlab ood`'s threshold): largest gap {_fmt_spread(ug['difference'])}; "
-                      f"its interval excluded zero in {ug['interval_excludes_zero_in']} of {n} runs. Flagged most: "
-                      + ", ".join(f"{md_cell(g)} in {k} of {n}" for g, k in ug["most"].items()) + "; least: "
-                      + ", ".join(f"{md_cell(g)} in {k} of {n}" for g, k in ug["least"].items()) + ".", ""]
+                  _runs_gap_sentence("Largest gap:", ga, n, ("highest", "Highest group"), ("lowest", "lowest")), ""]
+        if cg := gm.get("confidence_gap"):
+            lines += [_runs_gap_sentence("Confidence minus accuracy: largest gap", cg, n,
+                                         ("most", "Most overconfident"), ("least", "least")), ""]
+        if ug := gm.get("unfamiliar_gap"):
+            lines += [_runs_gap_sentence("Flagged as unfamiliar (`cifarlab ood`'s threshold): largest gap", ug, n,
+                                         ("most", "Flagged most"), ("least", "least")), ""]
     if "ensemble" in s:  # audit_runs adds it; summarise_audits alone does not
         lines += _ensemble_lines(s["ensemble"], n, s["bootstrap_resamples"])
     if s["warnings"]:
@@ -948,6 +939,17 @@ def _audit_runs_markdown(s: dict) -> str:
                                     f"{r['warnings']} warning(s)" + (f"; [its audit]({r['report']})" if r.get("report") else "")
                                     for r in s["per_run"]] + [""]
     return "\n".join(lines)
+
+
+def _runs_gap_sentence(head: str, gap: dict, n: int, high: tuple[str, str], low: tuple[str, str]) -> str:
+    """audit_summary.md's sentence on one gap over the runs (:func:`_gap_spread`): its spread,
+    in how many runs its interval excluded zero, and how often each group was at either end
+    (``high`` and ``low``: the key and the words for each)."""
+    def ends(key: str) -> str:
+        return ", ".join(f"{md_cell(g)} in {k} of {n}" for g, k in gap[key].items())
+
+    return (f"{head} {_fmt_spread(gap['difference'])}; its interval excluded zero in "
+            f"{gap['interval_excludes_zero_in']} of {n} runs. {high[1]}: {ends(high[0])}; {low[1]}: {ends(low[0])}.")
 
 
 def _quoted(head: str, section: dict | None, sentence: Callable[[dict], str]) -> list[str]:

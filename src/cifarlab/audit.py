@@ -489,10 +489,10 @@ def _class_audit(y: np.ndarray, yhat: np.ndarray, classes: list[str], overall: f
 def _group_audit(y: np.ndarray, yhat: np.ndarray, values: np.ndarray, overall: float, margin: float,
                  min_group: int, unfamiliar: tuple[np.ndarray, str] | None = None,
                  conf: np.ndarray | None = None) -> dict[str, Any]:
-    """:func:`group_metrics` of one attribute's ``values`` (one per image of ``y``, as ``conf``,
-    each image's top probability, where given). An empty
-    cell: the attribute was not recorded for that image, which then belongs to none of its
-    groups (a group of its own would mix unrelated images); ``not_recorded`` counts them.
+    """:func:`group_metrics` of one attribute's ``values`` (one per image of ``y``, as is
+    ``conf``, each image's top probability, where given). An empty cell: the attribute was not
+    recorded for that image, which then belongs to none of its groups (a group of its own would
+    mix unrelated images); ``not_recorded`` counts them.
     ``unfamiliar``: which of the images the threshold of ``cifarlab ood`` flags, and its score,
     for each group's share flagged (:func:`unfamiliar_by_group`)."""
     known = values != ""

@@ -464,6 +464,10 @@ def test_print_config_shows_what_the_options_resolve_to_and_reads_back_as_a_conf
     for key in ("clipnorm", "global_clipnorm", "clipvalue"):
         code, out, err = run(capsys, "train", "--" + key.replace("_", "-"), "0.5", "--print-config")
         assert code == 0 and f"  {key}: 0.5" in out
+    code, out, err = run(capsys, "train", "--recipe", "fast", "--optimizer", "adamw", "--print-config")
+    assert code == 0 and "name: adamw" in out and "note:" not in out  # the notes go to stderr
+    assert err == ("note: adamw does not use optim.momentum = 0.85, optim.nesterov = True (options of other "
+                   "optimizers, from the recipe or given; ignored)\n")
     code, _, err = run(capsys, "train", "--resume", "runs/x", "--print-config")
     assert code == 2 and "--print-config shows a new run's config; the config of 'runs/x' is its config.yaml" in err
 

@@ -765,7 +765,7 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``cifarlab train``."""
-    from .config import config_yaml, resolve_config
+    from .config import config_yaml, resolve_config, unused_settings
     from .sweep import is_sweep, parse_axes, resume_sweep, sweep_with_overrides
     from .train import fit, set_of
 
@@ -804,6 +804,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.recipe, args.config, _train_overrides(args))
     if args.print_config:  # to start a config file from a recipe, or check what flags resolve to
         print(config_yaml(cfg), end="")
+        for note in unused_settings(cfg):  # on stderr, so that stdout stays a config file
+            print(f"note: {note}", file=sys.stderr)
         return 0
     if args.lr_find:
         from .lr_find import find_lr, format_result, parse_range

@@ -36,7 +36,8 @@ from .errors import ConfigError, did_you_mean
 FILL_MODES = ("nearest", "reflect", "wrap", "constant")
 PRESETS = ("none", "keras", "crop-flip")
 # The augment keys each preset reads (the policy and mixing keys apply under all of them): what
-# config.unused_settings checks a config against. "none" takes Keras' fields as a refinement.
+# config.unused_settings checks a config against. "none" takes Keras' fields as a refinement;
+# augmenter_from_config hands those fields to KerasAugment.
 _KERAS_KEYS = ("rotation_range", "width_shift_range", "height_shift_range", "shear_range", "zoom_range",
                "horizontal_flip", "vertical_flip", "fill_mode", "cval", "brightness_range", "channel_shift_range",
                "featurewise_center", "featurewise_std_normalization")
@@ -672,13 +673,7 @@ def augmenter_from_config(cfg) -> KerasAugment | CropFlipCutout | None:
             raise ConfigError(f"crop_padding={cfg.crop_padding} and cutout={cfg.cutout} must be 0 or more")
         return CropFlipCutout(crop_padding=cfg.crop_padding or 4, flip=True, cutout=cfg.cutout,
                               alternating=cfg.alternating_flip)
-    keras_fields = dict(rotation_range=cfg.rotation_range, width_shift_range=cfg.width_shift_range,
-                        height_shift_range=cfg.height_shift_range, shear_range=cfg.shear_range,
-                        zoom_range=cfg.zoom_range, horizontal_flip=cfg.horizontal_flip,
-                        vertical_flip=cfg.vertical_flip, fill_mode=cfg.fill_mode, cval=cfg.cval,
-                        brightness_range=cfg.brightness_range, channel_shift_range=cfg.channel_shift_range,
-                        featurewise_center=cfg.featurewise_center,
-                        featurewise_std_normalization=cfg.featurewise_std_normalization)
+    keras_fields = {k: getattr(cfg, k) for k in _KERAS_KEYS}  # the fields KerasAugment takes from the config
     if cfg.preset == "keras":
         defaults = KerasAugment.__dataclass_fields__
         merged = dict(KERAS_NOTEBOOK)

@@ -71,8 +71,8 @@ def main() -> None:
     rates = []
     for ci, co, s in LAYERS:
         med = time_layer(ci, co, s, args.batch, args.rounds, flush)
-        rates.append(((ci, co, s), med))
         gflop = 2 * args.batch * s * s * ci * co * 9 / 1e9
+        rates.append(((ci, co, s), gflop, med))
         tot["pytorch"] += med["pytorch"]
         tot["cifarlab"] += med["cifarlab"]
         print(f"conv {ci:>2} -> {co} on {s}x{s}: backward {med['pytorch']:5.1f} ms PyTorch, {med['cifarlab']:5.1f} ms "
@@ -80,8 +80,7 @@ def main() -> None:
               f"{gflop / med['wgrad pytorch'] * 1000:.0f} against {gflop / med['wgrad cifarlab'] * 1000:.0f} GFLOP/s")
     print(f"all four: {tot['pytorch']:.1f} ms PyTorch, {tot['cifarlab']:.1f} ms cifarlab "
           f"({tot['pytorch'] / tot['cifarlab']:.2f}x)")
-    for (ci, co, s), med in rates:
-        gflop = 2 * args.batch * s * s * ci * co * 9 / 1e9
+    for (ci, co, s), gflop, med in rates:
         back = gflop * (2 if ci != 3 else 1)  # input and weight gradients; the image needs no gradient
         print(f"conv {ci:>2} -> {co} on {s}x{s}: forward {gflop / med['forward'] * 1000:.0f} GFLOP/s, PyTorch's "
               f"backward {back / med['pytorch'] * 1000:.0f} GFLOP/s")

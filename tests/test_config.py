@@ -219,6 +219,16 @@ def test_unknown_recipe_and_keys(tmp_path):
     f.write_text("train:\n  name: sgd\n")
     with pytest.raises(ConfigError, match=re.escape("(name is set in another section: 'model.name' or 'optim.name')")):
         resolve_config(file=f)
+    # a key written with no section at all (as a flat option name) is named with its section, as is a flag's alias
+    for text, hint in (
+            ("epochs: 3\n", "('epochs' is the key train.epochs: put it inside section 'train')"),
+            ("batch-size = 64\n", "('batch-size' is the key train.batch_size: put it inside section 'train')"),
+            ("optimizer: adam\n", "('optimizer' is the key optim.name: put it inside section 'optim')")):
+        g = tmp_path / ("c.toml" if "=" in text else "c.yaml")
+        g.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(f"unknown section '{text.split()[0].rstrip(':')}' {hint}; "
+                                                        "valid sections: recipe, data")):
+            resolve_config(file=g)
 
 
 def test_syntax_errors_name_the_line(tmp_path):

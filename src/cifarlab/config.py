@@ -374,6 +374,16 @@ def _type_name(tp: Any) -> str:
     return {list: "a list", dict: "a mapping"}.get(origin) or _TYPE_WORDS.get(tp, str(tp))
 
 
+def _section_hint(name: str) -> str:
+    """What a top-level name that is no section may have meant: a key written outside its section
+    (``epochs: 3`` for ``train: {epochs: 3}``, as flat option names tempt one to) or a misspelt section."""
+    key = name.replace("-", "_")
+    if target := option_keys().get(key):
+        sec, k = target
+        return f" ('{name}' is the key {sec}.{k}: put it inside section '{sec}')"
+    return did_you_mean(name, SECTIONS)
+
+
 def apply_overrides(cfg: Config, values: dict[str, Any], origin: str) -> Config:
     """Set ``values`` (nested ``{section: {key: value}}`` or ``{"recipe": name}``) on ``cfg``.
 
@@ -384,7 +394,7 @@ def apply_overrides(cfg: Config, values: dict[str, Any], origin: str) -> Config:
             cfg.recipe = _coerce(sub, str, f"{origin}: recipe")
             continue
         if sec not in SECTIONS:
-            raise ConfigError(f"{origin}: unknown section '{sec}'{did_you_mean(sec, SECTIONS)}; valid sections: "
+            raise ConfigError(f"{origin}: unknown section '{sec}'{_section_hint(sec)}; valid sections: "
                               f"recipe, {', '.join(SECTIONS)}")
         if not isinstance(sub, dict):
             raise ConfigError(f"{origin}: section '{sec}' must be a mapping of keys to values, found {sub!r}")

@@ -235,6 +235,25 @@ def test_an_output_folder_that_cannot_be_made_is_one_line_naming_it(capsys, tmp_
         monkeypatch.setattr(cli, "_load_eval_data", lambda *a: pytest.fail("data loaded for an unusable --out"))
 
 
+def test_a_bad_groups_file_fails_before_the_data_is_loaded(capsys, tmp_path, trained_run, monkeypatch):
+    import shutil
+
+    from cifarlab import cli
+
+    monkeypatch.setattr(cli, "_load_eval_data", lambda *a: pytest.fail("data loaded for an unusable --groups"))
+    other = tmp_path / "other"
+    shutil.copytree(trained_run, other)
+    (tmp_path / "one.csv").write_text("index,lighting\n0\n")
+    (tmp_path / "key.csv").write_text("file,lighting\n0,dark\n")
+    for groups, says in ((tmp_path / "missing.csv", "cannot read groups file"),
+                         (tmp_path / "one.csv", "line 2: 1 fields, header has 2"),
+                         (tmp_path / "key.csv", "first column is 'file'; it must be 'index' or 'path'")):
+        for args in (["audit", str(trained_run)], ["compare", str(trained_run), str(other)],
+                     ["export", str(trained_run), "--int8", "--out", str(tmp_path / "m.onnx")]):
+            code, _, err = run(capsys, *args, "--groups", str(groups))
+            assert code == 2 and "Traceback" not in err and says in err and str(groups) in err, (args, err)
+
+
 def test_evaluate_prints_the_data_notes_on_stderr(capsys, trained_run):
     code, out, err = run(capsys, "evaluate", str(trained_run), "--json", "--label-mode", "coarse")
     assert code == 0 and json.loads(out)["accuracy"] >= 0

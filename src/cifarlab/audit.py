@@ -133,15 +133,11 @@ def class_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str], n_boot: i
     return {"per_class": rows, "spread": spread}
 
 
-def read_groups(path: str | Path, ds: Dataset) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Read a groups CSV; returns (test indices, {attribute: values per row}).
-
-    The first column is ``index`` (position in the test split, in the loader's order) or
-    ``path`` (as in ``Dataset.test_paths``, e.g. ``test/cat/0001.jpg``). A byte-order mark (as
-    spreadsheets write "CSV UTF-8") and blank lines are ignored. An empty cell means the
-    attribute was not recorded for that image (see :func:`audit_run`). An image listed twice, or
-    an attribute column with no value at all, is refused: either would misstate the groups.
-    """
+def read_groups_file(path: str | Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """A groups CSV's header and rows (line number, fields), checked as far as the file alone
+    allows: readable, a first column ``index`` or ``path`` and an attribute column or more, rows
+    as long as the header, no attribute without a value. ``cifarlab audit`` calls it before it
+    loads the data, so a bad file fails at once; :func:`read_groups` matches the rows to images."""
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -152,15 +148,32 @@ def read_groups(path: str | Path, ds: Dataset) -> tuple[np.ndarray, dict[str, np
         raise CifarlabError(f"groups file '{path}' needs a header and rows, with a first column 'index' or 'path' "
                             "and at least one attribute column")
     head, body = [h.strip() for h in rows[0][1]], rows[1:]
-    key = head[0].lower()
-    if key not in ("index", "path"):
+    if head[0].lower() not in ("index", "path"):
         raise CifarlabError(f"groups file '{path}': first column is '{head[0]}'; it must be 'index' or 'path'")
+    for ln, r in body:
+        if len(r) != len(head):
+            raise CifarlabError(f"groups file '{path}' line {ln}: {len(r)} fields, header has {len(head)}")
+    for j, h in enumerate(head[1:], start=1):
+        if not any(r[j].strip() for _, r in body):
+            raise CifarlabError(f"groups file '{path}': column '{h}' has no values; fill it in or remove it")
+    return head, body
+
+
+def read_groups(path: str | Path, ds: Dataset) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Read a groups CSV; returns (test indices, {attribute: values per row}).
+
+    The first column is ``index`` (position in the test split, in the loader's order) or
+    ``path`` (as in ``Dataset.test_paths``, e.g. ``test/cat/0001.jpg``). A byte-order mark (as
+    spreadsheets write "CSV UTF-8") and blank lines are ignored. An empty cell means the
+    attribute was not recorded for that image (see :func:`audit_run`). An image listed twice, or
+    an attribute column with no value at all, is refused: either would misstate the groups.
+    """
+    head, body = read_groups_file(path)
+    key = head[0].lower()
     lookup = {p: i for i, p in enumerate(ds.test_paths)} if key == "path" else None
     idx: list[int] = []
     seen: dict[int, int] = {}
     for ln, r in body:
-        if len(r) != len(head):
-            raise CifarlabError(f"groups file '{path}' line {ln}: {len(r)} fields, header has {len(head)}")
         v = r[0].strip()
         if lookup is not None:
             if v not in lookup:
@@ -178,9 +191,6 @@ def read_groups(path: str | Path, ds: Dataset) -> tuple[np.ndarray, dict[str, np
         seen[i] = ln
         idx.append(i)
     attrs = {h: np.array([r[j].strip() for _, r in body], dtype=object) for j, h in enumerate(head) if j > 0}
-    for h, values in attrs.items():
-        if not any(values):
-            raise CifarlabError(f"groups file '{path}': column '{h}' has no values; fill it in or remove it")
     return np.array(idx, dtype=np.int64), attrs
 
 
@@ -210,6 +220,14 @@ def check_intersections(intersections: bool, groups_csv: str | Path | None) -> N
     """``--intersections`` needs ``--groups``: refused without one, before any data is read."""
     if intersections and not groups_csv:
         raise CifarlabError("--intersections pairs the attributes of a groups file; give one with --groups")
+
+
+def check_groups_args(intersections: bool, groups_csv: str | Path | None) -> None:
+    """The commands' checks of ``--groups`` and ``--intersections`` that need no data: run before
+    the data is loaded, so a missing or malformed groups file fails at once."""
+    check_intersections(intersections, groups_csv)
+    if groups_csv:
+        read_groups_file(groups_csv)
 
 
 def load_groups(groups_csv: str | Path | None, ds: Dataset, intersections: bool = False):

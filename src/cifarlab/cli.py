@@ -1081,12 +1081,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """``cifarlab audit``."""
-    from .audit import CLI_NAMES, audit_run, check_intersections, check_options, read_card_files
+    from .audit import CLI_NAMES, audit_run, check_groups_args, check_options, read_card_files
     from .export import is_runs_set, read_run
     from .fsutil import check_folder_path
 
     check_options(args.margin, args.min_group, args.bootstrap, CLI_NAMES)  # before the data is loaded
-    check_intersections(args.intersections, args.groups)
+    check_groups_args(args.intersections, args.groups)
     read_card_files(args.about, args.datasheet)  # a bad about file or datasheet fails before the data is loaded
     if args.out:
         check_folder_path(args.out)
@@ -1317,7 +1317,7 @@ def cmd_ood(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """``cifarlab compare``."""
-    from .audit import CLI_NAMES, check_bootstrap, check_intersections
+    from .audit import CLI_NAMES, check_bootstrap, check_groups_args
     from .compare import check_same_classes, compare_run_sets, compare_runs, format_comparison, format_run_sets
     from .export import check_weights, is_runs_set
     from .fsutil import json_text
@@ -1341,7 +1341,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 0
     n_boot = 1000 if args.bootstrap is None else args.bootstrap
     check_bootstrap(n_boot, CLI_NAMES)  # these checks before the data is loaded
-    check_intersections(args.intersections, args.groups)
+    check_groups_args(args.intersections, args.groups)
     # A --runs folder beside a run (or with --ensembles, two) is compared as its ensemble: one model.
     (run_a, runs_a, classes_a), (run_b, runs_b, classes_b) = (_compared(r) for r in (args.run_a, args.run_b))
     if not runs_b:
@@ -1393,13 +1393,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         export_onnx(args.run, args.out, tta=args.tta, opset=args.opset, check=args.check,
                     uncalibrated=args.uncalibrated, about=args.about)
         return 0
-    from .audit import check_intersections
+    from .audit import check_groups_args
     from .quantize import check_calibration, export_int8
 
     n = 1000 if args.calibration_images is None else args.calibration_images
     method = args.calibration_method or "minmax"
     check_calibration(n, method)  # before the data is loaded
-    check_intersections(bool(args.intersections), args.groups)
+    check_groups_args(bool(args.intersections), args.groups)
     run, runs, _ = _folder_and_runs(args.run)  # a --runs N folder: their ensemble
     ds = _load_eval_data(args, run, runs)
     export_int8(run, ds, args.out, n, method, tta=args.tta, opset=args.opset, check=args.check,

@@ -375,8 +375,17 @@ def test_every_recipe_reads_all_it_sets_and_a_swap_is_noted():
         "optim.warmup_frac = 0.23",
         "the none augmentation preset does not use augment.alternating_flip = True, augment.crop_padding = 2"]
     keras_deep = resolve_config("fast", overrides={"model": {"name": "keras-deep"}})
-    assert unused_settings(keras_deep) == ["keras-deep has no whitening layer, so train.whiten_bias_epochs = 3 does "
-                                           "nothing (an option of the speednet models; ignored)"]
+    assert unused_settings(keras_deep) == [
+        "keras-deep has no whitening layer, so train.whiten_bias_epochs = 3 does nothing (an option of the speednet "
+        "models; ignored)",
+        "keras-deep has no normalisation layer, so optim.norm_bias_lr_scale = 64.0 does nothing under sgd (it scales "
+        "the lr of norm layers' biases; with muon, of every 1-D tensor; ignored)"]
+    # muon scales every 1-D tensor, keras-deep's biases among them; resnet20 has batch norms
+    assert not [n for n in unused_settings(resolve_config("fast-muon", overrides={"model": {"name": "keras-deep"}}))
+                if "norm_bias_lr_scale" in n]
+    assert unused_settings(resolve_config("fast", overrides={"model": {"name": "resnet20"}})) == [
+        "resnet20 has no whitening layer, so train.whiten_bias_epochs = 3 does nothing (an option of the speednet "
+        "models; ignored)"]
     # nor does a CUDA graph refuse it there, as it does for a model whose whitening bias stops training
     assert resolve_config("fast", overrides={"model": {"name": "keras-deep"}, "optim": {"schedule": "constant"},
                                              "train": {"cuda_graph": True}}).train.cuda_graph

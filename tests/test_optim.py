@@ -201,6 +201,26 @@ def test_muon_groups_split_filters_biases_whitening_and_head():
     assert opt.param_groups[3]["lr"] == 2.0 and not opt.param_groups[3]["muon"]
 
 
+def test_norm_bias_lr_scaled_says_whether_param_groups_scale_any_tensor():
+    """The unused-settings note on ``optim.norm_bias_lr_scale`` rests on this: for every model,
+    with SGD and with Muon, it is true exactly where :func:`param_groups` gives some tensor the
+    scaled learning rate."""
+    from cifarlab.models import create_model, list_models
+    from cifarlab.optim import norm_bias_lr_scaled, param_groups
+
+    seen = {}
+    for name in list_models():
+        m = create_model(name)
+        for opt in ("sgd", "muon"):
+            cfg = OptimConfig(name=opt, lr=0.5, norm_bias_lr_scale=64.0)
+            scaled = any(g["params"] and g.get("lr") == 32.0 for g in param_groups(m, cfg))
+            assert norm_bias_lr_scaled(m, cfg) == scaled, (name, opt)
+            seen[name, opt] = scaled
+    # the notebook's models have no norm layers (only muon scales their biases); the others have
+    assert not seen["keras-deep", "sgd"] and not seen["keras-shallow", "sgd"] and seen["keras-deep", "muon"]
+    assert seen["resnet20", "sgd"] and seen["speednet", "sgd"]
+
+
 def test_orthogonalize_many_matches_one_at_a_time():
     """The zero-padded batch gives each matrix, wide or tall, its own result."""
     from cifarlab.optim import orthogonalize, orthogonalize_many

@@ -907,13 +907,14 @@ def unused_settings(cfg: Config) -> list[str]:
     """What ``cfg`` sets away from the defaults that its choices do not read, one note per
     choice: another optimizer's options (``optim.momentum`` with adamw), another schedule's
     (a warm-up under ``constant``), another augmentation preset's (``crop_padding`` under
-    ``keras``), a whitening layer's (``train.whiten_bias_epochs`` for a model without one).
+    ``keras``), a whitening layer's (``train.whiten_bias_epochs`` for a model without one),
+    normalisation layers' (``optim.norm_bias_lr_scale`` for a model without them, muon aside).
     Training logs them rather than refusing them: they are what a recipe leaves behind when a
     flag swaps one of its choices (``--recipe fast --optimizer adamw`` keeps fast's SGD
     momentum), and one sweep may compare optimizers under the same flags."""
     from .augment import PRESET_KEYS
-    from .models import has_whitening
-    from .optim import OPTIMIZER_KEYS, SCHEDULE_KEYS
+    from .models import has_whitening, meta_model
+    from .optim import OPTIMIZER_KEYS, SCHEDULE_KEYS, norm_bias_lr_scaled
 
     notes = []
     for section, table, chosen, what, kind in (
@@ -930,6 +931,10 @@ def unused_settings(cfg: Config) -> list[str]:
     if cfg.train.whiten_bias_epochs and not has_whitening(cfg.model.name):
         notes.append(f"{cfg.model.name} has no whitening layer, so train.whiten_bias_epochs = "
                      f"{cfg.train.whiten_bias_epochs} does nothing (an option of the speednet models; ignored)")
+    if cfg.optim.norm_bias_lr_scale != 1 and not norm_bias_lr_scaled(meta_model(cfg.model.name), cfg.optim):
+        notes.append(f"{cfg.model.name} has no normalisation layer, so optim.norm_bias_lr_scale = "
+                     f"{cfg.optim.norm_bias_lr_scale!r} does nothing under {cfg.optim.name} (it scales the lr of "
+                     "norm layers' biases; with muon, of every 1-D tensor; ignored)")
     return notes
 
 

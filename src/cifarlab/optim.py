@@ -234,6 +234,17 @@ def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def norm_bias_lr_scaled(model: torch.nn.Module, cfg) -> bool:
+    """Whether ``cfg.norm_bias_lr_scale`` reaches any of ``model``'s trainable parameters, as
+    :func:`param_groups` applies it: with muon every 1-D tensor, otherwise the biases of
+    normalisation layers, which the notebook's models have none of."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if cfg.name == "muon":
+        return any(p.ndim <= 1 for p in trainable)
+    norm_ids = {id(m.bias) for m in model.modules() if isinstance(m, _NORMS) and m.bias is not None}
+    return any(id(p) in norm_ids for p in trainable)
+
+
 def muon_param_groups(model: torch.nn.Module, cfg) -> list[dict]:
     """Groups for :class:`Muon`, as airbench94_muon splits its parameters: the trainable
     convolution filters (4-D) with Muon at ``cfg.muon_lr``; the biases and norm shifts (1-D) with

@@ -58,14 +58,19 @@ def model_about(name: str) -> str:
     return _ABOUT[name]
 
 
-def has_whitening(name: str) -> bool:
-    """Whether the registered model ``name`` has a first layer that whitens the data's patches
-    (``init_whitening``), whose bias ``train.whiten_bias_epochs`` limits; built on the meta
-    device to look, which allocates nothing."""
+def meta_model(name: str) -> nn.Module:
+    """The registered model ``name`` (default arguments) built on the meta device, which
+    allocates nothing: to look at its layers, as the config's checks do, without building it."""
     import torch
 
     with torch.device("meta"):
-        return hasattr(create_model(name), "init_whitening")
+        return create_model(name)
+
+
+def has_whitening(name: str) -> bool:
+    """Whether the registered model ``name`` has a first layer that whitens the data's patches
+    (``init_whitening``), whose bias ``train.whiten_bias_epochs`` limits."""
+    return hasattr(meta_model(name), "init_whitening")
 
 
 def create_model(name: str, **kwargs) -> nn.Module:

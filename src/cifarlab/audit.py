@@ -136,8 +136,9 @@ def class_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str], n_boot: i
 def read_groups_file(path: str | Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """A groups CSV's header and rows (line number, fields), checked as far as the file alone
     allows: readable, a first column ``index`` or ``path`` and an attribute column or more, rows
-    as long as the header, no attribute without a value. ``cifarlab audit`` calls it before it
-    loads the data, so a bad file fails at once; :func:`read_groups` matches the rows to images."""
+    as long as the header, no attribute without a value. The commands call it before they load
+    the data (:func:`check_groups_args`), so a bad file fails at once; :func:`read_groups`
+    matches the rows to images."""
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:

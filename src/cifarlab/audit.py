@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .conformal import below_range
 from .data import Dataset, seen
 from .datasheet import people_classes, people_warning
 from .duplicates import read_duplicates
@@ -312,25 +313,45 @@ def confidence_gap(excess_a: np.ndarray, excess_b: np.ndarray, alpha: float = 0.
     return {"difference": diff, "difference_ci": ci, "ci_excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}
 
 
-def unfamiliar_by_group(flagged: np.ndarray, values: np.ndarray, gm: dict[str, Any]) -> dict[str, Any] | None:
-    """The share of each group's test images that ``cifarlab ood``'s threshold flags as
-    unfamiliar (``flagged``, aligned with ``values``), added to the rows of ``gm`` (as
-    :func:`group_metrics` returns them) as ``unfamiliar_share``; returns the gap between the
-    groups flagged most and least (those large enough to judge) with its interval, or None
-    where there is only one group. A deployment that turns away unfamiliar images turns away
-    some people's photographs more than others' where this gap is real."""
-    hits = {g["group"]: int(flagged[values == g["group"]].sum()) for g in gm["groups"]}  # each has an image
+def share_by_group(hit: np.ndarray, values: np.ndarray, gm: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """The share of each group's test images for which ``hit`` (aligned with ``values``) holds,
+    added to the rows of ``gm`` (as :func:`group_metrics` returns them) as ``key``, with its
+    exact interval as ``key_ci``; returns the gap between the groups of the highest and lowest
+    share (those large enough to judge) with its interval, or None where there is only one group."""
+    hits = {g["group"]: int(hit[values == g["group"]].sum()) for g in gm["groups"]}  # each has an image
     for g in gm["groups"]:
-        g["unfamiliar_share"] = hits[g["group"]] / g["n"]
+        g[key] = hits[g["group"]] / g["n"]
+        g[f"{key}_ci"] = proportion_ci(hits[g["group"]], g["n"])
     if len(gm["groups"]) < 2:
         return None
     judged = [g for g in gm["groups"] if not g["too_small"]] or gm["groups"]
-    most = max(judged, key=lambda g: g["unfamiliar_share"])
-    least = min(judged, key=lambda g: g["unfamiliar_share"])
+    most = max(judged, key=lambda g: g[key])
+    least = min(judged, key=lambda g: g[key])
     ci = difference_ci(hits[most["group"]], most["n"], hits[least["group"]], least["n"])
-    return {"most": most["group"], "least": least["group"],
-            "difference": most["unfamiliar_share"] - least["unfamiliar_share"], "difference_ci": ci,
+    return {"most": most["group"], "least": least["group"], "difference": most[key] - least[key], "difference_ci": ci,
             "ci_excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}
+
+
+def unfamiliar_by_group(flagged: np.ndarray, values: np.ndarray, gm: dict[str, Any]) -> dict[str, Any] | None:
+    """:func:`share_by_group` of the images ``cifarlab ood``'s threshold flags as unfamiliar
+    (``unfamiliar_share``): a deployment that turns away unfamiliar images turns away some
+    people's photographs more than others' where the gap is real."""
+    return share_by_group(flagged, values, gm, "unfamiliar_share")
+
+
+def set_coverage_by_group(held: np.ndarray, values: np.ndarray, gm: dict[str, Any], coverage: float,
+                          n_fit: int) -> dict[str, Any] | None:
+    """:func:`share_by_group` of the images whose prediction set (``cifarlab calibrate --sets``)
+    held their true class (``set_coverage``), with the range chance allows a group of images
+    drawn as the ``n_fit`` the floor was fitted on were (``set_coverage_expected``,
+    :func:`cifarlab.conformal.expected_range`): sets fitted to hold it for 90% of images on
+    average may hold it for fewer of one group's, whose people then get a wrong set more often."""
+    from .conformal import expected_range
+
+    gap = share_by_group(held, values, gm, "set_coverage")
+    for g in gm["groups"]:
+        g["set_coverage_expected"] = expected_range(g["n"], n_fit, coverage)
+    return gap
 
 
 def images_phrase(n: int) -> str:
@@ -470,13 +491,26 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
     ood = None if suffix else read_report(pred)
     audit["unfamiliar_images"] = _ood_summary(ood)
     flagged = unfamiliar_flags(pred, ood, len(y))  # each test image below its threshold, or None
+    # the prediction sets of `cifarlab calibrate --sets`, as evaluate measured them, and whether
+    # each test image's set held its true class
+    audit["prediction_sets"] = report["prediction_sets"]
+    sets_rule = None
+    if report["prediction_sets"]:
+        held = pred.prediction_sets(probs)[np.arange(len(y)), y]
+        ps = report["prediction_sets"]
+        audit["warnings"] += [_short_of_coverage(f"class '{c['class']}'", c["coverage"], c["expected_range"],
+                                                 ps["coverage_target"])
+                              for c in ps["per_class"] if c["class"] in ps["short_of_coverage"]]
+        # a group's images mix classes; by class, the fewest images of a floor give the widest range
+        sets_rule = (held, ps["coverage_target"], min(pred.sets_calibration().set_fit_images))
     if groups is not None:
         idx, attrs = groups
         audit["groups_file"] = str(groups_csv)
         audit["attributes"] = {}
         for name, values in attrs.items():
             gm = _group_audit(y[idx], yhat[idx], values, overall, margin, min_group,
-                              None if flagged is None else (flagged[idx], ood["score"]), probs.max(1)[idx])
+                              None if flagged is None else (flagged[idx], ood["score"]), probs.max(1)[idx],
+                              None if sets_rule is None else (sets_rule[0][idx], *sets_rule[1:]))
             audit["attributes"][name] = gm
             audit["warnings"] += _group_warnings(name, gm, overall, margin, min_group)
     _plot_class_accuracy(cls["per_class"], overall, out / "per_class_accuracy.png")
@@ -505,15 +539,26 @@ def _class_audit(y: np.ndarray, yhat: np.ndarray, classes: list[str], overall: f
     return cls, warnings
 
 
+def _short_of_coverage(what: str, coverage: float, expected: list[float], target: float) -> str:
+    """The warning for a class or group whose prediction sets held the true class less often
+    than they were fitted for, beyond chance (below the range of
+    :func:`cifarlab.conformal.expected_range`)."""
+    return (f"{what}: its prediction sets held the true class for {coverage:.3f} of its images, below the {target:g} "
+            f"they were fitted for and the {expected[0]:.3f} to {expected[1]:.3f} that chance allows images like the "
+            "validation images")
+
+
 def _group_audit(y: np.ndarray, yhat: np.ndarray, values: np.ndarray, overall: float, margin: float,
                  min_group: int, unfamiliar: tuple[np.ndarray, str] | None = None,
-                 conf: np.ndarray | None = None) -> dict[str, Any]:
+                 conf: np.ndarray | None = None, sets: tuple[np.ndarray, float, int] | None = None) -> dict[str, Any]:
     """:func:`group_metrics` of one attribute's ``values`` (one per image of ``y``, as is
     ``conf``, each image's top probability, where given). An empty cell: the attribute was not
     recorded for that image, which then belongs to none of its groups (a group of its own would
     mix unrelated images); ``not_recorded`` counts them.
     ``unfamiliar``: which of the images the threshold of ``cifarlab ood`` flags, and its score,
-    for each group's share flagged (:func:`unfamiliar_by_group`)."""
+    for each group's share flagged (:func:`unfamiliar_by_group`). ``sets``: whether each image's
+    prediction set held its true class, the coverage the sets were fitted for and the images
+    their floor was fitted on, for each group's coverage (:func:`set_coverage_by_group`)."""
     known = values != ""
     gm = group_metrics(y[known], yhat[known], values[known], overall, margin, min_group,
                        None if conf is None else conf[known])
@@ -522,6 +567,10 @@ def _group_audit(y: np.ndarray, yhat: np.ndarray, values: np.ndarray, overall: f
         flagged, score = unfamiliar
         gm["unfamiliar_gap"] = unfamiliar_by_group(flagged[known], values[known], gm)
         gm["unfamiliar_score"] = score
+    if sets is not None:
+        held, target, n_fit = sets
+        gm["set_coverage_gap"] = set_coverage_by_group(held[known], values[known], gm, target, n_fit)
+        gm["set_coverage_target"] = target
     return gm
 
 
@@ -598,6 +647,11 @@ def _group_warnings(name: str, gm: dict[str, Any], overall: float, margin: float
                         f"against {over[cg['least']]:+.3f} on '{cg['least']}' (difference {cg['difference']:.3f}, "
                         f"95% CI {cg['difference_ci'][0]:.3f} to {cg['difference_ci'][1]:.3f}, which excludes zero): "
                         "a confidence threshold is less reliable for the first")
+    if "set_coverage_target" in gm:  # groups large enough to judge, covered less often than chance allows
+        warnings += [_short_of_coverage(f"{name}={g['group']}", g["set_coverage"], g["set_coverage_expected"],
+                                        gm["set_coverage_target"])
+                     for g in gm["groups"] if not g["too_small"] and below_range(g["set_coverage"],
+                                                                                 g["set_coverage_expected"])]
     ug = gm.get("unfamiliar_gap")
     if ug and ug["ci_excludes_zero"]:
         shares = {g["group"]: g["unfamiliar_share"] for g in gm["groups"]}
@@ -1093,6 +1147,7 @@ def _audit_markdown(a: dict) -> str:
              f"(test-time augmentation: {a['tta']}). Intervals: {interval_method(a['bootstrap_resamples'])}.", "",
              "![per-class accuracy](per_class_accuracy.png)", "", *_class_lines(a["classes"], trained)]
     lines += _confidence_lines(a["classes"].get("confidence"))
+    lines += _sets_lines(a.get("prediction_sets"))
     for name, gm in a.get("attributes", {}).items():
         lines += _group_lines(f"## Groups by `{name}`", gm)
     lines += ["## Other evaluation plots", "", "![confusion matrix](confusion_matrix.png)", "",
@@ -1121,14 +1176,17 @@ def _group_lines(heading: str, gm: dict[str, Any]) -> list[str]:
     largest gap."""
     unfamiliar = ["flagged unfamiliar"] if "unfamiliar_score" in gm else []
     confident = ["mean confidence", "confidence - accuracy"] if "confidence_gap" in gm else []  # older audits: none
+    covered = ["set coverage", "chance range"] if "set_coverage_target" in gm else []
     lines = [heading, "", *_table_head(["group", "n", "accuracy", "95% CI", "macro recall", "macro precision",
-                                        *confident, *unfamiliar, "note"])]
+                                        *confident, *unfamiliar, *covered, "note"])]
     for g in gm["groups"]:
         note = "too small to judge" if g["too_small"] else ("flagged" if g["flagged"] else "")
         lines.append(f"| {md_cell(g['group'])} | {g['n']} | {g['accuracy']:.3f} | {_fmt_ci(g['accuracy_ci'])} | "
                      f"{_fmt(g['macro_recall'])} | {_fmt(g['macro_precision'])} | "
                      + (f"{g['mean_confidence']:.3f} | {g['overconfidence']:+.3f} | " if confident else "")
-                     + (f"{g['unfamiliar_share']:.1%} | " if unfamiliar else "") + f"{note} |")
+                     + (f"{g['unfamiliar_share']:.1%} | " if unfamiliar else "")
+                     + (f"{g['set_coverage']:.3f} | {_fmt_ci(g['set_coverage_expected'])} | " if covered else "")
+                     + f"{note} |")
     if gm.get("not_recorded"):
         lines += ["", f"Not recorded for {images_phrase(gm['not_recorded'])} (empty cells), left out of these groups."]
     ga = gm["gap"]
@@ -1141,7 +1199,37 @@ def _group_lines(heading: str, gm: dict[str, Any]) -> list[str]:
                   f"on {md_cell(cg['least'])}; difference {cg['difference']:.3f} {_fmt_ci(cg['difference_ci'])}"
                   + (" - the interval excludes zero." if cg["ci_excludes_zero"] else " - the interval includes zero."),
                   ""]
+    sg = gm.get("set_coverage_gap")
+    if sg:
+        lines += [f"Prediction sets (fitted to hold the true class for {gm['set_coverage_target']:g} of images) held "
+                  f"it most often for {md_cell(sg['most'])}, least for {md_cell(sg['least'])}; difference "
+                  f"{sg['difference']:.3f} {_fmt_ci(sg['difference_ci'])}"
+                  + (" - the interval excludes zero." if sg["ci_excludes_zero"] else " - the interval includes zero."),
+                  ""]
     return lines + _unfamiliar_gap_lines(gm)
+
+
+def _sets_lines(sets: dict[str, Any] | None) -> list[str]:
+    """audit.md's section on the prediction sets of ``cifarlab calibrate --sets``
+    (:func:`cifarlab.evaluate.sets_report`): their coverage and size, overall and by class."""
+    if not sets:
+        return []
+    lo, hi = sets["coverage_ci"]
+    per = "each class's images" if sets["by_class"] else "images on average"
+    lines = ["## Prediction sets", "", f"Fitted (`cifarlab calibrate --sets`) to hold the true class for "
+             f"{sets['coverage_target']:g} of {per}; on the test images they held it for **{sets['coverage']:.3f}** "
+             f"[{lo:.3f}, {hi:.3f}], with {sets['mean_size']:.2f} classes on average ({sets['singletons']:.1%} of "
+             f"the sets one class, {sets['empty']:.1%} empty).", "",
+             *_table_head(["class", "n", "coverage", "95% CI", "chance range", "mean set size"])]
+    for c in sets["per_class"]:
+        lines.append(f"| {md_cell(c['class'])} | {c['images']} | {_fmt(c['coverage'])} | "
+                     f"{_fmt_ci(c['coverage_ci'] or [None, None])} | {_fmt_ci(c['expected_range'] or [None, None])} | "
+                     f"{_fmt(c['mean_size'])} |")
+    short = sets["short_of_coverage"]
+    return lines + ["", "The chance range: the coverage that 95% of fits on as many validation images would give "
+                    "as many test images drawn as those were (a beta-binomial law; Vovk, 2012).",
+                    "", (f"Covered less often than chance allows: {', '.join(map(md_cell, short))}."
+                         if short else "No class was covered less often than chance allows."), ""]
 
 
 def _ensemble_lines(e: dict[str, Any], n: int, n_boot: int) -> list[str]:
@@ -1265,7 +1353,7 @@ def build_model_card(run: Path, pred, ds: Dataset, report: dict, audit: dict, su
                         # class offsets (--balance-classes) change the predictions too
                         "temperature": report.get("temperature"), "class_offsets": report.get("class_offsets"),
                         "uncalibrated": report.get("uncalibrated"),
-                        "selective": report.get("selective")},
+                        "selective": report.get("selective"), "prediction_sets": report.get("prediction_sets")},
             "per_class": audit["classes"]["per_class"], "class_spread": audit["classes"]["spread"],
             "groups": audit.get("attributes", {}), "interval_method": interval_method(audit["bootstrap_resamples"]),
             "robustness": robustness,
@@ -1515,6 +1603,16 @@ def _card_unfamiliar_by_group(gm: dict) -> str:
             + ("" if not ug else f" (largest gap {ug['difference']:.3f} {_fmt_ci(ug['difference_ci'])})") + ".")
 
 
+def _card_sets_by_group(gm: dict) -> str:
+    """The card's sentence on how often each group's prediction sets held the true class."""
+    if "set_coverage_target" not in gm:
+        return ""
+    sg = gm["set_coverage_gap"]
+    return (f" Prediction sets (fitted for {gm['set_coverage_target']:g}) held the true class for: "
+            + ", ".join(f"{g['group']} {g['set_coverage']:.3f}" for g in gm["groups"])
+            + ("" if not sg else f" (largest gap {sg['difference']:.3f} {_fmt_ci(sg['difference_ci'])})") + ".")
+
+
 def _ood_lines(u: dict | None) -> list[str]:
     """The card's paragraph on images unlike the training data, where ``cifarlab ood`` measured it."""
     if not u:
@@ -1572,6 +1670,14 @@ def _temperature_lines(overall: dict) -> list[str]:
                   + "; ".join(f"{r['threshold']:g}: {r['coverage']:.1%} of the test images ({r['images']:,}), accuracy "
                               f"{r['accuracy']:.4f}" for r in sel)
                   + ". The rest would be left to a person (`cifarlab predict --min-confidence`).", ""]
+    ps = overall.get("prediction_sets")
+    if ps:
+        short = ps["short_of_coverage"]
+        lines += [f"Prediction sets (`cifarlab predict --sets`), fitted on the run's validation images to hold the "
+                  f"true class for {ps['coverage_target']:g} of {'each class' if ps['by_class'] else 'images'}, held "
+                  f"it for {ps['coverage']:.4f} of the test images with {ps['mean_size']:.2f} classes on average"
+                  + (f"; less often than fitted for, beyond chance, for {', '.join(short)}" if short else "")
+                  + ". The promise holds only for images from the same source as the validation images.", ""]
     return lines
 
 
@@ -1729,7 +1835,7 @@ def model_card_markdown(card: dict) -> str:
         ga = gm["gap"]
         lines += [f"By `{name}`: " + ", ".join(f"{g['group']} {g['accuracy']:.3f} (n={g['n']})" for g in gm["groups"])
                   + ("." if ga is None else f"; largest gap {ga['difference']:.3f} {_fmt_ci(ga['difference_ci'])}.")
-                  + _card_confidence_by_group(gm) + _card_unfamiliar_by_group(gm), ""]
+                  + _card_confidence_by_group(gm) + _card_unfamiliar_by_group(gm) + _card_sets_by_group(gm), ""]
     lines += _robustness_lines(mt.get("robustness"))
     lines += _int8_lines(mt.get("int8"))
     lines += _duplicates_lines(mt.get("near_duplicates"))

@@ -73,6 +73,14 @@ class Calibration:
     # log(1 / classes) - log(training share), one per class in the model's order; None: the
     # probabilities keep the training set's class balance
     class_offsets: tuple[float, ...] | None = None
+    # prediction sets (calibrate --sets): the calibrated probability at which each class, in the
+    # model's order, enters an image's set, and the share of images whose set should hold their
+    # true class; None: no sets were fitted (see cifarlab.conformal)
+    set_floors: tuple[float, ...] | None = None
+    set_coverage: float | None = None
+    set_by_class: bool = False  # each class's floor fitted on its own images (calibrate --sets-by-class)
+    # the images each class's floor was fitted on (all of them, for one floor): the chance range of coverage
+    set_fit_images: tuple[int, ...] | None = None
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
         """``logits`` (N, classes) as the calibrated probabilities' logits."""
@@ -191,8 +199,9 @@ def read_calibration(run: str | Path, classes: list[str] | None = None) -> dict[
             raise CifarlabError(f"{path}: its temperature for {level!r} was fitted to other weights than the run's "
                                 f"(trained on since?); calibrate it again with: cifarlab calibrate {Path(run)} "
                                 f"(or leave it out with --uncalibrated)")
-        out[level] = Calibration(float(t), _offsets(entry.get("balance_classes"), classes, f"{path}: entry {level!r}",
-                                                     again))
+        where = f"{path}: entry {level!r}"
+        out[level] = Calibration(float(t), _offsets(entry.get("balance_classes"), classes, where, again),
+                                 *_set_floors(entry.get("prediction_sets"), classes, where, again))
     return out
 
 
@@ -248,6 +257,54 @@ def _offsets(balance: Any, classes: list[str], where: str, again: str) -> tuple[
     return tuple(float(got[c]) for c in classes)
 
 
+def _set_floors(sets: Any, classes: list[str], where: str, again: str) -> tuple[Any, ...]:
+    """The floors (in the order of ``classes``), coverage, by-class switch and images fitted on
+    (per class) of an entry's ``prediction_sets``, as :class:`Calibration` takes them after its
+    temperature and offsets; (None, None, False, None) where it has none."""
+    if sets is None:
+        return None, None, False, None
+    got = sets if isinstance(sets, dict) else {}
+    floors, coverage, by_class = got.get("min_probability"), got.get("coverage"), got.get("by_class") is True
+    images = got.get("class_images") if by_class else dict.fromkeys(classes, got.get("images"))
+
+    def counts(v: Any) -> bool:
+        return isinstance(v, dict) and sorted(v) == sorted(classes)
+
+    if not (_finite(coverage) and 0 < coverage < 1 and counts(floors) and counts(images)
+            and all(_finite(v) and 0 <= v <= 1 for v in floors.values())
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in images.values())):
+        raise CifarlabError(f"{where} has prediction sets {str(sets)[:80]}; expected a coverage between 0 and 1, "
+                            "a probability floor in [0, 1] for each of the model's classes "
+                            f"({short_list(classes, 5)}) and the images they were fitted on; {again}")
+    return (tuple(float(floors[c]) for c in classes), float(coverage), by_class,
+            tuple(int(images[c]) for c in classes))
+
+
+def _fit_sets(probs: np.ndarray, y: np.ndarray, classes: list[str], coverage: float, by_class: bool,
+              what: str, log: Callable[[str], None]) -> dict[str, Any]:
+    """The ``prediction_sets`` record of a calibration entry: per class, the floor its calibrated
+    probability must reach to enter an image's set (:func:`cifarlab.conformal.fit_floors`),
+    fitted on the held-out images' calibrated probabilities ``probs`` and labels ``y``; a warning
+    where too few images leave every class in every set."""
+    from .conformal import fit_floors, min_images
+
+    floors = fit_floors(probs, y, coverage, by_class)
+    need = min_images(coverage)
+    if by_class:
+        short = [c for c, n in zip(classes, np.bincount(y, minlength=len(classes))) if n < need]
+        if short:
+            log(f"{what}: warning: sets of coverage {coverage:g} by class need at least {need} held-out images of a "
+                f"class; {short_list(short, 5)} {'has' if len(short) == 1 else 'have'} fewer, and so enter every set")
+    elif len(y) < need:
+        log(f"{what}: warning: sets of coverage {coverage:g} need at least {need} held-out images, and there are "
+            f"{len(y)}: every set holds every class")
+    record = {"coverage": coverage, "by_class": by_class, "images": int(len(y)),
+              "min_probability": dict(zip(classes, floors.tolist()))}
+    if by_class:  # each floor's own images, for the range of coverage chance allows
+        record["class_images"] = dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist()))
+    return record
+
+
 def _held_out(run: Path, ds) -> tuple[Any, np.ndarray, np.ndarray]:
     """The run's config, and the indices into ``ds``'s training split of the images it trained
     on and of those it validated on (:func:`cifarlab.train.run_split`); refused where the run
@@ -266,13 +323,17 @@ def _held_out(run: Path, ds) -> tuple[Any, np.ndarray, np.ndarray]:
 
 
 def calibrate_run(run: str | Path, ds, tta: str | None = None, device: str = "auto",
-                  log: Callable[[str], None] = print, balance_classes: bool = False) -> dict[str, Any]:
+                  log: Callable[[str], None] = print, balance_classes: bool = False, sets: float | None = None,
+                  sets_by_class: bool = False) -> dict[str, Any]:
     """Fit ``run``'s temperature on its validation images from ``ds`` (the data it was trained
     on), for the test-time augmentation ``tta`` (default the run's own), and record it in
     ``RUN/calibration.json`` beside the temperatures of other levels; return that level's entry:
     the temperature with the validation loss and expected calibration error before and after.
     With ``balance_classes``, the entry also holds the class offsets that correct the
-    probabilities for the training classes' unequal sizes (see the module's docstring)."""
+    probabilities for the training classes' unequal sizes (see the module's docstring). With
+    ``sets`` (a coverage such as 0.9), it also holds the floors of prediction sets fitted on the
+    same images' calibrated probabilities (:mod:`cifarlab.conformal`; ``sets_by_class``: a floor
+    per class)."""
     from .evaluate import _check_compatible
     from .export import load_model, read_run
     from .fsutil import read_json, write_json
@@ -290,12 +351,20 @@ def calibrate_run(run: str | Path, ds, tta: str | None = None, device: str = "au
     if balance_classes:
         entry["balance_classes"] = _balance(run, cfg, pred.classes, ds.y_train[tr], logits, y, entry["temperature"],
                                             log)
+    if sets is not None:
+        offsets = entry.get("balance_classes", {}).get("class_offsets")
+        cal = Calibration(entry["temperature"], None if offsets is None else tuple(offsets[c] for c in pred.classes))
+        probs = torch.from_numpy(cal.apply(logits)).softmax(1).numpy()
+        entry["prediction_sets"] = _fit_sets(probs, y, pred.classes, sets, sets_by_class, str(run), log)
     write_json(run / CALIBRATION_FILE, {
         "format": FORMAT,
         "method": "temperature scaling (Guo et al., 2017): probabilities = softmax(logits / temperature), the "
                   "temperature minimising the negative log-likelihood of the run's validation images; with "
                   "balance_classes, softmax(logits / temperature + class offset), the offset log(1 / classes) - "
-                  "log(the class's share of the training images) (Saerens et al., 2002; Menon et al., 2021)",
+                  "log(the class's share of the training images) (Saerens et al., 2002; Menon et al., 2021); with "
+                  "prediction_sets, a class enters an image's set where its calibrated probability reaches its "
+                  "min_probability, the split-conformal floor of the validation images for the coverage "
+                  "(Sadinle et al., 2019)",
         "by_tta": {**_entries(run, log), pred.tta: entry}})
     return {"run": str(run), "tta": pred.tta, **entry}
 
@@ -345,7 +414,11 @@ def read_ensemble_calibration(folder: str | Path, runs: list[Path], tta: str) ->
     if changed:
         raise CifarlabError(f"{path}: {short_list(changed, 5)} changed after the ensemble's temperature for {tta!r} "
                             f"was fitted (trained on, or calibrated on its own, since); {again}")
-    return Calibration(float(t))
+    from .export import read_run
+
+    classes = read_run(runs[0])[1]["classes"]
+    return Calibration(float(t), None, *_set_floors(entry.get("prediction_sets"), classes, f"{path}: entry {tta!r}",
+                                                    again))
 
 
 def untrained_images(trained: list[np.ndarray], n: int) -> np.ndarray:
@@ -360,14 +433,16 @@ def untrained_images(trained: list[np.ndarray], n: int) -> np.ndarray:
 
 
 def calibrate_ensemble(base: str | Path, ds, tta: str | None = None, device: str = "auto",
-                       log: Callable[[str], None] = print) -> dict[str, Any]:
+                       log: Callable[[str], None] = print, sets: float | None = None,
+                       sets_by_class: bool = False) -> dict[str, Any]:
     """Fit the temperature of the ensemble of the ``--runs N`` folder ``base`` (the mean of its
     runs' probabilities, each run with its calibration as it is now) on the images of ``ds``'s
     training split that no run trained on: the validation images the runs share, and those
     outside every run's ``--subset``, at most :data:`ENSEMBLE_MAX_IMAGES` of them (a seeded
     draw). Record it in ``base/ensemble_calibration.json`` and return its entry. Where there are
     fewer than :data:`ENSEMBLE_MIN_IMAGES` (runs of the whole data, whose validation images are
-    each drawn by the run's own seed), nothing is fitted, and the entry says why."""
+    each drawn by the run's own seed), nothing is fitted, and the entry says why. ``sets``,
+    ``sets_by_class``: prediction sets fitted on the same images, as :func:`calibrate_run` fits a run's."""
     from .data.seen import learnt_from
     from .export import Ensemble, finished_runs, load_model
     from .fsutil import write_json
@@ -386,6 +461,9 @@ def calibrate_ensemble(base: str | Path, ds, tta: str | None = None, device: str
     log(f"{base}: fitting their ensemble's temperature on {len(y):,} training images that no run trained on")
     logits = np.log(np.maximum(ens.predict(x).astype(np.float64), np.finfo(np.float64).tiny))
     entry = {**_fitted(logits, y), "runs": [_member_state(r, level) for r in runs], "data": ds.source}
+    if sets is not None:
+        probs = torch.from_numpy(logits / entry["temperature"]).softmax(1).numpy()
+        entry["prediction_sets"] = _fit_sets(probs, y, ens.classes, sets, sets_by_class, f"{base} (ensemble)", log)
     try:
         old = json.loads((base / ENSEMBLE_FILE).read_text())["by_tta"]
         kept = {k: v for k, v in old.items() if k != level} if isinstance(old, dict) else {}
@@ -458,16 +536,19 @@ def _entries(run: Path, log: Callable[[str], None]) -> dict[str, Any]:
 
 
 def calibrate_runs(base: str | Path, ds, tta: str | None = None, device: str = "auto",
-                   log: Callable[[str], None] = print, balance_classes: bool = False) -> dict[str, Any]:
+                   log: Callable[[str], None] = print, balance_classes: bool = False, sets: float | None = None,
+                   sets_by_class: bool = False) -> dict[str, Any]:
     """:func:`calibrate_run` for every run of the ``--runs N`` folder ``base``, then
     :func:`calibrate_ensemble` for their ensemble; returns each run's entry, the ensemble's, and
     the temperatures and validation calibration errors described over the runs (and with
-    ``balance_classes``, the validation balanced accuracies before and after)."""
+    ``balance_classes``, the validation balanced accuracies before and after). ``sets``,
+    ``sets_by_class``: prediction sets for each run and the ensemble."""
     from .evaluate import describe
     from .export import finished_runs
 
-    entries = [calibrate_run(r, ds, tta, device, log, balance_classes) for r in finished_runs(base)]
-    ensemble = calibrate_ensemble(base, ds, tta, device, log)
+    entries = [calibrate_run(r, ds, tta, device, log, balance_classes, sets, sets_by_class)
+               for r in finished_runs(base)]
+    ensemble = calibrate_ensemble(base, ds, tta, device, log, sets, sets_by_class)
     out = {"runs": len(entries), "per_run": entries, "ensemble": ensemble,
            "temperature": describe([e["temperature"] for e in entries]),
            "validation_ece_before": describe([e["validation_ece"]["before"] for e in entries]),

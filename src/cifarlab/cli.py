@@ -358,6 +358,10 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                     help="mark an image 'unfamiliar' where its OOD score is below the threshold 'cifarlab ood RUN' "
                          "fitted (kept by 95%% of the run's validation images): unlike the images it was trained on; "
                          "for the folder of --runs N, their ensemble's threshold from 'cifarlab ood OUT'")
+    pr.add_argument("--sets", action="store_true",
+                    help="also give each image's prediction set: the classes it may be, as many as the model's "
+                         "doubt needs, which hold the true class for the share of images 'cifarlab calibrate "
+                         "--sets' fitted them for (an empty set: no class is plausible enough)")
     fmt = pr.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print the predictions as JSON")
     fmt.add_argument("--csv", action="store_true", help="print the predictions as CSV")
@@ -659,6 +663,14 @@ def _add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
                         "log(training share) to each class's logit (Menon et al., 2021). This changes predictions "
                         "(rare classes are predicted more often); the validation balanced accuracy before and "
                         "after is printed")
+    c.add_argument("--sets", type=float, metavar="COVERAGE",
+                   help="also fit prediction sets on the same images: the classes each image may be, as many as "
+                        "the model's doubt needs, so that the set holds the true class for at least this share of "
+                        "images (split conformal prediction; 0.9 usual) from the same source; 'predict --sets' "
+                        "prints them and evaluate measures their coverage on the test images")
+    c.add_argument("--sets-by-class", action="store_true",
+                   help="with --sets: that share for each class, not only on average over the images (a class "
+                        "the model finds hard enters sets at a lower probability, so they grow)")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_device_arg(c)
     c.set_defaults(func=cmd_calibrate)
@@ -932,6 +944,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   f"Test score {raw['loss']:.4f} and expected calibration error {raw['ece']:.4f}"
                   + (f", Test accuracy {raw['accuracy']:.4f} and balanced accuracy {raw['balanced_accuracy']:.4f}"
                      if balanced else ""))
+        if report["prediction_sets"]:
+            print(_sets_line(report["prediction_sets"]))
         print("Answering only at a confidence of at least (predict --min-confidence; the rest left to a person):")
         for r in report["selective"]:
             print(f"  {r['threshold']:<5g} {r['coverage']:>6.1%} of the images ({r['images']:,}), accuracy "
@@ -949,6 +963,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"Test-time augmentation: {report['tta']}")
         print(f"Report files in {out}")
     return 0
+
+
+def _sets_line(r: dict[str, Any], whose: str = "Prediction sets") -> str:
+    """A line on prediction sets' test figures (:func:`cifarlab.evaluate.sets_report`): coverage
+    against the target, mean size, and the classes covered less often than fitted for."""
+    lo, hi = r["coverage_ci"]
+    worst = min((c for c in r["per_class"] if c["coverage"] is not None), key=lambda c: c["coverage"])
+    per = " of each class" if r["by_class"] else ""
+    short = (f"; covered less often than chance allows: {', '.join(r['short_of_coverage'])}"
+             if r["short_of_coverage"] else "")
+    chance = (f", chance range {r['expected_range'][0]:.4f} to {r['expected_range'][1]:.4f}"
+              if r["expected_range"] else "")
+    return (f"{whose} (cifarlab calibrate --sets {r['coverage_target']:g}{per}): they held the true class "
+            f"for {r['coverage']:.4f} of the test images (95% CI {lo:.4f} to {hi:.4f}{chance}), mean size "
+            f"{r['mean_size']:.2f}, {r['singletons']:.1%} one class, {r['empty']:.1%} empty; least covered class "
+            f"{worst['class']} {worst['coverage']:.4f}{short}")
 
 
 def _evaluate_runs(args: argparse.Namespace) -> int:
@@ -977,6 +1007,13 @@ def _evaluate_runs(args: argparse.Namespace) -> int:
     print(f"Their ensemble (the mean of their probabilities{own}, as '{command}' gives them): test accuracy "
           f"{en['accuracy']:.4f}, test score {en['loss']:.4f}, expected calibration error {en['ece']:.4f}"
           + (f" ({en['uncalibrated_ece']:.4f} without its temperature)" if "uncalibrated_ece" in en else ""))
+    if "prediction_sets" in summary:
+        c, m = summary["prediction_sets"]["coverage"], summary["prediction_sets"]["mean_size"]
+        print(f"Prediction sets of the runs (cifarlab calibrate --sets): coverage mean {c['mean']:.4f} (min "
+              f"{c['min']:.4f}, max {c['max']:.4f}), mean size {m['mean']:.2f} (min {m['min']:.2f}, "
+              f"max {m['max']:.2f})")
+    if en["prediction_sets"]:
+        print(_sets_line(en["prediction_sets"], "Their ensemble's prediction sets"))
     e = summary["ece"]
     print(f"Expected calibration error mean {e['mean']:.4f} (min {e['min']:.4f}, max {e['max']:.4f})"
           + (f"; without the runs' calibration (cifarlab calibrate) mean {summary['uncalibrated_ece']['mean']:.4f}"
@@ -997,9 +1034,14 @@ def _evaluate_runs(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """``cifarlab calibrate``: one run, or each run of a ``--runs N`` folder."""
     from .calibrate import calibrate_run, calibrate_runs
+    from .conformal import check_coverage
     from .export import finished_runs, is_runs_set, read_run
     from .fsutil import json_text
 
+    if args.sets is not None:
+        check_coverage(args.sets)  # before the data is loaded
+    elif args.sets_by_class:
+        raise CifarlabError("--sets-by-class refines --sets COVERAGE; give that too, such as --sets 0.9")
     several = is_runs_set(args.run)
     if several:
         finished_runs(args.run)  # before the data is loaded
@@ -1009,10 +1051,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     ds = _load_eval_data(args, folder)
     log = (lambda _: None) if args.json else print
     if several:
-        result = calibrate_runs(folder, ds, args.tta, args.device, log, args.balance_classes)
+        result = calibrate_runs(folder, ds, args.tta, args.device, log, args.balance_classes, args.sets,
+                                args.sets_by_class)
         entries = result["per_run"]
     else:
-        result = calibrate_run(folder, ds, args.tta, args.device, log, args.balance_classes)
+        result = calibrate_run(folder, ds, args.tta, args.device, log, args.balance_classes, args.sets,
+                               args.sets_by_class)
         entries = [result]
     if args.json:
         print(json_text(result))
@@ -1049,10 +1093,27 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     note = _ece_rose_note(fits)
     if note:
         print(note)
+    for name, e in fits:
+        if "prediction_sets" in e:
+            print(f"{name}: {_sets_fitted(e['prediction_sets'])}")
     print("written to calibration.json in each run's folder" if several else
           f"written to {folder / 'calibration.json'}; evaluate, predict, audit, compare and export now use it "
           f"(--uncalibrated leaves it out)")
     return 0
+
+
+def _sets_fitted(sets: dict[str, Any]) -> str:
+    """What ``calibrate --sets`` fitted, in words: the coverage and the probability floors."""
+    floors = sets["min_probability"]
+    if sets["by_class"]:
+        low, high = min(floors, key=floors.get), max(floors, key=floors.get)
+        what = (f"a class enters an image's set where its probability reaches its own floor, from "
+                f"{floors[low]:.4f} ({low}) to {floors[high]:.4f} ({high})")
+    else:
+        what = f"a class enters an image's set where its probability reaches {next(iter(floors.values())):.4f}"
+    per = " of each class" if sets["by_class"] else ""
+    return (f"prediction sets for coverage {sets['coverage']:g}{per}, fitted on {sets['images']:,} images: {what}; "
+            "'cifarlab evaluate' measures their coverage on the test images")
 
 
 def _ece_rose_note(fits: list[tuple[str, dict[str, Any]]]) -> str | None:
@@ -1076,7 +1137,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     fmt = "json" if args.json else "csv" if args.csv else "table"
     return predict_files(args.run, args.images, top=args.top, fmt=fmt, device=args.device, tta=args.tta,
                          uncalibrated=args.uncalibrated, min_confidence=args.min_confidence,
-                         flag_unfamiliar=args.flag_unfamiliar)
+                         flag_unfamiliar=args.flag_unfamiliar, sets=args.sets)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

@@ -201,8 +201,8 @@ def evaluate_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, 
         total = probs.astype(np.float64) if total is None else total + probs  # a sum: one array held, not N
     classes = [c["class"] for c in reports[0]["per_class"]]
     mean = total / len(runs)
-    ens = compute_report(mean.astype(np.float32) if own is None else calibrate_mean(mean, own.temperature), ds.y_test,
-                         classes)
+    ens_probs = mean.astype(np.float32) if own is None else calibrate_mean(mean, own.temperature)
+    ens = compute_report(ens_probs, ds.y_test, classes)
     summary = {"runs": len(runs), "data": ds.source, "test_origin": ds.test_origin,
                "tta": sorted({r["tta"] for r in reports}),
                "accuracy": describe([r["accuracy"] for r in reports]), "loss": describe([r["loss"] for r in reports]),
@@ -213,11 +213,16 @@ def evaluate_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, 
                             "temperature": None if own is None else own.temperature, "accuracy": ens["accuracy"],
                             "balanced_accuracy": ens["balanced_accuracy"], "loss": ens["loss"],
                             "ece": ens["calibration"]["ece"],
-                            **({} if own is None else {"uncalibrated_ece": calibration(mean, ds.y_test)["ece"]})},
+                            **({} if own is None else {"uncalibrated_ece": calibration(mean, ds.y_test)["ece"]}),
+                            "prediction_sets": sets_report(own, ens_probs, ds.y_test, classes)},
                "per_run": [{"run": str(r), "accuracy": rep["accuracy"], "balanced_accuracy": rep["balanced_accuracy"],
                             "loss": rep["loss"], "ece": rep["calibration"]["ece"], "temperature": rep["temperature"],
                             "balanced_classes": rep["class_offsets"] is not None}
                            for r, rep in zip(runs, reports)]}
+    if all(r["prediction_sets"] for r in reports):  # every run with sets: their coverage and size over the runs
+        summary["prediction_sets"] = {
+            "coverage_target": sorted({r["prediction_sets"]["coverage_target"] for r in reports}),
+            **{k: describe([r["prediction_sets"][k] for r in reports]) for k in ("coverage", "mean_size")}}
     if all(r["temperature"] for r in reports):  # every run calibrated: what calibrating changed
         for key in ("ece", "accuracy", "balanced_accuracy"):
             summary[f"uncalibrated_{key}"] = describe([r["uncalibrated"][key] for r in reports])
@@ -240,7 +245,8 @@ def write_report(pred: Predictor, ds: Dataset, probs: np.ndarray, out: Path, n_w
     # test_origin: the data's own test images, a share held out of it, or every image the run had not seen
     report.update({"run": str(pred.run), "data": ds.source, "test_origin": ds.test_origin, "tta": pred.tta,
                    "temperature": pred.temperature(),
-                   "class_offsets": None if offsets is None else dict(zip(pred.classes, offsets))})
+                   "class_offsets": None if offsets is None else dict(zip(pred.classes, offsets)),
+                   "prediction_sets": sets_report(pred.calibration(), probs, ds.y_test, pred.classes)})
     before = None
     if uncalibrated is not None:
         # the same metrics without calibration; the accuracies differ where the classes were balanced
@@ -272,6 +278,18 @@ def write_report(pred: Predictor, ds: Dataset, probs: np.ndarray, out: Path, n_w
     report["files"] = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     write_json(out / "metrics.json", report)
     return report
+
+
+def sets_report(cal, probs: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, Any] | None:
+    """How the prediction sets of ``cal`` (a :class:`~cifarlab.calibrate.Calibration` with the
+    floors of ``cifarlab calibrate --sets``) fare on images of probabilities ``probs`` and labels
+    ``y`` (:func:`cifarlab.conformal.set_report`); None where ``cal`` is None or has no sets."""
+    from .conformal import prediction_sets, set_report
+
+    if cal is None or cal.set_floors is None:
+        return None
+    sets = prediction_sets(probs, np.asarray(cal.set_floors))
+    return {"by_class": cal.set_by_class, **set_report(sets, y, classes, cal.set_coverage, list(cal.set_fit_images))}
 
 
 def _prediction_rows(probs: np.ndarray, ds: Dataset, classes: list[str]) -> Iterator[dict[str, Any]]:

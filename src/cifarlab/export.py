@@ -459,6 +459,21 @@ class Predictor:
         temperature, and with ``--balance-classes`` shifted by the class offsets)."""
         return self.probabilities(self.logits(images, batch_size, tta), tta)
 
+    def sets_calibration(self, tta: str | None = None) -> Calibration:
+        """The calibration at ``tta`` (default the predictor's own) that holds the prediction
+        sets ``cifarlab calibrate --sets`` fitted; refused, naming the command, where it fitted none."""
+        level = self.tta if tta is None else tta
+        return _with_sets(self.calibration(level), f"{self.run or 'the run'} at test-time augmentation {level}",
+                          f"cifarlab calibrate {self.run or 'RUN'} --sets 0.9" + (f" --tta {level}" if tta else ""))
+
+    def prediction_sets(self, probs: np.ndarray, tta: str | None = None) -> np.ndarray:
+        """Which classes each image's prediction set holds, boolean (N, classes), from its
+        probabilities ``probs`` (as :meth:`predict` gives them at ``tta``): those reaching the
+        floors of :meth:`sets_calibration` (:func:`cifarlab.conformal.prediction_sets`)."""
+        from .conformal import prediction_sets
+
+        return prediction_sets(probs, np.asarray(self.sets_calibration(tta).set_floors))
+
 
 class Ensemble:
     """The runs of a ``cifarlab train --runs N`` folder as one classifier: ``predict(images)``
@@ -515,6 +530,27 @@ class Ensemble:
             raise ValueError(f"{n} members' probabilities given, for an ensemble of {len(self.members)}")
         mean = total / n
         return mean.astype(np.float32) if self.calibration is None else calibrate_mean(mean, self.temperature())
+
+    def sets_calibration(self) -> Calibration:
+        """The ensemble's own calibration, holding the prediction sets ``cifarlab calibrate BASE
+        --sets`` fitted for it; refused, naming the command, where it fitted none."""
+        return _with_sets(self.calibration, f"the ensemble of {self.folder or 'the runs'}",
+                          f"cifarlab calibrate {self.folder or 'BASE'} --sets 0.9 (with runs that hold out the same "
+                          "validation images, --split-seed)")
+
+    def prediction_sets(self, probs: np.ndarray) -> np.ndarray:
+        """Which classes each image's prediction set holds, boolean (N, classes), from the
+        ensemble's probabilities ``probs`` (:meth:`predict`), with the floors of :meth:`sets_calibration`."""
+        from .conformal import prediction_sets
+
+        return prediction_sets(probs, np.asarray(self.sets_calibration().set_floors))
+
+
+def _with_sets(cal: Calibration | None, who: str, how: str) -> Calibration:
+    """``cal`` where it holds prediction sets; else a :class:`CifarlabError` saying ``how`` to fit them."""
+    if cal is None or cal.set_floors is None:
+        raise CifarlabError(f"no prediction sets were fitted for {who}; fit them on its held-out images with: {how}")
+    return cal
 
 
 def _name(pred: Predictor) -> str:

@@ -43,15 +43,16 @@ class _Output:
     would lay it out, so a large folder's results are never all held at once."""
 
     def __init__(self, fmt: str, out, width: int, min_confidence: float | None,
-                 unfamiliar: dict | None = None) -> None:
+                 unfamiliar: dict | None = None, sets: dict | None = None) -> None:
         self.fmt, self.out, self.width, self.min_confidence = fmt, out, width, min_confidence
         self.unfamiliar_rule = unfamiliar  # the score and threshold of cifarlab ood, where asked for
-        self.count = self.uncertain = self.unfamiliar = 0
+        self.sets = sets  # the prediction sets' coverage and whether by class, where asked for
+        self.count = self.uncertain = self.unfamiliar = self.set_sizes = self.empty_sets = 0
         self.csv = csv.writer(out) if fmt == "csv" else None
         if self.csv:
-            # the uncertain and unfamiliar columns only where asked for: the plain layout stays as it was
+            # the uncertain, unfamiliar and set columns only where asked for: the plain layout stays as it was
             self.csv.writerow(["file", "rank", "class", "probability"] + (["uncertain"] if self.marked else [])
-                              + (["unfamiliar"] if unfamiliar else []))
+                              + (["unfamiliar"] if unfamiliar else []) + (["set"] if sets else []))
         elif fmt == "json":
             out.write(_JSON_HEAD)
 
@@ -63,6 +64,9 @@ class _Output:
         self.count += 1
         self.uncertain += bool(r.get("uncertain"))
         self.unfamiliar += bool(r.get("unfamiliar"))
+        if self.sets:
+            self.set_sizes += len(r["set"])
+            self.empty_sets += not r["set"]
         if self.fmt == "json":
             item = json.dumps(r, indent=2).replace("\n", "\n    ")  # at the list's depth
             self.out.write(f"{',' if self.count > 1 else ''}\n    {item}")
@@ -70,11 +74,13 @@ class _Output:
             for k, t in enumerate(r["top"], 1):
                 self.csv.writerow([r["file"], k, t["class"], f"{t['probability']:.6f}"]
                                   + ([str(r["uncertain"]).lower()] if self.marked else [])
-                                  + ([str(r["unfamiliar"]).lower()] if self.unfamiliar_rule else []))
+                                  + ([str(r["unfamiliar"]).lower()] if self.unfamiliar_rule else [])
+                                  + (["|".join(r["set"])] if self.sets else []))
         else:
             tops = "  ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
             marks = "".join(f"{m}: " for m in ("unfamiliar", "uncertain") if r.get(m))
-            self.out.write(f"{r['file']:<{self.width}}  {marks}{tops}\n")
+            in_set = f"  set {{{', '.join(r['set'])}}}" if self.sets else ""
+            self.out.write(f"{r['file']:<{self.width}}  {marks}{tops}{in_set}\n")
 
     def finish(self, failures: list[tuple[str, str]], about: dict) -> None:
         """The JSON document's end, or the table's closing lines; ``about`` says where the
@@ -82,7 +88,8 @@ class _Output:
         if self.fmt == "json":
             rest = json.dumps({"predictions": [], "errors": [{"file": f, "error": e} for f, e in failures],
                                **about, "min_confidence": self.min_confidence,
-                               **({"unfamiliar_below": self.unfamiliar_rule} if self.unfamiliar_rule else {})},
+                               **({"unfamiliar_below": self.unfamiliar_rule} if self.unfamiliar_rule else {}),
+                               **({"prediction_sets": self.sets} if self.sets else {})},
                               indent=2)
             # the rest of the document as json.dump would lay it out after an empty list
             self.out.write(("\n  ]" if self.count else "]") + rest.removeprefix(_JSON_HEAD + "]") + "\n")
@@ -94,6 +101,12 @@ class _Output:
         if self.fmt == "table" and self.marked:
             self.out.write(f"{self.uncertain} of {self.count} image(s) below confidence "
                            f"{self.min_confidence:g}: uncertain\n")
+        if self.fmt == "table" and self.sets and self.count:
+            per = " of each class" if self.sets["by_class"] else ""
+            self.out.write(f"prediction sets of coverage {self.sets['coverage']:g}{per} (cifarlab calibrate --sets): "
+                           f"mean size {self.set_sizes / self.count:.2f}, {self.empty_sets} of {self.count} empty; "
+                           "they hold the true class at least that often for images drawn as the validation images "
+                           "were, not for images from elsewhere\n")
         if self.fmt == "table" and self.unfamiliar_rule:
             u = self.unfamiliar_rule
             self.out.write(f"{self.unfamiliar} of {self.count} image(s) below the {u['score']} threshold "
@@ -147,9 +160,16 @@ def _unfamiliar_rule(model: Predictor | Ensemble) -> tuple[dict, Any]:
                         "first (with the same --tta and --uncalibrated)")
 
 
+def _set_rule(model: Predictor | Ensemble) -> dict:
+    """The coverage of the prediction sets fitted for ``model`` and whether by class; refused,
+    naming the command to run, where none were fitted (:meth:`Predictor.sets_calibration`)."""
+    cal = model.sets_calibration()
+    return {"coverage": cal.set_coverage, "by_class": cal.set_by_class}
+
+
 def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", device: str = "cpu",
                   out=None, tta: str | None = None, uncalibrated: bool = False,
-                  min_confidence: float | None = None, flag_unfamiliar: bool = False) -> int:
+                  min_confidence: float | None = None, flag_unfamiliar: bool = False, sets: bool = False) -> int:
     """Predict each file; print results in ``fmt`` (table, json, csv). Returns 1 if any file failed.
     ``tta``: the test-time augmentation, by default the run's own; the probabilities use the
     run's calibration (``cifarlab calibrate``) unless ``uncalibrated``. With ``min_confidence``,
@@ -159,7 +179,8 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
     unfamiliar: unlike the images the run was trained on. ``run`` may be the folder of
     ``cifarlab train --runs N``: the probabilities are then the mean of its runs' (an ensemble,
     each run calibrated as its own), and ``flag_unfamiliar`` applies the ensemble's threshold
-    from ``cifarlab ood`` of the folder.
+    from ``cifarlab ood`` of the folder. With ``sets``, each file's prediction set too: the
+    classes whose probability reaches the floors ``cifarlab calibrate --sets`` fitted.
     Files are read and predicted :data:`CHUNK_FILES` at a time, and the rows (the JSON
     document's predictions too) written as each chunk is done, so a large folder needs no more
     memory than a chunk."""
@@ -168,8 +189,12 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
         raise CifarlabError(f"--min-confidence {min_confidence} is not valid; it must lie in (0, 1], such as 0.9")
     if top < 1:
         raise CifarlabError(f"--top {top} is not valid; it must be at least 1")
+    if sets and uncalibrated:
+        raise CifarlabError("--sets needs the calibrated probabilities the sets were fitted to; leave --uncalibrated "
+                            "out")
     model = load_classifier(run, device, tta, uncalibrated)
     rule, bank = _unfamiliar_rule(model) if flag_unfamiliar else (None, None)
+    set_rule = _set_rule(model) if sets else None
     top = min(top, len(model.classes))
     c, h, w = model.input_shape
     files, failures = _expand(paths)
@@ -177,7 +202,7 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
     for _, e in failures:
         print(f"cifarlab: error: {e}", file=sys.stderr)
     # the table's file column is as wide as the longest name given, known before any is read
-    output = _Output(fmt, out, max([len(str(f)) for f in files] + [4]), min_confidence, rule)
+    output = _Output(fmt, out, max([len(str(f)) for f in files] + [4]), min_confidence, rule, set_rule)
     for s in range(0, len(files), CHUNK_FILES):
         ok_paths, arrays = _read(files[s:s + CHUNK_FILES], c, (h, w), failures)
         if not arrays:
@@ -185,6 +210,7 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
         images = np.stack(arrays)
         probs, familiar = (predict_familiarity(model, images, rule["score"], bank, rule.get("k")) if rule
                            else (model.predict(images), None))
+        in_set = model.prediction_sets(probs) if sets else None
         for n, (f, p) in enumerate(zip(ok_paths, probs)):
             idx = np.argsort(-p)[:top]
             r = {"file": str(f), "top": [{"class": model.classes[i], "probability": float(p[i])} for i in idx]}
@@ -192,6 +218,8 @@ def predict_files(run: str, paths: list[str], top: int = 3, fmt: str = "table", 
                 r["uncertain"] = bool(p[idx[0]] < min_confidence)
             if rule:
                 r["unfamiliar"] = bool(familiar[n] < rule["threshold"])
+            if sets:  # most probable first, as the top classes are
+                r["set"] = [model.classes[i] for i in np.argsort(-p, kind="stable") if in_set[n, i]]
             output.add(r)
         out.flush()
     output.finish(failures, _about(model))

@@ -55,7 +55,7 @@ def test_a_floor_per_class_covers_the_class_the_model_finds_hard():
     classes = ["hard", "b", "c", "d"]
     one = set_report(prediction_sets(q, fit_floors(p, y, 0.9)), t, classes, 0.9, [8000] * 4)
     each = set_report(prediction_sets(q, fit_floors(p, y, 0.9, by_class=True)), t, classes, 0.9,
-                      np.bincount(y).tolist())
+                      np.bincount(y).tolist(), by_class=True)
     assert abs(one["coverage"] - 0.9) < 0.01 and one["per_class"][0]["coverage"] < 0.85
     assert one["short_of_coverage"] == ["hard"] and each["short_of_coverage"] == []
     assert one["expected_range"][0] < 0.9 < one["expected_range"][1] and each["expected_range"] is None
@@ -254,9 +254,12 @@ def test_audit_gives_the_sets_coverage_by_class_and_by_group(trained_run, image_
     assert [r["set_coverage_expected"] for r in rows] == [
         expected_range(r["n"], read_calibration(trained_run)["none"].set_fit_images[0], 0.8) for r in rows]
     md = (tmp_path / "audit" / "audit.md").read_text()
-    assert "## Prediction sets" in md and "| set coverage | chance range |" in md
+    assert "## Prediction sets" in md and "| set coverage | chance range | mean set size |" in md
+    size = model.prediction_sets(q).sum(1)
+    assert [r["set_mean_size"] for r in rows] == pytest.approx([size[0::2].mean(), size[1::2].mean()])
     card = (tmp_path / "audit" / "MODEL_CARD.md").read_text()
-    assert "Prediction sets (`cifarlab predict --sets`)" in card and "Prediction sets (fitted for 0.8) held" in card
+    assert "Prediction sets (`cifarlab predict --sets`)" in card
+    assert "Prediction sets (fitted for coverage 0.8) held the true class for: a " in card
 
 
 def test_a_group_covered_less_often_than_promised_is_warned_of():
@@ -265,7 +268,7 @@ def test_a_group_covered_less_often_than_promised_is_warned_of():
     y = np.zeros(200, int)
     values = np.array(["day"] * 100 + ["night"] * 100, dtype=object)
     held = np.r_[np.ones(100, bool), np.arange(100) < 70]  # night: 0.70, far below 0.9
-    gm = _group_audit(y, y, values, 1.0, 0.05, 30, sets=(held, 0.9, 1000))
+    gm = _group_audit(y, y, values, 1.0, 0.05, 30, sets=(held, np.ones(200), 0.9, 1000))
     assert [g["set_coverage"] for g in gm["groups"]] == [1.0, 0.7]
     assert gm["set_coverage_gap"]["least"] == "night" and gm["set_coverage_gap"]["ci_excludes_zero"]
     lo, hi = expected_range(100, 1000, 0.9)
@@ -276,8 +279,10 @@ def test_a_group_covered_less_often_than_promised_is_warned_of():
         f"fitted for and the {lo:.3f} to {hi:.3f} that chance allows images like the validation images"]
     # a group too small to judge is not warned of, however low; nor one within its range
     small = _group_audit(y[:110], y[:110], values[:110], 1.0, 0.05, 30, sets=(np.r_[np.ones(100, bool),
-                                                                                   np.zeros(10, bool)], 0.9, 1000))
+                                                                                   np.zeros(10, bool)], np.ones(110),
+                                                                                   0.9, 1000))
     assert not [w for w in _group_warnings("time", small, 1.0, 0.05, 30) if "prediction sets" in w]
-    near = _group_audit(y, y, values, 1.0, 0.05, 30, sets=(np.r_[np.ones(100, bool), np.arange(100) < 86], 0.9, 200))
+    near = _group_audit(y, y, values, 1.0, 0.05, 30, sets=(np.r_[np.ones(100, bool), np.arange(100) < 86],
+                                                                np.ones(200), 0.9, 200))
     assert near["groups"][1]["set_coverage_ci"][1] < 0.95 and near["groups"][1]["set_coverage_expected"][0] < 0.86
     assert not [w for w in _group_warnings("time", near, 1.0, 0.05, 30) if "prediction sets" in w]

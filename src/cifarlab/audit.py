@@ -339,18 +339,21 @@ def unfamiliar_by_group(flagged: np.ndarray, values: np.ndarray, gm: dict[str, A
     return share_by_group(flagged, values, gm, "unfamiliar_share")
 
 
-def set_coverage_by_group(held: np.ndarray, values: np.ndarray, gm: dict[str, Any], coverage: float,
-                          n_fit: int) -> dict[str, Any] | None:
+def set_coverage_by_group(held: np.ndarray, size: np.ndarray, values: np.ndarray, gm: dict[str, Any],
+                          coverage: float, n_fit: int) -> dict[str, Any] | None:
     """:func:`share_by_group` of the images whose prediction set (``cifarlab calibrate --sets``)
-    held their true class (``set_coverage``), with the range chance allows a group of images
-    drawn as the ``n_fit`` the floor was fitted on were (``set_coverage_expected``,
-    :func:`cifarlab.conformal.expected_range`): sets fitted to hold it for 90% of images on
-    average may hold it for fewer of one group's, whose people then get a wrong set more often."""
+    held their true class (``held``; ``set_coverage``), with the range chance allows a group of
+    images drawn as the ``n_fit`` the floor was fitted on were (``set_coverage_expected``,
+    :func:`cifarlab.conformal.expected_range`) and the group's mean set size (``size``, each
+    image's; ``set_mean_size``): sets fitted to hold it for 90% of images on average may hold it
+    for fewer of one group's, whose people then get a wrong set more often, or keep it by giving
+    them larger sets, less of an answer."""
     from .conformal import expected_range
 
     gap = share_by_group(held, values, gm, "set_coverage")
     for g in gm["groups"]:
         g["set_coverage_expected"] = expected_range(g["n"], n_fit, coverage)
+        g["set_mean_size"] = float(size[values == g["group"]].mean())
     return gap
 
 
@@ -496,13 +499,14 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
     audit["prediction_sets"] = report["prediction_sets"]
     sets_rule = None
     if report["prediction_sets"]:
-        held = pred.prediction_sets(probs)[np.arange(len(y)), y]
+        in_set = pred.prediction_sets(probs)
         ps = report["prediction_sets"]
         audit["warnings"] += [_short_of_coverage(f"class '{c['class']}'", c["coverage"], c["expected_range"],
                                                  ps["coverage_target"])
                               for c in ps["per_class"] if c["class"] in ps["short_of_coverage"]]
         # a group's images mix classes; by class, the fewest images of a floor give the widest range
-        sets_rule = (held, ps["coverage_target"], min(pred.sets_calibration().set_fit_images))
+        sets_rule = (in_set[np.arange(len(y)), y], in_set.sum(1), ps["coverage_target"],
+                     min(pred.sets_calibration().set_fit_images))
     if groups is not None:
         idx, attrs = groups
         audit["groups_file"] = str(groups_csv)
@@ -510,7 +514,7 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
         for name, values in attrs.items():
             gm = _group_audit(y[idx], yhat[idx], values, overall, margin, min_group,
                               None if flagged is None else (flagged[idx], ood["score"]), probs.max(1)[idx],
-                              None if sets_rule is None else (sets_rule[0][idx], *sets_rule[1:]))
+                              None if sets_rule is None else (sets_rule[0][idx], sets_rule[1][idx], *sets_rule[2:]))
             audit["attributes"][name] = gm
             audit["warnings"] += _group_warnings(name, gm, overall, margin, min_group)
     _plot_class_accuracy(cls["per_class"], overall, out / "per_class_accuracy.png")
@@ -550,15 +554,16 @@ def _short_of_coverage(what: str, coverage: float, expected: list[float], target
 
 def _group_audit(y: np.ndarray, yhat: np.ndarray, values: np.ndarray, overall: float, margin: float,
                  min_group: int, unfamiliar: tuple[np.ndarray, str] | None = None,
-                 conf: np.ndarray | None = None, sets: tuple[np.ndarray, float, int] | None = None) -> dict[str, Any]:
+                 conf: np.ndarray | None = None,
+                 sets: tuple[np.ndarray, np.ndarray, float, int] | None = None) -> dict[str, Any]:
     """:func:`group_metrics` of one attribute's ``values`` (one per image of ``y``, as is
     ``conf``, each image's top probability, where given). An empty cell: the attribute was not
     recorded for that image, which then belongs to none of its groups (a group of its own would
     mix unrelated images); ``not_recorded`` counts them.
     ``unfamiliar``: which of the images the threshold of ``cifarlab ood`` flags, and its score,
     for each group's share flagged (:func:`unfamiliar_by_group`). ``sets``: whether each image's
-    prediction set held its true class, the coverage the sets were fitted for and the images
-    their floor was fitted on, for each group's coverage (:func:`set_coverage_by_group`)."""
+    prediction set held its true class and its size, the coverage the sets were fitted for and
+    the images their floor was fitted on, for each group's coverage (:func:`set_coverage_by_group`)."""
     known = values != ""
     gm = group_metrics(y[known], yhat[known], values[known], overall, margin, min_group,
                        None if conf is None else conf[known])
@@ -568,8 +573,8 @@ def _group_audit(y: np.ndarray, yhat: np.ndarray, values: np.ndarray, overall: f
         gm["unfamiliar_gap"] = unfamiliar_by_group(flagged[known], values[known], gm)
         gm["unfamiliar_score"] = score
     if sets is not None:
-        held, target, n_fit = sets
-        gm["set_coverage_gap"] = set_coverage_by_group(held[known], values[known], gm, target, n_fit)
+        held, size, target, n_fit = sets
+        gm["set_coverage_gap"] = set_coverage_by_group(held[known], size[known], values[known], gm, target, n_fit)
         gm["set_coverage_target"] = target
     return gm
 
@@ -1176,7 +1181,7 @@ def _group_lines(heading: str, gm: dict[str, Any]) -> list[str]:
     largest gap."""
     unfamiliar = ["flagged unfamiliar"] if "unfamiliar_score" in gm else []
     confident = ["mean confidence", "confidence - accuracy"] if "confidence_gap" in gm else []  # older audits: none
-    covered = ["set coverage", "chance range"] if "set_coverage_target" in gm else []
+    covered = ["set coverage", "chance range", "mean set size"] if "set_coverage_target" in gm else []
     lines = [heading, "", *_table_head(["group", "n", "accuracy", "95% CI", "macro recall", "macro precision",
                                         *confident, *unfamiliar, *covered, "note"])]
     for g in gm["groups"]:
@@ -1185,7 +1190,8 @@ def _group_lines(heading: str, gm: dict[str, Any]) -> list[str]:
                      f"{_fmt(g['macro_recall'])} | {_fmt(g['macro_precision'])} | "
                      + (f"{g['mean_confidence']:.3f} | {g['overconfidence']:+.3f} | " if confident else "")
                      + (f"{g['unfamiliar_share']:.1%} | " if unfamiliar else "")
-                     + (f"{g['set_coverage']:.3f} | {_fmt_ci(g['set_coverage_expected'])} | " if covered else "")
+                     + (f"{g['set_coverage']:.3f} | {_fmt_ci(g['set_coverage_expected'])} | "
+                        f"{g['set_mean_size']:.2f} | " if covered else "")
                      + f"{note} |")
     if gm.get("not_recorded"):
         lines += ["", f"Not recorded for {images_phrase(gm['not_recorded'])} (empty cells), left out of these groups."]
@@ -1201,8 +1207,8 @@ def _group_lines(heading: str, gm: dict[str, Any]) -> list[str]:
                   ""]
     sg = gm.get("set_coverage_gap")
     if sg:
-        lines += [f"Prediction sets (fitted to hold the true class for {gm['set_coverage_target']:g} of images) held "
-                  f"it most often for {md_cell(sg['most'])}, least for {md_cell(sg['least'])}; difference "
+        lines += [f"Prediction sets (fitted for coverage {gm['set_coverage_target']:g}) held the true class most "
+                  f"often for {md_cell(sg['most'])}, least for {md_cell(sg['least'])}; difference "
                   f"{sg['difference']:.3f} {_fmt_ci(sg['difference_ci'])}"
                   + (" - the interval excludes zero." if sg["ci_excludes_zero"] else " - the interval includes zero."),
                   ""]
@@ -1608,8 +1614,9 @@ def _card_sets_by_group(gm: dict) -> str:
     if "set_coverage_target" not in gm:
         return ""
     sg = gm["set_coverage_gap"]
-    return (f" Prediction sets (fitted for {gm['set_coverage_target']:g}) held the true class for: "
-            + ", ".join(f"{g['group']} {g['set_coverage']:.3f}" for g in gm["groups"])
+    return (f" Prediction sets (fitted for coverage {gm['set_coverage_target']:g}) held the true class for: "
+            + ", ".join(f"{g['group']} {g['set_coverage']:.3f} (mean size {g['set_mean_size']:.2f})"
+                        for g in gm["groups"])
             + ("" if not sg else f" (largest gap {sg['difference']:.3f} {_fmt_ci(sg['difference_ci'])})") + ".")
 
 

@@ -15,11 +15,12 @@ on ``n`` held-out images as the probability of the true class that ``ceil((n + 1
 of them reach, so that a new image's true class reaches it with probability at least
 ``coverage`` (and below ``coverage + 1 / (n + 1)``, without ties), on average over the draw of
 the ``n``: one fit's coverage varies about it, the less the more images it was fitted on
-(:func:`expected_range`). That holds on average over images, not for each class: a class the model finds hard may be covered far less often, as the
-easy classes are covered more. ``by_class`` fits a floor per class on the held-out images of that
-class (Mondrian conformal prediction; Sadinle et al.'s class-specific sets), which gives each
-class its coverage: a hard class enters sets at a lower probability, so the sets grow. The
-evaluation reports coverage class by class either way, so that a shortfall is seen.
+(:func:`expected_range`). That holds on average over images, not for each class: a class the
+model finds hard may be covered far less often, as the easy classes are covered more.
+``by_class`` fits a floor per class on the held-out images of that class (Mondrian conformal
+prediction; Sadinle et al.'s class-specific sets), which gives each class its coverage: a hard
+class enters sets at a lower probability, so the sets grow. The evaluation reports coverage
+class by class either way, so that a shortfall is seen.
 """
 
 from __future__ import annotations
@@ -101,13 +102,14 @@ def expected_range(n_test: int, n_fit: int, coverage: float, alpha: float = 0.05
 
 
 def set_report(sets: np.ndarray, y: np.ndarray, classes: list[str], coverage: float,
-               fit_images: list[int]) -> dict[str, Any]:
+               fit_images: list[int], by_class: bool = False) -> dict[str, Any]:
     """How prediction sets ``sets`` (N, classes; :func:`prediction_sets`) fared on images labelled
     ``y``: the share whose set held the true class (coverage) with its exact 95% interval, beside
     the ``coverage`` they were fitted for and the range of coverage chance allows
     (:func:`expected_range`; ``fit_images``: the images each class's floor was fitted on, the
-    same number for every class where one floor serves all); the sets' mean size and how many
-    had each size; the empty ones; the accuracy where the set was one class; each class's
+    same number for every class where one floor serves all; ``by_class``: a floor per class,
+    whose overall coverage averages the classes' and has no range of its own here); the sets'
+    mean size and how many had each size; the empty ones; the accuracy where the set was one class; each class's
     coverage, range and mean size; and ``short_of_coverage``, the classes below their range."""
     from .audit import proportion_ci
 
@@ -127,8 +129,8 @@ def set_report(sets: np.ndarray, y: np.ndarray, classes: list[str], coverage: fl
     return {"coverage_target": float(coverage), "images": int(n),
             "coverage": float(held.mean()) if n else None,
             "coverage_ci": proportion_ci(int(held.sum()), n) if n else None,
-            # the pooled fit's range, for sets of one floor; by class, the classes' own ranges say more
-            "expected_range": expected_range(n, min(fit_images), coverage) if len(set(fit_images)) == 1 else None,
+            # one floor's range; by class, the classes' own ranges say it
+            "expected_range": None if by_class else expected_range(n, fit_images[0], coverage),
             "mean_size": float(size.mean()) if n else None,
             "sizes": {str(s): int(c) for s, c in enumerate(np.bincount(size, minlength=1)) if c},
             "empty": float((size == 0).mean()) if n else None,

@@ -289,7 +289,8 @@ def sets_report(cal, probs: np.ndarray, y: np.ndarray, classes: list[str]) -> di
     if cal is None or cal.set_floors is None:
         return None
     sets = prediction_sets(probs, np.asarray(cal.set_floors))
-    return {"by_class": cal.set_by_class, **set_report(sets, y, classes, cal.set_coverage, list(cal.set_fit_images))}
+    return {"by_class": cal.set_by_class,
+            **set_report(sets, y, classes, cal.set_coverage, list(cal.set_fit_images), cal.set_by_class)}
 
 
 def _prediction_rows(probs: np.ndarray, ds: Dataset, classes: list[str]) -> Iterator[dict[str, Any]]:

@@ -286,3 +286,29 @@ def test_a_group_covered_less_often_than_promised_is_warned_of():
                                                                 np.ones(200), 0.9, 200))
     assert near["groups"][1]["set_coverage_ci"][1] < 0.95 and near["groups"][1]["set_coverage_expected"][0] < 0.86
     assert not [w for w in _group_warnings("time", near, 1.0, 0.05, 30) if "prediction sets" in w]
+
+
+def test_the_runs_audit_summarises_the_sets(tmp_path, image_folder):
+    """audit OUT: each run's sets, and over the runs their coverage, size and the classes short
+    of coverage in how many runs; each group's coverage spread."""
+    from cifarlab.audit import audit_runs
+    from cifarlab.calibrate import calibrate_runs
+    from cifarlab.train import fit
+
+    base = tmp_path / "set"
+    fit(tiny_config(str(image_folder), str(base), runs=2, epochs=2), log=lambda s: None)
+    ds = load_dataset(str(image_folder))
+    calibrate_runs(base, ds, device="cpu", log=lambda s: None, sets=0.8)
+    groups = tmp_path / "groups.csv"
+    groups.write_text("index,half\n" + "".join(f"{i},{'ab'[i % 2]}\n" for i in range(len(ds.y_test))))
+    s = audit_runs(base, ds, tmp_path / "a", groups_csv=str(groups), n_boot=100, min_group=1, log=lambda m: None)
+    each = [json.loads((tmp_path / "a" / f"run-{k}" / "audit.json").read_text())["prediction_sets"] for k in range(2)]
+    ps = s["prediction_sets"]
+    assert ps["coverage_target"] == [0.8] and ps["by_class_in"] == 0
+    assert (ps["coverage"]["min"], ps["coverage"]["max"]) == (min(e["coverage"] for e in each),
+                                                              max(e["coverage"] for e in each))
+    assert sum(ps["short_of_coverage_in"].values()) == sum(len(e["short_of_coverage"]) for e in each)
+    g = s["attributes"]["half"]["groups"][0]
+    assert {"set_coverage", "set_mean_size", "short_of_coverage_in"} <= set(g)
+    md = (tmp_path / "a" / "audit_summary.md").read_text()
+    assert "## Prediction sets" in md and "| set coverage | mean set size | below chance range in |" in md

@@ -886,6 +886,16 @@ def summarise_audits(audits: list[dict[str, Any]], runs: list[str]) -> dict[str,
         if r["flagged_in"]:
             summary["warnings"].append(f"class '{r['class']}' was more than {first['margin']:.2f} below the overall "
                                        f"accuracy in {r['flagged_in']} of {n} runs")
+    sets = [a.get("prediction_sets") for a in audits]
+    if all(sets):  # every run with prediction sets: their coverage, and each class short of it in how many runs
+        short = Counter(c for ps in sets for c in ps["short_of_coverage"])
+        summary["prediction_sets"] = {"coverage_target": sorted({ps["coverage_target"] for ps in sets}),
+                                      "by_class_in": sum(ps["by_class"] for ps in sets),
+                                      "coverage": _spread([ps["coverage"] for ps in sets]),
+                                      "mean_size": _spread([ps["mean_size"] for ps in sets]),
+                                      "short_of_coverage_in": dict(short.most_common())}
+        summary["warnings"] += [f"class '{c}': its prediction sets held the true class less often than chance allows "
+                                f"in {k} of {n} runs" for c, k in short.most_common()]
     if "attributes" in first:
         summary["groups_file"] = first["groups_file"]
         summary["attributes"] = {}
@@ -901,6 +911,11 @@ def summarise_audits(audits: list[dict[str, Any]], runs: list[str]) -> dict[str,
                     groups[-1]["overconfidence"] = _spread([x["overconfidence"] for x in rows])
                 if all("unfamiliar_share" in x for x in rows):  # every run measured by `cifarlab ood`
                     groups[-1]["unfamiliar_share"] = _spread([x["unfamiliar_share"] for x in rows])
+                if all("set_coverage" in x for x in rows):  # every run with prediction sets
+                    groups[-1]["set_coverage"] = _spread([x["set_coverage"] for x in rows])
+                    groups[-1]["set_mean_size"] = _spread([x["set_mean_size"] for x in rows])
+                    groups[-1]["short_of_coverage_in"] = sum(below_range(x["set_coverage"], x["set_coverage_expected"])
+                                                             for x in rows)
                 if groups[-1]["flagged_in"] and not g["too_small"]:
                     summary["warnings"].append(f"{name}={g['group']}: more than {first['margin']:.2f} below the "
                                                f"overall accuracy in {groups[-1]['flagged_in']} of {n} runs")
@@ -985,21 +1000,33 @@ def _audit_runs_markdown(s: dict) -> str:
               + ", ".join(f"{md_cell(c)} in {k} of {n}" for c, k in sp["best"].items()) + "; worst: "
               + ", ".join(f"{md_cell(c)} in {k} of {n}" for c, k in sp["worst"].items()) + ".", ""]
     lines += _runs_confidence_lines(s)
+    ps = s.get("prediction_sets")
+    if ps:
+        short = ", ".join(f"{md_cell(c)} in {k} of {n}" for c, k in ps["short_of_coverage_in"].items())
+        lines += ["## Prediction sets", "", f"Fitted (`cifarlab calibrate --sets`) for coverage "
+                  f"{', '.join(f'{c:g}' for c in ps['coverage_target'])}, by class in {ps['by_class_in']} of {n} runs; "
+                  f"on the test images they held the true class for {_fmt_spread(ps['coverage'])} of them, with "
+                  f"{_fmt_spread(ps['mean_size'])} classes on average. Classes covered less often than chance "
+                  f"allows: {short or 'none'}.", ""]
     lines += _quoted("Under common corruptions", s.get("robustness"), _runs_robustness_sentence)
     lines += _quoted("Near-duplicates", s.get("near_duplicates"), _runs_duplicates_sentence)
     lines += _quoted("Unfamiliar images", s.get("unfamiliar_images"), _runs_ood_sentence)
     for name, gm in s.get("attributes", {}).items():
         unfamiliar = all("unfamiliar_share" in g for g in gm["groups"])
         confident = all("overconfidence" in g for g in gm["groups"])
+        covered = all("set_coverage" in g for g in gm["groups"])
         lines += [f"## Groups by `{name}`", "", *_table_head(
             ["group", "n", "accuracy, mean (min to max)", "flagged in",
              *(["confidence - accuracy, mean (min to max)"] if confident else []),
-             *(["flagged unfamiliar"] if unfamiliar else [])])]
+             *(["flagged unfamiliar"] if unfamiliar else []),
+             *(["set coverage", "mean set size", "below chance range in"] if covered else [])])]
         for g in gm["groups"]:
             flagged = "too small to judge" if g["too_small"] else f"{g['flagged_in']} of {n}"
             lines.append(f"| {md_cell(g['group'])} | {g['n']} | {_fmt_spread(g['accuracy'])} | {flagged} |"
                          + (f" {_fmt_spread(g['overconfidence'], signed=True)} |" if confident else "")
-                         + (f" {_fmt_spread(g['unfamiliar_share'])} |" if unfamiliar else ""))
+                         + (f" {_fmt_spread(g['unfamiliar_share'])} |" if unfamiliar else "")
+                         + (f" {_fmt_spread(g['set_coverage'])} | {_fmt_spread(g['set_mean_size'])} | "
+                            f"{g['short_of_coverage_in']} of {n} |" if covered else ""))
         ga = gm["gap"]
         lines += ["", "Only one group: no gap to measure." if ga is None else
                   _runs_gap_sentence("Largest gap:", ga, n, ("highest", "Highest group"), ("lowest", "lowest")), ""]

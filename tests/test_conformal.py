@@ -312,3 +312,26 @@ def test_the_runs_audit_summarises_the_sets(tmp_path, image_folder):
     assert {"set_coverage", "set_mean_size", "short_of_coverage_in"} <= set(g)
     md = (tmp_path / "a" / "audit_summary.md").read_text()
     assert "## Prediction sets" in md and "| set coverage | mean set size | below chance range in |" in md
+
+
+def test_export_carries_the_sets_floors_as_metadata(trained_run, image_folder, tmp_path):
+    """The ONNX file travels without calibration.json: its metadata holds the floors, which on
+    the file's probabilities give the sets predict --sets gives."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from cifarlab.deploy import export_onnx
+
+    ds = load_dataset(str(image_folder))
+    export_onnx(trained_run, tmp_path / "plain.onnx", log=lambda s: None)
+    assert "prediction_sets" not in {p.key for p in onnx.load(str(tmp_path / "plain.onnx")).metadata_props}
+    calibrate_run(trained_run, ds, device="cpu", log=lambda s: None, sets=0.8, sets_by_class=True)
+    export_onnx(trained_run, tmp_path / "m.onnx", log=lambda s: None)
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    sets = json.loads(meta["prediction_sets"])
+    cal = read_calibration(trained_run)["none"]
+    assert sets == {"coverage": 0.8, "by_class": True, "min_probability": list(cal.set_floors)}
+    probs = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"images": ds.x_test})[0]
+    model = load_model(trained_run)
+    flips = (prediction_sets(probs, np.array(sets["min_probability"])) != model.prediction_sets(model.predict(ds.x_test)))
+    assert flips.sum() <= 1  # float32 rounding may move a probability that sits on a floor

@@ -72,7 +72,7 @@ def test_the_metadata_of_a_model_that_sorts_people_says_so():
     from cifarlab.deploy import _metadata
 
     fake = SimpleNamespace(input_shape=(3, 32, 32), classes=["bicycle", "man", "woman"], prep={}, arch={"model": "m"},
-                           temperature=lambda: None, class_offsets=lambda: None)
+                           temperature=lambda: None, class_offsets=lambda: None, calibration=lambda: None)
     meta = _metadata(fake, Path("run"), "none")
     assert meta["people_classes"].startswith("the classes man, woman label people by how they look")
 

@@ -967,7 +967,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _sets_line(r: dict[str, Any], whose: str = "Prediction sets") -> str:
     """A line on prediction sets' test figures (:func:`cifarlab.evaluate.sets_report`): coverage
-    against the target, mean size, and the classes covered less often than fitted for."""
+    against the target and its chance range, mean size, and the classes covered less often than
+    chance allows."""
     lo, hi = r["coverage_ci"]
     worst = min((c for c in r["per_class"] if c["coverage"] is not None), key=lambda c: c["coverage"])
     per = " of each class" if r["by_class"] else ""

@@ -41,6 +41,12 @@ def check_coverage(coverage: float, name: str = "--sets") -> float:
     return float(coverage)
 
 
+def _rank(n: int, coverage: float) -> int:
+    """ceil((n + 1) * coverage): how many of ``n`` held-out images the floor must cover. The guard
+    keeps a product such as 10 * 0.9, a hair above 9 in floating point, from rounding up past 9."""
+    return math.ceil((n + 1) * coverage - 1e-9)
+
+
 def conformal_floor(p_true: np.ndarray, coverage: float) -> float:
     """The probability floor that the true class of a new image reaches with probability at least
     ``coverage``, from ``p_true``, the probabilities held-out images gave their true class: the
@@ -48,7 +54,7 @@ def conformal_floor(p_true: np.ndarray, coverage: float) -> float:
     images for the coverage: fewer than ``coverage / (1 - coverage)``), 0: every class."""
     p = np.sort(np.asarray(p_true, np.float64))
     n = len(p)
-    k = math.ceil((n + 1) * coverage - 1e-9)  # the guard keeps 0.9 * 10 from rounding up past 9
+    k = _rank(n, coverage)
     return 0.0 if k > n else float(p[n - k])
 
 
@@ -71,7 +77,7 @@ def fit_floors(probs: np.ndarray, y: np.ndarray, coverage: float, by_class: bool
 def min_images(coverage: float) -> int:
     """The fewest held-out images for which :func:`conformal_floor` is above 0 at ``coverage``."""
     n = 1
-    while math.ceil((n + 1) * coverage - 1e-9) > n:
+    while _rank(n, coverage) > n:
         n += 1
     return n
 
@@ -94,7 +100,7 @@ def expected_range(n_test: int, n_fit: int, coverage: float, alpha: float = 0.05
 
     if n_test == 0:
         return None
-    k = math.ceil((n_fit + 1) * coverage - 1e-9)
+    k = _rank(n_fit, coverage)
     if k > n_fit:
         return [1.0, 1.0]
     d = betabinom(n_test, k, n_fit + 1 - k)

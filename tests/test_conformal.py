@@ -335,3 +335,17 @@ def test_export_carries_the_sets_floors_as_metadata(trained_run, image_folder, t
     model = load_model(trained_run)
     flips = (prediction_sets(probs, np.array(sets["min_probability"])) != model.prediction_sets(model.predict(ds.x_test)))
     assert flips.sum() <= 1  # float32 rounding may move a probability that sits on a floor
+
+
+def test_the_int8_copy_leaves_the_floors_out(trained_run, image_folder):
+    """The floors were fitted to float32 probabilities; no one measured the int8 file's sets."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from cifarlab.quantize import export_int8
+
+    ds = load_dataset(str(image_folder))
+    calibrate_run(trained_run, ds, device="cpu", log=lambda s: None, sets=0.8)
+    export_int8(trained_run, ds, calibration_images=9, log=lambda s: None)
+    meta = {p.key: p.value for p in onnx.load(str(trained_run / "model.int8.onnx")).metadata_props}
+    assert "temperature" in meta and "quantization" in meta and "prediction_sets" not in meta

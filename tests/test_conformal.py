@@ -233,6 +233,18 @@ def test_sets_of_an_ensemble(tmp_path, image_folder, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "Prediction sets of the runs (cifarlab calibrate --sets): coverage mean" in out
     assert "Their ensemble's prediction sets (cifarlab calibrate --sets 0.75)" in out
+    # the runs' audit gives the ensemble's sets too, by class and by group, as evaluate measured them
+    from cifarlab.audit import audit_runs
+
+    groups = tmp_path / "groups.csv"
+    groups.write_text("index,half\n" + "".join(f"{i},{'ab'[i % 2]}\n" for i in range(len(ds.y_test))))
+    a = audit_runs(base, ds, tmp_path / "a", groups_csv=str(groups), n_boot=100, min_group=1, log=lambda m: None)
+    e = a["ensemble"]
+    assert e["prediction_sets"]["coverage"] == pytest.approx(summary["ensemble"]["prediction_sets"]["coverage"])
+    held = (q >= floors)[np.arange(len(q)), ds.y_test]
+    assert [g["set_coverage"] for g in e["attributes"]["half"]["groups"]] == pytest.approx(
+        [held[0::2].mean(), held[1::2].mean()])
+    assert "### The ensemble's prediction sets" in (tmp_path / "a" / "audit_summary.md").read_text()
 
 
 def test_audit_gives_the_sets_coverage_by_class_and_by_group(trained_run, image_folder, tmp_path):

@@ -580,24 +580,41 @@ def _group_audit(y: np.ndarray, yhat: np.ndarray, values: np.ndarray, overall: f
 
 
 def _ensemble_audit(probs: np.ndarray, classes: list[str], ds: Dataset, groups, margin: float, min_group: int,
-                    n_boot: int, seed: int, unfamiliar: tuple[np.ndarray, str] | None = None) -> dict[str, Any]:
+                    n_boot: int, seed: int, unfamiliar: tuple[np.ndarray, str] | None = None,
+                    ens=None) -> dict[str, Any]:
     """The runs as one model, their ensemble, whose probabilities ``probs`` are the mean of the
     runs' (as :class:`cifarlab.export.Ensemble` gives them, what ``cifarlab predict BASE``
     serves), audited as :func:`audit_run` audits a run: its overall accuracy, each class's with
     its interval and flag, the best-to-worst gap, each group's accuracy and gap (``groups`` from
     :func:`load_groups`) and, with ``unfamiliar`` (which test images the ensemble's threshold of
-    ``cifarlab ood`` flags, and its score), the share of each group flagged, and their warnings."""
+    ``cifarlab ood`` flags, and its score), the share of each group flagged, and their warnings.
+    Where ``ens`` (the :class:`~cifarlab.export.Ensemble`) has prediction sets of its own, their
+    coverage by class and group, from the mean calibrated with the ensemble's temperature."""
+    from .calibrate import calibrate_mean
+    from .evaluate import sets_report
+
     y, yhat = ds.y_test, probs.argmax(1)
     overall = float((yhat == y).mean())
     cls, warnings = _class_audit(y, yhat, classes, overall, margin, n_boot, seed)
     out: dict[str, Any] = {"probabilities": "mean of the runs'", "overall_accuracy": overall, "classes": cls}
+    own = None if ens is None else ens.calibration
+    sets_rule = None
+    if own is not None and own.set_floors is not None:  # the sets apply to the mean as predict serves it
+        served = calibrate_mean(probs, own.temperature)
+        ps = out["prediction_sets"] = sets_report(own, served, y, classes)
+        in_set = ens.prediction_sets(served)
+        warnings += [_short_of_coverage(f"class '{c['class']}'", c["coverage"], c["expected_range"],
+                                        ps["coverage_target"]) for c in ps["per_class"]
+                     if c["class"] in ps["short_of_coverage"]]
+        sets_rule = (in_set[np.arange(len(y)), y], in_set.sum(1), ps["coverage_target"], min(own.set_fit_images))
     if groups is not None:
         idx, attrs = groups
         out["attributes"] = {}
         for name, values in attrs.items():
             gm = out["attributes"][name] = _group_audit(
                 y[idx], yhat[idx], values, overall, margin, min_group,
-                None if unfamiliar is None else (unfamiliar[0][idx], unfamiliar[1]), probs.max(1)[idx])
+                None if unfamiliar is None else (unfamiliar[0][idx], unfamiliar[1]), probs.max(1)[idx],
+                None if sets_rule is None else (sets_rule[0][idx], sets_rule[1][idx], *sets_rule[2:]))
             warnings += _group_warnings(name, gm, overall, margin, min_group)
     out["warnings"] = warnings
     return out
@@ -710,7 +727,7 @@ def audit_runs(base: str | Path, ds: Dataset, out: str | Path | None = None, gro
     ood, flagged = _ensemble_ood(ens, len(ds.y_test)) if ens is not None and not suffix else (None, None)
     summary["ensemble"] = e = _ensemble_audit((total / len(runs)).astype(np.float32), classes, ds, groups, margin,
                                               min_group, n_boot, seed, None if flagged is None else
-                                              (flagged, ood["score"]))
+                                              (flagged, ood["score"]), ens)
     if not suffix:
         e["unfamiliar_images"] = ood
     # export --int8 OUT's comparison (only the default file is read; it names the data it was measured on)
@@ -1242,14 +1259,14 @@ def _group_lines(heading: str, gm: dict[str, Any]) -> list[str]:
     return lines + _unfamiliar_gap_lines(gm)
 
 
-def _sets_lines(sets: dict[str, Any] | None) -> list[str]:
+def _sets_lines(sets: dict[str, Any] | None, heading: str = "## Prediction sets") -> list[str]:
     """audit.md's section on the prediction sets of ``cifarlab calibrate --sets``
     (:func:`cifarlab.evaluate.sets_report`): their coverage and size, overall and by class."""
     if not sets:
         return []
     lo, hi = sets["coverage_ci"]
     per = "each class's images" if sets["by_class"] else "images on average"
-    lines = ["## Prediction sets", "", f"Fitted (`cifarlab calibrate --sets`) to hold the true class for "
+    lines = [heading, "", f"Fitted (`cifarlab calibrate --sets`) to hold the true class for "
              f"{sets['coverage_target']:g} of {per}; on the test images they held it for **{sets['coverage']:.3f}** "
              f"[{lo:.3f}, {hi:.3f}], with {sets['mean_size']:.2f} classes on average ({sets['singletons']:.1%} of "
              f"the sets one class, {sets['empty']:.1%} empty).", "",
@@ -1279,6 +1296,7 @@ def _ensemble_lines(e: dict[str, Any], n: int, n_boot: int) -> list[str]:
                               f"{st['accepted_share']:.1%}" for st in u["sets"]) + "."
                   + _flagged_own_sentence(u, overall=False), ""]
     lines += _int8_lines(e.get("int8"))
+    lines += _sets_lines(e.get("prediction_sets"), "### The ensemble's prediction sets")
     for name, gm in e.get("attributes", {}).items():
         lines += _group_lines(f"### The ensemble's groups by `{name}`", gm)
     if e["warnings"]:

@@ -499,14 +499,8 @@ def _write_audit(out: Path, run: Path, pred, ds: Dataset, groups, groups_csv: st
     audit["prediction_sets"] = report["prediction_sets"]
     sets_rule = None
     if report["prediction_sets"]:
-        in_set = pred.prediction_sets(probs)
-        ps = report["prediction_sets"]
-        audit["warnings"] += [_short_of_coverage(f"class '{c['class']}'", c["coverage"], c["expected_range"],
-                                                 ps["coverage_target"])
-                              for c in ps["per_class"] if c["class"] in ps["short_of_coverage"]]
-        # a group's images mix classes; by class, the fewest images of a floor give the widest range
-        sets_rule = (in_set[np.arange(len(y)), y], in_set.sum(1), ps["coverage_target"],
-                     min(pred.sets_calibration().set_fit_images))
+        sets_rule = _sets_rule(report["prediction_sets"], pred.prediction_sets(probs), y,
+                               pred.sets_calibration().set_fit_images, audit["warnings"])
     if groups is not None:
         idx, attrs = groups
         audit["groups_file"] = str(groups_csv)
@@ -541,6 +535,18 @@ def _class_audit(y: np.ndarray, yhat: np.ndarray, classes: list[str], overall: f
             warnings.append(f"class '{r['class']}' accuracy {r['accuracy']:.3f} is more than {margin:.2f} below the "
                             f"overall {overall:.3f}")
     return cls, warnings
+
+
+def _sets_rule(ps: dict[str, Any], in_set: np.ndarray, y: np.ndarray, fit_images: tuple[int, ...],
+               warnings: list[str]) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """What :func:`_group_audit` takes of a model's prediction sets (``ps``, as
+    :func:`cifarlab.evaluate.sets_report` measured them; ``in_set``, each test image's set): each
+    image's set held its true class or not, its size, the coverage fitted for and the images a
+    floor was fitted on. Appends to ``warnings`` one for each class below its chance range."""
+    warnings += [_short_of_coverage(f"class '{c['class']}'", c["coverage"], c["expected_range"], ps["coverage_target"])
+                 for c in ps["per_class"] if c["class"] in ps["short_of_coverage"]]
+    # a group's images mix classes; by class, the fewest images of a floor give the widest range
+    return in_set[np.arange(len(y)), y], in_set.sum(1), ps["coverage_target"], min(fit_images)
 
 
 def _short_of_coverage(what: str, coverage: float, expected: list[float], target: float) -> str:
@@ -601,12 +607,8 @@ def _ensemble_audit(probs: np.ndarray, classes: list[str], ds: Dataset, groups, 
     sets_rule = None
     if own is not None and own.set_floors is not None:  # the sets apply to the mean as predict serves it
         served = calibrate_mean(probs, own.temperature)
-        ps = out["prediction_sets"] = sets_report(own, served, y, classes)
-        in_set = ens.prediction_sets(served)
-        warnings += [_short_of_coverage(f"class '{c['class']}'", c["coverage"], c["expected_range"],
-                                        ps["coverage_target"]) for c in ps["per_class"]
-                     if c["class"] in ps["short_of_coverage"]]
-        sets_rule = (in_set[np.arange(len(y)), y], in_set.sum(1), ps["coverage_target"], min(own.set_fit_images))
+        out["prediction_sets"] = sets_report(own, served, y, classes)
+        sets_rule = _sets_rule(out["prediction_sets"], ens.prediction_sets(served), y, own.set_fit_images, warnings)
     if groups is not None:
         idx, attrs = groups
         out["attributes"] = {}

@@ -87,6 +87,10 @@ class Calibration:
         z = logits / self.temperature
         return z if self.class_offsets is None else z + np.asarray(self.class_offsets, z.dtype)
 
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """The calibrated probabilities of ``logits`` (N, classes): the softmax of :meth:`apply`."""
+        return torch.from_numpy(self.apply(logits)).softmax(1).numpy()
+
 
 def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of the labels ``y`` under softmax(``logits`` / T), in float64
@@ -226,14 +230,11 @@ def _fitted(logits: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     from .evaluate import calibration
 
     t = fit_temperature(logits, y)
-
-    def probs(temp: float) -> np.ndarray:
-        return torch.from_numpy(logits / temp).softmax(1).numpy()
-
+    before, after = (calibration(Calibration(temp).probabilities(logits), y)["ece"] for temp in (1.0, t))
     return {"temperature": t, "at_bound": bool(t <= T_MIN * 1.001 or t >= T_MAX * 0.999),
             "validation_images": int(len(y)),
             "validation_loss": {"before": nll(logits, y), "after": nll(logits, y, t)},
-            "validation_ece": {"before": calibration(probs(1.0), y)["ece"], "after": calibration(probs(t), y)["ece"]},
+            "validation_ece": {"before": before, "after": after},
             "validation_accuracy": float((logits.argmax(1) == y).mean())}
 
 
@@ -290,8 +291,9 @@ def _fit_sets(probs: np.ndarray, y: np.ndarray, classes: list[str], coverage: fl
 
     floors = fit_floors(probs, y, coverage, by_class)
     need = min_images(coverage)
+    per_class = np.bincount(y, minlength=len(classes))
     if by_class:
-        short = [c for c, n in zip(classes, np.bincount(y, minlength=len(classes))) if n < need]
+        short = [c for c, n in zip(classes, per_class) if n < need]
         if short:
             log(f"{what}: warning: sets of coverage {coverage:g} by class need at least {need} held-out images of a "
                 f"class; {short_list(short, 5)} {'has' if len(short) == 1 else 'have'} fewer, and so enter every set")
@@ -301,7 +303,7 @@ def _fit_sets(probs: np.ndarray, y: np.ndarray, classes: list[str], coverage: fl
     record = {"coverage": coverage, "by_class": by_class, "images": int(len(y)),
               "min_probability": dict(zip(classes, floors.tolist()))}
     if by_class:  # each floor's own images, for the range of coverage chance allows
-        record["class_images"] = dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist()))
+        record["class_images"] = dict(zip(classes, per_class.tolist()))
     return record
 
 
@@ -354,8 +356,8 @@ def calibrate_run(run: str | Path, ds, tta: str | None = None, device: str = "au
     if sets is not None:
         offsets = entry.get("balance_classes", {}).get("class_offsets")
         cal = Calibration(entry["temperature"], None if offsets is None else tuple(offsets[c] for c in pred.classes))
-        probs = torch.from_numpy(cal.apply(logits)).softmax(1).numpy()
-        entry["prediction_sets"] = _fit_sets(probs, y, pred.classes, sets, sets_by_class, str(run), log)
+        entry["prediction_sets"] = _fit_sets(cal.probabilities(logits), y, pred.classes, sets, sets_by_class, str(run),
+                                             log)
     write_json(run / CALIBRATION_FILE, {
         "format": FORMAT,
         "method": "temperature scaling (Guo et al., 2017): probabilities = softmax(logits / temperature), the "
@@ -462,7 +464,7 @@ def calibrate_ensemble(base: str | Path, ds, tta: str | None = None, device: str
     logits = np.log(np.maximum(ens.predict(x).astype(np.float64), np.finfo(np.float64).tiny))
     entry = {**_fitted(logits, y), "runs": [_member_state(r, level) for r in runs], "data": ds.source}
     if sets is not None:
-        probs = torch.from_numpy(logits / entry["temperature"]).softmax(1).numpy()
+        probs = Calibration(entry["temperature"]).probabilities(logits)
         entry["prediction_sets"] = _fit_sets(probs, y, ens.classes, sets, sets_by_class, f"{base} (ensemble)", log)
     try:
         old = json.loads((base / ENSEMBLE_FILE).read_text())["by_tta"]

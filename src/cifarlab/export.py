@@ -451,7 +451,7 @@ class Predictor:
         """softmax(``logits`` / T + offsets), float32, with the calibration at ``tta`` (the plain
         softmax where there is none)."""
         cal = self.calibration(tta)
-        return torch.from_numpy(cal.apply(logits) if cal else logits).softmax(1).numpy()
+        return cal.probabilities(logits) if cal else torch.from_numpy(logits).softmax(1).numpy()
 
     def predict(self, images: Any, batch_size: int | None = None, tta: str | None = None) -> np.ndarray:
         """Class probabilities, float32 (N, classes): the softmax of the logits, calibrated first

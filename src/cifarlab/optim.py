@@ -226,7 +226,7 @@ def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg.norm_bias_lr_scale == 1:
         return [{"params": trainable}]
-    norm_ids = {id(m.bias) for m in model.modules() if isinstance(m, _NORMS) and m.bias is not None}
+    norm_ids = _norm_bias_ids(model)
     s = cfg.norm_bias_lr_scale
     groups = [{"params": [p for p in trainable if id(p) in norm_ids], "lr": cfg.lr * s,
                "weight_decay": cfg.weight_decay / s},
@@ -241,8 +241,14 @@ def norm_bias_lr_scaled(model: torch.nn.Module, cfg) -> bool:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg.name == "muon":
         return any(p.ndim <= 1 for p in trainable)
-    norm_ids = {id(m.bias) for m in model.modules() if isinstance(m, _NORMS) and m.bias is not None}
+    norm_ids = _norm_bias_ids(model)
     return any(id(p) in norm_ids for p in trainable)
+
+
+def _norm_bias_ids(model: torch.nn.Module) -> set[int]:
+    """The ids of ``model``'s normalisation layers' biases: what ``norm_bias_lr_scale`` scales
+    under every optimizer but muon."""
+    return {id(m.bias) for m in model.modules() if isinstance(m, _NORMS) and m.bias is not None}
 
 
 def muon_param_groups(model: torch.nn.Module, cfg) -> list[dict]:

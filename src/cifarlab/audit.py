@@ -1244,21 +1244,24 @@ def _group_lines(heading: str, gm: dict[str, Any]) -> list[str]:
     ga = gm["gap"]
     lines += ["", "Only one group: no gap to measure." if ga is None else
               f"Largest gap: {ga['highest']} vs {ga['lowest']}: {ga['difference']:.3f} {_fmt_ci(ga['difference_ci'])}"
-              + (" - the interval excludes zero." if ga["ci_excludes_zero"] else " - the interval includes zero."), ""]
+              + _zero_verdict(ga), ""]
     cg = gm.get("confidence_gap")
     if cg:
         lines += [f"Confidence minus accuracy (above zero: overconfident): highest on {md_cell(cg['most'])}, lowest "
                   f"on {md_cell(cg['least'])}; difference {cg['difference']:.3f} {_fmt_ci(cg['difference_ci'])}"
-                  + (" - the interval excludes zero." if cg["ci_excludes_zero"] else " - the interval includes zero."),
-                  ""]
+                  + _zero_verdict(cg), ""]
     sg = gm.get("set_coverage_gap")
     if sg:
         lines += [f"Prediction sets (fitted for coverage {gm['set_coverage_target']:g}) held the true class most "
                   f"often for {md_cell(sg['most'])}, least for {md_cell(sg['least'])}; difference "
                   f"{sg['difference']:.3f} {_fmt_ci(sg['difference_ci'])}"
-                  + (" - the interval excludes zero." if sg["ci_excludes_zero"] else " - the interval includes zero."),
-                  ""]
+                  + _zero_verdict(sg), ""]
     return lines + _unfamiliar_gap_lines(gm)
+
+
+def _zero_verdict(gap: dict[str, Any]) -> str:
+    """audit.md's closing words on a gap: whether its interval excludes zero."""
+    return " - the interval excludes zero." if gap["ci_excludes_zero"] else " - the interval includes zero."
 
 
 def _sets_lines(sets: dict[str, Any] | None, heading: str = "## Prediction sets") -> list[str]:
@@ -1633,7 +1636,7 @@ def _unfamiliar_gap_lines(gm: dict) -> list[str]:
         return []
     return [f"Flagged as unfamiliar (the {gm['unfamiliar_score']} threshold of `cifarlab ood`): {md_cell(ug['most'])} "
             f"most, {md_cell(ug['least'])} least; difference {ug['difference']:.3f} {_fmt_ci(ug['difference_ci'])}"
-            + (" - the interval excludes zero." if ug["ci_excludes_zero"] else " - the interval includes zero."), ""]
+            + _zero_verdict(ug), ""]
 
 
 def _card_confidence_by_group(gm: dict) -> str:

@@ -3,6 +3,7 @@ that fit, use and measure them."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -245,6 +246,15 @@ def test_sets_of_an_ensemble(tmp_path, image_folder, capsys, monkeypatch):
     assert [g["set_coverage"] for g in e["attributes"]["half"]["groups"]] == pytest.approx(
         [held[0::2].mean(), held[1::2].mean()])
     assert "### The ensemble's prediction sets" in (tmp_path / "a" / "audit_summary.md").read_text()
+    # its int8 copy refits the ensemble's floors on the images they were fitted on, none of which
+    # a run trained on
+    if all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript")):
+        from cifarlab.calibrate import held_out_images
+        from cifarlab.quantize import export_int8
+
+        r = export_int8(base, ds, calibration_images=9, log=lambda s: None)
+        assert r["prediction_sets"]["refitted_on_images"] == len(held_out_images(base, ds, ensemble=True)) \
+            == ens.calibration.set_fit_images[0]
 
 
 def test_audit_gives_the_sets_coverage_by_class_and_by_group(trained_run, image_folder, tmp_path):
@@ -349,15 +359,73 @@ def test_export_carries_the_sets_floors_as_metadata(trained_run, image_folder, t
     assert flips.sum() <= 1  # float32 rounding may move a probability that sits on a floor
 
 
-def test_the_int8_copy_leaves_the_floors_out(trained_run, image_folder):
-    """The floors were fitted to float32 probabilities; no one measured the int8 file's sets."""
+@pytest.mark.parametrize("by_class", [False, True])
+def test_the_int8_copy_carries_floors_refitted_on_its_own_probabilities(trained_run, image_folder, by_class,
+                                                                         monkeypatch):
+    """Rounding moves the probabilities, so the int8 file gets floors of its own, fitted on its
+    probabilities of the same held-out images at the same coverage; its int8 ranges are never
+    measured on those images; its report sets both files' sets side by side on the test images."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from cifarlab import quantize
+    from cifarlab.calibrate import held_out_images
+
+    ds = load_dataset(str(image_folder))
+    calibrate_run(trained_run, ds, device="cpu", log=lambda s: None, sets=0.8, sets_by_class=by_class)
+    held = held_out_images(trained_run, ds)
+    ranged = []
+    real = quantize.quantize_file
+    monkeypatch.setattr(quantize, "quantize_file", lambda src, dst, images, method: (ranged.append(images),
+                                                                                    real(src, dst, images, method)))
+    lines = []
+    report = quantize.export_int8(trained_run, ds, calibration_images=9, log=lines.append)
+    held_rows = {x.tobytes() for x in ds.x_train[held]}
+    assert len(ranged[0]) == 9 and not any(x.tobytes() in held_rows for x in ranged[0])
+    path = trained_run / "model.int8.onnx"
+    sets = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["prediction_sets"])
+    probs = ort.InferenceSession(str(path)).run(None, {"images": ds.x_train[held]})[0]
+    assert sets == {"coverage": 0.8, "by_class": by_class,
+                    "min_probability": fit_floors(probs, ds.y_train[held], 0.8, by_class).tolist()}
+    assert report["prediction_sets"]["refitted_on_images"] == len(held)
+    assert list(report["prediction_sets"]["float32_min_probability"].values()) == \
+        list(read_calibration(trained_run)["none"].set_floors)
+    test = report["test"]["prediction_sets"]
+    test_probs = ort.InferenceSession(str(path)).run(None, {"images": ds.x_test})[0]
+    held_true = prediction_sets(test_probs, np.array(sets["min_probability"]))[np.arange(len(ds.y_test)), ds.y_test]
+    assert test["int8"]["coverage"] == pytest.approx(held_true.mean())
+    assert test["int8"]["by_class"] is by_class and test["float32"]["coverage_target"] == 0.8
+    assert f"held the true class for {test['int8']['coverage']:.4f} of the test images" in "\n".join(lines)
+
+
+def test_the_int8_copy_leaves_out_sets_it_cannot_refit(trained_run, image_folder, monkeypatch):
+    """Data that does not give back the held-out images the floors were fitted on: the int8 file
+    carries no sets, and says why; one without sets says nothing of them."""
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
+    import dataclasses
+
+    import cifarlab.calibrate
     from cifarlab.quantize import export_int8
 
     ds = load_dataset(str(image_folder))
+    lines = []
+    export_int8(trained_run, ds, calibration_images=9, log=lines.append)
+    assert "prediction_sets" not in json.loads((trained_run / "model.int8.json").read_text())
+    assert not [m for m in lines if "prediction sets" in m]
     calibrate_run(trained_run, ds, device="cpu", log=lambda s: None, sets=0.8)
-    export_int8(trained_run, ds, calibration_images=9, log=lambda s: None)
+    other = dataclasses.replace(ds, x_train=ds.x_train[1:], y_train=ds.y_train[1:])
+    export_int8(trained_run, other, calibration_images=9, log=lines.append)
     meta = {p.key: p.value for p in onnx.load(str(trained_run / "model.int8.onnx")).metadata_props}
     assert "temperature" in meta and "quantization" in meta and "prediction_sets" not in meta
+    assert any(m.startswith("the int8 file carries no prediction sets") and "not the data the run was trained on"
+               in m for m in lines)
+    # held-out images that are not as many as the floors were fitted on (calibrated on other images)
+    monkeypatch.setattr(cifarlab.calibrate, "held_out_images", lambda *a, **k: np.arange(2))
+    export_int8(trained_run, ds, calibration_images=9, log=lines.append)
+    assert "prediction_sets" not in json.loads((trained_run / "model.int8.json").read_text())
+    said = f"2 held-out images here against {read_calibration(trained_run)['none'].set_fit_images[0]:,} then; " \
+           f"calibrate again with: cifarlab calibrate {trained_run} --sets 0.8"
+    assert any(said in m for m in lines)
+

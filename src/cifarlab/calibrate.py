@@ -434,6 +434,24 @@ def untrained_images(trained: list[np.ndarray], n: int) -> np.ndarray:
     return unseen
 
 
+def _ensemble_images(runs: list[Path], ds) -> np.ndarray:
+    """The indices into ``ds``'s training split of the images an ensemble of ``runs`` is
+    calibrated on: those no run trained on (:func:`untrained_images`)."""
+    from .data.seen import learnt_from
+
+    return untrained_images([learnt_from(r, ds.x_train, _held_out(r, ds)[1]) for r in runs], len(ds.y_train))
+
+
+def held_out_images(where: str | Path, ds, ensemble: bool = False) -> np.ndarray:
+    """The indices into ``ds``'s training split of the held-out images that ``cifarlab
+    calibrate`` fits on: a run's validation images, or with ``ensemble`` (``where`` the folder of
+    ``--runs N``) the training images no run trained on. Refused, as calibration refuses it,
+    where ``ds`` is not the runs' data or a run held out no images."""
+    from .export import finished_runs
+
+    return _ensemble_images(finished_runs(Path(where)), ds) if ensemble else _held_out(Path(where), ds)[2]
+
+
 def calibrate_ensemble(base: str | Path, ds, tta: str | None = None, device: str = "auto",
                        log: Callable[[str], None] = print, sets: float | None = None,
                        sets_by_class: bool = False) -> dict[str, Any]:
@@ -445,13 +463,12 @@ def calibrate_ensemble(base: str | Path, ds, tta: str | None = None, device: str
     fewer than :data:`ENSEMBLE_MIN_IMAGES` (runs of the whole data, whose validation images are
     each drawn by the run's own seed), nothing is fitted, and the entry says why. ``sets``,
     ``sets_by_class``: prediction sets fitted on the same images, as :func:`calibrate_run` fits a run's."""
-    from .data.seen import learnt_from
     from .export import Ensemble, finished_runs, load_model
     from .fsutil import write_json
 
     base = Path(base)
     runs = finished_runs(base)
-    unseen = untrained_images([learnt_from(r, ds.x_train, _held_out(r, ds)[1]) for r in runs], len(ds.y_train))
+    unseen = _ensemble_images(runs, ds)
     if len(unseen) < ENSEMBLE_MIN_IMAGES:
         why = (f"{len(unseen):,} of the training images were trained on by no run (each run holds out validation "
                f"images drawn by its own seed), and the ensemble's temperature needs {ENSEMBLE_MIN_IMAGES:,}; train "

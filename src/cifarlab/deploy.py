@@ -164,7 +164,7 @@ def _unfamiliar_rule(predictor, log: Callable[[str], None]) -> tuple[dict[str, A
     return (None, None) if got is None else ({"output": FAMILIARITY_NAME, **got[0]}, got[1])
 
 
-def _sets_metadata(cal) -> dict[str, str]:
+def sets_metadata(cal) -> dict[str, str]:
     """The prediction sets of ``cifarlab calibrate --sets`` (``cal``, a
     :class:`~cifarlab.calibrate.Calibration`) as metadata, for a user of the file to apply to its
     probabilities: a class is in an image's set where its probability reaches its floor. Empty
@@ -188,7 +188,7 @@ def _metadata(predictor, run: Path, tta: str) -> dict[str, str]:
         members = predictor.members
         first = _metadata(members[0], run, tta)
         first.pop("prediction_sets", None)  # the first run's own; the ensemble's follow, where fitted
-        return {**first, **_sets_metadata(predictor.calibration),
+        return {**first, **sets_metadata(predictor.calibration),
                 "output": f"{OUTPUT_NAME}: the mean of the runs' softmax over the classes"
                           + ("" if predictor.temperature() is None else ", calibrated with the ensemble's temperature")
                           + f", float32 (N, {len(predictor.classes)})",
@@ -212,7 +212,7 @@ def _metadata(predictor, run: Path, tta: str) -> dict[str, str]:
         "temperature": "none" if predictor.temperature() is None else repr(predictor.temperature()),
         # added to the logits after the temperature (`cifarlab calibrate --balance-classes`), by class
         "class_offsets": "none" if predictor.class_offsets() is None else json.dumps(list(predictor.class_offsets())),
-        **_sets_metadata(predictor.calibration()),
+        **sets_metadata(predictor.calibration()),
         "architecture": predictor.arch["model"],
         "source_run": run.name,
         "out_of_scope_uses": json.dumps(OUT_OF_SCOPE),

@@ -14,6 +14,7 @@ that lost accuracy beyond chance are named.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -124,15 +125,19 @@ def run_file(path: str | Path, images: np.ndarray, outputs: list[str], input_nam
 
 def compare_files(float_path: str | Path, int8_path: str | Path, images: np.ndarray, labels: np.ndarray,
                   classes: list[str], familiarity: dict[str, Any] | None = None, seed: int = 0,
-                  groups: tuple[np.ndarray, dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
+                  groups: tuple[np.ndarray, dict[str, np.ndarray]] | None = None,
+                  sets: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Classify ``images`` with both files and compare them (:func:`cifarlab.compare.compare_predictions`:
     accuracies, int8 minus float32 with a bootstrap interval, McNemar's test, the same per class,
     and per group of each attribute of ``groups``, as :func:`cifarlab.audit.load_groups` reads a
     groups file). Also the seconds each took, and with ``familiarity`` (the export's
-    ``unfamiliar_below`` rule) the share of images on the same side of its threshold in both files."""
+    ``unfamiliar_below`` rule) the share of images on the same side of its threshold in both files.
+    ``sets``: the float32 and the int8 file's prediction sets (each a
+    :class:`~cifarlab.calibrate.Calibration` holding floors), measured on the images as
+    ``cifarlab evaluate`` measures a run's (:func:`cifarlab.evaluate.sets_report`)."""
     from .compare import compare_predictions
     from .deploy import FAMILIARITY_NAME, OUTPUT_NAME
-    from .evaluate import calibration, log_loss
+    from .evaluate import calibration, log_loss, sets_report
 
     outputs = [OUTPUT_NAME] + ([FAMILIARITY_NAME] if familiarity else [])
     (p_float, *f_float), t_float = run_file(float_path, images, outputs)
@@ -148,6 +153,9 @@ def compare_files(float_path: str | Path, int8_path: str | Path, images: np.ndar
     if familiarity:
         t = familiarity["threshold"]
         c["familiarity_same_side"] = float(((f_float[0] >= t) == (f_int8[0] >= t)).mean())
+    if sets is not None:
+        c["prediction_sets"] = {"float32": sets_report(sets[0], p_float, labels, classes),
+                                "int8": sets_report(sets[1], p_int8, labels, classes)}
     # classes whose accuracy fell beyond chance (McNemar's test per class, Holm-adjusted)
     c["classes_lost"] = [r["class"] for r in c["per_class"] if r["difference"] < 0 and r["p_value_holm"] < ALPHA]
     if groups is not None:  # the same by group, Holm-adjusted within each attribute
@@ -170,7 +178,10 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
     The float32 file is exported first as :func:`cifarlab.deploy.export_onnx` makes it (``tta``,
     ``opset``, ``check``, ``uncalibrated`` and ``about`` as there) and quantized with
     :func:`quantize_file`, calibrated on ``calibration_images`` of ``ds``'s training images
-    (class-balanced, drawn with ``seed``), never its test images. ``groups_csv`` (a groups file
+    (class-balanced, drawn with ``seed``), never its test images. Where the float32 file carries
+    prediction sets, the int8 file's own are fitted on its probabilities of the held-out images
+    those were fitted on (which the ranges are then not calibrated on), and both files' sets are
+    measured on the test images. ``groups_csv`` (a groups file
     as ``cifarlab audit --groups`` reads it, with each pair of its attributes where
     ``intersections``) adds the comparison per group. ``run`` may be the folder of
     ``cifarlab train --runs N``: the file is then its ensemble's (see ``export_onnx``), and the
@@ -183,7 +194,7 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
     from .audit import load_groups
     from .calibrate import weights_digest
     from .data import balanced_subset
-    from .deploy import export_onnx
+    from .deploy import export_onnx, sets_metadata
     from .evaluate import _check_compatible
     from .export import Ensemble, load_classifier
     from .fsutil import atomic_path, write_json
@@ -206,15 +217,22 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
         float_path = Path(tmp) / "model.onnx"
         exported = export_onnx(run, float_path, tta=tta, opset=opset, check=check, log=lambda _: None,
                                uncalibrated=uncalibrated, about=about)
-        chosen = balanced_subset(ds.y_train, calibration_images, seed)
-        calib = ds.x_train[chosen]
+        sets, held = _sets_to_refit(pred, run, ds, several, log)
+        # the ranges never come from the images the sets are refitted on: they must not shape the
+        # file whose probabilities are fitted there
+        pool = np.setdiff1d(np.arange(len(ds.y_train)), held if held is not None else [])
+        calib = ds.x_train[pool[balanced_subset(ds.y_train[pool], calibration_images, seed)]]
         progress = progress or log
         progress(f"calibrating the int8 ranges ({method}) on {len(calib):,} training images")
         quantized = Path(tmp) / "model.int8.onnx"
         quantize_file(float_path, quantized, calib, method)
+        if sets is not None:
+            progress(f"refitting the prediction sets on the int8 file's probabilities of the {len(held):,} held-out "
+                     "images the float32 file's were fitted on")
+            sets = (sets, _refit_sets(sets, quantized, ds.x_train[held], ds.y_train[held]))
         progress(f"classifying the {len(ds.x_test):,} test images with the float32 and the int8 file")
         c = compare_files(float_path, quantized, ds.x_test, ds.y_test, exported["classes"],
-                          exported["unfamiliar_below"], seed, groups)
+                          exported["unfamiliar_below"], seed, groups, sets)
         # what it was measured with, so the model card quotes it only while the run is unchanged
         report = {"path": str(out), "float32_bytes": float_path.stat().st_size, "tta": exported["tta"],
                   # of an ensemble, each run's, in the order of ensemble_of
@@ -229,13 +247,21 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
                   "onnxruntime": _ort_quantization()[0].__version__, "test": c}
         proto = onnx.load(str(quantized))
         meta = {p.key: p.value for p in onnx.load(str(float_path), load_external_data=False).metadata_props}
-        # the floors were fitted to the float32 probabilities, and no one has measured how often the
-        # int8 file's, which move a little, still keep the sets' promise: not passed on
+        # the float32 floors were fitted to its probabilities, which rounding moves: the int8
+        # file carries its own, or none where they could not be refitted
         meta.pop("prediction_sets", None)
+        if sets is not None:
+            meta.update(sets_metadata(sets[1]))
+            report["prediction_sets"] = {"refitted_on_images": int(len(held)), "coverage": sets[1].set_coverage,
+                                         "by_class": sets[1].set_by_class,
+                                         "min_probability": dict(zip(exported["classes"], sets[1].set_floors)),
+                                         "float32_min_probability": dict(zip(exported["classes"], sets[0].set_floors))}
         meta["quantization"] = json.dumps(
             {k: report[k] for k in ("weights", "activations", "layers", "calibration")}
             | {"test_images": c["images"], "test_accuracy_float32": c["accuracy_a"], "test_accuracy_int8": c["accuracy_b"],
-               "agreement": c["agreement"]})
+               "agreement": c["agreement"]}
+            | ({"prediction_sets": f"refitted to this file's probabilities of {len(held):,} held-out images",
+                "test_set_coverage": c["prediction_sets"]["int8"]["coverage"]} if sets is not None else {}))
         onnx.helper.set_model_props(proto, meta)
         with atomic_path(out) as tmp_out:
             onnx.save_model(proto, str(tmp_out))
@@ -243,6 +269,44 @@ def export_int8(run: str | Path, ds, out: str | Path | None = None, calibration_
             write_json(out.with_suffix(".json"), report)
     log(format_int8_report(report))
     return report
+
+
+def _sets_to_refit(pred, run: Path, ds, several: bool, log: Callable[[str], None]) -> tuple[Any, Any]:
+    """The prediction sets of ``pred`` (its :class:`~cifarlab.calibrate.Calibration`, as the
+    float32 file carries them) and the indices into ``ds``'s training split of the held-out images
+    they were fitted on, where the int8 file can have its own fitted there; (None, None) where
+    there are none, or where ``ds`` does not give back those images (said in a line: the int8
+    file then carries no sets)."""
+    from .calibrate import held_out_images
+
+    cal = pred.calibration if several else pred.calibration()
+    if cal is None or cal.set_floors is None:
+        return None, None
+    why = "the int8 file carries no prediction sets: its own are fitted on the held-out images the float32 file's were"
+    try:
+        held = held_out_images(run, ds, several)
+    except CifarlabError as e:
+        log(f"{why}, and {e}")
+        return None, None
+    counts = np.bincount(ds.y_train[held], minlength=len(cal.set_floors))
+    if not np.array_equal(counts if cal.set_by_class else [len(held)] * len(counts), cal.set_fit_images):
+        by_class = " --sets-by-class" if cal.set_by_class else ""
+        log(f"{why}, and these are not those: {len(held):,} held-out images here against "
+            f"{sum(cal.set_fit_images) if cal.set_by_class else cal.set_fit_images[0]:,} then; calibrate again "
+            f"with: cifarlab calibrate {run} --sets {cal.set_coverage:g}{by_class}")
+        return None, None
+    return cal, held
+
+
+def _refit_sets(cal, int8_path: Path, images: np.ndarray, labels: np.ndarray):
+    """``cal`` with its prediction sets' floors fitted afresh, at the same coverage and by class
+    alike, on the int8 file's probabilities of the held-out ``images`` labelled ``labels``."""
+    from .conformal import fit_floors
+    from .deploy import OUTPUT_NAME
+
+    (probs,), _ = run_file(int8_path, images, [OUTPUT_NAME])
+    floors = fit_floors(probs, labels, cal.set_coverage, cal.set_by_class)
+    return dataclasses.replace(cal, set_floors=tuple(floors.tolist()))
 
 
 def read_int8(run: str | Path, pred) -> dict[str, Any] | None:
@@ -288,6 +352,17 @@ def format_int8_report(r: dict[str, Any], most: int = 3) -> str:
     if "familiarity_same_side" in c:
         lines.append(f"familiarity: {c['familiarity_same_side']:.1%} of the test images on the same side of the "
                      "threshold as in float32")
+    if "prediction_sets" in c:
+        f32, q = c["prediction_sets"]["float32"], c["prediction_sets"]["int8"]
+        chance = f" (chance range {q['expected_range'][0]:.4f} to {q['expected_range'][1]:.4f})" \
+            if q["expected_range"] else ""
+        lines.append(f"prediction sets ({q['coverage_target']:g}{' of each class' if q['by_class'] else ''}), refitted "
+                     f"on the int8 file's probabilities of {r['prediction_sets']['refitted_on_images']:,} held-out "
+                     f"images: they held the true class for {q['coverage']:.4f} of the test images{chance}, mean size "
+                     f"{q['mean_size']:.2f}, against {f32['coverage']:.4f} and {f32['mean_size']:.2f} with the "
+                     "float32 file's" + "".join(
+                         f"; below their chance range with the {name} file's: {short_list(rep['short_of_coverage'])}"
+                         for name, rep in (("int8", q), ("float32", f32)) if rep["short_of_coverage"]))
     worst = sorted((row for row in c["per_class"] if row["difference"] < 0), key=lambda row: row["difference"])
     lines.append("largest drops by class: " + ", ".join(
         f"{row['class']} {row['difference']:+.4f} (Holm p = {row['p_value_holm']:.2g})" for row in worst[:most])

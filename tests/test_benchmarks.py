@@ -585,3 +585,49 @@ def test_gpu_smoke_reports_a_failure_and_skips_what_reads_its_run(monkeypatch, c
     with pytest.raises(SystemExit):
         gpu_smoke.main(["--device", "cpu", "--only", "evalute"])
     assert "unknown step(s) evalute" in capsys.readouterr().err
+
+
+def test_set_methods_each_kind_keeps_its_coverage_over_fresh_draws(monkeypatch):
+    """The adaptive sets set_methods.py sets beside cifarlab's keep their promise too, so its
+    comparison is between valid sets: over fresh draws of 200 held-out and 500 new images, each
+    kind's mean coverage is within a point of 0.8 or (APS without its draw, and a floor per class,
+    both conservative by design) above it, and APS without the draw covers at least as often as with it."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import set_methods
+
+    rng = np.random.default_rng(5)
+
+    def draw(n):  # a model unsure in its own way, whose labels follow another rule than its probabilities
+        p = rng.dirichlet(np.full(4, 0.6), n)
+        w = np.sqrt(p) / np.sqrt(p).sum(1, keepdims=True)
+        return p, (w.cumsum(1) > rng.random((n, 1))).argmax(1)
+
+    held = {m: [] for m in set_methods.METHODS}
+    for _ in range(60):
+        (pf, yf), (pt, yt) = draw(200), draw(500)
+        for m in set_methods.METHODS:
+            sets = set_methods.fit_sets(m, pf, yf, 0.8, rng)(pt)
+            held[m].append(sets[np.arange(len(yt)), yt].mean())
+    cov = {m: float(np.mean(v)) for m, v in held.items()}
+    for m in ("lac", "aps-random", "raps"):
+        assert 0.79 <= cov[m] <= 0.81, cov
+    assert cov["aps"] >= cov["aps-random"] and cov["lac-by-class"] >= 0.79, cov
+
+
+def test_set_methods_table_on_a_tiny_run(trained_run, image_folder):
+    """set_methods.py fits the five kinds on a run's validation images and prints a row for each."""
+    from cifarlab.calibrate import calibrate_run
+    from cifarlab.data import load_dataset
+
+    calibrate_run(trained_run, load_dataset(str(image_folder)), device="cpu", log=lambda s: None)
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "set_methods.py"), str(trained_run),
+                        "--data", str(image_folder), "--coverage", "0.75"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in p.stdout.splitlines()[2:]}
+    assert list(rows) == ["lac", "lac-by-class", "aps", "aps-random", "raps"], p.stdout
+    for values in rows.values():
+        assert 0 <= float(values[0]) <= 1 and 0 <= float(values[1]) <= 3  # coverage, mean size of 3 classes
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "set_methods.py"), str(trained_run),
+                        "--data", str(image_folder), "--coverage", "1.5"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "--coverage 1.5 is not valid" in p.stderr

@@ -307,6 +307,12 @@ def test_augment_notes_a_config_files_settings_its_preset_ignores(capsys, tmp_pa
     assert code == 0, e
     assert ("note: the keras augmentation preset does not use augment.crop_padding = 2 (options of other presets, "
             "from the recipe or given; ignored)") in o.splitlines()
+    # the notebook's flip cannot be switched off under its preset: refused, not ignored
+    (tmp_path / "c.yaml").write_text("augment:\n  horizontal_flip: false\n")
+    code, o, e = run(capsys, "augment", "--data", str(image_folder), "--per-image", "1", "--limit", "2",
+                     "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "b.npz"))
+    assert code == 2 and not (tmp_path / "b.npz").exists()
+    assert "augment.horizontal_flip = False cannot switch off the keras preset's horizontal_flip = True" in e
 
 
 def test_augment_checks_its_output_before_reading_the_data(capsys, tmp_path, monkeypatch):

@@ -389,3 +389,65 @@ def test_every_recipe_reads_all_it_sets_and_a_swap_is_noted():
     # nor does a CUDA graph refuse it there, as it does for a model whose whitening bias stops training
     assert resolve_config("fast", overrides={"model": {"name": "keras-deep"}, "optim": {"schedule": "constant"},
                                              "train": {"cuda_graph": True}}).train.cuda_graph
+
+
+def test_a_preset_writes_its_settings_into_the_config_and_reads_back_the_same(tmp_path):
+    """Under a preset, the fields left at their defaults take the preset's values, so config.yaml
+    shows what trains; a value given refines it; the saved config resolves to itself and builds
+    the augmenter the preset built before, as does a config saved before the preset was written
+    out (its fields at their defaults)."""
+    from cifarlab.augment import KERAS_NOTEBOOK, augmenter_from_config
+    from cifarlab.config import AugmentConfig, config_yaml, make_config
+
+    cfg = make_config("keras-book", augment="keras", rotation_range=15)
+    assert {k: getattr(cfg.augment, k) for k in KERAS_NOTEBOOK} == {**KERAS_NOTEBOOK, "rotation_range": 15.0}
+    f = tmp_path / "c.yaml"
+    f.write_text(config_yaml(cfg))
+    assert resolve_config(file=f) == cfg
+    assert augmenter_from_config(cfg.augment) == augmenter_from_config(AugmentConfig(preset="keras", rotation_range=15))
+    old = tmp_path / "old.yaml"  # a run folder's config.yaml from before: the preset's fields at their defaults
+    save_config(resolve_config("keras-book"), old)
+    old.write_text(old.read_text().replace("preset: none", "preset: keras"))
+    notebook = augmenter_from_config(make_config("keras-book", augment="keras").augment)
+    assert augmenter_from_config(load_run_config(old).augment) == notebook
+    assert augmenter_from_config(resolve_config(file=old).augment) == notebook  # --config of it, as before
+    assert make_config("keras-book", augment="crop-flip").augment.crop_padding == 4
+    assert make_config("fast").augment.crop_padding == 2  # a recipe's own value stays
+
+
+@pytest.mark.parametrize("given, said", [
+    ({"preset": "keras", "horizontal_flip": False},
+     "augment.horizontal_flip = False cannot switch off the keras preset's horizontal_flip = True: under a preset a "
+     "setting at its default keeps the preset's; give preset none with the rest of the notebook's settings "
+     "\\(rotation_range: 40.0, width_shift_range: 0.2, height_shift_range: 0.2, zoom_range: 0.2\\)"),
+    ({"preset": "keras", "rotation_range": 0, "zoom_range": 0.0, "width_shift_range": 0.1},
+     "augment.rotation_range = 0.0, augment.zoom_range = 0.0 cannot switch off the keras preset's rotation_range = "
+     "40.0, zoom_range = 0.2: .* \\(height_shift_range: 0.2, horizontal_flip: true\\)"),
+    ({"preset": "crop-flip", "crop_padding": 0},
+     "augment.crop_padding = 0 cannot switch off the crop-flip preset's crop_padding = 4: .*for random flips alone, "
+     "give preset none with horizontal_flip: true"),
+])
+def test_a_setting_at_its_default_cannot_switch_a_presets_off_and_is_refused(tmp_path, given, said):
+    """Where a field at its default would leave the preset's value, giving it is refused with the
+    way to get it, from a file and from flags alike, rather than silently ignored."""
+    from cifarlab.config import make_config
+
+    f = tmp_path / "c.yaml"
+    f.write_text("augment: {" + ", ".join(f"{k}: {str(v).lower()}" for k, v in given.items()) + "}\n")
+    with pytest.raises(ConfigError, match=f"config file '{f}': {said}"):
+        resolve_config(file=f)
+    flat = {("augment" if k == "preset" else k): v for k, v in given.items()}
+    with pytest.raises(ConfigError, match=f"make_config\\(\\): {said}"):
+        make_config("keras-book", **flat)
+
+
+def test_a_preset_chosen_later_takes_over_the_fields_an_earlier_file_left_at_their_defaults(tmp_path):
+    """A file written from another recipe holds every augment key; a flag that picks the keras
+    preset on top of it gets the notebook's settings, not a refusal (a later setting wins)."""
+    from cifarlab.augment import KERAS_NOTEBOOK
+    from cifarlab.config import config_yaml
+
+    f = tmp_path / "fast.yaml"
+    f.write_text(config_yaml(resolve_config("fast")))
+    cfg = resolve_config(file=f, overrides={"augment": {"preset": "keras"}})
+    assert {k: getattr(cfg.augment, k) for k in KERAS_NOTEBOOK} == KERAS_NOTEBOOK

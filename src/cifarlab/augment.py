@@ -47,6 +47,9 @@ PRESET_KEYS: dict[str, tuple[str, ...]] = {"none": _KERAS_KEYS, "keras": _KERAS_
 # The notebook's ImageDataGenerator settings.
 KERAS_NOTEBOOK = dict(rotation_range=40.0, width_shift_range=0.2, height_shift_range=0.2, zoom_range=0.2,
                       horizontal_flip=True, fill_mode="nearest")
+# What each preset sets where the config leaves a field at its default (crop-flip: airbench's
+# 4-pixel crop, the speed records' usual padding).
+PRESET_SETTINGS: dict[str, dict] = {"none": {}, "keras": KERAS_NOTEBOOK, "crop-flip": {"crop_padding": 4}}
 
 
 def _shift(r, size: int, u: torch.Tensor | None, u_sign: torch.Tensor | None, zeros: torch.Tensor) -> torch.Tensor:
@@ -663,7 +666,9 @@ def augmenter_from_config(cfg) -> KerasAugment | CropFlipCutout | None:
     """The augmenter an :class:`~cifarlab.config.AugmentConfig` describes (None for 'none').
 
     The ``keras`` preset starts from the notebook's settings; fields set to non-default values
-    in the config refine it.
+    in the config refine it (a field at its default keeps the preset's value: a config resolved
+    by :func:`cifarlab.config.resolve_config` holds the preset's values themselves, and refuses a
+    field given at its default where the preset's differs).
     """
     if cfg.preset not in PRESETS:
         raise ConfigError(f"augmentation preset '{cfg.preset}' is not valid{did_you_mean(cfg.preset, PRESETS)}; "
@@ -671,8 +676,8 @@ def augmenter_from_config(cfg) -> KerasAugment | CropFlipCutout | None:
     if cfg.preset == "crop-flip":
         if cfg.crop_padding < 0 or cfg.cutout < 0:
             raise ConfigError(f"crop_padding={cfg.crop_padding} and cutout={cfg.cutout} must be 0 or more")
-        return CropFlipCutout(crop_padding=cfg.crop_padding or 4, flip=True, cutout=cfg.cutout,
-                              alternating=cfg.alternating_flip)
+        return CropFlipCutout(crop_padding=cfg.crop_padding or PRESET_SETTINGS["crop-flip"]["crop_padding"],
+                              flip=True, cutout=cfg.cutout, alternating=cfg.alternating_flip)
     keras_fields = {k: getattr(cfg, k) for k in _KERAS_KEYS}  # the fields KerasAugment takes from the config
     if cfg.preset == "keras":
         defaults = KerasAugment.__dataclass_fields__

@@ -18,7 +18,8 @@ from PIL import Image
 
 from .augment import KerasAugment, augmenter_from_config
 from .augment_policy import PolicyAugment, policy_from_config
-from .config import AugmentConfig, Config, apply_overrides, read_config_file, read_settings, unused_settings
+from .config import AugmentConfig, Config, apply_overrides, given_augment_keys, read_config_file, read_settings, \
+    settle_preset, unused_settings
 from .data import load_dataset
 from .errors import CifarlabError
 from .fsutil import make_folder, write_with
@@ -176,6 +177,8 @@ def augment_command(args: argparse.Namespace) -> int:
         aug_cfg.preset = args.augment
     elif "preset" not in from_file:  # the notebook's, unless a policy is asked for
         aug_cfg.preset = "keras" if aug_cfg.auto_augment == "none" else "none"
+    settle_preset(aug_cfg, given_augment_keys(from_file, {"preset": args.augment} if args.augment else {}),
+                  f"config file '{args.config}'")
     augmenter = augmenter_from_config(aug_cfg)
     policy = policy_from_config(aug_cfg)
     for note in unused_settings(cfg):  # only the augment section is set here

@@ -469,6 +469,42 @@ def read_config_file(path: str | Path, what: str = "config file") -> dict[str, A
     return data
 
 
+def given_augment_keys(*layers: dict[str, Any]) -> list[str]:
+    """The augment keys that ``layers`` (augment sections, earliest first: a file's, the flags')
+    set with the preset or after it, for :func:`settle_preset`. Those of a layer before the one
+    that picks the preset give way to it, as a later setting wins; and a layer that holds every
+    key is a saved ``config.yaml``, whose fields at their defaults meant the preset's values where
+    it was written before presets were written out, so it sets none."""
+    every = {f.name for f in dataclasses.fields(AugmentConfig)}
+    start = max((i for i, a in enumerate(layers) if "preset" in a), default=0)
+    return [k for a in layers[start:] if not every <= set(a) for k in a]
+
+
+def settle_preset(a: AugmentConfig, given: Iterable[str], origin: str = "command line") -> None:
+    """Write the augmentation preset's own settings into the fields of ``a`` left at their
+    defaults, so that a saved config shows what trains (and reads back to the same). A field in
+    ``given`` (the augment keys set with the preset or after it) that is at its default where the
+    preset's value differs is refused: under a preset, a field at its default keeps the preset's
+    value, so ``rotation_range: 0`` could not switch the notebook's rotation off, and would be
+    ignored."""
+    from .augment import PRESET_SETTINGS
+
+    default, given = AugmentConfig(), set(given)
+    own = PRESET_SETTINGS.get(a.preset, {})
+    off = [k for k, v in own.items() if k in given and getattr(a, k) == getattr(default, k) != v]
+    if off:
+        add = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else repr(v)}" for k, v in own.items()
+                        if k not in off and getattr(a, k) == getattr(default, k) != v)
+        instead = (f"give preset none with the rest of the notebook's settings ({add})" if a.preset == "keras" else
+                   "for random flips alone, give preset none with horizontal_flip: true")
+        raise ConfigError(f"{origin}: {', '.join(f'augment.{k} = {getattr(a, k)!r}' for k in off)} cannot switch off "
+                          f"the {a.preset} preset's {', '.join(f'{k} = {own[k]!r}' for k in off)}: under a preset a "
+                          f"setting at its default keeps the preset's; {instead}")
+    for k, v in own.items():
+        if getattr(a, k) == getattr(default, k):
+            setattr(a, k, v)
+
+
 def resolve_config(recipe: str | None = None, file: str | Path | None = None,
                    overrides: dict[str, Any] | None = None, origin: str = "command line") -> Config:
     """Defaults, then the recipe's settings, then the config file, then ``overrides`` (CLI flags;
@@ -487,6 +523,9 @@ def resolve_config(recipe: str | None = None, file: str | Path | None = None,
         apply_overrides(cfg, overrides, origin)
     if recipe:
         cfg.recipe = recipe
+    layers = [v["augment"] if isinstance(v.get("augment"), dict) else {} for v in (file_values, overrides or {})]
+    settle_preset(cfg.augment, given_augment_keys(*layers), f"config file '{file}' and {origin}" if file and overrides
+                  else f"config file '{file}'" if file else origin)
     validate(cfg)
     return cfg
 

@@ -357,3 +357,14 @@ def write_keras_legacy(group, names: list[str], weights: list[np.ndarray], all_n
             g[wn[0]], g[wn[1]] = weights[2 * i], weights[2 * i + 1]
         else:
             g.attrs["weight_names"] = np.array([], dtype="S1")
+
+
+def dirichlet_draws(rng, n: int, hard: float = 1.0, classes: int = 4):
+    """Probabilities of a model that is unsure in its own way (Dirichlet draws), and labels
+    drawn from another rule than its probabilities, so that it is not calibrated: conformal
+    sets hold their coverage for any model. ``hard`` < 1 makes class 0 the model's blind spot."""
+    p = rng.dirichlet(np.full(classes, 0.7), n)
+    w = np.sqrt(p) / np.sqrt(p).sum(1, keepdims=True)
+    y = (w.cumsum(1) > rng.random((n, 1))).argmax(1)
+    p[y == 0, 0] *= hard  # class 0's own images give it less probability
+    return p / p.sum(1, keepdims=True), y

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import count_calls, needs_kernel
+from conftest import count_calls, dirichlet_draws, needs_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -596,15 +596,9 @@ def test_set_methods_each_kind_keeps_its_coverage_over_fresh_draws(monkeypatch):
     import set_methods
 
     rng = np.random.default_rng(5)
-
-    def draw(n):  # a model unsure in its own way, whose labels follow another rule than its probabilities
-        p = rng.dirichlet(np.full(4, 0.6), n)
-        w = np.sqrt(p) / np.sqrt(p).sum(1, keepdims=True)
-        return p, (w.cumsum(1) > rng.random((n, 1))).argmax(1)
-
     held = {m: [] for m in set_methods.METHODS}
     for _ in range(60):
-        (pf, yf), (pt, yt) = draw(200), draw(500)
+        (pf, yf), (pt, yt) = dirichlet_draws(rng, 200), dirichlet_draws(rng, 500)
         for m in set_methods.METHODS:
             sets = set_methods.fit_sets(m, pf, yf, 0.8, rng)(pt)
             held[m].append(sets[np.arange(len(yt)), yt].mean())

@@ -18,18 +18,7 @@ from cifarlab.errors import CifarlabError
 from cifarlab.evaluate import evaluate_run
 from cifarlab.export import load_model
 
-from conftest import tiny_config
-
-
-def _draws(rng, n: int, hard: float = 1.0, classes: int = 4):
-    """Probabilities of a model that is unsure in its own way (Dirichlet draws), and labels
-    drawn from another rule than its probabilities, so that it is not calibrated: conformal
-    sets hold their coverage for any model. ``hard`` < 1 makes class 0 the model's blind spot."""
-    p = rng.dirichlet(np.full(classes, 0.7), n)
-    w = np.sqrt(p) / np.sqrt(p).sum(1, keepdims=True)
-    y = (w.cumsum(1) > rng.random((n, 1))).argmax(1)
-    p[y == 0, 0] *= hard  # class 0's own images give it less probability
-    return p / p.sum(1, keepdims=True), y
+from conftest import dirichlet_draws as _draws, tiny_config
 
 
 def test_the_floor_gives_the_coverage_over_fresh_draws():

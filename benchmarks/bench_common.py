@@ -68,6 +68,7 @@ def timed_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Ten
     # The kernels through a mode of this function's own, not train_step's switch, so that
     # conv_kernel and pool_kernel can overrule training's choice.
     mode = cpu_kernels.kernel_mode(kernels, conv=conv_kernel, pool=pool_kernel)
+    model = cpu_kernels.fuse(model) if kernels else model  # as training's step runs it
 
     steps = []
     t_epoch = time.perf_counter()

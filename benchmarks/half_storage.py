@@ -80,6 +80,7 @@ def train(cfg: Config, ds, storage: str, log) -> dict:
     kernels = cpu_kernels.load() is not None
     opt = HalfStorage(model, cfg.optim, DTYPES[storage], scale) if storage != "fp32" else build_optimizer(
         [p for p in model.parameters() if p.requires_grad], cfg.optim, cpu_kernels=kernels)
+    step_model = cpu_kernels.fuse(model) if kernels else model  # as training's step runs it
     prep = {"rescale": 1 / 255}
     n, bs = len(arrays.y_train), cfg.train.batch_size
     t0 = time.perf_counter()
@@ -90,7 +91,7 @@ def train(cfg: Config, ds, storage: str, log) -> dict:
         for s in range(0, n, bs):
             idx = perm[s:s + bs]
             x = preprocess(arrays.x_train[idx], prep).contiguous(memory_format=torch.channels_last)
-            loss, _ = train_step(model, opt, x, arrays.y_train[idx], cpu_kernels=kernels)
+            loss, _ = train_step(step_model, opt, x, arrays.y_train[idx], cpu_kernels=kernels)
             total += loss
         log(f"{storage} epoch {epoch + 1}: loss {total.item() / n:.4f} ({time.perf_counter() - t0:.0f} s)")
     loss, acc, _ = evaluate_arrays(model, arrays.x_test, arrays.y_test, prep, channels_last=True)

@@ -101,24 +101,29 @@ def _grads(model: nn.Module, x, y, use: bool, bf16: bool = False):
     model.zero_grad(set_to_none=True)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with autocast, cpu_kernels.kernel_mode(use, conv=use):
-        out = model(x)
+        out = (cpu_kernels.fuse(model) if use else model)(x)
     F.cross_entropy(out.float(), y).backward()
     return out, [p.grad for p in model.parameters()]
 
 
 @needs_kernel
-@pytest.mark.parametrize("name", ["keras-deep", "keras-shallow"])
-def test_models_get_the_same_gradients_with_the_kernel(name):
+@pytest.mark.parametrize("name,n_conv_relu", [("keras-deep", 2), ("keras-shallow", 0)])
+def test_models_get_the_same_gradients_with_the_kernel(name, n_conv_relu, monkeypatch):
     torch.manual_seed(0)
     model = create_model(name).to(memory_format=torch.channels_last).eval()  # eval: no dropout draws
     x, y = _cl(torch.rand(6, 3, 32, 32)), torch.randint(0, 10, (6,))
     out_a, ga = _grads(model, x, y, use=False)
+    calls = count_calls(monkeypatch, cpu_kernels, "conv3x3_weight_grad")
     out_b, gb = _grads(model, x, y, use=True)
     n_convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
-    assert _node_names(out_b).count("_Conv3x3Backward") == n_convs  # every conv went through the kernel
+    names = _node_names(out_b)
+    # every conv's weight gradient went through the kernel, those before a lone ReLU joined to it
+    assert calls["conv3x3_weight_grad"] == n_convs and names.count("_ConvReLUBackward") == n_conv_relu
+    assert names.count("_Conv3x3Backward") == n_convs - n_conv_relu
     n_pools = sum(isinstance(m, nn.MaxPool2d) for m in model.modules())
-    assert _node_names(out_b).count("_ReluMaxPoolBackward") == n_pools  # and every ReLU-pool pair
-    assert "_Conv3x3Backward" not in _node_names(out_a)
+    assert names.count("_ReluMaxPoolBackward") == n_pools  # and every ReLU-pool pair
+    assert names.count("ReluBackward0") == 1  # the Dense layer's: every other ReLU went into a kernel
+    assert not {"_Conv3x3Backward", "_ConvReLUBackward"} & set(_node_names(out_a))
     torch.testing.assert_close(out_a, out_b)
     for a, b, (pname, p) in zip(ga, gb, model.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=pname)
@@ -389,38 +394,105 @@ def _pooled_names(f, x, **mode) -> list[str]:
         return _node_names(f(x))
 
 
+class _Net(nn.Module):
+    """A forward function as a module, for :func:`cpu_kernels.fuse` to trace."""
+
+    def __init__(self, f, conv: nn.Module | None = None) -> None:
+        super().__init__()
+        self.f, self.conv = f, conv
+
+    def forward(self, x):
+        return self.f(self, x)
+
+
+def _fused_names(f, x, conv: nn.Module | None = None, **mode) -> tuple[list[str], str]:
+    """The autograd node names of ``f`` (a function of the net and the input, or a module)
+    fused and run under the kernels' mode, and the fused forward's code; checks that the result
+    and the input's gradient are the unfused ones bit for bit."""
+    net = f if isinstance(f, nn.Module) else _Net(f, conv)
+    fused = cpu_kernels.fuse(net)
+    with cpu_kernels.kernel_mode(conv=False, **mode):
+        out = fused(x)
+    want = net(x)
+    assert torch.equal(out, want)
+    (g,), (want_g,) = torch.autograd.grad(out.sum(), x), torch.autograd.grad(want.sum(), x)
+    assert torch.equal(g, want_g)
+    return _node_names(out), fused.code if fused is not net else ""
+
+
 @needs_kernel
-def test_the_mode_fuses_a_relu_only_with_the_2x2_pool_of_its_unchanged_output():
+def test_fuse_joins_a_relu_only_with_the_2x2_pool_that_alone_uses_it():
     x = _cl(torch.randn(2, 16, 8, 8)).requires_grad_()
     fused = "_ReluMaxPoolBackward"
-    assert fused in _pooled_names(lambda t: nn.MaxPool2d(2)(nn.ReLU()(t)), x)
-    assert fused in _pooled_names(lambda t: F.max_pool2d(F.relu(t), (2, 2), stride=2), x)
-    assert fused not in _pooled_names(lambda t: nn.MaxPool2d(2)(nn.ReLU()(t)), x, pool=False)
-    assert fused not in _pooled_names(lambda t: F.max_pool2d(F.relu(t), 3), x)
-    assert fused not in _pooled_names(lambda t: F.max_pool2d(F.relu(t), 2, stride=1), x)
-    assert fused not in _pooled_names(lambda t: F.max_pool2d(F.relu(t), 2, ceil_mode=True), x)
-    assert fused not in _pooled_names(lambda t: F.max_pool2d(F.relu(t), 2, padding=1), x)
-    assert fused not in _pooled_names(lambda t: F.max_pool2d(torch.relu(t) + 1, 2), x)  # not the ReLU's output
-    assert fused not in _pooled_names(lambda t: F.max_pool2d(F.relu(t.contiguous()), 2), x)  # NCHW memory
-    assert fused not in _pooled_names(lambda t: F.max_pool2d(F.relu(t.double()), 2), x)
+    assert fused in _fused_names(nn.Sequential(nn.ReLU(), nn.MaxPool2d(2)), x)[0]
+    assert fused in _fused_names(lambda m, t: F.max_pool2d(F.relu(t), (2, 2), stride=2), x)[0]
+    assert fused in _fused_names(lambda m, t: F.max_pool2d(t.relu(), 2), x)[0]
+    assert fused in _fused_names(lambda m, t: F.max_pool2d(torch.relu(t), kernel_size=2), x)[0]
+    names, code = _fused_names(nn.Sequential(nn.ReLU(), nn.MaxPool2d(2, 2)), x, pool=False)
+    assert "relu_max_pool2d" in code and fused not in names  # the mode's pool=False: PyTorch's two ops
+    for f in (lambda m, t: F.max_pool2d(F.relu(t), 3), lambda m, t: F.max_pool2d(F.relu(t), 2, stride=1),
+              lambda m, t: F.max_pool2d(F.relu(t), 2, ceil_mode=True),
+              lambda m, t: F.max_pool2d(F.relu(t), 2, padding=1),
+              lambda m, t: F.max_pool2d(torch.relu(t) + 1, 2),  # not the ReLU's output
+              lambda m, t: F.max_pool2d(F.relu(t * 1, inplace=True), 2),
+              nn.Sequential(nn.Conv2d(16, 16, 1), nn.ReLU(inplace=True), nn.MaxPool2d(2)),
+              lambda m, t: (lambda r: F.max_pool2d(r, 2).sum() + r.sum())(F.relu(t))):  # a second use
+        names, code = _fused_names(f, x)
+        assert fused not in names and "relu_max_pool2d(" not in code
+    # of two ReLUs, the one that only a pool uses
+    names, code = _fused_names(lambda m, t: F.max_pool2d(F.relu(t), 2) + F.relu(t).mean(), x)
+    assert code.count("relu_max_pool2d(") == names.count(fused) == 1 and "ReluBackward0" in names
+    # where the kernel does not take the tensor, the fused call is PyTorch's two operations
+    assert fused not in _fused_names(lambda m, t: F.max_pool2d(F.relu(t.contiguous()), 2), x)[0]  # NCHW memory
+    assert fused not in _fused_names(lambda m, t: F.max_pool2d(F.relu(t.double()), 2), x)[0]
+    # an eligible pool of something else still takes the plain pool kernel
+    assert "_MaxPoolBackward" in _fused_names(lambda m, t: F.max_pool2d(torch.relu(t) + 1, 2), x)[0]
 
-    def changed_between(t):
-        r = F.relu(t)
-        r.mul_(2)
-        return F.max_pool2d(r, 2)
 
-    assert fused not in _pooled_names(changed_between, x)
-    # where the ReLU is not fused, an eligible pool still takes the kernel, without the ReLU
-    assert "_MaxPoolBackward" in _pooled_names(changed_between, x)
-    assert "_MaxPoolBackward" in _pooled_names(lambda t: F.max_pool2d(torch.relu(t) + 1, 2), x)
-    assert "_MaxPoolBackward" not in _pooled_names(lambda t: nn.MaxPool2d(2)(nn.ReLU()(t)), x)
-    with cpu_kernels.kernel_mode():  # a second consumer of the ReLU's output still gets its gradient
-        r = F.relu(x)
-        out = F.max_pool2d(r, 2).sum() + r.sum()
-    (g,) = torch.autograd.grad(out, x)
-    xr = x.detach().clone().requires_grad_()
-    (want,) = torch.autograd.grad(F.max_pool2d(F.relu(xr), 2).sum() + F.relu(xr).sum(), xr)
-    torch.testing.assert_close(g, want, rtol=0, atol=0)
+@needs_kernel
+def test_fuse_joins_a_relu_to_the_convolution_whose_only_use_it_is():
+    x = _cl(torch.randn(2, 4, 9, 8)).requires_grad_()
+    joined = "_ConvReLUBackward"
+    torch.manual_seed(0)
+    for conv in (nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2),
+                 nn.Conv2d(4, 5, (3, 1), bias=False),
+                 nn.Conv2d(4, 8, 3, padding=1).to(memory_format=torch.channels_last)):
+        names, code = _fused_names(lambda m, t: F.relu(m.conv(t)), x, conv)
+        assert joined in names and "conv2d_relu(" in code and "ReluBackward0" not in names, conv
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    for f in (lambda m, t: F.relu(m.conv(t)) + m.conv(t).mean(),  # the second call's output is not fused
+              lambda m, t: (lambda c: F.relu(c) + c)(m.conv(t))):  # the output has a second use
+        names, code = _fused_names(f, x, conv)
+        assert code.count("conv2d_relu(") == names.count(joined) == (1 if "mean" in code else 0)
+    for other in (nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"), nn.Conv2d(4, 8, 3, padding="same")):
+        names, code = _fused_names(lambda m, t: F.relu(m.conv(t)), x, other)
+        assert joined not in names, other  # reflect: not rewritten; "same": rewritten, run as two operations
+    # where the tensors are not the kernel's, the fused call is PyTorch's two operations
+    assert joined not in _fused_names(lambda m, t: F.relu(m.conv(t.contiguous())), x, conv)[0]  # NCHW memory
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert joined not in _fused_names(lambda m, t: F.relu(m.conv(t)), x, conv)[0]
+    names, code = _fused_names(lambda m, t: F.max_pool2d(F.relu(m.conv(t)), 2), x, conv)
+    assert "relu_max_pool2d(" in code and "conv2d_relu(" not in code  # before a pool, the ReLU joins the pool
+
+
+@needs_kernel
+def test_the_fused_model_is_the_model_and_only_where_something_joins():
+    model = create_model("keras-deep")
+    fused = cpu_kernels.fuse(model)
+    assert fused is not model and all(a is b for a, b in zip(model.parameters(), fused.parameters()))
+    assert list(fused.state_dict()) == list(model.state_dict())
+    x = _cl(torch.rand(3, 3, 32, 32))
+    model.eval()  # the model's own switch reaches the fused forward's dropout layers
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+    for name in ("resnet20", "speednet"):  # nothing to join; fx cannot trace the speed nets
+        other = create_model(name, img_size=16)
+        assert cpu_kernels.fuse(other) is other, name
+
+
+def test_the_fused_calls_are_the_two_operations_outside_the_mode():
+    x, w, b = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.randn(4)
+    assert torch.equal(cpu_kernels.conv2d_relu(x, w, b, 1, 1), F.relu(F.conv2d(x, w, b, 1, 1)))
+    assert torch.equal(cpu_kernels.relu_max_pool2d(x), F.max_pool2d(F.relu(x), 2))
 
 
 @needs_kernel

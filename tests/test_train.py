@@ -50,13 +50,15 @@ def test_learns_an_easy_task(tmp_path):
 def test_cpu_kernels_switch_is_recorded_and_both_paths_learn(tmp_path, monkeypatch, kernels):
     from cifarlab import cpu_kernels
 
-    calls = count_calls(monkeypatch, cpu_kernels, "keras_rmsprop_")
+    calls = count_calls(monkeypatch, cpu_kernels, "keras_rmsprop_", "relu_max_pool2d")
     data = make_image_folder(tmp_path / "d", n_train=40, n_test=10)
     m = fit(tiny_config(str(data), str(tmp_path / "r"), epochs=4, cpu_kernels=kernels), log=lambda s: None)
     assert m["test_accuracy"] >= 0.9
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert saved["cpu_kernels"] is (kernels and cpu_kernels.load() is not None)
     assert bool(calls["keras_rmsprop_"]) is saved["cpu_kernels"]  # the optimizer's kernel follows the same switch
+    # and the step's model, keras-shallow, has its ReLU joined to its pool (cpu_kernels.fuse)
+    assert bool(calls["relu_max_pool2d"]) is saved["cpu_kernels"]
     assert saved["cpu_conv_kernel"] is (saved["cpu_kernels"] and cpu_kernels.conv_kernel_pays_off())
 
 

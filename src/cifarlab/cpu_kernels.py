@@ -24,6 +24,12 @@ small convolutional networks and small images:
   order-1 interpolation and scipy's boundary modes, computed straight from the uint8 images,
   one image per task.
 
+Beside them, :func:`fuse` rewrites a model's forward pass so that each ReLU goes into the
+operation before or after it: a ReLU that only a 2x2 pool uses into the ReLU-pool kernel, and
+the ReLU of a convolution's output into that convolution, which oneDNN then runs with the ReLU
+applied as it writes (:func:`conv2d_relu`); either way one pass over a full-size activation
+fewer, forward, with PyTorch's results bit for bit.
+
 They are compiled on first use with the system's C++ compiler (about 2 s, then cached on disk)
 and checked against PyTorch before they are trusted. Where there is no compiler, no AVX2/FMA,
 or the check fails, :func:`load` returns None and training and augmentation use PyTorch's
@@ -47,14 +53,14 @@ import platform
 import shutil
 import subprocess
 import sys
-import weakref
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from torch.overrides import (TorchFunctionMode, handle_torch_function, has_torch_function,
+                             has_torch_function_unary)
 
 from . import runtime
 from .errors import CifarlabError
@@ -516,6 +522,23 @@ def conv3x3_weight_grad(x: torch.Tensor, grad_out: torch.Tensor,
     return _wgrad(lib.cl_conv3x3_wgrad, x, grad_out, bias=bias)
 
 
+def _conv3x3_grads(x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor, needs: tuple[bool, ...],
+                   has_bias: bool) -> tuple[torch.Tensor | None, ...]:
+    """The input, weight and bias gradients (None where ``needs`` says no) of a 3x3 same
+    convolution: oneDNN's input gradient and this module's weight and bias gradients."""
+    gx = gw = gb = None
+    if needs[0]:
+        gx = torch.ops.aten.convolution_backward(grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False,
+                                                 [0, 0], 1, [True, False, False])[0]
+    want_b = has_bias and needs[2]
+    if needs[1]:
+        gw, gb = conv3x3_weight_grad(x, grad_out, bias=want_b)
+        gw = gw.contiguous(memory_format=_layout(weight))
+    elif want_b:
+        gb = grad_out.sum((0, 2, 3))
+    return gx, gw, gb
+
+
 class _Conv3x3(torch.autograd.Function):
     """A 3x3 same convolution: PyTorch's forward and input gradient, this module's weight gradient."""
 
@@ -528,17 +551,37 @@ class _Conv3x3(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.ops.aten.convolution_backward(grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False,
-                                                     [0, 0], 1, [True, False, False])[0]
-        want_b = ctx.has_bias and ctx.needs_input_grad[2]
-        if ctx.needs_input_grad[1]:
-            gw, gb = conv3x3_weight_grad(x, grad_out, bias=want_b)
-            gw = gw.contiguous(memory_format=_layout(weight))
-        elif want_b:
-            gb = grad_out.sum((0, 2, 3))
-        return gx, gw, gb
+        return _conv3x3_grads(x, weight, grad_out, ctx.needs_input_grad, ctx.has_bias)
+
+
+class _ConvReLU(torch.autograd.Function):
+    """``relu(conv2d(x))`` as one oneDNN convolution that applies the ReLU as it writes its
+    output, which saves a pass over the output forward; the backward pass is ReLU's as autograd
+    runs it (``threshold_backward`` on the output), then the convolution's, by oneDNN or, with
+    ``wgrad_kernel``, by :func:`_conv3x3_grads`: the gradients are PyTorch's for the two
+    operations bit for bit."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, wgrad_kernel):
+        out = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups,
+                                                      "relu", [None], "")
+        ctx.save_for_backward(x, weight, out)
+        ctx.conf = (stride, padding, dilation, groups, bias is not None, wgrad_kernel)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, out = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias, wgrad_kernel = ctx.conf
+        gy = torch.ops.aten.threshold_backward(grad_out, out, 0)
+        needs = ctx.needs_input_grad
+        if wgrad_kernel:
+            grads = _conv3x3_grads(x, weight, gy, needs, has_bias)
+        else:
+            grads = torch.ops.aten.convolution_backward(
+                gy, x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, False, [0, 0],
+                groups, [needs[0], needs[1], has_bias and needs[2]])
+        return (*grads, None, None, None, None, None)
 
 
 def _layout(t: torch.Tensor) -> torch.memory_format:
@@ -615,38 +658,92 @@ def _dropout_args(input, p=0.5, training=True, inplace=False):
     return input, p, training, inplace
 
 
-def _relu_args(input, inplace=False):
-    return input, inplace
-
-
 def _is_2x2_pool(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                  return_indices=False) -> bool:
     return (_pair_is(kernel_size, 2) and (stride is None or _pair_is(stride, 2) or stride == [])
             and _pair_is(padding, 0) and _pair_is(dilation, 1) and not ceil_mode and not return_indices)
 
 
+def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """``relu(conv2d(input, weight, bias, stride, padding, dilation, groups))``, as one call that
+    :func:`fuse` writes into a model's forward: :func:`kernel_mode` runs it as one oneDNN
+    convolution that applies the ReLU as it writes its output, where that applies; anywhere else
+    it is the two operations."""
+    args = (input, weight, bias, stride, padding, dilation, groups)
+    tensors = tuple(t for t in (input, weight, bias) if isinstance(t, torch.Tensor))
+    if has_torch_function(tensors):  # how kernel_mode, a torch function mode, gets to see the call
+        return handle_torch_function(conv2d_relu, tensors, *args)
+    return F.relu(F.conv2d(*args))
+
+
+def relu_max_pool2d(input):
+    """``max_pool2d(relu(input), 2)``, as one call that :func:`fuse` writes into a model's
+    forward: :func:`kernel_mode` runs it through :func:`relu_max_pool2` where that takes
+    ``input``; anywhere else it is the two operations."""
+    if has_torch_function_unary(input):
+        return handle_torch_function(relu_max_pool2d, (input,), input)
+    return F.max_pool2d(F.relu(input), 2)
+
+
+def _pairs(v) -> list[int] | None:
+    """An int or a pair of ints as a list of two (as oneDNN's calls take them), else None."""
+    if isinstance(v, int):
+        return [v, v]
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return list(v)
+    return None
+
+
+@functools.cache
+def _conv_relu_available() -> bool:
+    """Whether this PyTorch has oneDNN's convolution with a fused ReLU and it gives
+    ``relu(conv2d(...))`` exactly here (checked once per process, with and without a bias, a
+    stride and groups; never on a tensor of the caller's)."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+        return False
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode(False), torch.no_grad(), torch.autocast("cpu", enabled=False):
+        for ci, co, stride, groups, bias in ((3, 8, 1, 1, True), (4, 6, 2, 2, False)):
+            x = torch.randn(2, ci, 7, 6, generator=g).contiguous(memory_format=torch.channels_last)
+            w = torch.randn(co, ci // groups, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
+            b = torch.randn(co, generator=g) if bias else None
+            try:
+                got = torch.ops.mkldnn._convolution_pointwise(x, w, b, [1, 1], [stride] * 2, [1, 1], groups,
+                                                              "relu", [None], "")
+            except RuntimeError:
+                return False
+            if not torch.equal(got, F.relu(F.conv2d(x, w, b, stride, 1, 1, groups))):
+                return False
+    return True
+
+
+def _conv_relu_takes(x, weight, bias, stride, padding, dilation) -> bool:
+    """Whether :class:`_ConvReLU` takes these: float32 CPU tensors, the input 4-D in channels-last
+    memory, padding, stride and dilation as numbers (not 'same'), outside autocast."""
+    return (isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.is_contiguous(memory_format=torch.channels_last) and weight.dim() == 4
+            and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32)
+            and None not in (_pairs(stride), _pairs(padding), _pairs(dilation))
+            and not _autocasting() and _conv_relu_available())
+
+
 class _KernelMode(TorchFunctionMode):
     """Sends eligible ``conv2d`` calls made while grad is enabled and autocast is off to
     :class:`_Conv3x3` (when ``conv``), training-time ``dropout`` calls on float32 and bfloat16
-    CPU tensors to :class:`_Dropout`, and (when ``pool``) a 2x2 ``max_pool2d`` of a ``relu``'s
-    output to :class:`_ReluMaxPool`, and of any other float32 or bfloat16 channels-last CPU
-    tensor to :class:`_MaxPool`.
-
-    The pool is a peephole: each eligible ``relu`` is run as usual and its input remembered;
-    when the next call pools that very output, unchanged since, the fused op pools the
-    remembered input instead. The ReLU's own output then has no further use in the graph, so
-    its backward never runs (if something else uses it, its gradient still flows there: the
-    result is the same function either way)."""
+    CPU tensors to :class:`_Dropout`, :func:`conv2d_relu` calls on float32 channels-last CPU
+    tensors to :class:`_ConvReLU`, and (when ``pool``) :func:`relu_max_pool2d` calls to
+    :class:`_ReluMaxPool` and 2x2 ``max_pool2d`` calls to :class:`_MaxPool`, for the float32 or
+    bfloat16 channels-last CPU tensors that those take."""
 
     def __init__(self, conv: bool, pool: bool = True) -> None:
         super().__init__()
         self.conv, self.pool = conv, pool
-        # The last eligible relu: (weak reference to its output, that output's version, its
-        # input, the input's version). Versions catch an in-place change in between.
-        self._relu: tuple | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is conv2d_relu:
+            return self._conv_relu(*args, **kwargs)
         if self.conv and func is F.conv2d and torch.is_grad_enabled() and not _autocasting() \
                 and _eligible(*args, **kwargs):
             return _Conv3x3.apply(args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias"))
@@ -654,23 +751,22 @@ class _KernelMode(TorchFunctionMode):
             x, p, training, inplace = _dropout_args(*args, **kwargs)
             if training and not inplace and isinstance(p, float) and 0 < p < 1 and _dropout_takes(x):
                 return _Dropout.apply(x, p)
-        if self.pool and func is F.relu:
-            x, inplace = _relu_args(*args, **kwargs)
-            out = func(*args, **kwargs)
-            self._relu = (weakref.ref(out), out._version, x, x._version) \
-                if not inplace and _relu_pool_takes(x) else None
-            return out
-        if self.pool and func is F.max_pool2d:
-            r = args[0] if args else kwargs.get("input")
-            relu, self._relu = self._relu, None  # its input is not held past the pool that follows it
-            if _is_2x2_pool(*args, **kwargs):
-                if relu is not None:
-                    out_ref, out_version, x, x_version = relu
-                    if r is out_ref() and r._version == out_version and x._version == x_version:
-                        return _ReluMaxPool.apply(x)
-                if _relu_pool_takes(r):
-                    return _MaxPool.apply(r)
+        if func is relu_max_pool2d:
+            x = args[0] if args else kwargs["input"]
+            return _ReluMaxPool.apply(x) if self.pool and _relu_pool_takes(x) else F.max_pool2d(F.relu(x), 2)
+        if self.pool and func is F.max_pool2d and _is_2x2_pool(*args, **kwargs):
+            x = args[0] if args else kwargs.get("input")
+            if _relu_pool_takes(x):
+                return _MaxPool.apply(x)
         return func(*args, **kwargs)
+
+    def _conv_relu(self, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+        if _conv_relu_takes(x, weight, bias, stride, padding, dilation):
+            wgrad = self.conv and torch.is_grad_enabled() and _eligible(x, weight, bias, stride, padding, dilation,
+                                                                       groups)
+            return _ConvReLU.apply(x, weight, bias, _pairs(stride), _pairs(padding), _pairs(dilation), groups, wgrad)
+        # the convolution as this mode runs any other (its weight-gradient kernel, where eligible)
+        return F.relu(self.__torch_function__(F.conv2d, (), (x, weight, bias, stride, padding, dilation, groups)))
 
 
 def kernel_mode(enabled: bool = True, conv: bool | None = None, pool: bool = True):
@@ -685,3 +781,71 @@ def kernel_mode(enabled: bool = True, conv: bool | None = None, pool: bool = Tru
     if not enabled or load() is None:
         return contextlib.nullcontext()
     return _KernelMode(conv_kernel_pays_off() if conv is None else conv, pool)
+
+
+def _is_relu(node, modules: dict) -> bool:
+    """Whether fx ``node`` is an out-of-place ReLU: an ``nn.ReLU``, ``F.relu`` or ``torch.relu``."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        return type(m) is torch.nn.ReLU and not m.inplace
+    if node.op == "call_function" and node.target in (F.relu, torch.relu):
+        return not node.kwargs.get("inplace", False) and not (len(node.args) > 1 and node.args[1])
+    return node.op == "call_method" and node.target == "relu"
+
+
+def _is_pool2(node, modules: dict) -> bool:
+    """Whether fx ``node`` is a 2x2, stride-2 max pool without padding, returning only its output."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        return type(m) is torch.nn.MaxPool2d and _is_2x2_pool(None, m.kernel_size, m.stride, m.padding, m.dilation,
+                                                             m.ceil_mode, m.return_indices)
+    return node.op == "call_function" and node.target is F.max_pool2d and _is_2x2_pool(*node.args, **node.kwargs)
+
+
+def fuse(model: torch.nn.Module) -> torch.nn.Module:
+    """``model``'s forward pass with two patterns rewritten as single calls that
+    :func:`kernel_mode` runs in one pass each: a ReLU whose only use is a 2x2 max pool as
+    :func:`relu_max_pool2d`, and a ReLU of a ``Conv2d``'s output (its only use) as
+    :func:`conv2d_relu`. Outside :func:`kernel_mode` the result computes what ``model`` computes
+    with the same operations.
+
+    The result is a ``torch.fx.GraphModule`` that holds ``model``'s own submodules, so training
+    it trains ``model``; ``model`` itself is left as it is. Returns ``model`` where nothing
+    matched, or where ``torch.fx`` cannot trace it (control flow on the input, as in the speed
+    recipes' nets, whose pools take :func:`kernel_mode`'s plain pool anyway)."""
+    import torch.fx
+
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - fx raises several kinds: any means "run the model as it is"
+        return model
+    modules, graph, changed = dict(gm.named_modules()), gm.graph, False
+    for node in list(graph.nodes):
+        if not _is_relu(node, modules):
+            continue
+        src, users = node.args[0], list(node.users)
+        if len(users) == 1 and _is_pool2(users[0], modules):
+            with graph.inserting_before(users[0]):
+                new = graph.call_function(relu_max_pool2d, (src,))
+            users[0].replace_all_uses_with(new)
+            graph.erase_node(users[0])
+        elif (getattr(src, "op", None) == "call_module" and type(modules[src.target]) is torch.nn.Conv2d
+              and len(src.users) == 1 and modules[src.target].padding_mode == "zeros"):
+            conv = modules[src.target]
+            with graph.inserting_before(node):
+                w = graph.get_attr(f"{src.target}.weight")
+                b = graph.get_attr(f"{src.target}.bias") if conv.bias is not None else None
+                new = graph.call_function(conv2d_relu, (src.args[0], w, b, conv.stride, conv.padding,
+                                                        conv.dilation, conv.groups))
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            node = src  # erased below: the convolution, now inside conv2d_relu
+        else:
+            continue
+        graph.erase_node(node)
+        changed = True
+    if not changed:
+        return model
+    graph.lint()
+    gm.recompile()
+    return gm

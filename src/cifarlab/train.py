@@ -245,10 +245,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
                mix: tuple[torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a prepared batch; returns (summed loss, correct count) as
     device tensors, so the caller can accumulate without a GPU-to-CPU sync every step.
-    ``cpu_kernels`` uses cifarlab's own CPU kernels (:mod:`cifarlab.cpu_kernels`: dropout, ReLU
-    with 2x2 max pooling, and 3x3 convolution weight gradients on CPUs where they pay off) in the
-    forward and backward passes where they apply; the optimizer's kernel is the optimizer's
-    choice (:func:`cifarlab.optim.build_optimizer`).
+    ``cpu_kernels`` uses cifarlab's own CPU kernels (:mod:`cifarlab.cpu_kernels`: dropout, 2x2
+    max pooling, and 3x3 convolution weight gradients on CPUs where they pay off) in the forward
+    and backward passes where they apply, and joins ReLUs to their pools and convolutions where
+    ``model`` comes from :func:`cifarlab.cpu_kernels.fuse`; the optimizer's kernel is the
+    optimizer's choice (:func:`cifarlab.optim.build_optimizer`).
     ``loss_scale`` multiplies the loss before the backward pass and divides the gradients
     after it (see :func:`runtime.loss_scale`). ``class_weight`` (one weight per class) weighs
     each example's loss by its class, as Keras' ``class_weight`` (:func:`losses.cross_entropy`);
@@ -1583,6 +1584,8 @@ def _step_function(cfg: Config, st: _Setup, device: torch.device,
     cuts the number of kernels, the graph their launch cost (the compiler's own graphs are
     refused by the config check; :func:`fit` has refused what ``device`` cannot run)."""
     model = runtime.maybe_compile(st.model, cfg.train.compile, cfg.train.compile_mode)
+    if cpu_kernels:  # the step's ReLUs fused with their convolutions and pools (never with compile)
+        model = kernels.fuse(model)
     scale = runtime.loss_scale(cfg.train.precision, _trained_per_step(cfg))
     if cfg.train.cuda_graph:
         # Autocast's cache of cast weights cannot live across graph replays.

@@ -484,6 +484,13 @@ def test_the_fused_model_is_the_model_and_only_where_something_joins():
     x = _cl(torch.rand(3, 3, 32, 32))
     model.eval()  # the model's own switch reaches the fused forward's dropout layers
     torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+    model.to(memory_format=torch.channels_last)
+    with cpu_kernels.kernel_mode(conv=False):  # oneDNN's gradients, as on CPUs with AVX-512
+        out = fused(x)
+    assert _node_names(out).count("_ConvReLUBackward") == 2
+    out.sum().backward()
+    for name, p in model.named_parameters():  # as the RMSprop kernel needs them (rmsprop_takes)
+        assert p.grad.stride() == p.stride(), name
     for name in ("resnet20", "speednet"):  # nothing to join; fx cannot trace the speed nets
         other = create_model(name, img_size=16)
         assert cpu_kernels.fuse(other) is other, name

@@ -473,6 +473,11 @@ def test_fuse_joins_a_relu_to_the_convolution_whose_only_use_it_is():
         assert joined not in _fused_names(lambda m, t: F.relu(m.conv(t)), x, conv)[0]
     names, code = _fused_names(lambda m, t: F.max_pool2d(F.relu(m.conv(t)), 2), x, conv)
     assert "relu_max_pool2d(" in code and "conv2d_relu(" not in code  # before a pool, the ReLU joins the pool
+    seen = []
+    hook = conv.register_forward_hook(lambda *a: seen.append(1))
+    names, code = _fused_names(lambda m, t: F.relu(m.conv(t)), x, conv)
+    assert joined not in names and len(seen) == 2  # a hooked convolution is left as it is: its hook still runs
+    hook.remove()
 
 
 @needs_kernel

@@ -783,11 +783,18 @@ def kernel_mode(enabled: bool = True, conv: bool | None = None, pool: bool = Tru
     return _KernelMode(conv_kernel_pays_off() if conv is None else conv, pool)
 
 
+def _module(node, modules: dict, cls: type) -> torch.nn.Module | None:
+    """The module of class ``cls`` (exactly) that fx ``node`` calls, if it has no forward hooks
+    (which a rewritten call would skip); else None."""
+    m = modules.get(node.target) if getattr(node, "op", None) == "call_module" else None
+    return m if type(m) is cls and not (m._forward_hooks or m._forward_pre_hooks) else None
+
+
 def _is_relu(node, modules: dict) -> bool:
     """Whether fx ``node`` is an out-of-place ReLU: an ``nn.ReLU``, ``F.relu`` or ``torch.relu``."""
     if node.op == "call_module":
-        m = modules[node.target]
-        return type(m) is torch.nn.ReLU and not m.inplace
+        m = _module(node, modules, torch.nn.ReLU)
+        return m is not None and not m.inplace
     if node.op == "call_function" and node.target in (F.relu, torch.relu):
         return not node.kwargs.get("inplace", False) and not (len(node.args) > 1 and node.args[1])
     return node.op == "call_method" and node.target == "relu"
@@ -796,9 +803,9 @@ def _is_relu(node, modules: dict) -> bool:
 def _is_pool2(node, modules: dict) -> bool:
     """Whether fx ``node`` is a 2x2, stride-2 max pool without padding, returning only its output."""
     if node.op == "call_module":
-        m = modules[node.target]
-        return type(m) is torch.nn.MaxPool2d and _is_2x2_pool(None, m.kernel_size, m.stride, m.padding, m.dilation,
-                                                             m.ceil_mode, m.return_indices)
+        m = _module(node, modules, torch.nn.MaxPool2d)
+        return m is not None and _is_2x2_pool(None, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode,
+                                              m.return_indices)
     return node.op == "call_function" and node.target is F.max_pool2d and _is_2x2_pool(*node.args, **node.kwargs)
 
 
@@ -806,8 +813,9 @@ def fuse(model: torch.nn.Module) -> torch.nn.Module:
     """``model``'s forward pass with two patterns rewritten as single calls that
     :func:`kernel_mode` runs in one pass each: a ReLU whose only use is a 2x2 max pool as
     :func:`relu_max_pool2d`, and a ReLU of a ``Conv2d``'s output (its only use) as
-    :func:`conv2d_relu`. Outside :func:`kernel_mode` the result computes what ``model`` computes
-    with the same operations.
+    :func:`conv2d_relu`; modules with forward hooks are left out, so that their hooks still run.
+    Outside :func:`kernel_mode` the result computes what ``model`` computes with the same
+    operations.
 
     The result is a ``torch.fx.GraphModule`` that holds ``model``'s own submodules, so training
     it trains ``model``; ``model`` itself is left as it is. Returns ``model`` where nothing
@@ -829,9 +837,8 @@ def fuse(model: torch.nn.Module) -> torch.nn.Module:
                 new = graph.call_function(relu_max_pool2d, (src,))
             users[0].replace_all_uses_with(new)
             graph.erase_node(users[0])
-        elif (getattr(src, "op", None) == "call_module" and type(modules[src.target]) is torch.nn.Conv2d
-              and len(src.users) == 1 and modules[src.target].padding_mode == "zeros"):
-            conv = modules[src.target]
+        elif (conv := _module(src, modules, torch.nn.Conv2d)) is not None and len(src.users) == 1 \
+                and conv.padding_mode == "zeros":
             with graph.inserting_before(node):
                 w = graph.get_attr(f"{src.target}.weight")
                 b = graph.get_attr(f"{src.target}.bias") if conv.bias is not None else None

@@ -291,8 +291,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--cuda-graph", action="store_true", default=None,
                    help="replay each step as one CUDA graph (small models on a GPU; constant lr only)")
     g.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false", default=None,
-                   help="on the CPU, use PyTorch's kernels only, not cifarlab's own (dropout, augmentation, and "
-                        "conv gradients on CPUs without AVX-512)")
+                   help="on the CPU, use PyTorch's kernels only, not cifarlab's own (dropout, ReLU with pooling, "
+                        "augmentation, RMSprop, and conv gradients on CPUs without AVX-512)")
     g.add_argument("--out", help="run folder (default runs/<recipe>-<model>-<time>)")
     g.add_argument("--overwrite", action="store_true", default=None, help="write into an existing run folder")
     g.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint with its saved config "

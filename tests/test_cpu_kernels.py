@@ -501,6 +501,31 @@ def test_the_fused_model_is_the_model_and_only_where_something_joins():
         assert cpu_kernels.fuse(other) is other, name
 
 
+@needs_kernel
+@pytest.mark.parametrize("name", ["keras-deep", "keras-shallow"])
+@pytest.mark.parametrize("chans,size", [(1, 28), (4, 20), (3, (24, 40)), (1, 5)])
+def test_fused_notebook_models_give_pytorchs_results_on_other_images(name, chans, size):
+    """Grey, four-channel, non-square and odd-sized images (pools that drop a row): outputs and
+    every weight gradient as PyTorch's two operations give them, bit for bit (oneDNN's weight
+    gradients, as on CPUs with AVX-512)."""
+    torch.manual_seed(0)
+    model = create_model(name, in_chans=chans, img_size=size, num_classes=7).to(memory_format=torch.channels_last)
+    model.eval()  # no dropout draws
+    h, w = (size, size) if isinstance(size, int) else size
+    x = _cl(torch.rand(5, chans, h, w))
+    results = []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        with cpu_kernels.kernel_mode(fused, conv=False):
+            out = (cpu_kernels.fuse(model) if fused else model)(x)
+        out.sum().backward()
+        results.append((out.detach(), [p.grad for p in model.parameters()], _node_names(out)))
+    (want, want_g, _), (got, got_g, names) = results
+    assert "_ReluMaxPoolBackward" in names and torch.equal(got, want)
+    for a, b in zip(want_g, got_g):
+        assert torch.equal(a, b)
+
+
 def test_the_fused_calls_are_the_two_operations_outside_the_mode():
     x, w, b = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.randn(4)
     assert torch.equal(cpu_kernels.conv2d_relu(x, w, b, 1, 1), F.relu(F.conv2d(x, w, b, 1, 1)))

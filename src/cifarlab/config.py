@@ -491,18 +491,18 @@ def settle_preset(a: AugmentConfig, given: Iterable[str], origin: str = "command
 
     default, given = AugmentConfig(), set(given)
     own = PRESET_SETTINGS.get(a.preset, {})
-    off = [k for k, v in own.items() if k in given and getattr(a, k) == getattr(default, k) != v]
+    unset = [k for k, v in own.items() if getattr(a, k) == getattr(default, k) != v]  # the preset's to fill in
+    off = [k for k in unset if k in given]
     if off:
-        add = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else repr(v)}" for k, v in own.items()
-                        if k not in off and getattr(a, k) == getattr(default, k) != v)
+        add = ", ".join(f"{k}: {str(own[k]).lower() if isinstance(own[k], bool) else repr(own[k])}"
+                        for k in unset if k not in off)
         instead = (f"give preset none with the rest of the notebook's settings ({add})" if a.preset == "keras" else
                    "for random flips alone, give preset none with horizontal_flip: true")
         raise ConfigError(f"{origin}: {', '.join(f'augment.{k} = {getattr(a, k)!r}' for k in off)} cannot switch off "
                           f"the {a.preset} preset's {', '.join(f'{k} = {own[k]!r}' for k in off)}: under a preset a "
                           f"setting at its default keeps the preset's; {instead}")
-    for k, v in own.items():
-        if getattr(a, k) == getattr(default, k):
-            setattr(a, k, v)
+    for k in unset:
+        setattr(a, k, own[k])
 
 
 def resolve_config(recipe: str | None = None, file: str | Path | None = None,

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cifarlab.conformal import conformal_floor, fit_floors, min_images, prediction_sets, set_report
+from cifarlab.conformal import conformal_floor, fit_floors, fit_image_counts, min_images, prediction_sets, set_report
 
 METHODS = ("lac", "lac-by-class", "aps", "aps-random", "raps")
 
@@ -88,12 +88,11 @@ def measure(run: Path, ds, coverage: float, seed: int, lam: float, k_reg: int) -
     held = held_out_images(run, ds)
     p_fit, y_fit = pred.predict(ds.x_train[held]), ds.y_train[held]
     p_test = pred.predict(ds.x_test)
-    counts = np.bincount(y_fit, minlength=len(pred.classes))
     out = {}
     for method in METHODS:
         rng = np.random.default_rng(seed)
         sets = fit_sets(method, p_fit, y_fit, coverage, rng, lam, k_reg)(p_test)
-        fit_images = counts.tolist() if method == "lac-by-class" else [len(y_fit)] * len(counts)
+        fit_images = fit_image_counts(y_fit, len(pred.classes), by_class=method == "lac-by-class")
         out[method] = set_report(sets, ds.y_test, pred.classes, coverage, fit_images, method == "lac-by-class")
     return out
 

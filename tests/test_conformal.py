@@ -418,3 +418,11 @@ def test_the_int8_copy_leaves_out_sets_it_cannot_refit(trained_run, image_folder
            f"calibrate again with: cifarlab calibrate {trained_run} --sets 0.8"
     assert any(said in m for m in lines)
 
+
+
+def test_fit_image_counts_are_each_class_own_images_by_class_else_all():
+    from cifarlab.conformal import fit_image_counts
+
+    y = np.array([0, 2, 2, 1, 2, 0])
+    assert fit_image_counts(y, 4, by_class=True) == [2, 1, 3, 0]
+    assert fit_image_counts(y, 4) == [6, 6, 6, 6]

@@ -74,6 +74,12 @@ def fit_floors(probs: np.ndarray, y: np.ndarray, coverage: float, by_class: bool
     return np.array([conformal_floor(p_true[y == c], coverage) for c in range(k)])
 
 
+def fit_image_counts(y: np.ndarray, n_classes: int, by_class: bool = False) -> list[int]:
+    """The held-out images each class's floor is fitted on, from their labels ``y``: its own
+    images with ``by_class``, else all of them (as :func:`set_report` takes ``fit_images``)."""
+    return np.bincount(y, minlength=n_classes).tolist() if by_class else [len(y)] * n_classes
+
+
 def min_images(coverage: float) -> int:
     """The fewest held-out images for which :func:`conformal_floor` is above 0 at ``coverage``."""
     n = 1

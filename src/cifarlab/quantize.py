@@ -278,6 +278,7 @@ def _sets_to_refit(pred, run: Path, ds, several: bool, log: Callable[[str], None
     there are none, or where ``ds`` does not give back those images (said in a line: the int8
     file then carries no sets)."""
     from .calibrate import held_out_images
+    from .conformal import fit_image_counts
 
     cal = pred.calibration if several else pred.calibration()
     if cal is None or cal.set_floors is None:
@@ -288,8 +289,7 @@ def _sets_to_refit(pred, run: Path, ds, several: bool, log: Callable[[str], None
     except CifarlabError as e:
         log(f"{why}, and {e}")
         return None, None
-    counts = np.bincount(ds.y_train[held], minlength=len(cal.set_floors))
-    if not np.array_equal(counts if cal.set_by_class else [len(held)] * len(counts), cal.set_fit_images):
+    if fit_image_counts(ds.y_train[held], len(cal.set_floors), cal.set_by_class) != list(cal.set_fit_images):
         by_class = " --sets-by-class" if cal.set_by_class else ""
         log(f"{why}, and these are not those: {len(held):,} held-out images here against "
             f"{sum(cal.set_fit_images) if cal.set_by_class else cal.set_fit_images[0]:,} then; calibrate again "
